@@ -1,0 +1,528 @@
+"""Medical image reading: DICOM, NIfTI and PNG/JPEG/TIFF into an RGB ``PIL.Image`` for the model.
+
+Every consumer of image files (training datasets, evaluation, the demo, ``medrega-data check`` and the
+converters) reads them through :func:`load_image`, so windowing, orientation and error handling are the same
+everywhere. Any failure becomes an :class:`ImageLoadError` that names the file and the reason.
+
+Grey levels are produced in three steps:
+
+1. *values*: stored pixels to physical units (DICOM rescale slope/intercept or modality LUT -> e.g. HU;
+   NIfTI ``scl_slope``/``scl_inter`` through nibabel).
+2. *window*: values to 0-255 (:func:`apply_window`, the DICOM PS3.3 C.11.2.1.2 ``LINEAR`` function, computed
+   by pydicom). ``window=None`` uses the DICOM header (VOI LUT sequence, else window centre/width) and
+   falls back to the full value range; a preset name (:data:`WINDOW_PRESETS`) or ``(centre, width)``
+   overrides it; ``"minmax"`` / ``"percentile"`` stretch the full / 0.5-99.5 % range.
+3. *display*: MONOCHROME1 is inverted, palette and YBR colour become RGB, grey becomes 3 equal channels.
+
+8-bit greyscale and colour PNG/JPEG/TIFF are returned as stored unless a window is asked for. Colour images
+ignore ``window`` (windowing is only defined for a single channel).
+"""
+from __future__ import annotations
+
+import gzip
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+from PIL import Image
+
+__all__ = [
+    "DEFAULT_MAX_PIXELS",
+    "ImageInfo",
+    "ImageLoadError",
+    "WINDOW_PRESETS",
+    "Window",
+    "apply_window",
+    "detect_format",
+    "load_image",
+    "probe_image",
+    "volume_slice",
+]
+
+#: Named CT windows as (centre, width) in Hounsfield units (common radiology defaults).
+WINDOW_PRESETS: dict[str, tuple[float, float]] = {
+    "lung": (-600.0, 1500.0),
+    "mediastinum": (50.0, 350.0),
+    "bone": (400.0, 1800.0),
+    "brain": (40.0, 80.0),
+    "abdomen": (40.0, 400.0),
+}
+
+#: Largest accepted image (pixels of the 2D result), a guard against decompression bombs and absurd headers.
+DEFAULT_MAX_PIXELS = 2**27  # 134M pixels, e.g. 11585 x 11585
+
+Window = Union[str, tuple[float, float], None]
+
+_DICOM_SUFFIXES = {".dcm", ".dicom", ".dic", ".ima"}
+_NIFTI_SUFFIXES = (".nii", ".nii.gz", ".hdr", ".img", ".img.gz")
+_AXES = {"sagittal": 0, "coronal": 1, "axial": 2}  # RAS world axis fixed by the slice
+
+
+class ImageLoadError(ValueError):
+    """An image could not be read; ``str()`` gives ``"PATH: reason"``."""
+
+    def __init__(self, path: str | Path, reason: str) -> None:
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """Header-level facts about an image file (no pixel decoding).
+
+    ``width``/``height`` are those of the image :func:`load_image` returns with default arguments.
+    """
+
+    format: str  # "dicom" | "nifti" | "pil"
+    width: int
+    height: int
+    frames: int = 1
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+
+def detect_format(path: str | Path) -> str:
+    """Return ``"dicom"``, ``"nifti"`` or ``"pil"`` from the suffix, else from the file's magic bytes."""
+    path = Path(path)
+    name = path.name.lower()
+    if name.endswith(_NIFTI_SUFFIXES):
+        return "nifti"
+    if path.suffix.lower() in _DICOM_SUFFIXES:
+        return "dicom"
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(544)
+    except OSError:
+        return "pil"  # the caller's open reports the real error
+    if head[128:132] == b"DICM":
+        return "dicom"
+    if head[:2] == b"\x1f\x8b":  # gzip: only NIfTI is read compressed
+        try:
+            head = gzip.open(path).read(348)
+        except OSError:
+            return "pil"
+    if head[:4] in (b"\x5c\x01\x00\x00", b"\x00\x00\x01\x5c", b"\x1c\x02\x00\x00", b"\x00\x00\x02\x1c"):
+        return "nifti"  # sizeof_hdr 348 (NIfTI-1) or 540 (NIfTI-2), either endianness
+    return "pil"
+
+
+def apply_window(values: np.ndarray, center: float, width: float, function: str = "LINEAR") -> np.ndarray:
+    """Map ``values`` (any float/int array, e.g. HU) to uint8 0-255 with a DICOM VOI window.
+
+    Uses pydicom's implementation of PS3.3 C.11.2.1.2 (``LINEAR``, ``LINEAR_EXACT``, ``SIGMOID``) with an
+    8-bit output range, so header windows and presets follow the same formula. For ``LINEAR``:
+    ``v <= c - 0.5 - (w-1)/2 -> 0``, ``v > c - 0.5 + (w-1)/2 -> 255``, linear in between.
+    """
+    from pydicom.dataset import Dataset
+    from pydicom.pixels import apply_windowing
+
+    if not width > 0:
+        raise ValueError(f"window width must be > 0, got {width}")
+    ds = Dataset()
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsStored = 8
+    ds.PixelRepresentation = 0
+    ds.WindowCenter = float(center)
+    ds.WindowWidth = max(float(width), 1.0) if function.upper() == "LINEAR" else float(width)
+    ds.VOILUTFunction = function.upper()
+    out = apply_windowing(np.asarray(values, dtype=np.float64), ds)
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def _stretch(values: np.ndarray, low: float, high: float) -> np.ndarray:
+    """Linearly map [low, high] to 0-255 (constant images become 0)."""
+    values = np.asarray(values, dtype=np.float64)
+    if not np.isfinite(low) or not np.isfinite(high):
+        raise ValueError("image has no finite values")
+    if high <= low:
+        return np.zeros(values.shape, dtype=np.uint8)
+    out = (values - low) * (255.0 / (high - low))
+    return np.clip(np.rint(np.nan_to_num(out, nan=0.0)), 0, 255).astype(np.uint8)
+
+
+def _window_values(values: np.ndarray, window: Window) -> np.ndarray:
+    """Window physical values to uint8 for an explicit ``window`` (not ``None``)."""
+    if isinstance(window, str):
+        key = window.lower()
+        if key in WINDOW_PRESETS:
+            return apply_window(values, *WINDOW_PRESETS[key])
+        finite = values[np.isfinite(values)] if np.issubdtype(values.dtype, np.floating) else values
+        if finite.size == 0:
+            raise ValueError("image has no finite values")
+        if key == "minmax":
+            return _stretch(values, float(finite.min()), float(finite.max()))
+        if key == "percentile":
+            low, high = np.percentile(finite, [0.5, 99.5])
+            return _stretch(values, float(low), float(high))
+        names = ", ".join([*WINDOW_PRESETS, "minmax", "percentile"])
+        raise ValueError(f"unknown window {window!r}; use one of {names} or (centre, width)")
+    try:
+        center, width = (float(v) for v in window)  # type: ignore[union-attr]
+    except (TypeError, ValueError):
+        raise ValueError(f"window must be a preset name or (centre, width), got {window!r}") from None
+    return apply_window(values, center, width)
+
+
+def _check_size(path: Path, width: int, height: int, max_pixels: int) -> None:
+    if width <= 0 or height <= 0:
+        raise ImageLoadError(path, f"invalid image size {width}x{height}")
+    if width * height > max_pixels:
+        raise ImageLoadError(
+            path, f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}"
+            " (possible decompression bomb; raise max_pixels if the file is trusted)"
+        )
+
+
+def _to_rgb(gray_or_rgb: np.ndarray) -> Image.Image:
+    arr = np.ascontiguousarray(gray_or_rgb)
+    if arr.ndim == 2:
+        return Image.fromarray(arr, mode="L").convert("RGB")
+    return Image.fromarray(arr[..., :3], mode="RGB")
+
+
+def _open_error(path: Path, exc: BaseException) -> ImageLoadError:
+    if isinstance(exc, FileNotFoundError):
+        return ImageLoadError(path, "file not found")
+    if isinstance(exc, IsADirectoryError):
+        return ImageLoadError(path, "is a directory, not an image file")
+    if isinstance(exc, PermissionError):
+        return ImageLoadError(path, "unreadable: permission denied")
+    return ImageLoadError(path, f"corrupt or unsupported file ({type(exc).__name__}: {exc})")
+
+
+# --------------------------------------------------------------------------------------------- DICOM
+
+
+def _read_dicom(path: Path, *, stop_before_pixels: bool = False):
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
+    except InvalidDicomError:
+        # No 128-byte preamble: legal for old files; accept only if it then parses as an image dataset.
+        try:
+            ds = pydicom.dcmread(path, force=True, stop_before_pixels=stop_before_pixels)
+        except Exception as exc:  # noqa: BLE001 - pydicom raises many types for garbage input
+            raise ImageLoadError(path, f"not a readable DICOM file ({exc})") from exc
+        if "Rows" not in ds or "Columns" not in ds:
+            raise ImageLoadError(path, "not a DICOM image (no DICM marker and no Rows/Columns)") from None
+        return ds
+    except (OSError, EOFError) as exc:
+        raise _open_error(path, exc) from exc
+    except Exception as exc:  # noqa: BLE001
+        raise ImageLoadError(path, f"corrupt DICOM header ({type(exc).__name__}: {exc})") from exc
+
+
+def _dicom_frames(ds) -> int:
+    try:
+        return int(ds.get("NumberOfFrames", 1) or 1)
+    except (TypeError, ValueError):
+        return 1
+
+
+def _load_dicom(path: Path, window: Window, frame: int | None, max_pixels: int) -> Image.Image:
+    from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, pixel_array
+
+    ds = _read_dicom(path)
+    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+        raise ImageLoadError(path, "DICOM file has no pixel data")
+    try:
+        rows, cols = int(ds.Rows), int(ds.Columns)
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise ImageLoadError(path, f"DICOM header lacks valid Rows/Columns ({exc})") from exc
+    _check_size(path, cols, rows, max_pixels)
+    n_frames = _dicom_frames(ds)
+    index = n_frames // 2 if frame is None else frame
+    if not 0 <= index < n_frames:
+        raise ImageLoadError(path, f"frame {index} out of range: the file has {n_frames} frame(s)")
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    try:
+        arr = pixel_array(ds, index=index) if n_frames > 1 else pixel_array(ds)
+    except Exception as exc:  # noqa: BLE001 - decoders raise RuntimeError/ValueError/NotImplementedError...
+        raise ImageLoadError(path, f"cannot decode DICOM pixel data ({type(exc).__name__}: {exc})") from exc
+
+    try:
+        if photometric == "PALETTE COLOR":
+            rgb = apply_color_lut(arr, ds)
+            bits = int(ds.RedPaletteColorLookupTableDescriptor[2])
+            return _to_rgb(_stretch(rgb, 0, 2**bits - 1) if rgb.dtype != np.uint8 else rgb)
+        if arr.ndim == 3:  # RGB, or YBR already converted to RGB by pydicom
+            if arr.dtype != np.uint8:
+                arr = _stretch(arr, 0, 2 ** int(ds.get("BitsStored", 16)) - 1)
+            return _to_rgb(arr)
+        values = apply_modality_lut(arr, ds)
+        if window is not None:
+            gray = _window_values(values, window)
+        elif "VOILUTSequence" in ds:
+            lut = ds.VOILUTSequence[0]
+            bits = int(lut.LUTDescriptor[2])
+            gray = _stretch(apply_voi_lut(values, ds, prefer_lut=True), 0, 2**bits - 1)
+        elif "WindowCenter" in ds and "WindowWidth" in ds:
+            center = ds.WindowCenter[0] if ds["WindowCenter"].VM > 1 else ds.WindowCenter
+            width = ds.WindowWidth[0] if ds["WindowWidth"].VM > 1 else ds.WindowWidth
+            gray = apply_window(values, float(center), float(width), str(ds.get("VOILUTFunction", "LINEAR")))
+        else:
+            gray = _window_values(values, "minmax")
+    except ImageLoadError:
+        raise
+    except (ValueError, TypeError, AttributeError, IndexError, KeyError) as exc:
+        raise ImageLoadError(path, f"cannot convert DICOM pixels to grey levels ({exc})") from exc
+    if photometric == "MONOCHROME1":
+        gray = 255 - gray
+    return _to_rgb(gray)
+
+
+# --------------------------------------------------------------------------------------------- NIfTI
+
+
+def _nifti_image(path: Path):
+    import nibabel as nib
+
+    try:
+        return nib.load(path)
+    except (FileNotFoundError, IsADirectoryError, PermissionError) as exc:
+        raise _open_error(path, exc) from exc
+    except Exception as exc:  # noqa: BLE001 - nibabel raises ImageFileError, ValueError, EOFError...
+        raise ImageLoadError(path, f"corrupt or unsupported NIfTI file ({type(exc).__name__}: {exc})") from exc
+
+
+def _slice_plan(img, axis: str):
+    """For an anatomical ``axis``: (array axis to index, its length, its direction, in-plane axes)."""
+    import nibabel as nib
+
+    if axis not in _AXES:
+        raise ValueError(f"axis must be one of {', '.join(_AXES)}, got {axis!r}")
+    shape = img.shape[:3] if len(img.shape) >= 3 else (*img.shape, 1)
+    ornt = nib.io_orientation(img.affine)  # row i: (RAS world axis of array axis i, +1/-1)
+    world = _AXES[axis]
+    fixed = int(np.flatnonzero(ornt[:, 0] == world)[0])
+    in_plane = [i for i in range(3) if i != fixed]
+    return ornt, fixed, shape, in_plane
+
+
+def _display_geometry(img, ornt, shape3, in_plane) -> tuple[int, int, tuple[float, float]]:
+    """(rows, cols, (row_spacing, col_spacing)) of the slice :func:`volume_slice` returns."""
+    zooms = img.header.get_zooms()
+    sizes = [int(shape3[i]) for i in in_plane]
+    spacing = [float(zooms[i]) if i < len(zooms) else 1.0 for i in in_plane]
+    if ornt[in_plane[0], 0] > ornt[in_plane[1], 0]:  # order the in-plane axes by world axis
+        sizes.reverse()
+        spacing.reverse()
+    # display rows <- the second world axis, columns <- the first
+    return sizes[1], sizes[0], (spacing[1], spacing[0])
+
+
+def volume_slice(
+    path: str | Path,
+    *,
+    axis: str = "axial",
+    slice_index: int | None = None,
+    frame: int | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> tuple[np.ndarray, tuple[float, float]]:
+    """Read one 2D slice of a NIfTI volume in display orientation, without loading the whole volume.
+
+    ``slice_index`` counts in canonical RAS order (inferior->superior for axial, posterior->anterior
+    for coronal, left->right for sagittal) whatever the file's storage order; default: the middle slice.
+    ``frame`` picks the volume of a 4D file (default 0). The slice is oriented the radiological way
+    (DICOM-like): axial = anterior up and patient's right on the image left; coronal = superior up, right on
+    the left; sagittal = superior up, anterior on the left.
+
+    Returns ``(values[H, W] float64 in the file's scaled units, (row_spacing, col_spacing) in mm)``.
+    Label-map converters use the same function so that their boxes match :func:`load_image`'s pixels.
+    """
+    path = Path(path)
+    img = _nifti_image(path)
+    shape = img.shape
+    if len(shape) < 2 or len(shape) > 4 or (len(shape) == 4 and shape[3] < 1):
+        raise ImageLoadError(path, f"unsupported NIfTI shape {shape}: expected 2D, 3D or 4D")
+    ornt, fixed, shape3, in_plane = _slice_plan(img, axis)
+    n = shape3[fixed]
+    canon = n // 2 if slice_index is None else slice_index
+    if not 0 <= canon < n:
+        raise ImageLoadError(path, f"{axis} slice {canon} out of range: the volume has {n}")
+    stored = canon if ornt[fixed, 1] > 0 else n - 1 - canon
+    rows, cols, spacing = _display_geometry(img, ornt, shape3, in_plane)
+    _check_size(path, cols, rows, max_pixels)
+
+    slicer: list[object] = [slice(None)] * len(shape)
+    if len(shape) >= 3:
+        slicer[fixed] = stored
+    if len(shape) == 4:
+        vol = 0 if frame is None else frame
+        if not 0 <= vol < shape[3]:
+            raise ImageLoadError(path, f"frame {vol} out of range: the file has {shape[3]} volumes")
+        slicer[3] = vol
+    elif frame not in (None, 0):
+        raise ImageLoadError(path, f"frame {frame} out of range: the file has 1 volume")
+    try:
+        plane = np.asarray(img.dataobj[tuple(slicer)], dtype=np.float64)
+    except Exception as exc:  # noqa: BLE001 - truncated/corrupt data
+        raise ImageLoadError(path, f"cannot read NIfTI voxel data ({type(exc).__name__}: {exc})") from exc
+    if plane.ndim != 2:
+        plane = plane.reshape(shape3[in_plane[0]], shape3[in_plane[1]])
+    # Put both in-plane axes in canonical (increasing R/A/S) direction and world order.
+    for dim, ax in enumerate(in_plane):
+        if ornt[ax, 1] < 0:
+            plane = np.flip(plane, axis=dim)
+    if ornt[in_plane[0], 0] > ornt[in_plane[1], 0]:
+        plane = plane.T
+    # Rows <- second world axis (reversed: A/S up), columns <- first world axis (reversed: R on the left).
+    display = np.ascontiguousarray(plane.T[::-1, ::-1])
+    assert display.shape == (rows, cols)
+    return display, spacing
+
+
+def _aspect_size(shape: tuple[int, int], spacing: tuple[float, float]) -> tuple[int, int]:
+    """(width, height) after making pixels square by upsampling the coarser axis."""
+    h, w = shape
+    row_sp, col_sp = (abs(s) if s and np.isfinite(s) and s > 0 else 1.0 for s in spacing)
+    if abs(row_sp - col_sp) <= 0.01 * max(row_sp, col_sp):
+        return w, h
+    finest = min(row_sp, col_sp)
+    return max(1, round(w * col_sp / finest)), max(1, round(h * row_sp / finest))
+
+
+def _load_nifti(
+    path: Path, window: Window, slice_index: int | None, axis: str, frame: int | None, max_pixels: int
+) -> Image.Image:
+    values, spacing = volume_slice(path, axis=axis, slice_index=slice_index, frame=frame, max_pixels=max_pixels)
+    try:
+        gray = _window_values(values, "minmax" if window is None else window)
+    except ValueError as exc:
+        raise ImageLoadError(path, str(exc)) from exc
+    image = Image.fromarray(gray, mode="L")
+    size = _aspect_size(values.shape, spacing)
+    _check_size(path, *size, max_pixels)
+    if size != image.size:  # anisotropic voxels (e.g. thick slices in coronal/sagittal views)
+        image = image.resize(size, Image.Resampling.BILINEAR)
+    return image.convert("RGB")
+
+
+# --------------------------------------------------------------------------------------------- PIL
+
+
+def _load_pil(path: Path, window: Window, frame: int | None, max_pixels: int) -> Image.Image:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(path)
+    except Image.DecompressionBombError as exc:
+        raise ImageLoadError(path, f"decompression bomb refused ({exc})") from exc
+    except Image.DecompressionBombWarning as exc:
+        raise ImageLoadError(path, f"decompression bomb refused ({exc})") from exc
+    except (FileNotFoundError, IsADirectoryError, PermissionError) as exc:
+        raise _open_error(path, exc) from exc
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ImageLoadError(path, f"not a readable image ({type(exc).__name__}: {exc})") from exc
+    with im:
+        _check_size(path, im.width, im.height, max_pixels)
+        if frame is not None:
+            n = getattr(im, "n_frames", 1)
+            if not 0 <= frame < n:
+                raise ImageLoadError(path, f"frame {frame} out of range: the file has {n} frame(s)")
+            im.seek(frame)
+        try:
+            im.load()
+        except (OSError, SyntaxError, ValueError, EOFError) as exc:
+            raise ImageLoadError(path, f"corrupt or truncated image data ({type(exc).__name__}: {exc})") from exc
+        mode = im.mode
+        if mode in ("I", "F") or mode.startswith("I;16"):
+            values = np.asarray(im, dtype=np.float64)  # 16-bit/32-bit greyscale: window to 8 bits
+            try:
+                gray = _window_values(values, "minmax" if window is None else window)
+            except ValueError as exc:
+                raise ImageLoadError(path, str(exc)) from exc
+            return _to_rgb(gray)
+        if window is not None and mode in ("L", "LA", "1"):
+            try:
+                return _to_rgb(_window_values(np.asarray(im.convert("L"), dtype=np.float64), window))
+            except ValueError as exc:
+                raise ImageLoadError(path, str(exc)) from exc
+        return im.convert("RGB")
+
+
+# --------------------------------------------------------------------------------------------- public
+
+
+def load_image(
+    path: str | Path,
+    *,
+    window: Window = None,
+    slice_index: int | None = None,
+    axis: str = "axial",
+    frame: int | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> Image.Image:
+    """Read any supported image file as an RGB ``PIL.Image`` ready for the model's transform.
+
+    Args:
+        path: DICOM (``.dcm`` or DICM magic), NIfTI (``.nii``/``.nii.gz``) or anything Pillow reads.
+        window: ``None`` (DICOM header VOI LUT/window, else full range), a :data:`WINDOW_PRESETS` name,
+            ``"minmax"``, ``"percentile"`` or ``(centre, width)`` in the file's physical units (HU for CT).
+        slice_index: NIfTI slice along ``axis`` in RAS order; default the middle slice.
+        axis: ``"axial"``, ``"coronal"`` or ``"sagittal"`` (NIfTI only).
+        frame: DICOM frame (default: middle frame), NIfTI 4th-dimension volume (default 0), or
+            multi-page TIFF/GIF page (default: first).
+        max_pixels: refuse larger 2D images (decompression-bomb guard).
+
+    Raises:
+        ImageLoadError: the file is missing, unreadable, corrupt, too large, or the frame/slice is invalid.
+        ValueError: ``window`` or ``axis`` is not a valid choice.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise ImageLoadError(path, "is a directory, not an image file")
+    if not path.exists():
+        raise ImageLoadError(path, "file not found")
+    if window is not None and not isinstance(window, str):
+        _window_values(np.zeros(1), window)  # validate (centre, width) early: a caller error, not the file's
+    kind = detect_format(path)
+    if kind == "dicom":
+        return _load_dicom(path, window, frame, max_pixels)
+    if kind == "nifti":
+        return _load_nifti(path, window, slice_index, axis, frame, max_pixels)
+    return _load_pil(path, window, frame, max_pixels)
+
+
+def probe_image(path: str | Path, *, axis: str = "axial") -> ImageInfo:
+    """Read only the header: format, and the width/height :func:`load_image` would return by default.
+
+    Cheap enough to run over a whole annotation file (``medrega-data check --images header``) and used by
+    converters that need image sizes. Raises :class:`ImageLoadError` like :func:`load_image`.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise ImageLoadError(path, "is a directory, not an image file")
+    if not path.exists():
+        raise ImageLoadError(path, "file not found")
+    kind = detect_format(path)
+    if kind == "dicom":
+        ds = _read_dicom(path, stop_before_pixels=True)
+        try:
+            return ImageInfo("dicom", int(ds.Columns), int(ds.Rows), _dicom_frames(ds))
+        except (AttributeError, TypeError, ValueError) as exc:
+            raise ImageLoadError(path, f"DICOM header lacks valid Rows/Columns ({exc})") from exc
+    if kind == "nifti":
+        img = _nifti_image(path)
+        if len(img.shape) < 2 or len(img.shape) > 4:
+            raise ImageLoadError(path, f"unsupported NIfTI shape {img.shape}: expected 2D, 3D or 4D")
+        ornt, _, shape3, in_plane = _slice_plan(img, axis)
+        rows, cols, spacing = _display_geometry(img, ornt, shape3, in_plane)
+        width, height = _aspect_size((rows, cols), spacing)
+        frames = img.shape[3] if len(img.shape) == 4 else 1
+        return ImageInfo("nifti", width, height, frames)
+    try:
+        with Image.open(path) as im:
+            return ImageInfo("pil", im.width, im.height, getattr(im, "n_frames", 1))
+    except Image.DecompressionBombError as exc:
+        raise ImageLoadError(path, f"decompression bomb refused ({exc})") from exc
+    except (FileNotFoundError, IsADirectoryError, PermissionError) as exc:
+        raise _open_error(path, exc) from exc
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ImageLoadError(path, f"not a readable image ({type(exc).__name__}: {exc})") from exc
