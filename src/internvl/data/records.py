@@ -1,0 +1,422 @@
+"""Record checks in one place: reading annotation jsonl and validating MedRegInstruct records.
+
+Training, evaluation, the demo and ``medrega-data check`` all validate records here, so a bad record gets the same
+``FILE:LINE: reason: message`` everywhere. A record looks like::
+
+    {"id": 7, "image": "ct/0001.png", "width": 512, "height": 512,
+     "conversations": [{"from": "human", "value": "<image>\\nWhat is <ref>this</ref><box>[[1, 2, 3, 4]]</box>?"},
+                       {"from": "gpt", "value": "right mandible"}]}
+
+``image`` may be a path, a list of paths (multi-image) or absent (text-only). Paths are relative to the dataset
+root (``meta_file.json`` ``root``) and must stay inside it. Each image needs one ``<image>`` placeholder in the
+human turns; as in the original trainer, a single-image record without any placeholder is accepted and the
+placeholder is put at the start of the first human turn by the encoder.
+
+Two ways to use the checks:
+
+* strict (training by default): :func:`iter_records` raises :class:`BadRecordError` on the first bad record;
+* lenient: bad records are skipped and counted by reason in a :class:`ProblemTally`, which prints a summary at
+  the end - nothing is dropped silently.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from internvl.constants import IMAGE_PLACEHOLDER
+from internvl.data.images import ImageLoadError, load_image, probe_image
+from internvl.regions import RegionError, parse_regions
+
+__all__ = [
+    "BadRecordError",
+    "IMAGE_CHECKS",
+    "REASONS",
+    "ProblemTally",
+    "RecordChecker",
+    "RecordProblem",
+    "check_record",
+    "image_paths",
+    "iter_records",
+    "read_jsonl",
+    "resolve_image",
+]
+
+#: Every reason a record can be rejected for, with what it means (the table in docs/data-io.md).
+REASONS: dict[str, str] = {
+    "unreadable-file": "the annotation file itself is missing or unreadable (line 0)",
+    "not-utf8": "the line is not valid UTF-8",
+    "invalid-json": "the line is not valid JSON",
+    "blank-line": "an empty line inside the file",
+    "not-an-object": "the line is JSON but not an object {...}",
+    "bad-field": "a field has the wrong type (image, width, height)",
+    "bad-turns": "conversations missing, not a list, malformed, or not alternating human/gpt",
+    "empty-turn": "a turn's value is empty or only whitespace",
+    "image-count-mismatch": "the number of <image> placeholders does not match the images",
+    "image-outside-root": "an image path escapes the dataset root (../ or absolute path elsewhere)",
+    "missing-image": "an image file does not exist",
+    "unreadable-image": "an image path exists but cannot be read (directory, permission)",
+    "corrupt-image": "an image file cannot be decoded (corrupt, truncated, unsupported, too large)",
+    "bad-box": "a <box> is malformed or out of range (arity, non-integer, outside 0-999, x2 < x1, y2 < y1)",
+    "too-long": "the encoded sequence is longer than max_length tokens",
+    "encode-error": "the token-length function failed on the record",
+}
+
+#: How much of each image to check: existence only, header, or a full decode through load_image.
+IMAGE_CHECKS = ("none", "exists", "header", "decode")
+
+# Format examples in task prompts ("<box>[[x1, y1, x2, y2]]</box>") are notation, not boxes.
+_PLACEHOLDER_BOX_RE = re.compile(
+    r"<box>\s*\[\s*\[\s*[a-z]\d*\s*(?:,\s*[a-z]\d*\s*){3}\](?:\s*,\s*\[\s*[a-z]\d*\s*(?:,\s*[a-z]\d*\s*){3}\])*\s*\]\s*</box>"
+)
+
+
+@dataclass(frozen=True)
+class RecordProblem:
+    """One problem: ``file`` and 1-based ``line`` (0 = the whole file), a ``reason`` key from :data:`REASONS`,
+    and a human ``message``. ``str()`` gives ``FILE:LINE: reason: message``."""
+
+    file: str
+    line: int
+    reason: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}: {self.reason}: {self.message}"
+
+
+class BadRecordError(ValueError):
+    """Raised in strict mode on the first bad record; ``.problems`` holds every problem of that record."""
+
+    def __init__(self, problems: list[RecordProblem]) -> None:
+        if not problems:
+            raise ValueError("BadRecordError needs at least one problem")
+        self.problems = list(problems)
+        super().__init__("\n".join(str(p) for p in self.problems))
+
+
+# --------------------------------------------------------------------------------------------- reading
+
+
+def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict | RecordProblem]]:
+    """Yield ``(line_number, record)`` for each line, or ``(line_number, RecordProblem)`` for a bad one.
+
+    Lines are decoded one by one, so a single non-UTF-8 line is reported without losing the rest of the file.
+    A UTF-8 byte-order mark on the first line is accepted. An unreadable file yields one problem at line 0.
+    """
+    file = str(path)
+    try:
+        fh = open(path, "rb")
+    except OSError as exc:
+        yield 0, RecordProblem(file, 0, "unreadable-file", f"cannot open annotation file ({exc.strerror or exc})")
+        return
+    with fh:
+        for number, raw in enumerate(fh, start=1):
+            if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                yield number, RecordProblem(
+                    file, number, "not-utf8", f"byte {exc.start} is not valid UTF-8 ({raw[exc.start:exc.start + 4]!r})"
+                )
+                continue
+            if not text.strip():
+                yield number, RecordProblem(file, number, "blank-line", "empty line (remove it)")
+                continue
+            try:
+                record = json.loads(text)
+            except json.JSONDecodeError as exc:
+                yield number, RecordProblem(file, number, "invalid-json", f"{exc.msg} at column {exc.colno}")
+                continue
+            if not isinstance(record, dict):
+                yield number, RecordProblem(
+                    file, number, "not-an-object", f"expected a JSON object, got {type(record).__name__}"
+                )
+                continue
+            yield number, record
+
+
+# --------------------------------------------------------------------------------------------- images
+
+
+def image_paths(record: dict) -> list[str]:
+    """The record's image paths as a list (``[]`` for text-only). Assumes the field passed :func:`check_record`."""
+    image = record.get("image")
+    if image is None:
+        return []
+    return [image] if isinstance(image, str) else list(image)
+
+
+def resolve_image(path: str, root: str | Path) -> Path:
+    """Join ``path`` to ``root`` and refuse results outside ``root`` (``ValueError``).
+
+    The check is lexical (``..`` and absolute paths are normalised first), so symlinks placed inside the root
+    by whoever built the dataset are allowed, while a record cannot point at arbitrary files.
+    """
+    if "://" in path:
+        raise ValueError(f"image {path!r} is a URL; only local files are supported")
+    root_abs = os.path.normpath(os.path.abspath(root))
+    full = os.path.normpath(os.path.join(root_abs, path))
+    if os.path.commonpath([root_abs, full]) != root_abs:
+        raise ValueError(f"image {path!r} resolves to {full}, outside the image root {root_abs}")
+    return Path(full)
+
+
+# --------------------------------------------------------------------------------------------- checks
+
+
+@dataclass
+class RecordChecker:
+    """Validates records; one instance per annotation file so image results are cached across records.
+
+    Args:
+        image_root: directory image paths are relative to (the meta ``root``); ``None`` = the jsonl's directory.
+        image_check: ``"none"``, ``"exists"``, ``"header"`` (read the header) or ``"decode"`` (full
+            :func:`load_image`; finds truncated files).
+        max_length: reject records whose ``token_length(record)`` exceeds this.
+        token_length: callable returning a record's encoded length (supplied by the encoder).
+        require_answer: the last turn must be from ``gpt`` (training and scoring need the answer).
+        allow_implicit_image: accept a single image with no ``<image>`` placeholder (original behaviour).
+    """
+
+    image_root: str | Path | None = None
+    image_check: str = "exists"
+    max_length: int | None = None
+    token_length: Callable[[dict], int] | None = None
+    require_answer: bool = True
+    allow_implicit_image: bool = True
+    _image_cache: dict[Path, tuple[str, str] | None] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.image_check not in IMAGE_CHECKS:
+            raise ValueError(f"image_check must be one of {IMAGE_CHECKS}, got {self.image_check!r}")
+        if self.max_length is not None and self.token_length is None:
+            raise ValueError("max_length needs a token_length callable")
+
+    def check(self, record: Any, *, file: str | Path, line: int) -> list[RecordProblem]:
+        """All problems of one record (empty list = good)."""
+        file = str(file)
+
+        def problem(reason: str, message: str) -> RecordProblem:
+            return RecordProblem(file, line, reason, message)
+
+        if not isinstance(record, dict):
+            return [problem("not-an-object", f"expected a JSON object, got {type(record).__name__}")]
+        problems = self._check_fields(record, problem)
+        turns_ok = self._check_turns(record, problem, problems)
+        if turns_ok:
+            self._check_placeholders(record, problem, problems)
+            self._check_boxes(record, problem, problems)
+        if not any(p.reason == "bad-field" for p in problems):
+            root = self.image_root if self.image_root is not None else Path(file).parent
+            for rel in image_paths(record):
+                found = self._check_image(rel, root)
+                if found is not None:
+                    problems.append(problem(*found))
+        if not problems and self.max_length is not None and self.token_length is not None:
+            try:
+                n = int(self.token_length(record))
+            except Exception as exc:  # noqa: BLE001 - report any encoder failure against the record
+                problems.append(problem("encode-error", f"{type(exc).__name__}: {exc}"))
+            else:
+                if n > self.max_length:
+                    problems.append(problem("too-long", f"{n} tokens > max_length {self.max_length}"))
+        return problems
+
+    # -- pieces ------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _check_fields(record: dict, problem: Callable[[str, str], RecordProblem]) -> list[RecordProblem]:
+        problems = []
+        image = record.get("image")
+        if image is not None:
+            if isinstance(image, str):
+                if not image.strip():
+                    problems.append(problem("bad-field", "'image' is an empty string"))
+            elif isinstance(image, list):
+                if not image:
+                    problems.append(problem("bad-field", "'image' is an empty list (omit it for text-only records)"))
+                bad = [i for i, p in enumerate(image) if not isinstance(p, str) or not p.strip()]
+                if bad:
+                    problems.append(problem("bad-field", f"'image' list items {bad} are not non-empty strings"))
+            else:
+                problems.append(problem("bad-field", f"'image' must be a string or a list, got {type(image).__name__}"))
+        for key in ("width", "height"):
+            if key in record:
+                v = record[key]
+                if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                    problems.append(problem("bad-field", f"'{key}' must be a positive integer, got {v!r}"))
+        return problems
+
+    def _check_turns(self, record: dict, problem, problems: list[RecordProblem]) -> bool:
+        turns = record.get("conversations")
+        if not isinstance(turns, list) or not turns:
+            what = "missing" if turns is None else f"not a non-empty list ({type(turns).__name__})"
+            problems.append(problem("bad-turns", f"'conversations' is {what}"))
+            return False
+        ok = True
+        for i, turn in enumerate(turns, start=1):
+            if not isinstance(turn, dict) or not isinstance(turn.get("value"), str) or "from" not in turn:
+                problems.append(problem("bad-turns", f"turn {i} must be an object with 'from' and a string 'value'"))
+                ok = False
+                continue
+            expected = "human" if i % 2 == 1 else "gpt"
+            if turn["from"] != expected:
+                problems.append(problem(
+                    "bad-turns",
+                    f"turn {i} is from {turn['from']!r}, expected {expected!r} (turns alternate human/gpt, human first)",
+                ))
+                ok = False
+            if not turn["value"].strip():
+                problems.append(problem("empty-turn", f"turn {i} ({turn['from']}) has an empty value"))
+        if ok and self.require_answer and len(turns) % 2 == 1:
+            problems.append(problem("bad-turns", f"the last turn ({len(turns)}) is from 'human': no answer"))
+        return ok
+
+    def _check_placeholders(self, record: dict, problem, problems: list[RecordProblem]) -> None:
+        turns = record["conversations"]
+        in_answers = [i for i, t in enumerate(turns, start=1) if t["from"] == "gpt" and IMAGE_PLACEHOLDER in t["value"]]
+        if in_answers:
+            problems.append(problem("image-count-mismatch", f"'{IMAGE_PLACEHOLDER}' appears in answer turn(s) {in_answers}"))
+        n_placeholders = sum(t["value"].count(IMAGE_PLACEHOLDER) for t in turns if t["from"] == "human")
+        if any(p.reason == "bad-field" for p in problems):
+            return
+        n_images = len(image_paths(record))
+        if n_placeholders == n_images or (self.allow_implicit_image and n_images == 1 and n_placeholders == 0):
+            return
+        problems.append(problem(
+            "image-count-mismatch",
+            f"{n_placeholders} '{IMAGE_PLACEHOLDER}' placeholder(s) for {n_images} image(s)",
+        ))
+
+    @staticmethod
+    def _check_boxes(record: dict, problem, problems: list[RecordProblem]) -> None:
+        for i, turn in enumerate(record["conversations"], start=1):
+            text = _PLACEHOLDER_BOX_RE.sub("", turn["value"])
+            try:
+                parse_regions(text, strict=True)
+            except RegionError as exc:
+                problems.append(problem("bad-box", f"turn {i}: {exc}"))
+
+    def _check_image(self, rel: str, root: str | Path) -> tuple[str, str] | None:
+        try:
+            path = resolve_image(rel, root)
+        except ValueError as exc:
+            return "image-outside-root", str(exc)
+        if self.image_check == "none":
+            return None
+        if path in self._image_cache:
+            return self._image_cache[path]
+        result = self._image_status(rel, path)
+        self._image_cache[path] = result
+        return result
+
+    def _image_status(self, rel: str, path: Path) -> tuple[str, str] | None:
+        if not path.exists():
+            return "missing-image", f"image {rel!r} not found at {path}"
+        if path.is_dir():
+            return "unreadable-image", f"image {rel!r} is a directory: {path}"
+        if not os.access(path, os.R_OK):
+            return "unreadable-image", f"image {rel!r} is not readable (permission denied): {path}"
+        try:
+            if self.image_check == "header":
+                probe_image(path)
+            elif self.image_check == "decode":
+                load_image(path)
+        except ImageLoadError as exc:
+            return "corrupt-image", f"image {rel!r}: {exc.reason}"
+        return None
+
+
+def check_record(
+    record: Any,
+    *,
+    file: str | Path,
+    line: int,
+    image_root: str | Path | None = None,
+    image_check: str = "exists",
+    max_length: int | None = None,
+    token_length: Callable[[dict], int] | None = None,
+    require_answer: bool = True,
+) -> list[RecordProblem]:
+    """Problems of one record (see :class:`RecordChecker`; use a checker directly to cache image checks)."""
+    checker = RecordChecker(
+        image_root=image_root,
+        image_check=image_check,
+        max_length=max_length,
+        token_length=token_length,
+        require_answer=require_answer,
+    )
+    return checker.check(record, file=file, line=line)
+
+
+# --------------------------------------------------------------------------------------------- strict / lenient
+
+
+@dataclass
+class ProblemTally:
+    """Counts records seen/kept and problems by reason, for lenient loading; ``summary()`` for the log."""
+
+    seen: int = 0
+    kept: int = 0
+    by_reason: Counter = field(default_factory=Counter)
+    examples: dict[str, RecordProblem] = field(default_factory=dict)
+
+    @property
+    def skipped(self) -> int:
+        return self.seen - self.kept
+
+    def add(self, problems: Iterable[RecordProblem]) -> None:
+        """Record one rejected record's problems (each reason counted once per problem)."""
+        for p in problems:
+            self.by_reason[p.reason] += 1
+            self.examples.setdefault(p.reason, p)
+
+    def summary(self) -> str:
+        """``"kept 9 of 11 records; skipped 2: bad-box 1, missing-image 1"`` plus one example per reason."""
+        head = f"kept {self.kept} of {self.seen} records"
+        if not self.by_reason:
+            return head + "; no problems"
+        counts = ", ".join(f"{reason} {n}" for reason, n in sorted(self.by_reason.items()))
+        lines = [f"{head}; skipped {self.skipped}: {counts}"]
+        lines += [f"  e.g. {self.examples[r]}" for r in sorted(self.examples)]
+        return "\n".join(lines)
+
+
+def iter_records(
+    path: str | Path,
+    checker: RecordChecker | None = None,
+    *,
+    strict: bool = True,
+    tally: ProblemTally | None = None,
+    on_problem: Callable[[RecordProblem], None] | None = None,
+) -> Iterator[tuple[int, dict]]:
+    """Yield ``(line, record)`` for the good records of a jsonl file.
+
+    Strict: raise :class:`BadRecordError` at the first bad line. Lenient: skip it, count its problems in
+    ``tally`` (required, so skips are always reported) and pass each problem to ``on_problem`` if given.
+    """
+    if not strict and tally is None:
+        raise ValueError("lenient mode needs a ProblemTally so that skipped records are reported")
+    checker = checker or RecordChecker()
+    for line, item in read_jsonl(path):
+        if tally is not None and line > 0:
+            tally.seen += 1
+        problems = [item] if isinstance(item, RecordProblem) else checker.check(item, file=path, line=line)
+        if problems:
+            if strict:
+                raise BadRecordError(problems)
+            tally.add(problems)  # type: ignore[union-attr]
+            if on_problem is not None:
+                for p in problems:
+                    on_problem(p)
+            continue
+        if tally is not None:
+            tally.kept += 1
+        yield line, item  # type: ignore[misc]
