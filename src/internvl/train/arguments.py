@@ -1,0 +1,196 @@
+"""Command-line arguments of `medrega-train`, as dataclasses parsed by `transformers.HfArgumentParser`.
+
+Flag names follow the original InternVL/MedRegA fine-tuning script (`internvl_chat_finetune.py`) wherever such a flag
+exists, so the released shell recipes translate one to one (`--model_name_or_path`, `--meta_path`, `--freeze_llm`,
+`--use_llm_lora 16`, `--force_image_size 448`, `--conv_style Hermes-2`, ...). New options (start from a preset with
+random init, packing, strict/lenient data checks) are additions, never renames.
+
+Three groups:
+- `ModelArguments`: where the weights come from, what is frozen, LoRA ranks, vision overrides.
+- `DataTrainingArguments`: meta file, template, sequence length, image size, packing, data-check mode.
+- `MedRegTrainingArguments`: `transformers.TrainingArguments` plus our defaults (safetensors, no column pruning,
+  non-reentrant gradient checkpointing) and `resume_from_checkpoint="auto"`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from transformers import HfArgumentParser, TrainingArguments
+
+
+@dataclass
+class ModelArguments:
+    """Where the model comes from and which parts of it train."""
+
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Local directory of an InternVL-Chat checkpoint in the original layout (config.json + "
+                          "safetensors). Mutually exclusive with --preset."},
+    )
+    preset: str | None = field(
+        default=None,
+        metadata={"help": "Start from a bundled preset (tiny, mid, medrega, internvl-chat-v1-2) with random init. "
+                          "Needs --tokenizer_path. Used to train the bundled default model from scratch."},
+    )
+    tokenizer_path: str | None = field(
+        default=None,
+        metadata={"help": "Local tokenizer directory. Defaults to --model_name_or_path."},
+    )
+    freeze_llm: bool = field(default=False, metadata={"help": "Freeze the language model (requires_grad False)."})
+    freeze_backbone: bool = field(default=False, metadata={"help": "Freeze the vision encoder (InternViT)."})
+    freeze_mlp: bool = field(default=False, metadata={"help": "Freeze the projector `mlp1`."})
+    unfreeze_vit_layers: int = field(
+        default=0,
+        metadata={"help": "After freezing the backbone, re-enable encoder.layers[k:] (negative k = last |k| layers; "
+                          "0 = none)."},
+    )
+    unfreeze_lm_head: bool = field(default=False, metadata={"help": "Keep the LM head trainable under freeze_llm."})
+    use_backbone_lora: int = field(default=0, metadata={"help": "LoRA rank on the ViT (alpha = 2 * rank); 0 = off."})
+    use_llm_lora: int = field(default=0, metadata={"help": "LoRA rank on the LLM (alpha = 2 * rank); 0 = off."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA branch (original: 0.05)."})
+    vision_select_layer: int = field(default=-1, metadata={"help": "ViT layer whose output feeds the projector."})
+    drop_path_rate: float = field(default=0.0, metadata={"help": "Stochastic depth of the ViT (linear over depth)."})
+    ps_version: Literal["v1", "v2"] = field(
+        default="v1", metadata={"help": "Pixel-shuffle token order; V1.2/MedRegA checkpoints need v1."}
+    )
+    grad_checkpoint: bool = field(default=True, metadata={"help": "Gradient checkpointing in the LLM (and ViT)."})
+    attn_implementation: str = field(
+        default="sdpa", metadata={"help": "LLM attention: sdpa | eager | flash_attention_2 (if installed)."}
+    )
+    model_dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
+        default="auto",
+        metadata={"help": "dtype the weights are loaded in; auto = float32 (the Trainer/DeepSpeed handle bf16 "
+                          "autocast / bf16 master weights)."},
+    )
+
+
+@dataclass
+class DataTrainingArguments:
+    """What the model is trained on and how samples become tensors."""
+
+    meta_path: str | None = field(
+        default=None, metadata={"help": "meta_file.json: dataset name -> {root, annotation, repeat_time, ...}."}
+    )
+    conv_style: str = field(default="Hermes-2", metadata={"help": "Chat template name (internvl/templates)."})
+    max_seq_length: int = field(default=2048, metadata={"help": "Samples are truncated to this many tokens."})
+    force_image_size: int | None = field(
+        default=None,
+        metadata={"help": "Tile size in pixels (448 for V1.2). Differs from the checkpoint -> position embeddings "
+                          "are resized once; with --preset it sets the ViT image size."},
+    )
+    down_sample_ratio: float = field(default=0.5, metadata={"help": "Pixel-shuffle ratio (0.5 -> 4x fewer tokens)."})
+    pad2square: bool = field(default=False, metadata={"help": "Pad images to a square before resizing."})
+    dynamic_image_size: bool = field(default=False, metadata={"help": "Dynamic tiling (off for V1.2/MedRegA)."})
+    use_thumbnail: bool = field(default=False, metadata={"help": "Add a thumbnail tile with dynamic tiling."})
+    min_dynamic_patch: int = field(default=1, metadata={"help": "Minimum tiles with dynamic tiling."})
+    max_dynamic_patch: int = field(default=1, metadata={"help": "Maximum tiles with dynamic tiling."})
+    group_by_length: bool = field(
+        default=False, metadata={"help": "Length-grouped sampling (megabatches of similar length)."}
+    )
+    data_check: Literal["strict", "lenient"] = field(
+        default="strict",
+        metadata={"help": "strict: any bad record aborts with FILE:LINE: reason. lenient: bad records are "
+                          "reported (FILE:LINE: reason, and counted) and left out."},
+    )
+    use_packed_ds: bool = field(default=False, metadata={"help": "Pack several samples into one row."})
+    max_packed_tokens: int = field(default=8192, metadata={"help": "Tokens per packed row."})
+    num_images_expected: int = field(default=12, metadata={"help": "Max image tiles per packed row."})
+    loss_reduction: Literal["token", "sample", "square"] = field(
+        default="token",
+        metadata={"help": "Per-token loss weight under packing: token (1), sample (1/n), square (1/sqrt n)."},
+    )
+
+
+@dataclass
+class MedRegTrainingArguments(TrainingArguments):
+    """`transformers.TrainingArguments` with defaults suited to InternVL fine-tuning.
+
+    `resume_from_checkpoint="auto"` resumes from the newest *complete* checkpoint in `output_dir` (see
+    `internvl.train.checkpoint.find_latest_checkpoint`); a path resumes from that checkpoint.
+    """
+
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Keep every collated key (pixel_values...)."})
+    report_to: str | None = field(default="tensorboard", metadata={"help": "tensorboard | wandb | all | none."})
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Allow a fresh run in an output_dir that already holds checkpoints (otherwise: error "
+                          "unless --resume_from_checkpoint is given)."},
+    )
+    save_safetensors: bool = field(default=True, metadata={"help": "Always safetensors."})
+    logging_steps: float = field(default=1, metadata={"help": "Log every N optimizer steps."})
+    dataloader_num_workers: int = field(default=0, metadata={"help": "Data loader worker processes."})
+
+
+ARGUMENT_CLASSES = (ModelArguments, DataTrainingArguments, MedRegTrainingArguments)
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataTrainingArguments, MedRegTrainingArguments]:
+    """Parse `argv` (default: sys.argv[1:]) into the three argument groups and check them together.
+
+    A single `.json`/`.yaml` argument is read as a config file holding all flags (the resolved `run_config.json` of an
+    earlier run works). Raises `ValueError` with a readable message on inconsistent flags.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = HfArgumentParser(ARGUMENT_CLASSES)
+    if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
+        path = Path(argv[0])
+        if path.suffix == ".json":
+            raw = json.loads(path.read_text(encoding="utf-8"))
+            flat = {**raw.get("model", {}), **raw.get("data", {}), **raw.get("training", {})} if "model" in raw else raw
+            model_args, data_args, training_args = parser.parse_dict(flat, allow_extra_keys=False)
+        else:
+            model_args, data_args, training_args = parser.parse_yaml_file(str(path))
+    else:
+        model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    validate_args(model_args, data_args, training_args)
+    return model_args, data_args, training_args
+
+
+def validate_args(model_args: ModelArguments, data_args: DataTrainingArguments,
+                  training_args: TrainingArguments) -> None:
+    """Reject contradictory flag combinations early, before any weights are loaded."""
+    if (model_args.model_name_or_path is None) == (model_args.preset is None):
+        raise ValueError("give exactly one of --model_name_or_path (a checkpoint dir) or --preset (random init)")
+    if model_args.preset is not None and model_args.tokenizer_path is None:
+        raise ValueError("--preset needs --tokenizer_path (a local tokenizer directory)")
+    if data_args.meta_path is None:
+        raise ValueError("--meta_path is required (a meta_file.json; see src/shell/meta_file.json)")
+    if model_args.use_llm_lora < 0 or model_args.use_backbone_lora < 0:
+        raise ValueError("LoRA ranks must be >= 0")
+    if data_args.max_seq_length < 8:
+        raise ValueError(f"--max_seq_length {data_args.max_seq_length} is too small")
+    if not 0 < data_args.down_sample_ratio <= 1:
+        raise ValueError(f"--down_sample_ratio must be in (0, 1], got {data_args.down_sample_ratio}")
+    if data_args.use_packed_ds and training_args.per_device_train_batch_size != 1:
+        raise ValueError("--use_packed_ds packs samples into one row: use --per_device_train_batch_size 1")
+    if data_args.use_packed_ds and data_args.group_by_length:
+        raise ValueError("--use_packed_ds and --group_by_length exclude each other")
+    trainable = not (model_args.freeze_llm and model_args.freeze_backbone and model_args.freeze_mlp)
+    if not trainable and not (model_args.use_llm_lora or model_args.use_backbone_lora
+                              or model_args.unfreeze_vit_layers or model_args.unfreeze_lm_head):
+        raise ValueError("every part is frozen and no LoRA is enabled: nothing would train")
+
+
+def resolved_config(model_args: ModelArguments, data_args: DataTrainingArguments,
+                    training_args: TrainingArguments, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """All flags after defaults and validation, as a JSON-able dict (saved as `run_config.json` with every run).
+
+    The dict can be fed back to `medrega-train run_config.json` to repeat the run.
+    """
+    train_dict = {k: v for k, v in training_args.to_dict().items() if not k.startswith("_")}
+    # to_dict() replaces tokens by placeholders; keep only the fields that are real dataclass inputs
+    init_fields = {f.name for f in dataclasses.fields(training_args) if f.init}
+    train_dict = {k: v for k, v in train_dict.items() if k in init_fields}
+    out: dict[str, Any] = {
+        "model": dataclasses.asdict(model_args),
+        "data": dataclasses.asdict(data_args),
+        "training": json.loads(json.dumps(train_dict, default=str)),
+    }
+    if extra:
+        out["resolved"] = extra
+    return out

@@ -1,0 +1,159 @@
+"""Build the tokenizer and the model for a training run: load or random-init, apply overrides, freeze, add LoRA.
+
+Why here and not in the model package: these are *training* decisions (what trains, which checkpointing) driven by the
+`medrega-train` flags; the model package only knows how to build and load an `InternVLChatModel`.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from internvl.constants import IMG_CONTEXT_TOKEN
+from internvl.model import InternVLChatConfig, InternVLChatModel, load_preset
+from internvl.tokenization import add_special_tokens, load_tokenizer
+from internvl.train.arguments import DataTrainingArguments, ModelArguments
+from internvl.train.lora import wrap_backbone_lora, wrap_llm_lora
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class BuiltModel:
+    """What `build_model_and_tokenizer` returns: the model, its tokenizer, and where its frozen base lives."""
+
+    model: InternVLChatModel
+    tokenizer: object
+    base_model_dir: str | None
+    trainable_params: int
+    total_params: int
+
+
+def resolve_dtype(model_args: ModelArguments, use_deepspeed_bf16: bool) -> torch.dtype:
+    """`auto` -> bf16 weights under DeepSpeed bf16 (DeepSpeed keeps fp32 master copies), else fp32 (Trainer's bf16
+    flag then means autocast over fp32 weights)."""
+    if model_args.model_dtype != "auto":
+        return _DTYPES[model_args.model_dtype]
+    return torch.bfloat16 if use_deepspeed_bf16 else torch.float32
+
+
+def apply_overrides(config: InternVLChatConfig, model_args: ModelArguments, data_args: DataTrainingArguments,
+                    from_preset: bool) -> None:
+    """Copy the vision/template flags onto the config (original trainer behaviour). With a preset,
+    `force_image_size` also becomes the ViT's native size, so no position-embedding resize is needed."""
+    config.select_layer = model_args.vision_select_layer
+    config.ps_version = model_args.ps_version
+    config.template = data_args.conv_style
+    config.downsample_ratio = data_args.down_sample_ratio
+    config.pad2square = data_args.pad2square
+    config.dynamic_image_size = data_args.dynamic_image_size
+    config.use_thumbnail = data_args.use_thumbnail
+    config.min_dynamic_patch = data_args.min_dynamic_patch
+    config.max_dynamic_patch = data_args.max_dynamic_patch
+    config.vision_config.drop_path_rate = model_args.drop_path_rate
+    config.use_llm_lora = 0
+    config.use_backbone_lora = 0
+    if data_args.force_image_size is not None:
+        if from_preset:
+            config.vision_config.image_size = data_args.force_image_size
+        config.force_image_size = data_args.force_image_size
+    config.llm_config._attn_implementation = model_args.attn_implementation
+    config.llm_config.use_cache = False
+
+
+def apply_freezing(model: nn.Module, model_args: ModelArguments) -> None:
+    """Set requires_grad per module as the original flags say, then wrap LoRA (which freezes its base weights)."""
+    if model_args.freeze_backbone:
+        model.vision_model.requires_grad_(False)
+        if model_args.unfreeze_vit_layers:
+            for layer in model.vision_model.encoder.layers[model_args.unfreeze_vit_layers:]:
+                layer.requires_grad_(True)
+    if model_args.freeze_llm:
+        model.language_model.requires_grad_(False)
+    if model_args.freeze_mlp:
+        model.mlp1.requires_grad_(False)
+    if model_args.use_backbone_lora:
+        wrap_backbone_lora(model, model_args.use_backbone_lora, model_args.lora_dropout)
+        if not model_args.freeze_backbone:
+            logger.info("use_backbone_lora: the ViT base weights are frozen, only its LoRA weights train")
+    if model_args.use_llm_lora:
+        wrap_llm_lora(model, model_args.use_llm_lora, model_args.lora_dropout)
+    if model_args.unfreeze_lm_head:
+        model.language_model.get_output_embeddings().requires_grad_(True)
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Non-reentrant checkpointing on the LLM layers and the ViT layers (works with frozen inputs and LoRA)."""
+    kwargs = {"use_reentrant": False}
+    model.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    vision = model.vision_model
+    if hasattr(vision, "gradient_checkpointing_enable"):
+        try:
+            vision.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        except ValueError as exc:  # a vision tower without checkpointing support stays as is
+            logger.warning("ViT gradient checkpointing not enabled: %s", exc)
+
+
+def build_model_and_tokenizer(model_args: ModelArguments, data_args: DataTrainingArguments, *,
+                              use_deepspeed_bf16: bool = False,
+                              base_save_dir: str | Path | None = None) -> BuiltModel:
+    """Tokenizer + model ready for the Trainer.
+
+    `--preset` builds a random-init model whose LLM vocabulary equals the tokenizer (with InternVL's special tokens);
+    `--model_name_or_path` loads a checkpoint in the original layout (local dir, safetensors). With LoRA on a preset,
+    the random base is saved to `base_save_dir` first so the adapters can be merged later.
+    """
+    tokenizer_dir = model_args.tokenizer_path or model_args.model_name_or_path
+    tokenizer = load_tokenizer(tokenizer_dir, model_max_length=data_args.max_seq_length)
+    add_special_tokens(tokenizer)
+    dtype = resolve_dtype(model_args, use_deepspeed_bf16)
+    from_preset = model_args.preset is not None
+    if from_preset:
+        config = load_preset(model_args.preset)
+        apply_overrides(config, model_args, data_args, from_preset=True)
+        config.llm_config.vocab_size = len(tokenizer)
+        model = InternVLChatModel(config).to(dtype)
+        base_dir = None
+    else:
+        config = InternVLChatConfig.from_pretrained(model_args.model_name_or_path, local_files_only=True)
+        native_size = config.image_size
+        apply_overrides(config, model_args, data_args, from_preset=False)
+        if data_args.force_image_size is not None and data_args.force_image_size != native_size:
+            config.force_image_size = native_size  # load at the stored size, then resize once below
+        model = InternVLChatModel.from_pretrained(model_args.model_name_or_path, config=config, dtype=dtype,
+                                                  local_files_only=True)
+        if data_args.force_image_size is not None and data_args.force_image_size != native_size:
+            resize_position_embeddings(model, data_args.force_image_size)
+        base_dir = str(model_args.model_name_or_path)
+    add_special_tokens(tokenizer, model)
+    model.img_context_token_id = tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN)
+    if (model_args.use_llm_lora or model_args.use_backbone_lora) and from_preset:
+        if base_save_dir is None:
+            raise ValueError("LoRA on a random-init preset needs a place to save the base weights (base_save_dir)")
+        model.save_pretrained(str(base_save_dir))
+        tokenizer.save_pretrained(str(base_save_dir))
+        base_dir = str(base_save_dir)
+    apply_freezing(model, model_args)
+    if model_args.grad_checkpoint:
+        enable_gradient_checkpointing(model)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    logger.info("parameters: %d trainable / %d total (%.3f%%)", trainable, total, 100.0 * trainable / max(total, 1))
+    return BuiltModel(model=model, tokenizer=tokenizer, base_model_dir=base_dir, trainable_params=trainable,
+                      total_params=total)
+
+
+def resize_position_embeddings(model: nn.Module, new_size: int) -> None:
+    """Change the tile size of a loaded model: bicubic-resize the ViT position grid once and update the config."""
+    vision = model.vision_model
+    if not hasattr(vision, "resize_pos_embeddings"):
+        raise ValueError(f"{type(vision).__name__} cannot resize its position embeddings to {new_size}")
+    old = model.config.vision_config.image_size
+    vision.resize_pos_embeddings(old_size=old, new_size=new_size, patch_size=model.config.vision_config.patch_size)
+    model.config.vision_config.image_size = new_size
+    model.config.force_image_size = new_size

@@ -1,0 +1,172 @@
+"""`medrega-train` (= `python -m internvl.train`): fine-tune InternVL-Chat / MedRegA on MedRegInstruct-format data.
+
+Examples
+  # stage 2, LoRA on the LLM, from a local checkpoint
+  medrega-train --model_name_or_path /ckpt/medrega --meta_path meta_file.json --output_dir runs/lora \\
+      --freeze_backbone True --freeze_mlp True --freeze_llm True --use_llm_lora 16 --bf16 True
+  # train the tiny preset from scratch (random init) with a local tokenizer
+  medrega-train --preset tiny --tokenizer_path tok/ --meta_path meta.json --output_dir runs/tiny --max_steps 300
+
+Every run writes `run_config.json` (all flags after defaults, plus versions and world size) to `--output_dir`, and
+checkpoints `checkpoint-N/` atomically; `--resume_from_checkpoint auto` continues from the newest complete one.
+The final model is written to `--output_dir` in the original layout (full runs) or as PEFT adapters (LoRA runs; merge
+with `scripts/merge_lora.py`).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from transformers import set_seed
+
+from internvl.train.arguments import (
+    DataTrainingArguments,
+    MedRegTrainingArguments,
+    ModelArguments,
+    parse_args,
+    resolved_config,
+)
+from internvl.train.checkpoint import clean_staging, find_latest_checkpoint
+
+logger = logging.getLogger("internvl.train")
+
+RUN_CONFIG_NAME = "run_config.json"
+
+
+def resolve_resume(training_args: MedRegTrainingArguments) -> str | None:
+    """`auto` -> newest complete checkpoint in output_dir (None if there is none); a path must be complete."""
+    value = training_args.resume_from_checkpoint
+    if value in (None, "", "no", "false", "False"):
+        return None
+    if value in ("auto", "true", "True"):
+        latest = find_latest_checkpoint(training_args.output_dir)
+        return str(latest) if latest is not None else None
+    from internvl.train.checkpoint import is_complete
+
+    if not is_complete(value):
+        raise ValueError(f"{value}: not a complete checkpoint (no COMPLETE marker or trainer_state.json)")
+    return str(value)
+
+
+def build_data(data_args: DataTrainingArguments, tokenizer: Any, model_config: Any, seed: int):
+    """Training dataset and collator from the meta file, through the shared data core (records checks, encode)."""
+    from internvl.data.collate import PackedCollator, pad_collate
+    from internvl.data.dataset import build_training_dataset
+
+    dataset = build_training_dataset(
+        data_args.meta_path,
+        tokenizer=tokenizer,
+        config=model_config,
+        template=data_args.conv_style,
+        max_seq_length=data_args.max_seq_length,
+        strict=data_args.data_check == "strict",
+        seed=seed,
+    )
+    if data_args.use_packed_ds:
+        collator = PackedCollator(max_packed_tokens=data_args.max_packed_tokens,
+                                  num_images_expected=data_args.num_images_expected,
+                                  loss_reduction=data_args.loss_reduction,
+                                  pad_token_id=tokenizer.pad_token_id or 0)
+    else:
+        collator = pad_collate
+    return dataset, collator
+
+
+def write_run_config(output_dir: str, model_args: ModelArguments, data_args: DataTrainingArguments,
+                     training_args: MedRegTrainingArguments, extra: dict[str, Any]) -> Path:
+    """Save the resolved configuration of this run (main process only)."""
+    path = Path(output_dir) / RUN_CONFIG_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    config = resolved_config(model_args, data_args, training_args, extra=extra)
+    path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return path
+
+
+def _setup_logging(training_args: MedRegTrainingArguments) -> None:
+    level = logging.INFO if training_args.should_log else logging.WARNING
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=level, stream=sys.stdout)
+    transformers.utils.logging.set_verbosity(level)
+
+
+def train(model_args: ModelArguments, data_args: DataTrainingArguments,
+          training_args: MedRegTrainingArguments) -> dict[str, Any]:
+    """Run one training job end to end; returns the Trainer's train metrics."""
+    from internvl.train.build import build_model_and_tokenizer
+    from internvl.train.trainer import MedRegTrainer
+
+    _setup_logging(training_args)
+    output_dir = training_args.output_dir
+    resume = resolve_resume(training_args)
+    training_args.resume_from_checkpoint = resume
+    existing = find_latest_checkpoint(output_dir)
+    if resume is None and existing is not None and not training_args.overwrite_output_dir:
+        raise ValueError(f"{output_dir} already holds {existing.name}: pass --resume_from_checkpoint auto to continue "
+                         "or --overwrite_output_dir True to start over")
+    if training_args.should_save:
+        clean_staging(output_dir)
+    set_seed(training_args.seed)
+    ds_bf16 = bool(training_args.deepspeed) and bool(training_args.bf16)
+    built = build_model_and_tokenizer(model_args, data_args, use_deepspeed_bf16=ds_bf16,
+                                      base_save_dir=Path(output_dir) / "base_model")
+    dataset, collator = build_data(data_args, built.tokenizer, built.model.config, training_args.seed)
+    extra = {
+        "world_size": training_args.world_size,
+        "base_model_dir": built.base_model_dir,
+        "trainable_params": built.trainable_params,
+        "total_params": built.total_params,
+        "num_train_samples": len(dataset),
+        "resumed_from": resume,
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "transformers": transformers.__version__},
+        "argv": sys.argv,
+    }
+    if training_args.should_save:
+        write_run_config(output_dir, model_args, data_args, training_args, extra)
+    trainer = MedRegTrainer(
+        model=built.model,
+        args=training_args,
+        train_dataset=dataset,
+        data_collator=collator,
+        processing_class=built.tokenizer,
+        group_by_length=data_args.group_by_length,
+        base_model=built.base_model_dir,
+    )
+    result = trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model(output_dir)
+    trainer.save_state()
+    metrics = dict(result.metrics)
+    if training_args.should_save:
+        trainer.log_metrics("train", metrics)
+        trainer.save_metrics("train", metrics)
+    return metrics
+
+
+def _check_output_dir(training_args: MedRegTrainingArguments) -> None:
+    resume = resolve_resume(training_args)
+    existing = find_latest_checkpoint(training_args.output_dir)
+    if resume is None and existing is not None and not training_args.overwrite_output_dir:
+        raise ValueError(f"{training_args.output_dir} already holds {existing.name}: pass --resume_from_checkpoint "
+                         "auto to continue or --overwrite_output_dir True to start over")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point. Returns a process exit code (2 for bad flags)."""
+    try:
+        model_args, data_args, training_args = parse_args(argv)
+        _check_output_dir(training_args)
+    except ValueError as exc:
+        print(f"medrega-train: error: {exc}", file=sys.stderr)
+        return 2
+    train(model_args, data_args, training_args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,169 @@
+"""LoRA on the LLM and/or the ViT of an InternVL-Chat model, with PEFT, and adapter save/merge helpers.
+
+Wiring follows the original model class (architecture notes §1.7): rank r, alpha 2r, dropout 0.05;
+LLM targets depend on the architecture (Llama/Yi/Qwen2: q/k/v/o + gate/up/down; InternLM2: wqkv/wo/w1/w2/w3;
+Phi3: qkv_proj/o_proj/gate_up_proj/down_proj); ViT targets `attn.qkv`, `attn.proj`, `mlp.fc1`, `mlp.fc2`.
+The wrapped sub-modules stay at `model.language_model` / `model.vision_model`, so state-dict keys become the peft
+names (`language_model.base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight`).
+
+Adapters are saved in PEFT format (`adapter_config.json` + `adapter_model.safetensors`) under
+`<dir>/adapters/language_model/` and `<dir>/adapters/vision_model/`; other trainable weights of a LoRA run (e.g. the
+projector) go to `<dir>/non_lora_trainables.safetensors` with original-layout keys. `scripts/merge_lora.py` folds it
+all into a full checkpoint in the original layout.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+ADAPTERS_DIRNAME = "adapters"
+NON_LORA_FILENAME = "non_lora_trainables.safetensors"
+LORA_INFO_FILENAME = "lora_run.json"
+LORA_PARTS = ("language_model", "vision_model")
+
+LLM_LORA_TARGETS: dict[str, list[str]] = {
+    "llama": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+              "mlp.gate_proj", "mlp.down_proj", "mlp.up_proj"],
+    "internlm2": ["attention.wqkv", "attention.wo", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3"],
+    "phi3": ["mlp.down_proj", "mlp.gate_up_proj", "self_attn.o_proj", "self_attn.qkv_proj"],
+}
+VIT_LORA_TARGETS = ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"]
+
+
+def llm_lora_targets(language_model: nn.Module) -> list[str]:
+    """LoRA target module suffixes for `language_model`, chosen from the module names it actually has."""
+    names = {name for name, _ in language_model.named_modules()}
+    for family, targets in LLM_LORA_TARGETS.items():
+        if all(any(n.endswith(t) for n in names) for t in targets):
+            return list(targets)
+    raise ValueError(f"no LoRA target set fits the language model {type(language_model).__name__}; "
+                     f"known families: {sorted(LLM_LORA_TARGETS)}")
+
+
+def wrap_llm_lora(model: nn.Module, r: int, dropout: float = 0.05) -> None:
+    """Wrap `model.language_model` with LoRA (rank r, alpha 2r) in place; the base LLM weights become frozen."""
+    if isinstance(model.language_model, PeftModel):
+        raise ValueError("language_model already carries LoRA adapters")
+    config = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=dropout, target_modules=llm_lora_targets(model.language_model),
+                        task_type="CAUSAL_LM")
+    model.language_model = get_peft_model(model.language_model, config)
+    if hasattr(model, "config"):
+        model.config.use_llm_lora = r
+
+
+def wrap_backbone_lora(model: nn.Module, r: int, dropout: float = 0.05) -> None:
+    """Wrap `model.vision_model` with LoRA (rank r, alpha 2r) on attn.qkv/attn.proj/mlp.fc1/mlp.fc2, in place."""
+    if isinstance(model.vision_model, PeftModel):
+        raise ValueError("vision_model already carries LoRA adapters")
+    config = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=dropout, target_modules=list(VIT_LORA_TARGETS))
+    model.vision_model = get_peft_model(model.vision_model, config)
+    if hasattr(model, "config"):
+        model.config.use_backbone_lora = r
+
+
+def has_lora(model: nn.Module) -> bool:
+    """True if the LLM or the ViT of `model` is wrapped by PEFT."""
+    return any(isinstance(getattr(model, part, None), PeftModel) for part in LORA_PARTS)
+
+
+def to_original_key(key: str) -> str:
+    """Map a peft-wrapped state-dict key back to the original layout (drops `base_model.model.` and `.base_layer`)."""
+    for part in LORA_PARTS:
+        prefix = f"{part}.base_model.model."
+        if key.startswith(prefix):
+            key = f"{part}." + key[len(prefix):]
+    return key.replace(".base_layer.", ".")
+
+
+def save_lora_run(model: nn.Module, output_dir: str | os.PathLike, state_dict: dict[str, torch.Tensor] | None = None,
+                  base_model: str | None = None) -> list[Path]:
+    """Save a LoRA run: PEFT adapters per wrapped part + the other trainable weights + `lora_run.json`.
+
+    `state_dict` is the full (gathered, for ZeRO-3) model state dict; default `model.state_dict()`. `base_model` is
+    the directory of the frozen base checkpoint (original layout), recorded for `scripts/merge_lora.py`.
+    Returns the written paths.
+    """
+    out = Path(output_dir)
+    state_dict = model.state_dict() if state_dict is None else state_dict
+    written: list[Path] = []
+    for part in LORA_PARTS:
+        sub = getattr(model, part, None)
+        if not isinstance(sub, PeftModel):
+            continue
+        prefix = f"{part}."
+        part_state = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        target = out / ADAPTERS_DIRNAME / part
+        for cfg in sub.peft_config.values():
+            cfg.base_model_name_or_path = base_model
+        sub.save_pretrained(str(target), state_dict=part_state, safe_serialization=True)
+        written.append(target)
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad and "lora_" not in name}
+    extra = {to_original_key(k): v.detach().cpu().contiguous() for k, v in state_dict.items() if k in trainable}
+    if extra:
+        save_file(extra, str(out / NON_LORA_FILENAME), metadata={"format": "pt"})
+        written.append(out / NON_LORA_FILENAME)
+    info = {
+        "base_model": base_model,
+        "use_llm_lora": int(getattr(getattr(model, "config", None), "use_llm_lora", 0) or 0),
+        "use_backbone_lora": int(getattr(getattr(model, "config", None), "use_backbone_lora", 0) or 0),
+        "adapters": [p.name for p in written if p.parent.name == ADAPTERS_DIRNAME],
+        "non_lora_trainables": sorted(extra),
+    }
+    (out / LORA_INFO_FILENAME).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    written.append(out / LORA_INFO_FILENAME)
+    return written
+
+
+def load_lora_run(model: nn.Module, run_dir: str | os.PathLike, is_trainable: bool = False) -> None:
+    """Attach the adapters of a saved LoRA run to an unwrapped `model` and load its other trained weights, in place.
+
+    Raises `FileNotFoundError`/`ValueError` naming the file when the run is incomplete or does not fit the model.
+    """
+    run = Path(run_dir)
+    info_path = run / LORA_INFO_FILENAME
+    if not info_path.is_file():
+        raise FileNotFoundError(f"{info_path}: not a LoRA run directory (missing {LORA_INFO_FILENAME})")
+    info = json.loads(info_path.read_text(encoding="utf-8"))
+    for part in info["adapters"]:
+        adapter_dir = run / ADAPTERS_DIRNAME / part
+        sub = getattr(model, part)
+        if isinstance(sub, PeftModel):
+            sub.load_adapter(str(adapter_dir), adapter_name="default", is_trainable=is_trainable)
+        else:
+            setattr(model, part, PeftModel.from_pretrained(sub, str(adapter_dir), is_trainable=is_trainable))
+    extra_path = run / NON_LORA_FILENAME
+    if info["non_lora_trainables"]:
+        if not extra_path.is_file():
+            raise FileNotFoundError(f"{extra_path}: listed in {info_path} but missing")
+        load_original_keys(model, load_file(str(extra_path)), source=str(extra_path))
+
+
+def load_original_keys(model: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Copy original-layout `tensors` into a (possibly peft-wrapped) model; every key must exist with its shape."""
+    by_original = {to_original_key(name): p for name, p in model.named_parameters()}
+    for key, value in tensors.items():
+        if key not in by_original:
+            raise ValueError(f"{source}: key {key} does not exist in the model")
+        param = by_original[key]
+        if param.shape != value.shape:
+            raise ValueError(f"{source}: {key} has shape {tuple(value.shape)}, model expects {tuple(param.shape)}")
+        with torch.no_grad():
+            param.copy_(value.to(param.dtype))
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold LoRA weights into the base layers and unwrap, in place; resets the LoRA ranks in `model.config`."""
+    for part in LORA_PARTS:
+        sub = getattr(model, part, None)
+        if isinstance(sub, PeftModel):
+            setattr(model, part, sub.merge_and_unload())
+    if hasattr(model, "config"):
+        model.config.use_llm_lora = 0
+        model.config.use_backbone_lora = 0
+    return model

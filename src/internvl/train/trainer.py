@@ -1,0 +1,245 @@
+"""`MedRegTrainer`: transformers' Trainer with the pieces InternVL fine-tuning needs.
+
+- Loss: next-token cross-entropy summed over supervised tokens and divided by the number of supervised tokens of the
+  whole optimizer step (all gradient-accumulation micro-batches, all ranks), so every token weighs the same no matter
+  how samples fall into micro-batches. With packing, per-token `loss_weight` (token / sample / square) is used and
+  the divisor is the summed weight.
+- Checkpoints are written atomically (`internvl.train.checkpoint`): a staging folder renamed into place when done.
+- LoRA runs save PEFT adapters (+ other trained weights) instead of the full model.
+- Length-grouped sampling from the dataset's `lengths` (deterministic per epoch, so resume replays the same order).
+- Logs tokens/s and samples/s next to Trainer's loss, learning rate and grad norm.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch import nn
+from peft import PeftModel
+from peft.utils import set_peft_model_state_dict
+from torch.utils.data import Sampler
+from transformers import Trainer
+
+from internvl.constants import IGNORE_INDEX
+from internvl.train import checkpoint as ckpt
+from internvl.train.lora import has_lora, load_original_keys, save_lora_run, NON_LORA_FILENAME, LORA_PARTS
+
+TRAINER_ONLY_KEYS = ("labels", "loss_weight")
+
+
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor, loss_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Sum of shifted next-token cross-entropy over supervised positions.
+
+    logits [B, L, V], labels [B, L] (IGNORE_INDEX = unsupervised), loss_weight [B, L] optional per-token weight of the
+    label at that position. Returns a scalar (fp32).
+    """
+    shift_logits = logits[:, :-1, :].float()
+    shift_labels = labels[:, 1:]
+    ce = F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
+                         ignore_index=IGNORE_INDEX, reduction="none")
+    if loss_weight is not None:
+        weights = loss_weight[:, 1:].reshape(-1).to(ce.dtype) * (shift_labels.reshape(-1) != IGNORE_INDEX)
+        return (ce * weights).sum()
+    return ce.sum()
+
+
+def count_loss_items(batch: dict[str, Any]) -> torch.Tensor:
+    """Divisor contributed by one micro-batch: supervised shifted labels, or their summed `loss_weight`."""
+    labels = batch["labels"][:, 1:]
+    mask = labels != IGNORE_INDEX
+    if batch.get("loss_weight") is not None:
+        return (batch["loss_weight"][:, 1:].float() * mask).sum()
+    return mask.sum().float()
+
+
+class LengthGroupedSampler(Sampler[int]):
+    """LLaVA/InternVL-style length grouping: shuffle, cut into megabatches of `group_size` samples, sort each
+    megabatch by length (longest first). Order depends only on (seed, epoch), so a resumed run sees the same order.
+    """
+
+    def __init__(self, lengths: list[int], group_size: int, seed: int = 0) -> None:
+        if group_size < 1:
+            raise ValueError("group_size must be >= 1")
+        self.lengths = [int(x) for x in lengths]
+        self.group_size = group_size
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called by the Trainer at each epoch start."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(len(self.lengths), generator=generator).tolist()
+        for start in range(0, len(order), self.group_size):
+            group = sorted(order[start:start + self.group_size], key=lambda i: -self.lengths[i])
+            yield from group
+
+
+class MedRegTrainer(Trainer):
+    """Trainer with per-token loss over the accumulated batch, atomic checkpoints, LoRA saving, throughput logs.
+
+    Extra constructor arguments: `group_by_length` (use the dataset's `lengths`), `base_model` (recorded in LoRA runs).
+    """
+
+    loss_is_scaled_for_ga = True
+
+    def __init__(self, *args: Any, group_by_length: bool = False, base_model: str | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.group_by_length = group_by_length
+        self.base_model = base_model
+        self._tokens_seen = 0
+        self._samples_seen = 0
+        self._last_log_time: float | None = None
+        self._staging = False
+
+    # ---- sampling -------------------------------------------------------------------------------------------
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if not self.group_by_length:
+            return super()._get_train_sampler(train_dataset)
+        lengths = getattr(dataset, "lengths", None)
+        if lengths is None:
+            raise ValueError(f"--group_by_length needs a dataset with `lengths`; {type(dataset).__name__} has none")
+        group = self.args.train_batch_size * self.args.gradient_accumulation_steps * max(self.args.world_size, 1)
+        return LengthGroupedSampler(list(lengths), group_size=group, seed=self.args.seed)
+
+    # ---- loss ------------------------------------------------------------------------------------------------
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor | None:
+        """Supervised tokens (or summed weights) of the whole optimizer step, summed over ranks."""
+        if not batch_samples or "labels" not in batch_samples[0]:
+            return None
+        total = sum(count_loss_items(b) for b in batch_samples).to(device)
+        if self.args.world_size > 1:
+            total = self.accelerator.gather(total.reshape(1)).sum()
+        return total
+
+    def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: torch.Tensor | int | None = None):
+        """Sum of token CE divided by `num_items_in_batch` (falls back to this micro-batch's count, e.g. in eval).
+
+        The result is multiplied by the number of data-parallel processes because DDP/DeepSpeed average gradients
+        over ranks while the divisor already counts every rank's tokens.
+        """
+        labels = inputs["labels"]
+        loss_weight = inputs.get("loss_weight")
+        model_inputs = {k: v for k, v in inputs.items() if k not in TRAINER_ONLY_KEYS}
+        attention_mask = inputs.get("attention_mask")
+        if model.training:
+            if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.dtype != torch.int32:
+                self._tokens_seen += int(attention_mask.sum())
+            else:
+                self._tokens_seen += int(inputs["input_ids"].numel())
+            self._samples_seen += int(inputs.get("num_samples", inputs["input_ids"].shape[0]))
+        outputs = model(**model_inputs)
+        logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+        loss_sum = token_loss_sum(logits, labels, loss_weight)
+        if num_items_in_batch is None:
+            denom = count_loss_items(inputs).to(loss_sum.device)
+            scale = 1.0
+        else:
+            denom = torch.as_tensor(num_items_in_batch, device=loss_sum.device, dtype=torch.float32)
+            scale = float(self.accelerator.num_processes) if self.args.world_size > 1 else 1.0
+        loss = loss_sum / denom.clamp_min(1.0) * scale
+        return (loss, outputs) if return_outputs else loss
+
+    # ---- logging ---------------------------------------------------------------------------------------------
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        """Adds `tokens_per_second` and `samples_per_second` (all ranks, since the previous log) to training logs."""
+        if "loss" in logs:
+            now = time.perf_counter()
+            counts = torch.tensor([self._tokens_seen, self._samples_seen], dtype=torch.float64,
+                                  device=self.args.device)
+            if self.args.world_size > 1 and dist.is_initialized():
+                dist.all_reduce(counts)
+            if self._last_log_time is not None:
+                elapsed = max(now - self._last_log_time, 1e-9)
+                logs["tokens_per_second"] = round(float(counts[0]) / elapsed, 2)
+                logs["samples_per_second"] = round(float(counts[1]) / elapsed, 3)
+            self._tokens_seen = 0
+            self._samples_seen = 0
+            self._last_log_time = now
+        super().log(logs, *args, **kwargs)
+
+    def _inner_training_loop(self, *args: Any, **kwargs: Any):
+        self._last_log_time = time.perf_counter()
+        return super()._inner_training_loop(*args, **kwargs)
+
+    # ---- checkpoints -----------------------------------------------------------------------------------------
+    def _get_output_dir(self, trial) -> str:
+        run_dir = super()._get_output_dir(trial)
+        return str(ckpt.staging_root(run_dir)) if self._staging else run_dir
+
+    def _save_checkpoint(self, model: nn.Module, trial) -> None:
+        """Write checkpoint-N into the staging folder, then publish it with an atomic rename."""
+        run_dir = self._get_output_dir(trial)
+        if self.args.should_save:
+            ckpt.clean_staging(run_dir)
+        self._barrier()
+        self._staging = True
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging = False
+        self._barrier()
+        if self.args.should_save:
+            staged = ckpt.staging_root(run_dir) / f"checkpoint-{self.state.global_step}"
+            ckpt.publish_checkpoint(staged, run_dir)
+            ckpt.rotate_checkpoints(run_dir, self.args.save_total_limit)
+        self._barrier()
+
+    def _barrier(self) -> None:
+        if self.args.world_size > 1 and dist.is_initialized():
+            dist.barrier()
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """Full runs: original-layout `save_pretrained`. LoRA runs: PEFT adapters + other trained weights."""
+        if not has_lora(self.model):
+            return super()._save(output_dir, state_dict=state_dict)
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return None
+        os.makedirs(output_dir, exist_ok=True)
+        save_lora_run(self.model, output_dir, state_dict=state_dict, base_model=self.base_model)
+        if hasattr(self.model, "config"):
+            self.model.config.save_pretrained(output_dir)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        return None
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        """LoRA runs reload adapters + other trained weights; full runs use Trainer's safetensors loading."""
+        model = self.model if model is None else model
+        if not has_lora(model):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        for part in LORA_PARTS:
+            sub = getattr(model, part, None)
+            adapter_dir = os.path.join(resume_from_checkpoint, "adapters", part)
+            if isinstance(sub, PeftModel):
+                weights = os.path.join(adapter_dir, "adapter_model.safetensors")
+                if not os.path.isfile(weights):
+                    raise FileNotFoundError(f"{weights}: LoRA adapter missing from checkpoint")
+                result = set_peft_model_state_dict(sub, load_file(weights))
+                if getattr(result, "unexpected_keys", None):
+                    raise ValueError(f"{weights}: unexpected keys {result.unexpected_keys[:5]}")
+        extra = os.path.join(resume_from_checkpoint, NON_LORA_FILENAME)
+        if os.path.isfile(extra):
+            load_original_keys(model, load_file(extra), source=extra)
+        return None
+
+
+def steps_for(dataset_len: int, batch: int, grad_acc: int, world: int, epochs: float) -> int:
+    """Optimizer steps of a run (for docs/tests): ceil(len / (batch * world)) // grad_acc * epochs."""
+    per_epoch = max(math.ceil(dataset_len / (batch * world)) // grad_acc, 1)
+    return int(per_epoch * epochs)
