@@ -1,0 +1,182 @@
+"""`chat()` / `batch_chat()` of InternVLChatModel: template rendering, `<image>` expansion, stop ids, decoding.
+
+Kept out of the modeling file so the network code stays about tensors.  Behaviour follows the original:
+  * a question without `<image>` gets `"<image>\\n"` prepended when images are given (first turn only); MedRegA
+    prompts that place `<image>` after a task prompt keep that placement;
+  * each `<image>` becomes `<img>` + `<IMG_CONTEXT>` x (num_image_token x tiles) + `</img>`;
+  * generation stops on the template's separator (`<|im_end|>`) and its other stop tokens (`<|endoftext|>`,
+    `<|im_start|>`, `<|im_sep|>` for Hermes-2) when the tokenizer knows them as single tokens;
+  * the answer is decoded with `skip_special_tokens=True`, cut at the separator and stripped.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from transformers import GenerationConfig
+
+from ..constants import IMAGE_PLACEHOLDER, IMG_CONTEXT_TOKEN
+from ..image_processing import expand_image_placeholders
+from ..templates import ChatTemplate, get_template
+
+DEFAULT_TEMPLATE = "Hermes-2"
+
+History = list[tuple[str, str]]
+
+
+def stop_token_ids(tokenizer: Any, template: ChatTemplate) -> list[int]:
+    """Ids of the template's stop strings that the tokenizer holds as single tokens (separator first)."""
+    ids: list[int] = []
+    for text in (template.sep.strip(), *template.stop_strings):
+        token_id = tokenizer.convert_tokens_to_ids(text)
+        if isinstance(token_id, int) and token_id != tokenizer.unk_token_id and token_id not in ids:
+            ids.append(token_id)
+    if not ids:
+        raise ValueError(
+            f"the tokenizer knows none of the stop tokens of template {template.name!r} "
+            f"({[template.sep.strip(), *template.stop_strings]}); add them before chatting"
+        )
+    return ids
+
+
+def _generation_kwargs(generation_config: Mapping[str, Any] | GenerationConfig | None, eos: list[int]) -> dict:
+    """Generation settings as kwargs for `generate`, with the template's stop ids as eos."""
+    if generation_config is None:
+        kwargs: dict[str, Any] = {"max_new_tokens": 512, "do_sample": False}
+    elif isinstance(generation_config, GenerationConfig):
+        kwargs = {"generation_config": generation_config}
+    else:
+        kwargs = dict(generation_config)
+    kwargs["eos_token_id"] = eos
+    return kwargs
+
+
+class ChatMixin:
+    """Adds `chat` and `batch_chat` to a model that has `generate`, `template`, `system_message`, `num_image_token`."""
+
+    def _chat_template(self) -> ChatTemplate:
+        return get_template(self.template or DEFAULT_TEMPLATE)
+
+    def _image_context_id(self, tokenizer: Any) -> int:
+        token_id = tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN)
+        if not isinstance(token_id, int) or token_id == tokenizer.unk_token_id:
+            raise ValueError(
+                f"the tokenizer has no {IMG_CONTEXT_TOKEN} token; call internvl.tokenization.add_special_tokens first"
+            )
+        return token_id
+
+    def _render(self, template: ChatTemplate, history: History, question: str) -> str:
+        messages: list[dict[str, str]] = []
+        for old_q, old_a in history:
+            messages += [{"role": "user", "content": old_q}, {"role": "assistant", "content": old_a}]
+        messages.append({"role": "user", "content": question})
+        return template.render(messages, system_message=self.system_message, add_generation_prompt=True)
+
+    def chat(
+        self,
+        tokenizer: Any,
+        pixel_values: torch.Tensor | None,
+        question: str,
+        generation_config: Mapping[str, Any] | GenerationConfig | None = None,
+        history: History | None = None,
+        return_history: bool = False,
+        num_patches_list: Sequence[int] | None = None,
+        verbose: bool = False,
+    ) -> str | tuple[str, History]:
+        """Answer one question (optionally continuing `history`) about the tiles in pixel_values [T,3,S,S].
+
+        num_patches_list: tiles per image, in the order of the `<image>` placeholders (default: one image of all T
+        tiles).  Returns the answer, or (answer, new history) with `return_history`.
+        """
+        if pixel_values is not None and history is None and IMAGE_PLACEHOLDER not in question:
+            question = IMAGE_PLACEHOLDER + "\n" + question
+        if num_patches_list is None:
+            num_patches_list = [pixel_values.shape[0]] if pixel_values is not None else []
+        if pixel_values is not None and sum(num_patches_list) != pixel_values.shape[0]:
+            raise ValueError(f"num_patches_list {list(num_patches_list)} does not sum to {pixel_values.shape[0]} tiles")
+        self.img_context_token_id = self._image_context_id(tokenizer)
+        template = self._chat_template()
+        history = [] if history is None else list(history)
+        query = self._render(template, history, question)
+        query = expand_image_placeholders(query, list(num_patches_list), self.num_image_token)
+        if verbose:
+            print(query.replace(IMG_CONTEXT_TOKEN * self.num_image_token, "<IMG_CONTEXT>*N"))
+        device = self.get_input_embeddings().weight.device
+        inputs = tokenizer(query, return_tensors="pt")
+        output = self.generate(
+            pixel_values=pixel_values,
+            input_ids=inputs["input_ids"].to(device),
+            attention_mask=inputs["attention_mask"].to(device),
+            **_generation_kwargs(generation_config, stop_token_ids(tokenizer, template)),
+        )
+        response = tokenizer.batch_decode(output, skip_special_tokens=True)[0]
+        response = response.split(template.sep.strip())[0].strip()
+        history.append((question, response))
+        return (response, history) if return_history else response
+
+    def batch_chat(
+        self,
+        tokenizer: Any,
+        pixel_values: torch.Tensor | None,
+        questions: Sequence[str],
+        generation_config: Mapping[str, Any] | GenerationConfig | None = None,
+        num_patches_list: Sequence[int | Sequence[int]] | None = None,
+        history: History | None = None,
+        return_history: bool = False,
+        verbose: bool = False,
+        image_counts: Sequence[int] | None = None,
+    ) -> list[str]:
+        """Answer several single-turn questions at once (left padding, greedy or sampled as configured).
+
+        num_patches_list[i] is the number of tiles of sample i (0 for a text-only sample), or a list of tile counts
+        when sample i has several images; pixel_values stacks all tiles of all samples in order.
+        """
+        if history is not None or return_history:
+            raise NotImplementedError("batch_chat answers single-turn questions; use chat() for multi-turn history")
+        if image_counts is not None:
+            num_patches_list = image_counts
+        if num_patches_list is None:
+            if pixel_values is not None and pixel_values.shape[0] != len(questions):
+                raise ValueError("pass num_patches_list when samples have more than one tile")
+            num_patches_list = [1 if pixel_values is not None else 0] * len(questions)
+        if len(num_patches_list) != len(questions):
+            raise ValueError(f"{len(questions)} questions but {len(num_patches_list)} num_patches_list entries")
+        per_sample = [list(n) if isinstance(n, Sequence) else ([n] if n else []) for n in num_patches_list]
+        total = sum(sum(n) for n in per_sample)
+        if (pixel_values.shape[0] if pixel_values is not None else 0) != total:
+            raise ValueError(f"num_patches_list asks for {total} tiles but pixel_values has "
+                             f"{0 if pixel_values is None else pixel_values.shape[0]}")
+        self.img_context_token_id = self._image_context_id(tokenizer)
+        template = self._chat_template()
+        queries = []
+        for question, patches in zip(questions, per_sample):
+            if patches and IMAGE_PLACEHOLDER not in question:
+                question = (IMAGE_PLACEHOLDER + "\n") * len(patches) + question
+            query = self._render(template, [], question)
+            queries.append(expand_image_placeholders(query, patches, self.num_image_token))
+        if verbose:
+            for q in queries:
+                print(q.replace(IMG_CONTEXT_TOKEN * self.num_image_token, "<IMG_CONTEXT>*N"))
+        eos = stop_token_ids(tokenizer, template)
+        old_side, old_pad = tokenizer.padding_side, tokenizer.pad_token
+        try:
+            tokenizer.padding_side = "left"
+            if tokenizer.pad_token is None:
+                tokenizer.pad_token = tokenizer.convert_ids_to_tokens(eos[0])
+            inputs = tokenizer(queries, return_tensors="pt", padding=True)
+        finally:
+            tokenizer.padding_side = old_side
+            if old_pad is None:
+                tokenizer.pad_token = None
+        device = self.get_input_embeddings().weight.device
+        gen_kwargs = _generation_kwargs(generation_config, eos)
+        gen_kwargs.setdefault("pad_token_id", tokenizer.pad_token_id if old_pad is not None else eos[0])
+        output = self.generate(
+            pixel_values=pixel_values,
+            input_ids=inputs["input_ids"].to(device),
+            attention_mask=inputs["attention_mask"].to(device),
+            **gen_kwargs,
+        )
+        responses = tokenizer.batch_decode(output, skip_special_tokens=True)
+        return [r.split(template.sep.strip())[0].strip() for r in responses]

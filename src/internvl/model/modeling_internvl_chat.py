@@ -1,0 +1,302 @@
+"""InternVLChatModel: InternViT + pixel shuffle + `mlp1` + any transformers causal LM (Llama/Yi for V1.2/MedRegA).
+
+State-dict prefixes are the attribute names of the original: `vision_model.*` (InternViT), `mlp1.{0,1,3}.*`
+(LayerNorm, Linear, GELU, Linear) and `language_model.*` (a stock `*ForCausalLM`, e.g. `language_model.model.layers.N...`,
+`language_model.lm_head.weight`).
+
+Data flow of `forward` (T tiles, 256 tokens per 448 tile for V1.2):
+  pixel_values [T,3,448,448] -> ViT hidden state `select_layer` [T,1025,3200] -> drop CLS -> [T,32,32,3200]
+  -> pixel shuffle [T,16,16,12800] (v1: column-major token order) -> [T,256,12800] -> mlp1 -> [T,256,7168]
+  -> tiles with image_flags == 1 overwrite, in order, the embeddings of the `<IMG_CONTEXT>` tokens of input_ids.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedModel
+from transformers.modeling_outputs import ModelOutput
+
+from ..constants import IGNORE_INDEX
+from .chat import ChatMixin
+from .configuration_internvl_chat import InternVLChatConfig
+from .modeling_intern_vit import InternVisionModel
+
+
+class ImageTokenMismatchError(ValueError):
+    """The number of `<IMG_CONTEXT>` tokens in input_ids differs from the number of image features."""
+
+
+def pixel_shuffle(x: torch.Tensor, scale_factor: float = 0.5, version: str = "v1") -> torch.Tensor:
+    """Space-to-depth of a ViT feature grid, exactly as the original `InternVLChatModel.pixel_shuffle`.
+
+    x: [N, A, B, C] (A rows, B columns of patches) -> [N, A*s, B*s, C/s^2] for s = `scale_factor`.  Each output vector
+    concatenates the 2x2 block patch(2i,2j), patch(2i,2j+1), patch(2i+1,2j), patch(2i+1,2j+1) (for s = 0.5).
+    `version="v2"` returns the blocks in row-major order ([N, rows, cols, C']); `"v1"` (InternVL-Chat-V1.2,
+    MedRegA) skips the final swap, so the grid comes back transposed and flattening it lists blocks column-major.
+    """
+    if version not in ("v1", "v2"):
+        raise ValueError(f"pixel_shuffle version must be 'v1' or 'v2', got {version!r}")
+    n, w, h, c = x.size()
+    if int(h * scale_factor) != h * scale_factor or int(w * scale_factor) != w * scale_factor:
+        raise ValueError(f"pixel_shuffle: grid {w}x{h} is not divisible by 1/{scale_factor}")
+    x = x.view(n, w, int(h * scale_factor), int(c / scale_factor))
+    x = x.permute(0, 2, 1, 3).contiguous()
+    x = x.view(n, int(h * scale_factor), int(w * scale_factor), int(c / (scale_factor * scale_factor)))
+    if version == "v2":
+        x = x.permute(0, 2, 1, 3).contiguous()
+    return x
+
+
+class InternVLChatModel(ChatMixin, PreTrainedModel):
+    """The InternVL-Chat model (V1.2 / MedRegA layout); see the module docstring for shapes.
+
+    `img_context_token_id` is not part of the config (as in the original): `chat`/`batch_chat` read it from the
+    tokenizer, training code must set `model.img_context_token_id = tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")`.
+    """
+
+    config_class = InternVLChatConfig
+    config: InternVLChatConfig
+    base_model_prefix = ""
+    main_input_name = "pixel_values"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["InternVisionEncoderLayer"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    # Trainer: False keeps the original per-micro-batch token mean; set True to get `num_items_in_batch` passed in
+    # (sum / items, exact under gradient accumulation).
+    accepts_loss_kwargs = False
+
+    def __init__(
+        self,
+        config: InternVLChatConfig,
+        vision_model: InternVisionModel | None = None,
+        language_model: PreTrainedModel | None = None,
+    ) -> None:
+        super().__init__(config)
+        self.template = config.template
+        self.system_message = config.system_message
+        self.select_layer = config.select_layer
+        self.downsample_ratio = config.downsample_ratio
+        self.ps_version = config.ps_version
+        self.num_image_token = config.num_image_token
+        self.img_context_token_id: int | None = None
+
+        self.vision_model = vision_model if vision_model is not None else InternVisionModel(config.vision_config)
+        if language_model is None:
+            language_model = AutoModelForCausalLM.from_config(config.llm_config)
+        self.language_model = language_model
+
+        vit_hidden = config.vision_config.hidden_size * int(round(1 / config.downsample_ratio)) ** 2
+        llm_hidden = config.llm_config.hidden_size
+        self.mlp1 = nn.Sequential(
+            nn.LayerNorm(vit_hidden),
+            nn.Linear(vit_hidden, llm_hidden),
+            nn.GELU(),
+            nn.Linear(llm_hidden, llm_hidden),
+        )
+        self.post_init()
+
+    # ----- embeddings plumbing (lets transformers resize / tie / enable_input_require_grads) -----
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.language_model.get_output_embeddings()
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_output_embeddings(value)
+
+    # ----- vision -----
+    def pixel_shuffle(self, x: torch.Tensor, scale_factor: float = 0.5) -> torch.Tensor:
+        """Pixel shuffle with this model's `ps_version` (see the module-level `pixel_shuffle`)."""
+        return pixel_shuffle(x, scale_factor, self.ps_version)
+
+    def extract_feature(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """pixel_values [T,3,S,S] -> projected image tokens [T, num_image_token, llm_hidden]."""
+        vision_param = self.vision_model.embeddings.patch_embedding.weight
+        pixel_values = pixel_values.to(device=vision_param.device, dtype=vision_param.dtype)
+        vit_embeds = self.vision_model.layer_output(pixel_values, self.select_layer)
+        vit_embeds = vit_embeds[:, 1:, :]
+        side = int(vit_embeds.shape[1] ** 0.5)
+        if side * side != vit_embeds.shape[1]:
+            raise ValueError(f"extract_feature: {vit_embeds.shape[1]} patch tokens do not form a square grid")
+        vit_embeds = vit_embeds.reshape(vit_embeds.shape[0], side, side, -1)
+        vit_embeds = self.pixel_shuffle(vit_embeds, scale_factor=self.downsample_ratio)
+        vit_embeds = vit_embeds.reshape(vit_embeds.shape[0], -1, vit_embeds.shape[-1])
+        mlp_param = self.mlp1[1].weight
+        return self.mlp1(vit_embeds.to(mlp_param.device))
+
+    def _require_img_context_id(self) -> int:
+        if self.img_context_token_id is None:
+            raise ValueError(
+                "img_context_token_id is not set: set model.img_context_token_id = "
+                "tokenizer.convert_tokens_to_ids('<IMG_CONTEXT>') (chat()/batch_chat() do this themselves)"
+            )
+        return int(self.img_context_token_id)
+
+    def merge_image_embeddings(
+        self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor, vit_embeds: torch.Tensor
+    ) -> torch.Tensor:
+        """Overwrite the `<IMG_CONTEXT>` positions of inputs_embeds [B,L,H] by vit_embeds [T,N,H], in order.
+
+        Raises `ImageTokenMismatchError` when the count of context tokens is not T*N (e.g. image tokens cut off by
+        max_seq_length, or a wrong number of tiles) instead of silently training on partial features.
+        """
+        token_id = self._require_img_context_id()
+        mask = input_ids == token_id
+        n_tokens = int(mask.sum())
+        features = vit_embeds.reshape(-1, vit_embeds.shape[-1])
+        if n_tokens != features.shape[0]:
+            tiles = vit_embeds.shape[0] if vit_embeds.ndim == 3 else "?"
+            raise ImageTokenMismatchError(
+                f"input_ids hold {n_tokens} <IMG_CONTEXT> tokens (id {token_id}) but the images give "
+                f"{features.shape[0]} features ({tiles} tiles x {self.num_image_token}); were image tokens truncated "
+                "by max_seq_length, or do num_patches_list / image_flags not match the prompt?"
+            )
+        features = features.to(device=inputs_embeds.device, dtype=inputs_embeds.dtype)
+        return inputs_embeds.masked_scatter(mask.unsqueeze(-1).to(inputs_embeds.device), features)
+
+    def _embed(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None,
+        image_flags: torch.Tensor | None,
+        visual_features: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Token embeddings with image features merged in: [B, L, H]."""
+        inputs_embeds = self.language_model.get_input_embeddings()(input_ids)
+        if visual_features is None and pixel_values is None:
+            return inputs_embeds
+        vit_all = visual_features if visual_features is not None else self.extract_feature(pixel_values)
+        if image_flags is None:
+            return self.merge_image_embeddings(input_ids, inputs_embeds, vit_all)
+        flags = image_flags.reshape(-1).to(vit_all.device)
+        if flags.shape[0] != vit_all.shape[0]:
+            raise ValueError(f"image_flags has {flags.shape[0]} entries for {vit_all.shape[0]} tiles")
+        keep = flags == 1
+        inputs_embeds = self.merge_image_embeddings(input_ids, inputs_embeds, vit_all[keep])
+        if not bool(keep.all()):
+            # Dummy tiles (text-only samples) still touch every vision/projector parameter with zero weight, so
+            # DDP/ZeRO-3 see the same parameters used on every rank.
+            inputs_embeds = inputs_embeds + 0.0 * vit_all[~keep].sum().to(inputs_embeds.device, inputs_embeds.dtype)
+        return inputs_embeds
+
+    # ----- training / scoring -----
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        image_flags: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        loss_weight: torch.Tensor | None = None,
+        num_items_in_batch: int | torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        **kwargs,
+    ) -> ModelOutput:
+        """Multimodal causal-LM forward: returns the LLM's output (logits [B,L,V], cache, ...) with `loss` set.
+
+        pixel_values [T,3,S,S] with image_flags [T] (1 = real tile, 0 = dummy tile of a text-only sample); input_ids
+        [B,L] containing T_real*num_image_token `<IMG_CONTEXT>` tokens.  Packed rows: pass attention_mask=None and
+        position_ids restarting at 0 for each sample (transformers then masks attention block-diagonally).
+        Loss: shifted cross-entropy over labels != -100; the token mean of the micro-batch (original), or
+        sum(ce * loss_weight) / sum(loss_weight) with per-token `loss_weight` [B,L] (packing's sample/square
+        averaging), or sum / num_items_in_batch when the Trainer passes it.  Other kwargs (cache, use_cache,
+        output_hidden_states, ...) go to the language model.
+        """
+        if inputs_embeds is None:
+            if input_ids is None:
+                raise ValueError("forward needs input_ids (or inputs_embeds)")
+            inputs_embeds = self._embed(input_ids, pixel_values, image_flags)
+        elif pixel_values is not None:
+            raise ValueError("pass either inputs_embeds or pixel_values + input_ids, not both")
+        outputs = self.language_model(
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, **kwargs
+        )
+        loss = None
+        if labels is not None:
+            loss = self.compute_loss(outputs.logits, labels, loss_weight, num_items_in_batch)
+        fields = {k: v for k, v in outputs.items() if k != "loss"}
+        return type(outputs)(loss=loss, **fields)
+
+    @staticmethod
+    def compute_loss(
+        logits: torch.Tensor,
+        labels: torch.Tensor,
+        loss_weight: torch.Tensor | None = None,
+        num_items_in_batch: int | torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Next-token cross-entropy (fp32) of logits [B,L,V] against labels [B,L] (see `forward` for the averaging)."""
+        shift_logits = logits[:, :-1, :].float()
+        shift_labels = labels[:, 1:].to(shift_logits.device)
+        ce = F.cross_entropy(
+            shift_logits.reshape(-1, shift_logits.shape[-1]),
+            shift_labels.reshape(-1),
+            ignore_index=IGNORE_INDEX,
+            reduction="none",
+        )
+        valid = (shift_labels.reshape(-1) != IGNORE_INDEX).to(ce.dtype)
+        if loss_weight is not None:
+            weight = loss_weight[:, 1:].to(ce.device, ce.dtype).reshape(-1) * valid
+            return (ce * weight).sum() / weight.sum().clamp_min(1e-12)
+        if num_items_in_batch is not None:
+            denom = torch.as_tensor(num_items_in_batch, device=ce.device, dtype=ce.dtype)
+            return ce.sum() / denom.clamp_min(1)
+        return ce.sum() / valid.sum().clamp_min(1)
+
+    # ----- generation -----
+    @torch.no_grad()
+    def generate(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        visual_features: torch.Tensor | None = None,
+        generation_config: GenerationConfig | None = None,
+        **generate_kwargs,
+    ) -> torch.LongTensor:
+        """Generate from text with images merged in; returns only the new tokens [B, new] (inputs_embeds path).
+
+        Works with every transformers decoding strategy and the KV cache, since the language model's own
+        `generate` runs on the merged embeddings.  Left-pad batched prompts.
+        """
+        if input_ids is None:
+            raise ValueError("generate needs input_ids")
+        if pixel_values is not None or visual_features is not None:
+            token_id = self._require_img_context_id()
+            if not bool((input_ids == token_id).any()):
+                raise ImageTokenMismatchError(
+                    f"images were given but input_ids contain no <IMG_CONTEXT> token (id {token_id})"
+                )
+        inputs_embeds = self._embed(input_ids, pixel_values, None, visual_features)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        generate_kwargs.setdefault("use_cache", True)
+        return self.language_model.generate(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask.to(inputs_embeds.device),
+            generation_config=generation_config,
+            **generate_kwargs,
+        )
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs) -> "InternVLChatModel":
+        """transformers' loader (single or sharded safetensors, dtype, device_map, quantization_config), local only.
+
+        Never contacts a hub and never runs remote code; see `internvl.model.loading.load_pretrained` for the
+        bf16 / device_map / 8-bit / 4-bit conveniences.
+        """
+        if kwargs.get("trust_remote_code"):
+            raise ValueError("InternVLChatModel is implemented locally; trust_remote_code is never needed or used")
+        kwargs.pop("trust_remote_code", None)
+        kwargs.setdefault("local_files_only", True)
+        kwargs.setdefault("use_safetensors", True)
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
