@@ -1,0 +1,89 @@
+"""Draw predicted regions on an image: every box outlined and labelled with its region name.
+
+The demo shows the model's answer as an annotated copy of the input image. Boxes come from
+:func:`internvl.regions.parse_regions` (0..999 grid) and are mapped to pixels with
+:func:`internvl.regions.box_to_pixels`, the same convention the evaluators use, so what is drawn is what is scored.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+from PIL import Image, ImageDraw, ImageFont
+
+from internvl.regions import Box, Region, box_to_pixels
+
+__all__ = ["PALETTE", "DrawnBox", "draw_regions", "label_font"]
+
+# Distinct, colour-blind-friendly outline colours (Okabe-Ito), cycled per region.
+PALETTE: tuple[tuple[int, int, int], ...] = (
+    (230, 159, 0), (86, 180, 233), (0, 158, 115), (240, 228, 66), (0, 114, 178), (213, 94, 0), (204, 121, 167),
+)
+
+# Fonts that cover Chinese (Debian fonts-wqy-microhei / fonts-noto-cjk), then Latin-only ones.
+_FONT_CANDIDATES: tuple[str, ...] = (
+    "/usr/share/fonts/truetype/wqy/wqy-microhei.ttc",
+    "/usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc",
+    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+)
+
+
+@dataclass(frozen=True)
+class DrawnBox:
+    """One drawn box: its label, colour and pixel corners (what the page lists under the image)."""
+
+    label: str
+    color: tuple[int, int, int]
+    xyxy: tuple[float, float, float, float]
+
+
+@lru_cache(maxsize=8)
+def label_font(size: int) -> tuple[ImageFont.ImageFont | ImageFont.FreeTypeFont, bool]:
+    """(font of ``size`` px, whether it renders CJK). Falls back to Pillow's built-in font when no TrueType font is
+    installed; then non-Latin labels are replaced by their region number (see :func:`draw_regions`)."""
+    for i, path in enumerate(_FONT_CANDIDATES):
+        if Path(path).is_file():
+            return ImageFont.truetype(path, size), i < 2
+    return ImageFont.load_default(size=size), False
+
+
+def _printable(text: str, cjk_ok: bool) -> bool:
+    return cjk_ok or all(ord(ch) < 0x2E80 for ch in text)
+
+
+def draw_regions(image: Image.Image, regions: Sequence[Region], *, min_side: int = 384
+                 ) -> tuple[Image.Image, list[DrawnBox]]:
+    """Return an RGB copy of ``image`` with each region's boxes outlined in its own colour and labelled
+    ``"<n>. <name>"`` (``n`` = 1-based region number, as in the page's box list), plus the drawn boxes.
+
+    Small images (e.g. a 181x217 MRI slice) are upscaled so the shorter side is at least ``min_side`` px before
+    drawing, so labels stay readable; box coordinates are mapped to the *original* image size and scaled with it
+    (``DrawnBox.xyxy`` are in original pixels). Unnamed regions are labelled by their number only.
+    """
+    base = image.convert("RGB")
+    w0, h0 = base.size
+    scale = max(1.0, min_side / max(1, min(w0, h0)))
+    canvas = base.resize((round(w0 * scale), round(h0 * scale)), Image.Resampling.BICUBIC) if scale > 1 else base.copy()
+    draw = ImageDraw.Draw(canvas)
+    line = max(2, round(min(canvas.size) / 200))
+    font, cjk_ok = label_font(max(12, round(min(canvas.size) / 28)))
+    drawn: list[DrawnBox] = []
+    for n, region in enumerate(regions, 1):
+        color = PALETTE[(n - 1) % len(PALETTE)]
+        name = region.name or ""
+        label = f"{n}. {name}" if name and _printable(name, cjk_ok) else str(n)
+        for box in region.boxes:
+            xyxy = box_to_pixels(box if isinstance(box, Box) else Box(*box), w0, h0)
+            drawn.append(DrawnBox(name or str(n), color, xyxy))
+            x1, y1, x2, y2 = (v * scale for v in xyxy)
+            draw.rectangle((x1, y1, max(x1, x2), max(y1, y2)), outline=color, width=line)
+            tx, ty = x1 + line, y1 + line
+            bbox = draw.textbbox((tx, ty), label, font=font)
+            if bbox[3] > canvas.height:  # keep the label inside the image
+                ty -= bbox[3] - canvas.height
+                bbox = draw.textbbox((tx, ty), label, font=font)
+            draw.rectangle(bbox, fill=(0, 0, 0))
+            draw.text((tx, ty), label, fill=color, font=font)
+    return canvas, drawn

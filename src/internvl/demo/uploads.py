@@ -1,0 +1,159 @@
+"""Validate what a demo user sends: the uploaded file, the question and a typed or drawn box.
+
+Every check raises :class:`UserInputError` with a message meant for the page ("file.dcm: corrupt DICOM ..."), so the
+web UI can show it and keep serving. Image decoding itself is :func:`internvl.data.images.load_image` (one reader for
+training, evaluation and the demo); this module adds the limits that matter for untrusted uploads: file size, accepted
+types, pixel count (decompression bombs) and box sanity.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from internvl.data.images import ImageLoadError, detect_format, load_image
+from internvl.regions import Box, RegionError, pixels_to_box, validate_box
+
+__all__ = [
+    "ACCEPTED_SUFFIXES",
+    "MAX_UPLOAD_BYTES",
+    "MAX_UPLOAD_PIXELS",
+    "UserInputError",
+    "LoadedUpload",
+    "load_upload",
+    "check_question",
+    "parse_typed_box",
+    "box_from_drawing",
+    "box_json",
+]
+
+ACCEPTED_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", ".dcm", ".dicom",
+                                      ".nii", ".nii.gz")
+MAX_UPLOAD_BYTES: int = 256 * 1024 * 1024  # a 512^3 float32 NIfTI volume fits; larger uploads are refused
+MAX_UPLOAD_PIXELS: int = 40_000_000  # per 2-D image (~6300 x 6300): bigger is refused as a possible bomb
+MAX_QUESTION_CHARS: int = 2000
+
+
+class UserInputError(ValueError):
+    """Bad user input; ``str()`` is the message shown in the page."""
+
+
+@dataclass(frozen=True)
+class LoadedUpload:
+    """A decoded upload: the RGB image shown to the model and a one-line description for the page."""
+
+    image: Image.Image
+    path: Path
+    kind: str  # "dicom" | "nifti" | "pil"
+    description: str
+
+
+def _accepted(name: str) -> bool:
+    lower = name.lower()
+    return any(lower.endswith(s) for s in ACCEPTED_SUFFIXES)
+
+
+def load_upload(path: str | Path, *, axis: str = "axial", slice_index: int | None = None,
+                max_bytes: int = MAX_UPLOAD_BYTES, max_pixels: int = MAX_UPLOAD_PIXELS) -> LoadedUpload:
+    """Decode an uploaded file (PNG/JPEG/TIFF/DICOM/NIfTI) into an RGB image after size and type checks.
+
+    NIfTI volumes give one slice along ``axis`` (default the middle one); multi-frame DICOM gives its middle frame.
+    Raises :class:`UserInputError` naming the file for: a missing/empty/oversized file, an unaccepted type, a
+    non-image or corrupt file (incl. corrupt DICOM), a decompression bomb, a bad slice index.
+    """
+    p = Path(path)
+    name = p.name
+    if not p.is_file():
+        raise UserInputError(f"{name}: no such file was uploaded")
+    size = p.stat().st_size
+    if size == 0:
+        raise UserInputError(f"{name}: the file is empty")
+    if size > max_bytes:
+        raise UserInputError(f"{name}: {size / 2**20:.1f} MiB is over the upload limit of {max_bytes / 2**20:.0f} MiB")
+    kind = detect_format(p)
+    if kind == "pil" and not _accepted(name):
+        raise UserInputError(f"{name}: unsupported file type; upload one of {', '.join(ACCEPTED_SUFFIXES)}")
+    try:
+        image = load_image(p, axis=axis, slice_index=slice_index, max_pixels=max_pixels)
+    except ImageLoadError as exc:
+        raise UserInputError(f"{name}: {exc.reason}") from exc
+    except (ValueError, MemoryError) as exc:
+        raise UserInputError(f"{name}: cannot be read as an image ({exc})") from exc
+    w, h = image.size
+    if w < 8 or h < 8:
+        raise UserInputError(f"{name}: image is only {w}x{h} pixels; need at least 8x8")
+    where = f", {axis} slice {'middle' if slice_index is None else slice_index}" if kind == "nifti" else ""
+    return LoadedUpload(image.convert("RGB"), p, kind, f"{name}: {kind.upper() if kind != 'pil' else 'image'} "
+                        f"{w}x{h}{where}")
+
+
+def check_question(text: str | None) -> str:
+    """Strip a free-text question; refuse an empty or overlong one."""
+    q = (text or "").strip()
+    if not q:
+        raise UserInputError("The question is empty: type a question (or pick a task that needs none).")
+    if len(q) > MAX_QUESTION_CHARS:
+        raise UserInputError(f"The question has {len(q)} characters; the limit is {MAX_QUESTION_CHARS}.")
+    return q
+
+
+_NUM = r"-?\d+(?:\.\d+)?"
+_BOX_TEXT = re.compile(rf"^\[?\s*\[?\s*({_NUM})\s*,\s*({_NUM})\s*,\s*({_NUM})\s*,\s*({_NUM})\s*\]?\s*\]?$")
+
+
+def parse_typed_box(text: str | None, width: int, height: int, *, units: str = "grid") -> Box:
+    """A box typed as ``x1, y1, x2, y2`` (brackets optional) -> :class:`Box`.
+
+    ``units="grid"``: MedRegA's 0..999 grid (as the model writes boxes); ``units="pixels"``: pixel corners of the
+    ``width`` x ``height`` image. Raises :class:`UserInputError` for bad syntax, inverted corners, or a box outside
+    the image (negative, over 999, or beyond the image's pixel size).
+    """
+    raw = (text or "").strip()
+    m = _BOX_TEXT.match(raw)
+    if not m:
+        raise UserInputError(f"Box {raw!r}: type four numbers 'x1, y1, x2, y2' (top-left and bottom-right corner).")
+    vals = [float(v) for v in m.groups()]
+    x1, y1, x2, y2 = vals
+    if x1 >= x2 or y1 >= y2:
+        raise UserInputError(f"Box {raw!r}: need x1 < x2 and y1 < y2 (top-left corner first).")
+    if units == "pixels":
+        if min(vals) < 0 or x2 > width or y2 > height:
+            raise UserInputError(f"Box {raw!r} lies outside the {width}x{height} image (pixel coordinates).")
+        return pixels_to_box((x1, y1, x2, y2), width, height)
+    if units != "grid":
+        raise ValueError(f"units must be 'grid' or 'pixels', got {units!r}")
+    if min(vals) < 0 or max(vals) > 999:
+        raise UserInputError(f"Box {raw!r} lies outside the image: grid coordinates run from 0 to 999.")
+    if any(v != int(v) for v in vals):
+        raise UserInputError(f"Box {raw!r}: grid coordinates are whole numbers 0..999.")
+    try:
+        return validate_box([int(v) for v in vals])
+    except RegionError as exc:
+        raise UserInputError(f"Box {raw!r}: {exc}") from exc
+
+
+def box_from_drawing(layer: np.ndarray | Image.Image | None) -> Box:
+    """Bounding box of everything the user painted on an editor layer (RGBA, alpha > 0) -> :class:`Box`.
+
+    The layer covers the whole image (at whatever resolution the editor used), so its pixel corners map straight to
+    the 0..999 grid. Raises :class:`UserInputError` when nothing was drawn.
+    """
+    if layer is None:
+        raise UserInputError("No box: draw over the region in the image editor, or type a box.")
+    arr = np.asarray(layer)
+    if arr.ndim != 3 or arr.shape[2] < 4:
+        raise UserInputError("The drawing layer has no transparency channel; draw with the editor's brush.")
+    ys, xs = np.nonzero(arr[..., 3] > 0)
+    if xs.size == 0:
+        raise UserInputError("No box: draw over the region in the image editor, or type a box.")
+    lh, lw = arr.shape[:2]
+    return pixels_to_box((xs.min(), ys.min(), xs.max() + 1, ys.max() + 1), lw, lh)
+
+
+def box_json(box: Box) -> str:
+    """``[[x1, y1, x2, y2]]`` text of a box, for the page."""
+    return json.dumps([[box.x1, box.y1, box.x2, box.y2]])
