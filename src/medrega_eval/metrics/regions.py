@@ -1,0 +1,287 @@
+"""Region metrics: Text-to-Region detection (IoU, Acc@t, Hungarian object/region/alignment P/R/F1, COCO mAP@0.5)
+and the box part of grounded reports. Boxes are parsed only through `internvl.regions`.
+
+Default conventions (docs/evaluation.md):
+- IoU is computed on pixel boxes (v/999 x W, H) with torchvision's `box_iou` formula (no +1). When a record has no
+  image size the 0..999 grid is used; IoU is invariant to per-axis scaling, so the value is the same.
+- Boxes of one sample are matched one-to-one by the Hungarian algorithm (scipy) maximizing total IoU.
+- `iou` = sum of matched IoUs / #reference boxes (a missed reference box counts 0); `accXX` = share of reference boxes
+  whose matched IoU >= XX. Both are per sample, then averaged over samples.
+- Region precision = TP / #predicted boxes, recall = TP / #reference boxes (TP = matched pairs with IoU >= 0.5),
+  F1 from those: the conventional naming (the original and the paper swap precision and recall).
+- Object P/R/F1 compare the sets of normalized object names; alignment P/R/F1 count TP pairs whose names agree.
+- map50: COCO-style AP at IoU 0.5 per object name (101-point interpolation, pycocotools), averaged over names; boxes
+  have no confidence, so a sample's earlier boxes rank higher.
+- An unparsable or box-less prediction is a miss (0 predicted boxes) and is counted in `unparsable`.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+import unicodedata
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy.optimize import linear_sum_assignment
+
+from internvl.regions import Box, Region, box_to_pixels, parse_regions
+
+__all__ = [
+    "NamedBox",
+    "ParsedRegions",
+    "parse_for_scoring",
+    "box_iou",
+    "hungarian_match",
+    "RegionSample",
+    "score_region_sample",
+    "aggregate_regions",
+    "coco_map50",
+    "medrega_sample",
+    "aggregate_medrega",
+    "IOU_THRESHOLD",
+]
+
+IOU_THRESHOLD = 0.5
+
+
+@dataclass(frozen=True)
+class NamedBox:
+    """One box in pixels (x1, y1, x2, y2) with the normalized name of its object (None when unnamed)."""
+
+    name: str | None
+    xyxy: tuple[float, float, float, float]
+    grid: tuple[int, int, int, int]
+
+
+@dataclass
+class ParsedRegions:
+    """Boxes parsed from one text plus the parser's complaints (malformed box lists that were left out)."""
+
+    boxes: list[NamedBox]
+    errors: list[str] = field(default_factory=list)
+
+
+def normalize_name(name: str | None) -> str | None:
+    """Object names compare case-, width- and punctuation-insensitively ("Left Lung." == "left lung")."""
+    if name is None:
+        return None
+    norm = " ".join(re.sub(r"[^\w\s]", " ", unicodedata.normalize("NFKC", name).lower()).split())
+    return norm or None
+
+
+def parse_for_scoring(text: str, hw: Sequence[float] | None = None) -> ParsedRegions:
+    """Parse region text (tagged or tag-stripped) into pixel boxes; malformed box lists become `errors`, not boxes.
+
+    `hw` = [height, width] of the image; without it boxes stay on the 0..999 grid.
+    """
+    errors: list[str] = []
+    regions: list[Region] = parse_regions(text, strict=False, errors=errors)
+    boxes = []
+    for region in regions:
+        for box in region.boxes:
+            xyxy = box_to_pixels(box, hw[1], hw[0]) if hw else (box.x1, box.y1, box.x2, box.y2)
+            boxes.append(NamedBox(normalize_name(region.name), tuple(float(v) for v in xyxy), box.as_list()))
+    return ParsedRegions(boxes, errors)
+
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Pairwise IoU of [N,4] and [M,4] xyxy boxes -> [N,M] (torchvision.ops.box_iou's formula; empty union -> 0)."""
+    a = np.asarray(a, dtype=np.float64).reshape(-1, 4)
+    b = np.asarray(b, dtype=np.float64).reshape(-1, 4)
+    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
+    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    lt = np.maximum(a[:, None, :2], b[None, :, :2])
+    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    wh = np.clip(rb - lt, 0, None)
+    inter = wh[..., 0] * wh[..., 1]
+    union = area_a[:, None] + area_b[None, :] - inter
+    with np.errstate(divide="ignore", invalid="ignore"):
+        iou = np.where(union > 0, inter / union, 0.0)
+    return iou
+
+
+def hungarian_match(pred: Sequence[NamedBox], ref: Sequence[NamedBox]) -> list[tuple[int, int, float]]:
+    """One-to-one (pred index, ref index, IoU) pairs maximizing the total IoU (scipy linear_sum_assignment)."""
+    if not pred or not ref:
+        return []
+    iou = box_iou(np.array([p.xyxy for p in pred]), np.array([r.xyxy for r in ref]))
+    rows, cols = linear_sum_assignment(-iou)
+    return [(int(i), int(j), float(iou[i, j])) for i, j in zip(rows, cols)]
+
+
+def _prf(tp: int, n_pred: int, n_ref: int) -> tuple[float, float, float]:
+    precision = tp / n_pred if n_pred else 0.0
+    recall = tp / n_ref if n_ref else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return precision, recall, f1
+
+
+def _names_agree(a: str | None, b: str | None) -> bool:
+    return a is not None and b is not None and a == b
+
+
+@dataclass
+class RegionSample:
+    """Per-sample region scores (all fractions) and the matched pairs, for the per-sample jsonl and the HTML report."""
+
+    iou: float
+    acc25: float
+    acc50: float
+    acc75: float
+    precision: float
+    recall: float
+    f1: float
+    object_precision: float
+    object_recall: float
+    object_f1: float
+    alignment_precision: float
+    alignment_recall: float
+    alignment_f1: float
+    num_pred: int
+    num_ref: int
+    unparsable: bool
+    pairs: list[tuple[int, int, float]]
+
+    def metrics(self) -> dict[str, float]:
+        keys = ("iou", "acc25", "acc50", "acc75", "precision", "recall", "f1", "object_precision", "object_recall",
+                "object_f1", "alignment_precision", "alignment_recall", "alignment_f1")
+        return {k: getattr(self, k) for k in keys}
+
+
+def _fill_names(pred: list[NamedBox], ref: Sequence[NamedBox]) -> list[NamedBox]:
+    """Unnamed predicted boxes take the name of the only reference object, when there is exactly one."""
+    names = {r.name for r in ref}
+    if len(names) == 1:
+        (only,) = names
+        return [NamedBox(only, p.xyxy, p.grid) if p.name is None else p for p in pred]
+    return pred
+
+
+def score_region_sample(pred: Sequence[NamedBox], ref: Sequence[NamedBox], unparsable: bool = False) -> RegionSample:
+    """Default per-sample region metrics (see module docstring). `ref` must be non-empty."""
+    if not ref:
+        raise ValueError("a Text-to-Region reference needs at least one box")
+    pred = _fill_names(list(pred), ref)
+    pairs = hungarian_match(pred, ref)
+    ious = [iou for _, _, iou in pairs]
+    n_ref = len(ref)
+    tp = sum(iou >= IOU_THRESHOLD for iou in ious)
+    precision, recall, f1 = _prf(tp, len(pred), n_ref)
+    pred_names = {p.name for p in pred if p.name}
+    ref_names = {r.name for r in ref if r.name}
+    common = len(pred_names & ref_names)
+    o_p, o_r, o_f = _prf(common, len(pred_names), len(ref_names)) if ref_names else (0.0, 0.0, 0.0)
+    aligned = sum(iou >= IOU_THRESHOLD and _names_agree(pred[i].name, ref[j].name) for i, j, iou in pairs)
+    a_p, a_r, a_f = _prf(aligned, len(pred), n_ref)
+    return RegionSample(
+        iou=sum(ious) / n_ref,
+        acc25=sum(i >= 0.25 for i in ious) / n_ref,
+        acc50=sum(i >= 0.5 for i in ious) / n_ref,
+        acc75=sum(i >= 0.75 for i in ious) / n_ref,
+        precision=precision, recall=recall, f1=f1,
+        object_precision=o_p, object_recall=o_r, object_f1=o_f,
+        alignment_precision=a_p, alignment_recall=a_r, alignment_f1=a_f,
+        num_pred=len(pred), num_ref=n_ref, unparsable=unparsable, pairs=pairs,
+    )
+
+
+def aggregate_regions(samples: Sequence[RegionSample]) -> dict[str, float | int | None]:
+    """Mean of every per-sample metric, plus box counts and the number of unparsable predictions."""
+    if not samples:
+        return {}
+    out: dict[str, float | int | None] = {
+        k: float(np.mean([s.metrics()[k] for s in samples])) for k in samples[0].metrics()
+    }
+    out["num_pred_boxes"] = int(sum(s.num_pred for s in samples))
+    out["num_ref_boxes"] = int(sum(s.num_ref for s in samples))
+    out["unparsable"] = int(sum(s.unparsable for s in samples))
+    return out
+
+
+def coco_map50(preds: Sequence[Sequence[NamedBox]], refs: Sequence[Sequence[NamedBox]]) -> float | None:
+    """COCO-style AP@0.5 averaged over object names (categories), via pycocotools' COCOeval.
+
+    Predictions have no confidence: the k-th box of a sample gets score 1/(k+1). Unnamed boxes fall into one
+    'unnamed' category. Categories without any reference box are ignored (COCO convention). None if no reference.
+    """
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    def key(name: str | None) -> str:
+        return name if name is not None else "<unnamed>"
+
+    categories: dict[str, int] = {}
+    for boxes in list(refs) + list(preds):
+        for b in boxes:
+            categories.setdefault(key(b.name), len(categories) + 1)
+    images, annotations, detections = [], [], []
+    for img_id, (p_boxes, r_boxes) in enumerate(zip(preds, refs), 1):
+        images.append({"id": img_id})
+        for b in r_boxes:
+            x1, y1, x2, y2 = b.xyxy
+            annotations.append({"id": len(annotations) + 1, "image_id": img_id, "category_id": categories[key(b.name)],
+                                "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1), "iscrowd": 0})
+        for k, b in enumerate(p_boxes):
+            x1, y1, x2, y2 = b.xyxy
+            detections.append({"image_id": img_id, "category_id": categories[key(b.name)],
+                               "bbox": [x1, y1, x2 - x1, y2 - y1], "score": 1.0 / (k + 1)})
+    if not annotations:
+        return None
+    if not detections:
+        return 0.0
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO()
+        gt.dataset = {"images": images, "annotations": annotations,
+                      "categories": [{"id": i, "name": n} for n, i in categories.items()]}
+        gt.createIndex()
+        dt = gt.loadRes(detections)
+        ev = COCOeval(gt, dt, "bbox")
+        ev.params.iouThrs = np.array([0.5])
+        ev.params.maxDets = [100]
+        ev.params.areaRng = [[0, 1e10]]
+        ev.params.areaRngLbl = ["all"]
+        ev.evaluate()
+        ev.accumulate()
+    precision = ev.eval["precision"][0, :, :, 0, 0]  # [recall thresholds, categories]
+    per_cat = [precision[:, k] for k in range(precision.shape[1]) if (precision[:, k] > -1).any()]
+    if not per_cat:
+        return 0.0
+    return float(np.mean([np.mean(np.clip(p, 0, None)) for p in per_cat]))
+
+
+# ------------------------------------------------------------------------------------ --compat medrega scorers
+def medrega_sample(pred: Sequence[NamedBox], ref: Sequence[NamedBox], subtype: str) -> dict[str, float]:
+    """Per-sample values of the original `src/eval/regt2r` evaluators (spec section 6.5), for --compat medrega.
+
+    ss: IoU of the first reference box with the best predicted box (if more predictions than references) or the first
+        predicted box; an unparsable prediction is the box [0,0,0,0]; acc uses strict '>'.
+    sm: Hungarian on 1-IoU, threshold 0.75; 'precision' = matched/#ref, 'recall' = matched/#pred (swapped naming);
+        iou = mean IoU over Hungarian pairs.
+    ms, mm: the same with threshold 0.5; box_acc = matched/#ref.
+    """
+    zero = NamedBox(None, (0.0, 0.0, 0.0, 0.0), (0, 0, 0, 0))
+    pred = list(pred) or [zero]
+    if subtype == "ss":
+        first_ref = np.array([ref[0].xyxy])
+        ious = box_iou(np.array([p.xyxy for p in pred]), first_ref)[:, 0]
+        iou = float(ious.max()) if len(pred) > len(ref) else float(ious[0])
+        return {"iou": iou, "acc25": float(iou > 0.25), "acc50": float(iou > 0.5), "acc75": float(iou > 0.75)}
+    if subtype not in ("sm", "ms", "mm"):
+        raise ValueError(f"unknown Text-to-Region subtype {subtype!r}; expected ss, sm, ms or mm")
+    threshold = 0.75 if subtype == "sm" else 0.5
+    pairs = hungarian_match(pred, ref)
+    matched = sum(iou >= threshold for _, _, iou in pairs)
+    precision = matched / len(ref)
+    recall = matched / len(pred)
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    iou = float(np.mean([iou for _, _, iou in pairs])) if pairs else 0.0
+    return {"precision": precision, "recall": recall, "f1": f1, "iou": iou}
+
+
+def aggregate_medrega(values: Sequence[dict[str, float]]) -> dict[str, float]:
+    """Means of the compat per-sample values."""
+    if not values:
+        return {}
+    return {k: float(np.mean([v[k] for v in values])) for k in values[0]}

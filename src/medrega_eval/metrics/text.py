@@ -1,0 +1,340 @@
+"""Tokenizers and text-overlap metrics shared by every task (reports, VQA, Region-to-Text, classification).
+
+Conventions (see docs/evaluation.md):
+- English is tokenized like the report-generation literature does with pycocoevalcap: Stanford-PTB-style splitting,
+  lower-cased, punctuation tokens removed (`tokenize_en` reproduces pycocoevalcap's Java `PTBTokenizer` output on
+  the IU X-ray reports; a test checks it token for token when Java is present).
+- Chinese is segmented with jieba; whitespace and punctuation segments are dropped (`tokenize_zh`).
+- BLEU-1..4 and CIDEr-D are pycocoevalcap's own scorers fed with our tokens, so the numbers are pycocoevalcap's.
+- ROUGE-L is our LCS implementation because it must work on any token list (pycocoevalcap's convention, beta 1.2,
+  by default; rouge-score's F1, beta 1, for `--compat medrega`); tests prove equality with both libraries.
+- METEOR is pycocoevalcap's METEOR 1.5 jar; it needs `java` and fails with `MetricUnavailable` otherwise.
+"""
+from __future__ import annotations
+
+import html
+import logging
+import math
+import re
+import shutil
+import unicodedata
+from collections import Counter
+from collections.abc import Sequence
+
+import numpy as np
+
+__all__ = [
+    "MetricUnavailable",
+    "PTB_PUNCTUATION",
+    "tokenize_en",
+    "tokenize_zh",
+    "tokenize",
+    "has_cjk",
+    "lcs_length",
+    "rouge_l",
+    "corpus_rouge_l",
+    "coco_bleu",
+    "coco_cider",
+    "coco_meteor",
+    "sentence_bleu1",
+    "hf_bleu",
+    "token_set_scores",
+]
+
+
+class MetricUnavailable(RuntimeError):
+    """A metric cannot run on this machine (missing Java, missing local weights, ...); the message says how to fix it."""
+
+
+# pycocoevalcap/tokenizer/ptbtokenizer.py removes exactly these tokens after PTB tokenization.
+PTB_PUNCTUATION = frozenset(
+    ["''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".", "?", "!", ",", ":", "-", "--", "...", ";"]
+)
+# Stanford PTB lexer rules that matter for report text, in priority order.
+_EN_TOKEN = re.compile(
+    r"""
+    <[a-z]+\s*/?>                          # HTML-ish tags such as <br> stay one token
+    | (?:[a-z]\.){2,}(?![a-z0-9])            # abbreviations: e.g. i.e. a.m.
+    | \d+(?:[.,:]\d+)+                      # numbers with separators: 1.5  1,000  10:30  (2.5cm -> 2.5 cm)
+    | [.,]\d+(?:[.,]\d+)*                    # numbers glued to a separator: ,786.05  x1 .5
+    | n't(?![a-z])                          # contraction tails split off by PTB
+    | '(?:s|re|ve|ll|d|m)(?![a-z])
+    | [^\W_](?:[^\W_]|[-_&/@](?=[^\W_]))*?(?=n't(?![a-z]))   # "does" of "doesn't"
+    | [^\W\d_](?:[^\W_]|[-_&/@+](?=[^\W_])|\.(?=[^\W\d_]))*   # words: x-ray, and/or, s.o.b, effusion.heart
+    | \d(?:[^\W_]|[-_&/@+](?=[^\W_]))*      # digit-led words: 7th, 2v, 02/010/xxxx
+    | _+                                    # runs of underscores (MIMIC de-identification)
+    | \.\.\.|--|[^\w\s]                     # punctuation, one symbol at a time
+    """,
+    re.VERBOSE,
+)
+# PTB escapes brackets; pycocoevalcap removes the upper-case escapes only, so after -lowerCase they survive.
+_BRACKET_TOKENS = {"(": "-lrb-", ")": "-rrb-", "[": "-lsb-", "]": "-rsb-", "{": "-lcb-", "}": "-rcb-"}
+
+
+def tokenize_en(text: str) -> list[str]:
+    """English tokens in pycocoevalcap's convention: PTB-style split, lower-cased, punctuation tokens removed.
+
+    Reproduces pycocoevalcap's quirks on purpose so that our numbers are the literature's: brackets survive as
+    '-lrb-'/'-rrb-' (pycocoevalcap only removes the upper-case escapes but tokenizes with -lowerCase), quotes are
+    dropped, "cannot" becomes "can not", HTML entities are unescaped, and '%', '#', '+', '>' stay tokens.
+    """
+    text = html.unescape(unicodedata.normalize("NFKC", text)).lower()
+    text = text.replace("\u2019", "'").replace("\u2018", "'")
+    text = _CANNOT.sub("can not", text)
+    out: list[str] = []
+    prev_end = -1
+    for m in _EN_TOKEN.finditer(text):
+        tok = m.group()
+        if tok == "." and out and prev_end == m.start() and out[-1][-1].isalnum():
+            following = text[m.end() : m.end() + 2].lstrip()
+            if out[-1] in _PTB_ABBREVIATIONS or (len(out[-1]) == 1 and out[-1].isalpha()) or (out[-1] == "no" and following[:1].isdigit()) or (
+                text[m.end() : m.end() + 1] in (";", ",", ":")
+            ):
+                out[-1] += "."  # PTB keeps the period of a known abbreviation, or one glued to more punctuation
+                prev_end = m.end()
+                continue
+        prev_end = m.end()
+        if tok in PTB_PUNCTUATION or tok == '"':
+            continue
+        out.append(_BRACKET_TOKENS.get(tok, tok))
+    return out
+
+
+# Abbreviations whose period the Stanford PTB lexer (CoreNLP 3.4.1) keeps (checked against the jar).
+_PTB_ABBREVIATIONS = frozenset(
+    "dr mr mrs ms prof etc inc co corp ltd ind md va ga st jr sr mo gen sen rep ft mt sept al ct pa vs fig "
+    "jan feb mar apr jun jul aug sep oct nov dec conn calif colo fla ariz ark kan kans ky mich minn miss mont "
+    "neb nev okla ore penn tenn tex vt wash wis wyo del ala".split()
+)
+_CANNOT = re.compile(r"\bcannot\b")
+
+
+_ZH_PUNCT = re.compile(r"^[\W_]+$")
+_jieba = None
+
+
+def _get_jieba():
+    """Import jieba once, silencing its 'Building prefix dict' log lines."""
+    global _jieba
+    if _jieba is None:
+        import jieba
+
+        jieba.setLogLevel(logging.WARNING)
+        _jieba = jieba
+    return _jieba
+
+
+def tokenize_zh(text: str) -> list[str]:
+    """Chinese tokens: jieba segments of NFKC-normalized, lower-cased text; whitespace and pure punctuation dropped.
+
+    Latin words and numbers inside Chinese text come out as jieba segments too ("ct", "72mm").
+    """
+    text = unicodedata.normalize("NFKC", text).lower()
+    return [seg for seg in (s.strip() for s in _get_jieba().cut(text)) if seg and not _ZH_PUNCT.match(seg)]
+
+
+def has_cjk(text: str) -> bool:
+    """True when the text contains a CJK ideograph (used to pick the tokenizer when no language is given)."""
+    return any("\u4e00" <= ch <= "\u9fff" or "\u3400" <= ch <= "\u4dbf" for ch in text)
+
+
+def tokenize(text: str, lang: str) -> list[str]:
+    """Dispatch on `lang` ('en' or 'zh'); raise ValueError for anything else."""
+    if lang == "en":
+        return tokenize_en(text)
+    if lang == "zh":
+        return tokenize_zh(text)
+    raise ValueError(f"unknown language {lang!r}; expected 'en' or 'zh'")
+
+
+# --------------------------------------------------------------------------------------------------- ROUGE-L
+def lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
+    """Length of the longest common subsequence of two token lists (O(len(a)*len(b)) time, O(min) memory)."""
+    if len(a) < len(b):
+        a, b = b, a
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        cur = [0]
+        for j, y in enumerate(b, 1):
+            cur.append(prev[j - 1] + 1 if x == y else max(prev[j], cur[j - 1]))
+        prev = cur
+    return prev[-1]
+
+
+def rouge_l(candidate: Sequence[str], references: Sequence[Sequence[str]], beta: float = 1.2) -> float:
+    """Sentence ROUGE-L F-measure with recall weight `beta`.
+
+    With several references, precision and recall are each maximised over references before combining - the
+    pycocoevalcap rule (beta 1.2 is its default). With one reference and beta 1 this is rouge-score's `rougeL`
+    F-measure. An empty candidate or reference scores 0.
+    """
+    if not references:
+        raise ValueError("rouge_l needs at least one reference")
+    if not candidate:
+        return 0.0
+    precisions, recalls = [], []
+    for ref in references:
+        lcs = lcs_length(ref, candidate) if ref else 0
+        precisions.append(lcs / len(candidate))
+        recalls.append(lcs / len(ref) if ref else 0.0)
+    p, r = max(precisions), max(recalls)
+    if p == 0 or r == 0:
+        return 0.0
+    return (1 + beta**2) * p * r / (r + beta**2 * p)
+
+
+def corpus_rouge_l(
+    candidates: Sequence[Sequence[str]], references: Sequence[Sequence[Sequence[str]]], beta: float = 1.2
+) -> tuple[float, list[float]]:
+    """Mean and per-sample ROUGE-L over a corpus (pycocoevalcap averages sentence scores)."""
+    _check_lengths(candidates, references)
+    scores = [rouge_l(c, r, beta) for c, r in zip(candidates, references)]
+    return (float(np.mean(scores)) if scores else 0.0), scores
+
+
+# --------------------------------------------------------------------------------------- pycocoevalcap scorers
+def _check_lengths(candidates: Sequence, references: Sequence) -> None:
+    if len(candidates) != len(references):
+        raise ValueError(f"{len(candidates)} candidates but {len(references)} reference lists")
+    for i, refs in enumerate(references):
+        if len(refs) == 0:
+            raise ValueError(f"sample {i} has no reference")
+
+
+def coco_bleu(
+    candidates: Sequence[Sequence[str]], references: Sequence[Sequence[Sequence[str]]], n: int = 4
+) -> tuple[list[float], list[list[float]]]:
+    """Corpus BLEU-1..n as pycocoevalcap computes it ('closest' reference length), plus per-sample BLEU-1..n.
+
+    Returns (corpus [bleu1..bleun], per_sample[k][i] = BLEU-(k+1) of sample i).
+    """
+    from pycocoevalcap.bleu.bleu_scorer import BleuScorer
+
+    _check_lengths(candidates, references)
+    if not candidates:
+        return [0.0] * n, [[] for _ in range(n)]
+    scorer = BleuScorer(n=n)
+    for cand, refs in zip(candidates, references):
+        scorer += (" ".join(cand), [" ".join(r) for r in refs])
+    score, scores = scorer.compute_score(option="closest", verbose=0)
+    return [float(s) for s in score], [[float(v) for v in row] for row in scores]
+
+
+def coco_cider(
+    candidates: Sequence[Sequence[str]], references: Sequence[Sequence[Sequence[str]]]
+) -> tuple[float, list[float]]:
+    """CIDEr-D exactly as pycocoevalcap reports it (document frequencies from this corpus's references, x10)."""
+    from pycocoevalcap.cider.cider_scorer import CiderScorer
+
+    _check_lengths(candidates, references)
+    if not candidates:
+        return 0.0, []
+    scorer = CiderScorer(n=4, sigma=6.0)
+    for cand, refs in zip(candidates, references):
+        scorer += (" ".join(cand), [" ".join(r) for r in refs])
+    score, scores = scorer.compute_score()
+    return float(score), [float(s) for s in scores]
+
+
+def coco_meteor(
+    candidates: Sequence[Sequence[str]], references: Sequence[Sequence[Sequence[str]]]
+) -> tuple[float, list[float]]:
+    """METEOR 1.5 through pycocoevalcap's bundled jar (needs `java` on PATH; MetricUnavailable otherwise)."""
+    _check_lengths(candidates, references)
+    if shutil.which("java") is None:
+        raise MetricUnavailable(
+            "METEOR needs a Java runtime (pycocoevalcap runs meteor-1.5.jar); install one, e.g. "
+            "`apt-get install default-jre-headless`, or leave METEOR out with --metrics"
+        )
+    if not candidates:
+        return 0.0, []
+    from pycocoevalcap.meteor.meteor import Meteor
+
+    meteor = Meteor()
+    try:
+        gts = {i: [" ".join(r) for r in refs] for i, refs in enumerate(references)}
+        res = {i: [" ".join(c)] for i, c in enumerate(candidates)}
+        score, scores = meteor.compute_score(gts, res)
+    finally:
+        del meteor
+    return float(score), [float(s) for s in scores]
+
+
+# ------------------------------------------------------------------------------------ sentence-level helpers
+def _ngrams(tokens: Sequence[str], n: int) -> Counter:
+    return Counter(tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1))
+
+
+def sentence_bleu1(candidate: Sequence[str], references: Sequence[Sequence[str]]) -> float:
+    """Sentence BLEU-1 = brevity penalty x clipped unigram precision (torchmetrics `BLEUScore(n_gram=1)` rule).
+
+    The brevity penalty uses the reference length closest to the candidate length; an empty candidate scores 0.
+    This is the per-sample BLEU-1 the MedRegA VQA / Region-to-Text / classification scorers average.
+    """
+    if not candidate or not references:
+        return 0.0
+    cand = Counter(candidate)
+    max_ref: Counter = Counter()
+    for ref in references:
+        for tok, c in Counter(ref).items():
+            max_ref[tok] = max(max_ref[tok], c)
+    matches = sum(min(c, max_ref[t]) for t, c in cand.items())
+    if matches == 0:
+        return 0.0
+    c_len = len(candidate)
+    r_len = min((abs(len(r) - c_len), len(r)) for r in references)[1]
+    bp = 1.0 if c_len > r_len else math.exp(1 - r_len / c_len)
+    return bp * matches / c_len
+
+
+def hf_bleu(
+    candidates: Sequence[Sequence[str]], references: Sequence[Sequence[Sequence[str]]], max_order: int = 4
+) -> float:
+    """Corpus BLEU as Hugging Face `evaluate`'s 'bleu' computes it (tensorflow/nmt compute_bleu, no smoothing).
+
+    Used only by `--compat medrega`. Differences from pycocoevalcap: the brevity penalty uses the *shortest*
+    reference length summed over the corpus, and a zero n-gram precision makes the whole score 0 (no 1e-9 fudge).
+    Tokens should come from sacrebleu's 13a tokenizer to reproduce `evaluate` exactly.
+    """
+    _check_lengths(candidates, references)
+    matches = [0] * max_order
+    possible = [0] * max_order
+    ref_len = cand_len = 0
+    for cand, refs in zip(candidates, references):
+        ref_len += min(len(r) for r in refs)
+        cand_len += len(cand)
+        merged: Counter = Counter()
+        for r in refs:
+            for order in range(1, max_order + 1):
+                merged |= _ngrams(r, order)
+        for order in range(1, max_order + 1):
+            cand_ngrams = _ngrams(cand, order)
+            matches[order - 1] += sum(min(c, merged[g]) for g, c in cand_ngrams.items())
+            possible[order - 1] += max(len(cand) - order + 1, 0)
+    precisions = [m / p if p > 0 else 0.0 for m, p in zip(matches, possible)]
+    if min(precisions) <= 0 or cand_len == 0:
+        return 0.0
+    geo_mean = math.exp(sum(math.log(p) for p in precisions) / max_order)
+    ratio = cand_len / ref_len if ref_len else float("inf")
+    bp = 1.0 if ratio > 1.0 else math.exp(1 - 1.0 / ratio)
+    return geo_mean * bp
+
+
+def tokenize_13a(text: str) -> list[str]:
+    """sacrebleu's '13a' tokenization (what `evaluate`'s bleu uses by default), split on whitespace."""
+    from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a
+
+    return Tokenizer13a()(text).split()
+
+
+def token_set_scores(pred_tokens: Sequence[str], ref_tokens: Sequence[str]) -> dict[str, float]:
+    """Set-overlap precision, recall and F1 of two token lists (the MedRegA/MultiMedEval VQA convention).
+
+    Sets, not bags: repeated words count once. Empty reference -> recall 0 (and a warning is the caller's job).
+    """
+    p, r = set(pred_tokens), set(ref_tokens)
+    common = len(p & r)
+    precision = common / len(p) if p else 0.0
+    recall = common / len(r) if r else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"precision": precision, "recall": recall, "f1": f1}

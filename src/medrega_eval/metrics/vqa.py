@@ -1,0 +1,146 @@
+"""VQA metrics: closed-question accuracy, open-question recall/accuracy (the paper's rules), token F1, BLEU-1,
+exact match, in English and Chinese.
+
+Default rules (documented in docs/evaluation.md):
+- a question is *closed* when its record says so (`answer_type` CLOSED/OPEN, as SLAKE and VQA-RAD ship it), otherwise
+  when the normalized reference is a yes/no answer (EN yes/no; ZH 是/否/不是/有/没有 or yes/no);
+- a closed answer is correct when the reference token is among the prediction's tokens (token recall >= 0.8, which
+  for a one-token reference means "contains it");
+- open recall = mean token-set recall of the reference over open questions; open accuracy = share with recall >= 0.75;
+- token F1, BLEU-1 (sentence BLEU-1, torchmetrics rule) and exact match are averaged over all questions.
+
+`compat="medrega"` reproduces the original `src/eval/vqa` scorer: its `cleanStr` normalization with attached
+punctuation, and in Chinese the closed rule keyed on the *prediction* being "yes"/"no", with "not" added to a {"no"}
+reference and a 0.4 recall threshold.
+"""
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from medrega_eval.metrics.text import sentence_bleu1, token_set_scores, tokenize_zh
+
+__all__ = ["VQASample", "normalize_en", "medrega_clean_en", "vqa_tokens", "score_vqa_sample", "aggregate_vqa"]
+
+CLOSED_RECALL = 0.8
+OPEN_ACCURACY_RECALL = 0.75
+ZH_CLOSED_ANSWERS = frozenset({"是", "否", "不是", "有", "没有", "yes", "no"})
+
+# MedRegA's cleanStr whole-word contractions (src/eval/vqa/postprocess_utils.py).
+_MEDREGA_CONTRACTIONS = {
+    "pa": "posterior anterior",
+    "ivc": "inferior vena cava",
+    "head": "brain",
+    "both": "bilateral",
+    "tumour": "tumor",
+    "tumours": "tumors",
+}
+
+
+@dataclass(frozen=True)
+class VQASample:
+    """Per-sample VQA scores; `closed` says which rule applied."""
+
+    closed: bool
+    correct: bool | None  # closed questions: rule outcome; open: recall >= 0.75
+    recall: float
+    f1: float
+    bleu1: float
+    exact_match: bool
+
+
+def normalize_en(text: str) -> str:
+    """Default English answer normalization: NFKC, lower-case, MedRegA's medical contractions, punctuation -> space.
+
+    Unlike the original cleanStr, punctuation never sticks to words ("yes." and "yes" are the same answer).
+    """
+    text = unicodedata.normalize("NFKC", text).lower().replace("-", " ")
+    text = re.sub(r"[^\w\s%]", " ", text)
+    words = [_MEDREGA_CONTRACTIONS.get(w, w) for w in text.split()]
+    return " ".join(" ".join(words).split())
+
+
+def medrega_clean_en(text: str) -> str:
+    """The original `cleanStr`: split on [,:.], drop parts containing "_", rejoin with ",", lower-case, whole-word
+    contractions, "-" -> space. Punctuation other than the split characters stays attached to words."""
+    parts = [p for p in re.split(r"[,:.]", text) if "_" not in p]
+    text = ",".join(parts).lower()
+    words = [_MEDREGA_CONTRACTIONS.get(w, w) for w in text.split(" ")]
+    return " ".join(words).replace("-", " ").strip()
+
+
+def vqa_tokens(text: str, lang: str, compat: str | None = None) -> list[str]:
+    """Tokens used by the VQA metrics for `text` in `lang` under the default or `compat="medrega"` rules."""
+    if lang == "en":
+        return (medrega_clean_en(text) if compat == "medrega" else normalize_en(text)).split()
+    if lang == "zh":
+        if compat == "medrega":
+            from medrega_eval.metrics.text import _get_jieba
+
+            return list(_get_jieba().cut(text))  # raw jieba segments, spaces included, as the original
+        return tokenize_zh(text)
+    raise ValueError(f"unknown language {lang!r}; expected 'en' or 'zh'")
+
+
+def _is_closed(ref_tokens: Sequence[str], lang: str, answer_type: str | None) -> bool:
+    if answer_type:
+        kind = answer_type.strip().upper()
+        if kind in ("CLOSED", "OPEN"):
+            return kind == "CLOSED"
+        raise ValueError(f"answer_type must be CLOSED or OPEN, got {answer_type!r}")
+    joined = "".join(ref_tokens) if lang == "zh" else " ".join(ref_tokens)
+    return joined in (ZH_CLOSED_ANSWERS if lang == "zh" else {"yes", "no"})
+
+
+def score_vqa_sample(
+    prediction: str, reference: str, lang: str, answer_type: str | None = None, compat: str | None = None
+) -> VQASample:
+    """Score one answer. `answer_type` (CLOSED/OPEN) overrides the yes/no rule in default mode; compat ignores it."""
+    pred = vqa_tokens(prediction, lang, compat)
+    ref = vqa_tokens(reference, lang, compat)
+    overlap = token_set_scores(pred, ref)
+    recall = overlap["recall"]
+    bleu1 = sentence_bleu1(pred, [ref]) if ref else 0.0
+    exact = " ".join(pred) == " ".join(ref)
+    if compat == "medrega":
+        if lang == "zh":
+            # Original quirk: "closed" is decided by the prediction; a {"no"} reference also accepts "not".
+            closed = "".join(prediction.split()).lower() in ("yes", "no")
+            if closed:
+                ref_set = set(ref) | ({"not"} if set(ref) == {"no"} else set())
+                recall_c = len(set(pred) & ref_set) / len(ref_set) if ref_set else 0.0
+                return VQASample(True, recall_c >= 0.4, recall, overlap["f1"], bleu1, exact)
+        else:
+            closed = " ".join(ref) in ("yes", "no")
+        if closed:
+            return VQASample(True, recall >= CLOSED_RECALL, recall, overlap["f1"], bleu1, exact)
+        return VQASample(False, recall >= OPEN_ACCURACY_RECALL, recall, overlap["f1"], bleu1, exact)
+    closed = _is_closed(ref, lang, answer_type)
+    if closed:
+        return VQASample(True, recall >= CLOSED_RECALL, recall, overlap["f1"], bleu1, exact)
+    return VQASample(False, recall >= OPEN_ACCURACY_RECALL, recall, overlap["f1"], bleu1, exact)
+
+
+def aggregate_vqa(samples: Sequence[VQASample]) -> dict[str, float | int | None]:
+    """Corpus metrics; a group with no question (e.g. no closed question) gets None, never a fake 0."""
+    closed = [s for s in samples if s.closed]
+    open_ = [s for s in samples if not s.closed]
+
+    def mean(values: list[float]) -> float | None:
+        return float(np.mean(values)) if values else None
+
+    return {
+        "closed_accuracy": mean([float(s.correct) for s in closed]),
+        "open_recall": mean([s.recall for s in open_]),
+        "open_accuracy": mean([float(s.correct) for s in open_]),
+        "token_f1": mean([s.f1 for s in samples]),
+        "recall": mean([s.recall for s in samples]),
+        "bleu1": mean([s.bleu1 for s in samples]),
+        "exact_match": mean([float(s.exact_match) for s in samples]),
+        "num_closed": len(closed),
+        "num_open": len(open_),
+    }
