@@ -1,0 +1,201 @@
+"""MedRegTrainer mechanics on a plain tiny Llama (no InternVL parts needed): per-token loss over gradient
+accumulation, length-grouped sampling, atomic checkpoints, LoRA adapter save/load/merge."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from internvl.train import checkpoint as ckpt
+from internvl.train.arguments import MedRegTrainingArguments
+from internvl.train.lora import has_lora, load_lora_run, merge_lora, save_lora_run, wrap_llm_lora
+from internvl.train.trainer import LengthGroupedSampler, MedRegTrainer, count_loss_items, token_loss_sum
+
+VOCAB = 64
+
+
+def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(cfg)
+
+
+def make_samples(n: int, seed: int = 1) -> list[dict[str, list[int]]]:
+    """Samples of very different lengths; the first third of each is unsupervised."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        length = 4 + (i * 7) % 23
+        ids = torch.randint(3, VOCAB, (length,), generator=g).tolist()
+        labels = [-100] * (length // 3) + ids[length // 3:]
+        out.append({"input_ids": ids, "labels": labels})
+    return out
+
+
+def collate(batch: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+    width = max(len(b["input_ids"]) for b in batch)
+    ids = torch.zeros(len(batch), width, dtype=torch.long)
+    labels = torch.full((len(batch), width), -100, dtype=torch.long)
+    mask = torch.zeros(len(batch), width, dtype=torch.long)
+    for i, b in enumerate(batch):
+        n = len(b["input_ids"])
+        ids[i, :n] = torch.tensor(b["input_ids"])
+        labels[i, :n] = torch.tensor(b["labels"])
+        mask[i, :n] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+class ListDataset(torch.utils.data.Dataset):
+    def __init__(self, samples):
+        self.samples = samples
+        self.lengths = [len(s["input_ids"]) for s in samples]
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        return self.samples[i]
+
+
+def args(tmp_path, **kw) -> MedRegTrainingArguments:
+    base = dict(output_dir=str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=1,
+                learning_rate=1.0, optim="sgd", lr_scheduler_type="constant", max_grad_norm=0.0, max_steps=1,
+                save_strategy="no", report_to="none", use_cpu=True, train_sampling_strategy="sequential",
+                disable_tqdm=True, seed=0, weight_decay=0.0)
+    base.update(kw)
+    return MedRegTrainingArguments(**base)
+
+
+def test_loss_is_per_token_across_gradient_accumulation(tmp_path):
+    """bs=4 x GA=1 and bs=1 x GA=4 must give the same update when every token weighs the same."""
+    samples = make_samples(4)
+    results = []
+    for bs, ga in [(4, 1), (1, 4), (2, 2)]:
+        model = tiny_llama()
+        trainer = MedRegTrainer(model=model, args=args(tmp_path / f"{bs}_{ga}", per_device_train_batch_size=bs,
+                                                       gradient_accumulation_steps=ga),
+                                train_dataset=ListDataset(samples), data_collator=collate)
+        trainer.train()
+        results.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    reference = tiny_llama()
+    moved = (results[0] - torch.cat([p.detach().flatten() for p in reference.parameters()])).abs().max()
+    assert moved > 1e-4  # the step did something
+    torch.testing.assert_close(results[1], results[0], atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(results[2], results[0], atol=2e-6, rtol=1e-5)
+
+
+def test_token_loss_matches_mean_cross_entropy_and_weights():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 7)
+    labels = torch.tensor([[-100, 1, 2, -100, 3], [-100, -100, 4, 5, 6]])
+    total = token_loss_sum(logits, labels)
+    count = count_loss_items({"labels": labels})
+    reference = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 7), labels[:, 1:].reshape(-1))
+    torch.testing.assert_close(total / count, reference)
+    weights = torch.tensor([[0, 0.5, 0.5, 0, 0.5], [0, 0, 2.0, 2.0, 2.0]])
+    weighted = token_loss_sum(logits, labels, weights)
+    assert count_loss_items({"labels": labels, "loss_weight": weights}) == pytest.approx(1.5 + 6.0)
+    assert not torch.isclose(weighted, total)
+
+
+def test_length_grouped_sampler_is_a_seeded_permutation_of_sorted_groups():
+    lengths = [5, 50, 7, 33, 1, 80, 12, 9, 60, 2]
+    sampler = LengthGroupedSampler(lengths, group_size=4, seed=3)
+    first = list(sampler)
+    assert sorted(first) == list(range(len(lengths)))
+    assert list(sampler) == first  # same epoch -> same order (what resume relies on)
+    for start in range(0, len(first), 4):
+        group = [lengths[i] for i in first[start:start + 4]]
+        assert group == sorted(group, reverse=True)
+    sampler.set_epoch(1)
+    assert list(sampler) != first
+
+
+def test_checkpoints_are_published_atomically(tmp_path):
+    """A save that dies half-way leaves no checkpoint-N; the previous complete one stays the latest."""
+    out = tmp_path / "run"
+    model = tiny_llama()
+    trainer = MedRegTrainer(model=model, args=args(out, max_steps=4, save_strategy="steps", save_steps=2,
+                                                   learning_rate=1e-3, optim="adamw_torch"),
+                            train_dataset=ListDataset(make_samples(16)), data_collator=collate)
+    original = trainer._save_rng_state
+
+    def dying_save(output_dir):
+        if output_dir.endswith("checkpoint-4"):
+            raise RuntimeError("killed while writing")
+        return original(output_dir)
+
+    trainer._save_rng_state = dying_save
+    with pytest.raises(RuntimeError, match="killed while writing"):
+        trainer.train()
+    assert (out / ".staging" / "checkpoint-4").is_dir()  # the half-written one exists ...
+    assert not (out / "checkpoint-4").exists()
+    latest = ckpt.find_latest_checkpoint(out)
+    assert latest is not None and latest.name == "checkpoint-2"  # ... but is never taken as the latest
+    assert ckpt.is_complete(latest)
+    state = json.loads((latest / "trainer_state.json").read_text())
+    assert state["global_step"] == 2
+    for name in ["model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth"]:
+        assert (latest / name).is_file(), name
+    # a fake checkpoint folder without marker is ignored too
+    (out / "checkpoint-9").mkdir()
+    assert ckpt.find_latest_checkpoint(out).name == "checkpoint-2"
+    assert ckpt.clean_staging(out)
+    assert not (out / ".staging" / "checkpoint-4").exists()
+
+
+def test_rotate_keeps_newest_complete(tmp_path):
+    for step in (1, 2, 3):
+        d = tmp_path / ".staging" / f"checkpoint-{step}"
+        d.mkdir(parents=True)
+        (d / "trainer_state.json").write_text("{}")
+        ckpt.publish_checkpoint(d, tmp_path)
+    deleted = ckpt.rotate_checkpoints(tmp_path, 2)
+    assert [p.name for p in deleted] == ["checkpoint-1"]
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [2, 3]
+
+
+class Holder(nn.Module):
+    """Stands in for InternVLChatModel: a `language_model` attribute plus a trainable projector."""
+
+    def __init__(self):
+        super().__init__()
+        self.language_model = tiny_llama()
+        self.mlp1 = nn.Linear(4, 4)
+
+    def forward(self, input_ids):
+        return self.language_model(input_ids=input_ids).logits
+
+
+def test_lora_adapters_save_load_and_merge(tmp_path):
+    torch.manual_seed(0)
+    model = Holder()
+    base_state = {k: v.clone() for k, v in model.state_dict().items()}
+    wrap_llm_lora(model, r=4, dropout=0.0)
+    assert has_lora(model)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n or n.startswith("mlp1.") for n in trainable)
+    with torch.no_grad():  # make the adapters non-trivial (lora_B starts at zero)
+        for name, p in model.named_parameters():
+            if "lora_B" in name or name.startswith("mlp1."):
+                p.add_(torch.randn_like(p) * 0.1)
+    ids = torch.randint(0, VOCAB, (2, 9))
+    expected = model(ids).detach()
+    save_lora_run(model, tmp_path, base_model="base-dir")
+    assert (tmp_path / "adapters" / "language_model" / "adapter_config.json").is_file()
+    assert (tmp_path / "adapters" / "language_model" / "adapter_model.safetensors").is_file()
+    info = json.loads((tmp_path / "lora_run.json").read_text())
+    assert info["non_lora_trainables"] == ["mlp1.bias", "mlp1.weight"]
+
+    fresh = Holder()
+    fresh.load_state_dict(base_state)
+    load_lora_run(fresh, tmp_path)
+    torch.testing.assert_close(fresh(ids), expected)
+    merge_lora(fresh)
+    assert not has_lora(fresh)
+    assert set(fresh.state_dict()) == set(base_state)
+    torch.testing.assert_close(fresh(ids), expected, atol=1e-4, rtol=1e-4)
