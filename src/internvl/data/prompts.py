@@ -1,0 +1,537 @@
+"""Prompt registry (YAML data in ``prompts/``) and builders that turn structured fields into MedRegInstruct records.
+
+The wording of every task in English and Chinese lives in ``internvl/data/prompts/*.yaml``; the original MedRegA
+strings are kept verbatim (each entry says which are original and which we wrote). This module only loads,
+validates and fills them, so converters, the demo and the MedReg-mini builder produce identical records::
+
+    build_record("text_to_region", "en", image="ct/1.png", modality="CT",
+                 regions=[("liver", [[120, 80, 300, 260]])], box_units="pixel", width=512, height=512)
+    -> {"image": "ct/1.png", "width": 512, "height": 512, "conversations": [
+          {"from": "human", "value": "You are a helpful medical assistant. Your task is object detection. ... <image>\\n"
+                                     "Please locate <ref>liver</ref> in this CT scan."},
+          {"from": "gpt", "value": "<ref>liver</ref><box>[[234, 156, 585, 507]]</box>"}]}
+
+The first human turn is ``base_prompt + " " + "<image>\\n" * n_images + question`` (no space after a newline or
+Chinese punctuation), the demo form. With ``include_base_prompt=False`` it is ``"<image>\\n" + question`` and the
+dataset's ``meta_file.json`` ``base_prompt`` (see :func:`render_base_prompt`) supplies the task description, as in
+the original training data.
+"""
+from __future__ import annotations
+
+import random
+import string
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+from internvl.constants import IMAGE_PLACEHOLDER, REF_END, REF_START
+from internvl.regions import Box, Region, RegionError, format_region, format_regions, pixels_to_box, validate_box
+
+__all__ = [
+    "LANGS",
+    "PROMPT_DIR",
+    "PromptError",
+    "RegionsInput",
+    "TaskPrompt",
+    "build_record",
+    "get_prompt",
+    "list_tasks",
+    "load_prompts",
+    "normalize_regions",
+    "render_base_prompt",
+    "text_to_region_subtype",
+    "with_article",
+]
+
+PROMPT_DIR = Path(__file__).with_name("prompts")
+LANGS = ("en", "zh")
+
+# Placeholders a template may use; anything else in a YAML file is a typo and fails at load time.
+_KNOWN_FIELDS = {
+    "question", "options", "option", "letter", "answer", "label", "labels", "modality", "a_modality", "task_name",
+    "option_noun", "region", "box", "name", "objects", "regions", "text", "lines",
+}
+_TEMPLATE_KEYS = ("base_prompt", "questions", "answer", "option_line", "line")
+
+#: A list of regions: ``Region`` objects, ``(name, boxes)`` pairs, or a ``{name: boxes}`` mapping.
+RegionsInput = Union[Sequence[Union[Region, tuple[str, Sequence[Any]]]], Mapping[str, Sequence[Any]]]
+
+
+class PromptError(ValueError):
+    """A prompt file is malformed, or the fields given to a builder do not fit the task."""
+
+
+@dataclass(frozen=True)
+class TaskPrompt:
+    """The prompt data of one task in one language (one ``tasks.<task>.<lang>`` entry of a YAML file)."""
+
+    task: str
+    family: str
+    lang: str
+    description: str
+    source: str
+    required: tuple[str, ...]
+    optional: tuple[str, ...]
+    base_prompt: str | dict[str, str]
+    questions: list[str] | dict[str, list[str]]
+    answer: str
+    strings: dict[str, Any] = field(default_factory=dict)  # this_word, object_joiner, findings_label, ...
+    base_prompt_variants: dict[str, str] = field(default_factory=dict)
+    subtype: str | None = None
+    targets: dict[str, dict[str, str]] = field(default_factory=dict)  # classification wording per target
+    file: str = ""
+
+    def base_template(self, key: str | None = None, variant: str = "default") -> str:
+        """The base prompt template, for a keyed task (``target``) and an optional named variant (``"demo"``)."""
+        if variant != "default":
+            if variant not in self.base_prompt_variants:
+                raise PromptError(f"{self.task} ({self.lang}) has no base prompt variant {variant!r}; "
+                                  f"available: default, {', '.join(self.base_prompt_variants) or '-'}")
+            return self.base_prompt_variants[variant]
+        return _pick(self.base_prompt, key, f"{self.task} ({self.lang}) base_prompt")
+
+    def question_templates(self, key: str | None = None) -> list[str]:
+        """Question templates; the first is the canonical (original) wording."""
+        return _pick(self.questions, key, f"{self.task} ({self.lang}) questions")
+
+
+def _pick(value: Any, key: str | None, what: str) -> Any:
+    if isinstance(value, dict):
+        if key not in value:
+            raise PromptError(f"{what}: no entry for {key!r}; choose one of {', '.join(value)}")
+        return value[key]
+    return value
+
+
+# --------------------------------------------------------------------------------------------- loading
+
+
+def _template_fields(template: str, where: str) -> set[str]:
+    try:
+        names = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+    except ValueError as exc:
+        raise PromptError(f"{where}: bad template {template!r}: {exc}") from None
+    unknown = names - _KNOWN_FIELDS
+    if unknown:
+        raise PromptError(f"{where}: unknown placeholder(s) {sorted(unknown)} in {template!r}")
+    return names
+
+
+def _walk_templates(value: Any, where: str) -> None:
+    if isinstance(value, str):
+        _template_fields(value, where)
+    elif isinstance(value, list):
+        if not value:
+            raise PromptError(f"{where}: empty template list")
+        for i, v in enumerate(value):
+            _walk_templates(v, f"{where}[{i}]")
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _walk_templates(v, f"{where}.{k}")
+    else:
+        raise PromptError(f"{where}: expected text, a list or a mapping, got {type(value).__name__}")
+
+
+def _load_file(path: Path) -> list[TaskPrompt]:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise PromptError(f"{path}: cannot read prompt file: {exc}") from exc
+    if not isinstance(data, dict) or not isinstance(data.get("tasks"), dict) or "family" not in data:
+        raise PromptError(f"{path}: a prompt file needs 'family' and a 'tasks' mapping")
+    family = str(data["family"])
+    targets = data.get("targets", {})
+    out = []
+    for task, spec in data["tasks"].items():
+        where = f"{path}: task {task!r}"
+        if not isinstance(spec, dict):
+            raise PromptError(f"{where}: expected a mapping")
+        for lang in LANGS:
+            entry = spec.get(lang)
+            if not isinstance(entry, dict):
+                raise PromptError(f"{where}: missing language {lang!r}")
+            for key in ("base_prompt", "questions", "source"):
+                if key not in entry:
+                    raise PromptError(f"{where} ({lang}): missing {key!r}")
+            if "answer" not in entry:
+                raise PromptError(f"{where} ({lang}): missing 'answer'")
+            for key in _TEMPLATE_KEYS:
+                if key in entry:
+                    _walk_templates(entry[key], f"{where} ({lang}).{key}")
+            variants = entry.get("base_prompt_variants", {}) or {}
+            _walk_templates(variants or {"-": ""}, f"{where} ({lang}).base_prompt_variants")
+            questions = entry["questions"]
+            if isinstance(questions, str):
+                questions = [questions]
+            strings = {k: v for k, v in entry.items()
+                       if k not in (*_TEMPLATE_KEYS, "source", "base_prompt_variants")}
+            common = dict(
+                family=family, lang=lang, description=str(spec.get("description", "")), source=str(entry["source"]),
+                required=tuple(spec.get("required", []) or []), optional=tuple(spec.get("optional", []) or []),
+                base_prompt=entry["base_prompt"], questions=questions, answer=entry["answer"], strings=strings,
+                base_prompt_variants=dict(variants),
+                targets={name: t[lang] for name, t in targets.items()}, file=str(path),
+            )
+            common["strings"].update({k: entry[k] for k in ("option_line", "line") if k in entry})
+            subtypes = spec.get("subtypes")
+            out.append(TaskPrompt(task=task, **common))
+            for sub in subtypes or {}:
+                out.append(TaskPrompt(task=f"{task}_{sub}", subtype=sub, **common))
+    return out
+
+
+@lru_cache(maxsize=8)
+def _load_dir(directory: str) -> dict[tuple[str, str], TaskPrompt]:
+    files = sorted(Path(directory).glob("*.yaml"))
+    if not files:
+        raise PromptError(f"{directory}: no prompt files (*.yaml)")
+    registry: dict[tuple[str, str], TaskPrompt] = {}
+    for path in files:
+        for tp in _load_file(path):
+            key = (tp.task, tp.lang)
+            if key in registry:
+                raise PromptError(f"{path}: task {tp.task!r} already defined in {registry[key].file}")
+            registry[key] = tp
+    return registry
+
+
+def load_prompts(directory: str | Path | None = None) -> dict[tuple[str, str], TaskPrompt]:
+    """Load and validate every ``*.yaml`` prompt file; keys are ``(task, lang)``. Cached per directory."""
+    return dict(_load_dir(str(Path(directory or PROMPT_DIR).resolve())))
+
+
+def list_tasks(directory: str | Path | None = None) -> list[str]:
+    """All task ids, e.g. ``vqa_open``, ``text_to_region_mm``, ``grounded_whole``."""
+    return sorted({task for task, _ in load_prompts(directory)})
+
+
+def get_prompt(task: str, lang: str = "en", directory: str | Path | None = None) -> TaskPrompt:
+    """The :class:`TaskPrompt` of ``task`` in ``lang`` (``"en"`` or ``"zh"``)."""
+    registry = load_prompts(directory)
+    if (task, lang) not in registry:
+        if lang not in LANGS:
+            raise PromptError(f"unknown language {lang!r}; use one of {', '.join(LANGS)}")
+        raise PromptError(f"unknown task {task!r}; known tasks: {', '.join(list_tasks(directory))}")
+    return registry[(task, lang)]
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+
+def with_article(word: str) -> str:
+    """``"an OCT"``, ``"a CT"``, ``"an X-ray"``, ``"a chest x-ray"``, ``"an MRI"``, ``"an ultrasound"``.
+
+    Acronyms (all-capital first token, or a capital letter followed by '-') take "an" when their first letter is
+    spoken with a vowel sound (A E F H I L M N O R S X); other words take "an" before a vowel letter.
+    """
+    word = word.strip()
+    if not word:
+        raise PromptError("modality must not be empty")
+    first = word.split()[0]
+    letters = first.replace("-", "")
+    acronym = (letters.isupper() and len(letters) > 1) or (len(first) > 1 and first[0].isupper() and first[1] == "-")
+    if acronym:
+        return ("an " if first[0] in "AEFHILMNORSX" else "a ") + word
+    return ("an " if first[0].lower() in "aeiou" else "a ") + word
+
+
+def normalize_regions(
+    regions: RegionsInput, *, box_units: str = "norm", width: int | None = None, height: int | None = None
+) -> list[Region]:
+    """Turn region input into validated :class:`Region` objects with 0-999 boxes.
+
+    ``box_units="norm"``: boxes are already integers 0-999. ``"pixel"``: boxes are pixel corners ``(x1, y1, x2, y2)``
+    of a ``width`` x ``height`` image and go through ``internvl.regions.pixels_to_box``. Raises :class:`PromptError`.
+    """
+    if box_units not in ("norm", "pixel"):
+        raise PromptError(f"box_units must be 'norm' or 'pixel', got {box_units!r}")
+    if box_units == "pixel" and not (width and height):
+        raise PromptError("box_units='pixel' needs the image width and height")
+    items = list(regions.items()) if isinstance(regions, Mapping) else list(regions)
+    if not items:
+        raise PromptError("regions must not be empty")
+    out = []
+    for item in items:
+        if isinstance(item, Region):
+            name, boxes = item.name, item.boxes
+        else:
+            try:
+                name, boxes = item
+            except (TypeError, ValueError):
+                raise PromptError(f"a region must be a Region or a (name, boxes) pair, got {item!r}") from None
+        if not isinstance(name, str) or not name.strip():
+            raise PromptError(f"region name must be a non-empty string, got {name!r}")
+        boxes = list(boxes)
+        if not boxes:
+            raise PromptError(f"region {name!r} has no boxes")
+        try:
+            if box_units == "pixel":
+                converted = [b if isinstance(b, Box) else pixels_to_box(b, width, height) for b in boxes]
+            else:
+                converted = [b if isinstance(b, Box) else validate_box(b) for b in boxes]
+            format_region(name.strip(), converted)  # rejects markup inside names
+        except RegionError as exc:
+            raise PromptError(f"region {name!r}: {exc}") from None
+        out.append(Region(name.strip(), converted))
+    return out
+
+
+def text_to_region_subtype(regions: Sequence[Region]) -> str:
+    """``"ss"``, ``"sm"``, ``"ms"`` or ``"mm"``: single/multiple objects x single/multiple regions."""
+    objects = "s" if len(regions) == 1 else "m"
+    boxes = "m" if any(len(r.boxes) > 1 for r in regions) else "s"
+    return objects + boxes
+
+
+def _fill(template: str, where: str, **values: Any) -> str:
+    try:
+        return template.format_map(values)
+    except KeyError as exc:
+        raise PromptError(f"{where}: template needs field {exc.args[0]!r}: {template!r}") from None
+
+
+def _join_turn(base: str, question: str, n_images: int) -> str:
+    prefix = IMAGE_PLACEHOLDER + "\n"
+    body = prefix * n_images + question
+    if not base:
+        return body
+    last = base[-1]
+    sep = "" if last.isspace() or ord(last) >= 0x2E80 else " "  # no space after a newline or CJK punctuation
+    return base + sep + body
+
+
+def _objects(regions: Sequence[Region], joiner: str) -> str:
+    return joiner.join(f"{REF_START}{r.name}{REF_END}" for r in regions)
+
+
+def _options_text(options: Sequence[str] | None, notes: Sequence[str] | None, what: str) -> list[str]:
+    if not options or isinstance(options, str):
+        raise PromptError(f"{what}: 'options' must be a list of at least 2 strings")
+    opts = [str(o).strip() for o in options]
+    if len(opts) < 2 or any(not o for o in opts) or len(set(opts)) != len(opts):
+        raise PromptError(f"{what}: options must be at least 2 distinct non-empty strings, got {list(options)!r}")
+    return opts
+
+
+def render_base_prompt(
+    task: str,
+    lang: str = "en",
+    *,
+    modality: str | None = None,
+    options: Sequence[str] | None = None,
+    notes: Sequence[str] | None = None,
+    target: str | None = None,
+    variant: str = "default",
+) -> str:
+    """The concrete base prompt of a task (e.g. for a ``meta_file.json`` entry's ``base_prompt``).
+
+    Classification needs ``modality`` and ``options`` (and ``notes``/``target``); grounded_whole takes ``target``.
+    """
+    tp = get_prompt(task, lang)
+    key = _template_key(tp, target)
+    template = tp.base_template(key, variant)
+    values: dict[str, Any] = {}
+    if tp.family == "classification":
+        where = f"{task} ({lang})"
+        opts = _options_text(options, notes, where)
+        if not modality:
+            raise PromptError(f"{where}: needs 'modality'")
+        wording = tp.targets.get(key or "disease")
+        if wording is None:
+            raise PromptError(f"{where}: unknown target {key!r}; choose one of {', '.join(tp.targets)}")
+        values = dict(
+            task_name=wording["task_name"], option_noun=wording["option_noun"], modality=modality,
+            a_modality=with_article(modality), options="\n".join([*opts, *(notes or [])]),
+        )
+    return _fill(template, f"{task} ({lang}) base_prompt", **values)
+
+
+def _template_key(tp: TaskPrompt, target: str | None) -> str | None:
+    if tp.family == "classification":
+        return target or "disease"
+    if tp.task == "grounded_whole":
+        return target or "organ"
+    return target
+
+
+# --------------------------------------------------------------------------------------------- builder
+
+
+def build_record(
+    task: str,
+    lang: str = "en",
+    *,
+    image: str | Sequence[str] | None = None,
+    id: Any = None,  # noqa: A002 - the record field is called "id"
+    width: int | None = None,
+    height: int | None = None,
+    question: str | None = None,
+    answer: Any = None,
+    options: Sequence[str] | None = None,
+    label: str | None = None,
+    labels: Sequence[str] | None = None,
+    target: str | None = None,
+    notes: Sequence[str] | None = None,
+    modality: str | None = None,
+    regions: RegionsInput | None = None,
+    findings: Any = None,
+    impression: str | None = None,
+    text: str | None = None,
+    box_units: str = "norm",
+    include_base_prompt: bool = True,
+    prompt_variant: str = "default",
+    template: int = 0,
+    rng: random.Random | None = None,
+) -> dict:
+    """Build one complete MedRegInstruct record for ``task`` in ``lang`` from structured fields.
+
+    Fields by family (the YAML ``required`` list is enforced):
+
+    * vqa_open / vqa_closed: ``question``, ``answer``; vqa_choice also ``options`` (answer = an option or its letter).
+    * report_*: ``findings`` (+ optional ``impression``) or a complete ``text``.
+    * classify_single: ``modality``, ``options``, ``label``; classify_multi: ``labels``; optional ``target``
+      (``disease``/``organ``/``tissue``) and ``notes`` (lines after the options, e.g. '"No finding" means ...').
+    * region_to_text: ``modality``, ``regions`` with exactly one named region (the answer).
+    * text_to_region[_ss|_sm|_ms|_mm]: ``modality``, ``regions``; a subtype task checks the regions fit it.
+    * grounded_organ / grounded_lesion: ``regions``, ``text``; grounded_whole: ``findings`` = ``[(regions, text),
+      ...]``, ``modality``, optional ``target`` (``organ``/``lesion``).
+
+    ``regions`` take ``box_units="pixel"`` with ``width``/``height`` or 0-999 boxes. ``template`` picks a question
+    template (0 = original wording) unless ``rng`` is given, which picks one at random. ``image`` is a path, a list
+    of paths (one ``<image>`` each) or ``None`` (text-only). Raises :class:`PromptError` for missing or bad fields.
+    """
+    tp = get_prompt(task, lang)
+    where = f"{task} ({lang})"
+    given = dict(question=question, answer=answer, options=options, label=label, labels=labels, modality=modality,
+                 regions=regions, findings=findings, text=text, impression=impression)
+    missing = [name for name in tp.required if given.get(name) in (None, "", [], ())]
+    if missing:
+        raise PromptError(f"{where}: missing required field(s) {', '.join(missing)}")
+    images = [] if image is None else ([image] if isinstance(image, str) else list(image))
+    if any(not isinstance(p, str) or not p for p in images):
+        raise PromptError(f"{where}: image must be a non-empty path or a list of them, got {image!r}")
+    key = _template_key(tp, target)
+
+    def pick(templates: list[str]) -> str:
+        if rng is not None:
+            return rng.choice(templates)
+        if not 0 <= template < len(templates):
+            raise PromptError(f"{where}: template {template} out of range (0..{len(templates) - 1})")
+        return templates[template]
+
+    s = tp.strings
+    base = render_base_prompt(task, lang, modality=modality, options=options, notes=notes, target=target,
+                              variant=prompt_variant) if include_base_prompt else ""
+    family = tp.family
+    if family == "vqa":
+        q_values: dict[str, Any] = {"question": str(question).strip()}
+        ans = str(answer).strip()
+        if tp.task == "vqa_choice":
+            opts = _options_text(options, None, where)
+            letters = string.ascii_uppercase[: len(opts)]
+            if len(opts) > len(string.ascii_uppercase):
+                raise PromptError(f"{where}: at most 26 options")
+            if ans in opts:
+                idx = opts.index(ans)
+            elif len(ans) == 1 and ans.upper() in letters:
+                idx = letters.index(ans.upper())
+            else:
+                raise PromptError(f"{where}: answer {ans!r} is neither an option nor an option letter")
+            q_values["options"] = "\n".join(
+                _fill(s["option_line"], where, letter=letter, option=o) for letter, o in zip(letters, opts)
+            )
+            ans = _fill(tp.answer, where, option=opts[idx], letter=letters[idx])
+        else:
+            ans = _fill(tp.answer, where, answer=ans)
+        q = _fill(pick(tp.question_templates()), where, **q_values)
+    elif family == "report":
+        q = pick(tp.question_templates())
+        if text:
+            ans = str(text).strip()
+        elif findings:
+            ans = s["findings_label"] + str(findings).strip()
+            if impression:
+                ans += s["joiner"] + s["impression_label"] + str(impression).strip()
+        else:
+            raise PromptError(f"{where}: needs 'findings' (and optionally 'impression') or 'text'")
+        ans = _fill(tp.answer, where, text=ans)
+        if not images:
+            raise PromptError(f"{where}: report generation needs an image")
+    elif family == "classification":
+        opts = _options_text(options, notes, where)
+        if tp.task == "classify_single":
+            if str(label).strip() not in opts:
+                raise PromptError(f"{where}: label {label!r} is not one of the options {opts}")
+            ans = _fill(tp.answer, where, label=str(label).strip())
+        else:
+            chosen = [str(x).strip() for x in (labels or [])]
+            if isinstance(labels, str) or not chosen:
+                raise PromptError(f"{where}: 'labels' must be a non-empty list")
+            unknown = [x for x in chosen if x not in opts]
+            if unknown:
+                raise PromptError(f"{where}: labels {unknown} are not among the options {opts}")
+            ordered = [o for o in opts if o in set(chosen)]  # option order, duplicates removed
+            ans = _fill(tp.answer, where, labels=s["label_joiner"].join(ordered))
+        q = _fill(pick(tp.question_templates(key)), where, modality=modality)
+    elif family == "region":
+        regs = normalize_regions(regions, box_units=box_units, width=width, height=height)  # type: ignore[arg-type]
+        if tp.task == "region_to_text":
+            if len(regs) != 1:
+                raise PromptError(f"{where}: needs exactly one region (the object to name), got {len(regs)}")
+            r = regs[0]
+            q = _fill(pick(tp.question_templates()), where, modality=modality,
+                      region=format_region(s["this_word"], r.boxes), box=format_region(None, r.boxes))
+            ans = _fill(tp.answer, where, name=r.name)
+        else:
+            sub = text_to_region_subtype(regs)
+            if tp.subtype is not None and tp.subtype != sub:
+                raise PromptError(f"{where}: the regions form subtype {sub!r} "
+                                  f"({len(regs)} object(s), max {max(len(r.boxes) for r in regs)} box(es) each)")
+            qkey = "single_object" if len(regs) == 1 else "multi_object"
+            q = _fill(pick(tp.question_templates(qkey)), where, modality=modality,
+                      objects=_objects(regs, s["object_joiner"]))
+            ans = _fill(tp.answer, where, regions=format_regions(regs))
+    elif family == "grounded":
+        if tp.task == "grounded_whole":
+            if isinstance(findings, (str, bytes)) or not findings:
+                raise PromptError(f"{where}: 'findings' must be a non-empty list of (regions, text) pairs")
+            lines = []
+            for i, item in enumerate(findings):
+                try:
+                    f_regions, f_text = item
+                except (TypeError, ValueError):
+                    raise PromptError(f"{where}: finding {i} must be a (regions, text) pair") from None
+                if not str(f_text).strip():
+                    raise PromptError(f"{where}: finding {i} has empty text")
+                regs = normalize_regions(f_regions, box_units=box_units, width=width, height=height)
+                lines.append(_fill(s["line"], where, regions=format_regions(regs), text=str(f_text).strip()))
+            q = _fill(pick(tp.question_templates(key)), where, modality=modality)
+            ans = _fill(tp.answer, where, lines=s["line_joiner"].join(lines))
+        else:
+            regs = normalize_regions(regions, box_units=box_units, width=width, height=height)  # type: ignore[arg-type]
+            q = _fill(pick(tp.question_templates()), where, objects=_objects(regs, s["object_joiner"]))
+            ans = _fill(tp.answer, where, regions=format_regions(regs), text=str(text).strip())
+    else:  # pragma: no cover - the loader only produces known families
+        raise PromptError(f"{where}: unknown task family {family!r}")
+    if not ans.strip():
+        raise PromptError(f"{where}: the answer is empty")
+
+    record: dict[str, Any] = {}
+    if id is not None:
+        record["id"] = id
+    if images:
+        record["image"] = images[0] if isinstance(image, str) else images
+    for name, value in (("width", width), ("height", height)):
+        if value is not None:
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise PromptError(f"{where}: {name} must be a positive integer, got {value!r}")
+            record[name] = value
+    human = _join_turn(base, q, len(images))
+    if not human.strip():
+        raise PromptError(f"{where}: the question is empty")
+    record["conversations"] = [{"from": "human", "value": human}, {"from": "gpt", "value": ans}]
+    return record
