@@ -1,0 +1,236 @@
+"""Images -> model tensors, and the ``<image>`` placeholder expansion.
+
+InternVL-Chat-V1.2 / MedRegA (``dynamic_image_size=False``): RGB, one bicubic resize to 448 x 448 (aspect ratio not
+kept, ``pad2square=False``), scale to [0, 1], normalise with ImageNet mean/std -> one tile ``[3, 448, 448]``.
+
+InternVL 1.5+ (``dynamic_image_size=True``): :func:`dynamic_preprocess` cuts the image into a grid of ``i x j`` tiles
+(``min_num <= i*j <= max_num``) whose aspect ratio ``i/j`` is closest to the image's ``W/H``; on a tie the larger grid
+wins when the image area exceeds half the grid's pixel area. The image is bicubic-resized to ``(448 i, 448 j)`` and
+cut row-major; with ``use_thumbnail`` and more than one tile a 448 x 448 resize of the whole image is appended.
+
+Every tile becomes ``num_image_token`` (256) ``<IMG_CONTEXT>`` tokens, so an image of ``n`` tiles is written as
+``<img>`` + ``256 n x <IMG_CONTEXT>`` + ``</img>`` (:func:`expand_image_placeholders`).
+
+torchvision is not required: PIL's bicubic resize is what ``torchvision.transforms.Resize`` calls for PIL input.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from internvl.constants import (
+    DEFAULT_IMAGE_SIZE,
+    IMAGE_PLACEHOLDER,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    IMG_CONTEXT_TOKEN,
+    IMG_END_TOKEN,
+    IMG_START_TOKEN,
+)
+
+__all__ = [
+    "ImageSettings",
+    "build_transform",
+    "expand2square",
+    "find_closest_aspect_ratio",
+    "dynamic_preprocess",
+    "images_to_pixel_values",
+    "dummy_pixel_values",
+    "num_image_tokens",
+    "expand_image_placeholders",
+    "image_block",
+]
+
+
+@dataclass(frozen=True)
+class ImageSettings:
+    """How images become tiles; defaults are InternVL-Chat-V1.2 / MedRegA (one 448 tile, no padding)."""
+
+    image_size: int = DEFAULT_IMAGE_SIZE
+    dynamic_image_size: bool = False
+    use_thumbnail: bool = False
+    min_dynamic_patch: int = 1
+    max_dynamic_patch: int = 6
+    pad2square: bool = False
+
+    @classmethod
+    def from_config(cls, config: Any) -> "ImageSettings":
+        """Read an ``InternVLChatConfig`` (or any object/mapping with its field names: ``force_image_size`` or
+        ``image_size``, ``dynamic_image_size``, ``use_thumbnail``, ``min/max_dynamic_patch``, ``pad2square``)."""
+        if isinstance(config, ImageSettings):
+            return config
+
+        def get(name: str, default: Any) -> Any:
+            value = config.get(name, None) if isinstance(config, Mapping) else getattr(config, name, None)
+            return default if value is None else value
+
+        size = get("force_image_size", None) or get("image_size", None)
+        if size is None:
+            vision = get("vision_config", None)
+            size = (vision.get("image_size") if isinstance(vision, Mapping) else getattr(vision, "image_size", None)) or DEFAULT_IMAGE_SIZE
+        settings = cls(
+            image_size=int(size),
+            dynamic_image_size=bool(get("dynamic_image_size", False)),
+            use_thumbnail=bool(get("use_thumbnail", False)),
+            min_dynamic_patch=int(get("min_dynamic_patch", 1)),
+            max_dynamic_patch=int(get("max_dynamic_patch", 6)),
+            pad2square=bool(get("pad2square", False)),
+        )
+        if settings.image_size <= 0 or not 1 <= settings.min_dynamic_patch <= settings.max_dynamic_patch:
+            raise ValueError(f"invalid image settings {settings}")
+        return settings
+
+    def replace(self, **changes: Any) -> "ImageSettings":
+        """A copy with some fields changed (e.g. ``max_dynamic_patch`` per dataset)."""
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        data.update(changes)
+        return ImageSettings(**data)
+
+
+def expand2square(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:
+    """Pad to a square with ``background``, image centred (the original ``expand2square``)."""
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    result = Image.new(image.mode, (side, side), background)
+    result.paste(image, ((side - width) // 2, (side - height) // 2))
+    return result
+
+
+def build_transform(input_size: int = DEFAULT_IMAGE_SIZE, pad2square: bool = False) -> Callable[[Image.Image], torch.Tensor]:
+    """PIL image -> normalised float tensor ``[3, input_size, input_size]`` (RGB, bicubic resize, ImageNet mean/std).
+
+    With ``pad2square`` the image is first padded to a square with the mean colour ``int(mean * 255)``.
+    """
+    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(3, 1, 1)
+    fill = tuple(int(m * 255) for m in IMAGENET_MEAN)
+
+    def transform(image: Image.Image) -> torch.Tensor:
+        image = image.convert("RGB")
+        if pad2square:
+            image = expand2square(image, fill)  # type: ignore[arg-type]
+        if image.size != (input_size, input_size):
+            image = image.resize((input_size, input_size), Image.Resampling.BICUBIC)
+        array = np.asarray(image, dtype=np.float32) / 255.0  # [H, W, 3]
+        tensor = torch.from_numpy(array).permute(2, 0, 1).contiguous()
+        return (tensor - mean) / std
+
+    return transform
+
+
+def find_closest_aspect_ratio(
+    aspect_ratio: float, target_ratios: Sequence[tuple[int, int]], width: int, height: int, image_size: int
+) -> tuple[int, int]:
+    """The grid ``(cols, rows)`` whose ``cols/rows`` is closest to ``aspect_ratio``; ties go to the later (larger)
+    grid when ``width*height > 0.5 * image_size^2 * cols * rows`` (the original rule)."""
+    best_diff = float("inf")
+    best = (1, 1)
+    area = width * height
+    for ratio in target_ratios:
+        diff = abs(aspect_ratio - ratio[0] / ratio[1])
+        if diff < best_diff:
+            best_diff, best = diff, ratio
+        elif diff == best_diff and area > 0.5 * image_size * image_size * ratio[0] * ratio[1]:
+            best = ratio
+    return best
+
+
+def dynamic_preprocess(
+    image: Image.Image, min_num: int = 1, max_num: int = 6, image_size: int = DEFAULT_IMAGE_SIZE, use_thumbnail: bool = False
+) -> list[Image.Image]:
+    """Cut ``image`` into 448-px tiles on the closest-aspect grid (see module docstring); row-major, thumbnail last."""
+    if not 1 <= min_num <= max_num:
+        raise ValueError(f"need 1 <= min_num <= max_num, got {min_num}, {max_num}")
+    width, height = image.size
+    target_ratios = sorted(
+        {(i, j) for n in range(min_num, max_num + 1) for i in range(1, n + 1) for j in range(1, n + 1) if min_num <= i * j <= max_num},
+        key=lambda r: (r[0] * r[1], r),
+    )
+    cols, rows = find_closest_aspect_ratio(width / height, target_ratios, width, height, image_size)
+    resized = image.resize((image_size * cols, image_size * rows), Image.Resampling.BICUBIC)
+    tiles = [
+        resized.crop((c * image_size, r * image_size, (c + 1) * image_size, (r + 1) * image_size))
+        for r in range(rows)
+        for c in range(cols)
+    ]
+    if use_thumbnail and len(tiles) != 1:
+        tiles.append(image.resize((image_size, image_size), Image.Resampling.BICUBIC))
+    return tiles
+
+
+def images_to_pixel_values(
+    images: Sequence[Image.Image], config_or_kwargs: Any = None, *, max_num: int | None = None
+) -> tuple[torch.Tensor, list[int]]:
+    """Images -> ``(pixel_values [T, 3, S, S] float32, num_patches_list)`` with ``T = sum(num_patches_list)``.
+
+    ``config_or_kwargs`` is an :class:`ImageSettings`, an ``InternVLChatConfig`` or a dict of the same field names
+    (``None`` = V1.2 defaults). ``max_num`` overrides ``max_dynamic_patch`` (the trainer passes
+    ``max(1, max_dynamic_patch // n_images)`` for multi-image records).
+    """
+    if not images:
+        raise ValueError("images_to_pixel_values: no images given")
+    settings = ImageSettings.from_config(config_or_kwargs if config_or_kwargs is not None else ImageSettings())
+    transform = build_transform(settings.image_size, settings.pad2square)
+    tensors: list[torch.Tensor] = []
+    num_patches: list[int] = []
+    for image in images:
+        if settings.dynamic_image_size:
+            tiles = dynamic_preprocess(
+                image.convert("RGB"),
+                min_num=settings.min_dynamic_patch,
+                max_num=max_num if max_num is not None else settings.max_dynamic_patch,
+                image_size=settings.image_size,
+                use_thumbnail=settings.use_thumbnail,
+            )
+        else:
+            tiles = [image]
+        tensors.extend(transform(t) for t in tiles)
+        num_patches.append(len(tiles))
+    return torch.stack(tensors), num_patches
+
+
+def dummy_pixel_values(image_size: int = DEFAULT_IMAGE_SIZE) -> torch.Tensor:
+    """One white tile ``[1, 3, S, S]`` for text-only samples (used with ``image_flags=0`` so the ViT still runs)."""
+    white = Image.new("RGB", (image_size, image_size), (255, 255, 255))
+    return build_transform(image_size)(white).unsqueeze(0)
+
+
+def num_image_tokens(image_size: int = DEFAULT_IMAGE_SIZE, patch_size: int = 14, downsample_ratio: float = 0.5) -> int:
+    """Image tokens per tile: ``(image_size // patch_size)^2 * downsample_ratio^2`` (448/14/0.5 -> 256)."""
+    return int((image_size // patch_size) ** 2 * downsample_ratio**2)
+
+
+def image_block(num_patches: int, num_image_token: int) -> str:
+    """``<img>`` + ``num_image_token * num_patches`` x ``<IMG_CONTEXT>`` + ``</img>``."""
+    if num_patches < 1 or num_image_token < 1:
+        raise ValueError(f"need num_patches >= 1 and num_image_token >= 1, got {num_patches}, {num_image_token}")
+    return IMG_START_TOKEN + IMG_CONTEXT_TOKEN * (num_image_token * num_patches) + IMG_END_TOKEN
+
+
+def expand_image_placeholders(
+    text: str, num_patches_list: Sequence[int], num_image_token: int, *, prepend_missing: bool = False
+) -> str:
+    """Replace the i-th ``<image>`` in ``text`` by the image block of image i.
+
+    The number of ``<image>`` placeholders must equal ``len(num_patches_list)`` (``ValueError`` otherwise). With
+    ``prepend_missing`` a text with no placeholder first gets ``"<image>\\n"`` per image (what ``chat()`` does).
+    """
+    count = text.count(IMAGE_PLACEHOLDER)
+    if count == 0 and prepend_missing and num_patches_list:
+        text = (IMAGE_PLACEHOLDER + "\n") * len(num_patches_list) + text
+        count = len(num_patches_list)
+    if count != len(num_patches_list):
+        raise ValueError(f"text has {count} {IMAGE_PLACEHOLDER} placeholder(s) but {len(num_patches_list)} image(s) were given")
+    parts = text.split(IMAGE_PLACEHOLDER)
+    out = [parts[0]]
+    for n, part in zip(num_patches_list, parts[1:]):
+        out.append(image_block(n, num_image_token))
+        out.append(part)
+    return "".join(out)

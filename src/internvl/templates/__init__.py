@@ -1,0 +1,183 @@
+"""Chat templates kept as data (``templates/*.json``) and the code that renders them.
+
+A template is the MPT-style conversation of the original ``conversation.py``::
+
+    system_template.format(system_message) + sep
+    + for each message: role + content + sep
+    + (generation prompt) assistant role
+
+``Hermes-2`` (InternVL-Chat-V1.2 / MedRegA) gives, byte for byte::
+
+    <|im_start|>system\\nAnswer the questions.<|im_end|><|im_start|>user\\n{q}<|im_end|><|im_start|>assistant\\n
+
+Adding a template means adding a JSON file with the keys ``name``, ``system_template``, ``system_message``,
+``roles.user``, ``roles.assistant``, ``sep``, ``label_sep`` (the part of ``sep`` that is supervised after an answer, a
+prefix of ``sep``) and ``stop_strings``; no code changes.
+
+Messages are dicts in either the chat form ``{"role": "user"|"assistant"|"system", "content": str}`` or the record
+form ``{"from": "human"|"gpt"|"system", "value": str}``. A leading system message overrides the system message.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import resources
+
+__all__ = ["ChatTemplate", "TemplateError", "get_template", "list_templates", "normalize_messages"]
+
+_ROLE_ALIASES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+_REQUIRED_KEYS = ("name", "system_template", "system_message", "roles", "sep", "label_sep", "stop_strings")
+
+
+class TemplateError(ValueError):
+    """Unknown template name, a malformed template file, or messages the template cannot render."""
+
+
+def normalize_messages(messages: Sequence[Mapping[str, object]]) -> list[tuple[str, str]]:
+    """Messages in chat or record form -> ``[(role, text)]`` with roles ``system``/``user``/``assistant``.
+
+    Raises :class:`TemplateError` naming the message index for an unknown role or non-string content.
+    """
+    out: list[tuple[str, str]] = []
+    for i, msg in enumerate(messages):
+        if not isinstance(msg, Mapping):
+            raise TemplateError(f"message {i} is not an object: {msg!r}")
+        role = msg.get("role", msg.get("from"))
+        text = msg.get("content", msg.get("value"))
+        if role not in _ROLE_ALIASES:
+            raise TemplateError(f"message {i}: unknown role {role!r} (expected human/gpt/user/assistant/system)")
+        if not isinstance(text, str):
+            raise TemplateError(f"message {i}: content must be a string, got {type(text).__name__}")
+        out.append((_ROLE_ALIASES[str(role)], text))
+    return out
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    """One conversation template (see the module docstring for the rendering rule)."""
+
+    name: str
+    system_template: str
+    system_message: str
+    user_role: str
+    assistant_role: str
+    sep: str
+    label_sep: str
+    stop_strings: tuple[str, ...]
+    description: str = ""
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, object], source: str = "<dict>") -> "ChatTemplate":
+        """Build from the JSON layout; raise :class:`TemplateError` naming ``source`` for missing or bad keys."""
+        missing = [k for k in _REQUIRED_KEYS if k not in data]
+        if missing:
+            raise TemplateError(f"{source}: template is missing keys {missing}")
+        roles = data["roles"]
+        if not isinstance(roles, Mapping) or not {"user", "assistant"} <= set(roles):
+            raise TemplateError(f"{source}: 'roles' must have 'user' and 'assistant'")
+        sep, label_sep = str(data["sep"]), str(data["label_sep"])
+        if not sep.startswith(label_sep):
+            raise TemplateError(f"{source}: label_sep {label_sep!r} must be a prefix of sep {sep!r}")
+        if "{system_message}" not in str(data["system_template"]):
+            raise TemplateError(f"{source}: system_template must contain '{{system_message}}'")
+        stops = data["stop_strings"]
+        if not isinstance(stops, list) or not stops or not all(isinstance(s, str) and s for s in stops):
+            raise TemplateError(f"{source}: stop_strings must be a non-empty list of strings")
+        return cls(
+            name=str(data["name"]),
+            system_template=str(data["system_template"]),
+            system_message=str(data["system_message"]),
+            user_role=str(roles["user"]),
+            assistant_role=str(roles["assistant"]),
+            sep=sep,
+            label_sep=label_sep,
+            stop_strings=tuple(stops),
+            description=str(data.get("description", "")),
+        )
+
+    def _split_system(self, messages: Sequence[Mapping[str, object]], system_message: str | None) -> tuple[str, list[tuple[str, str]]]:
+        msgs = normalize_messages(messages)
+        system = self.system_message if system_message is None else system_message
+        if msgs and msgs[0][0] == "system":
+            system = msgs[0][1]
+            msgs = msgs[1:]
+        for i, (role, _) in enumerate(msgs):
+            if role == "system":
+                raise TemplateError("a system message is only allowed as the first message")
+            expected = "user" if i % 2 == 0 else "assistant"
+            if role != expected:
+                raise TemplateError(f"message {i}: expected a {expected} turn, got {role} (turns must alternate, user first)")
+        return system, msgs
+
+    def segments(self, messages: Sequence[Mapping[str, object]], system_message: str | None = None) -> list[tuple[str, bool]]:
+        """The rendered conversation as ``(text, supervised)`` pieces whose concatenation equals
+        ``render(messages, add_generation_prompt=False)``.
+
+        Supervised pieces are each assistant answer followed by ``label_sep`` (``<|im_end|>``); everything else --
+        system prompt, user turns, the ``<|im_start|>assistant\\n`` header and any part of ``sep`` after ``label_sep``
+        (the newline of internvl2_5) -- is unsupervised. Used to build labels (IGNORE_INDEX outside supervised text).
+        """
+        system, msgs = self._split_system(messages, system_message)
+        pieces: list[tuple[str, bool]] = [(self.system_template.format(system_message=system) + self.sep, False)]
+        tail = self.sep[len(self.label_sep):]
+        for role, text in msgs:
+            if role == "user":
+                pieces.append((self.user_role + text + self.sep, False))
+            else:
+                pieces.append((self.assistant_role, False))
+                pieces.append((text + self.label_sep, True))
+                if tail:
+                    pieces.append((tail, False))
+        return pieces
+
+    def render(
+        self,
+        messages: Sequence[Mapping[str, object]],
+        system_message: str | None = None,
+        add_generation_prompt: bool | None = None,
+    ) -> str:
+        """The prompt string. ``add_generation_prompt`` appends the bare assistant role; ``None`` means "when the last
+        message is a user turn" (inference prompt), so a full training conversation renders without it."""
+        system, msgs = self._split_system(messages, system_message)
+        text = "".join(piece for piece, _ in self.segments(messages, system_message))
+        if add_generation_prompt is None:
+            add_generation_prompt = bool(msgs) and msgs[-1][0] == "user"
+        if add_generation_prompt:
+            if msgs and msgs[-1][0] == "assistant":
+                raise TemplateError("cannot add a generation prompt after an assistant turn")
+            text += self.assistant_role
+        return text
+
+
+@lru_cache(maxsize=None)
+def _load_all() -> dict[str, ChatTemplate]:
+    templates: dict[str, ChatTemplate] = {}
+    for entry in sorted(resources.files(__package__).iterdir(), key=lambda p: p.name):
+        if not entry.name.endswith(".json"):
+            continue
+        source = f"internvl/templates/{entry.name}"
+        try:
+            data = json.loads(entry.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise TemplateError(f"{source}:{exc.lineno}: invalid JSON: {exc.msg}") from None
+        tpl = ChatTemplate.from_dict(data, source)
+        if tpl.name in templates:
+            raise TemplateError(f"{source}: duplicate template name {tpl.name!r}")
+        templates[tpl.name] = tpl
+    return templates
+
+
+def list_templates() -> list[str]:
+    """Names of all shipped templates."""
+    return sorted(_load_all())
+
+
+def get_template(name: str) -> ChatTemplate:
+    """The template called ``name`` (e.g. ``"Hermes-2"``, ``"internvl2_5"``); :class:`TemplateError` lists the known
+    names otherwise."""
+    templates = _load_all()
+    if name not in templates:
+        raise TemplateError(f"unknown chat template {name!r}; known: {sorted(templates)}")
+    return templates[name]

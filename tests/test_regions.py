@@ -1,0 +1,213 @@
+"""Tests for internvl.regions: the box grammar (parse/format/validate/convert/strip), incl. hypothesis round trips."""
+from __future__ import annotations
+
+import re
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from internvl.regions import (
+    Box,
+    Region,
+    RegionError,
+    box_to_pixels,
+    format_boxes,
+    format_region,
+    format_regions,
+    has_regions,
+    parse_box_list,
+    parse_regions,
+    pixels_to_box,
+    strip_regions,
+    validate_box,
+)
+
+# --------------------------------------------------------------------------------------------------- examples
+GROUNDED = ("<ref>right lung</ref><box>[[102, 106, 481, 910]]</box>, <ref>left lung</ref><box>[[535, 128, 923, 889]]</box>"
+            ": No focal consolidation, pleural effusion, or pneumothorax is seen.")
+
+
+def test_parse_multi_box_single_object() -> None:
+    text = "<ref>carotid vessel wall</ref><box>[[365, 293, 416, 598], [596, 316, 635, 464]]</box>"
+    assert parse_regions(text) == [Region("carotid vessel wall", [Box(365, 293, 416, 598), Box(596, 316, 635, 464)])]
+
+
+def test_parse_multi_object_grounded_report() -> None:
+    assert parse_regions(GROUNDED) == [Region("right lung", [Box(102, 106, 481, 910)]),
+                                       Region("left lung", [Box(535, 128, 923, 889)])]
+
+
+def test_parse_box_without_ref_and_ref_without_box() -> None:
+    assert parse_regions("What is <box>[[421, 351, 505, 470]]</box> in this CT scan?") == [
+        Region(None, [Box(421, 351, 505, 470)])]
+    assert parse_regions("Please locate <ref>carotid vessel wall</ref> in this MRI scan.") == [
+        Region("carotid vessel wall", [])]
+
+
+def test_parse_ref_separated_from_box_by_words() -> None:
+    text = "The region of <ref>brain tumor</ref> is <box>[[1, 2, 3, 4], [5, 6, 7, 8]]</box>"
+    assert parse_regions(text) == [Region("brain tumor", [Box(1, 2, 3, 4), Box(5, 6, 7, 8)])]
+    # a second <ref> before the box takes the box; the first stays box-less
+    text = "<ref>a</ref> and <ref>b</ref><box>[[1, 2, 3, 4]]</box>"
+    assert parse_regions(text) == [Region("a", []), Region("b", [Box(1, 2, 3, 4)])]
+
+
+def test_parse_tag_stripped_forms() -> None:
+    assert parse_regions("carotid vessel wall[[365, 293, 416, 598], [596, 316, 635, 464]]") == [
+        Region("carotid vessel wall", [Box(365, 293, 416, 598), Box(596, 316, 635, 464)])]
+    decoded = "right lung[[102, 106, 481, 910]], left lung[[535, 128, 923, 889]]: No focal consolidation."
+    assert parse_regions(decoded) == [Region("right lung", [Box(102, 106, 481, 910)]),
+                                      Region("left lung", [Box(535, 128, 923, 889)])]
+    assert parse_regions("胰腺癌[[661, 528, 743, 599]]：胰尾部见一稍低密度肿块") == [Region("胰腺癌", [Box(661, 528, 743, 599)])]
+    assert parse_regions("[[1, 2, 3, 4]]") == [Region(None, [Box(1, 2, 3, 4)])]
+    assert parse_regions("no boxes here") == []
+
+
+def test_format_exact_strings() -> None:
+    assert format_boxes([Box(1, 2, 3, 4), [5, 6, 7, 8]]) == "[[1, 2, 3, 4], [5, 6, 7, 8]]"
+    assert format_region("liver", [Box(0, 0, 999, 999)]) == "<ref>liver</ref><box>[[0, 0, 999, 999]]</box>"
+    assert format_region(None, [Box(1, 1, 2, 2)]) == "<box>[[1, 1, 2, 2]]</box>"
+    assert format_region("liver", []) == "<ref>liver</ref>"
+    regions = parse_regions(GROUNDED)
+    assert format_regions(regions) == GROUNDED.split(":")[0]
+    with pytest.raises(RegionError):
+        format_boxes([])
+    with pytest.raises(RegionError):
+        format_region("a<ref>b", [Box(1, 1, 2, 2)])
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ([5, 0, 1, 9], "x1=5 > x2=1"),
+        ([0, 9, 1, 2], "y1=9 > y2=2"),
+        ([0, 0, 1000, 5], "outside 0..999"),
+        ([-1, 0, 5, 5], "outside 0..999"),
+        ([1, 2, 3], "exactly 4 values"),
+        ([1, 2, 3, 4, 5], "exactly 4 values"),
+        ([1.5, 2, 3, 4], "not an integer"),
+        ([True, 2, 3, 4], "not an integer"),
+        ("1234", "sequence of 4 integers"),
+    ],
+)
+def test_validate_box_errors(values, message) -> None:
+    with pytest.raises(RegionError, match=re.escape(message)):
+        validate_box(values)
+
+
+def test_box_constructor_validates() -> None:
+    with pytest.raises(RegionError):
+        Box(10, 0, 5, 5)
+    assert validate_box([0, 0, 0, 0]) == Box(0, 0, 0, 0)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("<box>[[1, 2, 3]]</box>", "exactly 4 values"),
+        ("<box>[[9, 2, 3, 4]]</box>", "x1=9 > x2=3"),
+        ("<box>[[1, 2, 3, 1000]]</box>", "outside"),
+        ("<box>[[1.0, 2, 3, 4]]</box>", "not an integer"),
+        ("<box>[[a, 2, 3, 4]]</box>", "not a number"),
+        ("<box>1, 2, 3, 4</box>", "not a box list"),
+        ("<ref>liver</ref><box>[[1, 2, 3, 4]]", "unbalanced"),
+        ("liver[[1, 2, 3]]", "exactly 4 values"),
+    ],
+)
+def test_parse_strict_errors(text, message) -> None:
+    with pytest.raises(RegionError, match=re.escape(message)):
+        parse_regions(text)
+
+
+def test_parse_lenient_reports_every_problem() -> None:
+    errors: list[str] = []
+    text = "<ref>a</ref><box>[[1, 2, 3]]</box>, <ref>b</ref><box>[[1, 2, 3, 4]]</box>, <box>[[5, 5, 1, 1]]</box>"
+    regions = parse_regions(text, strict=False, errors=errors)
+    assert regions == [Region("a", []), Region("b", [Box(1, 2, 3, 4)])]
+    assert len(errors) == 2 and "exactly 4 values" in errors[0] and "x1=5 > x2=1" in errors[1]
+
+
+def test_parse_box_list_rejects_garbage() -> None:
+    with pytest.raises(RegionError):
+        parse_box_list("[1, 2, 3, 4]")
+    assert parse_box_list(" [[1,2,3,4],[5, 6 , 7,8]] ") == [Box(1, 2, 3, 4), Box(5, 6, 7, 8)]
+
+
+def test_pixel_conversion_documented_rounding() -> None:
+    # forward: round half up of p / W * 999, clamped
+    assert pixels_to_box((0, 0, 512, 512), 512, 512) == Box(0, 0, 999, 999)
+    assert pixels_to_box((-3, -1, 600, 520), 512, 512) == Box(0, 0, 999, 999)
+    assert pixels_to_box((1, 1, 2, 2), 1998, 1998) == Box(1, 1, 1, 1)  # 0.5 rounds up
+    # backward: v / 999 * W, as the original evaluators
+    assert box_to_pixels(Box(999, 0, 999, 999), 432, 300) == (432.0, 0.0, 432.0, 300.0)
+    x1, y1, _, _ = box_to_pixels([365, 293, 416, 598], 432, 432)
+    assert x1 == pytest.approx(365 / 999 * 432) and y1 == pytest.approx(293 / 999 * 432)
+    with pytest.raises(RegionError):
+        pixels_to_box((5, 0, 1, 1), 10, 10)
+    with pytest.raises(RegionError):
+        pixels_to_box((0, 0, 1, 1), 0, 10)
+    with pytest.raises(RegionError):
+        pixels_to_box((0, 0, float("nan"), 1), 10, 10)
+
+
+def test_strip_regions() -> None:
+    assert strip_regions(GROUNDED) == "No focal consolidation, pleural effusion, or pneumothorax is seen."
+    assert strip_regions("<ref>胰腺癌</ref><box>[[661, 528, 743, 599]]</box>：胰尾部见一稍低密度肿块") == "胰尾部见一稍低密度肿块"
+    assert strip_regions("right lung[[1, 2, 3, 4]], left lung[[5, 6, 7, 8]]: clear.\nheart[[1, 1, 2, 2]]: normal size.") == (
+        "clear.\nnormal size.")
+    assert strip_regions("What is <box>[[1, 2, 3, 4]]</box> in this CT scan?") == "What is in this CT scan?"
+    assert strip_regions("Please locate <ref>liver</ref> here.") == "Please locate liver here."
+    assert strip_regions("plain text, no regions: kept.") == "plain text, no regions: kept."
+    assert has_regions(GROUNDED) and not has_regions("plain [1] text")
+
+
+# --------------------------------------------------------------------------------------------------- properties
+coords = st.integers(min_value=0, max_value=999)
+
+
+@st.composite
+def boxes(draw) -> Box:
+    x1, x2 = sorted((draw(coords), draw(coords)))
+    y1, y2 = sorted((draw(coords), draw(coords)))
+    return Box(x1, y1, x2, y2)
+
+
+names = st.text(alphabet=st.characters(blacklist_characters="<>[]\n,;:.，；：。、", blacklist_categories=("Cs", "Cc")),
+                min_size=1, max_size=20).map(str.strip).filter(bool)
+regions_st = st.lists(st.builds(Region, names, st.lists(boxes(), min_size=1, max_size=4)), min_size=1, max_size=4)
+
+
+@given(st.lists(boxes(), min_size=1, max_size=6))
+def test_box_list_round_trip(bs: list[Box]) -> None:
+    assert parse_box_list(format_boxes(bs)) == bs
+
+
+@given(regions_st)
+def test_tagged_and_stripped_round_trip(regions: list[Region]) -> None:
+    text = format_regions(regions)
+    assert parse_regions(text) == regions
+    # decoding with skip_special_tokens removes exactly the four tags
+    stripped = re.sub(r"</?(ref|box)>", "", text)
+    assert parse_regions(stripped) == regions
+
+
+@given(regions_st, st.text(alphabet="abc xyz", min_size=1, max_size=30).map(str.strip).filter(bool))
+def test_strip_regions_leaves_only_text(regions: list[Region], description: str) -> None:
+    text = format_regions(regions) + ": " + description
+    assert strip_regions(text) == description
+
+
+@given(boxes(), st.integers(1, 5000), st.integers(1, 5000))
+def test_box_pixels_box_is_identity(box: Box, width: int, height: int) -> None:
+    assert pixels_to_box(box_to_pixels(box, width, height), width, height) == box
+
+
+@settings(max_examples=200)
+@given(st.integers(1, 5000), st.integers(1, 5000), st.data())
+def test_pixels_box_pixels_error_is_half_a_step(width: int, height: int, data) -> None:
+    xs = sorted(data.draw(st.lists(st.floats(0, width), min_size=2, max_size=2)))
+    ys = sorted(data.draw(st.lists(st.floats(0, height), min_size=2, max_size=2)))
+    back = box_to_pixels(pixels_to_box((xs[0], ys[0], xs[1], ys[1]), width, height), width, height)
+    for got, want, size in zip(back, (xs[0], ys[0], xs[1], ys[1]), (width, height, width, height)):
+        assert abs(got - want) <= size / 999 / 2 + 1e-9 * size

@@ -1,0 +1,110 @@
+"""Tests for internvl.templates: byte-exact Hermes-2 / internvl2_5 strings (spec §2.6) and label segments."""
+from __future__ import annotations
+
+import json
+from importlib import resources
+
+import pytest
+
+from internvl.templates import ChatTemplate, TemplateError, get_template, list_templates
+
+CONV = [
+    {"from": "human", "value": "<image>\nWhat is present?"},
+    {"from": "gpt", "value": "heart"},
+    {"from": "human", "value": "And here?"},
+    {"from": "gpt", "value": "lung"},
+]
+
+
+def test_hermes2_inference_prompt_is_byte_exact() -> None:
+    tpl = get_template("Hermes-2")
+    prompt = tpl.render([{"role": "user", "content": "<image>\nWhat is present?"}])
+    assert prompt == ("<|im_start|>system\nAnswer the questions.<|im_end|>"
+                      "<|im_start|>user\n<image>\nWhat is present?<|im_end|><|im_start|>assistant\n")
+
+
+def test_hermes2_training_conversation_is_byte_exact() -> None:
+    tpl = get_template("Hermes-2")
+    assert tpl.render(CONV) == (
+        "<|im_start|>system\nAnswer the questions.<|im_end|>"
+        "<|im_start|>user\n<image>\nWhat is present?<|im_end|><|im_start|>assistant\nheart<|im_end|>"
+        "<|im_start|>user\nAnd here?<|im_end|><|im_start|>assistant\nlung<|im_end|>")
+    assert tpl.sep == "<|im_end|>"
+    assert tpl.stop_strings[0] == "<|im_end|>"
+    assert set(tpl.stop_strings) == {"<|im_end|>", "<|endoftext|>", "<|im_start|>", "<|im_sep|>"}
+
+
+def test_segments_concatenate_to_render_and_supervise_answers_plus_sep() -> None:
+    tpl = get_template("Hermes-2")
+    segs = tpl.segments(CONV)
+    assert "".join(t for t, _ in segs) == tpl.render(CONV, add_generation_prompt=False)
+    assert [t for t, sup in segs if sup] == ["heart<|im_end|>", "lung<|im_end|>"]
+    unsupervised = "".join(t for t, sup in segs if not sup)
+    assert "heart" not in unsupervised and unsupervised.count("<|im_start|>assistant\n") == 2
+
+
+def test_internvl2_5_newline_after_sep_is_not_supervised() -> None:
+    tpl = get_template("internvl2_5")
+    msgs = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    assert tpl.render(msgs) == (
+        "<|im_start|>system\n" + tpl.system_message + "<|im_end|>\n"
+        "<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\na<|im_end|>\n")
+    segs = tpl.segments(msgs)
+    assert [t for t, sup in segs if sup] == ["a<|im_end|>"]
+    assert segs[-1] == ("\n", False)
+    assert tpl.system_message.startswith("你是书生·万象")
+
+
+def test_system_message_override_and_system_turn() -> None:
+    tpl = get_template("Hermes-2")
+    msgs = [{"role": "user", "content": "q"}]
+    assert tpl.render(msgs, system_message="Be brief.").startswith("<|im_start|>system\nBe brief.<|im_end|>")
+    sys_first = [{"from": "system", "value": "S"}] + msgs
+    assert tpl.render(sys_first).startswith("<|im_start|>system\nS<|im_end|><|im_start|>user\nq")
+    assert tpl.render(msgs, add_generation_prompt=False).endswith("q<|im_end|>")
+
+
+@pytest.mark.parametrize(
+    "msgs, message",
+    [
+        ([{"from": "gpt", "value": "a"}], "expected a user turn"),
+        ([{"from": "human", "value": "a"}, {"from": "human", "value": "b"}], "expected a assistant turn"),
+        ([{"from": "robot", "value": "a"}], "unknown role"),
+        ([{"from": "human", "value": None}], "content must be a string"),
+        ([{"from": "human", "value": "q"}, {"from": "system", "value": "s"}], "only allowed as the first"),
+    ],
+)
+def test_bad_messages_raise(msgs, message) -> None:
+    with pytest.raises(TemplateError, match=message):
+        get_template("Hermes-2").render(msgs)
+
+
+def test_generation_prompt_after_assistant_is_an_error() -> None:
+    with pytest.raises(TemplateError):
+        get_template("Hermes-2").render(CONV[:2], add_generation_prompt=True)
+
+
+def test_unknown_template_lists_known_names() -> None:
+    with pytest.raises(TemplateError, match="Hermes-2"):
+        get_template("nope")
+
+
+def test_every_shipped_template_loads_and_matches_its_file() -> None:
+    names = list_templates()
+    assert {"Hermes-2", "internvl2_5"} <= set(names)
+    files = [p for p in resources.files("internvl.templates").iterdir() if p.name.endswith(".json")]
+    assert len(files) == len(names)
+    for path in files:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        tpl = get_template(data["name"])
+        assert tpl.sep == data["sep"] and tpl.user_role == data["roles"]["user"]
+
+
+def test_from_dict_validates() -> None:
+    good = {"name": "x", "system_template": "S{system_message}", "system_message": "", "roles": {"user": "U", "assistant": "A"},
+            "sep": "|\n", "label_sep": "|", "stop_strings": ["|"]}
+    assert ChatTemplate.from_dict(good).render([{"role": "user", "content": "q"}]) == "S|\nUq|\nA"
+    with pytest.raises(TemplateError, match="prefix"):
+        ChatTemplate.from_dict({**good, "label_sep": "#"}, "f.json")
+    with pytest.raises(TemplateError, match="f.json: template is missing keys"):
+        ChatTemplate.from_dict({"name": "x"}, "f.json")
