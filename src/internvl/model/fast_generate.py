@@ -1,0 +1,246 @@
+"""Fast greedy decoding: a static KV cache and, on CUDA, one decode step captured once as a CUDA graph.
+
+Why: the stock `generate` loop with a dynamic cache is launch-bound (hundreds of small kernels per token, launched
+from Python, plus a host sync per token for the stopping check). Here the decode step is a pure function of fixed
+device buffers, so it can be traced by dynamo with `fullgraph=True` (no graph breaks means no data-dependent host
+code, hence no host syncs), optionally fused by inductor, and captured in a CUDA graph that is replayed once per
+token. The argmax, the "finished" flags and the write of the token into the output buffer are inside the graph;
+the host looks at the flags only every `check_every` tokens.
+
+The same step function runs eagerly on the CPU (no graph), which is how the tests compare it token for token with
+the plain `generate` path.
+
+Shapes: `inputs_embeds` [B, L, H] (left-padded prompts), `attention_mask` [B, L] (1 = real token), output
+[B, max_new_tokens] new token ids; after a row's first EOS the row is filled with `pad_token_id`.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+#: Cache lengths are rounded up to this multiple so that graphs are reused across prompts of similar length.
+CACHE_ROUND = 64
+
+
+@dataclass
+class _DecodeState:
+    """Fixed device buffers that one captured decode step reads and writes (their addresses never change)."""
+
+    cache: object
+    mask: torch.Tensor  # [B, cache_len] long, 1 = attend
+    ids: torch.Tensor  # [B, 1] long, the token fed to the next step
+    pos: torch.Tensor  # [B, 1] long, its position id
+    step: torch.Tensor  # [1] long, index in `out` that the next step writes
+    out: torch.Tensor  # [B, max_new] long, generated tokens
+    finished: torch.Tensor  # [B] bool
+    eos: torch.Tensor  # [E] long (may be empty)
+    min_new: torch.Tensor  # [1] long: EOS is suppressed while step < min_new
+    graph: object = None
+    step_fn: object = None
+    extra: dict = field(default_factory=dict)
+
+
+class StaticGreedyDecoder:
+    """Greedy decoder over a HF causal LM (`LlamaForCausalLM`, `Qwen2ForCausalLM`, ...) fed with input embeddings.
+
+    Args:
+        lm: the language model; it must accept `inputs_embeds`, `attention_mask`, `position_ids`, `cache`,
+            `logits_to_keep` (transformers 5.x causal LMs do).
+        use_cuda_graph: capture the decode step as a CUDA graph (CUDA only; ignored on the CPU).
+        compile_backend: dynamo backend for the decode step: "inductor" (fuses norms, RoPE, SwiGLU: fastest, costs a
+            compile), "eager" (traced only: guarantees no host syncs, no compile cost) or None (plain eager; CPU).
+        check_every: how many tokens between host checks of "all rows finished".
+    """
+
+    def __init__(
+        self,
+        lm: nn.Module,
+        *,
+        use_cuda_graph: bool = True,
+        compile_backend: str | None = "inductor",
+        check_every: int = 32,
+    ) -> None:
+        self.lm = lm
+        self.use_cuda_graph = use_cuda_graph
+        self.compile_backend = compile_backend
+        self.check_every = max(1, int(check_every))
+        self._states: dict[tuple, _DecodeState] = {}
+
+    # ----------------------------------------------------------------------------------------------------------
+    def _device(self) -> torch.device:
+        return next(self.lm.parameters()).device
+
+    def _graph_mode(self) -> bool:
+        return self.use_cuda_graph and self._device().type == "cuda"
+
+    def _new_state(self, batch: int, cache_len: int, max_new: int, eos: list[int]) -> _DecodeState:
+        from transformers import StaticCache
+
+        dev = self._device()
+        cache = StaticCache(config=self.lm.config, max_cache_len=cache_len)
+        return _DecodeState(
+            cache=cache,
+            mask=torch.ones(batch, cache_len, dtype=torch.long, device=dev),
+            ids=torch.zeros(batch, 1, dtype=torch.long, device=dev),
+            pos=torch.zeros(batch, 1, dtype=torch.long, device=dev),
+            step=torch.zeros(1, dtype=torch.long, device=dev),
+            out=torch.zeros(batch, max_new, dtype=torch.long, device=dev),
+            finished=torch.zeros(batch, dtype=torch.bool, device=dev),
+            eos=torch.tensor(eos, dtype=torch.long, device=dev),
+            min_new=torch.zeros(1, dtype=torch.long, device=dev),
+        )
+
+    def _forward_logits(self, st: _DecodeState, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """One decode forward: [B,1] ids -> [B, V] float logits of the last position (pure tensor code)."""
+        embeds = self.lm.get_input_embeddings()(ids)
+        out = self.lm(
+            inputs_embeds=embeds,
+            attention_mask=st.mask,
+            position_ids=pos,
+            cache=st.cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        return out.logits[:, -1, :]
+
+    def _select(self, st: _DecodeState, logits: torch.Tensor, pad_token_id: int) -> torch.Tensor:
+        """Greedy choice with EOS suppressed before `min_new` tokens; finished rows emit `pad_token_id`."""
+        if st.eos.numel():
+            block = (st.step < st.min_new).to(logits.dtype) * torch.finfo(logits.dtype).min
+            logits = logits.index_add(1, st.eos, block.expand(logits.shape[0], st.eos.numel()))
+        nxt = logits.argmax(-1)
+        return torch.where(st.finished, torch.full_like(nxt, pad_token_id), nxt)
+
+    def _record(self, st: _DecodeState, nxt: torch.Tensor) -> None:
+        """Write `nxt` [B] at `out[:, step]`, update the finished flags and advance the step buffers in place."""
+        st.out.index_copy_(1, st.step, nxt[:, None])
+        if st.eos.numel():
+            st.finished |= torch.isin(nxt, st.eos)
+        st.ids.copy_(nxt[:, None])
+        st.pos.add_(1)
+        st.step.add_(1)
+
+    def _make_step(self, st: _DecodeState, pad_token_id: int):
+        def forward(ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+            return self._forward_logits(st, ids, pos)
+
+        core = forward
+        if self.compile_backend is not None:
+            core = torch.compile(forward, fullgraph=True, dynamic=False, backend=self.compile_backend)
+
+        def step() -> None:
+            logits = core(st.ids, st.pos)
+            self._record(st, self._select(st, logits.float(), pad_token_id))
+
+        return step
+
+    # ----------------------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def generate(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        *,
+        max_new_tokens: int,
+        eos_token_id: int | list[int] | None = None,
+        pad_token_id: int = 0,
+        min_new_tokens: int = 0,
+    ) -> torch.Tensor:
+        """Greedy-decode `max_new_tokens` tokens after left-padded prompts; returns [B, max_new_tokens] ids."""
+        if inputs_embeds.dim() != 3:
+            raise ValueError(f"inputs_embeds must be [B, L, H], got shape {tuple(inputs_embeds.shape)}")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        batch, length, _ = inputs_embeds.shape
+        dev = inputs_embeds.device
+        if attention_mask is None:
+            attention_mask = torch.ones(batch, length, dtype=torch.long, device=dev)
+        if tuple(attention_mask.shape) != (batch, length):
+            raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != {(batch, length)}")
+        if bool((attention_mask[:, -1] == 0).any()):
+            raise ValueError("fast greedy decoding needs left-padded prompts (attention_mask[:, -1] must be 1)")
+        eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
+        need = length + max_new_tokens
+        cache_len = -(-need // CACHE_ROUND) * CACHE_ROUND
+        key = (batch, cache_len, max_new_tokens, tuple(eos), pad_token_id)
+        st = self._states.get(key)
+        if st is None:
+            st = self._new_state(batch, cache_len, max_new_tokens, eos)
+            self._states[key] = st
+        else:
+            st.cache.reset()
+
+        # Fill the fixed buffers for this call (same addresses as the captured graph reads).
+        st.mask.fill_(1)
+        st.mask[:, :length].copy_(attention_mask.to(torch.long))
+        st.step.zero_()
+        st.out.fill_(pad_token_id)
+        st.finished.zero_()
+        st.min_new.fill_(min_new_tokens)
+
+        # Prefill (eager; prompt lengths vary): positions count real tokens only, like `generate` does.
+        am = attention_mask.to(torch.long)
+        position_ids = (am.cumsum(-1) - 1).clamp(min=0)
+        out = self.lm(
+            inputs_embeds=inputs_embeds,
+            attention_mask=st.mask,
+            position_ids=position_ids,
+            cache=st.cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        first = self._select(st, out.logits[:, -1, :].float(), pad_token_id)
+        st.pos.copy_(position_ids[:, -1:])  # _record advances it to the first new token's position
+        self._record(st, first)
+
+        if max_new_tokens > 1:
+            run_step = self._prepare_step(st, pad_token_id)
+            done = 1
+            while done < max_new_tokens:
+                run_step()
+                done += 1
+                if st.eos.numel() and done % self.check_every == 0 and bool(st.finished.all()):
+                    break
+        return st.out.clone()
+
+    def _prepare_step(self, st: _DecodeState, pad_token_id: int):
+        """Return a callable that performs one decode step; on CUDA it replays a graph captured on first use."""
+        if st.step_fn is None:
+            st.step_fn = self._make_step(st, pad_token_id)
+        if not self._graph_mode():
+            return st.step_fn
+        if st.graph is None:
+            st.graph = self._capture(st)
+        return st.graph.replay
+
+    def _capture(self, st: _DecodeState):
+        """Warm the step up on a side stream (compiles it), restore the buffers, then capture one step."""
+        saved = {name: getattr(st, name).clone() for name in ("ids", "pos", "step", "out", "finished")}
+        layers = st.cache.layers
+        saved_len = [layer.cumulative_length.clone() for layer in layers]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                st.step_fn()
+                self._restore(st, saved, saved_len)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            st.step_fn()
+        # Capture does not execute the work; the buffers still hold the pre-step values.
+        self._restore(st, saved, saved_len)
+        logger.info("captured a decode-step CUDA graph for batch %d, cache %d", st.ids.shape[0], st.mask.shape[1])
+        return graph
+
+    @staticmethod
+    def _restore(st: _DecodeState, saved: dict, saved_len: list) -> None:
+        for name, value in saved.items():
+            getattr(st, name).copy_(value)
+        for layer, value in zip(st.cache.layers, saved_len):
+            layer.cumulative_length.copy_(value)

@@ -1,0 +1,70 @@
+"""Guards for internvl.ops.cross_entropy: the chunked fused path equals the plain logits path (loss and grads)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from internvl.ops import causal_lm_loss, linear_cross_entropy
+
+
+def _case(dtype, n=257, h=24, v=301, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, h, generator=g).to(dtype).requires_grad_()
+    weight = (0.2 * torch.randn(v, h, generator=g)).to(dtype).requires_grad_()
+    labels = torch.randint(0, v, (n,), generator=g)
+    labels[torch.rand(n, generator=g) < 0.3] = -100
+    return hidden, weight, labels
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-3)])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_chunked_matches_plain(dtype, tol, weighted):
+    hidden, weight, labels = _case(dtype, seed=int(weighted))
+    tw = torch.rand(labels.shape[0], generator=torch.Generator().manual_seed(7)) if weighted else None
+    ref = linear_cross_entropy(hidden, weight, labels, impl="plain", token_weights=tw)
+    ref_grads = torch.autograd.grad(ref * 3.0, (hidden, weight))
+    out = linear_cross_entropy(hidden, weight, labels, impl="chunked", chunk_size=50, token_weights=tw)
+    grads = torch.autograd.grad(out * 3.0, (hidden, weight))
+    assert abs(out.item() - ref.item()) <= tol * abs(ref.item())
+    for a, b in zip(grads, ref_grads):
+        rel = (a.float() - b.float()).norm() / b.float().norm()
+        assert rel < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+def test_plain_equals_torch_cross_entropy():
+    hidden, weight, labels = _case(torch.float32, seed=3)
+    expected = F.cross_entropy(hidden @ weight.t(), labels, ignore_index=-100)
+    assert torch.allclose(linear_cross_entropy(hidden, weight, labels, impl="plain"), expected, rtol=1e-6)
+
+
+def test_causal_lm_loss_matches_shifted_full_logits():
+    g = torch.Generator().manual_seed(1)
+    head = torch.nn.Linear(16, 50, bias=False)
+    hs = torch.randn(3, 11, 16, generator=g, requires_grad=True)
+    labels = torch.randint(0, 50, (3, 11), generator=g)
+    labels[:, :4] = -100
+    labels[1, 7:] = -100
+    logits = head(hs)
+    expected = F.cross_entropy(logits[:, :-1].reshape(-1, 50), labels[:, 1:].reshape(-1), ignore_index=-100)
+    got = causal_lm_loss(hs, head, labels, impl="chunked")
+    assert torch.allclose(got, expected, rtol=1e-5)
+    g1 = torch.autograd.grad(expected, hs, retain_graph=True)[0]
+    g2 = torch.autograd.grad(got, hs)[0]
+    assert torch.allclose(g1, g2, atol=1e-6)
+
+
+def test_all_ignored_gives_zero_with_graph():
+    head = torch.nn.Linear(8, 20, bias=False)
+    hs = torch.randn(2, 5, 8, requires_grad=True)
+    labels = torch.full((2, 5), -100)
+    loss = causal_lm_loss(hs, head, labels)
+    assert loss.item() == 0.0
+    loss.backward()
+    assert hs.grad is not None
+
+
+def test_bad_shapes_and_impl_raise():
+    hidden, weight, labels = _case(torch.float32)
+    with pytest.raises(ValueError, match="hidden must be"):
+        linear_cross_entropy(hidden[None], weight, labels)
+    with pytest.raises(ValueError, match="unknown cross-entropy impl"):
+        linear_cross_entropy(hidden, weight, labels, impl="nope")
