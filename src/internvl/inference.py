@@ -1,0 +1,234 @@
+"""Batched generation shared by `medrega-eval run` and `src/demo.py` (batch mode and UI).
+
+One path from a request to an answer: load the request's images (PNG/JPEG/DICOM/NIfTI through `load_image`), tile
+them with the model's image settings, render the model's chat template, and run `InternVLChatModel.batch_chat` on a
+batch of requests (left padding, the template's stop ids: `<|im_end|>` for Hermes-2). Requests are grouped by
+similar prompt length and tile count so little compute is spent on padding; answers come back in request order.
+
+Typical use::
+
+    model, tokenizer = load_model_and_tokenizer("/models/medrega", dtype="bfloat16", device_map="auto")
+    gen = Generator(model, tokenizer, GenerationSettings(max_new_tokens=400), batch_size=8)
+    answers = gen.generate([GenerationRequest("What organ is this?", images=["ct.dcm"])])
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+__all__ = [
+    "GenerationRequest",
+    "GenerationSettings",
+    "Generator",
+    "ModelLoadError",
+    "load_model_and_tokenizer",
+    "resolve_dtype",
+]
+
+
+class ModelLoadError(RuntimeError):
+    """The model directory is missing, incomplete or asks for something this machine lacks (e.g. bitsandbytes)."""
+
+
+@dataclass
+class GenerationRequest:
+    """One prompt for the model.
+
+    prompt: the user turn; `<image>` marks where each image goes (default: images first, one `<image>\\n` each).
+    images: PIL images or paths (any format `internvl.data.images.load_image` reads); empty for text-only prompts.
+    image_kwargs: extra `load_image` arguments for path images (window, slice_index, axis, frame).
+    id: caller's identifier, echoed nowhere but handy for bookkeeping.
+    """
+
+    prompt: str
+    images: Sequence[Image.Image | str | os.PathLike] = ()
+    image_kwargs: dict[str, Any] = field(default_factory=dict)
+    id: str | None = None
+
+
+@dataclass
+class GenerationSettings:
+    """Decoding settings; the defaults are MedRegA's evaluation protocol (greedy, 400 new tokens, at least 1)."""
+
+    max_new_tokens: int = 400
+    min_new_tokens: int = 1
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    num_beams: int = 1
+    repetition_penalty: float = 1.0
+
+    def to_kwargs(self) -> dict[str, Any]:
+        """kwargs for `generate`; sampling knobs only when sampling (keeps transformers from warning)."""
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": self.max_new_tokens,
+            "min_new_tokens": self.min_new_tokens,
+            "do_sample": self.do_sample,
+            "num_beams": self.num_beams,
+        }
+        if self.do_sample:
+            kwargs.update(temperature=self.temperature, top_p=self.top_p)
+        if self.repetition_penalty != 1.0:
+            kwargs["repetition_penalty"] = self.repetition_penalty
+        return kwargs
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str | None:
+    """'bfloat16'/'bf16', 'float16'/'fp16', 'float32'/'fp32', 'auto' or a torch.dtype -> what from_pretrained takes."""
+    if dtype is None or isinstance(dtype, torch.dtype) or dtype == "auto":
+        return dtype
+    names = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
+             "half": torch.float16, "float32": torch.float32, "fp32": torch.float32, "float": torch.float32}
+    if dtype not in names:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(names)} or 'auto'")
+    return names[dtype]
+
+
+def load_model_and_tokenizer(
+    path: str | os.PathLike,
+    dtype: str | torch.dtype | None = "bfloat16",
+    device_map: str | dict | None = None,
+    load_in_8bit: bool = False,
+    load_in_4bit: bool = False,
+) -> tuple[Any, Any]:
+    """Load an InternVLChatModel and its tokenizer from a local directory (safetensors only, no hub, no remote code).
+
+    dtype: weights dtype ('bfloat16' default; 'auto' keeps the checkpoint's). device_map: None (CPU, or move the model
+    yourself), 'auto' / 'balanced' (accelerate sharding over the visible GPUs) or an explicit map. 8-/4-bit loading
+    needs bitsandbytes and a GPU. Returns (model in eval mode with img_context_token_id set, tokenizer).
+    """
+    from internvl.constants import IMG_CONTEXT_TOKEN
+    from internvl.model import InternVLChatModel
+    from internvl.tokenization import load_tokenizer
+
+    directory = Path(path)
+    if not directory.is_dir():
+        raise ModelLoadError(f"{directory}: model directory not found (only local directories are supported)")
+    if not (directory / "config.json").is_file():
+        raise ModelLoadError(f"{directory}: no config.json; is this an InternVL-Chat checkpoint directory?")
+    if load_in_8bit and load_in_4bit:
+        raise ValueError("choose one of load_in_8bit and load_in_4bit")
+    kwargs: dict[str, Any] = {"local_files_only": True, "use_safetensors": True}
+    resolved = resolve_dtype(dtype)
+    if resolved is not None:
+        kwargs["dtype"] = resolved
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    if load_in_8bit or load_in_4bit:
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError as exc:
+            raise ModelLoadError("8-/4-bit loading needs bitsandbytes: pip install 'medrega-toolkit[quant]'") from exc
+        from transformers import BitsAndBytesConfig
+
+        compute = resolved if isinstance(resolved, torch.dtype) else torch.bfloat16
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_8bit=load_in_8bit,
+            load_in_4bit=load_in_4bit,
+            bnb_4bit_compute_dtype=compute,
+            # the vision tower and projector stay in full precision, as InternVL's own 8-bit path does
+            llm_int8_skip_modules=["vision_model", "mlp1", "lm_head", "output"],
+        )
+        kwargs.setdefault("device_map", "auto")
+    tokenizer = load_tokenizer(directory)
+    try:
+        model = InternVLChatModel.from_pretrained(str(directory), **kwargs)
+    except OSError as exc:
+        raise ModelLoadError(f"{directory}: cannot load the model: {exc}") from exc
+    model.eval()
+    model.img_context_token_id = tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN)
+    return model, tokenizer
+
+
+class Generator:
+    """Batched generation over `GenerationRequest`s with a model's `batch_chat`.
+
+    batch_size: requests per forward pass. Requests are ordered by (tile count, prompt length) before batching so
+    that padding stays small; `generate` returns answers in the order given.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        settings: GenerationSettings | None = None,
+        batch_size: int = 8,
+        image_settings: Any = None,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.settings = settings or GenerationSettings()
+        self.batch_size = batch_size
+        self.image_settings = image_settings if image_settings is not None else model.config
+        vision_param = next(model.vision_model.parameters())
+        self._pixel_device = vision_param.device
+        self._pixel_dtype = vision_param.dtype if vision_param.dtype.is_floating_point else torch.bfloat16
+
+    def _load_images(self, request: GenerationRequest) -> list[Image.Image]:
+        from internvl.data.images import load_image
+
+        out = []
+        for img in request.images:
+            out.append(img.convert("RGB") if isinstance(img, Image.Image) else load_image(img, **request.image_kwargs))
+        return out
+
+    def _pixel_values(self, request: GenerationRequest) -> tuple[torch.Tensor | None, list[int]]:
+        from internvl.image_processing import images_to_pixel_values
+
+        images = self._load_images(request)
+        if not images:
+            return None, []
+        pixel_values, num_patches = images_to_pixel_values(images, self.image_settings)
+        return pixel_values, num_patches
+
+    def _run_batch(self, requests: Sequence[GenerationRequest]) -> list[str]:
+        tiles: list[torch.Tensor] = []
+        num_patches_list: list[list[int]] = []
+        for request in requests:
+            pv, patches = self._pixel_values(request)
+            if pv is not None:
+                tiles.append(pv)
+            num_patches_list.append(patches)
+        pixel_values = torch.cat(tiles).to(self._pixel_device, self._pixel_dtype) if tiles else None
+        return self.model.batch_chat(
+            self.tokenizer,
+            pixel_values,
+            [r.prompt for r in requests],
+            generation_config=self.settings.to_kwargs(),
+            num_patches_list=num_patches_list,
+        )
+
+    def iter_generate(self, requests: Sequence[GenerationRequest]) -> Iterator[list[tuple[int, str]]]:
+        """Yield [(request index, answer), ...] one batch at a time (for progress bars and crash-safe writing)."""
+        order = sorted(range(len(requests)), key=lambda i: (len(requests[i].images), len(requests[i].prompt)))
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start : start + self.batch_size]
+            answers = self._run_batch([requests[i] for i in idx])
+            if len(answers) != len(idx):
+                raise RuntimeError(f"batch_chat returned {len(answers)} answers for {len(idx)} requests")
+            yield list(zip(idx, answers))
+
+    def generate(
+        self, requests: Sequence[GenerationRequest], progress: Callable[[int], None] | None = None
+    ) -> list[str]:
+        """Answers for `requests`, in order. `progress(n)` is called with the number finished after each batch."""
+        answers: list[str | None] = [None] * len(requests)
+        for batch in self.iter_generate(requests):
+            for i, text in batch:
+                answers[i] = text
+            if progress is not None:
+                progress(len(batch))
+        return [a if a is not None else "" for a in answers]
