@@ -90,13 +90,13 @@ def apply_freezing(model: nn.Module, model_args: ModelArguments) -> None:
 def enable_gradient_checkpointing(model: nn.Module) -> None:
     """Non-reentrant checkpointing on the LLM layers and the ViT layers (works with frozen inputs and LoRA)."""
     kwargs = {"use_reentrant": False}
-    model.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    vision = model.vision_model
-    if hasattr(vision, "gradient_checkpointing_enable"):
-        try:
-            vision.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-        except ValueError as exc:  # a vision tower without checkpointing support stays as is
-            logger.warning("ViT gradient checkpointing not enabled: %s", exc)
+    for module in (model.language_model, model.vision_model):
+        if hasattr(module, "activation_checkpointing_enable"):
+            module.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        elif hasattr(module, "gradient_checkpointing_enable"):
+            module.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        else:
+            logger.warning("%s has no activation checkpointing", type(module).__name__)
 
 
 def build_model_and_tokenizer(model_args: ModelArguments, data_args: DataTrainingArguments, *,

@@ -167,3 +167,41 @@ def merge_lora(model: nn.Module) -> nn.Module:
         model.config.use_llm_lora = 0
         model.config.use_backbone_lora = 0
     return model
+
+
+def merge_lora_run(run_dir: str | os.PathLike, output_dir: str | os.PathLike, base_model: str | None = None,
+                   dtype: torch.dtype = torch.float32) -> Path:
+    """Base checkpoint + a saved LoRA run -> one full checkpoint in the original layout at `output_dir`.
+
+    The base comes from `base_model` or the run's `lora_run.json`. The tokenizer is taken from the run (it may hold
+    added special tokens; the base embeddings are then grown with the same deterministic mean rows as in training).
+    After saving, the checkpoint is reloaded and must have no missing or unexpected keys (`ValueError` otherwise).
+    """
+    from internvl.model import InternVLChatModel
+    from internvl.tokenization import load_tokenizer, resize_embeddings_mean
+
+    run = Path(run_dir)
+    info_path = run / LORA_INFO_FILENAME
+    if not info_path.is_file():
+        raise FileNotFoundError(f"{info_path}: not a LoRA run directory (missing {LORA_INFO_FILENAME})")
+    info = json.loads(info_path.read_text(encoding="utf-8"))
+    base = base_model or info.get("base_model")
+    if not base or not Path(base).is_dir():
+        raise FileNotFoundError(f"{info_path}: base model directory {base!r} not found (pass --base_model)")
+    model = InternVLChatModel.from_pretrained(base, dtype=dtype)
+    tokenizer_source = run if (run / "tokenizer_config.json").is_file() else Path(base)
+    tokenizer = load_tokenizer(tokenizer_source)
+    if model.get_input_embeddings().weight.shape[0] != len(tokenizer):
+        resize_embeddings_mean(model, len(tokenizer))
+    load_lora_run(model, run)
+    merge_lora(model)
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))
+    _, loading_info = InternVLChatModel.from_pretrained(str(out), dtype=dtype, output_loading_info=True)
+    problems = {k: v for k, v in loading_info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys")
+                and v}
+    if problems:
+        raise ValueError(f"{out}: merged checkpoint does not load cleanly: {problems}")
+    return out
