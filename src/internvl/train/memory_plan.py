@@ -1,0 +1,144 @@
+"""Per-GPU memory plan for fine-tuning an InternVL-Chat preset with DeepSpeed ZeRO-3, bf16 and gradient checkpointing.
+
+    python -m internvl.train.memory_plan                       # MedRegA 40B, LoRA r16 + full, 8 and 16 GPUs
+    python -m internvl.train.memory_plan --preset mid --gpus 1 --micro_batch 1 --seq 1024
+
+Model states come from DeepSpeed's ZeRO-3 estimator (`estimate_zero3_model_states_mem_needs`, the function behind
+`estimate_zero3_model_states_mem_needs_all_cold`), applied to the *trainable* parameters (bf16 weight + grad + fp32
+master + Adam m/v = 18 bytes/param, partitioned over all GPUs, plus the largest layer gathered). Frozen parameters
+(ViT, projector, and the LLM base under LoRA) cost 2 bytes/param (bf16), partitioned too. Activations are estimated per
+micro-batch sample with checkpointing on every LLM layer:
+  - checkpoints: one bf16 hidden state [seq, hidden] per LLM layer;
+  - recompute working set of one layer (backward): bf16 tensors autograd keeps for a SwiGLU Llama block with
+    SDPA/flash attention: seq x (8 hidden + 2 kv_dim + 4 intermediate) x 2 bytes;
+  - logits and loss: seq x vocab x (2 bf16 logits + 4 fp32 upcast + 4 fp32 grad) bytes;
+  - the frozen ViT runs without storing activations; trainable ViT adds its own per-layer checkpoints.
+Parameter counts come from building the preset on the meta device (no memory, no weights).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+GiB = 1024**3
+
+
+@dataclass
+class ParamCounts:
+    """Parameter counts of a preset, by part, plus the largest single module (gathered whole under ZeRO-3)."""
+
+    vision: int
+    mlp: int
+    llm: int
+    lora_llm: int
+    largest_layer: int
+
+    @property
+    def total(self) -> int:
+        return self.vision + self.mlp + self.llm
+
+
+def count_params(preset: str, lora_rank: int) -> tuple[ParamCounts, object]:
+    """Build `preset` on the meta device and count parameters; LoRA params are r x (in + out) per target Linear."""
+    from internvl.model import InternVLChatModel, load_preset
+    from internvl.train.lora import llm_lora_targets
+
+    config = load_preset(preset)
+    with torch.device("meta"):
+        model = InternVLChatModel(config)
+    vision = sum(p.numel() for p in model.vision_model.parameters())
+    mlp = sum(p.numel() for p in model.mlp1.parameters())
+    llm = sum(p.numel() for p in model.language_model.parameters())
+    targets = llm_lora_targets(model.language_model)
+    lora = 0
+    for name, module in model.language_model.named_modules():
+        if isinstance(module, nn.Linear) and any(name.endswith(t) for t in targets):
+            lora += lora_rank * (module.in_features + module.out_features)
+    largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
+    return ParamCounts(vision=vision, mlp=mlp, llm=llm, lora_llm=lora, largest_layer=largest), config
+
+
+def activation_bytes(config, seq: int, micro_batch: int, train_vit: bool = False) -> dict[str, float]:
+    """Activation estimate (bytes per GPU) for one micro-batch with gradient checkpointing; see module docstring."""
+    llm = config.llm_config
+    h, layers, inter, vocab = llm.hidden_size, llm.num_hidden_layers, llm.intermediate_size, llm.vocab_size
+    kv_dim = h // llm.num_attention_heads * getattr(llm, "num_key_value_heads", llm.num_attention_heads)
+    checkpoints = layers * seq * h * 2
+    working = seq * (8 * h + 2 * kv_dim + 4 * inter) * 2
+    logits = seq * vocab * (2 + 4 + 4)
+    vit = 0.0
+    if train_vit:
+        v = config.vision_config
+        tokens = (config.image_size // v.patch_size) ** 2 + 1
+        vit = v.num_hidden_layers * tokens * v.hidden_size * 2 + tokens * (8 * v.hidden_size + 4 * v.intermediate_size) * 2
+    return {"checkpoints": micro_batch * checkpoints, "layer_recompute": micro_batch * working,
+            "logits_loss": micro_batch * logits, "vit": micro_batch * vit}
+
+
+def plan_row(counts: ParamCounts, config, mode: str, gpus: int, gpus_per_node: int, seq: int, micro_batch: int,
+             offload: bool = False) -> dict[str, float]:
+    """Memory (GiB per GPU) of one configuration. mode: 'lora' (LLM LoRA, rest frozen) or 'full' (LLM trained,
+    ViT + projector frozen, the released MedRegA recipe)."""
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+
+    if mode == "lora":
+        trainable, frozen = counts.lora_llm, counts.total
+    elif mode == "full":
+        trainable, frozen = counts.llm, counts.vision + counts.mlp
+    else:
+        raise ValueError(f"unknown mode {mode!r}")
+    nodes = max(gpus // gpus_per_node, 1)
+    per_node = min(gpus, gpus_per_node)
+    _cpu, gpu_states, _largest = estimate_zero3_model_states_mem_needs(
+        total_params=trainable, largest_layer_params=counts.largest_layer, num_gpus_per_node=per_node,
+        num_nodes=nodes, cpu_offload=offload, cpu_offload_params=offload, zero_init=True)
+    frozen_bytes = 0 if offload else 2 * frozen / gpus
+    acts = activation_bytes(config, seq, micro_batch)
+    total = gpu_states + frozen_bytes + sum(acts.values())
+    return {"mode": mode, "gpus": gpus, "trainable_B": trainable / 1e9, "states_GiB": gpu_states / GiB,
+            "frozen_GiB": frozen_bytes / GiB, "activations_GiB": sum(acts.values()) / GiB,
+            "logits_GiB": acts["logits_loss"] / GiB, "total_GiB": total / GiB}
+
+
+def format_table(rows: list[dict[str, float]], limit_gib: float) -> str:
+    """Markdown table of plan rows; `fits` compares with `limit_gib` minus 10% for CUDA context/fragmentation."""
+    head = ("| mode | GPUs | trainable (B) | model states | frozen weights | activations (of which logits) | "
+            "total / GPU | fits 80 GB? |")
+    lines = [head, "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        fits = "yes" if r["total_GiB"] <= 0.9 * limit_gib else "no"
+        lines.append(f"| {r['mode']} | {r['gpus']} | {r['trainable_B']:.3f} | {r['states_GiB']:.1f} GiB | "
+                     f"{r['frozen_GiB']:.1f} GiB | {r['activations_GiB']:.1f} ({r['logits_GiB']:.1f}) GiB | "
+                     f"{r['total_GiB']:.1f} GiB | {fits} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="medrega")
+    parser.add_argument("--gpus", type=int, nargs="+", default=[8, 16])
+    parser.add_argument("--gpus_per_node", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--micro_batch", type=int, default=1)
+    parser.add_argument("--lora_rank", type=int, default=16)
+    parser.add_argument("--gpu_gib", type=float, default=80 * 1e9 / GiB, help="GPU memory (default 80 GB)")
+    parser.add_argument("--offload", action="store_true", help="ZeRO-3 with optimizer+param CPU offload")
+    args = parser.parse_args(argv)
+    counts, config = count_params(args.preset, args.lora_rank)
+    print(f"preset {args.preset}: ViT {counts.vision / 1e9:.2f}B, projector {counts.mlp / 1e9:.3f}B, "
+          f"LLM {counts.llm / 1e9:.2f}B, total {counts.total / 1e9:.2f}B; LoRA r={args.lora_rank} on the LLM "
+          f"{counts.lora_llm / 1e6:.1f}M; largest layer {counts.largest_layer / 1e6:.0f}M params")
+    print(f"ZeRO-3{' + CPU offload' if args.offload else ''}, bf16, gradient checkpointing, seq {args.seq}, "
+          f"micro-batch {args.micro_batch}/GPU\n")
+    rows = [plan_row(counts, config, mode, g, args.gpus_per_node, args.seq, args.micro_batch, args.offload)
+            for mode in ("lora", "full") for g in args.gpus]
+    print(format_table(rows, args.gpu_gib))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
