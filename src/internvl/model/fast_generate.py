@@ -244,3 +244,67 @@ class StaticGreedyDecoder:
             getattr(st, name).copy_(value)
         for layer, value in zip(st.cache.layers, saved_len):
             layer.cumulative_length.copy_(value)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Entry point used by InternVLChatModel.generate
+# ------------------------------------------------------------------------------------------------------------------
+#: generate() kwargs the fast path understands; any other (sampling, beams, penalties, streamers, ...) falls back.
+_SUPPORTED = {"max_new_tokens", "min_new_tokens", "eos_token_id", "pad_token_id", "do_sample", "num_beams",
+              "use_cache", "generation_config", "temperature", "top_p", "top_k"}
+
+
+def greedy_settings(generate_kwargs: dict, default_eos: int | list[int] | None = None) -> dict | None:
+    """The decoding settings if `generate_kwargs` ask for plain greedy decoding, else None (use `generate`).
+
+    Returns {"max_new_tokens", "min_new_tokens", "eos_token_id", "pad_token_id"}.
+    """
+    if set(generate_kwargs) - _SUPPORTED:
+        return None
+    cfg = generate_kwargs.get("generation_config")
+
+    def pick(name: str, default=None):
+        if name in generate_kwargs and generate_kwargs[name] is not None:
+            return generate_kwargs[name]
+        if cfg is not None and getattr(cfg, name, None) is not None:
+            return getattr(cfg, name)
+        return default
+
+    if pick("do_sample", False) or int(pick("num_beams", 1)) != 1 or pick("use_cache", True) is False:
+        return None
+    if cfg is not None:
+        if float(getattr(cfg, "repetition_penalty", 1.0) or 1.0) != 1.0 or getattr(cfg, "num_return_sequences", 1) != 1:
+            return None
+        if getattr(cfg, "max_length", None) is not None and pick("max_new_tokens") is None:
+            return None
+    max_new = pick("max_new_tokens")
+    if max_new is None:
+        return None
+    eos = pick("eos_token_id", default_eos)
+    eos_list = [eos] if isinstance(eos, int) else list(eos or [])
+    pad = pick("pad_token_id", eos_list[0] if eos_list else 0)
+    return {"max_new_tokens": int(max_new), "min_new_tokens": int(pick("min_new_tokens", 0) or 0),
+            "eos_token_id": eos_list, "pad_token_id": int(pad)}
+
+
+def decoder_for(lm: nn.Module) -> StaticGreedyDecoder:
+    """The (cached) StaticGreedyDecoder of a language model; settings come from the module attribute
+    `fast_decode_backend` ("inductor" default, "eager", or None for no compile) when present."""
+    dec = getattr(lm, "_static_greedy_decoder", None)
+    if dec is None:
+        backend = getattr(lm, "fast_decode_backend", "inductor")
+        dec = StaticGreedyDecoder(lm, compile_backend=backend)
+        object.__setattr__(lm, "_static_greedy_decoder", dec)  # not a submodule
+    return dec
+
+
+def trim_after_eos(tokens: torch.Tensor, eos: list[int], pad_token_id: int) -> torch.Tensor:
+    """Drop trailing columns where every row has finished (what `generate` returns when all rows stop early)."""
+    if not eos:
+        return tokens
+    finished = torch.isin(tokens, torch.tensor(eos, device=tokens.device)).long().cumsum(1) > 0
+    # a column is needed while some row has not emitted EOS before it
+    shifted = torch.cat([torch.zeros_like(finished[:, :1]), finished[:, :-1]], dim=1)
+    needed = (~shifted).any(dim=0).nonzero()
+    width = int(needed.max()) + 1 if needed.numel() else tokens.shape[1]
+    return tokens[:, :width]

@@ -1,0 +1,148 @@
+"""Random-weight models for the benchmark, materialised directly on the target device (never in host memory).
+
+`build_ours` constructs `InternVLChatModel` on the meta device (no memory at all), casts it there to the target
+dtype, allocates the storage on the device with `to_empty` and fills it with random values on the device; RoPE
+buffers are recomputed. The 40B MedRegA shape is built this way on one GPU.
+
+`build_native` builds transformers' own `InternVLForConditionalGeneration` with the same sizes (`native_config`
+maps our config onto `InternVLConfig`; the native class only knows pixel-shuffle v2, so compare with ps_version
+"v2"). When `copy_from` is given the native model gets our weights through the toolkit's converter, if that exists.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def randomize_(model: nn.Module, *, seed: int = 0, std: float = 0.02) -> nn.Module:
+    """Fill every parameter in place on its device: matrices/embeddings ~ N(0, std), norm weights 1, layer scales
+    0.1, biases 0. Recompute RoPE `inv_freq` buffers (meta construction leaves them empty)."""
+    gen_device = next(model.parameters()).device
+    gen = torch.Generator(device=gen_device).manual_seed(seed)
+    for name, param in model.named_parameters():
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf in {"ls1", "ls2", "lambda_1", "lambda_2"}:
+            param.fill_(0.1)
+        elif param.dim() == 1 and ("norm" in name or leaf == "weight"):
+            param.fill_(1.0) if leaf == "weight" else param.zero_()
+        elif param.dim() == 1:
+            param.zero_()
+        else:
+            param.normal_(0.0, std, generator=gen)
+    for module in model.modules():
+        if hasattr(module, "inv_freq") and hasattr(module, "rope_init_fn"):
+            inv_freq, scaling = module.rope_init_fn(module.config, module.inv_freq.device)
+            module.inv_freq.copy_(inv_freq)
+            if hasattr(module, "original_inv_freq"):
+                module.original_inv_freq.copy_(inv_freq)
+            if hasattr(module, "attention_scaling"):
+                module.attention_scaling = scaling
+    return model
+
+
+def materialize(factory, *, device: str | torch.device, dtype: torch.dtype, seed: int = 0) -> nn.Module:
+    """Call `factory()` under the meta device, then allocate on `device` in `dtype` and randomise there."""
+    with torch.device("meta"):
+        model = factory()
+    model = model.to(dtype=dtype)  # free on meta
+    model = model.to_empty(device=device)
+    return randomize_(model, seed=seed)
+
+
+def build_ours(config, *, device: str | torch.device = "cuda", dtype: torch.dtype = torch.bfloat16, seed: int = 0,
+               attn_implementation: str = "sdpa"):
+    """Our `InternVLChatModel` with random weights of `config` (an InternVLChatConfig) on `device`."""
+    from internvl.model import InternVLChatModel
+
+    config.llm_config._attn_implementation = attn_implementation
+    model = materialize(lambda: InternVLChatModel(config), device=device, dtype=dtype, seed=seed)
+    return model
+
+
+def native_config(config, *, image_token_id: int):
+    """transformers `InternVLConfig` with the sizes of our InternVLChatConfig (vision, projector, text)."""
+    from transformers import AutoConfig, InternVLConfig, InternVLVisionConfig
+
+    v = config.vision_config
+    vision = InternVLVisionConfig(
+        hidden_size=v.hidden_size,
+        num_hidden_layers=v.num_hidden_layers,
+        num_attention_heads=v.num_attention_heads,
+        intermediate_size=v.intermediate_size,
+        attention_bias=bool(v.qkv_bias),
+        use_qk_norm=bool(v.qk_normalization),
+        norm_type=v.norm_type,
+        layer_norm_eps=v.layer_norm_eps,
+        hidden_act=v.hidden_act,
+        image_size=(v.image_size, v.image_size),
+        patch_size=(v.patch_size, v.patch_size),
+        layer_scale_init_value=getattr(v, "initializer_factor", 0.1),
+        use_mean_pooling=True,
+        use_absolute_position_embeddings=True,
+    )
+    text_dict = config.llm_config.to_dict()
+    text = AutoConfig.for_model(**{k: val for k, val in text_dict.items() if k not in {"architectures"}})
+    text.tie_word_embeddings = False
+    return InternVLConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=int(image_token_id),
+        image_seq_length=int(config.num_image_token),
+        downsample_ratio=config.downsample_ratio,
+        projector_hidden_act="gelu",
+        vision_feature_layer=config.select_layer,
+        vision_feature_select_strategy="default",
+        tie_word_embeddings=False,
+    )
+
+
+def _find_converter():
+    """The toolkit's original->HF state-dict converter, if the model package provides one (else None)."""
+    for mod_name, fn_name in (
+        ("internvl.model.convert", "convert_state_dict_to_hf"),
+        ("internvl.model.hf_convert", "convert_state_dict_to_hf"),
+        ("internvl.model.conversion", "convert_state_dict_to_hf"),
+        ("internvl.model.convert", "to_hf_state_dict"),
+    ):
+        try:
+            module = importlib.import_module(mod_name)
+        except ImportError:
+            continue
+        fn = getattr(module, fn_name, None)
+        if callable(fn):
+            return fn
+    return None
+
+
+def build_native(config, *, image_token_id: int, device: str | torch.device = "cuda",
+                 dtype: torch.dtype = torch.bfloat16, seed: int = 0, attn_implementation: str = "sdpa",
+                 copy_from: nn.Module | None = None) -> tuple[nn.Module, bool]:
+    """transformers' `InternVLForConditionalGeneration` with our sizes; returns (model, weights_copied).
+
+    weights_copied is True when `copy_from` was given and the toolkit's converter mapped its state dict onto the
+    native model (then both compute the same function, up to the native pixel shuffle being v2 only)."""
+    from transformers import InternVLForConditionalGeneration
+
+    hf_cfg = native_config(config, image_token_id=image_token_id)
+    hf_cfg._attn_implementation = attn_implementation
+    hf_cfg.text_config._attn_implementation = attn_implementation
+    hf_cfg.vision_config._attn_implementation = attn_implementation
+    model = materialize(lambda: InternVLForConditionalGeneration(hf_cfg), device=device, dtype=dtype, seed=seed)
+    copied = False
+    if copy_from is not None:
+        convert = _find_converter()
+        if convert is None:
+            logger.warning("no original->HF converter in internvl.model; native keeps its own random weights")
+        else:
+            state = convert(copy_from.state_dict())
+            missing, unexpected = model.load_state_dict(state, strict=False)
+            if missing or unexpected:
+                raise RuntimeError(f"converter left missing={missing[:5]} unexpected={unexpected[:5]}")
+            copied = True
+    return model, copied

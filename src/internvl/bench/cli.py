@@ -1,0 +1,343 @@
+"""`python -m internvl.bench`: one run, one table (absolute figures + ratios), one JSON.
+
+Sections (pick with --sections): `train` (ours vs native, checkpointing off/on), `pack` (packing vs padding on the
+IU length mix), `gen` (batch 1/8/32 greedy, ours vs native default and native static+compiled), `real` (the 40B
+MedRegA shape through batch_chat), `profile` (torch.profiler top kernels of one step of each kind).
+Every case runs inside try/except: a failure is recorded in the JSON and the table, the run goes on.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+from . import batches as B
+from .flops import H100_H200_BF16_PEAK, decode_weight_bytes, shape_of
+from .gen_bench import agreement, run_gen_case
+from .lengths import describe, iu_report_token_lengths, sample_mix
+from .train_bench import free, loss_agreement, native_loss, ours_loss, run_train_case, set_fast
+
+log = logging.getLogger("internvl.bench")
+IMG_ID_OFFSET = 1  # the image-context id used in synthetic batches: vocab_size - 1
+
+
+def device_ceilings() -> dict:
+    """Measured bf16 matmul rate and device-to-device copy bandwidth (read + write bytes)."""
+    a = torch.randn(8192, 8192, device=args.device, dtype=args.dtype)
+    b = torch.randn(8192, 8192, device=args.device, dtype=args.dtype)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    torch.cuda.synchronize()
+    mm = 10 * 2 * 8192**3 / (time.perf_counter() - t0)
+    x = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    y.copy_(x)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(10):
+        y.copy_(x)
+    torch.cuda.synchronize()
+    bw = 10 * 2 * x.numel() / (time.perf_counter() - t0)
+    del a, b, x, y
+    torch.cuda.empty_cache()
+    return {"matmul_bf16_flops": mm, "copy_bytes_per_s": bw, "gpu": torch.cuda.get_device_name(),
+            "torch": torch.__version__}
+
+
+def _guard(results: dict, key: str, fn, *args, **kwargs):
+    try:
+        return fn(*args, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - a benchmark case failing must not stop the others
+        if key == "_tmp" and args and isinstance(args[0], str):
+            key = args[0]
+        log.error("%s failed: %s", key, exc)
+        results.setdefault("errors", []).append({"case": key, "error": repr(exc), "trace": traceback.format_exc()})
+        return None
+
+
+def section_train(args, res: dict, config) -> None:
+    from .build import build_native, build_ours
+
+    vocab = config.llm_config.vocab_size
+    img_id = vocab - IMG_ID_OFFSET
+    data = [B.fixed_batch(args.batch, args.seq, vocab=vocab, image_token_id=img_id,
+                          num_image_token=config.num_image_token, image_size=config.force_image_size,
+                          answer_from=24 + B.IMAGE_TOKENS + 30, seed=i).to(args.device, args.dtype)
+            for i in range(2)]
+    rows = res.setdefault("train", [])
+    ours = build_ours(config, device=args.device, dtype=args.dtype, seed=0)
+    ours.img_context_token_id = img_id
+    shape = shape_of(ours)
+    res["shape"] = shape.as_dict()
+    res["loss_guard"] = _guard(res, "loss_guard", loss_agreement, ours, data[0])
+    for ckpt in (False, True):
+        set_fast(ours, True)
+        r = _guard(res, "_tmp", run_train_case, f"ours ckpt={'on' if ckpt else 'off'}", ours,
+                   lambda m, b: ours_loss(m, b, fast=True), data, shape=shape, steps=args.steps,
+                   warmup=args.warmup, ckpt=ckpt, peak_flops=args.peak)
+        if r:
+            rows.append(r)
+    del ours
+    free()
+    native, _ = build_native(config, image_token_id=img_id, device=args.device, dtype=args.dtype, seed=0)
+    for ckpt in (False, True):
+        r = _guard(res, "_tmp", run_train_case, f"native ckpt={'on' if ckpt else 'off'}", native, native_loss,
+                   data, shape=shape, steps=args.steps, warmup=args.warmup, ckpt=ckpt, peak_flops=args.peak)
+        if r:
+            rows.append(r)
+    del native
+    free()
+
+
+def section_pack(args, res: dict, config) -> None:
+    from .build import build_ours
+
+    vocab = config.llm_config.vocab_size
+    img_id = vocab - IMG_ID_OFFSET
+    lengths = iu_report_token_lengths(args.reports)
+    samples = sample_mix(args.pack_samples, lengths, seed=1, max_len=args.row_len)
+    res["length_mix"] = {"iu_report_tokens": describe(lengths), "sample_tokens": describe([s.total for s in samples])}
+    kw = dict(vocab=vocab, image_token_id=img_id, num_image_token=config.num_image_token,
+              image_size=config.force_image_size)
+    padded = [b.to(args.device, args.dtype) for b in B.padded_batches(samples, args.pack_batch, **kw)]
+    packed = [b.to(args.device, args.dtype) for b in B.packed_batches(samples, args.pack_rows, args.row_len, **kw)]
+    ours = build_ours(config, device=args.device, dtype=args.dtype, seed=0)
+    ours.img_context_token_id = img_id
+    set_fast(ours, True)
+    shape = shape_of(ours)
+    rows = res.setdefault("pack", [])
+    fn = lambda m, b: ours_loss(m, b, fast=True)  # noqa: E731
+    for name, data in (("padding (pad to longest)", padded), ("packing (rows of %d)" % args.row_len, packed)):
+        r = _guard(res, "_tmp", run_train_case, name, ours, fn, data, shape=shape, steps=len(data), warmup=2,
+                   ckpt=False, peak_flops=args.peak)
+        if r:
+            r["batches"] = len(data)
+            r["slot_efficiency"] = sum(b.real_tokens for b in data) / sum(b.input_ids.numel() for b in data)
+            rows.append(r)
+    del ours
+    free()
+
+
+def section_gen(args, res: dict, config) -> None:
+    from transformers import CompileConfig
+
+    from ..model.fast_generate import decoder_for
+    from .build import build_native, build_ours
+
+    vocab = config.llm_config.vocab_size
+    img_id = vocab - IMG_ID_OFFSET
+    n = args.new_tokens
+    ours = build_ours(config, device=args.device, dtype=args.dtype, seed=0).eval()
+    ours.img_context_token_id = img_id
+    ours.language_model.fast_decode_backend = args.decode_backend
+    res["decode_weight_bytes"] = decode_weight_bytes(ours)
+    native, copied = build_native(config, image_token_id=img_id, device=args.device, dtype=args.dtype, seed=0,
+                                  copy_from=ours)
+    native.eval()
+    res["native_weights_copied"] = copied
+    rows = res.setdefault("gen", [])
+    agree = res.setdefault("gen_agreement", [])
+    for batch in args.gen_batches:
+        ids, mask, pix = B.generation_prompts(batch, vocab=vocab, image_token_id=img_id,
+                                              num_image_token=config.num_image_token,
+                                              image_size=config.force_image_size)
+        ids, mask, pix = ids.to(args.device), mask.to(args.device), pix.to(args.device, args.dtype)
+        L = ids.shape[1]
+
+        def ours_fast(k: int) -> torch.Tensor:
+            with torch.inference_mode():
+                emb = ours._embed(ids, pix, None)
+                return decoder_for(ours.language_model).generate(emb, mask, max_new_tokens=k, eos_token_id=[2],
+                                                                 min_new_tokens=k, pad_token_id=0)
+
+        def ours_plain(k: int) -> torch.Tensor:
+            return ours.generate(pixel_values=pix, input_ids=ids, attention_mask=mask, max_new_tokens=k,
+                                 min_new_tokens=k, do_sample=False, eos_token_id=2, pad_token_id=0,
+                                 **({"fast_generate": False} if getattr(ours, "fast_generate", None) is not None else {}))
+
+        def native_gen(k: int, static: bool) -> torch.Tensor:
+            extra = {"cache_implementation": "static", "compile_config": CompileConfig(fullgraph=False)} if static else {}
+            out = native.generate(input_ids=ids, pixel_values=pix, attention_mask=mask, max_new_tokens=k,
+                                  min_new_tokens=k, do_sample=False, eos_token_id=2, pad_token_id=0, **extra)
+            return out[:, L:]
+
+        fast = _guard(res, "_tmp", run_gen_case, "ours default (static cache + CUDA graph)", ours_fast,
+                      batch=batch, new_tokens=n)
+        if fast:
+            rows.append(fast)
+        if batch in args.plain_batches:
+            plain = _guard(res, "_tmp", run_gen_case, "ours plain HF generate (dynamic cache)", ours_plain,
+                           batch=batch, new_tokens=n, repeats=1)
+            if plain:
+                rows.append(plain)
+                if fast:
+                    agree.append({"batch": batch, "vs": "ours plain", **agreement(fast["tokens"], plain["tokens"])})
+        nd = _guard(res, "_tmp", run_gen_case, "native default (dynamic cache)", lambda k: native_gen(k, False),
+                    batch=batch, new_tokens=n, repeats=1)
+        if nd:
+            rows.append(nd)
+        if batch in args.static_batches:
+            ns = _guard(res, "_tmp", run_gen_case, "native static + compiled", lambda k: native_gen(k, True),
+                        batch=batch, new_tokens=n)
+            if ns:
+                rows.append(ns)
+                if fast and copied:
+                    agree.append({"batch": batch, "vs": "native static", **agreement(fast["tokens"], ns["tokens"])})
+    for r in rows:
+        r.pop("tokens", None)
+    del ours, native
+    free()
+
+
+def section_profile(args, res: dict, config) -> None:
+    """Top CUDA kernels of one fast training step and one fast decode step (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from .build import build_ours
+
+    vocab = config.llm_config.vocab_size
+    img_id = vocab - IMG_ID_OFFSET
+    ours = build_ours(config, device=args.device, dtype=args.dtype, seed=0)
+    ours.img_context_token_id = img_id
+    set_fast(ours, True)
+    b = B.fixed_batch(args.batch, args.seq, vocab=vocab, image_token_id=img_id,
+                      num_image_token=config.num_image_token, image_size=config.force_image_size,
+                      answer_from=24 + B.IMAGE_TOKENS + 30).to(args.device, args.dtype)
+    ours.train()
+    for _ in range(2):
+        ours_loss(ours, b, fast=True).backward()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        ours_loss(ours, b, fast=True).backward()
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60)
+    Path(args.out, "profile_train.txt").write_text(table)
+    res["profile_train_top"] = table.splitlines()[:24]
+    del ours
+    free()
+
+
+def fmt_table(res: dict) -> str:
+    lines = [f"GPU: {res.get('device', {}).get('gpu', '?')}  peak for MFU: {res['peak_flops'] / 1e12:.1f} TFLOP/s"]
+    train = {r["case"]: r for r in res.get("train", [])}
+    if train:
+        lines.append("\n== training (batch %d x %d tokens, 1 image each, bf16, AdamW) ==" % (res["args"]["batch"],
+                                                                                         res["args"]["seq"]))
+        lines.append(f"{'case':28s} {'tok/s':>9s} {'samp/s':>7s} {'peakGiB':>8s} {'MFU':>6s} {'vs native':>9s}")
+        for r in train.values():
+            nat = train.get(r["case"].replace("ours", "native"))
+            ratio = f"{r['tokens_per_s'] / nat['tokens_per_s']:.2f}x" if nat and r["case"].startswith("ours") else ""
+            lines.append(f"{r['case']:28s} {r['tokens_per_s']:9.0f} {r['samples_per_s']:7.2f} "
+                         f"{r['peak_mem_gib']:8.1f} {r['mfu'] * 100:5.1f}% {ratio:>9s}")
+    if res.get("loss_guard"):
+        g = res["loss_guard"]
+        lines.append(f"loss guard: plain {g['plain']:.5f} fast {g['fast']:.5f} rel diff {g['rel_diff']:.2e}")
+    pack = res.get("pack", [])
+    if pack:
+        lines.append("\n== packing vs padding (IU length mix) ==")
+        for r in pack:
+            lines.append(f"{r['case']:32s} useful tok/s {r['useful_tokens_per_s']:9.0f}  slot eff "
+                         f"{r['slot_efficiency']:.2f}  peak {r['peak_mem_gib']:.1f} GiB")
+        if len(pack) == 2:
+            lines.append(f"packing / padding: {pack[1]['useful_tokens_per_s'] / pack[0]['useful_tokens_per_s']:.2f}x")
+    gen = res.get("gen", [])
+    if gen:
+        floor = res["decode_weight_bytes"] / res["device"]["copy_bytes_per_s"] * 2 * 1e3  # copy counts r+w
+        lines.append(f"\n== generation ({gen[0]['new_tokens']} new tokens, greedy) ; weight-bandwidth floor at "
+                     f"batch 1: {floor:.3f} ms/step ==")
+        lines.append(f"{'case':42s} {'batch':>5s} {'tok/s':>9s} {'TTFT ms':>8s} {'ms/step':>8s}")
+        for r in gen:
+            lines.append(f"{r['case']:42s} {r['batch']:5d} {r['tokens_per_s']:9.1f} {r['ttft_ms']:8.1f} "
+                         f"{r['decode_ms_per_step']:8.3f}")
+        for batch in sorted({r["batch"] for r in gen}):
+            by = {r["case"].split(" (")[0]: r for r in gen if r["batch"] == batch}
+            ours = by.get("ours default")
+            if ours:
+                parts = [f"{k}: {ours['tokens_per_s'] / v['tokens_per_s']:.2f}x" for k, v in by.items() if k != "ours default"]
+                lines.append(f"batch {batch}: ours default vs " + ", ".join(parts))
+                if batch == 1:
+                    lines.append(f"batch 1: fraction of weight-bandwidth limit {floor / ours['decode_ms_per_step']:.0%}")
+    real = res.get("real")
+    if real:
+        lines.append(f"\n== real MedRegA shape ({real['params'] / 1e9:.2f}B params, bf16, 1 GPU; built in "
+                     f"{real['build_s']:.1f}s) ==")
+        for c in real["cases"]:
+            lines.append(f"batch_chat batch {c['batch']}: {c['tokens_per_s']:.1f} tok/s, TTFT {c['ttft_ms']:.0f} ms, "
+                         f"{c['decode_ms_per_step']:.1f} ms/step, peak {c['peak_mem_gib']:.1f} GiB")
+    for e in res.get("errors", []):
+        lines.append(f"ERROR in {e['case']}: {e['error'][:200]}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m internvl.bench", description=__doc__)
+    p.add_argument("--sections", default="train,pack,gen,real", help="comma list of train,pack,gen,real,profile")
+    p.add_argument("--preset", default="mid")
+    p.add_argument("--out", default="bench_out")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=1024)
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--pack-samples", type=int, default=96)
+    p.add_argument("--pack-batch", type=int, default=8)
+    p.add_argument("--pack-rows", type=int, default=2)
+    p.add_argument("--row-len", type=int, default=2048)
+    p.add_argument("--reports", default=None, help="path of NLMCXR_reports.tgz")
+    p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--gen-batches", default="1,8,32")
+    p.add_argument("--static-batches", default="1,32", help="batches at which native static+compiled is timed")
+    p.add_argument("--plain-batches", default="1", help="batches at which our plain HF generate is timed")
+    p.add_argument("--decode-backend", default="inductor", choices=["inductor", "eager"])
+    p.add_argument("--real-batches", default="1,8")
+    p.add_argument("--real-new-tokens", type=int, default=128)
+    p.add_argument("--device", default="cuda", help="cuda (the benchmark) or cpu (smoke test on a tiny preset)")
+    p.add_argument("--peak", type=float, default=H100_H200_BF16_PEAK, help="peak FLOP/s for MFU")
+    args = p.parse_args(argv)
+    args.gen_batches = [int(x) for x in args.gen_batches.split(",") if x]
+    args.static_batches = [int(x) for x in args.static_batches.split(",") if x]
+    args.plain_batches = [int(x) for x in args.plain_batches.split(",") if x]
+    real_batches = [int(x) for x in args.real_batches.split(",") if x]
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("no CUDA GPU: the benchmark needs one (use --device cpu --preset tiny for a smoke test)")
+    args.dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    from internvl.model import load_preset
+
+    config = load_preset(args.preset, ps_version="v2")  # the native class only has pixel-shuffle v2
+    res: dict = {"args": {k: str(v) if isinstance(v, torch.dtype) else v for k, v in vars(args).items()}, "peak_flops": args.peak,
+                 "flops_formula": "see internvl/bench/flops.py and docs/performance.md"}
+    res["device"] = device_ceilings() if args.device == "cuda" else {"gpu": "cpu", "copy_bytes_per_s": 1e10}
+    sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    for name in sections:
+        t0 = time.perf_counter()
+        log.info("section %s", name)
+        if name == "train":
+            _guard(res, "section_train", section_train, args, res, config)
+        elif name == "pack":
+            _guard(res, "section_pack", section_pack, args, res, config)
+        elif name == "gen":
+            _guard(res, "section_gen", section_gen, args, res, config)
+        elif name == "profile":
+            _guard(res, "section_profile", section_profile, args, res, config)
+        elif name == "real":
+            from .real_shape import run_real_shape
+
+            res["real"] = _guard(res, "real", run_real_shape, batches=real_batches, new_tokens=args.real_new_tokens)
+        else:
+            p.error(f"unknown section {name!r}")
+        res.setdefault("section_seconds", {})[name] = time.perf_counter() - t0
+        Path(args.out, "bench.json").write_text(json.dumps(res, indent=1, default=str))
+    table = fmt_table(res)
+    Path(args.out, "bench_table.txt").write_text(table + "\n")
+    print(table)
+    return 0

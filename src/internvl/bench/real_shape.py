@@ -1,0 +1,87 @@
+"""The real MedRegA shape (InternViT-6B + Yi-34B, ~40B parameters) with random bf16 weights built on the GPU
+(meta-device construction, storage allocated and filled on the device), timed through the user-facing
+`batch_chat` at batch 1 and 8."""
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from .gen_bench import _timed
+
+QUESTIONS = [
+    "Please describe the findings of this chest X-ray.",
+    "Is there any abnormality in the left lung?",
+    "Which organ is shown in this image?",
+    "Please write a radiology report for this image.",
+    "Locate the heart in this image.",
+    "What imaging modality is this?",
+    "Is there pleural effusion?",
+    "Describe the lesion and give its position.",
+]
+
+
+def bench_tokenizer(workdir: Path):
+    """A small SentencePiece tokenizer with the ChatML + InternVL tokens (the real Yi tokenizer is not offline);
+    batch_chat only needs ids below the model's vocabulary."""
+    from internvl.tokenization import load_tokenizer, train_sentencepiece_tokenizer
+
+    corpus = [q.lower() + " " + q for q in QUESTIONS] * 20 + [
+        "the lungs are clear . no pleural effusion or pneumothorax . heart size is normal .",
+        "findings : mild cardiomegaly . impression : no acute cardiopulmonary abnormality .",
+        "answer the questions . 请描述这张图像的发现 。 肺部清晰 , 心影不大 。",
+    ] * 40
+    out = train_sentencepiece_tokenizer(corpus, workdir / "tok", vocab_size=400)
+    return load_tokenizer(out)
+
+
+def run_real_shape(*, batches=(1, 8), new_tokens: int = 128, device: str = "cuda") -> dict:
+    """Build the medrega preset on `device` and time batch_chat; returns the figures (one dict per batch)."""
+    from internvl.model import load_preset
+
+    from .build import build_ours
+
+    t0 = time.perf_counter()
+    config = load_preset("medrega")
+    model = build_ours(config, device=device, dtype=torch.bfloat16).eval()
+    torch.cuda.synchronize()
+    build_s = time.perf_counter() - t0
+    n_params = sum(p.numel() for p in model.parameters())
+    weights_gib = torch.cuda.memory_allocated() / 2**30
+    out = {"preset": "medrega", "params": n_params, "build_s": build_s, "weights_gib": weights_gib, "cases": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        tok = bench_tokenizer(Path(tmp))
+    size = config.force_image_size or config.vision_config.image_size
+    gen = torch.Generator().manual_seed(0)
+    for batch in batches:
+        pixels = torch.randn(batch, 3, size, size, generator=gen).to(device, torch.bfloat16)
+        questions = [QUESTIONS[i % len(QUESTIONS)] for i in range(batch)]
+
+        def call(n: int) -> list[str]:
+            cfg = {"max_new_tokens": n, "min_new_tokens": n, "do_sample": False}
+            return model.batch_chat(tok, pixels, questions, generation_config=cfg)
+
+        warm0 = time.perf_counter()
+        call(new_tokens)
+        call(1)
+        torch.cuda.synchronize()
+        warm_s = time.perf_counter() - warm0
+        torch.cuda.reset_peak_memory_stats()
+        ttft, _ = _timed(lambda: call(1), 1)
+        full, answers = _timed(lambda: call(new_tokens), 1)
+        out["cases"].append({
+            "batch": batch,
+            "new_tokens": new_tokens,
+            "seconds": full,
+            "tokens_per_s": batch * new_tokens / full,
+            "ttft_ms": ttft * 1e3,
+            "decode_ms_per_step": (full - ttft) / max(new_tokens - 1, 1) * 1e3,
+            "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
+            "warmup_s": warm_s,
+            "answer_chars": [len(a) for a in answers],
+        })
+    del model
+    torch.cuda.empty_cache()
+    return out
