@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 import numbers
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from internvl.constants import BOX_END, BOX_SCALE, BOX_START, REF_END, REF_START
@@ -46,6 +46,7 @@ __all__ = [
     "box_to_pixels",
     "strip_regions",
     "has_regions",
+    "map_boxes",
 ]
 
 
@@ -212,6 +213,20 @@ def parse_regions(text: str, *, strict: bool = True, errors: list[str] | None = 
     if REF_START in text or BOX_START in text or REF_END in text or BOX_END in text:
         return _parse_tagged(text, strict, errors)
     return _parse_stripped(text, strict, errors)
+
+
+_NUMERIC_BOX_LIST_RE = re.compile(r"\[\s*\[\s*-?\d+(?:\s*,\s*-?\d+)*\s*\](?:\s*,\s*\[\s*-?\d+(?:\s*,\s*-?\d+)*\s*\])*\s*\]")
+
+
+def map_boxes(text: str, fn: Callable[[Box], Box]) -> str:
+    """Rewrite every numeric box list ``[[..], ..]`` in ``text`` (tagged or tag-stripped) with ``fn`` applied to each
+    box, leaving all other characters untouched. Notation such as ``[[x1, y1, x2, y2]]`` in task prompts is not a box
+    and is kept. Raises :class:`RegionError` for a malformed numeric box (e.g. three values)."""
+
+    def repl(m: re.Match[str]) -> str:
+        return format_boxes([fn(b) for b in parse_box_list(m.group(0))])
+
+    return _NUMERIC_BOX_LIST_RE.sub(repl, text)
 
 
 # -------------------------------------------------------------------------------------------------------- formatting

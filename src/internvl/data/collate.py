@@ -1,0 +1,183 @@
+"""Batching: dynamic padding (:func:`pad_collate`) and sequence packing (:class:`PackedCollator`).
+
+Both take the items of :class:`internvl.data.dataset.MedRegDataset` (``input_ids``/``labels`` ``[L]``,
+``pixel_values`` ``[T, 3, S, S]``, ``image_flags`` ``[T]``) and concatenate ``pixel_values``/``image_flags`` over
+the batch in token order, which is the order the model fills ``<IMG_CONTEXT>`` positions in.
+
+**Padding.** Right padding to the longest sample (left for generation-style batches), ``attention_mask`` 1 on real
+tokens, labels ``IGNORE_INDEX`` on padding. Unlike the original (pad id 0, ``attention_mask = ids != 0``) the mask
+comes from the lengths, so a real token with id 0 is never masked.
+
+**Packing.** Several samples share one row; ``position_ids`` restart at 0 for every sample and there is no
+``attention_mask``. transformers 5.x then builds the attention itself: ``masking_utils.find_packed_sequence_indices``
+turns restarting ``position_ids`` into a block-diagonal causal mask for eager / SDPA / flex attention, and the
+flash-attention-2 path (``modeling_flash_attention_utils.prepare_fa_kwargs_from_position_ids``) turns them into
+``cu_seqlens`` for ``flash_attn_varlen_func`` -- the varlen kernel InternVL's packed training patched in by hand.
+So one batch format works with every attention backend, no model patch is needed, and each sample attends only to
+itself (tests/data/test_collate_packing.py proves equal per-sample logits and losses). The padding at the end of a
+row is one more "sample" of its own with labels ``IGNORE_INDEX``. Rows are filled first-fit in the given order up to
+``max_packed_tokens`` tokens and ``num_images_expected`` tiles.
+
+**Loss weights** (architecture §5.7): per supervised token of a sample with ``n`` supervised tokens, ``token``: 1,
+``sample``: 1/n, ``square``: 1/sqrt(n) (InternVL2.5); the loss is ``sum(ce * w) / sum(w)``. ``loss_weight`` is
+aligned with ``labels`` (the weight of the label at position i) and is 0 where the label is ignored.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from internvl.constants import IGNORE_INDEX
+
+__all__ = ["pad_collate", "PackedCollator", "LOSS_REDUCTIONS", "token_loss_weights"]
+
+LOSS_REDUCTIONS = ("token", "sample", "square")
+
+
+def _check_features(features: Sequence[Mapping[str, Any]]) -> None:
+    if not features:
+        raise ValueError("cannot collate an empty batch")
+    for i, f in enumerate(features):
+        for key in ("input_ids", "labels", "pixel_values", "image_flags"):
+            if key not in f:
+                raise ValueError(f"batch item {i} has no {key!r}")
+        if f["input_ids"].shape != f["labels"].shape or f["input_ids"].dim() != 1:
+            raise ValueError(f"batch item {i}: input_ids {tuple(f['input_ids'].shape)} and labels "
+                             f"{tuple(f['labels'].shape)} must be equal 1-D shapes")
+        if f["pixel_values"].shape[0] != f["image_flags"].shape[0]:
+            raise ValueError(f"batch item {i}: {f['pixel_values'].shape[0]} tiles but {f['image_flags'].shape[0]} image_flags")
+
+
+def pad_collate(
+    features: Sequence[Mapping[str, Any]], pad_token_id: int = 0, padding_side: str = "right"
+) -> dict[str, torch.Tensor]:
+    """Pad a list of samples into ``input_ids``/``labels``/``attention_mask`` ``[B, L_max]`` plus concatenated
+    ``pixel_values`` ``[sum T, 3, S, S]`` and ``image_flags`` ``[sum T]``."""
+    if padding_side not in ("right", "left"):
+        raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
+    _check_features(features)
+    longest = max(int(f["input_ids"].shape[0]) for f in features)
+    batch = len(features)
+    input_ids = torch.full((batch, longest), pad_token_id, dtype=torch.long)
+    labels = torch.full((batch, longest), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((batch, longest), dtype=torch.long)
+    for row, f in enumerate(features):
+        n = int(f["input_ids"].shape[0])
+        sl = slice(0, n) if padding_side == "right" else slice(longest - n, longest)
+        input_ids[row, sl] = f["input_ids"]
+        labels[row, sl] = f["labels"]
+        attention_mask[row, sl] = 1
+    return {
+        "input_ids": input_ids,
+        "labels": labels,
+        "attention_mask": attention_mask,
+        "pixel_values": torch.cat([f["pixel_values"] for f in features]),
+        "image_flags": torch.cat([f["image_flags"] for f in features]),
+    }
+
+
+def token_loss_weights(labels: torch.Tensor, loss_reduction: str) -> torch.Tensor:
+    """Per-position weights of one sample's ``labels`` ``[L]`` (0 where ignored; see module docstring)."""
+    if loss_reduction not in LOSS_REDUCTIONS:
+        raise ValueError(f"loss_reduction must be one of {LOSS_REDUCTIONS}, got {loss_reduction!r}")
+    mask = labels != IGNORE_INDEX
+    n = int(mask.sum())
+    if n == 0:
+        return torch.zeros(labels.shape, dtype=torch.float32)
+    value = {"token": 1.0, "sample": 1.0 / n, "square": 1.0 / math.sqrt(n)}[loss_reduction]
+    return mask.to(torch.float32) * value
+
+
+class PackedCollator:
+    """Pack a list of samples into as few rows as fit (see module docstring).
+
+    Output: ``input_ids``/``labels``/``position_ids`` ``[R, L_max]``, ``loss_weight`` ``[R, L_max]`` (float32),
+    ``pixel_values``/``image_flags`` concatenated in packed order, and no ``attention_mask`` (packing is read from
+    ``position_ids``). Raises ``ValueError`` for a sample longer than ``max_packed_tokens`` or with more tiles than
+    ``num_images_expected``, and for a sample whose first label is supervised (its target would be predicted from the
+    previous sample's last token).
+    """
+
+    def __init__(
+        self,
+        max_packed_tokens: int = 8192,
+        num_images_expected: int | None = None,
+        loss_reduction: str = "token",
+        pad_token_id: int = 0,
+        pad_to_multiple_of: int | None = None,
+    ) -> None:
+        if max_packed_tokens < 1:
+            raise ValueError(f"max_packed_tokens must be positive, got {max_packed_tokens}")
+        if loss_reduction not in LOSS_REDUCTIONS:
+            raise ValueError(f"loss_reduction must be one of {LOSS_REDUCTIONS}, got {loss_reduction!r}")
+        self.max_packed_tokens = int(max_packed_tokens)
+        self.num_images_expected = num_images_expected
+        self.loss_reduction = loss_reduction
+        self.pad_token_id = int(pad_token_id)
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def plan(self, features: Sequence[Mapping[str, Any]]) -> list[list[int]]:
+        """Rows as lists of sample indices (first-fit in order)."""
+        rows: list[list[int]] = []
+        used_tokens: list[int] = []
+        used_tiles: list[int] = []
+        for i, f in enumerate(features):
+            n, t = int(f["input_ids"].shape[0]), int(f["pixel_values"].shape[0])
+            if n > self.max_packed_tokens:
+                raise ValueError(f"batch item {i} has {n} tokens > max_packed_tokens {self.max_packed_tokens}")
+            if self.num_images_expected is not None and t > self.num_images_expected:
+                raise ValueError(f"batch item {i} has {t} tiles > num_images_expected {self.num_images_expected}")
+            for r in range(len(rows)):
+                fits_tiles = self.num_images_expected is None or used_tiles[r] + t <= self.num_images_expected
+                if used_tokens[r] + n <= self.max_packed_tokens and fits_tiles:
+                    rows[r].append(i)
+                    used_tokens[r] += n
+                    used_tiles[r] += t
+                    break
+            else:
+                rows.append([i])
+                used_tokens.append(n)
+                used_tiles.append(t)
+        return rows
+
+    def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        _check_features(features)
+        for i, f in enumerate(features):
+            if f["labels"].numel() and int(f["labels"][0]) != IGNORE_INDEX:
+                raise ValueError(f"batch item {i}: the first label is supervised; packed samples must start with "
+                                 "unsupervised (prompt) tokens")
+        rows = self.plan(features)
+        lengths = [sum(int(features[i]["input_ids"].shape[0]) for i in row) for row in rows]
+        width = max(lengths)
+        if self.pad_to_multiple_of:
+            width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        n_rows = len(rows)
+        input_ids = torch.full((n_rows, width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((n_rows, width), IGNORE_INDEX, dtype=torch.long)
+        position_ids = torch.zeros((n_rows, width), dtype=torch.long)
+        loss_weight = torch.zeros((n_rows, width), dtype=torch.float32)
+        pixel_values, image_flags = [], []
+        for r, row in enumerate(rows):
+            pos = 0
+            for i in row:
+                f = features[i]
+                n = int(f["input_ids"].shape[0])
+                input_ids[r, pos:pos + n] = f["input_ids"]
+                labels[r, pos:pos + n] = f["labels"]
+                position_ids[r, pos:pos + n] = torch.arange(n)
+                loss_weight[r, pos:pos + n] = token_loss_weights(f["labels"], self.loss_reduction)
+                pixel_values.append(f["pixel_values"])
+                image_flags.append(f["image_flags"])
+                pos += n
+            position_ids[r, pos:] = torch.arange(width - pos)  # the padding is a separate "sample"
+        return {
+            "input_ids": input_ids,
+            "labels": labels,
+            "position_ids": position_ids,
+            "loss_weight": loss_weight,
+            "pixel_values": torch.cat(pixel_values),
+            "image_flags": torch.cat(image_flags),
+        }

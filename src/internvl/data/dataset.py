@@ -1,0 +1,341 @@
+"""Map-style training datasets over a ``meta_file.json`` registry.
+
+:class:`MedRegDataset` serves one registry entry:
+
+* **Scan once, read lazily.** Construction reads the jsonl once: byte offsets of every line (so ``__getitem__``
+  seeks to one line instead of holding 2.8M records in memory) and the record checks of
+  :mod:`internvl.data.records` (JSON, turns, placeholders, boxes, image paths; ``image_check`` decides how much of
+  each image). Strict mode raises :class:`~internvl.data.records.BadRecordError` at the first bad record, before
+  training starts; lenient mode leaves bad lines out and logs a summary by reason (:attr:`tally`).
+* ``repeat_time`` is applied to the file's lines first (a prefix fraction, or whole repeats), as the original.
+* ``__getitem__`` loads the images through :func:`internvl.data.images.load_image`, applies the box-aware
+  augmentation when the entry has ``data_augment`` (:mod:`internvl.data.transforms`), tiles and normalises them
+  (:mod:`internvl.image_processing`) and encodes the conversation (:func:`internvl.data.encode.encode_conversation`).
+  A text-only record gets one white dummy tile with ``image_flags = 0``: the ViT then runs on every rank in every step,
+  which keeps ZeRO-3 parameter gathering in step (the original's fix for hangs on mixed batches).
+* Errors that only show when a sample is built (corrupt pixels, too long after tiling) name ``FILE:LINE``; strict
+  mode raises them, lenient mode logs them, counts them in :attr:`runtime_tally` (per worker process) and serves the
+  next record instead.
+* Augmentation randomness comes from ``numpy.random.default_rng([seed, epoch, index])``: the same sample gets the same
+  crop whichever worker builds it; :meth:`set_epoch` changes it per epoch.
+* :attr:`lengths` (for length-grouped sampling) are token counts of the text plus ``num_image_token`` x expected tiles
+  per image -- or the record's own ``length`` field when present, as the original trainer.
+
+Each item is ``{"input_ids": [L], "labels": [L], "pixel_values": [T, 3, S, S], "image_flags": [T]}``.
+"""
+from __future__ import annotations
+
+import bisect
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from internvl.data.encode import EncodeError, encode_conversation
+from internvl.data.images import ImageLoadError, load_image
+from internvl.data.records import (
+    BadRecordError,
+    ProblemTally,
+    RecordChecker,
+    RecordProblem,
+    image_paths,
+    read_jsonl,
+    resolve_image,
+)
+from internvl.data.registry import DatasetSpec, load_meta
+from internvl.data.transforms import AugmentConfig, BoxAwareAugment
+from internvl.image_processing import ImageSettings, dummy_pixel_values, images_to_pixel_values, num_image_tokens
+from internvl.regions import RegionError
+
+__all__ = ["MedRegDataset", "MedRegConcatDataset", "build_training_dataset", "line_offsets"]
+
+logger = logging.getLogger(__name__)
+
+
+def line_offsets(path: str | Path) -> np.ndarray:
+    """Byte offset of the start of every line, plus the file size at the end (``len = n_lines + 1``)."""
+    offsets = [0]
+    with open(path, "rb") as fh:
+        for raw in fh:
+            offsets.append(offsets[-1] + len(raw))
+    return np.asarray(offsets, dtype=np.int64)
+
+
+class MedRegDataset(Dataset):
+    """One registry entry as a map-style dataset (see the module docstring).
+
+    Args:
+        spec: the registry entry (:func:`internvl.data.registry.load_meta`).
+        tokenizer: a fast tokenizer with the InternVL special tokens.
+        template: chat template name. image_settings: tiling (:class:`ImageSettings`; ``max_dynamic_patch`` of the
+        entry overrides it). num_image_token: tokens per tile (256). max_seq_length: token limit per sample.
+        prompt_order: ``"train"`` (original) or ``"inference"``. strict: raise on bad records (else skip + report).
+        augment: ``None`` follows the entry's ``data_augment``. augment_config: crop/flip parameters.
+        image_check: how much of each image the scan checks (``none``/``exists``/``header``/``decode``).
+        truncation: ``"error"`` or ``"right"`` (see :func:`encode_conversation`).
+    """
+
+    def __init__(
+        self,
+        spec: DatasetSpec,
+        tokenizer: Any,
+        *,
+        template: str = "Hermes-2",
+        image_settings: ImageSettings | None = None,
+        num_image_token: int = 256,
+        max_seq_length: int | None = 2048,
+        prompt_order: str = "train",
+        system_message: str | None = None,
+        strict: bool = True,
+        augment: bool | None = None,
+        augment_config: AugmentConfig | None = None,
+        image_check: str = "exists",
+        truncation: str = "error",
+        seed: int = 0,
+    ) -> None:
+        self.spec = spec
+        self.tokenizer = tokenizer
+        self.template = template
+        settings = image_settings or ImageSettings()
+        if spec.max_dynamic_patch is not None:
+            settings = settings.replace(max_dynamic_patch=spec.max_dynamic_patch)
+        self.image_settings = settings
+        self.num_image_token = num_image_token
+        self.max_seq_length = max_seq_length
+        self.prompt_order = prompt_order
+        self.system_message = system_message
+        self.strict = strict
+        self.augment = BoxAwareAugment(augment_config or AugmentConfig()) if (
+            spec.data_augment if augment is None else augment) else None
+        self.truncation = truncation
+        self.seed = seed
+        self.epoch = 0
+        self.file = str(spec.annotation)
+        self.tally = ProblemTally()
+        self.runtime_tally = ProblemTally()
+        self._lengths: list[int] | None = None
+
+        self._offsets = line_offsets(spec.annotation)
+        n_lines = len(self._offsets) - 1
+        wanted = spec.select_lines(n_lines)
+        limit = max(wanted) + 1 if wanted else 0
+        checker = RecordChecker(image_root=spec.root, image_check=image_check)
+        good: set[int] = set()
+        for line, item in read_jsonl(spec.annotation):
+            if line == 0 or line > limit:
+                if line == 0:  # the file itself could not be read
+                    raise BadRecordError([item])  # type: ignore[list-item]
+                break
+            self.tally.seen += 1
+            problems = [item] if isinstance(item, RecordProblem) else checker.check(item, file=self.file, line=line)
+            if problems:
+                if strict:
+                    raise BadRecordError(problems)
+                self.tally.add(problems)
+                continue
+            self.tally.kept += 1
+            good.add(line - 1)
+        self._lines = np.asarray([i for i in wanted if i in good], dtype=np.int64)
+        if self.tally.skipped:
+            logger.warning("%s (%s): %s", spec.name, self.file, self.tally.summary())
+        if len(self._lines) == 0:
+            raise BadRecordError([RecordProblem(self.file, 0, "bad-field", f"dataset {spec.name!r} has no usable records")])
+
+    # ---------------------------------------------------------------------------------------------- access
+    def __len__(self) -> int:
+        return int(len(self._lines))
+
+    def set_epoch(self, epoch: int) -> None:
+        """Change the augmentation randomness (same seed + epoch + index -> same sample)."""
+        self.epoch = int(epoch)
+
+    def line_number(self, index: int) -> int:
+        """1-based jsonl line of item ``index``."""
+        return int(self._lines[index]) + 1
+
+    def read_record(self, index: int) -> dict:
+        """The raw record of item ``index`` (one seek + one line read)."""
+        row = int(self._lines[index])
+        start, end = int(self._offsets[row]), int(self._offsets[row + 1])
+        with open(self.spec.annotation, "rb") as fh:
+            fh.seek(start)
+            raw = fh.read(end - start)
+        if row == 0 and raw.startswith(b"\xef\xbb\xbf"):
+            raw = raw[3:]
+        try:
+            record = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise BadRecordError([RecordProblem(self.file, row + 1, "invalid-json",
+                                                f"line changed since the dataset scan: {exc}")]) from None
+        return record
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        tries = 0
+        while True:
+            try:
+                return self._build(index)
+            except BadRecordError as exc:
+                if self.strict:
+                    raise
+                tries += 1
+                self.runtime_tally.seen += 1
+                self.runtime_tally.add(exc.problems)
+                for p in exc.problems:
+                    logger.warning("%s (skipped; serving the next record instead)", p)
+                if tries >= min(len(self), 100):
+                    raise BadRecordError(exc.problems + [RecordProblem(
+                        self.file, 0, "encode-error", f"{tries} consecutive records failed; giving up")]) from None
+                index = (index + 1) % len(self)
+
+    def _build(self, index: int) -> dict[str, torch.Tensor]:
+        record = self.read_record(index)
+        line = self.line_number(index)
+        where = f"{self.file}:{line}"
+
+        def fail(reason: str, message: str) -> BadRecordError:
+            return BadRecordError([RecordProblem(self.file, line, reason, message)])
+
+        turns = record["conversations"]
+        images = []
+        for rel in image_paths(record):
+            try:
+                images.append(load_image(resolve_image(rel, self.spec.root)))
+            except ImageLoadError as exc:
+                raise fail("corrupt-image", f"image {rel!r}: {exc.reason}") from None
+            except ValueError as exc:
+                raise fail("image-outside-root", str(exc)) from None
+        if self.augment is not None and images:
+            rng = np.random.default_rng([self.seed, self.epoch, int(self._lines[index]), index])
+            try:
+                images, turns, _ = self.augment(images, turns, rng)
+            except RegionError as exc:
+                raise fail("bad-box", str(exc)) from None
+        if images:
+            max_num = max(1, self.image_settings.max_dynamic_patch // len(images))
+            pixel_values, num_patches = images_to_pixel_values(images, self.image_settings, max_num=max_num)
+            image_flags = torch.ones(pixel_values.shape[0], dtype=torch.long)
+        else:
+            pixel_values, num_patches = dummy_pixel_values(self.image_settings.image_size), []
+            image_flags = torch.zeros(1, dtype=torch.long)
+        try:
+            sample = encode_conversation(
+                turns, self.tokenizer, template=self.template, num_patches_list=num_patches,
+                num_image_token=self.num_image_token, base_prompt=self.spec.base_prompt,
+                prompt_order=self.prompt_order, system_message=self.system_message,
+                max_length=self.max_seq_length, truncation=self.truncation, where=where,
+            )
+        except EncodeError as exc:
+            reason = "too-long" if "max_length" in str(exc) else "encode-error"
+            raise BadRecordError([RecordProblem(self.file, line, reason, str(exc).removeprefix(where + ": "))]) from None
+        return {"input_ids": sample.input_ids, "labels": sample.labels, "pixel_values": pixel_values,
+                "image_flags": image_flags}
+
+    # ---------------------------------------------------------------------------------------------- lengths
+    @property
+    def lengths(self) -> list[int]:
+        """Approximate token length per item (computed once, on first use)."""
+        if self._lengths is None:
+            s = self.image_settings
+            tiles = (s.max_dynamic_patch + int(s.use_thumbnail)) if s.dynamic_image_size else 1
+            overhead = len(self.tokenizer.encode("<|im_start|>system\nAnswer the questions.<|im_end|>"
+                                                 "<|im_start|>user\n<|im_end|><|im_start|>assistant\n<|im_end|>",
+                                                 add_special_tokens=False))
+            fixed: dict[int, int] = {}
+            texts: list[str] = []
+            text_items: list[int] = []
+            extra: list[int] = []
+            for i in range(len(self)):
+                record = self.read_record(i)
+                if isinstance(record.get("length"), int) and not isinstance(record.get("length"), bool):
+                    fixed[i] = int(record["length"])
+                    extra.append(0)
+                    continue
+                n_images = len(image_paths(record))
+                texts.append(self.spec.base_prompt + " " + " ".join(str(t["value"]) for t in record["conversations"]))
+                text_items.append(i)
+                extra.append(overhead + n_images * (self.num_image_token * tiles + 2))
+            counts = [len(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]] if texts else []
+            text_len = dict(zip(text_items, counts))
+            self._lengths = [fixed[i] if i in fixed else text_len[i] + extra[i] for i in range(len(self))]
+        return self._lengths
+
+
+class MedRegConcatDataset(torch.utils.data.ConcatDataset):
+    """The registry's datasets one after another (the original ``ConcatDataset``), with concatenated
+    :attr:`lengths`, a combined :meth:`set_epoch` and :meth:`locate` (dataset name, file line of an index)."""
+
+    datasets: list[MedRegDataset]
+
+    def __init__(self, datasets: Sequence[MedRegDataset]) -> None:
+        super().__init__(list(datasets))
+
+    @property
+    def lengths(self) -> list[int]:
+        """Per-item length estimates of all member datasets, in order."""
+        return [n for d in self.datasets for n in d.lengths]
+
+    def set_epoch(self, epoch: int) -> None:
+        for d in self.datasets:
+            d.set_epoch(epoch)
+
+    def locate(self, index: int) -> tuple[str, str, int]:
+        """``(dataset name, annotation file, 1-based line)`` of a global index."""
+        which = bisect.bisect_right(self.cumulative_sizes, index)
+        local = index - (self.cumulative_sizes[which - 1] if which else 0)
+        d = self.datasets[which]
+        return d.spec.name, d.file, d.line_number(local)
+
+    def problem_summary(self) -> str:
+        """Lenient-mode report of every member: records kept/skipped by reason at scan and at build time."""
+        lines = []
+        for d in self.datasets:
+            lines.append(f"{d.spec.name}: scan {d.tally.summary()}")
+            if d.runtime_tally.seen:
+                lines.append(f"{d.spec.name}: build {d.runtime_tally.summary()}")
+        return "\n".join(lines)
+
+
+def build_training_dataset(
+    meta_path: str | Path,
+    tokenizer: Any,
+    config: Any = None,
+    *,
+    template: str | None = None,
+    max_seq_length: int | None = 2048,
+    strict: bool = True,
+    seed: int = 0,
+    prompt_order: str = "train",
+    base_dir: str | Path | None = None,
+    image_check: str = "exists",
+    augment_config: AugmentConfig | None = None,
+    truncation: str = "error",
+) -> MedRegConcatDataset:
+    """All entries of a meta file as one dataset.
+
+    ``config`` (an ``InternVLChatConfig``, or ``None`` for the V1.2 defaults) gives the tiling settings,
+    ``num_image_token``, the template (unless ``template`` is given; ``Hermes-2`` by default) and ``system_message``.
+    Relative paths in the meta file resolve against ``base_dir`` (default: the working directory).
+    """
+    specs = load_meta(meta_path, base_dir=base_dir)
+    settings = ImageSettings.from_config(config) if config is not None else ImageSettings()
+    n_tokens = int(getattr(config, "num_image_token", 0) or 0) or num_image_tokens(settings.image_size)
+    template_name = template or getattr(config, "template", None) or "Hermes-2"
+    system_message = getattr(config, "system_message", None)
+    datasets = [
+        MedRegDataset(
+            spec, tokenizer, template=template_name, image_settings=settings, num_image_token=n_tokens,
+            max_seq_length=max_seq_length, prompt_order=prompt_order, system_message=system_message, strict=strict,
+            augment_config=augment_config, image_check=image_check, truncation=truncation, seed=seed,
+        )
+        for spec in specs.values()
+    ]
+    return MedRegConcatDataset(datasets)

@@ -1,0 +1,295 @@
+"""One function from a record's conversation to model inputs: :func:`encode_conversation`.
+
+Steps, in order:
+
+1. *Prompt order.* ``"train"`` reproduces the original trainer: for a single-image record every ``<image>`` is taken
+   out of the human turns and put back at the start of the first one, followed by the meta ``base_prompt`` and a
+   space: ``<image>\\n{base_prompt} {question}``. ``"inference"`` is the demo / chat order: a question that has
+   ``<image>`` keeps it where it is (``{base_prompt} {text with <image>}``), one without gets
+   ``{base_prompt} <image>\\n{question}``. Multi-image records always keep their placeholders where they are
+   (one per image, in order) and text-only records have none.
+2. *Template.* The conversation is rendered with a chat template (``Hermes-2`` by default) as ``(text, supervised)``
+   segments; the supervised text is every assistant answer plus ``<|im_end|>``.
+3. *Images.* The i-th ``<image>`` becomes ``<img>`` + ``num_image_token * num_patches_list[i]`` x
+   ``<IMG_CONTEXT>`` + ``</img>``.
+4. *Tokens and labels.* The whole string is tokenised once (so tokens are exactly what ``chat()`` sees at inference:
+   no separate-segment artefacts such as SentencePiece's dummy prefix) with character offsets; a token is supervised
+   when its characters lie in a supervised segment, otherwise its label is ``IGNORE_INDEX``. A token that straddles a
+   segment boundary is an error, and the supervised tokens are decoded back and compared with the supervised text --
+   labels are verified by decoding, not by length bookkeeping (the original silently zeroed a sample on a
+   "tokenization mismatch").
+5. *Length.* Longer than ``max_length``: ``truncation="error"`` (default) raises; ``"right"`` cuts the end only
+   when the cut falls after the last ``</img>`` and supervised tokens remain. Image tokens are never cut.
+
+Every error is an :class:`EncodeError` whose message starts with ``where`` (``FILE:LINE``).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from internvl.constants import (
+    IGNORE_INDEX,
+    IMAGE_PLACEHOLDER,
+    IMG_CONTEXT_TOKEN,
+    IMG_END_TOKEN,
+    IMG_START_TOKEN,
+)
+from internvl.image_processing import expand_image_placeholders
+from internvl.templates import ChatTemplate, TemplateError, get_template
+
+__all__ = ["EncodeError", "EncodedSample", "PROMPT_ORDERS", "apply_prompt_order", "encode_conversation", "make_token_length"]
+
+PROMPT_ORDERS = ("train", "inference")
+
+
+class EncodeError(ValueError):
+    """A record that cannot be turned into model inputs; the message names the record (``FILE:LINE: ...``)."""
+
+
+@dataclass
+class EncodedSample:
+    """Model inputs of one sample.
+
+    ``input_ids``/``labels``: LongTensor ``[L]``; ``labels`` is ``IGNORE_INDEX`` outside the supervised text.
+    ``num_patches_list``: tiles per image (empty for text-only). ``text``: the rendered, image-expanded string.
+    ``supervised_text``: the answers + ``<|im_end|>`` the labels encode (after any truncation).
+    """
+
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    num_patches_list: list[int]
+    text: str
+    supervised_text: str
+    truncated: bool = False
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def num_supervised(self) -> int:
+        """Number of supervised label positions."""
+        return int((self.labels != IGNORE_INDEX).sum())
+
+
+def _strip_placeholders(text: str) -> str:
+    return text.replace(IMAGE_PLACEHOLDER + "\n", "").replace(IMAGE_PLACEHOLDER, "").strip()
+
+
+def _join(base_prompt: str, text: str) -> str:
+    return f"{base_prompt} {text}" if base_prompt else text
+
+
+def apply_prompt_order(
+    conversations: Sequence[Mapping[str, Any]], num_images: int, base_prompt: str = "", prompt_order: str = "train", where: str = "<record>"
+) -> list[dict[str, str]]:
+    """The conversation with ``base_prompt`` and ``<image>`` placed as ``prompt_order`` says (see module docstring).
+
+    Returns ``[{"from": ..., "value": ...}]`` copies; raises :class:`EncodeError` when the placeholders cannot match
+    the images (a multi-image record needs exactly one ``<image>`` per image; a text-only record none).
+    """
+    if prompt_order not in PROMPT_ORDERS:
+        raise EncodeError(f"{where}: prompt_order must be one of {PROMPT_ORDERS}, got {prompt_order!r}")
+    turns = [{"from": str(t.get("from")), "value": str(t.get("value"))} for t in conversations]
+    if not turns:
+        raise EncodeError(f"{where}: empty conversation")
+    human = [i for i, t in enumerate(turns) if t["from"] == "human"]
+    if not human:
+        raise EncodeError(f"{where}: no human turn")
+    first = human[0]
+    count = sum(turns[i]["value"].count(IMAGE_PLACEHOLDER) for i in human)
+    in_answers = [i + 1 for i, t in enumerate(turns) if t["from"] != "human" and IMAGE_PLACEHOLDER in t["value"]]
+    if in_answers:
+        raise EncodeError(f"{where}: {IMAGE_PLACEHOLDER} in answer turn(s) {in_answers}")
+
+    if num_images == 1 and count in (0, 1):
+        if prompt_order == "train":
+            for i in human:
+                turns[i]["value"] = _strip_placeholders(turns[i]["value"]) if IMAGE_PLACEHOLDER in turns[i]["value"] else turns[i]["value"]
+            turns[first]["value"] = IMAGE_PLACEHOLDER + "\n" + _join(base_prompt, turns[first]["value"])
+        else:
+            owner = next((i for i in human if IMAGE_PLACEHOLDER in turns[i]["value"]), None)
+            if owner is None:
+                turns[first]["value"] = _join(base_prompt, IMAGE_PLACEHOLDER + "\n" + turns[first]["value"])
+            else:
+                turns[first]["value"] = _join(base_prompt, turns[first]["value"])
+        return turns
+    if count != num_images:
+        raise EncodeError(f"{where}: {count} {IMAGE_PLACEHOLDER} placeholder(s) for {num_images} image(s)")
+    turns[first]["value"] = _join(base_prompt, turns[first]["value"])
+    return turns
+
+
+def _token_ids(tokenizer: Any, token: str) -> int:
+    ids = tokenizer.encode(token, add_special_tokens=False)
+    if len(ids) != 1:
+        raise EncodeError(f"tokenizer does not have {token!r} as a single token; call internvl.tokenization.add_special_tokens")
+    return ids[0]
+
+
+def encode_conversation(
+    conversations: Sequence[Mapping[str, Any]],
+    tokenizer: Any,
+    *,
+    template: str | ChatTemplate = "Hermes-2",
+    num_patches_list: Sequence[int] = (),
+    num_image_token: int = 256,
+    base_prompt: str = "",
+    prompt_order: str = "train",
+    system_message: str | None = None,
+    max_length: int | None = None,
+    truncation: str = "error",
+    where: str = "<record>",
+) -> EncodedSample:
+    """Turn one conversation (record ``conversations``: alternating ``human``/``gpt`` turns) into an
+    :class:`EncodedSample`. ``num_patches_list`` has one entry per image (tiles of that image); empty = text-only.
+    See the module docstring for the rules. Raises :class:`EncodeError` naming ``where``."""
+    if truncation not in ("error", "right"):
+        raise EncodeError(f"{where}: truncation must be 'error' or 'right', got {truncation!r}")
+    tpl = get_template(template) if isinstance(template, str) else template
+    turns = apply_prompt_order(conversations, len(num_patches_list), base_prompt, prompt_order, where)
+    try:
+        segments = tpl.segments(turns, system_message)
+    except TemplateError as exc:
+        raise EncodeError(f"{where}: {exc}") from None
+
+    # Expand the image placeholders segment by segment (they only occur in unsupervised user turns).
+    expanded: list[tuple[str, bool]] = []
+    remaining = list(num_patches_list)
+    for text, supervised in segments:
+        n = text.count(IMAGE_PLACEHOLDER)
+        if n:
+            if supervised:
+                raise EncodeError(f"{where}: {IMAGE_PLACEHOLDER} inside supervised text")
+            text = expand_image_placeholders(text, remaining[:n], num_image_token)
+            remaining = remaining[n:]
+        expanded.append((text, supervised))
+
+    full = "".join(t for t, _ in expanded)
+    try:
+        enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    except (NotImplementedError, TypeError, ValueError) as exc:
+        raise EncodeError(f"{where}: the tokenizer must be a fast tokenizer with offsets ({exc})") from None
+    ids: list[int] = list(enc["input_ids"])
+    offsets: list[tuple[int, int]] = [tuple(o) for o in enc["offset_mapping"]]
+
+    # Character spans of the supervised segments.
+    spans: list[tuple[int, int]] = []
+    pos = 0
+    for text, supervised in expanded:
+        if supervised:
+            spans.append((pos, pos + len(text)))
+        pos += len(text)
+
+    labels = [IGNORE_INDEX] * len(ids)
+    span_i = 0
+    for k, (start, end) in enumerate(offsets):
+        if end <= start:  # zero-width token (e.g. a dummy-prefix piece): belongs to what follows
+            end = start + 1 if start < len(full) else start
+        while span_i < len(spans) and spans[span_i][1] <= start:
+            span_i += 1
+        if span_i < len(spans):
+            s, e = spans[span_i]
+            inside = s <= start and end <= e
+            overlaps = start < e and end > s
+            if inside:
+                labels[k] = ids[k]
+            elif overlaps:
+                piece = full[start:end]
+                raise EncodeError(f"{where}: token {piece!r} crosses the boundary of the supervised answer text; "
+                                  "the tokenizer merges prompt and answer characters")
+
+    # Image-token bookkeeping.
+    ctx_id = _token_ids(tokenizer, IMG_CONTEXT_TOKEN) if num_patches_list else None
+    if ctx_id is not None:
+        want = num_image_token * sum(num_patches_list)
+        got = sum(1 for i in ids if i == ctx_id)
+        if got != want:
+            raise EncodeError(f"{where}: {got} {IMG_CONTEXT_TOKEN} tokens after tokenisation, expected {want}")
+
+    truncated = False
+    if max_length is not None and len(ids) > max_length:
+        last_img_end = -1
+        if num_patches_list:
+            end_id = _token_ids(tokenizer, IMG_END_TOKEN)
+            last_img_end = max(i for i, t in enumerate(ids) if t == end_id)
+        can_cut = truncation == "right" and last_img_end < max_length and any(
+            lab != IGNORE_INDEX for lab in labels[:max_length])
+        if not can_cut:
+            why = ("" if truncation == "error" else
+                   "; cutting would split the image tokens or leave no supervised token")
+            raise EncodeError(f"{where}: {len(ids)} tokens > max_length {max_length}{why}")
+        ids, labels, truncated = ids[:max_length], labels[:max_length], True
+
+    # Verify the labels by decoding them: each run of supervised tokens must decode to its supervised text.
+    texts = [full[s:e] for s, e in spans]
+    decoded = _decode_runs(tokenizer, ids, labels)
+    if truncated:
+        texts = texts[:len(decoded)]
+    for k, (got, want) in enumerate(zip(decoded, texts)):
+        if truncated and k == len(decoded) - 1:
+            ok = want.lstrip().startswith(got.lstrip())
+        else:
+            ok = got == want or got.lstrip() == want.lstrip()  # decoders drop a run's leading space
+        if not ok:
+            raise EncodeError(f"{where}: supervised tokens of answer {k + 1} decode to {got!r}, expected {want!r}")
+    if len(decoded) != len(texts):
+        raise EncodeError(f"{where}: {len(decoded)} supervised token runs for {len(texts)} answers")
+    supervised_text = "".join(decoded) if truncated else "".join(texts)
+
+    if num_patches_list:
+        start_id = _token_ids(tokenizer, IMG_START_TOKEN)
+        if sum(1 for i in ids if i == start_id) != len(num_patches_list):
+            raise EncodeError(f"{where}: {IMG_START_TOKEN} count does not match {len(num_patches_list)} image(s)")
+
+    return EncodedSample(
+        input_ids=torch.tensor(ids, dtype=torch.long),
+        labels=torch.tensor(labels, dtype=torch.long),
+        num_patches_list=list(num_patches_list),
+        text=full,
+        supervised_text=supervised_text,
+        truncated=truncated,
+    )
+
+
+def _decode_runs(tokenizer: Any, ids: list[int], labels: list[int]) -> list[str]:
+    """Decode each maximal run of supervised positions separately."""
+    runs: list[list[int]] = []
+    current: list[int] = []
+    for tok, lab in zip(ids, labels):
+        if lab != IGNORE_INDEX:
+            current.append(tok)
+        elif current:
+            runs.append(current)
+            current = []
+    if current:
+        runs.append(current)
+    return [tokenizer.decode(run, skip_special_tokens=False, clean_up_tokenization_spaces=False) for run in runs]
+
+
+def make_token_length(
+    tokenizer: Any,
+    *,
+    template: str | ChatTemplate = "Hermes-2",
+    num_image_token: int = 256,
+    tiles_per_image: int = 1,
+    base_prompt: str = "",
+    prompt_order: str = "train",
+) -> Callable[[dict], int]:
+    """A ``record -> token length`` function for ``RecordChecker(max_length=..., token_length=...)`` and length
+    grouping. Exact for one tile per image (V1.2); with dynamic tiling pass the expected ``tiles_per_image``."""
+
+    def token_length(record: dict) -> int:
+        image = record.get("image")
+        n_images = 0 if image is None else (1 if isinstance(image, str) else len(image))
+        sample = encode_conversation(
+            record["conversations"], tokenizer, template=template, num_patches_list=[tiles_per_image] * n_images,
+            num_image_token=num_image_token, base_prompt=base_prompt, prompt_order=prompt_order,
+        )
+        return len(sample)
+
+    return token_length

@@ -1,0 +1,157 @@
+"""The ``meta_file.json`` dataset registry, exactly as the original InternVL / MedRegA trainer reads it.
+
+A meta file maps a dataset name to an entry::
+
+    {
+      "slake_train_vqa": {
+        "root": "data/images/Slake/Slake1.0",            # image directory; record image paths are relative to it
+        "annotation": "data/train_json/vqa/slake.jsonl",  # MedRegInstruct jsonl (must end in .jsonl)
+        "length": 5972,                                   # informational only (not read by the loader)
+        "repeat_time": 1,                                 # < 1: first fraction of lines; > 1: an integer repeat
+        "data_augment": false,                            # box-aware random resized crop (see data/transforms.py)
+        "base_prompt": "You are a helpful medical assistant. ...",  # prepended to the first question
+        "max_dynamic_patch": 6                            # optional per-dataset tile limit (dynamic resolution)
+      }
+    }
+
+Relative ``root``/``annotation`` paths are resolved against ``base_dir`` -- by default the current working
+directory, as the original trainer (launched from the repository root) did. Every problem is reported as
+``FILE:LINE: dataset 'name': reason``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import numbers
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["DatasetSpec", "MetaFileError", "load_meta", "KNOWN_KEYS"]
+
+KNOWN_KEYS = ("root", "annotation", "length", "repeat_time", "data_augment", "base_prompt", "max_dynamic_patch")
+
+
+class MetaFileError(ValueError):
+    """A meta file that cannot be used; the message starts with ``FILE:LINE:``."""
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """One registry entry with paths resolved; ``name`` is the meta-file key."""
+
+    name: str
+    root: Path
+    annotation: Path
+    length: int | None = None
+    repeat_time: float = 1.0
+    data_augment: bool = False
+    base_prompt: str = ""
+    max_dynamic_patch: int | None = None
+
+    def select_lines(self, n_lines: int) -> list[int]:
+        """0-based line indices this entry contributes, given the annotation's line count.
+
+        ``repeat_time < 1`` keeps the first ``int(n_lines * repeat_time)`` lines (the original subsampling: a prefix,
+        not a random subset); ``repeat_time > 1`` repeats all lines that many times; 1 keeps them all.
+        """
+        if self.repeat_time < 1:
+            return list(range(int(n_lines * self.repeat_time)))
+        return list(range(n_lines)) * int(self.repeat_time)
+
+
+def _line_of_key(text: str, key: str) -> int:
+    """1-based line where ``"key":`` first appears (best effort for error messages; 1 if not found)."""
+    needle = json.dumps(key)
+    for number, line in enumerate(text.splitlines(), start=1):
+        if needle in line:
+            return number
+    return 1
+
+
+def _resolve(value: str, base_dir: Path) -> Path:
+    path = Path(os.path.expanduser(value))
+    return path if path.is_absolute() else base_dir / path
+
+
+def load_meta(path: str | os.PathLike, *, base_dir: str | os.PathLike | None = None, check_paths: bool = True) -> dict[str, DatasetSpec]:
+    """Read and validate a meta file; returns ``{name: DatasetSpec}`` in file order.
+
+    Checks: valid JSON object of objects; ``root`` and ``annotation`` present and non-empty strings; ``annotation``
+    ends with ``.jsonl``; ``repeat_time`` a positive number and an integer when above 1; ``length`` a non-negative
+    integer; ``data_augment`` a boolean; ``base_prompt`` a string; ``max_dynamic_patch`` a positive integer; no
+    unknown keys (typos such as ``repeat_times`` would otherwise be ignored). With ``check_paths`` the annotation
+    file and the root directory must exist. Raises :class:`MetaFileError` (``FILE:LINE: dataset 'x': reason``).
+    """
+    meta_path = Path(path)
+    base = Path(base_dir) if base_dir is not None else Path.cwd()
+    try:
+        text = meta_path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise MetaFileError(f"{meta_path}:0: cannot read meta file: {exc}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise MetaFileError(f"{meta_path}:{exc.lineno}: invalid JSON: {exc.msg} (column {exc.colno})") from None
+    if not isinstance(data, dict) or not data:
+        raise MetaFileError(f"{meta_path}:1: a meta file must be a non-empty JSON object of dataset entries")
+
+    specs: dict[str, DatasetSpec] = {}
+    for name, entry in data.items():
+        where = f"{meta_path}:{_line_of_key(text, name)}: dataset {name!r}"
+        specs[name] = _parse_entry(name, entry, where, base, check_paths)
+    return specs
+
+
+def _parse_entry(name: str, entry: Any, where: str, base: Path, check_paths: bool) -> DatasetSpec:
+    def fail(reason: str) -> MetaFileError:
+        return MetaFileError(f"{where}: {reason}")
+
+    if not isinstance(entry, dict):
+        raise fail(f"entry must be an object, got {type(entry).__name__}")
+    unknown = sorted(set(entry) - set(KNOWN_KEYS))
+    if unknown:
+        raise fail(f"unknown key(s) {unknown}; known keys are {list(KNOWN_KEYS)}")
+    for key in ("root", "annotation"):
+        if not isinstance(entry.get(key), str) or not entry[key].strip():
+            raise fail(f"'{key}' must be a non-empty string, got {entry.get(key)!r}")
+    if not entry["annotation"].endswith(".jsonl"):
+        raise fail(f"'annotation' must be a .jsonl file, got {entry['annotation']!r}")
+
+    repeat = entry.get("repeat_time", 1)
+    if isinstance(repeat, bool) or not isinstance(repeat, numbers.Real) or not math.isfinite(repeat) or repeat <= 0:
+        raise fail(f"'repeat_time' must be a positive number, got {repeat!r}")
+    if repeat > 1 and float(repeat) != int(repeat):
+        raise fail(f"'repeat_time' above 1 must be an integer (repeats), got {repeat!r}")
+
+    length = entry.get("length")
+    if length is not None and (isinstance(length, bool) or not isinstance(length, int) or length < 0):
+        raise fail(f"'length' must be a non-negative integer, got {length!r}")
+    augment = entry.get("data_augment", False)
+    if not isinstance(augment, bool):
+        raise fail(f"'data_augment' must be true or false, got {augment!r}")
+    base_prompt = entry.get("base_prompt", "")
+    if not isinstance(base_prompt, str):
+        raise fail(f"'base_prompt' must be a string, got {type(base_prompt).__name__}")
+    max_patch = entry.get("max_dynamic_patch")
+    if max_patch is not None and (isinstance(max_patch, bool) or not isinstance(max_patch, int) or max_patch < 1):
+        raise fail(f"'max_dynamic_patch' must be a positive integer, got {max_patch!r}")
+
+    root = _resolve(entry["root"], base)
+    annotation = _resolve(entry["annotation"], base)
+    if check_paths:
+        if not annotation.is_file():
+            raise fail(f"annotation file not found: {annotation}")
+        if not root.is_dir():
+            raise fail(f"image root directory not found: {root}")
+    return DatasetSpec(
+        name=name,
+        root=root,
+        annotation=annotation,
+        length=length,
+        repeat_time=float(repeat),
+        data_augment=augment,
+        base_prompt=base_prompt,
+        max_dynamic_patch=max_patch,
+    )
