@@ -1,0 +1,206 @@
+"""``medrega-data``: check annotation files and meta registries, convert datasets, show prompts.
+
+    medrega-data check META_OR_JSONL [--image-root DIR] [--strict] [--images decode]
+                       [--max-length 2048 --tokenizer DIR]
+    medrega-data convert {coco,vindr,masks,classification,vqa} ... --out OUT.jsonl
+    medrega-data prompts [TASK] [--lang zh]
+
+``check`` prints one line per problem (``FILE:LINE: reason: message``), then a count by reason, and exits 1
+when anything is wrong (2 for usage errors). A ``.json`` argument is read as a ``meta_file.json`` registry and
+every dataset's annotation is checked against its own ``root`` and ``base_prompt``. Also runnable as
+``python -m internvl.data``.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import Counter
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from internvl.data.records import IMAGE_CHECKS, BadRecordError, ProblemTally, RecordChecker, iter_records
+
+__all__ = ["main", "build_parser"]
+
+
+def _token_length_factory(args: argparse.Namespace) -> Callable[[str], Callable[[dict], int]] | None:
+    """``base_prompt -> token_length`` using the encoder and a local tokenizer, or None without --max-length."""
+    if args.max_length is None:
+        return None
+    if not args.tokenizer:
+        raise SystemExit("medrega-data check: --max-length needs --tokenizer DIR (a local tokenizer directory)")
+    from internvl.data.encode import make_token_length
+    from internvl.tokenization import load_tokenizer
+
+    tokenizer = load_tokenizer(args.tokenizer)
+
+    def factory(base_prompt: str) -> Callable[[dict], int]:
+        return make_token_length(tokenizer, template=args.template, num_image_token=args.num_image_token,
+                                 base_prompt=base_prompt, prompt_order=args.prompt_order)
+
+    return factory
+
+
+def _check_file(
+    path: Path, checker: RecordChecker, *, strict: bool, out, totals: Counter, max_print: int
+) -> ProblemTally:
+    tally = ProblemTally()
+
+    def show(problem) -> None:
+        totals["printed"] += 1
+        if not max_print or totals["printed"] <= max_print:
+            print(problem, file=out)
+
+    if strict:
+        try:
+            for _ in iter_records(path, checker, strict=True, tally=tally):
+                pass
+        except BadRecordError as exc:
+            for p in exc.problems:
+                show(p)
+            tally.add(exc.problems)
+    else:
+        for _ in iter_records(path, checker, strict=False, tally=tally, on_problem=show):
+            pass
+    return tally
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    path = Path(args.path)
+    out = sys.stdout
+    factory = _token_length_factory(args)
+    targets: list[tuple[str, Path, Path | None, str]] = []  # (label, annotation, root, base_prompt)
+    if path.suffix == ".json":
+        from internvl.data.registry import MetaFileError, load_meta
+
+        if args.image_root:
+            print("medrega-data check: --image-root applies to a .jsonl; a meta file names each dataset's root",
+                  file=sys.stderr)
+            return 2
+        try:
+            specs = load_meta(path, base_dir=args.base_dir)
+        except MetaFileError as exc:
+            print(exc, file=out)
+            print("1 problem: meta file", file=out)
+            return 1
+        targets = [(name, spec.annotation, spec.root, spec.base_prompt) for name, spec in specs.items()]
+    else:
+        targets = [(str(path), path, Path(args.image_root) if args.image_root else None, "")]
+
+    totals: Counter = Counter()
+    by_reason: Counter = Counter()
+    seen = kept = 0
+    for label, annotation, root, base_prompt in targets:
+        checker = RecordChecker(
+            image_root=root, image_check=args.images, require_answer=not args.allow_no_answer,
+            max_length=args.max_length, token_length=factory(base_prompt) if factory else None,
+        )
+        tally = _check_file(annotation, checker, strict=args.strict, out=out, totals=totals, max_print=args.max_print)
+        by_reason.update(tally.by_reason)
+        seen, kept = seen + tally.seen, kept + tally.kept
+        if len(targets) > 1:
+            print(f"# {label}: {tally.kept} of {tally.seen} records ok", file=out)
+        if args.strict and tally.by_reason:
+            break
+    hidden = totals["printed"] - args.max_print if args.max_print else 0
+    if hidden > 0:
+        print(f"... {hidden} more problem lines not shown (--max-print)", file=out)
+    n_problems = sum(by_reason.values())
+    if n_problems:
+        counts = ", ".join(f"{reason} {n}" for reason, n in sorted(by_reason.items()))
+        stop = " (stopped at the first bad record: --strict)" if args.strict else ""
+        print(f"{n_problems} problem(s) in {seen} record(s), {kept} ok{stop}: {counts}", file=out)
+        return 1
+    print(f"ok: {kept} record(s), no problems", file=out)
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from internvl.data.convert import ConvertError, get_converter
+
+    module = get_converter(args.format)
+    try:
+        report = module.run(args)
+    except ConvertError as exc:
+        print(f"medrega-data convert {args.format}: {exc}", file=sys.stderr)
+        return 1
+    for n, problem in enumerate(report.problems):
+        if args.max_print and n >= args.max_print:
+            print(f"... {len(report.problems) - n} more problem lines not shown (--max-print)")
+            break
+        print(problem)
+    print(report.summary())
+    if report.written == 0:
+        print(f"medrega-data convert {args.format}: nothing was written", file=sys.stderr)
+        return 1
+    return 1 if args.strict and report.n_skipped else 0
+
+
+def cmd_prompts(args: argparse.Namespace) -> int:
+    from internvl.data.prompts import PromptError, get_prompt, list_tasks
+
+    if not args.task:
+        for task in list_tasks():
+            tp = get_prompt(task, args.lang)
+            print(f"{task:22s} {tp.description}")
+        return 0
+    try:
+        tp = get_prompt(args.task, args.lang)
+    except PromptError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    print(f"task: {tp.task} ({tp.lang})  source: {tp.source}\nfile: {tp.file}\nbase_prompt: {tp.base_prompt!r}")
+    questions = tp.questions if isinstance(tp.questions, dict) else {"questions": tp.questions}
+    for key, templates in questions.items():
+        for t in templates:
+            print(f"{key}: {t!r}")
+    print(f"answer: {tp.answer!r}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="medrega-data", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    check = sub.add_parser("check", help="validate a meta_file.json or an annotation .jsonl")
+    check.add_argument("path", help="meta_file.json or annotation .jsonl")
+    check.add_argument("--image-root", help="image directory for a .jsonl (default: the jsonl's directory)")
+    check.add_argument("--base-dir", help="directory that relative meta-file paths are resolved against (default: cwd)")
+    check.add_argument("--strict", action="store_true", help="stop at the first bad record")
+    check.add_argument("--images", choices=IMAGE_CHECKS, default="decode",
+                       help="image check: none, exists, header, or decode (default: full decode)")
+    check.add_argument("--allow-no-answer", action="store_true", help="accept records ending with a human turn")
+    check.add_argument("--max-length", type=int, help="flag records longer than this many tokens (needs --tokenizer)")
+    check.add_argument("--tokenizer", help="local tokenizer directory for --max-length")
+    check.add_argument("--template", default="Hermes-2", help="chat template for --max-length (default Hermes-2)")
+    check.add_argument("--num-image-token", type=int, default=256, help="tokens per image tile (default 256)")
+    check.add_argument("--prompt-order", choices=["train", "inference"], default="train")
+    check.add_argument("--max-print", type=int, default=0, help="print at most this many problem lines (0 = all)")
+    check.set_defaults(func=cmd_check)
+
+    convert = sub.add_parser("convert", help="convert a dataset to MedRegInstruct jsonl")
+    formats = convert.add_subparsers(dest="format", required=True)
+    from internvl.data.convert import CONVERTERS, get_converter
+
+    for name in CONVERTERS:
+        module = get_converter(name)
+        p = formats.add_parser(name, help=module.HELP, description=module.__doc__)
+        module.add_arguments(p)
+        p.add_argument("--max-print", type=int, default=50, help="print at most this many skipped items (0 = all)")
+        p.set_defaults(func=cmd_convert)
+
+    prompts = sub.add_parser("prompts", help="list prompt tasks or show one task's wording")
+    prompts.add_argument("task", nargs="?")
+    prompts.add_argument("--lang", choices=["en", "zh"], default="en")
+    prompts.set_defaults(func=cmd_prompts)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``medrega-data`` console script; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""Converters from common medical dataset formats to MedRegInstruct jsonl.
+
+One module per source format; each exposes ``NAME``, ``HELP``, ``add_arguments(parser)`` and ``run(args) ->
+ConvertReport`` for the ``medrega-data convert <format>`` CLI, plus a plain Python function that returns
+``(records, report)``. All records are made by :func:`internvl.data.prompts.build_record` and then go through the
+same :class:`~internvl.data.records.RecordChecker` as training, so a converter cannot write a record that training
+would reject. Every input item that is not converted is counted in the :class:`ConvertReport` by reason, with its
+``FILE:LINE`` (for JSON documents the "line" is the 1-based index in the named array).
+
+Formats: ``coco`` (detection json), ``vindr`` (per-radiologist box CSV), ``masks`` (segmentation label maps:
+PNG, NIfTI, DICOM SEG), ``classification`` (class folders or CSV), ``vqa`` (SLAKE / VQA-RAD json).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from importlib import import_module
+from pathlib import Path
+from typing import Any
+
+from internvl.data.prompts import LANGS
+from internvl.data.records import RecordChecker, RecordProblem
+
+__all__ = ["CONVERTERS", "ConvertError", "ConvertReport", "add_common_arguments", "finish", "get_converter", "write_jsonl"]
+
+#: format name -> module (imported lazily so that the CLI starts fast)
+CONVERTERS: dict[str, str] = {
+    "coco": "internvl.data.convert.coco",
+    "vindr": "internvl.data.convert.vindr",
+    "masks": "internvl.data.convert.masks",
+    "classification": "internvl.data.convert.classification",
+    "vqa": "internvl.data.convert.vqa",
+}
+
+#: How many individual problems a report keeps for printing (all are counted).
+MAX_KEPT_PROBLEMS = 1000
+
+
+class ConvertError(ValueError):
+    """The input as a whole cannot be converted (unreadable file, wrong structure, missing columns)."""
+
+
+@dataclass
+class ConvertReport:
+    """What a conversion wrote and what it skipped, by reason."""
+
+    source: str
+    written: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    problems: list[RecordProblem] = field(default_factory=list)
+    output: str | None = None
+
+    def skip(self, file: str | Path, line: int, reason: str, message: str) -> None:
+        """Count one skipped input item and keep its problem line (up to MAX_KEPT_PROBLEMS)."""
+        self.skipped[reason] += 1
+        if len(self.problems) < MAX_KEPT_PROBLEMS:
+            self.problems.append(RecordProblem(str(file), line, reason, message))
+
+    @property
+    def n_skipped(self) -> int:
+        return sum(self.skipped.values())
+
+    def summary(self) -> str:
+        """``"coco: wrote 12 records to out.jsonl; skipped 3: bad-bbox 2, unknown-image 1"``."""
+        where = f" to {self.output}" if self.output else ""
+        text = f"{self.source}: wrote {self.written} records{where}"
+        if self.skipped:
+            text += f"; skipped {self.n_skipped}: " + ", ".join(f"{r} {n}" for r, n in sorted(self.skipped.items()))
+        else:
+            text += "; skipped 0"
+        return text
+
+
+def write_jsonl(records: Iterable[dict], path: str | Path) -> int:
+    """Write records as UTF-8 jsonl (non-ASCII kept readable); returns the count. Creates parent directories."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    n = 0
+    with open(path, "w", encoding="utf-8") as fh:
+        for record in records:
+            fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+            n += 1
+    return n
+
+
+def finish(
+    items: Iterable[tuple[str, int, dict]],
+    report: ConvertReport,
+    *,
+    image_root: str | Path | None,
+    image_check: str = "exists",
+) -> list[dict]:
+    """Run every built record through the training record checks; bad ones are counted in ``report``.
+
+    ``items`` are ``(source_file, source_line, record)``. With ``image_root=None`` image files are not checked
+    (paths are still required to be relative and inside the root).
+    """
+    checker = RecordChecker(image_root=image_root or ".", image_check=image_check if image_root else "none")
+    kept = []
+    for file, line, record in items:
+        problems = checker.check(record, file=file, line=line)
+        if problems:
+            for p in problems:
+                report.skip(file, line, p.reason, p.message)
+            continue
+        kept.append(record)
+    return kept
+
+
+def add_common_arguments(parser: argparse.ArgumentParser, *, tasks: list[str], default_task: str) -> None:
+    """Options every converter shares: output, task, language, image root and check level, id prefix."""
+    parser.add_argument("--out", required=True, help="output MedRegInstruct .jsonl")
+    parser.add_argument("--task", choices=tasks, default=default_task, help=f"prompt task (default {default_task})")
+    parser.add_argument("--lang", choices=LANGS, default="en", help="prompt language (default en)")
+    parser.add_argument("--image-root", help="dataset root that record image paths are relative to; "
+                        "when given, every image must exist there")
+    parser.add_argument("--images", dest="image_check", choices=["exists", "header", "decode"], default="exists",
+                        help="how much of each image to check when --image-root is given (default exists)")
+    parser.add_argument("--id-prefix", default="", help="prefix for record ids")
+    parser.add_argument("--no-base-prompt", action="store_true",
+                        help="write raw questions (the meta_file.json base_prompt supplies the task prompt)")
+    parser.add_argument("--strict", action="store_true", help="exit non-zero if anything was skipped")
+
+
+def get_converter(name: str) -> Any:
+    """The converter module for a format name."""
+    if name not in CONVERTERS:
+        raise ConvertError(f"unknown format {name!r}; choose one of {', '.join(CONVERTERS)}")
+    return import_module(CONVERTERS[name])

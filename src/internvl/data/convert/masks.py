@@ -1,0 +1,368 @@
+"""Segmentation label maps -> Text-to-Region / Region-to-Text records (how SA-Med2D masks became MedRegInstruct boxes).
+
+Label maps: 2D PNG/TIFF with integer label values (mode L, I;16, or palette indices), NIfTI volumes, or a
+single-plane DICOM SEG (segment labels from its SegmentSequence). Each label value becomes one named box
+(``--regions label``: the bounding box of all its pixels) or one box per connected component (``--regions
+component``, 8-connected, via ``scipy.ndimage``) for multi-region objects; components smaller than
+``--min-pixels`` are skipped and counted.
+
+Pixel boxes are outer edges: a label covering columns 10..19 gives x1 = 10, x2 = 20, then
+``internvl.regions.pixels_to_box`` maps them to 0-999. For volumes the chosen slices of the image are written as
+PNG (windowed by :func:`internvl.data.images.load_image`) and their boxes come from the same slice of the label
+volume (:func:`internvl.data.images.volume_slice`), so boxes and pixels agree whatever the storage orientation.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from scipy import ndimage
+
+from internvl.data.convert import ConvertError, ConvertReport, add_common_arguments, finish, write_jsonl
+from internvl.data.images import ImageLoadError, detect_format, load_image, probe_image, volume_slice
+from internvl.data.prompts import PromptError, build_record
+from internvl.regions import pixels_to_box
+
+NAME = "masks"
+HELP = "segmentation label maps (PNG, NIfTI, DICOM SEG) -> text_to_region / region_to_text records"
+TASKS = ["text_to_region", "region_to_text"]
+MODES = ("label", "component")
+_NIFTI = (".nii", ".nii.gz")
+
+
+class LabelMapError(ValueError):
+    """A label map that cannot be used (colour image, non-integer values, unsupported SEG)."""
+
+
+def read_label_names(path: str | Path) -> dict[int, str]:
+    """Label value -> name from JSON (``{"1": "liver"}``), CSV (``value,name``) or a text table.
+
+    Text tables: one label a line, ``value name ...`` (mricron ``aal.nii.txt``) or ITK-SNAP
+    (``value r g b a vis mesh "name"``); ``#`` starts a comment. Value 0 (background) is ignored.
+    """
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    names: dict[int, str] = {}
+    if path.suffix.lower() == ".json":
+        data = json.loads(text)
+        items = data.items() if isinstance(data, dict) else enumerate(data)
+        for key, value in items:
+            names[int(key)] = str(value).strip()
+    else:
+        rows = csv.reader(text.splitlines()) if path.suffix.lower() == ".csv" else None
+        lines = [",".join(r) for r in rows] if rows is not None else text.splitlines()
+        for number, line in enumerate(lines, start=1):
+            line = line.split("#", 1)[0].strip() if not line.lstrip().startswith('"') else line.strip()
+            if not line:
+                continue
+            quoted = re.search(r'"([^"]+)"', line)
+            parts = re.split(r"[,\s]+", line)
+            try:
+                value = int(parts[0])
+            except ValueError:
+                if number == 1:
+                    continue  # a header row
+                raise LabelMapError(f"{path}:{number}: expected 'value name', got {line!r}") from None
+            name = quoted.group(1) if quoted else (parts[1] if len(parts) > 1 else "")
+            if not name:
+                raise LabelMapError(f"{path}:{number}: label {value} has no name")
+            names[value] = name.strip()
+    names.pop(0, None)
+    return names
+
+
+def _integer_labels(values: np.ndarray, path: Path) -> np.ndarray:
+    if values.dtype.kind == "f":
+        if not np.isfinite(values).all() or not np.array_equal(values, np.round(values)):
+            raise LabelMapError(f"{path}: label map has non-integer values (is it an image, not a mask?)")
+    out = values.astype(np.int64)
+    if (out < 0).any():
+        raise LabelMapError(f"{path}: label map has negative values")
+    return out
+
+
+def _dicom_seg(path: Path) -> tuple[np.ndarray, dict[int, str]]:
+    import pydicom
+
+    ds = pydicom.dcmread(path)
+    if str(ds.get("Modality", "")) != "SEG" or "SegmentSequence" not in ds:
+        raise LabelMapError(f"{path}: DICOM file is not a segmentation (Modality SEG with a SegmentSequence)")
+    names = {int(s.SegmentNumber): str(s.get("SegmentLabel", f"segment {s.SegmentNumber}")) for s in ds.SegmentSequence}
+    frames = ds.pixel_array
+    if frames.ndim == 2:
+        frames = frames[None]
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    if per_frame is None or len(per_frame) < len(frames):
+        raise LabelMapError(f"{path}: SEG lacks per-frame segment identification for its {len(frames)} frame(s)")
+    positions, segments = set(), []
+    for item in list(per_frame)[: len(frames)]:  # extra items describe frames that are not stored
+        segments.append(int(item.SegmentIdentificationSequence[0].ReferencedSegmentNumber))
+        plane = item.get("PlanePositionSequence")
+        positions.add(tuple(float(v) for v in plane[0].ImagePositionPatient) if plane else None)
+    if len(positions) > 1:
+        raise LabelMapError(f"{path}: multi-slice SEG is not supported; convert it to NIfTI first")
+    labels = np.zeros(frames.shape[1:], dtype=np.int64)
+    for frame, segment in zip(frames, segments):
+        labels[frame > 0] = segment  # later segments win where they overlap
+    return labels, names
+
+
+def load_label_map(
+    path: str | Path, *, axis: str = "axial", slice_index: int | None = None
+) -> tuple[np.ndarray, dict[int, str]]:
+    """A 2D integer label map in display orientation, plus names stored in the file (DICOM SEG only)."""
+    path = Path(path)
+    kind = detect_format(path)
+    if kind == "nifti":
+        values, _ = volume_slice(path, axis=axis, slice_index=slice_index)
+        return _integer_labels(values, path), {}
+    if kind == "dicom":
+        return _dicom_seg(path)
+    try:
+        with Image.open(path) as im:
+            if im.mode not in ("1", "L", "P", "I", "I;16", "I;16B", "I;16L", "F"):
+                raise LabelMapError(f"{path}: label maps must be single-channel (got mode {im.mode}); "
+                                    "save colour-coded masks as index (palette) images")
+            return _integer_labels(np.asarray(im), path), {}
+    except (OSError, SyntaxError) as exc:
+        raise LabelMapError(f"{path}: not a readable label map ({exc})") from exc
+
+
+def label_boxes(labels: np.ndarray, *, mode: str = "label", min_pixels: int = 1) -> tuple[dict[int, list[tuple[int, int, int, int]]], int]:
+    """Pixel boxes ``(x1, y1, x2, y2)`` (outer edges) per label value; returns ``(boxes, small components dropped)``.
+
+    ``mode="label"``: one box around all pixels of a label; ``"component"``: one box per 8-connected component,
+    ordered top-to-bottom then left-to-right. Components (or labels) under ``min_pixels`` pixels are dropped.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    out: dict[int, list[tuple[int, int, int, int]]] = {}
+    dropped = 0
+    values = [int(v) for v in np.unique(labels) if v != 0]
+    structure = ndimage.generate_binary_structure(2, 2)
+    for value in values:
+        mask = labels == value
+        if mode == "label":
+            parts, n = mask.astype(np.int32), 1
+        else:
+            parts, n = ndimage.label(mask, structure=structure)
+        sizes = ndimage.sum_labels(mask, parts, index=np.arange(1, n + 1))
+        boxes = []
+        for k, sl in enumerate(ndimage.find_objects(parts), start=1):
+            if sl is None:
+                continue
+            if sizes[k - 1] < min_pixels:
+                dropped += 1
+                continue
+            ys, xs = sl
+            boxes.append((xs.start, ys.start, xs.stop, ys.stop))
+        if boxes:
+            out[value] = sorted(boxes, key=lambda b: (b[1], b[0]))
+    return out, dropped
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    for suffix in (".nii.gz", ".nii", ".png", ".tif", ".tiff", ".dcm", ".jpg", ".jpeg", ".bmp"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem
+
+
+def pair_by_stem(images_dir: str | Path, masks_dir: str | Path, mask_suffix: str = "") -> tuple[list[tuple[Path, Path]], list[Path]]:
+    """Match each mask ``<stem><mask_suffix>.*`` to the image ``<stem>.*``; returns (pairs, masks without image)."""
+    images = {}
+    for p in sorted(Path(images_dir).iterdir()):
+        if p.is_file():
+            images.setdefault(_stem(p), p)
+    pairs, orphans = [], []
+    for m in sorted(Path(masks_dir).iterdir()):
+        if not m.is_file():
+            continue
+        stem = _stem(m)
+        if mask_suffix and stem.endswith(mask_suffix):
+            stem = stem[: -len(mask_suffix)]
+        if stem in images:
+            pairs.append((images[stem], m))
+        else:
+            orphans.append(m)
+    return pairs, orphans
+
+
+def _labelled_slices(mask_path: Path, axis: str) -> list[int]:
+    import nibabel as nib
+
+    img = nib.as_closest_canonical(nib.load(mask_path))
+    data = np.asanyarray(img.dataobj)
+    if data.ndim == 4:
+        data = data[..., 0]
+    world = {"sagittal": 0, "coronal": 1, "axial": 2}[axis]
+    other = tuple(i for i in range(3) if i != world)
+    return [int(k) for k in np.flatnonzero((data != 0).any(axis=other))]
+
+
+def convert_masks(
+    pairs: list[tuple[str | Path, str | Path]],
+    *,
+    names: dict[int, str] | None = None,
+    task: str = "text_to_region",
+    lang: str = "en",
+    mode: str = "label",
+    min_pixels: int = 1,
+    modality: str = "medical",
+    axis: str = "axial",
+    slices: str = "middle",
+    slice_step: int = 1,
+    window: str | tuple[float, float] | None = None,
+    out_images: str | Path | None = None,
+    image_root: str | Path | None = None,
+    image_check: str = "exists",
+    id_prefix: str = "",
+    include_base_prompt: bool = True,
+) -> tuple[list[dict], ConvertReport]:
+    """Convert (image, label map) pairs; returns ``(records, report)``.
+
+    Record image paths are relative to ``image_root`` (default: the images' directory for 2D pairs, ``out_images``
+    for volume slices). ``slices``: ``"middle"`` (the volume's middle slice) or ``"labelled"`` (every
+    ``slice_step``-th slice containing a label). ``names`` maps label values to object names; values without a
+    name are skipped and counted (DICOM SEG files bring their own names).
+    """
+    if task not in TASKS:
+        raise ConvertError(f"task must be one of {TASKS}, got {task!r}")
+    if slices not in ("middle", "labelled"):
+        raise ConvertError(f"slices must be 'middle' or 'labelled', got {slices!r}")
+    report = ConvertReport(source="masks")
+    items: list[tuple[str, int, dict]] = []
+    names = dict(names or {})
+    for number, (image_path, mask_path) in enumerate(pairs, start=1):
+        image_path, mask_path = Path(image_path), Path(mask_path)
+        file = str(mask_path)
+        is_volume = mask_path.name.lower().endswith(_NIFTI) and image_path.name.lower().endswith(_NIFTI)
+        try:
+            if is_volume:
+                if out_images is None:
+                    raise ConvertError("volumes need out_images: a directory for the PNG slices")
+                indices = [None] if slices == "middle" else _labelled_slices(mask_path, axis)[::slice_step]
+            else:
+                indices = [None]
+        except (ImageLoadError, LabelMapError, OSError, ValueError) as exc:
+            if isinstance(exc, ConvertError):
+                raise
+            report.skip(file, 0, "bad-label-map", str(exc))
+            continue
+        if not indices:
+            report.skip(file, 0, "no-labels", "the label volume is empty")
+            continue
+        for index in indices:
+            line = 0 if index is None else index
+            try:
+                labels, file_names = load_label_map(mask_path, axis=axis, slice_index=index)
+            except (ImageLoadError, LabelMapError) as exc:
+                report.skip(file, line, "bad-label-map", str(exc))
+                break
+            h, w = labels.shape
+            try:
+                if is_volume:
+                    picture = load_image(image_path, window=window, axis=axis, slice_index=index)
+                    values, _ = volume_slice(image_path, axis=axis, slice_index=index)
+                    if values.shape != labels.shape:
+                        report.skip(file, line, "size-mismatch", f"image slice {values.shape} vs label slice {labels.shape}")
+                        continue
+                    k = index if index is not None else "mid"
+                    target = Path(out_images) / f"{_stem(image_path)}_{axis}{k if isinstance(k, str) else f'{k:04d}'}.png"
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    picture.save(target)
+                    root = Path(image_root or out_images)
+                    width, height = picture.size
+                else:
+                    info = probe_image(image_path)
+                    if (info.width, info.height) != (w, h):
+                        report.skip(file, line, "size-mismatch", f"image {info.width}x{info.height} vs label map {w}x{h}")
+                        continue
+                    target, root = image_path, Path(image_root or image_path.parent)
+                    width, height = w, h
+            except ImageLoadError as exc:
+                report.skip(file, line, "bad-image", str(exc))
+                continue
+            boxes, dropped = label_boxes(labels, mode=mode, min_pixels=min_pixels)
+            for _ in range(dropped):
+                report.skip(file, line, "component-too-small", f"a region under {min_pixels} pixels")
+            lookup = {**names, **file_names}
+            regions = []
+            for value, pixel_boxes in boxes.items():
+                if value not in lookup:
+                    report.skip(file, line, "unnamed-label", f"label value {value} has no name")
+                    continue
+                regions.append((lookup[value], [pixels_to_box(b, w, h) for b in pixel_boxes]))
+            if not regions:
+                report.skip(file, line, "no-labels", "no named label in this slice")
+                continue
+            rel = os.path.relpath(target, root)
+            common = dict(image=rel, width=width, height=height, modality=modality, include_base_prompt=include_base_prompt)
+            base_id = f"{id_prefix}{_stem(mask_path)}" + ("" if index is None else f"-{axis}{index}")
+            try:
+                if task == "text_to_region":
+                    items.append((file, number, build_record("text_to_region", lang, id=base_id, regions=regions, **common)))
+                else:
+                    for name, region_boxes in regions:
+                        for k, box in enumerate(region_boxes if mode == "component" else [None]):
+                            chosen = [box] if box is not None else region_boxes
+                            items.append((file, number, build_record("region_to_text", lang, id=f"{base_id}-{name}-{k}",
+                                                                     regions=[(name, chosen)], **common)))
+            except PromptError as exc:
+                report.skip(file, line, "bad-record", str(exc))
+    # Without image_root the images were already read above; finish() then checks the records' structure only.
+    records = finish(items, report, image_root=image_root, image_check=image_check)
+    report.written = len(records)
+    return records, report
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--masks", required=True, help="directory of label maps (or one label map file)")
+    parser.add_argument("--images-dir", required=True, help="directory of images (or one image file)")
+    parser.add_argument("--mask-suffix", default="", help="suffix of mask stems, e.g. '_seg' for case1_seg.nii.gz")
+    parser.add_argument("--names", help="label names: JSON {value: name}, CSV value,name, or a text table")
+    parser.add_argument("--regions", dest="mode", choices=MODES, default="label",
+                        help="one box per label, or one per connected component (multi-region)")
+    parser.add_argument("--min-pixels", type=int, default=1, help="skip components smaller than this (default 1)")
+    parser.add_argument("--modality", default="medical", help="modality word for the prompt (CT, MRI, ...)")
+    parser.add_argument("--axis", choices=["axial", "coronal", "sagittal"], default="axial")
+    parser.add_argument("--slices", choices=["middle", "labelled"], default="middle", help="volume slices to use")
+    parser.add_argument("--slice-step", type=int, default=1, help="with --slices labelled, every N-th slice")
+    parser.add_argument("--window", help="window preset or 'centre,width' for volume slices")
+    parser.add_argument("--out-images", help="directory for PNG slices of volumes")
+    add_common_arguments(parser, tasks=TASKS, default_task="text_to_region")
+
+
+def run(args: argparse.Namespace) -> ConvertReport:
+    masks, images = Path(args.masks), Path(args.images_dir)
+    if masks.is_file() and images.is_file():
+        pairs, orphans = [(images, masks)], []
+    elif masks.is_dir() and images.is_dir():
+        pairs, orphans = pair_by_stem(images, masks, args.mask_suffix)
+    else:
+        raise ConvertError("--masks and --images-dir must both be files or both be directories")
+    window = args.window
+    if window and "," in window:
+        window = tuple(float(v) for v in window.split(","))
+    try:
+        names = read_label_names(args.names) if args.names else {}
+    except (OSError, ValueError) as exc:
+        raise ConvertError(f"{args.names}: cannot read label names: {exc}") from exc
+    records, report = convert_masks(
+        pairs, names=names, task=args.task, lang=args.lang, mode=args.mode, min_pixels=args.min_pixels,
+        modality=args.modality, axis=args.axis, slices=args.slices, slice_step=args.slice_step, window=window,
+        out_images=args.out_images, image_root=args.image_root, image_check=args.image_check,
+        id_prefix=args.id_prefix, include_base_prompt=not args.no_base_prompt,
+    )
+    for orphan in orphans:
+        report.skip(orphan, 0, "no-matching-image", f"no image with stem {_stem(orphan)!r} in {images}")
+    write_jsonl(records, args.out)
+    report.output = args.out
+    return report

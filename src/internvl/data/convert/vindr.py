@@ -1,0 +1,252 @@
+"""VinDr-CXR-style CSV (one row per radiologist finding) -> region or multi-label classification records.
+
+Input columns: ``image_id, rad_id, class_name, x_min, y_min, x_max, y_max`` (pixel corners; empty for
+``No finding`` rows). VinDr images are read by three radiologists, so one lesion usually has several boxes.
+``--merge`` decides what to keep, per image and class:
+
+* ``none``: every radiologist's box (identical boxes collapsed);
+* ``union``: boxes that overlap (IoU >= ``--iou``, transitively) form a cluster, replaced by its enclosing box;
+* ``fusion``: same clusters, replaced by the coordinate-wise mean (weighted box fusion with equal weights).
+
+``--min-votes k`` keeps only clusters marked by at least ``k`` different radiologists. Image sizes come from a
+``--sizes`` CSV (``image_id,width,height``) or from the image headers under ``--image-root`` (DICOM header only).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from internvl.data.convert import ConvertError, ConvertReport, add_common_arguments, finish, write_jsonl
+from internvl.data.images import ImageLoadError, probe_image
+from internvl.data.prompts import PromptError, build_record
+
+NAME = "vindr"
+HELP = "VinDr-CXR-style per-radiologist box CSV -> text_to_region / region_to_text / classify_multi records"
+TASKS = ["text_to_region", "region_to_text", "classify_multi"]
+MERGES = ("none", "union", "fusion")
+REQUIRED_COLUMNS = ("image_id", "class_name", "x_min", "y_min", "x_max", "y_max")
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    """Intersection over union of two ``[x1, y1, x2, y2]`` pixel boxes."""
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def cluster_boxes(boxes: list[np.ndarray], threshold: float) -> list[list[int]]:
+    """Group box indices whose IoU >= threshold, transitively (connected components); stable order."""
+    parent = list(range(len(boxes)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for i in range(len(boxes)):
+        for j in range(i + 1, len(boxes)):
+            if iou(boxes[i], boxes[j]) >= threshold:
+                parent[find(j)] = find(i)
+    groups: dict[int, list[int]] = defaultdict(list)
+    for i in range(len(boxes)):
+        groups[find(i)].append(i)
+    return sorted(groups.values(), key=lambda g: g[0])
+
+
+def merge_boxes(
+    boxes: list[np.ndarray], raters: list[str], *, merge: str, threshold: float, min_votes: int
+) -> tuple[list[np.ndarray], int]:
+    """Merge one image+class's boxes; returns ``(kept boxes, clusters dropped for too few votes)``."""
+    if merge not in MERGES:
+        raise ValueError(f"merge must be one of {MERGES}, got {merge!r}")
+    if merge == "none":
+        clusters = [[i] for i in range(len(boxes))] if min_votes <= 1 else cluster_boxes(boxes, threshold)
+    else:
+        clusters = cluster_boxes(boxes, threshold)
+    kept, dropped = [], 0
+    for group in clusters:
+        if len({raters[i] for i in group}) < min_votes:
+            dropped += 1
+            continue
+        stack = np.stack([boxes[i] for i in group])
+        if merge == "union":
+            kept.append(np.array([stack[:, 0].min(), stack[:, 1].min(), stack[:, 2].max(), stack[:, 3].max()]))
+        elif merge == "fusion":
+            kept.append(stack.mean(axis=0))
+        else:
+            kept.extend(boxes[i] for i in group)
+    unique: list[np.ndarray] = []
+    for b in kept:
+        if not any(np.array_equal(b, u) for u in unique):
+            unique.append(b)
+    return unique, dropped
+
+
+def _read_sizes(path: Path) -> dict[str, tuple[int, int]]:
+    sizes = {}
+    with open(path, newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        if not reader.fieldnames or not {"image_id", "width", "height"} <= set(reader.fieldnames):
+            raise ConvertError(f"{path}:1: sizes CSV needs columns image_id,width,height")
+        for row in reader:
+            try:
+                w, h = int(row["width"]), int(row["height"])
+            except (TypeError, ValueError):
+                raise ConvertError(f"{path}:{reader.line_num}: width/height must be integers") from None
+            if w <= 0 or h <= 0:
+                raise ConvertError(f"{path}:{reader.line_num}: width/height must be positive")
+            sizes[row["image_id"]] = (w, h)
+    return sizes
+
+
+def convert_vindr(
+    path: str | Path,
+    *,
+    task: str = "text_to_region",
+    lang: str = "en",
+    merge: str = "fusion",
+    iou_threshold: float = 0.4,
+    min_votes: int = 1,
+    sizes: str | Path | None = None,
+    image_ext: str = ".dicom",
+    image_root: str | Path | None = None,
+    image_check: str = "exists",
+    modality: str = "chest x-ray",
+    no_finding: str = "No finding",
+    id_prefix: str = "",
+    include_base_prompt: bool = True,
+) -> tuple[list[dict], ConvertReport]:
+    """Convert a VinDr-style CSV; returns ``(records, report)``. Raises :class:`ConvertError` if unusable."""
+    if task not in TASKS:
+        raise ConvertError(f"task must be one of {TASKS}, got {task!r}")
+    if merge not in MERGES:
+        raise ConvertError(f"merge must be one of {MERGES}, got {merge!r}")
+    if sizes is None and image_root is None:
+        raise ConvertError("image sizes are needed: pass a sizes CSV or the image root to read headers from")
+    path = Path(path)
+    file = str(path)
+    report = ConvertReport(source=f"vindr {file}")
+    size_table = _read_sizes(Path(sizes)) if sizes is not None else {}
+
+    per_image: dict[str, dict[str, list[tuple[np.ndarray, str, int]]]] = {}
+    first_line: dict[str, int] = {}
+    classes: list[str] = []
+    try:
+        fh = open(path, newline="", encoding="utf-8")
+    except OSError as exc:
+        raise ConvertError(f"{file}:0: cannot open CSV: {exc}") from exc
+    with fh:
+        reader = csv.DictReader(fh)
+        missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ConvertError(f"{file}:1: missing column(s) {missing}; found {reader.fieldnames}")
+        for row in reader:
+            line = reader.line_num
+            image_id, name = (row["image_id"] or "").strip(), (row["class_name"] or "").strip()
+            if not image_id or not name:
+                report.skip(file, line, "missing-field", "empty image_id or class_name")
+                continue
+            first_line.setdefault(image_id, line)
+            boxes = per_image.setdefault(image_id, {})
+            if name == no_finding:
+                continue
+            if name not in classes:
+                classes.append(name)
+            try:
+                xyxy = np.array([float(row[c]) for c in ("x_min", "y_min", "x_max", "y_max")])
+            except (TypeError, ValueError):
+                report.skip(file, line, "bad-bbox", f"{name}: coordinates must be numbers")
+                continue
+            if not np.isfinite(xyxy).all() or xyxy[2] <= xyxy[0] or xyxy[3] <= xyxy[1]:
+                report.skip(file, line, "bad-bbox", f"{name}: box {xyxy.tolist()} is empty or inverted")
+                continue
+            boxes.setdefault(name, []).append((xyxy, (row.get("rad_id") or "").strip() or f"row{line}", line))
+
+    options = sorted(classes) + [no_finding]
+    items: list[tuple[str, int, dict]] = []
+    for image_id, by_class in per_image.items():
+        line = first_line[image_id]
+        image = image_id + image_ext
+        if image_id in size_table:
+            width, height = size_table[image_id]
+        elif image_root is not None:
+            try:
+                info = probe_image(Path(image_root) / image)
+                width, height = info.width, info.height
+            except ImageLoadError as exc:
+                report.skip(file, line, "unknown-size", f"image {image_id}: {exc.reason}")
+                continue
+        else:
+            report.skip(file, line, "unknown-size", f"image {image_id} is not in the sizes CSV")
+            continue
+        merged: dict[str, list[np.ndarray]] = {}
+        for name, entries in by_class.items():
+            boxes, dropped = merge_boxes([e[0] for e in entries], [e[1] for e in entries], merge=merge,
+                                         threshold=iou_threshold, min_votes=min_votes)
+            for _ in range(dropped):
+                report.skip(file, entries[0][2], "too-few-votes", f"{image_id} {name}: cluster below {min_votes} votes")
+            out_of_image = [b for b in boxes if b[0] < -1 or b[1] < -1 or b[2] > width + 1 or b[3] > height + 1]
+            for b in out_of_image:
+                report.skip(file, entries[0][2], "bbox-outside-image", f"{image_id} {name}: {b.tolist()} outside {width}x{height}")
+            boxes = [b for b in boxes if not any(b is o for o in out_of_image)]
+            if boxes:
+                merged[name] = [np.clip(b, 0, [width, height, width, height]).tolist() for b in boxes]
+        common = dict(image=image, width=width, height=height, modality=modality, include_base_prompt=include_base_prompt)
+        try:
+            if task == "classify_multi":
+                labels = sorted(merged) or [no_finding]
+                items.append((file, line, build_record("classify_multi", lang, id=f"{id_prefix}{image_id}",
+                                                       options=options, labels=labels,
+                                                       notes=[f'"{no_finding}" means no diseases are detected.'],
+                                                       **common)))
+            elif not merged:
+                report.skip(file, line, "no-finding", f"image {image_id} has no boxes")
+            elif task == "text_to_region":
+                regions = [(name, merged[name]) for name in sorted(merged)]
+                items.append((file, line, build_record("text_to_region", lang, id=f"{id_prefix}{image_id}",
+                                                       regions=regions, box_units="pixel", **common)))
+            else:
+                for name in sorted(merged):
+                    for k, box in enumerate(merged[name]):
+                        items.append((file, line, build_record("region_to_text", lang,
+                                                               id=f"{id_prefix}{image_id}-{name}-{k}",
+                                                               regions=[(name, [box])], box_units="pixel", **common)))
+        except PromptError as exc:
+            report.skip(file, line, "bad-record", f"image {image_id}: {exc}")
+    records = finish(items, report, image_root=image_root, image_check=image_check)
+    report.written = len(records)
+    return records, report
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("csv", help="annotation CSV (image_id, rad_id, class_name, x_min, y_min, x_max, y_max)")
+    parser.add_argument("--merge", choices=MERGES, default="fusion", help="how radiologists' boxes combine")
+    parser.add_argument("--iou", type=float, default=0.4, help="IoU that puts two boxes in one cluster (default 0.4)")
+    parser.add_argument("--min-votes", type=int, default=1, help="radiologists needed per cluster (default 1)")
+    parser.add_argument("--sizes", help="CSV with image_id,width,height (else read from image headers)")
+    parser.add_argument("--image-ext", default=".dicom", help="file extension appended to image_id (default .dicom)")
+    parser.add_argument("--modality", default="chest x-ray", help="modality words for the prompt")
+    parser.add_argument("--no-finding", default="No finding", help="class name that means a normal image")
+    add_common_arguments(parser, tasks=TASKS, default_task="text_to_region")
+
+
+def run(args: argparse.Namespace) -> ConvertReport:
+    if not math.isfinite(args.iou) or not 0 < args.iou <= 1:
+        raise ConvertError(f"--iou must be in (0, 1], got {args.iou}")
+    records, report = convert_vindr(
+        args.csv, task=args.task, lang=args.lang, merge=args.merge, iou_threshold=args.iou, min_votes=args.min_votes,
+        sizes=args.sizes, image_ext=args.image_ext, image_root=args.image_root, image_check=args.image_check,
+        modality=args.modality, no_finding=args.no_finding, id_prefix=args.id_prefix,
+        include_base_prompt=not args.no_base_prompt,
+    )
+    write_jsonl(records, args.out)
+    report.output = args.out
+    return report
