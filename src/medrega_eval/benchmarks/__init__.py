@@ -1,0 +1,254 @@
+"""Benchmark registry: the paper's test splits, MedReg-mini and user splits, as YAML data files.
+
+Each `*.yaml` in this folder (and each `--benchmark-file`) has a top-level `benchmarks:` mapping of
+name -> entry with these keys:
+
+    task        vqa | report | classification | region2text | text2region | grounded_report   (required)
+    annotation  MedRegInstruct JSON lines, relative to the data root                          (required)
+    image_root  folder the records' `image` paths are relative to (default: the data root)
+    lang        en | zh | auto (per record: `lang` field or CJK detection)                     (default auto)
+    subtype     ss | sm | ms | mm (Text-to-Region / grounded region scoring)
+    prompt      null (records carry their prompts), a literal string, or {task: <prompt task>, modality, target}
+                rendered by internvl.data.prompts.render_base_prompt; prepended unless the question starts with it
+    options     classification options: a list, {en: [...], zh: [...]}, or from_references
+    multilabel  classification with several labels per image (default false)
+    metrics     the metrics this split reports (informational; report metrics also limit what is computed)
+    size        the expected number of test records (a different count is reported, not an error)
+    download    what to download and where to put it (shown when the files are missing)
+    roots       data roots to try, relative to the data dir, or "@repo/...", "@cwd/..." (default: the data dir)
+
+The data dir is --data-dir or $MEDREGA_DATA.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from internvl.data.records import RecordProblem, read_jsonl, resolve_image
+
+__all__ = ["Benchmark", "BenchmarkError", "MissingData", "Sample", "load_registry", "data_dir_from", "load_samples"]
+
+HERE = Path(__file__).resolve().parent
+TASKS = ("vqa", "report", "classification", "region2text", "text2region", "grounded_report")
+KEYS = {"task", "annotation", "image_root", "lang", "subtype", "prompt", "options", "multilabel", "metrics", "size",
+        "download", "roots", "description"}
+
+
+class BenchmarkError(ValueError):
+    """A registry file or entry is malformed (names the file and the benchmark)."""
+
+
+class MissingData(FileNotFoundError):
+    """A benchmark's files are not where the registry says; the message says what to download and where to put it."""
+
+
+@dataclass
+class Benchmark:
+    """One registered test split (see the module docstring for the fields)."""
+
+    name: str
+    task: str
+    annotation: str
+    file: str
+    image_root: str | None = None
+    lang: str = "auto"
+    subtype: str | None = None
+    prompt: Any = None
+    options: Any = None
+    multilabel: bool = False
+    metrics: list[str] = field(default_factory=list)
+    size: int | None = None
+    download: str = ""
+    roots: list[str] = field(default_factory=lambda: [""])
+    description: str = ""
+
+    def _candidates(self, data_dir: Path | None) -> list[Path]:
+        out = []
+        for root in self.roots:
+            if root.startswith("@repo/"):
+                out.append(HERE.parents[2] / root[len("@repo/"):])
+            elif root.startswith("@cwd/"):
+                out.append(Path.cwd() / root[len("@cwd/"):])
+            elif data_dir is not None:
+                out.append(data_dir / root)
+        return out
+
+    def locate(self, data_dir: str | Path | None) -> tuple[Path, Path]:
+        """(annotation file, image root) under the first data root that has the annotation; MissingData otherwise."""
+        data = Path(data_dir) if data_dir else None
+        tried = []
+        for root in self._candidates(data):
+            ann = root / self.annotation
+            tried.append(str(ann))
+            if ann.is_file():
+                images = root / self.image_root if self.image_root else root
+                if not images.is_dir():
+                    raise MissingData(f"benchmark {self.name}: image folder {images} not found. {self.download}")
+                return ann, images
+        where = ", ".join(tried) if tried else "(no data directory: pass --data-dir or set MEDREGA_DATA)"
+        raise MissingData(f"benchmark {self.name}: annotation not found (looked for {where}). "
+                          f"What to get: {self.download or 'see ' + self.file}")
+
+    def options_for(self, lang: str) -> list[str] | None:
+        """The option list for `lang` (None for from_references / no options)."""
+        if isinstance(self.options, dict):
+            return self.options.get(lang)
+        if isinstance(self.options, list):
+            return self.options
+        return None
+
+    def render_prompt(self, lang: str) -> str | None:
+        """The task prompt to prepend for a record in `lang` (None when the records carry their own)."""
+        if self.prompt is None:
+            return None
+        if isinstance(self.prompt, str):
+            return self.prompt
+        from internvl.data.prompts import render_base_prompt
+
+        spec = dict(self.prompt)
+        task = spec.pop("task")
+        if self.task == "classification":
+            spec.setdefault("options", self.options_for(lang))
+        return render_base_prompt(task, lang, **spec)
+
+
+def _check_entry(name: str, entry: Any, file: str) -> Benchmark:
+    where = f"{file}: benchmark {name!r}"
+    if not isinstance(entry, dict):
+        raise BenchmarkError(f"{where}: expected a mapping, got {type(entry).__name__}")
+    unknown = sorted(set(entry) - KEYS)
+    if unknown:
+        raise BenchmarkError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(KEYS)}")
+    for key in ("task", "annotation"):
+        if not entry.get(key):
+            raise BenchmarkError(f"{where}: missing required key {key!r}")
+    if entry["task"] not in TASKS:
+        raise BenchmarkError(f"{where}: task {entry['task']!r} is not one of {', '.join(TASKS)}")
+    if entry.get("lang", "auto") not in ("auto", "en", "zh"):
+        raise BenchmarkError(f"{where}: lang must be en, zh or auto")
+    if entry.get("subtype") not in (None, "ss", "sm", "ms", "mm"):
+        raise BenchmarkError(f"{where}: subtype must be ss, sm, ms or mm")
+    options = entry.get("options")
+    if entry["task"] == "classification":
+        ok = (options == "from_references" or (isinstance(options, list) and options)
+              or (isinstance(options, dict) and all(isinstance(v, list) and v for v in options.values())))
+        if not ok:
+            raise BenchmarkError(f"{where}: classification needs options (a list, {{en: [...], zh: [...]}} "
+                                 "or from_references)")
+    prompt = entry.get("prompt")
+    if not (prompt is None or isinstance(prompt, str) or (isinstance(prompt, dict) and "task" in prompt)):
+        raise BenchmarkError(f"{where}: prompt must be null, a string or a mapping with a 'task' key")
+    roots = entry.get("roots", [""])
+    if not isinstance(roots, list) or not all(isinstance(r, str) for r in roots):
+        raise BenchmarkError(f"{where}: roots must be a list of strings")
+    return Benchmark(name=name, file=file, roots=roots, **{k: v for k, v in entry.items() if k != "roots"})
+
+
+def load_registry(extra_files: Sequence[str | Path] = ()) -> dict[str, Benchmark]:
+    """Every shipped benchmark plus those of `extra_files` (a user entry may not reuse a shipped name)."""
+    registry: dict[str, Benchmark] = {}
+    files = sorted(HERE.glob("*.yaml")) + [Path(f) for f in extra_files]
+    for path in files:
+        if not path.is_file():
+            raise BenchmarkError(f"{path}: benchmark file not found")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            line = mark.line + 1 if mark is not None else 0
+            raise BenchmarkError(f"{path}:{line}: invalid YAML: {getattr(exc, 'problem', exc)}") from None
+        if not isinstance(data, dict) or not isinstance(data.get("benchmarks"), dict):
+            raise BenchmarkError(f"{path}: expected a top-level 'benchmarks:' mapping")
+        for name, entry in data["benchmarks"].items():
+            if name in registry:
+                raise BenchmarkError(f"{path}: benchmark {name!r} is already defined in {registry[name].file}")
+            registry[name] = _check_entry(str(name), entry, str(path))
+    return registry
+
+
+def data_dir_from(arg: str | Path | None) -> Path | None:
+    """--data-dir if given, else $MEDREGA_DATA, else None."""
+    value = arg or os.environ.get("MEDREGA_DATA")
+    return Path(value) if value else None
+
+
+@dataclass
+class Sample:
+    """One test sample: the prompt to generate from, the reference, and what the scorer needs."""
+
+    id: str
+    question: str
+    reference: str
+    images: list[Path]
+    source: str
+    lang: str | None
+    hw: list[float] | None = None
+    answer_type: str | None = None
+    image_rel: str | None = None
+
+
+def _apply_prompt(question: str, prompt: str | None, has_image: bool) -> str:
+    if not prompt or question.lstrip().startswith(prompt.strip()):
+        return question
+    if "<image>" in question or not has_image:
+        return f"{prompt} {question}"
+    return f"{prompt} <image>\n{question}"  # the original inference order: base prompt, image, question
+
+
+def load_samples(bench: Benchmark, data_dir: str | Path | None) -> tuple[list[Sample], list[RecordProblem], Path]:
+    """Read a benchmark's annotation: (samples, problems, image root). Missing images are problems, not samples."""
+    ann, image_root = bench.locate(data_dir)
+    file = str(ann)
+    samples: list[Sample] = []
+    problems: list[RecordProblem] = []
+    seen: dict[str, int] = {}
+    for line, rec in read_jsonl(ann):
+        if isinstance(rec, RecordProblem):
+            problems.append(rec)
+            continue
+        conv = rec.get("conversations")
+        if not (isinstance(conv, list) and len(conv) >= 2 and isinstance(conv[0], dict) and isinstance(conv[1], dict)
+                and conv[0].get("from") == "human" and conv[1].get("from") == "gpt"
+                and isinstance(conv[0].get("value"), str) and isinstance(conv[1].get("value"), str)):
+            problems.append(RecordProblem(file, line, "bad-conversations",
+                                          "expected conversations [{from: human, value}, {from: gpt, value}, ...]"))
+            continue
+        rid = str(rec.get("id", f"{ann.name}:{line}"))
+        if rid in seen:
+            problems.append(RecordProblem(file, line, "duplicate-id", f"id {rid!r} already used at line {seen[rid]}"))
+            continue
+        seen[rid] = line
+        image = rec.get("image")
+        rels = [] if image is None else ([image] if isinstance(image, str) else list(image))
+        paths = []
+        bad = None
+        for rel in rels:
+            try:
+                p = resolve_image(rel, image_root)
+            except ValueError as exc:
+                bad = str(exc)
+                break
+            if not p.is_file():
+                bad = f"image {rel!r} not found under {image_root}"
+                break
+            paths.append(p)
+        if bad:
+            problems.append(RecordProblem(file, line, "image-not-found", bad))
+            continue
+        lang = rec.get("lang") if rec.get("lang") in ("en", "zh") else (None if bench.lang == "auto" else bench.lang)
+        if lang is None:
+            from medrega_eval.metrics.text import has_cjk
+
+            lang = "zh" if has_cjk(conv[1]["value"]) or has_cjk(conv[0]["value"]) else "en"
+        hw = [rec["height"], rec["width"]] if isinstance(rec.get("height"), int) and isinstance(rec.get("width"), int) \
+            else None
+        question = _apply_prompt(conv[0]["value"], bench.render_prompt(lang), bool(paths))
+        samples.append(Sample(id=rid, question=question, reference=conv[1]["value"], images=paths,
+                              source=f"{file}:{line}", lang=lang, hw=hw, answer_type=rec.get("answer_type"),
+                              image_rel=rels[0] if rels else None))
+    return samples, problems, image_root

@@ -1,0 +1,194 @@
+"""`medrega-eval` command line: `score` an existing prediction file, `run` a model on benchmarks, `list` benchmarks.
+
+    medrega-eval score --task vqa --pred answers.json --out results/slake [--lang zh] [--compat medrega]
+    medrega-eval score --task text2region --subtype mm --pred t2r.json --out results/t2r_mm
+    medrega-eval run --model /models/medrega --benchmark slake_en,vqarad --out results/ --data-dir /data
+    torchrun --nproc-per-node 8 -m medrega_eval run --model /models/medrega --benchmark pathvqa --out results/
+    medrega-eval list [--data-dir /data]
+
+Exit status: 0 done, 1 bad input (missing files or data, unreadable benchmark file), 2 bad arguments.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+__all__ = ["main", "build_parser"]
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, type=Path, help="output directory (created)")
+    p.add_argument("--compat", choices=["medrega"], default=None,
+                   help="reproduce the original MedRegA scorers (see docs/evaluation.md)")
+    p.add_argument("--benchmark-file", action="append", default=[], type=Path, metavar="YAML",
+                   help="register more benchmarks (same format as the shipped registry); repeatable")
+    p.add_argument("--data-dir", type=Path, default=None, help="root of the benchmark data (default $MEDREGA_DATA)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from medrega_eval.score import SUBTYPES, TASKS
+
+    parser = argparse.ArgumentParser(prog="medrega-eval", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("score", help="score a prediction file (our records or the original MedRegA formats)")
+    s.add_argument("--task", choices=TASKS, help="task to score (default: the --benchmark's task)")
+    s.add_argument("--pred", required=True, type=Path, help="predictions: JSON list or JSON lines")
+    s.add_argument("--subtype", choices=SUBTYPES, default=None, help="Text-to-Region subtype")
+    s.add_argument("--lang", choices=["en", "zh", "auto"], default=None, help="language (default: per record)")
+    s.add_argument("--benchmark", default=None, help="take task/subtype/options/metrics from this registered split")
+    s.add_argument("--options", default=None, help="classification options, comma-separated")
+    s.add_argument("--options-file", type=Path, default=None, help="classification options, one per line")
+    s.add_argument("--multilabel", action="store_true", help="classification with several labels per answer")
+    s.add_argument("--metrics", default=None, help="report metrics to compute, comma-separated (e.g. skip meteor)")
+    s.add_argument("--image-root", type=Path, default=None, help="folder for the records' image paths (HTML report)")
+    s.add_argument("--model", default=None, help="model name/path to record in the protocol")
+    _add_common(s)
+
+    r = sub.add_parser("run", help="generate answers for registered benchmarks, then score them")
+    r.add_argument("--model", required=True, help="local model directory (safetensors)")
+    r.add_argument("--benchmark", required=True, help="benchmark name(s), comma-separated")
+    r.add_argument("--batch-size", type=int, default=8)
+    r.add_argument("--max-new-tokens", type=int, default=400)
+    r.add_argument("--num-beams", type=int, default=1)
+    r.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    r.add_argument("--dtype", default="bfloat16", help="bfloat16 | float16 | float32 | auto")
+    r.add_argument("--device-map", default=None, help="e.g. auto to shard one model over the visible GPUs")
+    q = r.add_mutually_exclusive_group()
+    q.add_argument("--load-in-8bit", action="store_true")
+    q.add_argument("--load-in-4bit", action="store_true")
+    r.add_argument("--limit", type=int, default=None, help="only the first N samples of each benchmark")
+    r.add_argument("--no-score", action="store_true", help="generate only")
+    _add_common(r)
+
+    ls = sub.add_parser("list", help="list registered benchmarks and whether their data is present")
+    ls.add_argument("--benchmark-file", action="append", default=[], type=Path, metavar="YAML")
+    ls.add_argument("--data-dir", type=Path, default=None)
+    return parser
+
+
+def _read_options(args: argparse.Namespace) -> list[str] | None:
+    if args.options_file:
+        lines = args.options_file.read_text(encoding="utf-8").splitlines()
+        return [line.strip() for line in lines if line.strip()]
+    if args.options:
+        return [o.strip() for o in args.options.split(",") if o.strip()]
+    return None
+
+
+def _cmd_score(args: argparse.Namespace) -> int:
+    from medrega_eval.benchmarks import load_registry
+    from medrega_eval.io import read_predictions
+    from medrega_eval.report import protocol_info, write_outputs
+    from medrega_eval.score import TOP_METRICS, ScoreConfig, score_records, summarize
+
+    bench = None
+    if args.benchmark:
+        registry = load_registry(args.benchmark_file)
+        if args.benchmark not in registry:
+            raise SystemExit(f"medrega-eval: unknown benchmark {args.benchmark!r}; see `medrega-eval list`")
+        bench = registry[args.benchmark]
+    task = args.task or (bench.task if bench else None)
+    if task is None:
+        print("medrega-eval score: give --task or --benchmark", file=sys.stderr)
+        return 2
+    options = _read_options(args)
+    if options is None and bench is not None and bench.options != "from_references":
+        options = bench.options
+    records, problems = read_predictions(args.pred)
+    if options is None and task == "classification" and not any(r.options for r in records):
+        print("medrega-eval score: classification needs options: records with an 'options' field, --options, "
+              "--options-file or --benchmark", file=sys.stderr)
+        return 2
+    metrics = [m.strip() for m in args.metrics.split(",")] if args.metrics else None
+    lang = args.lang if args.lang != "auto" else None
+    cfg = ScoreConfig(task=task, lang=lang or (bench.lang if bench and bench.lang != "auto" else None),
+                      subtype=args.subtype or (bench.subtype if bench else None), compat=args.compat,
+                      options=options, multilabel=args.multilabel or bool(bench and bench.multilabel),
+                      metrics=metrics)
+    try:
+        cfg.validate()
+    except ValueError as exc:
+        print(f"medrega-eval score: {exc}", file=sys.stderr)
+        return 2
+    result = score_records(records, cfg, problems)
+    digest = hashlib.sha256(args.pred.read_bytes()).hexdigest()
+    protocol = protocol_info(model=args.model, template=None, generation=None, prediction_file=str(args.pred),
+                             prediction_sha256=digest, task=task, compat=args.compat)
+    summary = summarize(result, cfg, protocol, benchmark=args.benchmark)
+    write_outputs(args.out, summary, result.rows, TOP_METRICS, image_root=args.image_root)
+    _print_summary(summary)
+    return 0
+
+
+def _print_summary(summary: dict) -> None:
+    from medrega_eval.score import TOP_METRICS
+
+    shown = {k: summary[k] for k in TOP_METRICS if k in summary}
+    print(json.dumps({"benchmark": summary.get("benchmark"), "task": summary["task"], **shown,
+                      "counts": summary["counts"]}, ensure_ascii=False))
+    for name, why in summary.get("unavailable", {}).items():
+        print(f"medrega-eval: {name} not computed: {why}", file=sys.stderr)
+    if summary["problems"]:
+        print(f"medrega-eval: {len(summary['problems'])} problem(s), e.g. {summary['problems'][0]}", file=sys.stderr)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from internvl.inference import GenerationSettings
+    from medrega_eval.benchmarks import data_dir_from, load_registry
+    from medrega_eval.run import RunConfig, run_benchmarks
+
+    registry = load_registry(args.benchmark_file)
+    names = [n.strip() for n in args.benchmark.split(",") if n.strip()]
+    unknown = [n for n in names if n not in registry]
+    if unknown:
+        print(f"medrega-eval run: unknown benchmark(s) {unknown}; see `medrega-eval list`", file=sys.stderr)
+        return 2
+    settings = GenerationSettings(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
+                                  do_sample=args.temperature > 0, temperature=args.temperature or 1.0)
+    cfg = RunConfig(out=args.out, data_dir=data_dir_from(args.data_dir), batch_size=args.batch_size,
+                    limit=args.limit, compat=args.compat, score=not args.no_score)
+    summaries = run_benchmarks(args.model, [registry[n] for n in names], cfg, settings, dtype=args.dtype,
+                               device_map=args.device_map, load_in_8bit=args.load_in_8bit,
+                               load_in_4bit=args.load_in_4bit)
+    for summary in summaries.values():
+        _print_summary(summary)
+    return 0
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    from medrega_eval.benchmarks import MissingData, data_dir_from, load_registry
+
+    data_dir = data_dir_from(args.data_dir)
+    for name, bench in sorted(load_registry(args.benchmark_file).items()):
+        try:
+            ann, _ = bench.locate(data_dir)
+            status = f"ready ({ann})"
+        except MissingData:
+            status = "missing data"
+        extra = f" {bench.subtype}" if bench.subtype else ""
+        print(f"{name:28s} {bench.task + extra:20s} {bench.lang:4s} {status}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `medrega-eval` console script."""
+    from medrega_eval.benchmarks import BenchmarkError, MissingData
+
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "score":
+            return _cmd_score(args)
+        if args.command == "run":
+            return _cmd_run(args)
+        return _cmd_list(args)
+    except (MissingData, FileNotFoundError, BenchmarkError) as exc:
+        print(f"medrega-eval {args.command}: {exc}", file=sys.stderr)
+        return 1
+    except ImportError as exc:
+        print(f"medrega-eval {args.command}: {exc}", file=sys.stderr)
+        return 1

@@ -1,0 +1,189 @@
+"""Prediction files: read our records and the original MedRegA formats, with every problem named FILE:LINE.
+
+Accepted layouts: a JSON list (the original scorers' input) or JSON lines (what `medrega-eval run` writes).
+Accepted record fields (first present wins):
+
+| meaning     | our record   | MedRegA VQA/report/cls/R2T (demo.py) | MedRegA Text-to-Region |
+|-------------|--------------|--------------------------------------|------------------------|
+| id          | `id`         | `question_id`                        | `question_id` / `id`   |
+| prediction  | `prediction` | `pred_answer`                        | `answer`               |
+| reference   | `reference`  | `gt_answer`                          | `gt`                   |
+| image size  | `hw` or `height`+`width` | -                        | `hw` = [height, width] |
+
+Optional: `question`, `image`, `image_root`, `lang`, `answer_type` (CLOSED/OPEN), `options` (classification),
+`benchmark`. A record without an id gets `FILE:LINE` as its id. Nothing is dropped silently: malformed lines,
+missing fields, duplicate ids and bad sizes become `RecordProblem`s that the summary counts and lists.
+"""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from internvl.data.records import RecordProblem, read_jsonl
+
+__all__ = ["PredictionRecord", "read_predictions", "parse_prediction", "problem_counts", "append_jsonl", "PRED_KEYS",
+           "REF_KEYS"]
+
+ID_KEYS = ("id", "question_id")
+PRED_KEYS = ("prediction", "pred_answer", "answer")
+REF_KEYS = ("reference", "gt_answer", "gt")
+
+
+@dataclass
+class PredictionRecord:
+    """One prediction to score. `source` is "FILE:LINE" of the record; `hw` is [height, width] in pixels."""
+
+    id: str
+    prediction: str
+    reference: str
+    source: str
+    question: str | None = None
+    image: str | None = None
+    image_root: str | None = None
+    hw: list[float] | None = None
+    lang: str | None = None
+    answer_type: str | None = None
+    options: list[str] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _first(record: dict, keys: Sequence[str]) -> tuple[str | None, Any]:
+    for k in keys:
+        if k in record:
+            return k, record[k]
+    return None, None
+
+
+def _problem(file: str, line: int, reason: str, message: str) -> RecordProblem:
+    return RecordProblem(file, line, reason, message)
+
+
+def parse_prediction(record: dict, file: str, line: int) -> PredictionRecord | RecordProblem:
+    """Validate one decoded record; return a PredictionRecord or the first problem found."""
+    pk, pred = _first(record, PRED_KEYS)
+    rk, ref = _first(record, REF_KEYS)
+    if pk is None:
+        return _problem(file, line, "missing-field", f"no prediction field (one of {', '.join(PRED_KEYS)})")
+    if rk is None:
+        return _problem(file, line, "missing-field", f"no reference field (one of {', '.join(REF_KEYS)})")
+    if pred is None:
+        pred = ""  # a null answer is an empty prediction: scored (as wrong) and counted, never dropped
+    if not isinstance(pred, str):
+        return _problem(file, line, "bad-field", f"{pk} must be a string, got {type(pred).__name__}")
+    if isinstance(ref, list) and all(isinstance(r, str) for r in ref):
+        ref = ", ".join(ref)
+    if not isinstance(ref, str) or not ref.strip():
+        return _problem(file, line, "bad-field", f"{rk} must be a non-empty string, got {ref!r}")
+    ik, rid = _first(record, ID_KEYS)
+    rid = f"{file}:{line}" if rid is None else str(rid)
+    hw = record.get("hw")
+    if hw is None and "height" in record and "width" in record:
+        hw = [record["height"], record["width"]]
+    if hw is not None:
+        ok = (isinstance(hw, (list, tuple)) and len(hw) == 2
+              and all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in hw))
+        if not ok:
+            return _problem(file, line, "bad-field", f"hw must be [height, width] with positive numbers, got {hw!r}")
+        hw = [float(hw[0]), float(hw[1])]
+    options = record.get("options")
+    if options is not None and not (isinstance(options, list) and options and all(isinstance(o, str) for o in options)):
+        return _problem(file, line, "bad-field", f"options must be a non-empty list of strings, got {options!r}")
+    lang = record.get("lang")
+    if lang is not None and lang not in ("en", "zh"):
+        return _problem(file, line, "bad-field", f"lang must be 'en' or 'zh', got {lang!r}")
+    image = record.get("image")
+    if isinstance(image, list):
+        image = image[0] if image else None
+    known = set(ID_KEYS) | set(PRED_KEYS) | set(REF_KEYS) | {"hw", "height", "width", "options", "lang", "image",
+                                                               "question", "answer_type", "image_root"}
+    return PredictionRecord(
+        id=rid, prediction=pred, reference=ref, source=f"{file}:{line}",
+        question=record.get("question"), image=image, image_root=record.get("image_root"), hw=hw, lang=lang,
+        answer_type=record.get("answer_type"), options=options,
+        extra={k: v for k, v in record.items() if k not in known},
+    )
+
+
+def _json_list_items(path: Path, text: str) -> Iterable[tuple[int, Any]]:
+    """(line number, decoded item) for each element of a top-level JSON list, keeping line numbers."""
+    decoder = json.JSONDecoder()
+    pos = text.index("[") + 1
+    n = len(text)
+    while True:
+        while pos < n and text[pos] in " \t\r\n,":
+            pos += 1
+        if pos >= n:
+            raise json.JSONDecodeError("unterminated list", text, pos)
+        if text[pos] == "]":
+            return
+        line = text.count("\n", 0, pos) + 1
+        item, pos = decoder.raw_decode(text, pos)
+        yield line, item
+
+
+def read_predictions(path: str | Path) -> tuple[list[PredictionRecord], list[RecordProblem]]:
+    """All valid predictions of a JSON-list or JSON-lines file plus every problem (duplicates keep the first)."""
+    path = Path(path)
+    file = str(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{file}: prediction file not found")
+    problems: list[RecordProblem] = []
+    decoded: list[tuple[int, Any]] = []
+    head = path.read_bytes()[:4096].decode("utf-8", errors="replace").lstrip("\ufeff \t\r\n")
+    if head.startswith("["):
+        text = path.read_text(encoding="utf-8-sig")
+        try:
+            decoded = list(_json_list_items(path, text))
+        except json.JSONDecodeError as exc:
+            # salvage what decoded before the error; report the rest as one problem
+            decoded = []
+            try:
+                for item in _json_list_items(path, text):
+                    decoded.append(item)
+            except json.JSONDecodeError:
+                pass
+            problems.append(_problem(file, exc.lineno, "invalid-json", f"{exc.msg}; items after this are not read"))
+    else:
+        for line, item in read_jsonl(path):
+            if isinstance(item, RecordProblem):
+                if item.reason != "blank-line":
+                    problems.append(item)
+                continue
+            decoded.append((line, item))
+    records: list[PredictionRecord] = []
+    seen: dict[str, str] = {}
+    for line, item in decoded:
+        if not isinstance(item, dict):
+            problems.append(_problem(file, line, "not-an-object", f"expected a JSON object, got {type(item).__name__}"))
+            continue
+        rec = parse_prediction(item, file, line)
+        if isinstance(rec, RecordProblem):
+            problems.append(rec)
+            continue
+        if rec.id in seen:
+            problems.append(_problem(file, line, "duplicate-id", f"id {rec.id!r} already used at {seen[rec.id]}; "
+                                                                 "this record is not scored"))
+            continue
+        seen[rec.id] = rec.source
+        records.append(rec)
+    return records, problems
+
+
+def problem_counts(problems: Iterable[RecordProblem]) -> dict[str, int]:
+    """{reason: count} for the summary."""
+    return dict(Counter(p.reason for p in problems))
+
+
+def append_jsonl(path: Path, rows: Iterable[dict]) -> None:
+    """Append rows to a JSON-lines file and flush + fsync, so a crash never loses a finished line."""
+    import os
+
+    with path.open("a", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())

@@ -1,0 +1,264 @@
+"""Write a scoring run's outputs: summary.json, samples.jsonl, summary.md and report.html.
+
+summary.json holds the metrics at the top level (names in `score.py`), `counts`, `problems`, `details`,
+`unavailable` (metrics that could not run and why) and `protocol` (model, template, generation settings, metric
+package versions, git commit). The HTML report shows the metrics, a sample of images with reference (green) and
+predicted (red) boxes, and the distribution of per-sample IoU (matplotlib when installed, otherwise inline SVG).
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+import platform
+import shutil
+import subprocess
+import sys
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, ImageDraw
+
+__all__ = ["protocol_info", "write_outputs", "iou_histogram_svg", "draw_boxes"]
+
+METRIC_PACKAGES = ("pycocoevalcap", "rouge-score", "sacrebleu", "jieba", "scipy", "numpy", "pycocotools", "torch",
+                   "transformers")
+REF_COLOR = (0, 200, 0)
+PRED_COLOR = (230, 30, 30)
+
+
+def _git_commit() -> str | None:
+    here = Path(__file__).resolve().parent
+    if shutil.which("git") is None:
+        return None
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if out.returncode != 0:
+        return None
+    dirty = subprocess.run(["git", "status", "--porcelain", "--", str(here)], cwd=here, capture_output=True,
+                           text=True, timeout=10).stdout.strip()
+    return out.stdout.strip() + ("+dirty" if dirty else "")
+
+
+def _java_version() -> str | None:
+    if shutil.which("java") is None:
+        return None
+    out = subprocess.run(["java", "-version"], capture_output=True, text=True, timeout=30)
+    return (out.stderr or out.stdout).splitlines()[0] if (out.stderr or out.stdout) else None
+
+
+def protocol_info(**fields: Any) -> dict[str, Any]:
+    """The protocol block: caller fields (model, template, generation, task, compat, ...) + environment facts."""
+    versions = {}
+    for name in METRIC_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    from medrega_eval import __version__
+
+    return {
+        **fields,
+        "medrega_eval": __version__,
+        "git_commit": _git_commit(),
+        "packages": versions,
+        "java": _java_version(),
+        "python": platform.python_version(),
+        "command": " ".join(sys.argv),
+        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+# ------------------------------------------------------------------------------------------------ rendering
+def iou_histogram_svg(values: Sequence[float], bins: int = 10, width: int = 420, height: int = 180) -> str:
+    """A self-contained SVG bar chart of values in [0, 1] (used when matplotlib is not installed)."""
+    counts = [0] * bins
+    for v in values:
+        counts[min(bins - 1, max(0, int(v * bins)))] += 1
+    top = max(counts) or 1
+    pad, bw = 30, (width - 40) / bins
+    bars = []
+    for i, c in enumerate(counts):
+        h = (height - 2 * pad) * c / top
+        x = pad + i * bw
+        bars.append(f'<rect x="{x:.1f}" y="{height - pad - h:.1f}" width="{bw - 2:.1f}" height="{h:.1f}" '
+                    f'fill="#4a7ebb"><title>{i / bins:.1f}-{(i + 1) / bins:.1f}: {c}</title></rect>'
+                    f'<text x="{x + bw / 2:.1f}" y="{height - pad - h - 3:.1f}" font-size="10" '
+                    f'text-anchor="middle">{c}</text>')
+    ticks = "".join(f'<text x="{pad + i * bw:.1f}" y="{height - pad + 14}" font-size="10" text-anchor="middle">'
+                    f"{i / bins:.1f}</text>" for i in range(bins + 1))
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
+            f'aria-label="IoU histogram">{"".join(bars)}{ticks}'
+            f'<line x1="{pad}" y1="{height - pad}" x2="{width - 10}" y2="{height - pad}" stroke="black"/>'
+            f'<text x="{width / 2}" y="{height - 2}" font-size="11" text-anchor="middle">IoU per sample</text></svg>')
+
+
+def _iou_plot_html(values: Sequence[float]) -> str:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return iou_histogram_svg(values)
+    fig, ax = plt.subplots(figsize=(5, 2.4), dpi=100)
+    ax.hist(values, bins=10, range=(0, 1), color="#4a7ebb")
+    ax.set_xlabel("IoU per sample")
+    ax.set_ylabel("samples")
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return f'<img alt="IoU histogram" src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
+
+
+def draw_boxes(image: Image.Image, ref: Sequence[Sequence[int]], pred: Sequence[Sequence[int]],
+               max_side: int = 384) -> Image.Image:
+    """RGB thumbnail (longest side `max_side`) with reference boxes in green and predicted boxes in red.
+
+    Boxes are on the 0..999 grid and are mapped to the image's own size with `internvl.regions.box_to_pixels`.
+    """
+    from internvl.regions import box_to_pixels
+
+    img = image.convert("RGB")
+    w, h = img.size
+    scale = max_side / max(w, h)
+    img = img.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.BILINEAR)
+    draw = ImageDraw.Draw(img)
+    line = max(2, round(max(img.size) / 150))
+    # reference drawn thicker underneath, so a perfect prediction still shows both colours
+    for boxes, color, width in ((ref, REF_COLOR, 2 * line), (pred, PRED_COLOR, line)):
+        for box in boxes:
+            x1, y1, x2, y2 = (v * scale for v in box_to_pixels(list(box), w, h))
+            draw.rectangle([x1, y1, x2, y2], outline=color, width=width)
+    return img
+
+
+def _png_data_uri(img: Image.Image) -> str:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return "nan" if math.isnan(v) else f"{v:.4f}"
+    return "-" if v is None else str(v)
+
+
+def _metric_items(summary: dict, names: Sequence[str]) -> list[tuple[str, Any]]:
+    return [(k, summary[k]) for k in names if k in summary]
+
+
+def _markdown(summary: dict, metric_names: Sequence[str]) -> str:
+    lines = [f"# {summary.get('benchmark') or summary.get('task')} ({summary.get('task')})", ""]
+    lines += ["| metric | value |", "|---|---|"]
+    lines += [f"| {k} | {_fmt(v)} |" for k, v in _metric_items(summary, metric_names)]
+    lines += ["", "| count | value |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in summary.get("counts", {}).items()]
+    if summary.get("unavailable"):
+        lines += ["", "Unavailable metrics:"] + [f"- {k}: {v}" for k, v in summary["unavailable"].items()]
+    proto = summary.get("protocol", {})
+    lines += ["", "Protocol: " + ", ".join(f"{k}={proto[k]}" for k in ("model", "template", "compat", "git_commit")
+                                          if proto.get(k) is not None)]
+    return "\n".join(lines) + "\n"
+
+
+def _resolve_image(row: dict, image_root: str | Path | None) -> Path | None:
+    image = row.get("image")
+    if not image:
+        return None
+    root = row.get("image_root") or image_root
+    path = Path(image)
+    return path if path.is_absolute() or root is None else Path(root) / path
+
+
+def _gallery(rows: Sequence[dict], image_root: str | Path | None, max_images: int) -> str:
+    from internvl.data.images import ImageLoadError, load_image
+
+    items = []
+    boxed = sorted((r for r in rows if r.get("ref_boxes") is not None), key=lambda r: r["scores"].get("iou", 0.0))
+    if len(boxed) > max_images:  # evenly spread over the IoU range: worst, typical and best predictions
+        step = (len(boxed) - 1) / (max_images - 1) if max_images > 1 else 0
+        boxed = [boxed[round(i * step)] for i in range(max_images)]
+    for row in boxed:
+        path = _resolve_image(row, image_root)
+        caption = (f"<b>{html.escape(str(row['id']))}</b> IoU {_fmt(row['scores'].get('iou'))}<br>"
+                   f"ref: {html.escape(row['reference'][:200])}<br>pred: {html.escape(row['prediction'][:200])}")
+        if path is None:
+            items.append(f"<figure><figcaption>{caption}<br><i>no image path in the record</i></figcaption></figure>")
+            continue
+        try:
+            img = load_image(path)
+        except (ImageLoadError, OSError, ValueError) as exc:
+            items.append(f"<figure><figcaption>{caption}<br><i>image not shown: {html.escape(str(exc))}</i>"
+                         "</figcaption></figure>")
+            continue
+        drawn = draw_boxes(img, [b["box"] for b in row["ref_boxes"]], [b["box"] for b in row["pred_boxes"]])
+        items.append(f'<figure><img src="{_png_data_uri(drawn)}" alt="{html.escape(str(row["id"]))}">'
+                     f"<figcaption>{caption}</figcaption></figure>")
+    return "".join(items)
+
+
+def _sample_table(rows: Sequence[dict], n: int = 20) -> str:
+    head = "<tr><th>id</th><th>prediction</th><th>reference</th><th>scores</th></tr>"
+    body = "".join(
+        f"<tr><td>{html.escape(str(r['id']))}</td><td>{html.escape(r['prediction'][:300])}</td>"
+        f"<td>{html.escape(r['reference'][:300])}</td>"
+        f"<td>{html.escape(', '.join(f'{k}={_fmt(v)}' for k, v in r['scores'].items() if not isinstance(v, list)))}"
+        "</td></tr>" for r in rows[:n])
+    return f"<table>{head}{body}</table>"
+
+
+def _html(summary: dict, rows: Sequence[dict], metric_names: Sequence[str], image_root, max_images: int) -> str:
+    title = html.escape(f"{summary.get('benchmark') or summary.get('task')} - MedRegA evaluation")
+    metrics = "".join(f"<tr><td>{k}</td><td>{_fmt(v)}</td></tr>" for k, v in _metric_items(summary, metric_names))
+    counts = "".join(f"<tr><td>{k}</td><td>{v}</td></tr>" for k, v in summary.get("counts", {}).items())
+    problems = "".join(f"<li>{html.escape(p)}</li>" for p in summary.get("problems", [])[:50])
+    unavailable = "".join(f"<li><b>{k}</b>: {html.escape(v)}</li>" for k, v in summary.get("unavailable", {}).items())
+    ious = [r["scores"]["iou"] for r in rows if isinstance(r.get("scores", {}).get("iou"), (int, float))]
+    parts = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title><style>"
+        "body{font-family:sans-serif;margin:1.5em}table{border-collapse:collapse;margin:.5em 0}"
+        "td,th{border:1px solid #ccc;padding:3px 8px;vertical-align:top;font-size:13px}"
+        "figure{display:inline-block;width:400px;margin:6px;vertical-align:top;font-size:12px}"
+        ".legend span{display:inline-block;width:12px;height:12px;margin:0 4px 0 12px}</style></head><body>",
+        f"<h1>{title}</h1>",
+        f"<h2>Metrics</h2><table>{metrics}</table><h2>Counts</h2><table>{counts}</table>",
+    ]
+    if unavailable:
+        parts.append(f"<h2>Unavailable metrics</h2><ul>{unavailable}</ul>")
+    if problems:
+        parts.append(f"<h2>Problems (first 50)</h2><ul>{problems}</ul>")
+    if ious:
+        parts.append(f"<h2>IoU distribution ({len(ious)} samples)</h2>{_iou_plot_html(ious)}")
+    gallery = _gallery(rows, image_root, max_images)
+    if gallery:
+        parts.append("<h2>Samples</h2><p class='legend'>boxes:<span style='background:#00c800'></span>reference"
+                     "<span style='background:#e61e1e'></span>prediction</p>" + gallery)
+    parts.append(f"<h2>First predictions</h2>{_sample_table(rows)}")
+    proto = html.escape(json.dumps(summary.get("protocol", {}), indent=2, ensure_ascii=False))
+    parts.append(f"<h2>Protocol</h2><pre>{proto}</pre></body></html>")
+    return "".join(parts)
+
+
+def write_outputs(out_dir: str | Path, summary: dict, rows: Sequence[dict], metric_names: Sequence[str],
+                  image_root: str | Path | None = None, max_images: int = 12) -> dict[str, Path]:
+    """Write summary.json, samples.jsonl, summary.md and report.html into out_dir; return their paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {name: out / name for name in ("summary.json", "samples.jsonl", "summary.md", "report.html")}
+    paths["summary.json"].write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    with paths["samples.jsonl"].open("w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+    paths["summary.md"].write_text(_markdown(summary, metric_names), encoding="utf-8")
+    paths["report.html"].write_text(_html(summary, rows, metric_names, image_root, max_images), encoding="utf-8")
+    return paths

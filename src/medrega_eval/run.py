@@ -1,0 +1,261 @@
+"""`medrega-eval run`: generate answers for registered benchmarks, sharded over torchrun ranks, resumable, then score.
+
+Layout of `--out DIR` per benchmark NAME:
+
+    DIR/NAME/predictions/rank<R>.jsonl   append-only, one line per finished sample, fsync'ed after every batch
+    DIR/NAME/predictions.jsonl           all ranks merged (rank 0, after generation)
+    DIR/NAME/summary.json, samples.jsonl, summary.md, report.html   (see report.py)
+    DIR/NAME/generation_errors.jsonl     samples whose image could not be read or whose generation failed
+
+Resuming: every rank reads all rank files first; an id found there is never generated again, whatever the world
+size of the earlier run. A half-written last line (a crash during a write) is cut off and that sample regenerated.
+Distributed: torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; the process group uses NCCL on GPUs and gloo on CPUs.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from internvl.data.records import RecordProblem
+from medrega_eval.benchmarks import Benchmark, Sample, load_samples
+from medrega_eval.io import append_jsonl, read_predictions
+from medrega_eval.report import protocol_info, write_outputs
+from medrega_eval.score import REPORT_METRICS, TOP_METRICS, ScoreConfig, score_records, summarize
+
+__all__ = ["RunConfig", "DistInfo", "init_distributed", "run_benchmarks", "generate_benchmark", "score_benchmark"]
+
+
+@dataclass
+class RunConfig:
+    """What `run` needs beyond the model: output dir, data dir, batch size, generation settings, limits."""
+
+    out: Path
+    data_dir: Path | None
+    batch_size: int = 8
+    limit: int | None = None
+    compat: str | None = None
+    score: bool = True
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    initialized: bool = False
+
+
+def init_distributed() -> DistInfo:
+    """Join the torchrun process group when WORLD_SIZE > 1 (NCCL with CUDA, gloo otherwise)."""
+    import torch
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(local)
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend)
+    return DistInfo(rank, world, local, True)
+
+
+def _barrier(info: DistInfo) -> None:
+    if info.initialized:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def _repair_tail(path: Path) -> int:
+    """Cut a half-written last line (no trailing newline) off `path`; return the bytes removed."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return 0
+    data = path.read_bytes()
+    if data.endswith(b"\n"):
+        return 0
+    cut = data.rfind(b"\n") + 1
+    with path.open("r+b") as fh:
+        fh.truncate(cut)
+    return len(data) - cut
+
+
+def finished_ids(pred_dir: Path) -> set[str]:
+    """Ids with a complete prediction line in any rank file."""
+    done: set[str] = set()
+    for path in sorted(pred_dir.glob("rank*.jsonl")):
+        with path.open("rb") as fh:
+            for raw in fh:
+                if not raw.endswith(b"\n"):
+                    continue  # half-written: will be regenerated
+                try:
+                    row = json.loads(raw)
+                except (json.JSONDecodeError, UnicodeDecodeError):
+                    continue
+                if isinstance(row, dict) and "id" in row and "prediction" in row:
+                    done.add(str(row["id"]))
+    return done
+
+
+def _row(sample: Sample, bench: Benchmark, image_root: Path, prediction: str, rank: int) -> dict[str, Any]:
+    return {"id": sample.id, "prediction": prediction, "reference": sample.reference, "question": sample.question,
+            "image": sample.image_rel, "image_root": str(image_root), "hw": sample.hw, "lang": sample.lang,
+            "answer_type": sample.answer_type, "benchmark": bench.name, "annotation": sample.source, "rank": rank}
+
+
+def generate_benchmark(bench: Benchmark, generator: Any, cfg: RunConfig, info: DistInfo) -> tuple[list[Sample],
+                                                                                                   list[RecordProblem]]:
+    """Generate this rank's unfinished share of `bench`; return (all samples, annotation problems)."""
+    from tqdm import tqdm
+
+    from internvl.inference import GenerationRequest
+
+    samples, problems, image_root = load_samples(bench, cfg.data_dir)
+    if cfg.limit is not None:
+        samples = samples[: cfg.limit]
+    pred_dir = cfg.out / bench.name / "predictions"
+    pred_dir.mkdir(parents=True, exist_ok=True)
+    mine = pred_dir / f"rank{info.rank}.jsonl"
+    _barrier(info)
+    removed = _repair_tail(mine)
+    if removed:
+        print(f"{mine}: removed a half-written last line ({removed} bytes); that sample is generated again",
+              file=sys.stderr)
+    _barrier(info)
+    done = finished_ids(pred_dir)
+    todo = [s for i, s in enumerate(samples) if i % info.world_size == info.rank and s.id not in done]
+    requests = [GenerationRequest(s.question, images=s.images, id=s.id) for s in todo]
+    bar = tqdm(total=len(todo), desc=f"{bench.name} [rank {info.rank}]", disable=info.rank != 0 or not todo,
+               dynamic_ncols=True)
+    errors_path = cfg.out / bench.name / "generation_errors.jsonl"
+    for batch in _safe_batches(generator, requests, errors_path, info.rank):
+        append_jsonl(mine, (_row(todo[i], bench, image_root, text, info.rank) for i, text in batch))
+        bar.update(len(batch))
+    bar.close()
+    _barrier(info)
+    return samples, problems
+
+
+def _safe_batches(generator: Any, requests: list, errors_path: Path, rank: int):
+    """Batches of (index, text); a failing batch is retried one request at a time, failures logged, not fatal."""
+    from internvl.data.images import ImageLoadError
+
+    order = sorted(range(len(requests)), key=lambda i: (len(requests[i].images), len(requests[i].prompt)))
+    bs = generator.batch_size
+    for start in range(0, len(order), bs):
+        idx = order[start : start + bs]
+        try:
+            yield [(idx[j], text) for j, text in enumerate(generator.generate_batch([requests[i] for i in idx]))]
+            continue
+        except (ImageLoadError, OSError, ValueError) as exc:
+            if len(idx) == 1:
+                append_jsonl(errors_path, [{"id": requests[idx[0]].id, "rank": rank, "error": str(exc)}])
+                continue
+        for i in idx:
+            try:
+                yield [(i, generator.generate_batch([requests[i]])[0])]
+            except (ImageLoadError, OSError, ValueError) as exc:
+                append_jsonl(errors_path, [{"id": requests[i].id, "rank": rank, "error": str(exc)}])
+
+
+def _options_from_references(samples: Sequence[Sample], multilabel: bool) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for s in samples:
+        labels = [p.strip() for p in s.reference.split(",")] if multilabel else [s.reference.strip()]
+        bucket = out.setdefault(s.lang or "en", [])
+        for label in labels:
+            if label and label not in bucket:
+                bucket.append(label)
+    return out
+
+
+def score_benchmark(bench: Benchmark, samples: Sequence[Sample], problems: Sequence[RecordProblem],
+                    cfg: RunConfig, protocol: dict[str, Any]) -> dict[str, Any]:
+    """Merge the rank files, check ids against the benchmark, score and write the outputs (rank 0 only)."""
+    bdir = cfg.out / bench.name
+    merged_path = bdir / "predictions.jsonl"
+    records, read_problems = [], []
+    seen: set[str] = set()
+    for path in sorted((bdir / "predictions").glob("rank*.jsonl")):
+        recs, probs = read_predictions(path)
+        read_problems += [p for p in probs if p.reason != "duplicate-id"]
+        for r in recs:
+            if r.id not in seen:
+                seen.add(r.id)
+                records.append(r)
+    expected = {s.id for s in samples}
+    unmatched = [r for r in records if r.id not in expected]
+    records = [r for r in records if r.id in expected]
+    all_problems = list(problems) + read_problems
+    for r in unmatched:
+        file, _, line = r.source.rpartition(":")
+        all_problems.append(RecordProblem(file, int(line), "unmatched-id",
+                                          f"id {r.id!r} is not in benchmark {bench.name}; not scored"))
+    missing = [s for s in samples if s.id not in seen]
+    for s in missing[:50]:
+        file, _, line = s.source.rpartition(":")
+        all_problems.append(RecordProblem(file, int(line), "missing-prediction", f"no prediction for id {s.id!r}"))
+    with merged_path.open("w", encoding="utf-8") as fh:
+        for r in records:
+            fh.write(json.dumps({"id": r.id, "prediction": r.prediction, "reference": r.reference,
+                                 "question": r.question, "image": r.image, "image_root": r.image_root, "hw": r.hw,
+                                 "lang": r.lang, "answer_type": r.answer_type}, ensure_ascii=False) + "\n")
+    options: Any = bench.options
+    if options == "from_references":
+        options = _options_from_references(samples, bench.multilabel)
+    report_metrics = [m for m in bench.metrics if m in REPORT_METRICS] or None
+    score_cfg = ScoreConfig(task=bench.task, lang=None if bench.lang == "auto" else bench.lang, subtype=bench.subtype,
+                            compat=cfg.compat, options=options, multilabel=bench.multilabel,
+                            metrics=report_metrics if bench.task in ("report", "grounded_report") else None)
+    result = score_records(records, score_cfg, all_problems)
+    result.counts["benchmark_samples"] = len(samples)
+    result.counts["missing_predictions"] = len(missing)
+    result.counts["unmatched_ids"] = len(unmatched)
+    if bench.size is not None:
+        result.counts["expected_size"] = bench.size
+    summary = summarize(result, score_cfg, protocol, benchmark=bench.name)
+    write_outputs(bdir, summary, result.rows, TOP_METRICS)
+    return summary
+
+
+def run_benchmarks(model_path: str, benchmarks: Sequence[Benchmark], cfg: RunConfig, settings: Any,
+                   dtype: str = "bfloat16", device_map: str | None = None, load_in_8bit: bool = False,
+                   load_in_4bit: bool = False) -> dict[str, dict]:
+    """Load the model once per rank, generate every benchmark, score on rank 0; return {name: summary}."""
+    import torch
+
+    from internvl.inference import Generator, load_model_and_tokenizer
+
+    info = init_distributed()
+    # fail on missing data before loading a 40B model
+    for bench in benchmarks:
+        bench.locate(cfg.data_dir)
+    model, tokenizer = load_model_and_tokenizer(model_path, dtype=dtype, device_map=device_map,
+                                                load_in_8bit=load_in_8bit, load_in_4bit=load_in_4bit)
+    if device_map is None and not (load_in_8bit or load_in_4bit):
+        device = torch.device(f"cuda:{info.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+        model.to(device)
+    generator = Generator(model, tokenizer, settings, batch_size=cfg.batch_size)
+    summaries: dict[str, dict] = {}
+    for bench in benchmarks:
+        samples, problems = generate_benchmark(bench, generator, cfg, info)
+        if info.rank == 0 and cfg.score:
+            protocol = protocol_info(model=str(model_path), template=getattr(model, "template", None),
+                                     system_message=getattr(model, "system_message", None),
+                                     generation=settings.as_dict(), batch_size=cfg.batch_size,
+                                     world_size=info.world_size, dtype=str(dtype), benchmark=bench.name,
+                                     benchmark_file=bench.file, compat=cfg.compat, limit=cfg.limit)
+            summaries[bench.name] = score_benchmark(bench, samples, problems, cfg, protocol)
+        _barrier(info)
+    if info.initialized:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+    return summaries
