@@ -54,15 +54,26 @@ def read_label_names(path: str | Path) -> dict[int, str]:
         items = data.items() if isinstance(data, dict) else enumerate(data)
         for key, value in items:
             names[int(key)] = str(value).strip()
+    elif path.suffix.lower() == ".csv":
+        for number, row in enumerate(csv.reader(text.splitlines()), start=1):
+            if not row or not "".join(row).strip() or row[0].lstrip().startswith("#"):
+                continue
+            try:
+                value = int(row[0])
+            except ValueError:
+                if number == 1:
+                    continue  # a header row
+                raise LabelMapError(f"{path}:{number}: expected 'value,name', got {row!r}") from None
+            if len(row) < 2 or not row[1].strip():
+                raise LabelMapError(f"{path}:{number}: label {value} has no name")
+            names[value] = row[1].strip()
     else:
-        rows = csv.reader(text.splitlines()) if path.suffix.lower() == ".csv" else None
-        lines = [",".join(r) for r in rows] if rows is not None else text.splitlines()
-        for number, line in enumerate(lines, start=1):
-            line = line.split("#", 1)[0].strip() if not line.lstrip().startswith('"') else line.strip()
-            if not line:
+        for number, line in enumerate(text.splitlines(), start=1):
+            line = line.strip()
+            if not line or line.startswith("#"):
                 continue
             quoted = re.search(r'"([^"]+)"', line)
-            parts = re.split(r"[,\s]+", line)
+            parts = line.split()
             try:
                 value = int(parts[0])
             except ValueError:
