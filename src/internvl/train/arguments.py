@@ -97,7 +97,11 @@ class DataTrainingArguments:
         metadata={"help": "strict: any bad record aborts with FILE:LINE: reason. lenient: bad records are "
                           "reported (FILE:LINE: reason, and counted) and left out."},
     )
-    use_packed_ds: bool = field(default=False, metadata={"help": "Pack several samples into one row."})
+    use_packed_ds: bool = field(
+        default=False,
+        metadata={"help": "Pack the per_device_train_batch_size samples of a micro-batch into as few rows of "
+                          "max_packed_tokens as fit (attention stays per sample)."},
+    )
     max_packed_tokens: int = field(default=8192, metadata={"help": "Tokens per packed row."})
     num_images_expected: int = field(default=12, metadata={"help": "Max image tiles per packed row."})
     loss_reduction: Literal["token", "sample", "square"] = field(
@@ -166,8 +170,6 @@ def validate_args(model_args: ModelArguments, data_args: DataTrainingArguments,
         raise ValueError(f"--max_seq_length {data_args.max_seq_length} is too small")
     if not 0 < data_args.down_sample_ratio <= 1:
         raise ValueError(f"--down_sample_ratio must be in (0, 1], got {data_args.down_sample_ratio}")
-    if data_args.use_packed_ds and training_args.per_device_train_batch_size != 1:
-        raise ValueError("--use_packed_ds packs samples into one row: use --per_device_train_batch_size 1")
     if data_args.use_packed_ds and data_args.group_by_length:
         raise ValueError("--use_packed_ds and --group_by_length exclude each other")
     trainable = not (model_args.freeze_llm and model_args.freeze_backbone and model_args.freeze_mlp)

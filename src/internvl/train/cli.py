@@ -14,6 +14,7 @@ with `scripts/merge_lora.py`).
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -75,7 +76,7 @@ def build_data(data_args: DataTrainingArguments, tokenizer: Any, model_config: A
                                   loss_reduction=data_args.loss_reduction,
                                   pad_token_id=tokenizer.pad_token_id or 0)
     else:
-        collator = pad_collate
+        collator = functools.partial(pad_collate, pad_token_id=tokenizer.pad_token_id or 0)
     return dataset, collator
 
 

@@ -24,7 +24,7 @@ from torch import nn
 from peft import PeftModel
 from peft.utils import set_peft_model_state_dict
 from torch.utils.data import Sampler
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 from internvl.constants import IGNORE_INDEX
 from internvl.train import checkpoint as ckpt
@@ -86,6 +86,17 @@ class LengthGroupedSampler(Sampler[int]):
             yield from group
 
 
+class DatasetEpochCallback(TrainerCallback):
+    """Tells the dataset the epoch (its augmentation randomness is seeded by seed, epoch and index)."""
+
+    def __init__(self, dataset) -> None:
+        self.dataset = dataset
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(int(state.epoch or 0))
+
+
 class MedRegTrainer(Trainer):
     """Trainer with per-token loss over the accumulated batch, atomic checkpoints, LoRA saving, throughput logs.
 
@@ -103,6 +114,8 @@ class MedRegTrainer(Trainer):
         self._samples_seen = 0
         self._last_log_time: float | None = None
         self._staging = False
+        if self.train_dataset is not None and hasattr(self.train_dataset, "set_epoch"):
+            self.add_callback(DatasetEpochCallback(self.train_dataset))
 
     # ---- sampling -------------------------------------------------------------------------------------------
     def _get_train_sampler(self, train_dataset=None):
@@ -141,7 +154,10 @@ class MedRegTrainer(Trainer):
                 self._tokens_seen += int(attention_mask.sum())
             else:
                 self._tokens_seen += int(inputs["input_ids"].numel())
-            self._samples_seen += int(inputs.get("num_samples", inputs["input_ids"].shape[0]))
+            if attention_mask is None and inputs.get("position_ids") is not None:  # packed rows
+                self._samples_seen += int((inputs["position_ids"] == 0).sum())
+            else:
+                self._samples_seen += int(inputs["input_ids"].shape[0])
         outputs = model(**model_inputs)
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
         loss_sum = token_loss_sum(logits, labels, loss_weight)
