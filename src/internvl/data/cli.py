@@ -109,7 +109,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     if n_problems:
         counts = ", ".join(f"{reason} {n}" for reason, n in sorted(by_reason.items()))
         stop = " (stopped at the first bad record: --strict)" if args.strict else ""
-        print(f"{n_problems} problem(s) in {seen} record(s), {kept} ok{stop}: {counts}", file=out)
+        print(f"{seen - kept} of {seen} record(s) bad, {n_problems} problem(s){stop}: {counts}", file=out)
         return 1
     print(f"ok: {kept} record(s), no problems", file=out)
     return 0
