@@ -77,8 +77,9 @@ def sample_crop(
     keep: Sequence[tuple[float, float, float, float]] = (),
 ) -> CropBox | None:
     """Random resized crop parameters as torchvision samples them (area fraction in ``scale``, log-uniform aspect in
-    ``ratio``, uniform position), restricted to crops containing every pixel box in ``keep``. ``None``: no valid
-    crop was found in ``config.attempts`` tries (then the image is left as is)."""
+    ``ratio``, uniform position), restricted to crops containing every pixel box in ``keep``. After
+    ``config.attempts`` misses, torchvision's centre-crop fallback; ``None`` when even that would cut a box (then the
+    image is left as is)."""
     area = width * height
     log_lo, log_hi = math.log(config.ratio[0]), math.log(config.ratio[1])
     for _ in range(config.attempts):
@@ -90,7 +91,16 @@ def sample_crop(
             crop = CropBox(int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1)), w, h)
             if _contains(crop, keep):
                 return crop
-    return None
+    # torchvision's fallback: a centre crop of the whole image with its aspect clamped into ``ratio``
+    in_ratio = width / height
+    if in_ratio < config.ratio[0]:
+        w, h = width, int(round(width / config.ratio[0]))
+    elif in_ratio > config.ratio[1]:
+        w, h = int(round(height * config.ratio[1])), height
+    else:
+        w, h = width, height
+    crop = CropBox((width - w) // 2, (height - h) // 2, w, h)
+    return crop if _contains(crop, keep) else None
 
 
 def crop_box(box: Box, crop: CropBox, width: int, height: int) -> Box:
