@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from scipy import ndimage
 
 from internvl.data.convert import ConvertError, ConvertReport, add_common_arguments, finish, write_jsonl
 from internvl.data.images import ImageLoadError, detect_format, load_image, probe_image, volume_slice
@@ -151,6 +150,8 @@ def label_boxes(labels: np.ndarray, *, mode: str = "label", min_pixels: int = 1)
     ``mode="label"``: one box around all pixels of a label; ``"component"``: one box per 8-connected component,
     ordered top-to-bottom then left-to-right. Components (or labels) under ``min_pixels`` pixels are dropped.
     """
+    from scipy import ndimage  # imported here: the CLI should start without scipy
+
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     out: dict[int, list[tuple[int, int, int, int]]] = {}
