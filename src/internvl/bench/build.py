@@ -36,13 +36,14 @@ def randomize_(model: nn.Module, *, seed: int = 0, std: float = 0.02) -> nn.Modu
         else:
             param.normal_(0.0, std, generator=gen)
     for module in model.modules():
-        if hasattr(module, "inv_freq") and hasattr(module, "rope_init_fn"):
-            inv_freq, scaling = module.rope_init_fn(module.config, module.inv_freq.device)
-            module.inv_freq.copy_(inv_freq)
-            if hasattr(module, "original_inv_freq"):
-                module.original_inv_freq.copy_(inv_freq)
-            if hasattr(module, "attention_scaling"):
-                module.attention_scaling = scaling
+        if isinstance(getattr(module, "inv_freq", None), torch.Tensor) and hasattr(module, "config"):
+            # RoPE tables are not parameters: rebuild a fresh (tiny) module on the CPU and copy its fp32 tables.
+            fresh = type(module)(module.config)
+            for buf in ("inv_freq", "original_inv_freq"):
+                if hasattr(fresh, buf):
+                    module.register_buffer(buf, getattr(fresh, buf).to(gen_device), persistent=False)
+            if hasattr(fresh, "attention_scaling"):
+                module.attention_scaling = fresh.attention_scaling
     return model
 
 

@@ -138,7 +138,7 @@ def section_gen(args, res: dict, config) -> None:
     n = args.new_tokens
     ours = build_ours(config, device=args.device, dtype=args.dtype, seed=0).eval()
     ours.img_context_token_id = img_id
-    ours.language_model.fast_decode_backend = args.decode_backend
+    ours.language_model.fast_decode_backend = None if args.decode_backend == "none" else args.decode_backend
     res["decode_weight_bytes"] = decode_weight_bytes(ours)
     native, copied = build_native(config, image_token_id=img_id, device=args.device, dtype=args.dtype, seed=0,
                                   copy_from=ours)
@@ -296,7 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gen-batches", default="1,8,32")
     p.add_argument("--static-batches", default="1,32", help="batches at which native static+compiled is timed")
     p.add_argument("--plain-batches", default="1", help="batches at which our plain HF generate is timed")
-    p.add_argument("--decode-backend", default="inductor", choices=["inductor", "eager"])
+    p.add_argument("--decode-backend", default="inductor", choices=["inductor", "eager", "none"],
+                   help="dynamo backend of our decode step (none: plain eager, CPU smoke tests)")
     p.add_argument("--real-batches", default="1,8")
     p.add_argument("--real-new-tokens", type=int, default=128)
     p.add_argument("--device", default="cuda", help="cuda (the benchmark) or cpu (smoke test on a tiny preset)")
