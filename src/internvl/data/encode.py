@@ -125,10 +125,10 @@ def apply_prompt_order(
 
 
 def _token_ids(tokenizer: Any, token: str) -> int:
-    ids = tokenizer.encode(token, add_special_tokens=False)
-    if len(ids) != 1:
+    tid = tokenizer.convert_tokens_to_ids(token)
+    if tid is None or tid == tokenizer.unk_token_id or tokenizer.convert_ids_to_tokens(tid) != token:
         raise EncodeError(f"tokenizer does not have {token!r} as a single token; call internvl.tokenization.add_special_tokens")
-    return ids[0]
+    return int(tid)
 
 
 def encode_conversation(
