@@ -93,7 +93,10 @@ def write_run_config(output_dir: str, model_args: ModelArguments, data_args: Dat
 def _setup_logging(training_args: MedRegTrainingArguments) -> None:
     level = logging.INFO if training_args.should_log else logging.WARNING
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=level, stream=sys.stdout)
-    transformers.utils.logging.set_verbosity(level)
+    logger.setLevel(level)
+    logging.getLogger("internvl").setLevel(level)
+    # transformers follows --log_level (default "passive": its own default, warnings only)
+    transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
 
 
 def train(model_args: ModelArguments, data_args: DataTrainingArguments,
