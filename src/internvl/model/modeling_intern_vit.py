@@ -188,7 +188,7 @@ class InternVisionEncoder(nn.Module):
     def __init__(self, config: InternVisionConfig) -> None:
         super().__init__()
         self.config = config
-        rates = torch.linspace(0, float(config.drop_path_rate), config.num_hidden_layers).tolist()
+        rates = torch.linspace(0, float(config.drop_path_rate), config.num_hidden_layers, device="cpu").tolist()
         self.layers = nn.ModuleList(
             [InternVisionEncoderLayer(config, rates[i]) for i in range(config.num_hidden_layers)]
         )

@@ -218,6 +218,9 @@ class InternVLChatModel(ChatMixin, PreTrainedModel):
             inputs_embeds = self._embed(input_ids, pixel_values, image_flags)
         elif pixel_values is not None:
             raise ValueError("pass either inputs_embeds or pixel_values + input_ids, not both")
+        if labels is not None or (attention_mask is None and position_ids is not None):
+            # no KV cache when training or scoring packed rows (transformers only detects packing without a cache)
+            kwargs.setdefault("use_cache", False)
         outputs = self.language_model(
             inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, **kwargs
         )

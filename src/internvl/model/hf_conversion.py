@@ -1,0 +1,203 @@
+"""Convert an original-layout InternVL-Chat checkpoint to transformers' native `InternVLForConditionalGeneration`.
+
+Why: the native classes (transformers >= 4.52) are an independent implementation; matching their logits is our proof
+of correctness, and the converted directory runs with stock transformers/vLLM "-hf" tooling.
+
+Key mapping (original -> native):
+  vision_model.embeddings.class_embedding            -> model.vision_tower.embeddings.cls_token
+  vision_model.embeddings.position_embedding         -> model.vision_tower.embeddings.position_embeddings
+  vision_model.embeddings.patch_embedding.*          -> model.vision_tower.embeddings.patch_embeddings.projection.*
+  vision_model.encoder.layers.N.attn.qkv.{weight,bias} -> ...encoder.layer.N.attention.{q,k,v}_proj.* (rows split in 3)
+  ...attn.{q_norm,k_norm}.weight -> ...attention.{q_norm,k_norm}.weight;  ...attn.proj -> ...attention.projection_layer
+  ...norm1 / norm2 -> layernorm_before / layernorm_after;  ...ls1 / ls2 -> lambda_1 / lambda_2;  mlp.fc1/fc2 unchanged
+  mlp1.0 / mlp1.1 / mlp1.3 -> model.multi_modal_projector.layer_norm / linear_1 / linear_2
+  language_model.model.*   -> model.language_model.*;   language_model.lm_head.weight -> lm_head.weight
+
+Caveat: the native model always orders image tokens as pixel shuffle v2.  A v1 checkpoint (InternVL-Chat-V1.2,
+MedRegA) converts weight-for-weight but will see its image tokens in a different order, so conversion refuses v1
+unless `allow_v1=True`.
+"""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .configuration_internvl_chat import InternVLChatConfig
+
+_VISION_RENAMES: tuple[tuple[str, str], ...] = (
+    (r"^embeddings\.class_embedding$", "embeddings.cls_token"),
+    (r"^embeddings\.position_embedding$", "embeddings.position_embeddings"),
+    (r"^embeddings\.patch_embedding\.(weight|bias)$", r"embeddings.patch_embeddings.projection.\1"),
+    (r"^encoder\.layers\.(\d+)\.attn\.proj\.(weight|bias)$", r"encoder.layer.\1.attention.projection_layer.\2"),
+    (r"^encoder\.layers\.(\d+)\.attn\.(q_norm|k_norm)\.weight$", r"encoder.layer.\1.attention.\2.weight"),
+    (r"^encoder\.layers\.(\d+)\.mlp\.(fc1|fc2)\.(weight|bias)$", r"encoder.layer.\1.mlp.\2.\3"),
+    (r"^encoder\.layers\.(\d+)\.norm1\.(weight|bias)$", r"encoder.layer.\1.layernorm_before.\2"),
+    (r"^encoder\.layers\.(\d+)\.norm2\.(weight|bias)$", r"encoder.layer.\1.layernorm_after.\2"),
+    (r"^encoder\.layers\.(\d+)\.ls1$", r"encoder.layer.\1.lambda_1"),
+    (r"^encoder\.layers\.(\d+)\.ls2$", r"encoder.layer.\1.lambda_2"),
+)
+_QKV = re.compile(r"^encoder\.layers\.(\d+)\.attn\.qkv\.(weight|bias)$")
+_PROJECTOR = {"0": "layer_norm", "1": "linear_1", "3": "linear_2"}
+
+
+class ConversionError(ValueError):
+    """A key or config that has no counterpart in the native layout."""
+
+
+def convert_key(key: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    """Native key(s) and tensor(s) for one original key (qkv gives three)."""
+    if key.startswith("vision_model."):
+        sub = key[len("vision_model."):]
+        match = _QKV.match(sub)
+        if match:
+            layer, kind = match.groups()
+            q, k, v = tensor.chunk(3, dim=0)
+            base = f"model.vision_tower.encoder.layer.{layer}.attention"
+            return [(f"{base}.q_proj.{kind}", q), (f"{base}.k_proj.{kind}", k), (f"{base}.v_proj.{kind}", v)]
+        for pattern, replacement in _VISION_RENAMES:
+            new, count = re.subn(pattern, replacement, sub)
+            if count:
+                return [("model.vision_tower." + new, tensor)]
+    elif key.startswith("mlp1."):
+        index, _, leaf = key[len("mlp1."):].partition(".")
+        if index in _PROJECTOR:
+            return [(f"model.multi_modal_projector.{_PROJECTOR[index]}.{leaf}", tensor)]
+    elif key == "language_model.lm_head.weight":
+        return [("lm_head.weight", tensor)]
+    elif key.startswith("language_model.model."):
+        return [("model.language_model." + key[len("language_model.model."):], tensor)]
+    raise ConversionError(f"no native counterpart for key {key!r} (LoRA-wrapped checkpoints must be merged first)")
+
+
+def convert_state_dict_to_hf(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Whole state dict, original -> native layout (tensors are shared, qkv rows are views)."""
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in state_dict.items():
+        for new_key, new_tensor in convert_key(key, tensor):
+            out[new_key] = new_tensor
+    return out
+
+
+def convert_config_to_hf(config: InternVLChatConfig, image_token_id: int) -> Any:
+    """`transformers.InternVLConfig` equivalent to `config` (text_config keeps the LLM config as is)."""
+    from transformers import InternVLConfig, InternVLVisionConfig
+
+    vc = config.vision_config
+    vision = InternVLVisionConfig(
+        hidden_size=vc.hidden_size,
+        num_hidden_layers=vc.num_hidden_layers,
+        num_attention_heads=vc.num_attention_heads,
+        attention_bias=vc.qkv_bias,
+        use_qk_norm=vc.qk_normalization,
+        intermediate_size=vc.intermediate_size,
+        hidden_act=vc.hidden_act,
+        norm_type=vc.norm_type,
+        layer_norm_eps=vc.layer_norm_eps,
+        image_size=vc.image_size,
+        patch_size=vc.patch_size,
+        num_channels=vc.num_channels,
+        layer_scale_init_value=vc.initializer_factor,
+        use_absolute_position_embeddings=True,
+        use_mean_pooling=True,
+        attention_dropout=vc.attention_dropout,
+        projection_dropout=vc.dropout,
+    )
+    text = config.llm_config.to_dict()
+    text["tie_word_embeddings"] = False
+    return InternVLConfig(
+        vision_config=vision.to_dict(),
+        text_config=text,
+        image_token_id=image_token_id,
+        image_seq_length=config.num_image_token,
+        downsample_ratio=config.downsample_ratio,
+        projector_hidden_act="gelu",
+        vision_feature_layer=config.select_layer,
+        vision_feature_select_strategy="default",
+        tie_word_embeddings=False,
+    )
+
+
+def _image_token_id_from_dir(directory: Path) -> int:
+    from ..constants import IMG_CONTEXT_TOKEN
+
+    added = directory / "added_tokens.json"
+    if added.is_file():
+        tokens = json.loads(added.read_text(encoding="utf-8"))
+        if IMG_CONTEXT_TOKEN in tokens:
+            return int(tokens[IMG_CONTEXT_TOKEN])
+    tok_config = directory / "tokenizer_config.json"
+    if tok_config.is_file():
+        decoder = json.loads(tok_config.read_text(encoding="utf-8")).get("added_tokens_decoder", {})
+        for token_id, entry in decoder.items():
+            if entry.get("content") == IMG_CONTEXT_TOKEN:
+                return int(token_id)
+    tok_json = directory / "tokenizer.json"
+    if tok_json.is_file():
+        for entry in json.loads(tok_json.read_text(encoding="utf-8")).get("added_tokens", []):
+            if entry.get("content") == IMG_CONTEXT_TOKEN:
+                return int(entry["id"])
+    raise ConversionError(
+        f"{directory}: cannot find the id of {IMG_CONTEXT_TOKEN} in added_tokens.json, tokenizer_config.json or "
+        "tokenizer.json; "
+        "pass image_token_id explicitly"
+    )
+
+
+_TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                    "added_tokens.json", "generation_config.json")
+
+
+def convert_checkpoint_to_hf(
+    src: str | Path, dst: str | Path, image_token_id: int | None = None, allow_v1: bool = False
+) -> Path:
+    """Convert checkpoint directory `src` (original layout, safetensors) into `dst` (native layout).
+
+    Streams one shard at a time (a 40B checkpoint needs one shard of RAM), keeps the shard structure, writes the
+    native config.json and index, and copies tokenizer/generation files.  Returns `dst`.
+    """
+    from .loading import find_weight_files
+
+    src, dst = Path(src), Path(dst)
+    files = find_weight_files(src)
+    config = InternVLChatConfig.from_pretrained(str(src), local_files_only=True)
+    if config.ps_version == "v1" and not allow_v1:
+        raise ConversionError(
+            f"{src}: ps_version is v1 (column-major image tokens) but the native InternVL model always uses v2 "
+            "order; the converted model would not reproduce this checkpoint. Pass allow_v1=True (--allow-v1) to "
+            "convert anyway (e.g. to then override its pixel_shuffle)."
+        )
+    if image_token_id is None:
+        image_token_id = _image_token_id_from_dir(src)
+    dst.mkdir(parents=True, exist_ok=True)
+    weight_map: dict[str, str] = {}
+    total_size = 0
+    for file in files:
+        converted: dict[str, torch.Tensor] = {}
+        with safe_open(str(file), framework="pt") as handle:
+            for key in handle.keys():
+                for new_key, tensor in convert_key(key, handle.get_tensor(key)):
+                    converted[new_key] = tensor.contiguous()
+        save_file(converted, str(dst / file.name), metadata={"format": "pt"})
+        for key, tensor in converted.items():
+            weight_map[key] = file.name
+            total_size += tensor.numel() * tensor.element_size()
+    if len(files) > 1 or (src / "model.safetensors.index.json").is_file():
+        index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
+        (dst / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    hf_config = convert_config_to_hf(config, image_token_id)
+    hf_config.architectures = ["InternVLForConditionalGeneration"]
+    if config.dtype is not None:
+        hf_config.dtype = config.dtype
+    hf_config.save_pretrained(str(dst))
+    for name in _TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+    return dst

@@ -1,0 +1,153 @@
+"""Loading helpers for real checkpoints: bf16, device_map sharding, 8-bit/4-bit (bitsandbytes), meta construction.
+
+`InternVLChatModel.from_pretrained` already reads a released directory (config.json + model.safetensors or
+model-0000x-of-0000N.safetensors + model.safetensors.index.json); `load_pretrained` adds the checks and defaults a
+user of a 40B model wants:
+  * the directory must exist locally and hold safetensors weights (pickled `.bin`/`.pth` files are refused);
+  * bf16 by default; `device_map="auto"` spreads ViT blocks and LLM decoder layers over the visible GPUs
+    (`max_memory` caps each);
+  * `load_in_8bit` / `load_in_4bit` quantize the language model through bitsandbytes (optional extra
+    `medrega-toolkit[quant]`); the ViT, `mlp1` and `lm_head` stay in bf16 by default, as quantizing the vision tower
+    costs accuracy for little memory (5.5B of 40B parameters);
+  * a load with missing or unexpected keys raises instead of silently leaving random weights.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .configuration_internvl_chat import InternVLChatConfig
+from .modeling_internvl_chat import InternVLChatModel
+
+DEFAULT_SKIP_QUANT_MODULES: tuple[str, ...] = ("vision_model", "mlp1", "lm_head")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that cannot be loaded (missing, no safetensors, missing/unexpected keys...)."""
+
+
+def find_weight_files(path: str | Path) -> list[Path]:
+    """The safetensors files of a checkpoint directory, from its index when sharded.
+
+    Raises `CheckpointError` naming the directory when there is no config.json, no safetensors, or only pickled
+    weights (which are never loaded: unpickling runs arbitrary code).
+    """
+    directory = Path(path)
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: checkpoint directory not found (only local directories are supported)")
+    if not (directory / "config.json").is_file():
+        raise CheckpointError(f"{directory}: no config.json")
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (json.JSONDecodeError, KeyError) as exc:
+            raise CheckpointError(f"{index}: not a safetensors index ({exc})") from None
+        files = sorted({directory / name for name in weight_map.values()})
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise CheckpointError(f"{index}: lists shard(s) that do not exist: {missing}")
+        return files
+    single = directory / "model.safetensors"
+    if single.is_file():
+        return [single]
+    pickled = sorted(p.name for p in directory.iterdir() if p.suffix in (".bin", ".pth", ".pt", ".ckpt"))
+    if pickled:
+        raise CheckpointError(
+            f"{directory}: only pickled weights found ({pickled[:3]}...); convert them to safetensors first "
+            "(this toolkit never unpickles weights)"
+        )
+    raise CheckpointError(f"{directory}: no model.safetensors or model.safetensors.index.json")
+
+
+def bitsandbytes_config(
+    load_in_8bit: bool = False,
+    load_in_4bit: bool = False,
+    skip_modules: Sequence[str] = DEFAULT_SKIP_QUANT_MODULES,
+    compute_dtype: torch.dtype = torch.bfloat16,
+) -> Any:
+    """A `transformers.BitsAndBytesConfig`, or None when neither flag is set.
+
+    Raises ImportError with the install hint when bitsandbytes is not installed, ValueError for both flags.
+    """
+    if load_in_8bit and load_in_4bit:
+        raise ValueError("choose one of load_in_8bit and load_in_4bit")
+    if not (load_in_8bit or load_in_4bit):
+        return None
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ImportError(
+            "8-bit/4-bit loading needs bitsandbytes: pip install 'medrega-toolkit[quant]' (or pip install bitsandbytes)"
+        )
+    from transformers import BitsAndBytesConfig
+
+    if load_in_8bit:
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=list(skip_modules))
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_use_double_quant=True,
+        llm_int8_skip_modules=list(skip_modules),
+    )
+
+
+def load_pretrained(
+    path: str | Path,
+    *,
+    dtype: torch.dtype | str = torch.bfloat16,
+    device_map: str | dict[str, Any] | None = None,
+    max_memory: dict[Any, str] | None = None,
+    load_in_8bit: bool = False,
+    load_in_4bit: bool = False,
+    attn_implementation: str | None = None,
+    skip_quant_modules: Sequence[str] = DEFAULT_SKIP_QUANT_MODULES,
+    **kwargs: Any,
+) -> InternVLChatModel:
+    """Load an InternVL-Chat / MedRegA checkpoint directory for inference (eval mode).
+
+    dtype: torch dtype or its name ("bfloat16", "float16", "float32").  device_map: None (CPU, or move later),
+    "auto", or an explicit {module_name: device} map.  Raises `CheckpointError` for a bad directory or any
+    missing/unexpected/mismatched key.
+    """
+    find_weight_files(path)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    quant = bitsandbytes_config(load_in_8bit, load_in_4bit, skip_quant_modules, dtype)
+    if quant is not None and device_map is None:
+        device_map = "auto"
+    extra: dict[str, Any] = dict(kwargs)
+    if quant is not None:
+        extra["quantization_config"] = quant
+    if device_map is not None:
+        extra["device_map"] = device_map
+    if max_memory is not None:
+        extra["max_memory"] = max_memory
+    if attn_implementation is not None:
+        extra["attn_implementation"] = attn_implementation
+    model, info = InternVLChatModel.from_pretrained(str(path), dtype=dtype, output_loading_info=True, **extra)
+    problems = {k: sorted(v) for k, v in info.items() if k != "error_msgs" and v}
+    if problems or info.get("error_msgs"):
+        raise CheckpointError(f"{path}: checkpoint does not match the config: {problems or info['error_msgs']}")
+    return model.eval()
+
+
+def build_on_meta(config: InternVLChatConfig) -> InternVLChatModel:
+    """Construct the model without allocating weights (for parameter counts, device maps, sharded init)."""
+    with torch.device("meta"):
+        return InternVLChatModel(config)
+
+
+def count_parameters(model: nn.Module) -> dict[str, int]:
+    """Parameter counts of `vision_model`, `mlp1`, `language_model` and their `total` (works on meta models)."""
+    counts = {
+        name: sum(p.numel() for p in getattr(model, name).parameters())
+        for name in ("vision_model", "mlp1", "language_model")
+    }
+    counts["total"] = sum(p.numel() for p in model.parameters())
+    return counts
