@@ -199,19 +199,24 @@ def _load_dir(directory: str) -> dict[tuple[str, str], TaskPrompt]:
     return registry
 
 
+def _registry(directory: str | Path | None) -> dict[tuple[str, str], TaskPrompt]:
+    # The shipped directory is the hot path (build_record per converted item): no path resolution, no copy.
+    return _load_dir(str(PROMPT_DIR) if directory is None else str(Path(directory).resolve()))
+
+
 def load_prompts(directory: str | Path | None = None) -> dict[tuple[str, str], TaskPrompt]:
     """Load and validate every ``*.yaml`` prompt file; keys are ``(task, lang)``. Cached per directory."""
-    return dict(_load_dir(str(Path(directory or PROMPT_DIR).resolve())))
+    return dict(_registry(directory))
 
 
 def list_tasks(directory: str | Path | None = None) -> list[str]:
     """All task ids, e.g. ``vqa_open``, ``text_to_region_mm``, ``grounded_whole``."""
-    return sorted({task for task, _ in load_prompts(directory)})
+    return sorted({task for task, _ in _registry(directory)})
 
 
 def get_prompt(task: str, lang: str = "en", directory: str | Path | None = None) -> TaskPrompt:
     """The :class:`TaskPrompt` of ``task`` in ``lang`` (``"en"`` or ``"zh"``)."""
-    registry = load_prompts(directory)
+    registry = _registry(directory)
     if (task, lang) not in registry:
         if lang not in LANGS:
             raise PromptError(f"unknown language {lang!r}; use one of {', '.join(LANGS)}")

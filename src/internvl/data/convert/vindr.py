@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import gzip
 import math
 from collections import defaultdict
 from pathlib import Path
@@ -30,6 +31,13 @@ HELP = "VinDr-CXR-style per-radiologist box CSV -> text_to_region / region_to_te
 TASKS = ["text_to_region", "region_to_text", "classify_multi"]
 MERGES = ("none", "union", "fusion")
 REQUIRED_COLUMNS = ("image_id", "class_name", "x_min", "y_min", "x_max", "y_max")
+
+
+def open_text(path: Path):
+    """Open a CSV for reading, transparently gunzipping ``*.gz`` (e.g. ``vinbigdata-train.csv.gz``)."""
+    if path.suffix == ".gz":
+        return gzip.open(path, "rt", newline="", encoding="utf-8")
+    return open(path, newline="", encoding="utf-8")
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -129,8 +137,9 @@ def convert_vindr(
         raise ConvertError(f"task must be one of {TASKS}, got {task!r}")
     if merge not in MERGES:
         raise ConvertError(f"merge must be one of {MERGES}, got {merge!r}")
-    if sizes is None and image_root is None:
-        raise ConvertError("image sizes are needed: pass a sizes CSV or the image root to read headers from")
+    needs_size = task != "classify_multi"
+    if needs_size and sizes is None and image_root is None:
+        raise ConvertError("region tasks need image sizes: pass a sizes CSV or the image root to read headers from")
     path = Path(path)
     file = str(path)
     report = ConvertReport(source=f"vindr {file}")
@@ -140,7 +149,7 @@ def convert_vindr(
     first_line: dict[str, int] = {}
     classes: list[str] = []
     try:
-        fh = open(path, newline="", encoding="utf-8")
+        fh = open_text(path)
     except OSError as exc:
         raise ConvertError(f"{file}:0: cannot open CSV: {exc}") from exc
     with fh:
@@ -175,6 +184,7 @@ def convert_vindr(
     for image_id, by_class in per_image.items():
         line = first_line[image_id]
         image = image_id + image_ext
+        width = height = None
         if image_id in size_table:
             width, height = size_table[image_id]
         elif image_root is not None:
@@ -184,7 +194,7 @@ def convert_vindr(
             except ImageLoadError as exc:
                 report.skip(file, line, "unknown-size", f"image {image_id}: {exc.reason}")
                 continue
-        else:
+        elif needs_size:
             report.skip(file, line, "unknown-size", f"image {image_id} is not in the sizes CSV")
             continue
         merged: dict[str, list[np.ndarray]] = {}
@@ -193,12 +203,15 @@ def convert_vindr(
                                          threshold=iou_threshold, min_votes=min_votes)
             for _ in range(dropped):
                 report.skip(file, entries[0][2], "too-few-votes", f"{image_id} {name}: cluster below {min_votes} votes")
-            out_of_image = [b for b in boxes if b[0] < -1 or b[1] < -1 or b[2] > width + 1 or b[3] > height + 1]
-            for b in out_of_image:
-                report.skip(file, entries[0][2], "bbox-outside-image", f"{image_id} {name}: {b.tolist()} outside {width}x{height}")
-            boxes = [b for b in boxes if not any(b is o for o in out_of_image)]
+            if width is not None and height is not None:
+                inside = [b for b in boxes if b[0] >= -1 and b[1] >= -1 and b[2] <= width + 1 and b[3] <= height + 1]
+                for b in boxes:
+                    if not any(b is k for k in inside):
+                        report.skip(file, entries[0][2], "bbox-outside-image",
+                                    f"{image_id} {name}: {b.tolist()} outside {width}x{height}")
+                boxes = [np.clip(b, 0, [width, height, width, height]) for b in inside]
             if boxes:
-                merged[name] = [np.clip(b, 0, [width, height, width, height]).tolist() for b in boxes]
+                merged[name] = [b.tolist() for b in boxes]
         common = dict(image=image, width=width, height=height, modality=modality, include_base_prompt=include_base_prompt)
         try:
             if task == "classify_multi":
