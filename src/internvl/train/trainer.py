@@ -172,7 +172,8 @@ class MedRegTrainer(Trainer):
 
     # ---- logging ---------------------------------------------------------------------------------------------
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
-        """Adds `tokens_per_second` and `samples_per_second` (all ranks, since the previous log) to training logs."""
+        """Adds `tokens_per_second` and `samples_per_second` (all ranks, since the previous log) and, on GPU, this
+        rank's peak allocated memory `gpu_mem_peak_gib` to training logs."""
         if "loss" in logs:
             now = time.perf_counter()
             counts = torch.tensor([self._tokens_seen, self._samples_seen], dtype=torch.float64,
@@ -183,6 +184,8 @@ class MedRegTrainer(Trainer):
                 elapsed = max(now - self._last_log_time, 1e-9)
                 logs["tokens_per_second"] = round(float(counts[0]) / elapsed, 2)
                 logs["samples_per_second"] = round(float(counts[1]) / elapsed, 3)
+            if torch.cuda.is_available():
+                logs["gpu_mem_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
             self._tokens_seen = 0
             self._samples_seen = 0
             self._last_log_time = now
