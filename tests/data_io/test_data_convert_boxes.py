@@ -153,7 +153,9 @@ def test_vindr_classification_and_region_to_text(vindr):
     csv_path, sizes = vindr
     cls, _ = convert_vindr(csv_path, sizes=sizes, task="classify_multi")
     answers = {r["id"]: r["conversations"][1]["value"] for r in cls}
-    assert answers == {"A": "Aortic enlargement, Nodule/Mass", "B": "No finding", "C": "No finding"}
+    # classification needs no image size, so D (absent from the sizes table) is converted too
+    assert answers == {"A": "Aortic enlargement, Nodule/Mass", "B": "No finding", "C": "No finding", "D": "Cardiomegaly"}
+    assert "width" not in next(r for r in cls if r["id"] == "D")
     assert '"No finding" means no diseases are detected.' in cls[0]["conversations"][0]["value"]
     r2t, _ = convert_vindr(csv_path, sizes=sizes, task="region_to_text", merge="union")
     assert sorted(r["conversations"][1]["value"] for r in r2t) == ["Aortic enlargement", "Nodule/Mass", "Nodule/Mass"]
