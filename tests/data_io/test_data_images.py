@@ -138,6 +138,27 @@ def test_monochrome1_is_inverted(tmp_path):
     assert np.array_equal(inverted, 255 - normal)
 
 
+def test_enhanced_multiframe_uses_per_frame_functional_groups(tmp_path):
+    ds = pydicom.dcmread(dcm("CT_small.dcm"))
+    hu = ds.pixel_array.astype(float) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+    intercept = float(ds.RescaleIntercept)
+    del ds.RescaleSlope, ds.RescaleIntercept  # enhanced objects keep these in functional groups
+    transform = pydicom.Dataset()
+    transform.RescaleSlope, transform.RescaleIntercept, transform.RescaleType = 1, intercept, "HU"
+    shared = pydicom.Dataset()
+    shared.PixelValueTransformationSequence = pydicom.Sequence([transform])
+    frame_voi = pydicom.Dataset()
+    frame_voi.WindowCenter, frame_voi.WindowWidth = 40, 400
+    frame = pydicom.Dataset()
+    frame.FrameVOILUTSequence = pydicom.Sequence([frame_voi])
+    ds.SharedFunctionalGroupsSequence = pydicom.Sequence([shared])
+    ds.PerFrameFunctionalGroupsSequence = pydicom.Sequence([frame])
+    path = tmp_path / "enhanced.dcm"
+    ds.save_as(path)
+    assert np.abs(gray(load_image(path)) - linear_window(hu, 40, 400)).max() <= 1
+    assert np.abs(gray(load_image(path, window="lung")) - linear_window(hu, -600, 1500)).max() <= 1
+
+
 def test_unknown_window_is_a_caller_error():
     with pytest.raises(ValueError, match="unknown window"):
         load_image(dcm("CT_small.dcm"), window="liverish")

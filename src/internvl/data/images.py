@@ -225,6 +225,46 @@ def _dicom_frames(ds) -> int:
         return 1
 
 
+# Enhanced multi-frame objects keep rescale and window per frame, in functional groups.
+_FRAME_GROUPS = {
+    "PixelValueTransformationSequence": ("RescaleSlope", "RescaleIntercept", "RescaleType"),
+    "FrameVOILUTSequence": ("WindowCenter", "WindowWidth", "VOILUTFunction"),
+}
+_VALUE_KEYWORDS = (
+    "PhotometricInterpretation", "BitsAllocated", "BitsStored", "PixelRepresentation", "RescaleSlope",
+    "RescaleIntercept", "ModalityLUTSequence", "VOILUTSequence", "WindowCenter", "WindowWidth", "VOILUTFunction",
+)
+
+
+def _frame_view(ds, index: int):
+    """The dataset's value-transform attributes for one frame (enhanced multi-frame: per-frame functional group
+    over shared functional group over top level); plain datasets are returned unchanged."""
+    from pydicom.dataset import Dataset
+
+    shared, per_frame = ds.get("SharedFunctionalGroupsSequence"), ds.get("PerFrameFunctionalGroupsSequence")
+    groups = []
+    if shared:
+        groups.append(shared[0])
+    if per_frame and index < len(per_frame):
+        groups.append(per_frame[index])
+    if not any(seq in g for g in groups for seq in _FRAME_GROUPS):
+        return ds
+    view = Dataset()
+    if hasattr(ds, "file_meta"):
+        view.file_meta = ds.file_meta
+    for keyword in _VALUE_KEYWORDS:
+        if keyword in ds:
+            view[ds[keyword].tag] = ds[keyword]
+    for group in groups:  # shared first, then the frame's own group overrides it
+        for seq, keywords in _FRAME_GROUPS.items():
+            if seq in group and len(group[seq].value):
+                item = group[seq][0]
+                for keyword in keywords:
+                    if keyword in item:
+                        view[item[keyword].tag] = item[keyword]
+    return view
+
+
 def _load_dicom(path: Path, window: Window, frame: int | None, max_pixels: int) -> Image.Image:
     from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, pixel_array
 
@@ -255,6 +295,7 @@ def _load_dicom(path: Path, window: Window, frame: int | None, max_pixels: int) 
             if arr.dtype != np.uint8:
                 arr = _stretch(arr, 0, 2 ** int(ds.get("BitsStored", 16)) - 1)
             return _to_rgb(arr)
+        ds = _frame_view(ds, index)
         values = apply_modality_lut(arr, ds)
         if window is not None:
             gray = _window_values(values, window)
