@@ -79,3 +79,23 @@ def test_rejects_right_padding(lm):
     mask[0, -1] = 0
     with pytest.raises(ValueError, match="left-padded"):
         StaticGreedyDecoder(lm, compile_backend=None).generate(emb, mask, max_new_tokens=3)
+
+
+def test_grouped_decode_attention_equals_repeat_kv():
+    from transformers.integrations.sdpa_attention import repeat_kv
+
+    from internvl.model.fast_generate import sdpa_gqa_decode_attention
+
+    g = torch.Generator().manual_seed(5)
+    module = torch.nn.Module()
+    module.num_key_value_groups = 4
+    q = torch.randn(3, 8, 1, 16, generator=g)
+    k = torch.randn(3, 2, 21, 16, generator=g)
+    v = torch.randn(3, 2, 21, 16, generator=g)
+    mask = torch.rand(3, 1, 1, 21, generator=g) > 0.3
+    mask[..., 0] = True
+    out, _ = sdpa_gqa_decode_attention(module, q, k, v, mask, scaling=0.25)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, repeat_kv(k, 4), repeat_kv(v, 4), attn_mask=mask,
+                                                           scale=0.25).transpose(1, 2)
+    assert out.shape == (3, 1, 8, 16)
+    assert torch.allclose(out, ref, atol=1e-6)

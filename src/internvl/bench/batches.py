@@ -64,82 +64,72 @@ def fixed_batch(batch: int, seq: int, *, vocab: int, image_token_id: int, num_im
                  int((labels[:, 1:] != IGNORE_INDEX).sum()))
 
 
+def _features(samples: list[SampleLength], *, vocab: int, image_token_id: int, num_image_token: int,
+              image_size: int, gen: torch.Generator) -> list[dict]:
+    """Samples as the data pipeline's per-sample dicts (input_ids, labels, pixel_values [1,3,S,S], image_flags)."""
+    feats = []
+    for s in samples:
+        ids, labels = sample_tokens(s, vocab=vocab, image_token_id=image_token_id, num_image_token=num_image_token,
+                                    gen=gen)
+        feats.append({"input_ids": ids, "labels": labels, "pixel_values": _pixels(1, image_size, gen),
+                      "image_flags": torch.ones(1, dtype=torch.long)})
+    return feats
+
+
+def _batch_from(collated: dict, lengths: list[int]) -> Batch:
+    labels = collated["labels"]
+    return Batch(collated["input_ids"], labels, collated["pixel_values"], collated.get("attention_mask"),
+                 collated.get("position_ids"), lengths, sum(lengths), int((labels[:, 1:] != IGNORE_INDEX).sum()))
+
+
 def padded_batches(samples: list[SampleLength], batch: int, *, vocab: int, image_token_id: int,
                    num_image_token: int, image_size: int, seed: int = 0, pad_to: int | None = None) -> list[Batch]:
-    """Consecutive groups of `batch` samples, right-padded (pad id 0) to the longest in the group or to `pad_to`."""
+    """Consecutive groups of `batch` samples through the data pipeline's `pad_collate` (right padding to the
+    longest in the group), or padded further to `pad_to` tokens (the original InternVL without group_by_length)."""
+    from ..data.collate import pad_collate
+
     gen = torch.Generator().manual_seed(seed)
+    feats = _features(samples, vocab=vocab, image_token_id=image_token_id, num_image_token=num_image_token,
+                      image_size=image_size, gen=gen)
     out: list[Batch] = []
-    for i in range(0, len(samples) - batch + 1, batch):
-        group = samples[i : i + batch]
-        pairs = [sample_tokens(s, vocab=vocab, image_token_id=image_token_id, num_image_token=num_image_token,
-                               gen=gen) for s in group]
-        width = pad_to or max(s.total for s in group)
-        ids = torch.zeros(batch, width, dtype=torch.long)
-        labels = torch.full((batch, width), IGNORE_INDEX, dtype=torch.long)
-        mask = torch.zeros(batch, width, dtype=torch.long)
-        for row, (x, y) in enumerate(pairs):
-            ids[row, : x.numel()] = x
-            labels[row, : y.numel()] = y
-            mask[row, : x.numel()] = 1
-        lengths = [s.total for s in group]
-        out.append(Batch(ids, labels, _pixels(batch, image_size, gen), mask, None, lengths, sum(lengths),
-                         int((labels[:, 1:] != IGNORE_INDEX).sum())))
+    for i in range(0, len(feats) - batch + 1, batch):
+        group = feats[i : i + batch]
+        collated = pad_collate(group)
+        if pad_to is not None and collated["input_ids"].shape[1] < pad_to:
+            extra = pad_to - collated["input_ids"].shape[1]
+            collated["input_ids"] = torch.nn.functional.pad(collated["input_ids"], (0, extra), value=0)
+            collated["labels"] = torch.nn.functional.pad(collated["labels"], (0, extra), value=IGNORE_INDEX)
+            collated["attention_mask"] = torch.nn.functional.pad(collated["attention_mask"], (0, extra), value=0)
+        out.append(_batch_from(collated, [int(f["input_ids"].numel()) for f in group]))
     return out
-
-
-def pack_rows(samples: list[SampleLength], row_len: int) -> list[list[int]]:
-    """First-fit-decreasing assignment of sample indices to rows of at most `row_len` tokens."""
-    order = sorted(range(len(samples)), key=lambda i: -samples[i].total)
-    rows: list[list[int]] = []
-    room: list[int] = []
-    for i in order:
-        need = samples[i].total
-        if need > row_len:
-            raise ValueError(f"sample {i} has {need} tokens > row length {row_len}")
-        for r, free in enumerate(room):
-            if free >= need:
-                rows[r].append(i)
-                room[r] -= need
-                break
-        else:
-            rows.append([i])
-            room.append(row_len - need)
-    return rows
 
 
 def packed_batches(samples: list[SampleLength], rows_per_batch: int, row_len: int, *, vocab: int,
                    image_token_id: int, num_image_token: int, image_size: int, seed: int = 0) -> list[Batch]:
-    """Samples packed into rows of `row_len` (padded at the end), position ids restarting at 0 per sample.
+    """Samples through the data pipeline's `PackedCollator` (rows of at most `row_len` tokens, position ids
+    restarting per sample, no attention_mask: transformers derives the block-diagonal causal mask from them).
 
-    attention_mask is None: transformers derives the block-diagonal causal (document) mask from the position ids.
-    """
+    Samples are taken in order; each micro-batch gets the samples that fill about `rows_per_batch` rows."""
+    from ..data.collate import PackedCollator
+
     gen = torch.Generator().manual_seed(seed)
-    rows = pack_rows(samples, row_len)
+    feats = _features(samples, vocab=vocab, image_token_id=image_token_id, num_image_token=num_image_token,
+                      image_size=image_size, gen=gen)
+    collator = PackedCollator(max_packed_tokens=row_len)
     out: list[Batch] = []
-    for b in range(0, len(rows), rows_per_batch):
-        chunk = rows[b : b + rows_per_batch]
-        ids = torch.zeros(len(chunk), row_len, dtype=torch.long)
-        labels = torch.full((len(chunk), row_len), IGNORE_INDEX, dtype=torch.long)
-        pos = torch.zeros(len(chunk), row_len, dtype=torch.long)
-        lengths: list[int] = []
-        n_img = 0
-        for r, members in enumerate(chunk):
-            at = 0
-            for i in members:
-                x, y = sample_tokens(samples[i], vocab=vocab, image_token_id=image_token_id,
-                                     num_image_token=num_image_token, gen=gen)
-                n = x.numel()
-                ids[r, at : at + n] = x
-                labels[r, at : at + n] = y
-                labels[r, at] = IGNORE_INDEX  # never predict across a sample boundary
-                pos[r, at : at + n] = torch.arange(n)
-                at += n
-                lengths.append(n)
-                n_img += 1
-            # the padding tail continues counting so it forms its own (unsupervised) document
-            pos[r, at:] = torch.arange(row_len - at)
-        out.append(Batch(ids, labels, _pixels(n_img, image_size, gen), None, pos, lengths, sum(lengths),
-                         int((labels[:, 1:] != IGNORE_INDEX).sum())))
+    group: list[dict] = []
+    budget = int(0.97 * rows_per_batch * row_len)
+    for f in feats:
+        if group and sum(int(g["input_ids"].numel()) for g in group) + int(f["input_ids"].numel()) > budget:
+            collated = collator(group)
+            collated.pop("loss_weight")  # token averaging: all ones, the plain token mean
+            out.append(_batch_from(collated, [int(g["input_ids"].numel()) for g in group]))
+            group = []
+        group.append(f)
+    if group:
+        collated = collator(group)
+        collated.pop("loss_weight")
+        out.append(_batch_from(collated, [int(g["input_ids"].numel()) for g in group]))
     return out
 
 

@@ -25,6 +25,36 @@ logger = logging.getLogger(__name__)
 
 #: Cache lengths are rounded up to this multiple so that graphs are reused across prompts of similar length.
 CACHE_ROUND = 64
+#: name under which the grouped-query decode attention is registered with transformers.
+DECODE_ATTN = "internvl_sdpa_gqa_decode"
+
+
+def sdpa_gqa_decode_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                              attention_mask: torch.Tensor | None, dropout: float = 0.0,
+                              scaling: float | None = None, **kwargs):
+    """SDPA attention that, for one query token with grouped KV heads, folds the query heads of each KV head into
+    the query-length axis instead of repeating K/V (`repeat_kv` copies the whole static cache n_rep times per layer
+    and per step: at batch 32 that traffic exceeds the weights'). Everything else goes to transformers' SDPA.
+
+    query [B, H, 1, D], key/value [B, KVH, L, D], attention_mask bool [B, 1, 1, L] or None -> [B, 1, H, D]."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    groups = getattr(module, "num_key_value_groups", 1)
+    if query.shape[2] != 1 or groups == 1 or dropout != 0.0 or kwargs.get("position_bias") is not None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    batch, heads, _, dim = query.shape
+    q = query.reshape(batch, heads // groups, groups, dim)
+    out = torch.nn.functional.scaled_dot_product_attention(q, key, value, attn_mask=attention_mask, scale=scaling)
+    return out.reshape(batch, heads, 1, dim).transpose(1, 2).contiguous(), None
+
+
+def _register_decode_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(DECODE_ATTN, sdpa_gqa_decode_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(DECODE_ATTN, sdpa_mask)
 
 
 @dataclass
@@ -70,6 +100,7 @@ class StaticGreedyDecoder:
         self.compile_backend = compile_backend
         self.check_every = max(1, int(check_every))
         self._states: dict[tuple, _DecodeState] = {}
+        _register_decode_attention()
 
     # ----------------------------------------------------------------------------------------------------------
     def _device(self) -> torch.device:
@@ -141,7 +172,21 @@ class StaticGreedyDecoder:
 
     # ----------------------------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def generate(
+    def generate(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None, **kwargs) -> torch.Tensor:
+        """Greedy-decode after left-padded prompts; returns [B, max_new_tokens] ids (see `_generate`).
+
+        While it runs, an SDPA language model uses the grouped-query decode attention (same maths, no K/V repeat).
+        """
+        cfg = self.lm.config
+        previous = cfg._attn_implementation
+        if previous == "sdpa":
+            cfg._attn_implementation = DECODE_ATTN
+        try:
+            return self._generate(inputs_embeds, attention_mask, **kwargs)
+        finally:
+            cfg._attn_implementation = previous
+
+    def _generate(
         self,
         inputs_embeds: torch.Tensor,
         attention_mask: torch.Tensor | None,
