@@ -56,6 +56,9 @@ def test_good_records_have_no_problems(root):
         assert checker.check(json.loads(line), file="x.jsonl", line=1) == []
     assert checker.check(rec(image=None, human="What is the normal heart rate?"), file="x", line=1) == []
     assert checker.check(rec(image=["a.png", "a.png"], human="<image>\n<image>\nCompare."), file="x", line=1) == []
+    notation = "Use <ref>object</ref><box>[[x1, y1, x2, y2], [x3, y3, x4, y4]]</box>, or plain [[x1, y1, x2, y2]]."
+    assert checker.check(rec(human="<image>\n" + notation), file="x", line=1) == []
+    assert checker.check(rec(human="<image>\nFormat [[x1, y1, x2]]."), file="x", line=1)[0].reason == "bad-box"
     # one image without a placeholder: the encoder inserts it (original behaviour)
     assert checker.check(rec(human="What is this?"), file="x", line=1) == []
     strict_ph = RecordChecker(image_root=root, allow_implicit_image=False)

@@ -70,10 +70,10 @@ REASONS: dict[str, str] = {
 #: How much of each image to check: existence only, header, or a full decode through load_image.
 IMAGE_CHECKS = ("none", "exists", "header", "decode")
 
-# Format examples in task prompts ("<box>[[x1, y1, x2, y2]]</box>") are notation, not boxes.
-_PLACEHOLDER_BOX_RE = re.compile(
-    r"<box>\s*\[\s*\[\s*[a-z]\d*\s*(?:,\s*[a-z]\d*\s*){3}\](?:\s*,\s*\[\s*[a-z]\d*\s*(?:,\s*[a-z]\d*\s*){3}\])*\s*\]\s*</box>"
-)
+# Format examples in task prompts ("<box>[[x1, y1, x2, y2]]</box>", also without tags) are notation, not boxes.
+_PLACEHOLDER_ONE = r"\[\s*[a-z]\d*\s*(?:,\s*[a-z]\d*\s*){3}\]"
+_PLACEHOLDER_LIST = rf"\[\s*{_PLACEHOLDER_ONE}(?:\s*,\s*{_PLACEHOLDER_ONE})*\s*\]"
+_PLACEHOLDER_BOX_RE = re.compile(rf"<box>\s*{_PLACEHOLDER_LIST}\s*</box>|{_PLACEHOLDER_LIST}")
 
 
 @dataclass(frozen=True)
