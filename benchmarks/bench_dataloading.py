@@ -104,6 +104,14 @@ def main() -> None:
         dataset = build_training_dataset(work / "meta.json", tokenizer, None, max_seq_length=4096)
         print(f"dataset scan (offsets + record checks): {time.perf_counter() - t0:.2f}s for {len(dataset)} records")
         collate = PackedCollator(max_packed_tokens=8192) if args.pack else pad_collate
+        # CPU time per sample in this process (insensitive to other load on the machine): the per-core capacity
+        n_probe = min(100, len(dataset))
+        dataset[0]
+        c0 = time.process_time()
+        collate([dataset[i] for i in range(n_probe)])
+        cpu_ms = (time.process_time() - c0) / n_probe * 1000
+        print(f"CPU time per sample (one process, build + collate): {cpu_ms:.1f} ms -> "
+              f"{1000 / cpu_ms:.0f} samples/s per fully available core")
         loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
                             collate_fn=collate, persistent_workers=args.workers > 0,
                             generator=torch.Generator().manual_seed(0))
