@@ -248,16 +248,24 @@ def coco_meteor(
         )
     if not candidates:
         return 0.0, []
-    from pycocoevalcap.meteor.meteor import Meteor
-
-    meteor = Meteor()
-    try:
-        gts = {i: [" ".join(r) for r in refs] for i, refs in enumerate(references)}
-        res = {i: [" ".join(c)] for i, c in enumerate(candidates)}
-        score, scores = meteor.compute_score(gts, res)
-    finally:
-        del meteor
+    meteor = _meteor_process()
+    gts = {i: [" ".join(r) for r in refs] for i, refs in enumerate(references)}
+    res = {i: [" ".join(c)] for i, c in enumerate(candidates)}
+    score, scores = meteor.compute_score(gts, res)
     return float(score), [float(s) for s in scores]
+
+
+_METEOR = None
+
+
+def _meteor_process():
+    """One METEOR JVM per process, started on first use (it loads ~60 MB of paraphrase tables, so reuse pays)."""
+    global _METEOR
+    if _METEOR is None or _METEOR.meteor_p.poll() is not None:
+        from pycocoevalcap.meteor.meteor import Meteor
+
+        _METEOR = Meteor()
+    return _METEOR
 
 
 # ------------------------------------------------------------------------------------ sentence-level helpers
