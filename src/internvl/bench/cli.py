@@ -184,13 +184,13 @@ def section_gen(args, res: dict, config) -> None:
             rows.append(fast)
         if batch in args.plain_batches:
             plain = _guard(res, "_tmp", run_gen_case, "ours plain HF generate (dynamic cache)", ours_plain,
-                           batch=batch, new_tokens=n, repeats=1)
+                           batch=batch, new_tokens=n, repeats=1, warm_tokens=4)
             if plain:
                 rows.append(plain)
                 if fast:
                     agree.append({"batch": batch, "vs": "ours plain", **agreement(fast["tokens"], plain["tokens"])})
         nd = _guard(res, "_tmp", run_gen_case, "native default (dynamic cache)", lambda k: native_gen(k, False),
-                    batch=batch, new_tokens=n, repeats=1)
+                    batch=batch, new_tokens=n, repeats=1, warm_tokens=4)
         if nd:
             rows.append(nd)
         if batch in args.static_batches:
@@ -210,6 +210,7 @@ def section_profile(args, res: dict, config) -> None:
     """Top CUDA kernels of one fast training step and one fast decode step (torch.profiler)."""
     from torch.profiler import ProfilerActivity, profile
 
+    from ..model.fast_generate import decoder_for
     from .build import build_ours
 
     vocab = config.llm_config.vocab_size
@@ -230,6 +231,23 @@ def section_profile(args, res: dict, config) -> None:
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60)
     Path(args.out, "profile_train.txt").write_text(table)
     res["profile_train_top"] = table.splitlines()[:24]
+    # decode: 32 replays of the captured step at batch 1 (kernels inside the graph are traced by CUPTI)
+    ours.eval()
+    ours.language_model.fast_decode_backend = None if args.decode_backend == "none" else args.decode_backend
+    ids, mask, pix = B.generation_prompts(1, vocab=vocab, image_token_id=img_id,
+                                          num_image_token=config.num_image_token, image_size=config.force_image_size)
+    ids, mask, pix = ids.to(args.device), mask.to(args.device), pix.to(args.device, args.dtype)
+    with torch.inference_mode():
+        emb = ours._embed(ids, pix, None)
+        dec = decoder_for(ours.language_model)
+        dec.generate(emb, mask, max_new_tokens=33)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            dec.generate(emb, mask, max_new_tokens=33)
+            torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60)
+    Path(args.out, "profile_decode.txt").write_text(table)
+    res["profile_decode_top"] = table.splitlines()[:24]
     del ours
     free()
 
@@ -311,6 +329,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="dynamo backend of our decode step (none: plain eager, CPU smoke tests)")
     p.add_argument("--real-batches", default="1,8")
     p.add_argument("--real-new-tokens", type=int, default=128)
+    p.add_argument("--real-decode-backend", default="eager", choices=["inductor", "eager", "none"])
     p.add_argument("--device", default="cuda", help="cuda (the benchmark) or cpu (smoke test on a tiny preset)")
     p.add_argument("--peak", type=float, default=H100_H200_BF16_PEAK, help="peak FLOP/s for MFU")
     args = p.parse_args(argv)
@@ -344,7 +363,8 @@ def main(argv: list[str] | None = None) -> int:
         elif name == "real":
             from .real_shape import run_real_shape
 
-            res["real"] = _guard(res, "real", run_real_shape, batches=real_batches, new_tokens=args.real_new_tokens)
+            res["real"] = _guard(res, "real", run_real_shape, batches=real_batches, new_tokens=args.real_new_tokens,
+                                 decode_backend=None if args.real_decode_backend == "none" else args.real_decode_backend)
         else:
             p.error(f"unknown section {name!r}")
         res.setdefault("section_seconds", {})[name] = time.perf_counter() - t0

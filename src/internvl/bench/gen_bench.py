@@ -28,11 +28,12 @@ def _timed(fn: Callable[[], torch.Tensor], repeats: int) -> tuple[float, torch.T
 
 
 def run_gen_case(name: str, generate: Callable[[int], torch.Tensor], *, batch: int, new_tokens: int,
-                 warmup: int = 1, repeats: int = 2) -> dict:
-    """`generate(n)` must return [batch, n] new token ids. Warm-up calls (compiles, graph captures) are untimed."""
+                 warmup: int = 1, repeats: int = 2, warm_tokens: int | None = None) -> dict:
+    """`generate(n)` must return [batch, n] new token ids. Warm-up calls (compiles, graph captures) are untimed;
+    `warm_tokens` shortens the warm-up call for paths that compile nothing (default: `new_tokens`)."""
     compile_t0 = time.perf_counter()
     for _ in range(warmup):
-        generate(new_tokens)
+        generate(warm_tokens or new_tokens)
         generate(1)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
