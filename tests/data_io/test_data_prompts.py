@@ -11,6 +11,8 @@ from internvl.data.prompts import (
     LANGS,
     PROMPT_DIR,
     PromptError,
+    ANSWER_FIELDS,
+    build_question,
     build_record,
     get_prompt,
     list_tasks,
@@ -95,6 +97,21 @@ def test_every_task_and_language_builds_a_valid_record(task, lang):
     templates = tp.questions if isinstance(tp.questions, list) else next(iter(tp.questions.values()))
     for i in range(len(templates)):
         build_record(task, lang, image="img/x.png", template=i, **FIELDS[task])
+
+
+@pytest.mark.parametrize("lang", LANGS)
+@pytest.mark.parametrize("task", sorted(FIELDS))
+def test_build_question_matches_the_record_without_answer_fields(task, lang):
+    fields = {k: v for k, v in FIELDS[task].items() if k not in ANSWER_FIELDS}
+    if task.startswith("text_to_region") or task in ("grounded_organ", "grounded_lesion"):
+        fields["objects"] = [name for name, _ in fields.pop("regions")]  # names only, no boxes
+    record = build_record(task, lang, image="x.png", **FIELDS[task])
+    assert build_question(task, lang, **fields) == record["conversations"][0]["value"]
+    if task.startswith("report"):  # the question is the image alone: nothing left without it and the task prompt
+        with pytest.raises(PromptError, match="the question is empty"):
+            build_question(task, lang, n_images=0, include_base_prompt=False, **fields)
+    else:
+        assert build_question(task, lang, n_images=0, include_base_prompt=False, **fields).count("<image>") == 0
 
 
 def test_shared_demo_records_are_reproduced_from_structured_fields():

@@ -37,6 +37,7 @@ __all__ = [
     "PromptError",
     "RegionsInput",
     "TaskPrompt",
+    "build_question",
     "build_record",
     "get_prompt",
     "list_tasks",
@@ -365,6 +366,200 @@ def _template_key(tp: TaskPrompt, target: str | None) -> str | None:
 
 # --------------------------------------------------------------------------------------------- builder
 
+#: Fields that only the answer uses: build_question does not need them.
+ANSWER_FIELDS = frozenset({"answer", "label", "labels", "text", "findings", "impression"})
+
+
+@dataclass
+class _Build:
+    """Everything one build needs, validated once (internal)."""
+
+    tp: TaskPrompt
+    where: str
+    key: str | None
+    images: list[str]
+    template: int
+    rng: random.Random | None
+
+    def pick(self, templates: list[str]) -> str:
+        if self.rng is not None:
+            return self.rng.choice(templates)
+        if not 0 <= self.template < len(templates):
+            raise PromptError(f"{self.where}: template {self.template} out of range (0..{len(templates) - 1})")
+        return templates[self.template]
+
+
+def _prepare(task: str, lang: str, given: dict[str, Any], image: Any, target: str | None, template: int,
+             rng: random.Random | None, question_only: bool) -> _Build:
+    tp = get_prompt(task, lang)
+    where = f"{task} ({lang})"
+    required = [f for f in tp.required if not (question_only and f in ANSWER_FIELDS)]
+    if question_only and tp.family in ("region", "grounded") and tp.task != "region_to_text":
+        required = [f for f in required if f != "regions"]  # object names may come from `objects`
+    missing = [name for name in required if given.get(name) in (None, "", [], ())]
+    if missing:
+        raise PromptError(f"{where}: missing required field(s) {', '.join(missing)}")
+    images = [] if image is None else ([image] if isinstance(image, str) else list(image))
+    if any(not isinstance(p, str) or not p for p in images):
+        raise PromptError(f"{where}: image must be a non-empty path or a list of them, got {image!r}")
+    return _Build(tp, where, _template_key(tp, target), images, template, rng)
+
+
+def _choice_options(b: _Build, options: Sequence[str] | None) -> tuple[list[str], str]:
+    opts = _options_text(options, None, b.where)
+    if len(opts) > len(string.ascii_uppercase):
+        raise PromptError(f"{b.where}: at most 26 options")
+    block = "\n".join(_fill(b.tp.strings["option_line"], b.where, letter=letter, option=o)
+                      for letter, o in zip(string.ascii_uppercase, opts))
+    return opts, block
+
+
+def _object_names(b: _Build, regs: list[Region] | None, objects: Sequence[str] | None) -> list[str]:
+    if objects is not None:
+        names = [str(o).strip() for o in ([objects] if isinstance(objects, str) else objects)]
+        if not names or any(not n for n in names):
+            raise PromptError(f"{b.where}: 'objects' must be non-empty names")
+        return names
+    if not regs:
+        raise PromptError(f"{b.where}: needs 'regions' (or 'objects' for a question only)")
+    return [r.name or "" for r in regs]
+
+
+def _render_question(b: _Build, *, question: Any, options: Any, modality: str | None, regs: list[Region] | None,
+                     objects: Sequence[str] | None) -> str:
+    tp, s = b.tp, b.tp.strings
+    if tp.family == "vqa":
+        if question is None or not str(question).strip():
+            raise PromptError(f"{b.where}: needs a non-empty 'question'")
+        values: dict[str, Any] = {"question": str(question).strip()}
+        if tp.task == "vqa_choice":
+            values["options"] = _choice_options(b, options)[1]
+        return _fill(b.pick(tp.question_templates()), b.where, **values)
+    if tp.family == "report":
+        return b.pick(tp.question_templates())
+    if tp.family == "classification":
+        return _fill(b.pick(tp.question_templates(b.key)), b.where, modality=modality)
+    if tp.task == "region_to_text":
+        if not regs or len(regs) != 1:
+            raise PromptError(f"{b.where}: needs exactly one region (the object to name), got {len(regs or [])}")
+        boxes = regs[0].boxes
+        return _fill(b.pick(tp.question_templates()), b.where, modality=modality,
+                     region=format_region(s["this_word"], boxes), box=format_region(None, boxes))
+    if tp.task == "grounded_whole":
+        return _fill(b.pick(tp.question_templates(b.key)), b.where, modality=modality)
+    names = _object_names(b, regs, objects)
+    refs = s["object_joiner"].join(f"{REF_START}{n}{REF_END}" for n in names)
+    if tp.family == "region":  # text_to_region[_xx]
+        qkey = "single_object" if len(names) == 1 else "multi_object"
+        return _fill(b.pick(tp.question_templates(qkey)), b.where, modality=modality, objects=refs)
+    return _fill(b.pick(tp.question_templates()), b.where, objects=refs)  # grounded organ / lesion
+
+
+def _render_answer(b: _Build, *, answer: Any, options: Any, label: Any, labels: Any, notes: Any,
+                   regs: list[Region] | None, findings: Any, impression: Any, text: Any, box_units: str,
+                   width: int | None, height: int | None) -> str:
+    tp, s, where = b.tp, b.tp.strings, b.where
+    if tp.family == "vqa":
+        ans = str(answer).strip()
+        if tp.task != "vqa_choice":
+            return _fill(tp.answer, where, answer=ans)
+        opts, _ = _choice_options(b, options)
+        letters = string.ascii_uppercase[: len(opts)]
+        if ans in opts:
+            idx = opts.index(ans)
+        elif len(ans) == 1 and ans.upper() in letters:
+            idx = letters.index(ans.upper())
+        else:
+            raise PromptError(f"{where}: answer {ans!r} is neither an option nor an option letter")
+        return _fill(tp.answer, where, option=opts[idx], letter=letters[idx])
+    if tp.family == "report":
+        if text:
+            body = str(text).strip()
+        elif findings:
+            body = s["findings_label"] + str(findings).strip()
+            if impression:
+                body += s["joiner"] + s["impression_label"] + str(impression).strip()
+        else:
+            raise PromptError(f"{where}: needs 'findings' (and optionally 'impression') or 'text'")
+        return _fill(tp.answer, where, text=body)
+    if tp.family == "classification":
+        opts = _options_text(options, notes, where)
+        if tp.task == "classify_single":
+            if str(label).strip() not in opts:
+                raise PromptError(f"{where}: label {label!r} is not one of the options {opts}")
+            return _fill(tp.answer, where, label=str(label).strip())
+        chosen = [str(x).strip() for x in (labels or [])]
+        if isinstance(labels, str) or not chosen:
+            raise PromptError(f"{where}: 'labels' must be a non-empty list")
+        unknown = [x for x in chosen if x not in opts]
+        if unknown:
+            raise PromptError(f"{where}: labels {unknown} are not among the options {opts}")
+        ordered = [o for o in opts if o in set(chosen)]  # option order, duplicates removed
+        return _fill(tp.answer, where, labels=s["label_joiner"].join(ordered))
+    if tp.task == "region_to_text":
+        return _fill(tp.answer, where, name=regs[0].name)  # type: ignore[index]
+    if tp.family == "region":
+        sub = text_to_region_subtype(regs)  # type: ignore[arg-type]
+        if tp.subtype is not None and tp.subtype != sub:
+            raise PromptError(f"{where}: the regions form subtype {sub!r} "
+                              f"({len(regs)} object(s), max {max(len(r.boxes) for r in regs)} box(es) each)")  # type: ignore[arg-type]
+        return _fill(tp.answer, where, regions=format_regions(regs))  # type: ignore[arg-type]
+    if tp.task == "grounded_whole":
+        if isinstance(findings, (str, bytes)) or not findings:
+            raise PromptError(f"{where}: 'findings' must be a non-empty list of (regions, text) pairs")
+        lines = []
+        for i, item in enumerate(findings):
+            try:
+                f_regions, f_text = item
+            except (TypeError, ValueError):
+                raise PromptError(f"{where}: finding {i} must be a (regions, text) pair") from None
+            if not str(f_text).strip():
+                raise PromptError(f"{where}: finding {i} has empty text")
+            f_regs = normalize_regions(f_regions, box_units=box_units, width=width, height=height)
+            lines.append(_fill(s["line"], where, regions=format_regions(f_regs), text=str(f_text).strip()))
+        return _fill(tp.answer, where, lines=s["line_joiner"].join(lines))
+    return _fill(tp.answer, where, regions=format_regions(regs), text=str(text).strip())  # type: ignore[arg-type]
+
+
+def build_question(
+    task: str,
+    lang: str = "en",
+    *,
+    n_images: int = 1,
+    question: str | None = None,
+    options: Sequence[str] | None = None,
+    target: str | None = None,
+    notes: Sequence[str] | None = None,
+    modality: str | None = None,
+    regions: RegionsInput | None = None,
+    objects: Sequence[str] | str | None = None,
+    width: int | None = None,
+    height: int | None = None,
+    box_units: str = "norm",
+    include_base_prompt: bool = True,
+    prompt_variant: str = "default",
+    template: int = 0,
+    rng: random.Random | None = None,
+) -> str:
+    """Only the first human turn of a task (for the demo and inference): no answer fields needed.
+
+    Text-to-Region and grounded organ/lesion questions take the object names as ``objects`` (no boxes);
+    Region-to-Text takes the box as ``regions`` (any name). ``n_images`` placeholders are put before the question.
+    Same wording and joining rules as :func:`build_record`.
+    """
+    given = dict(question=question, options=options, modality=modality, regions=regions or objects)
+    b = _prepare(task, lang, given, None, target, template, rng, question_only=True)
+    regs = None if regions is None else normalize_regions(regions, box_units=box_units, width=width, height=height)
+    q = _render_question(b, question=question, options=options, modality=modality, regs=regs, objects=objects)
+    base = render_base_prompt(task, lang, modality=modality, options=options, notes=notes, target=target,
+                              variant=prompt_variant) if include_base_prompt else ""
+    if n_images < 0:
+        raise PromptError(f"{b.where}: n_images must be >= 0")
+    human = _join_turn(base, q, n_images)
+    if not human.strip():
+        raise PromptError(f"{b.where}: the question is empty")
+    return human
+
 
 def build_record(
     task: str,
@@ -409,134 +604,35 @@ def build_record(
     template (0 = original wording) unless ``rng`` is given, which picks one at random. ``image`` is a path, a list
     of paths (one ``<image>`` each) or ``None`` (text-only). Raises :class:`PromptError` for missing or bad fields.
     """
-    tp = get_prompt(task, lang)
-    where = f"{task} ({lang})"
     given = dict(question=question, answer=answer, options=options, label=label, labels=labels, modality=modality,
                  regions=regions, findings=findings, text=text, impression=impression)
-    missing = [name for name in tp.required if given.get(name) in (None, "", [], ())]
-    if missing:
-        raise PromptError(f"{where}: missing required field(s) {', '.join(missing)}")
-    images = [] if image is None else ([image] if isinstance(image, str) else list(image))
-    if any(not isinstance(p, str) or not p for p in images):
-        raise PromptError(f"{where}: image must be a non-empty path or a list of them, got {image!r}")
-    key = _template_key(tp, target)
-
-    def pick(templates: list[str]) -> str:
-        if rng is not None:
-            return rng.choice(templates)
-        if not 0 <= template < len(templates):
-            raise PromptError(f"{where}: template {template} out of range (0..{len(templates) - 1})")
-        return templates[template]
-
-    s = tp.strings
+    b = _prepare(task, lang, given, image, target, template, rng, question_only=False)
+    regs = None
+    if regions is not None and b.tp.family in ("region", "grounded"):
+        regs = normalize_regions(regions, box_units=box_units, width=width, height=height)
     base = render_base_prompt(task, lang, modality=modality, options=options, notes=notes, target=target,
                               variant=prompt_variant) if include_base_prompt else ""
-    family = tp.family
-    if family == "vqa":
-        q_values: dict[str, Any] = {"question": str(question).strip()}
-        ans = str(answer).strip()
-        if tp.task == "vqa_choice":
-            opts = _options_text(options, None, where)
-            letters = string.ascii_uppercase[: len(opts)]
-            if len(opts) > len(string.ascii_uppercase):
-                raise PromptError(f"{where}: at most 26 options")
-            if ans in opts:
-                idx = opts.index(ans)
-            elif len(ans) == 1 and ans.upper() in letters:
-                idx = letters.index(ans.upper())
-            else:
-                raise PromptError(f"{where}: answer {ans!r} is neither an option nor an option letter")
-            q_values["options"] = "\n".join(
-                _fill(s["option_line"], where, letter=letter, option=o) for letter, o in zip(letters, opts)
-            )
-            ans = _fill(tp.answer, where, option=opts[idx], letter=letters[idx])
-        else:
-            ans = _fill(tp.answer, where, answer=ans)
-        q = _fill(pick(tp.question_templates()), where, **q_values)
-    elif family == "report":
-        q = pick(tp.question_templates())
-        if text:
-            ans = str(text).strip()
-        elif findings:
-            ans = s["findings_label"] + str(findings).strip()
-            if impression:
-                ans += s["joiner"] + s["impression_label"] + str(impression).strip()
-        else:
-            raise PromptError(f"{where}: needs 'findings' (and optionally 'impression') or 'text'")
-        ans = _fill(tp.answer, where, text=ans)
-        if not images:
-            raise PromptError(f"{where}: report generation needs an image")
-    elif family == "classification":
-        opts = _options_text(options, notes, where)
-        if tp.task == "classify_single":
-            if str(label).strip() not in opts:
-                raise PromptError(f"{where}: label {label!r} is not one of the options {opts}")
-            ans = _fill(tp.answer, where, label=str(label).strip())
-        else:
-            chosen = [str(x).strip() for x in (labels or [])]
-            if isinstance(labels, str) or not chosen:
-                raise PromptError(f"{where}: 'labels' must be a non-empty list")
-            unknown = [x for x in chosen if x not in opts]
-            if unknown:
-                raise PromptError(f"{where}: labels {unknown} are not among the options {opts}")
-            ordered = [o for o in opts if o in set(chosen)]  # option order, duplicates removed
-            ans = _fill(tp.answer, where, labels=s["label_joiner"].join(ordered))
-        q = _fill(pick(tp.question_templates(key)), where, modality=modality)
-    elif family == "region":
-        regs = normalize_regions(regions, box_units=box_units, width=width, height=height)  # type: ignore[arg-type]
-        if tp.task == "region_to_text":
-            if len(regs) != 1:
-                raise PromptError(f"{where}: needs exactly one region (the object to name), got {len(regs)}")
-            r = regs[0]
-            q = _fill(pick(tp.question_templates()), where, modality=modality,
-                      region=format_region(s["this_word"], r.boxes), box=format_region(None, r.boxes))
-            ans = _fill(tp.answer, where, name=r.name)
-        else:
-            sub = text_to_region_subtype(regs)
-            if tp.subtype is not None and tp.subtype != sub:
-                raise PromptError(f"{where}: the regions form subtype {sub!r} "
-                                  f"({len(regs)} object(s), max {max(len(r.boxes) for r in regs)} box(es) each)")
-            qkey = "single_object" if len(regs) == 1 else "multi_object"
-            q = _fill(pick(tp.question_templates(qkey)), where, modality=modality,
-                      objects=_objects(regs, s["object_joiner"]))
-            ans = _fill(tp.answer, where, regions=format_regions(regs))
-    elif family == "grounded":
-        if tp.task == "grounded_whole":
-            if isinstance(findings, (str, bytes)) or not findings:
-                raise PromptError(f"{where}: 'findings' must be a non-empty list of (regions, text) pairs")
-            lines = []
-            for i, item in enumerate(findings):
-                try:
-                    f_regions, f_text = item
-                except (TypeError, ValueError):
-                    raise PromptError(f"{where}: finding {i} must be a (regions, text) pair") from None
-                if not str(f_text).strip():
-                    raise PromptError(f"{where}: finding {i} has empty text")
-                regs = normalize_regions(f_regions, box_units=box_units, width=width, height=height)
-                lines.append(_fill(s["line"], where, regions=format_regions(regs), text=str(f_text).strip()))
-            q = _fill(pick(tp.question_templates(key)), where, modality=modality)
-            ans = _fill(tp.answer, where, lines=s["line_joiner"].join(lines))
-        else:
-            regs = normalize_regions(regions, box_units=box_units, width=width, height=height)  # type: ignore[arg-type]
-            q = _fill(pick(tp.question_templates()), where, objects=_objects(regs, s["object_joiner"]))
-            ans = _fill(tp.answer, where, regions=format_regions(regs), text=str(text).strip())
-    else:  # pragma: no cover - the loader only produces known families
-        raise PromptError(f"{where}: unknown task family {family!r}")
+    q = _render_question(b, question=question, options=options, modality=modality, regs=regs, objects=None)
+    ans = _render_answer(b, answer=answer, options=options, label=label, labels=labels, notes=notes, regs=regs,
+                         findings=findings, impression=impression, text=text, box_units=box_units, width=width,
+                         height=height)
+    if b.tp.family == "report" and not b.images:
+        raise PromptError(f"{b.where}: report generation needs an image")
     if not ans.strip():
-        raise PromptError(f"{where}: the answer is empty")
+        raise PromptError(f"{b.where}: the answer is empty")
 
     record: dict[str, Any] = {}
     if id is not None:
         record["id"] = id
-    if images:
-        record["image"] = images[0] if isinstance(image, str) else images
+    if b.images:
+        record["image"] = b.images[0] if isinstance(image, str) else b.images
     for name, value in (("width", width), ("height", height)):
         if value is not None:
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise PromptError(f"{where}: {name} must be a positive integer, got {value!r}")
+                raise PromptError(f"{b.where}: {name} must be a positive integer, got {value!r}")
             record[name] = value
-    human = _join_turn(base, q, len(images))
+    human = _join_turn(base, q, len(b.images))
     if not human.strip():
-        raise PromptError(f"{where}: the question is empty")
+        raise PromptError(f"{b.where}: the question is empty")
     record["conversations"] = [{"from": "human", "value": human}, {"from": "gpt", "value": ans}]
     return record
