@@ -30,7 +30,7 @@ import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -158,13 +158,17 @@ class MedRegDataset(Dataset):
         """1-based jsonl line of item ``index``."""
         return int(self._lines[index]) + 1
 
-    def read_record(self, index: int) -> dict:
-        """The raw record of item ``index`` (one seek + one line read)."""
+    def read_record(self, index: int, handle: BinaryIO | None = None) -> dict:
+        """The raw record of item ``index`` (one seek + one line read; pass an open ``handle`` to reuse it)."""
         row = int(self._lines[index])
         start, end = int(self._offsets[row]), int(self._offsets[row + 1])
-        with open(self.spec.annotation, "rb") as fh:
-            fh.seek(start)
-            raw = fh.read(end - start)
+        if handle is None:
+            with open(self.spec.annotation, "rb") as fh:
+                fh.seek(start)
+                raw = fh.read(end - start)
+        else:
+            handle.seek(start)
+            raw = handle.read(end - start)
         if row == 0 and raw.startswith(b"\xef\xbb\xbf"):
             raw = raw[3:]
         try:
@@ -249,23 +253,30 @@ class MedRegDataset(Dataset):
             overhead = len(self.tokenizer.encode("<|im_start|>system\nAnswer the questions.<|im_end|>"
                                                  "<|im_start|>user\n<|im_end|><|im_start|>assistant\n<|im_end|>",
                                                  add_special_tokens=False))
-            fixed: dict[int, int] = {}
-            texts: list[str] = []
-            text_items: list[int] = []
-            extra: list[int] = []
-            for i in range(len(self)):
-                record = self.read_record(i)
-                if isinstance(record.get("length"), int) and not isinstance(record.get("length"), bool):
-                    fixed[i] = int(record["length"])
-                    extra.append(0)
-                    continue
-                n_images = len(image_paths(record))
-                texts.append(self.spec.base_prompt + " " + " ".join(str(t["value"]) for t in record["conversations"]))
-                text_items.append(i)
-                extra.append(overhead + n_images * (self.num_image_token * tiles + 2))
-            counts = [len(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]] if texts else []
-            text_len = dict(zip(text_items, counts))
-            self._lengths = [fixed[i] if i in fixed else text_len[i] + extra[i] for i in range(len(self))]
+            lengths: list[int] = [0] * len(self)
+            pending: list[tuple[int, str, int]] = []  # (item, text, non-text tokens), tokenised in chunks
+
+            def flush() -> None:
+                if pending:
+                    encoded = self.tokenizer([t for _, t, _ in pending], add_special_tokens=False)["input_ids"]
+                    for (i, _, extra), ids in zip(pending, encoded):
+                        lengths[i] = len(ids) + extra
+                    pending.clear()
+
+            with open(self.spec.annotation, "rb") as fh:
+                for i in range(len(self)):
+                    record = self.read_record(i, fh)
+                    given = record.get("length")
+                    if isinstance(given, int) and not isinstance(given, bool):
+                        lengths[i] = given
+                        continue
+                    n_images = len(image_paths(record))
+                    text = self.spec.base_prompt + " " + " ".join(str(t["value"]) for t in record["conversations"])
+                    pending.append((i, text, overhead + n_images * (self.num_image_token * tiles + 2)))
+                    if len(pending) >= 4096:
+                        flush()
+            flush()
+            self._lengths = lengths
         return self._lengths
 
 
