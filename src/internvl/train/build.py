@@ -5,7 +5,9 @@ Why here and not in the model package: these are *training* decisions (what trai
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,6 +101,31 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
             logger.warning("%s has no activation checkpointing", type(module).__name__)
 
 
+@contextlib.contextmanager
+def whole_model_construction() -> Iterator[None]:
+    """Build a random-init model whole even when a ZeRO-3 DeepSpeed config is active.
+
+    With ZeRO-3 on, transformers wraps every `from_config` in `deepspeed.zero.Init`, which would partition the LLM at
+    construction while the ViT and projector stay whole, and leave `weight.shape == (0,)` on partitioned parameters
+    (so anything reading shapes, e.g. the embedding resize, goes wrong: NaN embeddings were seen on a GPU run).
+    A preset model is small enough to build whole; DeepSpeed partitions it when the engine starts.
+    """
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    ref = hf_deepspeed._hf_deepspeed_config_weak_ref
+    active = ref() if ref is not None else None
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        if active is not None:
+            hf_deepspeed.set_hf_deepspeed_config(active)
+
+
+def _numel(p: torch.nn.Parameter) -> int:
+    return int(getattr(p, "ds_numel", 0) or p.numel())
+
+
 def build_model_and_tokenizer(model_args: ModelArguments, data_args: DataTrainingArguments, *,
                               use_deepspeed_bf16: bool = False,
                               base_save_dir: str | Path | None = None) -> BuiltModel:
@@ -117,7 +144,8 @@ def build_model_and_tokenizer(model_args: ModelArguments, data_args: DataTrainin
         config = load_preset(model_args.preset)
         apply_overrides(config, model_args, data_args, from_preset=True)
         config.llm_config.vocab_size = len(tokenizer)
-        model = InternVLChatModel(config).to(dtype)
+        with whole_model_construction():
+            model = InternVLChatModel(config).to(dtype)
         base_dir = None
     else:
         config = InternVLChatConfig.from_pretrained(model_args.model_name_or_path, local_files_only=True)
@@ -130,7 +158,14 @@ def build_model_and_tokenizer(model_args: ModelArguments, data_args: DataTrainin
         if data_args.force_image_size is not None and data_args.force_image_size != native_size:
             resize_position_embeddings(model, data_args.force_image_size)
         base_dir = str(model_args.model_name_or_path)
-    add_special_tokens(tokenizer, model)
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if len(tokenizer) > model.config.llm_config.vocab_size:
+        if is_deepspeed_zero3_enabled():
+            raise ValueError(f"{tokenizer_dir}: the tokenizer has {len(tokenizer)} tokens but the checkpoint's LLM only "
+                             f"{model.config.llm_config.vocab_size} rows; grow the embeddings once without ZeRO-3 "
+                             "(internvl.tokenization.add_special_tokens + save_pretrained) and train from that")
+        add_special_tokens(tokenizer, model)
     model.img_context_token_id = tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN)
     if (model_args.use_llm_lora or model_args.use_backbone_lora) and from_preset:
         if base_save_dir is None:
@@ -141,8 +176,8 @@ def build_model_and_tokenizer(model_args: ModelArguments, data_args: DataTrainin
     apply_freezing(model, model_args)
     if model_args.grad_checkpoint:
         enable_gradient_checkpointing(model)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(_numel(p) for p in model.parameters() if p.requires_grad)
+    total = sum(_numel(p) for p in model.parameters())
     logger.info("parameters: %d trainable / %d total (%.3f%%)", trainable, total, 100.0 * trainable / max(total, 1))
     return BuiltModel(model=model, tokenizer=tokenizer, base_model_dir=base_dir, trainable_params=trainable,
                       total_params=total)

@@ -42,12 +42,15 @@ class ParamCounts:
         return self.vision + self.mlp + self.llm
 
 
-def count_params(preset: str, lora_rank: int) -> tuple[ParamCounts, object]:
-    """Build `preset` on the meta device and count parameters; LoRA params are r x (in + out) per target Linear."""
+def count_params(preset: str, lora_rank: int, vocab: int | None = None) -> tuple[ParamCounts, object]:
+    """Build `preset` on the meta device and count parameters; LoRA params are r x (in + out) per target Linear.
+    `vocab` overrides the LLM vocabulary (training resizes it to the tokenizer)."""
     from internvl.model import InternVLChatModel, load_preset
     from internvl.train.lora import llm_lora_targets
 
     config = load_preset(preset)
+    if vocab is not None:
+        config.llm_config.vocab_size = vocab
     with torch.device("meta"):
         model = InternVLChatModel(config)
     vision = sum(p.numel() for p in model.vision_model.parameters())
@@ -127,8 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lora_rank", type=int, default=16)
     parser.add_argument("--gpu_gib", type=float, default=80 * 1e9 / GiB, help="GPU memory (default 80 GB)")
     parser.add_argument("--offload", action="store_true", help="ZeRO-3 with optimizer+param CPU offload")
+    parser.add_argument("--vocab", type=int, default=None, help="LLM vocabulary (default: the preset's)")
     args = parser.parse_args(argv)
-    counts, config = count_params(args.preset, args.lora_rank)
+    counts, config = count_params(args.preset, args.lora_rank, args.vocab)
     print(f"preset {args.preset}: ViT {counts.vision / 1e9:.2f}B, projector {counts.mlp / 1e9:.3f}B, "
           f"LLM {counts.llm / 1e9:.2f}B, total {counts.total / 1e9:.2f}B; LoRA r={args.lora_rank} on the LLM "
           f"{counts.lora_llm / 1e6:.1f}M; largest layer {counts.largest_layer / 1e6:.0f}M params")
