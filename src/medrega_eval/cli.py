@@ -26,6 +26,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--benchmark-file", action="append", default=[], type=Path, metavar="YAML",
                    help="register more benchmarks (same format as the shipped registry); repeatable")
     p.add_argument("--data-dir", type=Path, default=None, help="root of the benchmark data (default $MEDREGA_DATA)")
+    p.add_argument("--bertscore-model", default=None, metavar="DIR",
+                   help="local model directory for BERTScore (e.g. a saved deberta-xlarge-mnli); never downloaded")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -109,7 +111,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
     cfg = ScoreConfig(task=task, lang=lang or (bench.lang if bench and bench.lang != "auto" else None),
                       subtype=args.subtype or (bench.subtype if bench else None), compat=args.compat,
                       options=options, multilabel=args.multilabel or bool(bench and bench.multilabel),
-                      metrics=metrics)
+                      metrics=metrics, bertscore_model=args.bertscore_model)
     try:
         cfg.validate()
     except ValueError as exc:
@@ -151,7 +153,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
                                   do_sample=args.temperature > 0, temperature=args.temperature or 1.0)
     cfg = RunConfig(out=args.out, data_dir=data_dir_from(args.data_dir), batch_size=args.batch_size,
-                    limit=args.limit, compat=args.compat, score=not args.no_score)
+                    limit=args.limit, compat=args.compat, score=not args.no_score,
+                    bertscore_model=args.bertscore_model)
     summaries = run_benchmarks(args.model, [registry[n] for n in names], cfg, settings, dtype=args.dtype,
                                device_map=args.device_map, load_in_8bit=args.load_in_8bit,
                                load_in_4bit=args.load_in_4bit)

@@ -40,6 +40,7 @@ class RunConfig:
     limit: int | None = None
     compat: str | None = None
     score: bool = True
+    bertscore_model: str | None = None
 
 
 @dataclass
@@ -213,7 +214,8 @@ def score_benchmark(bench: Benchmark, samples: Sequence[Sample], problems: Seque
     report_metrics = [m for m in bench.metrics if m in REPORT_METRICS] or None
     score_cfg = ScoreConfig(task=bench.task, lang=None if bench.lang == "auto" else bench.lang, subtype=bench.subtype,
                             compat=cfg.compat, options=options, multilabel=bench.multilabel,
-                            metrics=report_metrics if bench.task in ("report", "grounded_report") else None)
+                            metrics=report_metrics if bench.task in ("report", "grounded_report") else None,
+                            bertscore_model=cfg.bertscore_model)
     result = score_records(records, score_cfg, all_problems)
     result.counts["benchmark_samples"] = len(samples)
     result.counts["missing_predictions"] = len(missing)

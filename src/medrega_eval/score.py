@@ -42,6 +42,7 @@ class ScoreConfig:
     options: list[str] | dict[str, list[str]] | None = None
     multilabel: bool = False
     metrics: list[str] | None = None
+    bertscore_model: str | None = None  # local model dir; BERTScore is computed only when given
 
     def validate(self) -> None:
         if self.task not in TASKS:
@@ -360,6 +361,26 @@ def _score_report(records, cfg, result, grounded: bool = False) -> None:
             result.rows.append(_row(rec, lang, scores))
 
 
+def _bertscore(records, cfg, result) -> None:
+    """BERTScore F1 from the local model; rows are matched by id (grounded: on the box-free text)."""
+    from medrega_eval.metrics.model_based import bertscore
+
+    grounded = cfg.task == "grounded_report"
+    by_id = {r.id: r for r in records}
+    rows = [row for row in result.rows if row["id"] in by_id]
+    cands = [strip_regions(by_id[row["id"]].prediction) if grounded else by_id[row["id"]].prediction for row in rows]
+    refs = [strip_regions(by_id[row["id"]].reference) if grounded else by_id[row["id"]].reference for row in rows]
+    try:
+        mean, per = bertscore(cands, refs, cfg.bertscore_model)
+    except text_m.MetricUnavailable as exc:
+        result.metrics["bertscore"] = None
+        result.unavailable["bertscore"] = str(exc)
+        return
+    result.metrics["bertscore"] = mean
+    for row, value in zip(rows, per):
+        row["scores"]["bertscore"] = value
+
+
 def score_records(records: Sequence[PredictionRecord], cfg: ScoreConfig,
                   problems: Sequence[RecordProblem] = ()) -> ScoreResult:
     """Score `records` for `cfg.task`; `problems` from reading the file are carried into the result."""
@@ -379,6 +400,8 @@ def score_records(records: Sequence[PredictionRecord], cfg: ScoreConfig,
         _score_region2text(records, cfg, result)
     elif cfg.task == "text2region":
         _score_text2region(records, cfg, result)
+    if cfg.bertscore_model and cfg.task in ("vqa", "report", "region2text", "grounded_report"):
+        _bertscore(records, cfg, result)
     result.counts["scored"] = len(result.rows) if cfg.task != "grounded_report" else len(records)
     langs = sorted({row["lang"] for row in result.rows})
     result.details["languages"] = langs
@@ -388,7 +411,7 @@ def score_records(records: Sequence[PredictionRecord], cfg: ScoreConfig,
 # Summary key order: the issue's top-level names first, then compat-only names.
 TOP_METRICS = ("bleu1", "bleu2", "bleu3", "bleu4", "meteor", "rougeL", "cider", "closed_accuracy", "open_recall",
                "open_accuracy", "token_f1", "exact_match", "accuracy", "macro_f1", "recall", "iou", "acc25", "acc50",
-               "acc75", "precision", "f1", "map50", "rouge1")
+               "acc75", "precision", "f1", "map50", "rouge1", "bertscore")
 
 
 def summarize(result: ScoreResult, cfg: ScoreConfig, protocol: dict[str, Any], benchmark: str | None = None,

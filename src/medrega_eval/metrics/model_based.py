@@ -1,0 +1,97 @@
+"""Model-based text metrics from *local* weights only: BERTScore (Zhang et al. 2020).
+
+MedRegA's scorers use BERTScore F1 with microsoft/deberta-xlarge-mnli (English) or bert-base-multilingual-cased
+(Chinese), idf weighting and no baseline rescaling. Here the model is whatever local directory the user passes
+(`--bertscore-model DIR`); nothing is ever downloaded: a missing or incomplete directory raises MetricUnavailable.
+
+Algorithm (as the bert-score package): contextual embeddings of one hidden layer, L2-normalized; precision = mean over
+candidate tokens of the best cosine similarity to any reference token, recall the other way round, F1 their harmonic
+mean; with idf, token weights are log((M + 1) / (df + 1)) over the M references, and the [CLS]/[SEP] tokens are
+excluded; when idf gives a text zero total weight (a token set shared by every reference), that text falls
+back to uniform weights. RadGraph F1 and CheXbert are not provided: their model code is not on PyPI in an offline-loadable form.
+"""
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from medrega_eval.metrics.text import MetricUnavailable
+
+__all__ = ["bertscore"]
+
+
+def _load(model_dir: str | Path, device: str):
+    path = Path(model_dir)
+    if not path.is_dir() or not (path / "config.json").is_file():
+        raise MetricUnavailable(f"BERTScore needs a local model directory with config.json; {path} is not one "
+                                "(pass e.g. a saved microsoft/deberta-xlarge-mnli with --bertscore-model)")
+    from transformers import AutoModel, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        model = AutoModel.from_pretrained(str(path), local_files_only=True).to(device).eval()
+    except (OSError, ValueError) as exc:
+        raise MetricUnavailable(f"BERTScore: cannot load {path}: {exc}") from exc
+    return tokenizer, model
+
+
+def bertscore(candidates: Sequence[str], references: Sequence[str], model_dir: str | Path, *, layer: int | None = None,
+              idf: bool = True, batch_size: int = 16, device: str = "cpu") -> tuple[float, list[float]]:
+    """(mean F1, per-sample F1) of candidates vs. single references with the model in `model_dir`.
+
+    layer: hidden layer index (default: the last). Empty texts score 0.
+    """
+    import torch
+
+    if len(candidates) != len(references):
+        raise ValueError(f"{len(candidates)} candidates but {len(references)} references")
+    if not candidates:
+        return 0.0, []
+    tokenizer, model = _load(model_dir, device)
+    special = set(tokenizer.all_special_ids)
+
+    def encode(texts: Sequence[str]) -> list[tuple[list[int], np.ndarray]]:
+        out = []
+        for start in range(0, len(texts), batch_size):
+            chunk = list(texts[start : start + batch_size])
+            enc = tokenizer(chunk, return_tensors="pt", padding=True, truncation=True)
+            with torch.no_grad():
+                hidden = model(**{k: v.to(device) for k, v in enc.items()}, output_hidden_states=True).hidden_states
+            states = hidden[-1 if layer is None else layer].float().cpu().numpy()
+            for i in range(len(chunk)):
+                ids = enc["input_ids"][i].tolist()
+                keep = [j for j, t in enumerate(ids) if enc["attention_mask"][i][j] and t not in special]
+                vecs = states[i, keep]
+                norms = np.linalg.norm(vecs, axis=1, keepdims=True)
+                out.append(([ids[j] for j in keep], vecs / np.clip(norms, 1e-12, None)))
+        return out
+
+    cand_enc, ref_enc = encode(candidates), encode(references)
+    weights: dict[int, float] = {}
+    if idf:
+        df = Counter(t for ids, _ in ref_enc for t in set(ids))
+        m = len(ref_enc)
+        weights = {t: math.log((m + 1) / (c + 1)) for t, c in df.items()}
+        default = math.log(m + 1)  # a token no reference contains
+
+    def weight(ids: list[int]) -> np.ndarray:
+        return np.array([weights.get(t, default) for t in ids]) if idf else np.ones(len(ids))
+
+    scores = []
+    for (c_ids, c_vec), (r_ids, r_vec) in zip(cand_enc, ref_enc):
+        if not c_ids or not r_ids:
+            scores.append(0.0)
+            continue
+        sim = c_vec @ r_vec.T
+        wc, wr = weight(c_ids), weight(r_ids)
+        # idf is degenerate when every token occurs in every reference (e.g. a one-sample corpus): uniform weights
+        wc = wc if wc.sum() > 0 else np.ones(len(c_ids))
+        wr = wr if wr.sum() > 0 else np.ones(len(r_ids))
+        p = float((sim.max(axis=1) * wc).sum() / wc.sum())
+        r = float((sim.max(axis=0) * wr).sum() / wr.sum())
+        scores.append(2 * p * r / (p + r) if p + r > 0 else 0.0)
+    return float(np.mean(scores)), scores
