@@ -1,0 +1,159 @@
+#!/usr/bin/env python3
+"""MedRegA demo: a web UI (default) or batch inference over a MedRegInstruct jsonl (``--batch``).
+
+    torchrun --nproc-per-node=1 src/demo.py                       # web UI on http://127.0.0.1:7860, bundled model
+    torchrun --nproc-per-node=1 src/demo.py --model /models/medrega --load-in-8bit
+    torchrun --nproc-per-node=4 src/demo.py --batch demo_data/data_file.jsonl --out result
+    python3 src/demo.py --batch FILE.jsonl --out DIR              # also fine without torchrun (one process)
+
+Launched by torchrun, every process joins the process group torchrun describes (gloo on CPU, NCCL on GPU, each rank on
+GPU ``LOCAL_RANK``). ``--batch`` shards the records over the ranks and rank 0 writes ``DIR/demo_<time>.json``; the
+web UI is served by rank 0 (other ranks have nothing to do and exit). Without ``--model`` the bundled default model
+``asset/medreg-mini-model`` is used. The server binds 127.0.0.1 unless ``--host`` says otherwise.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no network calls from the web UI
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+SRC = Path(__file__).resolve().parent
+if str(SRC) not in sys.path:  # run from a checkout without installing
+    sys.path.insert(0, str(SRC))
+
+REPO = SRC.parent
+DEFAULT_MODEL = REPO / "asset" / "medreg-mini-model"
+DEFAULT_EXAMPLES = REPO / "asset" / "examples"
+
+log = logging.getLogger("medrega.demo")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="MedRegA demo: web UI or --batch inference.")
+    p.add_argument("--model", type=Path, default=DEFAULT_MODEL,
+                   help="local InternVL-Chat checkpoint directory (default: the bundled asset/medreg-mini-model)")
+    p.add_argument("--load-in-8bit", action="store_true", help="8-bit LLM weights (bitsandbytes, GPU)")
+    p.add_argument("--load-in-4bit", action="store_true", help="4-bit LLM weights (bitsandbytes, GPU)")
+    p.add_argument("--device-map", default=None, help="'auto' shards a large model over the visible GPUs")
+    p.add_argument("--dtype", default=None, help="weights dtype: bfloat16 (GPU default), float32 (CPU default), auto")
+    p.add_argument("--max-new-tokens", type=int, default=400)
+    p.add_argument("--num-beams", type=int, default=1)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (the original demo's default)")
+    p.add_argument("--batch", type=Path, default=None, help="MedRegInstruct jsonl to answer instead of the web UI")
+    p.add_argument("--out", type=Path, default=Path("result"), help="--batch output directory")
+    p.add_argument("--batch-size", type=int, default=8, help="--batch requests per forward pass and rank")
+    p.add_argument("--host", default="127.0.0.1", help="web UI address (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--examples", type=Path, default=DEFAULT_EXAMPLES, help="folder with examples.json + images")
+    args = p.parse_args(argv)
+    if args.load_in_8bit and args.load_in_4bit:
+        p.error("choose one of --load-in-8bit and --load-in-4bit")
+    if args.batch is None and "--out" in (argv if argv is not None else sys.argv[1:]):
+        p.error("--out only applies to --batch")
+    return args
+
+
+def init_distributed() -> tuple[int, int, str]:
+    """(rank, world size, device). Under torchrun (``RANK`` set) join the process group: NCCL with one GPU per
+    ``LOCAL_RANK`` when CUDA is available, else gloo on CPU. A plain ``python3 src/demo.py`` runs as rank 0 of 1."""
+    import torch
+
+    if "RANK" not in os.environ:
+        return 0, 1, "cuda" if torch.cuda.is_available() else "cpu"
+    import torch.distributed as dist
+
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl")
+        device = f"cuda:{local_rank}"
+    else:
+        dist.init_process_group("gloo")
+        device = "cpu"
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def load(args: argparse.Namespace, device: str):
+    """Model (eval mode, on ``device`` unless a device map / quantisation places it) and tokenizer."""
+    from internvl.inference import ModelLoadError, load_model_and_tokenizer
+
+    if not args.model.is_dir():
+        hint = " (the bundled model: see docs/demo.md to rebuild it)" if args.model == DEFAULT_MODEL else ""
+        raise ModelLoadError(f"{args.model}: model directory not found{hint}")
+    dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    model, tokenizer = load_model_and_tokenizer(args.model, dtype=dtype, device_map=args.device_map,
+                                                load_in_8bit=args.load_in_8bit, load_in_4bit=args.load_in_4bit)
+    if args.device_map is None and not (args.load_in_8bit or args.load_in_4bit):
+        model = model.to(device)
+    return model, tokenizer
+
+
+def generation_kwargs(args: argparse.Namespace) -> dict:
+    """Decoding settings shared by both modes (greedy unless --temperature > 0)."""
+    kw = {"max_new_tokens": args.max_new_tokens, "num_beams": args.num_beams, "do_sample": args.temperature > 0}
+    if args.temperature > 0:
+        kw["temperature"] = args.temperature
+    return kw
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    args = parse_args(argv)
+    rank, world, device = init_distributed()
+    from internvl.demo.batch import BatchError
+
+    try:
+        if args.batch is not None:
+            return run_batch_mode(args, rank, world, device)
+        if rank != 0:
+            log.info("rank %d: the web UI is served by rank 0 only; nothing to do here", rank)
+            return 0
+        return run_web(args, device)
+    except BatchError as exc:
+        print(f"demo: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_batch_mode(args: argparse.Namespace, rank: int, world: int, device: str) -> int:
+    from internvl.demo.batch import gather_results, read_batch_file, run_batch, write_results
+    from internvl.inference import GenerationSettings, Generator
+
+    items = read_batch_file(args.batch)  # every rank checks the whole file: a bad line stops all of them alike
+    model, tokenizer = load(args, device)
+    kw = generation_kwargs(args)
+    settings = GenerationSettings(max_new_tokens=kw["max_new_tokens"], num_beams=kw["num_beams"],
+                                  do_sample=kw["do_sample"], temperature=kw.get("temperature", 1.0))
+    generator = Generator(model, tokenizer, settings, batch_size=args.batch_size)
+    local = run_batch(generator, items, rank, world)
+    results = gather_results(local, world)
+    if rank == 0:
+        path = write_results(results, args.out)
+        print(f"demo: {len(results)} answers -> {path}")
+    return 0
+
+
+def run_web(args: argparse.Namespace, device: str) -> int:
+    from internvl.demo.app import DemoEngine, build_app, load_examples
+    from internvl.demo.uploads import MAX_UPLOAD_BYTES
+
+    model, tokenizer = load(args, device)
+    engine = DemoEngine(model, tokenizer, generation_kwargs(args))
+    examples = load_examples(args.examples)
+    app = build_app(engine, examples, model_name=str(args.model))
+    log.info("serving on http://%s:%d (model %s)", args.host, args.port, args.model)
+    app.launch(server_name=args.host, server_port=args.port, max_file_size=MAX_UPLOAD_BYTES, share=False,
+               allowed_paths=[str(args.examples)], footer_links=[])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

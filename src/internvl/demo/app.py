@@ -1,0 +1,303 @@
+"""The MedRegA web demo (gradio): upload an image, pick a task and language, chat; predicted boxes are drawn.
+
+Layout: left, the image (upload PNG/JPEG/DICOM/NIfTI, NIfTI slice controls, an editor to draw a query box) and a
+gallery of bundled examples; right, task / language / inputs, the annotated answer image, the chat and the parsed
+boxes. Every handler turns bad input into a message in the page (``UserInputError``) and never raises, so one bad
+upload cannot take the server down; unexpected errors are logged with their traceback and reported in the page too.
+
+Generation goes through the model's own ``chat`` (multi-turn history, the same template rendering and stop tokens as
+``batch_chat`` used by ``--batch`` and ``medrega-eval``); requests are serialised by a lock.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+from PIL import Image
+
+from internvl.demo.drawing import draw_regions
+from internvl.demo.tasks import TASKS, build_prompt, follow_up_prompt
+from internvl.demo.uploads import (
+    ACCEPTED_SUFFIXES,
+    MAX_UPLOAD_BYTES,
+    UserInputError,
+    box_from_drawing,
+    load_upload,
+    parse_typed_box,
+)
+from internvl.regions import Box, Region, parse_regions
+
+__all__ = ["DemoEngine", "Example", "load_examples", "build_app", "ask"]
+
+log = logging.getLogger("medrega.demo")
+
+
+class DemoEngine:
+    """Answers one chat turn about one image with an InternVL-Chat model (thread-safe, one request at a time)."""
+
+    def __init__(self, model: Any, tokenizer: Any, generation: dict[str, Any] | None = None) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.generation = dict(generation or {"max_new_tokens": 400, "do_sample": False})
+        self._lock = threading.Lock()
+        param = next(model.vision_model.parameters())
+        self._device, self._dtype = param.device, param.dtype
+
+    def answer(self, image: Image.Image, prompt: str, history: list[tuple[str, str]]) -> tuple[str, list]:
+        """(answer text, new history) for ``prompt`` after ``history`` (list of (question, answer) pairs)."""
+        from internvl.image_processing import images_to_pixel_values
+
+        pixel_values, num_patches = images_to_pixel_values([image.convert("RGB")], self.model.config)
+        pixel_values = pixel_values.to(self._device, self._dtype)
+        import torch
+
+        with self._lock, torch.inference_mode():
+            text, new_history = self.model.chat(
+                self.tokenizer, pixel_values, prompt, generation_config=self.generation,
+                history=list(history) or None, return_history=True, num_patches_list=num_patches,
+            )
+        return text, new_history
+
+
+@dataclass(frozen=True)
+class Example:
+    """A bundled example: image file and the task inputs that go with it (``asset/examples/examples.json``)."""
+
+    path: Path
+    title: str
+    task: str
+    lang: str
+    modality: str = ""
+    question: str = ""
+    objects: str = ""
+    box: str = ""
+    options: str = ""
+
+
+def load_examples(directory: str | Path) -> list[Example]:
+    """Read ``examples.json`` in ``directory`` (list of objects with ``file``, ``title``, ``task``, ``lang`` and the
+    task inputs). A missing directory gives no examples; a bad entry raises ``ValueError`` naming it."""
+    directory = Path(directory)
+    index = directory / "examples.json"
+    if not index.is_file():
+        return []
+    out = []
+    for i, entry in enumerate(json.loads(index.read_text(encoding="utf-8"))):
+        where = f"{index}: entry {i}"
+        try:
+            ex = Example(path=directory / entry.pop("file"), **entry)
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"{where}: {exc}") from exc
+        if ex.task not in TASKS or ex.lang not in ("en", "zh") or not ex.path.is_file():
+            raise ValueError(f"{where}: bad task/lang or missing image {ex.path}")
+        out.append(ex)
+    return out
+
+
+_BROWSER_IMAGES = (".png", ".jpg", ".jpeg", ".webp", ".gif")
+
+
+def gallery_preview(path: Path) -> Path:
+    """A browser-displayable PNG for an example in another format (DICOM, NIfTI, TIFF), cached in the temp dir."""
+    if path.suffix.lower() in _BROWSER_IMAGES:
+        return path
+    import hashlib
+    import tempfile
+
+    key = hashlib.sha1(f"{path.resolve()}:{path.stat().st_mtime_ns}".encode()).hexdigest()[:16]
+    out = Path(tempfile.gettempdir()) / "medrega-demo-previews" / f"{key}.png"
+    if not out.is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        load_upload(path).image.save(out)
+    return out
+
+
+@dataclass
+class Session:
+    """Per-browser-tab state: the current image, its name and the chat history."""
+
+    image: Image.Image | None = None
+    name: str = ""
+    history: list[tuple[str, str]] = field(default_factory=list)
+    chat: list[dict[str, str]] = field(default_factory=list)
+
+
+def _message(text: str, kind: str = "error") -> str:
+    icon = {"error": "⚠️", "ok": "✅", "info": "ℹ️"}[kind]
+    return f"{icon} {text}"
+
+
+def _regions_table(regions: list[Region], drawn: list) -> list[dict[str, Any]]:
+    rows, k = [], 0
+    for n, r in enumerate(regions, 1):
+        for b in r.boxes:
+            x1, y1, x2, y2 = drawn[k].xyxy
+            k += 1
+            rows.append({"n": n, "name": r.name, "box": [b.x1, b.y1, b.x2, b.y2],
+                         "pixels": [round(x1, 1), round(y1, 1), round(x2, 1), round(y2, 1)]})
+    return rows
+
+
+def ask(engine: DemoEngine, session: Session, *, task: str, lang: str, question: str = "", objects: str = "",
+        box_text: str = "", box_units: str = "grid", drawing: Any = None, options: str = "", modality: str = ""
+        ) -> tuple[Image.Image | None, list[dict[str, Any]], str]:
+    """One turn: validate inputs, build the prompt, generate, parse and draw boxes.
+
+    Returns (annotated image, box rows, status message). Raises :class:`UserInputError` for bad input; the caller
+    shows it. The session's history and chat grow by this turn.
+    """
+    if session.image is None:
+        raise UserInputError("Upload an image (PNG, JPEG, DICOM or NIfTI) or pick a bundled example first.")
+    w, h = session.image.size
+    query_box: Box | None = None
+    if TASKS.get(task) is not None and "box" in TASKS[task].needs:
+        if (box_text or "").strip():
+            query_box = parse_typed_box(box_text, w, h, units=box_units)
+        else:
+            query_box = box_from_drawing(drawing)
+    if session.history and task == "vqa":
+        prompt = follow_up_prompt(question)
+    else:
+        prompt = build_prompt(task, lang, question=question, box=query_box, objects=objects, options=options,
+                              modality=modality)
+        if session.history:  # the image is already in the first turn
+            prompt = prompt.replace("<image>\n", "")
+    t0 = time.perf_counter()
+    answer, session.history = engine.answer(session.image, prompt, session.history)
+    seconds = time.perf_counter() - t0
+    regions = parse_regions(answer, strict=False)
+    if task == "region_to_text" and query_box is not None:
+        regions = [Region(answer.strip() or "?", [query_box])] + regions
+    annotated, drawn = draw_regions(session.image, regions)
+    shown_q = {"vqa": question, "text_to_region": objects, "diagnosis": options}.get(task, "") or ""
+    label = TASKS[task].label_en if lang == "en" else TASKS[task].label_zh
+    session.chat += [{"role": "user", "content": f"[{label}] {shown_q}".strip()},
+                     {"role": "assistant", "content": answer or "(empty answer)"}]
+    n_boxes = sum(len(r.boxes) for r in regions)
+    status = _message(f"Answered in {seconds:.1f} s; {n_boxes} box(es) drawn.", "ok")
+    return annotated, _regions_table(regions, drawn), status
+
+
+def build_app(engine: DemoEngine, examples: list[Example], *, title: str = "MedRegA demo",
+              model_name: str = "") -> Any:
+    """The gradio Blocks app. Element ids (``upload``, ``task``, ``objects``, ``ask``, ``annotated``, ``status``...)
+    are stable for the browser test."""
+    task_choices = [(t.label_en, t.key) for t in TASKS.values()]
+    previews = [(str(gallery_preview(e.path)), e.title) for e in examples]
+
+    def editor_value(image: Image.Image | None) -> dict[str, Any] | None:
+        if image is None:
+            return None
+        return {"background": image, "layers": [], "composite": image}
+
+    def on_upload(path: str | None, axis: str, slice_text: str, session: Session):
+        if not path:
+            return None, gr.update(), session, _message("No file received.", "info")
+        slice_index = None
+        if (slice_text or "").strip():
+            try:
+                slice_index = int(slice_text)
+            except ValueError:
+                raise UserInputError(f"Slice {slice_text!r} is not a whole number.") from None
+        up = load_upload(path, axis=axis, slice_index=slice_index)
+        new = Session(image=up.image, name=Path(path).name)
+        # the file box is emptied so the next upload works at once; the image lives on in the editor
+        return None, editor_value(up.image), new, _message(f"Loaded {up.description}. Chat history cleared.", "ok")
+
+    def on_upload_error(message: str, path, axis, slice_text, session):
+        return None, gr.update(), session, _message(message)
+
+    def on_example(evt: gr.SelectData, session: Session):
+        ex = examples[evt.index]
+        up = load_upload(ex.path)
+        new = Session(image=up.image, name=ex.path.name)
+        return (editor_value(up.image), new, ex.task, ex.lang, ex.question, ex.objects, ex.box, ex.options,
+                ex.modality, _message(f"Example loaded: {ex.title}.", "ok"))
+
+    def on_ask(session: Session, drawing, task, lang, question, objects, box_text, box_units, options, modality):
+        layer = None
+        if isinstance(drawing, dict) and drawing.get("layers"):
+            layer = drawing["layers"][0]
+        annotated, rows, status = ask(engine, session, task=task, lang=lang, question=question, objects=objects,
+                                      box_text=box_text, box_units=box_units, drawing=layer, options=options,
+                                      modality=modality)
+        return annotated, list(session.chat), rows, status, session
+
+    def on_ask_error(message: str, session, *rest):
+        return gr.update(), list(session.chat) if session else [], gr.update(), _message(message), session
+
+    def on_clear(session: Session):
+        new = Session(image=session.image, name=session.name)
+        return [], None, [], _message("Chat cleared; the image stays.", "info"), new
+
+    def with_errors(fn, on_error):
+        @functools.wraps(fn)  # keeps the signature, so gradio still injects gr.SelectData
+        def wrapper(*args):
+            try:
+                return fn(*args)
+            except UserInputError as exc:
+                return on_error(str(exc), *args)
+            except Exception as exc:  # noqa: BLE001 - keep serving; report in the page
+                log.error("demo handler %s failed:\n%s", fn.__name__, traceback.format_exc())
+                return on_error(f"Internal error ({type(exc).__name__}: {exc}); see the server log.", *args)
+        return wrapper
+
+    def example_error(message: str, evt, session):
+        return (gr.update(), session, *([gr.update()] * 7), _message(message))
+
+    with gr.Blocks(title=title) as app:
+        gr.Markdown(f"# {title}\nModel: `{model_name}`. Upload a medical image, choose a task and ask. "
+                    "Boxes are `[x1, y1, x2, y2]` on a 0-999 grid (MedRegA's convention). Research demo, not for "
+                    "clinical use.")
+        session = gr.State(Session())
+        with gr.Row():
+            with gr.Column(scale=1):
+                upload = gr.File(label="Image file (PNG, JPEG, TIFF, DICOM, NIfTI)", file_count="single",
+                                 file_types=list(ACCEPTED_SUFFIXES), type="filepath", elem_id="upload")
+                with gr.Row():
+                    axis = gr.Dropdown(["axial", "coronal", "sagittal"], value="axial", label="NIfTI plane",
+                                       elem_id="axis")
+                    slice_box = gr.Textbox(label="NIfTI slice (empty = middle)", elem_id="slice")
+                editor = gr.ImageEditor(label="Image (draw over a region for Region-to-Text)", type="numpy",
+                                        image_mode="RGBA", sources=(), transforms=(), layers=False,
+                                        elem_id="editor")
+                gallery = gr.Gallery(previews, label="Bundled examples",
+                                     columns=4, height=220, allow_preview=False, elem_id="gallery")
+            with gr.Column(scale=1):
+                task = gr.Radio(task_choices, value="text_to_region", label="Task", elem_id="task")
+                lang = gr.Radio([("English", "en"), ("中文", "zh")], value="en", label="Language", elem_id="lang")
+                modality = gr.Textbox(label="Modality (e.g. MRI, CT; used by the task prompt)", value="MRI",
+                                      elem_id="modality")
+                question = gr.Textbox(label="Question (VQA, and follow-up turns)", elem_id="question")
+                objects = gr.Textbox(label="Objects to find (Text-to-Region; comma separated)", elem_id="objects")
+                with gr.Row():
+                    box_text = gr.Textbox(label="Box x1, y1, x2, y2 (Region-to-Text; or draw it)", elem_id="box")
+                    box_units = gr.Radio([("0-999 grid", "grid"), ("pixels", "pixels")], value="grid",
+                                         label="Box units", elem_id="box_units")
+                options = gr.Textbox(label="Candidate diagnoses (Diagnosis; comma separated)", elem_id="options")
+                with gr.Row():
+                    ask_btn = gr.Button("Ask", variant="primary", elem_id="ask")
+                    clear_btn = gr.Button("Clear chat", elem_id="clear")
+                status = gr.Markdown(elem_id="status")
+                annotated = gr.Image(label="Answer with predicted boxes", type="pil", interactive=False,
+                                     format="png", elem_id="annotated")
+                chatbot = gr.Chatbot(label="Chat", height=260, elem_id="chat")
+                boxes = gr.JSON(label="Parsed boxes", elem_id="boxes")
+        upload.upload(with_errors(on_upload, on_upload_error), [upload, axis, slice_box, session],
+                      [upload, editor, session, status])
+        gallery.select(with_errors(on_example, example_error), [session],
+                       [editor, session, task, lang, question, objects, box_text, options, modality, status])
+        ask_inputs = [session, editor, task, lang, question, objects, box_text, box_units, options, modality]
+        ask_btn.click(with_errors(on_ask, on_ask_error), ask_inputs, [annotated, chatbot, boxes, status, session])
+        question.submit(with_errors(on_ask, on_ask_error), ask_inputs, [annotated, chatbot, boxes, status, session])
+        clear_btn.click(on_clear, [session], [chatbot, annotated, boxes, status, session])
+    app.max_upload_bytes = MAX_UPLOAD_BYTES
+    return app

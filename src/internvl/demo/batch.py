@@ -1,0 +1,135 @@
+"""``src/demo.py --batch FILE.jsonl --out DIR``: the original MedRegA demo's job, sharded over torchrun ranks.
+
+Reads MedRegInstruct records (``id``, ``image``, ``conversations``), asks the first human turn verbatim, and writes a
+JSON list of ``{question, question_id, pred_answer, gt_answer, pred_regions, gt_regions, image}`` to
+``DIR/demo_<yymmddHHMMSS>.json`` (``ensure_ascii=False``, record order). ``*_regions`` are the boxes parsed by
+:func:`internvl.regions.parse_regions` as ``[{"name": ..., "boxes": [[x1, y1, x2, y2], ...]}]`` (0..999 grid).
+
+Image paths may be absolute or relative to the jsonl file's folder, in any format
+:func:`internvl.data.images.load_image` reads (PNG/JPEG/DICOM/NIfTI); optional record keys ``axis``, ``slice_index``,
+``frame`` and ``window`` choose the NIfTI slice / DICOM frame / window. Bad records and unreadable images stop the run
+with ``FILE:LINE: reason`` (the original silently replaced a missing image by noise).
+
+Each rank answers records ``rank::world_size``; rank 0 gathers the answers (``all_gather_object`` over the process
+group torchrun set up: gloo on CPU, NCCL on GPU) and writes the file.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from internvl.data.images import ImageLoadError, load_image
+from internvl.data.records import RecordChecker, RecordProblem, read_jsonl
+from internvl.regions import Region, parse_regions
+
+__all__ = ["BatchError", "BatchItem", "read_batch_file", "regions_json", "run_batch", "write_results"]
+
+IMAGE_KEYS = ("axis", "slice_index", "frame", "window")
+
+
+class BatchError(ValueError):
+    """A bad batch file: ``str()`` is ``FILE:LINE: reason``."""
+
+
+@dataclass(frozen=True)
+class BatchItem:
+    """One question of a batch file: where it came from, the image path and options, question and reference."""
+
+    index: int
+    line: int
+    question_id: Any
+    image: Path | None
+    image_kwargs: dict[str, Any]
+    question: str
+    gt_answer: str
+
+
+def read_batch_file(path: str | Path, *, check_images: bool = True) -> list[BatchItem]:
+    """Parse and check a MedRegInstruct jsonl for the batch demo; raise :class:`BatchError` at the first problem.
+
+    ``check_images`` decodes every image up front (so a corrupt DICOM on line 900 fails before any generation).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise BatchError(f"{path}: batch file not found")
+    # Structure checks only: this file's images may be absolute or relative to its folder (resolved below), so the
+    # checker's root-containment test gets the filesystem root and existence is checked by decoding.
+    checker = RecordChecker(image_root=Path(path.anchor or "/"), image_check="none", require_answer=False)
+    items: list[BatchItem] = []
+    for line, rec in read_jsonl(path):
+        problems = [rec] if isinstance(rec, RecordProblem) else checker.check(rec, file=path, line=line)
+        if problems:
+            raise BatchError("; ".join(str(p) for p in problems))
+        turns = rec["conversations"]
+        human = next((t["value"] for t in turns if t.get("from") == "human"), None)
+        if not human or not str(human).strip():
+            raise BatchError(f"{path}:{line}: no non-empty human turn to ask")
+        gt = next((t["value"] for t in turns if t.get("from") == "gpt"), "")
+        image = rec.get("image")
+        if isinstance(image, list):
+            if len(image) != 1:
+                raise BatchError(f"{path}:{line}: the batch demo takes one image per record, got {len(image)}")
+            image = image[0]
+        img_path = None
+        if image is not None:
+            img_path = Path(image) if Path(image).is_absolute() else path.parent / image
+        kwargs = {k: rec[k] for k in IMAGE_KEYS if k in rec}
+        if isinstance(kwargs.get("window"), list):
+            kwargs["window"] = tuple(kwargs["window"])
+        if check_images and img_path is not None:
+            try:
+                load_image(img_path, **kwargs)
+            except (ImageLoadError, ValueError) as exc:
+                raise BatchError(f"{path}:{line}: {exc}") from exc
+        items.append(BatchItem(len(items), line, rec.get("id", len(items)), img_path, kwargs, str(human),
+                               str(gt)))
+    if not items:
+        raise BatchError(f"{path}: no records")
+    return items
+
+
+def regions_json(text: str) -> list[dict[str, Any]]:
+    """Boxes found in ``text`` (tagged or tag-stripped form; malformed parts are ignored) as JSON-able dicts."""
+    regions: list[Region] = parse_regions(text, strict=False)
+    return [{"name": r.name, "boxes": [[b.x1, b.y1, b.x2, b.y2] for b in r.boxes]} for r in regions]
+
+
+def run_batch(generator: Any, items: list[BatchItem], rank: int = 0, world_size: int = 1) -> list[dict[str, Any]]:
+    """Answer this rank's share (``items[rank::world_size]``) with ``generator`` (an
+    :class:`internvl.inference.Generator`); returns result dicts carrying the item index for ordering."""
+    from internvl.inference import GenerationRequest
+
+    mine = items[rank::world_size]
+    requests = [GenerationRequest(prompt=it.question, images=[str(it.image)] if it.image else [],
+                                  image_kwargs=it.image_kwargs, id=str(it.question_id)) for it in mine]
+    answers = generator.generate(requests)
+    return [
+        {"index": it.index, "question": it.question, "question_id": it.question_id, "pred_answer": ans,
+         "gt_answer": it.gt_answer, "pred_regions": regions_json(ans), "gt_regions": regions_json(it.gt_answer),
+         "image": None if it.image is None else str(it.image)}
+        for it, ans in zip(mine, answers)
+    ]
+
+
+def gather_results(local: list[dict[str, Any]], world_size: int) -> list[dict[str, Any]]:
+    """All ranks' results in item order (``all_gather_object``; a no-op without a process group)."""
+    if world_size > 1:
+        import torch.distributed as dist
+
+        parts: list[Any] = [None] * world_size
+        dist.all_gather_object(parts, local)
+        local = [r for part in parts for r in part]
+    return sorted(local, key=lambda r: r["index"])
+
+
+def write_results(results: list[dict[str, Any]], out_dir: str | Path) -> Path:
+    """Write ``demo_<yymmddHHMMSS>.json`` (a list, ``index`` dropped) into ``out_dir``; return its path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"demo_{time.strftime('%y%m%d%H%M%S')}.json"
+    rows = [{k: v for k, v in r.items() if k != "index"} for r in results]
+    path.write_text(json.dumps(rows, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    return path

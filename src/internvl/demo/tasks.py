@@ -1,0 +1,101 @@
+"""Demo task -> model prompt, through the prompt registry (``internvl/data/prompts``), so that the web UI asks the
+model exactly what it was trained on.
+
+Each demo task maps to a registry task; :func:`build_prompt` fills it with what the user gave (question, box, object
+names, class options) and returns the first user turn in the trainer's order (``<image>\\n`` + base prompt +
+question; the order MedRegA was fine-tuned with, see ``internvl.data.encode``). It uses
+:func:`internvl.data.prompts.build_record` and keeps only the human turn; the gpt turn a record needs is a
+placeholder here because the answer is what the model is about to write.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from internvl.constants import IMAGE_PLACEHOLDER
+from internvl.data.encode import apply_prompt_order
+from internvl.data.prompts import PromptError, build_record
+from internvl.demo.uploads import UserInputError, check_question
+from internvl.regions import Box
+
+__all__ = ["TASKS", "DemoTask", "build_prompt", "follow_up_prompt", "split_names"]
+
+
+@dataclass(frozen=True)
+class DemoTask:
+    """A task of the demo's task menu: its label, the registry task it uses and which inputs it needs."""
+
+    key: str
+    label_en: str
+    label_zh: str
+    registry_task: str
+    needs: tuple[str, ...]  # subset of ("question", "box", "objects", "options", "modality")
+
+
+TASKS: dict[str, DemoTask] = {t.key: t for t in (
+    DemoTask("vqa", "VQA", "视觉问答", "vqa_open", ("question",)),
+    DemoTask("report", "Report", "报告生成", "report_general", ()),
+    DemoTask("diagnosis", "Diagnosis", "诊断", "classify_single", ("options", "modality")),
+    DemoTask("region_to_text", "Region-to-Text", "区域识别", "region_to_text", ("box", "modality")),
+    DemoTask("text_to_region", "Text-to-Region", "目标定位", "text_to_region", ("objects", "modality")),
+    DemoTask("grounded_report", "Grounded report", "定位报告", "grounded_whole", ("modality",)),
+)}
+
+_PLACEHOLDER_BOX = [[0, 0, 999, 999]]
+
+
+def split_names(text: str | None) -> list[str]:
+    """Object names / class options typed as a comma, semicolon, Chinese comma or newline separated list."""
+    raw = (text or "").replace("，", ",").replace("、", ",").replace("；", ",").replace(";", ",").replace("\n", ",")
+    return [s.strip() for s in raw.split(",") if s.strip()]
+
+
+def build_prompt(task: str, lang: str, *, question: str | None = None, box: Box | None = None,
+                 objects: str | Sequence[str] | None = None, options: str | Sequence[str] | None = None,
+                 modality: str | None = None) -> str:
+    """The first user turn for demo task ``task`` (a :data:`TASKS` key) in ``lang`` ("en"/"zh").
+
+    Raises :class:`~internvl.demo.uploads.UserInputError` with a page message when an input the task needs is missing
+    (empty question, no box, no object names, fewer than two options).
+    """
+    if task not in TASKS:
+        raise UserInputError(f"Unknown task {task!r}; choose one of {', '.join(TASKS)}.")
+    if lang not in ("en", "zh"):
+        raise UserInputError(f"Unknown language {lang!r}; choose en or zh.")
+    spec = TASKS[task]
+    mod = (modality or "").strip() or ("medical" if lang == "en" else "医学")
+    fields: dict[str, object] = {}
+    if spec.registry_task == "vqa_open":
+        fields = {"question": check_question(question), "answer": "-"}
+    elif spec.registry_task == "report_general":
+        fields = {"text": "-"}
+    elif spec.registry_task == "classify_single":
+        opts = split_names(options) if isinstance(options, str) or options is None else [str(o) for o in options]
+        if len(opts) < 2 or len(set(opts)) != len(opts):
+            raise UserInputError("Diagnosis needs at least two different candidate classes, separated by commas.")
+        fields = {"modality": mod, "options": opts, "label": opts[0], "target": "disease"}
+    elif spec.registry_task == "region_to_text":
+        if box is None:
+            raise UserInputError("Region-to-Text needs a box: draw one on the image or type x1, y1, x2, y2.")
+        fields = {"modality": mod, "regions": [("this", [box])]}
+    elif spec.registry_task == "text_to_region":
+        names = split_names(objects) if isinstance(objects, str) or objects is None else [str(o) for o in objects]
+        if not names:
+            raise UserInputError("Text-to-Region needs the name(s) of what to find, e.g. 'left frontal lobe'.")
+        fields = {"modality": mod, "regions": [(n, _PLACEHOLDER_BOX) for n in names]}
+    elif spec.registry_task == "grounded_whole":
+        fields = {"modality": mod, "findings": [([("region", _PLACEHOLDER_BOX)], "-")], "target": "organ"}
+    try:
+        record = build_record(spec.registry_task, lang, image="upload", **fields)  # type: ignore[arg-type]
+    except PromptError as exc:
+        raise UserInputError(f"Cannot build the {spec.label_en} prompt: {exc}") from exc
+    # the trainer's prompt order ("<image>\n" + task prompt + question): what MedRegA and the bundled model saw
+    return apply_prompt_order(record["conversations"], 1, "", "train")[0]["value"]
+
+
+def follow_up_prompt(question: str | None) -> str:
+    """A later turn of a multi-turn chat: the user's text as is (no task prompt, no image placeholder)."""
+    q = check_question(question)
+    if IMAGE_PLACEHOLDER in q:
+        raise UserInputError(f"Follow-up questions cannot contain {IMAGE_PLACEHOLDER}; the image is already shown.")
+    return q
