@@ -62,5 +62,5 @@ def test_tokenizer_matches_ptb_on_iu_xray(reports):
     texts = [r[k] for r in reports for k in ("FINDINGS", "IMPRESSION") if r.get(k)]
     ptb = PTBTokenizer().tokenize({i: [{"caption": t}] for i, t in enumerate(texts)})
     mismatched = [t for i, t in enumerate(texts) if T.tokenize_en(t) != ptb[i][0].split()]
-    # measured: 3 of 14,547 IU texts differ (glued "xxxx.r/o", "iv''s", "weakness/lp" edge cases)
+    # measured: 3 of 14,544 IU sections (all four kinds) differ (glued "xxxx.r/o", "iv''s", "weakness/lp" edge cases)
     assert len(mismatched) <= len(texts) // 1000, mismatched[:5]
