@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from transformers import AutoConfig, PreTrainedConfig
-from transformers.configuration_utils import SubConfigSpec
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from .configuration_intern_vit import InternVisionConfig
 
@@ -28,13 +28,14 @@ _ARCH_TO_MODEL_TYPE = {
 _PS_VERSIONS = ("v1", "v2")
 
 
-def _normalise_llm_config(llm_config: Any) -> Any:
-    """Give a dict `llm_config` a `model_type` (from `architectures[0]`, else llama) and untie its embeddings."""
+def _build_llm_config(llm_config: Any) -> PreTrainedConfig:
+    """`llm_config` as a transformers config: a dict is dispatched on its `model_type` (else on `architectures[0]`,
+    else llama); embeddings are untied."""
     if isinstance(llm_config, PreTrainedConfig):
         llm_config.tie_word_embeddings = False
         return llm_config
     if llm_config is None:
-        return None
+        llm_config = {}
     if not isinstance(llm_config, dict):
         raise TypeError(f"InternVLChatConfig.llm_config must be a dict or a PreTrainedConfig, got {type(llm_config)}")
     llm_config = dict(llm_config)
@@ -47,7 +48,20 @@ def _normalise_llm_config(llm_config: Any) -> Any:
             )
         llm_config["model_type"] = _ARCH_TO_MODEL_TYPE[arch]
     llm_config["tie_word_embeddings"] = False
-    return llm_config
+    model_type = llm_config["model_type"]
+    if model_type not in CONFIG_MAPPING:
+        raise ValueError(f"InternVLChatConfig.llm_config: unknown model_type {model_type!r}")
+    return CONFIG_MAPPING[model_type](**llm_config)
+
+
+def _build_vision_config(vision_config: Any) -> InternVisionConfig:
+    if isinstance(vision_config, InternVisionConfig):
+        return vision_config
+    if vision_config is None:
+        return InternVisionConfig()
+    if not isinstance(vision_config, dict):
+        raise TypeError(f"InternVLChatConfig.vision_config must be a dict or an InternVisionConfig, got {type(vision_config)}")
+    return InternVisionConfig(**vision_config)
 
 
 class InternVLChatConfig(PreTrainedConfig):
@@ -59,10 +73,8 @@ class InternVLChatConfig(PreTrainedConfig):
     """
 
     model_type = "internvl_chat"
-    sub_configs_defaults = {
-        "vision_config": InternVisionConfig,
-        "llm_config": SubConfigSpec(config_class=AutoConfig, model_type="llama"),
-    }
+    # Built by hand in __post_init__ (works the same on every transformers 5.x).
+    sub_configs = {"vision_config": InternVisionConfig, "llm_config": AutoConfig}
 
     vision_config: dict | PreTrainedConfig | None = None
     llm_config: dict | PreTrainedConfig | None = None
@@ -82,7 +94,8 @@ class InternVLChatConfig(PreTrainedConfig):
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs) -> None:
-        self.llm_config = _normalise_llm_config(self.llm_config)
+        self.vision_config = _build_vision_config(self.vision_config)
+        self.llm_config = _build_llm_config(self.llm_config)
         if self.ps_version is None:
             self.ps_version = "v1"
         if self.ps_version not in _PS_VERSIONS:
