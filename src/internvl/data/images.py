@@ -451,11 +451,10 @@ def _load_nifti(
 def _load_pil(path: Path, window: Window, frame: int | None, max_pixels: int) -> Image.Image:
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # max_pixels below is the limit; Pillow's own hard limit (DecompressionBombError) still applies.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             im = Image.open(path)
     except Image.DecompressionBombError as exc:
-        raise ImageLoadError(path, f"decompression bomb refused ({exc})") from exc
-    except Image.DecompressionBombWarning as exc:
         raise ImageLoadError(path, f"decompression bomb refused ({exc})") from exc
     except (FileNotFoundError, IsADirectoryError, PermissionError) as exc:
         raise _open_error(path, exc) from exc
@@ -559,7 +558,10 @@ def probe_image(path: str | Path, *, axis: str = "axial") -> ImageInfo:
         frames = img.shape[3] if len(img.shape) == 4 else 1
         return ImageInfo("nifti", width, height, frames)
     try:
-        with Image.open(path) as im:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(path)
+        with im:
             return ImageInfo("pil", im.width, im.height, getattr(im, "n_frames", 1))
     except Image.DecompressionBombError as exc:
         raise ImageLoadError(path, f"decompression bomb refused ({exc})") from exc
