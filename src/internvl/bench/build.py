@@ -4,13 +4,12 @@
 dtype, allocates the storage on the device with `to_empty` and fills it with random values on the device; RoPE
 buffers are recomputed. The 40B MedRegA shape is built this way on one GPU.
 
-`build_native` builds transformers' own `InternVLForConditionalGeneration` with the same sizes (`native_config`
-maps our config onto `InternVLConfig`; the native class only knows pixel-shuffle v2, so compare with ps_version
-"v2"). When `copy_from` is given the native model gets our weights through the toolkit's converter, if that exists.
+`build_native` builds transformers' own `InternVLForConditionalGeneration` with the same sizes (through the model
+package's converter `internvl.model.hf_conversion`; the native class only knows pixel-shuffle v2, so compare with
+ps_version "v2"). With `copy_from` the native model gets our weights, so both compute the same function.
 """
 from __future__ import annotations
 
-import importlib
 import logging
 
 import torch
@@ -67,58 +66,10 @@ def build_ours(config, *, device: str | torch.device = "cuda", dtype: torch.dtyp
 
 
 def native_config(config, *, image_token_id: int):
-    """transformers `InternVLConfig` with the sizes of our InternVLChatConfig (vision, projector, text)."""
-    from transformers import AutoConfig, InternVLConfig, InternVLVisionConfig
+    """transformers `InternVLConfig` with the sizes of our InternVLChatConfig (the model package's converter)."""
+    from internvl.model.hf_conversion import convert_config_to_hf
 
-    v = config.vision_config
-    vision = InternVLVisionConfig(
-        hidden_size=v.hidden_size,
-        num_hidden_layers=v.num_hidden_layers,
-        num_attention_heads=v.num_attention_heads,
-        intermediate_size=v.intermediate_size,
-        attention_bias=bool(v.qkv_bias),
-        use_qk_norm=bool(v.qk_normalization),
-        norm_type=v.norm_type,
-        layer_norm_eps=v.layer_norm_eps,
-        hidden_act=v.hidden_act,
-        image_size=(v.image_size, v.image_size),
-        patch_size=(v.patch_size, v.patch_size),
-        layer_scale_init_value=getattr(v, "initializer_factor", 0.1),
-        use_mean_pooling=True,
-        use_absolute_position_embeddings=True,
-    )
-    text_dict = config.llm_config.to_dict()
-    text = AutoConfig.for_model(**{k: val for k, val in text_dict.items() if k not in {"architectures"}})
-    text.tie_word_embeddings = False
-    return InternVLConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_id=int(image_token_id),
-        image_seq_length=int(config.num_image_token),
-        downsample_ratio=config.downsample_ratio,
-        projector_hidden_act="gelu",
-        vision_feature_layer=config.select_layer,
-        vision_feature_select_strategy="default",
-        tie_word_embeddings=False,
-    )
-
-
-def _find_converter():
-    """The toolkit's original->HF state-dict converter, if the model package provides one (else None)."""
-    for mod_name, fn_name in (
-        ("internvl.model.convert", "convert_state_dict_to_hf"),
-        ("internvl.model.hf_convert", "convert_state_dict_to_hf"),
-        ("internvl.model.conversion", "convert_state_dict_to_hf"),
-        ("internvl.model.convert", "to_hf_state_dict"),
-    ):
-        try:
-            module = importlib.import_module(mod_name)
-        except ImportError:
-            continue
-        fn = getattr(module, fn_name, None)
-        if callable(fn):
-            return fn
-    return None
+    return convert_config_to_hf(config, image_token_id)
 
 
 def build_native(config, *, image_token_id: int, device: str | torch.device = "cuda",
@@ -126,8 +77,9 @@ def build_native(config, *, image_token_id: int, device: str | torch.device = "c
                  copy_from: nn.Module | None = None) -> tuple[nn.Module, bool]:
     """transformers' `InternVLForConditionalGeneration` with our sizes; returns (model, weights_copied).
 
-    weights_copied is True when `copy_from` was given and the toolkit's converter mapped its state dict onto the
-    native model (then both compute the same function, up to the native pixel shuffle being v2 only)."""
+    weights_copied is True when `copy_from` was given: the model package's converter
+    (`internvl.model.hf_conversion`) mapped its state dict onto the native model, so both compute the same function
+    (with ps_version v2, the only order the native class knows)."""
     from transformers import InternVLForConditionalGeneration
 
     hf_cfg = native_config(config, image_token_id=image_token_id)
@@ -137,13 +89,11 @@ def build_native(config, *, image_token_id: int, device: str | torch.device = "c
     model = materialize(lambda: InternVLForConditionalGeneration(hf_cfg), device=device, dtype=dtype, seed=seed)
     copied = False
     if copy_from is not None:
-        convert = _find_converter()
-        if convert is None:
-            logger.warning("no original->HF converter in internvl.model; native keeps its own random weights")
-        else:
-            state = convert(copy_from.state_dict())
-            missing, unexpected = model.load_state_dict(state, strict=False)
-            if missing or unexpected:
-                raise RuntimeError(f"converter left missing={missing[:5]} unexpected={unexpected[:5]}")
-            copied = True
+        from internvl.model.hf_conversion import convert_state_dict_to_hf
+
+        state = convert_state_dict_to_hf(copy_from.state_dict())
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise RuntimeError(f"converter left missing={missing[:5]} unexpected={unexpected[:5]}")
+        copied = True
     return model, copied

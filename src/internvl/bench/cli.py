@@ -193,6 +193,8 @@ def section_gen(args, res: dict, config) -> None:
                     batch=batch, new_tokens=n, repeats=1, warm_tokens=4)
         if nd:
             rows.append(nd)
+            if fast and copied:
+                agree.append({"batch": batch, "vs": "native default", **agreement(fast["tokens"], nd["tokens"])})
         if batch in args.static_batches:
             ns = _guard(res, "_tmp", run_gen_case, "native static + compiled", lambda k: native_gen(k, True),
                         batch=batch, new_tokens=n)
