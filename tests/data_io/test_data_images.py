@@ -234,6 +234,8 @@ def test_dicom_header_bomb_is_refused_before_decoding(tmp_path):
     ds.save_as(path)
     with pytest.raises(ImageLoadError, match="over the limit"):
         load_image(path)
+    with pytest.raises(ImageLoadError, match="over the limit"):
+        probe_image(path)  # the header check refuses it too
 
 
 # --------------------------------------------------------------------------------------------- NIfTI
@@ -358,6 +360,8 @@ def test_decompression_bomb_is_refused(tmp_path):
     path.write_bytes(_png_header_only(40000, 40000))  # 1.6 G pixels declared in a 60-byte file
     with pytest.raises(ImageLoadError, match="bomb"):
         load_image(path)
+    with pytest.raises(ImageLoadError, match="bomb"):
+        probe_image(path)
     small = skimage_file("ihc.png")
     with pytest.raises(ImageLoadError, match="over the limit of 1000"):
         load_image(small, max_pixels=1000)

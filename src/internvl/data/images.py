@@ -530,13 +530,19 @@ def load_image(
     return _load_pil(path, window, frame, max_pixels)
 
 
-def probe_image(path: str | Path, *, axis: str = "axial") -> ImageInfo:
+def probe_image(path: str | Path, *, axis: str = "axial", max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageInfo:
     """Read only the header: format, and the width/height :func:`load_image` would return by default.
 
     Cheap enough to run over a whole annotation file (``medrega-data check --images header``) and used by
-    converters that need image sizes. Raises :class:`ImageLoadError` like :func:`load_image`.
+    converters that need image sizes. Raises :class:`ImageLoadError` like :func:`load_image`, including for
+    images over ``max_pixels``.
     """
-    path = Path(path)
+    info = _probe(Path(path), axis)
+    _check_size(Path(path), info.width, info.height, max_pixels)
+    return info
+
+
+def _probe(path: Path, axis: str) -> ImageInfo:
     if path.is_dir():
         raise ImageLoadError(path, "is a directory, not an image file")
     if not path.exists():
