@@ -78,6 +78,14 @@ def test_check_reports_every_bad_input_kind(dataset, capsys):
     assert "bad-box 3" in summary and "missing-image 1" in summary and "not-utf8 1" in summary
 
 
+def test_check_missing_annotation_file(tmp_path, capsys):
+    missing = tmp_path / "nope.jsonl"
+    assert main(["check", str(missing)]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith(f"{missing}:0: unreadable-file: cannot open annotation file")
+    assert out[-1] == "0 of 0 record(s) bad, 1 problem(s): unreadable-file 1"
+
+
 def test_check_good_file_and_strict_mode(dataset, capsys):
     path = dataset.parent / "good.jsonl"
     path.write_text(good() + "\n" + good() + "\n", encoding="utf-8")
