@@ -160,8 +160,10 @@ def test_enhanced_multiframe_uses_per_frame_functional_groups(tmp_path):
 
 
 def test_unknown_window_is_a_caller_error():
-    with pytest.raises(ValueError, match="unknown window"):
-        load_image(dcm("CT_small.dcm"), window="liverish")
+    for path in (dcm("CT_small.dcm"), NIB_DATA / "anatomical.nii", skimage_file("ihc.png")):
+        with pytest.raises(ValueError, match="unknown window") as err:
+            load_image(path, window="liverish")
+        assert not isinstance(err.value, ImageLoadError)  # not blamed on the file
     with pytest.raises(ValueError, match="centre, width"):
         load_image(dcm("CT_small.dcm"), window=(1, 2, 3))
 

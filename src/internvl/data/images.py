@@ -520,8 +520,8 @@ def load_image(
         raise ImageLoadError(path, "is a directory, not an image file")
     if not path.exists():
         raise ImageLoadError(path, "file not found")
-    if window is not None and not isinstance(window, str):
-        _window_values(np.zeros(1), window)  # validate (centre, width) early: a caller error, not the file's
+    if window is not None:
+        _window_values(np.zeros(2), window)  # validate early: a bad window is the caller's error, not the file's
     kind = detect_format(path)
     if kind == "dicom":
         return _load_dicom(path, window, frame, max_pixels)

@@ -310,10 +310,6 @@ def _join_turn(base: str, question: str, n_images: int) -> str:
     return base + sep + body
 
 
-def _objects(regions: Sequence[Region], joiner: str) -> str:
-    return joiner.join(f"{REF_START}{r.name}{REF_END}" for r in regions)
-
-
 def _options_text(options: Sequence[str] | None, notes: Sequence[str] | None, what: str) -> list[str]:
     if not options or isinstance(options, str):
         raise PromptError(f"{what}: 'options' must be a list of at least 2 strings")
