@@ -299,12 +299,21 @@ _SUPPORTED = {"max_new_tokens", "min_new_tokens", "eos_token_id", "pad_token_id"
               "use_cache", "generation_config", "temperature", "top_p", "top_k"}
 
 
+def fast_path_supported() -> bool:
+    """The static-cache decoder relies on transformers >= 5.24 (StaticCache tracking its own length, `cache=` kwarg);
+    older versions use `generate` instead."""
+    import transformers
+    from packaging.version import Version
+
+    return Version(transformers.__version__).release >= (5, 24)
+
+
 def greedy_settings(generate_kwargs: dict, default_eos: int | list[int] | None = None) -> dict | None:
     """The decoding settings if `generate_kwargs` ask for plain greedy decoding, else None (use `generate`).
 
     Returns {"max_new_tokens", "min_new_tokens", "eos_token_id", "pad_token_id"}.
     """
-    if set(generate_kwargs) - _SUPPORTED:
+    if set(generate_kwargs) - _SUPPORTED or not fast_path_supported():
         return None
     cfg = generate_kwargs.get("generation_config")
 

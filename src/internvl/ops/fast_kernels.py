@@ -10,6 +10,7 @@ the same as the HF modules ("llama" casting: normalise in fp32, cast back, multi
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import types
 
@@ -38,38 +39,138 @@ def _is_swiglu_mlp(module: nn.Module) -> bool:
     return isinstance(act, nn.SiLU) or type(act).__name__ in {"SiLU", "SiLUActivation"}
 
 
-def _rms_forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+# The three kernels (module-level so CPU tests can substitute PyTorch equivalents and test the plumbing).
+def _liger_rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     from liger_kernel.ops.rms_norm import LigerRMSNormFunction
 
+    return LigerRMSNormFunction.apply(x, weight, eps, 0.0, "llama", False)
+
+
+def _liger_silu_mul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    from liger_kernel.ops.swiglu import LigerSiLUMulFunction
+
+    return LigerSiLUMulFunction.apply(a, b)
+
+
+def _liger_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    from liger_kernel.ops.rope import LigerRopeFunction
+
+    return LigerRopeFunction.apply(q, k, cos, sin)
+
+
+def _rms_forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
     eps = getattr(self, "variance_epsilon", getattr(self, "eps", 1e-6))
-    return LigerRMSNormFunction.apply(hidden_states, self.weight, eps, 0.0, "llama", False)
+    return _liger_rms(hidden_states, self.weight, eps)
 
 
 def _swiglu_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    from liger_kernel.ops.swiglu import LigerSiLUMulFunction
-
-    return self.down_proj(LigerSiLUMulFunction.apply(self.gate_proj(x), self.up_proj(x)))
+    return self.down_proj(_liger_silu_mul(self.gate_proj(x), self.up_proj(x)))
 
 
-def enable_fast_kernels(model: nn.Module, *, rms_norm: bool = True, swiglu: bool = True) -> dict[str, int]:
-    """Swap the forwards of every RMSNorm / SwiGLU MLP inside `model` for liger's fused kernels.
+def _is_rope_attention(module: nn.Module) -> bool:
+    """A transformers >= 5.24 Llama-style attention (q/k/v/o projections, `head_dim`, `cache=` keyword)."""
+    if not all(isinstance(getattr(module, n, None), nn.Linear) for n in ("q_proj", "k_proj", "v_proj", "o_proj")):
+        return False
+    if not hasattr(module, "head_dim") or not hasattr(module, "layer_idx"):
+        return False
+    return "cache" in inspect.signature(type(module).forward).parameters
 
-    Only acts when the model is on CUDA and liger-kernel imports; otherwise it changes nothing. Returns how many
-    modules were swapped, e.g. {"rms_norm": 49, "swiglu": 24} (zeros when nothing was done).
+
+def _rope_attn_forward(self: nn.Module, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None,
+                       cache=None, **kwargs):
+    """transformers' Llama/Qwen2 attention forward with RoPE applied by liger's fused kernel (same maths)."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    input_shape = hidden_states.shape[:-1]
+    hidden_shape = (*input_shape, -1, self.head_dim)
+    query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+    key = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+    value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+    cos, sin = position_embeddings
+    query, key = _liger_rope(query, key, cos, sin)
+    if cache is not None:
+        key, value = cache.update(key, value, self.layer_idx, kwargs=kwargs)
+    attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, None)
+    if attention is None:
+        raise RuntimeError(f"no attention function {self.config._attn_implementation!r}")
+    out, weights = attention(self, query, key, value, attention_mask,
+                             dropout=0.0 if not self.training else self.attention_dropout, scaling=self.scaling,
+                             **kwargs)
+    out = out.reshape(*input_shape, -1).contiguous()
+    return self.o_proj(out), weights
+
+
+_SWAPS = {"rms_norm": (_is_rms_norm, _rms_forward), "swiglu": (_is_swiglu_mlp, _swiglu_forward),
+          "rope": (_is_rope_attention, _rope_attn_forward)}
+
+
+@torch.no_grad()
+def _verify(kind: str, module: nn.Module, rope_source: nn.Module | None) -> str | None:
+    """Run one swapped module against its class forward on random input; return an error text or None."""
+    param = next(module.parameters())
+    try:
+        if kind == "rms_norm":
+            x = torch.randn(2, 5, param.shape[0], device=param.device, dtype=param.dtype)
+            args: tuple = (x,)
+            kwargs: dict = {}
+        elif kind == "swiglu":
+            x = torch.randn(2, 5, module.gate_proj.in_features, device=param.device, dtype=param.dtype)
+            args, kwargs = (x,), {}
+        else:
+            if rope_source is None:
+                return "no rotary embedding module found"
+            x = torch.randn(2, 5, module.q_proj.in_features, device=param.device, dtype=param.dtype)
+            pos = torch.arange(5, device=param.device)[None].expand(2, -1)
+            args, kwargs = (x,), {"position_embeddings": rope_source(x, pos), "attention_mask": None}
+        ref = type(module).forward(module, *args, **kwargs)
+        out = module.forward(*args, **kwargs)
+        ref, out = (ref[0], out[0]) if isinstance(ref, tuple) else (ref, out)
+        err = ((out.float() - ref.float()).norm() / ref.float().norm().clamp(min=1e-12)).item()
+        return None if err < 2e-2 else f"relative error {err:.3g} against the plain forward"
+    except Exception as exc:  # noqa: BLE001 - any failure disables that kernel
+        return repr(exc)
+
+
+def enable_fast_kernels(model: nn.Module, *, rms_norm: bool = True, swiglu: bool = True, rope: bool = True,
+                        allow_cpu: bool = False) -> dict[str, int]:
+    """Swap the forwards of every RMSNorm, SwiGLU MLP and (Llama/Qwen2) attention RoPE inside `model` for liger's
+    fused kernels, per instance.
+
+    Only acts when the model is on CUDA and liger-kernel imports; otherwise it changes nothing. Each kind of swap is
+    checked once against the plain forward on random input; a kind that fails or disagrees is reverted (logged).
+    Returns how many modules were swapped, e.g. {"rms_norm": 45, "swiglu": 22, "rope": 22}.
+    `allow_cpu` skips the CUDA/liger check (tests, with the kernels substituted by PyTorch equivalents).
     """
-    counts = {"rms_norm": 0, "swiglu": 0}
+    counts = {"rms_norm": 0, "swiglu": 0, "rope": 0}
     first = next(model.parameters(), None)
-    if first is None or first.device.type != "cuda" or not liger_available():
+    if first is None:
         return counts
+    if not allow_cpu and (first.device.type != "cuda" or not liger_available()):
+        return counts
+    wanted = {"rms_norm": rms_norm, "swiglu": swiglu, "rope": rope}
+    rope_source = next((m.rotary_emb for m in model.modules() if hasattr(m, "rotary_emb") and hasattr(m, "layers")),
+                       None)
+    swapped: dict[str, list[nn.Module]] = {k: [] for k in counts}
     for module in model.modules():
-        if rms_norm and _is_rms_norm(module) and not getattr(module, "_fast_kernel", False):
-            module.forward = types.MethodType(_rms_forward, module)
-            module._fast_kernel = True
-            counts["rms_norm"] += 1
-        elif swiglu and _is_swiglu_mlp(module) and not getattr(module, "_fast_kernel", False):
-            module.forward = types.MethodType(_swiglu_forward, module)
-            module._fast_kernel = True
-            counts["swiglu"] += 1
+        if getattr(module, "_fast_kernel", False):
+            continue
+        for kind, (match, forward) in _SWAPS.items():
+            if wanted[kind] and match(module):
+                module.forward = types.MethodType(forward, module)
+                module._fast_kernel = True
+                swapped[kind].append(module)
+                break
+    for kind, modules in swapped.items():
+        if not modules:
+            continue
+        problem = _verify(kind, modules[0], rope_source)
+        if problem is not None:
+            logger.warning("fast %s kernel disabled: %s", kind, problem)
+            for module in modules:
+                del module.forward
+                module._fast_kernel = False
+            continue
+        counts[kind] = len(modules)
     logger.info("fast kernels enabled: %s", counts)
     return counts
 
