@@ -16,6 +16,7 @@ from internvl.regions import (
     format_region,
     format_regions,
     has_regions,
+    map_boxes,
     parse_box_list,
     parse_regions,
     pixels_to_box,
@@ -211,3 +212,19 @@ def test_pixels_box_pixels_error_is_half_a_step(width: int, height: int, data) -
     back = box_to_pixels(pixels_to_box((xs[0], ys[0], xs[1], ys[1]), width, height), width, height)
     for got, want, size in zip(back, (xs[0], ys[0], xs[1], ys[1]), (width, height, width, height)):
         assert abs(got - want) <= size / 999 / 2 + 1e-9 * size
+
+
+def test_map_boxes_rewrites_numeric_boxes_only() -> None:
+    text = ('Format: "<ref>object</ref><box>[[x1, y1, x2, y2]]</box>". '
+            "<ref>a</ref><box>[[1, 2, 3, 4],[5,6,7,8]]</box>, b[[0, 0, 9, 9]]: done")
+    shifted = map_boxes(text, lambda b: Box(b.x1 + 1, b.y1, b.x2 + 1, b.y2))
+    assert shifted == ('Format: "<ref>object</ref><box>[[x1, y1, x2, y2]]</box>". '
+                       "<ref>a</ref><box>[[2, 2, 4, 4], [6, 6, 8, 8]]</box>, b[[1, 0, 10, 9]]: done")
+    with pytest.raises(RegionError, match="exactly 4 values"):
+        map_boxes("<box>[[1, 2, 3]]</box>", lambda b: b)
+
+
+@given(regions_st)
+def test_map_boxes_identity_keeps_formatted_text(regions: list[Region]) -> None:
+    text = format_regions(regions) + ": text"
+    assert map_boxes(text, lambda b: b) == text
