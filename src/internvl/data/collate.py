@@ -14,7 +14,7 @@ turns restarting ``position_ids`` into a block-diagonal causal mask for eager / 
 flash-attention-2 path (``modeling_flash_attention_utils.prepare_fa_kwargs_from_position_ids``) turns them into
 ``cu_seqlens`` for ``flash_attn_varlen_func`` -- the varlen kernel InternVL's packed training patched in by hand.
 So one batch format works with every attention backend, no model patch is needed, and each sample attends only to
-itself (tests/data/test_collate_packing.py proves equal per-sample logits and losses). The padding at the end of a
+itself (tests/data/test_data_collate.py proves equal per-sample logits and losses). The padding at the end of a
 row is one more "sample" of its own with labels ``IGNORE_INDEX``. Rows are filled first-fit in the given order up to
 ``max_packed_tokens`` tokens and ``num_images_expected`` tiles.
 
