@@ -110,6 +110,11 @@ def test_each_bad_record_kind(root, record, reason, fragment):
     assert reason in REASONS
 
 
+def test_a_bad_size_field_does_not_hide_image_problems(root):
+    problems = check_record(rec(image="missing.png", width=0), file="f", line=1, image_root=root)
+    assert sorted(reasons(problems)) == ["bad-field", "missing-image"]
+
+
 def test_unreadable_and_corrupt_images(root):
     (root / "dir.png").mkdir()
     (root / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 50)

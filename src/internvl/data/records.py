@@ -213,7 +213,7 @@ class RecordChecker:
         if turns_ok:
             self._check_placeholders(record, problem, problems)
             self._check_boxes(record, problem, problems)
-        if not any(p.reason == "bad-field" for p in problems):
+        if not any(p.reason == "bad-field" and p.message.startswith("'image'") for p in problems):
             root = self.image_root if self.image_root is not None else Path(file).parent
             for rel in image_paths(record):
                 found = self._check_image(rel, root)
@@ -285,7 +285,7 @@ class RecordChecker:
         if in_answers:
             problems.append(problem("image-count-mismatch", f"'{IMAGE_PLACEHOLDER}' appears in answer turn(s) {in_answers}"))
         n_placeholders = sum(t["value"].count(IMAGE_PLACEHOLDER) for t in turns if t["from"] == "human")
-        if any(p.reason == "bad-field" for p in problems):
+        if any(p.reason == "bad-field" and p.message.startswith("'image'") for p in problems):
             return
         n_images = len(image_paths(record))
         if n_placeholders == n_images or (self.allow_implicit_image and n_images == 1 and n_placeholders == 0):
