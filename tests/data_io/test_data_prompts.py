@@ -23,7 +23,8 @@ from internvl.data.prompts import (
 from internvl.data.records import RecordChecker
 from internvl.regions import Box, Region, parse_regions
 
-SHARED_DEMO = Path("/work/shared/reference/medrega-demo-samples.jsonl")
+# The 11 published demo records (a copy of shared/reference/medrega-demo-samples.jsonl kept with the data tests).
+SHARED_DEMO = Path(__file__).resolve().parents[1] / "data" / "fixtures" / "medrega_demo.jsonl"
 
 # Structured fields for every task: the test builds each one in both languages.
 R1 = [("liver", [[100, 120, 300, 340]])]
@@ -115,8 +116,6 @@ def test_build_question_matches_the_record_without_answer_fields(task, lang):
 
 
 def test_shared_demo_records_are_reproduced_from_structured_fields():
-    if not SHARED_DEMO.exists():
-        pytest.skip("shared reference samples not present")
     demo = [json.loads(line) for line in SHARED_DEMO.read_text(encoding="utf-8").splitlines()]
     img = [d["image"] for d in demo]
     built = [
