@@ -68,3 +68,29 @@ def test_bad_shapes_and_impl_raise():
         linear_cross_entropy(hidden[None], weight, labels)
     with pytest.raises(ValueError, match="unknown cross-entropy impl"):
         linear_cross_entropy(hidden, weight, labels, impl="nope")
+
+
+def test_num_items_in_batch_gives_sum_over_items():
+    g = torch.Generator().manual_seed(2)
+    head = torch.nn.Linear(8, 30, bias=False)
+    hs = torch.randn(2, 6, 8, generator=g)
+    labels = torch.randint(0, 30, (2, 6), generator=g)
+    labels[:, :2] = -100
+    mean = causal_lm_loss(hs, head, labels, impl="chunked")
+    n_sup = int((labels[:, 1:] != -100).sum())
+    total = causal_lm_loss(hs, head, labels, impl="chunked", num_items_in_batch=20)
+    assert torch.allclose(total, mean * n_sup / 20)
+
+
+def test_fused_head_supported():
+    from internvl.ops import fused_head_supported
+
+    assert fused_head_supported(torch.nn.Linear(4, 5))
+
+    class Wrapped(torch.nn.Linear):
+        pass
+
+    assert not fused_head_supported(Wrapped(4, 5))
+    zero3 = torch.nn.Linear(4, 5)
+    zero3.weight.ds_id = 3
+    assert not fused_head_supported(zero3)

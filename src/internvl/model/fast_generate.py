@@ -23,8 +23,13 @@ from torch import nn
 
 logger = logging.getLogger(__name__)
 
-#: Cache lengths are rounded up to this multiple so that graphs are reused across prompts of similar length.
-CACHE_ROUND = 64
+#: Cache lengths are rounded up to this multiple so that compiled steps and graphs are reused across prompts of
+#: similar length (each new (batch, cache length) costs a dynamo trace, with inductor a compile, and a capture).
+CACHE_ROUND = 256
+#: decode states (static caches + graphs) kept per decoder; the least recently used one is dropped beyond this.
+MAX_STATES = 4
+#: dynamo recompile limit while our decode step runs (one entry per (batch, cache length) shape).
+RECOMPILE_LIMIT = 64
 #: name under which the grouped-query decode attention is registered with transformers.
 DECODE_ATTN = "internvl_sdpa_gqa_decode"
 
@@ -47,6 +52,28 @@ def sdpa_gqa_decode_attention(module: nn.Module, query: torch.Tensor, key: torch
     q = query.reshape(batch, heads // groups, groups, dim)
     out = torch.nn.functional.scaled_dot_product_attention(q, key, value, attn_mask=attention_mask, scale=scaling)
     return out.reshape(batch, heads, 1, dim).transpose(1, 2).contiguous(), None
+
+
+class _recompile_limit:
+    """Raise dynamo's per-function recompile limit while our step runs (restored afterwards)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.name = None
+        self.old = None
+
+    def __enter__(self):
+        import torch._dynamo.config as cfg
+
+        self.name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+        self.old = getattr(cfg, self.name)
+        setattr(cfg, self.name, max(self.old, self.limit))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import torch._dynamo.config as cfg
+
+        setattr(cfg, self.name, self.old)
 
 
 def _register_decode_attention() -> None:
@@ -165,7 +192,8 @@ class StaticGreedyDecoder:
             core = torch.compile(forward, fullgraph=True, dynamic=False, backend=self.compile_backend)
 
         def step() -> None:
-            logits = core(st.ids, st.pos)
+            with _recompile_limit(RECOMPILE_LIMIT):
+                logits = core(st.ids, st.pos)
             self._record(st, self._select(st, logits.float(), pad_token_id))
 
         return step
@@ -213,12 +241,14 @@ class StaticGreedyDecoder:
         need = length + max_new_tokens
         cache_len = -(-need // CACHE_ROUND) * CACHE_ROUND
         key = (batch, cache_len, max_new_tokens, tuple(eos), pad_token_id)
-        st = self._states.get(key)
+        st = self._states.pop(key, None)
         if st is None:
+            while len(self._states) >= MAX_STATES:
+                self._states.pop(next(iter(self._states)))  # least recently used (dicts keep insertion order)
             st = self._new_state(batch, cache_len, max_new_tokens, eos)
-            self._states[key] = st
         else:
             st.cache.reset()
+        self._states[key] = st
 
         # Fill the fixed buffers for this call (same addresses as the captured graph reads).
         st.mask.fill_(1)

@@ -137,12 +137,23 @@ def linear_cross_entropy(
     raise ValueError(f"unknown cross-entropy impl {impl!r}; expected auto, liger, chunked or plain")
 
 
+def fused_head_supported(lm_head: torch.nn.Module) -> bool:
+    """Whether `causal_lm_loss` may read `lm_head.weight` directly: a plain nn.Linear (not a LoRA/peft wrapper, whose
+    delta would be skipped) with a materialised weight (not a DeepSpeed ZeRO-3 partition, gathered only inside the
+    module's own forward)."""
+    if type(lm_head) is not torch.nn.Linear:
+        return False
+    weight = lm_head.weight
+    return not hasattr(weight, "ds_id") and weight.numel() == lm_head.in_features * lm_head.out_features
+
+
 def causal_lm_loss(
     hidden_states: torch.Tensor,
     lm_head: torch.nn.Linear,
     labels: torch.Tensor,
     *,
     loss_weight: torch.Tensor | None = None,
+    num_items_in_batch: int | torch.Tensor | None = None,
     impl: str = "auto",
 ) -> torch.Tensor:
     """Next-token loss from the last hidden states, running the LM head on supervised positions only.
@@ -152,6 +163,8 @@ def causal_lm_loss(
         lm_head: the output projection (weight [V, H]).
         labels: [B, T] token ids with IGNORE_INDEX where unsupervised (unshifted, as in HF).
         loss_weight: optional [B, T] per-token weights aligned with `labels` (packing's square/sample averaging).
+        num_items_in_batch: when given (and no loss_weight), the loss is the sum over supervised positions divided by
+            it (HF Trainer's exact averaging under gradient accumulation).
     Returns the weighted mean over supervised next-token predictions (a scalar, fp32).
     """
     if hidden_states.shape[:2] != labels.shape:
@@ -163,6 +176,8 @@ def causal_lm_loss(
     weights = loss_weight[:, 1:][keep] if loss_weight is not None else None
     if rows.shape[0] == 0:
         return hidden_states.sum() * 0.0 + lm_head.weight.sum() * 0.0
-    return linear_cross_entropy(
-        rows, lm_head.weight, targets, bias=lm_head.bias, token_weights=weights, impl=impl
-    )
+    loss = linear_cross_entropy(rows, lm_head.weight, targets, bias=lm_head.bias, token_weights=weights, impl=impl)
+    if num_items_in_batch is not None and weights is None:
+        denom = torch.as_tensor(num_items_in_batch, device=loss.device, dtype=loss.dtype).clamp(min=1)
+        loss = loss * rows.shape[0] / denom
+    return loss
