@@ -6,6 +6,9 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
 from PIL import Image
 from pydicom.data import get_testdata_file
 
@@ -148,3 +151,23 @@ def test_colour_and_non_integer_label_maps_are_rejected(tmp_path):
     nib.save(nib.Nifti1Image(np.full((4, 4, 3), 0.5, np.float32), np.eye(4)), tmp_path / "float.nii")
     with pytest.raises(LabelMapError, match="non-integer"):
         load_label_map(tmp_path / "float.nii")
+
+
+@settings(max_examples=60, deadline=None)
+@given(arrays(np.uint8, st.tuples(st.integers(1, 12), st.integers(1, 12)), elements=st.integers(0, 3)),
+       st.sampled_from(["label", "component"]))
+def test_label_boxes_are_tight_and_cover_every_labelled_pixel(labels, mode):
+    boxes, dropped = label_boxes(labels, mode=mode)
+    assert dropped == 0 and set(boxes) == {int(v) for v in np.unique(labels) if v}
+    for value, value_boxes in boxes.items():
+        mask = labels == value
+        covered = np.zeros_like(mask)
+        for x1, y1, x2, y2 in value_boxes:
+            assert 0 <= x1 < x2 <= labels.shape[1] and 0 <= y1 < y2 <= labels.shape[0]
+            inside = mask[y1:y2, x1:x2]
+            # tight: every edge row/column of the box holds a pixel of the label
+            assert inside[0].any() and inside[-1].any() and inside[:, 0].any() and inside[:, -1].any()
+            covered[y1:y2, x1:x2] = True
+        assert covered[mask].all()
+        if mode == "label":
+            assert len(value_boxes) == 1
