@@ -22,4 +22,13 @@ if (( BATCH_SIZE % (PER_DEVICE_BATCH_SIZE * WORLD_SIZE_TOTAL) != 0 )); then
 fi
 GRADIENT_ACC=$(( BATCH_SIZE / PER_DEVICE_BATCH_SIZE / WORLD_SIZE_TOTAL ))
 export GPUS_PER_NODE
+
+# MODEL=preset:NAME starts from a bundled preset with random init (needs TOKENIZER=<local tokenizer dir>);
+# anything else is a checkpoint directory in the original layout.
+if [[ "${MODEL}" == preset:* ]]; then
+  [[ -n "${TOKENIZER:-}" ]] || { echo "MODEL=${MODEL} needs TOKENIZER=<tokenizer dir>" >&2; exit 2; }
+  MODEL_FLAGS=(--preset "${MODEL#preset:}" --tokenizer_path "${TOKENIZER}")
+else
+  MODEL_FLAGS=(--model_name_or_path "${MODEL}")
+fi
 echo "[recipe] global batch ${BATCH_SIZE} = ${PER_DEVICE_BATCH_SIZE} per GPU x ${WORLD_SIZE_TOTAL} GPUs x ${GRADIENT_ACC} accumulation"

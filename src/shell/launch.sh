@@ -19,7 +19,7 @@ export NCCL_NVLS_ENABLE="${NCCL_NVLS_ENABLE:-0}"
 
 if [[ -n "${SLURM_JOB_ID:-}" && -z "${MEDREGA_NO_SLURM:-}" ]]; then
   NNODES="${SLURM_NNODES:-1}"
-  MASTER_ADDR="$(scontrol show hostnames "${SLURM_JOB_NODELIST}" | head -n 1)"
+  MASTER_ADDR="$(scontrol show hostnames "${SLURM_JOB_NODELIST}" | awk 'NR == 1')"  # awk reads all: no SIGPIPE under pipefail
   echo "[launch] slurm job ${SLURM_JOB_ID}: ${NNODES} node(s) x ${GPUS_PER_NODE} GPU(s), rendezvous ${MASTER_ADDR}:${MASTER_PORT}"
   exec srun --nodes="${NNODES}" --ntasks-per-node=1 --kill-on-bad-exit=1 \
     "${TORCHRUN}" --nnodes="${NNODES}" --nproc-per-node="${GPUS_PER_NODE}" \

@@ -11,19 +11,21 @@
 # length-grouped sampling, 1 epoch (the paper says 2: set EPOCHS=2).
 #   slurm:      sbatch src/shell/medrega_stage2_full.sh            (from the repository root)
 #   one node:   GPUS_PER_NODE=8 bash src/shell/medrega_stage2_full.sh
-# Overrides: MODEL, META, OUTPUT, BATCH_SIZE, PER_DEVICE_BATCH_SIZE, LR, EPOCHS, DS_CONFIG; extra flags are passed on.
+# Overrides: MODEL (a checkpoint dir, or preset:NAME with TOKENIZER=dir), META, OUTPUT, BATCH_SIZE, PER_DEVICE_BATCH_SIZE, LR, EPOCHS, DS_CONFIG; extra flags are passed on.
 set -euo pipefail
 MODEL="${MODEL:-pretrained/InternVL-Chat-V1-2}"
 META="${META:-src/shell/meta_file.json}"
 OUTPUT="${OUTPUT:-runs/medrega_stage2_full}"
 BATCH_SIZE="${BATCH_SIZE:-128}"
 PER_DEVICE_BATCH_SIZE="${PER_DEVICE_BATCH_SIZE:-4}"
-source "$(dirname "${BASH_SOURCE[0]}")/common.sh" 2>/dev/null || source "${SLURM_SUBMIT_DIR:-$PWD}/src/shell/common.sh"
+COMMON="$(dirname "${BASH_SOURCE[0]}")/common.sh"  # sbatch runs a spooled copy: then use the submit dir
+[[ -f "${COMMON}" ]] || COMMON="${SLURM_SUBMIT_DIR:-$PWD}/src/shell/common.sh"
+source "${COMMON}"
 DS_CONFIG="${DS_CONFIG:-${SHELL_DIR}/zero_stage3_config.json}"
 mkdir -p "${OUTPUT}" logs
 
 bash "${SHELL_DIR}/launch.sh" \
-  --model_name_or_path "${MODEL}" --meta_path "${META}" --output_dir "${OUTPUT}" \
+  "${MODEL_FLAGS[@]}" --meta_path "${META}" --output_dir "${OUTPUT}" \
   --conv_style Hermes-2 --force_image_size 448 --down_sample_ratio 0.5 --ps_version v1 \
   --drop_path_rate 0.0 --pad2square False --vision_select_layer -1 \
   --freeze_llm False --freeze_mlp True --freeze_backbone True \

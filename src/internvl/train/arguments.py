@@ -128,6 +128,25 @@ class MedRegTrainingArguments(TrainingArguments):
     save_safetensors: bool = field(default=True, metadata={"help": "Always safetensors."})
     logging_steps: float = field(default=1, metadata={"help": "Log every N optimizer steps."})
     dataloader_num_workers: int = field(default=0, metadata={"help": "Data loader worker processes."})
+    warmup_ratio: float = field(
+        default=0.0,
+        metadata={"help": "Original flag (transformers 5 folds it into --warmup_steps < 1): fraction of the steps "
+                          "spent warming up. Used when --warmup_steps is 0."},
+    )
+    evaluation_strategy: str | None = field(
+        default=None, metadata={"help": "Original flag name of --eval_strategy (no | steps | epoch)."}
+    )
+
+    def __post_init__(self) -> None:
+        if self.warmup_ratio:
+            if not 0 <= self.warmup_ratio < 1:
+                raise ValueError(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+            if self.warmup_steps:
+                raise ValueError("give --warmup_ratio or --warmup_steps, not both")
+            self.warmup_steps = self.warmup_ratio
+        if self.evaluation_strategy is not None:
+            self.eval_strategy = self.evaluation_strategy
+        super().__post_init__()
 
 
 ARGUMENT_CLASSES = (ModelArguments, DataTrainingArguments, MedRegTrainingArguments)

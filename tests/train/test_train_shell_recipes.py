@@ -1,0 +1,122 @@
+"""src/shell: DeepSpeed configs validate against DeepSpeed's own config models; the recipe scripts produce the flags
+of the MedRegA recipes (checked by `medrega-train`'s own parser) under plain torchrun and under slurm (fake srun and
+scontrol on PATH, two nodes)."""
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from internvl.train.arguments import parse_args
+
+ROOT = Path(__file__).resolve().parents[2]
+SHELL = ROOT / "src" / "shell"
+
+
+@pytest.mark.parametrize("name,stage,offload", [("zero_stage1_config.json", 1, False),
+                                                ("zero_stage2_config.json", 2, False),
+                                                ("zero_stage3_config.json", 3, False),
+                                                ("zero_stage3_offload_config.json", 3, True)])
+def test_deepspeed_configs_validate(name, stage, offload):
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    config = json.loads((SHELL / name).read_text())
+    zero = DeepSpeedZeroConfig(**{k: (5e8 if v == "auto" else v) for k, v in config["zero_optimization"].items()})
+    assert int(zero.stage) == stage
+    assert (zero.offload_optimizer is not None) == offload and (zero.offload_param is not None) == offload
+    assert config["bf16"]["enabled"] == "auto" and config["gradient_accumulation_steps"] == "auto"
+    if stage == 3:
+        assert zero.gather_16bit_weights_on_model_save  # final save_pretrained gets full weights
+
+
+def _fake_bin(tmp_path: Path) -> Path:
+    """`torchrun`/`srun`/`scontrol` stand-ins that record their argv (one JSON list per line)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "calls.jsonl"
+    for tool in ("torchrun", "srun"):
+        script = bin_dir / tool
+        script.write_text("#!/usr/bin/env python3\nimport json, sys\n"
+                          f"open({str(log)!r}, 'a').write(json.dumps([{tool!r}] + sys.argv[1:]) + '\\n')\n")
+        script.chmod(script.stat().st_mode | stat.S_IEXEC)
+    scontrol = bin_dir / "scontrol"
+    scontrol.write_text("#!/usr/bin/env bash\necho gpu-node-07\necho gpu-node-08\n")
+    scontrol.chmod(scontrol.stat().st_mode | stat.S_IEXEC)
+    return bin_dir
+
+
+def _run_recipe(tmp_path: Path, recipe: str, extra_env: dict[str, str]) -> list[list[str]]:
+    bin_dir = _fake_bin(tmp_path)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(PATH=f"{bin_dir}{os.pathsep}{env['PATH']}", MODEL="preset:tiny", TOKENIZER=str(tmp_path / "tok"),
+               META=str(tmp_path / "meta.json"), OUTPUT=str(tmp_path / "out"), GPUS_PER_NODE="2", BATCH_SIZE="16",
+               PER_DEVICE_BATCH_SIZE="4", **extra_env)
+    result = subprocess.run(["bash", str(SHELL / recipe), "--max_steps", "3"], env=env, cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return [json.loads(line) for line in (tmp_path / "calls.jsonl").read_text().splitlines()]
+
+
+def _parse(call: list[str]):
+    """Parse the `python -m internvl.train` part with medrega-train's parser. `--bf16 True` and `--deepspeed` need a
+    GPU to validate, so they are checked here and left out of the parse."""
+    argv = call[call.index("internvl.train") + 1:]
+    flags = {argv[i]: argv[i + 1] for i in range(len(argv) - 1) if argv[i] in ("--bf16", "--deepspeed")}
+    assert flags["--bf16"] == "True"
+    deepspeed = Path(flags["--deepspeed"])
+    assert deepspeed.is_file()
+    rest, skip = [], False
+    for i, a in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if a in ("--bf16", "--deepspeed"):
+            skip = True
+            continue
+        rest.append(a)
+    model_args, data_args, training_args = parse_args(rest + ["--use_cpu", "True"])
+    return model_args, data_args, training_args, deepspeed
+
+
+@pytest.mark.parametrize("recipe,expect", [
+    ("medrega_stage1_projector.sh", dict(freeze_llm=True, freeze_backbone=True, freeze_mlp=False, use_llm_lora=0)),
+    ("medrega_stage2_full.sh", dict(freeze_llm=False, freeze_backbone=True, freeze_mlp=True, use_llm_lora=0)),
+    ("medrega_stage2_lora.sh", dict(freeze_llm=True, freeze_backbone=True, freeze_mlp=True, use_llm_lora=16)),
+])
+def test_recipes_under_torchrun(tmp_path, recipe, expect):
+    calls = _run_recipe(tmp_path, recipe, {})
+    assert len(calls) == 1 and calls[0][0] == "torchrun"
+    assert "--nproc-per-node=2" in calls[0] and "--nnodes=1" in calls[0]
+    model_args, data_args, training_args, deepspeed = _parse(calls[0])
+    for key, value in expect.items():
+        assert getattr(model_args, key) == value, key
+    assert model_args.preset == "tiny" and data_args.conv_style == "Hermes-2" and data_args.force_image_size == 448
+    assert training_args.gradient_accumulation_steps == 2  # 16 / (4 per GPU x 2 GPUs)
+    assert training_args.max_steps == 3  # extra flags are passed on and win
+    assert data_args.max_seq_length == 2048 and data_args.group_by_length and model_args.grad_checkpoint
+    assert deepspeed.name == "zero_stage3_config.json"
+
+
+def test_recipe_under_slurm_uses_first_node_for_rendezvous(tmp_path):
+    calls = _run_recipe(tmp_path, "medrega_stage2_full.sh", {
+        "SLURM_JOB_ID": "4242", "SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "gpu-node-[07-08]"})
+    (call,) = calls
+    assert call[0] == "srun" and "--nodes=2" in call and "--ntasks-per-node=1" in call
+    torchrun = call[call.index("torchrun"):]
+    assert "--nnodes=2" in torchrun and "--rdzv-backend=c10d" in torchrun and "--rdzv-id=4242" in torchrun
+    assert "--rdzv-endpoint=gpu-node-07:34116" in torchrun
+    _, _, training_args, _ = _parse(call)
+    assert training_args.gradient_accumulation_steps == 1  # 16 / (4 x 2 GPUs x 2 nodes)
+
+
+def test_recipe_rejects_a_batch_that_does_not_divide(tmp_path):
+    bin_dir = _fake_bin(tmp_path)
+    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", GPUS_PER_NODE="3", BATCH_SIZE="16",
+               PER_DEVICE_BATCH_SIZE="4", OUTPUT=str(tmp_path / "o"))
+    result = subprocess.run(["bash", str(SHELL / "medrega_stage2_full.sh")], env=env, cwd=tmp_path,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "not a multiple" in result.stderr
