@@ -9,17 +9,7 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-runs/gpu_check}"; STEPS="${STEPS:-8}"; BS="${BS:-8}"
 mkdir -p "${OUT}" /tmp/gpu_check
 export PYTHONPATH="${PWD}/src:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
-META=$(python3 scripts/write_square_data.py --out /tmp/gpu_check/data --n 96 --size 448 | tail -n 1)
-python3 - <<'PY'
-import json, sys
-sys.path[:0] = ["src", "tests"]
-from fixtures.tokenizer import build_tiny_tokenizer_dir
-build_tiny_tokenizer_dir(__import__("pathlib").Path("/tmp/gpu_check/tok"))
-for stage in (2, 3):  # torch AdamW inside DeepSpeed: no CUDA op build needed on a bare machine
-    cfg = json.load(open(f"src/shell/zero_stage{stage}_config.json"))
-    cfg["optimizer"]["params"]["torch_adam"] = True
-    json.dump(cfg, open(f"/tmp/gpu_check/zero{stage}.json", "w"), indent=1)
-PY
+META=$(python3 scripts/gpu_check_prep.py /tmp/gpu_check 96 | tail -n 1)
 for stage in 2 3; do
   for mode in lora full; do
     name="zero${stage}_${mode}"
@@ -36,14 +26,5 @@ for stage in 2 3; do
     cp "/tmp/gpu_check/${name}/trainer_state.json" "${OUT}/${name}_state.json" 2>/dev/null || true
   done
 done
-python3 - "${OUT}" <<'PY'
-import json, statistics, sys, pathlib
-out = pathlib.Path(sys.argv[1]); rows = ["| run | tokens/s (median) | samples/s | peak GPU mem GiB | first/last loss |", "|---|---|---|---|---|"]
-for f in sorted(out.glob("*_state.json")):
-    logs = [e for e in json.loads(f.read_text())["log_history"] if "loss" in e]
-    tail = logs[2:] or logs
-    rows.append(f"| {f.name.removesuffix('_state.json')} | {statistics.median(e['tokens_per_second'] for e in tail if 'tokens_per_second' in e):.0f} | "
-                f"{statistics.median(e['samples_per_second'] for e in tail if 'samples_per_second' in e):.2f} | "
-                f"{max(e.get('gpu_mem_peak_gib', 0) for e in logs):.2f} | {logs[0]['loss']:.3f} / {logs[-1]['loss']:.3f} |")
-(out / "summary.md").write_text("\n".join(rows) + "\n"); print("\n".join(rows))
-PY
+python3 scripts/summarize_train_logs.py "${OUT}"/zero*_state.json  \
+  | tee "${OUT}/summary.md"
