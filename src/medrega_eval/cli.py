@@ -192,6 +192,6 @@ def main(argv: list[str] | None = None) -> int:
     except (MissingData, FileNotFoundError, BenchmarkError) as exc:
         print(f"medrega-eval {args.command}: {exc}", file=sys.stderr)
         return 1
-    except ImportError as exc:
+    except (ImportError, ValueError) as exc:
         print(f"medrega-eval {args.command}: {exc}", file=sys.stderr)
         return 1

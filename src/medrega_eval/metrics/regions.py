@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-from internvl.regions import Box, Region, box_to_pixels, parse_regions
+from internvl.regions import Region, box_to_pixels, parse_regions
 
 __all__ = [
     "NamedBox",
