@@ -8,7 +8,8 @@ Algorithm (as the bert-score package): contextual embeddings of one hidden layer
 candidate tokens of the best cosine similarity to any reference token, recall the other way round, F1 their harmonic
 mean; with idf, token weights are log((M + 1) / (df + 1)) over the M references, and the [CLS]/[SEP] tokens are
 excluded; when idf gives a text zero total weight (a token set shared by every reference), that text falls
-back to uniform weights. RadGraph F1 and CheXbert are not provided: their model code is not on PyPI in an offline-loadable form.
+back to uniform weights. RadGraph F1 and CheXbert are not provided: their packages fetch weights from the hub
+at run time.
 """
 from __future__ import annotations
 

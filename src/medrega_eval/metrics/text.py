@@ -43,7 +43,7 @@ __all__ = [
 
 
 class MetricUnavailable(RuntimeError):
-    """A metric cannot run on this machine (missing Java, missing local weights, ...); the message says how to fix it."""
+    """A metric cannot run here (missing Java, missing local weights, ...); the message says how to fix it."""
 
 
 # pycocoevalcap/tokenizer/ptbtokenizer.py removes exactly these tokens after PTB tokenization.
@@ -87,9 +87,13 @@ def tokenize_en(text: str) -> list[str]:
         tok = m.group()
         if tok == "." and out and prev_end == m.start() and out[-1][-1].isalnum():
             following = text[m.end() : m.end() + 2].lstrip()
-            if out[-1] in _PTB_ABBREVIATIONS or (len(out[-1]) == 1 and out[-1].isalpha()) or (out[-1] == "no" and following[:1].isdigit()) or (
-                text[m.end() : m.end() + 1] in (";", ",", ":")
-            ):
+            keep = (
+                out[-1] in _PTB_ABBREVIATIONS
+                or (len(out[-1]) == 1 and out[-1].isalpha())  # initials: "c."
+                or (out[-1] == "no" and following[:1].isdigit())  # "no. 5"
+                or text[m.end() : m.end() + 1] in (";", ",", ":")  # period glued to more punctuation
+            )
+            if keep:
                 out[-1] += "."  # PTB keeps the period of a known abbreviation, or one glued to more punctuation
                 prev_end = m.end()
                 continue
