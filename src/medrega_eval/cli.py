@@ -82,6 +82,17 @@ def _read_options(args: argparse.Namespace) -> list[str] | None:
     return None
 
 
+def _options_from_records(records, multilabel: bool) -> list[str]:
+    """The union of the reference labels (a benchmark with `options: from_references`)."""
+    out: list[str] = []
+    for r in records:
+        for label in (r.reference.split(",") if multilabel else [r.reference]):
+            label = label.strip()
+            if label and label not in out:
+                out.append(label)
+    return out
+
+
 def _cmd_score(args: argparse.Namespace) -> int:
     from medrega_eval.benchmarks import load_registry
     from medrega_eval.io import read_predictions
@@ -102,6 +113,8 @@ def _cmd_score(args: argparse.Namespace) -> int:
     if options is None and bench is not None and bench.options != "from_references":
         options = bench.options
     records, problems = read_predictions(args.pred)
+    if options is None and bench is not None and bench.options == "from_references":
+        options = _options_from_records(records, args.multilabel or bench.multilabel)
     if options is None and task == "classification" and not any(r.options for r in records):
         print("medrega-eval score: classification needs options: records with an 'options' field, --options, "
               "--options-file or --benchmark", file=sys.stderr)

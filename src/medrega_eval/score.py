@@ -402,7 +402,8 @@ def score_records(records: Sequence[PredictionRecord], cfg: ScoreConfig,
         _score_text2region(records, cfg, result)
     if cfg.bertscore_model and cfg.task in ("vqa", "report", "region2text", "grounded_report"):
         _bertscore(records, cfg, result)
-    result.counts["scored"] = len(result.rows) if cfg.task != "grounded_report" else len(records)
+    result.counts["records"] = len(records)
+    result.counts["scored"] = len(result.rows)
     langs = sorted({row["lang"] for row in result.rows})
     result.details["languages"] = langs
     return result
@@ -417,8 +418,7 @@ TOP_METRICS = ("bleu1", "bleu2", "bleu3", "bleu4", "meteor", "rougeL", "cider", 
 def summarize(result: ScoreResult, cfg: ScoreConfig, protocol: dict[str, Any], benchmark: str | None = None,
               max_problems: int = 500) -> dict[str, Any]:
     """The summary.json object: top-level metrics (fractions; CIDEr as pycocoevalcap reports it), counts, problems."""
-    counts = {"records": len(result.rows) if cfg.task != "grounded_report" else result.counts.get("scored", 0)}
-    counts.update(result.counts)
+    counts = dict(result.counts)
     from medrega_eval.io import problem_counts
 
     for reason, n in problem_counts(result.problems).items():
