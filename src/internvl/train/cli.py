@@ -168,7 +168,18 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"medrega-train: error: {exc}", file=sys.stderr)
         return 2
-    train(model_args, data_args, training_args)
+    from internvl.data.records import BadRecordError
+    from internvl.data.registry import MetaFileError
+    from internvl.tokenization import TokenizerError
+
+    try:
+        train(model_args, data_args, training_args)
+    except (BadRecordError, MetaFileError, TokenizerError) as exc:  # bad input: FILE:LINE: reason, no traceback
+        print(f"medrega-train: error: {exc}", file=sys.stderr)
+        if isinstance(exc, BadRecordError) and data_args.data_check == "strict":
+            print("medrega-train: fix the record, or pass --data_check lenient to leave bad records out "
+                  "(they are reported and counted)", file=sys.stderr)
+        return 2
     return 0
 
 
