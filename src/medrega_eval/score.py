@@ -124,13 +124,15 @@ def medrega_clean_report_en(text: str) -> str:
     return " ".join(".".join(p for p in parts if p and "_" not in p).split())
 
 
-def medrega_clean_report_zh(text: str, is_prediction: bool) -> str:
-    """The original `cleanStr_zh`: drop [..] and '-', remove enumerations like '1.', join lines with '，';
-    predictions also lose their spaces."""
-    text = re.sub(r"\[.*?\]", "", text).replace("-", "")
-    text = re.sub(r"(?<![\d.])\d+\.(?!\d)", "", text)
-    text = "，".join(line.strip() for line in text.splitlines() if line.strip())
-    return text.replace(" ", "") if is_prediction else text
+def medrega_clean_report_zh(text: str) -> str:
+    """The original `cleanStr_zh`, step for step: drop [..], remaining '[' -> ' ', ']' -> '', drop '-', lower-case,
+    split on newlines, in each line remove every 'digits.' (also inside decimals: '2.5' -> '5'), strip, drop empty
+    lines, join with '，', then '：，' -> '：' and '。，' -> '，'. (The original applies it to predictions only.)"""
+    text = re.sub(r"\[.*?\]", "", text).replace("[", " ").replace("]", "")
+    text = text.replace("-", "")
+    parts = [re.sub(r"\d+\.", "", part).strip() for part in text.lower().split("\n")]
+    text = "，".join(p for p in parts if p)
+    return text.replace("：，", "：").replace("。，", "，")
 
 
 def _report_metrics(preds: list[str], refs: list[str], langs: list[str], cfg: ScoreConfig,
@@ -199,16 +201,22 @@ def _report_metrics_medrega(preds, refs, langs, wanted, result) -> tuple[dict[st
         out["rougeL"] = _mean([s["rougeL"].fmeasure for s in rouge])
     elif all(lang == "zh" for lang in langs):
         jieba = text_m._get_jieba()
-        cands = [[t for t in jieba.cut(medrega_clean_report_zh(p, True)) if t.strip()] for p in preds]
-        gts = [[[t for t in jieba.cut(medrega_clean_report_zh(r, False)) if t.strip()]] for r in refs]
+        # predictions: cleanStr_zh + spaces removed; references: raw. Both jieba-joined with spaces, then HF BLEU's
+        # 13a tokenizer; HF ROUGE on the jieba-joined strings (rouge-score drops the CJK characters)
+        res = [" ".join(jieba.cut(medrega_clean_report_zh(p).replace(" ", ""))) for p in preds]
+        gt = [" ".join(jieba.cut(r)) for r in refs]
+        cands = [text_m.tokenize_13a(x) for x in res]
+        gts = [[text_m.tokenize_13a(x)] for x in gt]
         for i in range(n):
             per[i]["bleu1"] = text_m.hf_bleu([cands[i]], [gts[i]], max_order=1)
             per[i]["bleu4"] = text_m.hf_bleu([cands[i]], [gts[i]], max_order=4)
-            s = scorer.score(" ".join(gts[i][0]), " ".join(cands[i]))
+            s = scorer.score(gt[i], res[i])
             # the original stores rouge1 under rougeL and rougeL under rouge1
             per[i].update(rougeL=s["rouge1"].fmeasure, rouge1=s["rougeL"].fmeasure)
         for k in ("bleu1", "bleu4", "rougeL", "rouge1"):
             out[k] = _mean([p[k] for p in per])
+        cands = [x.split() for x in res]  # METEOR on jieba tokens (the original: NLTK; here the METEOR 1.5 jar)
+        gts = [[x.split()] for x in gt]
     else:
         raise ValueError("--compat medrega scores one language at a time (the original has separate EN and ZH "
                          "scorers); split the file or pass --lang")
@@ -285,6 +293,8 @@ def _score_region2text(records, cfg, result) -> None:
             pred = text_m.tokenize(clean, lang)
             ref = text_m.tokenize(rec.reference.replace("<ref>", "").replace("</ref>", ""), lang)
         overlap = text_m.token_set_scores(pred, ref)
+        if cfg.compat == "medrega":
+            overlap["f1"] = vqa_m._medrega_f1(set(pred), set(ref))
         b1 = text_m.sentence_bleu1(pred, [ref])
         ok = overlap["recall"] >= vqa_m.OPEN_ACCURACY_RECALL
         bleu.append(b1), f1.append(overlap["f1"]), rec_.append(overlap["recall"]), acc.append(float(ok))
@@ -313,11 +323,12 @@ def _region_part(records, cfg, result, texts_pred=None) -> None:
         preds.append(pred.boxes)
         refs.append(ref.boxes)
         scores: dict[str, Any] = sample.metrics()
+        extra: dict[str, Any] = {}
         if cfg.compat == "medrega" and cfg.task == "text2region":
             cv = reg_m.medrega_sample(pred.boxes, ref.boxes, cfg.subtype)
             compat_vals.append(cv)
-            scores = {**{f"medrega_{k2}": v for k2, v in cv.items()}, **scores}
-        row = _row(rec, lang, scores,
+            extra["medrega"] = cv
+        row = _row(rec, lang, scores, **extra,
                    pred_boxes=[{"name": b.name, "box": list(b.grid)} for b in pred.boxes],
                    ref_boxes=[{"name": b.name, "box": list(b.grid)} for b in ref.boxes],
                    matches=[{"pred": i, "ref": j, "iou": iou} for i, j, iou in sample.pairs],
@@ -326,8 +337,10 @@ def _region_part(records, cfg, result, texts_pred=None) -> None:
     agg = reg_m.aggregate_regions(samples)
     top = ("iou", "acc25", "acc50", "acc75", "precision", "recall", "f1")
     if cfg.compat == "medrega" and cfg.task == "text2region":
-        # the original's numbers, under the original's names, at the top level
-        result.metrics.update(reg_m.aggregate_medrega(compat_vals))
+        # the original's numbers: its own names in details.medrega, mapped onto the summary names at the top level
+        original = reg_m.aggregate_medrega(compat_vals, cfg.subtype)
+        result.details["medrega"] = original
+        result.metrics.update({k: original[v] for k, v in reg_m.MEDREGA_TOP[cfg.subtype].items() if v in original})
         result.details["default_metrics"] = {k: agg.get(k) for k in top}
     else:
         result.metrics.update({k: agg.get(k) for k in top})

@@ -112,7 +112,10 @@ def test_text2region_and_compat_and_unparsable(tmp_path):
     row = json.loads((tmp_path / "out_t2r" / "samples.jsonl").read_text().splitlines()[0])
     assert row["pred_boxes"] == [{"name": "liver", "box": [0, 0, 500, 500]}] and row["matches"][0]["iou"] == 1.0
     c = _score(tmp_path, "t2r_c", rows[:2], "--task", "text2region", "--subtype", "ss", "--compat", "medrega")
-    assert c["acc50"] == 0.5 and "default_metrics" in c["details"]
+    assert c["acc50"] == 0.5 and c["iou"] == 0.5 and "default_metrics" in c["details"]
+    assert c["details"]["medrega"]["acc75"] == 0.5
+    cm = _score(tmp_path, "t2r_mm", rows[:2], "--task", "text2region", "--subtype", "mm", "--compat", "medrega")
+    assert cm["precision"] == cm["details"]["medrega"]["box_pre"] == 0.5 and "object_box_f1" in cm["details"]["medrega"]
     _score(tmp_path, "t2r_nosub", rows[:2], "--task", "text2region", "--compat", "medrega", expect=2)
 
 
@@ -128,3 +131,12 @@ def test_grounded_report_scores_text_and_boxes(tmp_path):
 def test_missing_prediction_file_exit_1(tmp_path, capsys):
     assert cli.main(["score", "--task", "vqa", "--pred", str(tmp_path / "nope.json"), "--out", str(tmp_path / "o")]) == 1
     assert "not found" in capsys.readouterr().err
+
+
+def test_medrega_report_cleaners_hand_worked():
+    from medrega_eval.score import medrega_clean_report_en, medrega_clean_report_zh
+
+    assert medrega_clean_report_zh("1.右肺[见图]结节-大小2.5cm\n2.考虑良性。\n") == "右肺结节大小5cm，考虑良性。"
+    assert medrega_clean_report_zh("影像诊断：\n未见异常。\n") == "影像诊断：未见异常。"
+    assert medrega_clean_report_en("Findings: No effusion, ___ stable.\n\nImpression:  Normal.") == \
+        "findings.no effusion.impression.normal"

@@ -25,6 +25,7 @@ def test_vqa_default_closed_and_open_rules():
 def test_vqa_compat_en_keeps_attached_punctuation():
     # cleanStr("Yes.") -> "yes," : the original scorer misses it
     assert V.medrega_clean_en("Yes.") == "yes,"
+    assert V.medrega_clean_en("PA, x-ray: Both") == "posterior anterior, x ray, bilateral"  # contractions per part
     s = V.score_vqa_sample("yes.", "yes", "en", compat="medrega")
     assert s.closed and not s.correct
     assert V.score_vqa_sample("yes", "yes", "en", compat="medrega").correct
@@ -64,7 +65,11 @@ def test_map_to_option_default_rules():
 
 def test_map_to_option_compat_bleu1_argmax_first_wins():
     assert C.map_to_option("glaucoma", OPTIONS, compat="medrega") == "normal"  # all zero -> first option
-    assert C.map_to_option("Drusen.", OPTIONS, compat="medrega") == "drusen"
+    assert C.map_to_option("drusen.", OPTIONS, compat="medrega") == "normal"  # "drusen." != "drusen"
+    # map_answer first strips trailing ASCII punctuation, as the original does; single-label keeps the first part
+    assert C.map_answer("Drusen.", OPTIONS, False, compat="medrega") == (["drusen"], [])
+    assert C.map_answer("drusen, normal", OPTIONS, False, compat="medrega") == (["drusen"], [])
+    assert C.map_answer("Drusen, Normal.", OPTIONS, True, compat="medrega")[0] == ["drusen", "normal"]
 
 
 def test_classification_metrics_single_and_multilabel():
@@ -141,18 +146,35 @@ def test_pixel_iou_equals_grid_iou():
 def test_compat_ss_and_sm_hand_worked():
     ref = _boxes("<ref>a</ref><box>[[0, 0, 100, 100]]</box>")
     pred = _boxes("a[[0, 0, 100, 50]], a[[0, 0, 100, 100]]")
-    ss = R.medrega_sample(pred, ref, "ss")  # more preds than refs -> best box
-    assert ss["iou"] == 1.0 and ss["acc75"] == 1.0
-    ss_first = R.medrega_sample(pred[:1], ref, "ss")
-    assert ss_first["iou"] == 0.5 and ss_first["acc50"] == 0.0  # strict '>'
-    assert R.medrega_sample([], ref, "ss")["iou"] == 0.0  # unparsable -> [0,0,0,0]
+    ss = [R.medrega_sample(pred, ref, "ss"),  # more predictions than references -> best box: 1.0
+          R.medrega_sample(pred[:1], ref, "ss"),  # otherwise the first predicted box: 0.5
+          R.medrega_sample([], ref, "ss")]  # nothing parsed: 0
+    assert [v["iou"] for v in ss] == [1.0, 0.5, 0.0]
+    agg = R.aggregate_medrega(ss, "ss")
+    assert agg == {"iou": 0.5, "acc25": pytest.approx(2 / 3), "acc50": pytest.approx(1 / 3),
+                   "acc75": pytest.approx(1 / 3)}  # strict '>': 0.5 is not a hit at 0.5
     ref2 = _boxes("<ref>a</ref><box>[[0, 0, 100, 100]]</box>, <ref>b</ref><box>[[200, 0, 300, 100]]</box>")
     pred2 = _boxes("a[[0, 0, 100, 70]], b[[200, 0, 300, 100]], c[[500, 500, 600, 600]]")
-    sm = R.medrega_sample(pred2, ref2, "sm")  # IoUs 0.7 and 1.0; threshold 0.75 -> 1 matched
-    assert sm["precision"] == 0.5 and sm["recall"] == pytest.approx(1 / 3)  # swapped naming
-    assert sm["iou"] == pytest.approx(0.85)
-    ms = R.medrega_sample(pred2, ref2, "ms")  # threshold 0.5 -> 2 matched
-    assert ms["precision"] == 1.0
+    sm = R.aggregate_medrega([R.medrega_sample(pred2, ref2, "sm"), R.medrega_sample([], ref2, "sm")], "sm")
+    # IoUs 0.7 and 1.0; threshold 0.75 -> 1 matched; 'precision' = 1/#ref, 'recall' = 1/#pred (swapped naming)
+    assert sm["precision"] == pytest.approx((1 / 2 + 0) / 2) and sm["recall"] == pytest.approx((1 / 3 + 0) / 2)
+    assert sm["f1"] == pytest.approx((0.4 + 0) / 2)
+    assert sm["iou"] == pytest.approx((0.7 + 1.0) / 2)  # corpus ratio over pairs: the empty answer adds no pair
+
+
+def test_compat_ms_group_index_quirk_and_mm():
+    ref = _boxes("<ref>lung</ref><box>[[0, 0, 100, 100], [200, 0, 300, 100]]</box>")
+    pred = _boxes("lung[[0, 0, 100, 100], [200, 0, 300, 100]]")
+    ms = R.aggregate_medrega([R.medrega_sample(pred, ref, "ms")], "ms")
+    # the original looks region names up by *box* index: box 1 has no region 1, so that pair is skipped
+    assert ms["box_acc"] == 1.0 and ms["box_iou"] == 1.0
+    assert ms["object_acc"] == 0.5 and ms["object_iou"] == 1.0
+    assert ms["object_box_acc"] == 0.5 and ms["object_box_alignment"] == 0.5 and ms["object_box_detection"] == 1.0
+    mm = R.aggregate_medrega([R.medrega_sample(pred, ref, "mm")], "mm")
+    assert mm["object_pre"] == 1.0 and mm["object_box_f1"] == 1.0 and mm["box_recall"] == 1.0
+    other = _boxes("liver[[0, 0, 100, 100], [200, 0, 300, 100]]")
+    mm2 = R.aggregate_medrega([R.medrega_sample(other, ref, "mm")], "mm")
+    assert mm2["box_pre"] == 1.0 and mm2["object_pre"] == 0.0 and mm2["object_iou"] == 0.0
 
 
 def test_coco_map50():

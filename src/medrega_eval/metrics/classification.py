@@ -14,6 +14,7 @@ the lower-cased options (the first option wins ties, even when every score is 0)
 from __future__ import annotations
 
 import re
+import string
 import unicodedata
 from collections.abc import Iterable, Sequence
 
@@ -54,7 +55,7 @@ def map_to_option(answer: str, options: Sequence[str], compat: str | None = None
     if not options:
         raise ValueError("classification needs a non-empty option list")
     if compat == "medrega":
-        part = answer.strip().lower().rstrip(".!?。").replace(", ", ",")
+        part = answer.lower()
         scores = [sentence_bleu1(part.split(), [o.lower().split()]) for o in options]
         return options[max(range(len(options)), key=lambda i: (scores[i], -i))]
     norm = normalize_label(answer)
@@ -80,9 +81,12 @@ def map_answer(
     """(mapped labels without duplicates, unmapped answer parts) for one prediction."""
     labels: list[str] = []
     unmapped: list[str] = []
-    parts = split_answer(answer, multilabel) if compat != "medrega" else (
-        answer.strip().lower().rstrip(".!?。").replace(", ", ",").split(",") if multilabel else [answer]
-    )
+    if compat == "medrega":
+        # the original: strip trailing ASCII punctuation, ", " -> ",", lower, split on ","; single-label keeps part 1
+        parts = answer.rstrip(string.punctuation).replace(", ", ",").lower().split(",")
+        parts = parts if multilabel else parts[:1]
+    else:
+        parts = split_answer(answer, multilabel)
     for part in parts:
         label = map_to_option(part, options, compat)
         if label is None:
@@ -94,7 +98,11 @@ def map_answer(
 
 def reference_labels(reference: str, options: Sequence[str], multilabel: bool, compat: str | None = None) -> list[str]:
     """Reference labels; every one must be an option (exact in compat mode, normalized otherwise)."""
-    parts = [p.strip() for p in reference.split(",")] if multilabel else [reference.strip()]
+    if compat == "medrega":
+        gt = reference.rstrip(string.punctuation).replace(", ", ",")
+        parts = gt.split(",") if multilabel else [gt]
+    else:
+        parts = [p.strip() for p in reference.split(",")] if multilabel else [reference.strip()]
     out: list[str] = []
     lookup = {normalize_label(o): o for o in options}
     for part in parts:

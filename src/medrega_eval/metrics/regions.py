@@ -40,6 +40,7 @@ __all__ = [
     "coco_map50",
     "medrega_sample",
     "aggregate_medrega",
+    "MEDREGA_TOP",
     "IOU_THRESHOLD",
 ]
 
@@ -53,6 +54,8 @@ class NamedBox:
     name: str | None
     xyxy: tuple[float, float, float, float]
     grid: tuple[int, int, int, int]
+    group: int = 0  # index of the region (object) this box belongs to, in order of appearance
+    raw_name: str = ""  # the name as written, lower-cased ("" when unnamed): the original scorers compare these
 
 
 @dataclass
@@ -79,10 +82,11 @@ def parse_for_scoring(text: str, hw: Sequence[float] | None = None) -> ParsedReg
     errors: list[str] = []
     regions: list[Region] = parse_regions(text, strict=False, errors=errors)
     boxes = []
-    for region in regions:
+    for group, region in enumerate(regions):
         for box in region.boxes:
             xyxy = box_to_pixels(box, hw[1], hw[0]) if hw else (box.x1, box.y1, box.x2, box.y2)
-            boxes.append(NamedBox(normalize_name(region.name), tuple(float(v) for v in xyxy), box.as_list()))
+            boxes.append(NamedBox(normalize_name(region.name), tuple(float(v) for v in xyxy), tuple(box.as_list()),
+                                  group, (region.name or "").lower()))
     return ParsedRegions(boxes, errors)
 
 
@@ -155,7 +159,7 @@ def _fill_names(pred: list[NamedBox], ref: Sequence[NamedBox]) -> list[NamedBox]
     names = {r.name for r in ref}
     if len(names) == 1:
         (only,) = names
-        return [NamedBox(only, p.xyxy, p.grid) if p.name is None else p for p in pred]
+        return [NamedBox(only, p.xyxy, p.grid, p.group, p.raw_name) if p.name is None else p for p in pred]
     return pred
 
 
@@ -252,36 +256,108 @@ def coco_map50(preds: Sequence[Sequence[NamedBox]], refs: Sequence[Sequence[Name
 
 
 # ------------------------------------------------------------------------------------ --compat medrega scorers
-def medrega_sample(pred: Sequence[NamedBox], ref: Sequence[NamedBox], subtype: str) -> dict[str, float]:
-    """Per-sample values of the original `src/eval/regt2r` evaluators (spec section 6.5), for --compat medrega.
+def _medrega_name_match(pred_name: str, ref_name: str) -> bool:
+    """The original alignment rule: an unnamed prediction, or either lower-cased name contained in the other."""
+    return pred_name == "" or pred_name in ref_name or ref_name in pred_name
 
-    ss: IoU of the first reference box with the best predicted box (if more predictions than references) or the first
-        predicted box; an unparsable prediction is the box [0,0,0,0]; acc uses strict '>'.
-    sm: Hungarian on 1-IoU, threshold 0.75; 'precision' = matched/#ref, 'recall' = matched/#pred (swapped naming);
-        iou = mean IoU over Hungarian pairs.
-    ms, mm: the same with threshold 0.5; box_acc = matched/#ref.
+
+def medrega_sample(pred: Sequence[NamedBox], ref: Sequence[NamedBox], subtype: str) -> dict[str, float]:
+    """Per-sample raw values of the original `src/eval/regt2r/evaluator_reg.py` evaluator for `subtype`.
+
+    ss: IoU of the *first* reference box with the best predicted box when there are more predictions than references,
+        otherwise with the first predicted box; no prediction -> 0.
+    sm/ms/mm: Hungarian matching on 1 - IoU over all boxes (threshold 0.75 for sm, 0.5 otherwise). The values are
+        counts and sums that `aggregate_medrega` turns into the original metrics (some are per-sample means, some
+        corpus ratios). Name alignment uses the original rule (`_medrega_name_match`); ms looks names up by *region*
+        index with the box index, as the original does (identical when every region has one box).
     """
-    zero = NamedBox(None, (0.0, 0.0, 0.0, 0.0), (0, 0, 0, 0))
-    pred = list(pred) or [zero]
     if subtype == "ss":
-        first_ref = np.array([ref[0].xyxy])
-        ious = box_iou(np.array([p.xyxy for p in pred]), first_ref)[:, 0]
-        iou = float(ious.max()) if len(pred) > len(ref) else float(ious[0])
-        return {"iou": iou, "acc25": float(iou > 0.25), "acc50": float(iou > 0.5), "acc75": float(iou > 0.75)}
+        if not pred:
+            return {"iou": 0.0}
+        ious = box_iou(np.array([p.xyxy for p in pred]), np.array([ref[0].xyxy]))[:, 0]
+        return {"iou": float(ious.max()) if len(pred) > len(ref) else float(ious[0])}
     if subtype not in ("sm", "ms", "mm"):
         raise ValueError(f"unknown Text-to-Region subtype {subtype!r}; expected ss, sm, ms or mm")
     threshold = 0.75 if subtype == "sm" else 0.5
-    pairs = hungarian_match(pred, ref)
-    matched = sum(iou >= threshold for _, _, iou in pairs)
-    precision = matched / len(ref)
-    recall = matched / len(pred)
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    iou = float(np.mean([iou for _, _, iou in pairs])) if pairs else 0.0
-    return {"precision": precision, "recall": recall, "f1": f1, "iou": iou}
+    pairs = hungarian_match(pred, ref)  # an empty prediction gives no pair, as in the original
+    matched = [(i, j, iou) for i, j, iou in pairs if iou >= threshold]
+    if subtype == "ms":
+        pred_groups = [name for _, name in sorted({(b.group, b.raw_name) for b in pred})]
+        ref_groups = [name for _, name in sorted({(b.group, b.raw_name) for b in ref})]
+
+        def lookup(i: int, j: int) -> bool | None:  # None: the original skips the pair
+            if i >= len(pred_groups) or j >= len(ref_groups):
+                return None
+            return _medrega_name_match(pred_groups[i], ref_groups[j])
+    else:
+        def lookup(i: int, j: int) -> bool | None:
+            return _medrega_name_match(pred[i].raw_name, ref[j].raw_name)
+
+    aligned_all = aligned_iou = 0.0
+    for i, j, iou in pairs:
+        ok = lookup(i, j)
+        if ok is None:
+            continue
+        if ok:
+            aligned_all += 1
+        if ok or subtype == "ms":  # ms sums the IoU of every looked-up pair, mm only of aligned ones
+            aligned_iou += iou
+    correct_align = sum(bool(lookup(i, j)) for i, j, _ in matched)
+    return {"n_ref": len(ref), "n_pred": len(pred), "n_pairs": len(pairs), "pair_iou": sum(i for _, _, i in pairs),
+            "matched": len(matched), "aligned_all": aligned_all, "aligned_iou": aligned_iou,
+            "correct_align": correct_align}
 
 
-def aggregate_medrega(values: Sequence[dict[str, float]]) -> dict[str, float]:
-    """Means of the compat per-sample values."""
+def _div(a: float, b: float) -> float:
+    return a / b if b else 0.0
+
+
+def _f1(p: float, r: float) -> float:
+    return 2 * p * r / (p + r) if p + r else 0.0
+
+
+def aggregate_medrega(values: Sequence[dict[str, float]], subtype: str) -> dict[str, float]:
+    """The original evaluator's metrics from `medrega_sample` values, under the original names (swapped P/R:
+    'precision'/'pre' = matched / #reference, 'recall' = matched / #predicted)."""
     if not values:
         return {}
-    return {k: float(np.mean([v[k] for v in values])) for k in values[0]}
+    n = len(values)
+    mean = lambda f: sum(f(v) for v in values) / n  # noqa: E731
+    if subtype == "ss":
+        ious = [v["iou"] for v in values]
+        return {"iou": sum(ious) / n, "acc25": sum(i > 0.25 for i in ious) / n,
+                "acc50": sum(i > 0.5 for i in ious) / n, "acc75": sum(i > 0.75 for i in ious) / n}
+    pre = lambda v: _div(v["matched"], v["n_ref"])  # noqa: E731
+    rec = lambda v: _div(v["matched"], v["n_pred"])  # noqa: E731
+    if subtype == "sm":
+        return {"precision": mean(pre), "recall": mean(rec), "f1": mean(lambda v: _f1(pre(v), rec(v))),
+                "iou": _div(sum(v["pair_iou"] for v in values), sum(v["n_pairs"] for v in values))}
+    box_iou_ = _div(sum(v["pair_iou"] for v in values), sum(v["n_ref"] for v in values))
+    ob_iou = _div(sum(v["aligned_iou"] for v in values), sum(v["aligned_all"] for v in values))
+    if subtype == "ms":
+        return {"box_acc": mean(pre), "box_iou": box_iou_,
+                "object_acc": mean(lambda v: _div(v["aligned_all"], v["n_ref"])), "object_iou": ob_iou,
+                "object_box_acc": mean(lambda v: _div(v["correct_align"], v["n_ref"])),
+                "object_box_alignment": mean(lambda v: _div(v["correct_align"], v["matched"])),
+                "object_box_detection": mean(lambda v: _div(v["correct_align"], v["aligned_all"]))}
+    ob_pre = lambda v: _div(v["aligned_all"], v["n_ref"])  # noqa: E731
+    ob_rec = lambda v: _div(v["aligned_all"], v["n_pred"])  # noqa: E731
+    al_pre = lambda v: _div(v["correct_align"], v["n_ref"])  # noqa: E731
+    al_rec = lambda v: _div(v["correct_align"], v["n_pred"])  # noqa: E731
+    return {"box_pre": mean(pre), "box_recall": mean(rec), "box_f1": mean(lambda v: _f1(pre(v), rec(v))),
+            "box_iou": box_iou_,
+            "object_pre": mean(ob_pre), "object_rec": mean(ob_rec), "object_f1": mean(lambda v: _f1(ob_pre(v), ob_rec(v))),
+            "object_iou": ob_iou,
+            "object_box_pre": mean(al_pre), "object_box_recall": mean(al_rec),
+            "object_box_f1": mean(lambda v: _f1(al_pre(v), al_rec(v))),
+            "object_box_alignment": mean(lambda v: _div(v["correct_align"], v["matched"])),
+            "object_box_detection": mean(lambda v: _div(v["correct_align"], v["aligned_all"]))}
+
+
+# top-level summary names for each compat subtype (the issue's names), taken from the original metric names
+MEDREGA_TOP = {
+    "ss": {"iou": "iou", "acc25": "acc25", "acc50": "acc50", "acc75": "acc75"},
+    "sm": {"precision": "precision", "recall": "recall", "f1": "f1", "iou": "iou"},
+    "ms": {"precision": "box_acc", "iou": "box_iou"},
+    "mm": {"precision": "box_pre", "recall": "box_recall", "f1": "box_f1", "iou": "box_iou"},
+}

@@ -65,12 +65,14 @@ def normalize_en(text: str) -> str:
 
 
 def medrega_clean_en(text: str) -> str:
-    """The original `cleanStr`: split on [,:.], drop parts containing "_", rejoin with ",", lower-case, whole-word
-    contractions, "-" -> space. Punctuation other than the split characters stays attached to words."""
+    """The original VQA `cleanStr`, step for step: split on [,:.], drop parts containing "_", rejoin with ",",
+    lower-case; split again, apply the whole-word contractions inside each part, rejoin with ","; "-" -> space.
+    Nothing is stripped, so punctuation other than the split characters stays attached to words ("yes." -> "yes,")."""
     parts = [p for p in re.split(r"[,:.]", text) if "_" not in p]
     text = ",".join(parts).lower()
-    words = [_MEDREGA_CONTRACTIONS.get(w, w) for w in text.split(" ")]
-    return " ".join(words).replace("-", " ").strip()
+    parts = [" ".join(_MEDREGA_CONTRACTIONS.get(w, w) for w in part.split(" "))
+             for part in re.split(r"[,:.]", text) if "_" not in part]
+    return ",".join(parts).replace("-", " ")
 
 
 def vqa_tokens(text: str, lang: str, compat: str | None = None) -> list[str]:
@@ -104,25 +106,34 @@ def score_vqa_sample(
     ref = vqa_tokens(reference, lang, compat)
     overlap = token_set_scores(pred, ref)
     recall = overlap["recall"]
-    bleu1 = sentence_bleu1(pred, [ref]) if ref else 0.0
     exact = " ".join(pred) == " ".join(ref)
     if compat == "medrega":
+        f1 = _medrega_f1(set(pred) - {""}, set(ref) - {""})
         if lang == "zh":
-            # Original quirk: "closed" is decided by the prediction; a {"no"} reference also accepts "not".
-            closed = "".join(prediction.split()).lower() in ("yes", "no")
-            if closed:
-                ref_set = set(ref) | ({"not"} if set(ref) == {"no"} else set())
+            # BLEU-1 on the jieba-joined strings split on whitespace (torchmetrics' tokenizer)
+            bleu1 = sentence_bleu1(" ".join(pred).split(), [" ".join(ref).split()])
+            # Original quirk: "closed" is decided by the raw prediction; a {"no"} reference also accepts "not"
+            if prediction in ("yes", "no"):
+                ref_set = (set(ref) - {""}) | ({"not"} if set(ref) - {""} == {"no"} else set())
                 recall_c = len(set(pred) & ref_set) / len(ref_set) if ref_set else 0.0
-                return VQASample(True, recall_c >= 0.4, recall, overlap["f1"], bleu1, exact)
-        else:
-            closed = " ".join(ref) in ("yes", "no")
-        if closed:
-            return VQASample(True, recall >= CLOSED_RECALL, recall, overlap["f1"], bleu1, exact)
-        return VQASample(False, recall >= OPEN_ACCURACY_RECALL, recall, overlap["f1"], bleu1, exact)
+                return VQASample(True, recall_c >= 0.4, recall, f1, bleu1, exact)
+            return VQASample(False, recall >= OPEN_ACCURACY_RECALL, recall, f1, bleu1, exact)
+        bleu1 = sentence_bleu1(pred, [ref]) if ref else 0.0
+        closed = " ".join(ref) in ("yes", "no")
+        correct = recall >= (CLOSED_RECALL if closed else OPEN_ACCURACY_RECALL)
+        return VQASample(closed, correct, recall, f1, bleu1, exact)
+    bleu1 = sentence_bleu1(pred, [ref]) if ref else 0.0
     closed = _is_closed(ref, lang, answer_type)
-    if closed:
-        return VQASample(True, recall >= CLOSED_RECALL, recall, overlap["f1"], bleu1, exact)
-    return VQASample(False, recall >= OPEN_ACCURACY_RECALL, recall, overlap["f1"], bleu1, exact)
+    correct = recall >= (CLOSED_RECALL if closed else OPEN_ACCURACY_RECALL)
+    return VQASample(closed, correct, recall, overlap["f1"], bleu1, exact)
+
+
+def _medrega_f1(pred: set[str], ref: set[str]) -> float:
+    """The original's F1 = 2PR / (P + R + 1e-8) on token sets."""
+    common = len(pred & ref)
+    p = common / len(pred) if pred else 0.0
+    r = common / len(ref) if ref else 0.0
+    return 2 * p * r / (p + r + 1e-8)
 
 
 def aggregate_vqa(samples: Sequence[VQASample]) -> dict[str, float | int | None]:
