@@ -96,27 +96,28 @@ def plan_row(counts: ParamCounts, config, mode: str, gpus: int, gpus_per_node: i
         raise ValueError(f"unknown mode {mode!r}")
     nodes = max(gpus // gpus_per_node, 1)
     per_node = min(gpus, gpus_per_node)
-    _cpu, gpu_states, _largest = estimate_zero3_model_states_mem_needs(
+    cpu_states, gpu_states, _largest = estimate_zero3_model_states_mem_needs(
         total_params=trainable, largest_layer_params=counts.largest_layer, num_gpus_per_node=per_node,
         num_nodes=nodes, cpu_offload=offload, cpu_offload_params=offload, zero_init=True)
     frozen_bytes = 0 if offload else 2 * frozen / gpus
+    cpu_bytes = cpu_states + (2 * frozen / nodes if offload else 0)
     acts = activation_bytes(config, seq, micro_batch)
     total = gpu_states + frozen_bytes + sum(acts.values())
     return {"mode": mode, "gpus": gpus, "trainable_B": trainable / 1e9, "states_GiB": gpu_states / GiB,
             "frozen_GiB": frozen_bytes / GiB, "activations_GiB": sum(acts.values()) / GiB,
-            "logits_GiB": acts["logits_loss"] / GiB, "total_GiB": total / GiB}
+            "logits_GiB": acts["logits_loss"] / GiB, "total_GiB": total / GiB, "cpu_GiB_per_node": cpu_bytes / GiB}
 
 
 def format_table(rows: list[dict[str, float]], limit_gib: float) -> str:
     """Markdown table of plan rows; `fits` compares with `limit_gib` minus 10% for CUDA context/fragmentation."""
     head = ("| mode | GPUs | trainable (B) | model states | frozen weights | activations (of which logits) | "
-            "total / GPU | fits 80 GB? |")
-    lines = [head, "|---|---|---|---|---|---|---|---|"]
+            "total / GPU | fits 80 GB? | CPU RAM / node |")
+    lines = [head, "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         fits = "yes" if r["total_GiB"] <= 0.9 * limit_gib else "no"
         lines.append(f"| {r['mode']} | {r['gpus']} | {r['trainable_B']:.3f} | {r['states_GiB']:.1f} GiB | "
                      f"{r['frozen_GiB']:.1f} GiB | {r['activations_GiB']:.1f} ({r['logits_GiB']:.1f}) GiB | "
-                     f"{r['total_GiB']:.1f} GiB | {fits} |")
+                     f"{r['total_GiB']:.1f} GiB | {fits} | {r['cpu_GiB_per_node']:.0f} GiB |")
     return "\n".join(lines)
 
 
