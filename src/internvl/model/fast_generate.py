@@ -357,8 +357,16 @@ def greedy_settings(generate_kwargs: dict, default_eos: int | list[int] | None =
     if pick("do_sample", False) or int(pick("num_beams", 1)) != 1 or pick("use_cache", True) is False:
         return None
     if cfg is not None:
-        if float(getattr(cfg, "repetition_penalty", 1.0) or 1.0) != 1.0 or getattr(cfg, "num_return_sequences", 1) != 1:
+        if float(getattr(cfg, "repetition_penalty", 1.0) or 1.0) != 1.0:
             return None
+        if (getattr(cfg, "num_return_sequences", 1) or 1) != 1 or (getattr(cfg, "min_length", 0) or 0) > 0:
+            return None
+        for name in ("no_repeat_ngram_size", "bad_words_ids", "suppress_tokens", "begin_suppress_tokens",
+                     "forced_bos_token_id", "forced_eos_token_id", "sequence_bias", "guidance_scale",
+                     "output_scores", "output_logits", "return_dict_in_generate", "output_hidden_states",
+                     "output_attentions", "assistant_model", "prompt_lookup_num_tokens", "stop_strings"):
+            if getattr(cfg, name, None):
+                return None
         if getattr(cfg, "max_length", None) is not None and pick("max_new_tokens") is None:
             return None
     max_new = pick("max_new_tokens")
