@@ -141,7 +141,7 @@ class MedRegTrainingArguments(TrainingArguments):
         if self.warmup_ratio:
             if not 0 <= self.warmup_ratio < 1:
                 raise ValueError(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-            if self.warmup_steps:
+            if self.warmup_steps and self.warmup_steps != self.warmup_ratio:  # equal: a saved run_config.json
                 raise ValueError("give --warmup_ratio or --warmup_steps, not both")
             self.warmup_steps = self.warmup_ratio
         if self.evaluation_strategy is not None:
