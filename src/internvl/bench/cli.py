@@ -162,6 +162,10 @@ def section_gen(args, res: dict, config) -> None:
         L = ids.shape[1]
 
         def ours_fast(k: int) -> torch.Tensor:
+            if hasattr(ours, "fast_generate"):  # the model's default generate path
+                kw = {} if args.device == "cuda" else {"fast_generate": "always"}
+                return ours.generate(pixel_values=pix, input_ids=ids, attention_mask=mask, max_new_tokens=k,
+                                     min_new_tokens=k, do_sample=False, eos_token_id=2, pad_token_id=0, **kw)
             with torch.inference_mode():
                 emb = ours._embed(ids, pix, None)
                 return decoder_for(ours.language_model).generate(emb, mask, max_new_tokens=k, eos_token_id=[2],
