@@ -43,11 +43,12 @@ def _sync(device: str) -> None:
 
 
 def run_real_shape(*, batches=(1, 8), new_tokens: int = 128, device: str = "cuda", preset: str = "medrega",
-                   dtype: torch.dtype = torch.bfloat16, decode_backend: str | None = "eager") -> dict:
+                   dtype: torch.dtype = torch.bfloat16, decode_backend: str | None = None) -> dict:
     """Build `preset` (default: the real MedRegA shape) on `device` and time batch_chat at each batch size.
 
-    `decode_backend` is the dynamo backend of the fast decode step ("eager": traced + CUDA graph, no inductor
-    compile; the 40B decode is bound by its 80 GB of weights, so fusion buys little and would cost a long compile)."""
+    `decode_backend` is the dynamo backend of the fast decode step (None: static cache with an eager step and no
+    CUDA graph; the 40B decode is bound by reading its 80 GB of weights, so fusion and graphs buy little there and
+    a 60-layer trace/compile would cost minutes of a short lease)."""
     from internvl.model import load_preset
 
     from .build import build_ours

@@ -110,7 +110,9 @@ class StaticGreedyDecoder:
             `logits_to_keep` (transformers 5.x causal LMs do).
         use_cuda_graph: capture the decode step as a CUDA graph (CUDA only; ignored on the CPU).
         compile_backend: dynamo backend for the decode step: "inductor" (fuses norms, RoPE, SwiGLU: fastest, costs a
-            compile), "eager" (traced only: guarantees no host syncs, no compile cost) or None (plain eager; CPU).
+            compile per new (batch, cache length)), "eager" (traced only: guarantees no host syncs, cheaper) or None
+            (plain eager step launched from Python, no CUDA graph: for very large models whose decode is bound by
+            reading the weights anyway, or the CPU).
         check_every: how many tokens between host checks of "all rows finished".
     """
 
@@ -134,7 +136,8 @@ class StaticGreedyDecoder:
         return next(self.lm.parameters()).device
 
     def _graph_mode(self) -> bool:
-        return self.use_cuda_graph and self._device().type == "cuda"
+        # Only a dynamo-traced step is known to be free of host syncs, so only that one is captured.
+        return self.use_cuda_graph and self.compile_backend is not None and self._device().type == "cuda"
 
     def _new_state(self, batch: int, cache_len: int, max_new: int, eos: list[int]) -> _DecodeState:
         from transformers import StaticCache
