@@ -307,6 +307,7 @@ def _region_part(records, cfg, result, texts_pred=None) -> None:
     """Box metrics of text2region / grounded_report; appends rows (or extends rows already made)."""
     preds, refs, samples, compat_vals = [], [], [], []
     parse_errors = 0
+    error_examples: list[str] = []
     kept_rows = []
     for k, rec in enumerate(records):
         lang = record_lang(rec, cfg)
@@ -317,6 +318,9 @@ def _region_part(records, cfg, result, texts_pred=None) -> None:
             continue
         pred = reg_m.parse_for_scoring(rec.prediction, rec.hw)
         parse_errors += len(pred.errors)
+        for err in pred.errors:
+            if len(error_examples) < 20:
+                error_examples.append(f"{rec.source}: id {rec.id}: prediction box ignored: {err}")
         unparsable = not pred.boxes
         sample = reg_m.score_region_sample(pred.boxes, ref.boxes, unparsable)
         samples.append(sample)
@@ -348,6 +352,8 @@ def _region_part(records, cfg, result, texts_pred=None) -> None:
     result.details.update({k: v for k, v in agg.items() if k not in top})
     result.counts["unparsable_predictions"] = int(agg.get("unparsable", 0)) if agg else 0
     result.counts["malformed_pred_boxes"] = parse_errors
+    if error_examples:
+        result.details["malformed_pred_box_examples"] = error_examples
     return kept_rows
 
 

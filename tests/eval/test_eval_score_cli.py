@@ -107,6 +107,11 @@ def test_text2region_and_compat_and_unparsable(tmp_path):
     s = _score(tmp_path, "t2r", rows, "--task", "text2region", "--image-root", str(tmp_path))
     assert s["iou"] == 0.5 and s["acc50"] == 0.5 and s["map50"] == pytest.approx(0.5, abs=0.02)
     assert s["counts"]["unparsable_predictions"] == 1 and s["counts"]["problem:bad-reference-boxes"] == 1
+    bad = _score(tmp_path, "t2r_bad", [{"id": 9, "prediction": "liver[[0, 0, 1200, 500]]",
+                                        "reference": "<ref>liver</ref><box>[[0, 0, 500, 500]]</box>"}],
+                 "--task", "text2region")
+    assert bad["counts"]["malformed_pred_boxes"] == 1 and bad["counts"]["unparsable_predictions"] == 1
+    assert "id 9" in bad["details"]["malformed_pred_box_examples"][0]
     html = (tmp_path / "out_t2r" / "report.html").read_text()
     assert html.count("data:image/png;base64") >= 2 and "IoU distribution" in html
     row = json.loads((tmp_path / "out_t2r" / "samples.jsonl").read_text().splitlines()[0])

@@ -12,6 +12,7 @@ Conventions (see docs/evaluation.md):
 """
 from __future__ import annotations
 
+import atexit
 import html
 import logging
 import math
@@ -269,7 +270,21 @@ def _meteor_process():
         from pycocoevalcap.meteor.meteor import Meteor
 
         _METEOR = Meteor()
+        atexit.register(_close_meteor)
     return _METEOR
+
+
+def _close_meteor() -> None:
+    """Stop the METEOR JVM at interpreter exit (closes its pipes, so no ResourceWarning)."""
+    global _METEOR
+    if _METEOR is not None:
+        proc = _METEOR.meteor_p
+        for stream in (proc.stdin, proc.stdout, proc.stderr):
+            if stream is not None:
+                stream.close()
+        proc.kill()
+        proc.wait()
+        _METEOR = None
 
 
 # ------------------------------------------------------------------------------------ sentence-level helpers
