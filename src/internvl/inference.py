@@ -194,7 +194,8 @@ class Generator:
         pixel_values, num_patches = images_to_pixel_values(images, self.image_settings)
         return pixel_values, num_patches
 
-    def _run_batch(self, requests: Sequence[GenerationRequest]) -> list[str]:
+    def generate_batch(self, requests: Sequence[GenerationRequest]) -> list[str]:
+        """Answers for one batch, in order (no reordering; the caller chooses the batch)."""
         tiles: list[torch.Tensor] = []
         num_patches_list: list[list[int]] = []
         for request in requests:
@@ -216,7 +217,7 @@ class Generator:
         order = sorted(range(len(requests)), key=lambda i: (len(requests[i].images), len(requests[i].prompt)))
         for start in range(0, len(order), self.batch_size):
             idx = order[start : start + self.batch_size]
-            answers = self._run_batch([requests[i] for i in idx])
+            answers = self.generate_batch([requests[i] for i in idx])
             if len(answers) != len(idx):
                 raise RuntimeError(f"batch_chat returned {len(answers)} answers for {len(idx)} requests")
             yield list(zip(idx, answers))
