@@ -1,0 +1,118 @@
+"""MedReg-mini builder: box-true crops, split rules, name tables, orientation, and (when the Debian data is
+installed) real slices with records that pass the toolkit's record checks."""
+from __future__ import annotations
+
+import json
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
+
+import medreg_mini_sources as src  # noqa: E402
+
+HAVE_MRICRON = (src.MRICRON_DIR / "aal.nii.gz").is_file()
+HAVE_CRANIUM = src.CRANIUM_INV3.is_file()
+
+
+def _labelled_item() -> src.Item:
+    labels = np.zeros((100, 80), dtype=np.int16)
+    labels[10:30, 5:25] = 1
+    labels[50:90, 40:70] = 2
+    names = {1: ("left thing", "左侧物体"), 2: ("right thing", "右侧物体")}
+    return src.Item(pixels=src.to_rgb((labels * 100).astype(np.uint8)), source="t", name="x", split_key="k",
+                    split="train", modality="MRI", body_part=("brain", "脑"), labels=labels, label_names=names,
+                    regions=src.regions_from_labels(labels, names, 10))
+
+
+def test_regions_and_crops_are_box_true() -> None:
+    item = _labelled_item()
+    assert [(r.name_en, r.boxes) for r in item.regions] == [("left thing", ((5.0, 10.0, 25.0, 30.0),)),
+                                                            ("right thing", ((40.0, 50.0, 70.0, 90.0),))]
+    rng = np.random.default_rng(0)
+    for k in range(20):
+        crop = src.crop_item(item, rng, 0.6, 10, f"c{k}")
+        for region in crop.regions:
+            value = 1 if region.name_en == "left thing" else 2
+            ys, xs = np.nonzero(crop.labels == value)
+            assert region.boxes == ((xs.min(), ys.min(), xs.max() + 1.0, ys.max() + 1.0),)
+            # the box encloses exactly the structure's pixels of the cropped image
+            x1, y1, x2, y2 = (int(v) for v in region.boxes[0])
+            assert (crop.pixels[y1:y2, x1:x2, 0] == value * 100).any()
+
+
+def test_nested_labels_cover_their_members() -> None:
+    labels = np.zeros((50, 50), dtype=np.int16)
+    labels[5:45, 5:45] = 1
+    labels[10:20, 10:40] = 2
+    names = {1: ("head", "头部"), 2: ("bone", "骨骼")}
+    regions = src.regions_from_labels(labels, names, 10, {1: (1, 2)})
+    assert regions[0].boxes == ((5.0, 5.0, 45.0, 45.0),) and regions[1].boxes == ((10.0, 10.0, 40.0, 20.0),)
+
+
+def test_block_split_keeps_blocks_together() -> None:
+    splits = [src.block_split(i) for i in range(80)]
+    assert splits[16:24] == ["test"] * 8 and splits[:16] == ["train"] * 16 and splits.count("test") == 16
+
+
+def test_aal_name_table_errors_name_the_line(tmp_path: Path) -> None:
+    good = tmp_path / "aal.txt"
+    good.write_text("1 Precentral_L 2001\n2 Vermis_3 9030\n", encoding="utf-8")
+    assert src.aal_label_names(good) == {1: ("left frontal lobe", "左侧额叶"), 2: ("cerebellar vermis", "小脑蚓部")}
+    bad = tmp_path / "bad.txt"
+    bad.write_text("1 Precentral_L 2001\n2 Mystery_L 1\n", encoding="utf-8")
+    with pytest.raises(src.SourceError, match=r"bad.txt:2: .*Mystery_L"):
+        src.aal_label_names(bad)
+
+
+def test_head_masks_drop_the_head_holder() -> None:
+    hu = np.full((120, 120), -1000.0)
+    yy, xx = np.mgrid[:120, :120]
+    r = np.hypot(yy - 55, xx - 60)
+    hu[r < 40] = 30          # brain
+    hu[(r >= 34) & (r < 40)] = 800  # skull ring
+    hu[110:114, 10:110] = 300  # a separate bar under the head (scanner holder)
+    head, bone, brain = src.head_masks(hu)
+    assert not head[112, 60] and not bone[112, 60]
+    assert bone[55, 97] and brain[55, 60] and not brain[55, 97]
+
+
+@pytest.mark.skipif(not HAVE_MRICRON, reason="Debian mricron-data not installed (scripts/ci_setup_browser.sh)")
+def test_brain_slices_match_the_toolkit_orientation_and_build_valid_records(tmp_path: Path) -> None:
+    from internvl.data.images import volume_slice
+    from internvl.data.records import RecordChecker
+
+    import build_medreg_mini as builder
+
+    items = list(src.brain_items(step=45))
+    assert {it.plane for it in items} == {"axial", "coronal", "sagittal"}
+    axis = {"axial": 2, "coronal": 1, "sagittal": 0}
+    for it in items:
+        index = int(it.name.rsplit("_", 1)[1])
+        values, _ = volume_slice(src.MRICRON_DIR / "aal.nii.gz", axis=it.plane, slice_index=index)
+        assert values.shape == it.labels.shape  # same display geometry as load_image / converters
+        assert ((values > 0) == (it.labels > 0)).all(), it.name
+    # radiological convention: in an axial slice the left hemisphere is on the image's right
+    axial = next(it for it in items if it.plane == "axial" and it.regions)
+    left = [r for r in axial.regions if r.name_en.startswith("left ")]
+    right = [r for r in axial.regions if r.name_en.startswith("right ")]
+    assert left and right and np.mean([r.boxes[0][0] for r in left]) > np.mean([r.boxes[0][0] for r in right])
+    # records from a real slice pass the toolkit's record checks (boxes parse, images exist)
+    args = builder.parse_args(["--out", str(tmp_path)])
+    rel, w, h, scale = builder.save_image(axial, tmp_path, args.max_side, args.quality)
+    rng = random.Random(0)
+    checker = RecordChecker(image_root=tmp_path, image_check="decode")
+    recs = list(builder.records_for(axial, rel, w, h, scale, rng, 0.5, {"MRI": 1.0}))
+    assert {t for t, _, _ in recs} >= {"text_to_region", "region_to_text", "vqa"}
+    for n, (_, _, rec) in enumerate(recs, 1):
+        assert checker.check(rec, file="mem.jsonl", line=n) == [], json.dumps(rec, ensure_ascii=False)[:300]
+
+
+@pytest.mark.skipif(not HAVE_CRANIUM, reason="Debian invesalius-examples not installed (scripts/ci_setup_browser.sh)")
+def test_cranium_volume_reads_with_spacing() -> None:
+    vol, spacing = src.load_cranium()
+    assert vol.shape == (108, 256, 256) and vol.dtype == np.int16
+    assert spacing[2] == pytest.approx(1.5) and spacing[0] == pytest.approx(0.957, abs=1e-3)
