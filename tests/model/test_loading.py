@@ -121,3 +121,26 @@ def test_quantization_config(monkeypatch):
     assert config.load_in_4bit and config.bnb_4bit_quant_type == "nf4"
     assert set(config.llm_int8_skip_modules) == {"vision_model", "mlp1", "lm_head"}
     assert bitsandbytes_config(load_in_8bit=True).load_in_8bit
+
+
+def test_offloaded_weights_on_meta_device_still_run(tmp_path, tiny_model, tiny_tokenizer):
+    """device_map with offloading keeps some weights on the meta device (accelerate loads them per call): the model
+    must not try to move inputs to those weights' device (the GPU CPU-offload failure this reproduces)."""
+    tiny_model.save_pretrained(tmp_path / "ckpt")
+    device_map = {"vision_model.embeddings": "disk", "vision_model.encoder": "cpu", "mlp1": "disk",
+                  "language_model.model.embed_tokens": "disk", "language_model.model.layers": "cpu",
+                  "language_model.model.norm": "cpu", "language_model.model.rotary_emb": "cpu",
+                  "language_model.lm_head": "disk"}
+    model = load_pretrained(tmp_path / "ckpt", dtype=torch.float32, device_map=device_map,
+                            offload_folder=str(tmp_path / "offload"))
+    assert any(p.is_meta for p in model.parameters())
+    model.img_context_token_id = tiny_model.img_context_token_id
+    pixel_values = torch.randn(1, 3, 56, 56)
+    ids = torch.randint(10, 900, (1, 12))
+    ids[0, 2:6] = tiny_model.img_context_token_id
+    with torch.no_grad():
+        torch.testing.assert_close(model(pixel_values=pixel_values, input_ids=ids).logits,
+                                   tiny_model(pixel_values=pixel_values, input_ids=ids).logits)
+    gen = dict(max_new_tokens=4, do_sample=False)
+    assert model.chat(tiny_tokenizer, pixel_values, "Where is the liver?", gen) == tiny_model.chat(
+        tiny_tokenizer, pixel_values, "Where is the liver?", gen)

@@ -19,6 +19,7 @@ from transformers import GenerationConfig
 from ..constants import IMAGE_PLACEHOLDER, IMG_CONTEXT_TOKEN
 from ..image_processing import expand_image_placeholders
 from ..templates import ChatTemplate, get_template
+from .devices import execution_device
 
 DEFAULT_TEMPLATE = "Hermes-2"
 
@@ -102,7 +103,7 @@ class ChatMixin:
         query = expand_image_placeholders(query, list(num_patches_list), self.num_image_token)
         if verbose:
             print(query.replace(IMG_CONTEXT_TOKEN * self.num_image_token, "<IMG_CONTEXT>*N"))
-        device = self.get_input_embeddings().weight.device
+        device = execution_device(self.get_input_embeddings()) or torch.device("cpu")
         inputs = tokenizer(query, return_tensors="pt")
         output = self.generate(
             pixel_values=pixel_values,
@@ -169,7 +170,7 @@ class ChatMixin:
             tokenizer.padding_side = old_side
             if old_pad is None:
                 tokenizer.pad_token = None
-        device = self.get_input_embeddings().weight.device
+        device = execution_device(self.get_input_embeddings()) or torch.device("cpu")
         gen_kwargs = _generation_kwargs(generation_config, eos)
         gen_kwargs.setdefault("pad_token_id", tokenizer.pad_token_id if old_pad is not None else eos[0])
         output = self.generate(

@@ -20,6 +20,7 @@ from transformers.modeling_outputs import ModelOutput
 from ..constants import IGNORE_INDEX
 from .chat import ChatMixin
 from .configuration_internvl_chat import InternVLChatConfig
+from .devices import execution_device
 from .modeling_intern_vit import InternVisionModel
 
 
@@ -120,8 +121,9 @@ class InternVLChatModel(ChatMixin, PreTrainedModel):
 
     def extract_feature(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """pixel_values [T,3,S,S] -> projected image tokens [T, num_image_token, llm_hidden]."""
-        vision_param = self.vision_model.embeddings.patch_embedding.weight
-        pixel_values = pixel_values.to(device=vision_param.device, dtype=vision_param.dtype)
+        patch = self.vision_model.embeddings.patch_embedding
+        pixel_values = pixel_values.to(device=execution_device(patch) or execution_device(self.vision_model.embeddings)
+                                       or pixel_values.device, dtype=patch.weight.dtype)
         vit_embeds = self.vision_model.layer_output(pixel_values, self.select_layer)
         vit_embeds = vit_embeds[:, 1:, :]
         side = int(vit_embeds.shape[1] ** 0.5)
@@ -130,8 +132,8 @@ class InternVLChatModel(ChatMixin, PreTrainedModel):
         vit_embeds = vit_embeds.reshape(vit_embeds.shape[0], side, side, -1)
         vit_embeds = self.pixel_shuffle(vit_embeds, scale_factor=self.downsample_ratio)
         vit_embeds = vit_embeds.reshape(vit_embeds.shape[0], -1, vit_embeds.shape[-1])
-        mlp_param = self.mlp1[1].weight
-        return self.mlp1(vit_embeds.to(mlp_param.device))
+        device = execution_device(self.mlp1[0]) or execution_device(self.mlp1)
+        return self.mlp1(vit_embeds.to(device) if device is not None else vit_embeds)
 
     def _require_img_context_id(self) -> int:
         if self.img_context_token_id is None:
@@ -171,7 +173,9 @@ class InternVLChatModel(ChatMixin, PreTrainedModel):
         visual_features: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Token embeddings with image features merged in: [B, L, H]."""
-        inputs_embeds = self.language_model.get_input_embeddings()(input_ids)
+        embed = self.language_model.get_input_embeddings()
+        device = execution_device(embed)
+        inputs_embeds = embed(input_ids.to(device) if device is not None else input_ids)
         if visual_features is None and pixel_values is None:
             return inputs_embeds
         vit_all = visual_features if visual_features is not None else self.extract_feature(pixel_values)
