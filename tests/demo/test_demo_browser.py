@@ -3,7 +3,8 @@
 Starts the demo on the bundled model (``asset/medreg-mini-model``) on a free local port, then in the page: uploads a
 bundled brain MRI slice, asks Text-to-Region for the left frontal lobe, and checks that an annotated image comes back
 with a box drawn in the first region colour and that the box list is filled. Then a fake PNG (text bytes) must give a
-warning in the page while the server keeps answering. CI setup: ``scripts/ci_setup_browser.sh``.
+warning in the page while the server keeps answering, and a gallery example (Chinese Region-to-Text with a typed box)
+loads and is answered. CI setup: ``scripts/ci_setup_browser.sh``.
 """
 from __future__ import annotations
 
@@ -126,5 +127,15 @@ def test_upload_ask_text_to_region_and_get_boxes(demo_url: str, tmp_path: Path) 
             page.click("#ask")  # the earlier image is still loaded: empty object list -> a message, no crash
             page.wait_for_function("document.querySelector('#status').innerText.includes('needs the name')",
                                    timeout=60_000)
+
+            # the gallery: the second bundled example is a Chinese Region-to-Text question with a typed box
+            page.locator("#gallery button").nth(1).click()
+            page.wait_for_function("document.querySelector('#status').innerText.includes('Example loaded')",
+                                   timeout=60_000)
+            assert page.input_value("#box textarea") == "618, 502, 905, 773"
+            page.click("#ask")
+            page.wait_for_function("document.querySelector('#status').innerText.includes('Answered')",
+                                   timeout=240_000)
+            assert "1 box(es)" in _status(page)  # the query box, labelled with the predicted name
         finally:
             browser.close()
