@@ -109,7 +109,7 @@ def test_cli_smoke_on_cpu(tmp_path):
     from internvl.bench.cli import main
 
     rc = main(["--device", "cpu", "--preset", "tiny", "--sections", "train,pack,gen", "--batch", "1", "--seq", "330",
-               "--steps", "1", "--warmup", "1", "--pack-samples", "8", "--pack-batch", "4", "--row-len", "700", "--new-tokens", "3",
+               "--steps", "1", "--warmup", "1", "--pack-samples", "8", "--pack-batch", "4", "--row-len", "400", "--new-tokens", "3",
                "--gen-batches", "1", "--static-batches", "", "--plain-batches", "1", "--decode-backend", "none",
                "--out", str(tmp_path)])
     assert rc == 0
