@@ -403,3 +403,10 @@ def trim_after_eos(tokens: torch.Tensor, eos: list[int], pad_token_id: int) -> t
     needed = (~shifted).any(dim=0).nonzero()
     width = int(needed.max()) + 1 if needed.numel() else tokens.shape[1]
     return tokens[:, :width]
+
+
+def single_device(lm: nn.Module) -> bool:
+    """True when every weight of `lm` sits on one CUDA device (no device_map sharding, no CPU/disk offload): the
+    captured decode graph runs on one device."""
+    devices = {p.device for p in lm.parameters()}
+    return len(devices) == 1 and next(iter(devices)).type == "cuda"
