@@ -123,6 +123,12 @@ def test_upload_ask_text_to_region_and_get_boxes(demo_url: str, tmp_path: Path) 
             page.wait_for_function("document.querySelector('#status').innerText.includes('not_an_image.png')",
                                    timeout=60_000)
             assert "⚠" in _status(page)
+            notes = tmp_path / "notes.txt"
+            notes.write_text("a text file, not an image\n")
+            page.set_input_files("#upload input[type=file]", str(notes))
+            page.wait_for_function("document.querySelector('#status').innerText.includes('notes.txt')",
+                                   timeout=60_000)
+            assert "unsupported file type" in _status(page)
             page.fill("#objects textarea", "")
             page.click("#ask")  # the earlier image is still loaded: empty object list -> a message, no crash
             page.wait_for_function("document.querySelector('#status').innerText.includes('needs the name')",

@@ -33,6 +33,9 @@ def test_real_dicom_and_nifti_load(tmp_path: Path) -> None:
     ct = pydicom_data.get_testdata_file("CT_small.dcm", download=False)
     up = load_upload(ct)
     assert up.kind == "dicom" and up.image.size == (128, 128)
+    no_ext = tmp_path / "IM0001"  # DICOM files often come without an extension: found by the DICM magic
+    no_ext.write_bytes(Path(ct).read_bytes())
+    assert load_upload(no_ext).kind == "dicom"
     nib = pytest.importorskip("nibabel")
     vol = np.random.default_rng(0).integers(0, 1000, size=(20, 24, 16)).astype(np.int16)
     path = tmp_path / "v.nii.gz"

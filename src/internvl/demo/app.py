@@ -26,7 +26,6 @@ from PIL import Image
 from internvl.demo.drawing import draw_regions
 from internvl.demo.tasks import TASKS, build_prompt, follow_up_prompt
 from internvl.demo.uploads import (
-    ACCEPTED_SUFFIXES,
     MAX_UPLOAD_BYTES,
     UserInputError,
     box_from_drawing,
@@ -260,8 +259,10 @@ def build_app(engine: DemoEngine, examples: list[Example], *, title: str = "MedR
         session = gr.State(Session())
         with gr.Row():
             with gr.Column(scale=1):
+                # no client/gradio type filter: DICOM files often have no extension; load_upload checks the type
+                # (magic bytes, then ACCEPTED_SUFFIXES) and reports anything else in the page
                 upload = gr.File(label="Image file (PNG, JPEG, TIFF, DICOM, NIfTI)", file_count="single",
-                                 file_types=list(ACCEPTED_SUFFIXES), type="filepath", elem_id="upload")
+                                 type="filepath", elem_id="upload")
                 with gr.Row():
                     axis = gr.Dropdown(["axial", "coronal", "sagittal"], value="axial", label="NIfTI plane",
                                        elem_id="axis")
