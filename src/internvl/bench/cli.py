@@ -304,7 +304,7 @@ def fmt_table(res: dict) -> str:
     real = res.get("real")
     if real:
         lines.append(f"\n== real MedRegA shape ({real['params'] / 1e9:.2f}B params, bf16, 1 GPU; built in "
-                     f"{real['build_s']:.1f}s) ==")
+                     f"{real['build_s']:.1f}s; {real.get('path', '')}) ==")
         for c in real["cases"]:
             lines.append(f"batch_chat batch {c['batch']}: {c['tokens_per_s']:.1f} tok/s, TTFT {c['ttft_ms']:.0f} ms, "
                          f"{c['decode_ms_per_step']:.1f} ms/step, peak {c['peak_mem_gib']:.1f} GiB")

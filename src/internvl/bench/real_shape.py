@@ -62,8 +62,10 @@ def run_real_shape(*, batches=(1, 8), new_tokens: int = 128, device: str = "cuda
     build_s = time.perf_counter() - t0
     n_params = sum(p.numel() for p in model.parameters())
     weights_gib = torch.cuda.memory_allocated() / 2**30 if cuda else float("nan")
+    path = ("batch_chat -> static-cache greedy decoder (model.fast_generate)" if hasattr(model, "fast_generate")
+            else "batch_chat -> transformers generate (dynamic cache)")
     out = {"preset": preset, "params": n_params, "build_s": build_s, "weights_gib": weights_gib,
-           "decode_backend": decode_backend, "cases": []}
+           "decode_backend": decode_backend, "path": path, "cases": []}
     with tempfile.TemporaryDirectory() as tmp:
         tok = bench_tokenizer(Path(tmp))
     size = config.force_image_size or config.vision_config.image_size
