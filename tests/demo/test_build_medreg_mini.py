@@ -12,7 +12,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
 
-import medreg_mini_sources as src  # noqa: E402
+import medreg_mini_sources as src
 
 HAVE_MRICRON = (src.MRICRON_DIR / "aal.nii.gz").is_file()
 HAVE_CRANIUM = src.CRANIUM_INV3.is_file()
@@ -82,14 +82,13 @@ def test_head_masks_drop_the_head_holder() -> None:
 
 @pytest.mark.skipif(not HAVE_MRICRON, reason="Debian mricron-data not installed (scripts/ci_setup_browser.sh)")
 def test_brain_slices_match_the_toolkit_orientation_and_build_valid_records(tmp_path: Path) -> None:
+    import build_medreg_mini as builder
+
     from internvl.data.images import volume_slice
     from internvl.data.records import RecordChecker
 
-    import build_medreg_mini as builder
-
     items = list(src.brain_items(step=45))
     assert {it.plane for it in items} == {"axial", "coronal", "sagittal"}
-    axis = {"axial": 2, "coronal": 1, "sagittal": 0}
     for it in items:
         index = int(it.name.rsplit("_", 1)[1])
         values, _ = volume_slice(src.MRICRON_DIR / "aal.nii.gz", axis=it.plane, slice_index=index)

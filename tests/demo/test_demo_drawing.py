@@ -31,7 +31,7 @@ def test_box_outline_is_drawn_at_grid_position() -> None:
 
 def test_multiple_regions_get_distinct_colours_and_all_boxes() -> None:
     regions = [Region("a", [Box(10, 10, 100, 100), Box(500, 500, 600, 600)]), Region("b", [Box(700, 100, 900, 300)])]
-    out, drawn = draw_regions(_grey(300, 300), regions, min_side=300)
+    _, drawn = draw_regions(_grey(300, 300), regions, min_side=300)
     assert [d.label for d in drawn] == ["a", "a", "b"]
     assert drawn[0].color == drawn[1].color != drawn[2].color
 

@@ -34,7 +34,7 @@ from internvl.demo.uploads import (
 )
 from internvl.regions import Box, Region, parse_regions
 
-__all__ = ["DemoEngine", "Example", "load_examples", "build_app", "ask"]
+__all__ = ["DemoEngine", "Example", "ask", "build_app", "load_examples"]
 
 log = logging.getLogger("medrega.demo")
 

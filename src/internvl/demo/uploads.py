@@ -22,13 +22,13 @@ __all__ = [
     "ACCEPTED_SUFFIXES",
     "MAX_UPLOAD_BYTES",
     "MAX_UPLOAD_PIXELS",
-    "UserInputError",
     "LoadedUpload",
-    "load_upload",
-    "check_question",
-    "parse_typed_box",
+    "UserInputError",
     "box_from_drawing",
     "box_json",
+    "check_question",
+    "load_upload",
+    "parse_typed_box",
 ]
 
 ACCEPTED_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", ".dcm", ".dicom",
