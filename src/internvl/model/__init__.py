@@ -8,6 +8,7 @@ from transformers import AutoConfig, AutoModel
 from .configuration_intern_vit import InternVisionConfig
 from .configuration_internvl_chat import InternVLChatConfig
 from .modeling_intern_vit import InternVisionModel
+from .loading import CheckpointError, build_on_meta, count_parameters, load_pretrained
 from .modeling_internvl_chat import ImageTokenMismatchError, InternVLChatModel, pixel_shuffle
 from .presets import list_presets, load_preset
 
@@ -17,12 +18,16 @@ AutoModel.register(InternVisionConfig, InternVisionModel, exist_ok=True)
 AutoModel.register(InternVLChatConfig, InternVLChatModel, exist_ok=True)
 
 __all__ = [
+    "CheckpointError",
     "ImageTokenMismatchError",
     "InternVLChatConfig",
     "InternVLChatModel",
     "InternVisionConfig",
     "InternVisionModel",
+    "build_on_meta",
+    "count_parameters",
     "list_presets",
     "load_preset",
+    "load_pretrained",
     "pixel_shuffle",
 ]
