@@ -62,6 +62,13 @@ class ModelArguments:
     attn_implementation: str = field(
         default="sdpa", metadata={"help": "LLM attention: sdpa | eager | flash_attention_2 (if installed)."}
     )
+    fused_lm_loss: bool = field(
+        default=True,
+        metadata={"help": "Compute the LM head + cross-entropy only on supervised positions, chunk by chunk "
+                          "(internvl.ops.causal_lm_loss; liger kernel on CUDA when installed) instead of building "
+                          "[batch, seq, vocab] logits. Falls back to the plain loss when the LM head is LoRA-wrapped "
+                          "or ZeRO-3-partitioned."},
+    )
     model_dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
         default="auto",
         metadata={"help": "dtype the weights are loaded in; auto = float32 (the Trainer/DeepSpeed handle bf16 "

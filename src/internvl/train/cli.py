@@ -141,6 +141,7 @@ def train(model_args: ModelArguments, data_args: DataTrainingArguments,
         processing_class=built.tokenizer,
         group_by_length=data_args.group_by_length,
         base_model=built.base_model_dir,
+        fused_lm_loss=model_args.fused_lm_loss,
     )
     result = trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(output_dir)

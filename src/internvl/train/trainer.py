@@ -27,6 +27,7 @@ from torch.utils.data import Sampler
 from transformers import Trainer, TrainerCallback
 
 from internvl.constants import IGNORE_INDEX
+from internvl.ops import causal_lm_loss, fused_head_supported
 from internvl.train import checkpoint as ckpt
 from internvl.train.lora import has_lora, load_original_keys, save_lora_run, NON_LORA_FILENAME, LORA_PARTS
 
@@ -100,15 +101,17 @@ class DatasetEpochCallback(TrainerCallback):
 class MedRegTrainer(Trainer):
     """Trainer with per-token loss over the accumulated batch, atomic checkpoints, LoRA saving, throughput logs.
 
-    Extra constructor arguments: `group_by_length` (use the dataset's `lengths`), `base_model` (recorded in LoRA runs).
+    Extra constructor arguments: `group_by_length` (use the dataset's `lengths`), `base_model` (recorded in LoRA runs),
+    `fused_lm_loss` (LM head + cross-entropy on supervised positions only, in chunks; same loss, far less memory).
     """
 
     loss_is_scaled_for_ga = True
 
     def __init__(self, *args: Any, group_by_length: bool = False, base_model: str | None = None,
-                 **kwargs: Any) -> None:
+                 fused_lm_loss: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.group_by_length = group_by_length
+        self.fused_lm_loss = fused_lm_loss
         self.base_model = base_model
         self._tokens_seen = 0
         self._samples_seen = 0
@@ -158,9 +161,18 @@ class MedRegTrainer(Trainer):
                 self._samples_seen += int((inputs["position_ids"] == 0).sum())
             else:
                 self._samples_seen += int(inputs["input_ids"].shape[0])
-        outputs = model(**model_inputs)
-        logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
-        loss_sum = token_loss_sum(logits, labels, loss_weight)
+        lm_head = self._fused_head()
+        if lm_head is not None:
+            # Only the last position's logits are built; the loss runs the LM head on supervised positions in chunks
+            # (internvl.ops.causal_lm_loss), so no [B, L, V] logits are kept for backward.
+            outputs = model(**model_inputs, output_hidden_states=True, logits_to_keep=1)
+            hidden = outputs["hidden_states"][-1]
+            mean = causal_lm_loss(hidden, lm_head, labels, loss_weight=loss_weight)
+            loss_sum = mean * count_loss_items(inputs).to(mean.device)
+        else:
+            outputs = model(**model_inputs)
+            logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+            loss_sum = token_loss_sum(logits, labels, loss_weight)
         if num_items_in_batch is None:
             denom = count_loss_items(inputs).to(loss_sum.device)
             scale = 1.0
@@ -169,6 +181,16 @@ class MedRegTrainer(Trainer):
             scale = float(self.accelerator.num_processes) if self.args.world_size > 1 else 1.0
         loss = loss_sum / denom.clamp_min(1.0) * scale
         return (loss, outputs) if return_outputs else loss
+
+    def _fused_head(self) -> nn.Module | None:
+        """The LM head for the fused loss, or None for the plain path (switched off, LM head wrapped by PEFT or
+        partitioned by ZeRO-3, or a model without a separate head)."""
+        if not self.fused_lm_loss:
+            return None
+        language_model = getattr(self.model, "language_model", self.model)
+        get_head = getattr(language_model, "get_output_embeddings", None)
+        head = get_head() if get_head is not None else None
+        return head if head is not None and fused_head_supported(head) else None
 
     # ---- logging ---------------------------------------------------------------------------------------------
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:

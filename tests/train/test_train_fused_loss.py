@@ -1,0 +1,56 @@
+"""The trainer's fused LM-head loss (head + CE on supervised positions only, chunked) gives the same loss and
+gradients as the plain full-logits loss on the tiny preset, with and without packing weights, and is skipped when the
+head is wrapped."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from internvl.data.collate import PackedCollator, pad_collate
+from internvl.data.dataset import build_training_dataset
+from internvl.train.arguments import DataTrainingArguments, MedRegTrainingArguments, ModelArguments
+from internvl.train.build import build_model_and_tokenizer
+from internvl.train.trainer import MedRegTrainer
+
+from .square_task import write_square_dataset
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed-square"])
+def test_fused_loss_matches_plain(tmp_path, tiny_tokenizer_dir, packed):
+    meta = write_square_dataset(tmp_path / "data", n=4, seed=5)
+    torch.manual_seed(0)
+    built = build_model_and_tokenizer(
+        ModelArguments(preset="tiny", tokenizer_path=str(tiny_tokenizer_dir), grad_checkpoint=False),
+        DataTrainingArguments(meta_path=str(meta)))
+    dataset = build_training_dataset(meta, tokenizer=built.tokenizer, config=built.model.config)
+    items = [dataset[i] for i in range(4)]
+    batch = PackedCollator(max_packed_tokens=512, loss_reduction="square")(items) if packed else pad_collate(items)
+    args = MedRegTrainingArguments(output_dir=str(tmp_path / "o"), use_cpu=True, report_to="none")
+    results = []
+    for fused in (False, True):
+        model = copy.deepcopy(built.model).train()
+        trainer = MedRegTrainer(model=model, args=args, fused_lm_loss=fused)
+        assert (trainer._fused_head() is not None) == fused
+        loss = trainer.compute_loss(model, dict(batch), num_items_in_batch=torch.tensor(17.0))
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (plain, plain_grads), (fused, fused_grads) = results
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-6)
+    assert plain_grads.keys() == fused_grads.keys()
+    for name in plain_grads:
+        torch.testing.assert_close(fused_grads[name], plain_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_fused_loss_is_skipped_for_a_wrapped_head(tmp_path, tiny_tokenizer_dir):
+    from peft import LoraConfig, get_peft_model
+
+    built = build_model_and_tokenizer(
+        ModelArguments(preset="tiny", tokenizer_path=str(tiny_tokenizer_dir), grad_checkpoint=False),
+        DataTrainingArguments(meta_path="unused.json"))
+    built.model.language_model = get_peft_model(built.model.language_model,
+                                                LoraConfig(r=2, target_modules=["lm_head"]))
+    trainer = MedRegTrainer(model=built.model, fused_lm_loss=True,
+                            args=MedRegTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none"))
+    assert trainer._fused_head() is None
