@@ -185,6 +185,11 @@ def build_model_and_tokenizer(model_args: ModelArguments, data_args: DataTrainin
 
 def resize_position_embeddings(model: nn.Module, new_size: int) -> None:
     """Change the tile size of a loaded model: bicubic-resize the ViT position grid once and update the config."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if is_deepspeed_zero3_enabled():
+        raise ValueError(f"cannot resize the ViT position grid to {new_size} under ZeRO-3 (partitioned weights); "
+                         "resize once without ZeRO-3 and save that checkpoint")
     vision = model.vision_model
     if not hasattr(vision, "resize_pos_embeddings"):
         raise ValueError(f"{type(vision).__name__} cannot resize its position embeddings to {new_size}")
@@ -192,3 +197,4 @@ def resize_position_embeddings(model: nn.Module, new_size: int) -> None:
     vision.resize_pos_embeddings(old_size=old, new_size=new_size, patch_size=model.config.vision_config.patch_size)
     model.config.vision_config.image_size = new_size
     model.config.force_image_size = new_size
+    model.num_image_token = model.config.num_image_token
