@@ -14,8 +14,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from internvl.model.hf_conversion import ConversionError, convert_checkpoint_to_hf  # noqa: E402
-from internvl.model.loading import CheckpointError  # noqa: E402
+from internvl.model.hf_conversion import ConversionError, convert_checkpoint_to_hf
+from internvl.model.loading import CheckpointError
 
 
 def main(argv: list[str] | None = None) -> int:

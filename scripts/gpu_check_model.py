@@ -17,17 +17,19 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "src"), str(ROOT / "tests")]
 
-import torch  # noqa: E402
+import torch
 
-from internvl.constants import IMG_CONTEXT_TOKEN  # noqa: E402
-from internvl.model import InternVLChatModel, load_preset  # noqa: E402
-from internvl.model.loading import count_parameters, load_pretrained  # noqa: E402
+from internvl.constants import IMG_CONTEXT_TOKEN
+from internvl.model import InternVLChatModel, load_preset
+from internvl.model.loading import count_parameters, load_pretrained
 
 
 def sync(device: str) -> None:
@@ -163,7 +165,10 @@ def parity_check(model: InternVLChatModel, tokenizer, device: str) -> dict:
     """fp32 copy with ps_version v2 vs transformers' native InternVLForConditionalGeneration on the same device."""
     from transformers import InternVLForConditionalGeneration
 
-    from internvl.model.hf_conversion import convert_config_to_hf, convert_state_dict_to_hf
+    from internvl.model.hf_conversion import (
+        convert_config_to_hf,
+        convert_state_dict_to_hf,
+    )
 
     config = InternVLChatModel.config_class(**model.config.to_dict())
     config.ps_version = "v2"
@@ -196,7 +201,7 @@ def device_map_check(model, tokenizer, ckpt: Path, device: str) -> dict:
     for label, kwargs in variants:
         try:
             results[label] = _load_and_compare(ckpt, tokenizer, model, kwargs, pixel_values, ids, ref)
-        except Exception as exc:  # keep the other variant's result
+        except Exception as exc:  # noqa: BLE001 (keep the other variant's result)
             results[label] = {"error": f"{type(exc).__name__}: {exc}"}
         reset_peak(device)
     return results
@@ -227,7 +232,7 @@ def quantized_check(ckpt: Path, tokenizer, device: str, reference: torch.Tensor,
         with torch.no_grad():
             got = model(pixel_values=pixel_values, input_ids=ids).logits.float().cpu()
         gen = dict(max_new_tokens=32, min_new_tokens=32, do_sample=False)
-        seconds = timed(lambda: model.chat(tokenizer, pixel_values[:1], "Where is the liver?", gen), device, 1, 2)
+        seconds = timed(partial(model.chat, tokenizer, pixel_values[:1], "Where is the liver?", gen), device, 1, 2)
         results[label] = {
             "memory_footprint_gib": model.get_memory_footprint() / 2**30, "peak_memory_gib": peak_gib(device),
             "relative_logit_error_vs_bf16": ((got - reference).norm() / reference.norm()).item(),
@@ -252,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         try:
             report[name] = fn()
-        except Exception as exc:  # recorded, next section still runs
+        except Exception as exc:  # noqa: BLE001 (diagnostic run: record any failure, run the next section)
             report["errors"][name] = f"{type(exc).__name__}: {exc}\n{traceback.format_exc()[-2000:]}"
         print(f"[{time.perf_counter() - start:7.1f}s] {name}: {json.dumps(report.get(name), default=str)[:600]}",
               flush=True)
@@ -270,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         stub.fixture = lambda *a, **k: (a[0] if a and callable(a[0]) else (lambda f: f))
         sys.modules["pytest"] = stub
     from fixtures.tokenizer import build_tiny_tokenizer_dir
+
     from internvl.tokenization import load_tokenizer
 
     section("environment", lambda: {
@@ -284,26 +290,25 @@ def main(argv: list[str] | None = None) -> int:
     presets = ["tiny"] if args.quick else ["tiny", "mid"]
     for name in presets:
         model = build(name, tokenizer, args.device)
-        section(f"{name}_params", lambda: count_parameters(model))
         big = name == "mid" and not args.quick
-        bs, seq = (8, 1024) if big else (4, 64)
-        iters = 10 if big else 5
-        section(f"{name}_train_step_ckpt", lambda: train_step_check(model, tokenizer, args.device, bs, seq, True,
-                                                                  iters, tflops))
-        section(f"{name}_train_step", lambda: train_step_check(model, tokenizer, args.device, bs, seq, False,
-                                                             iters, tflops))
-        section(f"{name}_chat", lambda: chat_check(model, tokenizer, args.device, 64 if big else 16, 8,
-                                                   base["seconds"] if base else float("nan")))
+        bs, seq, iters = (8, 1024, 10) if big else (4, 64, 5)
+        section(f"{name}_params", partial(count_parameters, model))
+        section(f"{name}_train_step_ckpt",
+                partial(train_step_check, model, tokenizer, args.device, bs, seq, True, iters, tflops))
+        section(f"{name}_train_step",
+                partial(train_step_check, model, tokenizer, args.device, bs, seq, False, iters, tflops))
+        section(f"{name}_chat", partial(chat_check, model, tokenizer, args.device, 64 if big else 16, 8,
+                                        base["seconds"] if base else float("nan")))
         if name == presets[-1]:
-            section(f"{name}_hf_parity", lambda: parity_check(model, tokenizer, args.device))
+            section(f"{name}_hf_parity", partial(parity_check, model, tokenizer, args.device))
             ckpt = tmp / f"{name}_ckpt"
-            section(f"{name}_device_map", lambda: device_map_check(model, tokenizer, ckpt, args.device))
+            section(f"{name}_device_map", partial(device_map_check, model, tokenizer, ckpt, args.device))
             if _version("bitsandbytes") and args.device.startswith("cuda"):
                 pixel_values, ids, _, _ = batch(model, tokenizer, 1, 384, args.device)
                 with torch.no_grad():
                     ref = model(pixel_values=pixel_values, input_ids=ids).logits.float().cpu()
-                section(f"{name}_quantized", lambda: quantized_check(ckpt, tokenizer, args.device, ref,
-                                                                      (pixel_values, ids)))
+                section(f"{name}_quantized",
+                        partial(quantized_check, ckpt, tokenizer, args.device, ref, (pixel_values, ids)))
         del model
         reset_peak(args.device)
     print(json.dumps(report["errors"], indent=2)[:3000])
@@ -313,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
 def _version(module: str) -> str | None:
     try:
         return __import__(module).__version__
-    except Exception:
+    except Exception:  # noqa: BLE001 (missing or broken optional package: report None)
         return None
 
 

@@ -3,8 +3,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from internvl.constants import IGNORE_INDEX, IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN
-from internvl.model import ImageTokenMismatchError, InternVLChatConfig, InternVLChatModel
+from internvl.constants import (
+    IGNORE_INDEX,
+    IMG_CONTEXT_TOKEN,
+    IMG_END_TOKEN,
+    IMG_START_TOKEN,
+)
+from internvl.model import (
+    ImageTokenMismatchError,
+    InternVLChatConfig,
+    InternVLChatModel,
+)
 
 
 def _prompt_ids(tokenizer, n_tiles: int, num_image_token: int, text: str = "Where is the liver?") -> torch.Tensor:

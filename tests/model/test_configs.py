@@ -2,9 +2,9 @@
 import json
 
 import pytest
+from fixtures.model import released_style_config_dict
 from transformers import AutoConfig, LlamaConfig
 
-from fixtures.model import released_style_config_dict
 from internvl.model import InternVisionConfig, InternVLChatConfig
 
 

@@ -4,10 +4,10 @@ import json
 
 import pytest
 import torch
+from fixtures.model import released_style_config_dict
 from safetensors.torch import save_file
 from transformers import AutoModel
 
-from fixtures.model import released_style_config_dict
 from internvl.model import InternVLChatConfig, InternVLChatModel
 from internvl.model.loading import (
     CheckpointError,

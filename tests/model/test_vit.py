@@ -59,7 +59,7 @@ def _reference_forward(model: InternVisionModel, pixel_values: torch.Tensor) -> 
     cfg = model.config
     emb = model.embeddings
     x = F.conv2d(pixel_values, emb.patch_embedding.weight, emb.patch_embedding.bias, stride=cfg.patch_size)
-    b, c, h, w = x.shape
+    b, c = x.shape[:2]
     x = x.flatten(2).transpose(1, 2)
     x = torch.cat([emb.class_embedding.expand(b, 1, -1), x], dim=1) + emb.position_embedding
     heads, d = cfg.num_attention_heads, cfg.hidden_size // cfg.num_attention_heads

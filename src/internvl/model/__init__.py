@@ -7,9 +7,13 @@ from transformers import AutoConfig, AutoModel
 
 from .configuration_intern_vit import InternVisionConfig
 from .configuration_internvl_chat import InternVLChatConfig
-from .modeling_intern_vit import InternVisionModel
 from .loading import CheckpointError, build_on_meta, count_parameters, load_pretrained
-from .modeling_internvl_chat import ImageTokenMismatchError, InternVLChatModel, pixel_shuffle
+from .modeling_intern_vit import InternVisionModel
+from .modeling_internvl_chat import (
+    ImageTokenMismatchError,
+    InternVLChatModel,
+    pixel_shuffle,
+)
 from .presets import list_presets, load_preset
 
 AutoConfig.register(InternVisionConfig.model_type, InternVisionConfig, exist_ok=True)

@@ -10,7 +10,7 @@ Field names, defaults and quirks follow the original `configuration_internvl_cha
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
@@ -74,7 +74,7 @@ class InternVLChatConfig(PreTrainedConfig):
 
     model_type = "internvl_chat"
     # Built by hand in __post_init__ (works the same on every transformers 5.x).
-    sub_configs = {"vision_config": InternVisionConfig, "llm_config": AutoConfig}
+    sub_configs: ClassVar[dict[str, type]] = {"vision_config": InternVisionConfig, "llm_config": AutoConfig}
 
     vision_config: dict | PreTrainedConfig | None = None
     llm_config: dict | PreTrainedConfig | None = None

@@ -182,7 +182,7 @@ def convert_checkpoint_to_hf(
     for file in files:
         converted: dict[str, torch.Tensor] = {}
         with safe_open(str(file), framework="pt") as handle:
-            for key in handle.keys():
+            for key in handle.keys():  # noqa: SIM118 (safe_open handle, not a dict)
                 for new_key, tensor in convert_key(key, handle.get_tensor(key)):
                     converted[new_key] = tensor.contiguous()
         save_file(converted, str(dst / file.name), metadata={"format": "pt"})
