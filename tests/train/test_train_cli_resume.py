@@ -54,7 +54,7 @@ def losses(output_dir: Path) -> dict[int, float]:
 @pytest.mark.parametrize("variant", [[], ["--use_llm_lora", "4", "--freeze_llm", "True", "--freeze_backbone", "True"]],
                          ids=["full", "lora"])
 def test_sigkill_and_resume_reaches_the_same_loss(tmp_path, tiny_tokenizer_dir, square_meta, variant):
-    steps = 24
+    steps = 16
     straight = tmp_path / "straight"
     result = run_cli(cli_args(straight, tiny_tokenizer_dir, square_meta, steps, "--report_to", "none", *variant),
                      tmp_path / "straight.log")
