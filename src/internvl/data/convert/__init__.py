@@ -13,18 +13,25 @@ PNG, NIfTI, DICOM SEG), ``classification`` (class folders or CSV), ``vqa`` (SLAK
 from __future__ import annotations
 
 import argparse
+import csv
+import gzip
 import json
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import import_module
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
-from internvl.data.prompts import LANGS
+from internvl.data.prompts import LANGS, PromptError, build_record
 from internvl.data.records import RecordChecker, RecordProblem
 
-__all__ = ["CONVERTERS", "ConvertError", "ConvertReport", "add_common_arguments", "finish", "get_converter", "write_jsonl"]
+__all__ = [
+    "CONVERTERS", "ConvertError", "ConvertReport", "add_common_arguments", "build_or_skip", "build_records", "check_task",
+    "common_options", "finish", "finish_report", "get_converter", "open_text", "read_csv", "read_json",
+    "write_jsonl", "write_output",
+]
 
 #: format name -> module (imported lazily so that the CLI starts fast)
 CONVERTERS: dict[str, str] = {
@@ -108,6 +115,100 @@ def finish(
             continue
         kept.append(record)
     return kept
+
+
+def finish_report(
+    items: Iterable[tuple[str, int, dict]],
+    report: ConvertReport,
+    *,
+    image_root: str | Path | None,
+    image_check: str = "exists",
+) -> tuple[list[dict], ConvertReport]:
+    """:func:`finish` plus ``report.written``: the ``(records, report)`` every ``convert_*`` function returns."""
+    records = finish(items, report, image_root=image_root, image_check=image_check)
+    report.written = len(records)
+    return records, report
+
+
+def write_output(records: list[dict], report: ConvertReport, out: str | Path) -> ConvertReport:
+    """Write the records to ``out`` (jsonl) and note it in the report; the end of every converter's ``run``."""
+    write_jsonl(records, out)
+    report.output = out
+    return report
+
+
+def build_or_skip(
+    report: ConvertReport, file: str | Path, line: int, task: str, lang: str, *, context: str = "", **fields: Any
+) -> dict | None:
+    """:func:`~internvl.data.prompts.build_record`, or ``None`` with a ``bad-record`` skip (message ``context + error``)."""
+    try:
+        return build_record(task, lang, **fields)
+    except PromptError as exc:
+        report.skip(file, line, "bad-record", f"{context}{exc}")
+        return None
+
+
+def build_records(
+    report: ConvertReport, file: str | Path, line: int, lang: str, builds: Iterable[dict[str, Any]], **common: Any
+) -> list[dict]:
+    """Build the records of one input item (each of ``builds`` is ``task=`` plus fields, merged with ``common``).
+
+    The first :class:`~internvl.data.prompts.PromptError` ends the item: it is counted once, as one ``bad-record``
+    at ``file:line`` (see :func:`build_or_skip` for ``context=``), and the records built before it are returned.
+    """
+    records = []
+    for fields in builds:
+        record = build_or_skip(report, file, line, lang=lang, **fields, **common)
+        if record is None:
+            break
+        records.append(record)
+    return records
+
+
+def check_task(task: str, tasks: Sequence[str]) -> None:
+    """Raise :class:`ConvertError` unless ``task`` is one of the converter's ``tasks``."""
+    if task not in tasks:
+        raise ConvertError(f"task must be one of {tasks}, got {task!r}")
+
+
+def read_json(path: Path, what: str) -> Any:
+    """The parsed JSON document at ``path``; :class:`ConvertError` ``"FILE:0: cannot read <what>: ..."`` if not."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConvertError(f"{path}:0: cannot read {what}: {exc}") from exc
+
+
+def open_text(path: Path) -> IO[str]:
+    """Open a CSV for reading, transparently gunzipping ``*.gz`` (e.g. ``vinbigdata-train.csv.gz``)."""
+    if path.suffix == ".gz":
+        return gzip.open(path, "rt", newline="", encoding="utf-8")
+    return open(path, newline="", encoding="utf-8")
+
+
+@contextmanager
+def read_csv(path: Path, required: Sequence[str], *, gunzip: bool = False) -> Iterator[csv.DictReader]:
+    """A ``csv.DictReader`` over ``path`` (``*.gz`` too with ``gunzip``) whose header has every ``required`` column.
+
+    Raises :class:`ConvertError` ``FILE:0`` if the file cannot be opened, ``FILE:1`` naming missing columns.
+    """
+    try:
+        fh = open_text(path) if gunzip else open(path, newline="", encoding="utf-8")
+    except OSError as exc:
+        raise ConvertError(f"{path}:0: cannot open CSV: {exc}") from exc
+    with fh:
+        reader = csv.DictReader(fh)
+        header = reader.fieldnames or []
+        missing = [c for c in required if c not in header]
+        if missing:
+            raise ConvertError(f"{path}:1: missing column(s) {missing}; found {header}")
+        yield reader
+
+
+def common_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The keyword arguments every ``convert_*`` function takes from :func:`add_common_arguments`'s options."""
+    return {"lang": args.lang, "image_root": args.image_root, "image_check": args.image_check,
+            "id_prefix": args.id_prefix, "include_base_prompt": not args.no_base_prompt}
 
 
 def add_common_arguments(parser: argparse.ArgumentParser, *, tasks: list[str], default_task: str) -> None:

@@ -13,12 +13,20 @@ such as '"No finding" means no diseases are detected.'.
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 from pathlib import Path
 
-from internvl.data.convert import ConvertError, ConvertReport, add_common_arguments, finish, write_jsonl
-from internvl.data.prompts import PromptError, build_record
+from internvl.data.convert import (
+    ConvertError,
+    ConvertReport,
+    add_common_arguments,
+    build_or_skip,
+    check_task,
+    common_options,
+    finish_report,
+    read_csv,
+    write_output,
+)
 
 NAME = "classification"
 HELP = "class folders or a label CSV -> classify_single / classify_multi records"
@@ -61,17 +69,12 @@ def convert_folders(
                 report.skip(path, 0, "not-an-image", f"unsupported file type {path.suffix!r}")
                 continue
             rel = os.path.relpath(path, root)
-            try:
-                record = build_record("classify_single", lang, id=f"{id_prefix}{rel}", image=rel, modality=modality,
-                                      options=options, label=label, target=target, notes=notes,
-                                      include_base_prompt=include_base_prompt)
-            except PromptError as exc:
-                report.skip(path, 0, "bad-record", str(exc))
-                continue
-            items.append((str(root / label), number, record))
-    records = finish(items, report, image_root=root, image_check=image_check)
-    report.written = len(records)
-    return records, report
+            record = build_or_skip(report, path, 0, "classify_single", lang, id=f"{id_prefix}{rel}", image=rel,
+                                   modality=modality, options=options, label=label, target=target, notes=notes,
+                                   include_base_prompt=include_base_prompt)
+            if record is not None:
+                items.append((str(root / label), number, record))
+    return finish_report(items, report, image_root=root, image_check=image_check)
 
 
 def _flag(value: str | None) -> bool | None:
@@ -103,24 +106,13 @@ def convert_csv(
     include_base_prompt: bool = True,
 ) -> tuple[list[dict], ConvertReport]:
     """A label CSV -> records; see the module docstring for the column layouts."""
-    if task not in TASKS:
-        raise ConvertError(f"task must be one of {TASKS}, got {task!r}")
+    check_task(task, TASKS)
     if task == "classify_single" and (label_columns or separator):
         raise ConvertError("one-hot label columns and separators are for classify_multi")
     path = Path(path)
     file = str(path)
     report = ConvertReport(source=f"classification {file}")
-    try:
-        fh = open(path, newline="", encoding="utf-8")
-    except OSError as exc:
-        raise ConvertError(f"{file}:0: cannot open CSV: {exc}") from exc
-    with fh:
-        reader = csv.DictReader(fh)
-        header = reader.fieldnames or []
-        needed = [image_column] + (label_columns or [label_column or ""])
-        missing = [c for c in needed if c not in header]
-        if missing:
-            raise ConvertError(f"{file}:1: missing column(s) {missing}; found {header}")
+    with read_csv(path, [image_column] + (label_columns or [label_column or ""])) as reader:
         rows = []
         for row in reader:
             line = reader.line_num
@@ -162,16 +154,12 @@ def convert_csv(
             report.skip(file, line, "bad-label", f"single-label task but got {labels}")
             continue
         fields = dict(label=labels[0]) if task == "classify_single" else dict(labels=labels)
-        try:
-            record = build_record(task, lang, id=f"{id_prefix}{line}", image=image, modality=modality, options=options,
-                                  target=target, notes=notes, include_base_prompt=include_base_prompt, **fields)
-        except PromptError as exc:
-            report.skip(file, line, "bad-record", str(exc))
-            continue
-        items.append((file, line, record))
-    records = finish(items, report, image_root=image_root, image_check=image_check)
-    report.written = len(records)
-    return records, report
+        record = build_or_skip(report, file, line, task, lang, id=f"{id_prefix}{line}", image=image, modality=modality,
+                               options=options, target=target, notes=notes, include_base_prompt=include_base_prompt,
+                               **fields)
+        if record is not None:
+            items.append((file, line, record))
+    return finish_report(items, report, image_root=image_root, image_check=image_check)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -190,18 +178,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> ConvertReport:
     options = [o.strip() for o in args.options.split(",")] if args.options else None
-    common = dict(modality=args.modality, lang=args.lang, options=options, target=args.target, notes=args.notes,
-                  image_check=args.image_check, id_prefix=args.id_prefix, include_base_prompt=not args.no_base_prompt)
+    common = dict(modality=args.modality, options=options, target=args.target, notes=args.notes, **common_options(args))
     if Path(args.source).is_dir():
         if args.task != "classify_single":
             raise ConvertError("class folders give single-label data; use a CSV for classify_multi")
+        del common["image_root"]  # class folders are their own image root
         records, report = convert_folders(args.source, **common)
     else:
         records, report = convert_csv(
             args.source, task=args.task, image_column=args.image_column, label_column=args.label_column,
             label_columns=[c.strip() for c in args.label_columns.split(",")] if args.label_columns else None,
-            separator=args.separator, empty_label=args.empty_label, image_root=args.image_root, **common,
+            separator=args.separator, empty_label=args.empty_label, **common,
         )
-    write_jsonl(records, args.out)
-    report.output = args.out
-    return report
+    return write_output(records, report, args.out)

@@ -8,14 +8,23 @@ present (boxes of one category grouped under one ``<ref>``); ``region_to_text`` 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from internvl.data.convert import ConvertError, ConvertReport, add_common_arguments, finish, write_jsonl
-from internvl.data.prompts import PromptError, build_record
+from internvl.data.convert import (
+    ConvertError,
+    ConvertReport,
+    add_common_arguments,
+    build_or_skip,
+    build_records,
+    check_task,
+    common_options,
+    finish_report,
+    read_json,
+    write_output,
+)
 from internvl.regions import pixels_to_box
 
 NAME = "coco"
@@ -43,14 +52,10 @@ def convert_coco(
     include_base_prompt: bool = True,
 ) -> tuple[list[dict], ConvertReport]:
     """Convert a COCO detection file; returns ``(records, report)``. Raises :class:`ConvertError` if unusable."""
-    if task not in TASKS:
-        raise ConvertError(f"task must be one of {TASKS}, got {task!r}")
+    check_task(task, TASKS)
     path = Path(path)
     file = str(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ConvertError(f"{file}:0: cannot read COCO json: {exc}") from exc
+    data = read_json(path, "COCO json")
     if not isinstance(data, dict) or not all(isinstance(data.get(k), list) for k in ("images", "annotations", "categories")):
         raise ConvertError(f"{file}:0: expected an object with 'images', 'annotations' and 'categories' lists")
     report = ConvertReport(source=f"coco {file}")
@@ -115,27 +120,24 @@ def convert_coco(
         W, H = img["width"], img["height"]
         image = image_prefix + img["file_name"]
         common = dict(image=image, width=W, height=H, modality=modality, include_base_prompt=include_base_prompt)
-        try:
-            if task == "text_to_region":
-                grouped: dict[str, list] = {}
-                for _, name, xyxy in found:
-                    box = pixels_to_box(xyxy, W, H)
-                    if box in grouped.setdefault(name, []):
-                        report.skip(file, image_line[img_id], "duplicate-box", f"{name} box {box} repeated in {image!r}")
-                        continue
-                    grouped[name].append(box)
-                record = build_record("text_to_region", lang, id=f"{id_prefix}{img_id}", regions=grouped, **common)
+        if task == "text_to_region":
+            grouped: dict[str, list] = {}
+            for _, name, xyxy in found:
+                box = pixels_to_box(xyxy, W, H)
+                if box in grouped.setdefault(name, []):
+                    report.skip(file, image_line[img_id], "duplicate-box", f"{name} box {box} repeated in {image!r}")
+                    continue
+                grouped[name].append(box)
+            record = build_or_skip(report, file, image_line[img_id], "text_to_region", lang,
+                                   id=f"{id_prefix}{img_id}", regions=grouped, **common)
+            if record is not None:
                 items.append((file, image_line[img_id], record))
-            else:
-                for line, name, xyxy in found:
-                    record = build_record("region_to_text", lang, id=f"{id_prefix}{img_id}-{line}",
-                                          regions=[(name, [xyxy])], box_units="pixel", **common)
-                    items.append((file, line, record))
-        except PromptError as exc:
-            report.skip(file, image_line[img_id], "bad-record", str(exc))
-    records = finish(items, report, image_root=image_root, image_check=image_check)
-    report.written = len(records)
-    return records, report
+        else:
+            builds = [{"task": "region_to_text", "id": f"{id_prefix}{img_id}-{line}", "regions": [(name, [xyxy])],
+                       "box_units": "pixel"} for line, name, xyxy in found]
+            records = build_records(report, file, image_line[img_id], lang, builds, **common)
+            items += [(file, line, record) for (line, _, _), record in zip(found, records)]
+    return finish_report(items, report, image_root=image_root, image_check=image_check)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -146,11 +148,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> ConvertReport:
-    records, report = convert_coco(
-        args.annotation, task=args.task, lang=args.lang, modality=args.modality, image_prefix=args.image_prefix,
-        image_root=args.image_root, image_check=args.image_check, id_prefix=args.id_prefix,
-        include_base_prompt=not args.no_base_prompt,
-    )
-    write_jsonl(records, args.out)
-    report.output = args.out
-    return report
+    records, report = convert_coco(args.annotation, task=args.task, modality=args.modality,
+                                   image_prefix=args.image_prefix, **common_options(args))
+    return write_output(records, report, args.out)

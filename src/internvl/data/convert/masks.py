@@ -23,9 +23,17 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from internvl.data.convert import ConvertError, ConvertReport, add_common_arguments, finish, write_jsonl
+from internvl.data.convert import (
+    ConvertError,
+    ConvertReport,
+    add_common_arguments,
+    build_records,
+    check_task,
+    common_options,
+    finish_report,
+    write_output,
+)
 from internvl.data.images import ImageLoadError, detect_format, load_image, probe_image, volume_slice
-from internvl.data.prompts import PromptError, build_record
 from internvl.regions import pixels_to_box
 
 NAME = "masks"
@@ -245,8 +253,7 @@ def convert_masks(
     ``slice_step``-th slice containing a label). ``names`` maps label values to object names; values without a
     name are skipped and counted (DICOM SEG files bring their own names).
     """
-    if task not in TASKS:
-        raise ConvertError(f"task must be one of {TASKS}, got {task!r}")
+    check_task(task, TASKS)
     if slices not in ("middle", "labelled"):
         raise ConvertError(f"slices must be 'middle' or 'labelled', got {slices!r}")
     report = ConvertReport(source="masks")
@@ -318,21 +325,16 @@ def convert_masks(
             rel = os.path.relpath(target, root)
             common = dict(image=rel, width=width, height=height, modality=modality, include_base_prompt=include_base_prompt)
             base_id = f"{id_prefix}{_stem(mask_path)}" + ("" if index is None else f"-{axis}{index}")
-            try:
-                if task == "text_to_region":
-                    items.append((file, number, build_record("text_to_region", lang, id=base_id, regions=regions, **common)))
-                else:
-                    for name, region_boxes in regions:
-                        for k, box in enumerate(region_boxes if mode == "component" else [None]):
-                            chosen = [box] if box is not None else region_boxes
-                            items.append((file, number, build_record("region_to_text", lang, id=f"{base_id}-{name}-{k}",
-                                                                     regions=[(name, chosen)], **common)))
-            except PromptError as exc:
-                report.skip(file, line, "bad-record", str(exc))
+            if task == "text_to_region":
+                builds = [{"task": "text_to_region", "id": base_id, "regions": regions}]
+            else:
+                builds = [{"task": "region_to_text", "id": f"{base_id}-{name}-{k}",
+                           "regions": [(name, [box] if box is not None else region_boxes)]}
+                          for name, region_boxes in regions
+                          for k, box in enumerate(region_boxes if mode == "component" else [None])]
+            items += [(file, number, record) for record in build_records(report, file, line, lang, builds, **common)]
     # Without image_root the images were already read above; finish() then checks the records' structure only.
-    records = finish(items, report, image_root=image_root, image_check=image_check)
-    report.written = len(records)
-    return records, report
+    return finish_report(items, report, image_root=image_root, image_check=image_check)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -368,13 +370,10 @@ def run(args: argparse.Namespace) -> ConvertReport:
     except (OSError, ValueError) as exc:
         raise ConvertError(f"{args.names}: cannot read label names: {exc}") from exc
     records, report = convert_masks(
-        pairs, names=names, task=args.task, lang=args.lang, mode=args.mode, min_pixels=args.min_pixels,
+        pairs, names=names, task=args.task, mode=args.mode, min_pixels=args.min_pixels,
         modality=args.modality, axis=args.axis, slices=args.slices, slice_step=args.slice_step, window=window,
-        out_images=args.out_images, image_root=args.image_root, image_check=args.image_check,
-        id_prefix=args.id_prefix, include_base_prompt=not args.no_base_prompt,
+        out_images=args.out_images, **common_options(args),
     )
     for orphan in orphans:
         report.skip(orphan, 0, "no-matching-image", f"no image with stem {_stem(orphan)!r} in {images}")
-    write_jsonl(records, args.out)
-    report.output = args.out
-    return report
+    return write_output(records, report, args.out)

@@ -15,29 +15,30 @@ from __future__ import annotations
 
 import argparse
 import csv
-import gzip
 import math
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 
-from internvl.data.convert import ConvertError, ConvertReport, add_common_arguments, finish, write_jsonl
+from internvl.data.convert import (
+    ConvertError,
+    ConvertReport,
+    add_common_arguments,
+    build_records,
+    check_task,
+    common_options,
+    finish_report,
+    read_csv,
+    write_output,
+)
 from internvl.data.images import ImageLoadError, probe_image
-from internvl.data.prompts import PromptError, build_record
 
 NAME = "vindr"
 HELP = "VinDr-CXR-style per-radiologist box CSV -> text_to_region / region_to_text / classify_multi records"
 TASKS = ["text_to_region", "region_to_text", "classify_multi"]
 MERGES = ("none", "union", "fusion")
 REQUIRED_COLUMNS = ("image_id", "class_name", "x_min", "y_min", "x_max", "y_max")
-
-
-def open_text(path: Path):
-    """Open a CSV for reading, transparently gunzipping ``*.gz`` (e.g. ``vinbigdata-train.csv.gz``)."""
-    if path.suffix == ".gz":
-        return gzip.open(path, "rt", newline="", encoding="utf-8")
-    return open(path, newline="", encoding="utf-8")
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -133,8 +134,7 @@ def convert_vindr(
     include_base_prompt: bool = True,
 ) -> tuple[list[dict], ConvertReport]:
     """Convert a VinDr-style CSV; returns ``(records, report)``. Raises :class:`ConvertError` if unusable."""
-    if task not in TASKS:
-        raise ConvertError(f"task must be one of {TASKS}, got {task!r}")
+    check_task(task, TASKS)
     if merge not in MERGES:
         raise ConvertError(f"merge must be one of {MERGES}, got {merge!r}")
     needs_size = task != "classify_multi"
@@ -148,15 +148,7 @@ def convert_vindr(
     per_image: dict[str, dict[str, list[tuple[np.ndarray, str, int]]]] = {}
     first_line: dict[str, int] = {}
     classes: list[str] = []
-    try:
-        fh = open_text(path)
-    except OSError as exc:
-        raise ConvertError(f"{file}:0: cannot open CSV: {exc}") from exc
-    with fh:
-        reader = csv.DictReader(fh)
-        missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
-        if missing:
-            raise ConvertError(f"{file}:1: missing column(s) {missing}; found {reader.fieldnames}")
+    with read_csv(path, REQUIRED_COLUMNS, gunzip=True) as reader:
         for row in reader:
             line = reader.line_num
             image_id, name = (row["image_id"] or "").strip(), (row["class_name"] or "").strip()
@@ -212,31 +204,24 @@ def convert_vindr(
                 boxes = [np.clip(b, 0, [width, height, width, height]) for b in inside]
             if boxes:
                 merged[name] = [b.tolist() for b in boxes]
-        common = dict(image=image, width=width, height=height, modality=modality, include_base_prompt=include_base_prompt)
-        try:
-            if task == "classify_multi":
-                labels = sorted(merged) or [no_finding]
-                items.append((file, line, build_record("classify_multi", lang, id=f"{id_prefix}{image_id}",
-                                                       options=options, labels=labels,
-                                                       notes=[f'"{no_finding}" means no diseases are detected.'],
-                                                       **common)))
-            elif not merged:
-                report.skip(file, line, "no-finding", f"image {image_id} has no boxes")
-            elif task == "text_to_region":
-                regions = [(name, merged[name]) for name in sorted(merged)]
-                items.append((file, line, build_record("text_to_region", lang, id=f"{id_prefix}{image_id}",
-                                                       regions=regions, box_units="pixel", **common)))
-            else:
-                for name in sorted(merged):
-                    for k, box in enumerate(merged[name]):
-                        items.append((file, line, build_record("region_to_text", lang,
-                                                               id=f"{id_prefix}{image_id}-{name}-{k}",
-                                                               regions=[(name, [box])], box_units="pixel", **common)))
-        except PromptError as exc:
-            report.skip(file, line, "bad-record", f"image {image_id}: {exc}")
-    records = finish(items, report, image_root=image_root, image_check=image_check)
-    report.written = len(records)
-    return records, report
+        common = dict(image=image, width=width, height=height, modality=modality, include_base_prompt=include_base_prompt,
+                      context=f"image {image_id}: ")
+        if task == "classify_multi":
+            builds = [{"task": "classify_multi", "id": f"{id_prefix}{image_id}", "options": options,
+                       "labels": sorted(merged) or [no_finding],
+                       "notes": [f'"{no_finding}" means no diseases are detected.']}]
+        elif not merged:
+            report.skip(file, line, "no-finding", f"image {image_id} has no boxes")
+            continue
+        elif task == "text_to_region":
+            builds = [{"task": "text_to_region", "id": f"{id_prefix}{image_id}", "box_units": "pixel",
+                       "regions": [(name, merged[name]) for name in sorted(merged)]}]
+        else:
+            builds = [{"task": "region_to_text", "id": f"{id_prefix}{image_id}-{name}-{k}", "box_units": "pixel",
+                       "regions": [(name, [box])]}
+                      for name in sorted(merged) for k, box in enumerate(merged[name])]
+        items += [(file, line, record) for record in build_records(report, file, line, lang, builds, **common)]
+    return finish_report(items, report, image_root=image_root, image_check=image_check)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -255,11 +240,7 @@ def run(args: argparse.Namespace) -> ConvertReport:
     if not math.isfinite(args.iou) or not 0 < args.iou <= 1:
         raise ConvertError(f"--iou must be in (0, 1], got {args.iou}")
     records, report = convert_vindr(
-        args.csv, task=args.task, lang=args.lang, merge=args.merge, iou_threshold=args.iou, min_votes=args.min_votes,
-        sizes=args.sizes, image_ext=args.image_ext, image_root=args.image_root, image_check=args.image_check,
-        modality=args.modality, no_finding=args.no_finding, id_prefix=args.id_prefix,
-        include_base_prompt=not args.no_base_prompt,
+        args.csv, task=args.task, merge=args.merge, iou_threshold=args.iou, min_votes=args.min_votes, sizes=args.sizes,
+        image_ext=args.image_ext, modality=args.modality, no_finding=args.no_finding, **common_options(args),
     )
-    write_jsonl(records, args.out)
-    report.output = args.out
-    return report
+    return write_output(records, report, args.out)

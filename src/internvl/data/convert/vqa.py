@@ -12,12 +12,19 @@ Without ``answer_type`` a yes/no (是/否) answer counts as closed. The "line" o
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
-from internvl.data.convert import ConvertError, ConvertReport, add_common_arguments, finish, write_jsonl
-from internvl.data.prompts import PromptError, build_record
+from internvl.data.convert import (
+    ConvertError,
+    ConvertReport,
+    add_common_arguments,
+    build_or_skip,
+    common_options,
+    finish_report,
+    read_json,
+    write_output,
+)
 
 NAME = "vqa"
 HELP = "SLAKE / VQA-RAD-style VQA json -> vqa_open / vqa_closed / vqa_choice records"
@@ -57,10 +64,7 @@ def convert_vqa(
     """Convert a VQA json list; returns ``(records, report)``. Raises :class:`ConvertError` if unusable."""
     path = Path(path)
     file = str(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ConvertError(f"{file}:0: cannot read VQA json: {exc}") from exc
+    data = read_json(path, "VQA json")
     if not isinstance(data, list):
         raise ConvertError(f"{file}:0: expected a JSON list of question objects, got {type(data).__name__}")
     report = ConvertReport(source=f"vqa {file}")
@@ -102,16 +106,11 @@ def convert_vqa(
         else:
             task, extra = "vqa_open", {}
         qid = item.get("qid", number)
-        try:
-            record = build_record(task, lang, id=f"{id_prefix}{qid}", image=image_prefix + image, question=question,
-                                  answer=answer, include_base_prompt=include_base_prompt, **extra)
-        except PromptError as exc:
-            report.skip(file, number, "bad-record", str(exc))
-            continue
-        items.append((file, number, record))
-    records = finish(items, report, image_root=image_root, image_check=image_check)
-    report.written = len(records)
-    return records, report
+        record = build_or_skip(report, file, number, task, lang, id=f"{id_prefix}{qid}", image=image_prefix + image,
+                               question=question, answer=answer, include_base_prompt=include_base_prompt, **extra)
+        if record is not None:
+            items.append((file, number, record))
+    return finish_report(items, report, image_root=image_root, image_check=image_check)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -121,10 +120,5 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> ConvertReport:
-    records, report = convert_vqa(
-        args.annotation, lang=args.lang, image_prefix=args.image_prefix, image_root=args.image_root,
-        image_check=args.image_check, id_prefix=args.id_prefix, include_base_prompt=not args.no_base_prompt,
-    )
-    write_jsonl(records, args.out)
-    report.output = args.out
-    return report
+    records, report = convert_vqa(args.annotation, image_prefix=args.image_prefix, **common_options(args))
+    return write_output(records, report, args.out)
