@@ -65,6 +65,15 @@ def test_min_new_tokens_suppresses_eos(lm):
     assert torch.equal(out[:, : ref_min.shape[1]], ref_min)
 
 
+def test_unpadded_batch_matches_plain_generate(lm):
+    emb, _ = _prompts(seed=4)
+    mask = torch.ones(emb.shape[:2], dtype=torch.long)
+    ref = lm.generate(inputs_embeds=emb, attention_mask=mask, max_new_tokens=9, do_sample=False, eos_token_id=None,
+                      pad_token_id=0)
+    out = StaticGreedyDecoder(lm, compile_backend=None).generate(emb, mask, max_new_tokens=9)
+    assert torch.equal(out, ref)
+
+
 def test_decode_step_traces_fullgraph(lm):
     """backend='eager' runs dynamo with fullgraph=True: any data-dependent host code would raise here."""
     emb, mask = _prompts(batch=2, seed=3)

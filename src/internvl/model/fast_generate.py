@@ -261,12 +261,15 @@ class StaticGreedyDecoder:
         st.finished.zero_()
         st.min_new.fill_(min_new_tokens)
 
-        # Prefill (eager; prompt lengths vary): positions count real tokens only, like `generate` does.
+        # Prefill (eager; prompt lengths vary): positions count real tokens only, like `generate` does. Without
+        # padding no mask is passed, so SDPA runs causal flash attention over the prompt only (transformers slices the
+        # empty static cache) instead of a masked kernel over the whole cache length.
         am = attention_mask.to(torch.long)
         position_ids = (am.cumsum(-1) - 1).clamp(min=0)
+        padded = bool((am == 0).any())
         out = self.lm(
             inputs_embeds=inputs_embeds,
-            attention_mask=st.mask,
+            attention_mask=st.mask if padded else None,
             position_ids=position_ids,
             cache=st.cache,
             use_cache=True,
