@@ -85,14 +85,10 @@ class GenerationSettings:
 
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str | None:
-    """'bfloat16'/'bf16', 'float16'/'fp16', 'float32'/'fp32', 'auto' or a torch.dtype -> what from_pretrained takes."""
-    if dtype is None or isinstance(dtype, torch.dtype) or dtype == "auto":
-        return dtype
-    names = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
-             "half": torch.float16, "float32": torch.float32, "fp32": torch.float32, "float": torch.float32}
-    if dtype not in names:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(names)} or 'auto'")
-    return names[dtype]
+    """`internvl.model.loading.resolve_dtype` (imported on first use: the model package is slow to import)."""
+    from internvl.model.loading import resolve_dtype as resolve
+
+    return resolve(dtype)
 
 
 def load_model_and_tokenizer(
@@ -104,49 +100,29 @@ def load_model_and_tokenizer(
 ) -> tuple[Any, Any]:
     """Load an InternVLChatModel and its tokenizer from a local directory (safetensors only, no hub, no remote code).
 
-    dtype: weights dtype ('bfloat16' default; 'auto' keeps the checkpoint's). device_map: None (CPU, or move the model
-    yourself), 'auto' / 'balanced' (accelerate sharding over the visible GPUs) or an explicit map. 8-/4-bit loading
-    needs bitsandbytes and a GPU. Returns (model in eval mode with img_context_token_id set, tokenizer).
+    dtype: weights dtype ('bfloat16' default; 'auto' keeps the checkpoint's; see `resolve_dtype`). device_map: None
+    (CPU, or move the model yourself), 'auto' / 'balanced' (accelerate sharding over the visible GPUs) or an explicit
+    map. 8-/4-bit loading needs bitsandbytes and a GPU. The model is loaded by `internvl.model.loading.load_pretrained`
+    (its checks and quantization settings); every failure to load is a `ModelLoadError`. Returns (model in eval mode
+    with img_context_token_id set, tokenizer).
     """
     from internvl.constants import IMG_CONTEXT_TOKEN
-    from internvl.model import InternVLChatModel
+    from internvl.model.loading import CheckpointError, find_weight_files, load_pretrained
     from internvl.tokenization import load_tokenizer
 
     directory = Path(path)
-    if not directory.is_dir():
-        raise ModelLoadError(f"{directory}: model directory not found (only local directories are supported)")
-    if not (directory / "config.json").is_file():
-        raise ModelLoadError(f"{directory}: no config.json; is this an InternVL-Chat checkpoint directory?")
-    if load_in_8bit and load_in_4bit:
-        raise ValueError("choose one of load_in_8bit and load_in_4bit")
-    kwargs: dict[str, Any] = {"local_files_only": True, "use_safetensors": True}
-    resolved = resolve_dtype(dtype)
-    if resolved is not None:
-        kwargs["dtype"] = resolved
-    if device_map is not None:
-        kwargs["device_map"] = device_map
-    if load_in_8bit or load_in_4bit:
-        try:
-            import bitsandbytes  # noqa: F401
-        except ImportError as exc:
-            raise ModelLoadError("8-/4-bit loading needs bitsandbytes: pip install 'medrega-toolkit[quant]'") from exc
-        from transformers import BitsAndBytesConfig
-
-        compute = resolved if isinstance(resolved, torch.dtype) else torch.bfloat16
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_8bit=load_in_8bit,
-            load_in_4bit=load_in_4bit,
-            bnb_4bit_compute_dtype=compute,
-            # the vision tower and projector stay in full precision, as InternVL's own 8-bit path does
-            llm_int8_skip_modules=["vision_model", "mlp1", "lm_head", "output"],
-        )
-        kwargs.setdefault("device_map", "auto")
+    try:
+        find_weight_files(directory)  # a bad directory fails before the tokenizer is read
+    except CheckpointError as exc:
+        raise ModelLoadError(str(exc)) from exc
     tokenizer = load_tokenizer(directory)
     try:
-        model = InternVLChatModel.from_pretrained(str(directory), **kwargs)
-    except OSError as exc:
+        model = load_pretrained(directory, dtype=dtype, device_map=device_map,
+                                load_in_8bit=load_in_8bit, load_in_4bit=load_in_4bit)
+    except ImportError as exc:  # 8-/4-bit without bitsandbytes
+        raise ModelLoadError(str(exc)) from exc
+    except (OSError, CheckpointError) as exc:
         raise ModelLoadError(f"{directory}: cannot load the model: {exc}") from exc
-    model.eval()
     model.img_context_token_id = tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN)
     return model, tokenizer
 

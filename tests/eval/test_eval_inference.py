@@ -76,3 +76,23 @@ def test_load_errors_and_dtype_names(tmp_path):
     assert resolve_dtype("bf16") is torch.bfloat16 and resolve_dtype("auto") == "auto"
     with pytest.raises(ValueError, match="unknown dtype"):
         resolve_dtype("int3")
+
+
+def test_load_goes_through_model_loading(tiny_model, tiny_tokenizer, tmp_path, monkeypatch):
+    """internvl.model.loading does the loading: its directory checks and its bitsandbytes check, as ModelLoadError."""
+    (tmp_path / "pickled").mkdir()
+    (tmp_path / "pickled" / "config.json").write_text("{}")
+    (tmp_path / "pickled" / "pytorch_model.bin").write_bytes(b"x")
+    with pytest.raises(ModelLoadError, match="never unpickles"):
+        load_model_and_tokenizer(tmp_path / "pickled")
+    tiny_model.save_pretrained(tmp_path / "m", safe_serialization=True)
+    tiny_tokenizer.save_pretrained(tmp_path / "m")
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "bitsandbytes" else real_find_spec(name, *a))
+    with pytest.raises(ModelLoadError, match=r"medrega-toolkit\[quant\]"):
+        load_model_and_tokenizer(tmp_path / "m", load_in_4bit=True)
+    model, _ = load_model_and_tokenizer(tmp_path / "m", dtype="bf16")
+    assert next(model.parameters()).dtype is torch.bfloat16 and not model.training

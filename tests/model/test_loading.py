@@ -14,6 +14,7 @@ from internvl.model.loading import (
     bitsandbytes_config,
     find_weight_files,
     load_pretrained,
+    resolve_dtype,
 )
 
 
@@ -88,6 +89,18 @@ def test_missing_or_unexpected_keys_raise(tmp_path, tiny_tokenizer):
     save_file(state, str(tmp_path / "ckpt" / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match=r"mlp1\.3\.bias|mlp1\.9\.weight"):
         load_pretrained(tmp_path / "ckpt", dtype=torch.float32)
+
+
+def test_resolve_dtype_names():
+    assert resolve_dtype("bf16") is resolve_dtype("bfloat16") is torch.bfloat16
+    assert resolve_dtype("fp16") is resolve_dtype("half") is torch.float16
+    assert resolve_dtype("fp32") is resolve_dtype("float") is torch.float32
+    assert resolve_dtype("float64") is torch.float64  # any floating-point torch dtype name
+    assert resolve_dtype(torch.float16) is torch.float16
+    assert resolve_dtype("auto") == "auto" and resolve_dtype(None) is None
+    for bad in ("int8", "int3", "no_such_dtype"):
+        with pytest.raises(ValueError, match="unknown dtype"):
+            resolve_dtype(bad)
 
 
 def test_directory_errors(tmp_path):

@@ -66,6 +66,27 @@ def find_weight_files(path: str | Path) -> list[Path]:
     raise CheckpointError(f"{directory}: no model.safetensors or model.safetensors.index.json")
 
 
+_DTYPE_NAMES: dict[str, torch.dtype] = {
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
+    "half": torch.float16, "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str | None:
+    """'bfloat16'/'bf16', 'float16'/'fp16', 'float32'/'fp32', 'auto' or a torch.dtype -> what from_pretrained takes.
+
+    Other names of floating-point torch dtypes ('float64', ...) are accepted too; anything else is a ValueError.
+    """
+    if dtype is None or isinstance(dtype, torch.dtype) or dtype == "auto":
+        return dtype
+    if dtype in _DTYPE_NAMES:
+        return _DTYPE_NAMES[dtype]
+    value = getattr(torch, dtype, None) if isinstance(dtype, str) else None
+    if isinstance(value, torch.dtype) and value.is_floating_point:
+        return value
+    raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPE_NAMES)} or 'auto'")
+
+
 def bitsandbytes_config(
     load_in_8bit: bool = False,
     load_in_4bit: bool = False,
@@ -100,7 +121,7 @@ def bitsandbytes_config(
 def load_pretrained(
     path: str | Path,
     *,
-    dtype: torch.dtype | str = torch.bfloat16,
+    dtype: torch.dtype | str | None = torch.bfloat16,
     device_map: str | dict[str, Any] | None = None,
     max_memory: dict[Any, str] | None = None,
     load_in_8bit: bool = False,
@@ -111,14 +132,15 @@ def load_pretrained(
 ) -> InternVLChatModel:
     """Load an InternVL-Chat / MedRegA checkpoint directory for inference (eval mode).
 
-    dtype: torch dtype or its name ("bfloat16", "float16", "float32").  device_map: None (CPU, or move later),
-    "auto", or an explicit {module_name: device} map.  Raises `CheckpointError` for a bad directory or any
-    missing/unexpected/mismatched key.
+    dtype: torch dtype or its name ("bfloat16"/"bf16", "float16", "float32", see `resolve_dtype`), or "auto"/None
+    for the checkpoint's own (4-bit compute then runs in bf16).  device_map: None (CPU, or move later), "auto", or
+    an explicit {module_name: device} map.  Raises `CheckpointError` for a bad directory or any
+    missing/unexpected/mismatched key, ImportError when 8-/4-bit loading lacks bitsandbytes.
     """
     find_weight_files(path)
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
-    quant = bitsandbytes_config(load_in_8bit, load_in_4bit, skip_quant_modules, dtype)
+    dtype = resolve_dtype(dtype)
+    compute_dtype = dtype if isinstance(dtype, torch.dtype) else torch.bfloat16
+    quant = bitsandbytes_config(load_in_8bit, load_in_4bit, skip_quant_modules, compute_dtype)
     if quant is not None and device_map is None:
         device_map = "auto"
     extra: dict[str, Any] = dict(kwargs)
