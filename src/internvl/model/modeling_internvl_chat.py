@@ -85,6 +85,10 @@ class InternVLChatModel(ChatMixin, PreTrainedModel):
         self.ps_version = config.ps_version
         self.num_image_token = config.num_image_token
         self.img_context_token_id: int | None = None
+        # Greedy `generate` on one CUDA device uses a static KV cache and a CUDA-graph decode step
+        # (internvl/model/fast_generate.py, docs/performance.md). False = transformers' generate; "always" = also on
+        # the CPU (tests).
+        self.fast_generate: bool | str = True
 
         self.vision_model = vision_model if vision_model is not None else InternVisionModel(config.vision_config)
         if language_model is None:
@@ -283,13 +287,27 @@ class InternVLChatModel(ChatMixin, PreTrainedModel):
                 raise ImageTokenMismatchError(
                     f"images were given but input_ids contain no <IMG_CONTEXT> token (id {token_id})"
                 )
+        fast = generate_kwargs.pop("fast_generate", None)
+        fast = self.fast_generate if fast is None else fast
         inputs_embeds = self._embed(input_ids, pixel_values, None, visual_features)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        attention_mask = attention_mask.to(inputs_embeds.device)
+        if fast == "always" or (fast and inputs_embeds.is_cuda):
+            from .fast_generate import decoder_for, greedy_settings, single_device, trim_after_eos
+
+            settings = None
+            if bool(attention_mask[:, -1].all()) and (fast == "always" or single_device(self.language_model)):
+                config = generation_config or self.language_model.generation_config
+                settings = greedy_settings(dict(generate_kwargs, generation_config=config),
+                                           self.language_model.generation_config.eos_token_id)
+            if settings is not None:
+                tokens = decoder_for(self.language_model).generate(inputs_embeds, attention_mask, **settings)
+                return trim_after_eos(tokens, settings["eos_token_id"], settings["pad_token_id"])
         generate_kwargs.setdefault("use_cache", True)
         return self.language_model.generate(
             inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask.to(inputs_embeds.device),
+            attention_mask=attention_mask,
             generation_config=generation_config,
             **generate_kwargs,
         )
