@@ -387,3 +387,19 @@ def test_corrupt_missing_and_directory_inputs(tmp_path):
     bad_nifti.write_bytes(b"\x1f\x8b" + os.urandom(100))
     with pytest.raises(ImageLoadError, match="bad.nii.gz"):
         load_image(bad_nifti)
+
+
+def test_load_and_probe_refuse_unreadable_files_alike(tmp_path):
+    """load_image and probe_image open Pillow files through one helper: the same error for the same file."""
+    garbage = tmp_path / "garbage.png"
+    garbage.write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(64))
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(_png_header_only(40000, 40000))
+    for path, reason in ((garbage, "not a readable image"), (bomb, "decompression bomb refused"),
+                         (tmp_path / "nope.png", "file not found")):
+        errors = []
+        for read in (load_image, probe_image):
+            with pytest.raises(ImageLoadError, match=reason) as caught:
+                read(path)
+            errors.append((caught.value.path, caught.value.reason))
+        assert errors[0] == errors[1]

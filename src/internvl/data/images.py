@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import gzip
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
@@ -448,18 +450,29 @@ def _load_nifti(
 # --------------------------------------------------------------------------------------------- PIL
 
 
-def _load_pil(path: Path, window: Window, frame: int | None, max_pixels: int) -> Image.Image:
+@contextmanager
+def _pil_errors(path: Path) -> Iterator[None]:
+    """Pillow's errors while opening a file or reading its header, as an `ImageLoadError` naming the file."""
     try:
-        with warnings.catch_warnings():
-            # max_pixels below is the limit; Pillow's own hard limit (DecompressionBombError) still applies.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im = Image.open(path)
+        yield
     except Image.DecompressionBombError as exc:
         raise ImageLoadError(path, f"decompression bomb refused ({exc})") from exc
     except (FileNotFoundError, IsADirectoryError, PermissionError) as exc:
         raise _open_error(path, exc) from exc
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageLoadError(path, f"not a readable image ({type(exc).__name__}: {exc})") from exc
+
+
+def _open_pil(path: Path) -> Image.Image:
+    """`Image.open` (lazy: header only) with its errors as `ImageLoadError`."""
+    with _pil_errors(path), warnings.catch_warnings():
+        # the callers' max_pixels is the limit; Pillow's own hard limit (DecompressionBombError) still applies.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        return Image.open(path)
+
+
+def _load_pil(path: Path, window: Window, frame: int | None, max_pixels: int) -> Image.Image:
+    im = _open_pil(path)
     with im:
         _check_size(path, im.width, im.height, max_pixels)
         if frame is not None:
@@ -563,15 +576,6 @@ def _probe(path: Path, axis: str) -> ImageInfo:
         width, height = _aspect_size((rows, cols), spacing)
         frames = img.shape[3] if len(img.shape) == 4 else 1
         return ImageInfo("nifti", width, height, frames)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im = Image.open(path)
-        with im:
-            return ImageInfo("pil", im.width, im.height, getattr(im, "n_frames", 1))
-    except Image.DecompressionBombError as exc:
-        raise ImageLoadError(path, f"decompression bomb refused ({exc})") from exc
-    except (FileNotFoundError, IsADirectoryError, PermissionError) as exc:
-        raise _open_error(path, exc) from exc
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise ImageLoadError(path, f"not a readable image ({type(exc).__name__}: {exc})") from exc
+    im = _open_pil(path)
+    with _pil_errors(path), im:  # n_frames may read further into the file
+        return ImageInfo("pil", im.width, im.height, getattr(im, "n_frames", 1))
