@@ -144,6 +144,18 @@ def test_read_label_names_formats(tmp_path):
         read_label_names(tmp_path / "bad.txt")
 
 
+def test_label_names_header_only_on_line_one(tmp_path):
+    """CSV and text tables share the value parsing: a non-number is a header on line 1, an error elsewhere."""
+    (tmp_path / "head.txt").write_text("value name\n3 spleen\n")
+    assert read_label_names(tmp_path / "head.txt") == {3: "spleen"}
+    (tmp_path / "bad.csv").write_text("1,liver\nkidney,2\n")
+    with pytest.raises(LabelMapError, match=r"bad.csv:2: expected 'value,name', got \['kidney', '2'\]"):
+        read_label_names(tmp_path / "bad.csv")
+    with pytest.raises(LabelMapError, match=r"bad.txt:2: expected 'value name', got 'kidney'"):
+        (tmp_path / "bad.txt").write_text("1 liver\nkidney\n")
+        read_label_names(tmp_path / "bad.txt")
+
+
 def test_colour_and_non_integer_label_maps_are_rejected(tmp_path):
     Image.new("RGB", (8, 8), (255, 0, 0)).save(tmp_path / "rgb.png")
     with pytest.raises(LabelMapError, match="single-channel"):

@@ -47,6 +47,16 @@ class LabelMapError(ValueError):
     """A label map that cannot be used (colour image, non-integer values, unsupported SEG)."""
 
 
+def _label_value(first: str, path: Path, number: int, expected: str, got: object) -> int | None:
+    """The label value that starts line ``number`` of a names table; None for a header (a non-number on line 1)."""
+    try:
+        return int(first)
+    except ValueError:
+        if number == 1:
+            return None
+        raise LabelMapError(f"{path}:{number}: expected {expected!r}, got {got!r}") from None
+
+
 def read_label_names(path: str | Path) -> dict[int, str]:
     """Label value -> name from JSON (``{"1": "liver"}``), CSV (``value,name``) or a text table.
 
@@ -65,12 +75,9 @@ def read_label_names(path: str | Path) -> dict[int, str]:
         for number, row in enumerate(csv.reader(text.splitlines()), start=1):
             if not row or not "".join(row).strip() or row[0].lstrip().startswith("#"):
                 continue
-            try:
-                value = int(row[0])
-            except ValueError:
-                if number == 1:
-                    continue  # a header row
-                raise LabelMapError(f"{path}:{number}: expected 'value,name', got {row!r}") from None
+            value = _label_value(row[0], path, number, "value,name", row)
+            if value is None:
+                continue
             if len(row) < 2 or not row[1].strip():
                 raise LabelMapError(f"{path}:{number}: label {value} has no name")
             names[value] = row[1].strip()
@@ -81,12 +88,9 @@ def read_label_names(path: str | Path) -> dict[int, str]:
                 continue
             quoted = re.search(r'"([^"]+)"', line)
             parts = line.split()
-            try:
-                value = int(parts[0])
-            except ValueError:
-                if number == 1:
-                    continue  # a header row
-                raise LabelMapError(f"{path}:{number}: expected 'value name', got {line!r}") from None
+            value = _label_value(parts[0], path, number, "value name", line)
+            if value is None:
+                continue
             name = quoted.group(1) if quoted else (parts[1] if len(parts) > 1 else "")
             if not name:
                 raise LabelMapError(f"{path}:{number}: label {value} has no name")
