@@ -108,3 +108,17 @@ def test_grouped_decode_attention_equals_repeat_kv():
                                                            scale=0.25).transpose(1, 2)
     assert out.shape == (3, 1, 8, 16)
     assert torch.allclose(out, ref, atol=1e-6)
+
+
+def test_decoder_for_backend_choice(lm, monkeypatch):
+    from internvl.model import fast_generate as fg
+
+    assert fg.decoder_for(lm).compile_backend == "inductor"  # "auto", small model
+    monkeypatch.setattr(fg, "AUTO_INDUCTOR_MAX_PARAMS", 10)
+    assert fg.decoder_for(lm).compile_backend == "eager"  # "auto", "large" model: a new decoder
+    lm.fast_decode_backend = None
+    try:
+        dec = fg.decoder_for(lm)
+        assert dec.compile_backend is None and fg.decoder_for(lm) is dec  # cached while the setting holds
+    finally:
+        del lm.fast_decode_backend

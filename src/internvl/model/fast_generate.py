@@ -385,12 +385,26 @@ def greedy_settings(generate_kwargs: dict, default_eos: int | list[int] | None =
             "eos_token_id": eos_list, "pad_token_id": int(pad)}
 
 
+#: language models with more parameters than this get the "eager" decode backend under "auto": their step is bound by
+#: reading the weights, so inductor's fusion gains little and its compile of a deep model costs minutes per shape.
+AUTO_INDUCTOR_MAX_PARAMS = 5_000_000_000
+
+
+def resolve_backend(lm: nn.Module, backend: str | None) -> str | None:
+    """"auto" -> "inductor" for models up to AUTO_INDUCTOR_MAX_PARAMS parameters, "eager" above; others unchanged."""
+    if backend != "auto":
+        return backend
+    n_params = sum(p.numel() for p in lm.parameters())
+    return "inductor" if n_params <= AUTO_INDUCTOR_MAX_PARAMS else "eager"
+
+
 def decoder_for(lm: nn.Module) -> StaticGreedyDecoder:
-    """The (cached) StaticGreedyDecoder of a language model; settings come from the module attribute
-    `fast_decode_backend` ("inductor" default, "eager", or None for no compile) when present."""
+    """The (cached) StaticGreedyDecoder of a language model. Its dynamo backend comes from the module attribute
+    `fast_decode_backend`: "auto" (default: inductor up to 5B parameters, traced-only above), "inductor", "eager",
+    or None (no compile, no CUDA graph)."""
     dec = getattr(lm, "_static_greedy_decoder", None)
-    if dec is None:
-        backend = getattr(lm, "fast_decode_backend", "inductor")
+    backend = resolve_backend(lm, getattr(lm, "fast_decode_backend", "auto"))
+    if dec is None or dec.compile_backend != backend:
         dec = StaticGreedyDecoder(lm, compile_backend=backend)
         object.__setattr__(lm, "_static_greedy_decoder", dec)  # not a submodule
     return dec
