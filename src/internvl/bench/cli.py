@@ -209,7 +209,7 @@ def section_gen(args, res: dict, config) -> None:
                     agree.append({"batch": batch, "vs": "native static", **agreement(fast["tokens"], ns["tokens"])})
     for r in rows:
         r.pop("tokens", None)
-    del ours, native
+    ours = native = None  # drop the models (the closures above are done with them)
     free()
 
 

@@ -98,7 +98,7 @@ def run_real_shape(*, batches=(1, 8), new_tokens: int = 128, device: str = "cuda
             "warmup_s": warm_s,
             "answer_chars": [len(a) for a in answers],
         })
-    del model
+    model = None  # drop the 40B weights before anything else runs
     if cuda:
         torch.cuda.empty_cache()
     return out
