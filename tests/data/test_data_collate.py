@@ -71,6 +71,18 @@ def test_loss_weights_sum_per_sample(reduction, per_sample) -> None:
     assert token_loss_weights(torch.full((3,), IGNORE_INDEX), "square").sum() == 0
 
 
+def test_packed_batch_counts_its_samples() -> None:
+    """`num_samples` is the number of samples, not of rows or of position restarts (padding is one of its own)."""
+    items = [_item(6, 2, start=10), _item(5, 1, tiles=2, start=20), _item(4, 2, flag=0, start=30), _item(7, 3, start=40)]
+    packed = PackedCollator(max_packed_tokens=12, pad_to_multiple_of=16)(items)
+    assert packed["input_ids"].shape == (2, 16)
+    assert int((packed["position_ids"] == 0).sum()) == 4 + 2  # two padding segments restart positions too
+    assert packed["num_samples"].dim() == 0 and packed["num_samples"].dtype == torch.long
+    assert int(packed["num_samples"]) == 4
+    assert int(PackedCollator(max_packed_tokens=12, num_images_expected=2)(items)["num_samples"]) == 4  # 3 rows
+    assert "num_samples" not in pad_collate(items)  # padded batches: one sample per row
+
+
 def test_packing_errors() -> None:
     with pytest.raises(ValueError, match="batch item 0 has 9 tokens > max_packed_tokens 8"):
         PackedCollator(max_packed_tokens=8)([_item(9, 1)])

@@ -199,3 +199,61 @@ def test_lora_adapters_save_load_and_merge(tmp_path):
     assert not has_lora(fresh)
     assert set(fresh.state_dict()) == set(base_state)
     torch.testing.assert_close(fresh(ids), expected, atol=1e-4, rtol=1e-4)
+
+
+class PackedRecorder(nn.Module):
+    """Takes the packed batch the way InternVLChatModel does (extra keys land in **kwargs) and records the keys."""
+
+    def __init__(self):
+        super().__init__()
+        self.language_model = tiny_llama()
+        self.received: list[set[str]] = []
+
+    def forward(self, input_ids, position_ids=None, pixel_values=None, image_flags=None, **kwargs):
+        self.received.append({"input_ids", "position_ids", "pixel_values", "image_flags", *kwargs})
+        return self.language_model(input_ids=input_ids, position_ids=position_ids, use_cache=False)
+
+
+def test_samples_per_second_counts_samples_not_packed_rows(tmp_path, monkeypatch):
+    """With PackedCollator, 5 samples per micro-batch share 2 rows (plus padding segments that restart
+    position_ids): samples/s counts the 5 samples, and `num_samples` never reaches the model's forward."""
+    from internvl.data.collate import PackedCollator
+    from internvl.train import trainer as trainer_module
+
+    g = torch.Generator().manual_seed(3)
+    items = []
+    for i in range(10):
+        n = 4 + i % 3
+        ids = torch.randint(3, VOCAB, (n,), generator=g)
+        items.append({"input_ids": ids, "labels": torch.cat([torch.full((2,), -100), ids[2:]]),
+                      "pixel_values": torch.zeros(1, 3, 2, 2), "image_flags": torch.zeros(1, dtype=torch.long)})
+    collator = PackedCollator(max_packed_tokens=16, pad_to_multiple_of=16)
+    packed = collator(items[:5])
+    assert packed["input_ids"].shape[0] == 2 and int(packed["num_samples"]) == 5
+    assert int((packed["position_ids"] == 0).sum()) == 7  # 5 samples + 2 padding segments
+
+    model = PackedRecorder()
+    trainer = MedRegTrainer(model=model, args=args(tmp_path, per_device_train_batch_size=5, max_steps=2,
+                                                   logging_steps=1, learning_rate=1e-3),
+                            train_dataset=ListDataset(items), data_collator=collator)
+    seen_at_log = []
+    original_log = trainer.log
+
+    def spy_log(logs, *a, **kw):
+        if "loss" in logs:
+            seen_at_log.append(trainer._samples_seen)
+        return original_log(logs, *a, **kw)
+
+    trainer.log = spy_log
+    trainer.train()
+    assert seen_at_log == [5, 5]
+    assert len(model.received) == 2 and all("num_samples" not in keys for keys in model.received)
+    assert all("samples_per_second" in entry for entry in trainer.state.log_history if "loss" in entry)
+
+    # the logged rate is that count over the elapsed time (fixed clock: 5 samples in 2 s)
+    trainer.compute_loss(model, dict(packed))
+    trainer._last_log_time = 100.0
+    monkeypatch.setattr(trainer_module.time, "perf_counter", lambda: 102.0)
+    trainer.log({"loss": 1.0})
+    assert trainer.state.log_history[-1]["samples_per_second"] == 2.5
+    assert "num_samples" not in model.received[-1]

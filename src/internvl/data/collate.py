@@ -95,7 +95,8 @@ class PackedCollator:
     """Pack a list of samples into as few rows as fit (see module docstring).
 
     Output: ``input_ids``/``labels``/``position_ids`` ``[R, L_max]``, ``loss_weight`` ``[R, L_max]`` (float32),
-    ``pixel_values``/``image_flags`` concatenated in packed order, and no ``attention_mask`` (packing is read from
+    ``pixel_values``/``image_flags`` concatenated in packed order, ``num_samples`` (0-dim long tensor: samples in
+    the batch, for throughput logs; not a model input) and no ``attention_mask`` (packing is read from
     ``position_ids``). Raises ``ValueError`` for a sample longer than ``max_packed_tokens`` or with more tiles than
     ``num_images_expected``, and for a sample whose first label is supervised (its target would be predicted from the
     previous sample's last token).
@@ -180,4 +181,5 @@ class PackedCollator:
             "loss_weight": loss_weight,
             "pixel_values": torch.cat(pixel_values),
             "image_flags": torch.cat(image_flags),
+            "num_samples": torch.tensor(len(features), dtype=torch.long),
         }

@@ -31,7 +31,9 @@ from internvl.ops import causal_lm_loss, fused_head_supported
 from internvl.train import checkpoint as ckpt
 from internvl.train.lora import has_lora, load_original_keys, save_lora_run, NON_LORA_FILENAME, LORA_PARTS
 
-TRAINER_ONLY_KEYS = ("labels", "loss_weight")
+# Batch keys the trainer reads itself and never passes to the model: `num_samples` is the number of samples in a
+# packed batch (PackedCollator), which has fewer rows than samples.
+TRAINER_ONLY_KEYS = ("labels", "loss_weight", "num_samples")
 
 
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor, loss_weight: torch.Tensor | None = None) -> torch.Tensor:
@@ -157,10 +159,8 @@ class MedRegTrainer(Trainer):
                 self._tokens_seen += int(attention_mask.sum())
             else:
                 self._tokens_seen += int(inputs["input_ids"].numel())
-            if attention_mask is None and inputs.get("position_ids") is not None:  # packed rows
-                self._samples_seen += int((inputs["position_ids"] == 0).sum())
-            else:
-                self._samples_seen += int(inputs["input_ids"].shape[0])
+            num_samples = inputs.get("num_samples")  # packed batches: samples, not rows
+            self._samples_seen += int(num_samples) if num_samples is not None else int(inputs["input_ids"].shape[0])
         lm_head = self._fused_head()
         if lm_head is not None:
             # Only the last position's logits are built; the loss runs the LM head on supervised positions in chunks
