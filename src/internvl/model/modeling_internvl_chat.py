@@ -95,7 +95,7 @@ class InternVLChatModel(ChatMixin, PreTrainedModel):
             language_model = AutoModelForCausalLM.from_config(config.llm_config)
         self.language_model = language_model
 
-        vit_hidden = config.vision_config.hidden_size * int(round(1 / config.downsample_ratio)) ** 2
+        vit_hidden = config.vision_config.hidden_size * round(1 / config.downsample_ratio) ** 2
         llm_hidden = config.llm_config.hidden_size
         self.mlp1 = nn.Sequential(
             nn.LayerNorm(vit_hidden),
@@ -313,7 +313,7 @@ class InternVLChatModel(ChatMixin, PreTrainedModel):
         )
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs) -> "InternVLChatModel":
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs) -> InternVLChatModel:
         """transformers' loader (single or sharded safetensors, dtype, device_map, quantization_config), local only.
 
         Never contacts a hub and never runs remote code; see `internvl.model.loading.load_pretrained` for the
