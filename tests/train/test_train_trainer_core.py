@@ -257,3 +257,21 @@ def test_samples_per_second_counts_samples_not_packed_rows(tmp_path, monkeypatch
     trainer.log({"loss": 1.0})
     assert trainer.state.log_history[-1]["samples_per_second"] == 2.5
     assert "num_samples" not in model.received[-1]
+
+
+def test_fsync_tree_syncs_every_file_and_folder_and_passes_over_failures(tmp_path, monkeypatch):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "a.bin").write_text("1")
+    (tmp_path / "b.json").write_text("2")
+    synced = []
+    monkeypatch.setattr(ckpt.os, "fsync", lambda fd: synced.append(ckpt.os.fstat(fd).st_ino))
+    ckpt.fsync_tree(tmp_path)
+    expected = [tmp_path, tmp_path / "sub", tmp_path / "sub" / "a.bin", tmp_path / "b.json"]
+    assert sorted(synced) == sorted(p.stat().st_ino for p in expected)
+
+    def failing(fd):
+        raise OSError("not supported here")
+
+    monkeypatch.setattr(ckpt.os, "fsync", failing)
+    ckpt.fsync_tree(tmp_path)  # best effort: no error
+    ckpt.fsync_tree(tmp_path / "missing")

@@ -61,20 +61,12 @@ def fsync_tree(path: str | os.PathLike) -> None:
     """Flush every file below `path` and the folders themselves to stable storage (best effort on odd filesystems)."""
     for dirpath, _dirnames, filenames in os.walk(path):
         for name in filenames:
-            try:
-                fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            except OSError:
-                continue
-            try:
-                os.fsync(fd)
-            except OSError:
-                pass
-            finally:
-                os.close(fd)
-        _fsync_dir(dirpath)
+            _fsync_path(os.path.join(dirpath, name))
+        _fsync_path(dirpath)
 
 
-def _fsync_dir(path: str | os.PathLike) -> None:
+def _fsync_path(path: str | os.PathLike) -> None:
+    """fsync one file or folder; a path that cannot be opened or synced is passed over."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -105,7 +97,7 @@ def publish_checkpoint(staged: str | os.PathLike, output_dir: str | os.PathLike)
         shutil.rmtree(trash, ignore_errors=True)
     else:
         os.replace(staged, final)
-    _fsync_dir(output_dir)
+    _fsync_path(output_dir)
     return final
 
 
