@@ -82,23 +82,51 @@ def _parse(call: list[str]):
     return model_args, data_args, training_args, deepspeed
 
 
-@pytest.mark.parametrize("recipe,expect", [
-    ("medrega_stage1_projector.sh", dict(freeze_llm=True, freeze_backbone=True, freeze_mlp=False, use_llm_lora=0)),
-    ("medrega_stage2_full.sh", dict(freeze_llm=False, freeze_backbone=True, freeze_mlp=True, use_llm_lora=0)),
-    ("medrega_stage2_lora.sh", dict(freeze_llm=True, freeze_backbone=True, freeze_mlp=True, use_llm_lora=16)),
+@pytest.mark.parametrize("recipe,expect,train_expect", [
+    ("medrega_stage1_projector.sh", dict(freeze_llm=True, freeze_backbone=True, freeze_mlp=False, use_llm_lora=0),
+     dict(learning_rate=2e-4, save_steps=1000)),
+    ("medrega_stage2_full.sh", dict(freeze_llm=False, freeze_backbone=True, freeze_mlp=True, use_llm_lora=0),
+     dict(learning_rate=1e-5, save_steps=1300)),
+    ("medrega_stage2_lora.sh", dict(freeze_llm=True, freeze_backbone=True, freeze_mlp=True, use_llm_lora=16),
+     dict(learning_rate=1e-5, save_steps=1300)),
 ])
-def test_recipes_under_torchrun(tmp_path, recipe, expect):
+def test_recipes_under_torchrun(tmp_path, recipe, expect, train_expect):
     calls = _run_recipe(tmp_path, recipe, {})
     assert len(calls) == 1 and calls[0][0] == "torchrun"
     assert "--nproc-per-node=2" in calls[0] and "--nnodes=1" in calls[0]
     model_args, data_args, training_args, deepspeed = _parse(calls[0])
     for key, value in expect.items():
         assert getattr(model_args, key) == value, key
+    for key, value in train_expect.items():
+        assert getattr(training_args, key) == value, key
     assert model_args.preset == "tiny" and data_args.conv_style == "Hermes-2" and data_args.force_image_size == 448
     assert training_args.gradient_accumulation_steps == 2  # 16 / (4 per GPU x 2 GPUs)
     assert training_args.max_steps == 3  # extra flags are passed on and win
     assert data_args.max_seq_length == 2048 and data_args.group_by_length and model_args.grad_checkpoint
     assert deepspeed.name == "zero_stage3_config.json"
+    # the flags every recipe shares (src/shell/common.sh)
+    assert model_args.tokenizer_path == str(tmp_path / "tok") and data_args.meta_path == str(tmp_path / "meta.json")
+    assert training_args.output_dir == str(tmp_path / "out") and (tmp_path / "out").is_dir()
+    assert data_args.down_sample_ratio == 0.5 and not data_args.pad2square
+    assert model_args.ps_version == "v1" and model_args.drop_path_rate == 0.0 and model_args.vision_select_layer == -1
+    assert training_args.num_train_epochs == 1 and training_args.per_device_train_batch_size == 4
+    assert training_args.weight_decay == 0.05 and training_args.warmup_ratio == 0.03
+    assert training_args.lr_scheduler_type == "cosine" and training_args.save_strategy == "steps"
+    assert training_args.save_total_limit == 2 and training_args.logging_steps == 1
+    assert training_args.report_to == ["tensorboard"] and training_args.dataloader_num_workers == 4
+    assert training_args.resume_from_checkpoint == "auto"
+
+
+@pytest.mark.parametrize("recipe", ["medrega_stage1_projector.sh", "medrega_stage2_full.sh", "medrega_stage2_lora.sh"])
+def test_recipe_environment_overrides(tmp_path, recipe):
+    ds_config = tmp_path / "ds.json"
+    ds_config.write_text("{}")
+    (call,) = _run_recipe(tmp_path, recipe, {"LR": "3e-3", "EPOCHS": "2", "SAVE_STEPS": "7", "LORA_RANK": "8",
+                                             "DS_CONFIG": str(ds_config)})
+    model_args, _, training_args, deepspeed = _parse(call)
+    assert training_args.learning_rate == 3e-3 and training_args.num_train_epochs == 2
+    assert training_args.save_steps == 7 and deepspeed == ds_config
+    assert model_args.use_llm_lora == (8 if recipe == "medrega_stage2_lora.sh" else 0)
 
 
 def test_recipe_under_slurm_uses_first_node_for_rendezvous(tmp_path):
