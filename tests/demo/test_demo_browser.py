@@ -135,9 +135,10 @@ def test_upload_ask_text_to_region_and_get_boxes(demo_url: str, tmp_path: Path) 
                                    timeout=60_000)
 
             # the gallery: the second bundled example is a Chinese Region-to-Text question with a typed box
-            page.locator("#gallery button").nth(1).click()
+            page.locator("#gallery img").nth(1).click()
             page.wait_for_function("document.querySelector('#status').innerText.includes('Example loaded')",
                                    timeout=60_000)
+            assert "脑MRI冠状面" in _status(page), _status(page)
             assert page.input_value("#box textarea") == "618, 502, 905, 773"
             page.click("#ask")
             page.wait_for_function("document.querySelector('#status').innerText.includes('Answered')",
