@@ -403,3 +403,14 @@ def test_load_and_probe_refuse_unreadable_files_alike(tmp_path):
                 read(path)
             errors.append((caught.value.path, caught.value.reason))
         assert errors[0] == errors[1]
+
+
+@pytest.mark.parametrize(("package", "make_path"), [("pydicom", lambda: dcm("CT_small.dcm")),
+                                                     ("nibabel", lambda: NIB_DATA / "anatomical.nii")])
+def test_missing_reader_package_names_the_file_and_the_fix(monkeypatch, package, make_path):
+    path = make_path()
+    monkeypatch.setitem(__import__("sys").modules, package, None)  # as if the package were not installed
+    for read in (load_image, probe_image):
+        with pytest.raises(ImageLoadError) as info:
+            read(path)
+        assert str(path) in str(info.value) and f"pip install {package}" in str(info.value)

@@ -20,6 +20,7 @@ ignore ``window`` (windowing is only defined for a single channel).
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -69,6 +70,20 @@ class ImageLoadError(ValueError):
         self.path = str(path)
         self.reason = reason
         super().__init__(f"{self.path}: {reason}")
+
+
+_READER_PACKAGES = {"dicom": "pydicom", "nifti": "nibabel"}
+
+
+def _require_reader(kind: str, path: Path) -> None:
+    """Refuse a DICOM/NIfTI file with its name and the package to install when that format's reader is missing.
+
+    Both are declared dependencies, but minimal environments (e.g. a bare GPU box) may lack them; without this the
+    user would get an ImportError traceback that names neither the file nor the fix.
+    """
+    package = _READER_PACKAGES.get(kind)
+    if package is not None and importlib.util.find_spec(package) is None:
+        raise ImageLoadError(path, f"reading {kind.upper()} files needs the '{package}' package (pip install {package})")
 
 
 @dataclass(frozen=True)
@@ -536,6 +551,7 @@ def load_image(
     if window is not None:
         _window_values(np.zeros(2), window)  # validate early: a bad window is the caller's error, not the file's
     kind = detect_format(path)
+    _require_reader(kind, path)
     if kind == "dicom":
         return _load_dicom(path, window, frame, max_pixels)
     if kind == "nifti":
@@ -561,6 +577,7 @@ def _probe(path: Path, axis: str) -> ImageInfo:
     if not path.exists():
         raise ImageLoadError(path, "file not found")
     kind = detect_format(path)
+    _require_reader(kind, path)
     if kind == "dicom":
         ds = _read_dicom(path, stop_before_pixels=True)
         try:
