@@ -4,8 +4,7 @@ model exactly what it was trained on.
 Each demo task maps to a registry task; :func:`build_prompt` fills it with what the user gave (question, box, object
 names, class options) and returns the first user turn in the trainer's order (``<image>\\n`` + base prompt +
 question; the order MedRegA was fine-tuned with, see ``internvl.data.encode``). It uses
-:func:`internvl.data.prompts.build_record` and keeps only the human turn; the gpt turn a record needs is a
-placeholder here because the answer is what the model is about to write.
+:func:`internvl.data.prompts.build_question`, the registry's question-only builder (no answer fields needed).
 """
 from __future__ import annotations
 
@@ -14,7 +13,7 @@ from dataclasses import dataclass
 
 from internvl.constants import IMAGE_PLACEHOLDER
 from internvl.data.encode import apply_prompt_order
-from internvl.data.prompts import PromptError, build_record
+from internvl.data.prompts import PromptError, build_question
 from internvl.demo.uploads import UserInputError, check_question
 from internvl.regions import Box
 
@@ -41,9 +40,6 @@ TASKS: dict[str, DemoTask] = {t.key: t for t in (
     DemoTask("grounded_report", "Grounded report", "定位报告", "grounded_whole", ("modality",)),
 )}
 
-_PLACEHOLDER_BOX = [[0, 0, 999, 999]]
-
-
 def split_names(text: str | None) -> list[str]:
     """Object names / class options typed as a comma, semicolon, Chinese comma or newline separated list."""
     raw = (text or "").replace("，", ",").replace("、", ",").replace("；", ",").replace(";", ",").replace("\n", ",")
@@ -66,14 +62,12 @@ def build_prompt(task: str, lang: str, *, question: str | None = None, box: Box 
     mod = (modality or "").strip() or ("medical" if lang == "en" else "医学")
     fields: dict[str, object] = {}
     if spec.registry_task == "vqa_open":
-        fields = {"question": check_question(question), "answer": "-"}
-    elif spec.registry_task == "report_general":
-        fields = {"text": "-"}
+        fields = {"question": check_question(question)}
     elif spec.registry_task == "classify_single":
         opts = split_names(options) if isinstance(options, str) or options is None else [str(o) for o in options]
         if len(opts) < 2 or len(set(opts)) != len(opts):
             raise UserInputError("Diagnosis needs at least two different candidate classes, separated by commas.")
-        fields = {"modality": mod, "options": opts, "label": opts[0], "target": "disease"}
+        fields = {"modality": mod, "options": opts, "target": "disease"}
     elif spec.registry_task == "region_to_text":
         if box is None:
             raise UserInputError("Region-to-Text needs a box: draw one on the image or type x1, y1, x2, y2.")
@@ -82,15 +76,15 @@ def build_prompt(task: str, lang: str, *, question: str | None = None, box: Box 
         names = split_names(objects) if isinstance(objects, str) or objects is None else [str(o) for o in objects]
         if not names:
             raise UserInputError("Text-to-Region needs the name(s) of what to find, e.g. 'left frontal lobe'.")
-        fields = {"modality": mod, "regions": [(n, _PLACEHOLDER_BOX) for n in names]}
+        fields = {"modality": mod, "objects": names}
     elif spec.registry_task == "grounded_whole":
-        fields = {"modality": mod, "findings": [([("region", _PLACEHOLDER_BOX)], "-")], "target": "organ"}
+        fields = {"modality": mod, "target": "organ"}
     try:
-        record = build_record(spec.registry_task, lang, image="upload", **fields)  # type: ignore[arg-type]
+        human = build_question(spec.registry_task, lang, **fields)  # type: ignore[arg-type]
     except PromptError as exc:
         raise UserInputError(f"Cannot build the {spec.label_en} prompt: {exc}") from exc
     # the trainer's prompt order ("<image>\n" + task prompt + question): what MedRegA and the bundled model saw
-    return apply_prompt_order(record["conversations"], 1, "", "train")[0]["value"]
+    return apply_prompt_order([{"from": "human", "value": human}], 1, "", "train")[0]["value"]
 
 
 def follow_up_prompt(question: str | None) -> str:
