@@ -30,7 +30,8 @@ setup(
         "train": ["deepspeed>=0.15"],
         "quant": ["bitsandbytes>=0.43"],
         "flash": ["flash-attn>=2.5"],
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100", "scikit-image>=0.22", "playwright>=1.45"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100", "scikit-image>=0.22", "playwright>=1.45",
+                 "bitsandbytes>=0.45"],
     },
     entry_points={
         "console_scripts": [

@@ -303,10 +303,13 @@ def fmt_table(res: dict) -> str:
                 lines.append(f"batch {batch}: ours fast vs " + ", ".join(parts))
                 if batch == 1:
                     lines.append(f"batch 1: fraction of weight-bandwidth limit {floor / ours['decode_ms_per_step']:.0%}")
-    real = res.get("real")
-    if real:
-        lines.append(f"\n== real MedRegA shape ({real['params'] / 1e9:.2f}B params, bf16, 1 GPU; built in "
-                     f"{real['build_s']:.1f}s; {real.get('path', '')}) ==")
+    for key in [k for k in res if k == "real" or k.startswith("real_")]:
+        real = res[key]
+        if not real:
+            continue
+        lines.append(f"\n== real MedRegA shape ({real['params'] / 1e9:.2f}B params, {real.get('quantize', 'bf16')}, "
+                     f"weights {real.get('weights_gib', float('nan')):.1f} GiB, 1 GPU; built in "
+                     f"{real['build_s']:.1f}s; {real.get('path', '')}; decode backend {real.get('decode_backend')}) ==")
         for c in real["cases"]:
             lines.append(f"batch_chat batch {c['batch']}: {c['tokens_per_s']:.1f} tok/s, TTFT {c['ttft_ms']:.0f} ms, "
                          f"{c['decode_ms_per_step']:.1f} ms/step, peak {c['peak_mem_gib']:.1f} GiB")
@@ -339,6 +342,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--real-new-tokens", type=int, default=128)
     p.add_argument("--real-decode-backend", default="none", choices=["inductor", "eager", "none"],
                    help="decode backend for the 40B shape (none: static cache, eager step; weight-bound anyway)")
+    p.add_argument("--real-quant", default="bf16", help="comma list of bf16,int8: weight formats of the 40B shape "
+                   "(int8 = LLM.int8 through bitsandbytes, one GPU)")
+    p.add_argument("--real-quant-new-tokens", type=int, default=32, help="new tokens per call for the int8 shape")
     p.add_argument("--device", default="cuda", help="cuda (the benchmark) or cpu (smoke test on a tiny preset)")
     p.add_argument("--peak", type=float, default=H100_H200_BF16_PEAK, help="peak FLOP/s for MFU")
     args = p.parse_args(argv)
@@ -372,8 +378,12 @@ def main(argv: list[str] | None = None) -> int:
         elif name == "real":
             from .real_shape import run_real_shape
 
-            res["real"] = _guard(res, "real", run_real_shape, batches=real_batches, new_tokens=args.real_new_tokens,
-                                 decode_backend=None if args.real_decode_backend == "none" else args.real_decode_backend)
+            for quant in [q.strip() for q in args.real_quant.split(",") if q.strip()]:
+                key = "real" if quant == "bf16" else f"real_{quant}"
+                res[key] = _guard(res, key, run_real_shape, batches=real_batches,
+                                  new_tokens=args.real_new_tokens if quant == "bf16" else args.real_quant_new_tokens,
+                                  decode_backend=None if args.real_decode_backend == "none" else args.real_decode_backend,
+                                  quantize=None if quant == "bf16" else quant)
         else:
             p.error(f"unknown section {name!r}")
         res.setdefault("section_seconds", {})[name] = time.perf_counter() - t0

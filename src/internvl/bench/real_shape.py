@@ -1,6 +1,7 @@
 """The real MedRegA shape (InternViT-6B + Yi-34B, ~40B parameters) with random bf16 weights built on the GPU
 (meta-device construction, storage allocated and filled on the device), timed through the user-facing
-`batch_chat` at batch 1 and 8."""
+`batch_chat` at batch 1 and 8; optionally with the language model's linears quantised to 8-bit (LLM.int8 through
+bitsandbytes, the same modules `load_pretrained(load_in_8bit=True)` quantises), still without a host copy."""
 from __future__ import annotations
 
 import tempfile
@@ -8,6 +9,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from .gen_bench import _timed
 
@@ -42,21 +44,67 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+@torch.no_grad()
+def quantize_int8_(model: nn.Module, skip_modules=None, threshold: float = 6.0) -> int:
+    """Replace every `nn.Linear` of `model` outside `skip_modules` by bitsandbytes' `Linear8bitLt` (LLM.int8,
+    row-wise absmax int8 weights + outlier threshold), quantising each weight where it lies, one layer at a time
+    (peak memory = the bf16 model plus one layer's fp16 copy). Returns how many linears were replaced.
+
+    `skip_modules` defaults to the loader's list (`vision_model`, `mlp1`, `lm_head`), so the result is the module
+    set `load_pretrained(..., load_in_8bit=True)` produces through transformers; `threshold` is transformers'
+    default `llm_int8_threshold`. For random-weight benchmarks; real checkpoints go through `load_pretrained`."""
+    import bitsandbytes as bnb
+
+    from internvl.model.loading import DEFAULT_SKIP_QUANT_MODULES
+
+    skip = tuple(DEFAULT_SKIP_QUANT_MODULES if skip_modules is None else skip_modules)
+    targets = [
+        name for name, module in model.named_modules()
+        if type(module) is nn.Linear and not any(name == s or name.startswith(s + ".") or name.endswith("." + s)
+                                                 for s in skip)
+    ]
+    for name in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        linear = getattr(parent, child)
+        device = linear.weight.device
+        int8 = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                                   has_fp16_weights=False, threshold=threshold, device="meta")
+        weight = bnb.nn.Int8Params(linear.weight.data, requires_grad=False, has_fp16_weights=False)
+        int8.weight = weight._quantize(device)
+        if linear.bias is not None:
+            int8.bias = nn.Parameter(linear.bias.data, requires_grad=False)
+        setattr(parent, child, int8)
+        del linear, weight
+    return len(targets)
+
+
 def run_real_shape(*, batches=(1, 8), new_tokens: int = 128, device: str = "cuda", preset: str = "medrega",
-                   dtype: torch.dtype = torch.bfloat16, decode_backend: str | None = None) -> dict:
+                   dtype: torch.dtype = torch.bfloat16, decode_backend: str | None = None,
+                   quantize: str | None = None) -> dict:
     """Build `preset` (default: the real MedRegA shape) on `device` and time batch_chat at each batch size.
 
     `decode_backend` is the dynamo backend of the fast decode step (None: static cache with an eager step and no
     CUDA graph; the 40B decode is bound by reading its 80 GB of weights, so fusion and graphs buy little there and
-    a 60-layer trace/compile would cost minutes of a short lease)."""
+    a 60-layer trace/compile would cost minutes of a short lease). `quantize="int8"` quantises the language model's
+    linears with `quantize_int8_` after the bf16 build (its decode step then always runs eagerly: LLM.int8's outlier
+    split is data-dependent and cannot be captured in a CUDA graph)."""
     from internvl.model import load_preset
 
     from .build import build_ours
 
+    if quantize not in (None, "int8"):
+        raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
     cuda = str(device).startswith("cuda")
     t0 = time.perf_counter()
     config = load_preset(preset)
     model = build_ours(config, device=device, dtype=dtype).eval()
+    quantized = 0
+    if quantize == "int8":
+        quantized = quantize_int8_(model)
+        decode_backend = None
+        if cuda:
+            torch.cuda.empty_cache()
     model.language_model.fast_decode_backend = decode_backend
     _sync(device)
     build_s = time.perf_counter() - t0
@@ -65,7 +113,8 @@ def run_real_shape(*, batches=(1, 8), new_tokens: int = 128, device: str = "cuda
     path = ("batch_chat -> static-cache greedy decoder (model.fast_generate)" if hasattr(model, "fast_generate")
             else "batch_chat -> transformers generate (dynamic cache)")
     out = {"preset": preset, "params": n_params, "build_s": build_s, "weights_gib": weights_gib,
-           "decode_backend": decode_backend, "path": path, "cases": []}
+           "decode_backend": decode_backend, "path": path, "quantize": quantize or "bf16",
+           "quantized_linears": quantized, "cases": []}
     with tempfile.TemporaryDirectory() as tmp:
         tok = bench_tokenizer(Path(tmp))
     size = config.force_image_size or config.vision_config.image_size
