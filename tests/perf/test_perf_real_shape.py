@@ -2,6 +2,9 @@
 LLM.int8 variant (bitsandbytes) quantising exactly the loader's module set."""
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -60,3 +63,36 @@ def test_run_real_shape_on_tiny_cpu(quantize):
 def test_run_real_shape_rejects_unknown_quantization():
     with pytest.raises(ValueError, match="quantize"):
         run_real_shape(device="cpu", preset="tiny", quantize="int4")
+
+
+def test_sharded_build_places_every_module_per_map_and_chats():
+    from internvl.bench.build import build_ours_sharded, shard_device_map
+    from internvl.bench.real_shape import bench_tokenizer
+    from internvl.model.loading import build_on_meta
+
+    config = load_preset("tiny")
+    auto = shard_device_map(build_on_meta(config).to(torch.float32), {"cpu": "1GiB"}, torch.float32)
+    assert set(auto.values()) == {"cpu"}
+    device_map = {"vision_model": "cpu", "mlp1": "cpu", "language_model.model.layers.0": "cpu", "language_model": "cpu"}
+    model = build_ours_sharded(load_preset("tiny"), device_map, dtype=torch.float32).eval()
+    assert all(p.device.type == "cpu" for p in model.parameters())
+    weight = model.language_model.model.layers[0].mlp.gate_proj.weight
+    assert 0.015 < float(weight.std()) < 0.025  # randomised, not left as empty storage
+    with tempfile.TemporaryDirectory() as tmp:
+        tok = bench_tokenizer(Path(tmp))
+    size = config.force_image_size or config.vision_config.image_size
+    answers = model.batch_chat(tok, torch.randn(2, 3, size, size), ["Which organ is shown?", "Is there pleural effusion?"],
+                               generation_config={"max_new_tokens": 3, "do_sample": False})
+    assert len(answers) == 2
+
+
+def test_sharded_build_rejects_unplaced_modules():
+    from internvl.bench.build import build_ours_sharded
+
+    with pytest.raises(ValueError, match="unplaced"):
+        build_ours_sharded(load_preset("tiny"), {"vision_model": "cpu"}, dtype=torch.float32)
+
+
+def test_real_shape_devices_needs_that_many_gpus():
+    with pytest.raises(RuntimeError, match="CUDA GPUs"):
+        run_real_shape(device="cpu", preset="tiny", devices=2)

@@ -22,9 +22,11 @@ logger = logging.getLogger(__name__)
 def randomize_(model: nn.Module, *, seed: int = 0, std: float = 0.02) -> nn.Module:
     """Fill every parameter in place on its device: matrices/embeddings ~ N(0, std), norm weights 1, layer scales
     0.1, biases 0. Recompute RoPE `inv_freq` buffers (meta construction leaves them empty)."""
-    gen_device = next(model.parameters()).device
-    gen = torch.Generator(device=gen_device).manual_seed(seed)
+    gens: dict[torch.device, torch.Generator] = {}  # one generator per device (a sharded model spans several)
     for name, param in model.named_parameters():
+        gen = gens.get(param.device)
+        if gen is None:
+            gen = gens[param.device] = torch.Generator(device=param.device).manual_seed(seed)
         leaf = name.rsplit(".", 1)[-1]
         if leaf in {"ls1", "ls2", "lambda_1", "lambda_2"}:
             param.fill_(0.1)
@@ -40,7 +42,7 @@ def randomize_(model: nn.Module, *, seed: int = 0, std: float = 0.02) -> nn.Modu
             fresh = type(module)(module.config)
             for buf in ("inv_freq", "original_inv_freq"):
                 if hasattr(fresh, buf):
-                    module.register_buffer(buf, getattr(fresh, buf).to(gen_device), persistent=False)
+                    module.register_buffer(buf, getattr(fresh, buf).to(module.inv_freq.device), persistent=False)
             if hasattr(fresh, "attention_scaling"):
                 module.attention_scaling = fresh.attention_scaling
     return model
@@ -97,3 +99,58 @@ def build_native(config, *, image_token_id: int, device: str | torch.device = "c
             raise RuntimeError(f"converter left missing={missing[:5]} unexpected={unexpected[:5]}")
         copied = True
     return model, copied
+
+
+def shard_device_map(model: nn.Module, max_memory: dict | None, dtype: torch.dtype) -> dict[str, str | int]:
+    """accelerate's balanced device map of a (meta) model over `max_memory` ({gpu index or "cpu": "NGiB"}; None =
+    every visible GPU), never splitting a ViT block or an LLM decoder layer: the map transformers'
+    `from_pretrained(device_map="auto")` makes for a real checkpoint ("balanced": the layers spread evenly)."""
+    from accelerate import infer_auto_device_map
+    from accelerate.utils import get_balanced_memory
+
+    no_split = list(getattr(model, "_no_split_modules", None) or [])
+    no_split += list(getattr(model.language_model, "_no_split_modules", None) or [])
+    no_split = sorted(set(no_split))
+    balanced = get_balanced_memory(model, max_memory=max_memory, no_split_module_classes=no_split, dtype=dtype)
+    return infer_auto_device_map(model, max_memory=balanced, no_split_module_classes=no_split, dtype=dtype)
+
+
+def build_ours_sharded(config, device_map: dict[str, str | int], *, dtype: torch.dtype = torch.bfloat16,
+                       seed: int = 0, attn_implementation: str = "sdpa"):
+    """Our `InternVLChatModel` with random weights, each module of `device_map` ({module name: device}) allocated
+    and filled directly on its device (meta construction; no host copy of the weights), then dispatched with
+    accelerate hooks that move activations between devices, like a `device_map` load of a real checkpoint."""
+    from accelerate import dispatch_model
+
+    from internvl.model import InternVLChatModel
+
+    config.llm_config._attn_implementation = attn_implementation
+    with torch.device("meta"):
+        model = InternVLChatModel(config)
+    model = model.to(dtype=dtype)
+    placed: set[str] = set()
+    for name, device in sorted(device_map.items(), key=lambda kv: -len(kv[0])):
+        if device == "disk":
+            raise ValueError(f"device_map entry {name!r}: disk offload is not supported for random-weight builds")
+        module = model.get_submodule(name) if name else model
+        dev = f"cuda:{device}" if isinstance(device, int) else device
+        # deepest names first, so a parent entry only materialises what its children entries did not already place
+        for pname, param in list(module.named_parameters(recurse=True)) + list(module.named_buffers(recurse=True)):
+            full = f"{name}.{pname}" if name else pname
+            if full in placed:
+                continue
+            owner_name, _, leaf = pname.rpartition(".")
+            owner = module.get_submodule(owner_name) if owner_name else module
+            fresh = torch.empty_like(param, device=dev)
+            if isinstance(param, nn.Parameter):
+                owner._parameters[leaf] = nn.Parameter(fresh, requires_grad=param.requires_grad)
+            else:
+                owner._buffers[leaf] = fresh
+            placed.add(full)
+    missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if missing:
+        raise ValueError(f"device_map leaves {len(missing)} parameters unplaced, e.g. {missing[:3]}")
+    randomize_(model, seed=seed)
+    main = device_map.get("language_model.model.embed_tokens", next(iter(device_map.values())))
+    return dispatch_model(model, device_map=device_map,
+                          main_device=torch.device(f"cuda:{main}" if isinstance(main, int) else main))

@@ -312,7 +312,9 @@ def fmt_table(res: dict) -> str:
                      f"{real['build_s']:.1f}s; {real.get('path', '')}; decode backend {real.get('decode_backend')}) ==")
         for c in real["cases"]:
             lines.append(f"batch_chat batch {c['batch']}: {c['tokens_per_s']:.1f} tok/s, TTFT {c['ttft_ms']:.0f} ms, "
-                         f"{c['decode_ms_per_step']:.1f} ms/step, peak {c['peak_mem_gib']:.1f} GiB")
+                         f"{c['decode_ms_per_step']:.1f} ms/step, peak "
+                     + " / ".join(f"{g:.1f}" for g in c.get("peak_mem_gib_per_gpu") or [c["peak_mem_gib"]])
+                     + " GiB" + (" per GPU" if len(c.get("peak_mem_gib_per_gpu") or []) > 1 else ""))
     for e in res.get("errors", []):
         lines.append(f"ERROR in {e['case']}: {e['error'][:200]}")
     return "\n".join(lines)
@@ -344,6 +346,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="decode backend for the 40B shape (none: static cache, eager step; weight-bound anyway)")
     p.add_argument("--real-quant", default="bf16", help="comma list of bf16,int8: weight formats of the 40B shape "
                    "(int8 = LLM.int8 through bitsandbytes, one GPU)")
+    p.add_argument("--real-devices", type=int, default=1, help="GPUs the 40B shape is sharded over (device_map)")
     p.add_argument("--real-quant-new-tokens", type=int, default=32, help="new tokens per call for the int8 shape")
     p.add_argument("--device", default="cuda", help="cuda (the benchmark) or cpu (smoke test on a tiny preset)")
     p.add_argument("--peak", type=float, default=H100_H200_BF16_PEAK, help="peak FLOP/s for MFU")
@@ -383,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
                 res[key] = _guard(res, key, run_real_shape, batches=real_batches,
                                   new_tokens=args.real_new_tokens if quant == "bf16" else args.real_quant_new_tokens,
                                   decode_backend=None if args.real_decode_backend == "none" else args.real_decode_backend,
-                                  quantize=None if quant == "bf16" else quant)
+                                  quantize=None if quant == "bf16" else quant, devices=args.real_devices)
         else:
             p.error(f"unknown section {name!r}")
         res.setdefault("section_seconds", {})[name] = time.perf_counter() - t0

@@ -81,14 +81,15 @@ def quantize_int8_(model: nn.Module, skip_modules=None, threshold: float = 6.0) 
 
 def run_real_shape(*, batches=(1, 8), new_tokens: int = 128, device: str = "cuda", preset: str = "medrega",
                    dtype: torch.dtype = torch.bfloat16, decode_backend: str | None = None,
-                   quantize: str | None = None) -> dict:
+                   quantize: str | None = None, devices: int = 1) -> dict:
     """Build `preset` (default: the real MedRegA shape) on `device` and time batch_chat at each batch size.
 
     `decode_backend` is the dynamo backend of the fast decode step (None: static cache with an eager step and no
     CUDA graph; the 40B decode is bound by reading its 80 GB of weights, so fusion and graphs buy little there and
     a 60-layer trace/compile would cost minutes of a short lease). `quantize="int8"` quantises the language model's
     linears with `quantize_int8_` after the bf16 build (its decode step then always runs eagerly: LLM.int8's outlier
-    split is data-dependent and cannot be captured in a CUDA graph)."""
+    split is data-dependent and cannot be captured in a CUDA graph). `devices` > 1 shards the model over that many
+    GPUs with a balanced `device_map` (each layer built on its own GPU) and reports the peak memory of each."""
     from internvl.model import load_preset
 
     from .build import build_ours
@@ -98,7 +99,19 @@ def run_real_shape(*, batches=(1, 8), new_tokens: int = 128, device: str = "cuda
     cuda = str(device).startswith("cuda")
     t0 = time.perf_counter()
     config = load_preset(preset)
-    model = build_ours(config, device=device, dtype=dtype).eval()
+    device_map = None
+    if devices > 1:
+        if not cuda or torch.cuda.device_count() < devices:
+            raise RuntimeError(f"devices={devices} needs that many CUDA GPUs; {torch.cuda.device_count()} visible")
+        from internvl.model.loading import build_on_meta
+
+        from .build import build_ours_sharded, shard_device_map
+
+        device_map = shard_device_map(build_on_meta(config).to(dtype=dtype),
+                                      {i: torch.cuda.mem_get_info(i)[1] * 0.9 for i in range(devices)}, dtype)
+        model = build_ours_sharded(config, device_map, dtype=dtype).eval()
+    else:
+        model = build_ours(config, device=device, dtype=dtype).eval()
     quantized = 0
     if quantize == "int8":
         quantized = quantize_int8_(model)
@@ -109,12 +122,14 @@ def run_real_shape(*, batches=(1, 8), new_tokens: int = 128, device: str = "cuda
     _sync(device)
     build_s = time.perf_counter() - t0
     n_params = sum(p.numel() for p in model.parameters())
-    weights_gib = torch.cuda.memory_allocated() / 2**30 if cuda else float("nan")
+    gpus = list(range(max(devices, 1))) if cuda else []
+    weights_gib = sum(torch.cuda.memory_allocated(i) for i in gpus) / 2**30 if cuda else float("nan")
     path = ("batch_chat -> static-cache greedy decoder (model.fast_generate)" if hasattr(model, "fast_generate")
             else "batch_chat -> transformers generate (dynamic cache)")
     out = {"preset": preset, "params": n_params, "build_s": build_s, "weights_gib": weights_gib,
            "decode_backend": decode_backend, "path": path, "quantize": quantize or "bf16",
-           "quantized_linears": quantized, "cases": []}
+           "quantized_linears": quantized, "devices": max(devices, 1),
+           "device_map_gpus": sorted({str(d) for d in device_map.values()}) if device_map else None, "cases": []}
     with tempfile.TemporaryDirectory() as tmp:
         tok = bench_tokenizer(Path(tmp))
     size = config.force_image_size or config.vision_config.image_size
@@ -132,8 +147,8 @@ def run_real_shape(*, batches=(1, 8), new_tokens: int = 128, device: str = "cuda
         call(1)
         _sync(device)
         warm_s = time.perf_counter() - warm0
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
+        for i in gpus:
+            torch.cuda.reset_peak_memory_stats(i)
         ttft, _ = _timed(lambda: call(1), 1)
         full, answers = _timed(lambda: call(new_tokens), 1)
         out["cases"].append({
@@ -143,7 +158,8 @@ def run_real_shape(*, batches=(1, 8), new_tokens: int = 128, device: str = "cuda
             "tokens_per_s": batch * new_tokens / full,
             "ttft_ms": ttft * 1e3,
             "decode_ms_per_step": (full - ttft) / max(new_tokens - 1, 1) * 1e3,
-            "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"),
+            "peak_mem_gib": max(torch.cuda.max_memory_allocated(i) for i in gpus) / 2**30 if cuda else float("nan"),
+            "peak_mem_gib_per_gpu": [torch.cuda.max_memory_allocated(i) / 2**30 for i in gpus],
             "warmup_s": warm_s,
             "answer_chars": [len(a) for a in answers],
         })
