@@ -18,9 +18,9 @@ import torch
 
 from . import batches as B
 from .flops import H100_H200_BF16_PEAK, decode_weight_bytes, shape_of
-from .gen_bench import agreement, run_gen_case
+from .gen_bench import agreement, run_gen_case, variant_lines
 from .lengths import describe, iu_report_token_lengths, sample_mix
-from .train_bench import free, loss_agreement, native_loss, ours_loss, run_train_case, set_fast
+from .train_bench import free, ours_loss, run_train_case, set_fast, train_table_lines
 
 log = logging.getLogger("internvl.bench")
 IMG_ID_OFFSET = 1  # the image-context id used in synthetic batches: vocab_size - 1
@@ -65,37 +65,16 @@ def _guard(results: dict, key: str, fn, *args, **kwargs):
 
 
 def section_train(args, res: dict, config) -> None:
-    from .build import build_native, build_ours
+    """Native vs our trainer's fast paths (variants side by side), checkpointing off/on: `train_bench.section_train`."""
+    from .train_bench import section_train as run_section
 
-    vocab = config.llm_config.vocab_size
-    img_id = vocab - IMG_ID_OFFSET
-    data = [B.fixed_batch(args.batch, args.seq, vocab=vocab, image_token_id=img_id,
-                          num_image_token=config.num_image_token, image_size=config.force_image_size,
-                          answer_from=24 + B.IMAGE_TOKENS + 30, seed=i).to(args.device, args.dtype)
-            for i in range(2)]
-    rows = res.setdefault("train", [])
-    ours = build_ours(config, device=args.device, dtype=args.dtype, seed=0)
-    ours.img_context_token_id = img_id
-    shape = shape_of(ours)
-    res["shape"] = shape.as_dict()
-    res["loss_guard"] = _guard(res, "loss_guard", loss_agreement, ours, data[0])
-    for ckpt in (False, True):
-        set_fast(ours, True)
-        r = _guard(res, "_tmp", run_train_case, f"ours ckpt={'on' if ckpt else 'off'}", ours,
-                   lambda m, b: ours_loss(m, b, fast=True), data, shape=shape, steps=args.steps,
-                   warmup=args.warmup, ckpt=ckpt, peak_flops=args.peak)
-        if r:
-            rows.append(r)
-    del ours
-    free()
-    native, _ = build_native(config, image_token_id=img_id, device=args.device, dtype=args.dtype, seed=0)
-    for ckpt in (False, True):
-        r = _guard(res, "_tmp", run_train_case, f"native ckpt={'on' if ckpt else 'off'}", native, native_loss,
-                   data, shape=shape, steps=args.steps, warmup=args.warmup, ckpt=ckpt, peak_flops=args.peak)
-        if r:
-            rows.append(r)
-    del native
-    free()
+    def batches_for(vocab: int, img_id: int) -> list:
+        return [B.fixed_batch(args.batch, args.seq, vocab=vocab, image_token_id=img_id,
+                              num_image_token=config.num_image_token, image_size=config.force_image_size,
+                              answer_from=24 + B.IMAGE_TOKENS + 30, seed=i).to(args.device, args.dtype)
+                for i in range(2)]
+
+    run_section(args, res, config, batches_for=batches_for)
 
 
 def section_pack(args, res: dict, config) -> None:
@@ -135,15 +114,32 @@ def section_pack(args, res: dict, config) -> None:
     free()
 
 
+def _save_partial(args, res: dict) -> None:
+    """Write bench.json now (generated token tensors left out), so a run stopped at its time limit keeps what it has."""
+    slim = {k: ([{kk: vv for kk, vv in r.items() if kk != "tokens"} for r in v] if k == "gen" else v)
+            for k, v in res.items()}
+    Path(args.out, "bench.json").write_text(json.dumps(slim, indent=1, default=str))
+
+
 def section_gen(args, res: dict, config) -> None:
     from transformers import CompileConfig
 
     from ..model.fast_generate import decoder_for
     from .build import build_native, build_ours
+    from .gen_bench import Deadline, apply_variant, profile_replays, real_llm_variants
 
     vocab = config.llm_config.vocab_size
     img_id = vocab - IMG_ID_OFFSET
     n = args.new_tokens
+    deadline = Deadline(args.gen_deadline_s)
+    skipped = res.setdefault("gen_skipped", [])
+
+    def due(label: str) -> bool:
+        if deadline.over():
+            skipped.append(f"{label} (at {deadline.elapsed():.0f} s)")
+            return False
+        return True
+
     ours = build_ours(config, device=args.device, dtype=args.dtype, seed=0).eval()
     ours.img_context_token_id = img_id
     ours.language_model.fast_decode_backend = None if args.decode_backend == "none" else args.decode_backend
@@ -155,12 +151,15 @@ def section_gen(args, res: dict, config) -> None:
     res["fast_is_default_generate"] = hasattr(ours, "fast_generate")
     rows = res.setdefault("gen", [])
     agree = res.setdefault("gen_agreement", [])
+    prompts = {}
     for batch in args.gen_batches:
         ids, mask, pix = B.generation_prompts(batch, vocab=vocab, image_token_id=img_id,
                                               num_image_token=config.num_image_token,
                                               image_size=config.force_image_size)
-        ids, mask, pix = ids.to(args.device), mask.to(args.device), pix.to(args.device, args.dtype)
-        L = ids.shape[1]
+        prompts[batch] = (ids.to(args.device), mask.to(args.device), pix.to(args.device, args.dtype))
+
+    def ours_fast_for(batch: int):
+        ids, mask, pix = prompts[batch]
 
         def ours_fast(k: int) -> torch.Tensor:
             if hasattr(ours, "fast_generate"):  # the model's default generate path
@@ -171,6 +170,36 @@ def section_gen(args, res: dict, config) -> None:
                 emb = ours._embed(ids, pix, None)
                 return decoder_for(ours.language_model).generate(emb, mask, max_new_tokens=k, eos_token_id=[2],
                                                                  min_new_tokens=k, pad_token_id=0)
+        return ours_fast
+
+    fast_rows = {}
+    if args.gen_variants:  # pass 1: our decode variants side by side, all batches, before anything else
+        for batch in args.gen_batches:
+            for name in (args.gen_variants if batch == 1 else args.gen_variants_batched):
+                if not due(f"ours [{name}] batch {batch}"):
+                    continue
+                apply_variant(ours.language_model, name)
+                r = _guard(res, "_tmp", run_gen_case, f"ours [{name}]", ours_fast_for(batch), batch=batch,
+                           new_tokens=n)
+                if r:
+                    rows.append({**r, "variant": name})
+                    if name == args.gen_variants[0] or batch not in fast_rows:
+                        fast_rows[batch] = r
+                    if batch == 1 and name == args.gen_profile_variant and args.device == "cuda":
+                        res["profile_decode_variant"] = _guard(
+                            res, "profile_decode_variant", profile_replays, ours_fast_for(1), n,
+                            str(Path(args.out, "profile_decode_b1.txt")))
+                _save_partial(args, res)
+        apply_variant(ours.language_model, args.gen_variants[-1])
+    if args.gen_real_variants and args.device == "cuda" and due("40B LLM variants"):  # ~70 GiB next to the mid models
+        res["gen_real_variants"] = _guard(res, "gen_real_variants", real_llm_variants, args.gen_real_variants,
+                                          new_tokens=args.gen_real_new_tokens,
+                                          copy_bytes_per_s=res["device"]["copy_bytes_per_s"]) or []
+        free()
+        _save_partial(args, res)
+    for batch in args.gen_batches:
+        ids, mask, pix = prompts[batch]
+        L = ids.shape[1]
 
         def ours_plain(k: int) -> torch.Tensor:
             return ours.generate(pixel_values=pix, input_ids=ids, attention_mask=mask, max_new_tokens=k,
@@ -183,30 +212,40 @@ def section_gen(args, res: dict, config) -> None:
                                   min_new_tokens=k, do_sample=False, eos_token_id=2, pad_token_id=0, **extra)
             return out[:, L:]
 
-        fast = _guard(res, "_tmp", run_gen_case, "ours fast (static cache + CUDA graph)", ours_fast,
-                      batch=batch, new_tokens=n)
-        if fast:
-            rows.append(fast)
-        if batch in args.plain_batches:
+        fast = fast_rows.get(batch)
+        if not args.gen_variants and due(f"ours fast batch {batch}"):
+            fast = _guard(res, "_tmp", run_gen_case, "ours fast (static cache + CUDA graph)", ours_fast_for(batch),
+                          batch=batch, new_tokens=n)
+            if fast:
+                rows.append(fast)
+        if batch in args.plain_batches and due(f"ours plain batch {batch}"):
             plain = _guard(res, "_tmp", run_gen_case, "ours plain HF generate (dynamic cache)", ours_plain,
                            batch=batch, new_tokens=n, repeats=1, warm_tokens=4)
             if plain:
                 rows.append(plain)
                 if fast:
                     agree.append({"batch": batch, "vs": "ours plain", **agreement(fast["tokens"], plain["tokens"])})
-        nd = _guard(res, "_tmp", run_gen_case, "native default (dynamic cache)", lambda k: native_gen(k, False),
-                    batch=batch, new_tokens=n, repeats=1, warm_tokens=4)
-        if nd:
-            rows.append(nd)
-            if fast and copied:
-                agree.append({"batch": batch, "vs": "native default", **agreement(fast["tokens"], nd["tokens"])})
-        if batch in args.static_batches:
+        if (args.native_batches is None or batch in args.native_batches) and due(f"native default batch {batch}"):
+            nd = _guard(res, "_tmp", run_gen_case, "native default (dynamic cache)", lambda k: native_gen(k, False),
+                        batch=batch, new_tokens=n, repeats=1, warm_tokens=4)
+            if nd:
+                rows.append(nd)
+                if fast and copied:
+                    agree.append({"batch": batch, "vs": "native default", **agreement(fast["tokens"], nd["tokens"])})
+        if batch in args.static_batches and due(f"native static batch {batch}"):
             ns = _guard(res, "_tmp", run_gen_case, "native static + compiled", lambda k: native_gen(k, True),
                         batch=batch, new_tokens=n)
             if ns:
                 rows.append(ns)
                 if fast and copied:
                     agree.append({"batch": batch, "vs": "native static", **agreement(fast["tokens"], ns["tokens"])})
+        _save_partial(args, res)
+    if args.gen_variants and 1 in args.gen_batches:  # how far the variants' greedy tokens agree (bf16 ties)
+        base = next((r for r in rows if r.get("variant") == args.gen_variants[0] and r["batch"] == 1), None)
+        for r in rows:
+            if base is not None and r.get("variant") and r is not base and r["batch"] == 1:
+                agree.append({"batch": 1, "vs": f"{base['variant']} vs {r['variant']}",
+                              **agreement(base["tokens"], r["tokens"])})
     for r in rows:
         r.pop("tokens", None)
     ours = native = None  # drop the models (the closures above are done with them)
@@ -261,16 +300,7 @@ def section_profile(args, res: dict, config) -> None:
 
 def fmt_table(res: dict) -> str:
     lines = [f"GPU: {res.get('device', {}).get('gpu', '?')}  peak for MFU: {res['peak_flops'] / 1e12:.1f} TFLOP/s"]
-    train = {r["case"]: r for r in res.get("train", [])}
-    if train:
-        lines.append("\n== training (batch %d x %d tokens, 1 image each, bf16, AdamW) ==" % (res["args"]["batch"],
-                                                                                         res["args"]["seq"]))
-        lines.append(f"{'case':28s} {'tok/s':>9s} {'samp/s':>7s} {'peakGiB':>8s} {'MFU':>6s} {'vs native':>9s}")
-        for r in train.values():
-            nat = train.get(r["case"].replace("ours", "native"))
-            ratio = f"{r['tokens_per_s'] / nat['tokens_per_s']:.2f}x" if nat and r["case"].startswith("ours") else ""
-            lines.append(f"{r['case']:28s} {r['tokens_per_s']:9.0f} {r['samples_per_s']:7.2f} "
-                         f"{r['peak_mem_gib']:8.1f} {r['mfu'] * 100:5.1f}% {ratio:>9s}")
+    lines += train_table_lines(res)
     if res.get("loss_guard"):
         g = res["loss_guard"]
         lines.append(f"loss guard: plain {g['plain']:.5f} fast {g['fast']:.5f} rel diff {g['rel_diff']:.2e}")
@@ -303,6 +333,7 @@ def fmt_table(res: dict) -> str:
                 lines.append(f"batch {batch}: ours fast vs " + ", ".join(parts))
                 if batch == 1:
                     lines.append(f"batch 1: fraction of weight-bandwidth limit {floor / ours['decode_ms_per_step']:.0%}")
+        lines.extend(variant_lines(res))
     for key in [k for k in res if k == "real" or k.startswith("real_")]:
         real = res[key]
         if not real:
@@ -329,6 +360,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq", type=int, default=1024)
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--train-variants", default="default",
+                   help="comma list of our training variants (internvl/bench/train_bench.py TRAIN_VARIANTS: s1, "
+                        "padded, compiled, default, outside, skip2, skip4), each optionally :on / :off")
+    p.add_argument("--train-profile", action="store_true", help="profile the checkpointing-on step (native, s1, "
+                   "default) with torch.profiler")
+    p.add_argument("--train-deadline-s", type=float, default=None, help="skip the remaining training cases after this")
     p.add_argument("--pack-samples", type=int, default=96)
     p.add_argument("--pack-batch", type=int, default=8)
     p.add_argument("--pack-rows", type=int, default=2)
@@ -338,6 +375,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gen-batches", default="1,8,32")
     p.add_argument("--static-batches", default="1,32", help="batches at which native static+compiled is timed")
     p.add_argument("--plain-batches", default="1", help="batches at which our plain HF generate is timed")
+    p.add_argument("--gen-variants", default="", help="comma list of decode variants (internvl/bench/gen_bench.py "
+                   "VARIANTS, the first is the baseline of the ratios) timed side by side at batch 1")
+    p.add_argument("--gen-variants-batched", default="baseline,packed+tuned", help="variants timed at batches > 1")
+    p.add_argument("--gen-profile-variant", default="", help="profile one warm batch-1 generate of this variant")
+    p.add_argument("--gen-real-variants", default="", help="variants timed on the 40B shape's LLM alone (batch 1)")
+    p.add_argument("--gen-real-new-tokens", type=int, default=64)
+    p.add_argument("--native-batches", default="all", help="batches at which native default generate is timed")
+    p.add_argument("--gen-deadline-s", type=float, default=None,
+                   help="skip (and record) gen cases that would start after this many seconds of the section")
     p.add_argument("--decode-backend", default="inductor", choices=["inductor", "eager", "none"],
                    help="dynamo backend of our decode step (none: plain eager, CPU smoke tests)")
     p.add_argument("--real-batches", default="1,8")
@@ -354,6 +400,12 @@ def main(argv: list[str] | None = None) -> int:
     args.gen_batches = [int(x) for x in args.gen_batches.split(",") if x]
     args.static_batches = [int(x) for x in args.static_batches.split(",") if x]
     args.plain_batches = [int(x) for x in args.plain_batches.split(",") if x]
+    args.native_batches = None if args.native_batches == "all" else [int(x) for x in args.native_batches.split(",") if x]
+    from .gen_bench import parse_variants
+
+    args.gen_variants = parse_variants(args.gen_variants)
+    args.gen_variants_batched = parse_variants(args.gen_variants_batched)
+    args.gen_real_variants = parse_variants(args.gen_real_variants)
     real_batches = [int(x) for x in args.real_batches.split(",") if x]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.device == "cuda" and not torch.cuda.is_available():

@@ -66,3 +66,146 @@ def agreement(a: torch.Tensor, b: torch.Tensor) -> dict:
     prefix = same.long().cumprod(dim=1).sum(dim=1).float()
     return {"rows_equal": int(same.all(dim=1).sum()), "rows": int(a.shape[0]),
             "mean_common_prefix": float(prefix.mean())}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Decode-step variants, side by side in one run (`--gen-variants`)
+# ----------------------------------------------------------------------------------------------------------------
+#: decode-step options per variant: the module attributes `internvl.model.fast_generate.decoder_for` reads.
+#: "baseline" is the session-1 default (HF forward of the LM, no packing, inductor without tuning).
+VARIANTS: dict[str, dict] = {
+    "baseline": {"fast_decode_packed": False, "fast_decode_attention": "sdpa", "fast_decode_tuning": False},
+    "tuned": {"fast_decode_packed": False, "fast_decode_attention": "sdpa", "fast_decode_tuning": "auto"},
+    "packed": {"fast_decode_packed": True, "fast_decode_attention": "sdpa", "fast_decode_tuning": False},
+    "packed+tuned": {"fast_decode_packed": True, "fast_decode_attention": "sdpa", "fast_decode_tuning": "auto"},
+    "packed+math": {"fast_decode_packed": True, "fast_decode_attention": "math", "fast_decode_tuning": False},
+    "packed+tuned+math": {"fast_decode_packed": True, "fast_decode_attention": "math", "fast_decode_tuning": "auto"},
+}
+
+
+def parse_variants(text: str) -> list[str]:
+    """Comma list of VARIANTS names -> list (ValueError naming the unknown ones)."""
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    unknown = [v for v in names if v not in VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown decode variant(s) {unknown}; known: {sorted(VARIANTS)}")
+    return names
+
+
+def apply_variant(lm: torch.nn.Module, name: str) -> None:
+    """Set the decode options of variant `name` on a language model (the next generate builds its decoder)."""
+    for attr, value in VARIANTS[name].items():
+        setattr(lm, attr, value)
+
+
+class Deadline:
+    """Wall-clock budget of a benchmark section: cases that would start after it are skipped and recorded."""
+
+    def __init__(self, seconds: float | None) -> None:
+        self.t0 = time.perf_counter()
+        self.seconds = seconds
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def over(self) -> bool:
+        return self.seconds is not None and self.elapsed() > self.seconds
+
+
+def variant_lines(res: dict) -> list[str]:
+    """Table of the decode variants: ms/step, tokens/s, compile/capture seconds, fraction of the weight-bandwidth
+    floor (batch 1) and the step-time ratio against the baseline variant of the same batch."""
+    rows = [r for r in res.get("gen", []) if "variant" in r]
+    if not rows:
+        return []
+    floor = res["decode_weight_bytes"] / res["device"]["copy_bytes_per_s"] * 1e3
+    lines = [f"\n== decode variants (same run; floor {floor:.3f} ms/step at batch 1) ==",
+             f"{'variant':20s} {'batch':>5s} {'ms/step':>8s} {'tok/s':>9s} {'TTFT ms':>8s} {'warm s':>7s} "
+             f"{'floor %':>7s} {'vs baseline':>11s}"]
+    base = {r["batch"]: r for r in rows if r["variant"] == "baseline"}
+    for r in rows:
+        frac = f"{floor / r['decode_ms_per_step']:.0%}" if r["batch"] == 1 else ""
+        b = base.get(r["batch"])
+        ratio = f"{b['decode_ms_per_step'] / r['decode_ms_per_step']:.2f}x" if b else ""
+        lines.append(f"{r['variant']:20s} {r['batch']:5d} {r['decode_ms_per_step']:8.3f} {r['tokens_per_s']:9.1f} "
+                     f"{r['ttft_ms']:8.1f} {r['warmup_s']:7.1f} {frac:>7s} {ratio:>11s}")
+    for batch in sorted(base):
+        native = next((r for r in res.get("gen", []) if r["batch"] == batch and r["case"].startswith("native static")),
+                      None)
+        if native:
+            lines.append(f"batch {batch}: native static + compiled {native['decode_ms_per_step']:.3f} ms/step; "
+                         + ", ".join(f"{r['variant']} {native['decode_ms_per_step'] / r['decode_ms_per_step']:.2f}x"
+                                     for r in rows if r["batch"] == batch))
+    for r in res.get("gen_real_variants", []):
+        if "error" in r:
+            lines.append(f"40B LLM decoder only, {r['variant']}: ERROR {r['error'][:160]}")
+            continue
+        lines.append(f"40B LLM decoder only, {r['variant']:14s} batch {r['batch']}: {r['decode_ms_per_step']:.2f} "
+                     f"ms/step, warm {r['warmup_s']:.1f} s, floor {r['floor_ms']:.2f} ms "
+                     f"({r['floor_ms'] / r['decode_ms_per_step']:.0%})")
+    for s in res.get("gen_skipped", []):
+        lines.append(f"skipped (time budget): {s}")
+    return lines
+
+
+def profile_replays(generate: Callable[[int], torch.Tensor], new_tokens: int, path: str) -> list[str]:
+    """torch.profiler table (top CUDA kernels) of one already-warm `generate(new_tokens)` call: new_tokens - 1 replays
+    of the captured decode step plus one prefill. Written to `path`; returns the first lines."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        generate(new_tokens)
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70)
+    with open(path, "w") as f:
+        f.write(f"one generate call: prefill + {new_tokens - 1} replayed decode steps at batch 1\n{table}\n")
+    return table.splitlines()[:30]
+
+
+def real_llm_variants(variants: list[str], *, new_tokens: int = 64, prompt: int = 300, backend: str = "eager",
+                      copy_bytes_per_s: float, device: str = "cuda", seed: int = 0,
+                      preset: str = "medrega") -> list[dict]:
+    """The 40B shape's language model alone (Yi-34B-shaped Llama of the `medrega` preset, random bf16 weights built
+    on the device): greedy decode at batch 1 after a random-embedding prompt with each decode variant (same weights,
+    `backend` dynamo backend + CUDA graph). Returns one row per variant."""
+    from internvl.model import load_preset
+    from transformers import LlamaForCausalLM
+
+    from .build import materialize
+
+    cfg = load_preset(preset).llm_config
+    dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    lm = materialize(lambda: LlamaForCausalLM(cfg), device=device, dtype=dtype, seed=seed).eval()
+    lm.fast_decode_backend = backend
+    dtype = next(lm.parameters()).dtype
+    from .flops import decode_weight_bytes
+
+    floor_ms = decode_weight_bytes(lm) / copy_bytes_per_s * 1e3
+    gen = torch.Generator(device=device).manual_seed(seed)
+    emb = torch.randn(1, prompt, cfg.hidden_size, device=device, dtype=dtype, generator=gen) * 0.02
+    mask = torch.ones(1, prompt, dtype=torch.long, device=device)
+    from internvl.model.fast_generate import decoder_for
+
+    rows = []
+    try:
+        for name in variants:
+            apply_variant(lm, name)
+
+            def generate(k: int) -> torch.Tensor:
+                with torch.inference_mode():
+                    return decoder_for(lm).generate(emb, mask, max_new_tokens=k, min_new_tokens=k,
+                                                    eos_token_id=[2], pad_token_id=0)
+
+            try:
+                r = run_gen_case(f"40B LLM [{name}]", generate, batch=1, new_tokens=new_tokens, repeats=1)
+            except Exception as exc:  # noqa: BLE001 - one variant failing must not lose the others
+                rows.append({"variant": name, "error": repr(exc)})
+                continue
+            r.pop("tokens")
+            rows.append({**r, "variant": name, "floor_ms": floor_ms, "backend": backend})
+    finally:
+        lm = None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return rows

@@ -54,6 +54,45 @@ def sdpa_gqa_decode_attention(module: nn.Module, query: torch.Tensor, key: torch
     return out.reshape(batch, heads, 1, dim).transpose(1, 2).contiguous(), None
 
 
+def math_gqa_decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
+                              scaling: float) -> torch.Tensor:
+    """Decode attention written as fp32 multiply-sum, softmax, multiply-sum, for inductor to fuse into its own
+    reduction kernels (no attention library call). Grouped-query heads are folded like `sdpa_gqa_decode_attention`.
+
+    query [B, H, 1, D], key/value [B, KVH, L, D], mask bool [B, 1, 1, L] (True = attend) -> [B, 1, H, D]."""
+    batch, heads, _, dim = query.shape
+    kv_heads = key.shape[1]
+    q = query.reshape(batch, kv_heads, heads // kv_heads, 1, dim).float()
+    scores = (q * key[:, :, None].float()).sum(-1) * scaling  # [B, KVH, G, L]
+    scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    out = (probs[..., None] * value[:, :, None].float()).sum(-2)  # [B, KVH, G, D]
+    return out.to(query.dtype).reshape(batch, 1, heads, dim)
+
+
+#: model types whose decoder layers the packed decode step reproduces (pre-norm, q/k/v(+bias) -> RoPE -> attention
+#: -> o_proj, gated MLP); each checked for options the packed step does not implement in packed_step_supported.
+PACKED_MODEL_TYPES = ("llama", "qwen2")
+
+
+def packed_step_supported(lm: nn.Module) -> bool:
+    """True when our packed Llama-family decode step reproduces `lm`'s forward: a Llama / Qwen2 causal LM with full
+    attention in every layer (no sliding window), no tensor-parallel plan in use, and plain-Linear q/k/v, gate/up."""
+    from ..ops.packed_projections import decoder_layer_groups
+
+    cfg = getattr(lm, "config", None)
+    if cfg is None or getattr(cfg, "model_type", None) not in PACKED_MODEL_TYPES:
+        return False
+    if not hasattr(lm, "lm_head") or getattr(cfg, "final_logit_softcapping", None):
+        return False
+    if getattr(cfg, "use_sliding_window", False) or any(t != "full_attention"
+                                                        for t in (getattr(cfg, "layer_types", None) or [])):
+        return False
+    if getattr(cfg, "pretraining_tp", 1) not in (None, 1):
+        return False
+    return decoder_layer_groups(lm) is not None
+
+
 class _recompile_limit:
     """Raise dynamo's per-function recompile limit while our step runs (restored afterwards)."""
 
@@ -114,6 +153,14 @@ class StaticGreedyDecoder:
             (plain eager step launched from Python, no CUDA graph: for very large models whose decode is bound by
             reading the weights anyway, or the CPU).
         check_every: how many tokens between host checks of "all rows finished".
+        packed: for Llama / Qwen2 language models whose q/k/v and gate/up are plain `nn.Linear`s, run the decode step
+            through our own layer loop over packed q/k/v and gate/up weights (`internvl.ops.packed_projections`: the
+            parameters are re-pointed into one tensor per group, no extra memory). Other models use their own forward.
+        attention: decode attention of the packed step: "sdpa" (grouped-query SDPA, `sdpa_gqa_decode_attention`) or
+            "math" (explicit fp32 multiply-sum / softmax / multiply-sum that inductor fuses into its own kernels).
+        tuning: inductor's coordinate-descent tuning for the step (True, False, or "auto" = at batch 1 only). With it
+            inductor also rewrites one-row matrix products as multiply + sum reductions that it tunes to near-peak
+            bandwidth and fuses with the preceding norm (the gpt-fast recipe); it lengthens the compile.
     """
 
     def __init__(
@@ -123,12 +170,23 @@ class StaticGreedyDecoder:
         use_cuda_graph: bool = True,
         compile_backend: str | None = "inductor",
         check_every: int = 32,
+        packed: bool = True,
+        attention: str = "sdpa",
+        tuning: bool | str = "auto",
     ) -> None:
+        if attention not in ("sdpa", "math"):
+            raise ValueError(f"attention must be 'sdpa' or 'math', got {attention!r}")
+        if tuning not in (True, False, "auto"):
+            raise ValueError(f"tuning must be True, False or 'auto', got {tuning!r}")
         self.lm = lm
         self.use_cuda_graph = use_cuda_graph
         self.compile_backend = compile_backend
         self.check_every = max(1, int(check_every))
+        self.packed = packed
+        self.attention = attention
+        self.tuning = tuning
         self._states: dict[tuple, _DecodeState] = {}
+        self._pack_signature: tuple | None = None
         _register_decode_attention()
 
     # ----------------------------------------------------------------------------------------------------------
@@ -186,20 +244,84 @@ class StaticGreedyDecoder:
         st.pos.add_(1)
         st.step.add_(1)
 
+    def _packed_forward_logits(self, st: _DecodeState, ids: torch.Tensor, pos: torch.Tensor,
+                               packs: list) -> torch.Tensor:
+        """The decode forward of a Llama-family LM over packed weights: per layer norm -> packed q/k/v -> RoPE (the
+        model's rotary_emb) -> static-cache update -> attention -> o_proj -> residual -> norm -> packed gate/up ->
+        act * up -> down -> residual; then the final norm and the LM head. Same maths as the model's forward (same
+        modules for norms, rotary, o/down, head). ids/pos [B, 1] -> [B, V] logits; `packs` from `pack_decoder`."""
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        model = self.lm.model
+        h = model.get_input_embeddings()(ids)  # [B, 1, H]
+        batch = h.shape[0]
+        cos, sin = model.rotary_emb(h, position_ids=pos)
+        # the new token sits at cache index cumulative_length; it attends to real prompt tokens and earlier steps
+        cache_len = st.mask.shape[1]
+        index = st.cache.layers[0].cumulative_length
+        kv = torch.arange(cache_len, device=h.device)
+        mask = (st.mask.bool() & (kv <= index))[:, None, None, :]  # [B, 1, 1, cache_len]
+        for i, layer in enumerate(model.layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            w_qkv, b_qkv, w_gu, b_gu = packs[i]
+            dim = attn.head_dim
+            n_q = attn.q_proj.out_features
+            n_kv = attn.k_proj.out_features
+            x = layer.input_layernorm(h)
+            q, k, v = nn.functional.linear(x, w_qkv, b_qkv).split([n_q, n_kv, n_kv], dim=-1)
+            q = q.view(batch, 1, n_q // dim, dim).transpose(1, 2)
+            k = k.view(batch, 1, n_kv // dim, dim).transpose(1, 2)
+            v = v.view(batch, 1, n_kv // dim, dim).transpose(1, 2)
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            keys, values = st.cache.update(k, v, i)
+            if self.attention == "math":
+                a = math_gqa_decode_attention(q, keys, values, mask, attn.scaling)
+            else:
+                a, _ = sdpa_gqa_decode_attention(attn, q, keys, values, mask, scaling=attn.scaling)
+            h = h + attn.o_proj(a.reshape(batch, 1, n_q))
+            x = layer.post_attention_layernorm(h)
+            gate, up = nn.functional.linear(x, w_gu, b_gu).chunk(2, dim=-1)
+            h = h + mlp.down_proj(mlp.act_fn(gate) * up)
+        h = model.norm(h)
+        return self.lm.lm_head(h[:, -1, :])
+
+    def _tuned(self, batch: int) -> bool:
+        return self.tuning is True or (self.tuning == "auto" and batch == 1)
+
     def _make_step(self, st: _DecodeState, pad_token_id: int):
-        def forward(ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-            return self._forward_logits(st, ids, pos)
+        if st.extra.get("packs") is not None:
+            def forward(ids: torch.Tensor, pos: torch.Tensor, packs: list) -> torch.Tensor:
+                return self._packed_forward_logits(st, ids, pos, packs)
+        else:
+            def forward(ids: torch.Tensor, pos: torch.Tensor, packs: None) -> torch.Tensor:
+                return self._forward_logits(st, ids, pos)
 
         core = forward
-        if self.compile_backend is not None:
+        if self.compile_backend == "inductor":
+            options = {"coordinate_descent_tuning": True} if self._tuned(st.ids.shape[0]) else None
+            core = torch.compile(forward, fullgraph=True, dynamic=False, backend="inductor", options=options)
+        elif self.compile_backend is not None:
             core = torch.compile(forward, fullgraph=True, dynamic=False, backend=self.compile_backend)
 
         def step() -> None:
             with _recompile_limit(RECOMPILE_LIMIT):
-                logits = core(st.ids, st.pos)
+                logits = core(st.ids, st.pos, st.extra.get("packs"))
             self._record(st, self._select(st, logits.float(), pad_token_id))
 
         return step
+
+    def _packs(self) -> list | None:
+        """Pack (or re-pack) the model's q/k/v and gate/up weights when the packed step applies; returns the packed
+        views or None. When the packed addresses change (first packing, parameters moved since), every cached state
+        is dropped: their CUDA graphs read the old addresses."""
+        from ..ops.packed_projections import pack_decoder, packed_signature
+
+        packs = pack_decoder(self.lm) if self.packed and packed_step_supported(self.lm) else None
+        signature = packed_signature(packs) if packs is not None else None
+        if signature != self._pack_signature:
+            self._states.clear()
+            self._pack_signature = signature
+        return packs
 
     # ----------------------------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -241,6 +363,7 @@ class StaticGreedyDecoder:
         if bool((attention_mask[:, -1] == 0).any()):
             raise ValueError("fast greedy decoding needs left-padded prompts (attention_mask[:, -1] must be 1)")
         eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
+        packs = self._packs()
         need = length + max_new_tokens
         cache_len = -(-need // CACHE_ROUND) * CACHE_ROUND
         key = (batch, cache_len, max_new_tokens, tuple(eos), pad_token_id)
@@ -252,6 +375,7 @@ class StaticGreedyDecoder:
         else:
             st.cache.reset()
         self._states[key] = st
+        st.extra["packs"] = packs  # views at the addresses the state's graph (if any) was captured with
 
         # Fill the fixed buffers for this call (same addresses as the captured graph reads).
         st.mask.fill_(1)
@@ -388,6 +512,10 @@ def greedy_settings(generate_kwargs: dict, default_eos: int | list[int] | None =
 #: language models with more parameters than this get the "eager" decode backend under "auto": their step is bound by
 #: reading the weights, so inductor's fusion gains little and its compile of a deep model costs minutes per shape.
 AUTO_INDUCTOR_MAX_PARAMS = 5_000_000_000
+#: defaults of the decoder options that `decoder_for` reads from module attributes (see StaticGreedyDecoder).
+DEFAULT_PACKED = True
+DEFAULT_ATTENTION = "sdpa"
+DEFAULT_TUNING: bool | str = "auto"
 
 
 def resolve_backend(lm: nn.Module, backend: str | None) -> str | None:
@@ -399,13 +527,20 @@ def resolve_backend(lm: nn.Module, backend: str | None) -> str | None:
 
 
 def decoder_for(lm: nn.Module) -> StaticGreedyDecoder:
-    """The (cached) StaticGreedyDecoder of a language model. Its dynamo backend comes from the module attribute
+    """The (cached) StaticGreedyDecoder of a language model, configured from module attributes:
     `fast_decode_backend`: "auto" (default: inductor up to 5B parameters, traced-only above), "inductor", "eager",
-    or None (no compile, no CUDA graph)."""
+    or None (no compile, no CUDA graph); `fast_decode_packed` (default True: packed q/k/v and gate/up step for
+    Llama / Qwen2); `fast_decode_attention` ("sdpa" default, or "math"); `fast_decode_tuning` (inductor
+    coordinate-descent tuning: "auto" default = batch 1 only, True, False)."""
     dec = getattr(lm, "_static_greedy_decoder", None)
-    backend = resolve_backend(lm, getattr(lm, "fast_decode_backend", "auto"))
-    if dec is None or dec.compile_backend != backend:
-        dec = StaticGreedyDecoder(lm, compile_backend=backend)
+    options = {
+        "compile_backend": resolve_backend(lm, getattr(lm, "fast_decode_backend", "auto")),
+        "packed": bool(getattr(lm, "fast_decode_packed", DEFAULT_PACKED)),
+        "attention": getattr(lm, "fast_decode_attention", DEFAULT_ATTENTION),
+        "tuning": getattr(lm, "fast_decode_tuning", DEFAULT_TUNING),
+    }
+    if dec is None or any(getattr(dec, name) != value for name, value in options.items()):
+        dec = StaticGreedyDecoder(lm, **options)
         object.__setattr__(lm, "_static_greedy_decoder", dec)  # not a submodule
     return dec
 

@@ -1,0 +1,214 @@
+"""Guards for packed q/k/v and gate/up weights (internvl/ops/packed_projections.py) and the packed decode step of
+StaticGreedyDecoder: same greedy tokens as transformers' plain `generate`, re-packing after parameters move, state
+dict unchanged, no duplicated memory, fallbacks for LoRA-wrapped and non-Llama models, training after generate."""
+import pytest
+import torch
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from internvl.model.fast_generate import StaticGreedyDecoder, math_gqa_decode_attention, packed_step_supported
+from internvl.ops.packed_projections import (
+    PackingError,
+    decoder_layer_groups,
+    layout_ok,
+    pack_decoder,
+    pack_linears,
+    packed_view,
+)
+
+
+def _llama(seed=0, **kw):
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=256, attn_implementation="sdpa", **kw)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def _qwen2(seed=0):
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=1, max_position_embeddings=256, attn_implementation="sdpa")
+    m = Qwen2ForCausalLM(cfg).eval()
+    with torch.no_grad():  # Qwen2 initialises q/k/v biases to zero: make them matter
+        for layer in m.model.layers:
+            for lin in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                lin.bias.normal_(0, 0.5)
+    return m
+
+
+def _prompts(batch=3, length=7, hidden=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    emb = torch.randn(batch, length, hidden, generator=g)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    mask[0, :3] = 0
+    mask[1, :1] = 0
+    return emb, mask
+
+
+def _reference(lm, emb, mask, n):
+    return lm.generate(inputs_embeds=emb, attention_mask=mask, max_new_tokens=n, do_sample=False, eos_token_id=None,
+                       pad_token_id=0)
+
+
+def _storages(lm):
+    return {id(p): p.untyped_storage().data_ptr() for p in lm.parameters()}
+
+
+@pytest.mark.parametrize("make", [_llama, _qwen2, lambda: _llama(attention_bias=True, mlp_bias=True)],
+                         ids=["llama", "qwen2-bias", "llama-bias"])
+@pytest.mark.parametrize("attention", ["sdpa", "math"])
+def test_packed_step_matches_plain_generate(make, attention):
+    lm = make()
+    emb, mask = _prompts()
+    ref = _reference(lm, emb, mask, 12)
+    dec = StaticGreedyDecoder(lm, compile_backend=None, attention=attention)
+    out = dec.generate(emb, mask, max_new_tokens=12)
+    assert dec._pack_signature is not None, "the packed step was not used"
+    assert torch.equal(out, ref)
+
+
+def test_packed_step_traces_fullgraph():
+    lm = _llama(seed=1)
+    emb, mask = _prompts(seed=1)
+    ref = _reference(lm, emb, mask, 6)
+    dec = StaticGreedyDecoder(lm, compile_backend="eager")
+    assert torch.equal(dec.generate(emb, mask, max_new_tokens=6), ref)
+    assert dec._pack_signature is not None
+
+
+def test_state_dict_unchanged_and_memory_shared():
+    lm = _llama(seed=2)
+    before = {k: v.clone() for k, v in lm.state_dict().items()}
+    params_before = {n: id(p) for n, p in lm.named_parameters()}
+    packs = pack_decoder(lm)
+    after = lm.state_dict()
+    assert list(after) == list(before)
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    assert {n: id(p) for n, p in lm.named_parameters()} == params_before  # same Parameter objects (optimizers, PEFT)
+    for layer, (w_qkv, b_qkv, w_gu, b_gu) in zip(lm.model.layers, packs):
+        attn, mlp = layer.self_attn, layer.mlp
+        qkv = [attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]
+        # one storage, exactly as large as the three weights: nothing is duplicated
+        assert {w.untyped_storage().data_ptr() for w in qkv} == {w_qkv.untyped_storage().data_ptr()}
+        assert w_qkv.untyped_storage().nbytes() == sum(w.numel() * w.element_size() for w in qkv)
+        assert torch.equal(w_qkv, torch.cat(qkv))
+        assert torch.equal(w_gu, torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]))
+        assert b_qkv is None and b_gu is None
+        # the packed tensor is the parameters' memory: writing a parameter changes the packed view
+        with torch.no_grad():
+            attn.k_proj.weight[0, 0] += 1.0
+        assert w_qkv[attn.q_proj.out_features, 0] == attn.k_proj.weight[0, 0]
+
+
+def test_repacks_after_parameters_move():
+    lm = _llama(seed=3)
+    emb, mask = _prompts(seed=3)
+    ref = _reference(lm, emb, mask, 9)
+    dec = StaticGreedyDecoder(lm, compile_backend=None)
+    assert torch.equal(dec.generate(emb, mask, max_new_tokens=9), ref)
+    signature = dec._pack_signature
+    groups = decoder_layer_groups(lm)
+    lm.to(torch.float64)
+    assert not layout_ok(groups[0].qkv)  # .to() gave every parameter its own storage
+    lm.to(torch.float32)
+    assert not layout_ok(groups[0].qkv)
+    assert len(dec._states) == 1
+    out = dec.generate(emb, mask, max_new_tokens=9)
+    assert torch.equal(out, ref)
+    assert dec._pack_signature != signature and layout_ok(groups[0].qkv) and layout_ok(groups[0].gate_up)
+    # a state created before the move was dropped (its graph would read the old addresses), the new one is kept
+    assert len(dec._states) == 1
+    again = dec.generate(emb, mask, max_new_tokens=9)
+    assert torch.equal(again, ref)
+
+
+def test_load_state_dict_after_packing_updates_packed_weights():
+    lm, other = _llama(seed=4), _llama(seed=5)
+    emb, mask = _prompts(seed=4)
+    dec = StaticGreedyDecoder(lm, compile_backend=None)
+    dec.generate(emb, mask, max_new_tokens=4)
+    signature = dec._pack_signature
+    lm.load_state_dict(other.state_dict())  # copies in place into the packed storage
+    assert torch.equal(dec.generate(emb, mask, max_new_tokens=8), _reference(other, emb, mask, 8))
+    assert dec._pack_signature == signature
+
+
+def test_training_after_packed_generate():
+    """Packing happens under inference_mode; the parameters must stay ordinary tensors that autograd can use."""
+    lm = _llama(seed=6)
+    emb, mask = _prompts(seed=6)
+    StaticGreedyDecoder(lm, compile_backend=None).generate(emb, mask, max_new_tokens=3)
+    lm.train()
+    ids = torch.randint(0, 96, (2, 5))
+    loss = lm(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert lm.model.layers[0].self_attn.k_proj.weight.grad is not None
+    assert not lm.model.layers[0].self_attn.k_proj.weight.is_inference()
+
+
+def test_lora_wrapped_model_falls_back():
+    peft = pytest.importorskip("peft")
+    lm = _llama(seed=7)
+    model = peft.get_peft_model(lm, peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    model.eval()
+    base = model.base_model.model
+    assert not packed_step_supported(base)
+    storages = _storages(base)
+    emb, mask = _prompts(seed=7)
+    ref = _reference(base, emb, mask, 7)
+    dec = StaticGreedyDecoder(base, compile_backend=None)
+    assert torch.equal(dec.generate(emb, mask, max_new_tokens=7), ref)
+    assert dec._pack_signature is None and _storages(base) == storages  # nothing was re-pointed
+
+
+def test_packing_off_and_other_architectures_leave_weights_alone():
+    lm = _llama(seed=8)
+    storages = _storages(lm)
+    emb, mask = _prompts(seed=8)
+    dec = StaticGreedyDecoder(lm, compile_backend=None, packed=False)
+    assert torch.equal(dec.generate(emb, mask, max_new_tokens=5), _reference(lm, emb, mask, 5))
+    assert _storages(lm) == storages
+    lm.config.model_type = "gemma"  # a model type the packed step does not reproduce
+    assert not packed_step_supported(lm)
+
+
+def test_pack_linears_refuses_mixed_modules():
+    a, b = nn.Linear(8, 4), nn.Linear(8, 4, bias=False)
+    with pytest.raises(PackingError):
+        pack_linears([a, b])
+    with pytest.raises(PackingError):
+        packed_view([nn.Linear(8, 4), nn.Linear(8, 4)])
+    hooked = nn.Linear(8, 4)
+    hooked.register_forward_hook(lambda *args: None)
+    with pytest.raises(PackingError):
+        pack_linears([nn.Linear(8, 4), hooked])
+
+
+def test_math_attention_equals_sdpa():
+    g = torch.Generator().manual_seed(9)
+    q = torch.randn(3, 8, 1, 16, generator=g)
+    k = torch.randn(3, 2, 21, 16, generator=g)
+    v = torch.randn(3, 2, 21, 16, generator=g)
+    mask = torch.rand(3, 1, 1, 21, generator=g) > 0.3
+    mask[..., 0] = True
+    out = math_gqa_decode_attention(q, k, v, mask, 0.25)
+    rep = lambda t: t.repeat_interleave(4, dim=1)  # noqa: E731
+    ref = torch.nn.functional.scaled_dot_product_attention(q, rep(k), rep(v), attn_mask=mask, scale=0.25)
+    assert out.shape == (3, 1, 8, 16)
+    assert torch.allclose(out, ref.transpose(1, 2), atol=1e-5)
+
+
+def test_decoder_for_reads_module_options():
+    from internvl.model import fast_generate as fg
+
+    lm = _llama(seed=10)
+    dec = fg.decoder_for(lm)
+    assert (dec.packed, dec.attention, dec.tuning) == (fg.DEFAULT_PACKED, fg.DEFAULT_ATTENTION, fg.DEFAULT_TUNING)
+    lm.fast_decode_packed = False
+    lm.fast_decode_attention = "math"
+    lm.fast_decode_tuning = False
+    dec2 = fg.decoder_for(lm)
+    assert dec2 is not dec and (dec2.packed, dec2.attention, dec2.tuning) == (False, "math", False)
+    assert fg.decoder_for(lm) is dec2
+    with pytest.raises(ValueError, match="attention"):
+        StaticGreedyDecoder(lm, attention="flash")
