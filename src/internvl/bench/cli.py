@@ -174,22 +174,23 @@ def section_gen(args, res: dict, config) -> None:
 
     fast_rows = {}
     if args.gen_variants:  # pass 1: our decode variants side by side, all batches, before anything else
-        for batch in args.gen_batches:
-            for name in (args.gen_variants if batch == 1 else args.gen_variants_batched):
-                if not due(f"ours [{name}] batch {batch}"):
-                    continue
-                apply_variant(ours.language_model, name)
-                r = _guard(res, "_tmp", run_gen_case, f"ours [{name}]", ours_fast_for(batch), batch=batch,
-                           new_tokens=n)
-                if r:
-                    rows.append({**r, "variant": name})
-                    if name == args.gen_variants[0] or batch not in fast_rows:
-                        fast_rows[batch] = r
-                    if batch == 1 and name == args.gen_profile_variant and args.device == "cuda":
-                        res["profile_decode_variant"] = _guard(
-                            res, "profile_decode_variant", profile_replays, ours_fast_for(1), n,
-                            str(Path(args.out, "profile_decode_b1.txt")))
-                _save_partial(args, res)
+        cases = args.gen_cases or [(batch, name) for batch in args.gen_batches
+                                   for name in (args.gen_variants if batch == 1 else args.gen_variants_batched)]
+        for batch, name in cases:
+            if not due(f"ours [{name}] batch {batch}"):
+                continue
+            apply_variant(ours.language_model, name)
+            r = _guard(res, "_tmp", run_gen_case, f"ours [{name}]", ours_fast_for(batch), batch=batch,
+                       new_tokens=n)
+            if r:
+                rows.append({**r, "variant": name})
+                if name == args.gen_variants[0] or batch not in fast_rows:
+                    fast_rows[batch] = r
+                if batch == 1 and name == args.gen_profile_variant and args.device == "cuda":
+                    res["profile_decode_variant"] = _guard(
+                        res, "profile_decode_variant", profile_replays, ours_fast_for(1), n,
+                        str(Path(args.out, "profile_decode_b1.txt")))
+            _save_partial(args, res)
         apply_variant(ours.language_model, args.gen_variants[-1])
     if args.gen_real_variants and args.device == "cuda" and due("40B LLM variants"):  # ~70 GiB next to the mid models
         res["gen_real_variants"] = _guard(res, "gen_real_variants", real_llm_variants, args.gen_real_variants,
@@ -241,7 +242,8 @@ def section_gen(args, res: dict, config) -> None:
                     agree.append({"batch": batch, "vs": "native static", **agreement(fast["tokens"], ns["tokens"])})
         _save_partial(args, res)
     if args.gen_variants and 1 in args.gen_batches:  # how far the variants' greedy tokens agree (bf16 ties)
-        base = next((r for r in rows if r.get("variant") == args.gen_variants[0] and r["batch"] == 1), None)
+        first = "baseline" if "baseline" in args.gen_variants else args.gen_variants[0]
+        base = next((r for r in rows if r.get("variant") == first and r["batch"] == 1), None)
         for r in rows:
             if base is not None and r.get("variant") and r is not base and r["batch"] == 1:
                 agree.append({"batch": 1, "vs": f"{base['variant']} vs {r['variant']}",
@@ -378,6 +380,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gen-variants", default="", help="comma list of decode variants (internvl/bench/gen_bench.py "
                    "VARIANTS, the first is the baseline of the ratios) timed side by side at batch 1")
     p.add_argument("--gen-variants-batched", default="baseline,packed+tuned", help="variants timed at batches > 1")
+    p.add_argument("--gen-cases", default="", help="explicit order of variant cases, e.g. 1:baseline,32:packed "
+                   "(batches must be in --gen-batches; default: --gen-variants at batch 1, then the batched ones)")
     p.add_argument("--gen-profile-variant", default="", help="profile one warm batch-1 generate of this variant")
     p.add_argument("--gen-real-variants", default="", help="variants timed on the 40B shape's LLM alone (batch 1)")
     p.add_argument("--gen-real-new-tokens", type=int, default=64)
@@ -406,6 +410,12 @@ def main(argv: list[str] | None = None) -> int:
     args.gen_variants = parse_variants(args.gen_variants)
     args.gen_variants_batched = parse_variants(args.gen_variants_batched)
     args.gen_real_variants = parse_variants(args.gen_real_variants)
+    args.gen_cases = [(int(c.split(":")[0]), c.split(":")[1]) for c in args.gen_cases.split(",") if c.strip()]
+    parse_variants(",".join(name for _, name in args.gen_cases))
+    if any(batch not in args.gen_batches for batch, _ in args.gen_cases):
+        p.error("--gen-cases uses a batch that is not in --gen-batches")
+    if args.gen_cases and not args.gen_variants:
+        args.gen_variants = list(dict.fromkeys(name for _, name in args.gen_cases))
     real_batches = [int(x) for x in args.real_batches.split(",") if x]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.device == "cuda" and not torch.cuda.is_available():
