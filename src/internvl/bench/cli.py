@@ -126,7 +126,7 @@ def section_gen(args, res: dict, config) -> None:
 
     from ..model.fast_generate import decoder_for
     from .build import build_native, build_ours
-    from .gen_bench import Deadline, apply_variant, profile_replays, real_llm_variants
+    from .gen_bench import Deadline, RealLLM, apply_variant, profile_replays, real_llm_variants
 
     vocab = config.llm_config.vocab_size
     img_id = vocab - IMG_ID_OFFSET
@@ -176,9 +176,24 @@ def section_gen(args, res: dict, config) -> None:
     if args.gen_variants:  # pass 1: our decode variants side by side, all batches, before anything else
         cases = args.gen_cases or [(batch, name) for batch in args.gen_batches
                                    for name in (args.gen_variants if batch == 1 else args.gen_variants_batched)]
+        real = None  # the 40B LLM, built at its first case ("real:<variant>")
         for batch, name in cases:
             if not due(f"ours [{name}] batch {batch}"):
                 continue
+            if batch == "real":
+                if args.device != "cuda":
+                    continue
+                if real is None:
+                    real = _guard(res, "gen_real_build", RealLLM, copy_bytes_per_s=res["device"]["copy_bytes_per_s"])
+                if real is not None:
+                    r = _guard(res, f"40B LLM [{name}]", real.run, name, args.gen_real_new_tokens)
+                    if r:
+                        res.setdefault("gen_real_variants", []).append(r)
+                _save_partial(args, res)
+                continue
+            if real is not None:
+                real = None
+                free()
             apply_variant(ours.language_model, name)
             r = _guard(res, "_tmp", run_gen_case, f"ours [{name}]", ours_fast_for(batch), batch=batch,
                        new_tokens=n)
@@ -191,11 +206,13 @@ def section_gen(args, res: dict, config) -> None:
                         res, "profile_decode_variant", profile_replays, ours_fast_for(1), n,
                         str(Path(args.out, "profile_decode_b1.txt")))
             _save_partial(args, res)
+        real = None
+        free()
         apply_variant(ours.language_model, args.gen_variants[-1])
     if args.gen_real_variants and args.device == "cuda" and due("40B LLM variants"):  # ~70 GiB next to the mid models
-        res["gen_real_variants"] = _guard(res, "gen_real_variants", real_llm_variants, args.gen_real_variants,
-                                          new_tokens=args.gen_real_new_tokens,
-                                          copy_bytes_per_s=res["device"]["copy_bytes_per_s"]) or []
+        res.setdefault("gen_real_variants", []).extend(
+            _guard(res, "gen_real_variants", real_llm_variants, args.gen_real_variants,
+                   new_tokens=args.gen_real_new_tokens, copy_bytes_per_s=res["device"]["copy_bytes_per_s"]) or [])
         free()
         _save_partial(args, res)
     for batch in args.gen_batches:
@@ -381,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
                    "VARIANTS, the first is the baseline of the ratios) timed side by side at batch 1")
     p.add_argument("--gen-variants-batched", default="baseline,packed+tuned", help="variants timed at batches > 1")
     p.add_argument("--gen-cases", default="", help="explicit order of variant cases, e.g. 1:baseline,32:packed "
-                   "(batches must be in --gen-batches; default: --gen-variants at batch 1, then the batched ones)")
+                   "(batches must be in --gen-batches; real:<variant> times the 40B LLM alone at batch 1; default: --gen-variants at batch 1, then the batched ones)")
     p.add_argument("--gen-profile-variant", default="", help="profile one warm batch-1 generate of this variant")
     p.add_argument("--gen-real-variants", default="", help="variants timed on the 40B shape's LLM alone (batch 1)")
     p.add_argument("--gen-real-new-tokens", type=int, default=64)
@@ -410,12 +427,13 @@ def main(argv: list[str] | None = None) -> int:
     args.gen_variants = parse_variants(args.gen_variants)
     args.gen_variants_batched = parse_variants(args.gen_variants_batched)
     args.gen_real_variants = parse_variants(args.gen_real_variants)
-    args.gen_cases = [(int(c.split(":")[0]), c.split(":")[1]) for c in args.gen_cases.split(",") if c.strip()]
+    args.gen_cases = [(c.split(":")[0] if c.startswith("real:") else int(c.split(":")[0]), c.split(":")[1])
+                      for c in args.gen_cases.split(",") if c.strip()]
     parse_variants(",".join(name for _, name in args.gen_cases))
-    if any(batch not in args.gen_batches for batch, _ in args.gen_cases):
+    if any(batch != "real" and batch not in args.gen_batches for batch, _ in args.gen_cases):
         p.error("--gen-cases uses a batch that is not in --gen-batches")
     if args.gen_cases and not args.gen_variants:
-        args.gen_variants = list(dict.fromkeys(name for _, name in args.gen_cases))
+        args.gen_variants = list(dict.fromkeys(name for b, name in args.gen_cases if b != "real"))
     real_batches = [int(x) for x in args.real_batches.split(",") if x]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.device == "cuda" and not torch.cuda.is_available():

@@ -163,49 +163,58 @@ def profile_replays(generate: Callable[[int], torch.Tensor], new_tokens: int, pa
     return table.splitlines()[:30]
 
 
-def real_llm_variants(variants: list[str], *, new_tokens: int = 64, prompt: int = 300, backend: str = "eager",
-                      copy_bytes_per_s: float, device: str = "cuda", seed: int = 0,
-                      preset: str = "medrega") -> list[dict]:
-    """The 40B shape's language model alone (Yi-34B-shaped Llama of the `medrega` preset, random bf16 weights built
-    on the device): greedy decode at batch 1 after a random-embedding prompt with each decode variant (same weights,
-    `backend` dynamo backend + CUDA graph). Returns one row per variant."""
-    from internvl.model import load_preset
-    from transformers import LlamaForCausalLM
+class RealLLM:
+    """The 40B shape's language model alone (the Yi-34B-shaped Llama of the `medrega` preset, random bf16 weights
+    built on the device, never on the host) with one random-embedding prompt, for timing decode variants at batch 1
+    (`backend` dynamo backend + CUDA graph, as the "auto" backend picks for this size)."""
 
-    from .build import materialize
+    def __init__(self, *, prompt: int = 300, backend: str | None = "eager", copy_bytes_per_s: float,
+                 device: str = "cuda", seed: int = 0, preset: str = "medrega") -> None:
+        from transformers import LlamaForCausalLM
 
-    cfg = load_preset(preset).llm_config
-    dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
-    lm = materialize(lambda: LlamaForCausalLM(cfg), device=device, dtype=dtype, seed=seed).eval()
-    lm.fast_decode_backend = backend
-    dtype = next(lm.parameters()).dtype
-    from .flops import decode_weight_bytes
+        from internvl.model import load_preset
 
-    floor_ms = decode_weight_bytes(lm) / copy_bytes_per_s * 1e3
-    gen = torch.Generator(device=device).manual_seed(seed)
-    emb = torch.randn(1, prompt, cfg.hidden_size, device=device, dtype=dtype, generator=gen) * 0.02
-    mask = torch.ones(1, prompt, dtype=torch.long, device=device)
-    from internvl.model.fast_generate import decoder_for
+        from .build import materialize
+        from .flops import decode_weight_bytes
 
+        cfg = load_preset(preset).llm_config
+        dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+        t0 = time.perf_counter()
+        self.lm = materialize(lambda: LlamaForCausalLM(cfg), device=device, dtype=dtype, seed=seed).eval()
+        self.build_s = time.perf_counter() - t0
+        self.lm.fast_decode_backend = backend
+        self.backend = backend
+        self.floor_ms = decode_weight_bytes(self.lm) / copy_bytes_per_s * 1e3
+        gen = torch.Generator(device=device).manual_seed(seed)
+        self.emb = torch.randn(1, prompt, cfg.hidden_size, device=device, dtype=dtype, generator=gen) * 0.02
+        self.mask = torch.ones(1, prompt, dtype=torch.long, device=device)
+
+    def run(self, name: str, new_tokens: int) -> dict:
+        """Time variant `name` (warm-up untimed); returns its row."""
+        from internvl.model.fast_generate import decoder_for
+
+        apply_variant(self.lm, name)
+
+        def generate(k: int) -> torch.Tensor:
+            with torch.inference_mode():
+                return decoder_for(self.lm).generate(self.emb, self.mask, max_new_tokens=k, min_new_tokens=k,
+                                                     eos_token_id=[2], pad_token_id=0)
+
+        r = run_gen_case(f"40B LLM [{name}]", generate, batch=1, new_tokens=new_tokens, repeats=1)
+        r.pop("tokens")
+        return {**r, "variant": name, "floor_ms": self.floor_ms, "backend": self.backend, "build_s": self.build_s}
+
+
+def real_llm_variants(variants: list[str], *, new_tokens: int = 64, **kwargs) -> list[dict]:
+    """`RealLLM(**kwargs)` timed with each of `variants`; a failing variant gives a row with its error."""
+    real = RealLLM(**kwargs)
     rows = []
-    try:
-        for name in variants:
-            apply_variant(lm, name)
-
-            def generate(k: int) -> torch.Tensor:
-                with torch.inference_mode():
-                    return decoder_for(lm).generate(emb, mask, max_new_tokens=k, min_new_tokens=k,
-                                                    eos_token_id=[2], pad_token_id=0)
-
-            try:
-                r = run_gen_case(f"40B LLM [{name}]", generate, batch=1, new_tokens=new_tokens, repeats=1)
-            except Exception as exc:  # noqa: BLE001 - one variant failing must not lose the others
-                rows.append({"variant": name, "error": repr(exc)})
-                continue
-            r.pop("tokens")
-            rows.append({**r, "variant": name, "floor_ms": floor_ms, "backend": backend})
-    finally:
-        lm = None
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+    for name in variants:
+        try:
+            rows.append(real.run(name, new_tokens))
+        except Exception as exc:  # noqa: BLE001 - one variant failing must not lose the others
+            rows.append({"variant": name, "error": repr(exc)})
+    real = None
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     return rows

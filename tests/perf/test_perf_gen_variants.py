@@ -1,0 +1,44 @@
+"""The benchmark's decode-variant plumbing (internvl/bench/gen_bench.py) on the CPU: variant names, the 40B-LLM
+timer on the tiny preset, and the variants table."""
+import pytest
+import torch
+
+from internvl.bench.gen_bench import VARIANTS, Deadline, apply_variant, parse_variants, real_llm_variants, variant_lines
+
+
+def test_parse_and_apply_variants():
+    assert parse_variants(" baseline, packed+tuned ,") == ["baseline", "packed+tuned"]
+    with pytest.raises(ValueError, match="fused"):
+        parse_variants("baseline,fused")
+    lm = torch.nn.Linear(2, 2)
+    apply_variant(lm, "packed+tuned+math")
+    assert (lm.fast_decode_packed, lm.fast_decode_attention, lm.fast_decode_tuning) == (True, "math", "auto")
+    assert VARIANTS["baseline"]["fast_decode_packed"] is False
+
+
+def test_real_llm_variants_tiny_cpu():
+    rows = real_llm_variants(["baseline", "packed"], new_tokens=4, prompt=12, backend=None, copy_bytes_per_s=1e10,
+                             device="cpu", preset="tiny")
+    assert [r["variant"] for r in rows] == ["baseline", "packed"]
+    assert all("error" not in r and r["decode_ms_per_step"] > 0 and r["floor_ms"] > 0 for r in rows)
+
+
+def test_variant_lines_ratios_and_skips():
+    res = {"decode_weight_bytes": 2e9, "device": {"copy_bytes_per_s": 4e12},
+           "gen": [{"case": "ours [baseline]", "variant": "baseline", "batch": 1, "decode_ms_per_step": 2.0,
+                    "tokens_per_s": 500.0, "ttft_ms": 30.0, "warmup_s": 20.0},
+                   {"case": "ours [packed]", "variant": "packed", "batch": 1, "decode_ms_per_step": 1.0,
+                    "tokens_per_s": 990.0, "ttft_ms": 30.0, "warmup_s": 25.0},
+                   {"case": "native static + compiled", "batch": 1, "decode_ms_per_step": 3.0,
+                    "tokens_per_s": 300.0, "ttft_ms": 30.0, "warmup_s": 25.0}],
+           "gen_real_variants": [{"variant": "packed", "error": "RuntimeError('x')"}],
+           "gen_skipped": ["ours [tuned] batch 8 (at 231 s)"]}
+    text = "\n".join(variant_lines(res))
+    assert "2.00x" in text and "50%" in text  # packed: twice the baseline, 0.5 ms floor / 1.0 ms
+    assert "native static + compiled 3.000 ms/step" in text and "packed 3.00x" in text
+    assert "ERROR" in text and "skipped (time budget): ours [tuned] batch 8" in text
+
+
+def test_deadline():
+    assert not Deadline(None).over()
+    assert Deadline(-1).over()
