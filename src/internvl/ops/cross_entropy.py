@@ -12,6 +12,13 @@ keeps both for backward (8 x 1024 tokens x 64k vocab = 1 GB bf16 + 2 GB fp32 plu
 
 Both give the same loss as `F.cross_entropy(hidden @ W.T, labels)` up to bf16 rounding of the logits (the tests
 check <= 1e-3 relative on the tiny preset).
+
+3. `impl="padded"` (the CUDA default): the head weight is zero-padded to a multiple of 128 rows for the matmuls, so
+   an odd vocabulary (32007, Yi's 64000 + added tokens) does not push cuBLAS onto slow unaligned kernels (an sm75
+   fallback GEMM was 37% of liger's loss time on the H200); the padded logits are masked to -inf. Rows are processed
+   in chunks sized by a memory budget (default: 512 MiB of matmul-dtype logits, usually one chunk), and the
+   softmax / loss / gradient elementwise part is one `torch.compile`d function on CUDA that writes d loss / d logits
+   in place into the logits buffer (no fp32 [N, V] copy is ever materialised).
 """
 from __future__ import annotations
 
@@ -23,6 +30,10 @@ import torch.nn.functional as F
 from ..constants import IGNORE_INDEX
 #: rows per chunk in the PyTorch path; [chunk, V] fp32 logits are the transient memory.
 DEFAULT_CHUNK = 2048
+#: the padded path rounds the vocabulary up to a multiple of this (tensor-core friendly leading dimensions).
+VOCAB_ALIGN = 128
+#: bytes of matmul-dtype logits per chunk in the padded path (512 MiB = 8.4k rows of a 32k bf16 vocabulary).
+DEFAULT_LOGITS_BUDGET = 512 * 2**20
 
 
 def liger_available() -> bool:
@@ -92,6 +103,105 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         )
 
 
+def ce_grad_inplace(logits: torch.Tensor, labels: torch.Tensor, row_weights: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Weighted CE of one chunk and its logits gradient, written in place.
+
+    logits [c, Vp] (matmul dtype; columns >= `vocab` are padding and count as -inf), labels [c] long in [0, vocab),
+    row_weights [c] fp32 (already divided by the total weight). Returns sum_i w_i * CE_i (fp32 scalar) and overwrites
+    `logits` with w_i * (softmax_i - onehot_i) (0 in the padded columns). One reduction + one pointwise pass when
+    compiled by inductor; plain PyTorch (fp32 temporaries) otherwise.
+    """
+    x = logits.float()
+    cols = torch.arange(x.shape[1], device=x.device)
+    x = x.masked_fill(cols >= vocab, float("-inf"))
+    lse = torch.logsumexp(x, dim=-1)
+    picked = x.gather(1, labels[:, None]).squeeze(1)
+    loss = ((lse - picked) * row_weights).sum()
+    grad = (torch.exp(x - lse[:, None]) - (cols[None, :] == labels[:, None]).to(x.dtype)) * row_weights[:, None]
+    logits.copy_(grad)
+    return loss
+
+
+_COMPILED_CE: dict[str, object] = {}
+
+
+def _ce_fn(compiled: bool):
+    """The elementwise CE function, compiled once per process (dynamic row counts: no recompile per batch)."""
+    if not compiled:
+        return ce_grad_inplace
+    if "fn" not in _COMPILED_CE:
+        _COMPILED_CE["fn"] = torch.compile(ce_grad_inplace, dynamic=True)
+    return _COMPILED_CE["fn"]
+
+
+def padded_rows_per_chunk(vocab: int, dtype: torch.dtype, budget_bytes: int = DEFAULT_LOGITS_BUDGET) -> int:
+    """Rows per chunk so that [rows, padded vocab] logits of `dtype` stay within `budget_bytes` (at least 128)."""
+    padded = -(-vocab // VOCAB_ALIGN) * VOCAB_ALIGN
+    elem = torch.empty((), dtype=dtype).element_size()
+    return max(128, int(budget_bytes // (padded * elem)))
+
+
+class PaddedLinearCrossEntropy(torch.autograd.Function):
+    """Like `ChunkedLinearCrossEntropy`, with the head weight zero-padded to a multiple of `VOCAB_ALIGN` rows for the
+    matmuls (padded logits masked to -inf) and the elementwise part done in place by `ce_grad_inplace` (compiled on
+    request). Inputs: hidden [N, H], weight [V, H], bias [V] or None, labels [N], weights [N] or None, rows per chunk,
+    compiled (bool). Returns a scalar fp32 loss; gradients are computed in forward and scaled in backward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, weights, chunk_rows, compiled):  # type: ignore[override]
+        n, vocab = hidden.shape[0], weight.shape[0]
+        pad = -vocab % VOCAB_ALIGN
+        w_pad = F.pad(weight, (0, 0, 0, pad)) if pad else weight  # [Vp, H]
+        b_pad = (F.pad(bias, (0, pad)) if pad else bias) if bias is not None else None
+        valid = labels != IGNORE_INDEX
+        w = valid.to(torch.float32) if weights is None else weights.to(torch.float32) * valid
+        w = w / w.sum().clamp(min=torch.finfo(torch.float32).tiny)
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_b = bias is not None and ctx.needs_input_grad[2]
+        safe_labels = labels.clamp(min=0)
+        fn = _ce_fn(compiled)
+        single = n <= chunk_rows
+        grad_h = None if single or not need_h else torch.empty_like(hidden)
+        grad_w = grad_b = None
+        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, n, chunk_rows):
+            end = min(start + chunk_rows, n)
+            h = hidden[start:end]
+            logits = F.linear(h, w_pad, b_pad)  # [c, Vp], matmul dtype
+            loss = loss + fn(logits, safe_labels[start:end], w[start:end], vocab)
+            if need_h:
+                gh = logits @ w_pad  # [c, H]
+                if single:
+                    grad_h = gh
+                else:
+                    grad_h[start:end] = gh
+            if need_w:
+                gw = (logits.t() @ h)[:vocab]  # [V, H]
+                grad_w = gw if single else (gw.float() if grad_w is None else grad_w.add_(gw))
+            if need_b:
+                gb = logits.float().sum(0)[:vocab]
+                grad_b = gb if grad_b is None else grad_b.add_(gb)
+        ctx.save_for_backward(
+            grad_h,
+            grad_w.to(weight.dtype) if grad_w is not None else None,
+            grad_b.to(bias.dtype) if grad_b is not None else None,
+        )
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        return (
+            grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None,
+            grad_w * grad_out.to(grad_w.dtype) if grad_w is not None else None,
+            grad_b * grad_out.to(grad_b.dtype) if grad_b is not None else None,
+            None,
+            None,
+            None,
+            None,
+        )
+
+
 def linear_cross_entropy(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -101,6 +211,7 @@ def linear_cross_entropy(
     token_weights: torch.Tensor | None = None,
     impl: str = "auto",
     chunk_size: int = DEFAULT_CHUNK,
+    compile_elementwise: bool | None = None,
 ) -> torch.Tensor:
     """Weighted-mean CE of `hidden @ weight.T (+ bias)` against `labels` without keeping [N, V] logits.
 
@@ -109,13 +220,19 @@ def linear_cross_entropy(
         weight: [V, H] LM-head weight. labels: [N] long with IGNORE_INDEX for unsupervised rows.
         token_weights: optional [N] per-row loss weights (packed "square"/"sample" averaging): the loss is
             sum(w * ce) / sum(w) over supervised rows. None means the plain token mean.
-        impl: "auto" (liger on CUDA when available and no token weights, else "chunked"), "liger", "chunked"
-            or "plain" (materialises logits; the reference).
+        impl: "auto" ("padded" on CUDA, else "chunked"), "padded" (vocabulary padded to a multiple of 128, rows
+            chunked by a memory budget, elementwise part compiled on CUDA), "liger" (liger-kernel's fused linear CE,
+            no token weights), "chunked" (fixed `chunk_size` rows) or "plain" (materialises logits; the reference).
+        compile_elementwise: padded path only; None = compile on CUDA, eager elsewhere.
     """
     if hidden.dim() != 2 or labels.dim() != 1 or hidden.shape[0] != labels.shape[0]:
         raise ValueError(f"hidden must be [N, H] and labels [N]; got {tuple(hidden.shape)} and {tuple(labels.shape)}")
     if impl == "auto":
-        impl = "liger" if (hidden.is_cuda and token_weights is None and liger_available()) else "chunked"
+        impl = "padded" if hidden.is_cuda else "chunked"
+    if impl == "padded":
+        compiled = hidden.is_cuda if compile_elementwise is None else bool(compile_elementwise)
+        rows = padded_rows_per_chunk(weight.shape[0], hidden.dtype)
+        return PaddedLinearCrossEntropy.apply(hidden, weight, bias, labels, token_weights, rows, compiled)
     if impl == "plain":
         logits = F.linear(hidden, weight, bias).float()
         ce = F.cross_entropy(logits, labels.clamp(min=0), reduction="none")
@@ -134,7 +251,7 @@ def linear_cross_entropy(
             return (hidden.sum() * 0.0).float() + (weight.sum() * 0.0).float()
         loss = LigerFusedLinearCrossEntropyFunction.apply(hidden, weight, labels, bias, None, IGNORE_INDEX)
         return loss[0] if isinstance(loss, tuple) else loss
-    raise ValueError(f"unknown cross-entropy impl {impl!r}; expected auto, liger, chunked or plain")
+    raise ValueError(f"unknown cross-entropy impl {impl!r}; expected auto, padded, liger, chunked or plain")
 
 
 def fused_head_supported(lm_head: torch.nn.Module) -> bool:

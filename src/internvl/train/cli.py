@@ -80,6 +80,16 @@ def build_data(data_args: DataTrainingArguments, tokenizer: Any, model_config: A
     return dataset, collator
 
 
+def speedups_from_args(model_args: ModelArguments):
+    """The training fast paths the flags ask for (`internvl.ops.train_speedups.TrainSpeedups`)."""
+    from internvl.ops.train_speedups import TrainSpeedups
+
+    return TrainSpeedups(compile_layers=model_args.compile_layers, fuse_projections=model_args.fuse_projections,
+                         fast_kernels=model_args.fast_kernels, lm_loss_impl=model_args.lm_loss_impl,
+                         ckpt_skip_llm_layers=model_args.grad_checkpoint_skip_llm_layers if model_args.grad_checkpoint
+                         else 0)
+
+
 def write_run_config(output_dir: str, model_args: ModelArguments, data_args: DataTrainingArguments,
                      training_args: MedRegTrainingArguments, extra: dict[str, Any]) -> Path:
     """Save the resolved configuration of this run (main process only)."""
@@ -142,6 +152,7 @@ def train(model_args: ModelArguments, data_args: DataTrainingArguments,
         group_by_length=data_args.group_by_length,
         base_model=built.base_model_dir,
         fused_lm_loss=model_args.fused_lm_loss,
+        speedups=speedups_from_args(model_args),
     )
     result = trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(output_dir)

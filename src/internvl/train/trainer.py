@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 import time
@@ -27,13 +28,15 @@ from torch.utils.data import Sampler
 from transformers import Trainer, TrainerCallback
 
 from internvl.constants import IGNORE_INDEX
-from internvl.ops import causal_lm_loss, fused_head_supported
+from internvl.ops import fused_head_supported
+from internvl.ops.train_speedups import TrainSpeedups, apply_train_speedups, fused_loss_forward
 from internvl.train import checkpoint as ckpt
 from internvl.train.lora import has_lora, load_original_keys, save_lora_run, NON_LORA_FILENAME, LORA_PARTS
 
 # Batch keys the trainer reads itself and never passes to the model: `num_samples` is the number of samples in a
 # packed batch (PackedCollator), which has fewer rows than samples.
 TRAINER_ONLY_KEYS = ("labels", "loss_weight", "num_samples")
+logger = logging.getLogger("internvl.train")
 
 
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor, loss_weight: torch.Tensor | None = None) -> torch.Tensor:
@@ -100,20 +103,41 @@ class DatasetEpochCallback(TrainerCallback):
             self.dataset.set_epoch(int(state.epoch or 0))
 
 
+class SpeedupCallback(TrainerCallback):
+    """Turns on the training fast paths (`internvl.ops.train_speedups`) when training starts: by then the model is on
+    its device (Trainer / DeepSpeed moved it) and checkpointing is configured. Logs what was applied and why not."""
+
+    def __init__(self, speedups: TrainSpeedups) -> None:
+        self.speedups = speedups
+        self.report: dict[str, Any] | None = None
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if model is not None and self.report is None:
+            self.report = apply_train_speedups(model, self.speedups, device=args.device)
+            if state.is_world_process_zero:
+                logger.info("training fast paths: %s", self.report)
+
+
 class MedRegTrainer(Trainer):
     """Trainer with per-token loss over the accumulated batch, atomic checkpoints, LoRA saving, throughput logs.
 
     Extra constructor arguments: `group_by_length` (use the dataset's `lengths`), `base_model` (recorded in LoRA runs),
-    `fused_lm_loss` (LM head + cross-entropy on supervised positions only, in chunks; same loss, far less memory).
+    `fused_lm_loss` (LM head + cross-entropy on supervised positions only, in chunks; same loss, far less memory),
+    `speedups` (`internvl.ops.train_speedups.TrainSpeedups`: compiled layers, fused projections, liger kernels and the
+    loss kernel, applied on CUDA when training starts; None = the plain eager path).
     """
 
     loss_is_scaled_for_ga = True
 
     def __init__(self, *args: Any, group_by_length: bool = False, base_model: str | None = None,
-                 fused_lm_loss: bool = False, **kwargs: Any) -> None:
+                 fused_lm_loss: bool = False, speedups: TrainSpeedups | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.group_by_length = group_by_length
         self.fused_lm_loss = fused_lm_loss
+        self.speedups = speedups
+        self.lm_loss_impl = speedups.lm_loss_impl if speedups is not None else "auto"
+        if speedups is not None:
+            self.add_callback(SpeedupCallback(speedups))
         self.base_model = base_model
         self._tokens_seen = 0
         self._samples_seen = 0
@@ -165,9 +189,8 @@ class MedRegTrainer(Trainer):
         if lm_head is not None:
             # Only the last position's logits are built; the loss runs the LM head on supervised positions in chunks
             # (internvl.ops.causal_lm_loss), so no [B, L, V] logits are kept for backward.
-            outputs = model(**model_inputs, output_hidden_states=True, logits_to_keep=1)
-            hidden = outputs["hidden_states"][-1]
-            mean = causal_lm_loss(hidden, lm_head, labels, loss_weight=loss_weight)
+            mean, outputs = fused_loss_forward(model, model_inputs, labels, loss_weight=loss_weight,
+                                               impl=self.lm_loss_impl, lm_head=lm_head)
             loss_sum = mean * count_loss_items(inputs).to(mean.device)
         else:
             outputs = model(**model_inputs)

@@ -1,0 +1,219 @@
+"""Regional `torch.compile` of the repeated transformer layers, and runtime-fused q/k/v and gate/up projections.
+
+Why: a training step of the `mid` model (22 Llama layers + 24 ViT layers) launches thousands of small elementwise
+kernels (norms, RoPE, SwiGLU/GELU, residual adds, layer scale); with gradient checkpointing every layer's forward runs
+twice and the step becomes bound by Python and kernel launches. Compiling each layer lets inductor fuse that
+elementwise work and generate the matching backward, while identical layers share one compiled graph (one compile
+per layer class, not per layer): every instance of a class gets the same `torch.compile`d function as its `forward`.
+
+Design:
+- Only the instance's `forward` is replaced, so module hooks (transformers' hidden-state capture, DeepSpeed) stay
+  outside the compiled region, and parameters / state-dict keys do not change.
+- transformers' `GradientCheckpointingLayer.forward` is the checkpoint wrapper itself, so with checkpointing on the
+  `torch.utils.checkpoint` call is traced by dynamo and the recomputation lands inside the compiled backward graph
+  (`ckpt="inside"`, the default). `ckpt="outside"` compiles the bare layer forward and wraps the non-reentrant
+  checkpoint around it from Python.
+- `fuse_projections`: inside the compiled layer, q/k/v (and gate/up) run as one matmul against `torch.cat` of their
+  weights (the cat and the split of its gradient are cheap next to the matmul). Only plain `nn.Linear` projections
+  are fused, so LoRA-wrapped layers keep their own forward.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+import types
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+_COMPILED: dict[tuple, object] = {}
+
+
+def _checkpoint_layer_class():
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return GradientCheckpointingLayer
+
+
+def _plain_linear(module: object) -> bool:
+    return type(module) is nn.Linear
+
+
+def _fusable_attention(module: nn.Module) -> bool:
+    """A Llama-style attention (plain q/k/v/o linears, head_dim, the modeling module's apply_rotary_pos_emb)."""
+    if not all(_plain_linear(getattr(module, n, None)) for n in ("q_proj", "k_proj", "v_proj", "o_proj")):
+        return False
+    if not hasattr(module, "head_dim") or not hasattr(module, "layer_idx"):
+        return False
+    return hasattr(sys.modules.get(type(module).__module__), "apply_rotary_pos_emb")
+
+
+def _fusable_mlp(module: nn.Module) -> bool:
+    """A gated MLP: plain gate/up/down linears and an `act_fn`."""
+    return all(_plain_linear(getattr(module, n, None)) for n in ("gate_proj", "up_proj", "down_proj")) and \
+        callable(getattr(module, "act_fn", None))
+
+
+def _cat_linear(x: torch.Tensor, linears: tuple[nn.Linear, ...]) -> list[torch.Tensor]:
+    """One matmul of x against the row-concatenated weights of `linears`; returns each projection's output."""
+    weight = torch.cat([lin.weight for lin in linears])
+    biases = [lin.bias for lin in linears]
+    bias = torch.cat(biases) if all(b is not None for b in biases) else None
+    if bias is None and any(b is not None for b in biases):
+        bias = torch.cat([b if b is not None else lin.weight.new_zeros(lin.out_features)
+                          for b, lin in zip(biases, linears)])
+    return list(F.linear(x, weight, bias).split([lin.out_features for lin in linears], dim=-1))
+
+
+def fused_attention_forward(self: nn.Module, hidden_states: torch.Tensor, position_embeddings=None,
+                            attention_mask=None, cache=None, **kwargs):
+    """transformers' Llama attention forward with q/k/v as one matmul (same maths, same parameters)."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    input_shape = hidden_states.shape[:-1]
+    hidden_shape = (*input_shape, -1, self.head_dim)
+    query, key, value = _cat_linear(hidden_states, (self.q_proj, self.k_proj, self.v_proj))
+    query = query.reshape(hidden_shape).transpose(1, 2)
+    key = key.reshape(hidden_shape).transpose(1, 2)
+    value = value.reshape(hidden_shape).transpose(1, 2)
+    cos, sin = position_embeddings
+    query, key = sys.modules[type(self).__module__].apply_rotary_pos_emb(query, key, cos, sin)
+    if cache is not None:
+        key, value = cache.update(key, value, self.layer_idx, kwargs=kwargs)
+    attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, None)
+    if attention is None:
+        from transformers.models.llama.modeling_llama import eager_attention_forward as attention
+    out, weights = attention(self, query, key, value, attention_mask,
+                             dropout=0.0 if not self.training else self.attention_dropout, scaling=self.scaling,
+                             **kwargs)
+    out = out.reshape(*input_shape, -1).contiguous()
+    return self.o_proj(out), weights
+
+
+def fused_mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Gated MLP with gate and up as one matmul: down(act(gate(x)) * up(x))."""
+    gate, up = _cat_linear(x, (self.gate_proj, self.up_proj))
+    return self.down_proj(self.act_fn(gate) * up)
+
+
+def fuse_projections(model: nn.Module) -> dict[str, int]:
+    """Swap (per instance) the forward of every fusable attention and gated MLP for the fused-matmul forward.
+
+    Modules already swapped by `enable_fast_kernels` (liger) are left alone. Returns {"qkv": n, "gate_up": m}."""
+    counts = {"qkv": 0, "gate_up": 0}
+    for module in model.modules():
+        if getattr(module, "_fast_kernel", False) or getattr(module, "_fused_proj", False):
+            continue
+        if _fusable_attention(module):
+            module.forward = types.MethodType(fused_attention_forward, module)
+            counts["qkv"] += 1
+        elif _fusable_mlp(module):
+            module.forward = types.MethodType(fused_mlp_forward, module)
+            counts["gate_up"] += 1
+        else:
+            continue
+        module._fused_proj = True
+    return counts
+
+
+def unfuse_projections(model: nn.Module) -> int:
+    """Undo `fuse_projections`; returns how many modules were restored."""
+    restored = 0
+    for module in model.modules():
+        if getattr(module, "_fused_proj", False):
+            del module.forward
+            module._fused_proj = False
+            restored += 1
+    return restored
+
+
+def _outside_forward(compiled_inner):
+    """A forward that wraps non-reentrant checkpointing around the compiled bare layer forward (`ckpt="outside"`)."""
+
+    def forward(self, *args, **kwargs):
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            if kwargs.get("use_cache"):
+                kwargs["use_cache"] = False
+            if not getattr(self, "_can_checkpoint_with_cache", False):
+                for name in ("cache", "layer_past"):
+                    if kwargs.get(name) is not None:
+                        kwargs[name] = None
+            return torch.utils.checkpoint.checkpoint(functools.partial(compiled_inner, self, **kwargs), *args,
+                                                     use_reentrant=False)
+        return compiled_inner(self, *args, **kwargs)
+
+    return forward
+
+
+def _own_code(fn, name: str):
+    """A trampoline to `fn` with a code object of its own. Dynamo keeps compiled graphs per code object, and every
+    transformers layer class shares the code of `GradientCheckpointingLayer`'s checkpointing wrapper: without this
+    the ViT and LLM layers would share one cache entry list, and the second class's different shapes would be taken
+    for a varying shape (recompiling it with dynamic shapes)."""
+
+    def call(self, *args, **kwargs):
+        return fn(self, *args, **kwargs)
+
+    call.__code__ = call.__code__.replace(co_name=name, co_qualname=name)
+    call.__name__ = call.__qualname__ = name
+    return call
+
+
+def _compiled_for(cls: type, *, ckpt: str, backend: str, mode: str | None, dynamic: bool | None):
+    """One compiled function per (layer class, options), shared by all instances of the class."""
+    key = (cls, ckpt, backend, mode, dynamic)
+    if key not in _COMPILED:
+        wrapped = cls.forward
+        name = f"{cls.__name__}_forward_{ckpt}"
+        if ckpt == "outside":
+            inner = getattr(wrapped, "__wrapped__", wrapped)  # the layer's own forward, without HF's checkpointing
+            compiled = torch.compile(_own_code(inner, name), backend=backend, mode=mode, dynamic=dynamic)
+            _COMPILED[key] = _outside_forward(compiled)
+        else:
+            _COMPILED[key] = torch.compile(_own_code(wrapped, name), backend=backend, mode=mode, dynamic=dynamic)
+    return _COMPILED[key]
+
+
+def compile_layers(model: nn.Module, *, ckpt: str = "inside", backend: str = "inductor", mode: str | None = None,
+                   dynamic: bool | None = None, skip: tuple[str, ...] = ()) -> dict[str, int]:
+    """Compile every transformers `GradientCheckpointingLayer` inside `model` (Llama decoder layers, InternViT
+    blocks), per layer class; returns {class name: layers compiled}.
+
+    `skip`: module-name prefixes left eager (e.g. ("vision_model",) when that tower is LoRA-wrapped). Raises the
+    dynamo recompile limit to at least 64 so eval/no-grad, checkpointing on/off and new shapes do not fall back
+    to eager.
+    """
+    if ckpt not in ("inside", "outside"):
+        raise ValueError(f"ckpt must be 'inside' or 'outside', got {ckpt!r}")
+    base = _checkpoint_layer_class()
+    import torch._dynamo
+
+    limit_name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+    setattr(torch._dynamo.config, limit_name, max(getattr(torch._dynamo.config, limit_name), 64))
+    counts: dict[str, int] = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, base) or getattr(module, "_compiled_layer", False):
+            continue
+        if any(name == s or name.startswith(s + ".") for s in skip):
+            continue
+        fn = _compiled_for(type(module), ckpt=ckpt, backend=backend, mode=mode, dynamic=dynamic)
+        module.forward = types.MethodType(fn, module)
+        module._compiled_layer = True
+        counts[type(module).__name__] = counts.get(type(module).__name__, 0) + 1
+    logger.info("compiled layers (%s, checkpointing %s): %s", backend, ckpt, counts)
+    return counts
+
+
+def uncompile_layers(model: nn.Module) -> int:
+    """Undo `compile_layers` (restores the class forwards); returns how many layers were restored."""
+    restored = 0
+    for module in model.modules():
+        if getattr(module, "_compiled_layer", False):
+            del module.forward
+            module._compiled_layer = False
+            restored += 1
+    return restored

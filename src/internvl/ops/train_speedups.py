@@ -1,0 +1,196 @@
+"""The training fast paths as one switchboard, shared by the trainer (`medrega-train`) and the benchmark.
+
+`apply_train_speedups(model, TrainSpeedups(...))` decides, for one model on one device, which fast paths are safe and
+turns them on; `fused_loss_forward` is the fused LM-head loss forward the trainer's `compute_loss` runs. The
+benchmark's "ours" cases call exactly these two functions, so the figures in docs/performance.md are the trainer's.
+
+Safety rules (each decision and its reason lands in the returned report, which the trainer logs):
+- Not on CUDA: nothing changes (the CPU path stays the plain, eager one) unless `allow_cpu` (tests).
+- DeepSpeed ZeRO-3: no layer compile and no fused projections (parameters are partitioned and gathered by module
+  hooks; dynamo cannot trace the gathering and `torch.cat` of partitions would be wrong).
+- PEFT/LoRA: a tower whose layers hold LoRA modules is left eager (no compile there); fused projections only ever
+  touch plain `nn.Linear` q/k/v and gate/up, so LoRA targets keep their own forward.
+- liger kernels (`fast_kernels`) are applied only where layers are not compiled (inductor fuses the same work
+  inside compiled layers and generates the backward itself).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from .compile_layers import compile_layers, fuse_projections, uncompile_layers, unfuse_projections
+from .cross_entropy import causal_lm_loss
+from .fast_kernels import disable_fast_kernels, enable_fast_kernels
+
+logger = logging.getLogger(__name__)
+
+#: the towers of InternVLChatModel that are compiled separately (each can be skipped when LoRA-wrapped).
+TOWERS = ("language_model", "vision_model")
+
+
+@dataclasses.dataclass
+class TrainSpeedups:
+    """Which training fast paths to use (the defaults are the measured winners on CUDA; see docs/performance.md).
+
+    compile_layers: regional torch.compile of every decoder / ViT layer (one graph per layer class).
+    compile_ckpt: "inside" (checkpointing traced into the compiled graph) or "outside" (checkpoint around it).
+    fuse_projections: q/k/v and gate/up as one matmul each inside compiled layers.
+    fast_kernels: liger RMSNorm / SwiGLU / RoPE kernels on modules that are not inside compiled layers.
+    lm_loss_impl: `internvl.ops.linear_cross_entropy` impl for the fused LM-head loss ("auto" = padded on CUDA).
+    ckpt_skip_llm_layers: with gradient checkpointing on, leave the last N LLM layers un-checkpointed (speed for
+        memory: about 0.6 GiB per layer at 8 x 1024 tokens on the `mid` model).
+    """
+
+    compile_layers: bool = True
+    compile_ckpt: str = "inside"
+    fuse_projections: bool = True
+    fast_kernels: bool = True
+    lm_loss_impl: str = "auto"
+    ckpt_skip_llm_layers: int = 0
+    backend: str = "inductor"
+
+
+def _has_lora(module: nn.Module) -> bool:
+    return any(type(m).__module__.startswith("peft.") for m in module.modules())
+
+
+def _zero3_enabled() -> bool:
+    try:
+        from transformers.integrations import is_deepspeed_zero3_enabled
+    except ImportError:  # pragma: no cover - transformers is a hard dependency
+        return False
+    return bool(is_deepspeed_zero3_enabled())
+
+
+def _llm_layers(model: nn.Module) -> list[nn.Module]:
+    language_model = getattr(model, "language_model", model)
+    decoder = language_model.get_decoder() if hasattr(language_model, "get_decoder") else language_model
+    return list(getattr(decoder, "layers", []))
+
+
+def set_ckpt_skip(model: nn.Module, skip_last: int) -> int:
+    """Turn checkpointing off on the last `skip_last` LLM layers (only where it is on); returns how many."""
+    layers = [layer for layer in _llm_layers(model) if getattr(layer, "gradient_checkpointing", False)]
+    chosen = layers[len(layers) - skip_last:] if skip_last > 0 else []
+    for layer in chosen:
+        layer.gradient_checkpointing = False
+    return len(chosen)
+
+
+def apply_train_speedups(model: nn.Module, opts: TrainSpeedups | None = None, *, zero3: bool | None = None,
+                         device: torch.device | str | None = None, allow_cpu: bool = False) -> dict[str, Any]:
+    """Turn on the fast paths of `opts` that are safe for `model` on `device` (default: its first parameter's).
+
+    Call after gradient checkpointing is configured and the model is on its device. Returns a report:
+    {"device", "compiled": {class: n}, "fused": {...}, "fast_kernels": {...}, "ckpt_skipped": n, "skipped": [why]}.
+    """
+    opts = opts or TrainSpeedups()
+    first = next(model.parameters(), None)
+    dev = torch.device(device) if device is not None else (first.device if first is not None else torch.device("cpu"))
+    zero3 = _zero3_enabled() if zero3 is None else zero3
+    report: dict[str, Any] = {"device": str(dev), "compiled": {}, "fused": {}, "fast_kernels": {}, "ckpt_skipped": 0,
+                              "skipped": []}
+    if dev.type != "cuda" and not allow_cpu:
+        report["skipped"].append("not on CUDA: plain eager path")
+        return report
+    if opts.ckpt_skip_llm_layers:
+        report["ckpt_skipped"] = set_ckpt_skip(model, opts.ckpt_skip_llm_layers)
+    compile_on = opts.compile_layers
+    if compile_on and zero3:
+        compile_on = False
+        report["skipped"].append("compile_layers and fuse_projections off under DeepSpeed ZeRO-3 (partitioned weights)")
+    skip = tuple(t for t in TOWERS if isinstance(getattr(model, t, None), nn.Module) and _has_lora(getattr(model, t)))
+    if compile_on and skip:
+        report["skipped"].append(f"no compile in LoRA-wrapped {', '.join(skip)}")
+    if compile_on and opts.fuse_projections:
+        for tower in TOWERS:
+            sub = getattr(model, tower, None)
+            if isinstance(sub, nn.Module) and tower not in skip:
+                for k, v in fuse_projections(sub).items():
+                    report["fused"][k] = report["fused"].get(k, 0) + v
+        if not any(isinstance(getattr(model, t, None), nn.Module) for t in TOWERS):
+            report["fused"] = fuse_projections(model)
+    if compile_on:
+        report["compiled"] = compile_layers(model, ckpt=opts.compile_ckpt, backend=opts.backend, skip=skip)
+    if opts.fast_kernels:
+        # inside compiled layers inductor does this fusion; only the eager parts (skipped towers, final norm) get liger
+        compiled_modules = {id(m) for layer in model.modules() if getattr(layer, "_compiled_layer", False)
+                            for m in layer.modules()}
+        if compiled_modules:
+            eager_parts = [m for name, m in model.named_children() if id(m) not in compiled_modules]
+            counts: dict[str, int] = {}
+            for part in eager_parts:
+                for sub in _eager_submodules(part, compiled_modules):
+                    for k, v in enable_fast_kernels(sub).items():
+                        counts[k] = counts.get(k, 0) + v
+            report["fast_kernels"] = counts
+        else:
+            report["fast_kernels"] = enable_fast_kernels(model)
+    report["lm_loss_impl"] = opts.lm_loss_impl
+    logger.info("training fast paths: %s", report)
+    return report
+
+
+def _eager_submodules(root: nn.Module, compiled: set[int]) -> list[nn.Module]:
+    """The largest submodules of `root` that contain no compiled layer (so liger swaps never land inside one)."""
+    inside = [m for m in root.modules() if id(m) in compiled]
+    if not inside:
+        return [root]
+    out: list[nn.Module] = []
+    for child in root.children():
+        if id(child) in compiled:
+            continue
+        out.extend(_eager_submodules(child, compiled))
+    # modules owned directly by root (e.g. a final norm registered on root itself) are reached through children
+    return out
+
+
+def remove_train_speedups(model: nn.Module) -> int:
+    """Undo `apply_train_speedups` (compiled layers, fused projections, liger swaps); checkpoint skips stay."""
+    return uncompile_layers(model) + unfuse_projections(model) + disable_fast_kernels(model)
+
+
+def _final_norm(language_model: nn.Module) -> nn.Module | None:
+    """The decoder's final norm (its output is the last hidden state), or None when there is no such module."""
+    get_decoder = getattr(language_model, "get_decoder", None)
+    decoder = get_decoder() if get_decoder is not None else None
+    norm = getattr(decoder, "norm", None)
+    return norm if isinstance(norm, nn.Module) else None
+
+
+def fused_loss_forward(model: nn.Module, model_inputs: dict[str, Any], labels: torch.Tensor, *,
+                       loss_weight: torch.Tensor | None = None, impl: str = "auto",
+                       lm_head: nn.Module | None = None) -> tuple[torch.Tensor, Any]:
+    """The trainer's fused-loss forward: run the model without building [B, L, V] logits (only the last position's,
+    `logits_to_keep=1`) and without a KV cache, take the final hidden states, and compute the weighted-mean
+    next-token CE with the LM head on supervised positions only (`causal_lm_loss`). Returns (mean loss, outputs).
+
+    The final hidden states are the output of the decoder's final norm, read by a forward hook on that module: asking
+    transformers for `output_hidden_states` would install its capture hooks on every layer and attention module,
+    which run inside compiled layers and break their graphs. Without a final norm it falls back to
+    `output_hidden_states`.
+    """
+    inner = getattr(model, "module", model)  # DDP / DeepSpeed engine wrappers
+    language_model = getattr(inner, "language_model", inner)
+    if lm_head is None:
+        lm_head = language_model.get_output_embeddings()
+    norm = _final_norm(language_model)
+    kwargs = {"logits_to_keep": 1, "use_cache": False}
+    if norm is None:
+        outputs = model(**model_inputs, output_hidden_states=True, **kwargs)
+        hidden = outputs["hidden_states"][-1]
+    else:
+        captured: list[torch.Tensor] = []
+        handle = norm.register_forward_hook(lambda _m, _i, out: captured.append(out))
+        try:
+            outputs = model(**model_inputs, **kwargs)
+        finally:
+            handle.remove()
+        if len(captured) != 1:
+            raise RuntimeError(f"the final norm ran {len(captured)} times in one forward; expected once")
+        hidden = captured[0]
+    return causal_lm_loss(hidden, lm_head, labels, loss_weight=loss_weight, impl=impl), outputs

@@ -1,0 +1,166 @@
+"""Guards for the training fast paths (`internvl.ops.compile_layers`, `internvl.ops.train_speedups`) on the tiny
+preset: each option gives the same loss and gradients as the plain eager path (checkpointing off and on), identical
+layers share one compiled graph, and the switchboard's safety rules (CPU, ZeRO-3, LoRA) hold.
+
+The compile plumbing runs with backend "aot_eager" (dynamo trace + AOT autograd with the checkpoint region, no
+inductor codegen) so it stays fast on two CPU cores; the inductor kernels themselves are checked by the GPU run's
+loss guard."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from internvl.model import InternVLChatModel, load_preset
+from internvl.ops.compile_layers import compile_layers, fuse_projections, uncompile_layers, unfuse_projections
+from internvl.ops.train_speedups import (
+    TrainSpeedups,
+    apply_train_speedups,
+    fused_loss_forward,
+    remove_train_speedups,
+    set_ckpt_skip,
+)
+from internvl.train.build import enable_gradient_checkpointing
+
+IMG = 1000
+
+
+@pytest.fixture(scope="module")
+def base_model():
+    config = load_preset("tiny")
+    config.llm_config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = InternVLChatModel(config)
+    model.img_context_token_id = IMG
+    return model
+
+
+def _batch(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 900, (2, 24), generator=g)
+    ids[:, 2:6] = IMG  # 4 image tokens per 56 px tile
+    labels = ids.clone()
+    labels[:, :8] = -100
+    inputs = {"pixel_values": torch.randn(2, 3, 56, 56, generator=g), "input_ids": ids,
+              "image_flags": torch.ones(2, dtype=torch.long)}
+    return inputs, labels
+
+
+def _loss_and_grads(model, *, fused: bool, impl: str = "chunked"):
+    inputs, labels = _batch()
+    if fused:
+        loss = fused_loss_forward(model, inputs, labels, impl=impl)[0]
+    else:
+        loss = model(**inputs, labels=labels).loss
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return loss.detach(), grads
+
+
+def _assert_same(got, ref, tol=1e-5):
+    (loss, grads), (ref_loss, ref_grads) = got, ref
+    torch.testing.assert_close(loss, ref_loss, rtol=tol, atol=tol)
+    assert grads.keys() == ref_grads.keys()
+    for name, g in grads.items():
+        rel = (g - ref_grads[name]).norm() / ref_grads[name].norm().clamp(min=1e-12)
+        assert rel < tol * 10, (name, float(rel))
+
+
+def _set_ckpt(model, on: bool):
+    if on:
+        enable_gradient_checkpointing(model)
+    else:
+        model.activation_checkpointing_disable()
+
+
+@pytest.mark.parametrize("ckpt", [False, True], ids=["ckpt-off", "ckpt-on"])
+@pytest.mark.parametrize("option", ["fused-loss", "padded-loss", "fuse-projections", "compile-inside",
+                                    "compile-outside", "compile+fuse", "default-speedups", "ckpt-skip"])
+def test_each_fast_option_gives_the_plain_loss_and_gradients(base_model, ckpt, option):
+    model = copy.deepcopy(base_model).train()
+    _set_ckpt(model, ckpt)
+    ref = _loss_and_grads(model, fused=False)
+    impl = "padded" if option in ("padded-loss", "default-speedups") else "chunked"
+    if option == "fuse-projections":
+        assert fuse_projections(model) == {"qkv": 2, "gate_up": 2}
+    elif option in ("compile-inside", "compile-outside"):
+        compile_layers(model, backend="aot_eager", ckpt=option.split("-")[1])
+    elif option == "compile+fuse":
+        fuse_projections(model)
+        compile_layers(model, backend="aot_eager")
+    elif option == "default-speedups":
+        report = apply_train_speedups(model, TrainSpeedups(backend="aot_eager"), allow_cpu=True)
+        assert report["compiled"] == {"InternVisionEncoderLayer": 2, "LlamaDecoderLayer": 2}
+        assert report["fused"] == {"qkv": 2, "gate_up": 2}
+    elif option == "ckpt-skip":
+        assert set_ckpt_skip(model, 1) == (1 if ckpt else 0)
+    got = _loss_and_grads(model, fused=True, impl=impl)
+    _assert_same(got, ref)
+    # and again (the second call runs the cached compiled graphs)
+    _assert_same(_loss_and_grads(model, fused=True, impl=impl), ref)
+
+
+def test_identical_layers_share_one_compiled_graph(base_model):
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = copy.deepcopy(base_model).train()
+    counts = compile_layers(model, backend="aot_eager")
+    assert counts == {"InternVisionEncoderLayer": 2, "LlamaDecoderLayer": 2}
+    _loss_and_grads(model, fused=True)
+    _loss_and_grads(model, fused=True)
+    # one graph per layer class, not per layer (2 classes x 2 layers each), and no recompiles on the second step
+    assert counters["stats"]["unique_graphs"] == 2
+    assert uncompile_layers(model) == 4
+    assert all("forward" not in m.__dict__ for m in model.modules())
+
+
+def test_fused_projections_keep_parameters_and_state_dict(base_model):
+    model = copy.deepcopy(base_model)
+    keys = list(model.state_dict())
+    ids = [id(p) for p in model.parameters()]
+    fuse_projections(model)
+    assert list(model.state_dict()) == keys and [id(p) for p in model.parameters()] == ids
+    assert unfuse_projections(model) == 4
+
+
+def test_speedups_are_a_no_op_off_cuda(base_model):
+    model = copy.deepcopy(base_model)
+    report = apply_train_speedups(model, TrainSpeedups())
+    assert report["compiled"] == {} and report["fused"] == {} and "not on CUDA" in report["skipped"][0]
+    assert not any("forward" in m.__dict__ for m in model.modules())
+
+
+def test_zero3_turns_compile_and_fusion_off(base_model):
+    model = copy.deepcopy(base_model)
+    report = apply_train_speedups(model, TrainSpeedups(backend="aot_eager"), zero3=True, allow_cpu=True)
+    assert report["compiled"] == {} and report["fused"] == {}
+    assert any("ZeRO-3" in s for s in report["skipped"])
+
+
+def test_lora_tower_stays_eager_and_lora_targets_are_not_fused(base_model):
+    from internvl.train.lora import wrap_llm_lora
+
+    model = copy.deepcopy(base_model).train()
+    wrap_llm_lora(model, 4, 0.0)
+    ref = _loss_and_grads(model, fused=False)
+    report = apply_train_speedups(model, TrainSpeedups(backend="aot_eager"), allow_cpu=True)
+    assert report["compiled"] == {"InternVisionEncoderLayer": 2}  # the LoRA-wrapped LLM is left eager
+    assert any("language_model" in s for s in report["skipped"])
+    assert not any(getattr(m, "_fused_proj", False) for m in model.language_model.modules())
+    _assert_same(_loss_and_grads(model, fused=True), ref)
+    remove_train_speedups(model)
+
+
+def test_ckpt_skip_only_touches_the_last_llm_layers(base_model):
+    model = copy.deepcopy(base_model)
+    enable_gradient_checkpointing(model)
+    layers = model.language_model.model.layers
+    assert set_ckpt_skip(model, 1) == 1
+    assert [layer.gradient_checkpointing for layer in layers] == [True, False]
+    assert all(layer.gradient_checkpointing for layer in model.vision_model.encoder.layers)
+    assert set_ckpt_skip(model, 5) == 1  # only the one still checkpointed

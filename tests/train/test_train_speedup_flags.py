@@ -1,0 +1,69 @@
+"""The trainer's fast-path flags: parsed into `TrainSpeedups`, applied when training starts (a no-op on the CPU), and
+the trainer's loss with the fast paths on (compiled layers with aot_eager, fused projections, padded loss) equals
+the plain full-logits loss and gradients on the tiny preset."""
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from internvl.data.collate import pad_collate
+from internvl.data.dataset import build_training_dataset
+from internvl.ops.train_speedups import TrainSpeedups, apply_train_speedups
+from internvl.train.arguments import DataTrainingArguments, MedRegTrainingArguments, ModelArguments, parse_args
+from internvl.train.build import build_model_and_tokenizer
+from internvl.train.cli import speedups_from_args
+from internvl.train.trainer import MedRegTrainer, SpeedupCallback
+
+from .square_task import write_square_dataset
+
+
+def test_flags_map_to_speedups(tmp_path):
+    base = ["--preset", "tiny", "--tokenizer_path", "tok", "--meta_path", "m.json", "--output_dir", str(tmp_path)]
+    model_args, _, _ = parse_args(base)
+    assert speedups_from_args(model_args) == TrainSpeedups()  # the defaults are the trainer's defaults
+    model_args, _, _ = parse_args(base + ["--compile_layers", "False", "--fuse_projections", "False",
+                                          "--fast_kernels", "False", "--lm_loss_impl", "liger",
+                                          "--grad_checkpoint_skip_llm_layers", "3"])
+    opts = speedups_from_args(model_args)
+    assert (opts.compile_layers, opts.fuse_projections, opts.fast_kernels, opts.lm_loss_impl,
+            opts.ckpt_skip_llm_layers) == (False, False, False, "liger", 3)
+    model_args, _, _ = parse_args(base + ["--grad_checkpoint", "False", "--grad_checkpoint_skip_llm_layers", "3"])
+    assert speedups_from_args(model_args).ckpt_skip_llm_layers == 0
+
+
+def test_trainer_loss_with_fast_paths_equals_plain(tmp_path, tiny_tokenizer_dir):
+    meta = write_square_dataset(tmp_path / "data", n=4, seed=2)
+    torch.manual_seed(0)
+    built = build_model_and_tokenizer(
+        ModelArguments(preset="tiny", tokenizer_path=str(tiny_tokenizer_dir), grad_checkpoint=True),
+        DataTrainingArguments(meta_path=str(meta)))
+    dataset = build_training_dataset(meta, tokenizer=built.tokenizer, config=built.model.config)
+    batch = pad_collate([dataset[i] for i in range(4)])
+    args = MedRegTrainingArguments(output_dir=str(tmp_path / "o"), use_cpu=True, report_to="none")
+    results = []
+    for fast in (False, True):
+        model = copy.deepcopy(built.model).train()
+        opts = TrainSpeedups(backend="aot_eager", lm_loss_impl="padded")
+        trainer = MedRegTrainer(model=model, args=args, fused_lm_loss=fast, speedups=opts if fast else None)
+        if fast:
+            report = apply_train_speedups(model, opts, allow_cpu=True)
+            assert report["compiled"] and report["fused"] == {"qkv": 2, "gate_up": 2}
+            assert trainer.lm_loss_impl == "padded"
+        loss = trainer.compute_loss(model, dict(batch), num_items_in_batch=torch.tensor(23.0))
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (plain, plain_grads), (fast, fast_grads) = results
+    torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-6)
+    assert plain_grads.keys() == fast_grads.keys()
+    for name in plain_grads:
+        torch.testing.assert_close(fast_grads[name], plain_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_speedup_callback_is_a_no_op_on_the_cpu(tmp_path, tiny_model):
+    args = MedRegTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    trainer = MedRegTrainer(model=tiny_model, args=args, speedups=TrainSpeedups())
+    callback = next(c for c in trainer.callback_handler.callbacks if isinstance(c, SpeedupCallback))
+    callback.on_train_begin(args, trainer.state, trainer.control, model=tiny_model)
+    assert callback.report["compiled"] == {} and "not on CUDA" in callback.report["skipped"][0]
+    assert not any("forward" in m.__dict__ for m in tiny_model.modules())
