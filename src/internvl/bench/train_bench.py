@@ -1,34 +1,75 @@
-"""Training-step benchmark cases: ours (fast kernels + fused LM-head loss) vs native, checkpointing on/off, and
-packing vs padding on the IU length mix. A plain loop: forward, backward, fused AdamW step."""
+"""Training-step benchmark: our model with the trainer's fast paths (variants side by side) vs transformers' native
+InternVL, gradient checkpointing off and on; a torch.profiler view of a step; packing vs padding (in cli.py).
+
+"Ours" runs exactly what `medrega-train` runs on CUDA: `internvl.train.build.enable_gradient_checkpointing`,
+`internvl.ops.train_speedups.apply_train_speedups` and the trainer's loss forward `fused_loss_forward`. A plain loop:
+forward, backward, fused AdamW step (lr 1e-5), everything trainable.
+"""
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import time
+import traceback
+from pathlib import Path
 
 import torch
 
-from ..ops import causal_lm_loss, disable_fast_kernels, enable_fast_kernels
+from ..ops.train_speedups import TrainSpeedups, apply_train_speedups, fused_loss_forward, remove_train_speedups
 from .batches import Batch
-from .flops import ModelShape, mfu, train_step_flops
+from .flops import ModelShape, mfu, shape_of, train_step_flops
 
 logger = logging.getLogger(__name__)
 
+#: variant name -> (speedups, description). "default" is the trainer's default (`TrainSpeedups()`).
+TRAIN_VARIANTS: dict[str, tuple[TrainSpeedups, str]] = {
+    "s1": (TrainSpeedups(compile_layers=False, fuse_projections=False, lm_loss_impl="liger"),
+           "session 1: liger RMSNorm/SwiGLU/RoPE + liger fused linear CE"),
+    "padded": (TrainSpeedups(compile_layers=False, fuse_projections=False, lm_loss_impl="padded"),
+               "liger kernels + padded-vocab CE"),
+    "compiled": (TrainSpeedups(fuse_projections=False), "compiled layers + padded-vocab CE"),
+    "default": (TrainSpeedups(), "compiled layers + fused q/k/v, gate/up + padded-vocab CE (trainer default)"),
+    "outside": (TrainSpeedups(compile_ckpt="outside"), "default, checkpoint wrapped around the compiled layer"),
+    "skip2": (TrainSpeedups(ckpt_skip_llm_layers=2), "default, last 2 LLM layers not checkpointed"),
+    "skip4": (TrainSpeedups(ckpt_skip_llm_layers=4), "default, last 4 LLM layers not checkpointed"),
+}
 
-def ours_loss(model, b: Batch, *, fast: bool) -> torch.Tensor:
-    """Loss of our model on a batch; `fast` runs the LM head + CE fused on supervised positions only (the model's
-    own `fused_loss` path when the model has it, forced on with "always" so the CPU smoke test exercises it too)."""
+
+def parse_train_variants(text: str) -> list[tuple[str, tuple[bool, ...]]]:
+    """"s1,default,skip2:on" -> [(name, checkpointing settings)]; ":on"/":off" restricts a variant to one setting."""
+    out = []
+    for item in [x.strip() for x in text.split(",") if x.strip()]:
+        name, _, which = item.partition(":")
+        if name not in TRAIN_VARIANTS:
+            raise ValueError(f"unknown training variant {name!r}; known: {', '.join(TRAIN_VARIANTS)}")
+        if which not in ("", "on", "off"):
+            raise ValueError(f"{item!r}: the checkpointing suffix must be :on or :off")
+        out.append((name, (False, True) if not which else ((which == "on"),)))
+    return out
+
+
+def case_name(variant: str, ckpt: bool) -> str:
+    """Row name of a case: "ours ckpt=on" for the trainer default, "ours[s1] ckpt=on" for the others."""
+    tag = "" if variant == "default" else f"[{variant}]"
+    return f"ours{tag} ckpt={'on' if ckpt else 'off'}"
+
+
+def batch_inputs(b: Batch) -> dict:
+    """The model inputs the trainer would pass (everything but the labels)."""
     flags = torch.ones(b.pixel_values.shape[0], dtype=torch.long, device=b.input_ids.device)
-    if hasattr(model, "fused_loss") or not fast:
-        if hasattr(model, "fused_loss"):
-            model.fused_loss = "always" if fast else False
-        return model(pixel_values=b.pixel_values, input_ids=b.input_ids, attention_mask=b.attention_mask,
-                     position_ids=b.position_ids, image_flags=flags, labels=b.labels).loss
-    embeds = model._embed(b.input_ids, b.pixel_values, flags)
-    hidden = model.language_model.get_decoder()(
-        inputs_embeds=embeds, attention_mask=b.attention_mask, position_ids=b.position_ids, use_cache=False
-    ).last_hidden_state
-    return causal_lm_loss(hidden, model.language_model.get_output_embeddings(), b.labels)
+    return {"pixel_values": b.pixel_values, "input_ids": b.input_ids, "attention_mask": b.attention_mask,
+            "position_ids": b.position_ids, "image_flags": flags}
+
+
+def ours_loss(model, b: Batch, *, fast: bool, impl: str = "auto") -> torch.Tensor:
+    """Loss of our model on a batch: `fast` = the trainer's fused loss forward (`fused_loss_forward`, LM head + CE
+    on supervised positions only, kernel `impl`), else the model's own full-logits loss."""
+    if fast:
+        if impl == "liger" and not b.input_ids.is_cuda:
+            impl = "chunked"  # CPU smoke tests: liger needs CUDA
+        return fused_loss_forward(model, batch_inputs(b), b.labels, impl=impl)[0]
+    return model(**batch_inputs(b), labels=b.labels).loss
 
 
 def native_loss(model, b: Batch) -> torch.Tensor:
@@ -37,26 +78,49 @@ def native_loss(model, b: Batch) -> torch.Tensor:
                  position_ids=b.position_ids, labels=b.labels).loss
 
 
-def set_fast(model, fast: bool) -> None:
-    """Turn the fused norm/SwiGLU kernels on or off on our model instance."""
-    if fast:
-        enable_fast_kernels(model)
+def set_fast(model, fast: bool, speedups: TrainSpeedups | None = None) -> dict | None:
+    """Turn the trainer's fast paths (`speedups`, default: the trainer default) on or off on our model instance.
+    On the CPU (smoke tests) the layers are compiled with backend "aot_eager" so the plumbing still runs."""
+    remove_train_speedups(model)
+    if not fast:
+        return None
+    opts = speedups or TrainSpeedups()
+    if next(model.parameters()).device.type != "cuda":
+        import dataclasses
+
+        opts = dataclasses.replace(opts, backend="aot_eager")
+        return apply_train_speedups(model, opts, allow_cpu=True)
+    return apply_train_speedups(model, opts)
+
+
+def set_checkpointing(model, on: bool) -> None:
+    """Our model: the trainer's `enable_gradient_checkpointing` (LLM + ViT, non-reentrant); native: HF's own."""
+    if on:
+        if hasattr(model, "vision_model") and hasattr(model, "mlp1"):
+            from ..train.build import enable_gradient_checkpointing
+
+            enable_gradient_checkpointing(model)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     else:
-        disable_fast_kernels(model)
+        off = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
+        off()
 
 
 def run_train_case(name: str, model, loss_fn, batches: list[Batch], *, shape: ModelShape, steps: int, warmup: int,
-                   ckpt: bool, peak_flops: float) -> dict:
-    """Time `steps` optimizer steps (after `warmup`) cycling over `batches`; returns the case's figures."""
-    if ckpt:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        model.gradient_checkpointing_disable()
+                   ckpt: bool, peak_flops: float, prepare=None) -> dict:
+    """Time `steps` optimizer steps (after `warmup`, which also pays any compile) cycling over `batches`.
+
+    `prepare(model)` runs after checkpointing is configured (the trainer's order: checkpointing, then fast paths).
+    """
+    set_checkpointing(model, ckpt)
+    prepared = prepare(model) if prepare is not None else None
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0, fused=params[0].is_cuda)
     cuda = params[0].is_cuda
-    losses: list[float] = []
+    losses: list[torch.Tensor] = []
+    t_warm = time.perf_counter()
     for i in range(warmup):
         loss = loss_fn(model, batches[i % len(batches)])
         loss.backward()
@@ -65,6 +129,7 @@ def run_train_case(name: str, model, loss_fn, batches: list[Batch], *, shape: Mo
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+    warm_seconds = time.perf_counter() - t_warm
     tokens = samples = supervised = 0
     flops = 0.0
     t0 = time.perf_counter()
@@ -91,6 +156,8 @@ def run_train_case(name: str, model, loss_fn, batches: list[Batch], *, shape: Mo
         "ckpt": ckpt,
         "steps": steps,
         "seconds": seconds,
+        "ms_per_step": seconds / max(steps, 1) * 1e3,
+        "warmup_seconds": warm_seconds,
         "tokens_per_s": tokens / seconds,
         "samples_per_s": samples / seconds,
         "useful_tokens_per_s": tokens / seconds,
@@ -98,19 +165,50 @@ def run_train_case(name: str, model, loss_fn, batches: list[Batch], *, shape: Mo
         "mfu": mfu(flops, seconds, peak_flops),
         "tflops_per_s": flops / seconds / 1e12,
         "loss_last": float(losses[-1]) if losses else float("nan"),
+        **({"applied": prepared} if prepared is not None else {}),
     }
 
 
-def loss_agreement(model, batch: Batch) -> dict:
-    """Guard on the device: our fast loss vs the plain path on the same batch and weights (relative difference)."""
-    model.eval()
+def loss_agreement(model, batch: Batch, speedups: TrainSpeedups | None = None) -> dict:
+    """Guard on the device: the trainer's fast loss (fast paths of `speedups` on) vs the plain eager full-logits
+    loss, same batch and weights, training mode (so the compiled training graphs are the ones checked)."""
+    model.train()
+    set_checkpointing(model, False)
     with torch.no_grad():
         set_fast(model, False)
         plain = float(ours_loss(model, batch, fast=False))
-        set_fast(model, True)
-        fast = float(ours_loss(model, batch, fast=True))
-    model.train()
-    return {"plain": plain, "fast": fast, "rel_diff": abs(fast - plain) / max(abs(plain), 1e-12)}
+    report = set_fast(model, True, speedups)
+    opts = speedups or TrainSpeedups()
+    fast = ours_loss(model, batch, fast=True, impl=opts.lm_loss_impl).item()  # with grad: the training graph
+    model.zero_grad(set_to_none=True)
+    return {"plain": plain, "fast": fast, "rel_diff": abs(fast - plain) / max(abs(plain), 1e-12),
+            "applied": report}
+
+
+def profile_step(model, loss_fn, batch: Batch, path: Path, *, rows: int = 22) -> dict:
+    """One warm training step (forward + backward) under torch.profiler: wall time, summed self CPU time of all ops,
+    summed self CUDA kernel time, and the top ops by CUDA time (written to `path`)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(2):
+        loss_fn(model, batch).backward()
+    model.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        loss_fn(model, batch).backward()
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+    model.zero_grad(set_to_none=True)
+    events = prof.key_averages()
+    cpu_us = sum(e.self_cpu_time_total for e in events)
+    cuda_us = sum(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) for e in events)
+    table = events.table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=60)
+    summary = {"wall_ms": wall * 1e3, "self_cpu_ms": cpu_us / 1e3, "self_cuda_ms": cuda_us / 1e3,
+               "kernels": sum(e.count for e in events if getattr(e, "device_type", None) is not None
+                              and str(e.device_type).endswith("CUDA"))}
+    path.write_text(f"{json.dumps(summary)}\n{table}")
+    return summary
 
 
 def free(*objs) -> None:
@@ -120,3 +218,122 @@ def free(*objs) -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+class Deadline:
+    """Skip the remaining cases once `seconds` have passed (a device run has a hard time limit)."""
+
+    def __init__(self, seconds: float | None) -> None:
+        self.seconds = seconds
+        self.t0 = time.perf_counter()
+
+    def over(self) -> bool:
+        return self.seconds is not None and time.perf_counter() - self.t0 > self.seconds
+
+
+def _try(res: dict, key: str, fn, *args, **kwargs):
+    try:
+        return fn(*args, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - one case failing must not stop the others
+        logger.error("%s failed: %s", key, exc)
+        res.setdefault("errors", []).append({"case": key, "error": repr(exc), "trace": traceback.format_exc()})
+        return None
+
+
+def section_train(args, res: dict, config, *, batches_for) -> None:
+    """Native (checkpointing off/on), then our model with each `args.train_variants` side by side; profiles of the
+    checkpointing-on step (`args.train_profile`: native, s1, default); JSON saved after every case."""
+    from .build import build_native, build_ours
+
+    vocab = config.llm_config.vocab_size
+    img_id = vocab - 1
+    data = batches_for(vocab, img_id)
+    rows = res.setdefault("train", [])
+    skipped = res.setdefault("train_skipped", [])
+    deadline = Deadline(getattr(args, "train_deadline_s", None))
+    out = Path(args.out)
+    save = lambda: (out / "bench.json").write_text(json.dumps(res, indent=1, default=str))  # noqa: E731
+    profiles = res.setdefault("train_profiles", {})
+    do_profile = bool(getattr(args, "train_profile", False)) and args.device == "cuda"
+    variants = parse_train_variants(getattr(args, "train_variants", "default"))
+
+    native, _ = build_native(config, image_token_id=img_id, device=args.device, dtype=args.dtype, seed=0)
+    for ckpt in (False, True):
+        r = _try(res, f"native ckpt={ckpt}", run_train_case, f"native ckpt={'on' if ckpt else 'off'}", native,
+                 native_loss, data, shape=shape_of_native(config, args), steps=args.steps, warmup=args.warmup,
+                 ckpt=ckpt, peak_flops=args.peak)
+        if r:
+            rows.append(r)
+        save()
+    if do_profile:
+        set_checkpointing(native, True)
+        profiles["native ckpt=on"] = _try(res, "profile native", profile_step, native, native_loss, data[0],
+                                          out / "profile_train_native_ckpt_on.txt")
+    native = None
+    free()
+
+    ours = build_ours(config, device=args.device, dtype=args.dtype, seed=0)
+    ours.img_context_token_id = img_id
+    shape = shape_of(ours)
+    res["shape"] = shape.as_dict()
+    res["loss_guard"] = _try(res, "loss_guard", loss_agreement, ours, data[0])
+    save()
+    for variant, ckpts in variants:
+        opts, _ = TRAIN_VARIANTS[variant]
+        for ckpt in ckpts:
+            name = case_name(variant, ckpt)
+            if deadline.over():
+                skipped.append(name)
+                continue
+            r = _try(res, name, run_train_case, name, ours,
+                     lambda m, b, impl=opts.lm_loss_impl: ours_loss(m, b, fast=True, impl=impl), data, shape=shape,
+                     steps=args.steps, warmup=args.warmup, ckpt=ckpt, peak_flops=args.peak,
+                     prepare=lambda m, o=opts: set_fast(m, True, o))
+            if r:
+                r["variant"] = variant
+                rows.append(r)
+            if do_profile and ckpt and variant in ("s1", "default") and not deadline.over():
+                profiles[name] = _try(res, f"profile {name}", profile_step, ours,
+                                      lambda m, b, impl=opts.lm_loss_impl: ours_loss(m, b, fast=True, impl=impl),
+                                      data[0], out / f"profile_train_{variant}_ckpt_on.txt")
+            save()
+    remove_train_speedups(ours)
+    ours = None
+    free()
+
+
+def shape_of_native(config, args) -> ModelShape:
+    """FLOPs shape for the native runs (the same sizes as ours; built on the meta device, no memory)."""
+    from internvl.model import InternVLChatModel
+
+    with torch.device("meta"):
+        return shape_of(InternVLChatModel(config))
+
+
+def train_table_lines(res: dict) -> list[str]:
+    """The training block of the printed table: one row per case, ratio against native with the same checkpointing
+    and against session 1's ours (`s1`)."""
+    train = res.get("train", [])
+    if not train:
+        return []
+    lines = ["\n== training (batch %s x %s tokens, 1 image each, bf16, AdamW) ==" % (res["args"]["batch"],
+                                                                                 res["args"]["seq"]),
+             f"{'case':26s} {'tok/s':>9s} {'ms/step':>8s} {'peakGiB':>8s} {'MFU':>6s} {'vs native':>9s} "
+             f"{'vs s1':>6s} {'warm s':>7s}"]
+    by = {r["case"]: r for r in train}
+    for r in train:
+        on = "on" if r["ckpt"] else "off"
+        nat, s1 = by.get(f"native ckpt={on}"), by.get(f"ours[s1] ckpt={on}")
+        ours = r["case"].startswith("ours")
+        vs_nat = f"{r['tokens_per_s'] / nat['tokens_per_s']:.2f}x" if ours and nat else ""
+        vs_s1 = f"{r['tokens_per_s'] / s1['tokens_per_s']:.2f}x" if ours and s1 and s1 is not r else ""
+        lines.append(f"{r['case']:26s} {r['tokens_per_s']:9.0f} {r.get('ms_per_step', float('nan')):8.1f} "
+                     f"{r['peak_mem_gib']:8.1f} {r['mfu'] * 100:5.1f}% {vs_nat:>9s} {vs_s1:>6s} "
+                     f"{r.get('warmup_seconds', float('nan')):7.1f}")
+    for name, p in (res.get("train_profiles") or {}).items():
+        if p:
+            lines.append(f"profile {name}: wall {p['wall_ms']:.1f} ms, self CPU {p['self_cpu_ms']:.1f} ms, "
+                         f"self CUDA {p['self_cuda_ms']:.1f} ms")
+    if res.get("train_skipped"):
+        lines.append("skipped (deadline): " + ", ".join(res["train_skipped"]))
+    return lines
