@@ -190,20 +190,24 @@ def profile_step(model, loss_fn, batch: Batch, path: Path, *, rows: int = 22) ->
     summed self CUDA kernel time, and the top ops by CUDA time (written to `path`)."""
     from torch.profiler import ProfilerActivity, profile
 
+    cuda = batch.input_ids.is_cuda
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     for _ in range(2):
         loss_fn(model, batch).backward()
     model.zero_grad(set_to_none=True)
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    sync()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
         t0 = time.perf_counter()
         loss_fn(model, batch).backward()
-        torch.cuda.synchronize()
+        sync()
         wall = time.perf_counter() - t0
     model.zero_grad(set_to_none=True)
     events = prof.key_averages()
     cpu_us = sum(e.self_cpu_time_total for e in events)
     cuda_us = sum(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) for e in events)
-    table = events.table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=60)
+    table = events.table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=rows,
+                         max_name_column_width=60)
     summary = {"wall_ms": wall * 1e3, "self_cpu_ms": cpu_us / 1e3, "self_cuda_ms": cuda_us / 1e3,
                "kernels": sum(e.count for e in events if getattr(e, "device_type", None) is not None
                               and str(e.device_type).endswith("CUDA"))}
@@ -254,7 +258,7 @@ def section_train(args, res: dict, config, *, batches_for) -> None:
     out = Path(args.out)
     save = lambda: (out / "bench.json").write_text(json.dumps(res, indent=1, default=str))  # noqa: E731
     profiles = res.setdefault("train_profiles", {})
-    do_profile = bool(getattr(args, "train_profile", False)) and args.device == "cuda"
+    do_profile = bool(getattr(args, "train_profile", False))
     variants = parse_train_variants(getattr(args, "train_variants", "default"))
 
     native, _ = build_native(config, image_token_id=img_id, device=args.device, dtype=args.dtype, seed=0)
