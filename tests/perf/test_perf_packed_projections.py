@@ -212,3 +212,24 @@ def test_decoder_for_reads_module_options():
     assert fg.decoder_for(lm) is dec2
     with pytest.raises(ValueError, match="attention"):
         StaticGreedyDecoder(lm, attention="flash")
+
+
+def test_auto_packing_picks_the_step_per_batch():
+    """packed="auto": weights are packed, and the packed step runs except where inductor's tuned step runs (batch 1
+    under tuning="auto"): there the model's own forward is used (measured faster on the H200)."""
+    lm = _llama(seed=11)
+    dec = StaticGreedyDecoder(lm, compile_backend="inductor", packed="auto", tuning="auto")
+    assert not dec._packed_step(1) and dec._packed_step(8)
+    assert StaticGreedyDecoder(lm, compile_backend="inductor", packed="auto", tuning=False)._packed_step(1)
+    assert StaticGreedyDecoder(lm, compile_backend="eager", packed="auto", tuning="auto")._packed_step(1)
+    assert not StaticGreedyDecoder(lm, compile_backend=None, packed=False)._packed_step(4)
+    with pytest.raises(ValueError, match="packed"):
+        StaticGreedyDecoder(lm, packed="yes")
+    # the model's-own-forward step over packed weights: same tokens, weights packed
+    emb, mask = _prompts(seed=11)
+    dec = StaticGreedyDecoder(lm, compile_backend=None, packed="auto", tuning=True)
+    dec._packed_step = lambda batch: False  # what "auto" picks for the tuned inductor step (no compile on the CPU)
+    out = dec.generate(emb, mask, max_new_tokens=7)
+    assert torch.equal(out, _reference(lm, emb, mask, 7))
+    assert dec._pack_signature is not None and layout_ok(decoder_layer_groups(lm)[0].qkv)
+    assert all(st.extra["packs"] is None for st in dec._states.values())

@@ -72,8 +72,10 @@ def agreement(a: torch.Tensor, b: torch.Tensor) -> dict:
 # Decode-step variants, side by side in one run (`--gen-variants`)
 # ----------------------------------------------------------------------------------------------------------------
 #: decode-step options per variant: the module attributes `internvl.model.fast_generate.decoder_for` reads.
-#: "baseline" is the session-1 default (HF forward of the LM, no packing, inductor without tuning).
+#: "baseline" is the session-1 default (HF forward of the LM, no packing, inductor without tuning); "default" is the
+#: current default (packed weights; at batch 1 the model's forward tuned by inductor, elsewhere the packed step).
 VARIANTS: dict[str, dict] = {
+    "default": {"fast_decode_packed": "auto", "fast_decode_attention": "sdpa", "fast_decode_tuning": "auto"},
     "baseline": {"fast_decode_packed": False, "fast_decode_attention": "sdpa", "fast_decode_tuning": False},
     "tuned": {"fast_decode_packed": False, "fast_decode_attention": "sdpa", "fast_decode_tuning": "auto"},
     "packed": {"fast_decode_packed": True, "fast_decode_attention": "sdpa", "fast_decode_tuning": False},

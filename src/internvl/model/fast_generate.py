@@ -156,6 +156,9 @@ class StaticGreedyDecoder:
         packed: for Llama / Qwen2 language models whose q/k/v and gate/up are plain `nn.Linear`s, run the decode step
             through our own layer loop over packed q/k/v and gate/up weights (`internvl.ops.packed_projections`: the
             parameters are re-pointed into one tensor per group, no extra memory). Other models use their own forward.
+            True, False, or "auto" (default): packed weights always, the packed step except where inductor's
+            coordinate-descent tuning runs (batch 1 under `tuning="auto"`): there the model's own forward, tuned, was
+            measured faster (H200, `mid` preset: 1.48 ms/step against 1.62 packed + tuned; docs/performance.md).
         attention: decode attention of the packed step: "sdpa" (grouped-query SDPA, `sdpa_gqa_decode_attention`) or
             "math" (explicit fp32 multiply-sum / softmax / multiply-sum that inductor fuses into its own kernels).
         tuning: inductor's coordinate-descent tuning for the step (True, False, or "auto" = at batch 1 only). With it
@@ -170,12 +173,14 @@ class StaticGreedyDecoder:
         use_cuda_graph: bool = True,
         compile_backend: str | None = "inductor",
         check_every: int = 32,
-        packed: bool = True,
+        packed: bool | str = "auto",
         attention: str = "sdpa",
         tuning: bool | str = "auto",
     ) -> None:
         if attention not in ("sdpa", "math"):
             raise ValueError(f"attention must be 'sdpa' or 'math', got {attention!r}")
+        if packed not in (True, False, "auto"):
+            raise ValueError(f"packed must be True, False or 'auto', got {packed!r}")
         if tuning not in (True, False, "auto"):
             raise ValueError(f"tuning must be True, False or 'auto', got {tuning!r}")
         self.lm = lm
@@ -288,6 +293,12 @@ class StaticGreedyDecoder:
     def _tuned(self, batch: int) -> bool:
         return self.tuning is True or (self.tuning == "auto" and batch == 1)
 
+    def _packed_step(self, batch: int) -> bool:
+        """Whether a state of this batch size runs the packed step (weights are packed either way, see `packed`)."""
+        if self.packed == "auto":
+            return not (self.compile_backend == "inductor" and self._tuned(batch))
+        return bool(self.packed)
+
     def _make_step(self, st: _DecodeState, pad_token_id: int):
         if st.extra.get("packs") is not None:
             def forward(ids: torch.Tensor, pos: torch.Tensor, packs: list) -> torch.Tensor:
@@ -375,7 +386,8 @@ class StaticGreedyDecoder:
         else:
             st.cache.reset()
         self._states[key] = st
-        st.extra["packs"] = packs  # views at the addresses the state's graph (if any) was captured with
+        # views at the addresses the state's graph (if any) was captured with; None = the model's own forward
+        st.extra["packs"] = packs if self._packed_step(batch) else None
 
         # Fill the fixed buffers for this call (same addresses as the captured graph reads).
         st.mask.fill_(1)
@@ -513,7 +525,7 @@ def greedy_settings(generate_kwargs: dict, default_eos: int | list[int] | None =
 #: reading the weights, so inductor's fusion gains little and its compile of a deep model costs minutes per shape.
 AUTO_INDUCTOR_MAX_PARAMS = 5_000_000_000
 #: defaults of the decoder options that `decoder_for` reads from module attributes (see StaticGreedyDecoder).
-DEFAULT_PACKED = True
+DEFAULT_PACKED: bool | str = "auto"
 DEFAULT_ATTENTION = "sdpa"
 DEFAULT_TUNING: bool | str = "auto"
 
@@ -529,13 +541,13 @@ def resolve_backend(lm: nn.Module, backend: str | None) -> str | None:
 def decoder_for(lm: nn.Module) -> StaticGreedyDecoder:
     """The (cached) StaticGreedyDecoder of a language model, configured from module attributes:
     `fast_decode_backend`: "auto" (default: inductor up to 5B parameters, traced-only above), "inductor", "eager",
-    or None (no compile, no CUDA graph); `fast_decode_packed` (default True: packed q/k/v and gate/up step for
-    Llama / Qwen2); `fast_decode_attention` ("sdpa" default, or "math"); `fast_decode_tuning` (inductor
+    or None (no compile, no CUDA graph); `fast_decode_packed` ("auto" default, True, False: packed q/k/v and
+    gate/up weights and decode step for Llama / Qwen2, see StaticGreedyDecoder); `fast_decode_attention` ("sdpa" default, or "math"); `fast_decode_tuning` (inductor
     coordinate-descent tuning: "auto" default = batch 1 only, True, False)."""
     dec = getattr(lm, "_static_greedy_decoder", None)
     options = {
         "compile_backend": resolve_backend(lm, getattr(lm, "fast_decode_backend", "auto")),
-        "packed": bool(getattr(lm, "fast_decode_packed", DEFAULT_PACKED)),
+        "packed": getattr(lm, "fast_decode_packed", DEFAULT_PACKED),
         "attention": getattr(lm, "fast_decode_attention", DEFAULT_ATTENTION),
         "tuning": getattr(lm, "fast_decode_tuning", DEFAULT_TUNING),
     }
