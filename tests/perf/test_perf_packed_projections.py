@@ -6,7 +6,12 @@ import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from internvl.model.fast_generate import StaticGreedyDecoder, math_gqa_decode_attention, packed_step_supported
+from internvl.model.fast_generate import (
+    StaticGreedyDecoder,
+    flex_gqa_decode_attention,
+    math_gqa_decode_attention,
+    packed_step_supported,
+)
 from internvl.ops.packed_projections import (
     PackingError,
     decoder_layer_groups,
@@ -56,7 +61,7 @@ def _storages(lm):
 
 @pytest.mark.parametrize("make", [_llama, _qwen2, lambda: _llama(attention_bias=True, mlp_bias=True)],
                          ids=["llama", "qwen2-bias", "llama-bias"])
-@pytest.mark.parametrize("attention", ["sdpa", "math"])
+@pytest.mark.parametrize("attention", ["sdpa", "math", "flex"])
 def test_packed_step_matches_plain_generate(make, attention):
     lm = make()
     emb, mask = _prompts()
@@ -196,6 +201,38 @@ def test_math_attention_equals_sdpa():
     ref = torch.nn.functional.scaled_dot_product_attention(q, rep(k), rep(v), attn_mask=mask, scale=0.25)
     assert out.shape == (3, 1, 8, 16)
     assert torch.allclose(out, ref.transpose(1, 2), atol=1e-5)
+
+
+def test_flex_attention_equals_sdpa():
+    g = torch.Generator().manual_seed(11)
+    q = torch.randn(3, 8, 1, 16, generator=g)
+    k = torch.randn(3, 2, 32, 16, generator=g)
+    v = torch.randn(3, 2, 32, 16, generator=g)
+    mask = torch.rand(3, 1, 1, 32, generator=g) > 0.3
+    mask[..., 0] = True
+    out = flex_gqa_decode_attention(q, k, v, mask, 0.25)
+    rep = lambda t: t.repeat_interleave(4, dim=1)  # noqa: E731
+    ref = torch.nn.functional.scaled_dot_product_attention(q, rep(k), rep(v), attn_mask=mask, scale=0.25)
+    assert out.shape == (3, 1, 8, 16)
+    assert torch.allclose(out, ref.transpose(1, 2), atol=1e-5)
+
+
+def test_flex_attention_in_the_models_own_forward_matches_plain_generate(monkeypatch):
+    """packed=False: the model's own forward runs, the decode attention goes through the registered flex interface
+    (the prefill keeps SDPA); the attention implementation is restored afterwards."""
+    from internvl.model import fast_generate as fg
+
+    calls = []
+    real = fg.flex_gqa_decode_attention
+    monkeypatch.setattr(fg, "flex_gqa_decode_attention", lambda *a: calls.append(1) or real(*a))
+    lm = _llama(seed=12)
+    emb, mask = _prompts(seed=12)
+    ref = _reference(lm, emb, mask, 10)
+    dec = StaticGreedyDecoder(lm, compile_backend=None, packed=False, attention="flex")
+    assert torch.equal(dec.generate(emb, mask, max_new_tokens=10), ref)
+    assert len(calls) == 9 * lm.config.num_hidden_layers  # every decode step, every layer; not the prefill
+    assert dec._pack_signature is None
+    assert lm.config._attn_implementation == "sdpa"
 
 
 def test_decoder_for_reads_module_options():

@@ -82,6 +82,10 @@ VARIANTS: dict[str, dict] = {
     "packed+tuned": {"fast_decode_packed": True, "fast_decode_attention": "sdpa", "fast_decode_tuning": "auto"},
     "packed+math": {"fast_decode_packed": True, "fast_decode_attention": "math", "fast_decode_tuning": False},
     "packed+tuned+math": {"fast_decode_packed": True, "fast_decode_attention": "math", "fast_decode_tuning": "auto"},
+    "tuned+flex": {"fast_decode_packed": False, "fast_decode_attention": "flex", "fast_decode_tuning": "auto"},
+    "packed+flex": {"fast_decode_packed": True, "fast_decode_attention": "flex", "fast_decode_tuning": False},
+    "packed+tuned+flex": {"fast_decode_packed": True, "fast_decode_attention": "flex", "fast_decode_tuning": "auto"},
+    "default+flex": {"fast_decode_packed": "auto", "fast_decode_attention": "flex", "fast_decode_tuning": "auto"},
 }
 
 

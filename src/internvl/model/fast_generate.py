@@ -32,6 +32,8 @@ MAX_STATES = 4
 RECOMPILE_LIMIT = 64
 #: name under which the grouped-query decode attention is registered with transformers.
 DECODE_ATTN = "internvl_sdpa_gqa_decode"
+#: the same with FlexAttention for the one-token decode step (`attention="flex"`).
+DECODE_FLEX_ATTN = "internvl_flex_gqa_decode"
 
 
 def sdpa_gqa_decode_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -68,6 +70,44 @@ def math_gqa_decode_attention(query: torch.Tensor, key: torch.Tensor, value: tor
     probs = torch.softmax(scores, dim=-1)
     out = (probs[..., None] * value[:, :, None].float()).sum(-2)  # [B, KVH, G, D]
     return out.to(query.dtype).reshape(batch, 1, heads, dim)
+
+
+def flex_gqa_decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
+                              scaling: float | None, limit: torch.Tensor | None = None) -> torch.Tensor:
+    """Decode attention through FlexAttention: inside an inductor-compiled step this becomes Triton's flex-decoding
+    kernel (the cache split across thread blocks, grouped-query heads handled natively, the mask applied as a score
+    modification), one small kernel where cuDNN's prefill-oriented kernel spends ~14 us per layer on one query.
+
+    query [B, H, Lq, D], key/value [B, KVH, L, D] -> [B, Lq, H, D]. Either `mask` bool [B, 1, 1, L] (True = attend),
+    or `mask` [B, L] (nonzero = a real token) with `limit` [1] long (the last cache index to attend to): the decode
+    step's own buffers, so the score modification reads graph inputs only (inductor's CPU template needs that)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if limit is None:
+        keep = mask[:, 0, 0, :]  # [B, L]
+
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return torch.where(keep[b, kv_idx], score, -float("inf"))
+    else:
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return torch.where((mask[b, kv_idx] != 0) & (kv_idx <= limit[0]), score, -float("inf"))
+
+    out = flex_attention(query, key, value, score_mod=score_mod, scale=scaling,
+                         enable_gqa=key.shape[1] != query.shape[1])
+    return out.transpose(1, 2).contiguous()
+
+
+def flex_decode_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                          attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                          **kwargs):
+    """transformers attention interface: `flex_gqa_decode_attention` for one query token with a boolean mask (the
+    decode step), `sdpa_gqa_decode_attention` for everything else (the prefill)."""
+    if (query.shape[2] != 1 or dropout != 0.0 or attention_mask is None or attention_mask.dtype != torch.bool
+            or kwargs.get("position_bias") is not None):
+        return sdpa_gqa_decode_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                         **kwargs)
+    mask = attention_mask.expand(query.shape[0], 1, 1, key.shape[2])
+    return flex_gqa_decode_attention(query, key, value, mask, scaling), None
 
 
 #: model types whose decoder layers the packed decode step reproduces (pre-norm, q/k/v(+bias) -> RoPE -> attention
@@ -121,6 +161,8 @@ def _register_decode_attention() -> None:
 
     AttentionInterface.register(DECODE_ATTN, sdpa_gqa_decode_attention)
     ALL_MASK_ATTENTION_FUNCTIONS.register(DECODE_ATTN, sdpa_mask)
+    AttentionInterface.register(DECODE_FLEX_ATTN, flex_decode_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(DECODE_FLEX_ATTN, sdpa_mask)
 
 
 @dataclass
@@ -159,8 +201,10 @@ class StaticGreedyDecoder:
             True, False, or "auto" (default): packed weights always, the packed step except where inductor's
             coordinate-descent tuning runs (batch 1 under `tuning="auto"`): there the model's own forward, tuned, was
             measured faster (H200, `mid` preset: 1.48 ms/step against 1.62 packed + tuned; docs/performance.md).
-        attention: decode attention of the packed step: "sdpa" (grouped-query SDPA, `sdpa_gqa_decode_attention`) or
-            "math" (explicit fp32 multiply-sum / softmax / multiply-sum that inductor fuses into its own kernels).
+        attention: decode attention: "sdpa" (grouped-query SDPA, `sdpa_gqa_decode_attention`), "math" (packed step
+            only: explicit fp32 multiply-sum / softmax / multiply-sum that inductor fuses into its own kernels) or
+            "flex" (FlexAttention, `flex_gqa_decode_attention`, in the packed step and, through the attention
+            interface, in the model's own forward; the prefill keeps SDPA).
         tuning: inductor's coordinate-descent tuning for the step (True, False, or "auto" = at batch 1 only). With it
             inductor also rewrites one-row matrix products as multiply + sum reductions that it tunes to near-peak
             bandwidth and fuses with the preceding norm (the gpt-fast recipe); it lengthens the compile.
@@ -177,8 +221,8 @@ class StaticGreedyDecoder:
         attention: str = "sdpa",
         tuning: bool | str = "auto",
     ) -> None:
-        if attention not in ("sdpa", "math"):
-            raise ValueError(f"attention must be 'sdpa' or 'math', got {attention!r}")
+        if attention not in ("sdpa", "math", "flex"):
+            raise ValueError(f"attention must be 'sdpa', 'math' or 'flex', got {attention!r}")
         if packed not in (True, False, "auto"):
             raise ValueError(f"packed must be True, False or 'auto', got {packed!r}")
         if tuning not in (True, False, "auto"):
@@ -281,6 +325,8 @@ class StaticGreedyDecoder:
             keys, values = st.cache.update(k, v, i)
             if self.attention == "math":
                 a = math_gqa_decode_attention(q, keys, values, mask, attn.scaling)
+            elif self.attention == "flex":
+                a = flex_gqa_decode_attention(q, keys, values, st.mask, attn.scaling, limit=index.reshape(1))
             else:
                 a, _ = sdpa_gqa_decode_attention(attn, q, keys, values, mask, scaling=attn.scaling)
             h = h + attn.o_proj(a.reshape(batch, 1, n_q))
@@ -344,7 +390,7 @@ class StaticGreedyDecoder:
         cfg = self.lm.config
         previous = cfg._attn_implementation
         if previous == "sdpa":
-            cfg._attn_implementation = DECODE_ATTN
+            cfg._attn_implementation = DECODE_FLEX_ATTN if self.attention == "flex" else DECODE_ATTN
         try:
             return self._generate(inputs_embeds, attention_mask, **kwargs)
         finally:
@@ -542,7 +588,7 @@ def decoder_for(lm: nn.Module) -> StaticGreedyDecoder:
     """The (cached) StaticGreedyDecoder of a language model, configured from module attributes:
     `fast_decode_backend`: "auto" (default: inductor up to 5B parameters, traced-only above), "inductor", "eager",
     or None (no compile, no CUDA graph); `fast_decode_packed` ("auto" default, True, False: packed q/k/v and
-    gate/up weights and decode step for Llama / Qwen2, see StaticGreedyDecoder); `fast_decode_attention` ("sdpa" default, or "math"); `fast_decode_tuning` (inductor
+    gate/up weights and decode step for Llama / Qwen2, see StaticGreedyDecoder); `fast_decode_attention` ("sdpa" default, "math", "flex"); `fast_decode_tuning` (inductor
     coordinate-descent tuning: "auto" default = batch 1 only, True, False)."""
     dec = getattr(lm, "_static_greedy_decoder", None)
     options = {
