@@ -310,6 +310,7 @@ class StaticGreedyDecoder:
         index = st.cache.layers[0].cumulative_length
         kv = torch.arange(cache_len, device=h.device)
         mask = (st.mask.bool() & (kv <= index))[:, None, None, :]  # [B, 1, 1, cache_len]
+        limit = index.reshape(1).clone()  # cache.update below advances `index` in place
         for i, layer in enumerate(model.layers):
             attn, mlp = layer.self_attn, layer.mlp
             w_qkv, b_qkv, w_gu, b_gu = packs[i]
@@ -326,7 +327,7 @@ class StaticGreedyDecoder:
             if self.attention == "math":
                 a = math_gqa_decode_attention(q, keys, values, mask, attn.scaling)
             elif self.attention == "flex":
-                a = flex_gqa_decode_attention(q, keys, values, st.mask, attn.scaling, limit=index.reshape(1))
+                a = flex_gqa_decode_attention(q, keys, values, st.mask, attn.scaling, limit=limit)
             else:
                 a, _ = sdpa_gqa_decode_attention(attn, q, keys, values, mask, scaling=attn.scaling)
             h = h + attn.o_proj(a.reshape(batch, 1, n_q))
