@@ -67,3 +67,13 @@ def test_speedup_callback_is_a_no_op_on_the_cpu(tmp_path, tiny_model):
     callback.on_train_begin(args, trainer.state, trainer.control, model=tiny_model)
     assert callback.report["compiled"] == {} and "not on CUDA" in callback.report["skipped"][0]
     assert not any("forward" in m.__dict__ for m in tiny_model.modules())
+
+
+def test_speedup_callback_hands_back_a_plain_model(tmp_path, tiny_model):
+    """on_train_end undoes what on_train_begin applied (here forced onto the CPU with aot_eager)."""
+    callback = SpeedupCallback(TrainSpeedups(backend="aot_eager"))
+    callback.report = apply_train_speedups(tiny_model, callback.speedups, allow_cpu=True)
+    assert any("forward" in m.__dict__ for m in tiny_model.modules())
+    callback.on_train_end(None, None, None, model=tiny_model)
+    assert callback.report is None
+    assert not any("forward" in m.__dict__ for m in tiny_model.modules())

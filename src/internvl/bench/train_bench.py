@@ -205,12 +205,13 @@ def profile_step(model, loss_fn, batch: Batch, path: Path, *, rows: int = 22) ->
     model.zero_grad(set_to_none=True)
     events = prof.key_averages()
     cpu_us = sum(e.self_cpu_time_total for e in events)
-    cuda_us = sum(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) for e in events)
+    # kernel time once: the device events themselves (their launching ops carry the same time again)
+    device_events = [e for e in events if str(getattr(e, "device_type", "")).endswith("CUDA")]
+    cuda_us = sum(getattr(e, "self_device_time_total", 0) for e in device_events)
     table = events.table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=rows,
                          max_name_column_width=60)
     summary = {"wall_ms": wall * 1e3, "self_cpu_ms": cpu_us / 1e3, "self_cuda_ms": cuda_us / 1e3,
-               "kernels": sum(e.count for e in events if getattr(e, "device_type", None) is not None
-                              and str(e.device_type).endswith("CUDA"))}
+               "kernels": sum(e.count for e in device_events)}
     path.write_text(f"{json.dumps(summary)}\n{table}")
     return summary
 

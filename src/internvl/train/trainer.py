@@ -29,7 +29,12 @@ from transformers import Trainer, TrainerCallback
 
 from internvl.constants import IGNORE_INDEX
 from internvl.ops import fused_head_supported
-from internvl.ops.train_speedups import TrainSpeedups, apply_train_speedups, fused_loss_forward
+from internvl.ops.train_speedups import (
+    TrainSpeedups,
+    apply_train_speedups,
+    fused_loss_forward,
+    remove_train_speedups,
+)
 from internvl.train import checkpoint as ckpt
 from internvl.train.lora import has_lora, load_original_keys, save_lora_run, NON_LORA_FILENAME, LORA_PARTS
 
@@ -116,6 +121,12 @@ class SpeedupCallback(TrainerCallback):
             self.report = apply_train_speedups(model, self.speedups, device=args.device)
             if state.is_world_process_zero:
                 logger.info("training fast paths: %s", self.report)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        # hand back a plain model (no compiled layer forwards, no swapped kernels) for saving, evaluation, generation
+        if model is not None and self.report is not None:
+            remove_train_speedups(model)
+            self.report = None
 
 
 class MedRegTrainer(Trainer):
