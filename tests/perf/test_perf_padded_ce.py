@@ -6,7 +6,12 @@ import torch
 import torch.nn.functional as F
 
 from internvl.ops import linear_cross_entropy
-from internvl.ops.cross_entropy import VOCAB_ALIGN, PaddedLinearCrossEntropy, ce_grad_inplace, padded_rows_per_chunk
+from internvl.ops.cross_entropy import (
+    VOCAB_ALIGN,
+    PaddedLinearCrossEntropy,
+    ce_grad_inplace,
+    padded_rows_per_chunk,
+)
 
 
 def _case(dtype, n=97, h=16, v=301, seed=0, bias=False):

@@ -13,7 +13,12 @@ import pytest
 import torch
 
 from internvl.model import InternVLChatModel, load_preset
-from internvl.ops.compile_layers import compile_layers, fuse_projections, uncompile_layers, unfuse_projections
+from internvl.ops.compile_layers import (
+    compile_layers,
+    fuse_projections,
+    uncompile_layers,
+    unfuse_projections,
+)
 from internvl.ops.train_speedups import (
     TrainSpeedups,
     apply_train_speedups,

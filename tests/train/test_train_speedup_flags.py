@@ -10,7 +10,12 @@ import torch
 from internvl.data.collate import pad_collate
 from internvl.data.dataset import build_training_dataset
 from internvl.ops.train_speedups import TrainSpeedups, apply_train_speedups
-from internvl.train.arguments import DataTrainingArguments, MedRegTrainingArguments, ModelArguments, parse_args
+from internvl.train.arguments import (
+    DataTrainingArguments,
+    MedRegTrainingArguments,
+    ModelArguments,
+    parse_args,
+)
 from internvl.train.build import build_model_and_tokenizer
 from internvl.train.cli import speedups_from_args
 from internvl.train.trainer import MedRegTrainer, SpeedupCallback

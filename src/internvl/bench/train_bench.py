@@ -16,7 +16,12 @@ from pathlib import Path
 
 import torch
 
-from ..ops.train_speedups import TrainSpeedups, apply_train_speedups, fused_loss_forward, remove_train_speedups
+from ..ops.train_speedups import (
+    TrainSpeedups,
+    apply_train_speedups,
+    fused_loss_forward,
+    remove_train_speedups,
+)
 from .batches import Batch
 from .flops import ModelShape, mfu, shape_of, train_step_flops
 
@@ -257,7 +262,7 @@ def section_train(args, res: dict, config, *, batches_for) -> None:
     skipped = res.setdefault("train_skipped", [])
     deadline = Deadline(getattr(args, "train_deadline_s", None))
     out = Path(args.out)
-    save = lambda: (out / "bench.json").write_text(json.dumps(res, indent=1, default=str))  # noqa: E731
+    save = lambda: (out / "bench.json").write_text(json.dumps(res, indent=1, default=str))
     profiles = res.setdefault("train_profiles", {})
     do_profile = bool(getattr(args, "train_profile", False))
     variants = parse_train_variants(getattr(args, "train_variants", "default"))
@@ -321,10 +326,10 @@ def train_table_lines(res: dict) -> list[str]:
     train = res.get("train", [])
     if not train:
         return []
-    lines = ["\n== training (batch %s x %s tokens, 1 image each, bf16, AdamW) ==" % (res["args"]["batch"],
-                                                                                 res["args"]["seq"]),
-             f"{'case':26s} {'tok/s':>9s} {'ms/step':>8s} {'peakGiB':>8s} {'MFU':>6s} {'vs native':>9s} "
-             f"{'vs s1':>6s} {'warm s':>7s}"]
+    args = res["args"]
+    header = (f"{'case':26s} {'tok/s':>9s} {'ms/step':>8s} {'peakGiB':>8s} {'MFU':>6s} {'vs native':>9s} "
+              f"{'vs s1':>6s} {'warm s':>7s}")
+    lines = [f"\n== training (batch {args['batch']} x {args['seq']} tokens, 1 image each, bf16, AdamW) ==", header]
     by = {r["case"]: r for r in train}
     for r in train:
         on = "on" if r["ckpt"] else "off"

@@ -86,7 +86,9 @@ def fused_attention_forward(self: nn.Module, hidden_states: torch.Tensor, positi
         key, value = cache.update(key, value, self.layer_idx, kwargs=kwargs)
     attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, None)
     if attention is None:
-        from transformers.models.llama.modeling_llama import eager_attention_forward as attention
+        from transformers.models.llama.modeling_llama import (
+            eager_attention_forward as attention,
+        )
     out, weights = attention(self, query, key, value, attention_mask,
                              dropout=0.0 if not self.training else self.attention_dropout, scaling=self.scaling,
                              **kwargs)

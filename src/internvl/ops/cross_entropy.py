@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ..constants import IGNORE_INDEX
+
 #: rows per chunk in the PyTorch path; [chunk, V] fp32 logits are the transient memory.
 DEFAULT_CHUNK = 2048
 #: the padded path rounds the vocabulary up to a multiple of this (tensor-core friendly leading dimensions).
@@ -244,7 +245,9 @@ def linear_cross_entropy(
     if impl == "liger":
         if token_weights is not None:
             raise ValueError("the liger path takes no per-token weights; use impl='chunked'")
-        from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction
+        from liger_kernel.ops.fused_linear_cross_entropy import (
+            LigerFusedLinearCrossEntropyFunction,
+        )
 
         if not bool((labels != IGNORE_INDEX).any()):
             # liger divides by the count of supervised rows; keep the graph and return an exact zero.

@@ -22,7 +22,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from .compile_layers import compile_layers, fuse_projections, uncompile_layers, unfuse_projections
+from .compile_layers import (
+    compile_layers,
+    fuse_projections,
+    uncompile_layers,
+    unfuse_projections,
+)
 from .cross_entropy import causal_lm_loss
 from .fast_kernels import disable_fast_kernels, enable_fast_kernels
 
