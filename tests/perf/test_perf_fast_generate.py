@@ -122,3 +122,4 @@ def test_decoder_for_backend_choice(lm, monkeypatch):
         assert dec.compile_backend is None and fg.decoder_for(lm) is dec  # cached while the setting holds
     finally:
         del lm.fast_decode_backend
+

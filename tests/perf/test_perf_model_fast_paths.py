@@ -50,3 +50,29 @@ def test_batch_chat_fast_equals_plain(model, tiny_tokenizer):
     model.language_model.fast_decode_backend = None
     fast = model.batch_chat(tiny_tokenizer, pix, questions, generation_config=cfg)
     assert fast == plain
+
+
+def test_generate_falls_back_while_training_compiled_layers_are_active(model, monkeypatch):
+    """Layers compiled by the training fast paths cannot be traced by the decode step (a generation inside a training
+    loop): generate then uses transformers' loop - same tokens - and the fast path again once they are removed."""
+    from internvl.model import fast_generate as fg
+    from internvl.ops.compile_layers import compile_layers, uncompile_layers
+
+    ids, _, pix = _batch(seed=5)
+    kw = dict(pixel_values=pix, input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=5,
+              do_sample=False, eos_token_id=[4], pad_token_id=0)
+    plain = model.generate(fast_generate=False, **kw)
+    model.language_model.fast_decode_backend = None
+    used = []
+    real_decoder_for = fg.decoder_for
+    monkeypatch.setattr(fg, "decoder_for", lambda lm: used.append(1) or real_decoder_for(lm))
+    compile_layers(model.language_model, backend="eager")
+    try:
+        assert fg.has_training_compiled_layers(model.language_model)
+        assert torch.equal(model.generate(fast_generate="always", **kw), plain)
+        assert used == []  # the fast decoder was not used
+    finally:
+        uncompile_layers(model.language_model)
+    assert not fg.has_training_compiled_layers(model.language_model)
+    assert torch.equal(model.generate(fast_generate="always", **kw), plain)
+    assert used == [1]

@@ -163,7 +163,19 @@ def run_real_shape(*, batches=(1, 8), new_tokens: int = 128, device: str = "cuda
             "warmup_s": warm_s,
             "answer_chars": [len(a) for a in answers],
         })
-    model = None  # drop the 40B weights before anything else runs
-    if cuda:
-        torch.cuda.empty_cache()
+    model = call = None  # drop the 40B weights before anything else runs: the compiled decode step's caches and the
+    release_device_memory()  # CUDA graphs also reference the model, so dynamo is reset too
     return out
+
+
+def release_device_memory() -> None:
+    """Free what a finished case left on the GPU: dynamo's compiled-code caches (their guards and closures hold the
+    model), then garbage, then the allocator's cached blocks."""
+    import gc
+
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -616,6 +616,13 @@ def trim_after_eos(tokens: torch.Tensor, eos: list[int], pad_token_id: int) -> t
     return tokens[:, :width]
 
 
+def has_training_compiled_layers(lm: nn.Module) -> bool:
+    """True while the training fast paths have compiled `lm`'s layers (`internvl.ops.compile_layers`, e.g. a
+    generation inside a training loop): the decode step cannot trace through those compiled checkpointing wrappers,
+    so `generate` uses transformers' loop until the trainer removes them."""
+    return any(getattr(module, "_compiled_layer", False) for module in lm.modules())
+
+
 def single_device(lm: nn.Module) -> bool:
     """True when every weight of `lm` sits on one CUDA device (no device_map sharding, no CPU/disk offload): the
     captured decode graph runs on one device."""

@@ -294,10 +294,17 @@ class InternVLChatModel(ChatMixin, PreTrainedModel):
             attention_mask = torch.ones_like(input_ids)
         attention_mask = attention_mask.to(inputs_embeds.device)
         if fast == "always" or (fast and inputs_embeds.is_cuda):
-            from .fast_generate import decoder_for, greedy_settings, single_device, trim_after_eos
+            from .fast_generate import (
+                decoder_for,
+                greedy_settings,
+                has_training_compiled_layers,
+                single_device,
+                trim_after_eos,
+            )
 
             settings = None
-            if bool(attention_mask[:, -1].all()) and (fast == "always" or single_device(self.language_model)):
+            if (bool(attention_mask[:, -1].all()) and (fast == "always" or single_device(self.language_model))
+                    and not has_training_compiled_layers(self.language_model)):
                 config = generation_config or self.language_model.generation_config
                 settings = greedy_settings(dict(generate_kwargs, generation_config=config),
                                            self.language_model.generation_config.eos_token_id)
