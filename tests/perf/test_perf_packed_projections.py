@@ -189,28 +189,15 @@ def test_pack_linears_refuses_mixed_modules():
         pack_linears([nn.Linear(8, 4), hooked])
 
 
-def test_math_attention_equals_sdpa():
+@pytest.mark.parametrize("attention", [math_gqa_decode_attention, flex_gqa_decode_attention], ids=["math", "flex"])
+def test_decode_attention_equals_sdpa(attention):
     g = torch.Generator().manual_seed(9)
-    q = torch.randn(3, 8, 1, 16, generator=g)
-    k = torch.randn(3, 2, 21, 16, generator=g)
-    v = torch.randn(3, 2, 21, 16, generator=g)
-    mask = torch.rand(3, 1, 1, 21, generator=g) > 0.3
-    mask[..., 0] = True
-    out = math_gqa_decode_attention(q, k, v, mask, 0.25)
-    rep = lambda t: t.repeat_interleave(4, dim=1)  # noqa: E731
-    ref = torch.nn.functional.scaled_dot_product_attention(q, rep(k), rep(v), attn_mask=mask, scale=0.25)
-    assert out.shape == (3, 1, 8, 16)
-    assert torch.allclose(out, ref.transpose(1, 2), atol=1e-5)
-
-
-def test_flex_attention_equals_sdpa():
-    g = torch.Generator().manual_seed(11)
     q = torch.randn(3, 8, 1, 16, generator=g)
     k = torch.randn(3, 2, 32, 16, generator=g)
     v = torch.randn(3, 2, 32, 16, generator=g)
     mask = torch.rand(3, 1, 1, 32, generator=g) > 0.3
     mask[..., 0] = True
-    out = flex_gqa_decode_attention(q, k, v, mask, 0.25)
+    out = attention(q, k, v, mask, 0.25)
     rep = lambda t: t.repeat_interleave(4, dim=1)  # noqa: E731
     ref = torch.nn.functional.scaled_dot_product_attention(q, rep(k), rep(v), attn_mask=mask, scale=0.25)
     assert out.shape == (3, 1, 8, 16)
