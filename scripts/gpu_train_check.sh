@@ -4,14 +4,15 @@
 # gradient checkpointing. Writes per-run logs and trainer_state.json files, and a summary table of tokens/s
 # (median over the logged steps after the first 2) and peak GPU memory, to ${OUT:-runs/gpu_check}.
 #   bash scripts/gpu_train_check.sh                 (needs peft + deepspeed; see docs/training.md)
+#   STAGES="2" MODES="full" STEPS=6 bash scripts/gpu_train_check.sh    (a subset)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-runs/gpu_check}"; STEPS="${STEPS:-8}"; BS="${BS:-8}"
 mkdir -p "${OUT}" /tmp/gpu_check
 export PYTHONPATH="${PWD}/src:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 META=$(python3 scripts/gpu_check_prep.py /tmp/gpu_check 96 | tail -n 1)
-for stage in 2 3; do
-  for mode in lora full; do
+for stage in ${STAGES:-2 3}; do
+  for mode in ${MODES:-lora full}; do
     name="zero${stage}_${mode}"
     if [[ $mode == lora ]]; then FLAGS="--freeze_llm True --use_llm_lora 16"; LR=1e-4; else FLAGS="--freeze_llm False"; LR=1e-5; fi
     start=$(date +%s)
