@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .fast_kernels import restore_forwards
+
 logger = logging.getLogger(__name__)
 
 _COMPILED: dict[tuple, object] = {}
@@ -124,13 +126,7 @@ def fuse_projections(model: nn.Module) -> dict[str, int]:
 
 def unfuse_projections(model: nn.Module) -> int:
     """Undo `fuse_projections`; returns how many modules were restored."""
-    restored = 0
-    for module in model.modules():
-        if getattr(module, "_fused_proj", False):
-            del module.forward
-            module._fused_proj = False
-            restored += 1
-    return restored
+    return restore_forwards(model, "_fused_proj")
 
 
 def _outside_forward(compiled_inner):
@@ -212,10 +208,4 @@ def compile_layers(model: nn.Module, *, ckpt: str = "inside", backend: str = "in
 
 def uncompile_layers(model: nn.Module) -> int:
     """Undo `compile_layers` (restores the class forwards); returns how many layers were restored."""
-    restored = 0
-    for module in model.modules():
-        if getattr(module, "_compiled_layer", False):
-            del module.forward
-            module._compiled_layer = False
-            restored += 1
-    return restored
+    return restore_forwards(model, "_compiled_layer")

@@ -175,12 +175,19 @@ def enable_fast_kernels(model: nn.Module, *, rms_norm: bool = True, swiglu: bool
     return counts
 
 
-def disable_fast_kernels(model: nn.Module) -> int:
-    """Undo `enable_fast_kernels` (restores the class forwards); returns how many modules were restored."""
+def restore_forwards(model: nn.Module, flag: str) -> int:
+    """Undo a per-instance forward swap: every module of `model` whose attribute `flag` is True gets its class
+    forward back (the instance attribute is deleted) and the flag cleared. Returns how many were restored. Shared by
+    the fast kernels, the fused projections and the compiled layers, which all swap `module.forward` this way."""
     restored = 0
     for module in model.modules():
-        if getattr(module, "_fast_kernel", False):
+        if getattr(module, flag, False):
             del module.forward
-            module._fast_kernel = False
+            setattr(module, flag, False)
             restored += 1
     return restored
+
+
+def disable_fast_kernels(model: nn.Module) -> int:
+    """Undo `enable_fast_kernels` (restores the class forwards); returns how many modules were restored."""
+    return restore_forwards(model, "_fast_kernel")
