@@ -257,3 +257,20 @@ def test_auto_packing_picks_the_step_per_batch():
     assert torch.equal(out, _reference(lm, emb, mask, 7))
     assert dec._pack_signature is not None and layout_ok(decoder_layer_groups(lm)[0].qkv)
     assert all(st.extra["packs"] is None for st in dec._states.values())
+
+
+def test_save_pretrained_after_packing_round_trips(tmp_path):
+    """Packed parameters share one storage per group: save_pretrained (safetensors) must still write every weight
+    once and a reload must give the same state dict (no tensor taken for a tied duplicate and dropped)."""
+    from internvl.model import InternVLChatModel, load_preset
+
+    torch.manual_seed(0)
+    model = InternVLChatModel(load_preset("tiny")).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert pack_decoder(model.language_model) is not None
+    model.save_pretrained(tmp_path)
+    loaded, info = InternVLChatModel.from_pretrained(tmp_path, output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
+    after = loaded.state_dict()
+    assert list(after) == list(before)
+    assert all(torch.equal(after[k], before[k]) for k in before)
