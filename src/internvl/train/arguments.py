@@ -65,7 +65,7 @@ class ModelArguments:
     fused_lm_loss: bool = field(
         default=True,
         metadata={"help": "Compute the LM head + cross-entropy only on supervised positions, chunk by chunk "
-                          "(internvl.ops.causal_lm_loss; liger kernel on CUDA when installed) instead of building "
+                          "(internvl.ops.causal_lm_loss; kernel chosen by --lm_loss_impl) instead of building "
                           "[batch, seq, vocab] logits. Falls back to the plain loss when the LM head is LoRA-wrapped "
                           "or ZeRO-3-partitioned."},
     )
