@@ -14,6 +14,7 @@ from internvl.train.arguments import DataTrainingArguments, MedRegTrainingArgume
 from internvl.train.build import build_model_and_tokenizer
 from internvl.train.trainer import MedRegTrainer
 
+from .loss_grads import assert_same_loss_and_grads, loss_and_grads
 from .square_task import write_square_dataset
 
 
@@ -33,14 +34,8 @@ def test_fused_loss_matches_plain(tmp_path, tiny_tokenizer_dir, packed):
         model = copy.deepcopy(built.model).train()
         trainer = MedRegTrainer(model=model, args=args, fused_lm_loss=fused)
         assert (trainer._fused_head() is not None) == fused
-        loss = trainer.compute_loss(model, dict(batch), num_items_in_batch=torch.tensor(17.0))
-        loss.backward()
-        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
-    (plain, plain_grads), (fused, fused_grads) = results
-    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-6)
-    assert plain_grads.keys() == fused_grads.keys()
-    for name in plain_grads:
-        torch.testing.assert_close(fused_grads[name], plain_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+        results.append(loss_and_grads(trainer, model, batch, 17.0))
+    assert_same_loss_and_grads(*results)
 
 
 def test_fused_loss_is_skipped_for_a_wrapped_head(tmp_path, tiny_tokenizer_dir):

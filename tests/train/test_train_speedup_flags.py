@@ -20,6 +20,7 @@ from internvl.train.build import build_model_and_tokenizer
 from internvl.train.cli import speedups_from_args
 from internvl.train.trainer import MedRegTrainer, SpeedupCallback
 
+from .loss_grads import assert_same_loss_and_grads, loss_and_grads
 from .square_task import write_square_dataset
 
 
@@ -55,14 +56,8 @@ def test_trainer_loss_with_fast_paths_equals_plain(tmp_path, tiny_tokenizer_dir)
             report = apply_train_speedups(model, opts, allow_cpu=True)
             assert report["compiled"] and report["fused"] == {"qkv": 2, "gate_up": 2}
             assert trainer.lm_loss_impl == "padded"
-        loss = trainer.compute_loss(model, dict(batch), num_items_in_batch=torch.tensor(23.0))
-        loss.backward()
-        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
-    (plain, plain_grads), (fast, fast_grads) = results
-    torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-6)
-    assert plain_grads.keys() == fast_grads.keys()
-    for name in plain_grads:
-        torch.testing.assert_close(fast_grads[name], plain_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+        results.append(loss_and_grads(trainer, model, batch, 23.0))
+    assert_same_loss_and_grads(*results)
 
 
 def test_speedup_callback_is_a_no_op_on_the_cpu(tmp_path, tiny_model):
