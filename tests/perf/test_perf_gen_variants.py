@@ -3,7 +3,8 @@ timer on the tiny preset, and the variants table."""
 import pytest
 import torch
 
-from internvl.bench.gen_bench import VARIANTS, Deadline, apply_variant, parse_variants, real_llm_variants, variant_lines
+from internvl.bench.gen_bench import VARIANTS, apply_variant, parse_variants, real_llm_variants, variant_lines
+from internvl.bench.runtime import Deadline
 
 
 def test_parse_and_apply_variants():

@@ -11,7 +11,6 @@ import argparse
 import json
 import logging
 import time
-import traceback
 from pathlib import Path
 
 import torch
@@ -20,7 +19,9 @@ from . import batches as B
 from .flops import H100_H200_BF16_PEAK, decode_weight_bytes, shape_of
 from .gen_bench import agreement, run_gen_case, variant_lines
 from .lengths import describe, iu_report_token_lengths, sample_mix
-from .train_bench import free, ours_loss, run_train_case, set_fast, train_table_lines
+from .runtime import free
+from .runtime import guard as _guard
+from .train_bench import ours_loss, run_train_case, set_fast, train_table_lines
 
 log = logging.getLogger("internvl.bench")
 IMG_ID_OFFSET = 1  # the image-context id used in synthetic batches: vocab_size - 1
@@ -51,17 +52,6 @@ def device_ceilings() -> dict:
     torch.cuda.empty_cache()
     return {"matmul_bf16_flops": mm, "copy_bytes_per_s": bw, "gpu": torch.cuda.get_device_name(),
             "torch": torch.__version__}
-
-
-def _guard(results: dict, key: str, fn, *args, **kwargs):
-    try:
-        return fn(*args, **kwargs)
-    except Exception as exc:  # noqa: BLE001 - a benchmark case failing must not stop the others
-        if key == "_tmp" and args and isinstance(args[0], str):
-            key = args[0]
-        log.error("%s failed: %s", key, exc)
-        results.setdefault("errors", []).append({"case": key, "error": repr(exc), "trace": traceback.format_exc()})
-        return None
 
 
 def section_train(args, res: dict, config) -> None:
@@ -128,7 +118,8 @@ def section_gen(args, res: dict, config) -> None:
 
     from ..model.fast_generate import decoder_for
     from .build import build_native, build_ours
-    from .gen_bench import Deadline, RealLLM, apply_variant, profile_replays, real_llm_variants
+    from .gen_bench import RealLLM, apply_variant, profile_replays, real_llm_variants
+    from .runtime import Deadline
 
     vocab = config.llm_config.vocab_size
     img_id = vocab - IMG_ID_OFFSET

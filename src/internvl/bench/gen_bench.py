@@ -104,20 +104,6 @@ def apply_variant(lm: torch.nn.Module, name: str) -> None:
         setattr(lm, attr, value)
 
 
-class Deadline:
-    """Wall-clock budget of a benchmark section: cases that would start after it are skipped and recorded."""
-
-    def __init__(self, seconds: float | None) -> None:
-        self.t0 = time.perf_counter()
-        self.seconds = seconds
-
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.t0
-
-    def over(self) -> bool:
-        return self.seconds is not None and self.elapsed() > self.seconds
-
-
 def variant_lines(res: dict) -> list[str]:
     """Table of the decode variants: ms/step, tokens/s, compile/capture seconds, fraction of the weight-bandwidth
     floor (batch 1) and the step-time ratio against the baseline variant of the same batch."""

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .gen_bench import _timed
+from .runtime import free
 
 QUESTIONS = [
     "Please describe the findings of this chest X-ray.",
@@ -164,18 +165,6 @@ def run_real_shape(*, batches=(1, 8), new_tokens: int = 128, device: str = "cuda
             "answer_chars": [len(a) for a in answers],
         })
     model = call = None  # drop the 40B weights before anything else runs: the compiled decode step's caches and the
-    release_device_memory()  # CUDA graphs also reference the model, so dynamo is reset too
+    free(reset_compiled=True)  # CUDA graphs also reference the model, so dynamo is reset too
     return out
 
-
-def release_device_memory() -> None:
-    """Free what a finished case left on the GPU: dynamo's compiled-code caches (their guards and closures hold the
-    model), then garbage, then the allocator's cached blocks."""
-    import gc
-
-    import torch._dynamo
-
-    torch._dynamo.reset()
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()

@@ -7,11 +7,9 @@ forward, backward, fused AdamW step (lr 1e-5), everything trainable.
 """
 from __future__ import annotations
 
-import gc
 import json
 import logging
 import time
-import traceback
 from pathlib import Path
 
 import torch
@@ -24,6 +22,7 @@ from ..ops.train_speedups import (
 )
 from .batches import Batch
 from .flops import ModelShape, mfu, shape_of, train_step_flops
+from .runtime import Deadline, free, guard
 
 logger = logging.getLogger(__name__)
 
@@ -221,35 +220,6 @@ def profile_step(model, loss_fn, batch: Batch, path: Path, *, rows: int = 22) ->
     return summary
 
 
-def free(*objs) -> None:
-    """Drop references and return cached device memory, so the next case's peak starts clean."""
-    for obj in objs:
-        del obj
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-class Deadline:
-    """Skip the remaining cases once `seconds` have passed (a device run has a hard time limit)."""
-
-    def __init__(self, seconds: float | None) -> None:
-        self.seconds = seconds
-        self.t0 = time.perf_counter()
-
-    def over(self) -> bool:
-        return self.seconds is not None and time.perf_counter() - self.t0 > self.seconds
-
-
-def _try(res: dict, key: str, fn, *args, **kwargs):
-    try:
-        return fn(*args, **kwargs)
-    except Exception as exc:  # noqa: BLE001 - one case failing must not stop the others
-        logger.error("%s failed: %s", key, exc)
-        res.setdefault("errors", []).append({"case": key, "error": repr(exc), "trace": traceback.format_exc()})
-        return None
-
-
 def section_train(args, res: dict, config, *, batches_for) -> None:
     """Native (checkpointing off/on), then our model with each `args.train_variants` side by side; profiles of the
     checkpointing-on step (`args.train_profile`: native, s1, default); JSON saved after every case."""
@@ -269,7 +239,7 @@ def section_train(args, res: dict, config, *, batches_for) -> None:
 
     native, _ = build_native(config, image_token_id=img_id, device=args.device, dtype=args.dtype, seed=0)
     for ckpt in (False, True):
-        r = _try(res, f"native ckpt={ckpt}", run_train_case, f"native ckpt={'on' if ckpt else 'off'}", native,
+        r = guard(res, f"native ckpt={ckpt}", run_train_case, f"native ckpt={'on' if ckpt else 'off'}", native,
                  native_loss, data, shape=shape_of_native(config, args), steps=args.steps, warmup=args.warmup,
                  ckpt=ckpt, peak_flops=args.peak)
         if r:
@@ -277,7 +247,7 @@ def section_train(args, res: dict, config, *, batches_for) -> None:
         save()
     if do_profile:
         set_checkpointing(native, True)
-        profiles["native ckpt=on"] = _try(res, "profile native", profile_step, native, native_loss, data[0],
+        profiles["native ckpt=on"] = guard(res, "profile native", profile_step, native, native_loss, data[0],
                                           out / "profile_train_native_ckpt_on.txt")
     native = None
     free()
@@ -286,7 +256,7 @@ def section_train(args, res: dict, config, *, batches_for) -> None:
     ours.img_context_token_id = img_id
     shape = shape_of(ours)
     res["shape"] = shape.as_dict()
-    res["loss_guard"] = _try(res, "loss_guard", loss_agreement, ours, data[0])
+    res["loss_guard"] = guard(res, "loss_guard", loss_agreement, ours, data[0])
     save()
     for variant, ckpts in variants:
         opts, _ = TRAIN_VARIANTS[variant]
@@ -295,7 +265,7 @@ def section_train(args, res: dict, config, *, batches_for) -> None:
             if deadline.over():
                 skipped.append(name)
                 continue
-            r = _try(res, name, run_train_case, name, ours,
+            r = guard(res, name, run_train_case, name, ours,
                      lambda m, b, impl=opts.lm_loss_impl: ours_loss(m, b, fast=True, impl=impl), data, shape=shape,
                      steps=args.steps, warmup=args.warmup, ckpt=ckpt, peak_flops=args.peak,
                      prepare=lambda m, o=opts: set_fast(m, True, o))
@@ -303,7 +273,7 @@ def section_train(args, res: dict, config, *, batches_for) -> None:
                 r["variant"] = variant
                 rows.append(r)
             if do_profile and ckpt and variant in ("s1", "default") and not deadline.over():
-                profiles[name] = _try(res, f"profile {name}", profile_step, ours,
+                profiles[name] = guard(res, f"profile {name}", profile_step, ours,
                                       lambda m, b, impl=opts.lm_loss_impl: ours_loss(m, b, fast=True, impl=impl),
                                       data[0], out / f"profile_train_{variant}_ckpt_on.txt")
             save()
