@@ -2,7 +2,8 @@
 
 Sections (pick with --sections): `train` (ours vs native, checkpointing off/on), `pack` (packing vs padding on the
 IU length mix), `gen` (batch 1/8/32 greedy, ours vs native default and native static+compiled), `real` (the 40B
-MedRegA shape through batch_chat), `profile` (torch.profiler top kernels of one step of each kind).
+MedRegA shape through batch_chat), `profile` (torch.profiler top kernels of one step of each kind), `kernels` (our
+batch-1 decode kernels against cuBLAS / cuDNN / inductor on the decoder's shapes, internvl/bench/kernel_bench.py).
 Every case runs inside try/except: a failure is recorded in the JSON and the table, the run goes on.
 """
 from __future__ import annotations
@@ -315,6 +316,9 @@ def section_profile(args, res: dict, config) -> None:
 def fmt_table(res: dict) -> str:
     lines = [f"GPU: {res.get('device', {}).get('gpu', '?')}  peak for MFU: {res['peak_flops'] / 1e12:.1f} TFLOP/s"]
     lines += train_table_lines(res)
+    from .kernel_bench import kernel_lines
+
+    lines += kernel_lines(res)
     if res.get("loss_guard"):
         g = res["loss_guard"]
         lines.append(f"loss guard: plain {g['plain']:.5f} fast {g['fast']:.5f} rel diff {g['rel_diff']:.2e}")
@@ -367,7 +371,8 @@ def fmt_table(res: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m internvl.bench", description=__doc__)
-    p.add_argument("--sections", default="train,pack,gen,real", help="comma list of train,pack,gen,real,profile")
+    p.add_argument("--sections", default="train,pack,gen,real", help="comma list of train,pack,gen,real,profile,"
+                   "kernels")
     p.add_argument("--preset", default="mid")
     p.add_argument("--out", default="bench_out")
     p.add_argument("--batch", type=int, default=8)
@@ -379,6 +384,9 @@ def main(argv: list[str] | None = None) -> int:
                         "padded, compiled, default, outside, skip2, skip4), each optionally :on / :off")
     p.add_argument("--train-profile", action="store_true", help="profile the checkpointing-on step (native, s1, "
                    "default) with torch.profiler")
+    p.add_argument("--train-profile-full", action="store_true", help="after the timed checkpointing-off cases "
+                   "(native, default variant) profile 3 full optimizer steps: wall, GPU busy/idle, time by kernel kind "
+                   "(internvl/bench/train_profile.py)")
     p.add_argument("--train-deadline-s", type=float, default=None, help="skip the remaining training cases after this")
     p.add_argument("--pack-samples", type=int, default=96)
     p.add_argument("--pack-batch", type=int, default=8)
@@ -453,6 +461,10 @@ def main(argv: list[str] | None = None) -> int:
             _guard(res, "section_gen", section_gen, args, res, config)
         elif name == "profile":
             _guard(res, "section_profile", section_profile, args, res, config)
+        elif name == "kernels":
+            from .kernel_bench import section_kernels
+
+            _guard(res, "section_kernels", section_kernels, args, res)
         elif name == "real":
             from .real_shape import run_real_shape
 

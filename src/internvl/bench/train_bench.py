@@ -23,6 +23,7 @@ from ..ops.train_speedups import (
 from .batches import Batch
 from .flops import ModelShape, mfu, shape_of, train_step_flops
 from .runtime import Deadline, free, guard
+from .train_profile import profile_case, summary_line
 
 logger = logging.getLogger(__name__)
 
@@ -222,7 +223,9 @@ def profile_step(model, loss_fn, batch: Batch, path: Path, *, rows: int = 22) ->
 
 def section_train(args, res: dict, config, *, batches_for) -> None:
     """Native (checkpointing off/on), then our model with each `args.train_variants` side by side; profiles of the
-    checkpointing-on step (`args.train_profile`: native, s1, default); JSON saved after every case."""
+    checkpointing-on step (`args.train_profile`: native, s1, default); full optimizer-step profiles of the
+    checkpointing-off cases (`args.train_profile_full`: native and the default variant, `train_profile.py`) after
+    their timed runs, in res["train_full_profiles"]; JSON saved after every case."""
     from .build import build_native, build_ours
 
     vocab = config.llm_config.vocab_size
@@ -235,6 +238,8 @@ def section_train(args, res: dict, config, *, batches_for) -> None:
     save = lambda: (out / "bench.json").write_text(json.dumps(res, indent=1, default=str))
     profiles = res.setdefault("train_profiles", {})
     do_profile = bool(getattr(args, "train_profile", False))
+    full_profiles = res.setdefault("train_full_profiles", {})
+    do_full = bool(getattr(args, "train_profile_full", False))
     variants = parse_train_variants(getattr(args, "train_variants", "default"))
 
     native, _ = build_native(config, image_token_id=img_id, device=args.device, dtype=args.dtype, seed=0)
@@ -244,6 +249,9 @@ def section_train(args, res: dict, config, *, batches_for) -> None:
                  ckpt=ckpt, peak_flops=args.peak)
         if r:
             rows.append(r)
+            if do_full and not ckpt:  # same model, checkpointing still off after the timed case
+                full_profiles[r["case"]] = guard(res, f"full profile {r['case']}", profile_case, native, native_loss,
+                                                 data, out / "profile_full_native_ckpt_off.txt")
         save()
     if do_profile:
         set_checkpointing(native, True)
@@ -272,6 +280,11 @@ def section_train(args, res: dict, config, *, batches_for) -> None:
             if r:
                 r["variant"] = variant
                 rows.append(r)
+                if do_full and not ckpt and variant == "default" and not deadline.over():
+                    # the timed configuration as it stands: checkpointing off, the fast paths still applied
+                    loss = lambda m, b, impl=opts.lm_loss_impl: ours_loss(m, b, fast=True, impl=impl)  # noqa: E731
+                    full_profiles[name] = guard(res, f"full profile {name}", profile_case, ours, loss, data,
+                                                out / "profile_full_default_ckpt_off.txt")
             if do_profile and ckpt and variant in ("s1", "default") and not deadline.over():
                 profiles[name] = guard(res, f"profile {name}", profile_step, ours,
                                       lambda m, b, impl=opts.lm_loss_impl: ours_loss(m, b, fast=True, impl=impl),
@@ -314,6 +327,9 @@ def train_table_lines(res: dict) -> list[str]:
         if p:
             lines.append(f"profile {name}: wall {p['wall_ms']:.1f} ms, self CPU {p['self_cpu_ms']:.1f} ms, "
                          f"self CUDA {p['self_cuda_ms']:.1f} ms")
+    for name, p in (res.get("train_full_profiles") or {}).items():
+        if p:
+            lines.append(summary_line(name, p, by.get(name, {}).get("ms_per_step")))
     if res.get("train_skipped"):
         lines.append("skipped (deadline): " + ", ".join(res["train_skipped"]))
     return lines
