@@ -204,7 +204,11 @@ class StaticGreedyDecoder:
         attention: decode attention: "sdpa" (grouped-query SDPA, `sdpa_gqa_decode_attention`), "math" (packed step
             only: explicit fp32 multiply-sum / softmax / multiply-sum that inductor fuses into its own kernels) or
             "flex" (FlexAttention, `flex_gqa_decode_attention`, in the packed step and, through the attention
-            interface, in the model's own forward; the prefill keeps SDPA).
+            interface, in the model's own forward; the prefill keeps SDPA) or "triton" (packed step only: our
+            split-cache flash-decoding kernel `internvl.ops.decode_kernels.gqa_decode_attention`).
+        gemv: in the packed step, run the one-row products (q/k/v, o, gate/up, down, LM head) at batch 1 through our
+            Triton matrix-vector kernel (`internvl.ops.decode_kernels.gemv`, block sizes measured per shape on first
+            use) instead of cuBLAS / inductor. True, False, or "auto" (= True where Triton runs on the device).
         tuning: inductor's coordinate-descent tuning for the step (True, False, or "auto" = at batch 1 only). With it
             inductor also rewrites one-row matrix products as multiply + sum reductions that it tunes to near-peak
             bandwidth and fuses with the preceding norm (the gpt-fast recipe); it lengthens the compile.
@@ -220,9 +224,12 @@ class StaticGreedyDecoder:
         packed: bool | str = "auto",
         attention: str = "sdpa",
         tuning: bool | str = "auto",
+        gemv: bool | str = False,
     ) -> None:
-        if attention not in ("sdpa", "math", "flex"):
-            raise ValueError(f"attention must be 'sdpa', 'math' or 'flex', got {attention!r}")
+        if attention not in ("sdpa", "math", "flex", "triton"):
+            raise ValueError(f"attention must be 'sdpa', 'math', 'flex' or 'triton', got {attention!r}")
+        if gemv not in (True, False, "auto"):
+            raise ValueError(f"gemv must be True, False or 'auto', got {gemv!r}")
         if packed not in (True, False, "auto"):
             raise ValueError(f"packed must be True, False or 'auto', got {packed!r}")
         if tuning not in (True, False, "auto"):
@@ -234,6 +241,7 @@ class StaticGreedyDecoder:
         self.packed = packed
         self.attention = attention
         self.tuning = tuning
+        self.gemv = gemv
         self._states: dict[tuple, _DecodeState] = {}
         self._pack_signature: tuple | None = None
         _register_decode_attention()
@@ -301,9 +309,19 @@ class StaticGreedyDecoder:
         modules for norms, rotary, o/down, head). ids/pos [B, 1] -> [B, V] logits; `packs` from `pack_decoder`."""
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+        from ..ops.packed_projections import plain_linear
+
         model = self.lm.model
         h = model.get_input_embeddings()(ids)  # [B, 1, H]
         batch = h.shape[0]
+        one_row = batch == 1 and self._gemv_on()
+
+        def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+            return torch.ops.internvl.gemv(x, w, b) if one_row else nn.functional.linear(x, w, b)
+
+        def project(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+            return linear(x, module.weight, module.bias) if plain_linear(module) else module(x)
+
         cos, sin = model.rotary_emb(h, position_ids=pos)
         # the new token sits at cache index cumulative_length; it attends to real prompt tokens and earlier steps
         cache_len = st.mask.shape[1]
@@ -318,7 +336,7 @@ class StaticGreedyDecoder:
             n_q = attn.q_proj.out_features
             n_kv = attn.k_proj.out_features
             x = layer.input_layernorm(h)
-            q, k, v = nn.functional.linear(x, w_qkv, b_qkv).split([n_q, n_kv, n_kv], dim=-1)
+            q, k, v = linear(x, w_qkv, b_qkv).split([n_q, n_kv, n_kv], dim=-1)
             q = q.view(batch, 1, n_q // dim, dim).transpose(1, 2)
             k = k.view(batch, 1, n_kv // dim, dim).transpose(1, 2)
             v = v.view(batch, 1, n_kv // dim, dim).transpose(1, 2)
@@ -328,14 +346,21 @@ class StaticGreedyDecoder:
                 a = math_gqa_decode_attention(q, keys, values, mask, attn.scaling)
             elif self.attention == "flex":
                 a = flex_gqa_decode_attention(q, keys, values, st.mask, attn.scaling, limit=limit)
+            elif self.attention == "triton":
+                a = torch.ops.internvl.gqa_decode_attention(q, keys, values, st.mask, limit, attn.scaling)
             else:
                 a, _ = sdpa_gqa_decode_attention(attn, q, keys, values, mask, scaling=attn.scaling)
-            h = h + attn.o_proj(a.reshape(batch, 1, n_q))
+            h = h + project(attn.o_proj, a.reshape(batch, 1, n_q))
             x = layer.post_attention_layernorm(h)
-            gate, up = nn.functional.linear(x, w_gu, b_gu).chunk(2, dim=-1)
-            h = h + mlp.down_proj(mlp.act_fn(gate) * up)
+            gate, up = linear(x, w_gu, b_gu).chunk(2, dim=-1)
+            h = h + project(mlp.down_proj, mlp.act_fn(gate) * up)
         h = model.norm(h)
-        return self.lm.lm_head(h[:, -1, :])
+        return project(self.lm.lm_head, h[:, -1, :])
+
+    def _gemv_on(self) -> bool:
+        from ..ops.decode_kernels import triton_ready
+
+        return self.gemv is True or (self.gemv == "auto" and triton_ready(next(self.lm.parameters())))
 
     def _tuned(self, batch: int) -> bool:
         return self.tuning is True or (self.tuning == "auto" and batch == 1)
@@ -343,6 +368,8 @@ class StaticGreedyDecoder:
     def _packed_step(self, batch: int) -> bool:
         """Whether a state of this batch size runs the packed step (weights are packed either way, see `packed`)."""
         if self.packed == "auto":
+            if self.attention == "triton" or (batch == 1 and self._gemv_on()):
+                return True  # our kernels run in the packed step only
             return not (self.compile_backend == "inductor" and self._tuned(batch))
         return bool(self.packed)
 
@@ -575,6 +602,7 @@ AUTO_INDUCTOR_MAX_PARAMS = 5_000_000_000
 DEFAULT_PACKED: bool | str = "auto"
 DEFAULT_ATTENTION = "sdpa"
 DEFAULT_TUNING: bool | str = "auto"
+DEFAULT_GEMV: bool | str = False
 
 
 def resolve_backend(lm: nn.Module, backend: str | None) -> str | None:
@@ -589,14 +617,16 @@ def decoder_for(lm: nn.Module) -> StaticGreedyDecoder:
     """The (cached) StaticGreedyDecoder of a language model, configured from module attributes:
     `fast_decode_backend`: "auto" (default: inductor up to 5B parameters, traced-only above), "inductor", "eager",
     or None (no compile, no CUDA graph); `fast_decode_packed` ("auto" default, True, False: packed q/k/v and
-    gate/up weights and decode step for Llama / Qwen2, see StaticGreedyDecoder); `fast_decode_attention` ("sdpa" default, "math", "flex"); `fast_decode_tuning` (inductor
-    coordinate-descent tuning: "auto" default = batch 1 only, True, False)."""
+    gate/up weights and decode step for Llama / Qwen2, see StaticGreedyDecoder); `fast_decode_attention` ("sdpa"
+    default, "math", "flex", "triton"); `fast_decode_tuning` (inductor coordinate-descent tuning: "auto" default =
+    batch 1 only, True, False); `fast_decode_gemv` (our batch-1 matrix-vector kernel: False default, True, "auto")."""
     dec = getattr(lm, "_static_greedy_decoder", None)
     options = {
         "compile_backend": resolve_backend(lm, getattr(lm, "fast_decode_backend", "auto")),
         "packed": getattr(lm, "fast_decode_packed", DEFAULT_PACKED),
         "attention": getattr(lm, "fast_decode_attention", DEFAULT_ATTENTION),
         "tuning": getattr(lm, "fast_decode_tuning", DEFAULT_TUNING),
+        "gemv": getattr(lm, "fast_decode_gemv", DEFAULT_GEMV),
     }
     if dec is None or any(getattr(dec, name) != value for name, value in options.items()):
         dec = StaticGreedyDecoder(lm, **options)

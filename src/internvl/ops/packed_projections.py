@@ -25,7 +25,9 @@ class PackingError(ValueError):
     """The modules cannot share one packed weight (different types, shapes, dtypes, devices or bias layout)."""
 
 
-def _plain_linear(module: nn.Module) -> bool:
+def plain_linear(module: nn.Module) -> bool:
+    """A bare `nn.Linear` on a real device without hooks (not bitsandbytes, LoRA-wrapped or offloaded): its weight
+    can be read directly by our own products."""
     return (type(module) is nn.Linear and not module._forward_hooks and not module._forward_pre_hooks
             and not getattr(module, "_hf_hook", None) and module.weight.device.type != "meta")
 
@@ -33,7 +35,7 @@ def _plain_linear(module: nn.Module) -> bool:
 def packable(linears: list[nn.Module]) -> bool:
     """True when `linears` are plain `nn.Linear`s (no hooks) with the same in_features, dtype, device, all with or all
     without bias: the only case `pack_linears` accepts."""
-    if not linears or not all(_plain_linear(m) for m in linears):
+    if not linears or not all(plain_linear(m) for m in linears):
         return False
     first = linears[0].weight
     return all(m.weight.dim() == 2 and m.weight.shape[1] == first.shape[1] and m.weight.dtype == first.dtype

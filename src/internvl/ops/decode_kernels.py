@@ -1,0 +1,274 @@
+"""Triton kernels for the batch-1 decode step: a one-row matrix-vector product and a one-query grouped-query attention.
+
+Why: at batch 1 a decode step is bound by reading the weights. The H200 profile of the tuned step
+(docs/performance.md, run 5) showed the generic paths far from the copy bandwidth: the o_proj / down_proj products
+(2048 output rows) at 1.3-2.4 TB/s, and cuDNN's attention at ~10 us per layer for one query over a few hundred
+cached keys (a prefill kernel launched for a 600 KB read). These two kernels target exactly those shapes:
+
+- `gemv(x, weight, bias)`: y = x W^T + b for x with one row. Each program reads BLOCK_N whole weight rows in
+  BLOCK_K chunks (contiguous, vectorised), accumulating in fp32 and rounding once, like cuBLAS. The block sizes and
+  warp count are measured per (N, K, dtype) on the first call (with the L2 flushed between repetitions, as the
+  decode step streams every weight once), outside CUDA-graph capture, and cached.
+- `gqa_decode_attention(q, k, v, mask, limit, scale)`: flash-decoding: the cache is split into chunks over the
+  thread blocks (each handles one KV head, its G query heads as the rows of one tensor-core product, an online
+  softmax over its chunk), then a second small kernel merges the chunks' (max, sum, output) triples. Keys attend when
+  `mask[b, l] != 0` and `l <= limit` (`limit` a device tensor: no host sync, the step stays graph-capturable).
+
+Both are `torch.library` custom ops (opaque to inductor, which fuses the elementwise work around them), with
+eager PyTorch reference implementations used on devices without Triton. Set TRITON_INTERPRET=1 before importing
+this module to run the Triton code on the CPU (the tests do).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:  # Triton ships with CUDA builds of torch; CPU builds may lack it
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised on CPU-only installs without triton
+    triton = None
+    tl = None
+
+#: whether the Triton code runs in its CPU interpreter (TRITON_INTERPRET=1 at import).
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_ready(t: torch.Tensor) -> bool:
+    """Whether the Triton kernels can run on `t`'s device (CUDA with Triton, or any device under the interpreter)."""
+    if triton is None:
+        return False
+    return INTERPRETED or t.is_cuda
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# one-row matrix-vector product
+# ------------------------------------------------------------------------------------------------------------------
+if triton is not None:
+
+    @triton.jit
+    def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, stride_wn, K: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        # K is a compile-time constant: the loop is fully specialised per weight shape (a handful per model)
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = rows < N
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        for step in range(tl.cdiv(K, BLOCK_K)):
+            cols = step * BLOCK_K + tl.arange(0, BLOCK_K)
+            col_ok = cols < K
+            x = tl.load(x_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+            w = tl.load(w_ptr + rows[:, None] * stride_wn + cols[None, :],
+                        mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+            acc += w.to(tl.float32) * x[None, :]
+        y = tl.sum(acc, axis=1)
+        if HAS_BIAS:
+            y += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+        tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
+
+
+#: (BLOCK_N, BLOCK_K, num_warps) candidates measured on first use of a shape; the first is the untuned default.
+GEMV_CONFIGS: tuple[tuple[int, int, int], ...] = (
+    (4, 512, 4), (1, 1024, 4), (1, 2048, 8), (2, 512, 4), (2, 1024, 4), (2, 1024, 8), (4, 256, 4), (4, 1024, 8),
+    (8, 256, 4), (8, 512, 8), (16, 128, 4), (16, 256, 8), (1, 512, 2), (2, 256, 2), (4, 128, 2),
+)
+_gemv_best: dict[tuple, tuple[int, int, int]] = {}
+
+
+def _launch_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
+                 config: tuple[int, int, int]) -> None:
+    block_n, block_k, warps = config
+    n, k = weight.shape
+    grid = (triton.cdiv(n, block_n),)
+    _gemv_kernel[grid](x, weight, bias if bias is not None else weight, out, n, weight.stride(0), K=k,
+                       HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
+
+
+def _tuned_gemv_config(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                       out: torch.Tensor) -> tuple[int, int, int]:
+    """The fastest GEMV_CONFIGS entry for this shape, measured once (cold L2) outside graph capture."""
+    key = (tuple(weight.shape), weight.stride(0), weight.dtype, x.dtype, bias is not None, weight.device)
+    best = _gemv_best.get(key)
+    if best is not None:
+        return best
+    if INTERPRETED or not weight.is_cuda or torch.cuda.is_current_stream_capturing():
+        return GEMV_CONFIGS[0]  # cannot time here; the next uncaptured call tunes
+    from triton.testing import do_bench
+
+    times = {}
+    for cfg in GEMV_CONFIGS:
+        if cfg[0] > weight.shape[0] * 2 or cfg[1] > max(triton.next_power_of_2(weight.shape[1]), 128):
+            continue  # blocks much larger than the matrix
+        times[cfg] = do_bench(lambda c=cfg: _launch_gemv(x, weight, bias, out, c), warmup=5, rep=20)
+    best = min(times, key=times.get)
+    _gemv_best[key] = best
+    return best
+
+
+@torch.library.custom_op("internvl::gemv", mutates_args=())
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x @ weight.T + bias for x [..., K] holding ONE row (all leading dims 1), weight [N, K] with unit column
+    stride -> y [..., N] in x's dtype. Matches `F.linear` up to fp32 summation order."""
+    if x.numel() != x.shape[-1]:
+        raise ValueError(f"gemv takes one row, got x of shape {tuple(x.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != x.shape[-1] or weight.stride(1) != 1:
+        raise ValueError(f"gemv needs weight [N, {x.shape[-1]}] with unit column stride, got "
+                         f"{tuple(weight.shape)} strides {weight.stride()}")
+    if not triton_ready(weight):
+        return torch.nn.functional.linear(x, weight, bias)
+    flat = x.reshape(-1).contiguous()
+    out = torch.empty(weight.shape[0], dtype=x.dtype, device=x.device)
+    _launch_gemv(flat, weight, bias, out, _tuned_gemv_config(flat, weight, bias, out))
+    return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+@gemv.register_fake
+def _gemv_fake(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# one-query grouped-query attention over a static cache (flash-decoding)
+# ------------------------------------------------------------------------------------------------------------------
+if triton is not None:
+
+    @triton.jit
+    def _attn_chunk_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, limit_ptr, po_ptr, pm_ptr, pl_ptr,
+                           L, KVH, scale,
+                           stride_qb, stride_qh, stride_kb, stride_kh, stride_kl,
+                           stride_vb, stride_vh, stride_vl, stride_mb,
+                           G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK_L: tl.constexpr,
+                           ITERS: tl.constexpr):
+        # each program covers CHUNK = ITERS * BLOCK_L cache slots; slots past `limit` are masked (no memory traffic)
+        bkv = tl.program_id(0)  # b * KVH + kv head
+        split = tl.program_id(1)
+        n_splits = tl.num_programs(1)
+        b = bkv // KVH
+        kvh = bkv % KVH
+        g = tl.arange(0, BLOCK_G)
+        d = tl.arange(0, D)
+        q = tl.load(q_ptr + b * stride_qb + (kvh * G + g)[:, None] * stride_qh + d[None, :],
+                    mask=(g < G)[:, None], other=0.0)
+        limit = tl.load(limit_ptr)
+        start = split * (ITERS * BLOCK_L)
+        stop = tl.minimum(tl.minimum(start + ITERS * BLOCK_L, L), limit + 1)
+        m_i = tl.full((BLOCK_G,), float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros((BLOCK_G,), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_G, D), dtype=tl.float32)
+        k_base = k_ptr + b * stride_kb + kvh * stride_kh
+        v_base = v_ptr + b * stride_vb + kvh * stride_vh
+        for it in range(ITERS):
+            offs = start + it * BLOCK_L + tl.arange(0, BLOCK_L)
+            inside = offs < stop
+            keep = inside & (tl.load(mask_ptr + b * stride_mb + offs, mask=inside, other=0) != 0)
+            k = tl.load(k_base + offs[:, None] * stride_kl + d[None, :], mask=inside[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(k)) * scale  # [BLOCK_G, BLOCK_L] fp32
+            s = tl.where(keep[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing kept yet stay at zero weight
+            alpha = tl.exp(m_i - m_ref)
+            p = tl.exp(s - m_ref[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            v = tl.load(v_base + offs[:, None] * stride_vl + d[None, :], mask=inside[:, None], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+        part = (bkv * n_splits + split) * BLOCK_G + g  # partial row of (batch, kv head, split, group member)
+        tl.store(pm_ptr + part, m_i)
+        tl.store(pl_ptr + part, l_i)
+        tl.store(po_ptr + part[:, None] * D + d[None, :], acc)
+
+    @triton.jit
+    def _attn_merge_kernel(po_ptr, pm_ptr, pl_ptr, out_ptr, n_splits,
+                           G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr):
+        row = tl.program_id(0)  # b * H + head = (b * KVH + kvh) * G + member
+        bkv = row // G
+        member = row % G
+        s = tl.arange(0, BLOCK_S)
+        d = tl.arange(0, D)
+        part = (bkv * n_splits + s) * BLOCK_G + member
+        ok = s < n_splits
+        m = tl.load(pm_ptr + part, mask=ok, other=float("-inf"))
+        l = tl.load(pl_ptr + part, mask=ok, other=0.0)
+        o = tl.load(po_ptr + part[:, None] * D + d[None, :], mask=ok[:, None], other=0.0)
+        m_all = tl.max(m, axis=0)
+        w = tl.where(m == float("-inf"), 0.0, tl.exp(m - m_all))
+        total = tl.sum(w * l, axis=0)
+        out = tl.sum(w[:, None] * o, axis=0) / total
+        tl.store(out_ptr + row * D + d, out.to(out_ptr.dtype.element_ty))
+
+
+#: cached keys per chunk-kernel iteration, and the most thread blocks the chunks are spread over per (batch, KV head).
+ATTN_BLOCK_L = 64
+ATTN_MAX_SPLITS = 64
+
+
+def attention_kernel_supported(head_dim: int, groups: int) -> bool:
+    """Shapes the Triton decode attention takes: a power-of-two head dim >= 16 (tensor-core products) and any
+    number of query heads per KV head (padded to >= 16 rows)."""
+    return head_dim >= 16 and head_dim & (head_dim - 1) == 0 and groups >= 1
+
+
+def reference_gqa_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                                   limit: torch.Tensor, scale: float) -> torch.Tensor:
+    """Eager reference (and fallback) of `gqa_decode_attention`: SDPA over the kept keys, K/V heads repeated."""
+    batch, heads, _, dim = q.shape
+    groups = heads // k.shape[1]
+    positions = torch.arange(k.shape[2], device=k.device)
+    keep = (mask != 0) & (positions <= limit.reshape(()))  # [B, L]
+    kk = k.repeat_interleave(groups, dim=1)
+    vv = v.repeat_interleave(groups, dim=1)
+    out = torch.nn.functional.scaled_dot_product_attention(q, kk, vv, attn_mask=keep[:, None, None, :], scale=scale)
+    return out.transpose(1, 2).reshape(batch, 1, heads, dim)
+
+
+@torch.library.custom_op("internvl::gqa_decode_attention", mutates_args=())
+def gqa_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                         limit: torch.Tensor, scale: float) -> torch.Tensor:
+    """Attention of one new token per row over a static KV cache.
+
+    q [B, H, 1, D], k/v [B, KVH, L, D] (unit stride over D), mask [B, L] (nonzero = a real token), limit [1] long
+    (the last cache index to attend to: the new token's own slot) -> [B, 1, H, D] in q's dtype. Query head h reads KV
+    head h // (H / KVH), as transformers' `repeat_kv` does."""
+    batch, heads, q_len, dim = q.shape
+    kv_heads, length = k.shape[1], k.shape[2]
+    if q_len != 1 or heads % kv_heads or k.shape != v.shape or tuple(mask.shape) != (batch, length):
+        raise ValueError(f"gqa_decode_attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, "
+                         f"mask {tuple(mask.shape)} do not fit [B,H,1,D], [B,KVH,L,D], [B,L]")
+    groups = heads // kv_heads
+    if not (triton_ready(q) and attention_kernel_supported(dim, groups)) or k.stride(3) != 1 or v.stride(3) != 1:
+        return reference_gqa_decode_attention(q, k, v, mask, limit, scale)
+    q = q.contiguous()
+    block_g = max(16, triton.next_power_of_2(groups))
+    n_splits = max(1, min(ATTN_MAX_SPLITS, triton.cdiv(length, ATTN_BLOCK_L)))
+    chunk = triton.cdiv(triton.cdiv(length, n_splits), ATTN_BLOCK_L) * ATTN_BLOCK_L
+    n_splits = triton.cdiv(length, chunk)
+    rows = batch * kv_heads * n_splits * block_g
+    part_o = torch.empty(rows, dim, dtype=torch.float32, device=q.device)
+    part_m = torch.empty(rows, dtype=torch.float32, device=q.device)
+    part_l = torch.empty(rows, dtype=torch.float32, device=q.device)
+    _attn_chunk_kernel[(batch * kv_heads, n_splits)](
+        q, k, v, mask, limit, part_o, part_m, part_l, length, kv_heads, float(scale),
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        mask.stride(0), G=groups, BLOCK_G=block_g, D=dim, BLOCK_L=ATTN_BLOCK_L,
+        ITERS=chunk // ATTN_BLOCK_L, num_warps=4)
+    out = torch.empty(batch, 1, heads, dim, dtype=q.dtype, device=q.device)
+    _attn_merge_kernel[(batch * heads,)](part_o, part_m, part_l, out, n_splits, G=groups, BLOCK_G=block_g, D=dim,
+                                         BLOCK_S=max(2, triton.next_power_of_2(n_splits)), num_warps=2)
+    return out
+
+
+@gqa_decode_attention.register_fake
+def _gqa_decode_attention_fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                               limit: torch.Tensor, scale: float) -> torch.Tensor:
+    batch, heads, _, dim = q.shape
+    return q.new_empty(batch, 1, heads, dim)
+
+
+def describe_tuning() -> dict[str, str]:
+    """The GEMV configurations chosen so far (for the benchmark's JSON): "NxK dtype" -> "BLOCK_N/BLOCK_K/warps"."""
+    return {f"{key[0][0]}x{key[0][1]} {str(key[2]).removeprefix('torch.')}": "/".join(map(str, cfg))
+            for key, cfg in _gemv_best.items()}
+
+
+__all__ = ["GEMV_CONFIGS", "attention_kernel_supported", "describe_tuning", "gemv", "gqa_decode_attention",
+           "reference_gqa_decode_attention", "triton_ready"]
