@@ -90,3 +90,20 @@ def test_decoder_with_kernels_matches_plain_generate():
         dec = StaticGreedyDecoder(lm, compile_backend="eager", attention="triton", gemv=True)
         assert dec._packed_step(batch)
         assert torch.equal(dec.generate(emb, mask, max_new_tokens=6), ref)
+
+
+def test_auto_options_pick_the_kernels_where_they_run():
+    """Defaults ("auto") where Triton runs: our attention and the packed step at every batch, our GEMV and no
+    coordinate-descent tuning at batch 1; models the kernel does not take (head dim 8) or the packed step does not
+    cover keep SDPA and the old batch-1 choice."""
+    lm = _llama(seed=5)
+    dec = StaticGreedyDecoder(lm, compile_backend="inductor")
+    assert dec._attention() == "triton" and dec._gemv_on()
+    assert dec._packed_step(1) and dec._packed_step(8) and not dec._tuned(1)
+    assert StaticGreedyDecoder(lm, packed=False)._attention() == "sdpa"
+    assert not StaticGreedyDecoder(lm, packed=False)._gemv_on()
+    torch.manual_seed(0)
+    narrow = LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                          num_attention_heads=4, num_key_value_heads=2)).eval()
+    dec = StaticGreedyDecoder(narrow, compile_backend="inductor", gemv=False)
+    assert dec._attention() == "sdpa" and dec._tuned(1) and not dec._packed_step(1)

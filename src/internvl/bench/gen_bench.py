@@ -72,10 +72,14 @@ def agreement(a: torch.Tensor, b: torch.Tensor) -> dict:
 # Decode-step variants, side by side in one run (`--gen-variants`)
 # ----------------------------------------------------------------------------------------------------------------
 #: decode-step options per variant: the module attributes `internvl.model.fast_generate.decoder_for` reads.
-#: "baseline" is the session-1 default (HF forward of the LM, no packing, inductor without tuning); "default" is the
-#: current default (packed weights; at batch 1 the model's forward tuned by inductor, elsewhere the packed step).
+#: "baseline" is the session-1 default (HF forward of the LM, no packing, inductor without tuning); "s2" the
+#: session-2 default (packed weights; at batch 1 the model's forward tuned by inductor, elsewhere the packed step);
+#: "default" the current default (every option "auto": the packed step with our Triton attention everywhere and our
+#: GEMV at batch 1, where Triton runs).
 VARIANTS: dict[str, dict] = {
-    "default": {"fast_decode_packed": "auto", "fast_decode_attention": "sdpa", "fast_decode_tuning": "auto"},
+    "default": {"fast_decode_packed": "auto", "fast_decode_attention": "auto", "fast_decode_tuning": "auto",
+                "fast_decode_gemv": "auto"},
+    "s2": {"fast_decode_packed": "auto", "fast_decode_attention": "sdpa", "fast_decode_tuning": "auto"},
     "baseline": {"fast_decode_packed": False, "fast_decode_attention": "sdpa", "fast_decode_tuning": False},
     "tuned": {"fast_decode_packed": False, "fast_decode_attention": "sdpa", "fast_decode_tuning": "auto"},
     "packed": {"fast_decode_packed": True, "fast_decode_attention": "sdpa", "fast_decode_tuning": False},
@@ -85,7 +89,8 @@ VARIANTS: dict[str, dict] = {
     "tuned+flex": {"fast_decode_packed": False, "fast_decode_attention": "flex", "fast_decode_tuning": "auto"},
     "packed+flex": {"fast_decode_packed": True, "fast_decode_attention": "flex", "fast_decode_tuning": False},
     "packed+tuned+flex": {"fast_decode_packed": True, "fast_decode_attention": "flex", "fast_decode_tuning": "auto"},
-    "default+flex": {"fast_decode_packed": "auto", "fast_decode_attention": "flex", "fast_decode_tuning": "auto"},
+    "default+flex": {"fast_decode_packed": "auto", "fast_decode_attention": "flex", "fast_decode_tuning": "auto",
+                     "fast_decode_gemv": False},
     # our Triton kernels (internvl/ops/decode_kernels.py): split-cache attention and/or the batch-1 GEMV
     "packed+tuned+triton": {"fast_decode_packed": True, "fast_decode_attention": "triton", "fast_decode_tuning": "auto"},
     "packed+tuned+gemv": {"fast_decode_packed": True, "fast_decode_attention": "sdpa", "fast_decode_tuning": "auto",

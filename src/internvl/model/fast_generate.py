@@ -198,18 +198,23 @@ class StaticGreedyDecoder:
         packed: for Llama / Qwen2 language models whose q/k/v and gate/up are plain `nn.Linear`s, run the decode step
             through our own layer loop over packed q/k/v and gate/up weights (`internvl.ops.packed_projections`: the
             parameters are re-pointed into one tensor per group, no extra memory). Other models use their own forward.
-            True, False, or "auto" (default): packed weights always, the packed step except where inductor's
-            coordinate-descent tuning runs (batch 1 under `tuning="auto"`): there the model's own forward, tuned, was
-            measured faster (H200, `mid` preset: 1.48 ms/step against 1.62 packed + tuned; docs/performance.md).
-        attention: decode attention: "sdpa" (grouped-query SDPA, `sdpa_gqa_decode_attention`), "math" (packed step
+            True, False, or "auto" (default): packed weights always; the packed step wherever our Triton attention or
+            GEMV runs, otherwise except where inductor's coordinate-descent tuning runs (batch 1 under
+            `tuning="auto"`): there the model's own forward, tuned, was measured faster than the packed step with
+            cuBLAS / cuDNN (H200, `mid` preset: 1.48 ms/step against 1.62; docs/performance.md).
+        attention: decode attention: "auto" (default: "triton" where our kernel runs, i.e. Triton on the device, the
+            packed step and a power-of-two head dim >= 16; else "sdpa"; H200 run 7: the kernel took 5.3 us per layer
+            where cuDNN took 10), "sdpa" (grouped-query SDPA, `sdpa_gqa_decode_attention`), "math" (packed step
             only: explicit fp32 multiply-sum / softmax / multiply-sum that inductor fuses into its own kernels) or
             "flex" (FlexAttention, `flex_gqa_decode_attention`, in the packed step and, through the attention
             interface, in the model's own forward; the prefill keeps SDPA) or "triton" (packed step only: our
             split-cache flash-decoding kernel `internvl.ops.decode_kernels.gqa_decode_attention`).
         gemv: in the packed step, run the one-row products (q/k/v, o, gate/up, down, LM head) at batch 1 through our
             Triton matrix-vector kernel (`internvl.ops.decode_kernels.gemv`, block sizes measured per shape on first
-            use) instead of cuBLAS / inductor. True, False, or "auto" (= True where Triton runs on the device).
-        tuning: inductor's coordinate-descent tuning for the step (True, False, or "auto" = at batch 1 only). With it
+            use) instead of cuBLAS / inductor. True, False, or "auto" (default: where Triton runs on the device and the
+            packed step applies).
+        tuning: inductor's coordinate-descent tuning for the step (True, False, or "auto" = at batch 1 when our GEMV
+            does not run there; with the GEMV, tuning the remaining elementwise kernels was measured slower). With it
             inductor also rewrites one-row matrix products as multiply + sum reductions that it tunes to near-peak
             bandwidth and fuses with the preceding norm (the gpt-fast recipe); it lengthens the compile.
     """
@@ -222,12 +227,12 @@ class StaticGreedyDecoder:
         compile_backend: str | None = "inductor",
         check_every: int = 32,
         packed: bool | str = "auto",
-        attention: str = "sdpa",
+        attention: str = "auto",
         tuning: bool | str = "auto",
-        gemv: bool | str = False,
+        gemv: bool | str = "auto",
     ) -> None:
-        if attention not in ("sdpa", "math", "flex", "triton"):
-            raise ValueError(f"attention must be 'sdpa', 'math', 'flex' or 'triton', got {attention!r}")
+        if attention not in ("auto", "sdpa", "math", "flex", "triton"):
+            raise ValueError(f"attention must be 'auto', 'sdpa', 'math', 'flex' or 'triton', got {attention!r}")
         if gemv not in (True, False, "auto"):
             raise ValueError(f"gemv must be True, False or 'auto', got {gemv!r}")
         if packed not in (True, False, "auto"):
@@ -315,6 +320,7 @@ class StaticGreedyDecoder:
         h = model.get_input_embeddings()(ids)  # [B, 1, H]
         batch = h.shape[0]
         one_row = batch == 1 and self._gemv_on()
+        attention = self._attention()
 
         def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
             return torch.ops.internvl.gemv(x, w, b) if one_row else nn.functional.linear(x, w, b)
@@ -342,11 +348,11 @@ class StaticGreedyDecoder:
             v = v.view(batch, 1, n_kv // dim, dim).transpose(1, 2)
             q, k = apply_rotary_pos_emb(q, k, cos, sin)
             keys, values = st.cache.update(k, v, i)
-            if self.attention == "math":
+            if attention == "math":
                 a = math_gqa_decode_attention(q, keys, values, mask, attn.scaling)
-            elif self.attention == "flex":
+            elif attention == "flex":
                 a = flex_gqa_decode_attention(q, keys, values, st.mask, attn.scaling, limit=limit)
-            elif self.attention == "triton":
+            elif attention == "triton":
                 a = torch.ops.internvl.gqa_decode_attention(q, keys, values, st.mask, limit, attn.scaling)
             else:
                 a, _ = sdpa_gqa_decode_attention(attn, q, keys, values, mask, scaling=attn.scaling)
@@ -358,17 +364,36 @@ class StaticGreedyDecoder:
         return project(self.lm.lm_head, h[:, -1, :])
 
     def _gemv_on(self) -> bool:
+        """Whether the batch-1 packed step runs its products through our GEMV (it needs the packed step)."""
         from ..ops.decode_kernels import triton_ready
 
-        return self.gemv is True or (self.gemv == "auto" and triton_ready(next(self.lm.parameters())))
+        wanted = self.gemv is True or (self.gemv == "auto" and triton_ready(next(self.lm.parameters())))
+        return wanted and self.packed is not False and packed_step_supported(self.lm)
+
+    def _attention(self) -> str:
+        """The decode attention in use: "auto" -> "triton" where our kernel runs (Triton on the device, the packed
+        step applies, a head dim it takes), else "sdpa"."""
+        if self.attention != "auto":
+            return self.attention
+        from ..ops.decode_kernels import attention_kernel_supported, triton_ready
+
+        cfg = self.lm.config
+        heads = cfg.num_attention_heads
+        dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        groups = heads // (getattr(cfg, "num_key_value_heads", None) or heads)
+        usable = (triton_ready(next(self.lm.parameters())) and self.packed is not False
+                  and packed_step_supported(self.lm) and attention_kernel_supported(dim, groups))
+        return "triton" if usable else "sdpa"
 
     def _tuned(self, batch: int) -> bool:
-        return self.tuning is True or (self.tuning == "auto" and batch == 1)
+        """"auto": coordinate-descent tuning at batch 1 unless our GEMV runs there (then inductor only fuses the
+        small elementwise kernels, and tuning them was measured slower: docs/performance.md, run 7)."""
+        return self.tuning is True or (self.tuning == "auto" and batch == 1 and not self._gemv_on())
 
     def _packed_step(self, batch: int) -> bool:
         """Whether a state of this batch size runs the packed step (weights are packed either way, see `packed`)."""
         if self.packed == "auto":
-            if self.attention == "triton" or (batch == 1 and self._gemv_on()):
+            if self._attention() == "triton" or (batch == 1 and self._gemv_on()):
                 return True  # our kernels run in the packed step only
             return not (self.compile_backend == "inductor" and self._tuned(batch))
         return bool(self.packed)
@@ -418,7 +443,7 @@ class StaticGreedyDecoder:
         cfg = self.lm.config
         previous = cfg._attn_implementation
         if previous == "sdpa":
-            cfg._attn_implementation = DECODE_FLEX_ATTN if self.attention == "flex" else DECODE_ATTN
+            cfg._attn_implementation = DECODE_FLEX_ATTN if self._attention() == "flex" else DECODE_ATTN
         try:
             return self._generate(inputs_embeds, attention_mask, **kwargs)
         finally:
@@ -600,9 +625,9 @@ def greedy_settings(generate_kwargs: dict, default_eos: int | list[int] | None =
 AUTO_INDUCTOR_MAX_PARAMS = 5_000_000_000
 #: defaults of the decoder options that `decoder_for` reads from module attributes (see StaticGreedyDecoder).
 DEFAULT_PACKED: bool | str = "auto"
-DEFAULT_ATTENTION = "sdpa"
+DEFAULT_ATTENTION = "auto"
 DEFAULT_TUNING: bool | str = "auto"
-DEFAULT_GEMV: bool | str = False
+DEFAULT_GEMV: bool | str = "auto"
 
 
 def resolve_backend(lm: nn.Module, backend: str | None) -> str | None:
