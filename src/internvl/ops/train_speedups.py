@@ -57,6 +57,7 @@ class TrainSpeedups:
     lm_loss_impl: str = "auto"
     ckpt_skip_llm_layers: int = 0
     backend: str = "inductor"
+    compile_mode: str | None = None  # torch.compile mode of the layers ("reduce-overhead" = CUDA graph trees)
 
 
 def _has_lora(module: nn.Module) -> bool:
@@ -120,7 +121,8 @@ def apply_train_speedups(model: nn.Module, opts: TrainSpeedups | None = None, *,
         if not any(isinstance(getattr(model, t, None), nn.Module) for t in TOWERS):
             report["fused"] = fuse_projections(model)
     if compile_on:
-        report["compiled"] = compile_layers(model, ckpt=opts.compile_ckpt, backend=opts.backend, skip=skip)
+        report["compiled"] = compile_layers(model, ckpt=opts.compile_ckpt, backend=opts.backend, mode=opts.compile_mode,
+                                            skip=skip)
     if opts.fast_kernels:
         # inside compiled layers inductor does this fusion; only the eager parts (skipped towers, final norm) get liger
         compiled_modules = {id(m) for layer in model.modules() if getattr(layer, "_compiled_layer", False)
