@@ -247,6 +247,8 @@ def test_samples_per_second_counts_samples_not_packed_rows(tmp_path, monkeypatch
     trainer.log = spy_log
     trainer.train()
     assert seen_at_log == [5, 5]
+    # the running count stays a device tensor between logs: no host sync per micro-batch
+    assert all(torch.is_tensor(x) for x in seen_at_log)
     assert len(model.received) == 2 and all("num_samples" not in keys for keys in model.received)
     assert all("samples_per_second" in entry for entry in trainer.state.log_history if "loss" in entry)
 

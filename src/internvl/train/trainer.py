@@ -190,12 +190,15 @@ class MedRegTrainer(Trainer):
         model_inputs = {k: v for k, v in inputs.items() if k not in TRAINER_ONLY_KEYS}
         attention_mask = inputs.get("attention_mask")
         if model.training:
+            # running sums stay on the device (read once per log): no host sync per micro-batch, so the GPU queue
+            # is never drained here (docs/performance.md: host-bound steps)
             if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.dtype != torch.int32:
-                self._tokens_seen += int(attention_mask.sum())
+                self._tokens_seen = self._tokens_seen + attention_mask.sum()
             else:
-                self._tokens_seen += int(inputs["input_ids"].numel())
+                self._tokens_seen = self._tokens_seen + inputs["input_ids"].numel()
             num_samples = inputs.get("num_samples")  # packed batches: samples, not rows
-            self._samples_seen += int(num_samples) if num_samples is not None else int(inputs["input_ids"].shape[0])
+            self._samples_seen = self._samples_seen + (num_samples if num_samples is not None
+                                                       else inputs["input_ids"].shape[0])
         lm_head = self._fused_head()
         if lm_head is not None:
             # Only the last position's logits are built; the loss runs the LM head on supervised positions in chunks
@@ -232,8 +235,8 @@ class MedRegTrainer(Trainer):
         rank's peak allocated memory `gpu_mem_peak_gib` to training logs."""
         if "loss" in logs:
             now = time.perf_counter()
-            counts = torch.tensor([self._tokens_seen, self._samples_seen], dtype=torch.float64,
-                                  device=self.args.device)
+            counts = torch.stack([torch.as_tensor(c, device=self.args.device).to(torch.float64).reshape(())
+                                  for c in (self._tokens_seen, self._samples_seen)])
             if self.args.world_size > 1 and dist.is_initialized():
                 dist.all_reduce(counts)
             if self._last_log_time is not None:
