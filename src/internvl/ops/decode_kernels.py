@@ -138,7 +138,7 @@ if triton is not None:
                            stride_qb, stride_qh, stride_kb, stride_kh, stride_kl,
                            stride_vb, stride_vh, stride_vl, stride_mb,
                            G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK_L: tl.constexpr,
-                           ITERS: tl.constexpr):
+                           ITERS: tl.constexpr, IEEE: tl.constexpr):
         # each program covers CHUNK = ITERS * BLOCK_L cache slots; slots past `limit` are masked (no memory traffic)
         bkv = tl.program_id(0)  # b * KVH + kv head
         split = tl.program_id(1)
@@ -162,7 +162,10 @@ if triton is not None:
             inside = offs < stop
             keep = inside & (tl.load(mask_ptr + b * stride_mb + offs, mask=inside, other=0) != 0)
             k = tl.load(k_base + offs[:, None] * stride_kl + d[None, :], mask=inside[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(k)) * scale  # [BLOCK_G, BLOCK_L] fp32
+            if IEEE:  # fp32 caches: full-precision products (Triton's default for fp32 would be TF32)
+                s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+            else:
+                s = tl.dot(q, tl.trans(k)) * scale  # [BLOCK_G, BLOCK_L] fp32
             s = tl.where(keep[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing kept yet stay at zero weight
@@ -170,7 +173,10 @@ if triton is not None:
             p = tl.exp(s - m_ref[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
             v = tl.load(v_base + offs[:, None] * stride_vl + d[None, :], mask=inside[:, None], other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            if IEEE:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m_i = m_new
         part = (bkv * n_splits + split) * BLOCK_G + g  # partial row of (batch, kv head, split, group member)
         tl.store(pm_ptr + part, m_i)
@@ -250,7 +256,7 @@ def gqa_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask
         q, k, v, mask, limit, part_o, part_m, part_l, length, kv_heads, float(scale),
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         mask.stride(0), G=groups, BLOCK_G=block_g, D=dim, BLOCK_L=ATTN_BLOCK_L,
-        ITERS=chunk // ATTN_BLOCK_L, num_warps=4)
+        ITERS=chunk // ATTN_BLOCK_L, IEEE=q.dtype == torch.float32, num_warps=4)
     out = torch.empty(batch, 1, heads, dim, dtype=q.dtype, device=q.device)
     _attn_merge_kernel[(batch * heads,)](part_o, part_m, part_l, out, n_splits, G=groups, BLOCK_G=block_g, D=dim,
                                          BLOCK_S=max(2, triton.next_power_of_2(n_splits)), num_warps=2)
