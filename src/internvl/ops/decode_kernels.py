@@ -35,11 +35,18 @@ except ImportError:  # pragma: no cover - exercised on CPU-only installs without
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+#: oldest NVIDIA compute capability the kernels are used on (bf16 tensor-core products need Ampere; measured on Hopper).
+MIN_CAPABILITY = (8, 0)
+
+
 def triton_ready(t: torch.Tensor) -> bool:
-    """Whether the Triton kernels can run on `t`'s device (CUDA with Triton, or any device under the interpreter)."""
+    """Whether the Triton kernels run on `t`'s device: an NVIDIA GPU of compute capability >= MIN_CAPABILITY with
+    Triton (not ROCm: unmeasured there), or any device under the interpreter. Elsewhere the ops use PyTorch."""
     if triton is None:
         return False
-    return INTERPRETED or t.is_cuda
+    if INTERPRETED:
+        return True
+    return t.is_cuda and torch.version.hip is None and torch.cuda.get_device_capability(t.device) >= MIN_CAPABILITY
 
 
 # ------------------------------------------------------------------------------------------------------------------
