@@ -6,29 +6,23 @@ from __future__ import annotations
 import copy
 
 import pytest
-import torch
 
 from internvl.data.collate import PackedCollator, pad_collate
-from internvl.data.dataset import build_training_dataset
-from internvl.train.arguments import DataTrainingArguments, MedRegTrainingArguments, ModelArguments
+from internvl.train.arguments import (
+    DataTrainingArguments,
+    MedRegTrainingArguments,
+    ModelArguments,
+)
 from internvl.train.build import build_model_and_tokenizer
 from internvl.train.trainer import MedRegTrainer
 
-from .loss_grads import assert_same_loss_and_grads, loss_and_grads
-from .square_task import write_square_dataset
+from .loss_grads import assert_same_loss_and_grads, loss_and_grads, tiny_square_setup
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed-square"])
 def test_fused_loss_matches_plain(tmp_path, tiny_tokenizer_dir, packed):
-    meta = write_square_dataset(tmp_path / "data", n=4, seed=5)
-    torch.manual_seed(0)
-    built = build_model_and_tokenizer(
-        ModelArguments(preset="tiny", tokenizer_path=str(tiny_tokenizer_dir), grad_checkpoint=False),
-        DataTrainingArguments(meta_path=str(meta)))
-    dataset = build_training_dataset(meta, tokenizer=built.tokenizer, config=built.model.config)
-    items = [dataset[i] for i in range(4)]
+    built, items, args = tiny_square_setup(tmp_path, tiny_tokenizer_dir, seed=5, grad_checkpoint=False)
     batch = PackedCollator(max_packed_tokens=512, loss_reduction="square")(items) if packed else pad_collate(items)
-    args = MedRegTrainingArguments(output_dir=str(tmp_path / "o"), use_cpu=True, report_to="none")
     results = []
     for fused in (False, True):
         model = copy.deepcopy(built.model).train()

@@ -5,23 +5,16 @@ from __future__ import annotations
 
 import copy
 
-import torch
-
 from internvl.data.collate import pad_collate
-from internvl.data.dataset import build_training_dataset
 from internvl.ops.train_speedups import TrainSpeedups, apply_train_speedups
 from internvl.train.arguments import (
-    DataTrainingArguments,
     MedRegTrainingArguments,
-    ModelArguments,
     parse_args,
 )
-from internvl.train.build import build_model_and_tokenizer
 from internvl.train.cli import speedups_from_args
 from internvl.train.trainer import MedRegTrainer, SpeedupCallback
 
-from .loss_grads import assert_same_loss_and_grads, loss_and_grads
-from .square_task import write_square_dataset
+from .loss_grads import assert_same_loss_and_grads, loss_and_grads, tiny_square_setup
 
 
 def test_flags_map_to_speedups(tmp_path):
@@ -39,14 +32,8 @@ def test_flags_map_to_speedups(tmp_path):
 
 
 def test_trainer_loss_with_fast_paths_equals_plain(tmp_path, tiny_tokenizer_dir):
-    meta = write_square_dataset(tmp_path / "data", n=4, seed=2)
-    torch.manual_seed(0)
-    built = build_model_and_tokenizer(
-        ModelArguments(preset="tiny", tokenizer_path=str(tiny_tokenizer_dir), grad_checkpoint=True),
-        DataTrainingArguments(meta_path=str(meta)))
-    dataset = build_training_dataset(meta, tokenizer=built.tokenizer, config=built.model.config)
-    batch = pad_collate([dataset[i] for i in range(4)])
-    args = MedRegTrainingArguments(output_dir=str(tmp_path / "o"), use_cpu=True, report_to="none")
+    built, items, args = tiny_square_setup(tmp_path, tiny_tokenizer_dir, seed=2, grad_checkpoint=True)
+    batch = pad_collate(items)
     results = []
     for fast in (False, True):
         model = copy.deepcopy(built.model).train()

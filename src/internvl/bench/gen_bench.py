@@ -89,8 +89,7 @@ VARIANTS: dict[str, dict] = {
     "tuned+flex": {"fast_decode_packed": False, "fast_decode_attention": "flex", "fast_decode_tuning": "auto"},
     "packed+flex": {"fast_decode_packed": True, "fast_decode_attention": "flex", "fast_decode_tuning": False},
     "packed+tuned+flex": {"fast_decode_packed": True, "fast_decode_attention": "flex", "fast_decode_tuning": "auto"},
-    "default+flex": {"fast_decode_packed": "auto", "fast_decode_attention": "flex", "fast_decode_tuning": "auto",
-                     "fast_decode_gemv": False},
+    "default+flex": {"fast_decode_packed": "auto", "fast_decode_attention": "flex", "fast_decode_tuning": "auto"},
     # our Triton kernels (internvl/ops/decode_kernels.py): split-cache attention and/or the batch-1 GEMV
     "packed+tuned+triton": {"fast_decode_packed": True, "fast_decode_attention": "triton", "fast_decode_tuning": "auto"},
     "packed+tuned+gemv": {"fast_decode_packed": True, "fast_decode_attention": "sdpa", "fast_decode_tuning": "auto",

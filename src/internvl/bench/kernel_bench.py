@@ -42,8 +42,10 @@ def gemv_rows(llm_config, device: str = "cuda") -> list[dict]:
         err = float(((ours.float() - ref).abs().max() / ref.abs().max()).item())
         bytes_read = n * k * 2
         row = {"product": name, "rows": n, "inputs": k, "MB": bytes_read / 1e6, "ours_max_rel_err": err}
-        for label, fn in (("ours", lambda: gemv(x, w, None)), ("cublas", lambda: torch.nn.functional.linear(x, w)),
-                          ("inductor", lambda: tuned_linear(x, w))):
+        calls = {"ours": lambda a=x, b=w: gemv(a, b, None),
+                 "cublas": lambda a=x, b=w: torch.nn.functional.linear(a, b),
+                 "inductor": lambda a=x, b=w, f=tuned_linear: f(a, b)}
+        for label, fn in calls.items():
             try:
                 fn()
                 us = _bench_us(fn)
@@ -60,7 +62,10 @@ def attention_rows(llm_config, *, lengths=(640, 2048), batches=(1, 32), device: 
     """One row per (batch, cache length): us of ours, of the grouped-query SDPA the decoder uses otherwise (cuDNN /
     flash picked by PyTorch), and ours' max error against the fp32 reference (keys up to 3/4 of the cache)."""
     from internvl.model.fast_generate import sdpa_gqa_decode_attention
-    from internvl.ops.decode_kernels import gqa_decode_attention, reference_gqa_decode_attention
+    from internvl.ops.decode_kernels import (
+        gqa_decode_attention,
+        reference_gqa_decode_attention,
+    )
 
     heads, kv_heads = llm_config.num_attention_heads, llm_config.num_key_value_heads
     dim = getattr(llm_config, "head_dim", None) or llm_config.hidden_size // heads
@@ -68,6 +73,7 @@ def attention_rows(llm_config, *, lengths=(640, 2048), batches=(1, 32), device: 
     class _Module:  # what sdpa_gqa_decode_attention reads off the attention module
         num_key_value_groups = heads // kv_heads
 
+    scale = dim**-0.5
     rows = []
     for batch in batches:
         for length in lengths:
@@ -77,12 +83,13 @@ def attention_rows(llm_config, *, lengths=(640, 2048), batches=(1, 32), device: 
             mask = torch.ones(batch, length, dtype=torch.long, device=device)
             limit = torch.tensor([length * 3 // 4], device=device)
             keep = (mask.bool() & (torch.arange(length, device=device) <= limit))[:, None, None, :]
-            scale = dim**-0.5
             ours = gqa_decode_attention(q, k, v, mask, limit, scale)
             ref = reference_gqa_decode_attention(q.float(), k.float(), v.float(), mask, limit, scale)
             row = {"batch": batch, "cache": length, "ours_max_abs_err": float((ours.float() - ref).abs().max())}
-            for label, fn in (("ours", lambda: gqa_decode_attention(q, k, v, mask, limit, scale)),
-                              ("sdpa", lambda: sdpa_gqa_decode_attention(_Module, q, k, v, keep, scaling=scale))):
+            args = (q, k, v)
+            calls = {"ours": lambda t=args, m=mask, lim=limit: gqa_decode_attention(*t, m, lim, scale),
+                     "sdpa": lambda t=args, m=keep: sdpa_gqa_decode_attention(_Module, *t, m, scaling=scale)}
+            for label, fn in calls.items():
                 try:
                     fn()
                     row[f"{label}_us"] = _bench_us(fn)

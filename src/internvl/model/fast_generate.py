@@ -363,27 +363,35 @@ class StaticGreedyDecoder:
         h = model.norm(h)
         return project(self.lm.lm_head, h[:, -1, :])
 
-    def _gemv_on(self) -> bool:
-        """Whether the batch-1 packed step runs its products through our GEMV (it needs the packed step)."""
+    def _packed_step_possible(self) -> bool:
+        """Packing is allowed and the packed step reproduces this model (where our kernels can run at all)."""
+        return self.packed is not False and packed_step_supported(self.lm)
+
+    def _kernels_auto(self) -> bool:
+        """What "auto" resolves to for our Triton kernels: Triton runs on the model's device and the packed step
+        applies."""
         from ..ops.decode_kernels import triton_ready
 
-        wanted = self.gemv is True or (self.gemv == "auto" and triton_ready(next(self.lm.parameters())))
-        return wanted and self.packed is not False and packed_step_supported(self.lm)
+        return triton_ready(next(self.lm.parameters())) and self._packed_step_possible()
+
+    def _gemv_on(self) -> bool:
+        """Whether the batch-1 packed step runs its products through our GEMV (it needs the packed step)."""
+        if self.gemv == "auto":
+            return self._kernels_auto()
+        return bool(self.gemv) and self._packed_step_possible()
 
     def _attention(self) -> str:
         """The decode attention in use: "auto" -> "triton" where our kernel runs (Triton on the device, the packed
         step applies, a head dim it takes), else "sdpa"."""
         if self.attention != "auto":
             return self.attention
-        from ..ops.decode_kernels import attention_kernel_supported, triton_ready
+        from ..ops.decode_kernels import attention_kernel_supported
 
         cfg = self.lm.config
         heads = cfg.num_attention_heads
         dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
         groups = heads // (getattr(cfg, "num_key_value_heads", None) or heads)
-        usable = (triton_ready(next(self.lm.parameters())) and self.packed is not False
-                  and packed_step_supported(self.lm) and attention_kernel_supported(dim, groups))
-        return "triton" if usable else "sdpa"
+        return "triton" if self._kernels_auto() and attention_kernel_supported(dim, groups) else "sdpa"
 
     def _tuned(self, batch: int) -> bool:
         """"auto": coordinate-descent tuning at batch 1 unless our GEMV runs there (then inductor only fuses the
