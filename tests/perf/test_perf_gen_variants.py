@@ -1,5 +1,7 @@
 """The benchmark's decode-variant plumbing (internvl/bench/gen_bench.py) on the CPU: variant names, the 40B-LLM
 timer on the tiny preset, and the variants table."""
+import math
+
 import pytest
 import torch
 
@@ -21,7 +23,11 @@ def test_real_llm_variants_tiny_cpu():
     rows = real_llm_variants(["baseline", "packed"], new_tokens=4, prompt=12, backend=None, copy_bytes_per_s=1e10,
                              device="cpu", preset="tiny")
     assert [r["variant"] for r in rows] == ["baseline", "packed"]
-    assert all("error" not in r and r["decode_ms_per_step"] > 0 and r["floor_ms"] > 0 for r in rows)
+    assert not [r["error"] for r in rows if "error" in r]
+    # per-step time is (full call - one-token call) / steps: on a loaded CPU with 4 tokens it can be <= 0, so only
+    # its presence is checked here (timings are the GPU benchmark's business); the call itself took time
+    for r in rows:
+        assert math.isfinite(r["decode_ms_per_step"]) and r["seconds"] > 0 and r["floor_ms"] > 0, r
 
 
 def test_variant_lines_ratios_and_skips():
