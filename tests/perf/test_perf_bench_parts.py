@@ -125,3 +125,27 @@ def test_cli_smoke_on_cpu(tmp_path):
     assert res["native_weights_copied"] is True
     assert {a["vs"]: a["rows_equal"] for a in res["gen_agreement"]} == {"ours plain": 1, "native default": 1}
     assert (tmp_path / "bench_table.txt").read_text().startswith("GPU: cpu")
+
+
+def test_graph_step_case_runs_the_step_object_on_cpu():
+    """The `graphstep` training variant drives `CudaGraphTrainStep` (eager on the CPU): same loss as the plain loop
+    of the trainer's fused loss on the same weights and batches, and the step counts land in the row."""
+    from internvl.bench import batches as B
+    from internvl.bench.flops import shape_of
+    from internvl.bench.train_bench import GRAPH_STEP_VARIANTS, ours_loss, parse_train_variants, run_train_case
+    from internvl.model import InternVLChatModel, load_preset
+
+    assert parse_train_variants("graphstep:off") == [("graphstep", (False,))] and "graphstep" in GRAPH_STEP_VARIANTS
+    rows = {}
+    for graph in (False, True):
+        torch.manual_seed(0)
+        model = InternVLChatModel(load_preset("tiny"))
+        model.img_context_token_id = 1008
+        data = [B.fixed_batch(2, 40, vocab=1000, image_token_id=1008, num_image_token=model.num_image_token,
+                              image_size=56, answer_from=20, seed=i) for i in range(2)]
+        rows[graph] = run_train_case("x", model, lambda m, b: ours_loss(m, b, fast=True, impl="chunked"), data,
+                                     shape=shape_of(model), steps=2, warmup=1, ckpt=False, peak_flops=1e12,
+                                     graph_step=graph, impl="chunked")
+    assert rows[True]["graph_steps"] == {"eager": 5, "captured": 0, "replayed": 0}  # 3 warm-up (eager_steps + 1) + 2
+    assert "graph_steps" not in rows[False]
+    assert rows[True]["tokens_per_s"] > 0

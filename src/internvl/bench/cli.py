@@ -381,11 +381,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--train-variants", default="default",
                    help="comma list of our training variants (internvl/bench/train_bench.py TRAIN_VARIANTS: s1, "
-                        "padded, compiled, default, outside, skip2, skip4), each optionally :on / :off")
+                        "padded, compiled, default, outside, skip2, skip4, graphs, maxtune, graphstep), each optionally :on / :off")
     p.add_argument("--train-profile", action="store_true", help="profile the checkpointing-on step (native, s1, "
                    "default) with torch.profiler")
     p.add_argument("--train-profile-full", action="store_true", help="after the timed checkpointing-off cases "
-                   "(native, default variant) profile 3 full optimizer steps: wall, GPU busy/idle, time by kernel kind "
+                   "(native, the default and graphs variants) profile 3 full optimizer steps: wall, GPU busy/idle, time by kernel kind "
                    "(internvl/bench/train_profile.py)")
     p.add_argument("--train-deadline-s", type=float, default=None, help="skip the remaining training cases after this")
     p.add_argument("--pack-samples", type=int, default=96)

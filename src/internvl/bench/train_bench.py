@@ -41,7 +41,13 @@ TRAIN_VARIANTS: dict[str, tuple[TrainSpeedups, str]] = {
     "graphs": (TrainSpeedups(compile_mode="reduce-overhead"), "default, layers replayed as CUDA graphs (host-bound "
                "steps: run 9 showed the GPU idle a third of the step)"),
     "maxtune": (TrainSpeedups(compile_mode="max-autotune-no-cudagraphs"), "default, inductor max-autotune GEMMs"),
+    "graphstep": (TrainSpeedups(), "default, the whole step (forward, loss, backward, AdamW) replayed as one CUDA "
+                  "graph (`internvl.train.graph_step.CudaGraphTrainStep`)"),
 }
+TRAIN_VARIANTS["graphstep+cdt"] = (TrainSpeedups(compile_options={"coordinate_descent_tuning": True}),
+                                   "graphstep, inductor's coordinate-descent tuning of the layers' fused kernels")
+#: variants whose loop is `CudaGraphTrainStep` instead of loss / backward / step.
+GRAPH_STEP_VARIANTS = frozenset({"graphstep", "graphstep+cdt"})
 
 
 def parse_train_variants(text: str) -> list[tuple[str, tuple[bool, ...]]]:
@@ -115,41 +121,57 @@ def set_checkpointing(model, on: bool) -> None:
         off()
 
 
+def graph_step_batch(b: Batch) -> dict:
+    """A benchmark batch as `CudaGraphTrainStep` takes it (the model inputs plus labels)."""
+    return {**batch_inputs(b), "labels": b.labels}
+
+
 def run_train_case(name: str, model, loss_fn, batches: list[Batch], *, shape: ModelShape, steps: int, warmup: int,
-                   ckpt: bool, peak_flops: float, prepare=None) -> dict:
+                   ckpt: bool, peak_flops: float, prepare=None, graph_step: bool = False, impl: str = "auto") -> dict:
     """Time `steps` optimizer steps (after `warmup`, which also pays any compile) cycling over `batches`.
 
     `prepare(model)` runs after checkpointing is configured (the trainer's order: checkpointing, then fast paths).
+    `graph_step`: the steps are `CudaGraphTrainStep(model, AdamW(capturable=True), impl=impl)` calls (`loss_fn` unused);
+    its eager steps and the capture fall in the warm-up, and the peak memory covers them (the replays allocate
+    nothing).
     """
+    from ..train.graph_step import CudaGraphTrainStep
+
     set_checkpointing(model, ckpt)
     prepared = prepare(model) if prepare is not None else None
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0, fused=params[0].is_cuda)
     cuda = params[0].is_cuda
-    losses: list[torch.Tensor] = []
-    t_warm = time.perf_counter()
-    for i in range(warmup):
-        torch.compiler.cudagraph_mark_step_begin()
-        loss = loss_fn(model, batches[i % len(batches)])
+    opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0, fused=cuda, capturable=graph_step and cuda)
+    stepper = CudaGraphTrainStep(model, opt, impl=impl) if graph_step else None
+
+    def one_step(b: Batch) -> torch.Tensor:
+        if stepper is not None:
+            return stepper(graph_step_batch(b))
+        torch.compiler.cudagraph_mark_step_begin()  # a new iteration for CUDA-graph trees (no-op without them)
+        loss = loss_fn(model, b)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    if cuda and graph_step:
+        torch.cuda.reset_peak_memory_stats()
+    losses: list[torch.Tensor] = []
+    t_warm = time.perf_counter()
+    for i in range(max(warmup, stepper.eager_steps + 1 if stepper is not None else 0)):
+        one_step(batches[i % len(batches)])
     if cuda:
         torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
+        if not graph_step:
+            torch.cuda.reset_peak_memory_stats()
     warm_seconds = time.perf_counter() - t_warm
     tokens = samples = supervised = 0
     flops = 0.0
     t0 = time.perf_counter()
     for i in range(steps):
         b = batches[(warmup + i) % len(batches)]
-        torch.compiler.cudagraph_mark_step_begin()  # a new iteration for CUDA-graph trees (no-op without them)
-        loss = loss_fn(model, b)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.detach())
+        losses.append(one_step(b))
         tokens += b.real_tokens
         samples += len(b.doc_lengths)
         supervised += b.supervised
@@ -180,6 +202,7 @@ def run_train_case(name: str, model, loss_fn, batches: list[Batch], *, shape: Mo
         "tflops_per_s": flops / seconds / 1e12,
         "loss_last": float(losses[-1]) if losses else float("nan"),
         **({"applied": prepared} if prepared is not None else {}),
+        **({"graph_steps": dict(stepper.steps)} if stepper is not None else {}),
     }
 
 
@@ -285,15 +308,16 @@ def section_train(args, res: dict, config, *, batches_for) -> None:
             r = guard(res, name, run_train_case, name, ours,
                      lambda m, b, impl=opts.lm_loss_impl: ours_loss(m, b, fast=True, impl=impl), data, shape=shape,
                      steps=args.steps, warmup=args.warmup, ckpt=ckpt, peak_flops=args.peak,
-                     prepare=lambda m, o=opts: set_fast(m, True, o))
+                     prepare=lambda m, o=opts: set_fast(m, True, o), graph_step=variant in GRAPH_STEP_VARIANTS,
+                     impl=opts.lm_loss_impl)
             if r:
                 r["variant"] = variant
                 rows.append(r)
-                if do_full and not ckpt and variant == "default" and not deadline.over():
+                if do_full and not ckpt and variant in ("default", "graphs") and not deadline.over():
                     # the timed configuration as it stands: checkpointing off, the fast paths still applied
                     loss = lambda m, b, impl=opts.lm_loss_impl: ours_loss(m, b, fast=True, impl=impl)  # noqa: E731
                     full_profiles[name] = guard(res, f"full profile {name}", profile_case, ours, loss, data,
-                                                out / "profile_full_default_ckpt_off.txt")
+                                                out / f"profile_full_{variant}_ckpt_off.txt")
             if do_profile and ckpt and variant in ("s1", "default") and not deadline.over():
                 profiles[name] = guard(res, f"profile {name}", profile_step, ours,
                                       lambda m, b, impl=opts.lm_loss_impl: ours_loss(m, b, fast=True, impl=impl),

@@ -147,6 +147,22 @@ class InternVLChatModel(ChatMixin, PreTrainedModel):
             )
         return int(self.img_context_token_id)
 
+    def _mismatch(self, n_tokens: int, n_features: int, tiles: object, what: str = "") -> ImageTokenMismatchError:
+        """The one error for a count of `<IMG_CONTEXT>` tokens that differs from the image features given."""
+        prefix = f"{what}: " if what else ""
+        return ImageTokenMismatchError(
+            f"{prefix}input_ids hold {n_tokens} <IMG_CONTEXT> tokens (id {self._require_img_context_id()}) but the "
+            f"images give {n_features} features ({tiles} tiles x {self.num_image_token}); were image tokens truncated "
+            "by max_seq_length, or do num_patches_list / image_flags not match the prompt?"
+        )
+
+    def image_token_mismatch(self, n_tokens: int, real_tiles: int, what: str = "") -> ImageTokenMismatchError | None:
+        """Host-side check for `forward(..., sync_free=True)`, from counts the caller read: None when `n_tokens`
+        `<IMG_CONTEXT>` tokens match `real_tiles` (image_flags == 1) x num_image_token, else the error to raise."""
+        if n_tokens == real_tiles * self.num_image_token:
+            return None
+        return self._mismatch(n_tokens, real_tiles * self.num_image_token, real_tiles, what)
+
     def merge_image_embeddings(
         self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor, vit_embeds: torch.Tensor
     ) -> torch.Tensor:
@@ -160,14 +176,34 @@ class InternVLChatModel(ChatMixin, PreTrainedModel):
         n_tokens = int(mask.sum())
         features = vit_embeds.reshape(-1, vit_embeds.shape[-1])
         if n_tokens != features.shape[0]:
-            tiles = vit_embeds.shape[0] if vit_embeds.ndim == 3 else "?"
-            raise ImageTokenMismatchError(
-                f"input_ids hold {n_tokens} <IMG_CONTEXT> tokens (id {token_id}) but the images give "
-                f"{features.shape[0]} features ({tiles} tiles x {self.num_image_token}); were image tokens truncated "
-                "by max_seq_length, or do num_patches_list / image_flags not match the prompt?"
-            )
+            raise self._mismatch(n_tokens, features.shape[0], vit_embeds.shape[0] if vit_embeds.ndim == 3 else "?")
         features = features.to(device=inputs_embeds.device, dtype=inputs_embeds.dtype)
         return inputs_embeds.masked_scatter(mask.unsqueeze(-1).to(inputs_embeds.device), features)
+
+    def merge_image_embeddings_sync_free(
+        self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor, vit_all: torch.Tensor,
+        image_flags: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """`merge_image_embeddings` without host syncs or data-dependent shapes (CUDA-graph capture).
+
+        The k-th `<IMG_CONTEXT>` position takes the k-th feature of the real tiles (image_flags == 1, in order): real
+        tiles are moved first by a stable sort of the flags, and each position gathers row cumsum(mask) - 1. Every
+        tensor has a static shape, so nothing is read back; the counts are NOT checked here: the caller checks them
+        on the host first (`image_token_mismatch`). Dummy tiles still touch the vision parameters with weight 0.
+        vit_all [T,N,H] (all tiles), image_flags [T] or None; returns [B,L,H].
+        """
+        token_id = self._require_img_context_id()
+        mask = (input_ids == token_id).to(inputs_embeds.device)
+        features = vit_all
+        if image_flags is not None:
+            dummy = (image_flags.reshape(-1).to(vit_all.device) != 1)
+            features = vit_all.index_select(0, torch.argsort(dummy.to(torch.int8), stable=True))
+            unused = (vit_all * dummy.to(vit_all.dtype)[:, None, None]).sum() * 0.0
+            inputs_embeds = inputs_embeds + unused.to(inputs_embeds.device, inputs_embeds.dtype)
+        features = features.reshape(-1, features.shape[-1]).to(device=inputs_embeds.device, dtype=inputs_embeds.dtype)
+        row = (mask.reshape(-1).cumsum(0) - 1).clamp(0, features.shape[0] - 1)
+        gathered = features.index_select(0, row).reshape(inputs_embeds.shape)
+        return torch.where(mask.unsqueeze(-1), gathered, inputs_embeds)
 
     def _embed(
         self,
@@ -175,14 +211,17 @@ class InternVLChatModel(ChatMixin, PreTrainedModel):
         pixel_values: torch.Tensor | None,
         image_flags: torch.Tensor | None,
         visual_features: torch.Tensor | None = None,
+        sync_free: bool = False,
     ) -> torch.Tensor:
-        """Token embeddings with image features merged in: [B, L, H]."""
+        """Token embeddings with image features merged in: [B, L, H] (`sync_free`: see `forward`)."""
         embed = self.language_model.get_input_embeddings()
         device = execution_device(embed)
         inputs_embeds = embed(input_ids.to(device) if device is not None else input_ids)
         if visual_features is None and pixel_values is None:
             return inputs_embeds
         vit_all = visual_features if visual_features is not None else self.extract_feature(pixel_values)
+        if sync_free:
+            return self.merge_image_embeddings_sync_free(input_ids, inputs_embeds, vit_all, image_flags)
         if image_flags is None:
             return self.merge_image_embeddings(input_ids, inputs_embeds, vit_all)
         flags = image_flags.reshape(-1).to(vit_all.device)
@@ -208,6 +247,7 @@ class InternVLChatModel(ChatMixin, PreTrainedModel):
         loss_weight: torch.Tensor | None = None,
         num_items_in_batch: int | torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
+        sync_free: bool = False,
         **kwargs,
     ) -> ModelOutput:
         """Multimodal causal-LM forward: returns the LLM's output (logits [B,L,V], cache, ...) with `loss` set.
@@ -219,11 +259,14 @@ class InternVLChatModel(ChatMixin, PreTrainedModel):
         sum(ce * loss_weight) / sum(loss_weight) with per-token `loss_weight` [B,L] (packing's sample/square
         averaging), or sum / num_items_in_batch when the Trainer passes it.  Other kwargs (cache, use_cache,
         output_hidden_states, ...) go to the language model.
+        `sync_free`: merge the image features without reading anything back to the host (no count check, static
+        shapes), for CUDA-graph capture of a whole training step; the caller checks the counts first
+        (`image_token_mismatch`, as `internvl.train.graph_step` does).
         """
         if inputs_embeds is None:
             if input_ids is None:
                 raise ValueError("forward needs input_ids (or inputs_embeds)")
-            inputs_embeds = self._embed(input_ids, pixel_values, image_flags)
+            inputs_embeds = self._embed(input_ids, pixel_values, image_flags, sync_free=sync_free)
         elif pixel_values is not None:
             raise ValueError("pass either inputs_embeds or pixel_values + input_ids, not both")
         if labels is not None or (attention_mask is None and position_ids is not None):

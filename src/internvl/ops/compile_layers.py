@@ -161,30 +161,34 @@ def _own_code(fn, name: str):
     return call
 
 
-def _compiled_for(cls: type, *, ckpt: str, backend: str, mode: str | None, dynamic: bool | None):
+def _compiled_for(cls: type, *, ckpt: str, backend: str, mode: str | None, dynamic: bool | None,
+                  options: dict | None = None):
     """One compiled function per (layer class, options), shared by all instances of the class."""
-    key = (cls, ckpt, backend, mode, dynamic)
+    key = (cls, ckpt, backend, mode, dynamic, tuple(sorted((options or {}).items())))
     if key not in _COMPILED:
         wrapped = cls.forward
         name = f"{cls.__name__}_forward_{ckpt}"
+        kwargs = {"backend": backend, "mode": mode, "dynamic": dynamic, **({"options": options} if options else {})}
         if ckpt == "outside":
             inner = getattr(wrapped, "__wrapped__", wrapped)  # the layer's own forward, without HF's checkpointing
-            compiled = torch.compile(_own_code(inner, name), backend=backend, mode=mode, dynamic=dynamic)
-            _COMPILED[key] = _outside_forward(compiled)
+            _COMPILED[key] = _outside_forward(torch.compile(_own_code(inner, name), **kwargs))
         else:
-            _COMPILED[key] = torch.compile(_own_code(wrapped, name), backend=backend, mode=mode, dynamic=dynamic)
+            _COMPILED[key] = torch.compile(_own_code(wrapped, name), **kwargs)
     return _COMPILED[key]
 
 
 def compile_layers(model: nn.Module, *, ckpt: str = "inside", backend: str = "inductor", mode: str | None = None,
-                   dynamic: bool | None = None, skip: tuple[str, ...] = ()) -> dict[str, int]:
+                   dynamic: bool | None = None, skip: tuple[str, ...] = (),
+                   options: dict | None = None) -> dict[str, int]:
     """Compile every transformers `GradientCheckpointingLayer` inside `model` (Llama decoder layers, InternViT
     blocks), per layer class; returns {class name: layers compiled}.
 
     `skip`: module-name prefixes left eager (e.g. ("vision_model",) when that tower is LoRA-wrapped). Raises the
     dynamo recompile limit to at least 64 so eval/no-grad, checkpointing on/off and new shapes do not fall back
-    to eager.
+    to eager. `options`: inductor options (`torch.compile(options=...)`), not together with `mode`.
     """
+    if mode is not None and options:
+        raise ValueError("compile_layers takes a mode or inductor options, not both (torch.compile's rule)")
     if ckpt not in ("inside", "outside"):
         raise ValueError(f"ckpt must be 'inside' or 'outside', got {ckpt!r}")
     base = _checkpoint_layer_class()
@@ -198,7 +202,7 @@ def compile_layers(model: nn.Module, *, ckpt: str = "inside", backend: str = "in
             continue
         if any(name == s or name.startswith(s + ".") for s in skip):
             continue
-        fn = _compiled_for(type(module), ckpt=ckpt, backend=backend, mode=mode, dynamic=dynamic)
+        fn = _compiled_for(type(module), ckpt=ckpt, backend=backend, mode=mode, dynamic=dynamic, options=options)
         module.forward = types.MethodType(fn, module)
         module._compiled_layer = True
         counts[type(module).__name__] = counts.get(type(module).__name__, 0) + 1

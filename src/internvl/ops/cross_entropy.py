@@ -275,6 +275,7 @@ def causal_lm_loss(
     loss_weight: torch.Tensor | None = None,
     num_items_in_batch: int | torch.Tensor | None = None,
     impl: str = "auto",
+    capacity: int | None = None,
 ) -> torch.Tensor:
     """Next-token loss from the last hidden states, running the LM head on supervised positions only.
 
@@ -285,19 +286,46 @@ def causal_lm_loss(
         loss_weight: optional [B, T] per-token weights aligned with `labels` (packing's square/sample averaging).
         num_items_in_batch: when given (and no loss_weight), the loss is the sum over supervised positions divided by
             it (HF Trainer's exact averaging under gradient accumulation).
+        capacity: None gathers the supervised rows by a boolean index (one host sync for their count). An int
+            gathers exactly `capacity` rows (`torch.nonzero_static`; the unused slots carry IGNORE_INDEX and weight
+            0): no host sync and static shapes, for CUDA-graph capture. The caller guarantees capacity >= the number
+            of supervised positions (rows past it would be dropped); `internvl.train.graph_step` checks it on the host.
     Returns the weighted mean over supervised next-token predictions (a scalar, fp32).
     """
     if hidden_states.shape[:2] != labels.shape:
         raise ValueError(f"hidden_states {tuple(hidden_states.shape)} and labels {tuple(labels.shape)} disagree")
     shift_labels = labels[:, 1:]
     keep = shift_labels != IGNORE_INDEX
-    rows = hidden_states[:, :-1][keep]  # [n, H] (boolean gather: one host sync for n)
-    targets = shift_labels[keep]
-    weights = loss_weight[:, 1:][keep] if loss_weight is not None else None
-    if rows.shape[0] == 0:
-        return hidden_states.sum() * 0.0 + lm_head.weight.sum() * 0.0
+    if capacity is not None:
+        rows, targets, weights, count = _gather_static(hidden_states, shift_labels, keep, loss_weight, capacity)
+    else:
+        rows = hidden_states[:, :-1][keep]  # [n, H] (boolean gather: one host sync for n)
+        targets = shift_labels[keep]
+        weights = loss_weight[:, 1:][keep] if loss_weight is not None else None
+        count = rows.shape[0]
+        if count == 0:
+            return hidden_states.sum() * 0.0 + lm_head.weight.sum() * 0.0
     loss = linear_cross_entropy(rows, lm_head.weight, targets, bias=lm_head.bias, token_weights=weights, impl=impl)
     if num_items_in_batch is not None and weights is None:
         denom = torch.as_tensor(num_items_in_batch, device=loss.device, dtype=loss.dtype).clamp(min=1)
-        loss = loss * rows.shape[0] / denom
+        loss = loss * count / denom
     return loss
+
+
+def _gather_static(hidden_states: torch.Tensor, shift_labels: torch.Tensor, keep: torch.Tensor,
+                   loss_weight: torch.Tensor | None, capacity: int):
+    """`capacity` supervised rows without a host sync: (rows [capacity, H], targets [capacity] with IGNORE_INDEX in
+    unused slots, weights [capacity] or None, count as a 0-d device tensor)."""
+    if capacity < 1:
+        raise ValueError(f"capacity must be >= 1, got {capacity}")
+    seq = hidden_states.shape[1]
+    coords = torch.nonzero_static(keep, size=capacity, fill_value=0)  # [capacity, 2] (batch row, position)
+    flat = coords[:, 0] * seq + coords[:, 1]  # position t predicts label t + 1: row t of hidden_states
+    count = keep.sum()
+    used = torch.arange(capacity, device=keep.device) < count
+    rows = hidden_states.reshape(-1, hidden_states.shape[-1]).index_select(0, flat)
+    targets = torch.where(used, shift_labels[coords[:, 0], coords[:, 1]], IGNORE_INDEX)
+    weights = None
+    if loss_weight is not None:
+        weights = loss_weight[:, 1:][coords[:, 0], coords[:, 1]] * used
+    return rows, targets, weights, count

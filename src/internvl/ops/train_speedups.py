@@ -58,6 +58,7 @@ class TrainSpeedups:
     ckpt_skip_llm_layers: int = 0
     backend: str = "inductor"
     compile_mode: str | None = None  # torch.compile mode of the layers ("reduce-overhead" = CUDA graph trees)
+    compile_options: dict | None = None  # inductor options of the layers (e.g. {"coordinate_descent_tuning": True})
 
 
 def _has_lora(module: nn.Module) -> bool:
@@ -122,7 +123,7 @@ def apply_train_speedups(model: nn.Module, opts: TrainSpeedups | None = None, *,
             report["fused"] = fuse_projections(model)
     if compile_on:
         report["compiled"] = compile_layers(model, ckpt=opts.compile_ckpt, backend=opts.backend, mode=opts.compile_mode,
-                                            skip=skip)
+                                            skip=skip, options=opts.compile_options)
     if opts.fast_kernels:
         # inside compiled layers inductor does this fusion; only the eager parts (skipped towers, final norm) get liger
         compiled_modules = {id(m) for layer in model.modules() if getattr(layer, "_compiled_layer", False)
@@ -171,7 +172,7 @@ def _final_norm(language_model: nn.Module) -> nn.Module | None:
 
 def fused_loss_forward(model: nn.Module, model_inputs: dict[str, Any], labels: torch.Tensor, *,
                        loss_weight: torch.Tensor | None = None, impl: str = "auto",
-                       lm_head: nn.Module | None = None) -> tuple[torch.Tensor, Any]:
+                       lm_head: nn.Module | None = None, capacity: int | None = None) -> tuple[torch.Tensor, Any]:
     """The trainer's fused-loss forward: run the model without building [B, L, V] logits (only the last position's,
     `logits_to_keep=1`) and without a KV cache, take the final hidden states, and compute the weighted-mean
     next-token CE with the LM head on supervised positions only (`causal_lm_loss`). Returns (mean loss, outputs).
@@ -180,13 +181,17 @@ def fused_loss_forward(model: nn.Module, model_inputs: dict[str, Any], labels: t
     transformers for `output_hidden_states` would install its capture hooks on every layer and attention module,
     which run inside compiled layers and break their graphs. Without a final norm it falls back to
     `output_hidden_states`.
+
+    `capacity` (an int) makes the step free of host syncs for CUDA-graph capture: the image features are merged
+    with `sync_free=True` and the loss gathers exactly `capacity` supervised rows (`causal_lm_loss`); the caller has
+    checked the image-token counts and capacity >= supervised positions on the host (`internvl.train.graph_step`).
     """
     inner = getattr(model, "module", model)  # DDP / DeepSpeed engine wrappers
     language_model = getattr(inner, "language_model", inner)
     if lm_head is None:
         lm_head = language_model.get_output_embeddings()
     norm = _final_norm(language_model)
-    kwargs = {"logits_to_keep": 1, "use_cache": False}
+    kwargs = {"logits_to_keep": 1, "use_cache": False, **({"sync_free": True} if capacity is not None else {})}
     if norm is None:
         outputs = model(**model_inputs, output_hidden_states=True, **kwargs)
         hidden = outputs["hidden_states"][-1]
@@ -200,4 +205,5 @@ def fused_loss_forward(model: nn.Module, model_inputs: dict[str, Any], labels: t
         if len(captured) != 1:
             raise RuntimeError(f"the final norm ran {len(captured)} times in one forward; expected once")
         hidden = captured[0]
-    return causal_lm_loss(hidden, lm_head, labels, loss_weight=loss_weight, impl=impl), outputs
+    loss = causal_lm_loss(hidden, lm_head, labels, loss_weight=loss_weight, impl=impl, capacity=capacity)
+    return loss, outputs
