@@ -33,7 +33,12 @@ def main(argv: list[str] | None = None) -> int:
 
     from internvl.bench import batches as B
     from internvl.bench.build import build_ours
-    from internvl.bench.train_bench import graph_step_batch, ours_loss, set_checkpointing, set_fast
+    from internvl.bench.train_bench import (
+        graph_step_batch,
+        ours_loss,
+        set_checkpointing,
+        set_fast,
+    )
     from internvl.model import load_preset
     from internvl.train.graph_step import CudaGraphTrainStep
 

@@ -149,3 +149,19 @@ def test_graph_step_case_runs_the_step_object_on_cpu():
     assert rows[True]["graph_steps"] == {"eager": 5, "captured": 0, "replayed": 0}  # 3 warm-up (eager_steps + 1) + 2
     assert "graph_steps" not in rows[False]
     assert rows[True]["tokens_per_s"] > 0
+
+
+def test_graph_step_profile_drives_the_step_object(tmp_path):
+    from internvl.bench import batches as B
+    from internvl.bench.train_bench import profile_graph_step_case
+    from internvl.model import InternVLChatModel, load_preset
+
+    torch.manual_seed(0)
+    model = InternVLChatModel(load_preset("tiny"))
+    model.img_context_token_id = 1008
+    data = [B.fixed_batch(2, 40, vocab=1000, image_token_id=1008, num_image_token=model.num_image_token,
+                          image_size=56, answer_from=20, seed=i) for i in range(2)]
+    p = profile_graph_step_case(model, data, tmp_path / "p.txt", impl="chunked")
+    assert p["steps"] == 3 and len(p["per_step"]) == 3 and all(r["wall_ms"] > 0 for r in p["per_step"])
+    assert (tmp_path / "p.txt").read_text().startswith("full training step profile")
+    assert all(q.grad is None for q in model.parameters())

@@ -23,7 +23,7 @@ from ..ops.train_speedups import (
 from .batches import Batch
 from .flops import ModelShape, mfu, shape_of, train_step_flops
 from .runtime import Deadline, free, guard
-from .train_profile import profile_case, summary_line
+from .train_profile import profile_case, profile_full_step, summary_line
 
 logger = logging.getLogger(__name__)
 
@@ -126,6 +126,23 @@ def graph_step_batch(b: Batch) -> dict:
     return {**batch_inputs(b), "labels": b.labels}
 
 
+def profile_graph_step_case(model, batches: list[Batch], path: Path, *, impl: str = "auto") -> dict:
+    """`profile_full_step` of `CudaGraphTrainStep` replays (a fresh capturable AdamW and step object; its eager steps
+    and the capture are the unprofiled warm-up)."""
+    from ..train.graph_step import CudaGraphTrainStep
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    cuda = params[0].is_cuda
+    opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0, fused=cuda, capturable=cuda)
+    stepper = CudaGraphTrainStep(model, opt, impl=impl)
+    try:
+        return profile_full_step(model, None, batches, opt, path, warmup=stepper.eager_steps + 1,
+                                 step_fn=lambda i: stepper(graph_step_batch(batches[i % len(batches)])))
+    finally:
+        stepper = opt = None  # drop the graph, its pool and the optimizer state
+        model.zero_grad(set_to_none=True)
+
+
 def run_train_case(name: str, model, loss_fn, batches: list[Batch], *, shape: ModelShape, steps: int, warmup: int,
                    ckpt: bool, peak_flops: float, prepare=None, graph_step: bool = False, impl: str = "auto") -> dict:
     """Time `steps` optimizer steps (after `warmup`, which also pays any compile) cycling over `batches`.
@@ -184,7 +201,8 @@ def run_train_case(name: str, model, loss_fn, batches: list[Batch], *, shape: Mo
     # CUDA-graph pools are allocated while recording (in the warm-up) and only replayed here, so they show in the
     # reserved memory, not in the timed steps' allocation peak
     reserved = torch.cuda.memory_reserved() / 2**30 if cuda else float("nan")
-    del opt
+    graph_steps = dict(stepper.steps) if stepper is not None else None
+    stepper = opt = None  # free the optimizer state (and any captured graph) before the next case
     model.zero_grad(set_to_none=True)
     return {
         "case": name,
@@ -202,7 +220,7 @@ def run_train_case(name: str, model, loss_fn, batches: list[Batch], *, shape: Mo
         "tflops_per_s": flops / seconds / 1e12,
         "loss_last": float(losses[-1]) if losses else float("nan"),
         **({"applied": prepared} if prepared is not None else {}),
-        **({"graph_steps": dict(stepper.steps)} if stepper is not None else {}),
+        **({"graph_steps": graph_steps} if graph_steps is not None else {}),
     }
 
 
@@ -313,6 +331,9 @@ def section_train(args, res: dict, config, *, batches_for) -> None:
             if r:
                 r["variant"] = variant
                 rows.append(r)
+                if do_full and not ckpt and variant in GRAPH_STEP_VARIANTS and not deadline.over():
+                    full_profiles[name] = guard(res, f"full profile {name}", profile_graph_step_case, ours, data,
+                                                out / f"profile_full_{variant}_ckpt_off.txt", impl=opts.lm_loss_impl)
                 if do_full and not ckpt and variant in ("default", "graphs") and not deadline.over():
                     # the timed configuration as it stands: checkpointing off, the fast paths still applied
                     loss = lambda m, b, impl=opts.lm_loss_impl: ours_loss(m, b, fast=True, impl=impl)  # noqa: E731

@@ -211,7 +211,7 @@ def reduce_trace(events: Sequence[Any], steps: int, *, top: int = 25) -> tuple[l
 
 def profile_full_step(model: torch.nn.Module, loss_fn: Callable, batches: Sequence, opt: torch.optim.Optimizer,
                       path: str | Path, *, steps: int = 3, warmup: int = 1, top: int = 25,
-                      cpu_rows: int = 20) -> dict:
+                      cpu_rows: int = 20, step_fn: Callable[[int], torch.Tensor] | None = None) -> dict:
     """Profile `steps` full optimizer steps (`loss_fn(model, batch)`, backward, `opt.step()`,
     `opt.zero_grad(set_to_none=True)`) after `warmup` unprofiled ones (which allocate the optimizer state and pay any
     compile), cycling over `batches`. Writes a readable report to `path` and returns a JSON-able dict:
@@ -220,7 +220,8 @@ def profile_full_step(model: torch.nn.Module, loss_fn: Callable, batches: Sequen
      "cpu_self_ms_per_step", "loss_last"}. A breakdown has wall_ms, busy_ms, idle_ms, idle_frac, lead/gaps/tail_ms,
     gap_buckets_ms, categories_ms, kernel_sum_ms, overlap_ms, kernels (see `window_breakdown`). Without device
     kernels in the trace (a CPU run) busy/idle and the split are None and only the wall time and the CPU op table
-    are reported.
+    are reported. `step_fn(i)`, when given, is the whole optimizer step on batch i instead (a `CudaGraphTrainStep`
+    call: `loss_fn` and `opt` are then unused).
     """
     from torch.profiler import ProfilerActivity, profile, record_function
 
@@ -233,6 +234,8 @@ def profile_full_step(model: torch.nn.Module, loss_fn: Callable, batches: Sequen
     sync = torch.cuda.synchronize if cuda else (lambda: None)
 
     def step(i: int) -> torch.Tensor:
+        if step_fn is not None:
+            return step_fn(i)
         loss = loss_fn(model, batches[i % len(batches)])
         loss.backward()
         opt.step()
