@@ -333,7 +333,8 @@ def section_train(args, res: dict, config, *, batches_for) -> None:
                 rows.append(r)
                 if do_full and not ckpt and variant in GRAPH_STEP_VARIANTS and not deadline.over():
                     full_profiles[name] = guard(res, f"full profile {name}", profile_graph_step_case, ours, data,
-                                                out / f"profile_full_{variant}_ckpt_off.txt", impl=opts.lm_loss_impl)
+                                                out / f"profile_full_{variant.replace('+', '_')}_ckpt_off.txt",
+                                                impl=opts.lm_loss_impl)
                 if do_full and not ckpt and variant in ("default", "graphs") and not deadline.over():
                     # the timed configuration as it stands: checkpointing off, the fast paths still applied
                     loss = lambda m, b, impl=opts.lm_loss_impl: ours_loss(m, b, fast=True, impl=impl)  # noqa: E731
