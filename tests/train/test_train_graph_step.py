@@ -146,3 +146,14 @@ def test_steps_train_like_the_plain_loop(flags):
         for (name, p_ref), p in zip(ref.named_parameters(), ours.parameters()):
             torch.testing.assert_close(p, p_ref, rtol=1e-4, atol=1e-6, msg=name)
     assert step.steps == {"eager": 3, "captured": 0, "replayed": 0}
+
+
+def test_replay_refuses_a_changed_float_learning_rate(model):
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    step = CudaGraphTrainStep(model, opt)
+    step.check_lr_unchanged([1e-3])
+    opt.param_groups[0]["lr"] = 5e-4  # what a scheduler does
+    with pytest.raises(ValueError, match="param group 0: the learning rate changed from 0.001 to 0.0005"):
+        step.check_lr_unchanged([1e-3])
+    opt.param_groups[0]["lr"] = torch.tensor(5e-4)  # a tensor lr is read by the graph at every replay
+    step.check_lr_unchanged([torch.tensor(1e-3)])

@@ -81,6 +81,7 @@ class _Graph:
     inputs: dict[str, torch.Tensor | None]
     loss: torch.Tensor
     grad_norm: torch.Tensor | None
+    lrs: list  # each param group's lr at capture time (a float lr is baked into the graph)
 
 
 def _signature(batch: dict[str, Any]) -> tuple:
@@ -210,7 +211,17 @@ class CudaGraphTrainStep:
         logger.info("captured a CUDA-graph training step for signature %s (capacity %d, causal-only %s)",
                     plan.key[0], plan.capacity, plan.causal_only)
         self.steps["captured"] += 1
-        return _Graph(graph, static, loss, norm)
+        return _Graph(graph, static, loss, norm, [g["lr"] for g in self.optimizer.param_groups])
+
+    def check_lr_unchanged(self, lrs: list) -> None:
+        """A float learning rate is a constant of the captured graph: refuse to replay after it changed (a scheduler
+        must update a tensor lr in place instead)."""
+        for i, (then, group) in enumerate(zip(lrs, self.optimizer.param_groups)):
+            now = group["lr"]
+            if not isinstance(now, torch.Tensor) and (isinstance(then, torch.Tensor) or now != then):
+                raise ValueError(f"param group {i}: the learning rate changed from {then} to {now} after the step was "
+                                 "captured; a float lr is baked into the CUDA graph. Build the optimizer with a tensor "
+                                 "lr (lr=torch.tensor(lr, device='cuda')) and update it in place (lr.fill_(new)).")
 
     def __call__(self, batch: dict[str, Any], what: str = "batch") -> torch.Tensor:
         plan = self.plan(batch, what)
@@ -223,6 +234,7 @@ class CudaGraphTrainStep:
                 return self._eager(batch, plan)
             entry = self._graphs[plan.key] = self._capture(batch, plan)
         else:
+            self.check_lr_unchanged(entry.lrs)
             for name, tensor in entry.inputs.items():
                 if tensor is not None:
                     tensor.copy_(batch[name], non_blocking=True)
