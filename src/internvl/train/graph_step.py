@@ -154,8 +154,7 @@ class CudaGraphTrainStep:
             error = self._inner.image_token_mismatch(n_tokens, tiles, what)
             if error is not None:
                 raise error
-        rest = (padding, packing)
-        causal_only = self._sdpa and all(v == 0 for v in rest)
+        causal_only = self._sdpa and padding == 0 and packing == 0
         capacity = max(1, -(-supervised // self.supervised_bucket) * self.supervised_bucket)
         return StepPlan(key=(_signature(batch), capacity, causal_only), capacity=capacity, causal_only=causal_only)
 
