@@ -157,3 +157,15 @@ def test_replay_refuses_a_changed_float_learning_rate(model):
         step.check_lr_unchanged([1e-3])
     opt.param_groups[0]["lr"] = torch.tensor(5e-4)  # a tensor lr is read by the graph at every replay
     step.check_lr_unchanged([torch.tensor(1e-3)])
+
+
+def test_route_eager_then_capture_then_replay_within_max_graphs(model):
+    step = CudaGraphTrainStep(model, torch.optim.AdamW(model.parameters()), eager_steps=2, max_graphs=2)
+    seen = []
+    for key in ["a", "a", "b", "a", "a", "b", "b", "c", "c", "c", "b"]:
+        how = step.route(key)
+        if how == "capture":
+            step._graphs[key] = object()  # what __call__ stores after capturing
+        seen.append(how)
+    assert seen == ["eager", "eager", "eager", "capture", "replay", "eager", "capture", "eager", "eager", "eager",
+                    "replay"]  # "c" stays eager: two graphs already exist

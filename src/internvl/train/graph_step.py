@@ -222,17 +222,25 @@ class CudaGraphTrainStep:
                                  "captured; a float lr is baked into the CUDA graph. Build the optimizer with a tensor "
                                  "lr (lr=torch.tensor(lr, device='cuda')) and update it in place (lr.fill_(new)).")
 
+    def route(self, key: tuple) -> str:
+        """How a batch of signature `key` runs: "replay" (its graph exists), "capture" (its first sighting after
+        `eager_steps` eager ones, while fewer than `max_graphs` graphs exist) or "eager". Counts the sighting."""
+        if key in self._graphs:
+            return "replay"
+        self._seen[key] = seen = self._seen.get(key, 0) + 1
+        return "eager" if seen <= self.eager_steps or len(self._graphs) >= self.max_graphs else "capture"
+
     def __call__(self, batch: dict[str, Any], what: str = "batch") -> torch.Tensor:
         plan = self.plan(batch, what)
         if not self._cuda:
             return self._eager(batch, plan)
-        entry = self._graphs.get(plan.key)
-        if entry is None:
-            self._seen[plan.key] = seen = self._seen.get(plan.key, 0) + 1
-            if seen <= self.eager_steps or len(self._graphs) >= self.max_graphs:
-                return self._eager(batch, plan)
+        how = self.route(plan.key)
+        if how == "eager":
+            return self._eager(batch, plan)
+        if how == "capture":
             entry = self._graphs[plan.key] = self._capture(batch, plan)
         else:
+            entry = self._graphs[plan.key]
             self.check_lr_unchanged(entry.lrs)
             for name, tensor in entry.inputs.items():
                 if tensor is not None:
