@@ -8,31 +8,18 @@ Prints milliseconds per call as JSON. Run 16 (docs/performance.md): cuDNN is the
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from internvl.bench.runtime import cuda_milliseconds
 
 CASES = {
     "llm_causal_gqa": {"batch": 8, "q_heads": 32, "kv_heads": 4, "tokens": 1024, "head_dim": 64, "causal": True},
     "vit_full": {"batch": 8, "q_heads": 16, "kv_heads": 16, "tokens": 1025, "head_dim": 64, "causal": False},
 }
 BACKENDS = (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION)
-
-
-def milliseconds(fn: Callable[[], object], n: int = 20) -> float:
-    """Mean CUDA time of `fn` over `n` calls after 3 warm-up calls."""
-    for _ in range(3):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(n):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / n
 
 
 def time_case(case: dict, backend: SDPBackend, gqa: str) -> dict:
@@ -49,8 +36,8 @@ def time_case(case: dict, backend: SDPBackend, gqa: str) -> dict:
         return F.scaled_dot_product_attention(q, keys, values, is_causal=case["causal"], **kwargs)
 
     with sdpa_kernel([backend]):
-        return {"fwd_ms": round(milliseconds(forward), 4),
-                "fwd+bwd_ms": round(milliseconds(lambda: torch.autograd.grad(forward(), (q, k, v), grad)), 4)}
+        return {"fwd_ms": round(cuda_milliseconds(forward), 4),
+                "fwd+bwd_ms": round(cuda_milliseconds(lambda: torch.autograd.grad(forward(), (q, k, v), grad)), 4)}
 
 
 def main() -> None:

@@ -11,10 +11,11 @@ the input gradient and the weight gradient, in bf16, under `torch.backends.cuda.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+
+from internvl.bench.runtime import cuda_milliseconds
 
 #: name -> (rows, in features, out features, bias, layers)
 LAYERS = {
@@ -27,20 +28,6 @@ LAYERS = {
     "llm.gate_up": (8192, 2048, 11264, False, 22),
     "llm.down": (8192, 5632, 2048, False, 22),
 }
-
-
-def milliseconds(fn: Callable[[], object], n: int = 20) -> float:
-    """Mean CUDA time of `fn` over `n` calls after 3 warm-up calls."""
-    for _ in range(3):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(n):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / n
 
 
 def main() -> None:
@@ -58,7 +45,7 @@ def main() -> None:
         for library in totals:
             torch.backends.cuda.preferred_blas_library(library)
             for product, fn in products.items():
-                ms = milliseconds(fn)
+                ms = cuda_milliseconds(fn)
                 res.setdefault(f"{name}/{product}", {})[library] = {"ms": round(ms, 4),
                                                                    "tflops": round(flops / ms / 1e9, 1)}
                 totals[library] += ms * layers

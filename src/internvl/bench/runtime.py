@@ -49,3 +49,17 @@ def free(*, reset_compiled: bool = False) -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def cuda_milliseconds(fn, n: int = 20, warmup: int = 3) -> float:
+    """Mean CUDA time in milliseconds of `fn()` over `n` calls after `warmup` calls (CUDA events; warm caches)."""
+    for _ in range(warmup):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(n):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / n
