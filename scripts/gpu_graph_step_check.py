@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         set_checkpointing,
         set_fast,
     )
+    from internvl.bench.train_profile import bench_optimizer
     from internvl.model import load_preset
     from internvl.train.graph_step import CudaGraphTrainStep
 
@@ -75,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
 
     curves: dict[str, list[float]] = {}
     model = build()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.0, fused=True)
+    opt = bench_optimizer(model)
     curves["plain"] = []
     for i in range(args.steps):
         loss = ours_loss(model, data[i % len(data)], fast=True)
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.cuda.empty_cache()
 
     model = build()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.0, fused=True, capturable=True)
+    opt = bench_optimizer(model, capturable=True)
     step = CudaGraphTrainStep(model, opt)
     curves["graph"] = [float(step(graph_step_batch(data[i % len(data)]))) for i in range(args.steps)]
     rel = max(abs(a - b) / max(abs(a), 1e-12) for a, b in zip(curves["plain"], curves["graph"]))

@@ -23,7 +23,12 @@ from ..ops.train_speedups import (
 from .batches import Batch
 from .flops import ModelShape, mfu, shape_of, train_step_flops
 from .runtime import Deadline, free, guard
-from .train_profile import profile_case, profile_full_step, summary_line
+from .train_profile import (
+    bench_optimizer,
+    profile_case,
+    profile_full_step,
+    summary_line,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -43,9 +48,9 @@ TRAIN_VARIANTS: dict[str, tuple[TrainSpeedups, str]] = {
     "maxtune": (TrainSpeedups(compile_mode="max-autotune-no-cudagraphs"), "default, inductor max-autotune GEMMs"),
     "graphstep": (TrainSpeedups(), "default, the whole step (forward, loss, backward, AdamW) replayed as one CUDA "
                   "graph (`internvl.train.graph_step.CudaGraphTrainStep`)"),
+    "graphstep+cdt": (TrainSpeedups(compile_options={"coordinate_descent_tuning": True}),
+                      "graphstep, inductor's coordinate-descent tuning of the layers' fused kernels"),
 }
-TRAIN_VARIANTS["graphstep+cdt"] = (TrainSpeedups(compile_options={"coordinate_descent_tuning": True}),
-                                   "graphstep, inductor's coordinate-descent tuning of the layers' fused kernels")
 #: variants whose loop is `CudaGraphTrainStep` instead of loss / backward / step.
 GRAPH_STEP_VARIANTS = frozenset({"graphstep", "graphstep+cdt"})
 
@@ -131,9 +136,7 @@ def profile_graph_step_case(model, batches: list[Batch], path: Path, *, impl: st
     and the capture are the unprofiled warm-up)."""
     from ..train.graph_step import CudaGraphTrainStep
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    cuda = params[0].is_cuda
-    opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0, fused=cuda, capturable=cuda)
+    opt = bench_optimizer(model, capturable=True)
     stepper = CudaGraphTrainStep(model, opt, impl=impl)
     try:
         return profile_full_step(model, None, batches, opt, path, warmup=stepper.eager_steps + 1,
@@ -157,9 +160,8 @@ def run_train_case(name: str, model, loss_fn, batches: list[Batch], *, shape: Mo
     set_checkpointing(model, ckpt)
     prepared = prepare(model) if prepare is not None else None
     model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    cuda = params[0].is_cuda
-    opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0, fused=cuda, capturable=graph_step and cuda)
+    cuda = next(model.parameters()).is_cuda
+    opt = bench_optimizer(model, capturable=graph_step)
     stepper = CudaGraphTrainStep(model, opt, impl=impl) if graph_step else None
 
     def one_step(b: Batch) -> torch.Tensor:
@@ -337,7 +339,7 @@ def section_train(args, res: dict, config, *, batches_for) -> None:
                                                 impl=opts.lm_loss_impl)
                 if do_full and not ckpt and variant in ("default", "graphs") and not deadline.over():
                     # the timed configuration as it stands: checkpointing off, the fast paths still applied
-                    loss = lambda m, b, impl=opts.lm_loss_impl: ours_loss(m, b, fast=True, impl=impl)  # noqa: E731
+                    loss = lambda m, b, impl=opts.lm_loss_impl: ours_loss(m, b, fast=True, impl=impl)
                     full_profiles[name] = guard(res, f"full profile {name}", profile_case, ours, loss, data,
                                                 out / f"profile_full_{variant}_ckpt_off.txt")
             if do_profile and ckpt and variant in ("s1", "default") and not deadline.over():

@@ -277,12 +277,18 @@ def profile_full_step(model: torch.nn.Module, loss_fn: Callable, batches: Sequen
     return result
 
 
+def bench_optimizer(model: torch.nn.Module, *, capturable: bool = False) -> torch.optim.Optimizer:
+    """The benchmark's optimizer: AdamW (lr 1e-5, no weight decay) over the trainable parameters, fused on CUDA;
+    `capturable` (CUDA only) for steps replayed as a CUDA graph."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    cuda = params[0].is_cuda
+    return torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0, fused=cuda, capturable=capturable and cuda)
+
+
 def profile_case(model: torch.nn.Module, loss_fn: Callable, batches: Sequence, path: str | Path, *,
                  steps: int = 3, warmup: int = 1) -> dict:
-    """`profile_full_step` with a fresh AdamW (lr 1e-5, fused on CUDA: the benchmark's and trainer's optimizer)
-    over the trainable parameters; the optimizer and the gradients are dropped afterwards."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0, fused=params[0].is_cuda)
+    """`profile_full_step` with a fresh `bench_optimizer`; the optimizer and the gradients are dropped afterwards."""
+    opt = bench_optimizer(model)
     try:
         return profile_full_step(model, loss_fn, batches, opt, path, steps=steps, warmup=warmup)
     finally:

@@ -147,60 +147,56 @@ class InternVLChatModel(ChatMixin, PreTrainedModel):
             )
         return int(self.img_context_token_id)
 
-    def _mismatch(self, n_tokens: int, n_features: int, tiles: object, what: str = "") -> ImageTokenMismatchError:
-        """The one error for a count of `<IMG_CONTEXT>` tokens that differs from the image features given."""
+    def image_token_mismatch(self, n_tokens: int, real_tiles: int, what: str = "") -> ImageTokenMismatchError | None:
+        """The image-token count check, from counts already on the host: None when `n_tokens` `<IMG_CONTEXT>` tokens
+        match `real_tiles` (image_flags == 1) x num_image_token, else the error to raise (prefixed by `what`)."""
+        n_features = real_tiles * self.num_image_token
+        if n_tokens == n_features:
+            return None
         prefix = f"{what}: " if what else ""
         return ImageTokenMismatchError(
             f"{prefix}input_ids hold {n_tokens} <IMG_CONTEXT> tokens (id {self._require_img_context_id()}) but the "
-            f"images give {n_features} features ({tiles} tiles x {self.num_image_token}); were image tokens truncated "
-            "by max_seq_length, or do num_patches_list / image_flags not match the prompt?"
+            f"images give {n_features} features ({real_tiles} tiles x {self.num_image_token}); were image tokens "
+            "truncated by max_seq_length, or do num_patches_list / image_flags not match the prompt?"
         )
 
-    def image_token_mismatch(self, n_tokens: int, real_tiles: int, what: str = "") -> ImageTokenMismatchError | None:
-        """Host-side check for `forward(..., sync_free=True)`, from counts the caller read: None when `n_tokens`
-        `<IMG_CONTEXT>` tokens match `real_tiles` (image_flags == 1) x num_image_token, else the error to raise."""
-        if n_tokens == real_tiles * self.num_image_token:
-            return None
-        return self._mismatch(n_tokens, real_tiles * self.num_image_token, real_tiles, what)
-
     def merge_image_embeddings(
-        self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor, vit_embeds: torch.Tensor
-    ) -> torch.Tensor:
-        """Overwrite the `<IMG_CONTEXT>` positions of inputs_embeds [B,L,H] by vit_embeds [T,N,H], in order.
-
-        Raises `ImageTokenMismatchError` when the count of context tokens is not T*N (e.g. image tokens cut off by
-        max_seq_length, or a wrong number of tiles) instead of silently training on partial features.
-        """
-        token_id = self._require_img_context_id()
-        mask = input_ids == token_id
-        n_tokens = int(mask.sum())
-        features = vit_embeds.reshape(-1, vit_embeds.shape[-1])
-        if n_tokens != features.shape[0]:
-            raise self._mismatch(n_tokens, features.shape[0], vit_embeds.shape[0] if vit_embeds.ndim == 3 else "?")
-        features = features.to(device=inputs_embeds.device, dtype=inputs_embeds.dtype)
-        return inputs_embeds.masked_scatter(mask.unsqueeze(-1).to(inputs_embeds.device), features)
-
-    def merge_image_embeddings_sync_free(
         self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor, vit_all: torch.Tensor,
-        image_flags: torch.Tensor | None,
+        image_flags: torch.Tensor | None = None, *, check: bool = True,
     ) -> torch.Tensor:
-        """`merge_image_embeddings` without host syncs or data-dependent shapes (CUDA-graph capture).
+        """Overwrite the `<IMG_CONTEXT>` positions of inputs_embeds [B,L,H] by the features of the real tiles of
+        vit_all [T,N,H] (image_flags [T] == 1; all tiles when None), in order. Returns [B,L,H].
 
-        The k-th `<IMG_CONTEXT>` position takes the k-th feature of the real tiles (image_flags == 1, in order): real
-        tiles are moved first by a stable sort of the flags, and each position gathers row cumsum(mask) - 1. Every
-        tensor has a static shape, so nothing is read back; the counts are NOT checked here: the caller checks them
-        on the host first (`image_token_mismatch`). Dummy tiles still touch the vision parameters with weight 0.
-        vit_all [T,N,H] (all tiles), image_flags [T] or None; returns [B,L,H].
+        `check` reads the two counts back to the host once and raises `ImageTokenMismatchError` when the context tokens
+        are not (real tiles) x N (e.g. image tokens cut off by max_seq_length, or a wrong number of tiles) instead of
+        silently training on partial features. `check=False` (`forward(..., sync_free=True)`, CUDA-graph capture)
+        reads nothing back; the caller has checked the counts on the host (`image_token_mismatch`).
+
+        The merge itself has static shapes: real tiles are moved first by a stable sort of the flags, and the k-th
+        context position gathers feature row cumsum(mask) - 1. Dummy tiles (text-only samples) still touch every
+        vision/projector parameter with weight 0, so DDP/ZeRO-3 see the same parameters used on every rank.
         """
         token_id = self._require_img_context_id()
         mask = (input_ids == token_id).to(inputs_embeds.device)
-        features = vit_all
+        dummy = None
         if image_flags is not None:
-            dummy = (image_flags.reshape(-1).to(vit_all.device) != 1)
+            dummy = image_flags.reshape(-1).to(vit_all.device) != 1
+            if dummy.shape[0] != vit_all.shape[0]:
+                raise ValueError(f"image_flags has {dummy.shape[0]} entries for {vit_all.shape[0]} tiles")
+        if check:
+            real_tiles = (~dummy).sum() if dummy is not None else torch.tensor(vit_all.shape[0])
+            n_tokens, n_real = torch.stack([mask.sum(), real_tiles.to(mask.device)]).tolist()
+            error = self.image_token_mismatch(n_tokens, n_real)
+            if error is not None:
+                raise error
+        features = vit_all
+        if dummy is not None:
             features = vit_all.index_select(0, torch.argsort(dummy.to(torch.int8), stable=True))
             unused = (vit_all * dummy.to(vit_all.dtype)[:, None, None]).sum() * 0.0
             inputs_embeds = inputs_embeds + unused.to(inputs_embeds.device, inputs_embeds.dtype)
         features = features.reshape(-1, features.shape[-1]).to(device=inputs_embeds.device, dtype=inputs_embeds.dtype)
+        if features.shape[0] == 0:
+            return inputs_embeds
         row = (mask.reshape(-1).cumsum(0) - 1).clamp(0, features.shape[0] - 1)
         gathered = features.index_select(0, row).reshape(inputs_embeds.shape)
         return torch.where(mask.unsqueeze(-1), gathered, inputs_embeds)
@@ -220,20 +216,7 @@ class InternVLChatModel(ChatMixin, PreTrainedModel):
         if visual_features is None and pixel_values is None:
             return inputs_embeds
         vit_all = visual_features if visual_features is not None else self.extract_feature(pixel_values)
-        if sync_free:
-            return self.merge_image_embeddings_sync_free(input_ids, inputs_embeds, vit_all, image_flags)
-        if image_flags is None:
-            return self.merge_image_embeddings(input_ids, inputs_embeds, vit_all)
-        flags = image_flags.reshape(-1).to(vit_all.device)
-        if flags.shape[0] != vit_all.shape[0]:
-            raise ValueError(f"image_flags has {flags.shape[0]} entries for {vit_all.shape[0]} tiles")
-        keep = flags == 1
-        inputs_embeds = self.merge_image_embeddings(input_ids, inputs_embeds, vit_all[keep])
-        if not bool(keep.all()):
-            # Dummy tiles (text-only samples) still touch every vision/projector parameter with zero weight, so
-            # DDP/ZeRO-3 see the same parameters used on every rank.
-            inputs_embeds = inputs_embeds + 0.0 * vit_all[~keep].sum().to(inputs_embeds.device, inputs_embeds.dtype)
-        return inputs_embeds
+        return self.merge_image_embeddings(input_ids, inputs_embeds, vit_all, image_flags, check=not sync_free)
 
     # ----- training / scoring -----
     def forward(

@@ -68,11 +68,16 @@ def causal_only_sdpa_masks() -> Iterator[None]:
 
 @dataclasses.dataclass(frozen=True)
 class StepPlan:
-    """What the host decided for one batch: its graph key, the supervised-row capacity, plain causal rows or not."""
+    """What the host decided for one batch: its tensors' signature, the supervised-row capacity, plain causal rows or
+    not. All three key its graph."""
 
-    key: tuple
+    signature: tuple
     capacity: int
     causal_only: bool
+
+    @property
+    def key(self) -> tuple:
+        return (self.signature, self.capacity, self.causal_only)
 
 
 @dataclasses.dataclass
@@ -105,8 +110,7 @@ class CudaGraphTrainStep:
         self.supervised_bucket, self.eager_steps, self.max_graphs = supervised_bucket, eager_steps, max_graphs
         self.max_grad_norm = max_grad_norm
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
-        inner = getattr(model, "module", model)
-        self._inner = inner
+        self._inner = inner = getattr(model, "module", model)  # DDP-style wrappers
         self._sdpa = getattr(getattr(inner, "language_model", inner).config, "_attn_implementation", None) == "sdpa"
         self._cuda = bool(self.params) and self.params[0].is_cuda
         if self._cuda and max_graphs and not all(g.get("capturable", False) for g in optimizer.param_groups):
@@ -156,7 +160,7 @@ class CudaGraphTrainStep:
                 raise error
         causal_only = self._sdpa and padding == 0 and packing == 0
         capacity = max(1, -(-supervised // self.supervised_bucket) * self.supervised_bucket)
-        return StepPlan(key=(_signature(batch), capacity, causal_only), capacity=capacity, causal_only=causal_only)
+        return StepPlan(signature=_signature(batch), capacity=capacity, causal_only=causal_only)
 
     # ----- the step body -----
     def _body(self, batch: dict[str, Any], plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -206,9 +210,9 @@ class CudaGraphTrainStep:
             raise RuntimeError(f"capturing the training step failed ({exc}); something in the forward reads a value "
                                "back to the host or changes shape with the data. Run without the CUDA-graph step "
                                "(or with max_graphs=0) and report the batch signature: "
-                               f"{plan.key[0]}") from exc
+                               f"{plan.signature}") from exc
         logger.info("captured a CUDA-graph training step for signature %s (capacity %d, causal-only %s)",
-                    plan.key[0], plan.capacity, plan.causal_only)
+                    plan.signature, plan.capacity, plan.causal_only)
         self.steps["captured"] += 1
         return _Graph(graph, static, loss, norm, [g["lr"] for g in self.optimizer.param_groups])
 
