@@ -30,6 +30,7 @@ import torch
 from internvl.constants import IMG_CONTEXT_TOKEN
 from internvl.model import InternVLChatModel, load_preset
 from internvl.model.loading import count_parameters, load_pretrained
+from internvl.tokenization import save_tokenizer
 
 
 def sync(device: str) -> None:
@@ -190,7 +191,7 @@ def parity_check(model: InternVLChatModel, tokenizer, device: str) -> dict:
 
 def device_map_check(model, tokenizer, ckpt: Path, device: str) -> dict:
     model.save_pretrained(ckpt, max_shard_size="1GB")
-    tokenizer.save_pretrained(ckpt)
+    save_tokenizer(tokenizer, ckpt)
     pixel_values, ids, _, _ = batch(model, tokenizer, 1, 384, device)
     with torch.no_grad():
         ref = model(pixel_values=pixel_values, input_ids=ids).logits.float().cpu()

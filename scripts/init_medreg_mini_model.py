@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from internvl.constants import IMG_CONTEXT_TOKEN
     from internvl.model import InternVLChatConfig, InternVLChatModel
-    from internvl.tokenization import load_tokenizer, train_sentencepiece_tokenizer
+    from internvl.tokenization import load_tokenizer, save_tokenizer, train_sentencepiece_tokenizer
 
     args.out.mkdir(parents=True, exist_ok=True)
     train_sentencepiece_tokenizer(training_texts(args.data), args.out, vocab_size=args.vocab_size,
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     model = InternVLChatModel(config)
     model.img_context_token_id = tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN)
     model.save_pretrained(args.out, safe_serialization=True)
-    tokenizer.save_pretrained(args.out)
+    save_tokenizer(tokenizer, args.out)
     n = sum(p.numel() for p in model.parameters())
     print(json.dumps({"out": str(args.out), "parameters": n, "vocab": len(tokenizer),
                       "num_image_token": model.num_image_token}))

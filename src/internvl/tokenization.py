@@ -1,15 +1,26 @@
-"""Tokenizer helpers: InternVL's special tokens, embedding resize, local loading, and a tiny SentencePiece builder.
+"""Tokenizer helpers: InternVL's special tokens, embedding resize, local loading and saving, answer decoding.
 
 * :data:`SPECIAL_TOKENS` are the nine tokens InternVL adds at fine-tune time (``tokenizer.add_tokens(...,
-  special_tokens=True)``). Being *special* matters twice: each is one id (the model finds ``<IMG_CONTEXT>`` by id), and
-  ``decode(skip_special_tokens=True)`` drops them, which is why MedRegA answers come back as ``name[[x1, y1, x2, y2]]``.
-* :func:`add_special_tokens` also grows the LLM embeddings; new rows are the mean of the existing rows, for the input
-  *and* the output matrix (the original set only the output rows and left the input rows at the resize default; the
-  mean is a better start for both and makes the result deterministic).
+  special_tokens=True)``); each must be one id (the model finds ``<IMG_CONTEXT>`` by id). Whether a tokenizer file
+  flags them ``special`` differs between checkpoints (the bundled model: no; InternVL-Chat-V1-2: yes), and that flag
+  decides what ``decode(skip_special_tokens=True)`` drops, so answers are never decoded that way: see below.
+* :func:`decode_answer` is the toolkit's one answer-decoding policy (chat, batch_chat, ``medrega-eval run``, demo): it
+  keeps the region tags ``<ref> </ref> <box> </box>`` and removes every other control token (ChatML template tokens,
+  bos/eos/pad/unk, image tokens, ``<quad>``), whatever the file's flags say. Users see ``<ref>a</ref><box>[[..]]</box>``,
+  which the demo and the evaluator parse unambiguously; ``--compat medrega`` strips the tags before scoring.
+* :func:`add_special_tokens` adds the tokens that are missing (as special tokens, like the original) and leaves those
+  already present as they are, flags included, so a fine-tuned tokenizer behaves like its source. It also grows the
+  LLM embeddings; new rows are the mean of the existing rows, for the input *and* the output matrix (the original set
+  only the output rows and left the input rows at the resize default; the mean is a better start for both and makes
+  the result deterministic).
 * :func:`load_tokenizer` opens a local directory only (``local_files_only=True``, never ``trust_remote_code``). A
   SentencePiece ``tokenizer.model`` of the Llama family (Yi / Nous-Hermes-2-Yi, whose ``tokenizer_class`` is
   ``LlamaTokenizer`` or the remote ``YiTokenizer``) is loaded as transformers' ``LlamaTokenizer``; transformers 5.x
   converts the SentencePiece model to a ``tokenizers`` backend on load (needs ``sentencepiece`` + ``protobuf``).
+* :func:`save_tokenizer` is the one way the toolkit writes a tokenizer (run directories, checkpoints, merged models):
+  ``save_pretrained`` plus the SentencePiece files of the source (``tokenizer.model``, ``added_tokens.json``,
+  ``special_tokens_map.json``), then a reload through :func:`load_tokenizer` that must behave identically
+  (:func:`tokenizer_behaviour`), else :class:`TokenizerError`.
 * :func:`train_sentencepiece_tokenizer` writes such a directory from a few sentences (test fixtures, the bundled tiny
   model): a byte-fallback SentencePiece model with Yi's ChatML tokens as user-defined pieces and the nine InternVL tokens
   as added special tokens after the base vocabulary, like InternVL-Chat-V1-2's ``added_tokens.json``.
@@ -18,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -26,6 +38,7 @@ import torch
 from internvl.constants import (
     BOX_END,
     BOX_START,
+    CHATML_TOKENS,
     ENDOFTEXT_TOKEN,
     IM_END_TOKEN,
     IM_SEP_TOKEN,
@@ -41,8 +54,13 @@ from internvl.constants import (
 
 __all__ = [
     "SPECIAL_TOKENS",
+    "REGION_TAGS",
     "TokenizerError",
     "add_special_tokens",
+    "decode_answer",
+    "save_tokenizer",
+    "tokenizer_behaviour",
+    "PROBE_TEXTS",
     "resize_embeddings_mean",
     "load_tokenizer",
     "train_sentencepiece_tokenizer",
@@ -60,6 +78,14 @@ SPECIAL_TOKENS: tuple[str, ...] = (
     REF_END,
     BOX_START,
     BOX_END,
+)
+
+# The tags answers keep (decode_answer); every other token of SPECIAL_TOKENS is a control token.
+REGION_TAGS: tuple[str, ...] = (REF_START, REF_END, BOX_START, BOX_END)
+
+# Control tokens removed from answers even when a tokenizer file does not flag them special.
+_CONTROL_TOKENS: tuple[str, ...] = (
+    *(tok for tok in SPECIAL_TOKENS if tok not in REGION_TAGS), *CHATML_TOKENS, "<|startoftext|>",
 )
 
 _LLAMA_FAMILY = {None, "LlamaTokenizer", "LlamaTokenizerFast", "YiTokenizer", "PreTrainedTokenizerFast"}
@@ -105,9 +131,16 @@ def resize_embeddings_mean(model: torch.nn.Module, new_size: int) -> int:
 
 
 def add_special_tokens(tokenizer, model: torch.nn.Module | None = None) -> int:
-    """Add :data:`SPECIAL_TOKENS` as special tokens (no-op for those already present) and, if ``model`` is given, grow
-    its embeddings to ``len(tokenizer)`` with mean rows. Returns the number of tokens added to the tokenizer."""
-    added = tokenizer.add_tokens(list(SPECIAL_TOKENS), special_tokens=True)
+    """Add the :data:`SPECIAL_TOKENS` the tokenizer lacks as special tokens and, if ``model`` is given, grow its
+    embeddings to ``len(tokenizer)`` with mean rows. Returns the number of tokens that were new.
+
+    Tokens already present (for example from ``added_tokens.json``) are left untouched, their ``special`` flag
+    included: re-adding them would flip the flag and change what the tokenizer decodes, so a fine-tuned model's
+    tokenizer would no longer match the one it came from.
+    """
+    vocab = tokenizer.get_vocab()
+    missing = [tok for tok in SPECIAL_TOKENS if tok not in vocab]
+    added = tokenizer.add_tokens(missing, special_tokens=True) if missing else 0
     check_single_token_ids(tokenizer, SPECIAL_TOKENS)
     if model is not None:
         resize_embeddings_mean(model, len(tokenizer))
@@ -134,6 +167,7 @@ def load_tokenizer(path: str | os.PathLike, *, model_max_length: int | None = No
     :class:`TokenizerError` for a missing directory or one transformers cannot read.
     """
     from transformers import AutoTokenizer, LlamaTokenizer
+    from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
 
     directory = Path(path)
     if not directory.is_dir():
@@ -151,9 +185,127 @@ def load_tokenizer(path: str | os.PathLike, *, model_max_length: int | None = No
     try:
         if (directory / "tokenizer.model").is_file() and tokenizer_class in _LLAMA_FAMILY:
             return LlamaTokenizer.from_pretrained(str(directory), **kwargs)
+        # A named class is opened directly: AutoTokenizer would read the directory's model config.json and warn that
+        # an `internvl_chat` config is used for a model of type ``.
+        named = tokenizer_class_from_name(tokenizer_class) if tokenizer_class else None
+        if named is not None:
+            return named.from_pretrained(str(directory), **kwargs)
         return AutoTokenizer.from_pretrained(str(directory), trust_remote_code=False, **kwargs)
     except (OSError, ValueError, ImportError) as exc:
         raise TokenizerError(f"{directory}: cannot load tokenizer: {exc}") from exc
+
+
+# Texts whose ids and decodings must survive save -> load: template tokens, image tokens, region text (one and several
+# objects), Chinese, <quad>, eos.
+PROBE_TEXTS: tuple[str, ...] = (
+    "<|im_start|>system\nAnswer the questions.<|im_end|><|im_start|>user\n<img><IMG_CONTEXT><IMG_CONTEXT></img>\n"
+    "Please locate the brain.<|im_end|><|im_start|>assistant\n",
+    "<ref>brain</ref><box>[[230, 130, 802, 999]]</box>",
+    "<ref>cerebellar brain</ref><box>[[399, 999, 502, 999]]</box>, <ref>liver</ref><box>[[1, 2, 3, 4], "
+    "[5, 6, 7, 8]]</box><|im_end|>",
+    "请找出图中的<ref>肝脏</ref><box>[[10, 20, 300, 400]]</box>。<quad>x</quad> The <box>[[0, 0, 999, 999]]</box> "
+    "region.<|endoftext|>",
+)
+
+
+def tokenizer_behaviour(tokenizer, texts: Iterable[str] = PROBE_TEXTS) -> dict[str, object]:
+    """What a tokenizer does, as plain data to compare two tokenizers with ``==``: its size, added tokens with their
+    ``special`` flags, special-token map, and for each text the ids (with and without the tokenizer's own special
+    tokens), both ``skip_special_tokens`` decodings and :func:`decode_answer`."""
+    per_text = []
+    for text in texts:
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        per_text.append({
+            "text": text,
+            "ids": ids,
+            "ids_with_specials": tokenizer(text)["input_ids"],
+            "decode": tokenizer.decode(ids, skip_special_tokens=False),
+            "decode_skip_special": tokenizer.decode(ids, skip_special_tokens=True),
+            "answer": decode_answer(tokenizer, ids),
+        })
+    added = {int(i): (tok.content, bool(tok.special)) for i, tok in tokenizer.added_tokens_decoder.items()}
+    return {"size": len(tokenizer), "added_tokens": added, "special_tokens": dict(tokenizer.special_tokens_map),
+            "texts": per_text}
+
+
+def _first_difference(a: object, b: object, where: str = "") -> str:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b), key=str):
+            if a.get(key) != b.get(key):
+                return _first_difference(a.get(key), b.get(key), f"{where}.{key}")
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        for i, (x, y) in enumerate(zip(a, b)):
+            if x != y:
+                return _first_difference(x, y, f"{where}[{i}]")
+    return f"{where or 'value'}: {a!r} before saving, {b!r} after reloading"
+
+
+def save_tokenizer(tokenizer, out_dir: str | os.PathLike, *, verify: bool = True) -> Path:
+    """Write ``tokenizer`` to ``out_dir`` so that :func:`load_tokenizer` gives a tokenizer that behaves identically.
+
+    ``save_pretrained`` writes ``tokenizer.json`` + ``tokenizer_config.json`` only (transformers 5.x); a tokenizer that
+    came from a SentencePiece model also gets its ``tokenizer.model`` and an ``added_tokens.json`` (the tokens after
+    the SentencePiece vocabulary, the layout of InternVL-Chat-V1-2), and every tokenizer a ``special_tokens_map.json``,
+    so the directory has the files of the one it came from. With ``verify`` the directory is reloaded and compared
+    with :func:`tokenizer_behaviour`; a difference raises :class:`TokenizerError` naming it. Returns ``out_dir``.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(str(out))
+    vocab_file = getattr(tokenizer, "vocab_file", None) or tokenizer.init_kwargs.get("vocab_file")
+    if vocab_file and Path(vocab_file).is_file():
+        import sentencepiece as spm
+
+        target = out / "tokenizer.model"
+        if not (target.is_file() and target.samefile(vocab_file)):
+            shutil.copyfile(vocab_file, target)
+        base = spm.SentencePieceProcessor(model_file=str(target)).get_piece_size()
+        added = {tok.content: int(i) for i, tok in sorted(tokenizer.added_tokens_decoder.items()) if int(i) >= base}
+        _write_json(out / "added_tokens.json", added)
+    special_map = {key: str(value) for key, value in tokenizer.special_tokens_map.items() if isinstance(value, str)}
+    _write_json(out / "special_tokens_map.json", special_map)
+    if verify:
+        before, after = tokenizer_behaviour(tokenizer), tokenizer_behaviour(load_tokenizer(out))
+        if before != after:
+            raise TokenizerError(f"{out}: the saved tokenizer does not reload identically: "
+                                 f"{_first_difference(before, after)}")
+    return out
+
+
+def _write_json(path: Path, data: object) -> None:
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def _answer_drop_ids(tokenizer) -> set[int]:
+    """Ids :func:`decode_answer` removes: every special token and every known control token, except the region tags."""
+    drop = set(tokenizer.all_special_ids)
+    drop.update(int(i) for i, tok in tokenizer.added_tokens_decoder.items() if tok.special)
+    vocab = tokenizer.get_vocab()
+    drop.update(vocab[tok] for tok in _CONTROL_TOKENS if tok in vocab)
+    drop.difference_update(vocab[tok] for tok in REGION_TAGS if tok in vocab)
+    return drop
+
+
+def decode_answer(tokenizer, ids: Iterable[int] | torch.Tensor, *, separator: str | None = None) -> str:
+    """Decode generated ``ids`` into the answer users see: region tags kept, every other control token removed.
+
+    The toolkit's one decoding policy (``chat``, ``batch_chat``, ``medrega-eval run``, the demo). Kept:
+    ``<ref> </ref> <box> </box>``, so ``<ref>a</ref><box>[[..]]</box>, <ref>b</ref><box>[[..]]</box>`` stays
+    unambiguous for the parsers. Removed: the tokenizer's special tokens (bos/eos/pad/unk, ChatML template tokens) and
+    ``<img> </img> <IMG_CONTEXT> <quad> </quad>``. The result does not depend on whether a tokenizer file flags the
+    tags ``special``. With ``separator`` (the template's, e.g. ``<|im_end|>``) the answer ends before its first
+    occurrence, as id or as text. Leading/trailing whitespace is stripped.
+    """
+    ids = ids.tolist() if isinstance(ids, torch.Tensor) else [int(i) for i in ids]
+    if separator:
+        sep_id = tokenizer.get_vocab().get(separator)
+        if sep_id is not None and sep_id in ids:
+            ids = ids[: ids.index(sep_id)]
+    drop = _answer_drop_ids(tokenizer)
+    text = tokenizer.decode([i for i in ids if i not in drop], skip_special_tokens=False)
+    if separator:
+        text = text.split(separator)[0]
+    return text.strip()
 
 
 def train_sentencepiece_tokenizer(

@@ -6,7 +6,10 @@ Kept out of the modeling file so the network code stays about tensors.  Behaviou
   * each `<image>` becomes `<img>` + `<IMG_CONTEXT>` x (num_image_token x tiles) + `</img>`;
   * generation stops on the template's separator (`<|im_end|>`) and its other stop tokens (`<|endoftext|>`,
     `<|im_start|>`, `<|im_sep|>` for Hermes-2) when the tokenizer knows them as single tokens;
-  * the answer is decoded with `skip_special_tokens=True`, cut at the separator and stripped.
+  * the answer is decoded by `internvl.tokenization.decode_answer` (the toolkit's one policy): cut at the separator,
+    region tags `<ref> </ref> <box> </box>` kept, every other control token (template, eos/pad, image tokens) removed,
+    stripped. The original decoded with `skip_special_tokens=True`, which drops the tags too; `--compat medrega`
+    scoring strips them to see that form.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ from transformers import GenerationConfig
 from ..constants import IMAGE_PLACEHOLDER, IMG_CONTEXT_TOKEN
 from ..image_processing import expand_image_placeholders
 from ..templates import ChatTemplate, get_template
+from ..tokenization import decode_answer
 from .devices import execution_device
 
 DEFAULT_TEMPLATE = "Hermes-2"
@@ -111,8 +115,7 @@ class ChatMixin:
             attention_mask=inputs["attention_mask"].to(device),
             **_generation_kwargs(generation_config, stop_token_ids(tokenizer, template)),
         )
-        response = tokenizer.batch_decode(output, skip_special_tokens=True)[0]
-        response = response.split(template.sep.strip())[0].strip()
+        response = decode_answer(tokenizer, output[0], separator=template.sep.strip())
         history.append((question, response))
         return (response, history) if return_history else response
 
@@ -179,5 +182,4 @@ class ChatMixin:
             attention_mask=inputs["attention_mask"].to(device),
             **gen_kwargs,
         )
-        responses = tokenizer.batch_decode(output, skip_special_tokens=True)
-        return [r.split(template.sep.strip())[0].strip() for r in responses]
+        return [decode_answer(tokenizer, row, separator=template.sep.strip()) for row in output]

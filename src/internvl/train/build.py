@@ -16,7 +16,7 @@ from torch import nn
 
 from internvl.constants import IMG_CONTEXT_TOKEN
 from internvl.model import InternVLChatConfig, InternVLChatModel, load_preset
-from internvl.tokenization import add_special_tokens, load_tokenizer
+from internvl.tokenization import add_special_tokens, load_tokenizer, save_tokenizer
 from internvl.train.arguments import DataTrainingArguments, ModelArguments
 from internvl.train.lora import wrap_backbone_lora, wrap_llm_lora
 
@@ -171,7 +171,7 @@ def build_model_and_tokenizer(model_args: ModelArguments, data_args: DataTrainin
         if base_save_dir is None:
             raise ValueError("LoRA on a random-init preset needs a place to save the base weights (base_save_dir)")
         model.save_pretrained(str(base_save_dir))
-        tokenizer.save_pretrained(str(base_save_dir))
+        save_tokenizer(tokenizer, base_save_dir)
         base_dir = str(base_save_dir)
     apply_freezing(model, model_args)
     if model_args.grad_checkpoint:

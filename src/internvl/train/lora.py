@@ -178,7 +178,7 @@ def merge_lora_run(run_dir: str | os.PathLike, output_dir: str | os.PathLike, ba
     After saving, the checkpoint is reloaded and must have no missing or unexpected keys (`ValueError` otherwise).
     """
     from internvl.model import InternVLChatModel
-    from internvl.tokenization import load_tokenizer, resize_embeddings_mean
+    from internvl.tokenization import load_tokenizer, resize_embeddings_mean, save_tokenizer
 
     run = Path(run_dir)
     info_path = run / LORA_INFO_FILENAME
@@ -198,7 +198,7 @@ def merge_lora_run(run_dir: str | os.PathLike, output_dir: str | os.PathLike, ba
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out))
-    tokenizer.save_pretrained(str(out))
+    save_tokenizer(tokenizer, out)
     _, loading_info = InternVLChatModel.from_pretrained(str(out), dtype=dtype, output_loading_info=True)
     problems = {k: v for k, v in loading_info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys")
                 and v}

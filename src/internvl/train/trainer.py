@@ -28,6 +28,7 @@ from torch.utils.data import Sampler
 from transformers import Trainer, TrainerCallback
 
 from internvl.constants import IGNORE_INDEX
+from internvl.tokenization import save_tokenizer
 from internvl.ops import fused_head_supported
 from internvl.ops.train_speedups import (
     TrainSpeedups,
@@ -282,10 +283,16 @@ class MedRegTrainer(Trainer):
             dist.barrier()
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        """Full runs: original-layout `save_pretrained`. LoRA runs: PEFT adapters + other trained weights."""
-        if not has_lora(self.model):
-            return super()._save(output_dir, state_dict=state_dict)
+        """Full runs: original-layout `save_pretrained`. LoRA runs: PEFT adapters + other trained weights.
+
+        Both write the tokenizer with `internvl.tokenization.save_tokenizer` (Trainer's `save_pretrained` alone leaves
+        out the SentencePiece files and is not checked to reload identically)."""
         output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not has_lora(self.model):
+            super()._save(output_dir, state_dict=state_dict)
+            if self.args.should_save and self.processing_class is not None:
+                save_tokenizer(self.processing_class, output_dir)
+            return None
         if not self.args.should_save:
             return None
         os.makedirs(output_dir, exist_ok=True)
@@ -293,7 +300,7 @@ class MedRegTrainer(Trainer):
         if hasattr(self.model, "config"):
             self.model.config.save_pretrained(output_dir)
         if self.processing_class is not None:
-            self.processing_class.save_pretrained(output_dir)
+            save_tokenizer(self.processing_class, output_dir)
         return None
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
