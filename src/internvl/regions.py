@@ -10,8 +10,9 @@ MedRegA writes regions as text inside ordinary sentences::
 * A ``<box>`` may stand without a ``<ref>`` (Region-to-Text questions: ``What is <box>[[..]]</box>?``), and a ``<ref>``
   may be separated from its ``<box>`` by words (``<ref>brain tumor</ref> is located in <box>[[..]]</box>``): a box
   belongs to the nearest ``<ref>`` before it that has no box yet and no other ``<ref>`` after it.
-* Decoding with ``skip_special_tokens=True`` removes the four tags (they are added special tokens), so model output looks
-  like ``carotid vessel wall[[365, 293, 416, 598], [596, 316, 635, 464]]``. In this *tag-stripped* form the name is the
+* The released MedRegA decodes with ``skip_special_tokens=True``, which removes the four tags (special tokens in its
+  tokenizer), so its output looks like ``carotid vessel wall[[365, 293, 416, 598], [596, 316, 635, 464]]``; the
+  toolkit's answers keep the tags (``internvl.tokenization.decode_answer``). In this *tag-stripped* form the name is the
   text between the previous delimiter (start, newline, ``,`` ``;`` ``:`` ``.`` or their full-width forms, or the end of
   a previous box list) and ``[[``. That form is lossy: ``What is this[[..]]`` gives the name ``What is this``.
 
