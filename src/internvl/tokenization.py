@@ -276,13 +276,20 @@ def _write_json(path: Path, data: object) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
+def _token_id(tokenizer, token: str) -> int | None:
+    """The id of ``token`` if the tokenizer knows it as one token, else None (no full-vocabulary dict is built)."""
+    token_id = tokenizer.convert_tokens_to_ids(token)
+    if not isinstance(token_id, int) or (token_id == tokenizer.unk_token_id and token != tokenizer.unk_token):
+        return None
+    return token_id
+
+
 def _answer_drop_ids(tokenizer) -> set[int]:
     """Ids :func:`decode_answer` removes: every special token and every known control token, except the region tags."""
     drop = set(tokenizer.all_special_ids)
     drop.update(int(i) for i, tok in tokenizer.added_tokens_decoder.items() if tok.special)
-    vocab = tokenizer.get_vocab()
-    drop.update(vocab[tok] for tok in _CONTROL_TOKENS if tok in vocab)
-    drop.difference_update(vocab[tok] for tok in REGION_TAGS if tok in vocab)
+    drop.update(i for i in (_token_id(tokenizer, tok) for tok in _CONTROL_TOKENS) if i is not None)
+    drop.difference_update(i for i in (_token_id(tokenizer, tok) for tok in REGION_TAGS) if i is not None)
     return drop
 
 
@@ -298,7 +305,7 @@ def decode_answer(tokenizer, ids: Iterable[int] | torch.Tensor, *, separator: st
     """
     ids = ids.tolist() if isinstance(ids, torch.Tensor) else [int(i) for i in ids]
     if separator:
-        sep_id = tokenizer.get_vocab().get(separator)
+        sep_id = _token_id(tokenizer, separator)
         if sep_id is not None and sep_id in ids:
             ids = ids[: ids.index(sep_id)]
     drop = _answer_drop_ids(tokenizer)

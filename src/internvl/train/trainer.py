@@ -28,7 +28,6 @@ from torch.utils.data import Sampler
 from transformers import Trainer, TrainerCallback
 
 from internvl.constants import IGNORE_INDEX
-from internvl.tokenization import save_tokenizer
 from internvl.ops import fused_head_supported
 from internvl.ops.train_speedups import (
     TrainSpeedups,
@@ -36,6 +35,7 @@ from internvl.ops.train_speedups import (
     fused_loss_forward,
     remove_train_speedups,
 )
+from internvl.tokenization import save_tokenizer
 from internvl.train import checkpoint as ckpt
 from internvl.train.lora import has_lora, load_original_keys, save_lora_run, NON_LORA_FILENAME, LORA_PARTS
 
