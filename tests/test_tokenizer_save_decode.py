@@ -2,8 +2,8 @@
 
 On the bundled model's tokenizer (region tags `special: false`, from added_tokens.json) and the tiny fixture
 tokenizer (all nine InternVL tokens `special: true`): answers keep the region tags and lose every other control
-token whatever the flags; save -> load gives identical ids and decodings; `add_special_tokens` neither flips flags
-nor reports tokens that were already there.
+token whatever the flags, in `decode_answer` and in `chat`/`batch_chat`; save -> load gives identical ids and
+decodings; `add_special_tokens` neither flips flags nor reports tokens that were already there.
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import logging
 from pathlib import Path
 
 import pytest
+import torch
 
 from internvl.constants import IM_END_TOKEN
 from internvl.regions import Box, Region, parse_regions
@@ -151,3 +152,20 @@ def test_save_refuses_a_directory_that_reloads_differently(tmp_path, bundled, mo
     monkeypatch.setattr(tokenization, "load_tokenizer", load_with_special_tags)
     with pytest.raises(TokenizerError, match=r"does not reload identically: .*added_tokens"):
         save_tokenizer(bundled, tmp_path / "out")
+
+
+def test_chat_and_batch_chat_answers_follow_the_policy(tiny_model, tiny_tokenizer, monkeypatch) -> None:
+    """With the tiny tokenizer the tags are special, so `skip_special_tokens=True` (the original) would drop them;
+    chat and batch_chat keep them and cut at `<|im_end|>`. `generate` is scripted to emit a known answer."""
+    scripted = tiny_tokenizer.encode(GENERATED, add_special_tokens=False)
+    pad = tiny_tokenizer.pad_token_id
+
+    def generate(pixel_values=None, input_ids=None, attention_mask=None, **kwargs):
+        rows = input_ids.shape[0]
+        return torch.tensor([scripted] * (rows - 1) + [scripted[:-2] + [pad, pad]])[:rows]
+
+    monkeypatch.setattr(tiny_model, "generate", generate)
+    pixel_values = torch.randn(2, 3, 56, 56)
+    assert tiny_model.chat(tiny_tokenizer, pixel_values[:1], "Where are they?") == ANSWER
+    answers = tiny_model.batch_chat(tiny_tokenizer, pixel_values, ["Where?", "哪里？"], num_patches_list=[1, 1])
+    assert answers == [ANSWER, ANSWER]
