@@ -1,9 +1,10 @@
 """`MedRegTrainer`: transformers' Trainer with the pieces InternVL fine-tuning needs.
 
-- Loss: next-token cross-entropy summed over supervised tokens and divided by the number of supervised tokens of the
-  whole optimizer step (all gradient-accumulation micro-batches, all ranks), so every token weighs the same no matter
-  how samples fall into micro-batches. With packing, per-token `loss_weight` (token / sample / square) is used and
-  the divisor is the summed weight.
+- Loss: `internvl.ops.causal_lm_loss` (the model's loss too): next-token cross-entropy summed over supervised tokens
+  and divided by the number of supervised tokens of the whole optimizer step (`loss_items` summed over all
+  gradient-accumulation micro-batches and ranks), so every token weighs the same no matter how samples fall into
+  micro-batches. With packing, per-token `loss_weight` (token / sample / square) is used and the divisor is the summed
+  weight.
 - Checkpoints are written atomically (`internvl.train.checkpoint`): a staging folder renamed into place when done.
 - LoRA runs save PEFT adapters (+ other trained weights) instead of the full model.
 - Length-grouped sampling from the dataset's `lengths` (deterministic per epoch, so resume replays the same order).
@@ -19,7 +20,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 from peft import PeftModel
@@ -27,8 +27,7 @@ from peft.utils import set_peft_model_state_dict
 from torch.utils.data import Sampler
 from transformers import Trainer, TrainerCallback
 
-from internvl.constants import IGNORE_INDEX
-from internvl.ops import fused_head_supported
+from internvl.ops.cross_entropy import causal_lm_loss, fused_head_supported, loss_items
 from internvl.ops.train_speedups import (
     TrainSpeedups,
     apply_train_speedups,
@@ -42,31 +41,6 @@ from internvl.train.lora import has_lora, load_original_keys, save_lora_run, NON
 # packed batch (PackedCollator), which has fewer rows than samples.
 TRAINER_ONLY_KEYS = ("labels", "loss_weight", "num_samples")
 logger = logging.getLogger("internvl.train")
-
-
-def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor, loss_weight: torch.Tensor | None = None) -> torch.Tensor:
-    """Sum of shifted next-token cross-entropy over supervised positions.
-
-    logits [B, L, V], labels [B, L] (IGNORE_INDEX = unsupervised), loss_weight [B, L] optional per-token weight of the
-    label at that position. Returns a scalar (fp32).
-    """
-    shift_logits = logits[:, :-1, :].float()
-    shift_labels = labels[:, 1:]
-    ce = F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
-                         ignore_index=IGNORE_INDEX, reduction="none")
-    if loss_weight is not None:
-        weights = loss_weight[:, 1:].reshape(-1).to(ce.dtype) * (shift_labels.reshape(-1) != IGNORE_INDEX)
-        return (ce * weights).sum()
-    return ce.sum()
-
-
-def count_loss_items(batch: dict[str, Any]) -> torch.Tensor:
-    """Divisor contributed by one micro-batch: supervised shifted labels, or their summed `loss_weight`."""
-    labels = batch["labels"][:, 1:]
-    mask = labels != IGNORE_INDEX
-    if batch.get("loss_weight") is not None:
-        return (batch["loss_weight"][:, 1:].float() * mask).sum()
-    return mask.sum().float()
 
 
 class LengthGroupedSampler(Sampler[int]):
@@ -173,7 +147,7 @@ class MedRegTrainer(Trainer):
         """Supervised tokens (or summed weights) of the whole optimizer step, summed over ranks."""
         if not batch_samples or "labels" not in batch_samples[0]:
             return None
-        total = sum(count_loss_items(b) for b in batch_samples).to(device)
+        total = sum(loss_items(b["labels"], b.get("loss_weight")) for b in batch_samples).to(device)
         if self.args.world_size > 1:
             total = self.accelerator.gather(total.reshape(1)).sum()
         return total
@@ -199,24 +173,21 @@ class MedRegTrainer(Trainer):
             num_samples = inputs.get("num_samples")  # packed batches: samples, not rows
             self._samples_seen = self._samples_seen + (num_samples if num_samples is not None
                                                        else inputs["input_ids"].shape[0])
+        # the one loss (internvl.ops.causal_lm_loss): weighted CE sum over the step's divisor, or the micro-batch's
+        # own weighted token mean when no divisor is passed (e.g. in eval)
         lm_head = self._fused_head()
         if lm_head is not None:
-            # Only the last position's logits are built; the loss runs the LM head on supervised positions in chunks
-            # (internvl.ops.causal_lm_loss), so no [B, L, V] logits are kept for backward.
-            mean, outputs = fused_loss_forward(model, model_inputs, labels, loss_weight=loss_weight,
-                                               impl=self.lm_loss_impl, lm_head=lm_head)
-            loss_sum = mean * count_loss_items(inputs).to(mean.device)
+            # Only the last position's logits are built; the loss runs the LM head on supervised positions in chunks,
+            # so no [B, L, V] logits are kept for backward.
+            loss, outputs = fused_loss_forward(model, model_inputs, labels, loss_weight=loss_weight,
+                                               impl=self.lm_loss_impl, lm_head=lm_head,
+                                               num_items_in_batch=num_items_in_batch)
         else:
             outputs = model(**model_inputs)
             logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
-            loss_sum = token_loss_sum(logits, labels, loss_weight)
-        if num_items_in_batch is None:
-            denom = count_loss_items(inputs).to(loss_sum.device)
-            scale = 1.0
-        else:
-            denom = torch.as_tensor(num_items_in_batch, device=loss_sum.device, dtype=torch.float32)
-            scale = float(self.accelerator.num_processes) if self.args.world_size > 1 else 1.0
-        loss = loss_sum / denom.clamp_min(1.0) * scale
+            loss = causal_lm_loss(logits, None, labels, loss_weight=loss_weight, num_items_in_batch=num_items_in_batch)
+        if num_items_in_batch is not None and self.args.world_size > 1:
+            loss = loss * float(self.accelerator.num_processes)
         return (loss, outputs) if return_outputs else loss
 
     def _fused_head(self) -> nn.Module | None:
