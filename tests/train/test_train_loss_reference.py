@@ -89,6 +89,6 @@ def test_trainer_and_model_losses_equal_the_plain_reference_over_accumulation(tm
 
 
 def trainer_divisor(args, model, micro_batches) -> float:
-    """What the trainer counts for the step (its `_get_num_items_in_batch`)."""
+    """What the trainer counts for the step (its `step_loss_items` hook)."""
     trainer = MedRegTrainer(model=model, args=args)
-    return float(trainer._get_num_items_in_batch(micro_batches, torch.device("cpu")))
+    return float(trainer.step_loss_items(micro_batches, torch.device("cpu")))

@@ -25,8 +25,9 @@ from torch import nn
 from peft import PeftModel
 from peft.utils import set_peft_model_state_dict
 from torch.utils.data import Sampler
-from transformers import Trainer, TrainerCallback
+from transformers import TrainerCallback
 
+from internvl.compat import trainer_base
 from internvl.ops.cross_entropy import causal_lm_loss, fused_head_supported, loss_items
 from internvl.ops.train_speedups import (
     TrainSpeedups,
@@ -103,8 +104,21 @@ class SpeedupCallback(TrainerCallback):
             self.report = None
 
 
-class MedRegTrainer(Trainer):
+class LogClockCallback(TrainerCallback):
+    """Starts the trainer's throughput clock when training starts (the first log's rate covers the first steps)."""
+
+    def __init__(self, trainer: "MedRegTrainer") -> None:
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.trainer._last_log_time = time.perf_counter()
+
+
+class MedRegTrainer(trainer_base()):
     """Trainer with per-token loss over the accumulated batch, atomic checkpoints, LoRA saving, throughput logs.
+
+    It changes transformers' Trainer only through the hooks of `internvl.compat.trainer_base` (the one place that
+    overrides Trainer's private steps), public methods (`compute_loss`, `log`) and callbacks.
 
     Extra constructor arguments: `group_by_length` (use the dataset's `lengths`), `base_model` (recorded in LoRA runs),
     `fused_lm_loss` (LM head + cross-entropy on supervised positions only, in chunks; same loss, far less memory),
@@ -130,12 +144,14 @@ class MedRegTrainer(Trainer):
         self._staging = False
         if self.train_dataset is not None and hasattr(self.train_dataset, "set_epoch"):
             self.add_callback(DatasetEpochCallback(self.train_dataset))
+        self.add_callback(LogClockCallback(self))
 
     # ---- sampling -------------------------------------------------------------------------------------------
-    def _get_train_sampler(self, train_dataset=None):
+    def train_sampler(self, train_dataset, default):
+        """Length-grouped sampling with `group_by_length`, else Trainer's sampler."""
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         if not self.group_by_length:
-            return super()._get_train_sampler(train_dataset)
+            return default(train_dataset)
         lengths = getattr(dataset, "lengths", None)
         if lengths is None:
             raise ValueError(f"--group_by_length needs a dataset with `lengths`; {type(dataset).__name__} has none")
@@ -143,7 +159,7 @@ class MedRegTrainer(Trainer):
         return LengthGroupedSampler(list(lengths), group_size=group, seed=self.args.seed)
 
     # ---- loss ------------------------------------------------------------------------------------------------
-    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor | None:
+    def step_loss_items(self, batch_samples: list, device: torch.device, default=None) -> torch.Tensor | None:
         """Supervised tokens (or summed weights) of the whole optimizer step, summed over ranks."""
         if not batch_samples or "labels" not in batch_samples[0]:
             return None
@@ -221,24 +237,21 @@ class MedRegTrainer(Trainer):
             self._last_log_time = now
         super().log(logs, *args, **kwargs)
 
-    def _inner_training_loop(self, *args: Any, **kwargs: Any):
-        self._last_log_time = time.perf_counter()
-        return super()._inner_training_loop(*args, **kwargs)
-
     # ---- checkpoints -----------------------------------------------------------------------------------------
-    def _get_output_dir(self, trial) -> str:
-        run_dir = super()._get_output_dir(trial)
+    def checkpoint_dir(self, trial, default) -> str:
+        """The run folder, or its staging folder while a checkpoint is being written."""
+        run_dir = default(trial)
         return str(ckpt.staging_root(run_dir)) if self._staging else run_dir
 
-    def _save_checkpoint(self, model: nn.Module, trial) -> None:
+    def save_checkpoint(self, model: nn.Module, trial, default) -> None:
         """Write checkpoint-N into the staging folder, then publish it with an atomic rename."""
-        run_dir = self._get_output_dir(trial)
+        run_dir = self.run_dir(trial)
         if self.args.should_save:
             ckpt.clean_staging(run_dir)
         self._barrier()
         self._staging = True
         try:
-            super()._save_checkpoint(model, trial)
+            default(model, trial)
         finally:
             self._staging = False
         self._barrier()
@@ -252,10 +265,10 @@ class MedRegTrainer(Trainer):
         if self.args.world_size > 1 and dist.is_initialized():
             dist.barrier()
 
-    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+    def save_model_files(self, output_dir: str | None, state_dict: dict | None, default) -> None:
         """Full runs: original-layout `save_pretrained`. LoRA runs: PEFT adapters + other trained weights."""
         if not has_lora(self.model):
-            return super()._save(output_dir, state_dict=state_dict)
+            return default(output_dir, state_dict=state_dict)
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if not self.args.should_save:
             return None
@@ -267,11 +280,11 @@ class MedRegTrainer(Trainer):
             self.processing_class.save_pretrained(output_dir)
         return None
 
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+    def load_checkpoint_weights(self, resume_from_checkpoint: str, model: nn.Module | None, default) -> None:
         """LoRA runs reload adapters + other trained weights; full runs use Trainer's safetensors loading."""
         model = self.model if model is None else model
         if not has_lora(model):
-            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+            return default(resume_from_checkpoint, model)
         for part in LORA_PARTS:
             sub = getattr(model, part, None)
             adapter_dir = os.path.join(resume_from_checkpoint, "adapters", part)
