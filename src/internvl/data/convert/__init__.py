@@ -28,7 +28,7 @@ from internvl.data.prompts import LANGS, PromptError, build_record
 from internvl.data.records import RecordChecker, RecordProblem
 
 __all__ = [
-    "CONVERTERS", "ConvertError", "ConvertReport", "add_common_arguments", "build_or_skip", "build_records", "check_task",
+    "CONVERTERS", "ConvertError", "ConvertOptions", "ConvertReport", "add_common_arguments", "build_or_skip", "build_records", "check_task",
     "common_options", "finish", "finish_report", "get_converter", "open_text", "read_csv", "read_json",
     "write_jsonl", "write_output",
 ]
@@ -79,6 +79,24 @@ class ConvertReport:
         else:
             text += "; skipped 0"
         return text
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    """The options every ``convert_*`` function takes as keywords (``**options``; :func:`add_common_arguments` on the
+    command line): prompt language, the root that record image paths are relative to (``None``: image files are not
+    checked) and how much of each image to check, a prefix for record ids, and whether questions carry the task
+    prompt (``False``: raw questions, the meta_file.json ``base_prompt`` supplies it)."""
+
+    lang: str = "en"
+    image_root: str | Path | None = None
+    image_check: str = "exists"
+    id_prefix: str = ""
+    include_base_prompt: bool = True
+
+    def finish(self, items: Iterable[tuple[str, int, dict]], report: ConvertReport) -> tuple[list[dict], ConvertReport]:
+        """:func:`finish_report` with these options' image root and check level."""
+        return finish_report(items, report, image_root=self.image_root, image_check=self.image_check)
 
 
 def write_jsonl(records: Iterable[dict], path: str | Path) -> int:
@@ -206,7 +224,7 @@ def read_csv(path: Path, required: Sequence[str], *, gunzip: bool = False) -> It
 
 
 def common_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The keyword arguments every ``convert_*`` function takes from :func:`add_common_arguments`'s options."""
+    """The :class:`ConvertOptions` keywords from :func:`add_common_arguments`'s command-line options."""
     return {"lang": args.lang, "image_root": args.image_root, "image_check": args.image_check,
             "id_prefix": args.id_prefix, "include_base_prompt": not args.no_base_prompt}
 
