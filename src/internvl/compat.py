@@ -8,6 +8,8 @@ which installed version broke which internal, instead of an AttributeError deep 
   divisor, checkpoint folder, checkpoint save, model save, checkpoint load) reached through public-named hooks.
 - `attn_implementation` / `set_attn_implementation`: a config's `_attn_implementation` (a model's public
   `set_attn_implementation` validates and reloads kernels: too slow per generate call, and configs have none).
+- `attend`: the end of a Llama-style attention forward (cache update, kernel, output projection) for the forwards
+  that replace it.
 - `attention_function`: the attention kernel a module's config selects (public `ALL_ATTENTION_FUNCTIONS`, with the
   modeling module's `eager_attention_forward` for "eager", which is not in that table).
 - `active_hf_deepspeed_config`: the HfDeepSpeedConfig object transformers holds (`_hf_deepspeed_config_weak_ref`;
@@ -193,6 +195,18 @@ def attention_function(module: nn.Module) -> Callable:
     if function is None:
         raise missing("transformers", f"an attention function {name!r} for {type(module).__name__}")
     return function
+
+
+def attend(module: nn.Module, query, key, value, attention_mask, cache, input_shape: tuple[int, ...], **kwargs):
+    """The end of transformers' Llama-style attention forward (the `cache=` API of transformers >= 5.24) after the
+    q/k/v projections and RoPE, for the forwards that replace it (fused projections, liger RoPE): cache update, the
+    configured attention kernel, output projection. Returns (output, attention weights)."""
+    if cache is not None:
+        key, value = cache.update(key, value, module.layer_idx, kwargs=kwargs)
+    out, weights = attention_function(module)(module, query, key, value, attention_mask,
+                                              dropout=0.0 if not module.training else module.attention_dropout,
+                                              scaling=module.scaling, **kwargs)
+    return module.o_proj(out.reshape(*input_shape, -1).contiguous()), weights
 
 
 # ---- DeepSpeed configuration held by transformers ----------------------------------------------------------------

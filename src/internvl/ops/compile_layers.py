@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from ..compat import attention_function, restore_forwards, swap_forward
+from ..compat import attend, restore_forwards, swap_forward
 
 logger = logging.getLogger(__name__)
 
@@ -77,13 +77,7 @@ def fused_attention_forward(self: nn.Module, hidden_states: torch.Tensor, positi
     value = value.reshape(hidden_shape).transpose(1, 2)
     cos, sin = position_embeddings
     query, key = sys.modules[type(self).__module__].apply_rotary_pos_emb(query, key, cos, sin)
-    if cache is not None:
-        key, value = cache.update(key, value, self.layer_idx, kwargs=kwargs)
-    out, weights = attention_function(self)(self, query, key, value, attention_mask,
-                             dropout=0.0 if not self.training else self.attention_dropout, scaling=self.scaling,
-                             **kwargs)
-    out = out.reshape(*input_shape, -1).contiguous()
-    return self.o_proj(out), weights
+    return attend(self, query, key, value, attention_mask, cache, input_shape, **kwargs)
 
 
 def fused_mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ import logging
 import torch
 from torch import nn
 
-from ..compat import attention_function, restore_forwards, swap_forward
+from ..compat import attend, restore_forwards, swap_forward
 from .cross_entropy import liger_available
 
 logger = logging.getLogger(__name__)
@@ -87,13 +87,7 @@ def _rope_attn_forward(self: nn.Module, hidden_states: torch.Tensor, position_em
     value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
     cos, sin = position_embeddings
     query, key = _liger_rope(query, key, cos, sin)
-    if cache is not None:
-        key, value = cache.update(key, value, self.layer_idx, kwargs=kwargs)
-    out, weights = attention_function(self)(self, query, key, value, attention_mask,
-                             dropout=0.0 if not self.training else self.attention_dropout, scaling=self.scaling,
-                             **kwargs)
-    out = out.reshape(*input_shape, -1).contiguous()
-    return self.o_proj(out), weights
+    return attend(self, query, key, value, attention_mask, cache, input_shape, **kwargs)
 
 
 _SWAPS = {"rms_norm": (_is_rms_norm, _rms_forward), "swiglu": (_is_swiglu_mlp, _swiglu_forward),

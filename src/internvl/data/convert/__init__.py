@@ -29,7 +29,7 @@ from internvl.data.records import RecordChecker, RecordProblem
 
 __all__ = [
     "CONVERTERS", "ConvertError", "ConvertOptions", "ConvertReport", "add_common_arguments", "build_or_skip", "build_records", "check_task",
-    "common_options", "finish", "finish_report", "get_converter", "open_text", "read_csv", "read_json",
+    "common_options", "finish_report", "get_converter", "open_text", "read_csv", "read_json",
     "write_jsonl", "write_output",
 ]
 
@@ -111,30 +111,6 @@ def write_jsonl(records: Iterable[dict], path: str | Path) -> int:
     return n
 
 
-def finish(
-    items: Iterable[tuple[str, int, dict]],
-    report: ConvertReport,
-    *,
-    image_root: str | Path | None,
-    image_check: str = "exists",
-) -> list[dict]:
-    """Run every built record through the training record checks; bad ones are counted in ``report``.
-
-    ``items`` are ``(source_file, source_line, record)``. With ``image_root=None`` image files are not checked
-    (paths are still required to be relative and inside the root).
-    """
-    checker = RecordChecker(image_root=image_root or ".", image_check=image_check if image_root else "none")
-    kept = []
-    for file, line, record in items:
-        problems = checker.check(record, file=file, line=line)
-        if problems:
-            for p in problems:
-                report.skip(file, line, p.reason, p.message)
-            continue
-        kept.append(record)
-    return kept
-
-
 def finish_report(
     items: Iterable[tuple[str, int, dict]],
     report: ConvertReport,
@@ -142,8 +118,20 @@ def finish_report(
     image_root: str | Path | None,
     image_check: str = "exists",
 ) -> tuple[list[dict], ConvertReport]:
-    """:func:`finish` plus ``report.written``: the ``(records, report)`` every ``convert_*`` function returns."""
-    records = finish(items, report, image_root=image_root, image_check=image_check)
+    """Run every built record through the training record checks; bad ones are counted in ``report``. Returns the
+    ``(records, report)`` every ``convert_*`` function returns, with ``report.written`` set.
+
+    ``items`` are ``(source_file, source_line, record)``. With ``image_root=None`` image files are not checked
+    (paths are still required to be relative and inside the root).
+    """
+    checker = RecordChecker(image_root=image_root or ".", image_check=image_check if image_root else "none")
+    records = []
+    for file, line, record in items:
+        problems = checker.check(record, file=file, line=line)
+        for p in problems:
+            report.skip(file, line, p.reason, p.message)
+        if not problems:
+            records.append(record)
     report.written = len(records)
     return records, report
 

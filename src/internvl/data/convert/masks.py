@@ -291,7 +291,7 @@ def convert_masks(
             base_id = f"{opts.id_prefix}{_stem(mask_path)}" + ("" if index is None else f"-{axis}{index}")
             builds = _mask_builds(task, base_id, regions, mode)
             items += [(file, number, record) for record in build_records(report, file, line, opts.lang, builds, **common)]
-    # Without image_root the images were already read above; finish() then checks the records' structure only.
+    # Without image_root the images were already read above; finish_report() then checks the records' structure only.
     return opts.finish(items, report)
 
 
