@@ -111,3 +111,10 @@ def test_swap_and_restore_forward():
     assert layer._swapped and torch.equal(layer(torch.ones(1, 2)), torch.zeros(1, 2))
     assert compat.restore_forwards(layer, "_swapped") == 1
     assert not layer._swapped and "forward" not in vars(layer)
+
+
+def test_transformers_at_least():
+    installed = compat.installed_version("transformers")
+    assert compat.transformers_at_least(installed)
+    assert compat.transformers_at_least("5.0")
+    assert not compat.transformers_at_least("99.0")

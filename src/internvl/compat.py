@@ -66,6 +66,12 @@ def check_version(package: str, version: str | None = None) -> str:
     return version
 
 
+def transformers_at_least(version: str) -> bool:
+    """Whether the installed transformers is `version` or newer (e.g. "5.24": the `cache=` attention API and a
+    StaticCache that tracks its own length, which the static-cache decoder needs)."""
+    return Version(installed_version("transformers")).release >= Version(version).release
+
+
 def missing(package: str, internal: str) -> CompatError:
     """The error for an internal that the installed `package` lacks (names the version and the supported range)."""
     return CompatError(f"{package} {installed_version(package)} has no {internal}, which MedRegA needs "

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..compat import attn_implementation, set_attn_implementation
+from ..compat import attn_implementation, set_attn_implementation, transformers_at_least
 
 logger = logging.getLogger(__name__)
 
@@ -583,10 +583,7 @@ _SUPPORTED = {"max_new_tokens", "min_new_tokens", "eos_token_id", "pad_token_id"
 def fast_path_supported() -> bool:
     """The static-cache decoder relies on transformers >= 5.24 (StaticCache tracking its own length, `cache=` kwarg);
     older versions use `generate` instead."""
-    import transformers
-    from packaging.version import Version
-
-    return Version(transformers.__version__).release >= (5, 24)
+    return transformers_at_least("5.24")
 
 
 def greedy_settings(generate_kwargs: dict, default_eos: int | list[int] | None = None) -> dict | None:

@@ -252,6 +252,7 @@ def linear_cross_entropy(
     if impl == "liger":
         if token_weights is not None:
             raise ValueError("the liger path takes no per-token weights; use impl='chunked'")
+        # liger-kernel is an optional CUDA/Triton dependency: imported only on this path
         from liger_kernel.ops.fused_linear_cross_entropy import (
             LigerFusedLinearCrossEntropyFunction,
         )

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers.integrations import is_deepspeed_zero3_enabled
 
 from .compile_layers import (
     compile_layers,
@@ -66,10 +67,6 @@ def _has_lora(module: nn.Module) -> bool:
 
 
 def _zero3_enabled() -> bool:
-    try:
-        from transformers.integrations import is_deepspeed_zero3_enabled
-    except ImportError:  # pragma: no cover - transformers is a hard dependency
-        return False
     return bool(is_deepspeed_zero3_enabled())
 
 
