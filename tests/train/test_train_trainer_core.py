@@ -12,7 +12,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from internvl.train import checkpoint as ckpt
 from internvl.train.arguments import MedRegTrainingArguments
 from internvl.train.lora import has_lora, load_lora_run, merge_lora, save_lora_run, wrap_llm_lora
-from internvl.train.trainer import LengthGroupedSampler, MedRegTrainer, count_loss_items, token_loss_sum
+from internvl.ops.cross_entropy import causal_lm_loss, loss_items
+from internvl.train.trainer import LengthGroupedSampler, MedRegTrainer
 
 VOCAB = 64
 
@@ -92,14 +93,18 @@ def test_token_loss_matches_mean_cross_entropy_and_weights():
     torch.manual_seed(0)
     logits = torch.randn(2, 5, 7)
     labels = torch.tensor([[-100, 1, 2, -100, 3], [-100, -100, 4, 5, 6]])
-    total = token_loss_sum(logits, labels)
-    count = count_loss_items({"labels": labels})
+    mean = causal_lm_loss(logits, None, labels)
+    assert loss_items(labels) == 6
     reference = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 7), labels[:, 1:].reshape(-1))
-    torch.testing.assert_close(total / count, reference)
+    torch.testing.assert_close(mean, reference)
+    torch.testing.assert_close(causal_lm_loss(logits, None, labels, num_items_in_batch=12), reference / 2)
     weights = torch.tensor([[0, 0.5, 0.5, 0, 0.5], [0, 0, 2.0, 2.0, 2.0]])
-    weighted = token_loss_sum(logits, labels, weights)
-    assert count_loss_items({"labels": labels, "loss_weight": weights}) == pytest.approx(1.5 + 6.0)
-    assert not torch.isclose(weighted, total)
+    ce = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 7), labels[:, 1:].reshape(-1), reduction="none")
+    w = weights[:, 1:].reshape(-1) * (labels[:, 1:].reshape(-1) != -100)
+    assert loss_items(labels, weights) == pytest.approx(1.5 + 6.0)
+    torch.testing.assert_close(causal_lm_loss(logits, None, labels, loss_weight=weights), (ce * w).sum() / w.sum())
+    torch.testing.assert_close(causal_lm_loss(logits, None, labels, loss_weight=weights, num_items_in_batch=10.0),
+                               (ce * w).sum() / 10.0)
 
 
 def test_length_grouped_sampler_is_a_seeded_permutation_of_sorted_groups():

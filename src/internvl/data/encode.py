@@ -147,17 +147,46 @@ def encode_conversation(
 ) -> EncodedSample:
     """Turn one conversation (record ``conversations``: alternating ``human``/``gpt`` turns) into an
     :class:`EncodedSample`. ``num_patches_list`` has one entry per image (tiles of that image); empty = text-only.
-    See the module docstring for the rules. Raises :class:`EncodeError` naming ``where``."""
+    See the module docstring for the rules (its steps 1-5 are the steps below). Raises :class:`EncodeError` naming
+    ``where``."""
     if truncation not in ("error", "right"):
         raise EncodeError(f"{where}: truncation must be 'error' or 'right', got {truncation!r}")
     tpl = get_template(template) if isinstance(template, str) else template
-    turns = apply_prompt_order(conversations, len(num_patches_list), base_prompt, prompt_order, where)
+    turns = apply_prompt_order(conversations, len(num_patches_list), base_prompt, prompt_order, where)  # 1
     try:
-        segments = tpl.segments(turns, system_message)
+        segments = tpl.segments(turns, system_message)  # 2
     except TemplateError as exc:
         raise EncodeError(f"{where}: {exc}") from None
+    expanded = _expand_images(segments, num_patches_list, num_image_token, where)  # 3
+    full = "".join(t for t, _ in expanded)
+    ids, offsets = _tokenize(tokenizer, full, where)  # 4
+    spans = _supervised_spans(expanded)
+    labels = _label_tokens(ids, offsets, spans, full, where)
+    if num_patches_list:
+        want = num_image_token * sum(num_patches_list)
+        got = ids.count(_token_ids(tokenizer, IMG_CONTEXT_TOKEN))
+        if got != want:
+            raise EncodeError(f"{where}: {got} {IMG_CONTEXT_TOKEN} tokens after tokenisation, expected {want}")
+    truncated = False
+    if max_length is not None and len(ids) > max_length:  # 5
+        _check_right_cut(tokenizer, ids, labels, bool(num_patches_list), max_length, truncation, where)
+        ids, labels, truncated = ids[:max_length], labels[:max_length], True
+    supervised_text = _verify_labels(tokenizer, ids, labels, [full[s:e] for s, e in spans], truncated, where)
+    if num_patches_list and ids.count(_token_ids(tokenizer, IMG_START_TOKEN)) != len(num_patches_list):
+        raise EncodeError(f"{where}: {IMG_START_TOKEN} count does not match {len(num_patches_list)} image(s)")
+    return EncodedSample(
+        input_ids=torch.tensor(ids, dtype=torch.long),
+        labels=torch.tensor(labels, dtype=torch.long),
+        num_patches_list=list(num_patches_list),
+        text=full,
+        supervised_text=supervised_text,
+        truncated=truncated,
+    )
 
-    # Expand the image placeholders segment by segment (they only occur in unsupervised user turns).
+
+def _expand_images(segments: list[tuple[str, bool]], num_patches_list: Sequence[int], num_image_token: int,
+                   where: str) -> list[tuple[str, bool]]:
+    """Step 3: each ``<image>`` of the (unsupervised) segments becomes its image tokens, images taken in order."""
     expanded: list[tuple[str, bool]] = []
     remaining = list(num_patches_list)
     for text, supervised in segments:
@@ -168,23 +197,33 @@ def encode_conversation(
             text = expand_image_placeholders(text, remaining[:n], num_image_token)
             remaining = remaining[n:]
         expanded.append((text, supervised))
+    return expanded
 
-    full = "".join(t for t, _ in expanded)
+
+def _tokenize(tokenizer: Any, full: str, where: str) -> tuple[list[int], list[tuple[int, int]]]:
+    """The ids of the whole string, tokenised once, with each token's character offsets (fast tokenizers only)."""
     try:
         enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
     except (NotImplementedError, TypeError, ValueError) as exc:
         raise EncodeError(f"{where}: the tokenizer must be a fast tokenizer with offsets ({exc})") from None
-    ids: list[int] = list(enc["input_ids"])
-    offsets: list[tuple[int, int]] = [tuple(o) for o in enc["offset_mapping"]]
+    return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
 
-    # Character spans of the supervised segments.
+
+def _supervised_spans(segments: list[tuple[str, bool]]) -> list[tuple[int, int]]:
+    """Character spans ``[start, end)`` of the supervised segments in the joined string."""
     spans: list[tuple[int, int]] = []
     pos = 0
-    for text, supervised in expanded:
+    for text, supervised in segments:
         if supervised:
             spans.append((pos, pos + len(text)))
         pos += len(text)
+    return spans
 
+
+def _label_tokens(ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]], full: str,
+                  where: str) -> list[int]:
+    """Step 4: a token's label is its id when its characters lie inside a supervised span, else ``IGNORE_INDEX``; a
+    token that straddles a span boundary is an error."""
     labels = [IGNORE_INDEX] * len(ids)
     span_i = 0
     for k, (start, end) in enumerate(offsets):
@@ -194,39 +233,33 @@ def encode_conversation(
             span_i += 1
         if span_i < len(spans):
             s, e = spans[span_i]
-            inside = s <= start and end <= e
-            overlaps = start < e and end > s
-            if inside:
+            if s <= start and end <= e:
                 labels[k] = ids[k]
-            elif overlaps:
-                piece = full[start:end]
-                raise EncodeError(f"{where}: token {piece!r} crosses the boundary of the supervised answer text; "
-                                  "the tokenizer merges prompt and answer characters")
+            elif start < e and end > s:
+                raise EncodeError(f"{where}: token {full[start:end]!r} crosses the boundary of the supervised answer "
+                                  "text; the tokenizer merges prompt and answer characters")
+    return labels
 
-    # Image-token bookkeeping.
-    ctx_id = _token_ids(tokenizer, IMG_CONTEXT_TOKEN) if num_patches_list else None
-    if ctx_id is not None:
-        want = num_image_token * sum(num_patches_list)
-        got = sum(1 for i in ids if i == ctx_id)
-        if got != want:
-            raise EncodeError(f"{where}: {got} {IMG_CONTEXT_TOKEN} tokens after tokenisation, expected {want}")
 
-    truncated = False
-    if max_length is not None and len(ids) > max_length:
-        last_img_end = -1
-        if num_patches_list:
-            end_id = _token_ids(tokenizer, IMG_END_TOKEN)
-            last_img_end = max(i for i, t in enumerate(ids) if t == end_id)
-        can_cut = truncation == "right" and last_img_end < max_length and any(
-            lab != IGNORE_INDEX for lab in labels[:max_length])
-        if not can_cut:
-            why = ("" if truncation == "error" else
-                   "; cutting would split the image tokens or leave no supervised token")
-            raise EncodeError(f"{where}: {len(ids)} tokens > max_length {max_length}{why}")
-        ids, labels, truncated = ids[:max_length], labels[:max_length], True
+def _check_right_cut(tokenizer: Any, ids: list[int], labels: list[int], has_images: bool, max_length: int,
+                     truncation: str, where: str) -> None:
+    """Step 5, for a sample longer than ``max_length``: raise unless ``truncation="right"`` may cut it there (the cut
+    falls after the last ``</img>`` and supervised tokens remain before it)."""
+    last_img_end = -1
+    if has_images:
+        end_id = _token_ids(tokenizer, IMG_END_TOKEN)
+        last_img_end = max(i for i, t in enumerate(ids) if t == end_id)
+    can_cut = truncation == "right" and last_img_end < max_length and any(
+        lab != IGNORE_INDEX for lab in labels[:max_length])
+    if not can_cut:
+        why = "" if truncation == "error" else "; cutting would split the image tokens or leave no supervised token"
+        raise EncodeError(f"{where}: {len(ids)} tokens > max_length {max_length}{why}")
 
-    # Verify the labels by decoding them: each run of supervised tokens must decode to its supervised text.
-    texts = [full[s:e] for s, e in spans]
+
+def _verify_labels(tokenizer: Any, ids: list[int], labels: list[int], texts: list[str], truncated: bool,
+                   where: str) -> str:
+    """Decode each run of supervised tokens and compare it with its supervised text (the last one may be cut short
+    when ``truncated``); returns the supervised text the labels encode."""
     decoded = _decode_runs(tokenizer, ids, labels)
     if truncated:
         texts = texts[:len(decoded)]
@@ -239,21 +272,7 @@ def encode_conversation(
             raise EncodeError(f"{where}: supervised tokens of answer {k + 1} decode to {got!r}, expected {want!r}")
     if len(decoded) != len(texts):
         raise EncodeError(f"{where}: {len(decoded)} supervised token runs for {len(texts)} answers")
-    supervised_text = "".join(decoded) if truncated else "".join(texts)
-
-    if num_patches_list:
-        start_id = _token_ids(tokenizer, IMG_START_TOKEN)
-        if sum(1 for i in ids if i == start_id) != len(num_patches_list):
-            raise EncodeError(f"{where}: {IMG_START_TOKEN} count does not match {len(num_patches_list)} image(s)")
-
-    return EncodedSample(
-        input_ids=torch.tensor(ids, dtype=torch.long),
-        labels=torch.tensor(labels, dtype=torch.long),
-        num_patches_list=list(num_patches_list),
-        text=full,
-        supervised_text=supervised_text,
-        truncated=truncated,
-    )
+    return "".join(decoded) if truncated else "".join(texts)
 
 
 def _decode_runs(tokenizer: Any, ids: list[int], labels: list[int]) -> list[str]:

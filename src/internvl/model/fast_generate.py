@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..compat import attn_implementation, set_attn_implementation, transformers_at_least
+
 logger = logging.getLogger(__name__)
 
 #: Cache lengths are rounded up to this multiple so that compiled steps and graphs are reused across prompts of
@@ -156,13 +158,13 @@ class _recompile_limit:
 
 
 def _register_decode_attention() -> None:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import sdpa_mask
 
     AttentionInterface.register(DECODE_ATTN, sdpa_gqa_decode_attention)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(DECODE_ATTN, sdpa_mask)
+    AttentionMaskInterface.register(DECODE_ATTN, sdpa_mask)
     AttentionInterface.register(DECODE_FLEX_ATTN, flex_decode_attention)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(DECODE_FLEX_ATTN, sdpa_mask)
+    AttentionMaskInterface.register(DECODE_FLEX_ATTN, sdpa_mask)
 
 
 @dataclass
@@ -449,13 +451,13 @@ class StaticGreedyDecoder:
         While it runs, an SDPA language model uses the grouped-query decode attention (same maths, no K/V repeat).
         """
         cfg = self.lm.config
-        previous = cfg._attn_implementation
+        previous = attn_implementation(cfg)
         if previous == "sdpa":
-            cfg._attn_implementation = DECODE_FLEX_ATTN if self._attention() == "flex" else DECODE_ATTN
+            set_attn_implementation(cfg, DECODE_FLEX_ATTN if self._attention() == "flex" else DECODE_ATTN)
         try:
             return self._generate(inputs_embeds, attention_mask, **kwargs)
         finally:
-            cfg._attn_implementation = previous
+            set_attn_implementation(cfg, previous)
 
     def _generate(
         self,
@@ -581,10 +583,7 @@ _SUPPORTED = {"max_new_tokens", "min_new_tokens", "eos_token_id", "pad_token_id"
 def fast_path_supported() -> bool:
     """The static-cache decoder relies on transformers >= 5.24 (StaticCache tracking its own length, `cache=` kwarg);
     older versions use `generate` instead."""
-    import transformers
-    from packaging.version import Version
-
-    return Version(transformers.__version__).release >= (5, 24)
+    return transformers_at_least("5.24")
 
 
 def greedy_settings(generate_kwargs: dict, default_eos: int | list[int] | None = None) -> dict | None:

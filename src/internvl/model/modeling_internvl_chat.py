@@ -12,12 +12,11 @@ Data flow of `forward` (T tiles, 256 tokens per 448 tile for V1.2):
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedModel
 from transformers.modeling_outputs import ModelOutput
 
-from ..constants import IGNORE_INDEX
+from ..ops.cross_entropy import causal_lm_loss
 from .chat import ChatMixin
 from .configuration_internvl_chat import InternVLChatConfig
 from .devices import execution_device
@@ -238,9 +237,10 @@ class InternVLChatModel(ChatMixin, PreTrainedModel):
         pixel_values [T,3,S,S] with image_flags [T] (1 = real tile, 0 = dummy tile of a text-only sample); input_ids
         [B,L] containing T_real*num_image_token `<IMG_CONTEXT>` tokens.  Packed rows: pass attention_mask=None and
         position_ids restarting at 0 for each sample (transformers then masks attention block-diagonally).
-        Loss: shifted cross-entropy over labels != -100; the token mean of the micro-batch (original), or
-        sum(ce * loss_weight) / sum(loss_weight) with per-token `loss_weight` [B,L] (packing's sample/square
-        averaging), or sum / num_items_in_batch when the Trainer passes it.  Other kwargs (cache, use_cache,
+        Loss: `internvl.ops.causal_lm_loss` (the trainer's loss) on the logits: shifted cross-entropy over
+        labels != -100, weighted by per-token `loss_weight` [B,L] when given (packing's sample/square averaging),
+        divided by the micro-batch's own token count (or summed weight; the original's token mean) or by
+        `num_items_in_batch` when the caller passes the optimizer step's count.  Other kwargs (cache, use_cache,
         output_hidden_states, ...) go to the language model.
         `sync_free`: merge the image features without reading anything back to the host (no count check, static
         shapes), for CUDA-graph capture of a whole training step; the caller checks the counts first
@@ -260,34 +260,10 @@ class InternVLChatModel(ChatMixin, PreTrainedModel):
         )
         loss = None
         if labels is not None:
-            loss = self.compute_loss(outputs.logits, labels, loss_weight, num_items_in_batch)
+            loss = causal_lm_loss(outputs.logits, None, labels, loss_weight=loss_weight,
+                                  num_items_in_batch=num_items_in_batch)
         fields = {k: v for k, v in outputs.items() if k != "loss"}
         return type(outputs)(loss=loss, **fields)
-
-    @staticmethod
-    def compute_loss(
-        logits: torch.Tensor,
-        labels: torch.Tensor,
-        loss_weight: torch.Tensor | None = None,
-        num_items_in_batch: int | torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Next-token cross-entropy (fp32) of logits [B,L,V] against labels [B,L] (see `forward` for the averaging)."""
-        shift_logits = logits[:, :-1, :].float()
-        shift_labels = labels[:, 1:].to(shift_logits.device)
-        ce = F.cross_entropy(
-            shift_logits.reshape(-1, shift_logits.shape[-1]),
-            shift_labels.reshape(-1),
-            ignore_index=IGNORE_INDEX,
-            reduction="none",
-        )
-        valid = (shift_labels.reshape(-1) != IGNORE_INDEX).to(ce.dtype)
-        if loss_weight is not None:
-            weight = loss_weight[:, 1:].to(ce.device, ce.dtype).reshape(-1) * valid
-            return (ce * weight).sum() / weight.sum().clamp_min(1e-12)
-        if num_items_in_batch is not None:
-            denom = torch.as_tensor(num_items_in_batch, device=ce.device, dtype=ce.dtype)
-            return ce.sum() / denom.clamp_min(1)
-        return ce.sum() / valid.sum().clamp_min(1)
 
     # ----- generation -----
     @torch.no_grad()

@@ -22,23 +22,18 @@ from __future__ import annotations
 import functools
 import logging
 import sys
-import types
 
 import torch
+import torch._dynamo
 import torch.nn.functional as F
 from torch import nn
+from transformers.modeling_layers import GradientCheckpointingLayer
 
-from .fast_kernels import restore_forwards
+from ..compat import attend, restore_forwards, swap_forward
 
 logger = logging.getLogger(__name__)
 
 _COMPILED: dict[tuple, object] = {}
-
-
-def _checkpoint_layer_class():
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    return GradientCheckpointingLayer
 
 
 def _plain_linear(module: object) -> bool:
@@ -74,8 +69,6 @@ def _cat_linear(x: torch.Tensor, linears: tuple[nn.Linear, ...]) -> list[torch.T
 def fused_attention_forward(self: nn.Module, hidden_states: torch.Tensor, position_embeddings=None,
                             attention_mask=None, cache=None, **kwargs):
     """transformers' Llama attention forward with q/k/v as one matmul (same maths, same parameters)."""
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
     input_shape = hidden_states.shape[:-1]
     hidden_shape = (*input_shape, -1, self.head_dim)
     query, key, value = _cat_linear(hidden_states, (self.q_proj, self.k_proj, self.v_proj))
@@ -84,18 +77,7 @@ def fused_attention_forward(self: nn.Module, hidden_states: torch.Tensor, positi
     value = value.reshape(hidden_shape).transpose(1, 2)
     cos, sin = position_embeddings
     query, key = sys.modules[type(self).__module__].apply_rotary_pos_emb(query, key, cos, sin)
-    if cache is not None:
-        key, value = cache.update(key, value, self.layer_idx, kwargs=kwargs)
-    attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, None)
-    if attention is None:
-        from transformers.models.llama.modeling_llama import (
-            eager_attention_forward as attention,
-        )
-    out, weights = attention(self, query, key, value, attention_mask,
-                             dropout=0.0 if not self.training else self.attention_dropout, scaling=self.scaling,
-                             **kwargs)
-    out = out.reshape(*input_shape, -1).contiguous()
-    return self.o_proj(out), weights
+    return attend(self, query, key, value, attention_mask, cache, input_shape, **kwargs)
 
 
 def fused_mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -113,14 +95,11 @@ def fuse_projections(model: nn.Module) -> dict[str, int]:
         if getattr(module, "_fast_kernel", False) or getattr(module, "_fused_proj", False):
             continue
         if _fusable_attention(module):
-            module.forward = types.MethodType(fused_attention_forward, module)
+            swap_forward(module, fused_attention_forward, "_fused_proj")
             counts["qkv"] += 1
         elif _fusable_mlp(module):
-            module.forward = types.MethodType(fused_mlp_forward, module)
+            swap_forward(module, fused_mlp_forward, "_fused_proj")
             counts["gate_up"] += 1
-        else:
-            continue
-        module._fused_proj = True
     return counts
 
 
@@ -191,9 +170,7 @@ def compile_layers(model: nn.Module, *, ckpt: str = "inside", backend: str = "in
         raise ValueError("compile_layers takes a mode or inductor options, not both (torch.compile's rule)")
     if ckpt not in ("inside", "outside"):
         raise ValueError(f"ckpt must be 'inside' or 'outside', got {ckpt!r}")
-    base = _checkpoint_layer_class()
-    import torch._dynamo
-
+    base = GradientCheckpointingLayer
     limit_name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
     setattr(torch._dynamo.config, limit_name, max(getattr(torch._dynamo.config, limit_name), 64))
     counts: dict[str, int] = {}
@@ -203,8 +180,7 @@ def compile_layers(model: nn.Module, *, ckpt: str = "inside", backend: str = "in
         if any(name == s or name.startswith(s + ".") for s in skip):
             continue
         fn = _compiled_for(type(module), ckpt=ckpt, backend=backend, mode=mode, dynamic=dynamic, options=options)
-        module.forward = types.MethodType(fn, module)
-        module._compiled_layer = True
+        swap_forward(module, fn, "_compiled_layer")
         counts[type(module).__name__] = counts.get(type(module).__name__, 0) + 1
     logger.info("compiled layers (%s, checkpointing %s): %s", backend, ckpt, counts)
     return counts

@@ -1,4 +1,5 @@
-"""Cross-entropy over the LM head without materialising the full logits tensor.
+"""The training loss, `causal_lm_loss` (called by the model's forward and by the trainer), with its divisor
+`loss_items`, and the cross-entropy kernels over the LM head that avoid materialising the full logits tensor.
 
 Why: for a batch of T tokens and a vocabulary of V the plain path builds [T, V] bf16 logits, upcasts them to fp32 and
 keeps both for backward (8 x 1024 tokens x 64k vocab = 1 GB bf16 + 2 GB fp32 plus their gradients). Two savings:
@@ -203,6 +204,16 @@ class PaddedLinearCrossEntropy(torch.autograd.Function):
         )
 
 
+def weighted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor,
+                           token_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """sum(w * CE(logits, labels)) / sum(w) over rows with labels != IGNORE_INDEX, in fp32 from materialised logits
+    [N, V] (w = token_weights [N], 1 when None): the reference the fused kernels are checked against."""
+    ce = F.cross_entropy(logits.float(), labels.clamp(min=0), reduction="none")
+    valid = (labels != IGNORE_INDEX).to(torch.float32)
+    w = valid if token_weights is None else token_weights.to(torch.float32) * valid
+    return (ce * w).sum() / w.sum().clamp(min=torch.finfo(torch.float32).tiny)
+
+
 def linear_cross_entropy(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -235,16 +246,13 @@ def linear_cross_entropy(
         rows = padded_rows_per_chunk(weight.shape[0], hidden.dtype)
         return PaddedLinearCrossEntropy.apply(hidden, weight, bias, labels, token_weights, rows, compiled)
     if impl == "plain":
-        logits = F.linear(hidden, weight, bias).float()
-        ce = F.cross_entropy(logits, labels.clamp(min=0), reduction="none")
-        valid = (labels != IGNORE_INDEX).to(torch.float32)
-        w = valid if token_weights is None else token_weights.to(torch.float32) * valid
-        return (ce * w).sum() / w.sum().clamp(min=torch.finfo(torch.float32).tiny)
+        return weighted_cross_entropy(F.linear(hidden, weight, bias), labels, token_weights)
     if impl == "chunked":
         return ChunkedLinearCrossEntropy.apply(hidden, weight, bias, labels, token_weights, int(chunk_size))
     if impl == "liger":
         if token_weights is not None:
             raise ValueError("the liger path takes no per-token weights; use impl='chunked'")
+        # liger-kernel is an optional CUDA/Triton dependency: imported only on this path
         from liger_kernel.ops.fused_linear_cross_entropy import (
             LigerFusedLinearCrossEntropyFunction,
         )
@@ -267,33 +275,55 @@ def fused_head_supported(lm_head: torch.nn.Module) -> bool:
     return not hasattr(weight, "ds_id") and weight.numel() == lm_head.in_features * lm_head.out_features
 
 
+def loss_items(labels: torch.Tensor, loss_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """The divisor one micro-batch contributes to `causal_lm_loss`'s `num_items_in_batch`: its supervised next-token
+    positions (labels[:, 1:] != IGNORE_INDEX), or their summed `loss_weight` when per-token weights are given.
+
+    The trainer sums this over every micro-batch of an optimizer step (and every rank), so each token weighs the same
+    however samples fall into micro-batches. Returns an fp32 scalar on the labels' device.
+    """
+    supervised = labels[:, 1:] != IGNORE_INDEX
+    if loss_weight is None:
+        return supervised.sum().float()
+    return (loss_weight[:, 1:].float().to(labels.device) * supervised).sum()
+
+
 def causal_lm_loss(
     hidden_states: torch.Tensor,
-    lm_head: torch.nn.Linear,
+    lm_head: torch.nn.Linear | None,
     labels: torch.Tensor,
     *,
     loss_weight: torch.Tensor | None = None,
-    num_items_in_batch: int | torch.Tensor | None = None,
+    num_items_in_batch: int | float | torch.Tensor | None = None,
     impl: str = "auto",
     capacity: int | None = None,
 ) -> torch.Tensor:
-    """Next-token loss from the last hidden states, running the LM head on supervised positions only.
+    """The training loss: next-token cross-entropy (fp32) over supervised positions, the one implementation that the
+    model's `forward(labels=...)` and the trainer (plain and fused paths) call.
+
+    Loss = sum_i w_i * CE_i / D over supervised next-token positions i (labels[:, 1:] != IGNORE_INDEX), where
+    w_i = loss_weight (per token, aligned with `labels`; 1 when None) and D = `num_items_in_batch` when given (the
+    whole optimizer step's `loss_items`, HF Trainer's exact averaging under gradient accumulation), else this
+    micro-batch's own sum of w (the weighted token mean).
 
     Args:
-        hidden_states: [B, T, H] final hidden states (after the final norm).
-        lm_head: the output projection (weight [V, H]).
+        hidden_states: [B, T, H] final hidden states (after the final norm) with `lm_head` (weight [V, H]): the head
+            runs on the supervised rows only, through `linear_cross_entropy(impl=impl)` (the padded-vocabulary kernel
+            on CUDA, chunked on CPU), so no [B, T, V] logits are kept for backward. With `lm_head=None`,
+            `hidden_states` are already logits [B, T, V] (the model's forward, or a head the fused path cannot read:
+            LoRA-wrapped or ZeRO-3-partitioned, see `fused_head_supported`) and `impl` is ignored.
         labels: [B, T] token ids with IGNORE_INDEX where unsupervised (unshifted, as in HF).
-        loss_weight: optional [B, T] per-token weights aligned with `labels` (packing's square/sample averaging).
-        num_items_in_batch: when given (and no loss_weight), the loss is the sum over supervised positions divided by
-            it (HF Trainer's exact averaging under gradient accumulation).
         capacity: None gathers the supervised rows by a boolean index (one host sync for their count). An int
             gathers exactly `capacity` rows (`torch.nonzero_static`; the unused slots carry IGNORE_INDEX and weight
             0): no host sync and static shapes, for CUDA-graph capture. The caller guarantees capacity >= the number
             of supervised positions (rows past it would be dropped); `internvl.train.graph_step` checks it on the host.
-    Returns the weighted mean over supervised next-token predictions (a scalar, fp32).
+    Returns a scalar fp32 tensor (0 with a graph when nothing is supervised).
     """
     if hidden_states.shape[:2] != labels.shape:
         raise ValueError(f"hidden_states {tuple(hidden_states.shape)} and labels {tuple(labels.shape)} disagree")
+    labels = labels.to(hidden_states.device)
+    if loss_weight is not None:
+        loss_weight = loss_weight.to(hidden_states.device)
     shift_labels = labels[:, 1:]
     keep = shift_labels != IGNORE_INDEX
     if capacity is not None:
@@ -304,12 +334,17 @@ def causal_lm_loss(
         weights = loss_weight[:, 1:][keep] if loss_weight is not None else None
         count = rows.shape[0]
         if count == 0:
-            return hidden_states.sum() * 0.0 + lm_head.weight.sum() * 0.0
-    loss = linear_cross_entropy(rows, lm_head.weight, targets, bias=lm_head.bias, token_weights=weights, impl=impl)
-    if num_items_in_batch is not None and weights is None:
-        denom = torch.as_tensor(num_items_in_batch, device=loss.device, dtype=loss.dtype).clamp(min=1)
-        loss = loss * count / denom
-    return loss
+            unused = hidden_states.sum() * 0.0
+            return (unused + lm_head.weight.sum() * 0.0 if lm_head is not None else unused).float()
+    if lm_head is None:
+        mean = weighted_cross_entropy(rows, targets, weights)
+    else:
+        mean = linear_cross_entropy(rows, lm_head.weight, targets, bias=lm_head.bias, token_weights=weights, impl=impl)
+    if num_items_in_batch is None:
+        return mean
+    total_weight = weights.float().sum() if weights is not None else count
+    denom = torch.as_tensor(num_items_in_batch, device=mean.device, dtype=mean.dtype)
+    return mean * total_weight / denom.clamp(min=torch.finfo(torch.float32).tiny)
 
 
 def _gather_static(hidden_states: torch.Tensor, shift_labels: torch.Tensor, keep: torch.Tensor,

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import inspect
 import logging
-import types
 
 import torch
 from torch import nn
 
+from ..compat import attend, restore_forwards, swap_forward
 from .cross_entropy import liger_available
 
 logger = logging.getLogger(__name__)
@@ -39,7 +39,8 @@ def _is_swiglu_mlp(module: nn.Module) -> bool:
     return isinstance(act, nn.SiLU) or type(act).__name__ in {"SiLU", "SiLUActivation"}
 
 
-# The three kernels (module-level so CPU tests can substitute PyTorch equivalents and test the plumbing).
+# The three kernels (module-level so CPU tests can substitute PyTorch equivalents and test the plumbing). liger-kernel
+# is imported inside them: it is an optional CUDA/Triton dependency, absent on CPU machines.
 def _liger_rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     from liger_kernel.ops.rms_norm import LigerRMSNormFunction
 
@@ -79,8 +80,6 @@ def _is_rope_attention(module: nn.Module) -> bool:
 def _rope_attn_forward(self: nn.Module, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None,
                        cache=None, **kwargs):
     """transformers' Llama/Qwen2 attention forward with RoPE applied by liger's fused kernel (same maths)."""
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
     input_shape = hidden_states.shape[:-1]
     hidden_shape = (*input_shape, -1, self.head_dim)
     query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
@@ -88,16 +87,7 @@ def _rope_attn_forward(self: nn.Module, hidden_states: torch.Tensor, position_em
     value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
     cos, sin = position_embeddings
     query, key = _liger_rope(query, key, cos, sin)
-    if cache is not None:
-        key, value = cache.update(key, value, self.layer_idx, kwargs=kwargs)
-    attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, None)
-    if attention is None:
-        raise RuntimeError(f"no attention function {self.config._attn_implementation!r}")
-    out, weights = attention(self, query, key, value, attention_mask,
-                             dropout=0.0 if not self.training else self.attention_dropout, scaling=self.scaling,
-                             **kwargs)
-    out = out.reshape(*input_shape, -1).contiguous()
-    return self.o_proj(out), weights
+    return attend(self, query, key, value, attention_mask, cache, input_shape, **kwargs)
 
 
 _SWAPS = {"rms_norm": (_is_rms_norm, _rms_forward), "swiglu": (_is_swiglu_mlp, _swiglu_forward),
@@ -156,8 +146,7 @@ def enable_fast_kernels(model: nn.Module, *, rms_norm: bool = True, swiglu: bool
             continue
         for kind, (match, forward) in _SWAPS.items():
             if wanted[kind] and match(module):
-                module.forward = types.MethodType(forward, module)
-                module._fast_kernel = True
+                swap_forward(module, forward, "_fast_kernel")
                 swapped[kind].append(module)
                 break
     for kind, modules in swapped.items():
@@ -167,25 +156,11 @@ def enable_fast_kernels(model: nn.Module, *, rms_norm: bool = True, swiglu: bool
         if problem is not None:
             logger.warning("fast %s kernel disabled: %s", kind, problem)
             for module in modules:
-                del module.forward
-                module._fast_kernel = False
+                restore_forwards(module, "_fast_kernel")
             continue
         counts[kind] = len(modules)
     logger.info("fast kernels enabled: %s", counts)
     return counts
-
-
-def restore_forwards(model: nn.Module, flag: str) -> int:
-    """Undo a per-instance forward swap: every module of `model` whose attribute `flag` is True gets its class
-    forward back (the instance attribute is deleted) and the flag cleared. Returns how many were restored. Shared by
-    the fast kernels, the fused projections and the compiled layers, which all swap `module.forward` this way."""
-    restored = 0
-    for module in model.modules():
-        if getattr(module, flag, False):
-            del module.forward
-            setattr(module, flag, False)
-            restored += 1
-    return restored
 
 
 def disable_fast_kernels(model: nn.Module) -> int:

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers.integrations import is_deepspeed_zero3_enabled
 
 from .compile_layers import (
     compile_layers,
@@ -66,10 +67,6 @@ def _has_lora(module: nn.Module) -> bool:
 
 
 def _zero3_enabled() -> bool:
-    try:
-        from transformers.integrations import is_deepspeed_zero3_enabled
-    except ImportError:  # pragma: no cover - transformers is a hard dependency
-        return False
     return bool(is_deepspeed_zero3_enabled())
 
 
@@ -172,10 +169,12 @@ def _final_norm(language_model: nn.Module) -> nn.Module | None:
 
 def fused_loss_forward(model: nn.Module, model_inputs: dict[str, Any], labels: torch.Tensor, *,
                        loss_weight: torch.Tensor | None = None, impl: str = "auto",
-                       lm_head: nn.Module | None = None, capacity: int | None = None) -> tuple[torch.Tensor, Any]:
+                       lm_head: nn.Module | None = None, capacity: int | None = None,
+                       num_items_in_batch: int | float | torch.Tensor | None = None) -> tuple[torch.Tensor, Any]:
     """The trainer's fused-loss forward: run the model without building [B, L, V] logits (only the last position's,
     `logits_to_keep=1`) and without a KV cache, take the final hidden states, and compute the weighted-mean
-    next-token CE with the LM head on supervised positions only (`causal_lm_loss`). Returns (mean loss, outputs).
+    next-token CE with the LM head on supervised positions only (`causal_lm_loss`). Returns (loss, outputs): the
+    weighted token mean, or the weighted sum over `num_items_in_batch` when given (see `causal_lm_loss`).
 
     The final hidden states are the output of the decoder's final norm, read by a forward hook on that module: asking
     transformers for `output_hidden_states` would install its capture hooks on every layer and attention module,
@@ -205,5 +204,6 @@ def fused_loss_forward(model: nn.Module, model_inputs: dict[str, Any], labels: t
         if len(captured) != 1:
             raise RuntimeError(f"the final norm ran {len(captured)} times in one forward; expected once")
         hidden = captured[0]
-    loss = causal_lm_loss(hidden, lm_head, labels, loss_weight=loss_weight, impl=impl, capacity=capacity)
+    loss = causal_lm_loss(hidden, lm_head, labels, loss_weight=loss_weight, num_items_in_batch=num_items_in_batch,
+                          impl=impl, capacity=capacity)
     return loss, outputs

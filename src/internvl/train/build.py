@@ -13,7 +13,10 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from transformers.integrations import deepspeed as hf_deepspeed
+from transformers.integrations import is_deepspeed_zero3_enabled
 
+from internvl.compat import active_hf_deepspeed_config, set_attn_implementation
 from internvl.constants import IMG_CONTEXT_TOKEN
 from internvl.model import InternVLChatConfig, InternVLChatModel, load_preset
 from internvl.tokenization import add_special_tokens, load_tokenizer, save_tokenizer
@@ -64,7 +67,7 @@ def apply_overrides(config: InternVLChatConfig, model_args: ModelArguments, data
         if from_preset:
             config.vision_config.image_size = data_args.force_image_size
         config.force_image_size = data_args.force_image_size
-    config.llm_config._attn_implementation = model_args.attn_implementation
+    set_attn_implementation(config.llm_config, model_args.attn_implementation)
     config.llm_config.use_cache = False
 
 
@@ -110,10 +113,7 @@ def whole_model_construction() -> Iterator[None]:
     (so anything reading shapes, e.g. the embedding resize, goes wrong: NaN embeddings were seen on a GPU run).
     A preset model is small enough to build whole; DeepSpeed partitions it when the engine starts.
     """
-    from transformers.integrations import deepspeed as hf_deepspeed
-
-    ref = hf_deepspeed._hf_deepspeed_config_weak_ref
-    active = ref() if ref is not None else None
+    active = active_hf_deepspeed_config()
     hf_deepspeed.unset_hf_deepspeed_config()
     try:
         yield
@@ -158,8 +158,6 @@ def build_model_and_tokenizer(model_args: ModelArguments, data_args: DataTrainin
         if data_args.force_image_size is not None and data_args.force_image_size != native_size:
             resize_position_embeddings(model, data_args.force_image_size)
         base_dir = str(model_args.model_name_or_path)
-    from transformers.integrations import is_deepspeed_zero3_enabled
-
     if len(tokenizer) > model.config.llm_config.vocab_size:
         if is_deepspeed_zero3_enabled():
             raise ValueError(f"{tokenizer_dir}: the tokenizer has {len(tokenizer)} tokens but the checkpoint's LLM only "
@@ -185,8 +183,6 @@ def build_model_and_tokenizer(model_args: ModelArguments, data_args: DataTrainin
 
 def resize_position_embeddings(model: nn.Module, new_size: int) -> None:
     """Change the tile size of a loaded model: bicubic-resize the ViT position grid once and update the config."""
-    from transformers.integrations import is_deepspeed_zero3_enabled
-
     if is_deepspeed_zero3_enabled():
         raise ValueError(f"cannot resize the ViT position grid to {new_size} under ZeRO-3 (partitioned weights); "
                          "resize once without ZeRO-3 and save that checkpoint")

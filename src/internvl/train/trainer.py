@@ -1,9 +1,10 @@
 """`MedRegTrainer`: transformers' Trainer with the pieces InternVL fine-tuning needs.
 
-- Loss: next-token cross-entropy summed over supervised tokens and divided by the number of supervised tokens of the
-  whole optimizer step (all gradient-accumulation micro-batches, all ranks), so every token weighs the same no matter
-  how samples fall into micro-batches. With packing, per-token `loss_weight` (token / sample / square) is used and
-  the divisor is the summed weight.
+- Loss: `internvl.ops.causal_lm_loss` (the model's loss too): next-token cross-entropy summed over supervised tokens
+  and divided by the number of supervised tokens of the whole optimizer step (`loss_items` summed over all
+  gradient-accumulation micro-batches and ranks), so every token weighs the same no matter how samples fall into
+  micro-batches. With packing, per-token `loss_weight` (token / sample / square) is used and the divisor is the summed
+  weight.
 - Checkpoints are written atomically (`internvl.train.checkpoint`): a staging folder renamed into place when done.
 - LoRA runs save PEFT adapters (+ other trained weights) instead of the full model.
 - Length-grouped sampling from the dataset's `lengths` (deterministic per epoch, so resume replays the same order).
@@ -19,16 +20,15 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 from peft import PeftModel
 from peft.utils import set_peft_model_state_dict
 from torch.utils.data import Sampler
-from transformers import Trainer, TrainerCallback
+from transformers import TrainerCallback
 
-from internvl.constants import IGNORE_INDEX
-from internvl.ops import fused_head_supported
+from internvl.compat import trainer_base
+from internvl.ops.cross_entropy import causal_lm_loss, fused_head_supported, loss_items
 from internvl.ops.train_speedups import (
     TrainSpeedups,
     apply_train_speedups,
@@ -43,31 +43,6 @@ from internvl.train.lora import has_lora, load_original_keys, save_lora_run, NON
 # packed batch (PackedCollator), which has fewer rows than samples.
 TRAINER_ONLY_KEYS = ("labels", "loss_weight", "num_samples")
 logger = logging.getLogger("internvl.train")
-
-
-def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor, loss_weight: torch.Tensor | None = None) -> torch.Tensor:
-    """Sum of shifted next-token cross-entropy over supervised positions.
-
-    logits [B, L, V], labels [B, L] (IGNORE_INDEX = unsupervised), loss_weight [B, L] optional per-token weight of the
-    label at that position. Returns a scalar (fp32).
-    """
-    shift_logits = logits[:, :-1, :].float()
-    shift_labels = labels[:, 1:]
-    ce = F.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
-                         ignore_index=IGNORE_INDEX, reduction="none")
-    if loss_weight is not None:
-        weights = loss_weight[:, 1:].reshape(-1).to(ce.dtype) * (shift_labels.reshape(-1) != IGNORE_INDEX)
-        return (ce * weights).sum()
-    return ce.sum()
-
-
-def count_loss_items(batch: dict[str, Any]) -> torch.Tensor:
-    """Divisor contributed by one micro-batch: supervised shifted labels, or their summed `loss_weight`."""
-    labels = batch["labels"][:, 1:]
-    mask = labels != IGNORE_INDEX
-    if batch.get("loss_weight") is not None:
-        return (batch["loss_weight"][:, 1:].float() * mask).sum()
-    return mask.sum().float()
 
 
 class LengthGroupedSampler(Sampler[int]):
@@ -130,8 +105,21 @@ class SpeedupCallback(TrainerCallback):
             self.report = None
 
 
-class MedRegTrainer(Trainer):
+class LogClockCallback(TrainerCallback):
+    """Starts the trainer's throughput clock when training starts (the first log's rate covers the first steps)."""
+
+    def __init__(self, trainer: "MedRegTrainer") -> None:
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.trainer._last_log_time = time.perf_counter()
+
+
+class MedRegTrainer(trainer_base()):
     """Trainer with per-token loss over the accumulated batch, atomic checkpoints, LoRA saving, throughput logs.
+
+    It changes transformers' Trainer only through the hooks of `internvl.compat.trainer_base` (the one place that
+    overrides Trainer's private steps), public methods (`compute_loss`, `log`) and callbacks.
 
     Extra constructor arguments: `group_by_length` (use the dataset's `lengths`), `base_model` (recorded in LoRA runs),
     `fused_lm_loss` (LM head + cross-entropy on supervised positions only, in chunks; same loss, far less memory),
@@ -157,12 +145,14 @@ class MedRegTrainer(Trainer):
         self._staging = False
         if self.train_dataset is not None and hasattr(self.train_dataset, "set_epoch"):
             self.add_callback(DatasetEpochCallback(self.train_dataset))
+        self.add_callback(LogClockCallback(self))
 
     # ---- sampling -------------------------------------------------------------------------------------------
-    def _get_train_sampler(self, train_dataset=None):
+    def train_sampler(self, train_dataset, default):
+        """Length-grouped sampling with `group_by_length`, else Trainer's sampler."""
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         if not self.group_by_length:
-            return super()._get_train_sampler(train_dataset)
+            return default(train_dataset)
         lengths = getattr(dataset, "lengths", None)
         if lengths is None:
             raise ValueError(f"--group_by_length needs a dataset with `lengths`; {type(dataset).__name__} has none")
@@ -170,11 +160,11 @@ class MedRegTrainer(Trainer):
         return LengthGroupedSampler(list(lengths), group_size=group, seed=self.args.seed)
 
     # ---- loss ------------------------------------------------------------------------------------------------
-    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor | None:
+    def step_loss_items(self, batch_samples: list, device: torch.device, default=None) -> torch.Tensor | None:
         """Supervised tokens (or summed weights) of the whole optimizer step, summed over ranks."""
         if not batch_samples or "labels" not in batch_samples[0]:
             return None
-        total = sum(count_loss_items(b) for b in batch_samples).to(device)
+        total = sum(loss_items(b["labels"], b.get("loss_weight")) for b in batch_samples).to(device)
         if self.args.world_size > 1:
             total = self.accelerator.gather(total.reshape(1)).sum()
         return total
@@ -200,24 +190,21 @@ class MedRegTrainer(Trainer):
             num_samples = inputs.get("num_samples")  # packed batches: samples, not rows
             self._samples_seen = self._samples_seen + (num_samples if num_samples is not None
                                                        else inputs["input_ids"].shape[0])
+        # the one loss (internvl.ops.causal_lm_loss): weighted CE sum over the step's divisor, or the micro-batch's
+        # own weighted token mean when no divisor is passed (e.g. in eval)
         lm_head = self._fused_head()
         if lm_head is not None:
-            # Only the last position's logits are built; the loss runs the LM head on supervised positions in chunks
-            # (internvl.ops.causal_lm_loss), so no [B, L, V] logits are kept for backward.
-            mean, outputs = fused_loss_forward(model, model_inputs, labels, loss_weight=loss_weight,
-                                               impl=self.lm_loss_impl, lm_head=lm_head)
-            loss_sum = mean * count_loss_items(inputs).to(mean.device)
+            # Only the last position's logits are built; the loss runs the LM head on supervised positions in chunks,
+            # so no [B, L, V] logits are kept for backward.
+            loss, outputs = fused_loss_forward(model, model_inputs, labels, loss_weight=loss_weight,
+                                               impl=self.lm_loss_impl, lm_head=lm_head,
+                                               num_items_in_batch=num_items_in_batch)
         else:
             outputs = model(**model_inputs)
             logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
-            loss_sum = token_loss_sum(logits, labels, loss_weight)
-        if num_items_in_batch is None:
-            denom = count_loss_items(inputs).to(loss_sum.device)
-            scale = 1.0
-        else:
-            denom = torch.as_tensor(num_items_in_batch, device=loss_sum.device, dtype=torch.float32)
-            scale = float(self.accelerator.num_processes) if self.args.world_size > 1 else 1.0
-        loss = loss_sum / denom.clamp_min(1.0) * scale
+            loss = causal_lm_loss(logits, None, labels, loss_weight=loss_weight, num_items_in_batch=num_items_in_batch)
+        if num_items_in_batch is not None and self.args.world_size > 1:
+            loss = loss * float(self.accelerator.num_processes)
         return (loss, outputs) if return_outputs else loss
 
     def _fused_head(self) -> nn.Module | None:
@@ -251,24 +238,21 @@ class MedRegTrainer(Trainer):
             self._last_log_time = now
         super().log(logs, *args, **kwargs)
 
-    def _inner_training_loop(self, *args: Any, **kwargs: Any):
-        self._last_log_time = time.perf_counter()
-        return super()._inner_training_loop(*args, **kwargs)
-
     # ---- checkpoints -----------------------------------------------------------------------------------------
-    def _get_output_dir(self, trial) -> str:
-        run_dir = super()._get_output_dir(trial)
+    def checkpoint_dir(self, trial, default) -> str:
+        """The run folder, or its staging folder while a checkpoint is being written."""
+        run_dir = default(trial)
         return str(ckpt.staging_root(run_dir)) if self._staging else run_dir
 
-    def _save_checkpoint(self, model: nn.Module, trial) -> None:
+    def save_checkpoint(self, model: nn.Module, trial, default) -> None:
         """Write checkpoint-N into the staging folder, then publish it with an atomic rename."""
-        run_dir = self._get_output_dir(trial)
+        run_dir = self.run_dir(trial)
         if self.args.should_save:
             ckpt.clean_staging(run_dir)
         self._barrier()
         self._staging = True
         try:
-            super()._save_checkpoint(model, trial)
+            default(model, trial)
         finally:
             self._staging = False
         self._barrier()
@@ -282,14 +266,14 @@ class MedRegTrainer(Trainer):
         if self.args.world_size > 1 and dist.is_initialized():
             dist.barrier()
 
-    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+    def save_model_files(self, output_dir: str | None, state_dict: dict | None, default) -> None:
         """Full runs: original-layout `save_pretrained`. LoRA runs: PEFT adapters + other trained weights.
 
         Both write the tokenizer with `internvl.tokenization.save_tokenizer` (Trainer's `save_pretrained` alone leaves
         out the SentencePiece files and is not checked to reload identically)."""
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if not has_lora(self.model):
-            super()._save(output_dir, state_dict=state_dict)
+            default(output_dir, state_dict=state_dict)
             if self.args.should_save and self.processing_class is not None:
                 save_tokenizer(self.processing_class, output_dir)
             return None
@@ -303,11 +287,11 @@ class MedRegTrainer(Trainer):
             save_tokenizer(self.processing_class, output_dir)
         return None
 
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+    def load_checkpoint_weights(self, resume_from_checkpoint: str, model: nn.Module | None, default) -> None:
         """LoRA runs reload adapters + other trained weights; full runs use Trainer's safetensors loading."""
         model = self.model if model is None else model
         if not has_lora(model):
-            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+            return default(resume_from_checkpoint, model)
         for part in LORA_PARTS:
             sub = getattr(model, part, None)
             adapter_dir = os.path.join(resume_from_checkpoint, "adapters", part)

@@ -28,8 +28,8 @@ from internvl.data.prompts import LANGS, PromptError, build_record
 from internvl.data.records import RecordChecker, RecordProblem
 
 __all__ = [
-    "CONVERTERS", "ConvertError", "ConvertReport", "add_common_arguments", "build_or_skip", "build_records", "check_task",
-    "common_options", "finish", "finish_report", "get_converter", "open_text", "read_csv", "read_json",
+    "CONVERTERS", "ConvertError", "ConvertOptions", "ConvertReport", "add_common_arguments", "build_or_skip", "build_records", "check_task",
+    "common_options", "finish_report", "get_converter", "open_text", "read_csv", "read_json",
     "write_jsonl", "write_output",
 ]
 
@@ -81,6 +81,24 @@ class ConvertReport:
         return text
 
 
+@dataclass(frozen=True)
+class ConvertOptions:
+    """The options every ``convert_*`` function takes as keywords (``**options``; :func:`add_common_arguments` on the
+    command line): prompt language, the root that record image paths are relative to (``None``: image files are not
+    checked) and how much of each image to check, a prefix for record ids, and whether questions carry the task
+    prompt (``False``: raw questions, the meta_file.json ``base_prompt`` supplies it)."""
+
+    lang: str = "en"
+    image_root: str | Path | None = None
+    image_check: str = "exists"
+    id_prefix: str = ""
+    include_base_prompt: bool = True
+
+    def finish(self, items: Iterable[tuple[str, int, dict]], report: ConvertReport) -> tuple[list[dict], ConvertReport]:
+        """:func:`finish_report` with these options' image root and check level."""
+        return finish_report(items, report, image_root=self.image_root, image_check=self.image_check)
+
+
 def write_jsonl(records: Iterable[dict], path: str | Path) -> int:
     """Write records as UTF-8 jsonl (non-ASCII kept readable); returns the count. Creates parent directories."""
     path = Path(path)
@@ -93,30 +111,6 @@ def write_jsonl(records: Iterable[dict], path: str | Path) -> int:
     return n
 
 
-def finish(
-    items: Iterable[tuple[str, int, dict]],
-    report: ConvertReport,
-    *,
-    image_root: str | Path | None,
-    image_check: str = "exists",
-) -> list[dict]:
-    """Run every built record through the training record checks; bad ones are counted in ``report``.
-
-    ``items`` are ``(source_file, source_line, record)``. With ``image_root=None`` image files are not checked
-    (paths are still required to be relative and inside the root).
-    """
-    checker = RecordChecker(image_root=image_root or ".", image_check=image_check if image_root else "none")
-    kept = []
-    for file, line, record in items:
-        problems = checker.check(record, file=file, line=line)
-        if problems:
-            for p in problems:
-                report.skip(file, line, p.reason, p.message)
-            continue
-        kept.append(record)
-    return kept
-
-
 def finish_report(
     items: Iterable[tuple[str, int, dict]],
     report: ConvertReport,
@@ -124,8 +118,20 @@ def finish_report(
     image_root: str | Path | None,
     image_check: str = "exists",
 ) -> tuple[list[dict], ConvertReport]:
-    """:func:`finish` plus ``report.written``: the ``(records, report)`` every ``convert_*`` function returns."""
-    records = finish(items, report, image_root=image_root, image_check=image_check)
+    """Run every built record through the training record checks; bad ones are counted in ``report``. Returns the
+    ``(records, report)`` every ``convert_*`` function returns, with ``report.written`` set.
+
+    ``items`` are ``(source_file, source_line, record)``. With ``image_root=None`` image files are not checked
+    (paths are still required to be relative and inside the root).
+    """
+    checker = RecordChecker(image_root=image_root or ".", image_check=image_check if image_root else "none")
+    records = []
+    for file, line, record in items:
+        problems = checker.check(record, file=file, line=line)
+        for p in problems:
+            report.skip(file, line, p.reason, p.message)
+        if not problems:
+            records.append(record)
     report.written = len(records)
     return records, report
 
@@ -206,7 +212,7 @@ def read_csv(path: Path, required: Sequence[str], *, gunzip: bool = False) -> It
 
 
 def common_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The keyword arguments every ``convert_*`` function takes from :func:`add_common_arguments`'s options."""
+    """The :class:`ConvertOptions` keywords from :func:`add_common_arguments`'s command-line options."""
     return {"lang": args.lang, "image_root": args.image_root, "image_check": args.image_check,
             "id_prefix": args.id_prefix, "include_base_prompt": not args.no_base_prompt}
 

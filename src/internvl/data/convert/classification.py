@@ -15,9 +15,11 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
+from typing import Any
 
 from internvl.data.convert import (
     ConvertError,
+    ConvertOptions,
     ConvertReport,
     add_common_arguments,
     build_or_skip,
@@ -39,15 +41,16 @@ def convert_folders(
     root: str | Path,
     *,
     modality: str,
-    lang: str = "en",
     options: list[str] | None = None,
     target: str = "disease",
     notes: list[str] | None = None,
-    image_check: str = "exists",
-    id_prefix: str = "",
-    include_base_prompt: bool = True,
+    **common: Any,
 ) -> tuple[list[dict], ConvertReport]:
-    """``root/<class>/<image>`` -> single-label records with paths relative to ``root``."""
+    """``root/<class>/<image>`` -> single-label records with paths relative to ``root`` (which is their image root).
+    ``common``: :class:`ConvertOptions` keywords other than ``image_root``."""
+    if "image_root" in common:
+        raise ConvertError("class folders are their own image root; convert_folders takes no image_root")
+    opts = ConvertOptions(**common)
     root = Path(root)
     if not root.is_dir():
         raise ConvertError(f"{root}: not a directory")
@@ -69,12 +72,12 @@ def convert_folders(
                 report.skip(path, 0, "not-an-image", f"unsupported file type {path.suffix!r}")
                 continue
             rel = os.path.relpath(path, root)
-            record = build_or_skip(report, path, 0, "classify_single", lang, id=f"{id_prefix}{rel}", image=rel,
-                                   modality=modality, options=options, label=label, target=target, notes=notes,
-                                   include_base_prompt=include_base_prompt)
+            record = build_or_skip(report, path, 0, "classify_single", opts.lang, id=f"{opts.id_prefix}{rel}",
+                                   image=rel, modality=modality, options=options, label=label, target=target,
+                                   notes=notes, include_base_prompt=opts.include_base_prompt)
             if record is not None:
                 items.append((str(root / label), number, record))
-    return finish_report(items, report, image_root=root, image_check=image_check)
+    return finish_report(items, report, image_root=root, image_check=opts.image_check)
 
 
 def _flag(value: str | None) -> bool | None:
@@ -91,7 +94,6 @@ def convert_csv(
     *,
     modality: str,
     task: str = "classify_single",
-    lang: str = "en",
     image_column: str = "image",
     label_column: str | None = "label",
     label_columns: list[str] | None = None,
@@ -100,12 +102,11 @@ def convert_csv(
     empty_label: str | None = None,
     target: str = "disease",
     notes: list[str] | None = None,
-    image_root: str | Path | None = None,
-    image_check: str = "exists",
-    id_prefix: str = "",
-    include_base_prompt: bool = True,
+    **common: Any,
 ) -> tuple[list[dict], ConvertReport]:
-    """A label CSV -> records; see the module docstring for the column layouts."""
+    """A label CSV -> records; see the module docstring for the column layouts. ``common``: :class:`ConvertOptions`
+    keywords."""
+    opts = ConvertOptions(**common)
     check_task(task, TASKS)
     if task == "classify_single" and (label_columns or separator):
         raise ConvertError("one-hot label columns and separators are for classify_multi")
@@ -154,12 +155,12 @@ def convert_csv(
             report.skip(file, line, "bad-label", f"single-label task but got {labels}")
             continue
         fields = dict(label=labels[0]) if task == "classify_single" else dict(labels=labels)
-        record = build_or_skip(report, file, line, task, lang, id=f"{id_prefix}{line}", image=image, modality=modality,
-                               options=options, target=target, notes=notes, include_base_prompt=include_base_prompt,
-                               **fields)
+        record = build_or_skip(report, file, line, task, opts.lang, id=f"{opts.id_prefix}{line}", image=image,
+                               modality=modality, options=options, target=target, notes=notes,
+                               include_base_prompt=opts.include_base_prompt, **fields)
         if record is not None:
             items.append((file, line, record))
-    return finish_report(items, report, image_root=image_root, image_check=image_check)
+    return opts.finish(items, report)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -15,13 +15,13 @@ from typing import Any
 
 from internvl.data.convert import (
     ConvertError,
+    ConvertOptions,
     ConvertReport,
     add_common_arguments,
     build_or_skip,
     build_records,
     check_task,
     common_options,
-    finish_report,
     read_json,
     write_output,
 )
@@ -43,15 +43,13 @@ def convert_coco(
     path: str | Path,
     *,
     task: str = "text_to_region",
-    lang: str = "en",
     modality: str = "medical",
     image_prefix: str = "",
-    image_root: str | Path | None = None,
-    image_check: str = "exists",
-    id_prefix: str = "",
-    include_base_prompt: bool = True,
+    **options: Any,
 ) -> tuple[list[dict], ConvertReport]:
-    """Convert a COCO detection file; returns ``(records, report)``. Raises :class:`ConvertError` if unusable."""
+    """Convert a COCO detection file; returns ``(records, report)``. ``options``: :class:`ConvertOptions` keywords.
+    Raises :class:`ConvertError` if unusable."""
+    opts = ConvertOptions(**options)
     check_task(task, TASKS)
     path = Path(path)
     file = str(path)
@@ -59,15 +57,48 @@ def convert_coco(
     if not isinstance(data, dict) or not all(isinstance(data.get(k), list) for k in ("images", "annotations", "categories")):
         raise ConvertError(f"{file}:0: expected an object with 'images', 'annotations' and 'categories' lists")
     report = ConvertReport(source=f"coco {file}")
+    categories = _read_categories(data["categories"], file)
+    images = _read_images(data["images"], file, report)
+    boxes = _read_boxes(data["annotations"], images, categories, file, report)
+    image_line = {img_id: n for n, img in enumerate(data["images"], start=1)
+                  if isinstance(img, dict) and (img_id := img.get("id")) in images}
+    items: list[tuple[str, int, dict]] = []
+    for img_id, img in images.items():
+        found = boxes.get(img_id, [])
+        line = image_line[img_id]
+        if not found:
+            report.skip(file, line, "no-annotations", f"image {img['file_name']!r} has no usable boxes")
+            continue
+        common = dict(image=image_prefix + img["file_name"], width=img["width"], height=img["height"],
+                      modality=modality, include_base_prompt=opts.include_base_prompt)
+        if task == "text_to_region":
+            regions = _group_boxes(found, img, common["image"], file, line, report)
+            record = build_or_skip(report, file, line, "text_to_region", opts.lang, id=f"{opts.id_prefix}{img_id}",
+                                   regions=regions, **common)
+            if record is not None:
+                items.append((file, line, record))
+        else:
+            builds = [{"task": "region_to_text", "id": f"{opts.id_prefix}{img_id}-{box_line}",
+                       "regions": [(name, [xyxy])], "box_units": "pixel"} for box_line, name, xyxy in found]
+            records = build_records(report, file, line, opts.lang, builds, **common)
+            items += [(file, box_line, record) for (box_line, _, _), record in zip(found, records)]
+    return opts.finish(items, report)
 
+
+def _read_categories(entries: list, file: str) -> dict[Any, str]:
+    """Category id -> name; a category without an id or a name makes the file unusable."""
     categories: dict[Any, str] = {}
-    for i, cat in enumerate(data["categories"], start=1):
+    for i, cat in enumerate(entries, start=1):
         if not isinstance(cat, dict) or "id" not in cat or not isinstance(cat.get("name"), str) or not cat["name"].strip():
             raise ConvertError(f"{file}:{i}: categories[{i - 1}] needs an 'id' and a non-empty 'name'")
         categories[cat["id"]] = cat["name"].strip()
+    return categories
 
+
+def _read_images(entries: list, file: str, report: ConvertReport) -> dict[Any, dict]:
+    """Image id -> image entry, for entries with an id, a file name and a positive integer size (others skipped)."""
     images: dict[Any, dict] = {}
-    for i, img in enumerate(data["images"], start=1):
+    for i, img in enumerate(entries, start=1):
         where = f"images[{i - 1}]"
         if not isinstance(img, dict) or "id" not in img or not isinstance(img.get("file_name"), str):
             report.skip(file, i, "bad-image-entry", f"{where} needs 'id' and 'file_name'")
@@ -79,9 +110,14 @@ def convert_coco(
             report.skip(file, i, "duplicate-image-id", f"{where}: image id {img['id']!r} already used")
             continue
         images[img["id"]] = img
+    return images
 
-    boxes: dict[Any, list[tuple[int, str, list[float]]]] = defaultdict(list)  # image id -> (line, name, xyxy)
-    for i, ann in enumerate(data["annotations"], start=1):
+
+def _read_boxes(entries: list, images: dict[Any, dict], categories: dict[Any, str], file: str,
+                report: ConvertReport) -> dict[Any, list[tuple[int, str, list[float]]]]:
+    """Image id -> [(annotation line, category name, pixel [x1, y1, x2, y2])] of the valid annotations."""
+    boxes: dict[Any, list[tuple[int, str, list[float]]]] = defaultdict(list)
+    for i, ann in enumerate(entries, start=1):
         where = f"annotations[{i - 1}]" + (f" (id {ann.get('id')})" if isinstance(ann, dict) and "id" in ann else "")
         if not isinstance(ann, dict):
             report.skip(file, i, "bad-annotation", f"{where} is not an object")
@@ -94,50 +130,39 @@ def convert_coco(
         if name is None:
             report.skip(file, i, "unknown-category", f"{where}: category_id {ann.get('category_id')!r} is not defined")
             continue
-        bbox = ann.get("bbox")
-        if (not isinstance(bbox, list) or len(bbox) != 4
-                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in bbox)):
-            report.skip(file, i, "bad-bbox", f"{where}: bbox must be 4 finite numbers [x, y, w, h], got {bbox!r}")
+        problem = _bbox_problem(ann.get("bbox"), img["width"], img["height"])
+        if problem is not None:
+            report.skip(file, i, problem[0], f"{where}: {problem[1]}")
             continue
-        x, y, w, h = (float(v) for v in bbox)
-        if w <= 0 or h <= 0:
-            report.skip(file, i, "bad-bbox", f"{where}: bbox has non-positive width/height {bbox!r}")
-            continue
-        W, H = img["width"], img["height"]
-        if x < -EDGE_TOLERANCE or y < -EDGE_TOLERANCE or x + w > W + EDGE_TOLERANCE or y + h > H + EDGE_TOLERANCE:
-            report.skip(file, i, "bbox-outside-image", f"{where}: bbox {bbox!r} exceeds the {W}x{H} image")
-            continue
+        x, y, w, h = (float(v) for v in ann["bbox"])
         boxes[img["id"]].append((i, name, [x, y, x + w, y + h]))
+    return boxes
 
-    items: list[tuple[str, int, dict]] = []
-    image_line = {img_id: n for n, img in enumerate(data["images"], start=1)
-                  if isinstance(img, dict) and (img_id := img.get("id")) in images}
-    for img_id, img in images.items():
-        found = boxes.get(img_id, [])
-        if not found:
-            report.skip(file, image_line[img_id], "no-annotations", f"image {img['file_name']!r} has no usable boxes")
+
+def _bbox_problem(bbox: Any, width: int, height: int) -> tuple[str, str] | None:
+    """(reason, message) when a COCO ``[x, y, w, h]`` box is malformed, empty or outside the image, else None."""
+    if (not isinstance(bbox, list) or len(bbox) != 4
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in bbox)):
+        return "bad-bbox", f"bbox must be 4 finite numbers [x, y, w, h], got {bbox!r}"
+    x, y, w, h = (float(v) for v in bbox)
+    if w <= 0 or h <= 0:
+        return "bad-bbox", f"bbox has non-positive width/height {bbox!r}"
+    if x < -EDGE_TOLERANCE or y < -EDGE_TOLERANCE or x + w > width + EDGE_TOLERANCE or y + h > height + EDGE_TOLERANCE:
+        return "bbox-outside-image", f"bbox {bbox!r} exceeds the {width}x{height} image"
+    return None
+
+
+def _group_boxes(found: list[tuple[int, str, list[float]]], img: dict, image: str, file: str, line: int,
+                 report: ConvertReport) -> dict[str, list]:
+    """Category name -> its boxes (0-999) in one image, a repeated box skipped."""
+    grouped: dict[str, list] = {}
+    for _, name, xyxy in found:
+        box = pixels_to_box(xyxy, img["width"], img["height"])
+        if box in grouped.setdefault(name, []):
+            report.skip(file, line, "duplicate-box", f"{name} box {box} repeated in {image!r}")
             continue
-        W, H = img["width"], img["height"]
-        image = image_prefix + img["file_name"]
-        common = dict(image=image, width=W, height=H, modality=modality, include_base_prompt=include_base_prompt)
-        if task == "text_to_region":
-            grouped: dict[str, list] = {}
-            for _, name, xyxy in found:
-                box = pixels_to_box(xyxy, W, H)
-                if box in grouped.setdefault(name, []):
-                    report.skip(file, image_line[img_id], "duplicate-box", f"{name} box {box} repeated in {image!r}")
-                    continue
-                grouped[name].append(box)
-            record = build_or_skip(report, file, image_line[img_id], "text_to_region", lang,
-                                   id=f"{id_prefix}{img_id}", regions=grouped, **common)
-            if record is not None:
-                items.append((file, image_line[img_id], record))
-        else:
-            builds = [{"task": "region_to_text", "id": f"{id_prefix}{img_id}-{line}", "regions": [(name, [xyxy])],
-                       "box_units": "pixel"} for line, name, xyxy in found]
-            records = build_records(report, file, image_line[img_id], lang, builds, **common)
-            items += [(file, line, record) for (line, _, _), record in zip(found, records)]
-    return finish_report(items, report, image_root=image_root, image_check=image_check)
+        grouped[name].append(box)
+    return grouped
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -19,18 +19,21 @@ import json
 import os
 import re
 from pathlib import Path
+from typing import Any
 
+import nibabel as nib
 import numpy as np
+import pydicom
 from PIL import Image
 
 from internvl.data.convert import (
     ConvertError,
+    ConvertOptions,
     ConvertReport,
     add_common_arguments,
     build_records,
     check_task,
     common_options,
-    finish_report,
     write_output,
 )
 from internvl.data.images import ImageLoadError, detect_format, load_image, probe_image, volume_slice
@@ -110,8 +113,6 @@ def _integer_labels(values: np.ndarray, path: Path) -> np.ndarray:
 
 
 def _dicom_seg(path: Path) -> tuple[np.ndarray, dict[int, str]]:
-    import pydicom
-
     ds = pydicom.dcmread(path)
     if str(ds.get("Modality", "")) != "SEG" or "SegmentSequence" not in ds:
         raise LabelMapError(f"{path}: DICOM file is not a segmentation (Modality SEG with a SegmentSequence)")
@@ -162,7 +163,7 @@ def label_boxes(labels: np.ndarray, *, mode: str = "label", min_pixels: int = 1)
     ``mode="label"``: one box around all pixels of a label; ``"component"``: one box per 8-connected component,
     ordered top-to-bottom then left-to-right. Components (or labels) under ``min_pixels`` pixels are dropped.
     """
-    from scipy import ndimage  # imported here: the CLI should start without scipy
+    from scipy import ndimage  # imported here: scipy takes about 1.5 s to import and only this function needs it
 
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -220,8 +221,6 @@ def pair_by_stem(images_dir: str | Path, masks_dir: str | Path, mask_suffix: str
 
 
 def _labelled_slices(mask_path: Path, axis: str) -> list[int]:
-    import nibabel as nib
-
     img = nib.as_closest_canonical(nib.load(mask_path))
     data = np.asanyarray(img.dataobj)
     if data.ndim == 4:
@@ -236,7 +235,6 @@ def convert_masks(
     *,
     names: dict[int, str] | None = None,
     task: str = "text_to_region",
-    lang: str = "en",
     mode: str = "label",
     min_pixels: int = 1,
     modality: str = "medical",
@@ -245,43 +243,26 @@ def convert_masks(
     slice_step: int = 1,
     window: str | tuple[float, float] | None = None,
     out_images: str | Path | None = None,
-    image_root: str | Path | None = None,
-    image_check: str = "exists",
-    id_prefix: str = "",
-    include_base_prompt: bool = True,
+    **options: Any,
 ) -> tuple[list[dict], ConvertReport]:
-    """Convert (image, label map) pairs; returns ``(records, report)``.
+    """Convert (image, label map) pairs; returns ``(records, report)``. ``options``: :class:`ConvertOptions` keywords.
 
     Record image paths are relative to ``image_root`` (default: the images' directory for 2D pairs, ``out_images``
     for volume slices). ``slices``: ``"middle"`` (the volume's middle slice) or ``"labelled"`` (every
     ``slice_step``-th slice containing a label). ``names`` maps label values to object names; values without a
     name are skipped and counted (DICOM SEG files bring their own names).
     """
+    opts = ConvertOptions(**options)
     check_task(task, TASKS)
     if slices not in ("middle", "labelled"):
         raise ConvertError(f"slices must be 'middle' or 'labelled', got {slices!r}")
     report = ConvertReport(source="masks")
     items: list[tuple[str, int, dict]] = []
-    names = dict(names or {})
     for number, (image_path, mask_path) in enumerate(pairs, start=1):
         image_path, mask_path = Path(image_path), Path(mask_path)
         file = str(mask_path)
         is_volume = mask_path.name.lower().endswith(_NIFTI) and image_path.name.lower().endswith(_NIFTI)
-        try:
-            if is_volume:
-                if out_images is None:
-                    raise ConvertError("volumes need out_images: a directory for the PNG slices")
-                indices = [None] if slices == "middle" else _labelled_slices(mask_path, axis)[::slice_step]
-            else:
-                indices = [None]
-        except (ImageLoadError, LabelMapError, OSError, ValueError) as exc:
-            if isinstance(exc, ConvertError):
-                raise
-            report.skip(file, 0, "bad-label-map", str(exc))
-            continue
-        if not indices:
-            report.skip(file, 0, "no-labels", "the label volume is empty")
-            continue
+        indices = _slice_indices(mask_path, is_volume, slices, slice_step, axis, out_images, file, report)
         for index in indices:
             line = 0 if index is None else index
             try:
@@ -289,56 +270,97 @@ def convert_masks(
             except (ImageLoadError, LabelMapError) as exc:
                 report.skip(file, line, "bad-label-map", str(exc))
                 break
-            h, w = labels.shape
             try:
-                if is_volume:
-                    picture = load_image(image_path, window=window, axis=axis, slice_index=index)
-                    values, _ = volume_slice(image_path, axis=axis, slice_index=index)
-                    if values.shape != labels.shape:
-                        report.skip(file, line, "size-mismatch", f"image slice {values.shape} vs label slice {labels.shape}")
-                        continue
-                    k = index if index is not None else "mid"
-                    target = Path(out_images) / f"{_stem(image_path)}_{axis}{k if isinstance(k, str) else f'{k:04d}'}.png"
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    picture.save(target)
-                    root = Path(image_root or out_images)
-                    width, height = picture.size
-                else:
-                    info = probe_image(image_path)
-                    if (info.width, info.height) != (w, h):
-                        report.skip(file, line, "size-mismatch", f"image {info.width}x{info.height} vs label map {w}x{h}")
-                        continue
-                    target, root = image_path, Path(image_root or image_path.parent)
-                    width, height = w, h
+                picture = _record_image(image_path, labels.shape, index, is_volume, axis, window, out_images,
+                                        opts.image_root)
             except ImageLoadError as exc:
                 report.skip(file, line, "bad-image", str(exc))
                 continue
-            boxes, dropped = label_boxes(labels, mode=mode, min_pixels=min_pixels)
-            for _ in range(dropped):
-                report.skip(file, line, "component-too-small", f"a region under {min_pixels} pixels")
-            lookup = {**names, **file_names}
-            regions = []
-            for value, pixel_boxes in boxes.items():
-                if value not in lookup:
-                    report.skip(file, line, "unnamed-label", f"label value {value} has no name")
-                    continue
-                regions.append((lookup[value], [pixels_to_box(b, w, h) for b in pixel_boxes]))
+            if isinstance(picture, str):
+                report.skip(file, line, "size-mismatch", picture)
+                continue
+            regions = _named_regions(labels, {**(names or {}), **file_names}, mode, min_pixels, file, line, report)
             if not regions:
                 report.skip(file, line, "no-labels", "no named label in this slice")
                 continue
-            rel = os.path.relpath(target, root)
-            common = dict(image=rel, width=width, height=height, modality=modality, include_base_prompt=include_base_prompt)
-            base_id = f"{id_prefix}{_stem(mask_path)}" + ("" if index is None else f"-{axis}{index}")
-            if task == "text_to_region":
-                builds = [{"task": "text_to_region", "id": base_id, "regions": regions}]
-            else:
-                builds = [{"task": "region_to_text", "id": f"{base_id}-{name}-{k}",
-                           "regions": [(name, [box] if box is not None else region_boxes)]}
-                          for name, region_boxes in regions
-                          for k, box in enumerate(region_boxes if mode == "component" else [None])]
-            items += [(file, number, record) for record in build_records(report, file, line, lang, builds, **common)]
-    # Without image_root the images were already read above; finish() then checks the records' structure only.
-    return finish_report(items, report, image_root=image_root, image_check=image_check)
+            rel, width, height = picture
+            common = dict(image=rel, width=width, height=height, modality=modality,
+                          include_base_prompt=opts.include_base_prompt)
+            base_id = f"{opts.id_prefix}{_stem(mask_path)}" + ("" if index is None else f"-{axis}{index}")
+            builds = _mask_builds(task, base_id, regions, mode)
+            items += [(file, number, record) for record in build_records(report, file, line, opts.lang, builds, **common)]
+    # Without image_root the images were already read above; finish_report() then checks the records' structure only.
+    return opts.finish(items, report)
+
+
+def _slice_indices(mask_path: Path, is_volume: bool, slices: str, slice_step: int, axis: str,
+                   out_images: str | Path | None, file: str, report: ConvertReport) -> list[int | None]:
+    """The slices of one pair to convert (None: the 2D map, or a volume's middle slice); [] (skipped and counted)
+    when the label volume cannot be read or is empty."""
+    if not is_volume:
+        return [None]
+    if out_images is None:
+        raise ConvertError("volumes need out_images: a directory for the PNG slices")
+    if slices == "middle":
+        return [None]
+    try:
+        indices = _labelled_slices(mask_path, axis)[::slice_step]
+    except (ImageLoadError, LabelMapError, OSError, ValueError) as exc:
+        report.skip(file, 0, "bad-label-map", str(exc))
+        return []
+    if not indices:
+        report.skip(file, 0, "no-labels", "the label volume is empty")
+    return indices
+
+
+def _record_image(image_path: Path, label_shape: tuple[int, ...], index: int | None, is_volume: bool, axis: str,
+                  window: str | tuple[float, float] | None, out_images: str | Path | None,
+                  image_root: str | Path | None) -> tuple[str, int, int] | str:
+    """(image path relative to the record root, width, height) of one label slice: a 2D image as it is, a volume
+    slice written as PNG into ``out_images``. A string when the image and the label map differ in size (the reason)."""
+    h, w = label_shape
+    if not is_volume:
+        info = probe_image(image_path)
+        if (info.width, info.height) != (w, h):
+            return f"image {info.width}x{info.height} vs label map {w}x{h}"
+        return os.path.relpath(image_path, Path(image_root or image_path.parent)), w, h
+    picture = load_image(image_path, window=window, axis=axis, slice_index=index)
+    values, _ = volume_slice(image_path, axis=axis, slice_index=index)
+    if values.shape != label_shape:
+        return f"image slice {values.shape} vs label slice {label_shape}"
+    suffix = "mid" if index is None else f"{index:04d}"
+    target = Path(out_images) / f"{_stem(image_path)}_{axis}{suffix}.png"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    picture.save(target)
+    width, height = picture.size
+    return os.path.relpath(target, Path(image_root or out_images)), width, height
+
+
+def _named_regions(labels: np.ndarray, names: dict[int, str], mode: str, min_pixels: int, file: str, line: int,
+                   report: ConvertReport) -> list[tuple[str, list]]:
+    """(name, boxes 0-999) per named label value of one label map; small components and unnamed values are
+    skipped and counted."""
+    h, w = labels.shape
+    boxes, dropped = label_boxes(labels, mode=mode, min_pixels=min_pixels)
+    for _ in range(dropped):
+        report.skip(file, line, "component-too-small", f"a region under {min_pixels} pixels")
+    regions = []
+    for value, pixel_boxes in boxes.items():
+        if value not in names:
+            report.skip(file, line, "unnamed-label", f"label value {value} has no name")
+            continue
+        regions.append((names[value], [pixels_to_box(b, w, h) for b in pixel_boxes]))
+    return regions
+
+
+def _mask_builds(task: str, base_id: str, regions: list[tuple[str, list]], mode: str) -> list[dict[str, Any]]:
+    """The `build_records` entries of one label map (region_to_text: one per label, or per component)."""
+    if task == "text_to_region":
+        return [{"task": "text_to_region", "id": base_id, "regions": regions}]
+    return [{"task": "region_to_text", "id": f"{base_id}-{name}-{k}",
+             "regions": [(name, [box] if box is not None else region_boxes)]}
+            for name, region_boxes in regions
+            for k, box in enumerate(region_boxes if mode == "component" else [None])]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -18,17 +18,18 @@ import csv
 import math
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from internvl.data.convert import (
     ConvertError,
+    ConvertOptions,
     ConvertReport,
     add_common_arguments,
     build_records,
     check_task,
     common_options,
-    finish_report,
     read_csv,
     write_output,
 )
@@ -116,36 +117,67 @@ def _read_sizes(path: Path) -> dict[str, tuple[int, int]]:
     return sizes
 
 
+#: image id -> class name -> [(pixel box, rater, CSV line)]
+RaterBoxes = dict[str, dict[str, list[tuple[np.ndarray, str, int]]]]
+
+
 def convert_vindr(
     path: str | Path,
     *,
     task: str = "text_to_region",
-    lang: str = "en",
     merge: str = "fusion",
     iou_threshold: float = 0.4,
     min_votes: int = 1,
     sizes: str | Path | None = None,
     image_ext: str = ".dicom",
-    image_root: str | Path | None = None,
-    image_check: str = "exists",
     modality: str = "chest x-ray",
     no_finding: str = "No finding",
-    id_prefix: str = "",
-    include_base_prompt: bool = True,
+    **options: Any,
 ) -> tuple[list[dict], ConvertReport]:
-    """Convert a VinDr-style CSV; returns ``(records, report)``. Raises :class:`ConvertError` if unusable."""
+    """Convert a VinDr-style CSV; returns ``(records, report)``. ``options``: :class:`ConvertOptions` keywords.
+    Raises :class:`ConvertError` if unusable."""
+    opts = ConvertOptions(**options)
     check_task(task, TASKS)
     if merge not in MERGES:
         raise ConvertError(f"merge must be one of {MERGES}, got {merge!r}")
     needs_size = task != "classify_multi"
-    if needs_size and sizes is None and image_root is None:
+    if needs_size and sizes is None and opts.image_root is None:
         raise ConvertError("region tasks need image sizes: pass a sizes CSV or the image root to read headers from")
     path = Path(path)
     file = str(path)
     report = ConvertReport(source=f"vindr {file}")
     size_table = _read_sizes(Path(sizes)) if sizes is not None else {}
+    per_image, first_line, classes = _read_rows(path, no_finding, report)
+    options_list = sorted(classes) + [no_finding]
+    items: list[tuple[str, int, dict]] = []
+    for image_id, by_class in per_image.items():
+        line = first_line[image_id]
+        image = image_id + image_ext
+        size, problem = _image_size(image_id, image, size_table, opts.image_root, needs_size)
+        if problem is not None:
+            report.skip(file, line, "unknown-size", problem)
+            continue
+        merged = {}
+        for name, entries in by_class.items():
+            boxes = _merge_class(image_id, name, entries, size, merge, iou_threshold, min_votes, file, report)
+            if boxes:
+                merged[name] = boxes
+        if task != "classify_multi" and not merged:
+            report.skip(file, line, "no-finding", f"image {image_id} has no boxes")
+            continue
+        width, height = size if size is not None else (None, None)
+        common = dict(image=image, width=width, height=height, modality=modality,
+                      include_base_prompt=opts.include_base_prompt, context=f"image {image_id}: ")
+        builds = _builds(task, f"{opts.id_prefix}{image_id}", merged, options_list, no_finding)
+        items += [(file, line, record) for record in build_records(report, file, line, opts.lang, builds, **common)]
+    return opts.finish(items, report)
 
-    per_image: dict[str, dict[str, list[tuple[np.ndarray, str, int]]]] = {}
+
+def _read_rows(path: Path, no_finding: str, report: ConvertReport) -> tuple[RaterBoxes, dict[str, int], list[str]]:
+    """The CSV's valid boxes per image and class, each image's first line, and the classes in order of appearance.
+    An image whose only rows are `no_finding` is kept (with no boxes)."""
+    file = str(path)
+    per_image: RaterBoxes = {}
     first_line: dict[str, int] = {}
     classes: list[str] = []
     with read_csv(path, REQUIRED_COLUMNS, gunzip=True) as reader:
@@ -170,58 +202,54 @@ def convert_vindr(
                 report.skip(file, line, "bad-bbox", f"{name}: box {xyxy.tolist()} is empty or inverted")
                 continue
             boxes.setdefault(name, []).append((xyxy, (row.get("rad_id") or "").strip() or f"row{line}", line))
+    return per_image, first_line, classes
 
-    options = sorted(classes) + [no_finding]
-    items: list[tuple[str, int, dict]] = []
-    for image_id, by_class in per_image.items():
-        line = first_line[image_id]
-        image = image_id + image_ext
-        width = height = None
-        if image_id in size_table:
-            width, height = size_table[image_id]
-        elif image_root is not None:
-            try:
-                info = probe_image(Path(image_root) / image)
-                width, height = info.width, info.height
-            except ImageLoadError as exc:
-                report.skip(file, line, "unknown-size", f"image {image_id}: {exc.reason}")
-                continue
-        elif needs_size:
-            report.skip(file, line, "unknown-size", f"image {image_id} is not in the sizes CSV")
-            continue
-        merged: dict[str, list[np.ndarray]] = {}
-        for name, entries in by_class.items():
-            boxes, dropped = merge_boxes([e[0] for e in entries], [e[1] for e in entries], merge=merge,
-                                         threshold=iou_threshold, min_votes=min_votes)
-            for _ in range(dropped):
-                report.skip(file, entries[0][2], "too-few-votes", f"{image_id} {name}: cluster below {min_votes} votes")
-            if width is not None and height is not None:
-                inside = [b for b in boxes if b[0] >= -1 and b[1] >= -1 and b[2] <= width + 1 and b[3] <= height + 1]
-                for b in boxes:
-                    if not any(b is k for k in inside):
-                        report.skip(file, entries[0][2], "bbox-outside-image",
-                                    f"{image_id} {name}: {b.tolist()} outside {width}x{height}")
-                boxes = [np.clip(b, 0, [width, height, width, height]) for b in inside]
-            if boxes:
-                merged[name] = [b.tolist() for b in boxes]
-        common = dict(image=image, width=width, height=height, modality=modality, include_base_prompt=include_base_prompt,
-                      context=f"image {image_id}: ")
-        if task == "classify_multi":
-            builds = [{"task": "classify_multi", "id": f"{id_prefix}{image_id}", "options": options,
-                       "labels": sorted(merged) or [no_finding],
-                       "notes": [f'"{no_finding}" means no diseases are detected.']}]
-        elif not merged:
-            report.skip(file, line, "no-finding", f"image {image_id} has no boxes")
-            continue
-        elif task == "text_to_region":
-            builds = [{"task": "text_to_region", "id": f"{id_prefix}{image_id}", "box_units": "pixel",
-                       "regions": [(name, merged[name]) for name in sorted(merged)]}]
-        else:
-            builds = [{"task": "region_to_text", "id": f"{id_prefix}{image_id}-{name}-{k}", "box_units": "pixel",
-                       "regions": [(name, [box])]}
-                      for name in sorted(merged) for k, box in enumerate(merged[name])]
-        items += [(file, line, record) for record in build_records(report, file, line, lang, builds, **common)]
-    return finish_report(items, report, image_root=image_root, image_check=image_check)
+
+def _image_size(image_id: str, image: str, size_table: dict[str, tuple[int, int]], image_root: str | Path | None,
+                needs_size: bool) -> tuple[tuple[int, int] | None, str | None]:
+    """((width, height) or None, problem): the size from the sizes CSV or the image header; the problem (why the
+    image must be skipped) when the size is needed and cannot be found."""
+    if image_id in size_table:
+        return size_table[image_id], None
+    if image_root is not None:
+        try:
+            info = probe_image(Path(image_root) / image)
+        except ImageLoadError as exc:
+            return None, f"image {image_id}: {exc.reason}"
+        return (info.width, info.height), None
+    return None, (f"image {image_id} is not in the sizes CSV" if needs_size else None)
+
+
+def _merge_class(image_id: str, name: str, entries: list[tuple[np.ndarray, str, int]], size: tuple[int, int] | None,
+                 merge: str, iou_threshold: float, min_votes: int, file: str, report: ConvertReport) -> list[list]:
+    """One image+class's raters' boxes merged (`merge_boxes`), those outside the image skipped and the rest clipped
+    to it (when its size is known); pixel ``[x1, y1, x2, y2]`` lists."""
+    boxes, dropped = merge_boxes([e[0] for e in entries], [e[1] for e in entries], merge=merge,
+                                 threshold=iou_threshold, min_votes=min_votes)
+    for _ in range(dropped):
+        report.skip(file, entries[0][2], "too-few-votes", f"{image_id} {name}: cluster below {min_votes} votes")
+    if size is not None:
+        width, height = size
+        inside = [b for b in boxes if b[0] >= -1 and b[1] >= -1 and b[2] <= width + 1 and b[3] <= height + 1]
+        for b in boxes:
+            if not any(b is k for k in inside):
+                report.skip(file, entries[0][2], "bbox-outside-image",
+                            f"{image_id} {name}: {b.tolist()} outside {width}x{height}")
+        boxes = [np.clip(b, 0, [width, height, width, height]) for b in inside]
+    return [b.tolist() for b in boxes]
+
+
+def _builds(task: str, record_id: str, merged: dict[str, list[list]], options: list[str],
+            no_finding: str) -> list[dict[str, Any]]:
+    """The `build_records` entries of one image for `task` (region_to_text: one per box)."""
+    if task == "classify_multi":
+        return [{"task": "classify_multi", "id": record_id, "options": options,
+                 "labels": sorted(merged) or [no_finding], "notes": [f'"{no_finding}" means no diseases are detected.']}]
+    if task == "text_to_region":
+        return [{"task": "text_to_region", "id": record_id, "box_units": "pixel",
+                 "regions": [(name, merged[name]) for name in sorted(merged)]}]
+    return [{"task": "region_to_text", "id": f"{record_id}-{name}-{k}", "box_units": "pixel", "regions": [(name, [box])]}
+            for name in sorted(merged) for k, box in enumerate(merged[name])]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

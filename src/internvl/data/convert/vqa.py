@@ -17,11 +17,11 @@ from typing import Any
 
 from internvl.data.convert import (
     ConvertError,
+    ConvertOptions,
     ConvertReport,
     add_common_arguments,
     build_or_skip,
     common_options,
-    finish_report,
     read_json,
     write_output,
 )
@@ -54,14 +54,13 @@ def _choices(item: dict) -> list[str] | None:
 def convert_vqa(
     path: str | Path,
     *,
-    lang: str = "en",
     image_prefix: str = "",
-    image_root: str | Path | None = None,
-    image_check: str = "exists",
-    id_prefix: str = "",
-    include_base_prompt: bool = True,
+    **options: Any,
 ) -> tuple[list[dict], ConvertReport]:
-    """Convert a VQA json list; returns ``(records, report)``. Raises :class:`ConvertError` if unusable."""
+    """Convert a VQA json list; returns ``(records, report)``. ``options``: :class:`ConvertOptions` keywords.
+    Raises :class:`ConvertError` if unusable."""
+    opts = ConvertOptions(**options)
+    lang = opts.lang
     path = Path(path)
     file = str(path)
     data = read_json(path, "VQA json")
@@ -106,11 +105,11 @@ def convert_vqa(
         else:
             task, extra = "vqa_open", {}
         qid = item.get("qid", number)
-        record = build_or_skip(report, file, number, task, lang, id=f"{id_prefix}{qid}", image=image_prefix + image,
-                               question=question, answer=answer, include_base_prompt=include_base_prompt, **extra)
+        record = build_or_skip(report, file, number, task, lang, id=f"{opts.id_prefix}{qid}", image=image_prefix + image,
+                               question=question, answer=answer, include_base_prompt=opts.include_base_prompt, **extra)
         if record is not None:
             items.append((file, number, record))
-    return finish_report(items, report, image_root=image_root, image_check=image_check)
+    return opts.finish(items, report)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

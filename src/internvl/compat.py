@@ -1,0 +1,243 @@
+"""Every use of a private transformers / DeepSpeed internal, in one place, checked against the supported versions.
+
+The toolkit otherwise uses public APIs only. What is left here has no public equivalent (checked against
+transformers 5.25): each function names the internal it touches, and when a future version lacks it the error says
+which installed version broke which internal, instead of an AttributeError deep inside a training step.
+
+- `trainer_base()`: transformers' `Trainer` with the six private steps that `MedRegTrainer` changes (sampler, step
+  divisor, checkpoint folder, checkpoint save, model save, checkpoint load) reached through public-named hooks.
+- `attn_implementation` / `set_attn_implementation`: a config's `_attn_implementation` (a model's public
+  `set_attn_implementation` validates and reloads kernels: too slow per generate call, and configs have none).
+- `attend`: the end of a Llama-style attention forward (cache update, kernel, output projection) for the forwards
+  that replace it.
+- `attention_function`: the attention kernel a module's config selects (public `ALL_ATTENTION_FUNCTIONS`, with the
+  modeling module's `eager_attention_forward` for "eager", which is not in that table).
+- `active_hf_deepspeed_config`: the HfDeepSpeedConfig object transformers holds (`_hf_deepspeed_config_weak_ref`;
+  the public `deepspeed_config()` gives only its dict, which cannot be put back).
+- `swap_forward` / `restore_forwards`: per-instance `module.forward` swaps (fast kernels, fused projections, compiled
+  layers). They rely on transformers layers dispatching through `self.forward` (`GradientCheckpointingLayer.__call__`)
+  and on the attention forward signature (`cache=`), both internal.
+
+Supported: `SUPPORTED` (the range requirements.txt allows). `check_version` raises `CompatError` outside it.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import inspect
+import sys
+import types
+from collections.abc import Callable
+from typing import Any
+
+from packaging.specifiers import SpecifierSet
+from packaging.version import Version
+from torch import nn
+from transformers.integrations import deepspeed as hf_deepspeed
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+#: the versions of each package this module's internals were checked against (as in requirements.txt / setup.py).
+SUPPORTED: dict[str, str] = {"transformers": ">=5.17,<6", "deepspeed": ">=0.15"}
+
+
+class CompatError(RuntimeError):
+    """An installed transformers / DeepSpeed version lacks an internal this toolkit needs, or is unsupported."""
+
+
+@functools.cache
+def installed_version(package: str) -> str | None:
+    """The installed distribution version of `package`, or None when it is not installed."""
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+@functools.cache
+def check_version(package: str, version: str | None = None) -> str:
+    """Return the installed version of `package` (or `version`, for tests); raise `CompatError` naming it when it is
+    outside `SUPPORTED[package]` or not installed."""
+    version = installed_version(package) if version is None else version
+    if version is None:
+        raise CompatError(f"{package} is not installed; MedRegA supports {package}{SUPPORTED[package]}")
+    if Version(version) not in SpecifierSet(SUPPORTED[package]):
+        raise CompatError(f"{package} {version} is not supported: MedRegA supports {package}{SUPPORTED[package]} "
+                          f"(pip install '{package}{SUPPORTED[package]}')")
+    return version
+
+
+def transformers_at_least(version: str) -> bool:
+    """Whether the installed transformers is `version` or newer (e.g. "5.24": the `cache=` attention API and a
+    StaticCache that tracks its own length, which the static-cache decoder needs)."""
+    return Version(installed_version("transformers")).release >= Version(version).release
+
+
+def missing(package: str, internal: str) -> CompatError:
+    """The error for an internal that the installed `package` lacks (names the version and the supported range)."""
+    return CompatError(f"{package} {installed_version(package)} has no {internal}, which MedRegA needs "
+                       f"(supported: {package}{SUPPORTED[package]}; see internvl/compat.py)")
+
+
+def require_attr(owner: Any, name: str, package: str) -> Any:
+    """`getattr(owner, name)` after checking the package version; `CompatError` naming both when it is missing."""
+    check_version(package)
+    if not hasattr(owner, name):
+        raise missing(package, f"`{getattr(owner, '__name__', type(owner).__name__)}.{name}`")
+    return getattr(owner, name)
+
+
+# ---- transformers.Trainer's private steps ------------------------------------------------------------------------
+#: Trainer's private methods that `trainer_base()` overrides, with the parameters each must take.
+TRAINER_PRIVATE_STEPS: dict[str, tuple[str, ...]] = {
+    "_get_train_sampler": ("train_dataset",),
+    "_get_num_items_in_batch": ("batch_samples", "device"),
+    "_get_output_dir": ("trial",),
+    "_save_checkpoint": ("model", "trial"),
+    "_save": ("output_dir", "state_dict"),
+    "_load_from_checkpoint": ("resume_from_checkpoint", "model"),
+}
+
+
+def check_trainer_steps(trainer_class: type) -> None:
+    """Raise `CompatError` unless `trainer_class` has every private step of `TRAINER_PRIVATE_STEPS` with its
+    parameters (transformers renames or removes them between minor versions)."""
+    for name, params in TRAINER_PRIVATE_STEPS.items():
+        method = require_attr(trainer_class, name, "transformers")
+        found = tuple(inspect.signature(method).parameters)[1:]
+        if found[:len(params)] != params:
+            raise missing("transformers", f"`Trainer.{name}({', '.join(params)})` (found {name}({', '.join(found)}))")
+
+
+@functools.cache
+def trainer_base() -> type:
+    """transformers' `Trainer` subclassed so that its private steps call public-named hooks, which `MedRegTrainer`
+    overrides (each hook gets `default`, the Trainer's own step), plus `run_dir(trial)` (Trainer's output folder):
+
+    train_sampler(dataset, default), step_loss_items(batch_samples, device, default), checkpoint_dir(trial, default),
+    save_checkpoint(model, trial, default), save_model_files(output_dir, state_dict, default),
+    load_checkpoint_weights(resume_from_checkpoint, model, default).
+
+    The import is lazy because transformers' Trainer takes about 2 s to import and only training needs it.
+    """
+    from transformers import Trainer
+
+    check_trainer_steps(Trainer)
+
+    class HookedTrainer(Trainer):
+        """Trainer whose private steps are reached through the public-named hooks above (defaults: Trainer's)."""
+
+        def run_dir(self, trial) -> str:
+            """Trainer's own output folder for `trial` (before `checkpoint_dir` redirects it)."""
+            return Trainer._get_output_dir(self, trial)
+
+        def train_sampler(self, dataset, default: Callable):
+            return default(dataset)
+
+        def step_loss_items(self, batch_samples: list, device, default: Callable):
+            return default(batch_samples, device)
+
+        def checkpoint_dir(self, trial, default: Callable) -> str:
+            return default(trial)
+
+        def save_checkpoint(self, model: nn.Module, trial, default: Callable) -> None:
+            default(model, trial)
+
+        def save_model_files(self, output_dir: str | None, state_dict: dict | None, default: Callable) -> None:
+            default(output_dir, state_dict=state_dict)
+
+        def load_checkpoint_weights(self, resume_from_checkpoint: str, model: nn.Module | None,
+                                    default: Callable) -> None:
+            default(resume_from_checkpoint, model)
+
+        def _get_train_sampler(self, train_dataset=None):
+            return self.train_sampler(train_dataset, super()._get_train_sampler)
+
+        def _get_num_items_in_batch(self, batch_samples, device):
+            return self.step_loss_items(batch_samples, device, super()._get_num_items_in_batch)
+
+        def _get_output_dir(self, trial):
+            return self.checkpoint_dir(trial, super()._get_output_dir)
+
+        def _save_checkpoint(self, model, trial):
+            return self.save_checkpoint(model, trial, super()._save_checkpoint)
+
+        def _save(self, output_dir=None, state_dict=None):
+            return self.save_model_files(output_dir, state_dict, super()._save)
+
+        def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+            return self.load_checkpoint_weights(resume_from_checkpoint, model, super()._load_from_checkpoint)
+
+    return HookedTrainer
+
+
+# ---- attention implementation --------------------------------------------------------------------------------
+_MISSING = object()
+
+
+def attn_implementation(config: Any) -> str | None:
+    """The attention implementation a transformers config selects (`config._attn_implementation`).
+
+    Runs inside compiled layers (through `attention_function`), so it does no version lookup on the way: only a
+    missing attribute leads to `CompatError`."""
+    name = getattr(config, "_attn_implementation", _MISSING)
+    if name is _MISSING:
+        raise missing("transformers", "`PreTrainedConfig._attn_implementation`")
+    return name
+
+
+def set_attn_implementation(config: Any, value: str | None) -> None:
+    """Set `config._attn_implementation` (before the model is built, or around a decode call)."""
+    attn_implementation(config)
+    config._attn_implementation = value
+
+
+def attention_function(module: nn.Module) -> Callable:
+    """The attention kernel that `module.config` selects: transformers' public `ALL_ATTENTION_FUNCTIONS` entry, or the
+    `eager_attention_forward` of the module's own modeling file for "eager" (which that table does not hold)."""
+    name = attn_implementation(module.config)
+    function = ALL_ATTENTION_FUNCTIONS.get_interface(name, None)
+    if function is None:
+        function = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    if function is None:
+        raise missing("transformers", f"an attention function {name!r} for {type(module).__name__}")
+    return function
+
+
+def attend(module: nn.Module, query, key, value, attention_mask, cache, input_shape: tuple[int, ...], **kwargs):
+    """The end of transformers' Llama-style attention forward (the `cache=` API of transformers >= 5.24) after the
+    q/k/v projections and RoPE, for the forwards that replace it (fused projections, liger RoPE): cache update, the
+    configured attention kernel, output projection. Returns (output, attention weights)."""
+    if cache is not None:
+        key, value = cache.update(key, value, module.layer_idx, kwargs=kwargs)
+    out, weights = attention_function(module)(module, query, key, value, attention_mask,
+                                              dropout=0.0 if not module.training else module.attention_dropout,
+                                              scaling=module.scaling, **kwargs)
+    return module.o_proj(out.reshape(*input_shape, -1).contiguous()), weights
+
+
+# ---- DeepSpeed configuration held by transformers ----------------------------------------------------------------
+def active_hf_deepspeed_config() -> Any | None:
+    """The HfDeepSpeedConfig transformers currently holds (weakly), or None; pass it back to the public
+    `transformers.integrations.deepspeed.set_hf_deepspeed_config` to restore it."""
+    ref = require_attr(hf_deepspeed, "_hf_deepspeed_config_weak_ref", "transformers")
+    return ref() if ref is not None else None
+
+
+# ---- per-instance forward swaps ------------------------------------------------------------------------------------
+def swap_forward(module: nn.Module, forward: Callable, flag: str) -> None:
+    """Give `module` (one instance) `forward` as its forward and set the attribute `flag` to True, so that
+    `restore_forwards(model, flag)` can undo it."""
+    module.forward = types.MethodType(forward, module)
+    setattr(module, flag, True)
+
+
+def restore_forwards(model: nn.Module, flag: str) -> int:
+    """Undo `swap_forward`: every module of `model` whose attribute `flag` is True gets its class forward back (the
+    instance attribute is deleted) and the flag cleared. Returns how many were restored."""
+    restored = 0
+    for module in model.modules():
+        if getattr(module, flag, False):
+            del module.forward
+            setattr(module, flag, False)
+            restored += 1
+    return restored
