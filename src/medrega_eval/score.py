@@ -19,6 +19,7 @@ from internvl.data.records import RecordProblem
 from internvl.regions import strip_regions
 from medrega_eval.io import PredictionRecord
 from medrega_eval.metrics import classification as cls_m
+from medrega_eval.metrics import medrega_regions as orig_m
 from medrega_eval.metrics import regions as reg_m
 from medrega_eval.metrics import text as text_m
 from medrega_eval.metrics import vqa as vqa_m
@@ -305,7 +306,7 @@ def _score_region2text(records, cfg, result) -> None:
 
 def _region_part(records, cfg, result, texts_pred=None) -> None:
     """Box metrics of text2region / grounded_report; appends rows (or extends rows already made)."""
-    preds, refs, samples, compat_vals = [], [], [], []
+    preds, refs, samples = [], [], []
     parse_errors = 0
     error_examples: list[str] = []
     kept_rows = []
@@ -327,12 +328,7 @@ def _region_part(records, cfg, result, texts_pred=None) -> None:
         preds.append(pred.boxes)
         refs.append(ref.boxes)
         scores: dict[str, Any] = sample.metrics()
-        extra: dict[str, Any] = {}
-        if cfg.compat == "medrega" and cfg.task == "text2region":
-            cv = reg_m.medrega_sample(pred.boxes, ref.boxes, cfg.subtype)
-            compat_vals.append(cv)
-            extra["medrega"] = cv
-        row = _row(rec, lang, scores, **extra,
+        row = _row(rec, lang, scores,
                    pred_boxes=[{"name": b.name, "box": list(b.grid)} for b in pred.boxes],
                    ref_boxes=[{"name": b.name, "box": list(b.grid)} for b in ref.boxes],
                    matches=[{"pred": i, "ref": j, "iou": iou} for i, j, iou in sample.pairs],
@@ -341,11 +337,8 @@ def _region_part(records, cfg, result, texts_pred=None) -> None:
     agg = reg_m.aggregate_regions(samples)
     top = ("iou", "acc25", "acc50", "acc75", "precision", "recall", "f1")
     if cfg.compat == "medrega" and cfg.task == "text2region":
-        # the original's numbers: its own names in details.medrega, mapped onto the summary names at the top level
-        original = reg_m.aggregate_medrega(compat_vals, cfg.subtype)
-        result.details["medrega"] = original
-        result.metrics.update({k: original[v] for k, v in reg_m.MEDREGA_TOP[cfg.subtype].items() if v in original})
         result.details["default_metrics"] = {k: agg.get(k) for k in top}
+        _compat_text2region(records, cfg, result, dict(kept_rows))
     else:
         result.metrics.update({k: agg.get(k) for k in top})
     result.metrics["map50"] = reg_m.coco_map50(preds, refs) if refs else None
@@ -355,6 +348,45 @@ def _region_part(records, cfg, result, texts_pred=None) -> None:
     if error_examples:
         result.details["malformed_pred_box_examples"] = error_examples
     return kept_rows
+
+
+def _compat_text2region(records, cfg, result, rows: dict[int, dict]) -> None:
+    """The original regt2r scorer on *every* record (it never skips one): its names in details.medrega (ss: the
+    4-decimal strings it prints), the summary names at the top level, None + `unavailable` where it raises."""
+    values = []
+    try:
+        for k, rec in enumerate(records):
+            if rec.hw is None:
+                raise orig_m.OriginalCrash(f"{rec.source}: no hw (the original needs the image size)")
+            try:
+                pred = orig_m.parse_prediction(rec.prediction, rec.hw)
+                v = orig_m.sample_values(pred, orig_m.parse_reference(rec.reference, rec.hw), cfg.subtype)
+            except orig_m.OriginalCrash as exc:
+                raise orig_m.OriginalCrash(f"{rec.source}: {exc}") from None
+            values.append(v)
+            if k in rows:
+                rows[k]["medrega"] = {**v, "unreadable_box_list": pred.failure}
+    except orig_m.OriginalCrash as exc:
+        names = list(orig_m.TOP[cfg.subtype].values())
+        result.details["medrega"] = {n: None for n in names}
+        for top in orig_m.TOP[cfg.subtype]:
+            result.metrics[top] = None
+            result.unavailable[top] = f"the original scorer crashes on this file: {exc}"
+        return
+    original, why = orig_m.aggregate(values, cfg.subtype)
+    result.details["medrega"] = original
+    result.counts["medrega_unreadable_box_lists"] = sum(1 for r in rows.values()
+                                                       if r.get("medrega", {}).get("unreadable_box_list"))
+    for top, name in orig_m.TOP[cfg.subtype].items():
+        value = original.get(name)
+        if cfg.subtype == "ss" and value is not None:  # full precision at the top level, the strings in details
+            ious = [v["iou"] for v in values]
+            value = sum(ious) / len(ious) if top == "iou" else sum(i > int(top[3:]) / 100 for i in ious) / len(ious)
+        result.metrics[top] = value
+        if name in why:
+            result.unavailable[top] = why[name]
+    for name, reason in why.items():
+        result.unavailable.setdefault(f"medrega.{name}", reason)
 
 
 def _score_text2region(records, cfg, result) -> None:
