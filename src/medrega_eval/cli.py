@@ -39,7 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("score", help="score a prediction file (our records or the original MedRegA formats)")
     s.add_argument("--task", choices=TASKS, help="task to score (default: the --benchmark's task)")
-    s.add_argument("--pred", required=True, type=Path, help="predictions: JSON list or JSON lines")
+    s.add_argument("--pred", required=True, type=Path,
+                   help="predictions: JSON list or JSON lines; several files comma-separated are pooled "
+                        "(as the original scorers pool --ans_file lists)")
     s.add_argument("--subtype", choices=SUBTYPES, default=None, help="Text-to-Region subtype")
     s.add_argument("--lang", choices=["en", "zh", "auto"], default=None, help="language (default: per record)")
     s.add_argument("--benchmark", default=None, help="take task/subtype/options/metrics from this registered split")
@@ -93,11 +95,18 @@ def _options_from_records(records, multilabel: bool) -> list[str]:
     return out
 
 
+def _pred_files(pred: Path) -> list[Path]:
+    """`--pred`: one file, or several comma-separated (a file whose own name has a comma is taken as one)."""
+    if pred.exists() or "," not in str(pred):
+        return [pred]
+    return [Path(p) for p in str(pred).split(",") if p]
+
+
 def _cmd_score(args: argparse.Namespace) -> int:
     from medrega_eval.benchmarks import load_registry
     from medrega_eval.io import read_predictions
     from medrega_eval.report import protocol_info, write_outputs
-    from medrega_eval.score import TOP_METRICS, ScoreConfig, score_records, summarize
+    from medrega_eval.score import TOP_METRICS, ScoreConfig, ScoreInputError, score_records, summarize
 
     bench = None
     if args.benchmark:
@@ -112,7 +121,16 @@ def _cmd_score(args: argparse.Namespace) -> int:
     options = _read_options(args)
     if options is None and bench is not None and bench.options != "from_references":
         options = bench.options
-    records, problems = read_predictions(args.pred)
+    pred_files = _pred_files(args.pred)
+    missing = [p for p in pred_files if not p.is_file()]
+    if missing:
+        print(f"medrega-eval score: {missing[0]}: prediction file not found", file=sys.stderr)
+        return 1
+    records, problems = [], []
+    for path in pred_files:
+        recs, probs = read_predictions(path, keep_duplicates=args.compat == "medrega")
+        records += recs
+        problems += probs
     if options is None and bench is not None and bench.options == "from_references":
         options = _options_from_records(records, args.multilabel or bench.multilabel)
     if options is None and task == "classification" and not any(r.options for r in records):
@@ -130,10 +148,17 @@ def _cmd_score(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"medrega-eval score: {exc}", file=sys.stderr)
         return 2
-    result = score_records(records, cfg, problems)
-    digest = hashlib.sha256(args.pred.read_bytes()).hexdigest()
-    protocol = protocol_info(model=args.model, template=None, generation=None, prediction_file=str(args.pred),
-                             prediction_sha256=digest, task=task, compat=args.compat)
+    try:
+        result = score_records(records, cfg, problems)
+    except ScoreInputError as exc:
+        print(f"medrega-eval score: {exc}", file=sys.stderr)
+        return 2
+    if args.compat == "medrega":
+        result.counts["repeated_ids_scored"] = len(records) - len({r.id for r in records})
+    digests = [hashlib.sha256(p.read_bytes()).hexdigest() for p in pred_files]
+    protocol = protocol_info(model=args.model, template=None, generation=None,
+                             prediction_file=",".join(str(p) for p in pred_files),
+                             prediction_sha256=",".join(digests), task=task, compat=args.compat)
     summary = summarize(result, cfg, protocol, benchmark=args.benchmark)
     write_outputs(args.out, summary, result.rows, TOP_METRICS, image_root=args.image_root)
     _print_summary(summary)

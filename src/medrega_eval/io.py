@@ -125,8 +125,11 @@ def _json_list_items(path: Path, text: str) -> Iterable[tuple[int, Any]]:
         yield line, item
 
 
-def read_predictions(path: str | Path) -> tuple[list[PredictionRecord], list[RecordProblem]]:
-    """All valid predictions of a JSON-list or JSON-lines file plus every problem (duplicates keep the first)."""
+def read_predictions(path: str | Path, *, keep_duplicates: bool = False
+                     ) -> tuple[list[PredictionRecord], list[RecordProblem]]:
+    """All valid predictions of a JSON-list or JSON-lines file plus every problem (duplicates keep the first).
+
+    keep_duplicates=True (``--compat medrega``: the original scorers never look at ids) keeps every record."""
     path = Path(path)
     file = str(path)
     if not path.is_file():
@@ -164,7 +167,7 @@ def read_predictions(path: str | Path) -> tuple[list[PredictionRecord], list[Rec
         if isinstance(rec, RecordProblem):
             problems.append(rec)
             continue
-        if rec.id in seen:
+        if rec.id in seen and not keep_duplicates:
             problems.append(_problem(file, line, "duplicate-id", f"id {rec.id!r} already used at {seen[rec.id]}; "
                                                                  "this record is not scored"))
             continue

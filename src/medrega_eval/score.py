@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +25,8 @@ from medrega_eval.metrics import regions as reg_m
 from medrega_eval.metrics import text as text_m
 from medrega_eval.metrics import vqa as vqa_m
 
-__all__ = ["TASKS", "SUBTYPES", "REPORT_METRICS", "ScoreConfig", "ScoreResult", "score_records", "record_lang"]
+__all__ = ["TASKS", "SUBTYPES", "REPORT_METRICS", "ScoreConfig", "ScoreResult", "ScoreInputError", "score_records",
+           "record_lang", "compat_vqa_lang"]
 
 TASKS = ("vqa", "report", "classification", "region2text", "text2region", "grounded_report")
 SUBTYPES = ("ss", "sm", "ms", "mm")
@@ -219,7 +221,7 @@ def _report_metrics_medrega(preds, refs, langs, wanted, result) -> tuple[dict[st
         cands = [x.split() for x in res]  # METEOR on jieba tokens (the original: NLTK; here the METEOR 1.5 jar)
         gts = [[x.split()] for x in gt]
     else:
-        raise ValueError("--compat medrega scores one language at a time (the original has separate EN and ZH "
+        raise ScoreInputError("--compat medrega scores one language at a time (the original has separate EN and ZH "
                          "scorers); split the file or pass --lang")
     if "meteor" in wanted:
         _meteor(cands, gts, out, per, result)
@@ -227,17 +229,57 @@ def _report_metrics_medrega(preds, refs, langs, wanted, result) -> tuple[dict[st
 
 
 # ------------------------------------------------------------------------------------------------- per task
+class ScoreInputError(ValueError):
+    """The records cannot be scored as asked (e.g. a compat split whose language is ambiguous): a user error."""
+
+
+def _original_ds_name(source: str) -> str:
+    """The original scripts' dataset name: the first two "_"-separated fields of the answer file's name."""
+    file = source.rpartition(":")[0] or source
+    return "_".join(Path(file).name.split("_")[0:2])
+
+
+def compat_vqa_lang(records: Sequence[PredictionRecord], cfg: ScoreConfig) -> str:
+    """One language for a whole compat VQA split, as the original picks its scorer per answer file.
+
+    --lang (or every record's own `lang`, when they agree) wins; else the original's rule: "zh" in the dataset name
+    of the file name -> zh. A file the rule calls English but whose references contain CJK is refused (it would run
+    the English rules on a Chinese split): pass --lang."""
+    if cfg.lang in ("en", "zh"):
+        return cfg.lang
+    langs = {r.lang for r in records}
+    if len(langs) == 1 and None not in langs:
+        return langs.pop()  # type: ignore[return-value]
+    if not records:
+        return "en"
+    ds_name = _original_ds_name(records[-1].source)
+    if "zh" in ds_name:
+        return "zh"
+    cjk = sum(text_m.has_cjk(r.reference) for r in records)
+    if cjk:
+        raise ScoreInputError(
+            f"--compat medrega VQA: {cjk} of {len(records)} references contain Chinese characters, but the file name's "
+            f"dataset part {ds_name!r} has no 'zh', so the original would score the split with its English rules; "
+            "pass --lang zh (Chinese rules) or --lang en (what the original does with this file name)")
+    return "en"
+
+
 def _score_vqa(records, cfg, result) -> None:
     samples = []
+    split_lang = compat_vqa_lang(records, cfg) if cfg.compat == "medrega" else None
+    if split_lang:
+        result.details["compat_lang"] = split_lang
     for rec in records:
-        lang = record_lang(rec, cfg)
+        lang = split_lang or record_lang(rec, cfg)
         s = vqa_m.score_vqa_sample(rec.prediction, rec.reference, lang, rec.answer_type, cfg.compat)
         samples.append(s)
         result.rows.append(_row(rec, lang, {"closed": s.closed, "correct": s.correct, "recall": s.recall,
                                             "token_f1": s.f1, "bleu1": s.bleu1, "exact_match": s.exact_match}))
-    agg = vqa_m.aggregate_vqa(samples)
+    agg = vqa_m.aggregate_vqa(samples, cfg.compat)
     for k in ("closed_accuracy", "open_recall", "open_accuracy", "token_f1", "recall", "bleu1", "exact_match"):
         result.metrics[k] = agg[k]
+        if cfg.compat == "medrega" and agg[k] is None:
+            result.unavailable[k] = vqa_m.NO_OPEN_REASON
     result.details.update(num_closed=agg["num_closed"], num_open=agg["num_open"])
 
 
@@ -417,10 +459,10 @@ def _bertscore(records, cfg, result) -> None:
     from medrega_eval.metrics.model_based import bertscore
 
     grounded = cfg.task == "grounded_report"
-    by_id = {r.id: r for r in records}
-    rows = [row for row in result.rows if row["id"] in by_id]
-    cands = [strip_regions(by_id[row["id"]].prediction) if grounded else by_id[row["id"]].prediction for row in rows]
-    refs = [strip_regions(by_id[row["id"]].reference) if grounded else by_id[row["id"]].reference for row in rows]
+    rows = result.rows  # one row per record, in record order, for every BERTScore task (ids may repeat in compat)
+    assert len(rows) == len(records), "BERTScore needs one row per record"
+    cands = [strip_regions(r.prediction) if grounded else r.prediction for r in records]
+    refs = [strip_regions(r.reference) if grounded else r.reference for r in records]
     try:
         mean, per = bertscore(cands, refs, cfg.bertscore_model)
     except text_m.MetricUnavailable as exc:
