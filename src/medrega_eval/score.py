@@ -181,10 +181,40 @@ def _meteor(cands, gts, out, per, result: ScoreResult) -> None:
         per[i]["meteor"] = s
 
 
+ROUGE_BOOTSTRAP_SEEDS = 20
+
+
+def rouge_bootstrap_spread(preds: list[str], refs: list[str], seeds: int = ROUGE_BOOTSTRAP_SEEDS) -> dict[str, Any]:
+    """What HF `evaluate`'s rouge reports for the original EN scorer, over `seeds` seeds: rouge-score's
+    BootstrapAggregator (1000 resamples, unseeded in the original) mid F-measure; min and max per key. The global
+    numpy random state is restored afterwards."""
+    from rouge_score import rouge_scorer, scoring
+
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rougeL"])
+    scores = [scorer.score(r, p) for p, r in zip(preds, refs)]
+    mids: dict[str, list[float]] = {"rouge1": [], "rougeL": []}
+    state = np.random.get_state()
+    try:
+        for seed in range(seeds):
+            np.random.seed(seed)
+            agg = scoring.BootstrapAggregator()
+            for s in scores:
+                agg.add_scores(s)
+            result = agg.aggregate()
+            for k in mids:
+                mids[k].append(float(result[k].mid.fmeasure))
+    finally:
+        np.random.set_state(state)
+    return {k: {"min": min(v), "max": max(v), "seeds": seeds} for k, v in mids.items()}
+
+
 def _report_metrics_medrega(preds, refs, langs, wanted, result) -> tuple[dict[str, Any], list[dict[str, float]]]:
     """The original scorers: EN corpus HF-BLEU on 13a tokens + rouge-score; ZH per-sample HF-BLEU on jieba tokens,
-    rouge-score on jieba-spaced text (CJK dropped by its tokenizer) with rouge1/rougeL swapped."""
+    rouge-score on jieba-spaced text (CJK dropped by its tokenizer) with rouge1/rougeL swapped; METEOR = NLTK's
+    on word_tokenize (EN) / jieba (ZH) tokens with WordNet (medrega_eval.metrics.meteor)."""
     from rouge_score import rouge_scorer
+
+    from medrega_eval.metrics import meteor as meteor_m
 
     n = len(preds)
     per = [dict() for _ in range(n)]
@@ -202,11 +232,16 @@ def _report_metrics_medrega(preds, refs, langs, wanted, result) -> tuple[dict[st
             per[i].update(rouge1=s["rouge1"].fmeasure, rougeL=s["rougeL"].fmeasure)
         out["rouge1"] = _mean([s["rouge1"].fmeasure for s in rouge])
         out["rougeL"] = _mean([s["rougeL"].fmeasure for s in rouge])
+        # HF evaluate reports a bootstrap median (random); the plain mean above estimates it, the spread bounds it
+        result.details["rouge_bootstrap"] = rouge_bootstrap_spread(p_clean, r_clean)
+        m_hyp = [meteor_m.tokenize_en(p) for p in p_clean]
+        m_ref = [meteor_m.tokenize_en(r) for r in r_clean]
     elif all(lang == "zh" for lang in langs):
         jieba = text_m._get_jieba()
         # predictions: cleanStr_zh + spaces removed; references: raw. Both jieba-joined with spaces, then HF BLEU's
         # 13a tokenizer; HF ROUGE on the jieba-joined strings (rouge-score drops the CJK characters)
-        res = [" ".join(jieba.cut(medrega_clean_report_zh(p).replace(" ", ""))) for p in preds]
+        res_raw = [medrega_clean_report_zh(p).replace(" ", "") for p in preds]
+        res = [" ".join(jieba.cut(x)) for x in res_raw]
         gt = [" ".join(jieba.cut(r)) for r in refs]
         cands = [text_m.tokenize_13a(x) for x in res]
         gts = [[text_m.tokenize_13a(x)] for x in gt]
@@ -218,13 +253,21 @@ def _report_metrics_medrega(preds, refs, langs, wanted, result) -> tuple[dict[st
             per[i].update(rougeL=s["rouge1"].fmeasure, rouge1=s["rougeL"].fmeasure)
         for k in ("bleu1", "bleu4", "rougeL", "rouge1"):
             out[k] = _mean([p[k] for p in per])
-        cands = [x.split() for x in res]  # METEOR on jieba tokens (the original: NLTK; here the METEOR 1.5 jar)
-        gts = [[x.split()] for x in gt]
+        m_hyp = [list(jieba.cut(x)) for x in res_raw]  # raw jieba tokens, as the original's METEOR
+        m_ref = [list(jieba.cut(r)) for r in refs]
     else:
         raise ScoreInputError("--compat medrega scores one language at a time (the original has separate EN and ZH "
-                         "scorers); split the file or pass --lang")
+                              "scorers); split the file or pass --lang")
     if "meteor" in wanted:
-        _meteor(cands, gts, out, per, result)
+        try:
+            scores = meteor_m.meteor_scores(m_hyp, m_ref)
+        except text_m.MetricUnavailable as exc:
+            out["meteor"] = None
+            result.unavailable["meteor"] = str(exc)
+        else:
+            out["meteor"] = _mean(scores)
+            for i, v in enumerate(scores):
+                per[i]["meteor"] = v
     return out, per
 
 
