@@ -28,6 +28,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", type=Path, default=None, help="root of the benchmark data (default $MEDREGA_DATA)")
     p.add_argument("--bertscore-model", default=None, metavar="DIR",
                    help="local model directory for BERTScore (e.g. a saved deberta-xlarge-mnli); never downloaded")
+    p.add_argument("--bertscore-layer", type=int, default=None, metavar="N",
+                   help="BERTScore hidden layer (default: the last; with --compat medrega 40 for en, 9 for zh)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -142,7 +144,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
     cfg = ScoreConfig(task=task, lang=lang or (bench.lang if bench and bench.lang != "auto" else None),
                       subtype=args.subtype or (bench.subtype if bench else None), compat=args.compat,
                       options=options, multilabel=args.multilabel or bool(bench and bench.multilabel),
-                      metrics=metrics, bertscore_model=args.bertscore_model)
+                      metrics=metrics, bertscore_model=args.bertscore_model, bertscore_layer=args.bertscore_layer)
     try:
         cfg.validate()
     except ValueError as exc:

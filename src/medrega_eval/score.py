@@ -8,6 +8,7 @@ the sample is left out of the metrics; bad *predictions* are always scored (as w
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from internvl.data.records import RecordProblem
-from internvl.regions import strip_regions
+from internvl.regions import remove_region_tags, strip_regions
 from medrega_eval.io import PredictionRecord
 from medrega_eval.metrics import classification as cls_m
 from medrega_eval.metrics import medrega_regions as orig_m
@@ -46,6 +47,7 @@ class ScoreConfig:
     multilabel: bool = False
     metrics: list[str] | None = None
     bertscore_model: str | None = None  # local model dir; BERTScore is computed only when given
+    bertscore_layer: int | None = None  # hidden layer; default: the last (compat: 40 for en, 9 for zh, as the original)
 
     def validate(self) -> None:
         if self.task not in TASKS:
@@ -364,6 +366,7 @@ def _score_classification(records, cfg, result) -> None:
     result.counts["unmapped_answers"] = int(unmapped_total)
 
 
+_R2T_BOXES = re.compile(r"\[\[.*?\]\]")  # the original Region-to-Text scorer's box removal
 _BOX_TEXT = re.compile(r"<box>.*?</box>|\[\[[^\[\]]*(?:\][^\[\]]*)*?\]\]", re.DOTALL)
 
 
@@ -372,7 +375,7 @@ def _score_region2text(records, cfg, result) -> None:
     for rec in records:
         lang = record_lang(rec, cfg)
         if cfg.compat == "medrega":
-            pred = re.sub(r"\[\[.*?\]\]", "", rec.prediction.lower()).split()
+            pred = _R2T_BOXES.sub("", rec.prediction.lower()).split()
             ref = rec.reference.lower().split()
         else:
             clean = _BOX_TEXT.sub(" ", rec.prediction).replace("<ref>", "").replace("</ref>", "")
@@ -497,17 +500,40 @@ def _score_report(records, cfg, result, grounded: bool = False) -> None:
             result.rows.append(_row(rec, lang, scores))
 
 
+def _compat_bertscore_texts(records, cfg, result) -> tuple[list[str], list[str], str]:
+    """(candidates, references, language) exactly as the original scorers hand them to bert-score."""
+    langs = {row["lang"] for row in result.rows}
+    lang = result.details.get("compat_lang") or (langs.pop() if len(langs) == 1 else "en")
+    preds, refs = [r.prediction for r in records], [r.reference for r in records]
+    if cfg.task == "vqa" and lang == "en":
+        return [vqa_m.medrega_clean_en(p) for p in preds], [vqa_m.medrega_clean_en(r) for r in refs], lang
+    if cfg.task == "region2text":
+        return [_R2T_BOXES.sub("", p.lower()) for p in preds], [r.lower() for r in refs], lang
+    if cfg.task == "report" and lang == "zh":
+        return [medrega_clean_report_zh(p).replace(" ", "") for p in preds], refs, lang
+    if cfg.task == "report":
+        return [medrega_clean_report_en(p) for p in preds], [medrega_clean_report_en(r) for r in refs], lang
+    if cfg.task == "grounded_report":
+        return [strip_regions(p) for p in preds], [strip_regions(r) for r in refs], lang
+    return preds, refs, lang
+
+
 def _bertscore(records, cfg, result) -> None:
-    """BERTScore F1 from the local model; rows are matched by id (grounded: on the box-free text)."""
-    from medrega_eval.metrics.model_based import bertscore
+    """BERTScore F1 from the local model; one row per record, in order (grounded: on the box-free text)."""
+    from medrega_eval.metrics.model_based import ORIGINAL_LAYERS, bertscore
 
     grounded = cfg.task == "grounded_report"
     rows = result.rows  # one row per record, in record order, for every BERTScore task (ids may repeat in compat)
     assert len(rows) == len(records), "BERTScore needs one row per record"
-    cands = [strip_regions(r.prediction) if grounded else r.prediction for r in records]
-    refs = [strip_regions(r.reference) if grounded else r.reference for r in records]
+    layer, original = cfg.bertscore_layer, cfg.compat == "medrega"
+    if original:
+        cands, refs, lang = _compat_bertscore_texts(records, cfg, result)
+        layer = layer if layer is not None else ORIGINAL_LAYERS[lang]
+    else:
+        cands = [strip_regions(r.prediction) if grounded else r.prediction for r in records]
+        refs = [strip_regions(r.reference) if grounded else r.reference for r in records]
     try:
-        mean, per = bertscore(cands, refs, cfg.bertscore_model)
+        mean, per = bertscore(cands, refs, cfg.bertscore_model, layer=layer, original=original)
     except text_m.MetricUnavailable as exc:
         result.metrics["bertscore"] = None
         result.unavailable["bertscore"] = str(exc)
@@ -523,6 +549,8 @@ def score_records(records: Sequence[PredictionRecord], cfg: ScoreConfig,
     cfg.validate()
     result = ScoreResult(metrics={}, details={}, rows=[], problems=list(problems))
     records = list(records)
+    if cfg.compat == "medrega":  # the original scored tag-free answers (decoded with skip_special_tokens)
+        records = [dataclasses.replace(r, prediction=remove_region_tags(r.prediction)) for r in records]
     result.counts["empty_predictions"] = sum(not r.prediction.strip() for r in records)
     if cfg.task == "vqa":
         _score_vqa(records, cfg, result)
