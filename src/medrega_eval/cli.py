@@ -104,6 +104,23 @@ def _pred_files(pred: Path) -> list[Path]:
     return [Path(p) for p in str(pred).split(",") if p]
 
 
+def _drop_repeated_ids(records, problems):
+    """Default mode over several files: an id seen in an earlier file is a duplicate too (the first is scored)."""
+    from internvl.data.records import RecordProblem
+
+    seen: dict[str, str] = {}
+    kept = []
+    for rec in records:
+        if rec.id in seen:
+            file, _, line = rec.source.rpartition(":")
+            problems.append(RecordProblem(file, int(line) if line.isdigit() else 0, "duplicate-id",
+                                          f"id {rec.id!r} already used at {seen[rec.id]}; this record is not scored"))
+            continue
+        seen[rec.id] = rec.source
+        kept.append(rec)
+    return kept, problems
+
+
 def _cmd_score(args: argparse.Namespace) -> int:
     from medrega_eval.benchmarks import load_registry
     from medrega_eval.io import read_predictions
@@ -133,6 +150,8 @@ def _cmd_score(args: argparse.Namespace) -> int:
         recs, probs = read_predictions(path, keep_duplicates=args.compat == "medrega")
         records += recs
         problems += probs
+    if args.compat != "medrega" and len(pred_files) > 1:
+        records, problems = _drop_repeated_ids(records, problems)
     if options is None and bench is not None and bench.options == "from_references":
         options = _options_from_records(records, args.multilabel or bench.multilabel)
     if options is None and task == "classification" and not any(r.options for r in records):
