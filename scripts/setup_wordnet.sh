@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
-# WordNet 3.0 for NLTK's METEOR (`medrega-eval score --compat medrega`), offline, from Debian's `wordnet-base`.
+# WordNet 3.0 for NLTK's METEOR (`medrega-eval score --compat medrega`), offline, from Debian's `wordnet-base` and
+# `wordnet-sense-index` (index.sense, which NLTK's WordNet reader opens when it starts).
 #
 #   scripts/setup_wordnet.sh            # installs wordnet-base if needed (root + apt), builds the NLTK layout
 #   NLTK_DATA=/opt/nltk_data scripts/setup_wordnet.sh
 #
-# Result: $DEST/corpora/wordnet/{data,index}.{noun,verb,adj,adv}, {noun,verb,adj,adv}.exc, cntlist.rev, lexnames.
+# Result: $DEST/corpora/wordnet/{data,index}.{noun,verb,adj,adv}, {noun,verb,adj,adv}.exc, cntlist.rev, index.sense,
+# lexnames.
 # DEST is the first entry of $NLTK_DATA, else $MEDREGA_NLTK_DATA, else ${XDG_CACHE_HOME:-~/.cache}/medrega/nltk_data
 # (the same rule medrega_eval.metrics.meteor uses to find it). The Debian package has every database file NLTK reads
 # except `lexnames`, which is generated here from the lexicographer-file table of the package's own lexnames(5WN)
 # manual page; when the manual page is not installed (Docker images often drop /usr/share/man) the same table,
 # WordNet 3.0's 45 files, is taken from this script.
-# Exit status: 0 ready, 3 wordnet-base missing and cannot be installed here (not root or no apt-get), 1 other error.
+# Exit status: 0 ready, 3 the packages are missing and cannot be installed here (not root or no apt-get), 1 other error.
 set -euo pipefail
 
 SRC=/usr/share/wordnet
@@ -22,21 +24,21 @@ else
 fi
 OUT="$DEST/corpora/wordnet"
 
-if [[ ! -f "$SRC/data.noun" ]]; then
+if [[ ! -f "$SRC/data.noun" || ! -f "$SRC/index.sense" ]]; then
   if [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null; then
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wordnet-base
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wordnet-base wordnet-sense-index
   else
-    echo "setup_wordnet.sh: $SRC/data.noun missing; install Debian's wordnet-base (as root: apt-get install" \
-         "wordnet-base) and run this script again" >&2
+    echo "setup_wordnet.sh: $SRC/data.noun or $SRC/index.sense missing; install Debian's wordnet-base and" \
+         "wordnet-sense-index (as root: apt-get install wordnet-base wordnet-sense-index) and run this script again" >&2
     exit 3
   fi
 fi
 
 mkdir -p "$OUT"
 for f in data.noun data.verb data.adj data.adv index.noun index.verb index.adj index.adv \
-         noun.exc verb.exc adj.exc adv.exc cntlist.rev; do
-  [[ -f "$SRC/$f" ]] || { echo "setup_wordnet.sh: $SRC/$f missing from wordnet-base" >&2; exit 1; }
+         noun.exc verb.exc adj.exc adv.exc cntlist.rev index.sense; do
+  [[ -f "$SRC/$f" ]] || { echo "setup_wordnet.sh: $SRC/$f missing from wordnet-base/wordnet-sense-index" >&2; exit 1; }
   cp "$SRC/$f" "$OUT/$f"
 done
 

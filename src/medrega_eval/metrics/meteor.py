@@ -4,7 +4,7 @@ The original report scorers average NLTK's `meteor_score([reference_tokens], hyp
 alpha 0.9, beta 3, gamma 0.5, lower-casing, Porter stemming, WordNet synonyms), with `word_tokenize` tokens (EN) or
 `jieba.cut` tokens (ZH). Both need data that NLTK downloads at run time; here:
 
-* WordNet: built by `scripts/setup_wordnet.sh` from the `wordnet-base` package into
+* WordNet: built by `scripts/setup_wordnet.sh` from the `wordnet-base` and `wordnet-sense-index` packages into
   ``$NLTK_DATA/corpora/wordnet`` (first entry of $NLTK_DATA), else ``$MEDREGA_NLTK_DATA``, else
   ``${XDG_CACHE_HOME:-~/.cache}/medrega/nltk_data``; that folder is added to ``nltk.data.path`` (NLTK only reads
   corpora under its data path).
@@ -49,7 +49,7 @@ def load_wordnet():
         return _WORDNET
     root = nltk_data_dir()
     folder = root / "corpora" / "wordnet"
-    needed = ["lexnames", "data.noun", "index.noun", "noun.exc"]
+    needed = ["lexnames", "data.noun", "index.noun", "noun.exc", "index.sense"]
     missing = [f for f in needed if not (folder / f).is_file()]
     if missing:
         raise MetricUnavailable(f"METEOR (NLTK) needs WordNet in {folder} (missing {', '.join(missing)}): {SETUP_HINT}")
