@@ -138,7 +138,7 @@ def _by_hand(cands, refs, model_dir, layer):
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModel.from_pretrained(model_dir, use_safetensors=True).eval()
-    ids = lambda s: tok.encode(s.strip()) if s.strip() else tok.build_inputs_with_special_tokens([])  # noqa: E731
+    ids = lambda s: tok.encode(s.strip())  # noqa: E731  ("" -> [CLS] [SEP])
     m = len(cands)
     df: dict[int, int] = {}
     for c in cands:

@@ -124,8 +124,8 @@ def _bertscore_original(candidates, references, tokenizer, model, layer, batch_s
 
     def ids_of(text: str) -> list[int]:
         text = text.strip()
-        if not text:
-            return tokenizer.build_inputs_with_special_tokens([])
+        if not text:  # bert-score: build_inputs_with_special_tokens([]), i.e. only the special tokens
+            return tokenizer.encode("", add_special_tokens=True)
         return tokenizer.encode(text, add_special_tokens=True, truncation=True,
                                 max_length=min(tokenizer.model_max_length, 10**6))
 
