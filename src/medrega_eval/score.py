@@ -455,8 +455,7 @@ def _compat_text2region(records, cfg, result, rows: dict[int, dict]) -> None:
             if k in rows:
                 rows[k]["medrega"] = {**v, "unreadable_box_list": pred.failure}
     except orig_m.OriginalCrash as exc:
-        names = list(orig_m.TOP[cfg.subtype].values())
-        result.details["medrega"] = {n: None for n in names}
+        result.details["medrega"] = {n: None for n in orig_m.metric_names(cfg.subtype)}
         for top in orig_m.TOP[cfg.subtype]:
             result.metrics[top] = None
             result.unavailable[top] = f"the original scorer crashes on this file: {exc}"

@@ -220,6 +220,26 @@ def _ratio(values: list[dict[str, float]], num: str, den: str) -> float | None:
 
 
 _WHAT = {"n_pairs": "Hungarian pair", "n_ref": "reference box", "align_all": "name-agreeing pair"}
+# original metric name -> ("mean", per-sample key) | ("ratio", numerator key, denominator key), in the original's order
+_NAMES = {
+    "sm": {"precision": ("mean", "pre"), "recall": ("mean", "rec"), "f1": ("mean", "f1"),
+           "iou": ("ratio", "pair_iou", "n_pairs")},
+    "ms": {"box_acc": ("mean", "pre"), "box_iou": ("ratio", "pair_iou", "n_ref"),
+           "object_acc": ("mean", "ob_pre"), "object_iou": ("ratio", "ob_iou", "align_all"),
+           "object_box_acc": ("mean", "al_gt"), "object_box_alignment": ("mean", "al_match"),
+           "object_box_detection": ("mean", "detect")},
+    "mm": {"box_pre": ("mean", "pre"), "box_recall": ("mean", "rec"), "box_f1": ("mean", "f1"),
+           "box_iou": ("ratio", "pair_iou", "n_ref"), "object_pre": ("mean", "ob_pre"),
+           "object_rec": ("mean", "ob_rec"), "object_f1": ("mean", "ob_f1"),
+           "object_iou": ("ratio", "ob_iou", "align_all"), "object_box_pre": ("mean", "al_gt"),
+           "object_box_recall": ("mean", "al_pred"), "object_box_f1": ("mean", "al_f1"),
+           "object_box_alignment": ("mean", "al_match"), "object_box_detection": ("mean", "detect")},
+}
+
+
+def metric_names(subtype: str) -> list[str]:
+    """The original scorer's metric names for `subtype`, in its order."""
+    return ["acc25", "acc50", "acc75", "iou"] if subtype == "ss" else list(_NAMES[subtype])
 
 
 def aggregate(values: list[dict[str, float]], subtype: str) -> tuple[dict[str, object], dict[str, str]]:
@@ -227,44 +247,30 @@ def aggregate(values: list[dict[str, float]], subtype: str) -> tuple[dict[str, o
     4-decimal strings; None where the original divides by zero."""
     why: dict[str, str] = {}
     n = len(values)
+    out: dict[str, object] = {}
     if subtype == "ss":
         if n == 0:
-            return {k: None for k in ("acc25", "acc50", "acc75", "iou")}, {
-                k: "no sample: the original divides by zero" for k in ("acc25", "acc50", "acc75", "iou")}
+            return {k: None for k in metric_names("ss")}, {
+                k: "no sample: the original divides by zero" for k in metric_names("ss")}
         ious = [v["iou"] for v in values]
-        out: dict[str, object] = {f"acc{t}": "{:.4f}".format(sum(i > t / 100 for i in ious) / n) for t in (25, 50, 75)}
+        out = {f"acc{t}": "{:.4f}".format(sum(i > t / 100 for i in ious) / n) for t in (25, 50, 75)}
         mean = sum(ious) / n
         out["iou"] = None if math.isnan(mean) else "{:.4f}".format(mean)
         if out["iou"] is None:
             why["iou"] = "an IoU is 0/0 (two empty boxes): the original prints nan"
         return out, why
-    names = {
-        "sm": {"precision": ("mean", "pre"), "recall": ("mean", "rec"), "f1": ("mean", "f1"),
-               "iou": ("ratio", "pair_iou", "n_pairs")},
-        "ms": {"box_acc": ("mean", "pre"), "box_iou": ("ratio", "pair_iou", "n_ref"),
-               "object_acc": ("mean", "ob_pre"), "object_iou": ("ratio", "ob_iou", "align_all"),
-               "object_box_acc": ("mean", "al_gt"), "object_box_alignment": ("mean", "al_match"),
-               "object_box_detection": ("mean", "detect")},
-        "mm": {"box_pre": ("mean", "pre"), "box_recall": ("mean", "rec"), "box_f1": ("mean", "f1"),
-               "box_iou": ("ratio", "pair_iou", "n_ref"), "object_pre": ("mean", "ob_pre"),
-               "object_rec": ("mean", "ob_rec"), "object_f1": ("mean", "ob_f1"),
-               "object_iou": ("ratio", "ob_iou", "align_all"), "object_box_pre": ("mean", "al_gt"),
-               "object_box_recall": ("mean", "al_pred"), "object_box_f1": ("mean", "al_f1"),
-               "object_box_alignment": ("mean", "al_match"), "object_box_detection": ("mean", "detect")},
-    }[subtype]
-    out = {}
-    for name, spec in names.items():
+    for name, spec in _NAMES[subtype].items():
         if spec[0] == "mean":
             out[name] = _mean(values, spec[1]) if subtype != "sm" or n else 0  # sm guards its means with 0
             if out[name] is None:
                 why[name] = "no sample: the original divides by zero"
-        else:
-            out[name] = _ratio(values, spec[1], spec[2])
-            if out[name] is None:
-                if subtype == "mm" and name == "object_iou" and n:
-                    out[name] = 0  # the original guards this one division
-                else:
-                    why[name] = f"the original divides by zero: no {_WHAT[spec[2]]} in the whole file"
+            continue
+        out[name] = _ratio(values, spec[1], spec[2])
+        if out[name] is None:
+            if subtype == "mm" and name == "object_iou" and n:
+                out[name] = 0  # the original guards this one division
+            else:
+                why[name] = f"the original divides by zero: no {_WHAT[spec[2]]} in the whole file"
     return out, why
 
 
