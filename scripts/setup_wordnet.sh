@@ -25,6 +25,12 @@ fi
 OUT="$DEST/corpora/wordnet"
 
 if [[ ! -f "$SRC/data.noun" || ! -f "$SRC/index.sense" ]]; then
+  if command -v flock >/dev/null; then  # parallel test workers: one apt-get at a time
+    exec 9>"${TMPDIR:-/tmp}/medrega_setup_wordnet.lock"
+    flock 9
+  fi
+fi
+if [[ ! -f "$SRC/data.noun" || ! -f "$SRC/index.sense" ]]; then
   if [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null; then
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wordnet-base wordnet-sense-index
