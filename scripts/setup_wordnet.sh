@@ -16,7 +16,7 @@
 set -euo pipefail
 
 SRC=/usr/share/wordnet
-MAN=/usr/share/man/man5/lexnames.5WN.gz
+MAN="${MEDREGA_LEXNAMES_MAN:-/usr/share/man/man5/lexnames.5WN.gz}"  # override: tests of the built-in table
 if [[ -n "${NLTK_DATA:-}" ]]; then
   DEST="${NLTK_DATA%%:*}"
 else

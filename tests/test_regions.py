@@ -21,6 +21,7 @@ from internvl.regions import (
     parse_original_references,
     parse_regions,
     pixels_to_box,
+    remove_box_text_original,
     remove_region_tags,
     scan_box_lists,
     strip_regions,
@@ -285,3 +286,17 @@ def test_remove_region_tags() -> None:
     assert remove_region_tags("<ref>a</ref><box>[[1, 2, 3, 4]]</box>, <ref>b</ref><box>[[5, 6, 7, 8]]</box>") == (
         "a[[1, 2, 3, 4]], b[[5, 6, 7, 8]]")
     assert remove_region_tags("What is <box>[[1, 2, 3, 4]]</box>?") == "What is [[1, 2, 3, 4]]?"
+
+
+def test_remove_box_text_original_equals_the_pattern() -> None:
+    import random
+
+    rnd = random.Random(0)
+    for _ in range(3000):
+        text = "".join(rnd.choice(["[[", "]]", "[", "]", "a", " ", "\n", "1, 2"]) for _ in range(rnd.randint(0, 14)))
+        assert remove_box_text_original(text) == re.sub(r"\[\[.*?\]\]", "", text), text
+    import time
+
+    start = time.perf_counter()
+    remove_box_text_original("[[" * 500_000 + "\n]]")
+    assert time.perf_counter() - start < 5.0

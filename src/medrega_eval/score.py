@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from internvl.data.records import RecordProblem
-from internvl.regions import remove_region_tags, strip_regions
+from internvl.regions import remove_box_text_original, remove_region_tags, strip_regions
 from medrega_eval.io import PredictionRecord
 from medrega_eval.metrics import classification as cls_m
 from medrega_eval.metrics import medrega_regions as orig_m
@@ -366,7 +366,6 @@ def _score_classification(records, cfg, result) -> None:
     result.counts["unmapped_answers"] = int(unmapped_total)
 
 
-_R2T_BOXES = re.compile(r"\[\[.*?\]\]")  # the original Region-to-Text scorer's box removal
 _BOX_TEXT = re.compile(r"<box>.*?</box>|\[\[[^\[\]]*(?:\][^\[\]]*)*?\]\]", re.DOTALL)
 
 
@@ -375,7 +374,7 @@ def _score_region2text(records, cfg, result) -> None:
     for rec in records:
         lang = record_lang(rec, cfg)
         if cfg.compat == "medrega":
-            pred = _R2T_BOXES.sub("", rec.prediction.lower()).split()
+            pred = remove_box_text_original(rec.prediction.lower()).split()
             ref = rec.reference.lower().split()
         else:
             clean = _BOX_TEXT.sub(" ", rec.prediction).replace("<ref>", "").replace("</ref>", "")
@@ -507,7 +506,7 @@ def _compat_bertscore_texts(records, cfg, result) -> tuple[list[str], list[str],
     if cfg.task == "vqa" and lang == "en":
         return [vqa_m.medrega_clean_en(p) for p in preds], [vqa_m.medrega_clean_en(r) for r in refs], lang
     if cfg.task == "region2text":
-        return [_R2T_BOXES.sub("", p.lower()) for p in preds], [r.lower() for r in refs], lang
+        return [remove_box_text_original(p.lower()) for p in preds], [r.lower() for r in refs], lang
     if cfg.task == "report" and lang == "zh":
         return [medrega_clean_report_zh(p).replace(" ", "") for p in preds], refs, lang
     if cfg.task == "report":

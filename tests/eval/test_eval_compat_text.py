@@ -50,6 +50,14 @@ def test_setup_builds_lexnames_and_nltk_reads_wordnet(wordnet):
     assert wn.get_version() == "3.0" and wn.synsets("dog")[0].lexname() == "noun.animal"
 
 
+def test_builtin_lexnames_table_equals_the_manual_page(wordnet, tmp_path):
+    """Without the manual page (Docker images drop /usr/share/man) the script's own table gives the same file."""
+    env = {**os.environ, "NLTK_DATA": str(tmp_path), "MEDREGA_LEXNAMES_MAN": str(tmp_path / "no-man-page.gz")}
+    subprocess.run(["bash", str(REPO / "scripts" / "setup_wordnet.sh")], env=env, check=True, capture_output=True)
+    built_in = (tmp_path / "corpora" / "wordnet" / "lexnames").read_text()
+    assert built_in == (wordnet / "corpora" / "wordnet" / "lexnames").read_text()
+
+
 def test_meteor_uses_wordnet_synonyms_hand_worked(wordnet):
     # "sick" ~ "ill" through WordNet: 4 matches in one chunk -> 1 - 0.5 * (1/4)^3. (NLTK looks synonyms up on the
     # Porter stems left over from its stem stage, so "large" ~ "big" does not match: "larg" is no WordNet word.)
