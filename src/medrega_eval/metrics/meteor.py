@@ -58,8 +58,12 @@ def load_wordnet():
 
     if str(root) not in nltk.data.path:
         nltk.data.path.insert(0, str(root))
+    import warnings
+
     try:
-        reader = WordNetCorpusReader(str(folder), None)
+        with warnings.catch_warnings():  # "multilingual functions are not available": English WordNet is all METEOR uses
+            warnings.filterwarnings("ignore", message=".*multilingual functions.*")
+            reader = WordNetCorpusReader(str(folder), None)
         reader.synsets("heart")  # fail here, clearly, rather than inside the first METEOR call
     except (OSError, ValueError, LookupError) as exc:
         raise MetricUnavailable(f"METEOR (NLTK): cannot read WordNet in {folder}: {exc}; {SETUP_HINT}") from exc
