@@ -214,9 +214,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
     cfg = RunConfig(out=args.out, data_dir=data_dir_from(args.data_dir), batch_size=args.batch_size,
                     limit=args.limit, compat=args.compat, score=not args.no_score,
                     bertscore_model=args.bertscore_model)
-    summaries = run_benchmarks(args.model, [registry[n] for n in names], cfg, settings, dtype=args.dtype,
-                               device_map=args.device_map, load_in_8bit=args.load_in_8bit,
-                               load_in_4bit=args.load_in_4bit)
+    from medrega_eval.score import ScoreInputError
+
+    try:
+        summaries = run_benchmarks(args.model, [registry[n] for n in names], cfg, settings, dtype=args.dtype,
+                                   device_map=args.device_map, load_in_8bit=args.load_in_8bit,
+                                   load_in_4bit=args.load_in_4bit)
+    except ScoreInputError as exc:  # the predictions are kept; `score` can rescore them with the right options
+        print(f"medrega-eval run: {exc} (predictions kept in {args.out})", file=sys.stderr)
+        return 2
     for summary in summaries.values():
         _print_summary(summary)
     return 0
