@@ -159,6 +159,7 @@ def read_predictions(path: str | Path, *, keep_duplicates: bool = False
             decoded.append((line, item))
     records: list[PredictionRecord] = []
     seen: dict[str, str] = {}
+    idless_on_line: dict[int, int] = {}
     for line, item in decoded:
         if not isinstance(item, dict):
             problems.append(_problem(file, line, "not-an-object", f"expected a JSON object, got {type(item).__name__}"))
@@ -167,6 +168,11 @@ def read_predictions(path: str | Path, *, keep_duplicates: bool = False
         if isinstance(rec, RecordProblem):
             problems.append(rec)
             continue
+        if not any(k in item for k in ID_KEYS):
+            # id-less items of a one-line JSON list share a line: FILE:LINE, then FILE:LINE#2, #3, ...
+            nth = idless_on_line[line] = idless_on_line.get(line, 0) + 1
+            if nth > 1:
+                rec.id = f"{rec.id}#{nth}"
         if rec.id in seen and not keep_duplicates:
             problems.append(_problem(file, line, "duplicate-id", f"id {rec.id!r} already used at {seen[rec.id]}; "
                                                                  "this record is not scored"))

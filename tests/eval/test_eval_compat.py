@@ -143,3 +143,13 @@ def test_pooled_files_with_repeated_ids_are_all_scored(tmp_path):
     assert cli.main(["score", "--task", "text2region", "--pred", f"{a},{b}", "--out", str(default)]) == 0
     d = json.loads((default / "summary.json").read_text())
     assert d["num_samples"] == 2 and d["counts"]["problem:duplicate-id"] == 2  # the default mode keeps its rule
+
+
+def test_one_line_json_list_without_ids_keeps_every_record(tmp_path):
+    from medrega_eval.io import read_predictions
+
+    path = tmp_path / "rg_test.json"
+    path.write_text(json.dumps([{"pred_answer": "a", "gt_answer": "a"}, {"pred_answer": "b", "gt_answer": "b"},
+                                {"pred_answer": "c", "gt_answer": "c"}]))  # the original's json.dump: one line
+    recs, problems = read_predictions(path)
+    assert [r.id.rpartition(":")[2] for r in recs] == ["1", "1#2", "1#3"] and not problems
