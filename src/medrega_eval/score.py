@@ -440,7 +440,7 @@ def _region_part(records, cfg, result, texts_pred=None) -> None:
 def _compat_text2region(records, cfg, result, rows: dict[int, dict]) -> None:
     """The original regt2r scorer on *every* record (it never skips one): its names in details.medrega (ss: the
     4-decimal strings it prints), the summary names at the top level, None + `unavailable` where it raises."""
-    values = []
+    values, unreadable = [], 0
     try:
         for k, rec in enumerate(records):
             if rec.hw is None:
@@ -451,6 +451,7 @@ def _compat_text2region(records, cfg, result, rows: dict[int, dict]) -> None:
             except orig_m.OriginalCrash as exc:
                 raise orig_m.OriginalCrash(f"{rec.source}: {exc}") from None
             values.append(v)
+            unreadable += pred.failure is not None
             if k in rows:
                 rows[k]["medrega"] = {**v, "unreadable_box_list": pred.failure}
     except orig_m.OriginalCrash as exc:
@@ -461,8 +462,7 @@ def _compat_text2region(records, cfg, result, rows: dict[int, dict]) -> None:
         return
     original, why = orig_m.aggregate(values, cfg.subtype)
     result.details["medrega"] = original
-    result.counts["medrega_unreadable_box_lists"] = sum(1 for r in rows.values()
-                                                       if r.get("medrega", {}).get("unreadable_box_list"))
+    result.counts["medrega_unreadable_box_lists"] = unreadable
     for top, name in orig_m.TOP[cfg.subtype].items():
         value = original.get(name)
         if cfg.subtype == "ss" and value is not None:  # full precision at the top level, the strings in details
