@@ -10,10 +10,15 @@ MedRegA writes regions as text inside ordinary sentences::
 * A ``<box>`` may stand without a ``<ref>`` (Region-to-Text questions: ``What is <box>[[..]]</box>?``), and a ``<ref>``
   may be separated from its ``<box>`` by words (``<ref>brain tumor</ref> is located in <box>[[..]]</box>``): a box
   belongs to the nearest ``<ref>`` before it that has no box yet and no other ``<ref>`` after it.
-* Decoding with ``skip_special_tokens=True`` removes the four tags (they are added special tokens), so model output looks
-  like ``carotid vessel wall[[365, 293, 416, 598], [596, 316, 635, 464]]``. In this *tag-stripped* form the name is the
-  text between the previous delimiter (start, newline, ``,`` ``;`` ``:`` ``.`` or their full-width forms, or the end of
-  a previous box list) and ``[[``. That form is lossy: ``What is this[[..]]`` gives the name ``What is this``.
+* The released model's answers were decoded with ``skip_special_tokens=True``, which removes the four tags, so they
+  look like ``carotid vessel wall[[365, 293, 416, 598], [596, 316, 635, 464]]`` (:func:`remove_region_tags` gives this
+  form). In this *tag-stripped* form the name is the text between the previous delimiter (start, newline, ``,`` ``;``
+  ``:`` ``.`` or their full-width forms, or the end of a previous box list) and ``[[``. That form is lossy:
+  ``What is this[[..]]`` gives the name ``What is this``.
+* Box values are ASCII digits. Every parser here is linear in the text length.
+* :func:`scan_box_lists` has a second grammar, ``"original"``: the original MedRegA scorers' stricter box pattern and
+  their name rule, for ``medrega-eval score --compat medrega`` (with :func:`parse_original_references` and
+  :func:`remove_box_text_original`). It is a mode of this module, not a second parser.
 
 Coordinate conversion (documented choice, matches the original evaluators in the backward direction):
 
