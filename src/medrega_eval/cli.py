@@ -213,7 +213,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
                                   do_sample=args.temperature > 0, temperature=args.temperature or 1.0)
     cfg = RunConfig(out=args.out, data_dir=data_dir_from(args.data_dir), batch_size=args.batch_size,
                     limit=args.limit, compat=args.compat, score=not args.no_score,
-                    bertscore_model=args.bertscore_model)
+                    bertscore_model=args.bertscore_model, bertscore_layer=args.bertscore_layer)
     from medrega_eval.score import ScoreInputError
 
     try:
