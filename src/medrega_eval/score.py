@@ -11,8 +11,8 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Sequence
-from pathlib import Path
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -77,6 +77,10 @@ class ScoreResult:
     problems: list[RecordProblem] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=dict)
     unavailable: dict[str, str] = field(default_factory=dict)
+
+
+class ScoreInputError(ValueError):
+    """The records cannot be scored as asked (e.g. a compat split whose language is ambiguous): a user error."""
 
 
 def record_lang(rec: PredictionRecord, cfg: ScoreConfig) -> str:
@@ -274,10 +278,6 @@ def _report_metrics_medrega(preds, refs, langs, wanted, result) -> tuple[dict[st
 
 
 # ------------------------------------------------------------------------------------------------- per task
-class ScoreInputError(ValueError):
-    """The records cannot be scored as asked (e.g. a compat split whose language is ambiguous): a user error."""
-
-
 def _original_ds_name(source: str) -> str:
     """The original scripts' dataset name: the first two "_"-separated fields of the answer file's name."""
     file = source.rpartition(":")[0] or source
