@@ -300,3 +300,21 @@ def test_remove_box_text_original_equals_the_pattern() -> None:
     start = time.perf_counter()
     remove_box_text_original("[[" * 500_000 + "\n]]")
     assert time.perf_counter() - start < 5.0
+
+
+def test_original_grammar_reads_like_literal_eval() -> None:
+    """The original grammar's reader agrees with ast.literal_eval (what the original scorer calls) on every list."""
+    import ast
+    import random
+
+    rnd = random.Random(0)
+    for _ in range(3000):
+        nums = [rnd.choice(["0", "00", "01", "7", "999", "1000", "000", "12", "9" * 4300, "9" * 4301])
+                for _ in range(4 * rnd.randint(1, 3))]
+        text = "x[" + ", ".join("[" + ", ".join(nums[k:k + 4]) + "]" for k in range(0, len(nums), 4)) + "]"
+        (span,) = scan_box_lists(text, "original")
+        try:
+            expected = tuple(tuple(b) for b in ast.literal_eval(text[1:]))
+        except (SyntaxError, ValueError):
+            expected = None
+        assert span.values == expected

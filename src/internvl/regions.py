@@ -34,6 +34,7 @@ import bisect
 import math
 import numbers
 import re
+import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -274,9 +275,11 @@ _LEADING_ZERO_RE = re.compile(r"(?<![0-9])0[0-9]")
 
 
 def _read_original(match: str) -> tuple[tuple[tuple[int, ...], ...] | None, str | None]:
-    if _PLAIN_ORIGINAL_RE.fullmatch(match) and not _LEADING_ZERO_RE.search(match) and len(match) < 4000:
-        # fast path, same result as literal_eval: ASCII digits, spaces, no leading zero, no huge number
-        nums = [int(v) for v in re.findall(r"[0-9]+", match)]
+    limit = sys.get_int_max_str_digits()
+    if (_PLAIN_ORIGINAL_RE.fullmatch(match) and not _LEADING_ZERO_RE.search(match)
+            and (limit == 0 or max(len(v) for v in _DIGITS_RE.findall(match)) <= limit)):
+        # fast path, same result as literal_eval: ASCII digits, spaces, no leading zero, no number over the limit
+        nums = [int(v) for v in _DIGITS_RE.findall(match)]
         return tuple(tuple(nums[k:k + 4]) for k in range(0, len(nums), 4)), None
     # ast.literal_eval is the reader the original applies; the pattern guarantees a two-level list of numbers, so
     # nothing but numbers can be evaluated (no deep nesting, no names).
