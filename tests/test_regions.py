@@ -18,8 +18,12 @@ from internvl.regions import (
     has_regions,
     map_boxes,
     parse_box_list,
+    parse_original_references,
     parse_regions,
     pixels_to_box,
+    remove_box_text_original,
+    remove_region_tags,
+    scan_box_lists,
     strip_regions,
     validate_box,
 )
@@ -228,3 +232,89 @@ def test_map_boxes_rewrites_numeric_boxes_only() -> None:
 def test_map_boxes_identity_keeps_formatted_text(regions: list[Region]) -> None:
     text = format_regions(regions) + ": text"
     assert map_boxes(text, lambda b: b) == text
+
+
+# ------------------------------------------------------------------ hostile input, original grammar, tag removal
+def test_full_width_digits_are_not_a_box() -> None:
+    errors: list[str] = []
+    assert parse_regions("liver[[５,10,100,200]]", strict=False, errors=errors) == []
+    assert errors and "ASCII" in errors[0]
+    with pytest.raises(RegionError):
+        parse_box_list("[[１, 2, 3, 4]]")
+    assert map_boxes("a[[５, 1, 2, 3]]", lambda b: b) == "a[[５, 1, 2, 3]]"  # not rewritten: not a box
+    with pytest.raises(RegionError, match="outside"):
+        parse_box_list("[[" + "9" * 5000 + ", 1, 2, 3]]")  # no 4300-digit int() parsing
+
+
+@pytest.mark.parametrize("line", [
+    "<ref>" * 200_000, "<box>" * 200_000, "<ref>a</ref>" * 80_000, "a" * 1_000_000, "word " * 200_000,
+    "[[" * 500_000, "[ " * 500_000, "[[1, 2, 3, 4], " * 60_000, "[[" + "1" * 1_000_000,
+    "<ref>a</ref><box>" * 55_000, "a[[1,2,3,4]" * 90_000, "x[[1, 2, 3, 4]], " * 58_000,
+])
+def test_parsing_a_1mb_line_is_linear(line: str) -> None:
+    """Every parser of the module on a 1 MB hostile line (the old lazy patterns took 25 s on 100 KB of "<ref>")."""
+    import time
+
+    start = time.perf_counter()
+    parse_regions(line, strict=False, errors=[])
+    strip_regions(line)
+    has_regions(line)
+    scan_box_lists(line, "original")
+    parse_original_references(line)
+    remove_region_tags(line)
+    assert time.perf_counter() - start < 8.0  # ~0.1-1 s here; generous for loaded CI machines, far from quadratic
+
+
+def test_original_grammar_and_names() -> None:
+    text = "liver[[1, 2, 3, 4]], kidney[[5, 6, 7, 8],[9, 9, 9, 9]] x[[ 1, 2, 3, 4]] [[1 ,2, 3, 4]] y[[01, 2, 3, 4]]"
+    spans = scan_box_lists(text, "original")
+    assert [s.name for s in spans] == ["liver", ", kidney", " y"]  # spaced lists are not boxes in this grammar
+    assert spans[1].values == ((5, 6, 7, 8), (9, 9, 9, 9))
+    assert spans[2].values is None and "leading zeros" in spans[2].error
+    assert scan_box_lists("a[[1, 2, 3, 1500]]", "original")[0].values == ((1, 2, 3, 1500),)  # no range check
+    assert scan_box_lists("a[[５,10,100,200]]", "original")[0].error  # literal_eval refuses full-width digits
+    assert [s.name for s in scan_box_lists(text, "tolerant")] == ["liver", "kidney", "x", "", "y"]
+
+
+def test_original_reference_rule() -> None:
+    assert parse_original_references("<ref>a</ref> and <ref>b</ref><box>[[1, 2, 3, 4]]</box>, <box>[[5, 5, 6, 6]]</box>"
+                                     ) == [("a</ref> and <ref>b", "[[1, 2, 3, 4]]")]
+    assert parse_original_references("<ref>a</ref>\n<ref>b</ref><box>[[1, 2, 3, 4]]</box>") == [("b", "[[1, 2, 3, 4]]")]
+
+
+def test_remove_region_tags() -> None:
+    assert remove_region_tags("<ref>a</ref><box>[[1, 2, 3, 4]]</box>, <ref>b</ref><box>[[5, 6, 7, 8]]</box>") == (
+        "a[[1, 2, 3, 4]], b[[5, 6, 7, 8]]")
+    assert remove_region_tags("What is <box>[[1, 2, 3, 4]]</box>?") == "What is [[1, 2, 3, 4]]?"
+
+
+def test_remove_box_text_original_equals_the_pattern() -> None:
+    import random
+
+    rnd = random.Random(0)
+    for _ in range(3000):
+        text = "".join(rnd.choice(["[[", "]]", "[", "]", "a", " ", "\n", "1, 2"]) for _ in range(rnd.randint(0, 14)))
+        assert remove_box_text_original(text) == re.sub(r"\[\[.*?\]\]", "", text), text
+    import time
+
+    start = time.perf_counter()
+    remove_box_text_original("[[" * 500_000 + "\n]]")
+    assert time.perf_counter() - start < 5.0
+
+
+def test_original_grammar_reads_like_literal_eval() -> None:
+    """The original grammar's reader agrees with ast.literal_eval (what the original scorer calls) on every list."""
+    import ast
+    import random
+
+    rnd = random.Random(0)
+    for _ in range(3000):
+        nums = [rnd.choice(["0", "00", "01", "7", "999", "1000", "000", "12", "9" * 4300, "9" * 4301])
+                for _ in range(4 * rnd.randint(1, 3))]
+        text = "x[" + ", ".join("[" + ", ".join(nums[k:k + 4]) + "]" for k in range(0, len(nums), 4)) + "]"
+        (span,) = scan_box_lists(text, "original")
+        try:
+            expected = tuple(tuple(b) for b in ast.literal_eval(text[1:]))
+        except (SyntaxError, ValueError):
+            expected = None
+        assert span.values == expected

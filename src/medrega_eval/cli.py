@@ -28,6 +28,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", type=Path, default=None, help="root of the benchmark data (default $MEDREGA_DATA)")
     p.add_argument("--bertscore-model", default=None, metavar="DIR",
                    help="local model directory for BERTScore (e.g. a saved deberta-xlarge-mnli); never downloaded")
+    p.add_argument("--bertscore-layer", type=int, default=None, metavar="N",
+                   help="BERTScore hidden layer (default: the last; with --compat medrega 40 for en, 9 for zh)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,7 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("score", help="score a prediction file (our records or the original MedRegA formats)")
     s.add_argument("--task", choices=TASKS, help="task to score (default: the --benchmark's task)")
-    s.add_argument("--pred", required=True, type=Path, help="predictions: JSON list or JSON lines")
+    s.add_argument("--pred", required=True, type=Path,
+                   help="predictions: JSON list or JSON lines; several files comma-separated are pooled "
+                        "(as the original scorers pool --ans_file lists)")
     s.add_argument("--subtype", choices=SUBTYPES, default=None, help="Text-to-Region subtype")
     s.add_argument("--lang", choices=["en", "zh", "auto"], default=None, help="language (default: per record)")
     s.add_argument("--benchmark", default=None, help="take task/subtype/options/metrics from this registered split")
@@ -93,11 +97,35 @@ def _options_from_records(records, multilabel: bool) -> list[str]:
     return out
 
 
+def _pred_files(pred: Path) -> list[Path]:
+    """`--pred`: one file, or several comma-separated (a file whose own name has a comma is taken as one)."""
+    if pred.exists() or "," not in str(pred):
+        return [pred]
+    return [Path(p) for p in str(pred).split(",") if p]
+
+
+def _drop_repeated_ids(records, problems):
+    """Default mode over several files: an id seen in an earlier file is a duplicate too (the first is scored)."""
+    from internvl.data.records import RecordProblem
+
+    seen: dict[str, str] = {}
+    kept = []
+    for rec in records:
+        if rec.id in seen:
+            file, _, line = rec.source.rpartition(":")
+            problems.append(RecordProblem(file, int(line) if line.isdigit() else 0, "duplicate-id",
+                                          f"id {rec.id!r} already used at {seen[rec.id]}; this record is not scored"))
+            continue
+        seen[rec.id] = rec.source
+        kept.append(rec)
+    return kept, problems
+
+
 def _cmd_score(args: argparse.Namespace) -> int:
     from medrega_eval.benchmarks import load_registry
     from medrega_eval.io import read_predictions
     from medrega_eval.report import protocol_info, write_outputs
-    from medrega_eval.score import TOP_METRICS, ScoreConfig, score_records, summarize
+    from medrega_eval.score import TOP_METRICS, ScoreConfig, ScoreInputError, score_records, summarize
 
     bench = None
     if args.benchmark:
@@ -112,7 +140,18 @@ def _cmd_score(args: argparse.Namespace) -> int:
     options = _read_options(args)
     if options is None and bench is not None and bench.options != "from_references":
         options = bench.options
-    records, problems = read_predictions(args.pred)
+    pred_files = _pred_files(args.pred)
+    missing = [p for p in pred_files if not p.is_file()]
+    if missing:
+        print(f"medrega-eval score: {missing[0]}: prediction file not found", file=sys.stderr)
+        return 1
+    records, problems = [], []
+    for path in pred_files:
+        recs, probs = read_predictions(path, keep_duplicates=args.compat == "medrega")
+        records += recs
+        problems += probs
+    if args.compat != "medrega" and len(pred_files) > 1:
+        records, problems = _drop_repeated_ids(records, problems)
     if options is None and bench is not None and bench.options == "from_references":
         options = _options_from_records(records, args.multilabel or bench.multilabel)
     if options is None and task == "classification" and not any(r.options for r in records):
@@ -124,16 +163,23 @@ def _cmd_score(args: argparse.Namespace) -> int:
     cfg = ScoreConfig(task=task, lang=lang or (bench.lang if bench and bench.lang != "auto" else None),
                       subtype=args.subtype or (bench.subtype if bench else None), compat=args.compat,
                       options=options, multilabel=args.multilabel or bool(bench and bench.multilabel),
-                      metrics=metrics, bertscore_model=args.bertscore_model)
+                      metrics=metrics, bertscore_model=args.bertscore_model, bertscore_layer=args.bertscore_layer)
     try:
         cfg.validate()
     except ValueError as exc:
         print(f"medrega-eval score: {exc}", file=sys.stderr)
         return 2
-    result = score_records(records, cfg, problems)
-    digest = hashlib.sha256(args.pred.read_bytes()).hexdigest()
-    protocol = protocol_info(model=args.model, template=None, generation=None, prediction_file=str(args.pred),
-                             prediction_sha256=digest, task=task, compat=args.compat)
+    try:
+        result = score_records(records, cfg, problems)
+    except ScoreInputError as exc:
+        print(f"medrega-eval score: {exc}", file=sys.stderr)
+        return 2
+    if args.compat == "medrega":
+        result.counts["repeated_ids_scored"] = len(records) - len({r.id for r in records})
+    digests = [hashlib.sha256(p.read_bytes()).hexdigest() for p in pred_files]
+    protocol = protocol_info(model=args.model, template=None, generation=None,
+                             prediction_file=",".join(str(p) for p in pred_files),
+                             prediction_sha256=",".join(digests), task=task, compat=args.compat)
     summary = summarize(result, cfg, protocol, benchmark=args.benchmark)
     write_outputs(args.out, summary, result.rows, TOP_METRICS, image_root=args.image_root)
     _print_summary(summary)
@@ -167,10 +213,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
                                   do_sample=args.temperature > 0, temperature=args.temperature or 1.0)
     cfg = RunConfig(out=args.out, data_dir=data_dir_from(args.data_dir), batch_size=args.batch_size,
                     limit=args.limit, compat=args.compat, score=not args.no_score,
-                    bertscore_model=args.bertscore_model)
-    summaries = run_benchmarks(args.model, [registry[n] for n in names], cfg, settings, dtype=args.dtype,
-                               device_map=args.device_map, load_in_8bit=args.load_in_8bit,
-                               load_in_4bit=args.load_in_4bit)
+                    bertscore_model=args.bertscore_model, bertscore_layer=args.bertscore_layer)
+    from medrega_eval.score import ScoreInputError
+
+    try:
+        summaries = run_benchmarks(args.model, [registry[n] for n in names], cfg, settings, dtype=args.dtype,
+                                   device_map=args.device_map, load_in_8bit=args.load_in_8bit,
+                                   load_in_4bit=args.load_in_4bit)
+    except ScoreInputError as exc:  # the predictions are kept; `score` can rescore them with the right options
+        print(f"medrega-eval run: {exc} (predictions kept in {args.out})", file=sys.stderr)
+        return 2
     for summary in summaries.values():
         _print_summary(summary)
     return 0

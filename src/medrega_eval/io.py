@@ -125,8 +125,11 @@ def _json_list_items(path: Path, text: str) -> Iterable[tuple[int, Any]]:
         yield line, item
 
 
-def read_predictions(path: str | Path) -> tuple[list[PredictionRecord], list[RecordProblem]]:
-    """All valid predictions of a JSON-list or JSON-lines file plus every problem (duplicates keep the first)."""
+def read_predictions(path: str | Path, *, keep_duplicates: bool = False
+                     ) -> tuple[list[PredictionRecord], list[RecordProblem]]:
+    """All valid predictions of a JSON-list or JSON-lines file plus every problem (duplicates keep the first).
+
+    keep_duplicates=True (``--compat medrega``: the original scorers never look at ids) keeps every record."""
     path = Path(path)
     file = str(path)
     if not path.is_file():
@@ -156,6 +159,7 @@ def read_predictions(path: str | Path) -> tuple[list[PredictionRecord], list[Rec
             decoded.append((line, item))
     records: list[PredictionRecord] = []
     seen: dict[str, str] = {}
+    idless_on_line: dict[int, int] = {}
     for line, item in decoded:
         if not isinstance(item, dict):
             problems.append(_problem(file, line, "not-an-object", f"expected a JSON object, got {type(item).__name__}"))
@@ -164,7 +168,12 @@ def read_predictions(path: str | Path) -> tuple[list[PredictionRecord], list[Rec
         if isinstance(rec, RecordProblem):
             problems.append(rec)
             continue
-        if rec.id in seen:
+        if not any(k in item for k in ID_KEYS):
+            # id-less items of a one-line JSON list share a line: FILE:LINE, then FILE:LINE#2, #3, ...
+            nth = idless_on_line[line] = idless_on_line.get(line, 0) + 1
+            if nth > 1:
+                rec.id = f"{rec.id}#{nth}"
+        if rec.id in seen and not keep_duplicates:
             problems.append(_problem(file, line, "duplicate-id", f"id {rec.id!r} already used at {seen[rec.id]}; "
                                                                  "this record is not scored"))
             continue

@@ -41,6 +41,7 @@ class RunConfig:
     compat: str | None = None
     score: bool = True
     bertscore_model: str | None = None
+    bertscore_layer: int | None = None
 
 
 @dataclass
@@ -215,7 +216,7 @@ def score_benchmark(bench: Benchmark, samples: Sequence[Sample], problems: Seque
     score_cfg = ScoreConfig(task=bench.task, lang=None if bench.lang == "auto" else bench.lang, subtype=bench.subtype,
                             compat=cfg.compat, options=options, multilabel=bench.multilabel,
                             metrics=report_metrics if bench.task in ("report", "grounded_report") else None,
-                            bertscore_model=cfg.bertscore_model)
+                            bertscore_model=cfg.bertscore_model, bertscore_layer=cfg.bertscore_layer)
     result = score_records(records, score_cfg, all_problems)
     result.counts["benchmark_samples"] = len(samples)
     result.counts["missing_predictions"] = len(missing)

@@ -8,22 +8,26 @@ the sample is left out of the metrics; bad *predictions* are always scored (as w
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from internvl.data.records import RecordProblem
-from internvl.regions import strip_regions
+from internvl.regions import remove_box_text_original, remove_region_tags, strip_regions
 from medrega_eval.io import PredictionRecord
 from medrega_eval.metrics import classification as cls_m
+from medrega_eval.metrics import medrega_regions as orig_m
 from medrega_eval.metrics import regions as reg_m
 from medrega_eval.metrics import text as text_m
 from medrega_eval.metrics import vqa as vqa_m
 
-__all__ = ["TASKS", "SUBTYPES", "REPORT_METRICS", "ScoreConfig", "ScoreResult", "score_records", "record_lang"]
+__all__ = ["TASKS", "SUBTYPES", "REPORT_METRICS", "ScoreConfig", "ScoreResult", "ScoreInputError", "score_records",
+           "record_lang", "compat_vqa_lang"]
 
 TASKS = ("vqa", "report", "classification", "region2text", "text2region", "grounded_report")
 SUBTYPES = ("ss", "sm", "ms", "mm")
@@ -43,6 +47,7 @@ class ScoreConfig:
     multilabel: bool = False
     metrics: list[str] | None = None
     bertscore_model: str | None = None  # local model dir; BERTScore is computed only when given
+    bertscore_layer: int | None = None  # hidden layer; default: the last (compat: 40 for en, 9 for zh, as the original)
 
     def validate(self) -> None:
         if self.task not in TASKS:
@@ -72,6 +77,10 @@ class ScoreResult:
     problems: list[RecordProblem] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=dict)
     unavailable: dict[str, str] = field(default_factory=dict)
+
+
+class ScoreInputError(ValueError):
+    """The records cannot be scored as asked (e.g. a compat split whose language is ambiguous): a user error."""
 
 
 def record_lang(rec: PredictionRecord, cfg: ScoreConfig) -> str:
@@ -178,10 +187,40 @@ def _meteor(cands, gts, out, per, result: ScoreResult) -> None:
         per[i]["meteor"] = s
 
 
+ROUGE_BOOTSTRAP_SEEDS = 20
+
+
+def rouge_bootstrap_spread(preds: list[str], refs: list[str], seeds: int = ROUGE_BOOTSTRAP_SEEDS) -> dict[str, Any]:
+    """What HF `evaluate`'s rouge reports for the original EN scorer, over `seeds` seeds: rouge-score's
+    BootstrapAggregator (1000 resamples, unseeded in the original) mid F-measure; min and max per key. The global
+    numpy random state is restored afterwards."""
+    from rouge_score import rouge_scorer, scoring
+
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rougeL"])
+    scores = [scorer.score(r, p) for p, r in zip(preds, refs)]
+    mids: dict[str, list[float]] = {"rouge1": [], "rougeL": []}
+    state = np.random.get_state()
+    try:
+        for seed in range(seeds):
+            np.random.seed(seed)
+            agg = scoring.BootstrapAggregator()
+            for s in scores:
+                agg.add_scores(s)
+            result = agg.aggregate()
+            for k in mids:
+                mids[k].append(float(result[k].mid.fmeasure))
+    finally:
+        np.random.set_state(state)
+    return {k: {"min": min(v), "max": max(v), "seeds": seeds} for k, v in mids.items()}
+
+
 def _report_metrics_medrega(preds, refs, langs, wanted, result) -> tuple[dict[str, Any], list[dict[str, float]]]:
     """The original scorers: EN corpus HF-BLEU on 13a tokens + rouge-score; ZH per-sample HF-BLEU on jieba tokens,
-    rouge-score on jieba-spaced text (CJK dropped by its tokenizer) with rouge1/rougeL swapped."""
+    rouge-score on jieba-spaced text (CJK dropped by its tokenizer) with rouge1/rougeL swapped; METEOR = NLTK's
+    on word_tokenize (EN) / jieba (ZH) tokens with WordNet (medrega_eval.metrics.meteor)."""
     from rouge_score import rouge_scorer
+
+    from medrega_eval.metrics import meteor as meteor_m
 
     n = len(preds)
     per = [dict() for _ in range(n)]
@@ -199,11 +238,16 @@ def _report_metrics_medrega(preds, refs, langs, wanted, result) -> tuple[dict[st
             per[i].update(rouge1=s["rouge1"].fmeasure, rougeL=s["rougeL"].fmeasure)
         out["rouge1"] = _mean([s["rouge1"].fmeasure for s in rouge])
         out["rougeL"] = _mean([s["rougeL"].fmeasure for s in rouge])
+        # HF evaluate reports a bootstrap median (random); the plain mean above estimates it, the spread bounds it
+        result.details["rouge_bootstrap"] = rouge_bootstrap_spread(p_clean, r_clean)
+        m_hyp = [meteor_m.tokenize_en(p) for p in p_clean]
+        m_ref = [meteor_m.tokenize_en(r) for r in r_clean]
     elif all(lang == "zh" for lang in langs):
         jieba = text_m._get_jieba()
         # predictions: cleanStr_zh + spaces removed; references: raw. Both jieba-joined with spaces, then HF BLEU's
         # 13a tokenizer; HF ROUGE on the jieba-joined strings (rouge-score drops the CJK characters)
-        res = [" ".join(jieba.cut(medrega_clean_report_zh(p).replace(" ", ""))) for p in preds]
+        res_raw = [medrega_clean_report_zh(p).replace(" ", "") for p in preds]
+        res = [" ".join(jieba.cut(x)) for x in res_raw]
         gt = [" ".join(jieba.cut(r)) for r in refs]
         cands = [text_m.tokenize_13a(x) for x in res]
         gts = [[text_m.tokenize_13a(x)] for x in gt]
@@ -215,28 +259,72 @@ def _report_metrics_medrega(preds, refs, langs, wanted, result) -> tuple[dict[st
             per[i].update(rougeL=s["rouge1"].fmeasure, rouge1=s["rougeL"].fmeasure)
         for k in ("bleu1", "bleu4", "rougeL", "rouge1"):
             out[k] = _mean([p[k] for p in per])
-        cands = [x.split() for x in res]  # METEOR on jieba tokens (the original: NLTK; here the METEOR 1.5 jar)
-        gts = [[x.split()] for x in gt]
+        m_hyp = [list(jieba.cut(x)) for x in res_raw]  # raw jieba tokens, as the original's METEOR
+        m_ref = [list(jieba.cut(r)) for r in refs]
     else:
-        raise ValueError("--compat medrega scores one language at a time (the original has separate EN and ZH "
-                         "scorers); split the file or pass --lang")
+        raise ScoreInputError("--compat medrega scores one language at a time (the original has separate EN and ZH "
+                              "scorers); split the file or pass --lang")
     if "meteor" in wanted:
-        _meteor(cands, gts, out, per, result)
+        try:
+            scores = meteor_m.meteor_scores(m_hyp, m_ref)
+        except text_m.MetricUnavailable as exc:
+            out["meteor"] = None
+            result.unavailable["meteor"] = str(exc)
+        else:
+            out["meteor"] = _mean(scores)
+            for i, v in enumerate(scores):
+                per[i]["meteor"] = v
     return out, per
 
 
 # ------------------------------------------------------------------------------------------------- per task
+def _original_ds_name(source: str) -> str:
+    """The original scripts' dataset name: the first two "_"-separated fields of the answer file's name."""
+    file = source.rpartition(":")[0] or source
+    return "_".join(Path(file).name.split("_")[0:2])
+
+
+def compat_vqa_lang(records: Sequence[PredictionRecord], cfg: ScoreConfig) -> str:
+    """One language for a whole compat VQA split, as the original picks its scorer per answer file.
+
+    --lang (or every record's own `lang`, when they agree) wins; else the original's rule: "zh" in the dataset name
+    of the file name -> zh. A file the rule calls English but whose references contain CJK is refused (it would run
+    the English rules on a Chinese split): pass --lang."""
+    if cfg.lang in ("en", "zh"):
+        return cfg.lang
+    langs = {r.lang for r in records}
+    if len(langs) == 1 and None not in langs:
+        return langs.pop()  # type: ignore[return-value]
+    if not records:
+        return "en"
+    ds_name = _original_ds_name(records[-1].source)
+    if "zh" in ds_name:
+        return "zh"
+    cjk = sum(text_m.has_cjk(r.reference) for r in records)
+    if cjk:
+        raise ScoreInputError(
+            f"--compat medrega VQA: {cjk} of {len(records)} references contain Chinese characters, but the file name's "
+            f"dataset part {ds_name!r} has no 'zh', so the original would score the split with its English rules; "
+            "pass --lang zh (Chinese rules) or --lang en (what the original does with this file name)")
+    return "en"
+
+
 def _score_vqa(records, cfg, result) -> None:
     samples = []
+    split_lang = compat_vqa_lang(records, cfg) if cfg.compat == "medrega" else None
+    if split_lang:
+        result.details["compat_lang"] = split_lang
     for rec in records:
-        lang = record_lang(rec, cfg)
+        lang = split_lang or record_lang(rec, cfg)
         s = vqa_m.score_vqa_sample(rec.prediction, rec.reference, lang, rec.answer_type, cfg.compat)
         samples.append(s)
         result.rows.append(_row(rec, lang, {"closed": s.closed, "correct": s.correct, "recall": s.recall,
                                             "token_f1": s.f1, "bleu1": s.bleu1, "exact_match": s.exact_match}))
-    agg = vqa_m.aggregate_vqa(samples)
+    agg = vqa_m.aggregate_vqa(samples, cfg.compat)
     for k in ("closed_accuracy", "open_recall", "open_accuracy", "token_f1", "recall", "bleu1", "exact_match"):
         result.metrics[k] = agg[k]
+        if cfg.compat == "medrega" and agg[k] is None:
+            result.unavailable[k] = vqa_m.NO_OPEN_REASON
     result.details.update(num_closed=agg["num_closed"], num_open=agg["num_open"])
 
 
@@ -286,7 +374,7 @@ def _score_region2text(records, cfg, result) -> None:
     for rec in records:
         lang = record_lang(rec, cfg)
         if cfg.compat == "medrega":
-            pred = re.sub(r"\[\[.*?\]\]", "", rec.prediction.lower()).split()
+            pred = remove_box_text_original(rec.prediction.lower()).split()
             ref = rec.reference.lower().split()
         else:
             clean = _BOX_TEXT.sub(" ", rec.prediction).replace("<ref>", "").replace("</ref>", "")
@@ -305,7 +393,7 @@ def _score_region2text(records, cfg, result) -> None:
 
 def _region_part(records, cfg, result, texts_pred=None) -> None:
     """Box metrics of text2region / grounded_report; appends rows (or extends rows already made)."""
-    preds, refs, samples, compat_vals = [], [], [], []
+    preds, refs, samples = [], [], []
     parse_errors = 0
     error_examples: list[str] = []
     kept_rows = []
@@ -327,12 +415,7 @@ def _region_part(records, cfg, result, texts_pred=None) -> None:
         preds.append(pred.boxes)
         refs.append(ref.boxes)
         scores: dict[str, Any] = sample.metrics()
-        extra: dict[str, Any] = {}
-        if cfg.compat == "medrega" and cfg.task == "text2region":
-            cv = reg_m.medrega_sample(pred.boxes, ref.boxes, cfg.subtype)
-            compat_vals.append(cv)
-            extra["medrega"] = cv
-        row = _row(rec, lang, scores, **extra,
+        row = _row(rec, lang, scores,
                    pred_boxes=[{"name": b.name, "box": list(b.grid)} for b in pred.boxes],
                    ref_boxes=[{"name": b.name, "box": list(b.grid)} for b in ref.boxes],
                    matches=[{"pred": i, "ref": j, "iou": iou} for i, j, iou in sample.pairs],
@@ -341,11 +424,8 @@ def _region_part(records, cfg, result, texts_pred=None) -> None:
     agg = reg_m.aggregate_regions(samples)
     top = ("iou", "acc25", "acc50", "acc75", "precision", "recall", "f1")
     if cfg.compat == "medrega" and cfg.task == "text2region":
-        # the original's numbers: its own names in details.medrega, mapped onto the summary names at the top level
-        original = reg_m.aggregate_medrega(compat_vals, cfg.subtype)
-        result.details["medrega"] = original
-        result.metrics.update({k: original[v] for k, v in reg_m.MEDREGA_TOP[cfg.subtype].items() if v in original})
         result.details["default_metrics"] = {k: agg.get(k) for k in top}
+        _compat_text2region(records, cfg, result, dict(kept_rows))
     else:
         result.metrics.update({k: agg.get(k) for k in top})
     result.metrics["map50"] = reg_m.coco_map50(preds, refs) if refs else None
@@ -355,6 +435,44 @@ def _region_part(records, cfg, result, texts_pred=None) -> None:
     if error_examples:
         result.details["malformed_pred_box_examples"] = error_examples
     return kept_rows
+
+
+def _compat_text2region(records, cfg, result, rows: dict[int, dict]) -> None:
+    """The original regt2r scorer on *every* record (it never skips one): its names in details.medrega (ss: the
+    4-decimal strings it prints), the summary names at the top level, None + `unavailable` where it raises."""
+    values, unreadable = [], 0
+    try:
+        for k, rec in enumerate(records):
+            if rec.hw is None:
+                raise orig_m.OriginalCrash(f"{rec.source}: no hw (the original needs the image size)")
+            try:
+                pred = orig_m.parse_prediction(rec.prediction, rec.hw)
+                v = orig_m.sample_values(pred, orig_m.parse_reference(rec.reference, rec.hw), cfg.subtype)
+            except orig_m.OriginalCrash as exc:
+                raise orig_m.OriginalCrash(f"{rec.source}: {exc}") from None
+            values.append(v)
+            unreadable += pred.failure is not None
+            if k in rows:
+                rows[k]["medrega"] = {**v, "unreadable_box_list": pred.failure}
+    except orig_m.OriginalCrash as exc:
+        result.details["medrega"] = {n: None for n in orig_m.metric_names(cfg.subtype)}
+        for top in orig_m.TOP[cfg.subtype]:
+            result.metrics[top] = None
+            result.unavailable[top] = f"the original scorer crashes on this file: {exc}"
+        return
+    original, why = orig_m.aggregate(values, cfg.subtype)
+    result.details["medrega"] = original
+    result.counts["medrega_unreadable_box_lists"] = unreadable
+    for top, name in orig_m.TOP[cfg.subtype].items():
+        value = original.get(name)
+        if cfg.subtype == "ss" and value is not None:  # full precision at the top level, the strings in details
+            ious = [v["iou"] for v in values]
+            value = sum(ious) / len(ious) if top == "iou" else sum(i > int(top[3:]) / 100 for i in ious) / len(ious)
+        result.metrics[top] = value
+        if name in why:
+            result.unavailable[top] = why[name]
+    for name, reason in why.items():
+        result.unavailable.setdefault(f"medrega.{name}", reason)
 
 
 def _score_text2region(records, cfg, result) -> None:
@@ -380,17 +498,40 @@ def _score_report(records, cfg, result, grounded: bool = False) -> None:
             result.rows.append(_row(rec, lang, scores))
 
 
+def _compat_bertscore_texts(records, cfg, result) -> tuple[list[str], list[str], str]:
+    """(candidates, references, language) exactly as the original scorers hand them to bert-score."""
+    langs = {row["lang"] for row in result.rows}
+    lang = result.details.get("compat_lang") or (langs.pop() if len(langs) == 1 else "en")
+    preds, refs = [r.prediction for r in records], [r.reference for r in records]
+    if cfg.task == "vqa" and lang == "en":
+        return [vqa_m.medrega_clean_en(p) for p in preds], [vqa_m.medrega_clean_en(r) for r in refs], lang
+    if cfg.task == "region2text":
+        return [remove_box_text_original(p.lower()) for p in preds], [r.lower() for r in refs], lang
+    if cfg.task == "report" and lang == "zh":
+        return [medrega_clean_report_zh(p).replace(" ", "") for p in preds], refs, lang
+    if cfg.task == "report":
+        return [medrega_clean_report_en(p) for p in preds], [medrega_clean_report_en(r) for r in refs], lang
+    if cfg.task == "grounded_report":
+        return [strip_regions(p) for p in preds], [strip_regions(r) for r in refs], lang
+    return preds, refs, lang
+
+
 def _bertscore(records, cfg, result) -> None:
-    """BERTScore F1 from the local model; rows are matched by id (grounded: on the box-free text)."""
-    from medrega_eval.metrics.model_based import bertscore
+    """BERTScore F1 from the local model; one row per record, in order (grounded: on the box-free text)."""
+    from medrega_eval.metrics.model_based import ORIGINAL_LAYERS, bertscore
 
     grounded = cfg.task == "grounded_report"
-    by_id = {r.id: r for r in records}
-    rows = [row for row in result.rows if row["id"] in by_id]
-    cands = [strip_regions(by_id[row["id"]].prediction) if grounded else by_id[row["id"]].prediction for row in rows]
-    refs = [strip_regions(by_id[row["id"]].reference) if grounded else by_id[row["id"]].reference for row in rows]
+    rows = result.rows  # one row per record, in record order, for every BERTScore task (ids may repeat in compat)
+    assert len(rows) == len(records), "BERTScore needs one row per record"
+    layer, original = cfg.bertscore_layer, cfg.compat == "medrega"
+    if original:
+        cands, refs, lang = _compat_bertscore_texts(records, cfg, result)
+        layer = layer if layer is not None else ORIGINAL_LAYERS[lang]
+    else:
+        cands = [strip_regions(r.prediction) if grounded else r.prediction for r in records]
+        refs = [strip_regions(r.reference) if grounded else r.reference for r in records]
     try:
-        mean, per = bertscore(cands, refs, cfg.bertscore_model)
+        mean, per = bertscore(cands, refs, cfg.bertscore_model, layer=layer, original=original)
     except text_m.MetricUnavailable as exc:
         result.metrics["bertscore"] = None
         result.unavailable["bertscore"] = str(exc)
@@ -406,6 +547,8 @@ def score_records(records: Sequence[PredictionRecord], cfg: ScoreConfig,
     cfg.validate()
     result = ScoreResult(metrics={}, details={}, rows=[], problems=list(problems))
     records = list(records)
+    if cfg.compat == "medrega":  # the original scored tag-free answers (decoded with skip_special_tokens)
+        records = [dataclasses.replace(r, prediction=remove_region_tags(r.prediction)) for r in records]
     result.counts["empty_predictions"] = sum(not r.prediction.strip() for r in records)
     if cfg.task == "vqa":
         _score_vqa(records, cfg, result)

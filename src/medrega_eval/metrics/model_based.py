@@ -34,25 +34,41 @@ def _load(model_dir: str | Path, device: str):
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-        model = AutoModel.from_pretrained(str(path), local_files_only=True).to(device).eval()
+        # safetensors only: a pickled pytorch_model.bin is never unpickled
+        model = AutoModel.from_pretrained(str(path), local_files_only=True, use_safetensors=True).to(device).eval()
     except (OSError, ValueError) as exc:
         raise MetricUnavailable(f"BERTScore: cannot load {path}: {exc}") from exc
     return tokenizer, model
 
 
+# bert-score's default layers for the models the original scorers name (bert_score.utils.model2layers)
+ORIGINAL_LAYERS = {"en": 40, "zh": 9}  # microsoft/deberta-xlarge-mnli, bert-base-multilingual-cased
+
+
 def bertscore(candidates: Sequence[str], references: Sequence[str], model_dir: str | Path, *, layer: int | None = None,
-              idf: bool = True, batch_size: int = 16, device: str = "cpu") -> tuple[float, list[float]]:
+              idf: bool = True, batch_size: int = 16, device: str = "cpu",
+              original: bool = False) -> tuple[float, list[float]]:
     """(mean F1, per-sample F1) of candidates vs. single references with the model in `model_dir`.
 
     layer: hidden layer index (default: the last). Empty texts score 0.
+    original=True follows the bert-score package as the original scorers call it (`BERTScorer(idf=True,
+    idf_sents=candidates)`): texts stripped, idf counted over the *candidates* (special tokens included, so [CLS] and
+    [SEP] get weight log(1) = 0), [CLS]/[SEP] kept as match targets, and a text whose idf weights sum to 0 scores 0
+    (bert-score's NaN -> 0) instead of falling back to uniform weights.
     """
-    import torch
-
     if len(candidates) != len(references):
         raise ValueError(f"{len(candidates)} candidates but {len(references)} references")
     if not candidates:
         return 0.0, []
     tokenizer, model = _load(model_dir, device)
+    n_layers = getattr(model.config, "num_hidden_layers", None)
+    if layer is not None and n_layers is not None and not 0 <= layer <= n_layers:
+        raise MetricUnavailable(f"BERTScore: layer {layer} asked, but {model_dir} has {n_layers} layers "
+                                "(the original uses layer 40 of deberta-xlarge-mnli / 9 of bert-base-multilingual-cased)")
+    if original:
+        return _bertscore_original(candidates, references, tokenizer, model, layer, batch_size, device)
+    import torch
+
     special = set(tokenizer.all_special_ids)
 
     def encode(texts: Sequence[str]) -> list[tuple[list[int], np.ndarray]]:
@@ -72,6 +88,10 @@ def bertscore(candidates: Sequence[str], references: Sequence[str], model_dir: s
         return out
 
     cand_enc, ref_enc = encode(candidates), encode(references)
+    return _greedy_scores(cand_enc, ref_enc, idf)
+
+
+def _greedy_scores(cand_enc, ref_enc, idf: bool) -> tuple[float, list[float]]:
     weights: dict[int, float] = {}
     if idf:
         df = Counter(t for ids, _ in ref_enc for t in set(ids))
@@ -95,4 +115,48 @@ def bertscore(candidates: Sequence[str], references: Sequence[str], model_dir: s
         p = float((sim.max(axis=1) * wc).sum() / wc.sum())
         r = float((sim.max(axis=0) * wr).sum() / wr.sum())
         scores.append(2 * p * r / (p + r) if p + r > 0 else 0.0)
+    return float(np.mean(scores)), scores
+
+
+def _bertscore_original(candidates, references, tokenizer, model, layer, batch_size, device):
+    """The bert-score package's rule (see `bertscore(original=True)`)."""
+    import torch
+
+    def ids_of(text: str) -> list[int]:
+        text = text.strip()
+        if not text:  # bert-score: build_inputs_with_special_tokens([]), i.e. only the special tokens
+            return tokenizer.encode("", add_special_tokens=True)
+        return tokenizer.encode(text, add_special_tokens=True, truncation=True,
+                                max_length=min(tokenizer.model_max_length, 10**6))
+
+    def embed(texts: Sequence[str]) -> list[tuple[list[int], np.ndarray]]:
+        out = []
+        for start in range(0, len(texts), batch_size):
+            ids = [ids_of(t) for t in texts[start:start + batch_size]]
+            width = max(len(x) for x in ids)
+            pad = tokenizer.pad_token_id or 0
+            inp = torch.tensor([x + [pad] * (width - len(x)) for x in ids], device=device)
+            mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids], device=device)
+            with torch.no_grad():
+                hidden = model(input_ids=inp, attention_mask=mask, output_hidden_states=True).hidden_states
+            states = hidden[-1 if layer is None else layer].float().cpu().numpy()
+            for i, x in enumerate(ids):
+                vecs = states[i, :len(x)]
+                out.append((x, vecs / np.linalg.norm(vecs, axis=1, keepdims=True)))
+        return out
+
+    m = len(candidates)
+    df = Counter(t for c in candidates for t in set(ids_of(c)))
+    weights = {t: math.log((m + 1) / (c + 1)) for t, c in df.items()}
+    default = math.log(m + 1)
+    scores = []
+    for (c_ids, c_vec), (r_ids, r_vec) in zip(embed(candidates), embed(references)):
+        sim = c_vec @ r_vec.T
+        wc = np.array([weights.get(t, default) for t in c_ids])
+        wr = np.array([weights.get(t, default) for t in r_ids])
+        with np.errstate(invalid="ignore", divide="ignore"):
+            p = float((sim.max(axis=1) * wc).sum() / wc.sum())
+            r = float((sim.max(axis=0) * wr).sum() / wr.sum())
+            f = 2 * p * r / (p + r)
+        scores.append(0.0 if math.isnan(f) else f)
     return float(np.mean(scores)), scores

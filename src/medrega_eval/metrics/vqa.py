@@ -119,7 +119,8 @@ def score_vqa_sample(
                 return VQASample(True, recall_c >= 0.4, recall, f1, bleu1, exact)
             return VQASample(False, recall >= OPEN_ACCURACY_RECALL, recall, f1, bleu1, exact)
         bleu1 = sentence_bleu1(pred, [ref]) if ref else 0.0
-        closed = " ".join(ref) in ("yes", "no")
+        # the original decides "closed" on the cleaned reference *string*: "No " stays "no " and is open
+        closed = medrega_clean_en(reference) in ("yes", "no")
         correct = recall >= (CLOSED_RECALL if closed else OPEN_ACCURACY_RECALL)
         return VQASample(closed, correct, recall, f1, bleu1, exact)
     bleu1 = sentence_bleu1(pred, [ref]) if ref else 0.0
@@ -136,18 +137,33 @@ def _medrega_f1(pred: set[str], ref: set[str]) -> float:
     return 2 * p * r / (p + r + 1e-8)
 
 
-def aggregate_vqa(samples: Sequence[VQASample]) -> dict[str, float | int | None]:
-    """Corpus metrics; a group with no question (e.g. no closed question) gets None, never a fake 0."""
+NO_OPEN_REASON = ("no open question: the original scorer raises NameError (its open-question list is only created "
+                  "when it meets an open question)")
+
+
+def aggregate_vqa(samples: Sequence[VQASample], compat: str | None = None) -> dict[str, float | int | None]:
+    """Corpus metrics; a group with no question (e.g. no closed question) gets None, never a fake 0.
+
+    compat="medrega": the original's guards instead: an empty file or no closed question gives 0, and no open
+    question gives None for open_recall / open_accuracy (the original crashes there; see NO_OPEN_REASON)."""
     closed = [s for s in samples if s.closed]
     open_ = [s for s in samples if not s.closed]
 
     def mean(values: list[float]) -> float | None:
+        if compat == "medrega" and not values:
+            return 0
         return float(np.mean(values)) if values else None
+
+    if compat == "medrega" and not open_:
+        open_recall = open_accuracy = None
+    else:
+        open_recall = mean([s.recall for s in open_])
+        open_accuracy = mean([float(s.correct) for s in open_])
 
     return {
         "closed_accuracy": mean([float(s.correct) for s in closed]),
-        "open_recall": mean([s.recall for s in open_]),
-        "open_accuracy": mean([float(s.correct) for s in open_]),
+        "open_recall": open_recall,
+        "open_accuracy": open_accuracy,
         "token_f1": mean([s.f1 for s in samples]),
         "recall": mean([s.recall for s in samples]),
         "bleu1": mean([s.bleu1 for s in samples]),
