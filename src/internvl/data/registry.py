@@ -30,6 +30,10 @@ from typing import Any
 
 __all__ = ["DatasetSpec", "MetaFileError", "load_meta", "KNOWN_KEYS"]
 
+#: Largest accepted ``repeat_time`` (a dataset repeated more often than this is almost surely a typo, and 1e300
+#: would overflow the index list).
+MAX_REPEAT_TIME = 10_000
+
 KNOWN_KEYS = ("root", "annotation", "length", "repeat_time", "data_augment", "base_prompt", "max_dynamic_patch")
 
 
@@ -94,6 +98,8 @@ def load_meta(path: str | os.PathLike, *, base_dir: str | os.PathLike | None = N
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise MetaFileError(f"{meta_path}:{exc.lineno}: invalid JSON: {exc.msg} (column {exc.colno})") from None
+    except (RecursionError, ValueError) as exc:  # nesting too deep, an integer with thousands of digits
+        raise MetaFileError(f"{meta_path}:1: unreadable JSON: {type(exc).__name__}: {str(exc)[:200]}") from None
     if not isinstance(data, dict) or not data:
         raise MetaFileError(f"{meta_path}:1: a meta file must be a non-empty JSON object of dataset entries")
 
@@ -122,6 +128,8 @@ def _parse_entry(name: str, entry: Any, where: str, base: Path, check_paths: boo
     repeat = entry.get("repeat_time", 1)
     if isinstance(repeat, bool) or not isinstance(repeat, numbers.Real) or not math.isfinite(repeat) or repeat <= 0:
         raise fail(f"'repeat_time' must be a positive number, got {repeat!r}")
+    if repeat > MAX_REPEAT_TIME:
+        raise fail(f"'repeat_time' {repeat!r} is above the limit of {MAX_REPEAT_TIME} repeats")
     if repeat > 1 and float(repeat) != int(repeat):
         raise fail(f"'repeat_time' above 1 must be an integer (repeats), got {repeat!r}")
 
@@ -141,10 +149,13 @@ def _parse_entry(name: str, entry: Any, where: str, base: Path, check_paths: boo
     root = _resolve(entry["root"], base)
     annotation = _resolve(entry["annotation"], base)
     if check_paths:
-        if not annotation.is_file():
-            raise fail(f"annotation file not found: {annotation}")
-        if not root.is_dir():
-            raise fail(f"image root directory not found: {root}")
+        try:
+            if not annotation.is_file():
+                raise fail(f"annotation file not found: {annotation}")
+            if not root.is_dir():
+                raise fail(f"image root directory not found: {root}")
+        except OSError as exc:  # a path or component longer than the file system allows, a loop of links ...
+            raise fail(f"cannot use the path {exc.filename!s:.120}: {exc.strerror or exc}") from None
     return DatasetSpec(
         name=name,
         root=root,
