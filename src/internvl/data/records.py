@@ -40,7 +40,9 @@ __all__ = [
     "ImagePathError",
     "check_path_length",
     "InputLimits",
+    "JSONLimitError",
     "LIMITS",
+    "loads_limited",
     "parse_record_line",
     "REASONS",
     "ProblemTally",
@@ -136,7 +138,9 @@ class InputLimits:
 LIMITS = InputLimits()
 
 
-class _LimitError(ValueError):
+class JSONLimitError(ValueError):
+    """JSON refused by :func:`loads_limited`; ``reason`` is a :data:`REASONS` key (too-deep, number-too-large ...)."""
+
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
         self.reason = reason
@@ -156,7 +160,7 @@ def _json_depth(text: str, limit: int) -> None:
         if match.group() in "[{":
             depth += 1
             if depth > limit:
-                raise _LimitError("too-deep", f"JSON nests deeper than {limit} levels")
+                raise JSONLimitError("too-deep", f"JSON nests deeper than {limit} levels")
         else:
             depth -= 1
 
@@ -164,19 +168,19 @@ def _json_depth(text: str, limit: int) -> None:
 def _number_hooks(limit: int) -> dict[str, Callable[[str], Any]]:
     def parse_int(s: str) -> int:
         if len(s) > limit:
-            raise _LimitError("number-too-large", f"an integer with {len(s)} characters (limit {limit})")
+            raise JSONLimitError("number-too-large", f"an integer with {len(s)} characters (limit {limit})")
         return int(s)
 
     def parse_float(s: str) -> float:
         if len(s) > limit:
-            raise _LimitError("number-too-large", f"a number with {len(s)} characters (limit {limit})")
+            raise JSONLimitError("number-too-large", f"a number with {len(s)} characters (limit {limit})")
         value = float(s)
         if value != value or value in (float("inf"), float("-inf")):
-            raise _LimitError("number-too-large", f"the number {s} does not fit a 64-bit float")
+            raise JSONLimitError("number-too-large", f"the number {s} does not fit a 64-bit float")
         return value
 
     def parse_constant(s: str) -> float:
-        raise _LimitError("number-too-large", f"{s} is not a finite number")
+        raise JSONLimitError("number-too-large", f"{s} is not a finite number")
 
     return {"parse_int": parse_int, "parse_float": parse_float, "parse_constant": parse_constant}
 
@@ -205,6 +209,22 @@ def _check_strings(value: Any) -> str | None:
     return None
 
 
+def loads_limited(text: str, limits: InputLimits = LIMITS) -> Any:
+    """``json.loads`` under ``limits`` (nesting, number size, lone surrogates) for whole JSON documents too (meta
+    files, converter inputs). Raises ``json.JSONDecodeError`` or :class:`JSONLimitError` (both ``ValueError``)."""
+    try:
+        _json_depth(text, limits.max_depth)
+        value = json.loads(text, **_number_hooks(limits.max_number_chars))
+    except (JSONLimitError, json.JSONDecodeError):
+        raise
+    except (RecursionError, ValueError, OverflowError, MemoryError) as exc:
+        raise JSONLimitError("invalid-json", f"{type(exc).__name__}: {str(exc)[:200]}") from None
+    if "\\u" in text and _check_strings(value) is not None:
+        raise JSONLimitError("bad-text", "a string holds a lone surrogate escape (\\ud800-\\udfff without its "
+                                         "pair); such text cannot be encoded or tokenized")
+    return value
+
+
 def parse_record_line(raw: bytes, file: str, line: int, limits: InputLimits = LIMITS) -> Any:
     """Decode one jsonl line under ``limits``: the JSON value, or a :class:`RecordProblem` naming ``FILE:LINE``.
 
@@ -225,18 +245,11 @@ def parse_record_line(raw: bytes, file: str, line: int, limits: InputLimits = LI
     if not text.strip():
         return problem("blank-line", "empty line (remove it)")
     try:
-        _json_depth(text, limits.max_depth)
-        value = json.loads(text, **_number_hooks(limits.max_number_chars))
-    except _LimitError as exc:
+        return loads_limited(text, limits)
+    except JSONLimitError as exc:
         return problem(exc.reason, str(exc))
     except json.JSONDecodeError as exc:
         return problem("invalid-json", f"{exc.msg} at column {exc.colno}")
-    except (RecursionError, ValueError, OverflowError, MemoryError) as exc:
-        return problem("invalid-json", f"{type(exc).__name__}: {str(exc)[:200]}")
-    if "\\u" in text and _check_strings(value) is not None:
-        return problem("bad-text", "a string holds a lone surrogate escape (\\ud800-\\udfff without its pair); "
-                                   "such text cannot be encoded or tokenized")
-    return value
 
 
 def read_jsonl(path: str | Path, limits: InputLimits = LIMITS) -> Iterator[tuple[int, dict | RecordProblem]]:
@@ -389,6 +402,9 @@ class RecordChecker:
 
         if not isinstance(record, dict):
             return [problem("not-an-object", f"expected a JSON object, got {type(record).__name__}")]
+        if _check_strings(record) is not None:
+            return [problem("bad-text", "a string holds a lone surrogate (\\ud800-\\udfff without its pair); "
+                                        "such text cannot be encoded or tokenized")]
         problems = self._check_fields(record, problem)
         turns_ok = self._check_turns(record, problem, problems)
         if turns_ok:

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from internvl.data.records import JSONLimitError, loads_limited
+
 __all__ = ["DatasetSpec", "MetaFileError", "load_meta", "KNOWN_KEYS"]
 
 #: Largest accepted ``repeat_time`` (a dataset repeated more often than this is almost surely a typo, and 1e300
@@ -95,11 +97,11 @@ def load_meta(path: str | os.PathLike, *, base_dir: str | os.PathLike | None = N
     except (OSError, UnicodeDecodeError) as exc:
         raise MetaFileError(f"{meta_path}:0: cannot read meta file: {exc}") from None
     try:
-        data = json.loads(text)
+        data = loads_limited(text)
     except json.JSONDecodeError as exc:
         raise MetaFileError(f"{meta_path}:{exc.lineno}: invalid JSON: {exc.msg} (column {exc.colno})") from None
-    except (RecursionError, ValueError) as exc:  # nesting too deep, an integer with thousands of digits
-        raise MetaFileError(f"{meta_path}:1: unreadable JSON: {type(exc).__name__}: {str(exc)[:200]}") from None
+    except JSONLimitError as exc:  # nesting too deep, a number with thousands of digits, a lone surrogate
+        raise MetaFileError(f"{meta_path}:1: {exc.reason}: {exc}") from None
     if not isinstance(data, dict) or not data:
         raise MetaFileError(f"{meta_path}:1: a meta file must be a non-empty JSON object of dataset entries")
 
