@@ -42,6 +42,7 @@ __all__ = [
     "InputLimits",
     "JSONLimitError",
     "LIMITS",
+    "LimitedJSONDecoder",
     "loads_limited",
     "parse_record_line",
     "REASONS",
@@ -250,6 +251,30 @@ def parse_record_line(raw: bytes, file: str, line: int, limits: InputLimits = LI
         return problem(exc.reason, str(exc))
     except json.JSONDecodeError as exc:
         return problem("invalid-json", f"{exc.msg} at column {exc.colno}")
+
+
+class LimitedJSONDecoder:
+    """``raw_decode`` under the input limits, for the items of a JSON-list file (prediction files): every error,
+    limits included, is a ``json.JSONDecodeError`` at the item's position."""
+
+    def __init__(self, limits: InputLimits = LIMITS) -> None:
+        self.limits = limits
+        self._decoder = json.JSONDecoder(**_number_hooks(limits.max_number_chars))
+
+    def decode_at(self, text: str, pos: int) -> tuple[Any, int]:
+        """(item, end position) of the JSON value starting at ``pos``."""
+        try:
+            item, end = self._decoder.raw_decode(text, pos)
+            _json_depth(text[pos:end], self.limits.max_depth)
+        except JSONLimitError as exc:
+            raise json.JSONDecodeError(f"{exc.reason}: {exc}", text, pos) from None
+        except (RecursionError, ValueError, OverflowError) as exc:
+            if isinstance(exc, json.JSONDecodeError):
+                raise
+            raise json.JSONDecodeError(f"{type(exc).__name__}: {str(exc)[:200]}", text, pos) from None
+        if _check_strings(item) is not None:
+            raise json.JSONDecodeError("bad-text: a string holds a lone surrogate escape", text, pos)
+        return item, end
 
 
 def read_jsonl(path: str | Path, limits: InputLimits = LIMITS) -> Iterator[tuple[int, dict | RecordProblem]]:
