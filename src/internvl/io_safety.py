@@ -40,7 +40,8 @@ def _inside(path: Path, parent: Path) -> bool:
     return path == parent or parent in path.parents
 
 
-def _check_inputs(out: Path, inputs: Iterable[str | os.PathLike | None], what: str) -> None:
+def _check_inputs(out: Path, inputs: Iterable[str | os.PathLike | None], what: str,
+                  inputs_inside_ok: bool = False) -> None:
     out_real = _real(out)
     for item in inputs:
         if item is None:
@@ -50,7 +51,7 @@ def _check_inputs(out: Path, inputs: Iterable[str | os.PathLike | None], what: s
             raise OutputPathError(f"{what} {out} is the input {item}; choose another output path")
         if _inside(out_real, in_real):
             raise OutputPathError(f"{what} {out} lies inside the input {item}; choose a path outside it")
-        if _inside(in_real, out_real):
+        if not inputs_inside_ok and _inside(in_real, out_real):
             raise OutputPathError(f"{what} {out} contains the input {item}; writing there could replace it")
 
 
@@ -68,14 +69,17 @@ def _stat_kind(path: Path, what: str) -> str:
 
 
 def check_output_dir(out: str | os.PathLike, *, inputs: Iterable[str | os.PathLike | None] = (),
-                     overwrite: bool = False, must_be_empty: bool = True, what: str = "output directory") -> Path:
+                     overwrite: bool = False, must_be_empty: bool = True, inputs_inside_ok: bool = False,
+                     what: str = "output directory") -> Path:
     """Refuse ``out`` as an output directory (:class:`OutputPathError`) before any work is done.
 
     ``must_be_empty=False`` is for writers that only ever add new, uniquely named files (batch answers, eval rank
-    files with their own resume checks) and so cannot destroy what is there.
+    files with their own resume checks) or manage their own contents (training checkpoints) and so cannot destroy
+    what is there; ``inputs_inside_ok`` for those that never replace the directory as a whole (an input may then
+    live inside it, e.g. a run's own ``base_model``).
     """
     path = Path(out)
-    _check_inputs(path, inputs, what)
+    _check_inputs(path, inputs, what, inputs_inside_ok)
     kind = _stat_kind(path, what)
     if kind == "file":
         raise OutputPathError(f"{what} {path} is a file; a directory is needed")
