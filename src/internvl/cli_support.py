@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 __all__ = ["EXPECTED_ERRORS", "UsageError", "expected_error_types", "non_negative_float", "non_negative_int",
-           "one_line", "positive_float", "positive_int", "run_cli"]
+           "one_line", "port_number", "positive_float", "positive_int", "run_cli"]
 
 EXIT_EXPECTED = 2
 
@@ -109,6 +109,8 @@ def _number(kind: Callable[[str], Any], test: Callable[[Any], bool], what: str) 
 positive_int = _number(int, lambda v: v >= 1, "a whole number >= 1")
 #: argparse ``type=`` for counts that may be 0 (limits where 0 means "none", print caps).
 non_negative_int = _number(int, lambda v: v >= 0, "a whole number >= 0")
+#: argparse ``type=`` for TCP ports.
+port_number = _number(int, lambda v: 1 <= v <= 65535, "a port number 1-65535")
 #: argparse ``type=`` for finite numbers > 0 (learning rates).
 positive_float = _number(float, lambda v: v > 0, "a finite number > 0")
 #: argparse ``type=`` for finite numbers >= 0 (temperatures, where 0 means greedy).
