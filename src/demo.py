@@ -153,13 +153,21 @@ def run_batch_mode(args: argparse.Namespace, rank: int, world: int, device: str)
 
 
 def run_web(args: argparse.Namespace, device: str) -> int:
+    from internvl.demo.limits import UploadFolder
+
+    with UploadFolder() as uploads:  # gradio stores uploads here; removed with them at shutdown
+        log.info("uploads go to %s (removed at shutdown)", uploads.path)
+        return _serve(args, device)
+
+
+def _serve(args: argparse.Namespace, device: str) -> int:
     from internvl.demo.app import DemoEngine, build_app, load_examples
     from internvl.demo.uploads import MAX_UPLOAD_BYTES
 
     model, tokenizer = load(args, device)
     engine = DemoEngine(model, tokenizer, generation_kwargs(args))
     examples = load_examples(args.examples)
-    app = build_app(engine, examples, model_name=str(args.model))
+    app = build_app(engine, examples, model_name=args.model.name)
     log.info("serving on http://%s:%d (model %s)", args.host, args.port, args.model)
     app.launch(server_name=args.host, server_port=args.port, max_file_size=MAX_UPLOAD_BYTES, share=False,
                allowed_paths=[str(args.examples)], footer_links=[])
