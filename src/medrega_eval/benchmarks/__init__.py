@@ -29,7 +29,7 @@ from typing import Any
 
 import yaml
 
-from internvl.data.records import RecordProblem, read_jsonl, resolve_image
+from internvl.data.records import RecordChecker, RecordProblem, read_jsonl, resolve_image
 
 __all__ = ["Benchmark", "BenchmarkError", "MissingData", "Sample", "load_registry", "data_dir_from", "load_samples"]
 
@@ -236,6 +236,9 @@ def _sample(bench: Benchmark, rec: dict, ann: Path, line: int, image_root: Path,
     for key, types in (("answer_type", (str,)), ("image", (str, list)), ("lang", (str,))):
         if rec.get(key) is not None and not isinstance(rec[key], types):
             return RecordProblem(file, line, "bad-field", f"{key!r} has the wrong type ({type(rec[key]).__name__})")
+    checked = RecordChecker(image_root=image_root, image_check="none").check(rec, file=file, line=line)
+    if checked:  # the same record rules as training and `medrega-data check` (boxes, fields, placeholders)
+        return checked[0]
     rid = str(rec.get("id", f"{ann.name}:{line}"))
     if rid in seen:
         return RecordProblem(file, line, "duplicate-id", f"id {rid!r} already used at line {seen[rid]}")
