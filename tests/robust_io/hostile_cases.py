@@ -149,3 +149,19 @@ def classify(case: Case, *, refused_line_2: bool, kept_others: bool, traceback: 
         outcome = "clear" if refused_line_2 else "silent_wrong"
     TALLY[outcome] += 1
     return outcome
+
+
+def tree_digest(path: Path) -> dict[str, bytes]:
+    """{relative path: content} of every file under ``path`` (or of ``path`` itself): to prove nothing changed."""
+    path = Path(path)
+    if path.is_file():
+        return {".": path.read_bytes()}
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def classify_refusal(*, refused: bool, intact: bool, traceback: bool) -> str:
+    """Count one refused-output-path try in :data:`TALLY` (output paths, CLI numbers, missing directories)."""
+    TALLY["tries"] += 1
+    outcome = "traceback" if traceback else "data_loss" if not intact else "clear" if refused else "silent_wrong"
+    TALLY[outcome] += 1
+    return outcome
