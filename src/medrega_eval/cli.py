@@ -121,7 +121,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
     options = _read_options(args)
     if options is None and bench is not None and bench.options != "from_references":
         options = bench.options
-    check_output_dir(args.out, inputs=[args.pred], must_be_empty=False, what="--out")
+    check_output_dir(args.out, inputs=[args.pred], must_be_empty=False, inputs_inside_ok=True, what="--out")
     if args.out.is_dir() and any((args.out / name).resolve() == args.pred.resolve() for name in OUTPUT_FILES):
         raise UsageError(f"--out {args.out} would overwrite the prediction file {args.pred}")
     image_root = args.image_root

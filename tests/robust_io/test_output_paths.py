@@ -249,3 +249,15 @@ def test_eval_out_that_is_a_file_or_the_predictions(tmp_path, capsys) -> None:
     inside.write_text(pred.read_text())
     _expect_refusal(main, ["score", "--task", "vqa", "--pred", str(inside), "--out", str(run_dir)], [inside], capsys,
                     "would overwrite the prediction file")
+
+
+def test_eval_rescoring_a_run_folder_keeps_its_predictions(tmp_path) -> None:
+    from medrega_eval.cli import main
+
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    pred = run_dir / "predictions.jsonl"
+    pred.write_text(json.dumps({"id": 1, "prediction": "yes", "reference": "yes"}) + "\n")
+    before = pred.read_bytes()
+    assert main(["score", "--task", "vqa", "--pred", str(pred), "--out", str(run_dir)]) == 0
+    assert pred.read_bytes() == before and (run_dir / "summary.json").is_file()
