@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from robust_io.hostile_cases import (
@@ -179,6 +181,69 @@ def test_converter(case: Case, tmp_path: Path, capsys) -> None:
     skipped = rc == 0 and "skipped 1" in cap.out and len(out.read_text().splitlines()) == 2
     outcome = classify(case, refused_line_2=whole_file or skipped, kept_others=True, traceback=tb is not None)
     assert outcome == "clear", (outcome, tb, cap.out[-500:], err[-3:])
+
+
+META_CASES = [
+    Case(f"repeat_time-{v}", "repeat_time", v) for v in ("1e300", "100001", "1e400", "NaN", '"3"', "true", "-1", "0")
+] + [
+    Case("root-component-300", "root", json.dumps("r" * 300)),
+    Case("annotation-path-6000", "annotation", json.dumps("/".join(["d" * 200] * 30) + "/a.jsonl")),
+    Case("length-5000-digits", "length", "7" * 5000),
+    Case("base_prompt-depth", "base_prompt", "[" * 100_000 + "]" * 100_000),
+    Case("base_prompt-surrogate", "base_prompt", '"a \\ud800"'),
+    Case("repeat_time-3-ok", "repeat_time", "3", valid=True),
+]
+
+
+@pytest.mark.parametrize("case", META_CASES, ids=_ids(META_CASES))
+def test_meta_file(case: Case, root: Path, tmp_path: Path, capsys) -> None:
+    from internvl.data.cli import main
+
+    ann = write_case(root / "meta-ann.jsonl", Case("ok", "id", '"x"', valid=True), BASE)
+    entry = {"root": str(root), "annotation": str(ann)}
+    meta = tmp_path / "meta.json"
+    meta.write_bytes(b'{"ds": ' + case.line(entry) + b"}")
+    rc, tb = _call(main, ["check", str(meta), "--images", "exists"])
+    out = capsys.readouterr().out
+    refused = rc == 1 and out.startswith(f"{meta}:")
+    if case.valid:
+        refused = rc != 0
+    outcome = classify(case, refused_line_2=refused, kept_others=True, traceback=tb is not None)
+    assert outcome in ("clear", "accepted"), (outcome, tb, out[-500:])
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(alphabet=st.characters(blacklist_categories=()), max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=20)
+record_keys = st.sampled_from(["id", "image", "width", "height", "conversations", "answer_type", "frame",
+                               "slice_index", "prediction", "reference", "hw", "options", "lang", "question"])
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(fields=st.dictionaries(record_keys, json_values, max_size=6))
+def test_arbitrary_records_never_crash_a_reader(fields, root: Path, tmp_path_factory) -> None:
+    """Any JSON object (any field, any type, any text incl. lone surrogates): every reader gives a result or a
+    FILE:LINE problem, never an exception."""
+    from internvl.data.records import RecordChecker, RecordProblem, read_jsonl
+    from internvl.demo.batch import BatchError, read_batch_file
+    from medrega_eval.io import read_predictions
+
+    path = tmp_path_factory.mktemp("any") / "any.jsonl"
+    path.write_bytes(json.dumps(fields, ensure_ascii=True).encode() + b"\n")
+    TALLY["tries"] += 1
+    (line, rec), = list(read_jsonl(path))
+    if not isinstance(rec, RecordProblem):
+        for p in RecordChecker(image_root=root, image_check="exists").check(rec, file=path, line=1):
+            assert str(p).startswith(f"{path}:1: ")
+    records, problems = read_predictions(path)
+    assert len(records) + len(problems) == 1
+    try:
+        read_batch_file(path)
+    except BatchError as exc:
+        assert f"{path}" in str(exc)
+    TALLY["clear" if isinstance(rec, RecordProblem) or problems else "random_record_read"] += 1
 
 
 def test_zz_counts(capsys) -> None:
