@@ -6,7 +6,7 @@ many digits, deep nesting, lone surrogates, over-long paths, wrong JSON types, n
 line that is not a record at all. Positive controls (odd but valid values) must be accepted.
 
 Every entry point must, for every hostile line, name ``FILE:2`` (a strict error or a counted skip), keep lines 1 and
-3, print no traceback and exit 2 when it stops. :data:`TALLY` counts the outcomes; ``test_zz_counts`` prints them.
+3, print no traceback and exit 2 when it stops. :data:`TALLY` counts the outcomes; ``test_zz_tally.py`` prints them.
 """
 from __future__ import annotations
 
