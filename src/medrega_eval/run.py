@@ -269,11 +269,12 @@ def score_benchmark(bench: Benchmark, samples: Sequence[Sample], problems: Seque
     for s in missing[:50]:
         file, _, line = s.source.rpartition(":")
         all_problems.append(RecordProblem(file, int(line), "missing-prediction", f"no prediction for id {s.id!r}"))
-    with merged_path.open("w", encoding="utf-8") as fh:
-        for r in records:
-            fh.write(json.dumps({"id": r.id, "prediction": r.prediction, "reference": r.reference,
-                                 "question": r.question, "image": r.image, "image_root": r.image_root, "hw": r.hw,
-                                 "lang": r.lang, "answer_type": r.answer_type}, ensure_ascii=False) + "\n")
+    from internvl.io_safety import atomic_write_text
+
+    atomic_write_text(merged_path, "".join(
+        json.dumps({"id": r.id, "prediction": r.prediction, "reference": r.reference, "question": r.question,
+                    "image": r.image, "image_root": r.image_root, "hw": r.hw, "lang": r.lang,
+                    "answer_type": r.answer_type}, ensure_ascii=False) + "\n" for r in records))
     options: Any = bench.options
     if options == "from_references":
         options = _options_from_references(samples, bench.multilabel)
