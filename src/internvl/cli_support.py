@@ -5,7 +5,8 @@
 
 *Expected* failures are the toolkit's own error types for bad input (a bad record, a bad output path, a missing
 model or tokenizer directory, a bad meta file ...) and missing/unreadable files; they print ``PROG: message`` on one
-line to stderr and give exit status 2. Anything else is a bug and propagates with its traceback. The error types are
+line to stderr and give exit status 2 (so does any ``OSError`` about a named file: a name too long, a loop of
+links). Anything else is a bug and propagates with its traceback. The error types are
 named here by module, and only those whose module is already imported are caught (a type whose module was never
 imported cannot have been raised), so this module imports nothing heavy.
 
@@ -88,6 +89,11 @@ def run_cli(prog: str, fn: Callable[[Sequence[str] | None], int], argv: Sequence
         return 130
     except expected_error_types() as exc:  # noqa: B030 - a tuple computed at the time of the failure
         print(f"{prog}: error: {one_line(exc)}", file=sys.stderr)
+        return EXIT_EXPECTED
+    except OSError as exc:
+        if exc.filename is None:  # not about a file the user named: a bug or an environment failure
+            raise
+        print(f"{prog}: error: {one_line(exc)}", file=sys.stderr)  # name too long, a loop of links, ...
         return EXIT_EXPECTED
 
 

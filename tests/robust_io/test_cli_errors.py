@@ -137,3 +137,13 @@ def test_bugs_keep_their_traceback(capsys) -> None:
 
     assert run_cli("x", expected, []) == 2
     assert capsys.readouterr().err == "x: error: first line; second line\n"
+
+
+def test_os_errors_about_named_files_are_one_line(tmp_path: Path, capsys) -> None:
+    pred = tmp_path / "p.jsonl"
+    pred.write_text(json.dumps({"id": 1, "prediction": "a", "reference": "a"}) + "\n")
+    rc, err, tb = _run("medrega-eval", ["score", "--task", "classification", "--pred", str(pred), "--out",
+                                        str(tmp_path / "o"), "--options-file", str(tmp_path / ("n" * 300))], capsys)
+    outcome = classify_refusal(refused=rc == 2 and len(err) == 1 and "File name too long" in err[0], intact=True,
+                               traceback=tb)
+    assert outcome == "clear", (rc, err)
