@@ -7,10 +7,15 @@
 The run directory holds `adapters/<part>/` in PEFT format, `non_lora_trainables.safetensors` and `lora_run.json`
 (which names the base checkpoint). The result loads with `InternVLChatModel.from_pretrained` with zero missing keys.
 `--verify` also compares the logits of the adapter model and the merged model on a random text input.
+
+The output directory is checked before any work: it may not be (or lie inside, or contain) the run or the base
+model, may not be a file, and must be empty unless `--overwrite`. The checkpoint is written to a temporary folder
+next to it and renamed into place only when it loads cleanly, so a failed merge leaves the old output untouched.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -18,7 +23,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from internvl.train.lora import load_lora_run, merge_lora_run  # noqa: E402
+from internvl.cli_support import run_cli  # noqa: E402
+from internvl.io_safety import check_output_dir, staged_output_dir  # noqa: E402
+from internvl.train.lora import LORA_INFO_FILENAME, load_lora_run, merge_lora_run  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -44,19 +51,38 @@ def verify(run_dir: Path, merged_dir: Path, base_model: str | None, dtype: torch
     return float((a - b).abs().max())
 
 
+def _base_of(run_dir: Path, base_model: str | None) -> str | None:
+    """The base checkpoint the merge reads: --base_model, else the run's lora_run.json (None if unreadable)."""
+    if base_model:
+        return base_model
+    try:
+        return json.loads((run_dir / LORA_INFO_FILENAME).read_text(encoding="utf-8")).get("base_model")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Merge, with bad input or a refused output path as one line on stderr and exit status 2."""
+    return run_cli("merge_lora", _main, argv)
+
+
+def _main(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run_dir", required=True, type=Path, help="LoRA run output dir or one of its checkpoints")
     parser.add_argument("--output_dir", required=True, type=Path, help="where the merged checkpoint goes")
     parser.add_argument("--base_model", default=None, help="base checkpoint dir (default: from lora_run.json)")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="dtype of the merge and output")
     parser.add_argument("--verify", action="store_true", help="compare adapter vs merged logits (loads twice)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --output_dir")
     args = parser.parse_args(argv)
-    try:
-        out = merge_lora_run(args.run_dir, args.output_dir, base_model=args.base_model, dtype=DTYPES[args.dtype])
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"merge_lora: error: {exc}", file=sys.stderr)
-        return 2
+    info = args.run_dir / LORA_INFO_FILENAME
+    if not info.is_file():
+        raise FileNotFoundError(f"{info}: not a LoRA run directory (missing {LORA_INFO_FILENAME})")
+    base = _base_of(args.run_dir, args.base_model)
+    check_output_dir(args.output_dir, inputs=[args.run_dir, base], overwrite=args.overwrite, what="--output_dir")
+    with staged_output_dir(args.output_dir, overwrite=args.overwrite) as staging:
+        merge_lora_run(args.run_dir, staging, base_model=args.base_model, dtype=DTYPES[args.dtype])
+    out = args.output_dir
     print(f"merged checkpoint written to {out}")
     if args.verify:
         diff = verify(args.run_dir, out, args.base_model, DTYPES[args.dtype])

@@ -25,6 +25,8 @@ SRC = Path(__file__).resolve().parent
 if str(SRC) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(SRC))
 
+from internvl.cli_support import non_negative_float, port_number, positive_int  # noqa: E402
+
 REPO = SRC.parent
 DEFAULT_MODEL = REPO / "asset" / "medreg-mini-model"
 DEFAULT_EXAMPLES = REPO / "asset" / "examples"
@@ -40,14 +42,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--load-in-4bit", action="store_true", help="4-bit LLM weights (bitsandbytes, GPU)")
     p.add_argument("--device-map", default=None, help="'auto' shards a large model over the visible GPUs")
     p.add_argument("--dtype", default=None, help="weights dtype: bfloat16 (GPU default), float32 (CPU default), auto")
-    p.add_argument("--max-new-tokens", type=int, default=400)
-    p.add_argument("--num-beams", type=int, default=1)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (the original demo's default)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=400)
+    p.add_argument("--num-beams", type=positive_int, default=1)
+    p.add_argument("--temperature", type=non_negative_float, default=0.0,
+                   help="0 = greedy (the original demo's default)")
     p.add_argument("--batch", type=Path, default=None, help="MedRegInstruct jsonl to answer instead of the web UI")
     p.add_argument("--out", type=Path, default=Path("result"), help="--batch output directory")
-    p.add_argument("--batch-size", type=int, default=8, help="--batch requests per forward pass and rank")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="--batch requests per forward pass and rank")
     p.add_argument("--host", default="127.0.0.1", help="web UI address (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--port", type=port_number, default=7860)
     p.add_argument("--examples", type=Path, default=DEFAULT_EXAMPLES, help="folder with examples.json + images")
     args = p.parse_args(argv)
     if args.load_in_8bit and args.load_in_4bit:
@@ -101,11 +104,16 @@ def generation_kwargs(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Web UI or ``--batch``; bad input or a refused path is one line on stderr and exit status 2."""
+    from internvl.cli_support import run_cli
+
+    return run_cli("demo", _main, argv)
+
+
+def _main(argv: list[str] | None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args = parse_args(argv)
     rank, world, device = init_distributed()
-    from internvl.demo.batch import BatchError
-
     try:
         if args.batch is not None:
             return run_batch_mode(args, rank, world, device)
@@ -113,9 +121,6 @@ def main(argv: list[str] | None = None) -> int:
             log.info("rank %d: the web UI is served by rank 0 only; nothing to do here", rank)
             return 0
         return run_web(args, device)
-    except BatchError as exc:
-        print(f"demo: {exc}", file=sys.stderr)
-        return 2
     finally:
         import torch.distributed as dist
 
@@ -124,31 +129,45 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_batch_mode(args: argparse.Namespace, rank: int, world: int, device: str) -> int:
-    from internvl.demo.batch import gather_results, read_batch_file, run_batch, write_results
+    import time
+
+    from internvl.demo.batch import (check_out_dir, gather_results, read_batch_file, run_batch, stream_path,
+                                     write_results)
     from internvl.inference import GenerationSettings, Generator
 
+    check_out_dir(args.out, args.batch)  # before any work: not a file, not the batch file
     items = read_batch_file(args.batch)  # every rank checks the whole file: a bad line stops all of them alike
+    stamp = time.strftime("%y%m%d%H%M%S")
     model, tokenizer = load(args, device)
     kw = generation_kwargs(args)
     settings = GenerationSettings(max_new_tokens=kw["max_new_tokens"], num_beams=kw["num_beams"],
                                   do_sample=kw["do_sample"], temperature=kw.get("temperature", 1.0))
     generator = Generator(model, tokenizer, settings, batch_size=args.batch_size)
-    local = run_batch(generator, items, rank, world)
+    stream = stream_path(args.out, stamp, rank)  # answers land here as they come (fsynced)
+    local = run_batch(generator, items, rank, world, stream=stream)
     results = gather_results(local, world)
     if rank == 0:
-        path = write_results(results, args.out)
-        print(f"demo: {len(results)} answers -> {path}")
+        path = write_results(results, args.out, stamp)
+        print(f"demo: {len(results)} answers -> {path} (streamed to {stream.name} as they came)")
     return 0
 
 
 def run_web(args: argparse.Namespace, device: str) -> int:
+    from internvl.demo.limits import UploadFolder
+
+    with UploadFolder() as uploads:  # gradio stores uploads here; removed with them at shutdown
+        log.info("uploads go to %s (removed at shutdown)", uploads.path)
+        return _serve(args, device)
+
+
+def _serve(args: argparse.Namespace, device: str) -> int:
     from internvl.demo.app import DemoEngine, build_app, load_examples
     from internvl.demo.uploads import MAX_UPLOAD_BYTES
 
     model, tokenizer = load(args, device)
     engine = DemoEngine(model, tokenizer, generation_kwargs(args))
     examples = load_examples(args.examples)
-    app = build_app(engine, examples, model_name=str(args.model))
+    app = build_app(engine, examples, model_name=args.model.name)
     log.info("serving on http://%s:%d (model %s)", args.host, args.port, args.model)
     app.launch(server_name=args.host, server_port=args.port, max_file_size=MAX_UPLOAD_BYTES, share=False,
                allowed_paths=[str(args.examples)], footer_links=[])

@@ -6,7 +6,8 @@
     torchrun --nproc-per-node 8 -m medrega_eval run --model /models/medrega --benchmark pathvqa --out results/
     medrega-eval list [--data-dir /data]
 
-Exit status: 0 done, 1 bad input (missing files or data, unreadable benchmark file), 2 bad arguments.
+Exit status: 0 done; 2 bad arguments or bad input (missing files or data, unreadable benchmark file, a model or
+tokenizer directory that cannot be loaded, an --out that would mix runs): one line on stderr, no traceback.
 """
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ import hashlib
 import json
 import sys
 from pathlib import Path
+
+from internvl.cli_support import UsageError, non_negative_float, positive_int, run_cli
 
 __all__ = ["main", "build_parser"]
 
@@ -51,24 +54,29 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--options-file", type=Path, default=None, help="classification options, one per line")
     s.add_argument("--multilabel", action="store_true", help="classification with several labels per answer")
     s.add_argument("--metrics", default=None, help="report metrics to compute, comma-separated (e.g. skip meteor)")
-    s.add_argument("--image-root", type=Path, default=None, help="folder for the records' image paths (HTML report)")
+    s.add_argument("--image-root", type=Path, default=None,
+                   help="the benchmark's image folder: report.html embeds only images inside it (default: the "
+                        "--benchmark's image folder; none without either)")
     s.add_argument("--model", default=None, help="model name/path to record in the protocol")
     _add_common(s)
 
     r = sub.add_parser("run", help="generate answers for registered benchmarks, then score them")
     r.add_argument("--model", required=True, help="local model directory (safetensors)")
     r.add_argument("--benchmark", required=True, help="benchmark name(s), comma-separated")
-    r.add_argument("--batch-size", type=int, default=8)
-    r.add_argument("--max-new-tokens", type=int, default=400)
-    r.add_argument("--num-beams", type=int, default=1)
-    r.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    r.add_argument("--batch-size", type=positive_int, default=8)
+    r.add_argument("--max-new-tokens", type=positive_int, default=400)
+    r.add_argument("--num-beams", type=positive_int, default=1)
+    r.add_argument("--temperature", type=non_negative_float, default=0.0, help="0 = greedy (default)")
     r.add_argument("--dtype", default="bfloat16", help="bfloat16 | float16 | float32 | auto")
     r.add_argument("--device-map", default=None, help="e.g. auto to shard one model over the visible GPUs")
     q = r.add_mutually_exclusive_group()
     q.add_argument("--load-in-8bit", action="store_true")
     q.add_argument("--load-in-4bit", action="store_true")
-    r.add_argument("--limit", type=int, default=None, help="only the first N samples of each benchmark")
+    r.add_argument("--limit", type=positive_int, default=None, help="only the first N samples of each benchmark")
     r.add_argument("--no-score", action="store_true", help="generate only")
+    r.add_argument("--overwrite", action="store_true",
+                   help="start over in an --out that holds predictions (made with other settings); the old files "
+                        "are moved to NAME/replaced-N/")
     _add_common(r)
 
     ls = sub.add_parser("list", help="list registered benchmarks and whether their data is present")
@@ -99,9 +107,17 @@ def _options_from_records(records, multilabel: bool) -> list[str]:
 
 def _pred_files(pred: Path) -> list[Path]:
     """`--pred`: one file, or several comma-separated (a file whose own name has a comma is taken as one)."""
-    if pred.exists() or "," not in str(pred):
+    if "," not in str(pred) or _is_file(pred):
         return [pred]
     return [Path(p) for p in str(pred).split(",") if p]
+
+
+def _is_file(path: Path) -> bool:
+    """`Path.is_file`, False also for a name the OS refuses (too long, ...), which the caller reports as not found."""
+    try:
+        return path.is_file()
+    except OSError:
+        return False
 
 
 def _drop_repeated_ids(records, problems):
@@ -122,16 +138,17 @@ def _drop_repeated_ids(records, problems):
 
 
 def _cmd_score(args: argparse.Namespace) -> int:
-    from medrega_eval.benchmarks import load_registry
+    from internvl.io_safety import check_output_dir
+    from medrega_eval.benchmarks import MissingData, data_dir_from, load_registry
     from medrega_eval.io import read_predictions
-    from medrega_eval.report import protocol_info, write_outputs
+    from medrega_eval.report import OUTPUT_FILES, protocol_info, write_outputs
     from medrega_eval.score import TOP_METRICS, ScoreConfig, ScoreInputError, score_records, summarize
 
     bench = None
     if args.benchmark:
         registry = load_registry(args.benchmark_file)
         if args.benchmark not in registry:
-            raise SystemExit(f"medrega-eval: unknown benchmark {args.benchmark!r}; see `medrega-eval list`")
+            raise UsageError(f"unknown benchmark {args.benchmark!r}; see `medrega-eval list`")
         bench = registry[args.benchmark]
     task = args.task or (bench.task if bench else None)
     if task is None:
@@ -141,10 +158,20 @@ def _cmd_score(args: argparse.Namespace) -> int:
     if options is None and bench is not None and bench.options != "from_references":
         options = bench.options
     pred_files = _pred_files(args.pred)
-    missing = [p for p in pred_files if not p.is_file()]
+    missing = [p for p in pred_files if not _is_file(p)]
     if missing:
-        print(f"medrega-eval score: {missing[0]}: prediction file not found", file=sys.stderr)
-        return 1
+        raise UsageError(f"{missing[0]}: prediction file not found")
+    check_output_dir(args.out, inputs=pred_files, must_be_empty=False, inputs_inside_ok=True, what="--out")
+    if args.out.is_dir():
+        overwritten = [p for p in pred_files for name in OUTPUT_FILES if (args.out / name).resolve() == p.resolve()]
+        if overwritten:
+            raise UsageError(f"--out {args.out} would overwrite the prediction file {overwritten[0]}")
+    image_root = args.image_root
+    if image_root is None and bench is not None:
+        try:
+            image_root = bench.locate(data_dir_from(args.data_dir))[1]
+        except MissingData:
+            image_root = None  # the report then shows no images
     records, problems = [], []
     for path in pred_files:
         recs, probs = read_predictions(path, keep_duplicates=args.compat == "medrega")
@@ -181,7 +208,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
                              prediction_file=",".join(str(p) for p in pred_files),
                              prediction_sha256=",".join(digests), task=task, compat=args.compat)
     summary = summarize(result, cfg, protocol, benchmark=args.benchmark)
-    write_outputs(args.out, summary, result.rows, TOP_METRICS, image_root=args.image_root)
+    write_outputs(args.out, summary, result.rows, TOP_METRICS, image_root=image_root)
     _print_summary(summary)
     return 0
 
@@ -213,7 +240,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
                                   do_sample=args.temperature > 0, temperature=args.temperature or 1.0)
     cfg = RunConfig(out=args.out, data_dir=data_dir_from(args.data_dir), batch_size=args.batch_size,
                     limit=args.limit, compat=args.compat, score=not args.no_score,
-                    bertscore_model=args.bertscore_model, bertscore_layer=args.bertscore_layer)
+                    bertscore_model=args.bertscore_model, bertscore_layer=args.bertscore_layer,
+                    overwrite=args.overwrite)
     from medrega_eval.score import ScoreInputError
 
     try:
@@ -243,10 +271,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the `medrega-eval` console script."""
-    from medrega_eval.benchmarks import BenchmarkError, MissingData
-
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "score":
@@ -254,9 +279,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             return _cmd_run(args)
         return _cmd_list(args)
-    except (MissingData, FileNotFoundError, BenchmarkError) as exc:
-        print(f"medrega-eval {args.command}: {exc}", file=sys.stderr)
-        return 1
-    except (ImportError, ValueError) as exc:
-        print(f"medrega-eval {args.command}: {exc}", file=sys.stderr)
-        return 1
+    except ImportError as exc:  # an optional dependency (metric package, bitsandbytes) is missing
+        raise UsageError(str(exc)) from exc
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `medrega-eval` console script (failures: one line on stderr, exit status 2)."""
+    return run_cli("medrega-eval", _main, argv)

@@ -23,10 +23,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from internvl.data.records import RecordProblem, read_jsonl
+from internvl.data.records import LimitedJSONDecoder, RecordProblem, read_jsonl
 
 __all__ = ["PredictionRecord", "read_predictions", "parse_prediction", "problem_counts", "append_jsonl", "PRED_KEYS",
-           "REF_KEYS"]
+           "REF_KEYS", "ScoreInputError"]
+
+
+class ScoreInputError(ValueError):
+    """The records cannot be scored as asked (e.g. a compat split whose language is ambiguous): a user error."""
+
 
 ID_KEYS = ("id", "question_id")
 PRED_KEYS = ("prediction", "pred_answer", "answer")
@@ -95,9 +100,14 @@ def parse_prediction(record: dict, file: str, line: int) -> PredictionRecord | R
     lang = record.get("lang")
     if lang is not None and lang not in ("en", "zh"):
         return _problem(file, line, "bad-field", f"lang must be 'en' or 'zh', got {lang!r}")
+    for key in ("question", "answer_type", "image_root"):
+        if record.get(key) is not None and not isinstance(record[key], str):
+            return _problem(file, line, "bad-field", f"{key} must be a string, got {type(record[key]).__name__}")
     image = record.get("image")
     if isinstance(image, list):
         image = image[0] if image else None
+    if image is not None and not isinstance(image, str):
+        return _problem(file, line, "bad-field", f"image must be a path or a list of paths, got {type(image).__name__}")
     known = set(ID_KEYS) | set(PRED_KEYS) | set(REF_KEYS) | {"hw", "height", "width", "options", "lang", "image",
                                                                "question", "answer_type", "image_root"}
     return PredictionRecord(
@@ -109,8 +119,11 @@ def parse_prediction(record: dict, file: str, line: int) -> PredictionRecord | R
 
 
 def _json_list_items(path: Path, text: str) -> Iterable[tuple[int, Any]]:
-    """(line number, decoded item) for each element of a top-level JSON list, keeping line numbers."""
-    decoder = json.JSONDecoder()
+    """(line number, decoded item) for each element of a top-level JSON list, keeping line numbers.
+
+    Items are decoded under the input limits (:mod:`internvl.data.records`): an item nested too deeply or with a
+    huge number raises ``json.JSONDecodeError`` at its line (the items before it are kept)."""
+    decoder = LimitedJSONDecoder()
     pos = text.index("[") + 1
     n = len(text)
     while True:
@@ -121,7 +134,7 @@ def _json_list_items(path: Path, text: str) -> Iterable[tuple[int, Any]]:
         if text[pos] == "]":
             return
         line = text.count("\n", 0, pos) + 1
-        item, pos = decoder.raw_decode(text, pos)
+        item, pos = decoder.decode_at(text, pos)
         yield line, item
 
 
@@ -132,7 +145,11 @@ def read_predictions(path: str | Path, *, keep_duplicates: bool = False
     keep_duplicates=True (``--compat medrega``: the original scorers never look at ids) keeps every record."""
     path = Path(path)
     file = str(path)
-    if not path.is_file():
+    try:
+        found = path.is_file()
+    except OSError as exc:  # a name longer than the file system allows ...
+        raise FileNotFoundError(f"{file[:300]}: prediction file not usable ({exc.strerror or exc})") from None
+    if not found:
         raise FileNotFoundError(f"{file}: prediction file not found")
     problems: list[RecordProblem] = []
     decoded: list[tuple[int, Any]] = []
@@ -164,7 +181,10 @@ def read_predictions(path: str | Path, *, keep_duplicates: bool = False
         if not isinstance(item, dict):
             problems.append(_problem(file, line, "not-an-object", f"expected a JSON object, got {type(item).__name__}"))
             continue
-        rec = parse_prediction(item, file, line)
+        try:
+            rec = parse_prediction(item, file, line)
+        except Exception as exc:  # noqa: BLE001 - one hostile record is a FILE:LINE problem, never a crash
+            rec = _problem(file, line, "bad-record", f"{type(exc).__name__}: {str(exc)[:200]}")
         if isinstance(rec, RecordProblem):
             problems.append(rec)
             continue

@@ -24,7 +24,10 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
-__all__ = ["protocol_info", "write_outputs", "iou_histogram_svg", "draw_boxes"]
+__all__ = ["OUTPUT_FILES", "protocol_info", "write_outputs", "iou_histogram_svg", "draw_boxes"]
+
+#: The files :func:`write_outputs` writes into a result folder.
+OUTPUT_FILES = ("summary.json", "samples.jsonl", "summary.md", "report.html")
 
 METRIC_PACKAGES = ("pycocoevalcap", "rouge-score", "sacrebleu", "jieba", "scipy", "numpy", "pycocotools", "torch",
                    "transformers")
@@ -171,13 +174,25 @@ def _markdown(summary: dict, metric_names: Sequence[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _resolve_image(row: dict, image_root: str | Path | None) -> Path | None:
+def _resolve_image(row: dict, image_root: str | Path | None) -> Path:
+    """The row's image inside the declared ``image_root`` (the benchmark's image folder). A prediction file cannot
+    widen it: the row's own ``image_root`` is only used when it lies inside the declared one, and absolute paths,
+    ``..`` and symbolic links out of the root are refused (``ValueError``), so the report embeds no other file."""
+    from internvl.data.records import resolve_image
+
     image = row.get("image")
-    if not image:
-        return None
-    root = row.get("image_root") or image_root
-    path = Path(image)
-    return path if path.is_absolute() or root is None else Path(root) / path
+    if not isinstance(image, str) or not image:
+        raise ValueError("no image path in the record")
+    if image_root is None:
+        raise ValueError("no image root declared (give --image-root or --benchmark)")
+    base = Path(image_root)
+    own = row.get("image_root")
+    if isinstance(own, str) and own:
+        try:
+            base = resolve_image(own, image_root)
+        except ValueError:
+            raise ValueError("the record's image_root lies outside the declared image root") from None
+    return resolve_image(image, base)
 
 
 def _gallery(rows: Sequence[dict], image_root: str | Path | None, max_images: int) -> str:
@@ -189,11 +204,13 @@ def _gallery(rows: Sequence[dict], image_root: str | Path | None, max_images: in
         step = (len(boxed) - 1) / (max_images - 1) if max_images > 1 else 0
         boxed = [boxed[round(i * step)] for i in range(max_images)]
     for row in boxed:
-        path = _resolve_image(row, image_root)
         caption = (f"<b>{html.escape(str(row['id']))}</b> IoU {_fmt(row['scores'].get('iou'))}<br>"
                    f"ref: {html.escape(row['reference'][:200])}<br>pred: {html.escape(row['prediction'][:200])}")
-        if path is None:
-            items.append(f"<figure><figcaption>{caption}<br><i>no image path in the record</i></figcaption></figure>")
+        try:
+            path = _resolve_image(row, image_root)
+        except ValueError as exc:
+            items.append(f"<figure><figcaption>{caption}<br><i>image not shown: {html.escape(str(exc))}</i>"
+                         "</figcaption></figure>")
             continue
         try:
             img = load_image(path)
@@ -251,14 +268,15 @@ def _html(summary: dict, rows: Sequence[dict], metric_names: Sequence[str], imag
 
 def write_outputs(out_dir: str | Path, summary: dict, rows: Sequence[dict], metric_names: Sequence[str],
                   image_root: str | Path | None = None, max_images: int = 12) -> dict[str, Path]:
-    """Write summary.json, samples.jsonl, summary.md and report.html into out_dir; return their paths."""
+    """Write summary.json, samples.jsonl, summary.md and report.html into out_dir (each atomically); return their
+    paths. ``image_root`` is the benchmark's declared image folder: report.html embeds only images inside it."""
+    from internvl.io_safety import atomic_write_text
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {name: out / name for name in ("summary.json", "samples.jsonl", "summary.md", "report.html")}
-    paths["summary.json"].write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    with paths["samples.jsonl"].open("w", encoding="utf-8") as fh:
-        for row in rows:
-            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-    paths["summary.md"].write_text(_markdown(summary, metric_names), encoding="utf-8")
-    paths["report.html"].write_text(_html(summary, rows, metric_names, image_root, max_images), encoding="utf-8")
+    paths = {name: out / name for name in OUTPUT_FILES}
+    atomic_write_text(paths["summary.json"], json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+    atomic_write_text(paths["samples.jsonl"], "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    atomic_write_text(paths["summary.md"], _markdown(summary, metric_names))
+    atomic_write_text(paths["report.html"], _html(summary, rows, metric_names, image_root, max_images))
     return paths

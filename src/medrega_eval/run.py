@@ -9,6 +9,9 @@ Layout of `--out DIR` per benchmark NAME:
 
 Resuming: every rank reads all rank files first; an id found there is never generated again, whatever the world
 size of the earlier run. A half-written last line (a crash during a write) is cut off and that sample regenerated.
+`DIR/NAME/run_settings.json` records what made the predictions (model, dtype, quantisation, generation settings,
+annotation file); resuming with other settings is refused (`ResumeMismatchError`) unless `--overwrite` is given,
+which moves the old predictions aside first, so answers of two models are never merged into one score.
 Distributed: torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; the process group uses NCCL on GPUs and gloo on CPUs.
 """
 from __future__ import annotations
@@ -27,7 +30,14 @@ from medrega_eval.io import append_jsonl, read_predictions
 from medrega_eval.report import protocol_info, write_outputs
 from medrega_eval.score import REPORT_METRICS, TOP_METRICS, ScoreConfig, score_records, summarize
 
-__all__ = ["RunConfig", "DistInfo", "init_distributed", "run_benchmarks", "generate_benchmark", "score_benchmark"]
+__all__ = ["RunConfig", "DistInfo", "ResumeMismatchError", "init_distributed", "run_benchmarks", "generate_benchmark",
+           "score_benchmark", "check_resume", "start_benchmark_dir"]
+
+SETTINGS_FILE = "run_settings.json"
+
+
+class ResumeMismatchError(ValueError):
+    """`--out` holds predictions made with another model or other settings (and `--overwrite` was not given)."""
 
 
 @dataclass
@@ -42,6 +52,7 @@ class RunConfig:
     score: bool = True
     bertscore_model: str | None = None
     bertscore_layer: int | None = None
+    overwrite: bool = False
 
 
 @dataclass
@@ -104,6 +115,61 @@ def finished_ids(pred_dir: Path) -> set[str]:
                 if isinstance(row, dict) and "id" in row and "prediction" in row:
                     done.add(str(row["id"]))
     return done
+
+
+def run_settings(model_path: str, dtype: str, quantization: str | None, generation: dict[str, Any],
+                 bench: Benchmark, annotation: Path) -> dict[str, Any]:
+    """What decides the predictions of one benchmark run (not the batch size, world size or limit: resuming with
+    other values of those is safe)."""
+    return {"model": os.path.realpath(str(model_path)), "dtype": str(dtype), "quantization": quantization,
+            "generation": generation, "benchmark": bench.name, "annotation": os.path.realpath(annotation)}
+
+
+def check_resume(bench_dir: Path, settings: dict[str, Any], overwrite: bool) -> bool:
+    """Refuse (`ResumeMismatchError`) to add predictions to `bench_dir` that were made with other settings, unless
+    `overwrite`; return whether the old outputs must be moved aside (with `overwrite`: whenever there are any) (:func:`start_benchmark_dir`). Read-only, so
+    every rank can call it and fail alike before any model is loaded."""
+    from internvl.io_safety import check_output_dir
+
+    check_output_dir(bench_dir, must_be_empty=False, what="benchmark output directory")
+    recorded_path = bench_dir / SETTINGS_FILE
+    has_predictions = any((bench_dir / "predictions").glob("rank*.jsonl")) if (bench_dir / "predictions").is_dir() \
+        else False
+    recorded = None
+    if recorded_path.is_file():
+        try:
+            recorded = json.loads(recorded_path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            recorded = {"unreadable": True}
+    settings = json.loads(json.dumps(settings, sort_keys=True))  # compare as recorded (tuples -> lists)
+    differs = has_predictions and recorded != settings
+    if differs and not overwrite:
+        if recorded is None:
+            why = f"no {SETTINGS_FILE} records what made them"
+        else:
+            keys = sorted(k for k in set(settings) | set(recorded) if settings.get(k) != recorded.get(k))
+            why = "; ".join(f"{k}: recorded {recorded.get(k)!r}, now {settings.get(k)!r}" for k in keys)
+        raise ResumeMismatchError(f"{bench_dir} holds predictions made differently ({why}); resuming would merge "
+                                  "two runs. Use another --out, or --overwrite to start over (old files are kept "
+                                  "in a replaced-N folder)")
+    return has_predictions and (differs or overwrite)
+
+
+def start_benchmark_dir(bench_dir: Path, settings: dict[str, Any], move_aside: bool) -> None:
+    """Rank 0: move old outputs to `bench_dir/replaced-<n>/` (never deleted) when asked; record `settings`."""
+    from internvl.io_safety import atomic_write_text
+
+    if move_aside:
+        n = 1
+        while (bench_dir / f"replaced-{n}").exists():
+            n += 1
+        aside = bench_dir / f"replaced-{n}"
+        aside.mkdir()
+        for child in list(bench_dir.iterdir()):
+            if child != aside and not child.name.startswith("replaced-"):
+                os.rename(child, aside / child.name)
+    bench_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(bench_dir / SETTINGS_FILE, json.dumps(settings, indent=2, sort_keys=True) + "\n")
 
 
 def _row(sample: Sample, bench: Benchmark, image_root: Path, prediction: str, rank: int) -> dict[str, Any]:
@@ -204,11 +270,12 @@ def score_benchmark(bench: Benchmark, samples: Sequence[Sample], problems: Seque
     for s in missing[:50]:
         file, _, line = s.source.rpartition(":")
         all_problems.append(RecordProblem(file, int(line), "missing-prediction", f"no prediction for id {s.id!r}"))
-    with merged_path.open("w", encoding="utf-8") as fh:
-        for r in records:
-            fh.write(json.dumps({"id": r.id, "prediction": r.prediction, "reference": r.reference,
-                                 "question": r.question, "image": r.image, "image_root": r.image_root, "hw": r.hw,
-                                 "lang": r.lang, "answer_type": r.answer_type}, ensure_ascii=False) + "\n")
+    from internvl.io_safety import atomic_write_text
+
+    atomic_write_text(merged_path, "".join(
+        json.dumps({"id": r.id, "prediction": r.prediction, "reference": r.reference, "question": r.question,
+                    "image": r.image, "image_root": r.image_root, "hw": r.hw, "lang": r.lang,
+                    "answer_type": r.answer_type}, ensure_ascii=False) + "\n" for r in records))
     options: Any = bench.options
     if options == "from_references":
         options = _options_from_references(samples, bench.multilabel)
@@ -224,7 +291,7 @@ def score_benchmark(bench: Benchmark, samples: Sequence[Sample], problems: Seque
     if bench.size is not None:
         result.counts["expected_size"] = bench.size
     summary = summarize(result, score_cfg, protocol, benchmark=bench.name)
-    write_outputs(bdir, summary, result.rows, TOP_METRICS)
+    write_outputs(bdir, summary, result.rows, TOP_METRICS, image_root=bench.locate(cfg.data_dir)[1])
     return summary
 
 
@@ -236,10 +303,22 @@ def run_benchmarks(model_path: str, benchmarks: Sequence[Benchmark], cfg: RunCon
 
     from internvl.inference import Generator, load_model_and_tokenizer
 
+    from internvl.io_safety import check_output_dir
+
     info = init_distributed()
-    # fail on missing data before loading a 40B model
+    # fail on missing data, a bad --out or a resume with other settings before loading a 40B model
+    check_output_dir(cfg.out, inputs=[model_path, cfg.data_dir], must_be_empty=False, what="--out")
+    quantization = "8bit" if load_in_8bit else "4bit" if load_in_4bit else None
+    starts = []
     for bench in benchmarks:
-        bench.locate(cfg.data_dir)
+        annotation, _ = bench.locate(cfg.data_dir)
+        recorded = run_settings(model_path, dtype, quantization, settings.as_dict(), bench, annotation)
+        starts.append((cfg.out / bench.name, recorded, check_resume(cfg.out / bench.name, recorded, cfg.overwrite)))
+    _barrier(info)
+    if info.rank == 0:
+        for bench_dir, recorded, move_aside in starts:
+            start_benchmark_dir(bench_dir, recorded, move_aside)
+    _barrier(info)
     model, tokenizer = load_model_and_tokenizer(model_path, dtype=dtype, device_map=device_map,
                                                 load_in_8bit=load_in_8bit, load_in_4bit=load_in_4bit)
     if device_map is None and not (load_in_8bit or load_in_4bit):

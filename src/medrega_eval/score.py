@@ -19,15 +19,22 @@ import numpy as np
 
 from internvl.data.records import RecordProblem
 from internvl.regions import remove_box_text_original, remove_region_tags, strip_regions
-from medrega_eval.io import PredictionRecord
+from medrega_eval.io import PredictionRecord, ScoreInputError
 from medrega_eval.metrics import classification as cls_m
 from medrega_eval.metrics import medrega_regions as orig_m
 from medrega_eval.metrics import regions as reg_m
 from medrega_eval.metrics import text as text_m
 from medrega_eval.metrics import vqa as vqa_m
+from medrega_eval.metrics.medrega_report import (
+    medrega_clean_report_en,
+    medrega_clean_report_zh,
+    report_metrics_medrega,
+    rouge_bootstrap_spread,
+)
 
 __all__ = ["TASKS", "SUBTYPES", "REPORT_METRICS", "ScoreConfig", "ScoreResult", "ScoreInputError", "score_records",
-           "record_lang", "compat_vqa_lang"]
+           "record_lang", "compat_vqa_lang", "medrega_clean_report_en", "medrega_clean_report_zh",
+           "rouge_bootstrap_spread"]
 
 TASKS = ("vqa", "report", "classification", "region2text", "text2region", "grounded_report")
 SUBTYPES = ("ss", "sm", "ms", "mm")
@@ -79,10 +86,6 @@ class ScoreResult:
     unavailable: dict[str, str] = field(default_factory=dict)
 
 
-class ScoreInputError(ValueError):
-    """The records cannot be scored as asked (e.g. a compat split whose language is ambiguous): a user error."""
-
-
 def record_lang(rec: PredictionRecord, cfg: ScoreConfig) -> str:
     """The record's language: its own field, the configured one, else 'zh' when the reference has CJK."""
     if rec.lang:
@@ -126,24 +129,6 @@ def _report_tokens(text: str, lang: str) -> list[str]:
     return text_m.tokenize(_DEID.sub(" ", text), lang)
 
 
-def medrega_clean_report_en(text: str) -> str:
-    """The original report `cleanStr`: lower-case, split on [,:.\\n], drop empty parts and parts with '_',
-    join with '.', collapse whitespace."""
-    parts = [p.strip() for p in re.split(r"[,:.\n]", text.lower())]
-    return " ".join(".".join(p for p in parts if p and "_" not in p).split())
-
-
-def medrega_clean_report_zh(text: str) -> str:
-    """The original `cleanStr_zh`, step for step: drop [..], remaining '[' -> ' ', ']' -> '', drop '-', lower-case,
-    split on newlines, in each line remove every 'digits.' (also inside decimals: '2.5' -> '5'), strip, drop empty
-    lines, join with '，', then '：，' -> '：' and '。，' -> '，'. (The original applies it to predictions only.)"""
-    text = re.sub(r"\[.*?\]", "", text).replace("[", " ").replace("]", "")
-    text = text.replace("-", "")
-    parts = [re.sub(r"\d+\.", "", part).strip() for part in text.lower().split("\n")]
-    text = "，".join(p for p in parts if p)
-    return text.replace("：，", "：").replace("。，", "，")
-
-
 def _report_metrics(preds: list[str], refs: list[str], langs: list[str], cfg: ScoreConfig,
                     result: ScoreResult) -> tuple[dict[str, Any], list[dict[str, float]]]:
     """Corpus and per-sample report metrics for parallel lists of texts."""
@@ -154,7 +139,7 @@ def _report_metrics(preds: list[str], refs: list[str], langs: list[str], cfg: Sc
     if n == 0:
         return out, per
     if cfg.compat == "medrega":
-        return _report_metrics_medrega(preds, refs, langs, wanted, result)
+        return report_metrics_medrega(preds, refs, langs, wanted, result)
     cands = [_report_tokens(p, lang) for p, lang in zip(preds, langs)]
     gts = [[_report_tokens(r, lang)] for r, lang in zip(refs, langs)]
     bleu, bleu_per = text_m.coco_bleu(cands, gts, n=4)
@@ -185,96 +170,6 @@ def _meteor(cands, gts, out, per, result: ScoreResult) -> None:
         return
     for i, s in enumerate(scores):
         per[i]["meteor"] = s
-
-
-ROUGE_BOOTSTRAP_SEEDS = 20
-
-
-def rouge_bootstrap_spread(preds: list[str], refs: list[str], seeds: int = ROUGE_BOOTSTRAP_SEEDS) -> dict[str, Any]:
-    """What HF `evaluate`'s rouge reports for the original EN scorer, over `seeds` seeds: rouge-score's
-    BootstrapAggregator (1000 resamples, unseeded in the original) mid F-measure; min and max per key. The global
-    numpy random state is restored afterwards."""
-    from rouge_score import rouge_scorer, scoring
-
-    scorer = rouge_scorer.RougeScorer(["rouge1", "rougeL"])
-    scores = [scorer.score(r, p) for p, r in zip(preds, refs)]
-    mids: dict[str, list[float]] = {"rouge1": [], "rougeL": []}
-    state = np.random.get_state()
-    try:
-        for seed in range(seeds):
-            np.random.seed(seed)
-            agg = scoring.BootstrapAggregator()
-            for s in scores:
-                agg.add_scores(s)
-            result = agg.aggregate()
-            for k in mids:
-                mids[k].append(float(result[k].mid.fmeasure))
-    finally:
-        np.random.set_state(state)
-    return {k: {"min": min(v), "max": max(v), "seeds": seeds} for k, v in mids.items()}
-
-
-def _report_metrics_medrega(preds, refs, langs, wanted, result) -> tuple[dict[str, Any], list[dict[str, float]]]:
-    """The original scorers: EN corpus HF-BLEU on 13a tokens + rouge-score; ZH per-sample HF-BLEU on jieba tokens,
-    rouge-score on jieba-spaced text (CJK dropped by its tokenizer) with rouge1/rougeL swapped; METEOR = NLTK's
-    on word_tokenize (EN) / jieba (ZH) tokens with WordNet (medrega_eval.metrics.meteor)."""
-    from rouge_score import rouge_scorer
-
-    from medrega_eval.metrics import meteor as meteor_m
-
-    n = len(preds)
-    per = [dict() for _ in range(n)]
-    out: dict[str, Any] = {}
-    scorer = rouge_scorer.RougeScorer(["rouge1", "rougeL"])
-    if all(lang == "en" for lang in langs):
-        p_clean = [medrega_clean_report_en(p) for p in preds]
-        r_clean = [medrega_clean_report_en(r) for r in refs]
-        cands = [text_m.tokenize_13a(p) for p in p_clean]
-        gts = [[text_m.tokenize_13a(r)] for r in r_clean]
-        out["bleu1"] = text_m.hf_bleu(cands, gts, max_order=1)
-        out["bleu4"] = text_m.hf_bleu(cands, gts, max_order=4)
-        rouge = [scorer.score(r, p) for p, r in zip(p_clean, r_clean)]
-        for i, s in enumerate(rouge):
-            per[i].update(rouge1=s["rouge1"].fmeasure, rougeL=s["rougeL"].fmeasure)
-        out["rouge1"] = _mean([s["rouge1"].fmeasure for s in rouge])
-        out["rougeL"] = _mean([s["rougeL"].fmeasure for s in rouge])
-        # HF evaluate reports a bootstrap median (random); the plain mean above estimates it, the spread bounds it
-        result.details["rouge_bootstrap"] = rouge_bootstrap_spread(p_clean, r_clean)
-        m_hyp = [meteor_m.tokenize_en(p) for p in p_clean]
-        m_ref = [meteor_m.tokenize_en(r) for r in r_clean]
-    elif all(lang == "zh" for lang in langs):
-        jieba = text_m._get_jieba()
-        # predictions: cleanStr_zh + spaces removed; references: raw. Both jieba-joined with spaces, then HF BLEU's
-        # 13a tokenizer; HF ROUGE on the jieba-joined strings (rouge-score drops the CJK characters)
-        res_raw = [medrega_clean_report_zh(p).replace(" ", "") for p in preds]
-        res = [" ".join(jieba.cut(x)) for x in res_raw]
-        gt = [" ".join(jieba.cut(r)) for r in refs]
-        cands = [text_m.tokenize_13a(x) for x in res]
-        gts = [[text_m.tokenize_13a(x)] for x in gt]
-        for i in range(n):
-            per[i]["bleu1"] = text_m.hf_bleu([cands[i]], [gts[i]], max_order=1)
-            per[i]["bleu4"] = text_m.hf_bleu([cands[i]], [gts[i]], max_order=4)
-            s = scorer.score(gt[i], res[i])
-            # the original stores rouge1 under rougeL and rougeL under rouge1
-            per[i].update(rougeL=s["rouge1"].fmeasure, rouge1=s["rougeL"].fmeasure)
-        for k in ("bleu1", "bleu4", "rougeL", "rouge1"):
-            out[k] = _mean([p[k] for p in per])
-        m_hyp = [list(jieba.cut(x)) for x in res_raw]  # raw jieba tokens, as the original's METEOR
-        m_ref = [list(jieba.cut(r)) for r in refs]
-    else:
-        raise ScoreInputError("--compat medrega scores one language at a time (the original has separate EN and ZH "
-                              "scorers); split the file or pass --lang")
-    if "meteor" in wanted:
-        try:
-            scores = meteor_m.meteor_scores(m_hyp, m_ref)
-        except text_m.MetricUnavailable as exc:
-            out["meteor"] = None
-            result.unavailable["meteor"] = str(exc)
-        else:
-            out["meteor"] = _mean(scores)
-            for i, v in enumerate(scores):
-                per[i]["meteor"] = v
-    return out, per
 
 
 # ------------------------------------------------------------------------------------------------- per task

@@ -209,14 +209,20 @@ def test_default_root_is_the_jsonl_directory(tmp_path):
     assert len(list(iter_records(sub / "a.jsonl", RecordChecker(), strict=False, tally=tally))) == 1
 
 
-def test_resolve_image_allows_symlinks_inside_root_but_not_escapes(tmp_path):
+def test_resolve_image_refuses_links_out_of_the_root_unless_allowed(tmp_path, monkeypatch):
     outside = tmp_path / "store"
     outside.mkdir()
     Image.new("L", (4, 4)).save(outside / "x.png")
     root = tmp_path / "root"
     root.mkdir()
     (root / "images").symlink_to(outside, target_is_directory=True)
-    assert resolve_image("images/x.png", root) == root / "images" / "x.png"
+    (root / "inside.png").symlink_to(root / "images" / "x.png")
+    monkeypatch.delenv("MEDREGA_ALLOW_LINKS_OUTSIDE_ROOT", raising=False)
+    for linked in ("images/x.png", "images/../images/x.png", "inside.png"):
+        with pytest.raises(ValueError, match="symbolic link"):
+            resolve_image(linked, root)
+    assert resolve_image("images/x.png", root, allow_links=True) == root / "images" / "x.png"
+    monkeypatch.setenv("MEDREGA_ALLOW_LINKS_OUTSIDE_ROOT", "1")
     assert resolve_image("images/../images/x.png", root) == root / "images" / "x.png"
     for bad in ("../store/x.png", "images/../../store/x.png", str(outside / "x.png"), "s3://bucket/x.png"):
         with pytest.raises(ValueError):

@@ -85,7 +85,7 @@ def test_run_generates_scores_and_resumes(setup, monkeypatch):
 def test_run_missing_data_fails_before_loading(setup, tmp_path, capsys):
     model_dir, data, yml, out = setup
     args = _args(model_dir, tmp_path / "nowhere", yml, out)
-    assert cli.main(args) == 1
+    assert cli.main(args) == 2  # one line, no traceback
     assert "nothing to download" in capsys.readouterr().err
 
 

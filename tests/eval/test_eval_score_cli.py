@@ -134,7 +134,7 @@ def test_grounded_report_scores_text_and_boxes(tmp_path):
 
 
 def test_missing_prediction_file_exit_1(tmp_path, capsys):
-    assert cli.main(["score", "--task", "vqa", "--pred", str(tmp_path / "nope.json"), "--out", str(tmp_path / "o")]) == 1
+    assert cli.main(["score", "--task", "vqa", "--pred", str(tmp_path / "nope.json"), "--out", str(tmp_path / "o")]) == 2
     assert "not found" in capsys.readouterr().err
 
 

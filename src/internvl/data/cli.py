@@ -6,19 +6,22 @@
     medrega-data prompts [TASK] [--lang zh]
 
 ``check`` prints one line per problem (``FILE:LINE: reason: message``), then a count by reason, and exits 1
-when anything is wrong (2 for usage errors). A ``.json`` argument is read as a ``meta_file.json`` registry and
+when anything is wrong; a usage error or a failure (unreadable tokenizer, bad converter input, refused output path)
+is one line on stderr and exit status 2. A ``.json`` argument is read as a ``meta_file.json`` registry and
 every dataset's annotation is checked against its own ``root`` and ``base_prompt``. Also runnable as
 ``python -m internvl.data``.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from internvl.data.records import IMAGE_CHECKS, BadRecordError, ProblemTally, RecordChecker, iter_records
+from internvl.cli_support import UsageError, non_negative_int, positive_int, run_cli
+from internvl.data.records import ALLOW_LINKS_ENV, IMAGE_CHECKS, BadRecordError, ProblemTally, RecordChecker, iter_records
 
 __all__ = ["main", "build_parser"]
 
@@ -28,7 +31,7 @@ def _token_length_factory(args: argparse.Namespace) -> Callable[[str], Callable[
     if args.max_length is None:
         return None
     if not args.tokenizer:
-        raise SystemExit("medrega-data check: --max-length needs --tokenizer DIR (a local tokenizer directory)")
+        raise UsageError("--max-length needs --tokenizer DIR (a local tokenizer directory)")
     from internvl.data.encode import make_token_length
     from internvl.tokenization import load_tokenizer
 
@@ -68,6 +71,8 @@ def _check_file(
 def cmd_check(args: argparse.Namespace) -> int:
     path = Path(args.path)
     out = sys.stdout
+    if args.allow_links_outside_root:
+        os.environ[ALLOW_LINKS_ENV] = "1"
     factory = _token_length_factory(args)
     targets: list[tuple[str, Path, Path | None, str]] = []  # (label, annotation, root, base_prompt)
     if path.suffix == ".json":
@@ -119,11 +124,14 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from internvl.data.convert import ConvertError, get_converter
 
     module = get_converter(args.format)
+    from internvl.io_safety import check_output_file
+
+    inputs = [v for k, v in vars(args).items() if k != "out" and isinstance(v, str) and v and os.path.exists(v)]
+    check_output_file(args.out, inputs=inputs, overwrite=True, what="--out")  # never the converter's own input
     try:
         report = module.run(args)
     except ConvertError as exc:
-        print(f"medrega-data convert {args.format}: {exc}", file=sys.stderr)
-        return 1
+        raise ConvertError(f"convert {args.format}: {exc}") from None
     for n, problem in enumerate(report.problems):
         if args.max_print and n >= args.max_print:
             print(f"... {len(report.problems) - n} more problem lines not shown (--max-print)")
@@ -170,12 +178,17 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--images", choices=IMAGE_CHECKS, default="decode",
                        help="image check: none, exists, header, or decode (default: full decode)")
     check.add_argument("--allow-no-answer", action="store_true", help="accept records ending with a human turn")
-    check.add_argument("--max-length", type=int, help="flag records longer than this many tokens (needs --tokenizer)")
+    check.add_argument("--max-length", type=positive_int,
+                       help="flag records longer than this many tokens (needs --tokenizer)")
     check.add_argument("--tokenizer", help="local tokenizer directory for --max-length")
     check.add_argument("--template", default="Hermes-2", help="chat template for --max-length (default Hermes-2)")
-    check.add_argument("--num-image-token", type=int, default=256, help="tokens per image tile (default 256)")
+    check.add_argument("--num-image-token", type=positive_int, default=256,
+                       help="tokens per image tile (default 256)")
     check.add_argument("--prompt-order", choices=["train", "inference"], default="train")
-    check.add_argument("--max-print", type=int, default=0, help="print at most this many problem lines (0 = all)")
+    check.add_argument("--max-print", type=non_negative_int, default=0,
+                       help="print at most this many problem lines (0 = all)")
+    check.add_argument("--allow-links-outside-root", action="store_true",
+                       help=f"follow symbolic links that lead outside the image root (same as {ALLOW_LINKS_ENV}=1)")
     check.set_defaults(func=cmd_check)
 
     convert = sub.add_parser("convert", help="convert a dataset to MedRegInstruct jsonl")
@@ -186,7 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
         module = get_converter(name)
         p = formats.add_parser(name, help=module.HELP, description=module.__doc__)
         module.add_arguments(p)
-        p.add_argument("--max-print", type=int, default=50, help="print at most this many skipped items (0 = all)")
+        p.add_argument("--max-print", type=non_negative_int, default=50,
+                       help="print at most this many skipped items (0 = all)")
         p.set_defaults(func=cmd_convert)
 
     prompts = sub.add_parser("prompts", help="list prompt tasks or show one task's wording")
@@ -196,10 +210,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``medrega-data`` console script; returns the exit status."""
+def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     return int(args.func(args))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``medrega-data`` console script; returns the exit status (failures: one line, 2)."""
+    return run_cli("medrega-data", _main, argv)
 
 
 if __name__ == "__main__":  # pragma: no cover

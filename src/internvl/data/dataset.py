@@ -26,7 +26,6 @@ Each item is ``{"input_ids": [L], "labels": [L], "pixel_values": [T, 3, S, S], "
 from __future__ import annotations
 
 import bisect
-import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -40,10 +39,12 @@ from internvl.data.encode import EncodeError, encode_conversation
 from internvl.data.images import ImageLoadError, load_image
 from internvl.data.records import (
     BadRecordError,
+    ImagePathError,
     ProblemTally,
     RecordChecker,
     RecordProblem,
     image_paths,
+    parse_record_line,
     read_jsonl,
     resolve_image,
 )
@@ -169,13 +170,13 @@ class MedRegDataset(Dataset):
         else:
             handle.seek(start)
             raw = handle.read(end - start)
-        if row == 0 and raw.startswith(b"\xef\xbb\xbf"):
-            raw = raw[3:]
-        try:
-            record = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise BadRecordError([RecordProblem(self.file, row + 1, "invalid-json",
-                                                f"line changed since the dataset scan: {exc}")]) from None
+        record = parse_record_line(raw, self.file, row + 1)
+        if isinstance(record, RecordProblem):
+            raise BadRecordError([RecordProblem(self.file, row + 1, record.reason,
+                                                f"line changed since the dataset scan: {record.message}")])
+        if not isinstance(record, dict):
+            raise BadRecordError([RecordProblem(self.file, row + 1, "not-an-object",
+                                                "line changed since the dataset scan: not a JSON object")])
         return record
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
@@ -215,8 +216,10 @@ class MedRegDataset(Dataset):
                 images.append(load_image(resolve_image(rel, self.spec.root)))
             except ImageLoadError as exc:
                 raise fail("corrupt-image", f"image {rel!r}: {exc.reason}") from None
-            except ValueError as exc:
-                raise fail("image-outside-root", str(exc)) from None
+            except ImagePathError as exc:
+                raise fail(exc.reason, str(exc)) from None
+            except (ValueError, OSError) as exc:
+                raise fail("unreadable-image", f"image {rel!r}: {type(exc).__name__}: {str(exc)[:200]}") from None
         if self.augment is not None and images:
             rng = np.random.default_rng([self.seed, self.epoch, int(self._lines[index]), index])
             try:

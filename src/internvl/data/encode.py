@@ -40,6 +40,7 @@ from internvl.constants import (
 )
 from internvl.image_processing import expand_image_placeholders
 from internvl.templates import ChatTemplate, TemplateError, get_template
+from internvl.user_text import neutralize_control_tokens
 
 __all__ = ["EncodeError", "EncodedSample", "PROMPT_ORDERS", "apply_prompt_order", "encode_conversation", "make_token_length"]
 
@@ -153,6 +154,8 @@ def encode_conversation(
         raise EncodeError(f"{where}: truncation must be 'error' or 'right', got {truncation!r}")
     tpl = get_template(template) if isinstance(template, str) else template
     turns = apply_prompt_order(conversations, len(num_patches_list), base_prompt, prompt_order, where)  # 1
+    for turn in turns:  # record text never yields template or image tokens (internvl.user_text)
+        turn["value"] = neutralize_control_tokens(turn["value"])
     try:
         segments = tpl.segments(turns, system_message)  # 2
     except TemplateError as exc:

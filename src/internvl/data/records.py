@@ -30,12 +30,29 @@ from pathlib import Path
 from typing import Any
 
 from internvl.constants import IMAGE_PLACEHOLDER
+from internvl.data.bounded_json import (
+    LIMITS,
+    InputLimits,
+    JSONLimitError,
+    LimitedJSONDecoder,
+    find_lone_surrogate,
+    loads_limited,
+)
 from internvl.data.images import ImageLoadError, load_image, probe_image
 from internvl.regions import RegionError, parse_regions
 
 __all__ = [
+    "ALLOW_LINKS_ENV",
     "BadRecordError",
     "IMAGE_CHECKS",
+    "ImagePathError",
+    "check_path_length",
+    "InputLimits",
+    "JSONLimitError",
+    "LIMITS",
+    "LimitedJSONDecoder",
+    "loads_limited",
+    "parse_record_line",
     "REASONS",
     "ProblemTally",
     "RecordChecker",
@@ -51,6 +68,12 @@ __all__ = [
 REASONS: dict[str, str] = {
     "unreadable-file": "the annotation file itself is missing or unreadable (line 0)",
     "not-utf8": "the line is not valid UTF-8",
+    "line-too-long": "the line is longer than the input limit (LIMITS.max_line_bytes)",
+    "too-deep": "the JSON nests deeper than the input limit (LIMITS.max_depth)",
+    "number-too-large": "a JSON number has too many digits or is not finite (LIMITS.max_number_chars)",
+    "bad-text": "a string holds a lone surrogate (\\ud800-\\udfff escape without its pair): not encodable text",
+    "bad-path": "an image path, or one of its components, is longer than the file system allows",
+    "bad-record": "checking the record raised an unexpected error (the message names it)",
     "invalid-json": "the line is not valid JSON",
     "blank-line": "an empty line inside the file",
     "not-an-object": "the line is JSON but not an object {...}",
@@ -103,11 +126,40 @@ class BadRecordError(ValueError):
 # --------------------------------------------------------------------------------------------- reading
 
 
-def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict | RecordProblem]]:
+def parse_record_line(raw: bytes, file: str, line: int, limits: InputLimits = LIMITS) -> Any:
+    """Decode one jsonl line under ``limits``: the JSON value, or a :class:`RecordProblem` naming ``FILE:LINE``.
+
+    The single place where record text becomes Python values (annotation files, prediction files, batch files,
+    the training dataset's re-reads), so every reader gets the same limits and the same reasons.
+    """
+    def problem(reason: str, message: str) -> RecordProblem:
+        return RecordProblem(file, line, reason, message)
+
+    if len(raw) > limits.max_line_bytes:
+        return problem("line-too-long", f"{len(raw)} bytes; the limit is {limits.max_line_bytes}")
+    if line == 1 and raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return problem("not-utf8", f"byte {exc.start} is not valid UTF-8 ({raw[exc.start:exc.start + 4]!r})")
+    if not text.strip():
+        return problem("blank-line", "empty line (remove it)")
+    try:
+        return loads_limited(text, limits)
+    except JSONLimitError as exc:
+        return problem(exc.reason, str(exc))
+    except json.JSONDecodeError as exc:
+        return problem("invalid-json", f"{exc.msg} at column {exc.colno}")
+
+
+def read_jsonl(path: str | Path, limits: InputLimits = LIMITS) -> Iterator[tuple[int, dict | RecordProblem]]:
     """Yield ``(line_number, record)`` for each line, or ``(line_number, RecordProblem)`` for a bad one.
 
-    Lines are decoded one by one, so a single non-UTF-8 line is reported without losing the rest of the file.
-    A UTF-8 byte-order mark on the first line is accepted. An unreadable file yields one problem at line 0.
+    Lines are decoded one by one (:func:`parse_record_line`, with the input ``limits``), so a single bad line is
+    reported without losing the rest of the file. A UTF-8 byte-order mark on the first line is accepted. An
+    unreadable file yields one problem at line 0. A line over ``limits.max_line_bytes`` is skipped without being
+    held in memory whole.
     """
     file = str(path)
     try:
@@ -116,29 +168,24 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict | RecordProblem]]:
         yield 0, RecordProblem(file, 0, "unreadable-file", f"cannot open annotation file ({exc.strerror or exc})")
         return
     with fh:
-        for number, raw in enumerate(fh, start=1):
-            if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
-                raw = raw[3:]
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                yield number, RecordProblem(
-                    file, number, "not-utf8", f"byte {exc.start} is not valid UTF-8 ({raw[exc.start:exc.start + 4]!r})"
-                )
+        number = 0
+        while True:
+            raw = fh.readline(limits.max_line_bytes + 1)
+            if not raw:
+                return
+            number += 1
+            if len(raw) > limits.max_line_bytes and not raw.endswith(b"\n"):
+                size = len(raw)
+                while raw and not raw.endswith(b"\n"):  # skip the rest of the long line in bounded chunks
+                    raw = fh.readline(1 << 20)
+                    size += len(raw)
+                yield number, RecordProblem(file, number, "line-too-long",
+                                            f"{size} bytes; the limit is {limits.max_line_bytes}")
                 continue
-            if not text.strip():
-                yield number, RecordProblem(file, number, "blank-line", "empty line (remove it)")
-                continue
-            try:
-                record = json.loads(text)
-            except json.JSONDecodeError as exc:
-                yield number, RecordProblem(file, number, "invalid-json", f"{exc.msg} at column {exc.colno}")
-                continue
-            if not isinstance(record, dict):
-                yield number, RecordProblem(
-                    file, number, "not-an-object", f"expected a JSON object, got {type(record).__name__}"
-                )
-                continue
+            record = parse_record_line(raw, file, number, limits)
+            if not isinstance(record, (dict, RecordProblem)):
+                record = RecordProblem(file, number, "not-an-object",
+                                       f"expected a JSON object, got {type(record).__name__}")
             yield number, record
 
 
@@ -153,18 +200,60 @@ def image_paths(record: dict) -> list[str]:
     return [image] if isinstance(image, str) else list(image)
 
 
-def resolve_image(path: str, root: str | Path) -> Path:
-    """Join ``path`` to ``root`` and refuse results outside ``root`` (``ValueError``).
+#: Set to ``1`` to follow symbolic links that lead outside an image root (off by default; docs/data-io.md).
+ALLOW_LINKS_ENV = "MEDREGA_ALLOW_LINKS_OUTSIDE_ROOT"
 
-    The check is lexical (``..`` and absolute paths are normalised first), so symlinks placed inside the root
-    by whoever built the dataset are allowed, while a record cannot point at arbitrary files.
+
+class ImagePathError(ValueError):
+    """An image path that is refused: ``reason`` is ``"image-outside-root"`` or ``"bad-path"`` (see :data:`REASONS`)."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def _links_allowed() -> bool:
+    return os.environ.get(ALLOW_LINKS_ENV, "").strip().lower() in ("1", "true", "yes")
+
+
+def check_path_length(path: str, limits: InputLimits = LIMITS) -> None:
+    """Raise :class:`ImagePathError` (``bad-path``) for a path or component the file system cannot hold, or NUL."""
+    if "\x00" in path:
+        raise ImagePathError("bad-path", "the path contains a NUL character")
+    try:
+        size = len(os.fsencode(path))
+    except UnicodeError:
+        raise ImagePathError("bad-path", "the path is not encodable text") from None
+    if size > limits.max_path_bytes:
+        raise ImagePathError("bad-path", f"the path has {size} bytes; the file system allows {limits.max_path_bytes}")
+    longest = max((len(os.fsencode(part)) for part in path.replace("\\", "/").split("/")), default=0)
+    if longest > limits.max_name_bytes:
+        raise ImagePathError("bad-path", f"a path component has {longest} bytes; the file system allows "
+                                         f"{limits.max_name_bytes}")
+
+
+def resolve_image(path: str, root: str | Path, *, allow_links: bool | None = None) -> Path:
+    """Join ``path`` to ``root`` and refuse results outside ``root`` (:class:`ImagePathError`, a ``ValueError``).
+
+    ``..`` and absolute paths are normalised first, then the *real* path (symbolic links resolved) must lie inside the
+    real root too, so a link inside the dataset cannot make a record read files elsewhere. ``allow_links=True`` (or the
+    environment variable ``MEDREGA_ALLOW_LINKS_OUTSIDE_ROOT=1``, for datasets built from links into a shared image
+    store) skips that second check; the lexical one always applies.
     """
+    if not isinstance(path, str):
+        raise ImagePathError("bad-path", f"an image path must be a string, got {type(path).__name__}")
     if "://" in path:
-        raise ValueError(f"image {path!r} is a URL; only local files are supported")
+        raise ImagePathError("image-outside-root", f"image {path!r} is a URL; only local files are supported")
+    check_path_length(path)
     root_abs = os.path.normpath(os.path.abspath(root))
     full = os.path.normpath(os.path.join(root_abs, path))
     if os.path.commonpath([root_abs, full]) != root_abs:
-        raise ValueError(f"image {path!r} resolves to {full}, outside the image root {root_abs}")
+        raise ImagePathError("image-outside-root", f"image {path!r} resolves to {full}, outside the image root")
+    if not (_links_allowed() if allow_links is None else allow_links):
+        real_root, real = os.path.realpath(root_abs), os.path.realpath(full)
+        if os.path.commonpath([real_root, real]) != real_root:
+            raise ImagePathError("image-outside-root", f"image {path!r} is (or lies under) a symbolic link that leads "
+                                 f"outside the image root (set {ALLOW_LINKS_ENV}=1 to allow such links)")
     return Path(full)
 
 
@@ -200,14 +289,23 @@ class RecordChecker:
             raise ValueError("max_length needs a token_length callable")
 
     def check(self, record: Any, *, file: str | Path, line: int) -> list[RecordProblem]:
-        """All problems of one record (empty list = good)."""
-        file = str(file)
+        """All problems of one record (empty list = good). Any exception raised while checking becomes a
+        ``bad-record`` problem of this record, so one hostile record never aborts a whole file."""
+        try:
+            return self._check(record, file=str(file), line=line)
+        except Exception as exc:  # noqa: BLE001 - a record must never crash the reader; named FILE:LINE instead
+            return [RecordProblem(str(file), line, "bad-record", f"{type(exc).__name__}: {str(exc)[:200]}")]
+
+    def _check(self, record: Any, *, file: str, line: int) -> list[RecordProblem]:
 
         def problem(reason: str, message: str) -> RecordProblem:
             return RecordProblem(file, line, reason, message)
 
         if not isinstance(record, dict):
             return [problem("not-an-object", f"expected a JSON object, got {type(record).__name__}")]
+        if find_lone_surrogate(record) is not None:
+            return [problem("bad-text", "a string holds a lone surrogate (\\ud800-\\udfff without its pair); "
+                                        "such text cannot be encoded or tokenized")]
         problems = self._check_fields(record, problem)
         turns_ok = self._check_turns(record, problem, problems)
         if turns_ok:
@@ -301,14 +399,14 @@ class RecordChecker:
             text = _PLACEHOLDER_BOX_RE.sub("", turn["value"])
             try:
                 parse_regions(text, strict=True)
-            except RegionError as exc:
+            except (RegionError, ValueError) as exc:  # ValueError: e.g. a coordinate with thousands of digits
                 problems.append(problem("bad-box", f"turn {i}: {exc}"))
 
     def _check_image(self, rel: str, root: str | Path) -> tuple[str, str] | None:
         try:
             path = resolve_image(rel, root)
-        except ValueError as exc:
-            return "image-outside-root", str(exc)
+        except ImagePathError as exc:
+            return exc.reason, str(exc)
         if self.image_check == "none":
             return None
         if path in self._image_cache:
@@ -318,6 +416,12 @@ class RecordChecker:
         return result
 
     def _image_status(self, rel: str, path: Path) -> tuple[str, str] | None:
+        try:
+            return self._image_status_unguarded(rel, path)
+        except OSError as exc:  # ENAMETOOLONG, ELOOP, EACCES on a parent ...: the record's path, not a crash
+            return "unreadable-image", f"image {rel!r}: {exc.strerror or type(exc).__name__}"
+
+    def _image_status_unguarded(self, rel: str, path: Path) -> tuple[str, str] | None:
         if not path.exists():
             return "missing-image", f"image {rel!r} not found at {path}"
         if path.is_dir():

@@ -28,7 +28,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from internvl.data.records import JSONLimitError, loads_limited
+
 __all__ = ["DatasetSpec", "MetaFileError", "load_meta", "KNOWN_KEYS"]
+
+#: Largest accepted ``repeat_time`` (a dataset repeated more often than this is almost surely a typo, and 1e300
+#: would overflow the index list).
+MAX_REPEAT_TIME = 10_000
 
 KNOWN_KEYS = ("root", "annotation", "length", "repeat_time", "data_augment", "base_prompt", "max_dynamic_patch")
 
@@ -91,9 +97,11 @@ def load_meta(path: str | os.PathLike, *, base_dir: str | os.PathLike | None = N
     except (OSError, UnicodeDecodeError) as exc:
         raise MetaFileError(f"{meta_path}:0: cannot read meta file: {exc}") from None
     try:
-        data = json.loads(text)
+        data = loads_limited(text)
     except json.JSONDecodeError as exc:
         raise MetaFileError(f"{meta_path}:{exc.lineno}: invalid JSON: {exc.msg} (column {exc.colno})") from None
+    except JSONLimitError as exc:  # nesting too deep, a number with thousands of digits, a lone surrogate
+        raise MetaFileError(f"{meta_path}:1: {exc.reason}: {exc}") from None
     if not isinstance(data, dict) or not data:
         raise MetaFileError(f"{meta_path}:1: a meta file must be a non-empty JSON object of dataset entries")
 
@@ -122,6 +130,8 @@ def _parse_entry(name: str, entry: Any, where: str, base: Path, check_paths: boo
     repeat = entry.get("repeat_time", 1)
     if isinstance(repeat, bool) or not isinstance(repeat, numbers.Real) or not math.isfinite(repeat) or repeat <= 0:
         raise fail(f"'repeat_time' must be a positive number, got {repeat!r}")
+    if repeat > MAX_REPEAT_TIME:
+        raise fail(f"'repeat_time' {repeat!r} is above the limit of {MAX_REPEAT_TIME} repeats")
     if repeat > 1 and float(repeat) != int(repeat):
         raise fail(f"'repeat_time' above 1 must be an integer (repeats), got {repeat!r}")
 
@@ -141,10 +151,13 @@ def _parse_entry(name: str, entry: Any, where: str, base: Path, check_paths: boo
     root = _resolve(entry["root"], base)
     annotation = _resolve(entry["annotation"], base)
     if check_paths:
-        if not annotation.is_file():
-            raise fail(f"annotation file not found: {annotation}")
-        if not root.is_dir():
-            raise fail(f"image root directory not found: {root}")
+        try:
+            if not annotation.is_file():
+                raise fail(f"annotation file not found: {annotation}")
+            if not root.is_dir():
+                raise fail(f"image root directory not found: {root}")
+        except OSError as exc:  # a path or component longer than the file system allows, a loop of links ...
+            raise fail(f"cannot use the path {exc.filename!s:.120}: {exc.strerror or exc}") from None
     return DatasetSpec(
         name=name,
         root=root,

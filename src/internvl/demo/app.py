@@ -24,6 +24,7 @@ import gradio as gr
 from PIL import Image
 
 from internvl.demo.drawing import draw_regions
+from internvl.demo.limits import check_fields, check_prompt_budget, public_message, scrub_paths
 from internvl.demo.tasks import TASKS, build_prompt, follow_up_prompt
 from internvl.demo.uploads import (
     MAX_UPLOAD_BYTES,
@@ -153,6 +154,7 @@ def ask(engine: DemoEngine, session: Session, *, task: str, lang: str, question:
     Returns (annotated image, box rows, status message). Raises :class:`UserInputError` for bad input; the caller
     shows it. The session's history and chat grow by this turn.
     """
+    check_fields(question=question, objects=objects, options=options, modality=modality, box=box_text)
     if session.image is None:
         raise UserInputError("Upload an image (PNG, JPEG, DICOM or NIfTI) or pick a bundled example first.")
     w, h = session.image.size
@@ -169,6 +171,8 @@ def ask(engine: DemoEngine, session: Session, *, task: str, lang: str, question:
                               modality=modality)
         if session.history:  # the image is already in the first turn
             prompt = prompt.replace("<image>\n", "")
+    check_prompt_budget(engine.model, engine.tokenizer, prompt, session.history,
+                        engine.generation.get("max_new_tokens", 0))
     t0 = time.perf_counter()
     answer, session.history = engine.answer(session.image, prompt, session.history)
     seconds = time.perf_counter() - t0
@@ -200,6 +204,7 @@ def build_app(engine: DemoEngine, examples: list[Example], *, title: str = "MedR
     def on_upload(path: str | None, axis: str, slice_text: str, session: Session):
         if not path:
             return None, gr.update(), session, _message("No file received.", "info")
+        check_fields(slice=slice_text)
         slice_index = None
         if (slice_text or "").strip():
             try:
@@ -243,10 +248,10 @@ def build_app(engine: DemoEngine, examples: list[Example], *, title: str = "MedR
             try:
                 return fn(*args)
             except UserInputError as exc:
-                return on_error(str(exc), *args)
+                return on_error(scrub_paths(str(exc)), *args)
             except Exception as exc:  # noqa: BLE001 - keep serving; report in the page
                 log.error("demo handler %s failed:\n%s", fn.__name__, traceback.format_exc())
-                return on_error(f"Internal error ({type(exc).__name__}: {exc}); see the server log.", *args)
+                return on_error(f"Internal error ({public_message(exc)}); see the server log.", *args)
         return wrapper
 
     def example_error(message: str, evt, session):

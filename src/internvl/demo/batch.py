@@ -12,6 +12,11 @@ with ``FILE:LINE: reason`` (the original silently replaced a missing image by no
 
 Each rank answers records ``rank::world_size``; rank 0 gathers the answers (``all_gather_object`` over the process
 group torchrun set up: gloo on CPU, NCCL on GPU) and writes the file.
+
+Nothing is lost: ``--out`` is checked before the model is loaded (:func:`check_out_dir`: not a file, not the batch
+file itself); every rank appends its answers as they come to ``DIR/demo_<time>.rank<R>.jsonl`` (flushed and fsynced
+per batch, like ``medrega-eval run``), and the final list is written to a temporary name and renamed. Every file name
+is reserved atomically, so two runs finishing in the same second get ``demo_<time>.json`` and ``demo_<time>-1.json``.
 """
 from __future__ import annotations
 
@@ -23,11 +28,14 @@ from typing import Any
 
 from internvl.data.images import ImageLoadError, load_image
 from internvl.data.records import RecordChecker, RecordProblem, read_jsonl
+from internvl.io_safety import atomic_write_text, check_output_dir, unique_file
 from internvl.regions import Region, parse_regions
 
-__all__ = ["BatchError", "BatchItem", "read_batch_file", "regions_json", "run_batch", "write_results"]
+__all__ = ["BatchError", "BatchItem", "check_out_dir", "read_batch_file", "regions_json", "run_batch", "stream_path",
+           "write_results"]
 
 IMAGE_KEYS = ("axis", "slice_index", "frame", "window")
+AXES = ("axial", "coronal", "sagittal")
 
 
 class BatchError(ValueError):
@@ -76,13 +84,11 @@ def read_batch_file(path: str | Path, *, check_images: bool = True) -> list[Batc
         img_path = None
         if image is not None:
             img_path = Path(image) if Path(image).is_absolute() else path.parent / image
-        kwargs = {k: rec[k] for k in IMAGE_KEYS if k in rec}
-        if isinstance(kwargs.get("window"), list):
-            kwargs["window"] = tuple(kwargs["window"])
+        kwargs = _image_kwargs(rec, path, line)
         if check_images and img_path is not None:
             try:
                 load_image(img_path, **kwargs)
-            except (ImageLoadError, ValueError) as exc:
+            except (ImageLoadError, ValueError, TypeError, OSError) as exc:
                 raise BatchError(f"{path}:{line}: {exc}") from exc
         items.append(BatchItem(len(items), line, rec.get("id", len(items)), img_path, kwargs, str(human),
                                str(gt)))
@@ -91,27 +97,84 @@ def read_batch_file(path: str | Path, *, check_images: bool = True) -> list[Batc
     return items
 
 
+def _image_kwargs(rec: dict, path: Path, line: int) -> dict[str, Any]:
+    """The record's NIfTI/DICOM options, type-checked (``FILE:LINE`` :class:`BatchError` for a wrong type)."""
+    kwargs = {k: rec[k] for k in IMAGE_KEYS if k in rec and rec[k] is not None}
+    for key in ("slice_index", "frame"):
+        value = kwargs.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise BatchError(f"{path}:{line}: {key!r} must be a whole number >= 0, got {value!r}")
+    if "axis" in kwargs and kwargs["axis"] not in AXES:
+        raise BatchError(f"{path}:{line}: 'axis' must be one of {', '.join(AXES)}, got {kwargs['axis']!r}")
+    if "window" in kwargs and not isinstance(kwargs["window"], str):  # a named window, or [center, width]
+        w = kwargs["window"]
+        ok = isinstance(w, list) and len(w) == 2 and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in w)
+        if not ok:
+            raise BatchError(f"{path}:{line}: 'window' must be a window name or [center, width], got {w!r}")
+        kwargs["window"] = tuple(w)
+    return kwargs
+
+
 def regions_json(text: str) -> list[dict[str, Any]]:
     """Boxes found in ``text`` (tagged or tag-stripped form; malformed parts are ignored) as JSON-able dicts."""
     regions: list[Region] = parse_regions(text, strict=False)
     return [{"name": r.name, "boxes": [[b.x1, b.y1, b.x2, b.y2] for b in r.boxes]} for r in regions]
 
 
-def run_batch(generator: Any, items: list[BatchItem], rank: int = 0, world_size: int = 1) -> list[dict[str, Any]]:
+def check_out_dir(out_dir: str | Path, batch_file: str | Path) -> Path:
+    """Refuse ``--out`` before any work: a file, the batch file itself, or a folder inside it (OutputPathError)."""
+    return check_output_dir(out_dir, inputs=[batch_file], must_be_empty=False, inputs_inside_ok=True, what="--out")
+
+
+def stream_path(out_dir: str | Path, stamp: str, rank: int) -> Path:
+    """A new, reserved ``demo_<stamp>.rank<R>.jsonl`` in ``out_dir`` for this rank's answers as they come."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    return unique_file(out, f"demo_{stamp}.rank{rank}", ".jsonl")
+
+
+def _append(path: Path, rows: list[dict[str, Any]]) -> None:
+    import os
+
+    with path.open("a", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _result(it: BatchItem, ans: str) -> dict[str, Any]:
+    return {"index": it.index, "question": it.question, "question_id": it.question_id, "pred_answer": ans,
+            "gt_answer": it.gt_answer, "pred_regions": regions_json(ans), "gt_regions": regions_json(it.gt_answer),
+            "image": None if it.image is None else str(it.image)}
+
+
+def run_batch(generator: Any, items: list[BatchItem], rank: int = 0, world_size: int = 1,
+              stream: Path | None = None) -> list[dict[str, Any]]:
     """Answer this rank's share (``items[rank::world_size]``) with ``generator`` (an
-    :class:`internvl.inference.Generator`); returns result dicts carrying the item index for ordering."""
+    :class:`internvl.inference.Generator`); returns result dicts carrying the item index for ordering.
+
+    With ``stream`` (see :func:`stream_path`) each finished batch is appended there at once (fsynced), so a crash
+    late in a long run keeps every answer already generated.
+    """
     from internvl.inference import GenerationRequest
 
     mine = items[rank::world_size]
     requests = [GenerationRequest(prompt=it.question, images=[str(it.image)] if it.image else [],
                                   image_kwargs=it.image_kwargs, id=str(it.question_id)) for it in mine]
-    answers = generator.generate(requests)
-    return [
-        {"index": it.index, "question": it.question, "question_id": it.question_id, "pred_answer": ans,
-         "gt_answer": it.gt_answer, "pred_regions": regions_json(ans), "gt_regions": regions_json(it.gt_answer),
-         "image": None if it.image is None else str(it.image)}
-        for it, ans in zip(mine, answers)
-    ]
+    if not hasattr(generator, "iter_generate"):
+        results = [_result(it, ans) for it, ans in zip(mine, generator.generate(requests))]
+        if stream is not None:
+            _append(stream, results)
+        return results
+    by_index: dict[int, dict[str, Any]] = {}
+    for batch in generator.iter_generate(requests):
+        rows = [_result(mine[i], text) for i, text in batch]
+        if stream is not None:
+            _append(stream, rows)
+        by_index.update((i, row) for (i, _), row in zip(batch, rows))
+    return [by_index[i] for i in sorted(by_index)]
 
 
 def gather_results(local: list[dict[str, Any]], world_size: int) -> list[dict[str, Any]]:
@@ -125,11 +188,15 @@ def gather_results(local: list[dict[str, Any]], world_size: int) -> list[dict[st
     return sorted(local, key=lambda r: r["index"])
 
 
-def write_results(results: list[dict[str, Any]], out_dir: str | Path) -> Path:
-    """Write ``demo_<yymmddHHMMSS>.json`` (a list, ``index`` dropped) into ``out_dir``; return its path."""
+def write_results(results: list[dict[str, Any]], out_dir: str | Path, stamp: str | None = None) -> Path:
+    """Write ``demo_<yymmddHHMMSS>.json`` (a list, ``index`` dropped) into ``out_dir``; return its path.
+
+    The name is reserved atomically (``demo_<stamp>-1.json`` when taken: a file is never reused) and the list is
+    written to a temporary name and renamed over it.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"demo_{time.strftime('%y%m%d%H%M%S')}.json"
+    path = unique_file(out, f"demo_{stamp or time.strftime('%y%m%d%H%M%S')}", ".json")
     rows = [{k: v for k, v in r.items() if k != "index"} for r in results]
-    path.write_text(json.dumps(rows, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    atomic_write_text(path, json.dumps(rows, ensure_ascii=False, indent=2) + "\n")
     return path

@@ -23,6 +23,7 @@ from ..constants import IMAGE_PLACEHOLDER, IMG_CONTEXT_TOKEN
 from ..image_processing import expand_image_placeholders
 from ..templates import ChatTemplate, get_template
 from ..tokenization import decode_answer
+from ..user_text import neutralize_control_tokens
 from .devices import execution_device
 
 DEFAULT_TEMPLATE = "Hermes-2"
@@ -72,10 +73,12 @@ class ChatMixin:
         return token_id
 
     def _render(self, template: ChatTemplate, history: History, question: str) -> str:
+        """The prompt; conversation text is neutralised first, so it can never yield template or image tokens."""
         messages: list[dict[str, str]] = []
         for old_q, old_a in history:
-            messages += [{"role": "user", "content": old_q}, {"role": "assistant", "content": old_a}]
-        messages.append({"role": "user", "content": question})
+            messages += [{"role": "user", "content": neutralize_control_tokens(old_q)},
+                         {"role": "assistant", "content": neutralize_control_tokens(old_a)}]
+        messages.append({"role": "user", "content": neutralize_control_tokens(question)})
         return template.render(messages, system_message=self.system_message, add_generation_prompt=True)
 
     def chat(

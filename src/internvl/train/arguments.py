@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -221,6 +222,7 @@ def validate_args(model_args: ModelArguments, data_args: DataTrainingArguments,
         raise ValueError("--grad_checkpoint_skip_llm_layers must be >= 0")
     if model_args.use_llm_lora < 0 or model_args.use_backbone_lora < 0:
         raise ValueError("LoRA ranks must be >= 0")
+    _check_ranges(model_args, data_args, training_args)
     if data_args.max_seq_length < 8:
         raise ValueError(f"--max_seq_length {data_args.max_seq_length} is too small")
     if not 0 < data_args.down_sample_ratio <= 1:
@@ -231,6 +233,31 @@ def validate_args(model_args: ModelArguments, data_args: DataTrainingArguments,
     if not trainable and not (model_args.use_llm_lora or model_args.use_backbone_lora
                               or model_args.unfreeze_vit_layers or model_args.unfreeze_lm_head):
         raise ValueError("every part is frozen and no LoRA is enabled: nothing would train")
+
+
+#: (group, field, lowest allowed, include the lowest) for numeric flags: out-of-range values are refused up front.
+_RANGES: tuple[tuple[str, str, float, bool], ...] = (
+    ("model", "lora_dropout", 0.0, True), ("model", "drop_path_rate", 0.0, True),
+    ("data", "force_image_size", 1, True), ("data", "min_dynamic_patch", 1, True),
+    ("data", "max_dynamic_patch", 1, True),
+    ("training", "learning_rate", 0.0, False), ("training", "per_device_train_batch_size", 1, True),
+    ("training", "gradient_accumulation_steps", 1, True), ("training", "num_train_epochs", 0.0, False),
+    ("training", "dataloader_num_workers", 0, True), ("training", "logging_steps", 0.0, False),
+    ("training", "weight_decay", 0.0, True),
+)
+
+
+def _check_ranges(model_args: Any, data_args: Any, training_args: Any) -> None:
+    groups = {"model": model_args, "data": data_args, "training": training_args}
+    for group, name, low, inclusive in _RANGES:
+        value = getattr(groups[group], name, None)
+        if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        ok = math.isfinite(value) and (value >= low if inclusive else value > low)
+        if not ok:
+            raise ValueError(f"--{name} must be {'>=' if inclusive else '>'} {low} and finite, got {value}")
+    if getattr(model_args, "lora_dropout", 0) >= 1 or getattr(model_args, "drop_path_rate", 0) >= 1:
+        raise ValueError("--lora_dropout and --drop_path_rate must be below 1")
 
 
 def resolved_config(model_args: ModelArguments, data_args: DataTrainingArguments,

@@ -33,6 +33,7 @@ from internvl.train.arguments import (
     parse_args,
     resolved_config,
 )
+from internvl.cli_support import UsageError, run_cli
 from internvl.train.checkpoint import clean_staging, find_latest_checkpoint
 
 logger = logging.getLogger("internvl.train")
@@ -51,7 +52,7 @@ def resolve_resume(training_args: MedRegTrainingArguments) -> str | None:
     from internvl.train.checkpoint import is_complete
 
     if not is_complete(value):
-        raise ValueError(f"{value}: not a complete checkpoint (no COMPLETE marker or trainer_state.json)")
+        raise UsageError(f"{value}: not a complete checkpoint (no COMPLETE marker or trainer_state.json)")
     return str(value)
 
 
@@ -163,35 +164,43 @@ def train(model_args: ModelArguments, data_args: DataTrainingArguments,
     return metrics
 
 
-def _check_output_dir(training_args: MedRegTrainingArguments) -> None:
+def _check_output_dir(training_args: MedRegTrainingArguments, model_args: ModelArguments | None = None,
+                      data_args: DataTrainingArguments | None = None) -> None:
+    from internvl.io_safety import check_output_dir
+
+    inputs = [] if model_args is None else [model_args.model_name_or_path, model_args.tokenizer_path]
+    if data_args is not None:
+        inputs.append(data_args.meta_path)
+    check_output_dir(training_args.output_dir, inputs=inputs, must_be_empty=False, inputs_inside_ok=True,
+                     what="--output_dir")
     resume = resolve_resume(training_args)
     existing = find_latest_checkpoint(training_args.output_dir)
     if resume is None and existing is not None and not training_args.overwrite_output_dir:
-        raise ValueError(f"{training_args.output_dir} already holds {existing.name}: pass --resume_from_checkpoint "
+        raise UsageError(f"{training_args.output_dir} already holds {existing.name}: pass --resume_from_checkpoint "
                          "auto to continue or --overwrite_output_dir True to start over")
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Console entry point. Returns a process exit code (2 for bad flags)."""
+def _main(argv: list[str] | None) -> int:
     try:
         model_args, data_args, training_args = parse_args(argv)
-        _check_output_dir(training_args)
-    except ValueError as exc:
-        print(f"medrega-train: error: {exc}", file=sys.stderr)
-        return 2
+    except ValueError as exc:  # inconsistent flags (argparse itself exits 2 with its usage line)
+        raise UsageError(str(exc)) from None
+    _check_output_dir(training_args, model_args, data_args)
     from internvl.data.records import BadRecordError
-    from internvl.data.registry import MetaFileError
-    from internvl.tokenization import TokenizerError
 
     try:
         train(model_args, data_args, training_args)
-    except (BadRecordError, MetaFileError, TokenizerError) as exc:  # bad input: FILE:LINE: reason, no traceback
-        print(f"medrega-train: error: {exc}", file=sys.stderr)
-        if isinstance(exc, BadRecordError) and data_args.data_check == "strict":
+    except BadRecordError:
+        if data_args.data_check == "strict":
             print("medrega-train: fix the record, or pass --data_check lenient to leave bad records out "
                   "(they are reported and counted)", file=sys.stderr)
-        return 2
+        raise
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point. Returns a process exit code (2 with one line on stderr for bad flags or input)."""
+    return run_cli("medrega-train", _main, argv)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from typing import Any
 
 import yaml
 
-from internvl.data.records import RecordProblem, read_jsonl, resolve_image
+from internvl.data.records import RecordChecker, RecordProblem, read_jsonl, resolve_image
 
 __all__ = ["Benchmark", "BenchmarkError", "MissingData", "Sample", "load_registry", "data_dir_from", "load_samples"]
 
@@ -201,7 +201,11 @@ def _apply_prompt(question: str, prompt: str | None, has_image: bool) -> str:
 
 
 def load_samples(bench: Benchmark, data_dir: str | Path | None) -> tuple[list[Sample], list[RecordProblem], Path]:
-    """Read a benchmark's annotation: (samples, problems, image root). Missing images are problems, not samples."""
+    """Read a benchmark's annotation: (samples, problems, image root). Missing images are problems, not samples.
+
+    Any error in one record (a field of the wrong type, a path the file system cannot hold ...) becomes a
+    ``FILE:LINE`` problem of that record; the other records are still read.
+    """
     ann, image_root = bench.locate(data_dir)
     file = str(ann)
     samples: list[Sample] = []
@@ -211,44 +215,52 @@ def load_samples(bench: Benchmark, data_dir: str | Path | None) -> tuple[list[Sa
         if isinstance(rec, RecordProblem):
             problems.append(rec)
             continue
-        conv = rec.get("conversations")
-        if not (isinstance(conv, list) and len(conv) >= 2 and isinstance(conv[0], dict) and isinstance(conv[1], dict)
-                and conv[0].get("from") == "human" and conv[1].get("from") == "gpt"
-                and isinstance(conv[0].get("value"), str) and isinstance(conv[1].get("value"), str)):
-            problems.append(RecordProblem(file, line, "bad-conversations",
-                                          "expected conversations [{from: human, value}, {from: gpt, value}, ...]"))
-            continue
-        rid = str(rec.get("id", f"{ann.name}:{line}"))
-        if rid in seen:
-            problems.append(RecordProblem(file, line, "duplicate-id", f"id {rid!r} already used at line {seen[rid]}"))
-            continue
-        seen[rid] = line
-        image = rec.get("image")
-        rels = [] if image is None else ([image] if isinstance(image, str) else list(image))
-        paths = []
-        bad = None
-        for rel in rels:
-            try:
-                p = resolve_image(rel, image_root)
-            except ValueError as exc:
-                bad = str(exc)
-                break
-            if not p.is_file():
-                bad = f"image {rel!r} not found under {image_root}"
-                break
-            paths.append(p)
-        if bad:
-            problems.append(RecordProblem(file, line, "image-not-found", bad))
-            continue
-        lang = rec.get("lang") if rec.get("lang") in ("en", "zh") else (None if bench.lang == "auto" else bench.lang)
-        if lang is None:
-            from medrega_eval.metrics.text import has_cjk
-
-            lang = "zh" if has_cjk(conv[1]["value"]) or has_cjk(conv[0]["value"]) else "en"
-        hw = [rec["height"], rec["width"]] if isinstance(rec.get("height"), int) and isinstance(rec.get("width"), int) \
-            else None
-        question = _apply_prompt(conv[0]["value"], bench.render_prompt(lang), bool(paths))
-        samples.append(Sample(id=rid, question=question, reference=conv[1]["value"], images=paths,
-                              source=f"{file}:{line}", lang=lang, hw=hw, answer_type=rec.get("answer_type"),
-                              image_rel=rels[0] if rels else None))
+        try:
+            item = _sample(bench, rec, ann, line, image_root, seen)
+        except Exception as exc:  # noqa: BLE001 - one hostile record never stops the benchmark
+            item = RecordProblem(file, line, "bad-record", f"{type(exc).__name__}: {str(exc)[:200]}")
+        (problems if isinstance(item, RecordProblem) else samples).append(item)
     return samples, problems, image_root
+
+
+def _sample(bench: Benchmark, rec: dict, ann: Path, line: int, image_root: Path,
+            seen: dict[str, int]) -> Sample | RecordProblem:
+    """One annotation record -> a Sample, or the RecordProblem that keeps it out."""
+    file = str(ann)
+    conv = rec.get("conversations")
+    if not (isinstance(conv, list) and len(conv) >= 2 and isinstance(conv[0], dict) and isinstance(conv[1], dict)
+            and conv[0].get("from") == "human" and conv[1].get("from") == "gpt"
+            and isinstance(conv[0].get("value"), str) and isinstance(conv[1].get("value"), str)):
+        return RecordProblem(file, line, "bad-conversations",
+                             "expected conversations [{from: human, value}, {from: gpt, value}, ...]")
+    for key, types in (("answer_type", (str,)), ("image", (str, list)), ("lang", (str,))):
+        if rec.get(key) is not None and not isinstance(rec[key], types):
+            return RecordProblem(file, line, "bad-field", f"{key!r} has the wrong type ({type(rec[key]).__name__})")
+    checked = RecordChecker(image_root=image_root, image_check="none").check(rec, file=file, line=line)
+    if checked:  # the same record rules as training and `medrega-data check` (boxes, fields, placeholders)
+        return checked[0]
+    rid = str(rec.get("id", f"{ann.name}:{line}"))
+    if rid in seen:
+        return RecordProblem(file, line, "duplicate-id", f"id {rid!r} already used at line {seen[rid]}")
+    seen[rid] = line
+    image = rec.get("image")
+    rels = [] if image is None else ([image] if isinstance(image, str) else list(image))
+    paths = []
+    for rel in rels:
+        try:
+            p = resolve_image(rel, image_root)
+            if not p.is_file():
+                raise ValueError(f"image {rel!r} not found under {image_root}")
+        except (ValueError, OSError) as exc:
+            return RecordProblem(file, line, "image-not-found", str(exc))
+        paths.append(p)
+    lang = rec.get("lang") if rec.get("lang") in ("en", "zh") else (None if bench.lang == "auto" else bench.lang)
+    if lang is None:
+        from medrega_eval.metrics.text import has_cjk
+
+        lang = "zh" if has_cjk(conv[1]["value"]) or has_cjk(conv[0]["value"]) else "en"
+    hw = [rec["height"], rec["width"]] if isinstance(rec.get("height"), int) and isinstance(rec.get("width"), int) \
+        else None
+    question = _apply_prompt(conv[0]["value"], bench.render_prompt(lang), bool(paths))
+    return Sample(id=rid, question=question, reference=conv[1]["value"], images=paths, source=f"{file}:{line}",
+                  lang=lang, hw=hw, answer_type=rec.get("answer_type"), image_rel=rels[0] if rels else None)

@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import IO, Any
 
 from internvl.data.prompts import LANGS, PromptError, build_record
-from internvl.data.records import RecordChecker, RecordProblem
+from internvl.data.records import JSONLimitError, RecordChecker, RecordProblem, loads_limited
+from internvl.io_safety import atomic_write_text
 
 __all__ = [
     "CONVERTERS", "ConvertError", "ConvertOptions", "ConvertReport", "add_common_arguments", "build_or_skip", "build_records", "check_task",
@@ -103,12 +104,9 @@ def write_jsonl(records: Iterable[dict], path: str | Path) -> int:
     """Write records as UTF-8 jsonl (non-ASCII kept readable); returns the count. Creates parent directories."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    n = 0
-    with open(path, "w", encoding="utf-8") as fh:
-        for record in records:
-            fh.write(json.dumps(record, ensure_ascii=False) + "\n")
-            n += 1
-    return n
+    lines = [json.dumps(record, ensure_ascii=False) + "\n" for record in records]
+    atomic_write_text(path, "".join(lines))  # a crash never leaves a half-written annotation file
+    return len(lines)
 
 
 def finish_report(
@@ -180,9 +178,11 @@ def check_task(task: str, tasks: Sequence[str]) -> None:
 def read_json(path: Path, what: str) -> Any:
     """The parsed JSON document at ``path``; :class:`ConvertError` ``"FILE:0: cannot read <what>: ..."`` if not."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return loads_limited(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ConvertError(f"{path}:0: cannot read {what}: {exc}") from exc
+    except JSONLimitError as exc:  # too deep, a number with thousands of digits, a lone surrogate
+        raise ConvertError(f"{path}:0: cannot read {what}: {exc.reason}: {exc}") from exc
 
 
 def open_text(path: Path) -> IO[str]:

@@ -1,0 +1,146 @@
+"""JSON under input limits: nesting depth, number-literal size and lone surrogates are checked before or while a
+document is parsed, so a hostile line costs bounded time and memory and becomes a named problem instead of a
+``RecursionError`` or a 4300-digit ``ValueError``. ``internvl.data.records`` turns these errors into ``FILE:LINE``
+problems; the reasons are keys of ``internvl.data.records.REASONS``.
+"""
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["InputLimits", "LIMITS", "JSONLimitError", "loads_limited", "LimitedJSONDecoder", "find_lone_surrogate"]
+
+
+@dataclass(frozen=True)
+class InputLimits:
+    """Limits checked on every record line before/while it is parsed, so a hostile line costs bounded time and
+    memory and gets a ``FILE:LINE`` problem instead of a ``RecursionError`` or a 4300-digit ``ValueError``.
+
+    ``max_line_bytes``: longest line; ``max_depth``: deepest ``[``/``{`` nesting; ``max_number_chars``: longest
+    JSON number literal (a 64-bit id has 20 digits); ``max_path_bytes``/``max_name_bytes``: longest image path and
+    path component (Linux ``PATH_MAX``/``NAME_MAX``).
+    """
+
+    max_line_bytes: int = 16 * 1024 * 1024
+    max_depth: int = 64
+    max_number_chars: int = 40
+    max_path_bytes: int = 4096
+    max_name_bytes: int = 255
+
+
+#: The limits used by :func:`read_jsonl` and :func:`parse_record_line` unless told otherwise.
+LIMITS = InputLimits()
+
+
+class JSONLimitError(ValueError):
+    """JSON refused by :func:`loads_limited`; ``reason`` is a :data:`REASONS` key (too-deep, number-too-large ...)."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+_JSON_STRING_RE = re.compile(r'"(?:[^"\\]+|\\.)*"')
+_BRACKET_RE = re.compile(r"[\[\]{}]")
+
+
+def _json_depth(text: str, limit: int) -> None:
+    """Raise when brackets outside strings nest deeper than ``limit`` (linear, before ``json.loads``; skipped when
+    the line has too few brackets to reach the limit)."""
+    if text.count("[") + text.count("{") <= limit:
+        return
+    depth = 0
+    for match in _BRACKET_RE.finditer(_JSON_STRING_RE.sub('""', text)):
+        if match.group() in "[{":
+            depth += 1
+            if depth > limit:
+                raise JSONLimitError("too-deep", f"JSON nests deeper than {limit} levels")
+        else:
+            depth -= 1
+
+
+def _number_hooks(limit: int) -> dict[str, Callable[[str], Any]]:
+    def parse_int(s: str) -> int:
+        if len(s) > limit:
+            raise JSONLimitError("number-too-large", f"an integer with {len(s)} characters (limit {limit})")
+        return int(s)
+
+    def parse_float(s: str) -> float:
+        if len(s) > limit:
+            raise JSONLimitError("number-too-large", f"a number with {len(s)} characters (limit {limit})")
+        value = float(s)
+        if value != value or value in (float("inf"), float("-inf")):
+            raise JSONLimitError("number-too-large", f"the number {s} does not fit a 64-bit float")
+        return value
+
+    def parse_constant(s: str) -> float:
+        raise JSONLimitError("number-too-large", f"{s} is not a finite number")
+
+    return {"parse_int": parse_int, "parse_float": parse_float, "parse_constant": parse_constant}
+
+
+def _has_lone_surrogate(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def find_lone_surrogate(value: Any) -> str | None:
+    """The first lone-surrogate string in a decoded JSON value (keys included), or None."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if _has_lone_surrogate(item):
+                return item
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return None
+
+
+def loads_limited(text: str, limits: InputLimits = LIMITS) -> Any:
+    """``json.loads`` under ``limits`` (nesting, number size, lone surrogates) for whole JSON documents too (meta
+    files, converter inputs). Raises ``json.JSONDecodeError`` or :class:`JSONLimitError` (both ``ValueError``)."""
+    try:
+        _json_depth(text, limits.max_depth)
+        value = json.loads(text, **_number_hooks(limits.max_number_chars))
+    except (JSONLimitError, json.JSONDecodeError):
+        raise
+    except (RecursionError, ValueError, OverflowError, MemoryError) as exc:
+        raise JSONLimitError("invalid-json", f"{type(exc).__name__}: {str(exc)[:200]}") from None
+    if "\\u" in text and find_lone_surrogate(value) is not None:
+        raise JSONLimitError("bad-text", "a string holds a lone surrogate escape (\\ud800-\\udfff without its "
+                                         "pair); such text cannot be encoded or tokenized")
+    return value
+
+
+class LimitedJSONDecoder:
+    """``raw_decode`` under the input limits, for the items of a JSON-list file (prediction files): every error,
+    limits included, is a ``json.JSONDecodeError`` at the item's position."""
+
+    def __init__(self, limits: InputLimits = LIMITS) -> None:
+        self.limits = limits
+        self._decoder = json.JSONDecoder(**_number_hooks(limits.max_number_chars))
+
+    def decode_at(self, text: str, pos: int) -> tuple[Any, int]:
+        """(item, end position) of the JSON value starting at ``pos``."""
+        try:
+            item, end = self._decoder.raw_decode(text, pos)
+            _json_depth(text[pos:end], self.limits.max_depth)
+        except JSONLimitError as exc:
+            raise json.JSONDecodeError(f"{exc.reason}: {exc}", text, pos) from None
+        except (RecursionError, ValueError, OverflowError) as exc:
+            if isinstance(exc, json.JSONDecodeError):
+                raise
+            raise json.JSONDecodeError(f"{type(exc).__name__}: {str(exc)[:200]}", text, pos) from None
+        if find_lone_surrogate(item) is not None:
+            raise json.JSONDecodeError("bad-text: a string holds a lone surrogate escape", text, pos)
+        return item, end

@@ -1,0 +1,181 @@
+"""Output paths that never overwrite their inputs or lose finished work: one mechanism for every writer.
+
+Every command that writes results (``medrega-train``, ``medrega-eval run``, ``src/demo.py --batch``, the LoRA merge
+and the HF conversion) checks its output path *before any work* with :func:`check_output_dir` /
+:func:`check_output_file`:
+
+* an output equal to, inside, or containing one of the command's inputs is refused (real paths are compared, so a
+  symbolic link to the input is the input);
+* a file where a directory is needed (or a directory where a file is needed) is refused;
+* a non-empty output directory is refused unless the command was given ``--overwrite``.
+
+Results are then written under a temporary name and renamed into place (:func:`atomic_write_text`,
+:func:`staged_output_dir`), so a crash leaves either the old result or the new one, never half of each; and
+:func:`unique_file` reserves a new file name atomically, so two runs finishing in the same second never share one.
+All refusals are :class:`OutputPathError` (a ``ValueError``), which the console scripts turn into one-line errors.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+__all__ = ["OutputPathError", "atomic_write_text", "check_output_dir", "check_output_file", "staged_output_dir",
+           "unique_file"]
+
+
+class OutputPathError(ValueError):
+    """An output path that would overwrite an input, a file where a directory is needed, a non-empty directory."""
+
+
+def _real(path: str | os.PathLike) -> Path:
+    return Path(os.path.realpath(os.path.abspath(os.fspath(path))))
+
+
+def _inside(path: Path, parent: Path) -> bool:
+    return path == parent or parent in path.parents
+
+
+def _check_inputs(out: Path, inputs: Iterable[str | os.PathLike | None], what: str,
+                  inputs_inside_ok: bool = False) -> None:
+    out_real = _real(out)
+    for item in inputs:
+        if item is None:
+            continue
+        in_real = _real(item)
+        if out_real == in_real:
+            raise OutputPathError(f"{what} {out} is the input {item}; choose another output path")
+        if _inside(out_real, in_real):
+            raise OutputPathError(f"{what} {out} lies inside the input {item}; choose a path outside it")
+        if not inputs_inside_ok and _inside(in_real, out_real):
+            raise OutputPathError(f"{what} {out} contains the input {item}; writing there could replace it")
+
+
+def _stat_kind(path: Path, what: str) -> str:
+    """"missing", "dir" or "file" (anything not a directory); OSErrors (name too long, ...) become refusals."""
+    try:
+        os.lstat(path)
+        return "dir" if path.is_dir() else "file"
+    except (FileNotFoundError, NotADirectoryError):
+        return "missing"
+    except OSError as exc:
+        raise OutputPathError(f"{what} {str(path)[:200]}: {exc.strerror or exc}") from None
+    except ValueError as exc:  # an embedded NUL
+        raise OutputPathError(f"{what} {str(path)[:200]!r}: {exc}") from None
+
+
+def check_output_dir(out: str | os.PathLike, *, inputs: Iterable[str | os.PathLike | None] = (),
+                     overwrite: bool = False, must_be_empty: bool = True, inputs_inside_ok: bool = False,
+                     what: str = "output directory") -> Path:
+    """Refuse ``out`` as an output directory (:class:`OutputPathError`) before any work is done.
+
+    ``must_be_empty=False`` is for writers that only ever add new, uniquely named files (batch answers, eval rank
+    files with their own resume checks) or manage their own contents (training checkpoints) and so cannot destroy
+    what is there; ``inputs_inside_ok`` for those that never replace the directory as a whole (an input may then
+    live inside it, e.g. a run's own ``base_model``).
+    """
+    path = Path(out)
+    _check_inputs(path, inputs, what, inputs_inside_ok)
+    kind = _stat_kind(path, what)
+    if kind == "file":
+        raise OutputPathError(f"{what} {path} is a file; a directory is needed")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise OutputPathError(f"{what} {path}: {parent} is a file; a directory is needed")
+            break
+    if kind == "dir" and must_be_empty and not overwrite and any(path.iterdir()):
+        raise OutputPathError(f"{what} {path} is not empty; pass --overwrite to replace its contents")
+    return path
+
+
+def check_output_file(out: str | os.PathLike, *, inputs: Iterable[str | os.PathLike | None] = (),
+                      overwrite: bool = False, what: str = "output file") -> Path:
+    """Refuse ``out`` as an output file: equal to an input, a directory, or an existing file without ``overwrite``."""
+    path = Path(out)
+    _check_inputs(path, inputs, what)
+    kind = _stat_kind(path, what)
+    if kind == "dir":
+        raise OutputPathError(f"{what} {path} is a directory; a file is needed")
+    if kind == "file" and not overwrite:
+        raise OutputPathError(f"{what} {path} exists; pass --overwrite to replace it")
+    return path
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> Path:
+    """Write ``text`` to a temporary sibling, fsync it, rename it over ``path``: readers see old or new, never half."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        with open(tmp, "w", encoding=encoding) as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def unique_file(directory: str | os.PathLike, stem: str, suffix: str) -> Path:
+    """Create and return a new empty file ``directory/stem{suffix}`` (or ``stem-1{suffix}``, ``stem-2`` ...).
+
+    The name is reserved with ``O_CREAT | O_EXCL``, so two processes asking at the same moment get different files.
+    """
+    directory = Path(directory)
+    for n in range(10_000):
+        path = directory / (f"{stem}{suffix}" if n == 0 else f"{stem}-{n}{suffix}")
+        try:
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+        except FileExistsError:
+            continue
+        return path
+    raise OutputPathError(f"{directory}: no free file name {stem}-N{suffix} left")
+
+
+@contextmanager
+def staged_output_dir(final: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a new temporary directory next to ``final``; when the block succeeds it becomes ``final``.
+
+    An existing ``final`` (allowed only when empty or with ``overwrite``, see :func:`check_output_dir`) is replaced
+    only after the new contents are complete; on any error the temporary directory is removed and ``final`` is
+    untouched.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        yield tmp
+        if final.exists():
+            if not final.is_dir() or (any(final.iterdir()) and not overwrite):
+                raise OutputPathError(f"{final} appeared or filled up while writing; the new result is not moved "
+                                      "there (pass --overwrite to replace it)")
+            old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
+            os.rename(final, old)
+            os.rename(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, final)
+        _fsync_dir(final.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
