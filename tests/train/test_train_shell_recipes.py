@@ -7,6 +7,7 @@ import json
 import os
 import stat
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -189,3 +190,20 @@ def test_stage2_rejects_an_unknown_mode(tmp_path):
     result = subprocess.run(["bash", str(SHELL / "medrega_stage2.sh")], env=env, cwd=tmp_path,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "MODE=qlora" in result.stderr
+
+
+def test_loss_comparison_of_the_gpu_checks_fails_on_a_mismatch(tmp_path):
+    """scripts/gpu_multi_train_check.sh asserts through `summarize_train_logs.py --max-diff`: exit 1 when a per-step
+    loss differs by more than the limit or a step is missing, 0 when the curves agree."""
+    def state(name: str, curve: list[float]) -> Path:
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({"log_history": [{"step": i + 1, "loss": x} for i, x in enumerate(curve)]}))
+        return path
+
+    ref = state("ref", [2.0, 1.5, 1.2])
+    script = [sys.executable, str(ROOT / "scripts" / "summarize_train_logs.py")]
+    for curve, code in (([2.0, 1.5, 1.2001], 0), ([2.0, 1.5, 1.3], 1), ([2.0, 1.5], 1)):
+        other = state("other", curve)
+        result = subprocess.run(script + [str(ref), str(other), "--reference", str(ref), "--max-diff", "0.01"],
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == code, (curve, result.stdout, result.stderr)
