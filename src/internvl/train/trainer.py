@@ -170,6 +170,13 @@ class MedRegTrainer(Trainer):
         return LengthGroupedSampler(list(lengths), group_size=group, seed=self.args.seed)
 
     # ---- optimizer ------------------------------------------------------------------------------------------
+    def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
+        """Trainer's rule (no decay for biases and for norms it knows by class or name), plus every parameter of any
+        normalisation module whatever its name: InternViT's RMSNorm `norm1`/`norm2` and q/k norms otherwise decay."""
+        norms = {f"{prefix}.{name}" if prefix else name for prefix, module in model.named_modules()
+                 if "norm" in type(module).__name__.lower() for name, _ in module.named_parameters(recurse=False)}
+        return [n for n in super().get_decay_parameter_names(model) if n not in norms]
+
     def optimizer_parameter_groups(self, model: nn.Module | None = None) -> list[dict[str, Any]]:
         """The trainable parameters in two weight-decay groups, as `Trainer.create_optimizer` makes them: decay for
         what `get_decay_parameter_names` names, none for norms and biases. Empty groups are left out."""
