@@ -15,9 +15,7 @@
 # Overrides: MODEL (a checkpoint dir, or preset:NAME with TOKENIZER=dir), META, OUTPUT, BATCH_SIZE,
 # PER_DEVICE_BATCH_SIZE, LR, EPOCHS, SAVE_STEPS, IMAGE_SIZE, DS_CONFIG; extra flags are passed on and win.
 set -euo pipefail
-META="${META:-src/shell/meta_file_stage1.json}"
-OUTPUT="${OUTPUT:-runs/medrega_stage1_projector}"
-BATCH_SIZE="${BATCH_SIZE:-256}"
+: "${META:=src/shell/meta_file_stage1.json}" "${OUTPUT:=runs/medrega_stage1_projector}" "${BATCH_SIZE:=256}"  # this recipe's defaults
 COMMON="$(dirname "${BASH_SOURCE[0]}")/common.sh"  # sbatch runs a spooled copy: then use the submit dir
 [[ -f "${COMMON}" ]] || COMMON="${SLURM_SUBMIT_DIR:-$PWD}/src/shell/common.sh"
 source "${COMMON}"

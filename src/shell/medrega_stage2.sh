@@ -23,9 +23,7 @@ case "${MODE}" in  # the only difference between the two stage-2 recipes: what t
   full) WHAT_TRAINS=(--freeze_llm False --freeze_mlp True --freeze_backbone True) ;;
   *) echo "MODE=${MODE}: expected lora or full" >&2; exit 2 ;;
 esac
-META="${META:-src/shell/meta_file.json}"
-OUTPUT="${OUTPUT:-runs/medrega_stage2_${MODE}}"
-BATCH_SIZE="${BATCH_SIZE:-128}"
+: "${META:=src/shell/meta_file.json}" "${OUTPUT:=runs/medrega_stage2_${MODE}}" "${BATCH_SIZE:=128}"  # this recipe's defaults
 COMMON="$(dirname "${BASH_SOURCE[0]}")/common.sh"  # sbatch runs a spooled copy: then use the submit dir
 [[ -f "${COMMON}" ]] || COMMON="${SLURM_SUBMIT_DIR:-$PWD}/src/shell/common.sh"
 source "${COMMON}"

@@ -23,6 +23,12 @@ from typing import Any, Literal
 from transformers import HfArgumentParser, TrainingArguments
 
 
+def _freeze_flag(what: str) -> Any:
+    """A `--freeze_*` flag: unset (None) until `resolve_freeze_defaults` gives it its LoRA-dependent default."""
+    return field(default=None, metadata={"help": f"Freeze {what} (requires_grad False). Default: True when LoRA is "
+                                                 "on, else False."})
+
+
 @dataclass
 class ModelArguments:
     """Where the model comes from and which parts of it train."""
@@ -41,18 +47,9 @@ class ModelArguments:
         default=None,
         metadata={"help": "Local tokenizer directory. Defaults to --model_name_or_path."},
     )
-    freeze_llm: bool | None = field(
-        default=None,
-        metadata={"help": "Freeze the language model (requires_grad False). Default: True when LoRA is on, else "
-                          "False (see resolve_freeze_defaults)."},
-    )
-    freeze_backbone: bool | None = field(
-        default=None,
-        metadata={"help": "Freeze the vision encoder (InternViT). Default: True when LoRA is on, else False."},
-    )
-    freeze_mlp: bool | None = field(
-        default=None, metadata={"help": "Freeze the projector `mlp1`. Default: True when LoRA is on, else False."}
-    )
+    freeze_llm: bool | None = _freeze_flag("the language model")
+    freeze_backbone: bool | None = _freeze_flag("the vision encoder (InternViT)")
+    freeze_mlp: bool | None = _freeze_flag("the projector `mlp1`")
     unfreeze_vit_layers: int = field(
         default=0,
         metadata={"help": "After freezing the backbone, re-enable encoder.layers[k:] (negative k = last |k| layers; "
