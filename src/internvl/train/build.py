@@ -210,8 +210,8 @@ def report_trainable(towers: dict[str, dict[str, int]], model_args: ModelArgumen
     """Log the trainable-parameter breakdown per tower, and warn when LoRA is on while a tower trains fully."""
     total = sum(t["total"] for t in towers.values())
     trainable = sum(t["trainable"] for t in towers.values())
-    lines = [f"  {name:<9} {t['trainable']:>14,d} of {t['total']:>14,d}  ({100.0 * t['trainable'] / max(total, 1):6.2f}%"
-             " of all parameters)" for name, t in towers.items()]
+    lines = [f"  {name:<9} {t['trainable']:>14,d} of {t['total']:>14,d}  "
+             f"({100.0 * t['trainable'] / max(total, 1):6.2f}% of all parameters)" for name, t in towers.items()]
     logger.info("trainable parameters per tower:\n%s\n  %-9s %14s of %14s  (%6.2f%%)", "\n".join(lines), "total",
                 f"{trainable:,d}", f"{total:,d}", 100.0 * trainable / max(total, 1))
     if not (model_args.use_llm_lora or model_args.use_backbone_lora):
