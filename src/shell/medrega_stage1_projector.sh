@@ -12,18 +12,14 @@
 # weights carry no optimizer state): DS_CONFIG=src/shell/zero_stage1_config.json.
 #   slurm:      sbatch src/shell/medrega_stage1_projector.sh       (from the repository root)
 #   one node:   GPUS_PER_NODE=8 bash src/shell/medrega_stage1_projector.sh
-# Overrides: MODEL (a checkpoint dir, or preset:NAME with TOKENIZER=dir), META, OUTPUT, BATCH_SIZE, PER_DEVICE_BATCH_SIZE, LR, EPOCHS, DS_CONFIG; extra flags are passed on.
+# Overrides: MODEL (a checkpoint dir, or preset:NAME with TOKENIZER=dir), META, OUTPUT, BATCH_SIZE,
+# PER_DEVICE_BATCH_SIZE, LR, EPOCHS, SAVE_STEPS, IMAGE_SIZE, DS_CONFIG; extra flags are passed on and win.
 set -euo pipefail
-META="${META:-src/shell/meta_file_stage1.json}"
-OUTPUT="${OUTPUT:-runs/medrega_stage1_projector}"
-BATCH_SIZE="${BATCH_SIZE:-256}"
+: "${META:=src/shell/meta_file_stage1.json}" "${OUTPUT:=runs/medrega_stage1_projector}" "${BATCH_SIZE:=256}"  # this recipe's defaults
 COMMON="$(dirname "${BASH_SOURCE[0]}")/common.sh"  # sbatch runs a spooled copy: then use the submit dir
 [[ -f "${COMMON}" ]] || COMMON="${SLURM_SUBMIT_DIR:-$PWD}/src/shell/common.sh"
 source "${COMMON}"
-DS_CONFIG="${DS_CONFIG:-${SHELL_DIR}/zero_stage3_config.json}"
 
 # stage 1: only the projector trains
-medrega_launch \
-  --freeze_llm True --freeze_mlp False --freeze_backbone True \
-  --learning_rate "${LR:-2e-4}" --save_steps "${SAVE_STEPS:-1000}" \
-  --deepspeed "${DS_CONFIG}" "$@"
+medrega_launch --freeze_llm True --freeze_mlp False --freeze_backbone True \
+  --learning_rate "${LR:-2e-4}" --save_steps "${SAVE_STEPS:-1000}" "$@"

@@ -24,6 +24,12 @@ from typing import Any, Literal
 from transformers import HfArgumentParser, TrainingArguments
 
 
+def _freeze_flag(what: str) -> Any:
+    """A `--freeze_*` flag: unset (None) until `resolve_freeze_defaults` gives it its LoRA-dependent default."""
+    return field(default=None, metadata={"help": f"Freeze {what} (requires_grad False). Default: True when LoRA is "
+                                                 "on, else False."})
+
+
 @dataclass
 class ModelArguments:
     """Where the model comes from and which parts of it train."""
@@ -42,9 +48,9 @@ class ModelArguments:
         default=None,
         metadata={"help": "Local tokenizer directory. Defaults to --model_name_or_path."},
     )
-    freeze_llm: bool = field(default=False, metadata={"help": "Freeze the language model (requires_grad False)."})
-    freeze_backbone: bool = field(default=False, metadata={"help": "Freeze the vision encoder (InternViT)."})
-    freeze_mlp: bool = field(default=False, metadata={"help": "Freeze the projector `mlp1`."})
+    freeze_llm: bool | None = _freeze_flag("the language model")
+    freeze_backbone: bool | None = _freeze_flag("the vision encoder (InternViT)")
+    freeze_mlp: bool | None = _freeze_flag("the projector `mlp1`")
     unfreeze_vit_layers: int = field(
         default=0,
         metadata={"help": "After freezing the backbone, re-enable encoder.layers[k:] (negative k = last |k| layers; "
@@ -209,9 +215,28 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataTrain
     return model_args, data_args, training_args
 
 
+FREEZE_FLAGS = ("freeze_llm", "freeze_backbone", "freeze_mlp")
+
+
+def resolve_freeze_defaults(model_args: ModelArguments) -> ModelArguments:
+    """Give every freeze flag left unset (None) its default, in place; returns `model_args`.
+
+    With LoRA on (`--use_llm_lora` or `--use_backbone_lora`), a tower whose flag was not given is frozen: only the
+    adapters train, as in the original LoRA recipes (InternVL's "continue_lora": everything frozen + `use_llm_lora
+    16`; MedRegA stage 2: ViT and projector frozen). Without LoRA nothing is frozen unless asked (the original
+    trainer's defaults). A tower unfrozen on purpose under LoRA trains fully; the build warns about it.
+    """
+    lora = bool(model_args.use_llm_lora or model_args.use_backbone_lora)
+    for name in FREEZE_FLAGS:
+        if getattr(model_args, name) is None:
+            setattr(model_args, name, lora)
+    return model_args
+
+
 def validate_args(model_args: ModelArguments, data_args: DataTrainingArguments,
                   training_args: TrainingArguments) -> None:
-    """Reject contradictory flag combinations early, before any weights are loaded."""
+    """Resolve the freeze defaults and reject contradictory flag combinations early, before any weights load."""
+    resolve_freeze_defaults(model_args)
     if (model_args.model_name_or_path is None) == (model_args.preset is None):
         raise ValueError("give exactly one of --model_name_or_path (a checkpoint dir) or --preset (random init)")
     if model_args.preset is not None and model_args.tokenizer_path is None:

@@ -20,7 +20,7 @@ from internvl.compat import active_hf_deepspeed_config, set_attn_implementation
 from internvl.constants import IMG_CONTEXT_TOKEN
 from internvl.model import InternVLChatConfig, InternVLChatModel, load_preset
 from internvl.tokenization import add_special_tokens, load_tokenizer, save_tokenizer
-from internvl.train.arguments import DataTrainingArguments, ModelArguments
+from internvl.train.arguments import DataTrainingArguments, ModelArguments, resolve_freeze_defaults
 from internvl.train.lora import wrap_backbone_lora, wrap_llm_lora
 
 logger = logging.getLogger(__name__)
@@ -37,6 +37,7 @@ class BuiltModel:
     base_model_dir: str | None
     trainable_params: int
     total_params: int
+    trainable_by_tower: dict[str, dict[str, int]] | None = None
 
 
 def resolve_dtype(model_args: ModelArguments, use_deepspeed_bf16: bool) -> torch.dtype:
@@ -72,7 +73,9 @@ def apply_overrides(config: InternVLChatConfig, model_args: ModelArguments, data
 
 
 def apply_freezing(model: nn.Module, model_args: ModelArguments) -> None:
-    """Set requires_grad per module as the original flags say, then wrap LoRA (which freezes its base weights)."""
+    """Set requires_grad per module as the original flags say, then wrap LoRA (which freezes its base weights).
+    Unset freeze flags get their defaults first (`resolve_freeze_defaults`: frozen under LoRA)."""
+    resolve_freeze_defaults(model_args)
     if model_args.freeze_backbone:
         model.vision_model.requires_grad_(False)
         if model_args.unfreeze_vit_layers:
@@ -174,11 +177,50 @@ def build_model_and_tokenizer(model_args: ModelArguments, data_args: DataTrainin
     apply_freezing(model, model_args)
     if model_args.grad_checkpoint:
         enable_gradient_checkpointing(model)
-    trainable = sum(_numel(p) for p in model.parameters() if p.requires_grad)
-    total = sum(_numel(p) for p in model.parameters())
-    logger.info("parameters: %d trainable / %d total (%.3f%%)", trainable, total, 100.0 * trainable / max(total, 1))
+    towers = trainable_by_tower(model)
+    report_trainable(towers, model_args)
+    trainable = sum(t["trainable"] for t in towers.values())
+    total = sum(t["total"] for t in towers.values())
     return BuiltModel(model=model, tokenizer=tokenizer, base_model_dir=base_dir, trainable_params=trainable,
-                      total_params=total)
+                      total_params=total, trainable_by_tower=towers)
+
+
+TOWERS = ("vision", "projector", "llm", "lora")
+_TOWER_OF_PREFIX = {"vision_model.": "vision", "mlp1.": "projector", "language_model.": "llm"}
+# the flag that leaves each tower trainable, for the warning
+_TOWER_FLAG = {"vision": "--freeze_backbone", "projector": "--freeze_mlp", "llm": "--freeze_llm"}
+
+
+def trainable_by_tower(model: nn.Module) -> dict[str, dict[str, int]]:
+    """{tower: {"trainable": n, "total": n}} for vision (InternViT), projector (mlp1), llm and lora (every LoRA
+    A/B weight, whichever tower it sits in); the base weights under LoRA count in their own tower."""
+    out = {name: {"trainable": 0, "total": 0} for name in TOWERS}
+    for name, param in model.named_parameters():
+        tower = "lora" if ".lora_" in name else next(
+            (t for prefix, t in _TOWER_OF_PREFIX.items() if name.startswith(prefix)), "llm")
+        out[tower]["total"] += _numel(param)
+        if param.requires_grad:
+            out[tower]["trainable"] += _numel(param)
+    return out
+
+
+def report_trainable(towers: dict[str, dict[str, int]], model_args: ModelArguments) -> None:
+    """Log the trainable-parameter breakdown per tower, and warn when LoRA is on while a tower trains fully."""
+    total = sum(t["total"] for t in towers.values())
+    trainable = sum(t["trainable"] for t in towers.values())
+    lines = [f"  {name:<9} {t['trainable']:>14,d} of {t['total']:>14,d}  "
+             f"({100.0 * t['trainable'] / max(total, 1):6.2f}% of all parameters)" for name, t in towers.items()]
+    logger.info("trainable parameters per tower:\n%s\n  %-9s %14s of %14s  (%6.2f%%)", "\n".join(lines), "total",
+                f"{trainable:,d}", f"{total:,d}", 100.0 * trainable / max(total, 1))
+    if not (model_args.use_llm_lora or model_args.use_backbone_lora):
+        return
+    full = {name: towers[name]["trainable"] for name in ("vision", "projector", "llm") if towers[name]["trainable"]}
+    if full:
+        what = ", ".join(f"{name} {n:,d} ({100.0 * n / max(trainable, 1):.1f}% of the trainable)"
+                         for name, n in full.items())
+        flags = " ".join(f"{_TOWER_FLAG[name]} True" for name in full)
+        logger.warning("LoRA is on, but these towers also train in full: %s. If only the adapters should train, "
+                       "pass %s (or leave those flags out: under LoRA they default to frozen).", what, flags)
 
 
 def resize_position_embeddings(model: nn.Module, new_size: int) -> None:

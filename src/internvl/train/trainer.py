@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 from torch import nn
 from peft import PeftModel
 from peft.utils import set_peft_model_state_dict
+from accelerate.utils import DummyOptim
 from torch.utils.data import Sampler
 from transformers import TrainerCallback
 
@@ -158,6 +159,40 @@ class MedRegTrainer(trainer_base()):
             raise ValueError(f"--group_by_length needs a dataset with `lengths`; {type(dataset).__name__} has none")
         group = self.args.train_batch_size * self.args.gradient_accumulation_steps * max(self.args.world_size, 1)
         return LengthGroupedSampler(list(lengths), group_size=group, seed=self.args.seed)
+
+    # ---- optimizer ------------------------------------------------------------------------------------------
+    def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
+        """Trainer's rule (no decay for biases and for norms it knows by class or name), plus every parameter of any
+        normalisation module whatever its name: InternViT's RMSNorm `norm1`/`norm2` and q/k norms otherwise decay."""
+        norms = {f"{prefix}.{name}" if prefix else name for prefix, module in model.named_modules()
+                 if "norm" in type(module).__name__.lower() for name, _ in module.named_parameters(recurse=False)}
+        return [n for n in super().get_decay_parameter_names(model) if n not in norms]
+
+    def optimizer_parameter_groups(self, model: nn.Module | None = None) -> list[dict[str, Any]]:
+        """The trainable parameters in two weight-decay groups, as `Trainer.create_optimizer` makes them: decay for
+        what `get_decay_parameter_names` names, none for norms and biases. Empty groups are left out."""
+        model = self.model if model is None else model
+        decay = set(self.get_decay_parameter_names(model))
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        groups = [{"params": [p for n, p in named if n in decay], "weight_decay": self.args.weight_decay},
+                  {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0}]
+        return [g for g in groups if g["params"]]
+
+    def create_optimizer(self, model: nn.Module | None = None):
+        """Without DeepSpeed: Trainer's optimizer. With a DeepSpeed config that names its own optimizer, transformers
+        hands DeepSpeed one group of every trainable parameter (so weight decay would hit norms and biases too): give
+        that placeholder the same groups as the path without DeepSpeed."""
+        if isinstance(self.optimizer, DummyOptim):  # accelerate's stand-in; DeepSpeed builds from its params
+            self.optimizer.params = self.optimizer_parameter_groups(model)
+            groups = self.optimizer.params
+        else:
+            groups = super().create_optimizer(model).param_groups
+        if self.args.should_log:
+            sizes = [(g["weight_decay"], len(g["params"]), sum(int(getattr(p, "ds_numel", 0) or p.numel())
+                                                               for p in g["params"])) for g in groups if g["params"]]
+            logger.info("optimizer parameter groups: %s",
+                        "; ".join(f"weight_decay {wd}: {n} tensors, {size} values" for wd, n, size in sizes))
+        return self.optimizer
 
     # ---- loss ------------------------------------------------------------------------------------------------
     def step_loss_items(self, batch_samples: list, device: torch.device, default=None) -> torch.Tensor | None:

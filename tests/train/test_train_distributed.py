@@ -1,0 +1,107 @@
+"""Data-parallel training on the CPU (gloo), in real processes: 2 ranks under torchrun (DDP, DeepSpeed ZeRO-2 and
+ZeRO-3 through DeepSpeed's CPU accelerator) give the same per-step losses as 1 process with gradient accumulation
+over the same global batch (the loss is divided by the supervised tokens of the whole step, over micro-batches and
+ranks), and DeepSpeed gets the same weight-decay groups as the path without it (no decay for norms and biases)."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .square_task import write_square_dataset
+
+ROOT = Path(__file__).resolve().parents[2]
+STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def squares(tmp_path_factory) -> Path:
+    return write_square_dataset(tmp_path_factory.mktemp("squares"), n=16, seed=0)
+
+
+def train_args(out: Path, tok: Path, meta: Path, per_device: int, acc: int, *extra: str) -> list[str]:
+    """The tiny preset, fp32 on the CPU, with weight decay (so the decay groups matter) and no dropout anywhere."""
+    return ["--preset", "tiny", "--tokenizer_path", str(tok), "--meta_path", str(meta), "--output_dir", str(out),
+            "--max_steps", str(STEPS), "--per_device_train_batch_size", str(per_device),
+            "--gradient_accumulation_steps", str(acc), "--learning_rate", "2e-3", "--weight_decay", "0.05",
+            "--warmup_steps", "0", "--logging_steps", "1", "--save_strategy", "no", "--report_to", "none",
+            "--use_cpu", "True", "--seed", "7", "--disable_tqdm", "True", "--max_seq_length", "512",
+            "--grad_checkpoint", "False", "--dataloader_num_workers", "0", *extra]
+
+
+def env() -> dict[str, str]:
+    e = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MASTER_", "RANK", "LOCAL_RANK",
+                                                                  "WORLD_SIZE"))}
+    e.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+             TOKENIZERS_PARALLELISM="false", GLOO_SOCKET_IFNAME="lo",
+             PYTHONPATH=f"{ROOT / 'src'}{os.pathsep}{e.get('PYTHONPATH', '')}")
+    return e
+
+
+def run(cmd: list[str], log: Path) -> str:
+    with open(log, "w") as fh:
+        result = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env(), cwd=ROOT, timeout=240)
+    text = log.read_text()
+    assert result.returncode == 0, text[-4000:]
+    return text
+
+
+def losses(out: Path) -> list[float]:
+    state = json.loads((out / "trainer_state.json").read_text())
+    return [e["loss"] for e in state["log_history"] if "loss" in e]
+
+
+def groups_line(log: str) -> str:
+    (line,) = re.findall(r"optimizer parameter groups: (.*)", log)
+    return line
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory, tiny_tokenizer_dir, squares) -> tuple[list[float], str]:
+    """1 process, micro-batch 2 x accumulation 2 (global batch 4): the reference curve and its decay groups."""
+    tmp = tmp_path_factory.mktemp("one")
+    log = run([sys.executable, "-m", "internvl.train",
+               *train_args(tmp / "out", tiny_tokenizer_dir, squares, 2, 2)], tmp / "log.txt")
+    return losses(tmp / "out"), groups_line(log)
+
+
+@pytest.fixture(scope="module")
+def deepspeed_cpu_comm() -> None:
+    """DeepSpeed's CPU accelerator builds its shared-memory communication op on first use (cached in
+    ~/.cache/torch_extensions; about 1-2 minutes on 2 busy cores, once per machine). Built here, in a subprocess (no
+    DeepSpeed state in this process), so that the timing of the tests below is their own."""
+    code = ("from deepspeed.accelerator import get_accelerator\n"
+            "builder = get_accelerator().create_op_builder('ShareMemCommBuilder')\n"
+            "if builder is not None:\n    builder.load()\n")
+    subprocess.run([sys.executable, "-c", code], env=env(), check=True, capture_output=True, timeout=600)
+
+
+def zero_config(tmp: Path, stage: int) -> Path:
+    """The shipped ZeRO config with torch's AdamW (DeepSpeed's fused Adam needs a CUDA build)."""
+    config = json.loads((ROOT / "src" / "shell" / f"zero_stage{stage}_config.json").read_text())
+    config["optimizer"]["params"]["torch_adam"] = True
+    path = tmp / f"zero{stage}.json"
+    path.write_text(json.dumps(config))
+    return path
+
+
+@pytest.mark.parametrize("stage", [0, 2, 3], ids=["ddp", "zero2", "zero3"])
+def test_two_ranks_match_one_process_with_accumulation(tmp_path, tiny_tokenizer_dir, squares, one_process, stage,
+                                                       request):
+    reference, reference_groups = one_process
+    if stage:
+        request.getfixturevalue("deepspeed_cpu_comm")
+    assert len(reference) == STEPS
+    extra = ["--deepspeed", str(zero_config(tmp_path, stage))] if stage else []
+    log = run(["torchrun", "--standalone", "--nproc-per-node=2", "-m", "internvl.train",
+               *train_args(tmp_path / "out", tiny_tokenizer_dir, squares, 2, 1, *extra)], tmp_path / "log.txt")
+    assert json.loads((tmp_path / "out" / "run_config.json").read_text())["resolved"]["world_size"] == 2
+    got = losses(tmp_path / "out")
+    assert got == pytest.approx(reference, rel=1e-4, abs=1e-5), (got, reference)
+    assert groups_line(log) == reference_groups  # the same decay / no-decay split, DeepSpeed or not
+    assert "weight_decay 0.0:" in reference_groups  # norms and biases exist and are kept out of decay
