@@ -32,7 +32,7 @@ import torch
 
 from internvl.constants import IGNORE_INDEX
 
-__all__ = ["pad_collate", "PackedCollator", "LOSS_REDUCTIONS", "token_loss_weights"]
+__all__ = ["bookkeeping", "pad_collate", "PackedCollator", "LOSS_REDUCTIONS", "token_loss_weights"]
 
 LOSS_REDUCTIONS = ("token", "sample", "square")
 
@@ -49,6 +49,18 @@ def _check_features(features: Sequence[Mapping[str, Any]]) -> None:
                              f"{tuple(f['labels'].shape)} must be equal 1-D shapes")
         if f["pixel_values"].shape[0] != f["image_flags"].shape[0]:
             raise ValueError(f"batch item {i}: {f['pixel_values'].shape[0]} tiles but {f['image_flags'].shape[0]} image_flags")
+
+
+def bookkeeping(features: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The trainer's bookkeeping keys of a batch: ``sample_index`` ``[B]`` (when every item has one) and the
+    build-time skips of its items as one list (when there are any). The trainer takes both off before the model."""
+    out: dict[str, Any] = {}
+    if features and all("sample_index" in f for f in features):
+        out["sample_index"] = torch.stack([torch.as_tensor(f["sample_index"]).reshape(()) for f in features])
+    skipped = [entry for f in features for entry in f.get("skipped_records", ())]
+    if skipped:
+        out["skipped_records"] = skipped
+    return out
 
 
 def pad_collate(
@@ -76,6 +88,7 @@ def pad_collate(
         "attention_mask": attention_mask,
         "pixel_values": torch.cat([f["pixel_values"] for f in features]),
         "image_flags": torch.cat([f["image_flags"] for f in features]),
+        **bookkeeping(features),
     }
 
 
@@ -182,4 +195,5 @@ class PackedCollator:
             "pixel_values": torch.cat(pixel_values),
             "image_flags": torch.cat(image_flags),
             "num_samples": torch.tensor(len(features), dtype=torch.long),
+            **bookkeeping(features),
         }
