@@ -102,6 +102,15 @@ class StepGuard:
             f"checkpoint or model was saved from it. Records in this step's batch (this rank): {records}. Lower the "
             "learning rate, check these records, or pass --on_nonfinite skip")
 
+    def window_loss(self, loss: float, step: int, previous_log_step: int) -> float:
+        """The logged mean loss of steps (previous_log_step, step] without the skipped steps, whose loss was taken out
+        of the running sum: the mean over the steps that trained, or NaN if every step of the window was skipped."""
+        skipped = sum(previous_log_step < s <= step for s in self.skipped_steps)
+        steps = step - previous_log_step
+        if not skipped or steps <= 0:
+            return loss
+        return loss * steps / (steps - skipped) if steps > skipped else float("nan")
+
     @staticmethod
     def _flags(grad_norm: Any, tr_loss: torch.Tensor | None) -> torch.Tensor:
         device = tr_loss.device if tr_loss is not None else torch.device("cpu")

@@ -289,6 +289,8 @@ class MedRegTrainer(Trainer):
             self._samples_seen = 0
             self._last_log_time = now
             if self.guard.skipped_steps:
+                previous = max((e["step"] for e in self.state.log_history if "loss" in e), default=0)
+                logs["loss"] = self.guard.window_loss(logs["loss"], self.state.global_step, previous)
                 logs["nonfinite_steps_skipped"] = len(self.guard.skipped_steps)
             if self.skips.build_count:
                 logs["records_skipped_in_training"] = self.skips.build_count  # this rank; all ranks at the end
