@@ -46,7 +46,7 @@ def is_complete(checkpoint_dir: str | os.PathLike) -> bool:
         return False
     try:
         json.loads(state.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError):  # unreadable, not UTF-8, not JSON
         return False
     return True
 
@@ -176,8 +176,9 @@ def select_resume_checkpoint(output_dir: str | os.PathLike,
                 candidates.append((int(match.group(1)), child))
     problems: list[str] = []
     for _step, path in sorted(candidates, reverse=True):
-        found = [] if is_complete(path) else [f"{path}: incomplete (no COMPLETE marker or unreadable trainer_state.json)"]
-        found = found or verify(path)
+        found = verify(path)
+        if not found and not is_complete(path):
+            found = [f"{path}: incomplete (no COMPLETE marker or unreadable trainer_state.json)"]
         if not found:
             return path, problems
         problems.extend(found)

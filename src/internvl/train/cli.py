@@ -68,9 +68,9 @@ def resolve_resume(training_args: MedRegTrainingArguments) -> str | None:
             return None
         _VERIFIED.add(str(chosen))
         return str(chosen)
-    if not is_complete(value):
+    problems = verify_checkpoint(value) if Path(value).is_dir() else [f"{value}: not a directory"]
+    if not problems and not is_complete(value):
         raise ValueError(f"{value}: not a complete checkpoint (no COMPLETE marker or trainer_state.json)")
-    problems = verify_checkpoint(value)
     if problems:
         raise ValueError(f"{value}: refusing to resume from a checkpoint that does not verify:\n  "
                          + "\n  ".join(problems))
