@@ -136,6 +136,7 @@ def train(model_args: ModelArguments, data_args: DataTrainingArguments,
     """Run one training job end to end; returns the Trainer's train metrics."""
     from internvl.train.build import build_model_and_tokenizer
     from internvl.train.guards import assert_finite_model
+    from internvl.train.safe_load import deepspeed_safe_loads
     from internvl.train.trainer import MedRegTrainer
 
     _setup_logging(training_args)
@@ -177,7 +178,8 @@ def train(model_args: ModelArguments, data_args: DataTrainingArguments,
         fused_lm_loss=model_args.fused_lm_loss,
         speedups=speedups_from_args(model_args),
     )
-    result = trainer.train(resume_from_checkpoint=resume)
+    with deepspeed_safe_loads():  # DeepSpeed's states load with weights_only=True (internvl.train.safe_load)
+        result = trainer.train(resume_from_checkpoint=resume)
     assert_finite_model(trainer.model, f"the final model to {output_dir}", training_args.world_size)
     trainer.save_model(output_dir)
     trainer.save_state()
@@ -231,13 +233,14 @@ def main(argv: list[str] | None = None) -> int:
     from internvl.tokenization import TokenizerError
 
     from internvl.train.guards import NonFiniteError
+    from internvl.train.safe_load import UnsafeCheckpointError
 
     try:
         train(model_args, data_args, training_args)
     except NonFiniteError as exc:  # diverged: one line naming the step and records; nothing non-finite was saved
         print(f"medrega-train: error: {exc}", file=sys.stderr)
         return 3
-    except (BadRecordError, MetaFileError, TokenizerError) as exc:  # bad input: FILE:LINE: reason, no traceback
+    except (BadRecordError, MetaFileError, TokenizerError, UnsafeCheckpointError) as exc:  # bad input: FILE:LINE: reason, no traceback
         print(f"medrega-train: error: {exc}", file=sys.stderr)
         if isinstance(exc, BadRecordError) and data_args.data_check == "strict":
             print("medrega-train: fix the record, or pass --data_check lenient to leave bad records out "
