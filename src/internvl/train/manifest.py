@@ -19,8 +19,8 @@ from typing import Any
 MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1
 # files that are not part of the manifest: the manifest itself, its per-rank parts, the COMPLETE marker
-_PART_RE = re.compile(r"^manifest\.rank(\d+)\.json$")
-_UNLISTED = {MANIFEST_NAME, "COMPLETE"}
+_PART_RE = re.compile(r"^manifest\.rank(\d+)\.json(\.tmp)?$")  # .tmp: another rank's part being written
+_UNLISTED = {MANIFEST_NAME, MANIFEST_NAME + ".tmp", "COMPLETE"}
 # files written by one data-parallel rank: HF's rng_state_<rank>.pth, DeepSpeed's *zero_pp_rank_<rank>_mp_rank_*
 RANK_FILE_RE = re.compile(r"(?:^rng_state_(\d+)\.pth$|pp_rank_(\d+)_)")
 _CHUNK = 8 << 20
@@ -62,11 +62,10 @@ def _listed_files(root: Path) -> list[str]:
 
 
 def _atomic_json(path: Path, data: Any) -> None:
+    """Write JSON under a temporary name and rename it into place (the checkpoint's publish fsyncs the whole tree)."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as fh:
         json.dump(data, fh, indent=1, sort_keys=True)
-        fh.flush()
-        os.fsync(fh.fileno())
     os.replace(tmp, path)
 
 
@@ -88,7 +87,7 @@ def merge_manifests(checkpoint_dir: str | os.PathLike) -> Path:
     part covers, and remove the parts. Returns the manifest path."""
     root = Path(checkpoint_dir)
     files: dict[str, dict[str, Any]] = {}
-    parts = sorted(p for p in root.iterdir() if _PART_RE.match(p.name))
+    parts = sorted(p for p in root.iterdir() if _PART_RE.match(p.name) and p.suffix == ".json")
     for part in parts:
         files.update(json.loads(part.read_text(encoding="utf-8")))
     for rel in _listed_files(root):
