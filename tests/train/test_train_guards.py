@@ -176,7 +176,8 @@ def test_checkpoints_of_a_training_run_carry_a_verified_manifest(tmp_path):
     trainer.train()
     for _, path in ckpt.list_checkpoints(tmp_path):
         files = json.loads((path / "manifest.json").read_text())["files"]
-        assert {"model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json"} <= set(files)
+        assert {"model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth",
+                "trainer_state.json"} <= set(files)
         assert "training_args.bin" not in files and "training_args.json" in files
         assert not list(path.glob("manifest.rank*.json"))
         assert verify_manifest(path) == []

@@ -32,7 +32,8 @@ import torch
 
 from internvl.constants import IGNORE_INDEX
 
-__all__ = ["bookkeeping", "pad_collate", "PackedCollator", "LOSS_REDUCTIONS", "token_loss_weights"]
+__all__ = ["SAMPLE_INDEX_KEY", "SKIPPED_KEY", "bookkeeping", "pad_collate", "PackedCollator", "LOSS_REDUCTIONS",
+           "token_loss_weights"]
 
 LOSS_REDUCTIONS = ("token", "sample", "square")
 
@@ -51,15 +52,21 @@ def _check_features(features: Sequence[Mapping[str, Any]]) -> None:
             raise ValueError(f"batch item {i}: {f['pixel_values'].shape[0]} tiles but {f['image_flags'].shape[0]} image_flags")
 
 
+# Bookkeeping keys of items and batches: the index of the record actually served, and the records skipped at build
+# time in lenient mode. The trainer takes them off the batch before the model sees it.
+SAMPLE_INDEX_KEY = "sample_index"
+SKIPPED_KEY = "skipped_records"
+
+
 def bookkeeping(features: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """The trainer's bookkeeping keys of a batch: ``sample_index`` ``[B]`` (when every item has one) and the
     build-time skips of its items as one list (when there are any). The trainer takes both off before the model."""
     out: dict[str, Any] = {}
-    if features and all("sample_index" in f for f in features):
-        out["sample_index"] = torch.stack([torch.as_tensor(f["sample_index"]).reshape(()) for f in features])
-    skipped = [entry for f in features for entry in f.get("skipped_records", ())]
+    if features and all(SAMPLE_INDEX_KEY in f for f in features):
+        out[SAMPLE_INDEX_KEY] = torch.stack([torch.as_tensor(f[SAMPLE_INDEX_KEY]).reshape(()) for f in features])
+    skipped = [entry for f in features for entry in f.get(SKIPPED_KEY, ())]
     if skipped:
-        out["skipped_records"] = skipped
+        out[SKIPPED_KEY] = skipped
     return out
 
 

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from internvl.data.collate import SAMPLE_INDEX_KEY, SKIPPED_KEY
 from internvl.data.encode import EncodeError, encode_conversation
 from internvl.data.images import ImageLoadError, load_image
 from internvl.data.records import (
@@ -58,10 +59,6 @@ from internvl.regions import RegionError
 
 __all__ = ["MedRegDataset", "MedRegConcatDataset", "build_training_dataset", "line_offsets", "SAMPLE_INDEX_KEY",
            "SKIPPED_KEY"]
-
-# Bookkeeping keys of an item, collated as they are and taken off the batch by the trainer before the model sees it.
-SAMPLE_INDEX_KEY = "sample_index"
-SKIPPED_KEY = "skipped_records"
 
 logger = logging.getLogger(__name__)
 

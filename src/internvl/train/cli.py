@@ -193,7 +193,7 @@ def train(model_args: ModelArguments, data_args: DataTrainingArguments,
 
 
 def write_skip_report(output_dir: str, report: dict[str, Any]) -> None:
-    """Lenient runs: `skipped_records.json` in the run directory, the counts in run_config.json, a summary in the log."""
+    """Lenient runs: `skipped_records.json` in the run directory, the counts in run_config.json, a log summary."""
     from internvl.train.skips import SkipReport
 
     path = SkipReport.write(report, output_dir)
@@ -240,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteError as exc:  # diverged: one line naming the step and records; nothing non-finite was saved
         print(f"medrega-train: error: {exc}", file=sys.stderr)
         return 3
-    except (BadRecordError, MetaFileError, TokenizerError, UnsafeCheckpointError) as exc:  # bad input: FILE:LINE: reason, no traceback
+    except (BadRecordError, MetaFileError, TokenizerError, UnsafeCheckpointError) as exc:  # bad input, no traceback
         print(f"medrega-train: error: {exc}", file=sys.stderr)
         if isinstance(exc, BadRecordError) and data_args.data_check == "strict":
             print("medrega-train: fix the record, or pass --data_check lenient to leave bad records out "

@@ -26,9 +26,6 @@ from torch import nn
 logger = logging.getLogger("internvl.train")
 
 NONFINITE_POLICIES = ("stop", "skip")
-# Batch key (collated from the dataset's items) with the global dataset index of every served sample; the trainer
-# removes it before the model sees the batch.
-SAMPLE_INDEX_KEY = "sample_index"
 
 
 class NonFiniteError(RuntimeError):
@@ -89,8 +86,8 @@ class StepGuard:
         records = self.batch_records()
         if self.policy == "skip" and len(self.skipped_steps) < self.max_skipped:
             self.skipped_steps.append(step)
-            logger.warning("optimizer step %d: non-finite %s; step skipped (%d of at most %d). Records of this rank: %s",
-                           step, what, len(self.skipped_steps), self.max_skipped, records)
+            logger.warning("optimizer step %d: non-finite %s; step skipped (%d of at most %d). "
+                           "Records of this rank: %s", step, what, len(self.skipped_steps), self.max_skipped, records)
             if tr_loss is not None and self._loss_before is not None:
                 tr_loss.copy_(self._loss_before)  # leave the NaN out of the logged loss
             self._reset()
@@ -152,7 +149,6 @@ def local_parameters(model: nn.Module) -> Iterable[torch.Tensor]:
 
 def assert_finite_model(model: nn.Module, what: str, world_size: int = 1) -> None:
     """Raise `NonFiniteError` naming up to 5 parameters if any holds NaN/inf (checked over all ranks)."""
-    bad = []
     flags = []
     names = [name for name, _ in model.named_parameters()]
     for name, data in zip(names, local_parameters(model)):

@@ -113,7 +113,8 @@ def read_manifest(checkpoint_dir: str | os.PathLike) -> dict[str, dict[str, Any]
         if data.get("version") != MANIFEST_VERSION or data.get("algorithm") != "sha256" or not isinstance(files, dict):
             raise ValueError("unknown version or layout")
         for rel, entry in files.items():
-            if not (isinstance(entry, dict) and isinstance(entry.get("size"), int) and isinstance(entry.get("sha256"), str)):
+            if not (isinstance(entry, dict) and isinstance(entry.get("size"), int)
+                    and isinstance(entry.get("sha256"), str)):
                 raise ValueError(f"bad entry for {rel!r}")
             if Path(rel).is_absolute() or ".." in Path(rel).parts:
                 raise ValueError(f"path {rel!r} outside the checkpoint")

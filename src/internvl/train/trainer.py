@@ -40,14 +40,15 @@ from internvl.ops.train_speedups import (
     remove_train_speedups,
 )
 from internvl.train import checkpoint as ckpt
-from internvl.train.guards import SAMPLE_INDEX_KEY, StepGuard, assert_finite_model, guard_optimizer_step
+from internvl.data.collate import SAMPLE_INDEX_KEY, SKIPPED_KEY
+from internvl.train.guards import StepGuard, assert_finite_model, guard_optimizer_step
 from internvl.train.manifest import merge_manifests, write_rank_manifest
 from internvl.train.skips import SkipReport
 from internvl.train.lora import has_lora, load_original_keys, save_lora_run, NON_LORA_FILENAME, LORA_PARTS
 
 # Batch keys the trainer reads itself and never passes to the model: `num_samples` is the number of samples in a
 # packed batch (PackedCollator), which has fewer rows than samples.
-TRAINER_ONLY_KEYS = ("labels", "loss_weight", "num_samples", SAMPLE_INDEX_KEY, "skipped_records")
+TRAINER_ONLY_KEYS = ("labels", "loss_weight", "num_samples", SAMPLE_INDEX_KEY, SKIPPED_KEY)
 logger = logging.getLogger("internvl.train")
 
 
@@ -185,7 +186,7 @@ class MedRegTrainer(Trainer):
     def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
         """Takes the bookkeeping keys (sample indices, build-time skips) off the batch, then trains as usual."""
         self.guard.note_batch(inputs.pop(SAMPLE_INDEX_KEY, None), getattr(self, "_tr_loss", None))
-        self.skips.add_batch(inputs.pop("skipped_records", None))
+        self.skips.add_batch(inputs.pop(SKIPPED_KEY, None))
         return super().training_step(model, inputs, num_items_in_batch)
 
     def _get_grad_norm(self, model: nn.Module, grad_norm: Any = None) -> Any:
