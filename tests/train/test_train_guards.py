@@ -181,3 +181,11 @@ def test_checkpoints_of_a_training_run_carry_a_verified_manifest(tmp_path):
         assert "training_args.bin" not in files and "training_args.json" in files
         assert not list(path.glob("manifest.rank*.json"))
         assert verify_manifest(path) == []
+
+
+def test_fp16_leaves_an_overflowing_gradient_to_the_loss_scaler():
+    """With a loss scaler an inf gradient norm is a skipped step, not divergence; a NaN loss still stops the run."""
+    guard = StepGuard(check_grad_norm=False)
+    assert guard.check_step(1, torch.tensor(float("inf")), torch.tensor(2.5))
+    with pytest.raises(NonFiniteError, match="optimizer step 2: non-finite loss;"):
+        guard.check_step(2, torch.tensor(float("inf")), torch.tensor(float("nan")))

@@ -37,16 +37,18 @@ class StepGuard:
 
     `describe` turns a global dataset index into a readable record name (`FILE:LINE id=...`); the trainer passes the
     dataset's. Call `note_batch` for each micro-batch (CPU tensor, no sync), `check_step` once per optimizer step.
+    `check_grad_norm=False` (fp16 with a loss scaler, which skips overflowing steps itself) checks the loss only.
     """
 
     def __init__(self, policy: str = "stop", max_skipped: int = 10,
-                 describe: Callable[[int], str] | None = None) -> None:
+                 describe: Callable[[int], str] | None = None, check_grad_norm: bool = True) -> None:
         if policy not in NONFINITE_POLICIES:
             raise ValueError(f"on_nonfinite must be one of {NONFINITE_POLICIES}, not {policy!r}")
         if max_skipped < 0:
             raise ValueError(f"max_nonfinite_steps must be >= 0, not {max_skipped}")
         self.policy = policy
         self.max_skipped = max_skipped
+        self.check_grad_norm = check_grad_norm
         self.describe = describe or (lambda index: f"sample #{index}")
         self.skipped_steps: list[int] = []
         self.skip_next_step = False
@@ -75,7 +77,7 @@ class StepGuard:
     def check_step(self, step: int, grad_norm: Any, tr_loss: torch.Tensor | None, world_size: int = 1) -> bool:
         """One host read of [loss finite, grad norm finite] (all ranks). Returns True if the step may go on; False if
         it must be skipped (skip policy); raises `NonFiniteError` otherwise. `step` is the 1-based optimizer step."""
-        flags = self._flags(grad_norm, tr_loss)
+        flags = self._flags(grad_norm if self.check_grad_norm else None, tr_loss)
         if world_size > 1 and dist.is_initialized():
             dist.all_reduce(flags, op=dist.ReduceOp.MIN)
         loss_ok, grad_ok = (bool(x) for x in flags.tolist())

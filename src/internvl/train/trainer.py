@@ -177,7 +177,8 @@ class MedRegTrainer(Trainer):
             self.add_callback(DatasetEpochCallback(self.train_dataset))
         self.guard = StepGuard(policy=getattr(self.args, "on_nonfinite", "stop"),
                                max_skipped=getattr(self.args, "max_nonfinite_steps", 10),
-                               describe=getattr(self.train_dataset, "describe", None))
+                               describe=getattr(self.train_dataset, "describe", None),
+                               check_grad_norm=not self.args.fp16)  # fp16: the loss scaler skips overflow steps
         self.add_callback(GuardCallback(self.guard))
         self.skips = SkipReport(self.train_dataset)
         self.skip_report: dict[str, Any] | None = None  # set at the end of a lenient run
