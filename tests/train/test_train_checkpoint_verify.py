@@ -179,3 +179,27 @@ def test_cli_resume_after_flipped_bytes_uses_the_previous_checkpoint(tmp_path, t
     state = json.loads((out / "trainer_state.json").read_text())
     assert all(0 < e["loss"] < 20 for e in state["log_history"] if "loss" in e)
     assert not (out / "training_args.bin").exists() and (out / "training_args.json").is_file()
+
+
+@pytest.mark.slow
+def test_two_ranks_hash_and_verify_their_own_files(tmp_path, tiny_tokenizer_dir):
+    """Two CPU processes (torchrun, gloo): each rank's RNG file is in the one manifest, and a corrupted rank-1 file is
+    found on resume (by rank 1, gathered to every rank) and its checkpoint moved aside."""
+    meta = write_square_dataset(tmp_path / "data", n=8, seed=0)
+    out = tmp_path / "run"
+
+    def torchrun(steps: int, port: int, *extra: str) -> subprocess.CompletedProcess:
+        argv = cli_args(out, tiny_tokenizer_dir, meta, steps, "--report_to", "none", "--save_steps", "2", *extra)
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                               "--master_port", str(port), "-m", "internvl.train", *argv],
+                              capture_output=True, text=True, env=env(), cwd=ROOT, timeout=300)
+
+    first = torchrun(2, 29641)
+    assert first.returncode == 0, first.stderr[-3000:]
+    files = json.loads((out / "checkpoint-2" / MANIFEST_NAME).read_text())["files"]
+    assert {"rng_state_0.pth", "rng_state_1.pth", "model.safetensors"} <= set(files)
+    flip(out / "checkpoint-2" / "rng_state_1.pth")
+    second = torchrun(4, 29642, "--resume_from_checkpoint", "auto", "--overwrite_output_dir", "True")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert f"{out / 'checkpoint-2' / 'rng_state_1.pth'}: SHA-256 differs" in second.stdout + second.stderr
+    assert (out / "checkpoint-2.rejected").is_dir() and verify_manifest(out / "checkpoint-4") == []
