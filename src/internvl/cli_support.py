@@ -45,6 +45,7 @@ EXPECTED_ERRORS: tuple[str, ...] = (
     "internvl.tokenization:TokenizerError",
     "internvl.inference:ModelLoadError",
     "internvl.model.loading:CheckpointError",
+    "internvl.train.safe_load:UnsafeCheckpointError",
     "internvl.model.hf_conversion:ConversionError",
     "internvl.templates:TemplateError",
     "internvl.demo.batch:BatchError",

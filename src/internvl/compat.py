@@ -95,6 +95,7 @@ TRAINER_PRIVATE_STEPS: dict[str, tuple[str, ...]] = {
     "_save_checkpoint": ("model", "trial"),
     "_save": ("output_dir", "state_dict"),
     "_load_from_checkpoint": ("resume_from_checkpoint", "model"),
+    "_get_grad_norm": ("model", "grad_norm"),
 }
 
 
@@ -115,7 +116,9 @@ def trainer_base() -> type:
 
     train_sampler(dataset, default), step_loss_items(batch_samples, device, default), checkpoint_dir(trial, default),
     save_checkpoint(model, trial, default), save_model_files(output_dir, state_dict, default),
-    load_checkpoint_weights(resume_from_checkpoint, model, default).
+    load_checkpoint_weights(resume_from_checkpoint, model, default), step_grad_norm(model, grad_norm, default) (the
+    gradient norm of each optimizer step, after clipping, before the optimizer step), and `running_loss()` (Trainer's
+    on-device sum of the losses since the last log).
 
     The import is lazy because transformers' Trainer takes about 2 s to import and only training needs it.
     """
@@ -149,6 +152,13 @@ def trainer_base() -> type:
                                     default: Callable) -> None:
             default(resume_from_checkpoint, model)
 
+        def step_grad_norm(self, model: nn.Module, grad_norm, default: Callable):
+            return default(model, grad_norm=grad_norm)
+
+        def running_loss(self):
+            """Trainer's running loss tensor (`_tr_loss`), or None before training starts."""
+            return getattr(self, "_tr_loss", None)
+
         def _get_train_sampler(self, train_dataset=None):
             return self.train_sampler(train_dataset, super()._get_train_sampler)
 
@@ -166,6 +176,9 @@ def trainer_base() -> type:
 
         def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
             return self.load_checkpoint_weights(resume_from_checkpoint, model, super()._load_from_checkpoint)
+
+        def _get_grad_norm(self, model, grad_norm=None):
+            return self.step_grad_norm(model, grad_norm, super()._get_grad_norm)
 
     return HookedTrainer
 

@@ -32,7 +32,8 @@ import torch
 
 from internvl.constants import IGNORE_INDEX
 
-__all__ = ["pad_collate", "PackedCollator", "LOSS_REDUCTIONS", "token_loss_weights"]
+__all__ = ["SAMPLE_INDEX_KEY", "SKIPPED_KEY", "bookkeeping", "pad_collate", "PackedCollator", "LOSS_REDUCTIONS",
+           "token_loss_weights"]
 
 LOSS_REDUCTIONS = ("token", "sample", "square")
 
@@ -49,6 +50,24 @@ def _check_features(features: Sequence[Mapping[str, Any]]) -> None:
                              f"{tuple(f['labels'].shape)} must be equal 1-D shapes")
         if f["pixel_values"].shape[0] != f["image_flags"].shape[0]:
             raise ValueError(f"batch item {i}: {f['pixel_values'].shape[0]} tiles but {f['image_flags'].shape[0]} image_flags")
+
+
+# Bookkeeping keys of items and batches: the index of the record actually served, and the records skipped at build
+# time in lenient mode. The trainer takes them off the batch before the model sees it.
+SAMPLE_INDEX_KEY = "sample_index"
+SKIPPED_KEY = "skipped_records"
+
+
+def bookkeeping(features: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The trainer's bookkeeping keys of a batch: ``sample_index`` ``[B]`` (when every item has one) and the
+    build-time skips of its items as one list (when there are any). The trainer takes both off before the model."""
+    out: dict[str, Any] = {}
+    if features and all(SAMPLE_INDEX_KEY in f for f in features):
+        out[SAMPLE_INDEX_KEY] = torch.stack([torch.as_tensor(f[SAMPLE_INDEX_KEY]).reshape(()) for f in features])
+    skipped = [entry for f in features for entry in f.get(SKIPPED_KEY, ())]
+    if skipped:
+        out[SKIPPED_KEY] = skipped
+    return out
 
 
 def pad_collate(
@@ -76,6 +95,7 @@ def pad_collate(
         "attention_mask": attention_mask,
         "pixel_values": torch.cat([f["pixel_values"] for f in features]),
         "image_flags": torch.cat([f["image_flags"] for f in features]),
+        **bookkeeping(features),
     }
 
 
@@ -182,4 +202,5 @@ class PackedCollator:
             "pixel_values": torch.cat(pixel_values),
             "image_flags": torch.cat(image_flags),
             "num_samples": torch.tensor(len(features), dtype=torch.long),
+            **bookkeeping(features),
         }

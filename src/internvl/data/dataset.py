@@ -15,13 +15,17 @@
   which keeps ZeRO-3 parameter gathering in step (the original's fix for hangs on mixed batches).
 * Errors that only show when a sample is built (corrupt pixels, too long after tiling) name ``FILE:LINE``; strict
   mode raises them, lenient mode logs them, counts them in :attr:`runtime_tally` (per worker process) and serves the
-  next record instead.
+  next record instead (which is then served twice). The item carries the skips under ``skipped_records`` so the
+  trainer counts them in the main process, whatever the worker (``internvl.train.skips``).
+* Every item carries ``sample_index`` (the index of the record actually served), which the trainer uses to name a
+  batch's records when training diverges (:meth:`MedRegConcatDataset.describe`).
 * Augmentation randomness comes from ``numpy.random.default_rng([seed, epoch, index])``: the same sample gets the same
   crop whichever worker builds it; :meth:`set_epoch` changes it per epoch.
 * :attr:`lengths` (for length-grouped sampling) are token counts of the text plus ``num_image_token`` x expected tiles
   per image -- or the record's own ``length`` field when present, as the original trainer.
 
-Each item is ``{"input_ids": [L], "labels": [L], "pixel_values": [T, 3, S, S], "image_flags": [T]}``.
+Each item is ``{"input_ids": [L], "labels": [L], "pixel_values": [T, 3, S, S], "image_flags": [T], "sample_index": []}``
+(plus ``skipped_records`` after a build-time skip).
 """
 from __future__ import annotations
 
@@ -35,6 +39,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from internvl.data.collate import SAMPLE_INDEX_KEY, SKIPPED_KEY
 from internvl.data.encode import EncodeError, encode_conversation
 from internvl.data.images import ImageLoadError, load_image
 from internvl.data.records import (
@@ -53,7 +58,8 @@ from internvl.data.transforms import AugmentConfig, BoxAwareAugment
 from internvl.image_processing import ImageSettings, dummy_pixel_values, images_to_pixel_values, num_image_tokens
 from internvl.regions import RegionError
 
-__all__ = ["MedRegDataset", "MedRegConcatDataset", "build_training_dataset", "line_offsets"]
+__all__ = ["MedRegDataset", "MedRegConcatDataset", "build_training_dataset", "line_offsets", "SAMPLE_INDEX_KEY",
+           "SKIPPED_KEY"]
 
 logger = logging.getLogger(__name__)
 
@@ -185,21 +191,33 @@ class MedRegDataset(Dataset):
         if not 0 <= index < len(self):
             raise IndexError(index)
         tries = 0
+        skipped: list[dict[str, Any]] = []
         while True:
             try:
-                return self._build(index)
+                item = self._build(index)
             except BadRecordError as exc:
                 if self.strict:
                     raise
                 tries += 1
                 self.runtime_tally.seen += 1
                 self.runtime_tally.add(exc.problems)
-                for p in exc.problems:
-                    logger.warning("%s (skipped; serving the next record instead)", p)
+                skipped.extend({"reason": p.reason, "record": f"{p.file}:{p.line}", "message": p.message}
+                               for p in exc.problems)
                 if tries >= min(len(self), 100):
                     raise BadRecordError(exc.problems + [RecordProblem(
                         self.file, 0, "encode-error", f"{tries} consecutive records failed; giving up")]) from None
                 index = (index + 1) % len(self)
+                continue
+            item[SAMPLE_INDEX_KEY] = torch.tensor(index, dtype=torch.long)
+            if skipped:
+                # the served record now appears twice in this epoch: say so, and let the trainer count it
+                served = f"{self.file}:{self.line_number(index)}"
+                for entry in skipped:
+                    entry["served_instead"] = served
+                    logger.warning("%s: %s: %s (skipped; %s served in its place, so it is served twice this epoch)",
+                                   entry["record"], entry["reason"], entry["message"], served)
+                item[SKIPPED_KEY] = skipped
+            return item
 
     def _build(self, index: int) -> dict[str, torch.Tensor]:
         record = self.read_record(index)
@@ -300,6 +318,28 @@ class MedRegConcatDataset(torch.utils.data.ConcatDataset):
     def set_epoch(self, epoch: int) -> None:
         for d in self.datasets:
             d.set_epoch(epoch)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        """The member's item, with ``sample_index`` turned into a global index."""
+        if index < 0:
+            index += len(self)
+        which = bisect.bisect_right(self.cumulative_sizes, index)
+        offset = self.cumulative_sizes[which - 1] if which else 0
+        item = self.datasets[which][index - offset]
+        if SAMPLE_INDEX_KEY in item:
+            item[SAMPLE_INDEX_KEY] = item[SAMPLE_INDEX_KEY] + offset
+        return item
+
+    def describe(self, index: int) -> str:
+        """``FILE:LINE`` of a global index, plus the record's ``id`` where it has one (for error messages)."""
+        name, file, line = self.locate(index)
+        which = bisect.bisect_right(self.cumulative_sizes, index)
+        local = index - (self.cumulative_sizes[which - 1] if which else 0)
+        try:
+            record_id = self.datasets[which].read_record(local).get("id")
+        except (OSError, BadRecordError, AttributeError):
+            record_id = None
+        return f"{file}:{line}" + (f" (id {str(record_id)[:80]!r})" if record_id is not None else "")
 
     def locate(self, index: int) -> tuple[str, str, int]:
         """``(dataset name, annotation file, 1-based line)`` of a global index."""

@@ -177,8 +177,27 @@ class MedRegTrainingArguments(TrainingArguments):
     evaluation_strategy: str | None = field(
         default=None, metadata={"help": "Original flag name of --eval_strategy (no | steps | epoch)."}
     )
+    on_nonfinite: Literal["stop", "skip"] = field(
+        default="stop",
+        metadata={"help": "A non-finite loss or gradient norm at an optimizer step: stop the run with an error naming "
+                          "the step and the batch's records, or skip that step and count it (not with DeepSpeed)."},
+    )
+    max_nonfinite_steps: int = field(
+        default=10, metadata={"help": "With --on_nonfinite skip: the run stops at the next non-finite step after this "
+                                      "many skipped ones."},
+    )
+    logging_nan_inf_filter: bool = field(
+        default=False,
+        metadata={"help": "transformers' filter that logs a NaN/inf loss as the running average (a host sync per "
+                          "micro-batch). Off: the divergence guard (--on_nonfinite) handles non-finite losses."},
+    )
 
     def __post_init__(self) -> None:
+        if self.max_nonfinite_steps < 0:
+            raise ValueError(f"--max_nonfinite_steps must be >= 0, got {self.max_nonfinite_steps}")
+        if self.on_nonfinite == "skip" and self.deepspeed:
+            raise ValueError("--on_nonfinite skip is not available with DeepSpeed (its engine steps inside backward, "
+                             "before the check); use --on_nonfinite stop")
         if self.warmup_ratio:
             if not 0 <= self.warmup_ratio < 1:
                 raise ValueError(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")

@@ -5,18 +5,31 @@ states, trainer state with the data position). Only when every file is on disk d
 `COMPLETE` marker and `os.replace` the folder to `<output_dir>/checkpoint-N`. A rename inside one filesystem is atomic,
 so a run killed at any moment leaves either a finished `checkpoint-N` or a stale staging folder, which is never taken
 as the latest and is removed by the next save.
+
+Before the marker, every rank hashes the files it wrote (`write_rank_manifest`: rank-tagged files such as
+`rng_state_3.pth` or DeepSpeed's `zero_pp_rank_3_*` by that rank, the rest by rank 0, right after writing, while the
+bytes are in the page cache) and rank 0 merges the parts into `manifest.json` (size and SHA-256 of every file).
+`verify_checkpoint` checks a checkpoint against it; resume (`select_resume_checkpoint`) takes the newest checkpoint that
+verifies, names every newer one that does not and moves it aside (`checkpoint-N.rejected`), and refuses a checkpoint
+without a valid manifest, so nothing we did not write ourselves is unpickled.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+
+from internvl.train.manifest import verify_manifest
 
 STAGING_DIRNAME = ".staging"
 COMPLETE_MARKER = "COMPLETE"
+REJECTED_SUFFIX = ".rejected"
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+logger = logging.getLogger("internvl.train")
 
 
 def staging_root(output_dir: str | os.PathLike) -> Path:
@@ -33,7 +46,7 @@ def is_complete(checkpoint_dir: str | os.PathLike) -> bool:
         return False
     try:
         json.loads(state.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError):  # unreadable, not UTF-8, not JSON
         return False
     return True
 
@@ -115,12 +128,76 @@ def clean_staging(output_dir: str | os.PathLike) -> list[Path]:
     return removed
 
 
-def rotate_checkpoints(output_dir: str | os.PathLike, save_total_limit: int | None) -> list[Path]:
-    """Keep the newest `save_total_limit` complete checkpoints (by step); delete older ones. Returns deleted paths."""
+def rotate_checkpoints(output_dir: str | os.PathLike, save_total_limit: int | None,
+                       keep: str | os.PathLike | None = None) -> list[Path]:
+    """Keep the newest `save_total_limit` complete checkpoints (by step) and always `keep` (the newest verified-good
+    one: the checkpoint just written, whose manifest was taken from the bytes this run wrote); delete the others.
+    Checkpoints that failed verification were moved aside at resume (`reject_checkpoint`) and are not counted.
+    Returns the deleted paths."""
     if not save_total_limit or save_total_limit <= 0:
         return []
     checkpoints = list_checkpoints(output_dir)
-    doomed = [path for _step, path in checkpoints[:-save_total_limit]]
+    kept = Path(keep).resolve() if keep is not None else None
+    doomed = [path for _step, path in checkpoints[:-save_total_limit] if path.resolve() != kept]
     for path in doomed:
         shutil.rmtree(path, ignore_errors=True)
     return doomed
+
+
+def reject_checkpoint(checkpoint_dir: str | os.PathLike, problems: list[str]) -> Path:
+    """Move a checkpoint that failed verification aside to `checkpoint-N.rejected` (kept for inspection, never resumed
+    from, never counted by rotation), with the reasons in `REJECTED.txt`. Returns the new path."""
+    path = Path(checkpoint_dir)
+    target = path.with_name(path.name + REJECTED_SUFFIX)
+    n = 1
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{path.name}{REJECTED_SUFFIX}{n}")
+    os.replace(path, target)
+    (target / "REJECTED.txt").write_text("\n".join(problems) + "\n", encoding="utf-8")
+    return target
+
+
+def select_resume_checkpoint(output_dir: str | os.PathLike,
+                             verify: Callable[[Path], list[str]] = verify_manifest,
+                             move_aside: bool = True) -> tuple[Path | None, list[str]]:
+    """Newest checkpoint of `output_dir` that verifies against its manifest, and the problems of the newer ones.
+
+    Every newer checkpoint that fails is named in the log and (with `move_aside`, on the main process) moved aside
+    with `reject_checkpoint`, so a later rotation cannot keep it in place of a good one. Folders without the COMPLETE
+    marker or a readable trainer_state.json fail the same way. Returns (checkpoint or None, problems found).
+    """
+    root = Path(output_dir)
+    candidates = []
+    if root.is_dir():
+        for child in root.iterdir():
+            match = CHECKPOINT_RE.match(child.name)
+            if match and child.is_dir():
+                candidates.append((int(match.group(1)), child))
+    problems: list[str] = []
+    for _step, path in sorted(candidates, reverse=True):
+        found = verify(path)
+        if not found and not is_complete(path):
+            found = [f"{path}: incomplete (no COMPLETE marker or unreadable trainer_state.json)"]
+        if not found:
+            return path, problems
+        problems.extend(found)
+        for line in found:
+            logger.warning("checkpoint rejected: %s", line)
+        if move_aside:
+            moved = reject_checkpoint(path, found)
+            logger.warning("moved %s aside to %s; trying the previous checkpoint", path.name, moved.name)
+    return None, problems
+
+
+def verify_checkpoint(checkpoint_dir: str | os.PathLike) -> list[str]:
+    """Problems of `checkpoint_dir` against its manifest (empty = verified). Under torch.distributed every rank checks
+    the files it writes (`internvl.train.manifest.rank_of`) and all ranks get every rank's problems."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return verify_manifest(checkpoint_dir)
+    mine = verify_manifest(checkpoint_dir, rank=dist.get_rank(), world_size=dist.get_world_size())
+    gathered: list[list[str] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, mine)
+    return [line for part in gathered for line in (part or [])]

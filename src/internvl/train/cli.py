@@ -34,25 +34,48 @@ from internvl.train.arguments import (
     resolved_config,
 )
 from internvl.cli_support import UsageError, run_cli
-from internvl.train.checkpoint import clean_staging, find_latest_checkpoint
+from internvl.train.checkpoint import (
+    clean_staging,
+    find_latest_checkpoint,
+    is_complete,
+    select_resume_checkpoint,
+    verify_checkpoint,
+)
 
 logger = logging.getLogger("internvl.train")
 
 RUN_CONFIG_NAME = "run_config.json"
+_VERIFIED: set[str] = set()  # checkpoints this process already verified (resolve_resume runs twice per launch)
 
 
 def resolve_resume(training_args: MedRegTrainingArguments) -> str | None:
-    """`auto` -> newest complete checkpoint in output_dir (None if there is none); a path must be complete."""
+    """`auto` -> newest checkpoint in output_dir that verifies against its manifest (None if there is none); a given
+    path must be complete and verify. Newer checkpoints that fail are named and moved aside (`checkpoint-N.rejected`);
+    `ValueError` (exit 2) if checkpoints exist but none verifies, or if a given one does not. Each checkpoint is
+    verified once per process."""
     value = training_args.resume_from_checkpoint
     if value in (None, "", "no", "false", "False"):
         return None
+    if str(value) in _VERIFIED:
+        return str(value)
     if value in ("auto", "true", "True"):
-        latest = find_latest_checkpoint(training_args.output_dir)
-        return str(latest) if latest is not None else None
-    from internvl.train.checkpoint import is_complete
-
-    if not is_complete(value):
+        chosen, problems = select_resume_checkpoint(training_args.output_dir, verify=verify_checkpoint,
+                                                    move_aside=training_args.should_save)
+        if chosen is None and problems and not training_args.overwrite_output_dir:
+            raise UsageError(f"{training_args.output_dir}: no checkpoint verifies, so none can be resumed:\n  "
+                             + "\n  ".join(problems)
+                             + "\npass --overwrite_output_dir True to start over")
+        if chosen is None:
+            return None
+        _VERIFIED.add(str(chosen))
+        return str(chosen)
+    problems = verify_checkpoint(value) if Path(value).is_dir() else [f"{value}: not a directory"]
+    if not problems and not is_complete(value):
         raise UsageError(f"{value}: not a complete checkpoint (no COMPLETE marker or trainer_state.json)")
+    if problems:
+        raise UsageError(f"{value}: refusing to resume from a checkpoint that does not verify:\n  "
+                         + "\n  ".join(problems))
+    _VERIFIED.add(str(value))
     return str(value)
 
 
@@ -113,6 +136,8 @@ def train(model_args: ModelArguments, data_args: DataTrainingArguments,
           training_args: MedRegTrainingArguments) -> dict[str, Any]:
     """Run one training job end to end; returns the Trainer's train metrics."""
     from internvl.train.build import build_model_and_tokenizer
+    from internvl.train.guards import assert_finite_model
+    from internvl.train.safe_load import deepspeed_safe_loads
     from internvl.train.trainer import MedRegTrainer
 
     _setup_logging(training_args)
@@ -155,14 +180,37 @@ def train(model_args: ModelArguments, data_args: DataTrainingArguments,
         fused_lm_loss=model_args.fused_lm_loss,
         speedups=speedups_from_args(model_args),
     )
-    result = trainer.train(resume_from_checkpoint=resume)
+    with deepspeed_safe_loads():  # DeepSpeed's states load with weights_only=True (internvl.train.safe_load)
+        result = trainer.train(resume_from_checkpoint=resume)
+    assert_finite_model(trainer.model, f"the final model to {output_dir}", training_args.world_size)
     trainer.save_model(output_dir)
     trainer.save_state()
     metrics = dict(result.metrics)
     if training_args.should_save:
         trainer.log_metrics("train", metrics)
         trainer.save_metrics("train", metrics)
+        if trainer.skip_report is not None:
+            write_skip_report(output_dir, trainer.skip_report)
     return metrics
+
+
+def write_skip_report(output_dir: str, report: dict[str, Any]) -> None:
+    """Lenient runs: `skipped_records.json` in the run directory, the counts in run_config.json, a log summary."""
+    from internvl.train.skips import SkipReport
+
+    path = SkipReport.write(report, output_dir)
+    config_path = Path(output_dir) / RUN_CONFIG_NAME
+    if config_path.is_file():
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        config.setdefault("resolved", {})["skipped_records"] = {
+            stage: {"skipped": report[stage]["skipped"], "by_reason": report[stage]["by_reason"]}
+            for stage in ("scan", "build")}
+        tmp = config_path.with_name(config_path.name + ".tmp")
+        tmp.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        tmp.replace(config_path)
+    logger.info("lenient data check: %d records left out at the scan %s, %d at build time %s (each replaced by the "
+                "next record, served twice); details in %s", report["scan"]["skipped"], report["scan"]["by_reason"],
+                report["build"]["skipped"], report["build"]["by_reason"], path)
 
 
 def _check_output_dir(training_args: MedRegTrainingArguments, model_args: ModelArguments | None = None,
@@ -175,6 +223,7 @@ def _check_output_dir(training_args: MedRegTrainingArguments, model_args: ModelA
     check_output_dir(training_args.output_dir, inputs=inputs, must_be_empty=False, inputs_inside_ok=True,
                      what="--output_dir")
     resume = resolve_resume(training_args)
+    training_args.resume_from_checkpoint = resume  # resolved and verified once; train() reuses it
     existing = find_latest_checkpoint(training_args.output_dir)
     if resume is None and existing is not None and not training_args.overwrite_output_dir:
         raise UsageError(f"{training_args.output_dir} already holds {existing.name}: pass --resume_from_checkpoint "
@@ -188,9 +237,13 @@ def _main(argv: list[str] | None) -> int:
         raise UsageError(str(exc)) from None
     _check_output_dir(training_args, model_args, data_args)
     from internvl.data.records import BadRecordError
+    from internvl.train.guards import NonFiniteError
 
     try:
         train(model_args, data_args, training_args)
+    except NonFiniteError as exc:  # diverged: one line naming the step and records; nothing non-finite was saved
+        print(f"medrega-train: error: {exc}", file=sys.stderr)
+        return 3
     except BadRecordError:
         if data_args.data_check == "strict":
             print("medrega-train: fix the record, or pass --data_check lenient to leave bad records out "
@@ -200,7 +253,8 @@ def _main(argv: list[str] | None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Console entry point. Returns a process exit code (2 with one line on stderr for bad flags or input)."""
+    """Console entry point. Returns a process exit code: 2 with one line on stderr for bad flags or input (or a
+    checkpoint that does not verify), 3 when training diverged (non-finite loss or gradient norm)."""
     return run_cli("medrega-train", _main, argv)
 
 

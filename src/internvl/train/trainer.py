@@ -9,6 +9,10 @@
 - LoRA runs save PEFT adapters (+ other trained weights) instead of the full model.
 - Length-grouped sampling from the dataset's `lengths` (deterministic per epoch, so resume replays the same order).
 - Logs tokens/s and samples/s next to Trainer's loss, learning rate and grad norm.
+- Divergence guard (`internvl.train.guards`): the loss and the gradient norm are checked once per optimizer step;
+  a non-finite one stops the run naming the step and the batch's records (or skips the step, counted), and no
+  non-finite model is saved. Each checkpoint gets a manifest (`internvl.train.manifest`) hashed per rank.
+- Lenient runs count the records skipped while training (`internvl.train.skips`).
 """
 from __future__ import annotations
 
@@ -38,11 +42,15 @@ from internvl.ops.train_speedups import (
 )
 from internvl.tokenization import save_tokenizer
 from internvl.train import checkpoint as ckpt
+from internvl.data.collate import SAMPLE_INDEX_KEY, SKIPPED_KEY
+from internvl.train.guards import StepGuard, assert_finite_model, guard_optimizer_step
+from internvl.train.manifest import merge_manifests, write_rank_manifest
+from internvl.train.skips import SkipReport
 from internvl.train.lora import has_lora, load_original_keys, save_lora_run, NON_LORA_FILENAME, LORA_PARTS
 
 # Batch keys the trainer reads itself and never passes to the model: `num_samples` is the number of samples in a
 # packed batch (PackedCollator), which has fewer rows than samples.
-TRAINER_ONLY_KEYS = ("labels", "loss_weight", "num_samples")
+TRAINER_ONLY_KEYS = ("labels", "loss_weight", "num_samples", SAMPLE_INDEX_KEY, SKIPPED_KEY)
 logger = logging.getLogger("internvl.train")
 
 
@@ -116,6 +124,18 @@ class LogClockCallback(TrainerCallback):
         self.trainer._last_log_time = time.perf_counter()
 
 
+
+class GuardCallback(TrainerCallback):
+    """Wraps the prepared optimizer's `step` so the divergence guard can skip a step (`--on_nonfinite skip`)."""
+
+    def __init__(self, guard: StepGuard) -> None:
+        self.guard = guard
+
+    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+        if optimizer is not None and self.guard.policy == "skip":
+            guard_optimizer_step(optimizer, self.guard)
+
+
 class MedRegTrainer(trainer_base()):
     """Trainer with per-token loss over the accumulated batch, atomic checkpoints, LoRA saving, throughput logs.
 
@@ -147,6 +167,28 @@ class MedRegTrainer(trainer_base()):
         if self.train_dataset is not None and hasattr(self.train_dataset, "set_epoch"):
             self.add_callback(DatasetEpochCallback(self.train_dataset))
         self.add_callback(LogClockCallback(self))
+        self.guard = StepGuard(policy=getattr(self.args, "on_nonfinite", "stop"),
+                               max_skipped=getattr(self.args, "max_nonfinite_steps", 10),
+                               describe=getattr(self.train_dataset, "describe", None),
+                               check_grad_norm=not self.args.fp16)  # fp16: the loss scaler skips overflow steps
+        self.add_callback(GuardCallback(self.guard))
+        self.skips = SkipReport(self.train_dataset)
+        self.skip_report: dict[str, Any] | None = None  # set at the end of a lenient run
+
+    # ---- divergence guard and bookkeeping keys ---------------------------------------------------------------
+    def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
+        """Takes the bookkeeping keys (sample indices, build-time skips) off the batch, then trains as usual."""
+        self.guard.note_batch(inputs.pop(SAMPLE_INDEX_KEY, None), self.running_loss())
+        self.skips.add_batch(inputs.pop(SKIPPED_KEY, None))
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def step_grad_norm(self, model: nn.Module, grad_norm: Any, default) -> Any:
+        """Trainer's gradient norm (computed by the clipping), checked with the step's loss: one host read per
+        optimizer step. Raises `NonFiniteError`, or marks the step to be skipped (`--on_nonfinite skip`)."""
+        grad_norm = default(model, grad_norm=grad_norm)
+        ok = self.guard.check_step(self.state.global_step + 1, grad_norm, self.running_loss(), self.args.world_size)
+        self.guard.skip_next_step = not ok
+        return grad_norm
 
     # ---- sampling -------------------------------------------------------------------------------------------
     def train_sampler(self, train_dataset, default):
@@ -271,6 +313,15 @@ class MedRegTrainer(trainer_base()):
             self._tokens_seen = 0
             self._samples_seen = 0
             self._last_log_time = now
+            if self.guard.skipped_steps:
+                previous = max((e["step"] for e in self.state.log_history if "loss" in e), default=0)
+                logs["loss"] = self.guard.window_loss(logs["loss"], self.state.global_step, previous)
+                logs["nonfinite_steps_skipped"] = len(self.guard.skipped_steps)
+            if self.skips.build_count:
+                logs["records_skipped_in_training"] = self.skips.build_count  # this rank; all ranks at the end
+        if "train_runtime" in logs and self.skips.lenient:  # the final metrics: the whole skip report (all ranks)
+            self.skip_report = self.skips.gathered()
+            logs.update(SkipReport.summary_fields(self.skip_report))
         super().log(logs, *args, **kwargs)
 
     # ---- checkpoints -----------------------------------------------------------------------------------------
@@ -280,7 +331,9 @@ class MedRegTrainer(trainer_base()):
         return str(ckpt.staging_root(run_dir)) if self._staging else run_dir
 
     def save_checkpoint(self, model: nn.Module, trial, default) -> None:
-        """Write checkpoint-N into the staging folder, then publish it with an atomic rename."""
+        """Write checkpoint-N into the staging folder, hash it per rank into a manifest, then publish it with an
+        atomic rename. A model with non-finite parameters is never written."""
+        assert_finite_model(model, f"checkpoint-{self.state.global_step}", self.args.world_size)
         run_dir = self.run_dir(trial)
         if self.args.should_save:
             ckpt.clean_staging(run_dir)
@@ -291,10 +344,13 @@ class MedRegTrainer(trainer_base()):
         finally:
             self._staging = False
         self._barrier()
+        staged = ckpt.staging_root(run_dir) / f"checkpoint-{self.state.global_step}"
+        write_rank_manifest(staged, self.args.process_index, self.args.world_size)
+        self._barrier()
         if self.args.should_save:
-            staged = ckpt.staging_root(run_dir) / f"checkpoint-{self.state.global_step}"
-            ckpt.publish_checkpoint(staged, run_dir)
-            ckpt.rotate_checkpoints(run_dir, self.args.save_total_limit)
+            merge_manifests(staged)
+            final = ckpt.publish_checkpoint(staged, run_dir)
+            ckpt.rotate_checkpoints(run_dir, self.args.save_total_limit, keep=final)
         self._barrier()
 
     def _barrier(self) -> None:
@@ -311,7 +367,7 @@ class MedRegTrainer(trainer_base()):
             default(output_dir, state_dict=state_dict)
             if self.args.should_save and self.processing_class is not None:
                 save_tokenizer(self.processing_class, output_dir)
-            return None
+            return self._training_args_as_json(output_dir)
         if not self.args.should_save:
             return None
         os.makedirs(output_dir, exist_ok=True)
@@ -320,6 +376,17 @@ class MedRegTrainer(trainer_base()):
             self.model.config.save_pretrained(output_dir)
         if self.processing_class is not None:
             save_tokenizer(self.processing_class, output_dir)
+        return None
+
+    def _training_args_as_json(self, output_dir: str) -> None:
+        """Replace Trainer's pickled `training_args.bin` (read by nothing) by `training_args.json`."""
+        if not self.args.should_save:
+            return None
+        pickled = os.path.join(output_dir, "training_args.bin")
+        if os.path.isfile(pickled):
+            os.remove(pickled)
+        with open(os.path.join(output_dir, "training_args.json"), "w", encoding="utf-8") as fh:
+            fh.write(self.args.to_json_string())
         return None
 
     def load_checkpoint_weights(self, resume_from_checkpoint: str, model: nn.Module | None, default) -> None:
