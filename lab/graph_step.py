@@ -37,8 +37,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..constants import IGNORE_INDEX
-from ..ops.train_speedups import fused_loss_forward
+from internvl.constants import IGNORE_INDEX
+from internvl.ops.train_speedups import fused_loss_forward
 
 logger = logging.getLogger(__name__)
 

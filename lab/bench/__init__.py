@@ -1,4 +1,4 @@
 """GPU benchmark of the toolkit against transformers' native InternVL: training, packing, generation, real shape.
 
-Run `python -m internvl.bench --help` (or `python scripts/bench.py`); see docs/performance.md.
+Run `python -m lab.bench --help`; see docs/performance.md.
 """

@@ -1,4 +1,4 @@
-"""Entry point: `python -m internvl.bench` (see internvl.bench.cli)."""
+"""Entry point: `python -m lab.bench` (see lab.bench.cli)."""
 from .cli import main
 
 raise SystemExit(main())

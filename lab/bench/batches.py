@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..constants import IGNORE_INDEX
+from internvl.constants import IGNORE_INDEX
 from .lengths import IMAGE_TOKENS, SampleLength
 
 
@@ -86,7 +86,7 @@ def padded_batches(samples: list[SampleLength], batch: int, *, vocab: int, image
                    num_image_token: int, image_size: int, seed: int = 0, pad_to: int | None = None) -> list[Batch]:
     """Consecutive groups of `batch` samples through the data pipeline's `pad_collate` (right padding to the
     longest in the group), or padded further to `pad_to` tokens (the original InternVL without group_by_length)."""
-    from ..data.collate import pad_collate
+    from internvl.data.collate import pad_collate
 
     gen = torch.Generator().manual_seed(seed)
     feats = _features(samples, vocab=vocab, image_token_id=image_token_id, num_image_token=num_image_token,
@@ -110,7 +110,7 @@ def packed_batches(samples: list[SampleLength], rows_per_batch: int, row_len: in
     restarting per sample, no attention_mask: transformers derives the block-diagonal causal mask from them).
 
     Samples are taken in order; each micro-batch gets the samples that fill about `rows_per_batch` rows."""
-    from ..data.collate import PackedCollator
+    from internvl.data.collate import PackedCollator
 
     gen = torch.Generator().manual_seed(seed)
     feats = _features(samples, vocab=vocab, image_token_id=image_token_id, num_image_token=num_image_token,

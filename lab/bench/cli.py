@@ -1,9 +1,9 @@
-"""`python -m internvl.bench`: one run, one table (absolute figures + ratios), one JSON.
+"""`python -m lab.bench`: one run, one table (absolute figures + ratios), one JSON.
 
 Sections (pick with --sections): `train` (ours vs native, checkpointing off/on), `pack` (packing vs padding on the
 IU length mix), `gen` (batch 1/8/32 greedy, ours vs native default and native static+compiled), `real` (the 40B
 MedRegA shape through batch_chat), `profile` (torch.profiler top kernels of one step of each kind), `kernels` (our
-batch-1 decode kernels against cuBLAS / cuDNN / inductor on the decoder's shapes, internvl/bench/kernel_bench.py).
+batch-1 decode kernels against cuBLAS / cuDNN / inductor on the decoder's shapes, lab/bench/kernel_bench.py).
 Every case runs inside try/except: a failure is recorded in the JSON and the table, the run goes on.
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ from .runtime import free
 from .runtime import guard as _guard
 from .train_bench import ours_loss, run_train_case, set_fast, train_table_lines
 
-log = logging.getLogger("internvl.bench")
+log = logging.getLogger("lab.bench")
 IMG_ID_OFFSET = 1  # the image-context id used in synthetic batches: vocab_size - 1
 
 
@@ -117,7 +117,7 @@ def _save_partial(args, res: dict) -> None:
 def section_gen(args, res: dict, config) -> None:
     from transformers import CompileConfig
 
-    from ..model.fast_generate import decoder_for
+    from internvl.model.fast_generate import decoder_for
     from .build import build_native, build_ours
     from .gen_bench import RealLLM, apply_variant, profile_replays, real_llm_variants
     from .runtime import Deadline
@@ -269,7 +269,7 @@ def section_profile(args, res: dict, config) -> None:
     """Top CUDA kernels of one fast training step and one fast decode step (torch.profiler)."""
     from torch.profiler import ProfilerActivity, profile
 
-    from ..model.fast_generate import decoder_for
+    from internvl.model.fast_generate import decoder_for
     from .build import build_ours
 
     vocab = config.llm_config.vocab_size
@@ -370,7 +370,7 @@ def fmt_table(res: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m internvl.bench", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m lab.bench", description=__doc__)
     p.add_argument("--sections", default="train,pack,gen,real", help="comma list of train,pack,gen,real,profile,"
                    "kernels")
     p.add_argument("--preset", default="mid")
@@ -380,13 +380,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--train-variants", default="default",
-                   help="comma list of our training variants (internvl/bench/train_bench.py TRAIN_VARIANTS: s1, "
+                   help="comma list of our training variants (lab/bench/train_bench.py TRAIN_VARIANTS: s1, "
                         "padded, compiled, default, outside, skip2, skip4, graphs, maxtune, graphstep), each optionally :on / :off")
     p.add_argument("--train-profile", action="store_true", help="profile the checkpointing-on step (native, s1, "
                    "default) with torch.profiler")
     p.add_argument("--train-profile-full", action="store_true", help="after the timed checkpointing-off cases "
                    "(native, the default and graphs variants) profile 3 full optimizer steps: wall, GPU busy/idle, time by kernel kind "
-                   "(internvl/bench/train_profile.py)")
+                   "(lab/bench/train_profile.py)")
     p.add_argument("--train-deadline-s", type=float, default=None, help="skip the remaining training cases after this")
     p.add_argument("--pack-samples", type=int, default=96)
     p.add_argument("--pack-batch", type=int, default=8)
@@ -397,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gen-batches", default="1,8,32")
     p.add_argument("--static-batches", default="1,32", help="batches at which native static+compiled is timed")
     p.add_argument("--plain-batches", default="1", help="batches at which our plain HF generate is timed")
-    p.add_argument("--gen-variants", default="", help="comma list of decode variants (internvl/bench/gen_bench.py "
+    p.add_argument("--gen-variants", default="", help="comma list of decode variants (lab/bench/gen_bench.py "
                    "VARIANTS, the first is the baseline of the ratios) timed side by side at batch 1")
     p.add_argument("--gen-variants-batched", default="baseline,packed+tuned", help="variants timed at batches > 1")
     p.add_argument("--gen-cases", default="", help="explicit order of variant cases, e.g. 1:baseline,32:packed "
@@ -447,7 +447,7 @@ def main(argv: list[str] | None = None) -> int:
 
     config = load_preset(args.preset, ps_version="v2")  # the native class only has pixel-shuffle v2
     res: dict = {"args": {k: str(v) if isinstance(v, torch.dtype) else v for k, v in vars(args).items()}, "peak_flops": args.peak,
-                 "flops_formula": "see internvl/bench/flops.py and docs/performance.md"}
+                 "flops_formula": "see lab/bench/flops.py and docs/performance.md"}
     res["device"] = device_ceilings() if args.device == "cuda" else {"gpu": "cpu", "copy_bytes_per_s": 1e10}
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     for name in sections:

@@ -9,7 +9,7 @@ import traceback
 
 import torch
 
-logger = logging.getLogger("internvl.bench")
+logger = logging.getLogger("lab.bench")
 
 
 def guard(results: dict, key: str, fn, *args, **kwargs):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..ops.train_speedups import (
+from internvl.ops.train_speedups import (
     TrainSpeedups,
     apply_train_speedups,
     fused_loss_forward,
@@ -47,7 +47,7 @@ TRAIN_VARIANTS: dict[str, tuple[TrainSpeedups, str]] = {
                "steps: run 9 showed the GPU idle a third of the step)"),
     "maxtune": (TrainSpeedups(compile_mode="max-autotune-no-cudagraphs"), "default, inductor max-autotune GEMMs"),
     "graphstep": (TrainSpeedups(), "default, the whole step (forward, loss, backward, AdamW) replayed as one CUDA "
-                  "graph (`internvl.train.graph_step.CudaGraphTrainStep`)"),
+                  "graph (`lab.graph_step.CudaGraphTrainStep`)"),
     "graphstep+cdt": (TrainSpeedups(compile_options={"coordinate_descent_tuning": True}),
                       "graphstep, inductor's coordinate-descent tuning of the layers' fused kernels"),
 }
@@ -116,7 +116,7 @@ def set_checkpointing(model, on: bool) -> None:
     """Our model: the trainer's `enable_gradient_checkpointing` (LLM + ViT, non-reentrant); native: HF's own."""
     if on:
         if hasattr(model, "vision_model") and hasattr(model, "mlp1"):
-            from ..train.build import enable_gradient_checkpointing
+            from internvl.train.build import enable_gradient_checkpointing
 
             enable_gradient_checkpointing(model)
         else:
@@ -134,7 +134,7 @@ def graph_step_batch(b: Batch) -> dict:
 def profile_graph_step_case(model, batches: list[Batch], path: Path, *, impl: str = "auto") -> dict:
     """`profile_full_step` of `CudaGraphTrainStep` replays (a fresh capturable AdamW and step object; its eager steps
     and the capture are the unprofiled warm-up)."""
-    from ..train.graph_step import CudaGraphTrainStep
+    from lab.graph_step import CudaGraphTrainStep
 
     opt = bench_optimizer(model, capturable=True)
     stepper = CudaGraphTrainStep(model, opt, impl=impl)
@@ -155,7 +155,7 @@ def run_train_case(name: str, model, loss_fn, batches: list[Batch], *, shape: Mo
     its eager steps and the capture fall in the warm-up, and the peak memory covers them (the replays allocate
     nothing).
     """
-    from ..train.graph_step import CudaGraphTrainStep
+    from lab.graph_step import CudaGraphTrainStep
 
     set_checkpointing(model, ckpt)
     prepared = prepare(model) if prepare is not None else None

@@ -9,9 +9,9 @@ generated in a temporary directory (random-texture JPEGs, so decoding is not art
 
 Usage::
 
-    python3 benchmarks/bench_dataloading.py                       # 1,000 records, 2 workers, padding
-    python3 benchmarks/bench_dataloading.py --pack --workers 4    # packing collator
-    python3 benchmarks/bench_dataloading.py --tokenizer /ckpt/medrega   # the real Yi tokenizer
+    python3 -m lab.benchmarks.bench_dataloading                       # 1,000 records, 2 workers, padding
+    python3 -m lab.benchmarks.bench_dataloading --pack --workers 4    # packing collator
+    python3 -m lab.benchmarks.bench_dataloading --tokenizer /ckpt/medrega   # the real Yi tokenizer
 
 This is a script, not a test: it prints numbers and checks nothing.
 """
@@ -20,20 +20,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
+from torch.utils.data import DataLoader
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-
-from internvl.data.collate import PackedCollator, pad_collate  # noqa: E402
-from internvl.data.dataset import build_training_dataset  # noqa: E402
-from internvl.regions import format_region, pixels_to_box  # noqa: E402
-from internvl.tokenization import load_tokenizer, train_sentencepiece_tokenizer  # noqa: E402
+from internvl.data.collate import PackedCollator, pad_collate
+from internvl.data.dataset import build_training_dataset
+from internvl.regions import format_region, pixels_to_box
+from internvl.tokenization import load_tokenizer, train_sentencepiece_tokenizer
 
 BASE = ("You are a helpful medical assistant. Your task is object detection. The region is represented in the form of "
         "bounding box, [x1, y1, x2, y2], with integers ranging from 0 to 999.")
@@ -76,9 +75,6 @@ def main() -> None:
     parser.add_argument("--tokenizer", help="local tokenizer directory (default: a small SentencePiece one)")
     parser.add_argument("--epochs", type=int, default=2, help="passes; the first includes worker start-up")
     args = parser.parse_args()
-
-    import torch
-    from torch.utils.data import DataLoader
 
     torch.set_num_threads(1)
     rng = np.random.default_rng(0)

@@ -3,7 +3,7 @@ and forward + backward in bf16: the `mid` LLM's causal grouped-query attention (
 tokens, head dim 64; native `enable_gqa` and repeated KV) and its ViT's full attention (8 x 16 heads x 1025 tokens).
 Prints milliseconds per call as JSON. Run 16 (docs/performance.md): cuDNN is the fastest on both.
 
-    python scripts/gpu_attention_probe.py
+    python -m lab.scripts.gpu_attention_probe
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from internvl.bench.runtime import cuda_milliseconds
+from lab.bench.runtime import cuda_milliseconds
 
 CASES = {
     "llm_causal_gqa": {"batch": 8, "q_heads": 32, "kv_heads": 4, "tokens": 1024, "head_dim": 64, "causal": True},

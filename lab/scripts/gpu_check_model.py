@@ -3,7 +3,7 @@
 and peak memory, HF-native parity on the GPU, device_map loading (incl. a forced GPU/CPU split), and 8-bit/4-bit
 loading when bitsandbytes imports.  Random weights; the tiny SentencePiece test tokenizer.
 
-    python scripts/gpu_check_model.py --out OUT_DIR [--device cuda] [--quick]
+    python -m lab.scripts.gpu_check_model --out OUT_DIR [--device cuda] [--quick]
 
 Every timing is also given as a ratio to a bf16 8192^3 matmul measured in the same process (the machines are
 shared and noisy).  Results go to OUT_DIR/gpu_check_model.json (written after every section); a failing section is
@@ -22,14 +22,16 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "src"), str(ROOT / "tests")]
-
 import torch
+import transformers
+from transformers import InternVLForConditionalGeneration
 
 from internvl.constants import IMG_CONTEXT_TOKEN
 from internvl.model import InternVLChatModel, load_preset
+from internvl.model.hf_conversion import convert_config_to_hf, convert_state_dict_to_hf
 from internvl.model.loading import count_parameters, load_pretrained
+from internvl.testing import build_tiny_tokenizer_dir
+from internvl.tokenization import load_tokenizer
 
 
 def sync(device: str) -> None:
@@ -163,13 +165,6 @@ def chat_check(model, tokenizer, device, new_tokens: int, batch_size: int, basel
 
 def parity_check(model: InternVLChatModel, tokenizer, device: str) -> dict:
     """fp32 copy with ps_version v2 vs transformers' native InternVLForConditionalGeneration on the same device."""
-    from transformers import InternVLForConditionalGeneration
-
-    from internvl.model.hf_conversion import (
-        convert_config_to_hf,
-        convert_state_dict_to_hf,
-    )
-
     config = InternVLChatModel.config_class(**model.config.to_dict())
     config.ps_version = "v2"
     ours = InternVLChatModel(config).to(device).eval()
@@ -263,20 +258,6 @@ def main(argv: list[str] | None = None) -> int:
               flush=True)
         out_file.write_text(json.dumps(report, indent=2, default=str))
         return report.get(name)
-
-    import transformers
-
-    try:
-        import pytest  # noqa: F401  (the fixture module decorates with pytest.fixture)
-    except ImportError:  # GPU images may lack pytest: a pass-through decorator is all the module needs
-        import types
-
-        stub = types.ModuleType("pytest")
-        stub.fixture = lambda *a, **k: (a[0] if a and callable(a[0]) else (lambda f: f))
-        sys.modules["pytest"] = stub
-    from fixtures.tokenizer import build_tiny_tokenizer_dir
-
-    from internvl.tokenization import load_tokenizer
 
     section("environment", lambda: {
         "torch": torch.__version__, "transformers": transformers.__version__,

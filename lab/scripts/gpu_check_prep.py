@@ -1,19 +1,17 @@
 #!/usr/bin/env python3
-"""Inputs for the GPU training checks (scripts/gpu_train_check.sh, scripts/gpu_multi_train_check.sh) in one folder:
-the tiny SentencePiece tokenizer, the synthetic 448 px bright-square Text-to-Region set, and copies of the ZeRO-2/3
+"""Inputs for the GPU training checks (lab/scripts/gpu_train_check.sh, lab/scripts/gpu_multi_train_check.sh) in one
+folder: the tiny SentencePiece tokenizer, the synthetic 448 px bright-square Text-to-Region set, and copies of the ZeRO-2/3
 configs that use torch's AdamW inside DeepSpeed (no CUDA extension build on a bare machine).
 
-    python scripts/gpu_check_prep.py /tmp/gpu_check      # prints the meta file path
+    python -m lab.scripts.gpu_check_prep /tmp/gpu_check      # from the repository root; prints the meta file path
 """
 import json
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "src"), str(ROOT / "tests")]
+from internvl.testing import build_tiny_tokenizer_dir, write_square_dataset
 
-from fixtures.tokenizer import build_tiny_tokenizer_dir  # noqa: E402
-from train.square_task import write_square_dataset  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
 
 work = Path(sys.argv[1])
 work.mkdir(parents=True, exist_ok=True)

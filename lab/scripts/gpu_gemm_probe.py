@@ -6,7 +6,7 @@ the input gradient and the weight gradient, in bf16, under `torch.backends.cuda.
 `("cublaslt")`, and prints milliseconds and TFLOP/s per product as JSON, with the per-step total of each back end
 (layers x products).
 
-    python scripts/gpu_gemm_probe.py
+    python -m lab.scripts.gpu_gemm_probe
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import json
 import torch
 import torch.nn.functional as F
 
-from internvl.bench.runtime import cuda_milliseconds
+from lab.bench.runtime import cuda_milliseconds
 
 #: name -> (rows, in features, out features, bias, layers)
 LAYERS = {

@@ -1,4 +1,4 @@
-"""GPU check of the CUDA-graph training step (`internvl.train.graph_step.CudaGraphTrainStep`).
+"""GPU check of the CUDA-graph training step (`lab.graph_step.CudaGraphTrainStep`).
 
 From the same random bf16 weights and batches (the benchmark's `mid` preset, 8 x 1024-token one-image samples) it
 runs `--steps` optimizer steps of the plain loop (the trainer's fast paths and fused loss, AdamW) and of the graph
@@ -12,7 +12,7 @@ Exits 1 when the curves differ by more than --rtol or the step never captured an
 varied lengths, position ids restarting per sample), cycled: each signature is captured on its third sighting, and
 attention runs under transformers' block-diagonal mask.
 
-    python scripts/gpu_graph_step_check.py --steps 8 [--ckpt] [--packed]
+    python -m lab.scripts.gpu_graph_step_check --steps 8 [--ckpt] [--packed]     # from the repository root
 """
 from __future__ import annotations
 
@@ -23,6 +23,14 @@ import traceback
 import warnings
 
 import torch
+
+from internvl.model import load_preset
+from lab.bench import batches as B
+from lab.bench.build import build_ours
+from lab.bench.lengths import SampleLength
+from lab.bench.train_bench import graph_step_batch, ours_loss, set_checkpointing, set_fast
+from lab.bench.train_profile import bench_optimizer
+from lab.graph_step import CudaGraphTrainStep
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,23 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rtol", type=float, default=2e-3)
     args = p.parse_args(argv)
 
-    from internvl.bench import batches as B
-    from internvl.bench.build import build_ours
-    from internvl.bench.train_bench import (
-        graph_step_batch,
-        ours_loss,
-        set_checkpointing,
-        set_fast,
-    )
-    from internvl.bench.train_profile import bench_optimizer
-    from internvl.model import load_preset
-    from internvl.train.graph_step import CudaGraphTrainStep
-
     config = load_preset(args.preset)
     img_id = config.llm_config.vocab_size - 1
     if args.packed:
-        from internvl.bench.lengths import SampleLength
-
         gen = torch.Generator().manual_seed(0)
         samples = [SampleLength("mixed", 24 + B.IMAGE_TOKENS + 30, int(torch.randint(5, 700, (1,), generator=gen)))
                    for _ in range(4 * args.batch)]

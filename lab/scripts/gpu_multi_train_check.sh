@@ -7,14 +7,14 @@
 #   2. the slurm recipe's torchrun path with two "nodes" on one host: src/shell/medrega_stage2_full.sh started twice
 #      (NNODES=2, NODE_RANK=0/1, one GPU each, MASTER_ADDR=127.0.0.1), compared with the 2-GPU single-node run.
 # Reports tokens/s, samples/s and peak memory per GPU (rank 0) and the largest per-step loss difference.
-#   bash scripts/gpu_multi_train_check.sh       (OUT=dir STEPS=n to change; logs and trainer_state.json under OUT)
+#   bash lab/scripts/gpu_multi_train_check.sh       (OUT=dir STEPS=n to change; logs and trainer_state.json under OUT)
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."  # the repository root: `python3 -m lab...` imports the lab from here
 OUT="${OUT:-runs/gpu_multi_check}"; STEPS="${STEPS:-20}"; WORK=/tmp/gpu_multi_check
 mkdir -p "${OUT}" "${WORK}"
-export PYTHONPATH="${PWD}/src:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-META=$(python3 scripts/gpu_check_prep.py "${WORK}" 128 | tail -n 1)
+META=$(python3 -m lab.scripts.gpu_check_prep "${WORK}" 128 | tail -n 1)
 COMMON=(--preset mid --tokenizer_path "${WORK}/tok" --meta_path "${META}" --freeze_backbone True --freeze_mlp True
         --bf16 True --grad_checkpoint True --max_steps "${STEPS}" --logging_steps 1 --save_strategy no
         --report_to none --disable_tqdm True --dataloader_num_workers 4 --max_seq_length 1024 --seed 11
@@ -37,7 +37,7 @@ for stage in 2 3; do
   for mode in lora full; do
     CUDA_VISIBLE_DEVICES=0 run "z${stage}_${mode}_1gpu" 1 2 "${stage}" "${mode}"
     CUDA_VISIBLE_DEVICES=0,1 run "z${stage}_${mode}_2gpu" 2 1 "${stage}" "${mode}"
-    python3 scripts/summarize_train_logs.py "${OUT}/z${stage}_${mode}_1gpu_state.json" \
+    python3 -m lab.scripts.summarize_train_logs "${OUT}/z${stage}_${mode}_1gpu_state.json" \
       "${OUT}/z${stage}_${mode}_2gpu_state.json" --reference "${OUT}/z${stage}_${mode}_1gpu_state.json" \
       | tee -a "${OUT}/summary.md" || true
   done
@@ -56,5 +56,5 @@ done
 wait || echo "two-node run FAILED (see ${OUT}/two_nodes_rank*.log)"
 echo "two_nodes: $(( $(date +%s) - start )) s"
 cp "${WORK}/two_nodes/trainer_state.json" "${OUT}/two_nodes_state.json" 2>/dev/null || true
-python3 scripts/summarize_train_logs.py "${OUT}/z3_full_2gpu_state.json" "${OUT}/two_nodes_state.json" \
+python3 -m lab.scripts.summarize_train_logs "${OUT}/z3_full_2gpu_state.json" "${OUT}/two_nodes_state.json" \
   --reference "${OUT}/z3_full_2gpu_state.json" | tee -a "${OUT}/summary.md" || true

@@ -3,14 +3,14 @@
 # Text-to-Region data): ZeRO-2 and ZeRO-3, LoRA (r16, LLM) and full (LLM trained, ViT + projector frozen), bf16,
 # gradient checkpointing. Writes per-run logs and trainer_state.json files, and a summary table of tokens/s
 # (median over the logged steps after the first 2) and peak GPU memory, to ${OUT:-runs/gpu_check}.
-#   bash scripts/gpu_train_check.sh                 (needs peft + deepspeed; see docs/training.md)
-#   STAGES="2" MODES="full" STEPS=6 bash scripts/gpu_train_check.sh    (a subset)
+#   bash lab/scripts/gpu_train_check.sh                 (needs peft + deepspeed; see docs/training.md)
+#   STAGES="2" MODES="full" STEPS=6 bash lab/scripts/gpu_train_check.sh    (a subset)
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."  # the repository root: `python3 -m lab...` imports the lab from here
 OUT="${OUT:-runs/gpu_check}"; STEPS="${STEPS:-8}"; BS="${BS:-8}"
 mkdir -p "${OUT}" /tmp/gpu_check
-export PYTHONPATH="${PWD}/src:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
-META=$(python3 scripts/gpu_check_prep.py /tmp/gpu_check 96 | tail -n 1)
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
+META=$(python3 -m lab.scripts.gpu_check_prep /tmp/gpu_check 96 | tail -n 1)
 for stage in ${STAGES:-2 3}; do
   for mode in ${MODES:-lora full}; do
     name="zero${stage}_${mode}"
@@ -27,5 +27,5 @@ for stage in ${STAGES:-2 3}; do
     cp "/tmp/gpu_check/${name}/trainer_state.json" "${OUT}/${name}_state.json" 2>/dev/null || true
   done
 done
-python3 scripts/summarize_train_logs.py "${OUT}"/zero*_state.json  \
+python3 -m lab.scripts.summarize_train_logs "${OUT}"/zero*_state.json  \
   | tee "${OUT}/summary.md"

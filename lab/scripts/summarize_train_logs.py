@@ -3,7 +3,7 @@
 after the first `--skip`), peak GPU memory, first/last loss; with `--reference`, the largest per-step loss difference
 to that run (for "same global batch, different GPU count" comparisons).
 
-    python scripts/summarize_train_logs.py runs/a/trainer_state.json runs/b/trainer_state.json --reference runs/a/...
+    python -m lab.scripts.summarize_train_logs runs/a/trainer_state.json runs/b/trainer_state.json --reference runs/a/...
 """
 import argparse
 import json

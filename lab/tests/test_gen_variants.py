@@ -1,12 +1,12 @@
-"""The benchmark's decode-variant plumbing (internvl/bench/gen_bench.py) on the CPU: variant names, the 40B-LLM
+"""The benchmark's decode-variant plumbing (lab/bench/gen_bench.py) on the CPU: variant names, the 40B-LLM
 timer on the tiny preset, and the variants table."""
 import math
 
 import pytest
 import torch
 
-from internvl.bench.gen_bench import VARIANTS, apply_variant, parse_variants, real_llm_variants, variant_lines
-from internvl.bench.runtime import Deadline
+from lab.bench.gen_bench import VARIANTS, apply_variant, parse_variants, real_llm_variants, variant_lines
+from lab.bench.runtime import Deadline
 
 
 def test_parse_and_apply_variants():

@@ -1,4 +1,4 @@
-"""The CUDA-graph training step's sync-free body on the CPU (capture itself runs on the GPU: `python -m internvl.bench
+"""The CUDA-graph training step's sync-free body on the CPU (capture itself runs on the GPU: `python -m lab.bench
 --sections train --train-variants graphstep`): the sync-free image merge, the fixed-capacity loss, the host checks,
 the causal-only mask switch, and whole steps that train exactly like the plain loop."""
 import pytest
@@ -8,7 +8,7 @@ from internvl.constants import IGNORE_INDEX
 from internvl.model import ImageTokenMismatchError, InternVLChatModel, load_preset
 from internvl.ops.cross_entropy import causal_lm_loss
 from internvl.ops.train_speedups import fused_loss_forward
-from internvl.train.graph_step import CudaGraphTrainStep, causal_only_sdpa_masks
+from lab.graph_step import CudaGraphTrainStep, causal_only_sdpa_masks
 
 IMG = 1008
 

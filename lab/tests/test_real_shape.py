@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from internvl.bench.build import build_ours
-from internvl.bench.real_shape import quantize_int8_, run_real_shape
+from lab.bench.build import build_ours
+from lab.bench.real_shape import quantize_int8_, run_real_shape
 from internvl.model import load_preset
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -66,8 +66,8 @@ def test_run_real_shape_rejects_unknown_quantization():
 
 
 def test_sharded_build_places_every_module_per_map_and_chats():
-    from internvl.bench.build import build_ours_sharded, shard_device_map
-    from internvl.bench.real_shape import bench_tokenizer
+    from lab.bench.build import build_ours_sharded, shard_device_map
+    from lab.bench.real_shape import bench_tokenizer
     from internvl.model.loading import build_on_meta
 
     config = load_preset("tiny")
@@ -87,7 +87,7 @@ def test_sharded_build_places_every_module_per_map_and_chats():
 
 
 def test_sharded_build_rejects_unplaced_modules():
-    from internvl.bench.build import build_ours_sharded
+    from lab.bench.build import build_ours_sharded
 
     with pytest.raises(ValueError, match="unplaced"):
         build_ours_sharded(load_preset("tiny"), {"vision_model": "cpu"}, dtype=torch.float32)

@@ -1,4 +1,4 @@
-"""The full training-step profile (internvl/bench/train_profile.py): interval union, busy/idle windows and the
+"""The full training-step profile (lab/bench/train_profile.py): interval union, busy/idle windows and the
 kernel categories on synthetic events, the reduction of a synthetic trace, and CPU smoke runs of the profiler and
 of the bench's `--train-profile-full` hook."""
 import json
@@ -9,10 +9,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from internvl.bench import batches as B
-from internvl.bench.build import build_ours
-from internvl.bench.train_bench import ours_loss
-from internvl.bench.train_profile import (
+from lab.bench import batches as B
+from lab.bench.build import build_ours
+from lab.bench.train_bench import ours_loss
+from lab.bench.train_profile import (
     CATEGORIES,
     CATEGORY_RULES,
     STEP_MARKER,
@@ -198,7 +198,7 @@ def test_reduce_trace_per_step_and_report():
     assert top[0]["name"] == "nvjet_tst_1" and top[0]["calls"] == 2 and top[0]["calls_per_step"] == 1.0
     with pytest.raises(RuntimeError, match="step markers"):
         reduce_trace(synthetic_trace(), 3)
-    from internvl.bench.train_profile import _mean_breakdown
+    from lab.bench.train_profile import _mean_breakdown
 
     result = {"steps": 2, "device": "cuda:0", "device_events": True, "host_ms_per_step": 150.0, "per_step": per_step,
               "mean": _mean_breakdown(per_step), "top_kernels": top, "cpu_self_ms_per_step": 0.1, "loss_last": 1.0}
@@ -249,7 +249,7 @@ def test_profile_full_step_on_cpu(tiny_setup, tmp_path):
 
 @pytest.mark.slow
 def test_bench_train_profile_full_hook_on_cpu(tmp_path):
-    from internvl.bench.cli import main
+    from lab.bench.cli import main
 
     rc = main(["--device", "cpu", "--preset", "tiny", "--sections", "train", "--batch", "1", "--seq", "330",
                "--steps", "1", "--warmup", "1", "--train-variants", "default:off", "--train-profile-full",

@@ -50,7 +50,7 @@ def test_custom_ops_trace_in_one_graph():
 
 def test_kernel_bench_shapes_and_table():
     """The kernels section times the products one decode step runs (q/k/v and gate/up packed) and prints them."""
-    from internvl.bench.kernel_bench import kernel_lines, layer_products
+    from lab.bench.kernel_bench import kernel_lines, layer_products
     from internvl.model import load_preset
 
     shapes = layer_products(load_preset("medrega").llm_config)

@@ -14,7 +14,7 @@ import pytest
 
 from internvl.train.checkpoint import find_latest_checkpoint, is_complete
 
-from .square_task import write_square_dataset
+from internvl.testing.square_task import write_square_dataset
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -244,7 +244,7 @@ class InternVLChatModel(ChatMixin, PreTrainedModel):
         output_hidden_states, ...) go to the language model.
         `sync_free`: merge the image features without reading anything back to the host (no count check, static
         shapes), for CUDA-graph capture of a whole training step; the caller checks the counts first
-        (`image_token_mismatch`, as `internvl.train.graph_step` does).
+        (`image_token_mismatch`, as `lab.graph_step` does).
         """
         if inputs_embeds is None:
             if input_ids is None:

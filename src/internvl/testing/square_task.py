@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from internvl.regions import format_region, pixels_to_box
+from ..regions import format_region, pixels_to_box
 
 QUESTION = "<image>\nPlease locate <ref>square</ref> in this image."
 BASE_PROMPT = "Find the square."
