@@ -1,10 +1,9 @@
-#!/usr/bin/env python3
 """Convert an original-layout InternVL-Chat / MedRegA checkpoint directory to transformers' native
 `InternVLForConditionalGeneration` layout (keys renamed, ViT qkv split; see internvl.model.hf_conversion).
 
-    python scripts/convert_to_hf.py SRC_DIR DST_DIR [--image-token-id 64000] [--allow-v1]
+    medrega-convert-hf SRC_DIR DST_DIR [--image-token-id 64000] [--allow-v1]
 
-The logic lives in `internvl.model.hf_conversion.convert_checkpoint_to_hf` so tests exercise the same code.
+The logic lives in `internvl.model.hf_conversion.convert_checkpoint_to_hf`; this module is only the command line.
 """
 from __future__ import annotations
 
@@ -12,13 +11,12 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-
-from internvl.model.hf_conversion import ConversionError, convert_checkpoint_to_hf
-from internvl.model.loading import CheckpointError
+from .hf_conversion import ConversionError, convert_checkpoint_to_hf
+from .loading import CheckpointError
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`medrega-convert-hf`: convert SRC to DST; 0 on success, 2 with a one-line error on a bad checkpoint."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("src", type=Path, help="original-layout checkpoint directory (config.json + safetensors)")
     parser.add_argument("dst", type=Path, help="output directory for the native transformers layout")
@@ -30,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         out = convert_checkpoint_to_hf(args.src, args.dst, image_token_id=args.image_token_id, allow_v1=args.allow_v1)
     except (ConversionError, CheckpointError) as exc:
-        print(f"convert_to_hf: error: {exc}", file=sys.stderr)
+        print(f"medrega-convert-hf: error: {exc}", file=sys.stderr)
         return 2
     print(f"wrote {out}")
     return 0

@@ -1,8 +1,7 @@
-#!/usr/bin/env python3
 """Merge a LoRA run of `medrega-train` into a full checkpoint in the original InternVL-Chat layout.
 
-    python scripts/merge_lora.py --run_dir runs/medrega_stage2_lora --output_dir merged/medrega-lora
-    python scripts/merge_lora.py --run_dir runs/x/checkpoint-1300 --base_model /ckpt/InternVL-Chat-V1-2 --output_dir m/
+    medrega-merge-lora --run_dir runs/medrega_stage2_lora --output_dir merged/medrega-lora
+    medrega-merge-lora --run_dir runs/x/checkpoint-1300 --base_model /ckpt/InternVL-Chat-V1-2 --output_dir m/
 
 The run directory holds `adapters/<part>/` in PEFT format, `non_lora_trainables.safetensors` and `lora_run.json`
 (which names the base checkpoint). The result loads with `InternVLChatModel.from_pretrained` with zero missing keys.
@@ -11,25 +10,21 @@ The run directory holds `adapters/<part>/` in PEFT format, `non_lora_trainables.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-
-from internvl.train.lora import load_lora_run, merge_lora_run  # noqa: E402
+from ..model import InternVLChatModel
+from ..tokenization import resize_embeddings_mean
+from .lora import load_lora_run, merge_lora_run
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def verify(run_dir: Path, merged_dir: Path, base_model: str | None, dtype: torch.dtype) -> float:
     """Max |logit difference| between base+adapters and the merged checkpoint on random token ids."""
-    import json
-
-    from internvl.model import InternVLChatModel
-    from internvl.tokenization import resize_embeddings_mean
-
     base = base_model or json.loads((run_dir / "lora_run.json").read_text())["base_model"]
     merged = InternVLChatModel.from_pretrained(str(merged_dir), dtype=dtype).eval()
     adapter = InternVLChatModel.from_pretrained(base, dtype=dtype).eval()
@@ -45,6 +40,7 @@ def verify(run_dir: Path, merged_dir: Path, base_model: str | None, dtype: torch
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`medrega-merge-lora`: merge, optionally verify; 0 on success, 2 on a bad run directory, 1 on a failed check."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run_dir", required=True, type=Path, help="LoRA run output dir or one of its checkpoints")
     parser.add_argument("--output_dir", required=True, type=Path, help="where the merged checkpoint goes")
@@ -55,14 +51,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         out = merge_lora_run(args.run_dir, args.output_dir, base_model=args.base_model, dtype=DTYPES[args.dtype])
     except (FileNotFoundError, ValueError) as exc:
-        print(f"merge_lora: error: {exc}", file=sys.stderr)
+        print(f"medrega-merge-lora: error: {exc}", file=sys.stderr)
         return 2
     print(f"merged checkpoint written to {out}")
     if args.verify:
         diff = verify(args.run_dir, out, args.base_model, DTYPES[args.dtype])
         print(f"max |logit difference| adapter vs merged: {diff:.3e}")
         if diff > 1e-4 and args.dtype == "float32":
-            print("merge_lora: error: logits differ by more than 1e-4", file=sys.stderr)
+            print("medrega-merge-lora: error: logits differ by more than 1e-4", file=sys.stderr)
             return 1
     return 0
 
