@@ -21,10 +21,21 @@ from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no network calls from the web UI
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-SRC = Path(__file__).resolve().parent
-if str(SRC) not in sys.path:  # run from a checkout without installing
-    sys.path.insert(0, str(SRC))
 
+# after the environment above (the hub and gradio read it on import); `python3 src/demo.py` finds `internvl` next to
+# this file without installing (Python puts the script's folder first on the path)
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from internvl.demo.batch import BatchError, gather_results, read_batch_file, run_batch, write_results  # noqa: E402
+from internvl.inference import (  # noqa: E402
+    GenerationSettings,
+    Generator,
+    ModelLoadError,
+    load_model_and_tokenizer,
+)
+
+SRC = Path(__file__).resolve().parent
 REPO = SRC.parent
 DEFAULT_MODEL = REPO / "asset" / "medreg-mini-model"
 DEFAULT_EXAMPLES = REPO / "asset" / "examples"
@@ -60,12 +71,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def init_distributed() -> tuple[int, int, str]:
     """(rank, world size, device). Under torchrun (``RANK`` set) join the process group: NCCL with one GPU per
     ``LOCAL_RANK`` when CUDA is available, else gloo on CPU. A plain ``python3 src/demo.py`` runs as rank 0 of 1."""
-    import torch
-
     if "RANK" not in os.environ:
         return 0, 1, "cuda" if torch.cuda.is_available() else "cpu"
-    import torch.distributed as dist
-
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
@@ -79,8 +86,6 @@ def init_distributed() -> tuple[int, int, str]:
 
 def load(args: argparse.Namespace, device: str):
     """Model (eval mode, on ``device`` unless a device map / quantisation places it) and tokenizer."""
-    from internvl.inference import ModelLoadError, load_model_and_tokenizer
-
     if not args.model.is_dir():
         hint = " (the bundled model: see docs/demo.md to rebuild it)" if args.model == DEFAULT_MODEL else ""
         raise ModelLoadError(f"{args.model}: model directory not found{hint}")
@@ -92,20 +97,17 @@ def load(args: argparse.Namespace, device: str):
     return model, tokenizer
 
 
-def generation_kwargs(args: argparse.Namespace) -> dict:
-    """Decoding settings shared by both modes (greedy unless --temperature > 0)."""
-    kw = {"max_new_tokens": args.max_new_tokens, "num_beams": args.num_beams, "do_sample": args.temperature > 0}
-    if args.temperature > 0:
-        kw["temperature"] = args.temperature
-    return kw
+def generation_settings(args: argparse.Namespace) -> GenerationSettings:
+    """Decoding settings shared by both modes (greedy unless --temperature > 0), for `internvl.inference.Generator`."""
+    sample = args.temperature > 0
+    return GenerationSettings(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, do_sample=sample,
+                              temperature=args.temperature if sample else 1.0)
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args = parse_args(argv)
     rank, world, device = init_distributed()
-    from internvl.demo.batch import BatchError
-
     try:
         if args.batch is not None:
             return run_batch_mode(args, rank, world, device)
@@ -117,22 +119,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"demo: {exc}", file=sys.stderr)
         return 2
     finally:
-        import torch.distributed as dist
-
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
 
 
 def run_batch_mode(args: argparse.Namespace, rank: int, world: int, device: str) -> int:
-    from internvl.demo.batch import gather_results, read_batch_file, run_batch, write_results
-    from internvl.inference import GenerationSettings, Generator
-
     items = read_batch_file(args.batch)  # every rank checks the whole file: a bad line stops all of them alike
     model, tokenizer = load(args, device)
-    kw = generation_kwargs(args)
-    settings = GenerationSettings(max_new_tokens=kw["max_new_tokens"], num_beams=kw["num_beams"],
-                                  do_sample=kw["do_sample"], temperature=kw.get("temperature", 1.0))
-    generator = Generator(model, tokenizer, settings, batch_size=args.batch_size)
+    generator = Generator(model, tokenizer, generation_settings(args), batch_size=args.batch_size)
     local = run_batch(generator, items, rank, world)
     results = gather_results(local, world)
     if rank == 0:
@@ -142,11 +136,12 @@ def run_batch_mode(args: argparse.Namespace, rank: int, world: int, device: str)
 
 
 def run_web(args: argparse.Namespace, device: str) -> int:
+    # imported here: gradio (a second or more to import) is needed by the web UI only, not by --batch
     from internvl.demo.app import DemoEngine, build_app, load_examples
     from internvl.demo.uploads import MAX_UPLOAD_BYTES
 
     model, tokenizer = load(args, device)
-    engine = DemoEngine(model, tokenizer, generation_kwargs(args))
+    engine = DemoEngine(model, tokenizer, generation_settings(args))
     examples = load_examples(args.examples)
     app = build_app(engine, examples, model_name=str(args.model))
     log.info("serving on http://%s:%d (model %s)", args.host, args.port, args.model)

@@ -1,9 +1,10 @@
-"""Batched generation shared by `medrega-eval run` and `src/demo.py` (batch mode and UI).
+"""Batched generation shared by `medrega-eval run` and `src/demo.py` (the web UI's chat and `--batch`).
 
 One path from a request to an answer: load the request's images (PNG/JPEG/DICOM/NIfTI through `load_image`), tile
-them with the model's image settings, render the model's chat template, and run `InternVLChatModel.batch_chat` on a
-batch of requests (left padding, the template's stop ids: `<|im_end|>` for Hermes-2). Requests are grouped by
-similar prompt length and tile count so little compute is spent on padding; answers come back in request order.
+them with the model's image settings, render the model's chat template (after the request's earlier turns, if any),
+and run `InternVLChatModel.batch_chat` on a batch of requests (left padding, the template's stop ids: `<|im_end|>` for
+Hermes-2). Requests are grouped by similar prompt length and tile count so little compute is spent on padding;
+answers come back in request order.
 
 Typical use::
 
@@ -44,12 +45,15 @@ class GenerationRequest:
     images: PIL images or paths (any format `internvl.data.images.load_image` reads); empty for text-only prompts.
     image_kwargs: extra `load_image` arguments for path images (window, slice_index, axis, frame).
     id: caller's identifier, echoed nowhere but handy for bookkeeping.
+    history: earlier (question, answer) turns of this conversation (the demo's multi-turn chat); the images'
+        `<image>` placeholders are then in the first question, and `prompt` is the new turn.
     """
 
     prompt: str
     images: Sequence[Image.Image | str | os.PathLike] = ()
     image_kwargs: dict[str, Any] = field(default_factory=dict)
     id: str | None = None
+    history: Sequence[tuple[str, str]] = ()
 
 
 @dataclass
@@ -186,6 +190,7 @@ class Generator:
             [r.prompt for r in requests],
             generation_config=self.settings.to_kwargs(),
             num_patches_list=num_patches_list,
+            histories=[list(r.history) for r in requests],
         )
 
     def iter_generate(self, requests: Sequence[GenerationRequest]) -> Iterator[list[tuple[int, str]]]:
