@@ -3,7 +3,7 @@ from generate / batch_chat as transformers' generate, and a fallback for samplin
 import pytest
 import torch
 
-from internvl.model import InternVLChatModel, load_preset
+from internvl.model import DecodeConfig, InternVLChatModel, load_preset
 
 
 @pytest.fixture()
@@ -29,7 +29,7 @@ def test_fast_generate_equals_plain(model):
     kw = dict(pixel_values=pix, input_ids=ids, attention_mask=mask, max_new_tokens=7, do_sample=False,
               eos_token_id=[4], pad_token_id=0)
     plain = model.generate(fast_generate=False, **kw)
-    model.language_model.fast_decode_backend = None
+    model.decode_config = DecodeConfig(backend=None)
     fast = model.generate(fast_generate="always", **kw)
     assert torch.equal(fast, plain)
     # sampling is not the fast path's business: it falls back to transformers' generate
@@ -47,7 +47,7 @@ def test_batch_chat_fast_equals_plain(model, tiny_tokenizer):
     model.fast_generate = False
     plain = model.batch_chat(tiny_tokenizer, pix, questions, generation_config=cfg)
     model.fast_generate = "always"
-    model.language_model.fast_decode_backend = None
+    model.decode_config = DecodeConfig(backend=None)
     fast = model.batch_chat(tiny_tokenizer, pix, questions, generation_config=cfg)
     assert fast == plain
 
@@ -62,10 +62,10 @@ def test_generate_falls_back_while_training_compiled_layers_are_active(model, mo
     kw = dict(pixel_values=pix, input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=5,
               do_sample=False, eos_token_id=[4], pad_token_id=0)
     plain = model.generate(fast_generate=False, **kw)
-    model.language_model.fast_decode_backend = None
+    model.decode_config = DecodeConfig(backend=None)
     used = []
     real_decoder_for = fg.decoder_for
-    monkeypatch.setattr(fg, "decoder_for", lambda lm: used.append(1) or real_decoder_for(lm))
+    monkeypatch.setattr(fg, "decoder_for", lambda lm, config: used.append(1) or real_decoder_for(lm, config))
     compile_layers(model.language_model, backend="eager")
     try:
         assert fg.has_training_compiled_layers(model.language_model)

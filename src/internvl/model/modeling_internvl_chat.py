@@ -20,6 +20,7 @@ from transformers.modeling_outputs import ModelOutput
 from ..constants import IGNORE_INDEX
 from .chat import ChatMixin
 from .configuration_internvl_chat import InternVLChatConfig
+from .decode_config import DecodeConfig
 from .devices import execution_device
 from .modeling_intern_vit import InternVisionModel
 
@@ -87,8 +88,9 @@ class InternVLChatModel(ChatMixin, PreTrainedModel):
         self.img_context_token_id: int | None = None
         # Greedy `generate` on one CUDA device uses a static KV cache and a CUDA-graph decode step
         # (internvl/model/fast_generate.py, docs/performance.md). False = transformers' generate; "always" = also on
-        # the CPU (tests).
+        # the CPU (tests). `decode_config` holds that decoder's options (the measured defaults).
         self.fast_generate: bool | str = True
+        self.decode_config = DecodeConfig()
 
         self.vision_model = vision_model if vision_model is not None else InternVisionModel(config.vision_config)
         if language_model is None:
@@ -320,6 +322,7 @@ class InternVLChatModel(ChatMixin, PreTrainedModel):
             attention_mask = torch.ones_like(input_ids)
         attention_mask = attention_mask.to(inputs_embeds.device)
         if fast == "always" or (fast and inputs_embeds.is_cuda):
+            # imported on first use: the decoder imports Triton (~0.5 s) and registers its custom ops
             from .fast_generate import (
                 decoder_for,
                 greedy_settings,
@@ -335,7 +338,8 @@ class InternVLChatModel(ChatMixin, PreTrainedModel):
                 settings = greedy_settings(dict(generate_kwargs, generation_config=config),
                                            self.language_model.generation_config.eos_token_id)
             if settings is not None:
-                tokens = decoder_for(self.language_model).generate(inputs_embeds, attention_mask, **settings)
+                decoder = decoder_for(self.language_model, self.decode_config)
+                tokens = decoder.generate(inputs_embeds, attention_mask, **settings)
                 return trim_after_eos(tokens, settings["eos_token_id"], settings["pad_token_id"])
         generate_kwargs.setdefault("use_cache", True)
         return self.language_model.generate(
