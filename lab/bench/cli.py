@@ -15,14 +15,32 @@ import time
 from pathlib import Path
 
 import torch
+from torch.profiler import ProfilerActivity, profile
+from transformers import CompileConfig
+
+from internvl.model import DecodeConfig, load_preset
+from internvl.model.fast_generate import decoder_for
 
 from . import batches as B
+from .build import build_native, build_ours
 from .flops import H100_H200_BF16_PEAK, decode_weight_bytes, shape_of
-from .gen_bench import agreement, run_gen_case, variant_lines
+from .gen_bench import (
+    RealLLM,
+    agreement,
+    apply_variant,
+    parse_variants,
+    profile_replays,
+    real_llm_variants,
+    run_gen_case,
+    variant_lines,
+)
+from .kernel_bench import kernel_lines, section_kernels
 from .lengths import describe, iu_report_token_lengths, sample_mix
-from .runtime import free
+from .real_shape import run_real_shape
+from .runtime import Deadline, free
 from .runtime import guard as _guard
 from .train_bench import ours_loss, run_train_case, set_fast, train_table_lines
+from .train_bench import section_train as run_train_section
 
 log = logging.getLogger("lab.bench")
 IMG_ID_OFFSET = 1  # the image-context id used in synthetic batches: vocab_size - 1
@@ -57,20 +75,16 @@ def device_ceilings() -> dict:
 
 def section_train(args, res: dict, config) -> None:
     """Native vs our trainer's fast paths (variants side by side), checkpointing off/on: `train_bench.section_train`."""
-    from .train_bench import section_train as run_section
-
     def batches_for(vocab: int, img_id: int) -> list:
         return [B.fixed_batch(args.batch, args.seq, vocab=vocab, image_token_id=img_id,
                               num_image_token=config.num_image_token, image_size=config.force_image_size,
                               answer_from=24 + B.IMAGE_TOKENS + 30, seed=i).to(args.device, args.dtype)
                 for i in range(2)]
 
-    run_section(args, res, config, batches_for=batches_for)
+    run_train_section(args, res, config, batches_for=batches_for)
 
 
 def section_pack(args, res: dict, config) -> None:
-    from .build import build_ours
-
     vocab = config.llm_config.vocab_size
     img_id = vocab - IMG_ID_OFFSET
     lengths = iu_report_token_lengths(args.reports)
@@ -115,13 +129,6 @@ def _save_partial(args, res: dict) -> None:
 
 
 def section_gen(args, res: dict, config) -> None:
-    from transformers import CompileConfig
-
-    from internvl.model.fast_generate import decoder_for
-    from .build import build_native, build_ours
-    from .gen_bench import RealLLM, apply_variant, profile_replays, real_llm_variants
-    from .runtime import Deadline
-
     vocab = config.llm_config.vocab_size
     img_id = vocab - IMG_ID_OFFSET
     n = args.new_tokens
@@ -136,7 +143,7 @@ def section_gen(args, res: dict, config) -> None:
 
     ours = build_ours(config, device=args.device, dtype=args.dtype, seed=0).eval()
     ours.img_context_token_id = img_id
-    ours.language_model.fast_decode_backend = None if args.decode_backend == "none" else args.decode_backend
+    ours.decode_config = DecodeConfig(backend=None if args.decode_backend == "none" else args.decode_backend)
     res["decode_weight_bytes"] = decode_weight_bytes(ours)
     native, copied = build_native(config, image_token_id=img_id, device=args.device, dtype=args.dtype, seed=0,
                                   copy_from=ours)
@@ -162,8 +169,8 @@ def section_gen(args, res: dict, config) -> None:
                                      min_new_tokens=k, do_sample=False, eos_token_id=2, pad_token_id=0, **kw)
             with torch.inference_mode():
                 emb = ours._embed(ids, pix, None)
-                return decoder_for(ours.language_model).generate(emb, mask, max_new_tokens=k, eos_token_id=[2],
-                                                                 min_new_tokens=k, pad_token_id=0)
+                dec = decoder_for(ours.language_model, ours.decode_config)
+                return dec.generate(emb, mask, max_new_tokens=k, eos_token_id=[2], min_new_tokens=k, pad_token_id=0)
         return ours_fast
 
     fast_rows = {}
@@ -188,7 +195,7 @@ def section_gen(args, res: dict, config) -> None:
             if real is not None:
                 real = None
                 free()
-            apply_variant(ours.language_model, name)
+            apply_variant(ours, name)
             r = _guard(res, "_tmp", run_gen_case, f"ours [{name}]", ours_fast_for(batch), batch=batch,
                        new_tokens=n)
             if r:
@@ -202,7 +209,7 @@ def section_gen(args, res: dict, config) -> None:
             _save_partial(args, res)
         real = None
         free()
-        apply_variant(ours.language_model, args.gen_variants[-1])
+        apply_variant(ours, args.gen_variants[-1])
     if args.gen_real_variants and args.device == "cuda" and due("40B LLM variants"):  # ~70 GiB next to the mid models
         res.setdefault("gen_real_variants", []).extend(
             _guard(res, "gen_real_variants", real_llm_variants, args.gen_real_variants,
@@ -267,11 +274,6 @@ def section_gen(args, res: dict, config) -> None:
 
 def section_profile(args, res: dict, config) -> None:
     """Top CUDA kernels of one fast training step and one fast decode step (torch.profiler)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    from internvl.model.fast_generate import decoder_for
-    from .build import build_ours
-
     vocab = config.llm_config.vocab_size
     img_id = vocab - IMG_ID_OFFSET
     ours = build_ours(config, device=args.device, dtype=args.dtype, seed=0)
@@ -294,13 +296,13 @@ def section_profile(args, res: dict, config) -> None:
     # training fast paths removed first, as the trainer does at the end of training
     set_fast(ours, False)
     ours.eval()
-    ours.language_model.fast_decode_backend = None if args.decode_backend == "none" else args.decode_backend
+    ours.decode_config = DecodeConfig(backend=None if args.decode_backend == "none" else args.decode_backend)
     ids, mask, pix = B.generation_prompts(1, vocab=vocab, image_token_id=img_id,
                                           num_image_token=config.num_image_token, image_size=config.force_image_size)
     ids, mask, pix = ids.to(args.device), mask.to(args.device), pix.to(args.device, args.dtype)
     with torch.inference_mode():
         emb = ours._embed(ids, pix, None)
-        dec = decoder_for(ours.language_model)
+        dec = decoder_for(ours.language_model, ours.decode_config)
         dec.generate(emb, mask, max_new_tokens=33)
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -316,8 +318,6 @@ def section_profile(args, res: dict, config) -> None:
 def fmt_table(res: dict) -> str:
     lines = [f"GPU: {res.get('device', {}).get('gpu', '?')}  peak for MFU: {res['peak_flops'] / 1e12:.1f} TFLOP/s"]
     lines += train_table_lines(res)
-    from .kernel_bench import kernel_lines
-
     lines += kernel_lines(res)
     if res.get("loss_guard"):
         g = res["loss_guard"]
@@ -425,8 +425,6 @@ def main(argv: list[str] | None = None) -> int:
     args.static_batches = [int(x) for x in args.static_batches.split(",") if x]
     args.plain_batches = [int(x) for x in args.plain_batches.split(",") if x]
     args.native_batches = None if args.native_batches == "all" else [int(x) for x in args.native_batches.split(",") if x]
-    from .gen_bench import parse_variants
-
     args.gen_variants = parse_variants(args.gen_variants)
     args.gen_variants_batched = parse_variants(args.gen_variants_batched)
     args.gen_real_variants = parse_variants(args.gen_real_variants)
@@ -443,8 +441,6 @@ def main(argv: list[str] | None = None) -> int:
         p.error("no CUDA GPU: the benchmark needs one (use --device cpu --preset tiny for a smoke test)")
     args.dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    from internvl.model import load_preset
-
     config = load_preset(args.preset, ps_version="v2")  # the native class only has pixel-shuffle v2
     res: dict = {"args": {k: str(v) if isinstance(v, torch.dtype) else v for k, v in vars(args).items()}, "peak_flops": args.peak,
                  "flops_formula": "see lab/bench/flops.py and docs/performance.md"}
@@ -462,12 +458,8 @@ def main(argv: list[str] | None = None) -> int:
         elif name == "profile":
             _guard(res, "section_profile", section_profile, args, res, config)
         elif name == "kernels":
-            from .kernel_bench import section_kernels
-
             _guard(res, "section_kernels", section_kernels, args, res)
         elif name == "real":
-            from .real_shape import run_real_shape
-
             for quant in [q.strip() for q in args.real_quant.split(",") if q.strip()]:
                 key = "real" if quant == "bf16" else f"real_{quant}"
                 res[key] = _guard(res, key, run_real_shape, batches=real_batches,

@@ -6,11 +6,21 @@ tokens/s is batch x new_tokens over the median wall time of the full call; per-s
 """
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import torch
+from torch.profiler import ProfilerActivity, profile
+from transformers import LlamaForCausalLM
+
+from internvl.model import DecodeConfig, load_preset
+from internvl.model.fast_generate import decoder_for
+from lab.decode_variants import LabDecodeConfig
+
+from .build import materialize
+from .flops import decode_weight_bytes
 
 
 def _timed(fn: Callable[[], torch.Tensor], repeats: int) -> tuple[float, torch.Tensor]:
@@ -71,36 +81,31 @@ def agreement(a: torch.Tensor, b: torch.Tensor) -> dict:
 # ----------------------------------------------------------------------------------------------------------------
 # Decode-step variants, side by side in one run (`--gen-variants`)
 # ----------------------------------------------------------------------------------------------------------------
-#: decode-step options per variant: the module attributes `internvl.model.fast_generate.decoder_for` reads.
+#: decode-step configuration per variant (backend left "auto": the run's --decode-backend replaces it).
 #: "baseline" is the session-1 default (HF forward of the LM, no packing, inductor without tuning); "s2" the
 #: session-2 default (packed weights; at batch 1 the model's forward tuned by inductor, elsewhere the packed step);
-#: "default" the current default (every option "auto": the packed step with our Triton attention everywhere and our
-#: GEMV at batch 1, where Triton runs).
-VARIANTS: dict[str, dict] = {
-    "default": {"fast_decode_packed": "auto", "fast_decode_attention": "auto", "fast_decode_tuning": "auto",
-                "fast_decode_gemv": "auto"},
-    "s2": {"fast_decode_packed": "auto", "fast_decode_attention": "sdpa", "fast_decode_tuning": "auto"},
-    "baseline": {"fast_decode_packed": False, "fast_decode_attention": "sdpa", "fast_decode_tuning": False},
-    "tuned": {"fast_decode_packed": False, "fast_decode_attention": "sdpa", "fast_decode_tuning": "auto"},
-    "packed": {"fast_decode_packed": True, "fast_decode_attention": "sdpa", "fast_decode_tuning": False},
-    "packed+tuned": {"fast_decode_packed": True, "fast_decode_attention": "sdpa", "fast_decode_tuning": "auto"},
-    "packed+math": {"fast_decode_packed": True, "fast_decode_attention": "math", "fast_decode_tuning": False},
-    "packed+tuned+math": {"fast_decode_packed": True, "fast_decode_attention": "math", "fast_decode_tuning": "auto"},
-    "tuned+flex": {"fast_decode_packed": False, "fast_decode_attention": "flex", "fast_decode_tuning": "auto"},
-    "packed+flex": {"fast_decode_packed": True, "fast_decode_attention": "flex", "fast_decode_tuning": False},
-    "packed+tuned+flex": {"fast_decode_packed": True, "fast_decode_attention": "flex", "fast_decode_tuning": "auto"},
-    "default+flex": {"fast_decode_packed": "auto", "fast_decode_attention": "flex", "fast_decode_tuning": "auto"},
+#: "default" the current default (`DecodeConfig()`: every option "auto", i.e. the packed step with our Triton
+#: attention everywhere and our GEMV at batch 1, where Triton runs). "math" / "flex" are lab-only attentions.
+_V = LabDecodeConfig
+VARIANTS: dict[str, DecodeConfig] = {
+    "default": DecodeConfig(),
+    "s2": _V(packed="auto", attention="sdpa", tuning="auto", gemv=False),
+    "baseline": _V(packed=False, attention="sdpa", tuning=False, gemv=False),
+    "tuned": _V(packed=False, attention="sdpa", tuning="auto", gemv=False),
+    "packed": _V(packed=True, attention="sdpa", tuning=False, gemv=False),
+    "packed+tuned": _V(packed=True, attention="sdpa", tuning="auto", gemv=False),
+    "packed+math": _V(packed=True, attention="math", tuning=False, gemv=False),
+    "packed+tuned+math": _V(packed=True, attention="math", tuning="auto", gemv=False),
+    "tuned+flex": _V(packed=False, attention="flex", tuning="auto", gemv=False),
+    "packed+flex": _V(packed=True, attention="flex", tuning=False, gemv=False),
+    "packed+tuned+flex": _V(packed=True, attention="flex", tuning="auto", gemv=False),
+    "default+flex": _V(packed="auto", attention="flex", tuning="auto", gemv=False),
     # our Triton kernels (internvl/ops/decode_kernels.py): split-cache attention and/or the batch-1 GEMV
-    "packed+tuned+triton": {"fast_decode_packed": True, "fast_decode_attention": "triton", "fast_decode_tuning": "auto"},
-    "packed+tuned+gemv": {"fast_decode_packed": True, "fast_decode_attention": "sdpa", "fast_decode_tuning": "auto",
-                          "fast_decode_gemv": True},
-    "kernels": {"fast_decode_packed": True, "fast_decode_attention": "triton", "fast_decode_tuning": "auto",
-                "fast_decode_gemv": True},
-    "kernels+untuned": {"fast_decode_packed": True, "fast_decode_attention": "triton", "fast_decode_tuning": False,
-                        "fast_decode_gemv": True},
+    "packed+tuned+triton": _V(packed=True, attention="triton", tuning="auto", gemv=False),
+    "packed+tuned+gemv": _V(packed=True, attention="sdpa", tuning="auto", gemv=True),
+    "kernels": _V(packed=True, attention="triton", tuning="auto", gemv=True),
+    "kernels+untuned": _V(packed=True, attention="triton", tuning=False, gemv=True),
 }
-for _options in VARIANTS.values():  # every variant sets every option, so variants run in any order
-    _options.setdefault("fast_decode_gemv", False)
 
 
 def parse_variants(text: str) -> list[str]:
@@ -112,10 +117,15 @@ def parse_variants(text: str) -> list[str]:
     return names
 
 
-def apply_variant(lm: torch.nn.Module, name: str) -> None:
-    """Set the decode options of variant `name` on a language model (the next generate builds its decoder)."""
-    for attr, value in VARIANTS[name].items():
-        setattr(lm, attr, value)
+def variant_config(name: str, backend: str | None = "auto") -> DecodeConfig:
+    """The decode configuration of variant `name` with dynamo backend `backend`."""
+    return dataclasses.replace(VARIANTS[name], backend=backend)
+
+
+def apply_variant(model: Any, name: str) -> None:
+    """Give `model` (an InternVLChatModel) the decode configuration of variant `name`, keeping its backend (the next
+    generate builds the matching decoder)."""
+    model.decode_config = variant_config(name, model.decode_config.backend)
 
 
 def variant_lines(res: dict) -> list[str]:
@@ -157,8 +167,6 @@ def variant_lines(res: dict) -> list[str]:
 def profile_replays(generate: Callable[[int], torch.Tensor], new_tokens: int, path: str) -> list[str]:
     """torch.profiler table (top CUDA kernels) of one already-warm `generate(new_tokens)` call: new_tokens - 1 replays
     of the captured decode step plus one prefill. Written to `path`; returns the first lines."""
-    from torch.profiler import ProfilerActivity, profile
-
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         generate(new_tokens)
@@ -176,19 +184,11 @@ class RealLLM:
 
     def __init__(self, *, prompt: int = 300, backend: str | None = "eager", copy_bytes_per_s: float,
                  device: str = "cuda", seed: int = 0, preset: str = "medrega") -> None:
-        from transformers import LlamaForCausalLM
-
-        from internvl.model import load_preset
-
-        from .build import materialize
-        from .flops import decode_weight_bytes
-
         cfg = load_preset(preset).llm_config
         dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
         t0 = time.perf_counter()
         self.lm = materialize(lambda: LlamaForCausalLM(cfg), device=device, dtype=dtype, seed=seed).eval()
         self.build_s = time.perf_counter() - t0
-        self.lm.fast_decode_backend = backend
         self.backend = backend
         self.floor_ms = decode_weight_bytes(self.lm) / copy_bytes_per_s * 1e3
         gen = torch.Generator(device=device).manual_seed(seed)
@@ -197,13 +197,11 @@ class RealLLM:
 
     def run(self, name: str, new_tokens: int) -> dict:
         """Time variant `name` (warm-up untimed); returns its row."""
-        from internvl.model.fast_generate import decoder_for
-
-        apply_variant(self.lm, name)
+        config = variant_config(name, self.backend)
 
         def generate(k: int) -> torch.Tensor:
             with torch.inference_mode():
-                return decoder_for(self.lm).generate(self.emb, self.mask, max_new_tokens=k, min_new_tokens=k,
+                return decoder_for(self.lm, config).generate(self.emb, self.mask, max_new_tokens=k, min_new_tokens=k,
                                                      eos_token_id=[2], pad_token_id=0)
 
         r = run_gen_case(f"40B LLM [{name}]", generate, batch=1, new_tokens=new_tokens, repeats=1)

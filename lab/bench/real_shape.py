@@ -11,6 +11,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from internvl.model import DecodeConfig, load_preset
+from internvl.model.loading import DEFAULT_SKIP_QUANT_MODULES, build_on_meta
+from internvl.tokenization import load_tokenizer, train_sentencepiece_tokenizer
+
+from .build import build_ours, build_ours_sharded, shard_device_map
 from .gen_bench import _timed
 from .runtime import free
 
@@ -29,8 +34,6 @@ QUESTIONS = [
 def bench_tokenizer(workdir: Path):
     """A small SentencePiece tokenizer with the ChatML + InternVL tokens (the real Yi tokenizer is not offline);
     batch_chat only needs ids below the model's vocabulary."""
-    from internvl.tokenization import load_tokenizer, train_sentencepiece_tokenizer
-
     corpus = [q.lower() + " " + q for q in QUESTIONS] * 20 + [
         "the lungs are clear . no pleural effusion or pneumothorax . heart size is normal .",
         "findings : mild cardiomegaly . impression : no acute cardiopulmonary abnormality .",
@@ -54,9 +57,7 @@ def quantize_int8_(model: nn.Module, skip_modules=None, threshold: float = 6.0) 
     `skip_modules` defaults to the loader's list (`vision_model`, `mlp1`, `lm_head`), so the result is the module
     set `load_pretrained(..., load_in_8bit=True)` produces through transformers; `threshold` is transformers'
     default `llm_int8_threshold`. For random-weight benchmarks; real checkpoints go through `load_pretrained`."""
-    import bitsandbytes as bnb
-
-    from internvl.model.loading import DEFAULT_SKIP_QUANT_MODULES
+    import bitsandbytes as bnb  # optional (CUDA builds only): imported where int8 is asked for
 
     skip = tuple(DEFAULT_SKIP_QUANT_MODULES if skip_modules is None else skip_modules)
     targets = [
@@ -91,10 +92,6 @@ def run_real_shape(*, batches=(1, 8), new_tokens: int = 128, device: str = "cuda
     linears with `quantize_int8_` after the bf16 build (its decode step then always runs eagerly: LLM.int8's outlier
     split is data-dependent and cannot be captured in a CUDA graph). `devices` > 1 shards the model over that many
     GPUs with a balanced `device_map` (each layer built on its own GPU) and reports the peak memory of each."""
-    from internvl.model import load_preset
-
-    from .build import build_ours
-
     if quantize not in (None, "int8"):
         raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
     cuda = str(device).startswith("cuda")
@@ -104,10 +101,6 @@ def run_real_shape(*, batches=(1, 8), new_tokens: int = 128, device: str = "cuda
     if devices > 1:
         if not cuda or torch.cuda.device_count() < devices:
             raise RuntimeError(f"devices={devices} needs that many CUDA GPUs; {torch.cuda.device_count()} visible")
-        from internvl.model.loading import build_on_meta
-
-        from .build import build_ours_sharded, shard_device_map
-
         device_map = shard_device_map(build_on_meta(config).to(dtype=dtype),
                                       {i: torch.cuda.mem_get_info(i)[1] * 0.9 for i in range(devices)}, dtype)
         model = build_ours_sharded(config, device_map, dtype=dtype).eval()
@@ -119,7 +112,7 @@ def run_real_shape(*, batches=(1, 8), new_tokens: int = 128, device: str = "cuda
         decode_backend = None
         if cuda:
             torch.cuda.empty_cache()
-    model.language_model.fast_decode_backend = decode_backend
+    model.decode_config = DecodeConfig(backend=decode_backend)
     _sync(device)
     build_s = time.perf_counter() - t0
     n_params = sum(p.numel() for p in model.parameters())

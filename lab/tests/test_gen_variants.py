@@ -1,10 +1,12 @@
 """The benchmark's decode-variant plumbing (lab/bench/gen_bench.py) on the CPU: variant names, the 40B-LLM
 timer on the tiny preset, and the variants table."""
 import math
+from types import SimpleNamespace
 
 import pytest
-import torch
 
+from internvl.model import DecodeConfig
+from lab.decode_variants import LabDecodeConfig
 from lab.bench.gen_bench import VARIANTS, apply_variant, parse_variants, real_llm_variants, variant_lines
 from lab.bench.runtime import Deadline
 
@@ -13,10 +15,12 @@ def test_parse_and_apply_variants():
     assert parse_variants(" baseline, packed+tuned ,") == ["baseline", "packed+tuned"]
     with pytest.raises(ValueError, match="fused"):
         parse_variants("baseline,fused")
-    lm = torch.nn.Linear(2, 2)
-    apply_variant(lm, "packed+tuned+math")
-    assert (lm.fast_decode_packed, lm.fast_decode_attention, lm.fast_decode_tuning) == (True, "math", "auto")
-    assert VARIANTS["baseline"]["fast_decode_packed"] is False
+    model = SimpleNamespace(decode_config=DecodeConfig(backend=None))
+    apply_variant(model, "packed+tuned+math")
+    config = model.decode_config
+    assert (config.packed, config.attention, config.tuning, config.backend) == (True, "math", "auto", None)
+    assert isinstance(config, LabDecodeConfig)
+    assert VARIANTS["baseline"].packed is False and VARIANTS["default"] == DecodeConfig()
 
 
 def test_real_llm_variants_tiny_cpu():
