@@ -44,7 +44,7 @@ TRAIN_VARIANTS: dict[str, tuple[TrainSpeedups, str]] = {
     "skip2": (TrainSpeedups(ckpt_skip_llm_layers=2), "default, last 2 LLM layers not checkpointed"),
     "skip4": (TrainSpeedups(ckpt_skip_llm_layers=4), "default, last 4 LLM layers not checkpointed"),
     "graphs": (TrainSpeedups(compile_mode="reduce-overhead"), "default, layers replayed as CUDA graphs (host-bound "
-               "steps: run 9 showed the GPU idle a third of the step)"),
+               "steps: the training profile showed the GPU idle a third of the step)"),
     "maxtune": (TrainSpeedups(compile_mode="max-autotune-no-cudagraphs"), "default, inductor max-autotune GEMMs"),
     "graphstep": (TrainSpeedups(), "default, the whole step (forward, loss, backward, AdamW) replayed as one CUDA "
                   "graph (`lab.graph_step.CudaGraphTrainStep`)"),

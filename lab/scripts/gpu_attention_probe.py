@@ -1,7 +1,7 @@
 """GPU probe: SDPA backends (cuDNN, FlashAttention-2, memory-efficient) on the benchmark's attention shapes, forward
 and forward + backward in bf16: the `mid` LLM's causal grouped-query attention (8 x 32 query / 4 KV heads x 1024
 tokens, head dim 64; native `enable_gqa` and repeated KV) and its ViT's full attention (8 x 16 heads x 1025 tokens).
-Prints milliseconds per call as JSON. Run 16 (docs/performance.md): cuDNN is the fastest on both.
+Prints milliseconds per call as JSON (measured: cuDNN is the fastest on both; docs/performance.md).
 
     python -m lab.scripts.gpu_attention_probe
 """
