@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS as masks
 
 from internvl.constants import IGNORE_INDEX
 from internvl.ops.train_speedups import fused_loss_forward
@@ -52,8 +53,6 @@ def causal_only_sdpa_masks() -> Iterator[None]:
 
     Only correct for rows without padding and without packing, which the caller has checked on the host. Restores
     the previous mapping on exit."""
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS as masks
-
     local = getattr(masks, "_local_mapping", {})
     previous = local.get("sdpa")
     masks["sdpa"] = lambda *args, **kwargs: None

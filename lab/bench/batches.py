@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import torch
 
 from internvl.constants import IGNORE_INDEX
+from internvl.data.collate import PackedCollator, pad_collate
+
 from .lengths import IMAGE_TOKENS, SampleLength
 
 
@@ -86,8 +88,6 @@ def padded_batches(samples: list[SampleLength], batch: int, *, vocab: int, image
                    num_image_token: int, image_size: int, seed: int = 0, pad_to: int | None = None) -> list[Batch]:
     """Consecutive groups of `batch` samples through the data pipeline's `pad_collate` (right padding to the
     longest in the group), or padded further to `pad_to` tokens (the original InternVL without group_by_length)."""
-    from internvl.data.collate import pad_collate
-
     gen = torch.Generator().manual_seed(seed)
     feats = _features(samples, vocab=vocab, image_token_id=image_token_id, num_image_token=num_image_token,
                       image_size=image_size, gen=gen)
@@ -110,8 +110,6 @@ def packed_batches(samples: list[SampleLength], rows_per_batch: int, row_len: in
     restarting per sample, no attention_mask: transformers derives the block-diagonal causal mask from them).
 
     Samples are taken in order; each micro-batch gets the samples that fill about `rows_per_batch` rows."""
-    from internvl.data.collate import PackedCollator
-
     gen = torch.Generator().manual_seed(seed)
     feats = _features(samples, vocab=vocab, image_token_id=image_token_id, num_image_token=num_image_token,
                       image_size=image_size, gen=gen)

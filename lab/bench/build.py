@@ -13,7 +13,13 @@ from __future__ import annotations
 import logging
 
 import torch
+from accelerate import dispatch_model, infer_auto_device_map
+from accelerate.utils import get_balanced_memory
 from torch import nn
+from transformers import InternVLForConditionalGeneration
+
+from internvl.model import InternVLChatModel
+from internvl.model.hf_conversion import convert_config_to_hf, convert_state_dict_to_hf
 
 logger = logging.getLogger(__name__)
 
@@ -60,8 +66,6 @@ def materialize(factory, *, device: str | torch.device, dtype: torch.dtype, seed
 def build_ours(config, *, device: str | torch.device = "cuda", dtype: torch.dtype = torch.bfloat16, seed: int = 0,
                attn_implementation: str = "sdpa"):
     """Our `InternVLChatModel` with random weights of `config` (an InternVLChatConfig) on `device`."""
-    from internvl.model import InternVLChatModel
-
     config.llm_config._attn_implementation = attn_implementation
     model = materialize(lambda: InternVLChatModel(config), device=device, dtype=dtype, seed=seed)
     return model
@@ -69,8 +73,6 @@ def build_ours(config, *, device: str | torch.device = "cuda", dtype: torch.dtyp
 
 def native_config(config, *, image_token_id: int):
     """transformers `InternVLConfig` with the sizes of our InternVLChatConfig (the model package's converter)."""
-    from internvl.model.hf_conversion import convert_config_to_hf
-
     return convert_config_to_hf(config, image_token_id)
 
 
@@ -82,8 +84,6 @@ def build_native(config, *, image_token_id: int, device: str | torch.device = "c
     weights_copied is True when `copy_from` was given: the model package's converter
     (`internvl.model.hf_conversion`) mapped its state dict onto the native model, so both compute the same function
     (with ps_version v2, the only order the native class knows)."""
-    from transformers import InternVLForConditionalGeneration
-
     hf_cfg = native_config(config, image_token_id=image_token_id)
     hf_cfg._attn_implementation = attn_implementation
     hf_cfg.text_config._attn_implementation = attn_implementation
@@ -91,8 +91,6 @@ def build_native(config, *, image_token_id: int, device: str | torch.device = "c
     model = materialize(lambda: InternVLForConditionalGeneration(hf_cfg), device=device, dtype=dtype, seed=seed)
     copied = False
     if copy_from is not None:
-        from internvl.model.hf_conversion import convert_state_dict_to_hf
-
         state = convert_state_dict_to_hf(copy_from.state_dict())
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:
@@ -105,9 +103,6 @@ def shard_device_map(model: nn.Module, max_memory: dict | None, dtype: torch.dty
     """accelerate's balanced device map of a (meta) model over `max_memory` ({gpu index or "cpu": "NGiB"}; None =
     every visible GPU), never splitting a ViT block or an LLM decoder layer: the map transformers'
     `from_pretrained(device_map="auto")` makes for a real checkpoint ("balanced": the layers spread evenly)."""
-    from accelerate import infer_auto_device_map
-    from accelerate.utils import get_balanced_memory
-
     no_split = list(getattr(model, "_no_split_modules", None) or [])
     no_split += list(getattr(model.language_model, "_no_split_modules", None) or [])
     no_split = sorted(set(no_split))
@@ -120,10 +115,6 @@ def build_ours_sharded(config, device_map: dict[str, str | int], *, dtype: torch
     """Our `InternVLChatModel` with random weights, each module of `device_map` ({module name: device}) allocated
     and filled directly on its device (meta construction; no host copy of the weights), then dispatched with
     accelerate hooks that move activations between devices, like a `device_map` load of a real checkpoint."""
-    from accelerate import dispatch_model
-
-    from internvl.model import InternVLChatModel
-
     config.llm_config._attn_implementation = attn_implementation
     with torch.device("meta"):
         model = InternVLChatModel(config)

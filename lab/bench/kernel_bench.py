@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import torch
 
+from internvl.model import load_preset
+from internvl.model.fast_generate import sdpa_gqa_decode_attention
+from internvl.ops.decode_kernels import describe_tuning, gemv, gqa_decode_attention, reference_gqa_decode_attention
+
 
 def _bench_us(fn) -> float:
     from triton.testing import do_bench
@@ -28,8 +32,6 @@ def layer_products(llm_config) -> dict[str, tuple[int, int]]:
 def gemv_rows(llm_config, device: str = "cuda") -> list[dict]:
     """One row per product: us and TB/s of ours (tuned), cuBLAS (`F.linear`) and inductor (coordinate-descent tuned
     `F.linear`, which it rewrites to a reduction at one row), and ours' max relative error against fp32."""
-    from internvl.ops.decode_kernels import describe_tuning, gemv
-
     rows = []
     for name, (n, k) in layer_products(llm_config).items():
         # one compiled function per shape (a shared one would hit dynamo's recompile limit and fall back to eager)
@@ -61,12 +63,6 @@ def gemv_rows(llm_config, device: str = "cuda") -> list[dict]:
 def attention_rows(llm_config, *, lengths=(640, 2048), batches=(1, 32), device: str = "cuda") -> list[dict]:
     """One row per (batch, cache length): us of ours, of the grouped-query SDPA the decoder uses otherwise (cuDNN /
     flash picked by PyTorch), and ours' max error against the fp32 reference (keys up to 3/4 of the cache)."""
-    from internvl.model.fast_generate import sdpa_gqa_decode_attention
-    from internvl.ops.decode_kernels import (
-        gqa_decode_attention,
-        reference_gqa_decode_attention,
-    )
-
     heads, kv_heads = llm_config.num_attention_heads, llm_config.num_key_value_heads
     dim = getattr(llm_config, "head_dim", None) or llm_config.hidden_size // heads
 
@@ -128,8 +124,6 @@ def kernel_lines(res: dict) -> list[str]:
 
 def section_kernels(args, res: dict) -> None:
     """Kernel micro-benchmarks for the `mid` and `medrega` decoder shapes (random bf16 tensors, nothing built)."""
-    from internvl.model import load_preset
-
     block = res.setdefault("kernels", {})
     for preset in dict.fromkeys([args.preset, "medrega"]):
         cfg = load_preset(preset).llm_config

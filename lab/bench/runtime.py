@@ -8,6 +8,7 @@ import time
 import traceback
 
 import torch
+import torch._dynamo as dynamo
 
 logger = logging.getLogger("lab.bench")
 
@@ -43,8 +44,6 @@ def free(*, reset_compiled: bool = False) -> None:
     """Collect garbage and return cached device memory, so the next case's peak starts clean. `reset_compiled` also
     clears dynamo's compiled-code caches, whose guards and closures (and CUDA graphs) keep a finished model alive."""
     if reset_compiled:
-        import torch._dynamo as dynamo
-
         dynamo.reset()
     gc.collect()
     if torch.cuda.is_available():

@@ -7,28 +7,24 @@ forward, backward, fused AdamW step (lr 1e-5), everything trainable.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
 from pathlib import Path
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
-from internvl.ops.train_speedups import (
-    TrainSpeedups,
-    apply_train_speedups,
-    fused_loss_forward,
-    remove_train_speedups,
-)
+from internvl.model import InternVLChatModel
+from internvl.ops.train_speedups import TrainSpeedups, apply_train_speedups, fused_loss_forward, remove_train_speedups
+from lab.graph_step import CudaGraphTrainStep
+
 from .batches import Batch
+from .build import build_native, build_ours
 from .flops import ModelShape, mfu, shape_of, train_step_flops
 from .runtime import Deadline, free, guard
-from .train_profile import (
-    bench_optimizer,
-    profile_case,
-    profile_full_step,
-    summary_line,
-)
+from .train_profile import bench_optimizer, profile_case, profile_full_step, summary_line
 
 logger = logging.getLogger(__name__)
 
@@ -105,8 +101,6 @@ def set_fast(model, fast: bool, speedups: TrainSpeedups | None = None) -> dict |
         return None
     opts = speedups or TrainSpeedups()
     if next(model.parameters()).device.type != "cuda":
-        import dataclasses
-
         opts = dataclasses.replace(opts, backend="aot_eager")
         return apply_train_speedups(model, opts, allow_cpu=True)
     return apply_train_speedups(model, opts)
@@ -116,6 +110,7 @@ def set_checkpointing(model, on: bool) -> None:
     """Our model: the trainer's `enable_gradient_checkpointing` (LLM + ViT, non-reentrant); native: HF's own."""
     if on:
         if hasattr(model, "vision_model") and hasattr(model, "mlp1"):
+            # imported here: internvl.train.build imports peft (and through it bitsandbytes), which only this needs
             from internvl.train.build import enable_gradient_checkpointing
 
             enable_gradient_checkpointing(model)
@@ -134,8 +129,6 @@ def graph_step_batch(b: Batch) -> dict:
 def profile_graph_step_case(model, batches: list[Batch], path: Path, *, impl: str = "auto") -> dict:
     """`profile_full_step` of `CudaGraphTrainStep` replays (a fresh capturable AdamW and step object; its eager steps
     and the capture are the unprofiled warm-up)."""
-    from lab.graph_step import CudaGraphTrainStep
-
     opt = bench_optimizer(model, capturable=True)
     stepper = CudaGraphTrainStep(model, opt, impl=impl)
     try:
@@ -155,8 +148,6 @@ def run_train_case(name: str, model, loss_fn, batches: list[Batch], *, shape: Mo
     its eager steps and the capture fall in the warm-up, and the peak memory covers them (the replays allocate
     nothing).
     """
-    from lab.graph_step import CudaGraphTrainStep
-
     set_checkpointing(model, ckpt)
     prepared = prepare(model) if prepare is not None else None
     model.train()
@@ -245,8 +236,6 @@ def loss_agreement(model, batch: Batch, speedups: TrainSpeedups | None = None) -
 def profile_step(model, loss_fn, batch: Batch, path: Path, *, rows: int = 22) -> dict:
     """One warm training step (forward + backward) under torch.profiler: wall time, summed self CPU time of all ops,
     summed self CUDA kernel time, and the top ops by CUDA time (written to `path`)."""
-    from torch.profiler import ProfilerActivity, profile
-
     cuda = batch.input_ids.is_cuda
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     for _ in range(2):
@@ -278,8 +267,6 @@ def section_train(args, res: dict, config, *, batches_for) -> None:
     checkpointing-on step (`args.train_profile`: native, s1, default); full optimizer-step profiles of the
     checkpointing-off cases (`args.train_profile_full`: native and the default variant, `train_profile.py`) after
     their timed runs, in res["train_full_profiles"]; JSON saved after every case."""
-    from .build import build_native, build_ours
-
     vocab = config.llm_config.vocab_size
     img_id = vocab - 1
     data = batches_for(vocab, img_id)
@@ -354,8 +341,6 @@ def section_train(args, res: dict, config, *, batches_for) -> None:
 
 def shape_of_native(config, args) -> ModelShape:
     """FLOPs shape for the native runs (the same sizes as ours; built on the meta device, no memory)."""
-    from internvl.model import InternVLChatModel
-
     with torch.device("meta"):
         return shape_of(InternVLChatModel(config))
 

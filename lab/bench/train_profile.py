@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.profiler import ProfilerActivity, profile, record_function
 
 #: kernel category -> glob patterns, matched case-insensitively against the full (demangled) kernel name; the first
 #: rule with a matching pattern wins, so attention (whose kernels may mention cutlass/gemm) comes before GEMM.
@@ -223,8 +224,6 @@ def profile_full_step(model: torch.nn.Module, loss_fn: Callable, batches: Sequen
     are reported. `step_fn(i)`, when given, is the whole optimizer step on batch i instead (a `CudaGraphTrainStep`
     call: `loss_fn` and `opt` are then unused).
     """
-    from torch.profiler import ProfilerActivity, profile, record_function
-
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     if not batches:

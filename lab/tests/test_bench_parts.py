@@ -6,12 +6,20 @@ import math
 import pytest
 import torch
 
+from internvl.model import InternVLChatModel, load_preset
+from internvl.model.fast_generate import greedy_settings, trim_after_eos
 from lab.bench import batches as B
 from lab.bench.build import build_native, build_ours, native_config
+from lab.bench.cli import main
 from lab.bench.flops import decode_weight_bytes, forward_flops, linear_params, mfu, shape_of, train_step_flops
 from lab.bench.lengths import estimate_tokens, iu_report_token_lengths, sample_mix
-from internvl.model import load_preset
-from internvl.model.fast_generate import greedy_settings, trim_after_eos
+from lab.bench.train_bench import (
+    GRAPH_STEP_VARIANTS,
+    ours_loss,
+    parse_train_variants,
+    profile_graph_step_case,
+    run_train_case,
+)
 
 
 @pytest.fixture(scope="module")
@@ -106,8 +114,6 @@ def test_greedy_settings_and_trim():
 
 @pytest.mark.slow
 def test_cli_smoke_on_cpu(tmp_path):
-    from lab.bench.cli import main
-
     rc = main(["--device", "cpu", "--preset", "tiny", "--sections", "train,pack,gen", "--batch", "1", "--seq", "330",
                "--steps", "1", "--warmup", "1", "--pack-samples", "8", "--pack-batch", "4", "--row-len", "400", "--new-tokens", "3",
                "--gen-batches", "1", "--static-batches", "", "--plain-batches", "1", "--decode-backend", "none",
@@ -130,11 +136,6 @@ def test_cli_smoke_on_cpu(tmp_path):
 def test_graph_step_case_runs_the_step_object_on_cpu():
     """The `graphstep` training variant drives `CudaGraphTrainStep` (eager on the CPU): same loss as the plain loop
     of the trainer's fused loss on the same weights and batches, and the step counts land in the row."""
-    from lab.bench import batches as B
-    from lab.bench.flops import shape_of
-    from lab.bench.train_bench import GRAPH_STEP_VARIANTS, ours_loss, parse_train_variants, run_train_case
-    from internvl.model import InternVLChatModel, load_preset
-
     assert parse_train_variants("graphstep:off") == [("graphstep", (False,))] and "graphstep" in GRAPH_STEP_VARIANTS
     rows = {}
     for graph in (False, True):
@@ -152,10 +153,6 @@ def test_graph_step_case_runs_the_step_object_on_cpu():
 
 
 def test_graph_step_profile_drives_the_step_object(tmp_path):
-    from lab.bench import batches as B
-    from lab.bench.train_bench import profile_graph_step_case
-    from internvl.model import InternVLChatModel, load_preset
-
     torch.manual_seed(0)
     model = InternVLChatModel(load_preset("tiny"))
     model.img_context_token_id = 1008

@@ -3,6 +3,7 @@
 the causal-only mask switch, and whole steps that train exactly like the plain loop."""
 import pytest
 import torch
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS as masks
 
 from internvl.constants import IGNORE_INDEX
 from internvl.model import ImageTokenMismatchError, InternVLChatModel, load_preset
@@ -109,8 +110,6 @@ def test_plan_checks_counts_capacity_and_mask_mode(model):
 
 
 def test_causal_only_masks_give_the_causal_forward_and_restore(model):
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS as masks
-
     model.language_model.config._attn_implementation = "sdpa"
     b = _batch(model, seed=2)
     inputs = {k: b[k] for k in ("input_ids", "pixel_values", "image_flags")}

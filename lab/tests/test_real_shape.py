@@ -9,9 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from lab.bench.build import build_ours
-from lab.bench.real_shape import quantize_int8_, run_real_shape
 from internvl.model import load_preset
+from internvl.model.loading import build_on_meta
+from lab.bench.build import build_ours, build_ours_sharded, shard_device_map
+from lab.bench.real_shape import bench_tokenizer, quantize_int8_, run_real_shape
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -66,10 +67,6 @@ def test_run_real_shape_rejects_unknown_quantization():
 
 
 def test_sharded_build_places_every_module_per_map_and_chats():
-    from lab.bench.build import build_ours_sharded, shard_device_map
-    from lab.bench.real_shape import bench_tokenizer
-    from internvl.model.loading import build_on_meta
-
     config = load_preset("tiny")
     auto = shard_device_map(build_on_meta(config).to(torch.float32), {"cpu": "1GiB"}, torch.float32)
     assert set(auto.values()) == {"cpu"}
@@ -87,8 +84,6 @@ def test_sharded_build_places_every_module_per_map_and_chats():
 
 
 def test_sharded_build_rejects_unplaced_modules():
-    from lab.bench.build import build_ours_sharded
-
     with pytest.raises(ValueError, match="unplaced"):
         build_ours_sharded(load_preset("tiny"), {"vision_model": "cpu"}, dtype=torch.float32)
 

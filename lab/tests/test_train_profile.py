@@ -9,14 +9,17 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from internvl.model import load_preset
 from lab.bench import batches as B
 from lab.bench.build import build_ours
+from lab.bench.cli import main
 from lab.bench.train_bench import ours_loss
 from lab.bench.train_profile import (
     CATEGORIES,
     CATEGORY_RULES,
     STEP_MARKER,
     Span,
+    _mean_breakdown,
     device_spans,
     is_device_kernel,
     kernel_category,
@@ -29,7 +32,6 @@ from lab.bench.train_profile import (
     union_length,
     window_breakdown,
 )
-from internvl.model import load_preset
 
 
 def ev(name, start, end, activity="kernel", device="DeviceType.CUDA", annotation=False):
@@ -198,7 +200,6 @@ def test_reduce_trace_per_step_and_report():
     assert top[0]["name"] == "nvjet_tst_1" and top[0]["calls"] == 2 and top[0]["calls_per_step"] == 1.0
     with pytest.raises(RuntimeError, match="step markers"):
         reduce_trace(synthetic_trace(), 3)
-    from lab.bench.train_profile import _mean_breakdown
 
     result = {"steps": 2, "device": "cuda:0", "device_events": True, "host_ms_per_step": 150.0, "per_step": per_step,
               "mean": _mean_breakdown(per_step), "top_kernels": top, "cpu_self_ms_per_step": 0.1, "loss_last": 1.0}
@@ -249,8 +250,6 @@ def test_profile_full_step_on_cpu(tiny_setup, tmp_path):
 
 @pytest.mark.slow
 def test_bench_train_profile_full_hook_on_cpu(tmp_path):
-    from lab.bench.cli import main
-
     rc = main(["--device", "cpu", "--preset", "tiny", "--sections", "train", "--batch", "1", "--seq", "330",
                "--steps", "1", "--warmup", "1", "--train-variants", "default:off", "--train-profile-full",
                "--out", str(tmp_path)])

@@ -23,6 +23,10 @@ from typing import Any
 import torch
 from PIL import Image
 
+from internvl.constants import IMG_CONTEXT_TOKEN
+from internvl.data.images import load_image
+from internvl.image_processing import images_to_pixel_values
+
 __all__ = [
     "GenerationRequest",
     "GenerationSettings",
@@ -110,7 +114,8 @@ def load_model_and_tokenizer(
     (its checks and quantization settings); every failure to load is a `ModelLoadError`. Returns (model in eval mode
     with img_context_token_id set, tokenizer).
     """
-    from internvl.constants import IMG_CONTEXT_TOKEN
+    # imported on first use, like `resolve_dtype`: the model package and the tokenizer stack are slow to import, and
+    # `medrega-eval score` imports this module without loading a model
     from internvl.model.loading import CheckpointError, find_weight_files, load_pretrained
     from internvl.tokenization import load_tokenizer
 
@@ -158,16 +163,12 @@ class Generator:
         self._pixel_dtype = vision_param.dtype if vision_param.dtype.is_floating_point else torch.bfloat16
 
     def _load_images(self, request: GenerationRequest) -> list[Image.Image]:
-        from internvl.data.images import load_image
-
         out = []
         for img in request.images:
             out.append(img.convert("RGB") if isinstance(img, Image.Image) else load_image(img, **request.image_kwargs))
         return out
 
     def _pixel_values(self, request: GenerationRequest) -> tuple[torch.Tensor | None, list[int]]:
-        from internvl.image_processing import images_to_pixel_values
-
         images = self._load_images(request)
         if not images:
             return None, []

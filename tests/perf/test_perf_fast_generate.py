@@ -3,9 +3,11 @@ and a decode step that dynamo traces with fullgraph=True (no graph breaks, hence
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
+from transformers.integrations.sdpa_attention import repeat_kv
 
 from internvl.model import DecodeConfig
-from internvl.model.fast_generate import StaticGreedyDecoder
+from internvl.model import fast_generate as fg
+from internvl.model.fast_generate import StaticGreedyDecoder, sdpa_gqa_decode_attention
 
 
 @pytest.fixture(scope="module")
@@ -92,10 +94,6 @@ def test_rejects_right_padding(lm):
 
 
 def test_grouped_decode_attention_equals_repeat_kv():
-    from transformers.integrations.sdpa_attention import repeat_kv
-
-    from internvl.model.fast_generate import sdpa_gqa_decode_attention
-
     g = torch.Generator().manual_seed(5)
     module = torch.nn.Module()
     module.num_key_value_groups = 4
@@ -112,8 +110,6 @@ def test_grouped_decode_attention_equals_repeat_kv():
 
 
 def test_decoder_for_backend_choice(lm, monkeypatch):
-    from internvl.model import fast_generate as fg
-
     assert fg.decoder_for(lm).compile_backend == "inductor"  # "auto", small model
     monkeypatch.setattr(fg, "AUTO_INDUCTOR_MAX_PARAMS", 10)
     assert fg.decoder_for(lm).compile_backend == "eager"  # "auto", "large" model: a new decoder

@@ -4,6 +4,9 @@ import pytest
 import torch
 
 from internvl.model import DecodeConfig, InternVLChatModel, load_preset
+from internvl.model import fast_generate as fg
+from internvl.ops.compile_layers import compile_layers, uncompile_layers
+from internvl.tokenization import resize_embeddings_mean
 
 
 @pytest.fixture()
@@ -38,8 +41,6 @@ def test_fast_generate_equals_plain(model):
 
 
 def test_batch_chat_fast_equals_plain(model, tiny_tokenizer):
-    from internvl.tokenization import resize_embeddings_mean
-
     resize_embeddings_mean(model, len(tiny_tokenizer))
     pix = torch.randn(2, 3, 56, 56, generator=torch.Generator().manual_seed(4))
     questions = ["Describe the image.", "Where is the heart?"]
@@ -55,9 +56,6 @@ def test_batch_chat_fast_equals_plain(model, tiny_tokenizer):
 def test_generate_falls_back_while_training_compiled_layers_are_active(model, monkeypatch):
     """Layers compiled by the training fast paths cannot be traced by the decode step (a generation inside a training
     loop): generate then uses transformers' loop - same tokens - and the fast path again once they are removed."""
-    from internvl.model import fast_generate as fg
-    from internvl.ops.compile_layers import compile_layers, uncompile_layers
-
     ids, _, pix = _batch(seed=5)
     kw = dict(pixel_values=pix, input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=5,
               do_sample=False, eos_token_id=[4], pad_token_id=0)

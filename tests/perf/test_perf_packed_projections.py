@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from internvl.model import DecodeConfig
+from internvl.model import DecodeConfig, InternVLChatModel, load_preset
 from internvl.model import fast_generate as fg
 from internvl.model.fast_generate import StaticGreedyDecoder, packed_step_supported
 from internvl.ops.packed_projections import (
@@ -228,8 +228,6 @@ def test_auto_packing_picks_the_step_per_batch():
 def test_save_pretrained_after_packing_round_trips(tmp_path):
     """Packed parameters share one storage per group: save_pretrained (safetensors) must still write every weight
     once and a reload must give the same state dict (no tensor taken for a tied duplicate and dropped)."""
-    from internvl.model import InternVLChatModel, load_preset
-
     torch.manual_seed(0)
     model = InternVLChatModel(load_preset("tiny")).eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
