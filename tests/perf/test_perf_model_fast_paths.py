@@ -74,3 +74,18 @@ def test_generate_falls_back_while_training_compiled_layers_are_active(model, mo
     assert not fg.has_training_compiled_layers(model.language_model)
     assert torch.equal(model.generate(fast_generate="always", **kw), plain)
     assert used == [1]
+
+
+def test_the_model_decodes_with_the_measured_default_config(model, monkeypatch):
+    """The user's path: `generate` hands the model's own `decode_config` (default `DecodeConfig()`) to the decoder."""
+    assert model.decode_config == DecodeConfig()
+    seen = []
+    real_decoder_for = fg.decoder_for
+    monkeypatch.setattr(fg, "decoder_for", lambda lm, config: seen.append(config) or real_decoder_for(lm, config))
+    ids, _, pix = _batch(seed=6)
+    kw = dict(pixel_values=pix, input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4,
+              do_sample=False, eos_token_id=[4], pad_token_id=0)
+    plain = model.generate(fast_generate=False, **kw)
+    model.decode_config = DecodeConfig(backend=None)
+    assert torch.equal(model.generate(fast_generate="always", **kw), plain)
+    assert seen == [DecodeConfig(backend=None)]
