@@ -45,8 +45,6 @@ RECOMPILE_LIMIT = 64
 DECODE_ATTN = "internvl_sdpa_gqa_decode"
 
 
-
-
 def sdpa_gqa_decode_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                               attention_mask: torch.Tensor | None, dropout: float = 0.0,
                               scaling: float | None = None, **kwargs):
