@@ -128,39 +128,44 @@ def _save_partial(args, res: dict) -> None:
     Path(args.out, "bench.json").write_text(json.dumps(slim, indent=1, default=str))
 
 
-def section_gen(args, res: dict, config) -> None:
-    vocab = config.llm_config.vocab_size
-    img_id = vocab - IMG_ID_OFFSET
-    n = args.new_tokens
-    deadline = Deadline(args.gen_deadline_s)
-    skipped = res.setdefault("gen_skipped", [])
+class _GenSection:
+    """State of one `gen` section: our model and the native one with the same weights, the prompts per batch size,
+    the result rows, and the deadline (cases that would start late are skipped and recorded)."""
 
-    def due(label: str) -> bool:
-        if deadline.over():
-            skipped.append(f"{label} (at {deadline.elapsed():.0f} s)")
+    def __init__(self, args, res: dict, config) -> None:
+        vocab = config.llm_config.vocab_size
+        img_id = vocab - IMG_ID_OFFSET
+        self.args, self.res = args, res
+        self.deadline = Deadline(args.gen_deadline_s)
+        self.skipped = res.setdefault("gen_skipped", [])
+        self.ours = build_ours(config, device=args.device, dtype=args.dtype, seed=0).eval()
+        self.ours.img_context_token_id = img_id
+        self.ours.decode_config = DecodeConfig(backend=None if args.decode_backend == "none" else args.decode_backend)
+        res["decode_weight_bytes"] = decode_weight_bytes(self.ours)
+        self.native, self.copied = build_native(config, image_token_id=img_id, device=args.device, dtype=args.dtype,
+                                                seed=0, copy_from=self.ours)
+        self.native.eval()
+        res["native_weights_copied"] = self.copied
+        res["fast_is_default_generate"] = hasattr(self.ours, "fast_generate")
+        self.rows = res.setdefault("gen", [])
+        self.agree = res.setdefault("gen_agreement", [])
+        self.prompts = {}
+        for batch in args.gen_batches:
+            ids, mask, pix = B.generation_prompts(batch, vocab=vocab, image_token_id=img_id,
+                                                  num_image_token=config.num_image_token,
+                                                  image_size=config.force_image_size)
+            self.prompts[batch] = (ids.to(args.device), mask.to(args.device), pix.to(args.device, args.dtype))
+
+    def due(self, label: str) -> bool:
+        if self.deadline.over():
+            self.skipped.append(f"{label} (at {self.deadline.elapsed():.0f} s)")
             return False
         return True
 
-    ours = build_ours(config, device=args.device, dtype=args.dtype, seed=0).eval()
-    ours.img_context_token_id = img_id
-    ours.decode_config = DecodeConfig(backend=None if args.decode_backend == "none" else args.decode_backend)
-    res["decode_weight_bytes"] = decode_weight_bytes(ours)
-    native, copied = build_native(config, image_token_id=img_id, device=args.device, dtype=args.dtype, seed=0,
-                                  copy_from=ours)
-    native.eval()
-    res["native_weights_copied"] = copied
-    res["fast_is_default_generate"] = hasattr(ours, "fast_generate")
-    rows = res.setdefault("gen", [])
-    agree = res.setdefault("gen_agreement", [])
-    prompts = {}
-    for batch in args.gen_batches:
-        ids, mask, pix = B.generation_prompts(batch, vocab=vocab, image_token_id=img_id,
-                                              num_image_token=config.num_image_token,
-                                              image_size=config.force_image_size)
-        prompts[batch] = (ids.to(args.device), mask.to(args.device), pix.to(args.device, args.dtype))
-
-    def ours_fast_for(batch: int):
-        ids, mask, pix = prompts[batch]
+    def ours_fast_for(self, batch: int):
+        """`generate(k)` of our default generation path on the prompts of `batch`."""
+        ours, args = self.ours, self.args
+        ids, mask, pix = self.prompts[batch]
 
         def ours_fast(k: int) -> torch.Tensor:
             if hasattr(ours, "fast_generate"):  # the model's default generate path
@@ -173,13 +178,16 @@ def section_gen(args, res: dict, config) -> None:
                 return dec.generate(emb, mask, max_new_tokens=k, eos_token_id=[2], min_new_tokens=k, pad_token_id=0)
         return ours_fast
 
-    fast_rows = {}
-    if args.gen_variants:  # pass 1: our decode variants side by side, all batches, before anything else
+    def variant_pass(self) -> dict:
+        """Pass 1: our decode variants side by side, all batches, before anything else; returns the row per batch
+        that stands for "ours fast" in the comparisons."""
+        args, res = self.args, self.res
+        fast_rows = {}
         cases = args.gen_cases or [(batch, name) for batch in args.gen_batches
                                    for name in (args.gen_variants if batch == 1 else args.gen_variants_batched)]
         real = None  # the 40B LLM, built at its first case ("real:<variant>")
         for batch, name in cases:
-            if not due(f"ours [{name}] batch {batch}"):
+            if not self.due(f"ours [{name}] batch {batch}"):
                 continue
             if batch == "real":
                 if args.device != "cuda":
@@ -195,80 +203,95 @@ def section_gen(args, res: dict, config) -> None:
             if real is not None:
                 real = None
                 free()
-            apply_variant(ours, name)
-            r = _guard(res, "_tmp", run_gen_case, f"ours [{name}]", ours_fast_for(batch), batch=batch,
-                       new_tokens=n)
+            apply_variant(self.ours, name)
+            r = _guard(res, "_tmp", run_gen_case, f"ours [{name}]", self.ours_fast_for(batch), batch=batch,
+                       new_tokens=args.new_tokens)
             if r:
-                rows.append({**r, "variant": name})
+                self.rows.append({**r, "variant": name})
                 if name == args.gen_variants[0] or batch not in fast_rows:
                     fast_rows[batch] = r
                 if batch == 1 and name == args.gen_profile_variant and args.device == "cuda":
                     res["profile_decode_variant"] = _guard(
-                        res, "profile_decode_variant", profile_replays, ours_fast_for(1), n,
+                        res, "profile_decode_variant", profile_replays, self.ours_fast_for(1), args.new_tokens,
                         str(Path(args.out, "profile_decode_b1.txt")))
             _save_partial(args, res)
         real = None
         free()
-        apply_variant(ours, args.gen_variants[-1])
-    if args.gen_real_variants and args.device == "cuda" and due("40B LLM variants"):  # ~70 GiB next to the mid models
+        apply_variant(self.ours, args.gen_variants[-1])
+        return fast_rows
+
+    def _timed_case(self, label: str, generate, batch: int, fast: dict | None, vs: str | None, **kw) -> None:
+        """Time one case, keep its row and, against `fast` (when given), how far the greedy tokens agree."""
+        r = _guard(self.res, "_tmp", run_gen_case, label, generate, batch=batch, new_tokens=self.args.new_tokens,
+                   **kw)
+        if r:
+            self.rows.append(r)
+            if fast and vs:
+                self.agree.append({"batch": batch, "vs": vs, **agreement(fast["tokens"], r["tokens"])})
+
+    def compare_batch(self, batch: int, fast: dict | None) -> None:
+        """Ours fast (unless the variant pass timed it), ours plain, native dynamic and native static at `batch`."""
+        args, ours, native = self.args, self.ours, self.native
+        ids, mask, pix = self.prompts[batch]
+        length = ids.shape[1]
+        plain_kw = {"fast_generate": False} if getattr(ours, "fast_generate", None) is not None else {}
+
+        def ours_plain(k: int) -> torch.Tensor:
+            return ours.generate(pixel_values=pix, input_ids=ids, attention_mask=mask, max_new_tokens=k,
+                                 min_new_tokens=k, do_sample=False, eos_token_id=2, pad_token_id=0, **plain_kw)
+
+        def native_gen(k: int, static: bool) -> torch.Tensor:
+            extra = {}
+            if static:
+                extra = {"cache_implementation": "static", "compile_config": CompileConfig(fullgraph=False)}
+            out = native.generate(input_ids=ids, pixel_values=pix, attention_mask=mask, max_new_tokens=k,
+                                  min_new_tokens=k, do_sample=False, eos_token_id=2, pad_token_id=0, **extra)
+            return out[:, length:]
+
+        if not args.gen_variants and self.due(f"ours fast batch {batch}"):
+            fast = _guard(self.res, "_tmp", run_gen_case, "ours fast (static cache + CUDA graph)",
+                          self.ours_fast_for(batch), batch=batch, new_tokens=args.new_tokens)
+            if fast:
+                self.rows.append(fast)
+        if batch in args.plain_batches and self.due(f"ours plain batch {batch}"):
+            self._timed_case("ours plain HF generate (dynamic cache)", ours_plain, batch, fast, "ours plain",
+                             repeats=1, warm_tokens=4)
+        copied = fast if self.copied else None
+        if (args.native_batches is None or batch in args.native_batches) and self.due(f"native default batch {batch}"):
+            self._timed_case("native default (dynamic cache)", lambda k: native_gen(k, False), batch, copied,
+                             "native default", repeats=1, warm_tokens=4)
+        if batch in args.static_batches and self.due(f"native static batch {batch}"):
+            self._timed_case("native static + compiled", lambda k: native_gen(k, True), batch, copied,
+                             "native static")
+        _save_partial(args, self.res)
+
+    def variant_agreement(self) -> None:
+        """How far the variants' greedy tokens agree at batch 1 (bf16 ties), against "baseline" or the first."""
+        first = "baseline" if "baseline" in self.args.gen_variants else self.args.gen_variants[0]
+        base = next((r for r in self.rows if r.get("variant") == first and r["batch"] == 1), None)
+        for r in self.rows:
+            if base is not None and r.get("variant") and r is not base and r["batch"] == 1:
+                self.agree.append({"batch": 1, "vs": f"{base['variant']} vs {r['variant']}",
+                                   **agreement(base["tokens"], r["tokens"])})
+
+
+def section_gen(args, res: dict, config) -> None:
+    """Our generation (default path and `--gen-variants`) against our plain `generate` and native's, per batch."""
+    gen = _GenSection(args, res, config)
+    fast_rows = gen.variant_pass() if args.gen_variants else {}
+    if args.gen_real_variants and args.device == "cuda" and gen.due("40B LLM variants"):  # ~70 GiB beside the mids
         res.setdefault("gen_real_variants", []).extend(
             _guard(res, "gen_real_variants", real_llm_variants, args.gen_real_variants,
                    new_tokens=args.gen_real_new_tokens, copy_bytes_per_s=res["device"]["copy_bytes_per_s"]) or [])
         free()
         _save_partial(args, res)
     for batch in args.gen_batches:
-        ids, mask, pix = prompts[batch]
-        L = ids.shape[1]
-
-        def ours_plain(k: int) -> torch.Tensor:
-            return ours.generate(pixel_values=pix, input_ids=ids, attention_mask=mask, max_new_tokens=k,
-                                 min_new_tokens=k, do_sample=False, eos_token_id=2, pad_token_id=0,
-                                 **({"fast_generate": False} if getattr(ours, "fast_generate", None) is not None else {}))
-
-        def native_gen(k: int, static: bool) -> torch.Tensor:
-            extra = {"cache_implementation": "static", "compile_config": CompileConfig(fullgraph=False)} if static else {}
-            out = native.generate(input_ids=ids, pixel_values=pix, attention_mask=mask, max_new_tokens=k,
-                                  min_new_tokens=k, do_sample=False, eos_token_id=2, pad_token_id=0, **extra)
-            return out[:, L:]
-
-        fast = fast_rows.get(batch)
-        if not args.gen_variants and due(f"ours fast batch {batch}"):
-            fast = _guard(res, "_tmp", run_gen_case, "ours fast (static cache + CUDA graph)", ours_fast_for(batch),
-                          batch=batch, new_tokens=n)
-            if fast:
-                rows.append(fast)
-        if batch in args.plain_batches and due(f"ours plain batch {batch}"):
-            plain = _guard(res, "_tmp", run_gen_case, "ours plain HF generate (dynamic cache)", ours_plain,
-                           batch=batch, new_tokens=n, repeats=1, warm_tokens=4)
-            if plain:
-                rows.append(plain)
-                if fast:
-                    agree.append({"batch": batch, "vs": "ours plain", **agreement(fast["tokens"], plain["tokens"])})
-        if (args.native_batches is None or batch in args.native_batches) and due(f"native default batch {batch}"):
-            nd = _guard(res, "_tmp", run_gen_case, "native default (dynamic cache)", lambda k: native_gen(k, False),
-                        batch=batch, new_tokens=n, repeats=1, warm_tokens=4)
-            if nd:
-                rows.append(nd)
-                if fast and copied:
-                    agree.append({"batch": batch, "vs": "native default", **agreement(fast["tokens"], nd["tokens"])})
-        if batch in args.static_batches and due(f"native static batch {batch}"):
-            ns = _guard(res, "_tmp", run_gen_case, "native static + compiled", lambda k: native_gen(k, True),
-                        batch=batch, new_tokens=n)
-            if ns:
-                rows.append(ns)
-                if fast and copied:
-                    agree.append({"batch": batch, "vs": "native static", **agreement(fast["tokens"], ns["tokens"])})
-        _save_partial(args, res)
-    if args.gen_variants and 1 in args.gen_batches:  # how far the variants' greedy tokens agree (bf16 ties)
-        first = "baseline" if "baseline" in args.gen_variants else args.gen_variants[0]
-        base = next((r for r in rows if r.get("variant") == first and r["batch"] == 1), None)
-        for r in rows:
-            if base is not None and r.get("variant") and r is not base and r["batch"] == 1:
-                agree.append({"batch": 1, "vs": f"{base['variant']} vs {r['variant']}",
-                              **agreement(base["tokens"], r["tokens"])})
-    for r in rows:
+        gen.compare_batch(batch, fast_rows.get(batch))
+    if args.gen_variants and 1 in args.gen_batches:
+        gen.variant_agreement()
+    for r in gen.rows:
         r.pop("tokens", None)
-    ours = native = None  # drop the models (the closures above are done with them)
+    gen = None  # drop the models
     free()
 
 
