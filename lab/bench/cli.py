@@ -392,7 +392,8 @@ def fmt_table(res: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The benchmark's command line (see docs/performance.md for the options each table used)."""
     p = argparse.ArgumentParser(prog="python -m lab.bench", description=__doc__)
     p.add_argument("--sections", default="train,pack,gen,real", help="comma list of train,pack,gen,real,profile,"
                    "kernels")
@@ -443,6 +444,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--real-quant-new-tokens", type=int, default=32, help="new tokens per call for the int8 shape")
     p.add_argument("--device", default="cuda", help="cuda (the benchmark) or cpu (smoke test on a tiny preset)")
     p.add_argument("--peak", type=float, default=H100_H200_BF16_PEAK, help="peak FLOP/s for MFU")
+    return p
+
+
+def parse_args(p: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse and check the options: comma lists become lists, variant names are checked (`p.error` otherwise)."""
     args = p.parse_args(argv)
     args.gen_batches = [int(x) for x in args.gen_batches.split(",") if x]
     args.static_batches = [int(x) for x in args.static_batches.split(",") if x]
@@ -458,7 +464,14 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--gen-cases uses a batch that is not in --gen-batches")
     if args.gen_cases and not args.gen_variants:
         args.gen_variants = list(dict.fromkeys(name for b, name in args.gen_cases if b != "real"))
-    real_batches = [int(x) for x in args.real_batches.split(",") if x]
+    args.real_batches = [int(x) for x in args.real_batches.split(",") if x]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the asked sections, writing `bench.json` after each and `bench_table.txt` at the end."""
+    p = build_parser()
+    args = parse_args(p, argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("no CUDA GPU: the benchmark needs one (use --device cpu --preset tiny for a smoke test)")
@@ -485,7 +498,7 @@ def main(argv: list[str] | None = None) -> int:
         elif name == "real":
             for quant in [q.strip() for q in args.real_quant.split(",") if q.strip()]:
                 key = "real" if quant == "bf16" else f"real_{quant}"
-                res[key] = _guard(res, key, run_real_shape, batches=real_batches,
+                res[key] = _guard(res, key, run_real_shape, batches=args.real_batches,
                                   new_tokens=args.real_new_tokens if quant == "bf16" else args.real_quant_new_tokens,
                                   decode_backend=None if args.real_decode_backend == "none" else args.real_decode_backend,
                                   quantize=None if quant == "bf16" else quant, devices=args.real_devices)
