@@ -38,6 +38,8 @@ setup(
             "medrega-data=internvl.data.cli:main",
             "medrega-train=internvl.train.cli:main",
             "medrega-eval=medrega_eval.cli:main",
+            "medrega-merge-lora=internvl.train.merge_lora:main",
+            "medrega-convert-hf=internvl.model.convert_hf:main",
         ]
     },
 )

@@ -3,7 +3,7 @@
 
     apt-get install -y mricron-data invesalius-examples      # brain MRI + atlas, head CT
     pip install scikit-image pydicom                          # fundus, IHC pathology, DICOM test images
-    python3 scripts/build_medreg_mini.py --out data/built/medreg_mini
+    python3 -m scripts.build_medreg_mini --out data/built/medreg_mini
 
 What comes out (see ``data/medreg_mini/README.md`` for the dataset card):
 
@@ -34,16 +34,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent / "src"))
-
-import medreg_mini_sources as src
-
 from internvl.data.encode import apply_prompt_order
 from internvl.data.images import load_image
 from internvl.data.prompts import build_record, render_base_prompt
 from internvl.regions import pixels_to_box
+from scripts import medreg_mini_sources as src
 
 TASK_FILES = ("text_to_region", "region_to_text", "vqa", "classification", "grounded", "report")
 

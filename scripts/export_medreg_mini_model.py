@@ -9,10 +9,12 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
+import torch
+
+from internvl.model import InternVLChatModel
+from internvl.tokenization import load_tokenizer
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
 
@@ -25,10 +27,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-shard-size", default="15MB")
     args = p.parse_args(argv)
 
-    import torch
-
-    from internvl.model import InternVLChatModel
-    from internvl.tokenization import load_tokenizer
 
     model = InternVLChatModel.from_pretrained(str(args.run), dtype=torch.bfloat16, local_files_only=True,
                                               use_safetensors=True)

@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "src"))
+import torch
+
+from internvl.constants import IMG_CONTEXT_TOKEN
+from internvl.model import InternVLChatConfig, InternVLChatModel
+from internvl.tokenization import load_tokenizer, save_tokenizer, train_sentencepiece_tokenizer
 
 MINI_CONFIG: dict = {
     "architectures": ["InternVLChatModel"],
@@ -81,11 +83,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 
-    import torch
-
-    from internvl.constants import IMG_CONTEXT_TOKEN
-    from internvl.model import InternVLChatConfig, InternVLChatModel
-    from internvl.tokenization import load_tokenizer, save_tokenizer, train_sentencepiece_tokenizer
 
     args.out.mkdir(parents=True, exist_ok=True)
     train_sentencepiece_tokenizer(training_texts(args.data), args.out, vocab_size=args.vocab_size,

@@ -17,7 +17,6 @@ DATA=${DATA:-data/built/medreg_mini}
 BS=${BATCH_SIZE:-64}
 LR=${LR:-1e-3}
 PY=${PYTHON:-python3}
-export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 mkdir -p "$OUT"
 BF16=False; WORKERS=2
 if $PY -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then BF16=True; WORKERS=8; fi

@@ -21,12 +21,32 @@ from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no network calls from the web UI
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# after the environment above (the hub and gradio read it on import); `python3 src/demo.py` finds `internvl` next to
+# this file without installing (Python puts the script's folder first on the path)
+import time  # noqa: E402
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from internvl.cli_support import non_negative_float, port_number, positive_int, run_cli  # noqa: E402
+from internvl.demo.batch import (  # noqa: E402
+    check_out_dir,
+    gather_results,
+    read_batch_file,
+    run_batch,
+    stream_path,
+    write_results,
+)
+from internvl.demo.limits import UploadFolder  # noqa: E402
+from internvl.inference import (  # noqa: E402
+    GenerationSettings,
+    Generator,
+    ModelLoadError,
+    load_model_and_tokenizer,
+)
+
 SRC = Path(__file__).resolve().parent
-if str(SRC) not in sys.path:  # run from a checkout without installing
-    sys.path.insert(0, str(SRC))
-
-from internvl.cli_support import non_negative_float, port_number, positive_int  # noqa: E402
-
 REPO = SRC.parent
 DEFAULT_MODEL = REPO / "asset" / "medreg-mini-model"
 DEFAULT_EXAMPLES = REPO / "asset" / "examples"
@@ -63,12 +83,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def init_distributed() -> tuple[int, int, str]:
     """(rank, world size, device). Under torchrun (``RANK`` set) join the process group: NCCL with one GPU per
     ``LOCAL_RANK`` when CUDA is available, else gloo on CPU. A plain ``python3 src/demo.py`` runs as rank 0 of 1."""
-    import torch
-
     if "RANK" not in os.environ:
         return 0, 1, "cuda" if torch.cuda.is_available() else "cpu"
-    import torch.distributed as dist
-
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
@@ -82,8 +98,6 @@ def init_distributed() -> tuple[int, int, str]:
 
 def load(args: argparse.Namespace, device: str):
     """Model (eval mode, on ``device`` unless a device map / quantisation places it) and tokenizer."""
-    from internvl.inference import ModelLoadError, load_model_and_tokenizer
-
     if not args.model.is_dir():
         hint = " (the bundled model: see docs/demo.md to rebuild it)" if args.model == DEFAULT_MODEL else ""
         raise ModelLoadError(f"{args.model}: model directory not found{hint}")
@@ -95,18 +109,15 @@ def load(args: argparse.Namespace, device: str):
     return model, tokenizer
 
 
-def generation_kwargs(args: argparse.Namespace) -> dict:
-    """Decoding settings shared by both modes (greedy unless --temperature > 0)."""
-    kw = {"max_new_tokens": args.max_new_tokens, "num_beams": args.num_beams, "do_sample": args.temperature > 0}
-    if args.temperature > 0:
-        kw["temperature"] = args.temperature
-    return kw
+def generation_settings(args: argparse.Namespace) -> GenerationSettings:
+    """Decoding settings shared by both modes (greedy unless --temperature > 0), for `internvl.inference.Generator`."""
+    sample = args.temperature > 0
+    return GenerationSettings(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, do_sample=sample,
+                              temperature=args.temperature if sample else 1.0)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Web UI or ``--batch``; bad input or a refused path is one line on stderr and exit status 2."""
-    from internvl.cli_support import run_cli
-
     return run_cli("demo", _main, argv)
 
 
@@ -122,27 +133,16 @@ def _main(argv: list[str] | None) -> int:
             return 0
         return run_web(args, device)
     finally:
-        import torch.distributed as dist
-
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
 
 
 def run_batch_mode(args: argparse.Namespace, rank: int, world: int, device: str) -> int:
-    import time
-
-    from internvl.demo.batch import (check_out_dir, gather_results, read_batch_file, run_batch, stream_path,
-                                     write_results)
-    from internvl.inference import GenerationSettings, Generator
-
     check_out_dir(args.out, args.batch)  # before any work: not a file, not the batch file
     items = read_batch_file(args.batch)  # every rank checks the whole file: a bad line stops all of them alike
     stamp = time.strftime("%y%m%d%H%M%S")
     model, tokenizer = load(args, device)
-    kw = generation_kwargs(args)
-    settings = GenerationSettings(max_new_tokens=kw["max_new_tokens"], num_beams=kw["num_beams"],
-                                  do_sample=kw["do_sample"], temperature=kw.get("temperature", 1.0))
-    generator = Generator(model, tokenizer, settings, batch_size=args.batch_size)
+    generator = Generator(model, tokenizer, generation_settings(args), batch_size=args.batch_size)
     stream = stream_path(args.out, stamp, rank)  # answers land here as they come (fsynced)
     local = run_batch(generator, items, rank, world, stream=stream)
     results = gather_results(local, world)
@@ -153,19 +153,18 @@ def run_batch_mode(args: argparse.Namespace, rank: int, world: int, device: str)
 
 
 def run_web(args: argparse.Namespace, device: str) -> int:
-    from internvl.demo.limits import UploadFolder
-
     with UploadFolder() as uploads:  # gradio stores uploads here; removed with them at shutdown
         log.info("uploads go to %s (removed at shutdown)", uploads.path)
         return _serve(args, device)
 
 
 def _serve(args: argparse.Namespace, device: str) -> int:
+    # imported here: gradio (a second or more to import) is needed by the web UI only, not by --batch
     from internvl.demo.app import DemoEngine, build_app, load_examples
     from internvl.demo.uploads import MAX_UPLOAD_BYTES
 
     model, tokenizer = load(args, device)
-    engine = DemoEngine(model, tokenizer, generation_kwargs(args))
+    engine = DemoEngine(model, tokenizer, generation_settings(args))
     examples = load_examples(args.examples)
     app = build_app(engine, examples, model_name=args.model.name)
     log.info("serving on http://%s:%d (model %s)", args.host, args.port, args.model)

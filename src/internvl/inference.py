@@ -1,9 +1,10 @@
-"""Batched generation shared by `medrega-eval run` and `src/demo.py` (batch mode and UI).
+"""Batched generation shared by `medrega-eval run` and `src/demo.py` (the web UI's chat and `--batch`).
 
 One path from a request to an answer: load the request's images (PNG/JPEG/DICOM/NIfTI through `load_image`), tile
-them with the model's image settings, render the model's chat template, and run `InternVLChatModel.batch_chat` on a
-batch of requests (left padding, the template's stop ids: `<|im_end|>` for Hermes-2). Requests are grouped by
-similar prompt length and tile count so little compute is spent on padding; answers come back in request order.
+them with the model's image settings, render the model's chat template (after the request's earlier turns, if any),
+and run `InternVLChatModel.batch_chat` on a batch of requests (left padding, the template's stop ids: `<|im_end|>` for
+Hermes-2). Requests are grouped by similar prompt length and tile count so little compute is spent on padding;
+answers come back in request order.
 
 Typical use::
 
@@ -21,6 +22,10 @@ from typing import Any
 
 import torch
 from PIL import Image
+
+from internvl.constants import IMG_CONTEXT_TOKEN
+from internvl.data.images import load_image
+from internvl.image_processing import images_to_pixel_values
 
 __all__ = [
     "GenerationRequest",
@@ -44,12 +49,15 @@ class GenerationRequest:
     images: PIL images or paths (any format `internvl.data.images.load_image` reads); empty for text-only prompts.
     image_kwargs: extra `load_image` arguments for path images (window, slice_index, axis, frame).
     id: caller's identifier, echoed nowhere but handy for bookkeeping.
+    history: earlier (question, answer) turns of this conversation (the demo's multi-turn chat); the images'
+        `<image>` placeholders are then in the first question, and `prompt` is the new turn.
     """
 
     prompt: str
     images: Sequence[Image.Image | str | os.PathLike] = ()
     image_kwargs: dict[str, Any] = field(default_factory=dict)
     id: str | None = None
+    history: Sequence[tuple[str, str]] = ()
 
 
 @dataclass
@@ -106,7 +114,8 @@ def load_model_and_tokenizer(
     (its checks and quantization settings); every failure to load is a `ModelLoadError`. Returns (model in eval mode
     with img_context_token_id set, tokenizer).
     """
-    from internvl.constants import IMG_CONTEXT_TOKEN
+    # imported on first use, like `resolve_dtype`: the model package and the tokenizer stack are slow to import, and
+    # `medrega-eval score` imports this module without loading a model
     from internvl.model.loading import CheckpointError, find_weight_files, load_pretrained
     from internvl.tokenization import load_tokenizer
 
@@ -154,16 +163,12 @@ class Generator:
         self._pixel_dtype = vision_param.dtype if vision_param.dtype.is_floating_point else torch.bfloat16
 
     def _load_images(self, request: GenerationRequest) -> list[Image.Image]:
-        from internvl.data.images import load_image
-
         out = []
         for img in request.images:
             out.append(img.convert("RGB") if isinstance(img, Image.Image) else load_image(img, **request.image_kwargs))
         return out
 
     def _pixel_values(self, request: GenerationRequest) -> tuple[torch.Tensor | None, list[int]]:
-        from internvl.image_processing import images_to_pixel_values
-
         images = self._load_images(request)
         if not images:
             return None, []
@@ -186,6 +191,7 @@ class Generator:
             [r.prompt for r in requests],
             generation_config=self.settings.to_kwargs(),
             num_patches_list=num_patches_list,
+            histories=[list(r.history) for r in requests],
         )
 
     def iter_generate(self, requests: Sequence[GenerationRequest]) -> Iterator[list[tuple[int, str]]]:

@@ -8,7 +8,7 @@
 #SBATCH --output=logs/%x-%j.out
 # MedRegA stage 2 (instruction tuning). MODE says what trains; everything else is the released script's schedule:
 #   MODE=lora (default; what the paper says): LoRA r=16 (alpha 32) on the LLM; ViT, projector and LLM base frozen.
-#             Merge afterwards: python scripts/merge_lora.py --run_dir $OUTPUT --output_dir merged/
+#             Merge afterwards: medrega-merge-lora --run_dir $OUTPUT --output_dir merged/
 #   MODE=full (what the released script does, despite its `_lora` file name): the whole LLM; ViT and projector frozen.
 # lr 1e-5 cosine, warmup 3%, wd 0.05, global batch 128, seq 2048, gradient checkpointing, length-grouped sampling,
 # 1 epoch (the paper says 2: set EPOCHS=2); on GPUs bf16 + ZeRO-3, on a CPU-only machine float32 without DeepSpeed.

@@ -12,7 +12,6 @@ from PIL import Image
 
 from internvl.data.cli import main
 
-SRC = Path(__file__).resolve().parents[2] / "src"
 
 
 def conv(human: str, answer: str) -> list[dict]:
@@ -184,11 +183,9 @@ def test_convert_commands(tmp_path, capsys):
 
 
 def test_module_entry_point_and_prompts():
-    env = {**os.environ, "PYTHONPATH": str(SRC)}
     done = subprocess.run([sys.executable, "-m", "internvl.data", "prompts", "text_to_region_mm", "--lang", "zh"],
-                          capture_output=True, text=True, env=env, timeout=120)
+                          capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "task: text_to_region_mm (zh)" in done.stdout and "multi_object" in done.stdout
-    bad = subprocess.run([sys.executable, "-m", "internvl.data", "check"], capture_output=True, text=True, env=env,
-                         timeout=120)
+    bad = subprocess.run([sys.executable, "-m", "internvl.data", "check"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2

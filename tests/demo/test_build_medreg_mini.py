@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import json
 import random
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
-
-import medreg_mini_sources as src
+from internvl.data.images import volume_slice
+from internvl.data.records import RecordChecker
+from scripts import build_medreg_mini as builder
+from scripts import medreg_mini_sources as src
 
 HAVE_MRICRON = (src.MRICRON_DIR / "aal.nii.gz").is_file()
 HAVE_CRANIUM = src.CRANIUM_INV3.is_file()
@@ -82,11 +82,6 @@ def test_head_masks_drop_the_head_holder() -> None:
 
 @pytest.mark.skipif(not HAVE_MRICRON, reason="Debian mricron-data not installed (scripts/ci_setup_browser.sh)")
 def test_brain_slices_match_the_toolkit_orientation_and_build_valid_records(tmp_path: Path) -> None:
-    import build_medreg_mini as builder
-
-    from internvl.data.images import volume_slice
-    from internvl.data.records import RecordChecker
-
     items = list(src.brain_items(step=45))
     assert {it.plane for it in items} == {"axial", "coronal", "sagittal"}
     for it in items:

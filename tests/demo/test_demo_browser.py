@@ -48,8 +48,7 @@ def demo_url(tmp_path_factory: pytest.TempPathFactory):
     assert MODEL.is_dir(), f"{MODEL}: bundled model missing"
     port = _free_port()
     log = tmp_path_factory.mktemp("demo") / "server.log"
-    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": str(REPO / "src")}
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
     with log.open("w") as fh:
         proc = subprocess.Popen([sys.executable, str(REPO / "src" / "demo.py"), "--port", str(port),
                                  "--max-new-tokens", "64"], cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT)

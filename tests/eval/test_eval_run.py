@@ -4,7 +4,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -99,9 +98,7 @@ def test_run_unknown_benchmark_exit_2(setup):
 @pytest.mark.slow
 def test_torchrun_two_ranks_shard_and_merge(setup):
     model_dir, data, yml, out = setup
-    src = Path(__file__).resolve().parents[2] / "src"
-    env = {**os.environ, "PYTHONPATH": f"{src}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-           "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "medrega_eval", *_args(model_dir, data, yml, out)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)

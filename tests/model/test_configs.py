@@ -2,7 +2,7 @@
 import json
 
 import pytest
-from fixtures.model import released_style_config_dict
+from internvl.testing import released_style_config_dict
 from transformers import AutoConfig, LlamaConfig
 
 from internvl.model import InternVisionConfig, InternVLChatConfig

@@ -1,7 +1,6 @@
 """Proof against an independent implementation: with ps_version v2 our logits equal transformers' native
 InternVLForConditionalGeneration given the converted weights, for both ViT variants with a Llama LLM; the converter
 script writes that layout; v1 differs from native only by the token order of the image features."""
-import importlib.util
 import json
 from pathlib import Path
 
@@ -11,6 +10,7 @@ from transformers import InternVLForConditionalGeneration
 
 from internvl.constants import IMG_CONTEXT_TOKEN
 from internvl.model import InternVLChatModel, load_preset
+from internvl.model.convert_hf import main
 from internvl.model.hf_conversion import (
     ConversionError,
     convert_checkpoint_to_hf,
@@ -18,7 +18,6 @@ from internvl.model.hf_conversion import (
     convert_state_dict_to_hf,
 )
 
-REPO = Path(__file__).resolve().parents[2]
 VARIANTS = {
     "6b": {},
     "300m": {"norm_type": "layer_norm", "qkv_bias": True, "qk_normalization": False},
@@ -116,17 +115,9 @@ def test_converter_writes_a_loadable_native_checkpoint(variant, tiny_tokenizer, 
     assert diff.abs().max().item() <= 1e-4
 
 
-def _script_main():
-    spec = importlib.util.spec_from_file_location("convert_to_hf", REPO / "scripts" / "convert_to_hf.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
-
-
 def test_converter_script_refuses_v1_unless_allowed(tiny_tokenizer, tmp_path, capsys):
     ctx = tiny_tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN)
     src = _save_checkpoint(_model("6b", "v1", len(tiny_tokenizer), ctx), tiny_tokenizer, tmp_path / "src")
-    main = _script_main()
     assert main([str(src), str(tmp_path / "hf")]) == 2
     assert "ps_version is v1" in capsys.readouterr().err
     with pytest.raises(ConversionError, match="v1"):

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from fixtures.model import released_style_config_dict
+from internvl.testing import released_style_config_dict
 from safetensors.torch import save_file
 from transformers import AutoModel
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from internvl.model import DecodeConfig
 from internvl.model.fast_generate import StaticGreedyDecoder
 from internvl.ops import decode_kernels as dk
 
@@ -87,7 +88,7 @@ def test_decoder_with_kernels_matches_plain_generate():
             mask[0, :4] = 0
         ref = lm.generate(inputs_embeds=emb, attention_mask=mask, max_new_tokens=6, do_sample=False,
                           eos_token_id=None, pad_token_id=0)
-        dec = StaticGreedyDecoder(lm, compile_backend="eager", attention="triton", gemv=True)
+        dec = StaticGreedyDecoder(lm, DecodeConfig(backend="eager", attention="triton", gemv=True))
         assert dec._packed_step(batch)
         assert torch.equal(dec.generate(emb, mask, max_new_tokens=6), ref)
 
@@ -97,13 +98,13 @@ def test_auto_options_pick_the_kernels_where_they_run():
     coordinate-descent tuning at batch 1; models the kernel does not take (head dim 8) or the packed step does not
     cover keep SDPA and the old batch-1 choice."""
     lm = _llama(seed=5)
-    dec = StaticGreedyDecoder(lm, compile_backend="inductor")
+    dec = StaticGreedyDecoder(lm, DecodeConfig(backend="inductor"))
     assert dec._attention() == "triton" and dec._gemv_on()
     assert dec._packed_step(1) and dec._packed_step(8) and not dec._tuned(1)
-    assert StaticGreedyDecoder(lm, packed=False)._attention() == "sdpa"
-    assert not StaticGreedyDecoder(lm, packed=False)._gemv_on()
+    assert StaticGreedyDecoder(lm, DecodeConfig(packed=False))._attention() == "sdpa"
+    assert not StaticGreedyDecoder(lm, DecodeConfig(packed=False))._gemv_on()
     torch.manual_seed(0)
     narrow = LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
                                           num_attention_heads=4, num_key_value_heads=2)).eval()
-    dec = StaticGreedyDecoder(narrow, compile_backend="inductor", gemv=False)
+    dec = StaticGreedyDecoder(narrow, DecodeConfig(backend="inductor", gemv=False))
     assert dec._attention() == "sdpa" and dec._tuned(1) and not dec._packed_step(1)

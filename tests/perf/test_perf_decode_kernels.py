@@ -16,8 +16,7 @@ CASES = Path(__file__).with_name("decode_kernel_cases.py")
 
 
 def test_triton_kernels_in_the_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(
-        [str(CASES.parents[2] / "src"), str(CASES.parents[1]), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-p", "no:xdist",
                            str(CASES)], env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
@@ -47,20 +46,3 @@ def test_custom_ops_trace_in_one_graph():
     compiled = torch.compile(step, backend="eager", fullgraph=True)
     torch.testing.assert_close(compiled(*args), step(*args))
 
-
-def test_kernel_bench_shapes_and_table():
-    """The kernels section times the products one decode step runs (q/k/v and gate/up packed) and prints them."""
-    from internvl.bench.kernel_bench import kernel_lines, layer_products
-    from internvl.model import load_preset
-
-    shapes = layer_products(load_preset("medrega").llm_config)
-    assert shapes == {"qkv": (9216, 7168), "o": (7168, 7168), "gate_up": (40960, 7168), "down": (7168, 20480),
-                      "lm_head": (64007, 7168)}
-    res = {"kernels": {"mid": {
-        "gemv": [{"product": "o", "rows": 2048, "inputs": 2048, "MB": 8.4, "ours_max_rel_err": 2e-3,
-                  "ours_us": 4.0, "ours_TBps": 2.1, "cublas_us": 8.0, "cublas_TBps": 1.05, "inductor_error": "x"},
-                 {"product": "tuned configs", "configs": {"2048x2048 bfloat16": "1/512/2"}}],
-        "attention": [{"batch": 1, "cache": 640, "ours_max_abs_err": 1e-3, "ours_us": 5.0, "sdpa_us": 10.0}]}}}
-    text = "\n".join(kernel_lines(res))
-    assert "ours    4.00 us 2.10 TB/s" in text and "inductor ERROR" in text and "2048x2048 bfloat16: 1/512/2" in text
-    assert "attention batch   1 cache   640: ours 5.0 us, sdpa 10.0 us (2.00x)" in text

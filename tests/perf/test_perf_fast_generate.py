@@ -3,8 +3,11 @@ and a decode step that dynamo traces with fullgraph=True (no graph breaks, hence
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
+from transformers.integrations.sdpa_attention import repeat_kv
 
-from internvl.model.fast_generate import StaticGreedyDecoder
+from internvl.model import DecodeConfig
+from internvl.model import fast_generate as fg
+from internvl.model.fast_generate import StaticGreedyDecoder, sdpa_gqa_decode_attention
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +34,7 @@ def test_matches_plain_generate_without_eos(lm):
     emb, mask = _prompts()
     ref = lm.generate(inputs_embeds=emb, attention_mask=mask, max_new_tokens=12, do_sample=False,
                       eos_token_id=None, pad_token_id=0)
-    out = StaticGreedyDecoder(lm, compile_backend=None).generate(emb, mask, max_new_tokens=12)
+    out = StaticGreedyDecoder(lm, DecodeConfig(backend=None)).generate(emb, mask, max_new_tokens=12)
     assert torch.equal(out, ref)
 
 
@@ -42,7 +45,7 @@ def test_matches_plain_generate_with_eos_and_reuse(lm):
     eos = int(ref[0, 3])  # a token the first row emits: its row must stop there
     ref_eos = lm.generate(inputs_embeds=emb, attention_mask=mask, max_new_tokens=10, do_sample=False,
                           eos_token_id=eos, pad_token_id=0)
-    dec = StaticGreedyDecoder(lm, compile_backend=None, check_every=2)
+    dec = StaticGreedyDecoder(lm, DecodeConfig(backend=None, check_every=2))
     out = dec.generate(emb, mask, max_new_tokens=10, eos_token_id=eos, pad_token_id=0)
     width = ref_eos.shape[1]
     assert torch.equal(out[:, :width], ref_eos)
@@ -59,7 +62,7 @@ def test_min_new_tokens_suppresses_eos(lm):
     eos = int(ref[0, 0])
     ref_min = lm.generate(inputs_embeds=emb, attention_mask=mask, max_new_tokens=8, min_new_tokens=4,
                           do_sample=False, eos_token_id=eos, pad_token_id=0)
-    out = StaticGreedyDecoder(lm, compile_backend=None).generate(
+    out = StaticGreedyDecoder(lm, DecodeConfig(backend=None)).generate(
         emb, mask, max_new_tokens=8, eos_token_id=eos, pad_token_id=0, min_new_tokens=4
     )
     assert torch.equal(out[:, : ref_min.shape[1]], ref_min)
@@ -70,15 +73,15 @@ def test_unpadded_batch_matches_plain_generate(lm):
     mask = torch.ones(emb.shape[:2], dtype=torch.long)
     ref = lm.generate(inputs_embeds=emb, attention_mask=mask, max_new_tokens=9, do_sample=False, eos_token_id=None,
                       pad_token_id=0)
-    out = StaticGreedyDecoder(lm, compile_backend=None).generate(emb, mask, max_new_tokens=9)
+    out = StaticGreedyDecoder(lm, DecodeConfig(backend=None)).generate(emb, mask, max_new_tokens=9)
     assert torch.equal(out, ref)
 
 
 def test_decode_step_traces_fullgraph(lm):
     """backend='eager' runs dynamo with fullgraph=True: any data-dependent host code would raise here."""
     emb, mask = _prompts(batch=2, seed=3)
-    ref = StaticGreedyDecoder(lm, compile_backend=None).generate(emb, mask, max_new_tokens=5)
-    out = StaticGreedyDecoder(lm, compile_backend="eager").generate(emb, mask, max_new_tokens=5)
+    ref = StaticGreedyDecoder(lm, DecodeConfig(backend=None)).generate(emb, mask, max_new_tokens=5)
+    out = StaticGreedyDecoder(lm, DecodeConfig(backend="eager")).generate(emb, mask, max_new_tokens=5)
     assert torch.equal(out, ref)
 
 
@@ -87,14 +90,10 @@ def test_rejects_right_padding(lm):
     mask = torch.ones_like(mask)
     mask[0, -1] = 0
     with pytest.raises(ValueError, match="left-padded"):
-        StaticGreedyDecoder(lm, compile_backend=None).generate(emb, mask, max_new_tokens=3)
+        StaticGreedyDecoder(lm, DecodeConfig(backend=None)).generate(emb, mask, max_new_tokens=3)
 
 
 def test_grouped_decode_attention_equals_repeat_kv():
-    from transformers.integrations.sdpa_attention import repeat_kv
-
-    from internvl.model.fast_generate import sdpa_gqa_decode_attention
-
     g = torch.Generator().manual_seed(5)
     module = torch.nn.Module()
     module.num_key_value_groups = 4
@@ -111,15 +110,8 @@ def test_grouped_decode_attention_equals_repeat_kv():
 
 
 def test_decoder_for_backend_choice(lm, monkeypatch):
-    from internvl.model import fast_generate as fg
-
     assert fg.decoder_for(lm).compile_backend == "inductor"  # "auto", small model
     monkeypatch.setattr(fg, "AUTO_INDUCTOR_MAX_PARAMS", 10)
     assert fg.decoder_for(lm).compile_backend == "eager"  # "auto", "large" model: a new decoder
-    lm.fast_decode_backend = None
-    try:
-        dec = fg.decoder_for(lm)
-        assert dec.compile_backend is None and fg.decoder_for(lm) is dec  # cached while the setting holds
-    finally:
-        del lm.fast_decode_backend
-
+    dec = fg.decoder_for(lm, DecodeConfig(backend=None))
+    assert dec.compile_backend is None and fg.decoder_for(lm, DecodeConfig(backend=None)) is dec  # cached

@@ -3,7 +3,10 @@ from generate / batch_chat as transformers' generate, and a fallback for samplin
 import pytest
 import torch
 
-from internvl.model import InternVLChatModel, load_preset
+from internvl.model import DecodeConfig, InternVLChatModel, load_preset
+from internvl.model import fast_generate as fg
+from internvl.ops.compile_layers import compile_layers, uncompile_layers
+from internvl.tokenization import resize_embeddings_mean
 
 
 @pytest.fixture()
@@ -29,7 +32,7 @@ def test_fast_generate_equals_plain(model):
     kw = dict(pixel_values=pix, input_ids=ids, attention_mask=mask, max_new_tokens=7, do_sample=False,
               eos_token_id=[4], pad_token_id=0)
     plain = model.generate(fast_generate=False, **kw)
-    model.language_model.fast_decode_backend = None
+    model.decode_config = DecodeConfig(backend=None)
     fast = model.generate(fast_generate="always", **kw)
     assert torch.equal(fast, plain)
     # sampling is not the fast path's business: it falls back to transformers' generate
@@ -38,8 +41,6 @@ def test_fast_generate_equals_plain(model):
 
 
 def test_batch_chat_fast_equals_plain(model, tiny_tokenizer):
-    from internvl.tokenization import resize_embeddings_mean
-
     resize_embeddings_mean(model, len(tiny_tokenizer))
     pix = torch.randn(2, 3, 56, 56, generator=torch.Generator().manual_seed(4))
     questions = ["Describe the image.", "Where is the heart?"]
@@ -47,7 +48,7 @@ def test_batch_chat_fast_equals_plain(model, tiny_tokenizer):
     model.fast_generate = False
     plain = model.batch_chat(tiny_tokenizer, pix, questions, generation_config=cfg)
     model.fast_generate = "always"
-    model.language_model.fast_decode_backend = None
+    model.decode_config = DecodeConfig(backend=None)
     fast = model.batch_chat(tiny_tokenizer, pix, questions, generation_config=cfg)
     assert fast == plain
 
@@ -55,17 +56,14 @@ def test_batch_chat_fast_equals_plain(model, tiny_tokenizer):
 def test_generate_falls_back_while_training_compiled_layers_are_active(model, monkeypatch):
     """Layers compiled by the training fast paths cannot be traced by the decode step (a generation inside a training
     loop): generate then uses transformers' loop - same tokens - and the fast path again once they are removed."""
-    from internvl.model import fast_generate as fg
-    from internvl.ops.compile_layers import compile_layers, uncompile_layers
-
     ids, _, pix = _batch(seed=5)
     kw = dict(pixel_values=pix, input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=5,
               do_sample=False, eos_token_id=[4], pad_token_id=0)
     plain = model.generate(fast_generate=False, **kw)
-    model.language_model.fast_decode_backend = None
+    model.decode_config = DecodeConfig(backend=None)
     used = []
     real_decoder_for = fg.decoder_for
-    monkeypatch.setattr(fg, "decoder_for", lambda lm: used.append(1) or real_decoder_for(lm))
+    monkeypatch.setattr(fg, "decoder_for", lambda lm, config: used.append(1) or real_decoder_for(lm, config))
     compile_layers(model.language_model, backend="eager")
     try:
         assert fg.has_training_compiled_layers(model.language_model)
@@ -76,3 +74,18 @@ def test_generate_falls_back_while_training_compiled_layers_are_active(model, mo
     assert not fg.has_training_compiled_layers(model.language_model)
     assert torch.equal(model.generate(fast_generate="always", **kw), plain)
     assert used == [1]
+
+
+def test_the_model_decodes_with_the_measured_default_config(model, monkeypatch):
+    """The user's path: `generate` hands the model's own `decode_config` (default `DecodeConfig()`) to the decoder."""
+    assert model.decode_config == DecodeConfig()
+    seen = []
+    real_decoder_for = fg.decoder_for
+    monkeypatch.setattr(fg, "decoder_for", lambda lm, config: seen.append(config) or real_decoder_for(lm, config))
+    ids, _, pix = _batch(seed=6)
+    kw = dict(pixel_values=pix, input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4,
+              do_sample=False, eos_token_id=[4], pad_token_id=0)
+    plain = model.generate(fast_generate=False, **kw)
+    model.decode_config = DecodeConfig(backend=None)
+    assert torch.equal(model.generate(fast_generate="always", **kw), plain)
+    assert seen == [DecodeConfig(backend=None)]

@@ -6,12 +6,9 @@ import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from internvl.model.fast_generate import (
-    StaticGreedyDecoder,
-    flex_gqa_decode_attention,
-    math_gqa_decode_attention,
-    packed_step_supported,
-)
+from internvl.model import DecodeConfig, InternVLChatModel, load_preset
+from internvl.model import fast_generate as fg
+from internvl.model.fast_generate import StaticGreedyDecoder, packed_step_supported
 from internvl.ops.packed_projections import (
     PackingError,
     decoder_layer_groups,
@@ -61,12 +58,12 @@ def _storages(lm):
 
 @pytest.mark.parametrize("make", [_llama, _qwen2, lambda: _llama(attention_bias=True, mlp_bias=True)],
                          ids=["llama", "qwen2-bias", "llama-bias"])
-@pytest.mark.parametrize("attention", ["sdpa", "math", "flex"])
+@pytest.mark.parametrize("attention", ["sdpa", "triton"])  # triton: the custom op's PyTorch path on the CPU
 def test_packed_step_matches_plain_generate(make, attention):
     lm = make()
     emb, mask = _prompts()
     ref = _reference(lm, emb, mask, 12)
-    dec = StaticGreedyDecoder(lm, compile_backend=None, attention=attention)
+    dec = StaticGreedyDecoder(lm, DecodeConfig(backend=None, attention=attention))
     out = dec.generate(emb, mask, max_new_tokens=12)
     assert dec._pack_signature is not None, "the packed step was not used"
     assert torch.equal(out, ref)
@@ -76,7 +73,7 @@ def test_packed_step_traces_fullgraph():
     lm = _llama(seed=1)
     emb, mask = _prompts(seed=1)
     ref = _reference(lm, emb, mask, 6)
-    dec = StaticGreedyDecoder(lm, compile_backend="eager")
+    dec = StaticGreedyDecoder(lm, DecodeConfig(backend="eager"))
     assert torch.equal(dec.generate(emb, mask, max_new_tokens=6), ref)
     assert dec._pack_signature is not None
 
@@ -109,7 +106,7 @@ def test_repacks_after_parameters_move():
     lm = _llama(seed=3)
     emb, mask = _prompts(seed=3)
     ref = _reference(lm, emb, mask, 9)
-    dec = StaticGreedyDecoder(lm, compile_backend=None)
+    dec = StaticGreedyDecoder(lm, DecodeConfig(backend=None))
     assert torch.equal(dec.generate(emb, mask, max_new_tokens=9), ref)
     signature = dec._pack_signature
     groups = decoder_layer_groups(lm)
@@ -130,7 +127,7 @@ def test_repacks_after_parameters_move():
 def test_load_state_dict_after_packing_updates_packed_weights():
     lm, other = _llama(seed=4), _llama(seed=5)
     emb, mask = _prompts(seed=4)
-    dec = StaticGreedyDecoder(lm, compile_backend=None)
+    dec = StaticGreedyDecoder(lm, DecodeConfig(backend=None))
     dec.generate(emb, mask, max_new_tokens=4)
     signature = dec._pack_signature
     lm.load_state_dict(other.state_dict())  # copies in place into the packed storage
@@ -142,7 +139,7 @@ def test_training_after_packed_generate():
     """Packing happens under inference_mode; the parameters must stay ordinary tensors that autograd can use."""
     lm = _llama(seed=6)
     emb, mask = _prompts(seed=6)
-    StaticGreedyDecoder(lm, compile_backend=None).generate(emb, mask, max_new_tokens=3)
+    StaticGreedyDecoder(lm, DecodeConfig(backend=None)).generate(emb, mask, max_new_tokens=3)
     lm.train()
     ids = torch.randint(0, 96, (2, 5))
     loss = lm(input_ids=ids, labels=ids).loss
@@ -161,7 +158,7 @@ def test_lora_wrapped_model_falls_back():
     storages = _storages(base)
     emb, mask = _prompts(seed=7)
     ref = _reference(base, emb, mask, 7)
-    dec = StaticGreedyDecoder(base, compile_backend=None)
+    dec = StaticGreedyDecoder(base, DecodeConfig(backend=None))
     assert torch.equal(dec.generate(emb, mask, max_new_tokens=7), ref)
     assert dec._pack_signature is None and _storages(base) == storages  # nothing was re-pointed
 
@@ -170,7 +167,7 @@ def test_packing_off_and_other_architectures_leave_weights_alone():
     lm = _llama(seed=8)
     storages = _storages(lm)
     emb, mask = _prompts(seed=8)
-    dec = StaticGreedyDecoder(lm, compile_backend=None, packed=False)
+    dec = StaticGreedyDecoder(lm, DecodeConfig(backend=None, packed=False))
     assert torch.equal(dec.generate(emb, mask, max_new_tokens=5), _reference(lm, emb, mask, 5))
     assert _storages(lm) == storages
     lm.config.model_type = "gemma"  # a model type the packed step does not reproduce
@@ -189,69 +186,38 @@ def test_pack_linears_refuses_mixed_modules():
         pack_linears([nn.Linear(8, 4), hooked])
 
 
-@pytest.mark.parametrize("attention", [math_gqa_decode_attention, flex_gqa_decode_attention], ids=["math", "flex"])
-def test_decode_attention_equals_sdpa(attention):
-    g = torch.Generator().manual_seed(9)
-    q = torch.randn(3, 8, 1, 16, generator=g)
-    k = torch.randn(3, 2, 32, 16, generator=g)
-    v = torch.randn(3, 2, 32, 16, generator=g)
-    mask = torch.rand(3, 1, 1, 32, generator=g) > 0.3
-    mask[..., 0] = True
-    out = attention(q, k, v, mask, 0.25)
-    rep = lambda t: t.repeat_interleave(4, dim=1)  # noqa: E731
-    ref = torch.nn.functional.scaled_dot_product_attention(q, rep(k), rep(v), attn_mask=mask, scale=0.25)
-    assert out.shape == (3, 1, 8, 16)
-    assert torch.allclose(out, ref.transpose(1, 2), atol=1e-5)
-
-
-def test_flex_attention_in_the_models_own_forward_matches_plain_generate(monkeypatch):
-    """packed=False: the model's own forward runs, the decode attention goes through the registered flex interface
-    (the prefill keeps SDPA); the attention implementation is restored afterwards."""
-    from internvl.model import fast_generate as fg
-
-    calls = []
-    real = fg.flex_gqa_decode_attention
-    monkeypatch.setattr(fg, "flex_gqa_decode_attention", lambda *a: calls.append(1) or real(*a))
-    lm = _llama(seed=12)
-    emb, mask = _prompts(seed=12)
-    ref = _reference(lm, emb, mask, 10)
-    dec = StaticGreedyDecoder(lm, compile_backend=None, packed=False, attention="flex")
-    assert torch.equal(dec.generate(emb, mask, max_new_tokens=10), ref)
-    assert len(calls) == 9 * lm.config.num_hidden_layers  # every decode step, every layer; not the prefill
-    assert dec._pack_signature is None
-    assert lm.config._attn_implementation == "sdpa"
-
-
-def test_decoder_for_reads_module_options():
-    from internvl.model import fast_generate as fg
-
+def test_decoder_for_follows_the_config():
+    """decoder_for builds the decoder of the config it is given (default: DecodeConfig()) and keeps it while the
+    config stays equal; the config refuses values it does not know (the lab's variants live in lab/)."""
     lm = _llama(seed=10)
     dec = fg.decoder_for(lm)
-    assert (dec.packed, dec.attention, dec.tuning) == (fg.DEFAULT_PACKED, fg.DEFAULT_ATTENTION, fg.DEFAULT_TUNING)
-    lm.fast_decode_packed = False
-    lm.fast_decode_attention = "math"
-    lm.fast_decode_tuning = False
-    dec2 = fg.decoder_for(lm)
-    assert dec2 is not dec and (dec2.packed, dec2.attention, dec2.tuning) == (False, "math", False)
-    assert fg.decoder_for(lm) is dec2
-    with pytest.raises(ValueError, match="attention"):
-        StaticGreedyDecoder(lm, attention="flash")
+    assert dec.config == DecodeConfig() and (dec.packed, dec.attention, dec.tuning, dec.gemv) == ("auto",) * 4
+    assert fg.decoder_for(lm, DecodeConfig()) is dec
+    config = DecodeConfig(packed=False, attention="sdpa", tuning=False, backend=None)
+    dec2 = fg.decoder_for(lm, config)
+    assert dec2 is not dec and (dec2.packed, dec2.attention, dec2.tuning, dec2.compile_backend) == (
+        False, "sdpa", False, None)
+    assert fg.decoder_for(lm, DecodeConfig(packed=False, attention="sdpa", tuning=False, backend=None)) is dec2
+    for bad in ({"attention": "flash"}, {"attention": "flex"}, {"backend": "xla"}, {"gemv": "yes"},
+                {"check_every": 0}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            DecodeConfig(**bad)
 
 
 def test_auto_packing_picks_the_step_per_batch():
     """packed="auto": weights are packed, and the packed step runs except where inductor's tuned step runs (batch 1
     under tuning="auto"): there the model's own forward is used (measured faster on the H200)."""
     lm = _llama(seed=11)
-    dec = StaticGreedyDecoder(lm, compile_backend="inductor", packed="auto", tuning="auto")
+    dec = StaticGreedyDecoder(lm, DecodeConfig(backend="inductor", packed="auto", tuning="auto"))
     assert not dec._packed_step(1) and dec._packed_step(8)
-    assert StaticGreedyDecoder(lm, compile_backend="inductor", packed="auto", tuning=False)._packed_step(1)
-    assert StaticGreedyDecoder(lm, compile_backend="eager", packed="auto", tuning="auto")._packed_step(1)
-    assert not StaticGreedyDecoder(lm, compile_backend=None, packed=False)._packed_step(4)
+    assert StaticGreedyDecoder(lm, DecodeConfig(backend="inductor", packed="auto", tuning=False))._packed_step(1)
+    assert StaticGreedyDecoder(lm, DecodeConfig(backend="eager", packed="auto", tuning="auto"))._packed_step(1)
+    assert not StaticGreedyDecoder(lm, DecodeConfig(backend=None, packed=False))._packed_step(4)
     with pytest.raises(ValueError, match="packed"):
-        StaticGreedyDecoder(lm, packed="yes")
+        StaticGreedyDecoder(lm, DecodeConfig(packed="yes"))
     # the model's-own-forward step over packed weights: same tokens, weights packed
     emb, mask = _prompts(seed=11)
-    dec = StaticGreedyDecoder(lm, compile_backend=None, packed="auto", tuning=True)
+    dec = StaticGreedyDecoder(lm, DecodeConfig(backend=None, packed="auto", tuning=True))
     dec._packed_step = lambda batch: False  # what "auto" picks for the tuned inductor step (no compile on the CPU)
     out = dec.generate(emb, mask, max_new_tokens=7)
     assert torch.equal(out, _reference(lm, emb, mask, 7))
@@ -262,8 +228,6 @@ def test_auto_packing_picks_the_step_per_batch():
 def test_save_pretrained_after_packing_round_trips(tmp_path):
     """Packed parameters share one storage per group: save_pretrained (safetensors) must still write every weight
     once and a reload must give the same state dict (no tensor taken for a tied duplicate and dropped)."""
-    from internvl.model import InternVLChatModel, load_preset
-
     torch.manual_seed(0)
     model = InternVLChatModel(load_preset("tiny")).eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}

@@ -14,7 +14,7 @@ from internvl.train.arguments import (
 )
 from internvl.train.build import build_model_and_tokenizer
 
-from .square_task import write_square_dataset
+from internvl.testing.square_task import write_square_dataset
 
 
 def tiny_square_setup(tmp_path: Path, tokenizer_dir: Path, *, seed: int, grad_checkpoint: bool):

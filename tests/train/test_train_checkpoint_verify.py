@@ -19,7 +19,7 @@ from internvl.train.trainer import MedRegTrainer
 from .test_train_cli_resume import ROOT, cli_args, env
 from .test_train_guards import IndexedDataset, collate
 from .test_train_trainer_core import args, tiny_llama
-from .square_task import write_square_dataset
+from internvl.testing.square_task import write_square_dataset
 
 FILES = ["model.safetensors", "optimizer.pt", "rng_state.pth", "scheduler.pt", "trainer_state.json"]
 

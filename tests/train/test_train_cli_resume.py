@@ -14,7 +14,7 @@ import pytest
 
 from internvl.train.checkpoint import find_latest_checkpoint, is_complete
 
-from .square_task import write_square_dataset
+from internvl.testing.square_task import write_square_dataset
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -35,8 +35,8 @@ def cli_args(out: Path, tokenizer_dir: Path, meta: Path, max_steps: int, *extra:
 
 def env() -> dict[str, str]:
     e = dict(os.environ)
-    e.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=f"{ROOT / 'src'}{os.pathsep}{e.get('PYTHONPATH', '')}",
-             HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    e.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+             TOKENIZERS_PARALLELISM="false")
     return e
 
 

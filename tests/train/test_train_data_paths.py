@@ -16,7 +16,7 @@ from internvl.train.build import build_model_and_tokenizer
 from internvl.train.cli import main
 from internvl.train.trainer import MedRegTrainer
 
-from .square_task import write_square_dataset
+from internvl.testing.square_task import write_square_dataset
 
 TEXT_ONLY = [{"conversations": [{"from": "human", "value": "What organ filters blood?"},
                                 {"from": "gpt", "value": "The kidney."}]},

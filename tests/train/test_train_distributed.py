@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from .square_task import write_square_dataset
+from internvl.testing.square_task import write_square_dataset
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = 3

@@ -23,7 +23,7 @@ from transformers import TrainerCallback
 from .test_train_cli_resume import ROOT, cli_args, env
 from .test_train_trainer_core import args, make_samples, tiny_llama
 
-from .square_task import write_square_dataset
+from internvl.testing.square_task import write_square_dataset
 
 
 class IndexedDataset(torch.utils.data.Dataset):

@@ -1,10 +1,8 @@
-"""LoRA on the tiny InternVL preset: adapters saved in PEFT format, merged by scripts/merge_lora.py into an
+"""LoRA on the tiny InternVL preset: adapters saved in PEFT format, merged by `medrega-merge-lora` (internvl.train.merge_lora) into an
 original-layout checkpoint that loads with zero missing keys and reproduces the adapter model's logits."""
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import torch
 
@@ -13,16 +11,7 @@ from internvl.model import InternVLChatModel
 from internvl.train.arguments import DataTrainingArguments, ModelArguments
 from internvl.train.build import build_model_and_tokenizer
 from internvl.train.lora import save_lora_run
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _merge_script():
-    spec = importlib.util.spec_from_file_location("merge_lora_script", ROOT / "scripts" / "merge_lora.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
+from internvl.train.merge_lora import main as merge_main
 
 def _inputs(model, tokenizer):
     ctx = tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN)
@@ -63,7 +52,7 @@ def test_merge_lora_gives_original_layout_and_same_logits(tmp_path, tiny_tokeniz
         assert (run / "adapters" / part / "adapter_model.safetensors").is_file()
 
     merged_dir = tmp_path / "merged"
-    assert _merge_script().main(["--run_dir", str(run), "--output_dir", str(merged_dir), "--verify"]) == 0
+    assert merge_main(["--run_dir", str(run), "--output_dir", str(merged_dir), "--verify"]) == 0
     merged, info = InternVLChatModel.from_pretrained(str(merged_dir), output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
     base_keys = set(InternVLChatModel.from_pretrained(str(tmp_path / "base")).state_dict())
@@ -80,5 +69,5 @@ def test_merge_lora_gives_original_layout_and_same_logits(tmp_path, tiny_tokeniz
 
 
 def test_merge_lora_rejects_a_non_lora_dir(tmp_path, capsys):
-    assert _merge_script().main(["--run_dir", str(tmp_path), "--output_dir", str(tmp_path / "o")]) == 2
+    assert merge_main(["--run_dir", str(tmp_path), "--output_dir", str(tmp_path / "o")]) == 2
     assert "lora_run.json" in capsys.readouterr().err

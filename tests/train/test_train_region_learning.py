@@ -15,7 +15,7 @@ from internvl.regions import box_to_pixels, parse_regions
 from internvl.tokenization import load_tokenizer
 from internvl.train.cli import main
 
-from .square_task import BASE_PROMPT, QUESTION, iou, square_image, write_square_dataset
+from internvl.testing.square_task import BASE_PROMPT, QUESTION, iou, square_image, write_square_dataset
 
 SIZE = 56
 

@@ -14,7 +14,7 @@ import torch
 from internvl.train.manifest import merge_manifests
 from internvl.train.safe_load import UnsafeCheckpointError, deepspeed_safe_loads, safe_torch_load
 
-from .square_task import write_square_dataset
+from internvl.testing.square_task import write_square_dataset
 from .test_train_cli_resume import ROOT, cli_args, env
 
 

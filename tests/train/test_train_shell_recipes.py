@@ -193,7 +193,7 @@ def test_stage2_rejects_an_unknown_mode(tmp_path):
 
 
 def test_loss_comparison_of_the_gpu_checks_fails_on_a_mismatch(tmp_path):
-    """scripts/gpu_multi_train_check.sh asserts through `summarize_train_logs.py --max-diff`: exit 1 when a per-step
+    """lab/scripts/gpu_multi_train_check.sh asserts through `lab.scripts.summarize_train_logs --max-diff`: exit 1 when a per-step
     loss differs by more than the limit or a step is missing, 0 when the curves agree."""
     def state(name: str, curve: list[float]) -> Path:
         path = tmp_path / f"{name}.json"
@@ -201,9 +201,9 @@ def test_loss_comparison_of_the_gpu_checks_fails_on_a_mismatch(tmp_path):
         return path
 
     ref = state("ref", [2.0, 1.5, 1.2])
-    script = [sys.executable, str(ROOT / "scripts" / "summarize_train_logs.py")]
+    script = [sys.executable, "-m", "lab.scripts.summarize_train_logs"]  # the lab runs from the repository root
     for curve, code in (([2.0, 1.5, 1.2001], 0), ([2.0, 1.5, 1.3], 1), ([2.0, 1.5], 1)):
         other = state("other", curve)
         result = subprocess.run(script + [str(ref), str(other), "--reference", str(ref), "--max-diff", "0.01"],
-                                capture_output=True, text=True, timeout=60)
+                                capture_output=True, text=True, timeout=60, cwd=ROOT)
         assert result.returncode == code, (curve, result.stdout, result.stderr)

@@ -12,7 +12,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from internvl.data.collate import pad_collate
 
-from .square_task import write_square_dataset
+from internvl.testing.square_task import write_square_dataset
 from .test_train_cli_resume import ROOT, cli_args, env
 
 BAD_IMAGES = (2, 5)  # 0-based records whose PNG is garbage: they pass the scan (file exists) and fail when read

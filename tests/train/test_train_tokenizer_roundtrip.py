@@ -5,7 +5,7 @@ transformers layout), and the reloaded (and, for LoRA, merged)
 model gives the same greedy answers, region tags included.
 
 The trainer is the real one (`internvl.train.cli.main`); the test only keeps a reference to it to read the model and
-tokenizer as they are in memory after training. The merge runs `scripts/merge_lora.py` as a user would.
+tokenizer as they are in memory after training. The merge runs `medrega-merge-lora` (as `python -m internvl.train.merge_lora`) as a user would.
 """
 from __future__ import annotations
 
@@ -28,12 +28,12 @@ from internvl.tokenization import load_tokenizer, tokenizer_behaviour
 from internvl.train.cli import main
 from internvl.train.lora import load_lora_run
 
-from .square_task import write_square_dataset
+from internvl.testing.square_task import write_square_dataset
 
 ROOT = Path(__file__).resolve().parents[2]
 BUNDLED = ROOT / "asset" / "medreg-mini-model"
 IMAGE = ROOT / "asset" / "examples" / "brain_mri_axial_096.jpg"
-MERGE = [sys.executable, str(ROOT / "scripts" / "merge_lora.py")]
+MERGE = [sys.executable, "-m", "internvl.train.merge_lora"]  # what `medrega-merge-lora` runs
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "added_tokens.json",
                    "special_tokens_map.json")
 QUESTIONS = [build_prompt("text_to_region", "en", objects="brain, cerebellum"), build_prompt("grounded_report", "zh")]

@@ -5,24 +5,30 @@ gallery of bundled examples; right, task / language / inputs, the annotated answ
 boxes. Every handler turns bad input into a message in the page (``UserInputError``) and never raises, so one bad
 upload cannot take the server down; unexpected errors are logged with their traceback and reported in the page too.
 
-Generation goes through the model's own ``chat`` (multi-turn history, the same template rendering and stop tokens as
-``batch_chat`` used by ``--batch`` and ``medrega-eval``); requests are serialised by a lock.
+Generation goes through ``internvl.inference.Generator``, the path of ``--batch`` and ``medrega-eval run`` (the
+conversation's earlier turns ride along as the request's history); requests are serialised by a lock.
 """
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
+import tempfile
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import gradio as gr
+import torch
 from PIL import Image
 
+from internvl.constants import IMAGE_PLACEHOLDER
 from internvl.demo.drawing import draw_regions
 from internvl.demo.limits import check_fields, check_prompt_budget, public_message, scrub_paths
 from internvl.demo.tasks import TASKS, build_prompt, follow_up_prompt
@@ -33,6 +39,7 @@ from internvl.demo.uploads import (
     load_upload,
     parse_typed_box,
 )
+from internvl.inference import GenerationRequest, GenerationSettings, Generator
 from internvl.regions import Box, Region, parse_regions
 
 __all__ = ["DemoEngine", "Example", "ask", "build_app", "load_examples"]
@@ -41,30 +48,22 @@ log = logging.getLogger("medrega.demo")
 
 
 class DemoEngine:
-    """Answers one chat turn about one image with an InternVL-Chat model (thread-safe, one request at a time)."""
+    """Answers one chat turn about one image (thread-safe, one request at a time) through the shared generation path,
+    `internvl.inference.Generator`: the same template rendering, stop tokens and answer decoding as `--batch` and
+    `medrega-eval run`."""
 
-    def __init__(self, model: Any, tokenizer: Any, generation: dict[str, Any] | None = None) -> None:
-        self.model = model
-        self.tokenizer = tokenizer
-        self.generation = dict(generation or {"max_new_tokens": 400, "do_sample": False})
+    def __init__(self, model: Any, tokenizer: Any, settings: GenerationSettings | None = None) -> None:
+        self.generator = Generator(model, tokenizer, settings or GenerationSettings(), batch_size=1)
         self._lock = threading.Lock()
-        param = next(model.vision_model.parameters())
-        self._device, self._dtype = param.device, param.dtype
 
     def answer(self, image: Image.Image, prompt: str, history: list[tuple[str, str]]) -> tuple[str, list]:
         """(answer text, new history) for ``prompt`` after ``history`` (list of (question, answer) pairs)."""
-        from internvl.image_processing import images_to_pixel_values
-
-        pixel_values, num_patches = images_to_pixel_values([image.convert("RGB")], self.model.config)
-        pixel_values = pixel_values.to(self._device, self._dtype)
-        import torch
-
+        if not history and IMAGE_PLACEHOLDER not in prompt:
+            prompt = IMAGE_PLACEHOLDER + "\n" + prompt  # kept in the history: later turns find the image there
+        request = GenerationRequest(prompt, images=[image], history=list(history))
         with self._lock, torch.inference_mode():
-            text, new_history = self.model.chat(
-                self.tokenizer, pixel_values, prompt, generation_config=self.generation,
-                history=list(history) or None, return_history=True, num_patches_list=num_patches,
-            )
-        return text, new_history
+            text = self.generator.generate_batch([request])[0]
+        return text, [*history, (prompt, text)]
 
 
 @dataclass(frozen=True)
@@ -109,9 +108,6 @@ def gallery_preview(path: Path) -> Path:
     """A browser-displayable PNG for an example in another format (DICOM, NIfTI, TIFF), cached in the temp dir."""
     if path.suffix.lower() in _BROWSER_IMAGES:
         return path
-    import hashlib
-    import tempfile
-
     key = hashlib.sha1(f"{path.resolve()}:{path.stat().st_mtime_ns}".encode()).hexdigest()[:16]
     out = Path(tempfile.gettempdir()) / "medrega-demo-previews" / f"{key}.png"
     if not out.is_file():
@@ -189,17 +185,34 @@ def ask(engine: DemoEngine, session: Session, *, task: str, lang: str, question:
     return annotated, _regions_table(regions, drawn), status
 
 
-def build_app(engine: DemoEngine, examples: list[Example], *, title: str = "MedRegA demo",
-              model_name: str = "") -> Any:
-    """The gradio Blocks app. Element ids (``upload``, ``task``, ``objects``, ``ask``, ``annotated``, ``status``...)
-    are stable for the browser test."""
-    task_choices = [(t.label_en, t.key) for t in TASKS.values()]
-    previews = [(str(gallery_preview(e.path)), e.title) for e in examples]
 
-    def editor_value(image: Image.Image | None) -> dict[str, Any] | None:
-        if image is None:
-            return None
-        return {"background": image, "layers": [], "composite": image}
+def _editor_value(image: Image.Image | None) -> dict[str, Any] | None:
+    """What the image editor shows for ``image`` (no drawn layer yet)."""
+    if image is None:
+        return None
+    return {"background": image, "layers": [], "composite": image}
+
+
+def _with_errors(fn: Callable, on_error: Callable) -> Callable:
+    """``fn`` as a gradio handler that never raises: bad input (``UserInputError``) and unexpected errors become
+    ``on_error(message, *args)`` (unexpected ones are logged with their traceback)."""
+
+    @functools.wraps(fn)  # keeps the signature, so gradio still injects gr.SelectData
+    def wrapper(*args):
+        try:
+            return fn(*args)
+        except UserInputError as exc:
+            return on_error(scrub_paths(str(exc)), *args)
+        except Exception as exc:  # noqa: BLE001 - keep serving; report in the page
+            log.error("demo handler %s failed:\n%s", fn.__name__, traceback.format_exc())
+            return on_error(f"Internal error ({public_message(exc)}); see the server log.", *args)
+
+    return wrapper
+
+
+def _handlers(engine: DemoEngine, examples: list[Example]) -> SimpleNamespace:
+    """The page's event handlers (upload, example pick, ask, clear) and their error replies, already wrapped by
+    ``_with_errors`` where the page can send bad input."""
 
     def on_upload(path: str | None, axis: str, slice_text: str, session: Session):
         if not path:
@@ -214,7 +227,7 @@ def build_app(engine: DemoEngine, examples: list[Example], *, title: str = "MedR
         up = load_upload(path, axis=axis, slice_index=slice_index)
         new = Session(image=up.image, name=Path(path).name)
         # the file box is emptied so the next upload works at once; the image lives on in the editor
-        return None, editor_value(up.image), new, _message(f"Loaded {up.description}. Chat history cleared.", "ok")
+        return None, _editor_value(up.image), new, _message(f"Loaded {up.description}. Chat history cleared.", "ok")
 
     def on_upload_error(message: str, path, axis, slice_text, session):
         return None, gr.update(), session, _message(message)
@@ -223,8 +236,11 @@ def build_app(engine: DemoEngine, examples: list[Example], *, title: str = "MedR
         ex = examples[evt.index]
         up = load_upload(ex.path)
         new = Session(image=up.image, name=ex.path.name)
-        return (editor_value(up.image), new, ex.task, ex.lang, ex.question, ex.objects, ex.box, ex.options,
+        return (_editor_value(up.image), new, ex.task, ex.lang, ex.question, ex.objects, ex.box, ex.options,
                 ex.modality, _message(f"Example loaded: {ex.title}.", "ok"))
+
+    def example_error(message: str, evt, session):
+        return (gr.update(), session, *([gr.update()] * 7), _message(message))
 
     def on_ask(session: Session, drawing, task, lang, question, objects, box_text, box_units, options, modality):
         layer = None
@@ -242,68 +258,72 @@ def build_app(engine: DemoEngine, examples: list[Example], *, title: str = "MedR
         new = Session(image=session.image, name=session.name)
         return [], None, [], _message("Chat cleared; the image stays.", "info"), new
 
-    def with_errors(fn, on_error):
-        @functools.wraps(fn)  # keeps the signature, so gradio still injects gr.SelectData
-        def wrapper(*args):
-            try:
-                return fn(*args)
-            except UserInputError as exc:
-                return on_error(scrub_paths(str(exc)), *args)
-            except Exception as exc:  # noqa: BLE001 - keep serving; report in the page
-                log.error("demo handler %s failed:\n%s", fn.__name__, traceback.format_exc())
-                return on_error(f"Internal error ({public_message(exc)}); see the server log.", *args)
-        return wrapper
+    return SimpleNamespace(upload=_with_errors(on_upload, on_upload_error),
+                           example=_with_errors(on_example, example_error),
+                           ask=_with_errors(on_ask, on_ask_error), clear=on_clear)
 
-    def example_error(message: str, evt, session):
-        return (gr.update(), session, *([gr.update()] * 7), _message(message))
 
+def _layout(title: str, model_name: str, examples: list[Example]) -> SimpleNamespace:
+    """Build the page's components inside the current ``gr.Blocks``; returns them by name. Element ids (``upload``,
+    ``task``, ``objects``, ``ask``, ``annotated``, ``status``...) are stable for the browser test."""
+    task_choices = [(t.label_en, t.key) for t in TASKS.values()]
+    previews = [(str(gallery_preview(e.path)), e.title) for e in examples]
+    c = SimpleNamespace()
+    gr.Markdown(f"# {title}\nModel: `{model_name}`. Upload a medical image, choose a task and ask. "
+                "Boxes are `[x1, y1, x2, y2]` on a 0-999 grid (MedRegA's convention). Research demo, not for "
+                "clinical use.")
+    c.session = gr.State(Session())
+    with gr.Row():
+        with gr.Column(scale=1):
+            # no client/gradio type filter: DICOM files often have no extension; load_upload checks the type
+            # (magic bytes, then ACCEPTED_SUFFIXES) and reports anything else in the page
+            c.upload = gr.File(label="Image file (PNG, JPEG, TIFF, DICOM, NIfTI)", file_count="single",
+                               type="filepath", elem_id="upload")
+            with gr.Row():
+                c.axis = gr.Dropdown(["axial", "coronal", "sagittal"], value="axial", label="NIfTI plane",
+                                     elem_id="axis")
+                c.slice_box = gr.Textbox(label="NIfTI slice (empty = middle)", elem_id="slice")
+            c.editor = gr.ImageEditor(label="Image (draw over a region for Region-to-Text)", type="numpy",
+                                      image_mode="RGBA", sources=(), transforms=(), layers=False, elem_id="editor")
+            c.gallery = gr.Gallery(previews, label="Bundled examples",
+                                   columns=4, height=220, allow_preview=False, elem_id="gallery")
+        with gr.Column(scale=1):
+            c.task = gr.Radio(task_choices, value="text_to_region", label="Task", elem_id="task")
+            c.lang = gr.Radio([("English", "en"), ("中文", "zh")], value="en", label="Language", elem_id="lang")
+            c.modality = gr.Textbox(label="Modality (e.g. MRI, CT; used by the task prompt)", value="MRI",
+                                    elem_id="modality")
+            c.question = gr.Textbox(label="Question (VQA, and follow-up turns)", elem_id="question")
+            c.objects = gr.Textbox(label="Objects to find (Text-to-Region; comma separated)", elem_id="objects")
+            with gr.Row():
+                c.box_text = gr.Textbox(label="Box x1, y1, x2, y2 (Region-to-Text; or draw it)", elem_id="box")
+                c.box_units = gr.Radio([("0-999 grid", "grid"), ("pixels", "pixels")], value="grid",
+                                       label="Box units", elem_id="box_units")
+            c.options = gr.Textbox(label="Candidate diagnoses (Diagnosis; comma separated)", elem_id="options")
+            with gr.Row():
+                c.ask_btn = gr.Button("Ask", variant="primary", elem_id="ask")
+                c.clear_btn = gr.Button("Clear chat", elem_id="clear")
+            c.status = gr.Markdown(elem_id="status")
+            c.annotated = gr.Image(label="Answer with predicted boxes", type="pil", interactive=False,
+                                   format="png", elem_id="annotated")
+            c.chatbot = gr.Chatbot(label="Chat", height=260, elem_id="chat")
+            c.boxes = gr.JSON(label="Parsed boxes", elem_id="boxes")
+    return c
+
+
+def build_app(engine: DemoEngine, examples: list[Example], *, title: str = "MedRegA demo",
+              model_name: str = "") -> Any:
+    """The gradio Blocks app: the layout of ``_layout`` wired to the handlers of ``_handlers``."""
+    h = _handlers(engine, examples)
     with gr.Blocks(title=title) as app:
-        gr.Markdown(f"# {title}\nModel: `{model_name}`. Upload a medical image, choose a task and ask. "
-                    "Boxes are `[x1, y1, x2, y2]` on a 0-999 grid (MedRegA's convention). Research demo, not for "
-                    "clinical use.")
-        session = gr.State(Session())
-        with gr.Row():
-            with gr.Column(scale=1):
-                # no client/gradio type filter: DICOM files often have no extension; load_upload checks the type
-                # (magic bytes, then ACCEPTED_SUFFIXES) and reports anything else in the page
-                upload = gr.File(label="Image file (PNG, JPEG, TIFF, DICOM, NIfTI)", file_count="single",
-                                 type="filepath", elem_id="upload")
-                with gr.Row():
-                    axis = gr.Dropdown(["axial", "coronal", "sagittal"], value="axial", label="NIfTI plane",
-                                       elem_id="axis")
-                    slice_box = gr.Textbox(label="NIfTI slice (empty = middle)", elem_id="slice")
-                editor = gr.ImageEditor(label="Image (draw over a region for Region-to-Text)", type="numpy",
-                                        image_mode="RGBA", sources=(), transforms=(), layers=False,
-                                        elem_id="editor")
-                gallery = gr.Gallery(previews, label="Bundled examples",
-                                     columns=4, height=220, allow_preview=False, elem_id="gallery")
-            with gr.Column(scale=1):
-                task = gr.Radio(task_choices, value="text_to_region", label="Task", elem_id="task")
-                lang = gr.Radio([("English", "en"), ("中文", "zh")], value="en", label="Language", elem_id="lang")
-                modality = gr.Textbox(label="Modality (e.g. MRI, CT; used by the task prompt)", value="MRI",
-                                      elem_id="modality")
-                question = gr.Textbox(label="Question (VQA, and follow-up turns)", elem_id="question")
-                objects = gr.Textbox(label="Objects to find (Text-to-Region; comma separated)", elem_id="objects")
-                with gr.Row():
-                    box_text = gr.Textbox(label="Box x1, y1, x2, y2 (Region-to-Text; or draw it)", elem_id="box")
-                    box_units = gr.Radio([("0-999 grid", "grid"), ("pixels", "pixels")], value="grid",
-                                         label="Box units", elem_id="box_units")
-                options = gr.Textbox(label="Candidate diagnoses (Diagnosis; comma separated)", elem_id="options")
-                with gr.Row():
-                    ask_btn = gr.Button("Ask", variant="primary", elem_id="ask")
-                    clear_btn = gr.Button("Clear chat", elem_id="clear")
-                status = gr.Markdown(elem_id="status")
-                annotated = gr.Image(label="Answer with predicted boxes", type="pil", interactive=False,
-                                     format="png", elem_id="annotated")
-                chatbot = gr.Chatbot(label="Chat", height=260, elem_id="chat")
-                boxes = gr.JSON(label="Parsed boxes", elem_id="boxes")
-        upload.upload(with_errors(on_upload, on_upload_error), [upload, axis, slice_box, session],
-                      [upload, editor, session, status])
-        gallery.select(with_errors(on_example, example_error), [session],
-                       [editor, session, task, lang, question, objects, box_text, options, modality, status])
-        ask_inputs = [session, editor, task, lang, question, objects, box_text, box_units, options, modality]
-        ask_btn.click(with_errors(on_ask, on_ask_error), ask_inputs, [annotated, chatbot, boxes, status, session])
-        question.submit(with_errors(on_ask, on_ask_error), ask_inputs, [annotated, chatbot, boxes, status, session])
-        clear_btn.click(on_clear, [session], [chatbot, annotated, boxes, status, session])
+        c = _layout(title, model_name, examples)
+        c.upload.upload(h.upload, [c.upload, c.axis, c.slice_box, c.session], [c.upload, c.editor, c.session, c.status])
+        c.gallery.select(h.example, [c.session], [c.editor, c.session, c.task, c.lang, c.question, c.objects,
+                                                  c.box_text, c.options, c.modality, c.status])
+        ask_inputs = [c.session, c.editor, c.task, c.lang, c.question, c.objects, c.box_text, c.box_units, c.options,
+                      c.modality]
+        ask_outputs = [c.annotated, c.chatbot, c.boxes, c.status, c.session]
+        c.ask_btn.click(h.ask, ask_inputs, ask_outputs)
+        c.question.submit(h.ask, ask_inputs, ask_outputs)
+        c.clear_btn.click(h.clear, [c.session], [c.chatbot, c.annotated, c.boxes, c.status, c.session])
     app.max_upload_bytes = MAX_UPLOAD_BYTES
     return app

@@ -7,6 +7,7 @@ from transformers import AutoConfig, AutoModel
 
 from .configuration_intern_vit import InternVisionConfig
 from .configuration_internvl_chat import InternVLChatConfig
+from .decode_config import DecodeConfig
 from .loading import CheckpointError, build_on_meta, count_parameters, load_pretrained
 from .modeling_intern_vit import InternVisionModel
 from .modeling_internvl_chat import (
@@ -23,6 +24,7 @@ AutoModel.register(InternVLChatConfig, InternVLChatModel, exist_ok=True)
 
 __all__ = [
     "CheckpointError",
+    "DecodeConfig",
     "ImageTokenMismatchError",
     "InternVLChatConfig",
     "InternVLChatModel",

@@ -133,14 +133,21 @@ class ChatMixin:
         return_history: bool = False,
         verbose: bool = False,
         image_counts: Sequence[int] | None = None,
+        histories: Sequence[History] | None = None,
     ) -> list[str]:
-        """Answer several single-turn questions at once (left padding, greedy or sampled as configured).
+        """Answer several questions at once (left padding, greedy or sampled as configured).
 
         num_patches_list[i] is the number of tiles of sample i (0 for a text-only sample), or a list of tile counts
-        when sample i has several images; pixel_values stacks all tiles of all samples in order.
+        when sample i has several images; pixel_values stacks all tiles of all samples in order. histories[i], if
+        given, is sample i's earlier (question, answer) turns, as `chat(history=...)` takes them: as in `chat`, only a
+        first turn gets `<image>\n` prepended (later turns find the images' placeholders in the history).
+        (`history` / `return_history` are `chat`'s single-conversation arguments and are refused here.)
         """
         if history is not None or return_history:
-            raise NotImplementedError("batch_chat answers single-turn questions; use chat() for multi-turn history")
+            raise NotImplementedError("batch_chat takes one history per question (histories=); chat() returns them")
+        histories = [list(h) for h in histories] if histories is not None else [[] for _ in questions]
+        if len(histories) != len(questions):
+            raise ValueError(f"{len(questions)} questions but {len(histories)} histories")
         if image_counts is not None:
             num_patches_list = image_counts
         if num_patches_list is None:
@@ -157,10 +164,10 @@ class ChatMixin:
         self.img_context_token_id = self._image_context_id(tokenizer)
         template = self._chat_template()
         queries = []
-        for question, patches in zip(questions, per_sample):
-            if patches and IMAGE_PLACEHOLDER not in question:
+        for question, patches, past in zip(questions, per_sample, histories):
+            if patches and not past and IMAGE_PLACEHOLDER not in question:
                 question = (IMAGE_PLACEHOLDER + "\n") * len(patches) + question
-            query = self._render(template, [], question)
+            query = self._render(template, past, question)
             queries.append(expand_image_placeholders(query, patches, self.num_image_token))
         if verbose:
             for q in queries:

@@ -19,9 +19,18 @@ import logging
 from dataclasses import dataclass, field
 
 import torch
+import torch._dynamo.config as dynamo_config
 from torch import nn
+from transformers import AttentionInterface, AttentionMaskInterface, StaticCache
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import sdpa_mask
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from ..compat import attn_implementation, set_attn_implementation, transformers_at_least
+from ..ops.decode_kernels import attention_kernel_supported, triton_ready
+from ..ops.packed_projections import decoder_layer_groups, pack_decoder, packed_signature, plain_linear
+from .decode_config import AUTO_INDUCTOR_MAX_PARAMS, DecodeConfig
+
 
 logger = logging.getLogger(__name__)
 
@@ -34,8 +43,6 @@ MAX_STATES = 4
 RECOMPILE_LIMIT = 64
 #: name under which the grouped-query decode attention is registered with transformers.
 DECODE_ATTN = "internvl_sdpa_gqa_decode"
-#: the same with FlexAttention for the one-token decode step (`attention="flex"`).
-DECODE_FLEX_ATTN = "internvl_flex_gqa_decode"
 
 
 def sdpa_gqa_decode_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -46,8 +53,6 @@ def sdpa_gqa_decode_attention(module: nn.Module, query: torch.Tensor, key: torch
     and per step: at batch 32 that traffic exceeds the weights'). Everything else goes to transformers' SDPA.
 
     query [B, H, 1, D], key/value [B, KVH, L, D], attention_mask bool [B, 1, 1, L] or None -> [B, 1, H, D]."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     groups = getattr(module, "num_key_value_groups", 1)
     if query.shape[2] != 1 or groups == 1 or dropout != 0.0 or kwargs.get("position_bias") is not None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
@@ -58,60 +63,6 @@ def sdpa_gqa_decode_attention(module: nn.Module, query: torch.Tensor, key: torch
     return out.reshape(batch, heads, 1, dim).transpose(1, 2).contiguous(), None
 
 
-def math_gqa_decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
-                              scaling: float) -> torch.Tensor:
-    """Decode attention written as fp32 multiply-sum, softmax, multiply-sum, for inductor to fuse into its own
-    reduction kernels (no attention library call). Grouped-query heads are folded like `sdpa_gqa_decode_attention`.
-
-    query [B, H, 1, D], key/value [B, KVH, L, D], mask bool [B, 1, 1, L] (True = attend) -> [B, 1, H, D]."""
-    batch, heads, _, dim = query.shape
-    kv_heads = key.shape[1]
-    q = query.reshape(batch, kv_heads, heads // kv_heads, 1, dim).float()
-    scores = (q * key[:, :, None].float()).sum(-1) * scaling  # [B, KVH, G, L]
-    scores = scores.masked_fill(~mask, float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    out = (probs[..., None] * value[:, :, None].float()).sum(-2)  # [B, KVH, G, D]
-    return out.to(query.dtype).reshape(batch, 1, heads, dim)
-
-
-def flex_gqa_decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
-                              scaling: float | None, limit: torch.Tensor | None = None) -> torch.Tensor:
-    """Decode attention through FlexAttention: inside an inductor-compiled step this becomes Triton's flex-decoding
-    kernel (the cache split across thread blocks, grouped-query heads handled natively, the mask applied as a score
-    modification), one small kernel where cuDNN's prefill-oriented kernel spends ~14 us per layer on one query.
-
-    query [B, H, Lq, D], key/value [B, KVH, L, D] -> [B, Lq, H, D]. Either `mask` bool [B, 1, 1, L] (True = attend),
-    or `mask` [B, L] (nonzero = a real token) with `limit` [1] long (the last cache index to attend to): the decode
-    step's own buffers, so the score modification reads graph inputs only (inductor's CPU template needs that)."""
-    from torch.nn.attention.flex_attention import flex_attention
-
-    if limit is None:
-        keep = mask[:, 0, 0, :]  # [B, L]
-
-        def score_mod(score, b, h, q_idx, kv_idx):
-            return torch.where(keep[b, kv_idx], score, -float("inf"))
-    else:
-        def score_mod(score, b, h, q_idx, kv_idx):
-            return torch.where((mask[b, kv_idx] != 0) & (kv_idx <= limit[0]), score, -float("inf"))
-
-    out = flex_attention(query, key, value, score_mod=score_mod, scale=scaling,
-                         enable_gqa=key.shape[1] != query.shape[1])
-    return out.transpose(1, 2).contiguous()
-
-
-def flex_decode_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                          attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
-                          **kwargs):
-    """transformers attention interface: `flex_gqa_decode_attention` for one query token with a boolean mask (the
-    decode step), `sdpa_gqa_decode_attention` for everything else (the prefill)."""
-    if (query.shape[2] != 1 or dropout != 0.0 or attention_mask is None or attention_mask.dtype != torch.bool
-            or kwargs.get("position_bias") is not None):
-        return sdpa_gqa_decode_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                         **kwargs)
-    mask = attention_mask.expand(query.shape[0], 1, 1, key.shape[2])
-    return flex_gqa_decode_attention(query, key, value, mask, scaling), None
-
-
 #: model types whose decoder layers the packed decode step reproduces (pre-norm, q/k/v(+bias) -> RoPE -> attention
 #: -> o_proj, gated MLP); each checked for options the packed step does not implement in packed_step_supported.
 PACKED_MODEL_TYPES = ("llama", "qwen2")
@@ -120,8 +71,6 @@ PACKED_MODEL_TYPES = ("llama", "qwen2")
 def packed_step_supported(lm: nn.Module) -> bool:
     """True when our packed Llama-family decode step reproduces `lm`'s forward: a Llama / Qwen2 causal LM with full
     attention in every layer (no sliding window), no tensor-parallel plan in use, and plain-Linear q/k/v, gate/up."""
-    from ..ops.packed_projections import decoder_layer_groups
-
     cfg = getattr(lm, "config", None)
     if cfg is None or getattr(cfg, "model_type", None) not in PACKED_MODEL_TYPES:
         return False
@@ -144,27 +93,20 @@ class _recompile_limit:
         self.old = None
 
     def __enter__(self):
-        import torch._dynamo.config as cfg
-
-        self.name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
-        self.old = getattr(cfg, self.name)
-        setattr(cfg, self.name, max(self.old, self.limit))
+        self.name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
+        self.old = getattr(dynamo_config, self.name)
+        setattr(dynamo_config, self.name, max(self.old, self.limit))
         return self
 
     def __exit__(self, *exc) -> None:
-        import torch._dynamo.config as cfg
-
-        setattr(cfg, self.name, self.old)
+        setattr(dynamo_config, self.name, self.old)
 
 
-def _register_decode_attention() -> None:
-    from transformers import AttentionInterface, AttentionMaskInterface
-    from transformers.masking_utils import sdpa_mask
+def register_decode_attention(name: str, function) -> None:
+    """Register `function` as transformers attention implementation `name` (with SDPA's mask builder)."""
+    AttentionInterface.register(name, function)
+    AttentionMaskInterface.register(name, sdpa_mask)
 
-    AttentionInterface.register(DECODE_ATTN, sdpa_gqa_decode_attention)
-    AttentionMaskInterface.register(DECODE_ATTN, sdpa_mask)
-    AttentionInterface.register(DECODE_FLEX_ATTN, flex_decode_attention)
-    AttentionMaskInterface.register(DECODE_FLEX_ATTN, sdpa_mask)
 
 
 @dataclass
@@ -191,67 +133,26 @@ class StaticGreedyDecoder:
     Args:
         lm: the language model; it must accept `inputs_embeds`, `attention_mask`, `position_ids`, `cache`,
             `logits_to_keep` (transformers 5.x causal LMs do).
-        use_cuda_graph: capture the decode step as a CUDA graph (CUDA only; ignored on the CPU).
-        compile_backend: dynamo backend for the decode step: "inductor" (fuses norms, RoPE, SwiGLU: fastest, costs a
-            compile per new (batch, cache length)), "eager" (traced only: guarantees no host syncs, cheaper) or None
-            (plain eager step launched from Python, no CUDA graph: for very large models whose decode is bound by
-            reading the weights anyway, or the CPU).
-        check_every: how many tokens between host checks of "all rows finished".
-        packed: for Llama / Qwen2 language models whose q/k/v and gate/up are plain `nn.Linear`s, run the decode step
-            through our own layer loop over packed q/k/v and gate/up weights (`internvl.ops.packed_projections`: the
-            parameters are re-pointed into one tensor per group, no extra memory). Other models use their own forward.
-            True, False, or "auto" (default): packed weights always; the packed step wherever our Triton attention or
-            GEMV runs, otherwise except where inductor's coordinate-descent tuning runs (batch 1 under
-            `tuning="auto"`): there the model's own forward, tuned, was measured faster than the packed step with
-            cuBLAS / cuDNN (H200, `mid` preset: 1.48 ms/step against 1.62; docs/performance.md).
-        attention: decode attention: "auto" (default: "triton" where our kernel runs, i.e. Triton on the device, the
-            packed step and a power-of-two head dim >= 16; else "sdpa"; H200 run 7: the kernel took 5.3 us per layer
-            where cuDNN took 10), "sdpa" (grouped-query SDPA, `sdpa_gqa_decode_attention`), "math" (packed step
-            only: explicit fp32 multiply-sum / softmax / multiply-sum that inductor fuses into its own kernels) or
-            "flex" (FlexAttention, `flex_gqa_decode_attention`, in the packed step and, through the attention
-            interface, in the model's own forward; the prefill keeps SDPA) or "triton" (packed step only: our
-            split-cache flash-decoding kernel `internvl.ops.decode_kernels.gqa_decode_attention`).
-        gemv: in the packed step, run the one-row products (q/k/v, o, gate/up, down, LM head) at batch 1 through our
-            Triton matrix-vector kernel (`internvl.ops.decode_kernels.gemv`, block sizes measured per shape on first
-            use) instead of cuBLAS / inductor. True, False, or "auto" (default: where Triton runs on the device and the
-            packed step applies).
-        tuning: inductor's coordinate-descent tuning for the step (True, False, or "auto" = at batch 1 when our GEMV
-            does not run there; with the GEMV, tuning the remaining elementwise kernels was measured slower). With it
-            inductor also rewrites one-row matrix products as multiply + sum reductions that it tunes to near-peak
-            bandwidth and fuses with the preceding norm (the gpt-fast recipe); it lengthens the compile.
+        config: the decoder's options (`DecodeConfig`; its defaults are the measured ones). Its "auto" backend is
+            resolved here, once, from the model's size (`resolve_backend`).
+
+    Subclasses (the lab's decode variants) may add attention kinds through `_attn_implementation` (the model's own
+    forward) and `_packed_attention` (the packed step).
     """
 
-    def __init__(
-        self,
-        lm: nn.Module,
-        *,
-        use_cuda_graph: bool = True,
-        compile_backend: str | None = "inductor",
-        check_every: int = 32,
-        packed: bool | str = "auto",
-        attention: str = "auto",
-        tuning: bool | str = "auto",
-        gemv: bool | str = "auto",
-    ) -> None:
-        if attention not in ("auto", "sdpa", "math", "flex", "triton"):
-            raise ValueError(f"attention must be 'auto', 'sdpa', 'math', 'flex' or 'triton', got {attention!r}")
-        if gemv not in (True, False, "auto"):
-            raise ValueError(f"gemv must be True, False or 'auto', got {gemv!r}")
-        if packed not in (True, False, "auto"):
-            raise ValueError(f"packed must be True, False or 'auto', got {packed!r}")
-        if tuning not in (True, False, "auto"):
-            raise ValueError(f"tuning must be True, False or 'auto', got {tuning!r}")
+    def __init__(self, lm: nn.Module, config: DecodeConfig | None = None) -> None:
+        self.config = config if config is not None else DecodeConfig()
         self.lm = lm
-        self.use_cuda_graph = use_cuda_graph
-        self.compile_backend = compile_backend
-        self.check_every = max(1, int(check_every))
-        self.packed = packed
-        self.attention = attention
-        self.tuning = tuning
-        self.gemv = gemv
+        self.use_cuda_graph = self.config.cuda_graph
+        self.compile_backend = resolve_backend(lm, self.config.backend)
+        self.check_every = int(self.config.check_every)
+        self.packed = self.config.packed
+        self.attention = self.config.attention
+        self.tuning = self.config.tuning
+        self.gemv = self.config.gemv
         self._states: dict[tuple, _DecodeState] = {}
         self._pack_signature: tuple | None = None
-        _register_decode_attention()
+        register_decode_attention(DECODE_ATTN, sdpa_gqa_decode_attention)
 
     # ----------------------------------------------------------------------------------------------------------
     def _device(self) -> torch.device:
@@ -262,8 +163,6 @@ class StaticGreedyDecoder:
         return self.use_cuda_graph and self.compile_backend is not None and self._device().type == "cuda"
 
     def _new_state(self, batch: int, cache_len: int, max_new: int, eos: list[int]) -> _DecodeState:
-        from transformers import StaticCache
-
         dev = self._device()
         cache = StaticCache(config=self.lm.config, max_cache_len=cache_len)
         return _DecodeState(
@@ -314,10 +213,6 @@ class StaticGreedyDecoder:
         model's rotary_emb) -> static-cache update -> attention -> o_proj -> residual -> norm -> packed gate/up ->
         act * up -> down -> residual; then the final norm and the LM head. Same maths as the model's forward (same
         modules for norms, rotary, o/down, head). ids/pos [B, 1] -> [B, V] logits; `packs` from `pack_decoder`."""
-        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
-        from ..ops.packed_projections import plain_linear
-
         model = self.lm.model
         h = model.get_input_embeddings()(ids)  # [B, 1, H]
         batch = h.shape[0]
@@ -350,20 +245,28 @@ class StaticGreedyDecoder:
             v = v.view(batch, 1, n_kv // dim, dim).transpose(1, 2)
             q, k = apply_rotary_pos_emb(q, k, cos, sin)
             keys, values = st.cache.update(k, v, i)
-            if attention == "math":
-                a = math_gqa_decode_attention(q, keys, values, mask, attn.scaling)
-            elif attention == "flex":
-                a = flex_gqa_decode_attention(q, keys, values, st.mask, attn.scaling, limit=limit)
-            elif attention == "triton":
-                a = torch.ops.internvl.gqa_decode_attention(q, keys, values, st.mask, limit, attn.scaling)
-            else:
-                a, _ = sdpa_gqa_decode_attention(attn, q, keys, values, mask, scaling=attn.scaling)
+            a = self._packed_attention(attention, attn, q, keys, values, mask, st.mask, limit)
             h = h + project(attn.o_proj, a.reshape(batch, 1, n_q))
             x = layer.post_attention_layernorm(h)
             gate, up = linear(x, w_gu, b_gu).chunk(2, dim=-1)
             h = h + project(mlp.down_proj, mlp.act_fn(gate) * up)
         h = model.norm(h)
         return project(self.lm.lm_head, h[:, -1, :])
+
+    def _packed_attention(self, attention: str, module: nn.Module, q: torch.Tensor, keys: torch.Tensor,
+                          values: torch.Tensor, mask: torch.Tensor, cache_mask: torch.Tensor,
+                          limit: torch.Tensor) -> torch.Tensor:
+        """One layer's decode attention in the packed step: q [B, H, 1, D], keys/values [B, KVH, L, D] (the static
+        cache), `mask` bool [B, 1, 1, L] (True = attend), `cache_mask` [B, L] (1 = a real token) with `limit` [1]
+        (the last cache index to attend to) -> [B, 1, H, D]."""
+        if attention == "triton":
+            return torch.ops.internvl.gqa_decode_attention(q, keys, values, cache_mask, limit, module.scaling)
+        out, _ = sdpa_gqa_decode_attention(module, q, keys, values, mask, scaling=module.scaling)
+        return out
+
+    def _attn_implementation(self) -> str:
+        """The transformers attention implementation the model's own forward uses while an SDPA model decodes."""
+        return DECODE_ATTN
 
     def _packed_step_possible(self) -> bool:
         """Packing is allowed and the packed step reproduces this model (where our kernels can run at all)."""
@@ -372,8 +275,6 @@ class StaticGreedyDecoder:
     def _kernels_auto(self) -> bool:
         """What "auto" resolves to for our Triton kernels: Triton runs on the model's device and the packed step
         applies."""
-        from ..ops.decode_kernels import triton_ready
-
         return triton_ready(next(self.lm.parameters())) and self._packed_step_possible()
 
     def _gemv_on(self) -> bool:
@@ -387,8 +288,6 @@ class StaticGreedyDecoder:
         step applies, a head dim it takes), else "sdpa"."""
         if self.attention != "auto":
             return self.attention
-        from ..ops.decode_kernels import attention_kernel_supported
-
         cfg = self.lm.config
         heads = cfg.num_attention_heads
         dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
@@ -397,7 +296,7 @@ class StaticGreedyDecoder:
 
     def _tuned(self, batch: int) -> bool:
         """"auto": coordinate-descent tuning at batch 1 unless our GEMV runs there (then inductor only fuses the
-        small elementwise kernels, and tuning them was measured slower: docs/performance.md, run 7)."""
+        small elementwise kernels, and tuning them was measured slower: docs/performance.md, decode kernels)."""
         return self.tuning is True or (self.tuning == "auto" and batch == 1 and not self._gemv_on())
 
     def _packed_step(self, batch: int) -> bool:
@@ -434,8 +333,6 @@ class StaticGreedyDecoder:
         """Pack (or re-pack) the model's q/k/v and gate/up weights when the packed step applies; returns the packed
         views or None. When the packed addresses change (first packing, parameters moved since), every cached state
         is dropped: their CUDA graphs read the old addresses."""
-        from ..ops.packed_projections import pack_decoder, packed_signature
-
         packs = pack_decoder(self.lm) if self.packed and packed_step_supported(self.lm) else None
         signature = packed_signature(packs) if packs is not None else None
         if signature != self._pack_signature:
@@ -453,7 +350,7 @@ class StaticGreedyDecoder:
         cfg = self.lm.config
         previous = attn_implementation(cfg)
         if previous == "sdpa":
-            set_attn_implementation(cfg, DECODE_FLEX_ATTN if self._attention() == "flex" else DECODE_ATTN)
+            set_attn_implementation(cfg, self._attn_implementation())
         try:
             return self._generate(inputs_embeds, attention_mask, **kwargs)
         finally:
@@ -627,16 +524,6 @@ def greedy_settings(generate_kwargs: dict, default_eos: int | list[int] | None =
             "eos_token_id": eos_list, "pad_token_id": int(pad)}
 
 
-#: language models with more parameters than this get the "eager" decode backend under "auto": their step is bound by
-#: reading the weights, so inductor's fusion gains little and its compile of a deep model costs minutes per shape.
-AUTO_INDUCTOR_MAX_PARAMS = 5_000_000_000
-#: defaults of the decoder options that `decoder_for` reads from module attributes (see StaticGreedyDecoder).
-DEFAULT_PACKED: bool | str = "auto"
-DEFAULT_ATTENTION = "auto"
-DEFAULT_TUNING: bool | str = "auto"
-DEFAULT_GEMV: bool | str = "auto"
-
-
 def resolve_backend(lm: nn.Module, backend: str | None) -> str | None:
     """"auto" -> "inductor" for models up to AUTO_INDUCTOR_MAX_PARAMS parameters, "eager" above; others unchanged."""
     if backend != "auto":
@@ -645,23 +532,14 @@ def resolve_backend(lm: nn.Module, backend: str | None) -> str | None:
     return "inductor" if n_params <= AUTO_INDUCTOR_MAX_PARAMS else "eager"
 
 
-def decoder_for(lm: nn.Module) -> StaticGreedyDecoder:
-    """The (cached) StaticGreedyDecoder of a language model, configured from module attributes:
-    `fast_decode_backend`: "auto" (default: inductor up to 5B parameters, traced-only above), "inductor", "eager",
-    or None (no compile, no CUDA graph); `fast_decode_packed` ("auto" default, True, False: packed q/k/v and
-    gate/up weights and decode step for Llama / Qwen2, see StaticGreedyDecoder); `fast_decode_attention` ("sdpa"
-    default, "math", "flex", "triton"); `fast_decode_tuning` (inductor coordinate-descent tuning: "auto" default =
-    batch 1 only, True, False); `fast_decode_gemv` (our batch-1 matrix-vector kernel: False default, True, "auto")."""
+def decoder_for(lm: nn.Module, config: DecodeConfig | None = None) -> StaticGreedyDecoder:
+    """The StaticGreedyDecoder of a language model under `config` (default `DecodeConfig()`), cached on the model
+    while the configuration (and what its "auto" backend resolves to) stays the same: its static caches and CUDA
+    graphs are reused across calls."""
+    config = config if config is not None else DecodeConfig()
     dec = getattr(lm, "_static_greedy_decoder", None)
-    options = {
-        "compile_backend": resolve_backend(lm, getattr(lm, "fast_decode_backend", "auto")),
-        "packed": getattr(lm, "fast_decode_packed", DEFAULT_PACKED),
-        "attention": getattr(lm, "fast_decode_attention", DEFAULT_ATTENTION),
-        "tuning": getattr(lm, "fast_decode_tuning", DEFAULT_TUNING),
-        "gemv": getattr(lm, "fast_decode_gemv", DEFAULT_GEMV),
-    }
-    if dec is None or any(getattr(dec, name) != value for name, value in options.items()):
-        dec = StaticGreedyDecoder(lm, **options)
+    if dec is None or dec.config != config or dec.compile_backend != resolve_backend(lm, config.backend):
+        dec = (config.decoder_class or StaticGreedyDecoder)(lm, config)
         object.__setattr__(lm, "_static_greedy_decoder", dec)  # not a submodule
     return dec
 

@@ -19,6 +19,7 @@ from transformers.modeling_outputs import ModelOutput
 from ..ops.cross_entropy import causal_lm_loss
 from .chat import ChatMixin
 from .configuration_internvl_chat import InternVLChatConfig
+from .decode_config import DecodeConfig
 from .devices import execution_device
 from .modeling_intern_vit import InternVisionModel
 
@@ -86,8 +87,9 @@ class InternVLChatModel(ChatMixin, PreTrainedModel):
         self.img_context_token_id: int | None = None
         # Greedy `generate` on one CUDA device uses a static KV cache and a CUDA-graph decode step
         # (internvl/model/fast_generate.py, docs/performance.md). False = transformers' generate; "always" = also on
-        # the CPU (tests).
+        # the CPU (tests). `decode_config` holds that decoder's options (the measured defaults).
         self.fast_generate: bool | str = True
+        self.decode_config = DecodeConfig()
 
         self.vision_model = vision_model if vision_model is not None else InternVisionModel(config.vision_config)
         if language_model is None:
@@ -244,7 +246,7 @@ class InternVLChatModel(ChatMixin, PreTrainedModel):
         output_hidden_states, ...) go to the language model.
         `sync_free`: merge the image features without reading anything back to the host (no count check, static
         shapes), for CUDA-graph capture of a whole training step; the caller checks the counts first
-        (`image_token_mismatch`, as `internvl.train.graph_step` does).
+        (`image_token_mismatch`, as `lab.graph_step` does).
         """
         if inputs_embeds is None:
             if input_ids is None:
@@ -296,6 +298,7 @@ class InternVLChatModel(ChatMixin, PreTrainedModel):
             attention_mask = torch.ones_like(input_ids)
         attention_mask = attention_mask.to(inputs_embeds.device)
         if fast == "always" or (fast and inputs_embeds.is_cuda):
+            # imported on first use: the decoder imports Triton (~0.5 s) and registers its custom ops
             from .fast_generate import (
                 decoder_for,
                 greedy_settings,
@@ -311,7 +314,8 @@ class InternVLChatModel(ChatMixin, PreTrainedModel):
                 settings = greedy_settings(dict(generate_kwargs, generation_config=config),
                                            self.language_model.generation_config.eos_token_id)
             if settings is not None:
-                tokens = decoder_for(self.language_model).generate(inputs_embeds, attention_mask, **settings)
+                decoder = decoder_for(self.language_model, self.decode_config)
+                tokens = decoder.generate(inputs_embeds, attention_mask, **settings)
                 return trim_after_eos(tokens, settings["eos_token_id"], settings["pad_token_id"])
         generate_kwargs.setdefault("use_cache", True)
         return self.language_model.generate(

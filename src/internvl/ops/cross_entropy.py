@@ -316,7 +316,7 @@ def causal_lm_loss(
         capacity: None gathers the supervised rows by a boolean index (one host sync for their count). An int
             gathers exactly `capacity` rows (`torch.nonzero_static`; the unused slots carry IGNORE_INDEX and weight
             0): no host sync and static shapes, for CUDA-graph capture. The caller guarantees capacity >= the number
-            of supervised positions (rows past it would be dropped); `internvl.train.graph_step` checks it on the host.
+            of supervised positions (rows past it would be dropped); `lab.graph_step` checks it on the host.
     Returns a scalar fp32 tensor (0 with a graph when nothing is supervised).
     """
     if hidden_states.shape[:2] != labels.shape:

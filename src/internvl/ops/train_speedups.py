@@ -183,7 +183,7 @@ def fused_loss_forward(model: nn.Module, model_inputs: dict[str, Any], labels: t
 
     `capacity` (an int) makes the step free of host syncs for CUDA-graph capture: the image features are merged
     with `sync_free=True` and the loss gathers exactly `capacity` supervised rows (`causal_lm_loss`); the caller has
-    checked the image-token counts and capacity >= supervised positions on the host (`internvl.train.graph_step`).
+    checked the image-token counts and capacity >= supervised positions on the host (`lab.graph_step`).
     """
     inner = getattr(model, "module", model)  # DDP / DeepSpeed engine wrappers
     language_model = getattr(inner, "language_model", inner)

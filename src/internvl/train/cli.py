@@ -10,7 +10,7 @@ Examples
 Every run writes `run_config.json` (all flags after defaults, plus versions and world size) to `--output_dir`, and
 checkpoints `checkpoint-N/` atomically; `--resume_from_checkpoint auto` continues from the newest complete one.
 The final model is written to `--output_dir` in the original layout (full runs) or as PEFT adapters (LoRA runs; merge
-with `scripts/merge_lora.py`).
+with `medrega-merge-lora`).
 """
 from __future__ import annotations
 

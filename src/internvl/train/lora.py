@@ -8,7 +8,7 @@ names (`language_model.base_model.model.model.layers.0.self_attn.q_proj.lora_A.d
 
 Adapters are saved in PEFT format (`adapter_config.json` + `adapter_model.safetensors`) under
 `<dir>/adapters/language_model/` and `<dir>/adapters/vision_model/`; other trainable weights of a LoRA run (e.g. the
-projector) go to `<dir>/non_lora_trainables.safetensors` with original-layout keys. `scripts/merge_lora.py` folds it
+projector) go to `<dir>/non_lora_trainables.safetensors` with original-layout keys. `medrega-merge-lora` folds it
 all into a full checkpoint in the original layout.
 """
 from __future__ import annotations
@@ -86,7 +86,7 @@ def save_lora_run(model: nn.Module, output_dir: str | os.PathLike, state_dict: d
     """Save a LoRA run: PEFT adapters per wrapped part + the other trainable weights + `lora_run.json`.
 
     `state_dict` is the full (gathered, for ZeRO-3) model state dict; default `model.state_dict()`. `base_model` is
-    the directory of the frozen base checkpoint (original layout), recorded for `scripts/merge_lora.py`.
+    the directory of the frozen base checkpoint (original layout), recorded for `medrega-merge-lora`.
     Returns the written paths.
     """
     out = Path(output_dir)

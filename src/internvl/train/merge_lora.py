@@ -1,0 +1,92 @@
+"""Merge a LoRA run of `medrega-train` into a full checkpoint in the original InternVL-Chat layout.
+
+    medrega-merge-lora --run_dir runs/medrega_stage2_lora --output_dir merged/medrega-lora
+    medrega-merge-lora --run_dir runs/x/checkpoint-1300 --base_model /ckpt/InternVL-Chat-V1-2 --output_dir m/
+
+The run directory holds `adapters/<part>/` in PEFT format, `non_lora_trainables.safetensors` and `lora_run.json`
+(which names the base checkpoint). The result loads with `InternVLChatModel.from_pretrained` with zero missing keys.
+`--verify` also compares the logits of the adapter model and the merged model on a random text input.
+
+The output directory is checked before any work: it may not be (or lie inside, or contain) the run or the base
+model, may not be a file, and must be empty unless `--overwrite`. The checkpoint is written to a temporary folder
+next to it and renamed into place only when it loads cleanly, so a failed merge leaves the old output untouched.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from ..cli_support import run_cli
+from ..io_safety import check_output_dir, staged_output_dir
+from ..model import InternVLChatModel
+from ..tokenization import resize_embeddings_mean
+from .lora import LORA_INFO_FILENAME, load_lora_run, merge_lora_run
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def verify(run_dir: Path, merged_dir: Path, base_model: str | None, dtype: torch.dtype) -> float:
+    """Max |logit difference| between base+adapters and the merged checkpoint on random token ids."""
+    base = base_model or json.loads((run_dir / "lora_run.json").read_text())["base_model"]
+    merged = InternVLChatModel.from_pretrained(str(merged_dir), dtype=dtype).eval()
+    adapter = InternVLChatModel.from_pretrained(base, dtype=dtype).eval()
+    vocab = merged.get_input_embeddings().weight.shape[0]
+    if adapter.get_input_embeddings().weight.shape[0] != vocab:
+        resize_embeddings_mean(adapter, vocab)
+    load_lora_run(adapter, run_dir)
+    ids = torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a = adapter(input_ids=ids).logits.float()
+        b = merged(input_ids=ids).logits.float()
+    return float((a - b).abs().max())
+
+
+def _base_of(run_dir: Path, base_model: str | None) -> str | None:
+    """The base checkpoint the merge reads: --base_model, else the run's lora_run.json (None if unreadable)."""
+    if base_model:
+        return base_model
+    try:
+        return json.loads((run_dir / LORA_INFO_FILENAME).read_text(encoding="utf-8")).get("base_model")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`medrega-merge-lora`: merge, optionally verify; 0 on success, 2 with one line on stderr for bad input or a
+    refused output path, 1 on a failed check."""
+    return run_cli("medrega-merge-lora", _main, argv)
+
+
+def _main(argv: list[str] | None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run_dir", required=True, type=Path, help="LoRA run output dir or one of its checkpoints")
+    parser.add_argument("--output_dir", required=True, type=Path, help="where the merged checkpoint goes")
+    parser.add_argument("--base_model", default=None, help="base checkpoint dir (default: from lora_run.json)")
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="dtype of the merge and output")
+    parser.add_argument("--verify", action="store_true", help="compare adapter vs merged logits (loads twice)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --output_dir")
+    args = parser.parse_args(argv)
+    info = args.run_dir / LORA_INFO_FILENAME
+    if not info.is_file():
+        raise FileNotFoundError(f"{info}: not a LoRA run directory (missing {LORA_INFO_FILENAME})")
+    base = _base_of(args.run_dir, args.base_model)
+    check_output_dir(args.output_dir, inputs=[args.run_dir, base], overwrite=args.overwrite, what="--output_dir")
+    with staged_output_dir(args.output_dir, overwrite=args.overwrite) as staging:
+        merge_lora_run(args.run_dir, staging, base_model=args.base_model, dtype=DTYPES[args.dtype])
+    out = args.output_dir
+    print(f"merged checkpoint written to {out}")
+    if args.verify:
+        diff = verify(args.run_dir, out, args.base_model, DTYPES[args.dtype])
+        print(f"max |logit difference| adapter vs merged: {diff:.3e}")
+        if diff > 1e-4 and args.dtype == "float32":
+            print("medrega-merge-lora: error: logits differ by more than 1e-4", file=sys.stderr)
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

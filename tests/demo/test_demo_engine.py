@@ -1,0 +1,75 @@
+"""The web UI's chat goes through the shared generation path (`internvl.inference.Generator`, as `--batch` and
+`medrega-eval run`): same answers as the model's own multi-turn `chat`, history carried turn to turn, boxes drawn."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from internvl.demo.app import DemoEngine, Session, ask, build_app
+from internvl.demo.uploads import UserInputError
+from internvl.image_processing import images_to_pixel_values
+from internvl.inference import GenerationSettings
+
+SETTINGS = GenerationSettings(max_new_tokens=8)
+
+
+def _image(seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8))
+
+
+def test_engine_turns_equal_multi_turn_chat_and_use_batch_chat(tiny_model, tiny_tokenizer, monkeypatch):
+    image = _image()
+    pixel_values, patches = images_to_pixel_values([image], tiny_model.config)
+    gen = SETTINGS.to_kwargs()
+    want_1, hist = tiny_model.chat(tiny_tokenizer, pixel_values, "Where is the liver?", gen, return_history=True,
+                                   num_patches_list=patches)
+    want_2 = tiny_model.chat(tiny_tokenizer, pixel_values, "And the spleen?", gen, history=hist,
+                             num_patches_list=patches)
+
+    calls = []
+    batch_chat = tiny_model.batch_chat
+    monkeypatch.setattr(tiny_model, "batch_chat", lambda *a, **k: calls.append(k["histories"]) or batch_chat(*a, **k))
+    monkeypatch.setattr(tiny_model, "chat", lambda *a, **k: pytest.fail("the demo must not call model.chat"))
+    engine = DemoEngine(tiny_model, tiny_tokenizer, SETTINGS)
+    got_1, history = engine.answer(image, "Where is the liver?", [])
+    got_2, history = engine.answer(image, "And the spleen?", history)
+    assert (got_1, got_2) == (want_1, want_2)
+    assert history == [("<image>\nWhere is the liver?", got_1), ("And the spleen?", got_2)]
+    assert calls == [[[]], [[("<image>\nWhere is the liver?", got_1)]]]
+
+
+def test_batch_chat_with_histories_equals_chat(tiny_model, tiny_tokenizer):
+    pixel_values = torch.randn(2, 3, 56, 56)
+    gen = SETTINGS.to_kwargs()
+    _, hist = tiny_model.chat(tiny_tokenizer, pixel_values[:1], "What is shown?", gen, return_history=True)
+    batched = tiny_model.batch_chat(tiny_tokenizer, pixel_values, ["And the liver?", "Where is the heart?"], gen,
+                                    num_patches_list=[1, 1], histories=[hist, []])
+    assert batched == [tiny_model.chat(tiny_tokenizer, pixel_values[:1], "And the liver?", gen, history=hist),
+                       tiny_model.chat(tiny_tokenizer, pixel_values[1:], "Where is the heart?", gen)]
+    with pytest.raises(ValueError, match="histories"):
+        tiny_model.batch_chat(tiny_tokenizer, pixel_values, ["a", "b"], gen, num_patches_list=[1, 1], histories=[[]])
+
+
+def test_ask_follow_up_turns_and_bad_input(tiny_model, tiny_tokenizer):
+    engine = DemoEngine(tiny_model, tiny_tokenizer, SETTINGS)
+    session = Session()
+    with pytest.raises(UserInputError, match="Upload an image"):
+        ask(engine, session, task="vqa", lang="en", question="What is shown?")
+    session.image = _image(1)
+    annotated, rows, status = ask(engine, session, task="vqa", lang="en", question="What is shown?")
+    assert annotated.size[0] * 48 == annotated.size[1] * 64 and isinstance(rows, list) and "Answered" in status
+    ask(engine, session, task="vqa", lang="en", question="Is it normal?")
+    assert len(session.history) == 2 and session.history[0][0].startswith("<image>")
+    assert "<image>" not in session.history[1][0] and len(session.chat) == 4
+
+
+def test_build_app_wires_every_element(tiny_model, tiny_tokenizer):
+    app = build_app(DemoEngine(tiny_model, tiny_tokenizer, SETTINGS), [], model_name="tiny")
+    ids = {getattr(block, "elem_id", None) for block in app.blocks.values()}
+    assert {"upload", "axis", "slice", "editor", "gallery", "task", "lang", "modality", "question", "objects", "box",
+            "box_units", "options", "ask", "clear", "status", "annotated", "chat", "boxes"} <= ids
+    names = sorted(getattr(f.fn, "__name__", "") for f in app.fns.values())
+    assert names == ["on_ask", "on_ask", "on_clear", "on_example", "on_upload"]  # ask: the button and Enter
