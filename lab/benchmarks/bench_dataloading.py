@@ -52,7 +52,7 @@ def make_records(root: Path, n: int, size: int, rng: np.random.Generator) -> lis
         box = pixels_to_box((x1, y1, x1 + size // 4, y1 + size // 5), size, size)
         kind = i % 4
         if kind == 0:
-            turns = [f"<image>\nWhat organ is shown in this CT scan? Answer with a single word.", organ]
+            turns = ["<image>\nWhat organ is shown in this CT scan? Answer with a single word.", organ]
         elif kind == 1:
             turns = [f"<image>\nWhat is {format_region('this', [box])} in this CT scan?", organ]
         elif kind == 2:

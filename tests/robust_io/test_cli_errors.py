@@ -2,7 +2,6 @@
 other expected failures are one line on stderr with exit 2, and a bug still shows its traceback."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import tempfile
 from pathlib import Path
@@ -27,11 +26,10 @@ def _main(name: str):
         import demo
 
         main = demo.main
+    elif name == "merge_lora":
+        from internvl.train.merge_lora import main
     else:
-        spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        main = module.main
+        from internvl.model.convert_hf import main
     return main
 
 

@@ -68,7 +68,7 @@ def test_data_check(case: Case, strict: bool, root: Path, capsys) -> None:
     out = capsys.readouterr().out
     problem_lines = [line for line in out.splitlines() if line.startswith(f"{f}:")]
     refused = rc == 1 and bool(problem_lines) and all(line.startswith(f"{f}:2: ") for line in problem_lines)
-    kept = strict or case.valid or f"1 of 3 record(s) bad" in out
+    kept = strict or case.valid or "1 of 3 record(s) bad" in out
     if case.valid:
         refused = rc != 0
     outcome = classify(case, refused_line_2=refused, kept_others=kept, traceback=tb is not None)

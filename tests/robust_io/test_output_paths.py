@@ -18,13 +18,11 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _script(name: str):
-    """scripts/NAME.py's main, imported as a module (the scripts are thin console wrappers)."""
-    import importlib.util
+    """The main of the console script `medrega-merge-lora` (NAME merge_lora) or `medrega-convert-hf` (convert_to_hf)."""
+    from internvl.model import convert_hf
+    from internvl.train import merge_lora
 
-    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+    return {"merge_lora": merge_lora.main, "convert_to_hf": convert_hf.main}[name]
 
 
 def _expect_refusal(fn, argv, protected: list[Path], capsys, needle: str = "") -> None:

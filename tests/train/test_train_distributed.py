@@ -38,8 +38,7 @@ def env() -> dict[str, str]:
     e = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MASTER_", "RANK", "LOCAL_RANK",
                                                                   "WORLD_SIZE"))}
     e.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-             TOKENIZERS_PARALLELISM="false", GLOO_SOCKET_IFNAME="lo",
-             PYTHONPATH=f"{ROOT / 'src'}{os.pathsep}{e.get('PYTHONPATH', '')}")
+             TOKENIZERS_PARALLELISM="false", GLOO_SOCKET_IFNAME="lo")
     return e
 
 

@@ -48,7 +48,7 @@ def _run(tmp: Path, out: Path, tok: Path, meta: Path, slurm: bool) -> subprocess
     env.update(MODEL="preset:tiny", TOKENIZER=str(tok), META=str(meta), OUTPUT=str(out), IMAGE_SIZE="56",
                BATCH_SIZE="4", PER_DEVICE_BATCH_SIZE="2", GPUS_PER_NODE="1", MEDREGA_DEVICE="cpu",
                OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               GLOO_SOCKET_IFNAME="lo", PYTHONPATH=f"{ROOT / 'src'}{os.pathsep}{env.get('PYTHONPATH', '')}")
+               GLOO_SOCKET_IFNAME="lo")
     if slurm:
         bin_dir = tmp / "bin"
         bin_dir.mkdir()

@@ -134,8 +134,7 @@ def test_lora_fine_tune_and_merge_keep_the_tokenizer_and_answers(tmp_path, meta,
     assert _answers(adapter_model, load_tokenizer(out)) == expected
 
     merged_dir = tmp_path / "merged"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(ROOT / "src"),
-                                                                              os.environ.get("PYTHONPATH", "")]))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
     result = subprocess.run([*MERGE, "--run_dir", str(out), "--output_dir", str(merged_dir)], capture_output=True,
                             text=True, cwd=ROOT, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
