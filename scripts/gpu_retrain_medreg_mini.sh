@@ -5,12 +5,14 @@
 #
 # Before: build the data on a CPU machine (python3 scripts/build_medreg_mini.py --out data/built/medreg_mini) and carry
 # data/built/medreg_mini (and, where the GPU machine lacks them, the wheels in .whl/: peft - imported by
-# internvl.train for its LoRA paths even in a full fine-tune - and the transformers the venv uses). No network needed.
+# internvl.train for its LoRA paths even in a full fine-tune - pycocotools for medrega-eval's mAP, and the transformers
+# the venv uses where the GPU's differs). No network needed.
 # Steps: wheels from .whl/ into a private --target folder (never the system site-packages) -> tokenizer + random init
 # -> medrega-train for MAX_STEPS (default 2600, batch 64: about 10 epochs of the ~17k training records) -> export
 # (bf16 safetensors) -> medrega-eval run (float32, greedy) on every medreg_mini benchmark -> the trivial baselines
 # scored the same way -> OUT_DIR/scores.md (+ .json). Scratch files (init, run checkpoints) stay in WORK (a temp dir),
 # so OUT_DIR holds only: model/, train.log, train_results.json, eval/, baselines/, scores.md, scores.json.
+# Smoke run on CPU (minutes; numbers meaningless): MAX_STEPS=2 BATCH_SIZE=2 EVAL_LIMIT=2 MAX_NEW_TOKENS=16 ...
 set -euo pipefail
 OUT=${1:?usage: scripts/gpu_retrain_medreg_mini.sh OUT_DIR}
 DATA=${DATA:-data/built/medreg_mini}
@@ -33,10 +35,16 @@ cp -r "$WORK/train/model" "$OUT/model"
 cp "$WORK/train/run/train_results.json" "$OUT/" 2>/dev/null || true
 echo "train + export: $(( $(date +%s) - t0 )) s" | tee -a "$OUT/train.log"
 
+if ! $PY -c "import scipy, pycocotools, yaml, PIL" 2> /dev/null; then
+  echo "medrega-eval needs scipy, pycocotools, pyyaml and pillow here (carry pycocotools' wheel in .whl/); the model is" \
+       "in $OUT/model - evaluate it elsewhere with the medrega-eval run line of this script" >&2
+  exit 3
+fi
 BENCH=$($PY -c "from medrega_eval.benchmarks import load_registry
 print(','.join(sorted(k for k in load_registry() if k.startswith('medreg_mini_'))) + ',medreg_mini_modality')")
 $PY -m medrega_eval run --model "$OUT/model" --benchmark "$BENCH" --benchmark-file data/medreg_mini/benchmarks.yaml \
-  --out "$OUT/eval" --batch-size 64 --max-new-tokens 256 --dtype float32 2>&1 | tee "$OUT/eval.log"
+  --out "$OUT/eval" --batch-size 64 --max-new-tokens "${MAX_NEW_TOKENS:-256}" --dtype float32 \
+  ${EVAL_LIMIT:+--limit "$EVAL_LIMIT"} 2>&1 | tee "$OUT/eval.log"
 
 $PY scripts/medreg_mini_baselines.py --data "$DATA" --out "$WORK/baselines"
 for f in "$WORK"/baselines/*.jsonl; do
