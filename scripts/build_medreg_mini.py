@@ -39,8 +39,17 @@ from internvl.data.images import load_image
 from internvl.data.prompts import build_record, render_base_prompt
 from internvl.regions import pixels_to_box
 from scripts import medreg_mini_sources as src
+from scripts import medreg_mini_userturns as user
 
-TASK_FILES = ("text_to_region", "region_to_text", "vqa", "classification", "grounded", "report")
+TASK_FILES = ("text_to_region", "region_to_text", "vqa", "classification", "grounded", "report",
+              # user-style kinds (scripts/medreg_mini_userturns.py); multi_turn is written for training only
+              "user_text_to_region", "absent", "user_vqa", "diagnosis", "multi_turn")
+# test-only files from the frozen held-out phrasings (data/medreg_mini/paraphrase_heldout.yaml)
+HELDOUT_FILES = ("paraphrase_text2region", "paraphrase_absent", "paraphrase_vqa", "paraphrase_diagnosis")
+# registry tasks whose training records are also written without their preamble (--plain-fraction): the question
+# alone is a complete request for these (classification needs the option list of its preamble; reports have no
+# question)
+PLAIN_TASKS = ("text_to_region", "region_to_text", "vqa_open")
 
 # VQA questions (EN, ZH) per fact; answers come from Item fields. The modality question is the original demo's.
 VQA_QUESTIONS = {
@@ -65,6 +74,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--zh-fraction", type=float, default=0.4, help="share of records written in Chinese")
     p.add_argument("--quality", type=int, default=92, help="JPEG quality of the written images")
     p.add_argument("--quick", action="store_true", help="every 8th slice only (tests, smoke runs)")
+    p.add_argument("--plain-fraction", type=float, default=0.4,
+                   help="share of training Text-to-Region / Region-to-Text / VQA registry records written without the "
+                        "task preamble (the question alone, as users type it); test files keep the preamble")
+    p.add_argument("--max-items", type=int, default=None, help="only the first N images (tests)")
     return p.parse_args(argv)
 
 
@@ -130,11 +143,20 @@ def paired_structures(regions: list[src.RegionAnn]) -> list[src.RegionAnn]:
     return out
 
 
+def scaled_regions(item: src.Item, scale: float) -> list[src.RegionAnn]:
+    """The item's regions in the saved (downscaled) image's pixels."""
+    return [src.RegionAnn(r.name_en, r.name_zh, tuple(tuple(v * scale for v in b) for b in r.boxes))
+            for r in item.regions]
+
+
 def records_for(item: src.Item, rel: str, w: int, h: int, scale: float, rng: random.Random,
-                zh_fraction: float, balance: dict[str, float]) -> Iterator[tuple[str, str, dict]]:
-    """(task file, language, record) for one saved image. Pixel boxes are scaled with the image."""
-    regions = [src.RegionAnn(r.name_en, r.name_zh, tuple(tuple(v * scale for v in b) for b in r.boxes))
-               for r in item.regions]
+                zh_fraction: float, balance: dict[str, float], plain: tuple[random.Random, float] | None = None
+                ) -> Iterator[tuple[str, str, dict]]:
+    """(task file, language, record) for one saved image. Pixel boxes are scaled with the image. ``plain`` =
+    (its own rng, share): registry records of PLAIN_TASKS lose their preamble with that probability, and Text-to-Region
+    English ones take the demo's shorter preamble variant in a third of the rest (training); the plain rng is separate, so the
+    records themselves come out as they would without it."""
+    regions = scaled_regions(item, scale)
 
     def lang() -> str:
         return "zh" if rng.random() < zh_fraction else "en"
@@ -143,7 +165,13 @@ def records_for(item: src.Item, rel: str, w: int, h: int, scale: float, rng: ran
         return [((r.name_zh if zh else r.name_en), [list(b) for b in r.boxes]) for r in rs]
 
     def rec(task: str, ln: str, **fields: object) -> dict:
-        return build_record(task, ln, image=rel, width=w, height=h, rng=rng, **fields)
+        with_base, variant = True, "default"
+        if plain is not None and task in PLAIN_TASKS:
+            with_base = plain[0].random() >= plain[1]
+            if task == "text_to_region" and ln == "en" and with_base and plain[0].random() < 1 / 3:
+                variant = "demo"
+        return build_record(task, ln, image=rel, width=w, height=h, rng=rng, include_base_prompt=with_base,
+                            prompt_variant=variant, **fields)
 
     modality_en, modality_zh = src.MODALITIES[item.modality]
     mod = {"en": "MRI" if item.modality == "MRI" else modality_en, "zh": modality_zh}
@@ -227,6 +255,9 @@ def build(args: argparse.Namespace) -> dict:
     np_rng = np.random.default_rng(args.seed)
     py_rng = random.Random(args.seed)
     items = list(all_items(args, np_rng))
+    if args.max_items is not None:  # tests: a few images of each split
+        items = [it for it in items if it.split == "train"][:args.max_items] + \
+                [it for it in items if it.split == "test"][:args.max_items]
     names = Counter((it.split, it.source, it.name) for it in items)
     dupes = [k for k, n in names.items() if n > 1]
     if dupes:
@@ -236,14 +267,28 @@ def build(args: argparse.Namespace) -> dict:
         raise RuntimeError(f"split keys in both train and test: {sorted(leaks)[:5]}")
     balance = {split: modality_balance(Counter(it.modality for it in items if it.split == split))
                for split in ("train", "test")}
-    files = {(split, task): [] for split in ("train", "test") for task in TASK_FILES}
+    files = {(split, task): [] for split in ("train", "test") for task in (*TASK_FILES, *HELDOUT_FILES)}
     counts: Counter = Counter()
+    _, train_raw = user.load_phrasings(user.TRAIN_PHRASINGS)
+    # separate streams: the registry records (py_rng) come out as before; user-style and held-out records have their own
+    plain = (random.Random(args.seed * 7919 + 1), args.plain_fraction)
+    makers = {"user": user.make_maker(user.TRAIN_PHRASINGS, random.Random(args.seed * 7919 + 2), train_raw),
+              "heldout": user.make_maker(user.HELDOUT_PHRASINGS, random.Random(args.seed * 7919 + 3), train_raw)}
     for n, item in enumerate(items):
         rel, w, h, scale = save_image(item, out, args.max_side, args.quality)
-        for task, ln, record in records_for(item, rel, w, h, scale, py_rng, args.zh_fraction, balance[item.split]):
-            # stored in the trainer's prompt order ("<image>\n" + task prompt + question), so that evaluation and
-            # the demo, which send the human turn verbatim, ask exactly what the model was trained on
-            record["conversations"] = apply_prompt_order(record["conversations"], 1, "", "train")
+        keep = balance[item.split].get(item.modality, 1.0)
+        regions = scaled_regions(item, scale)
+        produced = [*records_for(item, rel, w, h, scale, py_rng, args.zh_fraction, balance[item.split],
+                                 plain if item.split == "train" else None),
+                    *user.user_records(item, regions, rel, w, h, makers["user"], args.zh_fraction, keep,
+                                       multi_turn=item.split == "train")]
+        if item.split == "test":
+            produced += user.heldout_records(item, regions, rel, w, h, makers["heldout"], args.zh_fraction, keep)
+        for task, ln, record in produced:
+            if task in TASK_FILES[:6]:
+                # stored in the trainer's prompt order ("<image>\n" + task prompt + question), so that evaluation and
+                # the demo, which send the human turn verbatim, ask exactly what the model was trained on
+                record["conversations"] = apply_prompt_order(record["conversations"], 1, "", "train")
             record = {"id": f"{item.split}-{task}-{len(files[(item.split, task)]):06d}", **record}
             record["source"] = item.source
             files[(item.split, task)].append(record)
@@ -274,6 +319,7 @@ def build(args: argparse.Namespace) -> dict:
     (out / "meta_test.json").write_text(json.dumps(meta_test, indent=2) + "\n", encoding="utf-8")
     manifest = {
         "seed": args.seed, "crops": args.crops, "max_side": args.max_side, "quick": args.quick,
+        "plain_fraction": args.plain_fraction, "max_items": args.max_items,
         "images": dict(Counter(f"{it.split}/{it.source}" for it in items)),
         "records": {"/".join(k): v for k, v in sorted(counts.items())},
         "totals": {split: sum(len(v) for (s, _), v in files.items() if s == split) for split in ("train", "test")},

@@ -12,6 +12,11 @@ Baselines (none looks at the image):
 * ``region2text_majority``: the most frequent training answer of the record's language.
 * ``modality_majority``, ``classification_majority``, ``vqa_majority``: the most frequent *test* answer of the
   record's language (per question type for VQA) - the best any constant answer can do on this split.
+* the user-style and held-out paraphrase splits (issue #17), when the build has them: ``<split>_mean_box`` and
+  ``<split>_name_mean_box`` for the free-form Text-to-Region files (the same training priors),
+  ``<split>_majority`` (most frequent test answer per language and question type) for the VQA-style files, and
+  ``<split>_not_visible`` (always "not visible" in the question's language, no box) for the absent-name files - the
+  absent-name accuracy is only meaningful beside the free-form Text-to-Region box rate, which that answer zeroes.
 
 Each file holds one JSON object per test record: ``id``, ``prediction``, ``reference``, ``question``, ``width``,
 ``height``.
@@ -65,6 +70,42 @@ def write(path: Path, test: list[dict], predict) -> int:
     return len(test)
 
 
+# user-style / paraphrase test files -> their benchmark names (src/medrega_eval/benchmarks/medreg_mini.yaml)
+USER_T2R = {"user_text_to_region": "text2region_free", "paraphrase_text2region": "para_text2region"}
+USER_VQA = {"user_vqa": "vqa_free", "diagnosis": "diagnosis", "paraphrase_vqa": "para_vqa",
+            "paraphrase_diagnosis": "para_diagnosis"}
+USER_ABSENT = {"absent": "absent", "paraphrase_absent": "para_absent"}
+NOT_VISIBLE = {"en": "Not visible in this image.", "zh": "这张图像中未见。"}
+
+
+def user_split_baselines(d: Path, out: Path, global_mean: Box, name_mean: dict[str, Box]) -> dict[str, int]:
+    """Baseline prediction files for the user-style and paraphrase splits present in the build (named after the
+    benchmark: ``para_text2region_name_mean_box.jsonl`` ...)."""
+    counts: dict[str, int] = {}
+    for file, bench in USER_T2R.items():
+        if (d / "test" / f"{file}.jsonl").is_file():
+            test = read(d / "test" / f"{file}.jsonl")
+            names = lambda r: [x.name or "" for x in parse_regions(answer(r))]  # noqa: E731
+            counts[f"{bench}_mean_box"] = write(out / f"{bench}_mean_box.jsonl", test, lambda r: format_regions(
+                [Region(n, [global_mean]) for n in names(r)]))
+            counts[f"{bench}_name_mean_box"] = write(out / f"{bench}_name_mean_box.jsonl", test, lambda r: format_regions(
+                [Region(n, [name_mean.get(n, global_mean)]) for n in names(r)]))
+    for file, bench in USER_VQA.items():
+        if (d / "test" / f"{file}.jsonl").is_file():
+            test = read(d / "test" / f"{file}.jsonl")
+            groups: dict[tuple, Counter] = defaultdict(Counter)
+            for r in test:
+                groups[(lang_of(r), r.get("question_type"))][answer(r)] += 1
+            best = {g: c.most_common(1)[0][0] for g, c in groups.items()}
+            counts[f"{bench}_majority"] = write(out / f"{bench}_majority.jsonl", test,
+                                                lambda r, b=best: b[(lang_of(r), r.get("question_type"))])
+    for file, bench in USER_ABSENT.items():
+        if (d / "test" / f"{file}.jsonl").is_file():
+            counts[f"{bench}_not_visible"] = write(out / f"{bench}_not_visible.jsonl", read(d / "test" / f"{file}.jsonl"),
+                                                   lambda r: NOT_VISIBLE[lang_of(r)])
+    return counts
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", type=Path, default=Path("data/built/medreg_mini"))
@@ -111,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         best = {g: c.most_common(1)[0][0] for g, c in groups.items()}
         counts[name] = write(args.out / f"{name}.jsonl", test,
                              lambda r, k=key, b=best: b[(lang_of(r), r.get(k) if k else None)])
+    counts.update(user_split_baselines(d, args.out, global_mean, name_mean))
     (args.out / "baselines.json").write_text(json.dumps({
         "global_mean_box": [global_mean.x1, global_mean.y1, global_mean.x2, global_mean.y2],
         "region2text_majority": r2t_major, "records": counts}, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")

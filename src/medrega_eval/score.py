@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from internvl.data.records import RecordProblem
-from internvl.regions import remove_box_text_original, remove_region_tags, strip_regions
+from internvl.regions import has_regions, remove_box_text_original, remove_region_tags, strip_regions
 from medrega_eval.io import PredictionRecord, ScoreInputError
 from medrega_eval.metrics import classification as cls_m
 from medrega_eval.metrics import medrega_regions as orig_m
@@ -221,6 +221,29 @@ def _score_vqa(records, cfg, result) -> None:
         if cfg.compat == "medrega" and agg[k] is None:
             result.unavailable[k] = vqa_m.NO_OPEN_REASON
     result.details.update(num_closed=agg["num_closed"], num_open=agg["num_open"])
+    # "locate X" for an absent X: the reference says "not visible"; right when the prediction says so and draws no box
+    absent = [vqa_m.says_not_visible(r.prediction) and not has_regions(r.prediction)
+              for r in records if vqa_m.says_not_visible(r.reference)]
+    if absent:
+        result.metrics["absent_accuracy"] = _mean(absent)
+        result.counts["absent_questions"] = len(absent)
+
+
+def _language_match(records: Sequence[PredictionRecord], result: ScoreResult) -> None:
+    """lang_match: share of answers written in the question's language (text_m.text_language, the CJK-share rule),
+    over records with a question whose reference is in the question's language (a Chinese question whose reference
+    is "CT" says nothing about the answer's language and is left out)."""
+    hits: dict[str, list[bool]] = {"en": [], "zh": []}
+    for rec in records:
+        q = text_m.text_language(rec.question) if rec.question else None
+        if q is None or text_m.text_language(rec.reference) != q:
+            continue
+        hits[q].append(text_m.text_language(rec.prediction) == q)
+    both = hits["en"] + hits["zh"]
+    if both:
+        result.metrics["lang_match"] = _mean(both)
+        result.details.update(lang_match_en=_mean(hits["en"]), lang_match_zh=_mean(hits["zh"]))
+        result.counts["lang_match_records"] = len(both)
 
 
 def _options_for(rec: PredictionRecord, lang: str, cfg: ScoreConfig) -> list[str] | None:
@@ -324,6 +347,8 @@ def _region_part(records, cfg, result, texts_pred=None) -> None:
     else:
         result.metrics.update({k: agg.get(k) for k in top})
     result.metrics["map50"] = reg_m.coco_map50(preds, refs) if refs else None
+    # share of predictions with at least one parseable box (free-form Text-to-Region prompts must give a box)
+    result.metrics["box_rate"] = _mean([not s.unparsable for s in samples]) if samples else None
     result.details.update({k: v for k, v in agg.items() if k not in top})
     result.counts["unparsable_predictions"] = int(agg.get("unparsable", 0)) if agg else 0
     result.counts["malformed_pred_boxes"] = parse_errors
@@ -459,6 +484,7 @@ def score_records(records: Sequence[PredictionRecord], cfg: ScoreConfig,
         _score_text2region(records, cfg, result)
     if cfg.bertscore_model and cfg.task in ("vqa", "report", "region2text", "grounded_report"):
         _bertscore(records, cfg, result)
+    _language_match(records, result)
     result.counts["records"] = len(records)
     result.counts["scored"] = len(result.rows)
     langs = sorted({row["lang"] for row in result.rows})
@@ -469,7 +495,7 @@ def score_records(records: Sequence[PredictionRecord], cfg: ScoreConfig,
 # Summary key order: the issue's top-level names first, then compat-only names.
 TOP_METRICS = ("bleu1", "bleu2", "bleu3", "bleu4", "meteor", "rougeL", "cider", "closed_accuracy", "open_recall",
                "open_accuracy", "token_f1", "exact_match", "accuracy", "macro_f1", "recall", "iou", "acc25", "acc50",
-               "acc75", "precision", "f1", "map50", "rouge1", "bertscore")
+               "acc75", "precision", "f1", "map50", "rouge1", "bertscore", "box_rate", "absent_accuracy", "lang_match")
 
 
 def summarize(result: ScoreResult, cfg: ScoreConfig, protocol: dict[str, Any], benchmark: str | None = None,

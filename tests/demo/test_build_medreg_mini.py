@@ -110,3 +110,78 @@ def test_cranium_volume_reads_with_spacing() -> None:
     vol, spacing = src.load_cranium()
     assert vol.shape == (108, 256, 256) and vol.dtype == np.int16
     assert spacing[2] == pytest.approx(1.5) and spacing[0] == pytest.approx(0.957, abs=1e-3)
+
+
+# --------------------------------------------------------------------------------- user-style records (issue #17)
+def _template_regex(template: str) -> "re.Pattern[str]":
+    """A held-out template as a regex over filled questions: each {field} matches any text."""
+    import re
+
+    parts = re.split(r"\{[a-z_]+\}", template)
+    return re.compile(".+".join(re.escape(p) for p in parts), re.DOTALL)
+
+
+def test_heldout_phrasings_are_disjoint_from_training_phrasings() -> None:
+    import medreg_mini_userturns as user
+
+    from internvl.data.prompt_registry import load_prompts
+
+    heldout, _ = user.load_phrasings(user.HELDOUT_PHRASINGS)
+    train, _ = user.load_phrasings(user.TRAIN_PHRASINGS)
+    registry = set()
+    for tp in load_prompts().values():
+        qs = tp.questions
+        for value in (qs.values() if isinstance(qs, dict) else [qs]):
+            registry.update(value)
+    norm = {t.strip().casefold() for t in train.all_templates() | registry}
+    held = heldout.all_templates()
+    assert len(held) >= 20
+    assert not {t for t in held if t.strip().casefold() in norm}
+    # and no filled training template can be read as a held-out one
+    for t in held:
+        rx = _template_regex(t)
+        assert not [x for x in train.all_templates() | registry if rx.fullmatch(x)], t
+
+
+@pytest.mark.skipif(not (HAVE_MRICRON and HAVE_CRANIUM), reason="Debian mricron-data / invesalius-examples missing")
+def test_small_build_has_user_kinds_in_the_question_language(tmp_path: Path) -> None:
+    import build_medreg_mini as builder
+    import medreg_mini_userturns as user
+
+    from internvl.data.records import RecordChecker
+    from internvl.regions import has_regions
+    from medrega_eval.metrics.text import text_language
+    from medrega_eval.metrics.vqa import says_not_visible
+
+    assert builder.main(["--out", str(tmp_path / "a"), "--quick", "--max-items", "10"]) == 0
+    out = tmp_path / "a"
+    for split, files in (("train", ("user_text_to_region", "absent", "user_vqa", "diagnosis", "multi_turn")),
+                         ("test", (*builder.HELDOUT_FILES, "user_text_to_region", "absent", "diagnosis"))):
+        for f in files:
+            assert (out / split / f"{f}.jsonl").is_file(), f"{split}/{f}"
+    meta = json.loads((out / "meta_file.json").read_text())
+    assert "medreg_mini_train_multi_turn" in meta and not any("paraphrase" in k for k in meta)
+    checker = RecordChecker(image_root=out, image_check="exists")
+    heldout = [_template_regex(t) for t in user.load_phrasings(user.HELDOUT_PHRASINGS)[0].all_templates()]
+    plain = 0
+    for path in sorted(out.glob("*/*.jsonl")):
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            rec = json.loads(line)
+            assert checker.check(rec, file=str(path), line=n) == [], f"{path}:{n}"
+            conv = rec["conversations"]
+            assert conv[0]["value"].startswith("<image>\n") and all("<image>" not in t["value"] for t in conv[1:])
+            for q, a in zip(conv[::2], conv[1::2]):
+                ql, al = text_language(q["value"]), text_language(a["value"])
+                assert al == ql or a["value"] == "CT", f"{path}:{n}: {q['value'][-60:]!r} -> {a['value']!r}"
+                if says_not_visible(a["value"]):
+                    assert "absent" in path.name or "multi_turn" in path.name
+                    assert not has_regions(a["value"])
+                if path.parent.name == "train":
+                    asked = q["value"].removeprefix("<image>\n")
+                    assert not any(rx.fullmatch(asked) for rx in heldout), f"{path}:{n}: held-out phrasing in training"
+            plain += path.parent.name == "train" and "You are" not in conv[0]["value"] and "你是" not in conv[0]["value"]
+    assert plain > 0
+    # deterministic for a seed
+    assert builder.main(["--out", str(tmp_path / "b"), "--quick", "--max-items", "10"]) == 0
+    for f in ("train/multi_turn.jsonl", "test/paraphrase_absent.jsonl", "train/text_to_region.jsonl"):
+        assert (out / f).read_text() == (tmp_path / "b" / f).read_text().replace(str(tmp_path / "b"), str(out))

@@ -31,6 +31,7 @@ __all__ = [
     "tokenize_zh",
     "tokenize",
     "has_cjk",
+    "text_language",
     "lcs_length",
     "rouge_l",
     "corpus_rouge_l",
@@ -141,6 +142,25 @@ def tokenize_zh(text: str) -> list[str]:
 def has_cjk(text: str) -> bool:
     """True when the text contains a CJK ideograph (used to pick the tokenizer when no language is given)."""
     return any("\u4e00" <= ch <= "\u9fff" or "\u3400" <= ch <= "\u4dbf" for ch in text)
+
+
+_LANG_BOXES_RE = re.compile(r"<box>.*?</box>|\[\[[^\[\]]*(?:\][^\[\]]*)*?\]\]", re.DOTALL)
+_LANG_TAGS_RE = re.compile(r"</?(?:ref|box|image)>")
+_LATIN_WORD_RE = re.compile(r"[A-Za-z]+")
+
+
+def text_language(text: str) -> str | None:
+    """The language a text is written in, by the CJK-character share rule: after removing boxes and the
+    ``<ref>``/``<box>``/``<image>`` tags (region *names* stay: they are in the answer's language), count CJK ideographs
+    C and Latin-letter words W; "zh" when C / (C + W) >= 0.5, "en" when below, None when C + W = 0 (only digits,
+    punctuation or boxes). One CJK character is weighed like one Latin word, so a Chinese answer that names "CT"
+    or "MRI" stays Chinese and an English answer with one Chinese name stays English."""
+    clean = _LANG_TAGS_RE.sub(" ", _LANG_BOXES_RE.sub(" ", text))
+    cjk = sum(1 for ch in clean if "\u4e00" <= ch <= "\u9fff" or "\u3400" <= ch <= "\u4dbf")
+    words = len(_LATIN_WORD_RE.findall(clean))
+    if cjk + words == 0:
+        return None
+    return "zh" if cjk >= words else "en"
 
 
 def tokenize(text: str, lang: str) -> list[str]:

@@ -24,7 +24,13 @@ import numpy as np
 
 from medrega_eval.metrics.text import sentence_bleu1, token_set_scores, tokenize_zh
 
-__all__ = ["VQASample", "normalize_en", "medrega_clean_en", "vqa_tokens", "score_vqa_sample", "aggregate_vqa"]
+__all__ = ["VQASample", "normalize_en", "medrega_clean_en", "vqa_tokens", "score_vqa_sample", "aggregate_vqa",
+           "says_not_visible"]
+
+# "X is not visible" answers (a "locate X" question for an X absent from the image), English and Chinese.
+_NOT_VISIBLE_RE = re.compile(
+    r"\bnot\s+(?:visible|seen|shown|present|depicted|found)\b|\bcannot\s+be\s+(?:seen|found|located)\b|\binvisible\b"
+    r"|未见(?!明显)(?!异常)|不可见|看不到|未显示|没有显示|无法看到|不在(?:这张|本|该)?(?:图|影像)", re.IGNORECASE)
 
 CLOSED_RECALL = 0.8
 OPEN_ACCURACY_RECALL = 0.75
@@ -171,3 +177,9 @@ def aggregate_vqa(samples: Sequence[VQASample], compat: str | None = None) -> di
         "num_closed": len(closed),
         "num_open": len(open_),
     }
+
+
+def says_not_visible(text: str) -> bool:
+    """True when an answer says the asked-for object is not in the image ("... is not visible", "cannot be seen",
+    "未见X", "不可见", "看不到", ...; "未见异常" - "no abnormality seen" - does not count). The absent-name accuracy also requires that such an answer draws no box."""
+    return _NOT_VISIBLE_RE.search(text) is not None
