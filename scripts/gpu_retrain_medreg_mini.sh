@@ -12,6 +12,7 @@
 # (bf16 safetensors) -> medrega-eval run (float32, greedy) on every medreg_mini benchmark -> the trivial baselines
 # scored the same way -> OUT_DIR/scores.md (+ .json). Scratch files (init, run checkpoints) stay in WORK (a temp dir),
 # so OUT_DIR holds only: model/, train.log, train_results.json, eval/, baselines/, scores.md, scores.json.
+# NO_SCORE=1: generate only (score the predictions on another machine).
 # Smoke run on CPU (minutes; numbers meaningless): MAX_STEPS=2 BATCH_SIZE=2 EVAL_LIMIT=2 MAX_NEW_TOKENS=16 ...
 set -euo pipefail
 OUT=${1:?usage: scripts/gpu_retrain_medreg_mini.sh OUT_DIR}
@@ -44,7 +45,11 @@ BENCH=$($PY -c "from medrega_eval.benchmarks import load_registry
 print(','.join(sorted(k for k in load_registry() if k.startswith('medreg_mini_'))) + ',medreg_mini_modality')")
 $PY -m medrega_eval run --model "$OUT/model" --benchmark "$BENCH" --benchmark-file data/medreg_mini/benchmarks.yaml \
   --out "$OUT/eval" --batch-size 64 --max-new-tokens "${MAX_NEW_TOKENS:-256}" --dtype float32 \
-  ${EVAL_LIMIT:+--limit "$EVAL_LIMIT"} 2>&1 | tee "$OUT/eval.log"
+  ${EVAL_LIMIT:+--limit "$EVAL_LIMIT"} ${NO_SCORE:+--no-score} 2>&1 | tee "$OUT/eval.log"
+if [ -n "${NO_SCORE:-}" ]; then  # a machine without the scorers' packages (jieba, ...): score elsewhere
+  echo "predictions in $OUT/eval; score them with: medrega-eval score --pred OUT/eval/NAME/predictions.jsonl ..."
+  exit 0
+fi
 
 $PY scripts/medreg_mini_baselines.py --data "$DATA" --out "$WORK/baselines"
 for f in "$WORK"/baselines/*.jsonl; do

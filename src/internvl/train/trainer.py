@@ -28,7 +28,6 @@ from safetensors.torch import load_file
 from torch import nn
 from peft import PeftModel
 from peft.utils import set_peft_model_state_dict
-from accelerate.utils import DummyOptim
 from torch.utils.data import Sampler
 from transformers import TrainerCallback
 
@@ -124,6 +123,16 @@ class LogClockCallback(TrainerCallback):
         self.trainer._last_log_time = time.perf_counter()
 
 
+
+
+def _is_deepspeed_placeholder(optimizer: Any) -> bool:
+    """accelerate's `DummyOptim` (DeepSpeed builds the real optimizer from its params). accelerate exports it only
+    where DeepSpeed is installed, so without DeepSpeed nothing can be the placeholder."""
+    try:
+        from accelerate.utils.deepspeed import DummyOptim  # needs deepspeed installed on some accelerate versions
+    except ImportError:
+        return False
+    return isinstance(optimizer, DummyOptim)
 
 class GuardCallback(TrainerCallback):
     """Wraps the prepared optimizer's `step` so the divergence guard can skip a step (`--on_nonfinite skip`)."""
@@ -224,7 +233,7 @@ class MedRegTrainer(trainer_base()):
         """Without DeepSpeed: Trainer's optimizer. With a DeepSpeed config that names its own optimizer, transformers
         hands DeepSpeed one group of every trainable parameter (so weight decay would hit norms and biases too): give
         that placeholder the same groups as the path without DeepSpeed."""
-        if isinstance(self.optimizer, DummyOptim):  # accelerate's stand-in; DeepSpeed builds from its params
+        if _is_deepspeed_placeholder(self.optimizer):  # accelerate's stand-in; DeepSpeed builds from its params
             self.optimizer.params = self.optimizer_parameter_groups(model)
             groups = self.optimizer.params
         else:
