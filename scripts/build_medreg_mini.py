@@ -40,6 +40,10 @@ sys.path.insert(0, str(HERE.parent / "src"))
 
 import medreg_mini_sources as src
 
+from internvl.offline import enforce_offline
+
+enforce_offline()  # the builder reads data installed from package registries only
+
 from internvl.data.encode import apply_prompt_order
 from internvl.data.images import load_image
 from internvl.data.prompts import build_record, render_base_prompt

@@ -14,6 +14,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from internvl.offline import enforce_offline  # noqa: E402
+
+enforce_offline()  # before transformers is imported (it reads the offline switches at import)
+
 from internvl.model.hf_conversion import ConversionError, convert_checkpoint_to_hf
 from internvl.model.loading import CheckpointError
 

@@ -18,6 +18,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from internvl.offline import enforce_offline  # noqa: E402
+
+enforce_offline()  # before peft is imported (bitsandbytes' CPU backend asks the hub for kernels at import)
+
 from internvl.train.lora import load_lora_run, merge_lora_run  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

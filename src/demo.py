@@ -19,11 +19,13 @@ import os
 import sys
 from pathlib import Path
 
-os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no network calls from the web UI
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 SRC = Path(__file__).resolve().parent
 if str(SRC) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(SRC))
+
+from internvl.offline import enforce_offline  # noqa: E402
+
+enforce_offline()  # no hub, no analytics: before anything imports transformers/peft/gradio
 
 REPO = SRC.parent
 DEFAULT_MODEL = REPO / "asset" / "medreg-mini-model"

@@ -16,6 +16,8 @@ import json
 import sys
 from pathlib import Path
 
+from internvl.offline import enforce_offline
+
 __all__ = ["main", "build_parser"]
 
 
@@ -193,6 +195,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `medrega-eval` console script."""
+    enforce_offline()
     from medrega_eval.benchmarks import BenchmarkError, MissingData
 
     args = build_parser().parse_args(argv)

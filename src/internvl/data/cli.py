@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from internvl.data.records import IMAGE_CHECKS, BadRecordError, ProblemTally, RecordChecker, iter_records
+from internvl.offline import enforce_offline
 
 __all__ = ["main", "build_parser"]
 
@@ -198,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``medrega-data`` console script; returns the exit status."""
+    enforce_offline()
     args = build_parser().parse_args(argv)
     return int(args.func(args))
 

@@ -22,6 +22,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from internvl.offline import enforce_offline
+
+# Before transformers: `from transformers import set_seed` imports peft -> bitsandbytes, whose CPU backend asks the hub
+# for kernels at import unless offline mode is already on.
+enforce_offline()
+
 import torch
 import transformers
 from transformers import set_seed
@@ -173,6 +179,7 @@ def _check_output_dir(training_args: MedRegTrainingArguments) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point. Returns a process exit code (2 for bad flags)."""
+    enforce_offline()
     try:
         model_args, data_args, training_args = parse_args(argv)
         _check_output_dir(training_args)
