@@ -198,7 +198,22 @@ def main(argv: list[str] | None = None) -> int:
             print("medrega-train: fix the record, or pass --data_check lenient to leave bad records out "
                   "(they are reported and counted)", file=sys.stderr)
         return 2
+    finally:
+        release_deepspeed_config(training_args)
     return 0
+
+
+def release_deepspeed_config(training_args: MedRegTrainingArguments) -> None:
+    """Drop transformers' process-global reference to this run's DeepSpeed config when the run ends.
+
+    `TrainingArguments(deepspeed=...)` registers its config with transformers for the process; while it is
+    registered, any later `from_pretrained` in the same process (a caller of `main`, an evaluation after training)
+    is built under the finished run's ZeRO settings. Runs without `--deepspeed` registered nothing.
+    """
+    if training_args.deepspeed:
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
 
 
 if __name__ == "__main__":
