@@ -32,10 +32,12 @@ if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$STAMP" 2>/dev/null)" != "$(deps_has
   echo "scripts/test.sh: building $VENV (dependencies changed or first run)"
   rm -rf "$VENV"
   "$PYTHON" -m venv "$VENV"
-  "$VENV/bin/python" -m pip install -q "torch==2.13.0"  # the CPU build on this disk; a bare `torch` would pull CUDA
-  "$VENV/bin/python" -m pip install -q -e ".[test]" -c constraints.txt
+  log="$VENV/install.log"  # pip's output goes here; its tail is shown when a step fails
+  pip_install() { "$VENV/bin/python" -m pip install -q "$@" >>"$log" 2>&1 || { tail -n 40 "$log" >&2; return 1; }; }
+  pip_install "torch==2.13.0"  # the CPU build on this disk; a bare `torch` would pull a CUDA build of several GB
+  pip_install -e ".[test]" -c constraints.txt
   # Real IU X-ray report texts for the metric smoke test (its own dependencies are not needed: --no-deps).
-  "$VENV/bin/python" -m pip install -q --no-deps "torchxrayvision==1.5.7" \
+  pip_install --no-deps "torchxrayvision==1.5.7" \
     || echo "warning: torchxrayvision not installed; the IU X-ray smoke test will skip"
   deps_hash > "$STAMP"
 fi
