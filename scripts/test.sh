@@ -49,6 +49,7 @@ if [ -n "${MEDREGA_RANDOM_ORDER:-}" ]; then
 fi
 
 status=0
-"$VENV/bin/python" -m pytest -q -n 2 "${order[@]}" "$@" || status=$?
+# --dist loadgroup: tests marked xdist_group (shared expensive module fixtures) stay in one worker
+"$VENV/bin/python" -m pytest -q -n 2 --dist loadgroup "${order[@]}" "$@" || status=$?
 [ "$status" -ne 5 ] || echo "scripts/test.sh: pytest collected no tests (exit 5): that is a failure" >&2
 exit "$status"
