@@ -103,13 +103,14 @@ def lora_run(workspace: Path) -> tuple[Path, GuardedRun]:
 
 @pytest.fixture(scope="module")
 def merged_model(workspace: Path, lora_run: tuple[Path, GuardedRun]) -> Path:
-    """The LoRA run merged by scripts/merge_lora.py (offline, checked by its own test)."""
+    """The LoRA run merged (offline) by scripts/merge_lora.py, or by its console script once it is one."""
     run_dir, trained = lora_run
     trained.check()
     out = workspace / "merged"
-    if not (out / "config.json").is_file():
-        run_guarded([str(ROOT / "scripts" / "merge_lora.py"), "--run_dir", str(run_dir), "--output_dir", str(out)],
-                    workspace).check()
+    args = ["--run_dir", str(run_dir), "--output_dir", str(out)]
+    script = ROOT / "scripts" / "merge_lora.py"
+    command = [str(script), *args] if script.is_file() else console_command("medrega-merge-lora", args)
+    run_guarded(command, workspace).check()
     return out
 
 
