@@ -4,6 +4,7 @@ from pathlib import Path
 from setuptools import find_packages, setup
 
 HERE = Path(__file__).parent
+TRAIN = ["deepspeed>=0.15"]  # the `train` extra; the tests need it too
 
 
 def read_requirements() -> list[str]:
@@ -27,11 +28,12 @@ setup(
     },
     install_requires=read_requirements(),
     extras_require={
-        "train": ["deepspeed>=0.15"],
+        "train": TRAIN,
         "quant": ["bitsandbytes>=0.43"],
         "flash": ["flash-attn>=2.5"],
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100", "scikit-image>=0.22", "playwright>=1.45",
-                 "bitsandbytes>=0.45", "triton>=3.4"],
+        # everything the tests import (deepspeed: the ZeRO-3, memory-plan and DeepSpeed-config tests)
+        "test": [*TRAIN, "pytest>=8", "pytest-xdist>=3.5", "pytest-randomly>=3.15", "hypothesis>=6.100",
+                 "scikit-image>=0.22", "playwright>=1.45", "bitsandbytes>=0.45", "triton>=3.4"],
     },
     entry_points={
         "console_scripts": [

@@ -34,6 +34,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from internvl.offline import enforce_offline
+
+enforce_offline()  # the builder reads data installed from package registries only
+
 from internvl.data.encode import apply_prompt_order
 from internvl.data.images import load_image
 from internvl.data.prompts import build_record, render_base_prompt

@@ -5,12 +5,14 @@
 #   * fonts-wqy-microhei        a CJK font so Chinese region names are drawn on the answer image (else numbers)
 #   * mricron-data, invesalius-examples
 #                               brain MRI + atlas and head CT for scripts/build_medreg_mini.py and its tests
-#   * playwright (pip)          the Python driver only; no `playwright install` (no browser download)
-# Usage: sudo scripts/ci_setup_browser.sh   (idempotent)
+#   * playwright (pip)          the Python driver only, in the `test` extra; no `playwright install` (no browser
+#                               download)
+# Usage: sudo scripts/ci_setup_browser.sh   (idempotent; returns at once when everything is installed)
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
-apt-get update -qq
-apt-get install -y -qq --no-install-recommends chromium fonts-wqy-microhei mricron-data invesalius-examples
-python3 -m pip install -q "playwright>=1.45"
+PACKAGES=(chromium fonts-wqy-microhei mricron-data invesalius-examples)
+if ! dpkg -s "${PACKAGES[@]}" >/dev/null 2>&1; then
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${PACKAGES[@]}"
+fi
 /usr/bin/chromium --version
-python3 -c "import playwright; print('playwright driver ok')"

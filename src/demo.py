@@ -19,10 +19,11 @@ import os
 import sys
 from pathlib import Path
 
-os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no network calls from the web UI
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from internvl.offline import enforce_offline  # noqa: E402
 
-# after the environment above (the hub and gradio read it on import); `python3 src/demo.py` finds `internvl` next to
+enforce_offline()  # no hub, no analytics: before anything imports transformers/peft/gradio
+
+# after the offline switches (the hub and gradio read them on import); `python3 src/demo.py` finds `internvl` next to
 # this file without installing (Python puts the script's folder first on the path)
 import time  # noqa: E402
 

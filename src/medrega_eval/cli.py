@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from internvl.cli_support import UsageError, non_negative_float, positive_int, run_cli
+from internvl.offline import enforce_offline
 
 __all__ = ["main", "build_parser"]
 
@@ -272,6 +273,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
+    enforce_offline()
     args = build_parser().parse_args(argv)
     try:
         if args.command == "score":

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from internvl.cli_support import UsageError, non_negative_int, positive_int, run_cli
 from internvl.data.records import ALLOW_LINKS_ENV, IMAGE_CHECKS, BadRecordError, ProblemTally, RecordChecker, iter_records
+from internvl.offline import enforce_offline
 
 __all__ = ["main", "build_parser"]
 
@@ -211,6 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _main(argv: Sequence[str] | None) -> int:
+    enforce_offline()
     args = build_parser().parse_args(argv)
     return int(args.func(args))
 

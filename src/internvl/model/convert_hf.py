@@ -15,6 +15,7 @@ from pathlib import Path
 
 from internvl.cli_support import non_negative_int, run_cli
 from internvl.io_safety import check_output_dir, staged_output_dir
+from internvl.offline import enforce_offline
 
 from .hf_conversion import convert_checkpoint_to_hf
 
@@ -26,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
+    enforce_offline()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("src", type=Path, help="original-layout checkpoint directory (config.json + safetensors)")
     parser.add_argument("dst", type=Path, help="output directory for the native transformers layout")

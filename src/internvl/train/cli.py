@@ -22,6 +22,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from internvl.offline import enforce_offline
+
+# Before transformers: `from transformers import set_seed` imports peft -> bitsandbytes, whose CPU backend asks the hub
+# for kernels at import unless offline mode is already on.
+enforce_offline()
+
 import torch
 import transformers
 from transformers import set_seed
@@ -231,6 +237,7 @@ def _check_output_dir(training_args: MedRegTrainingArguments, model_args: ModelA
 
 
 def _main(argv: list[str] | None) -> int:
+    enforce_offline()
     try:
         model_args, data_args, training_args = parse_args(argv)
     except ValueError as exc:  # inconsistent flags (argparse itself exits 2 with its usage line)
@@ -249,7 +256,22 @@ def _main(argv: list[str] | None) -> int:
             print("medrega-train: fix the record, or pass --data_check lenient to leave bad records out "
                   "(they are reported and counted)", file=sys.stderr)
         raise
+    finally:
+        release_deepspeed_config(training_args)
     return 0
+
+
+def release_deepspeed_config(training_args: MedRegTrainingArguments) -> None:
+    """Drop transformers' process-global reference to this run's DeepSpeed config when the run ends.
+
+    `TrainingArguments(deepspeed=...)` registers its config with transformers for the process; while it is
+    registered, any later `from_pretrained` in the same process (a caller of `main`, an evaluation after training)
+    is built under the finished run's ZeRO settings. Runs without `--deepspeed` registered nothing.
+    """
+    if training_args.deepspeed:
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,11 +20,15 @@ from pathlib import Path
 
 import torch
 
-from ..cli_support import run_cli
-from ..io_safety import check_output_dir, staged_output_dir
-from ..model import InternVLChatModel
-from ..tokenization import resize_embeddings_mean
-from .lora import LORA_INFO_FILENAME, load_lora_run, merge_lora_run
+from ..offline import enforce_offline
+
+enforce_offline()  # before peft is imported (bitsandbytes' CPU backend asks the hub for kernels at import)
+
+from ..cli_support import run_cli  # noqa: E402
+from ..io_safety import check_output_dir, staged_output_dir  # noqa: E402
+from ..model import InternVLChatModel  # noqa: E402
+from ..tokenization import resize_embeddings_mean  # noqa: E402
+from .lora import LORA_INFO_FILENAME, load_lora_run, merge_lora_run  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

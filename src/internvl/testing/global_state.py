@@ -1,0 +1,82 @@
+"""Process-global state that a test may change and must not pass on to the next one.
+
+:func:`global_state_restored` snapshots, and restores on exit: environment variables, torch defaults (default dtype,
+grad mode, deterministic algorithms, thread count, matmul precision, cuDNN flags) and transformers' process-global
+DeepSpeed config reference. tests/conftest.py wraps every test in it; tests/test_global_state.py checks it.
+
+The DeepSpeed reference is the one that bit: ``HfDeepSpeedConfig(...)`` (and ``TrainingArguments(deepspeed=...)``)
+registers itself in transformers, and a later ``from_pretrained`` in the same process then builds under ZeRO-3 while
+that object lives, even a half-built one whose ``__init__`` failed (it registers before checking that deepspeed is
+installed, and the failing test's traceback keeps it alive): ``'HfDeepSpeedConfig' object has no attribute
+'is_zero3'``. Only transformers' public functions are used (``deepspeed_config``, ``unset_hf_deepspeed_config``).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+
+def torch_state() -> dict[str, Any]:
+    """The torch defaults that tests (or the code under test) may switch process-wide."""
+    return {
+        "default_dtype": torch.get_default_dtype(),
+        "grad_enabled": torch.is_grad_enabled(),
+        "deterministic": (torch.are_deterministic_algorithms_enabled(),
+                          torch.is_deterministic_algorithms_warn_only_enabled()),
+        "num_threads": torch.get_num_threads(),
+        "matmul_precision": torch.get_float32_matmul_precision(),
+        "cudnn": (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark),
+    }
+
+
+def restore_torch_state(state: dict[str, Any]) -> None:
+    """Put back what :func:`torch_state` returned (only the values that changed: setting threads is not free)."""
+    now = torch_state()
+    if now["default_dtype"] != state["default_dtype"]:
+        torch.set_default_dtype(state["default_dtype"])
+    if now["grad_enabled"] != state["grad_enabled"]:
+        torch.set_grad_enabled(state["grad_enabled"])
+    if now["deterministic"] != state["deterministic"]:
+        enabled, warn_only = state["deterministic"]
+        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+    if now["num_threads"] != state["num_threads"]:
+        torch.set_num_threads(state["num_threads"])
+    if now["matmul_precision"] != state["matmul_precision"]:
+        torch.set_float32_matmul_precision(state["matmul_precision"])
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = state["cudnn"]
+
+
+def deepspeed_config_registered() -> bool:
+    """Whether transformers holds a DeepSpeed config object (looked up only once something imported the module)."""
+    module = sys.modules.get("transformers.integrations.deepspeed")
+    if module is None:
+        return False
+    try:
+        return module.deepspeed_config() is not None
+    except AttributeError:  # a half-built HfDeepSpeedConfig (registered, then its __init__ failed)
+        return True
+
+
+@contextlib.contextmanager
+def global_state_restored() -> Iterator[None]:
+    """Run the body, then restore the environment, torch's defaults and (when none was registered before) drop
+    transformers' DeepSpeed config reference, whatever the body did or raised."""
+    environ = dict(os.environ)
+    torch_before = torch_state()
+    deepspeed_before = deepspeed_config_registered()
+    try:
+        yield
+    finally:
+        if dict(os.environ) != environ:
+            os.environ.clear()
+            os.environ.update(environ)
+        restore_torch_state(torch_before)
+        if not deepspeed_before and deepspeed_config_registered():
+            from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+            unset_hf_deepspeed_config()
