@@ -140,3 +140,20 @@ def test_memory_plan_nf4_bytes_match_a_quantised_layer_and_qlora_rows_print(caps
     assert main(["--gpus", "8"]) == 0
     out = capsys.readouterr().out
     assert "| qlora | 1 |" in out and "| qlora | 4 |" in out
+
+
+@pytest.mark.parametrize("recipe", ["medrega_stage2.sh:qlora", "medrega_stage2_qlora.sh"])
+def test_qlora_recipe_flags(tmp_path, recipe):
+    from .test_train_shell_recipes import _run_recipe
+
+    (call,) = _run_recipe(tmp_path, recipe, {"GPUS_PER_NODE": "1"})
+    assert call[0] == "torchrun" and "--nproc-per-node=1" in call
+    argv = call[call.index("internvl.train") + 1:]
+    assert "--deepspeed" not in argv and argv[argv.index("--bf16") + 1] == "True"
+    argv = argv[:argv.index("--bf16")] + argv[argv.index("--bf16") + 2:]  # bf16 needs a GPU to validate
+    model_args, data_args, training_args = parse_args(argv + ["--use_cpu", "True"])
+    assert model_args.load_in_4bit and model_args.bnb_4bit_quant_type == "nf4" and model_args.use_bnb_nested_quant
+    assert model_args.use_llm_lora == 16 and model_args.freeze_llm and model_args.freeze_backbone
+    assert model_args.freeze_mlp and model_args.grad_checkpoint and data_args.max_seq_length == 2048
+    assert training_args.gradient_accumulation_steps == 4  # global 16 / (4 per GPU x 1 GPU)
+    assert training_args.learning_rate == 1e-5 and training_args.max_steps == 3
