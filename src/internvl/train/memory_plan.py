@@ -45,15 +45,21 @@ class ParamCounts:
         return self.vision + self.mlp + self.llm
 
 
-def count_params(preset: str, lora_rank: int, vocab: int | None = None) -> tuple[ParamCounts, object]:
+def count_params(preset: str, lora_rank: int, vocab: int | None = None, layers: int | None = None,
+                 vit_layers: int | None = None) -> tuple[ParamCounts, object]:
     """Build `preset` on the meta device and count parameters; LoRA params are r x (in + out) per target Linear.
-    `vocab` overrides the LLM vocabulary (training resizes it to the tokenizer)."""
+    `vocab` overrides the LLM vocabulary (training resizes it to the tokenizer); `layers` / `vit_layers` the depth of
+    the LLM / ViT (shortened dry runs)."""
     from internvl.model import InternVLChatModel, load_preset
     from internvl.train.lora import llm_lora_targets
 
     config = load_preset(preset)
     if vocab is not None:
         config.llm_config.vocab_size = vocab
+    if layers is not None:
+        config.llm_config.num_hidden_layers = layers
+    if vit_layers is not None:
+        config.vision_config.num_hidden_layers = vit_layers
     with torch.device("meta"):
         model = InternVLChatModel(config)
     vision = sum(p.numel() for p in model.vision_model.parameters())
