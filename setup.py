@@ -31,7 +31,7 @@ setup(
         "quant": ["bitsandbytes>=0.43"],
         "flash": ["flash-attn>=2.5"],
         "test": ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100", "scikit-image>=0.22", "playwright>=1.45",
-                 "bitsandbytes>=0.45", "triton>=3.4"],
+                 "bitsandbytes>=0.50", "triton>=3.4"],  # 0.50: NF4 on the CPU (QLoRA tests)
     },
     entry_points={
         "console_scripts": [

@@ -58,7 +58,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=4, help="samples per step (the recipe's per-GPU micro-batch)")
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--lora_rank", type=int, default=16)
-    p.add_argument("--lr", type=float, default=1e-3, help="constant learning rate (high enough that 20 steps on one repeated sample show a clear fall)")
+    p.add_argument("--lr", type=float, default=2e-4, help="constant learning rate (QLoRA's)")
     p.add_argument("--max_peak_gib", type=float, default=70.0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=os.environ.get("OUT", "runs/gpu_qlora_40b"))
