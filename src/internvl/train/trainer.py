@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 from torch import nn
 from peft import PeftModel
 from peft.utils import set_peft_model_state_dict
-from accelerate.utils import DummyOptim
+from accelerate.utils.deepspeed import DummyOptim  # accelerate.utils exports it only when deepspeed is installed
 from torch.utils.data import Sampler
 from transformers import TrainerCallback
 
