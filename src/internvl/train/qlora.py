@@ -143,7 +143,3 @@ def dequantize_round_trip_(language_model: nn.Module, spec: dict[str, Any]) -> i
         count += 1
     return count
 
-
-def model_quant_spec(model: nn.Module) -> dict[str, Any] | None:
-    """The `quant_spec` a model was loaded with (`build` stores it on `model.qlora_spec`), or None."""
-    return getattr(model, "qlora_spec", None)
