@@ -61,6 +61,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=2e-4, help="constant learning rate (QLoRA's)")
     p.add_argument("--max_peak_gib", type=float, default=70.0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
+                   help="weights and compute (default: bfloat16 on CUDA, float32 on the CPU)")
     p.add_argument("--out", default=os.environ.get("OUT", "runs/gpu_qlora_40b"))
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
@@ -170,7 +172,8 @@ class StepClock(TrainerCallback):
         self.times.append(time.perf_counter() - self._start)
 
 
-def train(model: nn.Module, config, args: argparse.Namespace, device: torch.device) -> tuple[list[float], list[float]]:
+def train(model: nn.Module, config, args: argparse.Namespace, device: torch.device,
+          bf16: bool) -> tuple[list[float], list[float]]:
     """`args.steps` steps of MedRegTrainer on the repeated sample; returns (losses, step seconds)."""
     model_args = ModelArguments(preset=args.preset, use_llm_lora=args.lora_rank, load_in_4bit=True,
                                 grad_checkpoint=True)
@@ -186,7 +189,7 @@ def train(model: nn.Module, config, args: argparse.Namespace, device: torch.devi
     training_args = MedRegTrainingArguments(
         output_dir=str(Path(args.out) / "trainer"), per_device_train_batch_size=args.batch, max_steps=args.steps,
         learning_rate=args.lr, lr_scheduler_type="constant", weight_decay=0.0, logging_steps=1, save_strategy="no",
-        report_to="none", bf16=cuda, use_cpu=not cuda, seed=args.seed, disable_tqdm=True, max_grad_norm=1.0)
+        report_to="none", bf16=bf16, use_cpu=not cuda, seed=args.seed, disable_tqdm=True, max_grad_norm=1.0)
     clock = StepClock()
     trainer = MedRegTrainer(model=model, args=training_args, train_dataset=dataset, data_collator=pad_collate,
                             fused_lm_loss=True, speedups=speedups_from_args(model_args), callbacks=[clock])
@@ -230,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     reason = qlora.four_bit_unavailable(device, dtype)
     if reason is not None:
         print(f"gpu_qlora_40b: {reason}", file=sys.stderr)
@@ -244,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[build] {time.perf_counter() - start:.0f} s, {torch.cuda.memory_allocated() / GiB:.1f} GiB allocated",
               flush=True)
         torch.cuda.reset_peak_memory_stats()
-    losses, times = train(model, config, args, device)
+    losses, times = train(model, config, args, device, bf16=dtype == torch.bfloat16)
     out = report(args, config, losses, times, device)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "qlora_40b.json").write_text(json.dumps(out, indent=2) + "\n")
