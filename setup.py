@@ -33,7 +33,7 @@ setup(
         "flash": ["flash-attn>=2.5"],
         # everything the tests import (deepspeed: the ZeRO-3, memory-plan and DeepSpeed-config tests)
         "test": [*TRAIN, "pytest>=8", "pytest-xdist>=3.5", "pytest-randomly>=3.15", "hypothesis>=6.100",
-                 "scikit-image>=0.22", "playwright>=1.45", "bitsandbytes>=0.45", "triton>=3.4"],
+                 "scikit-image>=0.22", "playwright>=1.45", "bitsandbytes>=0.50", "triton>=3.4"],  # bnb 0.50: NF4 on the CPU (QLoRA tests)
     },
     entry_points={
         "console_scripts": [

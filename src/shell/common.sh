@@ -3,7 +3,7 @@
 # the launch flags all MedRegA recipes share, so that each recipe states only what differs.
 # Inputs (environment; META, OUTPUT and BATCH_SIZE (global) get their defaults from each recipe): MODEL, TOKENIZER,
 # META, OUTPUT, BATCH_SIZE, PER_DEVICE_BATCH_SIZE, GPUS_PER_NODE, NNODES (or SLURM_NNODES), EPOCHS, IMAGE_SIZE,
-# DS_CONFIG, MEDREGA_DEVICE (cuda | cpu; default: cuda when torch sees a GPU), MEDREGA_NO_SLURM.
+# DS_CONFIG (none: no DeepSpeed), MEDREGA_DEVICE (cuda | cpu; default: cuda when torch sees a GPU), MEDREGA_NO_SLURM.
 # Output: SHELL_DIR, WORLD_SIZE_TOTAL, GRADIENT_ACC, MODEL_FLAGS, DEVICE_FLAGS, MEDREGA_COMMON_FLAGS, and
 # medrega_launch FLAGS...
 set -euo pipefail
@@ -45,11 +45,13 @@ else
 fi
 # GPUs: bf16 and DeepSpeed (DS_CONFIG, default ZeRO-3). A CPU-only machine: float32 on the CPU, no DeepSpeed unless
 # DS_CONFIG is given (then DeepSpeed's CPU accelerator runs it).
+# DS_CONFIG=none: no DeepSpeed on GPUs either (MODE=qlora).
 if [[ "${MEDREGA_DEVICE}" == cuda ]]; then
-  DEVICE_FLAGS=(--bf16 True --deepspeed "${DS_CONFIG:-${SHELL_DIR}/zero_stage3_config.json}")
+  DEVICE_FLAGS=(--bf16 True)
+  [[ "${DS_CONFIG:-}" == none ]] || DEVICE_FLAGS+=(--deepspeed "${DS_CONFIG:-${SHELL_DIR}/zero_stage3_config.json}")
 else
   DEVICE_FLAGS=(--bf16 False --use_cpu True)
-  [[ -z "${DS_CONFIG:-}" ]] || DEVICE_FLAGS+=(--deepspeed "${DS_CONFIG}")
+  [[ -z "${DS_CONFIG:-}" || "${DS_CONFIG}" == none ]] || DEVICE_FLAGS+=(--deepspeed "${DS_CONFIG}")
 fi
 echo "[recipe] global batch ${BATCH_SIZE} = ${PER_DEVICE_BATCH_SIZE} per process x ${WORLD_SIZE_TOTAL} processes" \
      "(${NODES} node(s) x ${GPUS_PER_NODE}) x ${GRADIENT_ACC} accumulation; device ${MEDREGA_DEVICE}"

@@ -186,10 +186,10 @@ def test_no_slurm_inside_an_allocation_counts_the_nodes_torchrun_runs(tmp_path):
 
 
 def test_stage2_rejects_an_unknown_mode(tmp_path):
-    env = dict(os.environ, MODE="qlora", OUTPUT=str(tmp_path / "o"))
+    env = dict(os.environ, MODE="int8", OUTPUT=str(tmp_path / "o"))
     result = subprocess.run(["bash", str(SHELL / "medrega_stage2.sh")], env=env, cwd=tmp_path,
                             capture_output=True, text=True, timeout=60)
-    assert result.returncode == 2 and "MODE=qlora" in result.stderr
+    assert result.returncode == 2 and "MODE=int8" in result.stderr
 
 
 def test_loss_comparison_of_the_gpu_checks_fails_on_a_mismatch(tmp_path):

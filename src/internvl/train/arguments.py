@@ -103,6 +103,19 @@ class ModelArguments:
         metadata={"help": "With --grad_checkpoint, leave the last N LLM layers un-checkpointed (faster, more "
                           "activation memory: about 0.6 GiB per layer for 8 x 1024 tokens at width 2048)."},
     )
+    load_in_4bit: bool = field(
+        default=False,
+        metadata={"help": "QLoRA: load the LLM's linear layers in 4 bit (bitsandbytes, via transformers' "
+                          "BitsAndBytesConfig); ViT, projector and LM head keep the model dtype (bf16 with --bf16). "
+                          "Needs --use_llm_lora; one process per GPU, no DeepSpeed (internvl.train.qlora)."},
+    )
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = field(
+        default="nf4", metadata={"help": "4-bit data type with --load_in_4bit (QLoRA's NormalFloat4 by default)."}
+    )
+    use_bnb_nested_quant: bool = field(
+        default=True,
+        metadata={"help": "With --load_in_4bit: quantise the block scales too (QLoRA's double quantisation)."},
+    )
     model_dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
         default="auto",
         metadata={"help": "dtype the weights are loaded in; auto = float32 (the Trainer/DeepSpeed handle bf16 "
@@ -267,6 +280,7 @@ def validate_args(model_args: ModelArguments, data_args: DataTrainingArguments,
     if model_args.use_llm_lora < 0 or model_args.use_backbone_lora < 0:
         raise ValueError("LoRA ranks must be >= 0")
     _check_ranges(model_args, data_args, training_args)
+    _check_4bit(model_args, training_args)
     if data_args.max_seq_length < 8:
         raise ValueError(f"--max_seq_length {data_args.max_seq_length} is too small")
     if not 0 < data_args.down_sample_ratio <= 1:
@@ -277,6 +291,19 @@ def validate_args(model_args: ModelArguments, data_args: DataTrainingArguments,
     if not trainable and not (model_args.use_llm_lora or model_args.use_backbone_lora
                               or model_args.unfreeze_vit_layers or model_args.unfreeze_lm_head):
         raise ValueError("every part is frozen and no LoRA is enabled: nothing would train")
+
+
+def _check_4bit(model_args: ModelArguments, training_args: TrainingArguments) -> None:
+    """--load_in_4bit trains adapters on a frozen 4-bit LLM, one process per GPU: refuse what contradicts that."""
+    if not model_args.load_in_4bit:
+        return
+    if not model_args.use_llm_lora:
+        raise ValueError("--load_in_4bit needs --use_llm_lora R (a 4-bit LLM trains only through LoRA adapters)")
+    if model_args.freeze_llm is False or model_args.unfreeze_lm_head:
+        raise ValueError("--load_in_4bit keeps the LLM frozen: drop --freeze_llm False / --unfreeze_lm_head")
+    if getattr(training_args, "deepspeed", None):
+        raise ValueError("--load_in_4bit runs without DeepSpeed (one process per GPU holds the whole 4-bit model); "
+                         "drop --deepspeed (MODE=qlora of src/shell/medrega_stage2.sh does)")
 
 
 #: (group, field, lowest allowed, include the lowest) for numeric flags: out-of-range values are refused up front.

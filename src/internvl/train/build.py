@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from internvl.model import InternVLChatConfig, InternVLChatModel, load_preset
 from internvl.tokenization import add_special_tokens, load_tokenizer, save_tokenizer
 from internvl.train.arguments import DataTrainingArguments, ModelArguments, resolve_freeze_defaults
 from internvl.train.lora import wrap_backbone_lora, wrap_llm_lora
+from internvl.train import qlora
 
 logger = logging.getLogger(__name__)
 
@@ -129,19 +131,45 @@ def _numel(p: torch.nn.Parameter) -> int:
     return int(getattr(p, "ds_numel", 0) or p.numel())
 
 
+def four_bit_spec(model_args: ModelArguments, dtype: torch.dtype, device: torch.device | str | None) -> dict | None:
+    """The 4-bit spec of a --load_in_4bit run (`internvl.train.qlora.quant_spec`), or None: not asked, or
+    bitsandbytes cannot run 4-bit on `device` (then the reason is printed and LoRA trains on the unquantised base)."""
+    if not model_args.load_in_4bit:
+        return None
+    device = torch.device(device if device is not None else "cpu")
+    reason = qlora.four_bit_unavailable(device, dtype)
+    if reason is not None:
+        message = (f"--load_in_4bit: 4-bit quantisation skipped on {device}: {reason}; "
+                   "LoRA trains on the unquantised base")
+        print(f"medrega-train: {message}", file=sys.stderr)
+        logger.warning(message)
+        return None
+    return qlora.quant_spec(model_args.bnb_4bit_quant_type, model_args.use_bnb_nested_quant, dtype)
+
+
+def _quant_kwargs(spec: dict | None, device: torch.device | str | None) -> dict:
+    """from_pretrained arguments that load the LLM linears in 4 bit on `device` (none without a spec)."""
+    if spec is None:
+        return {}
+    return {"quantization_config": qlora.qlora_config(spec), "device_map": {"": torch.device(device or "cpu")}}
+
+
 def build_model_and_tokenizer(model_args: ModelArguments, data_args: DataTrainingArguments, *,
                               use_deepspeed_bf16: bool = False,
-                              base_save_dir: str | Path | None = None) -> BuiltModel:
+                              base_save_dir: str | Path | None = None,
+                              device: torch.device | str | None = None) -> BuiltModel:
     """Tokenizer + model ready for the Trainer.
 
     `--preset` builds a random-init model whose LLM vocabulary equals the tokenizer (with InternVL's special tokens);
     `--model_name_or_path` loads a checkpoint in the original layout (local dir, safetensors). With LoRA on a preset,
-    the random base is saved to `base_save_dir` first so the adapters can be merged later.
+    the random base is saved to `base_save_dir` first so the adapters can be merged later. With --load_in_4bit the
+    LLM linears are loaded in 4 bit onto `device` (a preset: from the saved base), see `internvl.train.qlora`.
     """
     tokenizer_dir = model_args.tokenizer_path or model_args.model_name_or_path
     tokenizer = load_tokenizer(tokenizer_dir, model_max_length=data_args.max_seq_length)
     add_special_tokens(tokenizer)
     dtype = resolve_dtype(model_args, use_deepspeed_bf16)
+    spec = four_bit_spec(model_args, dtype, device)
     from_preset = model_args.preset is not None
     if from_preset:
         config = load_preset(model_args.preset)
@@ -157,7 +185,7 @@ def build_model_and_tokenizer(model_args: ModelArguments, data_args: DataTrainin
         if data_args.force_image_size is not None and data_args.force_image_size != native_size:
             config.force_image_size = native_size  # load at the stored size, then resize once below
         model = InternVLChatModel.from_pretrained(model_args.model_name_or_path, config=config, dtype=dtype,
-                                                  local_files_only=True)
+                                                  local_files_only=True, **_quant_kwargs(spec, device))
         if data_args.force_image_size is not None and data_args.force_image_size != native_size:
             resize_position_embeddings(model, data_args.force_image_size)
         base_dir = str(model_args.model_name_or_path)
@@ -174,7 +202,16 @@ def build_model_and_tokenizer(model_args: ModelArguments, data_args: DataTrainin
         model.save_pretrained(str(base_save_dir))
         save_tokenizer(tokenizer, base_save_dir)
         base_dir = str(base_save_dir)
+        if spec is not None:  # the random base is saved whole; train on its 4-bit load, as from a checkpoint
+            model = InternVLChatModel.from_pretrained(base_dir, dtype=dtype, local_files_only=True,
+                                                      **_quant_kwargs(spec, device))
+            model.img_context_token_id = tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN)
+    if spec is not None:
+        qlora.prepare_kbit_training(model)
+        model.qlora_spec = spec
     apply_freezing(model, model_args)
+    if spec is not None:
+        qlora.allow_trainer_on_adapters(model)
     if model_args.grad_checkpoint:
         enable_gradient_checkpointing(model)
     towers = trainable_by_tower(model)

@@ -157,9 +157,11 @@ def train(model_args: ModelArguments, data_args: DataTrainingArguments,
     if training_args.should_save:
         clean_staging(output_dir)
     set_seed(training_args.seed)
-    ds_bf16 = bool(training_args.deepspeed) and bool(training_args.bf16)
+    # bf16 weights under DeepSpeed bf16, and under QLoRA with --bf16 (the ViT/projector/head stay bf16 next to the
+    # 4-bit LLM; the adapters are fp32)
+    ds_bf16 = bool(training_args.bf16) and bool(training_args.deepspeed or model_args.load_in_4bit)
     built = build_model_and_tokenizer(model_args, data_args, use_deepspeed_bf16=ds_bf16,
-                                      base_save_dir=Path(output_dir) / "base_model")
+                                      base_save_dir=Path(output_dir) / "base_model", device=training_args.device)
     dataset, collator = build_data(data_args, built.tokenizer, built.model.config, training_args.seed)
     extra = {
         "world_size": training_args.world_size,

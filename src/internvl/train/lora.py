@@ -26,6 +26,7 @@ ADAPTERS_DIRNAME = "adapters"
 NON_LORA_FILENAME = "non_lora_trainables.safetensors"
 LORA_INFO_FILENAME = "lora_run.json"
 LORA_PARTS = ("language_model", "vision_model")
+QUANT_INFO_KEY = "base_quantization"  # lora_run.json: how the LLM base was quantised in training (QLoRA), if it was
 
 LLM_LORA_TARGETS: dict[str, list[str]] = {
     "llama": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -115,6 +116,9 @@ def save_lora_run(model: nn.Module, output_dir: str | os.PathLike, state_dict: d
         "adapters": [p.name for p in written if p.parent.name == ADAPTERS_DIRNAME],
         "non_lora_trainables": sorted(extra),
     }
+    spec = getattr(model, "qlora_spec", None)
+    if spec is not None:  # QLoRA: the adapters were trained against the NF4 base; the merge redoes that round trip
+        info[QUANT_INFO_KEY] = spec
     (out / LORA_INFO_FILENAME).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     written.append(out / LORA_INFO_FILENAME)
     return written
@@ -123,6 +127,10 @@ def save_lora_run(model: nn.Module, output_dir: str | os.PathLike, state_dict: d
 def load_lora_run(model: nn.Module, run_dir: str | os.PathLike, is_trainable: bool = False) -> None:
     """Attach the adapters of a saved LoRA run to an unwrapped `model` and load its other trained weights, in place.
 
+    A QLoRA run (`base_quantization` in lora_run.json) first has the LLM's plain linear weights replaced by their NF4
+    round trip (`internvl.train.qlora.dequantize_round_trip_`), so base + adapters compute what training computed;
+    merging then folds the adapters into that dequantised base.
+
     Raises `FileNotFoundError`/`ValueError` naming the file when the run is incomplete or does not fit the model.
     """
     run = Path(run_dir)
@@ -130,6 +138,12 @@ def load_lora_run(model: nn.Module, run_dir: str | os.PathLike, is_trainable: bo
     if not info_path.is_file():
         raise FileNotFoundError(f"{info_path}: not a LoRA run directory (missing {LORA_INFO_FILENAME})")
     info = json.loads(info_path.read_text(encoding="utf-8"))
+    spec = info.get(QUANT_INFO_KEY)
+    if spec is not None and "language_model" in info["adapters"]:
+        # trained on a 4-bit LLM: give the (unquantised) base the weights training saw, dequant(quant(W))
+        from internvl.train.qlora import dequantize_round_trip_
+
+        dequantize_round_trip_(model.language_model, spec)
     for part in info["adapters"]:
         adapter_dir = run / ADAPTERS_DIRNAME / part
         sub = getattr(model, part)

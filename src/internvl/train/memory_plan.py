@@ -2,6 +2,7 @@
 
     python -m internvl.train.memory_plan                       # MedRegA 40B, LoRA r16 + full, 8 and 16 GPUs
     python -m internvl.train.memory_plan --preset mid --gpus 1 --micro_batch 1 --seq 1024
+    (every run also prints the QLoRA rows: one GPU, 4-bit LLM, micro-batch 1, 2, 4; see `qlora_row`)
 
 Model states come from DeepSpeed's ZeRO-3 estimator (`estimate_zero3_model_states_mem_needs`, the function behind
 `estimate_zero3_model_states_mem_needs_all_cold`), applied to the *trainable* parameters (bf16 weight + grad + fp32
@@ -36,21 +37,29 @@ class ParamCounts:
     llm: int
     lora_llm: int
     largest_layer: int
+    llm_linear: int = 0  # LLM nn.Linear weights except the LM head: what QLoRA stores in 4 bit
+    largest_linear: int = 0  # the biggest of those (dequantised to bf16 while it computes)
 
     @property
     def total(self) -> int:
         return self.vision + self.mlp + self.llm
 
 
-def count_params(preset: str, lora_rank: int, vocab: int | None = None) -> tuple[ParamCounts, object]:
+def count_params(preset: str, lora_rank: int, vocab: int | None = None, layers: int | None = None,
+                 vit_layers: int | None = None) -> tuple[ParamCounts, object]:
     """Build `preset` on the meta device and count parameters; LoRA params are r x (in + out) per target Linear.
-    `vocab` overrides the LLM vocabulary (training resizes it to the tokenizer)."""
+    `vocab` overrides the LLM vocabulary (training resizes it to the tokenizer); `layers` / `vit_layers` the depth of
+    the LLM / ViT (shortened dry runs)."""
     from internvl.model import InternVLChatModel, load_preset
     from internvl.train.lora import llm_lora_targets
 
     config = load_preset(preset)
     if vocab is not None:
         config.llm_config.vocab_size = vocab
+    if layers is not None:
+        config.llm_config.num_hidden_layers = layers
+    if vit_layers is not None:
+        config.vision_config.num_hidden_layers = vit_layers
     with torch.device("meta"):
         model = InternVLChatModel(config)
     vision = sum(p.numel() for p in model.vision_model.parameters())
@@ -62,7 +71,10 @@ def count_params(preset: str, lora_rank: int, vocab: int | None = None) -> tuple
         if isinstance(module, nn.Linear) and any(name.endswith(t) for t in targets):
             lora += lora_rank * (module.in_features + module.out_features)
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
-    return ParamCounts(vision=vision, mlp=mlp, llm=llm, lora_llm=lora, largest_layer=largest), config
+    head = model.language_model.get_output_embeddings()
+    linears = [m.weight.numel() for m in model.language_model.modules() if isinstance(m, nn.Linear) and m is not head]
+    return ParamCounts(vision=vision, mlp=mlp, llm=llm, lora_llm=lora, largest_layer=largest,
+                       llm_linear=sum(linears), largest_linear=max(linears, default=0)), config
 
 
 def activation_bytes(config, seq: int, micro_batch: int, train_vit: bool = False) -> dict[str, float]:
@@ -108,6 +120,33 @@ def plan_row(counts: ParamCounts, config, mode: str, gpus: int, gpus_per_node: i
             "logits_GiB": acts["logits_loss"] / GiB, "total_GiB": total / GiB, "cpu_GiB_per_node": cpu_bytes / GiB}
 
 
+#: Bytes per 4-bit weight: 0.5 for the NF4 codes plus the block scales (blocks of 64): fp32 per block (4/64), or with
+#: double quantisation 8 bit per block and an fp32 per 256 blocks (1/64 + 4/(64*256)).
+NF4_BYTES = {False: 0.5 + 4 / 64, True: 0.5 + 1 / 64 + 4 / (64 * 256)}
+
+
+def qlora_row(counts: ParamCounts, config, seq: int, micro_batch: int, double_quant: bool = True,
+              lora_dropout: bool = True) -> dict[str, float]:
+    """Memory (GiB) of QLoRA on one GPU without DeepSpeed (`medrega-train --load_in_4bit`, MODE=qlora):
+    - 4-bit LLM linears (`NF4_BYTES`), bf16 for the rest (ViT, projector, embeddings, LM head, norms);
+    - LoRA: fp32 weight + fp32 grad + Adam m and v = 16 bytes per adapter parameter;
+    - activations: `activation_bytes` plus, per recomputed layer, the inputs LoRA keeps: one dropout output per
+      target (q, k, v, gate, up read the hidden size, o the hidden size, down the MLP width) in bf16 and its bool
+      mask, when lora_dropout > 0; and two bf16 copies of the largest linear dequantised while it computes.
+    The CUDA context and allocator slack are not in it (the `fits` column keeps 10 % for them)."""
+    llm = config.llm_config
+    frozen_16 = counts.total - counts.llm_linear
+    weights = NF4_BYTES[double_quant] * counts.llm_linear + 2 * frozen_16
+    states = 16 * counts.lora_llm
+    acts = activation_bytes(config, seq, micro_batch)
+    lora_inputs = micro_batch * seq * (6 * llm.hidden_size + llm.intermediate_size) * (3 if lora_dropout else 0)
+    dequant = 2 * 2 * counts.largest_linear
+    total = weights + states + sum(acts.values()) + lora_inputs + dequant
+    return {"mode": "qlora", "gpus": 1, "trainable_B": counts.lora_llm / 1e9, "states_GiB": states / GiB,
+            "frozen_GiB": weights / GiB, "activations_GiB": (sum(acts.values()) + lora_inputs + dequant) / GiB,
+            "logits_GiB": acts["logits_loss"] / GiB, "total_GiB": total / GiB, "cpu_GiB_per_node": 0.0}
+
+
 def format_table(rows: list[dict[str, float]], limit_gib: float) -> str:
     """Markdown table of plan rows; `fits` compares with `limit_gib` minus 10% for CUDA context/fragmentation."""
     head = ("| mode | GPUs | trainable (B) | model states | frozen weights | activations (of which logits) | "
@@ -142,6 +181,15 @@ def main(argv: list[str] | None = None) -> int:
     rows = [plan_row(counts, config, mode, g, args.gpus_per_node, args.seq, args.micro_batch, args.offload)
             for mode in ("lora", "full") for g in args.gpus]
     print(format_table(rows, args.gpu_gib))
+    print(f"\nQLoRA on one GPU (4-bit NF4 LLM linears with double quantisation, bf16 ViT/projector/embeddings/head, "
+          f"LoRA r={args.lora_rank} fp32 + Adam, no DeepSpeed), gradient checkpointing, seq {args.seq}; "
+          "'model states' = LoRA weights, grads and Adam, 'frozen weights' = all base weights:\n")
+    qrows = [qlora_row(counts, config, args.seq, mb) for mb in sorted({1, 2, 4, args.micro_batch})]
+    table = format_table(qrows, args.gpu_gib).splitlines()
+    table[0] = table[0].replace("| mode | GPUs |", "| mode | micro-batch |")
+    for i, mb in enumerate(sorted({1, 2, 4, args.micro_batch})):
+        table[2 + i] = table[2 + i].replace("| qlora | 1 |", f"| qlora | {mb} |", 1)
+    print("\n".join(table))
     return 0
 
 
