@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """QLoRA of the real 40.07B MedRegA shape on one GPU: peak memory, tokens/s and a falling loss over 20 steps.
 
-    python scripts/gpu_qlora_40b.py                         # the real shape (60 LLM layers, 45 ViT layers), 20 steps
-    python scripts/gpu_qlora_40b.py --layers 4              # quick dry run with 4 LLM layers
-    python scripts/gpu_qlora_40b.py --device cpu --layers 1 --vit_layers 1 --seq 512 --batch 1 --steps 6   # CPU
+    python lab/scripts/gpu_qlora_40b.py                         # the real shape (60 LLM layers, 45 ViT layers), 20 steps
+    python lab/scripts/gpu_qlora_40b.py --layers 4              # quick dry run with 4 LLM layers
+    python lab/scripts/gpu_qlora_40b.py --device cpu --layers 1 --vit_layers 1 --seq 512 --batch 1 --steps 6   # CPU
 
 The bf16 40B does not fit 80 GB, and there are no released weights on the machine, so the model is built on the meta
 device and materialised on the GPU piece by piece with random weights: the ViT, projector, embeddings and LM head in
