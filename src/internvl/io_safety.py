@@ -24,7 +24,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["OutputPathError", "atomic_write_text", "check_output_dir", "check_output_file", "staged_output_dir",
+__all__ = ["OutputPathError", "atomic_write_text", "check_output_dir", "check_output_file", "fsync_path", "staged_output_dir",
            "unique_file"]
 
 
@@ -106,9 +106,11 @@ def check_output_file(out: str | os.PathLike, *, inputs: Iterable[str | os.PathL
     return path
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_path(path: str | os.PathLike) -> None:
+    """fsync one file or folder (a folder: so a rename inside it is durable); one that cannot be opened or synced is
+    passed over (some file systems refuse fsync on folders)."""
     try:
-        fd = os.open(directory, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY)
     except OSError:
         return
     try:
@@ -132,7 +134,7 @@ def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_path(path.parent)
     return path
 
 
@@ -175,7 +177,7 @@ def staged_output_dir(final: str | os.PathLike, *, overwrite: bool = False) -> I
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, final)
-        _fsync_dir(final.parent)
+        fsync_path(final.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

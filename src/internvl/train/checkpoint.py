@@ -23,6 +23,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+from internvl.io_safety import fsync_path
 from internvl.train.manifest import verify_manifest
 
 STAGING_DIRNAME = ".staging"
@@ -74,22 +75,8 @@ def fsync_tree(path: str | os.PathLike) -> None:
     """Flush every file below `path` and the folders themselves to stable storage (best effort on odd filesystems)."""
     for dirpath, _dirnames, filenames in os.walk(path):
         for name in filenames:
-            _fsync_path(os.path.join(dirpath, name))
-        _fsync_path(dirpath)
-
-
-def _fsync_path(path: str | os.PathLike) -> None:
-    """fsync one file or folder; a path that cannot be opened or synced is passed over."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+            fsync_path(os.path.join(dirpath, name))
+        fsync_path(dirpath)
 
 
 def publish_checkpoint(staged: str | os.PathLike, output_dir: str | os.PathLike) -> Path:
@@ -110,7 +97,7 @@ def publish_checkpoint(staged: str | os.PathLike, output_dir: str | os.PathLike)
         shutil.rmtree(trash, ignore_errors=True)
     else:
         os.replace(staged, final)
-    _fsync_path(output_dir)
+    fsync_path(output_dir)
     return final
 
 
