@@ -24,8 +24,8 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["OutputPathError", "atomic_write_text", "check_output_dir", "check_output_file", "fsync_path", "staged_output_dir",
-           "unique_file"]
+__all__ = ["OutputPathError", "atomic_write_text", "check_output_dir", "check_output_file", "fsync_path",
+           "staged_output_dir", "unique_file"]
 
 
 class OutputPathError(ValueError):
