@@ -16,8 +16,8 @@ import internvl
 from internvl import compat
 
 PACKAGE = Path(internvl.__file__).parent
-#: files that move to the lab (another branch) and the compat module itself
-EXEMPT = ("compat.py", "bench/", "train/graph_step.py")
+#: the compat module itself
+EXEMPT = ("compat.py",)
 #: private names a subclass is meant to override (transformers' documented hook for custom models' weight init)
 DOCUMENTED_HOOKS = {"_init_weights"}
 PRIVATE_USES = [
