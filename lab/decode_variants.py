@@ -91,8 +91,8 @@ class LabGreedyDecoder(StaticGreedyDecoder):
             return flex_gqa_decode_attention(q, keys, values, cache_mask, module.scaling, limit=limit)
         return super()._packed_attention(attention, module, q, keys, values, mask, cache_mask, limit)
 
-    def _attn_implementation(self) -> str:
-        return DECODE_FLEX_ATTN if self._attention() == "flex" else super()._attn_implementation()
+    def decode_attn_implementation(self) -> str:
+        return DECODE_FLEX_ATTN if self._attention() == "flex" else super().decode_attn_implementation()
 
 
 @dataclass(frozen=True)

@@ -136,7 +136,7 @@ class StaticGreedyDecoder:
         config: the decoder's options (`DecodeConfig`; its defaults are the measured ones). Its "auto" backend is
             resolved here, once, from the model's size (`resolve_backend`).
 
-    Subclasses (the lab's decode variants) may add attention kinds through `_attn_implementation` (the model's own
+    Subclasses (the lab's decode variants) may add attention kinds through `decode_attn_implementation` (the model's own
     forward) and `_packed_attention` (the packed step).
     """
 
@@ -264,7 +264,7 @@ class StaticGreedyDecoder:
         out, _ = sdpa_gqa_decode_attention(module, q, keys, values, mask, scaling=module.scaling)
         return out
 
-    def _attn_implementation(self) -> str:
+    def decode_attn_implementation(self) -> str:
         """The transformers attention implementation the model's own forward uses while an SDPA model decodes."""
         return DECODE_ATTN
 
@@ -350,7 +350,7 @@ class StaticGreedyDecoder:
         cfg = self.lm.config
         previous = attn_implementation(cfg)
         if previous == "sdpa":
-            set_attn_implementation(cfg, self._attn_implementation())
+            set_attn_implementation(cfg, self.decode_attn_implementation())
         try:
             return self._generate(inputs_embeds, attention_mask, **kwargs)
         finally:
