@@ -52,6 +52,8 @@ if [ -n "${MEDREGA_RANDOM_ORDER:-}" ]; then
   [ "$MEDREGA_RANDOM_ORDER" = random ] || order+=("--randomly-seed=$MEDREGA_RANDOM_ORDER")
 fi
 
+# the venv's console scripts and torchrun come first on PATH, as after `source .venv/bin/activate`
+export PATH="$PWD/$VENV/bin:$PATH" VIRTUAL_ENV="$PWD/$VENV"
 status=0
 # --dist loadgroup: tests marked xdist_group (shared expensive module fixtures) stay in one worker
 "$VENV/bin/python" -m pytest -q -n 2 --dist loadgroup "${order[@]}" "$@" || status=$?

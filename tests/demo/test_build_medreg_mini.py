@@ -123,7 +123,7 @@ def _template_regex(template: str) -> "re.Pattern[str]":
 
 
 def test_heldout_phrasings_are_disjoint_from_training_phrasings() -> None:
-    import medreg_mini_userturns as user
+    from scripts import medreg_mini_userturns as user
 
     from internvl.data.prompt_registry import load_prompts
 
@@ -146,8 +146,8 @@ def test_heldout_phrasings_are_disjoint_from_training_phrasings() -> None:
 
 @pytest.mark.skipif(not (HAVE_MRICRON and HAVE_CRANIUM), reason="Debian mricron-data / invesalius-examples missing")
 def test_small_build_has_user_kinds_in_the_question_language(tmp_path: Path) -> None:
-    import build_medreg_mini as builder
-    import medreg_mini_userturns as user
+    from scripts import build_medreg_mini as builder
+    from scripts import medreg_mini_userturns as user
 
     from internvl.data.records import RecordChecker
     from internvl.regions import has_regions

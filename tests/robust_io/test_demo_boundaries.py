@@ -84,7 +84,13 @@ class _NoEngine:
     """Fails the test if generation is reached: caps must stop a request before it takes the generation lock."""
 
     def __init__(self, model=None, tokenizer=None) -> None:
-        self.model, self.tokenizer, self.generation = model, tokenizer, {"max_new_tokens": 8}
+        from types import SimpleNamespace
+
+        from internvl.inference import GenerationSettings
+
+        # what `ask` reads of the engine: its generator's model, tokenizer and settings
+        self.generator = SimpleNamespace(model=model, tokenizer=tokenizer,
+                                         settings=GenerationSettings(max_new_tokens=8))
 
     def answer(self, *a, **k):
         raise AssertionError("generation reached")

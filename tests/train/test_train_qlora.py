@@ -20,7 +20,7 @@ from internvl.train.build import build_model_and_tokenizer
 from internvl.train.cli import main as train_main
 from internvl.train.lora import merge_lora_run
 
-from .square_task import write_square_dataset
+from internvl.testing.square_task import write_square_dataset
 
 
 def _build(tmp_path: Path, tokenizer_dir: Path):

@@ -167,8 +167,9 @@ def ask(engine: DemoEngine, session: Session, *, task: str, lang: str, question:
                               modality=modality)
         if session.history:  # the image is already in the first turn
             prompt = prompt.replace("<image>\n", "")
-    check_prompt_budget(engine.model, engine.tokenizer, prompt, session.history,
-                        engine.generation.get("max_new_tokens", 0))
+    generator = engine.generator
+    check_prompt_budget(generator.model, generator.tokenizer, prompt, session.history,
+                        generator.settings.max_new_tokens)
     t0 = time.perf_counter()
     answer, session.history = engine.answer(session.image, prompt, session.history)
     seconds = time.perf_counter() - t0
