@@ -223,7 +223,7 @@ def _prepare(task: str, lang: str, given: dict[str, Any], image: Any, target: st
     tp = get_prompt(task, lang)
     where = f"{task} ({lang})"
     required = [f for f in tp.required if not (question_only and f in ANSWER_FIELDS)]
-    if question_only and tp.family in ("region", "grounded") and tp.task != "region_to_text":
+    if question_only and tp.family in ("region", "grounded", "regional_cot") and tp.task != "region_to_text":
         required = [f for f in required if f != "regions"]  # object names may come from `objects`
     missing = [name for name in required if given.get(name) in (None, "", [], ())]
     if missing:
@@ -268,6 +268,11 @@ def _render_question(b: _Build, *, question: Any, options: Any, modality: str | 
         return b.pick(tp.question_templates())
     if tp.family == "classification":
         return _fill(b.pick(tp.question_templates(b.key)), b.where, modality=modality)
+    if tp.family == "regional_cot":  # step one: {question}; step two: {regions} then {question}
+        if question is None or not str(question).strip():
+            raise PromptError(f"{b.where}: needs a non-empty 'question'")
+        hint = format_regions(regs) if regs else ""
+        return _fill(b.pick(tp.question_templates()), b.where, question=str(question).strip(), regions=hint)
     if tp.task == "region_to_text":
         if not regs or len(regs) != 1:
             raise PromptError(f"{b.where}: needs exactly one region (the object to name), got {len(regs or [])}")
@@ -325,6 +330,8 @@ def _render_answer(b: _Build, *, answer: Any, options: Any, label: Any, labels: 
             raise PromptError(f"{where}: labels {unknown} are not among the options {opts}")
         ordered = [o for o in opts if o in set(chosen)]  # option order, duplicates removed
         return _fill(tp.answer, where, labels=s["label_joiner"].join(ordered))
+    if tp.family == "regional_cot":
+        return _fill(tp.answer, where, answer=str(answer).strip(), regions=format_regions(regs or []))
     if tp.task == "region_to_text":
         return _fill(tp.answer, where, name=regs[0].name)  # type: ignore[index]
     if tp.family == "region":

@@ -1,0 +1,149 @@
+"""Regional CoT (MedRegA paper §5, Table 14): answer a question in two generation steps.
+
+Step one asks the model for the regions relevant to the question (or abnormal ones) with the registry prompt
+``regional_cot_locate``; its answer is parsed by the one box grammar (:func:`internvl.regions.parse_regions`, tolerant
+mode). Step two asks the original question again with those regions written before it (registry prompt
+``regional_cot_answer``, boxes formatted by :func:`internvl.regions.format_regions`); the task preamble and the
+``<image>`` placement of the original prompt are kept. When step one finds no named region with a box, step two is the
+original question unchanged, so such a sample gets the answer it would get without CoT.
+
+Both steps are batched through :class:`internvl.inference.Generator`. ``medrega-eval run --regional-cot`` uses
+:class:`RegionalCotGenerator`; a demo toggle calls :func:`regional_cot` with the same requests it would give
+``Generator.generate`` and shows :attr:`CotAnswer.regions` beside :attr:`CotAnswer.answer`.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from functools import lru_cache
+from typing import Any
+
+from internvl.constants import IMAGE_PLACEHOLDER
+from internvl.data.prompt_registry import load_prompts
+from internvl.data.prompts import build_question
+from internvl.inference import GenerationRequest
+from internvl.regions import Region, parse_regions
+
+__all__ = ["CotAnswer", "RegionalCotGenerator", "regional_cot", "split_question", "step_one_request",
+           "step_two_request", "guess_lang", "usable_regions", "MAX_REGIONS"]
+
+MAX_REGIONS = 8  # regions written into the step-two prompt (keeps the prompt bounded whatever step one emits)
+
+
+@dataclass
+class CotAnswer:
+    """One Regional CoT answer: the final answer, the step-one regions used in step two, and both prompts/answers."""
+
+    answer: str
+    regions: list[Region]
+    step_one_prompt: str
+    step_one_answer: str
+    step_two_prompt: str
+
+    def record_fields(self) -> dict[str, Any]:
+        """The per-sample fields `medrega-eval run` keeps (JSON-ready)."""
+        return {"cot_regions": [{"name": r.name, "boxes": [list(b) for b in map(_box_tuple, r.boxes)]}
+                                for r in self.regions],
+                "cot_step_one": self.step_one_answer}
+
+
+def _box_tuple(box: Any) -> tuple[int, int, int, int]:
+    return (box.x1, box.y1, box.x2, box.y2)
+
+
+def guess_lang(text: str) -> str:
+    """``"zh"`` when the text has CJK ideographs, else ``"en"`` (the language of the registry prompts to use)."""
+    return "zh" if any("\u4e00" <= ch <= "\u9fff" for ch in text) else "en"
+
+
+@lru_cache(maxsize=1)
+def _preambles() -> tuple[str, ...]:
+    """Every literal registry base prompt (longest first): the task preamble a benchmark question may start with."""
+    found: set[str] = set()
+    for tp in load_prompts().values():
+        values = list(tp.base_prompt.values()) if isinstance(tp.base_prompt, dict) else [tp.base_prompt]
+        for text in [*values, *tp.base_prompt_variants.values()]:
+            if text and "{" not in text:
+                found.add(text)
+    return tuple(sorted(found, key=len, reverse=True))
+
+
+def split_question(prompt: str) -> tuple[str, str]:
+    """Split a prompt into (head, question): head is the leading ``<image>`` placeholders and registry task preamble
+    (in either order, as MedRegA prompts have them), question is the rest."""
+    pos = 0
+    while True:
+        rest = prompt[pos:]
+        stripped = rest.lstrip()
+        skip = len(rest) - len(stripped)
+        if stripped.startswith(IMAGE_PLACEHOLDER):
+            pos += skip + len(IMAGE_PLACEHOLDER)
+            continue
+        pre = next((p for p in _preambles() if stripped.startswith(p)), None)
+        if pre is None:
+            return prompt[:pos + skip], stripped
+        pos += skip + len(pre)
+
+
+def step_one_request(request: GenerationRequest, lang: str | None = None) -> GenerationRequest:
+    """The step-one request: the registry's locate prompt around the question, same images and history."""
+    _, question = split_question(request.prompt)
+    lang = lang or guess_lang(request.prompt)
+    n_images = request.prompt.count(IMAGE_PLACEHOLDER)
+    prompt = build_question("regional_cot_locate", lang, n_images=n_images, question=question or request.prompt)
+    return replace(request, prompt=prompt)
+
+
+def step_two_request(request: GenerationRequest, regions: Sequence[Region],
+                     lang: str | None = None) -> GenerationRequest:
+    """The original request with `regions` written before its question (unchanged when there are none)."""
+    if not regions:
+        return request
+    head, question = split_question(request.prompt)
+    lang = lang or guess_lang(request.prompt)
+    body = build_question("regional_cot_answer", lang, n_images=0, question=question or request.prompt,
+                          regions=list(regions), include_base_prompt=False)
+    sep = "" if not head or head[-1].isspace() or ord(head[-1]) >= 0x2E80 else " "
+    return replace(request, prompt=head + sep + body)
+
+
+def usable_regions(answer: str, limit: int = MAX_REGIONS) -> list[Region]:
+    """Named regions with at least one box from a step-one answer (tolerant grammar), at most `limit`."""
+    regions = [r for r in parse_regions(answer, strict=False) if r.name and r.name.strip() and r.boxes]
+    return regions[:limit]
+
+
+def regional_cot(generator: Any, requests: Sequence[GenerationRequest],
+                 langs: Sequence[str | None] | None = None) -> list[CotAnswer]:
+    """Regional CoT for `requests` with a :class:`~internvl.inference.Generator` (both steps batched by it).
+
+    langs: the prompt language per request (``None``: guessed from the prompt). Returns one :class:`CotAnswer` per
+    request, in order.
+    """
+    langs = list(langs) if langs is not None else [None] * len(requests)
+    if len(langs) != len(requests):
+        raise ValueError(f"{len(langs)} languages for {len(requests)} requests")
+    return _two_steps(generator.generate, requests, langs)
+
+
+def _two_steps(generate: Any, requests: Sequence[GenerationRequest],
+               langs: Sequence[str | None]) -> list[CotAnswer]:
+    first = [step_one_request(r, lang) for r, lang in zip(requests, langs)]
+    step_one = generate(first)
+    regions = [usable_regions(a) for a in step_one]
+    second = [step_two_request(r, regs, lang) for r, regs, lang in zip(requests, regions, langs)]
+    answers = generate(second)
+    return [CotAnswer(a, regs, f.prompt, s1, s.prompt)
+            for a, regs, f, s1, s in zip(answers, regions, first, step_one, second)]
+
+
+class RegionalCotGenerator:
+    """A `Generator` look-alike for batch loops (`generate_batch`, `batch_size`) that returns :class:`CotAnswer`s."""
+
+    def __init__(self, generator: Any) -> None:
+        self.generator = generator
+        self.batch_size = generator.batch_size
+
+    def generate_batch(self, requests: Sequence[GenerationRequest]) -> list[CotAnswer]:
+        """Both steps for one batch (each step one `generate_batch` call of the wrapped generator)."""
+        return _two_steps(self.generator.generate_batch, requests, [None] * len(requests))
