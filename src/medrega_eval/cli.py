@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--overwrite", action="store_true",
                    help="start over in an --out that holds predictions (made with other settings); the old files "
                         "are moved to NAME/replaced-N/")
+    r.add_argument("--regional-cot", action="store_true",
+                   help="Regional CoT (paper §5): first ask for the regions relevant to each question, then ask the "
+                        "question again with those boxes in the prompt; the step-one regions are kept per sample")
     _add_common(r)
 
     ls = sub.add_parser("list", help="list registered benchmarks and whether their data is present")
@@ -242,7 +245,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     cfg = RunConfig(out=args.out, data_dir=data_dir_from(args.data_dir), batch_size=args.batch_size,
                     limit=args.limit, compat=args.compat, score=not args.no_score,
                     bertscore_model=args.bertscore_model, bertscore_layer=args.bertscore_layer,
-                    overwrite=args.overwrite)
+                    overwrite=args.overwrite, regional_cot=args.regional_cot)
     from medrega_eval.score import ScoreInputError
 
     try:

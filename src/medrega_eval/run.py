@@ -34,6 +34,7 @@ __all__ = ["RunConfig", "DistInfo", "ResumeMismatchError", "init_distributed", "
            "score_benchmark", "check_resume", "start_benchmark_dir"]
 
 SETTINGS_FILE = "run_settings.json"
+COT_FIELDS = ("cot_regions", "cot_step_one")  # per-sample Regional CoT fields kept in predictions.jsonl
 
 
 class ResumeMismatchError(ValueError):
@@ -53,6 +54,7 @@ class RunConfig:
     bertscore_model: str | None = None
     bertscore_layer: int | None = None
     overwrite: bool = False
+    regional_cot: bool = False  # two-step Regional CoT (internvl.regional_cot); recorded in run_settings.json
 
 
 @dataclass
@@ -118,11 +120,12 @@ def finished_ids(pred_dir: Path) -> set[str]:
 
 
 def run_settings(model_path: str, dtype: str, quantization: str | None, generation: dict[str, Any],
-                 bench: Benchmark, annotation: Path) -> dict[str, Any]:
+                 bench: Benchmark, annotation: Path, regional_cot: bool = False) -> dict[str, Any]:
     """What decides the predictions of one benchmark run (not the batch size, world size or limit: resuming with
-    other values of those is safe)."""
+    other values of those is safe). `regional_cot` is recorded so CoT and plain answers are never merged."""
     return {"model": os.path.realpath(str(model_path)), "dtype": str(dtype), "quantization": quantization,
-            "generation": generation, "benchmark": bench.name, "annotation": os.path.realpath(annotation)}
+            "generation": generation, "benchmark": bench.name, "annotation": os.path.realpath(annotation),
+            "regional_cot": bool(regional_cot)}
 
 
 def check_resume(bench_dir: Path, settings: dict[str, Any], overwrite: bool) -> bool:
@@ -141,6 +144,8 @@ def check_resume(bench_dir: Path, settings: dict[str, Any], overwrite: bool) -> 
             recorded = json.loads(recorded_path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError):
             recorded = {"unreadable": True}
+        if isinstance(recorded, dict):
+            recorded.setdefault("regional_cot", False)  # files written before the flag existed: plain answers
     settings = json.loads(json.dumps(settings, sort_keys=True))  # compare as recorded (tuples -> lists)
     differs = has_predictions and recorded != settings
     if differs and not overwrite:
@@ -172,10 +177,16 @@ def start_benchmark_dir(bench_dir: Path, settings: dict[str, Any], move_aside: b
     atomic_write_text(bench_dir / SETTINGS_FILE, json.dumps(settings, indent=2, sort_keys=True) + "\n")
 
 
-def _row(sample: Sample, bench: Benchmark, image_root: Path, prediction: str, rank: int) -> dict[str, Any]:
-    return {"id": sample.id, "prediction": prediction, "reference": sample.reference, "question": sample.question,
+def _row(sample: Sample, bench: Benchmark, image_root: Path, prediction: Any, rank: int) -> dict[str, Any]:
+    """One prediction line; a Regional CoT answer adds its step-one regions and raw step-one answer."""
+    from internvl.regional_cot import CotAnswer
+
+    cot = prediction.record_fields() if isinstance(prediction, CotAnswer) else {}
+    text = prediction.answer if isinstance(prediction, CotAnswer) else prediction
+    return {"id": sample.id, "prediction": text, "reference": sample.reference, "question": sample.question,
             "image": sample.image_rel, "image_root": str(image_root), "hw": sample.hw, "lang": sample.lang,
-            "answer_type": sample.answer_type, "benchmark": bench.name, "annotation": sample.source, "rank": rank}
+            "answer_type": sample.answer_type, "benchmark": bench.name, "annotation": sample.source, "rank": rank,
+            **cot}
 
 
 def generate_benchmark(bench: Benchmark, generator: Any, cfg: RunConfig, info: DistInfo) -> tuple[list[Sample],
@@ -203,6 +214,10 @@ def generate_benchmark(bench: Benchmark, generator: Any, cfg: RunConfig, info: D
     bar = tqdm(total=len(todo), desc=f"{bench.name} [rank {info.rank}]", disable=info.rank != 0 or not todo,
                dynamic_ncols=True)
     errors_path = cfg.out / bench.name / "generation_errors.jsonl"
+    if cfg.regional_cot:
+        from internvl.regional_cot import RegionalCotGenerator
+
+        generator = RegionalCotGenerator(generator)
     for batch in _safe_batches(generator, requests, errors_path, info.rank):
         append_jsonl(mine, (_row(todo[i], bench, image_root, text, info.rank) for i, text in batch))
         bar.update(len(batch))
@@ -275,7 +290,8 @@ def score_benchmark(bench: Benchmark, samples: Sequence[Sample], problems: Seque
     atomic_write_text(merged_path, "".join(
         json.dumps({"id": r.id, "prediction": r.prediction, "reference": r.reference, "question": r.question,
                     "image": r.image, "image_root": r.image_root, "hw": r.hw, "lang": r.lang,
-                    "answer_type": r.answer_type}, ensure_ascii=False) + "\n" for r in records))
+                    "answer_type": r.answer_type,
+                    **{k: r.extra[k] for k in COT_FIELDS if k in r.extra}}, ensure_ascii=False) + "\n" for r in records))
     options: Any = bench.options
     if options == "from_references":
         options = _options_from_references(samples, bench.multilabel)
@@ -312,7 +328,8 @@ def run_benchmarks(model_path: str, benchmarks: Sequence[Benchmark], cfg: RunCon
     starts = []
     for bench in benchmarks:
         annotation, _ = bench.locate(cfg.data_dir)
-        recorded = run_settings(model_path, dtype, quantization, settings.as_dict(), bench, annotation)
+        recorded = run_settings(model_path, dtype, quantization, settings.as_dict(), bench, annotation,
+                                cfg.regional_cot)
         starts.append((cfg.out / bench.name, recorded, check_resume(cfg.out / bench.name, recorded, cfg.overwrite)))
     _barrier(info)
     if info.rank == 0:

@@ -106,6 +106,7 @@ def _row(rec: PredictionRecord, lang: str, scores: dict[str, Any], **extra: Any)
             row["image_root"] = rec.image_root
     if rec.hw is not None:
         row["hw"] = rec.hw
+    row.update({k: rec.extra[k] for k in ("cot_regions", "cot_step_one") if k in rec.extra})  # Regional CoT
     row.update(extra)
     return row
 
