@@ -33,6 +33,7 @@ METRIC_PACKAGES = ("pycocoevalcap", "rouge-score", "sacrebleu", "jieba", "scipy"
                    "transformers")
 REF_COLOR = (0, 200, 0)
 PRED_COLOR = (230, 30, 30)
+COT_COLOR = (30, 90, 230)  # Regional CoT step-one regions
 
 
 def _git_commit() -> str | None:
@@ -123,8 +124,9 @@ def _iou_plot_html(values: Sequence[float]) -> str:
 
 
 def draw_boxes(image: Image.Image, ref: Sequence[Sequence[int]], pred: Sequence[Sequence[int]],
-               max_side: int = 384) -> Image.Image:
-    """RGB thumbnail (longest side `max_side`) with reference boxes in green and predicted boxes in red.
+               max_side: int = 384, cot: Sequence[Sequence[int]] = ()) -> Image.Image:
+    """RGB thumbnail (longest side `max_side`) with reference boxes in green, predicted boxes in red and Regional
+    CoT step-one boxes (`cot`) in blue.
 
     Boxes are on the 0..999 grid and are mapped to the image's own size with `internvl.regions.box_to_pixels`.
     """
@@ -137,7 +139,7 @@ def draw_boxes(image: Image.Image, ref: Sequence[Sequence[int]], pred: Sequence[
     draw = ImageDraw.Draw(img)
     line = max(2, round(max(img.size) / 150))
     # reference drawn thicker underneath, so a perfect prediction still shows both colours
-    for boxes, color, width in ((ref, REF_COLOR, 2 * line), (pred, PRED_COLOR, line)):
+    for boxes, color, width in ((ref, REF_COLOR, 2 * line), (pred, PRED_COLOR, line), (cot, COT_COLOR, line)):
         for box in boxes:
             x1, y1, x2, y2 = (v * scale for v in box_to_pixels(list(box), w, h))
             draw.rectangle([x1, y1, x2, y2], outline=color, width=width)
@@ -196,8 +198,6 @@ def _resolve_image(row: dict, image_root: str | Path | None) -> Path:
 
 
 def _gallery(rows: Sequence[dict], image_root: str | Path | None, max_images: int) -> str:
-    from internvl.data.images import ImageLoadError, load_image
-
     items = []
     boxed = sorted((r for r in rows if r.get("ref_boxes") is not None), key=lambda r: r["scores"].get("iou", 0.0))
     if len(boxed) > max_images:  # evenly spread over the IoU range: worst, typical and best predictions
@@ -206,28 +206,67 @@ def _gallery(rows: Sequence[dict], image_root: str | Path | None, max_images: in
     for row in boxed:
         caption = (f"<b>{html.escape(str(row['id']))}</b> IoU {_fmt(row['scores'].get('iou'))}<br>"
                    f"ref: {html.escape(row['reference'][:200])}<br>pred: {html.escape(row['prediction'][:200])}")
+        items.append(_figure(row, image_root, caption, [b["box"] for b in row["ref_boxes"]],
+                             [b["box"] for b in row["pred_boxes"]], _cot_boxes(row)))
+    return "".join(items)
+
+
+def _figure(row: dict, image_root: str | Path | None, caption: str, ref: Sequence, pred: Sequence,
+            cot: Sequence) -> str:
+    """One gallery figure: the row's image with its boxes drawn, or the caption and why the image is missing."""
+    from internvl.data.images import ImageLoadError, load_image
+
+    try:
+        img = load_image(_resolve_image(row, image_root))
+    except (ImageLoadError, OSError, ValueError) as exc:
+        return (f"<figure><figcaption>{caption}<br><i>image not shown: {html.escape(str(exc))}</i>"
+                "</figcaption></figure>")
+    drawn = draw_boxes(img, ref, pred, cot=cot)
+    return (f'<figure><img src="{_png_data_uri(drawn)}" alt="{html.escape(str(row["id"]))}">'
+            f"<figcaption>{caption}</figcaption></figure>")
+
+
+def _cot_boxes(row: dict) -> list[list[int]]:
+    """The Regional CoT step-one boxes of a row (``cot_regions``: [{"name", "boxes"}]), malformed entries skipped."""
+    out = []
+    for region in row.get("cot_regions") or []:
+        for box in (region.get("boxes") or []) if isinstance(region, dict) else []:
+            if isinstance(box, list) and len(box) == 4 and all(isinstance(v, int) for v in box):
+                out.append(box)
+    return out
+
+
+def _cot_text(row: dict) -> str:
+    """The step-one regions as the one box grammar writes them (``<ref>name</ref><box>[[..]]</box>, ...``)."""
+    from internvl.regions import RegionError, format_region
+
+    parts = []
+    for region in row.get("cot_regions") or []:
         try:
-            path = _resolve_image(row, image_root)
-        except ValueError as exc:
-            items.append(f"<figure><figcaption>{caption}<br><i>image not shown: {html.escape(str(exc))}</i>"
-                         "</figcaption></figure>")
-            continue
-        try:
-            img = load_image(path)
-        except (ImageLoadError, OSError, ValueError) as exc:
-            items.append(f"<figure><figcaption>{caption}<br><i>image not shown: {html.escape(str(exc))}</i>"
-                         "</figcaption></figure>")
-            continue
-        drawn = draw_boxes(img, [b["box"] for b in row["ref_boxes"]], [b["box"] for b in row["pred_boxes"]])
-        items.append(f'<figure><img src="{_png_data_uri(drawn)}" alt="{html.escape(str(row["id"]))}">'
-                     f"<figcaption>{caption}</figcaption></figure>")
+            parts.append(format_region(region.get("name"), region.get("boxes") or []))
+        except (RegionError, AttributeError, TypeError, ValueError):
+            parts.append(repr(region))
+    return ", ".join(parts) or "(none)"
+
+
+def _cot_gallery(rows: Sequence[dict], image_root: str | Path | None, max_images: int) -> str:
+    """Regional CoT: images with the step-one regions (blue), the step-one regions as text and the answer beside."""
+    items = []
+    for row in [r for r in rows if _cot_boxes(r)][:max_images]:
+        caption = (f"<b>{html.escape(str(row['id']))}</b><br>step one: {html.escape(_cot_text(row)[:300])}<br>"
+                   f"answer: {html.escape(row['prediction'][:200])}<br>ref: {html.escape(row['reference'][:200])}")
+        items.append(_figure(row, image_root, caption, [], [], _cot_boxes(row)))
     return "".join(items)
 
 
 def _sample_table(rows: Sequence[dict], n: int = 20) -> str:
-    head = "<tr><th>id</th><th>prediction</th><th>reference</th><th>scores</th></tr>"
+    cot = any("cot_regions" in r for r in rows)  # Regional CoT run: the step-one regions beside each answer
+    head = ("<tr><th>id</th>" + ("<th>step-one regions</th>" if cot else "")
+            + "<th>prediction</th><th>reference</th><th>scores</th></tr>")
     body = "".join(
-        f"<tr><td>{html.escape(str(r['id']))}</td><td>{html.escape(r['prediction'][:300])}</td>"
+        f"<tr><td>{html.escape(str(r['id']))}</td>"
+        + (f"<td>{html.escape(_cot_text(r)[:300])}</td>" if cot else "")
+        + f"<td>{html.escape(r['prediction'][:300])}</td>"
         f"<td>{html.escape(r['reference'][:300])}</td>"
         f"<td>{html.escape(', '.join(f'{k}={_fmt(v)}' for k, v in r['scores'].items() if not isinstance(v, list)))}"
         "</td></tr>" for r in rows[:n])
@@ -260,6 +299,10 @@ def _html(summary: dict, rows: Sequence[dict], metric_names: Sequence[str], imag
     if gallery:
         parts.append("<h2>Samples</h2><p class='legend'>boxes:<span style='background:#00c800'></span>reference"
                      "<span style='background:#e61e1e'></span>prediction</p>" + gallery)
+    cot_gallery = _cot_gallery(rows, image_root, max_images)
+    if cot_gallery:
+        parts.append("<h2>Regional CoT step-one regions</h2><p class='legend'>boxes:"
+                     "<span style='background:#1e5ae6'></span>step-one region</p>" + cot_gallery)
     parts.append(f"<h2>First predictions</h2>{_sample_table(rows)}")
     proto = html.escape(json.dumps(summary.get("protocol", {}), indent=2, ensure_ascii=False))
     parts.append(f"<h2>Protocol</h2><pre>{proto}</pre></body></html>")
