@@ -50,8 +50,11 @@ FIELDS: dict[str, dict] = {
     "grounded_organ": dict(regions=R_MULTI_OBJ, text="Normal size and density."),
     "grounded_lesion": dict(regions=R1, text="Low-density mass, likely carcinoma."),
     "grounded_whole": dict(modality="CT", findings=[(R1, "Normal liver."), (R_MULTI_BOX, "Normal kidneys.")]),
+    "regional_cot_locate": dict(question="Is the liver enlarged?", regions=R1),
+    "regional_cot_answer": dict(question="Is the liver enlarged?", regions=R1, answer="yes"),
 }
 EXPECTED_ANSWER_REGIONS = {
+    "regional_cot_locate": R1,
     "text_to_region": R_MM, "text_to_region_ss": R1, "text_to_region_sm": R_MULTI_BOX, "text_to_region_ms": R_MULTI_OBJ,
     "text_to_region_mm": R_MM, "grounded_organ": R_MULTI_OBJ, "grounded_lesion": R1, "grounded_whole": R1 + R_MULTI_BOX,
 }

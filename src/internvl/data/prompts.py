@@ -444,7 +444,7 @@ def build_record(
                  regions=regions, findings=findings, text=text, impression=impression)
     b = _prepare(task, lang, given, image, target, template, rng, question_only=False)
     regs = None
-    if regions is not None and b.tp.family in ("region", "grounded"):
+    if regions is not None and b.tp.family in ("region", "grounded", "regional_cot"):
         regs = normalize_regions(regions, box_units=box_units, width=width, height=height)
     base = render_base_prompt(task, lang, modality=modality, options=options, notes=notes, target=target,
                               variant=prompt_variant) if include_base_prompt else ""
