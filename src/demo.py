@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -126,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # gradio's own startup probes: one line per request is ours
     args = parse_args(argv)
     rank, world, device = init_distributed()
     try:
@@ -155,10 +157,19 @@ def run_batch_mode(args: argparse.Namespace, rank: int, world: int, device: str)
     return 0
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # SIGTERM (torchrun, systemd, `kill`) stops the server like Ctrl-C: cleanup, no traceback
+
+
 def run_web(args: argparse.Namespace, device: str) -> int:
-    with UploadFolder() as uploads:  # gradio stores uploads here; removed with them at shutdown
-        log.info("uploads go to %s (removed at shutdown)", uploads.path)
-        return _serve(args, device)
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        with UploadFolder() as uploads:  # gradio stores uploads here; removed with them at shutdown
+            log.info("uploads go to %s (removed at shutdown)", uploads.path)
+            return _serve(args, device)
+    except KeyboardInterrupt:
+        log.info("stopped")
+        return 0
 
 
 def _serve(args: argparse.Namespace, device: str) -> int:
