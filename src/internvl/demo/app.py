@@ -273,6 +273,9 @@ def _handlers(engine: DemoEngine, examples: list[Example]) -> SimpleNamespace:
                            ask=_with_errors(on_ask, on_ask_error), clear=on_clear)
 
 
+_PLANES = ("axial", "coronal", "sagittal")  # NIfTI planes (values of load_upload's axis)
+
+
 def _layout(title: str, model_name: str, examples: list[Example]) -> SimpleNamespace:
     """Build the page's components inside the current ``gr.Blocks``; returns them by name. Element ids (``upload``,
     ``task``, ``objects``, ``ask``, ``annotated``, ``status``...) are stable for the browser test. Labels are the
@@ -288,8 +291,7 @@ def _layout(title: str, model_name: str, examples: list[Example]) -> SimpleNames
             # (magic bytes, then ACCEPTED_SUFFIXES) and reports anything else in the page
             c.upload = gr.File(label=en("upload"), file_count="single", type="filepath", elem_id="upload")
             with gr.Row():
-                c.axis = gr.Dropdown(["axial", "coronal", "sagittal"], value="axial", label=en("axis"),
-                                     elem_id="axis")
+                c.axis = gr.Dropdown([(en(a), a) for a in _PLANES], value="axial", label=en("axis"), elem_id="axis")
                 c.slice_box = gr.Textbox(label=en("slice"), elem_id="slice")
             c.editor = gr.ImageEditor(label=en("editor"), type="numpy", image_mode="RGBA", sources=(), transforms=(),
                                       layers=False, elem_id="editor")
@@ -333,6 +335,8 @@ def page_labels(lang: str, title: str, model_name: str) -> list[Any]:
         extra: dict[str, Any] = {}
         if attr == "task":
             extra["choices"] = [(task_label(k, lang), k) for k in TASKS]
+        elif attr == "axis":
+            extra["choices"] = [(text(a, lang), a) for a in _PLANES]
         elif attr == "box_units":
             extra["choices"] = [(text("units_grid", lang), "grid"), (text("units_pixels", lang), "pixels")]
         updates.append(gr.update(label=text(key, lang), **extra))
