@@ -31,7 +31,13 @@ import time  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from internvl.cli_support import DTYPE_RULE, non_negative_float, port_number, positive_int, run_cli  # noqa: E402
+from internvl.cli_support import (  # noqa: E402
+    DTYPE_RULE,
+    non_negative_float,
+    port_number,
+    positive_int,
+    run_cli,
+)
 from internvl.demo.batch import (  # noqa: E402
     check_out_dir,
     gather_results,

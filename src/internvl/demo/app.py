@@ -30,7 +30,12 @@ from PIL import Image
 
 from internvl.constants import IMAGE_PLACEHOLDER
 from internvl.demo.drawing import draw_regions
-from internvl.demo.limits import check_fields, check_prompt_budget, public_message, scrub_paths
+from internvl.demo.limits import (
+    check_fields,
+    check_prompt_budget,
+    public_message,
+    scrub_paths,
+)
 from internvl.demo.render import answer_html, escape, region_name_label
 from internvl.demo.strings import LANGS, task_label, text
 from internvl.demo.tasks import TASKS, build_prompt, follow_up_prompt

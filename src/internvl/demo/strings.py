@@ -14,10 +14,10 @@ __all__ = ["LANGS", "STRINGS", "task_label", "text"]
 LANGS: tuple[str, ...] = ("en", "zh")
 
 STRINGS: dict[str, tuple[str, str]] = {
-    "intro": ("Model: `{model}`. Upload a medical image, choose a task and ask. Boxes are `[x1, y1, x2, y2]` on a "
-              "0-999 grid (MedRegA's convention). Research demo, not for clinical use.",
-              "模型：`{model}`。上传一张医学图像，选择任务后提问。框的格式为 0-999 网格上的 `[x1, y1, x2, y2]`"
-              "（MedRegA 的约定）。仅供研究演示，不可用于临床。"),
+    "intro": (("Model: `{model}`. Upload a medical image, choose a task and ask. Boxes are `[x1, y1, x2, y2]` on "
+               "a 0-999 grid (MedRegA's convention). Research demo, not for clinical use."),
+              ("模型：`{model}`。上传一张医学图像，选择任务后提问。框的格式为 0-999 网格上的 `[x1, y1, x2, y2]`"
+               "（MedRegA 的约定）。仅供研究演示，不可用于临床。")),
     "upload": ("Image file (PNG, JPEG, TIFF, DICOM, NIfTI)", "图像文件（PNG、JPEG、TIFF、DICOM、NIfTI）"),
     "axis": ("NIfTI plane", "NIfTI 切面"),
     "axial": ("axial", "轴位"),
