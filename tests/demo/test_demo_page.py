@@ -14,8 +14,9 @@ from PIL import Image
 from internvl.demo.app import DemoEngine, Session, _message, ask, page_labels
 from internvl.demo.drawing import PALETTE, draw_regions
 from internvl.demo.render import answer_html, escape, region_name_label
-from internvl.demo.strings import STRINGS, task_label, text
-from internvl.demo.tasks import TASKS
+from internvl.demo.strings import STRINGS, text
+from internvl.demo.tasks import TASKS, build_prompt, task_label
+from internvl.demo.uploads import UserInputError
 from internvl.inference import GenerationSettings, default_dtype
 from internvl.regions import Box, Region, parse_regions
 
@@ -80,6 +81,8 @@ def test_string_table_is_complete_and_the_page_relabels_in_chinese() -> None:
     assert updates[-2]["value"] == "提问"
     with pytest.raises(KeyError):
         text("no such key", "en")
+    with pytest.raises(UserInputError, match="目标定位需要"):  # the task's missing-input message follows the language
+        build_prompt("text_to_region", "zh", objects="")
 
 
 def test_status_line_has_no_emoji_and_escapes() -> None:

@@ -37,8 +37,8 @@ from internvl.demo.limits import (
     scrub_paths,
 )
 from internvl.demo.render import answer_html, escape, region_name_label
-from internvl.demo.strings import LANGS, task_label, text
-from internvl.demo.tasks import TASKS, build_prompt, follow_up_prompt
+from internvl.demo.strings import LANGS, text
+from internvl.demo.tasks import TASKS, build_prompt, follow_up_prompt, task_label
 from internvl.demo.uploads import (
     MAX_UPLOAD_BYTES,
     UserInputError,

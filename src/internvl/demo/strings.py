@@ -2,14 +2,13 @@
 
 ``text(key, lang, **fields)`` looks a key up and fills ``{fields}``; an unknown key or language is a programming
 error (``KeyError``), so a missing translation fails the unit test rather than showing a raw key in the page. Task
-names live with the tasks (``internvl.demo.tasks.TASKS``: ``label_en`` / ``label_zh``) and are read through
-:func:`task_label`. Validation messages raised deep in the input checks stay English (they name files and values).
+names live with the tasks (``internvl.demo.tasks.TASKS``: ``label_en`` / ``label_zh``, read through
+``internvl.demo.tasks.task_label``). Messages of the file and box checks (``internvl.demo.uploads``) stay English:
+they name files, types and values.
 """
 from __future__ import annotations
 
-from internvl.demo.tasks import TASKS
-
-__all__ = ["LANGS", "STRINGS", "task_label", "text"]
+__all__ = ["LANGS", "STRINGS", "text"]
 
 LANGS: tuple[str, ...] = ("en", "zh")
 
@@ -55,6 +54,12 @@ STRINGS: dict[str, tuple[str, str]] = {
                    "请先上传图像（PNG、JPEG、DICOM 或 NIfTI）或选择一个内置示例。"),
     "internal": ("Internal error ({what}); see the server log.", "内部错误（{what}）；详见服务器日志。"),
     "bad_slice": ("Slice {value!r} is not a whole number.", "层号 {value!r} 不是整数。"),
+    "need_options": ("Diagnosis needs at least two different candidate classes, separated by commas.",
+                     "诊断需要至少两个不同的候选类别，用逗号分隔。"),
+    "need_box": ("Region-to-Text needs a box: draw one on the image or type x1, y1, x2, y2.",
+                 "区域识别需要一个框：在图上画出，或输入 x1, y1, x2, y2。"),
+    "need_objects": ("Text-to-Region needs the name(s) of what to find, e.g. 'left frontal lobe'.",
+                     "目标定位需要要查找的目标名称，例如“左侧额叶”。"),
 }
 
 
@@ -64,8 +69,3 @@ def text(key: str, lang: str, **fields: object) -> str:
     template = {"en": en, "zh": zh}[lang]
     return template.format(**fields) if fields else template
 
-
-def task_label(task: str, lang: str) -> str:
-    """The task menu's name of demo task ``task`` in ``lang``."""
-    spec = TASKS[task]
-    return {"en": spec.label_en, "zh": spec.label_zh}[lang]
