@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -30,7 +31,13 @@ import time  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from internvl.cli_support import non_negative_float, port_number, positive_int, run_cli  # noqa: E402
+from internvl.cli_support import (  # noqa: E402
+    DTYPE_RULE,
+    non_negative_float,
+    port_number,
+    positive_int,
+    run_cli,
+)
 from internvl.demo.batch import (  # noqa: E402
     check_out_dir,
     gather_results,
@@ -44,6 +51,7 @@ from internvl.inference import (  # noqa: E402
     GenerationSettings,
     Generator,
     ModelLoadError,
+    default_dtype,
     load_model_and_tokenizer,
 )
 
@@ -62,7 +70,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--load-in-8bit", action="store_true", help="8-bit LLM weights (bitsandbytes, GPU)")
     p.add_argument("--load-in-4bit", action="store_true", help="4-bit LLM weights (bitsandbytes, GPU)")
     p.add_argument("--device-map", default=None, help="'auto' shards a large model over the visible GPUs")
-    p.add_argument("--dtype", default=None, help="weights dtype: bfloat16 (GPU default), float32 (CPU default), auto")
+    p.add_argument("--dtype", default=None,
+                   help=f"weights dtype: bfloat16 | float16 | float32 | auto (default: {DTYPE_RULE})")
     p.add_argument("--max-new-tokens", type=positive_int, default=400)
     p.add_argument("--num-beams", type=positive_int, default=1)
     p.add_argument("--temperature", type=non_negative_float, default=0.0,
@@ -102,7 +111,7 @@ def load(args: argparse.Namespace, device: str):
     if not args.model.is_dir():
         hint = " (the bundled model: see docs/demo.md to rebuild it)" if args.model == DEFAULT_MODEL else ""
         raise ModelLoadError(f"{args.model}: model directory not found{hint}")
-    dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    dtype = args.dtype or default_dtype(device)
     model, tokenizer = load_model_and_tokenizer(args.model, dtype=dtype, device_map=args.device_map,
                                                 load_in_8bit=args.load_in_8bit, load_in_4bit=args.load_in_4bit)
     if args.device_map is None and not (args.load_in_8bit or args.load_in_4bit):
@@ -124,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # gradio's own startup probes: one line per request is ours
     args = parse_args(argv)
     rank, world, device = init_distributed()
     try:
@@ -153,10 +163,19 @@ def run_batch_mode(args: argparse.Namespace, rank: int, world: int, device: str)
     return 0
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # SIGTERM (torchrun, systemd, `kill`) stops the server like Ctrl-C: cleanup, no traceback
+
+
 def run_web(args: argparse.Namespace, device: str) -> int:
-    with UploadFolder() as uploads:  # gradio stores uploads here; removed with them at shutdown
-        log.info("uploads go to %s (removed at shutdown)", uploads.path)
-        return _serve(args, device)
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        with UploadFolder() as uploads:  # gradio stores uploads here; removed with them at shutdown
+            log.info("uploads go to %s (removed at shutdown)", uploads.path)
+            return _serve(args, device)
+    except KeyboardInterrupt:
+        log.info("stopped")
+        return 0
 
 
 def _serve(args: argparse.Namespace, device: str) -> int:

@@ -20,8 +20,12 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-__all__ = ["EXPECTED_ERRORS", "UsageError", "expected_error_types", "non_negative_float", "non_negative_int",
-           "one_line", "port_number", "positive_float", "positive_int", "run_cli"]
+__all__ = ["DTYPE_RULE", "EXPECTED_ERRORS", "UsageError", "expected_error_types", "non_negative_float",
+           "non_negative_int", "one_line", "port_number", "positive_float", "positive_int", "run_cli"]
+
+# The default weights dtype, in words for --help texts (the demo's and `medrega-eval run`'s); the rule itself is
+# `internvl.inference.default_dtype`, kept here so that printing --help imports nothing heavy.
+DTYPE_RULE = "float32 on CPU, bfloat16 on GPUs that support it, else float16"
 
 EXIT_EXPECTED = 2
 

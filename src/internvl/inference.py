@@ -32,6 +32,7 @@ __all__ = [
     "GenerationSettings",
     "Generator",
     "ModelLoadError",
+    "default_dtype",
     "load_model_and_tokenizer",
     "resolve_dtype",
 ]
@@ -90,6 +91,16 @@ class GenerationSettings:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def default_dtype(device: str | torch.device | None = None) -> str:
+    """The weights dtype used when the user names none (the demo and `medrega-eval run` alike): float32 on CPU
+    (bf16/fp16 matmuls on CPU are slow or missing), bfloat16 on a GPU that supports it (what MedRegA was trained in),
+    else float16 (older GPUs). ``device`` None means the default device: CUDA when available."""
+    kind = torch.device(device).type if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+    if kind != "cuda":
+        return "float32"
+    return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
 
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str | None:

@@ -17,7 +17,7 @@ import json
 import sys
 from pathlib import Path
 
-from internvl.cli_support import UsageError, non_negative_float, positive_int, run_cli
+from internvl.cli_support import DTYPE_RULE, UsageError, non_negative_float, positive_int, run_cli
 from internvl.offline import enforce_offline
 
 __all__ = ["main", "build_parser"]
@@ -68,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--max-new-tokens", type=positive_int, default=400)
     r.add_argument("--num-beams", type=positive_int, default=1)
     r.add_argument("--temperature", type=non_negative_float, default=0.0, help="0 = greedy (default)")
-    r.add_argument("--dtype", default="bfloat16", help="bfloat16 | float16 | float32 | auto")
+    r.add_argument("--dtype", default=None,
+                   help=f"weights dtype: bfloat16 | float16 | float32 | auto (default: {DTYPE_RULE})")
     r.add_argument("--device-map", default=None, help="e.g. auto to shard one model over the visible GPUs")
     q = r.add_mutually_exclusive_group()
     q.add_argument("--load-in-8bit", action="store_true")

@@ -312,16 +312,18 @@ def score_benchmark(bench: Benchmark, samples: Sequence[Sample], problems: Seque
 
 
 def run_benchmarks(model_path: str, benchmarks: Sequence[Benchmark], cfg: RunConfig, settings: Any,
-                   dtype: str = "bfloat16", device_map: str | None = None, load_in_8bit: bool = False,
+                   dtype: str | None = None, device_map: str | None = None, load_in_8bit: bool = False,
                    load_in_4bit: bool = False) -> dict[str, dict]:
-    """Load the model once per rank, generate every benchmark, score on rank 0; return {name: summary}."""
+    """Load the model once per rank, generate every benchmark, score on rank 0; return {name: summary}. ``dtype``
+    None takes `internvl.inference.default_dtype` (float32 on CPU, bf16 on GPUs that support it)."""
     import torch
 
-    from internvl.inference import Generator, load_model_and_tokenizer
+    from internvl.inference import Generator, default_dtype, load_model_and_tokenizer
 
     from internvl.io_safety import check_output_dir
 
     info = init_distributed()
+    dtype = dtype or default_dtype()
     # fail on missing data, a bad --out or a resume with other settings before loading a 40B model
     check_output_dir(cfg.out, inputs=[model_path, cfg.data_dir], must_be_empty=False, what="--out")
     quantization = "8bit" if load_in_8bit else "4bit" if load_in_4bit else None

@@ -2,9 +2,11 @@
 
 Starts the demo on the bundled model (``asset/medreg-mini-model``) on a free local port, then in the page: uploads a
 bundled brain MRI slice, asks Text-to-Region for the left frontal lobe, and checks that an annotated image comes back
-with a box drawn in the first region colour and that the box list is filled. Then a fake PNG (text bytes) must give a
-warning in the page while the server keeps answering, and a gallery example (Chinese Region-to-Text with a typed box)
-loads and is answered. CI setup: ``scripts/ci_setup_browser.sh``.
+with a box drawn in the first region colour, that the box list is filled, and that the chat bubble shows the region as
+a marker in that colour with its number and name (no raw ``<ref>``/``<box>`` markup) while the raw answer opens with
+one click. Then a fake PNG (text bytes) must give an error in the page while the server keeps answering, and a gallery
+example (Chinese Region-to-Text with a typed box) loads: the whole page turns Chinese (task names, labels, buttons,
+status) and the answer's query box is labelled with a parsed name. CI setup: ``scripts/ci_setup_browser.sh``.
 """
 from __future__ import annotations
 
@@ -97,7 +99,7 @@ def test_upload_ask_text_to_region_and_get_boxes(demo_url: str, tmp_path: Path) 
             page.fill("#objects textarea", "left frontal lobe")
             page.click("#ask")
             page.wait_for_function("document.querySelector('#status').innerText.includes('Answered') || "
-                                   "document.querySelector('#status').innerText.includes('⚠')", timeout=240_000)
+                                   "document.querySelector('#status').innerText.includes('Error')", timeout=240_000)
             status = _status(page)
             assert "Answered" in status, status
             n_boxes = int(status.split(";")[1].split("box")[0])
@@ -114,6 +116,7 @@ def test_upload_ask_text_to_region_and_get_boxes(demo_url: str, tmp_path: Path) 
             hits = (np.abs(annotated - np.array(PALETTE[0])).sum(axis=2) <= 30).sum()
             assert hits > 50, f"no box outline in the annotated image ({hits} pixels of the box colour)"
             assert "left frontal lobe" in page.inner_text("#boxes")
+            _check_bubble(page, PALETTE[0])
 
             # bad input: a "PNG" that is text; the page reports it and the server keeps serving
             fake = tmp_path / "not_an_image.png"
@@ -121,7 +124,7 @@ def test_upload_ask_text_to_region_and_get_boxes(demo_url: str, tmp_path: Path) 
             page.set_input_files("#upload input[type=file]", str(fake))
             page.wait_for_function("document.querySelector('#status').innerText.includes('not_an_image.png')",
                                    timeout=60_000)
-            assert "⚠" in _status(page)
+            assert _status(page).startswith("Error:")
             notes = tmp_path / "notes.txt"
             notes.write_text("a text file, not an image\n")
             page.set_input_files("#upload input[type=file]", str(notes))
@@ -139,9 +142,38 @@ def test_upload_ask_text_to_region_and_get_boxes(demo_url: str, tmp_path: Path) 
                                    timeout=60_000)
             assert "脑MRI冠状面" in _status(page), _status(page)
             assert page.input_value("#box textarea") == "618, 502, 905, 773"
+            _check_chinese_page(page)
             page.click("#ask")
-            page.wait_for_function("document.querySelector('#status').innerText.includes('Answered')",
-                                   timeout=240_000)
-            assert "1 box(es)" in _status(page)  # the query box, labelled with the predicted name
+            page.wait_for_function("document.querySelector('#status').innerText.includes('用时')", timeout=240_000)
+            assert _status(page).startswith("完成："), _status(page)
+            boxes = page.inner_text("#boxes")  # the query box first, labelled with a parsed name, not the raw answer
+            assert "<ref>" not in boxes and "[[" not in boxes.split('"box"')[0], boxes
         finally:
             browser.close()
+
+
+def _check_bubble(page, colour: tuple[int, int, int]) -> None:
+    """The last answer bubble: region 1 as a marker in the box colour plus the name; raw answer behind a click."""
+    bubble = page.locator("#chat [data-testid=bot]").last
+    marker = bubble.locator(".region-marker").first
+    assert marker.inner_text().strip() == "1"
+    assert marker.evaluate("e => getComputedStyle(e).backgroundColor") == "rgb({}, {}, {})".format(*colour)
+    shown = bubble.locator(".answer").inner_text()
+    assert "left frontal lobe" in shown and "<ref>" not in shown and "[[" not in shown, shown
+    raw = bubble.locator("details.raw-answer")
+    assert not raw.locator("code").is_visible()  # collapsed until clicked
+    raw.locator("summary").click()
+    code = raw.locator("code")
+    assert code.is_visible() and "<ref>left frontal lobe</ref><box>[[" in code.inner_text(), code.inner_text()
+
+
+def _check_chinese_page(page) -> None:
+    """After a Chinese example is picked the language radio is 中文 and every label, task name and button follows."""
+    page.wait_for_function("document.querySelector('#ask').innerText.trim() === '提问'", timeout=30_000)
+    for elem_id, label in (("task", "任务"), ("question", "问题"), ("objects", "要定位的目标"), ("options", "候选诊断"),
+                           ("box", "框 x1, y1, x2, y2")):
+        assert label in page.inner_text(f"#{elem_id}"), (elem_id, page.inner_text(f"#{elem_id}"))
+    for name in ("视觉问答", "报告生成", "区域识别", "目标定位"):
+        assert page.get_by_role("radio", name=name).count() == 1, name
+    assert page.inner_text("#clear").strip() == "清空对话"
+    assert "上传一张医学图像" in page.inner_text("#intro")

@@ -15,7 +15,7 @@ def _grey(w: int, h: int) -> Image.Image:
 def test_box_outline_is_drawn_at_grid_position() -> None:
     img = _grey(400, 200)
     regions = parse_regions("<ref>left frontal lobe</ref><box>[[0, 0, 499, 999]]</box>")
-    out, drawn = draw_regions(img, regions, min_side=100)
+    out, drawn = draw_regions(img, regions, min_side=100, min_long_side=100)
     assert out.size == (400, 200)  # large enough: not upscaled
     assert len(drawn) == 1 and drawn[0].label == "left frontal lobe"
     x1, y1, x2, y2 = drawn[0].xyxy

@@ -72,4 +72,4 @@ def test_build_app_wires_every_element(tiny_model, tiny_tokenizer):
     assert {"upload", "axis", "slice", "editor", "gallery", "task", "lang", "modality", "question", "objects", "box",
             "box_units", "options", "ask", "clear", "status", "annotated", "chat", "boxes"} <= ids
     names = sorted(getattr(f.fn, "__name__", "") for f in app.fns.values())
-    assert names == ["on_ask", "on_ask", "on_clear", "on_example", "on_upload"]  # ask: the button and Enter
+    assert names == ["on_ask", "on_ask", "on_clear", "on_example", "on_lang", "on_upload"]  # ask: button and Enter

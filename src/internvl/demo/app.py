@@ -30,8 +30,15 @@ from PIL import Image
 
 from internvl.constants import IMAGE_PLACEHOLDER
 from internvl.demo.drawing import draw_regions
-from internvl.demo.limits import check_fields, check_prompt_budget, public_message, scrub_paths
-from internvl.demo.tasks import TASKS, build_prompt, follow_up_prompt
+from internvl.demo.limits import (
+    check_fields,
+    check_prompt_budget,
+    public_message,
+    scrub_paths,
+)
+from internvl.demo.render import answer_html, escape, region_name_label
+from internvl.demo.strings import LANGS, text
+from internvl.demo.tasks import TASKS, build_prompt, follow_up_prompt, task_label
 from internvl.demo.uploads import (
     MAX_UPLOAD_BYTES,
     UserInputError,
@@ -42,7 +49,7 @@ from internvl.demo.uploads import (
 from internvl.inference import GenerationRequest, GenerationSettings, Generator
 from internvl.regions import Box, Region, parse_regions
 
-__all__ = ["DemoEngine", "Example", "ask", "build_app", "load_examples"]
+__all__ = ["DemoEngine", "Example", "ask", "build_app", "load_examples", "page_labels"]
 
 log = logging.getLogger("medrega.demo")
 
@@ -126,9 +133,10 @@ class Session:
     chat: list[dict[str, str]] = field(default_factory=list)
 
 
-def _message(text: str, kind: str = "error") -> str:
-    icon = {"error": "⚠️", "ok": "✅", "info": "ℹ️"}[kind]
-    return f"{icon} {text}"
+def _message(message: str, kind: str = "error", lang: str = "en") -> str:
+    """A status line: a plain-text kind ("Error:", "Done:", "Note:" in ``lang``) and the message. No emoji: a browser
+    without an emoji font would show an empty box."""
+    return f"**{text('kind_' + kind, lang)}** {escape(message)}"
 
 
 def _regions_table(regions: list[Region], drawn: list) -> list[dict[str, Any]]:
@@ -152,7 +160,7 @@ def ask(engine: DemoEngine, session: Session, *, task: str, lang: str, question:
     """
     check_fields(question=question, objects=objects, options=options, modality=modality, box=box_text)
     if session.image is None:
-        raise UserInputError("Upload an image (PNG, JPEG, DICOM or NIfTI) or pick a bundled example first.")
+        raise UserInputError(text("need_image", lang))
     w, h = session.image.size
     query_box: Box | None = None
     if TASKS.get(task) is not None and "box" in TASKS[task].needs:
@@ -173,16 +181,19 @@ def ask(engine: DemoEngine, session: Session, *, task: str, lang: str, question:
     t0 = time.perf_counter()
     answer, session.history = engine.answer(session.image, prompt, session.history)
     seconds = time.perf_counter() - t0
-    regions = parse_regions(answer, strict=False)
-    if task == "region_to_text" and query_box is not None:
-        regions = [Region(answer.strip() or "?", [query_box])] + regions
+    found = [r for r in parse_regions(answer, strict=False) if r.boxes]  # a name without a box draws nothing
+    query = [Region(region_name_label(answer, found), [query_box])] if task == "region_to_text" and query_box else []
+    regions = query + found
     annotated, drawn = draw_regions(session.image, regions)
     shown_q = {"vqa": question, "text_to_region": objects, "diagnosis": options}.get(task, "") or ""
-    label = TASKS[task].label_en if lang == "en" else TASKS[task].label_zh
-    session.chat += [{"role": "user", "content": f"[{label}] {shown_q}".strip()},
-                     {"role": "assistant", "content": answer or "(empty answer)"}]
+    user_text = f"[{task_label(task, lang)}] {shown_q}".strip()
+    if query:
+        user_text += " " + str(query_box)
+    session.chat += [{"role": "user", "content": escape(user_text)},
+                     {"role": "assistant", "content": answer_html(answer, found, lang, first_number=len(query) + 1)}]
     n_boxes = sum(len(r.boxes) for r in regions)
-    status = _message(f"Answered in {seconds:.1f} s; {n_boxes} box(es) drawn.", "ok")
+    log.info("request: task=%s lang=%s latency=%.2fs boxes=%d", task, lang, seconds, n_boxes)
+    status = _message(text("answered", lang, seconds=seconds, n=n_boxes), "ok", lang)
     return annotated, _regions_table(regions, drawn), status
 
 
@@ -196,7 +207,8 @@ def _editor_value(image: Image.Image | None) -> dict[str, Any] | None:
 
 def _with_errors(fn: Callable, on_error: Callable) -> Callable:
     """``fn`` as a gradio handler that never raises: bad input (``UserInputError``) and unexpected errors become
-    ``on_error(message, *args)`` (unexpected ones are logged with their traceback)."""
+    ``on_error(message, *args)`` (unexpected ones are logged with their traceback). Every handler's last input is the
+    page language, used for the internal-error message."""
 
     @functools.wraps(fn)  # keeps the signature, so gradio still injects gr.SelectData
     def wrapper(*args):
@@ -206,7 +218,8 @@ def _with_errors(fn: Callable, on_error: Callable) -> Callable:
             return on_error(scrub_paths(str(exc)), *args)
         except Exception as exc:  # noqa: BLE001 - keep serving; report in the page
             log.error("demo handler %s failed:\n%s", fn.__name__, traceback.format_exc())
-            return on_error(f"Internal error ({public_message(exc)}); see the server log.", *args)
+            lang = args[-1] if args and args[-1] in LANGS else "en"
+            return on_error(text("internal", lang, what=public_message(exc)), *args)
 
     return wrapper
 
@@ -215,35 +228,35 @@ def _handlers(engine: DemoEngine, examples: list[Example]) -> SimpleNamespace:
     """The page's event handlers (upload, example pick, ask, clear) and their error replies, already wrapped by
     ``_with_errors`` where the page can send bad input."""
 
-    def on_upload(path: str | None, axis: str, slice_text: str, session: Session):
+    def on_upload(path: str | None, axis: str, slice_text: str, session: Session, lang: str):
         if not path:
-            return None, gr.update(), session, _message("No file received.", "info")
+            return None, gr.update(), session, _message(text("no_file", lang), "info", lang)
         check_fields(slice=slice_text)
         slice_index = None
         if (slice_text or "").strip():
             try:
                 slice_index = int(slice_text)
             except ValueError:
-                raise UserInputError(f"Slice {slice_text!r} is not a whole number.") from None
+                raise UserInputError(text("bad_slice", lang, value=slice_text)) from None
         up = load_upload(path, axis=axis, slice_index=slice_index)
         new = Session(image=up.image, name=Path(path).name)
         # the file box is emptied so the next upload works at once; the image lives on in the editor
-        return None, _editor_value(up.image), new, _message(f"Loaded {up.description}. Chat history cleared.", "ok")
+        return None, _editor_value(up.image), new, _message(text("loaded", lang, what=up.description), "ok", lang)
 
-    def on_upload_error(message: str, path, axis, slice_text, session):
-        return None, gr.update(), session, _message(message)
+    def on_upload_error(message: str, path, axis, slice_text, session, lang):
+        return None, gr.update(), session, _message(message, "error", lang)
 
-    def on_example(evt: gr.SelectData, session: Session):
+    def on_example(evt: gr.SelectData, session: Session, lang: str):
         ex = examples[evt.index]
         up = load_upload(ex.path)
         new = Session(image=up.image, name=ex.path.name)
         return (_editor_value(up.image), new, ex.task, ex.lang, ex.question, ex.objects, ex.box, ex.options,
-                ex.modality, _message(f"Example loaded: {ex.title}.", "ok"))
+                ex.modality, _message(text("example_loaded", lang, title=ex.title), "ok", lang))
 
-    def example_error(message: str, evt, session):
-        return (gr.update(), session, *([gr.update()] * 7), _message(message))
+    def example_error(message: str, evt, session, lang):
+        return (gr.update(), session, *([gr.update()] * 7), _message(message, "error", lang))
 
-    def on_ask(session: Session, drawing, task, lang, question, objects, box_text, box_units, options, modality):
+    def on_ask(session: Session, drawing, task, question, objects, box_text, box_units, options, modality, lang):
         layer = None
         if isinstance(drawing, dict) and drawing.get("layers"):
             layer = drawing["layers"][0]
@@ -253,62 +266,86 @@ def _handlers(engine: DemoEngine, examples: list[Example]) -> SimpleNamespace:
         return annotated, list(session.chat), rows, status, session
 
     def on_ask_error(message: str, session, *rest):
-        return gr.update(), list(session.chat) if session else [], gr.update(), _message(message), session
+        lang = rest[-1] if rest and rest[-1] in LANGS else "en"
+        return gr.update(), list(session.chat) if session else [], gr.update(), _message(message, "error", lang), session
 
-    def on_clear(session: Session):
+    def on_clear(session: Session, lang: str):
         new = Session(image=session.image, name=session.name)
-        return [], None, [], _message("Chat cleared; the image stays.", "info"), new
+        return [], None, [], _message(text("cleared", lang), "info", lang), new
 
     return SimpleNamespace(upload=_with_errors(on_upload, on_upload_error),
                            example=_with_errors(on_example, example_error),
                            ask=_with_errors(on_ask, on_ask_error), clear=on_clear)
 
 
+_PLANES = ("axial", "coronal", "sagittal")  # NIfTI planes (values of load_upload's axis)
+
+
 def _layout(title: str, model_name: str, examples: list[Example]) -> SimpleNamespace:
     """Build the page's components inside the current ``gr.Blocks``; returns them by name. Element ids (``upload``,
-    ``task``, ``objects``, ``ask``, ``annotated``, ``status``...) are stable for the browser test."""
-    task_choices = [(t.label_en, t.key) for t in TASKS.values()]
+    ``task``, ``objects``, ``ask``, ``annotated``, ``status``...) are stable for the browser test. Labels are the
+    English ones of ``internvl.demo.strings``; :func:`page_labels` gives the updates for another language."""
+    en = functools.partial(text, lang="en")
     previews = [(str(gallery_preview(e.path)), e.title) for e in examples]
     c = SimpleNamespace()
-    gr.Markdown(f"# {title}\nModel: `{model_name}`. Upload a medical image, choose a task and ask. "
-                "Boxes are `[x1, y1, x2, y2]` on a 0-999 grid (MedRegA's convention). Research demo, not for "
-                "clinical use.")
+    c.intro = gr.Markdown(f"# {title}\n" + en("intro", model=model_name), elem_id="intro")
     c.session = gr.State(Session())
     with gr.Row():
         with gr.Column(scale=1):
             # no client/gradio type filter: DICOM files often have no extension; load_upload checks the type
             # (magic bytes, then ACCEPTED_SUFFIXES) and reports anything else in the page
-            c.upload = gr.File(label="Image file (PNG, JPEG, TIFF, DICOM, NIfTI)", file_count="single",
-                               type="filepath", elem_id="upload")
+            c.upload = gr.File(label=en("upload"), file_count="single", type="filepath", elem_id="upload")
             with gr.Row():
-                c.axis = gr.Dropdown(["axial", "coronal", "sagittal"], value="axial", label="NIfTI plane",
-                                     elem_id="axis")
-                c.slice_box = gr.Textbox(label="NIfTI slice (empty = middle)", elem_id="slice")
-            c.editor = gr.ImageEditor(label="Image (draw over a region for Region-to-Text)", type="numpy",
-                                      image_mode="RGBA", sources=(), transforms=(), layers=False, elem_id="editor")
-            c.gallery = gr.Gallery(previews, label="Bundled examples",
-                                   columns=4, height=220, allow_preview=False, elem_id="gallery")
+                c.axis = gr.Dropdown([(en(a), a) for a in _PLANES], value="axial", label=en("axis"), elem_id="axis")
+                c.slice_box = gr.Textbox(label=en("slice"), elem_id="slice")
+            c.editor = gr.ImageEditor(label=en("editor"), type="numpy", image_mode="RGBA", sources=(), transforms=(),
+                                      layers=False, elem_id="editor")
+            c.gallery = gr.Gallery(previews, label=en("gallery"), columns=4, height=220, allow_preview=False,
+                                   elem_id="gallery")
         with gr.Column(scale=1):
-            c.task = gr.Radio(task_choices, value="text_to_region", label="Task", elem_id="task")
-            c.lang = gr.Radio([("English", "en"), ("中文", "zh")], value="en", label="Language", elem_id="lang")
-            c.modality = gr.Textbox(label="Modality (e.g. MRI, CT; used by the task prompt)", value="MRI",
-                                    elem_id="modality")
-            c.question = gr.Textbox(label="Question (VQA, and follow-up turns)", elem_id="question")
-            c.objects = gr.Textbox(label="Objects to find (Text-to-Region; comma separated)", elem_id="objects")
+            c.task = gr.Radio([(task_label(k, "en"), k) for k in TASKS], value="text_to_region", label=en("task"),
+                              elem_id="task")
+            c.lang = gr.Radio([("English", "en"), ("中文", "zh")], value="en", label=en("lang"), elem_id="lang")
+            c.modality = gr.Textbox(label=en("modality"), value="MRI", elem_id="modality")
+            c.question = gr.Textbox(label=en("question"), elem_id="question")
+            c.objects = gr.Textbox(label=en("objects"), elem_id="objects")
             with gr.Row():
-                c.box_text = gr.Textbox(label="Box x1, y1, x2, y2 (Region-to-Text; or draw it)", elem_id="box")
-                c.box_units = gr.Radio([("0-999 grid", "grid"), ("pixels", "pixels")], value="grid",
-                                       label="Box units", elem_id="box_units")
-            c.options = gr.Textbox(label="Candidate diagnoses (Diagnosis; comma separated)", elem_id="options")
+                c.box_text = gr.Textbox(label=en("box"), elem_id="box")
+                c.box_units = gr.Radio([(en("units_grid"), "grid"), (en("units_pixels"), "pixels")], value="grid",
+                                       label=en("box_units"), elem_id="box_units")
+            c.options = gr.Textbox(label=en("options"), elem_id="options")
             with gr.Row():
-                c.ask_btn = gr.Button("Ask", variant="primary", elem_id="ask")
-                c.clear_btn = gr.Button("Clear chat", elem_id="clear")
+                c.ask_btn = gr.Button(en("ask"), variant="primary", elem_id="ask")
+                c.clear_btn = gr.Button(en("clear"), elem_id="clear")
             c.status = gr.Markdown(elem_id="status")
-            c.annotated = gr.Image(label="Answer with predicted boxes", type="pil", interactive=False,
-                                   format="png", elem_id="annotated")
-            c.chatbot = gr.Chatbot(label="Chat", height=260, elem_id="chat")
-            c.boxes = gr.JSON(label="Parsed boxes", elem_id="boxes")
+            c.annotated = gr.Image(label=en("annotated"), type="pil", interactive=False, format="png",
+                                   elem_id="annotated")
+            c.chatbot = gr.Chatbot(label=en("chat"), height=260, elem_id="chat")
+            c.boxes = gr.JSON(label=en("boxes"), elem_id="boxes")
     return c
+
+
+# components relabelled by page_labels, in its order: (attribute of _layout's namespace, string key)
+_LABELLED = (("upload", "upload"), ("axis", "axis"), ("slice_box", "slice"), ("editor", "editor"),
+             ("gallery", "gallery"), ("task", "task"), ("lang", "lang"), ("modality", "modality"),
+             ("question", "question"), ("objects", "objects"), ("box_text", "box"), ("box_units", "box_units"),
+             ("options", "options"), ("annotated", "annotated"), ("chatbot", "chat"), ("boxes", "boxes"))
+
+
+def page_labels(lang: str, title: str, model_name: str) -> list[Any]:
+    """gradio updates that put the whole page in ``lang``: intro, every label, the task names, box units and the two
+    buttons, in the order intro, ``_LABELLED``, ask, clear."""
+    updates: list[Any] = [gr.update(value=f"# {title}\n" + text("intro", lang, model=model_name))]
+    for attr, key in _LABELLED:
+        extra: dict[str, Any] = {}
+        if attr == "task":
+            extra["choices"] = [(task_label(k, lang), k) for k in TASKS]
+        elif attr == "axis":
+            extra["choices"] = [(text(a, lang), a) for a in _PLANES]
+        elif attr == "box_units":
+            extra["choices"] = [(text("units_grid", lang), "grid"), (text("units_pixels", lang), "pixels")]
+        updates.append(gr.update(label=text(key, lang), **extra))
+    return updates + [gr.update(value=text("ask", lang)), gr.update(value=text("clear", lang))]
 
 
 def build_app(engine: DemoEngine, examples: list[Example], *, title: str = "MedRegA demo",
@@ -317,14 +354,21 @@ def build_app(engine: DemoEngine, examples: list[Example], *, title: str = "MedR
     h = _handlers(engine, examples)
     with gr.Blocks(title=title) as app:
         c = _layout(title, model_name, examples)
-        c.upload.upload(h.upload, [c.upload, c.axis, c.slice_box, c.session], [c.upload, c.editor, c.session, c.status])
-        c.gallery.select(h.example, [c.session], [c.editor, c.session, c.task, c.lang, c.question, c.objects,
-                                                  c.box_text, c.options, c.modality, c.status])
-        ask_inputs = [c.session, c.editor, c.task, c.lang, c.question, c.objects, c.box_text, c.box_units, c.options,
-                      c.modality]
+        c.upload.upload(h.upload, [c.upload, c.axis, c.slice_box, c.session, c.lang],
+                        [c.upload, c.editor, c.session, c.status])
+        c.gallery.select(h.example, [c.session, c.lang], [c.editor, c.session, c.task, c.lang, c.question, c.objects,
+                                                          c.box_text, c.options, c.modality, c.status])
+        ask_inputs = [c.session, c.editor, c.task, c.question, c.objects, c.box_text, c.box_units, c.options,
+                      c.modality, c.lang]
         ask_outputs = [c.annotated, c.chatbot, c.boxes, c.status, c.session]
         c.ask_btn.click(h.ask, ask_inputs, ask_outputs)
         c.question.submit(h.ask, ask_inputs, ask_outputs)
-        c.clear_btn.click(h.clear, [c.session], [c.chatbot, c.annotated, c.boxes, c.status, c.session])
+        c.clear_btn.click(h.clear, [c.session, c.lang], [c.chatbot, c.annotated, c.boxes, c.status, c.session])
+        relabelled = [c.intro, *(getattr(c, attr) for attr, _ in _LABELLED), c.ask_btn, c.clear_btn]
+
+        def on_lang(lang: str) -> list[Any]:
+            return page_labels(lang, title, model_name)
+
+        c.lang.change(on_lang, [c.lang], relabelled)
     app.max_upload_bytes = MAX_UPLOAD_BYTES
     return app

@@ -53,18 +53,19 @@ def _printable(text: str, cjk_ok: bool) -> bool:
     return cjk_ok or all(ord(ch) < 0x2E80 for ch in text)
 
 
-def draw_regions(image: Image.Image, regions: Sequence[Region], *, min_side: int = 384
+def draw_regions(image: Image.Image, regions: Sequence[Region], *, min_side: int = 384, min_long_side: int = 512
                  ) -> tuple[Image.Image, list[DrawnBox]]:
     """Return an RGB copy of ``image`` with each region's boxes outlined in its own colour and labelled
     ``"<n>. <name>"`` (``n`` = 1-based region number, as in the page's box list), plus the drawn boxes.
 
-    Small images (e.g. a 181x217 MRI slice) are upscaled so the shorter side is at least ``min_side`` px before
-    drawing, so labels stay readable; box coordinates are mapped to the *original* image size and scaled with it
-    (``DrawnBox.xyxy`` are in original pixels). Unnamed regions are labelled by their number only.
+    Small images (a 64 px DICOM, a 181x217 MRI slice) are drawn on an upscaled copy whose shorter side is at least
+    ``min_side`` px and longer side at least ``min_long_side`` px, so labels are readable and outlines thin next to
+    the anatomy; box coordinates are mapped to the *original* image size and scaled with it (``DrawnBox.xyxy`` are in
+    original pixels). Unnamed regions are labelled by their number only.
     """
     base = image.convert("RGB")
     w0, h0 = base.size
-    scale = max(1.0, min_side / max(1, min(w0, h0)))
+    scale = max(1.0, min_side / max(1, min(w0, h0)), min_long_side / max(1, w0, h0))
     canvas = base.resize((round(w0 * scale), round(h0 * scale)), Image.Resampling.BICUBIC) if scale > 1 else base.copy()
     draw = ImageDraw.Draw(canvas)
     line = max(2, round(min(canvas.size) / 200))

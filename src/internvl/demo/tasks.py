@@ -14,10 +14,11 @@ from dataclasses import dataclass
 from internvl.constants import IMAGE_PLACEHOLDER
 from internvl.data.encode import apply_prompt_order
 from internvl.data.prompts import PromptError, build_question
+from internvl.demo.strings import text
 from internvl.demo.uploads import UserInputError, check_question
 from internvl.regions import Box
 
-__all__ = ["TASKS", "DemoTask", "build_prompt", "follow_up_prompt", "split_names"]
+__all__ = ["TASKS", "DemoTask", "build_prompt", "follow_up_prompt", "split_names", "task_label"]
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,12 @@ TASKS: dict[str, DemoTask] = {t.key: t for t in (
     DemoTask("text_to_region", "Text-to-Region", "目标定位", "text_to_region", ("objects", "modality")),
     DemoTask("grounded_report", "Grounded report", "定位报告", "grounded_whole", ("modality",)),
 )}
+
+def task_label(task: str, lang: str) -> str:
+    """The task menu's name of demo task ``task`` in ``lang`` ("en"/"zh")."""
+    spec = TASKS[task]
+    return {"en": spec.label_en, "zh": spec.label_zh}[lang]
+
 
 def split_names(text: str | None) -> list[str]:
     """Object names / class options typed as a comma, semicolon, Chinese comma or newline separated list."""
@@ -66,16 +73,16 @@ def build_prompt(task: str, lang: str, *, question: str | None = None, box: Box 
     elif spec.registry_task == "classify_single":
         opts = split_names(options) if isinstance(options, str) or options is None else [str(o) for o in options]
         if len(opts) < 2 or len(set(opts)) != len(opts):
-            raise UserInputError("Diagnosis needs at least two different candidate classes, separated by commas.")
+            raise UserInputError(text("need_options", lang))
         fields = {"modality": mod, "options": opts, "target": "disease"}
     elif spec.registry_task == "region_to_text":
         if box is None:
-            raise UserInputError("Region-to-Text needs a box: draw one on the image or type x1, y1, x2, y2.")
+            raise UserInputError(text("need_box", lang))
         fields = {"modality": mod, "regions": [("this", [box])]}
     elif spec.registry_task == "text_to_region":
         names = split_names(objects) if isinstance(objects, str) or objects is None else [str(o) for o in objects]
         if not names:
-            raise UserInputError("Text-to-Region needs the name(s) of what to find, e.g. 'left frontal lobe'.")
+            raise UserInputError(text("need_objects", lang))
         fields = {"modality": mod, "objects": names}
     elif spec.registry_task == "grounded_whole":
         fields = {"modality": mod, "target": "organ"}
