@@ -34,8 +34,9 @@ def test_engine_turns_equal_multi_turn_chat_and_use_batch_chat(tiny_model, tiny_
     monkeypatch.setattr(tiny_model, "batch_chat", lambda *a, **k: calls.append(k["histories"]) or batch_chat(*a, **k))
     monkeypatch.setattr(tiny_model, "chat", lambda *a, **k: pytest.fail("the demo must not call model.chat"))
     engine = DemoEngine(tiny_model, tiny_tokenizer, SETTINGS)
-    got_1, history = engine.answer(image, "Where is the liver?", [])
-    got_2, history = engine.answer(image, "And the spleen?", history)
+    got_1, history, step_one = engine.answer(image, "Where is the liver?", [])
+    got_2, history, _ = engine.answer(image, "And the spleen?", history)
+    assert step_one == []  # no Regional CoT unless asked
     assert (got_1, got_2) == (want_1, want_2)
     assert history == [("<image>\nWhere is the liver?", got_1), ("And the spleen?", got_2)]
     assert calls == [[[]], [[("<image>\nWhere is the liver?", got_1)]]]
@@ -73,3 +74,27 @@ def test_build_app_wires_every_element(tiny_model, tiny_tokenizer):
             "box_units", "options", "ask", "clear", "status", "annotated", "chat", "boxes"} <= ids
     names = sorted(getattr(f.fn, "__name__", "") for f in app.fns.values())
     assert names == ["on_ask", "on_ask", "on_clear", "on_example", "on_lang", "on_upload"]  # ask: button and Enter
+
+
+def test_regional_cot_toggle_draws_step_one_regions(tiny_model, tiny_tokenizer, monkeypatch):
+    """With the Regional CoT toggle the engine calls `internvl.regional_cot` (the same two steps as
+    `medrega-eval run --regional-cot`); the step-one regions are drawn after the answer's own, labelled "step 1"."""
+    from internvl.demo import app as app_module
+    from internvl.regional_cot import CotAnswer
+    from internvl.regions import Box, Region
+
+    calls = []
+
+    def fake_cot(generator, requests, langs=None):
+        calls.append((requests, langs))
+        return [CotAnswer(answer="<ref>liver</ref><box>[[100, 100, 500, 500]]</box>",
+                          regions=[Region("liver", [Box(90, 90, 520, 510)])], step_one_prompt="p1",
+                          step_one_answer="a1", step_two_prompt="p2")]
+
+    monkeypatch.setattr(app_module, "regional_cot", fake_cot)
+    engine = DemoEngine(tiny_model, tiny_tokenizer, SETTINGS)
+    session = Session(image=_image())
+    _, rows, _ = ask(engine, session, task="text_to_region", lang="zh", objects="liver", cot=True)
+    assert len(calls) == 1 and calls[0][1] == ["zh"]
+    assert [row["name"] for row in rows] == ["liver", "第一步：liver"]
+    assert session.history[-1][1].startswith("<ref>liver</ref>")

@@ -135,6 +135,6 @@ def test_one_request_logs_one_line_and_no_future_warning(tiny_model, tiny_tokeni
         warnings.simplefilter("error", FutureWarning)
         _, _, status = ask(engine, session, task="text_to_region", lang="zh", objects="肝脏")
     lines = [r.getMessage() for r in caplog.records if r.name == "medrega.demo"]
-    assert len(lines) == 1 and re.fullmatch(r"request: task=text_to_region lang=zh latency=\d+\.\d\ds boxes=\d+",
+    assert len(lines) == 1 and re.fullmatch(r"request: task=text_to_region lang=zh cot=False latency=\d+\.\d\ds boxes=\d+",
                                             lines[0]), lines
     assert status.startswith("**完成：**") and "用时" in status

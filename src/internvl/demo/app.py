@@ -47,6 +47,7 @@ from internvl.demo.uploads import (
     parse_typed_box,
 )
 from internvl.inference import GenerationRequest, GenerationSettings, Generator
+from internvl.regional_cot import regional_cot
 from internvl.regions import Box, Region, parse_regions
 
 __all__ = ["DemoEngine", "Example", "ask", "build_app", "load_examples", "page_labels"]
@@ -63,14 +64,21 @@ class DemoEngine:
         self.generator = Generator(model, tokenizer, settings or GenerationSettings(), batch_size=1)
         self._lock = threading.Lock()
 
-    def answer(self, image: Image.Image, prompt: str, history: list[tuple[str, str]]) -> tuple[str, list]:
-        """(answer text, new history) for ``prompt`` after ``history`` (list of (question, answer) pairs)."""
+    def answer(self, image: Image.Image, prompt: str, history: list[tuple[str, str]], *, cot: bool = False,
+               lang: str | None = None) -> tuple[str, list, list[Region]]:
+        """(answer text, new history, step-one regions) for ``prompt`` after ``history`` (list of (question, answer)
+        pairs). ``cot``: Regional CoT (`internvl.regional_cot`, as `medrega-eval run --regional-cot`): the model first
+        finds the relevant regions, then answers with them in the prompt; the history keeps the user's own prompt."""
         if not history and IMAGE_PLACEHOLDER not in prompt:
             prompt = IMAGE_PLACEHOLDER + "\n" + prompt  # kept in the history: later turns find the image there
         request = GenerationRequest(prompt, images=[image], history=list(history))
         with self._lock, torch.inference_mode():
-            text = self.generator.generate_batch([request])[0]
-        return text, [*history, (prompt, text)]
+            if cot:
+                result = regional_cot(self.generator, [request], langs=[lang])[0]
+                text, step_one = result.answer, list(result.regions)
+            else:
+                text, step_one = self.generator.generate_batch([request])[0], []
+        return text, [*history, (prompt, text)], step_one
 
 
 @dataclass(frozen=True)
@@ -151,9 +159,10 @@ def _regions_table(regions: list[Region], drawn: list) -> list[dict[str, Any]]:
 
 
 def ask(engine: DemoEngine, session: Session, *, task: str, lang: str, question: str = "", objects: str = "",
-        box_text: str = "", box_units: str = "grid", drawing: Any = None, options: str = "", modality: str = ""
-        ) -> tuple[Image.Image | None, list[dict[str, Any]], str]:
-    """One turn: validate inputs, build the prompt, generate, parse and draw boxes.
+        box_text: str = "", box_units: str = "grid", drawing: Any = None, options: str = "", modality: str = "",
+        cot: bool = False) -> tuple[Image.Image | None, list[dict[str, Any]], str]:
+    """One turn: validate inputs, build the prompt, generate (``cot``: Regional CoT), parse and draw boxes; the
+    step-one regions of Regional CoT are drawn after the answer's own, labelled "step 1".
 
     Returns (annotated image, box rows, status message). Raises :class:`UserInputError` for bad input; the caller
     shows it. The session's history and chat grow by this turn.
@@ -179,11 +188,11 @@ def ask(engine: DemoEngine, session: Session, *, task: str, lang: str, question:
     check_prompt_budget(generator.model, generator.tokenizer, prompt, session.history,
                         generator.settings.max_new_tokens)
     t0 = time.perf_counter()
-    answer, session.history = engine.answer(session.image, prompt, session.history)
+    answer, session.history, step_one = engine.answer(session.image, prompt, session.history, cot=cot, lang=lang)
     seconds = time.perf_counter() - t0
     found = [r for r in parse_regions(answer, strict=False) if r.boxes]  # a name without a box draws nothing
     query = [Region(region_name_label(answer, found), [query_box])] if task == "region_to_text" and query_box else []
-    regions = query + found
+    regions = query + found + [Region(text("cot_region", lang, name=r.name or "?"), r.boxes) for r in step_one]
     annotated, drawn = draw_regions(session.image, regions)
     shown_q = {"vqa": question, "text_to_region": objects, "diagnosis": options}.get(task, "") or ""
     user_text = f"[{task_label(task, lang)}] {shown_q}".strip()
@@ -192,7 +201,7 @@ def ask(engine: DemoEngine, session: Session, *, task: str, lang: str, question:
     session.chat += [{"role": "user", "content": escape(user_text)},
                      {"role": "assistant", "content": answer_html(answer, found, lang, first_number=len(query) + 1)}]
     n_boxes = sum(len(r.boxes) for r in regions)
-    log.info("request: task=%s lang=%s latency=%.2fs boxes=%d", task, lang, seconds, n_boxes)
+    log.info("request: task=%s lang=%s cot=%s latency=%.2fs boxes=%d", task, lang, cot, seconds, n_boxes)
     status = _message(text("answered", lang, seconds=seconds, n=n_boxes), "ok", lang)
     return annotated, _regions_table(regions, drawn), status
 
@@ -256,13 +265,14 @@ def _handlers(engine: DemoEngine, examples: list[Example]) -> SimpleNamespace:
     def example_error(message: str, evt, session, lang):
         return (gr.update(), session, *([gr.update()] * 7), _message(message, "error", lang))
 
-    def on_ask(session: Session, drawing, task, question, objects, box_text, box_units, options, modality, lang):
+    def on_ask(session: Session, drawing, task, question, objects, box_text, box_units, options, modality, cot,
+               lang):
         layer = None
         if isinstance(drawing, dict) and drawing.get("layers"):
             layer = drawing["layers"][0]
         annotated, rows, status = ask(engine, session, task=task, lang=lang, question=question, objects=objects,
                                       box_text=box_text, box_units=box_units, drawing=layer, options=options,
-                                      modality=modality)
+                                      modality=modality, cot=bool(cot))
         return annotated, list(session.chat), rows, status, session
 
     def on_ask_error(message: str, session, *rest):
@@ -314,6 +324,7 @@ def _layout(title: str, model_name: str, examples: list[Example]) -> SimpleNames
                 c.box_units = gr.Radio([(en("units_grid"), "grid"), (en("units_pixels"), "pixels")], value="grid",
                                        label=en("box_units"), elem_id="box_units")
             c.options = gr.Textbox(label=en("options"), elem_id="options")
+            c.cot = gr.Checkbox(label=en("regional_cot"), value=False, elem_id="regional_cot")
             with gr.Row():
                 c.ask_btn = gr.Button(en("ask"), variant="primary", elem_id="ask")
                 c.clear_btn = gr.Button(en("clear"), elem_id="clear")
@@ -329,7 +340,8 @@ def _layout(title: str, model_name: str, examples: list[Example]) -> SimpleNames
 _LABELLED = (("upload", "upload"), ("axis", "axis"), ("slice_box", "slice"), ("editor", "editor"),
              ("gallery", "gallery"), ("task", "task"), ("lang", "lang"), ("modality", "modality"),
              ("question", "question"), ("objects", "objects"), ("box_text", "box"), ("box_units", "box_units"),
-             ("options", "options"), ("annotated", "annotated"), ("chatbot", "chat"), ("boxes", "boxes"))
+             ("options", "options"), ("cot", "regional_cot"), ("annotated", "annotated"), ("chatbot", "chat"),
+             ("boxes", "boxes"))
 
 
 def page_labels(lang: str, title: str, model_name: str) -> list[Any]:
@@ -359,7 +371,7 @@ def build_app(engine: DemoEngine, examples: list[Example], *, title: str = "MedR
         c.gallery.select(h.example, [c.session, c.lang], [c.editor, c.session, c.task, c.lang, c.question, c.objects,
                                                           c.box_text, c.options, c.modality, c.status])
         ask_inputs = [c.session, c.editor, c.task, c.question, c.objects, c.box_text, c.box_units, c.options,
-                      c.modality, c.lang]
+                      c.modality, c.cot, c.lang]
         ask_outputs = [c.annotated, c.chatbot, c.boxes, c.status, c.session]
         c.ask_btn.click(h.ask, ask_inputs, ask_outputs)
         c.question.submit(h.ask, ask_inputs, ask_outputs)
