@@ -132,7 +132,8 @@ def section_recipe(args, res: dict) -> None:
                loras=[int(r) for r in args.recipe_lora.split(",") if r], layers=args.recipe_layers,
                batch=args.recipe_batch, seq=args.recipe_seq, steps=args.recipe_steps, warmup=args.recipe_warmup,
                bf16=args.device == "cuda", out=Path(args.out, "recipe_runs"), fused_adam=args.recipe_fused_adam,
-               peak_flops=args.peak, lr=args.recipe_lr, on_row=save)
+               peak_flops=args.peak, lr=args.recipe_lr,
+               distinct=args.recipe_distinct_batches, on_row=save)
 
 
 def _save_partial(args, res: dict) -> None:
@@ -468,6 +469,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe-steps", type=int, default=4)
     p.add_argument("--recipe-warmup", type=int, default=2)
     p.add_argument("--recipe-lr", type=float, default=1e-5, help="learning rate of the recipe cases (constant)")
+    p.add_argument("--recipe-distinct-batches", type=int, default=None, help="batches the recipe steps cycle "
+                   "through (default: a new one each step; 1: the same batch, so the losses fall - the CPU test)")
     p.add_argument("--recipe-fused-adam", action="store_true", help="keep the shipped configs' DeepSpeed fused Adam "
                    "(a CUDA extension build) instead of torch's AdamW")
     p.add_argument("--device", default="cuda", help="cuda (the benchmark) or cpu (smoke test on a tiny preset)")

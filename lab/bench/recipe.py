@@ -159,9 +159,10 @@ def build_recipe_model(config, model_args, dtype: torch.dtype):
 
 def run_recipe_case(case: RecipeCase, config, *, batch: int, seq: int, steps: int, warmup: int, out: Path,
                     bf16: bool, peak_flops: float = H100_H200_BF16_PEAK, fused_adam: bool = False,
-                    lr: float = 1e-5) -> dict:
+                    lr: float = 1e-5, distinct: int | None = None) -> dict:
     """Train `warmup + steps` optimizer steps of `case` with MedRegTrainer; tokens/s and MFU over the last `steps`,
-    per-step losses of all of them."""
+    per-step losses of all of them. `distinct`: how many different batches the steps cycle through (default: a new
+    one each step; 1 = the same batch every step, so the losses fall fast, for the CPU test)."""
     from internvl.train.arguments import MedRegTrainingArguments
     from internvl.train.cli import release_deepspeed_config, speedups_from_args
     from internvl.train.trainer import MedRegTrainer
@@ -169,7 +170,7 @@ def run_recipe_case(case: RecipeCase, config, *, batch: int, seq: int, steps: in
     cuda = torch.cuda.is_available()
     vocab = config.llm_config.vocab_size
     data = [fixed_batch(batch, seq, vocab=vocab, image_token_id=vocab - 1, num_image_token=config.num_image_token,
-                        image_size=config.force_image_size, answer_from=24 + config.num_image_token + 30, seed=i)
+                        image_size=config.force_image_size, answer_from=24 + config.num_image_token + 30, seed=i % (distinct or warmup + steps))
             for i in range(warmup + steps)]
     ds = None if case.engine == "plain" else str(zero_config(int(case.engine[-1]), out, fused_adam))
     if ds:
@@ -224,7 +225,8 @@ def recipe_cases(models: list[str], engines: list[str], loras: list[int]) -> lis
 def run_recipe(models: list[str], *, engines: list[str] = list(ENGINES), loras: list[int] = (0, 16),
                layers: int | None = None, batch: int = 4, seq: int = 2048, steps: int = 4, warmup: int = 2,
                bf16: bool = True, out: Path | None = None, fused_adam: bool = False,
-               peak_flops: float = H100_H200_BF16_PEAK, lr: float = 1e-5, on_row=None) -> list[dict]:
+               peak_flops: float = H100_H200_BF16_PEAK, lr: float = 1e-5, distinct: int | None = None,
+               on_row=None) -> list[dict]:
     """Run every recipe case (errors recorded in the row, the run goes on); `vs_plain` = tokens/s over the
     no-DeepSpeed case of the same model and LoRA setting from this same call."""
     out = Path(out or tempfile.mkdtemp(prefix="recipe_"))
@@ -234,7 +236,7 @@ def run_recipe(models: list[str], *, engines: list[str] = list(ENGINES), loras: 
         config = recipe_config(case.model, layers)
         try:
             row = run_recipe_case(case, config, batch=batch, seq=seq, steps=steps, warmup=warmup, out=out,
-                                  bf16=bf16, fused_adam=fused_adam, peak_flops=peak_flops, lr=lr)
+                                  bf16=bf16, fused_adam=fused_adam, peak_flops=peak_flops, lr=lr, distinct=distinct)
         except Exception as exc:  # noqa: BLE001 - a failed case is a result; the others still run
             row = {"case": case.name, "model": case.model, "engine": case.engine, "lora": case.lora,
                    "error": f"{type(exc).__name__}: {exc}"[:400]}
