@@ -133,7 +133,7 @@ def section_recipe(args, res: dict) -> None:
                batch=args.recipe_batch, seq=args.recipe_seq, steps=args.recipe_steps, warmup=args.recipe_warmup,
                bf16=args.device == "cuda", out=Path(args.out, "recipe_runs"), fused_adam=args.recipe_fused_adam,
                peak_flops=args.peak, lr=args.recipe_lr,
-               distinct=args.recipe_distinct_batches, on_row=save)
+               distinct=args.recipe_distinct_batches, deadline_s=args.recipe_deadline_s, on_row=save)
 
 
 def _save_partial(args, res: dict) -> None:
@@ -358,7 +358,8 @@ def fmt_table(res: dict) -> str:
     lines += train_table_lines(res)
     if res.get("recipe"):
         a = res["args"]
-        lines += recipe_table_lines(res["recipe"], batch=a["recipe_batch"], seq=a["recipe_seq"])
+        lines += recipe_table_lines(res["recipe"], batch=a["recipe_batch"], seq=a["recipe_seq"],
+                                    fused_adam=a["recipe_fused_adam"])
     lines += kernel_lines(res)
     if res.get("loss_guard"):
         g = res["loss_guard"]
@@ -471,6 +472,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe-lr", type=float, default=1e-5, help="learning rate of the recipe cases (constant)")
     p.add_argument("--recipe-distinct-batches", type=int, default=None, help="batches the recipe steps cycle "
                    "through (default: a new one each step; 1: the same batch, so the losses fall - the CPU test)")
+    p.add_argument("--recipe-deadline-s", type=float, default=None, help="skip (and record) recipe cases that "
+                   "would start after this many seconds of the section")
     p.add_argument("--recipe-fused-adam", action="store_true", help="keep the shipped configs' DeepSpeed fused Adam "
                    "(a CUDA extension build) instead of torch's AdamW")
     p.add_argument("--device", default="cuda", help="cuda (the benchmark) or cpu (smoke test on a tiny preset)")

@@ -33,7 +33,7 @@ from internvl.model import load_preset
 
 from .batches import fixed_batch
 from .flops import H100_H200_BF16_PEAK, lora_params, mfu, recipe_step_flops, shape_of
-from .runtime import free
+from .runtime import Deadline, free
 
 ROOT = Path(__file__).resolve().parents[2]
 ENGINES = ("plain", "zero2", "zero3")
@@ -142,13 +142,14 @@ def _model_args(lora: int):
 def build_recipe_model(config, model_args, dtype: torch.dtype):
     """The model as `internvl.train.build.build_model_and_tokenizer` leaves it (frozen towers, LoRA, checkpointing),
     from `config` instead of a preset + tokenizer (the Yi vocabulary has no tokenizer here); plus its FLOPs shape
-    (read before LoRA wraps the linears)."""
+    (read before LoRA wraps the linears). Random init runs on the GPU when there is one (seconds, not a minute of
+    CPU init for 3B weights); the trainer would move it there anyway."""
     from internvl.model import InternVLChatModel
     from internvl.train.build import apply_freezing, enable_gradient_checkpointing, whole_model_construction
 
     config.llm_config.use_cache = False
     torch.manual_seed(0)
-    with whole_model_construction():
+    with whole_model_construction(), torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = InternVLChatModel(config).to(dtype)
     model.img_context_token_id = config.llm_config.vocab_size - 1
     shape = shape_of(model)
@@ -226,13 +227,19 @@ def run_recipe(models: list[str], *, engines: list[str] = list(ENGINES), loras: 
                layers: int | None = None, batch: int = 4, seq: int = 2048, steps: int = 4, warmup: int = 2,
                bf16: bool = True, out: Path | None = None, fused_adam: bool = False,
                peak_flops: float = H100_H200_BF16_PEAK, lr: float = 1e-5, distinct: int | None = None,
-               on_row=None) -> list[dict]:
-    """Run every recipe case (errors recorded in the row, the run goes on); `vs_plain` = tokens/s over the
-    no-DeepSpeed case of the same model and LoRA setting from this same call."""
+               deadline_s: float | None = None, on_row=None) -> list[dict]:
+    """Run every recipe case (errors recorded in the row, the run goes on; cases that would start after
+    `deadline_s` are recorded as skipped); `vs_plain` = tokens/s over the no-DeepSpeed case of the same model and
+    LoRA setting from this same call."""
+    deadline = Deadline(deadline_s)
     out = Path(out or tempfile.mkdtemp(prefix="recipe_"))
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
     for case in recipe_cases(models, engines, list(loras)):
+        if deadline.over():
+            rows.append({"case": case.name, "model": case.model, "engine": case.engine, "lora": case.lora,
+                         "error": f"skipped: deadline ({deadline.elapsed():.0f} s)"})
+            continue
         config = recipe_config(case.model, layers)
         try:
             row = run_recipe_case(case, config, batch=batch, seq=seq, steps=steps, warmup=warmup, out=out,
@@ -251,16 +258,18 @@ def run_recipe(models: list[str], *, engines: list[str] = list(ENGINES), loras: 
     return rows
 
 
-def recipe_table_lines(rows: list[dict], *, batch: int, seq: int) -> list[str]:
+def recipe_table_lines(rows: list[dict], *, batch: int, seq: int, fused_adam: bool = False) -> list[str]:
     """The printed block: one row per case, ratio against the no-DeepSpeed baseline of the same run."""
     if not rows:
         return []
+    adam = "DeepSpeed fused Adam" if fused_adam else "+ torch AdamW"
     lines = [f"\n== recipe (frozen ViT + projector, ckpt on, {batch} x {seq} tokens, bf16; ZeRO configs as shipped "
-             "+ torch AdamW) ==",
+             f"{adam}; MFU: lab/bench/flops.py recipe_step_flops) ==",
              f"{'case':26s} {'tok/s':>9s} {'MFU':>6s} {'peakGiB':>8s} {'vs plain':>8s} {'params':>8s} {'train':>8s}"]
     for r in rows:
         if "error" in r:
-            lines.append(f"{r['case']:26s} FAILED {r['error']}")
+            tag = "" if r["error"].startswith("skipped") else "FAILED "
+            lines.append(f"{r['case']:26s} {tag}{r['error']}")
             continue
         vs = f"{r['vs_plain']:.2f}x" if "vs_plain" in r else ""
         lines.append(f"{r['case']:26s} {r['tokens_per_s']:9.0f} {r['mfu'] * 100:5.1f}% {r['peak_mem_gib']:8.1f} "
