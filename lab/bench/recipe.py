@@ -206,15 +206,64 @@ def run_recipe_case(case: RecipeCase, config, *, batch: int, seq: int, steps: in
            "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"),
            "params": sum(p.numel() for p in model.parameters()),
            "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+    _release(trainer)
     trainer = model = None
     free()
     return row
+
+
+def _release(trainer) -> None:
+    """Drop what the Trainer's accelerator (and a DeepSpeed engine) still hold of this case's model and optimizer,
+    so the next case starts with the device memory free."""
+    engine = getattr(trainer, "model_wrapped", None)
+    model = trainer.model
+    for opt in (getattr(engine, "optimizer", None), trainer.optimizer):
+        _empty_tensors(opt)
+    if hasattr(engine, "destroy"):
+        engine.destroy()
+        for name in ("optimizer", "basic_optimizer", "lr_scheduler"):
+            if hasattr(engine, name):
+                setattr(engine, name, None)
+    trainer.accelerator.free_memory()
+    # ZeRO-3's hooks keep the module object alive past this case: free its tensors' storage in place
+    for p in list(model.parameters()) + list(model.buffers()):
+        p.grad = None
+        p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+        if getattr(p, "ds_tensor", None) is not None:
+            p.ds_tensor.data = torch.empty(0, dtype=p.ds_tensor.dtype, device=p.ds_tensor.device)
+    trainer.model = trainer.model_wrapped = trainer.optimizer = trainer.lr_scheduler = None
 
 
 def _collate(features: list[dict]) -> dict:
     from internvl.data.collate import pad_collate
 
     return pad_collate(features, pad_token_id=0)
+
+
+def _empty(t: torch.Tensor) -> None:
+    t.data = torch.empty(0, dtype=t.dtype, device=t.device)
+
+
+def _empty_tensors(obj: Any, depth: int = 0) -> None:
+    """Free in place the storage of the tensors an optimizer (DeepSpeed's ZeRO wrapper or torch's) holds in its
+    attributes, lists, dicts and per-parameter state, two levels deep (the inner torch optimizer)."""
+    if obj is None or depth > 2:
+        return
+    state = getattr(obj, "state", None)
+    if isinstance(state, dict):
+        for per_param in state.values():
+            for t in (per_param.values() if isinstance(per_param, dict) else []):
+                if isinstance(t, torch.Tensor):
+                    _empty(t)
+        state.clear()
+    for value in list(getattr(obj, "__dict__", {}).values()):
+        items = value if isinstance(value, (list, tuple)) else value.values() if isinstance(value, dict) else [value]
+        for item in items:
+            for t in (item if isinstance(item, (list, tuple)) else [item]):
+                if isinstance(t, torch.Tensor):
+                    _empty(t)
+        if isinstance(value, torch.optim.Optimizer):
+            _empty_tensors(value, depth + 1)
 
 
 def recipe_cases(models: list[str], engines: list[str], loras: list[int]) -> list[RecipeCase]:
