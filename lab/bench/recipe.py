@@ -301,6 +301,8 @@ def run_recipe(models: list[str], *, engines: list[str] = list(ENGINES), loras: 
                      and r["engine"] == "plain" and "tokens_per_s" in r), None)
         if base and "tokens_per_s" in row:
             row["vs_plain"] = row["tokens_per_s"] / base["tokens_per_s"]
+            pairs = list(zip(row["losses"], base["losses"]))
+            row["loss_rel_vs_plain"] = max((abs(a - b) / max(abs(b), 1e-12) for a, b in pairs), default=float("nan"))
         rows.append(row)
         if on_row is not None:
             on_row(rows)
@@ -314,7 +316,8 @@ def recipe_table_lines(rows: list[dict], *, batch: int, seq: int, fused_adam: bo
     adam = "DeepSpeed fused Adam" if fused_adam else "+ torch AdamW"
     lines = [f"\n== recipe (frozen ViT + projector, ckpt on, {batch} x {seq} tokens, bf16; ZeRO configs as shipped "
              f"{adam}; MFU: lab/bench/flops.py recipe_step_flops) ==",
-             f"{'case':26s} {'tok/s':>9s} {'MFU':>6s} {'peakGiB':>8s} {'vs plain':>8s} {'params':>8s} {'train':>8s}"]
+             f"{'case':26s} {'tok/s':>9s} {'MFU':>6s} {'peakGiB':>8s} {'vs plain':>8s} {'params':>8s} {'train':>8s} "
+             f"{'loss rel':>9s}"]
     for r in rows:
         if "error" in r:
             tag = "" if r["error"].startswith("skipped") else "FAILED "
@@ -322,5 +325,6 @@ def recipe_table_lines(rows: list[dict], *, batch: int, seq: int, fused_adam: bo
             continue
         vs = f"{r['vs_plain']:.2f}x" if "vs_plain" in r else ""
         lines.append(f"{r['case']:26s} {r['tokens_per_s']:9.0f} {r['mfu'] * 100:5.1f}% {r['peak_mem_gib']:8.1f} "
-                     f"{vs:>8s} {r['params'] / 1e6:7.0f}M {r['trainable'] / 1e6:7.1f}M")
+                     f"{vs:>8s} {r['params'] / 1e6:7.0f}M {r['trainable'] / 1e6:7.1f}M "
+                     f"{r.get('loss_rel_vs_plain', float('nan')):9.1e}")
     return lines

@@ -107,6 +107,7 @@ def test_recipe_cases_on_cpu_zero3_losses_equal_plain(tmp_path):
         assert zero3["losses"] == pytest.approx(plain["losses"], rel=LOSS_RTOL_FP32), (setting, zero3, plain)
         assert plain["losses"][-1] < plain["losses"][0] - 0.02  # the steps train: the losses fall
         assert zero3["vs_plain"] == pytest.approx(zero3["tokens_per_s"] / plain["tokens_per_s"])
+        assert zero3["loss_rel_vs_plain"] <= LOSS_RTOL_FP32
         assert plain["mfu"] > 0 and plain["tokens_per_s"] > 0
     assert rows["tiny lora r16 plain"]["trainable"] < rows["tiny full plain"]["trainable"]
     assert "tiny full zero3" in run.stdout and "vs plain" in run.stdout  # the printed table
