@@ -37,6 +37,7 @@ from .gen_bench import (
 from .kernel_bench import kernel_lines, section_kernels
 from .lengths import describe, iu_report_token_lengths, sample_mix
 from .real_shape import run_real_shape
+from .recipe import ENGINES, recipe_table_lines, run_recipe
 from .runtime import Deadline, free
 from .runtime import guard as _guard
 from .train_bench import ours_loss, run_train_case, set_fast, train_table_lines
@@ -119,6 +120,20 @@ def section_pack(args, res: dict, config) -> None:
             rows.append(r)
     del ours
     free()
+
+
+def section_recipe(args, res: dict) -> None:
+    """The released recipe's shape through MedRegTrainer, no DeepSpeed / ZeRO-2 / ZeRO-3 (lab/bench/recipe.py)."""
+    def save(rows: list[dict]) -> None:
+        res["recipe"] = rows
+        Path(args.out, "bench.json").write_text(json.dumps(res, indent=1, default=str))
+
+    run_recipe([m for m in args.recipe_models.split(",") if m], engines=[e for e in args.recipe_engines.split(",") if e],
+               loras=[int(r) for r in args.recipe_lora.split(",") if r], layers=args.recipe_layers,
+               batch=args.recipe_batch, seq=args.recipe_seq, steps=args.recipe_steps, warmup=args.recipe_warmup,
+               bf16=args.device == "cuda", out=Path(args.out, "recipe_runs"), fused_adam=args.recipe_fused_adam,
+               peak_flops=args.peak, lr=args.recipe_lr,
+               distinct=args.recipe_distinct_batches, deadline_s=args.recipe_deadline_s, on_row=save)
 
 
 def _save_partial(args, res: dict) -> None:
@@ -341,6 +356,10 @@ def section_profile(args, res: dict, config) -> None:
 def fmt_table(res: dict) -> str:
     lines = [f"GPU: {res.get('device', {}).get('gpu', '?')}  peak for MFU: {res['peak_flops'] / 1e12:.1f} TFLOP/s"]
     lines += train_table_lines(res)
+    if res.get("recipe"):
+        a = res["args"]
+        lines += recipe_table_lines(res["recipe"], batch=a["recipe_batch"], seq=a["recipe_seq"],
+                                    fused_adam=a["recipe_fused_adam"])
     lines += kernel_lines(res)
     if res.get("loss_guard"):
         g = res["loss_guard"]
@@ -396,7 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The benchmark's command line (see docs/performance.md for the options each table used)."""
     p = argparse.ArgumentParser(prog="python -m lab.bench", description=__doc__)
     p.add_argument("--sections", default="train,pack,gen,real", help="comma list of train,pack,gen,real,profile,"
-                   "kernels")
+                   "kernels,recipe")
     p.add_argument("--preset", default="mid")
     p.add_argument("--out", default="bench_out")
     p.add_argument("--batch", type=int, default=8)
@@ -442,6 +461,21 @@ def build_parser() -> argparse.ArgumentParser:
                    "(int8 = LLM.int8 through bitsandbytes, one GPU)")
     p.add_argument("--real-devices", type=int, default=1, help="GPUs the 40B shape is sharded over (device_map)")
     p.add_argument("--real-quant-new-tokens", type=int, default=32, help="new tokens per call for the int8 shape")
+    p.add_argument("--recipe-models", default="mid,yi", help="recipe section: presets and/or yi (Yi-34B-shaped LLM)")
+    p.add_argument("--recipe-layers", type=int, default=None, help="LLM layers of the recipe models (yi: default 4)")
+    p.add_argument("--recipe-engines", default=",".join(ENGINES), help="plain (no DeepSpeed), zero2, zero3")
+    p.add_argument("--recipe-lora", default="0,16", help="LoRA ranks of the recipe cases (0 = full LLM)")
+    p.add_argument("--recipe-batch", type=int, default=4)
+    p.add_argument("--recipe-seq", type=int, default=2048)
+    p.add_argument("--recipe-steps", type=int, default=4)
+    p.add_argument("--recipe-warmup", type=int, default=2)
+    p.add_argument("--recipe-lr", type=float, default=1e-5, help="learning rate of the recipe cases (constant)")
+    p.add_argument("--recipe-distinct-batches", type=int, default=None, help="batches the recipe steps cycle "
+                   "through (default: a new one each step; 1: the same batch, so the losses fall - the CPU test)")
+    p.add_argument("--recipe-deadline-s", type=float, default=None, help="skip (and record) recipe cases that "
+                   "would start after this many seconds of the section")
+    p.add_argument("--recipe-fused-adam", action="store_true", help="keep the shipped configs' DeepSpeed fused Adam "
+                   "(a CUDA extension build) instead of torch's AdamW")
     p.add_argument("--device", default="cuda", help="cuda (the benchmark) or cpu (smoke test on a tiny preset)")
     p.add_argument("--peak", type=float, default=H100_H200_BF16_PEAK, help="peak FLOP/s for MFU")
     return p
@@ -495,6 +529,8 @@ def main(argv: list[str] | None = None) -> int:
             _guard(res, "section_profile", section_profile, args, res, config)
         elif name == "kernels":
             _guard(res, "section_kernels", section_kernels, args, res)
+        elif name == "recipe":
+            _guard(res, "section_recipe", section_recipe, args, res)
         elif name == "real":
             for quant in [q.strip() for q in args.real_quant.split(",") if q.strip()]:
                 key = "real" if quant == "bf16" else f"real_{quant}"

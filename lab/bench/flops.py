@@ -122,3 +122,45 @@ def decode_weight_bytes(model: nn.Module) -> int:
     total += sum(p.numel() * p.element_size() for p in decoder.norm.parameters())
     total += head.weight.numel() * head.weight.element_size()
     return int(total)
+
+
+def lora_params(llm_config_or_chat, r: int) -> int:
+    """Adapter weights of LoRA rank `r` on a Llama-family LLM's q/k/v/o and gate/up/down projections (the targets of
+    `internvl.train.lora`): r * (in + out) per projection per layer. 0 when `r` is 0."""
+    if not r:
+        return 0
+    c = getattr(llm_config_or_chat, "llm_config", llm_config_or_chat)
+    h, inter = c.hidden_size, c.intermediate_size
+    hd = getattr(c, "head_dim", None) or h // c.num_attention_heads
+    q, kv = c.num_attention_heads * hd, c.num_key_value_heads * hd
+    per_layer = (h + q) + 2 * (h + kv) + (q + h) + 2 * (h + inter) + (inter + h)
+    return r * per_layer * c.num_hidden_layers
+
+
+def recipe_step_flops(shape: ModelShape, *, tokens: int, supervised: int, doc_lengths: list[int], images: int,
+                      lora: int = 0) -> float:
+    """Model FLOPs of one training step of the released recipe: ViT and projector frozen, the LLM trained in full
+    (`lora` = 0) or through LoRA adapters with `lora` weights in all (`lora_params`).
+
+    Each matmul costs 2·W·n forward; backward costs another 2·W·n for the input gradient and 2·W·n for the weight
+    gradient, and a frozen weight gets no weight-gradient FLOPs:
+      - ViT + projector: forward only (1x): frozen, and nothing before them trains, so no gradient flows into them;
+      - LLM linears: full 3x (6·P_llm·T); under LoRA the frozen base gets 2x (forward + input gradient, 4·P_llm·T)
+        and the adapters 3x (6·P_lora·T);
+      - LM head (on the supervised positions): 3x when the LLM trains in full, 2x under LoRA (frozen head);
+      - attention scores (QK^T, AV): no weights, 3x (backward = dQ, dK, dV);
+      - recomputation under gradient checkpointing is NOT counted (model FLOPs, not hardware FLOPs), so MFU is
+        directly comparable with checkpointing off.
+    Under LoRA the first layer's q/k/v base projections need no input gradient (their input, the embeddings, is
+    frozen); they are still charged it (an overcount of 2·P_qkv(layer 0)·T, under 1/L of the base's backward).
+    """
+    if lora < 0:
+        raise ValueError(f"lora adapter weights must be >= 0 (got {lora})")
+    fwd = forward_flops(shape, tokens=tokens, supervised=supervised, doc_lengths=doc_lengths, images=0)
+    vit = forward_flops(shape, tokens=0, supervised=0, doc_lengths=[], images=images)
+    linear = 2.0 * shape.p_llm * tokens
+    head = 2.0 * shape.p_head * supervised
+    attn = fwd - linear - head
+    weight_grad = 0.0 if lora else linear + head  # the full LLM's weight gradients (embedding: a lookup, no FLOPs)
+    adapters = 3.0 * 2.0 * lora * tokens
+    return vit + 2.0 * fwd + attn + weight_grad + adapters
