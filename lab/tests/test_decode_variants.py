@@ -7,6 +7,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from internvl.model import DecodeConfig
 from internvl.model import fast_generate as fg
+from internvl.testing.helpers import decode_prompts, greedy_reference
 from lab import decode_variants as dv
 from lab.decode_variants import LabDecodeConfig, LabGreedyDecoder, flex_gqa_decode_attention, math_gqa_decode_attention
 
@@ -18,18 +19,8 @@ def _llama(seed=0):
     return LlamaForCausalLM(cfg).eval()
 
 
-def _prompts(seed=0):
-    g = torch.Generator().manual_seed(seed)
-    emb = torch.randn(3, 7, 32, generator=g)
-    mask = torch.ones(3, 7, dtype=torch.long)
-    mask[0, :3] = 0
-    mask[1, :1] = 0
-    return emb, mask
-
-
-def _reference(lm, emb, mask, n):
-    return lm.generate(inputs_embeds=emb, attention_mask=mask, max_new_tokens=n, do_sample=False, eos_token_id=None,
-                       pad_token_id=0)
+_prompts = decode_prompts
+_reference = greedy_reference
 
 
 @pytest.mark.parametrize("attention", [math_gqa_decode_attention, flex_gqa_decode_attention], ids=["math", "flex"])

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from internvl.testing.helpers import build_tiny_bert_dir
 from medrega_eval import cli
 from medrega_eval.metrics import meteor as M
 from medrega_eval.metrics.model_based import bertscore
@@ -126,17 +127,7 @@ WORDS = "no pleural effusion the heart is normal left lung mass small right larg
 
 @pytest.fixture(scope="module")
 def tiny_bert(tmp_path_factory):
-    from transformers import BertConfig, BertModel, BertTokenizer
-
-    d = tmp_path_factory.mktemp("bert")
-    vocab = d / "vocab.txt"
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
-    BertTokenizer(str(vocab)).save_pretrained(d)
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=5 + len(WORDS), hidden_size=16, num_hidden_layers=3, num_attention_heads=2,
-                     intermediate_size=32, max_position_embeddings=64)
-    BertModel(cfg).save_pretrained(d, safe_serialization=True)
-    return d
+    return build_tiny_bert_dir(tmp_path_factory.mktemp("bert"), WORDS, num_layers=3)
 
 
 def _by_hand(cands, refs, model_dir, layer):

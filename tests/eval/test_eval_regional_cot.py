@@ -5,12 +5,12 @@ import json
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from internvl.data.prompt_registry import LANGS, get_prompt
 from internvl.inference import GenerationRequest, Generator
 from internvl.regional_cot import RegionalCotGenerator, regional_cot, split_question
 from internvl.regions import Box, Region, format_regions, parse_regions
+from internvl.testing.helpers import write_eval_benchmark
 from medrega_eval import cli
 
 BOX_ANSWER = "<ref>liver</ref><box>[[10, 20, 300, 400]]</box>, <ref>spleen</ref><box>[[600, 100, 700, 300]]</box>"
@@ -83,21 +83,13 @@ def test_split_question_keeps_image_and_preamble_in_head():
 
 @pytest.fixture
 def setup(tmp_path, tiny_model, tiny_tokenizer):
-    model_dir = tmp_path / "model"
-    tiny_model.save_pretrained(model_dir, safe_serialization=True)
-    tiny_tokenizer.save_pretrained(model_dir)
-    data = tmp_path / "data"
-    (data / "imgs").mkdir(parents=True)
     rng = np.random.default_rng(0)
-    rows = []
-    for i in range(3):
-        Image.fromarray(rng.integers(0, 255, (24, 32, 3), dtype=np.uint8)).save(data / "imgs" / f"{i}.png")
-        rows.append({"id": f"box{i}" if i < 2 else "plain", "image": f"{i}.png", "width": 32, "height": 24,
-                     "conversations": [{"from": "human", "value": EN_Q}, {"from": "gpt", "value": "yes"}]})
-    (data / "vqa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    yml = tmp_path / "bench.yaml"
-    yml.write_text("benchmarks:\n  tiny_vqa:\n    task: vqa\n    annotation: vqa.jsonl\n    image_root: imgs\n"
-                   "    download: nothing to download\n")
+    rows = [{"id": f"box{i}" if i < 2 else "plain", "image": f"{i}.png", "width": 32, "height": 24,
+             "conversations": [{"from": "human", "value": EN_Q}, {"from": "gpt", "value": "yes"}]} for i in range(3)]
+    model_dir, data, yml, _ = write_eval_benchmark(
+        tmp_path, tiny_model, tiny_tokenizer, rows, name="tiny_vqa", task="vqa",
+        pixels=lambda i: rng.integers(0, 255, (24, 32, 3), dtype=np.uint8),
+        extra_yaml="    download: nothing to download\n")
     return ["run", "--model", str(model_dir), "--benchmark", "tiny_vqa", "--benchmark-file", str(yml),
             "--data-dir", str(data), "--out", str(tmp_path / "out"), "--dtype", "float32", "--max-new-tokens", "4",
             "--batch-size", "2"], tmp_path / "out" / "tiny_vqa"

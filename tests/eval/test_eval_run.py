@@ -7,9 +7,9 @@ import sys
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from internvl.inference import Generator
+from internvl.testing.helpers import write_eval_benchmark
 from medrega_eval import cli
 
 N = 5
@@ -17,23 +17,14 @@ N = 5
 
 @pytest.fixture
 def setup(tmp_path, tiny_model, tiny_tokenizer):
-    model_dir = tmp_path / "model"
-    tiny_model.save_pretrained(model_dir, safe_serialization=True)
-    tiny_tokenizer.save_pretrained(model_dir)
-    data = tmp_path / "data"
-    (data / "imgs").mkdir(parents=True)
     rng = np.random.default_rng(0)
-    rows = []
-    for i in range(N):
-        Image.fromarray(rng.integers(0, 255, (24, 32, 3), dtype=np.uint8)).save(data / "imgs" / f"{i}.png")
-        rows.append({"id": f"s{i}", "image": f"{i}.png", "width": 32, "height": 24, "conversations": [
-            {"from": "human", "value": "<image>\nPlease locate the liver in this CT scan."},
-            {"from": "gpt", "value": f"<ref>liver</ref><box>[[{10 * i}, 10, {10 * i + 300}, 400]]</box>"}]})
-    (data / "t2r.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    yml = tmp_path / "bench.yaml"
-    yml.write_text("benchmarks:\n  tiny_t2r:\n    task: text2region\n    annotation: t2r.jsonl\n    image_root: imgs\n"
-                   "    size: 5\n    download: nothing to download\n")
-    return model_dir, data, yml, tmp_path / "out"
+    rows = [{"id": f"s{i}", "image": f"{i}.png", "width": 32, "height": 24, "conversations": [
+        {"from": "human", "value": "<image>\nPlease locate the liver in this CT scan."},
+        {"from": "gpt", "value": f"<ref>liver</ref><box>[[{10 * i}, 10, {10 * i + 300}, 400]]</box>"}]}
+        for i in range(N)]
+    return write_eval_benchmark(tmp_path, tiny_model, tiny_tokenizer, rows, name="tiny_t2r", task="text2region",
+                                pixels=lambda i: rng.integers(0, 255, (24, 32, 3), dtype=np.uint8),
+                                extra_yaml="    size: 5\n    download: nothing to download\n")
 
 
 def _args(model_dir, data, yml, out, *extra):

@@ -17,6 +17,7 @@ from internvl.ops.packed_projections import (
     pack_linears,
     packed_view,
 )
+from internvl.testing.helpers import decode_prompts, greedy_reference
 
 
 def _llama(seed=0, **kw):
@@ -38,18 +39,8 @@ def _qwen2(seed=0):
     return m
 
 
-def _prompts(batch=3, length=7, hidden=32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    emb = torch.randn(batch, length, hidden, generator=g)
-    mask = torch.ones(batch, length, dtype=torch.long)
-    mask[0, :3] = 0
-    mask[1, :1] = 0
-    return emb, mask
-
-
-def _reference(lm, emb, mask, n):
-    return lm.generate(inputs_embeds=emb, attention_mask=mask, max_new_tokens=n, do_sample=False, eos_token_id=None,
-                       pad_token_id=0)
+_prompts = decode_prompts
+_reference = greedy_reference
 
 
 def _storages(lm):

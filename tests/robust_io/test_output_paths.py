@@ -184,22 +184,13 @@ def test_train_output_dir_that_is_a_file_or_the_model(tmp_path: Path, base_dir: 
 @pytest.fixture
 def eval_setup(tmp_path, tiny_model, tiny_tokenizer):
     import numpy as np
-    from PIL import Image
 
-    model_dir = tmp_path / "model"
-    tiny_model.save_pretrained(model_dir, safe_serialization=True)
-    tiny_tokenizer.save_pretrained(model_dir)
-    data = tmp_path / "data"
-    (data / "imgs").mkdir(parents=True)
-    rows = []
-    for i in range(3):
-        Image.fromarray(np.full((24, 32, 3), 40 * i, dtype=np.uint8)).save(data / "imgs" / f"{i}.png")
-        rows.append({"id": f"s{i}", "image": f"{i}.png", "conversations": [
-            {"from": "human", "value": "<image>\nIs this normal?"}, {"from": "gpt", "value": "yes"}]})
-    (data / "v.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    yml = tmp_path / "bench.yaml"
-    yml.write_text("benchmarks:\n  tiny_vqa:\n    task: vqa\n    annotation: v.jsonl\n    image_root: imgs\n")
-    return model_dir, data, yml, tmp_path / "out"
+    from internvl.testing.helpers import write_eval_benchmark
+
+    rows = [{"id": f"s{i}", "image": f"{i}.png", "conversations": [
+        {"from": "human", "value": "<image>\nIs this normal?"}, {"from": "gpt", "value": "yes"}]} for i in range(3)]
+    return write_eval_benchmark(tmp_path, tiny_model, tiny_tokenizer, rows, name="tiny_vqa", task="vqa",
+                                pixels=lambda i: np.full((24, 32, 3), 40 * i, dtype=np.uint8))
 
 
 def _run_args(model_dir, data, yml, out, *extra):

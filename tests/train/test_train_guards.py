@@ -13,17 +13,17 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import TrainerCallback
 
+from internvl.testing.helpers import pad_text_batch
+from internvl.testing.square_task import write_square_dataset
 from internvl.train import checkpoint as ckpt
 from internvl.train.guards import NonFiniteError, StepGuard, assert_finite_model
 from internvl.train.manifest import verify_manifest
 from internvl.train.trainer import MedRegTrainer
-from transformers import TrainerCallback
 
 from .test_train_cli_resume import ROOT, cli_args, env
 from .test_train_trainer_core import args, make_samples, tiny_llama
-
-from internvl.testing.square_task import write_square_dataset
 
 
 class IndexedDataset(torch.utils.data.Dataset):
@@ -43,17 +43,7 @@ class IndexedDataset(torch.utils.data.Dataset):
 
 
 def collate(batch: list[dict]) -> dict[str, torch.Tensor]:
-    width = max(len(b["input_ids"]) for b in batch)
-    ids = torch.zeros(len(batch), width, dtype=torch.long)
-    labels = torch.full((len(batch), width), -100, dtype=torch.long)
-    mask = torch.zeros(len(batch), width, dtype=torch.long)
-    for i, b in enumerate(batch):
-        n = len(b["input_ids"])
-        ids[i, :n] = torch.tensor(b["input_ids"])
-        labels[i, :n] = torch.tensor(b["labels"])
-        mask[i, :n] = 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask,
-            "sample_index": torch.tensor([b["sample_index"] for b in batch])}
+    return pad_text_batch(batch, extra_keys=("sample_index",))
 
 
 def poisoned_model(bad_calls: set[int] | None = None, from_call: int | None = None):

@@ -9,10 +9,11 @@ import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from internvl.ops.cross_entropy import causal_lm_loss, loss_items
+from internvl.testing.helpers import pad_text_batch
 from internvl.train import checkpoint as ckpt
 from internvl.train.arguments import MedRegTrainingArguments
 from internvl.train.lora import has_lora, load_lora_run, merge_lora, save_lora_run, wrap_llm_lora
-from internvl.ops.cross_entropy import causal_lm_loss, loss_items
 from internvl.train.trainer import LengthGroupedSampler, MedRegTrainer
 
 VOCAB = 64
@@ -37,17 +38,8 @@ def make_samples(n: int, seed: int = 1) -> list[dict[str, list[int]]]:
     return out
 
 
-def collate(batch: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
-    width = max(len(b["input_ids"]) for b in batch)
-    ids = torch.zeros(len(batch), width, dtype=torch.long)
-    labels = torch.full((len(batch), width), -100, dtype=torch.long)
-    mask = torch.zeros(len(batch), width, dtype=torch.long)
-    for i, b in enumerate(batch):
-        n = len(b["input_ids"])
-        ids[i, :n] = torch.tensor(b["input_ids"])
-        labels[i, :n] = torch.tensor(b["labels"])
-        mask[i, :n] = 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+def collate(batch: list[dict]) -> dict[str, torch.Tensor]:
+    return pad_text_batch(batch)
 
 
 class ListDataset(torch.utils.data.Dataset):

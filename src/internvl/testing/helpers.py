@@ -1,0 +1,82 @@
+"""Small builders several test files share (a tiny BERT for BERTScore, an evaluation benchmark folder, a text-only
+batch collator, decode prompts and their plain `generate` reference). Built from code in well under a second each."""
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+__all__ = ["build_tiny_bert_dir", "write_eval_benchmark", "pad_text_batch", "decode_prompts", "greedy_reference"]
+
+
+def build_tiny_bert_dir(directory: Path, words: Sequence[str], num_layers: int) -> Path:
+    """A random BERT (hidden 16) with a word-level vocabulary of ``words`` saved as safetensors in ``directory``:
+    what `--bertscore-model DIR` reads."""
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    vocab = directory / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    BertTokenizer(str(vocab)).save_pretrained(directory)
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=5 + len(words), hidden_size=16, num_hidden_layers=num_layers, num_attention_heads=2,
+                     intermediate_size=32, max_position_embeddings=64)
+    BertModel(cfg).save_pretrained(directory, safe_serialization=True)
+    return directory
+
+
+def write_eval_benchmark(tmp_path: Path, model: Any, tokenizer: Any, rows: Sequence[dict], *, name: str, task: str,
+                         pixels: Callable[[int], np.ndarray], extra_yaml: str = "") -> tuple[Path, Path, Path, Path]:
+    """A `medrega-eval run` setup in ``tmp_path``: the model saved to ``model/``, one image ``imgs/{i}.png`` per row
+    (``pixels(i)``, HxWx3 uint8), the rows as ``data/{name}.jsonl`` and a benchmark file registering ``name``.
+    Returns (model dir, data dir, benchmark yaml, output dir)."""
+    model_dir = tmp_path / "model"
+    model.save_pretrained(model_dir, safe_serialization=True)
+    tokenizer.save_pretrained(model_dir)
+    data = tmp_path / "data"
+    (data / "imgs").mkdir(parents=True)
+    for i in range(len(rows)):
+        Image.fromarray(pixels(i)).save(data / "imgs" / f"{i}.png")
+    (data / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    yml = tmp_path / "bench.yaml"
+    yml.write_text(f"benchmarks:\n  {name}:\n    task: {task}\n    annotation: {name}.jsonl\n    image_root: imgs\n"
+                   + extra_yaml)
+    return model_dir, data, yml, tmp_path / "out"
+
+
+def pad_text_batch(batch: list[dict], extra_keys: Sequence[str] = ()) -> dict[str, torch.Tensor]:
+    """Right-pad text-only samples (``input_ids``, ``labels`` lists) into a batch with an attention mask; labels pad
+    with -100. ``extra_keys``: per-sample scalars stacked as they are (e.g. ``sample_index``)."""
+    width = max(len(b["input_ids"]) for b in batch)
+    ids = torch.zeros(len(batch), width, dtype=torch.long)
+    labels = torch.full((len(batch), width), -100, dtype=torch.long)
+    mask = torch.zeros(len(batch), width, dtype=torch.long)
+    for i, b in enumerate(batch):
+        n = len(b["input_ids"])
+        ids[i, :n] = torch.tensor(b["input_ids"])
+        labels[i, :n] = torch.tensor(b["labels"])
+        mask[i, :n] = 1
+    out = {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    out.update({key: torch.tensor([b[key] for b in batch]) for key in extra_keys})
+    return out
+
+
+def decode_prompts(batch: int = 3, length: int = 7, hidden: int = 32,
+                   seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs_embeds [B, L, H], attention mask [B, L]) with left padding on rows 0 (3 positions) and 1 (1)."""
+    g = torch.Generator().manual_seed(seed)
+    emb = torch.randn(batch, length, hidden, generator=g)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    mask[0, :3] = 0
+    mask[1, :1] = 0
+    return emb, mask
+
+
+def greedy_reference(lm: Any, emb: torch.Tensor, mask: torch.Tensor, n: int) -> torch.Tensor:
+    """transformers' own greedy `generate` of ``n`` tokens (no EOS stop): the reference the fast decoders must equal."""
+    return lm.generate(inputs_embeds=emb, attention_mask=mask, max_new_tokens=n, do_sample=False, eos_token_id=None,
+                       pad_token_id=0)
