@@ -13,7 +13,7 @@ from __future__ import annotations
 import itertools
 import re
 import string
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import yaml
@@ -42,19 +42,23 @@ def heldout_pattern(template: str) -> re.Pattern[str]:
     return re.compile(".+".join(re.escape(p) for p in parts), re.DOTALL)
 
 
-def is_heldout(template: str, heldout: Iterable[str]) -> bool:
-    """True when ``template`` equals a held-out template after :func:`normalise` or matches its pattern."""
-    norm = normalise(template)
-    return any(norm == normalise(h) or heldout_pattern(h).fullmatch(norm) for h in heldout)
-
-
-def exclude_heldout(templates: list[str], heldout: Iterable[str]) -> list[str]:
-    """``templates`` without those :func:`is_heldout` finds (order kept)."""
+def heldout_matcher(heldout: Iterable[str]) -> Callable[[str], bool]:
+    """A test ``template -> bool``: True when the template equals a held-out template after :func:`normalise` or
+    matches its pattern (:func:`heldout_pattern`)."""
     held = list(heldout)
     norms = {normalise(h) for h in held}
     patterns = [heldout_pattern(h) for h in held]
-    return [t for t in templates
-            if normalise(t) not in norms and not any(p.fullmatch(normalise(t)) for p in patterns)]
+
+    def matches(template: str) -> bool:
+        norm = normalise(template)
+        return norm in norms or any(p.fullmatch(norm) for p in patterns)
+    return matches
+
+
+def exclude_heldout(templates: list[str], heldout: Iterable[str]) -> list[str]:
+    """``templates`` without those :func:`heldout_matcher` finds (order kept)."""
+    matches = heldout_matcher(heldout)
+    return [t for t in templates if not matches(t)]
 
 
 def _clean(text: str, lang: str) -> str:
