@@ -37,21 +37,23 @@ def normalise(template: str) -> str:
 
 def heldout_pattern(template: str) -> re.Pattern[str]:
     """A held-out template's normalised form as a regex over normalised questions: each ``{field}`` matches any
-    text (so ``"mark {ref} on this image"`` also catches ``"mark the {name} on this image"``)."""
+    text (so ``"mark {ref} on this image"`` also catches ``"mark the {name} on this image"``). It is searched
+    anywhere in a question, so a training template that only adds words around a held-out one (``"请把{name}框出来"``
+    around ``"把{name}框出来"``) is a look-alike too."""
     parts = re.split(r"\{[a-z_]+\}", normalise(template))
     return re.compile(".+".join(re.escape(p) for p in parts), re.DOTALL)
 
 
 def heldout_matcher(heldout: Iterable[str]) -> Callable[[str], bool]:
     """A test ``template -> bool``: True when the template equals a held-out template after :func:`normalise` or
-    matches its pattern (:func:`heldout_pattern`)."""
+    contains a match of its pattern (:func:`heldout_pattern`)."""
     held = list(heldout)
     norms = {normalise(h) for h in held}
     patterns = [heldout_pattern(h) for h in held]
 
     def matches(template: str) -> bool:
         norm = normalise(template)
-        return norm in norms or any(p.fullmatch(norm) for p in patterns)
+        return norm in norms or any(p.search(norm) for p in patterns)
     return matches
 
 

@@ -47,10 +47,10 @@ def test_no_training_template_is_a_heldout_template() -> None:
     assert len(held) >= 20 and len(training) > 10_000
     norm_held = {grammar.normalise(h) for h in held}
     assert not [t for t in training if grammar.normalise(t) in norm_held]
-    # and no training template can be read as a held-out one (its fields read as any text)
+    # and no training template contains a held-out one (its fields read as any text)
     for h in held:
         pattern = grammar.heldout_pattern(h)
-        assert not [t for t in training if pattern.fullmatch(grammar.normalise(t))], h
+        assert not [t for t in training if pattern.search(grammar.normalise(t))], h
 
 
 def test_the_raw_grammar_does_produce_heldout_lookalikes_that_the_exclusion_drops() -> None:
