@@ -285,7 +285,7 @@ def build(args: argparse.Namespace) -> dict:
         produced = [*records_for(item, rel, w, h, scale, py_rng, args.zh_fraction, balance[item.split],
                                  plain if item.split == "train" else None),
                     *user.user_records(item, regions, rel, w, h, makers["user"], args.zh_fraction, keep,
-                                       multi_turn=item.split == "train")]
+                                       train=item.split == "train")]
         if item.split == "test":
             produced += user.heldout_records(item, regions, rel, w, h, makers["heldout"], args.zh_fraction, keep)
         for task, ln, record in produced:
@@ -337,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         manifest = build(args)
-    except src.SourceError as exc:
+    except (src.SourceError, user.PhrasingError) as exc:
         print(f"build_medreg_mini: {exc}", file=sys.stderr)
         return 2
     print(json.dumps({"out": str(args.out), **manifest["totals"], "images": sum(manifest["images"].values())}))

@@ -8,7 +8,7 @@
 # internvl.train for its LoRA paths even in a full fine-tune - pycocotools for medrega-eval's mAP, and the transformers
 # the venv uses where the GPU's differs). No network needed.
 # Steps: wheels from .whl/ into a private --target folder (never the system site-packages) -> tokenizer + random init
-# -> medrega-train for MAX_STEPS (default 2600, batch 64: about 10 epochs of the ~17k training records) -> export
+# -> medrega-train for MAX_STEPS (default 3600, batch 64: about 10 epochs of the ~23k training records) -> export
 # (bf16 safetensors) -> medrega-eval run (float32, greedy) on every medreg_mini benchmark -> the trivial baselines
 # scored the same way -> OUT_DIR/scores.md (+ .json). Scratch files (init, run checkpoints) stay in WORK (a temp dir),
 # so OUT_DIR holds only: model/, train.log, train_results.json, eval/, baselines/, scores.md, scores.json.
@@ -19,7 +19,7 @@ OUT=${1:?usage: scripts/gpu_retrain_medreg_mini.sh OUT_DIR}
 DATA=${DATA:-data/built/medreg_mini}
 PY=${PYTHON:-python3}
 WORK=${WORK:-$(mktemp -d)}
-export MAX_STEPS=${MAX_STEPS:-2600} DATA PYTHON=$PY
+export MAX_STEPS=${MAX_STEPS:-3600} DATA PYTHON=$PY
 [ -f "$DATA/manifest.json" ] || { echo "$DATA: no MedReg-mini build; run scripts/build_medreg_mini.py first" >&2; exit 2; }
 [ -f "$DATA/test/paraphrase_text2region.jsonl" ] || { echo "$DATA: built without the user-style records; rebuild" >&2; exit 2; }
 mkdir -p "$OUT"

@@ -11,12 +11,15 @@ Kinds (issue #17), all without the task preamble, the answer always in the quest
 * ``multi_turn`` (training only): 2-3 turns about one image mixing the kinds above and languages; only the first
   human turn carries ``<image>``.
 
-Phrasings come from ``data/medreg_mini/user_phrasings.yaml`` (training and the test split's user-style files) or from
-the frozen ``data/medreg_mini/paraphrase_heldout.yaml`` (``paraphrase_*`` test files only). The module is imported by
+Phrasings come from ``data/medreg_mini/user_phrasings.yaml`` plus the compositional grammar
+``data/medreg_mini/phrasing_grammar.yaml`` (hundreds of templates per family and language, held-out look-alikes
+removed: ``scripts/medreg_mini_grammar.py``) for training and the test split's user-style files, or from the frozen
+``data/medreg_mini/paraphrase_heldout.yaml`` (``paraphrase_*`` test files only). The module is imported by
 ``scripts/build_medreg_mini.py`` and its tests; it has no CLI.
 """
 from __future__ import annotations
 
+import functools
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,11 +28,13 @@ from pathlib import Path
 import yaml
 
 from internvl.data.prompts import build_record
+from scripts import medreg_mini_grammar as grammar
 from scripts import medreg_mini_sources as src
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data" / "medreg_mini"
 TRAIN_PHRASINGS = DATA_DIR / "user_phrasings.yaml"
 HELDOUT_PHRASINGS = DATA_DIR / "paraphrase_heldout.yaml"
+GRAMMAR = DATA_DIR / "phrasing_grammar.yaml"
 FACTS = ("modality", "body_part", "plane")
 LANGS = ("en", "zh")
 BODY_PARTS = (("brain", "脑"), ("head", "头部"), ("spine", "脊柱"), ("abdomen", "腹部"), ("neck", "颈部"),
@@ -50,17 +55,25 @@ class PhrasingError(ValueError):
 
 @dataclass(frozen=True)
 class Phrasings:
-    """Question templates per kind and language; ``absent_answer`` and ``foreign_names`` come from the training file."""
+    """Question templates per kind and language, in groups (a hand-written list, or one grammar frame's expansion):
+    a record's template is a group drawn uniformly, then a template of it (:meth:`Maker.pick`). ``absent_answer`` and
+    ``foreign_names`` come from the training file."""
 
     path: Path
-    locate: dict[str, list[str]]
-    vqa: dict[str, dict[str, list[str]]]
-    choice: dict[str, list[str]]
+    locate: dict[str, list[list[str]]]
+    vqa: dict[str, dict[str, list[list[str]]]]
+    choice: dict[str, list[list[str]]]
 
     def all_templates(self) -> set[str]:
-        """Every question template of the file (for the held-out disjointness check)."""
-        out = {t for ln in LANGS for t in self.locate[ln] + self.choice[ln]}
-        return out | {t for fact in FACTS for ln in LANGS for t in self.vqa[fact][ln]}
+        """Every question template (for the held-out disjointness check)."""
+        groups = [g for ln in LANGS for g in self.locate[ln] + self.choice[ln]]
+        groups += [g for fact in FACTS for ln in LANGS for g in self.vqa[fact][ln]]
+        return {t for g in groups for t in g}
+
+    def templates(self, family: str, ln: str) -> set[str]:
+        """The distinct templates of one family (``locate``, ``choice``, ``vqa.<fact>``) and language."""
+        groups = self.vqa[family.split(".", 1)[1]][ln] if family.startswith("vqa.") else getattr(self, family)[ln]
+        return {t for g in groups for t in g}
 
 
 def _per_lang(value: object, where: str) -> dict[str, list[str]]:
@@ -70,7 +83,7 @@ def _per_lang(value: object, where: str) -> dict[str, list[str]]:
         for t in value[ln]:
             if not isinstance(t, str) or not t.strip():
                 raise PhrasingError(f"{where}.{ln}: empty or non-text template {t!r}")
-    return {ln: list(value[ln]) for ln in LANGS}
+    return {ln: [list(value[ln])] for ln in LANGS}
 
 
 def load_phrasings(path: Path) -> tuple[Phrasings, dict]:
@@ -107,18 +120,25 @@ class Maker:
     foreign: list[tuple[str, str]]
     rng: random.Random
 
+    def pick(self, groups: list[list[str]]) -> str:
+        """A group uniformly, then one of its templates (one group: a template directly, as before the grammar, so
+        the held-out stream draws the same numbers)."""
+        return self.rng.choice(groups[0] if len(groups) == 1 else self.rng.choice(groups))
+
     def _fill(self, template: str, ln: str, name: str = "", modality: str = "", options: list[str] | None = None) -> str:
         joiner = "、" if ln == "zh" else ", "
         return template.format(ref=f"<ref>{name}</ref>", name=name, modality=modality,
                                options=joiner.join(options or []))
 
-    def locate(self, ln: str, regions: list[src.RegionAnn], modality: str, rel: str, w: int, h: int) -> tuple[str, str]:
-        """Free-form Text-to-Region for one present structure (answer: its boxes, canonical region form)."""
-        r = self.rng.choice(regions)
+    def locate(self, ln: str, regions: list[src.RegionAnn], modality: str, rel: str, w: int, h: int,
+               region: src.RegionAnn | None = None) -> tuple[str, str]:
+        """Free-form Text-to-Region for one present structure (``region``, else a random one of ``regions``; answer:
+        its boxes, canonical region form)."""
+        r = region if region is not None else self.rng.choice(regions)
         name = r.name_zh if ln == "zh" else r.name_en
         rec = build_record("text_to_region", ln, image=rel, width=w, height=h, modality=modality,
                            regions=[(name, [list(b) for b in r.boxes])], box_units="pixel", include_base_prompt=False)
-        return self._fill(self.rng.choice(self.phr.locate[ln]), ln, name, modality), rec["conversations"][1]["value"]
+        return self._fill(self.pick(self.phr.locate[ln]), ln, name, modality), rec["conversations"][1]["value"]
 
     def absent_pools(self, item: src.Item) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
         """(dataset names, foreign names) that are surely not in ``item``'s image. Brain-MRI slices: the atlas
@@ -145,13 +165,13 @@ class Maker:
             return None
         en, zh = self.rng.choice(pool)
         name = zh if ln == "zh" else en
-        q = self._fill(self.rng.choice(self.phr.locate[ln]), ln, name, modality)
+        q = self._fill(self.pick(self.phr.locate[ln]), ln, name, modality)
         answer = self.absent_answer[ln].format(name=name)
         return q, answer[:1].upper() + answer[1:]
 
     def vqa(self, ln: str, item: src.Item, fact: str) -> tuple[str, str]:
         """A fact question (modality, body part, plane) in user wording."""
-        return self.rng.choice(self.phr.vqa[fact][ln]), fact_answer(item, fact, ln)
+        return self.pick(self.phr.vqa[fact][ln]), fact_answer(item, fact, ln)
 
     def choice(self, ln: str, item: src.Item) -> tuple[str, str]:
         """Diagnosis-style question with 3-4 candidates of one kind (modality, body part, plane, or structure names
@@ -171,7 +191,7 @@ class Maker:
             wrong = self.rng.sample(others, min(len(others), self.rng.randint(2, 3)))
         options = wrong + [right]
         self.rng.shuffle(options)
-        return self._fill(self.rng.choice(self.phr.choice[ln]), ln, options=options), right
+        return self._fill(self.pick(self.phr.choice[ln]), ln, options=options), right
 
 
 def fact_answer(item: src.Item, fact: str, ln: str) -> str:
@@ -193,11 +213,17 @@ def _record(rel: str, w: int, h: int, turns: list[tuple[str, str]]) -> dict:
     return {"image": rel, "width": w, "height": h, "conversations": conv}
 
 
+# training only (``train=True``): free-form "locate" records per image (distinct structures), the chance of a first and
+# of a second absent-name question, and of a user VQA question; the test split keeps one locate, 0.6 and 0.6 (so the
+# held-out stream, which shares this code, draws exactly as before)
+TRAIN_LOCATES, TRAIN_ABSENT, TRAIN_ABSENT_2ND, TRAIN_VQA = 4, 0.9, 0.5, 0.8
+
+
 def user_records(item: src.Item, regions: list[src.RegionAnn], rel: str, w: int, h: int, maker: Maker,
-                 zh_fraction: float, modality_keep: float, multi_turn: bool) -> Iterator[tuple[str, str, dict]]:
+                 zh_fraction: float, modality_keep: float, train: bool) -> Iterator[tuple[str, str, dict]]:
     """(file, language, record) of the user-style kinds for one saved image. ``regions`` are in saved-image pixels;
-    ``modality_keep`` sub-samples modality questions as the registry records do; ``multi_turn`` adds a 2-3 turn
-    record (training)."""
+    ``modality_keep`` sub-samples modality questions as the registry records do; ``train`` adds more locate / absent
+    / VQA records (see ``TRAIN_LOCATES``) and a 2-3 turn record."""
     rng = maker.rng
 
     def lang() -> str:
@@ -205,19 +231,26 @@ def user_records(item: src.Item, regions: list[src.RegionAnn], rel: str, w: int,
 
     mods = {"en": src.MODALITIES[item.modality][0], "zh": src.MODALITIES[item.modality][1]}
     facts = [f for f in FACTS if (f != "plane" or item.plane) and (f != "modality" or rng.random() < modality_keep)]
-    if regions:
+    if regions and not train:
         ln = lang()
         yield "user_text_to_region", ln, _record(rel, w, h, [maker.locate(ln, regions, mods[ln], rel, w, h)])
-    absent = maker.absent(ln := lang(), item, mods[ln]) if rng.random() < 0.6 else None
+    for r in rng.sample(regions, min(len(regions), TRAIN_LOCATES)) if train else []:
+        ln = lang()
+        yield "user_text_to_region", ln, _record(rel, w, h, [maker.locate(ln, regions, mods[ln], rel, w, h, r)])
+    absent = maker.absent(ln := lang(), item, mods[ln]) if rng.random() < (TRAIN_ABSENT if train else 0.6) else None
     if absent is not None:
         yield "absent", ln, _record(rel, w, h, [absent])
-    if facts and rng.random() < 0.6:
+    if train and absent is not None and rng.random() < TRAIN_ABSENT_2ND:
+        second = maker.absent(ln := lang(), item, mods[ln])
+        if second is not None and second[0] != absent[0]:
+            yield "absent", ln, _record(rel, w, h, [second])
+    if facts and rng.random() < (TRAIN_VQA if train else 0.6):
         ln, fact = lang(), rng.choice(facts)
         yield "user_vqa", ln, {**_record(rel, w, h, [maker.vqa(ln, item, fact)]), "question_type": fact}
     if rng.random() < 0.6:
         ln = lang()
         yield "diagnosis", ln, _record(rel, w, h, [maker.choice(ln, item)])
-    if multi_turn and rng.random() < 0.35:
+    if train and rng.random() < 0.35:
         turns, langs = [], []
         for _ in range(rng.randint(2, 3)):
             ln = lang()
@@ -236,14 +269,36 @@ def user_records(item: src.Item, regions: list[src.RegionAnn], rel: str, w: int,
 def heldout_records(item: src.Item, regions: list[src.RegionAnn], rel: str, w: int, h: int, maker: Maker,
                     zh_fraction: float, modality_keep: float) -> Iterator[tuple[str, str, dict]]:
     """The held-out paraphrase records of one TEST image: ``maker`` must hold the held-out phrasings."""
-    for file, ln, rec in user_records(item, regions, rel, w, h, maker, zh_fraction, modality_keep, multi_turn=False):
+    for file, ln, rec in user_records(item, regions, rel, w, h, maker, zh_fraction, modality_keep, train=False):
         yield {"user_text_to_region": "paraphrase_text2region", "absent": "paraphrase_absent",
                "user_vqa": "paraphrase_vqa", "diagnosis": "paraphrase_diagnosis"}[file], ln, rec
 
 
+@functools.lru_cache(maxsize=1)
+def load_training_phrasings() -> tuple[Phrasings, dict]:
+    """The training phrasings: ``user_phrasings.yaml``'s lists plus every frame of ``phrasing_grammar.yaml``, each
+    without the templates that equal or match a held-out one (:func:`scripts.medreg_mini_grammar.exclude_heldout`)."""
+    hand, raw = load_phrasings(TRAIN_PHRASINGS)
+    held = load_phrasings(HELDOUT_PHRASINGS)[0].all_templates()
+    try:
+        gram = grammar.load_grammar(GRAMMAR, held)
+    except grammar.GrammarError as exc:
+        raise PhrasingError(str(exc)) from None
+
+    def merged(own: list[list[str]], family: str, ln: str) -> list[list[str]]:
+        groups = [grammar.exclude_heldout(g, held) for g in own] + gram[family][ln]
+        return [g for g in groups if g]
+
+    phr = Phrasings(TRAIN_PHRASINGS, {ln: merged(hand.locate[ln], "locate", ln) for ln in LANGS},
+                    {f: {ln: merged(hand.vqa[f][ln], f"vqa.{f}", ln) for ln in LANGS} for f in FACTS},
+                    {ln: merged(hand.choice[ln], "choice", ln) for ln in LANGS})
+    return phr, raw
+
+
 def make_maker(path: Path, rng: random.Random, train_raw: dict) -> Maker:
-    """A :class:`Maker` over the phrasing file ``path``; answers and foreign names from the training file's mapping."""
-    phr, _ = load_phrasings(path)
+    """A :class:`Maker` over the phrasing file ``path`` (the training file: with the grammar, see
+    :func:`load_training_phrasings`); answers and foreign names from the training file's mapping."""
+    phr = load_training_phrasings()[0] if path == TRAIN_PHRASINGS else load_phrasings(path)[0]
     absent = train_raw.get("absent_answer") or {}
     if any("{name}" not in str(absent.get(ln, "")) for ln in LANGS):
         raise PhrasingError(f"{TRAIN_PHRASINGS}: absent_answer needs en and zh templates with {{name}}")
