@@ -25,6 +25,8 @@ from . import batches as B
 from .build import build_native, build_ours
 from .flops import H100_H200_BF16_PEAK, decode_weight_bytes, shape_of
 from .gen_bench import (
+    ttft_compare,
+    ttft_lines,
     RealLLM,
     agreement,
     apply_variant,
@@ -275,10 +277,29 @@ class _GenSection:
         if (args.native_batches is None or batch in args.native_batches) and self.due(f"native default batch {batch}"):
             self._timed_case("native default (dynamic cache)", lambda k: native_gen(k, False), batch, copied,
                              "native default", repeats=1, warm_tokens=4)
+        if batch == 1 and self.due("TTFT batch 1"):
+            self.res["ttft_b1"] = _guard(self.res, "ttft_b1", self.ttft_b1, lambda k: native_gen(k, False))
         if batch in args.static_batches and self.due(f"native static batch {batch}"):
             self._timed_case("native static + compiled", lambda k: native_gen(k, True), batch, copied,
                              "native static")
         _save_partial(args, self.res)
+
+    def ttft_b1(self, native_gen) -> dict:
+        """Batch-1 time to first token, ours (default generate) against native default, with our breakdown."""
+        ours, (ids, mask, pix) = self.ours, self.prompts[1]
+        with torch.inference_mode():
+            emb = ours._embed(ids, pix, None)
+        decoder = decoder_for(ours.language_model, ours.decode_config)
+        padded = bool((mask == 0).any())
+
+        def vision() -> torch.Tensor:
+            with torch.inference_mode():
+                return ours._embed(ids, pix, None, sync_free=True)
+
+        def prefill() -> torch.Tensor:
+            return decoder.generate(emb, mask, max_new_tokens=1, eos_token_id=[2], pad_token_id=0, padded=padded)
+
+        return ttft_compare(self.ours_fast_for(1), native_gen, vision=vision, prefill=prefill)
 
     def variant_agreement(self) -> None:
         """How far the variants' greedy tokens agree at batch 1 (bf16 ties), against "baseline" or the first."""
@@ -393,6 +414,7 @@ def fmt_table(res: dict) -> str:
                 lines.append(f"batch {batch}: ours fast vs " + ", ".join(parts))
                 if batch == 1:
                     lines.append(f"batch 1: fraction of weight-bandwidth limit {floor / ours['decode_ms_per_step']:.0%}")
+        lines.extend(ttft_lines(res))
         lines.extend(variant_lines(res))
     for key in [k for k in res if k == "real" or k.startswith("real_")]:
         real = res[key]
