@@ -29,6 +29,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from ..compat import attn_implementation, set_attn_implementation, transformers_at_least
 from ..ops.decode_kernels import attention_kernel_supported, triton_ready
+from ..ops.int8_weights import int8_linear
 from ..ops.packed_projections import decoder_layer_groups, pack_decoder, packed_signature, plain_linear
 from .decode_config import AUTO_INDUCTOR_MAX_PARAMS, DecodeConfig
 
@@ -146,26 +147,26 @@ class _PackRecord:
     def __init__(self, lm: nn.Module, packs: list) -> None:
         self.packs = packs
         layers = lm.model.layers
-        self.entries = [(layers._modules, str(i), layer, {}, (0, 0)) for i, layer in enumerate(layers)]
+        self.entries = [(layers._modules, str(i), layer, {}, _addresses({})) for i, layer in enumerate(layers)]
         for layer in layers:
             for parent, names in ((layer.self_attn, ("q_proj", "k_proj", "v_proj", "o_proj")),
                                   (layer.mlp, ("gate_proj", "up_proj", "down_proj"))):
                 for name in names:
                     module = parent._modules[name]
                     params = module._parameters
-                    self.entries.append((parent._modules, name, module, params,
-                                         tuple(_address(params.get(k)) for k in ("weight", "bias"))))
+                    self.entries.append((parent._modules, name, module, params, _addresses(params)))
 
     def valid(self) -> bool:
         for modules, name, module, params, addresses in self.entries:
             if (modules.get(name) is not module or module._forward_hooks or module._forward_pre_hooks
-                    or (_address(params.get("weight")), _address(params.get("bias"))) != addresses):
+                    or _addresses(params) != addresses):
                 return False
         return True
 
 
-def _address(param: torch.Tensor | None) -> int:
-    return param.data_ptr() if param is not None else 0
+def _addresses(params: dict) -> tuple[int, int, int]:
+    """Where a linear's weight, bias and (int8) row scales lie (0 = absent)."""
+    return tuple(params[k].data_ptr() if params.get(k) is not None else 0 for k in ("weight", "bias", "weight_scale"))
 
 
 @dataclass
@@ -279,11 +280,16 @@ class StaticGreedyDecoder:
         one_row = batch == 1 and self._gemv_on()
         attention = self._attention()
 
-        def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        def linear(x: torch.Tensor, w, b: torch.Tensor | None) -> torch.Tensor:
+            if isinstance(w, tuple):  # weight-only int8: (int8 weight, fp32 row scales)
+                return int8_linear(x, *w, b)
             return torch.ops.internvl.gemv(x, w, b) if one_row else nn.functional.linear(x, w, b)
 
         def project(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-            return linear(x, module.weight, module.bias) if plain_linear(module) else module(x)
+            if not plain_linear(module):
+                return module(x)
+            scale = getattr(module, "weight_scale", None)
+            return linear(x, module.weight if scale is None else (module.weight, scale), module.bias)
 
         cos, sin = model.rotary_emb(h, position_ids=pos)
         # the new token sits at cache index cumulative_length; it attends to real prompt tokens and earlier steps
@@ -336,8 +342,8 @@ class StaticGreedyDecoder:
         """`packed_step_supported(self.lm)`, answered from the last packing while that is still in place (the full
         check walks every layer's modules: milliseconds per call on a deep model, on the time to first token)."""
         record = self._pack_record
-        if record is not None and record.valid():
-            return True
+        if record is not None and (torch.compiler.is_compiling() or record.valid()):
+            return True  # while dynamo traces the step: checked by this call's `_packs` already (addresses untraceable)
         self._pack_record = None
         return packed_step_supported(self.lm)
 
