@@ -38,10 +38,15 @@ def dequantize_int8_rows(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtyp
 
 def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """y = x @ (q * scale).T + bias in x's dtype. One row: the dequantising GEMV (`decode_kernels.gemv_int8`, Triton
-    where it runs); otherwise dequantise, then `F.linear`."""
+    where it runs); more rows (prefill, batches): `F.linear` over the int8 weight converted to x's dtype, its output
+    columns scaled (fp16: the weight dequantised first)."""
     if x.numel() == x.shape[-1]:
         return torch.ops.internvl.gemv_int8(x, q, scale, bias)  # registered by decode_kernels (see __init__)
-    return nn.functional.linear(x, dequantize_int8_rows(q, scale, x.dtype), bias)
+    if x.dtype == torch.float16:  # int8 sums over K could overflow fp16 before scaling: dequantise first
+        return nn.functional.linear(x, dequantize_int8_rows(q, scale, x.dtype), bias)
+    # int8 -> bf16/fp32 is exact; scaling the output columns instead of the weight saves a pass over the weight
+    y = nn.functional.linear(x, q.to(x.dtype)) * scale.to(x.dtype)
+    return y + bias if bias is not None else y
 
 
 class Int8Linear(nn.Module):
