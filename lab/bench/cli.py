@@ -427,7 +427,9 @@ def fmt_table(res: dict) -> str:
             lines.append(f"batch_chat batch {c['batch']}: {c['tokens_per_s']:.1f} tok/s, TTFT {c['ttft_ms']:.0f} ms, "
                          f"{c['decode_ms_per_step']:.1f} ms/step, peak "
                      + " / ".join(f"{g:.1f}" for g in c.get("peak_mem_gib_per_gpu") or [c["peak_mem_gib"]])
-                     + " GiB" + (" per GPU" if len(c.get("peak_mem_gib_per_gpu") or []) > 1 else ""))
+                     + " GiB" + (" per GPU" if len(c.get("peak_mem_gib_per_gpu") or []) > 1 else "")
+                         + (f"; weight-bytes floor {c['floor_ms']:.2f} ms/step at the measured copy bandwidth: "
+                            f"{c['floor_fraction']:.0%} of it" if c.get("floor_ms") else ""))
     for e in res.get("errors", []):
         lines.append(f"ERROR in {e['case']}: {e['error'][:200]}")
     return "\n".join(lines)
@@ -479,8 +481,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--real-new-tokens", type=int, default=128)
     p.add_argument("--real-decode-backend", default="none", choices=["inductor", "eager", "none"],
                    help="decode backend for the 40B shape (none: static cache, eager step; weight-bound anyway)")
-    p.add_argument("--real-quant", default="bf16", help="comma list of bf16,int8: weight formats of the 40B shape "
-                   "(int8 = LLM.int8 through bitsandbytes, one GPU)")
+    p.add_argument("--real-quant", default="bf16", help="comma list of bf16,int8,int8wo: weight formats of the 40B "
+                   "shape (int8 = LLM.int8 through bitsandbytes, one GPU; int8wo = our weight-only int8, built layer "
+                   "by layer, decoded by our int8 GEMV)")
     p.add_argument("--real-devices", type=int, default=1, help="GPUs the 40B shape is sharded over (device_map)")
     p.add_argument("--real-quant-new-tokens", type=int, default=32, help="new tokens per call for the int8 shape")
     p.add_argument("--recipe-models", default="mid,yi", help="recipe section: presets and/or yi (Yi-34B-shaped LLM)")
@@ -559,7 +562,10 @@ def main(argv: list[str] | None = None) -> int:
                 res[key] = _guard(res, key, run_real_shape, batches=args.real_batches,
                                   new_tokens=args.real_new_tokens if quant == "bf16" else args.real_quant_new_tokens,
                                   decode_backend=None if args.real_decode_backend == "none" else args.real_decode_backend,
-                                  quantize=None if quant == "bf16" else quant, devices=args.real_devices)
+                                  quantize=None if quant == "bf16" else quant, devices=args.real_devices,
+                                  device=args.device, dtype=args.dtype,
+                                  preset="medrega" if args.device == "cuda" else args.preset,  # CPU: smoke test
+                                  copy_bytes_per_s=res["device"]["copy_bytes_per_s"])
         else:
             p.error(f"unknown section {name!r}")
         res.setdefault("section_seconds", {})[name] = time.perf_counter() - t0
