@@ -8,7 +8,12 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from internvl.model import DecodeConfig
 from internvl.model.fast_generate import StaticGreedyDecoder
-from internvl.ops.int8_weights import Int8Linear, dequantize_int8_rows, quantize_int8_weights_, quantize_rows
+from internvl.ops.int8_weights import (
+    Int8Linear,
+    dequantize_int8_rows,
+    quantize_int8_weights_,
+    quantize_rows,
+)
 from internvl.ops.packed_projections import layout_ok, pack_decoder, packed_signature
 
 #: int8 with per-row absmax scales rounds each weight by at most half a step (absmax / 254); on this random model the
@@ -60,7 +65,7 @@ def test_packed_decode_over_int8_weights_matches_the_int8_models_generate(batch)
     out = dec.generate(emb, mask, max_new_tokens=8)
     assert torch.equal(out, ref)
     packs = pack_decoder(lm)
-    qkv, _, gate_up, _ = packs[0]
+    qkv, _, _, _ = packs[0]
     assert isinstance(qkv, tuple) and qkv[0].dtype == torch.int8 and qkv[1].shape == (64 + 2 * 32,)
     assert layout_ok([lm.model.layers[0].mlp.gate_proj, lm.model.layers[0].mlp.up_proj])
     assert len(packed_signature(packs)) == 2 * 6  # per layer: qkv weight + scale, bias, gate/up weight + scale, bias

@@ -57,7 +57,7 @@ def test_prefill_attends_over_the_prompt_only(lm, monkeypatch, pad):
 def test_prefix_cache_fills_the_static_cache_like_the_whole_cache_prefill(lm):
     """Keys/values written through the prefix view equal those of a prefill over the whole static cache, the
     cache's length advances to the prompt's, and the logits agree (fp32, max abs diff <= 1e-5)."""
-    emb, mask = _prompt(1, 7, seed=1)
+    emb, _ = _prompt(1, 7, seed=1)
     positions = torch.arange(7)[None]
     whole = fg.StaticCache(config=lm.config, max_cache_len=256)
     a = lm(inputs_embeds=emb, position_ids=positions, cache=whole, use_cache=True).logits[:, -1]
