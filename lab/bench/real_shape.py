@@ -13,6 +13,7 @@ from torch import nn
 
 from internvl.model import DecodeConfig, load_preset
 from internvl.model.loading import DEFAULT_SKIP_QUANT_MODULES, build_on_meta
+from internvl.ops.decode_kernels import describe_tuning
 from internvl.ops.int8_weights import Int8Linear, quantize_int8_weights_
 from internvl.tokenization import load_tokenizer, train_sentencepiece_tokenizer
 
@@ -191,6 +192,7 @@ def run_real_shape(*, batches=(1, 8), new_tokens: int = 128, device: str = "cuda
         if floor_ms and batch == 1:
             step = out["cases"][-1]["decode_ms_per_step"]
             out["cases"][-1].update(floor_ms=floor_ms, floor_fraction=floor_ms / step)
+    out["gemv_tuning"] = describe_tuning()  # the GEMV block configurations the decode step's shapes got
     model = call = None  # drop the 40B weights before anything else runs: the compiled decode step's caches and the
     free(reset_compiled=True)  # CUDA graphs also reference the model, so dynamo is reset too
     return out

@@ -125,7 +125,7 @@ def test_gemv_int8_matches_dequantised_linear_for_every_config(bias):
     y = dk.gemv_int8(x, weight, scale, b)
     assert y.shape == (1, 1, 37) and y.dtype == torch.float32
     torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-3)
-    for cfg in dk.GEMV_CONFIGS:
+    for cfg in dk.GEMV_CONFIGS + dk.GEMV_INT8_EXTRA_CONFIGS:
         out = torch.empty(37)
         dk._launch_gemv(x.reshape(-1), weight, b, out, cfg, scale)
         torch.testing.assert_close(out, ref.reshape(-1), rtol=1e-4, atol=1e-3)

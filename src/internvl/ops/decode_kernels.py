@@ -84,6 +84,9 @@ GEMV_CONFIGS: tuple[tuple[int, int, int], ...] = (
     (4, 512, 4), (1, 1024, 4), (1, 2048, 8), (2, 512, 4), (2, 1024, 4), (2, 1024, 8), (4, 256, 4), (4, 1024, 8),
     (8, 256, 4), (8, 512, 8), (16, 128, 4), (16, 256, 8), (1, 512, 2), (2, 256, 2), (4, 128, 2),
 )
+#: int8 weights carry half the bytes per element: the same bytes per load need twice the columns, so their tuning
+#: also tries these wider blocks.
+GEMV_INT8_EXTRA_CONFIGS: tuple[tuple[int, int, int], ...] = ((2, 2048, 8), (4, 2048, 8), (1, 4096, 8))
 _gemv_best: dict[tuple, tuple[int, int, int]] = {}
 
 
@@ -109,7 +112,7 @@ def _tuned_gemv_config(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     from triton.testing import do_bench
 
     times = {}
-    for cfg in GEMV_CONFIGS:
+    for cfg in GEMV_CONFIGS + (GEMV_INT8_EXTRA_CONFIGS if weight.dtype == torch.int8 else ()):
         if cfg[0] > weight.shape[0] * 2 or cfg[1] > max(triton.next_power_of_2(weight.shape[1]), 128):
             continue  # blocks much larger than the matrix
         times[cfg] = do_bench(lambda c=cfg: _launch_gemv(x, weight, bias, out, c, scale), warmup=5, rep=20)
@@ -317,5 +320,5 @@ def describe_tuning() -> dict[str, str]:
             for key, cfg in _gemv_best.items()}
 
 
-__all__ = ["GEMV_CONFIGS", "attention_kernel_supported", "describe_tuning", "gemv", "gemv_int8", "gqa_decode_attention",
-           "reference_gqa_decode_attention", "triton_ready"]
+__all__ = ["GEMV_CONFIGS", "GEMV_INT8_EXTRA_CONFIGS", "attention_kernel_supported", "describe_tuning", "gemv",
+           "gemv_int8", "gqa_decode_attention", "reference_gqa_decode_attention", "triton_ready"]
