@@ -25,8 +25,6 @@ from . import batches as B
 from .build import build_native, build_ours
 from .flops import H100_H200_BF16_PEAK, decode_weight_bytes, shape_of
 from .gen_bench import (
-    ttft_compare,
-    ttft_lines,
     RealLLM,
     agreement,
     apply_variant,
@@ -34,6 +32,8 @@ from .gen_bench import (
     profile_replays,
     real_llm_variants,
     run_gen_case,
+    ttft_compare,
+    ttft_lines,
     variant_lines,
 )
 from .kernel_bench import kernel_lines, section_kernels

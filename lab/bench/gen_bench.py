@@ -94,9 +94,10 @@ def ttft_lines(res: dict) -> list[str]:
     t = res.get("ttft_b1")
     if not t:
         return []
-    return [f"batch 1 TTFT (median of {t['repeats']}, interleaved): ours {t['ours_ms']:.1f} ms, native default "
+    line = (f"batch 1 TTFT (median of {t['repeats']}, interleaved): ours {t['ours_ms']:.1f} ms, native default "
             f"{t['native_default_ms']:.1f} ms, ours/native {t['ratio_ours_over_native']:.2f}; ours = vision "
-            f"{t['vision_ms']:.1f} + prefill {t['prefill_ms']:.1f} + rest {t['rest_ms']:.1f} ms"]
+            f"{t['vision_ms']:.1f} + prefill {t['prefill_ms']:.1f} + rest {t['rest_ms']:.1f} ms")
+    return [line]
 
 
 def agreement(a: torch.Tensor, b: torch.Tensor) -> dict:
