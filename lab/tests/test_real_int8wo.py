@@ -23,6 +23,8 @@ def test_build_int8wo_quantises_the_llm_body_only():
     assert all(t.device.type == "cpu" for t in model.parameters())
     layer = model.language_model.model.layers[0]
     assert layer.self_attn.q_proj.weight.dtype == torch.int8 and layer.input_layernorm.weight.eq(1).all()
+    rotary = model.language_model.model.rotary_emb  # RoPE tables recomputed, not left as empty storage
+    assert torch.equal(rotary.inv_freq, type(rotary)(rotary.config).inv_freq)
     # an int8 body reads about a quarter of the fp32 weight bytes per step (+ scales, norms and the float LM head)
     assert decode_weight_bytes(model) < decode_weight_bytes(build_ours(load_preset("tiny"), device="cpu",
                                                                       dtype=torch.float32))
