@@ -84,3 +84,16 @@ def test_repeat_calls_skip_repacking_until_a_weight_moves(lm, monkeypatch):
         q.weight.data = q.weight.data.clone()  # same values, a new address: the packed layout is gone
     assert torch.equal(dec.generate(emb, mask, max_new_tokens=4), first) and len(calls) == 2
     assert torch.equal(dec.generate(emb, mask, max_new_tokens=4), first) and len(calls) == 2
+
+
+def test_reset_cache_zeroes_like_cache_reset(lm):
+    """`reset_cache` (one multi-tensor zeroing) leaves the cache as `StaticCache.reset` does: keys, values and the
+    lengths zero; a cache with uninitialised layers goes through `reset` itself."""
+    emb, _ = _prompt(1, 5, seed=3)
+    cache = fg.StaticCache(config=lm.config, max_cache_len=256)
+    fg.reset_cache(cache)  # nothing initialised yet: cache.reset()
+    lm(inputs_embeds=emb, position_ids=torch.arange(5)[None], cache=cache, use_cache=True)
+    assert all(int(layer.cumulative_length) == 5 and layer.keys.abs().sum() > 0 for layer in cache.layers)
+    fg.reset_cache(cache)
+    for layer in cache.layers:
+        assert int(layer.cumulative_length) == 0 and not layer.keys.any() and not layer.values.any()
