@@ -32,6 +32,8 @@ from .gen_bench import (
     profile_replays,
     real_llm_variants,
     run_gen_case,
+    ttft_compare,
+    ttft_lines,
     variant_lines,
 )
 from .kernel_bench import kernel_lines, section_kernels
@@ -275,10 +277,29 @@ class _GenSection:
         if (args.native_batches is None or batch in args.native_batches) and self.due(f"native default batch {batch}"):
             self._timed_case("native default (dynamic cache)", lambda k: native_gen(k, False), batch, copied,
                              "native default", repeats=1, warm_tokens=4)
+        if batch == 1 and self.due("TTFT batch 1"):
+            self.res["ttft_b1"] = _guard(self.res, "ttft_b1", self.ttft_b1, lambda k: native_gen(k, False))
         if batch in args.static_batches and self.due(f"native static batch {batch}"):
             self._timed_case("native static + compiled", lambda k: native_gen(k, True), batch, copied,
                              "native static")
         _save_partial(args, self.res)
+
+    def ttft_b1(self, native_gen) -> dict:
+        """Batch-1 time to first token, ours (default generate) against native default, with our breakdown."""
+        ours, (ids, mask, pix) = self.ours, self.prompts[1]
+        with torch.inference_mode():
+            emb = ours._embed(ids, pix, None)
+        decoder = decoder_for(ours.language_model, ours.decode_config)
+        padded = bool((mask == 0).any())
+
+        def vision() -> torch.Tensor:
+            with torch.inference_mode():
+                return ours._embed(ids, pix, None, sync_free=True)
+
+        def prefill() -> torch.Tensor:
+            return decoder.generate(emb, mask, max_new_tokens=1, eos_token_id=[2], pad_token_id=0, padded=padded)
+
+        return ttft_compare(self.ours_fast_for(1), native_gen, vision=vision, prefill=prefill)
 
     def variant_agreement(self) -> None:
         """How far the variants' greedy tokens agree at batch 1 (bf16 ties), against "baseline" or the first."""
@@ -393,6 +414,7 @@ def fmt_table(res: dict) -> str:
                 lines.append(f"batch {batch}: ours fast vs " + ", ".join(parts))
                 if batch == 1:
                     lines.append(f"batch 1: fraction of weight-bandwidth limit {floor / ours['decode_ms_per_step']:.0%}")
+        lines.extend(ttft_lines(res))
         lines.extend(variant_lines(res))
     for key in [k for k in res if k == "real" or k.startswith("real_")]:
         real = res[key]
@@ -405,7 +427,9 @@ def fmt_table(res: dict) -> str:
             lines.append(f"batch_chat batch {c['batch']}: {c['tokens_per_s']:.1f} tok/s, TTFT {c['ttft_ms']:.0f} ms, "
                          f"{c['decode_ms_per_step']:.1f} ms/step, peak "
                      + " / ".join(f"{g:.1f}" for g in c.get("peak_mem_gib_per_gpu") or [c["peak_mem_gib"]])
-                     + " GiB" + (" per GPU" if len(c.get("peak_mem_gib_per_gpu") or []) > 1 else ""))
+                     + " GiB" + (" per GPU" if len(c.get("peak_mem_gib_per_gpu") or []) > 1 else "")
+                         + (f"; weight-bytes floor {c['floor_ms']:.2f} ms/step at the measured copy bandwidth: "
+                            f"{c['floor_fraction']:.0%} of it" if c.get("floor_ms") else ""))
     for e in res.get("errors", []):
         lines.append(f"ERROR in {e['case']}: {e['error'][:200]}")
     return "\n".join(lines)
@@ -457,8 +481,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--real-new-tokens", type=int, default=128)
     p.add_argument("--real-decode-backend", default="none", choices=["inductor", "eager", "none"],
                    help="decode backend for the 40B shape (none: static cache, eager step; weight-bound anyway)")
-    p.add_argument("--real-quant", default="bf16", help="comma list of bf16,int8: weight formats of the 40B shape "
-                   "(int8 = LLM.int8 through bitsandbytes, one GPU)")
+    p.add_argument("--real-quant", default="bf16", help="comma list of bf16,int8,int8wo: weight formats of the 40B "
+                   "shape (int8 = LLM.int8 through bitsandbytes, one GPU; int8wo = our weight-only int8, built layer "
+                   "by layer, decoded by our int8 GEMV)")
     p.add_argument("--real-devices", type=int, default=1, help="GPUs the 40B shape is sharded over (device_map)")
     p.add_argument("--real-quant-new-tokens", type=int, default=32, help="new tokens per call for the int8 shape")
     p.add_argument("--recipe-models", default="mid,yi", help="recipe section: presets and/or yi (Yi-34B-shaped LLM)")
@@ -537,7 +562,10 @@ def main(argv: list[str] | None = None) -> int:
                 res[key] = _guard(res, key, run_real_shape, batches=args.real_batches,
                                   new_tokens=args.real_new_tokens if quant == "bf16" else args.real_quant_new_tokens,
                                   decode_backend=None if args.real_decode_backend == "none" else args.real_decode_backend,
-                                  quantize=None if quant == "bf16" else quant, devices=args.real_devices)
+                                  quantize=None if quant == "bf16" else quant, devices=args.real_devices,
+                                  device=args.device, dtype=args.dtype,
+                                  preset="medrega" if args.device == "cuda" else args.preset,  # CPU: smoke test
+                                  copy_bytes_per_s=res["device"]["copy_bytes_per_s"])
         else:
             p.error(f"unknown section {name!r}")
         res.setdefault("section_seconds", {})[name] = time.perf_counter() - t0

@@ -70,6 +70,36 @@ def run_gen_case(name: str, generate: Callable[[int], torch.Tensor], *, batch: i
     }
 
 
+def ttft_compare(ours: Callable[[int], torch.Tensor], native: Callable[[int], torch.Tensor], *,
+                 vision: Callable[[], torch.Tensor], prefill: Callable[[], torch.Tensor], repeats: int = 10) -> dict:
+    """Time to first token of our `generate(1)` and native's (default dynamic cache) in the same run, interleaved
+    call by call (medians over `repeats`, after one warm call each), with our time split into `vision` (ViT +
+    projector + embedding merge, `vision()`), `prefill` (our decoder's prefill forward and first-token pick on ready
+    embeddings, `prefill()`) and the rest (host checks, settings, trimming)."""
+    fns = {"ours": lambda: ours(1), "native": lambda: native(1), "vision": vision, "prefill": prefill}
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            times[name].append(_timed(fn, 1)[0] * 1e3)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"ours_ms": med["ours"], "native_default_ms": med["native"], "ratio_ours_over_native": med["ours"] / med["native"],
+            "vision_ms": med["vision"], "prefill_ms": med["prefill"],
+            "rest_ms": med["ours"] - med["vision"] - med["prefill"], "repeats": repeats}
+
+
+def ttft_lines(res: dict) -> list[str]:
+    """The batch-1 TTFT comparison line(s) of `ttft_compare`'s row."""
+    t = res.get("ttft_b1")
+    if not t:
+        return []
+    line = (f"batch 1 TTFT (median of {t['repeats']}, interleaved): ours {t['ours_ms']:.1f} ms, native default "
+            f"{t['native_default_ms']:.1f} ms, ours/native {t['ratio_ours_over_native']:.2f}; ours = vision "
+            f"{t['vision_ms']:.1f} + prefill {t['prefill_ms']:.1f} + rest {t['rest_ms']:.1f} ms")
+    return [line]
+
+
 def agreement(a: torch.Tensor, b: torch.Tensor) -> dict:
     """How far two greedy outputs agree: exact rows and the mean length of the common prefix."""
     same = (a == b)

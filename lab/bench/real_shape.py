@@ -13,9 +13,12 @@ from torch import nn
 
 from internvl.model import DecodeConfig, load_preset
 from internvl.model.loading import DEFAULT_SKIP_QUANT_MODULES, build_on_meta
+from internvl.ops.decode_kernels import describe_tuning
+from internvl.ops.int8_weights import Int8Linear, quantize_int8_weights_
 from internvl.tokenization import load_tokenizer, train_sentencepiece_tokenizer
 
-from .build import build_ours, build_ours_sharded, shard_device_map
+from .build import build_ours, build_ours_sharded, randomize_, shard_device_map
+from .flops import decode_weight_bytes
 from .gen_bench import _timed
 from .runtime import free
 
@@ -81,19 +84,44 @@ def quantize_int8_(model: nn.Module, skip_modules=None, threshold: float = 6.0) 
     return len(targets)
 
 
+def build_int8wo(config, *, device: str | torch.device, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+    """Our model with random weights and the language model's linears in weight-only int8 (`Int8Linear`, the module
+    set `load_pretrained(..., weight_dtype="int8")` gives), built without the bf16 model ever existing whole: meta
+    construction, then on `device` the towers, embeddings, final norm and LM head in `dtype`, and each decoder layer
+    materialised in `dtype`, randomised and quantised at once (peak = the int8 model plus one bf16 layer)."""
+    model = build_on_meta(config).to(dtype=dtype)
+    lm = model.language_model
+    for part in (model.vision_model, model.mlp1, lm.model.embed_tokens, lm.model.norm, lm.lm_head, lm.model.rotary_emb):
+        randomize_(part.to_empty(device=device))
+    for i, layer in enumerate(lm.model.layers):
+        randomize_(layer.to_empty(device=device), seed=i + 1)
+        quantize_int8_weights_(layer, skip_modules=(), device=device)
+        if str(device).startswith("cuda"):
+            torch.cuda.empty_cache()
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
+    if left:
+        raise RuntimeError(f"still on the meta device after materialising: {left[:5]}")
+    return model
+
+
 def run_real_shape(*, batches=(1, 8), new_tokens: int = 128, device: str = "cuda", preset: str = "medrega",
                    dtype: torch.dtype = torch.bfloat16, decode_backend: str | None = None,
-                   quantize: str | None = None, devices: int = 1) -> dict:
+                   quantize: str | None = None, devices: int = 1, copy_bytes_per_s: float | None = None) -> dict:
     """Build `preset` (default: the real MedRegA shape) on `device` and time batch_chat at each batch size.
 
     `decode_backend` is the dynamo backend of the fast decode step (None: static cache with an eager step and no
     CUDA graph; the 40B decode is bound by reading its 80 GB of weights, so fusion and graphs buy little there and
     a 60-layer trace/compile would cost minutes of a short lease). `quantize="int8"` quantises the language model's
     linears with `quantize_int8_` after the bf16 build (its decode step then always runs eagerly: LLM.int8's outlier
-    split is data-dependent and cannot be captured in a CUDA graph). `devices` > 1 shards the model over that many
-    GPUs with a balanced `device_map` (each layer built on its own GPU) and reports the peak memory of each."""
-    if quantize not in (None, "int8"):
-        raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
+    split is data-dependent and cannot be captured in a CUDA graph). `quantize="int8wo"` builds the language
+    model's linears in weight-only int8 layer by layer (`build_int8wo`; decoded by our int8 GEMV in the packed,
+    graph-captured step with `decode_backend`). `devices` > 1 shards the model over that many GPUs with a balanced
+    `device_map` (each layer built on its own GPU) and reports the peak memory of each. With `copy_bytes_per_s` (the
+    device's measured copy bandwidth) each case also gets the weight-bytes floor of a batch-1 step and its fraction."""
+    if quantize not in (None, "int8", "int8wo"):
+        raise ValueError(f"quantize must be None, 'int8' or 'int8wo', got {quantize!r}")
+    if quantize == "int8wo" and devices > 1:
+        raise ValueError("quantize='int8wo' builds on one device")
     cuda = str(device).startswith("cuda")
     t0 = time.perf_counter()
     config = load_preset(preset)
@@ -104,9 +132,11 @@ def run_real_shape(*, batches=(1, 8), new_tokens: int = 128, device: str = "cuda
         device_map = shard_device_map(build_on_meta(config).to(dtype=dtype),
                                       {i: torch.cuda.mem_get_info(i)[1] * 0.9 for i in range(devices)}, dtype)
         model = build_ours_sharded(config, device_map, dtype=dtype).eval()
+    elif quantize == "int8wo":
+        model = build_int8wo(config, device=device, dtype=dtype).eval()
     else:
         model = build_ours(config, device=device, dtype=dtype).eval()
-    quantized = 0
+    quantized = sum(type(m) is Int8Linear for m in model.modules())  # int8wo's (none otherwise)
     if quantize == "int8":
         quantized = quantize_int8_(model)
         decode_backend = None
@@ -120,7 +150,9 @@ def run_real_shape(*, batches=(1, 8), new_tokens: int = 128, device: str = "cuda
     weights_gib = sum(torch.cuda.memory_allocated(i) for i in gpus) / 2**30 if cuda else float("nan")
     path = ("batch_chat -> static-cache greedy decoder (model.fast_generate)" if hasattr(model, "fast_generate")
             else "batch_chat -> transformers generate (dynamic cache)")
-    out = {"preset": preset, "params": n_params, "build_s": build_s, "weights_gib": weights_gib,
+    weight_bytes = decode_weight_bytes(model)
+    floor_ms = weight_bytes / copy_bytes_per_s * 1e3 if copy_bytes_per_s else None
+    out = {"preset": preset, "params": n_params, "decode_weight_bytes": weight_bytes, "floor_ms": floor_ms, "build_s": build_s, "weights_gib": weights_gib,
            "decode_backend": decode_backend, "path": path, "quantize": quantize or "bf16",
            "quantized_linears": quantized, "devices": max(devices, 1),
            "device_map_gpus": sorted({str(d) for d in device_map.values()}) if device_map else None, "cases": []}
@@ -157,6 +189,10 @@ def run_real_shape(*, batches=(1, 8), new_tokens: int = 128, device: str = "cuda
             "warmup_s": warm_s,
             "answer_chars": [len(a) for a in answers],
         })
+        if floor_ms and batch == 1:
+            step = out["cases"][-1]["decode_ms_per_step"]
+            out["cases"][-1].update(floor_ms=floor_ms, floor_fraction=floor_ms / step)
+    out["gemv_tuning"] = describe_tuning()  # the GEMV block configurations the decode step's shapes got
     model = call = None  # drop the 40B weights before anything else runs: the compiled decode step's caches and the
     free(reset_compiled=True)  # CUDA graphs also reference the model, so dynamo is reset too
     return out

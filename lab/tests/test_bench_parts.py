@@ -162,3 +162,18 @@ def test_graph_step_profile_drives_the_step_object(tmp_path):
     assert p["steps"] == 3 and len(p["per_step"]) == 3 and all(r["wall_ms"] > 0 for r in p["per_step"])
     assert (tmp_path / "p.txt").read_text().startswith("full training step profile")
     assert all(q.grad is None for q in model.parameters())
+
+
+def test_gen_section_reports_batch1_ttft_against_native_on_cpu(tmp_path):
+    """The gen section times TTFT at batch 1 for ours and native default in the same run (ratio) and splits ours
+    into vision, prefill and the rest; the table prints it."""
+    rc = main(["--device", "cpu", "--preset", "tiny", "--sections", "gen", "--new-tokens", "3", "--gen-batches", "1",
+               "--static-batches", "", "--plain-batches", "", "--decode-backend", "none", "--out", str(tmp_path)])
+    assert rc == 0
+    res = json.loads((tmp_path / "bench.json").read_text())
+    assert not res.get("errors"), res.get("errors")
+    t = res["ttft_b1"]
+    assert t["ours_ms"] > 0 and t["native_default_ms"] > 0 and t["vision_ms"] > 0 and t["prefill_ms"] > 0
+    assert t["ratio_ours_over_native"] == pytest.approx(t["ours_ms"] / t["native_default_ms"])
+    assert t["rest_ms"] == pytest.approx(t["ours_ms"] - t["vision_ms"] - t["prefill_ms"])
+    assert "batch 1 TTFT" in (tmp_path / "bench_table.txt").read_text()

@@ -234,3 +234,15 @@ def test_batch_chat_with_a_text_only_sample(tiny_model, tiny_tokenizer):
         tiny_model.batch_chat(tiny_tokenizer, pixel_values, ["a", "b"], GEN, num_patches_list=[1, 1])
     with pytest.raises(NotImplementedError):
         tiny_model.batch_chat(tiny_tokenizer, pixel_values, ["a"], GEN, history=[("q", "a")])
+
+
+def test_generate_checks_image_token_count_before_the_vision_tower(tiny_model, tiny_tokenizer, monkeypatch):
+    """generate reads the counts on the host before queueing any GPU work: a prompt whose <IMG_CONTEXT> tokens do not
+    match the tiles raises the same error as the forward's check, without running the vision tower."""
+    def no_vision(*args, **kwargs):
+        raise AssertionError("the vision tower ran before the count check")
+
+    monkeypatch.setattr(tiny_model, "extract_feature", no_vision)
+    ids = _prompt_ids(tiny_tokenizer, 1, 4)
+    with pytest.raises(ImageTokenMismatchError, match="4 <IMG_CONTEXT> tokens.*8 features"):
+        tiny_model.generate(pixel_values=torch.randn(2, 3, 56, 56), input_ids=ids, max_new_tokens=2)

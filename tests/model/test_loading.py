@@ -157,3 +157,28 @@ def test_offloaded_weights_on_meta_device_still_run(tmp_path, tiny_model, tiny_t
     gen = dict(max_new_tokens=4, do_sample=False)
     assert model.chat(tiny_tokenizer, pixel_values, "Where is the liver?", gen) == tiny_model.chat(
         tiny_tokenizer, pixel_values, "Where is the liver?", gen)
+
+
+def test_weight_dtype_int8_quantises_the_language_model_only(tmp_path, tiny_model, tiny_tokenizer):
+    """load_pretrained(weight_dtype="int8"): every language-model linear but the LM head becomes an Int8Linear (int8
+    weight, fp32 row scales), the ViT and projector keep float weights, logits stay within 5% of the float model's
+    largest logit; contradictory options are refused."""
+    from internvl.ops.int8_weights import Int8Linear
+
+    tiny_model.save_pretrained(tmp_path / "ckpt")
+    model = load_pretrained(tmp_path / "ckpt", dtype=torch.float32, weight_dtype="int8")
+    lm = model.language_model
+    assert type(lm.model.layers[0].self_attn.q_proj) is Int8Linear and lm.model.layers[0].mlp.down_proj.weight.dtype == torch.int8
+    assert type(lm.lm_head) is torch.nn.Linear and type(model.mlp1[1]) is torch.nn.Linear
+    assert not any(type(m) is Int8Linear for m in model.vision_model.modules())
+    ids = torch.randint(0, len(tiny_tokenizer), (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = tiny_model.language_model(input_ids=ids).logits
+        out = lm(input_ids=ids).logits
+    assert (out - ref).abs().max() <= 0.05 * ref.abs().max()
+    with pytest.raises(ValueError, match="pick one"):
+        load_pretrained(tmp_path / "ckpt", weight_dtype="int8", load_in_8bit=True)
+    with pytest.raises(ValueError, match="one device"):
+        load_pretrained(tmp_path / "ckpt", weight_dtype="int8", device_map="auto")
+    with pytest.raises(ValueError, match="weight_dtype"):
+        load_pretrained(tmp_path / "ckpt", weight_dtype="int4")

@@ -108,3 +108,40 @@ def test_auto_options_pick_the_kernels_where_they_run():
                                           num_attention_heads=4, num_key_value_heads=2)).eval()
     dec = StaticGreedyDecoder(narrow, DecodeConfig(backend="inductor", gemv=False))
     assert dec._attention() == "sdpa" and dec._tuned(1) and not dec._packed_step(1)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_gemv_int8_matches_dequantised_linear_for_every_config(bias):
+    """The dequantising int8 GEMV (weight-only int8: int8 rows, fp32 row scales applied after the sum) equals
+    `F.linear` on the dequantised weight, for every block configuration and a row slice of a packed tensor."""
+    from internvl.ops.int8_weights import dequantize_int8_rows, quantize_rows
+
+    g = torch.Generator().manual_seed(1)
+    q_all, s_all = quantize_rows(torch.randn(70, 300, generator=g))
+    weight, scale = q_all[13:50], s_all[13:50]
+    b = torch.randn(37, generator=g) if bias else None
+    x = torch.randn(1, 1, 300, generator=g)
+    ref = torch.nn.functional.linear(x, dequantize_int8_rows(weight, scale, torch.float32), b)
+    y = dk.gemv_int8(x, weight, scale, b)
+    assert y.shape == (1, 1, 37) and y.dtype == torch.float32
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-3)
+    for cfg in dk.GEMV_CONFIGS + dk.GEMV_INT8_EXTRA_CONFIGS:
+        out = torch.empty(37)
+        dk._launch_gemv(x.reshape(-1), weight, b, out, cfg, scale)
+        torch.testing.assert_close(out, ref.reshape(-1), rtol=1e-4, atol=1e-3)
+
+
+def test_decoder_over_int8_weights_runs_the_int8_gemv_in_the_traced_step():
+    """Weight-only int8 language model at batch 1: the packed step (traced by dynamo as one graph) runs the int8 GEMV
+    in the Triton interpreter and gives the int8 model's own greedy tokens."""
+    from internvl.ops.int8_weights import quantize_int8_weights_
+
+    lm = _llama(seed=6)
+    quantize_int8_weights_(lm, skip_modules=())  # the LM head too: every product of the step through the int8 GEMV
+    emb = torch.randn(1, 9, 64, generator=torch.Generator().manual_seed(3))
+    mask = torch.ones(1, 9, dtype=torch.long)
+    ref = lm.generate(inputs_embeds=emb, attention_mask=mask, max_new_tokens=6, do_sample=False, eos_token_id=None,
+                      pad_token_id=0)
+    dec = StaticGreedyDecoder(lm, DecodeConfig(backend="eager", attention="triton", gemv=True))
+    assert dec._packed_step(1)
+    assert torch.equal(dec.generate(emb, mask, max_new_tokens=6), ref)

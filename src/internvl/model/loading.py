@@ -128,6 +128,7 @@ def load_pretrained(
     load_in_4bit: bool = False,
     attn_implementation: str | None = None,
     skip_quant_modules: Sequence[str] = DEFAULT_SKIP_QUANT_MODULES,
+    weight_dtype: str | None = None,
     **kwargs: Any,
 ) -> InternVLChatModel:
     """Load an InternVL-Chat / MedRegA checkpoint directory for inference (eval mode).
@@ -136,10 +137,27 @@ def load_pretrained(
     for the checkpoint's own (4-bit compute then runs in bf16).  device_map: None (CPU, or move later), "auto", or
     an explicit {module_name: device} map.  Raises `CheckpointError` for a bad directory or any
     missing/unexpected/mismatched key, ImportError when 8-/4-bit loading lacks bitsandbytes.
+
+    weight_dtype="int8": weight-only int8 (`internvl.ops.int8_weights`: int8 weights, one fp32 scale per output
+    row) for the language model's linears outside `skip_quant_modules`, decoded at batch 1 by our dequantising
+    Triton GEMV inside the packed, graph-captured decode step (unlike `load_in_8bit`'s LLM.int8). The checkpoint is
+    read on the CPU in `dtype` (host memory for the whole model), then each linear is quantised on its way to the
+    one device `device_map` names ("cuda", "cuda:0", a torch.device; None keeps the model on the CPU), so the
+    device never holds the bf16 language model: the 40B model takes about 43 GiB.
     """
     find_weight_files(path)
     dtype = resolve_dtype(dtype)
     compute_dtype = dtype if isinstance(dtype, torch.dtype) else torch.bfloat16
+    int8_device = None
+    if weight_dtype is not None:
+        if weight_dtype != "int8":
+            raise ValueError(f"weight_dtype must be None or 'int8', got {weight_dtype!r}")
+        if load_in_8bit or load_in_4bit:
+            raise ValueError("weight_dtype='int8' and load_in_8bit/load_in_4bit are different quantisations; pick one")
+        if isinstance(device_map, dict) or device_map == "auto":
+            raise ValueError("weight_dtype='int8' loads onto one device: pass device_map=None or a device ('cuda:0')")
+        int8_device = torch.device(device_map) if device_map is not None else None
+        device_map = None
     quant = bitsandbytes_config(load_in_8bit, load_in_4bit, skip_quant_modules, compute_dtype)
     if quant is not None and device_map is None:
         device_map = "auto"
@@ -156,6 +174,12 @@ def load_pretrained(
     problems = {k: sorted(v) for k, v in info.items() if k != "error_msgs" and v}
     if problems or info.get("error_msgs"):
         raise CheckpointError(f"{path}: checkpoint does not match the config: {problems or info['error_msgs']}")
+    if weight_dtype == "int8":
+        from ..ops.int8_weights import quantize_int8_weights_
+
+        quantize_int8_weights_(model, skip_quant_modules, device=int8_device)
+        if int8_device is not None:
+            model.to(int8_device)
     return model.eval()
 
 

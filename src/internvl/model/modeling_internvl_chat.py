@@ -285,17 +285,27 @@ class InternVLChatModel(ChatMixin, PreTrainedModel):
         """
         if input_ids is None:
             raise ValueError("generate needs input_ids")
-        if pixel_values is not None or visual_features is not None:
-            token_id = self._require_img_context_id()
-            if not bool((input_ids == token_id).any()):
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        # Everything read back to the host is read here, in one sync before any GPU work is queued (a read after
+        # the vision tower would wait for it instead of queueing the prefill behind it).
+        has_images = pixel_values is not None or visual_features is not None
+        token_id = self._require_img_context_id() if has_images else -1
+        n_tokens, left_padded, padded = torch.stack([
+            (input_ids == token_id).sum().to(attention_mask.device), attention_mask[:, -1].all().long(),
+            (attention_mask == 0).any().long()]).tolist()
+        if has_images:
+            if n_tokens == 0:
                 raise ImageTokenMismatchError(
                     f"images were given but input_ids contain no <IMG_CONTEXT> token (id {token_id})"
                 )
+            tiles = (visual_features if visual_features is not None else pixel_values).shape[0]
+            error = self.image_token_mismatch(n_tokens, tiles)
+            if error is not None:
+                raise error
         fast = generate_kwargs.pop("fast_generate", None)
         fast = self.fast_generate if fast is None else fast
-        inputs_embeds = self._embed(input_ids, pixel_values, None, visual_features)
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
+        inputs_embeds = self._embed(input_ids, pixel_values, None, visual_features, sync_free=True)
         attention_mask = attention_mask.to(inputs_embeds.device)
         if fast == "always" or (fast and inputs_embeds.is_cuda):
             # imported on first use: the decoder imports Triton (~0.5 s) and registers its custom ops
@@ -308,14 +318,14 @@ class InternVLChatModel(ChatMixin, PreTrainedModel):
             )
 
             settings = None
-            if (bool(attention_mask[:, -1].all()) and (fast == "always" or single_device(self.language_model))
+            if (left_padded and (fast == "always" or single_device(self.language_model))
                     and not has_training_compiled_layers(self.language_model)):
                 config = generation_config or self.language_model.generation_config
                 settings = greedy_settings(dict(generate_kwargs, generation_config=config),
                                            self.language_model.generation_config.eos_token_id)
             if settings is not None:
                 decoder = decoder_for(self.language_model, self.decode_config)
-                tokens = decoder.generate(inputs_embeds, attention_mask, **settings)
+                tokens = decoder.generate(inputs_embeds, attention_mask, padded=bool(padded), **settings)
                 return trim_after_eos(tokens, settings["eos_token_id"], settings["pad_token_id"])
         generate_kwargs.setdefault("use_cache", True)
         return self.language_model.generate(

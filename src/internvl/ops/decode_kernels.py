@@ -24,6 +24,8 @@ import os
 
 import torch
 
+from .int8_weights import dequantize_int8_rows
+
 try:  # Triton ships with CUDA builds of torch; CPU builds may lack it
     import triton
     import triton.language as tl
@@ -55,8 +57,9 @@ def triton_ready(t: torch.Tensor) -> bool:
 if triton is not None:
 
     @triton.jit
-    def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, stride_wn, K: tl.constexpr,
-                     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    def _gemv_kernel(x_ptr, w_ptr, b_ptr, s_ptr, y_ptr, N, stride_wn, K: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        # HAS_SCALE: int8 weights with one fp32 scale per row (weight-only int8), applied once after the sum
         # K is a compile-time constant: the loop is fully specialised per weight shape (a handful per model)
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
@@ -69,6 +72,8 @@ if triton is not None:
                         mask=row_ok[:, None] & col_ok[None, :], other=0.0)
             acc += w.to(tl.float32) * x[None, :]
         y = tl.sum(acc, axis=1)
+        if HAS_SCALE:
+            y *= tl.load(s_ptr + rows, mask=row_ok, other=0.0)
         if HAS_BIAS:
             y += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
         tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
@@ -79,20 +84,24 @@ GEMV_CONFIGS: tuple[tuple[int, int, int], ...] = (
     (4, 512, 4), (1, 1024, 4), (1, 2048, 8), (2, 512, 4), (2, 1024, 4), (2, 1024, 8), (4, 256, 4), (4, 1024, 8),
     (8, 256, 4), (8, 512, 8), (16, 128, 4), (16, 256, 8), (1, 512, 2), (2, 256, 2), (4, 128, 2),
 )
+#: int8 weights carry half the bytes per element: the same bytes per load need twice the columns, so their tuning
+#: also tries these wider blocks.
+GEMV_INT8_EXTRA_CONFIGS: tuple[tuple[int, int, int], ...] = ((2, 2048, 8), (4, 2048, 8), (1, 4096, 8))
 _gemv_best: dict[tuple, tuple[int, int, int]] = {}
 
 
 def _launch_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
-                 config: tuple[int, int, int]) -> None:
+                 config: tuple[int, int, int], scale: torch.Tensor | None = None) -> None:
     block_n, block_k, warps = config
     n, k = weight.shape
     grid = (triton.cdiv(n, block_n),)
-    _gemv_kernel[grid](x, weight, bias if bias is not None else weight, out, n, weight.stride(0), K=k,
-                       HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
+    _gemv_kernel[grid](x, weight, bias if bias is not None else weight, scale if scale is not None else weight, out,
+                       n, weight.stride(0), K=k, HAS_BIAS=bias is not None, HAS_SCALE=scale is not None,
+                       BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
 
 
 def _tuned_gemv_config(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                       out: torch.Tensor) -> tuple[int, int, int]:
+                       out: torch.Tensor, scale: torch.Tensor | None = None) -> tuple[int, int, int]:
     """The fastest GEMV_CONFIGS entry for this shape, measured once (cold L2) outside graph capture."""
     key = (tuple(weight.shape), weight.stride(0), weight.dtype, x.dtype, bias is not None, weight.device)
     best = _gemv_best.get(key)
@@ -103,10 +112,10 @@ def _tuned_gemv_config(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     from triton.testing import do_bench
 
     times = {}
-    for cfg in GEMV_CONFIGS:
+    for cfg in GEMV_CONFIGS + (GEMV_INT8_EXTRA_CONFIGS if weight.dtype == torch.int8 else ()):
         if cfg[0] > weight.shape[0] * 2 or cfg[1] > max(triton.next_power_of_2(weight.shape[1]), 128):
             continue  # blocks much larger than the matrix
-        times[cfg] = do_bench(lambda c=cfg: _launch_gemv(x, weight, bias, out, c), warmup=5, rep=20)
+        times[cfg] = do_bench(lambda c=cfg: _launch_gemv(x, weight, bias, out, c, scale), warmup=5, rep=20)
     best = min(times, key=times.get)
     _gemv_best[key] = best
     return best
@@ -131,6 +140,34 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
 
 @gemv.register_fake
 def _gemv_fake(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+@torch.library.custom_op("internvl::gemv_int8", mutates_args=())
+def gemv_int8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+              bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x @ (weight * scale[:, None]).T + bias for x [..., K] holding ONE row, weight [N, K] int8 (unit column
+    stride), scale [N] fp32 -> y [..., N] in x's dtype: weight-only int8 (`internvl.ops.int8_weights`), dequantised
+    on the fly (fp32 products, the row's scale applied once to the sum). Off Triton: dequantise, then `F.linear`."""
+    if x.numel() != x.shape[-1]:
+        raise ValueError(f"gemv_int8 takes one row, got x of shape {tuple(x.shape)}")
+    if (weight.dim() != 2 or weight.dtype != torch.int8 or weight.shape[1] != x.shape[-1] or weight.stride(1) != 1
+            or tuple(scale.shape) != (weight.shape[0],)):
+        raise ValueError(f"gemv_int8 needs an int8 weight [N, {x.shape[-1]}] with unit column stride and scale [N], "
+                         f"got {weight.dtype} {tuple(weight.shape)} strides {weight.stride()}, scale "
+                         f"{tuple(scale.shape)}")
+    if not triton_ready(weight):
+        return torch.nn.functional.linear(x, dequantize_int8_rows(weight, scale, x.dtype), bias)
+    flat = x.reshape(-1).contiguous()
+    scale = scale.contiguous()
+    out = torch.empty(weight.shape[0], dtype=x.dtype, device=x.device)
+    _launch_gemv(flat, weight, bias, out, _tuned_gemv_config(flat, weight, bias, out, scale), scale)
+    return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+@gemv_int8.register_fake
+def _gemv_int8_fake(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                    bias: torch.Tensor | None = None) -> torch.Tensor:
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
@@ -283,5 +320,5 @@ def describe_tuning() -> dict[str, str]:
             for key, cfg in _gemv_best.items()}
 
 
-__all__ = ["GEMV_CONFIGS", "attention_kernel_supported", "describe_tuning", "gemv", "gqa_decode_attention",
-           "reference_gqa_decode_attention", "triton_ready"]
+__all__ = ["GEMV_CONFIGS", "GEMV_INT8_EXTRA_CONFIGS", "attention_kernel_supported", "describe_tuning", "gemv",
+           "gemv_int8", "gqa_decode_attention", "reference_gqa_decode_attention", "triton_ready"]

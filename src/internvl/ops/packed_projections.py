@@ -20,15 +20,17 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .int8_weights import Int8Linear
+
 
 class PackingError(ValueError):
     """The modules cannot share one packed weight (different types, shapes, dtypes, devices or bias layout)."""
 
 
 def plain_linear(module: nn.Module) -> bool:
-    """A bare `nn.Linear` on a real device without hooks (not bitsandbytes, LoRA-wrapped or offloaded): its weight
-    can be read directly by our own products."""
-    return (type(module) is nn.Linear and not module._forward_hooks and not module._forward_pre_hooks
+    """A bare `nn.Linear` or our weight-only `Int8Linear` on a real device without hooks (not bitsandbytes,
+    LoRA-wrapped or offloaded): its weight (and scales) can be read directly by our own products."""
+    return (type(module) in (nn.Linear, Int8Linear) and not module._forward_hooks and not module._forward_pre_hooks
             and not getattr(module, "_hf_hook", None) and module.weight.device.type != "meta")
 
 
@@ -38,7 +40,7 @@ def packable(linears: list[nn.Module]) -> bool:
     if not linears or not all(plain_linear(m) for m in linears):
         return False
     first = linears[0].weight
-    return all(m.weight.dim() == 2 and m.weight.shape[1] == first.shape[1] and m.weight.dtype == first.dtype
+    return all(type(m) is type(linears[0]) and m.weight.dim() == 2 and m.weight.shape[1] == first.shape[1] and m.weight.dtype == first.dtype
                and m.weight.device == first.device and (m.bias is None) == (linears[0].bias is None)
                for m in linears)
 
@@ -61,7 +63,23 @@ def layout_ok(linears: list[nn.Linear]) -> bool:
         return False
     if not _contiguous_run([m.weight for m in linears]):
         return False
+    if _scaled(linears) and not _contiguous_run([m.weight_scale for m in linears]):
+        return False
     return linears[0].bias is None or _contiguous_run([m.bias for m in linears])
+
+
+def _scaled(linears: list[nn.Module]) -> bool:
+    """Int8Linear groups carry per-row scales, packed like the weights."""
+    return type(linears[0]) is Int8Linear
+
+
+def packed_scale(linears: list[nn.Module]) -> torch.Tensor | None:
+    """The packed [sum(out_features)] fp32 row scales of an already packed Int8Linear group (a view, no copy), or
+    None for bf16 `nn.Linear` groups."""
+    if not _scaled(linears):
+        return None
+    s0 = linears[0].weight_scale.detach()
+    return s0.as_strided((sum(m.out_features for m in linears),), (1,), s0.storage_offset())
 
 
 def packed_view(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -108,6 +126,12 @@ def _pack_new(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | No
             bias[start : start + n].copy_(m.bias)
             m.bias.data = bias[start : start + n]
         start += n
+    if _scaled(linears):
+        scale = torch.cat([m.weight_scale.detach() for m in linears])
+        start = 0
+        for m in linears:
+            m.weight_scale.data = scale[start : start + m.out_features]
+            start += m.out_features
     return weight, bias
 
 
@@ -141,7 +165,8 @@ def decoder_layer_groups(lm: nn.Module) -> list[LayerPack] | None:
 
 def pack_decoder(lm: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]] | None:
     """Pack (or re-pack, where parameters moved) every layer's q/k/v and gate/up of `lm`; returns per layer
-    (qkv_weight, qkv_bias, gate_up_weight, gate_up_bias) as views of the parameters' storage, or None when the
+    (qkv_weight, qkv_bias, gate_up_weight, gate_up_bias) (each weight a tensor, or (int8 weight, fp32 row scales)
+    for `Int8Linear` layers) as views of the parameters' storage, or None when the
     model has other modules (then nothing is changed)."""
     groups = decoder_layer_groups(lm)
     if groups is None:
@@ -150,10 +175,17 @@ def pack_decoder(lm: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor | None,
     for g in groups:
         wqkv, bqkv = pack_linears(g.qkv)
         wgu, bgu = pack_linears(g.gate_up)
-        out.append((wqkv, bqkv, wgu, bgu))
+        out.append((_with_scale(wqkv, g.qkv), bqkv, _with_scale(wgu, g.gate_up), bgu))
     return out
+
+
+def _with_scale(weight: torch.Tensor, linears: list[nn.Module]) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """A packed group's weight as the packed step takes it: the tensor, or (int8 weight, row scales) for int8."""
+    scale = packed_scale(linears)
+    return weight if scale is None else (weight, scale)
 
 
 def packed_signature(packs) -> tuple:
     """Addresses of the packed tensors: a CUDA graph captured with them stays valid while this is unchanged."""
-    return tuple(t.data_ptr() if t is not None else 0 for group in packs for t in group)
+    flat = [t for group in packs for entry in group for t in (entry if isinstance(entry, tuple) else (entry,))]
+    return tuple(t.data_ptr() if t is not None else 0 for t in flat)

@@ -1,0 +1,112 @@
+"""Weight-only int8 for the language model's linears: int8 weights with one fp32 scale per output row (symmetric),
+activations and everything else in bf16.
+
+Why: the 40B model's bf16 weights (75 GiB) do not fit one 80 GB H100 with a KV cache, and LLM.int8 (bitsandbytes)
+decodes 8-11x slower than bf16 (its outlier split is data dependent and cannot be graph captured). A batch-1 decode
+step only reads the weights once, so halving their bytes halves the step's floor, provided the product dequantises
+on the fly: `internvl.ops.decode_kernels.gemv_int8` reads the int8 rows, multiplies in fp32 and applies the row's
+scale once at the end. Longer inputs (prefill, batches) dequantise the weight to the activations' dtype and run
+the ordinary matmul (one layer's bf16 copy at a time).
+
+`Int8Linear` keeps the `nn.Linear` interface the packed decode step uses (`weight` [out, in] as an int8 parameter
+without gradient, `bias`, plus `weight_scale` [out]), so `internvl.ops.packed_projections` packs q/k/v and gate/up
+of int8 layers into one tensor each, scales included, like bf16 ones. Quantise with `quantize_int8_weights_` (or
+`load_pretrained(..., weight_dtype="int8")`, which calls it).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+
+def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-row int8 quantisation: weight [N, K] float -> (int8 [N, K], fp32 scale [N]) with
+    weight ~= int8 * scale[:, None] and |int8| <= 127 (all-zero rows get scale 1)."""
+    w = weight.detach().float()
+    scale = w.abs().amax(dim=1) / 127.0
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def dequantize_int8_rows(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """int8 [N, K] and fp32 scale [N] -> the weight [N, K] in `dtype` (products in fp32, rounded once)."""
+    return (q.float() * scale.float()[:, None]).to(dtype)
+
+
+def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """y = x @ (q * scale).T + bias in x's dtype. One row: the dequantising GEMV (`decode_kernels.gemv_int8`, Triton
+    where it runs); more rows (prefill, batches): `F.linear` over the int8 weight converted to x's dtype, its output
+    columns scaled (fp16: the weight dequantised first)."""
+    if x.numel() == x.shape[-1]:
+        return torch.ops.internvl.gemv_int8(x, q, scale, bias)  # registered by decode_kernels (see __init__)
+    if x.dtype == torch.float16:  # int8 sums over K could overflow fp16 before scaling: dequantise first
+        return nn.functional.linear(x, dequantize_int8_rows(q, scale, x.dtype), bias)
+    # int8 -> bf16/fp32 is exact; scaling the output columns instead of the weight saves a pass over the weight
+    y = nn.functional.linear(x, q.to(x.dtype)) * scale.to(x.dtype)
+    return y + bias if bias is not None else y
+
+
+class Int8Linear(nn.Module):
+    """A linear layer with int8 weights and per-output-row fp32 scales (weight-only quantisation).
+
+    `weight` [out, in] int8 (a parameter without gradient, so `.data` can be re-pointed by weight packing),
+    `weight_scale` [out] fp32, `bias` [out] in the compute dtype or None."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, device=None,
+                 dtype: torch.dtype = torch.bfloat16) -> None:
+        super().__init__()
+        from . import decode_kernels  # noqa: F401 - registers the internvl::gemv_int8 op (imports Triton)
+
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.zeros(out_features, in_features, dtype=torch.int8, device=device),
+                                   requires_grad=False)
+        self.weight_scale = nn.Parameter(torch.ones(out_features, dtype=torch.float32, device=device),
+                                         requires_grad=False)
+        self.bias = (nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False)
+                     if bias else None)
+
+    @classmethod
+    @torch.no_grad()
+    def from_linear(cls, linear: nn.Linear, device: torch.device | str | None = None) -> Int8Linear:
+        """Quantise `linear` (on `device`, default where its weight lies) into a new Int8Linear there."""
+        device = torch.device(device) if device is not None else linear.weight.device
+        out = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta",
+                  dtype=linear.weight.dtype)
+        q, scale = quantize_rows(linear.weight.to(device))
+        out.weight = nn.Parameter(q, requires_grad=False)
+        out.weight_scale = nn.Parameter(scale, requires_grad=False)
+        if linear.bias is not None:
+            out.bias = nn.Parameter(linear.bias.detach().to(device), requires_grad=False)
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return int8_linear(x, self.weight, self.weight_scale, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def _skipped(name: str, skip: Sequence[str]) -> bool:
+    return any(name == s or name.startswith(s + ".") or name.endswith("." + s) or f".{s}." in name for s in skip)
+
+
+@torch.no_grad()
+def quantize_int8_weights_(model: nn.Module, skip_modules: Sequence[str] = ("vision_model", "mlp1", "lm_head"),
+                           device: torch.device | str | None = None) -> int:
+    """Replace every plain `nn.Linear` of `model` outside `skip_modules` by an `Int8Linear`, one at a time (each
+    quantised on `device`, default where it lies; the bf16 weight is dropped as soon as it is replaced, so moving a
+    CPU-loaded model to the GPU this way never holds more than one bf16 linear there). Returns how many were
+    replaced. The default skips are the loader's (`DEFAULT_SKIP_QUANT_MODULES`): ViT, projector and LM head stay."""
+    targets = [name for name, module in model.named_modules()
+               if type(module) is nn.Linear and not _skipped(name, skip_modules)]
+    for name in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, Int8Linear.from_linear(getattr(parent, child), device))
+    return len(targets)
+
+
+__all__ = ["Int8Linear", "dequantize_int8_rows", "int8_linear", "quantize_int8_weights_", "quantize_rows"]
