@@ -36,7 +36,7 @@ cp -r "$WORK/train/model" "$OUT/model"
 cp "$WORK/train/run/train_results.json" "$OUT/" 2>/dev/null || true
 echo "train + export: $(( $(date +%s) - t0 )) s" | tee -a "$OUT/train.log"
 
-if ! $PY -c "import scipy, pycocotools, yaml, PIL" 2> /dev/null; then
+if [ -z "${NO_SCORE:-}" ] && ! $PY -c "import scipy, pycocotools, yaml, PIL" 2> /dev/null; then
   echo "medrega-eval needs scipy, pycocotools, pyyaml and pillow here (carry pycocotools' wheel in .whl/); the model is" \
        "in $OUT/model - evaluate it elsewhere with the medrega-eval run line of this script" >&2
   exit 3
@@ -47,7 +47,7 @@ $PY -m medrega_eval run --model "$OUT/model" --benchmark "$BENCH" --benchmark-fi
   --out "$OUT/eval" --batch-size 64 --max-new-tokens "${MAX_NEW_TOKENS:-256}" --dtype float32 \
   ${EVAL_LIMIT:+--limit "$EVAL_LIMIT"} ${NO_SCORE:+--no-score} 2>&1 | tee "$OUT/eval.log"
 if [ -n "${NO_SCORE:-}" ]; then  # a machine without the scorers' packages (jieba, ...): score elsewhere
-  echo "predictions in $OUT/eval; score them with: medrega-eval score --pred OUT/eval/NAME/predictions.jsonl ..."
+  echo "predictions in $OUT/eval; score them with: medrega-eval score --pred OUT/eval/NAME/predictions/rank0.jsonl ..."
   exit 0
 fi
 

@@ -47,8 +47,8 @@ PANELS = (
           objects="left frontal lobe", modality="MRI"),
     Panel("head_ct_axial_060.jpg", "text_to_region", "en", "Text-to-Region (EN): bone, brain",
           objects="bone, brain", modality="CT"),
-    Panel("head_ct_axial_060.jpg", "free", "en", "Typed without a task prompt (EN)",
-          question="Where is the brain in this image?"),
+    Panel("brain_mri_axial_096.jpg", "free", "en", "Typed without a task prompt (EN)",
+          question="Could you show me where the right frontal lobe is?"),
     Panel("brain_mri_coronal_100.jpg", "region_to_text", "zh", "Region-to-Text (ZH): box 618, 502, 905, 773",
           box_text="618, 502, 905, 773", modality="磁共振"),
 )
