@@ -141,10 +141,25 @@ def test_speedups_are_a_no_op_off_cuda(base_model):
 
 
 def test_zero3_turns_compile_and_fusion_off(base_model):
+    """Under ZeRO-3 a layer whose linears carry their own gather hooks (not a leaf module) stays eager."""
     model = copy.deepcopy(base_model)
     report = apply_train_speedups(model, TrainSpeedups(backend="aot_eager"), zero3=True, allow_cpu=True)
     assert report["compiled"] == {} and report["fused"] == {}
     assert any("ZeRO-3" in s for s in report["skipped"])
+
+
+def test_zero3_compiles_and_fuses_only_leaf_module_layers(base_model):
+    """ZeRO-3 leaf modules (gathered whole by the hooks on the layer, outside its compiled forward) are compiled and
+    fused; the other layers stay eager. Same loss and gradients as the eager model."""
+    from deepspeed.utils import set_z3_leaf_modules
+
+    model = copy.deepcopy(base_model).train()
+    ref = _loss_and_grads(model, fused=False)
+    set_z3_leaf_modules(model, ["LlamaDecoderLayer"])
+    report = apply_train_speedups(model, TrainSpeedups(backend="aot_eager"), zero3=True, allow_cpu=True)
+    assert report["compiled"] == {"LlamaDecoderLayer": 2} and report["fused"] == {"qkv": 2, "gate_up": 2}
+    assert not any(getattr(m, "_compiled_layer", False) for m in model.vision_model.modules())
+    _assert_same(_loss_and_grads(model, fused=True), ref)
 
 
 def test_lora_tower_stays_eager_and_lora_targets_are_not_fused(base_model):
