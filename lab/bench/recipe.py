@@ -207,6 +207,7 @@ def run_recipe_case(case: RecipeCase, config, *, batch: int, seq: int, steps: in
     torch.compile backend of the engines with `torch_compile` (the CPU test uses "aot_eager": no C++ build)."""
     from internvl.train.arguments import MedRegTrainingArguments
     from internvl.train.cli import release_deepspeed_config, speedups_from_args
+    from deepspeed.utils import z3_leaf_module
     from internvl.train.trainer import MedRegTrainer
 
     cuda = torch.cuda.is_available()
@@ -251,7 +252,8 @@ def run_recipe_case(case: RecipeCase, config, *, batch: int, seq: int, steps: in
            "mfu": mfu(flops, seconds, peak_flops) if clock.seconds else float("nan"),
            "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"),
            "params": sum(p.numel() for p in model.parameters()),
-           "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+           "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+           "z3_leaf_layers": sum(z3_leaf_module(m) for m in model.modules())}
     _release(trainer)
     trainer = model = None
     free(reset_compiled=engine.torch_compile)  # a whole-model compile's guards hold this model
