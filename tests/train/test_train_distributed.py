@@ -68,7 +68,7 @@ def one_process(tmp_path_factory, tiny_tokenizer_dir, squares) -> tuple[list[flo
     tmp = tmp_path_factory.mktemp("one")
     log = run([sys.executable, "-m", "internvl.train",
                *train_args(tmp / "out", tiny_tokenizer_dir, squares, 2, 2)], tmp / "log.txt")
-    return losses(tmp / "out"), groups_line(log)
+    return losses(tmp / "out"), groups_line(log), tmp / "out"
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +101,7 @@ def engine_flags(tmp: Path, engine: str) -> list[str]:
 @pytest.mark.parametrize("engine", ["ddp", "zero2", "zero3", "zero3_tuned", "fsdp2"])
 def test_two_ranks_match_one_process_with_accumulation(tmp_path, tiny_tokenizer_dir, squares, one_process, engine,
                                                        request):
-    reference, reference_groups = one_process
+    reference, reference_groups, reference_dir = one_process
     if engine.startswith("zero"):
         request.getfixturevalue("deepspeed_cpu_comm")
     assert len(reference) == STEPS
@@ -113,3 +113,17 @@ def test_two_ranks_match_one_process_with_accumulation(tmp_path, tiny_tokenizer_
     assert got == pytest.approx(reference, rel=1e-4, abs=1e-5), (got, reference)
     assert groups_line(log) == reference_groups  # the same decay / no-decay split, DeepSpeed or not
     assert "weight_decay 0.0:" in reference_groups  # norms and biases exist and are kept out of decay
+    # the final save holds whole tensors (ZeRO-3 gathered, FSDP2 full state dict) equal to the 1-process model's
+    saved, ref = _weights(tmp_path / "out"), _weights(reference_dir)
+    assert saved.keys() == ref.keys()
+    for name, tensor in saved.items():
+        assert tensor.shape == ref[name].shape, name
+        assert (tensor.float() - ref[name].float()).abs().mean() < 1e-5, name
+
+
+def _weights(run_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    files = sorted(run_dir.glob("*.safetensors"))
+    assert files, f"{run_dir}: no safetensors written"
+    return {k: v for f in files for k, v in load_file(f).items()}
