@@ -26,13 +26,14 @@ from torch import nn
 from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.modeling_layers import GradientCheckpointingLayer
 
+from ..compat import restore_forwards, swap_forward
 from .compile_layers import (
     compile_layers,
     fuse_projections,
     uncompile_layers,
     unfuse_projections,
 )
-from .cross_entropy import causal_lm_loss
+from .cross_entropy import causal_lm_loss, zero3_partitioned_head
 from .fast_kernels import disable_fast_kernels, enable_fast_kernels
 
 logger = logging.getLogger(__name__)
@@ -224,6 +225,22 @@ def fused_loss_forward(model: nn.Module, model_inputs: dict[str, Any], labels: t
         if len(captured) != 1:
             raise RuntimeError(f"the final norm ran {len(captured)} times in one forward; expected once")
         hidden = captured[0]
-    loss = causal_lm_loss(hidden, lm_head, labels, loss_weight=loss_weight, num_items_in_batch=num_items_in_batch,
-                          impl=impl, capacity=capacity)
-    return loss, outputs
+    def head_loss(head: nn.Module, rows: torch.Tensor) -> torch.Tensor:
+        return causal_lm_loss(rows, head, labels, loss_weight=loss_weight, num_items_in_batch=num_items_in_batch,
+                              impl=impl, capacity=capacity)
+
+    if zero3_partitioned_head(lm_head):
+        return run_as_forward(lm_head, head_loss, hidden), outputs
+    return head_loss(lm_head, hidden), outputs
+
+
+def run_as_forward(module: nn.Module, fn, *args: Any) -> Any:
+    """`fn(module, *args)` run as `module`'s forward (one call), so that the hooks on the module wrap it: under
+    DeepSpeed ZeRO-3 they gather the module's weights before the call and again before its backward, and release
+    them after each. The fused loss reads the LM-head weight inside, as the head's own forward would, and its
+    backward hands the weight gradient to ZeRO-3's reduction while the weight is gathered."""
+    swap_forward(module, fn, "_run_as_forward")
+    try:
+        return module(*args)
+    finally:
+        restore_forwards(module, "_run_as_forward")

@@ -32,7 +32,7 @@ from torch.utils.data import Sampler
 from transformers import TrainerCallback
 
 from internvl.compat import trainer_base
-from internvl.ops.cross_entropy import causal_lm_loss, fused_head_supported, loss_items
+from internvl.ops.cross_entropy import causal_lm_loss, fused_head_supported, loss_items, zero3_partitioned_head
 from internvl.ops.train_speedups import (
     TrainSpeedups,
     apply_train_speedups,
@@ -294,14 +294,16 @@ class MedRegTrainer(trainer_base()):
         return (loss, outputs) if return_outputs else loss
 
     def _fused_head(self) -> nn.Module | None:
-        """The LM head for the fused loss, or None for the plain path (switched off, LM head wrapped by PEFT or
-        partitioned by ZeRO-3, or a model without a separate head)."""
+        """The LM head for the fused loss, or None for the plain path (switched off, LM head wrapped by PEFT, or a
+        model without a separate head). A ZeRO-3-partitioned head is used through its own forward (gathered by its
+        hooks; `fused_loss_forward`)."""
         if not self.fused_lm_loss:
             return None
         language_model = getattr(self.model, "language_model", self.model)
         get_head = getattr(language_model, "get_output_embeddings", None)
         head = get_head() if get_head is not None else None
-        return head if head is not None and fused_head_supported(head) else None
+        usable = head is not None and (fused_head_supported(head) or zero3_partitioned_head(head))
+        return head if usable else None
 
     # ---- logging ---------------------------------------------------------------------------------------------
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
