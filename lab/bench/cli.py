@@ -123,7 +123,7 @@ def section_pack(args, res: dict, config) -> None:
 
 
 def section_recipe(args, res: dict) -> None:
-    """The released recipe's shape through MedRegTrainer: no DeepSpeed, ZeRO-2/3 variants, FSDP2 (lab/bench/recipe.py)."""
+    """The released recipe's shape through MedRegTrainer: no DeepSpeed, ZeRO-2/3 variants, FSDP2 (lab/bench/recipe)."""
     def save(rows: list[dict]) -> None:
         res["recipe"] = rows
         Path(args.out, "bench.json").write_text(json.dumps(res, indent=1, default=str))

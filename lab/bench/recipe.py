@@ -264,8 +264,8 @@ def run_recipe_case(case: RecipeCase, config, *, batch: int, seq: int, steps: in
 def _engine_env():
     """Undo the process environment a case's TrainingArguments set (`torch_compile` exports ACCELERATE_DYNAMO_*,
     FSDP exports FSDP_CPU_RAM_EFFICIENT_LOADING): the next case's accelerator would otherwise read them."""
-    keys = ("ACCELERATE_DYNAMO_BACKEND", "ACCELERATE_DYNAMO_MODE", "ACCELERATE_USE_FSDP", "FSDP_CPU_RAM_EFFICIENT_LOADING",
-            "ACCELERATE_USE_DEEPSPEED")
+    keys = ("ACCELERATE_DYNAMO_BACKEND", "ACCELERATE_DYNAMO_MODE", "ACCELERATE_USE_FSDP",
+            "FSDP_CPU_RAM_EFFICIENT_LOADING", "ACCELERATE_USE_DEEPSPEED")
     saved = {k: os.environ.get(k) for k in keys}
     try:
         yield

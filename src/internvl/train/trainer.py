@@ -32,7 +32,12 @@ from torch.utils.data import Sampler
 from transformers import TrainerCallback
 
 from internvl.compat import trainer_base
-from internvl.ops.cross_entropy import causal_lm_loss, fused_head_supported, loss_items, zero3_partitioned_head
+from internvl.ops.cross_entropy import (
+    causal_lm_loss,
+    fused_head_supported,
+    loss_items,
+    zero3_partitioned_head,
+)
 from internvl.ops.train_speedups import (
     TrainSpeedups,
     apply_train_speedups,
