@@ -59,9 +59,9 @@ class Engine:
 ENGINES: dict[str, Engine] = {
     "plain": Engine(describe="no DeepSpeed: fp32 weights, bf16 autocast, compiled layers, fused loss"),
     "zero2": Engine("zero_stage2_config.json", describe="ZeRO-2 as shipped"),
-    "zero3": Engine("zero_stage3_config.json", describe="ZeRO-3 as shipped (no compiled layers)"),
+    "zero3": Engine("zero_stage3_config.json", describe="ZeRO-3 as shipped: bf16 weights, layers eager, fused loss via the head's hooks"),
     "zero3_tuned": Engine("zero_stage3_tuned_config.json",
-                          describe="ZeRO-3, layers as leaf modules (one gather per layer) + compiled layers"),
+                          describe="ZeRO-3, layers as leaf modules (one gather each) + compiled layers, fused loss"),
     "zero3_compile": Engine("zero_stage3_tuned_config.json", torch_compile=True,
                             describe="zero3_tuned + Trainer torch_compile (DeepSpeed engine.compile())"),
     "zero3_deepcompile": Engine("zero_stage3_config.json", torch_compile=True, deepcompile=True,
@@ -387,8 +387,10 @@ def recipe_table_lines(rows: list[dict], *, batch: int, seq: int, fused_adam: bo
     if not rows:
         return []
     adam = "DeepSpeed fused Adam" if fused_adam else "+ torch AdamW"
-    lines = [f"\n== recipe (frozen ViT + projector, ckpt on, {batch} x {seq} tokens, bf16; ZeRO configs as shipped "
-             f"{adam}; MFU: lab/bench/flops.py recipe_step_flops) ==",
+    lines = [f"\n== recipe (frozen ViT + projector, ckpt on, {batch} x {seq} tokens, bf16; DeepSpeed configs {adam}; "
+             f"MFU: lab/bench/flops.py recipe_step_flops) ==",
+             *(f"  {name}: {ENGINES[name].describe}" for name in dict.fromkeys(r["engine"] for r in rows)
+               if name in ENGINES),
              f"{'case':26s} {'tok/s':>9s} {'MFU':>6s} {'peakGiB':>8s} {'vs plain':>8s} {'params':>8s} {'train':>8s} "
              f"{'loss rel':>9s}"]
     for r in rows:
