@@ -307,8 +307,15 @@ class MedRegTrainer(trainer_base()):
         language_model = getattr(self.model, "language_model", self.model)
         get_head = getattr(language_model, "get_output_embeddings", None)
         head = get_head() if get_head is not None else None
-        usable = head is not None and (fused_head_supported(head) or zero3_partitioned_head(head))
-        return head if usable else None
+        if head is None:
+            return None
+        if fused_head_supported(head):
+            return head
+        # a ZeRO-3 partition runs the loss as the head's forward, gathered by its hooks; DeepCompile removes those
+        # hooks (it gathers inside the compiled model only), so there the model's own logits path is taken
+        engine = self.model_wrapped
+        deepcompile = callable(getattr(engine, "is_deepcompile_active", None)) and engine.is_deepcompile_active()
+        return head if zero3_partitioned_head(head) and not deepcompile else None
 
     # ---- logging ---------------------------------------------------------------------------------------------
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
