@@ -238,7 +238,7 @@ def test_stage2_engine_fsdp2_passes_the_fsdp2_config_instead_of_deepspeed(tmp_pa
     assert config == SHELL / "fsdp2_config.json"
     i = argv.index("--bf16")
     _, _, training_args = parse_args(argv[:i] + argv[i + 2:])  # bf16 needs a GPU to validate; the FSDP flags do not
-    plugin = training_args._process_fsdp_args()
+    plugin = training_args.fsdp_plugin_args  # what the Trainer hands accelerate
     assert plugin["fsdp_version"] == 2 and plugin["reshard_after_forward"] is True
     assert plugin["transformer_cls_names_to_wrap"] == "InternVisionEncoderLayer,LlamaDecoderLayer"
 
