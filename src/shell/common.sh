@@ -45,11 +45,14 @@ else
 fi
 # GPUs: bf16 and DeepSpeed (DS_CONFIG, default ZeRO-3). A CPU-only machine: float32 on the CPU, no DeepSpeed unless
 # DS_CONFIG is given (then DeepSpeed's CPU accelerator runs it).
-# DS_CONFIG=none: no DeepSpeed on GPUs either (MODE=qlora). DS_CONFIG=${SHELL_DIR}/zero_stage3_tuned_config.json: ZeRO-3
-# with every layer one gather unit (leaf module), so the compiled layers stay on (the "leaf_module" key: checked with DeepSpeed 0.19.8; a DeepSpeed without it rejects the config).
-# ENGINE=fsdp2 (opt-in, instead of DeepSpeed): PyTorch FSDP2 through accelerate (FSDP_CONFIG, default fsdp2_config.json).
+# DS_CONFIG=none: no DeepSpeed on GPUs either (MODE=qlora).
+# DS_CONFIG=${SHELL_DIR}/zero_stage3_tuned_config.json (opt-in): ZeRO-3 with every layer one gather unit ("leaf_module",
+# checked with DeepSpeed 0.19.8; a DeepSpeed without the key rejects the config), so the compiled layers stay on.
+# ENGINE=fsdp2 (opt-in, instead of DeepSpeed): PyTorch FSDP2 through accelerate (FSDP_CONFIG, default
+# ${SHELL_DIR}/fsdp2_config.json).
 ENGINE="${ENGINE:-deepspeed}"
-[[ "${ENGINE}" == deepspeed || "${ENGINE}" == fsdp2 ]] || { echo "ENGINE=${ENGINE}: expected deepspeed or fsdp2" >&2; exit 2; }
+[[ "${ENGINE}" == deepspeed || "${ENGINE}" == fsdp2 ]] ||
+  { echo "ENGINE=${ENGINE}: expected deepspeed or fsdp2" >&2; exit 2; }
 if [[ "${MEDREGA_DEVICE}" == cuda && "${ENGINE}" == fsdp2 ]]; then
   [[ -z "${DS_CONFIG:-}" || "${DS_CONFIG}" == none ]] || { echo "ENGINE=fsdp2 takes no DS_CONFIG" >&2; exit 2; }
   DEVICE_FLAGS=(--bf16 True --fsdp full_shard --fsdp_config "${FSDP_CONFIG:-${SHELL_DIR}/fsdp2_config.json}")
