@@ -3,7 +3,8 @@
 # the launch flags all MedRegA recipes share, so that each recipe states only what differs.
 # Inputs (environment; META, OUTPUT and BATCH_SIZE (global) get their defaults from each recipe): MODEL, TOKENIZER,
 # META, OUTPUT, BATCH_SIZE, PER_DEVICE_BATCH_SIZE, GPUS_PER_NODE, NNODES (or SLURM_NNODES), EPOCHS, IMAGE_SIZE,
-# DS_CONFIG (none: no DeepSpeed), ENGINE (deepspeed | fsdp2), FSDP_CONFIG, MEDREGA_DEVICE (cuda | cpu; default: cuda when torch sees a GPU), MEDREGA_NO_SLURM.
+# DS_CONFIG (none: no DeepSpeed), ENGINE (deepspeed | fsdp2), FSDP_CONFIG, MEDREGA_DEVICE (cuda | cpu; default: cuda
+# when torch sees a GPU), MEDREGA_NO_SLURM.
 # Output: SHELL_DIR, WORLD_SIZE_TOTAL, GRADIENT_ACC, MODEL_FLAGS, DEVICE_FLAGS, MEDREGA_COMMON_FLAGS, and
 # medrega_launch FLAGS...
 set -euo pipefail
