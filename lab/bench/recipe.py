@@ -256,7 +256,9 @@ def run_recipe_case(case: RecipeCase, config, *, batch: int, seq: int, steps: in
            "z3_leaf_layers": sum(z3_leaf_module(m) for m in model.modules())}
     _release(trainer)
     trainer = model = None
-    free(reset_compiled=engine.torch_compile)  # a whole-model compile's guards hold this model
+    # dynamo's caches go too: a whole-model compile's guards hold this model, and a layer class seen before at other
+    # sizes would be recompiled with dynamic shapes (each case compiles static shapes, from inductor's cache if any)
+    free(reset_compiled=True)
     return row
 
 
