@@ -121,17 +121,27 @@ def test_recipe_cases_on_cpu_zero3_losses_equal_plain(tmp_path):
     assert "tiny full zero3" in run.stdout and "vs plain" in run.stdout  # the printed table
 
 
-def test_recipe_new_engines_on_cpu_losses_equal_plain(tmp_path):
-    """ZeRO-3 with leaf-module layers (zero3_tuned), FSDP2 and ZeRO-3 under the Trainer's torch_compile (accelerate
-    calls the DeepSpeed engine's compile(); backend "eager" here: dynamo's capture with ZeRO-3's hooks, no C++
-    build) train the tiny preset with the losses of the path without DeepSpeed, full LLM and LoRA, fp32. A failing
-    engine is a row with an error, which fails this test. DeepCompile needs its CUDA extension: GPU only."""
+#: bf16 (the recipe's precision): ZeRO-3 and FSDP2 hold bf16 weights where `plain` keeps fp32 weights under autocast;
+#: the issue's target is 1e-3 relative per step (measured on the CPU: ZeRO-3 8e-6, FSDP2 0).
+LOSS_RTOL_BF16 = 1e-3
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_recipe_new_engines_on_cpu_losses_equal_plain(tmp_path, precision):
+    """ZeRO-3 with leaf-module layers (zero3_tuned), FSDP2 and (fp32) ZeRO-3 under the Trainer's torch_compile
+    (accelerate calls the DeepSpeed engine's compile(); backend "eager" here: dynamo's capture with ZeRO-3's hooks, no
+    C++ build) train the tiny preset with the losses of the path without DeepSpeed, full LLM and LoRA, in fp32
+    (1e-5) and in bf16 (1e-3, the issue's target). A failing engine is a row with an error, which fails this test.
+    DeepCompile needs its CUDA extension: GPU only."""
     out = tmp_path / "bench"
-    engines = ["zero3_tuned", "fsdp2", "zero3_compile"]
+    bf16 = precision == "bf16"
+    engines = ["zero3_tuned", "fsdp2"] if bf16 else ["zero3_tuned", "fsdp2", "zero3_compile"]
+    tol = LOSS_RTOL_BF16 if bf16 else LOSS_RTOL_FP32
     cmd = [sys.executable, "-m", "lab.bench", "--device", "cpu", "--preset", "tiny", "--sections", "recipe",
            "--recipe-models", "tiny", "--recipe-engines", ",".join(["plain"] + engines), "--recipe-lora", "0,16",
            "--recipe-seq", "256", "--recipe-steps", "2", "--recipe-warmup", "2", "--recipe-lr", "3e-3",
-           "--recipe-distinct-batches", "1", "--recipe-compile-backend", "eager", "--out", str(out)]
+           "--recipe-distinct-batches", "1", "--recipe-compile-backend", "eager", "--out", str(out),
+           "--recipe-bf16", "on" if bf16 else "off"]
     run = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     rows = {r["case"]: r for r in json.loads((out / "bench.json").read_text())["recipe"]}
@@ -141,7 +151,7 @@ def test_recipe_new_engines_on_cpu_losses_equal_plain(tmp_path):
         for engine in engines:
             row = rows[f"tiny {setting} {engine}"]
             assert "error" not in row, row
-            assert row["losses"] == pytest.approx(plain["losses"], rel=LOSS_RTOL_FP32), (setting, engine, row, plain)
-            assert row["loss_rel_vs_plain"] <= LOSS_RTOL_FP32 and row["trainable"] == plain["trainable"]
+            assert row["losses"] == pytest.approx(plain["losses"], rel=tol), (setting, engine, row, plain)
+            assert row["loss_rel_vs_plain"] <= tol and row["trainable"] == plain["trainable"]
         # the tuned config's leaf modules reached DeepSpeed: tiny's 2 ViT + 2 LLM layers are gathered whole
         assert rows[f"tiny {setting} zero3_tuned"]["z3_leaf_layers"] == 4
