@@ -125,7 +125,7 @@ def section_pack(args, res: dict, config) -> None:
 
 
 def section_recipe(args, res: dict) -> None:
-    """The released recipe's shape through MedRegTrainer, no DeepSpeed / ZeRO-2 / ZeRO-3 (lab/bench/recipe.py)."""
+    """The released recipe's shape through MedRegTrainer: no DeepSpeed, ZeRO-2/3 variants, FSDP2 (lab/bench/recipe)."""
     def save(rows: list[dict]) -> None:
         res["recipe"] = rows
         Path(args.out, "bench.json").write_text(json.dumps(res, indent=1, default=str))
@@ -133,9 +133,11 @@ def section_recipe(args, res: dict) -> None:
     run_recipe([m for m in args.recipe_models.split(",") if m], engines=[e for e in args.recipe_engines.split(",") if e],
                loras=[int(r) for r in args.recipe_lora.split(",") if r], layers=args.recipe_layers,
                batch=args.recipe_batch, seq=args.recipe_seq, steps=args.recipe_steps, warmup=args.recipe_warmup,
-               bf16=args.device == "cuda", out=Path(args.out, "recipe_runs"), fused_adam=args.recipe_fused_adam,
+               bf16=args.device == "cuda" if args.recipe_bf16 == "auto" else args.recipe_bf16 == "on",
+               out=Path(args.out, "recipe_runs"), fused_adam=args.recipe_fused_adam,
                peak_flops=args.peak, lr=args.recipe_lr,
-               distinct=args.recipe_distinct_batches, deadline_s=args.recipe_deadline_s, on_row=save)
+               distinct=args.recipe_distinct_batches, deadline_s=args.recipe_deadline_s, on_row=save,
+               compile_backend=args.recipe_compile_backend)
 
 
 def _save_partial(args, res: dict) -> None:
@@ -488,7 +490,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--real-quant-new-tokens", type=int, default=32, help="new tokens per call for the int8 shape")
     p.add_argument("--recipe-models", default="mid,yi", help="recipe section: presets and/or yi (Yi-34B-shaped LLM)")
     p.add_argument("--recipe-layers", type=int, default=None, help="LLM layers of the recipe models (yi: default 4)")
-    p.add_argument("--recipe-engines", default=",".join(ENGINES), help="plain (no DeepSpeed), zero2, zero3")
+    p.add_argument("--recipe-engines", default="plain,zero2,zero3", help="comma list of " + "; ".join(
+        f"{name}: {engine.describe}" for name, engine in ENGINES.items()))
+    p.add_argument("--recipe-bf16", choices=("auto", "on", "off"), default="auto", help="the recipe's --bf16 True "
+                   "(auto: on CUDA only; on: also on the CPU, CPU autocast / DeepSpeed bf16 - the bf16 loss test)")
+    p.add_argument("--recipe-compile-backend", default="inductor", help="torch.compile backend of the engines that "
+                   "compile the whole model (zero3_compile, zero3_deepcompile; the CPU test: aot_eager)")
     p.add_argument("--recipe-lora", default="0,16", help="LoRA ranks of the recipe cases (0 = full LLM)")
     p.add_argument("--recipe-batch", type=int, default=4)
     p.add_argument("--recipe-seq", type=int, default=2048)

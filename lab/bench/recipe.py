@@ -17,7 +17,9 @@ CUDA, gloo through DeepSpeed's CPU accelerator on the CPU).
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import socket
 import tempfile
@@ -27,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.distributed.tensor import DTensor
 from transformers import TrainerCallback
 
 from internvl.model import load_preset
@@ -36,7 +39,36 @@ from .flops import H100_H200_BF16_PEAK, lora_params, mfu, recipe_step_flops, sha
 from .runtime import Deadline, free
 
 ROOT = Path(__file__).resolve().parents[2]
-ENGINES = ("plain", "zero2", "zero3")
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Engine:
+    """How one recipe case is trained: a shipped config under `src/shell` (DeepSpeed `--deepspeed` JSON, or an FSDP2
+    `--fsdp_config` JSON), whether the Trainer's `torch_compile` is on (accelerate then calls the DeepSpeed engine's
+    `compile()`), and a DeepCompile switch added to the DeepSpeed config (`"compile": {"deepcompile": true}`)."""
+
+    config: str | None = None
+    fsdp: bool = False
+    torch_compile: bool = False
+    deepcompile: bool = False
+    describe: str = ""
+
+
+#: the recipe engines; `plain` (no DeepSpeed, the trainer's fast paths) is every ratio's baseline.
+ENGINES: dict[str, Engine] = {
+    "plain": Engine(describe="no DeepSpeed: fp32 weights, bf16 autocast, compiled layers, fused loss"),
+    "zero2": Engine("zero_stage2_config.json", describe="ZeRO-2 as shipped"),
+    "zero3": Engine("zero_stage3_config.json", describe="ZeRO-3 as shipped: bf16 weights, layers eager, fused loss via the head's hooks"),
+    "zero3_tuned": Engine("zero_stage3_tuned_config.json",
+                          describe="ZeRO-3, layers as leaf modules (one gather each) + compiled layers, fused loss"),
+    "zero3_compile": Engine("zero_stage3_tuned_config.json", torch_compile=True,
+                            describe="zero3_tuned + Trainer torch_compile (DeepSpeed engine.compile())"),
+    "zero3_deepcompile": Engine("zero_stage3_config.json", torch_compile=True, deepcompile=True,
+                                describe="shipped ZeRO-3 + DeepCompile (engine.compile() with the z3 passes)"),
+    "fsdp2": Engine("fsdp2_config.json", fsdp=True,
+                    describe="FSDP2 fully_shard per layer, fp32 master, bf16 params + compiled layers, fused loss"),
+}
 #: Yi-34B's LLM shape (hidden 7168, GQA 56/8, MLP 20480, vocabulary 64000); layers are a knob (4 -> about 3.2B).
 YI_LLM = {"hidden_size": 7168, "num_attention_heads": 56, "num_key_value_heads": 8, "intermediate_size": 20480,
           "vocab_size": 64000, "max_position_embeddings": 4096, "rope_theta": 5000000.0}
@@ -68,12 +100,20 @@ def single_rank_env() -> None:
         os.environ.setdefault(key, value)
 
 
-def zero_config(stage: int, out: Path, fused_adam: bool = False) -> Path:
-    """The shipped ZeRO config of `stage`, with torch's AdamW unless `fused_adam` (DeepSpeed's own, a CUDA build)."""
-    config = json.loads((ROOT / "src" / "shell" / f"zero_stage{stage}_config.json").read_text())
-    if not fused_adam:
-        config["optimizer"]["params"]["torch_adam"] = True
-    path = out / f"zero{stage}{'_fused' if fused_adam else ''}.json"
+def engine_config(name: str, out: Path, fused_adam: bool = False) -> Path | None:
+    """The config file engine `name` trains with (None for `plain`): its shipped `src/shell` JSON; for DeepSpeed
+    with torch's AdamW unless `fused_adam` (DeepSpeed's own, a CUDA build) and DeepCompile switched on where the
+    engine asks for it. Written to `out` so the shipped files stay as they are."""
+    engine = ENGINES[name]
+    if engine.config is None:
+        return None
+    config = json.loads((ROOT / "src" / "shell" / engine.config).read_text())
+    if not engine.fsdp:
+        if not fused_adam:
+            config["optimizer"]["params"]["torch_adam"] = True
+        if engine.deepcompile:
+            config["compile"] = {"deepcompile": True}
+    path = out / f"{name}{'_fused' if fused_adam else ''}.json"
     path.write_text(json.dumps(config, indent=1))
     return path
 
@@ -160,12 +200,14 @@ def build_recipe_model(config, model_args, dtype: torch.dtype):
 
 def run_recipe_case(case: RecipeCase, config, *, batch: int, seq: int, steps: int, warmup: int, out: Path,
                     bf16: bool, peak_flops: float = H100_H200_BF16_PEAK, fused_adam: bool = False,
-                    lr: float = 1e-5, distinct: int | None = None) -> dict:
+                    lr: float = 1e-5, distinct: int | None = None, compile_backend: str = "inductor") -> dict:
     """Train `warmup + steps` optimizer steps of `case` with MedRegTrainer; tokens/s and MFU over the last `steps`,
     per-step losses of all of them. `distinct`: how many different batches the steps cycle through (default: a new
-    one each step; 1 = the same batch every step, so the losses fall fast, for the CPU test)."""
+    one each step; 1 = the same batch every step, so the losses fall fast, for the CPU test). `compile_backend`: the
+    torch.compile backend of the engines with `torch_compile` (the CPU test uses "aot_eager": no C++ build)."""
     from internvl.train.arguments import MedRegTrainingArguments
     from internvl.train.cli import release_deepspeed_config, speedups_from_args
+    from deepspeed.utils import z3_leaf_module
     from internvl.train.trainer import MedRegTrainer
 
     cuda = torch.cuda.is_available()
@@ -173,26 +215,31 @@ def run_recipe_case(case: RecipeCase, config, *, batch: int, seq: int, steps: in
     data = [fixed_batch(batch, seq, vocab=vocab, image_token_id=vocab - 1, num_image_token=config.num_image_token,
                         image_size=config.force_image_size, answer_from=24 + config.num_image_token + 30, seed=i % (distinct or warmup + steps))
             for i in range(warmup + steps)]
-    ds = None if case.engine == "plain" else str(zero_config(int(case.engine[-1]), out, fused_adam))
-    if ds:
+    engine = ENGINES[case.engine]
+    path = engine_config(case.engine, out, fused_adam)
+    ds = str(path) if path is not None and not engine.fsdp else None
+    if path is not None:
         single_rank_env()
-    args = MedRegTrainingArguments(
-        output_dir=str(out / case.name.replace(" ", "_")), max_steps=warmup + steps, per_device_train_batch_size=batch,
-        learning_rate=lr, weight_decay=0.0, warmup_steps=0, logging_steps=1, save_strategy="no", report_to="none",
-        bf16=bf16, use_cpu=not cuda, seed=0, disable_tqdm=True, dataloader_num_workers=0, deepspeed=ds,
-        lr_scheduler_type="constant")
-    model_args = _model_args(case.lora)
-    dtype = torch.bfloat16 if (bf16 and ds) else torch.float32  # internvl.train.build.resolve_dtype
-    model, shape = build_recipe_model(config, model_args, dtype)
-    clock = StepClock(warmup)
-    trainer = MedRegTrainer(model=model, args=args, train_dataset=_Samples(data),
-                            data_collator=_collate, group_by_length=False,
-                            fused_lm_loss=model_args.fused_lm_loss, speedups=speedups_from_args(model_args),
-                            callbacks=[clock])
-    try:
-        trainer.train()
-    finally:
-        release_deepspeed_config(args)
+    with _engine_env():
+        args = MedRegTrainingArguments(
+            output_dir=str(out / case.name.replace(" ", "_")), max_steps=warmup + steps,
+            per_device_train_batch_size=batch, learning_rate=lr, weight_decay=0.0, warmup_steps=0, logging_steps=1,
+            save_strategy="no", report_to="none", bf16=bf16, use_cpu=not cuda, seed=0, disable_tqdm=True,
+            dataloader_num_workers=0, deepspeed=ds, lr_scheduler_type="constant",
+            torch_compile=engine.torch_compile, torch_compile_backend=compile_backend if engine.torch_compile else None,
+            **({"fsdp": "full_shard", "fsdp_config": str(path)} if engine.fsdp else {}))
+        model_args = _model_args(case.lora)
+        dtype = torch.bfloat16 if (bf16 and ds) else torch.float32  # internvl.train.build.resolve_dtype
+        model, shape = build_recipe_model(config, model_args, dtype)
+        clock = StepClock(warmup)
+        trainer = MedRegTrainer(model=model, args=args, train_dataset=_Samples(data),
+                                data_collator=_collate, group_by_length=False,
+                                fused_lm_loss=model_args.fused_lm_loss, speedups=speedups_from_args(model_args),
+                                callbacks=[clock])
+        try:
+            trainer.train()
+        finally:
+            release_deepspeed_config(args)
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     timed = data[warmup:]
     flops = sum(recipe_step_flops(shape, tokens=b.real_tokens, supervised=b.supervised, doc_lengths=b.doc_lengths,
@@ -205,11 +252,31 @@ def run_recipe_case(case: RecipeCase, config, *, batch: int, seq: int, steps: in
            "mfu": mfu(flops, seconds, peak_flops) if clock.seconds else float("nan"),
            "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"),
            "params": sum(p.numel() for p in model.parameters()),
-           "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+           "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+           "z3_leaf_layers": sum(z3_leaf_module(m) for m in model.modules())}
     _release(trainer)
     trainer = model = None
-    free()
+    # dynamo's caches go too: a whole-model compile's guards hold this model, and a layer class seen before at other
+    # sizes would be recompiled with dynamic shapes (each case compiles static shapes, from inductor's cache if any)
+    free(reset_compiled=True)
     return row
+
+
+@contextlib.contextmanager
+def _engine_env():
+    """Undo the process environment a case's TrainingArguments set (`torch_compile` exports ACCELERATE_DYNAMO_*,
+    FSDP exports FSDP_CPU_RAM_EFFICIENT_LOADING): the next case's accelerator would otherwise read them."""
+    keys = ("ACCELERATE_DYNAMO_BACKEND", "ACCELERATE_DYNAMO_MODE", "ACCELERATE_USE_FSDP",
+            "FSDP_CPU_RAM_EFFICIENT_LOADING", "ACCELERATE_USE_DEEPSPEED")
+    saved = {k: os.environ.get(k) for k in keys}
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _release(trainer) -> None:
@@ -228,6 +295,8 @@ def _release(trainer) -> None:
     # ZeRO-3's hooks keep the module object alive past this case: free its tensors' storage in place
     for p in list(model.parameters()) + list(model.buffers()):
         p.grad = None
+        if isinstance(p, DTensor):  # FSDP2's sharded parameters: freed with the module (no global hooks hold it)
+            continue
         p.data = torch.empty(0, dtype=p.dtype, device=p.device)
         if getattr(p, "ds_tensor", None) is not None:
             p.ds_tensor.data = torch.empty(0, dtype=p.ds_tensor.dtype, device=p.ds_tensor.device)
@@ -267,8 +336,12 @@ def _empty_tensors(obj: Any, depth: int = 0) -> None:
 
 
 def recipe_cases(models: list[str], engines: list[str], loras: list[int]) -> list[RecipeCase]:
-    """Every (model, LoRA, engine); the no-DeepSpeed baseline first in each group (the ratios' reference)."""
-    order = sorted(engines, key=ENGINES.index)
+    """Every (model, LoRA, engine); the no-DeepSpeed baseline first in each group (the ratios' reference), the other
+    engines in the order given. Unknown engine names are an error naming the known ones."""
+    unknown = [e for e in engines if e not in ENGINES]
+    if unknown:
+        raise ValueError(f"unknown recipe engine(s) {', '.join(unknown)}; known: {', '.join(ENGINES)}")
+    order = sorted(dict.fromkeys(engines), key=lambda e: e != "plain")
     return [RecipeCase(m, e, r) for m in models for r in loras for e in order]
 
 
@@ -276,7 +349,7 @@ def run_recipe(models: list[str], *, engines: list[str] = list(ENGINES), loras: 
                layers: int | None = None, batch: int = 4, seq: int = 2048, steps: int = 4, warmup: int = 2,
                bf16: bool = True, out: Path | None = None, fused_adam: bool = False,
                peak_flops: float = H100_H200_BF16_PEAK, lr: float = 1e-5, distinct: int | None = None,
-               deadline_s: float | None = None, on_row=None) -> list[dict]:
+               deadline_s: float | None = None, on_row=None, compile_backend: str = "inductor") -> list[dict]:
     """Run every recipe case (errors recorded in the row, the run goes on; cases that would start after
     `deadline_s` are recorded as skipped); `vs_plain` = tokens/s over the no-DeepSpeed case of the same model and
     LoRA setting from this same call."""
@@ -292,11 +365,13 @@ def run_recipe(models: list[str], *, engines: list[str] = list(ENGINES), loras: 
         config = recipe_config(case.model, layers)
         try:
             row = run_recipe_case(case, config, batch=batch, seq=seq, steps=steps, warmup=warmup, out=out,
-                                  bf16=bf16, fused_adam=fused_adam, peak_flops=peak_flops, lr=lr, distinct=distinct)
+                                  bf16=bf16, fused_adam=fused_adam, peak_flops=peak_flops, lr=lr, distinct=distinct,
+                                  compile_backend=compile_backend)
         except Exception as exc:  # noqa: BLE001 - a failed case is a result; the others still run
             row = {"case": case.name, "model": case.model, "engine": case.engine, "lora": case.lora,
                    "error": f"{type(exc).__name__}: {exc}"[:400]}
-            free()
+            logger.exception("recipe case %s failed", case.name)
+            free(reset_compiled=True)
         base = next((r for r in rows if r["model"] == case.model and r["lora"] == case.lora
                      and r["engine"] == "plain" and "tokens_per_s" in r), None)
         if base and "tokens_per_s" in row:
@@ -314,8 +389,10 @@ def recipe_table_lines(rows: list[dict], *, batch: int, seq: int, fused_adam: bo
     if not rows:
         return []
     adam = "DeepSpeed fused Adam" if fused_adam else "+ torch AdamW"
-    lines = [f"\n== recipe (frozen ViT + projector, ckpt on, {batch} x {seq} tokens, bf16; ZeRO configs as shipped "
-             f"{adam}; MFU: lab/bench/flops.py recipe_step_flops) ==",
+    lines = [f"\n== recipe (frozen ViT + projector, ckpt on, {batch} x {seq} tokens, bf16; DeepSpeed configs {adam}; "
+             f"MFU: lab/bench/flops.py recipe_step_flops) ==",
+             *(f"  {name}: {ENGINES[name].describe}" for name in dict.fromkeys(r["engine"] for r in rows)
+               if name in ENGINES),
              f"{'case':26s} {'tok/s':>9s} {'MFU':>6s} {'peakGiB':>8s} {'vs plain':>8s} {'params':>8s} {'train':>8s} "
              f"{'loss rel':>9s}"]
     for r in rows:

@@ -16,7 +16,7 @@ import torch
 from internvl.model import InternVLChatModel, load_preset
 from internvl.train.lora import wrap_llm_lora
 from lab.bench.flops import ModelShape, lora_params, recipe_step_flops, train_step_flops
-from lab.bench.recipe import recipe_cases, recipe_config, zero_config
+from lab.bench.recipe import engine_config, recipe_cases, recipe_config
 
 ROOT = Path(__file__).resolve().parents[2]
 #: fp32 on the CPU: ZeRO-3 only re-orders the same fp32 sums (flat partitions, bucketed reductions); measured
@@ -73,12 +73,20 @@ def test_yi_shape_and_cases():
                                        "tiny lora r16 zero3"]
 
 
-def test_zero_config_is_shipped_plus_torch_adam(tmp_path):
+def test_engine_configs_are_shipped_plus_torch_adam(tmp_path):
     shipped = json.loads((ROOT / "src/shell/zero_stage3_config.json").read_text())
-    got = json.loads(zero_config(3, tmp_path).read_text())
+    got = json.loads(engine_config("zero3", tmp_path).read_text())
     assert got.pop("optimizer")["params"].pop("torch_adam") is True
+    deepcompile = json.loads(engine_config("zero3_deepcompile", tmp_path).read_text())
+    assert deepcompile.pop("compile") == {"deepcompile": True}
+    deepcompile.pop("optimizer")
     shipped.pop("optimizer")
-    assert got == shipped
+    assert got == shipped == deepcompile
+    assert json.loads(engine_config("fsdp2", tmp_path).read_text()) == json.loads(
+        (ROOT / "src/shell/fsdp2_config.json").read_text())
+    assert engine_config("plain", tmp_path) is None
+    with pytest.raises(ValueError, match="unknown recipe engine"):
+        recipe_cases(["tiny"], ["zero4"], [0])
 
 
 def _env() -> dict[str, str]:
@@ -111,3 +119,39 @@ def test_recipe_cases_on_cpu_zero3_losses_equal_plain(tmp_path):
         assert plain["mfu"] > 0 and plain["tokens_per_s"] > 0
     assert rows["tiny lora r16 plain"]["trainable"] < rows["tiny full plain"]["trainable"]
     assert "tiny full zero3" in run.stdout and "vs plain" in run.stdout  # the printed table
+
+
+#: bf16 (the recipe's precision): ZeRO-3 and FSDP2 hold bf16 weights where `plain` keeps fp32 weights under autocast;
+#: the issue's target is 1e-3 relative per step (measured on the CPU: ZeRO-3 8e-6, FSDP2 0).
+LOSS_RTOL_BF16 = 1e-3
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_recipe_new_engines_on_cpu_losses_equal_plain(tmp_path, precision):
+    """ZeRO-3 with leaf-module layers (zero3_tuned), FSDP2 and (fp32) ZeRO-3 under the Trainer's torch_compile
+    (accelerate calls the DeepSpeed engine's compile(); backend "eager" here: dynamo's capture with ZeRO-3's hooks, no
+    C++ build) train the tiny preset with the losses of the path without DeepSpeed, full LLM and LoRA, in fp32
+    (1e-5) and in bf16 (1e-3, the issue's target). A failing engine is a row with an error, which fails this test.
+    DeepCompile needs its CUDA extension: GPU only."""
+    out = tmp_path / "bench"
+    bf16 = precision == "bf16"
+    engines = ["zero3_tuned", "fsdp2"] if bf16 else ["zero3_tuned", "fsdp2", "zero3_compile"]
+    tol = LOSS_RTOL_BF16 if bf16 else LOSS_RTOL_FP32
+    cmd = [sys.executable, "-m", "lab.bench", "--device", "cpu", "--preset", "tiny", "--sections", "recipe",
+           "--recipe-models", "tiny", "--recipe-engines", ",".join(["plain"] + engines), "--recipe-lora", "0,16",
+           "--recipe-seq", "256", "--recipe-steps", "2", "--recipe-warmup", "2", "--recipe-lr", "3e-3",
+           "--recipe-distinct-batches", "1", "--recipe-compile-backend", "eager", "--out", str(out),
+           "--recipe-bf16", "on" if bf16 else "off"]
+    run = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    rows = {r["case"]: r for r in json.loads((out / "bench.json").read_text())["recipe"]}
+    for setting in ("full", "lora r16"):
+        plain = rows[f"tiny {setting} plain"]
+        assert "error" not in plain and plain["losses"][-1] < plain["losses"][0] - 0.02
+        for engine in engines:
+            row = rows[f"tiny {setting} {engine}"]
+            assert "error" not in row, row
+            assert row["losses"] == pytest.approx(plain["losses"], rel=tol), (setting, engine, row, plain)
+            assert row["loss_rel_vs_plain"] <= tol and row["trainable"] == plain["trainable"]
+        # the tuned config's leaf modules reached DeepSpeed: tiny's 2 ViT + 2 LLM layers are gathered whole
+        assert rows[f"tiny {setting} zero3_tuned"]["z3_leaf_layers"] == 4

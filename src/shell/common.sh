@@ -3,7 +3,8 @@
 # the launch flags all MedRegA recipes share, so that each recipe states only what differs.
 # Inputs (environment; META, OUTPUT and BATCH_SIZE (global) get their defaults from each recipe): MODEL, TOKENIZER,
 # META, OUTPUT, BATCH_SIZE, PER_DEVICE_BATCH_SIZE, GPUS_PER_NODE, NNODES (or SLURM_NNODES), EPOCHS, IMAGE_SIZE,
-# DS_CONFIG (none: no DeepSpeed), MEDREGA_DEVICE (cuda | cpu; default: cuda when torch sees a GPU), MEDREGA_NO_SLURM.
+# DS_CONFIG (none: no DeepSpeed), ENGINE (deepspeed | fsdp2), FSDP_CONFIG, MEDREGA_DEVICE (cuda | cpu; default: cuda
+# when torch sees a GPU), MEDREGA_NO_SLURM.
 # Output: SHELL_DIR, WORLD_SIZE_TOTAL, GRADIENT_ACC, MODEL_FLAGS, DEVICE_FLAGS, MEDREGA_COMMON_FLAGS, and
 # medrega_launch FLAGS...
 set -euo pipefail
@@ -46,7 +47,17 @@ fi
 # GPUs: bf16 and DeepSpeed (DS_CONFIG, default ZeRO-3). A CPU-only machine: float32 on the CPU, no DeepSpeed unless
 # DS_CONFIG is given (then DeepSpeed's CPU accelerator runs it).
 # DS_CONFIG=none: no DeepSpeed on GPUs either (MODE=qlora).
-if [[ "${MEDREGA_DEVICE}" == cuda ]]; then
+# DS_CONFIG=${SHELL_DIR}/zero_stage3_tuned_config.json (opt-in): ZeRO-3 with every layer one gather unit ("leaf_module",
+# checked with DeepSpeed 0.19.8; a DeepSpeed without the key rejects the config), so the compiled layers stay on.
+# ENGINE=fsdp2 (opt-in, instead of DeepSpeed): PyTorch FSDP2 through accelerate (FSDP_CONFIG, default
+# ${SHELL_DIR}/fsdp2_config.json).
+ENGINE="${ENGINE:-deepspeed}"
+[[ "${ENGINE}" == deepspeed || "${ENGINE}" == fsdp2 ]] ||
+  { echo "ENGINE=${ENGINE}: expected deepspeed or fsdp2" >&2; exit 2; }
+if [[ "${MEDREGA_DEVICE}" == cuda && "${ENGINE}" == fsdp2 ]]; then
+  [[ -z "${DS_CONFIG:-}" || "${DS_CONFIG}" == none ]] || { echo "ENGINE=fsdp2 takes no DS_CONFIG" >&2; exit 2; }
+  DEVICE_FLAGS=(--bf16 True --fsdp full_shard --fsdp_config "${FSDP_CONFIG:-${SHELL_DIR}/fsdp2_config.json}")
+elif [[ "${MEDREGA_DEVICE}" == cuda ]]; then
   DEVICE_FLAGS=(--bf16 True)
   [[ "${DS_CONFIG:-}" == none ]] || DEVICE_FLAGS+=(--deepspeed "${DS_CONFIG:-${SHELL_DIR}/zero_stage3_config.json}")
 else

@@ -94,3 +94,8 @@ def test_fused_head_supported():
     zero3 = torch.nn.Linear(4, 5)
     zero3.weight.ds_id = 3
     assert not fused_head_supported(zero3)
+    # ...but the fused loss runs it as the head's own forward, where ZeRO-3's hooks gather it (fused_loss_forward)
+    from internvl.ops.cross_entropy import zero3_partitioned_head
+
+    assert zero3_partitioned_head(zero3)
+    assert not zero3_partitioned_head(torch.nn.Linear(4, 5)) and not zero3_partitioned_head(Wrapped(4, 5))

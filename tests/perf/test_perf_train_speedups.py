@@ -141,10 +141,25 @@ def test_speedups_are_a_no_op_off_cuda(base_model):
 
 
 def test_zero3_turns_compile_and_fusion_off(base_model):
+    """Under ZeRO-3 a layer whose linears carry their own gather hooks (not a leaf module) stays eager."""
     model = copy.deepcopy(base_model)
     report = apply_train_speedups(model, TrainSpeedups(backend="aot_eager"), zero3=True, allow_cpu=True)
     assert report["compiled"] == {} and report["fused"] == {}
     assert any("ZeRO-3" in s for s in report["skipped"])
+
+
+def test_zero3_compiles_and_fuses_only_leaf_module_layers(base_model):
+    """ZeRO-3 leaf modules (gathered whole by the hooks on the layer, outside its compiled forward) are compiled and
+    fused; the other layers stay eager. Same loss and gradients as the eager model."""
+    from deepspeed.utils import set_z3_leaf_modules
+
+    model = copy.deepcopy(base_model).train()
+    ref = _loss_and_grads(model, fused=False)
+    set_z3_leaf_modules(model, ["LlamaDecoderLayer"])
+    report = apply_train_speedups(model, TrainSpeedups(backend="aot_eager"), zero3=True, allow_cpu=True)
+    assert report["compiled"] == {"LlamaDecoderLayer": 2} and report["fused"] == {"qkv": 2, "gate_up": 2}
+    assert not any(getattr(m, "_compiled_layer", False) for m in model.vision_model.modules())
+    _assert_same(_loss_and_grads(model, fused=True), ref)
 
 
 def test_lora_tower_stays_eager_and_lora_targets_are_not_fused(base_model):
@@ -169,3 +184,43 @@ def test_ckpt_skip_only_touches_the_last_llm_layers(base_model):
     assert [layer.gradient_checkpointing for layer in layers] == [True, False]
     assert all(layer.gradient_checkpointing for layer in model.vision_model.encoder.layers)
     assert set_ckpt_skip(model, 5) == 1  # only the one still checkpointed
+
+
+@pytest.fixture
+def single_rank_group(monkeypatch):
+    """A one-process gloo group (FSDP2's device mesh needs one), destroyed afterwards."""
+    import socket
+
+    import torch.distributed as dist
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp2_layers_compile_and_fuse_with_the_plain_loss_and_gradients(base_model, single_rank_group):
+    """FSDP2 (`fully_shard` per layer, then the root; what `ENGINE=fsdp2` / the recipe's `fsdp2` engine build through
+    accelerate) composes with the compiled layers, fused projections, checkpointing and the fused LM-head loss: its
+    hooks sit on the layer outside the swapped forward, the unsharded weights are plain tensors inside it, and the root
+    keeps the LM head unsharded until backward. Loss and (gathered) gradients equal the eager unsharded model's."""
+    from torch.distributed.fsdp import fully_shard
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    model = copy.deepcopy(base_model).train()
+    _set_ckpt(model, True)
+    ref = _loss_and_grads(model, fused=False)
+    for layer in [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]:
+        fully_shard(layer)
+    fully_shard(model)
+    report = apply_train_speedups(model, TrainSpeedups(backend="aot_eager"), zero3=False, allow_cpu=True)
+    assert report["compiled"] == {"FSDPInternVisionEncoderLayer": 2, "FSDPLlamaDecoderLayer": 2}
+    assert report["fused"] == {"qkv": 2, "gate_up": 2}
+    loss, grads = _loss_and_grads(model, fused=True)
+    _assert_same((loss, {n: g.full_tensor() for n, g in grads.items()}), ref)

@@ -1,7 +1,9 @@
 """Data-parallel training on the CPU (gloo), in real processes: 2 ranks under torchrun (DDP, DeepSpeed ZeRO-2 and
 ZeRO-3 through DeepSpeed's CPU accelerator) give the same per-step losses as 1 process with gradient accumulation
 over the same global batch (the loss is divided by the supervised tokens of the whole step, over micro-batches and
-ranks), and DeepSpeed gets the same weight-decay groups as the path without it (no decay for norms and biases)."""
+ranks), and DeepSpeed gets the same weight-decay groups as the path without it (no decay for norms and biases). The
+same holds for the opt-in engines: ZeRO-3 with the layers as leaf modules (zero_stage3_tuned_config.json) and
+FSDP2 (fsdp2_config.json, `ENGINE=fsdp2`)."""
 from __future__ import annotations
 
 import json
@@ -66,7 +68,7 @@ def one_process(tmp_path_factory, tiny_tokenizer_dir, squares) -> tuple[list[flo
     tmp = tmp_path_factory.mktemp("one")
     log = run([sys.executable, "-m", "internvl.train",
                *train_args(tmp / "out", tiny_tokenizer_dir, squares, 2, 2)], tmp / "log.txt")
-    return losses(tmp / "out"), groups_line(log)
+    return losses(tmp / "out"), groups_line(log), tmp / "out"
 
 
 @pytest.fixture(scope="module")
@@ -80,23 +82,30 @@ def deepspeed_cpu_comm() -> None:
     subprocess.run([sys.executable, "-c", code], env=env(), check=True, capture_output=True, timeout=600)
 
 
-def zero_config(tmp: Path, stage: int) -> Path:
-    """The shipped ZeRO config with torch's AdamW (DeepSpeed's fused Adam needs a CUDA build)."""
-    config = json.loads((ROOT / "src" / "shell" / f"zero_stage{stage}_config.json").read_text())
-    config["optimizer"]["params"]["torch_adam"] = True
-    path = tmp / f"zero{stage}.json"
+def engine_flags(tmp: Path, engine: str) -> list[str]:
+    """medrega-train's flags for `engine`: DDP (none), a ZeRO stage, the tuned ZeRO-3 config (layers as leaf
+    modules) or FSDP2 (`ENGINE=fsdp2` of the recipes)."""
+    if engine == "ddp":
+        return []
+    if engine == "fsdp2":
+        return ["--fsdp", "full_shard", "--fsdp_config", str(ROOT / "src" / "shell" / "fsdp2_config.json")]
+    name = {"zero2": "zero_stage2_config", "zero3": "zero_stage3_config",
+            "zero3_tuned": "zero_stage3_tuned_config"}[engine]
+    config = json.loads((ROOT / "src" / "shell" / f"{name}.json").read_text())
+    config["optimizer"]["params"]["torch_adam"] = True  # DeepSpeed's fused Adam needs a CUDA build
+    path = tmp / f"{engine}.json"
     path.write_text(json.dumps(config))
-    return path
+    return ["--deepspeed", str(path)]
 
 
-@pytest.mark.parametrize("stage", [0, 2, 3], ids=["ddp", "zero2", "zero3"])
-def test_two_ranks_match_one_process_with_accumulation(tmp_path, tiny_tokenizer_dir, squares, one_process, stage,
+@pytest.mark.parametrize("engine", ["ddp", "zero2", "zero3", "zero3_tuned", "fsdp2"])
+def test_two_ranks_match_one_process_with_accumulation(tmp_path, tiny_tokenizer_dir, squares, one_process, engine,
                                                        request):
-    reference, reference_groups = one_process
-    if stage:
+    reference, reference_groups, reference_dir = one_process
+    if engine.startswith("zero"):
         request.getfixturevalue("deepspeed_cpu_comm")
     assert len(reference) == STEPS
-    extra = ["--deepspeed", str(zero_config(tmp_path, stage))] if stage else []
+    extra = engine_flags(tmp_path, engine)
     log = run(["torchrun", "--standalone", "--nproc-per-node=2", "-m", "internvl.train",
                *train_args(tmp_path / "out", tiny_tokenizer_dir, squares, 2, 1, *extra)], tmp_path / "log.txt")
     assert json.loads((tmp_path / "out" / "run_config.json").read_text())["resolved"]["world_size"] == 2
@@ -104,3 +113,17 @@ def test_two_ranks_match_one_process_with_accumulation(tmp_path, tiny_tokenizer_
     assert got == pytest.approx(reference, rel=1e-4, abs=1e-5), (got, reference)
     assert groups_line(log) == reference_groups  # the same decay / no-decay split, DeepSpeed or not
     assert "weight_decay 0.0:" in reference_groups  # norms and biases exist and are kept out of decay
+    # the final save holds whole tensors (ZeRO-3 gathered, FSDP2 full state dict) equal to the 1-process model's
+    saved, ref = _weights(tmp_path / "out"), _weights(reference_dir)
+    assert saved.keys() == ref.keys()
+    for name, tensor in saved.items():
+        assert tensor.shape == ref[name].shape, name
+        assert (tensor.float() - ref[name].float()).abs().mean() < 1e-5, name
+
+
+def _weights(run_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    files = sorted(run_dir.glob("*.safetensors"))
+    assert files, f"{run_dir}: no safetensors written"
+    return {k: v for f in files for k, v in load_file(f).items()}

@@ -43,3 +43,23 @@ def test_fused_loss_is_skipped_for_a_wrapped_head(tmp_path, tiny_tokenizer_dir):
     trainer = MedRegTrainer(model=built.model, fused_lm_loss=True,
                             args=MedRegTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none"))
     assert trainer._fused_head() is None
+
+
+def test_a_zero3_partitioned_head_is_used_unless_deepcompile_removed_its_hooks(tmp_path, tiny_tokenizer_dir):
+    """A ZeRO-3-partitioned head (weight with `ds_id`) is used through its own forward (its hooks gather it); under
+    DeepCompile the hooks are gone (gathers live inside the compiled model only), so the logits path is taken."""
+    built = build_model_and_tokenizer(
+        ModelArguments(preset="tiny", tokenizer_path=str(tiny_tokenizer_dir), grad_checkpoint=False),
+        DataTrainingArguments(meta_path="unused.json"))
+    head = built.model.language_model.get_output_embeddings()
+    head.weight.ds_id = 7  # what DeepSpeed's partitioning marks
+    trainer = MedRegTrainer(model=built.model, fused_lm_loss=True,
+                            args=MedRegTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none"))
+    assert trainer._fused_head() is head
+
+    class Engine:  # the DeepSpeed engine's public query
+        def is_deepcompile_active(self) -> bool:
+            return True
+
+    trainer.model_wrapped = Engine()
+    assert trainer._fused_head() is None

@@ -21,6 +21,7 @@ SHELL = ROOT / "src" / "shell"
 @pytest.mark.parametrize("name,stage,offload", [("zero_stage1_config.json", 1, False),
                                                 ("zero_stage2_config.json", 2, False),
                                                 ("zero_stage3_config.json", 3, False),
+                                                ("zero_stage3_tuned_config.json", 3, False),
                                                 ("zero_stage3_offload_config.json", 3, True)])
 def test_deepspeed_configs_validate(name, stage, offload):
     from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
@@ -207,3 +208,47 @@ def test_loss_comparison_of_the_gpu_checks_fails_on_a_mismatch(tmp_path):
         result = subprocess.run(script + [str(ref), str(other), "--reference", str(ref), "--max-diff", "0.01"],
                                 capture_output=True, text=True, timeout=60, cwd=ROOT)
         assert result.returncode == code, (curve, result.stdout, result.stderr)
+
+
+def test_tuned_zero3_config_is_the_shipped_one_with_layer_leaf_modules():
+    """zero_stage3_tuned_config.json differs from the shipped ZeRO-3 config only in its bucket sizes and in naming
+    the ViT and LLM layer classes as leaf modules (one gather per layer; lab/bench/recipe.py zero3_tuned)."""
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    shipped = json.loads((SHELL / "zero_stage3_config.json").read_text())
+    tuned = json.loads((SHELL / "zero_stage3_tuned_config.json").read_text())
+    zs, zt = shipped.pop("zero_optimization"), tuned.pop("zero_optimization")
+    assert shipped == tuned
+    changed = {k for k in zt if zs.get(k) != zt[k]}
+    assert changed <= {"reduce_bucket_size", "stage3_prefetch_bucket_size", "stage3_max_live_parameters",
+                       "stage3_max_reuse_distance", "leaf_module"}
+    zero = DeepSpeedZeroConfig(**zt)
+    assert set(zero.leaf_module.classes) == {"InternVisionEncoderLayer", "LlamaDecoderLayer"}
+    # at least one Yi-34B decoder layer (7168 hidden, 20480 MLP, GQA 8 KV heads) can be prefetched while one is live
+    yi_layer = 2 * 7168 * 7168 + 2 * 7168 * 1024 + 3 * 7168 * 20480
+    assert zero.prefetch_bucket_size >= yi_layer and zero.max_live_parameters >= 2 * yi_layer
+
+
+def test_stage2_engine_fsdp2_passes_the_fsdp2_config_instead_of_deepspeed(tmp_path):
+    (call,) = _run_recipe(tmp_path, "medrega_stage2.sh:full", {"ENGINE": "fsdp2"})
+    argv = call[call.index("internvl.train") + 1:]
+    assert "--deepspeed" not in argv
+    assert argv[argv.index("--fsdp") + 1] == "full_shard" and argv[argv.index("--bf16") + 1] == "True"
+    config = Path(argv[argv.index("--fsdp_config") + 1])
+    assert config == SHELL / "fsdp2_config.json"
+    i = argv.index("--bf16")
+    _, _, training_args = parse_args(argv[:i] + argv[i + 2:])  # bf16 needs a GPU to validate; the FSDP flags do not
+    plugin = training_args.fsdp_plugin_args  # what the Trainer hands accelerate
+    assert plugin["fsdp_version"] == 2 and plugin["reshard_after_forward"] is True
+    assert plugin["transformer_cls_names_to_wrap"] == "InternVisionEncoderLayer,LlamaDecoderLayer"
+
+
+def test_stage2_engine_rejects_unknown_and_fsdp2_with_a_deepspeed_config(tmp_path):
+    bin_dir = _fake_bin(tmp_path)
+    for extra, message in (({"ENGINE": "megatron"}, "expected deepspeed or fsdp2"),
+                           ({"ENGINE": "fsdp2", "DS_CONFIG": str(SHELL / "zero_stage3_config.json")}, "no DS_CONFIG")):
+        env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", GPUS_PER_NODE="1", BATCH_SIZE="16",
+                   PER_DEVICE_BATCH_SIZE="4", OUTPUT=str(tmp_path / "o"), MEDREGA_DEVICE="cuda", **extra)
+        result = subprocess.run(["bash", str(SHELL / "medrega_stage2.sh")], env=env, cwd=tmp_path,
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 2 and message in result.stderr, result.stderr

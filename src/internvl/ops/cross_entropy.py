@@ -275,6 +275,13 @@ def fused_head_supported(lm_head: torch.nn.Module) -> bool:
     return not hasattr(weight, "ds_id") and weight.numel() == lm_head.in_features * lm_head.out_features
 
 
+def zero3_partitioned_head(lm_head: torch.nn.Module) -> bool:
+    """A plain nn.Linear LM head whose weight is a DeepSpeed ZeRO-3 partition (gathered only while the module's own
+    forward and backward run): the fused loss can use it when it runs as that module's forward
+    (`internvl.ops.train_speedups.fused_loss_forward` does this), not by reading the weight directly."""
+    return type(lm_head) is torch.nn.Linear and hasattr(lm_head.weight, "ds_id")
+
+
 def loss_items(labels: torch.Tensor, loss_weight: torch.Tensor | None = None) -> torch.Tensor:
     """The divisor one micro-batch contributes to `causal_lm_loss`'s `num_items_in_batch`: its supervised next-token
     positions (labels[:, 1:] != IGNORE_INDEX), or their summed `loss_weight` when per-token weights are given.

@@ -6,8 +6,10 @@ benchmark's "ours" cases call exactly these two functions, so the figures in doc
 
 Safety rules (each decision and its reason lands in the returned report, which the trainer logs):
 - Not on CUDA: nothing changes (the CPU path stays the plain, eager one) unless `allow_cpu` (tests).
-- DeepSpeed ZeRO-3: no layer compile and no fused projections (parameters are partitioned and gathered by module
-  hooks; dynamo cannot trace the gathering and `torch.cat` of partitions would be wrong).
+- DeepSpeed ZeRO-3: only layers that are ZeRO-3 leaf modules are compiled and get fused projections (their weights
+  are gathered by the hooks on the layer itself, before the compiled forward runs; `src/shell/
+  zero_stage3_tuned_config.json` names the layer classes). In other layers each linear is gathered by its own hooks,
+  which dynamo cannot trace, and `torch.cat` of partitions would be wrong: they stay eager.
 - PEFT/LoRA: a tower whose layers hold LoRA modules is left eager (no compile there); fused projections only ever
   touch plain `nn.Linear` q/k/v and gate/up, so LoRA targets keep their own forward.
 - liger kernels (`fast_kernels`) are applied only where layers are not compiled (inductor fuses the same work
@@ -22,14 +24,16 @@ from typing import Any
 import torch
 from torch import nn
 from transformers.integrations import is_deepspeed_zero3_enabled
+from transformers.modeling_layers import GradientCheckpointingLayer
 
+from ..compat import restore_forwards, swap_forward
 from .compile_layers import (
     compile_layers,
     fuse_projections,
     uncompile_layers,
     unfuse_projections,
 )
-from .cross_entropy import causal_lm_loss
+from .cross_entropy import causal_lm_loss, zero3_partitioned_head
 from .fast_kernels import disable_fast_kernels, enable_fast_kernels
 
 logger = logging.getLogger(__name__)
@@ -76,6 +80,19 @@ def _llm_layers(model: nn.Module) -> list[nn.Module]:
     return list(getattr(decoder, "layers", []))
 
 
+def zero3_hooked_layers(model: nn.Module) -> list[str]:
+    """Names of the repeated layers (transformers `GradientCheckpointingLayer`s) that are not ZeRO-3 leaf modules.
+
+    Under ZeRO-3 a layer's weights are partitioned and gathered by DeepSpeed's module hooks. On a leaf module
+    (`"leaf_module"` in the ZeRO config, `deepspeed.utils.set_z3_leaf_modules`) those hooks sit on the layer itself
+    and gather all its weights before its forward runs, outside the compiled forward: such a layer may be compiled and
+    its projections fused. Inside any other layer every linear has its own hooks, which dynamo cannot trace."""
+    from deepspeed.utils import z3_leaf_module
+
+    return [name for name, module in model.named_modules()
+            if isinstance(module, GradientCheckpointingLayer) and not z3_leaf_module(module)]
+
+
 def set_ckpt_skip(model: nn.Module, skip_last: int) -> int:
     """Turn checkpointing off on the last `skip_last` LLM layers (only where it is on); returns how many."""
     layers = [layer for layer in _llm_layers(model) if getattr(layer, "gradient_checkpointing", False)]
@@ -104,20 +121,24 @@ def apply_train_speedups(model: nn.Module, opts: TrainSpeedups | None = None, *,
     if opts.ckpt_skip_llm_layers:
         report["ckpt_skipped"] = set_ckpt_skip(model, opts.ckpt_skip_llm_layers)
     compile_on = opts.compile_layers
-    if compile_on and zero3:
-        compile_on = False
-        report["skipped"].append("compile_layers and fuse_projections off under DeepSpeed ZeRO-3 (partitioned weights)")
     skip = tuple(t for t in TOWERS if isinstance(getattr(model, t, None), nn.Module) and _has_lora(getattr(model, t)))
+    if compile_on and zero3:
+        partitioned = zero3_hooked_layers(model)
+        if partitioned:
+            report["skipped"].append(f"{len(partitioned)} layers not ZeRO-3 leaf modules (their weights are gathered "
+                                     "by per-linear hooks): left eager")
+        skip = skip + tuple(partitioned)
     if compile_on and skip:
-        report["skipped"].append(f"no compile in LoRA-wrapped {', '.join(skip)}")
+        report["skipped"].append(f"no compile in LoRA-wrapped {', '.join(s for s in skip if s in TOWERS)}")
     if compile_on and opts.fuse_projections:
-        for tower in TOWERS:
-            sub = getattr(model, tower, None)
-            if isinstance(sub, nn.Module) and tower not in skip:
-                for k, v in fuse_projections(sub).items():
-                    report["fused"][k] = report["fused"].get(k, 0) + v
-        if not any(isinstance(getattr(model, t, None), nn.Module) for t in TOWERS):
-            report["fused"] = fuse_projections(model)
+        roots = [(name, sub) for name, sub in model.named_modules() if isinstance(sub, GradientCheckpointingLayer)]
+        if not roots:
+            roots = [("", model)]
+        for name, sub in roots:
+            if any(name == s or name.startswith(s + ".") for s in skip if s):
+                continue
+            for k, v in fuse_projections(sub).items():
+                report["fused"][k] = report["fused"].get(k, 0) + v
     if compile_on:
         report["compiled"] = compile_layers(model, ckpt=opts.compile_ckpt, backend=opts.backend, mode=opts.compile_mode,
                                             skip=skip, options=opts.compile_options)
@@ -204,6 +225,22 @@ def fused_loss_forward(model: nn.Module, model_inputs: dict[str, Any], labels: t
         if len(captured) != 1:
             raise RuntimeError(f"the final norm ran {len(captured)} times in one forward; expected once")
         hidden = captured[0]
-    loss = causal_lm_loss(hidden, lm_head, labels, loss_weight=loss_weight, num_items_in_batch=num_items_in_batch,
-                          impl=impl, capacity=capacity)
-    return loss, outputs
+    def head_loss(head: nn.Module, rows: torch.Tensor) -> torch.Tensor:
+        return causal_lm_loss(rows, head, labels, loss_weight=loss_weight, num_items_in_batch=num_items_in_batch,
+                              impl=impl, capacity=capacity)
+
+    if zero3_partitioned_head(lm_head):
+        return run_as_forward(lm_head, head_loss, hidden), outputs
+    return head_loss(lm_head, hidden), outputs
+
+
+def run_as_forward(module: nn.Module, fn, *args: Any) -> Any:
+    """`fn(module, *args)` run as `module`'s forward (one call), so that the hooks on the module wrap it: under
+    DeepSpeed ZeRO-3 they gather the module's weights before the call and again before its backward, and release
+    them after each. The fused loss reads the LM-head weight inside, as the head's own forward would, and its
+    backward hands the weight gradient to ZeRO-3's reduction while the weight is gathered."""
+    swap_forward(module, fn, "_run_as_forward")
+    try:
+        return module(*args)
+    finally:
+        restore_forwards(module, "_run_as_forward")

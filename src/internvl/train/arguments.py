@@ -73,8 +73,8 @@ class ModelArguments:
         default=True,
         metadata={"help": "Compute the LM head + cross-entropy only on supervised positions, chunk by chunk "
                           "(internvl.ops.causal_lm_loss; kernel chosen by --lm_loss_impl) instead of building "
-                          "[batch, seq, vocab] logits. Falls back to the plain loss when the LM head is LoRA-wrapped "
-                          "or ZeRO-3-partitioned."},
+                          "[batch, seq, vocab] logits. Falls back to the plain loss when the LM head is LoRA-wrapped; "
+                          "a ZeRO-3-partitioned head runs it as its own forward (gathered by its hooks)."},
     )
     lm_loss_impl: Literal["auto", "padded", "liger", "chunked"] = field(
         default="auto",

@@ -32,7 +32,12 @@ from torch.utils.data import Sampler
 from transformers import TrainerCallback
 
 from internvl.compat import trainer_base
-from internvl.ops.cross_entropy import causal_lm_loss, fused_head_supported, loss_items
+from internvl.ops.cross_entropy import (
+    causal_lm_loss,
+    fused_head_supported,
+    loss_items,
+    zero3_partitioned_head,
+)
 from internvl.ops.train_speedups import (
     TrainSpeedups,
     apply_train_speedups,
@@ -294,14 +299,23 @@ class MedRegTrainer(trainer_base()):
         return (loss, outputs) if return_outputs else loss
 
     def _fused_head(self) -> nn.Module | None:
-        """The LM head for the fused loss, or None for the plain path (switched off, LM head wrapped by PEFT or
-        partitioned by ZeRO-3, or a model without a separate head)."""
+        """The LM head for the fused loss, or None for the plain path (switched off, LM head wrapped by PEFT, or a
+        model without a separate head). A ZeRO-3-partitioned head is used through its own forward (gathered by its
+        hooks; `fused_loss_forward`)."""
         if not self.fused_lm_loss:
             return None
         language_model = getattr(self.model, "language_model", self.model)
         get_head = getattr(language_model, "get_output_embeddings", None)
         head = get_head() if get_head is not None else None
-        return head if head is not None and fused_head_supported(head) else None
+        if head is None:
+            return None
+        if fused_head_supported(head):
+            return head
+        # a ZeRO-3 partition runs the loss as the head's forward, gathered by its hooks; DeepCompile removes those
+        # hooks (it gathers inside the compiled model only), so there the model's own logits path is taken
+        engine = self.model_wrapped
+        deepcompile = callable(getattr(engine, "is_deepcompile_active", None)) and engine.is_deepcompile_active()
+        return head if zero3_partitioned_head(head) and not deepcompile else None
 
     # ---- logging ---------------------------------------------------------------------------------------------
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
