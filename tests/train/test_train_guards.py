@@ -179,3 +179,20 @@ def test_fp16_leaves_an_overflowing_gradient_to_the_loss_scaler():
     assert guard.check_step(1, torch.tensor(float("inf")), torch.tensor(2.5))
     with pytest.raises(NonFiniteError, match="optimizer step 2: non-finite loss;"):
         guard.check_step(2, torch.tensor(float("inf")), torch.tensor(float("nan")))
+
+
+def test_fsdp2_grad_norm_dtensor_is_read_like_a_tensor(tmp_path):
+    """FSDP2's gradient clipping returns the norm as a replicated DTensor; the guard reads it (finite or not)."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import Replicate, distribute_tensor, init_device_mesh
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        guard = StepGuard(policy="skip")
+        finite = distribute_tensor(torch.tensor(3.0), mesh, [Replicate()])
+        assert guard.check_step(1, finite, torch.tensor(1.0)) is True
+        assert guard.check_step(2, distribute_tensor(torch.tensor(math.nan), mesh, [Replicate()]),
+                                torch.tensor(1.0)) is False
+    finally:
+        dist.destroy_process_group()

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 logger = logging.getLogger("internvl.train")
 
@@ -117,6 +118,8 @@ class StepGuard:
         if grad_norm is None:
             grad_ok = torch.tensor(True, device=device)
         elif isinstance(grad_norm, torch.Tensor):
+            if isinstance(grad_norm, DTensor):  # FSDP2's clipping returns the norm as a replicated DTensor
+                grad_norm = grad_norm.full_tensor()
             grad_ok = torch.isfinite(grad_norm.detach()).all().to(device)
         else:
             grad_ok = torch.tensor(bool(torch.isfinite(torch.tensor(float(grad_norm)))), device=device)
