@@ -99,17 +99,6 @@ def _read_options(args: argparse.Namespace) -> list[str] | None:
     return None
 
 
-def _options_from_records(records, multilabel: bool) -> list[str]:
-    """The union of the reference labels (a benchmark with `options: from_references`)."""
-    out: list[str] = []
-    for r in records:
-        for label in (r.reference.split(",") if multilabel else [r.reference]):
-            label = label.strip()
-            if label and label not in out:
-                out.append(label)
-    return out
-
-
 def _pred_files(pred: Path) -> list[Path]:
     """`--pred`: one file, or several comma-separated (a file whose own name has a comma is taken as one)."""
     if "," not in str(pred) or _is_file(pred):
@@ -127,15 +116,14 @@ def _is_file(path: Path) -> bool:
 
 def _drop_repeated_ids(records, problems):
     """Default mode over several files: an id seen in an earlier file is a duplicate too (the first is scored)."""
-    from internvl.data.records import RecordProblem
+    from medrega_eval.io import problem_at
 
     seen: dict[str, str] = {}
     kept = []
     for rec in records:
         if rec.id in seen:
-            file, _, line = rec.source.rpartition(":")
-            problems.append(RecordProblem(file, int(line) if line.isdigit() else 0, "duplicate-id",
-                                          f"id {rec.id!r} already used at {seen[rec.id]}; this record is not scored"))
+            problems.append(problem_at(rec.source, "duplicate-id",
+                                       f"id {rec.id!r} already used at {seen[rec.id]}; this record is not scored"))
             continue
         seen[rec.id] = rec.source
         kept.append(rec)
@@ -144,7 +132,7 @@ def _drop_repeated_ids(records, problems):
 
 def _cmd_score(args: argparse.Namespace) -> int:
     from internvl.io_safety import check_output_dir
-    from medrega_eval.benchmarks import MissingData, data_dir_from, load_registry
+    from medrega_eval.benchmarks import MissingData, data_dir_from, load_registry, reference_labels
     from medrega_eval.io import read_predictions
     from medrega_eval.report import OUTPUT_FILES, protocol_info, write_outputs
     from medrega_eval.score import TOP_METRICS, ScoreConfig, ScoreInputError, score_records, summarize
@@ -185,7 +173,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
     if args.compat != "medrega" and len(pred_files) > 1:
         records, problems = _drop_repeated_ids(records, problems)
     if options is None and bench is not None and bench.options == "from_references":
-        options = _options_from_records(records, args.multilabel or bench.multilabel)
+        options = reference_labels([r.reference for r in records], args.multilabel or bench.multilabel)
     if options is None and task == "classification" and not any(r.options for r in records):
         print("medrega-eval score: classification needs options: records with an 'options' field, --options, "
               "--options-file or --benchmark", file=sys.stderr)

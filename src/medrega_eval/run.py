@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from internvl.data.records import RecordProblem
-from medrega_eval.benchmarks import Benchmark, Sample, load_samples
-from medrega_eval.io import append_jsonl, read_predictions
+from medrega_eval.benchmarks import Benchmark, Sample, load_samples, reference_labels
+from medrega_eval.io import append_jsonl, problem_at, read_predictions
 from medrega_eval.report import protocol_info, write_outputs
 from medrega_eval.score import REPORT_METRICS, TOP_METRICS, ScoreConfig, score_records, summarize
 
@@ -248,17 +248,6 @@ def _safe_batches(generator: Any, requests: list, errors_path: Path, rank: int):
                 append_jsonl(errors_path, [{"id": requests[i].id, "rank": rank, "error": str(exc)}])
 
 
-def _options_from_references(samples: Sequence[Sample], multilabel: bool) -> dict[str, list[str]]:
-    out: dict[str, list[str]] = {}
-    for s in samples:
-        labels = [p.strip() for p in s.reference.split(",")] if multilabel else [s.reference.strip()]
-        bucket = out.setdefault(s.lang or "en", [])
-        for label in labels:
-            if label and label not in bucket:
-                bucket.append(label)
-    return out
-
-
 def score_benchmark(bench: Benchmark, samples: Sequence[Sample], problems: Sequence[RecordProblem],
                     cfg: RunConfig, protocol: dict[str, Any]) -> dict[str, Any]:
     """Merge the rank files, check ids against the benchmark, score and write the outputs (rank 0 only)."""
@@ -277,14 +266,10 @@ def score_benchmark(bench: Benchmark, samples: Sequence[Sample], problems: Seque
     unmatched = [r for r in records if r.id not in expected]
     records = [r for r in records if r.id in expected]
     all_problems = list(problems) + read_problems
-    for r in unmatched:
-        file, _, line = r.source.rpartition(":")
-        all_problems.append(RecordProblem(file, int(line), "unmatched-id",
-                                          f"id {r.id!r} is not in benchmark {bench.name}; not scored"))
+    all_problems += [problem_at(r.source, "unmatched-id", f"id {r.id!r} is not in benchmark {bench.name}; not scored")
+                     for r in unmatched]
     missing = [s for s in samples if s.id not in seen]
-    for s in missing[:50]:
-        file, _, line = s.source.rpartition(":")
-        all_problems.append(RecordProblem(file, int(line), "missing-prediction", f"no prediction for id {s.id!r}"))
+    all_problems += [problem_at(s.source, "missing-prediction", f"no prediction for id {s.id!r}") for s in missing[:50]]
     from internvl.io_safety import atomic_write_text
 
     atomic_write_text(merged_path, "".join(
@@ -294,7 +279,9 @@ def score_benchmark(bench: Benchmark, samples: Sequence[Sample], problems: Seque
                     **{k: r.extra[k] for k in COT_FIELDS if k in r.extra}}, ensure_ascii=False) + "\n" for r in records))
     options: Any = bench.options
     if options == "from_references":
-        options = _options_from_references(samples, bench.multilabel)
+        langs = dict.fromkeys(s.lang or "en" for s in samples)
+        options = {lang: reference_labels([s.reference for s in samples if (s.lang or "en") == lang], bench.multilabel)
+                   for lang in langs}
     report_metrics = [m for m in bench.metrics if m in REPORT_METRICS] or None
     score_cfg = ScoreConfig(task=bench.task, lang=None if bench.lang == "auto" else bench.lang, subtype=bench.subtype,
                             compat=cfg.compat, options=options, multilabel=bench.multilabel,

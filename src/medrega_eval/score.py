@@ -19,7 +19,7 @@ import numpy as np
 
 from internvl.data.records import RecordProblem
 from internvl.regions import has_regions, remove_box_text_original, remove_region_tags, strip_regions
-from medrega_eval.io import PredictionRecord, ScoreInputError
+from medrega_eval.io import PredictionRecord, ScoreInputError, problem_at, problem_counts
 from medrega_eval.metrics import classification as cls_m
 from medrega_eval.metrics import medrega_regions as orig_m
 from medrega_eval.metrics import regions as reg_m
@@ -111,12 +111,6 @@ def _row(rec: PredictionRecord, lang: str, scores: dict[str, Any], **extra: Any)
     return row
 
 
-def _loc(rec: PredictionRecord) -> tuple[str, int]:
-    """(file, line) of a record's source "FILE:LINE"."""
-    file, _, line = rec.source.rpartition(":")
-    return (file, int(line)) if line.isdigit() else (rec.source, 0)
-
-
 def _mean(values: Sequence[float]) -> float | None:
     return float(np.mean(values)) if len(values) else None
 
@@ -144,33 +138,23 @@ def _report_metrics(preds: list[str], refs: list[str], langs: list[str], cfg: Sc
     cands = [_report_tokens(p, lang) for p, lang in zip(preds, langs)]
     gts = [[_report_tokens(r, lang)] for r, lang in zip(refs, langs)]
     bleu, bleu_per = text_m.coco_bleu(cands, gts, n=4)
-    for k in range(4):
-        if f"bleu{k + 1}" in wanted:
-            out[f"bleu{k + 1}"] = bleu[k]
-            for i in range(n):
-                per[i][f"bleu{k + 1}"] = bleu_per[k][i]
+    computed = {f"bleu{k + 1}": (bleu[k], bleu_per[k]) for k in range(4)}
     if "rougeL" in wanted:
-        out["rougeL"], scores = text_m.corpus_rouge_l(cands, gts)
-        for i, s in enumerate(scores):
-            per[i]["rougeL"] = s
+        computed["rougeL"] = text_m.corpus_rouge_l(cands, gts)
     if "cider" in wanted:
-        out["cider"], scores = text_m.coco_cider(cands, gts)
-        for i, s in enumerate(scores):
-            per[i]["cider"] = s
+        computed["cider"] = text_m.coco_cider(cands, gts)
     if "meteor" in wanted:
-        _meteor(cands, gts, out, per, result)
+        try:
+            computed["meteor"] = text_m.coco_meteor(cands, gts)
+        except text_m.MetricUnavailable as exc:
+            out["meteor"] = None
+            result.unavailable["meteor"] = str(exc)
+    for name, (corpus, scores) in computed.items():
+        if name in wanted:
+            out[name] = corpus
+            for i, value in enumerate(scores):
+                per[i][name] = value
     return out, per
-
-
-def _meteor(cands, gts, out, per, result: ScoreResult) -> None:
-    try:
-        out["meteor"], scores = text_m.coco_meteor(cands, gts)
-    except text_m.MetricUnavailable as exc:
-        out["meteor"] = None
-        result.unavailable["meteor"] = str(exc)
-        return
-    for i, s in enumerate(scores):
-        per[i]["meteor"] = s
 
 
 # ------------------------------------------------------------------------------------------------- per task
@@ -262,13 +246,13 @@ def _score_classification(records, cfg, result) -> None:
         lang = record_lang(rec, cfg)
         options = _options_for(rec, lang, cfg)
         if not options:
-            result.problems.append(RecordProblem(*_loc(rec), "no-options", "no option list for this record: give the "
-                                                 "record an 'options' field, --options, or a benchmark with options"))
+            result.problems.append(problem_at(rec.source, "no-options", "no option list for this record: give the "
+                                              "record an 'options' field, --options, or a benchmark with options"))
             continue
         try:
             truth = cls_m.reference_labels(rec.reference, options, cfg.multilabel, cfg.compat)
         except cls_m.UnknownLabel as exc:
-            result.problems.append(RecordProblem(*_loc(rec), "unknown-label", str(exc)))
+            result.problems.append(problem_at(rec.source, "unknown-label", str(exc)))
             continue
         labels, unmapped = cls_m.map_answer(rec.prediction, options, cfg.multilabel, cfg.compat)
         unmapped_total += bool(unmapped)
@@ -310,7 +294,7 @@ def _score_region2text(records, cfg, result) -> None:
     result.metrics.update(bleu1=_mean(bleu), token_f1=_mean(f1), recall=_mean(rec_), accuracy=_mean(acc))
 
 
-def _region_part(records, cfg, result, texts_pred=None) -> None:
+def _region_part(records, cfg, result) -> list[tuple[int, dict]]:
     """Box metrics of text2region / grounded_report; appends rows (or extends rows already made)."""
     preds, refs, samples = [], [], []
     parse_errors = 0
@@ -321,7 +305,7 @@ def _region_part(records, cfg, result, texts_pred=None) -> None:
         ref = reg_m.parse_for_scoring(rec.reference, rec.hw)
         if ref.errors or not ref.boxes:
             reason = "; ".join(ref.errors) if ref.errors else "the reference has no box"
-            result.problems.append(RecordProblem(*_loc(rec), "bad-reference-boxes", reason))
+            result.problems.append(problem_at(rec.source, "bad-reference-boxes", reason))
             continue
         pred = reg_m.parse_for_scoring(rec.prediction, rec.hw)
         parse_errors += len(pred.errors)
@@ -503,8 +487,6 @@ def summarize(result: ScoreResult, cfg: ScoreConfig, protocol: dict[str, Any], b
               max_problems: int = 500) -> dict[str, Any]:
     """The summary.json object: top-level metrics (fractions; CIDEr as pycocoevalcap reports it), counts, problems."""
     counts = dict(result.counts)
-    from medrega_eval.io import problem_counts
-
     for reason, n in problem_counts(result.problems).items():
         counts[f"problem:{reason}"] = n
     summary: dict[str, Any] = {"task": cfg.task, "benchmark": benchmark, "lang": cfg.lang, "subtype": cfg.subtype,

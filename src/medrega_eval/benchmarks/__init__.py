@@ -31,7 +31,8 @@ import yaml
 
 from internvl.data.records import RecordChecker, RecordProblem, read_jsonl, resolve_image
 
-__all__ = ["Benchmark", "BenchmarkError", "MissingData", "Sample", "load_registry", "data_dir_from", "load_samples"]
+__all__ = ["Benchmark", "BenchmarkError", "MissingData", "Sample", "load_registry", "data_dir_from", "load_samples",
+           "reference_labels"]
 
 HERE = Path(__file__).resolve().parent
 TASKS = ("vqa", "report", "classification", "region2text", "text2region", "grounded_report")
@@ -169,6 +170,12 @@ def load_registry(extra_files: Sequence[str | Path] = ()) -> dict[str, Benchmark
                 raise BenchmarkError(f"{path}: benchmark {name!r} is already defined in {registry[name].file}")
             registry[name] = _check_entry(str(name), entry, str(path))
     return registry
+
+
+def reference_labels(references: Sequence[str], multilabel: bool) -> list[str]:
+    """The distinct reference labels in first-seen order (`options: from_references`); multilabel splits on ","."""
+    labels = [label.strip() for ref in references for label in (ref.split(",") if multilabel else [ref])]
+    return list(dict.fromkeys(label for label in labels if label))
 
 
 def data_dir_from(arg: str | Path | None) -> Path | None:
