@@ -33,18 +33,9 @@ from internvl.constants import (
     IMG_START_TOKEN,
 )
 
-__all__ = [
-    "ImageSettings",
-    "build_transform",
-    "expand2square",
-    "find_closest_aspect_ratio",
-    "dynamic_preprocess",
-    "images_to_pixel_values",
-    "dummy_pixel_values",
-    "num_image_tokens",
-    "expand_image_placeholders",
-    "image_block",
-]
+__all__ = ["ImageSettings", "build_transform", "expand2square", "find_closest_aspect_ratio", "dynamic_preprocess",
+           "images_to_pixel_values", "dummy_pixel_values", "num_image_tokens", "expand_image_placeholders",
+           "image_block"]
 
 
 @dataclass(frozen=True)

@@ -27,15 +27,8 @@ from internvl.constants import IMG_CONTEXT_TOKEN
 from internvl.data.images import load_image
 from internvl.image_processing import images_to_pixel_values
 
-__all__ = [
-    "GenerationRequest",
-    "GenerationSettings",
-    "Generator",
-    "ModelLoadError",
-    "default_dtype",
-    "load_model_and_tokenizer",
-    "resolve_dtype",
-]
+__all__ = ["GenerationRequest", "GenerationSettings", "Generator", "ModelLoadError", "default_dtype",
+           "load_model_and_tokenizer", "resolve_dtype"]
 
 
 class ModelLoadError(RuntimeError):

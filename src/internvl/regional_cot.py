@@ -24,17 +24,8 @@ from internvl.data.prompts import build_question
 from internvl.inference import GenerationRequest
 from internvl.regions import Region, parse_regions
 
-__all__ = [
-    "MAX_REGIONS",
-    "CotAnswer",
-    "RegionalCotGenerator",
-    "guess_lang",
-    "regional_cot",
-    "split_question",
-    "step_one_request",
-    "step_two_request",
-    "usable_regions",
-]
+__all__ = ["MAX_REGIONS", "CotAnswer", "RegionalCotGenerator", "guess_lang", "regional_cot", "split_question",
+           "step_one_request", "step_two_request", "usable_regions"]
 
 MAX_REGIONS = 8  # regions written into the step-two prompt (keeps the prompt bounded whatever step one emits)
 

@@ -52,20 +52,9 @@ from internvl.constants import (
     REF_START,
 )
 
-__all__ = [
-    "SPECIAL_TOKENS",
-    "REGION_TAGS",
-    "TokenizerError",
-    "add_special_tokens",
-    "decode_answer",
-    "save_tokenizer",
-    "tokenizer_behaviour",
-    "PROBE_TEXTS",
-    "resize_embeddings_mean",
-    "load_tokenizer",
-    "train_sentencepiece_tokenizer",
-    "check_single_token_ids",
-]
+__all__ = ["SPECIAL_TOKENS", "REGION_TAGS", "TokenizerError", "add_special_tokens", "decode_answer", "save_tokenizer",
+           "tokenizer_behaviour", "PROBE_TEXTS", "resize_embeddings_mean", "load_tokenizer",
+           "train_sentencepiece_tokenizer", "check_single_token_ids"]
 
 # Order as in the original constants.py (ids follow it when all nine are new).
 SPECIAL_TOKENS: tuple[str, ...] = (

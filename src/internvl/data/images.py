@@ -31,18 +31,8 @@ from typing import Union
 import numpy as np
 from PIL import Image
 
-__all__ = [
-    "DEFAULT_MAX_PIXELS",
-    "ImageInfo",
-    "ImageLoadError",
-    "WINDOW_PRESETS",
-    "Window",
-    "apply_window",
-    "detect_format",
-    "load_image",
-    "probe_image",
-    "volume_slice",
-]
+__all__ = ["DEFAULT_MAX_PIXELS", "ImageInfo", "ImageLoadError", "WINDOW_PRESETS", "Window", "apply_window",
+           "detect_format", "load_image", "probe_image", "volume_slice"]
 
 #: Named CT windows as (centre, width) in Hounsfield units (common radiology defaults).
 WINDOW_PRESETS: dict[str, tuple[float, float]] = {

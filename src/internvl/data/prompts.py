@@ -37,22 +37,9 @@ from internvl.data.prompt_registry import (
 )
 from internvl.regions import Box, Region, RegionError, format_region, format_regions, pixels_to_box, validate_box
 
-__all__ = [
-    "LANGS",
-    "PROMPT_DIR",
-    "PromptError",
-    "RegionsInput",
-    "TaskPrompt",
-    "build_question",
-    "build_record",
-    "get_prompt",
-    "list_tasks",
-    "load_prompts",
-    "normalize_regions",
-    "render_base_prompt",
-    "text_to_region_subtype",
-    "with_article",
-]
+__all__ = ["LANGS", "PROMPT_DIR", "PromptError", "RegionsInput", "TaskPrompt", "build_question", "build_record",
+           "get_prompt", "list_tasks", "load_prompts", "normalize_regions", "render_base_prompt",
+           "text_to_region_subtype", "with_article"]
 
 #: A list of regions: ``Region`` objects, ``(name, boxes)`` pairs, or a ``{name: boxes}`` mapping.
 RegionsInput = Union[Sequence[Union[Region, tuple[str, Sequence[Any]]]], Mapping[str, Sequence[Any]]]

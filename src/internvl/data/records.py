@@ -41,28 +41,10 @@ from internvl.data.bounded_json import (
 from internvl.data.images import ImageLoadError, load_image, probe_image
 from internvl.regions import RegionError, parse_regions
 
-__all__ = [
-    "ALLOW_LINKS_ENV",
-    "BadRecordError",
-    "IMAGE_CHECKS",
-    "ImagePathError",
-    "check_path_length",
-    "InputLimits",
-    "JSONLimitError",
-    "LIMITS",
-    "LimitedJSONDecoder",
-    "loads_limited",
-    "parse_record_line",
-    "REASONS",
-    "ProblemTally",
-    "RecordChecker",
-    "RecordProblem",
-    "check_record",
-    "image_paths",
-    "iter_records",
-    "read_jsonl",
-    "resolve_image",
-]
+__all__ = ["ALLOW_LINKS_ENV", "BadRecordError", "IMAGE_CHECKS", "ImagePathError", "check_path_length", "InputLimits",
+           "JSONLimitError", "LIMITS", "LimitedJSONDecoder", "loads_limited", "parse_record_line", "REASONS",
+           "ProblemTally", "RecordChecker", "RecordProblem", "check_record", "image_paths", "iter_records",
+           "read_jsonl", "resolve_image"]
 
 #: Every reason a record can be rejected for, with what it means (the table in docs/data-io.md).
 REASONS: dict[str, str] = {

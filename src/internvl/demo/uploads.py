@@ -18,18 +18,8 @@ from PIL import Image
 from internvl.data.images import ImageLoadError, detect_format, load_image
 from internvl.regions import Box, RegionError, pixels_to_box, validate_box
 
-__all__ = [
-    "ACCEPTED_SUFFIXES",
-    "MAX_UPLOAD_BYTES",
-    "MAX_UPLOAD_PIXELS",
-    "LoadedUpload",
-    "UserInputError",
-    "box_from_drawing",
-    "box_json",
-    "check_question",
-    "load_upload",
-    "parse_typed_box",
-]
+__all__ = ["ACCEPTED_SUFFIXES", "MAX_UPLOAD_BYTES", "MAX_UPLOAD_PIXELS", "LoadedUpload", "UserInputError",
+           "box_from_drawing", "box_json", "check_question", "load_upload", "parse_typed_box"]
 
 ACCEPTED_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", ".dcm", ".dicom",
                                       ".nii", ".nii.gz")

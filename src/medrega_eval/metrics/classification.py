@@ -20,15 +20,8 @@ from collections.abc import Iterable, Sequence
 
 from medrega_eval.metrics.text import sentence_bleu1, token_set_scores
 
-__all__ = [
-    "UnknownLabel",
-    "normalize_label",
-    "split_answer",
-    "map_to_option",
-    "map_answer",
-    "reference_labels",
-    "classification_metrics",
-]
+__all__ = ["UnknownLabel", "normalize_label", "split_answer", "map_to_option", "map_answer", "reference_labels",
+           "classification_metrics"]
 
 _SPLIT = re.compile(r"[,;，；、\n]")
 

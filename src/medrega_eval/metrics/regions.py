@@ -28,18 +28,8 @@ from scipy.optimize import linear_sum_assignment
 
 from internvl.regions import Region, box_to_pixels, parse_regions
 
-__all__ = [
-    "NamedBox",
-    "ParsedRegions",
-    "parse_for_scoring",
-    "box_iou",
-    "hungarian_match",
-    "RegionSample",
-    "score_region_sample",
-    "aggregate_regions",
-    "coco_map50",
-    "IOU_THRESHOLD",
-]
+__all__ = ["NamedBox", "ParsedRegions", "parse_for_scoring", "box_iou", "hungarian_match", "RegionSample",
+           "score_region_sample", "aggregate_regions", "coco_map50", "IOU_THRESHOLD"]
 
 IOU_THRESHOLD = 0.5
 

@@ -24,24 +24,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = [
-    "MetricUnavailable",
-    "PTB_PUNCTUATION",
-    "tokenize_en",
-    "tokenize_zh",
-    "tokenize",
-    "has_cjk",
-    "text_language",
-    "lcs_length",
-    "rouge_l",
-    "corpus_rouge_l",
-    "coco_bleu",
-    "coco_cider",
-    "coco_meteor",
-    "sentence_bleu1",
-    "hf_bleu",
-    "token_set_scores",
-]
+__all__ = ["MetricUnavailable", "PTB_PUNCTUATION", "tokenize_en", "tokenize_zh", "tokenize", "has_cjk", "text_language",
+           "lcs_length", "rouge_l", "corpus_rouge_l", "coco_bleu", "coco_cider", "coco_meteor", "sentence_bleu1",
+           "hf_bleu", "token_set_scores"]
 
 
 class MetricUnavailable(RuntimeError):

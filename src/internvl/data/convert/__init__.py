@@ -28,11 +28,9 @@ from internvl.data.prompts import LANGS, PromptError, build_record
 from internvl.data.records import JSONLimitError, RecordChecker, RecordProblem, loads_limited
 from internvl.io_safety import atomic_write_text
 
-__all__ = [
-    "CONVERTERS", "ConvertError", "ConvertOptions", "ConvertReport", "add_common_arguments", "build_or_skip", "build_records", "check_task",
-    "common_options", "finish_report", "get_converter", "open_text", "read_csv", "read_json",
-    "write_jsonl", "write_output",
-]
+__all__ = ["CONVERTERS", "ConvertError", "ConvertOptions", "ConvertReport", "add_common_arguments", "build_or_skip",
+           "build_records", "check_task", "common_options", "finish_report", "get_converter", "open_text", "read_csv",
+           "read_json", "write_jsonl", "write_output"]
 
 #: format name -> module (imported lazily so that the CLI starts fast)
 CONVERTERS: dict[str, str] = {
