@@ -103,13 +103,9 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str | None:
     return resolve(dtype)
 
 
-def load_model_and_tokenizer(
-    path: str | os.PathLike,
-    dtype: str | torch.dtype | None = "bfloat16",
-    device_map: str | dict | None = None,
-    load_in_8bit: bool = False,
-    load_in_4bit: bool = False,
-) -> tuple[Any, Any]:
+def load_model_and_tokenizer(path: str | os.PathLike, dtype: str | torch.dtype | None = "bfloat16",
+                             device_map: str | dict | None = None, load_in_8bit: bool = False,
+                             load_in_4bit: bool = False) -> tuple[Any, Any]:
     """Load an InternVLChatModel and its tokenizer from a local directory (safetensors only, no hub, no remote code).
 
     dtype: weights dtype ('bfloat16' default; 'auto' keeps the checkpoint's; see `resolve_dtype`). device_map: None
@@ -147,14 +143,8 @@ class Generator:
     that padding stays small; `generate` returns answers in the order given.
     """
 
-    def __init__(
-        self,
-        model: Any,
-        tokenizer: Any,
-        settings: GenerationSettings | None = None,
-        batch_size: int = 8,
-        image_settings: Any = None,
-    ) -> None:
+    def __init__(self, model: Any, tokenizer: Any, settings: GenerationSettings | None = None, batch_size: int = 8,
+                 image_settings: Any = None) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.model = model

@@ -304,15 +304,9 @@ def decode_answer(tokenizer, ids: Iterable[int] | torch.Tensor, *, separator: st
     return text.strip()
 
 
-def train_sentencepiece_tokenizer(
-    sentences: Iterable[str],
-    out_dir: str | os.PathLike,
-    vocab_size: int = 1000,
-    *,
-    model_type: str = "bpe",
-    model_max_length: int = 4096,
-    extra_special_tokens: Iterable[str] = SPECIAL_TOKENS,
-) -> Path:
+def train_sentencepiece_tokenizer(sentences: Iterable[str], out_dir: str | os.PathLike, vocab_size: int = 1000, *,
+                                  model_type: str = "bpe", model_max_length: int = 4096,
+                                  extra_special_tokens: Iterable[str] = SPECIAL_TOKENS) -> Path:
     """Train a Yi-like SentencePiece tokenizer on ``sentences`` and write a directory :func:`load_tokenizer` reads.
 
     Layout (mirrors Nous-Hermes-2-Yi + InternVL-Chat-V1-2): ids 0/1/2 = ``<unk>``/``<|startoftext|>``/

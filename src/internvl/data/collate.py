@@ -122,14 +122,8 @@ class PackedCollator:
     previous sample's last token).
     """
 
-    def __init__(
-        self,
-        max_packed_tokens: int = 8192,
-        num_images_expected: int | None = None,
-        loss_reduction: str = "token",
-        pad_token_id: int = 0,
-        pad_to_multiple_of: int | None = None,
-    ) -> None:
+    def __init__(self, max_packed_tokens: int = 8192, num_images_expected: int | None = None,
+                 loss_reduction: str = "token", pad_token_id: int = 0, pad_to_multiple_of: int | None = None) -> None:
         if max_packed_tokens < 1:
             raise ValueError(f"max_packed_tokens must be positive, got {max_packed_tokens}")
         if loss_reduction not in LOSS_REDUCTIONS:

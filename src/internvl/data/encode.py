@@ -132,20 +132,11 @@ def _token_ids(tokenizer: Any, token: str) -> int:
     return int(tid)
 
 
-def encode_conversation(
-    conversations: Sequence[Mapping[str, Any]],
-    tokenizer: Any,
-    *,
-    template: str | ChatTemplate = "Hermes-2",
-    num_patches_list: Sequence[int] = (),
-    num_image_token: int = 256,
-    base_prompt: str = "",
-    prompt_order: str = "train",
-    system_message: str | None = None,
-    max_length: int | None = None,
-    truncation: str = "error",
-    where: str = "<record>",
-) -> EncodedSample:
+def encode_conversation(conversations: Sequence[Mapping[str, Any]], tokenizer: Any, *,
+                        template: str | ChatTemplate = "Hermes-2", num_patches_list: Sequence[int] = (),
+                        num_image_token: int = 256, base_prompt: str = "", prompt_order: str = "train",
+                        system_message: str | None = None, max_length: int | None = None, truncation: str = "error",
+                        where: str = "<record>") -> EncodedSample:
     """Turn one conversation (record ``conversations``: alternating ``human``/``gpt`` turns) into an
     :class:`EncodedSample`. ``num_patches_list`` has one entry per image (tiles of that image); empty = text-only.
     See the module docstring for the rules (its steps 1-5 are the steps below). Raises :class:`EncodeError` naming
@@ -293,15 +284,9 @@ def _decode_runs(tokenizer: Any, ids: list[int], labels: list[int]) -> list[str]
     return [tokenizer.decode(run, skip_special_tokens=False, clean_up_tokenization_spaces=False) for run in runs]
 
 
-def make_token_length(
-    tokenizer: Any,
-    *,
-    template: str | ChatTemplate = "Hermes-2",
-    num_image_token: int = 256,
-    tiles_per_image: int = 1,
-    base_prompt: str = "",
-    prompt_order: str = "train",
-) -> Callable[[dict], int]:
+def make_token_length(tokenizer: Any, *, template: str | ChatTemplate = "Hermes-2", num_image_token: int = 256,
+                      tiles_per_image: int = 1, base_prompt: str = "", prompt_order: str = "train"
+                      ) -> Callable[[dict], int]:
     """A ``record -> token length`` function for ``RecordChecker(max_length=..., token_length=...)`` and length
     grouping. Exact for one tile per image (V1.2); with dynamic tiling pass the expected ``tiles_per_image``."""
 

@@ -365,14 +365,8 @@ def _display_geometry(img, ornt, shape3, in_plane) -> tuple[int, int, tuple[floa
     return sizes[1], sizes[0], (spacing[1], spacing[0])
 
 
-def volume_slice(
-    path: str | Path,
-    *,
-    axis: str = "axial",
-    slice_index: int | None = None,
-    frame: int | None = None,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-) -> tuple[np.ndarray, tuple[float, float]]:
+def volume_slice(path: str | Path, *, axis: str = "axial", slice_index: int | None = None, frame: int | None = None,
+                 max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, tuple[float, float]]:
     """Read one 2D slice of a NIfTI volume in display orientation, without loading the whole volume.
 
     ``slice_index`` counts in canonical RAS order (inferior->superior for axial, posterior->anterior
@@ -508,15 +502,8 @@ def _load_pil(path: Path, window: Window, frame: int | None, max_pixels: int) ->
 # --------------------------------------------------------------------------------------------- public
 
 
-def load_image(
-    path: str | Path,
-    *,
-    window: Window = None,
-    slice_index: int | None = None,
-    axis: str = "axial",
-    frame: int | None = None,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-) -> Image.Image:
+def load_image(path: str | Path, *, window: Window = None, slice_index: int | None = None, axis: str = "axial",
+               frame: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Read any supported image file as an RGB ``PIL.Image`` ready for the model's transform.
 
     Args:

@@ -348,10 +348,8 @@ class RecordChecker:
                 continue
             expected = "human" if i % 2 == 1 else "gpt"
             if turn["from"] != expected:
-                problems.append(problem(
-                    "bad-turns",
-                    f"turn {i} is from {turn['from']!r}, expected {expected!r} (turns alternate human/gpt, human first)",
-                ))
+                problems.append(problem("bad-turns", f"turn {i} is from {turn['from']!r}, expected {expected!r} "
+                                                     "(turns alternate human/gpt, human first)"))
                 ok = False
             if not turn["value"].strip():
                 problems.append(problem("empty-turn", f"turn {i} ({turn['from']}) has an empty value"))
@@ -370,10 +368,8 @@ class RecordChecker:
         n_images = len(image_paths(record))
         if n_placeholders == n_images or (self.allow_implicit_image and n_images == 1 and n_placeholders == 0):
             return
-        problems.append(problem(
-            "image-count-mismatch",
-            f"{n_placeholders} '{IMAGE_PLACEHOLDER}' placeholder(s) for {n_images} image(s)",
-        ))
+        problems.append(problem("image-count-mismatch",
+                                f"{n_placeholders} '{IMAGE_PLACEHOLDER}' placeholder(s) for {n_images} image(s)"))
 
     @staticmethod
     def _check_boxes(record: dict, problem, problems: list[RecordProblem]) -> None:
@@ -399,46 +395,29 @@ class RecordChecker:
 
     def _image_status(self, rel: str, path: Path) -> tuple[str, str] | None:
         try:
-            return self._image_status_unguarded(rel, path)
-        except OSError as exc:  # ENAMETOOLONG, ELOOP, EACCES on a parent ...: the record's path, not a crash
-            return "unreadable-image", f"image {rel!r}: {exc.strerror or type(exc).__name__}"
-
-    def _image_status_unguarded(self, rel: str, path: Path) -> tuple[str, str] | None:
-        if not path.exists():
-            return "missing-image", f"image {rel!r} not found at {path}"
-        if path.is_dir():
-            return "unreadable-image", f"image {rel!r} is a directory: {path}"
-        if not os.access(path, os.R_OK):
-            return "unreadable-image", f"image {rel!r} is not readable (permission denied): {path}"
-        try:
+            if not path.exists():
+                return "missing-image", f"image {rel!r} not found at {path}"
+            if path.is_dir():
+                return "unreadable-image", f"image {rel!r} is a directory: {path}"
+            if not os.access(path, os.R_OK):
+                return "unreadable-image", f"image {rel!r} is not readable (permission denied): {path}"
             if self.image_check == "header":
                 probe_image(path)
             elif self.image_check == "decode":
                 load_image(path)
         except ImageLoadError as exc:
             return "corrupt-image", f"image {rel!r}: {exc.reason}"
+        except OSError as exc:  # ENAMETOOLONG, ELOOP, EACCES on a parent ...: the record's path, not a crash
+            return "unreadable-image", f"image {rel!r}: {exc.strerror or type(exc).__name__}"
         return None
 
 
-def check_record(
-    record: Any,
-    *,
-    file: str | Path,
-    line: int,
-    image_root: str | Path | None = None,
-    image_check: str = "exists",
-    max_length: int | None = None,
-    token_length: Callable[[dict], int] | None = None,
-    require_answer: bool = True,
-) -> list[RecordProblem]:
+def check_record(record: Any, *, file: str | Path, line: int, image_root: str | Path | None = None,
+                 image_check: str = "exists", max_length: int | None = None,
+                 token_length: Callable[[dict], int] | None = None, require_answer: bool = True) -> list[RecordProblem]:
     """Problems of one record (see :class:`RecordChecker`; use a checker directly to cache image checks)."""
-    checker = RecordChecker(
-        image_root=image_root,
-        image_check=image_check,
-        max_length=max_length,
-        token_length=token_length,
-        require_answer=require_answer,
-    )
+    checker = RecordChecker(image_root=image_root, image_check=image_check, max_length=max_length,
+                            token_length=token_length, require_answer=require_answer)
     return checker.check(record, file=file, line=line)
 
 
@@ -475,14 +454,9 @@ class ProblemTally:
         return "\n".join(lines)
 
 
-def iter_records(
-    path: str | Path,
-    checker: RecordChecker | None = None,
-    *,
-    strict: bool = True,
-    tally: ProblemTally | None = None,
-    on_problem: Callable[[RecordProblem], None] | None = None,
-) -> Iterator[tuple[int, dict]]:
+def iter_records(path: str | Path, checker: RecordChecker | None = None, *, strict: bool = True,
+                 tally: ProblemTally | None = None, on_problem: Callable[[RecordProblem], None] | None = None
+                 ) -> Iterator[tuple[int, dict]]:
     """Yield ``(line, record)`` for the good records of a jsonl file.
 
     Strict: raise :class:`BadRecordError` at the first bad line. Lenient: skip it, count its problems in

@@ -132,12 +132,8 @@ class ChatTemplate:
                     pieces.append((tail, False))
         return pieces
 
-    def render(
-        self,
-        messages: Sequence[Mapping[str, object]],
-        system_message: str | None = None,
-        add_generation_prompt: bool | None = None,
-    ) -> str:
+    def render(self, messages: Sequence[Mapping[str, object]], system_message: str | None = None,
+               add_generation_prompt: bool | None = None) -> str:
         """The prompt string. ``add_generation_prompt`` appends the bare assistant role; ``None`` means "when the last
         message is a user turn" (inference prompt), so a full training conversation renders without it."""
         system, msgs = self._split_system(messages, system_message)

@@ -121,13 +121,8 @@ def _f1(tp: int, fp: int, fn: int) -> float:
     return 2 * tp / denom if denom else 0.0
 
 
-def classification_metrics(
-    y_true: Sequence[Iterable[str]],
-    y_pred: Sequence[Iterable[str]],
-    options: Sequence[str],
-    multilabel: bool,
-    compat: str | None = None,
-) -> dict[str, float | None]:
+def classification_metrics(y_true: Sequence[Iterable[str]], y_pred: Sequence[Iterable[str]], options: Sequence[str],
+                           multilabel: bool, compat: str | None = None) -> dict[str, float | None]:
     """accuracy (subset accuracy for multi-label), macro_f1 and, for multi-label, micro `f1`.
 
     Macro-F1 averages per-label F1 (= 2TP / (2TP + FP + FN)). Default: over the labels that occur in the references or

@@ -107,13 +107,8 @@ def write_jsonl(records: Iterable[dict], path: str | Path) -> int:
     return len(lines)
 
 
-def finish_report(
-    items: Iterable[tuple[str, int, dict]],
-    report: ConvertReport,
-    *,
-    image_root: str | Path | None,
-    image_check: str = "exists",
-) -> tuple[list[dict], ConvertReport]:
+def finish_report(items: Iterable[tuple[str, int, dict]], report: ConvertReport, *, image_root: str | Path | None,
+                  image_check: str = "exists") -> tuple[list[dict], ConvertReport]:
     """Run every built record through the training record checks; bad ones are counted in ``report``. Returns the
     ``(records, report)`` every ``convert_*`` function returns, with ``report.written`` set.
 

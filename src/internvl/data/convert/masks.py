@@ -230,21 +230,11 @@ def _labelled_slices(mask_path: Path, axis: str) -> list[int]:
     return [int(k) for k in np.flatnonzero((data != 0).any(axis=other))]
 
 
-def convert_masks(
-    pairs: list[tuple[str | Path, str | Path]],
-    *,
-    names: dict[int, str] | None = None,
-    task: str = "text_to_region",
-    mode: str = "label",
-    min_pixels: int = 1,
-    modality: str = "medical",
-    axis: str = "axial",
-    slices: str = "middle",
-    slice_step: int = 1,
-    window: str | tuple[float, float] | None = None,
-    out_images: str | Path | None = None,
-    **options: Any,
-) -> tuple[list[dict], ConvertReport]:
+def convert_masks(pairs: list[tuple[str | Path, str | Path]], *, names: dict[int, str] | None = None,
+                  task: str = "text_to_region", mode: str = "label", min_pixels: int = 1, modality: str = "medical",
+                  axis: str = "axial", slices: str = "middle", slice_step: int = 1,
+                  window: str | tuple[float, float] | None = None, out_images: str | Path | None = None, **options: Any
+                  ) -> tuple[list[dict], ConvertReport]:
     """Convert (image, label map) pairs; returns ``(records, report)``. ``options``: :class:`ConvertOptions` keywords.
 
     Record image paths are relative to ``image_root`` (default: the images' directory for 2D pairs, ``out_images``

@@ -121,19 +121,10 @@ def _read_sizes(path: Path) -> dict[str, tuple[int, int]]:
 RaterBoxes = dict[str, dict[str, list[tuple[np.ndarray, str, int]]]]
 
 
-def convert_vindr(
-    path: str | Path,
-    *,
-    task: str = "text_to_region",
-    merge: str = "fusion",
-    iou_threshold: float = 0.4,
-    min_votes: int = 1,
-    sizes: str | Path | None = None,
-    image_ext: str = ".dicom",
-    modality: str = "chest x-ray",
-    no_finding: str = "No finding",
-    **options: Any,
-) -> tuple[list[dict], ConvertReport]:
+def convert_vindr(path: str | Path, *, task: str = "text_to_region", merge: str = "fusion", iou_threshold: float = 0.4,
+                  min_votes: int = 1, sizes: str | Path | None = None, image_ext: str = ".dicom",
+                  modality: str = "chest x-ray", no_finding: str = "No finding", **options: Any
+                  ) -> tuple[list[dict], ConvertReport]:
     """Convert a VinDr-style CSV; returns ``(records, report)``. ``options``: :class:`ConvertOptions` keywords.
     Raises :class:`ConvertError` if unusable."""
     opts = ConvertOptions(**options)
