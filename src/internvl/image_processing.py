@@ -64,14 +64,10 @@ class ImageSettings:
         if size is None:
             vision = get("vision_config", None)
             size = (vision.get("image_size") if isinstance(vision, Mapping) else getattr(vision, "image_size", None)) or DEFAULT_IMAGE_SIZE
-        settings = cls(
-            image_size=int(size),
-            dynamic_image_size=bool(get("dynamic_image_size", False)),
-            use_thumbnail=bool(get("use_thumbnail", False)),
-            min_dynamic_patch=int(get("min_dynamic_patch", 1)),
-            max_dynamic_patch=int(get("max_dynamic_patch", 6)),
-            pad2square=bool(get("pad2square", False)),
-        )
+        settings = cls(image_size=int(size), dynamic_image_size=bool(get("dynamic_image_size", False)),
+                       use_thumbnail=bool(get("use_thumbnail", False)),
+                       min_dynamic_patch=int(get("min_dynamic_patch", 1)),
+                       max_dynamic_patch=int(get("max_dynamic_patch", 6)), pad2square=bool(get("pad2square", False)))
         if settings.image_size <= 0 or not 1 <= settings.min_dynamic_patch <= settings.max_dynamic_patch:
             raise ValueError(f"invalid image settings {settings}")
         return settings
@@ -178,13 +174,9 @@ def images_to_pixel_values(
     num_patches: list[int] = []
     for image in images:
         if settings.dynamic_image_size:
-            tiles = dynamic_preprocess(
-                image.convert("RGB"),
-                min_num=settings.min_dynamic_patch,
-                max_num=max_num if max_num is not None else settings.max_dynamic_patch,
-                image_size=settings.image_size,
-                use_thumbnail=settings.use_thumbnail,
-            )
+            tiles = dynamic_preprocess(image.convert("RGB"), min_num=settings.min_dynamic_patch,
+                                       max_num=max_num if max_num is not None else settings.max_dynamic_patch,
+                                       image_size=settings.image_size, use_thumbnail=settings.use_thumbnail)
         else:
             tiles = [image]
         tensors.extend(transform(t) for t in tiles)

@@ -179,14 +179,9 @@ class Generator:
                 tiles.append(pv)
             num_patches_list.append(patches)
         pixel_values = torch.cat(tiles).to(self._pixel_device, self._pixel_dtype) if tiles else None
-        return self.model.batch_chat(
-            self.tokenizer,
-            pixel_values,
-            [r.prompt for r in requests],
-            generation_config=self.settings.to_kwargs(),
-            num_patches_list=num_patches_list,
-            histories=[list(r.history) for r in requests],
-        )
+        return self.model.batch_chat(self.tokenizer, pixel_values, [r.prompt for r in requests],
+                                     generation_config=self.settings.to_kwargs(), num_patches_list=num_patches_list,
+                                     histories=[list(r.history) for r in requests])
 
     def iter_generate(self, requests: Sequence[GenerationRequest]) -> Iterator[list[tuple[int, str]]]:
         """Yield [(request index, answer), ...] one batch at a time (for progress bars and crash-safe writing)."""

@@ -323,26 +323,13 @@ def train_sentencepiece_tokenizer(sentences: Iterable[str], out_dir: str | os.Pa
     corpus = [s for s in sentences if s.strip()]
     if not corpus:
         raise TokenizerError("train_sentencepiece_tokenizer: no non-empty sentences given")
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(corpus),
-        model_prefix=str(out / "tokenizer"),
-        vocab_size=vocab_size,
-        model_type=model_type,
-        character_coverage=1.0,
-        byte_fallback=True,
-        hard_vocab_limit=False,
-        split_digits=True,
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=-1,
-        unk_piece="<unk>",
-        bos_piece="<|startoftext|>",
-        eos_piece=ENDOFTEXT_TOKEN,
-        user_defined_symbols=[IM_START_TOKEN, IM_END_TOKEN, IM_SEP_TOKEN],
-        num_threads=1,
-        minloglevel=2,
-    )
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus), model_prefix=str(out / "tokenizer"),
+                                   vocab_size=vocab_size, model_type=model_type, character_coverage=1.0,
+                                   byte_fallback=True, hard_vocab_limit=False, split_digits=True, unk_id=0, bos_id=1,
+                                   eos_id=2, pad_id=-1, unk_piece="<unk>", bos_piece="<|startoftext|>",
+                                   eos_piece=ENDOFTEXT_TOKEN,
+                                   user_defined_symbols=[IM_START_TOKEN, IM_END_TOKEN, IM_SEP_TOKEN], num_threads=1,
+                                   minloglevel=2)
     (out / "tokenizer.vocab").unlink(missing_ok=True)
     sp = spm.SentencePieceProcessor(model_file=str(out / "tokenizer.model"))
     base = sp.get_piece_size()

@@ -115,12 +115,10 @@ def parse_prediction(record: dict, file: str, line: int) -> PredictionRecord | R
         return RecordProblem(file, line, "bad-field", f"image must be a path or a list of paths, got {type(image).__name__}")
     known = set(ID_KEYS) | set(PRED_KEYS) | set(REF_KEYS) | {"hw", "height", "width", "options", "lang", "image",
                                                                "question", "answer_type", "image_root"}
-    return PredictionRecord(
-        id=rid, prediction=pred, reference=ref, source=f"{file}:{line}",
-        question=record.get("question"), image=image, image_root=record.get("image_root"), hw=hw, lang=lang,
-        answer_type=record.get("answer_type"), options=options,
-        extra={k: v for k, v in record.items() if k not in known},
-    )
+    return PredictionRecord(id=rid, prediction=pred, reference=ref, source=f"{file}:{line}",
+                            question=record.get("question"), image=image, image_root=record.get("image_root"), hw=hw,
+                            lang=lang, answer_type=record.get("answer_type"), options=options,
+                            extra={k: v for k, v in record.items() if k not in known})
 
 
 def _json_list_items(path: Path, text: str) -> Iterable[tuple[int, Any]]:

@@ -97,10 +97,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     by_reason: Counter = Counter()
     seen = kept = 0
     for label, annotation, root, base_prompt in targets:
-        checker = RecordChecker(
-            image_root=root, image_check=args.images, require_answer=not args.allow_no_answer,
-            max_length=args.max_length, token_length=factory(base_prompt) if factory else None,
-        )
+        checker = RecordChecker(image_root=root, image_check=args.images, require_answer=not args.allow_no_answer,
+                                max_length=args.max_length, token_length=factory(base_prompt) if factory else None)
         tally = _check_file(annotation, checker, strict=args.strict, out=out, totals=totals, max_print=args.max_print)
         by_reason.update(tally.by_reason)
         seen, kept = seen + tally.seen, kept + tally.kept

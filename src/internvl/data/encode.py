@@ -168,14 +168,9 @@ def encode_conversation(conversations: Sequence[Mapping[str, Any]], tokenizer: A
     supervised_text = _verify_labels(tokenizer, ids, labels, [full[s:e] for s, e in spans], truncated, where)
     if num_patches_list and ids.count(_token_ids(tokenizer, IMG_START_TOKEN)) != len(num_patches_list):
         raise EncodeError(f"{where}: {IMG_START_TOKEN} count does not match {len(num_patches_list)} image(s)")
-    return EncodedSample(
-        input_ids=torch.tensor(ids, dtype=torch.long),
-        labels=torch.tensor(labels, dtype=torch.long),
-        num_patches_list=list(num_patches_list),
-        text=full,
-        supervised_text=supervised_text,
-        truncated=truncated,
-    )
+    return EncodedSample(input_ids=torch.tensor(ids, dtype=torch.long), labels=torch.tensor(labels, dtype=torch.long),
+                         num_patches_list=list(num_patches_list), text=full, supervised_text=supervised_text,
+                         truncated=truncated)
 
 
 def _expand_images(segments: list[tuple[str, bool]], num_patches_list: Sequence[int], num_image_token: int,
@@ -293,10 +288,9 @@ def make_token_length(tokenizer: Any, *, template: str | ChatTemplate = "Hermes-
     def token_length(record: dict) -> int:
         image = record.get("image")
         n_images = 0 if image is None else (1 if isinstance(image, str) else len(image))
-        sample = encode_conversation(
-            record["conversations"], tokenizer, template=template, num_patches_list=[tiles_per_image] * n_images,
-            num_image_token=num_image_token, base_prompt=base_prompt, prompt_order=prompt_order,
-        )
+        sample = encode_conversation(record["conversations"], tokenizer, template=template,
+                                     num_patches_list=[tiles_per_image] * n_images, num_image_token=num_image_token,
+                                     base_prompt=base_prompt, prompt_order=prompt_order)
         return len(sample)
 
     return token_length

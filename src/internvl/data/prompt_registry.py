@@ -135,13 +135,12 @@ def _load_file(path: Path) -> list[TaskPrompt]:
                 questions = [questions]
             strings = {k: v for k, v in entry.items()
                        if k not in (*_TEMPLATE_KEYS, "source", "base_prompt_variants")}
-            common = dict(
-                family=family, lang=lang, description=str(spec.get("description", "")), source=str(entry["source"]),
-                required=tuple(spec.get("required", []) or []), optional=tuple(spec.get("optional", []) or []),
-                base_prompt=entry["base_prompt"], questions=questions, answer=entry["answer"], strings=strings,
-                base_prompt_variants=dict(variants),
-                targets={name: t[lang] for name, t in targets.items()}, file=str(path),
-            )
+            common = dict(family=family, lang=lang, description=str(spec.get("description", "")),
+                          source=str(entry["source"]), required=tuple(spec.get("required", []) or []),
+                          optional=tuple(spec.get("optional", []) or []), base_prompt=entry["base_prompt"],
+                          questions=questions, answer=entry["answer"], strings=strings,
+                          base_prompt_variants=dict(variants), targets={name: t[lang] for name, t in targets.items()},
+                          file=str(path))
             common["strings"].update({k: entry[k] for k in ("option_line", "line") if k in entry})
             subtypes = spec.get("subtypes")
             out.append(TaskPrompt(task=task, **common))

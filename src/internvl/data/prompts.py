@@ -150,10 +150,8 @@ def render_base_prompt(task: str, lang: str = "en", *, modality: str | None = No
         wording = tp.targets.get(key or "disease")
         if wording is None:
             raise PromptError(f"{where}: unknown target {key!r}; choose one of {', '.join(tp.targets)}")
-        values = dict(
-            task_name=wording["task_name"], option_noun=wording["option_noun"], modality=modality,
-            a_modality=with_article(modality), options="\n".join([*opts, *(notes or [])]),
-        )
+        values = dict(task_name=wording["task_name"], option_noun=wording["option_noun"], modality=modality,
+                      a_modality=with_article(modality), options="\n".join([*opts, *(notes or [])]))
     return _fill(template, f"{task} ({lang}) base_prompt", **values)
 
 

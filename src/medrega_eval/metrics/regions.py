@@ -166,16 +166,11 @@ def score_region_sample(pred: Sequence[NamedBox], ref: Sequence[NamedBox], unpar
     o_p, o_r, o_f = _prf(common, len(pred_names), len(ref_names)) if ref_names else (0.0, 0.0, 0.0)
     aligned = sum(iou >= IOU_THRESHOLD and _names_agree(pred[i].name, ref[j].name) for i, j, iou in pairs)
     a_p, a_r, a_f = _prf(aligned, len(pred), n_ref)
-    return RegionSample(
-        iou=sum(ious) / n_ref,
-        acc25=sum(i >= 0.25 for i in ious) / n_ref,
-        acc50=sum(i >= 0.5 for i in ious) / n_ref,
-        acc75=sum(i >= 0.75 for i in ious) / n_ref,
-        precision=precision, recall=recall, f1=f1,
-        object_precision=o_p, object_recall=o_r, object_f1=o_f,
-        alignment_precision=a_p, alignment_recall=a_r, alignment_f1=a_f,
-        num_pred=len(pred), num_ref=n_ref, unparsable=unparsable, pairs=pairs,
-    )
+    return RegionSample(iou=sum(ious) / n_ref, acc25=sum(i >= 0.25 for i in ious) / n_ref,
+                        acc50=sum(i >= 0.5 for i in ious) / n_ref, acc75=sum(i >= 0.75 for i in ious) / n_ref,
+                        precision=precision, recall=recall, f1=f1, object_precision=o_p, object_recall=o_r,
+                        object_f1=o_f, alignment_precision=a_p, alignment_recall=a_r, alignment_f1=a_f,
+                        num_pred=len(pred), num_ref=n_ref, unparsable=unparsable, pairs=pairs)
 
 
 def aggregate_regions(samples: Sequence[RegionSample]) -> dict[str, float | int | None]:

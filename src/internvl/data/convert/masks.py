@@ -385,11 +385,10 @@ def run(args: argparse.Namespace) -> ConvertReport:
         names = read_label_names(args.names) if args.names else {}
     except (OSError, ValueError) as exc:
         raise ConvertError(f"{args.names}: cannot read label names: {exc}") from exc
-    records, report = convert_masks(
-        pairs, names=names, task=args.task, mode=args.mode, min_pixels=args.min_pixels,
-        modality=args.modality, axis=args.axis, slices=args.slices, slice_step=args.slice_step, window=window,
-        out_images=args.out_images, **common_options(args),
-    )
+    records, report = convert_masks(pairs, names=names, task=args.task, mode=args.mode, min_pixels=args.min_pixels,
+                                    modality=args.modality, axis=args.axis, slices=args.slices,
+                                    slice_step=args.slice_step, window=window, out_images=args.out_images,
+                                    **common_options(args))
     for orphan in orphans:
         report.skip(orphan, 0, "no-matching-image", f"no image with stem {_stem(orphan)!r} in {images}")
     return write_output(records, report, args.out)

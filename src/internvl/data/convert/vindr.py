@@ -258,8 +258,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> ConvertReport:
     if not math.isfinite(args.iou) or not 0 < args.iou <= 1:
         raise ConvertError(f"--iou must be in (0, 1], got {args.iou}")
-    records, report = convert_vindr(
-        args.csv, task=args.task, merge=args.merge, iou_threshold=args.iou, min_votes=args.min_votes, sizes=args.sizes,
-        image_ext=args.image_ext, modality=args.modality, no_finding=args.no_finding, **common_options(args),
-    )
+    records, report = convert_vindr(args.csv, task=args.task, merge=args.merge, iou_threshold=args.iou,
+                                    min_votes=args.min_votes, sizes=args.sizes, image_ext=args.image_ext,
+                                    modality=args.modality, no_finding=args.no_finding, **common_options(args))
     return write_output(records, report, args.out)
