@@ -111,12 +111,8 @@ def load(args: argparse.Namespace, device: str):
     if not args.model.is_dir():
         hint = " (the bundled model: see docs/demo.md to rebuild it)" if args.model == DEFAULT_MODEL else ""
         raise ModelLoadError(f"{args.model}: model directory not found{hint}")
-    dtype = args.dtype or default_dtype(device)
-    model, tokenizer = load_model_and_tokenizer(args.model, dtype=dtype, device_map=args.device_map,
-                                                load_in_8bit=args.load_in_8bit, load_in_4bit=args.load_in_4bit)
-    if args.device_map is None and not (args.load_in_8bit or args.load_in_4bit):
-        model = model.to(device)
-    return model, tokenizer
+    return load_model_and_tokenizer(args.model, dtype=args.dtype or default_dtype(device), device_map=args.device_map,
+                                    load_in_8bit=args.load_in_8bit, load_in_4bit=args.load_in_4bit, device=device)
 
 
 def generation_settings(args: argparse.Namespace) -> GenerationSettings:

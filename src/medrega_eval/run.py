@@ -325,11 +325,9 @@ def run_benchmarks(model_path: str, benchmarks: Sequence[Benchmark], cfg: RunCon
         for bench_dir, recorded, move_aside in starts:
             start_benchmark_dir(bench_dir, recorded, move_aside)
     _barrier(info)
-    model, tokenizer = load_model_and_tokenizer(model_path, dtype=dtype, device_map=device_map,
+    device = f"cuda:{info.local_rank}" if torch.cuda.is_available() else "cpu"
+    model, tokenizer = load_model_and_tokenizer(model_path, dtype=dtype, device_map=device_map, device=device,
                                                 load_in_8bit=load_in_8bit, load_in_4bit=load_in_4bit)
-    if device_map is None and not (load_in_8bit or load_in_4bit):
-        device = torch.device(f"cuda:{info.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-        model.to(device)
     generator = Generator(model, tokenizer, settings, batch_size=cfg.batch_size)
     summaries: dict[str, dict] = {}
     for bench in benchmarks:
