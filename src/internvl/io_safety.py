@@ -16,6 +16,7 @@ All refusals are :class:`OutputPathError` (a ``ValueError``), which the console 
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -24,8 +25,8 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["OutputPathError", "atomic_write_text", "check_output_dir", "check_output_file", "fsync_path",
-           "staged_output_dir", "unique_file"]
+__all__ = ["OutputPathError", "append_jsonl", "atomic_write_text", "check_output_dir", "check_output_file",
+           "fsync_path", "staged_output_dir", "unique_file"]
 
 
 class OutputPathError(ValueError):
@@ -136,6 +137,14 @@ def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8
         raise
     fsync_path(path.parent)
     return path
+
+
+def append_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> None:
+    """Append rows to a JSON-lines file and flush + fsync, so a crash never loses a finished line."""
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 def unique_file(directory: str | os.PathLike, stem: str, suffix: str) -> Path:

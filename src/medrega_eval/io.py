@@ -17,7 +17,6 @@ missing fields, duplicate ids and bad sizes become `RecordProblem`s that the sum
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from internvl.data.records import LimitedJSONDecoder, RecordProblem, read_jsonl
+from internvl.io_safety import append_jsonl
 
 __all__ = ["PredictionRecord", "read_predictions", "parse_prediction", "problem_at", "problem_counts", "append_jsonl",
            "PRED_KEYS", "REF_KEYS", "ScoreInputError"]
@@ -202,12 +202,3 @@ def read_predictions(path: str | Path, *, keep_duplicates: bool = False
 def problem_counts(problems: Iterable[RecordProblem]) -> dict[str, int]:
     """{reason: count} for the summary."""
     return dict(Counter(p.reason for p in problems))
-
-
-def append_jsonl(path: Path, rows: Iterable[dict]) -> None:
-    """Append rows to a JSON-lines file and flush + fsync, so a crash never loses a finished line."""
-    with path.open("a", encoding="utf-8") as fh:
-        for row in rows:
-            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
