@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import csv
 import math
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -42,33 +41,24 @@ MERGES = ("none", "union", "fusion")
 REQUIRED_COLUMNS = ("image_id", "class_name", "x_min", "y_min", "x_max", "y_max")
 
 
-def iou(a: np.ndarray, b: np.ndarray) -> float:
-    """Intersection over union of two ``[x1, y1, x2, y2]`` pixel boxes."""
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
+def iou_matrix(boxes: list[np.ndarray]) -> np.ndarray:
+    """Pairwise intersection over union of ``[x1, y1, x2, y2]`` pixel boxes (0 where the union is empty)."""
+    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    sides = np.minimum(b[:, None, 2:], b[None, :, 2:]) - np.maximum(b[:, None, :2], b[None, :, :2])
+    inter = np.clip(sides, 0, None).prod(axis=-1)
+    area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    union = area[:, None] + area[None, :] - inter
+    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
 
 
 def cluster_boxes(boxes: list[np.ndarray], threshold: float) -> list[list[int]]:
     """Group box indices whose IoU >= threshold, transitively (connected components); stable order."""
-    parent = list(range(len(boxes)))
+    from scipy.sparse.csgraph import connected_components
 
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    for i in range(len(boxes)):
-        for j in range(i + 1, len(boxes)):
-            if iou(boxes[i], boxes[j]) >= threshold:
-                parent[find(j)] = find(i)
-    groups: dict[int, list[int]] = defaultdict(list)
-    for i in range(len(boxes)):
-        groups[find(i)].append(i)
-    return sorted(groups.values(), key=lambda g: g[0])
+    if not boxes:
+        return []
+    _, labels = connected_components(iou_matrix(boxes) >= threshold, directed=False)
+    return sorted(([int(i) for i in np.flatnonzero(labels == k)] for k in np.unique(labels)), key=lambda g: g[0])
 
 
 def merge_boxes(
