@@ -14,7 +14,6 @@ Input columns: ``image_id, rad_id, class_name, x_min, y_min, x_max, y_max`` (pix
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 from pathlib import Path
 from typing import Any
@@ -92,10 +91,7 @@ def merge_boxes(
 
 def _read_sizes(path: Path) -> dict[str, tuple[int, int]]:
     sizes = {}
-    with open(path, newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
-        if not reader.fieldnames or not {"image_id", "width", "height"} <= set(reader.fieldnames):
-            raise ConvertError(f"{path}:1: sizes CSV needs columns image_id,width,height")
+    with read_csv(path, ("image_id", "width", "height")) as reader:
         for row in reader:
             try:
                 w, h = int(row["width"]), int(row["height"])
