@@ -57,17 +57,8 @@ __all__ = ["SPECIAL_TOKENS", "REGION_TAGS", "TokenizerError", "add_special_token
            "train_sentencepiece_tokenizer", "check_single_token_ids"]
 
 # Order as in the original constants.py (ids follow it when all nine are new).
-SPECIAL_TOKENS: tuple[str, ...] = (
-    IMG_START_TOKEN,
-    IMG_END_TOKEN,
-    IMG_CONTEXT_TOKEN,
-    QUAD_START,
-    QUAD_END,
-    REF_START,
-    REF_END,
-    BOX_START,
-    BOX_END,
-)
+SPECIAL_TOKENS: tuple[str, ...] = (IMG_START_TOKEN, IMG_END_TOKEN, IMG_CONTEXT_TOKEN, QUAD_START, QUAD_END, REF_START,
+                                   REF_END, BOX_START, BOX_END)
 
 # The tags answers keep (decode_answer); every other token of SPECIAL_TOKENS is a control token.
 REGION_TAGS: tuple[str, ...] = (REF_START, REF_END, BOX_START, BOX_END)
@@ -204,14 +195,10 @@ def tokenizer_behaviour(tokenizer, texts: Iterable[str] = PROBE_TEXTS) -> dict[s
     per_text = []
     for text in texts:
         ids = tokenizer.encode(text, add_special_tokens=False)
-        per_text.append({
-            "text": text,
-            "ids": ids,
-            "ids_with_specials": tokenizer(text)["input_ids"],
-            "decode": tokenizer.decode(ids, skip_special_tokens=False),
-            "decode_skip_special": tokenizer.decode(ids, skip_special_tokens=True),
-            "answer": decode_answer(tokenizer, ids),
-        })
+        per_text.append({"text": text, "ids": ids, "ids_with_specials": tokenizer(text)["input_ids"],
+                         "decode": tokenizer.decode(ids, skip_special_tokens=False),
+                         "decode_skip_special": tokenizer.decode(ids, skip_special_tokens=True),
+                         "answer": decode_answer(tokenizer, ids)})
     added = {int(i): (tok.content, bool(tok.special)) for i, tok in tokenizer.added_tokens_decoder.items()}
     return {"size": len(tokenizer), "added_tokens": added, "special_tokens": dict(tokenizer.special_tokens_map),
             "texts": per_text}
@@ -346,18 +333,10 @@ def train_sentencepiece_tokenizer(sentences: Iterable[str], out_dir: str | os.Pa
             raise TokenizerError(f"extra special token {tok!r} is already in the vocabulary")
         added[tok] = base + len(added)
         decoder[str(added[tok])] = entry(tok)
-    config = {
-        "tokenizer_class": "LlamaTokenizer",
-        "add_bos_token": False,
-        "add_eos_token": False,
-        "bos_token": "<|startoftext|>",
-        "eos_token": IM_END_TOKEN,
-        "unk_token": "<unk>",
-        "pad_token": "<unk>",
-        "model_max_length": model_max_length,
-        "clean_up_tokenization_spaces": False,
-        "added_tokens_decoder": decoder,
-    }
+    config = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": False, "add_eos_token": False,
+              "bos_token": "<|startoftext|>", "eos_token": IM_END_TOKEN, "unk_token": "<unk>", "pad_token": "<unk>",
+              "model_max_length": model_max_length, "clean_up_tokenization_spaces": False,
+              "added_tokens_decoder": decoder}
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     (out / "added_tokens.json").write_text(json.dumps(added, indent=2) + "\n", encoding="utf-8")
     special_map = {"bos_token": "<|startoftext|>", "eos_token": IM_END_TOKEN, "unk_token": "<unk>", "pad_token": "<unk>"}

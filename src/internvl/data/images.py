@@ -35,13 +35,9 @@ __all__ = ["DEFAULT_MAX_PIXELS", "ImageInfo", "ImageLoadError", "WINDOW_PRESETS"
            "detect_format", "load_image", "probe_image", "volume_slice"]
 
 #: Named CT windows as (centre, width) in Hounsfield units (common radiology defaults).
-WINDOW_PRESETS: dict[str, tuple[float, float]] = {
-    "lung": (-600.0, 1500.0),
-    "mediastinum": (50.0, 350.0),
-    "bone": (400.0, 1800.0),
-    "brain": (40.0, 80.0),
-    "abdomen": (40.0, 400.0),
-}
+WINDOW_PRESETS: dict[str, tuple[float, float]] = {"lung": (-600.0, 1500.0), "mediastinum": (50.0, 350.0),
+                                                  "bone": (400.0, 1800.0), "brain": (40.0, 80.0),
+                                                  "abdomen": (40.0, 400.0)}
 
 #: Largest accepted image (pixels of the 2D result), a guard against decompression bombs and absurd headers.
 DEFAULT_MAX_PIXELS = 2**27  # 134M pixels, e.g. 11585 x 11585
@@ -233,10 +229,8 @@ def _dicom_frames(ds) -> int:
 
 
 # Enhanced multi-frame objects keep rescale and window per frame, in functional groups.
-_FRAME_GROUPS = {
-    "PixelValueTransformationSequence": ("RescaleSlope", "RescaleIntercept", "RescaleType"),
-    "FrameVOILUTSequence": ("WindowCenter", "WindowWidth", "VOILUTFunction"),
-}
+_FRAME_GROUPS = {"PixelValueTransformationSequence": ("RescaleSlope", "RescaleIntercept", "RescaleType"),
+                 "FrameVOILUTSequence": ("WindowCenter", "WindowWidth", "VOILUTFunction")}
 _VALUE_KEYWORDS = (
     "PhotometricInterpretation", "BitsAllocated", "BitsStored", "PixelRepresentation", "RescaleSlope",
     "RescaleIntercept", "ModalityLUTSequence", "VOILUTSequence", "WindowCenter", "WindowWidth", "VOILUTFunction",

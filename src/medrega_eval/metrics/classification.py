@@ -146,10 +146,8 @@ def classification_metrics(y_true: Sequence[Iterable[str]], y_pred: Sequence[Ite
         fn = sum(label in t and label not in p for t, p in zip(true_sets, pred_sets))
         tp_all, fp_all, fn_all = tp_all + tp, fp_all + fp, fn_all + fn
         per_label.append(_f1(tp, fp, fn))
-    out: dict[str, float | None] = {
-        "accuracy": accuracy,
-        "macro_f1": sum(per_label) / len(per_label) if per_label else 0.0,
-    }
+    out: dict[str, float | None] = {"accuracy": accuracy,
+                                    "macro_f1": sum(per_label) / len(per_label) if per_label else 0.0}
     if multilabel:
         out["f1"] = _f1(tp_all, fp_all, fn_all)
     return out

@@ -33,13 +33,10 @@ __all__ = ["CONVERTERS", "ConvertError", "ConvertOptions", "ConvertReport", "add
            "read_json", "write_jsonl", "write_output"]
 
 #: format name -> module (imported lazily so that the CLI starts fast)
-CONVERTERS: dict[str, str] = {
-    "coco": "internvl.data.convert.coco",
-    "vindr": "internvl.data.convert.vindr",
-    "masks": "internvl.data.convert.masks",
-    "classification": "internvl.data.convert.classification",
-    "vqa": "internvl.data.convert.vqa",
-}
+CONVERTERS: dict[str, str] = {"coco": "internvl.data.convert.coco", "vindr": "internvl.data.convert.vindr",
+                              "masks": "internvl.data.convert.masks",
+                              "classification": "internvl.data.convert.classification",
+                              "vqa": "internvl.data.convert.vqa"}
 
 #: How many individual problems a report keeps for printing (all are counted).
 MAX_KEPT_PROBLEMS = 1000
