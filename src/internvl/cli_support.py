@@ -57,6 +57,7 @@ EXPECTED_ERRORS: tuple[str, ...] = (
     "medrega_eval.benchmarks:BenchmarkError",
     "medrega_eval.benchmarks:MissingData",
     "medrega_eval.run:ResumeMismatchError",
+    "medrega_eval.io:ScoreInputError",
 )
 
 _OS_EXPECTED: tuple[type[BaseException], ...] = (FileNotFoundError, NotADirectoryError, IsADirectoryError,

@@ -135,7 +135,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
     from medrega_eval.benchmarks import MissingData, data_dir_from, load_registry, reference_labels
     from medrega_eval.io import read_predictions
     from medrega_eval.report import OUTPUT_FILES, protocol_info, write_outputs
-    from medrega_eval.score import TOP_METRICS, ScoreConfig, ScoreInputError, score_records, summarize
+    from medrega_eval.score import TOP_METRICS, ScoreConfig, score_records, summarize
 
     bench = None
     if args.benchmark:
@@ -145,8 +145,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
         bench = registry[args.benchmark]
     task = args.task or (bench.task if bench else None)
     if task is None:
-        print("medrega-eval score: give --task or --benchmark", file=sys.stderr)
-        return 2
+        raise UsageError("score: give --task or --benchmark")
     options = _read_options(args)
     if options is None and bench is not None and bench.options != "from_references":
         options = bench.options
@@ -175,25 +174,15 @@ def _cmd_score(args: argparse.Namespace) -> int:
     if options is None and bench is not None and bench.options == "from_references":
         options = reference_labels([r.reference for r in records], args.multilabel or bench.multilabel)
     if options is None and task == "classification" and not any(r.options for r in records):
-        print("medrega-eval score: classification needs options: records with an 'options' field, --options, "
-              "--options-file or --benchmark", file=sys.stderr)
-        return 2
+        raise UsageError("score: classification needs options: records with an 'options' field, --options, "
+                         "--options-file or --benchmark")
     metrics = [m.strip() for m in args.metrics.split(",")] if args.metrics else None
     lang = args.lang if args.lang != "auto" else None
     cfg = ScoreConfig(task=task, lang=lang or (bench.lang if bench and bench.lang != "auto" else None),
                       subtype=args.subtype or (bench.subtype if bench else None), compat=args.compat,
                       options=options, multilabel=args.multilabel or bool(bench and bench.multilabel),
                       metrics=metrics, bertscore_model=args.bertscore_model, bertscore_layer=args.bertscore_layer)
-    try:
-        cfg.validate()
-    except ValueError as exc:
-        print(f"medrega-eval score: {exc}", file=sys.stderr)
-        return 2
-    try:
-        result = score_records(records, cfg, problems)
-    except ScoreInputError as exc:
-        print(f"medrega-eval score: {exc}", file=sys.stderr)
-        return 2
+    result = score_records(records, cfg, problems)  # ScoreInputError: bad options for these records
     if args.compat == "medrega":
         result.counts["repeated_ids_scored"] = len(records) - len({r.id for r in records})
     digests = [hashlib.sha256(p.read_bytes()).hexdigest() for p in pred_files]
@@ -227,8 +216,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     names = [n.strip() for n in args.benchmark.split(",") if n.strip()]
     unknown = [n for n in names if n not in registry]
     if unknown:
-        print(f"medrega-eval run: unknown benchmark(s) {unknown}; see `medrega-eval list`", file=sys.stderr)
-        return 2
+        raise UsageError(f"run: unknown benchmark(s) {unknown}; see `medrega-eval list`")
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
                                   do_sample=args.temperature > 0, temperature=args.temperature or 1.0)
     cfg = RunConfig(out=args.out, data_dir=data_dir_from(args.data_dir), batch_size=args.batch_size,
@@ -242,8 +230,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
                                    device_map=args.device_map, load_in_8bit=args.load_in_8bit,
                                    load_in_4bit=args.load_in_4bit)
     except ScoreInputError as exc:  # the predictions are kept; `score` can rescore them with the right options
-        print(f"medrega-eval run: {exc} (predictions kept in {args.out})", file=sys.stderr)
-        return 2
+        raise UsageError(f"run: {exc} (predictions kept in {args.out})") from None
     for summary in summaries.values():
         _print_summary(summary)
     return 0

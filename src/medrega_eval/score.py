@@ -57,21 +57,22 @@ class ScoreConfig:
     bertscore_layer: int | None = None  # hidden layer; default: the last (compat: 40 for en, 9 for zh, as the original)
 
     def validate(self) -> None:
+        """Raise ScoreInputError (a ValueError) for an unknown task, language, subtype, compat mode or metric."""
         if self.task not in TASKS:
-            raise ValueError(f"unknown task {self.task!r}; choose one of {', '.join(TASKS)}")
+            raise ScoreInputError(f"unknown task {self.task!r}; choose one of {', '.join(TASKS)}")
         if self.lang not in (None, "auto", "en", "zh"):
-            raise ValueError(f"unknown language {self.lang!r}; choose en, zh or auto")
+            raise ScoreInputError(f"unknown language {self.lang!r}; choose en, zh or auto")
         if self.subtype is not None and self.subtype not in SUBTYPES:
-            raise ValueError(f"unknown subtype {self.subtype!r}; choose one of {', '.join(SUBTYPES)}")
+            raise ScoreInputError(f"unknown subtype {self.subtype!r}; choose one of {', '.join(SUBTYPES)}")
         if self.compat not in (None, "medrega"):
-            raise ValueError(f"unknown compat mode {self.compat!r}; the only one is 'medrega'")
+            raise ScoreInputError(f"unknown compat mode {self.compat!r}; the only one is 'medrega'")
         if self.compat == "medrega" and self.task == "text2region" and self.subtype is None:
-            raise ValueError("--compat medrega for text2region needs --subtype (ss, sm, ms or mm): "
-                             "the original has one scorer per subtype")
+            raise ScoreInputError("--compat medrega for text2region needs --subtype (ss, sm, ms or mm): "
+                                  "the original has one scorer per subtype")
         if self.metrics:
             unknown = sorted(set(self.metrics) - set(REPORT_METRICS) - {"rouge1"})
             if unknown:
-                raise ValueError(f"unknown report metric(s) {unknown}; choose from {', '.join(REPORT_METRICS)}")
+                raise ScoreInputError(f"unknown report metric(s) {unknown}; choose from {', '.join(REPORT_METRICS)}")
 
 
 @dataclass
