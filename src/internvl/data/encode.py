@@ -26,7 +26,8 @@ Every error is an :class:`EncodeError` whose message starts with ``where`` (``FI
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from itertools import groupby
 from typing import Any
 
 import torch
@@ -66,15 +67,9 @@ class EncodedSample:
     text: str
     supervised_text: str
     truncated: bool = False
-    meta: dict[str, Any] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
-
-    @property
-    def num_supervised(self) -> int:
-        """Number of supervised label positions."""
-        return int((self.labels != IGNORE_INDEX).sum())
 
 
 def _strip_placeholders(text: str) -> str:
@@ -85,9 +80,8 @@ def _join(base_prompt: str, text: str) -> str:
     return f"{base_prompt} {text}" if base_prompt else text
 
 
-def apply_prompt_order(
-    conversations: Sequence[Mapping[str, Any]], num_images: int, base_prompt: str = "", prompt_order: str = "train", where: str = "<record>"
-) -> list[dict[str, str]]:
+def apply_prompt_order(conversations: Sequence[Mapping[str, Any]], num_images: int, base_prompt: str = "",
+                       prompt_order: str = "train", where: str = "<record>") -> list[dict[str, str]]:
     """The conversation with ``base_prompt`` and ``<image>`` placed as ``prompt_order`` says (see module docstring).
 
     Returns ``[{"from": ..., "value": ...}]`` copies; raises :class:`EncodeError` when the placeholders cannot match
@@ -266,17 +260,9 @@ def _verify_labels(tokenizer: Any, ids: list[int], labels: list[int], texts: lis
 
 def _decode_runs(tokenizer: Any, ids: list[int], labels: list[int]) -> list[str]:
     """Decode each maximal run of supervised positions separately."""
-    runs: list[list[int]] = []
-    current: list[int] = []
-    for tok, lab in zip(ids, labels):
-        if lab != IGNORE_INDEX:
-            current.append(tok)
-        elif current:
-            runs.append(current)
-            current = []
-    if current:
-        runs.append(current)
-    return [tokenizer.decode(run, skip_special_tokens=False, clean_up_tokenization_spaces=False) for run in runs]
+    runs = groupby(zip(ids, labels), key=lambda pair: pair[1] != IGNORE_INDEX)
+    return [tokenizer.decode([tok for tok, _ in run], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+            for supervised, run in runs if supervised]
 
 
 def make_token_length(tokenizer: Any, *, template: str | ChatTemplate = "Hermes-2", num_image_token: int = 256,
