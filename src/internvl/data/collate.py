@@ -89,14 +89,9 @@ def pad_collate(
         input_ids[row, sl] = f["input_ids"]
         labels[row, sl] = f["labels"]
         attention_mask[row, sl] = 1
-    return {
-        "input_ids": input_ids,
-        "labels": labels,
-        "attention_mask": attention_mask,
-        "pixel_values": torch.cat([f["pixel_values"] for f in features]),
-        "image_flags": torch.cat([f["image_flags"] for f in features]),
-        **bookkeeping(features),
-    }
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
+            "pixel_values": torch.cat([f["pixel_values"] for f in features]),
+            "image_flags": torch.cat([f["image_flags"] for f in features]), **bookkeeping(features)}
 
 
 def token_loss_weights(labels: torch.Tensor, loss_reduction: str) -> torch.Tensor:
@@ -137,7 +132,7 @@ class PackedCollator:
     def plan(self, features: Sequence[Mapping[str, Any]]) -> list[list[int]]:
         """Rows as lists of sample indices (first-fit in order)."""
         rows: list[list[int]] = []
-        used_tokens: list[int] = []
+        used_tokens: list[int] = []  # per row
         used_tiles: list[int] = []
         for i, f in enumerate(features):
             n, t = int(f["input_ids"].shape[0]), int(f["pixel_values"].shape[0])
@@ -188,13 +183,6 @@ class PackedCollator:
                 image_flags.append(f["image_flags"])
                 pos += n
             position_ids[r, pos:] = torch.arange(width - pos)  # the padding is a separate "sample"
-        return {
-            "input_ids": input_ids,
-            "labels": labels,
-            "position_ids": position_ids,
-            "loss_weight": loss_weight,
-            "pixel_values": torch.cat(pixel_values),
-            "image_flags": torch.cat(image_flags),
-            "num_samples": torch.tensor(len(features), dtype=torch.long),
-            **bookkeeping(features),
-        }
+        return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "loss_weight": loss_weight,
+                "pixel_values": torch.cat(pixel_values), "image_flags": torch.cat(image_flags),
+                "num_samples": torch.tensor(len(features), dtype=torch.long), **bookkeeping(features)}
