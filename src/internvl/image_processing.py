@@ -16,7 +16,7 @@ torchvision is not required: PIL's bicubic resize is what ``torchvision.transfor
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -49,6 +49,11 @@ class ImageSettings:
     max_dynamic_patch: int = 6
     pad2square: bool = False
 
+    @property
+    def max_tiles(self) -> int:
+        """Upper bound of the tiles one image becomes (1 without dynamic tiling, as V1.2/MedRegA)."""
+        return self.max_dynamic_patch + int(self.use_thumbnail) if self.dynamic_image_size else 1
+
     @classmethod
     def from_config(cls, config: Any) -> "ImageSettings":
         """Read an ``InternVLChatConfig`` (or any object/mapping with its field names: ``force_image_size`` or
@@ -74,9 +79,7 @@ class ImageSettings:
 
     def replace(self, **changes: Any) -> "ImageSettings":
         """A copy with some fields changed (e.g. ``max_dynamic_patch`` per dataset)."""
-        data = {f.name: getattr(self, f.name) for f in fields(self)}
-        data.update(changes)
-        return ImageSettings(**data)
+        return replace(self, **changes)
 
 
 def expand2square(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:

@@ -254,8 +254,7 @@ class MedRegDataset(Dataset):
     def lengths(self) -> list[int]:
         """Approximate token length per item (computed once, on first use)."""
         if self._lengths is None:
-            s = self.image_settings
-            tiles = (s.max_dynamic_patch + int(s.use_thumbnail)) if s.dynamic_image_size else 1
+            tiles = self.image_settings.max_tiles
             overhead = len(self.tokenizer.encode("<|im_start|>system\nAnswer the questions.<|im_end|>"
                                                  "<|im_start|>user\n<|im_end|><|im_start|>assistant\n<|im_end|>",
                                                  add_special_tokens=False))

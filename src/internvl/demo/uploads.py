@@ -7,7 +7,6 @@ types, pixel count (decompression bombs) and box sanity.
 """
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +18,7 @@ from internvl.data.images import ImageLoadError, detect_format, load_image
 from internvl.regions import Box, RegionError, pixels_to_box, validate_box
 
 __all__ = ["ACCEPTED_SUFFIXES", "MAX_UPLOAD_BYTES", "MAX_UPLOAD_PIXELS", "LoadedUpload", "UserInputError",
-           "box_from_drawing", "box_json", "check_question", "load_upload", "parse_typed_box"]
+           "box_from_drawing", "check_question", "load_upload", "parse_typed_box"]
 
 ACCEPTED_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", ".dcm", ".dicom",
                                       ".nii", ".nii.gz")
@@ -142,8 +141,3 @@ def box_from_drawing(layer: np.ndarray | Image.Image | None) -> Box:
         raise UserInputError("No box: draw over the region in the image editor, or type a box.")
     lh, lw = arr.shape[:2]
     return pixels_to_box((xs.min(), ys.min(), xs.max() + 1, ys.max() + 1), lw, lh)
-
-
-def box_json(box: Box) -> str:
-    """``[[x1, y1, x2, y2]]`` text of a box, for the page."""
-    return json.dumps([[box.x1, box.y1, box.x2, box.y2]])
