@@ -16,7 +16,8 @@ torchvision is not required: PIL's bicubic resize is what ``torchvision.transfor
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+import dataclasses
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -79,7 +80,7 @@ class ImageSettings:
 
     def replace(self, **changes: Any) -> "ImageSettings":
         """A copy with some fields changed (e.g. ``max_dynamic_patch`` per dataset)."""
-        return replace(self, **changes)
+        return dataclasses.replace(self, **changes)
 
 
 def expand2square(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:
