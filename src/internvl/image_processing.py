@@ -15,8 +15,8 @@ torchvision is not required: PIL's bicubic resize is what ``torchvision.transfor
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
 import dataclasses
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
