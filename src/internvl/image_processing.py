@@ -121,9 +121,8 @@ def build_transform(input_size: int = DEFAULT_IMAGE_SIZE, pad2square: bool = Fal
     return transform
 
 
-def find_closest_aspect_ratio(
-    aspect_ratio: float, target_ratios: Sequence[tuple[int, int]], width: int, height: int, image_size: int
-) -> tuple[int, int]:
+def find_closest_aspect_ratio(aspect_ratio: float, target_ratios: Sequence[tuple[int, int]], width: int, height: int,
+                              image_size: int) -> tuple[int, int]:
     """The grid ``(cols, rows)`` whose ``cols/rows`` is closest to ``aspect_ratio``; ties go to the later (larger)
     grid when ``width*height > 0.5 * image_size^2 * cols * rows`` (the original rule)."""
     best_diff = float("inf")
@@ -138,9 +137,8 @@ def find_closest_aspect_ratio(
     return best
 
 
-def dynamic_preprocess(
-    image: Image.Image, min_num: int = 1, max_num: int = 6, image_size: int = DEFAULT_IMAGE_SIZE, use_thumbnail: bool = False
-) -> list[Image.Image]:
+def dynamic_preprocess(image: Image.Image, min_num: int = 1, max_num: int = 6, image_size: int = DEFAULT_IMAGE_SIZE,
+                       use_thumbnail: bool = False) -> list[Image.Image]:
     """Cut ``image`` into 448-px tiles on the closest-aspect grid (see module docstring); row-major, thumbnail last."""
     if not 1 <= min_num <= max_num:
         raise ValueError(f"need 1 <= min_num <= max_num, got {min_num}, {max_num}")
@@ -161,9 +159,8 @@ def dynamic_preprocess(
     return tiles
 
 
-def images_to_pixel_values(
-    images: Sequence[Image.Image], config_or_kwargs: Any = None, *, max_num: int | None = None
-) -> tuple[torch.Tensor, list[int]]:
+def images_to_pixel_values(images: Sequence[Image.Image], config_or_kwargs: Any = None, *, max_num: int | None = None
+                           ) -> tuple[torch.Tensor, list[int]]:
     """Images -> ``(pixel_values [T, 3, S, S] float32, num_patches_list)`` with ``T = sum(num_patches_list)``.
 
     ``config_or_kwargs`` is an :class:`ImageSettings`, an ``InternVLChatConfig`` or a dict of the same field names
@@ -206,9 +203,8 @@ def image_block(num_patches: int, num_image_token: int) -> str:
     return IMG_START_TOKEN + IMG_CONTEXT_TOKEN * (num_image_token * num_patches) + IMG_END_TOKEN
 
 
-def expand_image_placeholders(
-    text: str, num_patches_list: Sequence[int], num_image_token: int, *, prepend_missing: bool = False
-) -> str:
+def expand_image_placeholders(text: str, num_patches_list: Sequence[int], num_image_token: int, *,
+                              prepend_missing: bool = False) -> str:
     """Replace the i-th ``<image>`` in ``text`` by the image block of image i.
 
     The number of ``<image>`` placeholders must equal ``len(num_patches_list)`` (``ValueError`` otherwise). With

@@ -70,9 +70,8 @@ def bookkeeping(features: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def pad_collate(
-    features: Sequence[Mapping[str, Any]], pad_token_id: int = 0, padding_side: str = "right"
-) -> dict[str, torch.Tensor]:
+def pad_collate(features: Sequence[Mapping[str, Any]], pad_token_id: int = 0, padding_side: str = "right"
+                ) -> dict[str, torch.Tensor]:
     """Pad a list of samples into ``input_ids``/``labels``/``attention_mask`` ``[B, L_max]`` plus concatenated
     ``pixel_values`` ``[sum T, 3, S, S]`` and ``image_flags`` ``[sum T]``."""
     if padding_side not in ("right", "left"):

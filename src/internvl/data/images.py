@@ -424,9 +424,8 @@ def _aspect_size(shape: tuple[int, int], spacing: tuple[float, float]) -> tuple[
     return max(1, round(w * col_sp / finest)), max(1, round(h * row_sp / finest))
 
 
-def _load_nifti(
-    path: Path, window: Window, slice_index: int | None, axis: str, frame: int | None, max_pixels: int
-) -> Image.Image:
+def _load_nifti(path: Path, window: Window, slice_index: int | None, axis: str, frame: int | None, max_pixels: int
+                ) -> Image.Image:
     values, spacing = volume_slice(path, axis=axis, slice_index=slice_index, frame=frame, max_pixels=max_pixels)
     try:
         gray = _window_values(values, "minmax" if window is None else window)

@@ -57,9 +57,8 @@ def with_article(word: str) -> str:
     return ("an " if first[0].lower() in "aeiou" else "a ") + word
 
 
-def normalize_regions(
-    regions: RegionsInput, *, box_units: str = "norm", width: int | None = None, height: int | None = None
-) -> list[Region]:
+def normalize_regions(regions: RegionsInput, *, box_units: str = "norm", width: int | None = None,
+                      height: int | None = None) -> list[Region]:
     """Turn region input into validated :class:`Region` objects with 0-999 boxes.
 
     ``box_units="norm"``: boxes are already integers 0-999. ``"pixel"``: boxes are pixel corners ``(x1, y1, x2, y2)``

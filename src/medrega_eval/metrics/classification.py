@@ -68,9 +68,8 @@ def map_to_option(answer: str, options: Sequence[str], compat: str | None = None
     return options[best] if f1s[best] > 0 else None
 
 
-def map_answer(
-    answer: str, options: Sequence[str], multilabel: bool, compat: str | None = None
-) -> tuple[list[str], list[str]]:
+def map_answer(answer: str, options: Sequence[str], multilabel: bool, compat: str | None = None
+               ) -> tuple[list[str], list[str]]:
     """(mapped labels without duplicates, unmapped answer parts) for one prediction."""
     labels: list[str] = []
     unmapped: list[str] = []

@@ -193,9 +193,8 @@ def rouge_l(candidate: Sequence[str], references: Sequence[Sequence[str]], beta:
     return (1 + beta**2) * p * r / (r + beta**2 * p)
 
 
-def corpus_rouge_l(
-    candidates: Sequence[Sequence[str]], references: Sequence[Sequence[Sequence[str]]], beta: float = 1.2
-) -> tuple[float, list[float]]:
+def corpus_rouge_l(candidates: Sequence[Sequence[str]], references: Sequence[Sequence[Sequence[str]]], beta: float = 1.2
+                   ) -> tuple[float, list[float]]:
     """Mean and per-sample ROUGE-L over a corpus (pycocoevalcap averages sentence scores)."""
     _check_lengths(candidates, references)
     scores = [rouge_l(c, r, beta) for c, r in zip(candidates, references)]
@@ -211,9 +210,8 @@ def _check_lengths(candidates: Sequence, references: Sequence) -> None:
             raise ValueError(f"sample {i} has no reference")
 
 
-def coco_bleu(
-    candidates: Sequence[Sequence[str]], references: Sequence[Sequence[Sequence[str]]], n: int = 4
-) -> tuple[list[float], list[list[float]]]:
+def coco_bleu(candidates: Sequence[Sequence[str]], references: Sequence[Sequence[Sequence[str]]], n: int = 4
+              ) -> tuple[list[float], list[list[float]]]:
     """Corpus BLEU-1..n as pycocoevalcap computes it ('closest' reference length), plus per-sample BLEU-1..n.
 
     Returns (corpus [bleu1..bleun], per_sample[k][i] = BLEU-(k+1) of sample i).
@@ -230,9 +228,8 @@ def coco_bleu(
     return [float(s) for s in score], [[float(v) for v in row] for row in scores]
 
 
-def coco_cider(
-    candidates: Sequence[Sequence[str]], references: Sequence[Sequence[Sequence[str]]]
-) -> tuple[float, list[float]]:
+def coco_cider(candidates: Sequence[Sequence[str]], references: Sequence[Sequence[Sequence[str]]]
+               ) -> tuple[float, list[float]]:
     """CIDEr-D exactly as pycocoevalcap reports it (document frequencies from this corpus's references, x10)."""
     from pycocoevalcap.cider.cider_scorer import CiderScorer
 
@@ -246,9 +243,8 @@ def coco_cider(
     return float(score), [float(s) for s in scores]
 
 
-def coco_meteor(
-    candidates: Sequence[Sequence[str]], references: Sequence[Sequence[Sequence[str]]]
-) -> tuple[float, list[float]]:
+def coco_meteor(candidates: Sequence[Sequence[str]], references: Sequence[Sequence[Sequence[str]]]
+                ) -> tuple[float, list[float]]:
     """METEOR 1.5 through pycocoevalcap's bundled jar (needs `java` on PATH; MetricUnavailable otherwise)."""
     _check_lengths(candidates, references)
     if shutil.which("java") is None:
@@ -319,9 +315,8 @@ def sentence_bleu1(candidate: Sequence[str], references: Sequence[Sequence[str]]
     return bp * matches / c_len
 
 
-def hf_bleu(
-    candidates: Sequence[Sequence[str]], references: Sequence[Sequence[Sequence[str]]], max_order: int = 4
-) -> float:
+def hf_bleu(candidates: Sequence[Sequence[str]], references: Sequence[Sequence[Sequence[str]]], max_order: int = 4
+            ) -> float:
     """Corpus BLEU as Hugging Face `evaluate`'s 'bleu' computes it (tensorflow/nmt compute_bleu, no smoothing).
 
     Used only by `--compat medrega`. Differences from pycocoevalcap: the brevity penalty uses the *shortest*

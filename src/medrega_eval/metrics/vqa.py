@@ -98,9 +98,8 @@ def _is_closed(ref_tokens: Sequence[str], lang: str, answer_type: str | None) ->
     return joined in (ZH_CLOSED_ANSWERS if lang == "zh" else {"yes", "no"})
 
 
-def score_vqa_sample(
-    prediction: str, reference: str, lang: str, answer_type: str | None = None, compat: str | None = None
-) -> VQASample:
+def score_vqa_sample(prediction: str, reference: str, lang: str, answer_type: str | None = None,
+                     compat: str | None = None) -> VQASample:
     """Score one answer. `answer_type` (CLOSED/OPEN) overrides the yes/no rule in default mode; compat ignores it."""
     pred = vqa_tokens(prediction, lang, compat)
     ref = vqa_tokens(reference, lang, compat)

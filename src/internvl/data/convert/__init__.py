@@ -131,9 +131,8 @@ def write_output(records: list[dict], report: ConvertReport, out: str | Path) ->
     return report
 
 
-def build_or_skip(
-    report: ConvertReport, file: str | Path, line: int, task: str, lang: str, *, context: str = "", **fields: Any
-) -> dict | None:
+def build_or_skip(report: ConvertReport, file: str | Path, line: int, task: str, lang: str, *, context: str = "",
+                  **fields: Any) -> dict | None:
     """:func:`~internvl.data.prompts.build_record`, or ``None`` with a ``bad-record`` skip (message ``context + error``)."""
     try:
         return build_record(task, lang, **fields)
@@ -142,9 +141,8 @@ def build_or_skip(
         return None
 
 
-def build_records(
-    report: ConvertReport, file: str | Path, line: int, lang: str, builds: Iterable[dict[str, Any]], **common: Any
-) -> list[dict]:
+def build_records(report: ConvertReport, file: str | Path, line: int, lang: str, builds: Iterable[dict[str, Any]],
+                  **common: Any) -> list[dict]:
     """Build the records of one input item (each of ``builds`` is ``task=`` plus fields, merged with ``common``).
 
     The first :class:`~internvl.data.prompts.PromptError` ends the item: it is counted once, as one ``bad-record``

@@ -136,9 +136,8 @@ def _dicom_seg(path: Path) -> tuple[np.ndarray, dict[int, str]]:
     return labels, names
 
 
-def load_label_map(
-    path: str | Path, *, axis: str = "axial", slice_index: int | None = None
-) -> tuple[np.ndarray, dict[int, str]]:
+def load_label_map(path: str | Path, *, axis: str = "axial", slice_index: int | None = None
+                   ) -> tuple[np.ndarray, dict[int, str]]:
     """A 2D integer label map in display orientation, plus names stored in the file (DICOM SEG only)."""
     path = Path(path)
     kind = detect_format(path)

@@ -60,9 +60,8 @@ def cluster_boxes(boxes: list[np.ndarray], threshold: float) -> list[list[int]]:
     return sorted(([int(i) for i in np.flatnonzero(labels == k)] for k in np.unique(labels)), key=lambda g: g[0])
 
 
-def merge_boxes(
-    boxes: list[np.ndarray], raters: list[str], *, merge: str, threshold: float, min_votes: int
-) -> tuple[list[np.ndarray], int]:
+def merge_boxes(boxes: list[np.ndarray], raters: list[str], *, merge: str, threshold: float, min_votes: int
+                ) -> tuple[list[np.ndarray], int]:
     """Merge one image+class's boxes; returns ``(kept boxes, clusters dropped for too few votes)``."""
     if merge not in MERGES:
         raise ValueError(f"merge must be one of {MERGES}, got {merge!r}")
