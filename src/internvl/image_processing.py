@@ -143,17 +143,12 @@ def dynamic_preprocess(image: Image.Image, min_num: int = 1, max_num: int = 6, i
     if not 1 <= min_num <= max_num:
         raise ValueError(f"need 1 <= min_num <= max_num, got {min_num}, {max_num}")
     width, height = image.size
-    target_ratios = sorted(
-        {(i, j) for n in range(min_num, max_num + 1) for i in range(1, n + 1) for j in range(1, n + 1) if min_num <= i * j <= max_num},
-        key=lambda r: (r[0] * r[1], r),
-    )
+    target_ratios = sorted(((i, j) for i in range(1, max_num + 1) for j in range(1, max_num + 1)
+                            if min_num <= i * j <= max_num), key=lambda r: (r[0] * r[1], r))
     cols, rows = find_closest_aspect_ratio(width / height, target_ratios, width, height, image_size)
     resized = image.resize((image_size * cols, image_size * rows), Image.Resampling.BICUBIC)
-    tiles = [
-        resized.crop((c * image_size, r * image_size, (c + 1) * image_size, (r + 1) * image_size))
-        for r in range(rows)
-        for c in range(cols)
-    ]
+    tiles = [resized.crop((c * image_size, r * image_size, (c + 1) * image_size, (r + 1) * image_size))
+             for r in range(rows) for c in range(cols)]
     if use_thumbnail and len(tiles) != 1:
         tiles.append(image.resize((image_size, image_size), Image.Resampling.BICUBIC))
     return tiles

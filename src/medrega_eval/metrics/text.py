@@ -248,10 +248,8 @@ def coco_meteor(candidates: Sequence[Sequence[str]], references: Sequence[Sequen
     """METEOR 1.5 through pycocoevalcap's bundled jar (needs `java` on PATH; MetricUnavailable otherwise)."""
     _check_lengths(candidates, references)
     if shutil.which("java") is None:
-        raise MetricUnavailable(
-            "METEOR needs a Java runtime (pycocoevalcap runs meteor-1.5.jar); install one, e.g. "
-            "`apt-get install default-jre-headless`, or leave METEOR out with --metrics"
-        )
+        raise MetricUnavailable("METEOR needs a Java runtime (pycocoevalcap runs meteor-1.5.jar); install one, e.g. "
+                                "`apt-get install default-jre-headless`, or leave METEOR out with --metrics")
     if not candidates:
         return 0.0, []
     meteor = _meteor_process()

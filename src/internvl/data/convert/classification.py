@@ -169,9 +169,8 @@ def run(args: argparse.Namespace) -> ConvertReport:
         del common["image_root"]  # class folders are their own image root
         records, report = convert_folders(args.source, **common)
     else:
-        records, report = convert_csv(
-            args.source, task=args.task, image_column=args.image_column, label_column=args.label_column,
-            label_columns=[c.strip() for c in args.label_columns.split(",")] if args.label_columns else None,
-            separator=args.separator, empty_label=args.empty_label, **common,
-        )
+        label_columns = [c.strip() for c in args.label_columns.split(",")] if args.label_columns else None
+        records, report = convert_csv(args.source, task=args.task, image_column=args.image_column,
+                                      label_column=args.label_column, label_columns=label_columns,
+                                      separator=args.separator, empty_label=args.empty_label, **common)
     return write_output(records, report, args.out)
