@@ -42,13 +42,8 @@ class CotAnswer:
 
     def record_fields(self) -> dict[str, Any]:
         """The per-sample fields `medrega-eval run` keeps (JSON-ready)."""
-        return {"cot_regions": [{"name": r.name, "boxes": [list(b) for b in map(_box_tuple, r.boxes)]}
-                                for r in self.regions],
+        return {"cot_regions": [{"name": r.name, "boxes": [b.as_list() for b in r.boxes]} for r in self.regions],
                 "cot_step_one": self.step_one_answer}
-
-
-def _box_tuple(box: Any) -> tuple[int, int, int, int]:
-    return (box.x1, box.y1, box.x2, box.y2)
 
 
 def guess_lang(text: str) -> str:
