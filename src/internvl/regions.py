@@ -39,11 +39,13 @@ import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from internvl.constants import BOX_END, BOX_SCALE, BOX_START, REF_END, REF_START
 
 __all__ = ["Box", "Region", "RegionError", "validate_box", "parse_box_list", "parse_regions", "format_boxes",
            "format_region", "format_regions", "pixels_to_box", "box_to_pixels", "strip_regions", "has_regions",
-           "map_boxes", "BoxListSpan", "GRAMMARS", "scan_box_lists", "remove_region_tags", "parse_original_references",
+           "map_boxes", "box_iou", "BoxListSpan", "GRAMMARS", "scan_box_lists", "remove_region_tags", "parse_original_references",
            "remove_box_text_original"]
 
 
@@ -527,6 +529,18 @@ def _chain_matches(text: str) -> list[re.Match[str]]:
             continue
         out.append(m)
         pos = m.end()
+
+
+def box_iou(a: Sequence, b: Sequence) -> np.ndarray:
+    """Pairwise IoU of [N,4] and [M,4] xyxy boxes -> [N,M] (torchvision.ops.box_iou's formula; empty union -> 0)."""
+    a = np.asarray(a, dtype=np.float64).reshape(-1, 4)
+    b = np.asarray(b, dtype=np.float64).reshape(-1, 4)
+    sides = np.minimum(a[:, None, 2:], b[None, :, 2:]) - np.maximum(a[:, None, :2], b[None, :, :2])
+    inter = np.clip(sides, 0, None).prod(axis=-1)
+    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
+    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    union = area_a[:, None] + area_b[None, :] - inter
+    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
 
 
 def strip_regions(text: str) -> str:

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-from internvl.regions import Region, box_to_pixels, parse_regions
+from internvl.regions import Region, box_iou, box_to_pixels, parse_regions
 
 __all__ = ["NamedBox", "ParsedRegions", "parse_for_scoring", "box_iou", "hungarian_match", "RegionSample",
            "score_region_sample", "aggregate_regions", "coco_map50", "IOU_THRESHOLD"]
@@ -75,22 +75,6 @@ def parse_for_scoring(text: str, hw: Sequence[float] | None = None) -> ParsedReg
             boxes.append(NamedBox(normalize_name(region.name), tuple(float(v) for v in xyxy), tuple(box.as_list()),
                                   group, (region.name or "").lower()))
     return ParsedRegions(boxes, errors)
-
-
-def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Pairwise IoU of [N,4] and [M,4] xyxy boxes -> [N,M] (torchvision.ops.box_iou's formula; empty union -> 0)."""
-    a = np.asarray(a, dtype=np.float64).reshape(-1, 4)
-    b = np.asarray(b, dtype=np.float64).reshape(-1, 4)
-    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
-    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    lt = np.maximum(a[:, None, :2], b[None, :, :2])
-    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    wh = np.clip(rb - lt, 0, None)
-    inter = wh[..., 0] * wh[..., 1]
-    union = area_a[:, None] + area_b[None, :] - inter
-    with np.errstate(divide="ignore", invalid="ignore"):
-        iou = np.where(union > 0, inter / union, 0.0)
-    return iou
 
 
 def hungarian_match(pred: Sequence[NamedBox], ref: Sequence[NamedBox]) -> list[tuple[int, int, float]]:

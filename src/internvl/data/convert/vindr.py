@@ -32,6 +32,7 @@ from internvl.data.convert import (
     write_output,
 )
 from internvl.data.images import ImageLoadError, probe_image
+from internvl.regions import box_iou
 
 NAME = "vindr"
 HELP = "VinDr-CXR-style per-radiologist box CSV -> text_to_region / region_to_text / classify_multi records"
@@ -40,23 +41,13 @@ MERGES = ("none", "union", "fusion")
 REQUIRED_COLUMNS = ("image_id", "class_name", "x_min", "y_min", "x_max", "y_max")
 
 
-def iou_matrix(boxes: list[np.ndarray]) -> np.ndarray:
-    """Pairwise intersection over union of ``[x1, y1, x2, y2]`` pixel boxes (0 where the union is empty)."""
-    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
-    sides = np.minimum(b[:, None, 2:], b[None, :, 2:]) - np.maximum(b[:, None, :2], b[None, :, :2])
-    inter = np.clip(sides, 0, None).prod(axis=-1)
-    area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    union = area[:, None] + area[None, :] - inter
-    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
-
-
 def cluster_boxes(boxes: list[np.ndarray], threshold: float) -> list[list[int]]:
     """Group box indices whose IoU >= threshold, transitively (connected components); stable order."""
     from scipy.sparse.csgraph import connected_components
 
     if not boxes:
         return []
-    _, labels = connected_components(iou_matrix(boxes) >= threshold, directed=False)
+    _, labels = connected_components(box_iou(boxes, boxes) >= threshold, directed=False)
     return sorted(([int(i) for i in np.flatnonzero(labels == k)] for k in np.unique(labels)), key=lambda g: g[0])
 
 
