@@ -6,16 +6,16 @@
     torchrun --nproc-per-node=4 src/demo.py --batch demo_data/data_file.jsonl --out result
     python3 src/demo.py --batch FILE.jsonl --out DIR              # also fine without torchrun (one process)
 
-Launched by torchrun, every process joins the process group torchrun describes (gloo on CPU, NCCL on GPU, each rank on
-GPU ``LOCAL_RANK``). ``--batch`` shards the records over the ranks and rank 0 writes ``DIR/demo_<time>.json``; the
-web UI is served by rank 0 (other ranks have nothing to do and exit). Without ``--model`` the bundled default model
-``asset/medreg-mini-model`` is used. The server binds 127.0.0.1 unless ``--host`` says otherwise.
+Launched by torchrun with several processes, each joins the process group torchrun describes (gloo on CPU, NCCL on GPU,
+each rank on GPU ``LOCAL_RANK``). ``--batch`` shards the records over the ranks and rank 0 writes
+``DIR/demo_<time>.json``; the web UI is served by rank 0 (other ranks have nothing to do and exit). Without ``--model``
+the bundled default model ``asset/medreg-mini-model`` is used. The server binds 127.0.0.1 unless ``--host`` says
+otherwise.
 """
 from __future__ import annotations
 
 import argparse
 import logging
-import os
 import signal
 import sys
 from pathlib import Path
@@ -27,9 +27,6 @@ enforce_offline()  # no hub, no analytics: before anything imports transformers/
 # after the offline switches (the hub and gradio read them on import); `python3 src/demo.py` finds `internvl` next to
 # this file without installing (Python puts the script's folder first on the path)
 import time  # noqa: E402
-
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
 
 from internvl.cli_support import (  # noqa: E402
     DTYPE_RULE,
@@ -52,6 +49,7 @@ from internvl.inference import (  # noqa: E402
     Generator,
     ModelLoadError,
     default_dtype,
+    init_distributed,
     load_model_and_tokenizer,
 )
 
@@ -90,22 +88,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def init_distributed() -> tuple[int, int, str]:
-    """(rank, world size, device). Under torchrun (``RANK`` set) join the process group: NCCL with one GPU per
-    ``LOCAL_RANK`` when CUDA is available, else gloo on CPU. A plain ``python3 src/demo.py`` runs as rank 0 of 1."""
-    if "RANK" not in os.environ:
-        return 0, 1, "cuda" if torch.cuda.is_available() else "cpu"
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl")
-        device = f"cuda:{local_rank}"
-    else:
-        dist.init_process_group("gloo")
-        device = "cpu"
-    return dist.get_rank(), dist.get_world_size(), device
-
-
 def load(args: argparse.Namespace, device: str):
     """Model (eval mode, on ``device`` unless a device map / quantisation places it) and tokenizer."""
     if not args.model.is_dir():
@@ -131,17 +113,16 @@ def _main(argv: list[str] | None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # gradio's own startup probes: one line per request is ours
     args = parse_args(argv)
-    rank, world, device = init_distributed()
+    info = init_distributed()
     try:
         if args.batch is not None:
-            return run_batch_mode(args, rank, world, device)
-        if rank != 0:
-            log.info("rank %d: the web UI is served by rank 0 only; nothing to do here", rank)
+            return run_batch_mode(args, info.rank, info.world_size, info.device)
+        if info.rank != 0:
+            log.info("rank %d: the web UI is served by rank 0 only; nothing to do here", info.rank)
             return 0
-        return run_web(args, device)
+        return run_web(args, info.device)
     finally:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+        info.close()
 
 
 def run_batch_mode(args: argparse.Namespace, rank: int, world: int, device: str) -> int:

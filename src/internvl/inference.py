@@ -21,14 +21,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from PIL import Image
 
 from internvl.constants import IMG_CONTEXT_TOKEN
 from internvl.data.images import load_image
 from internvl.image_processing import images_to_pixel_values
 
-__all__ = ["GenerationRequest", "GenerationSettings", "Generator", "ModelLoadError", "default_dtype",
-           "load_model_and_tokenizer"]
+__all__ = ["DistInfo", "GenerationRequest", "GenerationSettings", "Generator", "ModelLoadError", "default_dtype",
+           "init_distributed", "load_model_and_tokenizer"]
 
 
 class ModelLoadError(RuntimeError):
@@ -80,6 +81,44 @@ class GenerationSettings:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass
+class DistInfo:
+    """This process's place in a torchrun job (rank 0 of 1 without torchrun)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    initialized: bool = False
+
+    @property
+    def device(self) -> str:
+        """``cuda:<local_rank>`` when CUDA is available, else ``cpu``."""
+        return f"cuda:{self.local_rank}" if torch.cuda.is_available() else "cpu"
+
+    def barrier(self) -> None:
+        if self.initialized:
+            dist.barrier()
+
+    def close(self) -> None:
+        """Leave the process group this process joined (a no-op without one)."""
+        if self.initialized and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def init_distributed() -> DistInfo:
+    """Join the torchrun process group when WORLD_SIZE > 1: NCCL with one GPU per LOCAL_RANK when CUDA is available,
+    gloo otherwise (the demo's ``--batch`` and ``medrega-eval run`` alike)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    return DistInfo(rank, world, local, True)
 
 
 def default_dtype(device: str | torch.device | None = None) -> str:
@@ -175,7 +214,8 @@ class Generator:
                 raise RuntimeError(f"batch_chat returned {len(answers)} answers for {len(idx)} requests")
             yield list(zip(idx, answers))
 
-    def generate(self, requests: Sequence[GenerationRequest], progress: Callable[[int], None] | None = None) -> list[str]:
+    def generate(self, requests: Sequence[GenerationRequest], progress: Callable[[int], None] | None = None
+                 ) -> list[str]:
         """Answers for `requests`, in order. `progress(n)` is called with the number finished after each batch."""
         answers: list[str | None] = [None] * len(requests)
         for batch in self.iter_generate(requests):

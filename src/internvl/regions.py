@@ -45,8 +45,8 @@ from internvl.constants import BOX_END, BOX_SCALE, BOX_START, REF_END, REF_START
 
 __all__ = ["Box", "Region", "RegionError", "validate_box", "parse_box_list", "parse_regions", "format_boxes",
            "format_region", "format_regions", "pixels_to_box", "box_to_pixels", "strip_regions", "has_regions",
-           "map_boxes", "box_iou", "BoxListSpan", "GRAMMARS", "scan_box_lists", "remove_region_tags", "parse_original_references",
-           "remove_box_text_original"]
+           "map_boxes", "box_iou", "BoxListSpan", "GRAMMARS", "scan_box_lists", "remove_region_tags",
+           "parse_original_references", "remove_box_text_original"]
 
 
 class RegionError(ValueError):

@@ -97,7 +97,8 @@ def parse_prediction(record: dict, file: str, line: int) -> PredictionRecord | R
         ok = (isinstance(hw, (list, tuple)) and len(hw) == 2
               and all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in hw))
         if not ok:
-            return RecordProblem(file, line, "bad-field", f"hw must be [height, width] with positive numbers, got {hw!r}")
+            return RecordProblem(file, line, "bad-field",
+                                 f"hw must be [height, width] with positive numbers, got {hw!r}")
         hw = [float(hw[0]), float(hw[1])]
     options = record.get("options")
     if options is not None and not (isinstance(options, list) and options and all(isinstance(o, str) for o in options)):
@@ -112,7 +113,8 @@ def parse_prediction(record: dict, file: str, line: int) -> PredictionRecord | R
     if isinstance(image, list):
         image = image[0] if image else None
     if image is not None and not isinstance(image, str):
-        return RecordProblem(file, line, "bad-field", f"image must be a path or a list of paths, got {type(image).__name__}")
+        return RecordProblem(file, line, "bad-field",
+                             f"image must be a path or a list of paths, got {type(image).__name__}")
     known = set(ID_KEYS) | set(PRED_KEYS) | set(REF_KEYS) | {"hw", "height", "width", "options", "lang", "image",
                                                                "question", "answer_type", "image_root"}
     return PredictionRecord(id=rid, prediction=pred, reference=ref, source=f"{file}:{line}",
@@ -163,7 +165,8 @@ def read_predictions(path: str | Path, *, keep_duplicates: bool = False
             for item in _json_list_items(path, text):
                 decoded.append(item)  # noqa: PERF402 - a loop keeps the items before a bad one
         except json.JSONDecodeError as exc:  # keep what decoded before the error; the rest is one problem
-            problems.append(RecordProblem(file, exc.lineno, "invalid-json", f"{exc.msg}; items after this are not read"))
+            problems.append(RecordProblem(file, exc.lineno, "invalid-json",
+                                          f"{exc.msg}; items after this are not read"))
     else:
         for line, item in read_jsonl(path):
             if isinstance(item, RecordProblem):
@@ -176,7 +179,8 @@ def read_predictions(path: str | Path, *, keep_duplicates: bool = False
     idless_on_line: dict[int, int] = {}
     for line, item in decoded:
         if not isinstance(item, dict):
-            problems.append(RecordProblem(file, line, "not-an-object", f"expected a JSON object, got {type(item).__name__}"))
+            problems.append(RecordProblem(file, line, "not-an-object",
+                                          f"expected a JSON object, got {type(item).__name__}"))
             continue
         try:
             rec = parse_prediction(item, file, line)

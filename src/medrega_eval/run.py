@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from internvl.data.records import RecordProblem
+from internvl.inference import DistInfo, GenerationRequest, init_distributed
 from medrega_eval.benchmarks import Benchmark, Sample, load_samples, reference_labels
 from medrega_eval.io import append_jsonl, problem_at, read_predictions
 from medrega_eval.report import protocol_info, write_outputs
@@ -55,38 +56,6 @@ class RunConfig:
     bertscore_layer: int | None = None
     overwrite: bool = False
     regional_cot: bool = False  # two-step Regional CoT (internvl.regional_cot); recorded in run_settings.json
-
-
-@dataclass
-class DistInfo:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    initialized: bool = False
-
-
-def init_distributed() -> DistInfo:
-    """Join the torchrun process group when WORLD_SIZE > 1 (NCCL with CUDA, gloo otherwise)."""
-    import torch
-    import torch.distributed as dist
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return DistInfo()
-    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(local)
-    if not dist.is_initialized():
-        dist.init_process_group(backend=backend)
-    return DistInfo(rank, world, local, True)
-
-
-def _barrier(info: DistInfo) -> None:
-    if info.initialized:
-        import torch.distributed as dist
-
-        dist.barrier()
 
 
 def _repair_tail(path: Path) -> int:
@@ -130,8 +99,8 @@ def run_settings(model_path: str, dtype: str, quantization: str | None, generati
 
 def check_resume(bench_dir: Path, settings: dict[str, Any], overwrite: bool) -> bool:
     """Refuse (`ResumeMismatchError`) to add predictions to `bench_dir` that were made with other settings, unless
-    `overwrite`; return whether the old outputs must be moved aside (with `overwrite`: whenever there are any) (:func:`start_benchmark_dir`). Read-only, so
-    every rank can call it and fail alike before any model is loaded."""
+    `overwrite`; return whether the old outputs must be moved aside (:func:`start_benchmark_dir`; with `overwrite`:
+    whenever there are any). Read-only, so every rank can call it and fail alike before any model is loaded."""
     from internvl.io_safety import check_output_dir
 
     check_output_dir(bench_dir, must_be_empty=False, what="benchmark output directory")
@@ -194,20 +163,18 @@ def generate_benchmark(bench: Benchmark, generator: Any, cfg: RunConfig, info: D
     """Generate this rank's unfinished share of `bench`; return (all samples, annotation problems)."""
     from tqdm import tqdm
 
-    from internvl.inference import GenerationRequest
-
     samples, problems, image_root = load_samples(bench, cfg.data_dir)
     if cfg.limit is not None:
         samples = samples[: cfg.limit]
     pred_dir = cfg.out / bench.name / "predictions"
     pred_dir.mkdir(parents=True, exist_ok=True)
     mine = pred_dir / f"rank{info.rank}.jsonl"
-    _barrier(info)
+    info.barrier()
     removed = _repair_tail(mine)
     if removed:
         print(f"{mine}: removed a half-written last line ({removed} bytes); that sample is generated again",
               file=sys.stderr)
-    _barrier(info)
+    info.barrier()
     done = finished_ids(pred_dir)
     todo = [s for i, s in enumerate(samples) if i % info.world_size == info.rank and s.id not in done]
     requests = [GenerationRequest(s.question, images=s.images, id=s.id) for s in todo]
@@ -222,7 +189,7 @@ def generate_benchmark(bench: Benchmark, generator: Any, cfg: RunConfig, info: D
         append_jsonl(mine, (_row(todo[i], bench, image_root, text, info.rank) for i, text in batch))
         bar.update(len(batch))
     bar.close()
-    _barrier(info)
+    info.barrier()
     return samples, problems
 
 
@@ -303,10 +270,7 @@ def run_benchmarks(model_path: str, benchmarks: Sequence[Benchmark], cfg: RunCon
                    load_in_4bit: bool = False) -> dict[str, dict]:
     """Load the model once per rank, generate every benchmark, score on rank 0; return {name: summary}. ``dtype``
     None takes `internvl.inference.default_dtype` (float32 on CPU, bf16 on GPUs that support it)."""
-    import torch
-
     from internvl.inference import Generator, default_dtype, load_model_and_tokenizer
-
     from internvl.io_safety import check_output_dir
 
     info = init_distributed()
@@ -320,13 +284,12 @@ def run_benchmarks(model_path: str, benchmarks: Sequence[Benchmark], cfg: RunCon
         recorded = run_settings(model_path, dtype, quantization, settings.as_dict(), bench, annotation,
                                 cfg.regional_cot)
         starts.append((cfg.out / bench.name, recorded, check_resume(cfg.out / bench.name, recorded, cfg.overwrite)))
-    _barrier(info)
+    info.barrier()
     if info.rank == 0:
         for bench_dir, recorded, move_aside in starts:
             start_benchmark_dir(bench_dir, recorded, move_aside)
-    _barrier(info)
-    device = f"cuda:{info.local_rank}" if torch.cuda.is_available() else "cpu"
-    model, tokenizer = load_model_and_tokenizer(model_path, dtype=dtype, device_map=device_map, device=device,
+    info.barrier()
+    model, tokenizer = load_model_and_tokenizer(model_path, dtype=dtype, device_map=device_map, device=info.device,
                                                 load_in_8bit=load_in_8bit, load_in_4bit=load_in_4bit)
     generator = Generator(model, tokenizer, settings, batch_size=cfg.batch_size)
     summaries: dict[str, dict] = {}
@@ -339,9 +302,6 @@ def run_benchmarks(model_path: str, benchmarks: Sequence[Benchmark], cfg: RunCon
                                      world_size=info.world_size, dtype=str(dtype), benchmark=bench.name,
                                      benchmark_file=bench.file, compat=cfg.compat, limit=cfg.limit)
             summaries[bench.name] = score_benchmark(bench, samples, problems, cfg, protocol)
-        _barrier(info)
-    if info.initialized:
-        import torch.distributed as dist
-
-        dist.destroy_process_group()
+        info.barrier()
+    info.close()
     return summaries

@@ -175,7 +175,8 @@ def _check_size(path: Path, width: int, height: int, max_pixels: int) -> None:
         raise ImageLoadError(path, f"invalid image size {width}x{height}")
     if width * height > max_pixels:
         raise ImageLoadError(path, f"image is {width}x{height} = {width * height} pixels, over the limit of "
-                                   f"{max_pixels} (possible decompression bomb; raise max_pixels if the file is trusted)")
+                                   f"{max_pixels} (possible decompression bomb; raise max_pixels if the file is "
+                                   "trusted)")
 
 
 def _to_rgb(gray_or_rgb: np.ndarray) -> Image.Image:

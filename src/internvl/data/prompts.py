@@ -26,7 +26,8 @@ from dataclasses import dataclass
 from typing import Any, Union
 
 from internvl.constants import IMAGE_PLACEHOLDER, REF_END, REF_START
-from internvl.data.prompt_registry import LANGS, PROMPT_DIR, PromptError, TaskPrompt, get_prompt, list_tasks, load_prompts
+from internvl.data.prompt_registry import (LANGS, PROMPT_DIR, PromptError, TaskPrompt, get_prompt, list_tasks,
+                                          load_prompts)
 from internvl.regions import Box, Region, RegionError, format_region, format_regions, pixels_to_box, validate_box
 
 __all__ = ["LANGS", "PROMPT_DIR", "PromptError", "RegionsInput", "TaskPrompt", "build_question", "build_record",
