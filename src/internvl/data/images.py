@@ -61,15 +61,22 @@ class ImageLoadError(ValueError):
 _READER_PACKAGES = {"dicom": "pydicom", "nifti": "nibabel"}
 
 
-def _require_reader(kind: str, path: Path) -> None:
-    """Refuse a DICOM/NIfTI file with its name and the package to install when that format's reader is missing.
+def _readable_kind(path: Path) -> str:
+    """The file's format (:func:`detect_format`) after checking that it exists and that its reader is installed.
 
-    Both are declared dependencies, but minimal environments (e.g. a bare GPU box) may lack them; without this the
-    user would get an ImportError traceback that names neither the file nor the fix.
+    pydicom and nibabel are declared dependencies, but minimal environments (e.g. a bare GPU box) may lack them;
+    without this check the user would get an ImportError traceback that names neither the file nor the fix.
     """
+    if path.is_dir():
+        raise ImageLoadError(path, "is a directory, not an image file")
+    if not path.exists():
+        raise ImageLoadError(path, "file not found")
+    kind = detect_format(path)
     package = _READER_PACKAGES.get(kind)
     if package is not None and importlib.util.find_spec(package) is None:
-        raise ImageLoadError(path, f"reading {kind.upper()} files needs the '{package}' package (pip install {package})")
+        raise ImageLoadError(path, f"reading {kind.upper()} files needs the '{package}' package "
+                                   f"(pip install {package})")
+    return kind
 
 
 @dataclass(frozen=True)
@@ -168,6 +175,14 @@ def _window_values(values: np.ndarray, window: Window) -> np.ndarray:
     except (TypeError, ValueError):
         raise ValueError(f"window must be a preset name or (centre, width), got {window!r}") from None
     return apply_window(values, center, width)
+
+
+def _windowed(path: Path, values: np.ndarray, window: Window) -> np.ndarray:
+    """:func:`_window_values` (``None``: the full value range) with a value problem as :class:`ImageLoadError`."""
+    try:
+        return _window_values(values, "minmax" if window is None else window)
+    except ValueError as exc:
+        raise ImageLoadError(path, str(exc)) from exc
 
 
 def _check_size(path: Path, width: int, height: int, max_pixels: int) -> None:
@@ -426,11 +441,7 @@ def _aspect_size(shape: tuple[int, int], spacing: tuple[float, float]) -> tuple[
 def _load_nifti(path: Path, window: Window, slice_index: int | None, axis: str, frame: int | None, max_pixels: int
                 ) -> Image.Image:
     values, spacing = volume_slice(path, axis=axis, slice_index=slice_index, frame=frame, max_pixels=max_pixels)
-    try:
-        gray = _window_values(values, "minmax" if window is None else window)
-    except ValueError as exc:
-        raise ImageLoadError(path, str(exc)) from exc
-    image = Image.fromarray(gray, mode="L")
+    image = Image.fromarray(_windowed(path, values, window), mode="L")
     size = _aspect_size(values.shape, spacing)
     _check_size(path, *size, max_pixels)
     if size != image.size:  # anisotropic voxels (e.g. thick slices in coronal/sagittal views)
@@ -476,18 +487,10 @@ def _load_pil(path: Path, window: Window, frame: int | None, max_pixels: int) ->
         except (OSError, SyntaxError, ValueError, EOFError) as exc:
             raise ImageLoadError(path, f"corrupt or truncated image data ({type(exc).__name__}: {exc})") from exc
         mode = im.mode
-        if mode in ("I", "F") or mode.startswith("I;16"):
-            values = np.asarray(im, dtype=np.float64)  # 16-bit/32-bit greyscale: window to 8 bits
-            try:
-                gray = _window_values(values, "minmax" if window is None else window)
-            except ValueError as exc:
-                raise ImageLoadError(path, str(exc)) from exc
-            return _to_rgb(gray)
+        if mode in ("I", "F") or mode.startswith("I;16"):  # 16-bit/32-bit greyscale: window to 8 bits
+            return _to_rgb(_windowed(path, np.asarray(im, dtype=np.float64), window))
         if window is not None and mode in ("L", "LA", "1"):
-            try:
-                return _to_rgb(_window_values(np.asarray(im.convert("L"), dtype=np.float64), window))
-            except ValueError as exc:
-                raise ImageLoadError(path, str(exc)) from exc
+            return _to_rgb(_windowed(path, np.asarray(im.convert("L"), dtype=np.float64), window))
         return im.convert("RGB")
 
 
@@ -513,14 +516,9 @@ def load_image(path: str | Path, *, window: Window = None, slice_index: int | No
         ValueError: ``window`` or ``axis`` is not a valid choice.
     """
     path = Path(path)
-    if path.is_dir():
-        raise ImageLoadError(path, "is a directory, not an image file")
-    if not path.exists():
-        raise ImageLoadError(path, "file not found")
     if window is not None:
         _window_values(np.zeros(2), window)  # validate early: a bad window is the caller's error, not the file's
-    kind = detect_format(path)
-    _require_reader(kind, path)
+    kind = _readable_kind(path)
     if kind == "dicom":
         return _load_dicom(path, window, frame, max_pixels)
     if kind == "nifti":
@@ -541,12 +539,7 @@ def probe_image(path: str | Path, *, axis: str = "axial", max_pixels: int = DEFA
 
 
 def _probe(path: Path, axis: str) -> ImageInfo:
-    if path.is_dir():
-        raise ImageLoadError(path, "is a directory, not an image file")
-    if not path.exists():
-        raise ImageLoadError(path, "file not found")
-    kind = detect_format(path)
-    _require_reader(kind, path)
+    kind = _readable_kind(path)
     if kind == "dicom":
         ds = _read_dicom(path, stop_before_pixels=True)
         try:
