@@ -24,8 +24,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tqdm import tqdm
+
+from internvl.data.images import ImageLoadError
 from internvl.data.records import RecordProblem
-from internvl.inference import DistInfo, GenerationRequest, init_distributed
+from internvl.inference import (
+    DistInfo,
+    GenerationRequest,
+    Generator,
+    default_dtype,
+    init_distributed,
+    load_model_and_tokenizer,
+)
+from internvl.io_safety import atomic_write_text, check_output_dir
+from internvl.regional_cot import CotAnswer, RegionalCotGenerator
 from medrega_eval.benchmarks import Benchmark, Sample, load_samples, reference_labels
 from medrega_eval.io import append_jsonl, problem_at, read_predictions
 from medrega_eval.report import protocol_info, write_outputs
@@ -36,6 +48,7 @@ __all__ = ["RunConfig", "DistInfo", "ResumeMismatchError", "init_distributed", "
 
 SETTINGS_FILE = "run_settings.json"
 COT_FIELDS = ("cot_regions", "cot_step_one")  # per-sample Regional CoT fields kept in predictions.jsonl
+MERGED_FIELDS = ("id", "prediction", "reference", "question", "image", "image_root", "hw", "lang", "answer_type")
 
 
 class ResumeMismatchError(ValueError):
@@ -101,8 +114,6 @@ def check_resume(bench_dir: Path, settings: dict[str, Any], overwrite: bool) -> 
     """Refuse (`ResumeMismatchError`) to add predictions to `bench_dir` that were made with other settings, unless
     `overwrite`; return whether the old outputs must be moved aside (:func:`start_benchmark_dir`; with `overwrite`:
     whenever there are any). Read-only, so every rank can call it and fail alike before any model is loaded."""
-    from internvl.io_safety import check_output_dir
-
     check_output_dir(bench_dir, must_be_empty=False, what="benchmark output directory")
     recorded_path = bench_dir / SETTINGS_FILE
     has_predictions = any((bench_dir / "predictions").glob("rank*.jsonl")) if (bench_dir / "predictions").is_dir() \
@@ -131,8 +142,6 @@ def check_resume(bench_dir: Path, settings: dict[str, Any], overwrite: bool) -> 
 
 def start_benchmark_dir(bench_dir: Path, settings: dict[str, Any], move_aside: bool) -> None:
     """Rank 0: move old outputs to `bench_dir/replaced-<n>/` (never deleted) when asked; record `settings`."""
-    from internvl.io_safety import atomic_write_text
-
     if move_aside:
         n = 1
         while (bench_dir / f"replaced-{n}").exists():
@@ -148,8 +157,6 @@ def start_benchmark_dir(bench_dir: Path, settings: dict[str, Any], move_aside: b
 
 def _row(sample: Sample, bench: Benchmark, image_root: Path, prediction: Any, rank: int) -> dict[str, Any]:
     """One prediction line; a Regional CoT answer adds its step-one regions and raw step-one answer."""
-    from internvl.regional_cot import CotAnswer
-
     cot = prediction.record_fields() if isinstance(prediction, CotAnswer) else {}
     text = prediction.answer if isinstance(prediction, CotAnswer) else prediction
     return {"id": sample.id, "prediction": text, "reference": sample.reference, "question": sample.question,
@@ -161,8 +168,6 @@ def _row(sample: Sample, bench: Benchmark, image_root: Path, prediction: Any, ra
 def generate_benchmark(bench: Benchmark, generator: Any, cfg: RunConfig, info: DistInfo) -> tuple[list[Sample],
                                                                                                    list[RecordProblem]]:
     """Generate this rank's unfinished share of `bench`; return (all samples, annotation problems)."""
-    from tqdm import tqdm
-
     samples, problems, image_root = load_samples(bench, cfg.data_dir)
     if cfg.limit is not None:
         samples = samples[: cfg.limit]
@@ -182,8 +187,6 @@ def generate_benchmark(bench: Benchmark, generator: Any, cfg: RunConfig, info: D
                dynamic_ncols=True)
     errors_path = cfg.out / bench.name / "generation_errors.jsonl"
     if cfg.regional_cot:
-        from internvl.regional_cot import RegionalCotGenerator
-
         generator = RegionalCotGenerator(generator)
     for batch in _safe_batches(generator, requests, errors_path, info.rank):
         append_jsonl(mine, (_row(todo[i], bench, image_root, text, info.rank) for i, text in batch))
@@ -195,8 +198,6 @@ def generate_benchmark(bench: Benchmark, generator: Any, cfg: RunConfig, info: D
 
 def _safe_batches(generator: Any, requests: list, errors_path: Path, rank: int):
     """Batches of (index, text); a failing batch is retried one request at a time, failures logged, not fatal."""
-    from internvl.data.images import ImageLoadError
-
     order = sorted(range(len(requests)), key=lambda i: (len(requests[i].images), len(requests[i].prompt)))
     bs = generator.batch_size
     for start in range(0, len(order), bs):
@@ -237,13 +238,9 @@ def score_benchmark(bench: Benchmark, samples: Sequence[Sample], problems: Seque
                      for r in unmatched]
     missing = [s for s in samples if s.id not in seen]
     all_problems += [problem_at(s.source, "missing-prediction", f"no prediction for id {s.id!r}") for s in missing[:50]]
-    from internvl.io_safety import atomic_write_text
-
     atomic_write_text(merged_path, "".join(
-        json.dumps({"id": r.id, "prediction": r.prediction, "reference": r.reference, "question": r.question,
-                    "image": r.image, "image_root": r.image_root, "hw": r.hw, "lang": r.lang,
-                    "answer_type": r.answer_type,
-                    **{k: r.extra[k] for k in COT_FIELDS if k in r.extra}}, ensure_ascii=False) + "\n" for r in records))
+        json.dumps({**{k: getattr(r, k) for k in MERGED_FIELDS}, **{k: r.extra[k] for k in COT_FIELDS if k in r.extra}},
+                   ensure_ascii=False) + "\n" for r in records))
     options: Any = bench.options
     if options == "from_references":
         langs = dict.fromkeys(s.lang or "en" for s in samples)
@@ -270,9 +267,6 @@ def run_benchmarks(model_path: str, benchmarks: Sequence[Benchmark], cfg: RunCon
                    load_in_4bit: bool = False) -> dict[str, dict]:
     """Load the model once per rank, generate every benchmark, score on rank 0; return {name: summary}. ``dtype``
     None takes `internvl.inference.default_dtype` (float32 on CPU, bf16 on GPUs that support it)."""
-    from internvl.inference import Generator, default_dtype, load_model_and_tokenizer
-    from internvl.io_safety import check_output_dir
-
     info = init_distributed()
     dtype = dtype or default_dtype()
     # fail on missing data, a bad --out or a resume with other settings before loading a 40B model
