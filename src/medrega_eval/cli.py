@@ -114,22 +114,6 @@ def _is_file(path: Path) -> bool:
         return False
 
 
-def _drop_repeated_ids(records, problems):
-    """Default mode over several files: an id seen in an earlier file is a duplicate too (the first is scored)."""
-    from medrega_eval.io import problem_at
-
-    seen: dict[str, str] = {}
-    kept = []
-    for rec in records:
-        if rec.id in seen:
-            problems.append(problem_at(rec.source, "duplicate-id",
-                                       f"id {rec.id!r} already used at {seen[rec.id]}; this record is not scored"))
-            continue
-        seen[rec.id] = rec.source
-        kept.append(rec)
-    return kept, problems
-
-
 def _cmd_score(args: argparse.Namespace) -> int:
     from internvl.io_safety import check_output_dir
     from medrega_eval.benchmarks import MissingData, data_dir_from, load_registry, reference_labels
@@ -164,13 +148,11 @@ def _cmd_score(args: argparse.Namespace) -> int:
             image_root = bench.locate(data_dir_from(args.data_dir))[1]
         except MissingData:
             image_root = None  # the report then shows no images
-    records, problems = [], []
+    records, problems, seen = [], [], {}  # default mode: an id of an earlier file is a duplicate too
     for path in pred_files:
-        recs, probs = read_predictions(path, keep_duplicates=args.compat == "medrega")
+        recs, probs = read_predictions(path, keep_duplicates=args.compat == "medrega", seen=seen)
         records += recs
         problems += probs
-    if args.compat != "medrega" and len(pred_files) > 1:
-        records, problems = _drop_repeated_ids(records, problems)
     if options is None and bench is not None and bench.options == "from_references":
         options = reference_labels([r.reference for r in records], args.multilabel or bench.multilabel)
     if options is None and task == "classification" and not any(r.options for r in records):
@@ -211,6 +193,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from internvl.inference import GenerationSettings
     from medrega_eval.benchmarks import data_dir_from, load_registry
     from medrega_eval.run import RunConfig, run_benchmarks
+    from medrega_eval.score import ScoreInputError
 
     registry = load_registry(args.benchmark_file)
     names = [n.strip() for n in args.benchmark.split(",") if n.strip()]
@@ -223,8 +206,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
                     limit=args.limit, compat=args.compat, score=not args.no_score,
                     bertscore_model=args.bertscore_model, bertscore_layer=args.bertscore_layer,
                     overwrite=args.overwrite, regional_cot=args.regional_cot)
-    from medrega_eval.score import ScoreInputError
-
     try:
         summaries = run_benchmarks(args.model, [registry[n] for n in names], cfg, settings, dtype=args.dtype,
                                    device_map=args.device_map, load_in_8bit=args.load_in_8bit,

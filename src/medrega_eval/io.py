@@ -143,11 +143,12 @@ def _json_list_items(path: Path, text: str) -> Iterable[tuple[int, Any]]:
         yield line, item
 
 
-def read_predictions(path: str | Path, *, keep_duplicates: bool = False
+def read_predictions(path: str | Path, *, keep_duplicates: bool = False, seen: dict[str, str] | None = None
                      ) -> tuple[list[PredictionRecord], list[RecordProblem]]:
     """All valid predictions of a JSON-list or JSON-lines file plus every problem (duplicates keep the first).
 
-    keep_duplicates=True (``--compat medrega``: the original scorers never look at ids) keeps every record."""
+    keep_duplicates=True (``--compat medrega``: the original scorers never look at ids) keeps every record. ``seen``
+    ({id: source}, filled here) carries the ids of earlier files, so that several files are pooled without repeats."""
     path = Path(path)
     file = str(path)
     try:
@@ -175,7 +176,7 @@ def read_predictions(path: str | Path, *, keep_duplicates: bool = False
                 continue
             decoded.append((line, item))
     records: list[PredictionRecord] = []
-    seen: dict[str, str] = {}
+    seen = {} if seen is None else seen
     idless_on_line: dict[int, int] = {}
     for line, item in decoded:
         if not isinstance(item, dict):
