@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from functools import partial
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -447,6 +448,11 @@ def _bertscore(records, cfg, result) -> None:
         row["scores"]["bertscore"] = value
 
 
+_SCORERS = {"vqa": _score_vqa, "report": _score_report, "grounded_report": partial(_score_report, grounded=True),
+            "classification": _score_classification, "region2text": _score_region2text,
+            "text2region": _score_text2region}
+
+
 def score_records(records: Sequence[PredictionRecord], cfg: ScoreConfig,
                   problems: Sequence[RecordProblem] = ()) -> ScoreResult:
     """Score `records` for `cfg.task`; `problems` from reading the file are carried into the result."""
@@ -456,18 +462,7 @@ def score_records(records: Sequence[PredictionRecord], cfg: ScoreConfig,
     if cfg.compat == "medrega":  # the original scored tag-free answers (decoded with skip_special_tokens)
         records = [dataclasses.replace(r, prediction=remove_region_tags(r.prediction)) for r in records]
     result.counts["empty_predictions"] = sum(not r.prediction.strip() for r in records)
-    if cfg.task == "vqa":
-        _score_vqa(records, cfg, result)
-    elif cfg.task == "report":
-        _score_report(records, cfg, result)
-    elif cfg.task == "grounded_report":
-        _score_report(records, cfg, result, grounded=True)
-    elif cfg.task == "classification":
-        _score_classification(records, cfg, result)
-    elif cfg.task == "region2text":
-        _score_region2text(records, cfg, result)
-    elif cfg.task == "text2region":
-        _score_text2region(records, cfg, result)
+    _SCORERS[cfg.task](records, cfg, result)
     if cfg.bertscore_model and cfg.task in ("vqa", "report", "region2text", "grounded_report"):
         _bertscore(records, cfg, result)
     _language_match(records, result)
