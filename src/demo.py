@@ -29,8 +29,7 @@ enforce_offline()  # no hub, no analytics: before anything imports transformers/
 import time  # noqa: E402
 
 from internvl.cli_support import (  # noqa: E402
-    DTYPE_RULE,
-    non_negative_float,
+    add_generation_arguments,
     port_number,
     positive_int,
     run_cli,
@@ -65,15 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="MedRegA demo: web UI or --batch inference.")
     p.add_argument("--model", type=Path, default=DEFAULT_MODEL,
                    help="local InternVL-Chat checkpoint directory (default: the bundled asset/medreg-mini-model)")
-    p.add_argument("--load-in-8bit", action="store_true", help="8-bit LLM weights (bitsandbytes, GPU)")
-    p.add_argument("--load-in-4bit", action="store_true", help="4-bit LLM weights (bitsandbytes, GPU)")
-    p.add_argument("--device-map", default=None, help="'auto' shards a large model over the visible GPUs")
-    p.add_argument("--dtype", default=None,
-                   help=f"weights dtype: bfloat16 | float16 | float32 | auto (default: {DTYPE_RULE})")
-    p.add_argument("--max-new-tokens", type=positive_int, default=400)
-    p.add_argument("--num-beams", type=positive_int, default=1)
-    p.add_argument("--temperature", type=non_negative_float, default=0.0,
-                   help="0 = greedy (the original demo's default)")
+    add_generation_arguments(p)
     p.add_argument("--batch", type=Path, default=None, help="MedRegInstruct jsonl to answer instead of the web UI")
     p.add_argument("--out", type=Path, default=Path("result"), help="--batch output directory")
     p.add_argument("--batch-size", type=positive_int, default=8, help="--batch requests per forward pass and rank")
@@ -81,8 +72,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--port", type=port_number, default=7860)
     p.add_argument("--examples", type=Path, default=DEFAULT_EXAMPLES, help="folder with examples.json + images")
     args = p.parse_args(argv)
-    if args.load_in_8bit and args.load_in_4bit:
-        p.error("choose one of --load-in-8bit and --load-in-4bit")
     if args.batch is None and "--out" in (argv if argv is not None else sys.argv[1:]):
         p.error("--out only applies to --batch")
     return args
@@ -95,13 +84,6 @@ def load(args: argparse.Namespace, device: str):
         raise ModelLoadError(f"{args.model}: model directory not found{hint}")
     return load_model_and_tokenizer(args.model, dtype=args.dtype or default_dtype(device), device_map=args.device_map,
                                     load_in_8bit=args.load_in_8bit, load_in_4bit=args.load_in_4bit, device=device)
-
-
-def generation_settings(args: argparse.Namespace) -> GenerationSettings:
-    """Decoding settings shared by both modes (greedy unless --temperature > 0), for `internvl.inference.Generator`."""
-    sample = args.temperature > 0
-    return GenerationSettings(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, do_sample=sample,
-                              temperature=args.temperature if sample else 1.0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -130,7 +112,7 @@ def run_batch_mode(args: argparse.Namespace, rank: int, world: int, device: str)
     items = read_batch_file(args.batch)  # every rank checks the whole file: a bad line stops all of them alike
     stamp = time.strftime("%y%m%d%H%M%S")
     model, tokenizer = load(args, device)
-    generator = Generator(model, tokenizer, generation_settings(args), batch_size=args.batch_size)
+    generator = Generator(model, tokenizer, GenerationSettings.from_args(args), batch_size=args.batch_size)
     stream = stream_path(args.out, stamp, rank)  # answers land here as they come (fsynced)
     local = run_batch(generator, items, rank, world, stream=stream)
     results = gather_results(local, world)
@@ -161,7 +143,7 @@ def _serve(args: argparse.Namespace, device: str) -> int:
     from internvl.demo.uploads import MAX_UPLOAD_BYTES
 
     model, tokenizer = load(args, device)
-    engine = DemoEngine(model, tokenizer, generation_settings(args))
+    engine = DemoEngine(model, tokenizer, GenerationSettings.from_args(args))
     examples = load_examples(args.examples)
     app = build_app(engine, examples, model_name=args.model.name)
     log.info("serving on http://%s:%d (model %s)", args.host, args.port, args.model)

@@ -82,6 +82,13 @@ class GenerationSettings:
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def from_args(cls, args: Any) -> GenerationSettings:
+        """From the options of ``internvl.cli_support.add_generation_arguments`` (greedy unless --temperature > 0)."""
+        sample = args.temperature > 0
+        return cls(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, do_sample=sample,
+                   temperature=args.temperature if sample else 1.0)
+
 
 @dataclass
 class DistInfo:

@@ -17,7 +17,7 @@ import json
 import sys
 from pathlib import Path
 
-from internvl.cli_support import DTYPE_RULE, UsageError, non_negative_float, positive_int, run_cli
+from internvl.cli_support import UsageError, add_generation_arguments, positive_int, run_cli
 from internvl.offline import enforce_offline
 
 __all__ = ["main", "build_parser"]
@@ -65,15 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--model", required=True, help="local model directory (safetensors)")
     r.add_argument("--benchmark", required=True, help="benchmark name(s), comma-separated")
     r.add_argument("--batch-size", type=positive_int, default=8)
-    r.add_argument("--max-new-tokens", type=positive_int, default=400)
-    r.add_argument("--num-beams", type=positive_int, default=1)
-    r.add_argument("--temperature", type=non_negative_float, default=0.0, help="0 = greedy (default)")
-    r.add_argument("--dtype", default=None,
-                   help=f"weights dtype: bfloat16 | float16 | float32 | auto (default: {DTYPE_RULE})")
-    r.add_argument("--device-map", default=None, help="e.g. auto to shard one model over the visible GPUs")
-    q = r.add_mutually_exclusive_group()
-    q.add_argument("--load-in-8bit", action="store_true")
-    q.add_argument("--load-in-4bit", action="store_true")
+    add_generation_arguments(r)
     r.add_argument("--limit", type=positive_int, default=None, help="only the first N samples of each benchmark")
     r.add_argument("--no-score", action="store_true", help="generate only")
     r.add_argument("--overwrite", action="store_true",
@@ -200,8 +192,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     unknown = [n for n in names if n not in registry]
     if unknown:
         raise UsageError(f"run: unknown benchmark(s) {unknown}; see `medrega-eval list`")
-    settings = GenerationSettings(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
-                                  do_sample=args.temperature > 0, temperature=args.temperature or 1.0)
+    settings = GenerationSettings.from_args(args)
     cfg = RunConfig(out=args.out, data_dir=data_dir_from(args.data_dir), batch_size=args.batch_size,
                     limit=args.limit, compat=args.compat, score=not args.no_score,
                     bertscore_model=args.bertscore_model, bertscore_layer=args.bertscore_layer,
