@@ -271,9 +271,6 @@ def _score_classification(records, cfg, result) -> None:
     result.counts["unmapped_answers"] = int(unmapped_total)
 
 
-_BOX_TEXT = re.compile(r"<box>.*?</box>|\[\[[^\[\]]*(?:\][^\[\]]*)*?\]\]", re.DOTALL)
-
-
 def _score_region2text(records, cfg, result) -> None:
     bleu, f1, rec_, acc = [], [], [], []
     for rec in records:
@@ -282,7 +279,7 @@ def _score_region2text(records, cfg, result) -> None:
             pred = remove_box_text_original(rec.prediction.lower()).split()
             ref = rec.reference.lower().split()
         else:
-            clean = _BOX_TEXT.sub(" ", rec.prediction).replace("<ref>", "").replace("</ref>", "")
+            clean = text_m.BOX_TEXT_RE.sub(" ", rec.prediction).replace("<ref>", "").replace("</ref>", "")
             pred = text_m.tokenize(clean, lang)
             ref = text_m.tokenize(rec.reference.replace("<ref>", "").replace("</ref>", ""), lang)
         overlap = text_m.token_set_scores(pred, ref)

@@ -129,7 +129,8 @@ def has_cjk(text: str) -> bool:
     return any("\u4e00" <= ch <= "\u9fff" or "\u3400" <= ch <= "\u4dbf" for ch in text)
 
 
-_LANG_BOXES_RE = re.compile(r"<box>.*?</box>|\[\[[^\[\]]*(?:\][^\[\]]*)*?\]\]", re.DOTALL)
+#: A box list in either form (``<box>..</box>`` or a bare ``[[..]]``), removed before text metrics look at words.
+BOX_TEXT_RE = re.compile(r"<box>.*?</box>|\[\[[^\[\]]*(?:\][^\[\]]*)*?\]\]", re.DOTALL)
 _LANG_TAGS_RE = re.compile(r"</?(?:ref|box|image)>")
 _LATIN_WORD_RE = re.compile(r"[A-Za-z]+")
 
@@ -140,7 +141,7 @@ def text_language(text: str) -> str | None:
     C and Latin-letter words W; "zh" when C / (C + W) >= 0.5, "en" when below, None when C + W = 0 (only digits,
     punctuation or boxes). One CJK character is weighed like one Latin word, so a Chinese answer that names "CT"
     or "MRI" stays Chinese and an English answer with one Chinese name stays English."""
-    clean = _LANG_TAGS_RE.sub(" ", _LANG_BOXES_RE.sub(" ", text))
+    clean = _LANG_TAGS_RE.sub(" ", BOX_TEXT_RE.sub(" ", text))
     cjk = sum(1 for ch in clean if "\u4e00" <= ch <= "\u9fff" or "\u3400" <= ch <= "\u4dbf")
     words = len(_LATIN_WORD_RE.findall(clean))
     if cjk + words == 0:
