@@ -40,7 +40,6 @@ from internvl.demo.render import answer_html, escape, region_name_label
 from internvl.demo.strings import LANGS, text
 from internvl.demo.tasks import TASKS, build_prompt, follow_up_prompt, task_label
 from internvl.demo.uploads import (
-    MAX_UPLOAD_BYTES,
     UserInputError,
     box_from_drawing,
     load_upload,
@@ -204,7 +203,6 @@ def ask(engine: DemoEngine, session: Session, *, task: str, lang: str, question:
     log.info("request: task=%s lang=%s cot=%s latency=%.2fs boxes=%d", task, lang, cot, seconds, n_boxes)
     status = _message(text("answered", lang, seconds=seconds, n=n_boxes), "ok", lang)
     return annotated, _regions_table(regions, drawn), status
-
 
 
 def _editor_value(image: Image.Image | None) -> dict[str, Any] | None:
@@ -382,5 +380,4 @@ def build_app(engine: DemoEngine, examples: list[Example], *, title: str = "MedR
             return page_labels(lang, title, model_name)
 
         c.lang.change(on_lang, [c.lang], relabelled)
-    app.max_upload_bytes = MAX_UPLOAD_BYTES
     return app
