@@ -21,6 +21,7 @@ import shutil
 import unicodedata
 from collections import Counter
 from collections.abc import Sequence
+from functools import lru_cache
 
 import numpy as np
 
@@ -101,18 +102,15 @@ _CANNOT = re.compile(r"\bcannot\b")
 
 
 _ZH_PUNCT = re.compile(r"^[\W_]+$")
-_jieba = None
 
 
+@lru_cache(maxsize=1)
 def _get_jieba():
     """Import jieba once, silencing its 'Building prefix dict' log lines."""
-    global _jieba
-    if _jieba is None:
-        import jieba
+    import jieba
 
-        jieba.setLogLevel(logging.WARNING)
-        _jieba = jieba
-    return _jieba
+    jieba.setLogLevel(logging.WARNING)
+    return jieba
 
 
 def tokenize_zh(text: str) -> list[str]:
