@@ -116,9 +116,8 @@ def validate_box(values: Sequence[object]) -> Box:
 
 # ---------------------------------------------------------------------------------------------------------- parsing
 # Every pattern below is linear in the text length: no leading unbounded class is retried at each start position, and
-# every "up to the closing tag" search is a bisect over precomputed tag positions (issue #14: a 100 KB line of
-# "<ref>" took 25 s with the old lazy `.*?` patterns). Box values are ASCII digits only ("[[５,10,100,200]]" is not a
-# box: Python's `\d` would accept full-width digits).
+# every "up to the closing tag" search is a bisect over precomputed tag positions (a lazy `.*?` is quadratic on a long
+# line of "<ref>"). Box values are ASCII digits only ("[[５,10,100,200]]" is not a box: `\d` accepts full-width ones).
 _NUMBER = r"-?[0-9]+(?:\.[0-9]+)?"
 _NUMBER_RE = re.compile(_NUMBER)
 _DIGITS_RE = re.compile(r"[0-9]+")
@@ -484,7 +483,7 @@ def box_to_pixels(box: Box | Sequence[int], width: float, height: float) -> tupl
 
 # --------------------------------------------------------------------------------------------------------- stripping
 # A box content may not contain another <box> tag: an unclosed "<box>" then fails at the next "<box>" instead of
-# scanning to the end of the text (which made the old lazy ".*?" quadratic).
+# scanning to the end of the text (which would make the pattern quadratic).
 _ONE_TAGGED = (
     r"(?:" + re.escape(REF_START) + r"[^<]*" + re.escape(REF_END) + r"[ \t]*)?"
     + re.escape(BOX_START) + r"(?:(?!" + re.escape(BOX_START) + "|" + re.escape(BOX_END) + r").)*" + re.escape(BOX_END)
