@@ -147,14 +147,9 @@ def _message(message: str, kind: str = "error", lang: str = "en") -> str:
 
 
 def _regions_table(regions: list[Region], drawn: list) -> list[dict[str, Any]]:
-    rows, k = [], 0
-    for n, r in enumerate(regions, 1):
-        for b in r.boxes:
-            x1, y1, x2, y2 = drawn[k].xyxy
-            k += 1
-            rows.append({"n": n, "name": r.name, "box": [b.x1, b.y1, b.x2, b.y2],
-                         "pixels": [round(x1, 1), round(y1, 1), round(x2, 1), round(y2, 1)]})
-    return rows
+    boxes = [(n, r.name, box) for n, r in enumerate(regions, 1) for box in r.boxes]  # `drawn` has one per box
+    return [{"n": n, "name": name, "box": box.as_list(), "pixels": [round(v, 1) for v in shown.xyxy]}
+            for (n, name, box), shown in zip(boxes, drawn)]
 
 
 def ask(engine: DemoEngine, session: Session, *, task: str, lang: str, question: str = "", objects: str = "",
