@@ -243,7 +243,7 @@ def _options_for(rec: PredictionRecord, lang: str, cfg: ScoreConfig) -> list[str
 
 def _score_classification(records, cfg, result) -> None:
     y_true, y_pred, unmapped_total = [], [], 0
-    all_options: list[str] = []
+    all_options: dict[str, None] = {}  # every record's options, in first-seen order
     for rec in records:
         lang = record_lang(rec, cfg)
         options = _options_for(rec, lang, cfg)
@@ -258,16 +258,13 @@ def _score_classification(records, cfg, result) -> None:
             continue
         labels, unmapped = cls_m.map_answer(rec.prediction, options, cfg.multilabel, cfg.compat)
         unmapped_total += bool(unmapped)
-        for o in options:
-            if o not in all_options:
-                all_options.append(o)
+        all_options.update(dict.fromkeys(options))
         y_true.append(truth)
         y_pred.append(labels)
         correct = set(truth) == set(labels)
         result.rows.append(_row(rec, lang, {"correct": correct}, reference_labels=truth, predicted_labels=labels,
                                 unmapped=unmapped))
-    m = cls_m.classification_metrics(y_true, y_pred, all_options, cfg.multilabel, cfg.compat)
-    result.metrics.update(m)
+    result.metrics.update(cls_m.classification_metrics(y_true, y_pred, list(all_options), cfg.multilabel, cfg.compat))
     result.counts["unmapped_answers"] = int(unmapped_total)
 
 
