@@ -104,8 +104,8 @@ class MedRegDataset(Dataset):
         self.prompt_order = prompt_order
         self.system_message = system_message
         self.strict = strict
-        self.augment = BoxAwareAugment(augment_config or AugmentConfig()) if (
-            spec.data_augment if augment is None else augment) else None
+        use_augment = spec.data_augment if augment is None else augment
+        self.augment = BoxAwareAugment(augment_config or AugmentConfig()) if use_augment else None
         self.truncation = truncation
         self.seed = seed
         self.epoch = 0
