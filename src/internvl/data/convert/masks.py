@@ -74,28 +74,19 @@ def read_label_names(path: str | Path) -> dict[int, str]:
         items = data.items() if isinstance(data, dict) else enumerate(data)
         for key, value in items:
             names[int(key)] = str(value).strip()
-    elif path.suffix.lower() == ".csv":
-        for number, row in enumerate(csv.reader(text.splitlines()), start=1):
-            if not row or not "".join(row).strip() or row[0].lstrip().startswith("#"):
-                continue
-            value = _label_value(row[0], path, number, "value,name", row)
-            if value is None:
-                continue
-            if len(row) < 2 or not row[1].strip():
-                raise LabelMapError(f"{path}:{number}: label {value} has no name")
-            names[value] = row[1].strip()
     else:
+        is_csv = path.suffix.lower() == ".csv"
         for number, line in enumerate(text.splitlines(), start=1):
-            line = line.strip()
-            if not line or line.startswith("#"):
+            row = next(csv.reader([line]), []) if is_csv else line.split()
+            if not "".join(row).strip() or row[0].lstrip().startswith("#"):
                 continue
-            quoted = re.search(r'"([^"]+)"', line)
-            parts = line.split()
-            value = _label_value(parts[0], path, number, "value name", line)
+            value = _label_value(row[0], path, number, "value,name" if is_csv else "value name",
+                                 row if is_csv else line.strip())
             if value is None:
                 continue
-            name = quoted.group(1) if quoted else (parts[1] if len(parts) > 1 else "")
-            if not name:
+            quoted = None if is_csv else re.search(r'"([^"]+)"', line)  # ITK-SNAP: the quoted last column
+            name = quoted.group(1) if quoted else (row[1] if len(row) > 1 else "")
+            if not name.strip():
                 raise LabelMapError(f"{path}:{number}: label {value} has no name")
             names[value] = name.strip()
     names.pop(0, None)
