@@ -246,12 +246,7 @@ class BoxListSpan:
 
 def _last_of(text: str, chars: str, lo: int, hi: int) -> int:
     """Index of the last character of ``chars`` in ``text[lo:hi]``, or ``lo - 1``; C-speed rfind, linear."""
-    best = lo - 1
-    for c in chars:
-        k = text.rfind(c, lo, hi)
-        if k > best:
-            best = k
-    return best
+    return max(lo - 1, *(text.rfind(c, lo, hi) for c in chars))
 
 
 _PLAIN_ORIGINAL_RE = re.compile(r"[\[\], 0-9]*")
