@@ -39,6 +39,7 @@ from internvl.constants import (
     IMG_END_TOKEN,
     IMG_START_TOKEN,
 )
+from internvl.data.records import image_paths
 from internvl.image_processing import expand_image_placeholders
 from internvl.templates import ChatTemplate, TemplateError, get_template
 from internvl.user_text import neutralize_control_tokens
@@ -272,8 +273,7 @@ def make_token_length(tokenizer: Any, *, template: str | ChatTemplate = "Hermes-
     grouping. Exact for one tile per image (V1.2); with dynamic tiling pass the expected ``tiles_per_image``."""
 
     def token_length(record: dict) -> int:
-        image = record.get("image")
-        n_images = 0 if image is None else (1 if isinstance(image, str) else len(image))
+        n_images = len(image_paths(record))
         sample = encode_conversation(record["conversations"], tokenizer, template=template,
                                      num_patches_list=[tiles_per_image] * n_images, num_image_token=num_image_token,
                                      base_prompt=base_prompt, prompt_order=prompt_order)

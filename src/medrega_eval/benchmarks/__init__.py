@@ -29,7 +29,7 @@ from typing import Any
 
 import yaml
 
-from internvl.data.records import RecordChecker, RecordProblem, read_jsonl, resolve_image
+from internvl.data.records import RecordChecker, RecordProblem, image_paths, read_jsonl, resolve_image
 
 __all__ = ["Benchmark", "BenchmarkError", "MissingData", "Sample", "load_registry", "data_dir_from", "load_samples",
            "reference_labels"]
@@ -250,8 +250,7 @@ def _sample(bench: Benchmark, rec: dict, ann: Path, line: int, image_root: Path,
     if rid in seen:
         return RecordProblem(file, line, "duplicate-id", f"id {rid!r} already used at line {seen[rid]}")
     seen[rid] = line
-    image = rec.get("image")
-    rels = [] if image is None else ([image] if isinstance(image, str) else list(image))
+    rels = image_paths(rec)
     paths = []
     for rel in rels:
         try:
