@@ -476,20 +476,11 @@ TOP_METRICS = ("bleu1", "bleu2", "bleu3", "bleu4", "meteor", "rougeL", "cider", 
 def summarize(result: ScoreResult, cfg: ScoreConfig, protocol: dict[str, Any], benchmark: str | None = None,
               max_problems: int = 500) -> dict[str, Any]:
     """The summary.json object: top-level metrics (fractions; CIDEr as pycocoevalcap reports it), counts, problems."""
-    counts = dict(result.counts)
-    for reason, n in problem_counts(result.problems).items():
-        counts[f"problem:{reason}"] = n
-    summary: dict[str, Any] = {"task": cfg.task, "benchmark": benchmark, "lang": cfg.lang, "subtype": cfg.subtype,
-                               "compat": cfg.compat}
-    for k in TOP_METRICS:
-        if k in result.metrics:
-            summary[k] = result.metrics[k]
-    summary["num_samples"] = counts.get("scored", 0)
-    summary["counts"] = counts
-    summary["problems"] = [str(p) for p in result.problems[:max_problems]]
+    counts = {**result.counts, **{f"problem:{r}": n for r, n in problem_counts(result.problems).items()}}
+    problems = [str(p) for p in result.problems[:max_problems]]
     if len(result.problems) > max_problems:
-        summary["problems"].append(f"... and {len(result.problems) - max_problems} more")
-    summary["unavailable"] = dict(result.unavailable)
-    summary["details"] = result.details
-    summary["protocol"] = protocol
-    return summary
+        problems.append(f"... and {len(result.problems) - max_problems} more")
+    return {"task": cfg.task, "benchmark": benchmark, "lang": cfg.lang, "subtype": cfg.subtype, "compat": cfg.compat,
+            **{k: result.metrics[k] for k in TOP_METRICS if k in result.metrics},
+            "num_samples": counts.get("scored", 0), "counts": counts, "problems": problems,
+            "unavailable": dict(result.unavailable), "details": result.details, "protocol": protocol}
