@@ -60,24 +60,19 @@ def _java_version() -> str | None:
 
 def protocol_info(**fields: Any) -> dict[str, Any]:
     """The protocol block: caller fields (model, template, generation, task, compat, ...) + environment facts."""
-    versions = {}
-    for name in METRIC_PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
     from medrega_eval import __version__
 
-    return {
-        **fields,
-        "medrega_eval": __version__,
-        "git_commit": _git_commit(),
-        "packages": versions,
-        "java": _java_version(),
-        "python": platform.python_version(),
-        "command": " ".join(sys.argv),
-        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
+    return {**fields, "medrega_eval": __version__, "git_commit": _git_commit(),
+            "packages": {name: _package_version(name) for name in METRIC_PACKAGES}, "java": _java_version(),
+            "python": platform.python_version(), "command": " ".join(sys.argv),
+            "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+def _package_version(name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
 
 
 # ------------------------------------------------------------------------------------------------ rendering
