@@ -54,12 +54,10 @@ def guess_lang(text: str) -> str:
 @lru_cache(maxsize=1)
 def _preambles() -> tuple[str, ...]:
     """Every literal registry base prompt (longest first): the task preamble a benchmark question may start with."""
-    found: set[str] = set()
+    found = set()
     for tp in load_prompts().values():
         values = list(tp.base_prompt.values()) if isinstance(tp.base_prompt, dict) else [tp.base_prompt]
-        for text in [*values, *tp.base_prompt_variants.values()]:
-            if text and "{" not in text:
-                found.add(text)
+        found.update(text for text in [*values, *tp.base_prompt_variants.values()] if text and "{" not in text)
     return tuple(sorted(found, key=len, reverse=True))
 
 

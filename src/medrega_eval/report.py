@@ -223,12 +223,9 @@ def _figure(row: dict, image_root: str | Path | None, caption: str, ref: Sequenc
 
 def _cot_boxes(row: dict) -> list[list[int]]:
     """The Regional CoT step-one boxes of a row (``cot_regions``: [{"name", "boxes"}]), malformed entries skipped."""
-    out = []
-    for region in row.get("cot_regions") or []:
-        for box in (region.get("boxes") or []) if isinstance(region, dict) else []:
-            if isinstance(box, list) and len(box) == 4 and all(isinstance(v, int) for v in box):
-                out.append(box)
-    return out
+    regions = [r for r in row.get("cot_regions") or [] if isinstance(r, dict)]
+    return [box for region in regions for box in region.get("boxes") or []
+            if isinstance(box, list) and len(box) == 4 and all(isinstance(v, int) for v in box)]
 
 
 def _cot_text(row: dict) -> str:
