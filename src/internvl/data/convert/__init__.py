@@ -69,12 +69,8 @@ class ConvertReport:
     def summary(self) -> str:
         """``"coco: wrote 12 records to out.jsonl; skipped 3: bad-bbox 2, unknown-image 1"``."""
         where = f" to {self.output}" if self.output else ""
-        text = f"{self.source}: wrote {self.written} records{where}"
-        if self.skipped:
-            text += f"; skipped {self.n_skipped}: " + ", ".join(f"{r} {n}" for r, n in sorted(self.skipped.items()))
-        else:
-            text += "; skipped 0"
-        return text
+        reasons = ": " + ", ".join(f"{r} {n}" for r, n in sorted(self.skipped.items())) if self.skipped else ""
+        return f"{self.source}: wrote {self.written} records{where}; skipped {self.n_skipped}{reasons}"
 
 
 @dataclass(frozen=True)
