@@ -289,11 +289,11 @@ class RecordChecker:
             return [problem("bad-text", "a string holds a lone surrogate (\\ud800-\\udfff without its pair); "
                                         "such text cannot be encoded or tokenized")]
         problems = self._check_fields(record, problem)
-        turns_ok = self._check_turns(record, problem, problems)
-        if turns_ok:
-            self._check_placeholders(record, problem, problems)
+        images_ok = not any(p.message.startswith("'image'") for p in problems)
+        if self._check_turns(record, problem, problems):
+            self._check_placeholders(record, problem, problems, images_ok)
             self._check_boxes(record, problem, problems)
-        if not any(p.reason == "bad-field" and p.message.startswith("'image'") for p in problems):
+        if images_ok:
             root = self.image_root if self.image_root is not None else Path(file).parent
             for rel in image_paths(record):
                 found = self._check_image(rel, root)
@@ -357,13 +357,13 @@ class RecordChecker:
             problems.append(problem("bad-turns", f"the last turn ({len(turns)}) is from 'human': no answer"))
         return ok
 
-    def _check_placeholders(self, record: dict, problem, problems: list[RecordProblem]) -> None:
+    def _check_placeholders(self, record: dict, problem, problems: list[RecordProblem], images_ok: bool) -> None:
         turns = record["conversations"]
         in_answers = [i for i, t in enumerate(turns, start=1) if t["from"] == "gpt" and IMAGE_PLACEHOLDER in t["value"]]
         if in_answers:
             problems.append(problem("image-count-mismatch", f"'{IMAGE_PLACEHOLDER}' appears in answer turn(s) {in_answers}"))
         n_placeholders = sum(t["value"].count(IMAGE_PLACEHOLDER) for t in turns if t["from"] == "human")
-        if any(p.reason == "bad-field" and p.message.startswith("'image'") for p in problems):
+        if not images_ok:
             return
         n_images = len(image_paths(record))
         if n_placeholders == n_images or (self.allow_implicit_image and n_images == 1 and n_placeholders == 0):
