@@ -114,9 +114,7 @@ def build_transform(input_size: int = DEFAULT_IMAGE_SIZE, pad2square: bool = Fal
         if image.size != (input_size, input_size):
             image = image.resize((input_size, input_size), Image.Resampling.BICUBIC)
         pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)  # [3, H, W] uint8 view
-        out = torch.empty(pixels.shape, dtype=torch.float32)
-        out.copy_(pixels)
-        return out.mul_(scale).add_(offset)
+        return pixels.to(torch.float32, memory_format=torch.contiguous_format).mul_(scale).add_(offset)
 
     return transform
 

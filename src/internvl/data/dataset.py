@@ -30,6 +30,7 @@ Each item is ``{"input_ids": [L], "labels": [L], "pixel_values": [T, 3, S, S], "
 from __future__ import annotations
 
 import bisect
+import contextlib
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -156,13 +157,9 @@ class MedRegDataset(Dataset):
         """The raw record of item ``index`` (one seek + one line read; pass an open ``handle`` to reuse it)."""
         row = int(self._lines[index])
         start, end = int(self._offsets[row]), int(self._offsets[row + 1])
-        if handle is None:
-            with open(self.spec.annotation, "rb") as fh:
-                fh.seek(start)
-                raw = fh.read(end - start)
-        else:
-            handle.seek(start)
-            raw = handle.read(end - start)
+        with open(self.spec.annotation, "rb") if handle is None else contextlib.nullcontext(handle) as fh:
+            fh.seek(start)
+            raw = fh.read(end - start)
         record = parse_record_line(raw, self.file, row + 1)
         if isinstance(record, RecordProblem):
             raise BadRecordError([RecordProblem(self.file, row + 1, record.reason,
