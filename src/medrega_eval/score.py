@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from functools import partial
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from internvl.data.records import RecordProblem
 from internvl.regions import has_regions, remove_box_text_original, remove_region_tags, strip_regions
@@ -27,6 +25,7 @@ from medrega_eval.metrics import regions as reg_m
 from medrega_eval.metrics import text as text_m
 from medrega_eval.metrics import vqa as vqa_m
 from medrega_eval.metrics.medrega_report import (
+    mean_or_none,
     medrega_clean_report_en,
     medrega_clean_report_zh,
     report_metrics_medrega,
@@ -111,10 +110,6 @@ def _row(rec: PredictionRecord, lang: str, scores: dict[str, Any], **extra: Any)
     row.update({k: rec.extra[k] for k in ("cot_regions", "cot_step_one") if k in rec.extra})  # Regional CoT
     row.update(extra)
     return row
-
-
-def _mean(values: Sequence[float]) -> float | None:
-    return float(np.mean(values)) if len(values) else None
 
 
 # ---------------------------------------------------------------------------------------------------- reports
@@ -212,7 +207,7 @@ def _score_vqa(records, cfg, result) -> None:
     absent = [vqa_m.says_not_visible(r.prediction) and not has_regions(r.prediction)
               for r in records if vqa_m.says_not_visible(r.reference)]
     if absent:
-        result.metrics["absent_accuracy"] = _mean(absent)
+        result.metrics["absent_accuracy"] = mean_or_none(absent)
         result.counts["absent_questions"] = len(absent)
 
 
@@ -228,8 +223,8 @@ def _language_match(records: Sequence[PredictionRecord], result: ScoreResult) ->
         hits[q].append(text_m.text_language(rec.prediction) == q)
     both = hits["en"] + hits["zh"]
     if both:
-        result.metrics["lang_match"] = _mean(both)
-        result.details.update(lang_match_en=_mean(hits["en"]), lang_match_zh=_mean(hits["zh"]))
+        result.metrics["lang_match"] = mean_or_none(both)
+        result.details.update(lang_match_en=mean_or_none(hits["en"]), lang_match_zh=mean_or_none(hits["zh"]))
         result.counts["lang_match_records"] = len(both)
 
 
@@ -287,7 +282,7 @@ def _score_region2text(records, cfg, result) -> None:
         bleu.append(b1), f1.append(overlap["f1"]), rec_.append(overlap["recall"]), acc.append(float(ok))
         result.rows.append(_row(rec, lang, {"bleu1": b1, "token_f1": overlap["f1"], "recall": overlap["recall"],
                                             "correct": ok}))
-    result.metrics.update(bleu1=_mean(bleu), token_f1=_mean(f1), recall=_mean(rec_), accuracy=_mean(acc))
+    result.metrics.update(bleu1=mean_or_none(bleu), token_f1=mean_or_none(f1), recall=mean_or_none(rec_), accuracy=mean_or_none(acc))
 
 
 def _region_part(records, cfg, result) -> list[tuple[int, dict]]:
@@ -329,7 +324,7 @@ def _region_part(records, cfg, result) -> list[tuple[int, dict]]:
         result.metrics.update({k: agg.get(k) for k in top})
     result.metrics["map50"] = reg_m.coco_map50(preds, refs) if refs else None
     # share of predictions with at least one parseable box (free-form Text-to-Region prompts must give a box)
-    result.metrics["box_rate"] = _mean([not s.unparsable for s in samples]) if samples else None
+    result.metrics["box_rate"] = mean_or_none([not s.unparsable for s in samples]) if samples else None
     result.details.update({k: v for k, v in agg.items() if k not in top})
     result.counts["unparsable_predictions"] = int(agg.get("unparsable", 0)) if agg else 0
     result.counts["malformed_pred_boxes"] = parse_errors
