@@ -101,13 +101,11 @@ def reference_labels(reference: str, options: Sequence[str], multilabel: bool, c
         if not part:
             continue
         if compat == "medrega":
-            if part not in options:
-                raise UnknownLabel(f"reference label {part!r} is not one of the options {list(options)!r}")
-            label = part
+            label = part if part in options else None  # exact, case-sensitive, as the original
         else:
             label = lookup.get(normalize_label(part))
-            if label is None:
-                raise UnknownLabel(f"reference label {part!r} is not one of the options {list(options)!r}")
+        if label is None:
+            raise UnknownLabel(f"reference label {part!r} is not one of the options {list(options)!r}")
         if label not in out:
             out.append(label)
     if not out:
