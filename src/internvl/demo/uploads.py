@@ -41,11 +41,6 @@ class LoadedUpload:
     description: str
 
 
-def _accepted(name: str) -> bool:
-    lower = name.lower()
-    return any(lower.endswith(s) for s in ACCEPTED_SUFFIXES)
-
-
 def load_upload(path: str | Path, *, axis: str = "axial", slice_index: int | None = None,
                 max_bytes: int = MAX_UPLOAD_BYTES, max_pixels: int = MAX_UPLOAD_PIXELS) -> LoadedUpload:
     """Decode an uploaded file (PNG/JPEG/TIFF/DICOM/NIfTI) into an RGB image after size and type checks.
@@ -64,7 +59,7 @@ def load_upload(path: str | Path, *, axis: str = "axial", slice_index: int | Non
     if size > max_bytes:
         raise UserInputError(f"{name}: {size / 2**20:.1f} MiB is over the upload limit of {max_bytes / 2**20:.0f} MiB")
     kind = detect_format(p)
-    if kind == "pil" and not _accepted(name):
+    if kind == "pil" and not name.lower().endswith(ACCEPTED_SUFFIXES):
         raise UserInputError(f"{name}: unsupported file type; upload one of {', '.join(ACCEPTED_SUFFIXES)}")
     try:
         image = load_image(p, axis=axis, slice_index=slice_index, max_pixels=max_pixels)
