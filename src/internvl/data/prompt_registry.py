@@ -27,6 +27,7 @@ _KNOWN_FIELDS = {
 }
 _TEMPLATE_KEYS = ("base_prompt", "questions", "answer", "option_line", "line")
 
+
 class PromptError(ValueError):
     """A prompt file is malformed, or the fields given to a builder do not fit the task."""
 

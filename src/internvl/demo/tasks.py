@@ -42,6 +42,7 @@ TASKS: dict[str, DemoTask] = {t.key: t for t in (
     DemoTask("grounded_report", "Grounded report", "定位报告", "grounded_whole", ("modality",)),
 )}
 
+
 def task_label(task: str, lang: str) -> str:
     """The task menu's name of demo task ``task`` in ``lang`` ("en"/"zh")."""
     spec = TASKS[task]
