@@ -6,16 +6,16 @@
     torchrun --nproc-per-node=4 src/demo.py --batch demo_data/data_file.jsonl --out result
     python3 src/demo.py --batch FILE.jsonl --out DIR              # also fine without torchrun (one process)
 
-Launched by torchrun, every process joins the process group torchrun describes (gloo on CPU, NCCL on GPU, each rank on
-GPU ``LOCAL_RANK``). ``--batch`` shards the records over the ranks and rank 0 writes ``DIR/demo_<time>.json``; the
-web UI is served by rank 0 (other ranks have nothing to do and exit). Without ``--model`` the bundled default model
-``asset/medreg-mini-model`` is used. The server binds 127.0.0.1 unless ``--host`` says otherwise.
+Launched by torchrun with several processes, each joins the process group torchrun describes (gloo on CPU, NCCL on GPU,
+each rank on GPU ``LOCAL_RANK``). ``--batch`` shards the records over the ranks and rank 0 writes
+``DIR/demo_<time>.json``; the web UI is served by rank 0 (other ranks have nothing to do and exit). Without ``--model``
+the bundled default model ``asset/medreg-mini-model`` is used. The server binds 127.0.0.1 unless ``--host`` says
+otherwise.
 """
 from __future__ import annotations
 
 import argparse
 import logging
-import os
 import signal
 import sys
 from pathlib import Path
@@ -28,12 +28,8 @@ enforce_offline()  # no hub, no analytics: before anything imports transformers/
 # this file without installing (Python puts the script's folder first on the path)
 import time  # noqa: E402
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-
 from internvl.cli_support import (  # noqa: E402
-    DTYPE_RULE,
-    non_negative_float,
+    add_generation_arguments,
     port_number,
     positive_int,
     run_cli,
@@ -52,6 +48,7 @@ from internvl.inference import (  # noqa: E402
     Generator,
     ModelLoadError,
     default_dtype,
+    init_distributed,
     load_model_and_tokenizer,
 )
 
@@ -67,15 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="MedRegA demo: web UI or --batch inference.")
     p.add_argument("--model", type=Path, default=DEFAULT_MODEL,
                    help="local InternVL-Chat checkpoint directory (default: the bundled asset/medreg-mini-model)")
-    p.add_argument("--load-in-8bit", action="store_true", help="8-bit LLM weights (bitsandbytes, GPU)")
-    p.add_argument("--load-in-4bit", action="store_true", help="4-bit LLM weights (bitsandbytes, GPU)")
-    p.add_argument("--device-map", default=None, help="'auto' shards a large model over the visible GPUs")
-    p.add_argument("--dtype", default=None,
-                   help=f"weights dtype: bfloat16 | float16 | float32 | auto (default: {DTYPE_RULE})")
-    p.add_argument("--max-new-tokens", type=positive_int, default=400)
-    p.add_argument("--num-beams", type=positive_int, default=1)
-    p.add_argument("--temperature", type=non_negative_float, default=0.0,
-                   help="0 = greedy (the original demo's default)")
+    add_generation_arguments(p)
     p.add_argument("--batch", type=Path, default=None, help="MedRegInstruct jsonl to answer instead of the web UI")
     p.add_argument("--out", type=Path, default=Path("result"), help="--batch output directory")
     p.add_argument("--batch-size", type=positive_int, default=8, help="--batch requests per forward pass and rank")
@@ -83,27 +72,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--port", type=port_number, default=7860)
     p.add_argument("--examples", type=Path, default=DEFAULT_EXAMPLES, help="folder with examples.json + images")
     args = p.parse_args(argv)
-    if args.load_in_8bit and args.load_in_4bit:
-        p.error("choose one of --load-in-8bit and --load-in-4bit")
     if args.batch is None and "--out" in (argv if argv is not None else sys.argv[1:]):
         p.error("--out only applies to --batch")
     return args
-
-
-def init_distributed() -> tuple[int, int, str]:
-    """(rank, world size, device). Under torchrun (``RANK`` set) join the process group: NCCL with one GPU per
-    ``LOCAL_RANK`` when CUDA is available, else gloo on CPU. A plain ``python3 src/demo.py`` runs as rank 0 of 1."""
-    if "RANK" not in os.environ:
-        return 0, 1, "cuda" if torch.cuda.is_available() else "cpu"
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl")
-        device = f"cuda:{local_rank}"
-    else:
-        dist.init_process_group("gloo")
-        device = "cpu"
-    return dist.get_rank(), dist.get_world_size(), device
 
 
 def load(args: argparse.Namespace, device: str):
@@ -111,19 +82,8 @@ def load(args: argparse.Namespace, device: str):
     if not args.model.is_dir():
         hint = " (the bundled model: see docs/demo.md to rebuild it)" if args.model == DEFAULT_MODEL else ""
         raise ModelLoadError(f"{args.model}: model directory not found{hint}")
-    dtype = args.dtype or default_dtype(device)
-    model, tokenizer = load_model_and_tokenizer(args.model, dtype=dtype, device_map=args.device_map,
-                                                load_in_8bit=args.load_in_8bit, load_in_4bit=args.load_in_4bit)
-    if args.device_map is None and not (args.load_in_8bit or args.load_in_4bit):
-        model = model.to(device)
-    return model, tokenizer
-
-
-def generation_settings(args: argparse.Namespace) -> GenerationSettings:
-    """Decoding settings shared by both modes (greedy unless --temperature > 0), for `internvl.inference.Generator`."""
-    sample = args.temperature > 0
-    return GenerationSettings(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, do_sample=sample,
-                              temperature=args.temperature if sample else 1.0)
+    return load_model_and_tokenizer(args.model, dtype=args.dtype or default_dtype(device), device_map=args.device_map,
+                                    load_in_8bit=args.load_in_8bit, load_in_4bit=args.load_in_4bit, device=device)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -135,17 +95,16 @@ def _main(argv: list[str] | None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # gradio's own startup probes: one line per request is ours
     args = parse_args(argv)
-    rank, world, device = init_distributed()
+    info = init_distributed()
     try:
         if args.batch is not None:
-            return run_batch_mode(args, rank, world, device)
-        if rank != 0:
-            log.info("rank %d: the web UI is served by rank 0 only; nothing to do here", rank)
+            return run_batch_mode(args, info.rank, info.world_size, info.device)
+        if info.rank != 0:
+            log.info("rank %d: the web UI is served by rank 0 only; nothing to do here", info.rank)
             return 0
-        return run_web(args, device)
+        return run_web(args, info.device)
     finally:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+        info.close()
 
 
 def run_batch_mode(args: argparse.Namespace, rank: int, world: int, device: str) -> int:
@@ -153,7 +112,7 @@ def run_batch_mode(args: argparse.Namespace, rank: int, world: int, device: str)
     items = read_batch_file(args.batch)  # every rank checks the whole file: a bad line stops all of them alike
     stamp = time.strftime("%y%m%d%H%M%S")
     model, tokenizer = load(args, device)
-    generator = Generator(model, tokenizer, generation_settings(args), batch_size=args.batch_size)
+    generator = Generator(model, tokenizer, GenerationSettings.from_args(args), batch_size=args.batch_size)
     stream = stream_path(args.out, stamp, rank)  # answers land here as they come (fsynced)
     local = run_batch(generator, items, rank, world, stream=stream)
     results = gather_results(local, world)
@@ -184,7 +143,7 @@ def _serve(args: argparse.Namespace, device: str) -> int:
     from internvl.demo.uploads import MAX_UPLOAD_BYTES
 
     model, tokenizer = load(args, device)
-    engine = DemoEngine(model, tokenizer, generation_settings(args))
+    engine = DemoEngine(model, tokenizer, GenerationSettings.from_args(args))
     examples = load_examples(args.examples)
     app = build_app(engine, examples, model_name=args.model.name)
     log.info("serving on http://%s:%d (model %s)", args.host, args.port, args.model)

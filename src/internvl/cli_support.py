@@ -20,8 +20,9 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-__all__ = ["DTYPE_RULE", "EXPECTED_ERRORS", "UsageError", "expected_error_types", "non_negative_float",
-           "non_negative_int", "one_line", "port_number", "positive_float", "positive_int", "run_cli"]
+__all__ = ["DTYPE_RULE", "EXPECTED_ERRORS", "UsageError", "add_generation_arguments", "expected_error_types",
+           "non_negative_float", "non_negative_int", "one_line", "port_number", "positive_float", "positive_int",
+           "run_cli"]
 
 # The default weights dtype, in words for --help texts (the demo's and `medrega-eval run`'s); the rule itself is
 # `internvl.inference.default_dtype`, kept here so that printing --help imports nothing heavy.
@@ -57,6 +58,7 @@ EXPECTED_ERRORS: tuple[str, ...] = (
     "medrega_eval.benchmarks:BenchmarkError",
     "medrega_eval.benchmarks:MissingData",
     "medrega_eval.run:ResumeMismatchError",
+    "medrega_eval.io:ScoreInputError",
 )
 
 _OS_EXPECTED: tuple[type[BaseException], ...] = (FileNotFoundError, NotADirectoryError, IsADirectoryError,
@@ -126,3 +128,18 @@ port_number = _number(int, lambda v: 1 <= v <= 65535, "a port number 1-65535")
 positive_float = _number(float, lambda v: v > 0, "a finite number > 0")
 #: argparse ``type=`` for finite numbers >= 0 (temperatures, where 0 means greedy).
 non_negative_float = _number(float, lambda v: v >= 0, "a finite number >= 0")
+
+
+def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model-loading and decoding options of the demo and ``medrega-eval run`` (read back by
+    ``internvl.inference.GenerationSettings.from_args`` and ``load_model_and_tokenizer``)."""
+    parser.add_argument("--dtype", default=None,
+                        help=f"weights dtype: bfloat16 | float16 | float32 | auto (default: {DTYPE_RULE})")
+    parser.add_argument("--device-map", default=None, help="'auto' shards a large model over the visible GPUs")
+    quantization = parser.add_mutually_exclusive_group()
+    quantization.add_argument("--load-in-8bit", action="store_true", help="8-bit LLM weights (bitsandbytes, GPU)")
+    quantization.add_argument("--load-in-4bit", action="store_true", help="4-bit LLM weights (bitsandbytes, GPU)")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=400)
+    parser.add_argument("--num-beams", type=positive_int, default=1)
+    parser.add_argument("--temperature", type=non_negative_float, default=0.0,
+                        help="0 = greedy (default, as the original demo and evaluation)")

@@ -15,8 +15,9 @@ torchvision is not required: PIL's bicubic resize is what ``torchvision.transfor
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -33,18 +34,9 @@ from internvl.constants import (
     IMG_START_TOKEN,
 )
 
-__all__ = [
-    "ImageSettings",
-    "build_transform",
-    "expand2square",
-    "find_closest_aspect_ratio",
-    "dynamic_preprocess",
-    "images_to_pixel_values",
-    "dummy_pixel_values",
-    "num_image_tokens",
-    "expand_image_placeholders",
-    "image_block",
-]
+__all__ = ["ImageSettings", "build_transform", "expand2square", "find_closest_aspect_ratio", "dynamic_preprocess",
+           "images_to_pixel_values", "dummy_pixel_values", "num_image_tokens", "expand_image_placeholders",
+           "image_block"]
 
 
 @dataclass(frozen=True)
@@ -57,6 +49,11 @@ class ImageSettings:
     min_dynamic_patch: int = 1
     max_dynamic_patch: int = 6
     pad2square: bool = False
+
+    @property
+    def max_tiles(self) -> int:
+        """Upper bound of the tiles one image becomes (1 without dynamic tiling, as V1.2/MedRegA)."""
+        return self.max_dynamic_patch + int(self.use_thumbnail) if self.dynamic_image_size else 1
 
     @classmethod
     def from_config(cls, config: Any) -> "ImageSettings":
@@ -73,23 +70,17 @@ class ImageSettings:
         if size is None:
             vision = get("vision_config", None)
             size = (vision.get("image_size") if isinstance(vision, Mapping) else getattr(vision, "image_size", None)) or DEFAULT_IMAGE_SIZE
-        settings = cls(
-            image_size=int(size),
-            dynamic_image_size=bool(get("dynamic_image_size", False)),
-            use_thumbnail=bool(get("use_thumbnail", False)),
-            min_dynamic_patch=int(get("min_dynamic_patch", 1)),
-            max_dynamic_patch=int(get("max_dynamic_patch", 6)),
-            pad2square=bool(get("pad2square", False)),
-        )
+        settings = cls(image_size=int(size), dynamic_image_size=bool(get("dynamic_image_size", False)),
+                       use_thumbnail=bool(get("use_thumbnail", False)),
+                       min_dynamic_patch=int(get("min_dynamic_patch", 1)),
+                       max_dynamic_patch=int(get("max_dynamic_patch", 6)), pad2square=bool(get("pad2square", False)))
         if settings.image_size <= 0 or not 1 <= settings.min_dynamic_patch <= settings.max_dynamic_patch:
             raise ValueError(f"invalid image settings {settings}")
         return settings
 
     def replace(self, **changes: Any) -> "ImageSettings":
         """A copy with some fields changed (e.g. ``max_dynamic_patch`` per dataset)."""
-        data = {f.name: getattr(self, f.name) for f in fields(self)}
-        data.update(changes)
-        return ImageSettings(**data)
+        return dataclasses.replace(self, **changes)
 
 
 def expand2square(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:
@@ -123,16 +114,13 @@ def build_transform(input_size: int = DEFAULT_IMAGE_SIZE, pad2square: bool = Fal
         if image.size != (input_size, input_size):
             image = image.resize((input_size, input_size), Image.Resampling.BICUBIC)
         pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)  # [3, H, W] uint8 view
-        out = torch.empty(pixels.shape, dtype=torch.float32)
-        out.copy_(pixels)
-        return out.mul_(scale).add_(offset)
+        return pixels.to(torch.float32, memory_format=torch.contiguous_format).mul_(scale).add_(offset)
 
     return transform
 
 
-def find_closest_aspect_ratio(
-    aspect_ratio: float, target_ratios: Sequence[tuple[int, int]], width: int, height: int, image_size: int
-) -> tuple[int, int]:
+def find_closest_aspect_ratio(aspect_ratio: float, target_ratios: Sequence[tuple[int, int]], width: int, height: int,
+                              image_size: int) -> tuple[int, int]:
     """The grid ``(cols, rows)`` whose ``cols/rows`` is closest to ``aspect_ratio``; ties go to the later (larger)
     grid when ``width*height > 0.5 * image_size^2 * cols * rows`` (the original rule)."""
     best_diff = float("inf")
@@ -147,32 +135,25 @@ def find_closest_aspect_ratio(
     return best
 
 
-def dynamic_preprocess(
-    image: Image.Image, min_num: int = 1, max_num: int = 6, image_size: int = DEFAULT_IMAGE_SIZE, use_thumbnail: bool = False
-) -> list[Image.Image]:
+def dynamic_preprocess(image: Image.Image, min_num: int = 1, max_num: int = 6, image_size: int = DEFAULT_IMAGE_SIZE,
+                       use_thumbnail: bool = False) -> list[Image.Image]:
     """Cut ``image`` into 448-px tiles on the closest-aspect grid (see module docstring); row-major, thumbnail last."""
     if not 1 <= min_num <= max_num:
         raise ValueError(f"need 1 <= min_num <= max_num, got {min_num}, {max_num}")
     width, height = image.size
-    target_ratios = sorted(
-        {(i, j) for n in range(min_num, max_num + 1) for i in range(1, n + 1) for j in range(1, n + 1) if min_num <= i * j <= max_num},
-        key=lambda r: (r[0] * r[1], r),
-    )
+    target_ratios = sorted(((i, j) for i in range(1, max_num + 1) for j in range(1, max_num + 1)
+                            if min_num <= i * j <= max_num), key=lambda r: (r[0] * r[1], r))
     cols, rows = find_closest_aspect_ratio(width / height, target_ratios, width, height, image_size)
     resized = image.resize((image_size * cols, image_size * rows), Image.Resampling.BICUBIC)
-    tiles = [
-        resized.crop((c * image_size, r * image_size, (c + 1) * image_size, (r + 1) * image_size))
-        for r in range(rows)
-        for c in range(cols)
-    ]
+    tiles = [resized.crop((c * image_size, r * image_size, (c + 1) * image_size, (r + 1) * image_size))
+             for r in range(rows) for c in range(cols)]
     if use_thumbnail and len(tiles) != 1:
         tiles.append(image.resize((image_size, image_size), Image.Resampling.BICUBIC))
     return tiles
 
 
-def images_to_pixel_values(
-    images: Sequence[Image.Image], config_or_kwargs: Any = None, *, max_num: int | None = None
-) -> tuple[torch.Tensor, list[int]]:
+def images_to_pixel_values(images: Sequence[Image.Image], config_or_kwargs: Any = None, *, max_num: int | None = None
+                           ) -> tuple[torch.Tensor, list[int]]:
     """Images -> ``(pixel_values [T, 3, S, S] float32, num_patches_list)`` with ``T = sum(num_patches_list)``.
 
     ``config_or_kwargs`` is an :class:`ImageSettings`, an ``InternVLChatConfig`` or a dict of the same field names
@@ -187,13 +168,9 @@ def images_to_pixel_values(
     num_patches: list[int] = []
     for image in images:
         if settings.dynamic_image_size:
-            tiles = dynamic_preprocess(
-                image.convert("RGB"),
-                min_num=settings.min_dynamic_patch,
-                max_num=max_num if max_num is not None else settings.max_dynamic_patch,
-                image_size=settings.image_size,
-                use_thumbnail=settings.use_thumbnail,
-            )
+            tiles = dynamic_preprocess(image.convert("RGB"), min_num=settings.min_dynamic_patch,
+                                       max_num=max_num if max_num is not None else settings.max_dynamic_patch,
+                                       image_size=settings.image_size, use_thumbnail=settings.use_thumbnail)
         else:
             tiles = [image]
         tensors.extend(transform(t) for t in tiles)
@@ -219,9 +196,8 @@ def image_block(num_patches: int, num_image_token: int) -> str:
     return IMG_START_TOKEN + IMG_CONTEXT_TOKEN * (num_image_token * num_patches) + IMG_END_TOKEN
 
 
-def expand_image_placeholders(
-    text: str, num_patches_list: Sequence[int], num_image_token: int, *, prepend_missing: bool = False
-) -> str:
+def expand_image_placeholders(text: str, num_patches_list: Sequence[int], num_image_token: int, *,
+                              prepend_missing: bool = False) -> str:
     """Replace the i-th ``<image>`` in ``text`` by the image block of image i.
 
     The number of ``<image>`` placeholders must equal ``len(num_patches_list)`` (``ValueError`` otherwise). With

@@ -21,21 +21,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from PIL import Image
 
 from internvl.constants import IMG_CONTEXT_TOKEN
 from internvl.data.images import load_image
 from internvl.image_processing import images_to_pixel_values
 
-__all__ = [
-    "GenerationRequest",
-    "GenerationSettings",
-    "Generator",
-    "ModelLoadError",
-    "default_dtype",
-    "load_model_and_tokenizer",
-    "resolve_dtype",
-]
+__all__ = ["DistInfo", "GenerationRequest", "GenerationSettings", "Generator", "ModelLoadError", "default_dtype",
+           "init_distributed", "load_model_and_tokenizer"]
 
 
 class ModelLoadError(RuntimeError):
@@ -77,12 +71,8 @@ class GenerationSettings:
         """kwargs for `generate`; sampling knobs only when sampling (keeps transformers from warning)."""
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        kwargs: dict[str, Any] = {
-            "max_new_tokens": self.max_new_tokens,
-            "min_new_tokens": self.min_new_tokens,
-            "do_sample": self.do_sample,
-            "num_beams": self.num_beams,
-        }
+        kwargs: dict[str, Any] = {"max_new_tokens": self.max_new_tokens, "min_new_tokens": self.min_new_tokens,
+                                  "do_sample": self.do_sample, "num_beams": self.num_beams}
         if self.do_sample:
             kwargs.update(temperature=self.temperature, top_p=self.top_p)
         if self.repetition_penalty != 1.0:
@@ -91,6 +81,51 @@ class GenerationSettings:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_args(cls, args: Any) -> GenerationSettings:
+        """From the options of ``internvl.cli_support.add_generation_arguments`` (greedy unless --temperature > 0)."""
+        sample = args.temperature > 0
+        return cls(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, do_sample=sample,
+                   temperature=args.temperature if sample else 1.0)
+
+
+@dataclass
+class DistInfo:
+    """This process's place in a torchrun job (rank 0 of 1 without torchrun)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    initialized: bool = False
+
+    @property
+    def device(self) -> str:
+        """``cuda:<local_rank>`` when CUDA is available, else ``cpu``."""
+        return f"cuda:{self.local_rank}" if torch.cuda.is_available() else "cpu"
+
+    def barrier(self) -> None:
+        if self.initialized:
+            dist.barrier()
+
+    def close(self) -> None:
+        """Leave the process group this process joined (a no-op without one)."""
+        if self.initialized and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def init_distributed() -> DistInfo:
+    """Join the torchrun process group when WORLD_SIZE > 1: NCCL with one GPU per LOCAL_RANK when CUDA is available,
+    gloo otherwise (the demo's ``--batch`` and ``medrega-eval run`` alike)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    return DistInfo(rank, world, local, True)
 
 
 def default_dtype(device: str | torch.device | None = None) -> str:
@@ -103,30 +138,20 @@ def default_dtype(device: str | torch.device | None = None) -> str:
     return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
 
 
-def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str | None:
-    """`internvl.model.loading.resolve_dtype` (imported on first use: the model package is slow to import)."""
-    from internvl.model.loading import resolve_dtype as resolve
-
-    return resolve(dtype)
-
-
-def load_model_and_tokenizer(
-    path: str | os.PathLike,
-    dtype: str | torch.dtype | None = "bfloat16",
-    device_map: str | dict | None = None,
-    load_in_8bit: bool = False,
-    load_in_4bit: bool = False,
-) -> tuple[Any, Any]:
+def load_model_and_tokenizer(path: str | os.PathLike, dtype: str | torch.dtype | None = "bfloat16",
+                             device_map: str | dict | None = None, load_in_8bit: bool = False,
+                             load_in_4bit: bool = False, device: str | torch.device | None = None) -> tuple[Any, Any]:
     """Load an InternVLChatModel and its tokenizer from a local directory (safetensors only, no hub, no remote code).
 
-    dtype: weights dtype ('bfloat16' default; 'auto' keeps the checkpoint's; see `resolve_dtype`). device_map: None
-    (CPU, or move the model yourself), 'auto' / 'balanced' (accelerate sharding over the visible GPUs) or an explicit
-    map. 8-/4-bit loading needs bitsandbytes and a GPU. The model is loaded by `internvl.model.loading.load_pretrained`
+    dtype: weights dtype ('bfloat16' default; 'auto' keeps the checkpoint's; see
+    `internvl.model.loading.resolve_dtype`). device_map: None (CPU, or `device`), 'auto' / 'balanced' (accelerate
+    sharding over the visible GPUs) or an explicit map. device: where to move the model when neither `device_map` nor
+    8-/4-bit loading (bitsandbytes, GPU) places it. The model is loaded by `internvl.model.loading.load_pretrained`
     (its checks and quantization settings); every failure to load is a `ModelLoadError`. Returns (model in eval mode
     with img_context_token_id set, tokenizer).
     """
-    # imported on first use, like `resolve_dtype`: the model package and the tokenizer stack are slow to import, and
-    # `medrega-eval score` imports this module without loading a model
+    # imported on first use: the model package and the tokenizer stack are slow to import, and `medrega-eval score`
+    # imports this module without loading a model
     from internvl.model.loading import CheckpointError, find_weight_files, load_pretrained
     from internvl.tokenization import load_tokenizer
 
@@ -144,6 +169,8 @@ def load_model_and_tokenizer(
     except (OSError, CheckpointError) as exc:
         raise ModelLoadError(f"{directory}: cannot load the model: {exc}") from exc
     model.img_context_token_id = tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN)
+    if device is not None and device_map is None and not (load_in_8bit or load_in_4bit):
+        model = model.to(device)
     return model, tokenizer
 
 
@@ -154,14 +181,8 @@ class Generator:
     that padding stays small; `generate` returns answers in the order given.
     """
 
-    def __init__(
-        self,
-        model: Any,
-        tokenizer: Any,
-        settings: GenerationSettings | None = None,
-        batch_size: int = 8,
-        image_settings: Any = None,
-    ) -> None:
+    def __init__(self, model: Any, tokenizer: Any, settings: GenerationSettings | None = None, batch_size: int = 8,
+                 image_settings: Any = None) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.model = model
@@ -173,37 +194,22 @@ class Generator:
         self._pixel_device = vision_param.device
         self._pixel_dtype = vision_param.dtype if vision_param.dtype.is_floating_point else torch.bfloat16
 
-    def _load_images(self, request: GenerationRequest) -> list[Image.Image]:
-        out = []
-        for img in request.images:
-            out.append(img.convert("RGB") if isinstance(img, Image.Image) else load_image(img, **request.image_kwargs))
-        return out
-
-    def _pixel_values(self, request: GenerationRequest) -> tuple[torch.Tensor | None, list[int]]:
-        images = self._load_images(request)
-        if not images:
-            return None, []
-        pixel_values, num_patches = images_to_pixel_values(images, self.image_settings)
-        return pixel_values, num_patches
-
     def generate_batch(self, requests: Sequence[GenerationRequest]) -> list[str]:
         """Answers for one batch, in order (no reordering; the caller chooses the batch)."""
         tiles: list[torch.Tensor] = []
         num_patches_list: list[list[int]] = []
         for request in requests:
-            pv, patches = self._pixel_values(request)
-            if pv is not None:
-                tiles.append(pv)
+            images = [img.convert("RGB") if isinstance(img, Image.Image) else load_image(img, **request.image_kwargs)
+                      for img in request.images]
+            patches: list[int] = []
+            if images:
+                pixel_values, patches = images_to_pixel_values(images, self.image_settings)
+                tiles.append(pixel_values)
             num_patches_list.append(patches)
         pixel_values = torch.cat(tiles).to(self._pixel_device, self._pixel_dtype) if tiles else None
-        return self.model.batch_chat(
-            self.tokenizer,
-            pixel_values,
-            [r.prompt for r in requests],
-            generation_config=self.settings.to_kwargs(),
-            num_patches_list=num_patches_list,
-            histories=[list(r.history) for r in requests],
-        )
+        return self.model.batch_chat(self.tokenizer, pixel_values, [r.prompt for r in requests],
+                                     generation_config=self.settings.to_kwargs(), num_patches_list=num_patches_list,
+                                     histories=[list(r.history) for r in requests])
 
     def iter_generate(self, requests: Sequence[GenerationRequest]) -> Iterator[list[tuple[int, str]]]:
         """Yield [(request index, answer), ...] one batch at a time (for progress bars and crash-safe writing)."""
@@ -215,9 +221,8 @@ class Generator:
                 raise RuntimeError(f"batch_chat returned {len(answers)} answers for {len(idx)} requests")
             yield list(zip(idx, answers))
 
-    def generate(
-        self, requests: Sequence[GenerationRequest], progress: Callable[[int], None] | None = None
-    ) -> list[str]:
+    def generate(self, requests: Sequence[GenerationRequest], progress: Callable[[int], None] | None = None
+                 ) -> list[str]:
         """Answers for `requests`, in order. `progress(n)` is called with the number finished after each batch."""
         answers: list[str | None] = [None] * len(requests)
         for batch in self.iter_generate(requests):

@@ -16,16 +16,17 @@ All refusals are :class:`OutputPathError` (a ``ValueError``), which the console 
 """
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import shutil
 import tempfile
 import uuid
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["OutputPathError", "atomic_write_text", "check_output_dir", "check_output_file", "fsync_path",
-           "staged_output_dir", "unique_file"]
+__all__ = ["OutputPathError", "append_jsonl", "atomic_write_text", "check_output_dir", "check_output_file",
+           "fsync_path", "staged_output_dir", "unique_file"]
 
 
 class OutputPathError(ValueError):
@@ -109,16 +110,12 @@ def check_output_file(out: str | os.PathLike, *, inputs: Iterable[str | os.PathL
 def fsync_path(path: str | os.PathLike) -> None:
     """fsync one file or folder (a folder: so a rename inside it is durable); one that cannot be opened or synced is
     passed over (some file systems refuse fsync on folders)."""
-    try:
+    with contextlib.suppress(OSError):
         fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> Path:
@@ -138,6 +135,14 @@ def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8
     return path
 
 
+def append_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> None:
+    """Append rows to a JSON-lines file and flush + fsync, so a crash never loses a finished line."""
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
 def unique_file(directory: str | os.PathLike, stem: str, suffix: str) -> Path:
     """Create and return a new empty file ``directory/stem{suffix}`` (or ``stem-1{suffix}``, ``stem-2`` ...).
 
@@ -154,7 +159,7 @@ def unique_file(directory: str | os.PathLike, stem: str, suffix: str) -> Path:
     raise OutputPathError(f"{directory}: no free file name {stem}-N{suffix} left")
 
 
-@contextmanager
+@contextlib.contextmanager
 def staged_output_dir(final: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a new temporary directory next to ``final``; when the block succeeds it becomes ``final``.
 

@@ -23,16 +23,10 @@ import os
 import sys
 
 # Values forced for the whole process (and inherited by subprocesses such as torchrun workers or DeepSpeed).
-OFFLINE_ENVIRONMENT: dict[str, str] = {
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
-    "HF_HUB_DISABLE_TELEMETRY": "1",
-    "HF_HUB_DISABLE_IMPLICIT_TOKEN": "1",
-    "DISABLE_TELEMETRY": "1",
-    "USE_HUB_KERNELS": "NO",
-    "GRADIO_ANALYTICS_ENABLED": "False",
-}
+OFFLINE_ENVIRONMENT: dict[str, str] = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+                                       "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_DISABLE_IMPLICIT_TOKEN": "1",
+                                       "DISABLE_TELEMETRY": "1", "USE_HUB_KERNELS": "NO",
+                                       "GRADIO_ANALYTICS_ENABLED": "False"}
 
 
 def enforce_offline() -> None:

@@ -24,17 +24,8 @@ from internvl.data.prompts import build_question
 from internvl.inference import GenerationRequest
 from internvl.regions import Region, parse_regions
 
-__all__ = [
-    "MAX_REGIONS",
-    "CotAnswer",
-    "RegionalCotGenerator",
-    "guess_lang",
-    "regional_cot",
-    "split_question",
-    "step_one_request",
-    "step_two_request",
-    "usable_regions",
-]
+__all__ = ["MAX_REGIONS", "CotAnswer", "RegionalCotGenerator", "guess_lang", "regional_cot", "split_question",
+           "step_one_request", "step_two_request", "usable_regions"]
 
 MAX_REGIONS = 8  # regions written into the step-two prompt (keeps the prompt bounded whatever step one emits)
 
@@ -51,13 +42,8 @@ class CotAnswer:
 
     def record_fields(self) -> dict[str, Any]:
         """The per-sample fields `medrega-eval run` keeps (JSON-ready)."""
-        return {"cot_regions": [{"name": r.name, "boxes": [list(b) for b in map(_box_tuple, r.boxes)]}
-                                for r in self.regions],
+        return {"cot_regions": [{"name": r.name, "boxes": [b.as_list() for b in r.boxes]} for r in self.regions],
                 "cot_step_one": self.step_one_answer}
-
-
-def _box_tuple(box: Any) -> tuple[int, int, int, int]:
-    return (box.x1, box.y1, box.x2, box.y2)
 
 
 def guess_lang(text: str) -> str:
@@ -68,12 +54,10 @@ def guess_lang(text: str) -> str:
 @lru_cache(maxsize=1)
 def _preambles() -> tuple[str, ...]:
     """Every literal registry base prompt (longest first): the task preamble a benchmark question may start with."""
-    found: set[str] = set()
+    found = set()
     for tp in load_prompts().values():
         values = list(tp.base_prompt.values()) if isinstance(tp.base_prompt, dict) else [tp.base_prompt]
-        for text in [*values, *tp.base_prompt_variants.values()]:
-            if text and "{" not in text:
-                found.add(text)
+        found.update(text for text in [*values, *tp.base_prompt_variants.values()] if text and "{" not in text)
     return tuple(sorted(found, key=len, reverse=True))
 
 

@@ -39,30 +39,14 @@ import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from internvl.constants import BOX_END, BOX_SCALE, BOX_START, REF_END, REF_START
 
-__all__ = [
-    "Box",
-    "Region",
-    "RegionError",
-    "validate_box",
-    "parse_box_list",
-    "parse_regions",
-    "format_boxes",
-    "format_region",
-    "format_regions",
-    "pixels_to_box",
-    "box_to_pixels",
-    "strip_regions",
-    "has_regions",
-    "map_boxes",
-    "BoxListSpan",
-    "GRAMMARS",
-    "scan_box_lists",
-    "remove_region_tags",
-    "parse_original_references",
-    "remove_box_text_original",
-]
+__all__ = ["Box", "Region", "RegionError", "validate_box", "parse_box_list", "parse_regions", "format_boxes",
+           "format_region", "format_regions", "pixels_to_box", "box_to_pixels", "strip_regions", "has_regions",
+           "map_boxes", "box_iou", "BoxListSpan", "GRAMMARS", "scan_box_lists", "remove_region_tags",
+           "parse_original_references", "remove_box_text_original"]
 
 
 class RegionError(ValueError):
@@ -132,9 +116,8 @@ def validate_box(values: Sequence[object]) -> Box:
 
 # ---------------------------------------------------------------------------------------------------------- parsing
 # Every pattern below is linear in the text length: no leading unbounded class is retried at each start position, and
-# every "up to the closing tag" search is a bisect over precomputed tag positions (issue #14: a 100 KB line of
-# "<ref>" took 25 s with the old lazy `.*?` patterns). Box values are ASCII digits only ("[[５,10,100,200]]" is not a
-# box: Python's `\d` would accept full-width digits).
+# every "up to the closing tag" search is a bisect over precomputed tag positions (a lazy `.*?` is quadratic on a long
+# line of "<ref>"). Box values are ASCII digits only ("[[５,10,100,200]]" is not a box: `\d` accepts full-width ones).
 _NUMBER = r"-?[0-9]+(?:\.[0-9]+)?"
 _NUMBER_RE = re.compile(_NUMBER)
 _DIGITS_RE = re.compile(r"[0-9]+")
@@ -263,12 +246,7 @@ class BoxListSpan:
 
 def _last_of(text: str, chars: str, lo: int, hi: int) -> int:
     """Index of the last character of ``chars`` in ``text[lo:hi]``, or ``lo - 1``; C-speed rfind, linear."""
-    best = lo - 1
-    for c in chars:
-        k = text.rfind(c, lo, hi)
-        if k > best:
-            best = k
-    return best
+    return max(lo - 1, *(text.rfind(c, lo, hi) for c in chars))
 
 
 _PLAIN_ORIGINAL_RE = re.compile(r"[\[\], 0-9]*")
@@ -500,7 +478,7 @@ def box_to_pixels(box: Box | Sequence[int], width: float, height: float) -> tupl
 
 # --------------------------------------------------------------------------------------------------------- stripping
 # A box content may not contain another <box> tag: an unclosed "<box>" then fails at the next "<box>" instead of
-# scanning to the end of the text (which made the old lazy ".*?" quadratic).
+# scanning to the end of the text (which would make the pattern quadratic).
 _ONE_TAGGED = (
     r"(?:" + re.escape(REF_START) + r"[^<]*" + re.escape(REF_END) + r"[ \t]*)?"
     + re.escape(BOX_START) + r"(?:(?!" + re.escape(BOX_START) + "|" + re.escape(BOX_END) + r").)*" + re.escape(BOX_END)
@@ -545,6 +523,18 @@ def _chain_matches(text: str) -> list[re.Match[str]]:
             continue
         out.append(m)
         pos = m.end()
+
+
+def box_iou(a: Sequence, b: Sequence) -> np.ndarray:
+    """Pairwise IoU of [N,4] and [M,4] xyxy boxes -> [N,M] (torchvision.ops.box_iou's formula; empty union -> 0)."""
+    a = np.asarray(a, dtype=np.float64).reshape(-1, 4)
+    b = np.asarray(b, dtype=np.float64).reshape(-1, 4)
+    sides = np.minimum(a[:, None, 2:], b[None, :, 2:]) - np.maximum(a[:, None, :2], b[None, :, :2])
+    inter = np.clip(sides, 0, None).prod(axis=-1)
+    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
+    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    union = area_a[:, None] + area_b[None, :] - inter
+    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
 
 
 def strip_regions(text: str) -> str:

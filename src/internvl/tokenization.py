@@ -52,33 +52,13 @@ from internvl.constants import (
     REF_START,
 )
 
-__all__ = [
-    "SPECIAL_TOKENS",
-    "REGION_TAGS",
-    "TokenizerError",
-    "add_special_tokens",
-    "decode_answer",
-    "save_tokenizer",
-    "tokenizer_behaviour",
-    "PROBE_TEXTS",
-    "resize_embeddings_mean",
-    "load_tokenizer",
-    "train_sentencepiece_tokenizer",
-    "check_single_token_ids",
-]
+__all__ = ["SPECIAL_TOKENS", "REGION_TAGS", "TokenizerError", "add_special_tokens", "decode_answer", "save_tokenizer",
+           "tokenizer_behaviour", "PROBE_TEXTS", "resize_embeddings_mean", "load_tokenizer",
+           "train_sentencepiece_tokenizer", "check_single_token_ids"]
 
 # Order as in the original constants.py (ids follow it when all nine are new).
-SPECIAL_TOKENS: tuple[str, ...] = (
-    IMG_START_TOKEN,
-    IMG_END_TOKEN,
-    IMG_CONTEXT_TOKEN,
-    QUAD_START,
-    QUAD_END,
-    REF_START,
-    REF_END,
-    BOX_START,
-    BOX_END,
-)
+SPECIAL_TOKENS: tuple[str, ...] = (IMG_START_TOKEN, IMG_END_TOKEN, IMG_CONTEXT_TOKEN, QUAD_START, QUAD_END, REF_START,
+                                   REF_END, BOX_START, BOX_END)
 
 # The tags answers keep (decode_answer); every other token of SPECIAL_TOKENS is a control token.
 REGION_TAGS: tuple[str, ...] = (REF_START, REF_END, BOX_START, BOX_END)
@@ -215,14 +195,10 @@ def tokenizer_behaviour(tokenizer, texts: Iterable[str] = PROBE_TEXTS) -> dict[s
     per_text = []
     for text in texts:
         ids = tokenizer.encode(text, add_special_tokens=False)
-        per_text.append({
-            "text": text,
-            "ids": ids,
-            "ids_with_specials": tokenizer(text)["input_ids"],
-            "decode": tokenizer.decode(ids, skip_special_tokens=False),
-            "decode_skip_special": tokenizer.decode(ids, skip_special_tokens=True),
-            "answer": decode_answer(tokenizer, ids),
-        })
+        per_text.append({"text": text, "ids": ids, "ids_with_specials": tokenizer(text)["input_ids"],
+                         "decode": tokenizer.decode(ids, skip_special_tokens=False),
+                         "decode_skip_special": tokenizer.decode(ids, skip_special_tokens=True),
+                         "answer": decode_answer(tokenizer, ids)})
     added = {int(i): (tok.content, bool(tok.special)) for i, tok in tokenizer.added_tokens_decoder.items()}
     return {"size": len(tokenizer), "added_tokens": added, "special_tokens": dict(tokenizer.special_tokens_map),
             "texts": per_text}
@@ -315,15 +291,9 @@ def decode_answer(tokenizer, ids: Iterable[int] | torch.Tensor, *, separator: st
     return text.strip()
 
 
-def train_sentencepiece_tokenizer(
-    sentences: Iterable[str],
-    out_dir: str | os.PathLike,
-    vocab_size: int = 1000,
-    *,
-    model_type: str = "bpe",
-    model_max_length: int = 4096,
-    extra_special_tokens: Iterable[str] = SPECIAL_TOKENS,
-) -> Path:
+def train_sentencepiece_tokenizer(sentences: Iterable[str], out_dir: str | os.PathLike, vocab_size: int = 1000, *,
+                                  model_type: str = "bpe", model_max_length: int = 4096,
+                                  extra_special_tokens: Iterable[str] = SPECIAL_TOKENS) -> Path:
     """Train a Yi-like SentencePiece tokenizer on ``sentences`` and write a directory :func:`load_tokenizer` reads.
 
     Layout (mirrors Nous-Hermes-2-Yi + InternVL-Chat-V1-2): ids 0/1/2 = ``<unk>``/``<|startoftext|>``/
@@ -340,26 +310,13 @@ def train_sentencepiece_tokenizer(
     corpus = [s for s in sentences if s.strip()]
     if not corpus:
         raise TokenizerError("train_sentencepiece_tokenizer: no non-empty sentences given")
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(corpus),
-        model_prefix=str(out / "tokenizer"),
-        vocab_size=vocab_size,
-        model_type=model_type,
-        character_coverage=1.0,
-        byte_fallback=True,
-        hard_vocab_limit=False,
-        split_digits=True,
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=-1,
-        unk_piece="<unk>",
-        bos_piece="<|startoftext|>",
-        eos_piece=ENDOFTEXT_TOKEN,
-        user_defined_symbols=[IM_START_TOKEN, IM_END_TOKEN, IM_SEP_TOKEN],
-        num_threads=1,
-        minloglevel=2,
-    )
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus), model_prefix=str(out / "tokenizer"),
+                                   vocab_size=vocab_size, model_type=model_type, character_coverage=1.0,
+                                   byte_fallback=True, hard_vocab_limit=False, split_digits=True, unk_id=0, bos_id=1,
+                                   eos_id=2, pad_id=-1, unk_piece="<unk>", bos_piece="<|startoftext|>",
+                                   eos_piece=ENDOFTEXT_TOKEN,
+                                   user_defined_symbols=[IM_START_TOKEN, IM_END_TOKEN, IM_SEP_TOKEN], num_threads=1,
+                                   minloglevel=2)
     (out / "tokenizer.vocab").unlink(missing_ok=True)
     sp = spm.SentencePieceProcessor(model_file=str(out / "tokenizer.model"))
     base = sp.get_piece_size()
@@ -376,18 +333,10 @@ def train_sentencepiece_tokenizer(
             raise TokenizerError(f"extra special token {tok!r} is already in the vocabulary")
         added[tok] = base + len(added)
         decoder[str(added[tok])] = entry(tok)
-    config = {
-        "tokenizer_class": "LlamaTokenizer",
-        "add_bos_token": False,
-        "add_eos_token": False,
-        "bos_token": "<|startoftext|>",
-        "eos_token": IM_END_TOKEN,
-        "unk_token": "<unk>",
-        "pad_token": "<unk>",
-        "model_max_length": model_max_length,
-        "clean_up_tokenization_spaces": False,
-        "added_tokens_decoder": decoder,
-    }
+    config = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": False, "add_eos_token": False,
+              "bos_token": "<|startoftext|>", "eos_token": IM_END_TOKEN, "unk_token": "<unk>", "pad_token": "<unk>",
+              "model_max_length": model_max_length, "clean_up_tokenization_spaces": False,
+              "added_tokens_decoder": decoder}
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     (out / "added_tokens.json").write_text(json.dumps(added, indent=2) + "\n", encoding="utf-8")
     special_map = {"bos_token": "<|startoftext|>", "eos_token": IM_END_TOKEN, "unk_token": "<unk>", "pad_token": "<unk>"}

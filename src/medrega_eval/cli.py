@@ -17,7 +17,7 @@ import json
 import sys
 from pathlib import Path
 
-from internvl.cli_support import DTYPE_RULE, UsageError, non_negative_float, positive_int, run_cli
+from internvl.cli_support import UsageError, add_generation_arguments, positive_int, run_cli
 from internvl.offline import enforce_offline
 
 __all__ = ["main", "build_parser"]
@@ -65,15 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--model", required=True, help="local model directory (safetensors)")
     r.add_argument("--benchmark", required=True, help="benchmark name(s), comma-separated")
     r.add_argument("--batch-size", type=positive_int, default=8)
-    r.add_argument("--max-new-tokens", type=positive_int, default=400)
-    r.add_argument("--num-beams", type=positive_int, default=1)
-    r.add_argument("--temperature", type=non_negative_float, default=0.0, help="0 = greedy (default)")
-    r.add_argument("--dtype", default=None,
-                   help=f"weights dtype: bfloat16 | float16 | float32 | auto (default: {DTYPE_RULE})")
-    r.add_argument("--device-map", default=None, help="e.g. auto to shard one model over the visible GPUs")
-    q = r.add_mutually_exclusive_group()
-    q.add_argument("--load-in-8bit", action="store_true")
-    q.add_argument("--load-in-4bit", action="store_true")
+    add_generation_arguments(r)
     r.add_argument("--limit", type=positive_int, default=None, help="only the first N samples of each benchmark")
     r.add_argument("--no-score", action="store_true", help="generate only")
     r.add_argument("--overwrite", action="store_true",
@@ -99,17 +91,6 @@ def _read_options(args: argparse.Namespace) -> list[str] | None:
     return None
 
 
-def _options_from_records(records, multilabel: bool) -> list[str]:
-    """The union of the reference labels (a benchmark with `options: from_references`)."""
-    out: list[str] = []
-    for r in records:
-        for label in (r.reference.split(",") if multilabel else [r.reference]):
-            label = label.strip()
-            if label and label not in out:
-                out.append(label)
-    return out
-
-
 def _pred_files(pred: Path) -> list[Path]:
     """`--pred`: one file, or several comma-separated (a file whose own name has a comma is taken as one)."""
     if "," not in str(pred) or _is_file(pred):
@@ -125,29 +106,12 @@ def _is_file(path: Path) -> bool:
         return False
 
 
-def _drop_repeated_ids(records, problems):
-    """Default mode over several files: an id seen in an earlier file is a duplicate too (the first is scored)."""
-    from internvl.data.records import RecordProblem
-
-    seen: dict[str, str] = {}
-    kept = []
-    for rec in records:
-        if rec.id in seen:
-            file, _, line = rec.source.rpartition(":")
-            problems.append(RecordProblem(file, int(line) if line.isdigit() else 0, "duplicate-id",
-                                          f"id {rec.id!r} already used at {seen[rec.id]}; this record is not scored"))
-            continue
-        seen[rec.id] = rec.source
-        kept.append(rec)
-    return kept, problems
-
-
 def _cmd_score(args: argparse.Namespace) -> int:
     from internvl.io_safety import check_output_dir
-    from medrega_eval.benchmarks import MissingData, data_dir_from, load_registry
+    from medrega_eval.benchmarks import MissingData, data_dir_from, load_registry, reference_labels
     from medrega_eval.io import read_predictions
     from medrega_eval.report import OUTPUT_FILES, protocol_info, write_outputs
-    from medrega_eval.score import TOP_METRICS, ScoreConfig, ScoreInputError, score_records, summarize
+    from medrega_eval.score import TOP_METRICS, ScoreConfig, score_records, summarize
 
     bench = None
     if args.benchmark:
@@ -157,8 +121,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
         bench = registry[args.benchmark]
     task = args.task or (bench.task if bench else None)
     if task is None:
-        print("medrega-eval score: give --task or --benchmark", file=sys.stderr)
-        return 2
+        raise UsageError("score: give --task or --benchmark")
     options = _read_options(args)
     if options is None and bench is not None and bench.options != "from_references":
         options = bench.options
@@ -177,35 +140,23 @@ def _cmd_score(args: argparse.Namespace) -> int:
             image_root = bench.locate(data_dir_from(args.data_dir))[1]
         except MissingData:
             image_root = None  # the report then shows no images
-    records, problems = [], []
+    records, problems, seen = [], [], {}  # default mode: an id of an earlier file is a duplicate too
     for path in pred_files:
-        recs, probs = read_predictions(path, keep_duplicates=args.compat == "medrega")
+        recs, probs = read_predictions(path, keep_duplicates=args.compat == "medrega", seen=seen)
         records += recs
         problems += probs
-    if args.compat != "medrega" and len(pred_files) > 1:
-        records, problems = _drop_repeated_ids(records, problems)
     if options is None and bench is not None and bench.options == "from_references":
-        options = _options_from_records(records, args.multilabel or bench.multilabel)
+        options = reference_labels([r.reference for r in records], args.multilabel or bench.multilabel)
     if options is None and task == "classification" and not any(r.options for r in records):
-        print("medrega-eval score: classification needs options: records with an 'options' field, --options, "
-              "--options-file or --benchmark", file=sys.stderr)
-        return 2
+        raise UsageError("score: classification needs options: records with an 'options' field, --options, "
+                         "--options-file or --benchmark")
     metrics = [m.strip() for m in args.metrics.split(",")] if args.metrics else None
     lang = args.lang if args.lang != "auto" else None
     cfg = ScoreConfig(task=task, lang=lang or (bench.lang if bench and bench.lang != "auto" else None),
                       subtype=args.subtype or (bench.subtype if bench else None), compat=args.compat,
                       options=options, multilabel=args.multilabel or bool(bench and bench.multilabel),
                       metrics=metrics, bertscore_model=args.bertscore_model, bertscore_layer=args.bertscore_layer)
-    try:
-        cfg.validate()
-    except ValueError as exc:
-        print(f"medrega-eval score: {exc}", file=sys.stderr)
-        return 2
-    try:
-        result = score_records(records, cfg, problems)
-    except ScoreInputError as exc:
-        print(f"medrega-eval score: {exc}", file=sys.stderr)
-        return 2
+    result = score_records(records, cfg, problems)  # ScoreInputError: bad options for these records
     if args.compat == "medrega":
         result.counts["repeated_ids_scored"] = len(records) - len({r.id for r in records})
     digests = [hashlib.sha256(p.read_bytes()).hexdigest() for p in pred_files]
@@ -234,28 +185,24 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from internvl.inference import GenerationSettings
     from medrega_eval.benchmarks import data_dir_from, load_registry
     from medrega_eval.run import RunConfig, run_benchmarks
+    from medrega_eval.score import ScoreInputError
 
     registry = load_registry(args.benchmark_file)
     names = [n.strip() for n in args.benchmark.split(",") if n.strip()]
     unknown = [n for n in names if n not in registry]
     if unknown:
-        print(f"medrega-eval run: unknown benchmark(s) {unknown}; see `medrega-eval list`", file=sys.stderr)
-        return 2
-    settings = GenerationSettings(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
-                                  do_sample=args.temperature > 0, temperature=args.temperature or 1.0)
+        raise UsageError(f"run: unknown benchmark(s) {unknown}; see `medrega-eval list`")
+    settings = GenerationSettings.from_args(args)
     cfg = RunConfig(out=args.out, data_dir=data_dir_from(args.data_dir), batch_size=args.batch_size,
                     limit=args.limit, compat=args.compat, score=not args.no_score,
                     bertscore_model=args.bertscore_model, bertscore_layer=args.bertscore_layer,
                     overwrite=args.overwrite, regional_cot=args.regional_cot)
-    from medrega_eval.score import ScoreInputError
-
     try:
         summaries = run_benchmarks(args.model, [registry[n] for n in names], cfg, settings, dtype=args.dtype,
                                    device_map=args.device_map, load_in_8bit=args.load_in_8bit,
                                    load_in_4bit=args.load_in_4bit)
     except ScoreInputError as exc:  # the predictions are kept; `score` can rescore them with the right options
-        print(f"medrega-eval run: {exc} (predictions kept in {args.out})", file=sys.stderr)
-        return 2
+        raise UsageError(f"run: {exc} (predictions kept in {args.out})") from None
     for summary in summaries.values():
         _print_summary(summary)
     return 0

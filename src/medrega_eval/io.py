@@ -24,9 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from internvl.data.records import LimitedJSONDecoder, RecordProblem, read_jsonl
+from internvl.io_safety import append_jsonl
 
-__all__ = ["PredictionRecord", "read_predictions", "parse_prediction", "problem_counts", "append_jsonl", "PRED_KEYS",
-           "REF_KEYS", "ScoreInputError"]
+__all__ = ["PredictionRecord", "read_predictions", "parse_prediction", "problem_at", "problem_counts", "append_jsonl",
+           "PRED_KEYS", "REF_KEYS", "ScoreInputError"]
 
 
 class ScoreInputError(ValueError):
@@ -63,8 +64,12 @@ def _first(record: dict, keys: Sequence[str]) -> tuple[str | None, Any]:
     return None, None
 
 
-def _problem(file: str, line: int, reason: str, message: str) -> RecordProblem:
-    return RecordProblem(file, line, reason, message)
+def problem_at(source: str, reason: str, message: str) -> RecordProblem:
+    """A problem at a record's ``source`` ("FILE:LINE"; line 0 when the source has no line number)."""
+    file, _, line = source.rpartition(":")
+    if not line.isdigit():
+        return RecordProblem(source, 0, reason, message)
+    return RecordProblem(file, int(line), reason, message)
 
 
 def parse_prediction(record: dict, file: str, line: int) -> PredictionRecord | RecordProblem:
@@ -72,18 +77,18 @@ def parse_prediction(record: dict, file: str, line: int) -> PredictionRecord | R
     pk, pred = _first(record, PRED_KEYS)
     rk, ref = _first(record, REF_KEYS)
     if pk is None:
-        return _problem(file, line, "missing-field", f"no prediction field (one of {', '.join(PRED_KEYS)})")
+        return RecordProblem(file, line, "missing-field", f"no prediction field (one of {', '.join(PRED_KEYS)})")
     if rk is None:
-        return _problem(file, line, "missing-field", f"no reference field (one of {', '.join(REF_KEYS)})")
+        return RecordProblem(file, line, "missing-field", f"no reference field (one of {', '.join(REF_KEYS)})")
     if pred is None:
         pred = ""  # a null answer is an empty prediction: scored (as wrong) and counted, never dropped
     if not isinstance(pred, str):
-        return _problem(file, line, "bad-field", f"{pk} must be a string, got {type(pred).__name__}")
+        return RecordProblem(file, line, "bad-field", f"{pk} must be a string, got {type(pred).__name__}")
     if isinstance(ref, list) and all(isinstance(r, str) for r in ref):
         ref = ", ".join(ref)
     if not isinstance(ref, str) or not ref.strip():
-        return _problem(file, line, "bad-field", f"{rk} must be a non-empty string, got {ref!r}")
-    ik, rid = _first(record, ID_KEYS)
+        return RecordProblem(file, line, "bad-field", f"{rk} must be a non-empty string, got {ref!r}")
+    _, rid = _first(record, ID_KEYS)
     rid = f"{file}:{line}" if rid is None else str(rid)
     hw = record.get("hw")
     if hw is None and "height" in record and "width" in record:
@@ -92,30 +97,30 @@ def parse_prediction(record: dict, file: str, line: int) -> PredictionRecord | R
         ok = (isinstance(hw, (list, tuple)) and len(hw) == 2
               and all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in hw))
         if not ok:
-            return _problem(file, line, "bad-field", f"hw must be [height, width] with positive numbers, got {hw!r}")
+            return RecordProblem(file, line, "bad-field",
+                                 f"hw must be [height, width] with positive numbers, got {hw!r}")
         hw = [float(hw[0]), float(hw[1])]
     options = record.get("options")
     if options is not None and not (isinstance(options, list) and options and all(isinstance(o, str) for o in options)):
-        return _problem(file, line, "bad-field", f"options must be a non-empty list of strings, got {options!r}")
+        return RecordProblem(file, line, "bad-field", f"options must be a non-empty list of strings, got {options!r}")
     lang = record.get("lang")
     if lang is not None and lang not in ("en", "zh"):
-        return _problem(file, line, "bad-field", f"lang must be 'en' or 'zh', got {lang!r}")
+        return RecordProblem(file, line, "bad-field", f"lang must be 'en' or 'zh', got {lang!r}")
     for key in ("question", "answer_type", "image_root"):
         if record.get(key) is not None and not isinstance(record[key], str):
-            return _problem(file, line, "bad-field", f"{key} must be a string, got {type(record[key]).__name__}")
+            return RecordProblem(file, line, "bad-field", f"{key} must be a string, got {type(record[key]).__name__}")
     image = record.get("image")
     if isinstance(image, list):
         image = image[0] if image else None
     if image is not None and not isinstance(image, str):
-        return _problem(file, line, "bad-field", f"image must be a path or a list of paths, got {type(image).__name__}")
+        return RecordProblem(file, line, "bad-field",
+                             f"image must be a path or a list of paths, got {type(image).__name__}")
     known = set(ID_KEYS) | set(PRED_KEYS) | set(REF_KEYS) | {"hw", "height", "width", "options", "lang", "image",
                                                                "question", "answer_type", "image_root"}
-    return PredictionRecord(
-        id=rid, prediction=pred, reference=ref, source=f"{file}:{line}",
-        question=record.get("question"), image=image, image_root=record.get("image_root"), hw=hw, lang=lang,
-        answer_type=record.get("answer_type"), options=options,
-        extra={k: v for k, v in record.items() if k not in known},
-    )
+    return PredictionRecord(id=rid, prediction=pred, reference=ref, source=f"{file}:{line}",
+                            question=record.get("question"), image=image, image_root=record.get("image_root"), hw=hw,
+                            lang=lang, answer_type=record.get("answer_type"), options=options,
+                            extra={k: v for k, v in record.items() if k not in known})
 
 
 def _json_list_items(path: Path, text: str) -> Iterable[tuple[int, Any]]:
@@ -138,11 +143,12 @@ def _json_list_items(path: Path, text: str) -> Iterable[tuple[int, Any]]:
         yield line, item
 
 
-def read_predictions(path: str | Path, *, keep_duplicates: bool = False
+def read_predictions(path: str | Path, *, keep_duplicates: bool = False, seen: dict[str, str] | None = None
                      ) -> tuple[list[PredictionRecord], list[RecordProblem]]:
     """All valid predictions of a JSON-list or JSON-lines file plus every problem (duplicates keep the first).
 
-    keep_duplicates=True (``--compat medrega``: the original scorers never look at ids) keeps every record."""
+    keep_duplicates=True (``--compat medrega``: the original scorers never look at ids) keeps every record. ``seen``
+    ({id: source}, filled here) carries the ids of earlier files, so that several files are pooled without repeats."""
     path = Path(path)
     file = str(path)
     try:
@@ -157,16 +163,11 @@ def read_predictions(path: str | Path, *, keep_duplicates: bool = False
     if head.startswith("["):
         text = path.read_text(encoding="utf-8-sig")
         try:
-            decoded = list(_json_list_items(path, text))
-        except json.JSONDecodeError as exc:
-            # salvage what decoded before the error; report the rest as one problem
-            decoded = []
-            try:
-                for item in _json_list_items(path, text):
-                    decoded.append(item)
-            except json.JSONDecodeError:
-                pass
-            problems.append(_problem(file, exc.lineno, "invalid-json", f"{exc.msg}; items after this are not read"))
+            for item in _json_list_items(path, text):
+                decoded.append(item)  # noqa: PERF402 - a loop keeps the items before a bad one
+        except json.JSONDecodeError as exc:  # keep what decoded before the error; the rest is one problem
+            problems.append(RecordProblem(file, exc.lineno, "invalid-json",
+                                          f"{exc.msg}; items after this are not read"))
     else:
         for line, item in read_jsonl(path):
             if isinstance(item, RecordProblem):
@@ -175,16 +176,17 @@ def read_predictions(path: str | Path, *, keep_duplicates: bool = False
                 continue
             decoded.append((line, item))
     records: list[PredictionRecord] = []
-    seen: dict[str, str] = {}
+    seen = {} if seen is None else seen
     idless_on_line: dict[int, int] = {}
     for line, item in decoded:
         if not isinstance(item, dict):
-            problems.append(_problem(file, line, "not-an-object", f"expected a JSON object, got {type(item).__name__}"))
+            problems.append(RecordProblem(file, line, "not-an-object",
+                                          f"expected a JSON object, got {type(item).__name__}"))
             continue
         try:
             rec = parse_prediction(item, file, line)
         except Exception as exc:  # noqa: BLE001 - one hostile record is a FILE:LINE problem, never a crash
-            rec = _problem(file, line, "bad-record", f"{type(exc).__name__}: {str(exc)[:200]}")
+            rec = RecordProblem(file, line, "bad-record", f"{type(exc).__name__}: {str(exc)[:200]}")
         if isinstance(rec, RecordProblem):
             problems.append(rec)
             continue
@@ -194,7 +196,7 @@ def read_predictions(path: str | Path, *, keep_duplicates: bool = False
             if nth > 1:
                 rec.id = f"{rec.id}#{nth}"
         if rec.id in seen and not keep_duplicates:
-            problems.append(_problem(file, line, "duplicate-id", f"id {rec.id!r} already used at {seen[rec.id]}; "
+            problems.append(RecordProblem(file, line, "duplicate-id", f"id {rec.id!r} already used at {seen[rec.id]}; "
                                                                  "this record is not scored"))
             continue
         seen[rec.id] = rec.source
@@ -205,14 +207,3 @@ def read_predictions(path: str | Path, *, keep_duplicates: bool = False
 def problem_counts(problems: Iterable[RecordProblem]) -> dict[str, int]:
     """{reason: count} for the summary."""
     return dict(Counter(p.reason for p in problems))
-
-
-def append_jsonl(path: Path, rows: Iterable[dict]) -> None:
-    """Append rows to a JSON-lines file and flush + fsync, so a crash never loses a finished line."""
-    import os
-
-    with path.open("a", encoding="utf-8") as fh:
-        for row in rows:
-            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())

@@ -60,24 +60,19 @@ def _java_version() -> str | None:
 
 def protocol_info(**fields: Any) -> dict[str, Any]:
     """The protocol block: caller fields (model, template, generation, task, compat, ...) + environment facts."""
-    versions = {}
-    for name in METRIC_PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
     from medrega_eval import __version__
 
-    return {
-        **fields,
-        "medrega_eval": __version__,
-        "git_commit": _git_commit(),
-        "packages": versions,
-        "java": _java_version(),
-        "python": platform.python_version(),
-        "command": " ".join(sys.argv),
-        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
+    return {**fields, "medrega_eval": __version__, "git_commit": _git_commit(),
+            "packages": {name: _package_version(name) for name in METRIC_PACKAGES}, "java": _java_version(),
+            "python": platform.python_version(), "command": " ".join(sys.argv),
+            "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+def _package_version(name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
 
 
 # ------------------------------------------------------------------------------------------------ rendering
@@ -228,12 +223,9 @@ def _figure(row: dict, image_root: str | Path | None, caption: str, ref: Sequenc
 
 def _cot_boxes(row: dict) -> list[list[int]]:
     """The Regional CoT step-one boxes of a row (``cot_regions``: [{"name", "boxes"}]), malformed entries skipped."""
-    out = []
-    for region in row.get("cot_regions") or []:
-        for box in (region.get("boxes") or []) if isinstance(region, dict) else []:
-            if isinstance(box, list) and len(box) == 4 and all(isinstance(v, int) for v in box):
-                out.append(box)
-    return out
+    regions = [r for r in row.get("cot_regions") or [] if isinstance(r, dict)]
+    return [box for region in regions for box in region.get("boxes") or []
+            if isinstance(box, list) and len(box) == 4 and all(isinstance(v, int) for v in box)]
 
 
 def _cot_text(row: dict) -> str:

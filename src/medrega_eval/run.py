@@ -24,9 +24,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tqdm import tqdm
+
+from internvl.data.images import ImageLoadError
 from internvl.data.records import RecordProblem
-from medrega_eval.benchmarks import Benchmark, Sample, load_samples
-from medrega_eval.io import append_jsonl, read_predictions
+from internvl.inference import (
+    DistInfo,
+    GenerationRequest,
+    Generator,
+    default_dtype,
+    init_distributed,
+    load_model_and_tokenizer,
+)
+from internvl.io_safety import atomic_write_text, check_output_dir
+from internvl.regional_cot import CotAnswer, RegionalCotGenerator
+from medrega_eval.benchmarks import Benchmark, Sample, load_samples, reference_labels
+from medrega_eval.io import append_jsonl, problem_at, read_predictions
 from medrega_eval.report import protocol_info, write_outputs
 from medrega_eval.score import REPORT_METRICS, TOP_METRICS, ScoreConfig, score_records, summarize
 
@@ -35,6 +48,7 @@ __all__ = ["RunConfig", "DistInfo", "ResumeMismatchError", "init_distributed", "
 
 SETTINGS_FILE = "run_settings.json"
 COT_FIELDS = ("cot_regions", "cot_step_one")  # per-sample Regional CoT fields kept in predictions.jsonl
+MERGED_FIELDS = ("id", "prediction", "reference", "question", "image", "image_root", "hw", "lang", "answer_type")
 
 
 class ResumeMismatchError(ValueError):
@@ -55,38 +69,6 @@ class RunConfig:
     bertscore_layer: int | None = None
     overwrite: bool = False
     regional_cot: bool = False  # two-step Regional CoT (internvl.regional_cot); recorded in run_settings.json
-
-
-@dataclass
-class DistInfo:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    initialized: bool = False
-
-
-def init_distributed() -> DistInfo:
-    """Join the torchrun process group when WORLD_SIZE > 1 (NCCL with CUDA, gloo otherwise)."""
-    import torch
-    import torch.distributed as dist
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return DistInfo()
-    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(local)
-    if not dist.is_initialized():
-        dist.init_process_group(backend=backend)
-    return DistInfo(rank, world, local, True)
-
-
-def _barrier(info: DistInfo) -> None:
-    if info.initialized:
-        import torch.distributed as dist
-
-        dist.barrier()
 
 
 def _repair_tail(path: Path) -> int:
@@ -130,10 +112,8 @@ def run_settings(model_path: str, dtype: str, quantization: str | None, generati
 
 def check_resume(bench_dir: Path, settings: dict[str, Any], overwrite: bool) -> bool:
     """Refuse (`ResumeMismatchError`) to add predictions to `bench_dir` that were made with other settings, unless
-    `overwrite`; return whether the old outputs must be moved aside (with `overwrite`: whenever there are any) (:func:`start_benchmark_dir`). Read-only, so
-    every rank can call it and fail alike before any model is loaded."""
-    from internvl.io_safety import check_output_dir
-
+    `overwrite`; return whether the old outputs must be moved aside (:func:`start_benchmark_dir`; with `overwrite`:
+    whenever there are any). Read-only, so every rank can call it and fail alike before any model is loaded."""
     check_output_dir(bench_dir, must_be_empty=False, what="benchmark output directory")
     recorded_path = bench_dir / SETTINGS_FILE
     has_predictions = any((bench_dir / "predictions").glob("rank*.jsonl")) if (bench_dir / "predictions").is_dir() \
@@ -162,8 +142,6 @@ def check_resume(bench_dir: Path, settings: dict[str, Any], overwrite: bool) -> 
 
 def start_benchmark_dir(bench_dir: Path, settings: dict[str, Any], move_aside: bool) -> None:
     """Rank 0: move old outputs to `bench_dir/replaced-<n>/` (never deleted) when asked; record `settings`."""
-    from internvl.io_safety import atomic_write_text
-
     if move_aside:
         n = 1
         while (bench_dir / f"replaced-{n}").exists():
@@ -179,8 +157,6 @@ def start_benchmark_dir(bench_dir: Path, settings: dict[str, Any], move_aside: b
 
 def _row(sample: Sample, bench: Benchmark, image_root: Path, prediction: Any, rank: int) -> dict[str, Any]:
     """One prediction line; a Regional CoT answer adds its step-one regions and raw step-one answer."""
-    from internvl.regional_cot import CotAnswer
-
     cot = prediction.record_fields() if isinstance(prediction, CotAnswer) else {}
     text = prediction.answer if isinstance(prediction, CotAnswer) else prediction
     return {"id": sample.id, "prediction": text, "reference": sample.reference, "question": sample.question,
@@ -192,22 +168,18 @@ def _row(sample: Sample, bench: Benchmark, image_root: Path, prediction: Any, ra
 def generate_benchmark(bench: Benchmark, generator: Any, cfg: RunConfig, info: DistInfo) -> tuple[list[Sample],
                                                                                                    list[RecordProblem]]:
     """Generate this rank's unfinished share of `bench`; return (all samples, annotation problems)."""
-    from tqdm import tqdm
-
-    from internvl.inference import GenerationRequest
-
     samples, problems, image_root = load_samples(bench, cfg.data_dir)
     if cfg.limit is not None:
         samples = samples[: cfg.limit]
     pred_dir = cfg.out / bench.name / "predictions"
     pred_dir.mkdir(parents=True, exist_ok=True)
     mine = pred_dir / f"rank{info.rank}.jsonl"
-    _barrier(info)
+    info.barrier()
     removed = _repair_tail(mine)
     if removed:
         print(f"{mine}: removed a half-written last line ({removed} bytes); that sample is generated again",
               file=sys.stderr)
-    _barrier(info)
+    info.barrier()
     done = finished_ids(pred_dir)
     todo = [s for i, s in enumerate(samples) if i % info.world_size == info.rank and s.id not in done]
     requests = [GenerationRequest(s.question, images=s.images, id=s.id) for s in todo]
@@ -215,21 +187,17 @@ def generate_benchmark(bench: Benchmark, generator: Any, cfg: RunConfig, info: D
                dynamic_ncols=True)
     errors_path = cfg.out / bench.name / "generation_errors.jsonl"
     if cfg.regional_cot:
-        from internvl.regional_cot import RegionalCotGenerator
-
         generator = RegionalCotGenerator(generator)
     for batch in _safe_batches(generator, requests, errors_path, info.rank):
         append_jsonl(mine, (_row(todo[i], bench, image_root, text, info.rank) for i, text in batch))
         bar.update(len(batch))
     bar.close()
-    _barrier(info)
+    info.barrier()
     return samples, problems
 
 
 def _safe_batches(generator: Any, requests: list, errors_path: Path, rank: int):
     """Batches of (index, text); a failing batch is retried one request at a time, failures logged, not fatal."""
-    from internvl.data.images import ImageLoadError
-
     order = sorted(range(len(requests)), key=lambda i: (len(requests[i].images), len(requests[i].prompt)))
     bs = generator.batch_size
     for start in range(0, len(order), bs):
@@ -246,17 +214,6 @@ def _safe_batches(generator: Any, requests: list, errors_path: Path, rank: int):
                 yield [(i, generator.generate_batch([requests[i]])[0])]
             except (ImageLoadError, OSError, ValueError) as exc:
                 append_jsonl(errors_path, [{"id": requests[i].id, "rank": rank, "error": str(exc)}])
-
-
-def _options_from_references(samples: Sequence[Sample], multilabel: bool) -> dict[str, list[str]]:
-    out: dict[str, list[str]] = {}
-    for s in samples:
-        labels = [p.strip() for p in s.reference.split(",")] if multilabel else [s.reference.strip()]
-        bucket = out.setdefault(s.lang or "en", [])
-        for label in labels:
-            if label and label not in bucket:
-                bucket.append(label)
-    return out
 
 
 def score_benchmark(bench: Benchmark, samples: Sequence[Sample], problems: Sequence[RecordProblem],
@@ -277,24 +234,18 @@ def score_benchmark(bench: Benchmark, samples: Sequence[Sample], problems: Seque
     unmatched = [r for r in records if r.id not in expected]
     records = [r for r in records if r.id in expected]
     all_problems = list(problems) + read_problems
-    for r in unmatched:
-        file, _, line = r.source.rpartition(":")
-        all_problems.append(RecordProblem(file, int(line), "unmatched-id",
-                                          f"id {r.id!r} is not in benchmark {bench.name}; not scored"))
+    all_problems += [problem_at(r.source, "unmatched-id", f"id {r.id!r} is not in benchmark {bench.name}; not scored")
+                     for r in unmatched]
     missing = [s for s in samples if s.id not in seen]
-    for s in missing[:50]:
-        file, _, line = s.source.rpartition(":")
-        all_problems.append(RecordProblem(file, int(line), "missing-prediction", f"no prediction for id {s.id!r}"))
-    from internvl.io_safety import atomic_write_text
-
+    all_problems += [problem_at(s.source, "missing-prediction", f"no prediction for id {s.id!r}") for s in missing[:50]]
     atomic_write_text(merged_path, "".join(
-        json.dumps({"id": r.id, "prediction": r.prediction, "reference": r.reference, "question": r.question,
-                    "image": r.image, "image_root": r.image_root, "hw": r.hw, "lang": r.lang,
-                    "answer_type": r.answer_type,
-                    **{k: r.extra[k] for k in COT_FIELDS if k in r.extra}}, ensure_ascii=False) + "\n" for r in records))
+        json.dumps({**{k: getattr(r, k) for k in MERGED_FIELDS}, **{k: r.extra[k] for k in COT_FIELDS if k in r.extra}},
+                   ensure_ascii=False) + "\n" for r in records))
     options: Any = bench.options
     if options == "from_references":
-        options = _options_from_references(samples, bench.multilabel)
+        langs = dict.fromkeys(s.lang or "en" for s in samples)
+        options = {lang: reference_labels([s.reference for s in samples if (s.lang or "en") == lang], bench.multilabel)
+                   for lang in langs}
     report_metrics = [m for m in bench.metrics if m in REPORT_METRICS] or None
     score_cfg = ScoreConfig(task=bench.task, lang=None if bench.lang == "auto" else bench.lang, subtype=bench.subtype,
                             compat=cfg.compat, options=options, multilabel=bench.multilabel,
@@ -316,12 +267,6 @@ def run_benchmarks(model_path: str, benchmarks: Sequence[Benchmark], cfg: RunCon
                    load_in_4bit: bool = False) -> dict[str, dict]:
     """Load the model once per rank, generate every benchmark, score on rank 0; return {name: summary}. ``dtype``
     None takes `internvl.inference.default_dtype` (float32 on CPU, bf16 on GPUs that support it)."""
-    import torch
-
-    from internvl.inference import Generator, default_dtype, load_model_and_tokenizer
-
-    from internvl.io_safety import check_output_dir
-
     info = init_distributed()
     dtype = dtype or default_dtype()
     # fail on missing data, a bad --out or a resume with other settings before loading a 40B model
@@ -333,16 +278,13 @@ def run_benchmarks(model_path: str, benchmarks: Sequence[Benchmark], cfg: RunCon
         recorded = run_settings(model_path, dtype, quantization, settings.as_dict(), bench, annotation,
                                 cfg.regional_cot)
         starts.append((cfg.out / bench.name, recorded, check_resume(cfg.out / bench.name, recorded, cfg.overwrite)))
-    _barrier(info)
+    info.barrier()
     if info.rank == 0:
         for bench_dir, recorded, move_aside in starts:
             start_benchmark_dir(bench_dir, recorded, move_aside)
-    _barrier(info)
-    model, tokenizer = load_model_and_tokenizer(model_path, dtype=dtype, device_map=device_map,
+    info.barrier()
+    model, tokenizer = load_model_and_tokenizer(model_path, dtype=dtype, device_map=device_map, device=info.device,
                                                 load_in_8bit=load_in_8bit, load_in_4bit=load_in_4bit)
-    if device_map is None and not (load_in_8bit or load_in_4bit):
-        device = torch.device(f"cuda:{info.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-        model.to(device)
     generator = Generator(model, tokenizer, settings, batch_size=cfg.batch_size)
     summaries: dict[str, dict] = {}
     for bench in benchmarks:
@@ -354,9 +296,6 @@ def run_benchmarks(model_path: str, benchmarks: Sequence[Benchmark], cfg: RunCon
                                      world_size=info.world_size, dtype=str(dtype), benchmark=bench.name,
                                      benchmark_file=bench.file, compat=cfg.compat, limit=cfg.limit)
             summaries[bench.name] = score_benchmark(bench, samples, problems, cfg, protocol)
-        _barrier(info)
-    if info.initialized:
-        import torch.distributed as dist
-
-        dist.destroy_process_group()
+        info.barrier()
+    info.close()
     return summaries

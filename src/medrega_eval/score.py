@@ -12,20 +12,20 @@ import dataclasses
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from internvl.data.records import RecordProblem
 from internvl.regions import has_regions, remove_box_text_original, remove_region_tags, strip_regions
-from medrega_eval.io import PredictionRecord, ScoreInputError
+from medrega_eval.io import PredictionRecord, ScoreInputError, problem_at, problem_counts
 from medrega_eval.metrics import classification as cls_m
 from medrega_eval.metrics import medrega_regions as orig_m
 from medrega_eval.metrics import regions as reg_m
 from medrega_eval.metrics import text as text_m
 from medrega_eval.metrics import vqa as vqa_m
 from medrega_eval.metrics.medrega_report import (
+    mean_or_none,
     medrega_clean_report_en,
     medrega_clean_report_zh,
     report_metrics_medrega,
@@ -57,21 +57,22 @@ class ScoreConfig:
     bertscore_layer: int | None = None  # hidden layer; default: the last (compat: 40 for en, 9 for zh, as the original)
 
     def validate(self) -> None:
+        """Raise ScoreInputError (a ValueError) for an unknown task, language, subtype, compat mode or metric."""
         if self.task not in TASKS:
-            raise ValueError(f"unknown task {self.task!r}; choose one of {', '.join(TASKS)}")
+            raise ScoreInputError(f"unknown task {self.task!r}; choose one of {', '.join(TASKS)}")
         if self.lang not in (None, "auto", "en", "zh"):
-            raise ValueError(f"unknown language {self.lang!r}; choose en, zh or auto")
+            raise ScoreInputError(f"unknown language {self.lang!r}; choose en, zh or auto")
         if self.subtype is not None and self.subtype not in SUBTYPES:
-            raise ValueError(f"unknown subtype {self.subtype!r}; choose one of {', '.join(SUBTYPES)}")
+            raise ScoreInputError(f"unknown subtype {self.subtype!r}; choose one of {', '.join(SUBTYPES)}")
         if self.compat not in (None, "medrega"):
-            raise ValueError(f"unknown compat mode {self.compat!r}; the only one is 'medrega'")
+            raise ScoreInputError(f"unknown compat mode {self.compat!r}; the only one is 'medrega'")
         if self.compat == "medrega" and self.task == "text2region" and self.subtype is None:
-            raise ValueError("--compat medrega for text2region needs --subtype (ss, sm, ms or mm): "
-                             "the original has one scorer per subtype")
+            raise ScoreInputError("--compat medrega for text2region needs --subtype (ss, sm, ms or mm): "
+                                  "the original has one scorer per subtype")
         if self.metrics:
             unknown = sorted(set(self.metrics) - set(REPORT_METRICS) - {"rouge1"})
             if unknown:
-                raise ValueError(f"unknown report metric(s) {unknown}; choose from {', '.join(REPORT_METRICS)}")
+                raise ScoreInputError(f"unknown report metric(s) {unknown}; choose from {', '.join(REPORT_METRICS)}")
 
 
 @dataclass
@@ -111,16 +112,6 @@ def _row(rec: PredictionRecord, lang: str, scores: dict[str, Any], **extra: Any)
     return row
 
 
-def _loc(rec: PredictionRecord) -> tuple[str, int]:
-    """(file, line) of a record's source "FILE:LINE"."""
-    file, _, line = rec.source.rpartition(":")
-    return (file, int(line)) if line.isdigit() else (rec.source, 0)
-
-
-def _mean(values: Sequence[float]) -> float | None:
-    return float(np.mean(values)) if len(values) else None
-
-
 # ---------------------------------------------------------------------------------------------------- reports
 _DEID = re.compile(r"_{2,}")
 
@@ -144,33 +135,23 @@ def _report_metrics(preds: list[str], refs: list[str], langs: list[str], cfg: Sc
     cands = [_report_tokens(p, lang) for p, lang in zip(preds, langs)]
     gts = [[_report_tokens(r, lang)] for r, lang in zip(refs, langs)]
     bleu, bleu_per = text_m.coco_bleu(cands, gts, n=4)
-    for k in range(4):
-        if f"bleu{k + 1}" in wanted:
-            out[f"bleu{k + 1}"] = bleu[k]
-            for i in range(n):
-                per[i][f"bleu{k + 1}"] = bleu_per[k][i]
+    computed = {f"bleu{k + 1}": (bleu[k], bleu_per[k]) for k in range(4)}
     if "rougeL" in wanted:
-        out["rougeL"], scores = text_m.corpus_rouge_l(cands, gts)
-        for i, s in enumerate(scores):
-            per[i]["rougeL"] = s
+        computed["rougeL"] = text_m.corpus_rouge_l(cands, gts)
     if "cider" in wanted:
-        out["cider"], scores = text_m.coco_cider(cands, gts)
-        for i, s in enumerate(scores):
-            per[i]["cider"] = s
+        computed["cider"] = text_m.coco_cider(cands, gts)
     if "meteor" in wanted:
-        _meteor(cands, gts, out, per, result)
+        try:
+            computed["meteor"] = text_m.coco_meteor(cands, gts)
+        except text_m.MetricUnavailable as exc:
+            out["meteor"] = None
+            result.unavailable["meteor"] = str(exc)
+    for name, (corpus, scores) in computed.items():
+        if name in wanted:
+            out[name] = corpus
+            for i, value in enumerate(scores):
+                per[i][name] = value
     return out, per
-
-
-def _meteor(cands, gts, out, per, result: ScoreResult) -> None:
-    try:
-        out["meteor"], scores = text_m.coco_meteor(cands, gts)
-    except text_m.MetricUnavailable as exc:
-        out["meteor"] = None
-        result.unavailable["meteor"] = str(exc)
-        return
-    for i, s in enumerate(scores):
-        per[i]["meteor"] = s
 
 
 # ------------------------------------------------------------------------------------------------- per task
@@ -226,7 +207,7 @@ def _score_vqa(records, cfg, result) -> None:
     absent = [vqa_m.says_not_visible(r.prediction) and not has_regions(r.prediction)
               for r in records if vqa_m.says_not_visible(r.reference)]
     if absent:
-        result.metrics["absent_accuracy"] = _mean(absent)
+        result.metrics["absent_accuracy"] = mean_or_none(absent)
         result.counts["absent_questions"] = len(absent)
 
 
@@ -242,8 +223,8 @@ def _language_match(records: Sequence[PredictionRecord], result: ScoreResult) ->
         hits[q].append(text_m.text_language(rec.prediction) == q)
     both = hits["en"] + hits["zh"]
     if both:
-        result.metrics["lang_match"] = _mean(both)
-        result.details.update(lang_match_en=_mean(hits["en"]), lang_match_zh=_mean(hits["zh"]))
+        result.metrics["lang_match"] = mean_or_none(both)
+        result.details.update(lang_match_en=mean_or_none(hits["en"]), lang_match_zh=mean_or_none(hits["zh"]))
         result.counts["lang_match_records"] = len(both)
 
 
@@ -257,35 +238,29 @@ def _options_for(rec: PredictionRecord, lang: str, cfg: ScoreConfig) -> list[str
 
 def _score_classification(records, cfg, result) -> None:
     y_true, y_pred, unmapped_total = [], [], 0
-    all_options: list[str] = []
+    all_options: dict[str, None] = {}  # every record's options, in first-seen order
     for rec in records:
         lang = record_lang(rec, cfg)
         options = _options_for(rec, lang, cfg)
         if not options:
-            result.problems.append(RecordProblem(*_loc(rec), "no-options", "no option list for this record: give the "
-                                                 "record an 'options' field, --options, or a benchmark with options"))
+            result.problems.append(problem_at(rec.source, "no-options", "no option list for this record: give the "
+                                              "record an 'options' field, --options, or a benchmark with options"))
             continue
         try:
             truth = cls_m.reference_labels(rec.reference, options, cfg.multilabel, cfg.compat)
         except cls_m.UnknownLabel as exc:
-            result.problems.append(RecordProblem(*_loc(rec), "unknown-label", str(exc)))
+            result.problems.append(problem_at(rec.source, "unknown-label", str(exc)))
             continue
         labels, unmapped = cls_m.map_answer(rec.prediction, options, cfg.multilabel, cfg.compat)
         unmapped_total += bool(unmapped)
-        for o in options:
-            if o not in all_options:
-                all_options.append(o)
+        all_options.update(dict.fromkeys(options))
         y_true.append(truth)
         y_pred.append(labels)
         correct = set(truth) == set(labels)
         result.rows.append(_row(rec, lang, {"correct": correct}, reference_labels=truth, predicted_labels=labels,
                                 unmapped=unmapped))
-    m = cls_m.classification_metrics(y_true, y_pred, all_options, cfg.multilabel, cfg.compat)
-    result.metrics.update(m)
+    result.metrics.update(cls_m.classification_metrics(y_true, y_pred, list(all_options), cfg.multilabel, cfg.compat))
     result.counts["unmapped_answers"] = int(unmapped_total)
-
-
-_BOX_TEXT = re.compile(r"<box>.*?</box>|\[\[[^\[\]]*(?:\][^\[\]]*)*?\]\]", re.DOTALL)
 
 
 def _score_region2text(records, cfg, result) -> None:
@@ -296,7 +271,7 @@ def _score_region2text(records, cfg, result) -> None:
             pred = remove_box_text_original(rec.prediction.lower()).split()
             ref = rec.reference.lower().split()
         else:
-            clean = _BOX_TEXT.sub(" ", rec.prediction).replace("<ref>", "").replace("</ref>", "")
+            clean = text_m.BOX_TEXT_RE.sub(" ", rec.prediction).replace("<ref>", "").replace("</ref>", "")
             pred = text_m.tokenize(clean, lang)
             ref = text_m.tokenize(rec.reference.replace("<ref>", "").replace("</ref>", ""), lang)
         overlap = text_m.token_set_scores(pred, ref)
@@ -307,10 +282,10 @@ def _score_region2text(records, cfg, result) -> None:
         bleu.append(b1), f1.append(overlap["f1"]), rec_.append(overlap["recall"]), acc.append(float(ok))
         result.rows.append(_row(rec, lang, {"bleu1": b1, "token_f1": overlap["f1"], "recall": overlap["recall"],
                                             "correct": ok}))
-    result.metrics.update(bleu1=_mean(bleu), token_f1=_mean(f1), recall=_mean(rec_), accuracy=_mean(acc))
+    result.metrics.update(bleu1=mean_or_none(bleu), token_f1=mean_or_none(f1), recall=mean_or_none(rec_), accuracy=mean_or_none(acc))
 
 
-def _region_part(records, cfg, result, texts_pred=None) -> None:
+def _region_part(records, cfg, result) -> list[tuple[int, dict]]:
     """Box metrics of text2region / grounded_report; appends rows (or extends rows already made)."""
     preds, refs, samples = [], [], []
     parse_errors = 0
@@ -321,7 +296,7 @@ def _region_part(records, cfg, result, texts_pred=None) -> None:
         ref = reg_m.parse_for_scoring(rec.reference, rec.hw)
         if ref.errors or not ref.boxes:
             reason = "; ".join(ref.errors) if ref.errors else "the reference has no box"
-            result.problems.append(RecordProblem(*_loc(rec), "bad-reference-boxes", reason))
+            result.problems.append(problem_at(rec.source, "bad-reference-boxes", reason))
             continue
         pred = reg_m.parse_for_scoring(rec.prediction, rec.hw)
         parse_errors += len(pred.errors)
@@ -349,7 +324,7 @@ def _region_part(records, cfg, result, texts_pred=None) -> None:
         result.metrics.update({k: agg.get(k) for k in top})
     result.metrics["map50"] = reg_m.coco_map50(preds, refs) if refs else None
     # share of predictions with at least one parseable box (free-form Text-to-Region prompts must give a box)
-    result.metrics["box_rate"] = _mean([not s.unparsable for s in samples]) if samples else None
+    result.metrics["box_rate"] = mean_or_none([not s.unparsable for s in samples]) if samples else None
     result.details.update({k: v for k, v in agg.items() if k not in top})
     result.counts["unparsable_predictions"] = int(agg.get("unparsable", 0)) if agg else 0
     result.counts["malformed_pred_boxes"] = parse_errors
@@ -462,6 +437,11 @@ def _bertscore(records, cfg, result) -> None:
         row["scores"]["bertscore"] = value
 
 
+_SCORERS = {"vqa": _score_vqa, "report": _score_report, "grounded_report": partial(_score_report, grounded=True),
+            "classification": _score_classification, "region2text": _score_region2text,
+            "text2region": _score_text2region}
+
+
 def score_records(records: Sequence[PredictionRecord], cfg: ScoreConfig,
                   problems: Sequence[RecordProblem] = ()) -> ScoreResult:
     """Score `records` for `cfg.task`; `problems` from reading the file are carried into the result."""
@@ -471,18 +451,7 @@ def score_records(records: Sequence[PredictionRecord], cfg: ScoreConfig,
     if cfg.compat == "medrega":  # the original scored tag-free answers (decoded with skip_special_tokens)
         records = [dataclasses.replace(r, prediction=remove_region_tags(r.prediction)) for r in records]
     result.counts["empty_predictions"] = sum(not r.prediction.strip() for r in records)
-    if cfg.task == "vqa":
-        _score_vqa(records, cfg, result)
-    elif cfg.task == "report":
-        _score_report(records, cfg, result)
-    elif cfg.task == "grounded_report":
-        _score_report(records, cfg, result, grounded=True)
-    elif cfg.task == "classification":
-        _score_classification(records, cfg, result)
-    elif cfg.task == "region2text":
-        _score_region2text(records, cfg, result)
-    elif cfg.task == "text2region":
-        _score_text2region(records, cfg, result)
+    _SCORERS[cfg.task](records, cfg, result)
     if cfg.bertscore_model and cfg.task in ("vqa", "report", "region2text", "grounded_report"):
         _bertscore(records, cfg, result)
     _language_match(records, result)
@@ -502,22 +471,11 @@ TOP_METRICS = ("bleu1", "bleu2", "bleu3", "bleu4", "meteor", "rougeL", "cider", 
 def summarize(result: ScoreResult, cfg: ScoreConfig, protocol: dict[str, Any], benchmark: str | None = None,
               max_problems: int = 500) -> dict[str, Any]:
     """The summary.json object: top-level metrics (fractions; CIDEr as pycocoevalcap reports it), counts, problems."""
-    counts = dict(result.counts)
-    from medrega_eval.io import problem_counts
-
-    for reason, n in problem_counts(result.problems).items():
-        counts[f"problem:{reason}"] = n
-    summary: dict[str, Any] = {"task": cfg.task, "benchmark": benchmark, "lang": cfg.lang, "subtype": cfg.subtype,
-                               "compat": cfg.compat}
-    for k in TOP_METRICS:
-        if k in result.metrics:
-            summary[k] = result.metrics[k]
-    summary["num_samples"] = counts.get("scored", 0)
-    summary["counts"] = counts
-    summary["problems"] = [str(p) for p in result.problems[:max_problems]]
+    counts = {**result.counts, **{f"problem:{r}": n for r, n in problem_counts(result.problems).items()}}
+    problems = [str(p) for p in result.problems[:max_problems]]
     if len(result.problems) > max_problems:
-        summary["problems"].append(f"... and {len(result.problems) - max_problems} more")
-    summary["unavailable"] = dict(result.unavailable)
-    summary["details"] = result.details
-    summary["protocol"] = protocol
-    return summary
+        problems.append(f"... and {len(result.problems) - max_problems} more")
+    return {"task": cfg.task, "benchmark": benchmark, "lang": cfg.lang, "subtype": cfg.subtype, "compat": cfg.compat,
+            **{k: result.metrics[k] for k in TOP_METRICS if k in result.metrics},
+            "num_samples": counts.get("scored", 0), "counts": counts, "problems": problems,
+            "unavailable": dict(result.unavailable), "details": result.details, "protocol": protocol}

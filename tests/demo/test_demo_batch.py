@@ -59,9 +59,9 @@ class _EchoGenerator:
     def __init__(self) -> None:
         self.seen: list[str] = []
 
-    def generate(self, requests):
+    def iter_generate(self, requests):
         self.seen += [r.id for r in requests]
-        return [f"liver[[{int(r.id)}, 0, 999, 999]]" for r in requests]
+        yield [(i, f"liver[[{int(r.id)}, 0, 999, 999]]") for i, r in enumerate(requests)]
 
 
 def test_sharding_gathering_and_output(batch_dir: Path, tmp_path: Path) -> None:

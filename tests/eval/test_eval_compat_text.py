@@ -34,9 +34,9 @@ def wordnet(tmp_path_factory):
     assert proc.returncode == 0, f"scripts/setup_wordnet.sh failed ({proc.returncode}): {proc.stderr}"
     old = os.environ.get("NLTK_DATA")
     os.environ["NLTK_DATA"] = str(data)
-    M._WORDNET = None
+    M.load_wordnet.cache_clear()
     yield data
-    M._WORDNET = None
+    M.load_wordnet.cache_clear()
     if old is None:
         del os.environ["NLTK_DATA"]
     else:
@@ -78,7 +78,7 @@ def test_tokenizer_without_punkt_on_cleaned_text():
 
 def test_meteor_missing_wordnet_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("NLTK_DATA", str(tmp_path / "empty"))
-    monkeypatch.setattr(M, "_WORDNET", None)
+    M.load_wordnet.cache_clear()
     with pytest.raises(M.MetricUnavailable, match="setup_wordnet.sh"):
         M.load_wordnet()
 

@@ -6,7 +6,8 @@ import torch
 from PIL import Image
 
 from internvl.inference import (GenerationRequest, GenerationSettings, Generator, ModelLoadError,
-                                load_model_and_tokenizer, resolve_dtype)
+                                load_model_and_tokenizer)
+from internvl.model.loading import resolve_dtype
 
 
 def _image(seed, size=(40, 30)):
@@ -65,6 +66,8 @@ def test_load_model_and_tokenizer_round_trip(tiny_model, tiny_tokenizer, tmp_pat
     settings = GenerationSettings(max_new_tokens=5)
     reqs = [GenerationRequest("What organ is shown?", images=[_image(1)])]
     assert Generator(model, tok, settings).generate(reqs) == Generator(tiny_model, tiny_tokenizer, settings).generate(reqs)
+    moved, _ = load_model_and_tokenizer(tmp_path / "m", dtype="float32", device="meta")  # `device` places the model
+    assert next(moved.parameters()).device.type == "meta"
 
 
 def test_load_errors_and_dtype_names(tmp_path):

@@ -16,8 +16,7 @@ __all__ = ["InputLimits", "LIMITS", "JSONLimitError", "loads_limited", "LimitedJ
 
 @dataclass(frozen=True)
 class InputLimits:
-    """Limits checked on every record line before/while it is parsed, so a hostile line costs bounded time and
-    memory and gets a ``FILE:LINE`` problem instead of a ``RecursionError`` or a 4300-digit ``ValueError``.
+    """Limits checked on every record line before/while it is parsed (see the module docstring).
 
     ``max_line_bytes``: longest line; ``max_depth``: deepest ``[``/``{`` nesting; ``max_number_chars``: longest
     JSON number literal (a 64-bit id has 20 digits); ``max_path_bytes``/``max_name_bytes``: longest image path and

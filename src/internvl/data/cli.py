@@ -45,9 +45,8 @@ def _token_length_factory(args: argparse.Namespace) -> Callable[[str], Callable[
     return factory
 
 
-def _check_file(
-    path: Path, checker: RecordChecker, *, strict: bool, out, totals: Counter, max_print: int
-) -> ProblemTally:
+def _check_file(path: Path, checker: RecordChecker, *, strict: bool, out, totals: Counter, max_print: int
+                ) -> ProblemTally:
     tally = ProblemTally()
 
     def show(problem) -> None:
@@ -80,9 +79,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         from internvl.data.registry import MetaFileError, load_meta
 
         if args.image_root:
-            print("medrega-data check: --image-root applies to a .jsonl; a meta file names each dataset's root",
-                  file=sys.stderr)
-            return 2
+            raise UsageError("check: --image-root applies to a .jsonl; a meta file names each dataset's root")
         try:
             specs = load_meta(path, base_dir=args.base_dir)
         except MetaFileError as exc:
@@ -97,10 +94,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     by_reason: Counter = Counter()
     seen = kept = 0
     for label, annotation, root, base_prompt in targets:
-        checker = RecordChecker(
-            image_root=root, image_check=args.images, require_answer=not args.allow_no_answer,
-            max_length=args.max_length, token_length=factory(base_prompt) if factory else None,
-        )
+        checker = RecordChecker(image_root=root, image_check=args.images, require_answer=not args.allow_no_answer,
+                                max_length=args.max_length, token_length=factory(base_prompt) if factory else None)
         tally = _check_file(annotation, checker, strict=args.strict, out=out, totals=totals, max_print=args.max_print)
         by_reason.update(tally.by_reason)
         seen, kept = seen + tally.seen, kept + tally.kept
@@ -123,10 +118,9 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     from internvl.data.convert import ConvertError, get_converter
-
-    module = get_converter(args.format)
     from internvl.io_safety import check_output_file
 
+    module = get_converter(args.format)
     inputs = [v for k, v in vars(args).items() if k != "out" and isinstance(v, str) and v and os.path.exists(v)]
     check_output_file(args.out, inputs=inputs, overwrite=True, what="--out")  # never the converter's own input
     try:
@@ -146,18 +140,14 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_prompts(args: argparse.Namespace) -> int:
-    from internvl.data.prompts import PromptError, get_prompt, list_tasks
+    from internvl.data.prompts import get_prompt, list_tasks
 
     if not args.task:
         for task in list_tasks():
             tp = get_prompt(task, args.lang)
             print(f"{task:22s} {tp.description}")
         return 0
-    try:
-        tp = get_prompt(args.task, args.lang)
-    except PromptError as exc:
-        print(exc, file=sys.stderr)
-        return 2
+    tp = get_prompt(args.task, args.lang)  # an unknown task: PromptError, one line from run_cli
     print(f"task: {tp.task} ({tp.lang})  source: {tp.source}\nfile: {tp.file}\nbase_prompt: {tp.base_prompt!r}")
     questions = tp.questions if isinstance(tp.questions, dict) else {"questions": tp.questions}
     for key, templates in questions.items():

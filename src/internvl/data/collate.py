@@ -70,9 +70,8 @@ def bookkeeping(features: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def pad_collate(
-    features: Sequence[Mapping[str, Any]], pad_token_id: int = 0, padding_side: str = "right"
-) -> dict[str, torch.Tensor]:
+def pad_collate(features: Sequence[Mapping[str, Any]], pad_token_id: int = 0, padding_side: str = "right"
+                ) -> dict[str, torch.Tensor]:
     """Pad a list of samples into ``input_ids``/``labels``/``attention_mask`` ``[B, L_max]`` plus concatenated
     ``pixel_values`` ``[sum T, 3, S, S]`` and ``image_flags`` ``[sum T]``."""
     if padding_side not in ("right", "left"):
@@ -89,14 +88,9 @@ def pad_collate(
         input_ids[row, sl] = f["input_ids"]
         labels[row, sl] = f["labels"]
         attention_mask[row, sl] = 1
-    return {
-        "input_ids": input_ids,
-        "labels": labels,
-        "attention_mask": attention_mask,
-        "pixel_values": torch.cat([f["pixel_values"] for f in features]),
-        "image_flags": torch.cat([f["image_flags"] for f in features]),
-        **bookkeeping(features),
-    }
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
+            "pixel_values": torch.cat([f["pixel_values"] for f in features]),
+            "image_flags": torch.cat([f["image_flags"] for f in features]), **bookkeeping(features)}
 
 
 def token_loss_weights(labels: torch.Tensor, loss_reduction: str) -> torch.Tensor:
@@ -122,14 +116,8 @@ class PackedCollator:
     previous sample's last token).
     """
 
-    def __init__(
-        self,
-        max_packed_tokens: int = 8192,
-        num_images_expected: int | None = None,
-        loss_reduction: str = "token",
-        pad_token_id: int = 0,
-        pad_to_multiple_of: int | None = None,
-    ) -> None:
+    def __init__(self, max_packed_tokens: int = 8192, num_images_expected: int | None = None,
+                 loss_reduction: str = "token", pad_token_id: int = 0, pad_to_multiple_of: int | None = None) -> None:
         if max_packed_tokens < 1:
             raise ValueError(f"max_packed_tokens must be positive, got {max_packed_tokens}")
         if loss_reduction not in LOSS_REDUCTIONS:
@@ -143,7 +131,7 @@ class PackedCollator:
     def plan(self, features: Sequence[Mapping[str, Any]]) -> list[list[int]]:
         """Rows as lists of sample indices (first-fit in order)."""
         rows: list[list[int]] = []
-        used_tokens: list[int] = []
+        used_tokens: list[int] = []  # per row
         used_tiles: list[int] = []
         for i, f in enumerate(features):
             n, t = int(f["input_ids"].shape[0]), int(f["pixel_values"].shape[0])
@@ -194,13 +182,6 @@ class PackedCollator:
                 image_flags.append(f["image_flags"])
                 pos += n
             position_ids[r, pos:] = torch.arange(width - pos)  # the padding is a separate "sample"
-        return {
-            "input_ids": input_ids,
-            "labels": labels,
-            "position_ids": position_ids,
-            "loss_weight": loss_weight,
-            "pixel_values": torch.cat(pixel_values),
-            "image_flags": torch.cat(image_flags),
-            "num_samples": torch.tensor(len(features), dtype=torch.long),
-            **bookkeeping(features),
-        }
+        return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "loss_weight": loss_weight,
+                "pixel_values": torch.cat(pixel_values), "image_flags": torch.cat(image_flags),
+                "num_samples": torch.tensor(len(features), dtype=torch.long), **bookkeeping(features)}

@@ -30,6 +30,7 @@ Each item is ``{"input_ids": [L], "labels": [L], "pixel_values": [T, 3, S, S], "
 from __future__ import annotations
 
 import bisect
+import contextlib
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -87,24 +88,11 @@ class MedRegDataset(Dataset):
         truncation: ``"error"`` or ``"right"`` (see :func:`encode_conversation`).
     """
 
-    def __init__(
-        self,
-        spec: DatasetSpec,
-        tokenizer: Any,
-        *,
-        template: str = "Hermes-2",
-        image_settings: ImageSettings | None = None,
-        num_image_token: int = 256,
-        max_seq_length: int | None = 2048,
-        prompt_order: str = "train",
-        system_message: str | None = None,
-        strict: bool = True,
-        augment: bool | None = None,
-        augment_config: AugmentConfig | None = None,
-        image_check: str = "exists",
-        truncation: str = "error",
-        seed: int = 0,
-    ) -> None:
+    def __init__(self, spec: DatasetSpec, tokenizer: Any, *, template: str = "Hermes-2",
+                 image_settings: ImageSettings | None = None, num_image_token: int = 256,
+                 max_seq_length: int | None = 2048, prompt_order: str = "train", system_message: str | None = None,
+                 strict: bool = True, augment: bool | None = None, augment_config: AugmentConfig | None = None,
+                 image_check: str = "exists", truncation: str = "error", seed: int = 0) -> None:
         self.spec = spec
         self.tokenizer = tokenizer
         self.template = template
@@ -117,8 +105,8 @@ class MedRegDataset(Dataset):
         self.prompt_order = prompt_order
         self.system_message = system_message
         self.strict = strict
-        self.augment = BoxAwareAugment(augment_config or AugmentConfig()) if (
-            spec.data_augment if augment is None else augment) else None
+        use_augment = spec.data_augment if augment is None else augment
+        self.augment = BoxAwareAugment(augment_config or AugmentConfig()) if use_augment else None
         self.truncation = truncation
         self.seed = seed
         self.epoch = 0
@@ -169,13 +157,9 @@ class MedRegDataset(Dataset):
         """The raw record of item ``index`` (one seek + one line read; pass an open ``handle`` to reuse it)."""
         row = int(self._lines[index])
         start, end = int(self._offsets[row]), int(self._offsets[row + 1])
-        if handle is None:
-            with open(self.spec.annotation, "rb") as fh:
-                fh.seek(start)
-                raw = fh.read(end - start)
-        else:
-            handle.seek(start)
-            raw = handle.read(end - start)
+        with open(self.spec.annotation, "rb") if handle is None else contextlib.nullcontext(handle) as fh:
+            fh.seek(start)
+            raw = fh.read(end - start)
         record = parse_record_line(raw, self.file, row + 1)
         if isinstance(record, RecordProblem):
             raise BadRecordError([RecordProblem(self.file, row + 1, record.reason,
@@ -252,12 +236,10 @@ class MedRegDataset(Dataset):
             pixel_values, num_patches = dummy_pixel_values(self.image_settings.image_size), []
             image_flags = torch.zeros(1, dtype=torch.long)
         try:
-            sample = encode_conversation(
-                turns, self.tokenizer, template=self.template, num_patches_list=num_patches,
-                num_image_token=self.num_image_token, base_prompt=self.spec.base_prompt,
-                prompt_order=self.prompt_order, system_message=self.system_message,
-                max_length=self.max_seq_length, truncation=self.truncation, where=where,
-            )
+            sample = encode_conversation(turns, self.tokenizer, template=self.template, num_patches_list=num_patches,
+                                         num_image_token=self.num_image_token, base_prompt=self.spec.base_prompt,
+                                         prompt_order=self.prompt_order, system_message=self.system_message,
+                                         max_length=self.max_seq_length, truncation=self.truncation, where=where)
         except EncodeError as exc:
             reason = "too-long" if "max_length" in str(exc) else "encode-error"
             raise BadRecordError([RecordProblem(self.file, line, reason, str(exc).removeprefix(where + ": "))]) from None
@@ -269,8 +251,7 @@ class MedRegDataset(Dataset):
     def lengths(self) -> list[int]:
         """Approximate token length per item (computed once, on first use)."""
         if self._lengths is None:
-            s = self.image_settings
-            tiles = (s.max_dynamic_patch + int(s.use_thumbnail)) if s.dynamic_image_size else 1
+            tiles = self.image_settings.max_tiles
             overhead = len(self.tokenizer.encode("<|im_start|>system\nAnswer the questions.<|im_end|>"
                                                  "<|im_start|>user\n<|im_end|><|im_start|>assistant\n<|im_end|>",
                                                  add_special_tokens=False))
@@ -319,60 +300,43 @@ class MedRegConcatDataset(torch.utils.data.ConcatDataset):
         for d in self.datasets:
             d.set_epoch(epoch)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        """The member's item, with ``sample_index`` turned into a global index."""
+    def _member(self, index: int) -> tuple[MedRegDataset, int, int]:
+        """(member dataset, index inside it, offset of its first item) of a global index."""
         if index < 0:
             index += len(self)
         which = bisect.bisect_right(self.cumulative_sizes, index)
         offset = self.cumulative_sizes[which - 1] if which else 0
-        item = self.datasets[which][index - offset]
+        return self.datasets[which], index - offset, offset
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        """The member's item, with ``sample_index`` turned into a global index."""
+        dataset, local, offset = self._member(index)
+        item = dataset[local]
         if SAMPLE_INDEX_KEY in item:
             item[SAMPLE_INDEX_KEY] = item[SAMPLE_INDEX_KEY] + offset
         return item
 
     def describe(self, index: int) -> str:
         """``FILE:LINE`` of a global index, plus the record's ``id`` where it has one (for error messages)."""
-        name, file, line = self.locate(index)
-        which = bisect.bisect_right(self.cumulative_sizes, index)
-        local = index - (self.cumulative_sizes[which - 1] if which else 0)
+        dataset, local, _ = self._member(index)
         try:
-            record_id = self.datasets[which].read_record(local).get("id")
+            record_id = dataset.read_record(local).get("id")
         except (OSError, BadRecordError, AttributeError):
             record_id = None
-        return f"{file}:{line}" + (f" (id {str(record_id)[:80]!r})" if record_id is not None else "")
+        where = f"{dataset.file}:{dataset.line_number(local)}"
+        return where + (f" (id {str(record_id)[:80]!r})" if record_id is not None else "")
 
     def locate(self, index: int) -> tuple[str, str, int]:
         """``(dataset name, annotation file, 1-based line)`` of a global index."""
-        which = bisect.bisect_right(self.cumulative_sizes, index)
-        local = index - (self.cumulative_sizes[which - 1] if which else 0)
-        d = self.datasets[which]
-        return d.spec.name, d.file, d.line_number(local)
-
-    def problem_summary(self) -> str:
-        """Lenient-mode report of every member: records kept/skipped by reason at scan and at build time."""
-        lines = []
-        for d in self.datasets:
-            lines.append(f"{d.spec.name}: scan {d.tally.summary()}")
-            if d.runtime_tally.seen:
-                lines.append(f"{d.spec.name}: build {d.runtime_tally.summary()}")
-        return "\n".join(lines)
+        dataset, local, _ = self._member(index)
+        return dataset.spec.name, dataset.file, dataset.line_number(local)
 
 
-def build_training_dataset(
-    meta_path: str | Path,
-    tokenizer: Any,
-    config: Any = None,
-    *,
-    template: str | None = None,
-    max_seq_length: int | None = 2048,
-    strict: bool = True,
-    seed: int = 0,
-    prompt_order: str = "train",
-    base_dir: str | Path | None = None,
-    image_check: str = "exists",
-    augment_config: AugmentConfig | None = None,
-    truncation: str = "error",
-) -> MedRegConcatDataset:
+def build_training_dataset(meta_path: str | Path, tokenizer: Any, config: Any = None, *, template: str | None = None,
+                           max_seq_length: int | None = 2048, strict: bool = True, seed: int = 0,
+                           prompt_order: str = "train", base_dir: str | Path | None = None, image_check: str = "exists",
+                           augment_config: AugmentConfig | None = None, truncation: str = "error"
+                           ) -> MedRegConcatDataset:
     """All entries of a meta file as one dataset.
 
     ``config`` (an ``InternVLChatConfig``, or ``None`` for the V1.2 defaults) gives the tiling settings,
@@ -384,12 +348,9 @@ def build_training_dataset(
     n_tokens = int(getattr(config, "num_image_token", 0) or 0) or num_image_tokens(settings.image_size)
     template_name = template or getattr(config, "template", None) or "Hermes-2"
     system_message = getattr(config, "system_message", None)
-    datasets = [
-        MedRegDataset(
-            spec, tokenizer, template=template_name, image_settings=settings, num_image_token=n_tokens,
-            max_seq_length=max_seq_length, prompt_order=prompt_order, system_message=system_message, strict=strict,
-            augment_config=augment_config, image_check=image_check, truncation=truncation, seed=seed,
-        )
-        for spec in specs.values()
-    ]
-    return MedRegConcatDataset(datasets)
+    return MedRegConcatDataset([
+        MedRegDataset(spec, tokenizer, template=template_name, image_settings=settings, num_image_token=n_tokens,
+                      max_seq_length=max_seq_length, prompt_order=prompt_order, system_message=system_message,
+                      strict=strict, augment_config=augment_config, image_check=image_check, truncation=truncation,
+                      seed=seed)
+        for spec in specs.values()])

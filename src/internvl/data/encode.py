@@ -26,7 +26,8 @@ Every error is an :class:`EncodeError` whose message starts with ``where`` (``FI
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from itertools import groupby
 from typing import Any
 
 import torch
@@ -38,6 +39,7 @@ from internvl.constants import (
     IMG_END_TOKEN,
     IMG_START_TOKEN,
 )
+from internvl.data.records import image_paths
 from internvl.image_processing import expand_image_placeholders
 from internvl.templates import ChatTemplate, TemplateError, get_template
 from internvl.user_text import neutralize_control_tokens
@@ -66,15 +68,9 @@ class EncodedSample:
     text: str
     supervised_text: str
     truncated: bool = False
-    meta: dict[str, Any] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
-
-    @property
-    def num_supervised(self) -> int:
-        """Number of supervised label positions."""
-        return int((self.labels != IGNORE_INDEX).sum())
 
 
 def _strip_placeholders(text: str) -> str:
@@ -85,9 +81,8 @@ def _join(base_prompt: str, text: str) -> str:
     return f"{base_prompt} {text}" if base_prompt else text
 
 
-def apply_prompt_order(
-    conversations: Sequence[Mapping[str, Any]], num_images: int, base_prompt: str = "", prompt_order: str = "train", where: str = "<record>"
-) -> list[dict[str, str]]:
+def apply_prompt_order(conversations: Sequence[Mapping[str, Any]], num_images: int, base_prompt: str = "",
+                       prompt_order: str = "train", where: str = "<record>") -> list[dict[str, str]]:
     """The conversation with ``base_prompt`` and ``<image>`` placed as ``prompt_order`` says (see module docstring).
 
     Returns ``[{"from": ..., "value": ...}]`` copies; raises :class:`EncodeError` when the placeholders cannot match
@@ -132,20 +127,11 @@ def _token_ids(tokenizer: Any, token: str) -> int:
     return int(tid)
 
 
-def encode_conversation(
-    conversations: Sequence[Mapping[str, Any]],
-    tokenizer: Any,
-    *,
-    template: str | ChatTemplate = "Hermes-2",
-    num_patches_list: Sequence[int] = (),
-    num_image_token: int = 256,
-    base_prompt: str = "",
-    prompt_order: str = "train",
-    system_message: str | None = None,
-    max_length: int | None = None,
-    truncation: str = "error",
-    where: str = "<record>",
-) -> EncodedSample:
+def encode_conversation(conversations: Sequence[Mapping[str, Any]], tokenizer: Any, *,
+                        template: str | ChatTemplate = "Hermes-2", num_patches_list: Sequence[int] = (),
+                        num_image_token: int = 256, base_prompt: str = "", prompt_order: str = "train",
+                        system_message: str | None = None, max_length: int | None = None, truncation: str = "error",
+                        where: str = "<record>") -> EncodedSample:
     """Turn one conversation (record ``conversations``: alternating ``human``/``gpt`` turns) into an
     :class:`EncodedSample`. ``num_patches_list`` has one entry per image (tiles of that image); empty = text-only.
     See the module docstring for the rules (its steps 1-5 are the steps below). Raises :class:`EncodeError` naming
@@ -177,14 +163,9 @@ def encode_conversation(
     supervised_text = _verify_labels(tokenizer, ids, labels, [full[s:e] for s, e in spans], truncated, where)
     if num_patches_list and ids.count(_token_ids(tokenizer, IMG_START_TOKEN)) != len(num_patches_list):
         raise EncodeError(f"{where}: {IMG_START_TOKEN} count does not match {len(num_patches_list)} image(s)")
-    return EncodedSample(
-        input_ids=torch.tensor(ids, dtype=torch.long),
-        labels=torch.tensor(labels, dtype=torch.long),
-        num_patches_list=list(num_patches_list),
-        text=full,
-        supervised_text=supervised_text,
-        truncated=truncated,
-    )
+    return EncodedSample(input_ids=torch.tensor(ids, dtype=torch.long), labels=torch.tensor(labels, dtype=torch.long),
+                         num_patches_list=list(num_patches_list), text=full, supervised_text=supervised_text,
+                         truncated=truncated)
 
 
 def _expand_images(segments: list[tuple[str, bool]], num_patches_list: Sequence[int], num_image_token: int,
@@ -280,38 +261,22 @@ def _verify_labels(tokenizer: Any, ids: list[int], labels: list[int], texts: lis
 
 def _decode_runs(tokenizer: Any, ids: list[int], labels: list[int]) -> list[str]:
     """Decode each maximal run of supervised positions separately."""
-    runs: list[list[int]] = []
-    current: list[int] = []
-    for tok, lab in zip(ids, labels):
-        if lab != IGNORE_INDEX:
-            current.append(tok)
-        elif current:
-            runs.append(current)
-            current = []
-    if current:
-        runs.append(current)
-    return [tokenizer.decode(run, skip_special_tokens=False, clean_up_tokenization_spaces=False) for run in runs]
+    runs = groupby(zip(ids, labels), key=lambda pair: pair[1] != IGNORE_INDEX)
+    return [tokenizer.decode([tok for tok, _ in run], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+            for supervised, run in runs if supervised]
 
 
-def make_token_length(
-    tokenizer: Any,
-    *,
-    template: str | ChatTemplate = "Hermes-2",
-    num_image_token: int = 256,
-    tiles_per_image: int = 1,
-    base_prompt: str = "",
-    prompt_order: str = "train",
-) -> Callable[[dict], int]:
+def make_token_length(tokenizer: Any, *, template: str | ChatTemplate = "Hermes-2", num_image_token: int = 256,
+                      tiles_per_image: int = 1, base_prompt: str = "", prompt_order: str = "train"
+                      ) -> Callable[[dict], int]:
     """A ``record -> token length`` function for ``RecordChecker(max_length=..., token_length=...)`` and length
     grouping. Exact for one tile per image (V1.2); with dynamic tiling pass the expected ``tiles_per_image``."""
 
     def token_length(record: dict) -> int:
-        image = record.get("image")
-        n_images = 0 if image is None else (1 if isinstance(image, str) else len(image))
-        sample = encode_conversation(
-            record["conversations"], tokenizer, template=template, num_patches_list=[tiles_per_image] * n_images,
-            num_image_token=num_image_token, base_prompt=base_prompt, prompt_order=prompt_order,
-        )
+        n_images = len(image_paths(record))
+        sample = encode_conversation(record["conversations"], tokenizer, template=template,
+                                     num_patches_list=[tiles_per_image] * n_images, num_image_token=num_image_token,
+                                     base_prompt=base_prompt, prompt_order=prompt_order)
         return len(sample)
 
     return token_length

@@ -31,27 +31,13 @@ from typing import Union
 import numpy as np
 from PIL import Image
 
-__all__ = [
-    "DEFAULT_MAX_PIXELS",
-    "ImageInfo",
-    "ImageLoadError",
-    "WINDOW_PRESETS",
-    "Window",
-    "apply_window",
-    "detect_format",
-    "load_image",
-    "probe_image",
-    "volume_slice",
-]
+__all__ = ["DEFAULT_MAX_PIXELS", "ImageInfo", "ImageLoadError", "WINDOW_PRESETS", "Window", "apply_window",
+           "detect_format", "load_image", "probe_image", "volume_slice"]
 
 #: Named CT windows as (centre, width) in Hounsfield units (common radiology defaults).
-WINDOW_PRESETS: dict[str, tuple[float, float]] = {
-    "lung": (-600.0, 1500.0),
-    "mediastinum": (50.0, 350.0),
-    "bone": (400.0, 1800.0),
-    "brain": (40.0, 80.0),
-    "abdomen": (40.0, 400.0),
-}
+WINDOW_PRESETS: dict[str, tuple[float, float]] = {"lung": (-600.0, 1500.0), "mediastinum": (50.0, 350.0),
+                                                  "bone": (400.0, 1800.0), "brain": (40.0, 80.0),
+                                                  "abdomen": (40.0, 400.0)}
 
 #: Largest accepted image (pixels of the 2D result), a guard against decompression bombs and absurd headers.
 DEFAULT_MAX_PIXELS = 2**27  # 134M pixels, e.g. 11585 x 11585
@@ -75,15 +61,22 @@ class ImageLoadError(ValueError):
 _READER_PACKAGES = {"dicom": "pydicom", "nifti": "nibabel"}
 
 
-def _require_reader(kind: str, path: Path) -> None:
-    """Refuse a DICOM/NIfTI file with its name and the package to install when that format's reader is missing.
+def _readable_kind(path: Path) -> str:
+    """The file's format (:func:`detect_format`) after checking that it exists and that its reader is installed.
 
-    Both are declared dependencies, but minimal environments (e.g. a bare GPU box) may lack them; without this the
-    user would get an ImportError traceback that names neither the file nor the fix.
+    pydicom and nibabel are declared dependencies, but minimal environments (e.g. a bare GPU box) may lack them;
+    without this check the user would get an ImportError traceback that names neither the file nor the fix.
     """
+    if path.is_dir():
+        raise ImageLoadError(path, "is a directory, not an image file")
+    if not path.exists():
+        raise ImageLoadError(path, "file not found")
+    kind = detect_format(path)
     package = _READER_PACKAGES.get(kind)
     if package is not None and importlib.util.find_spec(package) is None:
-        raise ImageLoadError(path, f"reading {kind.upper()} files needs the '{package}' package (pip install {package})")
+        raise ImageLoadError(path, f"reading {kind.upper()} files needs the '{package}' package "
+                                   f"(pip install {package})")
+    return kind
 
 
 @dataclass(frozen=True)
@@ -184,14 +177,21 @@ def _window_values(values: np.ndarray, window: Window) -> np.ndarray:
     return apply_window(values, center, width)
 
 
+def _windowed(path: Path, values: np.ndarray, window: Window) -> np.ndarray:
+    """:func:`_window_values` (``None``: the full value range) with a value problem as :class:`ImageLoadError`."""
+    try:
+        return _window_values(values, "minmax" if window is None else window)
+    except ValueError as exc:
+        raise ImageLoadError(path, str(exc)) from exc
+
+
 def _check_size(path: Path, width: int, height: int, max_pixels: int) -> None:
     if width <= 0 or height <= 0:
         raise ImageLoadError(path, f"invalid image size {width}x{height}")
     if width * height > max_pixels:
-        raise ImageLoadError(
-            path, f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}"
-            " (possible decompression bomb; raise max_pixels if the file is trusted)"
-        )
+        raise ImageLoadError(path, f"image is {width}x{height} = {width * height} pixels, over the limit of "
+                                   f"{max_pixels} (possible decompression bomb; raise max_pixels if the file is "
+                                   "trusted)")
 
 
 def _to_rgb(gray_or_rgb: np.ndarray) -> Image.Image:
@@ -243,10 +243,8 @@ def _dicom_frames(ds) -> int:
 
 
 # Enhanced multi-frame objects keep rescale and window per frame, in functional groups.
-_FRAME_GROUPS = {
-    "PixelValueTransformationSequence": ("RescaleSlope", "RescaleIntercept", "RescaleType"),
-    "FrameVOILUTSequence": ("WindowCenter", "WindowWidth", "VOILUTFunction"),
-}
+_FRAME_GROUPS = {"PixelValueTransformationSequence": ("RescaleSlope", "RescaleIntercept", "RescaleType"),
+                 "FrameVOILUTSequence": ("WindowCenter", "WindowWidth", "VOILUTFunction")}
 _VALUE_KEYWORDS = (
     "PhotometricInterpretation", "BitsAllocated", "BitsStored", "PixelRepresentation", "RescaleSlope",
     "RescaleIntercept", "ModalityLUTSequence", "VOILUTSequence", "WindowCenter", "WindowWidth", "VOILUTFunction",
@@ -375,14 +373,8 @@ def _display_geometry(img, ornt, shape3, in_plane) -> tuple[int, int, tuple[floa
     return sizes[1], sizes[0], (spacing[1], spacing[0])
 
 
-def volume_slice(
-    path: str | Path,
-    *,
-    axis: str = "axial",
-    slice_index: int | None = None,
-    frame: int | None = None,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-) -> tuple[np.ndarray, tuple[float, float]]:
+def volume_slice(path: str | Path, *, axis: str = "axial", slice_index: int | None = None, frame: int | None = None,
+                 max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, tuple[float, float]]:
     """Read one 2D slice of a NIfTI volume in display orientation, without loading the whole volume.
 
     ``slice_index`` counts in canonical RAS order (inferior->superior for axial, posterior->anterior
@@ -446,15 +438,10 @@ def _aspect_size(shape: tuple[int, int], spacing: tuple[float, float]) -> tuple[
     return max(1, round(w * col_sp / finest)), max(1, round(h * row_sp / finest))
 
 
-def _load_nifti(
-    path: Path, window: Window, slice_index: int | None, axis: str, frame: int | None, max_pixels: int
-) -> Image.Image:
+def _load_nifti(path: Path, window: Window, slice_index: int | None, axis: str, frame: int | None, max_pixels: int
+                ) -> Image.Image:
     values, spacing = volume_slice(path, axis=axis, slice_index=slice_index, frame=frame, max_pixels=max_pixels)
-    try:
-        gray = _window_values(values, "minmax" if window is None else window)
-    except ValueError as exc:
-        raise ImageLoadError(path, str(exc)) from exc
-    image = Image.fromarray(gray, mode="L")
+    image = Image.fromarray(_windowed(path, values, window), mode="L")
     size = _aspect_size(values.shape, spacing)
     _check_size(path, *size, max_pixels)
     if size != image.size:  # anisotropic voxels (e.g. thick slices in coronal/sagittal views)
@@ -500,33 +487,18 @@ def _load_pil(path: Path, window: Window, frame: int | None, max_pixels: int) ->
         except (OSError, SyntaxError, ValueError, EOFError) as exc:
             raise ImageLoadError(path, f"corrupt or truncated image data ({type(exc).__name__}: {exc})") from exc
         mode = im.mode
-        if mode in ("I", "F") or mode.startswith("I;16"):
-            values = np.asarray(im, dtype=np.float64)  # 16-bit/32-bit greyscale: window to 8 bits
-            try:
-                gray = _window_values(values, "minmax" if window is None else window)
-            except ValueError as exc:
-                raise ImageLoadError(path, str(exc)) from exc
-            return _to_rgb(gray)
+        if mode in ("I", "F") or mode.startswith("I;16"):  # 16-bit/32-bit greyscale: window to 8 bits
+            return _to_rgb(_windowed(path, np.asarray(im, dtype=np.float64), window))
         if window is not None and mode in ("L", "LA", "1"):
-            try:
-                return _to_rgb(_window_values(np.asarray(im.convert("L"), dtype=np.float64), window))
-            except ValueError as exc:
-                raise ImageLoadError(path, str(exc)) from exc
+            return _to_rgb(_windowed(path, np.asarray(im.convert("L"), dtype=np.float64), window))
         return im.convert("RGB")
 
 
 # --------------------------------------------------------------------------------------------- public
 
 
-def load_image(
-    path: str | Path,
-    *,
-    window: Window = None,
-    slice_index: int | None = None,
-    axis: str = "axial",
-    frame: int | None = None,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-) -> Image.Image:
+def load_image(path: str | Path, *, window: Window = None, slice_index: int | None = None, axis: str = "axial",
+               frame: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Read any supported image file as an RGB ``PIL.Image`` ready for the model's transform.
 
     Args:
@@ -544,14 +516,9 @@ def load_image(
         ValueError: ``window`` or ``axis`` is not a valid choice.
     """
     path = Path(path)
-    if path.is_dir():
-        raise ImageLoadError(path, "is a directory, not an image file")
-    if not path.exists():
-        raise ImageLoadError(path, "file not found")
     if window is not None:
         _window_values(np.zeros(2), window)  # validate early: a bad window is the caller's error, not the file's
-    kind = detect_format(path)
-    _require_reader(kind, path)
+    kind = _readable_kind(path)
     if kind == "dicom":
         return _load_dicom(path, window, frame, max_pixels)
     if kind == "nifti":
@@ -572,12 +539,7 @@ def probe_image(path: str | Path, *, axis: str = "axial", max_pixels: int = DEFA
 
 
 def _probe(path: Path, axis: str) -> ImageInfo:
-    if path.is_dir():
-        raise ImageLoadError(path, "is a directory, not an image file")
-    if not path.exists():
-        raise ImageLoadError(path, "file not found")
-    kind = detect_format(path)
-    _require_reader(kind, path)
+    kind = _readable_kind(path)
     if kind == "dicom":
         ds = _read_dicom(path, stop_before_pixels=True)
         try:

@@ -27,6 +27,7 @@ _KNOWN_FIELDS = {
 }
 _TEMPLATE_KEYS = ("base_prompt", "questions", "answer", "option_line", "line")
 
+
 class PromptError(ValueError):
     """A prompt file is malformed, or the fields given to a builder do not fit the task."""
 
@@ -76,20 +77,16 @@ def _pick(value: Any, key: str | None, what: str) -> Any:
 # --------------------------------------------------------------------------------------------- loading
 
 
-def _template_fields(template: str, where: str) -> set[str]:
-    try:
-        names = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
-    except ValueError as exc:
-        raise PromptError(f"{where}: bad template {template!r}: {exc}") from None
-    unknown = names - _KNOWN_FIELDS
-    if unknown:
-        raise PromptError(f"{where}: unknown placeholder(s) {sorted(unknown)} in {template!r}")
-    return names
-
-
 def _walk_templates(value: Any, where: str) -> None:
+    """Check every template string in ``value`` (text, list or mapping) for syntax and unknown placeholders."""
     if isinstance(value, str):
-        _template_fields(value, where)
+        try:
+            names = {f for _, f, _, _ in string.Formatter().parse(value) if f is not None}
+        except ValueError as exc:
+            raise PromptError(f"{where}: bad template {value!r}: {exc}") from None
+        unknown = names - _KNOWN_FIELDS
+        if unknown:
+            raise PromptError(f"{where}: unknown placeholder(s) {sorted(unknown)} in {value!r}")
     elif isinstance(value, list):
         if not value:
             raise PromptError(f"{where}: empty template list")
@@ -120,11 +117,9 @@ def _load_file(path: Path) -> list[TaskPrompt]:
             entry = spec.get(lang)
             if not isinstance(entry, dict):
                 raise PromptError(f"{where}: missing language {lang!r}")
-            for key in ("base_prompt", "questions", "source"):
+            for key in ("base_prompt", "questions", "source", "answer"):
                 if key not in entry:
                     raise PromptError(f"{where} ({lang}): missing {key!r}")
-            if "answer" not in entry:
-                raise PromptError(f"{where} ({lang}): missing 'answer'")
             for key in _TEMPLATE_KEYS:
                 if key in entry:
                     _walk_templates(entry[key], f"{where} ({lang}).{key}")
@@ -135,17 +130,15 @@ def _load_file(path: Path) -> list[TaskPrompt]:
                 questions = [questions]
             strings = {k: v for k, v in entry.items()
                        if k not in (*_TEMPLATE_KEYS, "source", "base_prompt_variants")}
-            common = dict(
-                family=family, lang=lang, description=str(spec.get("description", "")), source=str(entry["source"]),
-                required=tuple(spec.get("required", []) or []), optional=tuple(spec.get("optional", []) or []),
-                base_prompt=entry["base_prompt"], questions=questions, answer=entry["answer"], strings=strings,
-                base_prompt_variants=dict(variants),
-                targets={name: t[lang] for name, t in targets.items()}, file=str(path),
-            )
+            common = dict(family=family, lang=lang, description=str(spec.get("description", "")),
+                          source=str(entry["source"]), required=tuple(spec.get("required", []) or []),
+                          optional=tuple(spec.get("optional", []) or []), base_prompt=entry["base_prompt"],
+                          questions=questions, answer=entry["answer"], strings=strings,
+                          base_prompt_variants=dict(variants), targets={name: t[lang] for name, t in targets.items()},
+                          file=str(path))
             common["strings"].update({k: entry[k] for k in ("option_line", "line") if k in entry})
-            subtypes = spec.get("subtypes")
             out.append(TaskPrompt(task=task, **common))
-            for sub in subtypes or {}:
+            for sub in spec.get("subtypes") or {}:
                 out.append(TaskPrompt(task=f"{task}_{sub}", subtype=sub, **common))
     return out
 

@@ -26,33 +26,13 @@ from dataclasses import dataclass
 from typing import Any, Union
 
 from internvl.constants import IMAGE_PLACEHOLDER, REF_END, REF_START
-from internvl.data.prompt_registry import (
-    LANGS,
-    PROMPT_DIR,
-    PromptError,
-    TaskPrompt,
-    get_prompt,
-    list_tasks,
-    load_prompts,
-)
+from internvl.data.prompt_registry import (LANGS, PROMPT_DIR, PromptError, TaskPrompt, get_prompt, list_tasks,
+                                          load_prompts)
 from internvl.regions import Box, Region, RegionError, format_region, format_regions, pixels_to_box, validate_box
 
-__all__ = [
-    "LANGS",
-    "PROMPT_DIR",
-    "PromptError",
-    "RegionsInput",
-    "TaskPrompt",
-    "build_question",
-    "build_record",
-    "get_prompt",
-    "list_tasks",
-    "load_prompts",
-    "normalize_regions",
-    "render_base_prompt",
-    "text_to_region_subtype",
-    "with_article",
-]
+__all__ = ["LANGS", "PROMPT_DIR", "PromptError", "RegionsInput", "TaskPrompt", "build_question", "build_record",
+           "get_prompt", "list_tasks", "load_prompts", "normalize_regions", "render_base_prompt",
+           "text_to_region_subtype", "with_article"]
 
 #: A list of regions: ``Region`` objects, ``(name, boxes)`` pairs, or a ``{name: boxes}`` mapping.
 RegionsInput = Union[Sequence[Union[Region, tuple[str, Sequence[Any]]]], Mapping[str, Sequence[Any]]]
@@ -78,9 +58,8 @@ def with_article(word: str) -> str:
     return ("an " if first[0].lower() in "aeiou" else "a ") + word
 
 
-def normalize_regions(
-    regions: RegionsInput, *, box_units: str = "norm", width: int | None = None, height: int | None = None
-) -> list[Region]:
+def normalize_regions(regions: RegionsInput, *, box_units: str = "norm", width: int | None = None,
+                      height: int | None = None) -> list[Region]:
     """Turn region input into validated :class:`Region` objects with 0-999 boxes.
 
     ``box_units="norm"``: boxes are already integers 0-999. ``"pixel"``: boxes are pixel corners ``(x1, y1, x2, y2)``
@@ -152,16 +131,9 @@ def _options_text(options: Sequence[str] | None, notes: Sequence[str] | None, wh
     return opts
 
 
-def render_base_prompt(
-    task: str,
-    lang: str = "en",
-    *,
-    modality: str | None = None,
-    options: Sequence[str] | None = None,
-    notes: Sequence[str] | None = None,
-    target: str | None = None,
-    variant: str = "default",
-) -> str:
+def render_base_prompt(task: str, lang: str = "en", *, modality: str | None = None,
+                       options: Sequence[str] | None = None, notes: Sequence[str] | None = None,
+                       target: str | None = None, variant: str = "default") -> str:
     """The concrete base prompt of a task (e.g. for a ``meta_file.json`` entry's ``base_prompt``).
 
     Classification needs ``modality`` and ``options`` (and ``notes``/``target``); grounded_whole takes ``target``.
@@ -178,10 +150,8 @@ def render_base_prompt(
         wording = tp.targets.get(key or "disease")
         if wording is None:
             raise PromptError(f"{where}: unknown target {key!r}; choose one of {', '.join(tp.targets)}")
-        values = dict(
-            task_name=wording["task_name"], option_noun=wording["option_noun"], modality=modality,
-            a_modality=with_article(modality), options="\n".join([*opts, *(notes or [])]),
-        )
+        values = dict(task_name=wording["task_name"], option_noun=wording["option_noun"], modality=modality,
+                      a_modality=with_article(modality), options="\n".join([*opts, *(notes or [])]))
     return _fill(template, f"{task} ({lang}) base_prompt", **values)
 
 
@@ -357,26 +327,12 @@ def _render_answer(b: _Build, *, answer: Any, options: Any, label: Any, labels: 
     return _fill(tp.answer, where, regions=format_regions(regs), text=str(text).strip())  # type: ignore[arg-type]
 
 
-def build_question(
-    task: str,
-    lang: str = "en",
-    *,
-    n_images: int = 1,
-    question: str | None = None,
-    options: Sequence[str] | None = None,
-    target: str | None = None,
-    notes: Sequence[str] | None = None,
-    modality: str | None = None,
-    regions: RegionsInput | None = None,
-    objects: Sequence[str] | str | None = None,
-    width: int | None = None,
-    height: int | None = None,
-    box_units: str = "norm",
-    include_base_prompt: bool = True,
-    prompt_variant: str = "default",
-    template: int = 0,
-    rng: random.Random | None = None,
-) -> str:
+def build_question(task: str, lang: str = "en", *, n_images: int = 1, question: str | None = None,
+                   options: Sequence[str] | None = None, target: str | None = None, notes: Sequence[str] | None = None,
+                   modality: str | None = None, regions: RegionsInput | None = None,
+                   objects: Sequence[str] | str | None = None, width: int | None = None, height: int | None = None,
+                   box_units: str = "norm", include_base_prompt: bool = True, prompt_variant: str = "default",
+                   template: int = 0, rng: random.Random | None = None) -> str:
     """Only the first human turn of a task (for the demo and inference): no answer fields needed.
 
     Text-to-Region and grounded organ/lesion questions take the object names as ``objects`` (no boxes);
@@ -397,32 +353,14 @@ def build_question(
     return human
 
 
-def build_record(
-    task: str,
-    lang: str = "en",
-    *,
-    image: str | Sequence[str] | None = None,
-    id: Any = None,  # noqa: A002 - the record field is called "id"
-    width: int | None = None,
-    height: int | None = None,
-    question: str | None = None,
-    answer: Any = None,
-    options: Sequence[str] | None = None,
-    label: str | None = None,
-    labels: Sequence[str] | None = None,
-    target: str | None = None,
-    notes: Sequence[str] | None = None,
-    modality: str | None = None,
-    regions: RegionsInput | None = None,
-    findings: Any = None,
-    impression: str | None = None,
-    text: str | None = None,
-    box_units: str = "norm",
-    include_base_prompt: bool = True,
-    prompt_variant: str = "default",
-    template: int = 0,
-    rng: random.Random | None = None,
-) -> dict:
+def build_record(task: str, lang: str = "en", *, image: str | Sequence[str] | None = None,
+                 id: Any = None,  # noqa: A002 - the record field is called "id"
+                 width: int | None = None, height: int | None = None, question: str | None = None, answer: Any = None,
+                 options: Sequence[str] | None = None, label: str | None = None, labels: Sequence[str] | None = None,
+                 target: str | None = None, notes: Sequence[str] | None = None, modality: str | None = None,
+                 regions: RegionsInput | None = None, findings: Any = None, impression: str | None = None,
+                 text: str | None = None, box_units: str = "norm", include_base_prompt: bool = True,
+                 prompt_variant: str = "default", template: int = 0, rng: random.Random | None = None) -> dict:
     """Build one complete MedRegInstruct record for ``task`` in ``lang`` from structured fields.
 
     Fields by family (the YAML ``required`` list is enforced):

@@ -41,28 +41,10 @@ from internvl.data.bounded_json import (
 from internvl.data.images import ImageLoadError, load_image, probe_image
 from internvl.regions import RegionError, parse_regions
 
-__all__ = [
-    "ALLOW_LINKS_ENV",
-    "BadRecordError",
-    "IMAGE_CHECKS",
-    "ImagePathError",
-    "check_path_length",
-    "InputLimits",
-    "JSONLimitError",
-    "LIMITS",
-    "LimitedJSONDecoder",
-    "loads_limited",
-    "parse_record_line",
-    "REASONS",
-    "ProblemTally",
-    "RecordChecker",
-    "RecordProblem",
-    "check_record",
-    "image_paths",
-    "iter_records",
-    "read_jsonl",
-    "resolve_image",
-]
+__all__ = ["ALLOW_LINKS_ENV", "BadRecordError", "IMAGE_CHECKS", "ImagePathError", "check_path_length", "InputLimits",
+           "JSONLimitError", "LIMITS", "LimitedJSONDecoder", "loads_limited", "parse_record_line", "REASONS",
+           "ProblemTally", "RecordChecker", "RecordProblem", "check_record", "image_paths", "iter_records",
+           "read_jsonl", "resolve_image"]
 
 #: Every reason a record can be rejected for, with what it means (the table in docs/data-io.md).
 REASONS: dict[str, str] = {
@@ -307,11 +289,11 @@ class RecordChecker:
             return [problem("bad-text", "a string holds a lone surrogate (\\ud800-\\udfff without its pair); "
                                         "such text cannot be encoded or tokenized")]
         problems = self._check_fields(record, problem)
-        turns_ok = self._check_turns(record, problem, problems)
-        if turns_ok:
-            self._check_placeholders(record, problem, problems)
+        images_ok = not any(p.message.startswith("'image'") for p in problems)
+        if self._check_turns(record, problem, problems):
+            self._check_placeholders(record, problem, problems, images_ok)
             self._check_boxes(record, problem, problems)
-        if not any(p.reason == "bad-field" and p.message.startswith("'image'") for p in problems):
+        if images_ok:
             root = self.image_root if self.image_root is not None else Path(file).parent
             for rel in image_paths(record):
                 found = self._check_image(rel, root)
@@ -366,10 +348,8 @@ class RecordChecker:
                 continue
             expected = "human" if i % 2 == 1 else "gpt"
             if turn["from"] != expected:
-                problems.append(problem(
-                    "bad-turns",
-                    f"turn {i} is from {turn['from']!r}, expected {expected!r} (turns alternate human/gpt, human first)",
-                ))
+                problems.append(problem("bad-turns", f"turn {i} is from {turn['from']!r}, expected {expected!r} "
+                                                     "(turns alternate human/gpt, human first)"))
                 ok = False
             if not turn["value"].strip():
                 problems.append(problem("empty-turn", f"turn {i} ({turn['from']}) has an empty value"))
@@ -377,21 +357,19 @@ class RecordChecker:
             problems.append(problem("bad-turns", f"the last turn ({len(turns)}) is from 'human': no answer"))
         return ok
 
-    def _check_placeholders(self, record: dict, problem, problems: list[RecordProblem]) -> None:
+    def _check_placeholders(self, record: dict, problem, problems: list[RecordProblem], images_ok: bool) -> None:
         turns = record["conversations"]
         in_answers = [i for i, t in enumerate(turns, start=1) if t["from"] == "gpt" and IMAGE_PLACEHOLDER in t["value"]]
         if in_answers:
             problems.append(problem("image-count-mismatch", f"'{IMAGE_PLACEHOLDER}' appears in answer turn(s) {in_answers}"))
         n_placeholders = sum(t["value"].count(IMAGE_PLACEHOLDER) for t in turns if t["from"] == "human")
-        if any(p.reason == "bad-field" and p.message.startswith("'image'") for p in problems):
+        if not images_ok:
             return
         n_images = len(image_paths(record))
         if n_placeholders == n_images or (self.allow_implicit_image and n_images == 1 and n_placeholders == 0):
             return
-        problems.append(problem(
-            "image-count-mismatch",
-            f"{n_placeholders} '{IMAGE_PLACEHOLDER}' placeholder(s) for {n_images} image(s)",
-        ))
+        problems.append(problem("image-count-mismatch",
+                                f"{n_placeholders} '{IMAGE_PLACEHOLDER}' placeholder(s) for {n_images} image(s)"))
 
     @staticmethod
     def _check_boxes(record: dict, problem, problems: list[RecordProblem]) -> None:
@@ -417,46 +395,29 @@ class RecordChecker:
 
     def _image_status(self, rel: str, path: Path) -> tuple[str, str] | None:
         try:
-            return self._image_status_unguarded(rel, path)
-        except OSError as exc:  # ENAMETOOLONG, ELOOP, EACCES on a parent ...: the record's path, not a crash
-            return "unreadable-image", f"image {rel!r}: {exc.strerror or type(exc).__name__}"
-
-    def _image_status_unguarded(self, rel: str, path: Path) -> tuple[str, str] | None:
-        if not path.exists():
-            return "missing-image", f"image {rel!r} not found at {path}"
-        if path.is_dir():
-            return "unreadable-image", f"image {rel!r} is a directory: {path}"
-        if not os.access(path, os.R_OK):
-            return "unreadable-image", f"image {rel!r} is not readable (permission denied): {path}"
-        try:
+            if not path.exists():
+                return "missing-image", f"image {rel!r} not found at {path}"
+            if path.is_dir():
+                return "unreadable-image", f"image {rel!r} is a directory: {path}"
+            if not os.access(path, os.R_OK):
+                return "unreadable-image", f"image {rel!r} is not readable (permission denied): {path}"
             if self.image_check == "header":
                 probe_image(path)
             elif self.image_check == "decode":
                 load_image(path)
         except ImageLoadError as exc:
             return "corrupt-image", f"image {rel!r}: {exc.reason}"
+        except OSError as exc:  # ENAMETOOLONG, ELOOP, EACCES on a parent ...: the record's path, not a crash
+            return "unreadable-image", f"image {rel!r}: {exc.strerror or type(exc).__name__}"
         return None
 
 
-def check_record(
-    record: Any,
-    *,
-    file: str | Path,
-    line: int,
-    image_root: str | Path | None = None,
-    image_check: str = "exists",
-    max_length: int | None = None,
-    token_length: Callable[[dict], int] | None = None,
-    require_answer: bool = True,
-) -> list[RecordProblem]:
+def check_record(record: Any, *, file: str | Path, line: int, image_root: str | Path | None = None,
+                 image_check: str = "exists", max_length: int | None = None,
+                 token_length: Callable[[dict], int] | None = None, require_answer: bool = True) -> list[RecordProblem]:
     """Problems of one record (see :class:`RecordChecker`; use a checker directly to cache image checks)."""
-    checker = RecordChecker(
-        image_root=image_root,
-        image_check=image_check,
-        max_length=max_length,
-        token_length=token_length,
-        require_answer=require_answer,
-    )
+    checker = RecordChecker(image_root=image_root, image_check=image_check, max_length=max_length,
+                            token_length=token_length, require_answer=require_answer)
     return checker.check(record, file=file, line=line)
 
 
@@ -493,14 +454,9 @@ class ProblemTally:
         return "\n".join(lines)
 
 
-def iter_records(
-    path: str | Path,
-    checker: RecordChecker | None = None,
-    *,
-    strict: bool = True,
-    tally: ProblemTally | None = None,
-    on_problem: Callable[[RecordProblem], None] | None = None,
-) -> Iterator[tuple[int, dict]]:
+def iter_records(path: str | Path, checker: RecordChecker | None = None, *, strict: bool = True,
+                 tally: ProblemTally | None = None, on_problem: Callable[[RecordProblem], None] | None = None
+                 ) -> Iterator[tuple[int, dict]]:
     """Yield ``(line, record)`` for the good records of a jsonl file.
 
     Strict: raise :class:`BadRecordError` at the first bad line. Lenient: skip it, count its problems in

@@ -158,13 +158,5 @@ def _parse_entry(name: str, entry: Any, where: str, base: Path, check_paths: boo
                 raise fail(f"image root directory not found: {root}")
         except OSError as exc:  # a path or component longer than the file system allows, a loop of links ...
             raise fail(f"cannot use the path {exc.filename!s:.120}: {exc.strerror or exc}") from None
-    return DatasetSpec(
-        name=name,
-        root=root,
-        annotation=annotation,
-        length=length,
-        repeat_time=float(repeat),
-        data_augment=augment,
-        base_prompt=base_prompt,
-        max_dynamic_patch=max_patch,
-    )
+    return DatasetSpec(name=name, root=root, annotation=annotation, length=length, repeat_time=float(repeat),
+                       data_augment=augment, base_prompt=base_prompt, max_dynamic_patch=max_patch)

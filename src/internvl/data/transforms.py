@@ -72,10 +72,8 @@ def _contains(crop: CropBox, pixel_boxes: Sequence[tuple[float, float, float, fl
                for x1, y1, x2, y2 in pixel_boxes)
 
 
-def sample_crop(
-    width: int, height: int, rng: np.random.Generator, config: AugmentConfig = AugmentConfig(),
-    keep: Sequence[tuple[float, float, float, float]] = (),
-) -> CropBox | None:
+def sample_crop(width: int, height: int, rng: np.random.Generator, config: AugmentConfig = AugmentConfig(),
+                keep: Sequence[tuple[float, float, float, float]] = ()) -> CropBox | None:
     """Random resized crop parameters as torchvision samples them (area fraction in ``scale``, log-uniform aspect in
     ``ratio``, uniform position), restricted to crops containing every pixel box in ``keep``. After
     ``config.attempts`` misses, torchvision's centre-crop fallback; ``None`` when even that would cut a box (then the
@@ -132,9 +130,8 @@ class BoxAwareAugment:
     def __init__(self, config: AugmentConfig = AugmentConfig()) -> None:
         self.config = config
 
-    def __call__(
-        self, images: Sequence[Image.Image], turns: Sequence[Mapping[str, Any]], rng: np.random.Generator
-    ) -> tuple[list[Image.Image], list[dict[str, Any]], dict[str, Any]]:
+    def __call__(self, images: Sequence[Image.Image], turns: Sequence[Mapping[str, Any]], rng: np.random.Generator
+                 ) -> tuple[list[Image.Image], list[dict[str, Any]], dict[str, Any]]:
         cfg = self.config
         out_turns = [dict(t) for t in turns]
         applied: dict[str, Any] = {"crop": None, "flip": False, "skipped": None}

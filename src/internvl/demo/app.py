@@ -40,7 +40,6 @@ from internvl.demo.render import answer_html, escape, region_name_label
 from internvl.demo.strings import LANGS, text
 from internvl.demo.tasks import TASKS, build_prompt, follow_up_prompt, task_label
 from internvl.demo.uploads import (
-    MAX_UPLOAD_BYTES,
     UserInputError,
     box_from_drawing,
     load_upload,
@@ -148,14 +147,9 @@ def _message(message: str, kind: str = "error", lang: str = "en") -> str:
 
 
 def _regions_table(regions: list[Region], drawn: list) -> list[dict[str, Any]]:
-    rows, k = [], 0
-    for n, r in enumerate(regions, 1):
-        for b in r.boxes:
-            x1, y1, x2, y2 = drawn[k].xyxy
-            k += 1
-            rows.append({"n": n, "name": r.name, "box": [b.x1, b.y1, b.x2, b.y2],
-                         "pixels": [round(x1, 1), round(y1, 1), round(x2, 1), round(y2, 1)]})
-    return rows
+    boxes = [(n, r.name, box) for n, r in enumerate(regions, 1) for box in r.boxes]  # `drawn` has one per box
+    return [{"n": n, "name": name, "box": box.as_list(), "pixels": [round(v, 1) for v in shown.xyxy]}
+            for (n, name, box), shown in zip(boxes, drawn)]
 
 
 def ask(engine: DemoEngine, session: Session, *, task: str, lang: str, question: str = "", objects: str = "",
@@ -204,7 +198,6 @@ def ask(engine: DemoEngine, session: Session, *, task: str, lang: str, question:
     log.info("request: task=%s lang=%s cot=%s latency=%.2fs boxes=%d", task, lang, cot, seconds, n_boxes)
     status = _message(text("answered", lang, seconds=seconds, n=n_boxes), "ok", lang)
     return annotated, _regions_table(regions, drawn), status
-
 
 
 def _editor_value(image: Image.Image | None) -> dict[str, Any] | None:
@@ -382,5 +375,4 @@ def build_app(engine: DemoEngine, examples: list[Example], *, title: str = "MedR
             return page_labels(lang, title, model_name)
 
         c.lang.change(on_lang, [c.lang], relabelled)
-    app.max_upload_bytes = MAX_UPLOAD_BYTES
     return app

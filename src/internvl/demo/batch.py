@@ -28,7 +28,12 @@ from typing import Any
 
 from internvl.data.images import ImageLoadError, load_image
 from internvl.data.records import RecordChecker, RecordProblem, read_jsonl
-from internvl.io_safety import atomic_write_text, check_output_dir, unique_file
+from internvl.io_safety import (
+    append_jsonl,
+    atomic_write_text,
+    check_output_dir,
+    unique_file,
+)
 from internvl.regions import Region, parse_regions
 
 __all__ = ["BatchError", "BatchItem", "check_out_dir", "read_batch_file", "regions_json", "run_batch", "stream_path",
@@ -134,16 +139,6 @@ def stream_path(out_dir: str | Path, stamp: str, rank: int) -> Path:
     return unique_file(out, f"demo_{stamp}.rank{rank}", ".jsonl")
 
 
-def _append(path: Path, rows: list[dict[str, Any]]) -> None:
-    import os
-
-    with path.open("a", encoding="utf-8") as fh:
-        for row in rows:
-            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
 def _result(it: BatchItem, ans: str) -> dict[str, Any]:
     return {"index": it.index, "question": it.question, "question_id": it.question_id, "pred_answer": ans,
             "gt_answer": it.gt_answer, "pred_regions": regions_json(ans), "gt_regions": regions_json(it.gt_answer),
@@ -163,16 +158,11 @@ def run_batch(generator: Any, items: list[BatchItem], rank: int = 0, world_size:
     mine = items[rank::world_size]
     requests = [GenerationRequest(prompt=it.question, images=[str(it.image)] if it.image else [],
                                   image_kwargs=it.image_kwargs, id=str(it.question_id)) for it in mine]
-    if not hasattr(generator, "iter_generate"):
-        results = [_result(it, ans) for it, ans in zip(mine, generator.generate(requests))]
-        if stream is not None:
-            _append(stream, results)
-        return results
     by_index: dict[int, dict[str, Any]] = {}
     for batch in generator.iter_generate(requests):
         rows = [_result(mine[i], text) for i, text in batch]
         if stream is not None:
-            _append(stream, rows)
+            append_jsonl(stream, rows)
         by_index.update((i, row) for (i, _), row in zip(batch, rows))
     return [by_index[i] for i in sorted(by_index)]
 

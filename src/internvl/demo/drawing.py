@@ -23,11 +23,9 @@ PALETTE: tuple[tuple[int, int, int], ...] = (
 )
 
 # Fonts that cover Chinese (Debian fonts-wqy-microhei / fonts-noto-cjk), then Latin-only ones.
-_FONT_CANDIDATES: tuple[str, ...] = (
-    "/usr/share/fonts/truetype/wqy/wqy-microhei.ttc",
-    "/usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc",
-    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
-)
+_FONT_CANDIDATES: tuple[str, ...] = ("/usr/share/fonts/truetype/wqy/wqy-microhei.ttc",
+                                     "/usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc",
+                                     "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf")
 
 
 @dataclass(frozen=True)

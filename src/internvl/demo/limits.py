@@ -17,6 +17,7 @@ from typing import Any
 
 from internvl.constants import IMAGE_PLACEHOLDER
 from internvl.demo.uploads import MAX_QUESTION_CHARS, UserInputError
+from internvl.image_processing import ImageSettings
 
 __all__ = ["FIELD_LIMITS", "UploadFolder", "check_fields", "check_prompt_budget", "public_message",
            "scrub_paths"]
@@ -44,13 +45,6 @@ def check_fields(**fields: Any) -> None:
             raise UserInputError(f"The {label} field cannot contain {IMAGE_PLACEHOLDER}; the image is added for you.")
 
 
-def _tiles_per_image(config: Any) -> int:
-    """Upper bound of the tiles one image becomes (1 without dynamic tiling, as V1.2/MedRegA)."""
-    if not getattr(config, "dynamic_image_size", False):
-        return 1
-    return int(getattr(config, "max_dynamic_patch", 1)) + (1 if getattr(config, "use_thumbnail", False) else 0)
-
-
 def check_prompt_budget(model: Any, tokenizer: Any, prompt: str, history: list[tuple[str, str]],
                         max_new_tokens: int) -> int:
     """Tokens the turn needs (rendered prompt + image tokens + ``max_new_tokens``); refuse it when that exceeds the
@@ -60,7 +54,7 @@ def check_prompt_budget(model: Any, tokenizer: Any, prompt: str, history: list[t
     rendered = model._render(model._chat_template(), list(history), prompt)
     n_images = rendered.count(IMAGE_PLACEHOLDER) or 1
     text_tokens = len(tokenizer(rendered.replace(IMAGE_PLACEHOLDER, ""), add_special_tokens=False)["input_ids"])
-    image_tokens = n_images * (int(model.num_image_token) * _tiles_per_image(model.config) + 2)
+    image_tokens = n_images * (int(model.num_image_token) * ImageSettings.from_config(model.config).max_tiles + 2)
     total = text_tokens + image_tokens + int(max_new_tokens)
     if context is not None and total > int(context):
         raise UserInputError(f"The conversation is too long for the model: about {total} tokens including the answer "

@@ -8,6 +8,7 @@ question; the order MedRegA was fine-tuned with, see ``internvl.data.encode``). 
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -41,6 +42,7 @@ TASKS: dict[str, DemoTask] = {t.key: t for t in (
     DemoTask("grounded_report", "Grounded report", "定位报告", "grounded_whole", ("modality",)),
 )}
 
+
 def task_label(task: str, lang: str) -> str:
     """The task menu's name of demo task ``task`` in ``lang`` ("en"/"zh")."""
     spec = TASKS[task]
@@ -49,8 +51,7 @@ def task_label(task: str, lang: str) -> str:
 
 def split_names(text: str | None) -> list[str]:
     """Object names / class options typed as a comma, semicolon, Chinese comma or newline separated list."""
-    raw = (text or "").replace("，", ",").replace("、", ",").replace("；", ",").replace(";", ",").replace("\n", ",")
-    return [s.strip() for s in raw.split(",") if s.strip()]
+    return [s.strip() for s in re.split(r"[,，、；;\n]", text or "") if s.strip()]
 
 
 def build_prompt(task: str, lang: str, *, question: str | None = None, box: Box | None = None,

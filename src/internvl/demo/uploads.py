@@ -7,7 +7,6 @@ types, pixel count (decompression bombs) and box sanity.
 """
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,18 +17,8 @@ from PIL import Image
 from internvl.data.images import ImageLoadError, detect_format, load_image
 from internvl.regions import Box, RegionError, pixels_to_box, validate_box
 
-__all__ = [
-    "ACCEPTED_SUFFIXES",
-    "MAX_UPLOAD_BYTES",
-    "MAX_UPLOAD_PIXELS",
-    "LoadedUpload",
-    "UserInputError",
-    "box_from_drawing",
-    "box_json",
-    "check_question",
-    "load_upload",
-    "parse_typed_box",
-]
+__all__ = ["ACCEPTED_SUFFIXES", "MAX_UPLOAD_BYTES", "MAX_UPLOAD_PIXELS", "LoadedUpload", "UserInputError",
+           "box_from_drawing", "check_question", "load_upload", "parse_typed_box"]
 
 ACCEPTED_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", ".dcm", ".dicom",
                                       ".nii", ".nii.gz")
@@ -52,11 +41,6 @@ class LoadedUpload:
     description: str
 
 
-def _accepted(name: str) -> bool:
-    lower = name.lower()
-    return any(lower.endswith(s) for s in ACCEPTED_SUFFIXES)
-
-
 def load_upload(path: str | Path, *, axis: str = "axial", slice_index: int | None = None,
                 max_bytes: int = MAX_UPLOAD_BYTES, max_pixels: int = MAX_UPLOAD_PIXELS) -> LoadedUpload:
     """Decode an uploaded file (PNG/JPEG/TIFF/DICOM/NIfTI) into an RGB image after size and type checks.
@@ -75,7 +59,7 @@ def load_upload(path: str | Path, *, axis: str = "axial", slice_index: int | Non
     if size > max_bytes:
         raise UserInputError(f"{name}: {size / 2**20:.1f} MiB is over the upload limit of {max_bytes / 2**20:.0f} MiB")
     kind = detect_format(p)
-    if kind == "pil" and not _accepted(name):
+    if kind == "pil" and not name.lower().endswith(ACCEPTED_SUFFIXES):
         raise UserInputError(f"{name}: unsupported file type; upload one of {', '.join(ACCEPTED_SUFFIXES)}")
     try:
         image = load_image(p, axis=axis, slice_index=slice_index, max_pixels=max_pixels)
@@ -152,8 +136,3 @@ def box_from_drawing(layer: np.ndarray | Image.Image | None) -> Box:
         raise UserInputError("No box: draw over the region in the image editor, or type a box.")
     lh, lw = arr.shape[:2]
     return pixels_to_box((xs.min(), ys.min(), xs.max() + 1, ys.max() + 1), lw, lh)
-
-
-def box_json(box: Box) -> str:
-    """``[[x1, y1, x2, y2]]`` text of a box, for the page."""
-    return json.dumps([[box.x1, box.y1, box.x2, box.y2]])

@@ -85,17 +85,10 @@ class ChatTemplate:
         stops = data["stop_strings"]
         if not isinstance(stops, list) or not stops or not all(isinstance(s, str) and s for s in stops):
             raise TemplateError(f"{source}: stop_strings must be a non-empty list of strings")
-        return cls(
-            name=str(data["name"]),
-            system_template=str(data["system_template"]),
-            system_message=str(data["system_message"]),
-            user_role=str(roles["user"]),
-            assistant_role=str(roles["assistant"]),
-            sep=sep,
-            label_sep=label_sep,
-            stop_strings=tuple(stops),
-            description=str(data.get("description", "")),
-        )
+        return cls(name=str(data["name"]), system_template=str(data["system_template"]),
+                   system_message=str(data["system_message"]), user_role=str(roles["user"]),
+                   assistant_role=str(roles["assistant"]), sep=sep, label_sep=label_sep, stop_strings=tuple(stops),
+                   description=str(data.get("description", "")))
 
     def _split_system(self, messages: Sequence[Mapping[str, object]], system_message: str | None) -> tuple[str, list[tuple[str, str]]]:
         msgs = normalize_messages(messages)
@@ -132,12 +125,8 @@ class ChatTemplate:
                     pieces.append((tail, False))
         return pieces
 
-    def render(
-        self,
-        messages: Sequence[Mapping[str, object]],
-        system_message: str | None = None,
-        add_generation_prompt: bool | None = None,
-    ) -> str:
+    def render(self, messages: Sequence[Mapping[str, object]], system_message: str | None = None,
+               add_generation_prompt: bool | None = None) -> str:
         """The prompt string. ``add_generation_prompt`` appends the bare assistant role; ``None`` means "when the last
         message is a user turn" (inference prompt), so a full training conversation renders without it."""
         system, msgs = self._split_system(messages, system_message)

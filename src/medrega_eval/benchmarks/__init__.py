@@ -29,9 +29,10 @@ from typing import Any
 
 import yaml
 
-from internvl.data.records import RecordChecker, RecordProblem, read_jsonl, resolve_image
+from internvl.data.records import RecordChecker, RecordProblem, image_paths, read_jsonl, resolve_image
 
-__all__ = ["Benchmark", "BenchmarkError", "MissingData", "Sample", "load_registry", "data_dir_from", "load_samples"]
+__all__ = ["Benchmark", "BenchmarkError", "MissingData", "Sample", "load_registry", "data_dir_from", "load_samples",
+           "reference_labels"]
 
 HERE = Path(__file__).resolve().parent
 TASKS = ("vqa", "report", "classification", "region2text", "text2region", "grounded_report")
@@ -171,6 +172,12 @@ def load_registry(extra_files: Sequence[str | Path] = ()) -> dict[str, Benchmark
     return registry
 
 
+def reference_labels(references: Sequence[str], multilabel: bool) -> list[str]:
+    """The distinct reference labels in first-seen order (`options: from_references`); multilabel splits on ","."""
+    labels = [label.strip() for ref in references for label in (ref.split(",") if multilabel else [ref])]
+    return list(dict.fromkeys(label for label in labels if label))
+
+
 def data_dir_from(arg: str | Path | None) -> Path | None:
     """--data-dir if given, else $MEDREGA_DATA, else None."""
     value = arg or os.environ.get("MEDREGA_DATA")
@@ -243,8 +250,7 @@ def _sample(bench: Benchmark, rec: dict, ann: Path, line: int, image_root: Path,
     if rid in seen:
         return RecordProblem(file, line, "duplicate-id", f"id {rid!r} already used at line {seen[rid]}")
     seen[rid] = line
-    image = rec.get("image")
-    rels = [] if image is None else ([image] if isinstance(image, str) else list(image))
+    rels = image_paths(rec)
     paths = []
     for rel in rels:
         try:

@@ -20,15 +20,8 @@ from collections.abc import Iterable, Sequence
 
 from medrega_eval.metrics.text import sentence_bleu1, token_set_scores
 
-__all__ = [
-    "UnknownLabel",
-    "normalize_label",
-    "split_answer",
-    "map_to_option",
-    "map_answer",
-    "reference_labels",
-    "classification_metrics",
-]
+__all__ = ["UnknownLabel", "normalize_label", "split_answer", "map_to_option", "map_answer", "reference_labels",
+           "classification_metrics"]
 
 _SPLIT = re.compile(r"[,;，；、\n]")
 
@@ -75,9 +68,8 @@ def map_to_option(answer: str, options: Sequence[str], compat: str | None = None
     return options[best] if f1s[best] > 0 else None
 
 
-def map_answer(
-    answer: str, options: Sequence[str], multilabel: bool, compat: str | None = None
-) -> tuple[list[str], list[str]]:
+def map_answer(answer: str, options: Sequence[str], multilabel: bool, compat: str | None = None
+               ) -> tuple[list[str], list[str]]:
     """(mapped labels without duplicates, unmapped answer parts) for one prediction."""
     labels: list[str] = []
     unmapped: list[str] = []
@@ -109,13 +101,11 @@ def reference_labels(reference: str, options: Sequence[str], multilabel: bool, c
         if not part:
             continue
         if compat == "medrega":
-            if part not in options:
-                raise UnknownLabel(f"reference label {part!r} is not one of the options {list(options)!r}")
-            label = part
+            label = part if part in options else None  # exact, case-sensitive, as the original
         else:
             label = lookup.get(normalize_label(part))
-            if label is None:
-                raise UnknownLabel(f"reference label {part!r} is not one of the options {list(options)!r}")
+        if label is None:
+            raise UnknownLabel(f"reference label {part!r} is not one of the options {list(options)!r}")
         if label not in out:
             out.append(label)
     if not out:
@@ -128,13 +118,8 @@ def _f1(tp: int, fp: int, fn: int) -> float:
     return 2 * tp / denom if denom else 0.0
 
 
-def classification_metrics(
-    y_true: Sequence[Iterable[str]],
-    y_pred: Sequence[Iterable[str]],
-    options: Sequence[str],
-    multilabel: bool,
-    compat: str | None = None,
-) -> dict[str, float | None]:
+def classification_metrics(y_true: Sequence[Iterable[str]], y_pred: Sequence[Iterable[str]], options: Sequence[str],
+                           multilabel: bool, compat: str | None = None) -> dict[str, float | None]:
     """accuracy (subset accuracy for multi-label), macro_f1 and, for multi-label, micro `f1`.
 
     Macro-F1 averages per-label F1 (= 2TP / (2TP + FP + FN)). Default: over the labels that occur in the references or
@@ -158,10 +143,8 @@ def classification_metrics(
         fn = sum(label in t and label not in p for t, p in zip(true_sets, pred_sets))
         tp_all, fp_all, fn_all = tp_all + tp, fp_all + fp, fn_all + fn
         per_label.append(_f1(tp, fp, fn))
-    out: dict[str, float | None] = {
-        "accuracy": accuracy,
-        "macro_f1": sum(per_label) / len(per_label) if per_label else 0.0,
-    }
+    out: dict[str, float | None] = {"accuracy": accuracy,
+                                    "macro_f1": sum(per_label) / len(per_label) if per_label else 0.0}
     if multilabel:
         out["f1"] = _f1(tp_all, fp_all, fn_all)
     return out

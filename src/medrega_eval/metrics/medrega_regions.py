@@ -275,9 +275,7 @@ def aggregate(values: list[dict[str, float]], subtype: str) -> tuple[dict[str, o
 
 
 # top-level summary names for each compat subtype, taken from the original metric names
-TOP = {
-    "ss": {"iou": "iou", "acc25": "acc25", "acc50": "acc50", "acc75": "acc75"},
-    "sm": {"precision": "precision", "recall": "recall", "f1": "f1", "iou": "iou"},
-    "ms": {"precision": "box_acc", "iou": "box_iou"},
-    "mm": {"precision": "box_pre", "recall": "box_recall", "f1": "box_f1", "iou": "box_iou"},
-}
+TOP = {"ss": {"iou": "iou", "acc25": "acc25", "acc50": "acc50", "acc75": "acc75"},
+       "sm": {"precision": "precision", "recall": "recall", "f1": "f1", "iou": "iou"},
+       "ms": {"precision": "box_acc", "iou": "box_iou"},
+       "mm": {"precision": "box_pre", "recall": "box_recall", "f1": "box_f1", "iou": "box_iou"}}

@@ -14,11 +14,12 @@ import numpy as np
 from medrega_eval.io import ScoreInputError
 from medrega_eval.metrics import text as text_m
 
-__all__ = ["medrega_clean_report_en", "medrega_clean_report_zh", "rouge_bootstrap_spread", "report_metrics_medrega",
-           "ROUGE_BOOTSTRAP_SEEDS"]
+__all__ = ["medrega_clean_report_en", "medrega_clean_report_zh", "mean_or_none", "rouge_bootstrap_spread",
+           "report_metrics_medrega", "ROUGE_BOOTSTRAP_SEEDS"]
 
 
-def _mean(values: Sequence[float]) -> float | None:
+def mean_or_none(values: Sequence[float]) -> float | None:
+    """The mean, or None for no values (a metric over nothing is not 0)."""
     return float(np.mean(values)) if len(values) else None
 
 
@@ -89,8 +90,8 @@ def report_metrics_medrega(preds, refs, langs, wanted, result) -> tuple[dict[str
         rouge = [scorer.score(r, p) for p, r in zip(p_clean, r_clean)]
         for i, s in enumerate(rouge):
             per[i].update(rouge1=s["rouge1"].fmeasure, rougeL=s["rougeL"].fmeasure)
-        out["rouge1"] = _mean([s["rouge1"].fmeasure for s in rouge])
-        out["rougeL"] = _mean([s["rougeL"].fmeasure for s in rouge])
+        out["rouge1"] = mean_or_none([s["rouge1"].fmeasure for s in rouge])
+        out["rougeL"] = mean_or_none([s["rougeL"].fmeasure for s in rouge])
         # HF evaluate reports a bootstrap median (random); the plain mean above estimates it, the spread bounds it
         result.details["rouge_bootstrap"] = rouge_bootstrap_spread(p_clean, r_clean)
         m_hyp = [meteor_m.tokenize_en(p) for p in p_clean]
@@ -111,7 +112,7 @@ def report_metrics_medrega(preds, refs, langs, wanted, result) -> tuple[dict[str
             # the original stores rouge1 under rougeL and rougeL under rouge1
             per[i].update(rougeL=s["rouge1"].fmeasure, rouge1=s["rougeL"].fmeasure)
         for k in ("bleu1", "bleu4", "rougeL", "rouge1"):
-            out[k] = _mean([p[k] for p in per])
+            out[k] = mean_or_none([p[k] for p in per])
         m_hyp = [list(jieba.cut(x)) for x in res_raw]  # raw jieba tokens, as the original's METEOR
         m_ref = [list(jieba.cut(r)) for r in refs]
     else:
@@ -124,7 +125,7 @@ def report_metrics_medrega(preds, refs, langs, wanted, result) -> tuple[dict[str
             out["meteor"] = None
             result.unavailable["meteor"] = str(exc)
         else:
-            out["meteor"] = _mean(scores)
+            out["meteor"] = mean_or_none(scores)
             for i, v in enumerate(scores):
                 per[i]["meteor"] = v
     return out, per

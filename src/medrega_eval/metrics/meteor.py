@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from functools import lru_cache
 from pathlib import Path
 
 from medrega_eval.metrics.text import MetricUnavailable
@@ -39,14 +40,9 @@ def nltk_data_dir() -> Path:
     return Path(cache) / "medrega" / "nltk_data"
 
 
-_WORDNET = None
-
-
+@lru_cache(maxsize=1)
 def load_wordnet():
     """WordNet 3.0 as an NLTK corpus reader; MetricUnavailable (with the fix) when the folder is missing or broken."""
-    global _WORDNET
-    if _WORDNET is not None:
-        return _WORDNET
     root = nltk_data_dir()
     folder = root / "corpora" / "wordnet"
     needed = ["lexnames", "data.noun", "index.noun", "noun.exc", "index.sense"]
@@ -67,7 +63,6 @@ def load_wordnet():
         reader.synsets("heart")  # fail here, clearly, rather than inside the first METEOR call
     except (OSError, ValueError, LookupError) as exc:
         raise MetricUnavailable(f"METEOR (NLTK): cannot read WordNet in {folder}: {exc}; {SETUP_HINT}") from exc
-    _WORDNET = reader
     return reader
 
 

@@ -67,28 +67,37 @@ def bertscore(candidates: Sequence[str], references: Sequence[str], model_dir: s
                                 "(the original uses layer 40 of deberta-xlarge-mnli / 9 of bert-base-multilingual-cased)")
     if original:
         return _bertscore_original(candidates, references, tokenizer, model, layer, batch_size, device)
-    import torch
-
     special = set(tokenizer.all_special_ids)
 
     def encode(texts: Sequence[str]) -> list[tuple[list[int], np.ndarray]]:
+        ids = [tokenizer(t, truncation=True)["input_ids"] for t in texts]
         out = []
-        for start in range(0, len(texts), batch_size):
-            chunk = list(texts[start : start + batch_size])
-            enc = tokenizer(chunk, return_tensors="pt", padding=True, truncation=True)
-            with torch.no_grad():
-                hidden = model(**{k: v.to(device) for k, v in enc.items()}, output_hidden_states=True).hidden_states
-            states = hidden[-1 if layer is None else layer].float().cpu().numpy()
-            for i in range(len(chunk)):
-                ids = enc["input_ids"][i].tolist()
-                keep = [j for j, t in enumerate(ids) if enc["attention_mask"][i][j] and t not in special]
-                vecs = states[i, keep]
-                norms = np.linalg.norm(vecs, axis=1, keepdims=True)
-                out.append(([ids[j] for j in keep], vecs / np.clip(norms, 1e-12, None)))
+        for x, vecs in zip(ids, _embed(ids, tokenizer, model, layer, batch_size, device)):
+            keep = [j for j, t in enumerate(x) if t not in special]
+            out.append(([x[j] for j in keep], vecs[keep]))
         return out
 
-    cand_enc, ref_enc = encode(candidates), encode(references)
-    return _greedy_scores(cand_enc, ref_enc, idf)
+    return _greedy_scores(encode(candidates), encode(references), idf)
+
+
+def _embed(ids: list[list[int]], tokenizer, model, layer: int | None, batch_size: int, device: str) -> list[np.ndarray]:
+    """L2-normalized hidden states of `layer` (default: the last) for each token id list, right-padded in batches."""
+    import torch
+
+    out = []
+    pad = tokenizer.pad_token_id or 0
+    for start in range(0, len(ids), batch_size):
+        chunk = ids[start:start + batch_size]
+        width = max(len(x) for x in chunk)
+        inp = torch.tensor([x + [pad] * (width - len(x)) for x in chunk], device=device)
+        mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in chunk], device=device)
+        with torch.no_grad():
+            hidden = model(input_ids=inp, attention_mask=mask, output_hidden_states=True).hidden_states
+        states = hidden[-1 if layer is None else layer].float().cpu().numpy()
+        for i, x in enumerate(chunk):
+            vecs = states[i, :len(x)]
+            out.append(vecs / np.clip(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12, None))
+    return out
 
 
 def _greedy_scores(cand_enc, ref_enc, idf: bool) -> tuple[float, list[float]]:
@@ -120,8 +129,6 @@ def _greedy_scores(cand_enc, ref_enc, idf: bool) -> tuple[float, list[float]]:
 
 def _bertscore_original(candidates, references, tokenizer, model, layer, batch_size, device):
     """The bert-score package's rule (see `bertscore(original=True)`)."""
-    import torch
-
     def ids_of(text: str) -> list[int]:
         text = text.strip()
         if not text:  # bert-score: build_inputs_with_special_tokens([]), i.e. only the special tokens
@@ -130,20 +137,8 @@ def _bertscore_original(candidates, references, tokenizer, model, layer, batch_s
                                 max_length=min(tokenizer.model_max_length, 10**6))
 
     def embed(texts: Sequence[str]) -> list[tuple[list[int], np.ndarray]]:
-        out = []
-        for start in range(0, len(texts), batch_size):
-            ids = [ids_of(t) for t in texts[start:start + batch_size]]
-            width = max(len(x) for x in ids)
-            pad = tokenizer.pad_token_id or 0
-            inp = torch.tensor([x + [pad] * (width - len(x)) for x in ids], device=device)
-            mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids], device=device)
-            with torch.no_grad():
-                hidden = model(input_ids=inp, attention_mask=mask, output_hidden_states=True).hidden_states
-            states = hidden[-1 if layer is None else layer].float().cpu().numpy()
-            for i, x in enumerate(ids):
-                vecs = states[i, :len(x)]
-                out.append((x, vecs / np.linalg.norm(vecs, axis=1, keepdims=True)))
-        return out
+        ids = [ids_of(t) for t in texts]
+        return list(zip(ids, _embed(ids, tokenizer, model, layer, batch_size, device)))
 
     m = len(candidates)
     df = Counter(t for c in candidates for t in set(ids_of(c)))

@@ -26,20 +26,10 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-from internvl.regions import Region, box_to_pixels, parse_regions
+from internvl.regions import Region, box_iou, box_to_pixels, parse_regions
 
-__all__ = [
-    "NamedBox",
-    "ParsedRegions",
-    "parse_for_scoring",
-    "box_iou",
-    "hungarian_match",
-    "RegionSample",
-    "score_region_sample",
-    "aggregate_regions",
-    "coco_map50",
-    "IOU_THRESHOLD",
-]
+__all__ = ["NamedBox", "ParsedRegions", "parse_for_scoring", "box_iou", "hungarian_match", "RegionSample",
+           "score_region_sample", "aggregate_regions", "coco_map50", "IOU_THRESHOLD"]
 
 IOU_THRESHOLD = 0.5
 
@@ -85,22 +75,6 @@ def parse_for_scoring(text: str, hw: Sequence[float] | None = None) -> ParsedReg
             boxes.append(NamedBox(normalize_name(region.name), tuple(float(v) for v in xyxy), tuple(box.as_list()),
                                   group, (region.name or "").lower()))
     return ParsedRegions(boxes, errors)
-
-
-def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Pairwise IoU of [N,4] and [M,4] xyxy boxes -> [N,M] (torchvision.ops.box_iou's formula; empty union -> 0)."""
-    a = np.asarray(a, dtype=np.float64).reshape(-1, 4)
-    b = np.asarray(b, dtype=np.float64).reshape(-1, 4)
-    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
-    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    lt = np.maximum(a[:, None, :2], b[None, :, :2])
-    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    wh = np.clip(rb - lt, 0, None)
-    inter = wh[..., 0] * wh[..., 1]
-    union = area_a[:, None] + area_b[None, :] - inter
-    with np.errstate(divide="ignore", invalid="ignore"):
-        iou = np.where(union > 0, inter / union, 0.0)
-    return iou
 
 
 def hungarian_match(pred: Sequence[NamedBox], ref: Sequence[NamedBox]) -> list[tuple[int, int, float]]:
@@ -176,16 +150,11 @@ def score_region_sample(pred: Sequence[NamedBox], ref: Sequence[NamedBox], unpar
     o_p, o_r, o_f = _prf(common, len(pred_names), len(ref_names)) if ref_names else (0.0, 0.0, 0.0)
     aligned = sum(iou >= IOU_THRESHOLD and _names_agree(pred[i].name, ref[j].name) for i, j, iou in pairs)
     a_p, a_r, a_f = _prf(aligned, len(pred), n_ref)
-    return RegionSample(
-        iou=sum(ious) / n_ref,
-        acc25=sum(i >= 0.25 for i in ious) / n_ref,
-        acc50=sum(i >= 0.5 for i in ious) / n_ref,
-        acc75=sum(i >= 0.75 for i in ious) / n_ref,
-        precision=precision, recall=recall, f1=f1,
-        object_precision=o_p, object_recall=o_r, object_f1=o_f,
-        alignment_precision=a_p, alignment_recall=a_r, alignment_f1=a_f,
-        num_pred=len(pred), num_ref=n_ref, unparsable=unparsable, pairs=pairs,
-    )
+    return RegionSample(iou=sum(ious) / n_ref, acc25=sum(i >= 0.25 for i in ious) / n_ref,
+                        acc50=sum(i >= 0.5 for i in ious) / n_ref, acc75=sum(i >= 0.75 for i in ious) / n_ref,
+                        precision=precision, recall=recall, f1=f1, object_precision=o_p, object_recall=o_r,
+                        object_f1=o_f, alignment_precision=a_p, alignment_recall=a_r, alignment_f1=a_f,
+                        num_pred=len(pred), num_ref=n_ref, unparsable=unparsable, pairs=pairs)
 
 
 def aggregate_regions(samples: Sequence[RegionSample]) -> dict[str, float | int | None]:

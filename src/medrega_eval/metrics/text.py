@@ -21,27 +21,13 @@ import shutil
 import unicodedata
 from collections import Counter
 from collections.abc import Sequence
+from functools import lru_cache
 
 import numpy as np
 
-__all__ = [
-    "MetricUnavailable",
-    "PTB_PUNCTUATION",
-    "tokenize_en",
-    "tokenize_zh",
-    "tokenize",
-    "has_cjk",
-    "text_language",
-    "lcs_length",
-    "rouge_l",
-    "corpus_rouge_l",
-    "coco_bleu",
-    "coco_cider",
-    "coco_meteor",
-    "sentence_bleu1",
-    "hf_bleu",
-    "token_set_scores",
-]
+__all__ = ["MetricUnavailable", "PTB_PUNCTUATION", "tokenize_en", "tokenize_zh", "tokenize", "has_cjk", "text_language",
+           "lcs_length", "rouge_l", "corpus_rouge_l", "coco_bleu", "coco_cider", "coco_meteor", "sentence_bleu1",
+           "hf_bleu", "token_set_scores"]
 
 
 class MetricUnavailable(RuntimeError):
@@ -116,18 +102,15 @@ _CANNOT = re.compile(r"\bcannot\b")
 
 
 _ZH_PUNCT = re.compile(r"^[\W_]+$")
-_jieba = None
 
 
+@lru_cache(maxsize=1)
 def _get_jieba():
     """Import jieba once, silencing its 'Building prefix dict' log lines."""
-    global _jieba
-    if _jieba is None:
-        import jieba
+    import jieba
 
-        jieba.setLogLevel(logging.WARNING)
-        _jieba = jieba
-    return _jieba
+    jieba.setLogLevel(logging.WARNING)
+    return jieba
 
 
 def tokenize_zh(text: str) -> list[str]:
@@ -144,7 +127,8 @@ def has_cjk(text: str) -> bool:
     return any("\u4e00" <= ch <= "\u9fff" or "\u3400" <= ch <= "\u4dbf" for ch in text)
 
 
-_LANG_BOXES_RE = re.compile(r"<box>.*?</box>|\[\[[^\[\]]*(?:\][^\[\]]*)*?\]\]", re.DOTALL)
+#: A box list in either form (``<box>..</box>`` or a bare ``[[..]]``), removed before text metrics look at words.
+BOX_TEXT_RE = re.compile(r"<box>.*?</box>|\[\[[^\[\]]*(?:\][^\[\]]*)*?\]\]", re.DOTALL)
 _LANG_TAGS_RE = re.compile(r"</?(?:ref|box|image)>")
 _LATIN_WORD_RE = re.compile(r"[A-Za-z]+")
 
@@ -155,7 +139,7 @@ def text_language(text: str) -> str | None:
     C and Latin-letter words W; "zh" when C / (C + W) >= 0.5, "en" when below, None when C + W = 0 (only digits,
     punctuation or boxes). One CJK character is weighed like one Latin word, so a Chinese answer that names "CT"
     or "MRI" stays Chinese and an English answer with one Chinese name stays English."""
-    clean = _LANG_TAGS_RE.sub(" ", _LANG_BOXES_RE.sub(" ", text))
+    clean = _LANG_TAGS_RE.sub(" ", BOX_TEXT_RE.sub(" ", text))
     cjk = sum(1 for ch in clean if "\u4e00" <= ch <= "\u9fff" or "\u3400" <= ch <= "\u4dbf")
     words = len(_LATIN_WORD_RE.findall(clean))
     if cjk + words == 0:
@@ -208,9 +192,8 @@ def rouge_l(candidate: Sequence[str], references: Sequence[Sequence[str]], beta:
     return (1 + beta**2) * p * r / (r + beta**2 * p)
 
 
-def corpus_rouge_l(
-    candidates: Sequence[Sequence[str]], references: Sequence[Sequence[Sequence[str]]], beta: float = 1.2
-) -> tuple[float, list[float]]:
+def corpus_rouge_l(candidates: Sequence[Sequence[str]], references: Sequence[Sequence[Sequence[str]]], beta: float = 1.2
+                   ) -> tuple[float, list[float]]:
     """Mean and per-sample ROUGE-L over a corpus (pycocoevalcap averages sentence scores)."""
     _check_lengths(candidates, references)
     scores = [rouge_l(c, r, beta) for c, r in zip(candidates, references)]
@@ -226,9 +209,8 @@ def _check_lengths(candidates: Sequence, references: Sequence) -> None:
             raise ValueError(f"sample {i} has no reference")
 
 
-def coco_bleu(
-    candidates: Sequence[Sequence[str]], references: Sequence[Sequence[Sequence[str]]], n: int = 4
-) -> tuple[list[float], list[list[float]]]:
+def coco_bleu(candidates: Sequence[Sequence[str]], references: Sequence[Sequence[Sequence[str]]], n: int = 4
+              ) -> tuple[list[float], list[list[float]]]:
     """Corpus BLEU-1..n as pycocoevalcap computes it ('closest' reference length), plus per-sample BLEU-1..n.
 
     Returns (corpus [bleu1..bleun], per_sample[k][i] = BLEU-(k+1) of sample i).
@@ -245,9 +227,8 @@ def coco_bleu(
     return [float(s) for s in score], [[float(v) for v in row] for row in scores]
 
 
-def coco_cider(
-    candidates: Sequence[Sequence[str]], references: Sequence[Sequence[Sequence[str]]]
-) -> tuple[float, list[float]]:
+def coco_cider(candidates: Sequence[Sequence[str]], references: Sequence[Sequence[Sequence[str]]]
+               ) -> tuple[float, list[float]]:
     """CIDEr-D exactly as pycocoevalcap reports it (document frequencies from this corpus's references, x10)."""
     from pycocoevalcap.cider.cider_scorer import CiderScorer
 
@@ -261,16 +242,13 @@ def coco_cider(
     return float(score), [float(s) for s in scores]
 
 
-def coco_meteor(
-    candidates: Sequence[Sequence[str]], references: Sequence[Sequence[Sequence[str]]]
-) -> tuple[float, list[float]]:
+def coco_meteor(candidates: Sequence[Sequence[str]], references: Sequence[Sequence[Sequence[str]]]
+                ) -> tuple[float, list[float]]:
     """METEOR 1.5 through pycocoevalcap's bundled jar (needs `java` on PATH; MetricUnavailable otherwise)."""
     _check_lengths(candidates, references)
     if shutil.which("java") is None:
-        raise MetricUnavailable(
-            "METEOR needs a Java runtime (pycocoevalcap runs meteor-1.5.jar); install one, e.g. "
-            "`apt-get install default-jre-headless`, or leave METEOR out with --metrics"
-        )
+        raise MetricUnavailable("METEOR needs a Java runtime (pycocoevalcap runs meteor-1.5.jar); install one, e.g. "
+                                "`apt-get install default-jre-headless`, or leave METEOR out with --metrics")
     if not candidates:
         return 0.0, []
     meteor = _meteor_process()
@@ -334,9 +312,8 @@ def sentence_bleu1(candidate: Sequence[str], references: Sequence[Sequence[str]]
     return bp * matches / c_len
 
 
-def hf_bleu(
-    candidates: Sequence[Sequence[str]], references: Sequence[Sequence[Sequence[str]]], max_order: int = 4
-) -> float:
+def hf_bleu(candidates: Sequence[Sequence[str]], references: Sequence[Sequence[Sequence[str]]], max_order: int = 4
+            ) -> float:
     """Corpus BLEU as Hugging Face `evaluate`'s 'bleu' computes it (tensorflow/nmt compute_bleu, no smoothing).
 
     Used only by `--compat medrega`. Differences from pycocoevalcap: the brevity penalty uses the *shortest*

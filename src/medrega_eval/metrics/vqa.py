@@ -37,14 +37,8 @@ OPEN_ACCURACY_RECALL = 0.75
 ZH_CLOSED_ANSWERS = frozenset({"是", "否", "不是", "有", "没有", "yes", "no"})
 
 # MedRegA's cleanStr whole-word contractions (src/eval/vqa/postprocess_utils.py).
-_MEDREGA_CONTRACTIONS = {
-    "pa": "posterior anterior",
-    "ivc": "inferior vena cava",
-    "head": "brain",
-    "both": "bilateral",
-    "tumour": "tumor",
-    "tumours": "tumors",
-}
+_MEDREGA_CONTRACTIONS = {"pa": "posterior anterior", "ivc": "inferior vena cava", "head": "brain", "both": "bilateral",
+                         "tumour": "tumor", "tumours": "tumors"}
 
 
 @dataclass(frozen=True)
@@ -104,9 +98,8 @@ def _is_closed(ref_tokens: Sequence[str], lang: str, answer_type: str | None) ->
     return joined in (ZH_CLOSED_ANSWERS if lang == "zh" else {"yes", "no"})
 
 
-def score_vqa_sample(
-    prediction: str, reference: str, lang: str, answer_type: str | None = None, compat: str | None = None
-) -> VQASample:
+def score_vqa_sample(prediction: str, reference: str, lang: str, answer_type: str | None = None,
+                     compat: str | None = None) -> VQASample:
     """Score one answer. `answer_type` (CLOSED/OPEN) overrides the yes/no rule in default mode; compat ignores it."""
     pred = vqa_tokens(prediction, lang, compat)
     ref = vqa_tokens(reference, lang, compat)
@@ -166,17 +159,11 @@ def aggregate_vqa(samples: Sequence[VQASample], compat: str | None = None) -> di
         open_recall = mean([s.recall for s in open_])
         open_accuracy = mean([float(s.correct) for s in open_])
 
-    return {
-        "closed_accuracy": mean([float(s.correct) for s in closed]),
-        "open_recall": open_recall,
-        "open_accuracy": open_accuracy,
-        "token_f1": mean([s.f1 for s in samples]),
-        "recall": mean([s.recall for s in samples]),
-        "bleu1": mean([s.bleu1 for s in samples]),
-        "exact_match": mean([float(s.exact_match) for s in samples]),
-        "num_closed": len(closed),
-        "num_open": len(open_),
-    }
+    return {"closed_accuracy": mean([float(s.correct) for s in closed]), "open_recall": open_recall,
+            "open_accuracy": open_accuracy, "token_f1": mean([s.f1 for s in samples]),
+            "recall": mean([s.recall for s in samples]), "bleu1": mean([s.bleu1 for s in samples]),
+            "exact_match": mean([float(s.exact_match) for s in samples]), "num_closed": len(closed),
+            "num_open": len(open_)}
 
 
 def says_not_visible(text: str) -> bool:

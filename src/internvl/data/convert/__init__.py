@@ -22,26 +22,21 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import import_module
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from internvl.data.prompts import LANGS, PromptError, build_record
 from internvl.data.records import JSONLimitError, RecordChecker, RecordProblem, loads_limited
 from internvl.io_safety import atomic_write_text
 
-__all__ = [
-    "CONVERTERS", "ConvertError", "ConvertOptions", "ConvertReport", "add_common_arguments", "build_or_skip", "build_records", "check_task",
-    "common_options", "finish_report", "get_converter", "open_text", "read_csv", "read_json",
-    "write_jsonl", "write_output",
-]
+__all__ = ["CONVERTERS", "ConvertError", "ConvertOptions", "ConvertReport", "add_common_arguments", "build_or_skip",
+           "build_records", "check_task", "common_options", "finish_report", "get_converter", "read_csv",
+           "read_json", "write_output"]
 
 #: format name -> module (imported lazily so that the CLI starts fast)
-CONVERTERS: dict[str, str] = {
-    "coco": "internvl.data.convert.coco",
-    "vindr": "internvl.data.convert.vindr",
-    "masks": "internvl.data.convert.masks",
-    "classification": "internvl.data.convert.classification",
-    "vqa": "internvl.data.convert.vqa",
-}
+CONVERTERS: dict[str, str] = {"coco": "internvl.data.convert.coco", "vindr": "internvl.data.convert.vindr",
+                              "masks": "internvl.data.convert.masks",
+                              "classification": "internvl.data.convert.classification",
+                              "vqa": "internvl.data.convert.vqa"}
 
 #: How many individual problems a report keeps for printing (all are counted).
 MAX_KEPT_PROBLEMS = 1000
@@ -74,12 +69,8 @@ class ConvertReport:
     def summary(self) -> str:
         """``"coco: wrote 12 records to out.jsonl; skipped 3: bad-bbox 2, unknown-image 1"``."""
         where = f" to {self.output}" if self.output else ""
-        text = f"{self.source}: wrote {self.written} records{where}"
-        if self.skipped:
-            text += f"; skipped {self.n_skipped}: " + ", ".join(f"{r} {n}" for r, n in sorted(self.skipped.items()))
-        else:
-            text += "; skipped 0"
-        return text
+        reasons = ": " + ", ".join(f"{r} {n}" for r, n in sorted(self.skipped.items())) if self.skipped else ""
+        return f"{self.source}: wrote {self.written} records{where}; skipped {self.n_skipped}{reasons}"
 
 
 @dataclass(frozen=True)
@@ -100,22 +91,8 @@ class ConvertOptions:
         return finish_report(items, report, image_root=self.image_root, image_check=self.image_check)
 
 
-def write_jsonl(records: Iterable[dict], path: str | Path) -> int:
-    """Write records as UTF-8 jsonl (non-ASCII kept readable); returns the count. Creates parent directories."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lines = [json.dumps(record, ensure_ascii=False) + "\n" for record in records]
-    atomic_write_text(path, "".join(lines))  # a crash never leaves a half-written annotation file
-    return len(lines)
-
-
-def finish_report(
-    items: Iterable[tuple[str, int, dict]],
-    report: ConvertReport,
-    *,
-    image_root: str | Path | None,
-    image_check: str = "exists",
-) -> tuple[list[dict], ConvertReport]:
+def finish_report(items: Iterable[tuple[str, int, dict]], report: ConvertReport, *, image_root: str | Path | None,
+                  image_check: str = "exists") -> tuple[list[dict], ConvertReport]:
     """Run every built record through the training record checks; bad ones are counted in ``report``. Returns the
     ``(records, report)`` every ``convert_*`` function returns, with ``report.written`` set.
 
@@ -135,15 +112,17 @@ def finish_report(
 
 
 def write_output(records: list[dict], report: ConvertReport, out: str | Path) -> ConvertReport:
-    """Write the records to ``out`` (jsonl) and note it in the report; the end of every converter's ``run``."""
-    write_jsonl(records, out)
+    """Write the records to ``out`` as UTF-8 jsonl (non-ASCII kept readable, parent folders created; atomically, so a
+    crash never leaves a half-written file) and note it in the report: the end of every converter's ``run``."""
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
     report.output = out
     return report
 
 
-def build_or_skip(
-    report: ConvertReport, file: str | Path, line: int, task: str, lang: str, *, context: str = "", **fields: Any
-) -> dict | None:
+def build_or_skip(report: ConvertReport, file: str | Path, line: int, task: str, lang: str, *, context: str = "",
+                  **fields: Any) -> dict | None:
     """:func:`~internvl.data.prompts.build_record`, or ``None`` with a ``bad-record`` skip (message ``context + error``)."""
     try:
         return build_record(task, lang, **fields)
@@ -152,9 +131,8 @@ def build_or_skip(
         return None
 
 
-def build_records(
-    report: ConvertReport, file: str | Path, line: int, lang: str, builds: Iterable[dict[str, Any]], **common: Any
-) -> list[dict]:
+def build_records(report: ConvertReport, file: str | Path, line: int, lang: str, builds: Iterable[dict[str, Any]],
+                  **common: Any) -> list[dict]:
     """Build the records of one input item (each of ``builds`` is ``task=`` plus fields, merged with ``common``).
 
     The first :class:`~internvl.data.prompts.PromptError` ends the item: it is counted once, as one ``bad-record``
@@ -185,13 +163,6 @@ def read_json(path: Path, what: str) -> Any:
         raise ConvertError(f"{path}:0: cannot read {what}: {exc.reason}: {exc}") from exc
 
 
-def open_text(path: Path) -> IO[str]:
-    """Open a CSV for reading, transparently gunzipping ``*.gz`` (e.g. ``vinbigdata-train.csv.gz``)."""
-    if path.suffix == ".gz":
-        return gzip.open(path, "rt", newline="", encoding="utf-8")
-    return open(path, newline="", encoding="utf-8")
-
-
 @contextmanager
 def read_csv(path: Path, required: Sequence[str], *, gunzip: bool = False) -> Iterator[csv.DictReader]:
     """A ``csv.DictReader`` over ``path`` (``*.gz`` too with ``gunzip``) whose header has every ``required`` column.
@@ -199,7 +170,10 @@ def read_csv(path: Path, required: Sequence[str], *, gunzip: bool = False) -> It
     Raises :class:`ConvertError` ``FILE:0`` if the file cannot be opened, ``FILE:1`` naming missing columns.
     """
     try:
-        fh = open_text(path) if gunzip else open(path, newline="", encoding="utf-8")
+        if gunzip and path.suffix == ".gz":  # e.g. vinbigdata-train.csv.gz
+            fh = gzip.open(path, "rt", newline="", encoding="utf-8")
+        else:
+            fh = open(path, newline="", encoding="utf-8")  # noqa: SIM115 - closed by the with block below
     except OSError as exc:
         raise ConvertError(f"{path}:0: cannot open CSV: {exc}") from exc
     with fh:

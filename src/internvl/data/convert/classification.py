@@ -37,15 +37,8 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".di
 _POSITIVE, _NEGATIVE = {"1", "1.0", "true", "yes"}, {"0", "0.0", "false", "no", "", "-1", "-1.0"}
 
 
-def convert_folders(
-    root: str | Path,
-    *,
-    modality: str,
-    options: list[str] | None = None,
-    target: str = "disease",
-    notes: list[str] | None = None,
-    **common: Any,
-) -> tuple[list[dict], ConvertReport]:
+def convert_folders(root: str | Path, *, modality: str, options: list[str] | None = None, target: str = "disease",
+                    notes: list[str] | None = None, **common: Any) -> tuple[list[dict], ConvertReport]:
     """``root/<class>/<image>`` -> single-label records with paths relative to ``root`` (which is their image root).
     ``common``: :class:`ConvertOptions` keywords other than ``image_root``."""
     if "image_root" in common:
@@ -89,21 +82,11 @@ def _flag(value: str | None) -> bool | None:
     return None
 
 
-def convert_csv(
-    path: str | Path,
-    *,
-    modality: str,
-    task: str = "classify_single",
-    image_column: str = "image",
-    label_column: str | None = "label",
-    label_columns: list[str] | None = None,
-    separator: str | None = None,
-    options: list[str] | None = None,
-    empty_label: str | None = None,
-    target: str = "disease",
-    notes: list[str] | None = None,
-    **common: Any,
-) -> tuple[list[dict], ConvertReport]:
+def convert_csv(path: str | Path, *, modality: str, task: str = "classify_single", image_column: str = "image",
+                label_column: str | None = "label", label_columns: list[str] | None = None,
+                separator: str | None = None, options: list[str] | None = None, empty_label: str | None = None,
+                target: str = "disease", notes: list[str] | None = None, **common: Any
+                ) -> tuple[list[dict], ConvertReport]:
     """A label CSV -> records; see the module docstring for the column layouts. ``common``: :class:`ConvertOptions`
     keywords."""
     opts = ConvertOptions(**common)
@@ -186,9 +169,8 @@ def run(args: argparse.Namespace) -> ConvertReport:
         del common["image_root"]  # class folders are their own image root
         records, report = convert_folders(args.source, **common)
     else:
-        records, report = convert_csv(
-            args.source, task=args.task, image_column=args.image_column, label_column=args.label_column,
-            label_columns=[c.strip() for c in args.label_columns.split(",")] if args.label_columns else None,
-            separator=args.separator, empty_label=args.empty_label, **common,
-        )
+        label_columns = [c.strip() for c in args.label_columns.split(",")] if args.label_columns else None
+        records, report = convert_csv(args.source, task=args.task, image_column=args.image_column,
+                                      label_column=args.label_column, label_columns=label_columns,
+                                      separator=args.separator, empty_label=args.empty_label, **common)
     return write_output(records, report, args.out)

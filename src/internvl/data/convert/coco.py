@@ -39,14 +39,8 @@ def _positive_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
-def convert_coco(
-    path: str | Path,
-    *,
-    task: str = "text_to_region",
-    modality: str = "medical",
-    image_prefix: str = "",
-    **options: Any,
-) -> tuple[list[dict], ConvertReport]:
+def convert_coco(path: str | Path, *, task: str = "text_to_region", modality: str = "medical", image_prefix: str = "",
+                 **options: Any) -> tuple[list[dict], ConvertReport]:
     """Convert a COCO detection file; returns ``(records, report)``. ``options``: :class:`ConvertOptions` keywords.
     Raises :class:`ConvertError` if unusable."""
     opts = ConvertOptions(**options)

@@ -74,28 +74,19 @@ def read_label_names(path: str | Path) -> dict[int, str]:
         items = data.items() if isinstance(data, dict) else enumerate(data)
         for key, value in items:
             names[int(key)] = str(value).strip()
-    elif path.suffix.lower() == ".csv":
-        for number, row in enumerate(csv.reader(text.splitlines()), start=1):
-            if not row or not "".join(row).strip() or row[0].lstrip().startswith("#"):
-                continue
-            value = _label_value(row[0], path, number, "value,name", row)
-            if value is None:
-                continue
-            if len(row) < 2 or not row[1].strip():
-                raise LabelMapError(f"{path}:{number}: label {value} has no name")
-            names[value] = row[1].strip()
     else:
+        is_csv = path.suffix.lower() == ".csv"
         for number, line in enumerate(text.splitlines(), start=1):
-            line = line.strip()
-            if not line or line.startswith("#"):
+            row = next(csv.reader([line]), []) if is_csv else line.split()
+            if not "".join(row).strip() or row[0].lstrip().startswith("#"):
                 continue
-            quoted = re.search(r'"([^"]+)"', line)
-            parts = line.split()
-            value = _label_value(parts[0], path, number, "value name", line)
+            value = _label_value(row[0], path, number, "value,name" if is_csv else "value name",
+                                 row if is_csv else line.strip())
             if value is None:
                 continue
-            name = quoted.group(1) if quoted else (parts[1] if len(parts) > 1 else "")
-            if not name:
+            quoted = None if is_csv else re.search(r'"([^"]+)"', line)  # ITK-SNAP: the quoted last column
+            name = quoted.group(1) if quoted else (row[1] if len(row) > 1 else "")
+            if not name.strip():
                 raise LabelMapError(f"{path}:{number}: label {value} has no name")
             names[value] = name.strip()
     names.pop(0, None)
@@ -136,9 +127,8 @@ def _dicom_seg(path: Path) -> tuple[np.ndarray, dict[int, str]]:
     return labels, names
 
 
-def load_label_map(
-    path: str | Path, *, axis: str = "axial", slice_index: int | None = None
-) -> tuple[np.ndarray, dict[int, str]]:
+def load_label_map(path: str | Path, *, axis: str = "axial", slice_index: int | None = None
+                   ) -> tuple[np.ndarray, dict[int, str]]:
     """A 2D integer label map in display orientation, plus names stored in the file (DICOM SEG only)."""
     path = Path(path)
     kind = detect_format(path)
@@ -230,21 +220,11 @@ def _labelled_slices(mask_path: Path, axis: str) -> list[int]:
     return [int(k) for k in np.flatnonzero((data != 0).any(axis=other))]
 
 
-def convert_masks(
-    pairs: list[tuple[str | Path, str | Path]],
-    *,
-    names: dict[int, str] | None = None,
-    task: str = "text_to_region",
-    mode: str = "label",
-    min_pixels: int = 1,
-    modality: str = "medical",
-    axis: str = "axial",
-    slices: str = "middle",
-    slice_step: int = 1,
-    window: str | tuple[float, float] | None = None,
-    out_images: str | Path | None = None,
-    **options: Any,
-) -> tuple[list[dict], ConvertReport]:
+def convert_masks(pairs: list[tuple[str | Path, str | Path]], *, names: dict[int, str] | None = None,
+                  task: str = "text_to_region", mode: str = "label", min_pixels: int = 1, modality: str = "medical",
+                  axis: str = "axial", slices: str = "middle", slice_step: int = 1,
+                  window: str | tuple[float, float] | None = None, out_images: str | Path | None = None, **options: Any
+                  ) -> tuple[list[dict], ConvertReport]:
     """Convert (image, label map) pairs; returns ``(records, report)``. ``options``: :class:`ConvertOptions` keywords.
 
     Record image paths are relative to ``image_root`` (default: the images' directory for 2D pairs, ``out_images``
@@ -395,11 +375,10 @@ def run(args: argparse.Namespace) -> ConvertReport:
         names = read_label_names(args.names) if args.names else {}
     except (OSError, ValueError) as exc:
         raise ConvertError(f"{args.names}: cannot read label names: {exc}") from exc
-    records, report = convert_masks(
-        pairs, names=names, task=args.task, mode=args.mode, min_pixels=args.min_pixels,
-        modality=args.modality, axis=args.axis, slices=args.slices, slice_step=args.slice_step, window=window,
-        out_images=args.out_images, **common_options(args),
-    )
+    records, report = convert_masks(pairs, names=names, task=args.task, mode=args.mode, min_pixels=args.min_pixels,
+                                    modality=args.modality, axis=args.axis, slices=args.slices,
+                                    slice_step=args.slice_step, window=window, out_images=args.out_images,
+                                    **common_options(args))
     for orphan in orphans:
         report.skip(orphan, 0, "no-matching-image", f"no image with stem {_stem(orphan)!r} in {images}")
     return write_output(records, report, args.out)

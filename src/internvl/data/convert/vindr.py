@@ -14,9 +14,7 @@ Input columns: ``image_id, rad_id, class_name, x_min, y_min, x_max, y_max`` (pix
 from __future__ import annotations
 
 import argparse
-import csv
 import math
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +32,7 @@ from internvl.data.convert import (
     write_output,
 )
 from internvl.data.images import ImageLoadError, probe_image
+from internvl.regions import box_iou
 
 NAME = "vindr"
 HELP = "VinDr-CXR-style per-radiologist box CSV -> text_to_region / region_to_text / classify_multi records"
@@ -42,38 +41,18 @@ MERGES = ("none", "union", "fusion")
 REQUIRED_COLUMNS = ("image_id", "class_name", "x_min", "y_min", "x_max", "y_max")
 
 
-def iou(a: np.ndarray, b: np.ndarray) -> float:
-    """Intersection over union of two ``[x1, y1, x2, y2]`` pixel boxes."""
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
-
-
 def cluster_boxes(boxes: list[np.ndarray], threshold: float) -> list[list[int]]:
     """Group box indices whose IoU >= threshold, transitively (connected components); stable order."""
-    parent = list(range(len(boxes)))
+    from scipy.sparse.csgraph import connected_components
 
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    for i in range(len(boxes)):
-        for j in range(i + 1, len(boxes)):
-            if iou(boxes[i], boxes[j]) >= threshold:
-                parent[find(j)] = find(i)
-    groups: dict[int, list[int]] = defaultdict(list)
-    for i in range(len(boxes)):
-        groups[find(i)].append(i)
-    return sorted(groups.values(), key=lambda g: g[0])
+    if not boxes:
+        return []
+    _, labels = connected_components(box_iou(boxes, boxes) >= threshold, directed=False)
+    return sorted(([int(i) for i in np.flatnonzero(labels == k)] for k in np.unique(labels)), key=lambda g: g[0])
 
 
-def merge_boxes(
-    boxes: list[np.ndarray], raters: list[str], *, merge: str, threshold: float, min_votes: int
-) -> tuple[list[np.ndarray], int]:
+def merge_boxes(boxes: list[np.ndarray], raters: list[str], *, merge: str, threshold: float, min_votes: int
+                ) -> tuple[list[np.ndarray], int]:
     """Merge one image+class's boxes; returns ``(kept boxes, clusters dropped for too few votes)``."""
     if merge not in MERGES:
         raise ValueError(f"merge must be one of {MERGES}, got {merge!r}")
@@ -102,10 +81,7 @@ def merge_boxes(
 
 def _read_sizes(path: Path) -> dict[str, tuple[int, int]]:
     sizes = {}
-    with open(path, newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
-        if not reader.fieldnames or not {"image_id", "width", "height"} <= set(reader.fieldnames):
-            raise ConvertError(f"{path}:1: sizes CSV needs columns image_id,width,height")
+    with read_csv(path, ("image_id", "width", "height")) as reader:
         for row in reader:
             try:
                 w, h = int(row["width"]), int(row["height"])
@@ -121,19 +97,10 @@ def _read_sizes(path: Path) -> dict[str, tuple[int, int]]:
 RaterBoxes = dict[str, dict[str, list[tuple[np.ndarray, str, int]]]]
 
 
-def convert_vindr(
-    path: str | Path,
-    *,
-    task: str = "text_to_region",
-    merge: str = "fusion",
-    iou_threshold: float = 0.4,
-    min_votes: int = 1,
-    sizes: str | Path | None = None,
-    image_ext: str = ".dicom",
-    modality: str = "chest x-ray",
-    no_finding: str = "No finding",
-    **options: Any,
-) -> tuple[list[dict], ConvertReport]:
+def convert_vindr(path: str | Path, *, task: str = "text_to_region", merge: str = "fusion", iou_threshold: float = 0.4,
+                  min_votes: int = 1, sizes: str | Path | None = None, image_ext: str = ".dicom",
+                  modality: str = "chest x-ray", no_finding: str = "No finding", **options: Any
+                  ) -> tuple[list[dict], ConvertReport]:
     """Convert a VinDr-style CSV; returns ``(records, report)``. ``options``: :class:`ConvertOptions` keywords.
     Raises :class:`ConvertError` if unusable."""
     opts = ConvertOptions(**options)
@@ -267,8 +234,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> ConvertReport:
     if not math.isfinite(args.iou) or not 0 < args.iou <= 1:
         raise ConvertError(f"--iou must be in (0, 1], got {args.iou}")
-    records, report = convert_vindr(
-        args.csv, task=args.task, merge=args.merge, iou_threshold=args.iou, min_votes=args.min_votes, sizes=args.sizes,
-        image_ext=args.image_ext, modality=args.modality, no_finding=args.no_finding, **common_options(args),
-    )
+    records, report = convert_vindr(args.csv, task=args.task, merge=args.merge, iou_threshold=args.iou,
+                                    min_votes=args.min_votes, sizes=args.sizes, image_ext=args.image_ext,
+                                    modality=args.modality, no_finding=args.no_finding, **common_options(args))
     return write_output(records, report, args.out)

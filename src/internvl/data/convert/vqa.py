@@ -51,12 +51,7 @@ def _choices(item: dict) -> list[str] | None:
     raise ValueError(f"options must be a list or a mapping, got {type(raw).__name__}")
 
 
-def convert_vqa(
-    path: str | Path,
-    *,
-    image_prefix: str = "",
-    **options: Any,
-) -> tuple[list[dict], ConvertReport]:
+def convert_vqa(path: str | Path, *, image_prefix: str = "", **options: Any) -> tuple[list[dict], ConvertReport]:
     """Convert a VQA json list; returns ``(records, report)``. ``options``: :class:`ConvertOptions` keywords.
     Raises :class:`ConvertError` if unusable."""
     opts = ConvertOptions(**options)
