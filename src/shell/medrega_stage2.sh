@@ -19,8 +19,8 @@
 #   slurm:      sbatch src/shell/medrega_stage2.sh                 (from the repository root; MODE=full sbatch ...)
 #   one node:   GPUS_PER_NODE=8 MODE=full bash src/shell/medrega_stage2.sh
 # Overrides: MODE, MODEL (a checkpoint dir, or preset:NAME with TOKENIZER=dir), META, OUTPUT, BATCH_SIZE,
-# PER_DEVICE_BATCH_SIZE, LR, EPOCHS, LORA_RANK, SAVE_STEPS, IMAGE_SIZE, DS_CONFIG (none = no DeepSpeed; opt-in:
-# src/shell/zero_stage3_tuned_config.json), ENGINE=fsdp2 (opt-in: FSDP2 instead of DeepSpeed), GPUS_PER_NODE;
+# PER_DEVICE_BATCH_SIZE, LR, EPOCHS, LORA_RANK, SAVE_STEPS, IMAGE_SIZE, DS_CONFIG (default on GPUs:
+# src/shell/zero_stage3_tuned_config.json; zero_stage3_config.json = the released one; none = no DeepSpeed), ENGINE=fsdp2 (opt-in: FSDP2 instead of DeepSpeed), GPUS_PER_NODE;
 # extra flags are passed on and win.
 set -euo pipefail
 MODE="${MODE:-lora}"
