@@ -137,7 +137,7 @@ def section_recipe(args, res: dict) -> None:
                out=Path(args.out, "recipe_runs"), fused_adam=args.recipe_fused_adam,
                peak_flops=args.peak, lr=args.recipe_lr,
                distinct=args.recipe_distinct_batches, deadline_s=args.recipe_deadline_s, on_row=save,
-               compile_backend=args.recipe_compile_backend)
+               compile_backend=args.recipe_compile_backend, profile=args.recipe_profile)
 
 
 def _save_partial(args, res: dict) -> None:
@@ -504,6 +504,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe-lr", type=float, default=1e-5, help="learning rate of the recipe cases (constant)")
     p.add_argument("--recipe-distinct-batches", type=int, default=None, help="batches the recipe steps cycle "
                    "through (default: a new one each step; 1: the same batch, so the losses fall - the CPU test)")
+    p.add_argument("--recipe-profile", action="store_true", help="write each case's first timed step's top kernels "
+                   "to <out>/recipe_runs/profile_<case>.txt (torch.profiler; those runs' tokens/s include its overhead)")
     p.add_argument("--recipe-deadline-s", type=float, default=None, help="skip (and record) recipe cases that "
                    "would start after this many seconds of the section")
     p.add_argument("--recipe-fused-adam", action="store_true", help="keep the shipped configs' DeepSpeed fused Adam "

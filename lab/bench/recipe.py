@@ -159,6 +159,30 @@ class StepClock(TrainerCallback):
             self.seconds = time.perf_counter() - self.t0
 
 
+class StepProfile(TrainerCallback):
+    """torch.profiler over the first timed optimizer step (after `warmup`); the top kernels by device time go to
+    `path` as a table (what the step's time is made of: matmuls, attention, gathers, elementwise, optimizer)."""
+
+    def __init__(self, warmup: int, path: Path) -> None:
+        self.warmup, self.path, self.prof = warmup, path, None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step == self.warmup and self.prof is None:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if torch.cuda.is_available():
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            self.prof = torch.profiler.profile(activities=activities)
+            self.prof.__enter__()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.prof is not None and state.global_step == self.warmup + 1:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.prof.__exit__(None, None, None)
+            sort = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
+            self.path.write_text(self.prof.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=70))
+
+
 @dataclass
 class RecipeCase:
     """One timed recipe run: model name, engine (`plain`, `zero2`, `zero3`) and LoRA rank (0 = full LLM)."""
@@ -200,11 +224,14 @@ def build_recipe_model(config, model_args, dtype: torch.dtype):
 
 def run_recipe_case(case: RecipeCase, config, *, batch: int, seq: int, steps: int, warmup: int, out: Path,
                     bf16: bool, peak_flops: float = H100_H200_BF16_PEAK, fused_adam: bool = False,
-                    lr: float = 1e-5, distinct: int | None = None, compile_backend: str = "inductor") -> dict:
+                    lr: float = 1e-5, distinct: int | None = None, compile_backend: str = "inductor",
+                    profile: bool = False) -> dict:
     """Train `warmup + steps` optimizer steps of `case` with MedRegTrainer; tokens/s and MFU over the last `steps`,
     per-step losses of all of them. `distinct`: how many different batches the steps cycle through (default: a new
     one each step; 1 = the same batch every step, so the losses fall fast, for the CPU test). `compile_backend`: the
-    torch.compile backend of the engines with `torch_compile` (the CPU test uses "aot_eager": no C++ build)."""
+    torch.compile backend of the engines with `torch_compile` (the CPU test uses "aot_eager": no C++ build).
+    `profile`: write the first timed step's top kernels to `out/profile_<case>.txt` (that step's time then includes
+    the profiler's overhead; the tokens/s of a profiled run are not comparable with an unprofiled one)."""
     from internvl.train.arguments import MedRegTrainingArguments
     from internvl.train.cli import release_deepspeed_config, speedups_from_args
     from deepspeed.utils import z3_leaf_module
@@ -235,7 +262,8 @@ def run_recipe_case(case: RecipeCase, config, *, batch: int, seq: int, steps: in
         trainer = MedRegTrainer(model=model, args=args, train_dataset=_Samples(data),
                                 data_collator=_collate, group_by_length=False,
                                 fused_lm_loss=model_args.fused_lm_loss, speedups=speedups_from_args(model_args),
-                                callbacks=[clock])
+                                callbacks=[clock] + ([StepProfile(warmup, out / f"profile_{case.name.replace(' ', '_')}.txt")]
+                                                     if profile else []))
         try:
             trainer.train()
         finally:
@@ -349,7 +377,8 @@ def run_recipe(models: list[str], *, engines: list[str] = list(ENGINES), loras: 
                layers: int | None = None, batch: int = 4, seq: int = 2048, steps: int = 4, warmup: int = 2,
                bf16: bool = True, out: Path | None = None, fused_adam: bool = False,
                peak_flops: float = H100_H200_BF16_PEAK, lr: float = 1e-5, distinct: int | None = None,
-               deadline_s: float | None = None, on_row=None, compile_backend: str = "inductor") -> list[dict]:
+               deadline_s: float | None = None, on_row=None, compile_backend: str = "inductor",
+               profile: bool = False) -> list[dict]:
     """Run every recipe case (errors recorded in the row, the run goes on; cases that would start after
     `deadline_s` are recorded as skipped); `vs_plain` = tokens/s over the no-DeepSpeed case of the same model and
     LoRA setting from this same call."""
@@ -366,7 +395,7 @@ def run_recipe(models: list[str], *, engines: list[str] = list(ENGINES), loras: 
         try:
             row = run_recipe_case(case, config, batch=batch, seq=seq, steps=steps, warmup=warmup, out=out,
                                   bf16=bf16, fused_adam=fused_adam, peak_flops=peak_flops, lr=lr, distinct=distinct,
-                                  compile_backend=compile_backend)
+                                  compile_backend=compile_backend, profile=profile)
         except Exception as exc:  # noqa: BLE001 - a failed case is a result; the others still run
             row = {"case": case.name, "model": case.model, "engine": case.engine, "lora": case.lora,
                    "error": f"{type(exc).__name__}: {exc}"[:400]}

@@ -155,3 +155,16 @@ def test_recipe_new_engines_on_cpu_losses_equal_plain(tmp_path, precision):
             assert row["loss_rel_vs_plain"] <= tol and row["trainable"] == plain["trainable"]
         # the tuned config's leaf modules reached DeepSpeed: tiny's 2 ViT + 2 LLM layers are gathered whole
         assert rows[f"tiny {setting} zero3_tuned"]["z3_leaf_layers"] == 4
+
+
+def test_recipe_profile_writes_the_first_timed_steps_top_kernels(tmp_path):
+    """`profile=True` leaves one table per case with the profiled step's operators (the CPU run profiles CPU time)."""
+    from lab.bench.recipe import recipe_config, run_recipe_case, RecipeCase
+
+    out = tmp_path / "runs"
+    out.mkdir()
+    row = run_recipe_case(RecipeCase("tiny", "plain"), recipe_config("tiny", None), batch=1, seq=128, steps=1,
+                          warmup=1, out=out, bf16=False, profile=True)
+    assert "error" not in row and row["tokens_per_s"] > 0
+    table = (out / "profile_tiny_full_plain.txt").read_text()
+    assert "aten::mm" in table or "aten::addmm" in table or "aten::linear" in table, table[:2000]
