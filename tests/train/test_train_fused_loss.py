@@ -63,3 +63,27 @@ def test_a_zero3_partitioned_head_is_used_unless_deepcompile_removed_its_hooks(t
 
     trainer.model_wrapped = Engine()
     assert trainer._fused_head() is None
+
+
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16-mixed"])
+def test_fused_head_runs_under_the_accelerators_autocast(tmp_path, tiny_tokenizer_dir, monkeypatch, bf16):
+    """The fused head runs outside the model's autocast-wrapped forward; under bf16 mixed precision (fp32 weights,
+    no DeepSpeed) it must still autocast, or its matmuls run in fp32 (measured: half the step on a Yi-34B head)."""
+    import torch
+
+    from internvl.ops import train_speedups
+
+    built, items, _ = tiny_square_setup(tmp_path, tiny_tokenizer_dir, seed=5, grad_checkpoint=False)
+    args = MedRegTrainingArguments(output_dir=str(tmp_path / "o"), use_cpu=True, report_to="none", bf16=bf16)
+    seen: list[bool] = []
+    original = train_speedups.causal_lm_loss
+
+    def recording(*a, **kw):
+        seen.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+        return original(*a, **kw)
+
+    monkeypatch.setattr(train_speedups, "causal_lm_loss", recording)
+    model = built.model.train()
+    trainer = MedRegTrainer(model=model, args=args, fused_lm_loss=True)
+    loss = trainer.compute_loss(trainer.accelerator.prepare_model(model), pad_collate(items), num_items_in_batch=17.0)
+    assert seen == [bf16] and torch.isfinite(loss)

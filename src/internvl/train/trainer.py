@@ -286,10 +286,13 @@ class MedRegTrainer(trainer_base()):
         lm_head = self._fused_head()
         if lm_head is not None:
             # Only the last position's logits are built; the loss runs the LM head on supervised positions in chunks,
-            # so no [B, L, V] logits are kept for backward.
-            loss, outputs = fused_loss_forward(model, model_inputs, labels, loss_weight=loss_weight,
-                                               impl=self.lm_loss_impl, lm_head=lm_head,
-                                               num_items_in_batch=num_items_in_batch)
+            # so no [B, L, V] logits are kept for backward. The head runs outside the model's (autocast-wrapped)
+            # forward: the accelerator's autocast keeps its matmuls in bf16 under mixed precision, as in the forward
+            # (with fp32 weights they would otherwise run in fp32: half the step on the Yi-34B head's shape).
+            with self.accelerator.autocast():
+                loss, outputs = fused_loss_forward(model, model_inputs, labels, loss_weight=loss_weight,
+                                                   impl=self.lm_loss_impl, lm_head=lm_head,
+                                                   num_items_in_batch=num_items_in_batch)
         else:
             outputs = model(**model_inputs)
             logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
