@@ -188,18 +188,19 @@ def test_two_ranks_hash_and_verify_their_own_files(tmp_path, tiny_tokenizer_dir)
     meta = write_square_dataset(tmp_path / "data", n=8, seed=0)
     out = tmp_path / "run"
 
-    def torchrun(steps: int, port: int, *extra: str) -> subprocess.CompletedProcess:
+    def torchrun(steps: int, *extra: str) -> subprocess.CompletedProcess:
         argv = cli_args(out, tiny_tokenizer_dir, meta, steps, "--report_to", "none", "--save_steps", "2", *extra)
-        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                               "--master_port", str(port), "-m", "internvl.train", *argv],
+        # --standalone: a free rendezvous port per run (a fixed one collides with other runs on a shared machine)
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                               "-m", "internvl.train", *argv],
                               capture_output=True, text=True, env=env(), cwd=ROOT, timeout=300)
 
-    first = torchrun(2, 29641)
+    first = torchrun(2)
     assert first.returncode == 0, first.stderr[-3000:]
     files = json.loads((out / "checkpoint-2" / MANIFEST_NAME).read_text())["files"]
     assert {"rng_state_0.pth", "rng_state_1.pth", "model.safetensors"} <= set(files)
     flip(out / "checkpoint-2" / "rng_state_1.pth")
-    second = torchrun(4, 29642, "--resume_from_checkpoint", "auto", "--overwrite_output_dir", "True")
+    second = torchrun(4, "--resume_from_checkpoint", "auto", "--overwrite_output_dir", "True")
     assert second.returncode == 0, second.stderr[-3000:]
     assert f"{out / 'checkpoint-2' / 'rng_state_1.pth'}: SHA-256 differs" in second.stdout + second.stderr
     assert (out / "checkpoint-2.rejected").is_dir() and verify_manifest(out / "checkpoint-4") == []
