@@ -24,14 +24,18 @@ import os
 
 import torch
 
-from .int8_weights import dequantize_int8_rows
-
 try:  # Triton ships with CUDA builds of torch; CPU builds may lack it
     import triton
     import triton.language as tl
 except ImportError:  # pragma: no cover - exercised on CPU-only installs without triton
     triton = None
     tl = None
+
+def dequantize_int8_rows(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """int8 [N, K] and fp32 scale [N] -> the weight [N, K] in `dtype` (products in fp32, rounded once): the reference
+    of the int8 GEMV and the dequantised path of `internvl.ops.int8_weights`."""
+    return (q.float() * scale.float()[:, None]).to(dtype)
+
 
 #: whether the Triton code runs in its CPU interpreter (TRITON_INTERPRET=1 at import).
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"

@@ -20,6 +20,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+# importing decode_kernels registers the internvl::gemv_int8 op that int8_linear calls
+from .decode_kernels import dequantize_int8_rows
+
 
 def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-output-row int8 quantisation: weight [N, K] float -> (int8 [N, K], fp32 scale [N]) with
@@ -29,11 +32,6 @@ def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
     return q, scale
-
-
-def dequantize_int8_rows(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """int8 [N, K] and fp32 scale [N] -> the weight [N, K] in `dtype` (products in fp32, rounded once)."""
-    return (q.float() * scale.float()[:, None]).to(dtype)
 
 
 def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -58,8 +56,6 @@ class Int8Linear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, device=None,
                  dtype: torch.dtype = torch.bfloat16) -> None:
         super().__init__()
-        from . import decode_kernels  # noqa: F401 - registers the internvl::gemv_int8 op (imports Triton)
-
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.zeros(out_features, in_features, dtype=torch.int8, device=device),
                                    requires_grad=False)
