@@ -54,15 +54,16 @@ def is_complete(checkpoint_dir: str | os.PathLike) -> bool:
 
 def list_checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
     """Complete checkpoints in `output_dir` as (step, path), oldest first."""
+    return [(step, path) for step, path in _numbered(output_dir) if is_complete(path)]
+
+
+def _numbered(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """Every `checkpoint-N` folder in `output_dir`, complete or not, as (N, path), oldest first."""
     root = Path(output_dir)
     if not root.is_dir():
         return []
-    found = []
-    for child in root.iterdir():
-        match = CHECKPOINT_RE.match(child.name)
-        if match and child.is_dir() and is_complete(child):
-            found.append((int(match.group(1)), child))
-    return sorted(found)
+    found = [(CHECKPOINT_RE.match(child.name), child) for child in root.iterdir() if child.is_dir()]
+    return sorted((int(match.group(1)), child) for match, child in found if match)
 
 
 def find_latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
@@ -154,15 +155,8 @@ def select_resume_checkpoint(output_dir: str | os.PathLike,
     with `reject_checkpoint`, so a later rotation cannot keep it in place of a good one. Folders without the COMPLETE
     marker or a readable trainer_state.json fail the same way. Returns (checkpoint or None, problems found).
     """
-    root = Path(output_dir)
-    candidates = []
-    if root.is_dir():
-        for child in root.iterdir():
-            match = CHECKPOINT_RE.match(child.name)
-            if match and child.is_dir():
-                candidates.append((int(match.group(1)), child))
     problems: list[str] = []
-    for _step, path in sorted(candidates, reverse=True):
+    for _step, path in reversed(_numbered(output_dir)):
         found = verify(path)
         if not found and not is_complete(path):
             found = [f"{path}: incomplete (no COMPLETE marker or unreadable trainer_state.json)"]

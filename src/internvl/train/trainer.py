@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from typing import Any
@@ -128,8 +127,6 @@ class LogClockCallback(TrainerCallback):
         self.trainer._last_log_time = time.perf_counter()
 
 
-
-
 def _is_deepspeed_placeholder(optimizer: Any) -> bool:
     """accelerate's `DummyOptim` (DeepSpeed builds the real optimizer from its params). accelerate exports it only
     where DeepSpeed is installed, so without DeepSpeed nothing can be the placeholder."""
@@ -138,6 +135,7 @@ def _is_deepspeed_placeholder(optimizer: Any) -> bool:
     except ImportError:
         return False
     return isinstance(optimizer, DummyOptim)
+
 
 class GuardCallback(TrainerCallback):
     """Wraps the prepared optimizer's `step` so the divergence guard can skip a step (`--on_nonfinite skip`)."""
@@ -432,8 +430,3 @@ class MedRegTrainer(trainer_base()):
             load_original_keys(model, load_file(extra), source=extra)
         return None
 
-
-def steps_for(dataset_len: int, batch: int, grad_acc: int, world: int, epochs: float) -> int:
-    """Optimizer steps of a run (for docs/tests): ceil(len / (batch * world)) // grad_acc * epochs."""
-    per_epoch = max(math.ceil(dataset_len / (batch * world)) // grad_acc, 1)
-    return int(per_epoch * epochs)
