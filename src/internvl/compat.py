@@ -8,7 +8,7 @@ which installed version broke which internal, instead of an AttributeError deep 
   divisor, checkpoint folder, checkpoint save, model save, checkpoint load) reached through public-named hooks.
 - `attn_implementation` / `set_attn_implementation`: a config's `_attn_implementation` (a model's public
   `set_attn_implementation` validates and reloads kernels: too slow per generate call, and configs have none).
-- `attend`: the end of a Llama-style attention forward (cache update, kernel, output projection) for the forwards
+- `attend` / `attend_rope`: the end of a Llama-style attention forward (cache update, kernel, output projection) for the forwards
   that replace it.
 - `attention_function`: the attention kernel a module's config selects (public `ALL_ATTENTION_FUNCTIONS`, with the
   modeling module's `eager_attention_forward` for "eager", which is not in that table).
@@ -226,6 +226,15 @@ def attend(module: nn.Module, query, key, value, attention_mask, cache, input_sh
                                               dropout=0.0 if not module.training else module.attention_dropout,
                                               scaling=module.scaling, **kwargs)
     return module.o_proj(out.reshape(*input_shape, -1).contiguous()), weights
+
+
+def attend_rope(module: nn.Module, qkv, rope: Callable, position_embeddings, attention_mask, cache, **kwargs):
+    """`attend` from the q/k/v projection outputs [..., heads * head_dim]: split into heads, RoPE by
+    `rope(query, key, cos, sin)`, then cache update, attention kernel and output projection."""
+    input_shape = qkv[0].shape[:-1]
+    query, key, value = (t.reshape(*input_shape, -1, module.head_dim).transpose(1, 2) for t in qkv)
+    query, key = rope(query, key, *position_embeddings)
+    return attend(module, query, key, value, attention_mask, cache, input_shape, **kwargs)
 
 
 # ---- DeepSpeed configuration held by transformers ----------------------------------------------------------------
