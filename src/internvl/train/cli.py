@@ -199,6 +199,7 @@ def train(model_args: ModelArguments, data_args: DataTrainingArguments,
 
 def write_skip_report(output_dir: str, report: dict[str, Any]) -> None:
     """Lenient runs: `skipped_records.json` in the run directory, the counts in run_config.json, a log summary."""
+    from internvl.io_safety import atomic_write_text
     from internvl.train.skips import SkipReport
 
     path = SkipReport.write(report, output_dir)
@@ -208,9 +209,7 @@ def write_skip_report(output_dir: str, report: dict[str, Any]) -> None:
         config.setdefault("resolved", {})["skipped_records"] = {
             stage: {"skipped": report[stage]["skipped"], "by_reason": report[stage]["by_reason"]}
             for stage in ("scan", "build")}
-        tmp = config_path.with_name(config_path.name + ".tmp")
-        tmp.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        tmp.replace(config_path)
+        atomic_write_text(config_path, json.dumps(config, indent=2, ensure_ascii=False) + "\n")
     logger.info("lenient data check: %d records left out at the scan %s, %d at build time %s (each replaced by the "
                 "next record, served twice); details in %s", report["scan"]["skipped"], report["scan"]["by_reason"],
                 report["build"]["skipped"], report["build"]["by_reason"], path)

@@ -69,8 +69,8 @@ def count_params(preset: str, lora_rank: int, vocab: int | None = None, layers: 
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
     head = model.language_model.get_output_embeddings()
     linears = [m.weight.numel() for m in model.language_model.modules() if isinstance(m, nn.Linear) and m is not head]
-    return ParamCounts(vision=parts["vision_model"], mlp=parts["mlp1"], llm=parts["language_model"], lora_llm=lora, largest_layer=largest,
-                       llm_linear=sum(linears), largest_linear=max(linears, default=0)), config
+    return ParamCounts(vision=parts["vision_model"], mlp=parts["mlp1"], llm=parts["language_model"], lora_llm=lora,
+                       largest_layer=largest, llm_linear=sum(linears), largest_linear=max(linears, default=0)), config
 
 
 def activation_bytes(config, seq: int, micro_batch: int, train_vit: bool = False) -> dict[str, float]:
