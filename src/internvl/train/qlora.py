@@ -29,13 +29,11 @@ QLORA_SKIP_MODULES = ["vision_model", "mlp1", "lm_head"]
 #: Block size of bitsandbytes' 4-bit quantisation (its default, the one transformers uses).
 BLOCKSIZE = 64
 
-_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
-
 
 def quant_spec(quant_type: str, double_quant: bool, compute_dtype: torch.dtype) -> dict[str, Any]:
     """The JSON-able record of a 4-bit base (saved in `lora_run.json`, read back by the merge)."""
     return {"quant_type": quant_type, "double_quant": bool(double_quant), "blocksize": BLOCKSIZE,
-            "dtype": _DTYPE_NAMES[compute_dtype], "skip_modules": list(QLORA_SKIP_MODULES)}
+            "dtype": str(compute_dtype).removeprefix("torch."), "skip_modules": list(QLORA_SKIP_MODULES)}
 
 
 def qlora_config(spec: dict[str, Any]):
