@@ -103,9 +103,7 @@ def quantize_int8_weights_(model: nn.Module, skip_modules: Sequence[str] = ("vis
     targets = [name for name, module in model.named_modules()
                if type(module) is nn.Linear and not _skipped(name, skip_modules)]
     for name in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, Int8Linear.from_linear(getattr(parent, child), device))
+        model.set_submodule(name, Int8Linear.from_linear(model.get_submodule(name), device))
     return len(targets)
 
 

@@ -88,9 +88,7 @@ def quantize_linears_(module: nn.Module, spec: dict[str, Any], device: torch.dev
     targets = [(name, child) for name, child in module.named_modules() if type(child) is nn.Linear
                and not any(part in spec["skip_modules"] for part in name.split("."))]
     for name, child in targets:
-        parent_name, _, attr = name.rpartition(".")
-        parent = module.get_submodule(parent_name) if parent_name else module
-        setattr(parent, attr, quantize_linear(child, spec["quant_type"], spec["double_quant"], dtype, device))
+        module.set_submodule(name, quantize_linear(child, spec["quant_type"], spec["double_quant"], dtype, device))
     return len(targets)
 
 
