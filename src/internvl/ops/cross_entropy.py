@@ -2,24 +2,19 @@
 `loss_items`, and the cross-entropy kernels over the LM head that avoid materialising the full logits tensor.
 
 Why: for a batch of T tokens and a vocabulary of V the plain path builds [T, V] bf16 logits, upcasts them to fp32 and
-keeps both for backward (8 x 1024 tokens x 64k vocab = 1 GB bf16 + 2 GB fp32 plus their gradients). Two savings:
+keeps both for backward (8 x 1024 tokens x 64k vocab = 1 GB bf16 + 2 GB fp32 plus their gradients). Three savings:
 
-1. Only supervised positions need logits. `causal_lm_loss` shifts the labels, gathers the hidden states whose next
-   token is supervised (the image tokens and the prompt are not) and runs the head on those rows only.
-2. The head + softmax + loss are computed chunk by chunk; each chunk's gradients with respect to the hidden states
-   and the head weight are computed in the forward pass (the loss is the last op), so no logits are kept for
-   backward. On CUDA with liger-kernel installed its Triton kernel does this (`LigerFusedLinearCrossEntropyFunction`);
-   elsewhere, and whenever per-token loss weights are given, a pure-PyTorch chunked function does.
+1. Only supervised positions need logits: `causal_lm_loss` runs the head on the rows whose next token is supervised
+   (not the image tokens and the prompt).
+2. The head + softmax + loss run chunk by chunk, each chunk's gradients (hidden states, head weight) computed in the
+   forward pass (the loss is the last op), so no logits are kept for backward: liger-kernel's Triton kernel, or
+   `ChunkedLinearCrossEntropy` in PyTorch (and whenever per-token loss weights are given).
+3. `impl="padded"` (the CUDA default) zero-pads the head weight to a multiple of 128 rows, so an odd vocabulary
+   (32007, Yi's 64000 + added tokens) does not push cuBLAS onto slow unaligned kernels, and computes the elementwise
+   part in place in the logits buffer (`ce_grad_inplace`, compiled on CUDA: no fp32 [N, V] copy), in row chunks
+   sized by a memory budget (`DEFAULT_LOGITS_BUDGET`).
 
-Both give the same loss as `F.cross_entropy(hidden @ W.T, labels)` up to bf16 rounding of the logits (the tests
-check <= 1e-3 relative on the tiny preset).
-
-3. `impl="padded"` (the CUDA default): the head weight is zero-padded to a multiple of 128 rows for the matmuls, so
-   an odd vocabulary (32007, Yi's 64000 + added tokens) does not push cuBLAS onto slow unaligned kernels; the padded
-   logits are masked to -inf. Rows are processed
-   in chunks sized by a memory budget (default: 512 MiB of matmul-dtype logits, usually one chunk), and the
-   softmax / loss / gradient elementwise part is one `torch.compile`d function on CUDA that writes d loss / d logits
-   in place into the logits buffer (no fp32 [N, V] copy is ever materialised).
+All give the loss of `F.cross_entropy(hidden @ W.T, labels)` up to bf16 rounding of the logits.
 """
 from __future__ import annotations
 

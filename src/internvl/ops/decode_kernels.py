@@ -1,9 +1,8 @@
 """Triton kernels for the batch-1 decode step: a one-row matrix-vector product and a one-query grouped-query attention.
 
-Why: at batch 1 a decode step is bound by reading the weights. The GPU profile of the tuned step (docs/performance.md)
-showed the generic paths far from the copy bandwidth: the o_proj / down_proj products (2048 output rows) at
-1.3-2.4 TB/s, and cuDNN's attention at ~10 us per layer for one query over a few hundred
-cached keys (a prefill kernel launched for a 600 KB read). These two kernels target exactly those shapes:
+Why: at batch 1 a decode step is bound by reading the weights, and the generic paths (cuBLAS products with few output
+rows, cuDNN's prefill attention kernel for one query) stay far from the copy bandwidth there (docs/performance.md).
+These two kernels target exactly those shapes:
 
 - `gemv(x, weight, bias)`: y = x W^T + b for x with one row. Each program reads BLOCK_N whole weight rows in
   BLOCK_K chunks (contiguous, vectorised), accumulating in fp32 and rounding once, like cuBLAS. The block sizes and

@@ -4,11 +4,10 @@
 grad mode, deterministic algorithms, thread count, matmul precision, cuDNN flags) and transformers' process-global
 DeepSpeed config reference. tests/conftest.py wraps every test in it; tests/test_global_state.py checks it.
 
-The DeepSpeed reference is the one that bit: ``HfDeepSpeedConfig(...)`` (and ``TrainingArguments(deepspeed=...)``)
-registers itself in transformers, and a later ``from_pretrained`` in the same process then builds under ZeRO-3 while
-that object lives, even a half-built one whose ``__init__`` failed (it registers before checking that deepspeed is
-installed, and the failing test's traceback keeps it alive): ``'HfDeepSpeedConfig' object has no attribute
-'is_zero3'``. Only transformers' public functions are used (``deepspeed_config``, ``unset_hf_deepspeed_config``).
+Why the DeepSpeed reference: ``HfDeepSpeedConfig(...)`` (and ``TrainingArguments(deepspeed=...)``) registers itself in
+transformers, and a later ``from_pretrained`` in the same process builds under ZeRO-3 while that object lives, even a
+half-built one whose ``__init__`` failed. Only transformers' public functions are used (``deepspeed_config``,
+``unset_hf_deepspeed_config``).
 """
 from __future__ import annotations
 

@@ -6,12 +6,10 @@ states, trainer state with the data position). Only when every file is on disk d
 so a run killed at any moment leaves either a finished `checkpoint-N` or a stale staging folder, which is never taken
 as the latest and is removed by the next save.
 
-Before the marker, every rank hashes the files it wrote (`write_rank_manifest`: rank-tagged files such as
-`rng_state_3.pth` or DeepSpeed's `zero_pp_rank_3_*` by that rank, the rest by rank 0, right after writing, while the
-bytes are in the page cache) and rank 0 merges the parts into `manifest.json` (size and SHA-256 of every file).
-`verify_checkpoint` checks a checkpoint against it; resume (`select_resume_checkpoint`) takes the newest checkpoint that
-verifies, names every newer one that does not and moves it aside (`checkpoint-N.rejected`), and refuses a checkpoint
-without a valid manifest, so nothing we did not write ourselves is unpickled.
+Before the marker, the ranks hash what they wrote into `manifest.json` (`internvl.train.manifest`). Resume
+(`select_resume_checkpoint`) takes the newest checkpoint that verifies against it, names every newer one that does not
+and moves it aside (`checkpoint-N.rejected`), and refuses one without a valid manifest, so nothing we did not write
+ourselves is unpickled.
 """
 from __future__ import annotations
 

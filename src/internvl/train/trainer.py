@@ -1,18 +1,11 @@
 """`MedRegTrainer`: transformers' Trainer with the pieces InternVL fine-tuning needs.
 
-- Loss: `internvl.ops.causal_lm_loss` (the model's loss too): next-token cross-entropy summed over supervised tokens
-  and divided by the number of supervised tokens of the whole optimizer step (`loss_items` summed over all
-  gradient-accumulation micro-batches and ranks), so every token weighs the same no matter how samples fall into
-  micro-batches. With packing, per-token `loss_weight` (token / sample / square) is used and the divisor is the summed
-  weight.
-- Checkpoints are written atomically (`internvl.train.checkpoint`): a staging folder renamed into place when done.
-- LoRA runs save PEFT adapters (+ other trained weights) instead of the full model.
-- Length-grouped sampling from the dataset's `lengths` (deterministic per epoch, so resume replays the same order).
-- Logs tokens/s and samples/s next to Trainer's loss, learning rate and grad norm.
-- Divergence guard (`internvl.train.guards`): the loss and the gradient norm are checked once per optimizer step;
-  a non-finite one stops the run naming the step and the batch's records (or skips the step, counted), and no
-  non-finite model is saved. Each checkpoint gets a manifest (`internvl.train.manifest`) hashed per rank.
-- Lenient runs count the records skipped while training (`internvl.train.skips`).
+- Loss: `internvl.ops.causal_lm_loss` (the model's loss too) divided by the supervised tokens (or summed packing
+  weights) of the whole optimizer step over all micro-batches and ranks, so every token weighs the same however
+  samples fall into micro-batches.
+- Atomic checkpoints with a per-rank manifest (`checkpoint`, `manifest`); LoRA runs save PEFT adapters (`lora`).
+- Length-grouped sampling, deterministic per epoch (resume replays the same order); tokens/s and samples/s logs.
+- Divergence guard (`guards`) and, in lenient runs, the count of records skipped while training (`skips`).
 """
 from __future__ import annotations
 
