@@ -404,11 +404,10 @@ class StaticGreedyDecoder:
                 return self._forward_logits(st, ids, pos)
 
         core = forward
-        if self.compile_backend == "inductor":
-            options = {"coordinate_descent_tuning": True} if self._tuned(st.ids.shape[0]) else None
-            core = torch.compile(forward, fullgraph=True, dynamic=False, backend="inductor", options=options)
-        elif self.compile_backend is not None:
-            core = torch.compile(forward, fullgraph=True, dynamic=False, backend=self.compile_backend)
+        if self.compile_backend is not None:
+            tuned = self.compile_backend == "inductor" and self._tuned(st.ids.shape[0])
+            core = torch.compile(forward, fullgraph=True, dynamic=False, backend=self.compile_backend,
+                                 options={"coordinate_descent_tuning": True} if tuned else None)
 
         def step() -> None:
             with _recompile_limit(RECOMPILE_LIMIT):

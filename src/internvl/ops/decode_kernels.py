@@ -131,9 +131,15 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
                          f"{tuple(weight.shape)} strides {weight.stride()}")
     if not triton_ready(weight):
         return torch.nn.functional.linear(x, weight, bias)
+    return _run_gemv(x, weight, bias)
+
+
+def _run_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+              scale: torch.Tensor | None = None) -> torch.Tensor:
+    """The Triton GEMV of the one row `x` [..., K] (tuned per shape) -> [..., N] in x's dtype."""
     flat = x.reshape(-1).contiguous()
     out = torch.empty(weight.shape[0], dtype=x.dtype, device=x.device)
-    _launch_gemv(flat, weight, bias, out, _tuned_gemv_config(flat, weight, bias, out))
+    _launch_gemv(flat, weight, bias, out, _tuned_gemv_config(flat, weight, bias, out, scale), scale)
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
@@ -157,11 +163,7 @@ def gemv_int8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                          f"{tuple(scale.shape)}")
     if not triton_ready(weight):
         return torch.nn.functional.linear(x, dequantize_int8_rows(weight, scale, x.dtype), bias)
-    flat = x.reshape(-1).contiguous()
-    scale = scale.contiguous()
-    out = torch.empty(weight.shape[0], dtype=x.dtype, device=x.device)
-    _launch_gemv(flat, weight, bias, out, _tuned_gemv_config(flat, weight, bias, out, scale), scale)
-    return out.reshape(*x.shape[:-1], weight.shape[0])
+    return _run_gemv(x, weight, bias, scale.contiguous())
 
 
 @gemv_int8.register_fake
