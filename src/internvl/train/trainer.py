@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -379,29 +380,18 @@ class MedRegTrainer(trainer_base()):
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if not has_lora(self.model):
             default(output_dir, state_dict=state_dict)
-            if self.args.should_save and self.processing_class is not None:
-                save_tokenizer(self.processing_class, output_dir)
-            return self._training_args_as_json(output_dir)
         if not self.args.should_save:
-            return None
-        os.makedirs(output_dir, exist_ok=True)
-        save_lora_run(self.model, output_dir, state_dict=state_dict, base_model=self.base_model)
-        if hasattr(self.model, "config"):
-            self.model.config.save_pretrained(output_dir)
+            return
+        if has_lora(self.model):
+            os.makedirs(output_dir, exist_ok=True)
+            save_lora_run(self.model, output_dir, state_dict=state_dict, base_model=self.base_model)
+            if hasattr(self.model, "config"):
+                self.model.config.save_pretrained(output_dir)
+        else:  # Trainer's pickled `training_args.bin` (read by nothing) becomes `training_args.json`
+            Path(output_dir, "training_args.bin").unlink(missing_ok=True)
+            Path(output_dir, "training_args.json").write_text(self.args.to_json_string(), encoding="utf-8")
         if self.processing_class is not None:
             save_tokenizer(self.processing_class, output_dir)
-        return None
-
-    def _training_args_as_json(self, output_dir: str) -> None:
-        """Replace Trainer's pickled `training_args.bin` (read by nothing) by `training_args.json`."""
-        if not self.args.should_save:
-            return None
-        pickled = os.path.join(output_dir, "training_args.bin")
-        if os.path.isfile(pickled):
-            os.remove(pickled)
-        with open(os.path.join(output_dir, "training_args.json"), "w", encoding="utf-8") as fh:
-            fh.write(self.args.to_json_string())
-        return None
 
     def load_checkpoint_weights(self, resume_from_checkpoint: str, model: nn.Module | None, default) -> None:
         """LoRA runs reload adapters + other trained weights; full runs use Trainer's safetensors loading."""
