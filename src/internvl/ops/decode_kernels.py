@@ -23,8 +23,6 @@ import os
 
 import torch
 
-from .int8_weights import dequantize_int8_rows
-
 try:  # Triton ships with CUDA builds of torch; CPU builds may lack it
     import triton
     import triton.language as tl
@@ -38,6 +36,12 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 #: oldest NVIDIA compute capability the kernels are used on (bf16 tensor-core products need Ampere; measured on Hopper).
 MIN_CAPABILITY = (8, 0)
+
+
+def dequantize_int8_rows(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Weight-only int8 (`internvl.ops.int8_weights`): int8 [N, K] and fp32 scale [N] -> the weight [N, K] in `dtype`
+    (products in fp32, rounded once)."""
+    return (q.float() * scale.float()[:, None]).to(dtype)
 
 
 def triton_ready(t: torch.Tensor) -> bool:
@@ -321,5 +325,6 @@ def describe_tuning() -> dict[str, str]:
             for key, cfg in _gemv_best.items()}
 
 
-__all__ = ["GEMV_CONFIGS", "GEMV_INT8_EXTRA_CONFIGS", "attention_kernel_supported", "describe_tuning", "gemv",
-           "gemv_int8", "gqa_decode_attention", "reference_gqa_decode_attention", "triton_ready"]
+__all__ = ["GEMV_CONFIGS", "GEMV_INT8_EXTRA_CONFIGS", "attention_kernel_supported", "dequantize_int8_rows",
+           "describe_tuning", "gemv", "gemv_int8", "gqa_decode_attention", "reference_gqa_decode_attention",
+           "triton_ready"]

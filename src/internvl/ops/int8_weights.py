@@ -20,6 +20,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+# decode_kernels registers the internvl::gemv_int8 op that `int8_linear` calls (it imports Triton where installed)
+from .decode_kernels import dequantize_int8_rows
+
 
 def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-output-row int8 quantisation: weight [N, K] float -> (int8 [N, K], fp32 scale [N]) with
@@ -31,17 +34,12 @@ def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
-def dequantize_int8_rows(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """int8 [N, K] and fp32 scale [N] -> the weight [N, K] in `dtype` (products in fp32, rounded once)."""
-    return (q.float() * scale.float()[:, None]).to(dtype)
-
-
 def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """y = x @ (q * scale).T + bias in x's dtype. One row: the dequantising GEMV (`decode_kernels.gemv_int8`, Triton
     where it runs); more rows (prefill, batches): `F.linear` over the int8 weight converted to x's dtype, its output
     columns scaled (fp16: the weight dequantised first)."""
     if x.numel() == x.shape[-1]:
-        return torch.ops.internvl.gemv_int8(x, q, scale, bias)  # registered by decode_kernels (see __init__)
+        return torch.ops.internvl.gemv_int8(x, q, scale, bias)
     if x.dtype == torch.float16:  # int8 sums over K could overflow fp16 before scaling: dequantise first
         return nn.functional.linear(x, dequantize_int8_rows(q, scale, x.dtype), bias)
     # int8 -> bf16/fp32 is exact; scaling the output columns instead of the weight saves a pass over the weight
@@ -58,8 +56,6 @@ class Int8Linear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, device=None,
                  dtype: torch.dtype = torch.bfloat16) -> None:
         super().__init__()
-        from . import decode_kernels  # noqa: F401 - registers the internvl::gemv_int8 op (imports Triton)
-
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.zeros(out_features, in_features, dtype=torch.int8, device=device),
                                    requires_grad=False)
