@@ -114,8 +114,8 @@ def whole_model_construction() -> Iterator[None]:
 
     With ZeRO-3 on, transformers wraps every `from_config` in `deepspeed.zero.Init`, which would partition the LLM at
     construction while the ViT and projector stay whole, and leave `weight.shape == (0,)` on partitioned parameters
-    (so anything reading shapes, e.g. the embedding resize, goes wrong: NaN embeddings were seen on a GPU run).
-    A preset model is small enough to build whole; DeepSpeed partitions it when the engine starts.
+    (anything reading shapes, e.g. the embedding resize, goes wrong). A preset model is small enough to build whole;
+    DeepSpeed partitions it when the engine starts.
     """
     active = active_hf_deepspeed_config()
     hf_deepspeed.unset_hf_deepspeed_config()
