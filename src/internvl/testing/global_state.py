@@ -36,17 +36,14 @@ def torch_state() -> dict[str, Any]:
 def restore_torch_state(state: dict[str, Any]) -> None:
     """Put back what :func:`torch_state` returned (only the values that changed: setting threads is not free)."""
     now = torch_state()
-    if now["default_dtype"] != state["default_dtype"]:
-        torch.set_default_dtype(state["default_dtype"])
-    if now["grad_enabled"] != state["grad_enabled"]:
-        torch.set_grad_enabled(state["grad_enabled"])
+    setters = {"default_dtype": torch.set_default_dtype, "grad_enabled": torch.set_grad_enabled,
+               "num_threads": torch.set_num_threads, "matmul_precision": torch.set_float32_matmul_precision}
+    for key, set_value in setters.items():
+        if now[key] != state[key]:
+            set_value(state[key])
     if now["deterministic"] != state["deterministic"]:
         enabled, warn_only = state["deterministic"]
         torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
-    if now["num_threads"] != state["num_threads"]:
-        torch.set_num_threads(state["num_threads"])
-    if now["matmul_precision"] != state["matmul_precision"]:
-        torch.set_float32_matmul_precision(state["matmul_precision"])
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = state["cudnn"]
 
 
