@@ -49,23 +49,24 @@ def llm_lora_targets(language_model: nn.Module) -> list[str]:
 
 def wrap_llm_lora(model: nn.Module, r: int, dropout: float = 0.05) -> None:
     """Wrap `model.language_model` with LoRA (rank r, alpha 2r) in place; the base LLM weights become frozen."""
-    if isinstance(model.language_model, PeftModel):
-        raise ValueError("language_model already carries LoRA adapters")
-    config = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=dropout, target_modules=llm_lora_targets(model.language_model),
-                        task_type="CAUSAL_LM")
-    model.language_model = get_peft_model(model.language_model, config)
-    if hasattr(model, "config"):
-        model.config.use_llm_lora = r
+    _wrap_lora(model, "language_model", "use_llm_lora", r, dropout, llm_lora_targets(model.language_model),
+               task_type="CAUSAL_LM")
 
 
 def wrap_backbone_lora(model: nn.Module, r: int, dropout: float = 0.05) -> None:
     """Wrap `model.vision_model` with LoRA (rank r, alpha 2r) on attn.qkv/attn.proj/mlp.fc1/mlp.fc2, in place."""
-    if isinstance(model.vision_model, PeftModel):
-        raise ValueError("vision_model already carries LoRA adapters")
-    config = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=dropout, target_modules=list(VIT_LORA_TARGETS))
-    model.vision_model = get_peft_model(model.vision_model, config)
+    _wrap_lora(model, "vision_model", "use_backbone_lora", r, dropout, list(VIT_LORA_TARGETS))
+
+
+def _wrap_lora(model: nn.Module, part: str, rank_field: str, r: int, dropout: float, targets: list[str],
+               **lora_kwargs: str) -> None:
+    """Wrap `model.<part>` with PEFT LoRA on `targets` in place and record the rank as `model.config.<rank_field>`."""
+    if isinstance(getattr(model, part), PeftModel):
+        raise ValueError(f"{part} already carries LoRA adapters")
+    config = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=dropout, target_modules=targets, **lora_kwargs)
+    setattr(model, part, get_peft_model(getattr(model, part), config))
     if hasattr(model, "config"):
-        model.config.use_backbone_lora = r
+        setattr(model.config, rank_field, r)
 
 
 def has_lora(model: nn.Module) -> bool:
