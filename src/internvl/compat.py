@@ -1,22 +1,10 @@
 """Every use of a private transformers / DeepSpeed internal, in one place, checked against the supported versions.
 
 The toolkit otherwise uses public APIs only. What is left here has no public equivalent (checked against
-transformers 5.25): each function names the internal it touches, and when a future version lacks it the error says
-which installed version broke which internal, instead of an AttributeError deep inside a training step.
-
-- `trainer_base()`: transformers' `Trainer` with the six private steps that `MedRegTrainer` changes (sampler, step
-  divisor, checkpoint folder, checkpoint save, model save, checkpoint load) reached through public-named hooks.
-- `attn_implementation` / `set_attn_implementation`: a config's `_attn_implementation` (a model's public
-  `set_attn_implementation` validates and reloads kernels: too slow per generate call, and configs have none).
-- `attend`: the end of a Llama-style attention forward (cache update, kernel, output projection) for the forwards
-  that replace it.
-- `attention_function`: the attention kernel a module's config selects (public `ALL_ATTENTION_FUNCTIONS`, with the
-  modeling module's `eager_attention_forward` for "eager", which is not in that table).
-- `active_hf_deepspeed_config`: the HfDeepSpeedConfig object transformers holds (`_hf_deepspeed_config_weak_ref`;
-  the public `deepspeed_config()` gives only its dict, which cannot be put back).
-- `swap_forward` / `restore_forwards`: per-instance `module.forward` swaps (fast kernels, fused projections, compiled
-  layers). They rely on transformers layers dispatching through `self.forward` (`GradientCheckpointingLayer.__call__`)
-  and on the attention forward signature (`cache=`), both internal.
+transformers 5.25): each function names the internal it touches and why no public API serves, and when a future
+version lacks it the error says which installed version broke which internal, instead of an AttributeError deep inside
+a training step: Trainer's private steps (`trainer_base`), a config's attention implementation, the end of a
+Llama-style attention forward (`attend`), the DeepSpeed config transformers holds, per-instance forward swaps.
 
 Supported: `SUPPORTED` (the range requirements.txt allows). `check_version` raises `CompatError` outside it.
 """
@@ -188,7 +176,8 @@ _MISSING = object()
 
 
 def attn_implementation(config: Any) -> str | None:
-    """The attention implementation a transformers config selects (`config._attn_implementation`).
+    """The attention implementation a transformers config selects (`config._attn_implementation`; a model's public
+    `set_attn_implementation` validates and reloads kernels: too slow per generate call, and configs have none).
 
     Runs inside compiled layers (through `attention_function`), so it does no version lookup on the way: only a
     missing attribute leads to `CompatError`."""
@@ -228,10 +217,20 @@ def attend(module: nn.Module, query, key, value, attention_mask, cache, input_sh
     return module.o_proj(out.reshape(*input_shape, -1).contiguous()), weights
 
 
+def attend_rope(module: nn.Module, qkv, rope: Callable, position_embeddings, attention_mask, cache, **kwargs):
+    """`attend` from the q/k/v projection outputs [..., heads * head_dim]: split into heads, RoPE by
+    `rope(query, key, cos, sin)`, then cache update, attention kernel and output projection."""
+    input_shape = qkv[0].shape[:-1]
+    query, key, value = (t.reshape(*input_shape, -1, module.head_dim).transpose(1, 2) for t in qkv)
+    query, key = rope(query, key, *position_embeddings)
+    return attend(module, query, key, value, attention_mask, cache, input_shape, **kwargs)
+
+
 # ---- DeepSpeed configuration held by transformers ----------------------------------------------------------------
 def active_hf_deepspeed_config() -> Any | None:
     """The HfDeepSpeedConfig transformers currently holds (weakly), or None; pass it back to the public
-    `transformers.integrations.deepspeed.set_hf_deepspeed_config` to restore it."""
+    `transformers.integrations.deepspeed.set_hf_deepspeed_config` to restore it (the public `deepspeed_config()`
+    gives only its dict, which cannot be put back)."""
     ref = require_attr(hf_deepspeed, "_hf_deepspeed_config_weak_ref", "transformers")
     return ref() if ref is not None else None
 
@@ -239,7 +238,8 @@ def active_hf_deepspeed_config() -> Any | None:
 # ---- per-instance forward swaps ------------------------------------------------------------------------------------
 def swap_forward(module: nn.Module, forward: Callable, flag: str) -> None:
     """Give `module` (one instance) `forward` as its forward and set the attribute `flag` to True, so that
-    `restore_forwards(model, flag)` can undo it."""
+    `restore_forwards(model, flag)` can undo it. Relies on transformers layers dispatching through `self.forward`
+    (`GradientCheckpointingLayer.__call__`) and on the attention forward signature (`cache=`), both internal."""
     module.forward = types.MethodType(forward, module)
     setattr(module, flag, True)
 

@@ -5,6 +5,7 @@ import torch
 
 from internvl.model import DecodeConfig, InternVLChatModel, load_preset
 from internvl.model import fast_generate as fg
+from internvl.model.greedy_dispatch import has_training_compiled_layers
 from internvl.ops.compile_layers import compile_layers, uncompile_layers
 from internvl.tokenization import resize_embeddings_mean
 
@@ -66,12 +67,12 @@ def test_generate_falls_back_while_training_compiled_layers_are_active(model, mo
     monkeypatch.setattr(fg, "decoder_for", lambda lm, config: used.append(1) or real_decoder_for(lm, config))
     compile_layers(model.language_model, backend="eager")
     try:
-        assert fg.has_training_compiled_layers(model.language_model)
+        assert has_training_compiled_layers(model.language_model)
         assert torch.equal(model.generate(fast_generate="always", **kw), plain)
         assert used == []  # the fast decoder was not used
     finally:
         uncompile_layers(model.language_model)
-    assert not fg.has_training_compiled_layers(model.language_model)
+    assert not has_training_compiled_layers(model.language_model)
     assert torch.equal(model.generate(fast_generate="always", **kw), plain)
     assert used == [1]
 

@@ -81,6 +81,17 @@ class ChatMixin:
         messages.append({"role": "user", "content": neutralize_control_tokens(question)})
         return template.render(messages, system_message=self.system_message, add_generation_prompt=True)
 
+    def _answers(self, tokenizer: Any, template: ChatTemplate, pixel_values: torch.Tensor | None, queries: list[str],
+                 inputs: Mapping[str, torch.Tensor], gen_kwargs: dict, verbose: bool) -> list[str]:
+        """Generate from the tokenized `queries` and decode each row's answer (`decode_answer`)."""
+        if verbose:
+            for query in queries:
+                print(query.replace(IMG_CONTEXT_TOKEN * self.num_image_token, "<IMG_CONTEXT>*N"))
+        device = execution_device(self.get_input_embeddings()) or torch.device("cpu")
+        output = self.generate(pixel_values=pixel_values, input_ids=inputs["input_ids"].to(device),
+                               attention_mask=inputs["attention_mask"].to(device), **gen_kwargs)
+        return [decode_answer(tokenizer, row, separator=template.sep.strip()) for row in output]
+
     def chat(
         self,
         tokenizer: Any,
@@ -108,17 +119,9 @@ class ChatMixin:
         history = [] if history is None else list(history)
         query = self._render(template, history, question)
         query = expand_image_placeholders(query, list(num_patches_list), self.num_image_token)
-        if verbose:
-            print(query.replace(IMG_CONTEXT_TOKEN * self.num_image_token, "<IMG_CONTEXT>*N"))
-        device = execution_device(self.get_input_embeddings()) or torch.device("cpu")
-        inputs = tokenizer(query, return_tensors="pt")
-        output = self.generate(
-            pixel_values=pixel_values,
-            input_ids=inputs["input_ids"].to(device),
-            attention_mask=inputs["attention_mask"].to(device),
-            **_generation_kwargs(generation_config, stop_token_ids(tokenizer, template)),
-        )
-        response = decode_answer(tokenizer, output[0], separator=template.sep.strip())
+        gen_kwargs = _generation_kwargs(generation_config, stop_token_ids(tokenizer, template))
+        response = self._answers(tokenizer, template, pixel_values, [query], tokenizer(query, return_tensors="pt"),
+                                 gen_kwargs, verbose)[0]
         history.append((question, response))
         return (response, history) if return_history else response
 
@@ -169,9 +172,6 @@ class ChatMixin:
                 question = (IMAGE_PLACEHOLDER + "\n") * len(patches) + question
             query = self._render(template, past, question)
             queries.append(expand_image_placeholders(query, patches, self.num_image_token))
-        if verbose:
-            for q in queries:
-                print(q.replace(IMG_CONTEXT_TOKEN * self.num_image_token, "<IMG_CONTEXT>*N"))
         eos = stop_token_ids(tokenizer, template)
         old_side, old_pad = tokenizer.padding_side, tokenizer.pad_token
         try:
@@ -183,13 +183,6 @@ class ChatMixin:
             tokenizer.padding_side = old_side
             if old_pad is None:
                 tokenizer.pad_token = None
-        device = execution_device(self.get_input_embeddings()) or torch.device("cpu")
         gen_kwargs = _generation_kwargs(generation_config, eos)
         gen_kwargs.setdefault("pad_token_id", tokenizer.pad_token_id if old_pad is not None else eos[0])
-        output = self.generate(
-            pixel_values=pixel_values,
-            input_ids=inputs["input_ids"].to(device),
-            attention_mask=inputs["attention_mask"].to(device),
-            **gen_kwargs,
-        )
-        return [decode_answer(tokenizer, row, separator=template.sep.strip()) for row in output]
+        return self._answers(tokenizer, template, pixel_values, queries, inputs, gen_kwargs, verbose)

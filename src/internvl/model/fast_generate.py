@@ -27,7 +27,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from ..compat import attn_implementation, set_attn_implementation, transformers_at_least
+from ..compat import attn_implementation, set_attn_implementation
 from ..ops.decode_kernels import attention_kernel_supported, triton_ready
 from ..ops.int8_weights import int8_linear
 from ..ops.packed_projections import decoder_layer_groups, pack_decoder, packed_signature, plain_linear
@@ -404,11 +404,10 @@ class StaticGreedyDecoder:
                 return self._forward_logits(st, ids, pos)
 
         core = forward
-        if self.compile_backend == "inductor":
-            options = {"coordinate_descent_tuning": True} if self._tuned(st.ids.shape[0]) else None
-            core = torch.compile(forward, fullgraph=True, dynamic=False, backend="inductor", options=options)
-        elif self.compile_backend is not None:
-            core = torch.compile(forward, fullgraph=True, dynamic=False, backend=self.compile_backend)
+        if self.compile_backend is not None:
+            tuned = self.compile_backend == "inductor" and self._tuned(st.ids.shape[0])
+            core = torch.compile(forward, fullgraph=True, dynamic=False, backend=self.compile_backend,
+                                 options={"coordinate_descent_tuning": True} if tuned else None)
 
         def step() -> None:
             with _recompile_limit(RECOMPILE_LIMIT):
@@ -528,8 +527,8 @@ class StaticGreedyDecoder:
         It runs over `prefix_cache` (the first `length` positions of the static cache) so that attention sees exactly
         the prompt, as with transformers' dynamic cache: without padding no mask is built and SDPA runs causal flash
         attention with grouped KV heads; with padding the [B, 1, L, L] mask of the prompt. Over the whole static cache
-        transformers would build a [B, 1, L, cache_len] mask, which rules out the flash kernel and repeats K/V
-        (measured: TTFT about 2x native's at batch 1). Layers other than plain `StaticLayer`s use the whole cache."""
+        transformers would build a [B, 1, L, cache_len] mask, which rules out the flash kernel and repeats K/V.
+        Layers other than plain `StaticLayer`s use the whole cache."""
         length = inputs_embeds.shape[1]
         cache = prefix_cache(st.cache, length)
         if cache is None:
@@ -580,58 +579,6 @@ class StaticGreedyDecoder:
 # ------------------------------------------------------------------------------------------------------------------
 # Entry point used by InternVLChatModel.generate
 # ------------------------------------------------------------------------------------------------------------------
-#: generate() kwargs the fast path understands; any other (sampling, beams, penalties, streamers, ...) falls back.
-_SUPPORTED = {"max_new_tokens", "min_new_tokens", "eos_token_id", "pad_token_id", "do_sample", "num_beams",
-              "use_cache", "generation_config", "temperature", "top_p", "top_k"}
-
-
-def fast_path_supported() -> bool:
-    """The static-cache decoder relies on transformers >= 5.24 (StaticCache tracking its own length, `cache=` kwarg);
-    older versions use `generate` instead."""
-    return transformers_at_least("5.24")
-
-
-def greedy_settings(generate_kwargs: dict, default_eos: int | list[int] | None = None) -> dict | None:
-    """The decoding settings if `generate_kwargs` ask for plain greedy decoding, else None (use `generate`).
-
-    Returns {"max_new_tokens", "min_new_tokens", "eos_token_id", "pad_token_id"}.
-    """
-    if set(generate_kwargs) - _SUPPORTED or not fast_path_supported():
-        return None
-    cfg = generate_kwargs.get("generation_config")
-
-    def pick(name: str, default=None):
-        if name in generate_kwargs and generate_kwargs[name] is not None:
-            return generate_kwargs[name]
-        if cfg is not None and getattr(cfg, name, None) is not None:
-            return getattr(cfg, name)
-        return default
-
-    if pick("do_sample", False) or int(pick("num_beams", 1)) != 1 or pick("use_cache", True) is False:
-        return None
-    if cfg is not None:
-        if float(getattr(cfg, "repetition_penalty", 1.0) or 1.0) != 1.0:
-            return None
-        if (getattr(cfg, "num_return_sequences", 1) or 1) != 1 or (getattr(cfg, "min_length", 0) or 0) > 0:
-            return None
-        for name in ("no_repeat_ngram_size", "bad_words_ids", "suppress_tokens", "begin_suppress_tokens",
-                     "forced_bos_token_id", "forced_eos_token_id", "sequence_bias", "guidance_scale",
-                     "output_scores", "output_logits", "return_dict_in_generate", "output_hidden_states",
-                     "output_attentions", "assistant_model", "prompt_lookup_num_tokens", "stop_strings"):
-            if getattr(cfg, name, None):
-                return None
-        if getattr(cfg, "max_length", None) is not None and pick("max_new_tokens") is None:
-            return None
-    max_new = pick("max_new_tokens")
-    if max_new is None:
-        return None
-    eos = pick("eos_token_id", default_eos)
-    eos_list = [eos] if isinstance(eos, int) else list(eos or [])
-    pad = pick("pad_token_id", eos_list[0] if eos_list else 0)
-    return {"max_new_tokens": int(max_new), "min_new_tokens": int(pick("min_new_tokens", 0) or 0),
-            "eos_token_id": eos_list, "pad_token_id": int(pad)}
-
-
 def resolve_backend(lm: nn.Module, backend: str | None) -> str | None:
     """"auto" -> "inductor" for models up to AUTO_INDUCTOR_MAX_PARAMS parameters, "eager" above; others unchanged."""
     if backend != "auto":
@@ -650,30 +597,3 @@ def decoder_for(lm: nn.Module, config: DecodeConfig | None = None) -> StaticGree
         dec = (config.decoder_class or StaticGreedyDecoder)(lm, config)
         object.__setattr__(lm, "_static_greedy_decoder", dec)  # not a submodule
     return dec
-
-
-def trim_after_eos(tokens: torch.Tensor, eos: list[int], pad_token_id: int) -> torch.Tensor:
-    """Drop trailing columns where every row has finished (what `generate` returns when all rows stop early)."""
-    if not eos:
-        return tokens
-    finished = torch.isin(tokens, torch.tensor(eos, device=tokens.device)).long().cumsum(1) > 0
-    # a column is needed while some row has not emitted EOS before it
-    shifted = torch.cat([torch.zeros_like(finished[:, :1]), finished[:, :-1]], dim=1)
-    needed = (~shifted).any(dim=0).nonzero()
-    width = int(needed.max()) + 1 if needed.numel() else tokens.shape[1]
-    return tokens[:, :width]
-
-
-def has_training_compiled_layers(lm: nn.Module) -> bool:
-    """True while the training fast paths have compiled `lm`'s layers (`internvl.ops.compile_layers`, e.g. a
-    generation inside a training loop): the decode step cannot trace through those compiled checkpointing wrappers,
-    so `generate` uses transformers' loop until the trainer removes them."""
-    # the flag is a plain instance attribute (compat.swap_forward): read __dict__, not nn.Module's slow __getattr__
-    return any(module.__dict__.get("_compiled_layer", False) for module in lm.modules())
-
-
-def single_device(lm: nn.Module) -> bool:
-    """True when every weight of `lm` sits on one CUDA device (no device_map sharding, no CPU/disk offload): the
-    captured decode graph runs on one device."""
-    devices = {p.device for p in lm.parameters()}
-    return len(devices) == 1 and next(iter(devices)).type == "cuda"

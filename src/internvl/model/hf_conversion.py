@@ -79,11 +79,7 @@ def convert_key(key: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]
 
 def convert_state_dict_to_hf(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Whole state dict, original -> native layout (tensors are shared, qkv rows are views)."""
-    out: dict[str, torch.Tensor] = {}
-    for key, tensor in state_dict.items():
-        for new_key, new_tensor in convert_key(key, tensor):
-            out[new_key] = new_tensor
-    return out
+    return {new_key: new for key, tensor in state_dict.items() for new_key, new in convert_key(key, tensor)}
 
 
 def convert_config_to_hf(config: InternVLChatConfig, image_token_id: int) -> Any:
@@ -126,29 +122,24 @@ def convert_config_to_hf(config: InternVLChatConfig, image_token_id: int) -> Any
 
 
 def _image_token_id_from_dir(directory: Path) -> int:
+    """The id of `<IMG_CONTEXT>` as the tokenizer files of `directory` record it, read without loading a tokenizer."""
     from ..constants import IMG_CONTEXT_TOKEN
 
-    added = directory / "added_tokens.json"
-    if added.is_file():
-        tokens = json.loads(added.read_text(encoding="utf-8"))
-        if IMG_CONTEXT_TOKEN in tokens:
-            return int(tokens[IMG_CONTEXT_TOKEN])
-    tok_config = directory / "tokenizer_config.json"
-    if tok_config.is_file():
-        decoder = json.loads(tok_config.read_text(encoding="utf-8")).get("added_tokens_decoder", {})
-        for token_id, entry in decoder.items():
-            if entry.get("content") == IMG_CONTEXT_TOKEN:
-                return int(token_id)
-    tok_json = directory / "tokenizer.json"
-    if tok_json.is_file():
-        for entry in json.loads(tok_json.read_text(encoding="utf-8")).get("added_tokens", []):
-            if entry.get("content") == IMG_CONTEXT_TOKEN:
-                return int(entry["id"])
-    raise ConversionError(
-        f"{directory}: cannot find the id of {IMG_CONTEXT_TOKEN} in added_tokens.json, tokenizer_config.json or "
-        "tokenizer.json; "
-        "pass image_token_id explicitly"
-    )
+    def read(name: str) -> dict:
+        path = directory / name
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+    added = read("added_tokens.json")
+    if IMG_CONTEXT_TOKEN in added:
+        return int(added[IMG_CONTEXT_TOKEN])
+    decoder = read("tokenizer_config.json").get("added_tokens_decoder", {})
+    entries = [{**entry, "id": token_id} for token_id, entry in decoder.items()]
+    entries += read("tokenizer.json").get("added_tokens", [])
+    for entry in entries:
+        if entry.get("content") == IMG_CONTEXT_TOKEN:
+            return int(entry["id"])
+    raise ConversionError(f"{directory}: cannot find the id of {IMG_CONTEXT_TOKEN} in added_tokens.json, "
+                          "tokenizer_config.json or tokenizer.json; pass image_token_id explicitly")
 
 
 _TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",

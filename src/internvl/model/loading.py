@@ -161,15 +161,9 @@ def load_pretrained(
     quant = bitsandbytes_config(load_in_8bit, load_in_4bit, skip_quant_modules, compute_dtype)
     if quant is not None and device_map is None:
         device_map = "auto"
-    extra: dict[str, Any] = dict(kwargs)
-    if quant is not None:
-        extra["quantization_config"] = quant
-    if device_map is not None:
-        extra["device_map"] = device_map
-    if max_memory is not None:
-        extra["max_memory"] = max_memory
-    if attn_implementation is not None:
-        extra["attn_implementation"] = attn_implementation
+    optional = {"quantization_config": quant, "device_map": device_map, "max_memory": max_memory,
+                "attn_implementation": attn_implementation}
+    extra = {**kwargs, **{k: v for k, v in optional.items() if v is not None}}
     model, info = InternVLChatModel.from_pretrained(str(path), dtype=dtype, output_loading_info=True, **extra)
     problems = {k: sorted(v) for k, v in info.items() if k != "error_msgs" and v}
     if problems or info.get("error_msgs"):

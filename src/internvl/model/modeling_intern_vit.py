@@ -54,6 +54,14 @@ def drop_path(x: torch.Tensor, drop_prob: float, training: bool) -> torch.Tensor
     return x * mask / keep
 
 
+def _resample_grid(pos: torch.Tensor, grid: int, height: int, width: int) -> torch.Tensor:
+    """Patch position embeddings [1, grid*grid, C] of a square grid resampled to [1, height*width, C]: bicubic
+    (align_corners=False) in fp32, as the original, returned in `pos`'s dtype."""
+    out = pos.float().reshape(1, grid, grid, -1).permute(0, 3, 1, 2)
+    out = F.interpolate(out, size=(height, width), mode="bicubic", align_corners=False)
+    return out.reshape(1, -1, height * width).permute(0, 2, 1).to(pos.dtype)
+
+
 class InternVisionEmbeddings(nn.Module):
     """CLS token + Conv2d patch embedding (stride = patch) + learned absolute position embedding."""
 
@@ -79,10 +87,7 @@ class InternVisionEmbeddings(nn.Module):
         grid = self.image_size // self.patch_size
         if height == grid and width == grid:
             return pos
-        target_dtype = pos.dtype
-        pos = pos.float().reshape(1, grid, grid, -1).permute(0, 3, 1, 2)
-        pos = F.interpolate(pos, size=(height, width), mode="bicubic", align_corners=False)
-        return pos.reshape(1, -1, height * width).permute(0, 2, 1).to(target_dtype)
+        return _resample_grid(pos, grid, height, width)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """pixel_values [B, 3, H, W] -> embeddings [B, 1 + (H/14)*(W/14), C] (CLS first, patches row-major)."""
@@ -258,10 +263,8 @@ class InternVisionModel(InternVisionPreTrainedModel):
         """
         pos = self.embeddings.position_embedding
         cls_pos, patch_pos = pos[:, :1, :], pos[:, 1:, :]
-        old, new = old_size // patch_size, new_size // patch_size
-        grid = patch_pos.float().reshape(1, old, old, -1).permute(0, 3, 1, 2)
-        grid = F.interpolate(grid, size=(new, new), mode="bicubic", align_corners=False)
-        grid = grid.to(pos.dtype).reshape(1, -1, new * new).permute(0, 2, 1)
+        new = new_size // patch_size
+        grid = _resample_grid(patch_pos, old_size // patch_size, new, new)
         self.embeddings.position_embedding = nn.Parameter(torch.cat([cls_pos, grid], dim=1))
         self.embeddings.image_size = new_size
         self.embeddings.num_patches = new * new

@@ -21,6 +21,12 @@ from .chat import ChatMixin
 from .configuration_internvl_chat import InternVLChatConfig
 from .decode_config import DecodeConfig
 from .devices import execution_device
+from .greedy_dispatch import (
+    greedy_settings,
+    has_training_compiled_layers,
+    single_device,
+    trim_after_eos,
+)
 from .modeling_intern_vit import InternVisionModel
 
 
@@ -309,13 +315,7 @@ class InternVLChatModel(ChatMixin, PreTrainedModel):
         attention_mask = attention_mask.to(inputs_embeds.device)
         if fast == "always" or (fast and inputs_embeds.is_cuda):
             # imported on first use: the decoder imports Triton (~0.5 s) and registers its custom ops
-            from .fast_generate import (
-                decoder_for,
-                greedy_settings,
-                has_training_compiled_layers,
-                single_device,
-                trim_after_eos,
-            )
+            from .fast_generate import decoder_for
 
             settings = None
             if (left_padded and (fast == "always" or single_device(self.language_model))

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from ..compat import attend, restore_forwards, swap_forward
+from ..compat import attend_rope, restore_forwards, swap_forward
 
 logger = logging.getLogger(__name__)
 
@@ -69,15 +69,9 @@ def _cat_linear(x: torch.Tensor, linears: tuple[nn.Linear, ...]) -> list[torch.T
 def fused_attention_forward(self: nn.Module, hidden_states: torch.Tensor, position_embeddings=None,
                             attention_mask=None, cache=None, **kwargs):
     """transformers' Llama attention forward with q/k/v as one matmul (same maths, same parameters)."""
-    input_shape = hidden_states.shape[:-1]
-    hidden_shape = (*input_shape, -1, self.head_dim)
-    query, key, value = _cat_linear(hidden_states, (self.q_proj, self.k_proj, self.v_proj))
-    query = query.reshape(hidden_shape).transpose(1, 2)
-    key = key.reshape(hidden_shape).transpose(1, 2)
-    value = value.reshape(hidden_shape).transpose(1, 2)
-    cos, sin = position_embeddings
-    query, key = sys.modules[type(self).__module__].apply_rotary_pos_emb(query, key, cos, sin)
-    return attend(self, query, key, value, attention_mask, cache, input_shape, **kwargs)
+    qkv = _cat_linear(hidden_states, (self.q_proj, self.k_proj, self.v_proj))
+    rope = sys.modules[type(self).__module__].apply_rotary_pos_emb
+    return attend_rope(self, qkv, rope, position_embeddings, attention_mask, cache, **kwargs)
 
 
 def fused_mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:

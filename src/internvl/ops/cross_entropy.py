@@ -2,24 +2,19 @@
 `loss_items`, and the cross-entropy kernels over the LM head that avoid materialising the full logits tensor.
 
 Why: for a batch of T tokens and a vocabulary of V the plain path builds [T, V] bf16 logits, upcasts them to fp32 and
-keeps both for backward (8 x 1024 tokens x 64k vocab = 1 GB bf16 + 2 GB fp32 plus their gradients). Two savings:
+keeps both for backward (8 x 1024 tokens x 64k vocab = 1 GB bf16 + 2 GB fp32 plus their gradients). Three savings:
 
-1. Only supervised positions need logits. `causal_lm_loss` shifts the labels, gathers the hidden states whose next
-   token is supervised (the image tokens and the prompt are not) and runs the head on those rows only.
-2. The head + softmax + loss are computed chunk by chunk; each chunk's gradients with respect to the hidden states
-   and the head weight are computed in the forward pass (the loss is the last op), so no logits are kept for
-   backward. On CUDA with liger-kernel installed its Triton kernel does this (`LigerFusedLinearCrossEntropyFunction`);
-   elsewhere, and whenever per-token loss weights are given, a pure-PyTorch chunked function does.
+1. Only supervised positions need logits: `causal_lm_loss` runs the head on the rows whose next token is supervised
+   (not the image tokens and the prompt).
+2. The head + softmax + loss run chunk by chunk, each chunk's gradients (hidden states, head weight) computed in the
+   forward pass (the loss is the last op), so no logits are kept for backward: liger-kernel's Triton kernel, or
+   `ChunkedLinearCrossEntropy` in PyTorch (and whenever per-token loss weights are given).
+3. `impl="padded"` (the CUDA default) zero-pads the head weight to a multiple of 128 rows, so an odd vocabulary
+   (32007, Yi's 64000 + added tokens) does not push cuBLAS onto slow unaligned kernels, and computes the elementwise
+   part in place in the logits buffer (`ce_grad_inplace`, compiled on CUDA: no fp32 [N, V] copy), in row chunks
+   sized by a memory budget (`DEFAULT_LOGITS_BUDGET`).
 
-Both give the same loss as `F.cross_entropy(hidden @ W.T, labels)` up to bf16 rounding of the logits (the tests
-check <= 1e-3 relative on the tiny preset).
-
-3. `impl="padded"` (the CUDA default): the head weight is zero-padded to a multiple of 128 rows for the matmuls, so
-   an odd vocabulary (32007, Yi's 64000 + added tokens) does not push cuBLAS onto slow unaligned kernels (an sm75
-   fallback GEMM was 37% of liger's loss time on the H200); the padded logits are masked to -inf. Rows are processed
-   in chunks sized by a memory budget (default: 512 MiB of matmul-dtype logits, usually one chunk), and the
-   softmax / loss / gradient elementwise part is one `torch.compile`d function on CUDA that writes d loss / d logits
-   in place into the logits buffer (no fp32 [N, V] copy is ever materialised).
+All give the loss of `F.cross_entropy(hidden @ W.T, labels)` up to bf16 rounding of the logits.
 """
 from __future__ import annotations
 
@@ -43,6 +38,18 @@ def liger_available() -> bool:
     return importlib.util.find_spec("liger_kernel") is not None and importlib.util.find_spec("triton") is not None
 
 
+def _row_weights(labels: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """fp32 [N] loss weight per row: `weights` (1 when None) on supervised rows, 0 on IGNORE_INDEX rows."""
+    valid = labels != IGNORE_INDEX
+    return valid.to(torch.float32) if weights is None else weights.to(torch.float32) * valid
+
+
+def _scaled_saved_grads(ctx, grad_out: torch.Tensor, non_tensor_inputs: int) -> tuple:
+    """Backward of the losses below: the gradients saved in forward times `grad_out`, None for the other inputs."""
+    grads = tuple(g * grad_out.to(g.dtype) if g is not None else None for g in ctx.saved_tensors)
+    return grads + (None,) * non_tensor_inputs
+
+
 class ChunkedLinearCrossEntropy(torch.autograd.Function):
     """loss = sum_i w_i * CE(h_i W^T + b, y_i) / sum_i w_i, computed in row chunks with gradients in forward.
 
@@ -53,8 +60,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, weights, chunk_size):  # type: ignore[override]
         n = hidden.shape[0]
-        valid = labels != IGNORE_INDEX
-        w = valid.to(torch.float32) if weights is None else weights.to(torch.float32) * valid
+        w = _row_weights(labels, weights)
         denom = w.sum().clamp(min=torch.finfo(torch.float32).tiny)
         need_h = ctx.needs_input_grad[0]
         need_w = ctx.needs_input_grad[1]
@@ -93,16 +99,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
-        grad_h, grad_w, grad_b = ctx.saved_tensors
-        scale = grad_out
-        return (
-            grad_h * scale.to(grad_h.dtype) if grad_h is not None else None,
-            grad_w * scale.to(grad_w.dtype) if grad_w is not None else None,
-            grad_b * scale.to(grad_b.dtype) if grad_b is not None else None,
-            None,
-            None,
-            None,
-        )
+        return _scaled_saved_grads(ctx, grad_out, 3)
 
 
 def ce_grad_inplace(logits: torch.Tensor, labels: torch.Tensor, row_weights: torch.Tensor, vocab: int) -> torch.Tensor:
@@ -155,8 +152,7 @@ class PaddedLinearCrossEntropy(torch.autograd.Function):
         pad = -vocab % VOCAB_ALIGN
         w_pad = F.pad(weight, (0, 0, 0, pad)) if pad else weight  # [Vp, H]
         b_pad = (F.pad(bias, (0, pad)) if pad else bias) if bias is not None else None
-        valid = labels != IGNORE_INDEX
-        w = valid.to(torch.float32) if weights is None else weights.to(torch.float32) * valid
+        w = _row_weights(labels, weights)
         w = w / w.sum().clamp(min=torch.finfo(torch.float32).tiny)
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_b = bias is not None and ctx.needs_input_grad[2]
@@ -192,16 +188,7 @@ class PaddedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
-        grad_h, grad_w, grad_b = ctx.saved_tensors
-        return (
-            grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None,
-            grad_w * grad_out.to(grad_w.dtype) if grad_w is not None else None,
-            grad_b * grad_out.to(grad_b.dtype) if grad_b is not None else None,
-            None,
-            None,
-            None,
-            None,
-        )
+        return _scaled_saved_grads(ctx, grad_out, 4)
 
 
 def weighted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor,
@@ -209,8 +196,7 @@ def weighted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor,
     """sum(w * CE(logits, labels)) / sum(w) over rows with labels != IGNORE_INDEX, in fp32 from materialised logits
     [N, V] (w = token_weights [N], 1 when None): the reference the fused kernels are checked against."""
     ce = F.cross_entropy(logits.float(), labels.clamp(min=0), reduction="none")
-    valid = (labels != IGNORE_INDEX).to(torch.float32)
-    w = valid if token_weights is None else token_weights.to(torch.float32) * valid
+    w = _row_weights(labels, token_weights)
     return (ce * w).sum() / w.sum().clamp(min=torch.finfo(torch.float32).tiny)
 
 

@@ -1,9 +1,8 @@
 """Triton kernels for the batch-1 decode step: a one-row matrix-vector product and a one-query grouped-query attention.
 
-Why: at batch 1 a decode step is bound by reading the weights. The GPU profile of the tuned step (docs/performance.md)
-showed the generic paths far from the copy bandwidth: the o_proj / down_proj products (2048 output rows) at
-1.3-2.4 TB/s, and cuDNN's attention at ~10 us per layer for one query over a few hundred
-cached keys (a prefill kernel launched for a 600 KB read). These two kernels target exactly those shapes:
+Why: at batch 1 a decode step is bound by reading the weights, and the generic paths (cuBLAS products with few output
+rows, cuDNN's prefill attention kernel for one query) stay far from the copy bandwidth there (docs/performance.md).
+These two kernels target exactly those shapes:
 
 - `gemv(x, weight, bias)`: y = x W^T + b for x with one row. Each program reads BLOCK_N whole weight rows in
   BLOCK_K chunks (contiguous, vectorised), accumulating in fp32 and rounding once, like cuBLAS. The block sizes and
@@ -31,11 +30,6 @@ except ImportError:  # pragma: no cover - exercised on CPU-only installs without
     triton = None
     tl = None
 
-def dequantize_int8_rows(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """int8 [N, K] and fp32 scale [N] -> the weight [N, K] in `dtype` (products in fp32, rounded once): the reference
-    of the int8 GEMV and the dequantised path of `internvl.ops.int8_weights`."""
-    return (q.float() * scale.float()[:, None]).to(dtype)
-
 
 #: whether the Triton code runs in its CPU interpreter (TRITON_INTERPRET=1 at import).
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -43,6 +37,12 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 #: oldest NVIDIA compute capability the kernels are used on (bf16 tensor-core products need Ampere; measured on Hopper).
 MIN_CAPABILITY = (8, 0)
+
+
+def dequantize_int8_rows(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Weight-only int8 (`internvl.ops.int8_weights`): int8 [N, K] and fp32 scale [N] -> the weight [N, K] in `dtype`
+    (products in fp32, rounded once)."""
+    return (q.float() * scale.float()[:, None]).to(dtype)
 
 
 def triton_ready(t: torch.Tensor) -> bool:
@@ -136,9 +136,15 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
                          f"{tuple(weight.shape)} strides {weight.stride()}")
     if not triton_ready(weight):
         return torch.nn.functional.linear(x, weight, bias)
+    return _run_gemv(x, weight, bias)
+
+
+def _run_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+              scale: torch.Tensor | None = None) -> torch.Tensor:
+    """The Triton GEMV of the one row `x` [..., K] (tuned per shape) -> [..., N] in x's dtype."""
     flat = x.reshape(-1).contiguous()
     out = torch.empty(weight.shape[0], dtype=x.dtype, device=x.device)
-    _launch_gemv(flat, weight, bias, out, _tuned_gemv_config(flat, weight, bias, out))
+    _launch_gemv(flat, weight, bias, out, _tuned_gemv_config(flat, weight, bias, out, scale), scale)
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
@@ -162,11 +168,7 @@ def gemv_int8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                          f"{tuple(scale.shape)}")
     if not triton_ready(weight):
         return torch.nn.functional.linear(x, dequantize_int8_rows(weight, scale, x.dtype), bias)
-    flat = x.reshape(-1).contiguous()
-    scale = scale.contiguous()
-    out = torch.empty(weight.shape[0], dtype=x.dtype, device=x.device)
-    _launch_gemv(flat, weight, bias, out, _tuned_gemv_config(flat, weight, bias, out, scale), scale)
-    return out.reshape(*x.shape[:-1], weight.shape[0])
+    return _run_gemv(x, weight, bias, scale.contiguous())
 
 
 @gemv_int8.register_fake
@@ -324,5 +326,6 @@ def describe_tuning() -> dict[str, str]:
             for key, cfg in _gemv_best.items()}
 
 
-__all__ = ["GEMV_CONFIGS", "GEMV_INT8_EXTRA_CONFIGS", "attention_kernel_supported", "describe_tuning", "gemv",
-           "gemv_int8", "gqa_decode_attention", "reference_gqa_decode_attention", "triton_ready"]
+__all__ = ["GEMV_CONFIGS", "GEMV_INT8_EXTRA_CONFIGS", "attention_kernel_supported", "dequantize_int8_rows",
+           "describe_tuning", "gemv", "gemv_int8", "gqa_decode_attention", "reference_gqa_decode_attention",
+           "triton_ready"]

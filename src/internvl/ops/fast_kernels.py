@@ -16,7 +16,7 @@ import logging
 import torch
 from torch import nn
 
-from ..compat import attend, restore_forwards, swap_forward
+from ..compat import attend_rope, restore_forwards, swap_forward
 from .cross_entropy import liger_available
 
 logger = logging.getLogger(__name__)
@@ -80,14 +80,8 @@ def _is_rope_attention(module: nn.Module) -> bool:
 def _rope_attn_forward(self: nn.Module, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None,
                        cache=None, **kwargs):
     """transformers' Llama/Qwen2 attention forward with RoPE applied by liger's fused kernel (same maths)."""
-    input_shape = hidden_states.shape[:-1]
-    hidden_shape = (*input_shape, -1, self.head_dim)
-    query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-    key = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-    value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-    cos, sin = position_embeddings
-    query, key = _liger_rope(query, key, cos, sin)
-    return attend(self, query, key, value, attention_mask, cache, input_shape, **kwargs)
+    qkv = [proj(hidden_states) for proj in (self.q_proj, self.k_proj, self.v_proj)]
+    return attend_rope(self, qkv, _liger_rope, position_embeddings, attention_mask, cache, **kwargs)
 
 
 _SWAPS = {"rms_norm": (_is_rms_norm, _rms_forward), "swiglu": (_is_swiglu_mlp, _swiglu_forward),
@@ -97,23 +91,19 @@ _SWAPS = {"rms_norm": (_is_rms_norm, _rms_forward), "swiglu": (_is_swiglu_mlp, _
 @torch.no_grad()
 def _verify(kind: str, module: nn.Module, rope_source: nn.Module | None) -> str | None:
     """Run one swapped module against its class forward on random input; return an error text or None."""
+    if kind == "rope" and rope_source is None:
+        return "no rotary embedding module found"
     param = next(module.parameters())
+    linear = module.gate_proj if kind == "swiglu" else getattr(module, "q_proj", None)
+    width = param.shape[0] if kind == "rms_norm" else linear.in_features
     try:
-        if kind == "rms_norm":
-            x = torch.randn(2, 5, param.shape[0], device=param.device, dtype=param.dtype)
-            args: tuple = (x,)
-            kwargs: dict = {}
-        elif kind == "swiglu":
-            x = torch.randn(2, 5, module.gate_proj.in_features, device=param.device, dtype=param.dtype)
-            args, kwargs = (x,), {}
-        else:
-            if rope_source is None:
-                return "no rotary embedding module found"
-            x = torch.randn(2, 5, module.q_proj.in_features, device=param.device, dtype=param.dtype)
+        x = torch.randn(2, 5, width, device=param.device, dtype=param.dtype)
+        kwargs: dict = {}
+        if kind == "rope":
             pos = torch.arange(5, device=param.device)[None].expand(2, -1)
-            args, kwargs = (x,), {"position_embeddings": rope_source(x, pos), "attention_mask": None}
-        ref = type(module).forward(module, *args, **kwargs)
-        out = module.forward(*args, **kwargs)
+            kwargs = {"position_embeddings": rope_source(x, pos), "attention_mask": None}
+        ref = type(module).forward(module, x, **kwargs)
+        out = module.forward(x, **kwargs)
         ref, out = (ref[0], out[0]) if isinstance(ref, tuple) else (ref, out)
         err = ((out.float() - ref.float()).norm() / ref.float().norm().clamp(min=1e-12)).item()
         return None if err < 2e-2 else f"relative error {err:.3g} against the plain forward"

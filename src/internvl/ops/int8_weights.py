@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-# importing decode_kernels registers the internvl::gemv_int8 op that int8_linear calls
+# decode_kernels registers the internvl::gemv_int8 op that `int8_linear` calls (it imports Triton where installed)
 from .decode_kernels import dequantize_int8_rows
 
 
@@ -39,7 +39,7 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: tor
     where it runs); more rows (prefill, batches): `F.linear` over the int8 weight converted to x's dtype, its output
     columns scaled (fp16: the weight dequantised first)."""
     if x.numel() == x.shape[-1]:
-        return torch.ops.internvl.gemv_int8(x, q, scale, bias)  # registered by decode_kernels (see __init__)
+        return torch.ops.internvl.gemv_int8(x, q, scale, bias)
     if x.dtype == torch.float16:  # int8 sums over K could overflow fp16 before scaling: dequantise first
         return nn.functional.linear(x, dequantize_int8_rows(q, scale, x.dtype), bias)
     # int8 -> bf16/fp32 is exact; scaling the output columns instead of the weight saves a pass over the weight
@@ -99,9 +99,7 @@ def quantize_int8_weights_(model: nn.Module, skip_modules: Sequence[str] = ("vis
     targets = [name for name, module in model.named_modules()
                if type(module) is nn.Linear and not _skipped(name, skip_modules)]
     for name in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, Int8Linear.from_linear(getattr(parent, child), device))
+        model.set_submodule(name, Int8Linear.from_linear(model.get_submodule(name), device))
     return len(targets)
 
 

@@ -76,10 +76,13 @@ def _scaled(linears: list[nn.Module]) -> bool:
 def packed_scale(linears: list[nn.Module]) -> torch.Tensor | None:
     """The packed [sum(out_features)] fp32 row scales of an already packed Int8Linear group (a view, no copy), or
     None for bf16 `nn.Linear` groups."""
-    if not _scaled(linears):
-        return None
-    s0 = linears[0].weight_scale.detach()
-    return s0.as_strided((sum(m.out_features for m in linears),), (1,), s0.storage_offset())
+    return _joined(linears[0].weight_scale, sum(m.out_features for m in linears)) if _scaled(linears) else None
+
+
+def _joined(first: torch.Tensor, rows: int) -> torch.Tensor:
+    """The `rows` rows of a packed group that starts at the contiguous `first`, as one view of their storage."""
+    first = first.detach()
+    return first.as_strided((rows, *first.shape[1:]), first.stride(), first.storage_offset())
 
 
 def packed_view(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -88,13 +91,8 @@ def packed_view(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | 
     if not layout_ok(linears):
         raise PackingError("the linears are not packed (call pack_linears first)")
     rows = sum(m.weight.shape[0] for m in linears)
-    w0 = linears[0].weight.detach()
-    weight = w0.as_strided((rows, w0.shape[1]), (w0.shape[1], 1), w0.storage_offset())
-    bias = None
-    if linears[0].bias is not None:
-        b0 = linears[0].bias.detach()
-        bias = b0.as_strided((rows,), (1,), b0.storage_offset())
-    return weight, bias
+    bias = linears[0].bias
+    return _joined(linears[0].weight, rows), (_joined(bias, rows) if bias is not None else None)
 
 
 @torch.no_grad()
@@ -111,28 +109,21 @@ def pack_linears(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor |
 
 
 def _pack_new(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    first = linears[0].weight
-    rows = sum(m.weight.shape[0] for m in linears)
-    weight = torch.empty(rows, first.shape[1], dtype=first.dtype, device=first.device)
-    bias = None
-    if linears[0].bias is not None:
-        bias = torch.empty(rows, dtype=linears[0].bias.dtype, device=first.device)
-    start = 0
-    for m in linears:
-        n = m.weight.shape[0]
-        weight[start : start + n].copy_(m.weight)
-        m.weight.data = weight[start : start + n]
-        if bias is not None:
-            bias[start : start + n].copy_(m.bias)
-            m.bias.data = bias[start : start + n]
-        start += n
+    weight = _pack_rows([m.weight for m in linears])
+    bias = _pack_rows([m.bias for m in linears]) if linears[0].bias is not None else None
     if _scaled(linears):
-        scale = torch.cat([m.weight_scale.detach() for m in linears])
-        start = 0
-        for m in linears:
-            m.weight_scale.data = scale[start : start + m.out_features]
-            start += m.out_features
+        _pack_rows([m.weight_scale for m in linears])
     return weight, bias
+
+
+def _pack_rows(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Copy `tensors` into one new tensor, row blocks end to end, and re-point each one's `.data` to its rows."""
+    packed = torch.cat([t.detach() for t in tensors])
+    start = 0
+    for t in tensors:
+        t.data = packed[start : start + t.shape[0]]
+        start += t.shape[0]
+    return packed
 
 
 @dataclass

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections import Counter
 from typing import Any
 
 import torch
@@ -70,10 +71,6 @@ def _has_lora(module: nn.Module) -> bool:
     return any(type(m).__module__.startswith("peft.") for m in module.modules())
 
 
-def _zero3_enabled() -> bool:
-    return bool(is_deepspeed_zero3_enabled())
-
-
 def _llm_layers(model: nn.Module) -> list[nn.Module]:
     language_model = getattr(model, "language_model", model)
     decoder = language_model.get_decoder() if hasattr(language_model, "get_decoder") else language_model
@@ -112,7 +109,7 @@ def apply_train_speedups(model: nn.Module, opts: TrainSpeedups | None = None, *,
     opts = opts or TrainSpeedups()
     first = next(model.parameters(), None)
     dev = torch.device(device) if device is not None else (first.device if first is not None else torch.device("cpu"))
-    zero3 = _zero3_enabled() if zero3 is None else zero3
+    zero3 = bool(is_deepspeed_zero3_enabled()) if zero3 is None else zero3
     report: dict[str, Any] = {"device": str(dev), "compiled": {}, "fused": {}, "fast_kernels": {}, "ckpt_skipped": 0,
                               "skipped": []}
     if dev.type != "cuda" and not allow_cpu:
@@ -134,11 +131,11 @@ def apply_train_speedups(model: nn.Module, opts: TrainSpeedups | None = None, *,
         roots = [(name, sub) for name, sub in model.named_modules() if isinstance(sub, GradientCheckpointingLayer)]
         if not roots:
             roots = [("", model)]
+        fused: Counter = Counter()
         for name, sub in roots:
-            if any(name == s or name.startswith(s + ".") for s in skip if s):
-                continue
-            for k, v in fuse_projections(sub).items():
-                report["fused"][k] = report["fused"].get(k, 0) + v
+            if not any(name == s or name.startswith(s + ".") for s in skip if s):
+                fused.update(fuse_projections(sub))
+        report["fused"] = dict(fused)
     if compile_on:
         report["compiled"] = compile_layers(model, ckpt=opts.compile_ckpt, backend=opts.backend, mode=opts.compile_mode,
                                             skip=skip, options=opts.compile_options)
@@ -148,12 +145,11 @@ def apply_train_speedups(model: nn.Module, opts: TrainSpeedups | None = None, *,
                             for m in layer.modules()}
         if compiled_modules:
             eager_parts = [m for name, m in model.named_children() if id(m) not in compiled_modules]
-            counts: dict[str, int] = {}
+            counts: Counter = Counter()
             for part in eager_parts:
                 for sub in _eager_submodules(part, compiled_modules):
-                    for k, v in enable_fast_kernels(sub).items():
-                        counts[k] = counts.get(k, 0) + v
-            report["fast_kernels"] = counts
+                    counts.update(enable_fast_kernels(sub))
+            report["fast_kernels"] = dict(counts)
         else:
             report["fast_kernels"] = enable_fast_kernels(model)
     report["lm_loss_impl"] = opts.lm_loss_impl

@@ -4,11 +4,10 @@
 grad mode, deterministic algorithms, thread count, matmul precision, cuDNN flags) and transformers' process-global
 DeepSpeed config reference. tests/conftest.py wraps every test in it; tests/test_global_state.py checks it.
 
-The DeepSpeed reference is the one that bit: ``HfDeepSpeedConfig(...)`` (and ``TrainingArguments(deepspeed=...)``)
-registers itself in transformers, and a later ``from_pretrained`` in the same process then builds under ZeRO-3 while
-that object lives, even a half-built one whose ``__init__`` failed (it registers before checking that deepspeed is
-installed, and the failing test's traceback keeps it alive): ``'HfDeepSpeedConfig' object has no attribute
-'is_zero3'``. Only transformers' public functions are used (``deepspeed_config``, ``unset_hf_deepspeed_config``).
+Why the DeepSpeed reference: ``HfDeepSpeedConfig(...)`` (and ``TrainingArguments(deepspeed=...)``) registers itself in
+transformers, and a later ``from_pretrained`` in the same process builds under ZeRO-3 while that object lives, even a
+half-built one whose ``__init__`` failed. Only transformers' public functions are used (``deepspeed_config``,
+``unset_hf_deepspeed_config``).
 """
 from __future__ import annotations
 
@@ -37,17 +36,14 @@ def torch_state() -> dict[str, Any]:
 def restore_torch_state(state: dict[str, Any]) -> None:
     """Put back what :func:`torch_state` returned (only the values that changed: setting threads is not free)."""
     now = torch_state()
-    if now["default_dtype"] != state["default_dtype"]:
-        torch.set_default_dtype(state["default_dtype"])
-    if now["grad_enabled"] != state["grad_enabled"]:
-        torch.set_grad_enabled(state["grad_enabled"])
+    setters = {"default_dtype": torch.set_default_dtype, "grad_enabled": torch.set_grad_enabled,
+               "num_threads": torch.set_num_threads, "matmul_precision": torch.set_float32_matmul_precision}
+    for key, set_value in setters.items():
+        if now[key] != state[key]:
+            set_value(state[key])
     if now["deterministic"] != state["deterministic"]:
         enabled, warn_only = state["deterministic"]
         torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
-    if now["num_threads"] != state["num_threads"]:
-        torch.set_num_threads(state["num_threads"])
-    if now["matmul_precision"] != state["matmul_precision"]:
-        torch.set_float32_matmul_precision(state["matmul_precision"])
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = state["cudnn"]
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..regions import format_region, pixels_to_box
+from ..regions import box_iou, format_region, pixels_to_box
 
 QUESTION = "<image>\nPlease locate <ref>square</ref> in this image."
 BASE_PROMPT = "Find the square."
@@ -57,9 +57,5 @@ def write_square_dataset(root: Path, n: int, seed: int, size: int = 56, name: st
 
 
 def iou(a: tuple[float, float, float, float], b: tuple[float, float, float, float]) -> float:
-    """Intersection over union of two pixel boxes (x1, y1, x2, y2)."""
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
+    """Intersection over union of two pixel boxes (x1, y1, x2, y2), by the toolkit's `box_iou`."""
+    return float(box_iou([a], [b])[0, 0])

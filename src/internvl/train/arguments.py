@@ -24,144 +24,100 @@ from typing import Any, Literal
 from transformers import HfArgumentParser, TrainingArguments
 
 
+def _arg(default: Any, help: str) -> Any:
+    """A flag's dataclass field: its default and its `--help` text."""
+    return field(default=default, metadata={"help": help})
+
+
 def _freeze_flag(what: str) -> Any:
     """A `--freeze_*` flag: unset (None) until `resolve_freeze_defaults` gives it its LoRA-dependent default."""
-    return field(default=None, metadata={"help": f"Freeze {what} (requires_grad False). Default: True when LoRA is "
-                                                 "on, else False."})
+    return _arg(None, f"Freeze {what} (requires_grad False). Default: True when LoRA is on, else False.")
 
 
 @dataclass
 class ModelArguments:
     """Where the model comes from and which parts of it train."""
 
-    model_name_or_path: str | None = field(
-        default=None,
-        metadata={"help": "Local directory of an InternVL-Chat checkpoint in the original layout (config.json + "
-                          "safetensors). Mutually exclusive with --preset."},
-    )
-    preset: str | None = field(
-        default=None,
-        metadata={"help": "Start from a bundled preset (tiny, mid, medrega, internvl-chat-v1-2) with random init. "
-                          "Needs --tokenizer_path. Used to train the bundled default model from scratch."},
-    )
-    tokenizer_path: str | None = field(
-        default=None,
-        metadata={"help": "Local tokenizer directory. Defaults to --model_name_or_path."},
-    )
+    model_name_or_path: str | None = _arg(None, "Local directory of an InternVL-Chat checkpoint in the original "
+                                                "layout (config.json + safetensors). Mutually exclusive with "
+                                                "--preset.")
+    preset: str | None = _arg(None, "Start from a bundled preset (tiny, mid, medrega, internvl-chat-v1-2) with random "
+                                    "init. Needs --tokenizer_path. Used to train the bundled default model from "
+                                    "scratch.")
+    tokenizer_path: str | None = _arg(None, "Local tokenizer directory. Defaults to --model_name_or_path.")
     freeze_llm: bool | None = _freeze_flag("the language model")
     freeze_backbone: bool | None = _freeze_flag("the vision encoder (InternViT)")
     freeze_mlp: bool | None = _freeze_flag("the projector `mlp1`")
-    unfreeze_vit_layers: int = field(
-        default=0,
-        metadata={"help": "After freezing the backbone, re-enable encoder.layers[k:] (negative k = last |k| layers; "
-                          "0 = none)."},
-    )
-    unfreeze_lm_head: bool = field(default=False, metadata={"help": "Keep the LM head trainable under freeze_llm."})
-    use_backbone_lora: int = field(default=0, metadata={"help": "LoRA rank on the ViT (alpha = 2 * rank); 0 = off."})
-    use_llm_lora: int = field(default=0, metadata={"help": "LoRA rank on the LLM (alpha = 2 * rank); 0 = off."})
-    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA branch (original: 0.05)."})
-    vision_select_layer: int = field(default=-1, metadata={"help": "ViT layer whose output feeds the projector."})
-    drop_path_rate: float = field(default=0.0, metadata={"help": "Stochastic depth of the ViT (linear over depth)."})
-    ps_version: Literal["v1", "v2"] = field(
-        default="v1", metadata={"help": "Pixel-shuffle token order; V1.2/MedRegA checkpoints need v1."}
-    )
-    grad_checkpoint: bool = field(default=True, metadata={"help": "Gradient checkpointing in the LLM (and ViT)."})
-    attn_implementation: str = field(
-        default="sdpa", metadata={"help": "LLM attention: sdpa | eager | flash_attention_2 (if installed)."}
-    )
-    fused_lm_loss: bool = field(
-        default=True,
-        metadata={"help": "Compute the LM head + cross-entropy only on supervised positions, chunk by chunk "
-                          "(internvl.ops.causal_lm_loss; kernel chosen by --lm_loss_impl) instead of building "
-                          "[batch, seq, vocab] logits. Falls back to the plain loss when the LM head is LoRA-wrapped; "
-                          "a ZeRO-3-partitioned head runs it as its own forward (gathered by its hooks)."},
-    )
-    lm_loss_impl: Literal["auto", "padded", "liger", "chunked"] = field(
-        default="auto",
-        metadata={"help": "Kernel of the fused LM-head loss (internvl.ops.linear_cross_entropy): auto = padded on "
-                          "CUDA (vocabulary padded to a multiple of 128, compiled softmax/grad), chunked on the CPU; "
-                          "liger = liger-kernel's fused linear cross-entropy."},
-    )
-    compile_layers: bool = field(
-        default=True,
-        metadata={"help": "CUDA: torch.compile each LLM decoder layer and ViT block (one compiled graph per layer "
-                          "class; gradient checkpointing traced into it). Off on the CPU, under DeepSpeed ZeRO-3 and "
-                          "in LoRA-wrapped towers (internvl.ops.train_speedups)."},
-    )
-    fuse_projections: bool = field(
-        default=True,
-        metadata={"help": "CUDA, compiled layers only: q/k/v and gate/up as one matmul each (torch.cat of the "
-                          "weights at run time; parameters, state-dict keys and LoRA targets unchanged)."},
-    )
-    fast_kernels: bool = field(
-        default=True,
-        metadata={"help": "CUDA + liger-kernel: fused RMSNorm / SwiGLU / RoPE kernels on the modules that are not "
-                          "compiled (all of them with --compile_layers False)."},
-    )
-    grad_checkpoint_skip_llm_layers: int = field(
-        default=0,
-        metadata={"help": "With --grad_checkpoint, leave the last N LLM layers un-checkpointed (faster, more "
-                          "activation memory: about 0.6 GiB per layer for 8 x 1024 tokens at width 2048)."},
-    )
-    load_in_4bit: bool = field(
-        default=False,
-        metadata={"help": "QLoRA: load the LLM's linear layers in 4 bit (bitsandbytes, via transformers' "
-                          "BitsAndBytesConfig); ViT, projector and LM head keep the model dtype (bf16 with --bf16). "
-                          "Needs --use_llm_lora; one process per GPU, no DeepSpeed (internvl.train.qlora)."},
-    )
-    bnb_4bit_quant_type: Literal["nf4", "fp4"] = field(
-        default="nf4", metadata={"help": "4-bit data type with --load_in_4bit (QLoRA's NormalFloat4 by default)."}
-    )
-    use_bnb_nested_quant: bool = field(
-        default=True,
-        metadata={"help": "With --load_in_4bit: quantise the block scales too (QLoRA's double quantisation)."},
-    )
-    model_dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
-        default="auto",
-        metadata={"help": "dtype the weights are loaded in; auto = float32 (the Trainer/DeepSpeed handle bf16 "
-                          "autocast / bf16 master weights)."},
-    )
+    unfreeze_vit_layers: int = _arg(0, "After freezing the backbone, re-enable encoder.layers[k:] (negative k = last "
+                                       "|k| layers; 0 = none).")
+    unfreeze_lm_head: bool = _arg(False, "Keep the LM head trainable under freeze_llm.")
+    use_backbone_lora: int = _arg(0, "LoRA rank on the ViT (alpha = 2 * rank); 0 = off.")
+    use_llm_lora: int = _arg(0, "LoRA rank on the LLM (alpha = 2 * rank); 0 = off.")
+    lora_dropout: float = _arg(0.05, "Dropout on the LoRA branch (original: 0.05).")
+    vision_select_layer: int = _arg(-1, "ViT layer whose output feeds the projector.")
+    drop_path_rate: float = _arg(0.0, "Stochastic depth of the ViT (linear over depth).")
+    ps_version: Literal["v1", "v2"] = _arg("v1", "Pixel-shuffle token order; V1.2/MedRegA checkpoints need v1.")
+    grad_checkpoint: bool = _arg(True, "Gradient checkpointing in the LLM (and ViT).")
+    attn_implementation: str = _arg("sdpa", "LLM attention: sdpa | eager | flash_attention_2 (if installed).")
+    fused_lm_loss: bool = _arg(True, "Compute the LM head + cross-entropy only on supervised positions, chunk by "
+                                     "chunk (internvl.ops.causal_lm_loss; kernel chosen by --lm_loss_impl) instead of "
+                                     "building [batch, seq, vocab] logits. Falls back to the plain loss when the LM "
+                                     "head is LoRA-wrapped; a ZeRO-3-partitioned head runs it as its own forward "
+                                     "(gathered by its hooks).")
+    lm_loss_impl: Literal["auto", "padded", "liger", "chunked"] = _arg(
+        "auto", "Kernel of the fused LM-head loss (internvl.ops.linear_cross_entropy): auto = padded on CUDA "
+                "(vocabulary padded to a multiple of 128, compiled softmax/grad), chunked on the CPU; liger = "
+                "liger-kernel's fused linear cross-entropy.")
+    compile_layers: bool = _arg(True, "CUDA: torch.compile each LLM decoder layer and ViT block (one compiled graph "
+                                      "per layer class; gradient checkpointing traced into it). Off on the CPU, under "
+                                      "DeepSpeed ZeRO-3 and in LoRA-wrapped towers (internvl.ops.train_speedups).")
+    fuse_projections: bool = _arg(True, "CUDA, compiled layers only: q/k/v and gate/up as one matmul each (torch.cat "
+                                        "of the weights at run time; parameters, state-dict keys and LoRA targets "
+                                        "unchanged).")
+    fast_kernels: bool = _arg(True, "CUDA + liger-kernel: fused RMSNorm / SwiGLU / RoPE kernels on the modules that "
+                                    "are not compiled (all of them with --compile_layers False).")
+    grad_checkpoint_skip_llm_layers: int = _arg(0, "With --grad_checkpoint, leave the last N LLM layers "
+                                                   "un-checkpointed (faster, more activation memory: about 0.6 GiB "
+                                                   "per layer for 8 x 1024 tokens at width 2048).")
+    load_in_4bit: bool = _arg(False, "QLoRA: load the LLM's linear layers in 4 bit (bitsandbytes, via transformers' "
+                                     "BitsAndBytesConfig); ViT, projector and LM head keep the model dtype (bf16 with "
+                                     "--bf16). Needs --use_llm_lora; one process per GPU, no DeepSpeed "
+                                     "(internvl.train.qlora).")
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = _arg("nf4", "4-bit data type with --load_in_4bit (QLoRA's "
+                                                             "NormalFloat4 by default).")
+    use_bnb_nested_quant: bool = _arg(True, "With --load_in_4bit: quantise the block scales too (QLoRA's double "
+                                            "quantisation).")
+    model_dtype: Literal["auto", "float32", "bfloat16", "float16"] = _arg(
+        "auto", "dtype the weights are loaded in; auto = float32 (the Trainer/DeepSpeed handle bf16 autocast / bf16 "
+                "master weights).")
 
 
 @dataclass
 class DataTrainingArguments:
     """What the model is trained on and how samples become tensors."""
 
-    meta_path: str | None = field(
-        default=None, metadata={"help": "meta_file.json: dataset name -> {root, annotation, repeat_time, ...}."}
-    )
-    conv_style: str = field(default="Hermes-2", metadata={"help": "Chat template name (internvl/templates)."})
-    max_seq_length: int = field(default=2048, metadata={"help": "Samples are truncated to this many tokens."})
-    force_image_size: int | None = field(
-        default=None,
-        metadata={"help": "Tile size in pixels (448 for V1.2). Differs from the checkpoint -> position embeddings "
-                          "are resized once; with --preset it sets the ViT image size."},
-    )
-    down_sample_ratio: float = field(default=0.5, metadata={"help": "Pixel-shuffle ratio (0.5 -> 4x fewer tokens)."})
-    pad2square: bool = field(default=False, metadata={"help": "Pad images to a square before resizing."})
-    dynamic_image_size: bool = field(default=False, metadata={"help": "Dynamic tiling (off for V1.2/MedRegA)."})
-    use_thumbnail: bool = field(default=False, metadata={"help": "Add a thumbnail tile with dynamic tiling."})
-    min_dynamic_patch: int = field(default=1, metadata={"help": "Minimum tiles with dynamic tiling."})
-    max_dynamic_patch: int = field(default=1, metadata={"help": "Maximum tiles with dynamic tiling."})
-    group_by_length: bool = field(
-        default=False, metadata={"help": "Length-grouped sampling (megabatches of similar length)."}
-    )
-    data_check: Literal["strict", "lenient"] = field(
-        default="strict",
-        metadata={"help": "strict: any bad record aborts with FILE:LINE: reason. lenient: bad records are "
-                          "reported (FILE:LINE: reason, and counted) and left out."},
-    )
-    use_packed_ds: bool = field(
-        default=False,
-        metadata={"help": "Pack the per_device_train_batch_size samples of a micro-batch into as few rows of "
-                          "max_packed_tokens as fit (attention stays per sample)."},
-    )
-    max_packed_tokens: int = field(default=8192, metadata={"help": "Tokens per packed row."})
-    num_images_expected: int = field(default=12, metadata={"help": "Max image tiles per packed row."})
-    loss_reduction: Literal["token", "sample", "square"] = field(
-        default="token",
-        metadata={"help": "Per-token loss weight under packing: token (1), sample (1/n), square (1/sqrt n)."},
-    )
+    meta_path: str | None = _arg(None, "meta_file.json: dataset name -> {root, annotation, repeat_time, ...}.")
+    conv_style: str = _arg("Hermes-2", "Chat template name (internvl/templates).")
+    max_seq_length: int = _arg(2048, "Samples are truncated to this many tokens.")
+    force_image_size: int | None = _arg(None, "Tile size in pixels (448 for V1.2). Differs from the checkpoint -> "
+                                              "position embeddings are resized once; with --preset it sets the ViT "
+                                              "image size.")
+    down_sample_ratio: float = _arg(0.5, "Pixel-shuffle ratio (0.5 -> 4x fewer tokens).")
+    pad2square: bool = _arg(False, "Pad images to a square before resizing.")
+    dynamic_image_size: bool = _arg(False, "Dynamic tiling (off for V1.2/MedRegA).")
+    use_thumbnail: bool = _arg(False, "Add a thumbnail tile with dynamic tiling.")
+    min_dynamic_patch: int = _arg(1, "Minimum tiles with dynamic tiling.")
+    max_dynamic_patch: int = _arg(1, "Maximum tiles with dynamic tiling.")
+    group_by_length: bool = _arg(False, "Length-grouped sampling (megabatches of similar length).")
+    data_check: Literal["strict", "lenient"] = _arg("strict", "strict: any bad record aborts with FILE:LINE: reason. "
+                                                              "lenient: bad records are reported (FILE:LINE: reason, "
+                                                              "and counted) and left out.")
+    use_packed_ds: bool = _arg(False, "Pack the per_device_train_batch_size samples of a micro-batch into as few rows "
+                                      "of max_packed_tokens as fit (attention stays per sample).")
+    max_packed_tokens: int = _arg(8192, "Tokens per packed row.")
+    num_images_expected: int = _arg(12, "Max image tiles per packed row.")
+    loss_reduction: Literal["token", "sample", "square"] = _arg(
+        "token", "Per-token loss weight under packing: token (1), sample (1/n), square (1/sqrt n).")
 
 
 @dataclass
@@ -172,38 +128,25 @@ class MedRegTrainingArguments(TrainingArguments):
     `internvl.train.checkpoint.find_latest_checkpoint`); a path resumes from that checkpoint.
     """
 
-    remove_unused_columns: bool = field(default=False, metadata={"help": "Keep every collated key (pixel_values...)."})
-    report_to: str | None = field(default="tensorboard", metadata={"help": "tensorboard | wandb | all | none."})
-    overwrite_output_dir: bool = field(
-        default=False,
-        metadata={"help": "Allow a fresh run in an output_dir that already holds checkpoints (otherwise: error "
-                          "unless --resume_from_checkpoint is given)."},
-    )
-    save_safetensors: bool = field(default=True, metadata={"help": "Always safetensors."})
-    logging_steps: float = field(default=1, metadata={"help": "Log every N optimizer steps."})
-    dataloader_num_workers: int = field(default=0, metadata={"help": "Data loader worker processes."})
-    warmup_ratio: float = field(
-        default=0.0,
-        metadata={"help": "Original flag (transformers 5 folds it into --warmup_steps < 1): fraction of the steps "
-                          "spent warming up. Used when --warmup_steps is 0."},
-    )
-    evaluation_strategy: str | None = field(
-        default=None, metadata={"help": "Original flag name of --eval_strategy (no | steps | epoch)."}
-    )
-    on_nonfinite: Literal["stop", "skip"] = field(
-        default="stop",
-        metadata={"help": "A non-finite loss or gradient norm at an optimizer step: stop the run with an error naming "
-                          "the step and the batch's records, or skip that step and count it (not with DeepSpeed)."},
-    )
-    max_nonfinite_steps: int = field(
-        default=10, metadata={"help": "With --on_nonfinite skip: the run stops at the next non-finite step after this "
-                                      "many skipped ones."},
-    )
-    logging_nan_inf_filter: bool = field(
-        default=False,
-        metadata={"help": "transformers' filter that logs a NaN/inf loss as the running average (a host sync per "
-                          "micro-batch). Off: the divergence guard (--on_nonfinite) handles non-finite losses."},
-    )
+    remove_unused_columns: bool = _arg(False, "Keep every collated key (pixel_values...).")
+    report_to: str | None = _arg("tensorboard", "tensorboard | wandb | all | none.")
+    overwrite_output_dir: bool = _arg(False, "Allow a fresh run in an output_dir that already holds checkpoints "
+                                             "(otherwise: error unless --resume_from_checkpoint is given).")
+    save_safetensors: bool = _arg(True, "Always safetensors.")
+    logging_steps: float = _arg(1, "Log every N optimizer steps.")
+    dataloader_num_workers: int = _arg(0, "Data loader worker processes.")
+    warmup_ratio: float = _arg(0.0, "Original flag (transformers 5 folds it into --warmup_steps < 1): fraction of the "
+                                    "steps spent warming up. Used when --warmup_steps is 0.")
+    evaluation_strategy: str | None = _arg(None, "Original flag name of --eval_strategy (no | steps | epoch).")
+    on_nonfinite: Literal["stop", "skip"] = _arg("stop", "A non-finite loss or gradient norm at an optimizer step: "
+                                                         "stop the run with an error naming the step and the batch's "
+                                                         "records, or skip that step and count it (not with "
+                                                         "DeepSpeed).")
+    max_nonfinite_steps: int = _arg(10, "With --on_nonfinite skip: the run stops at the next non-finite step after "
+                                        "this many skipped ones.")
+    logging_nan_inf_filter: bool = _arg(False, "transformers' filter that logs a NaN/inf loss as the running average "
+                                               "(a host sync per micro-batch). Off: the divergence guard "
+                                               "(--on_nonfinite) handles non-finite losses.")
 
     def __post_init__(self) -> None:
         if self.max_nonfinite_steps < 0:

@@ -20,14 +20,13 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 from internvl.compat import active_hf_deepspeed_config, set_attn_implementation
 from internvl.constants import IMG_CONTEXT_TOKEN
 from internvl.model import InternVLChatConfig, InternVLChatModel, load_preset
+from internvl.model.loading import resolve_dtype as dtype_named
 from internvl.tokenization import add_special_tokens, load_tokenizer, save_tokenizer
 from internvl.train.arguments import DataTrainingArguments, ModelArguments, resolve_freeze_defaults
 from internvl.train.lora import wrap_backbone_lora, wrap_llm_lora
 from internvl.train import qlora
 
 logger = logging.getLogger(__name__)
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -46,7 +45,7 @@ def resolve_dtype(model_args: ModelArguments, use_deepspeed_bf16: bool) -> torch
     """`auto` -> bf16 weights under DeepSpeed bf16 (DeepSpeed keeps fp32 master copies), else fp32 (Trainer's bf16
     flag then means autocast over fp32 weights)."""
     if model_args.model_dtype != "auto":
-        return _DTYPES[model_args.model_dtype]
+        return dtype_named(model_args.model_dtype)
     return torch.bfloat16 if use_deepspeed_bf16 else torch.float32
 
 
@@ -115,8 +114,8 @@ def whole_model_construction() -> Iterator[None]:
 
     With ZeRO-3 on, transformers wraps every `from_config` in `deepspeed.zero.Init`, which would partition the LLM at
     construction while the ViT and projector stay whole, and leave `weight.shape == (0,)` on partitioned parameters
-    (so anything reading shapes, e.g. the embedding resize, goes wrong: NaN embeddings were seen on a GPU run).
-    A preset model is small enough to build whole; DeepSpeed partitions it when the engine starts.
+    (anything reading shapes, e.g. the embedding resize, goes wrong). A preset model is small enough to build whole;
+    DeepSpeed partitions it when the engine starts.
     """
     active = active_hf_deepspeed_config()
     hf_deepspeed.unset_hf_deepspeed_config()

@@ -6,12 +6,10 @@ states, trainer state with the data position). Only when every file is on disk d
 so a run killed at any moment leaves either a finished `checkpoint-N` or a stale staging folder, which is never taken
 as the latest and is removed by the next save.
 
-Before the marker, every rank hashes the files it wrote (`write_rank_manifest`: rank-tagged files such as
-`rng_state_3.pth` or DeepSpeed's `zero_pp_rank_3_*` by that rank, the rest by rank 0, right after writing, while the
-bytes are in the page cache) and rank 0 merges the parts into `manifest.json` (size and SHA-256 of every file).
-`verify_checkpoint` checks a checkpoint against it; resume (`select_resume_checkpoint`) takes the newest checkpoint that
-verifies, names every newer one that does not and moves it aside (`checkpoint-N.rejected`), and refuses a checkpoint
-without a valid manifest, so nothing we did not write ourselves is unpickled.
+Before the marker, the ranks hash what they wrote into `manifest.json` (`internvl.train.manifest`). Resume
+(`select_resume_checkpoint`) takes the newest checkpoint that verifies against it, names every newer one that does not
+and moves it aside (`checkpoint-N.rejected`), and refuses one without a valid manifest, so nothing we did not write
+ourselves is unpickled.
 """
 from __future__ import annotations
 
@@ -54,15 +52,16 @@ def is_complete(checkpoint_dir: str | os.PathLike) -> bool:
 
 def list_checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
     """Complete checkpoints in `output_dir` as (step, path), oldest first."""
+    return [(step, path) for step, path in _numbered(output_dir) if is_complete(path)]
+
+
+def _numbered(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """Every `checkpoint-N` folder in `output_dir`, complete or not, as (N, path), oldest first."""
     root = Path(output_dir)
     if not root.is_dir():
         return []
-    found = []
-    for child in root.iterdir():
-        match = CHECKPOINT_RE.match(child.name)
-        if match and child.is_dir() and is_complete(child):
-            found.append((int(match.group(1)), child))
-    return sorted(found)
+    found = [(CHECKPOINT_RE.match(child.name), child) for child in root.iterdir() if child.is_dir()]
+    return sorted((int(match.group(1)), child) for match, child in found if match)
 
 
 def find_latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
@@ -154,15 +153,8 @@ def select_resume_checkpoint(output_dir: str | os.PathLike,
     with `reject_checkpoint`, so a later rotation cannot keep it in place of a good one. Folders without the COMPLETE
     marker or a readable trainer_state.json fail the same way. Returns (checkpoint or None, problems found).
     """
-    root = Path(output_dir)
-    candidates = []
-    if root.is_dir():
-        for child in root.iterdir():
-            match = CHECKPOINT_RE.match(child.name)
-            if match and child.is_dir():
-                candidates.append((int(match.group(1)), child))
     problems: list[str] = []
-    for _step, path in sorted(candidates, reverse=True):
+    for _step, path in reversed(_numbered(output_dir)):
         found = verify(path)
         if not found and not is_complete(path):
             found = [f"{path}: incomplete (no COMPLETE marker or unreadable trainer_state.json)"]

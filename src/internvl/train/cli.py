@@ -148,12 +148,7 @@ def train(model_args: ModelArguments, data_args: DataTrainingArguments,
 
     _setup_logging(training_args)
     output_dir = training_args.output_dir
-    resume = resolve_resume(training_args)
-    training_args.resume_from_checkpoint = resume
-    existing = find_latest_checkpoint(output_dir)
-    if resume is None and existing is not None and not training_args.overwrite_output_dir:
-        raise ValueError(f"{output_dir} already holds {existing.name}: pass --resume_from_checkpoint auto to continue "
-                         "or --overwrite_output_dir True to start over")
+    resume = _resume_or_refuse(training_args)
     if training_args.should_save:
         clean_staging(output_dir)
     set_seed(training_args.seed)
@@ -204,6 +199,7 @@ def train(model_args: ModelArguments, data_args: DataTrainingArguments,
 
 def write_skip_report(output_dir: str, report: dict[str, Any]) -> None:
     """Lenient runs: `skipped_records.json` in the run directory, the counts in run_config.json, a log summary."""
+    from internvl.io_safety import atomic_write_text
     from internvl.train.skips import SkipReport
 
     path = SkipReport.write(report, output_dir)
@@ -213,9 +209,7 @@ def write_skip_report(output_dir: str, report: dict[str, Any]) -> None:
         config.setdefault("resolved", {})["skipped_records"] = {
             stage: {"skipped": report[stage]["skipped"], "by_reason": report[stage]["by_reason"]}
             for stage in ("scan", "build")}
-        tmp = config_path.with_name(config_path.name + ".tmp")
-        tmp.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        tmp.replace(config_path)
+        atomic_write_text(config_path, json.dumps(config, indent=2, ensure_ascii=False) + "\n")
     logger.info("lenient data check: %d records left out at the scan %s, %d at build time %s (each replaced by the "
                 "next record, served twice); details in %s", report["scan"]["skipped"], report["scan"]["by_reason"],
                 report["build"]["skipped"], report["build"]["by_reason"], path)
@@ -230,12 +224,18 @@ def _check_output_dir(training_args: MedRegTrainingArguments, model_args: ModelA
         inputs.append(data_args.meta_path)
     check_output_dir(training_args.output_dir, inputs=inputs, must_be_empty=False, inputs_inside_ok=True,
                      what="--output_dir")
+    _resume_or_refuse(training_args)  # resolved and verified once; train() reuses it
+
+
+def _resume_or_refuse(training_args: MedRegTrainingArguments) -> str | None:
+    """Resolve `--resume_from_checkpoint` in place and return it; refuse a fresh run over existing checkpoints."""
     resume = resolve_resume(training_args)
-    training_args.resume_from_checkpoint = resume  # resolved and verified once; train() reuses it
+    training_args.resume_from_checkpoint = resume
     existing = find_latest_checkpoint(training_args.output_dir)
     if resume is None and existing is not None and not training_args.overwrite_output_dir:
         raise UsageError(f"{training_args.output_dir} already holds {existing.name}: pass --resume_from_checkpoint "
                          "auto to continue or --overwrite_output_dir True to start over")
+    return resume
 
 
 def _main(argv: list[str] | None) -> int:

@@ -154,13 +154,9 @@ def local_parameters(model: nn.Module) -> Iterable[torch.Tensor]:
 
 def assert_finite_model(model: nn.Module, what: str, world_size: int = 1) -> None:
     """Raise `NonFiniteError` naming up to 5 parameters if any holds NaN/inf (checked over all ranks)."""
-    flags = []
     names = [name for name, _ in model.named_parameters()]
-    for name, data in zip(names, local_parameters(model)):
-        if data.numel() and data.is_floating_point():
-            flags.append(torch.isfinite(data.detach()).all())
-        else:
-            flags.append(torch.tensor(True, device=data.device))
+    flags = [torch.isfinite(data.detach()).all() if data.numel() and data.is_floating_point()
+             else torch.tensor(True, device=data.device) for data in local_parameters(model)]
     if not flags:
         return
     device = flags[0].device

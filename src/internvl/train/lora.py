@@ -49,23 +49,24 @@ def llm_lora_targets(language_model: nn.Module) -> list[str]:
 
 def wrap_llm_lora(model: nn.Module, r: int, dropout: float = 0.05) -> None:
     """Wrap `model.language_model` with LoRA (rank r, alpha 2r) in place; the base LLM weights become frozen."""
-    if isinstance(model.language_model, PeftModel):
-        raise ValueError("language_model already carries LoRA adapters")
-    config = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=dropout, target_modules=llm_lora_targets(model.language_model),
-                        task_type="CAUSAL_LM")
-    model.language_model = get_peft_model(model.language_model, config)
-    if hasattr(model, "config"):
-        model.config.use_llm_lora = r
+    _wrap_lora(model, "language_model", "use_llm_lora", r, dropout, llm_lora_targets(model.language_model),
+               task_type="CAUSAL_LM")
 
 
 def wrap_backbone_lora(model: nn.Module, r: int, dropout: float = 0.05) -> None:
     """Wrap `model.vision_model` with LoRA (rank r, alpha 2r) on attn.qkv/attn.proj/mlp.fc1/mlp.fc2, in place."""
-    if isinstance(model.vision_model, PeftModel):
-        raise ValueError("vision_model already carries LoRA adapters")
-    config = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=dropout, target_modules=list(VIT_LORA_TARGETS))
-    model.vision_model = get_peft_model(model.vision_model, config)
+    _wrap_lora(model, "vision_model", "use_backbone_lora", r, dropout, list(VIT_LORA_TARGETS))
+
+
+def _wrap_lora(model: nn.Module, part: str, rank_field: str, r: int, dropout: float, targets: list[str],
+               **lora_kwargs: str) -> None:
+    """Wrap `model.<part>` with PEFT LoRA on `targets` in place and record the rank as `model.config.<rank_field>`."""
+    if isinstance(getattr(model, part), PeftModel):
+        raise ValueError(f"{part} already carries LoRA adapters")
+    config = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=dropout, target_modules=targets, **lora_kwargs)
+    setattr(model, part, get_peft_model(getattr(model, part), config))
     if hasattr(model, "config"):
-        model.config.use_backbone_lora = r
+        setattr(model.config, rank_field, r)
 
 
 def has_lora(model: nn.Module) -> bool:
@@ -124,6 +125,29 @@ def save_lora_run(model: nn.Module, output_dir: str | os.PathLike, state_dict: d
     return written
 
 
+def read_lora_info(run_dir: str | os.PathLike) -> tuple[Path, dict]:
+    """(path, content) of the run's `lora_run.json`; `FileNotFoundError` naming it when `run_dir` is no LoRA run."""
+    info_path = Path(run_dir) / LORA_INFO_FILENAME
+    if not info_path.is_file():
+        raise FileNotFoundError(f"{info_path}: not a LoRA run directory (missing {LORA_INFO_FILENAME})")
+    try:
+        return info_path, json.loads(info_path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise ValueError(f"{info_path}: not valid JSON ({exc})") from None
+
+
+def load_base(base_model: str | os.PathLike, dtype: torch.dtype, vocab: int) -> nn.Module:
+    """The base checkpoint of a LoRA run, its embeddings grown to `vocab` rows (the deterministic mean rows that
+    training added for new special tokens)."""
+    from internvl.model import InternVLChatModel
+    from internvl.tokenization import resize_embeddings_mean
+
+    model = InternVLChatModel.from_pretrained(str(base_model), dtype=dtype)
+    if model.get_input_embeddings().weight.shape[0] != vocab:
+        resize_embeddings_mean(model, vocab)
+    return model
+
+
 def load_lora_run(model: nn.Module, run_dir: str | os.PathLike, is_trainable: bool = False) -> None:
     """Attach the adapters of a saved LoRA run to an unwrapped `model` and load its other trained weights, in place.
 
@@ -134,10 +158,7 @@ def load_lora_run(model: nn.Module, run_dir: str | os.PathLike, is_trainable: bo
     Raises `FileNotFoundError`/`ValueError` naming the file when the run is incomplete or does not fit the model.
     """
     run = Path(run_dir)
-    info_path = run / LORA_INFO_FILENAME
-    if not info_path.is_file():
-        raise FileNotFoundError(f"{info_path}: not a LoRA run directory (missing {LORA_INFO_FILENAME})")
-    info = json.loads(info_path.read_text(encoding="utf-8"))
+    info_path, info = read_lora_info(run)
     spec = info.get(QUANT_INFO_KEY)
     if spec is not None and "language_model" in info["adapters"]:
         # trained on a 4-bit LLM: give the (unquantised) base the weights training saw, dequant(quant(W))
@@ -192,21 +213,15 @@ def merge_lora_run(run_dir: str | os.PathLike, output_dir: str | os.PathLike, ba
     After saving, the checkpoint is reloaded and must have no missing or unexpected keys (`ValueError` otherwise).
     """
     from internvl.model import InternVLChatModel
-    from internvl.tokenization import load_tokenizer, resize_embeddings_mean, save_tokenizer
+    from internvl.tokenization import load_tokenizer, save_tokenizer
 
     run = Path(run_dir)
-    info_path = run / LORA_INFO_FILENAME
-    if not info_path.is_file():
-        raise FileNotFoundError(f"{info_path}: not a LoRA run directory (missing {LORA_INFO_FILENAME})")
-    info = json.loads(info_path.read_text(encoding="utf-8"))
+    info_path, info = read_lora_info(run)
     base = base_model or info.get("base_model")
     if not base or not Path(base).is_dir():
         raise FileNotFoundError(f"{info_path}: base model directory {base!r} not found (pass --base_model)")
-    model = InternVLChatModel.from_pretrained(base, dtype=dtype)
-    tokenizer_source = run if (run / "tokenizer_config.json").is_file() else Path(base)
-    tokenizer = load_tokenizer(tokenizer_source)
-    if model.get_input_embeddings().weight.shape[0] != len(tokenizer):
-        resize_embeddings_mean(model, len(tokenizer))
+    tokenizer = load_tokenizer(run if (run / "tokenizer_config.json").is_file() else Path(base))
+    model = load_base(base, dtype, len(tokenizer))
     load_lora_run(model, run)
     merge_lora(model)
     out = Path(output_dir)

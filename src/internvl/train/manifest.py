@@ -41,6 +41,12 @@ def file_digest(path: str | os.PathLike) -> tuple[int, str]:
     return size, digest.hexdigest()
 
 
+def _entry(path: Path) -> dict[str, Any]:
+    """The manifest entry of one file: {"size": bytes, "sha256": hex}."""
+    size, sha = file_digest(path)
+    return {"size": size, "sha256": sha}
+
+
 def rank_of(relpath: str) -> int:
     """The data-parallel rank that writes (and verifies) a checkpoint file: rank-tagged names, else rank 0."""
     match = RANK_FILE_RE.search(Path(relpath).name)
@@ -72,11 +78,7 @@ def _atomic_json(path: Path, data: Any) -> None:
 def write_rank_manifest(checkpoint_dir: str | os.PathLike, rank: int = 0, world_size: int = 1) -> Path:
     """Hash the files of `checkpoint_dir` that belong to `rank` into `manifest.rank<rank>.json`; returns its path."""
     root = Path(checkpoint_dir)
-    entries = {}
-    for rel in _listed_files(root):
-        if rank_of(rel) % max(world_size, 1) == rank:
-            size, sha = file_digest(root / rel)
-            entries[rel] = {"size": size, "sha256": sha}
+    entries = {rel: _entry(root / rel) for rel in _listed_files(root) if rank_of(rel) % max(world_size, 1) == rank}
     path = root / f"manifest.rank{rank}.json"
     _atomic_json(path, entries)
     return path
@@ -90,10 +92,7 @@ def merge_manifests(checkpoint_dir: str | os.PathLike) -> Path:
     parts = sorted(p for p in root.iterdir() if _PART_RE.match(p.name) and p.suffix == ".json")
     for part in parts:
         files.update(json.loads(part.read_text(encoding="utf-8")))
-    for rel in _listed_files(root):
-        if rel not in files:
-            size, sha = file_digest(root / rel)
-            files[rel] = {"size": size, "sha256": sha}
+    files.update({rel: _entry(root / rel) for rel in _listed_files(root) if rel not in files})
     path = root / MANIFEST_NAME
     _atomic_json(path, {"version": MANIFEST_VERSION, "algorithm": "sha256", "files": files})
     for part in parts:

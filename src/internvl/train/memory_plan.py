@@ -22,7 +22,6 @@ import argparse
 import sys
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
 GiB = 1024**3
@@ -50,7 +49,7 @@ def count_params(preset: str, lora_rank: int, vocab: int | None = None, layers: 
     """Build `preset` on the meta device and count parameters; LoRA params are r x (in + out) per target Linear.
     `vocab` overrides the LLM vocabulary (training resizes it to the tokenizer); `layers` / `vit_layers` the depth of
     the LLM / ViT (shortened dry runs)."""
-    from internvl.model import InternVLChatModel, load_preset
+    from internvl.model import build_on_meta, count_parameters, load_preset
     from internvl.train.lora import llm_lora_targets
 
     config = load_preset(preset)
@@ -60,11 +59,8 @@ def count_params(preset: str, lora_rank: int, vocab: int | None = None, layers: 
         config.llm_config.num_hidden_layers = layers
     if vit_layers is not None:
         config.vision_config.num_hidden_layers = vit_layers
-    with torch.device("meta"):
-        model = InternVLChatModel(config)
-    vision = sum(p.numel() for p in model.vision_model.parameters())
-    mlp = sum(p.numel() for p in model.mlp1.parameters())
-    llm = sum(p.numel() for p in model.language_model.parameters())
+    model = build_on_meta(config)
+    parts = count_parameters(model)
     targets = llm_lora_targets(model.language_model)
     lora = 0
     for name, module in model.language_model.named_modules():
@@ -73,8 +69,8 @@ def count_params(preset: str, lora_rank: int, vocab: int | None = None, layers: 
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
     head = model.language_model.get_output_embeddings()
     linears = [m.weight.numel() for m in model.language_model.modules() if isinstance(m, nn.Linear) and m is not head]
-    return ParamCounts(vision=vision, mlp=mlp, llm=llm, lora_llm=lora, largest_layer=largest,
-                       llm_linear=sum(linears), largest_linear=max(linears, default=0)), config
+    return ParamCounts(vision=parts["vision_model"], mlp=parts["mlp1"], llm=parts["language_model"], lora_llm=lora,
+                       largest_layer=largest, llm_linear=sum(linears), largest_linear=max(linears, default=0)), config
 
 
 def activation_bytes(config, seq: int, micro_batch: int, train_vit: bool = False) -> dict[str, float]:

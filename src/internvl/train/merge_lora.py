@@ -14,7 +14,6 @@ next to it and renamed into place only when it loads cleanly, so a failed merge 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -27,20 +26,16 @@ enforce_offline()  # before peft is imported (bitsandbytes' CPU backend asks the
 from ..cli_support import run_cli  # noqa: E402
 from ..io_safety import check_output_dir, staged_output_dir  # noqa: E402
 from ..model import InternVLChatModel  # noqa: E402
-from ..tokenization import resize_embeddings_mean  # noqa: E402
-from .lora import LORA_INFO_FILENAME, load_lora_run, merge_lora_run  # noqa: E402
+from .lora import load_base, load_lora_run, merge_lora_run, read_lora_info  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def verify(run_dir: Path, merged_dir: Path, base_model: str | None, dtype: torch.dtype) -> float:
     """Max |logit difference| between base+adapters and the merged checkpoint on random token ids."""
-    base = base_model or json.loads((run_dir / "lora_run.json").read_text())["base_model"]
     merged = InternVLChatModel.from_pretrained(str(merged_dir), dtype=dtype).eval()
-    adapter = InternVLChatModel.from_pretrained(base, dtype=dtype).eval()
     vocab = merged.get_input_embeddings().weight.shape[0]
-    if adapter.get_input_embeddings().weight.shape[0] != vocab:
-        resize_embeddings_mean(adapter, vocab)
+    adapter = load_base(_base_of(run_dir, base_model), dtype, vocab).eval()
     load_lora_run(adapter, run_dir)
     ids = torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -50,13 +45,8 @@ def verify(run_dir: Path, merged_dir: Path, base_model: str | None, dtype: torch
 
 
 def _base_of(run_dir: Path, base_model: str | None) -> str | None:
-    """The base checkpoint the merge reads: --base_model, else the run's lora_run.json (None if unreadable)."""
-    if base_model:
-        return base_model
-    try:
-        return json.loads((run_dir / LORA_INFO_FILENAME).read_text(encoding="utf-8")).get("base_model")
-    except (OSError, ValueError, AttributeError):
-        return None
+    """The base checkpoint the merge reads: --base_model, else the run's lora_run.json (which must exist)."""
+    return base_model or read_lora_info(run_dir)[1].get("base_model")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,9 +64,6 @@ def _main(argv: list[str] | None) -> int:
     parser.add_argument("--verify", action="store_true", help="compare adapter vs merged logits (loads twice)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --output_dir")
     args = parser.parse_args(argv)
-    info = args.run_dir / LORA_INFO_FILENAME
-    if not info.is_file():
-        raise FileNotFoundError(f"{info}: not a LoRA run directory (missing {LORA_INFO_FILENAME})")
     base = _base_of(args.run_dir, args.base_model)
     check_output_dir(args.output_dir, inputs=[args.run_dir, base], overwrite=args.overwrite, what="--output_dir")
     with staged_output_dir(args.output_dir, overwrite=args.overwrite) as staging:

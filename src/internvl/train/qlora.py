@@ -1,14 +1,10 @@
 """QLoRA for InternVL-Chat / MedRegA: the LLM's linear layers in 4-bit NF4 (bitsandbytes), LoRA on top of them.
 
 What `medrega-train --load_in_4bit True --use_llm_lora 16` does (the one-GPU recipe, `MODE=qlora` of
-`src/shell/medrega_stage2.sh`):
-- the checkpoint is loaded through transformers' `BitsAndBytesConfig` (`qlora_config`): every `nn.Linear` of the
-  LLM becomes a `bitsandbytes.nn.Linear4bit` (NF4, double quantisation of the block scales, compute in the model
-  dtype); the ViT, the projector `mlp1` and the LM head are left out (`QLORA_SKIP_MODULES`) and stay in bf16;
-- `prepare_kbit_training` is PEFT's `prepare_model_for_kbit_training` minus its fp32 upcast (see there);
-- LoRA adapters (fp32, PEFT's default) go on the 4-bit linears; only they train.
-The adapters are merged later into the bf16 base *after* the base went through the same NF4 round trip
-(`dequantize_round_trip_`), so the merged checkpoint computes what the trained model computed.
+`src/shell/medrega_stage2.sh`): the checkpoint is loaded through transformers' `BitsAndBytesConfig` (`qlora_config`),
+every LLM `nn.Linear` but the LM head in NF4 (the ViT and the projector stay in bf16, `QLORA_SKIP_MODULES`), and only
+fp32 LoRA adapters on the 4-bit linears train. The merge folds them into a bf16 base that went through the same NF4
+round trip (`dequantize_round_trip_`), so the merged checkpoint computes what the trained model computed.
 
 bitsandbytes >= 0.48 runs NF4 on the CPU too (pure PyTorch fallback); `four_bit_unavailable` probes the device and
 gives the reason when it cannot, and the build then trains LoRA on the unquantised base and says so.
@@ -29,13 +25,11 @@ QLORA_SKIP_MODULES = ["vision_model", "mlp1", "lm_head"]
 #: Block size of bitsandbytes' 4-bit quantisation (its default, the one transformers uses).
 BLOCKSIZE = 64
 
-_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
-
 
 def quant_spec(quant_type: str, double_quant: bool, compute_dtype: torch.dtype) -> dict[str, Any]:
     """The JSON-able record of a 4-bit base (saved in `lora_run.json`, read back by the merge)."""
     return {"quant_type": quant_type, "double_quant": bool(double_quant), "blocksize": BLOCKSIZE,
-            "dtype": _DTYPE_NAMES[compute_dtype], "skip_modules": list(QLORA_SKIP_MODULES)}
+            "dtype": str(compute_dtype).removeprefix("torch."), "skip_modules": list(QLORA_SKIP_MODULES)}
 
 
 def qlora_config(spec: dict[str, Any]):
@@ -90,9 +84,7 @@ def quantize_linears_(module: nn.Module, spec: dict[str, Any], device: torch.dev
     targets = [(name, child) for name, child in module.named_modules() if type(child) is nn.Linear
                and not any(part in spec["skip_modules"] for part in name.split("."))]
     for name, child in targets:
-        parent_name, _, attr = name.rpartition(".")
-        parent = module.get_submodule(parent_name) if parent_name else module
-        setattr(parent, attr, quantize_linear(child, spec["quant_type"], spec["double_quant"], dtype, device))
+        module.set_submodule(name, quantize_linear(child, spec["quant_type"], spec["double_quant"], dtype, device))
     return len(targets)
 
 

@@ -20,6 +20,8 @@ from typing import Any
 
 import torch.distributed as dist
 
+from internvl.io_safety import atomic_write_text
+
 SKIP_REPORT_NAME = "skipped_records.json"
 MAX_LISTED = 1000  # build-time skips listed one by one in the report (all are counted)
 
@@ -81,8 +83,5 @@ class SkipReport:
     @staticmethod
     def write(report: dict[str, Any], output_dir: str | os.PathLike) -> Path:
         """Write `skipped_records.json` into the run directory (atomically); returns its path."""
-        path = Path(output_dir) / SKIP_REPORT_NAME
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-        return path
+        return atomic_write_text(Path(output_dir) / SKIP_REPORT_NAME,
+                                 json.dumps(report, indent=1, ensure_ascii=False) + "\n")

@@ -1,25 +1,18 @@
 """`MedRegTrainer`: transformers' Trainer with the pieces InternVL fine-tuning needs.
 
-- Loss: `internvl.ops.causal_lm_loss` (the model's loss too): next-token cross-entropy summed over supervised tokens
-  and divided by the number of supervised tokens of the whole optimizer step (`loss_items` summed over all
-  gradient-accumulation micro-batches and ranks), so every token weighs the same no matter how samples fall into
-  micro-batches. With packing, per-token `loss_weight` (token / sample / square) is used and the divisor is the summed
-  weight.
-- Checkpoints are written atomically (`internvl.train.checkpoint`): a staging folder renamed into place when done.
-- LoRA runs save PEFT adapters (+ other trained weights) instead of the full model.
-- Length-grouped sampling from the dataset's `lengths` (deterministic per epoch, so resume replays the same order).
-- Logs tokens/s and samples/s next to Trainer's loss, learning rate and grad norm.
-- Divergence guard (`internvl.train.guards`): the loss and the gradient norm are checked once per optimizer step;
-  a non-finite one stops the run naming the step and the batch's records (or skips the step, counted), and no
-  non-finite model is saved. Each checkpoint gets a manifest (`internvl.train.manifest`) hashed per rank.
-- Lenient runs count the records skipped while training (`internvl.train.skips`).
+- Loss: `internvl.ops.causal_lm_loss` (the model's loss too) divided by the supervised tokens (or summed packing
+  weights) of the whole optimizer step over all micro-batches and ranks, so every token weighs the same however
+  samples fall into micro-batches.
+- Atomic checkpoints with a per-rank manifest (`checkpoint`, `manifest`); LoRA runs save PEFT adapters (`lora`).
+- Length-grouped sampling, deterministic per epoch (resume replays the same order); tokens/s and samples/s logs.
+- Divergence guard (`guards`) and, in lenient runs, the count of records skipped while training (`skips`).
 """
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -128,8 +121,6 @@ class LogClockCallback(TrainerCallback):
         self.trainer._last_log_time = time.perf_counter()
 
 
-
-
 def _is_deepspeed_placeholder(optimizer: Any) -> bool:
     """accelerate's `DummyOptim` (DeepSpeed builds the real optimizer from its params). accelerate exports it only
     where DeepSpeed is installed, so without DeepSpeed nothing can be the placeholder."""
@@ -138,6 +129,7 @@ def _is_deepspeed_placeholder(optimizer: Any) -> bool:
     except ImportError:
         return False
     return isinstance(optimizer, DummyOptim)
+
 
 class GuardCallback(TrainerCallback):
     """Wraps the prepared optimizer's `step` so the divergence guard can skip a step (`--on_nonfinite skip`)."""
@@ -391,29 +383,18 @@ class MedRegTrainer(trainer_base()):
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if not has_lora(self.model):
             default(output_dir, state_dict=state_dict)
-            if self.args.should_save and self.processing_class is not None:
-                save_tokenizer(self.processing_class, output_dir)
-            return self._training_args_as_json(output_dir)
         if not self.args.should_save:
-            return None
-        os.makedirs(output_dir, exist_ok=True)
-        save_lora_run(self.model, output_dir, state_dict=state_dict, base_model=self.base_model)
-        if hasattr(self.model, "config"):
-            self.model.config.save_pretrained(output_dir)
+            return
+        if has_lora(self.model):
+            os.makedirs(output_dir, exist_ok=True)
+            save_lora_run(self.model, output_dir, state_dict=state_dict, base_model=self.base_model)
+            if hasattr(self.model, "config"):
+                self.model.config.save_pretrained(output_dir)
+        else:  # Trainer's pickled `training_args.bin` (read by nothing) becomes `training_args.json`
+            Path(output_dir, "training_args.bin").unlink(missing_ok=True)
+            Path(output_dir, "training_args.json").write_text(self.args.to_json_string(), encoding="utf-8")
         if self.processing_class is not None:
             save_tokenizer(self.processing_class, output_dir)
-        return None
-
-    def _training_args_as_json(self, output_dir: str) -> None:
-        """Replace Trainer's pickled `training_args.bin` (read by nothing) by `training_args.json`."""
-        if not self.args.should_save:
-            return None
-        pickled = os.path.join(output_dir, "training_args.bin")
-        if os.path.isfile(pickled):
-            os.remove(pickled)
-        with open(os.path.join(output_dir, "training_args.json"), "w", encoding="utf-8") as fh:
-            fh.write(self.args.to_json_string())
-        return None
 
     def load_checkpoint_weights(self, resume_from_checkpoint: str, model: nn.Module | None, default) -> None:
         """LoRA runs reload adapters + other trained weights; full runs use Trainer's safetensors loading."""
@@ -435,8 +416,3 @@ class MedRegTrainer(trainer_base()):
             load_original_keys(model, load_file(extra), source=extra)
         return None
 
-
-def steps_for(dataset_len: int, batch: int, grad_acc: int, world: int, epochs: float) -> int:
-    """Optimizer steps of a run (for docs/tests): ceil(len / (batch * world)) // grad_acc * epochs."""
-    per_epoch = max(math.ceil(dataset_len / (batch * world)) // grad_acc, 1)
-    return int(per_epoch * epochs)
