@@ -159,7 +159,7 @@ def test_recipe_new_engines_on_cpu_losses_equal_plain(tmp_path, precision):
 
 def test_recipe_profile_writes_the_first_timed_steps_top_kernels(tmp_path):
     """`profile=True` leaves one table per case with the profiled step's operators (the CPU run profiles CPU time)."""
-    from lab.bench.recipe import recipe_config, run_recipe_case, RecipeCase
+    from lab.bench.recipe import RecipeCase, recipe_config, run_recipe_case
 
     out = tmp_path / "runs"
     out.mkdir()

@@ -13,7 +13,12 @@ import pytest
 import torch
 
 from internvl.demo.uploads import load_upload
-from internvl.inference import GenerationRequest, GenerationSettings, Generator, load_model_and_tokenizer
+from internvl.inference import (
+    GenerationRequest,
+    GenerationSettings,
+    Generator,
+    load_model_and_tokenizer,
+)
 from internvl.regions import parse_regions
 
 ROOT = Path(__file__).resolve().parents[2]
