@@ -41,3 +41,8 @@ BOX_SCALE: int = 999
 # Default tile size and image tokens per tile for InternVL-Chat-V1.2 / MedRegA: (448 / 14)^2 * 0.5^2 = 256.
 DEFAULT_IMAGE_SIZE: int = 448
 DEFAULT_NUM_IMAGE_TOKEN: int = 256
+
+#: Modules that keep their dtype when the language model is quantised (8/4-bit loading, weight-only int8, QLoRA):
+#: the vision tower, the projector and the LM head. Matched as transformers matches `llm_int8_skip_modules`
+#: (`internvl.ops.int8_weights.in_skip_modules`).
+SKIP_QUANT_MODULES: tuple[str, ...] = ("vision_model", "mlp1", "lm_head")

@@ -22,10 +22,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..constants import SKIP_QUANT_MODULES
 from .configuration_internvl_chat import InternVLChatConfig
 from .modeling_internvl_chat import InternVLChatModel
 
-DEFAULT_SKIP_QUANT_MODULES: tuple[str, ...] = ("vision_model", "mlp1", "lm_head")
+DEFAULT_SKIP_QUANT_MODULES: tuple[str, ...] = SKIP_QUANT_MODULES
 
 
 class CheckpointError(ValueError):

@@ -20,6 +20,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from ..constants import SKIP_QUANT_MODULES
+
 # decode_kernels registers the internvl::gemv_int8 op that `int8_linear` calls (it imports Triton where installed)
 from .decode_kernels import dequantize_int8_rows
 
@@ -85,22 +87,26 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
-def _skipped(name: str, skip: Sequence[str]) -> bool:
+def in_skip_modules(name: str, skip: Sequence[str]) -> bool:
+    """Whether module `name` (dotted) lies in one of `skip`: an entry equal to the whole name or to a run of its
+    dotted components (`"lm_head"` skips `"language_model.lm_head"`), the way transformers reads
+    `llm_int8_skip_modules`."""
     return any(name == s or name.startswith(s + ".") or name.endswith("." + s) or f".{s}." in name for s in skip)
 
 
 @torch.no_grad()
-def quantize_int8_weights_(model: nn.Module, skip_modules: Sequence[str] = ("vision_model", "mlp1", "lm_head"),
+def quantize_int8_weights_(model: nn.Module, skip_modules: Sequence[str] = SKIP_QUANT_MODULES,
                            device: torch.device | str | None = None) -> int:
     """Replace every plain `nn.Linear` of `model` outside `skip_modules` by an `Int8Linear`, one at a time (each
     quantised on `device`, default where it lies; the bf16 weight is dropped as soon as it is replaced, so moving a
     CPU-loaded model to the GPU this way never holds more than one bf16 linear there). Returns how many were
-    replaced. The default skips are the loader's (`DEFAULT_SKIP_QUANT_MODULES`): ViT, projector and LM head stay."""
+    replaced. The default skips (`internvl.constants.SKIP_QUANT_MODULES`): ViT, projector and LM head stay."""
     targets = [name for name, module in model.named_modules()
-               if type(module) is nn.Linear and not _skipped(name, skip_modules)]
+               if type(module) is nn.Linear and not in_skip_modules(name, skip_modules)]
     for name in targets:
         model.set_submodule(name, Int8Linear.from_linear(model.get_submodule(name), device))
     return len(targets)
 
 
-__all__ = ["Int8Linear", "dequantize_int8_rows", "int8_linear", "quantize_int8_weights_", "quantize_rows"]
+__all__ = ["Int8Linear", "dequantize_int8_rows", "in_skip_modules", "int8_linear", "quantize_int8_weights_",
+           "quantize_rows"]

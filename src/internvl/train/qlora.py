@@ -17,11 +17,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from internvl.constants import SKIP_QUANT_MODULES
+from internvl.ops.int8_weights import in_skip_modules
+
 logger = logging.getLogger(__name__)
 
 #: Modules that keep their dtype under 4-bit loading: the vision tower, the projector and the LM head (as in QLoRA:
-#: the output layer stays in 16 bit). Names as transformers' `llm_int8_skip_modules` matches them.
-QLORA_SKIP_MODULES = ["vision_model", "mlp1", "lm_head"]
+#: the output layer stays in 16 bit); the loader's list, matched by `in_skip_modules` as transformers matches it.
+QLORA_SKIP_MODULES = list(SKIP_QUANT_MODULES)
 #: Block size of bitsandbytes' 4-bit quantisation (its default, the one transformers uses).
 BLOCKSIZE = 64
 
@@ -82,7 +85,7 @@ def quantize_linears_(module: nn.Module, spec: dict[str, Any], device: torch.dev
     Used where transformers' loader cannot be (a model materialised layer by layer on the GPU). Returns the count."""
     dtype = getattr(torch, spec["dtype"])
     targets = [(name, child) for name, child in module.named_modules() if type(child) is nn.Linear
-               and not any(part in spec["skip_modules"] for part in name.split("."))]
+               and not in_skip_modules(name, spec["skip_modules"])]
     for name, child in targets:
         module.set_submodule(name, quantize_linear(child, spec["quant_type"], spec["double_quant"], dtype, device))
     return len(targets)
@@ -125,8 +128,8 @@ def dequantize_round_trip_(language_model: nn.Module, spec: dict[str, Any]) -> i
     dtype = getattr(torch, spec["dtype"])
     count = 0
     for name, module in language_model.named_modules():
-        parts = name.split(".")
-        if type(module) is not nn.Linear or any(p in spec["skip_modules"] or p.startswith("lora_") for p in parts):
+        lora_part = any(p.startswith("lora_") for p in name.split("."))
+        if type(module) is not nn.Linear or lora_part or in_skip_modules(name, spec["skip_modules"]):
             continue
         weight = module.weight.data
         packed, state = bnbf.quantize_4bit(weight.to(dtype), blocksize=spec["blocksize"],
