@@ -1,8 +1,8 @@
 """Render the README's figure of the bundled model's answers (``asset/figures/demo_examples.png``).
 
-Each panel is one demo turn (``internvl.demo.app.ask``, the code path of the web page) on a bundled example: the
-annotated image the page shows, the question, and the answer as the page renders it (region names with their box
-numbers). Run it after retraining the bundled model so the figure shows the model that ships:
+Each panel is one demo turn (``internvl.demo.app.ask``, the code path of the web page) on a bundled example of a
+region task (``asset/examples/examples.json``), plus one question typed without a task prompt: the annotated image,
+the example's title or the question, and the answer with its region tags removed. Run it after retraining the bundled model so the figure shows the model that ships:
 
     python3 -m scripts.render_demo_figure --out asset/figures/demo_examples.png
 
@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import argparse
 import textwrap
-from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from internvl.demo.app import DemoEngine, Session, ask
+from internvl.demo.app import DemoEngine, Example, Session, ask, load_examples
 from internvl.demo.drawing import draw_regions, label_font
 from internvl.demo.uploads import load_upload
 from internvl.inference import GenerationSettings, load_model_and_tokenizer
@@ -28,53 +27,30 @@ ROOT = Path(__file__).resolve().parents[1]
 PANEL = 384  # px, the side every annotated image is fitted into
 
 
-@dataclass(frozen=True)
-class Panel:
-    """One demo turn of the figure: an example image and the task inputs typed in the page."""
-
-    file: str
-    task: str
-    lang: str
-    caption: str
-    objects: str = ""
-    question: str = ""  # task "free": the text typed, sent without a task prompt
-    box_text: str = ""
-    modality: str = ""
+#: the figure's one free-form turn: typed without a task prompt, the way the README snippet and ``--batch`` send it
+FREE_FORM = ("brain_mri_axial_096.jpg", "Could you show me where the right frontal lobe is?")
 
 
-PANELS = (
-    Panel("brain_mri_axial_096.jpg", "text_to_region", "en", "Text-to-Region (EN): left frontal lobe",
-          objects="left frontal lobe", modality="MRI"),
-    Panel("head_ct_axial_060.jpg", "text_to_region", "en", "Text-to-Region (EN): bone, brain",
-          objects="bone, brain", modality="CT"),
-    Panel("brain_mri_axial_096.jpg", "free", "en", "Typed without a task prompt (EN)",
-          question="Could you show me where the right frontal lobe is?"),
-    Panel("brain_mri_coronal_100.jpg", "region_to_text", "zh", "Region-to-Text (ZH): box 618, 502, 905, 773",
-          box_text="618, 502, 905, 773", modality="磁共振"),
-)
+def figure_examples(examples: Path) -> list[Example]:
+    """The bundled examples (``examples.json``) of the region tasks, whose answers draw boxes."""
+    return [ex for ex in load_examples(examples) if ex.task in ("text_to_region", "region_to_text")]
 
 
-def answer_text(answer: str) -> str:
-    """The answer as a reader sees it on the page: tags removed, boxes kept in brackets."""
-    return remove_region_tags(answer)
+def render_example(engine: DemoEngine, ex: Example) -> tuple[Image.Image, str]:
+    """(annotated image, caption) of one bundled example asked through the page's own `ask`."""
+    session = Session(image=load_upload(ex.path).image, name=ex.path.name)
+    annotated, _, _ = ask(engine, session, task=ex.task, lang=ex.lang, question=ex.question, objects=ex.objects,
+                          box_text=ex.box, options=ex.options, modality=ex.modality)
+    return annotated, f"{ex.title}\nA: {remove_region_tags(session.history[-1][1])}"
 
 
-def render_panel(engine: DemoEngine, panel: Panel, examples: Path) -> tuple[Image.Image, str]:
-    """(annotated image fitted into PANEL px, caption text) of one turn: a demo task through the page's `ask`, or
-    (task "free") the user's text sent as is, the way the README's Python snippet and ``--batch`` send it."""
-    image = load_upload(examples / panel.file).image
-    if panel.task == "free":
-        answer, _, _ = engine.answer(image, panel.question, [])
-        annotated, _ = draw_regions(image, [r for r in parse_regions(answer, strict=False) if r.boxes])
-        caption = f"{panel.caption}\nQ: {panel.question}"
-    else:
-        session = Session(image=image, name=panel.file)
-        annotated, _, _ = ask(engine, session, task=panel.task, lang=panel.lang, objects=panel.objects,
-                              box_text=panel.box_text, modality=panel.modality)
-        answer = session.history[-1][1]
-        caption = panel.caption
-    annotated.thumbnail((PANEL, PANEL))
-    return annotated, f"{caption}\nA: {answer_text(answer)}"
+def render_free_form(engine: DemoEngine, examples: Path) -> tuple[Image.Image, str]:
+    """(annotated image, caption) of the free-form turn (`FREE_FORM`), its boxes drawn as the page draws them."""
+    file, question = FREE_FORM
+    image = load_upload(examples / file).image
+    answer, _, _ = engine.answer(image, question, [])
+    annotated, _ = draw_regions(image, [r for r in parse_regions(answer, strict=False) if r.boxes])
+    return annotated, f"Typed without a task prompt (EN)\nQ: {question}\nA: {remove_region_tags(answer)}"
 
 
 def compose(panels: list[tuple[Image.Image, str]], width_chars: int = 52) -> Image.Image:
@@ -105,7 +81,10 @@ def main(argv: list[str] | None = None) -> None:
     enforce_offline()
     model, tokenizer = load_model_and_tokenizer(args.model, dtype="float32")
     engine = DemoEngine(model.eval(), tokenizer, GenerationSettings(max_new_tokens=96))
-    panels = [render_panel(engine, panel, Path(args.examples)) for panel in PANELS]
+    examples = Path(args.examples)
+    panels = [render_example(engine, ex) for ex in figure_examples(examples)] + [render_free_form(engine, examples)]
+    for image, _ in panels:
+        image.thumbnail((PANEL, PANEL))
     for _, caption in panels:
         print(caption.replace("\n", " | "))
     compose(panels).save(args.out)
