@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 from torch.distributed.tensor import DTensor
+from torch.profiler import ProfilerActivity, profile, record_function
 from transformers import TrainerCallback
 
 from internvl.model import load_preset
@@ -37,6 +38,7 @@ from internvl.model import load_preset
 from .batches import fixed_batch
 from .flops import H100_H200_BF16_PEAK, lora_params, mfu, recipe_step_flops, shape_of
 from .runtime import Deadline, free
+from .train_profile import STEP_MARKER, trace_result
 
 ROOT = Path(__file__).resolve().parents[2]
 logger = logging.getLogger(__name__)
@@ -160,27 +162,33 @@ class StepClock(TrainerCallback):
 
 
 class StepProfile(TrainerCallback):
-    """torch.profiler over the first timed optimizer step (after `warmup`); the top kernels by device time go to
-    `path` as a table (what the step's time is made of: matmuls, attention, gathers, elementwise, optimizer)."""
+    """torch.profiler over the first timed optimizer step (after `warmup`), reduced as the lab's full-step profiles
+    are (`train_profile.trace_result`: wall, GPU busy and idle, busy split by kernel kind, top kernels) into the
+    report at `path`: what the step's time is made of."""
 
     def __init__(self, warmup: int, path: Path) -> None:
-        self.warmup, self.path, self.prof = warmup, path, None
+        self.warmup, self.path = warmup, path
+        self.prof = self.marker = None
+        self.t0 = 0.0
 
     def on_step_begin(self, args, state, control, **kwargs):
         if state.global_step == self.warmup and self.prof is None:
-            activities = [torch.profiler.ProfilerActivity.CPU]
-            if torch.cuda.is_available():
-                activities.append(torch.profiler.ProfilerActivity.CUDA)
-            self.prof = torch.profiler.profile(activities=activities)
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+            self.prof = profile(activities=activities)
             self.prof.__enter__()
+            self.marker = record_function(f"{STEP_MARKER}#0")
+            self.marker.__enter__()
+            self.t0 = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.prof is not None and state.global_step == self.warmup + 1:
+        if self.marker is not None and state.global_step == self.warmup + 1:
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
+            self.marker.__exit__(None, None, None)
+            seconds = time.perf_counter() - self.t0
             self.prof.__exit__(None, None, None)
-            sort = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
-            self.path.write_text(self.prof.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=70))
+            self.marker = None
+            trace_result(self.prof, 1, seconds, args.device, self.path)
 
 
 @dataclass

@@ -254,6 +254,15 @@ def profile_full_step(model: torch.nn.Module, loss_fn: Callable, batches: Sequen
                 losses.append(step(warmup + i))
                 sync()
         host_seconds = time.perf_counter() - t0
+    result = {**trace_result(prof, steps, host_seconds, first.device, path, top=top, cpu_rows=cpu_rows),
+              "loss_last": float(losses[-1])}
+    return result
+
+
+def trace_result(prof: Any, steps: int, host_seconds: float, device: torch.device | str, path: str | Path, *,
+                 top: int = 25, cpu_rows: int = 20) -> dict:
+    """The result dict of `profile_full_step` (without the loss) from a finished profiler holding `steps` ranges
+    f"{STEP_MARKER}#i"; the readable report (`report_text` + the CPU op table) is written to `path`."""
     per_step, top_rows, has_device = reduce_trace(prof.events(), steps, top=top)
     averages = prof.key_averages()
     # host time spent in ops and runtime calls (all threads), without the step markers and the waits of synchronize
@@ -262,14 +271,13 @@ def profile_full_step(model: torch.nn.Module, loss_fn: Callable, batches: Sequen
                       and str(getattr(e, "device_type", "CPU")).endswith("CPU"))
     result = {
         "steps": steps,
-        "device": str(first.device),
+        "device": str(device),
         "device_events": has_device,
         "host_ms_per_step": host_seconds / steps * 1e3,
         "per_step": per_step,
         "mean": _mean_breakdown(per_step),
         "top_kernels": top_rows,
         "cpu_self_ms_per_step": cpu_self_us / 1e3 / steps,
-        "loss_last": float(losses[-1]),
     }
     cpu_table = averages.table(sort_by="self_cpu_time_total", row_limit=cpu_rows, max_name_column_width=60)
     Path(path).write_text(report_text(result) + "\n\n== CPU ops (self CPU time, all profiled steps) ==\n" + cpu_table)
