@@ -487,6 +487,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "shape (int8 = LLM.int8 through bitsandbytes, one GPU; int8wo = our weight-only int8, built layer "
                    "by layer, decoded by our int8 GEMV)")
     p.add_argument("--real-devices", type=int, default=1, help="GPUs the 40B shape is sharded over (device_map)")
+    p.add_argument("--real-profile", action="store_true", help="profile one warm batch-1 call of each real-shape "
+                   "case after its timing (top CUDA kernels to OUT/profile_real*.txt)")
     p.add_argument("--real-quant-new-tokens", type=int, default=32, help="new tokens per call for the int8 shape")
     p.add_argument("--recipe-models", default="mid,yi", help="recipe section: presets and/or yi (Yi-34B-shaped LLM)")
     p.add_argument("--recipe-layers", type=int, default=None, help="LLM layers of the recipe models (yi: default 4)")
@@ -574,7 +576,8 @@ def main(argv: list[str] | None = None) -> int:
                                   quantize=None if quant == "bf16" else quant, devices=args.real_devices,
                                   device=args.device, dtype=args.dtype,
                                   preset="medrega" if args.device == "cuda" else args.preset,  # CPU: smoke test
-                                  copy_bytes_per_s=res["device"]["copy_bytes_per_s"])
+                                  copy_bytes_per_s=res["device"]["copy_bytes_per_s"],
+                                  profile_path=Path(args.out, f"profile_{key}.txt") if args.real_profile else None)
         else:
             p.error(f"unknown section {name!r}")
         res.setdefault("section_seconds", {})[name] = time.perf_counter() - t0

@@ -8,7 +8,17 @@ import torch
 
 from internvl.model import load_preset
 from internvl.model.fast_generate import sdpa_gqa_decode_attention
-from internvl.ops.decode_kernels import describe_tuning, gemv, gqa_decode_attention, reference_gqa_decode_attention
+from internvl.ops.decode_kernels import (
+    INT8_CONVERSIONS,
+    _launch_gemv,
+    _tuned_gemv_config,
+    describe_tuning,
+    gemv,
+    gemv_int8,
+    gqa_decode_attention,
+    reference_gqa_decode_attention,
+)
+from internvl.ops.int8_weights import dequantize_int8_rows, quantize_rows
 
 
 def _bench_us(fn) -> float:
@@ -29,9 +39,31 @@ def layer_products(llm_config) -> dict[str, tuple[int, int]]:
             "lm_head": (llm_config.vocab_size, h)}
 
 
-def gemv_rows(llm_config, device: str = "cuda") -> list[dict]:
+def int8_gemv_cells(x: torch.Tensor, w: torch.Tensor) -> dict:
+    """The weight-only int8 cells of one product (`w` quantised per row): us and TB/s (int8 bytes + row scales) of
+    the tuned `gemv_int8`, its tuned configuration, the same block configuration timed with each int8 -> fp32
+    conversion, and the max relative error against the fp32 product over the dequantised weight."""
+    q, scale = quantize_rows(w)
+    ref = torch.nn.functional.linear(x.float(), dequantize_int8_rows(q, scale, torch.float32))
+    y = gemv_int8(x, q, scale, None)  # tunes this shape
+    n, k = q.shape
+    bytes_read = n * k + 4 * n
+    config = _tuned_gemv_config(x.reshape(-1), q, None, y.reshape(-1), scale)
+    cells = {"int8_MB": bytes_read / 1e6, "int8_config": "/".join(map(str, config)),
+             "int8_max_rel_err": float(((y.float() - ref).abs().max() / ref.abs().max()).item())}
+    us = _bench_us(lambda: gemv_int8(x, q, scale, None))
+    cells.update(int8_us=us, int8_TBps=bytes_read / us / 1e6)
+    out = torch.empty(n, dtype=x.dtype, device=x.device)
+    for conversion in INT8_CONVERSIONS:
+        block = (*config[:3], conversion)
+        cells[f"int8_{conversion}_us"] = _bench_us(lambda c=block: _launch_gemv(x.reshape(-1), q, None, out, c, scale))
+    return cells
+
+
+def gemv_rows(llm_config, device: str = "cuda", *, int8: bool = True) -> list[dict]:
     """One row per product: us and TB/s of ours (tuned), cuBLAS (`F.linear`) and inductor (coordinate-descent tuned
-    `F.linear`, which it rewrites to a reduction at one row), and ours' max relative error against fp32."""
+    `F.linear`, which it rewrites to a reduction at one row), and ours' max relative error against fp32; with
+    `int8`, also the weight-only int8 GEMV on the same weight quantised (`int8_gemv_cells`)."""
     rows = []
     for name, (n, k) in layer_products(llm_config).items():
         # one compiled function per shape (a shared one would hit dynamo's recompile limit and fall back to eager)
@@ -55,6 +87,8 @@ def gemv_rows(llm_config, device: str = "cuda") -> list[dict]:
                 row[f"{label}_TBps"] = bytes_read / us / 1e6
             except Exception as exc:  # noqa: BLE001 - one backend failing must not lose the others
                 row[f"{label}_error"] = repr(exc)[:200]
+        if int8:
+            row.update(int8_gemv_cells(x, w))
         rows.append(row)
     rows.append({"product": "tuned configs", "configs": describe_tuning()})
     return rows
@@ -112,6 +146,10 @@ def kernel_lines(res: dict) -> list[str]:
                 else:
                     cells.append(f"{label} ERROR")
             cells.append(f"err {r['ours_max_rel_err']:.1e}")
+            if "int8_us" in r:
+                cells.append(f"| int8 {r['int8_us']:7.2f} us {r['int8_TBps']:4.2f} TB/s ({r['int8_config']}; "
+                             + ", ".join(f"{c} {r[f'int8_{c}_us']:.2f} us" for c in INT8_CONVERSIONS)
+                             + f") err {r['int8_max_rel_err']:.1e}")
             out.append("  ".join(cells))
         for r in block.get("attention", []):
             ours, sdpa = r.get("ours_us"), r.get("sdpa_us")

@@ -19,7 +19,7 @@ from internvl.tokenization import load_tokenizer, train_sentencepiece_tokenizer
 
 from .build import build_ours, build_ours_sharded, randomize_, shard_device_map
 from .flops import decode_weight_bytes
-from .gen_bench import _timed
+from .gen_bench import _timed, profile_replays
 from .runtime import free
 
 QUESTIONS = [
@@ -106,7 +106,8 @@ def build_int8wo(config, *, device: str | torch.device, dtype: torch.dtype = tor
 
 def run_real_shape(*, batches=(1, 8), new_tokens: int = 128, device: str = "cuda", preset: str = "medrega",
                    dtype: torch.dtype = torch.bfloat16, decode_backend: str | None = None,
-                   quantize: str | None = None, devices: int = 1, copy_bytes_per_s: float | None = None) -> dict:
+                   quantize: str | None = None, devices: int = 1, copy_bytes_per_s: float | None = None,
+                   profile_path: str | Path | None = None) -> dict:
     """Build `preset` (default: the real MedRegA shape) on `device` and time batch_chat at each batch size.
 
     `decode_backend` is the dynamo backend of the fast decode step (None: static cache with an eager step and no
@@ -117,7 +118,9 @@ def run_real_shape(*, batches=(1, 8), new_tokens: int = 128, device: str = "cuda
     model's linears in weight-only int8 layer by layer (`build_int8wo`; decoded by our int8 GEMV in the packed,
     graph-captured step with `decode_backend`). `devices` > 1 shards the model over that many GPUs with a balanced
     `device_map` (each layer built on its own GPU) and reports the peak memory of each. With `copy_bytes_per_s` (the
-    device's measured copy bandwidth) each case also gets the weight-bytes floor of a batch-1 step and its fraction."""
+    device's measured copy bandwidth) each case also gets the weight-bytes floor of a batch-1 step and its fraction.
+    With `profile_path` (CUDA), one warm batch-1 call is profiled after the timed ones (torch.profiler's top kernels,
+    written there; the first lines also go into the result)."""
     if quantize not in (None, "int8", "int8wo"):
         raise ValueError(f"quantize must be None, 'int8' or 'int8wo', got {quantize!r}")
     if quantize == "int8wo" and devices > 1:
@@ -192,6 +195,8 @@ def run_real_shape(*, batches=(1, 8), new_tokens: int = 128, device: str = "cuda
         if floor_ms and batch == 1:
             step = out["cases"][-1]["decode_ms_per_step"]
             out["cases"][-1].update(floor_ms=floor_ms, floor_fraction=floor_ms / step)
+        if profile_path and cuda and batch == 1:
+            out["profile_top"] = profile_replays(call, new_tokens, str(profile_path))
     out["gemv_tuning"] = describe_tuning()  # the GEMV block configurations the decode step's shapes got
     model = call = None  # drop the 40B weights before anything else runs: the compiled decode step's caches and the
     free(reset_compiled=True)  # CUDA graphs also reference the model, so dynamo is reset too
