@@ -62,14 +62,9 @@ if triton is not None:
 
     @triton.jit
     def _gemv_kernel(x_ptr, w_ptr, b_ptr, s_ptr, y_ptr, N, stride_wn, K: tl.constexpr,
-                     HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     MAGIC_CVT: tl.constexpr = False):
+                     HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         # HAS_SCALE: int8 weights with one fp32 scale per row (weight-only int8), applied once after the sum
         # K is a compile-time constant: the loop is fully specialised per weight shape (a handful per model)
-        # MAGIC_CVT (int8 weights): int8 -> fp32 without the int-to-float conversion unit, whose throughput (16 per
-        # SM and clock on Hopper) is near one weight byte per clock at the copy bandwidth: w + 128 is written into
-        # the mantissa of 2^23 (an integer add on the sign-extended byte, then a bitcast), and 2^23 + 128 is
-        # subtracted in fp32, which is exact for every int8 value
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
@@ -79,8 +74,6 @@ if triton is not None:
             x = tl.load(x_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
             w = tl.load(w_ptr + rows[:, None] * stride_wn + cols[None, :],
                         mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-            if MAGIC_CVT:
-                w = (w.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
             acc += w.to(tl.float32) * x[None, :]
         y = tl.sum(acc, axis=1)
         if HAS_SCALE:
@@ -98,33 +91,22 @@ GEMV_CONFIGS: tuple[tuple[int, int, int], ...] = (
 #: int8 weights carry half the bytes per element: the same bytes per load need twice the columns, so their tuning
 #: also tries these wider blocks.
 GEMV_INT8_EXTRA_CONFIGS: tuple[tuple[int, int, int], ...] = ((2, 2048, 8), (4, 2048, 8), (1, 4096, 8))
-#: the int8 -> fp32 conversions the int8 tuning tries with every block configuration (the kernel's MAGIC_CVT).
-INT8_CONVERSIONS: tuple[str, ...] = ("cvt", "magic")
-_gemv_best: dict[tuple, tuple] = {}
+_gemv_best: dict[tuple, tuple[int, int, int]] = {}
 
 
 def _launch_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
-                 config: tuple, scale: torch.Tensor | None = None) -> None:
-    """One launch of the GEMV kernel with `config` = (BLOCK_N, BLOCK_K, num_warps[, int8 conversion])."""
-    block_n, block_k, warps, *conversion = config
+                 config: tuple[int, int, int], scale: torch.Tensor | None = None) -> None:
+    block_n, block_k, warps = config
     n, k = weight.shape
     grid = (triton.cdiv(n, block_n),)
     _gemv_kernel[grid](x, weight, bias if bias is not None else weight, scale if scale is not None else weight, out,
                        n, weight.stride(0), K=k, HAS_BIAS=bias is not None, HAS_SCALE=scale is not None,
-                       BLOCK_N=block_n, BLOCK_K=block_k, MAGIC_CVT=conversion == ["magic"], num_warps=warps)
-
-
-def gemv_candidates(dtype: torch.dtype) -> tuple[tuple, ...]:
-    """The launch configurations the tuning measures for weights of `dtype`."""
-    if dtype != torch.int8:
-        return GEMV_CONFIGS
-    return tuple((*cfg, conversion) for cfg in GEMV_CONFIGS + GEMV_INT8_EXTRA_CONFIGS for conversion in INT8_CONVERSIONS)
+                       BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
 
 
 def _tuned_gemv_config(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                       out: torch.Tensor, scale: torch.Tensor | None = None) -> tuple:
-    """The fastest GEMV_CONFIGS entry for this shape (for int8 weights: also the extra configs, each with every
-    INT8_CONVERSIONS entry), measured once (cold L2) outside graph capture."""
+                       out: torch.Tensor, scale: torch.Tensor | None = None) -> tuple[int, int, int]:
+    """The fastest GEMV_CONFIGS entry for this shape, measured once (cold L2) outside graph capture."""
     key = (tuple(weight.shape), weight.stride(0), weight.dtype, x.dtype, bias is not None, weight.device)
     best = _gemv_best.get(key)
     if best is not None:
@@ -134,7 +116,7 @@ def _tuned_gemv_config(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     from triton.testing import do_bench
 
     times = {}
-    for cfg in gemv_candidates(weight.dtype):
+    for cfg in GEMV_CONFIGS + (GEMV_INT8_EXTRA_CONFIGS if weight.dtype == torch.int8 else ()):
         if cfg[0] > weight.shape[0] * 2 or cfg[1] > max(triton.next_power_of_2(weight.shape[1]), 128):
             continue  # blocks much larger than the matrix
         times[cfg] = do_bench(lambda c=cfg: _launch_gemv(x, weight, bias, out, c, scale), warmup=5, rep=20)
@@ -339,12 +321,11 @@ def _gqa_decode_attention_fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 
 
 def describe_tuning() -> dict[str, str]:
-    """The GEMV configurations chosen so far (for the benchmark's JSON): "NxK dtype" ->
-    "BLOCK_N/BLOCK_K/warps[/int8 conversion]"."""
+    """The GEMV configurations chosen so far (for the benchmark's JSON): "NxK dtype" -> "BLOCK_N/BLOCK_K/warps"."""
     return {f"{key[0][0]}x{key[0][1]} {str(key[2]).removeprefix('torch.')}": "/".join(map(str, cfg))
             for key, cfg in _gemv_best.items()}
 
 
-__all__ = ["GEMV_CONFIGS", "GEMV_INT8_EXTRA_CONFIGS", "INT8_CONVERSIONS", "attention_kernel_supported", "dequantize_int8_rows",
-           "describe_tuning", "gemv", "gemv_candidates", "gemv_int8", "gqa_decode_attention", "reference_gqa_decode_attention",
+__all__ = ["GEMV_CONFIGS", "GEMV_INT8_EXTRA_CONFIGS", "attention_kernel_supported", "dequantize_int8_rows",
+           "describe_tuning", "gemv", "gemv_int8", "gqa_decode_attention", "reference_gqa_decode_attention",
            "triton_ready"]
