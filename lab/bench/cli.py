@@ -424,7 +424,8 @@ def fmt_table(res: dict) -> str:
             continue
         lines.append(f"\n== real MedRegA shape ({real['params'] / 1e9:.2f}B params, {real.get('quantize', 'bf16')}, "
                      f"weights {real.get('weights_gib', float('nan')):.1f} GiB, 1 GPU; built in "
-                     f"{real['build_s']:.1f}s; {real.get('path', '')}; decode backend {real.get('decode_backend')}) ==")
+                     f"{real['build_s']:.1f}s; {real.get('path', '')}; decode backend {real.get('decode_backend')}, "
+                     f"compile scope {real.get('compile_scope', 'auto')}) ==")
         for c in real["cases"]:
             lines.append(f"batch_chat batch {c['batch']}: {c['tokens_per_s']:.1f} tok/s, TTFT {c['ttft_ms']:.0f} ms, "
                          f"{c['decode_ms_per_step']:.1f} ms/step, peak "
@@ -481,8 +482,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dynamo backend of our decode step (none: plain eager, CPU smoke tests)")
     p.add_argument("--real-batches", default="1,8")
     p.add_argument("--real-new-tokens", type=int, default=128)
-    p.add_argument("--real-decode-backend", default="none", choices=["inductor", "eager", "none"],
+    p.add_argument("--real-decode-backend", default="none", choices=["auto", "inductor", "eager", "none"],
                    help="decode backend for the 40B shape (none: static cache, eager step; weight-bound anyway)")
+    p.add_argument("--real-compile-scope", default="auto", choices=["auto", "step", "layer"],
+                   help="DecodeConfig.compile_scope of the real-shape cases (auto: one compiled layer above 5B)")
     p.add_argument("--real-quant", default="bf16", help="comma list of bf16,int8,int8wo: weight formats of the 40B "
                    "shape (int8 = LLM.int8 through bitsandbytes, one GPU; int8wo = our weight-only int8, built layer "
                    "by layer, decoded by our int8 GEMV)")
@@ -573,6 +576,7 @@ def main(argv: list[str] | None = None) -> int:
                 res[key] = _guard(res, key, run_real_shape, batches=args.real_batches,
                                   new_tokens=args.real_new_tokens if quant == "bf16" else args.real_quant_new_tokens,
                                   decode_backend=None if args.real_decode_backend == "none" else args.real_decode_backend,
+                                  compile_scope=args.real_compile_scope,
                                   quantize=None if quant == "bf16" else quant, devices=args.real_devices,
                                   device=args.device, dtype=args.dtype,
                                   preset="medrega" if args.device == "cuda" else args.preset,  # CPU: smoke test

@@ -107,12 +107,13 @@ def build_int8wo(config, *, device: str | torch.device, dtype: torch.dtype = tor
 def run_real_shape(*, batches=(1, 8), new_tokens: int = 128, device: str = "cuda", preset: str = "medrega",
                    dtype: torch.dtype = torch.bfloat16, decode_backend: str | None = None,
                    quantize: str | None = None, devices: int = 1, copy_bytes_per_s: float | None = None,
-                   profile_path: str | Path | None = None) -> dict:
+                   profile_path: str | Path | None = None, compile_scope: str = "auto") -> dict:
     """Build `preset` (default: the real MedRegA shape) on `device` and time batch_chat at each batch size.
 
-    `decode_backend` is the dynamo backend of the fast decode step (None: static cache with an eager step and no
-    CUDA graph; the 40B decode is bound by reading its 80 GB of weights, so fusion and graphs buy little there and
-    a 60-layer trace/compile would cost minutes of a short lease). `quantize="int8"` quantises the language model's
+    `decode_backend` is the dynamo backend of the fast decode step ("auto": the product's default, which compiles
+    one decoder layer with inductor on this shape; None: static cache with an eager step and no CUDA graph) and
+    `compile_scope` its `DecodeConfig.compile_scope` (a whole-step inductor compile of the 60 layers takes about a
+    minute per shape). `quantize="int8"` quantises the language model's
     linears with `quantize_int8_` after the bf16 build (its decode step then always runs eagerly: LLM.int8's outlier
     split is data-dependent and cannot be captured in a CUDA graph). `quantize="int8wo"` builds the language
     model's linears in weight-only int8 layer by layer (`build_int8wo`; decoded by our int8 GEMV in the packed,
@@ -145,7 +146,7 @@ def run_real_shape(*, batches=(1, 8), new_tokens: int = 128, device: str = "cuda
         decode_backend = None
         if cuda:
             torch.cuda.empty_cache()
-    model.decode_config = DecodeConfig(backend=decode_backend)
+    model.decode_config = DecodeConfig(backend=decode_backend, compile_scope=compile_scope)
     _sync(device)
     build_s = time.perf_counter() - t0
     n_params = sum(p.numel() for p in model.parameters())
@@ -156,7 +157,7 @@ def run_real_shape(*, batches=(1, 8), new_tokens: int = 128, device: str = "cuda
     weight_bytes = decode_weight_bytes(model)
     floor_ms = weight_bytes / copy_bytes_per_s * 1e3 if copy_bytes_per_s else None
     out = {"preset": preset, "params": n_params, "decode_weight_bytes": weight_bytes, "floor_ms": floor_ms, "build_s": build_s, "weights_gib": weights_gib,
-           "decode_backend": decode_backend, "path": path, "quantize": quantize or "bf16",
+           "decode_backend": decode_backend, "compile_scope": compile_scope, "path": path, "quantize": quantize or "bf16",
            "quantized_linears": quantized, "devices": max(devices, 1),
            "device_map_gpus": sorted({str(d) for d in device_map.values()}) if device_map else None, "cases": []}
     with tempfile.TemporaryDirectory() as tmp:

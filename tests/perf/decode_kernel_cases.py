@@ -131,9 +131,11 @@ def test_gemv_int8_matches_dequantised_linear_for_every_config(bias):
         torch.testing.assert_close(out, ref.reshape(-1), rtol=1e-4, atol=1e-3)
 
 
-def test_decoder_over_int8_weights_runs_the_int8_gemv_in_the_traced_step():
-    """Weight-only int8 language model at batch 1: the packed step (traced by dynamo as one graph) runs the int8 GEMV
-    in the Triton interpreter and gives the int8 model's own greedy tokens."""
+@pytest.mark.parametrize("scope", ["step", "layer"])
+def test_decoder_over_int8_weights_runs_the_int8_gemv_in_the_traced_step(scope):
+    """Weight-only int8 language model at batch 1: the packed step (traced by dynamo as one graph, or one traced
+    layer reused by every layer) runs the int8 GEMV in the Triton interpreter and gives the int8 model's own greedy
+    tokens."""
     from internvl.ops.int8_weights import quantize_int8_weights_
 
     lm = _llama(seed=6)
@@ -142,6 +144,6 @@ def test_decoder_over_int8_weights_runs_the_int8_gemv_in_the_traced_step():
     mask = torch.ones(1, 9, dtype=torch.long)
     ref = lm.generate(inputs_embeds=emb, attention_mask=mask, max_new_tokens=6, do_sample=False, eos_token_id=None,
                       pad_token_id=0)
-    dec = StaticGreedyDecoder(lm, DecodeConfig(backend="eager", attention="triton", gemv=True))
-    assert dec._packed_step(1)
+    dec = StaticGreedyDecoder(lm, DecodeConfig(backend="eager", attention="triton", gemv=True, compile_scope=scope))
+    assert dec._packed_step(1) and dec._layer_scope() == (scope == "layer")
     assert torch.equal(dec.generate(emb, mask, max_new_tokens=6), ref)

@@ -20,17 +20,17 @@ from internvl.ops.packed_projections import (
 from internvl.testing.helpers import decode_prompts, greedy_reference
 
 
-def _llama(seed=0, **kw):
+def _llama(seed=0, layers=2, **kw):
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=256, attn_implementation="sdpa", **kw)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, attn_implementation="sdpa", **kw)
     return LlamaForCausalLM(cfg).eval()
 
 
-def _qwen2(seed=0):
+def _qwen2(seed=0, layers=2):
     torch.manual_seed(seed)
-    cfg = Qwen2Config(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=1, max_position_embeddings=256, attn_implementation="sdpa")
+    cfg = Qwen2Config(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=256, attn_implementation="sdpa")
     m = Qwen2ForCausalLM(cfg).eval()
     with torch.no_grad():  # Qwen2 initialises q/k/v biases to zero: make them matter
         for layer in m.model.layers:
@@ -67,6 +67,35 @@ def test_packed_step_traces_fullgraph():
     dec = StaticGreedyDecoder(lm, DecodeConfig(backend="eager"))
     assert torch.equal(dec.generate(emb, mask, max_new_tokens=6), ref)
     assert dec._pack_signature is not None
+
+
+@pytest.mark.parametrize("make", [_llama, _qwen2], ids=["llama", "qwen2-bias"])
+def test_layer_compile_scope_compiles_one_layer_for_all(make, monkeypatch):
+    """compile_scope="layer": the packed step compiles `packed_layer` once (dynamo traces one frame, one graph) and
+    X; the tokens equal transformers'
+    greedy ones. "auto" picks "layer" only above AUTO_INDUCTOR_MAX_PARAMS."""
+    from torch._dynamo.utils import counters
+
+    lm = make(layers=4)
+    torch._dynamo.reset()
+    counters.clear()
+    dec = StaticGreedyDecoder(lm, DecodeConfig(backend="eager", compile_scope="layer"))
+    for batch in (3, 2):
+        emb, mask = _prompts(batch=batch, seed=batch)
+        assert torch.equal(dec.generate(emb, mask, max_new_tokens=6), _reference(lm, emb, mask, 6))
+        assert dec._pack_signature is not None and dec._layer_fn is not None
+        if batch == 3:
+            assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])  # one layer, 4 calls
+    # batch 2 is a new input shape: at most one more graph, never one per layer
+    assert counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])
+    assert not StaticGreedyDecoder(lm, DecodeConfig(backend="eager"))._layer_scope()  # "auto", small model
+    monkeypatch.setattr(fg, "AUTO_INDUCTOR_MAX_PARAMS", 10)
+    auto = StaticGreedyDecoder(lm, DecodeConfig())
+    assert auto._layer_scope() and auto._layer_backend() == "inductor" and auto.compile_backend == "eager"
+    assert not StaticGreedyDecoder(lm, DecodeConfig(compile_scope="step"))._layer_scope()
+    assert not StaticGreedyDecoder(lm, DecodeConfig(backend=None, compile_scope="layer"))._layer_scope()
+    with pytest.raises(ValueError, match="compile_scope"):
+        DecodeConfig(compile_scope="model")
 
 
 def test_state_dict_unchanged_and_memory_shared():

@@ -25,13 +25,12 @@ from transformers import AttentionInterface, AttentionMaskInterface, StaticCache
 from transformers.cache_utils import Cache, StaticLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from ..compat import attn_implementation, set_attn_implementation
 from ..ops.decode_kernels import attention_kernel_supported, triton_ready
-from ..ops.int8_weights import int8_linear
-from ..ops.packed_projections import decoder_layer_groups, pack_decoder, packed_signature, plain_linear
+from ..ops.packed_projections import decoder_layer_groups, pack_decoder, packed_signature
 from .decode_config import AUTO_INDUCTOR_MAX_PARAMS, DecodeConfig
+from .packed_step import packed_forward_logits, packed_layer
 
 
 logger = logging.getLogger(__name__)
@@ -217,7 +216,9 @@ class StaticGreedyDecoder:
         self.config = config if config is not None else DecodeConfig()
         self.lm = lm
         self.use_cuda_graph = self.config.cuda_graph
+        self._n_params = sum(p.numel() for p in lm.parameters())
         self.compile_backend = resolve_backend(lm, self.config.backend)
+        self._layer_fn = None  # the compiled `packed_layer` under the "layer" compile scope
         self.check_every = int(self.config.check_every)
         self.packed = self.config.packed
         self.attention = self.config.attention
@@ -283,54 +284,17 @@ class StaticGreedyDecoder:
 
     def _packed_forward_logits(self, st: _DecodeState, ids: torch.Tensor, pos: torch.Tensor,
                                packs: list) -> torch.Tensor:
-        """The decode forward of a Llama-family LM over packed weights: per layer norm -> packed q/k/v -> RoPE (the
-        model's rotary_emb) -> static-cache update -> attention -> o_proj -> residual -> norm -> packed gate/up ->
-        act * up -> down -> residual; then the final norm and the LM head. Same maths as the model's forward (same
-        modules for norms, rotary, o/down, head). ids/pos [B, 1] -> [B, V] logits; `packs` from `pack_decoder`."""
-        model = self.lm.model
-        h = model.get_input_embeddings()(ids)  # [B, 1, H]
-        batch = h.shape[0]
-        one_row = batch == 1 and self._gemv_on()
+        """The decode forward over packed weights (`internvl.model.packed_step.packed_forward_logits`), each layer
+        through `packed_layer`, compiled once for all layers under the "layer" compile scope. ids/pos [B, 1] ->
+        [B, V] logits; `packs` from `pack_decoder`."""
         attention = self._attention()
 
-        def linear(x: torch.Tensor, w, b: torch.Tensor | None) -> torch.Tensor:
-            if isinstance(w, tuple):  # weight-only int8: (int8 weight, fp32 row scales)
-                return int8_linear(x, *w, b)
-            return torch.ops.internvl.gemv(x, w, b) if one_row else nn.functional.linear(x, w, b)
+        def attend(module, q, keys, values, mask, cache_mask, limit):
+            return self._packed_attention(attention, module, q, keys, values, mask, cache_mask, limit)
 
-        def project(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-            if not plain_linear(module):
-                return module(x)
-            scale = getattr(module, "weight_scale", None)
-            return linear(x, module.weight if scale is None else (module.weight, scale), module.bias)
-
-        cos, sin = model.rotary_emb(h, position_ids=pos)
-        # the new token sits at cache index cumulative_length; it attends to real prompt tokens and earlier steps
-        cache_len = st.mask.shape[1]
-        index = st.cache.layers[0].cumulative_length
-        kv = torch.arange(cache_len, device=h.device)
-        mask = (st.mask.bool() & (kv <= index))[:, None, None, :]  # [B, 1, 1, cache_len]
-        limit = index.reshape(1).clone()  # cache.update below advances `index` in place
-        for i, layer in enumerate(model.layers):
-            attn, mlp = layer.self_attn, layer.mlp
-            w_qkv, b_qkv, w_gu, b_gu = packs[i]
-            dim = attn.head_dim
-            n_q = attn.q_proj.out_features
-            n_kv = attn.k_proj.out_features
-            x = layer.input_layernorm(h)
-            q, k, v = linear(x, w_qkv, b_qkv).split([n_q, n_kv, n_kv], dim=-1)
-            q = q.view(batch, 1, n_q // dim, dim).transpose(1, 2)
-            k = k.view(batch, 1, n_kv // dim, dim).transpose(1, 2)
-            v = v.view(batch, 1, n_kv // dim, dim).transpose(1, 2)
-            q, k = apply_rotary_pos_emb(q, k, cos, sin)
-            keys, values = st.cache.update(k, v, i)
-            a = self._packed_attention(attention, attn, q, keys, values, mask, st.mask, limit)
-            h = h + project(attn.o_proj, a.reshape(batch, 1, n_q))
-            x = layer.post_attention_layernorm(h)
-            gate, up = linear(x, w_gu, b_gu).chunk(2, dim=-1)
-            h = h + project(mlp.down_proj, mlp.act_fn(gate) * up)
-        h = model.norm(h)
-        return project(self.lm.lm_head, h[:, -1, :])
+        return packed_forward_logits(self.lm, st.cache, st.mask, ids, pos, packs,
+                                     one_row=ids.shape[0] == 1 and self._gemv_on(), attend=attend,
+                                     layer_fn=self._layer_fn or packed_layer)
 
     def _packed_attention(self, attention: str, module: nn.Module, q: torch.Tensor, keys: torch.Tensor,
                           values: torch.Tensor, mask: torch.Tensor, cache_mask: torch.Tensor,
@@ -395,6 +359,19 @@ class StaticGreedyDecoder:
             return not (self.compile_backend == "inductor" and self._tuned(batch))
         return bool(self.packed)
 
+    def _layer_scope(self) -> bool:
+        """Whether the packed step compiles one decoder layer (reused by all) instead of the whole step: "layer", or
+        "auto" for language models above AUTO_INDUCTOR_MAX_PARAMS parameters (where a whole-step compile costs about
+        a minute per shape); never without a backend."""
+        if self.config.backend is None or self.config.compile_scope == "step":
+            return False
+        return self.config.compile_scope == "layer" or self._n_params > AUTO_INDUCTOR_MAX_PARAMS
+
+    def _layer_backend(self) -> str:
+        """The layer's dynamo backend: the configured one, "inductor" for "auto" (also above the size where "auto"
+        gives the whole step "eager": one layer compiles in seconds)."""
+        return "inductor" if self.config.backend == "auto" else self.config.backend
+
     def _make_step(self, st: _DecodeState, pad_token_id: int):
         if st.extra.get("packs") is not None:
             def forward(ids: torch.Tensor, pos: torch.Tensor, packs: list) -> torch.Tensor:
@@ -404,7 +381,11 @@ class StaticGreedyDecoder:
                 return self._forward_logits(st, ids, pos)
 
         core = forward
-        if self.compile_backend is not None:
+        if st.extra.get("packs") is not None and self._layer_scope():
+            if self._layer_fn is None:  # one compiled layer for every layer and state (recompiled per shape only)
+                self._layer_fn = torch.compile(packed_layer, fullgraph=True, dynamic=False,
+                                               backend=self._layer_backend())
+        elif self.compile_backend is not None:
             tuned = self.compile_backend == "inductor" and self._tuned(st.ids.shape[0])
             core = torch.compile(forward, fullgraph=True, dynamic=False, backend=self.compile_backend,
                                  options={"coordinate_descent_tuning": True} if tuned else None)
