@@ -69,3 +69,22 @@ def test_packed_decode_over_int8_weights_matches_the_int8_models_generate(batch)
     assert isinstance(qkv, tuple) and qkv[0].dtype == torch.int8 and qkv[1].shape == (64 + 2 * 32,)
     assert layout_ok([lm.model.layers[0].mlp.gate_proj, lm.model.layers[0].mlp.up_proj])
     assert len(packed_signature(packs)) == 2 * 6  # per layer: qkv weight + scale, bias, gate/up weight + scale, bias
+
+
+def test_int8_linear_is_one_opaque_op_in_a_traced_graph():
+    """The int8 product stays one custom op in the graph dynamo hands to its backend, for one row and for several:
+    inductor cannot rewrite the multi-row `mm(x, w.to(bf16)) * scale` into its own weight-only-int8 kernel (whose
+    CUDA lowering fails on the 40B step at batch 8), and the compiled result equals the eager one."""
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append([str(n.target) for n in gm.graph.nodes if n.op == "call_function"])
+        return gm.forward
+
+    layer = Int8Linear.from_linear(torch.nn.Linear(24, 10, bias=True))
+    for rows in (1, 3):
+        x = torch.randn(rows, 1, 24)
+        torch._dynamo.reset()
+        out = torch.compile(layer, backend=record, fullgraph=True)(x)
+        torch.testing.assert_close(out, layer(x))
+        assert graphs[-1] == ["internvl.int8_linear.default"], graphs[-1]

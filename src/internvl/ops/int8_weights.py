@@ -36,10 +36,15 @@ def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
-def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+@torch.library.custom_op("internvl::int8_linear", mutates_args=())
+def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """y = x @ (q * scale).T + bias in x's dtype. One row: the dequantising GEMV (`decode_kernels.gemv_int8`, Triton
     where it runs); more rows (prefill, batches): `F.linear` over the int8 weight converted to x's dtype, its output
-    columns scaled (fp16: the weight dequantised first)."""
+    columns scaled (fp16: the weight dequantised first).
+
+    A custom op, opaque to inductor: inductor's own weight-only-int8 pattern (`mm(x, w.to(bf16)) * scale` ->
+    `_weight_int8pack_mm`) would otherwise rewrite the multi-row product, and its CUDA lowering fails (torch 2.13,
+    H100: "AssertionError: <class 'torch._inductor.ir.Pointwise'>" compiling the 40B step at batch 8)."""
     if x.numel() == x.shape[-1]:
         return torch.ops.internvl.gemv_int8(x, q, scale, bias)
     if x.dtype == torch.float16:  # int8 sums over K could overflow fp16 before scaling: dequantise first
@@ -47,6 +52,12 @@ def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: tor
     # int8 -> bf16/fp32 is exact; scaling the output columns instead of the weight saves a pass over the weight
     y = nn.functional.linear(x, q.to(x.dtype)) * scale.to(x.dtype)
     return y + bias if bias is not None else y
+
+
+@int8_linear.register_fake
+def _int8_linear_fake(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
+                      bias: torch.Tensor | None = None) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], q.shape[0])
 
 
 class Int8Linear(nn.Module):
