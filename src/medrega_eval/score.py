@@ -375,10 +375,15 @@ def _score_text2region(records, cfg, result) -> None:
     result.rows.extend(row for _, row in _region_part(records, cfg, result))
 
 
+def _texts(records: Sequence[PredictionRecord], grounded: bool) -> tuple[list[str], list[str]]:
+    """(predictions, references) as text metrics see them: grounded reports without their regions."""
+    clean = strip_regions if grounded else str
+    return [clean(r.prediction) for r in records], [clean(r.reference) for r in records]
+
+
 def _score_report(records, cfg, result, grounded: bool = False) -> None:
     langs = [record_lang(r, cfg) for r in records]
-    preds = [strip_regions(r.prediction) if grounded else r.prediction for r in records]
-    refs = [strip_regions(r.reference) if grounded else r.reference for r in records]
+    preds, refs = _texts(records, grounded)
     out, per = _report_metrics(preds, refs, langs, cfg, result)
     result.metrics.update(out)
     if grounded:
@@ -398,7 +403,7 @@ def _compat_bertscore_texts(records, cfg, result) -> tuple[list[str], list[str],
     """(candidates, references, language) exactly as the original scorers hand them to bert-score."""
     langs = {row["lang"] for row in result.rows}
     lang = result.details.get("compat_lang") or (langs.pop() if len(langs) == 1 else "en")
-    preds, refs = [r.prediction for r in records], [r.reference for r in records]
+    preds, refs = _texts(records, grounded=False)
     if cfg.task == "vqa" and lang == "en":
         return [vqa_m.medrega_clean_en(p) for p in preds], [vqa_m.medrega_clean_en(r) for r in refs], lang
     if cfg.task == "region2text":
@@ -407,16 +412,13 @@ def _compat_bertscore_texts(records, cfg, result) -> tuple[list[str], list[str],
         return [medrega_clean_report_zh(p).replace(" ", "") for p in preds], refs, lang
     if cfg.task == "report":
         return [medrega_clean_report_en(p) for p in preds], [medrega_clean_report_en(r) for r in refs], lang
-    if cfg.task == "grounded_report":
-        return [strip_regions(p) for p in preds], [strip_regions(r) for r in refs], lang
-    return preds, refs, lang
+    return (*_texts(records, cfg.task == "grounded_report"), lang)
 
 
 def _bertscore(records, cfg, result) -> None:
     """BERTScore F1 from the local model; one row per record, in order (grounded: on the box-free text)."""
     from medrega_eval.metrics.model_based import ORIGINAL_LAYERS, bertscore
 
-    grounded = cfg.task == "grounded_report"
     rows = result.rows  # one row per record, in record order, for every BERTScore task (ids may repeat in compat)
     assert len(rows) == len(records), "BERTScore needs one row per record"
     layer, original = cfg.bertscore_layer, cfg.compat == "medrega"
@@ -424,8 +426,7 @@ def _bertscore(records, cfg, result) -> None:
         cands, refs, lang = _compat_bertscore_texts(records, cfg, result)
         layer = layer if layer is not None else ORIGINAL_LAYERS[lang]
     else:
-        cands = [strip_regions(r.prediction) if grounded else r.prediction for r in records]
-        refs = [strip_regions(r.reference) if grounded else r.reference for r in records]
+        cands, refs = _texts(records, cfg.task == "grounded_report")
     try:
         mean, per = bertscore(cands, refs, cfg.bertscore_model, layer=layer, original=original)
     except text_m.MetricUnavailable as exc:

@@ -30,12 +30,13 @@ from typing import Any
 import yaml
 
 from internvl.data.records import RecordChecker, RecordProblem, image_paths, read_jsonl, resolve_image
+from medrega_eval.metrics.text import has_cjk
+from medrega_eval.score import SUBTYPES, TASKS
 
 __all__ = ["Benchmark", "BenchmarkError", "MissingData", "Sample", "load_registry", "data_dir_from", "load_samples",
            "reference_labels"]
 
 HERE = Path(__file__).resolve().parent
-TASKS = ("vqa", "report", "classification", "region2text", "text2region", "grounded_report")
 KEYS = {"task", "annotation", "image_root", "lang", "subtype", "prompt", "options", "multilabel", "metrics", "size",
         "download", "roots", "description"}
 
@@ -132,8 +133,8 @@ def _check_entry(name: str, entry: Any, file: str) -> Benchmark:
         raise BenchmarkError(f"{where}: task {entry['task']!r} is not one of {', '.join(TASKS)}")
     if entry.get("lang", "auto") not in ("auto", "en", "zh"):
         raise BenchmarkError(f"{where}: lang must be en, zh or auto")
-    if entry.get("subtype") not in (None, "ss", "sm", "ms", "mm"):
-        raise BenchmarkError(f"{where}: subtype must be ss, sm, ms or mm")
+    if entry.get("subtype") not in (None, *SUBTYPES):
+        raise BenchmarkError(f"{where}: subtype must be one of {', '.join(SUBTYPES)}")
     options = entry.get("options")
     if entry["task"] == "classification":
         ok = (options == "from_references" or (isinstance(options, list) and options)
@@ -262,8 +263,6 @@ def _sample(bench: Benchmark, rec: dict, ann: Path, line: int, image_root: Path,
         paths.append(p)
     lang = rec.get("lang") if rec.get("lang") in ("en", "zh") else (None if bench.lang == "auto" else bench.lang)
     if lang is None:
-        from medrega_eval.metrics.text import has_cjk
-
         lang = "zh" if has_cjk(conv[1]["value"]) or has_cjk(conv[0]["value"]) else "en"
     hw = [rec["height"], rec["width"]] if isinstance(rec.get("height"), int) and isinstance(rec.get("width"), int) \
         else None

@@ -27,7 +27,7 @@ import numpy as np
 
 __all__ = ["MetricUnavailable", "PTB_PUNCTUATION", "tokenize_en", "tokenize_zh", "tokenize", "has_cjk", "text_language",
            "lcs_length", "rouge_l", "corpus_rouge_l", "coco_bleu", "coco_cider", "coco_meteor", "sentence_bleu1",
-           "hf_bleu", "token_set_scores"]
+           "hf_bleu", "token_set_scores", "prf"]
 
 
 class MetricUnavailable(RuntimeError):
@@ -357,8 +357,12 @@ def token_set_scores(pred_tokens: Sequence[str], ref_tokens: Sequence[str]) -> d
     Sets, not bags: repeated words count once. Empty reference -> recall 0 (and a warning is the caller's job).
     """
     p, r = set(pred_tokens), set(ref_tokens)
-    common = len(p & r)
-    precision = common / len(p) if p else 0.0
-    recall = common / len(r) if r else 0.0
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    precision, recall, f1 = prf(len(p & r), len(p), len(r))
     return {"precision": precision, "recall": recall, "f1": f1}
+
+
+def prf(hits: int, n_pred: int, n_ref: int) -> tuple[float, float, float]:
+    """Precision ``hits / n_pred``, recall ``hits / n_ref`` and their F1 (each 0.0 where its denominator is 0)."""
+    precision = hits / n_pred if n_pred else 0.0
+    recall = hits / n_ref if n_ref else 0.0
+    return precision, recall, 2 * precision * recall / (precision + recall) if precision + recall else 0.0
