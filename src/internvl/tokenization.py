@@ -337,8 +337,8 @@ def train_sentencepiece_tokenizer(sentences: Iterable[str], out_dir: str | os.Pa
               "bos_token": "<|startoftext|>", "eos_token": IM_END_TOKEN, "unk_token": "<unk>", "pad_token": "<unk>",
               "model_max_length": model_max_length, "clean_up_tokenization_spaces": False,
               "added_tokens_decoder": decoder}
-    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    (out / "added_tokens.json").write_text(json.dumps(added, indent=2) + "\n", encoding="utf-8")
-    special_map = {"bos_token": "<|startoftext|>", "eos_token": IM_END_TOKEN, "unk_token": "<unk>", "pad_token": "<unk>"}
-    (out / "special_tokens_map.json").write_text(json.dumps(special_map, indent=2) + "\n", encoding="utf-8")
+    _write_json(out / "tokenizer_config.json", config)
+    _write_json(out / "added_tokens.json", added)
+    special_map = {key: config[key] for key in ("bos_token", "eos_token", "unk_token", "pad_token")}
+    _write_json(out / "special_tokens_map.json", special_map)
     return out
