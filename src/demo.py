@@ -35,7 +35,6 @@ from internvl.cli_support import (  # noqa: E402
     run_cli,
 )
 from internvl.demo.batch import (  # noqa: E402
-    check_out_dir,
     gather_results,
     read_batch_file,
     run_batch,
@@ -51,6 +50,7 @@ from internvl.inference import (  # noqa: E402
     init_distributed,
     load_model_and_tokenizer,
 )
+from internvl.io_safety import check_output_dir  # noqa: E402
 
 SRC = Path(__file__).resolve().parent
 REPO = SRC.parent
@@ -108,7 +108,8 @@ def _main(argv: list[str] | None) -> int:
 
 
 def run_batch_mode(args: argparse.Namespace, rank: int, world: int, device: str) -> int:
-    check_out_dir(args.out, args.batch)  # before any work: not a file, not the batch file
+    # before any work: not a file, not the batch file (nor a folder inside it)
+    check_output_dir(args.out, inputs=[args.batch], must_be_empty=False, inputs_inside_ok=True, what="--out")
     items = read_batch_file(args.batch)  # every rank checks the whole file: a bad line stops all of them alike
     stamp = time.strftime("%y%m%d%H%M%S")
     model, tokenizer = load(args, device)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -18,7 +19,7 @@ from typing import Any
 
 from internvl.data.records import RecordProblem
 from internvl.regions import has_regions, remove_box_text_original, remove_region_tags, strip_regions
-from medrega_eval.io import PredictionRecord, ScoreInputError, problem_at, problem_counts
+from medrega_eval.io import PredictionRecord, ScoreInputError, problem_at
 from medrega_eval.metrics import classification as cls_m
 from medrega_eval.metrics import medrega_regions as orig_m
 from medrega_eval.metrics import regions as reg_m
@@ -472,7 +473,7 @@ TOP_METRICS = ("bleu1", "bleu2", "bleu3", "bleu4", "meteor", "rougeL", "cider", 
 def summarize(result: ScoreResult, cfg: ScoreConfig, protocol: dict[str, Any], benchmark: str | None = None,
               max_problems: int = 500) -> dict[str, Any]:
     """The summary.json object: top-level metrics (fractions; CIDEr as pycocoevalcap reports it), counts, problems."""
-    counts = {**result.counts, **{f"problem:{r}": n for r, n in problem_counts(result.problems).items()}}
+    counts = {**result.counts, **{f"problem:{r}": n for r, n in Counter(p.reason for p in result.problems).items()}}
     problems = [str(p) for p in result.problems[:max_problems]]
     if len(result.problems) > max_problems:
         problems.append(f"... and {len(result.problems) - max_problems} more")
