@@ -28,28 +28,11 @@ enforce_offline()  # no hub, no analytics: before anything imports transformers/
 # this file without installing (Python puts the script's folder first on the path)
 import time  # noqa: E402
 
-from internvl.cli_support import (  # noqa: E402
-    add_generation_arguments,
-    port_number,
-    positive_int,
-    run_cli,
-)
-from internvl.demo.batch import (  # noqa: E402
-    gather_results,
-    read_batch_file,
-    run_batch,
-    stream_path,
-    write_results,
-)
+from internvl.cli_support import add_generation_arguments, port_number, positive_int, run_cli  # noqa: E402
+from internvl.demo.batch import gather_results, read_batch_file, run_batch, stream_path, write_results  # noqa: E402
 from internvl.demo.limits import UploadFolder  # noqa: E402
-from internvl.inference import (  # noqa: E402
-    GenerationSettings,
-    Generator,
-    ModelLoadError,
-    default_dtype,
-    init_distributed,
-    load_model_and_tokenizer,
-)
+from internvl.inference import (GenerationSettings, Generator, ModelLoadError, default_dtype,  # noqa: E402
+                                init_distributed, load_model_and_tokenizer)
 from internvl.io_safety import check_output_dir  # noqa: E402
 
 SRC = Path(__file__).resolve().parent

@@ -35,22 +35,9 @@ from pathlib import Path
 
 import torch
 
-from internvl.constants import (
-    BOX_END,
-    BOX_START,
-    CHATML_TOKENS,
-    ENDOFTEXT_TOKEN,
-    IM_END_TOKEN,
-    IM_SEP_TOKEN,
-    IM_START_TOKEN,
-    IMG_CONTEXT_TOKEN,
-    IMG_END_TOKEN,
-    IMG_START_TOKEN,
-    QUAD_END,
-    QUAD_START,
-    REF_END,
-    REF_START,
-)
+from internvl.constants import (BOX_END, BOX_START, CHATML_TOKENS, ENDOFTEXT_TOKEN, IM_END_TOKEN, IM_SEP_TOKEN,
+                                IM_START_TOKEN, IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN, QUAD_END, QUAD_START,
+                                REF_END, REF_START)
 
 __all__ = ["SPECIAL_TOKENS", "REGION_TAGS", "TokenizerError", "add_special_tokens", "decode_answer", "save_tokenizer",
            "tokenizer_behaviour", "PROBE_TEXTS", "resize_embeddings_mean", "load_tokenizer",

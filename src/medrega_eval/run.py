@@ -28,14 +28,8 @@ from tqdm import tqdm
 
 from internvl.data.images import ImageLoadError
 from internvl.data.records import RecordProblem, read_jsonl
-from internvl.inference import (
-    DistInfo,
-    GenerationRequest,
-    Generator,
-    default_dtype,
-    init_distributed,
-    load_model_and_tokenizer,
-)
+from internvl.inference import (DistInfo, GenerationRequest, Generator, default_dtype, init_distributed,
+                                load_model_and_tokenizer)
 from internvl.io_safety import atomic_write_text, check_output_dir
 from internvl.regional_cot import CotAnswer, RegionalCotGenerator
 from medrega_eval.benchmarks import Benchmark, Sample, load_samples, reference_labels

@@ -25,13 +25,8 @@ from medrega_eval.metrics import medrega_regions as orig_m
 from medrega_eval.metrics import regions as reg_m
 from medrega_eval.metrics import text as text_m
 from medrega_eval.metrics import vqa as vqa_m
-from medrega_eval.metrics.medrega_report import (
-    mean_or_none,
-    medrega_clean_report_en,
-    medrega_clean_report_zh,
-    report_metrics_medrega,
-    rouge_bootstrap_spread,
-)
+from medrega_eval.metrics.medrega_report import (mean_or_none, medrega_clean_report_en, medrega_clean_report_zh,
+                                                 report_metrics_medrega, rouge_bootstrap_spread)
 
 __all__ = ["TASKS", "SUBTYPES", "REPORT_METRICS", "ScoreConfig", "ScoreResult", "ScoreInputError", "score_records",
            "record_lang", "compat_vqa_lang", "medrega_clean_report_en", "medrega_clean_report_zh",

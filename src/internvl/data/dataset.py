@@ -43,17 +43,8 @@ from torch.utils.data import Dataset
 from internvl.data.collate import SAMPLE_INDEX_KEY, SKIPPED_KEY
 from internvl.data.encode import EncodeError, encode_conversation
 from internvl.data.images import ImageLoadError, load_image
-from internvl.data.records import (
-    BadRecordError,
-    ImagePathError,
-    ProblemTally,
-    RecordChecker,
-    RecordProblem,
-    image_paths,
-    parse_record_line,
-    read_jsonl,
-    resolve_image,
-)
+from internvl.data.records import (BadRecordError, ImagePathError, ProblemTally, RecordChecker, RecordProblem,
+                                   image_paths, parse_record_line, read_jsonl, resolve_image)
 from internvl.data.registry import DatasetSpec, load_meta
 from internvl.data.transforms import AugmentConfig, BoxAwareAugment
 from internvl.image_processing import ImageSettings, dummy_pixel_values, images_to_pixel_values, num_image_tokens

@@ -30,14 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from internvl.constants import IMAGE_PLACEHOLDER
-from internvl.data.bounded_json import (
-    LIMITS,
-    InputLimits,
-    JSONLimitError,
-    LimitedJSONDecoder,
-    find_lone_surrogate,
-    loads_limited,
-)
+from internvl.data.bounded_json import (LIMITS, InputLimits, JSONLimitError, LimitedJSONDecoder, find_lone_surrogate,
+                                        loads_limited)
 from internvl.data.images import ImageLoadError, load_image, probe_image
 from internvl.regions import RegionError, parse_regions
 
