@@ -235,18 +235,13 @@ def _sample(bench: Benchmark, rec: dict, ann: Path, line: int, image_root: Path,
             seen: dict[str, int]) -> Sample | RecordProblem:
     """One annotation record -> a Sample, or the RecordProblem that keeps it out."""
     file = str(ann)
-    conv = rec.get("conversations")
-    if not (isinstance(conv, list) and len(conv) >= 2 and isinstance(conv[0], dict) and isinstance(conv[1], dict)
-            and conv[0].get("from") == "human" and conv[1].get("from") == "gpt"
-            and isinstance(conv[0].get("value"), str) and isinstance(conv[1].get("value"), str)):
-        return RecordProblem(file, line, "bad-conversations",
-                             "expected conversations [{from: human, value}, {from: gpt, value}, ...]")
     for key, types in (("answer_type", (str,)), ("image", (str, list)), ("lang", (str,))):
         if rec.get(key) is not None and not isinstance(rec[key], types):
             return RecordProblem(file, line, "bad-field", f"{key!r} has the wrong type ({type(rec[key]).__name__})")
     checked = RecordChecker(image_root=image_root, image_check="none").check(rec, file=file, line=line)
-    if checked:  # the same record rules as training and `medrega-data check` (boxes, fields, placeholders)
+    if checked:  # the record rules of training and `medrega-data check`: human/gpt turns, fields, placeholders, boxes
         return checked[0]
+    conv = rec["conversations"]  # checked: alternating human/gpt turns with text, ending with an answer
     rid = str(rec.get("id", f"{ann.name}:{line}"))
     if rid in seen:
         return RecordProblem(file, line, "duplicate-id", f"id {rid!r} already used at line {seen[rid]}")
