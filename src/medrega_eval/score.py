@@ -260,7 +260,6 @@ def _score_classification(records, cfg, result) -> None:
 
 
 def _score_region2text(records, cfg, result) -> None:
-    bleu, f1, rec_, acc = [], [], [], []
     for rec in records:
         lang = record_lang(rec, cfg)
         if cfg.compat == "medrega":
@@ -275,10 +274,11 @@ def _score_region2text(records, cfg, result) -> None:
             overlap["f1"] = vqa_m._medrega_f1(set(pred), set(ref))
         b1 = text_m.sentence_bleu1(pred, [ref])
         ok = overlap["recall"] >= vqa_m.OPEN_ACCURACY_RECALL
-        bleu.append(b1), f1.append(overlap["f1"]), rec_.append(overlap["recall"]), acc.append(float(ok))
         result.rows.append(_row(rec, lang, {"bleu1": b1, "token_f1": overlap["f1"], "recall": overlap["recall"],
                                             "correct": ok}))
-    result.metrics.update(bleu1=mean_or_none(bleu), token_f1=mean_or_none(f1), recall=mean_or_none(rec_), accuracy=mean_or_none(acc))
+    scores = [row["scores"] for row in result.rows]  # the corpus metrics are the means of the per-sample ones
+    for name, key in (("bleu1", "bleu1"), ("token_f1", "token_f1"), ("recall", "recall"), ("accuracy", "correct")):
+        result.metrics[name] = mean_or_none([float(s[key]) for s in scores])
 
 
 def _region_part(records, cfg, result) -> list[tuple[int, dict]]:

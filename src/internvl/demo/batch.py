@@ -70,11 +70,9 @@ def read_batch_file(path: str | Path, *, check_images: bool = True) -> list[Batc
         problems = [rec] if isinstance(rec, RecordProblem) else checker.check(rec, file=path, line=line)
         if problems:
             raise BatchError("; ".join(str(p) for p in problems))
-        turns = rec["conversations"]
-        human = next((t["value"] for t in turns if t.get("from") == "human"), None)
-        if not human or not str(human).strip():
-            raise BatchError(f"{path}:{line}: no non-empty human turn to ask")
-        gt = next((t["value"] for t in turns if t.get("from") == "gpt"), "")
+        turns = rec["conversations"]  # checked: human first, no empty turn
+        human = turns[0]["value"]
+        gt = turns[1]["value"] if len(turns) > 1 else ""
         image = rec.get("image")
         if isinstance(image, list):
             if len(image) != 1:
