@@ -13,9 +13,10 @@ with ``FILE:LINE: reason`` (the original silently replaced a missing image by no
 Each rank answers records ``rank::world_size``; rank 0 gathers the answers (``all_gather_object`` over the process
 group torchrun set up: gloo on CPU, NCCL on GPU) and writes the file.
 
-Nothing is lost: ``--out`` is checked before the model is loaded (not a file, not the batch file itself); every rank appends its answers as they come to ``DIR/demo_<time>.rank<R>.jsonl`` (flushed and fsynced
-per batch, like ``medrega-eval run``), and the final list is written to a temporary name and renamed. Every file name
-is reserved atomically, so two runs finishing in the same second get ``demo_<time>.json`` and ``demo_<time>-1.json``.
+Nothing is lost: ``--out`` is checked before the model is loaded (not a file, not the batch file itself); every rank
+appends its answers as they come to ``DIR/demo_<time>.rank<R>.jsonl`` (flushed and fsynced per batch, like
+``medrega-eval run``), and the final list is written to a temporary name and renamed. Every file name is reserved
+atomically, so two runs finishing in the same second get ``demo_<time>.json`` and ``demo_<time>-1.json``.
 """
 from __future__ import annotations
 
