@@ -28,29 +28,12 @@ enforce_offline()  # no hub, no analytics: before anything imports transformers/
 # this file without installing (Python puts the script's folder first on the path)
 import time  # noqa: E402
 
-from internvl.cli_support import (  # noqa: E402
-    add_generation_arguments,
-    port_number,
-    positive_int,
-    run_cli,
-)
-from internvl.demo.batch import (  # noqa: E402
-    check_out_dir,
-    gather_results,
-    read_batch_file,
-    run_batch,
-    stream_path,
-    write_results,
-)
+from internvl.cli_support import add_generation_arguments, port_number, positive_int, run_cli  # noqa: E402
+from internvl.demo.batch import gather_results, read_batch_file, run_batch, stream_path, write_results  # noqa: E402
 from internvl.demo.limits import UploadFolder  # noqa: E402
-from internvl.inference import (  # noqa: E402
-    GenerationSettings,
-    Generator,
-    ModelLoadError,
-    default_dtype,
-    init_distributed,
-    load_model_and_tokenizer,
-)
+from internvl.inference import (GenerationSettings, Generator, ModelLoadError, default_dtype,  # noqa: E402
+                                init_distributed, load_model_and_tokenizer)
+from internvl.io_safety import check_output_dir  # noqa: E402
 
 SRC = Path(__file__).resolve().parent
 REPO = SRC.parent
@@ -108,7 +91,8 @@ def _main(argv: list[str] | None) -> int:
 
 
 def run_batch_mode(args: argparse.Namespace, rank: int, world: int, device: str) -> int:
-    check_out_dir(args.out, args.batch)  # before any work: not a file, not the batch file
+    # before any work: not a file, not the batch file (nor a folder inside it)
+    check_output_dir(args.out, inputs=[args.batch], must_be_empty=False, inputs_inside_ok=True, what="--out")
     items = read_batch_file(args.batch)  # every rank checks the whole file: a bad line stops all of them alike
     stamp = time.strftime("%y%m%d%H%M%S")
     model, tokenizer = load(args, device)

@@ -24,15 +24,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from internvl.constants import (
-    DEFAULT_IMAGE_SIZE,
-    IMAGE_PLACEHOLDER,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    IMG_CONTEXT_TOKEN,
-    IMG_END_TOKEN,
-    IMG_START_TOKEN,
-)
+from internvl.constants import (DEFAULT_IMAGE_SIZE, IMAGE_PLACEHOLDER, IMAGENET_MEAN, IMAGENET_STD, IMG_CONTEXT_TOKEN,
+                                IMG_END_TOKEN, IMG_START_TOKEN)
 
 __all__ = ["ImageSettings", "build_transform", "expand2square", "find_closest_aspect_ratio", "dynamic_preprocess",
            "images_to_pixel_values", "dummy_pixel_values", "num_image_tokens", "expand_image_placeholders",

@@ -35,22 +35,9 @@ from pathlib import Path
 
 import torch
 
-from internvl.constants import (
-    BOX_END,
-    BOX_START,
-    CHATML_TOKENS,
-    ENDOFTEXT_TOKEN,
-    IM_END_TOKEN,
-    IM_SEP_TOKEN,
-    IM_START_TOKEN,
-    IMG_CONTEXT_TOKEN,
-    IMG_END_TOKEN,
-    IMG_START_TOKEN,
-    QUAD_END,
-    QUAD_START,
-    REF_END,
-    REF_START,
-)
+from internvl.constants import (BOX_END, BOX_START, CHATML_TOKENS, ENDOFTEXT_TOKEN, IM_END_TOKEN, IM_SEP_TOKEN,
+                                IM_START_TOKEN, IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN, QUAD_END, QUAD_START,
+                                REF_END, REF_START)
 
 __all__ = ["SPECIAL_TOKENS", "REGION_TAGS", "TokenizerError", "add_special_tokens", "decode_answer", "save_tokenizer",
            "tokenizer_behaviour", "PROBE_TEXTS", "resize_embeddings_mean", "load_tokenizer",
@@ -337,8 +324,8 @@ def train_sentencepiece_tokenizer(sentences: Iterable[str], out_dir: str | os.Pa
               "bos_token": "<|startoftext|>", "eos_token": IM_END_TOKEN, "unk_token": "<unk>", "pad_token": "<unk>",
               "model_max_length": model_max_length, "clean_up_tokenization_spaces": False,
               "added_tokens_decoder": decoder}
-    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    (out / "added_tokens.json").write_text(json.dumps(added, indent=2) + "\n", encoding="utf-8")
-    special_map = {"bos_token": "<|startoftext|>", "eos_token": IM_END_TOKEN, "unk_token": "<unk>", "pad_token": "<unk>"}
-    (out / "special_tokens_map.json").write_text(json.dumps(special_map, indent=2) + "\n", encoding="utf-8")
+    _write_json(out / "tokenizer_config.json", config)
+    _write_json(out / "added_tokens.json", added)
+    special_map = {key: config[key] for key in ("bos_token", "eos_token", "unk_token", "pad_token")}
+    _write_json(out / "special_tokens_map.json", special_map)
     return out

@@ -17,7 +17,6 @@ missing fields, duplicate ids and bad sizes become `RecordProblem`s that the sum
 from __future__ import annotations
 
 import json
-from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +25,7 @@ from typing import Any
 from internvl.data.records import LimitedJSONDecoder, RecordProblem, read_jsonl
 from internvl.io_safety import append_jsonl
 
-__all__ = ["PredictionRecord", "read_predictions", "parse_prediction", "problem_at", "problem_counts", "append_jsonl",
+__all__ = ["PredictionRecord", "read_predictions", "parse_prediction", "problem_at", "append_jsonl",
            "PRED_KEYS", "REF_KEYS", "ScoreInputError"]
 
 
@@ -202,8 +201,3 @@ def read_predictions(path: str | Path, *, keep_duplicates: bool = False, seen: d
         seen[rec.id] = rec.source
         records.append(rec)
     return records, problems
-
-
-def problem_counts(problems: Iterable[RecordProblem]) -> dict[str, int]:
-    """{reason: count} for the summary."""
-    return dict(Counter(p.reason for p in problems))

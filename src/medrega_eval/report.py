@@ -3,7 +3,7 @@
 summary.json holds the metrics at the top level (names in `score.py`), `counts`, `problems`, `details`,
 `unavailable` (metrics that could not run and why) and `protocol` (model, template, generation settings, metric
 package versions, git commit). The HTML report shows the metrics, a sample of images with reference (green) and
-predicted (red) boxes, and the distribution of per-sample IoU (matplotlib when installed, otherwise inline SVG).
+predicted (red) boxes, and the distribution of per-sample IoU (an inline SVG histogram).
 """
 from __future__ import annotations
 
@@ -77,7 +77,7 @@ def _package_version(name: str) -> str | None:
 
 # ------------------------------------------------------------------------------------------------ rendering
 def iou_histogram_svg(values: Sequence[float], bins: int = 10, width: int = 420, height: int = 180) -> str:
-    """A self-contained SVG bar chart of values in [0, 1] (used when matplotlib is not installed)."""
+    """A self-contained SVG bar chart of values in [0, 1]: the report's IoU histogram (no plotting package needed)."""
     counts = [0] * bins
     for v in values:
         counts[min(bins - 1, max(0, int(v * bins)))] += 1
@@ -97,25 +97,6 @@ def iou_histogram_svg(values: Sequence[float], bins: int = 10, width: int = 420,
             f'aria-label="IoU histogram">{"".join(bars)}{ticks}'
             f'<line x1="{pad}" y1="{height - pad}" x2="{width - 10}" y2="{height - pad}" stroke="black"/>'
             f'<text x="{width / 2}" y="{height - 2}" font-size="11" text-anchor="middle">IoU per sample</text></svg>')
-
-
-def _iou_plot_html(values: Sequence[float]) -> str:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return iou_histogram_svg(values)
-    fig, ax = plt.subplots(figsize=(5, 2.4), dpi=100)
-    ax.hist(values, bins=10, range=(0, 1), color="#4a7ebb")
-    ax.set_xlabel("IoU per sample")
-    ax.set_ylabel("samples")
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return f'<img alt="IoU histogram" src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">'
 
 
 def draw_boxes(image: Image.Image, ref: Sequence[Sequence[int]], pred: Sequence[Sequence[int]],
@@ -286,7 +267,7 @@ def _html(summary: dict, rows: Sequence[dict], metric_names: Sequence[str], imag
     if problems:
         parts.append(f"<h2>Problems (first 50)</h2><ul>{problems}</ul>")
     if ious:
-        parts.append(f"<h2>IoU distribution ({len(ious)} samples)</h2>{_iou_plot_html(ious)}")
+        parts.append(f"<h2>IoU distribution ({len(ious)} samples)</h2>{iou_histogram_svg(ious)}")
     gallery = _gallery(rows, image_root, max_images)
     if gallery:
         parts.append("<h2>Samples</h2><p class='legend'>boxes:<span style='background:#00c800'></span>reference"

@@ -27,15 +27,9 @@ from typing import Any
 from tqdm import tqdm
 
 from internvl.data.images import ImageLoadError
-from internvl.data.records import RecordProblem
-from internvl.inference import (
-    DistInfo,
-    GenerationRequest,
-    Generator,
-    default_dtype,
-    init_distributed,
-    load_model_and_tokenizer,
-)
+from internvl.data.records import RecordProblem, read_jsonl
+from internvl.inference import (DistInfo, GenerationRequest, Generator, default_dtype, init_distributed,
+                                load_model_and_tokenizer)
 from internvl.io_safety import atomic_write_text, check_output_dir
 from internvl.regional_cot import CotAnswer, RegionalCotGenerator
 from medrega_eval.benchmarks import Benchmark, Sample, load_samples, reference_labels
@@ -85,20 +79,10 @@ def _repair_tail(path: Path) -> int:
 
 
 def finished_ids(pred_dir: Path) -> set[str]:
-    """Ids with a complete prediction line in any rank file."""
-    done: set[str] = set()
-    for path in sorted(pred_dir.glob("rank*.jsonl")):
-        with path.open("rb") as fh:
-            for raw in fh:
-                if not raw.endswith(b"\n"):
-                    continue  # half-written: will be regenerated
-                try:
-                    row = json.loads(raw)
-                except (json.JSONDecodeError, UnicodeDecodeError):
-                    continue
-                if isinstance(row, dict) and "id" in row and "prediction" in row:
-                    done.add(str(row["id"]))
-    return done
+    """Ids with a prediction line in any rank file (read like every record file; a line that does not parse, such as
+    a half-written one, names no id, so its sample is generated again)."""
+    return {str(row["id"]) for path in sorted(pred_dir.glob("rank*.jsonl")) for _, row in read_jsonl(path)
+            if isinstance(row, dict) and "id" in row and "prediction" in row}
 
 
 def run_settings(model_path: str, dtype: str, quantization: str | None, generation: dict[str, Any],

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -18,19 +19,14 @@ from typing import Any
 
 from internvl.data.records import RecordProblem
 from internvl.regions import has_regions, remove_box_text_original, remove_region_tags, strip_regions
-from medrega_eval.io import PredictionRecord, ScoreInputError, problem_at, problem_counts
+from medrega_eval.io import PredictionRecord, ScoreInputError, problem_at
 from medrega_eval.metrics import classification as cls_m
 from medrega_eval.metrics import medrega_regions as orig_m
 from medrega_eval.metrics import regions as reg_m
 from medrega_eval.metrics import text as text_m
 from medrega_eval.metrics import vqa as vqa_m
-from medrega_eval.metrics.medrega_report import (
-    mean_or_none,
-    medrega_clean_report_en,
-    medrega_clean_report_zh,
-    report_metrics_medrega,
-    rouge_bootstrap_spread,
-)
+from medrega_eval.metrics.medrega_report import (mean_or_none, medrega_clean_report_en, medrega_clean_report_zh,
+                                                 report_metrics_medrega, rouge_bootstrap_spread)
 
 __all__ = ["TASKS", "SUBTYPES", "REPORT_METRICS", "ScoreConfig", "ScoreResult", "ScoreInputError", "score_records",
            "record_lang", "compat_vqa_lang", "medrega_clean_report_en", "medrega_clean_report_zh",
@@ -264,7 +260,6 @@ def _score_classification(records, cfg, result) -> None:
 
 
 def _score_region2text(records, cfg, result) -> None:
-    bleu, f1, rec_, acc = [], [], [], []
     for rec in records:
         lang = record_lang(rec, cfg)
         if cfg.compat == "medrega":
@@ -279,10 +274,11 @@ def _score_region2text(records, cfg, result) -> None:
             overlap["f1"] = vqa_m._medrega_f1(set(pred), set(ref))
         b1 = text_m.sentence_bleu1(pred, [ref])
         ok = overlap["recall"] >= vqa_m.OPEN_ACCURACY_RECALL
-        bleu.append(b1), f1.append(overlap["f1"]), rec_.append(overlap["recall"]), acc.append(float(ok))
         result.rows.append(_row(rec, lang, {"bleu1": b1, "token_f1": overlap["f1"], "recall": overlap["recall"],
                                             "correct": ok}))
-    result.metrics.update(bleu1=mean_or_none(bleu), token_f1=mean_or_none(f1), recall=mean_or_none(rec_), accuracy=mean_or_none(acc))
+    scores = [row["scores"] for row in result.rows]  # the corpus metrics are the means of the per-sample ones
+    for name, key in (("bleu1", "bleu1"), ("token_f1", "token_f1"), ("recall", "recall"), ("accuracy", "correct")):
+        result.metrics[name] = mean_or_none([float(s[key]) for s in scores])
 
 
 def _region_part(records, cfg, result) -> list[tuple[int, dict]]:
@@ -375,10 +371,15 @@ def _score_text2region(records, cfg, result) -> None:
     result.rows.extend(row for _, row in _region_part(records, cfg, result))
 
 
+def _texts(records: Sequence[PredictionRecord], grounded: bool) -> tuple[list[str], list[str]]:
+    """(predictions, references) as text metrics see them: grounded reports without their regions."""
+    clean = strip_regions if grounded else str
+    return [clean(r.prediction) for r in records], [clean(r.reference) for r in records]
+
+
 def _score_report(records, cfg, result, grounded: bool = False) -> None:
     langs = [record_lang(r, cfg) for r in records]
-    preds = [strip_regions(r.prediction) if grounded else r.prediction for r in records]
-    refs = [strip_regions(r.reference) if grounded else r.reference for r in records]
+    preds, refs = _texts(records, grounded)
     out, per = _report_metrics(preds, refs, langs, cfg, result)
     result.metrics.update(out)
     if grounded:
@@ -398,7 +399,7 @@ def _compat_bertscore_texts(records, cfg, result) -> tuple[list[str], list[str],
     """(candidates, references, language) exactly as the original scorers hand them to bert-score."""
     langs = {row["lang"] for row in result.rows}
     lang = result.details.get("compat_lang") or (langs.pop() if len(langs) == 1 else "en")
-    preds, refs = [r.prediction for r in records], [r.reference for r in records]
+    preds, refs = _texts(records, grounded=False)
     if cfg.task == "vqa" and lang == "en":
         return [vqa_m.medrega_clean_en(p) for p in preds], [vqa_m.medrega_clean_en(r) for r in refs], lang
     if cfg.task == "region2text":
@@ -407,16 +408,13 @@ def _compat_bertscore_texts(records, cfg, result) -> tuple[list[str], list[str],
         return [medrega_clean_report_zh(p).replace(" ", "") for p in preds], refs, lang
     if cfg.task == "report":
         return [medrega_clean_report_en(p) for p in preds], [medrega_clean_report_en(r) for r in refs], lang
-    if cfg.task == "grounded_report":
-        return [strip_regions(p) for p in preds], [strip_regions(r) for r in refs], lang
-    return preds, refs, lang
+    return (*_texts(records, cfg.task == "grounded_report"), lang)
 
 
 def _bertscore(records, cfg, result) -> None:
     """BERTScore F1 from the local model; one row per record, in order (grounded: on the box-free text)."""
     from medrega_eval.metrics.model_based import ORIGINAL_LAYERS, bertscore
 
-    grounded = cfg.task == "grounded_report"
     rows = result.rows  # one row per record, in record order, for every BERTScore task (ids may repeat in compat)
     assert len(rows) == len(records), "BERTScore needs one row per record"
     layer, original = cfg.bertscore_layer, cfg.compat == "medrega"
@@ -424,8 +422,7 @@ def _bertscore(records, cfg, result) -> None:
         cands, refs, lang = _compat_bertscore_texts(records, cfg, result)
         layer = layer if layer is not None else ORIGINAL_LAYERS[lang]
     else:
-        cands = [strip_regions(r.prediction) if grounded else r.prediction for r in records]
-        refs = [strip_regions(r.reference) if grounded else r.reference for r in records]
+        cands, refs = _texts(records, cfg.task == "grounded_report")
     try:
         mean, per = bertscore(cands, refs, cfg.bertscore_model, layer=layer, original=original)
     except text_m.MetricUnavailable as exc:
@@ -471,7 +468,7 @@ TOP_METRICS = ("bleu1", "bleu2", "bleu3", "bleu4", "meteor", "rougeL", "cider", 
 def summarize(result: ScoreResult, cfg: ScoreConfig, protocol: dict[str, Any], benchmark: str | None = None,
               max_problems: int = 500) -> dict[str, Any]:
     """The summary.json object: top-level metrics (fractions; CIDEr as pycocoevalcap reports it), counts, problems."""
-    counts = {**result.counts, **{f"problem:{r}": n for r, n in problem_counts(result.problems).items()}}
+    counts = {**result.counts, **{f"problem:{r}": n for r, n in Counter(p.reason for p in result.problems).items()}}
     problems = [str(p) for p in result.problems[:max_problems]]
     if len(result.problems) > max_problems:
         problems.append(f"... and {len(result.problems) - max_problems} more")

@@ -56,7 +56,7 @@ def test_user_benchmark_samples_and_problems(tmp_path):
     reg = load_registry([_user_benchmark(tmp_path)])
     samples, problems, root = load_samples(reg["my_vqa"], tmp_path)
     assert [s.id for s in samples] == ["q1", "q3"] and root == tmp_path / "imgs"
-    assert {p.reason for p in problems} == {"image-not-found", "duplicate-id", "bad-conversations", "invalid-json"}
+    assert {p.reason for p in problems} == {"image-not-found", "duplicate-id", "bad-turns", "invalid-json"}
     q1, q3 = samples
     assert q1.lang == "en" and q3.lang == "zh" and q3.hw == [32, 64]
     # base prompt first, then the image, then the question (the original inference order)

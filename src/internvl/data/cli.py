@@ -54,17 +54,13 @@ def _check_file(path: Path, checker: RecordChecker, *, strict: bool, out, totals
         if not max_print or totals["printed"] <= max_print:
             print(problem, file=out)
 
-    if strict:
-        try:
-            for _ in iter_records(path, checker, strict=True, tally=tally):
-                pass
-        except BadRecordError as exc:
-            for p in exc.problems:
-                show(p)
-            tally.add(exc.problems)
-    else:
-        for _ in iter_records(path, checker, strict=False, tally=tally, on_problem=show):
+    try:  # lenient: every problem is shown as it comes; strict: the first bad record's, then the file stops
+        for _ in iter_records(path, checker, strict=strict, tally=tally, on_problem=show):
             pass
+    except BadRecordError as exc:
+        for p in exc.problems:
+            show(p)
+        tally.add(exc.problems)
     return tally
 
 

@@ -43,17 +43,8 @@ from torch.utils.data import Dataset
 from internvl.data.collate import SAMPLE_INDEX_KEY, SKIPPED_KEY
 from internvl.data.encode import EncodeError, encode_conversation
 from internvl.data.images import ImageLoadError, load_image
-from internvl.data.records import (
-    BadRecordError,
-    ImagePathError,
-    ProblemTally,
-    RecordChecker,
-    RecordProblem,
-    image_paths,
-    parse_record_line,
-    read_jsonl,
-    resolve_image,
-)
+from internvl.data.records import (BadRecordError, ImagePathError, ProblemTally, RecordChecker, RecordProblem,
+                                   image_paths, iter_records, parse_record_line, resolve_image)
 from internvl.data.registry import DatasetSpec, load_meta
 from internvl.data.transforms import AugmentConfig, BoxAwareAugment
 from internvl.image_processing import ImageSettings, dummy_pixel_values, images_to_pixel_values, num_image_tokens
@@ -120,21 +111,8 @@ class MedRegDataset(Dataset):
         wanted = spec.select_lines(n_lines)
         limit = max(wanted) + 1 if wanted else 0
         checker = RecordChecker(image_root=spec.root, image_check=image_check)
-        good: set[int] = set()
-        for line, item in read_jsonl(spec.annotation):
-            if line == 0 or line > limit:
-                if line == 0:  # the file itself could not be read
-                    raise BadRecordError([item])  # type: ignore[list-item]
-                break
-            self.tally.seen += 1
-            problems = [item] if isinstance(item, RecordProblem) else checker.check(item, file=self.file, line=line)
-            if problems:
-                if strict:
-                    raise BadRecordError(problems)
-                self.tally.add(problems)
-                continue
-            self.tally.kept += 1
-            good.add(line - 1)
+        good = {line - 1 for line, _ in iter_records(self.file, checker, strict=strict, tally=self.tally,
+                                                      last_line=limit)}
         self._lines = np.asarray([i for i in wanted if i in good], dtype=np.int64)
         if self.tally.skipped:
             logger.warning("%s (%s): %s", spec.name, self.file, self.tally.summary())

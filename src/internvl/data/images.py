@@ -347,10 +347,13 @@ def _nifti_image(path: Path):
         raise ImageLoadError(path, f"corrupt or unsupported NIfTI file ({type(exc).__name__}: {exc})") from exc
 
 
-def _slice_plan(img, axis: str):
-    """For an anatomical ``axis``: (array axis to index, its length, its direction, in-plane axes)."""
+def _slice_plan(img, axis: str, path: Path):
+    """For an anatomical ``axis``: (orientation, array axis to index, 3D shape, in-plane axes); a shape that is not
+    2D, 3D or 4D with at least one volume is an :class:`ImageLoadError`."""
     import nibabel as nib
 
+    if len(img.shape) < 2 or len(img.shape) > 4 or (len(img.shape) == 4 and img.shape[3] < 1):
+        raise ImageLoadError(path, f"unsupported NIfTI shape {img.shape}: expected 2D, 3D or 4D")
     if axis not in _AXES:
         raise ValueError(f"axis must be one of {', '.join(_AXES)}, got {axis!r}")
     shape = img.shape[:3] if len(img.shape) >= 3 else (*img.shape, 1)
@@ -389,9 +392,7 @@ def volume_slice(path: str | Path, *, axis: str = "axial", slice_index: int | No
     path = Path(path)
     img = _nifti_image(path)
     shape = img.shape
-    if len(shape) < 2 or len(shape) > 4 or (len(shape) == 4 and shape[3] < 1):
-        raise ImageLoadError(path, f"unsupported NIfTI shape {shape}: expected 2D, 3D or 4D")
-    ornt, fixed, shape3, in_plane = _slice_plan(img, axis)
+    ornt, fixed, shape3, in_plane = _slice_plan(img, axis, path)
     n = shape3[fixed]
     canon = n // 2 if slice_index is None else slice_index
     if not 0 <= canon < n:
@@ -548,9 +549,7 @@ def _probe(path: Path, axis: str) -> ImageInfo:
             raise ImageLoadError(path, f"DICOM header lacks valid Rows/Columns ({exc})") from exc
     if kind == "nifti":
         img = _nifti_image(path)
-        if len(img.shape) < 2 or len(img.shape) > 4:
-            raise ImageLoadError(path, f"unsupported NIfTI shape {img.shape}: expected 2D, 3D or 4D")
-        ornt, _, shape3, in_plane = _slice_plan(img, axis)
+        ornt, _, shape3, in_plane = _slice_plan(img, axis, path)
         rows, cols, spacing = _display_geometry(img, ornt, shape3, in_plane)
         width, height = _aspect_size((rows, cols), spacing)
         frames = img.shape[3] if len(img.shape) == 4 else 1

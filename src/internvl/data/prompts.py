@@ -112,17 +112,16 @@ def _fill(template: str, where: str, **values: Any) -> str:
         raise PromptError(f"{where}: template needs field {exc.args[0]!r}: {template!r}") from None
 
 
-def _join_turn(base: str, question: str, n_images: int) -> str:
-    prefix = IMAGE_PLACEHOLDER + "\n"
-    body = prefix * n_images + question
-    if not base:
-        return body
-    last = base[-1]
-    sep = "" if last.isspace() or ord(last) >= 0x2E80 else " "  # no space after a newline or CJK punctuation
+def _join_turn(base: str, question: str, n_images: int, where: str) -> str:
+    """The first human turn (see the module docstring); :class:`PromptError` when it has no text."""
+    body = (IMAGE_PLACEHOLDER + "\n") * n_images + question
+    sep = "" if not base or base[-1].isspace() or ord(base[-1]) >= 0x2E80 else " "  # none after a newline/CJK mark
+    if not (base + body).strip():
+        raise PromptError(f"{where}: the question is empty")
     return base + sep + body
 
 
-def _options_text(options: Sequence[str] | None, notes: Sequence[str] | None, what: str) -> list[str]:
+def _options_text(options: Sequence[str] | None, what: str) -> list[str]:
     if not options or isinstance(options, str):
         raise PromptError(f"{what}: 'options' must be a list of at least 2 strings")
     opts = [str(o).strip() for o in options]
@@ -144,7 +143,7 @@ def render_base_prompt(task: str, lang: str = "en", *, modality: str | None = No
     values: dict[str, Any] = {}
     if tp.family == "classification":
         where = f"{task} ({lang})"
-        opts = _options_text(options, notes, where)
+        opts = _options_text(options, where)
         if not modality:
             raise PromptError(f"{where}: needs 'modality'")
         wording = tp.targets.get(key or "disease")
@@ -205,7 +204,7 @@ def _prepare(task: str, lang: str, given: dict[str, Any], image: Any, target: st
 
 
 def _choice_options(b: _Build, options: Sequence[str] | None) -> tuple[list[str], str]:
-    opts = _options_text(options, None, b.where)
+    opts = _options_text(options, b.where)
     if len(opts) > len(string.ascii_uppercase):
         raise PromptError(f"{b.where}: at most 26 options")
     block = "\n".join(_fill(b.tp.strings["option_line"], b.where, letter=letter, option=o)
@@ -259,7 +258,7 @@ def _render_question(b: _Build, *, question: Any, options: Any, modality: str | 
     return _fill(b.pick(tp.question_templates()), b.where, objects=refs)  # grounded organ / lesion
 
 
-def _render_answer(b: _Build, *, answer: Any, options: Any, label: Any, labels: Any, notes: Any,
+def _render_answer(b: _Build, *, answer: Any, options: Any, label: Any, labels: Any,
                    regs: list[Region] | None, findings: Any, impression: Any, text: Any, box_units: str,
                    width: int | None, height: int | None) -> str:
     tp, s, where = b.tp, b.tp.strings, b.where
@@ -287,7 +286,7 @@ def _render_answer(b: _Build, *, answer: Any, options: Any, label: Any, labels: 
             raise PromptError(f"{where}: needs 'findings' (and optionally 'impression') or 'text'")
         return _fill(tp.answer, where, text=body)
     if tp.family == "classification":
-        opts = _options_text(options, notes, where)
+        opts = _options_text(options, where)
         if tp.task == "classify_single":
             if str(label).strip() not in opts:
                 raise PromptError(f"{where}: label {label!r} is not one of the options {opts}")
@@ -347,10 +346,7 @@ def build_question(task: str, lang: str = "en", *, n_images: int = 1, question: 
                               variant=prompt_variant) if include_base_prompt else ""
     if n_images < 0:
         raise PromptError(f"{b.where}: n_images must be >= 0")
-    human = _join_turn(base, q, n_images)
-    if not human.strip():
-        raise PromptError(f"{b.where}: the question is empty")
-    return human
+    return _join_turn(base, q, n_images, b.where)
 
 
 def build_record(task: str, lang: str = "en", *, image: str | Sequence[str] | None = None,
@@ -387,7 +383,7 @@ def build_record(task: str, lang: str = "en", *, image: str | Sequence[str] | No
     base = render_base_prompt(task, lang, modality=modality, options=options, notes=notes, target=target,
                               variant=prompt_variant) if include_base_prompt else ""
     q = _render_question(b, question=question, options=options, modality=modality, regs=regs, objects=None)
-    ans = _render_answer(b, answer=answer, options=options, label=label, labels=labels, notes=notes, regs=regs,
+    ans = _render_answer(b, answer=answer, options=options, label=label, labels=labels, regs=regs,
                          findings=findings, impression=impression, text=text, box_units=box_units, width=width,
                          height=height)
     if b.tp.family == "report" and not b.images:
@@ -405,8 +401,6 @@ def build_record(task: str, lang: str = "en", *, image: str | Sequence[str] | No
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise PromptError(f"{b.where}: {name} must be a positive integer, got {value!r}")
             record[name] = value
-    human = _join_turn(base, q, len(b.images))
-    if not human.strip():
-        raise PromptError(f"{b.where}: the question is empty")
+    human = _join_turn(base, q, len(b.images), b.where)
     record["conversations"] = [{"from": "human", "value": human}, {"from": "gpt", "value": ans}]
     return record

@@ -30,14 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from internvl.constants import IMAGE_PLACEHOLDER
-from internvl.data.bounded_json import (
-    LIMITS,
-    InputLimits,
-    JSONLimitError,
-    LimitedJSONDecoder,
-    find_lone_surrogate,
-    loads_limited,
-)
+from internvl.data.bounded_json import (LIMITS, InputLimits, JSONLimitError, LimitedJSONDecoder, find_lone_surrogate,
+                                        loads_limited)
 from internvl.data.images import ImageLoadError, load_image, probe_image
 from internvl.regions import RegionError, parse_regions
 
@@ -455,9 +449,9 @@ class ProblemTally:
 
 
 def iter_records(path: str | Path, checker: RecordChecker | None = None, *, strict: bool = True,
-                 tally: ProblemTally | None = None, on_problem: Callable[[RecordProblem], None] | None = None
-                 ) -> Iterator[tuple[int, dict]]:
-    """Yield ``(line, record)`` for the good records of a jsonl file.
+                 tally: ProblemTally | None = None, on_problem: Callable[[RecordProblem], None] | None = None,
+                 last_line: int | None = None) -> Iterator[tuple[int, dict]]:
+    """Yield ``(line, record)`` for the good records of a jsonl file (up to ``last_line``; later lines are not read).
 
     Strict: raise :class:`BadRecordError` at the first bad line. Lenient: skip it, count its problems in
     ``tally`` (required, so skips are always reported) and pass each problem to ``on_problem`` if given.
@@ -466,6 +460,8 @@ def iter_records(path: str | Path, checker: RecordChecker | None = None, *, stri
         raise ValueError("lenient mode needs a ProblemTally so that skipped records are reported")
     checker = checker or RecordChecker()
     for line, item in read_jsonl(path):
+        if last_line is not None and line > last_line:
+            return
         if tally is not None and line > 0:
             tally.seen += 1
         problems = [item] if isinstance(item, RecordProblem) else checker.check(item, file=path, line=line)

@@ -29,12 +29,11 @@ import numpy as np
 from PIL import Image
 
 from internvl.constants import BOX_SCALE
-from internvl.regions import Box, box_to_pixels, has_regions, map_boxes, parse_box_list, pixels_to_box
+from internvl.regions import Box, box_to_pixels, has_regions, map_boxes, pixels_to_box
 
 __all__ = ["AugmentConfig", "BoxAwareAugment", "CropBox", "sample_crop", "crop_box", "flip_box", "LATERALITY_RE"]
 
 LATERALITY_RE = re.compile(r"\b(left|right|bilateral|ipsilateral|contralateral)\b|左|右", re.IGNORECASE)
-_BOX_LIST_TEXT_RE = re.compile(r"\[\s*\[\s*\d+(?:\s*,\s*\d+)*\s*\](?:\s*,\s*\[\s*\d+(?:\s*,\s*\d+)*\s*\])*\s*\]")
 
 
 @dataclass(frozen=True)
@@ -113,10 +112,10 @@ def flip_box(box: Box) -> Box:
 
 
 def _boxes_in(turns: Sequence[Mapping[str, Any]]) -> list[Box]:
+    """Every numeric box of the turns: the ones :func:`~internvl.regions.map_boxes` moves."""
     boxes: list[Box] = []
     for turn in turns:
-        for m in _BOX_LIST_TEXT_RE.finditer(str(turn["value"])):
-            boxes.extend(parse_box_list(m.group(0)))
+        map_boxes(str(turn["value"]), lambda b: boxes.append(b) or b)
     return boxes
 
 

@@ -30,21 +30,11 @@ from PIL import Image
 
 from internvl.constants import IMAGE_PLACEHOLDER
 from internvl.demo.drawing import draw_regions
-from internvl.demo.limits import (
-    check_fields,
-    check_prompt_budget,
-    public_message,
-    scrub_paths,
-)
+from internvl.demo.limits import check_fields, check_prompt_budget, public_message, scrub_paths
 from internvl.demo.render import answer_html, escape, region_name_label
 from internvl.demo.strings import LANGS, text
 from internvl.demo.tasks import TASKS, build_prompt, follow_up_prompt, task_label
-from internvl.demo.uploads import (
-    UserInputError,
-    box_from_drawing,
-    load_upload,
-    parse_typed_box,
-)
+from internvl.demo.uploads import UserInputError, box_from_drawing, load_upload, parse_typed_box
 from internvl.inference import GenerationRequest, GenerationSettings, Generator
 from internvl.regional_cot import regional_cot
 from internvl.regions import Box, Region, parse_regions

@@ -13,10 +13,10 @@ with ``FILE:LINE: reason`` (the original silently replaced a missing image by no
 Each rank answers records ``rank::world_size``; rank 0 gathers the answers (``all_gather_object`` over the process
 group torchrun set up: gloo on CPU, NCCL on GPU) and writes the file.
 
-Nothing is lost: ``--out`` is checked before the model is loaded (:func:`check_out_dir`: not a file, not the batch
-file itself); every rank appends its answers as they come to ``DIR/demo_<time>.rank<R>.jsonl`` (flushed and fsynced
-per batch, like ``medrega-eval run``), and the final list is written to a temporary name and renamed. Every file name
-is reserved atomically, so two runs finishing in the same second get ``demo_<time>.json`` and ``demo_<time>-1.json``.
+Nothing is lost: ``--out`` is checked before the model is loaded (not a file, not the batch file itself); every rank
+appends its answers as they come to ``DIR/demo_<time>.rank<R>.jsonl`` (flushed and fsynced per batch, like
+``medrega-eval run``), and the final list is written to a temporary name and renamed. Every file name is reserved
+atomically, so two runs finishing in the same second get ``demo_<time>.json`` and ``demo_<time>-1.json``.
 """
 from __future__ import annotations
 
@@ -28,15 +28,10 @@ from typing import Any
 
 from internvl.data.images import ImageLoadError, load_image
 from internvl.data.records import RecordChecker, RecordProblem, read_jsonl
-from internvl.io_safety import (
-    append_jsonl,
-    atomic_write_text,
-    check_output_dir,
-    unique_file,
-)
+from internvl.io_safety import append_jsonl, atomic_write_text, unique_file
 from internvl.regions import Region, parse_regions
 
-__all__ = ["BatchError", "BatchItem", "check_out_dir", "read_batch_file", "regions_json", "run_batch", "stream_path",
+__all__ = ["BatchError", "BatchItem", "read_batch_file", "regions_json", "run_batch", "stream_path",
            "write_results"]
 
 IMAGE_KEYS = ("axis", "slice_index", "frame", "window")
@@ -76,11 +71,9 @@ def read_batch_file(path: str | Path, *, check_images: bool = True) -> list[Batc
         problems = [rec] if isinstance(rec, RecordProblem) else checker.check(rec, file=path, line=line)
         if problems:
             raise BatchError("; ".join(str(p) for p in problems))
-        turns = rec["conversations"]
-        human = next((t["value"] for t in turns if t.get("from") == "human"), None)
-        if not human or not str(human).strip():
-            raise BatchError(f"{path}:{line}: no non-empty human turn to ask")
-        gt = next((t["value"] for t in turns if t.get("from") == "gpt"), "")
+        turns = rec["conversations"]  # checked: human first, no empty turn
+        human = turns[0]["value"]
+        gt = turns[1]["value"] if len(turns) > 1 else ""
         image = rec.get("image")
         if isinstance(image, list):
             if len(image) != 1:
@@ -125,11 +118,6 @@ def regions_json(text: str) -> list[dict[str, Any]]:
     """Boxes found in ``text`` (tagged or tag-stripped form; malformed parts are ignored) as JSON-able dicts."""
     regions: list[Region] = parse_regions(text, strict=False)
     return [{"name": r.name, "boxes": [[b.x1, b.y1, b.x2, b.y2] for b in r.boxes]} for r in regions]
-
-
-def check_out_dir(out_dir: str | Path, batch_file: str | Path) -> Path:
-    """Refuse ``--out`` before any work: a file, the batch file itself, or a folder inside it (OutputPathError)."""
-    return check_output_dir(out_dir, inputs=[batch_file], must_be_empty=False, inputs_inside_ok=True, what="--out")
 
 
 def stream_path(out_dir: str | Path, stamp: str, rank: int) -> Path:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -76,18 +75,19 @@ def public_message(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {scrub_paths(str(exc))[:300]}"
 
 
-class UploadFolder:
+class UploadFolder(tempfile.TemporaryDirectory):
     """A private temporary folder for this server's uploads (given to gradio as ``GRADIO_TEMP_DIR``), removed
-    with everything in it by :meth:`cleanup` at shutdown."""
+    with everything in it by :meth:`cleanup` at shutdown (``with UploadFolder() as folder`` gives the folder)."""
 
     def __init__(self, prefix: str = "medrega-demo-uploads-") -> None:
-        self.path = Path(tempfile.mkdtemp(prefix=prefix))
+        super().__init__(prefix=prefix, ignore_cleanup_errors=True)
+        self.path = Path(self.name)
         self._previous = os.environ.get("GRADIO_TEMP_DIR")
         os.environ["GRADIO_TEMP_DIR"] = str(self.path)
 
     def cleanup(self) -> None:
         """Delete the folder and restore the previous ``GRADIO_TEMP_DIR``."""
-        shutil.rmtree(self.path, ignore_errors=True)
+        super().cleanup()
         if self._previous is None:
             os.environ.pop("GRADIO_TEMP_DIR", None)
         else:
@@ -95,6 +95,3 @@ class UploadFolder:
 
     def __enter__(self) -> "UploadFolder":
         return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.cleanup()

@@ -30,12 +30,13 @@ from typing import Any
 import yaml
 
 from internvl.data.records import RecordChecker, RecordProblem, image_paths, read_jsonl, resolve_image
+from medrega_eval.metrics.text import has_cjk
+from medrega_eval.score import SUBTYPES, TASKS
 
 __all__ = ["Benchmark", "BenchmarkError", "MissingData", "Sample", "load_registry", "data_dir_from", "load_samples",
            "reference_labels"]
 
 HERE = Path(__file__).resolve().parent
-TASKS = ("vqa", "report", "classification", "region2text", "text2region", "grounded_report")
 KEYS = {"task", "annotation", "image_root", "lang", "subtype", "prompt", "options", "multilabel", "metrics", "size",
         "download", "roots", "description"}
 
@@ -132,8 +133,8 @@ def _check_entry(name: str, entry: Any, file: str) -> Benchmark:
         raise BenchmarkError(f"{where}: task {entry['task']!r} is not one of {', '.join(TASKS)}")
     if entry.get("lang", "auto") not in ("auto", "en", "zh"):
         raise BenchmarkError(f"{where}: lang must be en, zh or auto")
-    if entry.get("subtype") not in (None, "ss", "sm", "ms", "mm"):
-        raise BenchmarkError(f"{where}: subtype must be ss, sm, ms or mm")
+    if entry.get("subtype") not in (None, *SUBTYPES):
+        raise BenchmarkError(f"{where}: subtype must be one of {', '.join(SUBTYPES)}")
     options = entry.get("options")
     if entry["task"] == "classification":
         ok = (options == "from_references" or (isinstance(options, list) and options)
@@ -234,18 +235,13 @@ def _sample(bench: Benchmark, rec: dict, ann: Path, line: int, image_root: Path,
             seen: dict[str, int]) -> Sample | RecordProblem:
     """One annotation record -> a Sample, or the RecordProblem that keeps it out."""
     file = str(ann)
-    conv = rec.get("conversations")
-    if not (isinstance(conv, list) and len(conv) >= 2 and isinstance(conv[0], dict) and isinstance(conv[1], dict)
-            and conv[0].get("from") == "human" and conv[1].get("from") == "gpt"
-            and isinstance(conv[0].get("value"), str) and isinstance(conv[1].get("value"), str)):
-        return RecordProblem(file, line, "bad-conversations",
-                             "expected conversations [{from: human, value}, {from: gpt, value}, ...]")
     for key, types in (("answer_type", (str,)), ("image", (str, list)), ("lang", (str,))):
         if rec.get(key) is not None and not isinstance(rec[key], types):
             return RecordProblem(file, line, "bad-field", f"{key!r} has the wrong type ({type(rec[key]).__name__})")
     checked = RecordChecker(image_root=image_root, image_check="none").check(rec, file=file, line=line)
-    if checked:  # the same record rules as training and `medrega-data check` (boxes, fields, placeholders)
+    if checked:  # the record rules of training and `medrega-data check`: human/gpt turns, fields, placeholders, boxes
         return checked[0]
+    conv = rec["conversations"]  # checked: alternating human/gpt turns with text, ending with an answer
     rid = str(rec.get("id", f"{ann.name}:{line}"))
     if rid in seen:
         return RecordProblem(file, line, "duplicate-id", f"id {rid!r} already used at line {seen[rid]}")
@@ -262,8 +258,6 @@ def _sample(bench: Benchmark, rec: dict, ann: Path, line: int, image_root: Path,
         paths.append(p)
     lang = rec.get("lang") if rec.get("lang") in ("en", "zh") else (None if bench.lang == "auto" else bench.lang)
     if lang is None:
-        from medrega_eval.metrics.text import has_cjk
-
         lang = "zh" if has_cjk(conv[1]["value"]) or has_cjk(conv[0]["value"]) else "en"
     hw = [rec["height"], rec["width"]] if isinstance(rec.get("height"), int) and isinstance(rec.get("width"), int) \
         else None

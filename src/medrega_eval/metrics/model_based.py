@@ -100,30 +100,35 @@ def _embed(ids: list[list[int]], tokenizer, model, layer: int | None, batch_size
     return out
 
 
+def _idf(id_lists: Sequence[list[int]]):
+    """bert-score's idf over ``id_lists`` as a function ``ids -> weights``: log((M + 1) / (df + 1)) per token."""
+    m = len(id_lists)
+    df = Counter(t for ids in id_lists for t in set(ids))
+    return lambda ids: np.array([math.log((m + 1) / (df[t] + 1)) for t in ids])
+
+
+def _greedy_f1(c_vec: np.ndarray, r_vec: np.ndarray, wc: np.ndarray, wr: np.ndarray) -> float:
+    """Weighted greedy-matching F1 of two L2-normalized token embedding sets (0 where it is 0/0, as bert-score)."""
+    sim = c_vec @ r_vec.T
+    with np.errstate(invalid="ignore", divide="ignore"):
+        p = (sim.max(axis=1) * wc).sum() / wc.sum()
+        r = (sim.max(axis=0) * wr).sum() / wr.sum()
+        f = float(2 * p * r / (p + r))
+    return 0.0 if math.isnan(f) else f
+
+
 def _greedy_scores(cand_enc, ref_enc, idf: bool) -> tuple[float, list[float]]:
-    weights: dict[int, float] = {}
-    if idf:
-        df = Counter(t for ids, _ in ref_enc for t in set(ids))
-        m = len(ref_enc)
-        weights = {t: math.log((m + 1) / (c + 1)) for t, c in df.items()}
-        default = math.log(m + 1)  # a token no reference contains
-
-    def weight(ids: list[int]) -> np.ndarray:
-        return np.array([weights.get(t, default) for t in ids]) if idf else np.ones(len(ids))
-
+    weight = _idf([ids for ids, _ in ref_enc]) if idf else (lambda ids: np.ones(len(ids)))
     scores = []
     for (c_ids, c_vec), (r_ids, r_vec) in zip(cand_enc, ref_enc):
         if not c_ids or not r_ids:
             scores.append(0.0)
             continue
-        sim = c_vec @ r_vec.T
         wc, wr = weight(c_ids), weight(r_ids)
         # idf is degenerate when every token occurs in every reference (e.g. a one-sample corpus): uniform weights
         wc = wc if wc.sum() > 0 else np.ones(len(c_ids))
         wr = wr if wr.sum() > 0 else np.ones(len(r_ids))
-        p = float((sim.max(axis=1) * wc).sum() / wc.sum())
-        r = float((sim.max(axis=0) * wr).sum() / wr.sum())
-        scores.append(2 * p * r / (p + r) if p + r > 0 else 0.0)
+        scores.append(_greedy_f1(c_vec, r_vec, wc, wr))
     return float(np.mean(scores)), scores
 
 
@@ -136,22 +141,11 @@ def _bertscore_original(candidates, references, tokenizer, model, layer, batch_s
         return tokenizer.encode(text, add_special_tokens=True, truncation=True,
                                 max_length=min(tokenizer.model_max_length, 10**6))
 
-    def embed(texts: Sequence[str]) -> list[tuple[list[int], np.ndarray]]:
-        ids = [ids_of(t) for t in texts]
+    def embed(ids: list[list[int]]) -> list[tuple[list[int], np.ndarray]]:
         return list(zip(ids, _embed(ids, tokenizer, model, layer, batch_size, device)))
 
-    m = len(candidates)
-    df = Counter(t for c in candidates for t in set(ids_of(c)))
-    weights = {t: math.log((m + 1) / (c + 1)) for t, c in df.items()}
-    default = math.log(m + 1)
-    scores = []
-    for (c_ids, c_vec), (r_ids, r_vec) in zip(embed(candidates), embed(references)):
-        sim = c_vec @ r_vec.T
-        wc = np.array([weights.get(t, default) for t in c_ids])
-        wr = np.array([weights.get(t, default) for t in r_ids])
-        with np.errstate(invalid="ignore", divide="ignore"):
-            p = float((sim.max(axis=1) * wc).sum() / wc.sum())
-            r = float((sim.max(axis=0) * wr).sum() / wr.sum())
-            f = 2 * p * r / (p + r)
-        scores.append(0.0 if math.isnan(f) else f)
+    cand_ids = [ids_of(c) for c in candidates]
+    weight = _idf(cand_ids)  # idf over the candidates, as the original scorers call bert-score
+    scores = [_greedy_f1(c_vec, r_vec, weight(c_ids), weight(r_ids))
+              for (c_ids, c_vec), (r_ids, r_vec) in zip(embed(cand_ids), embed([ids_of(r) for r in references]))]
     return float(np.mean(scores)), scores

@@ -21,12 +21,13 @@ import io
 import re
 import unicodedata
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 from internvl.regions import Region, box_iou, box_to_pixels, parse_regions
+from medrega_eval.metrics.text import prf
 
 __all__ = ["NamedBox", "ParsedRegions", "parse_for_scoring", "box_iou", "hungarian_match", "RegionSample",
            "score_region_sample", "aggregate_regions", "coco_map50", "IOU_THRESHOLD"]
@@ -86,13 +87,6 @@ def hungarian_match(pred: Sequence[NamedBox], ref: Sequence[NamedBox]) -> list[t
     return [(int(i), int(j), float(iou[i, j])) for i, j in zip(rows, cols)]
 
 
-def _prf(tp: int, n_pred: int, n_ref: int) -> tuple[float, float, float]:
-    precision = tp / n_pred if n_pred else 0.0
-    recall = tp / n_ref if n_ref else 0.0
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return precision, recall, f1
-
-
 def _names_agree(a: str | None, b: str | None) -> bool:
     return a is not None and b is not None and a == b
 
@@ -120,9 +114,8 @@ class RegionSample:
     pairs: list[tuple[int, int, float]]
 
     def metrics(self) -> dict[str, float]:
-        keys = ("iou", "acc25", "acc50", "acc75", "precision", "recall", "f1", "object_precision", "object_recall",
-                "object_f1", "alignment_precision", "alignment_recall", "alignment_f1")
-        return {k: getattr(self, k) for k in keys}
+        """The scores (every ``float`` field, in order) by name."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.type == "float"}
 
 
 def _fill_names(pred: list[NamedBox], ref: Sequence[NamedBox]) -> list[NamedBox]:
@@ -143,13 +136,13 @@ def score_region_sample(pred: Sequence[NamedBox], ref: Sequence[NamedBox], unpar
     ious = [iou for _, _, iou in pairs]
     n_ref = len(ref)
     tp = sum(iou >= IOU_THRESHOLD for iou in ious)
-    precision, recall, f1 = _prf(tp, len(pred), n_ref)
+    precision, recall, f1 = prf(tp, len(pred), n_ref)
     pred_names = {p.name for p in pred if p.name}
     ref_names = {r.name for r in ref if r.name}
     common = len(pred_names & ref_names)
-    o_p, o_r, o_f = _prf(common, len(pred_names), len(ref_names)) if ref_names else (0.0, 0.0, 0.0)
+    o_p, o_r, o_f = prf(common, len(pred_names), len(ref_names))  # no reference name: common = 0, all 0.0
     aligned = sum(iou >= IOU_THRESHOLD and _names_agree(pred[i].name, ref[j].name) for i, j, iou in pairs)
-    a_p, a_r, a_f = _prf(aligned, len(pred), n_ref)
+    a_p, a_r, a_f = prf(aligned, len(pred), n_ref)
     return RegionSample(iou=sum(ious) / n_ref, acc25=sum(i >= 0.25 for i in ious) / n_ref,
                         acc50=sum(i >= 0.5 for i in ious) / n_ref, acc75=sum(i >= 0.75 for i in ious) / n_ref,
                         precision=precision, recall=recall, f1=f1, object_precision=o_p, object_recall=o_r,

@@ -6,8 +6,8 @@ Conventions (see docs/evaluation.md):
   the IU X-ray reports; a test checks it token for token when Java is present).
 - Chinese is segmented with jieba; whitespace and punctuation segments are dropped (`tokenize_zh`).
 - BLEU-1..4 and CIDEr-D are pycocoevalcap's own scorers fed with our tokens, so the numbers are pycocoevalcap's.
-- ROUGE-L is our LCS implementation because it must work on any token list (pycocoevalcap's convention, beta 1.2,
-  by default; rouge-score's F1, beta 1, for `--compat medrega`); tests prove equality with both libraries.
+- ROUGE-L is pycocoevalcap's `Rouge` fed with our tokens (beta 1.2); with beta 1 it equals rouge-score's F1 (a test
+  checks it), which `--compat medrega` uses directly.
 - METEOR is pycocoevalcap's METEOR 1.5 jar; it needs `java` and fails with `MetricUnavailable` otherwise.
 """
 from __future__ import annotations
@@ -26,8 +26,8 @@ from functools import lru_cache
 import numpy as np
 
 __all__ = ["MetricUnavailable", "PTB_PUNCTUATION", "tokenize_en", "tokenize_zh", "tokenize", "has_cjk", "text_language",
-           "lcs_length", "rouge_l", "corpus_rouge_l", "coco_bleu", "coco_cider", "coco_meteor", "sentence_bleu1",
-           "hf_bleu", "token_set_scores"]
+           "rouge_l", "corpus_rouge_l", "coco_bleu", "coco_cider", "coco_meteor", "sentence_bleu1",
+           "hf_bleu", "token_set_scores", "prf"]
 
 
 class MetricUnavailable(RuntimeError):
@@ -157,39 +157,21 @@ def tokenize(text: str, lang: str) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------------- ROUGE-L
-def lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
-    """Length of the longest common subsequence of two token lists (O(len(a)*len(b)) time, O(min) memory)."""
-    if len(a) < len(b):
-        a, b = b, a
-    prev = [0] * (len(b) + 1)
-    for x in a:
-        cur = [0]
-        for j, y in enumerate(b, 1):
-            cur.append(prev[j - 1] + 1 if x == y else max(prev[j], cur[j - 1]))
-        prev = cur
-    return prev[-1]
-
-
 def rouge_l(candidate: Sequence[str], references: Sequence[Sequence[str]], beta: float = 1.2) -> float:
-    """Sentence ROUGE-L F-measure with recall weight `beta`.
-
-    With several references, precision and recall are each maximised over references before combining - the
-    pycocoevalcap rule (beta 1.2 is its default). With one reference and beta 1 this is rouge-score's `rougeL`
-    F-measure. An empty candidate or reference scores 0.
+    """Sentence ROUGE-L F-measure with recall weight `beta`: pycocoevalcap's ``Rouge.calc_score`` on the tokens
+    (LCS; with several references precision and recall are each maximised before combining; its beta is 1.2). With
+    one reference and beta 1 this is rouge-score's `rougeL` F-measure. An empty candidate or reference scores 0.
+    Tokens hold no spaces (pycocoevalcap splits the joined text on them), as every tokenizer here gives them.
     """
+    from pycocoevalcap.rouge.rouge import Rouge
+
     if not references:
         raise ValueError("rouge_l needs at least one reference")
     if not candidate:
-        return 0.0
-    precisions, recalls = [], []
-    for ref in references:
-        lcs = lcs_length(ref, candidate) if ref else 0
-        precisions.append(lcs / len(candidate))
-        recalls.append(lcs / len(ref) if ref else 0.0)
-    p, r = max(precisions), max(recalls)
-    if p == 0 or r == 0:
-        return 0.0
-    return (1 + beta**2) * p * r / (r + beta**2 * p)
+        return 0.0  # (joined, "" would match an empty reference)
+    scorer = Rouge()
+    scorer.beta = beta
+    return float(scorer.calc_score([" ".join(candidate)], [" ".join(ref) for ref in references]))
 
 
 def corpus_rouge_l(candidates: Sequence[Sequence[str]], references: Sequence[Sequence[Sequence[str]]], beta: float = 1.2
@@ -357,8 +339,12 @@ def token_set_scores(pred_tokens: Sequence[str], ref_tokens: Sequence[str]) -> d
     Sets, not bags: repeated words count once. Empty reference -> recall 0 (and a warning is the caller's job).
     """
     p, r = set(pred_tokens), set(ref_tokens)
-    common = len(p & r)
-    precision = common / len(p) if p else 0.0
-    recall = common / len(r) if r else 0.0
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    precision, recall, f1 = prf(len(p & r), len(p), len(r))
     return {"precision": precision, "recall": recall, "f1": f1}
+
+
+def prf(hits: int, n_pred: int, n_ref: int) -> tuple[float, float, float]:
+    """Precision ``hits / n_pred``, recall ``hits / n_ref`` and their F1 (each 0.0 where its denominator is 0)."""
+    precision = hits / n_pred if n_pred else 0.0
+    recall = hits / n_ref if n_ref else 0.0
+    return precision, recall, 2 * precision * recall / (precision + recall) if precision + recall else 0.0

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from medrega_eval.metrics.text import sentence_bleu1, token_set_scores, tokenize_zh
+from medrega_eval.metrics.text import _get_jieba, sentence_bleu1, token_set_scores, tokenize_zh
 
 __all__ = ["VQASample", "normalize_en", "medrega_clean_en", "vqa_tokens", "score_vqa_sample", "aggregate_vqa",
            "says_not_visible"]
@@ -81,8 +81,6 @@ def vqa_tokens(text: str, lang: str, compat: str | None = None) -> list[str]:
         return (medrega_clean_en(text) if compat == "medrega" else normalize_en(text)).split()
     if lang == "zh":
         if compat == "medrega":
-            from medrega_eval.metrics.text import _get_jieba
-
             return list(_get_jieba().cut(text))  # raw jieba segments, spaces included, as the original
         return tokenize_zh(text)
     raise ValueError(f"unknown language {lang!r}; expected 'en' or 'zh'")

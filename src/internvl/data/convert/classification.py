@@ -17,18 +17,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from internvl.data.convert import (
-    ConvertError,
-    ConvertOptions,
-    ConvertReport,
-    add_common_arguments,
-    build_or_skip,
-    check_task,
-    common_options,
-    finish_report,
-    read_csv,
-    write_output,
-)
+from internvl.data.convert import (ConvertError, ConvertOptions, ConvertReport, add_common_arguments, build_or_skip,
+                                   check_task, common_options, finish_report, read_csv, write_output)
 
 NAME = "classification"
 HELP = "class folders or a label CSV -> classify_single / classify_multi records"

@@ -13,18 +13,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from internvl.data.convert import (
-    ConvertError,
-    ConvertOptions,
-    ConvertReport,
-    add_common_arguments,
-    build_or_skip,
-    build_records,
-    check_task,
-    common_options,
-    read_json,
-    write_output,
-)
+from internvl.data.convert import (ConvertError, ConvertOptions, ConvertReport, add_common_arguments, build_or_skip,
+                                   build_records, check_task, common_options, read_json, write_output)
 from internvl.regions import pixels_to_box
 
 NAME = "coco"

@@ -26,16 +26,8 @@ import numpy as np
 import pydicom
 from PIL import Image
 
-from internvl.data.convert import (
-    ConvertError,
-    ConvertOptions,
-    ConvertReport,
-    add_common_arguments,
-    build_records,
-    check_task,
-    common_options,
-    write_output,
-)
+from internvl.data.convert import (ConvertError, ConvertOptions, ConvertReport, add_common_arguments, build_records,
+                                   check_task, common_options, write_output)
 from internvl.data.images import ImageLoadError, detect_format, load_image, probe_image, volume_slice
 from internvl.regions import pixels_to_box
 

@@ -20,17 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from internvl.data.convert import (
-    ConvertError,
-    ConvertOptions,
-    ConvertReport,
-    add_common_arguments,
-    build_records,
-    check_task,
-    common_options,
-    read_csv,
-    write_output,
-)
+from internvl.data.convert import (ConvertError, ConvertOptions, ConvertReport, add_common_arguments, build_records,
+                                   check_task, common_options, read_csv, write_output)
 from internvl.data.images import ImageLoadError, probe_image
 from internvl.regions import box_iou
 

@@ -15,16 +15,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from internvl.data.convert import (
-    ConvertError,
-    ConvertOptions,
-    ConvertReport,
-    add_common_arguments,
-    build_or_skip,
-    common_options,
-    read_json,
-    write_output,
-)
+from internvl.data.convert import (ConvertError, ConvertOptions, ConvertReport, add_common_arguments, build_or_skip,
+                                   common_options, read_json, write_output)
 
 NAME = "vqa"
 HELP = "SLAKE / VQA-RAD-style VQA json -> vqa_open / vqa_closed / vqa_choice records"
