@@ -242,7 +242,10 @@ def run_recipe_case(case: RecipeCase, config, *, batch: int, seq: int, steps: in
     the profiler's overhead; the tokens/s of a profiled run are not comparable with an unprofiled one)."""
     from internvl.train.arguments import MedRegTrainingArguments
     from internvl.train.cli import release_deepspeed_config, speedups_from_args
+    from accelerate.state import AcceleratorState
     from deepspeed.utils import z3_leaf_module
+    from torch.distributed.fsdp import FSDPModule
+
     from internvl.train.trainer import MedRegTrainer
 
     cuda = torch.cuda.is_available()
@@ -272,11 +275,16 @@ def run_recipe_case(case: RecipeCase, config, *, batch: int, seq: int, steps: in
                                 fused_lm_loss=model_args.fused_lm_loss, speedups=speedups_from_args(model_args),
                                 callbacks=[clock] + ([StepProfile(warmup, out / f"profile_{case.name.replace(' ', '_')}.txt")]
                                                      if profile else []))
+        if engine.fsdp and not cuda:
+            fsdp_on_cpu(trainer)
         try:
             trainer.train()
         finally:
             release_deepspeed_config(args)
+            if engine.fsdp and not cuda:
+                AcceleratorState._reset_state(reset_partial_state=True)
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    grad_norms = [float(e["grad_norm"]) for e in trainer.state.log_history if "grad_norm" in e]
     timed = data[warmup:]
     flops = sum(recipe_step_flops(shape, tokens=b.real_tokens, supervised=b.supervised, doc_lengths=b.doc_lengths,
                                   images=b.pixel_values.shape[0], lora=lora_params(config, case.lora))
@@ -284,18 +292,44 @@ def run_recipe_case(case: RecipeCase, config, *, batch: int, seq: int, steps: in
     tokens = sum(b.real_tokens for b in timed)
     seconds = clock.seconds or float("nan")
     row = {"case": case.name, "model": case.model, "engine": case.engine, "lora": case.lora, "steps": steps,
-           "seconds": seconds, "tokens_per_s": tokens / seconds, "losses": losses,
+           "seconds": seconds, "tokens_per_s": tokens / seconds, "losses": losses, "grad_norms": grad_norms,
            "mfu": mfu(flops, seconds, peak_flops) if clock.seconds else float("nan"),
            "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"),
            "params": sum(p.numel() for p in model.parameters()),
            "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
-           "z3_leaf_layers": sum(z3_leaf_module(m) for m in model.modules())}
+           "z3_leaf_layers": sum(z3_leaf_module(m) for m in model.modules()),
+           "fsdp_units": sum(isinstance(m, FSDPModule) for m in model.modules()),
+           "fused_head": trainer._fused_head() is not None}
     _release(trainer)
     trainer = model = None
     # dynamo's caches go too: a whole-model compile's guards hold this model, and a layer class seen before at other
     # sizes would be recompiled with dynamic shapes (each case compiles static shapes, from inductor's cache if any)
     free(reset_compiled=True)
     return row
+
+
+def fsdp_on_cpu(trainer) -> None:
+    """Make the Trainer's accelerator apply FSDP on the CPU (the CPU tests of the `fsdp2` engine).
+
+    accelerate enables FSDP only for GPU-type distributed setups: under `use_cpu` (gloo) it drops the FSDP plugin the
+    Trainer built from `--fsdp_config` and the `fsdp2` case silently trains the unsharded model. This puts that plugin
+    (with the run's mixed precision) on the accelerator's state, so `Accelerator.prepare` runs accelerate's own
+    `fsdp2_prepare_model` (`fully_shard` of the wrap policy's layers, the embedding and the [final norm, LM head] tail,
+    then the root) exactly as on CUDA. Call after the Trainer is built, before `train()`; the caller resets the state
+    afterwards (`AcceleratorState._reset_state`)."""
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    if trainer.args.fsdp_plugin_args is None:
+        raise ValueError("fsdp_on_cpu: the Trainer was built without an --fsdp_config")
+    state = trainer.accelerator.state
+    plugin = FullyShardedDataParallelPlugin(**trainer.args.fsdp_plugin_args)
+    if state.mixed_precision != "no":
+        plugin.set_mixed_precision(state.mixed_precision)
+    state.fsdp_plugin = plugin
+    state.distributed_type = DistributedType.FSDP
+    trainer.is_fsdp_enabled = True
+    if not trainer.accelerator.is_fsdp2:
+        raise RuntimeError(f"fsdp_on_cpu: expected an FSDP2 config, got fsdp_version {plugin.fsdp_version}")
 
 
 @contextlib.contextmanager
