@@ -82,8 +82,13 @@ def test_engine_configs_are_shipped_plus_torch_adam(tmp_path):
     deepcompile.pop("optimizer")
     shipped.pop("optimizer")
     assert got == shipped == deepcompile
-    assert json.loads(engine_config("fsdp2", tmp_path).read_text()) == json.loads(
-        (ROOT / "src/shell/fsdp2_config.json").read_text())
+    fsdp2 = json.loads((ROOT / "src/shell/fsdp2_config.json").read_text())
+    assert json.loads(engine_config("fsdp2", tmp_path).read_text()) == fsdp2
+    assert json.loads(engine_config("fsdp2_frozen_bf16", tmp_path).read_text()) == fsdp2
+    replicated = json.loads(engine_config("fsdp2_towers_replicated", tmp_path).read_text())
+    assert replicated.pop("transformer_layer_cls_to_wrap") == ["LlamaDecoderLayer"]
+    fsdp2.pop("transformer_layer_cls_to_wrap")
+    assert replicated == fsdp2
     assert engine_config("plain", tmp_path) is None
     with pytest.raises(ValueError, match="unknown recipe engine"):
         recipe_cases(["tiny"], ["zero4"], [0])
@@ -140,7 +145,8 @@ def test_recipe_new_engines_on_cpu_losses_equal_plain(tmp_path, precision):
     LM-head loss reads the sharded `FSDPLinear` head (before the fix it fell back to the full-logits path)."""
     out = tmp_path / "bench"
     bf16 = precision == "bf16"
-    engines = ["zero3_tuned", "fsdp2"] if bf16 else ["zero3_tuned", "fsdp2", "zero3_compile"]
+    engines = (["zero3_tuned", "fsdp2", "fsdp2_frozen_bf16", "fsdp2_towers_replicated"] if bf16
+               else ["zero3_tuned", "fsdp2", "zero3_compile"])
     tol = LOSS_RTOL_BF16 if bf16 else LOSS_RTOL_FP32
     cmd = [sys.executable, "-m", "lab.bench", "--device", "cpu", "--preset", "tiny", "--sections", "recipe",
            "--recipe-models", "tiny", "--recipe-engines", ",".join(["plain"] + engines), "--recipe-lora", "0,16",
@@ -161,7 +167,13 @@ def test_recipe_new_engines_on_cpu_losses_equal_plain(tmp_path, precision):
             # the first step's gradient norm (same weights; later steps see bf16 vs fp32 weights after an update)
             assert row["grad_norms"][0] == pytest.approx(plain["grad_norms"][0], rel=tol), (setting, engine, row)
             assert row["fused_head"] is True, (setting, engine, row)
-            assert row["fsdp_units"] == (7 if engine == "fsdp2" else 0), (setting, engine, row)
+            # FSDP2 units: tiny's 2 ViT + 2 LLM layers, embedding, [norm, head] tail, root; without the ViT layers
+            # when the frozen towers are kept out (their 36 tensors are then plain, not DTensor shards)
+            units = {"fsdp2": 7, "fsdp2_frozen_bf16": 7, "fsdp2_towers_replicated": 5}.get(engine, 0)
+            assert row["fsdp_units"] == units, (setting, engine, row)
+        if bf16:
+            sharded = rows[f"tiny {setting} fsdp2"]["sharded_tensors"]
+            assert rows[f"tiny {setting} fsdp2_towers_replicated"]["sharded_tensors"] == sharded - 36
         # the tuned config's leaf modules reached DeepSpeed: tiny's 2 ViT + 2 LLM layers are gathered whole
         assert rows[f"tiny {setting} zero3_tuned"]["z3_leaf_layers"] == 4
 
@@ -177,3 +189,18 @@ def test_recipe_profile_writes_the_first_timed_steps_top_kernels(tmp_path):
     assert "error" not in row and row["tokens_per_s"] > 0
     table = (out / "profile_tiny_full_plain.txt").read_text()
     assert "aten::mm" in table or "aten::addmm" in table or "aten::linear" in table, table[:2000]
+
+
+def test_frozen_towers_to_bf16_casts_only_whole_frozen_towers():
+    """The frozen ViT and projector (every parameter frozen) go to bf16, 36 tensors on tiny; a tower with a trainable
+    parameter and the LLM keep their dtype (FSDP2 needs one dtype among a unit's trainable parameters)."""
+    from lab.bench.recipe import frozen_towers_to_bf16
+
+    model = InternVLChatModel(load_preset("tiny"))
+    for p in list(model.vision_model.parameters()) + list(model.mlp1.parameters()):
+        p.requires_grad_(False)
+    next(model.mlp1.parameters()).requires_grad_(True)
+    assert frozen_towers_to_bf16(model) == 30  # the ViT only: the projector holds a trainable tensor
+    assert {p.dtype for p in model.vision_model.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in model.mlp1.parameters()} == {torch.float32}
+    assert {p.dtype for p in model.language_model.parameters()} == {torch.float32}
