@@ -3,7 +3,7 @@ gloo; exits non-zero on a mismatch). The tiny model is sharded as accelerate's F
 `ENGINE=fsdp2` (layers, embedding, the [final norm, LM head] tail with reshard_after_forward=False, root), so each rank
 holds half of the LM head's rows. Each rank trains on its own batch through the trainer's fused LM-head loss; the loss
 averaged over ranks and the gathered gradients must equal one unsharded process that averages the same two batches'
-plain (full-logits) losses, for two steps."""
+plain (full-logits) losses, for two steps. The same with the head alone in a unit that reshards after its forward."""
 from __future__ import annotations
 
 import copy
@@ -34,6 +34,14 @@ def batch(seed: int) -> tuple[dict, torch.Tensor]:
 
 def main() -> int:
     dist.init_process_group("gloo")
+    failed = sum(check(layout) for layout in ("tail", "reshards"))
+    dist.destroy_process_group()
+    return 1 if failed else 0
+
+
+def check(layout: str) -> bool:
+    """One layout: "tail" (accelerate's [norm, head] unit, kept unsharded after forward) or "reshards" (the head
+    alone in a unit that reshards after its forward; the loss gathers it again). Returns True on a failure."""
     rank, world = dist.get_rank(), dist.get_world_size()
     config = load_preset("tiny")
     config.llm_config._attn_implementation = "sdpa"
@@ -54,7 +62,10 @@ def main() -> int:
         fully_shard(layer)
     llm = model.language_model
     fully_shard(llm.get_input_embeddings())
-    fully_shard([llm.get_decoder().norm, llm.get_output_embeddings()], reshard_after_forward=False)
+    if layout == "tail":
+        fully_shard([llm.get_decoder().norm, llm.get_output_embeddings()], reshard_after_forward=False)
+    else:
+        fully_shard(llm.get_output_embeddings(), reshard_after_forward=True)
     fully_shard(model)
     head = llm.get_output_embeddings()
     local_rows = head.weight.to_local().shape[0]
@@ -68,7 +79,7 @@ def main() -> int:
         return original(hidden, lm_head, labels, **kwargs)
 
     train_speedups.causal_lm_loss = spy
-    failures = []
+    failures: list[str] = []
     for step in range(2):
         inputs, labels = batch(rank)
         loss = train_speedups.fused_loss_forward(model, inputs, labels, impl="chunked")[0]
@@ -85,15 +96,15 @@ def main() -> int:
             rel = float((got - want).norm() / want.norm().clamp(min=1e-12))
             if rel > TOL * 10:
                 failures.append(f"step {step}: grad {name} rel {rel:.2e}")
-        if set(n for n, p in model.named_parameters() if p.grad is not None) != set(ref_grads):
+        if {n for n, p in model.named_parameters() if p.grad is not None} != set(ref_grads):
             failures.append(f"step {step}: gradients on other parameters than the reference's")
         model.zero_grad(set_to_none=True)
     if seen != [(head.out_features, head.in_features)] * 2:
         failures.append(f"the fused loss did not read the whole unsharded head: {seen} (local rows {local_rows})")
-    print(f"rank {rank}: local head rows {local_rows}/{head.out_features}, loss {ref_loss:.6f}, "
+    train_speedups.causal_lm_loss = original
+    print(f"{layout} rank {rank}: local head rows {local_rows}/{head.out_features}, loss {ref_loss:.6f}, "
           f"{'OK' if not failures else 'FAIL ' + '; '.join(failures)}", flush=True)
-    dist.destroy_process_group()
-    return 1 if failures else 0
+    return bool(failures)
 
 
 if __name__ == "__main__":

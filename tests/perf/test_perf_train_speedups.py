@@ -292,7 +292,8 @@ def test_fsdp2_head_resharded_by_an_inner_unit_is_a_clear_error(base_model, sing
 def test_fsdp2_head_on_two_ranks_matches_one_process():
     """Two gloo ranks, each holding half of the LM head's rows (fsdp2_head_cases.py): the fused loss reads the whole
     unsharded head on each rank, and the rank-averaged loss and gathered gradients equal one unsharded process's plain
-    loss over both batches, two steps running (the head's gradient reduce-scattered into the right shards)."""
+    loss over both batches, two steps running (the head's gradient reduce-scattered into the right shards); with
+    accelerate's [norm, head] unit and with a head unit that reshards after its forward."""
     import os
     import subprocess
     import sys
@@ -302,6 +303,6 @@ def test_fsdp2_head_on_two_ranks_matches_one_process():
     env.update(OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     script = Path(__file__).with_name("fsdp2_head_cases.py")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                           str(script)], env=env, capture_output=True, text=True, timeout=300)
+                           str(script)], check=False, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    assert proc.stdout.count(", OK\n") == 2, proc.stdout[-2000:]
+    assert proc.stdout.count(", OK") == 4 and "FAIL" not in proc.stdout, proc.stdout[-2000:]  # 2 ranks x 2 layouts

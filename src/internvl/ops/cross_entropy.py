@@ -295,11 +295,12 @@ def fsdp2_unsharded_weight(lm_head: torch.nn.Module) -> None:
         return
     from torch.distributed.fsdp import FSDPModule
 
-    if not isinstance(lm_head, FSDPModule):
+    if isinstance(lm_head, FSDPModule):
+        lm_head.unshard()
+    if fsdp2_sharded(lm_head.weight) and not isinstance(lm_head, FSDPModule):
         raise RuntimeError("the LM head's weight is still an FSDP2 shard after the model's forward and the head is not "
                            "its own FSDP2 unit: shard it separately (fully_shard(lm_head, reshard_after_forward=False))"
                            " or turn the fused LM-head loss off")
-    lm_head.unshard()
     if fsdp2_sharded(lm_head.weight):
         raise RuntimeError("FSDP2 did not unshard the LM head's weight")
 

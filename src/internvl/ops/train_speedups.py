@@ -34,7 +34,11 @@ from .compile_layers import (
     uncompile_layers,
     unfuse_projections,
 )
-from .cross_entropy import causal_lm_loss, fsdp2_unsharded_weight, zero3_partitioned_head
+from .cross_entropy import (
+    causal_lm_loss,
+    fsdp2_unsharded_weight,
+    zero3_partitioned_head,
+)
 from .fast_kernels import disable_fast_kernels, enable_fast_kernels
 
 logger = logging.getLogger(__name__)
