@@ -55,6 +55,10 @@ class Engine:
     torch_compile: bool = False
     deepcompile: bool = False
     describe: str = ""
+    #: FSDP2 only: how the frozen towers (ViT, projector) are held. "sharded": as shipped (fp32, sharded, cast to bf16
+    #: by every unshard); "bf16": stored in bf16 before sharding (no per-step cast); "replicated": bf16 and kept out of
+    #: FSDP2 (accelerate's ignored modules, the ViT layer class off the wrap list: no gathers or hooks for them).
+    frozen_towers: str = "sharded"
 
 
 #: the recipe engines; `plain` (no DeepSpeed, the trainer's fast paths) is every ratio's baseline.
@@ -70,7 +74,13 @@ ENGINES: dict[str, Engine] = {
                                 describe="shipped ZeRO-3 + DeepCompile (engine.compile() with the z3 passes)"),
     "fsdp2": Engine("fsdp2_config.json", fsdp=True,
                     describe="FSDP2 fully_shard per layer, fp32 master, bf16 params + compiled layers, fused loss"),
+    "fsdp2_frozen_bf16": Engine("fsdp2_config.json", fsdp=True, frozen_towers="bf16",
+                                describe="fsdp2 with the frozen ViT and projector stored in bf16 (no per-step cast)"),
+    "fsdp2_towers_replicated": Engine("fsdp2_config.json", fsdp=True, frozen_towers="replicated",
+                                      describe="fsdp2 with the frozen ViT and projector in bf16, outside FSDP2"),
 }
+#: the frozen towers of the recipe (`ModelArguments(freeze_backbone=True, freeze_mlp=True)`), as module names.
+FROZEN_TOWERS = ("vision_model", "mlp1")
 #: Yi-34B's LLM shape (hidden 7168, GQA 56/8, MLP 20480, vocabulary 64000); layers are a knob (4 -> about 3.2B).
 YI_LLM = {"hidden_size": 7168, "num_attention_heads": 56, "num_key_value_heads": 8, "intermediate_size": 20480,
           "vocab_size": 64000, "max_position_embeddings": 4096, "rope_theta": 5000000.0}
@@ -110,6 +120,9 @@ def engine_config(name: str, out: Path, fused_adam: bool = False) -> Path | None
     if engine.config is None:
         return None
     config = json.loads((ROOT / "src" / "shell" / engine.config).read_text())
+    if engine.frozen_towers == "replicated":  # the frozen ViT's layers are not FSDP2 units
+        config["transformer_layer_cls_to_wrap"] = [c for c in config["transformer_layer_cls_to_wrap"]
+                                                   if c != "InternVisionEncoderLayer"]
     if not engine.fsdp:
         if not fused_adam:
             config["optimizer"]["params"]["torch_adam"] = True
@@ -242,7 +255,10 @@ def run_recipe_case(case: RecipeCase, config, *, batch: int, seq: int, steps: in
     the profiler's overhead; the tokens/s of a profiled run are not comparable with an unprofiled one)."""
     from internvl.train.arguments import MedRegTrainingArguments
     from internvl.train.cli import release_deepspeed_config, speedups_from_args
+    from accelerate.state import AcceleratorState
     from deepspeed.utils import z3_leaf_module
+    from torch.distributed.fsdp import FSDPModule
+
     from internvl.train.trainer import MedRegTrainer
 
     cuda = torch.cuda.is_available()
@@ -266,17 +282,26 @@ def run_recipe_case(case: RecipeCase, config, *, batch: int, seq: int, steps: in
         model_args = _model_args(case.lora)
         dtype = torch.bfloat16 if (bf16 and ds) else torch.float32  # internvl.train.build.resolve_dtype
         model, shape = build_recipe_model(config, model_args, dtype)
+        if engine.frozen_towers != "sharded" and bf16:
+            frozen_towers_to_bf16(model)
+        if engine.frozen_towers == "replicated":  # read by accelerate's FSDP plugin (regex of module names)
+            os.environ["FSDP_IGNORED_MODULES"] = "|".join(FROZEN_TOWERS)
         clock = StepClock(warmup)
         trainer = MedRegTrainer(model=model, args=args, train_dataset=_Samples(data),
                                 data_collator=_collate, group_by_length=False,
                                 fused_lm_loss=model_args.fused_lm_loss, speedups=speedups_from_args(model_args),
                                 callbacks=[clock] + ([StepProfile(warmup, out / f"profile_{case.name.replace(' ', '_')}.txt")]
                                                      if profile else []))
+        if engine.fsdp and not cuda:
+            fsdp_on_cpu(trainer)
         try:
             trainer.train()
         finally:
             release_deepspeed_config(args)
+            if engine.fsdp and not cuda:
+                AcceleratorState._reset_state(reset_partial_state=True)
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    grad_norms = [float(e["grad_norm"]) for e in trainer.state.log_history if "grad_norm" in e]
     timed = data[warmup:]
     flops = sum(recipe_step_flops(shape, tokens=b.real_tokens, supervised=b.supervised, doc_lengths=b.doc_lengths,
                                   images=b.pixel_values.shape[0], lora=lora_params(config, case.lora))
@@ -284,12 +309,15 @@ def run_recipe_case(case: RecipeCase, config, *, batch: int, seq: int, steps: in
     tokens = sum(b.real_tokens for b in timed)
     seconds = clock.seconds or float("nan")
     row = {"case": case.name, "model": case.model, "engine": case.engine, "lora": case.lora, "steps": steps,
-           "seconds": seconds, "tokens_per_s": tokens / seconds, "losses": losses,
+           "seconds": seconds, "tokens_per_s": tokens / seconds, "losses": losses, "grad_norms": grad_norms,
            "mfu": mfu(flops, seconds, peak_flops) if clock.seconds else float("nan"),
            "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"),
            "params": sum(p.numel() for p in model.parameters()),
            "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
-           "z3_leaf_layers": sum(z3_leaf_module(m) for m in model.modules())}
+           "z3_leaf_layers": sum(z3_leaf_module(m) for m in model.modules()),
+           "fsdp_units": sum(isinstance(m, FSDPModule) for m in model.modules()),
+           "sharded_tensors": sum(isinstance(p, DTensor) for p in model.parameters()),
+           "fused_head": trainer._fused_head() is not None}
     _release(trainer)
     trainer = model = None
     # dynamo's caches go too: a whole-model compile's guards hold this model, and a layer class seen before at other
@@ -298,12 +326,52 @@ def run_recipe_case(case: RecipeCase, config, *, batch: int, seq: int, steps: in
     return row
 
 
+def frozen_towers_to_bf16(model: torch.nn.Module) -> int:
+    """Store the frozen towers (`FROZEN_TOWERS`, every parameter frozen) in bf16, the dtype FSDP2's mixed precision
+    (and autocast) computes them in anyway: FSDP2 then has no fp32 -> bf16 cast of them at each unshard (one copy
+    kernel per tensor per step: 346 tensors on `mid`). Returns the number of tensors cast."""
+    cast = 0
+    for name in FROZEN_TOWERS:
+        tower = getattr(model, name, None)
+        if tower is None or any(p.requires_grad for p in tower.parameters()):
+            continue
+        for p in tower.parameters():
+            if p.dtype != torch.bfloat16:
+                p.data = p.data.to(torch.bfloat16)
+                cast += 1
+    return cast
+
+
+def fsdp_on_cpu(trainer) -> None:
+    """Make the Trainer's accelerator apply FSDP on the CPU (the CPU tests of the `fsdp2` engine).
+
+    accelerate enables FSDP only for GPU-type distributed setups: under `use_cpu` (gloo) it drops the FSDP plugin the
+    Trainer built from `--fsdp_config` and the `fsdp2` case silently trains the unsharded model. This puts that plugin
+    (with the run's mixed precision) on the accelerator's state, so `Accelerator.prepare` runs accelerate's own
+    `fsdp2_prepare_model` (`fully_shard` of the wrap policy's layers, the embedding and the [final norm, LM head] tail,
+    then the root) exactly as on CUDA. Call after the Trainer is built, before `train()`; the caller resets the state
+    afterwards (`AcceleratorState._reset_state`)."""
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    if trainer.args.fsdp_plugin_args is None:
+        raise ValueError("fsdp_on_cpu: the Trainer was built without an --fsdp_config")
+    state = trainer.accelerator.state
+    plugin = FullyShardedDataParallelPlugin(**trainer.args.fsdp_plugin_args)
+    if state.mixed_precision != "no":
+        plugin.set_mixed_precision(state.mixed_precision)
+    state.fsdp_plugin = plugin
+    state.distributed_type = DistributedType.FSDP
+    trainer.is_fsdp_enabled = True
+    if not trainer.accelerator.is_fsdp2:
+        raise RuntimeError(f"fsdp_on_cpu: expected an FSDP2 config, got fsdp_version {plugin.fsdp_version}")
+
+
 @contextlib.contextmanager
 def _engine_env():
     """Undo the process environment a case's TrainingArguments set (`torch_compile` exports ACCELERATE_DYNAMO_*,
     FSDP exports FSDP_CPU_RAM_EFFICIENT_LOADING): the next case's accelerator would otherwise read them."""
     keys = ("ACCELERATE_DYNAMO_BACKEND", "ACCELERATE_DYNAMO_MODE", "ACCELERATE_USE_FSDP",
-            "FSDP_CPU_RAM_EFFICIENT_LOADING", "ACCELERATE_USE_DEEPSPEED")
+            "FSDP_CPU_RAM_EFFICIENT_LOADING", "ACCELERATE_USE_DEEPSPEED", "FSDP_IGNORED_MODULES")
     saved = {k: os.environ.get(k) for k in keys}
     try:
         yield

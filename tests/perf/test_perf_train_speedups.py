@@ -224,3 +224,85 @@ def test_fsdp2_layers_compile_and_fuse_with_the_plain_loss_and_gradients(base_mo
     assert report["fused"] == {"qkv": 2, "gate_up": 2}
     loss, grads = _loss_and_grads(model, fused=True)
     _assert_same((loss, {n: g.full_tensor() for n, g in grads.items()}), ref)
+
+
+def _shard_like_accelerate(model, head_unit: str) -> None:
+    """FSDP2 as accelerate's `fsdp2_prepare_model` builds it for `ENGINE=fsdp2` (accelerate 1.16): each wrapped layer,
+    the input embedding, the [final norm, LM head] tail as one unit with `reshard_after_forward=False`, then the root.
+    `head_unit="reshards"`: the LM head alone in a unit that reshards after its forward (another config's choice)."""
+    from torch.distributed.fsdp import fully_shard
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    for layer in [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]:
+        fully_shard(layer)
+    llm = model.language_model
+    fully_shard(llm.get_input_embeddings())
+    if head_unit == "tail":
+        fully_shard([llm.get_decoder().norm, llm.get_output_embeddings()], reshard_after_forward=False)
+    else:
+        fully_shard(llm.get_output_embeddings(), reshard_after_forward=True)
+    fully_shard(model)
+
+
+@pytest.mark.parametrize("head_unit", ["tail", "reshards"])
+def test_fsdp2_sharded_head_takes_the_fused_loss_with_the_plain_gradients(base_model, single_rank_group, monkeypatch,
+                                                                         head_unit):
+    """Under FSDP2 the LM head is its own unit (`FSDPLinear`, weight a DTensor): the fused loss must still be chosen
+    (`fused_head_supported`; it was not, so `ENGINE=fsdp2` built full [tokens, vocab] logits on the GPU) and must read
+    the unsharded weight - kept by accelerate's tail unit, gathered again where the unit resharded - so that loss and
+    gradients (the head's reduce-scattered into its shard) equal the unsharded eager model's, two steps running."""
+    from torch.distributed.tensor import DTensor
+
+    from internvl.ops import cross_entropy, fused_head_supported, train_speedups
+
+    model = copy.deepcopy(base_model).train()
+    _set_ckpt(model, True)
+    ref = _loss_and_grads(model, fused=False)
+    _shard_like_accelerate(model, head_unit)
+    head = model.language_model.get_output_embeddings()
+    assert type(head).__name__ == "FSDPLinear" and isinstance(head.weight, DTensor)
+    assert fused_head_supported(head) and not cross_entropy.zero3_partitioned_head(head)
+    seen: list[type] = []
+
+    def spy(hidden, lm_head, labels, **kwargs):
+        seen.append(type(lm_head.weight))
+        return cross_entropy.causal_lm_loss(hidden, lm_head, labels, **kwargs)
+
+    monkeypatch.setattr(train_speedups, "causal_lm_loss", spy)
+    for _ in range(2):
+        loss, grads = _loss_and_grads(model, fused=True)
+        _assert_same((loss, {n: g.full_tensor() for n, g in grads.items()}), ref)
+    assert seen == [torch.nn.Parameter, torch.nn.Parameter]  # the unsharded weight, never the DTensor shard
+
+
+def test_fsdp2_head_resharded_by_an_inner_unit_is_a_clear_error(base_model, single_rank_group):
+    """A head that is not an FSDP2 unit itself, held by an inner unit that reshards after its forward (here the whole
+    LLM as one unit), is still a shard when the loss runs and cannot be gathered from there: an error naming the fix,
+    not a loss on the local shard."""
+    from torch.distributed.fsdp import fully_shard
+
+    model = copy.deepcopy(base_model).train()
+    fully_shard(model.language_model.get_input_embeddings())  # called outside the LLM's forward
+    fully_shard(model.language_model, reshard_after_forward=True)
+    fully_shard(model)
+    with pytest.raises(RuntimeError, match="not its own FSDP2 unit"):
+        _loss_and_grads(model, fused=True)
+
+
+def test_fsdp2_head_on_two_ranks_matches_one_process():
+    """Two gloo ranks, each holding half of the LM head's rows (fsdp2_head_cases.py): the fused loss reads the whole
+    unsharded head on each rank, and the rank-averaged loss and gathered gradients equal one unsharded process's plain
+    loss over both batches, two steps running (the head's gradient reduce-scattered into the right shards); with
+    accelerate's [norm, head] unit and with a head unit that reshards after its forward."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MASTER_", "RANK", "LOCAL_RANK", "WORLD_SIZE"))}
+    env.update(OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    script = Path(__file__).with_name("fsdp2_head_cases.py")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           str(script)], check=False, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert proc.stdout.count(", OK") == 4 and "FAIL" not in proc.stdout, proc.stdout[-2000:]  # 2 ranks x 2 layouts

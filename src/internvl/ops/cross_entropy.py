@@ -251,14 +251,58 @@ def linear_cross_entropy(
     raise ValueError(f"unknown cross-entropy impl {impl!r}; expected auto, padded, liger, chunked or plain")
 
 
+def plain_module_class(module: torch.nn.Module) -> type:
+    """The module's own class, seen through FSDP2: `fully_shard` swaps a module's class for a dynamic subclass
+    `FSDP<Name>(FSDPModule, <Name>)` (accelerate's FSDP2 path shards the LM head as its own unit, `FSDPLinear`)."""
+    cls = type(module)
+    from torch.distributed.fsdp import FSDPModule
+
+    if issubclass(cls, FSDPModule):
+        bases = [b for b in cls.__bases__ if b is not FSDPModule]
+        if len(bases) == 1:
+            return bases[0]
+    return cls
+
+
+def fsdp2_sharded(tensor: torch.Tensor) -> bool:
+    """Whether `tensor` is an FSDP2 shard (a DTensor): the module holds it between its unit's forward/backward."""
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
 def fused_head_supported(lm_head: torch.nn.Module) -> bool:
     """Whether `causal_lm_loss` may read `lm_head.weight` directly: a plain nn.Linear (not a LoRA/peft wrapper, whose
     delta would be skipped) with a materialised weight (not a DeepSpeed ZeRO-3 partition, gathered only inside the
-    module's own forward)."""
-    if type(lm_head) is not torch.nn.Linear:
+    module's own forward). An FSDP2-sharded plain nn.Linear counts (`FSDPLinear`, its weight a DTensor of the full
+    shape): FSDP2 registers the unsharded weight on the module while its unit is unsharded, and
+    `fused_loss_forward` reads it after the model's forward (`fsdp2_unsharded_weight`)."""
+    if plain_module_class(lm_head) is not torch.nn.Linear:
         return False
     weight = lm_head.weight
     return not hasattr(weight, "ds_id") and weight.numel() == lm_head.in_features * lm_head.out_features
+
+
+def fsdp2_unsharded_weight(lm_head: torch.nn.Module) -> None:
+    """After the model's forward, make sure an FSDP2 LM head holds its unsharded weight, so the fused loss reads (and
+    its backward accumulates into) the parameter FSDP2 reduce-scatters in the unit's post-backward.
+
+    accelerate shards the head with `reshard_after_forward=False` (or leaves it in the root, which never reshards after
+    forward): the weight is already unsharded and nothing happens. A head unit that reshards after its forward is
+    unsharded again here (`FSDPModule.unshard`, one all-gather); its post-backward reshards it. A resharded head that is
+    not its own FSDP2 unit (an inner unit holds it) cannot be gathered from here: a clear error, not a wrong loss."""
+    if not fsdp2_sharded(lm_head.weight):
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(lm_head, FSDPModule):
+        lm_head.unshard()
+    if fsdp2_sharded(lm_head.weight) and not isinstance(lm_head, FSDPModule):
+        raise RuntimeError("the LM head's weight is still an FSDP2 shard after the model's forward and the head is not "
+                           "its own FSDP2 unit: shard it separately (fully_shard(lm_head, reshard_after_forward=False))"
+                           " or turn the fused LM-head loss off")
+    if fsdp2_sharded(lm_head.weight):
+        raise RuntimeError("FSDP2 did not unshard the LM head's weight")
 
 
 def zero3_partitioned_head(lm_head: torch.nn.Module) -> bool:

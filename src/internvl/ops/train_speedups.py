@@ -34,7 +34,11 @@ from .compile_layers import (
     uncompile_layers,
     unfuse_projections,
 )
-from .cross_entropy import causal_lm_loss, zero3_partitioned_head
+from .cross_entropy import (
+    causal_lm_loss,
+    fsdp2_unsharded_weight,
+    zero3_partitioned_head,
+)
 from .fast_kernels import disable_fast_kernels, enable_fast_kernels
 
 logger = logging.getLogger(__name__)
@@ -227,6 +231,10 @@ def fused_loss_forward(model: nn.Module, model_inputs: dict[str, Any], labels: t
 
     if zero3_partitioned_head(lm_head):
         return run_as_forward(lm_head, head_loss, hidden), outputs
+    # FSDP2: the head's unit keeps its unsharded weight between the forward and the backward (accelerate shards it
+    # with reshard_after_forward=False); reading it is what the head's own forward does, and its gradient reaches the
+    # sharded parameter through the unit's post-backward reduce-scatter, as on the plain path
+    fsdp2_unsharded_weight(lm_head)
     return head_loss(lm_head, hidden), outputs
 
 

@@ -296,7 +296,7 @@ class MedRegTrainer(trainer_base()):
     def _fused_head(self) -> nn.Module | None:
         """The LM head for the fused loss, or None for the plain path (switched off, LM head wrapped by PEFT, or a
         model without a separate head). A ZeRO-3-partitioned head is used through its own forward (gathered by its
-        hooks; `fused_loss_forward`)."""
+        hooks; `fused_loss_forward`); an FSDP2-sharded one (`FSDPLinear`) by its unsharded weight after the forward."""
         if not self.fused_lm_loss:
             return None
         language_model = getattr(self.model, "language_model", self.model)
