@@ -131,6 +131,32 @@ def test_gemv_int8_matches_dequantised_linear_for_every_config(bias):
         torch.testing.assert_close(out, ref.reshape(-1), rtol=1e-4, atol=1e-3)
 
 
+@pytest.mark.parametrize("rows", [2, 5, 16])
+@pytest.mark.parametrize("bias", [False, True])
+def test_int8_rows_matches_dequantised_linear_for_every_config(rows, bias, monkeypatch):
+    """The few-rows int8 product (one read of the int8 weight for all rows, tensor-core blocks, row scales after the
+    sum) equals `F.linear` on the dequantised weight for every block configuration, on a row slice of a packed
+    tensor, and `int8_linear` routes 2..INT8_ROWS_MAX rows to it."""
+    from internvl.ops.int8_weights import dequantize_int8_rows, int8_linear, quantize_rows
+
+    g = torch.Generator().manual_seed(rows)
+    q_all, s_all = quantize_rows(torch.randn(90, 300, generator=g))
+    weight, scale = q_all[13:80], s_all[13:80]
+    b = torch.randn(67, generator=g) if bias else None
+    x = torch.randn(rows, 300, generator=g)
+    ref = torch.nn.functional.linear(x, dequantize_int8_rows(weight, scale, torch.float32), b)
+    for cfg in dk.INT8_ROWS_CONFIGS:
+        out = torch.empty(rows, 67)
+        dk._launch_int8_rows(x, weight, scale, b, out, cfg)
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-3)
+    launches = []
+    launch = dk._launch_int8_rows
+    monkeypatch.setattr(dk, "_launch_int8_rows", lambda *a: launches.append(a[-1]) or launch(*a))
+    y = int8_linear(x.reshape(rows, 1, 300), weight, scale, b)
+    assert y.shape == (rows, 1, 67) and launches == [dk.INT8_ROWS_CONFIGS[0]]  # interpreted: the untimed default
+    torch.testing.assert_close(y.reshape(rows, 67), ref, rtol=1e-4, atol=1e-3)
+
+
 @pytest.mark.parametrize("scope", ["step", "layer"])
 def test_decoder_over_int8_weights_runs_the_int8_gemv_in_the_traced_step(scope):
     """Weight-only int8 language model at batch 1: the packed step (traced by dynamo as one graph, or one traced

@@ -178,6 +178,79 @@ def _gemv_int8_fake(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
 
 
 # ------------------------------------------------------------------------------------------------------------------
+# a few rows against int8 weights (weight-only int8 at small batch)
+# ------------------------------------------------------------------------------------------------------------------
+if triton is not None:
+
+    @triton.jit
+    def _int8_rows_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, stride_xm, stride_wn, stride_ym, K: tl.constexpr,
+                          HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_K: tl.constexpr):
+        # each program reads BLOCK_N int8 weight rows once for all M (<= BLOCK_M) rows of x: a tensor-core product
+        # of x [BLOCK_M, BLOCK_K] with the weight block converted to x's dtype (exact: |int8| <= 127), fp32 sums,
+        # the rows' scales applied once at the end
+        rows_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rows_m = tl.arange(0, BLOCK_M)
+        n_ok = rows_n < N
+        m_ok = rows_m < M
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for step in range(tl.cdiv(K, BLOCK_K)):
+            cols = step * BLOCK_K + tl.arange(0, BLOCK_K)
+            k_ok = cols < K
+            x = tl.load(x_ptr + rows_m[:, None] * stride_xm + cols[None, :], mask=m_ok[:, None] & k_ok[None, :],
+                        other=0.0)
+            w = tl.load(w_ptr + rows_n[:, None] * stride_wn + cols[None, :], mask=n_ok[:, None] & k_ok[None, :],
+                        other=0)
+            acc += tl.dot(x, tl.trans(w.to(x.dtype)))
+        y = acc * tl.load(s_ptr + rows_n, mask=n_ok, other=0.0)[None, :]
+        if HAS_BIAS:
+            y += tl.load(b_ptr + rows_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + rows_m[:, None] * stride_ym + rows_n[None, :], y.to(y_ptr.dtype.element_ty),
+                 mask=m_ok[:, None] & n_ok[None, :])
+
+
+#: most rows `int8_rows` takes (one tensor-core tile of rows); more rows convert the weight and use cuBLAS.
+INT8_ROWS_MAX = 16
+#: (BLOCK_N, BLOCK_K, num_warps) candidates of `int8_rows`, measured per shape on first use; the first is the default.
+INT8_ROWS_CONFIGS: tuple[tuple[int, int, int], ...] = (
+    (32, 256, 4), (16, 256, 4), (16, 512, 4), (32, 128, 4), (32, 512, 4), (64, 128, 4), (64, 256, 4), (64, 256, 8),
+    (128, 128, 8), (16, 1024, 8),
+)
+_int8_rows_best: dict[tuple, tuple[int, int, int]] = {}
+
+
+def _launch_int8_rows(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                      out: torch.Tensor, config: tuple[int, int, int]) -> None:
+    block_n, block_k, warps = config
+    m, k = x.shape
+    n = weight.shape[0]
+    _int8_rows_kernel[(triton.cdiv(n, block_n),)](
+        x, weight, scale, bias if bias is not None else scale, out, m, n, x.stride(0), weight.stride(0),
+        out.stride(0), K=k, HAS_BIAS=bias is not None, BLOCK_M=INT8_ROWS_MAX, BLOCK_N=block_n, BLOCK_K=block_k,
+        num_warps=warps)
+
+
+def int8_rows(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """y = x @ (weight * scale[:, None]).T + bias for x [M, K] with 2 <= M <= INT8_ROWS_MAX rows (contiguous),
+    weight [N, K] int8 (unit column stride), scale [N] fp32 -> y [M, N] in x's dtype, reading the int8 weight once
+    (a batch-8 decode step of the int8 40B model otherwise converts every weight to bf16 for cuBLAS). Triton only:
+    callers check `triton_ready(weight)`. The block sizes are measured per (M, N, K) on the first uncaptured call."""
+    out = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
+    key = (x.shape[0], tuple(weight.shape), x.dtype, bias is not None, weight.device)
+    config = _int8_rows_best.get(key)
+    if config is None and (INTERPRETED or not weight.is_cuda or torch.cuda.is_current_stream_capturing()):
+        config = INT8_ROWS_CONFIGS[0]  # cannot time here
+    elif config is None:
+        from triton.testing import do_bench
+
+        times = {cfg: do_bench(lambda c=cfg: _launch_int8_rows(x, weight, scale, bias, out, c), warmup=5, rep=20)
+                 for cfg in INT8_ROWS_CONFIGS}
+        config = _int8_rows_best[key] = min(times, key=times.get)
+    _launch_int8_rows(x, weight, scale, bias, out, config)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------------------
 # one-query grouped-query attention over a static cache (flash-decoding)
 # ------------------------------------------------------------------------------------------------------------------
 if triton is not None:
@@ -326,6 +399,6 @@ def describe_tuning() -> dict[str, str]:
             for key, cfg in _gemv_best.items()}
 
 
-__all__ = ["GEMV_CONFIGS", "GEMV_INT8_EXTRA_CONFIGS", "attention_kernel_supported", "dequantize_int8_rows",
-           "describe_tuning", "gemv", "gemv_int8", "gqa_decode_attention", "reference_gqa_decode_attention",
-           "triton_ready"]
+__all__ = ["GEMV_CONFIGS", "GEMV_INT8_EXTRA_CONFIGS", "INT8_ROWS_CONFIGS", "INT8_ROWS_MAX",
+           "attention_kernel_supported", "dequantize_int8_rows", "describe_tuning", "gemv", "gemv_int8",
+           "gqa_decode_attention", "int8_rows", "reference_gqa_decode_attention", "triton_ready"]

@@ -23,7 +23,7 @@ from torch import nn
 from ..constants import SKIP_QUANT_MODULES
 
 # decode_kernels registers the internvl::gemv_int8 op that `int8_linear` calls (it imports Triton where installed)
-from .decode_kernels import dequantize_int8_rows
+from .decode_kernels import INT8_ROWS_MAX, dequantize_int8_rows, int8_rows, triton_ready
 
 
 def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,14 +39,19 @@ def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 @torch.library.custom_op("internvl::int8_linear", mutates_args=())
 def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """y = x @ (q * scale).T + bias in x's dtype. One row: the dequantising GEMV (`decode_kernels.gemv_int8`, Triton
-    where it runs); more rows (prefill, batches): `F.linear` over the int8 weight converted to x's dtype, its output
-    columns scaled (fp16: the weight dequantised first).
+    where it runs); up to `INT8_ROWS_MAX` rows (small-batch decode) where Triton runs: `decode_kernels.int8_rows`,
+    which reads the int8 weight once for all rows; more rows (prefill, big batches): `F.linear` over the int8 weight
+    converted to x's dtype, its output columns scaled (fp16: the weight dequantised first).
 
     A custom op, opaque to inductor: inductor's own weight-only-int8 pattern (`mm(x, w.to(bf16)) * scale` ->
     `_weight_int8pack_mm`) would otherwise rewrite the multi-row product, and its CUDA lowering fails (torch 2.13,
     H100: "AssertionError: <class 'torch._inductor.ir.Pointwise'>" compiling the 40B step at batch 8)."""
     if x.numel() == x.shape[-1]:
         return torch.ops.internvl.gemv_int8(x, q, scale, bias)
+    rows = x.numel() // x.shape[-1]
+    if rows <= INT8_ROWS_MAX and triton_ready(q) and q.stride(1) == 1:  # a few rows: read the int8 weight once
+        flat = x.reshape(rows, x.shape[-1]).contiguous()
+        return int8_rows(flat, q, scale.contiguous(), bias).reshape(*x.shape[:-1], q.shape[0])
     if x.dtype == torch.float16:  # int8 sums over K could overflow fp16 before scaling: dequantise first
         return nn.functional.linear(x, dequantize_int8_rows(q, scale, x.dtype), bias)
     # int8 -> bf16/fp32 is exact; scaling the output columns instead of the weight saves a pass over the weight
