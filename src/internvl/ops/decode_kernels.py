@@ -185,7 +185,7 @@ if triton is not None:
     @triton.jit
     def _int8_rows_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, stride_xm, stride_wn, stride_ym, K: tl.constexpr,
                           HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                          BLOCK_K: tl.constexpr):
+                          BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
         # each program reads BLOCK_N int8 weight rows once for all M (<= BLOCK_M) rows of x: a tensor-core product
         # of x [BLOCK_M, BLOCK_K] with the weight block converted to x's dtype (exact: |int8| <= 127), fp32 sums,
         # the rows' scales applied once at the end
@@ -201,7 +201,10 @@ if triton is not None:
                         other=0.0)
             w = tl.load(w_ptr + rows_n[:, None] * stride_wn + cols[None, :], mask=n_ok[:, None] & k_ok[None, :],
                         other=0)
-            acc += tl.dot(x, tl.trans(w.to(x.dtype)))
+            if IEEE:  # fp32 activations: full-precision products (Triton's default for fp32 would be TF32)
+                acc += tl.dot(x, tl.trans(w.to(x.dtype)), input_precision="ieee")
+            else:
+                acc += tl.dot(x, tl.trans(w.to(x.dtype)))
         y = acc * tl.load(s_ptr + rows_n, mask=n_ok, other=0.0)[None, :]
         if HAS_BIAS:
             y += tl.load(b_ptr + rows_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
@@ -227,7 +230,7 @@ def _launch_int8_rows(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
     _int8_rows_kernel[(triton.cdiv(n, block_n),)](
         x, weight, scale, bias if bias is not None else scale, out, m, n, x.stride(0), weight.stride(0),
         out.stride(0), K=k, HAS_BIAS=bias is not None, BLOCK_M=INT8_ROWS_MAX, BLOCK_N=block_n, BLOCK_K=block_k,
-        num_warps=warps)
+        IEEE=x.dtype == torch.float32, num_warps=warps)
 
 
 def int8_rows(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
