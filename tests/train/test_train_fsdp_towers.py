@@ -6,9 +6,11 @@ The sharding itself (5 FSDP2 units instead of 7, the towers' tensors plain, same
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import os
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -133,3 +135,27 @@ def test_the_flag_parses_and_rejects_unknown_values(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         parse_args(base + ["--fsdp_frozen_towers", "offloaded"])
     assert exc.value.code == 2 and "fsdp_frozen_towers" in capsys.readouterr().err
+
+
+def test_medrega_train_places_the_towers_before_the_trainer(tmp_path, tiny_tokenizer_dir):
+    """`medrega-train --fsdp ...` (one rank under torchrun: transformers wants a process group for FSDP) with the
+    towers frozen logs the placement and records it in run_config.json (on the CPU accelerate then drops FSDP, so
+    the run itself is the unsharded one; the sharding is the lab test's)."""
+    from internvl.testing.square_task import write_square_dataset
+
+    meta = write_square_dataset(tmp_path / "data", n=4, seed=0)
+    out = tmp_path / "run"
+    cmd = ["torchrun", "--standalone", "--nproc-per-node=1", "-m", "internvl.train", "--preset", "tiny", "--tokenizer_path", str(tiny_tokenizer_dir),
+           "--meta_path", str(meta), "--output_dir", str(out), "--max_steps", "1", "--per_device_train_batch_size",
+           "2", "--save_strategy", "no", "--report_to", "none", "--use_cpu", "True", "--disable_tqdm", "True",
+           "--max_seq_length", "512", "--grad_checkpoint", "False", "--freeze_backbone", "True", "--freeze_mlp",
+           "True", "--fsdp", "full_shard", "--fsdp_config", str(FSDP2_CONFIG)]
+    env = {k: v for k, v in os.environ.items()
+           if k != "FSDP_IGNORED_MODULES" and not k.startswith(("MASTER_", "RANK", "LOCAL_RANK", "WORLD_SIZE"))}
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", GLOO_SOCKET_IFNAME="lo")
+    run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    placed = json.loads((out / "run_config.json").read_text())["resolved"]["fsdp_frozen_towers"]
+    assert placed["replicated"] == ["vision_model", "mlp1"] and placed["unwrapped"] == ["InternVisionEncoderLayer"]
+    assert placed["cast_to_bf16"] == 0  # fp32 run: replicated in fp32
+    assert "FSDP: frozen vision_model, mlp1 replicated on every rank" in run.stdout + run.stderr
