@@ -55,10 +55,9 @@ class Engine:
     torch_compile: bool = False
     deepcompile: bool = False
     describe: str = ""
-    #: FSDP2 only: how the frozen towers (ViT, projector) are held. "sharded": as shipped (fp32, sharded, cast to bf16
-    #: by every unshard); "bf16": stored in bf16 before sharding (no per-step cast); "replicated": bf16 and kept out of
-    #: FSDP2 (accelerate's ignored modules, the ViT layer class off the wrap list: no gathers or hooks for them).
-    frozen_towers: str = "sharded"
+    #: FSDP2 only: `medrega-train --fsdp_frozen_towers` (`internvl.train.fsdp.place_frozen_towers`): "replicated"
+    #: (the product default: bf16, kept out of FSDP2) or "sharded" (fp32, sharded, cast to bf16 by every unshard).
+    fsdp_frozen_towers: str = "replicated"
 
 
 #: the recipe engines; `plain` (no DeepSpeed, the trainer's fast paths) is every ratio's baseline.
@@ -73,14 +72,12 @@ ENGINES: dict[str, Engine] = {
     "zero3_deepcompile": Engine("zero_stage3_config.json", torch_compile=True, deepcompile=True,
                                 describe="shipped ZeRO-3 + DeepCompile (engine.compile() with the z3 passes)"),
     "fsdp2": Engine("fsdp2_config.json", fsdp=True,
-                    describe="FSDP2 fully_shard per layer, fp32 master, bf16 params + compiled layers, fused loss"),
-    "fsdp2_frozen_bf16": Engine("fsdp2_config.json", fsdp=True, frozen_towers="bf16",
-                                describe="fsdp2 with the frozen ViT and projector stored in bf16 (no per-step cast)"),
-    "fsdp2_towers_replicated": Engine("fsdp2_config.json", fsdp=True, frozen_towers="replicated",
-                                      describe="fsdp2 with the frozen ViT and projector in bf16, outside FSDP2"),
+                    describe="ENGINE=fsdp2: FSDP2 fully_shard per LLM layer, fp32 master, bf16 params + compiled "
+                             "layers, fused loss; frozen ViT and projector in bf16, replicated (outside FSDP2)"),
+    "fsdp2_towers_sharded": Engine("fsdp2_config.json", fsdp=True, fsdp_frozen_towers="sharded",
+                                   describe="fsdp2 with --fsdp_frozen_towers sharded: the frozen towers sharded too "
+                                            "(fp32, cast to bf16 at each unshard)"),
 }
-#: the frozen towers of the recipe (`ModelArguments(freeze_backbone=True, freeze_mlp=True)`), as module names.
-FROZEN_TOWERS = ("vision_model", "mlp1")
 #: Yi-34B's LLM shape (hidden 7168, GQA 56/8, MLP 20480, vocabulary 64000); layers are a knob (4 -> about 3.2B).
 YI_LLM = {"hidden_size": 7168, "num_attention_heads": 56, "num_key_value_heads": 8, "intermediate_size": 20480,
           "vocab_size": 64000, "max_position_embeddings": 4096, "rope_theta": 5000000.0}
@@ -120,9 +117,6 @@ def engine_config(name: str, out: Path, fused_adam: bool = False) -> Path | None
     if engine.config is None:
         return None
     config = json.loads((ROOT / "src" / "shell" / engine.config).read_text())
-    if engine.frozen_towers == "replicated":  # the frozen ViT's layers are not FSDP2 units
-        config["transformer_layer_cls_to_wrap"] = [c for c in config["transformer_layer_cls_to_wrap"]
-                                                   if c != "InternVisionEncoderLayer"]
     if not engine.fsdp:
         if not fused_adam:
             config["optimizer"]["params"]["torch_adam"] = True
@@ -255,6 +249,7 @@ def run_recipe_case(case: RecipeCase, config, *, batch: int, seq: int, steps: in
     the profiler's overhead; the tokens/s of a profiled run are not comparable with an unprofiled one)."""
     from internvl.train.arguments import MedRegTrainingArguments
     from internvl.train.cli import release_deepspeed_config, speedups_from_args
+    from internvl.train.fsdp import FROZEN_TOWERS, place_frozen_towers
     from accelerate.state import AcceleratorState
     from deepspeed.utils import z3_leaf_module
     from torch.distributed.fsdp import FSDPModule
@@ -278,14 +273,12 @@ def run_recipe_case(case: RecipeCase, config, *, batch: int, seq: int, steps: in
             save_strategy="no", report_to="none", bf16=bf16, use_cpu=not cuda, seed=0, disable_tqdm=True,
             dataloader_num_workers=0, deepspeed=ds, lr_scheduler_type="constant",
             torch_compile=engine.torch_compile, torch_compile_backend=compile_backend if engine.torch_compile else None,
+            fsdp_frozen_towers=engine.fsdp_frozen_towers,
             **({"fsdp": "full_shard", "fsdp_config": str(path)} if engine.fsdp else {}))
         model_args = _model_args(case.lora)
         dtype = torch.bfloat16 if (bf16 and ds) else torch.float32  # internvl.train.build.resolve_dtype
         model, shape = build_recipe_model(config, model_args, dtype)
-        if engine.frozen_towers != "sharded" and bf16:
-            frozen_towers_to_bf16(model)
-        if engine.frozen_towers == "replicated":  # read by accelerate's FSDP plugin (regex of module names)
-            os.environ["FSDP_IGNORED_MODULES"] = "|".join(FROZEN_TOWERS)
+        place_frozen_towers(model, args)  # as medrega-train: under FSDP the frozen towers are replicated by default
         clock = StepClock(warmup)
         trainer = MedRegTrainer(model=model, args=args, train_dataset=_Samples(data),
                                 data_collator=_collate, group_by_length=False,
@@ -317,6 +310,8 @@ def run_recipe_case(case: RecipeCase, config, *, batch: int, seq: int, steps: in
            "z3_leaf_layers": sum(z3_leaf_module(m) for m in model.modules()),
            "fsdp_units": sum(isinstance(m, FSDPModule) for m in model.modules()),
            "sharded_tensors": sum(isinstance(p, DTensor) for p in model.parameters()),
+           "tensors": sum(1 for _ in model.parameters()),
+           "tower_dtypes": sorted({str(p.dtype) for n in FROZEN_TOWERS for p in getattr(model, n).parameters()}),
            "fused_head": trainer._fused_head() is not None}
     _release(trainer)
     trainer = model = None
@@ -324,22 +319,6 @@ def run_recipe_case(case: RecipeCase, config, *, batch: int, seq: int, steps: in
     # sizes would be recompiled with dynamic shapes (each case compiles static shapes, from inductor's cache if any)
     free(reset_compiled=True)
     return row
-
-
-def frozen_towers_to_bf16(model: torch.nn.Module) -> int:
-    """Store the frozen towers (`FROZEN_TOWERS`, every parameter frozen) in bf16, the dtype FSDP2's mixed precision
-    (and autocast) computes them in anyway: FSDP2 then has no fp32 -> bf16 cast of them at each unshard (one copy
-    kernel per tensor per step: 346 tensors on `mid`). Returns the number of tensors cast."""
-    cast = 0
-    for name in FROZEN_TOWERS:
-        tower = getattr(model, name, None)
-        if tower is None or any(p.requires_grad for p in tower.parameters()):
-            continue
-        for p in tower.parameters():
-            if p.dtype != torch.bfloat16:
-                p.data = p.data.to(torch.bfloat16)
-                cast += 1
-    return cast
 
 
 def fsdp_on_cpu(trainer) -> None:
@@ -371,7 +350,7 @@ def _engine_env():
     """Undo the process environment a case's TrainingArguments set (`torch_compile` exports ACCELERATE_DYNAMO_*,
     FSDP exports FSDP_CPU_RAM_EFFICIENT_LOADING): the next case's accelerator would otherwise read them."""
     keys = ("ACCELERATE_DYNAMO_BACKEND", "ACCELERATE_DYNAMO_MODE", "ACCELERATE_USE_FSDP",
-            "FSDP_CPU_RAM_EFFICIENT_LOADING", "ACCELERATE_USE_DEEPSPEED", "FSDP_IGNORED_MODULES")
+            "FSDP_CPU_RAM_EFFICIENT_LOADING", "ACCELERATE_USE_DEEPSPEED")
     saved = {k: os.environ.get(k) for k in keys}
     try:
         yield

@@ -83,12 +83,9 @@ def test_engine_configs_are_shipped_plus_torch_adam(tmp_path):
     shipped.pop("optimizer")
     assert got == shipped == deepcompile
     fsdp2 = json.loads((ROOT / "src/shell/fsdp2_config.json").read_text())
+    # both FSDP2 engines train with the shipped file: the towers' placement is medrega-train's --fsdp_frozen_towers
     assert json.loads(engine_config("fsdp2", tmp_path).read_text()) == fsdp2
-    assert json.loads(engine_config("fsdp2_frozen_bf16", tmp_path).read_text()) == fsdp2
-    replicated = json.loads(engine_config("fsdp2_towers_replicated", tmp_path).read_text())
-    assert replicated.pop("transformer_layer_cls_to_wrap") == ["LlamaDecoderLayer"]
-    fsdp2.pop("transformer_layer_cls_to_wrap")
-    assert replicated == fsdp2
+    assert json.loads(engine_config("fsdp2_towers_sharded", tmp_path).read_text()) == fsdp2
     assert engine_config("plain", tmp_path) is None
     with pytest.raises(ValueError, match="unknown recipe engine"):
         recipe_cases(["tiny"], ["zero4"], [0])
@@ -140,12 +137,14 @@ def test_recipe_new_engines_on_cpu_losses_equal_plain(tmp_path, precision):
     (1e-5) and in bf16 (1e-3, the issue's target). A failing engine is a row with an error, which fails this test.
     DeepCompile needs its CUDA extension: GPU only.
 
-    FSDP2 is really applied (accelerate drops FSDP on the CPU; the bench installs its plugin, `fsdp_on_cpu`): 7 FSDP2
-    units (2 ViT + 2 LLM layers, the embedding, the [final norm, LM head] tail, the root), and the trainer's fused
-    LM-head loss reads the sharded `FSDPLinear` head (before the fix it fell back to the full-logits path)."""
+    FSDP2 is really applied (accelerate drops FSDP on the CPU; the bench installs its plugin, `fsdp_on_cpu`): with the
+    product default (`fsdp2`: frozen towers replicated) 5 FSDP2 units (2 LLM layers, the embedding, the [final norm,
+    LM head] tail, the root) and the towers' 36 tensors plain, in bf16 under bf16; with `fsdp2_towers_sharded` 7 units
+    (the 2 ViT layers too) and every tensor a DTensor shard. The trainer's fused LM-head loss reads the sharded
+    `FSDPLinear` head (before the fix it fell back to the full-logits path)."""
     out = tmp_path / "bench"
     bf16 = precision == "bf16"
-    engines = (["zero3_tuned", "fsdp2", "fsdp2_frozen_bf16", "fsdp2_towers_replicated"] if bf16
+    engines = (["zero3_tuned", "fsdp2", "fsdp2_towers_sharded"] if bf16
                else ["zero3_tuned", "fsdp2", "zero3_compile"])
     tol = LOSS_RTOL_BF16 if bf16 else LOSS_RTOL_FP32
     cmd = [sys.executable, "-m", "lab.bench", "--device", "cpu", "--preset", "tiny", "--sections", "recipe",
@@ -167,13 +166,15 @@ def test_recipe_new_engines_on_cpu_losses_equal_plain(tmp_path, precision):
             # the first step's gradient norm (same weights; later steps see bf16 vs fp32 weights after an update)
             assert row["grad_norms"][0] == pytest.approx(plain["grad_norms"][0], rel=tol), (setting, engine, row)
             assert row["fused_head"] is True, (setting, engine, row)
-            # FSDP2 units: tiny's 2 ViT + 2 LLM layers, embedding, [norm, head] tail, root; without the ViT layers
-            # when the frozen towers are kept out (their 36 tensors are then plain, not DTensor shards)
-            units = {"fsdp2": 7, "fsdp2_frozen_bf16": 7, "fsdp2_towers_replicated": 5}.get(engine, 0)
+            # FSDP2 units: tiny's 2 LLM layers, embedding, [norm, head] tail, root; + the 2 ViT layers when the frozen
+            # towers are sharded (by default they are kept out: their 36 tensors are plain, not DTensor shards)
+            units = {"fsdp2": 5, "fsdp2_towers_sharded": 7}.get(engine, 0)
             assert row["fsdp_units"] == units, (setting, engine, row)
-        if bf16:
-            sharded = rows[f"tiny {setting} fsdp2"]["sharded_tensors"]
-            assert rows[f"tiny {setting} fsdp2_towers_replicated"]["sharded_tensors"] == sharded - 36
+            if engine == "fsdp2":
+                assert row["sharded_tensors"] == row["tensors"] - 36, (setting, row)
+                assert row["tower_dtypes"] == ["torch.bfloat16" if bf16 else "torch.float32"], (setting, row)
+            if engine == "fsdp2_towers_sharded":
+                assert row["sharded_tensors"] == row["tensors"] and row["tower_dtypes"] == ["torch.float32"], row
         # the tuned config's leaf modules reached DeepSpeed: tiny's 2 ViT + 2 LLM layers are gathered whole
         assert rows[f"tiny {setting} zero3_tuned"]["z3_leaf_layers"] == 4
 
@@ -189,18 +190,3 @@ def test_recipe_profile_writes_the_first_timed_steps_top_kernels(tmp_path):
     assert "error" not in row and row["tokens_per_s"] > 0
     table = (out / "profile_tiny_full_plain.txt").read_text()
     assert "aten::mm" in table or "aten::addmm" in table or "aten::linear" in table, table[:2000]
-
-
-def test_frozen_towers_to_bf16_casts_only_whole_frozen_towers():
-    """The frozen ViT and projector (every parameter frozen) go to bf16, 36 tensors on tiny; a tower with a trainable
-    parameter and the LLM keep their dtype (FSDP2 needs one dtype among a unit's trainable parameters)."""
-    from lab.bench.recipe import frozen_towers_to_bf16
-
-    model = InternVLChatModel(load_preset("tiny"))
-    for p in list(model.vision_model.parameters()) + list(model.mlp1.parameters()):
-        p.requires_grad_(False)
-    next(model.mlp1.parameters()).requires_grad_(True)
-    assert frozen_towers_to_bf16(model) == 30  # the ViT only: the projector holds a trainable tensor
-    assert {p.dtype for p in model.vision_model.parameters()} == {torch.bfloat16}
-    assert {p.dtype for p in model.mlp1.parameters()} == {torch.float32}
-    assert {p.dtype for p in model.language_model.parameters()} == {torch.float32}

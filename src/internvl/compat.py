@@ -4,7 +4,8 @@ The toolkit otherwise uses public APIs only. What is left here has no public equ
 transformers 5.25): each function names the internal it touches and why no public API serves, and when a future
 version lacks it the error says which installed version broke which internal, instead of an AttributeError deep inside
 a training step: Trainer's private steps (`trainer_base`), a config's attention implementation, the end of a
-Llama-style attention forward (`attend`), the DeepSpeed config transformers holds, per-instance forward swaps.
+Llama-style attention forward (`attend`), the DeepSpeed config transformers holds, per-instance forward swaps, the FSDP
+plugin arguments TrainingArguments builds (`keep_out_of_fsdp`).
 
 Supported: `SUPPORTED` (the range requirements.txt allows). `check_version` raises `CompatError` outside it.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 import functools
 import importlib.metadata
 import inspect
+import os
 import sys
 import types
 from collections.abc import Callable
@@ -254,3 +256,34 @@ def restore_forwards(model: nn.Module, flag: str) -> int:
             setattr(module, flag, False)
             restored += 1
     return restored
+
+
+# ---- the FSDP plugin arguments transformers hands accelerate -------------------------------------------------------
+def keep_out_of_fsdp(training_args: Any, modules: list[str], unwrap: set[str]) -> list[str]:
+    """Have the Trainer's FSDP plugin leave the top-level modules named `modules` out of FSDP and not wrap the layer
+    classes `unwrap`; returns the classes taken off the wrap list.
+
+    `TrainingArguments.__post_init__` (`_process_fsdp_args`) turns `--fsdp_config` into `fsdp_plugin_args`, the
+    keyword arguments the Trainer passes to accelerate's `FullyShardedDataParallelPlugin` when it is created (wrap
+    classes as one comma-joined `transformer_cls_names_to_wrap` string); the plugin reads `FSDP_IGNORED_MODULES` /
+    `FSDP_TRANSFORMER_CLS_TO_WRAP` from the environment only where those arguments are None. Editing the arguments of
+    this run (not the environment) keeps the change to this run: a second Trainer in the same process is unaffected.
+    `ignored_modules` is a regular expression that accelerate full-matches against module names; one the user gave
+    in `FSDP_IGNORED_MODULES` is kept beside ours. `fsdp_config` itself (recorded in run_config.json, fed back to
+    repeat a run) is left as given. No public API sets these between the arguments and the Trainer."""
+    plugin = require_attr(training_args, "fsdp_plugin_args", "transformers")
+    if plugin is None:
+        raise ValueError("keep_out_of_fsdp: FSDP is not enabled for this run (no --fsdp)")
+    wrap = plugin.get("transformer_cls_names_to_wrap")
+    classes = [c for c in wrap.split(",") if c] if isinstance(wrap, str) else list(wrap or [])
+    kept = [c for c in classes if c not in unwrap]
+    if kept and kept != classes:  # an empty list would make accelerate fall back to the model's own list
+        plugin["transformer_cls_names_to_wrap"] = ",".join(kept)
+    ours = "|".join(modules)
+    given = plugin.get("ignored_modules")
+    if given is None:
+        given = os.environ.get("FSDP_IGNORED_MODULES") or None
+    if given is not None and not isinstance(given, str):
+        raise ValueError(f"keep_out_of_fsdp: ignored_modules already holds {type(given).__name__}, not a regex")
+    plugin["ignored_modules"] = ours if given in (None, ours) else f"(?:{given})|{ours}"
+    return [c for c in classes if c not in kept] if kept else []

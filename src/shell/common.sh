@@ -51,7 +51,8 @@ fi
 # A CPU-only machine: float32 on the CPU, no DeepSpeed unless DS_CONFIG is given (then DeepSpeed's CPU accelerator
 # runs it). DS_CONFIG=none: no DeepSpeed on GPUs either (MODE=qlora).
 # ENGINE=fsdp2 (opt-in, instead of DeepSpeed): PyTorch FSDP2 through accelerate (FSDP_CONFIG, default
-# ${SHELL_DIR}/fsdp2_config.json).
+# ${SHELL_DIR}/fsdp2_config.json); the frozen ViT and projector are replicated in bf16 outside FSDP2 (medrega-train's
+# default --fsdp_frozen_towers replicated; pass --fsdp_frozen_towers sharded after the script's arguments to shard them).
 ENGINE="${ENGINE:-deepspeed}"
 [[ "${ENGINE}" == deepspeed || "${ENGINE}" == fsdp2 ]] ||
   { echo "ENGINE=${ENGINE}: expected deepspeed or fsdp2" >&2; exit 2; }

@@ -144,6 +144,11 @@ class MedRegTrainingArguments(TrainingArguments):
                                                          "DeepSpeed).")
     max_nonfinite_steps: int = _arg(10, "With --on_nonfinite skip: the run stops at the next non-finite step after "
                                         "this many skipped ones.")
+    fsdp_frozen_towers: Literal["replicated", "sharded"] = _arg(
+        "replicated", "With --fsdp: the frozen ViT and projector are kept out of FSDP, whole (bf16 under --bf16) on "
+                      "every GPU (replicated: no per-step gathers; costs their weights on each GPU, ~11.9 GB for "
+                      "InternViT-6B), or sharded like the LLM (the previous behaviour). A trainable tower is always "
+                      "sharded. See internvl/train/fsdp.py.")
     logging_nan_inf_filter: bool = _arg(False, "transformers' filter that logs a NaN/inf loss as the running average "
                                                "(a host sync per micro-batch). Off: the divergence guard "
                                                "(--on_nonfinite) handles non-finite losses.")

@@ -144,6 +144,7 @@ def train(model_args: ModelArguments, data_args: DataTrainingArguments,
           training_args: MedRegTrainingArguments) -> dict[str, Any]:
     """Run one training job end to end; returns the Trainer's train metrics."""
     from internvl.train.build import build_model_and_tokenizer
+    from internvl.train.fsdp import place_frozen_towers
     from internvl.train.guards import assert_finite_model
     from internvl.train.safe_load import deepspeed_safe_loads
     from internvl.train.trainer import MedRegTrainer
@@ -160,6 +161,7 @@ def train(model_args: ModelArguments, data_args: DataTrainingArguments,
     built = build_model_and_tokenizer(model_args, data_args, use_deepspeed_bf16=ds_bf16,
                                       base_save_dir=Path(output_dir) / "base_model", device=training_args.device)
     dataset, collator = build_data(data_args, built.tokenizer, built.model.config, training_args.seed)
+    towers = place_frozen_towers(built.model, training_args)  # FSDP: frozen towers replicated (before the Trainer)
     extra = {
         "world_size": training_args.world_size,
         "base_model_dir": built.base_model_dir,
@@ -168,6 +170,7 @@ def train(model_args: ModelArguments, data_args: DataTrainingArguments,
         "total_params": built.total_params,
         "num_train_samples": len(dataset),
         "resumed_from": resume,
+        "fsdp_frozen_towers": towers.as_dict(),
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "transformers": transformers.__version__},
         "argv": sys.argv,
