@@ -3,10 +3,10 @@
 Under FSDP2 (`--fsdp full_shard --fsdp_config src/shell/fsdp2_config.json`, `ENGINE=fsdp2` of the recipes) every
 wrapped layer is gathered before its forward and its fp32 weights are cast to bf16 at each unshard. The recipe's
 ViT and projector are frozen: sharding them saves memory but costs a gather, a cast and hooks per layer per step.
-Measured on one H100 (lab recipe bench, 2026-12-06, 5 timed steps, tokens/s over the path without FSDP): sharded
-towers Yi-shape full 0.89x / LoRA 1.01x, mid full 0.79x / LoRA 1.00x; replicated bf16 towers 0.95x / 1.06x and
-0.93x / 1.22x, losses within 1.4e-4 of the plain path. So replication is the default; `--fsdp_frozen_towers
-sharded` keeps the previous behaviour.
+Measured on one H100 (lab recipe bench, 2026-12-06, one command, 5 timed steps, tokens/s over the path without
+FSDP): sharded towers Yi-shape full 0.91x / LoRA 0.94x, mid full 0.81x / LoRA 0.82x; replicated bf16 towers 0.94x /
+1.07x and 0.96x / 0.93x, losses within 1.5e-4 of the plain path (docs/performance.md, "Recipe results"). So
+replication is the default; `--fsdp_frozen_towers sharded` keeps the previous behaviour.
 """
 from __future__ import annotations
 
