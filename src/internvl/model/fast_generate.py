@@ -85,22 +85,10 @@ def packed_step_supported(lm: nn.Module) -> bool:
     return decoder_layer_groups(lm) is not None
 
 
-class _recompile_limit:
-    """Raise dynamo's per-function recompile limit while our step runs (restored afterwards)."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.name = None
-        self.old = None
-
-    def __enter__(self):
-        self.name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
-        self.old = getattr(dynamo_config, self.name)
-        setattr(dynamo_config, self.name, max(self.old, self.limit))
-        return self
-
-    def __exit__(self, *exc) -> None:
-        setattr(dynamo_config, self.name, self.old)
+def _recompile_limit(limit: int):
+    """Dynamo's per-function recompile limit raised to at least `limit` while our step runs (restored afterwards)."""
+    name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
+    return dynamo_config.patch(name, max(getattr(dynamo_config, name), limit))
 
 
 def register_decode_attention(name: str, function) -> None:

@@ -20,27 +20,16 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPooling
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from .configuration_intern_vit import InternVisionConfig
 
 _HAS_FLASH_ATTN = importlib.util.find_spec("flash_attn") is not None
 
 
-class InternRMSNorm(nn.Module):
-    """RMSNorm computed in fp32 and cast back before the weight multiply (as the original `InternRMSNorm`)."""
-
-    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden_size))
-        self.variance_epsilon = eps
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        input_dtype = hidden_states.dtype
-        hidden_states = hidden_states.to(torch.float32)
-        variance = hidden_states.pow(2).mean(-1, keepdim=True)
-        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
-        return self.weight * hidden_states.to(input_dtype)
-
+#: RMSNorm computed in fp32 and cast back before the weight multiply, as the original `InternRMSNorm`: the same maths
+#: (and `weight` / `variance_epsilon` attributes) as transformers' Llama RMSNorm, so that class serves.
+InternRMSNorm = LlamaRMSNorm
 
 NORM2FN = {"rms_norm": InternRMSNorm, "layer_norm": nn.LayerNorm}
 

@@ -245,11 +245,9 @@ class InternVLChatModel(ChatMixin, PreTrainedModel):
         pixel_values [T,3,S,S] with image_flags [T] (1 = real tile, 0 = dummy tile of a text-only sample); input_ids
         [B,L] containing T_real*num_image_token `<IMG_CONTEXT>` tokens.  Packed rows: pass attention_mask=None and
         position_ids restarting at 0 for each sample (transformers then masks attention block-diagonally).
-        Loss: `internvl.ops.causal_lm_loss` (the trainer's loss) on the logits: shifted cross-entropy over
-        labels != -100, weighted by per-token `loss_weight` [B,L] when given (packing's sample/square averaging),
-        divided by the micro-batch's own token count (or summed weight; the original's token mean) or by
-        `num_items_in_batch` when the caller passes the optimizer step's count.  Other kwargs (cache, use_cache,
-        output_hidden_states, ...) go to the language model.
+        Loss: `internvl.ops.causal_lm_loss` (the trainer's loss; its docstring says how `loss_weight` [B,L] and
+        `num_items_in_batch` enter) on the logits.  Other kwargs (cache, use_cache, output_hidden_states, ...) go to
+        the language model.
         `sync_free`: merge the image features without reading anything back to the host (no count check, static
         shapes), for CUDA-graph capture of a whole training step; the caller checks the counts first
         (`image_token_mismatch`, as `lab.graph_step` does).

@@ -8,11 +8,12 @@ keeps both for backward (8 x 1024 tokens x 64k vocab = 1 GB bf16 + 2 GB fp32 plu
    (not the image tokens and the prompt).
 2. The head + softmax + loss run chunk by chunk, each chunk's gradients (hidden states, head weight) computed in the
    forward pass (the loss is the last op), so no logits are kept for backward: liger-kernel's Triton kernel, or
-   `ChunkedLinearCrossEntropy` in PyTorch (and whenever per-token loss weights are given).
-3. `impl="padded"` (the CUDA default) zero-pads the head weight to a multiple of 128 rows, so an odd vocabulary
-   (32007, Yi's 64000 + added tokens) does not push cuBLAS onto slow unaligned kernels, and computes the elementwise
-   part in place in the logits buffer (`ce_grad_inplace`, compiled on CUDA: no fp32 [N, V] copy), in row chunks
-   sized by a memory budget (`DEFAULT_LOGITS_BUDGET`).
+   `PaddedLinearCrossEntropy` in PyTorch (and whenever per-token loss weights are given).
+3. `PaddedLinearCrossEntropy` zero-pads the head weight to a multiple of 128 rows, so an odd vocabulary (32007,
+   Yi's 64000 + added tokens) does not push cuBLAS onto slow unaligned kernels, and computes the elementwise part in
+   place in the logits buffer (`ce_grad_inplace`, compiled on CUDA: no fp32 [N, V] copy). `impl="padded"` (the CUDA
+   default) sizes its row chunks by a memory budget (`DEFAULT_LOGITS_BUDGET`), `impl="chunked"` (the CPU default)
+   uses a fixed `chunk_size` and the eager elementwise function.
 
 All give the loss of `F.cross_entropy(hidden @ W.T, labels)` up to bf16 rounding of the logits.
 """
@@ -42,64 +43,6 @@ def _row_weights(labels: torch.Tensor, weights: torch.Tensor | None) -> torch.Te
     """fp32 [N] loss weight per row: `weights` (1 when None) on supervised rows, 0 on IGNORE_INDEX rows."""
     valid = labels != IGNORE_INDEX
     return valid.to(torch.float32) if weights is None else weights.to(torch.float32) * valid
-
-
-def _scaled_saved_grads(ctx, grad_out: torch.Tensor, non_tensor_inputs: int) -> tuple:
-    """Backward of the losses below: the gradients saved in forward times `grad_out`, None for the other inputs."""
-    grads = tuple(g * grad_out.to(g.dtype) if g is not None else None for g in ctx.saved_tensors)
-    return grads + (None,) * non_tensor_inputs
-
-
-class ChunkedLinearCrossEntropy(torch.autograd.Function):
-    """loss = sum_i w_i * CE(h_i W^T + b, y_i) / sum_i w_i, computed in row chunks with gradients in forward.
-
-    Inputs: hidden [N, H], weight [V, H], bias [V] or None, labels [N] (IGNORE_INDEX rows get weight 0),
-    weights [N] float or None (None = 1 per supervised row), chunk_size. Returns a scalar fp32 loss.
-    """
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, weights, chunk_size):  # type: ignore[override]
-        n = hidden.shape[0]
-        w = _row_weights(labels, weights)
-        denom = w.sum().clamp(min=torch.finfo(torch.float32).tiny)
-        need_h = ctx.needs_input_grad[0]
-        need_w = ctx.needs_input_grad[1]
-        need_b = bias is not None and ctx.needs_input_grad[2]
-        grad_h = torch.zeros_like(hidden) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
-        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        safe_labels = labels.clamp(min=0)
-        for start in range(0, n, chunk_size):
-            end = min(start + chunk_size, n)
-            h = hidden[start:end]
-            logits = F.linear(h, weight, bias).float()  # [c, V]
-            lse = torch.logsumexp(logits, dim=-1)
-            y = safe_labels[start:end]
-            wc = w[start:end] / denom
-            picked = logits.gather(1, y[:, None]).squeeze(1)
-            loss += ((lse - picked) * wc).sum()
-            if need_h or need_w or need_b:
-                g = torch.softmax(logits, dim=-1)  # d CE / d logits = softmax - onehot
-                g[torch.arange(end - start, device=g.device), y] -= 1.0
-                g *= wc[:, None]
-                g_lp = g.to(hidden.dtype)
-                if need_h:
-                    grad_h[start:end] = g_lp @ weight
-                if need_w:
-                    grad_w += g_lp.t() @ h
-                if need_b:
-                    grad_b += g.sum(0)
-        ctx.save_for_backward(
-            grad_h if need_h else None,
-            grad_w.to(weight.dtype) if need_w else None,
-            grad_b.to(bias.dtype) if need_b else None,
-        )
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_out):  # type: ignore[override]
-        return _scaled_saved_grads(ctx, grad_out, 3)
 
 
 def ce_grad_inplace(logits: torch.Tensor, labels: torch.Tensor, row_weights: torch.Tensor, vocab: int) -> torch.Tensor:
@@ -141,10 +84,13 @@ def padded_rows_per_chunk(vocab: int, dtype: torch.dtype, budget_bytes: int = DE
 
 
 class PaddedLinearCrossEntropy(torch.autograd.Function):
-    """Like `ChunkedLinearCrossEntropy`, with the head weight zero-padded to a multiple of `VOCAB_ALIGN` rows for the
-    matmuls (padded logits masked to -inf) and the elementwise part done in place by `ce_grad_inplace` (compiled on
-    request). Inputs: hidden [N, H], weight [V, H], bias [V] or None, labels [N], weights [N] or None, rows per chunk,
-    compiled (bool). Returns a scalar fp32 loss; gradients are computed in forward and scaled in backward."""
+    """loss = sum_i w_i * CE(h_i W^T + b, y_i) / sum_i w_i, computed in row chunks with gradients in forward.
+
+    The head weight is zero-padded to a multiple of `VOCAB_ALIGN` rows for the matmuls (padded logits masked to -inf)
+    and the elementwise part done in place by `ce_grad_inplace` (compiled on request). Inputs: hidden [N, H], weight
+    [V, H], bias [V] or None, labels [N] (IGNORE_INDEX rows get weight 0), weights [N] float or None (None = 1 per
+    supervised row), rows per chunk, compiled (bool). Returns a scalar fp32 loss; gradients are computed in forward
+    and scaled in backward."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, weights, chunk_rows, compiled):  # type: ignore[override]
@@ -188,7 +134,9 @@ class PaddedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
-        return _scaled_saved_grads(ctx, grad_out, 4)
+        # the gradients saved in forward times `grad_out`; None for labels, weights, chunk_rows, compiled
+        grads = tuple(g * grad_out.to(g.dtype) if g is not None else None for g in ctx.saved_tensors)
+        return grads + (None,) * 4
 
 
 def weighted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor,
@@ -220,7 +168,8 @@ def linear_cross_entropy(
             sum(w * ce) / sum(w) over supervised rows. None means the plain token mean.
         impl: "auto" ("padded" on CUDA, else "chunked"), "padded" (vocabulary padded to a multiple of 128, rows
             chunked by a memory budget, elementwise part compiled on CUDA), "liger" (liger-kernel's fused linear CE,
-            no token weights), "chunked" (fixed `chunk_size` rows) or "plain" (materialises logits; the reference).
+            no token weights), "chunked" (the padded kernel with fixed `chunk_size` rows, eager elementwise part) or
+            "plain" (materialises logits; the reference).
         compile_elementwise: padded path only; None = compile on CUDA, eager elsewhere.
     """
     if hidden.dim() != 2 or labels.dim() != 1 or hidden.shape[0] != labels.shape[0]:
@@ -234,7 +183,7 @@ def linear_cross_entropy(
     if impl == "plain":
         return weighted_cross_entropy(F.linear(hidden, weight, bias), labels, token_weights)
     if impl == "chunked":
-        return ChunkedLinearCrossEntropy.apply(hidden, weight, bias, labels, token_weights, int(chunk_size))
+        return PaddedLinearCrossEntropy.apply(hidden, weight, bias, labels, token_weights, int(chunk_size), False)
     if impl == "liger":
         if token_weights is not None:
             raise ValueError("the liger path takes no per-token weights; use impl='chunked'")

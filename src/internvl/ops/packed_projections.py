@@ -73,12 +73,6 @@ def _scaled(linears: list[nn.Module]) -> bool:
     return type(linears[0]) is Int8Linear
 
 
-def packed_scale(linears: list[nn.Module]) -> torch.Tensor | None:
-    """The packed [sum(out_features)] fp32 row scales of an already packed Int8Linear group (a view, no copy), or
-    None for bf16 `nn.Linear` groups."""
-    return _joined(linears[0].weight_scale, sum(m.out_features for m in linears)) if _scaled(linears) else None
-
-
 def _joined(first: torch.Tensor, rows: int) -> torch.Tensor:
     """The `rows` rows of a packed group that starts at the contiguous `first`, as one view of their storage."""
     first = first.detach()
@@ -171,9 +165,11 @@ def pack_decoder(lm: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor | None,
 
 
 def _with_scale(weight: torch.Tensor, linears: list[nn.Module]) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """A packed group's weight as the packed step takes it: the tensor, or (int8 weight, row scales) for int8."""
-    scale = packed_scale(linears)
-    return weight if scale is None else (weight, scale)
+    """A packed group's weight as the packed step takes it: the tensor, or for an Int8Linear group (int8 weight,
+    its packed [sum(out_features)] fp32 row scales as a view, no copy)."""
+    if not _scaled(linears):
+        return weight
+    return weight, _joined(linears[0].weight_scale, sum(m.out_features for m in linears))
 
 
 def packed_signature(packs) -> tuple:

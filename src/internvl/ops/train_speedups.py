@@ -163,8 +163,7 @@ def apply_train_speedups(model: nn.Module, opts: TrainSpeedups | None = None, *,
 
 def _eager_submodules(root: nn.Module, compiled: set[int]) -> list[nn.Module]:
     """The largest submodules of `root` that contain no compiled layer (so liger swaps never land inside one)."""
-    inside = [m for m in root.modules() if id(m) in compiled]
-    if not inside:
+    if not any(id(m) in compiled for m in root.modules()):
         return [root]
     out: list[nn.Module] = []
     for child in root.children():

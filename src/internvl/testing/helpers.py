@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+from torch.nn.utils.rnn import pad_sequence
 
 __all__ = ["build_tiny_bert_dir", "write_eval_benchmark", "pad_text_batch", "decode_prompts", "greedy_reference"]
 
@@ -51,15 +52,9 @@ def write_eval_benchmark(tmp_path: Path, model: Any, tokenizer: Any, rows: Seque
 def pad_text_batch(batch: list[dict], extra_keys: Sequence[str] = ()) -> dict[str, torch.Tensor]:
     """Right-pad text-only samples (``input_ids``, ``labels`` lists) into a batch with an attention mask; labels pad
     with -100. ``extra_keys``: per-sample scalars stacked as they are (e.g. ``sample_index``)."""
-    width = max(len(b["input_ids"]) for b in batch)
-    ids = torch.zeros(len(batch), width, dtype=torch.long)
-    labels = torch.full((len(batch), width), -100, dtype=torch.long)
-    mask = torch.zeros(len(batch), width, dtype=torch.long)
-    for i, b in enumerate(batch):
-        n = len(b["input_ids"])
-        ids[i, :n] = torch.tensor(b["input_ids"])
-        labels[i, :n] = torch.tensor(b["labels"])
-        mask[i, :n] = 1
+    ids = pad_sequence([torch.tensor(b["input_ids"]) for b in batch], batch_first=True)
+    labels = pad_sequence([torch.tensor(b["labels"]) for b in batch], batch_first=True, padding_value=-100)
+    mask = pad_sequence([torch.ones(len(b["input_ids"]), dtype=torch.long) for b in batch], batch_first=True)
     out = {"input_ids": ids, "labels": labels, "attention_mask": mask}
     out.update({key: torch.tensor([b[key] for b in batch]) for key in extra_keys})
     return out

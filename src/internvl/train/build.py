@@ -57,11 +57,8 @@ def apply_overrides(config: InternVLChatConfig, model_args: ModelArguments, data
     config.ps_version = model_args.ps_version
     config.template = data_args.conv_style
     config.downsample_ratio = data_args.down_sample_ratio
-    config.pad2square = data_args.pad2square
-    config.dynamic_image_size = data_args.dynamic_image_size
-    config.use_thumbnail = data_args.use_thumbnail
-    config.min_dynamic_patch = data_args.min_dynamic_patch
-    config.max_dynamic_patch = data_args.max_dynamic_patch
+    for name in ("pad2square", "dynamic_image_size", "use_thumbnail", "min_dynamic_patch", "max_dynamic_patch"):
+        setattr(config, name, getattr(data_args, name))
     config.vision_config.drop_path_rate = model_args.drop_path_rate
     config.use_llm_lora = 0
     config.use_backbone_lora = 0

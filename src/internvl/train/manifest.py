@@ -23,7 +23,6 @@ _PART_RE = re.compile(r"^manifest\.rank(\d+)\.json(\.tmp)?$")  # .tmp: another r
 _UNLISTED = {MANIFEST_NAME, MANIFEST_NAME + ".tmp", "COMPLETE"}
 # files written by one data-parallel rank: HF's rng_state_<rank>.pth, DeepSpeed's *zero_pp_rank_<rank>_mp_rank_*
 RANK_FILE_RE = re.compile(r"(?:^rng_state_(\d+)\.pth$|pp_rank_(\d+)_)")
-_CHUNK = 8 << 20
 
 
 class ManifestError(ValueError):
@@ -31,14 +30,9 @@ class ManifestError(ValueError):
 
 
 def file_digest(path: str | os.PathLike) -> tuple[int, str]:
-    """(size in bytes, SHA-256 hex) of one file, read in 8 MiB chunks."""
-    digest = hashlib.sha256()
-    size = 0
+    """(size in bytes, SHA-256 hex) of one file, streamed by `hashlib.file_digest`."""
     with open(path, "rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            digest.update(chunk)
-            size += len(chunk)
-    return size, digest.hexdigest()
+        return os.fstat(fh.fileno()).st_size, hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def _entry(path: Path) -> dict[str, Any]:

@@ -143,9 +143,10 @@ def qlora_row(counts: ParamCounts, config, seq: int, micro_batch: int, double_qu
             "logits_GiB": acts["logits_loss"] / GiB, "total_GiB": total / GiB, "cpu_GiB_per_node": 0.0}
 
 
-def format_table(rows: list[dict[str, float]], limit_gib: float) -> str:
-    """Markdown table of plan rows; `fits` compares with `limit_gib` minus 10% for CUDA context/fragmentation."""
-    head = ("| mode | GPUs | trainable (B) | model states | frozen weights | activations (of which logits) | "
+def format_table(rows: list[dict[str, float]], limit_gib: float, count_label: str = "GPUs") -> str:
+    """Markdown table of plan rows; `fits` compares with `limit_gib` minus 10% for CUDA context/fragmentation.
+    `count_label` heads the column of the rows' "gpus" values."""
+    head = (f"| mode | {count_label} | trainable (B) | model states | frozen weights | activations (of which logits) | "
             "total / GPU | fits 80 GB? | CPU RAM / node |")
     lines = [head, "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -180,12 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nQLoRA on one GPU (4-bit NF4 LLM linears with double quantisation, bf16 ViT/projector/embeddings/head, "
           f"LoRA r={args.lora_rank} fp32 + Adam, no DeepSpeed), gradient checkpointing, seq {args.seq}; "
           "'model states' = LoRA weights, grads and Adam, 'frozen weights' = all base weights:\n")
-    qrows = [qlora_row(counts, config, args.seq, mb) for mb in sorted({1, 2, 4, args.micro_batch})]
-    table = format_table(qrows, args.gpu_gib).splitlines()
-    table[0] = table[0].replace("| mode | GPUs |", "| mode | micro-batch |")
-    for i, mb in enumerate(sorted({1, 2, 4, args.micro_batch})):
-        table[2 + i] = table[2 + i].replace("| qlora | 1 |", f"| qlora | {mb} |", 1)
-    print("\n".join(table))
+    qrows = [{**qlora_row(counts, config, args.seq, mb), "gpus": mb} for mb in sorted({1, 2, 4, args.micro_batch})]
+    print(format_table(qrows, args.gpu_gib, count_label="micro-batch"))
     return 0
 
 
