@@ -33,6 +33,7 @@ from torch.distributed.tensor import DTensor
 from torch.profiler import ProfilerActivity, profile, record_function
 from transformers import TrainerCallback
 
+from internvl.compat import fsdp_on_cpu
 from internvl.model import load_preset
 
 from .batches import fixed_batch
@@ -286,7 +287,7 @@ def run_recipe_case(case: RecipeCase, config, *, batch: int, seq: int, steps: in
                                 callbacks=[clock] + ([StepProfile(warmup, out / f"profile_{case.name.replace(' ', '_')}.txt")]
                                                      if profile else []))
         if engine.fsdp and not cuda:
-            fsdp_on_cpu(trainer)
+            fsdp_on_cpu(trainer)  # accelerate enables FSDP on GPUs only (internvl.compat)
         try:
             trainer.train()
         finally:
@@ -319,30 +320,6 @@ def run_recipe_case(case: RecipeCase, config, *, batch: int, seq: int, steps: in
     # sizes would be recompiled with dynamic shapes (each case compiles static shapes, from inductor's cache if any)
     free(reset_compiled=True)
     return row
-
-
-def fsdp_on_cpu(trainer) -> None:
-    """Make the Trainer's accelerator apply FSDP on the CPU (the CPU tests of the `fsdp2` engine).
-
-    accelerate enables FSDP only for GPU-type distributed setups: under `use_cpu` (gloo) it drops the FSDP plugin the
-    Trainer built from `--fsdp_config` and the `fsdp2` case silently trains the unsharded model. This puts that plugin
-    (with the run's mixed precision) on the accelerator's state, so `Accelerator.prepare` runs accelerate's own
-    `fsdp2_prepare_model` (`fully_shard` of the wrap policy's layers, the embedding and the [final norm, LM head] tail,
-    then the root) exactly as on CUDA. Call after the Trainer is built, before `train()`; the caller resets the state
-    afterwards (`AcceleratorState._reset_state`)."""
-    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
-
-    if trainer.args.fsdp_plugin_args is None:
-        raise ValueError("fsdp_on_cpu: the Trainer was built without an --fsdp_config")
-    state = trainer.accelerator.state
-    plugin = FullyShardedDataParallelPlugin(**trainer.args.fsdp_plugin_args)
-    if state.mixed_precision != "no":
-        plugin.set_mixed_precision(state.mixed_precision)
-    state.fsdp_plugin = plugin
-    state.distributed_type = DistributedType.FSDP
-    trainer.is_fsdp_enabled = True
-    if not trainer.accelerator.is_fsdp2:
-        raise RuntimeError(f"fsdp_on_cpu: expected an FSDP2 config, got fsdp_version {plugin.fsdp_version}")
 
 
 @contextlib.contextmanager

@@ -5,7 +5,8 @@ transformers 5.25): each function names the internal it touches and why no publi
 version lacks it the error says which installed version broke which internal, instead of an AttributeError deep inside
 a training step: Trainer's private steps (`trainer_base`), a config's attention implementation, the end of a
 Llama-style attention forward (`attend`), the DeepSpeed config transformers holds, per-instance forward swaps, the FSDP
-plugin arguments TrainingArguments builds (`keep_out_of_fsdp`).
+plugin arguments TrainingArguments builds (`keep_out_of_fsdp`), accelerate's distributed state for FSDP on the CPU
+(`fsdp_on_cpu`).
 
 Supported: `SUPPORTED` (the range requirements.txt allows). `check_version` raises `CompatError` outside it.
 """
@@ -27,7 +28,7 @@ from transformers.integrations import deepspeed as hf_deepspeed
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 #: the versions of each package this module's internals were checked against (as in requirements.txt / setup.py).
-SUPPORTED: dict[str, str] = {"transformers": ">=5.17,<6", "deepspeed": ">=0.15"}
+SUPPORTED: dict[str, str] = {"transformers": ">=5.17,<6", "deepspeed": ">=0.15", "accelerate": ">=1.10"}
 
 
 class CompatError(RuntimeError):
@@ -287,3 +288,34 @@ def keep_out_of_fsdp(training_args: Any, modules: list[str], unwrap: set[str]) -
         raise ValueError(f"keep_out_of_fsdp: ignored_modules already holds {type(given).__name__}, not a regex")
     plugin["ignored_modules"] = ours if given in (None, ours) else f"(?:{given})|{ours}"
     return [c for c in classes if c not in kept] if kept else []
+
+
+def fsdp_on_cpu(trainer: Any) -> None:
+    """Make a Trainer built with `--fsdp` and `--use_cpu` really apply FSDP2 (gloo): accelerate enables FSDP only for
+    GPU-type distributed setups and, under `use_cpu`, drops the plugin the Trainer built from `--fsdp_config`, so the
+    run would silently train the unsharded model. This puts that plugin (with the run's mixed precision) on the
+    accelerator's state, so `Accelerator.prepare` runs accelerate's own `fsdp2_prepare_model` (`fully_shard` of the
+    wrap policy's layers, the embedding and the [final norm, LM head] tail, then the root) exactly as on CUDA. Call
+    after the Trainer is built, before `train()`. Internals: the accelerator state's `fsdp_plugin` /
+    `distributed_type`, PartialState's shared state and the Trainer's `is_fsdp_enabled` (no public switch exists).
+    The lab resets the state between cases (`AcceleratorState._reset_state(reset_partial_state=True)`)."""
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    if getattr(trainer.args, "fsdp_plugin_args", None) is None:
+        raise ValueError("fsdp_on_cpu: the Trainer was built without an --fsdp_config")
+    state = trainer.accelerator.state
+    require_attr(state, "distributed_type", "accelerate")
+    plugin = FullyShardedDataParallelPlugin(**trainer.args.fsdp_plugin_args)
+    if state.mixed_precision != "no":
+        plugin.set_mixed_precision(state.mixed_precision)
+    state.fsdp_plugin = plugin
+    state.distributed_type = DistributedType.FSDP
+    # every later `AcceleratorState()` copies PartialState's shared state over its own (accelerate does the same when
+    # it picks FSDP itself): without this the final save would see MULTI_CPU and write the sharded DTensors
+    shared = require_attr(PartialState, "_shared_state", "accelerate")
+    shared["distributed_type"] = DistributedType.FSDP
+    require_attr(trainer, "is_fsdp_enabled", "transformers")
+    trainer.is_fsdp_enabled = True
+    if not trainer.accelerator.is_fsdp2:
+        raise CompatError(f"fsdp_on_cpu: expected an FSDP2 config, got fsdp_version {plugin.fsdp_version}")

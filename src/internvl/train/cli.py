@@ -143,6 +143,7 @@ def _setup_logging(training_args: MedRegTrainingArguments) -> None:
 def train(model_args: ModelArguments, data_args: DataTrainingArguments,
           training_args: MedRegTrainingArguments) -> dict[str, Any]:
     """Run one training job end to end; returns the Trainer's train metrics."""
+    from internvl.compat import fsdp_on_cpu
     from internvl.train.build import build_model_and_tokenizer
     from internvl.train.fsdp import place_frozen_towers
     from internvl.train.guards import assert_finite_model
@@ -188,6 +189,9 @@ def train(model_args: ModelArguments, data_args: DataTrainingArguments,
         fused_lm_loss=model_args.fused_lm_loss,
         speedups=speedups_from_args(model_args),
     )
+    if training_args.fsdp and training_args.use_cpu:  # accelerate would drop FSDP on the CPU and train unsharded
+        fsdp_on_cpu(trainer)
+        logger.info("FSDP2 on the CPU (gloo): accelerate's FSDP plugin installed for this run")
     with deepspeed_safe_loads():  # DeepSpeed's states load with weights_only=True (internvl.train.safe_load)
         result = trainer.train(resume_from_checkpoint=resume)
     assert_finite_model(trainer.model, f"the final model to {output_dir}", training_args.world_size)

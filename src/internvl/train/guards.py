@@ -147,9 +147,11 @@ def guard_optimizer_step(optimizer: Any, guard: StepGuard) -> None:
 
 
 def local_parameters(model: nn.Module) -> Iterable[torch.Tensor]:
-    """This rank's parameter data: the ZeRO-3 partition (`ds_tensor`) where DeepSpeed partitioned it."""
+    """This rank's parameter data: the ZeRO-3 partition (`ds_tensor`) where DeepSpeed partitioned it, the local
+    shard of an FSDP2 (DTensor) parameter, else the parameter itself."""
     for param in model.parameters():
-        yield getattr(param, "ds_tensor", param)
+        data = getattr(param, "ds_tensor", param)
+        yield data.to_local() if isinstance(data, DTensor) else data
 
 
 def assert_finite_model(model: nn.Module, what: str, world_size: int = 1) -> None:
