@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 
@@ -589,4 +590,9 @@ def main(argv: list[str] | None = None) -> int:
     table = fmt_table(res)
     Path(args.out, "bench_table.txt").write_text(table + "\n")
     print(table)
+    failed = [e["case"] for e in res.get("errors", [])]
+    if failed:  # the finished cases are in bench.json; a failed case fails the command (scripts must not only print)
+        print(f"lab.bench: {len(failed)} case(s) failed: {', '.join(failed)} (tracebacks in {args.out}/bench.json)",
+              file=sys.stderr)
+        return 1
     return 0

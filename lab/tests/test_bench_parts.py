@@ -177,3 +177,17 @@ def test_gen_section_reports_batch1_ttft_against_native_on_cpu(tmp_path):
     assert t["ratio_ours_over_native"] == pytest.approx(t["ours_ms"] / t["native_default_ms"])
     assert t["rest_ms"] == pytest.approx(t["ours_ms"] - t["vision_ms"] - t["prefill_ms"])
     assert "batch 1 TTFT" in (tmp_path / "bench_table.txt").read_text()
+
+
+def test_a_failed_case_fails_the_command(tmp_path, monkeypatch):
+    """A case that raises is recorded in bench.json (the other sections still run) and the command exits 1, so the
+    GPU scripts that call the benchmark fail instead of only printing."""
+    import lab.bench.cli as cli
+
+    def broken(args, res):
+        raise RuntimeError("kernel exploded")
+
+    monkeypatch.setattr(cli, "section_kernels", broken)
+    rc = cli.main(["--device", "cpu", "--preset", "tiny", "--sections", "kernels", "--out", str(tmp_path)])
+    errors = json.loads((tmp_path / "bench.json").read_text())["errors"]
+    assert rc == 1 and [e["case"] for e in errors] == ["section_kernels"] and "kernel exploded" in errors[0]["error"]
