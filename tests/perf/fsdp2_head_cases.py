@@ -11,11 +11,9 @@ import sys
 
 import torch
 import torch.distributed as dist
-from torch.distributed.fsdp import fully_shard
-from transformers.modeling_layers import GradientCheckpointingLayer
-
 from internvl.model import InternVLChatModel, load_preset
 from internvl.ops import cross_entropy, train_speedups
+from internvl.testing.helpers import shard_like_accelerate
 from internvl.train.build import enable_gradient_checkpointing
 
 IMG = 1000
@@ -58,15 +56,8 @@ def check(layout: str) -> bool:
         ref_loss += loss.item()
     ref_grads = {n: p.grad for n, p in reference.named_parameters() if p.grad is not None}
 
-    for layer in [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]:
-        fully_shard(layer)
+    shard_like_accelerate(model, layout)
     llm = model.language_model
-    fully_shard(llm.get_input_embeddings())
-    if layout == "tail":
-        fully_shard([llm.get_decoder().norm, llm.get_output_embeddings()], reshard_after_forward=False)
-    else:
-        fully_shard(llm.get_output_embeddings(), reshard_after_forward=True)
-    fully_shard(model)
     head = llm.get_output_embeddings()
     local_rows = head.weight.to_local().shape[0]
     assert local_rows < head.out_features, "the head is not sharded"

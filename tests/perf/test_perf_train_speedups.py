@@ -26,6 +26,7 @@ from internvl.ops.train_speedups import (
     remove_train_speedups,
     set_ckpt_skip,
 )
+from internvl.testing.helpers import shard_like_accelerate
 from internvl.train.build import enable_gradient_checkpointing
 
 IMG = 1000
@@ -226,24 +227,6 @@ def test_fsdp2_layers_compile_and_fuse_with_the_plain_loss_and_gradients(base_mo
     _assert_same((loss, {n: g.full_tensor() for n, g in grads.items()}), ref)
 
 
-def _shard_like_accelerate(model, head_unit: str) -> None:
-    """FSDP2 as accelerate's `fsdp2_prepare_model` builds it for `ENGINE=fsdp2` (accelerate 1.16): each wrapped layer,
-    the input embedding, the [final norm, LM head] tail as one unit with `reshard_after_forward=False`, then the root.
-    `head_unit="reshards"`: the LM head alone in a unit that reshards after its forward (another config's choice)."""
-    from torch.distributed.fsdp import fully_shard
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    for layer in [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]:
-        fully_shard(layer)
-    llm = model.language_model
-    fully_shard(llm.get_input_embeddings())
-    if head_unit == "tail":
-        fully_shard([llm.get_decoder().norm, llm.get_output_embeddings()], reshard_after_forward=False)
-    else:
-        fully_shard(llm.get_output_embeddings(), reshard_after_forward=True)
-    fully_shard(model)
-
-
 @pytest.mark.parametrize("head_unit", ["tail", "reshards"])
 def test_fsdp2_sharded_head_takes_the_fused_loss_with_the_plain_gradients(base_model, single_rank_group, monkeypatch,
                                                                          head_unit):
@@ -258,7 +241,7 @@ def test_fsdp2_sharded_head_takes_the_fused_loss_with_the_plain_gradients(base_m
     model = copy.deepcopy(base_model).train()
     _set_ckpt(model, True)
     ref = _loss_and_grads(model, fused=False)
-    _shard_like_accelerate(model, head_unit)
+    shard_like_accelerate(model, head_unit)
     head = model.language_model.get_output_embeddings()
     assert type(head).__name__ == "FSDPLinear" and isinstance(head.weight, DTensor)
     assert fused_head_supported(head) and not cross_entropy.zero3_partitioned_head(head)

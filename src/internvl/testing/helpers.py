@@ -75,3 +75,22 @@ def greedy_reference(lm: Any, emb: torch.Tensor, mask: torch.Tensor, n: int) -> 
     """transformers' own greedy `generate` of ``n`` tokens (no EOS stop): the reference the fast decoders must equal."""
     return lm.generate(inputs_embeds=emb, attention_mask=mask, max_new_tokens=n, do_sample=False, eos_token_id=None,
                        pad_token_id=0)
+
+
+def shard_like_accelerate(model: Any, head_unit: str = "tail") -> None:
+    """FSDP2 (`fully_shard`, a process group must exist) as accelerate's `fsdp2_prepare_model` builds it for
+    `ENGINE=fsdp2` (accelerate 1.16): each checkpointing layer, the input embedding, the [final norm, LM head] tail as
+    one unit with `reshard_after_forward=False`, then the root. `head_unit="reshards"`: the LM head alone in a unit
+    that reshards after its forward (another config's choice)."""
+    from torch.distributed.fsdp import fully_shard
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    for layer in [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]:
+        fully_shard(layer)
+    llm = model.language_model
+    fully_shard(llm.get_input_embeddings())
+    if head_unit == "tail":
+        fully_shard([llm.get_decoder().norm, llm.get_output_embeddings()], reshard_after_forward=False)
+    else:
+        fully_shard(llm.get_output_embeddings(), reshard_after_forward=True)
+    fully_shard(model)
