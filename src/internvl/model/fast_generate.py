@@ -204,8 +204,8 @@ class StaticGreedyDecoder:
         self.config = config if config is not None else DecodeConfig()
         self.lm = lm
         self.use_cuda_graph = self.config.cuda_graph
-        self._n_params = sum(p.numel() for p in lm.parameters())
-        self.compile_backend = resolve_backend(lm, self.config.backend)
+        self._large = large_model(lm)
+        self.compile_backend = resolve_backend(lm, self.config.backend, self._large)
         self._layer_fn = None  # the compiled `packed_layer` under the "layer" compile scope
         self.check_every = int(self.config.check_every)
         self.packed = self.config.packed
@@ -353,7 +353,7 @@ class StaticGreedyDecoder:
         a minute per shape); never without a backend."""
         if self.config.backend is None or self.config.compile_scope == "step":
             return False
-        return self.config.compile_scope == "layer" or self._n_params > AUTO_INDUCTOR_MAX_PARAMS
+        return self.config.compile_scope == "layer" or self._large
 
     def _layer_backend(self) -> str:
         """The layer's dynamo backend: the configured one, "inductor" for "auto" (also above the size where "auto"
@@ -548,12 +548,18 @@ class StaticGreedyDecoder:
 # ------------------------------------------------------------------------------------------------------------------
 # Entry point used by InternVLChatModel.generate
 # ------------------------------------------------------------------------------------------------------------------
-def resolve_backend(lm: nn.Module, backend: str | None) -> str | None:
-    """"auto" -> "inductor" for models up to AUTO_INDUCTOR_MAX_PARAMS parameters, "eager" above; others unchanged."""
+def resolve_backend(lm: nn.Module, backend: str | None, large: bool | None = None) -> str | None:
+    """"auto" -> "inductor" for models up to AUTO_INDUCTOR_MAX_PARAMS parameters, "eager" above (`large`: that test,
+    when the caller has it); others unchanged."""
     if backend != "auto":
         return backend
-    n_params = sum(p.numel() for p in lm.parameters())
-    return "inductor" if n_params <= AUTO_INDUCTOR_MAX_PARAMS else "eager"
+    return "eager" if (large_model(lm) if large is None else large) else "inductor"
+
+
+def large_model(lm: nn.Module) -> bool:
+    """Whether `lm` has more than AUTO_INDUCTOR_MAX_PARAMS parameters (what the "auto" backend and compile scope
+    read)."""
+    return sum(p.numel() for p in lm.parameters()) > AUTO_INDUCTOR_MAX_PARAMS
 
 
 def decoder_for(lm: nn.Module, config: DecodeConfig | None = None) -> StaticGreedyDecoder:

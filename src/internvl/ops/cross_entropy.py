@@ -213,13 +213,6 @@ def plain_module_class(module: torch.nn.Module) -> type:
     return cls
 
 
-def fsdp2_sharded(tensor: torch.Tensor) -> bool:
-    """Whether `tensor` is an FSDP2 shard (a DTensor): the module holds it between its unit's forward/backward."""
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(tensor, DTensor)
-
-
 def fused_head_supported(lm_head: torch.nn.Module) -> bool:
     """Whether `causal_lm_loss` may read `lm_head.weight` directly: a plain nn.Linear (not a LoRA/peft wrapper, whose
     delta would be skipped) with a materialised weight (not a DeepSpeed ZeRO-3 partition, gathered only inside the
@@ -240,17 +233,17 @@ def fsdp2_unsharded_weight(lm_head: torch.nn.Module) -> None:
     forward): the weight is already unsharded and nothing happens. A head unit that reshards after its forward is
     unsharded again here (`FSDPModule.unshard`, one all-gather); its post-backward reshards it. A resharded head that is
     not its own FSDP2 unit (an inner unit holds it) cannot be gathered from here: a clear error, not a wrong loss."""
-    if not fsdp2_sharded(lm_head.weight):
-        return
     from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
 
-    if isinstance(lm_head, FSDPModule):
-        lm_head.unshard()
-    if fsdp2_sharded(lm_head.weight) and not isinstance(lm_head, FSDPModule):
+    if not isinstance(lm_head.weight, DTensor):  # unsharded (or never sharded): nothing to do
+        return
+    if not isinstance(lm_head, FSDPModule):
         raise RuntimeError("the LM head's weight is still an FSDP2 shard after the model's forward and the head is not "
                            "its own FSDP2 unit: shard it separately (fully_shard(lm_head, reshard_after_forward=False))"
                            " or turn the fused LM-head loss off")
-    if fsdp2_sharded(lm_head.weight):
+    lm_head.unshard()
+    if isinstance(lm_head.weight, DTensor):
         raise RuntimeError("FSDP2 did not unshard the LM head's weight")
 
 

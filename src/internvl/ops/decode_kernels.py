@@ -104,25 +104,31 @@ def _launch_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
                        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
 
 
-def _tuned_gemv_config(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                       out: torch.Tensor, scale: torch.Tensor | None = None) -> tuple[int, int, int]:
-    """The fastest GEMV_CONFIGS entry for this shape, measured once (cold L2) outside graph capture."""
-    key = (tuple(weight.shape), weight.stride(0), weight.dtype, x.dtype, bias is not None, weight.device)
-    best = _gemv_best.get(key)
+def _measured_best(cache: dict, key: tuple, candidates, launch, weight: torch.Tensor) -> tuple:
+    """The fastest of `candidates` (the first is the untuned default) for `key`, each timed once with `launch(config)`
+    (cold L2, as a decode step streams every weight once) and cached; the default where nothing can be timed (the
+    interpreter, a CPU tensor, during CUDA-graph capture: the next uncaptured call tunes)."""
+    best = cache.get(key)
     if best is not None:
         return best
     if INTERPRETED or not weight.is_cuda or torch.cuda.is_current_stream_capturing():
-        return GEMV_CONFIGS[0]  # cannot time here; the next uncaptured call tunes
+        return candidates[0]
     from triton.testing import do_bench
 
-    times = {}
-    for cfg in GEMV_CONFIGS + (GEMV_INT8_EXTRA_CONFIGS if weight.dtype == torch.int8 else ()):
-        if cfg[0] > weight.shape[0] * 2 or cfg[1] > max(triton.next_power_of_2(weight.shape[1]), 128):
-            continue  # blocks much larger than the matrix
-        times[cfg] = do_bench(lambda c=cfg: _launch_gemv(x, weight, bias, out, c, scale), warmup=5, rep=20)
-    best = min(times, key=times.get)
-    _gemv_best[key] = best
+    times = {cfg: do_bench(lambda c=cfg: launch(c), warmup=5, rep=20) for cfg in candidates}
+    best = cache[key] = min(times, key=times.get)
     return best
+
+
+def _tuned_gemv_config(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                       out: torch.Tensor, scale: torch.Tensor | None = None) -> tuple[int, int, int]:
+    """The fastest GEMV_CONFIGS entry (int8 weights: also GEMV_INT8_EXTRA_CONFIGS) for this shape."""
+    key = (tuple(weight.shape), weight.stride(0), weight.dtype, x.dtype, bias is not None, weight.device)
+    # blocks much larger than the matrix are not tried
+    candidates = [cfg for cfg in GEMV_CONFIGS + (GEMV_INT8_EXTRA_CONFIGS if weight.dtype == torch.int8 else ())
+                  if cfg[0] <= weight.shape[0] * 2 and cfg[1] <= max(triton.next_power_of_2(weight.shape[1]), 128)]
+    return _measured_best(_gemv_best, key, candidates or [GEMV_CONFIGS[0]],
+                          lambda c: _launch_gemv(x, weight, bias, out, c, scale), weight)
 
 
 @torch.library.custom_op("internvl::gemv", mutates_args=())
@@ -240,15 +246,8 @@ def int8_rows(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: 
     callers check `triton_ready(weight)`. The block sizes are measured per (M, N, K) on the first uncaptured call."""
     out = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
     key = (x.shape[0], tuple(weight.shape), x.dtype, bias is not None, weight.device)
-    config = _int8_rows_best.get(key)
-    if config is None and (INTERPRETED or not weight.is_cuda or torch.cuda.is_current_stream_capturing()):
-        config = INT8_ROWS_CONFIGS[0]  # cannot time here
-    elif config is None:
-        from triton.testing import do_bench
-
-        times = {cfg: do_bench(lambda c=cfg: _launch_int8_rows(x, weight, scale, bias, out, c), warmup=5, rep=20)
-                 for cfg in INT8_ROWS_CONFIGS}
-        config = _int8_rows_best[key] = min(times, key=times.get)
+    config = _measured_best(_int8_rows_best, key, INT8_ROWS_CONFIGS,
+                            lambda c: _launch_int8_rows(x, weight, scale, bias, out, c), weight)
     _launch_int8_rows(x, weight, scale, bias, out, config)
     return out
 
