@@ -59,6 +59,9 @@ class Engine:
     #: FSDP2 only: `medrega-train --fsdp_frozen_towers` (`internvl.train.fsdp.place_frozen_towers`): "replicated"
     #: (the product default: bf16, kept out of FSDP2) or "sharded" (fp32, sharded, cast to bf16 by every unshard).
     fsdp_frozen_towers: str = "replicated"
+    #: False: torch's cuDNN SDPA backend is switched off for the case (DeepCompile's inductor graph fails on the cuDNN
+    #: attention op with torch 2.13 + DeepSpeed 0.19.8: "expected Tensor() for op _scaled_dot_product_cudnn_attention")
+    cudnn_sdpa: bool = True
 
 
 #: the recipe engines; `plain` (no DeepSpeed, the trainer's fast paths) is every ratio's baseline.
@@ -70,8 +73,8 @@ ENGINES: dict[str, Engine] = {
                           describe="ZeRO-3, layers as leaf modules (one gather each) + compiled layers, fused loss"),
     "zero3_compile": Engine("zero_stage3_tuned_config.json", torch_compile=True,
                             describe="zero3_tuned + Trainer torch_compile (DeepSpeed engine.compile())"),
-    "zero3_deepcompile": Engine("zero_stage3_config.json", torch_compile=True, deepcompile=True,
-                                describe="shipped ZeRO-3 + DeepCompile (engine.compile() with the z3 passes)"),
+    "zero3_deepcompile": Engine("zero_stage3_config.json", torch_compile=True, deepcompile=True, cudnn_sdpa=False,
+                                describe="shipped ZeRO-3 + DeepCompile (engine.compile() with the z3 passes; cuDNN SDPA off)"),
     "fsdp2": Engine("fsdp2_config.json", fsdp=True,
                     describe="ENGINE=fsdp2: FSDP2 fully_shard per LLM layer, fp32 master, bf16 params + compiled "
                              "layers, fused loss; frozen ViT and projector in bf16, replicated (outside FSDP2)"),
@@ -288,9 +291,12 @@ def run_recipe_case(case: RecipeCase, config, *, batch: int, seq: int, steps: in
                                                      if profile else []))
         if engine.fsdp and not cuda:
             fsdp_on_cpu(trainer)  # accelerate enables FSDP on GPUs only (internvl.compat)
+        cudnn_sdpa = torch.backends.cuda.cudnn_sdp_enabled()
+        torch.backends.cuda.enable_cudnn_sdp(cudnn_sdpa and engine.cudnn_sdpa)
         try:
             trainer.train()
         finally:
+            torch.backends.cuda.enable_cudnn_sdp(cudnn_sdpa)
             release_deepspeed_config(args)
             if engine.fsdp and not cuda:
                 AcceleratorState._reset_state(reset_partial_state=True)
