@@ -170,19 +170,11 @@ def image_block(num_patches: int, num_image_token: int) -> str:
     return IMG_START_TOKEN + IMG_CONTEXT_TOKEN * (num_image_token * num_patches) + IMG_END_TOKEN
 
 
-def expand_image_placeholders(text: str, num_patches_list: Sequence[int], num_image_token: int, *,
-                              prepend_missing: bool = False) -> str:
-    """Replace the i-th ``<image>`` by image i's block; the counts must match (``ValueError``). ``prepend_missing``:
-    a text without placeholders first gets ``"<image>\\n"`` per image (as ``chat()``)."""
+def expand_image_placeholders(text: str, num_patches_list: Sequence[int], num_image_token: int) -> str:
+    """Replace the i-th ``<image>`` by image i's block; the counts must match (``ValueError``)."""
     count = text.count(IMAGE_PLACEHOLDER)
-    if count == 0 and prepend_missing and num_patches_list:
-        text = (IMAGE_PLACEHOLDER + "\n") * len(num_patches_list) + text
-        count = len(num_patches_list)
     if count != len(num_patches_list):
         raise ValueError(f"text has {count} {IMAGE_PLACEHOLDER} placeholder(s) but {len(num_patches_list)} image(s) were given")
     parts = text.split(IMAGE_PLACEHOLDER)
-    out = [parts[0]]
-    for n, part in zip(num_patches_list, parts[1:]):
-        out.append(image_block(n, num_image_token))
-        out.append(part)
-    return "".join(out)
+    blocks = [image_block(n, num_image_token) for n in num_patches_list]
+    return parts[0] + "".join(block + part for block, part in zip(blocks, parts[1:]))

@@ -155,15 +155,14 @@ def load_model_and_tokenizer(path: str | os.PathLike, dtype: str | torch.dtype |
 class Generator:
     """Batched generation over `GenerationRequest`s with a model's `batch_chat`, `batch_size` requests per pass."""
 
-    def __init__(self, model: Any, tokenizer: Any, settings: GenerationSettings | None = None, batch_size: int = 8,
-                 image_settings: Any = None) -> None:
+    def __init__(self, model: Any, tokenizer: Any, settings: GenerationSettings | None = None, batch_size: int = 8
+                 ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.model = model
         self.tokenizer = tokenizer
         self.settings = settings or GenerationSettings()
         self.batch_size = batch_size
-        self.image_settings = image_settings if image_settings is not None else model.config
         vision_param = next(model.vision_model.parameters())
         self._pixel_device = vision_param.device
         self._pixel_dtype = vision_param.dtype if vision_param.dtype.is_floating_point else torch.bfloat16
@@ -177,7 +176,7 @@ class Generator:
                       for img in request.images]
             patches: list[int] = []
             if images:
-                pixel_values, patches = images_to_pixel_values(images, self.image_settings)
+                pixel_values, patches = images_to_pixel_values(images, self.model.config)
                 tiles.append(pixel_values)
             num_patches_list.append(patches)
         pixel_values = torch.cat(tiles).to(self._pixel_device, self._pixel_dtype) if tiles else None

@@ -107,12 +107,12 @@ def fsync_path(path: str | os.PathLike) -> None:
             os.close(fd)
 
 
-def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> Path:
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """Write ``text`` to a temporary sibling, fsync it, rename it over ``path``: readers see old or new, never half."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
-        with open(tmp, "w", encoding=encoding) as fh:
+        with open(tmp, "w", encoding="utf-8") as fh:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
