@@ -1,13 +1,6 @@
-"""Process-global state that a test may change and must not pass on to the next one.
-
-:func:`global_state_restored` snapshots, and restores on exit: environment variables, torch defaults (default dtype,
-grad mode, deterministic algorithms, thread count, matmul precision, cuDNN flags) and transformers' process-global
-DeepSpeed config reference. tests/conftest.py wraps every test in it; tests/test_global_state.py checks it.
-
-Why the DeepSpeed reference: ``HfDeepSpeedConfig(...)`` (and ``TrainingArguments(deepspeed=...)``) registers itself in
-transformers, and a later ``from_pretrained`` in the same process builds under ZeRO-3 while that object lives, even a
-half-built one whose ``__init__`` failed. Only transformers' public functions are used (``deepspeed_config``,
-``unset_hf_deepspeed_config``).
+"""Process-global state a test may change and must not pass on: :func:`global_state_restored` (around every test,
+from tests/conftest.py) restores the environment, torch's defaults and transformers' DeepSpeed config reference (a
+registered ``HfDeepSpeedConfig``, even a half-built one, makes every later ``from_pretrained`` build under ZeRO-3).
 """
 from __future__ import annotations
 
