@@ -25,26 +25,18 @@ class OutputPathError(ValueError):
     """An output path that would overwrite an input, a file where a directory is needed, a non-empty directory."""
 
 
-def _real(path: str | os.PathLike) -> Path:
-    return Path(os.path.realpath(os.path.abspath(os.fspath(path))))
-
-
-def _inside(path: Path, parent: Path) -> bool:
-    return path == parent or parent in path.parents
-
-
 def _check_inputs(out: Path, inputs: Iterable[str | os.PathLike | None], what: str,
                   inputs_inside_ok: bool = False) -> None:
-    out_real = _real(out)
+    out_real = Path(os.path.realpath(out))  # a link to an input is the input (Path.resolve fails on link loops)
     for item in inputs:
         if item is None:
             continue
-        in_real = _real(item)
+        in_real = Path(os.path.realpath(item))
         if out_real == in_real:
             raise OutputPathError(f"{what} {out} is the input {item}; choose another output path")
-        if _inside(out_real, in_real):
+        if out_real.is_relative_to(in_real):
             raise OutputPathError(f"{what} {out} lies inside the input {item}; choose a path outside it")
-        if not inputs_inside_ok and _inside(in_real, out_real):
+        if not inputs_inside_ok and in_real.is_relative_to(out_real):
             raise OutputPathError(f"{what} {out} contains the input {item}; writing there could replace it")
 
 
