@@ -126,16 +126,12 @@ def trainer_base() -> type:
 
 
 # ---- attention implementation --------------------------------------------------------------------------------
-_MISSING = object()
-
-
 def attn_implementation(config: Any) -> str | None:
     """`config._attn_implementation` (the public model method reloads kernels: too slow per generate call, and
     configs have none). No version lookup: it runs inside compiled layers."""
-    name = getattr(config, "_attn_implementation", _MISSING)
-    if name is _MISSING:
+    if not hasattr(config, "_attn_implementation"):
         raise missing("transformers", "`PreTrainedConfig._attn_implementation`")
-    return name
+    return config._attn_implementation
 
 
 def set_attn_implementation(config: Any, value: str | None) -> None:
