@@ -98,8 +98,7 @@ def validate_box(values: Sequence[object]) -> Box:
 # ---------------------------------------------------------------------------------------------------------- parsing
 # Linear patterns only: no unbounded leading class retried at each start, and "up to the closing tag" is a bisect over
 # tag positions (a lazy `.*?` is quadratic on a long line of "<ref>"). ASCII digits: `\d` accepts full-width ones.
-_NUMBER = r"-?[0-9]+(?:\.[0-9]+)?"
-_NUMBER_RE = re.compile(_NUMBER)
+_NUMBER_RE = re.compile(r"-?[0-9]+(?:\.[0-9]+)?")
 _DIGITS_RE = re.compile(r"[0-9]+")
 _CANONICAL_BOX = r"\[[0-9]{1,3}, ?[0-9]{1,3}, ?[0-9]{1,3}, ?[0-9]{1,3}\]"
 _CANONICAL_LIST_RE = re.compile(r"\[" + _CANONICAL_BOX + r"(?:, ?" + _CANONICAL_BOX + r")*\]")
@@ -169,6 +168,14 @@ def _iter_tags(text: str):
         pos = close + len(end_tag)
 
 
+def _problem(message: str, strict: bool, errors: list[str] | None) -> None:
+    """A malformed piece of region text: raised when ``strict``, else recorded in ``errors`` (when given)."""
+    if strict:
+        raise RegionError(message) from None
+    if errors is not None:
+        errors.append(message)
+
+
 def _parse_tagged(text: str, strict: bool, errors: list[str] | None) -> list[Region]:
     regions: list[Region] = []
     open_ref: int | None = None  # index in `regions` of the last <ref> still waiting for its box
@@ -180,10 +187,7 @@ def _parse_tagged(text: str, strict: bool, errors: list[str] | None) -> list[Reg
         try:
             boxes = parse_box_list(content)
         except RegionError as exc:
-            if strict:
-                raise RegionError(f"at character {start}: {exc}") from None
-            if errors is not None:
-                errors.append(f"at character {start}: {exc}")
+            _problem(f"at character {start}: {exc}", strict, errors)
             open_ref = None
             continue
         if open_ref is not None:
@@ -191,14 +195,10 @@ def _parse_tagged(text: str, strict: bool, errors: list[str] | None) -> list[Reg
             open_ref = None
         else:
             regions.append(Region(None, boxes))
-    # An unmatched tag is malformed text; say so rather than silently ignoring it.
-    for tag, closing in ((REF_START, REF_END), (BOX_START, BOX_END)):
+    for tag, closing in ((REF_START, REF_END), (BOX_START, BOX_END)):  # an unmatched tag is malformed, not ignored
         if text.count(tag) != text.count(closing):
-            msg = f"unbalanced {tag}{closing}: {text.count(tag)} opening vs {text.count(closing)} closing tags"
-            if strict:
-                raise RegionError(msg)
-            if errors is not None:
-                errors.append(msg)
+            _problem(f"unbalanced {tag}{closing}: {text.count(tag)} opening vs {text.count(closing)} closing tags",
+                     strict, errors)
     return regions
 
 
@@ -272,10 +272,7 @@ def _parse_stripped(text: str, strict: bool, errors: list[str] | None) -> list[R
     regions: list[Region] = []
     for name, _, _, boxes, error in _scan(text, "tolerant"):
         if boxes is None:
-            if strict:
-                raise RegionError(error)
-            if errors is not None:
-                errors.append(error or "")
+            _problem(error or "", strict, errors)
             continue
         regions.append(Region(name or None, boxes))
     return regions
