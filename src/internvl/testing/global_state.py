@@ -30,13 +30,11 @@ def restore_torch_state(state: dict[str, Any]) -> None:
     """Put back what :func:`torch_state` returned (only the values that changed: setting threads is not free)."""
     now = torch_state()
     setters = {"default_dtype": torch.set_default_dtype, "grad_enabled": torch.set_grad_enabled,
-               "num_threads": torch.set_num_threads, "matmul_precision": torch.set_float32_matmul_precision}
+               "num_threads": torch.set_num_threads, "matmul_precision": torch.set_float32_matmul_precision,
+               "deterministic": lambda value: torch.use_deterministic_algorithms(value[0], warn_only=value[1])}
     for key, set_value in setters.items():
         if now[key] != state[key]:
             set_value(state[key])
-    if now["deterministic"] != state["deterministic"]:
-        enabled, warn_only = state["deterministic"]
-        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = state["cudnn"]
 
 
