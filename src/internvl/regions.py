@@ -387,10 +387,6 @@ def format_regions(regions: Iterable[Region]) -> str:
 
 
 # -------------------------------------------------------------------------------------------------------- conversion
-def _round_half_up(x: float) -> int:
-    return math.floor(x + 0.5)
-
-
 def pixels_to_box(xyxy: Sequence[float], width: float, height: float) -> Box:
     """Pixel corners of a ``width`` x ``height`` image -> :class:`Box`: ``round_half_up(p / size * 999)``, clamped
     (crops and rounding overshoot by a pixel). :class:`RegionError` for a bad size, arity, value or corner order."""
@@ -404,8 +400,8 @@ def pixels_to_box(xyxy: Sequence[float], width: float, height: float) -> Box:
     if x1 > x2 or y1 > y2:
         raise RegionError(f"pixel box {list(xyxy)!r} has x1 > x2 or y1 > y2")
 
-    def conv(p: float, size: float) -> int:
-        return min(BOX_SCALE, max(0, _round_half_up(p / size * BOX_SCALE)))
+    def conv(p: float, size: float) -> int:  # round half up: monotone, platform independent
+        return min(BOX_SCALE, max(0, math.floor(p / size * BOX_SCALE + 0.5)))
 
     return Box(conv(x1, width), conv(y1, height), conv(x2, width), conv(y2, height))
 
