@@ -121,7 +121,6 @@ def test_placeholder_expansion() -> None:
     text = expand_image_placeholders("A <image>\nB <image>\nC", [1, 3], 2)
     assert text == "A " + image_block(1, 2) + "\nB " + image_block(3, 2) + "\nC"
     assert image_block(3, 2) == "<img>" + "<IMG_CONTEXT>" * 6 + "</img>"
-    assert expand_image_placeholders("q", [1], 1, prepend_missing=True) == "<img><IMG_CONTEXT></img>\nq"
     with pytest.raises(ValueError, match="1 <image> placeholder"):
         expand_image_placeholders("<image> q", [1, 1], 256)
     with pytest.raises(ValueError, match="0 <image>"):

@@ -1,17 +1,8 @@
-"""One wrapper for every console script: expected failures are one line and exit 2, bugs keep their traceback.
+"""One wrapper for every console script (``run_cli``): expected failures are one line and exit 2, bugs keep their
+traceback; plus argparse ``type=`` helpers that make out-of-range numbers a usage error.
 
-    def main(argv=None) -> int:
-        return run_cli("medrega-data", _main, argv)
-
-*Expected* failures are the toolkit's own error types for bad input (a bad record, a bad output path, a missing
-model or tokenizer directory, a bad meta file ...) and missing/unreadable files; they print ``PROG: message`` on one
-line to stderr and give exit status 2 (so does any ``OSError`` about a named file: a name too long, a loop of
-links). Anything else is a bug and propagates with its traceback. The error types are
-named here by module, and only those whose module is already imported are caught (a type whose module was never
-imported cannot have been raised), so this module imports nothing heavy.
-
-The argparse ``type=`` helpers (:func:`positive_int`, :func:`non_negative_int`, :func:`positive_float`,
-:func:`non_negative_float`) make out-of-range numbers a usage error (exit 2) instead of silently wrong results.
+*Expected* failures are the toolkit's bad-input error types (named by module in :data:`EXPECTED_ERRORS`, caught only
+once their module is imported, so this module imports nothing heavy) and any ``OSError`` about a named file.
 """
 from __future__ import annotations
 
@@ -21,11 +12,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 __all__ = ["DTYPE_RULE", "EXPECTED_ERRORS", "UsageError", "add_generation_arguments", "expected_error_types",
-           "non_negative_float", "non_negative_int", "one_line", "port_number", "positive_float", "positive_int",
-           "run_cli"]
+           "non_negative_float", "non_negative_int", "one_line", "port_number", "positive_int", "run_cli"]
 
-# The default weights dtype, in words for --help texts (the demo's and `medrega-eval run`'s); the rule itself is
-# `internvl.inference.default_dtype`, kept here so that printing --help imports nothing heavy.
+# `internvl.inference.default_dtype` in words, for --help texts that must not import torch
 DTYPE_RULE = "float32 on CPU, bfloat16 on GPUs that support it, else float16"
 
 EXIT_EXPECTED = 2
@@ -114,7 +103,6 @@ def _number(kind: Callable[[str], Any], test: Callable[[Any], bool], what: str) 
             raise argparse.ArgumentTypeError(f"{text!r}: must be {what}")
         return value
 
-    parse.__name__ = f"{what.replace(' ', '_')}"
     return parse
 
 
@@ -124,8 +112,6 @@ positive_int = _number(int, lambda v: v >= 1, "a whole number >= 1")
 non_negative_int = _number(int, lambda v: v >= 0, "a whole number >= 0")
 #: argparse ``type=`` for TCP ports.
 port_number = _number(int, lambda v: 1 <= v <= 65535, "a port number 1-65535")
-#: argparse ``type=`` for finite numbers > 0 (learning rates).
-positive_float = _number(float, lambda v: v > 0, "a finite number > 0")
 #: argparse ``type=`` for finite numbers >= 0 (temperatures, where 0 means greedy).
 non_negative_float = _number(float, lambda v: v >= 0, "a finite number >= 0")
 

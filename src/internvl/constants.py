@@ -1,8 +1,4 @@
-"""Token strings and numeric constants shared by the whole toolkit.
-
-These are ids-free on purpose: token *ids* depend on the tokenizer (Yi puts ``<IMG_CONTEXT>`` at 64000, a tiny test
-tokenizer elsewhere), so every module looks ids up through the tokenizer at run time and only the strings live here.
-"""
+"""Token strings and numeric constants shared by the whole toolkit; no token ids (they depend on the tokenizer)."""
 from __future__ import annotations
 
 # Image block: ``<img>`` + N x ``<IMG_CONTEXT>`` + ``</img>``; N = num_image_token (256 for a 448 tile) x tiles.
@@ -38,9 +34,8 @@ IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 # Box coordinates are integers in [0, BOX_SCALE]; pixel = v / BOX_SCALE * size (the original evaluators divide by 999).
 BOX_SCALE: int = 999
 
-# Default tile size and image tokens per tile for InternVL-Chat-V1.2 / MedRegA: (448 / 14)^2 * 0.5^2 = 256.
+# Default tile size of InternVL-Chat-V1.2 / MedRegA (256 image tokens: (448 / 14)^2 * 0.5^2).
 DEFAULT_IMAGE_SIZE: int = 448
-DEFAULT_NUM_IMAGE_TOKEN: int = 256
 
 #: Modules that keep their dtype when the language model is quantised (8/4-bit loading, weight-only int8, QLoRA):
 #: the vision tower, the projector and the LM head. Matched as transformers matches `llm_int8_skip_modules`

@@ -1,17 +1,6 @@
-"""Images -> model tensors, and the ``<image>`` placeholder expansion.
-
-InternVL-Chat-V1.2 / MedRegA (``dynamic_image_size=False``): RGB, one bicubic resize to 448 x 448 (aspect ratio not
-kept, ``pad2square=False``), scale to [0, 1], normalise with ImageNet mean/std -> one tile ``[3, 448, 448]``.
-
-InternVL 1.5+ (``dynamic_image_size=True``): :func:`dynamic_preprocess` cuts the image into a grid of ``i x j`` tiles
-(``min_num <= i*j <= max_num``) whose aspect ratio ``i/j`` is closest to the image's ``W/H``; on a tie the larger grid
-wins when the image area exceeds half the grid's pixel area. The image is bicubic-resized to ``(448 i, 448 j)`` and
-cut row-major; with ``use_thumbnail`` and more than one tile a 448 x 448 resize of the whole image is appended.
-
-Every tile becomes ``num_image_token`` (256) ``<IMG_CONTEXT>`` tokens, so an image of ``n`` tiles is written as
-``<img>`` + ``256 n x <IMG_CONTEXT>`` + ``</img>`` (:func:`expand_image_placeholders`).
-
-torchvision is not required: PIL's bicubic resize is what ``torchvision.transforms.Resize`` calls for PIL input.
+"""Images -> model tensors (one 448 tile for V1.2 / MedRegA, the closest-aspect tile grid of InternVL 1.5+), and the
+``<image>`` placeholder expansion (``<img>`` + 256 ``<IMG_CONTEXT>`` per tile + ``</img>``). No torchvision: PIL's
+bicubic resize is what its ``Resize`` calls for PIL input. Rules: docs/foundations.md ("Image preprocessing").
 """
 from __future__ import annotations
 
@@ -50,23 +39,20 @@ class ImageSettings:
 
     @classmethod
     def from_config(cls, config: Any) -> "ImageSettings":
-        """Read an ``InternVLChatConfig`` (or any object/mapping with its field names: ``force_image_size`` or
-        ``image_size``, ``dynamic_image_size``, ``use_thumbnail``, ``min/max_dynamic_patch``, ``pad2square``)."""
+        """Read an ``InternVLChatConfig`` or any object/mapping with these field names (the size from
+        ``force_image_size``, ``image_size`` or ``vision_config.image_size``); unset fields keep their defaults."""
         if isinstance(config, ImageSettings):
             return config
 
-        def get(name: str, default: Any) -> Any:
-            value = config.get(name, None) if isinstance(config, Mapping) else getattr(config, name, None)
-            return default if value is None else value
+        def get(source: Any, name: str) -> Any:
+            return source.get(name) if isinstance(source, Mapping) else getattr(source, name, None)
 
-        size = get("force_image_size", None) or get("image_size", None)
-        if size is None:
-            vision = get("vision_config", None)
-            size = (vision.get("image_size") if isinstance(vision, Mapping) else getattr(vision, "image_size", None)) or DEFAULT_IMAGE_SIZE
-        settings = cls(image_size=int(size), dynamic_image_size=bool(get("dynamic_image_size", False)),
-                       use_thumbnail=bool(get("use_thumbnail", False)),
-                       min_dynamic_patch=int(get("min_dynamic_patch", 1)),
-                       max_dynamic_patch=int(get("max_dynamic_patch", 6)), pad2square=bool(get("pad2square", False)))
+        vision = get(config, "vision_config")
+        size = (get(config, "force_image_size") or get(config, "image_size")
+                or (get(vision, "image_size") if vision is not None else None) or DEFAULT_IMAGE_SIZE)
+        values = {f.name: type(f.default)(value) for f in dataclasses.fields(cls)
+                  if (value := get(config, f.name)) is not None}
+        settings = cls(**{**values, "image_size": int(size)})
         if settings.image_size <= 0 or not 1 <= settings.min_dynamic_patch <= settings.max_dynamic_patch:
             raise ValueError(f"invalid image settings {settings}")
         return settings
@@ -88,10 +74,8 @@ def expand2square(image: Image.Image, background: tuple[int, int, int]) -> Image
 
 
 def build_transform(input_size: int = DEFAULT_IMAGE_SIZE, pad2square: bool = False) -> Callable[[Image.Image], torch.Tensor]:
-    """PIL image -> normalised float tensor ``[3, input_size, input_size]`` (RGB, bicubic resize, ImageNet mean/std).
-
-    With ``pad2square`` the image is first padded to a square with the mean colour ``int(mean * 255)``.
-    """
+    """PIL image -> ``[3, S, S]`` float tensor (RGB, optional padding to a square with the mean colour, bicubic resize,
+    ImageNet mean/std)."""
     mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(3, 1, 1)
     # (x / 255 - mean) / std == x * scale + offset: one fused pass over the uint8 pixels (2.6x faster on CPU)
@@ -147,12 +131,9 @@ def dynamic_preprocess(image: Image.Image, min_num: int = 1, max_num: int = 6, i
 
 def images_to_pixel_values(images: Sequence[Image.Image], config_or_kwargs: Any = None, *, max_num: int | None = None
                            ) -> tuple[torch.Tensor, list[int]]:
-    """Images -> ``(pixel_values [T, 3, S, S] float32, num_patches_list)`` with ``T = sum(num_patches_list)``.
-
-    ``config_or_kwargs`` is an :class:`ImageSettings`, an ``InternVLChatConfig`` or a dict of the same field names
-    (``None`` = V1.2 defaults). ``max_num`` overrides ``max_dynamic_patch`` (the trainer passes
-    ``max(1, max_dynamic_patch // n_images)`` for multi-image records).
-    """
+    """Images -> ``(pixel_values [T, 3, S, S] float32, num_patches_list)``, tiled by the settings of
+    ``config_or_kwargs`` (see :meth:`ImageSettings.from_config`; None: V1.2). ``max_num`` overrides
+    ``max_dynamic_patch`` (multi-image records)."""
     if not images:
         raise ValueError("images_to_pixel_values: no images given")
     settings = ImageSettings.from_config(config_or_kwargs if config_or_kwargs is not None else ImageSettings())
@@ -189,22 +170,11 @@ def image_block(num_patches: int, num_image_token: int) -> str:
     return IMG_START_TOKEN + IMG_CONTEXT_TOKEN * (num_image_token * num_patches) + IMG_END_TOKEN
 
 
-def expand_image_placeholders(text: str, num_patches_list: Sequence[int], num_image_token: int, *,
-                              prepend_missing: bool = False) -> str:
-    """Replace the i-th ``<image>`` in ``text`` by the image block of image i.
-
-    The number of ``<image>`` placeholders must equal ``len(num_patches_list)`` (``ValueError`` otherwise). With
-    ``prepend_missing`` a text with no placeholder first gets ``"<image>\\n"`` per image (what ``chat()`` does).
-    """
+def expand_image_placeholders(text: str, num_patches_list: Sequence[int], num_image_token: int) -> str:
+    """Replace the i-th ``<image>`` by image i's block; the counts must match (``ValueError``)."""
     count = text.count(IMAGE_PLACEHOLDER)
-    if count == 0 and prepend_missing and num_patches_list:
-        text = (IMAGE_PLACEHOLDER + "\n") * len(num_patches_list) + text
-        count = len(num_patches_list)
     if count != len(num_patches_list):
         raise ValueError(f"text has {count} {IMAGE_PLACEHOLDER} placeholder(s) but {len(num_patches_list)} image(s) were given")
     parts = text.split(IMAGE_PLACEHOLDER)
-    out = [parts[0]]
-    for n, part in zip(num_patches_list, parts[1:]):
-        out.append(image_block(n, num_image_token))
-        out.append(part)
-    return "".join(out)
+    blocks = [image_block(n, num_image_token) for n in num_patches_list]
+    return parts[0] + "".join(block + part for block, part in zip(blocks, parts[1:]))

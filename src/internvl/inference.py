@@ -1,16 +1,8 @@
 """Batched generation shared by `medrega-eval run` and `src/demo.py` (the web UI's chat and `--batch`).
 
-One path from a request to an answer: load the request's images (PNG/JPEG/DICOM/NIfTI through `load_image`), tile
-them with the model's image settings, render the model's chat template (after the request's earlier turns, if any),
-and run `InternVLChatModel.batch_chat` on a batch of requests (left padding, the template's stop ids: `<|im_end|>` for
-Hermes-2). Requests are grouped by similar prompt length and tile count so little compute is spent on padding;
-answers come back in request order.
-
-Typical use::
-
-    model, tokenizer = load_model_and_tokenizer("/models/medrega", dtype="bfloat16", device_map="auto")
-    gen = Generator(model, tokenizer, GenerationSettings(max_new_tokens=400), batch_size=8)
-    answers = gen.generate([GenerationRequest("What organ is this?", images=["ct.dcm"])])
+One path from a request to an answer: load and tile its images, then `InternVLChatModel.batch_chat` on a batch of
+requests grouped by tile count and prompt length (little padding); answers come back in request order. Usage:
+docs/evaluation.md (section `internvl.inference`).
 """
 from __future__ import annotations
 
@@ -38,15 +30,9 @@ class ModelLoadError(RuntimeError):
 
 @dataclass
 class GenerationRequest:
-    """One prompt for the model.
-
-    prompt: the user turn; `<image>` marks where each image goes (default: images first, one `<image>\\n` each).
-    images: PIL images or paths (any format `internvl.data.images.load_image` reads); empty for text-only prompts.
-    image_kwargs: extra `load_image` arguments for path images (window, slice_index, axis, frame).
-    id: caller's identifier, echoed nowhere but handy for bookkeeping.
-    history: earlier (question, answer) turns of this conversation (the demo's multi-turn chat); the images'
-        `<image>` placeholders are then in the first question, and `prompt` is the new turn.
-    """
+    """One prompt: the user turn (`<image>` marks each image, default: images first), PIL images or paths for
+    `load_image` (with `image_kwargs`: window, slice_index, axis, frame), the caller's `id`, and earlier
+    (question, answer) turns (`history`; the `<image>` placeholders are then in the first question)."""
 
     prompt: str
     images: Sequence[Image.Image | str | os.PathLike] = ()
@@ -80,6 +66,7 @@ class GenerationSettings:
         return kwargs
 
     def as_dict(self) -> dict[str, Any]:
+        """The settings as recorded in `run_settings.json`."""
         return asdict(self)
 
     @classmethod
@@ -115,8 +102,7 @@ class DistInfo:
 
 
 def init_distributed() -> DistInfo:
-    """Join the torchrun process group when WORLD_SIZE > 1: NCCL with one GPU per LOCAL_RANK when CUDA is available,
-    gloo otherwise (the demo's ``--batch`` and ``medrega-eval run`` alike)."""
+    """Join the torchrun process group when WORLD_SIZE > 1 (NCCL, one GPU per LOCAL_RANK, or gloo without CUDA)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistInfo()
@@ -129,9 +115,8 @@ def init_distributed() -> DistInfo:
 
 
 def default_dtype(device: str | torch.device | None = None) -> str:
-    """The weights dtype used when the user names none (the demo and `medrega-eval run` alike): float32 on CPU
-    (bf16/fp16 matmuls on CPU are slow or missing), bfloat16 on a GPU that supports it (what MedRegA was trained in),
-    else float16 (older GPUs). ``device`` None means the default device: CUDA when available."""
+    """The weights dtype when the user names none: float32 on CPU (half matmuls are slow or missing there), bfloat16
+    on a GPU that supports it (MedRegA's training dtype), else float16. ``device`` None: CUDA when available."""
     kind = torch.device(device).type if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
     if kind != "cuda":
         return "float32"
@@ -141,17 +126,10 @@ def default_dtype(device: str | torch.device | None = None) -> str:
 def load_model_and_tokenizer(path: str | os.PathLike, dtype: str | torch.dtype | None = "bfloat16",
                              device_map: str | dict | None = None, load_in_8bit: bool = False,
                              load_in_4bit: bool = False, device: str | torch.device | None = None) -> tuple[Any, Any]:
-    """Load an InternVLChatModel and its tokenizer from a local directory (safetensors only, no hub, no remote code).
-
-    dtype: weights dtype ('bfloat16' default; 'auto' keeps the checkpoint's; see
-    `internvl.model.loading.resolve_dtype`). device_map: None (CPU, or `device`), 'auto' / 'balanced' (accelerate
-    sharding over the visible GPUs) or an explicit map. device: where to move the model when neither `device_map` nor
-    8-/4-bit loading (bitsandbytes, GPU) places it. The model is loaded by `internvl.model.loading.load_pretrained`
-    (its checks and quantization settings); every failure to load is a `ModelLoadError`. Returns (model in eval mode
-    with img_context_token_id set, tokenizer).
-    """
-    # imported on first use: the model package and the tokenizer stack are slow to import, and `medrega-eval score`
-    # imports this module without loading a model
+    """Load an InternVLChatModel (eval mode, `img_context_token_id` set) and its tokenizer from a local directory
+    with `internvl.model.loading.load_pretrained` (dtype 'auto' keeps the checkpoint's; device_map 'auto' shards over
+    the GPUs; `device` applies when neither a map nor 8-/4-bit places the model). Failures are `ModelLoadError`."""
+    # lazy: the model and tokenizer stacks are slow to import, and `medrega-eval score` needs neither
     from internvl.model.loading import CheckpointError, find_weight_files, load_pretrained
     from internvl.tokenization import load_tokenizer
 
@@ -175,21 +153,16 @@ def load_model_and_tokenizer(path: str | os.PathLike, dtype: str | torch.dtype |
 
 
 class Generator:
-    """Batched generation over `GenerationRequest`s with a model's `batch_chat`.
+    """Batched generation over `GenerationRequest`s with a model's `batch_chat`, `batch_size` requests per pass."""
 
-    batch_size: requests per forward pass. Requests are ordered by (tile count, prompt length) before batching so
-    that padding stays small; `generate` returns answers in the order given.
-    """
-
-    def __init__(self, model: Any, tokenizer: Any, settings: GenerationSettings | None = None, batch_size: int = 8,
-                 image_settings: Any = None) -> None:
+    def __init__(self, model: Any, tokenizer: Any, settings: GenerationSettings | None = None, batch_size: int = 8
+                 ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.model = model
         self.tokenizer = tokenizer
         self.settings = settings or GenerationSettings()
         self.batch_size = batch_size
-        self.image_settings = image_settings if image_settings is not None else model.config
         vision_param = next(model.vision_model.parameters())
         self._pixel_device = vision_param.device
         self._pixel_dtype = vision_param.dtype if vision_param.dtype.is_floating_point else torch.bfloat16
@@ -203,7 +176,7 @@ class Generator:
                       for img in request.images]
             patches: list[int] = []
             if images:
-                pixel_values, patches = images_to_pixel_values(images, self.image_settings)
+                pixel_values, patches = images_to_pixel_values(images, self.model.config)
                 tiles.append(pixel_values)
             num_patches_list.append(patches)
         pixel_values = torch.cat(tiles).to(self._pixel_device, self._pixel_dtype) if tiles else None
@@ -224,10 +197,10 @@ class Generator:
     def generate(self, requests: Sequence[GenerationRequest], progress: Callable[[int], None] | None = None
                  ) -> list[str]:
         """Answers for `requests`, in order. `progress(n)` is called with the number finished after each batch."""
-        answers: list[str | None] = [None] * len(requests)
+        answers = [""] * len(requests)
         for batch in self.iter_generate(requests):
             for i, text in batch:
                 answers[i] = text
             if progress is not None:
                 progress(len(batch))
-        return [a if a is not None else "" for a in answers]
+        return answers

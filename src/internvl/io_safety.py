@@ -1,18 +1,10 @@
 """Output paths that never overwrite their inputs or lose finished work: one mechanism for every writer.
 
-Every command that writes results (``medrega-train``, ``medrega-eval run``, ``src/demo.py --batch``, the LoRA merge
-and the HF conversion) checks its output path *before any work* with :func:`check_output_dir` /
-:func:`check_output_file`:
-
-* an output equal to, inside, or containing one of the command's inputs is refused (real paths are compared, so a
-  symbolic link to the input is the input);
-* a file where a directory is needed (or a directory where a file is needed) is refused;
-* a non-empty output directory is refused unless the command was given ``--overwrite``.
-
-Results are then written under a temporary name and renamed into place (:func:`atomic_write_text`,
-:func:`staged_output_dir`), so a crash leaves either the old result or the new one, never half of each; and
-:func:`unique_file` reserves a new file name atomically, so two runs finishing in the same second never share one.
-All refusals are :class:`OutputPathError` (a ``ValueError``), which the console scripts turn into one-line errors.
+Every command that writes results checks its output *before any work* (:func:`check_output_dir`,
+:func:`check_output_file`): an output equal to, inside or containing an input (real paths), a file where a directory
+is needed or the reverse, and a non-empty output without ``--overwrite`` are refused with :class:`OutputPathError`.
+Results are written under a temporary name and renamed into place (:func:`atomic_write_text`,
+:func:`staged_output_dir`), so a crash leaves the old result or the new one, never half of each.
 """
 from __future__ import annotations
 
@@ -33,31 +25,23 @@ class OutputPathError(ValueError):
     """An output path that would overwrite an input, a file where a directory is needed, a non-empty directory."""
 
 
-def _real(path: str | os.PathLike) -> Path:
-    return Path(os.path.realpath(os.path.abspath(os.fspath(path))))
-
-
-def _inside(path: Path, parent: Path) -> bool:
-    return path == parent or parent in path.parents
-
-
 def _check_inputs(out: Path, inputs: Iterable[str | os.PathLike | None], what: str,
                   inputs_inside_ok: bool = False) -> None:
-    out_real = _real(out)
+    out_real = Path(os.path.realpath(out))  # a link to an input is the input (Path.resolve fails on link loops)
     for item in inputs:
         if item is None:
             continue
-        in_real = _real(item)
+        in_real = Path(os.path.realpath(item))
         if out_real == in_real:
             raise OutputPathError(f"{what} {out} is the input {item}; choose another output path")
-        if _inside(out_real, in_real):
+        if out_real.is_relative_to(in_real):
             raise OutputPathError(f"{what} {out} lies inside the input {item}; choose a path outside it")
-        if not inputs_inside_ok and _inside(in_real, out_real):
+        if not inputs_inside_ok and in_real.is_relative_to(out_real):
             raise OutputPathError(f"{what} {out} contains the input {item}; writing there could replace it")
 
 
 def _stat_kind(path: Path, what: str) -> str:
-    """"missing", "dir" or "file" (anything not a directory); OSErrors (name too long, ...) become refusals."""
+    """"missing", "dir" or "file" (anything else); an OSError (name too long, ...) is a refusal."""
     try:
         os.lstat(path)
         return "dir" if path.is_dir() else "file"
@@ -74,10 +58,8 @@ def check_output_dir(out: str | os.PathLike, *, inputs: Iterable[str | os.PathLi
                      what: str = "output directory") -> Path:
     """Refuse ``out`` as an output directory (:class:`OutputPathError`) before any work is done.
 
-    ``must_be_empty=False`` is for writers that only ever add new, uniquely named files (batch answers, eval rank
-    files with their own resume checks) or manage their own contents (training checkpoints) and so cannot destroy
-    what is there; ``inputs_inside_ok`` for those that never replace the directory as a whole (an input may then
-    live inside it, e.g. a run's own ``base_model``).
+    ``must_be_empty=False``: for writers that only add uniquely named files or manage their own contents (training
+    checkpoints); ``inputs_inside_ok``: for writers that never replace the whole directory (a run's own base model).
     """
     path = Path(out)
     _check_inputs(path, inputs, what, inputs_inside_ok)
@@ -108,8 +90,7 @@ def check_output_file(out: str | os.PathLike, *, inputs: Iterable[str | os.PathL
 
 
 def fsync_path(path: str | os.PathLike) -> None:
-    """fsync one file or folder (a folder: so a rename inside it is durable); one that cannot be opened or synced is
-    passed over (some file systems refuse fsync on folders)."""
+    """fsync one file or folder (so a rename inside it is durable), passing over what cannot be synced."""
     with contextlib.suppress(OSError):
         fd = os.open(path, os.O_RDONLY)
         try:
@@ -118,12 +99,12 @@ def fsync_path(path: str | os.PathLike) -> None:
             os.close(fd)
 
 
-def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> Path:
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """Write ``text`` to a temporary sibling, fsync it, rename it over ``path``: readers see old or new, never half."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
-        with open(tmp, "w", encoding=encoding) as fh:
+        with open(tmp, "w", encoding="utf-8") as fh:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
@@ -144,10 +125,8 @@ def append_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> None:
 
 
 def unique_file(directory: str | os.PathLike, stem: str, suffix: str) -> Path:
-    """Create and return a new empty file ``directory/stem{suffix}`` (or ``stem-1{suffix}``, ``stem-2`` ...).
-
-    The name is reserved with ``O_CREAT | O_EXCL``, so two processes asking at the same moment get different files.
-    """
+    """Create and return a new empty file ``directory/stem{suffix}`` (or ``stem-1{suffix}`` ...), reserved with
+    ``O_CREAT | O_EXCL`` so two processes asking at once get different files."""
     directory = Path(directory)
     for n in range(10_000):
         path = directory / (f"{stem}{suffix}" if n == 0 else f"{stem}-{n}{suffix}")
@@ -161,12 +140,8 @@ def unique_file(directory: str | os.PathLike, stem: str, suffix: str) -> Path:
 
 @contextlib.contextmanager
 def staged_output_dir(final: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a new temporary directory next to ``final``; when the block succeeds it becomes ``final``.
-
-    An existing ``final`` (allowed only when empty or with ``overwrite``, see :func:`check_output_dir`) is replaced
-    only after the new contents are complete; on any error the temporary directory is removed and ``final`` is
-    untouched.
-    """
+    """Yield a new temporary directory next to ``final`` that becomes ``final`` when the block succeeds (an existing,
+    empty or ``overwrite``-able ``final`` is replaced only then); on an error ``final`` is untouched."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))

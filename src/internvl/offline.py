@@ -1,21 +1,9 @@
 """Offline mode for every entry point: the toolkit never reaches a model hub or sends telemetry.
 
-Every console script (``medrega-data``, ``medrega-train``, ``medrega-eval``), ``src/demo.py`` and the scripts in
-``scripts/`` call :func:`enforce_offline` first thing, before transformers or PEFT are imported where their module
-imports them at the top. Why "before": several libraries read these switches once, at import, and some reach the
-network at import:
-
-* ``huggingface_hub`` reads ``HF_HUB_OFFLINE`` into ``huggingface_hub.constants.HF_HUB_OFFLINE`` when it is first
-  imported; transformers, PEFT and ``kernels`` consult that value afterwards.
-* ``import peft`` imports bitsandbytes, whose CPU backend calls ``kernels.get_kernel(...)`` at import on CPUs with
-  AVX512-BF16, which asks the hub for a kernel repository unless offline mode is on.
-* PEFT's ``from_pretrained`` probes the hub for adapter files (``check_file_exists_on_hf_hub``) unless
-  ``HF_HUB_OFFLINE`` is set in the environment.
-* transformers may load "hub kernels" (``USE_HUB_KERNELS``); gradio sends analytics (``GRADIO_ANALYTICS_ENABLED``);
-  the hub and transformers send telemetry (``HF_HUB_DISABLE_TELEMETRY``, ``DISABLE_TELEMETRY``).
-
-Models and data are always local paths; a hub repo id fails with the libraries' own "offline" error instead of a
-download. ``tests/test_offline_entry_points.py`` runs every console script with non-loopback sockets refused.
+Every console script, ``src/demo.py`` and ``scripts/`` call :func:`enforce_offline` first thing, before transformers
+or PEFT are imported: ``huggingface_hub`` reads ``HF_HUB_OFFLINE`` once at import, and ``import peft`` (through
+bitsandbytes' CPU backend and ``kernels``) may ask the hub for a kernel at import unless offline mode is on. A hub
+repo id then fails with the libraries' own "offline" error instead of a download.
 """
 from __future__ import annotations
 
@@ -30,8 +18,7 @@ OFFLINE_ENVIRONMENT: dict[str, str] = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFL
 
 
 def enforce_offline() -> None:
-    """Switch the process to offline mode: set :data:`OFFLINE_ENVIRONMENT` and, when ``huggingface_hub`` was imported
-    before this call, its cached offline flag as well (it reads the variable only at import). Idempotent."""
+    """Set :data:`OFFLINE_ENVIRONMENT` and, when ``huggingface_hub`` is already imported, its cached offline flag."""
     os.environ.update(OFFLINE_ENVIRONMENT)
     hub_constants = sys.modules.get("huggingface_hub.constants")
     if hub_constants is not None:

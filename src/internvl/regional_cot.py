@@ -1,15 +1,11 @@
-"""Regional CoT (MedRegA paper §5, Table 14): answer a question in two generation steps.
+"""Regional CoT (MedRegA paper §5, Table 14): answer a question in two generation steps, both batched by a
+:class:`internvl.inference.Generator`.
 
-Step one asks the model for the regions relevant to the question (or abnormal ones) with the registry prompt
-``regional_cot_locate``; its answer is parsed by the one box grammar (:func:`internvl.regions.parse_regions`, tolerant
-mode). Step two asks the original question again with those regions written before it (registry prompt
-``regional_cot_answer``, boxes formatted by :func:`internvl.regions.format_regions`); the task preamble and the
-``<image>`` placement of the original prompt are kept. When step one finds no named region with a box, step two is the
-original question unchanged, so such a sample gets the answer it would get without CoT.
-
-Both steps are batched through :class:`internvl.inference.Generator`. ``medrega-eval run --regional-cot`` uses
-:class:`RegionalCotGenerator`; a demo toggle calls :func:`regional_cot` with the same requests it would give
-``Generator.generate`` and shows :attr:`CotAnswer.regions` beside :attr:`CotAnswer.answer`.
+Step one asks for the regions relevant to the question (registry prompt ``regional_cot_locate``, answer parsed with
+the tolerant grammar). Step two asks the original question with those regions written before it
+(``regional_cot_answer``), keeping the task preamble and ``<image>`` placement; without a named region with a box it is
+the original question unchanged. ``medrega-eval run --regional-cot`` uses :class:`RegionalCotGenerator`, the demo
+:func:`regional_cot`.
 """
 from __future__ import annotations
 
@@ -78,22 +74,19 @@ def split_question(prompt: str) -> tuple[str, str]:
         pos += skip + len(pre)
 
 
-def step_one_request(request: GenerationRequest, lang: str | None = None) -> GenerationRequest:
+def step_one_request(request: GenerationRequest, lang: str) -> GenerationRequest:
     """The step-one request: the registry's locate prompt around the question, same images and history."""
     _, question = split_question(request.prompt)
-    lang = lang or guess_lang(request.prompt)
     n_images = request.prompt.count(IMAGE_PLACEHOLDER)
     prompt = build_question("regional_cot_locate", lang, n_images=n_images, question=question or request.prompt)
     return replace(request, prompt=prompt)
 
 
-def step_two_request(request: GenerationRequest, regions: Sequence[Region],
-                     lang: str | None = None) -> GenerationRequest:
+def step_two_request(request: GenerationRequest, regions: Sequence[Region], lang: str) -> GenerationRequest:
     """The original request with `regions` written before its question (unchanged when there are none)."""
     if not regions:
         return request
     head, question = split_question(request.prompt)
-    lang = lang or guess_lang(request.prompt)
     body = build_question("regional_cot_answer", lang, n_images=0, question=question or request.prompt,
                           regions=list(regions), include_base_prompt=False)
     sep = "" if not head or head[-1].isspace() or ord(head[-1]) >= 0x2E80 else " "
@@ -108,19 +101,17 @@ def usable_regions(answer: str, limit: int = MAX_REGIONS) -> list[Region]:
 
 def regional_cot(generator: Any, requests: Sequence[GenerationRequest],
                  langs: Sequence[str | None] | None = None) -> list[CotAnswer]:
-    """Regional CoT for `requests` with a :class:`~internvl.inference.Generator` (both steps batched by it).
-
-    langs: the prompt language per request (``None``: guessed from the prompt). Returns one :class:`CotAnswer` per
-    request, in order.
-    """
-    langs = list(langs) if langs is not None else [None] * len(requests)
-    if len(langs) != len(requests):
-        raise ValueError(f"{len(langs)} languages for {len(requests)} requests")
+    """One :class:`CotAnswer` per request, in order, with both steps batched by `generator`'s `generate`; `langs`:
+    the prompt language per request (None: guessed from the prompt)."""
     return _two_steps(generator.generate, requests, langs)
 
 
 def _two_steps(generate: Any, requests: Sequence[GenerationRequest],
-               langs: Sequence[str | None]) -> list[CotAnswer]:
+               langs: Sequence[str | None] | None = None) -> list[CotAnswer]:
+    langs = list(langs) if langs is not None else [None] * len(requests)
+    if len(langs) != len(requests):
+        raise ValueError(f"{len(langs)} languages for {len(requests)} requests")
+    langs = [lang or guess_lang(r.prompt) for r, lang in zip(requests, langs)]
     first = [step_one_request(r, lang) for r, lang in zip(requests, langs)]
     step_one = generate(first)
     regions = [usable_regions(a) for a in step_one]
@@ -139,4 +130,4 @@ class RegionalCotGenerator:
 
     def generate_batch(self, requests: Sequence[GenerationRequest]) -> list[CotAnswer]:
         """Both steps for one batch (each step one `generate_batch` call of the wrapped generator)."""
-        return _two_steps(self.generator.generate_batch, requests, [None] * len(requests))
+        return _two_steps(self.generator.generate_batch, requests)

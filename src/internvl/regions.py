@@ -1,32 +1,15 @@
 """The one box grammar of the toolkit: parse, format, validate and convert MedRegA region text.
 
-MedRegA writes regions as text inside ordinary sentences::
-
-    <ref>carotid vessel wall</ref><box>[[365, 293, 416, 598], [596, 316, 635, 464]]</box>
-
-* A box is ``[x1, y1, x2, y2]``: top-left then bottom-right corner, four integers in ``0..999`` where x is normalised by
-  the image width and y by the image height (``BOX_SCALE = 999``).
-* Several objects are joined by ``", "``: ``<ref>a</ref><box>[[..]]</box>, <ref>b</ref><box>[[..]]</box>``.
-* A ``<box>`` may stand without a ``<ref>`` (Region-to-Text questions: ``What is <box>[[..]]</box>?``), and a ``<ref>``
-  may be separated from its ``<box>`` by words (``<ref>brain tumor</ref> is located in <box>[[..]]</box>``): a box
-  belongs to the nearest ``<ref>`` before it that has no box yet and no other ``<ref>`` after it.
-* The released model's answers were decoded with ``skip_special_tokens=True``, which removes the four tags, so they
-  look like ``carotid vessel wall[[365, 293, 416, 598], [596, 316, 635, 464]]`` (:func:`remove_region_tags` gives this
-  form; the toolkit's own answers keep the tags, see ``internvl.tokenization.decode_answer``). In this *tag-stripped*
-  form the name is the text between the previous delimiter (start, newline, ``,`` ``;`` ``:`` ``.`` or their full-width
-  forms, or the end of a previous box list) and ``[[``. That form is lossy: ``What is this[[..]]`` gives the name
-  ``What is this``.
-* Box values are ASCII digits. Every parser here is linear in the text length.
-* :func:`scan_box_lists` has a second grammar, ``"original"``: the original MedRegA scorers' stricter box pattern and
-  their name rule, for ``medrega-eval score --compat medrega`` (with :func:`parse_original_references` and
-  :func:`remove_box_text_original`). It is a mode of this module, not a second parser.
-
-Coordinate conversion (documented choice, matches the original evaluators in the backward direction):
-
-* backward ``box_to_pixels``: ``v / 999 * W`` for x and ``v / 999 * H`` for y (floats, no rounding);
-* forward ``pixels_to_box``: ``round_half_up(p / W * 999)`` clamped to ``0..999``. Half-up (not Python's banker's
-  rounding) keeps the mapping monotone and platform independent; with it ``pixels_to_box(box_to_pixels(b)) == b`` for
-  every valid box and any image size >= 1, and a pixel coordinate moves by at most ``W / 999 / 2`` on the round trip.
+Regions are text: ``<ref>name</ref><box>[[x1, y1, x2, y2], ...]</box>``, integers ``0..999`` (x by the width, y by the
+height), objects joined by ``", "``. A ``<box>`` may stand alone or follow its ``<ref>`` after some words (it belongs to
+the nearest earlier ``<ref>`` still without a box). The released model's answers lack the tags (*tag-stripped* form
+``name[[..]]``, see :func:`remove_region_tags`): the name is the text since the previous delimiter (start, newline,
+``, ; : .``, their full-width forms, or the previous box list), so that form is lossy. Box values are ASCII digits and
+every parser is linear in the text length. :func:`scan_box_lists` also has the ``"original"`` grammar of the original
+MedRegA scorers (for ``--compat medrega``, with :func:`parse_original_references` and
+:func:`remove_box_text_original`). Conversion: ``box_to_pixels`` is ``v / 999 * W`` (floats, as the original
+evaluators); ``pixels_to_box`` is ``round_half_up(p / W * 999)`` clamped to ``0..999``, monotone, with
+``pixels_to_box(box_to_pixels(b)) == b`` for every box and image size. Details: docs/foundations.md.
 """
 from __future__ import annotations
 
@@ -95,8 +78,6 @@ def _check_values(values: Sequence[object]) -> None:
     if len(values) != 4:
         raise RegionError(f"a box needs exactly 4 values [x1, y1, x2, y2], got {len(values)}: {list(values)!r}")
     for name, v in zip(("x1", "y1", "x2", "y2"), values):
-        if type(v) is int and 0 <= v <= BOX_SCALE:  # fast path (parsing long texts)
-            continue
         if isinstance(v, bool) or not isinstance(v, numbers.Integral):
             raise RegionError(f"box value {name}={v!r} is not an integer (boxes are integers 0..{BOX_SCALE})")
         if not 0 <= int(v) <= BOX_SCALE:
@@ -115,11 +96,9 @@ def validate_box(values: Sequence[object]) -> Box:
 
 
 # ---------------------------------------------------------------------------------------------------------- parsing
-# Every pattern below is linear in the text length: no leading unbounded class is retried at each start position, and
-# every "up to the closing tag" search is a bisect over precomputed tag positions (a lazy `.*?` is quadratic on a long
-# line of "<ref>"). Box values are ASCII digits only ("[[５,10,100,200]]" is not a box: `\d` accepts full-width ones).
-_NUMBER = r"-?[0-9]+(?:\.[0-9]+)?"
-_NUMBER_RE = re.compile(_NUMBER)
+# Linear patterns only: no unbounded leading class retried at each start, and "up to the closing tag" is a bisect over
+# tag positions (a lazy `.*?` is quadratic on a long line of "<ref>"). ASCII digits: `\d` accepts full-width ones.
+_NUMBER_RE = re.compile(r"-?[0-9]+(?:\.[0-9]+)?")
 _DIGITS_RE = re.compile(r"[0-9]+")
 _CANONICAL_BOX = r"\[[0-9]{1,3}, ?[0-9]{1,3}, ?[0-9]{1,3}, ?[0-9]{1,3}\]"
 _CANONICAL_LIST_RE = re.compile(r"\[" + _CANONICAL_BOX + r"(?:, ?" + _CANONICAL_BOX + r")*\]")
@@ -130,21 +109,16 @@ _INNER_BOX_RE = re.compile(r"\[([^\[\]]*)\]")
 _ANY_TAG_RE = re.compile(re.escape(REF_START) + "|" + re.escape(BOX_START))
 # Delimiters ending the name in the tag-stripped form (searched backwards from "[[").
 _NAME_DELIMS = "\n,;:.，；：。、"
-# The original MedRegA scorers' prediction grammar (src/eval/regt2r/evaluator_reg.py, written from its documented
-# rule): "[[" directly followed by digits, "," directly after each number, optional whitespace after each ",", no
-# whitespace before "]". Its `\d`/`\s` are Python's Unicode classes on purpose: the original then reads the match with
-# `ast.literal_eval`, which rejects full-width digits, leading zeros and non-ASCII spaces, and that failure is part of
-# what compat must reproduce (see BoxListSpan.error).
+# The original scorers' grammar (src/eval/regt2r/evaluator_reg.py): its Unicode `\d`/`\s` are kept on purpose, since
+# the original's `ast.literal_eval` then fails on full-width digits or leading zeros, which compat must reproduce.
 _ORIGINAL_BOX = r"\[\d+,\s*\d+,\s*\d+,\s*\d+\]"
 _ORIGINAL_BOX_LIST_RE = re.compile(r"\[" + _ORIGINAL_BOX + r"(?:,\s*" + _ORIGINAL_BOX + r")*\]")
 GRAMMARS = ("tolerant", "original")
 
 
 def parse_box_list(text: str) -> list[Box]:
-    """Parse ``"[[x1, y1, x2, y2], ...]"`` (the inside of ``<box>..</box>``) into validated boxes.
-
-    Raises :class:`RegionError` for anything else, e.g. ``"[[1, 2, 3]]"`` (arity) or ``"[[5, 0, 1, 9]]"`` (x1 > x2).
-    """
+    """Parse ``"[[x1, y1, x2, y2], ...]"`` (the inside of ``<box>..</box>``) into validated boxes, or raise
+    :class:`RegionError` naming the problem (arity, range, corner order, not a number)."""
     stripped = text.strip()
     if _CANONICAL_LIST_RE.fullmatch(stripped):  # fast path: "[[1, 2, 3, 4], ...]" as the model writes it
         nums = [int(v) for v in _DIGITS_RE.findall(stripped)]
@@ -179,8 +153,7 @@ def _next_at_or_after(positions: list[int], pos: int) -> int | None:
 
 
 def _iter_tags(text: str):
-    """(kind, content, start) for each ``<ref>content</ref>`` / ``<box>content</box>`` in order, leftmost first, the
-    content ending at the first closing tag after the opening one (as a lazy ``.*?``), in linear-log time."""
+    """(kind, content, start) for each ``<ref>..</ref>`` / ``<box>..</box>`` in order (as a lazy ``.*?``, linear-log)."""
     closing = {REF_START: _positions(text, REF_END), BOX_START: _positions(text, BOX_END)}
     pos = 0
     for m in _ANY_TAG_RE.finditer(text):
@@ -195,6 +168,14 @@ def _iter_tags(text: str):
         pos = close + len(end_tag)
 
 
+def _problem(message: str, strict: bool, errors: list[str] | None) -> None:
+    """A malformed piece of region text: raised when ``strict``, else recorded in ``errors`` (when given)."""
+    if strict:
+        raise RegionError(message) from None
+    if errors is not None:
+        errors.append(message)
+
+
 def _parse_tagged(text: str, strict: bool, errors: list[str] | None) -> list[Region]:
     regions: list[Region] = []
     open_ref: int | None = None  # index in `regions` of the last <ref> still waiting for its box
@@ -206,10 +187,7 @@ def _parse_tagged(text: str, strict: bool, errors: list[str] | None) -> list[Reg
         try:
             boxes = parse_box_list(content)
         except RegionError as exc:
-            if strict:
-                raise RegionError(f"at character {start}: {exc}") from None
-            if errors is not None:
-                errors.append(f"at character {start}: {exc}")
+            _problem(f"at character {start}: {exc}", strict, errors)
             open_ref = None
             continue
         if open_ref is not None:
@@ -217,25 +195,17 @@ def _parse_tagged(text: str, strict: bool, errors: list[str] | None) -> list[Reg
             open_ref = None
         else:
             regions.append(Region(None, boxes))
-    # An unmatched tag is malformed text; say so rather than silently ignoring it.
-    for tag, closing in ((REF_START, REF_END), (BOX_START, BOX_END)):
+    for tag, closing in ((REF_START, REF_END), (BOX_START, BOX_END)):  # an unmatched tag is malformed, not ignored
         if text.count(tag) != text.count(closing):
-            msg = f"unbalanced {tag}{closing}: {text.count(tag)} opening vs {text.count(closing)} closing tags"
-            if strict:
-                raise RegionError(msg)
-            if errors is not None:
-                errors.append(msg)
+            _problem(f"unbalanced {tag}{closing}: {text.count(tag)} opening vs {text.count(closing)} closing tags",
+                     strict, errors)
     return regions
 
 
 @dataclass(frozen=True)
 class BoxListSpan:
-    """One box list found in tag-stripped text by :func:`scan_box_lists`.
-
-    ``name`` is the raw text the grammar assigns to the list (not stripped); ``values`` the boxes as integer 4-tuples
-    exactly as written (the original grammar does not check 0..999 or corner order), or None with ``error`` when the
-    list cannot be read (tolerant: not a valid box; original: the original's ``ast.literal_eval`` would raise).
-    """
+    """One box list of :func:`scan_box_lists`: the name its grammar assigns, its span, the boxes as written (integer
+    4-tuples; the original grammar checks no range), or None with ``error`` when the list cannot be read."""
 
     name: str
     start: int
@@ -245,7 +215,7 @@ class BoxListSpan:
 
 
 def _last_of(text: str, chars: str, lo: int, hi: int) -> int:
-    """Index of the last character of ``chars`` in ``text[lo:hi]``, or ``lo - 1``; C-speed rfind, linear."""
+    """Index of the last character of ``chars`` in ``text[lo:hi]``, or ``lo - 1``."""
     return max(lo - 1, *(text.rfind(c, lo, hi) for c in chars))
 
 
@@ -260,9 +230,7 @@ def _read_original(match: str) -> tuple[tuple[tuple[int, ...], ...] | None, str 
         # fast path, same result as literal_eval: ASCII digits, spaces, no leading zero, no number over the limit
         nums = [int(v) for v in _DIGITS_RE.findall(match)]
         return tuple(tuple(nums[k:k + 4]) for k in range(0, len(nums), 4)), None
-    # ast.literal_eval is the reader the original applies; the pattern guarantees a two-level list of numbers, so
-    # nothing but numbers can be evaluated (no deep nesting, no names).
-    try:
+    try:  # the original's reader; the pattern admits only a two-level list of numbers
         value = ast.literal_eval(match)
     except (SyntaxError, ValueError, MemoryError) as exc:
         return None, f"the original's literal_eval fails on {_short(match)!r}: {type(exc).__name__}: {exc}"
@@ -270,24 +238,13 @@ def _read_original(match: str) -> tuple[tuple[tuple[int, ...], ...] | None, str 
 
 
 def scan_box_lists(text: str, grammar: str = "tolerant") -> list[BoxListSpan]:
-    """Every box list of tag-stripped ``name[[..]]`` text, in order, under ``grammar``:
-
-    * ``"tolerant"`` (the toolkit's): any spacing inside the list; the name is the text after the previous delimiter
-      (start, newline, ``, ; : .`` or their full-width forms, or the previous list) stripped of spaces; each box is
-      validated (0..999, ASCII digits, x1 <= x2, y1 <= y2) and a bad list gets ``error``.
-    * ``"original"`` (``--compat medrega``): the original scorers' grammar (see ``_ORIGINAL_BOX_LIST_RE``); the name is
-      the whole text between the previous ``[`` / ``]`` (or the previous list, or the start) and ``[[``, unstripped
-      (e.g. ``", kidney"`` for the second object of ``a[[..]], kidney[[..]]``); values are not range-checked.
-
-    Linear in ``len(text)``.
-    """
+    """Every box list of tag-stripped ``name[[..]]`` text, in order. ``"tolerant"`` (the toolkit's): any spacing, the
+    name stripped, boxes validated. ``"original"`` (``--compat medrega``): the original scorers' pattern; the name is
+    the raw text since the previous ``[``/``]`` (``", kidney"`` in ``a[[..]], kidney[[..]]``); no range check."""
     if grammar not in GRAMMARS:
         raise ValueError(f"unknown box grammar {grammar!r}; choose one of {', '.join(GRAMMARS)}")
-    spans = []
-    for name, start, end, parsed, error in _scan(text, grammar):
-        values = None if parsed is None else tuple(tuple(b) for b in parsed)
-        spans.append(BoxListSpan(name, start, end, values, error))
-    return spans
+    return [BoxListSpan(name, start, end, None if parsed is None else tuple(tuple(b) for b in parsed), error)
+            for name, start, end, parsed, error in _scan(text, grammar)]
 
 
 def _scan(text: str, grammar: str):
@@ -315,21 +272,15 @@ def _parse_stripped(text: str, strict: bool, errors: list[str] | None) -> list[R
     regions: list[Region] = []
     for name, _, _, boxes, error in _scan(text, "tolerant"):
         if boxes is None:
-            if strict:
-                raise RegionError(error)
-            if errors is not None:
-                errors.append(error or "")
+            _problem(error or "", strict, errors)
             continue
         regions.append(Region(name or None, boxes))
     return regions
 
 
 def remove_region_tags(text: str) -> str:
-    """Delete the four region tags and nothing else: ``<ref>a</ref><box>[[..]]</box>`` -> ``a[[..]]``.
-
-    This is what decoding with ``skip_special_tokens=True`` gave the original MedRegA scorers (the released model's
-    answers); ``--compat medrega`` applies it to predictions before the original's rules.
-    """
+    """Delete the four region tags: ``<ref>a</ref><box>[[..]]</box>`` -> ``a[[..]]``, the released model's answer form
+    (``skip_special_tokens=True``) that ``--compat medrega`` scores."""
     return _TAG_STRIP_RE.sub("", text)
 
 
@@ -356,10 +307,8 @@ def remove_box_text_original(text: str) -> str:
 
 
 def parse_original_references(text: str) -> list[tuple[str, str]]:
-    """``(name, box text)`` of every ``<ref>name</ref><box>boxes</box>`` as the original scorers find references
-    (a non-greedy ``<ref>(.*?)</ref><box>(.*?)</box>`` that does not cross a newline: a ``<ref>`` whose ``</ref>`` is
-    not directly followed by ``<box>`` extends to the next ``</ref><box>``; bare ``<box>`` tags are ignored).
-    Linear-log time; the box text is returned raw (the original reads it with ``ast.literal_eval``)."""
+    """``(name, raw box text)`` per match of the original scorers' ``<ref>(.*?)</ref><box>(.*?)</box>`` (not crossing a
+    newline; bare ``<box>`` ignored), in linear-log time."""
     out: list[tuple[str, str]] = []
     joint = REF_END + BOX_START
     joints, box_ends = _positions(text, joint), _positions(text, BOX_END)
@@ -387,12 +336,10 @@ def has_regions(text: str) -> bool:
 
 
 def parse_regions(text: str, *, strict: bool = True, errors: list[str] | None = None) -> list[Region]:
-    """All regions of ``text`` in order of appearance.
+    """All regions of ``text`` in order, tagged form when any tag is present, else tag-stripped ``name[[..]]``.
 
-    Text with any ``<ref>``/``<box>`` tag is parsed in the tagged form, otherwise in the tag-stripped ``name[[..]]``
-    form (see the module docstring). ``strict=True`` raises :class:`RegionError` on the first malformed box or
-    unbalanced tag; ``strict=False`` (for scoring model output) leaves malformed box lists out and appends one message
-    per problem to ``errors`` when given, so the caller can count them.
+    ``strict`` raises :class:`RegionError` on a malformed box or unbalanced tag; ``strict=False`` (scoring model
+    output) leaves malformed box lists out and appends one message per problem to ``errors`` when given.
     """
     if REF_START in text or BOX_START in text or REF_END in text or BOX_END in text:
         return _parse_tagged(text, strict, errors)
@@ -403,9 +350,8 @@ _NUMERIC_BOX_LIST_RE = re.compile(r"\[\s*\[\s*-?[0-9]+(?:\s*,\s*-?[0-9]+)*\s*\](
 
 
 def map_boxes(text: str, fn: Callable[[Box], Box]) -> str:
-    """Rewrite every numeric box list ``[[..], ..]`` in ``text`` (tagged or tag-stripped) with ``fn`` applied to each
-    box, leaving all other characters untouched. Notation such as ``[[x1, y1, x2, y2]]`` in task prompts is not a box
-    and is kept. Raises :class:`RegionError` for a malformed numeric box (e.g. three values)."""
+    """Apply ``fn`` to each box of every numeric box list in ``text``, nothing else changed (prompt notation
+    ``[[x1, y1, x2, y2]]`` is kept); :class:`RegionError` for a malformed numeric box."""
 
     def repl(m: re.Match[str]) -> str:
         return format_boxes([fn(b) for b in parse_box_list(m.group(0))])
@@ -441,17 +387,9 @@ def format_regions(regions: Iterable[Region]) -> str:
 
 
 # -------------------------------------------------------------------------------------------------------- conversion
-def _round_half_up(x: float) -> int:
-    return math.floor(x + 0.5)
-
-
 def pixels_to_box(xyxy: Sequence[float], width: float, height: float) -> Box:
-    """Pixel corners ``(x1, y1, x2, y2)`` of a ``width`` x ``height`` image -> :class:`Box` on the 0..999 grid.
-
-    ``v = round_half_up(p / size * 999)`` clamped to 0..999 (coordinates outside the image are clamped, not rejected,
-    because crops and rounding legitimately overshoot by a pixel). Raises :class:`RegionError` for a non-positive image
-    size, non-finite values, wrong arity or inverted corners.
-    """
+    """Pixel corners of a ``width`` x ``height`` image -> :class:`Box`: ``round_half_up(p / size * 999)``, clamped
+    (crops and rounding overshoot by a pixel). :class:`RegionError` for a bad size, arity, value or corner order."""
     if not (width > 0 and height > 0):
         raise RegionError(f"image size must be positive, got width={width}, height={height}")
     if len(xyxy) != 4:
@@ -462,8 +400,8 @@ def pixels_to_box(xyxy: Sequence[float], width: float, height: float) -> Box:
     if x1 > x2 or y1 > y2:
         raise RegionError(f"pixel box {list(xyxy)!r} has x1 > x2 or y1 > y2")
 
-    def conv(p: float, size: float) -> int:
-        return min(BOX_SCALE, max(0, _round_half_up(p / size * BOX_SCALE)))
+    def conv(p: float, size: float) -> int:  # round half up: monotone, platform independent
+        return min(BOX_SCALE, max(0, math.floor(p / size * BOX_SCALE + 0.5)))
 
     return Box(conv(x1, width), conv(y1, height), conv(x2, width), conv(y2, height))
 
@@ -477,8 +415,7 @@ def box_to_pixels(box: Box | Sequence[int], width: float, height: float) -> tupl
 
 
 # --------------------------------------------------------------------------------------------------------- stripping
-# A box content may not contain another <box> tag: an unclosed "<box>" then fails at the next "<box>" instead of
-# scanning to the end of the text (which would make the pattern quadratic).
+# A box content may not contain another <box> (an unclosed "<box>" stops there: linear, not quadratic).
 _ONE_TAGGED = (
     r"(?:" + re.escape(REF_START) + r"[^<]*" + re.escape(REF_END) + r"[ \t]*)?"
     + re.escape(BOX_START) + r"(?:(?!" + re.escape(BOX_START) + "|" + re.escape(BOX_END) + r").)*" + re.escape(BOX_END)
@@ -486,16 +423,14 @@ _ONE_TAGGED = (
 _NAME_CHARS = "\n,;:.，；：。、[]<>"  # characters a tag-stripped name (in a region chain) cannot contain
 _ONE_STRIPPED = r"[^\n,;:.，；：。、\[\]<>]*" + _BOX_LIST_RE.pattern
 _SEP = r"[ \t]*[,，][ \t]*"
-# A chain of regions joined by ", " plus the ":"/"：" that introduces the text after it. Only ever *matched* at the
-# candidate starts computed by `_chain_starts` (never searched), which keeps stripping linear.
+# Regions joined by ", " plus the ":" before the text; only matched at `_chain_matches`' starts (linear).
 _REGION_CHAIN_RE = re.compile(
     rf"(?:{_ONE_TAGGED}|{_ONE_STRIPPED})(?:{_SEP}(?:{_ONE_TAGGED}|{_ONE_STRIPPED}))*[ \t]*[:：]?[ \t]*", re.DOTALL
 )
 
 
 def _chain_matches(text: str) -> list[re.Match[str]]:
-    """The matches ``_REGION_CHAIN_RE.finditer(text)`` would give, found in linear time: a chain can only start at a
-    ``<ref>``/``<box>`` tag or at the first name character before a box list, so only those starts are tried."""
+    """``_REGION_CHAIN_RE.finditer(text)`` in linear time: only a tag or a box list's name start is tried."""
     tags = [m.start() for m in _ANY_TAG_RE.finditer(text)]
     lists = [m.start() for m in _BOX_LIST_RE.finditer(text)]
     out: list[re.Match[str]] = []
@@ -538,13 +473,9 @@ def box_iou(a: Sequence, b: Sequence) -> np.ndarray:
 
 
 def strip_regions(text: str) -> str:
-    """Remove every region (tagged ``<ref>..</ref><box>..</box>``, bare ``<box>..</box>`` and tag-stripped
-    ``name[[..]]``) plus the ``", "`` and ``": "`` that joined them to the text, for text metrics on grounded reports.
-
-    ``"<ref>right lung</ref><box>[[1, 2, 3, 4]]</box>, <ref>left lung</ref><box>[[5, 6, 7, 8]]</box>: No effusion."``
-    -> ``"No effusion."``. A ``<ref>`` without a box keeps its name and loses only the tags. Lines stay lines; other
-    whitespace is kept.
-    """
+    """Remove every region (tagged, bare ``<box>`` or tag-stripped) with the ``", "`` / ``": "`` joining them, for text
+    metrics on grounded reports: ``"<ref>a</ref><box>[[..]]</box>, <ref>b</ref><box>[[..]]</box>: No effusion."`` ->
+    ``"No effusion."``. A ``<ref>`` without a box keeps its name; lines stay lines."""
 
     def join(m: re.Match[str]) -> str:
         # keep one space only where the removal would glue two words together

@@ -1,29 +1,6 @@
-"""Tokenizer helpers: InternVL's special tokens, embedding resize, local loading and saving, answer decoding.
-
-* :data:`SPECIAL_TOKENS` are the nine tokens InternVL adds at fine-tune time (``tokenizer.add_tokens(...,
-  special_tokens=True)``); each must be one id (the model finds ``<IMG_CONTEXT>`` by id). Whether a tokenizer file
-  flags them ``special`` differs between checkpoints (the bundled model: no; InternVL-Chat-V1-2: yes), and that flag
-  decides what ``decode(skip_special_tokens=True)`` drops, so answers are never decoded that way: see below.
-* :func:`decode_answer` is the toolkit's one answer-decoding policy (chat, batch_chat, ``medrega-eval run``, demo): it
-  keeps the region tags ``<ref> </ref> <box> </box>`` and removes every other control token (ChatML template tokens,
-  bos/eos/pad/unk, image tokens, ``<quad>``), whatever the file's flags say. Users see ``<ref>a</ref><box>[[..]]</box>``,
-  which the demo and the evaluator parse unambiguously; ``--compat medrega`` strips the tags before scoring.
-* :func:`add_special_tokens` adds the tokens that are missing (as special tokens, like the original) and leaves those
-  already present as they are, flags included, so a fine-tuned tokenizer behaves like its source. It also grows the
-  LLM embeddings; new rows are the mean of the existing rows, for the input *and* the output matrix (the original set
-  only the output rows and left the input rows at the resize default; the mean is a better start for both and makes
-  the result deterministic).
-* :func:`load_tokenizer` opens a local directory only (``local_files_only=True``, never ``trust_remote_code``). A
-  SentencePiece ``tokenizer.model`` of the Llama family (Yi / Nous-Hermes-2-Yi, whose ``tokenizer_class`` is
-  ``LlamaTokenizer`` or the remote ``YiTokenizer``) is loaded as transformers' ``LlamaTokenizer``; transformers 5.x
-  converts the SentencePiece model to a ``tokenizers`` backend on load (needs ``sentencepiece`` + ``protobuf``).
-* :func:`save_tokenizer` is the one way the toolkit writes a tokenizer (run directories, checkpoints, merged models):
-  ``save_pretrained`` plus the SentencePiece files of the source (``tokenizer.model``, ``added_tokens.json``,
-  ``special_tokens_map.json``), then a reload through :func:`load_tokenizer` that must behave identically
-  (:func:`tokenizer_behaviour`), else :class:`TokenizerError`.
-* :func:`train_sentencepiece_tokenizer` writes such a directory from a few sentences (test fixtures, the bundled tiny
-  model): a byte-fallback SentencePiece model with Yi's ChatML tokens as user-defined pieces and the nine InternVL tokens
-  as added special tokens after the base vocabulary, like InternVL-Chat-V1-2's ``added_tokens.json``.
+"""Tokenizer helpers: InternVL's special tokens, embedding resize, local loading and verified saving, and the one
+answer-decoding policy (:func:`decode_answer`: region tags kept, every other control token removed, whatever a
+tokenizer file flags ``special``). See docs/foundations.md ("Tokenizer", "Answer decoding policy").
 """
 from __future__ import annotations
 
@@ -62,20 +39,13 @@ class TokenizerError(ValueError):
     """A tokenizer directory that cannot be used (missing, remote id, special token not a single id, ...)."""
 
 
-def _language_model(model: torch.nn.Module) -> torch.nn.Module:
-    # InternVLChatModel keeps its LLM in `.language_model`; a plain causal LM is used as is.
-    return getattr(model, "language_model", None) or model
-
 
 @torch.no_grad()
 def resize_embeddings_mean(model: torch.nn.Module, new_size: int) -> int:
-    """Grow the LLM's input (and untied output) embeddings to ``new_size`` rows, new rows = mean of the old rows.
-
-    Returns the number of rows added (0 when the matrix is already large enough; it is never shrunk, since real
-    checkpoints may pad their vocabulary). Updates ``config.vocab_size`` of the LLM and, when present, of
-    ``model.config.llm_config``.
-    """
-    lm = _language_model(model)
+    """Grow the LLM's input (and untied output) embeddings to ``new_size`` rows, new rows = mean of the old rows (the
+    original set only the output rows; the mean is deterministic). Never shrinks (checkpoints may pad their
+    vocabulary); updates the ``vocab_size`` of the LLM config and ``llm_config``. Returns the rows added."""
+    lm = getattr(model, "language_model", None) or model  # InternVLChatModel's LLM, or a plain causal LM
     inp = lm.get_input_embeddings()
     old_size = inp.weight.shape[0]
     if new_size <= old_size:
@@ -98,13 +68,8 @@ def resize_embeddings_mean(model: torch.nn.Module, new_size: int) -> int:
 
 
 def add_special_tokens(tokenizer, model: torch.nn.Module | None = None) -> int:
-    """Add the :data:`SPECIAL_TOKENS` the tokenizer lacks as special tokens and, if ``model`` is given, grow its
-    embeddings to ``len(tokenizer)`` with mean rows. Returns the number of tokens that were new.
-
-    Tokens already present (for example from ``added_tokens.json``) are left untouched, their ``special`` flag
-    included: re-adding them would flip the flag and change what the tokenizer decodes, so a fine-tuned model's
-    tokenizer would no longer match the one it came from.
-    """
+    """Add the :data:`SPECIAL_TOKENS` the tokenizer lacks as special tokens, grow ``model``'s embeddings to match, and
+    return how many were new. Present tokens keep their ``special`` flag (re-adding would change what it decodes)."""
     vocab = tokenizer.get_vocab()
     missing = [tok for tok in SPECIAL_TOKENS if tok not in vocab]
     added = tokenizer.add_tokens(missing, special_tokens=True) if missing else 0
@@ -127,12 +92,9 @@ def check_single_token_ids(tokenizer, tokens: Iterable[str]) -> dict[str, int]:
 
 
 def load_tokenizer(path: str | os.PathLike, *, model_max_length: int | None = None):
-    """Load a tokenizer from a *local* directory (no hub access, no remote code).
-
-    A directory with a SentencePiece ``tokenizer.model`` and a Llama-family (or absent) ``tokenizer_class`` is loaded
-    as ``LlamaTokenizer`` -- the Yi path; any other directory goes through ``AutoTokenizer``. Raises
-    :class:`TokenizerError` for a missing directory or one transformers cannot read.
-    """
+    """Load a tokenizer from a *local* directory (no hub, no remote code): a SentencePiece ``tokenizer.model`` with a
+    Llama-family (or no) ``tokenizer_class`` as ``LlamaTokenizer`` (the Yi path), else the named class or
+    ``AutoTokenizer``. :class:`TokenizerError` when the directory is missing or unreadable."""
     from transformers import AutoTokenizer, LlamaTokenizer
     from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
 
@@ -152,8 +114,7 @@ def load_tokenizer(path: str | os.PathLike, *, model_max_length: int | None = No
     try:
         if (directory / "tokenizer.model").is_file() and tokenizer_class in _LLAMA_FAMILY:
             return LlamaTokenizer.from_pretrained(str(directory), **kwargs)
-        # A named class is opened directly: AutoTokenizer would read the directory's model config.json and warn that
-        # an `internvl_chat` config is used for a model of type ``.
+        # not AutoTokenizer: it would read the model's config.json and warn about the `internvl_chat` model type
         named = tokenizer_class_from_name(tokenizer_class) if tokenizer_class else None
         if named is not None:
             return named.from_pretrained(str(directory), **kwargs)
@@ -176,9 +137,8 @@ PROBE_TEXTS: tuple[str, ...] = (
 
 
 def tokenizer_behaviour(tokenizer, texts: Iterable[str] = PROBE_TEXTS) -> dict[str, object]:
-    """What a tokenizer does, as plain data to compare two tokenizers with ``==``: its size, added tokens with their
-    ``special`` flags, special-token map, and for each text the ids (with and without the tokenizer's own special
-    tokens), both ``skip_special_tokens`` decodings and :func:`decode_answer`."""
+    """What a tokenizer does, as plain data to compare with ``==``: size, added tokens and their flags, special-token
+    map, and per text the ids (with and without specials), both decodings and :func:`decode_answer`."""
     per_text = []
     for text in texts:
         ids = tokenizer.encode(text, add_special_tokens=False)
@@ -203,15 +163,10 @@ def _first_difference(a: object, b: object, where: str = "") -> str:
     return f"{where or 'value'}: {a!r} before saving, {b!r} after reloading"
 
 
-def save_tokenizer(tokenizer, out_dir: str | os.PathLike, *, verify: bool = True) -> Path:
-    """Write ``tokenizer`` to ``out_dir`` so that :func:`load_tokenizer` gives a tokenizer that behaves identically.
-
-    ``save_pretrained`` writes ``tokenizer.json`` + ``tokenizer_config.json`` only (transformers 5.x); a tokenizer that
-    came from a SentencePiece model also gets its ``tokenizer.model`` and an ``added_tokens.json`` (the tokens after
-    the SentencePiece vocabulary, the layout of InternVL-Chat-V1-2), and every tokenizer a ``special_tokens_map.json``,
-    so the directory has the files of the one it came from. With ``verify`` the directory is reloaded and compared
-    with :func:`tokenizer_behaviour`; a difference raises :class:`TokenizerError` naming it. Returns ``out_dir``.
-    """
+def save_tokenizer(tokenizer, out_dir: str | os.PathLike) -> Path:
+    """Write ``tokenizer`` to ``out_dir`` (the toolkit's one way) and return it: ``save_pretrained`` plus the source's
+    SentencePiece ``tokenizer.model``, ``added_tokens.json`` and ``special_tokens_map.json``, then a reload that must
+    have the same :func:`tokenizer_behaviour`, else :class:`TokenizerError` naming the first difference."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(str(out))
@@ -227,11 +182,10 @@ def save_tokenizer(tokenizer, out_dir: str | os.PathLike, *, verify: bool = True
         _write_json(out / "added_tokens.json", added)
     special_map = {key: str(value) for key, value in tokenizer.special_tokens_map.items() if isinstance(value, str)}
     _write_json(out / "special_tokens_map.json", special_map)
-    if verify:
-        before, after = tokenizer_behaviour(tokenizer), tokenizer_behaviour(load_tokenizer(out))
-        if before != after:
-            raise TokenizerError(f"{out}: the saved tokenizer does not reload identically: "
-                                 f"{_first_difference(before, after)}")
+    before, after = tokenizer_behaviour(tokenizer), tokenizer_behaviour(load_tokenizer(out))
+    if before != after:
+        raise TokenizerError(f"{out}: the saved tokenizer does not reload identically: "
+                             f"{_first_difference(before, after)}")
     return out
 
 
@@ -240,7 +194,7 @@ def _write_json(path: Path, data: object) -> None:
 
 
 def _token_id(tokenizer, token: str) -> int | None:
-    """The id of ``token`` if the tokenizer knows it as one token, else None (no full-vocabulary dict is built)."""
+    """The id of ``token`` if the tokenizer knows it as one token, else None."""
     token_id = tokenizer.convert_tokens_to_ids(token)
     if not isinstance(token_id, int) or (token_id == tokenizer.unk_token_id and token != tokenizer.unk_token):
         return None
@@ -257,15 +211,9 @@ def _answer_drop_ids(tokenizer) -> set[int]:
 
 
 def decode_answer(tokenizer, ids: Iterable[int] | torch.Tensor, *, separator: str | None = None) -> str:
-    """Decode generated ``ids`` into the answer users see: region tags kept, every other control token removed.
-
-    The toolkit's one decoding policy (``chat``, ``batch_chat``, ``medrega-eval run``, the demo). Kept:
-    ``<ref> </ref> <box> </box>``, so ``<ref>a</ref><box>[[..]]</box>, <ref>b</ref><box>[[..]]</box>`` stays
-    unambiguous for the parsers. Removed: the tokenizer's special tokens (bos/eos/pad/unk, ChatML template tokens) and
-    ``<img> </img> <IMG_CONTEXT> <quad> </quad>``. The result does not depend on whether a tokenizer file flags the
-    tags ``special``. With ``separator`` (the template's, e.g. ``<|im_end|>``) the answer ends before its first
-    occurrence, as id or as text. Leading/trailing whitespace is stripped.
-    """
+    """Decode generated ``ids`` into the answer users see (chat, batch_chat, ``medrega-eval run``, the demo): region
+    tags kept (unambiguous for the parsers), every other special or control token removed, whatever the tokenizer
+    file's ``special`` flags; cut before the first ``separator`` (id or text) and stripped."""
     ids = ids.tolist() if isinstance(ids, torch.Tensor) else [int(i) for i in ids]
     if separator:
         sep_id = _token_id(tokenizer, separator)
@@ -279,17 +227,12 @@ def decode_answer(tokenizer, ids: Iterable[int] | torch.Tensor, *, separator: st
 
 
 def train_sentencepiece_tokenizer(sentences: Iterable[str], out_dir: str | os.PathLike, vocab_size: int = 1000, *,
-                                  model_type: str = "bpe", model_max_length: int = 4096,
+                                  model_max_length: int = 4096,
                                   extra_special_tokens: Iterable[str] = SPECIAL_TOKENS) -> Path:
-    """Train a Yi-like SentencePiece tokenizer on ``sentences`` and write a directory :func:`load_tokenizer` reads.
-
-    Layout (mirrors Nous-Hermes-2-Yi + InternVL-Chat-V1-2): ids 0/1/2 = ``<unk>``/``<|startoftext|>``/
-    ``<|endoftext|>``, then the ChatML pieces ``<|im_start|>``, ``<|im_end|>``, ``<|im_sep|>`` as user-defined symbols,
-    byte fallback (any text encodes, no ``<unk>``), then ``extra_special_tokens`` appended as added special tokens.
-    ``add_bos_token``/``add_eos_token`` are False (as Yi's chat training), eos is ``<|im_end|>``, pad is ``<unk>`` (0).
-    ``vocab_size`` must exceed 256 byte pieces plus the characters of the corpus; it is a soft limit for small corpora.
-    Returns ``out_dir``. Takes well under a second for a few hundred sentences.
-    """
+    """Train a Yi-like byte-fallback SentencePiece tokenizer on ``sentences`` into ``out_dir`` (for test fixtures and
+    the bundled tiny model): ids 0/1/2 ``<unk>``/``<|startoftext|>``/``<|endoftext|>``, the ChatML pieces as
+    user-defined symbols, ``extra_special_tokens`` added after the vocabulary, no BOS/EOS added, eos ``<|im_end|>``,
+    pad ``<unk>``. ``vocab_size`` is a soft limit above 256 bytes plus the corpus characters."""
     import sentencepiece as spm
 
     out = Path(out_dir)
@@ -298,7 +241,7 @@ def train_sentencepiece_tokenizer(sentences: Iterable[str], out_dir: str | os.Pa
     if not corpus:
         raise TokenizerError("train_sentencepiece_tokenizer: no non-empty sentences given")
     spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus), model_prefix=str(out / "tokenizer"),
-                                   vocab_size=vocab_size, model_type=model_type, character_coverage=1.0,
+                                   vocab_size=vocab_size, model_type="bpe", character_coverage=1.0,
                                    byte_fallback=True, hard_vocab_limit=False, split_digits=True, unk_id=0, bos_id=1,
                                    eos_id=2, pad_id=-1, unk_piece="<unk>", bos_piece="<|startoftext|>",
                                    eos_piece=ENDOFTEXT_TOKEN,

@@ -1,16 +1,10 @@
 """User text can never become template or image control tokens: :func:`neutralize_control_tokens`.
 
-The prompt is rendered as one string and tokenized once, so a question containing ``<|im_end|><|im_start|>system``
-would otherwise be tokenized as template control tokens (a user could inject turns), and one containing
-``<IMG_CONTEXT>`` would add image slots (``ImageTokenMismatchError``). Every piece of conversation text (questions,
-answers, history) goes through :func:`neutralize_control_tokens` before the template is applied -- in
-``InternVLChatModel.chat``/``batch_chat`` and in ``internvl.data.encode`` for training -- which puts a space after
-the ``<`` of each such literal string, so it is tokenized as ordinary text. Real control tokens are added afterwards
-by the template and by ``<image>`` expansion. The region tags ``<ref>``/``</ref>``/``<box>``/``</box>`` and the
-``<image>`` placeholder are untouched: they are legitimate user input.
-
-A space (not an invisible character) is used on purpose: tokenizer normalisers may drop zero-width characters
-before matching added or user-defined symbols, but they never remove a plain space between ``<`` and ``|``.
+The prompt is tokenized as one string, so a question containing ``<|im_end|><|im_start|>system`` would inject turns
+and one containing ``<IMG_CONTEXT>`` would add image slots. All conversation text (chat, batch_chat, training
+encode) passes through :func:`neutralize_control_tokens` before the template adds the real control tokens. Region tags
+and ``<image>`` are legitimate input and stay. The break is a plain space, which tokenizer normalisers never drop
+(they may drop zero-width characters).
 """
 from __future__ import annotations
 

@@ -11,11 +11,11 @@ import torch
 from internvl.data.encode import apply_prompt_order
 from internvl.image_processing import images_to_pixel_values
 from internvl.model import InternVLChatModel
-from internvl.regions import box_to_pixels, parse_regions
+from internvl.regions import box_iou, box_to_pixels, parse_regions
 from internvl.tokenization import load_tokenizer
 from internvl.train.cli import main
 
-from internvl.testing.square_task import BASE_PROMPT, QUESTION, iou, square_image, write_square_dataset
+from internvl.testing.square_task import BASE_PROMPT, QUESTION, square_image, write_square_dataset
 
 SIZE = 56
 
@@ -50,7 +50,7 @@ def test_tiny_preset_learns_text_to_region(tmp_path, tiny_tokenizer_dir):
             answer = model.chat(tokenizer, pixel_values, question, {"max_new_tokens": 40, "do_sample": False})
             regions = parse_regions(answer, strict=False)
             predicted = box_to_pixels(regions[0].boxes[0], SIZE, SIZE) if regions and regions[0].boxes else None
-            scores.append(iou(predicted, truth) if predicted else 0.0)
+            scores.append(float(box_iou([predicted], [truth])[0, 0]) if predicted else 0.0)
     finally:
         torch.set_num_threads(threads)
     hits = sum(s > 0.5 for s in scores)

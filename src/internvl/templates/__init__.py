@@ -1,21 +1,9 @@
-"""Chat templates kept as data (``templates/*.json``) and the code that renders them.
+"""Chat templates kept as data (``templates/*.json``, one file per template) and the one renderer.
 
-A template is the MPT-style conversation of the original ``conversation.py``::
-
-    system_template.format(system_message) + sep
-    + for each message: role + content + sep
-    + (generation prompt) assistant role
-
-``Hermes-2`` (InternVL-Chat-V1.2 / MedRegA) gives, byte for byte::
-
-    <|im_start|>system\\nAnswer the questions.<|im_end|><|im_start|>user\\n{q}<|im_end|><|im_start|>assistant\\n
-
-Adding a template means adding a JSON file with the keys ``name``, ``system_template``, ``system_message``,
-``roles.user``, ``roles.assistant``, ``sep``, ``label_sep`` (the part of ``sep`` that is supervised after an answer, a
-prefix of ``sep``) and ``stop_strings``; no code changes.
-
-Messages are dicts in either the chat form ``{"role": "user"|"assistant"|"system", "content": str}`` or the record
-form ``{"from": "human"|"gpt"|"system", "value": str}``. A leading system message overrides the system message.
+A template renders the MPT-style conversation of the original ``conversation.py``:
+``system_template.format(system_message) + sep``, then ``role + content + sep`` per message, then the assistant role
+as generation prompt. Messages use the chat form (``role``/``content``) or the record form (``from``/``value``); a
+leading system message replaces the default one. File keys: docs/foundations.md ("Chat templates").
 """
 from __future__ import annotations
 
@@ -25,7 +13,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
 
-__all__ = ["ChatTemplate", "TemplateError", "get_template", "list_templates", "normalize_messages"]
+__all__ = ["ChatTemplate", "TemplateError", "get_template", "normalize_messages"]
 
 _ROLE_ALIASES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 _REQUIRED_KEYS = ("name", "system_template", "system_message", "roles", "sep", "label_sep", "stop_strings")
@@ -36,10 +24,8 @@ class TemplateError(ValueError):
 
 
 def normalize_messages(messages: Sequence[Mapping[str, object]]) -> list[tuple[str, str]]:
-    """Messages in chat or record form -> ``[(role, text)]`` with roles ``system``/``user``/``assistant``.
-
-    Raises :class:`TemplateError` naming the message index for an unknown role or non-string content.
-    """
+    """Messages in chat or record form -> ``[(role, text)]`` (roles ``system``/``user``/``assistant``);
+    :class:`TemplateError` naming the message for an unknown role or non-string content."""
     out: list[tuple[str, str]] = []
     for i, msg in enumerate(messages):
         if not isinstance(msg, Mapping):
@@ -105,14 +91,12 @@ class ChatTemplate:
         return system, msgs
 
     def segments(self, messages: Sequence[Mapping[str, object]], system_message: str | None = None) -> list[tuple[str, bool]]:
-        """The rendered conversation as ``(text, supervised)`` pieces whose concatenation equals
-        ``render(messages, add_generation_prompt=False)``.
+        """The rendered conversation (without generation prompt) as ``(text, supervised)`` pieces, for labels: each
+        answer plus ``label_sep`` is supervised; the rest (system, user turns, role headers, the part of ``sep`` after
+        ``label_sep``) is not."""
+        return self._segments(*self._split_system(messages, system_message))
 
-        Supervised pieces are each assistant answer followed by ``label_sep`` (``<|im_end|>``); everything else --
-        system prompt, user turns, the ``<|im_start|>assistant\\n`` header and any part of ``sep`` after ``label_sep``
-        (the newline of internvl2_5) -- is unsupervised. Used to build labels (IGNORE_INDEX outside supervised text).
-        """
-        system, msgs = self._split_system(messages, system_message)
+    def _segments(self, system: str, msgs: list[tuple[str, str]]) -> list[tuple[str, bool]]:
         pieces: list[tuple[str, bool]] = [(self.system_template.format(system_message=system) + self.sep, False)]
         tail = self.sep[len(self.label_sep):]
         for role, text in msgs:
@@ -127,10 +111,10 @@ class ChatTemplate:
 
     def render(self, messages: Sequence[Mapping[str, object]], system_message: str | None = None,
                add_generation_prompt: bool | None = None) -> str:
-        """The prompt string. ``add_generation_prompt`` appends the bare assistant role; ``None`` means "when the last
-        message is a user turn" (inference prompt), so a full training conversation renders without it."""
+        """The prompt string; ``add_generation_prompt`` appends the assistant role (None: when the last message is a
+        user turn)."""
         system, msgs = self._split_system(messages, system_message)
-        text = "".join(piece for piece, _ in self.segments(messages, system_message))
+        text = "".join(piece for piece, _ in self._segments(system, msgs))
         if add_generation_prompt is None:
             add_generation_prompt = bool(msgs) and msgs[-1][0] == "user"
         if add_generation_prompt:
@@ -157,10 +141,6 @@ def _load_all() -> dict[str, ChatTemplate]:
         templates[tpl.name] = tpl
     return templates
 
-
-def list_templates() -> list[str]:
-    """Names of all shipped templates."""
-    return sorted(_load_all())
 
 
 def get_template(name: str) -> ChatTemplate:

@@ -1,11 +1,7 @@
-"""What the tests, the lab's GPU checks and users' own tests share: tiny tokenizers, tiny configs, toy datasets.
-
-Nothing here downloads anything; everything is built from code in a few seconds. The pytest fixtures over these
-builders are in `internvl.testing.fixtures` (imported by the conftests; it needs pytest, the rest does not).
-"""
+"""Builders the tests, the lab's GPU checks and users' own tests share, made from code in seconds (no downloads):
+tiny tokenizers, a released-style config, a toy dataset. Their pytest fixtures are in `internvl.testing.fixtures`."""
 from .model import released_style_config_dict
-from .square_task import BASE_PROMPT, QUESTION, iou, square_image, write_square_dataset
-from .tokenizer import TINY_VOCAB_SIZE, build_tiny_tokenizer_dir, tiny_corpus
+from .square_task import write_square_dataset
+from .tokenizer import build_tiny_tokenizer_dir
 
-__all__ = ["BASE_PROMPT", "QUESTION", "TINY_VOCAB_SIZE", "build_tiny_tokenizer_dir", "iou",
-           "released_style_config_dict", "square_image", "tiny_corpus", "write_square_dataset"]
+__all__ = ["build_tiny_tokenizer_dir", "released_style_config_dict", "write_square_dataset"]

@@ -1,11 +1,6 @@
-"""pytest fixtures over `internvl.testing`: the session's tiny tokenizer and a fresh tiny model per test.
-
-`tiny_tokenizer_dir` / `tiny_tokenizer` are shared by the whole session: do not mutate the tokenizer (`add_tokens`
-...); load a fresh copy from `tiny_tokenizer_dir` instead. `tiny_config` is a fresh `InternVLChatConfig` per test
-(safe to edit); `tiny_model` is a fresh random `InternVLChatModel` in eval mode, seeded, with `img_context_token_id`
-set from the tokenizer. Both are cheap (~0.25M parameters, a few milliseconds to build). The conftests of `tests/`
-and `lab/tests/` import these names.
-"""
+"""pytest fixtures over `internvl.testing` (imported by the conftests of `tests/` and `lab/tests/`): the session's
+tiny tokenizer (shared: do not mutate it, load a copy from `tiny_tokenizer_dir`) and a fresh tiny config and model
+per test (~0.25M parameters, milliseconds to build)."""
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,13 +1,6 @@
-"""Process-global state that a test may change and must not pass on to the next one.
-
-:func:`global_state_restored` snapshots, and restores on exit: environment variables, torch defaults (default dtype,
-grad mode, deterministic algorithms, thread count, matmul precision, cuDNN flags) and transformers' process-global
-DeepSpeed config reference. tests/conftest.py wraps every test in it; tests/test_global_state.py checks it.
-
-Why the DeepSpeed reference: ``HfDeepSpeedConfig(...)`` (and ``TrainingArguments(deepspeed=...)``) registers itself in
-transformers, and a later ``from_pretrained`` in the same process builds under ZeRO-3 while that object lives, even a
-half-built one whose ``__init__`` failed. Only transformers' public functions are used (``deepspeed_config``,
-``unset_hf_deepspeed_config``).
+"""Process-global state a test may change and must not pass on: :func:`global_state_restored` (around every test,
+from tests/conftest.py) restores the environment, torch's defaults and transformers' DeepSpeed config reference (a
+registered ``HfDeepSpeedConfig``, even a half-built one, makes every later ``from_pretrained`` build under ZeRO-3).
 """
 from __future__ import annotations
 
@@ -37,13 +30,11 @@ def restore_torch_state(state: dict[str, Any]) -> None:
     """Put back what :func:`torch_state` returned (only the values that changed: setting threads is not free)."""
     now = torch_state()
     setters = {"default_dtype": torch.set_default_dtype, "grad_enabled": torch.set_grad_enabled,
-               "num_threads": torch.set_num_threads, "matmul_precision": torch.set_float32_matmul_precision}
+               "num_threads": torch.set_num_threads, "matmul_precision": torch.set_float32_matmul_precision,
+               "deterministic": lambda value: torch.use_deterministic_algorithms(value[0], warn_only=value[1])}
     for key, set_value in setters.items():
         if now[key] != state[key]:
             set_value(state[key])
-    if now["deterministic"] != state["deterministic"]:
-        enabled, warn_only = state["deterministic"]
-        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = state["cudnn"]
 
 

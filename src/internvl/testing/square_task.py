@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..regions import box_iou, format_region, pixels_to_box
+from ..regions import format_region, pixels_to_box
 
 QUESTION = "<image>\nPlease locate <ref>square</ref> in this image."
 BASE_PROMPT = "Find the square."
@@ -54,8 +54,3 @@ def write_square_dataset(root: Path, n: int, seed: int, size: int = 56, name: st
                                        "repeat_time": 1, "length": n, "base_prompt": BASE_PROMPT}}, indent=2),
                     encoding="utf-8")
     return meta
-
-
-def iou(a: tuple[float, float, float, float], b: tuple[float, float, float, float]) -> float:
-    """Intersection over union of two pixel boxes (x1, y1, x2, y2), by the toolkit's `box_iou`."""
-    return float(box_iou([a], [b])[0, 0])
