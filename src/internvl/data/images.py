@@ -1,21 +1,10 @@
 """Medical image reading: DICOM, NIfTI and PNG/JPEG/TIFF into an RGB ``PIL.Image`` for the model.
 
-Every consumer of image files (training datasets, evaluation, the demo, ``medrega-data check`` and the
-converters) reads them through :func:`load_image`, so windowing, orientation and error handling are the same
-everywhere. Any failure becomes an :class:`ImageLoadError` that names the file and the reason.
-
-Grey levels are produced in three steps:
-
-1. *values*: stored pixels to physical units (DICOM rescale slope/intercept or modality LUT -> e.g. HU;
-   NIfTI ``scl_slope``/``scl_inter`` through nibabel).
-2. *window*: values to 0-255 (:func:`apply_window`, the DICOM PS3.3 C.11.2.1.2 ``LINEAR`` function, computed
-   by pydicom). ``window=None`` uses the DICOM header (VOI LUT sequence, else window centre/width) and
-   falls back to the full value range; a preset name (:data:`WINDOW_PRESETS`) or ``(centre, width)``
-   overrides it; ``"minmax"`` / ``"percentile"`` stretch the full / 0.5-99.5 % range.
-3. *display*: MONOCHROME1 is inverted, palette and YBR colour become RGB, grey becomes 3 equal channels.
-
-8-bit greyscale and colour PNG/JPEG/TIFF are returned as stored unless a window is asked for. Colour images
-ignore ``window`` (windowing is only defined for a single channel).
+Every consumer (training, evaluation, the demo, ``medrega-data check``, the converters) reads images through
+:func:`load_image`, so windowing, orientation and errors (:class:`ImageLoadError`, naming the file) are the same
+everywhere. Grey levels: stored values -> physical units (DICOM modality LUT / rescale, NIfTI scaling) -> a window
+to 0-255 (DICOM PS3.3 C.11.2.1.2, computed by pydicom) -> display (MONOCHROME1 inverted, colour to RGB). The steps
+and the presets are described in docs/data-io.md.
 """
 from __future__ import annotations
 
@@ -62,11 +51,8 @@ _READER_PACKAGES = {"dicom": "pydicom", "nifti": "nibabel"}
 
 
 def _readable_kind(path: Path) -> str:
-    """The file's format (:func:`detect_format`) after checking that it exists and that its reader is installed.
-
-    pydicom and nibabel are declared dependencies, but minimal environments (e.g. a bare GPU box) may lack them;
-    without this check the user would get an ImportError traceback that names neither the file nor the fix.
-    """
+    """The file's format (:func:`detect_format`) once it exists and its reader is installed (a bare GPU box may
+    lack pydicom/nibabel: name the file and the fix instead of an ImportError traceback)."""
     if path.is_dir():
         raise ImageLoadError(path, "is a directory, not an image file")
     if not path.exists():
@@ -81,18 +67,12 @@ def _readable_kind(path: Path) -> str:
 
 @dataclass(frozen=True)
 class ImageInfo:
-    """Header-level facts about an image file (no pixel decoding).
-
-    ``width``/``height`` are those of the image :func:`load_image` returns with default arguments.
-    """
+    """Header facts of an image file; ``width``/``height`` are those of :func:`load_image` with default arguments."""
 
     format: str  # "dicom" | "nifti" | "pil"
     width: int
     height: int
     frames: int = 1
-
-
-# --------------------------------------------------------------------------------------------- helpers
 
 
 def detect_format(path: str | Path) -> str:
@@ -121,12 +101,8 @@ def detect_format(path: str | Path) -> str:
 
 
 def apply_window(values: np.ndarray, center: float, width: float, function: str = "LINEAR") -> np.ndarray:
-    """Map ``values`` (any float/int array, e.g. HU) to uint8 0-255 with a DICOM VOI window.
-
-    Uses pydicom's implementation of PS3.3 C.11.2.1.2 (``LINEAR``, ``LINEAR_EXACT``, ``SIGMOID``) with an
-    8-bit output range, so header windows and presets follow the same formula. For ``LINEAR``:
-    ``v <= c - 0.5 - (w-1)/2 -> 0``, ``v > c - 0.5 + (w-1)/2 -> 255``, linear in between.
-    """
+    """Map ``values`` (e.g. HU) to uint8 0-255 with a DICOM VOI window (pydicom's PS3.3 C.11.2.1.2 ``LINEAR``,
+    ``LINEAR_EXACT`` or ``SIGMOID`` with an 8-bit output), so header windows and presets use one formula."""
     from pydicom.dataset import Dataset
     from pydicom.pixels import apply_windowing
 
@@ -202,16 +178,10 @@ def _to_rgb(gray_or_rgb: np.ndarray) -> Image.Image:
 
 
 def _open_error(path: Path, exc: BaseException) -> ImageLoadError:
-    if isinstance(exc, FileNotFoundError):
-        return ImageLoadError(path, "file not found")
-    if isinstance(exc, IsADirectoryError):
-        return ImageLoadError(path, "is a directory, not an image file")
+    """An open/read error after :func:`_readable_kind` (which reports missing files and directories)."""
     if isinstance(exc, PermissionError):
         return ImageLoadError(path, "unreadable: permission denied")
     return ImageLoadError(path, f"corrupt or unsupported file ({type(exc).__name__}: {exc})")
-
-
-# --------------------------------------------------------------------------------------------- DICOM
 
 
 def _read_dicom(path: Path, *, stop_before_pixels: bool = False):
@@ -333,15 +303,12 @@ def _load_dicom(path: Path, window: Window, frame: int | None, max_pixels: int) 
     return _to_rgb(gray)
 
 
-# --------------------------------------------------------------------------------------------- NIfTI
-
-
 def _nifti_image(path: Path):
     import nibabel as nib
 
     try:
         return nib.load(path)
-    except (FileNotFoundError, IsADirectoryError, PermissionError) as exc:
+    except PermissionError as exc:
         raise _open_error(path, exc) from exc
     except Exception as exc:  # noqa: BLE001 - nibabel raises ImageFileError, ValueError, EOFError...
         raise ImageLoadError(path, f"corrupt or unsupported NIfTI file ({type(exc).__name__}: {exc})") from exc
@@ -378,16 +345,11 @@ def _display_geometry(img, ornt, shape3, in_plane) -> tuple[int, int, tuple[floa
 
 def volume_slice(path: str | Path, *, axis: str = "axial", slice_index: int | None = None, frame: int | None = None,
                  max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, tuple[float, float]]:
-    """Read one 2D slice of a NIfTI volume in display orientation, without loading the whole volume.
+    """One 2D slice of a NIfTI volume in radiological display orientation, read without loading the volume.
 
-    ``slice_index`` counts in canonical RAS order (inferior->superior for axial, posterior->anterior
-    for coronal, left->right for sagittal) whatever the file's storage order; default: the middle slice.
-    ``frame`` picks the volume of a 4D file (default 0). The slice is oriented the radiological way
-    (DICOM-like): axial = anterior up and patient's right on the image left; coronal = superior up, right on
-    the left; sagittal = superior up, anterior on the left.
-
-    Returns ``(values[H, W] float64 in the file's scaled units, (row_spacing, col_spacing) in mm)``.
-    Label-map converters use the same function so that their boxes match :func:`load_image`'s pixels.
+    ``slice_index`` counts in RAS order whatever the storage order (default: the middle slice); ``frame`` picks the
+    volume of a 4D file. Returns ``(values[H, W] float64 in scaled units, (row_spacing, col_spacing) in mm)``.
+    Label-map converters use it too, so their boxes match :func:`load_image`'s pixels.
     """
     path = Path(path)
     img = _nifti_image(path)
@@ -450,9 +412,6 @@ def _load_nifti(path: Path, window: Window, slice_index: int | None, axis: str, 
     return image.convert("RGB")
 
 
-# --------------------------------------------------------------------------------------------- PIL
-
-
 @contextmanager
 def _pil_errors(path: Path) -> Iterator[None]:
     """Pillow's errors while opening a file or reading its header, as an `ImageLoadError` naming the file."""
@@ -460,7 +419,7 @@ def _pil_errors(path: Path) -> Iterator[None]:
         yield
     except Image.DecompressionBombError as exc:
         raise ImageLoadError(path, f"decompression bomb refused ({exc})") from exc
-    except (FileNotFoundError, IsADirectoryError, PermissionError) as exc:
+    except PermissionError as exc:
         raise _open_error(path, exc) from exc
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageLoadError(path, f"not a readable image ({type(exc).__name__}: {exc})") from exc
@@ -495,26 +454,15 @@ def _load_pil(path: Path, window: Window, frame: int | None, max_pixels: int) ->
         return im.convert("RGB")
 
 
-# --------------------------------------------------------------------------------------------- public
-
-
 def load_image(path: str | Path, *, window: Window = None, slice_index: int | None = None, axis: str = "axial",
                frame: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Read any supported image file as an RGB ``PIL.Image`` ready for the model's transform.
+    """Read a DICOM, NIfTI or Pillow-readable file as an RGB ``PIL.Image`` ready for the model's transform.
 
-    Args:
-        path: DICOM (``.dcm`` or DICM magic), NIfTI (``.nii``/``.nii.gz``) or anything Pillow reads.
-        window: ``None`` (DICOM header VOI LUT/window, else full range), a :data:`WINDOW_PRESETS` name,
-            ``"minmax"``, ``"percentile"`` or ``(centre, width)`` in the file's physical units (HU for CT).
-        slice_index: NIfTI slice along ``axis`` in RAS order; default the middle slice.
-        axis: ``"axial"``, ``"coronal"`` or ``"sagittal"`` (NIfTI only).
-        frame: DICOM frame (default: middle frame), NIfTI 4th-dimension volume (default 0), or
-            multi-page TIFF/GIF page (default: first).
-        max_pixels: refuse larger 2D images (decompression-bomb guard).
-
-    Raises:
-        ImageLoadError: the file is missing, unreadable, corrupt, too large, or the frame/slice is invalid.
-        ValueError: ``window`` or ``axis`` is not a valid choice.
+    ``window``: ``None`` (DICOM header VOI LUT/window, else the full range), a :data:`WINDOW_PRESETS` name,
+    ``"minmax"``, ``"percentile"`` or ``(centre, width)`` in physical units. ``slice_index``/``axis``: NIfTI slice
+    (RAS order, default the middle). ``frame``: DICOM frame (default the middle), NIfTI volume or TIFF/GIF page
+    (default the first). ``max_pixels`` refuses bigger 2D images before decoding. Raises :class:`ImageLoadError`
+    for a bad file and ``ValueError`` for a bad ``window`` or ``axis``.
     """
     path = Path(path)
     if window is not None:
@@ -528,32 +476,25 @@ def load_image(path: str | Path, *, window: Window = None, slice_index: int | No
 
 
 def probe_image(path: str | Path, *, axis: str = "axial", max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageInfo:
-    """Read only the header: format, and the width/height :func:`load_image` would return by default.
-
-    Cheap enough to run over a whole annotation file (``medrega-data check --images header``) and used by
-    converters that need image sizes. Raises :class:`ImageLoadError` like :func:`load_image`, including for
-    images over ``max_pixels``.
+    """Header only: the format and the size :func:`load_image` would return by default (cheap enough for
+    ``medrega-data check --images header`` and converters). Raises :class:`ImageLoadError` like :func:`load_image`.
     """
-    info = _probe(Path(path), axis)
-    _check_size(Path(path), info.width, info.height, max_pixels)
-    return info
-
-
-def _probe(path: Path, axis: str) -> ImageInfo:
+    path = Path(path)
     kind = _readable_kind(path)
     if kind == "dicom":
         ds = _read_dicom(path, stop_before_pixels=True)
         try:
-            return ImageInfo("dicom", int(ds.Columns), int(ds.Rows), _dicom_frames(ds))
+            info = ImageInfo("dicom", int(ds.Columns), int(ds.Rows), _dicom_frames(ds))
         except (AttributeError, TypeError, ValueError) as exc:
             raise ImageLoadError(path, f"DICOM header lacks valid Rows/Columns ({exc})") from exc
-    if kind == "nifti":
+    elif kind == "nifti":
         img = _nifti_image(path)
         ornt, _, shape3, in_plane = _slice_plan(img, axis, path)
         rows, cols, spacing = _display_geometry(img, ornt, shape3, in_plane)
-        width, height = _aspect_size((rows, cols), spacing)
-        frames = img.shape[3] if len(img.shape) == 4 else 1
-        return ImageInfo("nifti", width, height, frames)
-    im = _open_pil(path)
-    with _pil_errors(path), im:  # n_frames may read further into the file
-        return ImageInfo("pil", im.width, im.height, getattr(im, "n_frames", 1))
+        info = ImageInfo("nifti", *_aspect_size((rows, cols), spacing), img.shape[3] if len(img.shape) == 4 else 1)
+    else:
+        im = _open_pil(path)
+        with _pil_errors(path), im:  # n_frames may read further into the file
+            info = ImageInfo("pil", im.width, im.height, getattr(im, "n_frames", 1))
+    _check_size(path, info.width, info.height, max_pixels)
+    return info
