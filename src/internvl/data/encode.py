@@ -1,27 +1,10 @@
-"""One function from a record's conversation to model inputs: :func:`encode_conversation`.
+"""One function from a record's conversation to model inputs: :func:`encode_conversation` (steps in docs/data.md).
 
-Steps, in order:
-
-1. *Prompt order.* ``"train"`` reproduces the original trainer: for a single-image record every ``<image>`` is taken
-   out of the human turns and put back at the start of the first one, followed by the meta ``base_prompt`` and a
-   space: ``<image>\\n{base_prompt} {question}``. ``"inference"`` is the demo / chat order: a question that has
-   ``<image>`` keeps it where it is (``{base_prompt} {text with <image>}``), one without gets
-   ``{base_prompt} <image>\\n{question}``. Multi-image records always keep their placeholders where they are
-   (one per image, in order) and text-only records have none.
-2. *Template.* The conversation is rendered with a chat template (``Hermes-2`` by default) as ``(text, supervised)``
-   segments; the supervised text is every assistant answer plus ``<|im_end|>``.
-3. *Images.* The i-th ``<image>`` becomes ``<img>`` + ``num_image_token * num_patches_list[i]`` x
-   ``<IMG_CONTEXT>`` + ``</img>``.
-4. *Tokens and labels.* The whole string is tokenised once (so tokens are exactly what ``chat()`` sees at inference:
-   no separate-segment artefacts such as SentencePiece's dummy prefix) with character offsets; a token is supervised
-   when its characters lie in a supervised segment, otherwise its label is ``IGNORE_INDEX``. A token that straddles a
-   segment boundary is an error, and the supervised tokens are decoded back and compared with the supervised text --
-   labels are verified by decoding, not by length bookkeeping (the original silently zeroed a sample on a
-   "tokenization mismatch").
-5. *Length.* Longer than ``max_length``: ``truncation="error"`` (default) raises; ``"right"`` cuts the end only
-   when the cut falls after the last ``</img>`` and supervised tokens remain. Image tokens are never cut.
-
-Every error is an :class:`EncodeError` whose message starts with ``where`` (``FILE:LINE``).
+The prompt order puts ``<image>`` and the meta ``base_prompt`` where the original trainer (``"train"``) or ``chat()``
+(``"inference"``) does; the chat template gives ``(text, supervised)`` segments; each ``<image>`` becomes its image
+tokens. The whole string is tokenised once with character offsets, so tokens are exactly what ``chat()`` sees, and a
+token is supervised when its characters lie in an answer. Labels are verified by decoding them back (the original
+silently zeroed a sample on a "tokenization mismatch"). Every error is an :class:`EncodeError` naming ``FILE:LINE``.
 """
 from __future__ import annotations
 
@@ -49,12 +32,8 @@ class EncodeError(ValueError):
 
 @dataclass
 class EncodedSample:
-    """Model inputs of one sample.
-
-    ``input_ids``/``labels``: LongTensor ``[L]``; ``labels`` is ``IGNORE_INDEX`` outside the supervised text.
-    ``num_patches_list``: tiles per image (empty for text-only). ``text``: the rendered, image-expanded string.
-    ``supervised_text``: the answers + ``<|im_end|>`` the labels encode (after any truncation).
-    """
+    """Model inputs of one sample: ``input_ids``/``labels`` ``[L]`` (``IGNORE_INDEX`` outside the answers), tiles
+    per image, the rendered image-expanded ``text`` and the ``supervised_text`` the labels encode."""
 
     input_ids: torch.Tensor
     labels: torch.Tensor
@@ -77,11 +56,8 @@ def _join(base_prompt: str, text: str) -> str:
 
 def apply_prompt_order(conversations: Sequence[Mapping[str, Any]], num_images: int, base_prompt: str = "",
                        prompt_order: str = "train", where: str = "<record>") -> list[dict[str, str]]:
-    """The conversation with ``base_prompt`` and ``<image>`` placed as ``prompt_order`` says (see module docstring).
-
-    Returns ``[{"from": ..., "value": ...}]`` copies; raises :class:`EncodeError` when the placeholders cannot match
-    the images (a multi-image record needs exactly one ``<image>`` per image; a text-only record none).
-    """
+    """Copies of the turns with ``base_prompt`` and ``<image>`` placed as ``prompt_order`` says (docs/data.md);
+    :class:`EncodeError` when the placeholders cannot match the images (multi-image: exactly one per image)."""
     if prompt_order not in PROMPT_ORDERS:
         raise EncodeError(f"{where}: prompt_order must be one of {PROMPT_ORDERS}, got {prompt_order!r}")
     turns = [{"from": str(t.get("from")), "value": str(t.get("value"))} for t in conversations]
@@ -126,10 +102,8 @@ def encode_conversation(conversations: Sequence[Mapping[str, Any]], tokenizer: A
                         num_image_token: int = 256, base_prompt: str = "", prompt_order: str = "train",
                         system_message: str | None = None, max_length: int | None = None, truncation: str = "error",
                         where: str = "<record>") -> EncodedSample:
-    """Turn one conversation (record ``conversations``: alternating ``human``/``gpt`` turns) into an
-    :class:`EncodedSample`. ``num_patches_list`` has one entry per image (tiles of that image); empty = text-only.
-    See the module docstring for the rules (its steps 1-5 are the steps below). Raises :class:`EncodeError` naming
-    ``where``."""
+    """One conversation (alternating ``human``/``gpt`` turns) as an :class:`EncodedSample`; ``num_patches_list`` has
+    the tiles of each image (empty: text-only). Raises :class:`EncodeError` naming ``where``."""
     if truncation not in ("error", "right"):
         raise EncodeError(f"{where}: truncation must be 'error' or 'right', got {truncation!r}")
     tpl = get_template(template) if isinstance(template, str) else template
@@ -263,8 +237,8 @@ def _decode_runs(tokenizer: Any, ids: list[int], labels: list[int]) -> list[str]
 def make_token_length(tokenizer: Any, *, template: str | ChatTemplate = "Hermes-2", num_image_token: int = 256,
                       tiles_per_image: int = 1, base_prompt: str = "", prompt_order: str = "train"
                       ) -> Callable[[dict], int]:
-    """A ``record -> token length`` function for ``RecordChecker(max_length=..., token_length=...)`` and length
-    grouping. Exact for one tile per image (V1.2); with dynamic tiling pass the expected ``tiles_per_image``."""
+    """A ``record -> token length`` function for ``RecordChecker(token_length=...)``; exact for one tile per image
+    (V1.2), else pass the expected ``tiles_per_image``."""
 
     def token_length(record: dict) -> int:
         n_images = len(image_paths(record))
