@@ -107,6 +107,11 @@ def test_each_bad_record_kind(root, record, reason, fragment):
     assert reason in REASONS
 
 
+def test_every_reason_has_a_row_in_the_docs_table():
+    table = (Path(__file__).resolve().parents[2] / "docs" / "data-io.md").read_text(encoding="utf-8")
+    assert [r for r in sorted(REASONS) if f"| `{r}` |" not in table] == []
+
+
 def test_a_bad_size_field_does_not_hide_image_problems(root):
     problems = RecordChecker(image_root=root).check(rec(image="missing.png", width=0), file="f", line=1)
     assert sorted(reasons(problems)) == ["bad-field", "missing-image"]

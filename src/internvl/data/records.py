@@ -27,31 +27,13 @@ __all__ = ["ALLOW_LINKS_ENV", "BadRecordError", "IMAGE_CHECKS", "ImagePathError"
            "ProblemTally", "RecordChecker", "RecordProblem", "image_paths", "iter_records", "read_jsonl",
            "resolve_image"]
 
-#: Every reason a record can be rejected for, with what it means (the table in docs/data-io.md).
-REASONS: dict[str, str] = {
-    "unreadable-file": "the annotation file itself is missing or unreadable (line 0)",
-    "not-utf8": "the line is not valid UTF-8",
-    "line-too-long": "the line is longer than the input limit (LIMITS.max_line_bytes)",
-    "too-deep": "the JSON nests deeper than the input limit (LIMITS.max_depth)",
-    "number-too-large": "a JSON number has too many digits or is not finite (LIMITS.max_number_chars)",
-    "bad-text": "a string holds a lone surrogate (\\ud800-\\udfff escape without its pair): not encodable text",
-    "bad-path": "an image path, or one of its components, is longer than the file system allows",
-    "bad-record": "checking the record raised an unexpected error (the message names it)",
-    "invalid-json": "the line is not valid JSON",
-    "blank-line": "an empty line inside the file",
-    "not-an-object": "the line is JSON but not an object {...}",
-    "bad-field": "a field has the wrong type (image, width, height)",
-    "bad-turns": "conversations missing, not a list, malformed, or not alternating human/gpt",
-    "empty-turn": "a turn's value is empty or only whitespace",
-    "image-count-mismatch": "the number of <image> placeholders does not match the images",
-    "image-outside-root": "an image path escapes the dataset root (../ or absolute path elsewhere)",
-    "missing-image": "an image file does not exist",
-    "unreadable-image": "an image path exists but cannot be read (directory, permission)",
-    "corrupt-image": "an image file cannot be decoded (corrupt, truncated, unsupported, too large)",
-    "bad-box": "a <box> is malformed or out of range (arity, non-integer, outside 0-999, x2 < x1, y2 < y1)",
-    "too-long": "the encoded sequence is longer than max_length tokens",
-    "encode-error": "the token-length function failed on the record",
-}
+#: Every reason a record can be rejected for; the table in docs/data-io.md says what each means (a test keeps it whole).
+REASONS = frozenset({
+    "unreadable-file", "not-utf8", "line-too-long", "too-deep", "number-too-large", "bad-text", "bad-path",
+    "bad-record", "invalid-json", "blank-line", "not-an-object", "bad-field", "bad-turns", "empty-turn",
+    "image-count-mismatch", "image-outside-root", "missing-image", "unreadable-image", "corrupt-image", "bad-box",
+    "too-long", "encode-error",
+})
 
 #: How much of each image to check: existence only, header, or a full decode through load_image.
 IMAGE_CHECKS = ("none", "exists", "header", "decode")
