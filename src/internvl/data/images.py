@@ -213,40 +213,25 @@ def _dicom_frames(ds) -> int:
 
 
 # Enhanced multi-frame objects keep rescale and window per frame, in functional groups.
-_FRAME_GROUPS = {"PixelValueTransformationSequence": ("RescaleSlope", "RescaleIntercept", "RescaleType"),
-                 "FrameVOILUTSequence": ("WindowCenter", "WindowWidth", "VOILUTFunction")}
-_VALUE_KEYWORDS = (
-    "PhotometricInterpretation", "BitsAllocated", "BitsStored", "PixelRepresentation", "RescaleSlope",
-    "RescaleIntercept", "ModalityLUTSequence", "VOILUTSequence", "WindowCenter", "WindowWidth", "VOILUTFunction",
-)
+_FRAME_GROUPS = ("PixelValueTransformationSequence", "FrameVOILUTSequence")
 
 
 def _frame_view(ds, index: int):
-    """The dataset's value-transform attributes for one frame (enhanced multi-frame: per-frame functional group
-    over shared functional group over top level); plain datasets are returned unchanged."""
+    """The dataset with one frame's rescale and window (enhanced multi-frame: the per-frame functional group over
+    the shared one over the top level); plain datasets are returned unchanged."""
     from pydicom.dataset import Dataset
 
     shared, per_frame = ds.get("SharedFunctionalGroupsSequence"), ds.get("PerFrameFunctionalGroupsSequence")
-    groups = []
-    if shared:
-        groups.append(shared[0])
-    if per_frame and index < len(per_frame):
-        groups.append(per_frame[index])
-    if not any(seq in g for g in groups for seq in _FRAME_GROUPS):
+    groups = ([shared[0]] if shared else []) + ([per_frame[index]] if per_frame and index < len(per_frame) else [])
+    items = [group[seq][0] for group in groups for seq in _FRAME_GROUPS if seq in group and len(group[seq].value)]
+    if not items:
         return ds
-    view = Dataset()
+    view = Dataset({element.tag: element for element in ds})  # a new element map: ds itself is left as it is
     if hasattr(ds, "file_meta"):
         view.file_meta = ds.file_meta
-    for keyword in _VALUE_KEYWORDS:
-        if keyword in ds:
-            view[ds[keyword].tag] = ds[keyword]
-    for group in groups:  # shared first, then the frame's own group overrides it
-        for seq, keywords in _FRAME_GROUPS.items():
-            if seq in group and len(group[seq].value):
-                item = group[seq][0]
-                for keyword in keywords:
-                    if keyword in item:
-                        view[item[keyword].tag] = item[keyword]
+    for item in items:  # shared first, then the frame's own group overrides it
+        for element in item:
+            view[element.tag] = element
     return view
 
 
