@@ -299,33 +299,22 @@ def _nifti_image(path: Path):
         raise ImageLoadError(path, f"corrupt or unsupported NIfTI file ({type(exc).__name__}: {exc})") from exc
 
 
-def _slice_plan(img, axis: str, path: Path):
-    """For an anatomical ``axis``: (orientation, array axis to index, 3D shape, in-plane axes); a shape that is not
-    2D, 3D or 4D with at least one volume is an :class:`ImageLoadError`."""
+def _slice_geometry(img, axis: str, path: Path):
+    """For an anatomical ``axis``: the orientation (``nib.io_orientation``), the array axis to index and the rows,
+    columns and (row, column) spacing of the slice :func:`volume_slice` returns. Other than 2D/3D/4D shapes fail."""
     import nibabel as nib
 
-    if len(img.shape) < 2 or len(img.shape) > 4 or (len(img.shape) == 4 and img.shape[3] < 1):
-        raise ImageLoadError(path, f"unsupported NIfTI shape {img.shape}: expected 2D, 3D or 4D")
+    shape = img.shape
+    if not 2 <= len(shape) <= 4 or (len(shape) == 4 and shape[3] < 1):
+        raise ImageLoadError(path, f"unsupported NIfTI shape {shape}: expected 2D, 3D or 4D")
     if axis not in _AXES:
         raise ValueError(f"axis must be one of {', '.join(_AXES)}, got {axis!r}")
-    shape = img.shape[:3] if len(img.shape) >= 3 else (*img.shape, 1)
     ornt = nib.io_orientation(img.affine)  # row i: (RAS world axis of array axis i, +1/-1)
-    world = _AXES[axis]
-    fixed = int(np.flatnonzero(ornt[:, 0] == world)[0])
-    in_plane = [i for i in range(3) if i != fixed]
-    return ornt, fixed, shape, in_plane
-
-
-def _display_geometry(img, ornt, shape3, in_plane) -> tuple[int, int, tuple[float, float]]:
-    """(rows, cols, (row_spacing, col_spacing)) of the slice :func:`volume_slice` returns."""
-    zooms = img.header.get_zooms()
-    sizes = [int(shape3[i]) for i in in_plane]
-    spacing = [float(zooms[i]) if i < len(zooms) else 1.0 for i in in_plane]
-    if ornt[in_plane[0], 0] > ornt[in_plane[1], 0]:  # order the in-plane axes by world axis
-        sizes.reverse()
-        spacing.reverse()
-    # display rows <- the second world axis, columns <- the first
-    return sizes[1], sizes[0], (spacing[1], spacing[0])
+    array_axis = {int(world): i for i, world in enumerate(ornt[:, 0])}
+    sizes, zooms = (*shape[:3], 1)[:3], [float(z) for z in (*img.header.get_zooms()[:3], 1.0)[:3]]
+    first, second = (array_axis[w] for w in range(3) if w != _AXES[axis])
+    # display rows <- the second in-plane world axis, columns <- the first
+    return ornt, array_axis[_AXES[axis]], int(sizes[second]), int(sizes[first]), (zooms[second], zooms[first])
 
 
 def volume_slice(path: str | Path, *, axis: str = "axial", slice_index: int | None = None, frame: int | None = None,
@@ -336,42 +325,36 @@ def volume_slice(path: str | Path, *, axis: str = "axial", slice_index: int | No
     volume of a 4D file. Returns ``(values[H, W] float64 in scaled units, (row_spacing, col_spacing) in mm)``.
     Label-map converters use it too, so their boxes match :func:`load_image`'s pixels.
     """
+    import nibabel as nib
+
     path = Path(path)
     img = _nifti_image(path)
     shape = img.shape
-    ornt, fixed, shape3, in_plane = _slice_plan(img, axis, path)
-    n = shape3[fixed]
+    ornt, fixed, rows, cols, spacing = _slice_geometry(img, axis, path)
+    _check_size(path, cols, rows, max_pixels)
+    n = shape[fixed] if fixed < len(shape) else 1
     canon = n // 2 if slice_index is None else slice_index
     if not 0 <= canon < n:
         raise ImageLoadError(path, f"{axis} slice {canon} out of range: the volume has {n}")
     stored = canon if ornt[fixed, 1] > 0 else n - 1 - canon
-    rows, cols, spacing = _display_geometry(img, ornt, shape3, in_plane)
-    _check_size(path, cols, rows, max_pixels)
 
-    slicer: list[object] = [slice(None)] * len(shape)
-    if len(shape) >= 3:
-        slicer[fixed] = stored
+    key: list[object] = [slice(None)] * len(shape)
+    if fixed < len(shape):  # a 2D image is one axial slice already
+        key[fixed] = slice(stored, stored + 1)
     if len(shape) == 4:
         vol = 0 if frame is None else frame
         if not 0 <= vol < shape[3]:
             raise ImageLoadError(path, f"frame {vol} out of range: the file has {shape[3]} volumes")
-        slicer[3] = vol
+        key[3] = vol
     elif frame not in (None, 0):
         raise ImageLoadError(path, f"frame {frame} out of range: the file has 1 volume")
     try:
-        plane = np.asarray(img.dataobj[tuple(slicer)], dtype=np.float64)
+        slab = np.asarray(img.dataobj[tuple(key)], dtype=np.float64)
     except Exception as exc:  # noqa: BLE001 - truncated/corrupt data
         raise ImageLoadError(path, f"cannot read NIfTI voxel data ({type(exc).__name__}: {exc})") from exc
-    if plane.ndim != 2:
-        plane = plane.reshape(shape3[in_plane[0]], shape3[in_plane[1]])
-    # Put both in-plane axes in canonical (increasing R/A/S) direction and world order.
-    for dim, ax in enumerate(in_plane):
-        if ornt[ax, 1] < 0:
-            plane = np.flip(plane, axis=dim)
-    if ornt[in_plane[0], 0] > ornt[in_plane[1], 0]:
-        plane = plane.T
-    # Rows <- second world axis (reversed: A/S up), columns <- first world axis (reversed: R on the left).
-    display = np.ascontiguousarray(plane.T[::-1, ::-1])
+    ras = nib.orientations.apply_orientation(slab.reshape(*slab.shape[:2], -1), ornt)  # RAS axis order and direction
+    # Rows <- second in-plane world axis (reversed: A/S up), columns <- the first (reversed: R on the left).
+    display = np.ascontiguousarray(ras.squeeze(_AXES[axis]).T[::-1, ::-1])
     assert display.shape == (rows, cols)
     return display, spacing
 
@@ -474,8 +457,7 @@ def probe_image(path: str | Path, *, axis: str = "axial", max_pixels: int = DEFA
             raise ImageLoadError(path, f"DICOM header lacks valid Rows/Columns ({exc})") from exc
     elif kind == "nifti":
         img = _nifti_image(path)
-        ornt, _, shape3, in_plane = _slice_plan(img, axis, path)
-        rows, cols, spacing = _display_geometry(img, ornt, shape3, in_plane)
+        _, _, rows, cols, spacing = _slice_geometry(img, axis, path)
         info = ImageInfo("nifti", *_aspect_size((rows, cols), spacing), img.shape[3] if len(img.shape) == 4 else 1)
     else:
         im = _open_pil(path)
