@@ -126,12 +126,11 @@ class BoxAwareAugment:
         with_boxes = any(has_regions(str(t["value"])) for t in turns) and bool(_boxes_in(turns))
         if not images:
             applied["skipped"] = "no image"
-            return list(images), out_turns, applied
-        if with_boxes and cfg.region_policy == "off":
+        elif with_boxes and cfg.region_policy == "off":
             applied["skipped"] = "region sample (region_policy='off')"
-            return list(images), out_turns, applied
-        if with_boxes and len(images) > 1:
+        elif with_boxes and len(images) > 1:  # a box does not say which image it belongs to
             applied["skipped"] = "multi-image sample with boxes"
+        if applied["skipped"]:
             return list(images), out_turns, applied
 
         new_images = []
