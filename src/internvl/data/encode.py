@@ -72,19 +72,14 @@ def apply_prompt_order(conversations: Sequence[Mapping[str, Any]], num_images: i
     if in_answers:
         raise EncodeError(f"{where}: {IMAGE_PLACEHOLDER} in answer turn(s) {in_answers}")
 
-    if num_images == 1 and count in (0, 1):
-        if prompt_order == "train":
-            for i in human:
-                turns[i]["value"] = _strip_placeholders(turns[i]["value"]) if IMAGE_PLACEHOLDER in turns[i]["value"] else turns[i]["value"]
-            turns[first]["value"] = IMAGE_PLACEHOLDER + "\n" + _join(base_prompt, turns[first]["value"])
-        else:
-            owner = next((i for i in human if IMAGE_PLACEHOLDER in turns[i]["value"]), None)
-            if owner is None:
-                turns[first]["value"] = _join(base_prompt, IMAGE_PLACEHOLDER + "\n" + turns[first]["value"])
-            else:
-                turns[first]["value"] = _join(base_prompt, turns[first]["value"])
+    if num_images == 1 and count in (0, 1) and prompt_order == "train":  # <image>\n{base_prompt} {question}
+        for i in human:
+            turns[i]["value"] = _strip_placeholders(turns[i]["value"]) if IMAGE_PLACEHOLDER in turns[i]["value"] else turns[i]["value"]
+        turns[first]["value"] = IMAGE_PLACEHOLDER + "\n" + _join(base_prompt, turns[first]["value"])
         return turns
-    if count != num_images:
+    if num_images == 1 and count == 0:  # inference order: {base_prompt} <image>\n{question}
+        turns[first]["value"] = IMAGE_PLACEHOLDER + "\n" + turns[first]["value"]
+    elif count != num_images:
         raise EncodeError(f"{where}: {count} {IMAGE_PLACEHOLDER} placeholder(s) for {num_images} image(s)")
     turns[first]["value"] = _join(base_prompt, turns[first]["value"])
     return turns
