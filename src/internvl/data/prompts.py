@@ -204,9 +204,9 @@ def _object_names(b: _Build, regs: list[Region] | None, objects: Sequence[str] |
 def _render_question(b: _Build, *, question: Any, options: Any, modality: str | None, regs: list[Region] | None,
                      objects: Sequence[str] | None) -> str:
     tp, s = b.tp, b.tp.strings
+    if tp.family in ("vqa", "regional_cot") and (question is None or not str(question).strip()):
+        raise PromptError(f"{b.where}: needs a non-empty 'question'")
     if tp.family == "vqa":
-        if question is None or not str(question).strip():
-            raise PromptError(f"{b.where}: needs a non-empty 'question'")
         values: dict[str, Any] = {"question": str(question).strip()}
         if tp.task == "vqa_choice":
             values["options"] = _choice_options(b, options)[1]
@@ -216,8 +216,6 @@ def _render_question(b: _Build, *, question: Any, options: Any, modality: str | 
     if tp.family == "classification":
         return _fill(b.pick(tp.question_templates(b.key)), b.where, modality=modality)
     if tp.family == "regional_cot":  # step one: {question}; step two: {regions} then {question}
-        if question is None or not str(question).strip():
-            raise PromptError(f"{b.where}: needs a non-empty 'question'")
         hint = format_regions(regs) if regs else ""
         return _fill(b.pick(tp.question_templates()), b.where, question=str(question).strip(), regions=hint)
     if tp.task == "region_to_text":
