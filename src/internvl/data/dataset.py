@@ -52,7 +52,7 @@ class MedRegDataset(Dataset):
                  image_settings: ImageSettings | None = None, num_image_token: int = 256,
                  max_seq_length: int | None = 2048, prompt_order: str = "train", system_message: str | None = None,
                  strict: bool = True, augment: bool | None = None, augment_config: AugmentConfig | None = None,
-                 image_check: str = "exists", truncation: str = "error", seed: int = 0) -> None:
+                 image_check: str = "exists", seed: int = 0) -> None:
         self.spec = spec
         self.tokenizer = tokenizer
         self.template = template
@@ -67,7 +67,6 @@ class MedRegDataset(Dataset):
         self.strict = strict
         use_augment = spec.data_augment if augment is None else augment
         self.augment = BoxAwareAugment(augment_config or AugmentConfig()) if use_augment else None
-        self.truncation = truncation
         self.seed = seed
         self.epoch = 0
         self.file = str(spec.annotation)
@@ -185,7 +184,7 @@ class MedRegDataset(Dataset):
             sample = encode_conversation(turns, self.tokenizer, template=self.template, num_patches_list=num_patches,
                                          num_image_token=self.num_image_token, base_prompt=self.spec.base_prompt,
                                          prompt_order=self.prompt_order, system_message=self.system_message,
-                                         max_length=self.max_seq_length, truncation=self.truncation, where=where)
+                                         max_length=self.max_seq_length, where=where)
         except EncodeError as exc:
             reason = "too-long" if "max_length" in str(exc) else "encode-error"
             raise BadRecordError([RecordProblem(self.file, line, reason, str(exc).removeprefix(where + ": "))]) from None
@@ -274,24 +273,17 @@ class MedRegConcatDataset(torch.utils.data.ConcatDataset):
 
 
 def build_training_dataset(meta_path: str | Path, tokenizer: Any, config: Any = None, *, template: str | None = None,
-                           max_seq_length: int | None = 2048, strict: bool = True, seed: int = 0,
-                           prompt_order: str = "train", base_dir: str | Path | None = None, image_check: str = "exists",
-                           augment_config: AugmentConfig | None = None, truncation: str = "error"
+                           max_seq_length: int | None = 2048, strict: bool = True, seed: int = 0
                            ) -> MedRegConcatDataset:
-    """All entries of a meta file as one dataset.
-
-    ``config`` (an ``InternVLChatConfig``, or ``None`` for the V1.2 defaults) gives the tiling settings,
-    ``num_image_token``, the template (unless ``template`` is given; ``Hermes-2`` by default) and ``system_message``.
-    Relative paths in the meta file resolve against ``base_dir`` (default: the working directory).
-    """
-    specs = load_meta(meta_path, base_dir=base_dir)
+    """All entries of a meta file as one dataset (``medrega-train``'s). ``config`` (an ``InternVLChatConfig``, or
+    ``None`` for the V1.2 defaults) gives the tiling, ``num_image_token``, the template unless ``template`` is given,
+    and ``system_message``."""
+    specs = load_meta(meta_path)
     settings = ImageSettings.from_config(config) if config is not None else ImageSettings()
     n_tokens = int(getattr(config, "num_image_token", 0) or 0) or num_image_tokens(settings.image_size)
     template_name = template or getattr(config, "template", None) or "Hermes-2"
     system_message = getattr(config, "system_message", None)
     return MedRegConcatDataset([
         MedRegDataset(spec, tokenizer, template=template_name, image_settings=settings, num_image_token=n_tokens,
-                      max_seq_length=max_seq_length, prompt_order=prompt_order, system_message=system_message,
-                      strict=strict, augment_config=augment_config, image_check=image_check, truncation=truncation,
-                      seed=seed)
+                      max_seq_length=max_seq_length, system_message=system_message, strict=strict, seed=seed)
         for spec in specs.values()])

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from internvl.constants import IGNORE_INDEX, IMAGE_PLACEHOLDER, IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN
+from internvl.constants import IGNORE_INDEX, IMAGE_PLACEHOLDER, IMG_CONTEXT_TOKEN, IMG_START_TOKEN
 from internvl.data.records import image_paths
 from internvl.image_processing import expand_image_placeholders
 from internvl.templates import ChatTemplate, TemplateError, get_template
@@ -40,7 +40,6 @@ class EncodedSample:
     num_patches_list: list[int]
     text: str
     supervised_text: str
-    truncated: bool = False
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
@@ -95,12 +94,11 @@ def _token_ids(tokenizer: Any, token: str) -> int:
 def encode_conversation(conversations: Sequence[Mapping[str, Any]], tokenizer: Any, *,
                         template: str | ChatTemplate = "Hermes-2", num_patches_list: Sequence[int] = (),
                         num_image_token: int = 256, base_prompt: str = "", prompt_order: str = "train",
-                        system_message: str | None = None, max_length: int | None = None, truncation: str = "error",
+                        system_message: str | None = None, max_length: int | None = None,
                         where: str = "<record>") -> EncodedSample:
     """One conversation (alternating ``human``/``gpt`` turns) as an :class:`EncodedSample`; ``num_patches_list`` has
-    the tiles of each image (empty: text-only). Raises :class:`EncodeError` naming ``where``."""
-    if truncation not in ("error", "right"):
-        raise EncodeError(f"{where}: truncation must be 'error' or 'right', got {truncation!r}")
+    the tiles of each image (empty: text-only). A sample over ``max_length`` tokens is an error, never cut (a cut
+    could split the image tokens or drop the answer). Raises :class:`EncodeError` naming ``where``."""
     tpl = get_template(template) if isinstance(template, str) else template
     turns = apply_prompt_order(conversations, len(num_patches_list), base_prompt, prompt_order, where)  # 1
     for turn in turns:  # record text never yields template or image tokens (internvl.user_text)
@@ -119,16 +117,13 @@ def encode_conversation(conversations: Sequence[Mapping[str, Any]], tokenizer: A
         got = ids.count(_token_ids(tokenizer, IMG_CONTEXT_TOKEN))
         if got != want:
             raise EncodeError(f"{where}: {got} {IMG_CONTEXT_TOKEN} tokens after tokenisation, expected {want}")
-    truncated = False
-    if max_length is not None and len(ids) > max_length:  # 5
-        _check_right_cut(tokenizer, ids, labels, bool(num_patches_list), max_length, truncation, where)
-        ids, labels, truncated = ids[:max_length], labels[:max_length], True
-    supervised_text = _verify_labels(tokenizer, ids, labels, [full[s:e] for s, e in spans], truncated, where)
+    if max_length is not None and len(ids) > max_length:
+        raise EncodeError(f"{where}: {len(ids)} tokens > max_length {max_length}")
+    supervised_text = _verify_labels(tokenizer, ids, labels, [full[s:e] for s, e in spans], where)
     if num_patches_list and ids.count(_token_ids(tokenizer, IMG_START_TOKEN)) != len(num_patches_list):
         raise EncodeError(f"{where}: {IMG_START_TOKEN} count does not match {len(num_patches_list)} image(s)")
     return EncodedSample(input_ids=torch.tensor(ids, dtype=torch.long), labels=torch.tensor(labels, dtype=torch.long),
-                         num_patches_list=list(num_patches_list), text=full, supervised_text=supervised_text,
-                         truncated=truncated)
+                         num_patches_list=list(num_patches_list), text=full, supervised_text=supervised_text)
 
 
 def _expand_images(segments: list[tuple[str, bool]], num_patches_list: Sequence[int], num_image_token: int,
@@ -188,38 +183,15 @@ def _label_tokens(ids: list[int], offsets: list[tuple[int, int]], spans: list[tu
     return labels
 
 
-def _check_right_cut(tokenizer: Any, ids: list[int], labels: list[int], has_images: bool, max_length: int,
-                     truncation: str, where: str) -> None:
-    """Step 5, for a sample longer than ``max_length``: raise unless ``truncation="right"`` may cut it there (the cut
-    falls after the last ``</img>`` and supervised tokens remain before it)."""
-    last_img_end = -1
-    if has_images:
-        end_id = _token_ids(tokenizer, IMG_END_TOKEN)
-        last_img_end = max(i for i, t in enumerate(ids) if t == end_id)
-    can_cut = truncation == "right" and last_img_end < max_length and any(
-        lab != IGNORE_INDEX for lab in labels[:max_length])
-    if not can_cut:
-        why = "" if truncation == "error" else "; cutting would split the image tokens or leave no supervised token"
-        raise EncodeError(f"{where}: {len(ids)} tokens > max_length {max_length}{why}")
-
-
-def _verify_labels(tokenizer: Any, ids: list[int], labels: list[int], texts: list[str], truncated: bool,
-                   where: str) -> str:
-    """Decode each run of supervised tokens and compare it with its supervised text (the last one may be cut short
-    when ``truncated``); returns the supervised text the labels encode."""
+def _verify_labels(tokenizer: Any, ids: list[int], labels: list[int], texts: list[str], where: str) -> str:
+    """Decode each run of supervised tokens and compare it with its supervised text; returns the supervised text."""
     decoded = _decode_runs(tokenizer, ids, labels)
-    if truncated:
-        texts = texts[:len(decoded)]
     for k, (got, want) in enumerate(zip(decoded, texts)):
-        if truncated and k == len(decoded) - 1:
-            ok = want.lstrip().startswith(got.lstrip())
-        else:
-            ok = got == want or got.lstrip() == want.lstrip()  # decoders drop a run's leading space
-        if not ok:
+        if got != want and got.lstrip() != want.lstrip():  # decoders drop a run's leading space
             raise EncodeError(f"{where}: supervised tokens of answer {k + 1} decode to {got!r}, expected {want!r}")
     if len(decoded) != len(texts):
         raise EncodeError(f"{where}: {len(decoded)} supervised token runs for {len(texts)} answers")
-    return "".join(decoded) if truncated else "".join(texts)
+    return "".join(texts)
 
 
 def _decode_runs(tokenizer: Any, ids: list[int], labels: list[int]) -> list[str]:
