@@ -23,7 +23,7 @@ from internvl.data.images import ImageLoadError, load_image
 from internvl.data.records import (BadRecordError, ImagePathError, ProblemTally, RecordChecker, RecordProblem,
                                    image_paths, iter_records, parse_record_line, resolve_image)
 from internvl.data.registry import DatasetSpec, load_meta
-from internvl.data.transforms import AugmentConfig, BoxAwareAugment
+from internvl.data.transforms import BoxAwareAugment
 from internvl.image_processing import ImageSettings, dummy_pixel_values, images_to_pixel_values, num_image_tokens
 from internvl.regions import RegionError
 
@@ -50,9 +50,8 @@ class MedRegDataset(Dataset):
 
     def __init__(self, spec: DatasetSpec, tokenizer: Any, *, template: str = "Hermes-2",
                  image_settings: ImageSettings | None = None, num_image_token: int = 256,
-                 max_seq_length: int | None = 2048, prompt_order: str = "train", system_message: str | None = None,
-                 strict: bool = True, augment: bool | None = None, augment_config: AugmentConfig | None = None,
-                 image_check: str = "exists", seed: int = 0) -> None:
+                 max_seq_length: int | None = 2048, system_message: str | None = None, strict: bool = True,
+                 augment: bool | None = None, image_check: str = "exists", seed: int = 0) -> None:
         self.spec = spec
         self.tokenizer = tokenizer
         self.template = template
@@ -62,11 +61,10 @@ class MedRegDataset(Dataset):
         self.image_settings = settings
         self.num_image_token = num_image_token
         self.max_seq_length = max_seq_length
-        self.prompt_order = prompt_order
         self.system_message = system_message
         self.strict = strict
         use_augment = spec.data_augment if augment is None else augment
-        self.augment = BoxAwareAugment(augment_config or AugmentConfig()) if use_augment else None
+        self.augment = BoxAwareAugment() if use_augment else None
         self.seed = seed
         self.epoch = 0
         self.file = str(spec.annotation)
@@ -183,8 +181,8 @@ class MedRegDataset(Dataset):
         try:
             sample = encode_conversation(turns, self.tokenizer, template=self.template, num_patches_list=num_patches,
                                          num_image_token=self.num_image_token, base_prompt=self.spec.base_prompt,
-                                         prompt_order=self.prompt_order, system_message=self.system_message,
-                                         max_length=self.max_seq_length, where=where)
+                                         system_message=self.system_message, max_length=self.max_seq_length,
+                                         where=where)
         except EncodeError as exc:
             reason = "too-long" if "max_length" in str(exc) else "encode-error"
             raise BadRecordError([RecordProblem(self.file, line, reason, str(exc).removeprefix(where + ": "))]) from None
