@@ -1,15 +1,7 @@
 """``medrega-data``: check annotation files and meta registries, convert datasets, show prompts.
 
-    medrega-data check META_OR_JSONL [--image-root DIR] [--strict] [--images decode]
-                       [--max-length 2048 --tokenizer DIR]
-    medrega-data convert {coco,vindr,masks,classification,vqa} ... --out OUT.jsonl
-    medrega-data prompts [TASK] [--lang zh]
-
-``check`` prints one line per problem (``FILE:LINE: reason: message``), then a count by reason, and exits 1
-when anything is wrong; a usage error or a failure (unreadable tokenizer, bad converter input, refused output path)
-is one line on stderr and exit status 2. A ``.json`` argument is read as a ``meta_file.json`` registry and
-every dataset's annotation is checked against its own ``root`` and ``base_prompt``. Also runnable as
-``python -m internvl.data``.
+Every problem is one ``FILE:LINE: reason: message`` line; the exit status is 0 (no problem), 1 (problems found, or
+nothing written) or 2 (a usage error or failure, one line on stderr). Also ``python -m internvl.data``; docs/data-io.md.
 """
 from __future__ import annotations
 
