@@ -296,10 +296,9 @@ class RecordChecker:
         if not images_ok:
             return
         n_images = len(image_paths(record))
-        if n_placeholders == n_images or (n_images == 1 and n_placeholders == 0):
-            return
-        problems.append(problem("image-count-mismatch",
-                                f"{n_placeholders} '{IMAGE_PLACEHOLDER}' placeholder(s) for {n_images} image(s)"))
+        if n_placeholders != n_images and not (n_images == 1 and n_placeholders == 0):  # one image may be implicit
+            problems.append(problem("image-count-mismatch",
+                                    f"{n_placeholders} '{IMAGE_PLACEHOLDER}' placeholder(s) for {n_images} image(s)"))
 
     @staticmethod
     def _check_boxes(record: dict, problem, problems: list[RecordProblem]) -> None:
@@ -315,13 +314,9 @@ class RecordChecker:
             path = resolve_image(rel, root)
         except ImagePathError as exc:
             return exc.reason, str(exc)
-        if self.image_check == "none":
-            return None
-        if path in self._image_cache:
-            return self._image_cache[path]
-        result = self._image_status(rel, path)
-        self._image_cache[path] = result
-        return result
+        if self.image_check != "none" and path not in self._image_cache:
+            self._image_cache[path] = self._image_status(rel, path)
+        return self._image_cache.get(path)
 
     def _image_status(self, rel: str, path: Path) -> tuple[str, str] | None:
         try:
