@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import importlib.util
+import os
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -57,6 +58,8 @@ def _readable_kind(path: Path) -> str:
         raise ImageLoadError(path, "is a directory, not an image file")
     if not path.exists():
         raise ImageLoadError(path, "file not found")
+    if not os.access(path, os.R_OK):
+        raise ImageLoadError(path, "unreadable: permission denied")
     kind = detect_format(path)
     package = _READER_PACKAGES.get(kind)
     if package is not None and importlib.util.find_spec(package) is None:
@@ -177,13 +180,6 @@ def _to_rgb(gray_or_rgb: np.ndarray) -> Image.Image:
     return Image.fromarray(arr[..., :3], mode="RGB")
 
 
-def _open_error(path: Path, exc: BaseException) -> ImageLoadError:
-    """An open/read error after :func:`_readable_kind` (which reports missing files and directories)."""
-    if isinstance(exc, PermissionError):
-        return ImageLoadError(path, "unreadable: permission denied")
-    return ImageLoadError(path, f"corrupt or unsupported file ({type(exc).__name__}: {exc})")
-
-
 def _read_dicom(path: Path, *, stop_before_pixels: bool = False):
     import pydicom
     from pydicom.errors import InvalidDicomError
@@ -199,8 +195,6 @@ def _read_dicom(path: Path, *, stop_before_pixels: bool = False):
         if "Rows" not in ds or "Columns" not in ds:
             raise ImageLoadError(path, "not a DICOM image (no DICM marker and no Rows/Columns)") from None
         return ds
-    except (OSError, EOFError) as exc:
-        raise _open_error(path, exc) from exc
     except Exception as exc:  # noqa: BLE001
         raise ImageLoadError(path, f"corrupt DICOM header ({type(exc).__name__}: {exc})") from exc
 
@@ -293,8 +287,6 @@ def _nifti_image(path: Path):
 
     try:
         return nib.load(path)
-    except PermissionError as exc:
-        raise _open_error(path, exc) from exc
     except Exception as exc:  # noqa: BLE001 - nibabel raises ImageFileError, ValueError, EOFError...
         raise ImageLoadError(path, f"corrupt or unsupported NIfTI file ({type(exc).__name__}: {exc})") from exc
 
@@ -387,8 +379,6 @@ def _pil_errors(path: Path) -> Iterator[None]:
         yield
     except Image.DecompressionBombError as exc:
         raise ImageLoadError(path, f"decompression bomb refused ({exc})") from exc
-    except PermissionError as exc:
-        raise _open_error(path, exc) from exc
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageLoadError(path, f"not a readable image ({type(exc).__name__}: {exc})") from exc
 
