@@ -9,7 +9,6 @@ from __future__ import annotations
 import bisect
 import contextlib
 import logging
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -230,9 +229,6 @@ class MedRegConcatDataset(torch.utils.data.ConcatDataset):
     :attr:`lengths`, a combined :meth:`set_epoch` and :meth:`describe` (the record of a global index)."""
 
     datasets: list[MedRegDataset]
-
-    def __init__(self, datasets: Sequence[MedRegDataset]) -> None:
-        super().__init__(list(datasets))
 
     @property
     def lengths(self) -> list[int]:
