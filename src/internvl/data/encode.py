@@ -107,10 +107,8 @@ def encode_conversation(conversations: Sequence[Mapping[str, Any]], tokenizer: A
         segments = tpl.segments(turns, system_message)  # 2
     except TemplateError as exc:
         raise EncodeError(f"{where}: {exc}") from None
-    expanded = _expand_images(segments, num_patches_list, num_image_token, where)  # 3
-    full = "".join(t for t, _ in expanded)
+    full, spans = _expand_images(segments, num_patches_list, num_image_token, where)  # 3
     ids, offsets = _tokenize(tokenizer, full, where)  # 4
-    spans = _supervised_spans(expanded)
     labels = _label_tokens(ids, offsets, spans, full, where)
     if num_patches_list:
         want = num_image_token * sum(num_patches_list)
@@ -127,9 +125,10 @@ def encode_conversation(conversations: Sequence[Mapping[str, Any]], tokenizer: A
 
 
 def _expand_images(segments: list[tuple[str, bool]], num_patches_list: Sequence[int], num_image_token: int,
-                   where: str) -> list[tuple[str, bool]]:
-    """Step 3: each ``<image>`` of the (unsupervised) segments becomes its image tokens, images taken in order."""
-    expanded: list[tuple[str, bool]] = []
+                   where: str) -> tuple[str, list[tuple[int, int]]]:
+    """Step 3: each ``<image>`` of the (unsupervised) segments becomes its image tokens, images taken in order.
+    Returns the joined string and the character spans ``[start, end)`` of its supervised segments."""
+    full, spans = "", []
     remaining = list(num_patches_list)
     for text, supervised in segments:
         n = text.count(IMAGE_PLACEHOLDER)
@@ -138,8 +137,10 @@ def _expand_images(segments: list[tuple[str, bool]], num_patches_list: Sequence[
                 raise EncodeError(f"{where}: {IMAGE_PLACEHOLDER} inside supervised text")
             text = expand_image_placeholders(text, remaining[:n], num_image_token)
             remaining = remaining[n:]
-        expanded.append((text, supervised))
-    return expanded
+        if supervised:
+            spans.append((len(full), len(full) + len(text)))
+        full += text
+    return full, spans
 
 
 def _tokenize(tokenizer: Any, full: str, where: str) -> tuple[list[int], list[tuple[int, int]]]:
@@ -149,17 +150,6 @@ def _tokenize(tokenizer: Any, full: str, where: str) -> tuple[list[int], list[tu
     except (NotImplementedError, TypeError, ValueError) as exc:
         raise EncodeError(f"{where}: the tokenizer must be a fast tokenizer with offsets ({exc})") from None
     return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
-
-
-def _supervised_spans(segments: list[tuple[str, bool]]) -> list[tuple[int, int]]:
-    """Character spans ``[start, end)`` of the supervised segments in the joined string."""
-    spans: list[tuple[int, int]] = []
-    pos = 0
-    for text, supervised in segments:
-        if supervised:
-            spans.append((pos, pos + len(text)))
-        pos += len(text)
-    return spans
 
 
 def _label_tokens(ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]], full: str,
