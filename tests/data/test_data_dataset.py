@@ -203,7 +203,7 @@ def test_two_entry_meta_iterates_in_a_dataloader_with_workers(tiny_tokenizer, de
 
     ds = build_training_dataset(demo_dataset_dir / "meta.json", tiny_tokenizer, Config(), max_seq_length=1024, seed=1)
     assert len(ds) == 17 and len(ds.lengths) == 17
-    assert ds.locate(12)[0] == "text_only" and ds.locate(12)[2] == 2
+    assert ds.describe(12).startswith(f"{ds.datasets[1].file}:2 (id ")
     collate = PackedCollator(max_packed_tokens=1024, num_images_expected=8) if packing else pad_collate
     loader = DataLoader(ds, batch_size=5, num_workers=2, collate_fn=collate, shuffle=True,
                         generator=torch.Generator().manual_seed(0))

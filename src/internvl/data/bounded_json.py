@@ -16,12 +16,8 @@ __all__ = ["InputLimits", "LIMITS", "JSONLimitError", "loads_limited", "LimitedJ
 
 @dataclass(frozen=True)
 class InputLimits:
-    """Limits checked on every record line before/while it is parsed (see the module docstring).
-
-    ``max_line_bytes``: longest line; ``max_depth``: deepest ``[``/``{`` nesting; ``max_number_chars``: longest
-    JSON number literal (a 64-bit id has 20 digits); ``max_path_bytes``/``max_name_bytes``: longest image path and
-    path component (Linux ``PATH_MAX``/``NAME_MAX``).
-    """
+    """Limits checked on every record line: line bytes, ``[``/``{`` nesting, number-literal length (a 64-bit id has
+    20 digits), and image path / path component bytes (Linux ``PATH_MAX``/``NAME_MAX``)."""
 
     max_line_bytes: int = 16 * 1024 * 1024
     max_depth: int = 64
@@ -81,21 +77,15 @@ def _number_hooks(limit: int) -> dict[str, Callable[[str], Any]]:
     return {"parse_int": parse_int, "parse_float": parse_float, "parse_constant": parse_constant}
 
 
-def _has_lone_surrogate(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return True
-    return False
-
-
 def find_lone_surrogate(value: Any) -> str | None:
     """The first lone-surrogate string in a decoded JSON value (keys included), or None."""
     stack = [value]
     while stack:
         item = stack.pop()
         if isinstance(item, str):
-            if _has_lone_surrogate(item):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
                 return item
         elif isinstance(item, dict):
             stack.extend(item.keys())
@@ -134,11 +124,11 @@ class LimitedJSONDecoder:
         try:
             item, end = self._decoder.raw_decode(text, pos)
             _json_depth(text[pos:end], self.limits.max_depth)
+        except json.JSONDecodeError:
+            raise
         except JSONLimitError as exc:
             raise json.JSONDecodeError(f"{exc.reason}: {exc}", text, pos) from None
         except (RecursionError, ValueError, OverflowError) as exc:
-            if isinstance(exc, json.JSONDecodeError):
-                raise
             raise json.JSONDecodeError(f"{type(exc).__name__}: {str(exc)[:200]}", text, pos) from None
         if find_lone_surrogate(item) is not None:
             raise json.JSONDecodeError("bad-text: a string holds a lone surrogate escape", text, pos)

@@ -1,27 +1,19 @@
 """``medrega-data``: check annotation files and meta registries, convert datasets, show prompts.
 
-    medrega-data check META_OR_JSONL [--image-root DIR] [--strict] [--images decode]
-                       [--max-length 2048 --tokenizer DIR]
-    medrega-data convert {coco,vindr,masks,classification,vqa} ... --out OUT.jsonl
-    medrega-data prompts [TASK] [--lang zh]
-
-``check`` prints one line per problem (``FILE:LINE: reason: message``), then a count by reason, and exits 1
-when anything is wrong; a usage error or a failure (unreadable tokenizer, bad converter input, refused output path)
-is one line on stderr and exit status 2. A ``.json`` argument is read as a ``meta_file.json`` registry and
-every dataset's annotation is checked against its own ``root`` and ``base_prompt``. Also runnable as
-``python -m internvl.data``.
+Every problem is one ``FILE:LINE: reason: message`` line; the exit status is 0 (no problem), 1 (problems found, or
+nothing written) or 2 (a usage error or failure, one line on stderr). Also ``python -m internvl.data``; docs/data-io.md.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
-from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from internvl.cli_support import UsageError, non_negative_int, positive_int, run_cli
 from internvl.data.records import ALLOW_LINKS_ENV, IMAGE_CHECKS, BadRecordError, ProblemTally, RecordChecker, iter_records
+from internvl.data.registry import MetaFileError, load_meta
 from internvl.offline import enforce_offline
 
 __all__ = ["main", "build_parser"]
@@ -45,70 +37,60 @@ def _token_length_factory(args: argparse.Namespace) -> Callable[[str], Callable[
     return factory
 
 
-def _check_file(path: Path, checker: RecordChecker, *, strict: bool, out, totals: Counter, max_print: int
-                ) -> ProblemTally:
-    tally = ProblemTally()
-
-    def show(problem) -> None:
-        totals["printed"] += 1
-        if not max_print or totals["printed"] <= max_print:
-            print(problem, file=out)
-
-    try:  # lenient: every problem is shown as it comes; strict: the first bad record's, then the file stops
-        for _ in iter_records(path, checker, strict=strict, tally=tally, on_problem=show):
-            pass
-    except BadRecordError as exc:
-        for p in exc.problems:
-            show(p)
-        tally.add(exc.problems)
-    return tally
+def _check_targets(args: argparse.Namespace) -> list[tuple[str, Path, Path | None, str]]:
+    """``(label, annotation, image root, base_prompt)`` for each file to check: a meta file's datasets, or one jsonl."""
+    path = Path(args.path)
+    if path.suffix != ".json":
+        return [(str(path), path, Path(args.image_root) if args.image_root else None, "")]
+    if args.image_root:
+        raise UsageError("check: --image-root applies to a .jsonl; a meta file names each dataset's root")
+    specs = load_meta(path, base_dir=args.base_dir)
+    return [(name, spec.annotation, spec.root, spec.base_prompt) for name, spec in specs.items()]
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    path = Path(args.path)
-    out = sys.stdout
     if args.allow_links_outside_root:
         os.environ[ALLOW_LINKS_ENV] = "1"
     factory = _token_length_factory(args)
-    targets: list[tuple[str, Path, Path | None, str]] = []  # (label, annotation, root, base_prompt)
-    if path.suffix == ".json":
-        from internvl.data.registry import MetaFileError, load_meta
+    try:
+        targets = _check_targets(args)
+    except MetaFileError as exc:
+        print(f"{exc}\n1 problem: meta file")
+        return 1
+    total, printed = ProblemTally(), 0
 
-        if args.image_root:
-            raise UsageError("check: --image-root applies to a .jsonl; a meta file names each dataset's root")
-        try:
-            specs = load_meta(path, base_dir=args.base_dir)
-        except MetaFileError as exc:
-            print(exc, file=out)
-            print("1 problem: meta file", file=out)
-            return 1
-        targets = [(name, spec.annotation, spec.root, spec.base_prompt) for name, spec in specs.items()]
-    else:
-        targets = [(str(path), path, Path(args.image_root) if args.image_root else None, "")]
+    def show(problem) -> None:
+        nonlocal printed
+        printed += 1
+        if not args.max_print or printed <= args.max_print:
+            print(problem)
 
-    totals: Counter = Counter()
-    by_reason: Counter = Counter()
-    seen = kept = 0
     for label, annotation, root, base_prompt in targets:
         checker = RecordChecker(image_root=root, image_check=args.images, require_answer=not args.allow_no_answer,
                                 max_length=args.max_length, token_length=factory(base_prompt) if factory else None)
-        tally = _check_file(annotation, checker, strict=args.strict, out=out, totals=totals, max_print=args.max_print)
-        by_reason.update(tally.by_reason)
-        seen, kept = seen + tally.seen, kept + tally.kept
+        tally = ProblemTally()
+        try:  # lenient: every problem is shown as it comes; strict: the first bad record's, then the file stops
+            for _ in iter_records(annotation, checker, strict=args.strict, tally=tally, on_problem=show):
+                pass
+        except BadRecordError as exc:
+            for p in exc.problems:
+                show(p)
+            tally.add(exc.problems)
+        total.seen, total.kept = total.seen + tally.seen, total.kept + tally.kept
+        total.by_reason.update(tally.by_reason)
         if len(targets) > 1:
-            print(f"# {label}: {tally.kept} of {tally.seen} records ok", file=out)
+            print(f"# {label}: {tally.kept} of {tally.seen} records ok")
         if args.strict and tally.by_reason:
             break
-    hidden = totals["printed"] - args.max_print if args.max_print else 0
-    if hidden > 0:
-        print(f"... {hidden} more problem lines not shown (--max-print)", file=out)
-    n_problems = sum(by_reason.values())
-    if n_problems:
-        counts = ", ".join(f"{reason} {n}" for reason, n in sorted(by_reason.items()))
+    if args.max_print and printed > args.max_print:
+        print(f"... {printed - args.max_print} more problem lines not shown (--max-print)")
+    if total.by_reason:
+        counts = ", ".join(f"{reason} {n}" for reason, n in sorted(total.by_reason.items()))
         stop = " (stopped at the first bad record: --strict)" if args.strict else ""
-        print(f"{seen - kept} of {seen} record(s) bad, {n_problems} problem(s){stop}: {counts}", file=out)
+        n_problems = sum(total.by_reason.values())
+        print(f"{total.skipped} of {total.seen} record(s) bad, {n_problems} problem(s){stop}: {counts}")
         return 1
-    print(f"ok: {kept} record(s), no problems", file=out)
+    print(f"ok: {total.kept} record(s), no problems")
     return 0
 
 

@@ -1,26 +1,11 @@
-"""Batching: dynamic padding (:func:`pad_collate`) and sequence packing (:class:`PackedCollator`).
+"""Batching: dynamic padding (:func:`pad_collate`) and sequence packing (:class:`PackedCollator`); docs/data.md.
 
-Both take the items of :class:`internvl.data.dataset.MedRegDataset` (``input_ids``/``labels`` ``[L]``,
-``pixel_values`` ``[T, 3, S, S]``, ``image_flags`` ``[T]``) and concatenate ``pixel_values``/``image_flags`` over
-the batch in token order, which is the order the model fills ``<IMG_CONTEXT>`` positions in.
-
-**Padding.** Right padding to the longest sample (left for generation-style batches), ``attention_mask`` 1 on real
-tokens, labels ``IGNORE_INDEX`` on padding. Unlike the original (pad id 0, ``attention_mask = ids != 0``) the mask
-comes from the lengths, so a real token with id 0 is never masked.
-
-**Packing.** Several samples share one row; ``position_ids`` restart at 0 for every sample and there is no
-``attention_mask``. transformers 5.x then builds the attention itself: ``masking_utils.find_packed_sequence_indices``
-turns restarting ``position_ids`` into a block-diagonal causal mask for eager / SDPA / flex attention, and the
-flash-attention-2 path (``modeling_flash_attention_utils.prepare_fa_kwargs_from_position_ids``) turns them into
-``cu_seqlens`` for ``flash_attn_varlen_func`` -- the varlen kernel InternVL's packed training patched in by hand.
-So one batch format works with every attention backend, no model patch is needed, and each sample attends only to
-itself (tests/data/test_data_collate.py proves equal per-sample logits and losses). The padding at the end of a
-row is one more "sample" of its own with labels ``IGNORE_INDEX``. Rows are filled first-fit in the given order up to
-``max_packed_tokens`` tokens and ``num_images_expected`` tiles.
-
-**Loss weights** (architecture §5.7): per supervised token of a sample with ``n`` supervised tokens, ``token``: 1,
-``sample``: 1/n, ``square``: 1/sqrt(n) (InternVL2.5); the loss is ``sum(ce * w) / sum(w)``. ``loss_weight`` is
-aligned with ``labels`` (the weight of the label at position i) and is 0 where the label is ignored.
+Both concatenate ``pixel_values``/``image_flags`` in token order, the order the model fills ``<IMG_CONTEXT>`` in.
+Padding takes ``attention_mask`` from the lengths (the original's ``ids != 0`` masked real id-0 tokens). Packing
+restarts ``position_ids`` at 0 for every sample and gives no ``attention_mask``: transformers 5.x turns that into a
+block-diagonal mask (eager / SDPA / flex) or ``cu_seqlens`` (flash-attention-2), so each sample attends only to
+itself with no model patch. Loss weights per supervised token of a sample with ``n`` of them (architecture §5.7):
+``token`` 1, ``sample`` 1/n, ``square`` 1/sqrt(n); the loss is ``sum(ce * w) / sum(w)``.
 """
 from __future__ import annotations
 
@@ -39,17 +24,8 @@ LOSS_REDUCTIONS = ("token", "sample", "square")
 
 
 def _check_features(features: Sequence[Mapping[str, Any]]) -> None:
-    if not features:
+    if not features:  # the items themselves are MedRegDataset's, built to shape
         raise ValueError("cannot collate an empty batch")
-    for i, f in enumerate(features):
-        for key in ("input_ids", "labels", "pixel_values", "image_flags"):
-            if key not in f:
-                raise ValueError(f"batch item {i} has no {key!r}")
-        if f["input_ids"].shape != f["labels"].shape or f["input_ids"].dim() != 1:
-            raise ValueError(f"batch item {i}: input_ids {tuple(f['input_ids'].shape)} and labels "
-                             f"{tuple(f['labels'].shape)} must be equal 1-D shapes")
-        if f["pixel_values"].shape[0] != f["image_flags"].shape[0]:
-            raise ValueError(f"batch item {i}: {f['pixel_values'].shape[0]} tiles but {f['image_flags'].shape[0]} image_flags")
 
 
 # Bookkeeping keys of items and batches: the index of the record actually served, and the records skipped at build
@@ -106,14 +82,10 @@ def token_loss_weights(labels: torch.Tensor, loss_reduction: str) -> torch.Tenso
 
 
 class PackedCollator:
-    """Pack a list of samples into as few rows as fit (see module docstring).
-
-    Output: ``input_ids``/``labels``/``position_ids`` ``[R, L_max]``, ``loss_weight`` ``[R, L_max]`` (float32),
-    ``pixel_values``/``image_flags`` concatenated in packed order, ``num_samples`` (0-dim long tensor: samples in
-    the batch, for throughput logs; not a model input) and no ``attention_mask`` (packing is read from
-    ``position_ids``). Raises ``ValueError`` for a sample longer than ``max_packed_tokens`` or with more tiles than
-    ``num_images_expected``, and for a sample whose first label is supervised (its target would be predicted from the
-    previous sample's last token).
+    """Pack samples first-fit into rows of ``max_packed_tokens`` tokens and ``num_images_expected`` tiles: ``input_ids``
+    / ``labels`` / ``position_ids`` / ``loss_weight`` ``[R, L_max]``, ``pixel_values``/``image_flags`` in packed order,
+    ``num_samples`` (for throughput logs) and no ``attention_mask``. A sample whose first label is supervised is
+    refused (its target would be predicted from the previous sample's last token).
     """
 
     def __init__(self, max_packed_tokens: int = 8192, num_images_expected: int | None = None,

@@ -1,38 +1,14 @@
-"""Map-style training datasets over a ``meta_file.json`` registry.
+"""Map-style training datasets over a ``meta_file.json`` registry (behaviour in docs/data.md "Datasets").
 
-:class:`MedRegDataset` serves one registry entry:
-
-* **Scan once, read lazily.** Construction reads the jsonl once: byte offsets of every line (so ``__getitem__``
-  seeks to one line instead of holding 2.8M records in memory) and the record checks of
-  :mod:`internvl.data.records` (JSON, turns, placeholders, boxes, image paths; ``image_check`` decides how much of
-  each image). Strict mode raises :class:`~internvl.data.records.BadRecordError` at the first bad record, before
-  training starts; lenient mode leaves bad lines out and logs a summary by reason (:attr:`tally`).
-* ``repeat_time`` is applied to the file's lines first (a prefix fraction, or whole repeats), as the original.
-* ``__getitem__`` loads the images through :func:`internvl.data.images.load_image`, applies the box-aware
-  augmentation when the entry has ``data_augment`` (:mod:`internvl.data.transforms`), tiles and normalises them
-  (:mod:`internvl.image_processing`) and encodes the conversation (:func:`internvl.data.encode.encode_conversation`).
-  A text-only record gets one white dummy tile with ``image_flags = 0``: the ViT then runs on every rank in every step,
-  which keeps ZeRO-3 parameter gathering in step (the original's fix for hangs on mixed batches).
-* Errors that only show when a sample is built (corrupt pixels, too long after tiling) name ``FILE:LINE``; strict
-  mode raises them, lenient mode logs them, counts them in :attr:`runtime_tally` (per worker process) and serves the
-  next record instead (which is then served twice). The item carries the skips under ``skipped_records`` so the
-  trainer counts them in the main process, whatever the worker (``internvl.train.skips``).
-* Every item carries ``sample_index`` (the index of the record actually served), which the trainer uses to name a
-  batch's records when training diverges (:meth:`MedRegConcatDataset.describe`).
-* Augmentation randomness comes from ``numpy.random.default_rng([seed, epoch, index])``: the same sample gets the same
-  crop whichever worker builds it; :meth:`set_epoch` changes it per epoch.
-* :attr:`lengths` (for length-grouped sampling) are token counts of the text plus ``num_image_token`` x expected tiles
-  per image -- or the record's own ``length`` field when present, as the original trainer.
-
-Each item is ``{"input_ids": [L], "labels": [L], "pixel_values": [T, 3, S, S], "image_flags": [T], "sample_index": []}``
-(plus ``skipped_records`` after a build-time skip).
+Construction scans the jsonl once (line offsets and the :mod:`internvl.data.records` checks, strict or lenient), so
+bad records surface before training; items are read with one seek. A text-only record gets one white dummy tile with
+``image_flags = 0`` so that the ViT runs on every rank in every step (ZeRO-3 gathering stays in step).
 """
 from __future__ import annotations
 
 import bisect
 import contextlib
 import logging
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -46,7 +22,7 @@ from internvl.data.images import ImageLoadError, load_image
 from internvl.data.records import (BadRecordError, ImagePathError, ProblemTally, RecordChecker, RecordProblem,
                                    image_paths, iter_records, parse_record_line, resolve_image)
 from internvl.data.registry import DatasetSpec, load_meta
-from internvl.data.transforms import AugmentConfig, BoxAwareAugment
+from internvl.data.transforms import BoxAwareAugment
 from internvl.image_processing import ImageSettings, dummy_pixel_values, images_to_pixel_values, num_image_tokens
 from internvl.regions import RegionError
 
@@ -66,24 +42,15 @@ def line_offsets(path: str | Path) -> np.ndarray:
 
 
 class MedRegDataset(Dataset):
-    """One registry entry as a map-style dataset (see the module docstring).
-
-    Args:
-        spec: the registry entry (:func:`internvl.data.registry.load_meta`).
-        tokenizer: a fast tokenizer with the InternVL special tokens.
-        template: chat template name. image_settings: tiling (:class:`ImageSettings`; ``max_dynamic_patch`` of the
-        entry overrides it). num_image_token: tokens per tile (256). max_seq_length: token limit per sample.
-        prompt_order: ``"train"`` (original) or ``"inference"``. strict: raise on bad records (else skip + report).
-        augment: ``None`` follows the entry's ``data_augment``. augment_config: crop/flip parameters.
-        image_check: how much of each image the scan checks (``none``/``exists``/``header``/``decode``).
-        truncation: ``"error"`` or ``"right"`` (see :func:`encode_conversation`).
+    """One registry entry as a map-style dataset of ``{"input_ids", "labels", "pixel_values", "image_flags",
+    "sample_index"}`` items (see the module docstring). The entry's ``max_dynamic_patch`` overrides
+    ``image_settings``; ``augment=None`` follows its ``data_augment``; ``strict=False`` skips and reports bad records.
     """
 
     def __init__(self, spec: DatasetSpec, tokenizer: Any, *, template: str = "Hermes-2",
                  image_settings: ImageSettings | None = None, num_image_token: int = 256,
-                 max_seq_length: int | None = 2048, prompt_order: str = "train", system_message: str | None = None,
-                 strict: bool = True, augment: bool | None = None, augment_config: AugmentConfig | None = None,
-                 image_check: str = "exists", truncation: str = "error", seed: int = 0) -> None:
+                 max_seq_length: int | None = 2048, system_message: str | None = None, strict: bool = True,
+                 augment: bool | None = None, image_check: str = "exists", seed: int = 0) -> None:
         self.spec = spec
         self.tokenizer = tokenizer
         self.template = template
@@ -93,12 +60,10 @@ class MedRegDataset(Dataset):
         self.image_settings = settings
         self.num_image_token = num_image_token
         self.max_seq_length = max_seq_length
-        self.prompt_order = prompt_order
         self.system_message = system_message
         self.strict = strict
         use_augment = spec.data_augment if augment is None else augment
-        self.augment = BoxAwareAugment(augment_config or AugmentConfig()) if use_augment else None
-        self.truncation = truncation
+        self.augment = BoxAwareAugment() if use_augment else None
         self.seed = seed
         self.epoch = 0
         self.file = str(spec.annotation)
@@ -119,7 +84,6 @@ class MedRegDataset(Dataset):
         if len(self._lines) == 0:
             raise BadRecordError([RecordProblem(self.file, 0, "bad-field", f"dataset {spec.name!r} has no usable records")])
 
-    # ---------------------------------------------------------------------------------------------- access
     def __len__(self) -> int:
         return int(len(self._lines))
 
@@ -216,18 +180,18 @@ class MedRegDataset(Dataset):
         try:
             sample = encode_conversation(turns, self.tokenizer, template=self.template, num_patches_list=num_patches,
                                          num_image_token=self.num_image_token, base_prompt=self.spec.base_prompt,
-                                         prompt_order=self.prompt_order, system_message=self.system_message,
-                                         max_length=self.max_seq_length, truncation=self.truncation, where=where)
+                                         system_message=self.system_message, max_length=self.max_seq_length,
+                                         where=where)
         except EncodeError as exc:
             reason = "too-long" if "max_length" in str(exc) else "encode-error"
             raise BadRecordError([RecordProblem(self.file, line, reason, str(exc).removeprefix(where + ": "))]) from None
         return {"input_ids": sample.input_ids, "labels": sample.labels, "pixel_values": pixel_values,
                 "image_flags": image_flags}
 
-    # ---------------------------------------------------------------------------------------------- lengths
     @property
     def lengths(self) -> list[int]:
-        """Approximate token length per item (computed once, on first use)."""
+        """Approximate token length per item, for length-grouped sampling: the record's own ``length`` field, else
+        text tokens plus ``num_image_token`` x the most tiles per image (computed once, on first use)."""
         if self._lengths is None:
             tiles = self.image_settings.max_tiles
             overhead = len(self.tokenizer.encode("<|im_start|>system\nAnswer the questions.<|im_end|>"
@@ -262,12 +226,9 @@ class MedRegDataset(Dataset):
 
 class MedRegConcatDataset(torch.utils.data.ConcatDataset):
     """The registry's datasets one after another (the original ``ConcatDataset``), with concatenated
-    :attr:`lengths`, a combined :meth:`set_epoch` and :meth:`locate` (dataset name, file line of an index)."""
+    :attr:`lengths`, a combined :meth:`set_epoch` and :meth:`describe` (the record of a global index)."""
 
     datasets: list[MedRegDataset]
-
-    def __init__(self, datasets: Sequence[MedRegDataset]) -> None:
-        super().__init__(list(datasets))
 
     @property
     def lengths(self) -> list[int]:
@@ -304,31 +265,19 @@ class MedRegConcatDataset(torch.utils.data.ConcatDataset):
         where = f"{dataset.file}:{dataset.line_number(local)}"
         return where + (f" (id {str(record_id)[:80]!r})" if record_id is not None else "")
 
-    def locate(self, index: int) -> tuple[str, str, int]:
-        """``(dataset name, annotation file, 1-based line)`` of a global index."""
-        dataset, local, _ = self._member(index)
-        return dataset.spec.name, dataset.file, dataset.line_number(local)
-
 
 def build_training_dataset(meta_path: str | Path, tokenizer: Any, config: Any = None, *, template: str | None = None,
-                           max_seq_length: int | None = 2048, strict: bool = True, seed: int = 0,
-                           prompt_order: str = "train", base_dir: str | Path | None = None, image_check: str = "exists",
-                           augment_config: AugmentConfig | None = None, truncation: str = "error"
+                           max_seq_length: int | None = 2048, strict: bool = True, seed: int = 0
                            ) -> MedRegConcatDataset:
-    """All entries of a meta file as one dataset.
-
-    ``config`` (an ``InternVLChatConfig``, or ``None`` for the V1.2 defaults) gives the tiling settings,
-    ``num_image_token``, the template (unless ``template`` is given; ``Hermes-2`` by default) and ``system_message``.
-    Relative paths in the meta file resolve against ``base_dir`` (default: the working directory).
-    """
-    specs = load_meta(meta_path, base_dir=base_dir)
+    """All entries of a meta file as one dataset (``medrega-train``'s). ``config`` (an ``InternVLChatConfig``, or
+    ``None`` for the V1.2 defaults) gives the tiling, ``num_image_token``, the template unless ``template`` is given,
+    and ``system_message``."""
+    specs = load_meta(meta_path)
     settings = ImageSettings.from_config(config) if config is not None else ImageSettings()
     n_tokens = int(getattr(config, "num_image_token", 0) or 0) or num_image_tokens(settings.image_size)
     template_name = template or getattr(config, "template", None) or "Hermes-2"
     system_message = getattr(config, "system_message", None)
     return MedRegConcatDataset([
         MedRegDataset(spec, tokenizer, template=template_name, image_settings=settings, num_image_token=n_tokens,
-                      max_seq_length=max_seq_length, prompt_order=prompt_order, system_message=system_message,
-                      strict=strict, augment_config=augment_config, image_check=image_check, truncation=truncation,
-                      seed=seed)
+                      max_seq_length=max_seq_length, system_message=system_message, strict=strict, seed=seed)
         for spec in specs.values()])

@@ -1,27 +1,10 @@
-"""One function from a record's conversation to model inputs: :func:`encode_conversation`.
+"""One function from a record's conversation to model inputs: :func:`encode_conversation` (steps in docs/data.md).
 
-Steps, in order:
-
-1. *Prompt order.* ``"train"`` reproduces the original trainer: for a single-image record every ``<image>`` is taken
-   out of the human turns and put back at the start of the first one, followed by the meta ``base_prompt`` and a
-   space: ``<image>\\n{base_prompt} {question}``. ``"inference"`` is the demo / chat order: a question that has
-   ``<image>`` keeps it where it is (``{base_prompt} {text with <image>}``), one without gets
-   ``{base_prompt} <image>\\n{question}``. Multi-image records always keep their placeholders where they are
-   (one per image, in order) and text-only records have none.
-2. *Template.* The conversation is rendered with a chat template (``Hermes-2`` by default) as ``(text, supervised)``
-   segments; the supervised text is every assistant answer plus ``<|im_end|>``.
-3. *Images.* The i-th ``<image>`` becomes ``<img>`` + ``num_image_token * num_patches_list[i]`` x
-   ``<IMG_CONTEXT>`` + ``</img>``.
-4. *Tokens and labels.* The whole string is tokenised once (so tokens are exactly what ``chat()`` sees at inference:
-   no separate-segment artefacts such as SentencePiece's dummy prefix) with character offsets; a token is supervised
-   when its characters lie in a supervised segment, otherwise its label is ``IGNORE_INDEX``. A token that straddles a
-   segment boundary is an error, and the supervised tokens are decoded back and compared with the supervised text --
-   labels are verified by decoding, not by length bookkeeping (the original silently zeroed a sample on a
-   "tokenization mismatch").
-5. *Length.* Longer than ``max_length``: ``truncation="error"`` (default) raises; ``"right"`` cuts the end only
-   when the cut falls after the last ``</img>`` and supervised tokens remain. Image tokens are never cut.
-
-Every error is an :class:`EncodeError` whose message starts with ``where`` (``FILE:LINE``).
+The prompt order puts ``<image>`` and the meta ``base_prompt`` where the original trainer (``"train"``) or ``chat()``
+(``"inference"``) does; the chat template gives ``(text, supervised)`` segments; each ``<image>`` becomes its image
+tokens. The whole string is tokenised once with character offsets, so tokens are exactly what ``chat()`` sees, and a
+token is supervised when its characters lie in an answer. Labels are verified by decoding them back (the original
+silently zeroed a sample on a "tokenization mismatch"). Every error is an :class:`EncodeError` naming ``FILE:LINE``.
 """
 from __future__ import annotations
 
@@ -32,7 +15,7 @@ from typing import Any
 
 import torch
 
-from internvl.constants import IGNORE_INDEX, IMAGE_PLACEHOLDER, IMG_CONTEXT_TOKEN, IMG_END_TOKEN, IMG_START_TOKEN
+from internvl.constants import IGNORE_INDEX, IMAGE_PLACEHOLDER, IMG_CONTEXT_TOKEN, IMG_START_TOKEN
 from internvl.data.records import image_paths
 from internvl.image_processing import expand_image_placeholders
 from internvl.templates import ChatTemplate, TemplateError, get_template
@@ -49,19 +32,14 @@ class EncodeError(ValueError):
 
 @dataclass
 class EncodedSample:
-    """Model inputs of one sample.
-
-    ``input_ids``/``labels``: LongTensor ``[L]``; ``labels`` is ``IGNORE_INDEX`` outside the supervised text.
-    ``num_patches_list``: tiles per image (empty for text-only). ``text``: the rendered, image-expanded string.
-    ``supervised_text``: the answers + ``<|im_end|>`` the labels encode (after any truncation).
-    """
+    """Model inputs of one sample: ``input_ids``/``labels`` ``[L]`` (``IGNORE_INDEX`` outside the answers), tiles
+    per image, the rendered image-expanded ``text`` and the ``supervised_text`` the labels encode."""
 
     input_ids: torch.Tensor
     labels: torch.Tensor
     num_patches_list: list[int]
     text: str
     supervised_text: str
-    truncated: bool = False
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
@@ -77,11 +55,8 @@ def _join(base_prompt: str, text: str) -> str:
 
 def apply_prompt_order(conversations: Sequence[Mapping[str, Any]], num_images: int, base_prompt: str = "",
                        prompt_order: str = "train", where: str = "<record>") -> list[dict[str, str]]:
-    """The conversation with ``base_prompt`` and ``<image>`` placed as ``prompt_order`` says (see module docstring).
-
-    Returns ``[{"from": ..., "value": ...}]`` copies; raises :class:`EncodeError` when the placeholders cannot match
-    the images (a multi-image record needs exactly one ``<image>`` per image; a text-only record none).
-    """
+    """Copies of the turns with ``base_prompt`` and ``<image>`` placed as ``prompt_order`` says (docs/data.md);
+    :class:`EncodeError` when the placeholders cannot match the images (multi-image: exactly one per image)."""
     if prompt_order not in PROMPT_ORDERS:
         raise EncodeError(f"{where}: prompt_order must be one of {PROMPT_ORDERS}, got {prompt_order!r}")
     turns = [{"from": str(t.get("from")), "value": str(t.get("value"))} for t in conversations]
@@ -96,19 +71,14 @@ def apply_prompt_order(conversations: Sequence[Mapping[str, Any]], num_images: i
     if in_answers:
         raise EncodeError(f"{where}: {IMAGE_PLACEHOLDER} in answer turn(s) {in_answers}")
 
-    if num_images == 1 and count in (0, 1):
-        if prompt_order == "train":
-            for i in human:
-                turns[i]["value"] = _strip_placeholders(turns[i]["value"]) if IMAGE_PLACEHOLDER in turns[i]["value"] else turns[i]["value"]
-            turns[first]["value"] = IMAGE_PLACEHOLDER + "\n" + _join(base_prompt, turns[first]["value"])
-        else:
-            owner = next((i for i in human if IMAGE_PLACEHOLDER in turns[i]["value"]), None)
-            if owner is None:
-                turns[first]["value"] = _join(base_prompt, IMAGE_PLACEHOLDER + "\n" + turns[first]["value"])
-            else:
-                turns[first]["value"] = _join(base_prompt, turns[first]["value"])
+    if num_images == 1 and count in (0, 1) and prompt_order == "train":  # <image>\n{base_prompt} {question}
+        for i in human:
+            turns[i]["value"] = _strip_placeholders(turns[i]["value"]) if IMAGE_PLACEHOLDER in turns[i]["value"] else turns[i]["value"]
+        turns[first]["value"] = IMAGE_PLACEHOLDER + "\n" + _join(base_prompt, turns[first]["value"])
         return turns
-    if count != num_images:
+    if num_images == 1 and count == 0:  # inference order: {base_prompt} <image>\n{question}
+        turns[first]["value"] = IMAGE_PLACEHOLDER + "\n" + turns[first]["value"]
+    elif count != num_images:
         raise EncodeError(f"{where}: {count} {IMAGE_PLACEHOLDER} placeholder(s) for {num_images} image(s)")
     turns[first]["value"] = _join(base_prompt, turns[first]["value"])
     return turns
@@ -124,14 +94,11 @@ def _token_ids(tokenizer: Any, token: str) -> int:
 def encode_conversation(conversations: Sequence[Mapping[str, Any]], tokenizer: Any, *,
                         template: str | ChatTemplate = "Hermes-2", num_patches_list: Sequence[int] = (),
                         num_image_token: int = 256, base_prompt: str = "", prompt_order: str = "train",
-                        system_message: str | None = None, max_length: int | None = None, truncation: str = "error",
+                        system_message: str | None = None, max_length: int | None = None,
                         where: str = "<record>") -> EncodedSample:
-    """Turn one conversation (record ``conversations``: alternating ``human``/``gpt`` turns) into an
-    :class:`EncodedSample`. ``num_patches_list`` has one entry per image (tiles of that image); empty = text-only.
-    See the module docstring for the rules (its steps 1-5 are the steps below). Raises :class:`EncodeError` naming
-    ``where``."""
-    if truncation not in ("error", "right"):
-        raise EncodeError(f"{where}: truncation must be 'error' or 'right', got {truncation!r}")
+    """One conversation (alternating ``human``/``gpt`` turns) as an :class:`EncodedSample`; ``num_patches_list`` has
+    the tiles of each image (empty: text-only). A sample over ``max_length`` tokens is an error, never cut (a cut
+    could split the image tokens or drop the answer). Raises :class:`EncodeError` naming ``where``."""
     tpl = get_template(template) if isinstance(template, str) else template
     turns = apply_prompt_order(conversations, len(num_patches_list), base_prompt, prompt_order, where)  # 1
     for turn in turns:  # record text never yields template or image tokens (internvl.user_text)
@@ -140,32 +107,28 @@ def encode_conversation(conversations: Sequence[Mapping[str, Any]], tokenizer: A
         segments = tpl.segments(turns, system_message)  # 2
     except TemplateError as exc:
         raise EncodeError(f"{where}: {exc}") from None
-    expanded = _expand_images(segments, num_patches_list, num_image_token, where)  # 3
-    full = "".join(t for t, _ in expanded)
+    full, spans = _expand_images(segments, num_patches_list, num_image_token, where)  # 3
     ids, offsets = _tokenize(tokenizer, full, where)  # 4
-    spans = _supervised_spans(expanded)
     labels = _label_tokens(ids, offsets, spans, full, where)
     if num_patches_list:
         want = num_image_token * sum(num_patches_list)
         got = ids.count(_token_ids(tokenizer, IMG_CONTEXT_TOKEN))
         if got != want:
             raise EncodeError(f"{where}: {got} {IMG_CONTEXT_TOKEN} tokens after tokenisation, expected {want}")
-    truncated = False
-    if max_length is not None and len(ids) > max_length:  # 5
-        _check_right_cut(tokenizer, ids, labels, bool(num_patches_list), max_length, truncation, where)
-        ids, labels, truncated = ids[:max_length], labels[:max_length], True
-    supervised_text = _verify_labels(tokenizer, ids, labels, [full[s:e] for s, e in spans], truncated, where)
+    if max_length is not None and len(ids) > max_length:
+        raise EncodeError(f"{where}: {len(ids)} tokens > max_length {max_length}")
+    supervised_text = _verify_labels(tokenizer, ids, labels, [full[s:e] for s, e in spans], where)
     if num_patches_list and ids.count(_token_ids(tokenizer, IMG_START_TOKEN)) != len(num_patches_list):
         raise EncodeError(f"{where}: {IMG_START_TOKEN} count does not match {len(num_patches_list)} image(s)")
     return EncodedSample(input_ids=torch.tensor(ids, dtype=torch.long), labels=torch.tensor(labels, dtype=torch.long),
-                         num_patches_list=list(num_patches_list), text=full, supervised_text=supervised_text,
-                         truncated=truncated)
+                         num_patches_list=list(num_patches_list), text=full, supervised_text=supervised_text)
 
 
 def _expand_images(segments: list[tuple[str, bool]], num_patches_list: Sequence[int], num_image_token: int,
-                   where: str) -> list[tuple[str, bool]]:
-    """Step 3: each ``<image>`` of the (unsupervised) segments becomes its image tokens, images taken in order."""
-    expanded: list[tuple[str, bool]] = []
+                   where: str) -> tuple[str, list[tuple[int, int]]]:
+    """Step 3: each ``<image>`` of the (unsupervised) segments becomes its image tokens, images taken in order.
+    Returns the joined string and the character spans ``[start, end)`` of its supervised segments."""
+    full, spans = "", []
     remaining = list(num_patches_list)
     for text, supervised in segments:
         n = text.count(IMAGE_PLACEHOLDER)
@@ -174,8 +137,10 @@ def _expand_images(segments: list[tuple[str, bool]], num_patches_list: Sequence[
                 raise EncodeError(f"{where}: {IMAGE_PLACEHOLDER} inside supervised text")
             text = expand_image_placeholders(text, remaining[:n], num_image_token)
             remaining = remaining[n:]
-        expanded.append((text, supervised))
-    return expanded
+        if supervised:
+            spans.append((len(full), len(full) + len(text)))
+        full += text
+    return full, spans
 
 
 def _tokenize(tokenizer: Any, full: str, where: str) -> tuple[list[int], list[tuple[int, int]]]:
@@ -185,17 +150,6 @@ def _tokenize(tokenizer: Any, full: str, where: str) -> tuple[list[int], list[tu
     except (NotImplementedError, TypeError, ValueError) as exc:
         raise EncodeError(f"{where}: the tokenizer must be a fast tokenizer with offsets ({exc})") from None
     return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
-
-
-def _supervised_spans(segments: list[tuple[str, bool]]) -> list[tuple[int, int]]:
-    """Character spans ``[start, end)`` of the supervised segments in the joined string."""
-    spans: list[tuple[int, int]] = []
-    pos = 0
-    for text, supervised in segments:
-        if supervised:
-            spans.append((pos, pos + len(text)))
-        pos += len(text)
-    return spans
 
 
 def _label_tokens(ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]], full: str,
@@ -219,38 +173,15 @@ def _label_tokens(ids: list[int], offsets: list[tuple[int, int]], spans: list[tu
     return labels
 
 
-def _check_right_cut(tokenizer: Any, ids: list[int], labels: list[int], has_images: bool, max_length: int,
-                     truncation: str, where: str) -> None:
-    """Step 5, for a sample longer than ``max_length``: raise unless ``truncation="right"`` may cut it there (the cut
-    falls after the last ``</img>`` and supervised tokens remain before it)."""
-    last_img_end = -1
-    if has_images:
-        end_id = _token_ids(tokenizer, IMG_END_TOKEN)
-        last_img_end = max(i for i, t in enumerate(ids) if t == end_id)
-    can_cut = truncation == "right" and last_img_end < max_length and any(
-        lab != IGNORE_INDEX for lab in labels[:max_length])
-    if not can_cut:
-        why = "" if truncation == "error" else "; cutting would split the image tokens or leave no supervised token"
-        raise EncodeError(f"{where}: {len(ids)} tokens > max_length {max_length}{why}")
-
-
-def _verify_labels(tokenizer: Any, ids: list[int], labels: list[int], texts: list[str], truncated: bool,
-                   where: str) -> str:
-    """Decode each run of supervised tokens and compare it with its supervised text (the last one may be cut short
-    when ``truncated``); returns the supervised text the labels encode."""
+def _verify_labels(tokenizer: Any, ids: list[int], labels: list[int], texts: list[str], where: str) -> str:
+    """Decode each run of supervised tokens and compare it with its supervised text; returns the supervised text."""
     decoded = _decode_runs(tokenizer, ids, labels)
-    if truncated:
-        texts = texts[:len(decoded)]
     for k, (got, want) in enumerate(zip(decoded, texts)):
-        if truncated and k == len(decoded) - 1:
-            ok = want.lstrip().startswith(got.lstrip())
-        else:
-            ok = got == want or got.lstrip() == want.lstrip()  # decoders drop a run's leading space
-        if not ok:
+        if got != want and got.lstrip() != want.lstrip():  # decoders drop a run's leading space
             raise EncodeError(f"{where}: supervised tokens of answer {k + 1} decode to {got!r}, expected {want!r}")
     if len(decoded) != len(texts):
         raise EncodeError(f"{where}: {len(decoded)} supervised token runs for {len(texts)} answers")
-    return "".join(decoded) if truncated else "".join(texts)
+    return "".join(texts)
 
 
 def _decode_runs(tokenizer: Any, ids: list[int], labels: list[int]) -> list[str]:
@@ -263,8 +194,8 @@ def _decode_runs(tokenizer: Any, ids: list[int], labels: list[int]) -> list[str]
 def make_token_length(tokenizer: Any, *, template: str | ChatTemplate = "Hermes-2", num_image_token: int = 256,
                       tiles_per_image: int = 1, base_prompt: str = "", prompt_order: str = "train"
                       ) -> Callable[[dict], int]:
-    """A ``record -> token length`` function for ``RecordChecker(max_length=..., token_length=...)`` and length
-    grouping. Exact for one tile per image (V1.2); with dynamic tiling pass the expected ``tiles_per_image``."""
+    """A ``record -> token length`` function for ``RecordChecker(token_length=...)``; exact for one tile per image
+    (V1.2), else pass the expected ``tiles_per_image``."""
 
     def token_length(record: dict) -> int:
         n_images = len(image_paths(record))

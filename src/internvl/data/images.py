@@ -1,26 +1,16 @@
 """Medical image reading: DICOM, NIfTI and PNG/JPEG/TIFF into an RGB ``PIL.Image`` for the model.
 
-Every consumer of image files (training datasets, evaluation, the demo, ``medrega-data check`` and the
-converters) reads them through :func:`load_image`, so windowing, orientation and error handling are the same
-everywhere. Any failure becomes an :class:`ImageLoadError` that names the file and the reason.
-
-Grey levels are produced in three steps:
-
-1. *values*: stored pixels to physical units (DICOM rescale slope/intercept or modality LUT -> e.g. HU;
-   NIfTI ``scl_slope``/``scl_inter`` through nibabel).
-2. *window*: values to 0-255 (:func:`apply_window`, the DICOM PS3.3 C.11.2.1.2 ``LINEAR`` function, computed
-   by pydicom). ``window=None`` uses the DICOM header (VOI LUT sequence, else window centre/width) and
-   falls back to the full value range; a preset name (:data:`WINDOW_PRESETS`) or ``(centre, width)``
-   overrides it; ``"minmax"`` / ``"percentile"`` stretch the full / 0.5-99.5 % range.
-3. *display*: MONOCHROME1 is inverted, palette and YBR colour become RGB, grey becomes 3 equal channels.
-
-8-bit greyscale and colour PNG/JPEG/TIFF are returned as stored unless a window is asked for. Colour images
-ignore ``window`` (windowing is only defined for a single channel).
+Every consumer (training, evaluation, the demo, ``medrega-data check``, the converters) reads images through
+:func:`load_image`, so windowing, orientation and errors (:class:`ImageLoadError`, naming the file) are the same
+everywhere. Grey levels: stored values -> physical units (DICOM modality LUT / rescale, NIfTI scaling) -> a window
+to 0-255 (DICOM PS3.3 C.11.2.1.2, computed by pydicom) -> display (MONOCHROME1 inverted, colour to RGB). The steps
+and the presets are described in docs/data-io.md.
 """
 from __future__ import annotations
 
 import gzip
 import importlib.util
+import os
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -62,15 +52,14 @@ _READER_PACKAGES = {"dicom": "pydicom", "nifti": "nibabel"}
 
 
 def _readable_kind(path: Path) -> str:
-    """The file's format (:func:`detect_format`) after checking that it exists and that its reader is installed.
-
-    pydicom and nibabel are declared dependencies, but minimal environments (e.g. a bare GPU box) may lack them;
-    without this check the user would get an ImportError traceback that names neither the file nor the fix.
-    """
+    """The file's format (:func:`detect_format`) once it exists and its reader is installed (a bare GPU box may
+    lack pydicom/nibabel: name the file and the fix instead of an ImportError traceback)."""
     if path.is_dir():
         raise ImageLoadError(path, "is a directory, not an image file")
     if not path.exists():
         raise ImageLoadError(path, "file not found")
+    if not os.access(path, os.R_OK):
+        raise ImageLoadError(path, "unreadable: permission denied")
     kind = detect_format(path)
     package = _READER_PACKAGES.get(kind)
     if package is not None and importlib.util.find_spec(package) is None:
@@ -81,18 +70,12 @@ def _readable_kind(path: Path) -> str:
 
 @dataclass(frozen=True)
 class ImageInfo:
-    """Header-level facts about an image file (no pixel decoding).
-
-    ``width``/``height`` are those of the image :func:`load_image` returns with default arguments.
-    """
+    """Header facts of an image file; ``width``/``height`` are those of :func:`load_image` with default arguments."""
 
     format: str  # "dicom" | "nifti" | "pil"
     width: int
     height: int
     frames: int = 1
-
-
-# --------------------------------------------------------------------------------------------- helpers
 
 
 def detect_format(path: str | Path) -> str:
@@ -121,12 +104,8 @@ def detect_format(path: str | Path) -> str:
 
 
 def apply_window(values: np.ndarray, center: float, width: float, function: str = "LINEAR") -> np.ndarray:
-    """Map ``values`` (any float/int array, e.g. HU) to uint8 0-255 with a DICOM VOI window.
-
-    Uses pydicom's implementation of PS3.3 C.11.2.1.2 (``LINEAR``, ``LINEAR_EXACT``, ``SIGMOID``) with an
-    8-bit output range, so header windows and presets follow the same formula. For ``LINEAR``:
-    ``v <= c - 0.5 - (w-1)/2 -> 0``, ``v > c - 0.5 + (w-1)/2 -> 255``, linear in between.
-    """
+    """Map ``values`` (e.g. HU) to uint8 0-255 with a DICOM VOI window (pydicom's PS3.3 C.11.2.1.2 ``LINEAR``,
+    ``LINEAR_EXACT`` or ``SIGMOID`` with an 8-bit output), so header windows and presets use one formula."""
     from pydicom.dataset import Dataset
     from pydicom.pixels import apply_windowing
 
@@ -201,19 +180,6 @@ def _to_rgb(gray_or_rgb: np.ndarray) -> Image.Image:
     return Image.fromarray(arr[..., :3], mode="RGB")
 
 
-def _open_error(path: Path, exc: BaseException) -> ImageLoadError:
-    if isinstance(exc, FileNotFoundError):
-        return ImageLoadError(path, "file not found")
-    if isinstance(exc, IsADirectoryError):
-        return ImageLoadError(path, "is a directory, not an image file")
-    if isinstance(exc, PermissionError):
-        return ImageLoadError(path, "unreadable: permission denied")
-    return ImageLoadError(path, f"corrupt or unsupported file ({type(exc).__name__}: {exc})")
-
-
-# --------------------------------------------------------------------------------------------- DICOM
-
-
 def _read_dicom(path: Path, *, stop_before_pixels: bool = False):
     import pydicom
     from pydicom.errors import InvalidDicomError
@@ -229,8 +195,6 @@ def _read_dicom(path: Path, *, stop_before_pixels: bool = False):
         if "Rows" not in ds or "Columns" not in ds:
             raise ImageLoadError(path, "not a DICOM image (no DICM marker and no Rows/Columns)") from None
         return ds
-    except (OSError, EOFError) as exc:
-        raise _open_error(path, exc) from exc
     except Exception as exc:  # noqa: BLE001
         raise ImageLoadError(path, f"corrupt DICOM header ({type(exc).__name__}: {exc})") from exc
 
@@ -243,40 +207,25 @@ def _dicom_frames(ds) -> int:
 
 
 # Enhanced multi-frame objects keep rescale and window per frame, in functional groups.
-_FRAME_GROUPS = {"PixelValueTransformationSequence": ("RescaleSlope", "RescaleIntercept", "RescaleType"),
-                 "FrameVOILUTSequence": ("WindowCenter", "WindowWidth", "VOILUTFunction")}
-_VALUE_KEYWORDS = (
-    "PhotometricInterpretation", "BitsAllocated", "BitsStored", "PixelRepresentation", "RescaleSlope",
-    "RescaleIntercept", "ModalityLUTSequence", "VOILUTSequence", "WindowCenter", "WindowWidth", "VOILUTFunction",
-)
+_FRAME_GROUPS = ("PixelValueTransformationSequence", "FrameVOILUTSequence")
 
 
 def _frame_view(ds, index: int):
-    """The dataset's value-transform attributes for one frame (enhanced multi-frame: per-frame functional group
-    over shared functional group over top level); plain datasets are returned unchanged."""
+    """The dataset with one frame's rescale and window (enhanced multi-frame: the per-frame functional group over
+    the shared one over the top level); plain datasets are returned unchanged."""
     from pydicom.dataset import Dataset
 
     shared, per_frame = ds.get("SharedFunctionalGroupsSequence"), ds.get("PerFrameFunctionalGroupsSequence")
-    groups = []
-    if shared:
-        groups.append(shared[0])
-    if per_frame and index < len(per_frame):
-        groups.append(per_frame[index])
-    if not any(seq in g for g in groups for seq in _FRAME_GROUPS):
+    groups = ([shared[0]] if shared else []) + ([per_frame[index]] if per_frame and index < len(per_frame) else [])
+    items = [group[seq][0] for group in groups for seq in _FRAME_GROUPS if seq in group and len(group[seq].value)]
+    if not items:
         return ds
-    view = Dataset()
+    view = Dataset({element.tag: element for element in ds})  # a new element map: ds itself is left as it is
     if hasattr(ds, "file_meta"):
         view.file_meta = ds.file_meta
-    for keyword in _VALUE_KEYWORDS:
-        if keyword in ds:
-            view[ds[keyword].tag] = ds[keyword]
-    for group in groups:  # shared first, then the frame's own group overrides it
-        for seq, keywords in _FRAME_GROUPS.items():
-            if seq in group and len(group[seq].value):
-                item = group[seq][0]
-                for keyword in keywords:
-                    if keyword in item:
-                        view[item[keyword].tag] = item[keyword]
+    for item in items:  # shared first, then the frame's own group overrides it
+        for element in item:
+            view[element.tag] = element
     return view
 
 
@@ -333,98 +282,71 @@ def _load_dicom(path: Path, window: Window, frame: int | None, max_pixels: int) 
     return _to_rgb(gray)
 
 
-# --------------------------------------------------------------------------------------------- NIfTI
-
-
 def _nifti_image(path: Path):
     import nibabel as nib
 
     try:
         return nib.load(path)
-    except (FileNotFoundError, IsADirectoryError, PermissionError) as exc:
-        raise _open_error(path, exc) from exc
     except Exception as exc:  # noqa: BLE001 - nibabel raises ImageFileError, ValueError, EOFError...
         raise ImageLoadError(path, f"corrupt or unsupported NIfTI file ({type(exc).__name__}: {exc})") from exc
 
 
-def _slice_plan(img, axis: str, path: Path):
-    """For an anatomical ``axis``: (orientation, array axis to index, 3D shape, in-plane axes); a shape that is not
-    2D, 3D or 4D with at least one volume is an :class:`ImageLoadError`."""
+def _slice_geometry(img, axis: str, path: Path):
+    """For an anatomical ``axis``: the orientation (``nib.io_orientation``), the array axis to index and the rows,
+    columns and (row, column) spacing of the slice :func:`volume_slice` returns. Other than 2D/3D/4D shapes fail."""
     import nibabel as nib
 
-    if len(img.shape) < 2 or len(img.shape) > 4 or (len(img.shape) == 4 and img.shape[3] < 1):
-        raise ImageLoadError(path, f"unsupported NIfTI shape {img.shape}: expected 2D, 3D or 4D")
+    shape = img.shape
+    if not 2 <= len(shape) <= 4 or (len(shape) == 4 and shape[3] < 1):
+        raise ImageLoadError(path, f"unsupported NIfTI shape {shape}: expected 2D, 3D or 4D")
     if axis not in _AXES:
         raise ValueError(f"axis must be one of {', '.join(_AXES)}, got {axis!r}")
-    shape = img.shape[:3] if len(img.shape) >= 3 else (*img.shape, 1)
     ornt = nib.io_orientation(img.affine)  # row i: (RAS world axis of array axis i, +1/-1)
-    world = _AXES[axis]
-    fixed = int(np.flatnonzero(ornt[:, 0] == world)[0])
-    in_plane = [i for i in range(3) if i != fixed]
-    return ornt, fixed, shape, in_plane
-
-
-def _display_geometry(img, ornt, shape3, in_plane) -> tuple[int, int, tuple[float, float]]:
-    """(rows, cols, (row_spacing, col_spacing)) of the slice :func:`volume_slice` returns."""
-    zooms = img.header.get_zooms()
-    sizes = [int(shape3[i]) for i in in_plane]
-    spacing = [float(zooms[i]) if i < len(zooms) else 1.0 for i in in_plane]
-    if ornt[in_plane[0], 0] > ornt[in_plane[1], 0]:  # order the in-plane axes by world axis
-        sizes.reverse()
-        spacing.reverse()
-    # display rows <- the second world axis, columns <- the first
-    return sizes[1], sizes[0], (spacing[1], spacing[0])
+    array_axis = {int(world): i for i, world in enumerate(ornt[:, 0])}
+    sizes, zooms = (*shape[:3], 1)[:3], [float(z) for z in (*img.header.get_zooms()[:3], 1.0)[:3]]
+    first, second = (array_axis[w] for w in range(3) if w != _AXES[axis])
+    # display rows <- the second in-plane world axis, columns <- the first
+    return ornt, array_axis[_AXES[axis]], int(sizes[second]), int(sizes[first]), (zooms[second], zooms[first])
 
 
 def volume_slice(path: str | Path, *, axis: str = "axial", slice_index: int | None = None, frame: int | None = None,
                  max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, tuple[float, float]]:
-    """Read one 2D slice of a NIfTI volume in display orientation, without loading the whole volume.
+    """One 2D slice of a NIfTI volume in radiological display orientation, read without loading the volume.
 
-    ``slice_index`` counts in canonical RAS order (inferior->superior for axial, posterior->anterior
-    for coronal, left->right for sagittal) whatever the file's storage order; default: the middle slice.
-    ``frame`` picks the volume of a 4D file (default 0). The slice is oriented the radiological way
-    (DICOM-like): axial = anterior up and patient's right on the image left; coronal = superior up, right on
-    the left; sagittal = superior up, anterior on the left.
-
-    Returns ``(values[H, W] float64 in the file's scaled units, (row_spacing, col_spacing) in mm)``.
-    Label-map converters use the same function so that their boxes match :func:`load_image`'s pixels.
+    ``slice_index`` counts in RAS order whatever the storage order (default: the middle slice); ``frame`` picks the
+    volume of a 4D file. Returns ``(values[H, W] float64 in scaled units, (row_spacing, col_spacing) in mm)``.
+    Label-map converters use it too, so their boxes match :func:`load_image`'s pixels.
     """
+    import nibabel as nib
+
     path = Path(path)
     img = _nifti_image(path)
     shape = img.shape
-    ornt, fixed, shape3, in_plane = _slice_plan(img, axis, path)
-    n = shape3[fixed]
+    ornt, fixed, rows, cols, spacing = _slice_geometry(img, axis, path)
+    _check_size(path, cols, rows, max_pixels)
+    n = shape[fixed] if fixed < len(shape) else 1
     canon = n // 2 if slice_index is None else slice_index
     if not 0 <= canon < n:
         raise ImageLoadError(path, f"{axis} slice {canon} out of range: the volume has {n}")
     stored = canon if ornt[fixed, 1] > 0 else n - 1 - canon
-    rows, cols, spacing = _display_geometry(img, ornt, shape3, in_plane)
-    _check_size(path, cols, rows, max_pixels)
 
-    slicer: list[object] = [slice(None)] * len(shape)
-    if len(shape) >= 3:
-        slicer[fixed] = stored
+    key: list[object] = [slice(None)] * len(shape)
+    if fixed < len(shape):  # a 2D image is one axial slice already
+        key[fixed] = slice(stored, stored + 1)
     if len(shape) == 4:
         vol = 0 if frame is None else frame
         if not 0 <= vol < shape[3]:
             raise ImageLoadError(path, f"frame {vol} out of range: the file has {shape[3]} volumes")
-        slicer[3] = vol
+        key[3] = vol
     elif frame not in (None, 0):
         raise ImageLoadError(path, f"frame {frame} out of range: the file has 1 volume")
     try:
-        plane = np.asarray(img.dataobj[tuple(slicer)], dtype=np.float64)
+        slab = np.asarray(img.dataobj[tuple(key)], dtype=np.float64)
     except Exception as exc:  # noqa: BLE001 - truncated/corrupt data
         raise ImageLoadError(path, f"cannot read NIfTI voxel data ({type(exc).__name__}: {exc})") from exc
-    if plane.ndim != 2:
-        plane = plane.reshape(shape3[in_plane[0]], shape3[in_plane[1]])
-    # Put both in-plane axes in canonical (increasing R/A/S) direction and world order.
-    for dim, ax in enumerate(in_plane):
-        if ornt[ax, 1] < 0:
-            plane = np.flip(plane, axis=dim)
-    if ornt[in_plane[0], 0] > ornt[in_plane[1], 0]:
-        plane = plane.T
-    # Rows <- second world axis (reversed: A/S up), columns <- first world axis (reversed: R on the left).
-    display = np.ascontiguousarray(plane.T[::-1, ::-1])
+    ras = nib.orientations.apply_orientation(slab.reshape(*slab.shape[:2], -1), ornt)  # RAS axis order and direction
+    # Rows <- second in-plane world axis (reversed: A/S up), columns <- the first (reversed: R on the left).
+    display = np.ascontiguousarray(ras.squeeze(_AXES[axis]).T[::-1, ::-1])
     assert display.shape == (rows, cols)
     return display, spacing
 
@@ -450,9 +372,6 @@ def _load_nifti(path: Path, window: Window, slice_index: int | None, axis: str, 
     return image.convert("RGB")
 
 
-# --------------------------------------------------------------------------------------------- PIL
-
-
 @contextmanager
 def _pil_errors(path: Path) -> Iterator[None]:
     """Pillow's errors while opening a file or reading its header, as an `ImageLoadError` naming the file."""
@@ -460,8 +379,6 @@ def _pil_errors(path: Path) -> Iterator[None]:
         yield
     except Image.DecompressionBombError as exc:
         raise ImageLoadError(path, f"decompression bomb refused ({exc})") from exc
-    except (FileNotFoundError, IsADirectoryError, PermissionError) as exc:
-        raise _open_error(path, exc) from exc
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageLoadError(path, f"not a readable image ({type(exc).__name__}: {exc})") from exc
 
@@ -495,26 +412,15 @@ def _load_pil(path: Path, window: Window, frame: int | None, max_pixels: int) ->
         return im.convert("RGB")
 
 
-# --------------------------------------------------------------------------------------------- public
-
-
 def load_image(path: str | Path, *, window: Window = None, slice_index: int | None = None, axis: str = "axial",
                frame: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Read any supported image file as an RGB ``PIL.Image`` ready for the model's transform.
+    """Read a DICOM, NIfTI or Pillow-readable file as an RGB ``PIL.Image`` ready for the model's transform.
 
-    Args:
-        path: DICOM (``.dcm`` or DICM magic), NIfTI (``.nii``/``.nii.gz``) or anything Pillow reads.
-        window: ``None`` (DICOM header VOI LUT/window, else full range), a :data:`WINDOW_PRESETS` name,
-            ``"minmax"``, ``"percentile"`` or ``(centre, width)`` in the file's physical units (HU for CT).
-        slice_index: NIfTI slice along ``axis`` in RAS order; default the middle slice.
-        axis: ``"axial"``, ``"coronal"`` or ``"sagittal"`` (NIfTI only).
-        frame: DICOM frame (default: middle frame), NIfTI 4th-dimension volume (default 0), or
-            multi-page TIFF/GIF page (default: first).
-        max_pixels: refuse larger 2D images (decompression-bomb guard).
-
-    Raises:
-        ImageLoadError: the file is missing, unreadable, corrupt, too large, or the frame/slice is invalid.
-        ValueError: ``window`` or ``axis`` is not a valid choice.
+    ``window``: ``None`` (DICOM header VOI LUT/window, else the full range), a :data:`WINDOW_PRESETS` name,
+    ``"minmax"``, ``"percentile"`` or ``(centre, width)`` in physical units. ``slice_index``/``axis``: NIfTI slice
+    (RAS order, default the middle). ``frame``: DICOM frame (default the middle), NIfTI volume or TIFF/GIF page
+    (default the first). ``max_pixels`` refuses bigger 2D images before decoding. Raises :class:`ImageLoadError`
+    for a bad file and ``ValueError`` for a bad ``window`` or ``axis``.
     """
     path = Path(path)
     if window is not None:
@@ -528,32 +434,24 @@ def load_image(path: str | Path, *, window: Window = None, slice_index: int | No
 
 
 def probe_image(path: str | Path, *, axis: str = "axial", max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageInfo:
-    """Read only the header: format, and the width/height :func:`load_image` would return by default.
-
-    Cheap enough to run over a whole annotation file (``medrega-data check --images header``) and used by
-    converters that need image sizes. Raises :class:`ImageLoadError` like :func:`load_image`, including for
-    images over ``max_pixels``.
+    """Header only: the format and the size :func:`load_image` would return by default (cheap enough for
+    ``medrega-data check --images header`` and converters). Raises :class:`ImageLoadError` like :func:`load_image`.
     """
-    info = _probe(Path(path), axis)
-    _check_size(Path(path), info.width, info.height, max_pixels)
-    return info
-
-
-def _probe(path: Path, axis: str) -> ImageInfo:
+    path = Path(path)
     kind = _readable_kind(path)
     if kind == "dicom":
         ds = _read_dicom(path, stop_before_pixels=True)
         try:
-            return ImageInfo("dicom", int(ds.Columns), int(ds.Rows), _dicom_frames(ds))
+            info = ImageInfo("dicom", int(ds.Columns), int(ds.Rows), _dicom_frames(ds))
         except (AttributeError, TypeError, ValueError) as exc:
             raise ImageLoadError(path, f"DICOM header lacks valid Rows/Columns ({exc})") from exc
-    if kind == "nifti":
+    elif kind == "nifti":
         img = _nifti_image(path)
-        ornt, _, shape3, in_plane = _slice_plan(img, axis, path)
-        rows, cols, spacing = _display_geometry(img, ornt, shape3, in_plane)
-        width, height = _aspect_size((rows, cols), spacing)
-        frames = img.shape[3] if len(img.shape) == 4 else 1
-        return ImageInfo("nifti", width, height, frames)
-    im = _open_pil(path)
-    with _pil_errors(path), im:  # n_frames may read further into the file
-        return ImageInfo("pil", im.width, im.height, getattr(im, "n_frames", 1))
+        _, _, rows, cols, spacing = _slice_geometry(img, axis, path)
+        info = ImageInfo("nifti", *_aspect_size((rows, cols), spacing), img.shape[3] if len(img.shape) == 4 else 1)
+    else:
+        im = _open_pil(path)
+        with _pil_errors(path), im:  # n_frames may read further into the file
+            info = ImageInfo("pil", im.width, im.height, getattr(im, "n_frames", 1))
+    _check_size(path, info.width, info.height, max_pixels)
+    return info

@@ -1,9 +1,7 @@
-"""The prompt registry: loads and validates the YAML prompt data in ``internvl/data/prompts/*.yaml`` (the wording
-of every task in English and Chinese) into :class:`TaskPrompt` entries keyed by ``(task, lang)``.
-
-A malformed file (a missing language or key, an unknown ``{placeholder}``, a task defined twice) is a
-:class:`PromptError` naming the file and task when it is first loaded. The builders that fill these templates into
-MedRegInstruct records live in :mod:`internvl.data.prompts`, which re-exports this module's public names.
+"""The prompt registry: loads ``internvl/data/prompts/*.yaml`` (every task's wording in English and Chinese) into
+:class:`TaskPrompt` entries keyed by ``(task, lang)``. A malformed file (a missing language or key, an unknown
+``{placeholder}``, a task defined twice) is a :class:`PromptError` naming the file and task. The builders live in
+:mod:`internvl.data.prompts`.
 """
 from __future__ import annotations
 
@@ -42,11 +40,10 @@ class TaskPrompt:
     description: str
     source: str
     required: tuple[str, ...]
-    optional: tuple[str, ...]
     base_prompt: str | dict[str, str]
     questions: list[str] | dict[str, list[str]]
     answer: str
-    strings: dict[str, Any] = field(default_factory=dict)  # this_word, object_joiner, findings_label, ...
+    strings: dict[str, Any] = field(default_factory=dict)
     base_prompt_variants: dict[str, str] = field(default_factory=dict)
     subtype: str | None = None
     targets: dict[str, dict[str, str]] = field(default_factory=dict)  # classification wording per target
@@ -72,9 +69,6 @@ def _pick(value: Any, key: str | None, what: str) -> Any:
             raise PromptError(f"{what}: no entry for {key!r}; choose one of {', '.join(value)}")
         return value[key]
     return value
-
-
-# --------------------------------------------------------------------------------------------- loading
 
 
 def _walk_templates(value: Any, where: str) -> None:
@@ -128,15 +122,13 @@ def _load_file(path: Path) -> list[TaskPrompt]:
             questions = entry["questions"]
             if isinstance(questions, str):
                 questions = [questions]
-            strings = {k: v for k, v in entry.items()
-                       if k not in (*_TEMPLATE_KEYS, "source", "base_prompt_variants")}
+            strings = {k: v for k, v in entry.items()  # this_word, object_joiner, option_line, line, ...
+                       if k not in ("base_prompt", "questions", "answer", "source", "base_prompt_variants")}
             common = dict(family=family, lang=lang, description=str(spec.get("description", "")),
                           source=str(entry["source"]), required=tuple(spec.get("required", []) or []),
-                          optional=tuple(spec.get("optional", []) or []), base_prompt=entry["base_prompt"],
-                          questions=questions, answer=entry["answer"], strings=strings,
-                          base_prompt_variants=dict(variants), targets={name: t[lang] for name, t in targets.items()},
-                          file=str(path))
-            common["strings"].update({k: entry[k] for k in ("option_line", "line") if k in entry})
+                          base_prompt=entry["base_prompt"], questions=questions, answer=entry["answer"],
+                          strings=strings, base_prompt_variants=dict(variants),
+                          targets={name: t[lang] for name, t in targets.items()}, file=str(path))
             out.append(TaskPrompt(task=task, **common))
             for sub in spec.get("subtypes") or {}:
                 out.append(TaskPrompt(task=f"{task}_{sub}", subtype=sub, **common))

@@ -1,21 +1,10 @@
-"""Builders that turn structured fields into MedRegInstruct records, from the prompt registry (YAML data in
-``prompts/``, loaded by :mod:`internvl.data.prompt_registry`; its public names are re-exported here).
-
-The wording of every task in English and Chinese lives in ``internvl/data/prompts/*.yaml``; the original MedRegA
-strings are kept verbatim (each entry says which are original and which we wrote). This module only loads,
-validates and fills them, so converters, the demo and the MedReg-mini builder produce identical records::
-
-    build_record("text_to_region", "en", image="ct/1.png", modality="CT",
-                 regions=[("liver", [[120, 80, 300, 260]])], box_units="pixel", width=512, height=512)
-    -> {"image": "ct/1.png", "width": 512, "height": 512, "conversations": [
-          {"from": "human", "value": "You are a helpful medical assistant. Your task is object detection. ... <image>\\n"
-                                     "Please locate <ref>liver</ref> in this CT scan."},
-          {"from": "gpt", "value": "<ref>liver</ref><box>[[234, 156, 585, 507]]</box>"}]}
+"""Builders that fill the prompt registry's templates (``prompts/*.yaml``, EN + ZH, loaded by
+:mod:`internvl.data.prompt_registry`, whose public names are re-exported here) into MedRegInstruct records, so
+converters, the demo and the MedReg-mini builder produce identical records (fields per task: docs/data-io.md).
 
 The first human turn is ``base_prompt + " " + "<image>\\n" * n_images + question`` (no space after a newline or
-Chinese punctuation), the demo form. With ``include_base_prompt=False`` it is ``"<image>\\n" + question`` and the
-dataset's ``meta_file.json`` ``base_prompt`` (see :func:`render_base_prompt`) supplies the task description, as in
-the original training data.
+Chinese punctuation), the demo form; with ``include_base_prompt=False`` the ``meta_file.json`` ``base_prompt``
+(:func:`render_base_prompt`) supplies the task description instead, as in the original training data.
 """
 from __future__ import annotations
 
@@ -38,15 +27,9 @@ __all__ = ["LANGS", "PROMPT_DIR", "PromptError", "RegionsInput", "TaskPrompt", "
 RegionsInput = Union[Sequence[Union[Region, tuple[str, Sequence[Any]]]], Mapping[str, Sequence[Any]]]
 
 
-# --------------------------------------------------------------------------------------------- helpers
-
-
 def with_article(word: str) -> str:
-    """``"an OCT"``, ``"a CT"``, ``"an X-ray"``, ``"a chest x-ray"``, ``"an MRI"``, ``"an ultrasound"``.
-
-    Acronyms (all-capital first token, or a capital letter followed by '-') take "an" when their first letter is
-    spoken with a vowel sound (A E F H I L M N O R S X); other words take "an" before a vowel letter.
-    """
+    """``"an OCT"``, ``"a CT"``, ``"an X-ray"``, ``"a chest x-ray"``: acronyms (all capitals, or a capital and '-')
+    take "an" when their first letter is spoken with a vowel sound; other words before a vowel letter."""
     word = word.strip()
     if not word:
         raise PromptError("modality must not be empty")
@@ -60,11 +43,8 @@ def with_article(word: str) -> str:
 
 def normalize_regions(regions: RegionsInput, *, box_units: str = "norm", width: int | None = None,
                       height: int | None = None) -> list[Region]:
-    """Turn region input into validated :class:`Region` objects with 0-999 boxes.
-
-    ``box_units="norm"``: boxes are already integers 0-999. ``"pixel"``: boxes are pixel corners ``(x1, y1, x2, y2)``
-    of a ``width`` x ``height`` image and go through ``internvl.regions.pixels_to_box``. Raises :class:`PromptError`.
-    """
+    """Validated :class:`Region` objects with 0-999 boxes; ``box_units="pixel"`` converts pixel corners of a
+    ``width`` x ``height`` image (``internvl.regions.pixels_to_box``). Raises :class:`PromptError`."""
     if box_units not in ("norm", "pixel"):
         raise PromptError(f"box_units must be 'norm' or 'pixel', got {box_units!r}")
     if box_units == "pixel" and not (width and height):
@@ -162,8 +142,6 @@ def _template_key(tp: TaskPrompt, target: str | None) -> str | None:
     return target
 
 
-# --------------------------------------------------------------------------------------------- builder
-
 #: Fields that only the answer uses: build_question does not need them.
 ANSWER_FIELDS = frozenset({"answer", "label", "labels", "text", "findings", "impression"})
 
@@ -226,9 +204,9 @@ def _object_names(b: _Build, regs: list[Region] | None, objects: Sequence[str] |
 def _render_question(b: _Build, *, question: Any, options: Any, modality: str | None, regs: list[Region] | None,
                      objects: Sequence[str] | None) -> str:
     tp, s = b.tp, b.tp.strings
+    if tp.family in ("vqa", "regional_cot") and (question is None or not str(question).strip()):
+        raise PromptError(f"{b.where}: needs a non-empty 'question'")
     if tp.family == "vqa":
-        if question is None or not str(question).strip():
-            raise PromptError(f"{b.where}: needs a non-empty 'question'")
         values: dict[str, Any] = {"question": str(question).strip()}
         if tp.task == "vqa_choice":
             values["options"] = _choice_options(b, options)[1]
@@ -238,8 +216,6 @@ def _render_question(b: _Build, *, question: Any, options: Any, modality: str | 
     if tp.family == "classification":
         return _fill(b.pick(tp.question_templates(b.key)), b.where, modality=modality)
     if tp.family == "regional_cot":  # step one: {question}; step two: {regions} then {question}
-        if question is None or not str(question).strip():
-            raise PromptError(f"{b.where}: needs a non-empty 'question'")
         hint = format_regions(regs) if regs else ""
         return _fill(b.pick(tp.question_templates()), b.where, question=str(question).strip(), regions=hint)
     if tp.task == "region_to_text":
@@ -332,12 +308,8 @@ def build_question(task: str, lang: str = "en", *, n_images: int = 1, question: 
                    objects: Sequence[str] | str | None = None, width: int | None = None, height: int | None = None,
                    box_units: str = "norm", include_base_prompt: bool = True, prompt_variant: str = "default",
                    template: int = 0, rng: random.Random | None = None) -> str:
-    """Only the first human turn of a task (for the demo and inference): no answer fields needed.
-
-    Text-to-Region and grounded organ/lesion questions take the object names as ``objects`` (no boxes);
-    Region-to-Text takes the box as ``regions`` (any name). ``n_images`` placeholders are put before the question.
-    Same wording and joining rules as :func:`build_record`.
-    """
+    """Only the first human turn of a task (demo, inference), with :func:`build_record`'s wording and joining.
+    Text-to-Region and grounded organ/lesion questions take object names as ``objects`` (no boxes)."""
     given = dict(question=question, options=options, modality=modality, regions=regions or objects)
     b = _prepare(task, lang, given, None, target, template, rng, question_only=True)
     regs = None if regions is None else normalize_regions(regions, box_units=box_units, width=width, height=height)
@@ -357,22 +329,10 @@ def build_record(task: str, lang: str = "en", *, image: str | Sequence[str] | No
                  regions: RegionsInput | None = None, findings: Any = None, impression: str | None = None,
                  text: str | None = None, box_units: str = "norm", include_base_prompt: bool = True,
                  prompt_variant: str = "default", template: int = 0, rng: random.Random | None = None) -> dict:
-    """Build one complete MedRegInstruct record for ``task`` in ``lang`` from structured fields.
-
-    Fields by family (the YAML ``required`` list is enforced):
-
-    * vqa_open / vqa_closed: ``question``, ``answer``; vqa_choice also ``options`` (answer = an option or its letter).
-    * report_*: ``findings`` (+ optional ``impression``) or a complete ``text``.
-    * classify_single: ``modality``, ``options``, ``label``; classify_multi: ``labels``; optional ``target``
-      (``disease``/``organ``/``tissue``) and ``notes`` (lines after the options, e.g. '"No finding" means ...').
-    * region_to_text: ``modality``, ``regions`` with exactly one named region (the answer).
-    * text_to_region[_ss|_sm|_ms|_mm]: ``modality``, ``regions``; a subtype task checks the regions fit it.
-    * grounded_organ / grounded_lesion: ``regions``, ``text``; grounded_whole: ``findings`` = ``[(regions, text),
-      ...]``, ``modality``, optional ``target`` (``organ``/``lesion``).
-
-    ``regions`` take ``box_units="pixel"`` with ``width``/``height`` or 0-999 boxes. ``template`` picks a question
-    template (0 = original wording) unless ``rng`` is given, which picks one at random. ``image`` is a path, a list
-    of paths (one ``<image>`` each) or ``None`` (text-only). Raises :class:`PromptError` for missing or bad fields.
+    """One complete MedRegInstruct record for ``task`` in ``lang`` from structured fields (the YAML ``required``
+    fields per task; table in docs/data-io.md). ``template`` picks a question template (0 = the original wording)
+    unless ``rng`` picks one at random; ``image`` is a path, a list of paths or ``None`` (text-only). Raises
+    :class:`PromptError` for missing or bad fields.
     """
     given = dict(question=question, answer=answer, options=options, label=label, labels=labels, modality=modality,
                  regions=regions, findings=findings, text=text, impression=impression)

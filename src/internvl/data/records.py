@@ -1,22 +1,9 @@
 """Record checks in one place: reading annotation jsonl and validating MedRegInstruct records.
 
 Training, evaluation, the demo and ``medrega-data check`` all validate records here, so a bad record gets the same
-``FILE:LINE: reason: message`` everywhere. A record looks like::
-
-    {"id": 7, "image": "ct/0001.png", "width": 512, "height": 512,
-     "conversations": [{"from": "human", "value": "<image>\\nWhat is <ref>this</ref><box>[[1, 2, 3, 4]]</box>?"},
-                       {"from": "gpt", "value": "right mandible"}]}
-
-``image`` may be a path, a list of paths (multi-image) or absent (text-only). Paths are relative to the dataset
-root (``meta_file.json`` ``root``) and must stay inside it. Each image needs one ``<image>`` placeholder in the
-human turns; as in the original trainer, a single-image record without any placeholder is accepted and the
-placeholder is put at the start of the first human turn by the encoder.
-
-Two ways to use the checks:
-
-* strict (training by default): :func:`iter_records` raises :class:`BadRecordError` on the first bad record;
-* lenient: bad records are skipped and counted by reason in a :class:`ProblemTally`, which prints a summary at
-  the end - nothing is dropped silently.
+``FILE:LINE: reason: message`` everywhere (the record format and every reason: docs/data-io.md). Strict use
+(:func:`iter_records`, training's default) raises :class:`BadRecordError` at the first bad record; lenient use skips
+bad records and counts them by reason in a :class:`ProblemTally`, so nothing is dropped silently.
 """
 from __future__ import annotations
 
@@ -37,34 +24,16 @@ from internvl.regions import RegionError, parse_regions
 
 __all__ = ["ALLOW_LINKS_ENV", "BadRecordError", "IMAGE_CHECKS", "ImagePathError", "check_path_length", "InputLimits",
            "JSONLimitError", "LIMITS", "LimitedJSONDecoder", "loads_limited", "parse_record_line", "REASONS",
-           "ProblemTally", "RecordChecker", "RecordProblem", "check_record", "image_paths", "iter_records",
-           "read_jsonl", "resolve_image"]
+           "ProblemTally", "RecordChecker", "RecordProblem", "image_paths", "iter_records", "read_jsonl",
+           "resolve_image"]
 
-#: Every reason a record can be rejected for, with what it means (the table in docs/data-io.md).
-REASONS: dict[str, str] = {
-    "unreadable-file": "the annotation file itself is missing or unreadable (line 0)",
-    "not-utf8": "the line is not valid UTF-8",
-    "line-too-long": "the line is longer than the input limit (LIMITS.max_line_bytes)",
-    "too-deep": "the JSON nests deeper than the input limit (LIMITS.max_depth)",
-    "number-too-large": "a JSON number has too many digits or is not finite (LIMITS.max_number_chars)",
-    "bad-text": "a string holds a lone surrogate (\\ud800-\\udfff escape without its pair): not encodable text",
-    "bad-path": "an image path, or one of its components, is longer than the file system allows",
-    "bad-record": "checking the record raised an unexpected error (the message names it)",
-    "invalid-json": "the line is not valid JSON",
-    "blank-line": "an empty line inside the file",
-    "not-an-object": "the line is JSON but not an object {...}",
-    "bad-field": "a field has the wrong type (image, width, height)",
-    "bad-turns": "conversations missing, not a list, malformed, or not alternating human/gpt",
-    "empty-turn": "a turn's value is empty or only whitespace",
-    "image-count-mismatch": "the number of <image> placeholders does not match the images",
-    "image-outside-root": "an image path escapes the dataset root (../ or absolute path elsewhere)",
-    "missing-image": "an image file does not exist",
-    "unreadable-image": "an image path exists but cannot be read (directory, permission)",
-    "corrupt-image": "an image file cannot be decoded (corrupt, truncated, unsupported, too large)",
-    "bad-box": "a <box> is malformed or out of range (arity, non-integer, outside 0-999, x2 < x1, y2 < y1)",
-    "too-long": "the encoded sequence is longer than max_length tokens",
-    "encode-error": "the token-length function failed on the record",
-}
+#: Every reason a record can be rejected for; the table in docs/data-io.md says what each means (a test keeps it whole).
+REASONS = frozenset({
+    "unreadable-file", "not-utf8", "line-too-long", "too-deep", "number-too-large", "bad-text", "bad-path",
+    "bad-record", "invalid-json", "blank-line", "not-an-object", "bad-field", "bad-turns", "empty-turn",
+    "image-count-mismatch", "image-outside-root", "missing-image", "unreadable-image", "corrupt-image", "bad-box",
+    "too-long", "encode-error",
+})
 
 #: How much of each image to check: existence only, header, or a full decode through load_image.
 IMAGE_CHECKS = ("none", "exists", "header", "decode")
@@ -99,15 +68,9 @@ class BadRecordError(ValueError):
         super().__init__("\n".join(str(p) for p in self.problems))
 
 
-# --------------------------------------------------------------------------------------------- reading
-
-
 def parse_record_line(raw: bytes, file: str, line: int, limits: InputLimits = LIMITS) -> Any:
     """Decode one jsonl line under ``limits``: the JSON value, or a :class:`RecordProblem` naming ``FILE:LINE``.
-
-    The single place where record text becomes Python values (annotation files, prediction files, batch files,
-    the training dataset's re-reads), so every reader gets the same limits and the same reasons.
-    """
+    The one place where record text becomes values, so every reader gets the same limits and reasons."""
     def problem(reason: str, message: str) -> RecordProblem:
         return RecordProblem(file, line, reason, message)
 
@@ -130,13 +93,8 @@ def parse_record_line(raw: bytes, file: str, line: int, limits: InputLimits = LI
 
 
 def read_jsonl(path: str | Path, limits: InputLimits = LIMITS) -> Iterator[tuple[int, dict | RecordProblem]]:
-    """Yield ``(line_number, record)`` for each line, or ``(line_number, RecordProblem)`` for a bad one.
-
-    Lines are decoded one by one (:func:`parse_record_line`, with the input ``limits``), so a single bad line is
-    reported without losing the rest of the file. A UTF-8 byte-order mark on the first line is accepted. An
-    unreadable file yields one problem at line 0. A line over ``limits.max_line_bytes`` is skipped without being
-    held in memory whole.
-    """
+    """Yield ``(line_number, record)`` for each line, or ``(line_number, RecordProblem)`` for a bad one (an
+    unreadable file: one problem at line 0). A line over ``limits.max_line_bytes`` is skipped in bounded chunks."""
     file = str(path)
     try:
         fh = open(path, "rb")
@@ -165,11 +123,8 @@ def read_jsonl(path: str | Path, limits: InputLimits = LIMITS) -> Iterator[tuple
             yield number, record
 
 
-# --------------------------------------------------------------------------------------------- images
-
-
 def image_paths(record: dict) -> list[str]:
-    """The record's image paths as a list (``[]`` for text-only). Assumes the field passed :func:`check_record`."""
+    """The record's image paths as a list (``[]`` for text-only); the field must have passed the checks."""
     image = record.get("image")
     if image is None:
         return []
@@ -188,10 +143,6 @@ class ImagePathError(ValueError):
         self.reason = reason
 
 
-def _links_allowed() -> bool:
-    return os.environ.get(ALLOW_LINKS_ENV, "").strip().lower() in ("1", "true", "yes")
-
-
 def check_path_length(path: str, limits: InputLimits = LIMITS) -> None:
     """Raise :class:`ImagePathError` (``bad-path``) for a path or component the file system cannot hold, or NUL."""
     if "\x00" in path:
@@ -208,14 +159,9 @@ def check_path_length(path: str, limits: InputLimits = LIMITS) -> None:
                                          f"{limits.max_name_bytes}")
 
 
-def resolve_image(path: str, root: str | Path, *, allow_links: bool | None = None) -> Path:
-    """Join ``path`` to ``root`` and refuse results outside ``root`` (:class:`ImagePathError`, a ``ValueError``).
-
-    ``..`` and absolute paths are normalised first, then the *real* path (symbolic links resolved) must lie inside the
-    real root too, so a link inside the dataset cannot make a record read files elsewhere. ``allow_links=True`` (or the
-    environment variable ``MEDREGA_ALLOW_LINKS_OUTSIDE_ROOT=1``, for datasets built from links into a shared image
-    store) skips that second check; the lexical one always applies.
-    """
+def resolve_image(path: str, root: str | Path) -> Path:
+    """Join ``path`` to ``root``; :class:`ImagePathError` when the normalised path, or its real path (links
+    resolved), leaves the root. Setting :data:`ALLOW_LINKS_ENV` skips the real-path check (a shared image store)."""
     if not isinstance(path, str):
         raise ImagePathError("bad-path", f"an image path must be a string, got {type(path).__name__}")
     if "://" in path:
@@ -225,7 +171,7 @@ def resolve_image(path: str, root: str | Path, *, allow_links: bool | None = Non
     full = os.path.normpath(os.path.join(root_abs, path))
     if os.path.commonpath([root_abs, full]) != root_abs:
         raise ImagePathError("image-outside-root", f"image {path!r} resolves to {full}, outside the image root")
-    if not (_links_allowed() if allow_links is None else allow_links):
+    if os.environ.get(ALLOW_LINKS_ENV, "").strip().lower() not in ("1", "true", "yes"):
         real_root, real = os.path.realpath(root_abs), os.path.realpath(full)
         if os.path.commonpath([real_root, real]) != real_root:
             raise ImagePathError("image-outside-root", f"image {path!r} is (or lies under) a symbolic link that leads "
@@ -233,21 +179,14 @@ def resolve_image(path: str, root: str | Path, *, allow_links: bool | None = Non
     return Path(full)
 
 
-# --------------------------------------------------------------------------------------------- checks
-
-
 @dataclass
 class RecordChecker:
-    """Validates records; one instance per annotation file so image results are cached across records.
+    """Validates records; one instance per annotation file, so image results are cached across records.
 
-    Args:
-        image_root: directory image paths are relative to (the meta ``root``); ``None`` = the jsonl's directory.
-        image_check: ``"none"``, ``"exists"``, ``"header"`` (read the header) or ``"decode"`` (full
-            :func:`load_image`; finds truncated files).
-        max_length: reject records whose ``token_length(record)`` exceeds this.
-        token_length: callable returning a record's encoded length (supplied by the encoder).
-        require_answer: the last turn must be from ``gpt`` (training and scoring need the answer).
-        allow_implicit_image: accept a single image with no ``<image>`` placeholder (original behaviour).
+    ``image_root``: what image paths are relative to (``None``: the jsonl's directory). ``image_check``: one of
+    :data:`IMAGE_CHECKS`. ``max_length`` rejects records whose ``token_length(record)`` is longer.
+    ``require_answer``: the last turn must be from ``gpt``. As in the original trainer, a single image needs no
+    ``<image>`` placeholder (the encoder puts it first).
     """
 
     image_root: str | Path | None = None
@@ -255,7 +194,6 @@ class RecordChecker:
     max_length: int | None = None
     token_length: Callable[[dict], int] | None = None
     require_answer: bool = True
-    allow_implicit_image: bool = True
     _image_cache: dict[Path, tuple[str, str] | None] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -302,8 +240,6 @@ class RecordChecker:
                 if n > self.max_length:
                     problems.append(problem("too-long", f"{n} tokens > max_length {self.max_length}"))
         return problems
-
-    # -- pieces ------------------------------------------------------------------------------------
 
     @staticmethod
     def _check_fields(record: dict, problem: Callable[[str, str], RecordProblem]) -> list[RecordProblem]:
@@ -360,10 +296,9 @@ class RecordChecker:
         if not images_ok:
             return
         n_images = len(image_paths(record))
-        if n_placeholders == n_images or (self.allow_implicit_image and n_images == 1 and n_placeholders == 0):
-            return
-        problems.append(problem("image-count-mismatch",
-                                f"{n_placeholders} '{IMAGE_PLACEHOLDER}' placeholder(s) for {n_images} image(s)"))
+        if n_placeholders != n_images and not (n_images == 1 and n_placeholders == 0):  # one image may be implicit
+            problems.append(problem("image-count-mismatch",
+                                    f"{n_placeholders} '{IMAGE_PLACEHOLDER}' placeholder(s) for {n_images} image(s)"))
 
     @staticmethod
     def _check_boxes(record: dict, problem, problems: list[RecordProblem]) -> None:
@@ -379,13 +314,9 @@ class RecordChecker:
             path = resolve_image(rel, root)
         except ImagePathError as exc:
             return exc.reason, str(exc)
-        if self.image_check == "none":
-            return None
-        if path in self._image_cache:
-            return self._image_cache[path]
-        result = self._image_status(rel, path)
-        self._image_cache[path] = result
-        return result
+        if self.image_check != "none" and path not in self._image_cache:
+            self._image_cache[path] = self._image_status(rel, path)
+        return self._image_cache.get(path)
 
     def _image_status(self, rel: str, path: Path) -> tuple[str, str] | None:
         try:
@@ -406,21 +337,9 @@ class RecordChecker:
         return None
 
 
-def check_record(record: Any, *, file: str | Path, line: int, image_root: str | Path | None = None,
-                 image_check: str = "exists", max_length: int | None = None,
-                 token_length: Callable[[dict], int] | None = None, require_answer: bool = True) -> list[RecordProblem]:
-    """Problems of one record (see :class:`RecordChecker`; use a checker directly to cache image checks)."""
-    checker = RecordChecker(image_root=image_root, image_check=image_check, max_length=max_length,
-                            token_length=token_length, require_answer=require_answer)
-    return checker.check(record, file=file, line=line)
-
-
-# --------------------------------------------------------------------------------------------- strict / lenient
-
-
 @dataclass
 class ProblemTally:
-    """Counts records seen/kept and problems by reason, for lenient loading; ``summary()`` for the log."""
+    """Records seen/kept and problems by reason, for lenient loading; ``summary()`` for the log."""
 
     seen: int = 0
     kept: int = 0

@@ -1,22 +1,8 @@
-"""The ``meta_file.json`` dataset registry, exactly as the original InternVL / MedRegA trainer reads it.
+"""The ``meta_file.json`` dataset registry, read exactly as the original InternVL / MedRegA trainer reads it.
 
-A meta file maps a dataset name to an entry::
-
-    {
-      "slake_train_vqa": {
-        "root": "data/images/Slake/Slake1.0",            # image directory; record image paths are relative to it
-        "annotation": "data/train_json/vqa/slake.jsonl",  # MedRegInstruct jsonl (must end in .jsonl)
-        "length": 5972,                                   # informational only (not read by the loader)
-        "repeat_time": 1,                                 # < 1: first fraction of lines; > 1: an integer repeat
-        "data_augment": false,                            # box-aware random resized crop (see data/transforms.py)
-        "base_prompt": "You are a helpful medical assistant. ...",  # prepended to the first question
-        "max_dynamic_patch": 6                            # optional per-dataset tile limit (dynamic resolution)
-      }
-    }
-
-Relative ``root``/``annotation`` paths are resolved against ``base_dir`` -- by default the current working
-directory, as the original trainer (launched from the repository root) did. Every problem is reported as
-``FILE:LINE: dataset 'name': reason``.
+A meta file maps a dataset name to ``{"root", "annotation", "length", "repeat_time", "data_augment", "base_prompt",
+"max_dynamic_patch"}`` (table in docs/data.md). Relative paths resolve against ``base_dir`` (default: the working
+directory, as the original launcher). Every problem is a :class:`MetaFileError` ``FILE:LINE: dataset 'name': reason``.
 """
 from __future__ import annotations
 
@@ -32,8 +18,7 @@ from internvl.data.records import JSONLimitError, loads_limited
 
 __all__ = ["DatasetSpec", "MetaFileError", "load_meta", "KNOWN_KEYS"]
 
-#: Largest accepted ``repeat_time`` (a dataset repeated more often than this is almost surely a typo, and 1e300
-#: would overflow the index list).
+#: Largest accepted ``repeat_time`` (more is almost surely a typo; 1e300 would overflow the index list).
 MAX_REPEAT_TIME = 10_000
 
 KNOWN_KEYS = ("root", "annotation", "length", "repeat_time", "data_augment", "base_prompt", "max_dynamic_patch")
@@ -57,11 +42,8 @@ class DatasetSpec:
     max_dynamic_patch: int | None = None
 
     def select_lines(self, n_lines: int) -> list[int]:
-        """0-based line indices this entry contributes, given the annotation's line count.
-
-        ``repeat_time < 1`` keeps the first ``int(n_lines * repeat_time)`` lines (the original subsampling: a prefix,
-        not a random subset); ``repeat_time > 1`` repeats all lines that many times; 1 keeps them all.
-        """
+        """0-based line indices this entry contributes: below 1 the first ``int(n_lines * repeat_time)`` lines (the
+        original's prefix, not a random subset), above 1 every line ``repeat_time`` times."""
         if self.repeat_time < 1:
             return list(range(int(n_lines * self.repeat_time)))
         return list(range(n_lines)) * int(self.repeat_time)
@@ -82,14 +64,8 @@ def _resolve(value: str, base_dir: Path) -> Path:
 
 
 def load_meta(path: str | os.PathLike, *, base_dir: str | os.PathLike | None = None, check_paths: bool = True) -> dict[str, DatasetSpec]:
-    """Read and validate a meta file; returns ``{name: DatasetSpec}`` in file order.
-
-    Checks: valid JSON object of objects; ``root`` and ``annotation`` present and non-empty strings; ``annotation``
-    ends with ``.jsonl``; ``repeat_time`` a positive number and an integer when above 1; ``length`` a non-negative
-    integer; ``data_augment`` a boolean; ``base_prompt`` a string; ``max_dynamic_patch`` a positive integer; no
-    unknown keys (typos such as ``repeat_times`` would otherwise be ignored). With ``check_paths`` the annotation
-    file and the root directory must exist. Raises :class:`MetaFileError` (``FILE:LINE: dataset 'x': reason``).
-    """
+    """Read and validate a meta file (types, unknown keys such as a typo ``repeat_times``, and with ``check_paths``
+    that the files exist); returns ``{name: DatasetSpec}`` in file order or raises :class:`MetaFileError`."""
     meta_path = Path(path)
     base = Path(base_dir) if base_dir is not None else Path.cwd()
     try:

@@ -1,21 +1,10 @@
-"""Box-aware geometric augmentation: the boxes written in the record text move with the pixels.
+"""Box-aware geometric augmentation: the boxes written in the record text move with the pixels (docs/data.md).
 
-The original MedRegA trainer ran ``RandomResizedCrop(448, scale=(0.8, 1), ratio=(3/4, 4/3))`` on every sample with
-``data_augment: true`` -- region tasks included -- without touching the ``[[x1, y1, x2, y2]]`` in the text, so box
-targets were off by up to 20 % of the image. Here:
-
-* **random resized crop** (same parameter sampling as torchvision's ``RandomResizedCrop.get_params``): the image is
-  cropped (the final resize to 448 happens in :mod:`internvl.image_processing`), and every box in every turn is
-  re-expressed on the crop's 0..999 grid. For a sample with boxes, only crops that contain every box entirely are
-  accepted (10 attempts, then no crop), so no box is cut and no answer names an object that left the image;
-* **horizontal flip** (off by default, ``hflip_prob=0``): ``[x1, y1, x2, y2] -> [999 - x2, y1, 999 - x1, y2]``
-  (exact on the grid). A flip mirrors anatomy, so it is never applied to a sample whose text mentions laterality
-  (left/right, 左/右), whose meaning a mirror would invert;
-* ``region_policy="off"`` disables both transforms for any sample with boxes (the other reasonable rule), and
-  multi-image samples with boxes are never transformed (a box does not say which image it belongs to).
-
-Rounding: a box edge moves by at most half a grid step (``size / 999 / 2`` pixels) through the conversion, so a box
-still covers the same pixels to within one pixel of the crop.
+The original trainer's ``RandomResizedCrop`` left the ``[[x1, y1, x2, y2]]`` in the text untouched. Here a random
+resized crop (torchvision's parameter sampling) only accepts crops containing every box and rewrites each box on the
+crop's 0..999 grid; the optional horizontal flip mirrors boxes exactly but never touches a sample whose text mentions
+laterality; ``region_policy="off"`` leaves every sample with boxes alone, and multi-image samples with boxes are
+never transformed (a box does not say which image it belongs to).
 """
 from __future__ import annotations
 
@@ -137,12 +126,11 @@ class BoxAwareAugment:
         with_boxes = any(has_regions(str(t["value"])) for t in turns) and bool(_boxes_in(turns))
         if not images:
             applied["skipped"] = "no image"
-            return list(images), out_turns, applied
-        if with_boxes and cfg.region_policy == "off":
+        elif with_boxes and cfg.region_policy == "off":
             applied["skipped"] = "region sample (region_policy='off')"
-            return list(images), out_turns, applied
-        if with_boxes and len(images) > 1:
+        elif with_boxes and len(images) > 1:  # a box does not say which image it belongs to
             applied["skipped"] = "multi-image sample with boxes"
+        if applied["skipped"]:
             return list(images), out_turns, applied
 
         new_images = []
