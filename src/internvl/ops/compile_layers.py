@@ -1,21 +1,12 @@
 """Regional `torch.compile` of the repeated transformer layers, and runtime-fused q/k/v and gate/up projections.
 
-Why: a training step of the `mid` model (22 Llama layers + 24 ViT layers) launches thousands of small elementwise
-kernels (norms, RoPE, SwiGLU/GELU, residual adds, layer scale); with gradient checkpointing every layer's forward runs
-twice and the step becomes bound by Python and kernel launches. Compiling each layer lets inductor fuse that
-elementwise work and generate the matching backward, while identical layers share one compiled graph (one compile
-per layer class, not per layer): every instance of a class gets the same `torch.compile`d function as its `forward`.
-
-Design:
-- Only the instance's `forward` is replaced, so module hooks (transformers' hidden-state capture, DeepSpeed) stay
-  outside the compiled region, and parameters / state-dict keys do not change.
-- transformers' `GradientCheckpointingLayer.forward` is the checkpoint wrapper itself, so with checkpointing on the
-  `torch.utils.checkpoint` call is traced by dynamo and the recomputation lands inside the compiled backward graph
-  (`ckpt="inside"`, the default). `ckpt="outside"` compiles the bare layer forward and wraps the non-reentrant
-  checkpoint around it from Python.
-- `fuse_projections`: inside the compiled layer, q/k/v (and gate/up) run as one matmul against `torch.cat` of their
-  weights (the cat and the split of its gradient are cheap next to the matmul). Only plain `nn.Linear` projections
-  are fused, so LoRA-wrapped layers keep their own forward.
+A training step launches thousands of small elementwise kernels (norms, RoPE, SwiGLU/GELU, residuals, layer scale),
+twice per layer with gradient checkpointing. Compiling each layer lets inductor fuse them and generate the backward;
+all instances of a layer class share one compiled function. Only the instance's `forward` is replaced, so module
+hooks stay outside the compiled region and state-dict keys do not change. transformers'
+`GradientCheckpointingLayer.forward` is itself the checkpoint wrapper, so by default (`ckpt="inside"`) the
+recomputation is traced into the compiled backward. `fuse_projections` runs q/k/v (and gate/up) of plain linears as
+one matmul against `torch.cat` of their weights.
 """
 from __future__ import annotations
 
@@ -58,11 +49,10 @@ def _fusable_mlp(module: nn.Module) -> bool:
 def _cat_linear(x: torch.Tensor, linears: tuple[nn.Linear, ...]) -> list[torch.Tensor]:
     """One matmul of x against the row-concatenated weights of `linears`; returns each projection's output."""
     weight = torch.cat([lin.weight for lin in linears])
-    biases = [lin.bias for lin in linears]
-    bias = torch.cat(biases) if all(b is not None for b in biases) else None
-    if bias is None and any(b is not None for b in biases):
-        bias = torch.cat([b if b is not None else lin.weight.new_zeros(lin.out_features)
-                          for b, lin in zip(biases, linears)])
+    bias = None
+    if any(lin.bias is not None for lin in linears):
+        bias = torch.cat([lin.bias if lin.bias is not None else lin.weight.new_zeros(lin.out_features)
+                          for lin in linears])
     return list(F.linear(x, weight, bias).split([lin.out_features for lin in linears], dim=-1))
 
 
@@ -81,9 +71,8 @@ def fused_mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def fuse_projections(model: nn.Module) -> dict[str, int]:
-    """Swap (per instance) the forward of every fusable attention and gated MLP for the fused-matmul forward.
-
-    Modules already swapped by `enable_fast_kernels` (liger) are left alone. Returns {"qkv": n, "gate_up": m}."""
+    """Swap (per instance) the forward of every fusable attention and gated MLP, except liger-swapped ones, for the
+    fused-matmul forward; returns {"qkv": n, "gate_up": m}."""
     counts = {"qkv": 0, "gate_up": 0}
     for module in model.modules():
         if getattr(module, "_fast_kernel", False) or getattr(module, "_fused_proj", False):
@@ -121,10 +110,9 @@ def _outside_forward(compiled_inner):
 
 
 def _own_code(fn, name: str):
-    """A trampoline to `fn` with a code object of its own. Dynamo keeps compiled graphs per code object, and every
-    transformers layer class shares the code of `GradientCheckpointingLayer`'s checkpointing wrapper: without this
-    the ViT and LLM layers would share one cache entry list, and the second class's different shapes would be taken
-    for a varying shape (recompiling it with dynamic shapes)."""
+    """A trampoline to `fn` with a code object of its own: dynamo caches graphs per code object, and every layer class
+    shares `GradientCheckpointingLayer`'s wrapper, so the ViT's shapes would otherwise look like a varying LLM shape
+    (recompiled dynamic)."""
 
     def call(self, *args, **kwargs):
         return fn(self, *args, **kwargs)
@@ -153,13 +141,9 @@ def _compiled_for(cls: type, *, ckpt: str, backend: str, mode: str | None, dynam
 def compile_layers(model: nn.Module, *, ckpt: str = "inside", backend: str = "inductor", mode: str | None = None,
                    dynamic: bool | None = None, skip: tuple[str, ...] = (),
                    options: dict | None = None) -> dict[str, int]:
-    """Compile every transformers `GradientCheckpointingLayer` inside `model` (Llama decoder layers, InternViT
-    blocks), per layer class; returns {class name: layers compiled}.
-
-    `skip`: module-name prefixes left eager (e.g. ("vision_model",) when that tower is LoRA-wrapped). Raises the
-    dynamo recompile limit to at least 64 so eval/no-grad, checkpointing on/off and new shapes do not fall back
-    to eager. `options`: inductor options (`torch.compile(options=...)`), not together with `mode`.
-    """
+    """Compile every `GradientCheckpointingLayer` inside `model` (decoder layers, InternViT blocks) per layer class,
+    except under the module-name prefixes `skip`; returns {class name: layers compiled}. Raises dynamo's recompile
+    limit to at least 64 (eval, checkpointing on/off and new shapes must not fall back to eager)."""
     if mode is not None and options:
         raise ValueError("compile_layers takes a mode or inductor options, not both (torch.compile's rule)")
     if ckpt not in ("inside", "outside"):
