@@ -26,8 +26,6 @@ from ..constants import SKIP_QUANT_MODULES
 from .configuration_internvl_chat import InternVLChatConfig
 from .modeling_internvl_chat import InternVLChatModel
 
-DEFAULT_SKIP_QUANT_MODULES: tuple[str, ...] = SKIP_QUANT_MODULES
-
 
 class CheckpointError(ValueError):
     """A checkpoint directory that cannot be loaded (missing, no safetensors, missing/unexpected keys...)."""
@@ -91,7 +89,7 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str | None:
 def bitsandbytes_config(
     load_in_8bit: bool = False,
     load_in_4bit: bool = False,
-    skip_modules: Sequence[str] = DEFAULT_SKIP_QUANT_MODULES,
+    skip_modules: Sequence[str] = SKIP_QUANT_MODULES,
     compute_dtype: torch.dtype = torch.bfloat16,
 ) -> Any:
     """A `transformers.BitsAndBytesConfig`, or None when neither flag is set.
@@ -128,7 +126,7 @@ def load_pretrained(
     load_in_8bit: bool = False,
     load_in_4bit: bool = False,
     attn_implementation: str | None = None,
-    skip_quant_modules: Sequence[str] = DEFAULT_SKIP_QUANT_MODULES,
+    skip_quant_modules: Sequence[str] = SKIP_QUANT_MODULES,
     weight_dtype: str | None = None,
     **kwargs: Any,
 ) -> InternVLChatModel:
