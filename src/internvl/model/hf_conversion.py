@@ -89,25 +89,13 @@ def convert_config_to_hf(config: InternVLChatConfig, image_token_id: int) -> Any
     from transformers import InternVLConfig, InternVLVisionConfig
 
     vc = config.vision_config
-    vision = InternVLVisionConfig(
-        hidden_size=vc.hidden_size,
-        num_hidden_layers=vc.num_hidden_layers,
-        num_attention_heads=vc.num_attention_heads,
-        attention_bias=vc.qkv_bias,
-        use_qk_norm=vc.qk_normalization,
-        intermediate_size=vc.intermediate_size,
-        hidden_act=vc.hidden_act,
-        norm_type=vc.norm_type,
-        layer_norm_eps=vc.layer_norm_eps,
-        image_size=vc.image_size,
-        patch_size=vc.patch_size,
-        num_channels=vc.num_channels,
-        layer_scale_init_value=vc.initializer_factor,
-        use_absolute_position_embeddings=True,
-        use_mean_pooling=True,
-        attention_dropout=vc.attention_dropout,
-        projection_dropout=vc.dropout,
-    )
+    same = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "hidden_act", "norm_type",
+            "layer_norm_eps", "image_size", "patch_size", "num_channels", "attention_dropout")
+    renamed = {"attention_bias": "qkv_bias", "use_qk_norm": "qk_normalization",
+               "layer_scale_init_value": "initializer_factor", "projection_dropout": "dropout"}
+    vision = InternVLVisionConfig(**{name: getattr(vc, name) for name in same},
+                                  **{new: getattr(vc, old) for new, old in renamed.items()},
+                                  use_absolute_position_embeddings=True, use_mean_pooling=True)
     text = config.llm_config.to_dict()
     text["tie_word_embeddings"] = False
     return InternVLConfig(
