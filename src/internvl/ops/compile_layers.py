@@ -122,14 +122,13 @@ def _own_code(fn, name: str):
     return call
 
 
-def _compiled_for(cls: type, *, ckpt: str, backend: str, mode: str | None, dynamic: bool | None,
-                  options: dict | None = None):
+def _compiled_for(cls: type, *, ckpt: str, backend: str, mode: str | None, options: dict | None = None):
     """One compiled function per (layer class, options), shared by all instances of the class."""
-    key = (cls, ckpt, backend, mode, dynamic, tuple(sorted((options or {}).items())))
+    key = (cls, ckpt, backend, mode, tuple(sorted((options or {}).items())))
     if key not in _COMPILED:
         wrapped = cls.forward
         name = f"{cls.__name__}_forward_{ckpt}"
-        kwargs = {"backend": backend, "mode": mode, "dynamic": dynamic, **({"options": options} if options else {})}
+        kwargs = {"backend": backend, "mode": mode, **({"options": options} if options else {})}
         if ckpt == "outside":
             inner = getattr(wrapped, "__wrapped__", wrapped)  # the layer's own forward, without HF's checkpointing
             _COMPILED[key] = _outside_forward(torch.compile(_own_code(inner, name), **kwargs))
@@ -139,8 +138,7 @@ def _compiled_for(cls: type, *, ckpt: str, backend: str, mode: str | None, dynam
 
 
 def compile_layers(model: nn.Module, *, ckpt: str = "inside", backend: str = "inductor", mode: str | None = None,
-                   dynamic: bool | None = None, skip: tuple[str, ...] = (),
-                   options: dict | None = None) -> dict[str, int]:
+                   skip: tuple[str, ...] = (), options: dict | None = None) -> dict[str, int]:
     """Compile every `GradientCheckpointingLayer` inside `model` (decoder layers, InternViT blocks) per layer class,
     except under the module-name prefixes `skip`; returns {class name: layers compiled}. Raises dynamo's recompile
     limit to at least 64 (eval, checkpointing on/off and new shapes must not fall back to eager)."""
@@ -148,16 +146,15 @@ def compile_layers(model: nn.Module, *, ckpt: str = "inside", backend: str = "in
         raise ValueError("compile_layers takes a mode or inductor options, not both (torch.compile's rule)")
     if ckpt not in ("inside", "outside"):
         raise ValueError(f"ckpt must be 'inside' or 'outside', got {ckpt!r}")
-    base = GradientCheckpointingLayer
     limit_name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
     setattr(torch._dynamo.config, limit_name, max(getattr(torch._dynamo.config, limit_name), 64))
     counts: dict[str, int] = {}
     for name, module in model.named_modules():
-        if not isinstance(module, base) or getattr(module, "_compiled_layer", False):
+        if not isinstance(module, GradientCheckpointingLayer) or getattr(module, "_compiled_layer", False):
             continue
         if any(name == s or name.startswith(s + ".") for s in skip):
             continue
-        fn = _compiled_for(type(module), ckpt=ckpt, backend=backend, mode=mode, dynamic=dynamic, options=options)
+        fn = _compiled_for(type(module), ckpt=ckpt, backend=backend, mode=mode, options=options)
         swap_forward(module, fn, "_compiled_layer")
         counts[type(module).__name__] = counts.get(type(module).__name__, 0) + 1
     logger.info("compiled layers (%s, checkpointing %s): %s", backend, ckpt, counts)
