@@ -159,7 +159,9 @@ def linear_cross_entropy(
         if token_weights is not None:
             raise ValueError("the liger path takes no per-token weights; use impl='chunked'")
         # liger-kernel is an optional CUDA/Triton dependency: imported only on this path
-        from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction
+        from liger_kernel.ops.fused_linear_cross_entropy import (
+            LigerFusedLinearCrossEntropyFunction,
+        )
 
         if not bool((labels != IGNORE_INDEX).any()):
             # liger divides by the count of supervised rows; keep the graph and return an exact zero.
