@@ -235,7 +235,6 @@ def causal_lm_loss(
     loss_weight: torch.Tensor | None = None,
     num_items_in_batch: int | float | torch.Tensor | None = None,
     impl: str = "auto",
-    capacity: int | None = None,
 ) -> torch.Tensor:
     """The training loss that the model's `forward(labels=...)` and the trainer both call: sum_i w_i * CE_i / D over
     supervised next-token positions (labels [B, T] unshifted, IGNORE_INDEX where unsupervised), w = `loss_weight`
@@ -243,9 +242,7 @@ def causal_lm_loss(
     accumulation) or else this micro-batch's sum of w. fp32 scalar, 0 with a graph when nothing is supervised.
 
     `hidden_states` [B, T, H] are final hidden states, run through `lm_head` on the supervised rows only
-    (`linear_cross_entropy(impl=impl)`); with `lm_head=None` they are already logits [B, T, V]. `capacity` (an int)
-    gathers exactly that many rows without a host sync (unused slots ignored), for CUDA-graph capture: the caller
-    guarantees it covers every supervised position (`lab.graph_step`).
+    (`linear_cross_entropy(impl=impl)`); with `lm_head=None` they are already logits [B, T, V].
     """
     if hidden_states.shape[:2] != labels.shape:
         raise ValueError(f"hidden_states {tuple(hidden_states.shape)} and labels {tuple(labels.shape)} disagree")
@@ -254,41 +251,18 @@ def causal_lm_loss(
         loss_weight = loss_weight.to(hidden_states.device)
     shift_labels = labels[:, 1:]
     keep = shift_labels != IGNORE_INDEX
-    if capacity is not None:
-        rows, targets, weights, count = _gather_static(hidden_states, shift_labels, keep, loss_weight, capacity)
-    else:
-        rows = hidden_states[:, :-1][keep]  # [n, H] (boolean gather: one host sync for n)
-        targets = shift_labels[keep]
-        weights = loss_weight[:, 1:][keep] if loss_weight is not None else None
-        count = rows.shape[0]
-        if count == 0:
-            unused = hidden_states.sum() * 0.0
-            return (unused + lm_head.weight.sum() * 0.0 if lm_head is not None else unused).float()
+    rows = hidden_states[:, :-1][keep]  # [n, H] (boolean gather: one host sync for n)
+    targets = shift_labels[keep]
+    weights = loss_weight[:, 1:][keep] if loss_weight is not None else None
+    if rows.shape[0] == 0:
+        unused = hidden_states.sum() * 0.0
+        return (unused + lm_head.weight.sum() * 0.0 if lm_head is not None else unused).float()
     if lm_head is None:
         mean = weighted_cross_entropy(rows, targets, weights)
     else:
         mean = linear_cross_entropy(rows, lm_head.weight, targets, bias=lm_head.bias, token_weights=weights, impl=impl)
     if num_items_in_batch is None:
         return mean
-    total_weight = weights.float().sum() if weights is not None else count
+    total_weight = weights.float().sum() if weights is not None else rows.shape[0]
     denom = torch.as_tensor(num_items_in_batch, device=mean.device, dtype=mean.dtype)
     return mean * total_weight / denom.clamp(min=torch.finfo(torch.float32).tiny)
-
-
-def _gather_static(hidden_states: torch.Tensor, shift_labels: torch.Tensor, keep: torch.Tensor,
-                   loss_weight: torch.Tensor | None, capacity: int):
-    """`capacity` supervised rows without a host sync: (rows, targets with IGNORE_INDEX in unused slots, weights or
-    None, count as a 0-d tensor)."""
-    if capacity < 1:
-        raise ValueError(f"capacity must be >= 1, got {capacity}")
-    seq = hidden_states.shape[1]
-    coords = torch.nonzero_static(keep, size=capacity, fill_value=0)  # [capacity, 2] (batch row, position)
-    flat = coords[:, 0] * seq + coords[:, 1]  # position t predicts label t + 1: row t of hidden_states
-    count = keep.sum()
-    used = torch.arange(capacity, device=keep.device) < count
-    rows = hidden_states.reshape(-1, hidden_states.shape[-1]).index_select(0, flat)
-    targets = torch.where(used, shift_labels[coords[:, 0], coords[:, 1]], IGNORE_INDEX)
-    weights = None
-    if loss_weight is not None:
-        weights = loss_weight[:, 1:][coords[:, 0], coords[:, 1]] * used
-    return rows, targets, weights, count

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -178,22 +179,22 @@ def _final_norm(language_model: nn.Module) -> nn.Module | None:
 
 def fused_loss_forward(model: nn.Module, model_inputs: dict[str, Any], labels: torch.Tensor, *,
                        loss_weight: torch.Tensor | None = None, impl: str = "auto",
-                       lm_head: nn.Module | None = None, capacity: int | None = None,
-                       num_items_in_batch: int | float | torch.Tensor | None = None) -> tuple[torch.Tensor, Any]:
+                       lm_head: nn.Module | None = None, num_items_in_batch: int | float | torch.Tensor | None = None,
+                       loss_fn: Callable | None = None, **forward_kwargs: Any) -> tuple[torch.Tensor, Any]:
     """The trainer's fused-loss forward: the model without [B, L, V] logits (`logits_to_keep=1`) or KV cache, then
     `causal_lm_loss` with the LM head on the supervised positions. Returns (loss, outputs).
 
     The final hidden states are read by a forward hook on the decoder's final norm (`output_hidden_states` would hook
     every layer, inside the compiled ones, breaking their graphs); without a final norm, `output_hidden_states`.
-    `capacity` (an int) makes the step free of host syncs for CUDA-graph capture (`sync_free` image merge, a fixed
-    number of loss rows); the caller has checked the counts on the host (`lab.graph_step`).
+    `loss_fn` (default `causal_lm_loss`, with its arguments) and `forward_kwargs` (to the model) let the lab's
+    whole-step CUDA graph run its sync-free variant (`lab.graph_step`).
     """
     inner = getattr(model, "module", model)  # DDP / DeepSpeed engine wrappers
     language_model = getattr(inner, "language_model", inner)
     if lm_head is None:
         lm_head = language_model.get_output_embeddings()
     norm = _final_norm(language_model)
-    kwargs = {"logits_to_keep": 1, "use_cache": False, **({"sync_free": True} if capacity is not None else {})}
+    kwargs = {"logits_to_keep": 1, "use_cache": False, **forward_kwargs}
     if norm is None:
         outputs = model(**model_inputs, output_hidden_states=True, **kwargs)
         hidden = outputs["hidden_states"][-1]
@@ -207,9 +208,10 @@ def fused_loss_forward(model: nn.Module, model_inputs: dict[str, Any], labels: t
         if len(captured) != 1:
             raise RuntimeError(f"the final norm ran {len(captured)} times in one forward; expected once")
         hidden = captured[0]
+    loss = loss_fn or causal_lm_loss
+
     def head_loss(head: nn.Module, rows: torch.Tensor) -> torch.Tensor:
-        return causal_lm_loss(rows, head, labels, loss_weight=loss_weight, num_items_in_batch=num_items_in_batch,
-                              impl=impl, capacity=capacity)
+        return loss(rows, head, labels, loss_weight=loss_weight, num_items_in_batch=num_items_in_batch, impl=impl)
 
     if zero3_partitioned_head(lm_head):
         return run_as_forward(lm_head, head_loss, hidden), outputs
