@@ -133,13 +133,12 @@ def linear_cross_entropy(
     token_weights: torch.Tensor | None = None,
     impl: str = "auto",
     chunk_size: int = DEFAULT_CHUNK,
-    compile_elementwise: bool | None = None,
 ) -> torch.Tensor:
     """sum(w * CE) / sum(w) of `hidden` [N, H] @ `weight.T` [V, H] (+ bias) against `labels` [N] (IGNORE_INDEX rows
     excluded; w = `token_weights` [N], 1 when None) without keeping [N, V] logits; softmax in fp32.
 
     impl: "auto" ("padded" on CUDA, else "chunked"), "padded" (rows chunked by a memory budget, elementwise part
-    compiled unless `compile_elementwise` is False), "liger" (liger-kernel, no token weights), "chunked" (fixed
+    compiled on CUDA), "liger" (liger-kernel, no token weights), "chunked" (fixed
     `chunk_size` rows, eager) or "plain" (materialised logits: the reference).
     """
     if hidden.dim() != 2 or labels.dim() != 1 or hidden.shape[0] != labels.shape[0]:
@@ -147,8 +146,7 @@ def linear_cross_entropy(
     if impl == "auto":
         impl = "padded" if hidden.is_cuda else "chunked"
     if impl == "padded":
-        compiled = hidden.is_cuda if compile_elementwise is None else bool(compile_elementwise)
-        rows = padded_rows_per_chunk(weight.shape[0], hidden.dtype)
+        compiled, rows = hidden.is_cuda, padded_rows_per_chunk(weight.shape[0], hidden.dtype)
     elif impl == "chunked":
         compiled, rows = False, int(chunk_size)
     if impl in ("padded", "chunked"):

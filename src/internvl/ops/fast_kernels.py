@@ -108,19 +108,15 @@ def _verify(kind: str, module: nn.Module, rope_source: nn.Module | None) -> str 
         return repr(exc)
 
 
-def enable_fast_kernels(model: nn.Module, *, rms_norm: bool = True, swiglu: bool = True, rope: bool = True,
-                        allow_cpu: bool = False) -> dict[str, int]:
+def enable_fast_kernels(model: nn.Module, *, allow_cpu: bool = False) -> dict[str, int]:
     """Swap the forwards of every RMSNorm, SwiGLU MLP and (Llama/Qwen2) attention RoPE inside `model` for liger's
     fused kernels, per instance, on CUDA with liger-kernel installed (`allow_cpu`: anywhere, for tests with the
     kernels substituted). Each kind is checked once against the plain forward on random input and reverted (logged)
     if it fails. Returns how many modules were swapped per kind."""
-    counts = {"rms_norm": 0, "swiglu": 0, "rope": 0}
+    counts = dict.fromkeys(_SWAPS, 0)
     first = next(model.parameters(), None)
-    if first is None:
+    if first is None or (not allow_cpu and (first.device.type != "cuda" or not liger_available())):
         return counts
-    if not allow_cpu and (first.device.type != "cuda" or not liger_available()):
-        return counts
-    wanted = {"rms_norm": rms_norm, "swiglu": swiglu, "rope": rope}
     rope_source = next((m.rotary_emb for m in model.modules() if hasattr(m, "rotary_emb") and hasattr(m, "layers")),
                        None)
     swapped: dict[str, list[nn.Module]] = {k: [] for k in counts}
@@ -128,7 +124,7 @@ def enable_fast_kernels(model: nn.Module, *, rms_norm: bool = True, swiglu: bool
         if getattr(module, "_fast_kernel", False):
             continue
         for kind, (match, forward) in _SWAPS.items():
-            if wanted[kind] and match(module):
+            if match(module):
                 swap_forward(module, forward, "_fast_kernel")
                 swapped[kind].append(module)
                 break
