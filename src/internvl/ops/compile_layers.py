@@ -4,13 +4,12 @@ A training step launches thousands of small elementwise kernels (norms, RoPE, Sw
 twice per layer with gradient checkpointing. Compiling each layer lets inductor fuse them and generate the backward;
 all instances of a layer class share one compiled function. Only the instance's `forward` is replaced, so module
 hooks stay outside the compiled region and state-dict keys do not change. transformers'
-`GradientCheckpointingLayer.forward` is itself the checkpoint wrapper, so by default (`ckpt="inside"`) the
-recomputation is traced into the compiled backward. `fuse_projections` runs q/k/v (and gate/up) of plain linears as
+`GradientCheckpointingLayer.forward` is itself the checkpoint wrapper, so the recomputation is traced into the
+compiled backward. `fuse_projections` runs q/k/v (and gate/up) of plain linears as
 one matmul against `torch.cat` of their weights.
 """
 from __future__ import annotations
 
-import functools
 import logging
 import sys
 
@@ -91,24 +90,6 @@ def unfuse_projections(model: nn.Module) -> int:
     return restore_forwards(model, "_fused_proj")
 
 
-def _outside_forward(compiled_inner):
-    """A forward that wraps non-reentrant checkpointing around the compiled bare layer forward (`ckpt="outside"`)."""
-
-    def forward(self, *args, **kwargs):
-        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-            if kwargs.get("use_cache"):
-                kwargs["use_cache"] = False
-            if not getattr(self, "_can_checkpoint_with_cache", False):
-                for name in ("cache", "layer_past"):
-                    if kwargs.get(name) is not None:
-                        kwargs[name] = None
-            return torch.utils.checkpoint.checkpoint(functools.partial(compiled_inner, self, **kwargs), *args,
-                                                     use_reentrant=False)
-        return compiled_inner(self, *args, **kwargs)
-
-    return forward
-
-
 def _own_code(fn, name: str):
     """A trampoline to `fn` with a code object of its own: dynamo caches graphs per code object, and every layer class
     shares `GradientCheckpointingLayer`'s wrapper, so the ViT's shapes would otherwise look like a varying LLM shape
@@ -122,30 +103,22 @@ def _own_code(fn, name: str):
     return call
 
 
-def _compiled_for(cls: type, *, ckpt: str, backend: str, mode: str | None, options: dict | None = None):
+def _compiled_for(cls: type, *, backend: str, mode: str | None, options: dict | None = None):
     """One compiled function per (layer class, options), shared by all instances of the class."""
-    key = (cls, ckpt, backend, mode, tuple(sorted((options or {}).items())))
+    key = (cls, backend, mode, tuple(sorted((options or {}).items())))
     if key not in _COMPILED:
-        wrapped = cls.forward
-        name = f"{cls.__name__}_forward_{ckpt}"
         kwargs = {"backend": backend, "mode": mode, **({"options": options} if options else {})}
-        if ckpt == "outside":
-            inner = getattr(wrapped, "__wrapped__", wrapped)  # the layer's own forward, without HF's checkpointing
-            _COMPILED[key] = _outside_forward(torch.compile(_own_code(inner, name), **kwargs))
-        else:
-            _COMPILED[key] = torch.compile(_own_code(wrapped, name), **kwargs)
+        _COMPILED[key] = torch.compile(_own_code(cls.forward, f"{cls.__name__}_forward"), **kwargs)
     return _COMPILED[key]
 
 
-def compile_layers(model: nn.Module, *, ckpt: str = "inside", backend: str = "inductor", mode: str | None = None,
+def compile_layers(model: nn.Module, *, backend: str = "inductor", mode: str | None = None,
                    skip: tuple[str, ...] = (), options: dict | None = None) -> dict[str, int]:
     """Compile every `GradientCheckpointingLayer` inside `model` (decoder layers, InternViT blocks) per layer class,
     except under the module-name prefixes `skip`; returns {class name: layers compiled}. Raises dynamo's recompile
     limit to at least 64 (eval, checkpointing on/off and new shapes must not fall back to eager)."""
     if mode is not None and options:
         raise ValueError("compile_layers takes a mode or inductor options, not both (torch.compile's rule)")
-    if ckpt not in ("inside", "outside"):
-        raise ValueError(f"ckpt must be 'inside' or 'outside', got {ckpt!r}")
     limit_name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
     setattr(torch._dynamo.config, limit_name, max(getattr(torch._dynamo.config, limit_name), 64))
     counts: dict[str, int] = {}
@@ -154,10 +127,10 @@ def compile_layers(model: nn.Module, *, ckpt: str = "inside", backend: str = "in
             continue
         if any(name == s or name.startswith(s + ".") for s in skip):
             continue
-        fn = _compiled_for(type(module), ckpt=ckpt, backend=backend, mode=mode, options=options)
+        fn = _compiled_for(type(module), backend=backend, mode=mode, options=options)
         swap_forward(module, fn, "_compiled_layer")
         counts[type(module).__name__] = counts.get(type(module).__name__, 0) + 1
-    logger.info("compiled layers (%s, checkpointing %s): %s", backend, ckpt, counts)
+    logger.info("compiled layers (%s): %s", backend, counts)
     return counts
 
 

@@ -48,7 +48,7 @@ class TrainSpeedups:
     """Which training fast paths to use (defaults: the measured winners on CUDA, docs/performance.md).
 
     compile_layers: regional torch.compile of every decoder / ViT layer (one graph per layer class), with `backend`,
-        `compile_mode` / `compile_options` and checkpointing traced "inside" or wrapped "outside" (`compile_ckpt`).
+        `compile_mode` / `compile_options`; gradient checkpointing is traced into the compiled graph.
     fuse_projections: q/k/v and gate/up as one matmul each inside compiled layers.
     fast_kernels: liger RMSNorm / SwiGLU / RoPE kernels on modules outside compiled layers.
     lm_loss_impl: `linear_cross_entropy` impl of the fused LM-head loss.
@@ -57,7 +57,6 @@ class TrainSpeedups:
     """
 
     compile_layers: bool = True
-    compile_ckpt: str = "inside"
     fuse_projections: bool = True
     fast_kernels: bool = True
     lm_loss_impl: str = "auto"
@@ -131,7 +130,7 @@ def apply_train_speedups(model: nn.Module, opts: TrainSpeedups | None = None, *,
                 fused.update(fuse_projections(sub))
         report["fused"] = dict(fused)
     if compile_on:
-        report["compiled"] = compile_layers(model, ckpt=opts.compile_ckpt, backend=opts.backend, mode=opts.compile_mode,
+        report["compiled"] = compile_layers(model, backend=opts.backend, mode=opts.compile_mode,
                                             skip=skip, options=opts.compile_options)
     if opts.fast_kernels:
         # inside compiled layers inductor does this fusion; only the eager parts (skipped towers, final norm) get liger
