@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 from collections.abc import Iterator
 from typing import Any
@@ -39,12 +40,35 @@ from torch import nn
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS as masks
 
 from internvl.constants import IGNORE_INDEX
+from internvl.ops.cross_entropy import linear_cross_entropy
 from internvl.ops.train_speedups import fused_loss_forward
 
 logger = logging.getLogger(__name__)
 
 #: the batch entries the step reads (labels plus the model inputs); absent or None entries are part of the signature.
 BATCH_KEYS = ("input_ids", "labels", "pixel_values", "image_flags", "attention_mask", "position_ids", "loss_weight")
+
+
+def fixed_capacity_loss(hidden_states: torch.Tensor, lm_head: nn.Module, labels: torch.Tensor, *, capacity: int,
+                        loss_weight: torch.Tensor | None = None, impl: str = "auto",
+                        num_items_in_batch: None = None) -> torch.Tensor:
+    """`causal_lm_loss` (the weighted token mean) over exactly `capacity` supervised rows, gathered without a host
+    sync (`torch.nonzero_static`; unused slots carry IGNORE_INDEX): static shapes for CUDA-graph capture. The caller
+    guarantees capacity >= the supervised positions (`GraphStep.plan` checks it on the host)."""
+    if capacity < 1 or num_items_in_batch is not None:
+        raise ValueError(f"capacity must be >= 1 (got {capacity}), without num_items_in_batch")
+    labels = labels.to(hidden_states.device)
+    shift_labels = labels[:, 1:]
+    keep = shift_labels != IGNORE_INDEX
+    coords = torch.nonzero_static(keep, size=capacity, fill_value=0)  # [capacity, 2] (batch row, position)
+    flat = coords[:, 0] * hidden_states.shape[1] + coords[:, 1]  # position t predicts label t + 1
+    used = torch.arange(capacity, device=keep.device) < keep.sum()
+    rows = hidden_states.reshape(-1, hidden_states.shape[-1]).index_select(0, flat)
+    targets = torch.where(used, shift_labels[coords[:, 0], coords[:, 1]], IGNORE_INDEX)
+    weights = None
+    if loss_weight is not None:
+        weights = loss_weight.to(hidden_states.device)[:, 1:][coords[:, 0], coords[:, 1]] * used
+    return linear_cross_entropy(rows, lm_head.weight, targets, bias=lm_head.bias, token_weights=weights, impl=impl)
 
 
 @contextlib.contextmanager
@@ -167,8 +191,9 @@ class CudaGraphTrainStep:
                                             "image_flags")}
         masks = causal_only_sdpa_masks() if plan.causal_only else contextlib.nullcontext()
         with masks:
+            loss_fn = functools.partial(fixed_capacity_loss, capacity=plan.capacity)
             loss, _ = fused_loss_forward(self.model, inputs, batch["labels"], loss_weight=batch.get("loss_weight"),
-                                         impl=self.impl, capacity=plan.capacity)
+                                         impl=self.impl, loss_fn=loss_fn, sync_free=True)
         loss.backward()
         norm = None
         if self.max_grad_norm is not None:

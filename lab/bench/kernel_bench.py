@@ -9,15 +9,21 @@ import torch
 from internvl.model import load_preset
 from internvl.model.fast_generate import sdpa_gqa_decode_attention
 from internvl.ops.decode_kernels import (
+    _gemv_best,
     _launch_gemv,
     _tuned_gemv_config,
-    describe_tuning,
     gemv,
     gemv_int8,
     gqa_decode_attention,
     reference_gqa_decode_attention,
 )
 from internvl.ops.int8_weights import dequantize_int8_rows, quantize_rows
+
+
+def describe_tuning() -> dict[str, str]:
+    """The GEMV configurations chosen so far (for the benchmark's JSON): "NxK dtype" -> "BLOCK_N/BLOCK_K/warps"."""
+    return {f"{key[0][0]}x{key[0][1]} {str(key[2]).removeprefix('torch.')}": "/".join(map(str, cfg))
+            for key, cfg in _gemv_best.items()}
 
 
 def _bench_us(fn) -> float:

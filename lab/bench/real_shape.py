@@ -11,15 +11,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from internvl.constants import SKIP_QUANT_MODULES
 from internvl.model import DecodeConfig, load_preset
-from internvl.model.loading import DEFAULT_SKIP_QUANT_MODULES, build_on_meta
-from internvl.ops.decode_kernels import describe_tuning
+from internvl.model.loading import build_on_meta
 from internvl.ops.int8_weights import Int8Linear, quantize_int8_weights_
 from internvl.tokenization import load_tokenizer, train_sentencepiece_tokenizer
 
 from .build import build_ours, build_ours_sharded, randomize_, shard_device_map
 from .flops import decode_weight_bytes
 from .gen_bench import _timed, profile_replays
+from .kernel_bench import describe_tuning
 from .runtime import free
 
 QUESTIONS = [
@@ -62,7 +63,7 @@ def quantize_int8_(model: nn.Module, skip_modules=None, threshold: float = 6.0) 
     default `llm_int8_threshold`. For random-weight benchmarks; real checkpoints go through `load_pretrained`."""
     import bitsandbytes as bnb  # optional (CUDA builds only): imported where int8 is asked for
 
-    skip = tuple(DEFAULT_SKIP_QUANT_MODULES if skip_modules is None else skip_modules)
+    skip = tuple(SKIP_QUANT_MODULES if skip_modules is None else skip_modules)
     targets = [
         name for name, module in model.named_modules()
         if type(module) is nn.Linear and not any(name == s or name.startswith(s + ".") or name.endswith("." + s)

@@ -18,6 +18,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from internvl.model import InternVLChatModel
 from internvl.ops.train_speedups import TrainSpeedups, apply_train_speedups, fused_loss_forward, remove_train_speedups
+from lab.ckpt_outside import OutsideCkpt, compile_outside
 from lab.graph_step import CudaGraphTrainStep
 
 from .batches import Batch
@@ -36,7 +37,7 @@ TRAIN_VARIANTS: dict[str, tuple[TrainSpeedups, str]] = {
                "liger kernels + padded-vocab CE"),
     "compiled": (TrainSpeedups(fuse_projections=False), "compiled layers + padded-vocab CE"),
     "default": (TrainSpeedups(), "compiled layers + fused q/k/v, gate/up + padded-vocab CE (trainer default)"),
-    "outside": (TrainSpeedups(compile_ckpt="outside"), "default, checkpoint wrapped around the compiled layer"),
+    "outside": (OutsideCkpt(), "default, checkpoint wrapped around the compiled layer (`lab.ckpt_outside`)"),
     "skip2": (TrainSpeedups(ckpt_skip_llm_layers=2), "default, last 2 LLM layers not checkpointed"),
     "skip4": (TrainSpeedups(ckpt_skip_llm_layers=4), "default, last 4 LLM layers not checkpointed"),
     "graphs": (TrainSpeedups(compile_mode="reduce-overhead"), "default, layers replayed as CUDA graphs (host-bound "
@@ -100,10 +101,13 @@ def set_fast(model, fast: bool, speedups: TrainSpeedups | None = None) -> dict |
     if not fast:
         return None
     opts = speedups or TrainSpeedups()
-    if next(model.parameters()).device.type != "cuda":
+    cpu = next(model.parameters()).device.type != "cuda"
+    if cpu:
         opts = dataclasses.replace(opts, backend="aot_eager")
-        return apply_train_speedups(model, opts, allow_cpu=True)
-    return apply_train_speedups(model, opts)
+    report = apply_train_speedups(model, opts, allow_cpu=cpu)
+    if isinstance(opts, OutsideCkpt):
+        compile_outside(model, opts)
+    return report
 
 
 def set_checkpointing(model, on: bool) -> None:

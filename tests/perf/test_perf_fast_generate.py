@@ -112,6 +112,6 @@ def test_grouped_decode_attention_equals_repeat_kv():
 def test_decoder_for_backend_choice(lm, monkeypatch):
     assert fg.decoder_for(lm).compile_backend == "inductor"  # "auto", small model
     monkeypatch.setattr(fg, "AUTO_INDUCTOR_MAX_PARAMS", 10)
-    assert fg.decoder_for(lm).compile_backend == "eager"  # "auto", "large" model: a new decoder
+    assert fg.StaticGreedyDecoder(lm, DecodeConfig()).compile_backend == "eager"  # "auto", "large" model
     dec = fg.decoder_for(lm, DecodeConfig(backend=None))
     assert dec.compile_backend is None and fg.decoder_for(lm, DecodeConfig(backend=None)) is dec  # cached

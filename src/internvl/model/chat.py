@@ -1,15 +1,9 @@
 """`chat()` / `batch_chat()` of InternVLChatModel: template rendering, `<image>` expansion, stop ids, decoding.
 
-Kept out of the modeling file so the network code stays about tensors.  Behaviour follows the original:
-  * a question without `<image>` gets `"<image>\\n"` prepended when images are given (first turn only); MedRegA
-    prompts that place `<image>` after a task prompt keep that placement;
-  * each `<image>` becomes `<img>` + `<IMG_CONTEXT>` x (num_image_token x tiles) + `</img>`;
-  * generation stops on the template's separator (`<|im_end|>`) and its other stop tokens (`<|endoftext|>`,
-    `<|im_start|>`, `<|im_sep|>` for Hermes-2) when the tokenizer knows them as single tokens;
-  * the answer is decoded by `internvl.tokenization.decode_answer` (the toolkit's one policy): cut at the separator,
-    region tags `<ref> </ref> <box> </box>` kept, every other control token (template, eos/pad, image tokens) removed,
-    stripped. The original decoded with `skip_special_tokens=True`, which drops the tags too; `--compat medrega`
-    scoring strips them to see that form.
+As the original: a first-turn question without `<image>` gets `"<image>\\n"` prepended when images are given; each
+`<image>` becomes `<img>` + `<IMG_CONTEXT>` x (num_image_token x tiles) + `</img>`; generation stops on the
+template's separator and other stop tokens the tokenizer holds as single tokens. The answer is decoded by
+`internvl.tokenization.decode_answer` (region tags kept, every other control token removed).
 """
 from __future__ import annotations
 
@@ -103,11 +97,9 @@ class ChatMixin:
         num_patches_list: Sequence[int] | None = None,
         verbose: bool = False,
     ) -> str | tuple[str, History]:
-        """Answer one question (optionally continuing `history`) about the tiles in pixel_values [T,3,S,S].
-
-        num_patches_list: tiles per image, in the order of the `<image>` placeholders (default: one image of all T
-        tiles).  Returns the answer, or (answer, new history) with `return_history`.
-        """
+        """Answer one question (optionally continuing `history`) about the tiles in pixel_values [T,3,S,S];
+        num_patches_list: tiles per image, in `<image>` order (default: one image of all T tiles). Returns the answer,
+        or (answer, new history) with `return_history`."""
         if pixel_values is not None and history is None and IMAGE_PLACEHOLDER not in question:
             question = IMAGE_PLACEHOLDER + "\n" + question
         if num_patches_list is None:
@@ -138,14 +130,10 @@ class ChatMixin:
         image_counts: Sequence[int] | None = None,
         histories: Sequence[History] | None = None,
     ) -> list[str]:
-        """Answer several questions at once (left padding, greedy or sampled as configured).
-
-        num_patches_list[i] is the number of tiles of sample i (0 for a text-only sample), or a list of tile counts
-        when sample i has several images; pixel_values stacks all tiles of all samples in order. histories[i], if
-        given, is sample i's earlier (question, answer) turns, as `chat(history=...)` takes them: as in `chat`, only a
-        first turn gets `<image>\n` prepended (later turns find the images' placeholders in the history).
-        (`history` / `return_history` are `chat`'s single-conversation arguments and are refused here.)
-        """
+        """Answer several questions at once (left padding). num_patches_list[i]: the tiles of sample i (0 for text
+        only), or a list of tile counts for several images; pixel_values stacks all tiles in order. histories[i]:
+        sample i's earlier turns, as `chat(history=...)` takes them (`history` / `return_history` are refused here;
+        `image_counts` is the original's alias of num_patches_list)."""
         if history is not None or return_history:
             raise NotImplementedError("batch_chat takes one history per question (histories=); chat() returns them")
         histories = [list(h) for h in histories] if histories is not None else [[] for _ in questions]

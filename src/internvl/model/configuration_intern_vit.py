@@ -1,12 +1,6 @@
-"""Configuration of InternViT, the vision tower of InternVL-Chat.
-
-The field names and defaults are those of the original `configuration_intern_vit.py` (model_type
-`intern_vit_6b`), so the `vision_config` block of a released `config.json` loads unchanged.  The class defaults
-describe the original 48-block InternViT-6B; V1.2/MedRegA configs set `num_hidden_layers=45` and `image_size=448`.
-
-Two variants are expressed purely through fields:
-  * 6B-style: `norm_type="rms_norm"`, `qk_normalization=True` (RMSNorm over the full width), `qkv_bias=False`.
-  * 300M-style: `norm_type="layer_norm"`, `qk_normalization=False`, `qkv_bias=True`.
+"""Configuration of InternViT, the vision tower of InternVL-Chat: the original's field names and defaults (the
+48-block InternViT-6B; V1.2/MedRegA set 45 blocks at 448 px), so a released `vision_config` loads unchanged. 6B-style:
+`norm_type="rms_norm"`, `qk_normalization=True`, `qkv_bias=False`; 300M-style: "layer_norm", False, True.
 """
 from __future__ import annotations
 
@@ -16,12 +10,8 @@ _NORM_TYPES = ("rms_norm", "layer_norm")
 
 
 class InternVisionConfig(PreTrainedConfig):
-    """Hyper-parameters of `InternVisionModel` (original field names, original defaults).
-
-    `initializer_factor` is the initial value of the layer-scale vectors `ls1`/`ls2` (0.1 in every release);
-    `drop_path_rate` is the stochastic-depth rate of the last block (earlier blocks get linspace(0, rate, L));
-    `use_flash_attn` lets the model use flash-attn when it is installed and the dtype is fp16/bf16 (SDPA otherwise).
-    """
+    """Hyper-parameters of `InternVisionModel`. `initializer_factor`: initial layer scale `ls1`/`ls2`;
+    `drop_path_rate`: the last block's (linspace from 0); `use_flash_attn`: flash-attn where installed (fp16/bf16)."""
 
     model_type = "intern_vit_6b"
     base_config_key = "vision_config"

@@ -1,12 +1,8 @@
 """Configuration of InternVL-Chat (model_type `internvl_chat`), as used by InternVL-Chat-V1.2 and MedRegA.
 
-Field names, defaults and quirks follow the original `configuration_internvl_chat.py` so that a released
-`config.json` loads unchanged:
-  * `vision_config` is an `InternVisionConfig`; `llm_config` is any transformers causal-LM config, chosen by its
-    `model_type` (or, for configs that only carry `architectures`, by `architectures[0]`).
-  * a missing `ps_version` means `"v1"` (the class default of the original; V1.2/MedRegA rely on it).
-  * word embeddings are never tied (`tie_word_embeddings=False`, top level and in `llm_config`).
-  * `system_message`, when present, overrides the chat template's default system prompt.
+Field names, defaults and quirks follow the original, so a released `config.json` loads unchanged: `llm_config` is
+any transformers causal-LM config (by `model_type`, else `architectures[0]`); a missing `ps_version` means "v1"
+(V1.2/MedRegA rely on it); embeddings are never tied; `system_message` overrides the template's system prompt.
 """
 from __future__ import annotations
 

@@ -1,22 +1,18 @@
 """Fast greedy decoding: a static KV cache and, on CUDA, one decode step captured once as a CUDA graph.
 
-Why: the stock `generate` loop with a dynamic cache is launch-bound (hundreds of small kernels per token, launched
-from Python, plus a host sync per token for the stopping check). Here the decode step is a pure function of fixed
-device buffers, so it can be traced by dynamo with `fullgraph=True` (no graph breaks means no data-dependent host
-code, hence no host syncs), optionally fused by inductor, and captured in a CUDA graph that is replayed once per
-token. The argmax, the "finished" flags and the write of the token into the output buffer are inside the graph;
-the host looks at the flags only every `check_every` tokens.
+The stock `generate` loop is launch-bound (hundreds of small kernels per token plus a host sync per token). Here the
+decode step is a pure function of fixed device buffers: dynamo traces it with `fullgraph=True` (no host syncs),
+inductor may fuse it, and a CUDA graph replays it once per token. The argmax, the "finished" flags and the output
+write are inside the graph; the host checks the flags every `check_every` tokens. On the CPU the same step runs
+eagerly, which is how the tests compare it token for token with `generate`.
 
-The same step function runs eagerly on the CPU (no graph), which is how the tests compare it token for token with
-the plain `generate` path.
-
-Shapes: `inputs_embeds` [B, L, H] (left-padded prompts), `attention_mask` [B, L] (1 = real token), output
-[B, max_new_tokens] new token ids; after a row's first EOS the row is filled with `pad_token_id`.
+Shapes: `inputs_embeds` [B, L, H] (left-padded), `attention_mask` [B, L] (1 = real token) -> [B, max_new_tokens] new
+token ids; after a row's first EOS the row is filled with `pad_token_id`.
 """
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch._dynamo.config as dynamo_config
@@ -32,11 +28,9 @@ from ..ops.packed_projections import decoder_layer_groups, pack_decoder, packed_
 from .decode_config import AUTO_INDUCTOR_MAX_PARAMS, DecodeConfig
 from .packed_step import packed_forward_logits, packed_layer
 
-
 logger = logging.getLogger(__name__)
 
-#: Cache lengths are rounded up to this multiple so that compiled steps and graphs are reused across prompts of
-#: similar length (each new (batch, cache length) costs a dynamo trace, with inductor a compile, and a capture).
+#: cache lengths are rounded up to this multiple so compiled steps and graphs are reused across similar prompts.
 CACHE_ROUND = 256
 #: decode states (static caches + graphs) kept per decoder; the least recently used one is dropped beyond this.
 MAX_STATES = 4
@@ -44,16 +38,16 @@ MAX_STATES = 4
 RECOMPILE_LIMIT = 64
 #: name under which the grouped-query decode attention is registered with transformers.
 DECODE_ATTN = "internvl_sdpa_gqa_decode"
+#: model types whose decoder layers the packed step reproduces (checked further in `packed_step_supported`).
+PACKED_MODEL_TYPES = ("llama", "qwen2")
 
 
 def sdpa_gqa_decode_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                               attention_mask: torch.Tensor | None, dropout: float = 0.0,
                               scaling: float | None = None, **kwargs):
-    """SDPA attention that, for one query token with grouped KV heads, folds the query heads of each KV head into
-    the query-length axis instead of repeating K/V (`repeat_kv` copies the whole static cache n_rep times per layer
-    and per step: at batch 32 that traffic exceeds the weights'). Everything else goes to transformers' SDPA.
-
-    query [B, H, 1, D], key/value [B, KVH, L, D], attention_mask bool [B, 1, 1, L] or None -> [B, 1, H, D]."""
+    """SDPA that, for one query token with grouped KV heads, folds each KV head's query heads into the query axis
+    instead of repeating K/V (`repeat_kv` copies the whole static cache per layer and step). Everything else goes to
+    transformers' SDPA. query [B, H, 1, D], key/value [B, KVH, L, D], mask bool [B, 1, 1, L] or None -> [B, 1, H, D]."""
     groups = getattr(module, "num_key_value_groups", 1)
     if query.shape[2] != 1 or groups == 1 or dropout != 0.0 or kwargs.get("position_bias") is not None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
@@ -64,14 +58,9 @@ def sdpa_gqa_decode_attention(module: nn.Module, query: torch.Tensor, key: torch
     return out.reshape(batch, heads, 1, dim).transpose(1, 2).contiguous(), None
 
 
-#: model types whose decoder layers the packed decode step reproduces (pre-norm, q/k/v(+bias) -> RoPE -> attention
-#: -> o_proj, gated MLP); each checked for options the packed step does not implement in packed_step_supported.
-PACKED_MODEL_TYPES = ("llama", "qwen2")
-
-
 def packed_step_supported(lm: nn.Module) -> bool:
-    """True when our packed Llama-family decode step reproduces `lm`'s forward: a Llama / Qwen2 causal LM with full
-    attention in every layer (no sliding window), no tensor-parallel plan in use, and plain-Linear q/k/v, gate/up."""
+    """Whether our packed decode step reproduces `lm`: a Llama / Qwen2 causal LM with full attention in every layer,
+    no tensor-parallel plan, no logit softcapping and plain-Linear q/k/v, gate/up."""
     cfg = getattr(lm, "config", None)
     if cfg is None or getattr(cfg, "model_type", None) not in PACKED_MODEL_TYPES:
         return False
@@ -97,11 +86,9 @@ def register_decode_attention(name: str, function) -> None:
     AttentionMaskInterface.register(name, sdpa_mask)
 
 
-
 class _PrefixLayer(StaticLayer):
     """The first `max_cache_len` positions of another `StaticLayer`, for the prefill: updates write into the full
-    layer's buffers (initialising them on first use) and advance its `cumulative_length`; attention reads only the
-    prefix."""
+    layer's buffers and advance its length; attention reads only the prefix."""
 
     def __init__(self, full: StaticLayer, length: int) -> None:
         super().__init__(max_cache_len=length)
@@ -118,12 +105,11 @@ class _PrefixLayer(StaticLayer):
 
 
 def reset_cache(cache: StaticCache) -> None:
-    """`cache.reset()` (keys, values and lengths zeroed) in one multi-tensor kernel where every layer is an
-    initialised plain `StaticLayer` (two multi-tensor launches instead of three per layer, on the time to first
-    token)."""
+    """`cache.reset()`, in two multi-tensor kernels where every layer is an initialised plain `StaticLayer` (instead
+    of three launches per layer, on the time to first token)."""
     layers = cache.layers
     if all(type(layer) is StaticLayer and layer.is_initialized for layer in layers):
-        # one call per dtype: foreach kernels take their fast multi-tensor route only over tensors of one dtype
+        # one call per dtype: foreach kernels take their fast route only over tensors of one dtype
         torch._foreach_zero_([t for layer in layers for t in (layer.keys, layer.values)])
         torch._foreach_zero_([layer.cumulative_length for layer in layers])
     else:
@@ -131,18 +117,17 @@ def reset_cache(cache: StaticCache) -> None:
 
 
 def prefix_cache(cache: StaticCache, length: int) -> Cache | None:
-    """A cache over the first `length` positions of the empty static `cache` (sharing its buffers and lengths), or
-    None when a layer is not a plain `StaticLayer` (sliding-window or other layer kinds)."""
+    """A cache over the first `length` positions of the empty static `cache` (sharing its buffers), or None when a
+    layer is not a plain `StaticLayer`."""
     if not all(type(layer) is StaticLayer for layer in cache.layers) or length > cache.layers[0].max_cache_len:
         return None
     return Cache(layers=[_PrefixLayer(layer, length) for layer in cache.layers])
 
 
 class _PackRecord:
-    """What `pack_decoder` left behind, checked cheaply on every later call instead of walking the model again: each
-    packed linear still sits under its parent, without hooks, with its weight (and bias) at the recorded address. A
-    moved, replaced, re-pointed or hooked linear (or a replaced decoder layer) makes it stale (then the caller packs
-    and checks in full again). Configuration edits after packing are not watched."""
+    """What `pack_decoder` left behind, re-checked cheaply on every call instead of walking the model again: each
+    packed linear (and decoder layer) still in place, without hooks, its weight, bias and scales at the recorded
+    addresses. Configuration edits after packing are not watched."""
 
     def __init__(self, lm: nn.Module, packs: list) -> None:
         self.packs = packs
@@ -184,73 +169,54 @@ class _DecodeState:
     min_new: torch.Tensor  # [1] long: EOS is suppressed while step < min_new
     graph: object = None
     step_fn: object = None
-    extra: dict = field(default_factory=dict)
+    packs: list | None = None  # packed weights the step reads; None = the model's own forward
 
 
 class StaticGreedyDecoder:
-    """Greedy decoder over a HF causal LM (`LlamaForCausalLM`, `Qwen2ForCausalLM`, ...) fed with input embeddings.
+    """Greedy decoder over a transformers causal LM (Llama, Qwen2, ...) fed with input embeddings, run as
+    `config` (`DecodeConfig`, the measured defaults) says; its "auto" backend is resolved once from the model's size.
 
-    Args:
-        lm: the language model; it must accept `inputs_embeds`, `attention_mask`, `position_ids`, `cache`,
-            `logits_to_keep` (transformers 5.x causal LMs do).
-        config: the decoder's options (`DecodeConfig`; its defaults are the measured ones). Its "auto" backend is
-            resolved here, once, from the model's size (`resolve_backend`).
-
-    Subclasses (the lab's decode variants) may add attention kinds through `decode_attn_implementation` (the model's own
+    Subclasses (the lab's decode variants) add attention kinds through `decode_attn_implementation` (the model's own
     forward) and `_packed_attention` (the packed step).
     """
 
     def __init__(self, lm: nn.Module, config: DecodeConfig | None = None) -> None:
         self.config = config if config is not None else DecodeConfig()
         self.lm = lm
-        self.use_cuda_graph = self.config.cuda_graph
-        self._large = large_model(lm)
-        self.compile_backend = resolve_backend(lm, self.config.backend, self._large)
+        self._large = sum(p.numel() for p in lm.parameters()) > AUTO_INDUCTOR_MAX_PARAMS
+        backend = self.config.backend
+        self.compile_backend = ("eager" if self._large else "inductor") if backend == "auto" else backend
         self._layer_fn = None  # the compiled `packed_layer` under the "layer" compile scope
-        self.check_every = int(self.config.check_every)
-        self.packed = self.config.packed
-        self.attention = self.config.attention
-        self.tuning = self.config.tuning
-        self.gemv = self.config.gemv
         self._states: dict[tuple, _DecodeState] = {}
         self._pack_signature: tuple | None = None
         self._pack_record: _PackRecord | None = None  # the last packing, while it stays valid
         register_decode_attention(DECODE_ATTN, sdpa_gqa_decode_attention)
 
-    # ----------------------------------------------------------------------------------------------------------
     def _device(self) -> torch.device:
         return next(self.lm.parameters()).device
 
     def _graph_mode(self) -> bool:
-        # Only a dynamo-traced step is known to be free of host syncs, so only that one is captured.
-        return self.use_cuda_graph and self.compile_backend is not None and self._device().type == "cuda"
+        # only a dynamo-traced step is known to be free of host syncs, so only that one is captured
+        return self.config.cuda_graph and self.compile_backend is not None and self._device().type == "cuda"
 
     def _new_state(self, batch: int, cache_len: int, max_new: int, eos: list[int]) -> _DecodeState:
         dev = self._device()
-        cache = StaticCache(config=self.lm.config, max_cache_len=cache_len)
+
+        def zeros(*shape: int, dtype: torch.dtype = torch.long) -> torch.Tensor:
+            return torch.zeros(*shape, dtype=dtype, device=dev)
+
         return _DecodeState(
-            cache=cache,
-            mask=torch.ones(batch, cache_len, dtype=torch.long, device=dev),
-            ids=torch.zeros(batch, 1, dtype=torch.long, device=dev),
-            pos=torch.zeros(batch, 1, dtype=torch.long, device=dev),
-            step=torch.zeros(1, dtype=torch.long, device=dev),
-            out=torch.zeros(batch, max_new, dtype=torch.long, device=dev),
-            finished=torch.zeros(batch, dtype=torch.bool, device=dev),
-            eos=torch.tensor(eos, dtype=torch.long, device=dev),
-            min_new=torch.zeros(1, dtype=torch.long, device=dev),
+            cache=StaticCache(config=self.lm.config, max_cache_len=cache_len),
+            mask=torch.ones(batch, cache_len, dtype=torch.long, device=dev), ids=zeros(batch, 1),
+            pos=zeros(batch, 1), step=zeros(1), out=zeros(batch, max_new), finished=zeros(batch, dtype=torch.bool),
+            eos=torch.tensor(eos, dtype=torch.long, device=dev), min_new=zeros(1),
         )
 
     def _forward_logits(self, st: _DecodeState, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """One decode forward: [B,1] ids -> [B, V] float logits of the last position (pure tensor code)."""
+        """One decode forward through the model's own forward: [B, 1] ids -> [B, V] logits of the last position."""
         embeds = self.lm.get_input_embeddings()(ids)
-        out = self.lm(
-            inputs_embeds=embeds,
-            attention_mask=st.mask,
-            position_ids=pos,
-            cache=st.cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
+        out = self.lm(inputs_embeds=embeds, attention_mask=st.mask, position_ids=pos, cache=st.cache, use_cache=True,
+                      logits_to_keep=1)
         return out.logits[:, -1, :]
 
     def _select(self, st: _DecodeState, logits: torch.Tensor, pad_token_id: int) -> torch.Tensor:
@@ -272,9 +238,8 @@ class StaticGreedyDecoder:
 
     def _packed_forward_logits(self, st: _DecodeState, ids: torch.Tensor, pos: torch.Tensor,
                                packs: list) -> torch.Tensor:
-        """The decode forward over packed weights (`internvl.model.packed_step.packed_forward_logits`), each layer
-        through `packed_layer`, compiled once for all layers under the "layer" compile scope. ids/pos [B, 1] ->
-        [B, V] logits; `packs` from `pack_decoder`."""
+        """The decode forward over packed weights (`packed_step.packed_forward_logits`), each layer through
+        `packed_layer` or its compiled form. ids/pos [B, 1] -> [B, V] logits."""
         attention = self._attention()
 
         def attend(module, q, keys, values, mask, cache_mask, limit):
@@ -287,9 +252,9 @@ class StaticGreedyDecoder:
     def _packed_attention(self, attention: str, module: nn.Module, q: torch.Tensor, keys: torch.Tensor,
                           values: torch.Tensor, mask: torch.Tensor, cache_mask: torch.Tensor,
                           limit: torch.Tensor) -> torch.Tensor:
-        """One layer's decode attention in the packed step: q [B, H, 1, D], keys/values [B, KVH, L, D] (the static
-        cache), `mask` bool [B, 1, 1, L] (True = attend), `cache_mask` [B, L] (1 = a real token) with `limit` [1]
-        (the last cache index to attend to) -> [B, 1, H, D]."""
+        """One layer's attention in the packed step: q [B, H, 1, D], keys/values [B, KVH, L, D] (the static cache),
+        `mask` bool [B, 1, 1, L] (True = attend), `cache_mask` [B, L] (1 = a real token) with `limit` [1] (the last
+        cache index to attend to) -> [B, 1, H, D]."""
         if attention == "triton":
             return torch.ops.internvl.gqa_decode_attention(q, keys, values, cache_mask, limit, module.scaling)
         out, _ = sdpa_gqa_decode_attention(module, q, keys, values, mask, scaling=module.scaling)
@@ -299,35 +264,32 @@ class StaticGreedyDecoder:
         """The transformers attention implementation the model's own forward uses while an SDPA model decodes."""
         return DECODE_ATTN
 
+    # ---- what each "auto" of the config resolves to (docs in `DecodeConfig`) ----
     def _packed_step_possible(self) -> bool:
-        """Packing is allowed and the packed step reproduces this model (where our kernels can run at all)."""
-        return self.packed is not False and self._lm_supported()
-
-    def _lm_supported(self) -> bool:
-        """`packed_step_supported(self.lm)`, answered from the last packing while that is still in place (the full
-        check walks every layer's modules: milliseconds per call on a deep model, on the time to first token)."""
+        """Packing is allowed and the packed step reproduces this model; answered from the last packing while that is
+        still in place (the full check walks every layer: milliseconds per call on a deep model)."""
+        if self.config.packed is False:
+            return False
         record = self._pack_record
         if record is not None and (torch.compiler.is_compiling() or record.valid()):
-            return True  # while dynamo traces the step: checked by this call's `_packs` already (addresses untraceable)
+            return True  # while dynamo traces the step: checked by this call's `_packs` already
         self._pack_record = None
         return packed_step_supported(self.lm)
 
     def _kernels_auto(self) -> bool:
-        """What "auto" resolves to for our Triton kernels: Triton runs on the model's device and the packed step
-        applies."""
+        """"auto" for our Triton kernels: Triton runs on the model's device and the packed step applies."""
         return triton_ready(next(self.lm.parameters())) and self._packed_step_possible()
 
     def _gemv_on(self) -> bool:
-        """Whether the batch-1 packed step runs its products through our GEMV (it needs the packed step)."""
-        if self.gemv == "auto":
+        """Whether the batch-1 packed step runs its products through our GEMV."""
+        if self.config.gemv == "auto":
             return self._kernels_auto()
-        return bool(self.gemv) and self._packed_step_possible()
+        return bool(self.config.gemv) and self._packed_step_possible()
 
     def _attention(self) -> str:
-        """The decode attention in use: "auto" -> "triton" where our kernel runs (Triton on the device, the packed
-        step applies, a head dim it takes), else "sdpa"."""
-        if self.attention != "auto":
-            return self.attention
+        """The decode attention: "auto" -> "triton" where our kernel runs and takes the head shape, else "sdpa"."""
+        if self.config.attention != "auto":
+            return self.config.attention
         cfg = self.lm.config
         heads = cfg.num_attention_heads
         dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
@@ -335,33 +297,30 @@ class StaticGreedyDecoder:
         return "triton" if self._kernels_auto() and attention_kernel_supported(dim, groups) else "sdpa"
 
     def _tuned(self, batch: int) -> bool:
-        """"auto": coordinate-descent tuning at batch 1 unless our GEMV runs there (then inductor only fuses the
-        small elementwise kernels, and tuning them was measured slower: docs/performance.md, decode kernels)."""
-        return self.tuning is True or (self.tuning == "auto" and batch == 1 and not self._gemv_on())
+        """Coordinate-descent tuning: "auto" = at batch 1 unless our GEMV runs there (then measured slower)."""
+        return self.config.tuning is True or (self.config.tuning == "auto" and batch == 1 and not self._gemv_on())
 
     def _packed_step(self, batch: int) -> bool:
-        """Whether a state of this batch size runs the packed step (weights are packed either way, see `packed`)."""
-        if self.packed == "auto":
-            if self._attention() == "triton" or (batch == 1 and self._gemv_on()):
-                return True  # our kernels run in the packed step only
-            return not (self.compile_backend == "inductor" and self._tuned(batch))
-        return bool(self.packed)
+        """Whether a state of this batch size runs the packed step (weights are packed either way)."""
+        if self.config.packed != "auto":
+            return bool(self.config.packed)
+        if self._attention() == "triton" or (batch == 1 and self._gemv_on()):
+            return True  # our kernels run in the packed step only
+        return not (self.compile_backend == "inductor" and self._tuned(batch))
 
     def _layer_scope(self) -> bool:
-        """Whether the packed step compiles one decoder layer (reused by all) instead of the whole step: "layer", or
-        "auto" for language models above AUTO_INDUCTOR_MAX_PARAMS parameters (where a whole-step compile costs about
-        a minute per shape); never without a backend."""
+        """Whether the packed step compiles one decoder layer (reused by all) instead of the whole step."""
         if self.config.backend is None or self.config.compile_scope == "step":
             return False
         return self.config.compile_scope == "layer" or self._large
 
     def _layer_backend(self) -> str:
-        """The layer's dynamo backend: the configured one, "inductor" for "auto" (also above the size where "auto"
-        gives the whole step "eager": one layer compiles in seconds)."""
+        """The compiled layer's backend: the configured one, "inductor" for "auto" (one layer compiles in seconds)."""
         return "inductor" if self.config.backend == "auto" else self.config.backend
 
+    # ---- the step ----
     def _make_step(self, st: _DecodeState, pad_token_id: int):
-        if st.extra.get("packs") is not None:
+        if st.packs is not None:
             def forward(ids: torch.Tensor, pos: torch.Tensor, packs: list) -> torch.Tensor:
                 return self._packed_forward_logits(st, ids, pos, packs)
         else:
@@ -369,7 +328,7 @@ class StaticGreedyDecoder:
                 return self._forward_logits(st, ids, pos)
 
         core = forward
-        if st.extra.get("packs") is not None and self._layer_scope():
+        if st.packs is not None and self._layer_scope():
             if self._layer_fn is None:  # one compiled layer for every layer and state (recompiled per shape only)
                 self._layer_fn = torch.compile(packed_layer, fullgraph=True, dynamic=False,
                                                backend=self._layer_backend())
@@ -380,19 +339,18 @@ class StaticGreedyDecoder:
 
         def step() -> None:
             with _recompile_limit(RECOMPILE_LIMIT):
-                logits = core(st.ids, st.pos, st.extra.get("packs"))
+                logits = core(st.ids, st.pos, st.packs)
             self._record(st, self._select(st, logits.float(), pad_token_id))
 
         return step
 
     def _packs(self) -> list | None:
-        """Pack (or re-pack) the model's q/k/v and gate/up weights when the packed step applies; returns the packed
-        views or None. When the packed addresses change (first packing, parameters moved since), every cached state
-        is dropped: their CUDA graphs read the old addresses."""
-        if self.packed and self._pack_record is not None and self._pack_record.valid():
+        """Pack (or re-pack) the q/k/v and gate/up weights when the packed step applies; returns the packed views or
+        None. When the packed addresses change, every cached state is dropped (their graphs read the old ones)."""
+        if self.config.packed and self._pack_record is not None and self._pack_record.valid():
             return self._pack_record.packs  # unchanged since packed: same addresses, states kept
         self._pack_record = None
-        packs = pack_decoder(self.lm) if self.packed and packed_step_supported(self.lm) else None
+        packs = pack_decoder(self.lm) if self.config.packed and packed_step_supported(self.lm) else None
         if packs is not None:
             self._pack_record = _PackRecord(self.lm, packs)
         signature = packed_signature(packs) if packs is not None else None
@@ -401,13 +359,10 @@ class StaticGreedyDecoder:
             self._pack_signature = signature
         return packs
 
-    # ----------------------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def generate(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None, **kwargs) -> torch.Tensor:
-        """Greedy-decode after left-padded prompts; returns [B, max_new_tokens] ids (see `_generate`).
-
-        While it runs, an SDPA language model uses the grouped-query decode attention (same maths, no K/V repeat).
-        """
+        """Greedy-decode after left-padded prompts; returns [B, max_new_tokens] ids (see `_generate`). While it runs,
+        an SDPA language model uses the grouped-query decode attention (same maths, no K/V repeat)."""
         cfg = self.lm.config
         previous = attn_implementation(cfg)
         if previous == "sdpa":
@@ -417,30 +372,18 @@ class StaticGreedyDecoder:
         finally:
             set_attn_implementation(cfg, previous)
 
-    def _generate(
-        self,
-        inputs_embeds: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        *,
-        max_new_tokens: int,
-        eos_token_id: int | list[int] | None = None,
-        pad_token_id: int = 0,
-        min_new_tokens: int = 0,
-        padded: bool | None = None,
-    ) -> torch.Tensor:
-        """Greedy-decode `max_new_tokens` tokens after left-padded prompts; returns [B, max_new_tokens] ids.
-
-        `padded`: whether `attention_mask` holds any 0, from a caller that has read the mask on the host already and
-        checked that every row ends with a real token (saves two host syncs after the vision tower has been queued);
-        None: checked here."""
+    def _generate(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None, *, max_new_tokens: int,
+                  eos_token_id: int | list[int] | None = None, pad_token_id: int = 0, min_new_tokens: int = 0,
+                  padded: bool | None = None) -> torch.Tensor:
+        """`padded`: whether `attention_mask` holds any 0, from a caller that has read it on the host and checked
+        that every row ends with a real token (saves two host syncs); None: checked here."""
         if inputs_embeds.dim() != 3:
             raise ValueError(f"inputs_embeds must be [B, L, H], got shape {tuple(inputs_embeds.shape)}")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         batch, length, _ = inputs_embeds.shape
-        dev = inputs_embeds.device
         if attention_mask is None:
-            attention_mask = torch.ones(batch, length, dtype=torch.long, device=dev)
+            attention_mask = torch.ones(batch, length, dtype=torch.long, device=inputs_embeds.device)
         if tuple(attention_mask.shape) != (batch, length):
             raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != {(batch, length)}")
         if padded is None:
@@ -449,8 +392,7 @@ class StaticGreedyDecoder:
             padded = bool((attention_mask == 0).any())
         eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
         packs = self._packs()
-        need = length + max_new_tokens
-        cache_len = -(-need // CACHE_ROUND) * CACHE_ROUND
+        cache_len = -(-(length + max_new_tokens) // CACHE_ROUND) * CACHE_ROUND
         key = (batch, cache_len, max_new_tokens, tuple(eos), pad_token_id)
         st = self._states.pop(key, None)
         if st is None:
@@ -460,19 +402,18 @@ class StaticGreedyDecoder:
         else:
             reset_cache(st.cache)
         self._states[key] = st
-        # views at the addresses the state's graph (if any) was captured with; None = the model's own forward
-        st.extra["packs"] = packs if self._packed_step(batch) else None
+        st.packs = packs if self._packed_step(batch) else None
 
-        # Fill the fixed buffers for this call (same addresses as the captured graph reads).
+        # fill the fixed buffers for this call (the addresses the captured graph reads)
+        am = attention_mask.to(torch.long)
         st.mask.fill_(1)
-        st.mask[:, :length].copy_(attention_mask.to(torch.long))
+        st.mask[:, :length].copy_(am)
         st.step.zero_()
         st.out.fill_(pad_token_id)
         st.finished.zero_()
         st.min_new.fill_(min_new_tokens)
 
-        # Prefill (eager; prompt lengths vary): positions count real tokens only, like `generate` does.
-        am = attention_mask.to(torch.long)
+        # prefill (eager; prompt lengths vary): positions count real tokens only, like `generate` does
         position_ids = (am.cumsum(-1) - 1).clamp(min=0)
         out = self._prefill(st, inputs_embeds, am, position_ids, padded=padded)
         first = self._select(st, out.logits[:, -1, :].float(), pad_token_id)
@@ -481,25 +422,20 @@ class StaticGreedyDecoder:
 
         if max_new_tokens > 1:
             run_step = self._prepare_step(st, pad_token_id)
-            done = 1
-            while done < max_new_tokens:
+            for done in range(2, max_new_tokens + 1):
                 run_step()
-                done += 1
-                if st.eos.numel() and done % self.check_every == 0 and bool(st.finished.all()):
+                if st.eos.numel() and done % self.config.check_every == 0 and bool(st.finished.all()):
                     break
         return st.out.clone()
 
     def _prefill(self, st: _DecodeState, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
                  position_ids: torch.Tensor, *, padded: bool):
-        """The prompt's forward, writing its keys/values into the state's static cache; returns the model output.
+        """The prompt's forward, writing its keys/values into the static cache; returns the model output.
 
-        It runs over `prefix_cache` (the first `length` positions of the static cache) so that attention sees exactly
-        the prompt, as with transformers' dynamic cache: without padding no mask is built and SDPA runs causal flash
-        attention with grouped KV heads; with padding the [B, 1, L, L] mask of the prompt. Over the whole static cache
-        transformers would build a [B, 1, L, cache_len] mask, which rules out the flash kernel and repeats K/V.
-        Layers other than plain `StaticLayer`s use the whole cache."""
-        length = inputs_embeds.shape[1]
-        cache = prefix_cache(st.cache, length)
+        It runs over `prefix_cache` so that attention sees exactly the prompt, as with a dynamic cache: without
+        padding no mask is built and SDPA runs causal flash attention; with padding the [B, 1, L, L] mask. (Over the
+        whole cache transformers would build a [B, 1, L, cache_len] mask, ruling out the flash kernel.)"""
+        cache = prefix_cache(st.cache, inputs_embeds.shape[1])
         if cache is None:
             cache, mask = st.cache, (st.mask if padded else None)
         else:
@@ -508,7 +444,7 @@ class StaticGreedyDecoder:
                        use_cache=True, logits_to_keep=1)
 
     def _prepare_step(self, st: _DecodeState, pad_token_id: int):
-        """Return a callable that performs one decode step; on CUDA it replays a graph captured on first use."""
+        """A callable that performs one decode step; on CUDA it replays a graph captured on first use."""
         if st.step_fn is None:
             st.step_fn = self._make_step(st, pad_token_id)
         if not self._graph_mode():
@@ -520,8 +456,7 @@ class StaticGreedyDecoder:
     def _capture(self, st: _DecodeState):
         """Warm the step up on a side stream (compiles it), restore the buffers, then capture one step."""
         saved = {name: getattr(st, name).clone() for name in ("ids", "pos", "step", "out", "finished")}
-        layers = st.cache.layers
-        saved_len = [layer.cumulative_length.clone() for layer in layers]
+        saved_len = [layer.cumulative_length.clone() for layer in st.cache.layers]
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -532,8 +467,7 @@ class StaticGreedyDecoder:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             st.step_fn()
-        # Capture does not execute the work; the buffers still hold the pre-step values.
-        self._restore(st, saved, saved_len)
+        self._restore(st, saved, saved_len)  # capture does not execute: the buffers still hold the pre-step values
         logger.info("captured a decode-step CUDA graph for batch %d, cache %d", st.ids.shape[0], st.mask.shape[1])
         return graph
 
@@ -545,30 +479,12 @@ class StaticGreedyDecoder:
             layer.cumulative_length.copy_(value)
 
 
-# ------------------------------------------------------------------------------------------------------------------
-# Entry point used by InternVLChatModel.generate
-# ------------------------------------------------------------------------------------------------------------------
-def resolve_backend(lm: nn.Module, backend: str | None, large: bool | None = None) -> str | None:
-    """"auto" -> "inductor" for models up to AUTO_INDUCTOR_MAX_PARAMS parameters, "eager" above (`large`: that test,
-    when the caller has it); others unchanged."""
-    if backend != "auto":
-        return backend
-    return "eager" if (large_model(lm) if large is None else large) else "inductor"
-
-
-def large_model(lm: nn.Module) -> bool:
-    """Whether `lm` has more than AUTO_INDUCTOR_MAX_PARAMS parameters (what the "auto" backend and compile scope
-    read)."""
-    return sum(p.numel() for p in lm.parameters()) > AUTO_INDUCTOR_MAX_PARAMS
-
-
 def decoder_for(lm: nn.Module, config: DecodeConfig | None = None) -> StaticGreedyDecoder:
-    """The StaticGreedyDecoder of a language model under `config` (default `DecodeConfig()`), cached on the model
-    while the configuration (and what its "auto" backend resolves to) stays the same: its static caches and CUDA
-    graphs are reused across calls."""
+    """The decoder of a language model under `config` (default `DecodeConfig()`), cached on the model while the
+    configuration stays the same, so its static caches and CUDA graphs are reused across calls."""
     config = config if config is not None else DecodeConfig()
     dec = getattr(lm, "_static_greedy_decoder", None)
-    if dec is None or dec.config != config or dec.compile_backend != resolve_backend(lm, config.backend):
+    if dec is None or dec.config != config:
         dec = (config.decoder_class or StaticGreedyDecoder)(lm, config)
         object.__setattr__(lm, "_static_greedy_decoder", dec)  # not a submodule
     return dec

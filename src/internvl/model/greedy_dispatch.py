@@ -1,6 +1,5 @@
-"""When `InternVLChatModel.generate` hands a call to the static-cache greedy decoder (`internvl.model.fast_generate`),
-and how its output is trimmed. Kept apart from the decoder, which imports Triton and registers custom ops, so that
-the model decides without importing it.
+"""When `InternVLChatModel.generate` hands a call to the static-cache greedy decoder (`fast_generate`), and how its
+output is trimmed; apart from the decoder (which imports Triton) so that the model decides without importing it.
 """
 from __future__ import annotations
 
@@ -14,18 +13,10 @@ _SUPPORTED = {"max_new_tokens", "min_new_tokens", "eos_token_id", "pad_token_id"
               "use_cache", "generation_config", "temperature", "top_p", "top_k"}
 
 
-def fast_path_supported() -> bool:
-    """The static-cache decoder relies on transformers >= 5.24 (StaticCache tracking its own length, `cache=` kwarg);
-    older versions use `generate` instead."""
-    return transformers_at_least("5.24")
-
-
 def greedy_settings(generate_kwargs: dict, default_eos: int | list[int] | None = None) -> dict | None:
-    """The decoding settings if `generate_kwargs` ask for plain greedy decoding, else None (use `generate`).
-
-    Returns {"max_new_tokens", "min_new_tokens", "eos_token_id", "pad_token_id"}.
-    """
-    if set(generate_kwargs) - _SUPPORTED or not fast_path_supported():
+    """{"max_new_tokens", "min_new_tokens", "eos_token_id", "pad_token_id"} if `generate_kwargs` ask for plain greedy
+    decoding, else None (use `generate`; so do transformers < 5.24, whose StaticCache lacks what the decoder needs)."""
+    if set(generate_kwargs) - _SUPPORTED or not transformers_at_least("5.24"):
         return None
     cfg = generate_kwargs.get("generation_config")
 
@@ -74,15 +65,13 @@ def trim_after_eos(tokens: torch.Tensor, eos: list[int], pad_token_id: int) -> t
 
 
 def has_training_compiled_layers(lm: nn.Module) -> bool:
-    """True while the training fast paths have compiled `lm`'s layers (`internvl.ops.compile_layers`, e.g. a
-    generation inside a training loop): the decode step cannot trace through those compiled checkpointing wrappers,
-    so `generate` uses transformers' loop until the trainer removes them."""
+    """True while the training fast paths have compiled `lm`'s layers (`ops.compile_layers`): the decode step cannot
+    trace through those wrappers, so `generate` uses transformers' loop until the trainer removes them."""
     # the flag is a plain instance attribute (compat.swap_forward): read __dict__, not nn.Module's slow __getattr__
     return any(module.__dict__.get("_compiled_layer", False) for module in lm.modules())
 
 
 def single_device(lm: nn.Module) -> bool:
-    """True when every weight of `lm` sits on one CUDA device (no device_map sharding, no CPU/disk offload): the
-    captured decode graph runs on one device."""
+    """True when every weight of `lm` sits on one CUDA device (the captured decode graph runs on one device)."""
     devices = {p.device for p in lm.parameters()}
     return len(devices) == 1 and next(iter(devices)).type == "cuda"

@@ -30,6 +30,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..constants import IMG_CONTEXT_TOKEN
+from ..tokenization import TokenizerError, check_single_token_ids, load_tokenizer
 from .configuration_internvl_chat import InternVLChatConfig
 
 _VISION_RENAMES: tuple[tuple[str, str], ...] = (
@@ -87,25 +89,13 @@ def convert_config_to_hf(config: InternVLChatConfig, image_token_id: int) -> Any
     from transformers import InternVLConfig, InternVLVisionConfig
 
     vc = config.vision_config
-    vision = InternVLVisionConfig(
-        hidden_size=vc.hidden_size,
-        num_hidden_layers=vc.num_hidden_layers,
-        num_attention_heads=vc.num_attention_heads,
-        attention_bias=vc.qkv_bias,
-        use_qk_norm=vc.qk_normalization,
-        intermediate_size=vc.intermediate_size,
-        hidden_act=vc.hidden_act,
-        norm_type=vc.norm_type,
-        layer_norm_eps=vc.layer_norm_eps,
-        image_size=vc.image_size,
-        patch_size=vc.patch_size,
-        num_channels=vc.num_channels,
-        layer_scale_init_value=vc.initializer_factor,
-        use_absolute_position_embeddings=True,
-        use_mean_pooling=True,
-        attention_dropout=vc.attention_dropout,
-        projection_dropout=vc.dropout,
-    )
+    same = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "hidden_act", "norm_type",
+            "layer_norm_eps", "image_size", "patch_size", "num_channels", "attention_dropout")
+    renamed = {"attention_bias": "qkv_bias", "use_qk_norm": "qk_normalization",
+               "layer_scale_init_value": "initializer_factor", "projection_dropout": "dropout"}
+    vision = InternVLVisionConfig(**{name: getattr(vc, name) for name in same},
+                                  **{new: getattr(vc, old) for new, old in renamed.items()},
+                                  use_absolute_position_embeddings=True, use_mean_pooling=True)
     text = config.llm_config.to_dict()
     text["tie_word_embeddings"] = False
     return InternVLConfig(
@@ -122,24 +112,12 @@ def convert_config_to_hf(config: InternVLChatConfig, image_token_id: int) -> Any
 
 
 def _image_token_id_from_dir(directory: Path) -> int:
-    """The id of `<IMG_CONTEXT>` as the tokenizer files of `directory` record it, read without loading a tokenizer."""
-    from ..constants import IMG_CONTEXT_TOKEN
-
-    def read(name: str) -> dict:
-        path = directory / name
-        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-
-    added = read("added_tokens.json")
-    if IMG_CONTEXT_TOKEN in added:
-        return int(added[IMG_CONTEXT_TOKEN])
-    decoder = read("tokenizer_config.json").get("added_tokens_decoder", {})
-    entries = [{**entry, "id": token_id} for token_id, entry in decoder.items()]
-    entries += read("tokenizer.json").get("added_tokens", [])
-    for entry in entries:
-        if entry.get("content") == IMG_CONTEXT_TOKEN:
-            return int(entry["id"])
-    raise ConversionError(f"{directory}: cannot find the id of {IMG_CONTEXT_TOKEN} in added_tokens.json, "
-                          "tokenizer_config.json or tokenizer.json; pass image_token_id explicitly")
+    """The id of `<IMG_CONTEXT>` in the tokenizer saved with the checkpoint."""
+    try:
+        return check_single_token_ids(load_tokenizer(directory), [IMG_CONTEXT_TOKEN])[IMG_CONTEXT_TOKEN]
+    except TokenizerError as exc:
+        raise ConversionError(f"{directory}: no single-token id for {IMG_CONTEXT_TOKEN} ({exc}); pass image_token_id "
+                              "explicitly") from None
 
 
 _TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -149,11 +127,8 @@ _TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json"
 def convert_checkpoint_to_hf(
     src: str | Path, dst: str | Path, image_token_id: int | None = None, allow_v1: bool = False
 ) -> Path:
-    """Convert checkpoint directory `src` (original layout, safetensors) into `dst` (native layout).
-
-    Streams one shard at a time (a 40B checkpoint needs one shard of RAM), keeps the shard structure, writes the
-    native config.json and index, and copies tokenizer/generation files.  Returns `dst`.
-    """
+    """Convert checkpoint directory `src` (original layout, safetensors) into `dst` (native layout), one shard at a
+    time (a 40B checkpoint needs one shard of RAM), with the native config.json, index and tokenizer files."""
     from .loading import find_weight_files
 
     src, dst = Path(src), Path(dst)

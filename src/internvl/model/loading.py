@@ -1,15 +1,8 @@
-"""Loading helpers for real checkpoints: bf16, device_map sharding, 8-bit/4-bit (bitsandbytes), meta construction.
-
-`InternVLChatModel.from_pretrained` already reads a released directory (config.json + model.safetensors or
-model-0000x-of-0000N.safetensors + model.safetensors.index.json); `load_pretrained` adds the checks and defaults a
-user of a 40B model wants:
-  * the directory must exist locally and hold safetensors weights (pickled `.bin`/`.pth` files are refused);
-  * bf16 by default; `device_map="auto"` spreads ViT blocks and LLM decoder layers over the visible GPUs
-    (`max_memory` caps each);
-  * `load_in_8bit` / `load_in_4bit` quantize the language model through bitsandbytes (optional extra
-    `medrega-toolkit[quant]`); the ViT, `mlp1` and `lm_head` stay in bf16 by default, as quantizing the vision tower
-    costs accuracy for little memory (5.5B of 40B parameters);
-  * a load with missing or unexpected keys raises instead of silently leaving random weights.
+"""Loading helpers for real checkpoints: bf16, device_map sharding, 8-bit/4-bit (bitsandbytes), weight-only int8,
+meta construction. `load_pretrained` adds to `InternVLChatModel.from_pretrained` the checks and defaults a user of a
+40B model wants: a local directory of safetensors (pickled weights refused), bf16, `device_map="auto"` over the GPUs,
+bitsandbytes quantisation of the language model only (the ViT, `mlp1` and `lm_head` stay bf16: quantising the vision
+tower costs accuracy for little memory), and an error for any missing or unexpected key.
 """
 from __future__ import annotations
 
@@ -26,19 +19,14 @@ from ..constants import SKIP_QUANT_MODULES
 from .configuration_internvl_chat import InternVLChatConfig
 from .modeling_internvl_chat import InternVLChatModel
 
-DEFAULT_SKIP_QUANT_MODULES: tuple[str, ...] = SKIP_QUANT_MODULES
-
 
 class CheckpointError(ValueError):
     """A checkpoint directory that cannot be loaded (missing, no safetensors, missing/unexpected keys...)."""
 
 
 def find_weight_files(path: str | Path) -> list[Path]:
-    """The safetensors files of a checkpoint directory, from its index when sharded.
-
-    Raises `CheckpointError` naming the directory when there is no config.json, no safetensors, or only pickled
-    weights (which are never loaded: unpickling runs arbitrary code).
-    """
+    """The safetensors files of a checkpoint directory, from its index when sharded; `CheckpointError` naming the
+    directory when there is no config.json, no safetensors, or only pickled weights (never unpickled)."""
     directory = Path(path)
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: checkpoint directory not found (only local directories are supported)")
@@ -67,37 +55,29 @@ def find_weight_files(path: str | Path) -> list[Path]:
     raise CheckpointError(f"{directory}: no model.safetensors or model.safetensors.index.json")
 
 
-_DTYPE_NAMES: dict[str, torch.dtype] = {
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
-    "half": torch.float16, "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-}
+_DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str | None:
-    """'bfloat16'/'bf16', 'float16'/'fp16', 'float32'/'fp32', 'auto' or a torch.dtype -> what from_pretrained takes.
-
-    Other names of floating-point torch dtypes ('float64', ...) are accepted too; anything else is a ValueError.
-    """
+    """A dtype name ('bf16', 'float16', any floating torch dtype name), 'auto' or a torch.dtype -> what
+    from_pretrained takes; anything else is a ValueError."""
     if dtype is None or isinstance(dtype, torch.dtype) or dtype == "auto":
         return dtype
-    if dtype in _DTYPE_NAMES:
-        return _DTYPE_NAMES[dtype]
-    value = getattr(torch, dtype, None) if isinstance(dtype, str) else None
+    value = getattr(torch, _DTYPE_ALIASES.get(dtype, dtype), None) if isinstance(dtype, str) else None
     if isinstance(value, torch.dtype) and value.is_floating_point:
         return value
-    raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPE_NAMES)} or 'auto'")
+    raise ValueError(f"unknown dtype {dtype!r}; use a floating torch dtype name ({', '.join(_DTYPE_ALIASES)}, "
+                     "bfloat16, float16, float32, ...) or 'auto'")
 
 
 def bitsandbytes_config(
     load_in_8bit: bool = False,
     load_in_4bit: bool = False,
-    skip_modules: Sequence[str] = DEFAULT_SKIP_QUANT_MODULES,
+    skip_modules: Sequence[str] = SKIP_QUANT_MODULES,
     compute_dtype: torch.dtype = torch.bfloat16,
 ) -> Any:
-    """A `transformers.BitsAndBytesConfig`, or None when neither flag is set.
-
-    Raises ImportError with the install hint when bitsandbytes is not installed, ValueError for both flags.
-    """
+    """A `transformers.BitsAndBytesConfig` (nf4 with double quantisation for 4-bit), or None when neither flag is
+    set; ImportError with the install hint without bitsandbytes."""
     if load_in_8bit and load_in_4bit:
         raise ValueError("choose one of load_in_8bit and load_in_4bit")
     if not (load_in_8bit or load_in_4bit):
@@ -128,23 +108,18 @@ def load_pretrained(
     load_in_8bit: bool = False,
     load_in_4bit: bool = False,
     attn_implementation: str | None = None,
-    skip_quant_modules: Sequence[str] = DEFAULT_SKIP_QUANT_MODULES,
+    skip_quant_modules: Sequence[str] = SKIP_QUANT_MODULES,
     weight_dtype: str | None = None,
     **kwargs: Any,
 ) -> InternVLChatModel:
     """Load an InternVL-Chat / MedRegA checkpoint directory for inference (eval mode).
 
-    dtype: torch dtype or its name ("bfloat16"/"bf16", "float16", "float32", see `resolve_dtype`), or "auto"/None
-    for the checkpoint's own (4-bit compute then runs in bf16).  device_map: None (CPU, or move later), "auto", or
-    an explicit {module_name: device} map.  Raises `CheckpointError` for a bad directory or any
-    missing/unexpected/mismatched key, ImportError when 8-/4-bit loading lacks bitsandbytes.
-
-    weight_dtype="int8": weight-only int8 (`internvl.ops.int8_weights`: int8 weights, one fp32 scale per output
-    row) for the language model's linears outside `skip_quant_modules`, decoded at batch 1 by our dequantising
-    Triton GEMV inside the packed, graph-captured decode step (unlike `load_in_8bit`'s LLM.int8). The checkpoint is
-    read on the CPU in `dtype` (host memory for the whole model), then each linear is quantised on its way to the
-    one device `device_map` names ("cuda", "cuda:0", a torch.device; None keeps the model on the CPU), so the
-    device never holds the bf16 language model: the 40B model takes about 43 GiB.
+    dtype: a torch dtype or its name (`resolve_dtype`), or "auto"/None for the checkpoint's own. device_map: None
+    (CPU), "auto" or {module_name: device}. Raises `CheckpointError` for a bad directory or any missing, unexpected
+    or mismatched key. weight_dtype="int8": weight-only int8 (`ops.int8_weights`) for the language model's linears
+    outside `skip_quant_modules`, decoded by our Triton GEMV (unlike `load_in_8bit`'s slow LLM.int8); the checkpoint
+    is read on the CPU and each linear quantised on its way to the one device `device_map` names, so that device
+    never holds the bf16 language model (the 40B model takes about 43 GiB).
     """
     find_weight_files(path)
     dtype = resolve_dtype(dtype)

@@ -67,11 +67,8 @@ class InternVisionEmbeddings(nn.Module):
         self.position_embedding = nn.Parameter(torch.randn(1, self.num_patches + 1, self.embed_dim))
 
     def _patch_pos_embed(self, height: int, width: int) -> torch.Tensor:
-        """Position embedding of the patch tokens for a `height` x `width` grid: [1, height*width, C].
-
-        Bicubic (align_corners=False) in fp32 from the stored square grid, as the original; the stored grid is
-        returned as is when it already matches (bicubic resampling at scale 1 is the identity).
-        """
+        """Position embedding of the patch tokens for a `height` x `width` grid: [1, height*width, C], resampled from
+        the stored square grid (returned as is when it matches: bicubic at scale 1 is the identity)."""
         pos = self.position_embedding[:, 1:, :]
         grid = self.image_size // self.patch_size
         if height == grid and width == grid:
@@ -194,10 +191,8 @@ class InternVisionEncoder(nn.Module):
         output_hidden_states: bool = False,
         num_layers: int | None = None,
     ) -> BaseModelOutput:
-        """Run the first `num_layers` blocks (all by default).
-
-        hidden_states (when asked for) is (embeddings, output of block 1, ..., output of block num_layers).
-        """
+        """Run the first `num_layers` blocks (all by default); hidden_states (when asked for) is (embeddings, output of
+        block 1, ..., output of block num_layers)."""
         hidden_states = inputs_embeds
         all_states: list[torch.Tensor] | None = [hidden_states] if output_hidden_states else None
         for layer in self.layers[: num_layers if num_layers is not None else len(self.layers)]:
@@ -246,10 +241,8 @@ class InternVisionModel(InternVisionPreTrainedModel):
         return self.embeddings.patch_embedding
 
     def resize_pos_embeddings(self, old_size: int, new_size: int, patch_size: int) -> None:
-        """Permanently resample the stored position grid from `old_size` to `new_size` pixels (bicubic, fp32).
-
-        Used when training at a `force_image_size` other than the ViT's own `image_size`.
-        """
+        """Permanently resample the stored position grid from `old_size` to `new_size` pixels (bicubic, fp32), for
+        training at a `force_image_size` other than the ViT's own `image_size`."""
         pos = self.embeddings.position_embedding
         cls_pos, patch_pos = pos[:, :1, :], pos[:, 1:, :]
         new = new_size // patch_size
@@ -260,11 +253,8 @@ class InternVisionModel(InternVisionPreTrainedModel):
         self.config.image_size = new_size
 
     def layer_output(self, pixel_values: torch.Tensor, select_layer: int = -1) -> torch.Tensor:
-        """Hidden state `hidden_states[select_layer]` ([T, 1+patches, C]) running only the blocks it needs.
-
-        `select_layer` indexes (embeddings, block 1, ..., block L) like the original's `hidden_states` tuple, so -1 is
-        the last block and -4 the 4th-to-last hidden state.
-        """
+        """Hidden state `hidden_states[select_layer]` ([T, 1+patches, C]) running only the blocks it needs; indexes
+        (embeddings, block 1, ..., block L) like the original's tuple (-1: the last block)."""
         total = len(self.encoder.layers) + 1
         index = select_layer + total if select_layer < 0 else select_layer
         if not 0 <= index < total:

@@ -37,10 +37,9 @@ class ImageTokenMismatchError(ValueError):
 def pixel_shuffle(x: torch.Tensor, scale_factor: float = 0.5, version: str = "v1") -> torch.Tensor:
     """Space-to-depth of a ViT feature grid, exactly as the original `InternVLChatModel.pixel_shuffle`.
 
-    x: [N, A, B, C] (A rows, B columns of patches) -> [N, A*s, B*s, C/s^2] for s = `scale_factor`.  Each output vector
-    concatenates the 2x2 block patch(2i,2j), patch(2i,2j+1), patch(2i+1,2j), patch(2i+1,2j+1) (for s = 0.5).
-    `version="v2"` returns the blocks in row-major order ([N, rows, cols, C']); `"v1"` (InternVL-Chat-V1.2,
-    MedRegA) skips the final swap, so the grid comes back transposed and flattening it lists blocks column-major.
+    x: [N, A, B, C] (A rows, B columns of patches) -> [N, A*s, B*s, C/s^2] for s = `scale_factor`; each output vector
+    concatenates a 2x2 block (for s = 0.5). `"v2"` returns the blocks row-major; `"v1"` (InternVL-Chat-V1.2, MedRegA)
+    skips the final swap, so flattening the grid lists blocks column-major.
     """
     if version not in ("v1", "v2"):
         raise ValueError(f"pixel_shuffle version must be 'v1' or 'v2', got {version!r}")
@@ -73,8 +72,7 @@ class InternVLChatModel(ChatMixin, PreTrainedModel):
     _supports_flash_attn = True
     _supports_flex_attn = True
     _supports_attention_backend = True
-    # Trainer: False keeps the original per-micro-batch token mean; set True to get `num_items_in_batch` passed in
-    # (sum / items, exact under gradient accumulation).
+    # Trainer: False keeps the original per-micro-batch token mean; True passes `num_items_in_batch` in
     accepts_loss_kwargs = False
 
     def __init__(
@@ -91,9 +89,8 @@ class InternVLChatModel(ChatMixin, PreTrainedModel):
         self.ps_version = config.ps_version
         self.num_image_token = config.num_image_token
         self.img_context_token_id: int | None = None
-        # Greedy `generate` on one CUDA device uses a static KV cache and a CUDA-graph decode step
-        # (internvl/model/fast_generate.py, docs/performance.md). False = transformers' generate; "always" = also on
-        # the CPU (tests). `decode_config` holds that decoder's options (the measured defaults).
+        # greedy `generate` on one CUDA device runs `fast_generate`'s decoder with `decode_config`; False =
+        # transformers' generate; "always" = also on the CPU (tests)
         self.fast_generate: bool | str = True
         self.decode_config = DecodeConfig()
 
@@ -174,14 +171,10 @@ class InternVLChatModel(ChatMixin, PreTrainedModel):
         """Overwrite the `<IMG_CONTEXT>` positions of inputs_embeds [B,L,H] by the features of the real tiles of
         vit_all [T,N,H] (image_flags [T] == 1; all tiles when None), in order. Returns [B,L,H].
 
-        `check` reads the two counts back to the host once and raises `ImageTokenMismatchError` when the context tokens
-        are not (real tiles) x N (e.g. image tokens cut off by max_seq_length, or a wrong number of tiles) instead of
-        silently training on partial features. `check=False` (`forward(..., sync_free=True)`, CUDA-graph capture)
-        reads nothing back; the caller has checked the counts on the host (`image_token_mismatch`).
-
-        The merge itself has static shapes: real tiles are moved first by a stable sort of the flags, and the k-th
-        context position gathers feature row cumsum(mask) - 1. Dummy tiles (text-only samples) still touch every
-        vision/projector parameter with weight 0, so DDP/ZeRO-3 see the same parameters used on every rank.
+        `check` reads the counts back once and raises `ImageTokenMismatchError` unless the context tokens are
+        (real tiles) x N; `check=False` reads nothing back (the caller checked with `image_token_mismatch`). The merge
+        has static shapes (real tiles sorted first, the k-th context position gathers row cumsum(mask) - 1); dummy
+        tiles touch every vision/projector parameter with weight 0, so DDP/ZeRO-3 see the same parameters on every rank.
         """
         token_id = self._require_img_context_id()
         mask = (input_ids == token_id).to(inputs_embeds.device)
@@ -240,17 +233,12 @@ class InternVLChatModel(ChatMixin, PreTrainedModel):
         sync_free: bool = False,
         **kwargs,
     ) -> ModelOutput:
-        """Multimodal causal-LM forward: returns the LLM's output (logits [B,L,V], cache, ...) with `loss` set.
+        """Multimodal causal-LM forward: the LLM's output (logits [B,L,V], cache, ...) with `loss` set.
 
         pixel_values [T,3,S,S] with image_flags [T] (1 = real tile, 0 = dummy tile of a text-only sample); input_ids
-        [B,L] containing T_real*num_image_token `<IMG_CONTEXT>` tokens.  Packed rows: pass attention_mask=None and
-        position_ids restarting at 0 for each sample (transformers then masks attention block-diagonally).
-        Loss: `internvl.ops.causal_lm_loss` (the trainer's loss; its docstring says how `loss_weight` [B,L] and
-        `num_items_in_batch` enter) on the logits.  Other kwargs (cache, use_cache, output_hidden_states, ...) go to
-        the language model.
-        `sync_free`: merge the image features without reading anything back to the host (no count check, static
-        shapes), for CUDA-graph capture of a whole training step; the caller checks the counts first
-        (`image_token_mismatch`, as `lab.graph_step` does).
+        [B,L] holding T_real*num_image_token `<IMG_CONTEXT>` tokens. Packed rows: attention_mask=None and position_ids
+        restarting at 0 per sample. Loss: `internvl.ops.causal_lm_loss` on the logits. Other kwargs go to the language
+        model. `sync_free`: merge the image features without a host read (CUDA-graph capture, `lab.graph_step`).
         """
         if inputs_embeds is None:
             if input_ids is None:
@@ -282,17 +270,14 @@ class InternVLChatModel(ChatMixin, PreTrainedModel):
         generation_config: GenerationConfig | None = None,
         **generate_kwargs,
     ) -> torch.LongTensor:
-        """Generate from text with images merged in; returns only the new tokens [B, new] (inputs_embeds path).
-
-        Works with every transformers decoding strategy and the KV cache, since the language model's own
-        `generate` runs on the merged embeddings.  Left-pad batched prompts.
-        """
+        """Generate from text with images merged in (left-padded prompts); returns only the new tokens [B, new].
+        Plain greedy decoding runs the static-cache decoder (`fast_generate`), everything else the language model's
+        own `generate` on the merged embeddings."""
         if input_ids is None:
             raise ValueError("generate needs input_ids")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        # Everything read back to the host is read here, in one sync before any GPU work is queued (a read after
-        # the vision tower would wait for it instead of queueing the prefill behind it).
+        # everything the host reads is read here, in one sync before any GPU work is queued
         has_images = pixel_values is not None or visual_features is not None
         token_id = self._require_img_context_id() if has_images else -1
         n_tokens, left_padded, padded = torch.stack([
@@ -335,11 +320,8 @@ class InternVLChatModel(ChatMixin, PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs) -> InternVLChatModel:
-        """transformers' loader (single or sharded safetensors, dtype, device_map, quantization_config), local only.
-
-        Never contacts a hub and never runs remote code; see `internvl.model.loading.load_pretrained` for the
-        bf16 / device_map / 8-bit / 4-bit conveniences.
-        """
+        """transformers' loader, local safetensors only, never remote code (`loading.load_pretrained` adds the checks
+        and the bf16 / device_map / 8-bit / 4-bit conveniences)."""
         if kwargs.get("trust_remote_code"):
             raise ValueError("InternVLChatModel is implemented locally; trust_remote_code is never needed or used")
         kwargs.pop("trust_remote_code", None)

@@ -1,14 +1,10 @@
 """The packed decode step of a Llama-family language model: one decoder layer at a time over packed q/k/v and
-gate/up weights (`internvl.ops.packed_projections.pack_decoder`), for `internvl.model.fast_generate`.
+gate/up weights (`ops.packed_projections.pack_decoder`), for `fast_generate`. The layer body `packed_layer` is a pure
+function, so it can be compiled once and reused by every layer ("layer" compile scope: seconds to compile instead of
+about a minute for the whole 60-layer 40B step).
 
-Why a module of its own: the layer body is a pure function of its tensors and modules (`packed_layer`), so it can be
-compiled once and reused by every layer of the model ("layer" compile scope, `DecodeConfig.compile_scope`). Compiling
-the whole 60-layer step of the 40B model with inductor takes about a minute per (batch, cache length); compiling one
-layer takes seconds, and the step still runs as one CUDA graph.
-
-Shapes: h [B, 1, H] hidden states; q/k/v split from the packed product; the static cache layer's keys/values
-[B, KVH, L, D]; `mask` bool [B, 1, 1, L] (True = attend), `cache_mask` [B, L] (1 = a real token), `limit` [1] (the
-last cache index the new token attends to).
+Shapes: h [B, 1, H]; the cache layer's keys/values [B, KVH, L, D]; `mask` bool [B, 1, 1, L] (True = attend),
+`cache_mask` [B, L] (1 = a real token), `limit` [1] (the last cache index the new token attends to).
 """
 from __future__ import annotations
 
@@ -23,16 +19,15 @@ from ..ops.packed_projections import plain_linear
 
 
 def packed_linear(x: torch.Tensor, w, b: torch.Tensor | None, one_row: bool) -> torch.Tensor:
-    """x @ w.T + b for a packed weight `w`: a bf16/fp32 tensor (through our GEMV when `one_row`) or, for weight-only
-    int8, the pair (int8 weight, fp32 row scales)."""
+    """x @ w.T + b for a packed weight `w`: a tensor (through our GEMV when `one_row`) or (int8 weight, row scales)."""
     if isinstance(w, tuple):
         return int8_linear(x, *w, b)
     return torch.ops.internvl.gemv(x, w, b) if one_row else nn.functional.linear(x, w, b)
 
 
 def project(module: nn.Module, x: torch.Tensor, one_row: bool) -> torch.Tensor:
-    """A linear module of the step (o_proj, down_proj, LM head) through `packed_linear` when it is a plain linear
-    (bf16 or int8); anything else (a LoRA or quantised wrapper) through its own forward."""
+    """A linear of the step (o_proj, down_proj, LM head) through `packed_linear` when it is a plain linear (bf16 or
+    int8); anything else (LoRA, bitsandbytes) through its own forward."""
     if not plain_linear(module):
         return module(x)
     scale = getattr(module, "weight_scale", None)
@@ -42,9 +37,8 @@ def project(module: nn.Module, x: torch.Tensor, one_row: bool) -> torch.Tensor:
 def packed_layer(h: torch.Tensor, layer: nn.Module, pack: tuple, cache_layer, cos: torch.Tensor, sin: torch.Tensor,
                  mask: torch.Tensor, cache_mask: torch.Tensor, limit: torch.Tensor, *, one_row: bool,
                  attend: Callable) -> torch.Tensor:
-    """One decoder layer of the decode step: norm -> packed q/k/v -> RoPE -> static-cache update -> attention
-    (`attend(module, q, keys, values, mask, cache_mask, limit)` -> [B, 1, H, D]) -> o_proj -> residual -> norm ->
-    packed gate/up -> act * up -> down -> residual. Same maths as the layer's own forward. h [B, 1, H] -> [B, 1, H]."""
+    """One decoder layer, the same maths as its own forward: norm -> packed q/k/v -> RoPE -> cache update -> `attend`
+    -> o_proj -> residual -> norm -> packed gate/up -> act * up -> down -> residual. h [B, 1, H] -> [B, 1, H]."""
     attn, mlp = layer.self_attn, layer.mlp
     w_qkv, b_qkv, w_gu, b_gu = pack
     batch = h.shape[0]
@@ -68,9 +62,8 @@ def packed_layer(h: torch.Tensor, layer: nn.Module, pack: tuple, cache_layer, co
 def packed_forward_logits(lm: nn.Module, cache, cache_mask: torch.Tensor, ids: torch.Tensor, pos: torch.Tensor,
                           packs: list, *, one_row: bool, attend: Callable,
                           layer_fn: Callable = packed_layer) -> torch.Tensor:
-    """The decode forward over packed weights: embeddings, RoPE tables and mask once, `layer_fn` (`packed_layer`, or
-    its compiled form) per layer, then the final norm and the LM head. ids/pos [B, 1] -> [B, V] logits; `cache` the
-    static cache, `cache_mask` [B, L] its real tokens; `packs` from `pack_decoder`."""
+    """The decode forward over packed weights: embeddings, RoPE tables and mask once, `layer_fn` per layer, the final
+    norm and the LM head. ids/pos [B, 1] -> [B, V] logits; `cache_mask` [B, L] marks the cache's real tokens."""
     model = lm.model
     h = model.get_input_embeddings()(ids)  # [B, 1, H]
     cos, sin = model.rotary_emb(h, position_ids=pos)

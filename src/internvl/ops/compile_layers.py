@@ -1,25 +1,15 @@
 """Regional `torch.compile` of the repeated transformer layers, and runtime-fused q/k/v and gate/up projections.
 
-Why: a training step of the `mid` model (22 Llama layers + 24 ViT layers) launches thousands of small elementwise
-kernels (norms, RoPE, SwiGLU/GELU, residual adds, layer scale); with gradient checkpointing every layer's forward runs
-twice and the step becomes bound by Python and kernel launches. Compiling each layer lets inductor fuse that
-elementwise work and generate the matching backward, while identical layers share one compiled graph (one compile
-per layer class, not per layer): every instance of a class gets the same `torch.compile`d function as its `forward`.
-
-Design:
-- Only the instance's `forward` is replaced, so module hooks (transformers' hidden-state capture, DeepSpeed) stay
-  outside the compiled region, and parameters / state-dict keys do not change.
-- transformers' `GradientCheckpointingLayer.forward` is the checkpoint wrapper itself, so with checkpointing on the
-  `torch.utils.checkpoint` call is traced by dynamo and the recomputation lands inside the compiled backward graph
-  (`ckpt="inside"`, the default). `ckpt="outside"` compiles the bare layer forward and wraps the non-reentrant
-  checkpoint around it from Python.
-- `fuse_projections`: inside the compiled layer, q/k/v (and gate/up) run as one matmul against `torch.cat` of their
-  weights (the cat and the split of its gradient are cheap next to the matmul). Only plain `nn.Linear` projections
-  are fused, so LoRA-wrapped layers keep their own forward.
+A training step launches thousands of small elementwise kernels (norms, RoPE, SwiGLU/GELU, residuals, layer scale),
+twice per layer with gradient checkpointing. Compiling each layer lets inductor fuse them and generate the backward;
+all instances of a layer class share one compiled function. Only the instance's `forward` is replaced, so module
+hooks stay outside the compiled region and state-dict keys do not change. transformers'
+`GradientCheckpointingLayer.forward` is itself the checkpoint wrapper, so the recomputation is traced into the
+compiled backward. `fuse_projections` runs q/k/v (and gate/up) of plain linears as
+one matmul against `torch.cat` of their weights.
 """
 from __future__ import annotations
 
-import functools
 import logging
 import sys
 
@@ -58,11 +48,10 @@ def _fusable_mlp(module: nn.Module) -> bool:
 def _cat_linear(x: torch.Tensor, linears: tuple[nn.Linear, ...]) -> list[torch.Tensor]:
     """One matmul of x against the row-concatenated weights of `linears`; returns each projection's output."""
     weight = torch.cat([lin.weight for lin in linears])
-    biases = [lin.bias for lin in linears]
-    bias = torch.cat(biases) if all(b is not None for b in biases) else None
-    if bias is None and any(b is not None for b in biases):
-        bias = torch.cat([b if b is not None else lin.weight.new_zeros(lin.out_features)
-                          for b, lin in zip(biases, linears)])
+    bias = None
+    if any(lin.bias is not None for lin in linears):
+        bias = torch.cat([lin.bias if lin.bias is not None else lin.weight.new_zeros(lin.out_features)
+                          for lin in linears])
     return list(F.linear(x, weight, bias).split([lin.out_features for lin in linears], dim=-1))
 
 
@@ -81,9 +70,8 @@ def fused_mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def fuse_projections(model: nn.Module) -> dict[str, int]:
-    """Swap (per instance) the forward of every fusable attention and gated MLP for the fused-matmul forward.
-
-    Modules already swapped by `enable_fast_kernels` (liger) are left alone. Returns {"qkv": n, "gate_up": m}."""
+    """Swap (per instance) the forward of every fusable attention and gated MLP, except liger-swapped ones, for the
+    fused-matmul forward; returns {"qkv": n, "gate_up": m}."""
     counts = {"qkv": 0, "gate_up": 0}
     for module in model.modules():
         if getattr(module, "_fast_kernel", False) or getattr(module, "_fused_proj", False):
@@ -102,29 +90,10 @@ def unfuse_projections(model: nn.Module) -> int:
     return restore_forwards(model, "_fused_proj")
 
 
-def _outside_forward(compiled_inner):
-    """A forward that wraps non-reentrant checkpointing around the compiled bare layer forward (`ckpt="outside"`)."""
-
-    def forward(self, *args, **kwargs):
-        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-            if kwargs.get("use_cache"):
-                kwargs["use_cache"] = False
-            if not getattr(self, "_can_checkpoint_with_cache", False):
-                for name in ("cache", "layer_past"):
-                    if kwargs.get(name) is not None:
-                        kwargs[name] = None
-            return torch.utils.checkpoint.checkpoint(functools.partial(compiled_inner, self, **kwargs), *args,
-                                                     use_reentrant=False)
-        return compiled_inner(self, *args, **kwargs)
-
-    return forward
-
-
 def _own_code(fn, name: str):
-    """A trampoline to `fn` with a code object of its own. Dynamo keeps compiled graphs per code object, and every
-    transformers layer class shares the code of `GradientCheckpointingLayer`'s checkpointing wrapper: without this
-    the ViT and LLM layers would share one cache entry list, and the second class's different shapes would be taken
-    for a varying shape (recompiling it with dynamic shapes)."""
+    """A trampoline to `fn` with a code object of its own: dynamo caches graphs per code object, and every layer class
+    shares `GradientCheckpointingLayer`'s wrapper, so the ViT's shapes would otherwise look like a varying LLM shape
+    (recompiled dynamic)."""
 
     def call(self, *args, **kwargs):
         return fn(self, *args, **kwargs)
@@ -134,49 +103,34 @@ def _own_code(fn, name: str):
     return call
 
 
-def _compiled_for(cls: type, *, ckpt: str, backend: str, mode: str | None, dynamic: bool | None,
-                  options: dict | None = None):
+def _compiled_for(cls: type, *, backend: str, mode: str | None, options: dict | None = None):
     """One compiled function per (layer class, options), shared by all instances of the class."""
-    key = (cls, ckpt, backend, mode, dynamic, tuple(sorted((options or {}).items())))
+    key = (cls, backend, mode, tuple(sorted((options or {}).items())))
     if key not in _COMPILED:
-        wrapped = cls.forward
-        name = f"{cls.__name__}_forward_{ckpt}"
-        kwargs = {"backend": backend, "mode": mode, "dynamic": dynamic, **({"options": options} if options else {})}
-        if ckpt == "outside":
-            inner = getattr(wrapped, "__wrapped__", wrapped)  # the layer's own forward, without HF's checkpointing
-            _COMPILED[key] = _outside_forward(torch.compile(_own_code(inner, name), **kwargs))
-        else:
-            _COMPILED[key] = torch.compile(_own_code(wrapped, name), **kwargs)
+        kwargs = {"backend": backend, "mode": mode, **({"options": options} if options else {})}
+        _COMPILED[key] = torch.compile(_own_code(cls.forward, f"{cls.__name__}_forward"), **kwargs)
     return _COMPILED[key]
 
 
-def compile_layers(model: nn.Module, *, ckpt: str = "inside", backend: str = "inductor", mode: str | None = None,
-                   dynamic: bool | None = None, skip: tuple[str, ...] = (),
-                   options: dict | None = None) -> dict[str, int]:
-    """Compile every transformers `GradientCheckpointingLayer` inside `model` (Llama decoder layers, InternViT
-    blocks), per layer class; returns {class name: layers compiled}.
-
-    `skip`: module-name prefixes left eager (e.g. ("vision_model",) when that tower is LoRA-wrapped). Raises the
-    dynamo recompile limit to at least 64 so eval/no-grad, checkpointing on/off and new shapes do not fall back
-    to eager. `options`: inductor options (`torch.compile(options=...)`), not together with `mode`.
-    """
+def compile_layers(model: nn.Module, *, backend: str = "inductor", mode: str | None = None,
+                   skip: tuple[str, ...] = (), options: dict | None = None) -> dict[str, int]:
+    """Compile every `GradientCheckpointingLayer` inside `model` (decoder layers, InternViT blocks) per layer class,
+    except under the module-name prefixes `skip`; returns {class name: layers compiled}. Raises dynamo's recompile
+    limit to at least 64 (eval, checkpointing on/off and new shapes must not fall back to eager)."""
     if mode is not None and options:
         raise ValueError("compile_layers takes a mode or inductor options, not both (torch.compile's rule)")
-    if ckpt not in ("inside", "outside"):
-        raise ValueError(f"ckpt must be 'inside' or 'outside', got {ckpt!r}")
-    base = GradientCheckpointingLayer
     limit_name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
     setattr(torch._dynamo.config, limit_name, max(getattr(torch._dynamo.config, limit_name), 64))
     counts: dict[str, int] = {}
     for name, module in model.named_modules():
-        if not isinstance(module, base) or getattr(module, "_compiled_layer", False):
+        if not isinstance(module, GradientCheckpointingLayer) or getattr(module, "_compiled_layer", False):
             continue
         if any(name == s or name.startswith(s + ".") for s in skip):
             continue
-        fn = _compiled_for(type(module), ckpt=ckpt, backend=backend, mode=mode, dynamic=dynamic, options=options)
+        fn = _compiled_for(type(module), backend=backend, mode=mode, options=options)
         swap_forward(module, fn, "_compiled_layer")
         counts[type(module).__name__] = counts.get(type(module).__name__, 0) + 1
-    logger.info("compiled layers (%s, checkpointing %s): %s", backend, ckpt, counts)
+    logger.info("compiled layers (%s): %s", backend, counts)
     return counts
 
 

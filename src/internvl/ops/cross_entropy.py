@@ -1,24 +1,15 @@
-"""The training loss, `causal_lm_loss` (called by the model's forward and by the trainer), with its divisor
-`loss_items`, and the cross-entropy kernels over the LM head that avoid materialising the full logits tensor.
+"""The training loss, `causal_lm_loss` (called by the model's forward and by the trainer), its divisor `loss_items`,
+and the cross-entropy kernels over the LM head that never keep the full [T, V] logits for backward.
 
-Why: for a batch of T tokens and a vocabulary of V the plain path builds [T, V] bf16 logits, upcasts them to fp32 and
-keeps both for backward (8 x 1024 tokens x 64k vocab = 1 GB bf16 + 2 GB fp32 plus their gradients). Three savings:
-
-1. Only supervised positions need logits: `causal_lm_loss` runs the head on the rows whose next token is supervised
-   (not the image tokens and the prompt).
-2. The head + softmax + loss run chunk by chunk, each chunk's gradients (hidden states, head weight) computed in the
-   forward pass (the loss is the last op), so no logits are kept for backward: liger-kernel's Triton kernel, or
-   `PaddedLinearCrossEntropy` in PyTorch (and whenever per-token loss weights are given).
-3. `PaddedLinearCrossEntropy` zero-pads the head weight to a multiple of 128 rows, so an odd vocabulary (32007,
-   Yi's 64000 + added tokens) does not push cuBLAS onto slow unaligned kernels, and computes the elementwise part in
-   place in the logits buffer (`ce_grad_inplace`, compiled on CUDA: no fp32 [N, V] copy). `impl="padded"` (the CUDA
-   default) sizes its row chunks by a memory budget (`DEFAULT_LOGITS_BUDGET`), `impl="chunked"` (the CPU default)
-   uses a fixed `chunk_size` and the eager elementwise function.
-
+Savings against the plain path (bf16 logits, an fp32 copy, both kept for backward): the head runs only on supervised
+rows; head + softmax + loss run chunk by chunk with the gradients computed in the forward (liger-kernel's Triton
+kernel, or `PaddedLinearCrossEntropy` in PyTorch); the padded kernel rounds the vocabulary up to a multiple of 128
+rows (cuBLAS's fast aligned kernels) and does the elementwise part in place (`ce_grad_inplace`, compiled on CUDA).
 All give the loss of `F.cross_entropy(hidden @ W.T, labels)` up to bf16 rounding of the logits.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 
 import torch
@@ -46,13 +37,9 @@ def _row_weights(labels: torch.Tensor, weights: torch.Tensor | None) -> torch.Te
 
 
 def ce_grad_inplace(logits: torch.Tensor, labels: torch.Tensor, row_weights: torch.Tensor, vocab: int) -> torch.Tensor:
-    """Weighted CE of one chunk and its logits gradient, written in place.
-
-    logits [c, Vp] (matmul dtype; columns >= `vocab` are padding and count as -inf), labels [c] long in [0, vocab),
-    row_weights [c] fp32 (already divided by the total weight). Returns sum_i w_i * CE_i (fp32 scalar) and overwrites
-    `logits` with w_i * (softmax_i - onehot_i) (0 in the padded columns). One reduction + one pointwise pass when
-    compiled by inductor; plain PyTorch (fp32 temporaries) otherwise.
-    """
+    """Weighted CE of one chunk, its logits gradient written in place: logits [c, Vp] (columns >= `vocab` are padding,
+    -inf), labels [c], row_weights [c] fp32 (already normalised) -> sum_i w_i * CE_i (fp32); `logits` becomes
+    w_i * (softmax_i - onehot_i). One reduction and one pointwise pass when compiled by inductor."""
     x = logits.float()
     cols = torch.arange(x.shape[1], device=x.device)
     x = x.masked_fill(cols >= vocab, float("-inf"))
@@ -64,16 +51,10 @@ def ce_grad_inplace(logits: torch.Tensor, labels: torch.Tensor, row_weights: tor
     return loss
 
 
-_COMPILED_CE: dict[str, object] = {}
-
-
-def _ce_fn(compiled: bool):
-    """The elementwise CE function, compiled once per process (dynamic row counts: no recompile per batch)."""
-    if not compiled:
-        return ce_grad_inplace
-    if "fn" not in _COMPILED_CE:
-        _COMPILED_CE["fn"] = torch.compile(ce_grad_inplace, dynamic=True)
-    return _COMPILED_CE["fn"]
+@functools.cache
+def _compiled_ce():
+    """`ce_grad_inplace` compiled once per process (dynamic row counts: no recompile per batch)."""
+    return torch.compile(ce_grad_inplace, dynamic=True)
 
 
 def padded_rows_per_chunk(vocab: int, dtype: torch.dtype, budget_bytes: int = DEFAULT_LOGITS_BUDGET) -> int:
@@ -84,13 +65,9 @@ def padded_rows_per_chunk(vocab: int, dtype: torch.dtype, budget_bytes: int = DE
 
 
 class PaddedLinearCrossEntropy(torch.autograd.Function):
-    """loss = sum_i w_i * CE(h_i W^T + b, y_i) / sum_i w_i, computed in row chunks with gradients in forward.
-
-    The head weight is zero-padded to a multiple of `VOCAB_ALIGN` rows for the matmuls (padded logits masked to -inf)
-    and the elementwise part done in place by `ce_grad_inplace` (compiled on request). Inputs: hidden [N, H], weight
-    [V, H], bias [V] or None, labels [N] (IGNORE_INDEX rows get weight 0), weights [N] float or None (None = 1 per
-    supervised row), rows per chunk, compiled (bool). Returns a scalar fp32 loss; gradients are computed in forward
-    and scaled in backward."""
+    """loss = sum_i w_i * CE(h_i W^T + b, y_i) / sum_i w_i in row chunks, gradients computed in forward (scaled in
+    backward). The head weight is zero-padded to a multiple of `VOCAB_ALIGN` rows. Inputs: hidden [N, H], weight
+    [V, H], bias [V] or None, labels [N], weights [N] or None (1 per supervised row), rows per chunk, compiled."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, weights, chunk_rows, compiled):  # type: ignore[override]
@@ -103,7 +80,7 @@ class PaddedLinearCrossEntropy(torch.autograd.Function):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_b = bias is not None and ctx.needs_input_grad[2]
         safe_labels = labels.clamp(min=0)
-        fn = _ce_fn(compiled)
+        fn = _compiled_ce() if compiled else ce_grad_inplace
         single = n <= chunk_rows
         grad_h = None if single or not need_h else torch.empty_like(hidden)
         grad_w = grad_b = None
@@ -141,8 +118,7 @@ class PaddedLinearCrossEntropy(torch.autograd.Function):
 
 def weighted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor,
                            token_weights: torch.Tensor | None = None) -> torch.Tensor:
-    """sum(w * CE(logits, labels)) / sum(w) over rows with labels != IGNORE_INDEX, in fp32 from materialised logits
-    [N, V] (w = token_weights [N], 1 when None): the reference the fused kernels are checked against."""
+    """sum(w * CE) / sum(w) from materialised logits [N, V] in fp32 (see `linear_cross_entropy`): the reference."""
     ce = F.cross_entropy(logits.float(), labels.clamp(min=0), reduction="none")
     w = _row_weights(labels, token_weights)
     return (ce * w).sum() / w.sum().clamp(min=torch.finfo(torch.float32).tiny)
@@ -157,33 +133,26 @@ def linear_cross_entropy(
     token_weights: torch.Tensor | None = None,
     impl: str = "auto",
     chunk_size: int = DEFAULT_CHUNK,
-    compile_elementwise: bool | None = None,
 ) -> torch.Tensor:
-    """Weighted-mean CE of `hidden @ weight.T (+ bias)` against `labels` without keeping [N, V] logits.
+    """sum(w * CE) / sum(w) of `hidden` [N, H] @ `weight.T` [V, H] (+ bias) against `labels` [N] (IGNORE_INDEX rows
+    excluded; w = `token_weights` [N], 1 when None) without keeping [N, V] logits; softmax in fp32.
 
-    Args:
-        hidden: [N, H] rows (any float dtype; the matmul runs in it, the softmax in fp32).
-        weight: [V, H] LM-head weight. labels: [N] long with IGNORE_INDEX for unsupervised rows.
-        token_weights: optional [N] per-row loss weights (packed "square"/"sample" averaging): the loss is
-            sum(w * ce) / sum(w) over supervised rows. None means the plain token mean.
-        impl: "auto" ("padded" on CUDA, else "chunked"), "padded" (vocabulary padded to a multiple of 128, rows
-            chunked by a memory budget, elementwise part compiled on CUDA), "liger" (liger-kernel's fused linear CE,
-            no token weights), "chunked" (the padded kernel with fixed `chunk_size` rows, eager elementwise part) or
-            "plain" (materialises logits; the reference).
-        compile_elementwise: padded path only; None = compile on CUDA, eager elsewhere.
+    impl: "auto" ("padded" on CUDA, else "chunked"), "padded" (rows chunked by a memory budget, elementwise part
+    compiled on CUDA), "liger" (liger-kernel, no token weights), "chunked" (fixed
+    `chunk_size` rows, eager) or "plain" (materialised logits: the reference).
     """
     if hidden.dim() != 2 or labels.dim() != 1 or hidden.shape[0] != labels.shape[0]:
         raise ValueError(f"hidden must be [N, H] and labels [N]; got {tuple(hidden.shape)} and {tuple(labels.shape)}")
     if impl == "auto":
         impl = "padded" if hidden.is_cuda else "chunked"
     if impl == "padded":
-        compiled = hidden.is_cuda if compile_elementwise is None else bool(compile_elementwise)
-        rows = padded_rows_per_chunk(weight.shape[0], hidden.dtype)
+        compiled, rows = hidden.is_cuda, padded_rows_per_chunk(weight.shape[0], hidden.dtype)
+    elif impl == "chunked":
+        compiled, rows = False, int(chunk_size)
+    if impl in ("padded", "chunked"):
         return PaddedLinearCrossEntropy.apply(hidden, weight, bias, labels, token_weights, rows, compiled)
     if impl == "plain":
         return weighted_cross_entropy(F.linear(hidden, weight, bias), labels, token_weights)
-    if impl == "chunked":
-        return PaddedLinearCrossEntropy.apply(hidden, weight, bias, labels, token_weights, int(chunk_size), False)
     if impl == "liger":
         if token_weights is not None:
             raise ValueError("the liger path takes no per-token weights; use impl='chunked'")
@@ -201,8 +170,7 @@ def linear_cross_entropy(
 
 
 def plain_module_class(module: torch.nn.Module) -> type:
-    """The module's own class, seen through FSDP2: `fully_shard` swaps a module's class for a dynamic subclass
-    `FSDP<Name>(FSDPModule, <Name>)` (accelerate's FSDP2 path shards the LM head as its own unit, `FSDPLinear`)."""
+    """The module's own class, seen through FSDP2's dynamic subclass `FSDP<Name>(FSDPModule, <Name>)`."""
     cls = type(module)
     from torch.distributed.fsdp import FSDPModule
 
@@ -214,11 +182,9 @@ def plain_module_class(module: torch.nn.Module) -> type:
 
 
 def fused_head_supported(lm_head: torch.nn.Module) -> bool:
-    """Whether `causal_lm_loss` may read `lm_head.weight` directly: a plain nn.Linear (not a LoRA/peft wrapper, whose
-    delta would be skipped) with a materialised weight (not a DeepSpeed ZeRO-3 partition, gathered only inside the
-    module's own forward). An FSDP2-sharded plain nn.Linear counts (`FSDPLinear`, its weight a DTensor of the full
-    shape): FSDP2 registers the unsharded weight on the module while its unit is unsharded, and
-    `fused_loss_forward` reads it after the model's forward (`fsdp2_unsharded_weight`)."""
+    """Whether `causal_lm_loss` may read `lm_head.weight` directly: a plain nn.Linear (not a LoRA wrapper, whose delta
+    would be skipped) with a materialised weight (not a ZeRO-3 partition). An FSDP2-sharded one counts: its weight is
+    a DTensor of the full shape, unsharded for the loss by `fsdp2_unsharded_weight`."""
     if plain_module_class(lm_head) is not torch.nn.Linear:
         return False
     weight = lm_head.weight
@@ -227,12 +193,8 @@ def fused_head_supported(lm_head: torch.nn.Module) -> bool:
 
 def fsdp2_unsharded_weight(lm_head: torch.nn.Module) -> None:
     """After the model's forward, make sure an FSDP2 LM head holds its unsharded weight, so the fused loss reads (and
-    its backward accumulates into) the parameter FSDP2 reduce-scatters in the unit's post-backward.
-
-    accelerate shards the head with `reshard_after_forward=False` (or leaves it in the root, which never reshards after
-    forward): the weight is already unsharded and nothing happens. A head unit that reshards after its forward is
-    unsharded again here (`FSDPModule.unshard`, one all-gather); its post-backward reshards it. A resharded head that is
-    not its own FSDP2 unit (an inner unit holds it) cannot be gathered from here: a clear error, not a wrong loss."""
+    its backward accumulates into) the parameter FSDP2 reduce-scatters. A head unit that resharded after its forward is
+    unsharded again (one all-gather); a resharded head that is not its own FSDP2 unit is a clear error."""
     from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor
 
@@ -248,19 +210,15 @@ def fsdp2_unsharded_weight(lm_head: torch.nn.Module) -> None:
 
 
 def zero3_partitioned_head(lm_head: torch.nn.Module) -> bool:
-    """A plain nn.Linear LM head whose weight is a DeepSpeed ZeRO-3 partition (gathered only while the module's own
-    forward and backward run): the fused loss can use it when it runs as that module's forward
-    (`internvl.ops.train_speedups.fused_loss_forward` does this), not by reading the weight directly."""
+    """A plain nn.Linear LM head whose weight is a ZeRO-3 partition: the fused loss must run as the head's own forward
+    (`train_speedups.run_as_forward`), where DeepSpeed gathers it."""
     return type(lm_head) is torch.nn.Linear and hasattr(lm_head.weight, "ds_id")
 
 
 def loss_items(labels: torch.Tensor, loss_weight: torch.Tensor | None = None) -> torch.Tensor:
-    """The divisor one micro-batch contributes to `causal_lm_loss`'s `num_items_in_batch`: its supervised next-token
-    positions (labels[:, 1:] != IGNORE_INDEX), or their summed `loss_weight` when per-token weights are given.
-
-    The trainer sums this over every micro-batch of an optimizer step (and every rank), so each token weighs the same
-    however samples fall into micro-batches. Returns an fp32 scalar on the labels' device.
-    """
+    """The divisor one micro-batch contributes to `causal_lm_loss`'s `num_items_in_batch` (fp32 scalar): its
+    supervised next-token positions, or their summed `loss_weight`. The trainer sums it over an optimizer step's
+    micro-batches and ranks, so each token weighs the same however samples fall into micro-batches."""
     supervised = labels[:, 1:] != IGNORE_INDEX
     if loss_weight is None:
         return supervised.sum().float()
@@ -275,28 +233,14 @@ def causal_lm_loss(
     loss_weight: torch.Tensor | None = None,
     num_items_in_batch: int | float | torch.Tensor | None = None,
     impl: str = "auto",
-    capacity: int | None = None,
 ) -> torch.Tensor:
-    """The training loss: next-token cross-entropy (fp32) over supervised positions, the one implementation that the
-    model's `forward(labels=...)` and the trainer (plain and fused paths) call.
+    """The training loss that the model's `forward(labels=...)` and the trainer both call: sum_i w_i * CE_i / D over
+    supervised next-token positions (labels [B, T] unshifted, IGNORE_INDEX where unsupervised), w = `loss_weight`
+    [B, T] (1 when None), D = `num_items_in_batch` (the optimizer step's `loss_items`: exact under gradient
+    accumulation) or else this micro-batch's sum of w. fp32 scalar, 0 with a graph when nothing is supervised.
 
-    Loss = sum_i w_i * CE_i / D over supervised next-token positions i (labels[:, 1:] != IGNORE_INDEX), where
-    w_i = loss_weight (per token, aligned with `labels`; 1 when None) and D = `num_items_in_batch` when given (the
-    whole optimizer step's `loss_items`, HF Trainer's exact averaging under gradient accumulation), else this
-    micro-batch's own sum of w (the weighted token mean).
-
-    Args:
-        hidden_states: [B, T, H] final hidden states (after the final norm) with `lm_head` (weight [V, H]): the head
-            runs on the supervised rows only, through `linear_cross_entropy(impl=impl)` (the padded-vocabulary kernel
-            on CUDA, chunked on CPU), so no [B, T, V] logits are kept for backward. With `lm_head=None`,
-            `hidden_states` are already logits [B, T, V] (the model's forward, or a head the fused path cannot read:
-            LoRA-wrapped or ZeRO-3-partitioned, see `fused_head_supported`) and `impl` is ignored.
-        labels: [B, T] token ids with IGNORE_INDEX where unsupervised (unshifted, as in HF).
-        capacity: None gathers the supervised rows by a boolean index (one host sync for their count). An int
-            gathers exactly `capacity` rows (`torch.nonzero_static`; the unused slots carry IGNORE_INDEX and weight
-            0): no host sync and static shapes, for CUDA-graph capture. The caller guarantees capacity >= the number
-            of supervised positions (rows past it would be dropped); `lab.graph_step` checks it on the host.
-    Returns a scalar fp32 tensor (0 with a graph when nothing is supervised).
+    `hidden_states` [B, T, H] are final hidden states, run through `lm_head` on the supervised rows only
+    (`linear_cross_entropy(impl=impl)`); with `lm_head=None` they are already logits [B, T, V].
     """
     if hidden_states.shape[:2] != labels.shape:
         raise ValueError(f"hidden_states {tuple(hidden_states.shape)} and labels {tuple(labels.shape)} disagree")
@@ -305,41 +249,18 @@ def causal_lm_loss(
         loss_weight = loss_weight.to(hidden_states.device)
     shift_labels = labels[:, 1:]
     keep = shift_labels != IGNORE_INDEX
-    if capacity is not None:
-        rows, targets, weights, count = _gather_static(hidden_states, shift_labels, keep, loss_weight, capacity)
-    else:
-        rows = hidden_states[:, :-1][keep]  # [n, H] (boolean gather: one host sync for n)
-        targets = shift_labels[keep]
-        weights = loss_weight[:, 1:][keep] if loss_weight is not None else None
-        count = rows.shape[0]
-        if count == 0:
-            unused = hidden_states.sum() * 0.0
-            return (unused + lm_head.weight.sum() * 0.0 if lm_head is not None else unused).float()
+    rows = hidden_states[:, :-1][keep]  # [n, H] (boolean gather: one host sync for n)
+    targets = shift_labels[keep]
+    weights = loss_weight[:, 1:][keep] if loss_weight is not None else None
+    if rows.shape[0] == 0:
+        unused = hidden_states.sum() * 0.0
+        return (unused + lm_head.weight.sum() * 0.0 if lm_head is not None else unused).float()
     if lm_head is None:
         mean = weighted_cross_entropy(rows, targets, weights)
     else:
         mean = linear_cross_entropy(rows, lm_head.weight, targets, bias=lm_head.bias, token_weights=weights, impl=impl)
     if num_items_in_batch is None:
         return mean
-    total_weight = weights.float().sum() if weights is not None else count
+    total_weight = weights.float().sum() if weights is not None else rows.shape[0]
     denom = torch.as_tensor(num_items_in_batch, device=mean.device, dtype=mean.dtype)
     return mean * total_weight / denom.clamp(min=torch.finfo(torch.float32).tiny)
-
-
-def _gather_static(hidden_states: torch.Tensor, shift_labels: torch.Tensor, keep: torch.Tensor,
-                   loss_weight: torch.Tensor | None, capacity: int):
-    """`capacity` supervised rows without a host sync: (rows [capacity, H], targets [capacity] with IGNORE_INDEX in
-    unused slots, weights [capacity] or None, count as a 0-d device tensor)."""
-    if capacity < 1:
-        raise ValueError(f"capacity must be >= 1, got {capacity}")
-    seq = hidden_states.shape[1]
-    coords = torch.nonzero_static(keep, size=capacity, fill_value=0)  # [capacity, 2] (batch row, position)
-    flat = coords[:, 0] * seq + coords[:, 1]  # position t predicts label t + 1: row t of hidden_states
-    count = keep.sum()
-    used = torch.arange(capacity, device=keep.device) < count
-    rows = hidden_states.reshape(-1, hidden_states.shape[-1]).index_select(0, flat)
-    targets = torch.where(used, shift_labels[coords[:, 0], coords[:, 1]], IGNORE_INDEX)
-    weights = None
-    if loss_weight is not None:
-        weights = loss_weight[:, 1:][coords[:, 0], coords[:, 1]] * used
-    return rows, targets, weights, count

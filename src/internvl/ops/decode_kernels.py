@@ -1,21 +1,16 @@
-"""Triton kernels for the batch-1 decode step: a one-row matrix-vector product and a one-query grouped-query attention.
+"""Triton kernels for the small-batch decode step, where the generic paths stay far from the copy bandwidth
+(docs/performance.md):
 
-Why: at batch 1 a decode step is bound by reading the weights, and the generic paths (cuBLAS products with few output
-rows, cuDNN's prefill attention kernel for one query) stay far from the copy bandwidth there (docs/performance.md).
-These two kernels target exactly those shapes:
+- `gemv` / `gemv_int8`: y = x W^T + b for one row of x; each program reads BLOCK_N whole weight rows (bf16, or int8
+  with one fp32 scale per row) in BLOCK_K chunks, sums in fp32 and rounds once. `int8_rows`: the same for up to 16
+  rows against int8 weights (a tensor-core product). Block sizes are measured per shape on the first call outside
+  CUDA-graph capture (cold L2), and cached.
+- `gqa_decode_attention`: flash-decoding of one query per row over a static cache: the cache is split into chunks
+  over thread blocks (one KV head each, its query heads the rows of one product, online softmax), then a small
+  kernel merges the chunks. Keys attend where `mask[b, l] != 0` and `l <= limit` (a device tensor: no host sync).
 
-- `gemv(x, weight, bias)`: y = x W^T + b for x with one row. Each program reads BLOCK_N whole weight rows in
-  BLOCK_K chunks (contiguous, vectorised), accumulating in fp32 and rounding once, like cuBLAS. The block sizes and
-  warp count are measured per (N, K, dtype) on the first call (with the L2 flushed between repetitions, as the
-  decode step streams every weight once), outside CUDA-graph capture, and cached.
-- `gqa_decode_attention(q, k, v, mask, limit, scale)`: flash-decoding: the cache is split into chunks over the
-  thread blocks (each handles one KV head, its G query heads as the rows of one tensor-core product, an online
-  softmax over its chunk), then a second small kernel merges the chunks' (max, sum, output) triples. Keys attend when
-  `mask[b, l] != 0` and `l <= limit` (`limit` a device tensor: no host sync, the step stays graph-capturable).
-
-Both are `torch.library` custom ops (opaque to inductor, which fuses the elementwise work around them), with
-eager PyTorch reference implementations used on devices without Triton. Set TRITON_INTERPRET=1 before importing
-this module to run the Triton code on the CPU (the tests do).
+The public ones are `torch.library` custom ops (opaque to inductor) with PyTorch fallbacks on devices without
+Triton. TRITON_INTERPRET=1 before import runs the Triton code on the CPU (the tests do).
 """
 from __future__ import annotations
 
@@ -395,12 +390,6 @@ def _gqa_decode_attention_fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     return q.new_empty(batch, 1, heads, dim)
 
 
-def describe_tuning() -> dict[str, str]:
-    """The GEMV configurations chosen so far (for the benchmark's JSON): "NxK dtype" -> "BLOCK_N/BLOCK_K/warps"."""
-    return {f"{key[0][0]}x{key[0][1]} {str(key[2]).removeprefix('torch.')}": "/".join(map(str, cfg))
-            for key, cfg in _gemv_best.items()}
-
-
 __all__ = ["GEMV_CONFIGS", "GEMV_INT8_EXTRA_CONFIGS", "INT8_ROWS_CONFIGS", "INT8_ROWS_MAX",
-           "attention_kernel_supported", "dequantize_int8_rows", "describe_tuning", "gemv", "gemv_int8",
+           "attention_kernel_supported", "dequantize_int8_rows", "gemv", "gemv_int8",
            "gqa_decode_attention", "int8_rows", "reference_gqa_decode_attention", "triton_ready"]

@@ -1,12 +1,9 @@
-"""Instance-level swap of RMSNorm and SwiGLU-MLP forwards for fused Triton kernels (liger-kernel) on CUDA.
+"""Instance-level swap of RMSNorm, SwiGLU-MLP and RoPE forwards for liger-kernel's fused Triton kernels on CUDA.
 
-Why: in a 2B-class LLM with hidden size 2048, the un-fused elementwise work of the stock HF modules (RMSNorm's fp32
-upcast, pow, mean, rsqrt, two multiplies; SiLU then multiply on the [T, 8192] MLP activations) is a large share of
-a training step. liger-kernel fuses each into one kernel forward and one backward.
-
-The swap is per module instance: it replaces `module.forward` only, so parameters, state-dict keys, other models in
-the same process (for example the native baseline in the benchmark) and the CPU path are untouched. The maths is
-the same as the HF modules ("llama" casting: normalise in fp32, cast back, multiply by the weight).
+The un-fused elementwise work of the stock modules (RMSNorm's fp32 upcast, pow, mean, rsqrt, two multiplies; SiLU
+then multiply on the MLP activations) is a large share of a small model's training step; liger fuses each into one
+kernel forward and one backward. Only `module.forward` is replaced, so parameters, state-dict keys and other models
+are untouched; the maths is the HF modules' ("llama" casting).
 """
 from __future__ import annotations
 
@@ -111,23 +108,15 @@ def _verify(kind: str, module: nn.Module, rope_source: nn.Module | None) -> str 
         return repr(exc)
 
 
-def enable_fast_kernels(model: nn.Module, *, rms_norm: bool = True, swiglu: bool = True, rope: bool = True,
-                        allow_cpu: bool = False) -> dict[str, int]:
+def enable_fast_kernels(model: nn.Module, *, allow_cpu: bool = False) -> dict[str, int]:
     """Swap the forwards of every RMSNorm, SwiGLU MLP and (Llama/Qwen2) attention RoPE inside `model` for liger's
-    fused kernels, per instance.
-
-    Only acts when the model is on CUDA and liger-kernel imports; otherwise it changes nothing. Each kind of swap is
-    checked once against the plain forward on random input; a kind that fails or disagrees is reverted (logged).
-    Returns how many modules were swapped, e.g. {"rms_norm": 45, "swiglu": 22, "rope": 22}.
-    `allow_cpu` skips the CUDA/liger check (tests, with the kernels substituted by PyTorch equivalents).
-    """
-    counts = {"rms_norm": 0, "swiglu": 0, "rope": 0}
+    fused kernels, per instance, on CUDA with liger-kernel installed (`allow_cpu`: anywhere, for tests with the
+    kernels substituted). Each kind is checked once against the plain forward on random input and reverted (logged)
+    if it fails. Returns how many modules were swapped per kind."""
+    counts = dict.fromkeys(_SWAPS, 0)
     first = next(model.parameters(), None)
-    if first is None:
+    if first is None or (not allow_cpu and (first.device.type != "cuda" or not liger_available())):
         return counts
-    if not allow_cpu and (first.device.type != "cuda" or not liger_available()):
-        return counts
-    wanted = {"rms_norm": rms_norm, "swiglu": swiglu, "rope": rope}
     rope_source = next((m.rotary_emb for m in model.modules() if hasattr(m, "rotary_emb") and hasattr(m, "layers")),
                        None)
     swapped: dict[str, list[nn.Module]] = {k: [] for k in counts}
@@ -135,7 +124,7 @@ def enable_fast_kernels(model: nn.Module, *, rms_norm: bool = True, swiglu: bool
         if getattr(module, "_fast_kernel", False):
             continue
         for kind, (match, forward) in _SWAPS.items():
-            if wanted[kind] and match(module):
+            if match(module):
                 swap_forward(module, forward, "_fast_kernel")
                 swapped[kind].append(module)
                 break

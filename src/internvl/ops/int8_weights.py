@@ -1,17 +1,11 @@
 """Weight-only int8 for the language model's linears: int8 weights with one fp32 scale per output row (symmetric),
-activations and everything else in bf16.
+activations in bf16.
 
-Why: the 40B model's bf16 weights (75 GiB) do not fit one 80 GB H100 with a KV cache, and LLM.int8 (bitsandbytes)
-decodes 8-11x slower than bf16 (its outlier split is data dependent and cannot be graph captured). A batch-1 decode
-step only reads the weights once, so halving their bytes halves the step's floor, provided the product dequantises
-on the fly: `internvl.ops.decode_kernels.gemv_int8` reads the int8 rows, multiplies in fp32 and applies the row's
-scale once at the end. Longer inputs (prefill, batches) dequantise the weight to the activations' dtype and run
-the ordinary matmul (one layer's bf16 copy at a time).
-
-`Int8Linear` keeps the `nn.Linear` interface the packed decode step uses (`weight` [out, in] as an int8 parameter
-without gradient, `bias`, plus `weight_scale` [out]), so `internvl.ops.packed_projections` packs q/k/v and gate/up
-of int8 layers into one tensor each, scales included, like bf16 ones. Quantise with `quantize_int8_weights_` (or
-`load_pretrained(..., weight_dtype="int8")`, which calls it).
+The 40B model's bf16 weights (75 GiB) do not fit one 80 GB H100 with a KV cache, and LLM.int8 (bitsandbytes) decodes
+8-11x slower than bf16 (its outlier split cannot be graph captured). A batch-1 step reads every weight once, so
+halving their bytes halves its floor when the product dequantises on the fly (`decode_kernels.gemv_int8`).
+`Int8Linear` keeps the `nn.Linear` interface, so `packed_projections` packs int8 layers (scales included) like bf16
+ones. Quantise with `quantize_int8_weights_` or `load_pretrained(..., weight_dtype="int8")`.
 """
 from __future__ import annotations
 
@@ -38,14 +32,10 @@ def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 @torch.library.custom_op("internvl::int8_linear", mutates_args=())
 def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """y = x @ (q * scale).T + bias in x's dtype. One row: the dequantising GEMV (`decode_kernels.gemv_int8`, Triton
-    where it runs); up to `INT8_ROWS_MAX` rows (small-batch decode) where Triton runs: `decode_kernels.int8_rows`,
-    which reads the int8 weight once for all rows; more rows (prefill, big batches): `F.linear` over the int8 weight
-    converted to x's dtype, its output columns scaled (fp16: the weight dequantised first).
-
-    A custom op, opaque to inductor: inductor's own weight-only-int8 pattern (`mm(x, w.to(bf16)) * scale` ->
-    `_weight_int8pack_mm`) would otherwise rewrite the multi-row product, and its CUDA lowering fails (torch 2.13,
-    H100: "AssertionError: <class 'torch._inductor.ir.Pointwise'>" compiling the 40B step at batch 8)."""
+    """y = x @ (q * scale).T + bias in x's dtype: one row through `gemv_int8`, up to `INT8_ROWS_MAX` rows through
+    `int8_rows` where Triton runs (the int8 weight read once), more rows through `F.linear` over the converted weight
+    with the output columns scaled (fp16: the weight dequantised first). A custom op, opaque to inductor, whose own
+    weight-only-int8 rewrite fails to lower on CUDA (torch 2.13, the 40B step at batch 8)."""
     if x.numel() == x.shape[-1]:
         return torch.ops.internvl.gemv_int8(x, q, scale, bias)
     rows = x.numel() // x.shape[-1]
@@ -66,10 +56,8 @@ def _int8_linear_fake(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
 
 
 class Int8Linear(nn.Module):
-    """A linear layer with int8 weights and per-output-row fp32 scales (weight-only quantisation).
-
-    `weight` [out, in] int8 (a parameter without gradient, so `.data` can be re-pointed by weight packing),
-    `weight_scale` [out] fp32, `bias` [out] in the compute dtype or None."""
+    """A linear layer with weight-only int8: `weight` [out, in] int8 (a parameter without gradient, so packing can
+    re-point it), `weight_scale` [out] fp32, `bias` [out] in the compute dtype or None."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, device=None,
                  dtype: torch.dtype = torch.bfloat16) -> None:
@@ -104,19 +92,17 @@ class Int8Linear(nn.Module):
 
 
 def in_skip_modules(name: str, skip: Sequence[str]) -> bool:
-    """Whether module `name` (dotted) lies in one of `skip`: an entry equal to the whole name or to a run of its
-    dotted components (`"lm_head"` skips `"language_model.lm_head"`), the way transformers reads
-    `llm_int8_skip_modules`."""
+    """Whether module `name` lies in one of `skip`: an entry equal to the name or to a run of its dotted components
+    (`"lm_head"` skips `"language_model.lm_head"`), as transformers reads `llm_int8_skip_modules`."""
     return any(name == s or name.startswith(s + ".") or name.endswith("." + s) or f".{s}." in name for s in skip)
 
 
 @torch.no_grad()
 def quantize_int8_weights_(model: nn.Module, skip_modules: Sequence[str] = SKIP_QUANT_MODULES,
                            device: torch.device | str | None = None) -> int:
-    """Replace every plain `nn.Linear` of `model` outside `skip_modules` by an `Int8Linear`, one at a time (each
-    quantised on `device`, default where it lies; the bf16 weight is dropped as soon as it is replaced, so moving a
-    CPU-loaded model to the GPU this way never holds more than one bf16 linear there). Returns how many were
-    replaced. The default skips (`internvl.constants.SKIP_QUANT_MODULES`): ViT, projector and LM head stay."""
+    """Replace every plain `nn.Linear` of `model` outside `skip_modules` (default: ViT, projector and LM head stay) by
+    an `Int8Linear` quantised on `device` (default where it lies), one at a time, so a CPU-loaded model moves to the
+    GPU holding at most one bf16 linear there. Returns how many were replaced."""
     targets = [name for name, module in model.named_modules()
                if type(module) is nn.Linear and not in_skip_modules(name, skip_modules)]
     for name in targets:

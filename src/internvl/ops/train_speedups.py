@@ -1,25 +1,21 @@
-"""The training fast paths as one switchboard, shared by the trainer (`medrega-train`) and the benchmark.
+"""The training fast paths as one switchboard, shared by the trainer (`medrega-train`) and the benchmark:
+`apply_train_speedups` turns on what is safe for one model on one device, `fused_loss_forward` is the fused LM-head
+loss forward of the trainer's `compute_loss`.
 
-`apply_train_speedups(model, TrainSpeedups(...))` decides, for one model on one device, which fast paths are safe and
-turns them on; `fused_loss_forward` is the fused LM-head loss forward the trainer's `compute_loss` runs. The
-benchmark's "ours" cases call exactly these two functions, so the figures in docs/performance.md are the trainer's.
-
-Safety rules (each decision and its reason lands in the returned report, which the trainer logs):
-- Not on CUDA: nothing changes (the CPU path stays the plain, eager one) unless `allow_cpu` (tests).
-- DeepSpeed ZeRO-3: only layers that are ZeRO-3 leaf modules are compiled and get fused projections (their weights
-  are gathered by the hooks on the layer itself, before the compiled forward runs; `src/shell/
-  zero_stage3_tuned_config.json` names the layer classes). In other layers each linear is gathered by its own hooks,
-  which dynamo cannot trace, and `torch.cat` of partitions would be wrong: they stay eager.
-- PEFT/LoRA: a tower whose layers hold LoRA modules is left eager (no compile there); fused projections only ever
-  touch plain `nn.Linear` q/k/v and gate/up, so LoRA targets keep their own forward.
-- liger kernels (`fast_kernels`) are applied only where layers are not compiled (inductor fuses the same work
-  inside compiled layers and generates the backward itself).
+Safety rules (each decision and its reason lands in the returned report):
+- Not on CUDA: nothing changes unless `allow_cpu` (tests).
+- DeepSpeed ZeRO-3: only ZeRO-3 leaf-module layers are compiled and fused (their weights are gathered by hooks on the
+  layer itself, outside the compiled forward); in other layers per-linear hooks gather each weight, which dynamo
+  cannot trace, so they stay eager.
+- PEFT/LoRA: a tower whose layers hold LoRA modules is not compiled; fused projections only touch plain linears.
+- liger kernels only where layers are not compiled (inductor fuses the same work inside compiled layers).
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -49,26 +45,25 @@ TOWERS = ("language_model", "vision_model")
 
 @dataclasses.dataclass
 class TrainSpeedups:
-    """Which training fast paths to use (the defaults are the measured winners on CUDA; see docs/performance.md).
+    """Which training fast paths to use (defaults: the measured winners on CUDA, docs/performance.md).
 
-    compile_layers: regional torch.compile of every decoder / ViT layer (one graph per layer class).
-    compile_ckpt: "inside" (checkpointing traced into the compiled graph) or "outside" (checkpoint around it).
+    compile_layers: regional torch.compile of every decoder / ViT layer (one graph per layer class), with `backend`,
+        `compile_mode` / `compile_options`; gradient checkpointing is traced into the compiled graph.
     fuse_projections: q/k/v and gate/up as one matmul each inside compiled layers.
-    fast_kernels: liger RMSNorm / SwiGLU / RoPE kernels on modules that are not inside compiled layers.
-    lm_loss_impl: `internvl.ops.linear_cross_entropy` impl for the fused LM-head loss ("auto" = padded on CUDA).
-    ckpt_skip_llm_layers: with gradient checkpointing on, leave the last N LLM layers un-checkpointed (speed for
-        memory: about 0.6 GiB per layer at 8 x 1024 tokens on the `mid` model).
+    fast_kernels: liger RMSNorm / SwiGLU / RoPE kernels on modules outside compiled layers.
+    lm_loss_impl: `linear_cross_entropy` impl of the fused LM-head loss.
+    ckpt_skip_llm_layers: leave the last N checkpointed LLM layers un-checkpointed (about 0.6 GiB per layer at
+        8 x 1024 tokens on the `mid` model).
     """
 
     compile_layers: bool = True
-    compile_ckpt: str = "inside"
     fuse_projections: bool = True
     fast_kernels: bool = True
     lm_loss_impl: str = "auto"
     ckpt_skip_llm_layers: int = 0
     backend: str = "inductor"
-    compile_mode: str | None = None  # torch.compile mode of the layers ("reduce-overhead" = CUDA graph trees)
-    compile_options: dict | None = None  # inductor options of the layers (e.g. {"coordinate_descent_tuning": True})
+    compile_mode: str | None = None
+    compile_options: dict | None = None
 
 
 def _has_lora(module: nn.Module) -> bool:
@@ -82,12 +77,8 @@ def _llm_layers(model: nn.Module) -> list[nn.Module]:
 
 
 def zero3_hooked_layers(model: nn.Module) -> list[str]:
-    """Names of the repeated layers (transformers `GradientCheckpointingLayer`s) that are not ZeRO-3 leaf modules.
-
-    Under ZeRO-3 a layer's weights are partitioned and gathered by DeepSpeed's module hooks. On a leaf module
-    (`"leaf_module"` in the ZeRO config, `deepspeed.utils.set_z3_leaf_modules`) those hooks sit on the layer itself
-    and gather all its weights before its forward runs, outside the compiled forward: such a layer may be compiled and
-    its projections fused. Inside any other layer every linear has its own hooks, which dynamo cannot trace."""
+    """Names of the repeated layers (`GradientCheckpointingLayer`s) that are not ZeRO-3 leaf modules (`"leaf_module"`
+    in the ZeRO config): their linears are gathered by per-linear hooks, which dynamo cannot trace."""
     from deepspeed.utils import z3_leaf_module
 
     return [name for name, module in model.named_modules()
@@ -105,11 +96,9 @@ def set_ckpt_skip(model: nn.Module, skip_last: int) -> int:
 
 def apply_train_speedups(model: nn.Module, opts: TrainSpeedups | None = None, *, zero3: bool | None = None,
                          device: torch.device | str | None = None, allow_cpu: bool = False) -> dict[str, Any]:
-    """Turn on the fast paths of `opts` that are safe for `model` on `device` (default: its first parameter's).
-
-    Call after gradient checkpointing is configured and the model is on its device. Returns a report:
-    {"device", "compiled": {class: n}, "fused": {...}, "fast_kernels": {...}, "ckpt_skipped": n, "skipped": [why]}.
-    """
+    """Turn on the fast paths of `opts` that are safe for `model` on `device` (default: its first parameter's), after
+    gradient checkpointing is configured. Returns a report: {"device", "compiled": {class: n}, "fused", "fast_kernels",
+    "ckpt_skipped": n, "skipped": [why]}."""
     opts = opts or TrainSpeedups()
     first = next(model.parameters(), None)
     dev = torch.device(device) if device is not None else (first.device if first is not None else torch.device("cpu"))
@@ -141,7 +130,7 @@ def apply_train_speedups(model: nn.Module, opts: TrainSpeedups | None = None, *,
                 fused.update(fuse_projections(sub))
         report["fused"] = dict(fused)
     if compile_on:
-        report["compiled"] = compile_layers(model, ckpt=opts.compile_ckpt, backend=opts.backend, mode=opts.compile_mode,
+        report["compiled"] = compile_layers(model, backend=opts.backend, mode=opts.compile_mode,
                                             skip=skip, options=opts.compile_options)
     if opts.fast_kernels:
         # inside compiled layers inductor does this fusion; only the eager parts (skipped towers, final norm) get liger
@@ -189,28 +178,22 @@ def _final_norm(language_model: nn.Module) -> nn.Module | None:
 
 def fused_loss_forward(model: nn.Module, model_inputs: dict[str, Any], labels: torch.Tensor, *,
                        loss_weight: torch.Tensor | None = None, impl: str = "auto",
-                       lm_head: nn.Module | None = None, capacity: int | None = None,
-                       num_items_in_batch: int | float | torch.Tensor | None = None) -> tuple[torch.Tensor, Any]:
-    """The trainer's fused-loss forward: run the model without building [B, L, V] logits (only the last position's,
-    `logits_to_keep=1`) and without a KV cache, take the final hidden states, and compute the weighted-mean
-    next-token CE with the LM head on supervised positions only (`causal_lm_loss`). Returns (loss, outputs): the
-    weighted token mean, or the weighted sum over `num_items_in_batch` when given (see `causal_lm_loss`).
+                       lm_head: nn.Module | None = None, num_items_in_batch: int | float | torch.Tensor | None = None,
+                       loss_fn: Callable | None = None, **forward_kwargs: Any) -> tuple[torch.Tensor, Any]:
+    """The trainer's fused-loss forward: the model without [B, L, V] logits (`logits_to_keep=1`) or KV cache, then
+    `causal_lm_loss` with the LM head on the supervised positions. Returns (loss, outputs).
 
-    The final hidden states are the output of the decoder's final norm, read by a forward hook on that module: asking
-    transformers for `output_hidden_states` would install its capture hooks on every layer and attention module,
-    which run inside compiled layers and break their graphs. Without a final norm it falls back to
-    `output_hidden_states`.
-
-    `capacity` (an int) makes the step free of host syncs for CUDA-graph capture: the image features are merged
-    with `sync_free=True` and the loss gathers exactly `capacity` supervised rows (`causal_lm_loss`); the caller has
-    checked the image-token counts and capacity >= supervised positions on the host (`lab.graph_step`).
+    The final hidden states are read by a forward hook on the decoder's final norm (`output_hidden_states` would hook
+    every layer, inside the compiled ones, breaking their graphs); without a final norm, `output_hidden_states`.
+    `loss_fn` (default `causal_lm_loss`, with its arguments) and `forward_kwargs` (to the model) let the lab's
+    whole-step CUDA graph run its sync-free variant (`lab.graph_step`).
     """
     inner = getattr(model, "module", model)  # DDP / DeepSpeed engine wrappers
     language_model = getattr(inner, "language_model", inner)
     if lm_head is None:
         lm_head = language_model.get_output_embeddings()
     norm = _final_norm(language_model)
-    kwargs = {"logits_to_keep": 1, "use_cache": False, **({"sync_free": True} if capacity is not None else {})}
+    kwargs = {"logits_to_keep": 1, "use_cache": False, **forward_kwargs}
     if norm is None:
         outputs = model(**model_inputs, output_hidden_states=True, **kwargs)
         hidden = outputs["hidden_states"][-1]
@@ -224,24 +207,20 @@ def fused_loss_forward(model: nn.Module, model_inputs: dict[str, Any], labels: t
         if len(captured) != 1:
             raise RuntimeError(f"the final norm ran {len(captured)} times in one forward; expected once")
         hidden = captured[0]
+    loss = loss_fn or causal_lm_loss
+
     def head_loss(head: nn.Module, rows: torch.Tensor) -> torch.Tensor:
-        return causal_lm_loss(rows, head, labels, loss_weight=loss_weight, num_items_in_batch=num_items_in_batch,
-                              impl=impl, capacity=capacity)
+        return loss(rows, head, labels, loss_weight=loss_weight, num_items_in_batch=num_items_in_batch, impl=impl)
 
     if zero3_partitioned_head(lm_head):
         return run_as_forward(lm_head, head_loss, hidden), outputs
-    # FSDP2: the head's unit keeps its unsharded weight between the forward and the backward (accelerate shards it
-    # with reshard_after_forward=False); reading it is what the head's own forward does, and its gradient reaches the
-    # sharded parameter through the unit's post-backward reduce-scatter, as on the plain path
     fsdp2_unsharded_weight(lm_head)
     return head_loss(lm_head, hidden), outputs
 
 
 def run_as_forward(module: nn.Module, fn, *args: Any) -> Any:
-    """`fn(module, *args)` run as `module`'s forward (one call), so that the hooks on the module wrap it: under
-    DeepSpeed ZeRO-3 they gather the module's weights before the call and again before its backward, and release
-    them after each. The fused loss reads the LM-head weight inside, as the head's own forward would, and its
-    backward hands the weight gradient to ZeRO-3's reduction while the weight is gathered."""
+    """`fn(module, *args)` run as `module`'s forward, so that its hooks wrap it: under ZeRO-3 they gather the weights
+    for the call and its backward, and the weight gradient reaches ZeRO-3's reduction while gathered."""
     swap_forward(module, fn, "_run_as_forward")
     try:
         return module(*args)
