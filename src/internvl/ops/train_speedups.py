@@ -112,14 +112,14 @@ def apply_train_speedups(model: nn.Module, opts: TrainSpeedups | None = None, *,
         report["ckpt_skipped"] = set_ckpt_skip(model, opts.ckpt_skip_llm_layers)
     compile_on = opts.compile_layers
     skip = tuple(t for t in TOWERS if isinstance(getattr(model, t, None), nn.Module) and _has_lora(getattr(model, t)))
+    if compile_on and skip:
+        report["skipped"].append(f"no compile in LoRA-wrapped {', '.join(skip)}")
     if compile_on and zero3:
         partitioned = zero3_hooked_layers(model)
         if partitioned:
             report["skipped"].append(f"{len(partitioned)} layers not ZeRO-3 leaf modules (their weights are gathered "
                                      "by per-linear hooks): left eager")
         skip = skip + tuple(partitioned)
-    if compile_on and skip:
-        report["skipped"].append(f"no compile in LoRA-wrapped {', '.join(s for s in skip if s in TOWERS)}")
     if compile_on and opts.fuse_projections:
         roots = [(name, sub) for name, sub in model.named_modules() if isinstance(sub, GradientCheckpointingLayer)]
         if not roots:
