@@ -3,6 +3,7 @@ check and its missing-internal errors name the version, that its accessors work 
 that no other file of the package uses such an internal."""
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -118,3 +119,14 @@ def test_transformers_at_least():
     assert compat.transformers_at_least(installed)
     assert compat.transformers_at_least("5.0")
     assert not compat.transformers_at_least("99.0")
+
+
+def test_plain_cuda_arch_list(monkeypatch):
+    """DeepSpeed's op builder cannot parse "9.0a": the suffix goes, everything else stays; no variable, no change."""
+    from internvl.compat import plain_cuda_arch_list
+
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0;9.0a 10.0f+PTX")
+    assert plain_cuda_arch_list() == "8.0;9.0 10.0+PTX" and os.environ["TORCH_CUDA_ARCH_LIST"] == "8.0;9.0 10.0+PTX"
+    assert plain_cuda_arch_list() is None
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST")
+    assert plain_cuda_arch_list() is None and "TORCH_CUDA_ARCH_LIST" not in os.environ

@@ -9,6 +9,7 @@ import functools
 import importlib.metadata
 import inspect
 import os
+import re
 import sys
 import types
 from collections.abc import Callable
@@ -177,6 +178,21 @@ def active_hf_deepspeed_config() -> Any | None:
     `set_hf_deepspeed_config` (the public `deepspeed_config()` gives only its dict)."""
     ref = require_attr(hf_deepspeed, "_hf_deepspeed_config_weak_ref", "transformers")
     return ref() if ref is not None else None
+
+
+def plain_cuda_arch_list() -> str | None:
+    """Drop arch-specific suffixes from `TORCH_CUDA_ARCH_LIST` ("9.0a" -> "9.0") before DeepSpeed builds an op.
+
+    DeepSpeed 0.19.8's JIT op builder (the shipped configs' FusedAdam) reads each entry with `int()` and fails on
+    "9.0a" (`invalid literal for int() with base 10: '0a'`), which some PyTorch images set; the plain arch builds the
+    same optimizer kernels. Returns the new value if it changed the variable, else None.
+    """
+    value = os.environ.get("TORCH_CUDA_ARCH_LIST", "")
+    plain = re.sub(r"(\d+\.\d+)[af]\b", r"\1", value)
+    if plain == value:
+        return None
+    os.environ["TORCH_CUDA_ARCH_LIST"] = plain
+    return plain
 
 
 # ---- per-instance forward swaps ------------------------------------------------------------------------------------
