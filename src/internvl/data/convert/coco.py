@@ -7,19 +7,15 @@ present (boxes of one category grouped under one ``<ref>``); ``region_to_text`` 
 """
 from __future__ import annotations
 
-import argparse
 import math
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from internvl.data.convert import (ConvertError, ConvertOptions, ConvertReport, add_common_arguments, build_or_skip,
-                                   build_records, check_task, common_options, read_json, write_output)
+from internvl.data.convert import Conversion, ConverterCLI, ConvertError, ConvertReport, check_task, read_json
 from internvl.regions import pixels_to_box
 
-NAME = "coco"
-HELP = "COCO-style detection json -> text_to_region / region_to_text records"
-TASKS = ["text_to_region", "region_to_text"]
+TASKS = ("text_to_region", "region_to_text")
 
 # Boxes may overshoot the image by rounding; more than this many pixels is an annotation error.
 EDGE_TOLERANCE = 1.0
@@ -31,42 +27,35 @@ def _positive_int(value: Any) -> bool:
 
 def convert_coco(path: str | Path, *, task: str = "text_to_region", modality: str = "medical", image_prefix: str = "",
                  **options: Any) -> tuple[list[dict], ConvertReport]:
-    """Convert a COCO detection file; returns ``(records, report)``. ``options``: :class:`ConvertOptions` keywords.
+    """Convert a COCO detection file; returns ``(records, report)``. ``options``: :class:`Conversion` keywords.
     Raises :class:`ConvertError` if unusable."""
-    opts = ConvertOptions(**options)
     check_task(task, TASKS)
-    path = Path(path)
     file = str(path)
-    data = read_json(path, "COCO json")
+    data = read_json(Path(path), "COCO json")
     if not isinstance(data, dict) or not all(isinstance(data.get(k), list) for k in ("images", "annotations", "categories")):
         raise ConvertError(f"{file}:0: expected an object with 'images', 'annotations' and 'categories' lists")
-    report = ConvertReport(source=f"coco {file}")
+    conv = Conversion(f"coco {file}", **options)
     categories = _read_categories(data["categories"], file)
-    images = _read_images(data["images"], file, report)
-    boxes = _read_boxes(data["annotations"], images, categories, file, report)
+    images = _read_images(data["images"], file, conv.report)
+    boxes = _read_boxes(data["annotations"], images, categories, file, conv.report)
     image_line = {img_id: n for n, img in enumerate(data["images"], start=1)
                   if isinstance(img, dict) and (img_id := img.get("id")) in images}
-    items: list[tuple[str, int, dict]] = []
     for img_id, img in images.items():
         found = boxes.get(img_id, [])
         line = image_line[img_id]
         if not found:
-            report.skip(file, line, "no-annotations", f"image {img['file_name']!r} has no usable boxes")
+            conv.report.skip(file, line, "no-annotations", f"image {img['file_name']!r} has no usable boxes")
             continue
         common = dict(image=image_prefix + img["file_name"], width=img["width"], height=img["height"],
-                      modality=modality, include_base_prompt=opts.include_base_prompt)
+                      modality=modality)
         if task == "text_to_region":
-            regions = _group_boxes(found, img, common["image"], file, line, report)
-            record = build_or_skip(report, file, line, "text_to_region", opts.lang, id=f"{opts.id_prefix}{img_id}",
-                                   regions=regions, **common)
-            if record is not None:
-                items.append((file, line, record))
+            regions = _group_boxes(found, img, common["image"], file, line, conv.report)
+            conv.add(file, line, [{"task": task, "id": img_id, "regions": regions}], **common)
         else:
-            builds = [{"task": "region_to_text", "id": f"{opts.id_prefix}{img_id}-{box_line}",
-                       "regions": [(name, [xyxy])], "box_units": "pixel"} for box_line, name, xyxy in found]
-            records = build_records(report, file, line, opts.lang, builds, **common)
-            items += [(file, box_line, record) for (box_line, _, _), record in zip(found, records)]
-    return opts.finish(items, report)
+            for box_line, name, xyxy in found:
+                conv.add(file, box_line, [{"task": task, "id": f"{img_id}-{box_line}", "regions": [(name, [xyxy])],
+                                           "box_units": "pixel"}], **common)
+    return conv.finish()
 
 
 def _read_categories(entries: list, file: str) -> dict[Any, str]:
@@ -149,14 +138,8 @@ def _group_boxes(found: list[tuple[int, str, list[float]]], img: dict, image: st
     return grouped
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("annotation", help="COCO detection json")
-    parser.add_argument("--modality", default="medical", help="modality word used in the question (CT, MRI, ...)")
-    parser.add_argument("--image-prefix", default="", help="prefix joined to each file_name (e.g. 'train2017/')")
-    add_common_arguments(parser, tasks=TASKS, default_task="text_to_region")
-
-
-def run(args: argparse.Namespace) -> ConvertReport:
-    records, report = convert_coco(args.annotation, task=args.task, modality=args.modality,
-                                   image_prefix=args.image_prefix, **common_options(args))
-    return write_output(records, report, args.out)
+CLI = ConverterCLI(
+    help="COCO-style detection json -> text_to_region / region_to_text records", tasks=TASKS, convert=convert_coco,
+    arguments=((("path",), dict(metavar="annotation", help="COCO detection json")),
+               (("--modality",), dict(default="medical", help="modality word used in the question (CT, MRI, ...)")),
+               (("--image-prefix",), dict(default="", help="prefix joined to each file_name (e.g. 'train2017/')"))))
