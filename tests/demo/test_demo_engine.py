@@ -73,7 +73,7 @@ def test_build_app_wires_every_element(tiny_model, tiny_tokenizer):
     assert {"upload", "axis", "slice", "editor", "gallery", "task", "lang", "modality", "question", "objects", "box",
             "box_units", "options", "ask", "clear", "status", "annotated", "chat", "boxes"} <= ids
     names = sorted(getattr(f.fn, "__name__", "") for f in app.fns.values())
-    assert names == ["on_ask", "on_ask", "on_clear", "on_example", "on_lang", "on_upload"]  # ask: button and Enter
+    assert names == ["_empty_file_box", "on_ask", "on_ask", "on_clear", "on_example", "on_lang", "on_upload"]  # ask: button, Enter
 
 
 def test_regional_cot_toggle_draws_step_one_regions(tiny_model, tiny_tokenizer, monkeypatch):

@@ -17,7 +17,7 @@ INPUTS = {"question": "What modality is used to take this image?", "box": Box(10
 def test_every_task_builds_image_first_with_the_registry_base_prompt(task: str, lang: str) -> None:
     prompt = build_prompt(task, lang, **INPUTS)
     assert prompt.startswith("<image>\n") and prompt.count("<image>") == 1
-    tp = get_prompt(TASKS[task].registry_task, lang)
+    tp = get_prompt(TASKS[task], lang)
     key = {"classification": "disease"}.get(tp.family, "organ" if tp.task == "grounded_whole" else None)
     first_words = tp.base_template(key).split("{")[0][:12]
     assert first_words in prompt

@@ -1,24 +1,30 @@
-"""Validate what a demo user sends: the uploaded file, the question and a typed or drawn box.
+"""Checks of what a demo user sends: the uploaded file, every text field, a typed or drawn box, the prompt's size in
+tokens; and error messages without server paths.
 
-Every check raises :class:`UserInputError` with a message meant for the page ("file.dcm: corrupt DICOM ..."), so the
-web UI can show it and keep serving. Image decoding itself is :func:`internvl.data.images.load_image` (one reader for
-training, evaluation and the demo); this module adds the limits that matter for untrusted uploads: file size, accepted
-types, pixel count (decompression bombs) and box sanity.
+Every check raises :class:`UserInputError` with a message for the page, so the web UI shows it and keeps serving.
+Images are decoded by :func:`internvl.data.images.load_image` (one reader for training, evaluation and the demo);
+this module adds the limits for untrusted uploads: file size, type, pixel count (decompression bombs). Generation
+serves one request at a time, so fields are capped in characters before any work and the whole prompt in tokens
+before generation: one oversized request cannot stall the others.
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
+from internvl.constants import IMAGE_PLACEHOLDER
 from internvl.data.images import ImageLoadError, detect_format, load_image
+from internvl.image_processing import ImageSettings
 from internvl.regions import Box, RegionError, pixels_to_box, validate_box
 
-__all__ = ["ACCEPTED_SUFFIXES", "MAX_UPLOAD_BYTES", "MAX_UPLOAD_PIXELS", "LoadedUpload", "UserInputError",
-           "box_from_drawing", "check_question", "load_upload", "parse_typed_box"]
+__all__ = ["ACCEPTED_SUFFIXES", "FIELD_LIMITS", "MAX_UPLOAD_BYTES", "MAX_UPLOAD_PIXELS", "LoadedUpload",
+           "UserInputError", "box_from_drawing", "check_fields", "check_prompt_budget", "check_question", "load_upload",
+           "parse_typed_box", "public_message", "scrub_paths"]
 
 ACCEPTED_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", ".dcm", ".dicom",
                                       ".nii", ".nii.gz")
@@ -36,7 +42,6 @@ class LoadedUpload:
     """A decoded upload: the RGB image shown to the model and a one-line description for the page."""
 
     image: Image.Image
-    path: Path
     kind: str  # "dicom" | "nifti" | "pil"
     description: str
 
@@ -71,7 +76,7 @@ def load_upload(path: str | Path, *, axis: str = "axial", slice_index: int | Non
     if w < 8 or h < 8:
         raise UserInputError(f"{name}: image is only {w}x{h} pixels; need at least 8x8")
     where = f", {axis} slice {'middle' if slice_index is None else slice_index}" if kind == "nifti" else ""
-    return LoadedUpload(image.convert("RGB"), p, kind, f"{name}: {kind.upper() if kind != 'pil' else 'image'} "
+    return LoadedUpload(image.convert("RGB"), kind, f"{name}: {kind.upper() if kind != 'pil' else 'image'} "
                         f"{w}x{h}{where}")
 
 
@@ -136,3 +141,57 @@ def box_from_drawing(layer: np.ndarray | Image.Image | None) -> Box:
         raise UserInputError("No box: draw over the region in the image editor, or type a box.")
     lh, lw = arr.shape[:2]
     return pixels_to_box((xs.min(), ys.min(), xs.max() + 1, ys.max() + 1), lw, lh)
+
+
+#: Longest accepted value of each demo text field, in characters.
+FIELD_LIMITS: dict[str, int] = {"question": MAX_QUESTION_CHARS, "objects": 500, "options": 1000, "modality": 64,
+                                "box": 100, "slice": 16}
+_LABELS = {"question": "question", "objects": "objects", "options": "candidate diagnoses", "modality": "modality",
+           "box": "box", "slice": "NIfTI slice"}
+
+
+def check_fields(**fields: Any) -> None:
+    """Refuse a field that is not text or is longer than :data:`FIELD_LIMITS`; ``<image>`` is refused in free text
+    (the image placeholder is put in by the demo itself)."""
+    for name, value in fields.items():
+        if value is None:
+            continue
+        label = _LABELS.get(name, name)
+        if not isinstance(value, str):
+            raise UserInputError(f"The {label} field must be text.")
+        limit = FIELD_LIMITS.get(name, MAX_QUESTION_CHARS)
+        if len(value) > limit:
+            raise UserInputError(f"The {label} field has {len(value)} characters; the limit is {limit}.")
+        if IMAGE_PLACEHOLDER in value:
+            raise UserInputError(f"The {label} field cannot contain {IMAGE_PLACEHOLDER}; the image is added for you.")
+
+
+def check_prompt_budget(model: Any, tokenizer: Any, prompt: str, history: list[tuple[str, str]],
+                        max_new_tokens: int) -> int:
+    """Tokens the turn needs (rendered prompt + image tokens + ``max_new_tokens``); refuse it when that exceeds the
+    language model's context (``llm_config.max_position_embeddings``). Returns the count."""
+    llm_config = getattr(model.config, "llm_config", None)
+    context = getattr(llm_config, "max_position_embeddings", None)
+    rendered = model._render(model._chat_template(), list(history), prompt)
+    n_images = rendered.count(IMAGE_PLACEHOLDER) or 1
+    text_tokens = len(tokenizer(rendered.replace(IMAGE_PLACEHOLDER, ""), add_special_tokens=False)["input_ids"])
+    image_tokens = n_images * (int(model.num_image_token) * ImageSettings.from_config(model.config).max_tiles + 2)
+    total = text_tokens + image_tokens + int(max_new_tokens)
+    if context is not None and total > int(context):
+        raise UserInputError(f"The conversation is too long for the model: about {total} tokens including the answer "
+                             f"budget, but its context holds {context}. Clear the chat or shorten the text.")
+    return total
+
+
+_PATH_RE = re.compile(r"(?:[A-Za-z]:)?(?:[/\\][^\s/\\'\"():,;]+){2,}[/\\]?")
+
+
+def scrub_paths(text: str) -> str:
+    """``text`` with every file-system path cut to its last component (``/srv/models/x/a.png`` -> ``…/a.png``)."""
+    return _PATH_RE.sub(lambda m: "…/" + re.split(r"[/\\]", m.group().rstrip("/\\"))[-1], text)
+
+
+def public_message(exc: BaseException) -> str:
+    """An internal error as shown in the page: its type and message without server paths, so the page never shows
+    where the server keeps models, uploads or code."""
+    return f"{type(exc).__name__}: {scrub_paths(str(exc))[:300]}"
