@@ -131,7 +131,7 @@ def _serve(args: argparse.Namespace, device: str) -> int:
     app = build_app(engine, examples, model_name=args.model.name)
     log.info("serving on http://%s:%d (model %s)", args.host, args.port, args.model)
     app.launch(server_name=args.host, server_port=args.port, max_file_size=MAX_UPLOAD_BYTES, share=False,
-               allowed_paths=[str(args.examples)], footer_links=[])
+               footer_links=[])
     return 0
 
 

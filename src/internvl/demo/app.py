@@ -9,10 +9,8 @@ the page's status line, so one bad upload cannot take the server down. Generatio
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import logging
-import tempfile
 import threading
 import time
 import traceback
@@ -102,21 +100,6 @@ def load_examples(directory: str | Path) -> list[Example]:
     return out
 
 
-_BROWSER_IMAGES = (".png", ".jpg", ".jpeg", ".webp", ".gif")
-
-
-def gallery_preview(path: Path) -> Path:
-    """A browser-displayable PNG for an example in another format (DICOM, NIfTI, TIFF), cached in the temp dir."""
-    if path.suffix.lower() in _BROWSER_IMAGES:
-        return path
-    key = hashlib.sha1(f"{path.resolve()}:{path.stat().st_mtime_ns}".encode()).hexdigest()[:16]
-    out = Path(tempfile.gettempdir()) / "medrega-demo-previews" / f"{key}.png"
-    if not out.is_file():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        load_upload(path).image.save(out)
-    return out
-
-
 @dataclass
 class Session:
     """Per-browser-tab state: the current image, the model's turns and the page's chat bubbles."""
@@ -141,12 +124,9 @@ def _regions_table(regions: list[Region], drawn: list) -> list[dict[str, Any]]:
 def ask(engine: DemoEngine, session: Session, *, task: str, lang: str, question: str = "", objects: str = "",
         box_text: str = "", box_units: str = "grid", drawing: Any = None, options: str = "", modality: str = "",
         cot: bool = False) -> tuple[Image.Image | None, list[dict[str, Any]], str]:
-    """One turn: validate inputs, build the prompt, generate (``cot``: Regional CoT), parse and draw boxes; the
-    step-one regions of Regional CoT are drawn after the answer's own, labelled "step 1".
-
-    Returns (annotated image, box rows, status message). Raises :class:`UserInputError` for bad input; the caller
-    shows it. The session's history and chat grow by this turn.
-    """
+    """One turn: validate inputs, build the prompt, generate (``cot``: Regional CoT, its step-one regions drawn after
+    the answer's own), parse and draw boxes; the session's history and chat grow by this turn. Returns (annotated
+    image, box rows, status message); raises :class:`UserInputError` for bad input."""
     check_fields(question=question, objects=objects, options=options, modality=modality, box=box_text)
     if session.image is None:
         raise UserInputError(text("need_image", lang))
@@ -186,10 +166,8 @@ def ask(engine: DemoEngine, session: Session, *, task: str, lang: str, question:
     return annotated, _regions_table(regions, drawn), status
 
 
-def _editor_value(image: Image.Image | None) -> dict[str, Any] | None:
+def _editor_value(image: Image.Image) -> dict[str, Any]:
     """What the image editor shows for ``image`` (no drawn layer yet)."""
-    if image is None:
-        return None
     return {"background": image, "layers": [], "composite": image}
 
 
@@ -298,7 +276,8 @@ def _layout(title: str, model_name: str, examples: list[Example]) -> dict[str, A
                 add(gr.Dropdown, "axis", value="axial")
                 add(gr.Textbox, "slice")
             add(gr.ImageEditor, "editor", type="numpy", image_mode="RGBA", sources=(), transforms=(), layers=False)
-            add(gr.Gallery, "gallery", value=[(str(gallery_preview(e.path)), e.title) for e in examples], columns=4,
+            # decoded here: gradio shows PIL images whatever the file format (DICOM, NIfTI, TIFF)
+            add(gr.Gallery, "gallery", value=[(load_upload(e.path).image, e.title) for e in examples], columns=4,
                 height=220, allow_preview=False)
         with gr.Column(scale=1):
             add(gr.Radio, "task", value="text_to_region")

@@ -38,16 +38,6 @@ class LabelMapError(ValueError):
     """A label map that cannot be used (colour image, non-integer values, unsupported SEG)."""
 
 
-def _label_value(first: str, path: Path, number: int, expected: str, got: object) -> int | None:
-    """The label value that starts line ``number`` of a names table; None for a header (a non-number on line 1)."""
-    try:
-        return int(first)
-    except ValueError:
-        if number == 1:
-            return None
-        raise LabelMapError(f"{path}:{number}: expected {expected!r}, got {got!r}") from None
-
-
 def read_label_names(path: str | Path) -> dict[int, str]:
     """Label value -> name from JSON (``{"1": "liver"}``), CSV (``value,name``) or a text table.
 
@@ -68,10 +58,13 @@ def read_label_names(path: str | Path) -> dict[int, str]:
             row = next(csv.reader([line]), []) if is_csv else line.split()
             if not "".join(row).strip() or row[0].lstrip().startswith("#"):
                 continue
-            value = _label_value(row[0], path, number, "value,name" if is_csv else "value name",
-                                 row if is_csv else line.strip())
-            if value is None:
-                continue
+            try:
+                value = int(row[0])
+            except ValueError:
+                if number == 1:
+                    continue  # a header
+                expected, got = ("value,name", row) if is_csv else ("value name", line.strip())
+                raise LabelMapError(f"{path}:{number}: expected {expected!r}, got {got!r}") from None
             quoted = None if is_csv else re.search(r'"([^"]+)"', line)  # ITK-SNAP: the quoted last column
             name = quoted.group(1) if quoted else (row[1] if len(row) > 1 else "")
             if not name.strip():
@@ -171,11 +164,7 @@ def label_boxes(labels: np.ndarray, *, mode: str = "label", min_pixels: int = 1)
 
 
 def _stem(path: Path) -> str:
-    name = path.name
-    for suffix in (".nii.gz", ".nii", ".png", ".tif", ".tiff", ".dcm", ".jpg", ".jpeg", ".bmp"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return path.stem
+    return path.name[: -len(".nii.gz")] if path.name.lower().endswith(".nii.gz") else path.stem
 
 
 def pair_by_stem(images_dir: str | Path, masks_dir: str | Path, mask_suffix: str = "") -> tuple[list[tuple[Path, Path]], list[Path]]:
