@@ -61,35 +61,34 @@ def test_read_csv_columns_and_gzip(tmp_path):
 def test_conversion_add_prefixes_ids_and_counts_a_prompt_error_once():
     conv = Conversion("t", id_prefix="p-", include_base_prompt=False)
     conv.add("f.json", 3, [{"task": "vqa_open", "id": "q1", "question": "q?", "answer": "a"}], image="a.png")
-    (file, line, record), = conv.items
-    assert (file, line, record["id"], record["conversations"][1]["value"]) == ("f.json", 3, "p-q1", "a")
+    (record,) = conv.records
+    assert (record["id"], record["conversations"][1]["value"]) == ("p-q1", "a")
     with_prompt = Conversion("t")
     with_prompt.add("f.json", 3, [{"task": "vqa_open", "id": "q1", "question": "q?", "answer": "a"}], image="a.png")
-    assert len(with_prompt.items[0][2]["conversations"][0]["value"]) > len(record["conversations"][0]["value"])
+    assert len(with_prompt.records[0]["conversations"][0]["value"]) > len(record["conversations"][0]["value"])
     q = {"task": "vqa_open", "question": "q?", "answer": "a"}
     builds = [{**q, "id": "1"}, {**q, "id": "2"}, {"task": "vqa_open", "id": "3", "question": "q?"}, {**q, "id": "4"}]
     conv.add("f.json", 7, builds, image="a.png", context="x: ")  # the first error ends the item
-    assert [r["id"] for _, _, r in conv.items] == ["p-q1", "p-1", "p-2"]
+    assert [r["id"] for r in conv.records] == ["p-q1", "p-1", "p-2"]
     assert dict(conv.report.skipped) == {"bad-record": 1}
     (problem,) = conv.report.problems
     assert (problem.file, problem.line, problem.reason) == ("f.json", 7, "bad-record")
     assert problem.message.startswith("x: ") and "answer" in problem.message
 
 
-def test_conversion_finish_checks_records_and_write_output(tmp_path):
+def test_conversion_checks_records_and_write_output(tmp_path):
+    q = {"task": "vqa_open", "question": "q?", "answer": "a"}
     conv = Conversion("t")
-    good = {"id": "1", "image": "a.png", "conversations": [{"from": "human", "value": "<image>\nq"},
-                                                           {"from": "gpt", "value": "a"}]}
-    bad = {"id": "2", "conversations": []}
-    conv.items += [("f", 1, good), ("f", 2, bad)]
+    conv.add("f", 1, [{**q, "id": "1"}], image="a.png")
+    conv.add("f", 2, [{**q, "id": "2"}], image="../outside.png")  # rejected by the training record checks
     records, report = conv.finish()
-    assert report is conv.report and records == [good] and report.written == 1 and report.n_skipped >= 1
-    assert {p.line for p in report.problems} == {2}
+    assert report is conv.report and [r["id"] for r in records] == ["1"] and report.written == 1
+    assert report.n_skipped >= 1 and {p.line for p in report.problems} == {2}
     out = tmp_path / "sub" / "out.jsonl"
     assert write_output(records, report, out) is report and report.output == out
-    assert [json.loads(line) for line in out.read_text().splitlines()] == [good]
+    assert [json.loads(line) for line in out.read_text().splitlines()] == records
     with_root = Conversion("t", image_root=tmp_path)  # with an image root every image must exist
-    with_root.items.append(("f", 1, good))
+    with_root.add("f", 1, [{**q, "id": "1"}], image="a.png")
     assert with_root.finish()[0] == [] and "missing-image" in with_root.report.skipped
 
 

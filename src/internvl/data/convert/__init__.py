@@ -74,7 +74,7 @@ class Conversion:
     """One conversion under way: the options every ``convert_*`` function takes as keywords (prompt language; the
     root that record image paths are relative to, ``None``: image files not checked, and how much of each image to
     check; a record id prefix; ``include_base_prompt=False``: raw questions, the meta_file.json ``base_prompt``
-    supplies the task prompt), the records built so far and the report."""
+    supplies the task prompt), the records kept so far and the report."""
 
     source: str
     lang: str = "en"
@@ -82,16 +82,20 @@ class Conversion:
     image_check: str = "exists"
     id_prefix: str = ""
     include_base_prompt: bool = True
-    items: list[tuple[str, int, dict]] = field(default_factory=list)
+    records: list[dict] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.report = ConvertReport(source=self.source)
+        # the training record checks; without an image root paths must still be relative and inside the root
+        root, check = (self.image_root, self.image_check) if self.image_root else (".", "none")
+        self.checker = RecordChecker(image_root=root, image_check=check)
 
     def add(self, file: str | Path, line: int, builds: Iterable[dict[str, Any]], *, context: str = "",
             **common: Any) -> None:
-        """Build the records of one input item: each of ``builds`` is ``task=``, ``id=`` (prefixed here) and fields,
-        merged with ``common``. The first :class:`~internvl.data.prompts.PromptError` ends the item: one
-        ``bad-record`` skip at ``file:line`` (message ``context`` + the error); the records before it are kept."""
+        """Build and check the records of one input item: each of ``builds`` is ``task=``, ``id=`` (prefixed here) and
+        fields, merged with ``common``. A record the checks reject is skipped and counted; the first
+        :class:`~internvl.data.prompts.PromptError` ends the item: one ``bad-record`` skip at ``file:line`` (message
+        ``context`` + the error)."""
         for fields in builds:
             fields = {**fields, **common, "id": f"{self.id_prefix}{fields['id']}"}
             try:
@@ -100,23 +104,16 @@ class Conversion:
             except PromptError as exc:
                 self.report.skip(file, line, "bad-record", f"{context}{exc}")
                 return
-            self.items.append((str(file), line, record))
-
-    def finish(self) -> tuple[list[dict], ConvertReport]:
-        """Run every built record through the training record checks (bad ones skipped and counted); returns
-        ``(records, report)`` with ``report.written`` set. Without an image root image files are not checked (paths
-        must still be relative and inside the root)."""
-        root, check = (self.image_root, self.image_check) if self.image_root else (".", "none")
-        checker = RecordChecker(image_root=root, image_check=check)
-        records = []
-        for file, line, record in self.items:
-            problems = checker.check(record, file=file, line=line)
+            problems = self.checker.check(record, file=file, line=line)
             for p in problems:
                 self.report.skip(file, line, p.reason, p.message)
             if not problems:
-                records.append(record)
-        self.report.written = len(records)
-        return records, self.report
+                self.records.append(record)
+
+    def finish(self) -> tuple[list[dict], ConvertReport]:
+        """``(records, report)``, with ``report.written`` set: what every ``convert_*`` function returns."""
+        self.report.written = len(self.records)
+        return self.records, self.report
 
 
 def write_output(records: list[dict], report: ConvertReport, out: str | Path) -> ConvertReport:

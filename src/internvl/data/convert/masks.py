@@ -242,7 +242,7 @@ def convert_masks(pairs: list[tuple[str | Path, str | Path]], *, names: dict[int
             base_id = _stem(mask_path) + ("" if index is None else f"-{axis}{index}")
             conv.add(file, line, _mask_builds(task, base_id, regions, mode), image=rel, width=width, height=height,
                      modality=modality)
-    # Without image_root the images were already read above; finish() then checks the records' structure only.
+    # Without image_root the images were already read above; the record checks then look at the structure only.
     return conv.finish()
 
 
