@@ -12,8 +12,7 @@ import torch
 from PIL import Image
 
 from internvl.demo.app import DemoEngine, Session, _message, ask, page_labels
-from internvl.demo.drawing import PALETTE, draw_regions
-from internvl.demo.render import answer_html, escape, region_name_label
+from internvl.demo.drawing import PALETTE, answer_html, draw_regions, escape, region_name_label
 from internvl.demo.strings import STRINGS, text
 from internvl.demo.tasks import TASKS, build_prompt, task_label
 from internvl.demo.uploads import UserInputError

@@ -25,8 +25,7 @@ import torch
 from PIL import Image
 
 from internvl.constants import IMAGE_PLACEHOLDER
-from internvl.demo.drawing import draw_regions
-from internvl.demo.render import answer_html, escape, region_name_label
+from internvl.demo.drawing import answer_html, draw_regions, escape, region_name_label
 from internvl.demo.strings import LANGS, text
 from internvl.demo.tasks import TASKS, build_prompt, follow_up_prompt, task_label
 from internvl.demo.uploads import (UserInputError, box_from_drawing, check_fields, check_prompt_budget, load_upload,

@@ -202,7 +202,7 @@ def convert_masks(pairs: list[tuple[str | Path, str | Path]], *, names: dict[int
                   axis: str = "axial", slices: str = "middle", slice_step: int = 1,
                   window: str | tuple[float, float] | None = None, out_images: str | Path | None = None, **options: Any
                   ) -> tuple[list[dict], ConvertReport]:
-    """Convert (image, label map) pairs; returns ``(records, report)``. ``options``: :class:`ConvertOptions` keywords.
+    """Convert (image, label map) pairs; returns ``(records, report)``. ``options``: :class:`Conversion` keywords.
 
     Record image paths are relative to ``image_root`` (default: the images' directory for 2D pairs, ``out_images``
     for volume slices). ``slices``: ``"middle"`` (the volume's middle slice) or ``"labelled"`` (every
@@ -307,7 +307,7 @@ def _named_regions(labels: np.ndarray, names: dict[int, str], mode: str, min_pix
 
 
 def _mask_builds(task: str, base_id: str, regions: list[tuple[str, list]], mode: str) -> list[dict[str, Any]]:
-    """The `build_records` entries of one label map (region_to_text: one per label, or per component)."""
+    """The `Conversion.add` builds of one label map (region_to_text: one per label, or per component)."""
     if task == "text_to_region":
         return [{"task": "text_to_region", "id": base_id, "regions": regions}]
     return [{"task": "region_to_text", "id": f"{base_id}-{name}-{k}",

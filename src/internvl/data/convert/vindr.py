@@ -192,7 +192,7 @@ def _merge_class(image_id: str, name: str, entries: list[tuple[np.ndarray, str, 
 
 def _builds(task: str, record_id: str, merged: dict[str, list[list]], options: list[str],
             no_finding: str) -> list[dict[str, Any]]:
-    """The `build_records` entries of one image for `task` (region_to_text: one per box)."""
+    """The `Conversion.add` builds of one image for `task` (region_to_text: one per box)."""
     if task == "classify_multi":
         return [{"task": "classify_multi", "id": record_id, "options": options,
                  "labels": sorted(merged) or [no_finding], "notes": [f'"{no_finding}" means no diseases are detected.']}]
