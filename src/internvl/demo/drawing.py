@@ -57,14 +57,10 @@ def _printable(text: str, cjk_ok: bool) -> bool:
 
 def draw_regions(image: Image.Image, regions: Sequence[Region], *, min_side: int = 384, min_long_side: int = 512
                  ) -> tuple[Image.Image, list[DrawnBox]]:
-    """Return an RGB copy of ``image`` with each region's boxes outlined in its own colour and labelled
-    ``"<n>. <name>"`` (``n`` = 1-based region number, as in the page's box list), plus the drawn boxes.
-
-    Small images (a 64 px DICOM, a 181x217 MRI slice) are drawn on an upscaled copy whose shorter side is at least
-    ``min_side`` px and longer side at least ``min_long_side`` px, so labels are readable and outlines thin next to
-    the anatomy; box coordinates are mapped to the *original* image size and scaled with it (``DrawnBox.xyxy`` are in
-    original pixels). Unnamed regions are labelled by their number only.
-    """
+    """An RGB copy of ``image`` with each region's boxes outlined in its own colour and labelled ``"<n>. <name>"``
+    (``n``: 1-based region number, as in the page's box list), plus the drawn boxes (``xyxy`` in original pixels).
+    Small images (a 64 px DICOM) are drawn on a copy upscaled to at least ``min_side`` x ``min_long_side`` px, so
+    labels are readable and outlines thin next to the anatomy."""
     base = image.convert("RGB")
     w0, h0 = base.size
     scale = max(1.0, min_side / max(1, min(w0, h0)), min_long_side / max(1, w0, h0))
@@ -117,11 +113,9 @@ def marker_html(number: int, name: str | None) -> str:
 
 
 def answer_html(answer: str, regions: list[Region], lang: str, *, first_number: int = 1) -> str:
-    """The assistant bubble for ``answer``: readable text with one marker per region box list, numbered from
-    ``first_number`` (Region-to-Text draws the query box as region 1), and the raw answer in a collapsed element.
-
-    ``regions`` are the answer's regions with boxes, as drawn (``parse_regions``); their names label the markers.
-    """
+    """The assistant bubble for ``answer``: readable text with one marker per box list of ``regions`` (the answer's
+    regions with boxes, as drawn), numbered from ``first_number`` (Region-to-Text draws the query box as region 1),
+    and the raw answer in a collapsed element."""
     if not answer.strip():
         return escape(text("empty_answer", lang))
     stripped = remove_region_tags(answer)

@@ -20,7 +20,7 @@ from PIL import Image
 from internvl.constants import IMAGE_PLACEHOLDER
 from internvl.data.images import ImageLoadError, detect_format, load_image
 from internvl.image_processing import ImageSettings
-from internvl.regions import Box, RegionError, pixels_to_box, validate_box
+from internvl.regions import Box, pixels_to_box
 
 __all__ = ["ACCEPTED_SUFFIXES", "FIELD_LIMITS", "MAX_UPLOAD_BYTES", "MAX_UPLOAD_PIXELS", "LoadedUpload",
            "UserInputError", "box_from_drawing", "check_fields", "check_prompt_budget", "check_question", "load_upload",
@@ -48,12 +48,9 @@ class LoadedUpload:
 
 def load_upload(path: str | Path, *, axis: str = "axial", slice_index: int | None = None,
                 max_bytes: int = MAX_UPLOAD_BYTES, max_pixels: int = MAX_UPLOAD_PIXELS) -> LoadedUpload:
-    """Decode an uploaded file (PNG/JPEG/TIFF/DICOM/NIfTI) into an RGB image after size and type checks.
-
-    NIfTI volumes give one slice along ``axis`` (default the middle one); multi-frame DICOM gives its middle frame.
-    Raises :class:`UserInputError` naming the file for: a missing/empty/oversized file, an unaccepted type, a
-    non-image or corrupt file (incl. corrupt DICOM), a decompression bomb, a bad slice index.
-    """
+    """Decode an uploaded file (PNG/JPEG/TIFF/DICOM/NIfTI: one slice along ``axis``, default the middle one) into an
+    RGB image after size and type checks; :class:`UserInputError` naming the file for a missing, empty, oversized,
+    unaccepted, corrupt or bomb file, or a bad slice index."""
     p = Path(path)
     name = p.name
     if not p.is_file():
@@ -95,12 +92,9 @@ _BOX_TEXT = re.compile(rf"^\[?\s*\[?\s*({_NUM})\s*,\s*({_NUM})\s*,\s*({_NUM})\s*
 
 
 def parse_typed_box(text: str | None, width: int, height: int, *, units: str = "grid") -> Box:
-    """A box typed as ``x1, y1, x2, y2`` (brackets optional) -> :class:`Box`.
-
-    ``units="grid"``: MedRegA's 0..999 grid (as the model writes boxes); ``units="pixels"``: pixel corners of the
-    ``width`` x ``height`` image. Raises :class:`UserInputError` for bad syntax, inverted corners, or a box outside
-    the image (negative, over 999, or beyond the image's pixel size).
-    """
+    """A box typed as ``x1, y1, x2, y2`` (brackets optional) on MedRegA's 0..999 grid (``units="grid"``) or in pixels
+    of the ``width`` x ``height`` image -> :class:`Box`; :class:`UserInputError` for bad syntax, inverted corners or
+    a box outside the image."""
     raw = (text or "").strip()
     m = _BOX_TEXT.match(raw)
     if not m:
@@ -113,24 +107,16 @@ def parse_typed_box(text: str | None, width: int, height: int, *, units: str = "
         if min(vals) < 0 or x2 > width or y2 > height:
             raise UserInputError(f"Box {raw!r} lies outside the {width}x{height} image (pixel coordinates).")
         return pixels_to_box((x1, y1, x2, y2), width, height)
-    if units != "grid":
-        raise ValueError(f"units must be 'grid' or 'pixels', got {units!r}")
     if min(vals) < 0 or max(vals) > 999:
         raise UserInputError(f"Box {raw!r} lies outside the image: grid coordinates run from 0 to 999.")
     if any(v != int(v) for v in vals):
         raise UserInputError(f"Box {raw!r}: grid coordinates are whole numbers 0..999.")
-    try:
-        return validate_box([int(v) for v in vals])
-    except RegionError as exc:
-        raise UserInputError(f"Box {raw!r}: {exc}") from exc
+    return Box(*(int(v) for v in vals))
 
 
 def box_from_drawing(layer: np.ndarray | Image.Image | None) -> Box:
-    """Bounding box of everything the user painted on an editor layer (RGBA, alpha > 0) -> :class:`Box`.
-
-    The layer covers the whole image (at whatever resolution the editor used), so its pixel corners map straight to
-    the 0..999 grid. Raises :class:`UserInputError` when nothing was drawn.
-    """
+    """Bounding box of everything painted on an editor layer (RGBA, alpha > 0) -> :class:`Box`; the layer covers the
+    whole image, so its pixel corners map straight to the 0..999 grid. :class:`UserInputError` when nothing was drawn."""
     if layer is None:
         raise UserInputError("No box: draw over the region in the image editor, or type a box.")
     arr = np.asarray(layer)

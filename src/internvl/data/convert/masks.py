@@ -202,13 +202,10 @@ def convert_masks(pairs: list[tuple[str | Path, str | Path]], *, names: dict[int
                   axis: str = "axial", slices: str = "middle", slice_step: int = 1,
                   window: str | tuple[float, float] | None = None, out_images: str | Path | None = None, **options: Any
                   ) -> tuple[list[dict], ConvertReport]:
-    """Convert (image, label map) pairs; returns ``(records, report)``. ``options``: :class:`Conversion` keywords.
-
-    Record image paths are relative to ``image_root`` (default: the images' directory for 2D pairs, ``out_images``
-    for volume slices). ``slices``: ``"middle"`` (the volume's middle slice) or ``"labelled"`` (every
-    ``slice_step``-th slice containing a label). ``names`` maps label values to object names; values without a
-    name are skipped and counted (DICOM SEG files bring their own names).
-    """
+    """Convert (image, label map) pairs; returns ``(records, report)``. ``options``: :class:`Conversion` keywords;
+    record image paths are relative to ``image_root`` (default: the images' folder, or ``out_images`` for volume
+    slices). ``slices``: ``"middle"`` or ``"labelled"`` (every ``slice_step``-th slice containing a label). ``names``:
+    label value -> object name (unnamed values are skipped and counted; DICOM SEG files bring their own names)."""
     check_task(task, TASKS)
     if slices not in ("middle", "labelled"):
         raise ConvertError(f"slices must be 'middle' or 'labelled', got {slices!r}")
