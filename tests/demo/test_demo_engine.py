@@ -65,6 +65,9 @@ def test_ask_follow_up_turns_and_bad_input(tiny_model, tiny_tokenizer):
     ask(engine, session, task="vqa", lang="en", question="Is it normal?")
     assert len(session.history) == 2 and session.history[0][0].startswith("<image>")
     assert "<image>" not in session.history[1][0] and len(session.chat) == 4
+    assert session.history[1][0] == "Is it normal?"  # a follow-up is the user's text as is
+    with pytest.raises(UserInputError, match="cannot contain <image>"):
+        ask(engine, session, task="vqa", lang="en", question="<image> again?")
 
 
 def test_build_app_wires_every_element(tiny_model, tiny_tokenizer):

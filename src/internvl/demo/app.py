@@ -27,9 +27,9 @@ from PIL import Image
 from internvl.constants import IMAGE_PLACEHOLDER
 from internvl.demo.drawing import answer_html, draw_regions, escape, region_name_label
 from internvl.demo.strings import LANGS, text
-from internvl.demo.tasks import TASKS, build_prompt, follow_up_prompt, task_label
-from internvl.demo.uploads import (UserInputError, box_from_drawing, check_fields, check_prompt_budget, load_upload,
-                                   parse_typed_box, public_message, scrub_paths)
+from internvl.demo.tasks import TASKS, build_prompt, task_label
+from internvl.demo.uploads import (UserInputError, box_from_drawing, check_fields, check_prompt_budget, check_question,
+                                   load_upload, parse_typed_box, public_message, scrub_paths)
 from internvl.inference import GenerationRequest, GenerationSettings, Generator
 from internvl.regional_cot import regional_cot
 from internvl.regions import Box, Region, parse_regions
@@ -137,7 +137,7 @@ def ask(engine: DemoEngine, session: Session, *, task: str, lang: str, question:
         else:
             query_box = box_from_drawing(drawing)
     if session.history and task == "vqa":
-        prompt = follow_up_prompt(question)
+        prompt = check_question(question)  # a later turn: the user's text as is (no task prompt)
     else:
         prompt = build_prompt(task, lang, question=question, box=query_box, objects=objects, options=options,
                               modality=modality)

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import re
 
-from internvl.constants import IMAGE_PLACEHOLDER
 from internvl.data.encode import apply_prompt_order
 from internvl.data.prompts import PromptError, build_question
 from internvl.demo.strings import text
 from internvl.demo.uploads import UserInputError, check_question
 from internvl.regions import Box
 
-__all__ = ["TASKS", "build_prompt", "follow_up_prompt", "split_names", "task_label"]
+__all__ = ["TASKS", "build_prompt", "split_names", "task_label"]
 
 #: the task menu: demo task -> the registry task it asks (names: ``task_<key>`` in ``strings.json``)
 TASKS: dict[str, str] = {"vqa": "vqa_open", "report": "report_general", "diagnosis": "classify_single",
@@ -67,10 +66,3 @@ def build_prompt(task: str, lang: str, *, question: str | None = None, box: Box 
     # the trainer's prompt order ("<image>\n" + task prompt + question): what MedRegA and the bundled model saw
     return apply_prompt_order([{"from": "human", "value": human}], 1, "", "train")[0]["value"]
 
-
-def follow_up_prompt(question: str | None) -> str:
-    """A later turn of a multi-turn chat: the user's text as is (no task prompt, no image placeholder)."""
-    q = check_question(question)
-    if IMAGE_PLACEHOLDER in q:
-        raise UserInputError(f"Follow-up questions cannot contain {IMAGE_PLACEHOLDER}; the image is already shown.")
-    return q
