@@ -32,8 +32,7 @@ from internvl.inference import (GenerationSettings, Generator, ModelLoadError, d
                                 init_distributed, load_model_and_tokenizer)
 from internvl.io_safety import check_output_dir  # noqa: E402
 
-SRC = Path(__file__).resolve().parent
-REPO = SRC.parent
+REPO = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = REPO / "asset" / "medreg-mini-model"
 DEFAULT_EXAMPLES = REPO / "asset" / "examples"
 

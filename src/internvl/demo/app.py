@@ -93,7 +93,7 @@ def load_examples(directory: str | Path) -> list[Example]:
             ex = Example(path=directory / entry.pop("file"), **entry)
         except (KeyError, TypeError) as exc:
             raise ValueError(f"{where}: {exc}") from exc
-        if ex.task not in TASKS or ex.lang not in ("en", "zh") or not ex.path.is_file():
+        if ex.task not in TASKS or ex.lang not in LANGS or not ex.path.is_file():
             raise ValueError(f"{where}: bad task/lang or missing image {ex.path}")
         out.append(ex)
     return out

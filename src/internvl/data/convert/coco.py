@@ -38,11 +38,8 @@ def convert_coco(path: str | Path, *, task: str = "text_to_region", modality: st
     categories = _read_categories(data["categories"], file)
     images = _read_images(data["images"], file, conv.report)
     boxes = _read_boxes(data["annotations"], images, categories, file, conv.report)
-    image_line = {img_id: n for n, img in enumerate(data["images"], start=1)
-                  if isinstance(img, dict) and (img_id := img.get("id")) in images}
-    for img_id, img in images.items():
+    for img_id, (line, img) in images.items():
         found = boxes.get(img_id, [])
-        line = image_line[img_id]
         if not found:
             conv.report.skip(file, line, "no-annotations", f"image {img['file_name']!r} has no usable boxes")
             continue
@@ -68,9 +65,10 @@ def _read_categories(entries: list, file: str) -> dict[Any, str]:
     return categories
 
 
-def _read_images(entries: list, file: str, report: ConvertReport) -> dict[Any, dict]:
-    """Image id -> image entry, for entries with an id, a file name and a positive integer size (others skipped)."""
-    images: dict[Any, dict] = {}
+def _read_images(entries: list, file: str, report: ConvertReport) -> dict[Any, tuple[int, dict]]:
+    """Image id -> (line, image entry) of the entries with an id, a file name and a positive integer size (others
+    skipped)."""
+    images: dict[Any, tuple[int, dict]] = {}
     for i, img in enumerate(entries, start=1):
         where = f"images[{i - 1}]"
         if not isinstance(img, dict) or "id" not in img or not isinstance(img.get("file_name"), str):
@@ -82,11 +80,11 @@ def _read_images(entries: list, file: str, report: ConvertReport) -> dict[Any, d
         if img["id"] in images:
             report.skip(file, i, "duplicate-image-id", f"{where}: image id {img['id']!r} already used")
             continue
-        images[img["id"]] = img
+        images[img["id"]] = (i, img)
     return images
 
 
-def _read_boxes(entries: list, images: dict[Any, dict], categories: dict[Any, str], file: str,
+def _read_boxes(entries: list, images: dict[Any, tuple[int, dict]], categories: dict[Any, str], file: str,
                 report: ConvertReport) -> dict[Any, list[tuple[int, str, list[float]]]]:
     """Image id -> [(annotation line, category name, pixel [x1, y1, x2, y2])] of the valid annotations."""
     boxes: dict[Any, list[tuple[int, str, list[float]]]] = defaultdict(list)
@@ -95,10 +93,10 @@ def _read_boxes(entries: list, images: dict[Any, dict], categories: dict[Any, st
         if not isinstance(ann, dict):
             report.skip(file, i, "bad-annotation", f"{where} is not an object")
             continue
-        img = images.get(ann.get("image_id"))
-        if img is None:
+        if ann.get("image_id") not in images:
             report.skip(file, i, "unknown-image", f"{where}: image_id {ann.get('image_id')!r} is not a valid image")
             continue
+        _, img = images[ann["image_id"]]
         name = categories.get(ann.get("category_id"))
         if name is None:
             report.skip(file, i, "unknown-category", f"{where}: category_id {ann.get('category_id')!r} is not defined")
