@@ -101,3 +101,25 @@ def test_regional_cot_toggle_draws_step_one_regions(tiny_model, tiny_tokenizer, 
     assert len(calls) == 1 and calls[0][1] == ["zh"]
     assert [row["name"] for row in rows] == ["liver", "第一步：liver"]
     assert session.history[-1][1].startswith("<ref>liver</ref>")
+
+
+def test_upload_handler_takes_the_nifti_slice_number_and_reports_bad_ones_in_the_page(tiny_model, tiny_tokenizer,
+                                                                                      tmp_path):
+    """The slice box is a gradio number field (whole, >= 0; gradio refuses anything else); the handler passes it on,
+    and a slice outside the volume is an error line in the page, never an exception."""
+    import gradio as gr
+    import nibabel as nib
+
+    from internvl.demo.app import _handlers
+
+    app = build_app(DemoEngine(tiny_model, tiny_tokenizer, SETTINGS), [], model_name="tiny")
+    (slice_box,) = [b for b in app.blocks.values() if getattr(b, "elem_id", None) == "slice"]
+    assert isinstance(slice_box, gr.Number) and slice_box.precision == 0 and slice_box.minimum == 0
+    path = tmp_path / "v.nii.gz"
+    nib.save(nib.Nifti1Image(np.random.default_rng(0).integers(0, 1000, (20, 24, 16)).astype(np.int16), np.eye(4)),
+             path)
+    upload = _handlers(DemoEngine(tiny_model, tiny_tokenizer, SETTINGS), []).upload
+    editor, session, status = upload(str(path), "coronal", 3, Session(), "en")
+    assert "coronal slice 3" in status and session.image is not None and editor["background"] is session.image
+    _, session, status = upload(str(path), "coronal", 99, Session(), "en")
+    assert status.startswith("**Error:**") and "v.nii.gz" in status

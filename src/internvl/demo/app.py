@@ -196,16 +196,9 @@ def _handlers(engine: DemoEngine, examples: list[Example]) -> SimpleNamespace:
     """The page's event handlers (upload, example pick, ask, clear), wrapped by ``_guarded`` where the page can send
     bad input."""
 
-    def on_upload(path: str | None, axis: str, slice_text: str, session: Session, lang: str):
+    def on_upload(path: str | None, axis: str, slice_index: int | None, session: Session, lang: str):
         if not path:
             return gr.update(), session, _message(text("no_file", lang), "info", lang)
-        check_fields(slice=slice_text)
-        slice_index = None
-        if (slice_text or "").strip():
-            try:
-                slice_index = int(slice_text)
-            except ValueError:
-                raise UserInputError(text("bad_slice", lang, value=slice_text)) from None
         up = load_upload(path, axis=axis, slice_index=slice_index)
         return _editor_value(up.image), Session(image=up.image), _message(text("loaded", lang, what=up.description),
                                                                           "ok", lang)
@@ -273,7 +266,7 @@ def _layout(title: str, model_name: str, examples: list[Example]) -> dict[str, A
             add(gr.File, "upload", file_count="single", type="filepath")
             with gr.Row():
                 add(gr.Dropdown, "axis", value="axial")
-                add(gr.Textbox, "slice")
+                add(gr.Number, "slice", precision=0, minimum=0)  # gradio checks it is a whole number >= 0
             add(gr.ImageEditor, "editor", type="numpy", image_mode="RGBA", sources=(), transforms=(), layers=False)
             # decoded here: gradio shows PIL images whatever the file format (DICOM, NIfTI, TIFF)
             add(gr.Gallery, "gallery", value=[(load_upload(e.path).image, e.title) for e in examples], columns=4,

@@ -127,9 +127,8 @@ def box_from_drawing(layer: np.ndarray | Image.Image | None) -> Box:
 
 
 #: Longest accepted value of each demo text field, in characters.
-FIELD_LIMITS: dict[str, int] = {"question": 2000, "objects": 500, "options": 1000, "modality": 64, "box": 100,
-                                "slice": 16}
-_LABELS = {"options": "candidate diagnoses", "slice": "NIfTI slice"}  # the other fields are named as they are
+FIELD_LIMITS: dict[str, int] = {"question": 2000, "objects": 500, "options": 1000, "modality": 64, "box": 100}
+_LABELS = {"options": "candidate diagnoses"}  # the other fields are named as they are
 
 
 def check_fields(**fields: Any) -> None:
