@@ -113,7 +113,7 @@ def parse_typed_box(text: str | None, width: int, height: int, *, units: str = "
 
 def box_from_drawing(layer: np.ndarray | Image.Image | None) -> Box:
     """Bounding box of everything painted on an editor layer (RGBA, alpha > 0) -> :class:`Box`; the layer covers the
-    whole image, so its pixel corners map straight to the 0..999 grid. :class:`UserInputError` when nothing was drawn."""
+    whole image, so its pixel corners map straight to the 0..999 grid. :class:`UserInputError` if nothing was drawn."""
     if layer is None:
         raise UserInputError("No box: draw over the region in the image editor, or type a box.")
     arr = np.asarray(layer)

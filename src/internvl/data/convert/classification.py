@@ -28,8 +28,6 @@ def convert_folders(root: str | Path, *, modality: str, options: list[str] | Non
                     notes: list[str] | None = None, **common: Any) -> tuple[list[dict], ConvertReport]:
     """``root/<class>/<image>`` -> single-label records with paths relative to ``root`` (which is their image root).
     ``common``: :class:`Conversion` keywords other than ``image_root``."""
-    if "image_root" in common:
-        raise ConvertError("class folders are their own image root; convert_folders takes no image_root")
     root = Path(root)
     if not root.is_dir():
         raise ConvertError(f"{root}: not a directory")
@@ -76,19 +74,20 @@ def convert_csv(path: str | Path, *, modality: str, task: str = "classify_single
         raise ConvertError("one-hot label columns and separators are for classify_multi")
     file = str(path)
     conv = Conversion(f"classification {file}", **common)
+    skip = conv.report.skip
     with read_csv(Path(path), [image_column] + (label_columns or [label_column or ""])) as reader:
         rows = []
         for row in reader:
             line = reader.line_num
             image = (row[image_column] or "").strip()
             if not image:
-                conv.report.skip(file, line, "missing-field", f"empty {image_column!r}")
+                skip(file, line, "missing-field", f"empty {image_column!r}")
                 continue
             if label_columns:
                 flags = {c: _flag(row[c]) for c in label_columns}
                 bad = [c for c, f in flags.items() if f is None]
                 if bad:
-                    conv.report.skip(file, line, "bad-label", f"columns {bad} are not 0/1 (got {[row[c] for c in bad]})")
+                    skip(file, line, "bad-label", f"columns {bad} are not 0/1 (got {[row[c] for c in bad]})")
                     continue
                 labels = [c for c in label_columns if flags[c]]
             else:
@@ -97,7 +96,7 @@ def convert_csv(path: str | Path, *, modality: str, task: str = "classify_single
                 labels = [x for x in labels if x]
             if not labels:
                 if empty_label is None:
-                    conv.report.skip(file, line, "no-label", "no positive label (pass --empty-label to name normal images)")
+                    skip(file, line, "no-label", "no positive label (pass --empty-label to name normal images)")
                     continue
                 labels = [empty_label]
             rows.append((line, image, labels))
@@ -111,10 +110,10 @@ def convert_csv(path: str | Path, *, modality: str, task: str = "classify_single
     for line, image, labels in rows:
         unknown = [x for x in labels if x not in options]
         if unknown:
-            conv.report.skip(file, line, "unknown-label", f"label(s) {unknown} not in the options")
+            skip(file, line, "unknown-label", f"label(s) {unknown} not in the options")
             continue
         if task == "classify_single" and len(labels) != 1:
-            conv.report.skip(file, line, "bad-label", f"single-label task but got {labels}")
+            skip(file, line, "bad-label", f"single-label task but got {labels}")
             continue
         fields = dict(label=labels[0]) if task == "classify_single" else dict(labels=labels)
         conv.add(file, line, [{"task": task, "id": line, **fields}], image=image, modality=modality,
@@ -138,13 +137,15 @@ CLI = ConverterCLI(
     help="class folders or a label CSV -> classify_single / classify_multi records", tasks=TASKS,
     convert=convert_classification,
     arguments=((("source",), dict(help="a folder of class folders, or a label CSV")),
-               (("--modality",), dict(required=True, help="modality for the prompt: OCT, chest x-ray, dermoscopic ...")),
+               (("--modality",), dict(required=True,
+                                      help="modality for the prompt: OCT, chest x-ray, dermoscopic ...")),
                (("--target",), dict(choices=["disease", "organ", "tissue"], default="disease")),
                (("--options",), dict(type=comma_list, help="comma-separated option list in prompt order "
                                      "(default: from the data)")),
                (("--notes",), dict(action="append", help="a line after the options (repeatable)")),
                (("--image-column",), dict(default="image")),
                (("--label-column",), dict(default="label")),
-               (("--label-columns",), dict(type=comma_list, help="comma-separated one-hot class columns (multi-label)")),
+               (("--label-columns",), dict(type=comma_list,
+                                           help="comma-separated one-hot class columns (multi-label)")),
                (("--separator",), dict(help="separator inside --label-column for multi-label values")),
                (("--empty-label",), dict(help="label for rows without a positive class (e.g. 'No finding')"))))
