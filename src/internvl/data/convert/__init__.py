@@ -211,15 +211,14 @@ class ConverterCLI:
         return sys.modules[self.convert.__module__].__doc__
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        """Add this converter's options and the common ones to ``parser``."""
-        for flags, kwargs in self.arguments:
-            parser.add_argument(*flags, **kwargs)
+        """Add this converter's options (their dests noted for :meth:`run`) and the common ones to ``parser``."""
+        actions = [parser.add_argument(*flags, **kwargs) for flags, kwargs in self.arguments]
+        parser.set_defaults(converter_options=[action.dest for action in actions])
         add_common_arguments(parser, tasks=self.tasks)
 
     def run(self, args: argparse.Namespace) -> ConvertReport:
         """Convert what ``args`` name and write ``args.out``."""
-        dests = [kw.get("dest", flags[-1].lstrip("-").replace("-", "_")) for flags, kw in self.arguments]
-        kwargs = {dest: getattr(args, dest) for dest in dests}
+        kwargs = {dest: getattr(args, dest) for dest in args.converter_options}
         records, report = self.convert(task=args.task, **kwargs, **common_options(args))
         return write_output(records, report, args.out)
 
