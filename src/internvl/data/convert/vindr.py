@@ -30,7 +30,7 @@ REQUIRED_COLUMNS = ("image_id", "class_name", "x_min", "y_min", "x_max", "y_max"
 
 def cluster_boxes(boxes: list[np.ndarray], threshold: float) -> list[list[int]]:
     """Group box indices whose IoU >= threshold, transitively (connected components); stable order."""
-    from scipy.sparse.csgraph import connected_components
+    from scipy.sparse.csgraph import connected_components  # here: scipy is slow to import, `medrega-data` starts fast
 
     if not boxes:
         return []
@@ -40,9 +40,8 @@ def cluster_boxes(boxes: list[np.ndarray], threshold: float) -> list[list[int]]:
 
 def merge_boxes(boxes: list[np.ndarray], raters: list[str], *, merge: str, threshold: float, min_votes: int
                 ) -> tuple[list[np.ndarray], int]:
-    """Merge one image+class's boxes; returns ``(kept boxes, clusters dropped for too few votes)``."""
-    if merge not in MERGES:
-        raise ValueError(f"merge must be one of {MERGES}, got {merge!r}")
+    """Merge one image+class's boxes (``merge``: one of :data:`MERGES`, checked by :func:`convert_vindr`); returns
+    ``(kept boxes, clusters dropped for too few votes)``."""
     if merge == "none":
         clusters = [[i] for i in range(len(boxes))] if min_votes <= 1 else cluster_boxes(boxes, threshold)
     else:
