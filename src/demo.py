@@ -17,15 +17,14 @@ import os
 import signal
 import sys
 import tempfile
+import time
 from pathlib import Path
 
-from internvl.offline import enforce_offline  # noqa: E402
+from internvl.offline import enforce_offline
 
 enforce_offline()  # no hub, no analytics: before anything imports transformers/peft/gradio
 
 # after the offline switches (the hub and gradio read them on import)
-import time  # noqa: E402
-
 from internvl.cli_support import add_generation_arguments, port_number, positive_int, run_cli  # noqa: E402
 from internvl.demo.batch import gather_results, read_batch_file, run_batch, stream_path, write_results  # noqa: E402
 from internvl.inference import (GenerationSettings, Generator, ModelLoadError, default_dtype,  # noqa: E402

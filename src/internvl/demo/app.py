@@ -203,7 +203,7 @@ def _handlers(engine: DemoEngine, examples: list[Example]) -> SimpleNamespace:
         return _editor_value(up.image), Session(image=up.image), _message(text("loaded", lang, what=up.description),
                                                                           "ok", lang)
 
-    def on_example(evt: gr.SelectData, session: Session, lang: str):
+    def on_example(evt: gr.SelectData, lang: str):
         ex = examples[evt.index]
         image = load_upload(ex.path).image
         return (_editor_value(image), Session(image=image), ex.task, ex.lang, ex.question, ex.objects, ex.box,
@@ -312,8 +312,8 @@ def build_app(engine: DemoEngine, examples: list[Example], *, title: str = "MedR
 
         c["upload"].upload(h.upload, els("upload", "axis", "slice", "session", "lang"),
                            els("editor", "session", "status")).then(_empty_file_box, None, c["upload"])
-        c["gallery"].select(h.example, els("session", "lang"), els("editor", "session", "task", "lang", "question",
-                                                                   "objects", "box", "options", "modality", "status"))
+        c["gallery"].select(h.example, els("lang"), els("editor", "session", "task", "lang", "question", "objects", "box",
+                                                        "options", "modality", "status"))
         ask_inputs = els("session", "editor", "task", "question", "objects", "box", "box_units", "options", "modality",
                          "regional_cot", "lang")
         ask_outputs = els("annotated", "chat", "boxes", "status", "session")
