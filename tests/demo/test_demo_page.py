@@ -66,7 +66,9 @@ def test_region_to_text_label_is_the_parsed_name() -> None:
 
 
 def test_string_table_is_complete_and_the_page_relabels_in_chinese() -> None:
-    for key, (en, zh) in STRINGS.items():
+    for key, entry in STRINGS.items():
+        assert sorted(entry) == ["en", "zh"], key
+        en, zh = entry["en"], entry["zh"]
         assert en.strip() and zh.strip() and en != zh or key == "units_grid", key
         assert set(re.findall(r"{(\w+)", en)) == set(re.findall(r"{(\w+)", zh)), key  # same fields
     assert [task_label(k, "zh") for k in TASKS] == ["视觉问答", "报告生成", "诊断", "区域识别", "目标定位", "定位报告"]
