@@ -6,37 +6,32 @@
     torchrun --nproc-per-node=4 src/demo.py --batch demo_data/data_file.jsonl --out result
     python3 src/demo.py --batch FILE.jsonl --out DIR              # also fine without torchrun (one process)
 
-Launched by torchrun with several processes, each joins the process group torchrun describes (gloo on CPU, NCCL on GPU,
-each rank on GPU ``LOCAL_RANK``). ``--batch`` shards the records over the ranks and rank 0 writes
-``DIR/demo_<time>.json``; the web UI is served by rank 0 (other ranks have nothing to do and exit). Without ``--model``
-the bundled default model ``asset/medreg-mini-model`` is used. The server binds 127.0.0.1 unless ``--host`` says
-otherwise.
+Under torchrun each process joins the process group (gloo on CPU, NCCL on GPU ``LOCAL_RANK``); ``--batch`` shards
+the records over the ranks, the web UI is served by rank 0. The server binds 127.0.0.1 unless ``--host`` says otherwise.
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
+import tempfile
+import time
 from pathlib import Path
 
-from internvl.offline import enforce_offline  # noqa: E402
+from internvl.offline import enforce_offline
 
 enforce_offline()  # no hub, no analytics: before anything imports transformers/peft/gradio
 
-# after the offline switches (the hub and gradio read them on import); `python3 src/demo.py` finds `internvl` next to
-# this file without installing (Python puts the script's folder first on the path)
-import time  # noqa: E402
-
+# after the offline switches (the hub and gradio read them on import)
 from internvl.cli_support import add_generation_arguments, port_number, positive_int, run_cli  # noqa: E402
 from internvl.demo.batch import gather_results, read_batch_file, run_batch, stream_path, write_results  # noqa: E402
-from internvl.demo.limits import UploadFolder  # noqa: E402
 from internvl.inference import (GenerationSettings, Generator, ModelLoadError, default_dtype,  # noqa: E402
                                 init_distributed, load_model_and_tokenizer)
 from internvl.io_safety import check_output_dir  # noqa: E402
 
-SRC = Path(__file__).resolve().parent
-REPO = SRC.parent
+REPO = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = REPO / "asset" / "medreg-mini-model"
 DEFAULT_EXAMPLES = REPO / "asset" / "examples"
 
@@ -106,15 +101,17 @@ def run_batch_mode(args: argparse.Namespace, rank: int, world: int, device: str)
     return 0
 
 
-def _interrupt(signum: int, frame: object) -> None:
+def _interrupt(_signum: int, _frame: object) -> None:
     raise KeyboardInterrupt  # SIGTERM (torchrun, systemd, `kill`) stops the server like Ctrl-C: cleanup, no traceback
 
 
 def run_web(args: argparse.Namespace, device: str) -> int:
+    """Serve the web UI until Ctrl-C or SIGTERM; uploads go to a private folder removed at shutdown."""
     signal.signal(signal.SIGTERM, _interrupt)
     try:
-        with UploadFolder() as uploads:  # gradio stores uploads here; removed with them at shutdown
-            log.info("uploads go to %s (removed at shutdown)", uploads.path)
+        with tempfile.TemporaryDirectory(prefix="medrega-demo-uploads-", ignore_cleanup_errors=True) as uploads:
+            os.environ["GRADIO_TEMP_DIR"] = uploads  # gradio stores uploads there
+            log.info("uploads go to %s (removed at shutdown)", uploads)
             return _serve(args, device)
     except KeyboardInterrupt:
         log.info("stopped")
@@ -132,7 +129,7 @@ def _serve(args: argparse.Namespace, device: str) -> int:
     app = build_app(engine, examples, model_name=args.model.name)
     log.info("serving on http://%s:%d (model %s)", args.host, args.port, args.model)
     app.launch(server_name=args.host, server_port=args.port, max_file_size=MAX_UPLOAD_BYTES, share=False,
-               allowed_paths=[str(args.examples)], footer_links=[])
+               footer_links=[])
     return 0
 
 

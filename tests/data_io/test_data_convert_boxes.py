@@ -57,6 +57,8 @@ def test_coco_text_to_region_groups_boxes_per_category(tmp_path):
                                     "bbox-outside-image": 1, "no-annotations": 1}
     problem = next(p for p in report.problems if p.reason == "unknown-image")
     assert str(problem).startswith(f"{path}:5: unknown-image: annotations[4] (id 5)")
+    # problems of an image are at its first entry's line, not at a later entry reusing its id
+    assert next(p for p in report.problems if p.reason == "duplicate-box").line == 1
     rec = records[0]
     assert (rec["image"], rec["width"], rec["height"]) == ("a.png", 200, 100)
     assert "Please locate <ref>liver</ref>, <ref>kidney</ref> in this CT scan." in rec["conversations"][0]["value"]

@@ -1,4 +1,5 @@
-"""Helpers every converter shares (internvl.data.convert): task check, JSON/CSV input, record building, output."""
+"""What every converter shares (internvl.data.convert): task check, JSON/CSV input, record building and checking
+(`Conversion`), output, and the command-line skeleton (`ConverterCLI`)."""
 from __future__ import annotations
 
 import argparse
@@ -8,14 +9,13 @@ import json
 import pytest
 
 from internvl.data.convert import (
+    Conversion,
+    ConverterCLI,
     ConvertError,
-    ConvertReport,
     add_common_arguments,
-    build_or_skip,
-    build_records,
     check_task,
     common_options,
-    finish_report,
+    get_converter,
     read_csv,
     read_json,
     write_output,
@@ -58,47 +58,70 @@ def test_read_csv_columns_and_gzip(tmp_path):
         assert [row["image"] for row in reader] == ["y.png"]
 
 
-def test_build_or_skip_counts_prompt_errors():
-    report = ConvertReport(source="t")
-    record = build_or_skip(report, "f.json", 3, "vqa_open", "en", id="q1", image="a.png", question="q?", answer="a")
-    assert record is not None and record["id"] == "q1" and record["conversations"][1]["value"] == "a"
-    assert build_or_skip(report, "f.json", 4, "vqa_open", "en", context="item 4: ", id="q2", image="a.png",
-                         question="q?") is None
-    assert dict(report.skipped) == {"bad-record": 1}
-    (problem,) = report.problems
-    assert (problem.file, problem.line, problem.reason) == ("f.json", 4, "bad-record")
-    assert problem.message.startswith("item 4: ") and "answer" in problem.message
-
-
-def test_build_records_stops_at_the_first_prompt_error():
-    report = ConvertReport(source="t")
+def test_conversion_add_prefixes_ids_and_counts_a_prompt_error_once():
+    conv = Conversion("t", id_prefix="p-", include_base_prompt=False)
+    conv.add("f.json", 3, [{"task": "vqa_open", "id": "q1", "question": "q?", "answer": "a"}], image="a.png")
+    (record,) = conv.records
+    assert (record["id"], record["conversations"][1]["value"]) == ("p-q1", "a")
+    with_prompt = Conversion("t")
+    with_prompt.add("f.json", 3, [{"task": "vqa_open", "id": "q1", "question": "q?", "answer": "a"}], image="a.png")
+    assert len(with_prompt.records[0]["conversations"][0]["value"]) > len(record["conversations"][0]["value"])
     q = {"task": "vqa_open", "question": "q?", "answer": "a"}
     builds = [{**q, "id": "1"}, {**q, "id": "2"}, {"task": "vqa_open", "id": "3", "question": "q?"}, {**q, "id": "4"}]
-    records = build_records(report, "f.json", 7, "en", builds, image="a.png", context="x: ")
-    assert [r["id"] for r in records] == ["1", "2"] and all(r["image"] == "a.png" for r in records)
-    assert dict(report.skipped) == {"bad-record": 1} and report.problems[0].line == 7
-    assert report.problems[0].message.startswith("x: ")
-    assert build_records(report, "f.json", 8, "en", []) == []
+    conv.add("f.json", 7, builds, image="a.png", context="x: ")  # the first error ends the item
+    assert [r["id"] for r in conv.records] == ["p-q1", "p-1", "p-2"]
+    assert dict(conv.report.skipped) == {"bad-record": 1}
+    (problem,) = conv.report.problems
+    assert (problem.file, problem.line, problem.reason) == ("f.json", 7, "bad-record")
+    assert problem.message.startswith("x: ") and "answer" in problem.message
 
 
-def test_finish_report_and_write_output(tmp_path):
-    report = ConvertReport(source="t")
-    good = {"id": "1", "image": "a.png", "conversations": [{"from": "human", "value": "<image>\nq"},
-                                                           {"from": "gpt", "value": "a"}]}
-    bad = {"id": "2", "conversations": []}
-    records, same = finish_report([("f", 1, good), ("f", 2, bad)], report, image_root=None)
-    assert same is report and records == [good] and report.written == 1 and report.n_skipped >= 1
-    assert {p.line for p in report.problems} == {2}
+def test_conversion_checks_records_and_write_output(tmp_path):
+    q = {"task": "vqa_open", "question": "q?", "answer": "a"}
+    conv = Conversion("t")
+    conv.add("f", 1, [{**q, "id": "1"}], image="a.png")
+    conv.add("f", 2, [{**q, "id": "2"}], image="../outside.png")  # rejected by the training record checks
+    records, report = conv.finish()
+    assert report is conv.report and [r["id"] for r in records] == ["1"] and report.written == 1
+    assert report.n_skipped >= 1 and {p.line for p in report.problems} == {2}
     out = tmp_path / "sub" / "out.jsonl"
     assert write_output(records, report, out) is report and report.output == out
-    assert [json.loads(line) for line in out.read_text().splitlines()] == [good]
+    assert [json.loads(line) for line in out.read_text().splitlines()] == records
+    with_root = Conversion("t", image_root=tmp_path)  # with an image root every image must exist
+    with_root.add("f", 1, [{**q, "id": "1"}], image="a.png")
+    assert with_root.finish()[0] == [] and "missing-image" in with_root.report.skipped
 
 
 def test_common_options_from_common_arguments():
     parser = argparse.ArgumentParser()
-    add_common_arguments(parser, tasks=["t"], default_task="t")
+    add_common_arguments(parser, tasks=["t", "u"])
     args = parser.parse_args(["--out", "o.jsonl", "--lang", "zh", "--image-root", "r", "--images", "header",
                               "--id-prefix", "p-", "--no-base-prompt"])
     assert common_options(args) == {"lang": "zh", "image_root": "r", "image_check": "header", "id_prefix": "p-",
                                     "include_base_prompt": False}
+    assert args.task == "t"  # the first task is the default
     assert common_options(parser.parse_args(["--out", "o.jsonl"]))["include_base_prompt"] is True
+
+
+def test_converter_cli_feeds_its_options_to_the_function_and_writes(tmp_path):
+    calls = []
+
+    def convert(source, *, task, threshold, mode, **options):
+        calls.append((source, task, threshold, mode, options))
+        conv = Conversion("t", **options)
+        conv.add(source, 1, [{"task": "vqa_open", "id": "1", "question": "q?", "answer": "a"}], image="a.png")
+        return conv.finish()
+
+    cli = ConverterCLI(help="h", tasks=("vqa_open",), convert=convert,
+                       arguments=((("source",), {}), (("--threshold",), dict(type=float, default=0.5)),
+                                  (("--regions",), dict(dest="mode", default="label"))))
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    out = tmp_path / "o.jsonl"
+    report = cli.run(parser.parse_args(["s.json", "--threshold", "0.7", "--out", str(out), "--id-prefix", "x"]))
+    assert calls[0][:4] == ("s.json", "vqa_open", 0.7, "label") and calls[0][4]["id_prefix"] == "x"
+    assert report.written == 1 and json.loads(out.read_text())["id"] == "x1"
+    assert cli.doc == __doc__
+    assert get_converter("coco").doc.startswith("COCO-style")
+    with pytest.raises(ConvertError, match="unknown format 'nope'"):
+        get_converter("nope")

@@ -85,3 +85,13 @@ def test_regions_json_ignores_malformed_parts() -> None:
     assert regions_json("no boxes here") == []
     assert regions_json("<ref>a</ref><box>[[1, 2, 3, 4]]</box>, b[[5, 6, 7]]")[0] == {"name": "a",
                                                                                     "boxes": [[1, 2, 3, 4]]}
+
+
+@pytest.mark.parametrize("key,value,message", [("slice_index", -1, "whole number"), ("frame", True, "whole number"),
+                                               ("axis", "up", "one of axial"), ("window", [40], "center, width")])
+def test_bad_image_options_name_file_and_line(batch_dir: Path, key: str, value, message: str) -> None:
+    f = _write(batch_dir / "b.jsonl", [_record(0, "imgs/a.png"), {**_record(1, "imgs/a.png"), key: value}])
+    with pytest.raises(BatchError, match=rf"b.jsonl:2: '{key}' must be .*{message}"):
+        read_batch_file(f)
+    good = _write(batch_dir / "g.jsonl", [{**_record(0, "imgs/a.png"), "window": [40, 400], "axis": "coronal"}])
+    assert read_batch_file(good)[0].image_kwargs == {"window": (40, 400), "axis": "coronal"}

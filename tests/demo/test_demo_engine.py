@@ -65,6 +65,9 @@ def test_ask_follow_up_turns_and_bad_input(tiny_model, tiny_tokenizer):
     ask(engine, session, task="vqa", lang="en", question="Is it normal?")
     assert len(session.history) == 2 and session.history[0][0].startswith("<image>")
     assert "<image>" not in session.history[1][0] and len(session.chat) == 4
+    assert session.history[1][0] == "Is it normal?"  # a follow-up is the user's text as is
+    with pytest.raises(UserInputError, match="cannot contain <image>"):
+        ask(engine, session, task="vqa", lang="en", question="<image> again?")
 
 
 def test_build_app_wires_every_element(tiny_model, tiny_tokenizer):
@@ -73,7 +76,7 @@ def test_build_app_wires_every_element(tiny_model, tiny_tokenizer):
     assert {"upload", "axis", "slice", "editor", "gallery", "task", "lang", "modality", "question", "objects", "box",
             "box_units", "options", "ask", "clear", "status", "annotated", "chat", "boxes"} <= ids
     names = sorted(getattr(f.fn, "__name__", "") for f in app.fns.values())
-    assert names == ["on_ask", "on_ask", "on_clear", "on_example", "on_lang", "on_upload"]  # ask: button and Enter
+    assert names == ["_empty_file_box", "on_ask", "on_ask", "on_clear", "on_example", "on_lang", "on_upload"]  # ask: button, Enter
 
 
 def test_regional_cot_toggle_draws_step_one_regions(tiny_model, tiny_tokenizer, monkeypatch):
@@ -98,3 +101,25 @@ def test_regional_cot_toggle_draws_step_one_regions(tiny_model, tiny_tokenizer, 
     assert len(calls) == 1 and calls[0][1] == ["zh"]
     assert [row["name"] for row in rows] == ["liver", "第一步：liver"]
     assert session.history[-1][1].startswith("<ref>liver</ref>")
+
+
+def test_upload_handler_takes_the_nifti_slice_number_and_reports_bad_ones_in_the_page(tiny_model, tiny_tokenizer,
+                                                                                      tmp_path):
+    """The slice box is a gradio number field (whole, >= 0; gradio refuses anything else); the handler passes it on,
+    and a slice outside the volume is an error line in the page, never an exception."""
+    import gradio as gr
+    import nibabel as nib
+
+    from internvl.demo.app import _handlers
+
+    app = build_app(DemoEngine(tiny_model, tiny_tokenizer, SETTINGS), [], model_name="tiny")
+    (slice_box,) = [b for b in app.blocks.values() if getattr(b, "elem_id", None) == "slice"]
+    assert isinstance(slice_box, gr.Number) and slice_box.precision == 0 and slice_box.minimum == 0
+    path = tmp_path / "v.nii.gz"
+    nib.save(nib.Nifti1Image(np.random.default_rng(0).integers(0, 1000, (20, 24, 16)).astype(np.int16), np.eye(4)),
+             path)
+    upload = _handlers(DemoEngine(tiny_model, tiny_tokenizer, SETTINGS), []).upload
+    editor, session, status = upload(str(path), "coronal", 3, Session(), "en")
+    assert "coronal slice 3" in status and session.image is not None and editor["background"] is session.image
+    _, session, status = upload(str(path), "coronal", 99, Session(), "en")
+    assert status.startswith("**Error:**") and "v.nii.gz" in status

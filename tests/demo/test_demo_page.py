@@ -12,8 +12,7 @@ import torch
 from PIL import Image
 
 from internvl.demo.app import DemoEngine, Session, _message, ask, page_labels
-from internvl.demo.drawing import PALETTE, draw_regions
-from internvl.demo.render import answer_html, escape, region_name_label
+from internvl.demo.drawing import PALETTE, answer_html, draw_regions, escape, region_name_label
 from internvl.demo.strings import STRINGS, text
 from internvl.demo.tasks import TASKS, build_prompt, task_label
 from internvl.demo.uploads import UserInputError
@@ -67,10 +66,12 @@ def test_region_to_text_label_is_the_parsed_name() -> None:
 
 
 def test_string_table_is_complete_and_the_page_relabels_in_chinese() -> None:
-    for key, (en, zh) in STRINGS.items():
+    for key, entry in STRINGS.items():
+        assert sorted(entry) == ["en", "zh"], key
+        en, zh = entry["en"], entry["zh"]
         assert en.strip() and zh.strip() and en != zh or key == "units_grid", key
         assert set(re.findall(r"{(\w+)", en)) == set(re.findall(r"{(\w+)", zh)), key  # same fields
-    assert [task_label(k, "zh") for k in TASKS] == [t.label_zh for t in TASKS.values()]
+    assert [task_label(k, "zh") for k in TASKS] == ["视觉问答", "报告生成", "诊断", "区域识别", "目标定位", "定位报告"]
     updates = page_labels("zh", "MedRegA demo", "tiny")
     labels = [u.get("label") for u in updates if "label" in u]
     assert text("task", "zh") in labels and text("question", "zh") in labels

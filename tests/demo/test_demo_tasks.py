@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from internvl.data.prompts import get_prompt
-from internvl.demo.tasks import TASKS, build_prompt, follow_up_prompt, split_names
+from internvl.demo.tasks import TASKS, build_prompt, split_names
 from internvl.demo.uploads import UserInputError
 from internvl.regions import Box, parse_regions
 
@@ -17,7 +17,7 @@ INPUTS = {"question": "What modality is used to take this image?", "box": Box(10
 def test_every_task_builds_image_first_with_the_registry_base_prompt(task: str, lang: str) -> None:
     prompt = build_prompt(task, lang, **INPUTS)
     assert prompt.startswith("<image>\n") and prompt.count("<image>") == 1
-    tp = get_prompt(TASKS[task].registry_task, lang)
+    tp = get_prompt(TASKS[task], lang)
     key = {"classification": "disease"}.get(tp.family, "organ" if tp.task == "grounded_whole" else None)
     first_words = tp.base_template(key).split("{")[0][:12]
     assert first_words in prompt
@@ -47,7 +47,4 @@ def test_missing_inputs_give_page_messages() -> None:
         build_prompt("segmentation", "en")
     with pytest.raises(UserInputError, match="Unknown language"):
         build_prompt("vqa", "fr", question="x")
-    with pytest.raises(UserInputError, match="cannot contain"):
-        follow_up_prompt("<image> again?")
-    assert follow_up_prompt(" and the right one? ") == "and the right one?"
     assert split_names("a, b、c；d\ne") == ["a", "b", "c", "d", "e"]

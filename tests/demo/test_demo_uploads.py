@@ -11,6 +11,7 @@ from PIL import Image
 from internvl.demo.uploads import (
     UserInputError,
     box_from_drawing,
+    check_fields,
     check_question,
     load_upload,
     parse_typed_box,
@@ -85,8 +86,8 @@ def test_question_checks() -> None:
     for bad in ("", "   ", None):
         with pytest.raises(UserInputError, match="empty"):
             check_question(bad)
-    with pytest.raises(UserInputError, match="limit"):
-        check_question("x" * 5000)
+    with pytest.raises(UserInputError, match="the limit is 2000"):
+        check_fields(question="x" * 5000)
 
 
 def test_typed_boxes() -> None:

@@ -113,7 +113,7 @@ def test_every_field_is_capped_before_generation(field: str, size: int) -> None:
 
 def test_prompt_is_capped_in_tokens_against_the_context(tiny_model, tiny_tokenizer) -> None:
     from internvl.demo.app import Session, ask
-    from internvl.demo.limits import check_prompt_budget
+    from internvl.demo.uploads import check_prompt_budget
     from internvl.demo.uploads import UserInputError
 
     context = tiny_model.config.llm_config.max_position_embeddings
@@ -123,15 +123,30 @@ def test_prompt_is_capped_in_tokens_against_the_context(tiny_model, tiny_tokeniz
         ask(_NoEngine(tiny_model, tiny_tokenizer), session, task="vqa", lang="en", question="and now?")
 
 
-def test_uploads_folder_removed_and_page_errors_without_paths(tmp_path: Path) -> None:
-    from internvl.demo.limits import UploadFolder, public_message, scrub_paths
+def test_uploads_folder_removed_at_shutdown_and_page_errors_without_paths(tmp_path: Path, monkeypatch) -> None:
+    import signal
+    from types import SimpleNamespace
 
-    old = os.environ.get("GRADIO_TEMP_DIR")
-    with UploadFolder() as folder:
-        assert os.environ["GRADIO_TEMP_DIR"] == str(folder.path)
-        (folder.path / "abc").mkdir()
-        (folder.path / "abc" / "scan.dcm").write_bytes(b"x")
-    assert not folder.path.exists() and os.environ.get("GRADIO_TEMP_DIR") == old
+    import demo
+    from internvl.demo.uploads import public_message, scrub_paths
+
+    seen = []
+
+    def serve(args, device):  # an upload arrives, then Ctrl-C
+        folder = Path(os.environ["GRADIO_TEMP_DIR"])
+        (folder / "abc").mkdir()
+        (folder / "abc" / "scan.dcm").write_bytes(b"x")
+        seen.append(folder)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo, "_serve", serve)
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path))  # restored afterwards
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        assert demo.run_web(SimpleNamespace(), "cpu") == 0
+    finally:
+        signal.signal(signal.SIGTERM, handler)
+    assert seen and seen[0] != tmp_path and not seen[0].exists()
     msg = public_message(OSError("cannot open /srv/models/medrega-40b/model-00001.safetensors and "
                                  "/tmp/gradio/1f3a/upload.dcm"))
     assert "/srv" not in msg and "/tmp" not in msg and "model-00001.safetensors" in msg and "upload.dcm" in msg

@@ -98,11 +98,11 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from internvl.data.convert import ConvertError, get_converter
     from internvl.io_safety import check_output_file
 
-    module = get_converter(args.format)
+    converter = get_converter(args.format)
     inputs = [v for k, v in vars(args).items() if k != "out" and isinstance(v, str) and v and os.path.exists(v)]
     check_output_file(args.out, inputs=inputs, overwrite=True, what="--out")  # never the converter's own input
     try:
-        report = module.run(args)
+        report = converter.run(args)
     except ConvertError as exc:
         raise ConvertError(f"convert {args.format}: {exc}") from None
     for n, problem in enumerate(report.problems):
@@ -165,9 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     from internvl.data.convert import CONVERTERS, get_converter
 
     for name in CONVERTERS:
-        module = get_converter(name)
-        p = formats.add_parser(name, help=module.HELP, description=module.__doc__)
-        module.add_arguments(p)
+        converter = get_converter(name)
+        p = formats.add_parser(name, help=converter.help, description=converter.doc)
+        converter.add_arguments(p)
         p.add_argument("--max-print", type=non_negative_int, default=50,
                        help="print at most this many skipped items (0 = all)")
         p.set_defaults(func=cmd_convert)

@@ -2,19 +2,15 @@
 
 Layout: left, the image (upload PNG/JPEG/DICOM/NIfTI, NIfTI slice controls, an editor to draw a query box) and a
 gallery of bundled examples; right, task / language / inputs, the annotated answer image, the chat and the parsed
-boxes. Every handler turns bad input into a message in the page (``UserInputError``) and never raises, so one bad
-upload cannot take the server down; unexpected errors are logged with their traceback and reported in the page too.
-
-Generation goes through ``internvl.inference.Generator``, the path of ``--batch`` and ``medrega-eval run`` (the
-conversation's earlier turns ride along as the request's history); requests are serialised by a lock.
+boxes. Handlers never raise: bad input (``UserInputError``) and unexpected errors (logged with their traceback) become
+the page's status line, so one bad upload cannot take the server down. Generation goes through
+``internvl.inference.Generator``, the path of ``--batch`` and ``medrega-eval run``.
 """
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import logging
-import tempfile
 import threading
 import time
 import traceback
@@ -29,12 +25,11 @@ import torch
 from PIL import Image
 
 from internvl.constants import IMAGE_PLACEHOLDER
-from internvl.demo.drawing import draw_regions
-from internvl.demo.limits import check_fields, check_prompt_budget, public_message, scrub_paths
-from internvl.demo.render import answer_html, escape, region_name_label
+from internvl.demo.drawing import answer_html, draw_regions, escape, region_name_label
 from internvl.demo.strings import LANGS, text
-from internvl.demo.tasks import TASKS, build_prompt, follow_up_prompt, task_label
-from internvl.demo.uploads import UserInputError, box_from_drawing, load_upload, parse_typed_box
+from internvl.demo.tasks import TASKS, build_prompt, task_label
+from internvl.demo.uploads import (UserInputError, box_from_drawing, check_fields, check_prompt_budget, check_question,
+                                   load_upload, parse_typed_box, public_message, scrub_paths)
 from internvl.inference import GenerationRequest, GenerationSettings, Generator
 from internvl.regional_cot import regional_cot
 from internvl.regions import Box, Region, parse_regions
@@ -45,9 +40,8 @@ log = logging.getLogger("medrega.demo")
 
 
 class DemoEngine:
-    """Answers one chat turn about one image (thread-safe, one request at a time) through the shared generation path,
-    `internvl.inference.Generator`: the same template rendering, stop tokens and answer decoding as `--batch` and
-    `medrega-eval run`."""
+    """Answers one chat turn about one image, one request at a time, through `internvl.inference.Generator` (the
+    template rendering, stop tokens and answer decoding of `--batch` and `medrega-eval run`)."""
 
     def __init__(self, model: Any, tokenizer: Any, settings: GenerationSettings | None = None) -> None:
         self.generator = Generator(model, tokenizer, settings or GenerationSettings(), batch_size=1)
@@ -99,33 +93,17 @@ def load_examples(directory: str | Path) -> list[Example]:
             ex = Example(path=directory / entry.pop("file"), **entry)
         except (KeyError, TypeError) as exc:
             raise ValueError(f"{where}: {exc}") from exc
-        if ex.task not in TASKS or ex.lang not in ("en", "zh") or not ex.path.is_file():
+        if ex.task not in TASKS or ex.lang not in LANGS or not ex.path.is_file():
             raise ValueError(f"{where}: bad task/lang or missing image {ex.path}")
         out.append(ex)
     return out
 
 
-_BROWSER_IMAGES = (".png", ".jpg", ".jpeg", ".webp", ".gif")
-
-
-def gallery_preview(path: Path) -> Path:
-    """A browser-displayable PNG for an example in another format (DICOM, NIfTI, TIFF), cached in the temp dir."""
-    if path.suffix.lower() in _BROWSER_IMAGES:
-        return path
-    key = hashlib.sha1(f"{path.resolve()}:{path.stat().st_mtime_ns}".encode()).hexdigest()[:16]
-    out = Path(tempfile.gettempdir()) / "medrega-demo-previews" / f"{key}.png"
-    if not out.is_file():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        load_upload(path).image.save(out)
-    return out
-
-
 @dataclass
 class Session:
-    """Per-browser-tab state: the current image, its name and the chat history."""
+    """Per-browser-tab state: the current image, the model's turns and the page's chat bubbles."""
 
     image: Image.Image | None = None
-    name: str = ""
     history: list[tuple[str, str]] = field(default_factory=list)
     chat: list[dict[str, str]] = field(default_factory=list)
 
@@ -145,24 +123,21 @@ def _regions_table(regions: list[Region], drawn: list) -> list[dict[str, Any]]:
 def ask(engine: DemoEngine, session: Session, *, task: str, lang: str, question: str = "", objects: str = "",
         box_text: str = "", box_units: str = "grid", drawing: Any = None, options: str = "", modality: str = "",
         cot: bool = False) -> tuple[Image.Image | None, list[dict[str, Any]], str]:
-    """One turn: validate inputs, build the prompt, generate (``cot``: Regional CoT), parse and draw boxes; the
-    step-one regions of Regional CoT are drawn after the answer's own, labelled "step 1".
-
-    Returns (annotated image, box rows, status message). Raises :class:`UserInputError` for bad input; the caller
-    shows it. The session's history and chat grow by this turn.
-    """
+    """One turn: validate inputs, build the prompt, generate (``cot``: Regional CoT, its step-one regions drawn after
+    the answer's own), parse and draw boxes; the session's history and chat grow by this turn. Returns (annotated
+    image, box rows, status message); raises :class:`UserInputError` for bad input."""
     check_fields(question=question, objects=objects, options=options, modality=modality, box=box_text)
     if session.image is None:
         raise UserInputError(text("need_image", lang))
     w, h = session.image.size
     query_box: Box | None = None
-    if TASKS.get(task) is not None and "box" in TASKS[task].needs:
+    if task == "region_to_text":
         if (box_text or "").strip():
             query_box = parse_typed_box(box_text, w, h, units=box_units)
         else:
             query_box = box_from_drawing(drawing)
     if session.history and task == "vqa":
-        prompt = follow_up_prompt(question)
+        prompt = check_question(question)  # a later turn: the user's text as is (no task prompt)
     else:
         prompt = build_prompt(task, lang, question=question, box=query_box, objects=objects, options=options,
                               modality=modality)
@@ -190,179 +165,164 @@ def ask(engine: DemoEngine, session: Session, *, task: str, lang: str, question:
     return annotated, _regions_table(regions, drawn), status
 
 
-def _editor_value(image: Image.Image | None) -> dict[str, Any] | None:
+def _editor_value(image: Image.Image) -> dict[str, Any]:
     """What the image editor shows for ``image`` (no drawn layer yet)."""
-    if image is None:
-        return None
     return {"background": image, "layers": [], "composite": image}
 
 
-def _with_errors(fn: Callable, on_error: Callable) -> Callable:
-    """``fn`` as a gradio handler that never raises: bad input (``UserInputError``) and unexpected errors become
-    ``on_error(message, *args)`` (unexpected ones are logged with their traceback). Every handler's last input is the
-    page language, used for the internal-error message."""
+def _guarded(fn: Callable, n_outputs: int, status: int) -> Callable:
+    """``fn`` as a gradio handler that never raises: bad input (``UserInputError``) and unexpected errors (logged with
+    their traceback) become an error message in output ``status``, the other outputs unchanged. Every handler's last
+    input is the page language."""
 
     @functools.wraps(fn)  # keeps the signature, so gradio still injects gr.SelectData
     def wrapper(*args):
+        lang = args[-1] if args and args[-1] in LANGS else "en"
         try:
             return fn(*args)
         except UserInputError as exc:
-            return on_error(scrub_paths(str(exc)), *args)
+            message = scrub_paths(str(exc))
         except Exception as exc:  # noqa: BLE001 - keep serving; report in the page
             log.error("demo handler %s failed:\n%s", fn.__name__, traceback.format_exc())
-            lang = args[-1] if args and args[-1] in LANGS else "en"
-            return on_error(text("internal", lang, what=public_message(exc)), *args)
+            message = text("internal", lang, what=public_message(exc))
+        outputs = [gr.update()] * n_outputs
+        outputs[status] = _message(message, "error", lang)
+        return outputs
 
     return wrapper
 
 
 def _handlers(engine: DemoEngine, examples: list[Example]) -> SimpleNamespace:
-    """The page's event handlers (upload, example pick, ask, clear) and their error replies, already wrapped by
-    ``_with_errors`` where the page can send bad input."""
+    """The page's event handlers (upload, example pick, ask, clear), wrapped by ``_guarded`` where the page can send
+    bad input."""
 
-    def on_upload(path: str | None, axis: str, slice_text: str, session: Session, lang: str):
+    def on_upload(path: str | None, axis: str, slice_index: int | None, session: Session, lang: str):
         if not path:
-            return None, gr.update(), session, _message(text("no_file", lang), "info", lang)
-        check_fields(slice=slice_text)
-        slice_index = None
-        if (slice_text or "").strip():
-            try:
-                slice_index = int(slice_text)
-            except ValueError:
-                raise UserInputError(text("bad_slice", lang, value=slice_text)) from None
+            return gr.update(), session, _message(text("no_file", lang), "info", lang)
         up = load_upload(path, axis=axis, slice_index=slice_index)
-        new = Session(image=up.image, name=Path(path).name)
-        # the file box is emptied so the next upload works at once; the image lives on in the editor
-        return None, _editor_value(up.image), new, _message(text("loaded", lang, what=up.description), "ok", lang)
+        return _editor_value(up.image), Session(image=up.image), _message(text("loaded", lang, what=up.description),
+                                                                          "ok", lang)
 
-    def on_upload_error(message: str, path, axis, slice_text, session, lang):
-        return None, gr.update(), session, _message(message, "error", lang)
-
-    def on_example(evt: gr.SelectData, session: Session, lang: str):
+    def on_example(evt: gr.SelectData, lang: str):
         ex = examples[evt.index]
-        up = load_upload(ex.path)
-        new = Session(image=up.image, name=ex.path.name)
-        return (_editor_value(up.image), new, ex.task, ex.lang, ex.question, ex.objects, ex.box, ex.options,
-                ex.modality, _message(text("example_loaded", lang, title=ex.title), "ok", lang))
-
-    def example_error(message: str, evt, session, lang):
-        return (gr.update(), session, *([gr.update()] * 7), _message(message, "error", lang))
+        image = load_upload(ex.path).image
+        return (_editor_value(image), Session(image=image), ex.task, ex.lang, ex.question, ex.objects, ex.box,
+                ex.options, ex.modality, _message(text("example_loaded", lang, title=ex.title), "ok", lang))
 
     def on_ask(session: Session, drawing, task, question, objects, box_text, box_units, options, modality, cot,
                lang):
-        layer = None
-        if isinstance(drawing, dict) and drawing.get("layers"):
-            layer = drawing["layers"][0]
+        layer = drawing["layers"][0] if isinstance(drawing, dict) and drawing.get("layers") else None
         annotated, rows, status = ask(engine, session, task=task, lang=lang, question=question, objects=objects,
                                       box_text=box_text, box_units=box_units, drawing=layer, options=options,
                                       modality=modality, cot=bool(cot))
         return annotated, list(session.chat), rows, status, session
 
-    def on_ask_error(message: str, session, *rest):
-        lang = rest[-1] if rest and rest[-1] in LANGS else "en"
-        return gr.update(), list(session.chat) if session else [], gr.update(), _message(message, "error", lang), session
-
     def on_clear(session: Session, lang: str):
-        new = Session(image=session.image, name=session.name)
-        return [], None, [], _message(text("cleared", lang), "info", lang), new
+        return [], None, [], _message(text("cleared", lang), "info", lang), Session(image=session.image)
 
-    return SimpleNamespace(upload=_with_errors(on_upload, on_upload_error),
-                           example=_with_errors(on_example, example_error),
-                           ask=_with_errors(on_ask, on_ask_error), clear=on_clear)
+    return SimpleNamespace(upload=_guarded(on_upload, 3, 2), example=_guarded(on_example, 10, 9),
+                           ask=_guarded(on_ask, 5, 3), clear=on_clear)
+
+
+def _empty_file_box() -> None:
+    """The file box after an upload: emptied, so the next upload works at once (the image lives on in the editor)."""
+    return None
 
 
 _PLANES = ("axial", "coronal", "sagittal")  # NIfTI planes (values of load_upload's axis)
+#: elements the language switch relabels; each name is the element's id and its key in ``strings.json``
+_LABELLED = ("upload", "axis", "slice", "editor", "gallery", "task", "lang", "modality", "question", "objects", "box",
+             "box_units", "options", "regional_cot", "annotated", "chat", "boxes")
 
 
-def _layout(title: str, model_name: str, examples: list[Example]) -> SimpleNamespace:
-    """Build the page's components inside the current ``gr.Blocks``; returns them by name. Element ids (``upload``,
-    ``task``, ``objects``, ``ask``, ``annotated``, ``status``...) are stable for the browser test. Labels are the
-    English ones of ``internvl.demo.strings``; :func:`page_labels` gives the updates for another language."""
-    en = functools.partial(text, lang="en")
-    previews = [(str(gallery_preview(e.path)), e.title) for e in examples]
-    c = SimpleNamespace()
-    c.intro = gr.Markdown(f"# {title}\n" + en("intro", model=model_name), elem_id="intro")
-    c.session = gr.State(Session())
+def _choices(key: str, lang: str) -> dict[str, list[tuple[str, str]]]:
+    """``{"choices": [(shown name, value), ...]}`` in ``lang`` for the menus whose names are translated, else ``{}``."""
+    if key == "task":
+        return {"choices": [(task_label(k, lang), k) for k in TASKS]}
+    if key == "axis":
+        return {"choices": [(text(a, lang), a) for a in _PLANES]}
+    if key == "box_units":
+        return {"choices": [(text("units_grid", lang), "grid"), (text("units_pixels", lang), "pixels")]}
+    return {}
+
+
+def _intro(title: str, model_name: str, lang: str) -> str:
+    return f"# {title}\n" + text("intro", lang, model=model_name)
+
+
+def _layout(title: str, model_name: str, examples: list[Example]) -> dict[str, Any]:
+    """Build the page inside the current ``gr.Blocks``, labelled in English; returns its elements by id (stable for
+    the browser test; :func:`page_labels` gives the updates for another language)."""
+    c: dict[str, Any] = {"intro": gr.Markdown(_intro(title, model_name, "en"), elem_id="intro"),
+                         "session": gr.State(Session())}
+
+    def add(kind: Callable, key: str, **kwargs: Any) -> None:
+        c[key] = kind(label=text(key, "en"), elem_id=key, **_choices(key, "en"), **kwargs)
+
     with gr.Row():
         with gr.Column(scale=1):
             # no client/gradio type filter: DICOM files often have no extension; load_upload checks the type
             # (magic bytes, then ACCEPTED_SUFFIXES) and reports anything else in the page
-            c.upload = gr.File(label=en("upload"), file_count="single", type="filepath", elem_id="upload")
+            add(gr.File, "upload", file_count="single", type="filepath")
             with gr.Row():
-                c.axis = gr.Dropdown([(en(a), a) for a in _PLANES], value="axial", label=en("axis"), elem_id="axis")
-                c.slice_box = gr.Textbox(label=en("slice"), elem_id="slice")
-            c.editor = gr.ImageEditor(label=en("editor"), type="numpy", image_mode="RGBA", sources=(), transforms=(),
-                                      layers=False, elem_id="editor")
-            c.gallery = gr.Gallery(previews, label=en("gallery"), columns=4, height=220, allow_preview=False,
-                                   elem_id="gallery")
+                add(gr.Dropdown, "axis", value="axial")
+                add(gr.Number, "slice", precision=0, minimum=0)  # gradio checks it is a whole number >= 0
+            add(gr.ImageEditor, "editor", type="numpy", image_mode="RGBA", sources=(), transforms=(), layers=False)
+            # decoded here: gradio shows PIL images whatever the file format (DICOM, NIfTI, TIFF)
+            add(gr.Gallery, "gallery", value=[(load_upload(e.path).image, e.title) for e in examples], columns=4,
+                height=220, allow_preview=False)
         with gr.Column(scale=1):
-            c.task = gr.Radio([(task_label(k, "en"), k) for k in TASKS], value="text_to_region", label=en("task"),
-                              elem_id="task")
-            c.lang = gr.Radio([("English", "en"), ("中文", "zh")], value="en", label=en("lang"), elem_id="lang")
-            c.modality = gr.Textbox(label=en("modality"), value="MRI", elem_id="modality")
-            c.question = gr.Textbox(label=en("question"), elem_id="question")
-            c.objects = gr.Textbox(label=en("objects"), elem_id="objects")
+            add(gr.Radio, "task", value="text_to_region")
+            add(gr.Radio, "lang", choices=[("English", "en"), ("中文", "zh")], value="en")
+            add(gr.Textbox, "modality", value="MRI")
+            add(gr.Textbox, "question")
+            add(gr.Textbox, "objects")
             with gr.Row():
-                c.box_text = gr.Textbox(label=en("box"), elem_id="box")
-                c.box_units = gr.Radio([(en("units_grid"), "grid"), (en("units_pixels"), "pixels")], value="grid",
-                                       label=en("box_units"), elem_id="box_units")
-            c.options = gr.Textbox(label=en("options"), elem_id="options")
-            c.cot = gr.Checkbox(label=en("regional_cot"), value=False, elem_id="regional_cot")
+                add(gr.Textbox, "box")
+                add(gr.Radio, "box_units", value="grid")
+            add(gr.Textbox, "options")
+            add(gr.Checkbox, "regional_cot", value=False)
             with gr.Row():
-                c.ask_btn = gr.Button(en("ask"), variant="primary", elem_id="ask")
-                c.clear_btn = gr.Button(en("clear"), elem_id="clear")
-            c.status = gr.Markdown(elem_id="status")
-            c.annotated = gr.Image(label=en("annotated"), type="pil", interactive=False, format="png",
-                                   elem_id="annotated")
-            c.chatbot = gr.Chatbot(label=en("chat"), height=260, elem_id="chat")
-            c.boxes = gr.JSON(label=en("boxes"), elem_id="boxes")
+                c["ask"] = gr.Button(text("ask", "en"), variant="primary", elem_id="ask")
+                c["clear"] = gr.Button(text("clear", "en"), elem_id="clear")
+            c["status"] = gr.Markdown(elem_id="status")
+            add(gr.Image, "annotated", type="pil", interactive=False, format="png")
+            add(gr.Chatbot, "chat", height=260)
+            add(gr.JSON, "boxes")
     return c
 
 
-# components relabelled by page_labels, in its order: (attribute of _layout's namespace, string key)
-_LABELLED = (("upload", "upload"), ("axis", "axis"), ("slice_box", "slice"), ("editor", "editor"),
-             ("gallery", "gallery"), ("task", "task"), ("lang", "lang"), ("modality", "modality"),
-             ("question", "question"), ("objects", "objects"), ("box_text", "box"), ("box_units", "box_units"),
-             ("options", "options"), ("cot", "regional_cot"), ("annotated", "annotated"), ("chatbot", "chat"),
-             ("boxes", "boxes"))
-
-
 def page_labels(lang: str, title: str, model_name: str) -> list[Any]:
-    """gradio updates that put the whole page in ``lang``: intro, every label, the task names, box units and the two
-    buttons, in the order intro, ``_LABELLED``, ask, clear."""
-    updates: list[Any] = [gr.update(value=f"# {title}\n" + text("intro", lang, model=model_name))]
-    for attr, key in _LABELLED:
-        extra: dict[str, Any] = {}
-        if attr == "task":
-            extra["choices"] = [(task_label(k, lang), k) for k in TASKS]
-        elif attr == "axis":
-            extra["choices"] = [(text(a, lang), a) for a in _PLANES]
-        elif attr == "box_units":
-            extra["choices"] = [(text("units_grid", lang), "grid"), (text("units_pixels", lang), "pixels")]
-        updates.append(gr.update(label=text(key, lang), **extra))
-    return updates + [gr.update(value=text("ask", lang)), gr.update(value=text("clear", lang))]
+    """gradio updates that put the whole page in ``lang``: intro, every label (and translated menu), the two buttons,
+    in the order intro, ``_LABELLED``, ask, clear."""
+    labels = [gr.update(label=text(key, lang), **_choices(key, lang)) for key in _LABELLED]
+    return [gr.update(value=_intro(title, model_name, lang)), *labels, gr.update(value=text("ask", lang)),
+            gr.update(value=text("clear", lang))]
 
 
 def build_app(engine: DemoEngine, examples: list[Example], *, title: str = "MedRegA demo",
-              model_name: str = "") -> Any:
+              model_name: str = "") -> gr.Blocks:
     """The gradio Blocks app: the layout of ``_layout`` wired to the handlers of ``_handlers``."""
     h = _handlers(engine, examples)
     with gr.Blocks(title=title) as app:
         c = _layout(title, model_name, examples)
-        c.upload.upload(h.upload, [c.upload, c.axis, c.slice_box, c.session, c.lang],
-                        [c.upload, c.editor, c.session, c.status])
-        c.gallery.select(h.example, [c.session, c.lang], [c.editor, c.session, c.task, c.lang, c.question, c.objects,
-                                                          c.box_text, c.options, c.modality, c.status])
-        ask_inputs = [c.session, c.editor, c.task, c.question, c.objects, c.box_text, c.box_units, c.options,
-                      c.modality, c.cot, c.lang]
-        ask_outputs = [c.annotated, c.chatbot, c.boxes, c.status, c.session]
-        c.ask_btn.click(h.ask, ask_inputs, ask_outputs)
-        c.question.submit(h.ask, ask_inputs, ask_outputs)
-        c.clear_btn.click(h.clear, [c.session, c.lang], [c.chatbot, c.annotated, c.boxes, c.status, c.session])
-        relabelled = [c.intro, *(getattr(c, attr) for attr, _ in _LABELLED), c.ask_btn, c.clear_btn]
+
+        def els(*keys: str) -> list[Any]:
+            return [c[k] for k in keys]
+
+        c["upload"].upload(h.upload, els("upload", "axis", "slice", "session", "lang"),
+                           els("editor", "session", "status")).then(_empty_file_box, None, c["upload"])
+        c["gallery"].select(h.example, els("lang"), els("editor", "session", "task", "lang", "question", "objects", "box",
+                                                        "options", "modality", "status"))
+        ask_inputs = els("session", "editor", "task", "question", "objects", "box", "box_units", "options", "modality",
+                         "regional_cot", "lang")
+        ask_outputs = els("annotated", "chat", "boxes", "status", "session")
+        c["ask"].click(h.ask, ask_inputs, ask_outputs)
+        c["question"].submit(h.ask, ask_inputs, ask_outputs)
+        c["clear"].click(h.clear, els("session", "lang"), els("chat", "annotated", "boxes", "status", "session"))
 
         def on_lang(lang: str) -> list[Any]:
             return page_labels(lang, title, model_name)
 
-        c.lang.change(on_lang, [c.lang], relabelled)
+        c["lang"].change(on_lang, c["lang"], els("intro", *_LABELLED, "ask", "clear"))
     return app

@@ -1,22 +1,11 @@
 """``src/demo.py --batch FILE.jsonl --out DIR``: the original MedRegA demo's job, sharded over torchrun ranks.
 
-Reads MedRegInstruct records (``id``, ``image``, ``conversations``), asks the first human turn verbatim, and writes a
-JSON list of ``{question, question_id, pred_answer, gt_answer, pred_regions, gt_regions, image}`` to
-``DIR/demo_<yymmddHHMMSS>.json`` (``ensure_ascii=False``, record order). ``*_regions`` are the boxes parsed by
-:func:`internvl.regions.parse_regions` as ``[{"name": ..., "boxes": [[x1, y1, x2, y2], ...]}]`` (0..999 grid).
-
-Image paths may be absolute or relative to the jsonl file's folder, in any format
-:func:`internvl.data.images.load_image` reads (PNG/JPEG/DICOM/NIfTI); optional record keys ``axis``, ``slice_index``,
-``frame`` and ``window`` choose the NIfTI slice / DICOM frame / window. Bad records and unreadable images stop the run
-with ``FILE:LINE: reason`` (the original silently replaced a missing image by noise).
-
-Each rank answers records ``rank::world_size``; rank 0 gathers the answers (``all_gather_object`` over the process
-group torchrun set up: gloo on CPU, NCCL on GPU) and writes the file.
-
-Nothing is lost: ``--out`` is checked before the model is loaded (not a file, not the batch file itself); every rank
-appends its answers as they come to ``DIR/demo_<time>.rank<R>.jsonl`` (flushed and fsynced per batch, like
-``medrega-eval run``), and the final list is written to a temporary name and renamed. Every file name is reserved
-atomically, so two runs finishing in the same second get ``demo_<time>.json`` and ``demo_<time>-1.json``.
+Asks each MedRegInstruct record's first human turn verbatim (rank ``r`` answers records ``r::world_size``) and rank 0
+writes ``DIR/demo_<yymmddHHMMSS>.json``: a list, in record order, of ``{question, question_id, pred_answer, gt_answer,
+pred_regions, gt_regions, image}`` (``*_regions``: ``[{"name": ..., "boxes": [[x1, y1, x2, y2], ...]}]``, 0..999).
+Bad records and unreadable images stop the run before generation with ``FILE:LINE: reason``. Nothing is lost: each
+rank appends its answers as they come to ``DIR/demo_<time>.rank<R>.jsonl`` (fsynced), and every file name is reserved
+atomically (``demo_<time>-1.json`` when taken). docs/demo.md has the details.
 """
 from __future__ import annotations
 
@@ -26,10 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch.distributed as dist
+
 from internvl.data.images import ImageLoadError, load_image
 from internvl.data.records import RecordChecker, RecordProblem, read_jsonl
+from internvl.inference import GenerationRequest
 from internvl.io_safety import append_jsonl, atomic_write_text, unique_file
-from internvl.regions import Region, parse_regions
+from internvl.regions import parse_regions
 
 __all__ = ["BatchError", "BatchItem", "read_batch_file", "regions_json", "run_batch", "stream_path",
            "write_results"]
@@ -44,10 +36,9 @@ class BatchError(ValueError):
 
 @dataclass(frozen=True)
 class BatchItem:
-    """One question of a batch file: where it came from, the image path and options, question and reference."""
+    """One question of a batch file: its position, the image path and options, question and reference."""
 
     index: int
-    line: int
     question_id: Any
     image: Path | None
     image_kwargs: dict[str, Any]
@@ -55,11 +46,11 @@ class BatchItem:
     gt_answer: str
 
 
-def read_batch_file(path: str | Path, *, check_images: bool = True) -> list[BatchItem]:
-    """Parse and check a MedRegInstruct jsonl for the batch demo; raise :class:`BatchError` at the first problem.
-
-    ``check_images`` decodes every image up front (so a corrupt DICOM on line 900 fails before any generation).
-    """
+def read_batch_file(path: str | Path) -> list[BatchItem]:
+    """Parse and check a MedRegInstruct jsonl for the batch demo, decoding every image up front (a corrupt DICOM on
+    line 900 fails before any generation); raise :class:`BatchError` at the first problem. Image paths may be absolute
+    or relative to the file's folder; record keys ``axis``, ``slice_index``, ``frame``, ``window`` pick the NIfTI
+    slice / DICOM frame / window."""
     path = Path(path)
     if not path.is_file():
         raise BatchError(f"{path}: batch file not found")
@@ -83,13 +74,12 @@ def read_batch_file(path: str | Path, *, check_images: bool = True) -> list[Batc
         if image is not None:
             img_path = Path(image) if Path(image).is_absolute() else path.parent / image
         kwargs = _image_kwargs(rec, path, line)
-        if check_images and img_path is not None:
+        if img_path is not None:
             try:
                 load_image(img_path, **kwargs)
             except (ImageLoadError, ValueError, TypeError, OSError) as exc:
                 raise BatchError(f"{path}:{line}: {exc}") from exc
-        items.append(BatchItem(len(items), line, rec.get("id", len(items)), img_path, kwargs, str(human),
-                               str(gt)))
+        items.append(BatchItem(len(items), rec.get("id", len(items)), img_path, kwargs, str(human), str(gt)))
     if not items:
         raise BatchError(f"{path}: no records")
     return items
@@ -116,8 +106,7 @@ def _image_kwargs(rec: dict, path: Path, line: int) -> dict[str, Any]:
 
 def regions_json(text: str) -> list[dict[str, Any]]:
     """Boxes found in ``text`` (tagged or tag-stripped form; malformed parts are ignored) as JSON-able dicts."""
-    regions: list[Region] = parse_regions(text, strict=False)
-    return [{"name": r.name, "boxes": [[b.x1, b.y1, b.x2, b.y2] for b in r.boxes]} for r in regions]
+    return [{"name": r.name, "boxes": [b.as_list() for b in r.boxes]} for r in parse_regions(text, strict=False)]
 
 
 def stream_path(out_dir: str | Path, stamp: str, rank: int) -> Path:
@@ -136,13 +125,8 @@ def _result(it: BatchItem, ans: str) -> dict[str, Any]:
 def run_batch(generator: Any, items: list[BatchItem], rank: int = 0, world_size: int = 1,
               stream: Path | None = None) -> list[dict[str, Any]]:
     """Answer this rank's share (``items[rank::world_size]``) with ``generator`` (an
-    :class:`internvl.inference.Generator`); returns result dicts carrying the item index for ordering.
-
-    With ``stream`` (see :func:`stream_path`) each finished batch is appended there at once (fsynced), so a crash
-    late in a long run keeps every answer already generated.
-    """
-    from internvl.inference import GenerationRequest
-
+    :class:`internvl.inference.Generator`); returns result dicts carrying the item index for ordering. With ``stream``
+    (:func:`stream_path`) each finished batch is appended there at once (fsynced): a crash keeps every answer."""
     mine = items[rank::world_size]
     requests = [GenerationRequest(prompt=it.question, images=[str(it.image)] if it.image else [],
                                   image_kwargs=it.image_kwargs, id=str(it.question_id)) for it in mine]
@@ -158,8 +142,6 @@ def run_batch(generator: Any, items: list[BatchItem], rank: int = 0, world_size:
 def gather_results(local: list[dict[str, Any]], world_size: int) -> list[dict[str, Any]]:
     """All ranks' results in item order (``all_gather_object``; a no-op without a process group)."""
     if world_size > 1:
-        import torch.distributed as dist
-
         parts: list[Any] = [None] * world_size
         dist.all_gather_object(parts, local)
         local = [r for part in parts for r in part]
@@ -167,11 +149,8 @@ def gather_results(local: list[dict[str, Any]], world_size: int) -> list[dict[st
 
 
 def write_results(results: list[dict[str, Any]], out_dir: str | Path, stamp: str | None = None) -> Path:
-    """Write ``demo_<yymmddHHMMSS>.json`` (a list, ``index`` dropped) into ``out_dir``; return its path.
-
-    The name is reserved atomically (``demo_<stamp>-1.json`` when taken: a file is never reused) and the list is
-    written to a temporary name and renamed over it.
-    """
+    """Write ``demo_<yymmddHHMMSS>.json`` (a list, ``index`` dropped) into ``out_dir`` under a name reserved
+    atomically (``demo_<stamp>-1.json`` when taken), through a temporary file; return its path."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = unique_file(out, f"demo_{stamp or time.strftime('%y%m%d%H%M%S')}", ".json")

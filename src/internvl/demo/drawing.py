@@ -1,8 +1,10 @@
-"""Draw predicted regions on an image: every box outlined and labelled with its region name.
+"""How the demo shows predicted regions: drawn on a copy of the image, and as markers in the chat bubble.
 
-The demo shows the model's answer as an annotated copy of the input image. Boxes come from
-:func:`internvl.regions.parse_regions` (0..999 grid) and are mapped to pixels with
-:func:`internvl.regions.box_to_pixels`, the same convention the evaluators use, so what is drawn is what is scored.
+Boxes come from :func:`internvl.regions.parse_regions` (0..999 grid) and are mapped to pixels with
+:func:`internvl.regions.box_to_pixels`, the evaluators' convention, so what is drawn is what is scored. In the bubble
+``<ref>left frontal lobe</ref><box>[[120, 80, 480, 400]]</box>`` becomes a marker with the region's number in its box
+colour and the region's name; the raw answer stays in a collapsed ``<details>`` element. All user and model text is
+HTML-escaped (markdown's active characters as entities), so an answer cannot inject markup into the page.
 """
 from __future__ import annotations
 
@@ -13,9 +15,11 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from internvl.regions import Box, Region, box_to_pixels
+from internvl.demo.strings import text
+from internvl.regions import Box, Region, box_to_pixels, remove_region_tags, scan_box_lists
 
-__all__ = ["PALETTE", "DrawnBox", "draw_regions", "label_font"]
+__all__ = ["PALETTE", "DrawnBox", "answer_html", "draw_regions", "escape", "label_font", "marker_html",
+           "region_name_label"]
 
 # Distinct, colour-blind-friendly outline colours (Okabe-Ito), cycled per region.
 PALETTE: tuple[tuple[int, int, int], ...] = (
@@ -53,14 +57,10 @@ def _printable(text: str, cjk_ok: bool) -> bool:
 
 def draw_regions(image: Image.Image, regions: Sequence[Region], *, min_side: int = 384, min_long_side: int = 512
                  ) -> tuple[Image.Image, list[DrawnBox]]:
-    """Return an RGB copy of ``image`` with each region's boxes outlined in its own colour and labelled
-    ``"<n>. <name>"`` (``n`` = 1-based region number, as in the page's box list), plus the drawn boxes.
-
-    Small images (a 64 px DICOM, a 181x217 MRI slice) are drawn on an upscaled copy whose shorter side is at least
-    ``min_side`` px and longer side at least ``min_long_side`` px, so labels are readable and outlines thin next to
-    the anatomy; box coordinates are mapped to the *original* image size and scaled with it (``DrawnBox.xyxy`` are in
-    original pixels). Unnamed regions are labelled by their number only.
-    """
+    """An RGB copy of ``image`` with each region's boxes outlined in its own colour and labelled ``"<n>. <name>"``
+    (``n``: 1-based region number, as in the page's box list), plus the drawn boxes (``xyxy`` in original pixels).
+    Small images (a 64 px DICOM) are drawn on a copy upscaled to at least ``min_side`` x ``min_long_side`` px, so
+    labels are readable and outlines thin next to the anatomy."""
     base = image.convert("RGB")
     w0, h0 = base.size
     scale = max(1.0, min_side / max(1, min(w0, h0)), min_long_side / max(1, w0, h0))
@@ -86,3 +86,62 @@ def draw_regions(image: Image.Image, regions: Sequence[Region], *, min_side: int
             draw.rectangle(bbox, fill=(0, 0, 0))
             draw.text((tx, ty), label, fill=color, font=font)
     return canvas, drawn
+
+
+# characters HTML or markdown would act on; as numeric entities they show as themselves
+_ENTITIES = {ord(c): f"&#{ord(c)};" for c in "&<>\"'*_`[](){}#|~\\$!+-=:"}
+
+
+def escape(value: str) -> str:
+    """``value`` as inert HTML text inside the chatbot's markdown: HTML-escaped, markdown characters as entities,
+    newlines as ``<br>`` (a blank line would end the HTML block)."""
+    return value.translate(_ENTITIES).replace("\r\n", "\n").replace("\n", "<br>")
+
+
+def _hex(color: tuple[int, int, int]) -> str:
+    return "#{:02x}{:02x}{:02x}".format(*color)
+
+
+def marker_html(number: int, name: str | None) -> str:
+    """A region as it reads in a bubble: a coloured numbered marker (the drawn box's colour) and the name."""
+    color = _hex(PALETTE[(number - 1) % len(PALETTE)])
+    label = escape(name) if name else ""
+    return (f'<span class="region-ref" data-region="{number}">'
+            f'<span class="region-marker" style="background:{color};color:#000;border-radius:3px;'
+            f'padding:0 4px;font-size:0.8em;font-weight:bold">{number}</span>'
+            f'{"&nbsp;" + label if label else ""}</span>')
+
+
+def answer_html(answer: str, regions: list[Region], lang: str, *, first_number: int = 1) -> str:
+    """The assistant bubble for ``answer``: readable text with one marker per box list of ``regions`` (the answer's
+    regions with boxes, as drawn), numbered from ``first_number`` (Region-to-Text draws the query box as region 1),
+    and the raw answer in a collapsed element."""
+    if not answer.strip():
+        return escape(text("empty_answer", lang))
+    stripped = remove_region_tags(answer)
+    spans = [s for s in scan_box_lists(stripped) if s.values is not None]
+    pieces, pos = [], 0
+    for k, span in enumerate(spans):
+        before = stripped[pos:span.start].rstrip()
+        # the tagged name when the two parses agree, else the grammar's name for the tag-stripped list
+        name = regions[k].name if len(spans) == len(regions) and regions[k].name else span.name
+        head = before[:len(before) - len(name)] if name and before.endswith(name) else before
+        pieces += [escape(head), (" " if head and not head.endswith(" ") else ""),
+                   marker_html(first_number + k, name or None)]
+        pos = span.end
+    pieces.append(escape(stripped[pos:]))
+    raw = f'<details class="raw-answer"><summary>{escape(text("raw", lang))}</summary><code>{escape(answer)}</code></details>'
+    return f'<div class="answer">{"".join(pieces)}</div>{raw}'
+
+
+def region_name_label(answer: str, regions: list[Region], limit: int = 60) -> str:
+    """The label of a Region-to-Text query box: the first region name in the answer, else the answer without its
+    region markup (first line, at most ``limit`` characters), else ``"?"``."""
+    name = next((r.name for r in regions if r.name), None)
+    if name is None:
+        lines = [ln.strip() for ln in remove_region_tags(answer).splitlines() if ln.strip()]
+        name = lines[0] if lines else ""
+    name = name.strip(" :：,，.。")
+    if len(name) > limit:
+        name = name[:limit - 1] + "…"
+    return name or "?"

@@ -1,12 +1,6 @@
-"""The demo page's words in English and Chinese: one table (``strings.json``, package data: ``{key: {"en": ...,
-"zh": ...}}``), used by every label, help text and status message.
-
-``text(key, lang, **fields)`` looks a key up and fills ``{fields}``; an unknown key or language is a programming
-error (``KeyError``), so a missing translation fails the unit test rather than showing a raw key in the page. A table
-entry without both languages fails at import. Task names live with the tasks (``internvl.demo.tasks.TASKS``:
-``label_en`` / ``label_zh``, read through ``internvl.demo.tasks.task_label``). Messages of the file and box checks
-(``internvl.demo.uploads``) stay English: they name files, types and values.
-"""
+"""The demo page's words in English and Chinese (labels, task names, help texts, status messages): one table,
+``strings.json`` (``{key: {"en": ..., "zh": ...}}``; the unit test checks every entry has both). Messages of the
+file and box checks (``internvl.demo.uploads``) stay English: they name files, types and values."""
 from __future__ import annotations
 
 import json
@@ -17,20 +11,13 @@ __all__ = ["LANGS", "STRINGS", "text"]
 LANGS: tuple[str, ...] = ("en", "zh")
 
 
-def _load() -> dict[str, tuple[str, str]]:
-    table = json.loads(resources.files(__package__).joinpath("strings.json").read_text(encoding="utf-8"))
-    bad = [key for key, entry in table.items() if sorted(entry) != sorted(LANGS)]
-    if bad:
-        raise ValueError(f"internvl/demo/strings.json: entries {bad} need exactly the languages {LANGS}")
-    return {key: (entry["en"], entry["zh"]) for key, entry in table.items()}
-
-
-#: key -> (English, Chinese)
-STRINGS: dict[str, tuple[str, str]] = _load()
+#: key -> {"en": English, "zh": Chinese}
+STRINGS: dict[str, dict[str, str]] = json.loads(
+    resources.files(__package__).joinpath("strings.json").read_text(encoding="utf-8"))
 
 
 def text(key: str, lang: str, **fields: object) -> str:
-    """The page string ``key`` in ``lang`` ("en" or "zh"), with ``{fields}`` filled in."""
-    en, zh = STRINGS[key]
-    template = {"en": en, "zh": zh}[lang]
+    """The page string ``key`` in ``lang`` ("en" or "zh"), with ``{fields}`` filled in; an unknown key or language
+    is a ``KeyError`` (a missing translation fails the unit test rather than showing a raw key in the page)."""
+    template = STRINGS[key][lang]
     return template.format(**fields) if fields else template

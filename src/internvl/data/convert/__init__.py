@@ -1,14 +1,12 @@
-"""Converters from common medical dataset formats to MedRegInstruct jsonl.
+"""Converters from common medical dataset formats to MedRegInstruct jsonl (``medrega-data convert <format>``).
 
-One module per source format; each exposes ``NAME``, ``HELP``, ``add_arguments(parser)`` and ``run(args) ->
-ConvertReport`` for the ``medrega-data convert <format>`` CLI, plus a plain Python function that returns
-``(records, report)``. All records are made by :func:`internvl.data.prompts.build_record` and then go through the
-same :class:`~internvl.data.records.RecordChecker` as training, so a converter cannot write a record that training
-would reject. Every input item that is not converted is counted in the :class:`ConvertReport` by reason, with its
-``FILE:LINE`` (for JSON documents the "line" is the 1-based index in the named array).
-
-Formats: ``coco`` (detection json), ``vindr`` (per-radiologist box CSV), ``masks`` (segmentation label maps:
-PNG, NIfTI, DICOM SEG), ``classification`` (class folders or CSV), ``vqa`` (SLAKE / VQA-RAD json).
+One module per format: ``coco`` (detection json), ``vindr`` (per-radiologist box CSV), ``masks`` (label maps: PNG,
+NIfTI, DICOM SEG), ``classification`` (class folders or CSV), ``vqa`` (SLAKE / VQA-RAD json). Each has a Python
+function returning ``(records, report)`` and a :class:`ConverterCLI` (its options as a table, fed to that function).
+Every converter fills one :class:`Conversion`: records are made by :func:`internvl.data.prompts.build_record` and
+pass the training :class:`~internvl.data.records.RecordChecker`, so a converter cannot write a record training would
+reject; every input item not converted is counted by reason at ``FILE:LINE`` (for JSON documents the "line" is the
+1-based index in the named array).
 """
 from __future__ import annotations
 
@@ -16,8 +14,9 @@ import argparse
 import csv
 import gzip
 import json
+import sys
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import import_module
@@ -28,15 +27,12 @@ from internvl.data.prompts import LANGS, PromptError, build_record
 from internvl.data.records import JSONLimitError, RecordChecker, RecordProblem, loads_limited
 from internvl.io_safety import atomic_write_text
 
-__all__ = ["CONVERTERS", "ConvertError", "ConvertOptions", "ConvertReport", "add_common_arguments", "build_or_skip",
-           "build_records", "check_task", "common_options", "finish_report", "get_converter", "read_csv",
-           "read_json", "write_output"]
+__all__ = ["CONVERTERS", "Conversion", "ConvertError", "ConvertReport", "ConverterCLI", "add_common_arguments",
+           "check_task", "common_options", "get_converter", "read_csv", "read_json", "write_output"]
 
-#: format name -> module (imported lazily so that the CLI starts fast)
-CONVERTERS: dict[str, str] = {"coco": "internvl.data.convert.coco", "vindr": "internvl.data.convert.vindr",
-                              "masks": "internvl.data.convert.masks",
-                              "classification": "internvl.data.convert.classification",
-                              "vqa": "internvl.data.convert.vqa"}
+#: format name -> module (imported on demand)
+CONVERTERS: dict[str, str] = {name: f"internvl.data.convert.{name}"
+                              for name in ("coco", "vindr", "masks", "classification", "vqa")}
 
 #: How many individual problems a report keeps for printing (all are counted).
 MAX_KEPT_PROBLEMS = 1000
@@ -73,47 +69,56 @@ class ConvertReport:
         return f"{self.source}: wrote {self.written} records{where}; skipped {self.n_skipped}{reasons}"
 
 
-@dataclass(frozen=True)
-class ConvertOptions:
-    """The options every ``convert_*`` function takes as keywords (``**options``; :func:`add_common_arguments` on the
-    command line): prompt language, the root that record image paths are relative to (``None``: image files are not
-    checked) and how much of each image to check, a prefix for record ids, and whether questions carry the task
-    prompt (``False``: raw questions, the meta_file.json ``base_prompt`` supplies it)."""
+@dataclass
+class Conversion:
+    """One conversion under way: the options every ``convert_*`` function takes as keywords (prompt language; the
+    root that record image paths are relative to, ``None``: image files not checked, and how much of each image to
+    check; a record id prefix; ``include_base_prompt=False``: raw questions, the meta_file.json ``base_prompt``
+    supplies the task prompt), the records kept so far and the report."""
 
+    source: str
     lang: str = "en"
     image_root: str | Path | None = None
     image_check: str = "exists"
     id_prefix: str = ""
     include_base_prompt: bool = True
+    records: list[dict] = field(default_factory=list)
 
-    def finish(self, items: Iterable[tuple[str, int, dict]], report: ConvertReport) -> tuple[list[dict], ConvertReport]:
-        """:func:`finish_report` with these options' image root and check level."""
-        return finish_report(items, report, image_root=self.image_root, image_check=self.image_check)
+    def __post_init__(self) -> None:
+        self.report = ConvertReport(source=self.source)
+        # the training record checks; without an image root paths must still be relative and inside the root
+        root, check = (self.image_root, self.image_check) if self.image_root else (".", "none")
+        self.checker = RecordChecker(image_root=root, image_check=check)
 
+    def add(self, file: str | Path, line: int, builds: Iterable[dict[str, Any]], *, context: str = "",
+            **common: Any) -> None:
+        """Build and check the records of one input item: each of ``builds`` is ``task=``, ``id=`` (prefixed here) and
+        fields, merged with ``common``. A record the checks reject is skipped and counted; the first
+        :class:`~internvl.data.prompts.PromptError` ends the item: one ``bad-record`` skip at ``file:line`` (message
+        ``context`` + the error)."""
+        for fields in builds:
+            fields = {**fields, **common, "id": f"{self.id_prefix}{fields['id']}"}
+            try:
+                record = build_record(fields.pop("task"), self.lang, include_base_prompt=self.include_base_prompt,
+                                      **fields)
+            except PromptError as exc:
+                self.report.skip(file, line, "bad-record", f"{context}{exc}")
+                return
+            problems = self.checker.check(record, file=file, line=line)
+            for p in problems:
+                self.report.skip(file, line, p.reason, p.message)
+            if not problems:
+                self.records.append(record)
 
-def finish_report(items: Iterable[tuple[str, int, dict]], report: ConvertReport, *, image_root: str | Path | None,
-                  image_check: str = "exists") -> tuple[list[dict], ConvertReport]:
-    """Run every built record through the training record checks; bad ones are counted in ``report``. Returns the
-    ``(records, report)`` every ``convert_*`` function returns, with ``report.written`` set.
-
-    ``items`` are ``(source_file, source_line, record)``. With ``image_root=None`` image files are not checked
-    (paths are still required to be relative and inside the root).
-    """
-    checker = RecordChecker(image_root=image_root or ".", image_check=image_check if image_root else "none")
-    records = []
-    for file, line, record in items:
-        problems = checker.check(record, file=file, line=line)
-        for p in problems:
-            report.skip(file, line, p.reason, p.message)
-        if not problems:
-            records.append(record)
-    report.written = len(records)
-    return records, report
+    def finish(self) -> tuple[list[dict], ConvertReport]:
+        """``(records, report)``, with ``report.written`` set: what every ``convert_*`` function returns."""
+        self.report.written = len(self.records)
+        return self.records, self.report
 
 
 def write_output(records: list[dict], report: ConvertReport, out: str | Path) -> ConvertReport:
     """Write the records to ``out`` as UTF-8 jsonl (non-ASCII kept readable, parent folders created; atomically, so a
-    crash never leaves a half-written file) and note it in the report: the end of every converter's ``run``."""
+    crash never leaves a half-written file) and note it in the report."""
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
@@ -121,36 +126,10 @@ def write_output(records: list[dict], report: ConvertReport, out: str | Path) ->
     return report
 
 
-def build_or_skip(report: ConvertReport, file: str | Path, line: int, task: str, lang: str, *, context: str = "",
-                  **fields: Any) -> dict | None:
-    """:func:`~internvl.data.prompts.build_record`, or ``None`` with a ``bad-record`` skip (message ``context + error``)."""
-    try:
-        return build_record(task, lang, **fields)
-    except PromptError as exc:
-        report.skip(file, line, "bad-record", f"{context}{exc}")
-        return None
-
-
-def build_records(report: ConvertReport, file: str | Path, line: int, lang: str, builds: Iterable[dict[str, Any]],
-                  **common: Any) -> list[dict]:
-    """Build the records of one input item (each of ``builds`` is ``task=`` plus fields, merged with ``common``).
-
-    The first :class:`~internvl.data.prompts.PromptError` ends the item: it is counted once, as one ``bad-record``
-    at ``file:line`` (see :func:`build_or_skip` for ``context=``), and the records built before it are returned.
-    """
-    records = []
-    for fields in builds:
-        record = build_or_skip(report, file, line, lang=lang, **fields, **common)
-        if record is None:
-            break
-        records.append(record)
-    return records
-
-
 def check_task(task: str, tasks: Sequence[str]) -> None:
     """Raise :class:`ConvertError` unless ``task`` is one of the converter's ``tasks``."""
     if task not in tasks:
-        raise ConvertError(f"task must be one of {tasks}, got {task!r}")
+        raise ConvertError(f"task must be one of {list(tasks)}, got {task!r}")
 
 
 def read_json(path: Path, what: str) -> Any:
@@ -186,15 +165,16 @@ def read_csv(path: Path, required: Sequence[str], *, gunzip: bool = False) -> It
 
 
 def common_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The :class:`ConvertOptions` keywords from :func:`add_common_arguments`'s command-line options."""
+    """The :class:`Conversion` keywords from :func:`add_common_arguments`'s command-line options."""
     return {"lang": args.lang, "image_root": args.image_root, "image_check": args.image_check,
             "id_prefix": args.id_prefix, "include_base_prompt": not args.no_base_prompt}
 
 
-def add_common_arguments(parser: argparse.ArgumentParser, *, tasks: list[str], default_task: str) -> None:
-    """Options every converter shares: output, task, language, image root and check level, id prefix."""
+def add_common_arguments(parser: argparse.ArgumentParser, *, tasks: Sequence[str]) -> None:
+    """Options every converter shares: output, task (default the first), language, image root and check level, id
+    prefix, raw questions, strict exit status."""
     parser.add_argument("--out", required=True, help="output MedRegInstruct .jsonl")
-    parser.add_argument("--task", choices=tasks, default=default_task, help=f"prompt task (default {default_task})")
+    parser.add_argument("--task", choices=tasks, default=tasks[0], help=f"prompt task (default {tasks[0]})")
     parser.add_argument("--lang", choices=LANGS, default="en", help="prompt language (default en)")
     parser.add_argument("--image-root", help="dataset root that record image paths are relative to; "
                         "when given, every image must exist there")
@@ -206,8 +186,45 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, tasks: list[str], d
     parser.add_argument("--strict", action="store_true", help="exit non-zero if anything was skipped")
 
 
-def get_converter(name: str) -> Any:
-    """The converter module for a format name."""
+def comma_list(value: str) -> list[str]:
+    """An argparse ``type``: ``"a, b,c"`` -> ``["a", "b", "c"]``."""
+    return [v.strip() for v in value.split(",")]
+
+
+#: one option of a converter: (argparse flags, argparse keywords); its dest is a keyword of the converter function
+Argument = tuple[tuple[str, ...], dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class ConverterCLI:
+    """A converter's ``medrega-data convert`` subcommand: its help line, prompt tasks (the first is the default),
+    its own options and the function they feed together with ``--task`` and :func:`common_options`."""
+
+    help: str
+    tasks: tuple[str, ...]
+    arguments: tuple[Argument, ...]
+    convert: Callable[..., tuple[list[dict], ConvertReport]]
+
+    @property
+    def doc(self) -> str | None:
+        """The converter module's docstring (the subcommand's ``--help`` description)."""
+        return sys.modules[self.convert.__module__].__doc__
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        """Add this converter's options (their dests noted for :meth:`run`) and the common ones to ``parser``."""
+        actions = [parser.add_argument(*flags, **kwargs) for flags, kwargs in self.arguments]
+        parser.set_defaults(converter_options=[action.dest for action in actions])
+        add_common_arguments(parser, tasks=self.tasks)
+
+    def run(self, args: argparse.Namespace) -> ConvertReport:
+        """Convert what ``args`` name and write ``args.out``."""
+        kwargs = {dest: getattr(args, dest) for dest in args.converter_options}
+        records, report = self.convert(task=args.task, **kwargs, **common_options(args))
+        return write_output(records, report, args.out)
+
+
+def get_converter(name: str) -> ConverterCLI:
+    """The command-line side of the converter for a format name."""
     if name not in CONVERTERS:
         raise ConvertError(f"unknown format {name!r}; choose one of {', '.join(CONVERTERS)}")
-    return import_module(CONVERTERS[name])
+    return import_module(CONVERTERS[name]).CLI

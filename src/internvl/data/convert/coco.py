@@ -7,19 +7,15 @@ present (boxes of one category grouped under one ``<ref>``); ``region_to_text`` 
 """
 from __future__ import annotations
 
-import argparse
 import math
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from internvl.data.convert import (ConvertError, ConvertOptions, ConvertReport, add_common_arguments, build_or_skip,
-                                   build_records, check_task, common_options, read_json, write_output)
+from internvl.data.convert import Conversion, ConverterCLI, ConvertError, ConvertReport, check_task, read_json
 from internvl.regions import pixels_to_box
 
-NAME = "coco"
-HELP = "COCO-style detection json -> text_to_region / region_to_text records"
-TASKS = ["text_to_region", "region_to_text"]
+TASKS = ("text_to_region", "region_to_text")
 
 # Boxes may overshoot the image by rounding; more than this many pixels is an annotation error.
 EDGE_TOLERANCE = 1.0
@@ -31,42 +27,32 @@ def _positive_int(value: Any) -> bool:
 
 def convert_coco(path: str | Path, *, task: str = "text_to_region", modality: str = "medical", image_prefix: str = "",
                  **options: Any) -> tuple[list[dict], ConvertReport]:
-    """Convert a COCO detection file; returns ``(records, report)``. ``options``: :class:`ConvertOptions` keywords.
+    """Convert a COCO detection file; returns ``(records, report)``. ``options``: :class:`Conversion` keywords.
     Raises :class:`ConvertError` if unusable."""
-    opts = ConvertOptions(**options)
     check_task(task, TASKS)
-    path = Path(path)
     file = str(path)
-    data = read_json(path, "COCO json")
+    data = read_json(Path(path), "COCO json")
     if not isinstance(data, dict) or not all(isinstance(data.get(k), list) for k in ("images", "annotations", "categories")):
         raise ConvertError(f"{file}:0: expected an object with 'images', 'annotations' and 'categories' lists")
-    report = ConvertReport(source=f"coco {file}")
+    conv = Conversion(f"coco {file}", **options)
     categories = _read_categories(data["categories"], file)
-    images = _read_images(data["images"], file, report)
-    boxes = _read_boxes(data["annotations"], images, categories, file, report)
-    image_line = {img_id: n for n, img in enumerate(data["images"], start=1)
-                  if isinstance(img, dict) and (img_id := img.get("id")) in images}
-    items: list[tuple[str, int, dict]] = []
-    for img_id, img in images.items():
+    images = _read_images(data["images"], file, conv.report)
+    boxes = _read_boxes(data["annotations"], images, categories, file, conv.report)
+    for img_id, (line, img) in images.items():
         found = boxes.get(img_id, [])
-        line = image_line[img_id]
         if not found:
-            report.skip(file, line, "no-annotations", f"image {img['file_name']!r} has no usable boxes")
+            conv.report.skip(file, line, "no-annotations", f"image {img['file_name']!r} has no usable boxes")
             continue
         common = dict(image=image_prefix + img["file_name"], width=img["width"], height=img["height"],
-                      modality=modality, include_base_prompt=opts.include_base_prompt)
+                      modality=modality)
         if task == "text_to_region":
-            regions = _group_boxes(found, img, common["image"], file, line, report)
-            record = build_or_skip(report, file, line, "text_to_region", opts.lang, id=f"{opts.id_prefix}{img_id}",
-                                   regions=regions, **common)
-            if record is not None:
-                items.append((file, line, record))
+            regions = _group_boxes(found, img, common["image"], file, line, conv.report)
+            conv.add(file, line, [{"task": task, "id": img_id, "regions": regions}], **common)
         else:
-            builds = [{"task": "region_to_text", "id": f"{opts.id_prefix}{img_id}-{box_line}",
-                       "regions": [(name, [xyxy])], "box_units": "pixel"} for box_line, name, xyxy in found]
-            records = build_records(report, file, line, opts.lang, builds, **common)
-            items += [(file, box_line, record) for (box_line, _, _), record in zip(found, records)]
-    return opts.finish(items, report)
+            for box_line, name, xyxy in found:
+                conv.add(file, box_line, [{"task": task, "id": f"{img_id}-{box_line}", "regions": [(name, [xyxy])],
+                                           "box_units": "pixel"}], **common)
+    return conv.finish()
 
 
 def _read_categories(entries: list, file: str) -> dict[Any, str]:
@@ -79,9 +65,10 @@ def _read_categories(entries: list, file: str) -> dict[Any, str]:
     return categories
 
 
-def _read_images(entries: list, file: str, report: ConvertReport) -> dict[Any, dict]:
-    """Image id -> image entry, for entries with an id, a file name and a positive integer size (others skipped)."""
-    images: dict[Any, dict] = {}
+def _read_images(entries: list, file: str, report: ConvertReport) -> dict[Any, tuple[int, dict]]:
+    """Image id -> (line, image entry) of the entries with an id, a file name and a positive integer size (others
+    skipped)."""
+    images: dict[Any, tuple[int, dict]] = {}
     for i, img in enumerate(entries, start=1):
         where = f"images[{i - 1}]"
         if not isinstance(img, dict) or "id" not in img or not isinstance(img.get("file_name"), str):
@@ -93,11 +80,11 @@ def _read_images(entries: list, file: str, report: ConvertReport) -> dict[Any, d
         if img["id"] in images:
             report.skip(file, i, "duplicate-image-id", f"{where}: image id {img['id']!r} already used")
             continue
-        images[img["id"]] = img
+        images[img["id"]] = (i, img)
     return images
 
 
-def _read_boxes(entries: list, images: dict[Any, dict], categories: dict[Any, str], file: str,
+def _read_boxes(entries: list, images: dict[Any, tuple[int, dict]], categories: dict[Any, str], file: str,
                 report: ConvertReport) -> dict[Any, list[tuple[int, str, list[float]]]]:
     """Image id -> [(annotation line, category name, pixel [x1, y1, x2, y2])] of the valid annotations."""
     boxes: dict[Any, list[tuple[int, str, list[float]]]] = defaultdict(list)
@@ -106,10 +93,10 @@ def _read_boxes(entries: list, images: dict[Any, dict], categories: dict[Any, st
         if not isinstance(ann, dict):
             report.skip(file, i, "bad-annotation", f"{where} is not an object")
             continue
-        img = images.get(ann.get("image_id"))
-        if img is None:
+        if ann.get("image_id") not in images:
             report.skip(file, i, "unknown-image", f"{where}: image_id {ann.get('image_id')!r} is not a valid image")
             continue
+        _, img = images[ann["image_id"]]
         name = categories.get(ann.get("category_id"))
         if name is None:
             report.skip(file, i, "unknown-category", f"{where}: category_id {ann.get('category_id')!r} is not defined")
@@ -149,14 +136,8 @@ def _group_boxes(found: list[tuple[int, str, list[float]]], img: dict, image: st
     return grouped
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("annotation", help="COCO detection json")
-    parser.add_argument("--modality", default="medical", help="modality word used in the question (CT, MRI, ...)")
-    parser.add_argument("--image-prefix", default="", help="prefix joined to each file_name (e.g. 'train2017/')")
-    add_common_arguments(parser, tasks=TASKS, default_task="text_to_region")
-
-
-def run(args: argparse.Namespace) -> ConvertReport:
-    records, report = convert_coco(args.annotation, task=args.task, modality=args.modality,
-                                   image_prefix=args.image_prefix, **common_options(args))
-    return write_output(records, report, args.out)
+CLI = ConverterCLI(
+    help="COCO-style detection json -> text_to_region / region_to_text records", tasks=TASKS, convert=convert_coco,
+    arguments=((("path",), dict(metavar="annotation", help="COCO detection json")),
+               (("--modality",), dict(default="medical", help="modality word used in the question (CT, MRI, ...)")),
+               (("--image-prefix",), dict(default="", help="prefix joined to each file_name (e.g. 'train2017/')"))))

@@ -13,7 +13,6 @@ volume (:func:`internvl.data.images.volume_slice`), so boxes and pixels agree wh
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import os
@@ -26,30 +25,17 @@ import numpy as np
 import pydicom
 from PIL import Image
 
-from internvl.data.convert import (ConvertError, ConvertOptions, ConvertReport, add_common_arguments, build_records,
-                                   check_task, common_options, write_output)
+from internvl.data.convert import Conversion, ConverterCLI, ConvertError, ConvertReport, check_task
 from internvl.data.images import ImageLoadError, detect_format, load_image, probe_image, volume_slice
 from internvl.regions import pixels_to_box
 
-NAME = "masks"
-HELP = "segmentation label maps (PNG, NIfTI, DICOM SEG) -> text_to_region / region_to_text records"
-TASKS = ["text_to_region", "region_to_text"]
+TASKS = ("text_to_region", "region_to_text")
 MODES = ("label", "component")
 _NIFTI = (".nii", ".nii.gz")
 
 
 class LabelMapError(ValueError):
     """A label map that cannot be used (colour image, non-integer values, unsupported SEG)."""
-
-
-def _label_value(first: str, path: Path, number: int, expected: str, got: object) -> int | None:
-    """The label value that starts line ``number`` of a names table; None for a header (a non-number on line 1)."""
-    try:
-        return int(first)
-    except ValueError:
-        if number == 1:
-            return None
-        raise LabelMapError(f"{path}:{number}: expected {expected!r}, got {got!r}") from None
 
 
 def read_label_names(path: str | Path) -> dict[int, str]:
@@ -72,10 +58,13 @@ def read_label_names(path: str | Path) -> dict[int, str]:
             row = next(csv.reader([line]), []) if is_csv else line.split()
             if not "".join(row).strip() or row[0].lstrip().startswith("#"):
                 continue
-            value = _label_value(row[0], path, number, "value,name" if is_csv else "value name",
-                                 row if is_csv else line.strip())
-            if value is None:
-                continue
+            try:
+                value = int(row[0])
+            except ValueError:
+                if number == 1:
+                    continue  # a header
+                expected, got = ("value,name", row) if is_csv else ("value name", line.strip())
+                raise LabelMapError(f"{path}:{number}: expected {expected!r}, got {got!r}") from None
             quoted = None if is_csv else re.search(r'"([^"]+)"', line)  # ITK-SNAP: the quoted last column
             name = quoted.group(1) if quoted else (row[1] if len(row) > 1 else "")
             if not name.strip():
@@ -175,11 +164,7 @@ def label_boxes(labels: np.ndarray, *, mode: str = "label", min_pixels: int = 1)
 
 
 def _stem(path: Path) -> str:
-    name = path.name
-    for suffix in (".nii.gz", ".nii", ".png", ".tif", ".tiff", ".dcm", ".jpg", ".jpeg", ".bmp"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return path.stem
+    return path.name[: -len(".nii.gz")] if path.name.lower().endswith(".nii.gz") else path.stem
 
 
 def pair_by_stem(images_dir: str | Path, masks_dir: str | Path, mask_suffix: str = "") -> tuple[list[tuple[Path, Path]], list[Path]]:
@@ -217,52 +202,45 @@ def convert_masks(pairs: list[tuple[str | Path, str | Path]], *, names: dict[int
                   axis: str = "axial", slices: str = "middle", slice_step: int = 1,
                   window: str | tuple[float, float] | None = None, out_images: str | Path | None = None, **options: Any
                   ) -> tuple[list[dict], ConvertReport]:
-    """Convert (image, label map) pairs; returns ``(records, report)``. ``options``: :class:`ConvertOptions` keywords.
-
-    Record image paths are relative to ``image_root`` (default: the images' directory for 2D pairs, ``out_images``
-    for volume slices). ``slices``: ``"middle"`` (the volume's middle slice) or ``"labelled"`` (every
-    ``slice_step``-th slice containing a label). ``names`` maps label values to object names; values without a
-    name are skipped and counted (DICOM SEG files bring their own names).
-    """
-    opts = ConvertOptions(**options)
+    """Convert (image, label map) pairs; returns ``(records, report)``. ``options``: :class:`Conversion` keywords;
+    record image paths are relative to ``image_root`` (default: the images' folder, or ``out_images`` for volume
+    slices). ``slices``: ``"middle"`` or ``"labelled"`` (every ``slice_step``-th slice containing a label). ``names``:
+    label value -> object name (unnamed values are skipped and counted; DICOM SEG files bring their own names)."""
     check_task(task, TASKS)
     if slices not in ("middle", "labelled"):
         raise ConvertError(f"slices must be 'middle' or 'labelled', got {slices!r}")
-    report = ConvertReport(source="masks")
-    items: list[tuple[str, int, dict]] = []
-    for number, (image_path, mask_path) in enumerate(pairs, start=1):
+    conv = Conversion("masks", **options)
+    for image_path, mask_path in pairs:
         image_path, mask_path = Path(image_path), Path(mask_path)
         file = str(mask_path)
         is_volume = mask_path.name.lower().endswith(_NIFTI) and image_path.name.lower().endswith(_NIFTI)
-        indices = _slice_indices(mask_path, is_volume, slices, slice_step, axis, out_images, file, report)
-        for index in indices:
+        for index in _slice_indices(mask_path, is_volume, slices, slice_step, axis, out_images, file, conv.report):
             line = 0 if index is None else index
             try:
                 labels, file_names = load_label_map(mask_path, axis=axis, slice_index=index)
             except (ImageLoadError, LabelMapError) as exc:
-                report.skip(file, line, "bad-label-map", str(exc))
+                conv.report.skip(file, line, "bad-label-map", str(exc))
                 break
             try:
                 picture = _record_image(image_path, labels.shape, index, is_volume, axis, window, out_images,
-                                        opts.image_root)
+                                        conv.image_root)
             except ImageLoadError as exc:
-                report.skip(file, line, "bad-image", str(exc))
+                conv.report.skip(file, line, "bad-image", str(exc))
                 continue
             if isinstance(picture, str):
-                report.skip(file, line, "size-mismatch", picture)
+                conv.report.skip(file, line, "size-mismatch", picture)
                 continue
-            regions = _named_regions(labels, {**(names or {}), **file_names}, mode, min_pixels, file, line, report)
+            regions = _named_regions(labels, {**(names or {}), **file_names}, mode, min_pixels, file, line,
+                                     conv.report)
             if not regions:
-                report.skip(file, line, "no-labels", "no named label in this slice")
+                conv.report.skip(file, line, "no-labels", "no named label in this slice")
                 continue
             rel, width, height = picture
-            common = dict(image=rel, width=width, height=height, modality=modality,
-                          include_base_prompt=opts.include_base_prompt)
-            base_id = f"{opts.id_prefix}{_stem(mask_path)}" + ("" if index is None else f"-{axis}{index}")
-            builds = _mask_builds(task, base_id, regions, mode)
-            items += [(file, number, record) for record in build_records(report, file, line, opts.lang, builds, **common)]
-    # Without image_root the images were already read above; finish_report() then checks the records' structure only.
-    return opts.finish(items, report)
+            base_id = _stem(mask_path) + ("" if index is None else f"-{axis}{index}")
+            conv.add(file, line, _mask_builds(task, base_id, regions, mode), image=rel, width=width, height=height,
+                     modality=modality)
+    # Without image_root the images were already read above; the record checks then look at the structure only.
+    return conv.finish()
 
 
 def _slice_indices(mask_path: Path, is_volume: bool, slices: str, slice_step: int, axis: str,
@@ -326,7 +304,7 @@ def _named_regions(labels: np.ndarray, names: dict[int, str], mode: str, min_pix
 
 
 def _mask_builds(task: str, base_id: str, regions: list[tuple[str, list]], mode: str) -> list[dict[str, Any]]:
-    """The `build_records` entries of one label map (region_to_text: one per label, or per component)."""
+    """The `Conversion.add` builds of one label map (region_to_text: one per label, or per component)."""
     if task == "text_to_region":
         return [{"task": "text_to_region", "id": base_id, "regions": regions}]
     return [{"task": "region_to_text", "id": f"{base_id}-{name}-{k}",
@@ -335,42 +313,43 @@ def _mask_builds(task: str, base_id: str, regions: list[tuple[str, list]], mode:
             for k, box in enumerate(region_boxes if mode == "component" else [None])]
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--masks", required=True, help="directory of label maps (or one label map file)")
-    parser.add_argument("--images-dir", required=True, help="directory of images (or one image file)")
-    parser.add_argument("--mask-suffix", default="", help="suffix of mask stems, e.g. '_seg' for case1_seg.nii.gz")
-    parser.add_argument("--names", help="label names: JSON {value: name}, CSV value,name, or a text table")
-    parser.add_argument("--regions", dest="mode", choices=MODES, default="label",
-                        help="one box per label, or one per connected component (multi-region)")
-    parser.add_argument("--min-pixels", type=int, default=1, help="skip components smaller than this (default 1)")
-    parser.add_argument("--modality", default="medical", help="modality word for the prompt (CT, MRI, ...)")
-    parser.add_argument("--axis", choices=["axial", "coronal", "sagittal"], default="axial")
-    parser.add_argument("--slices", choices=["middle", "labelled"], default="middle", help="volume slices to use")
-    parser.add_argument("--slice-step", type=int, default=1, help="with --slices labelled, every N-th slice")
-    parser.add_argument("--window", help="window preset or 'centre,width' for volume slices")
-    parser.add_argument("--out-images", help="directory for PNG slices of volumes")
-    add_common_arguments(parser, tasks=TASKS, default_task="text_to_region")
-
-
-def run(args: argparse.Namespace) -> ConvertReport:
-    masks, images = Path(args.masks), Path(args.images_dir)
+def convert_mask_files(masks: str | Path, images_dir: str | Path, *, mask_suffix: str = "",
+                       names: str | Path | None = None, window: str | None = None, **kwargs: Any
+                       ) -> tuple[list[dict], ConvertReport]:
+    """The command line's converter: one (image, label map) file pair, or two folders paired by stem
+    (:func:`pair_by_stem`; masks without an image are skipped and counted); ``names``: a label-name file
+    (:func:`read_label_names`); ``window``: a preset or ``"centre,width"``. Other keywords: :func:`convert_masks`."""
+    masks, images = Path(masks), Path(images_dir)
     if masks.is_file() and images.is_file():
         pairs, orphans = [(images, masks)], []
     elif masks.is_dir() and images.is_dir():
-        pairs, orphans = pair_by_stem(images, masks, args.mask_suffix)
+        pairs, orphans = pair_by_stem(images, masks, mask_suffix)
     else:
         raise ConvertError("--masks and --images-dir must both be files or both be directories")
-    window = args.window
-    if window and "," in window:
-        window = tuple(float(v) for v in window.split(","))
     try:
-        names = read_label_names(args.names) if args.names else {}
+        label_names = read_label_names(names) if names else {}
     except (OSError, ValueError) as exc:
-        raise ConvertError(f"{args.names}: cannot read label names: {exc}") from exc
-    records, report = convert_masks(pairs, names=names, task=args.task, mode=args.mode, min_pixels=args.min_pixels,
-                                    modality=args.modality, axis=args.axis, slices=args.slices,
-                                    slice_step=args.slice_step, window=window, out_images=args.out_images,
-                                    **common_options(args))
+        raise ConvertError(f"{names}: cannot read label names: {exc}") from exc
+    centre_width = tuple(float(v) for v in window.split(",")) if window and "," in window else window
+    records, report = convert_masks(pairs, names=label_names, window=centre_width, **kwargs)
     for orphan in orphans:
         report.skip(orphan, 0, "no-matching-image", f"no image with stem {_stem(orphan)!r} in {images}")
-    return write_output(records, report, args.out)
+    return records, report
+
+
+CLI = ConverterCLI(
+    help="segmentation label maps (PNG, NIfTI, DICOM SEG) -> text_to_region / region_to_text records", tasks=TASKS,
+    convert=convert_mask_files,
+    arguments=((("--masks",), dict(required=True, help="directory of label maps (or one label map file)")),
+               (("--images-dir",), dict(required=True, help="directory of images (or one image file)")),
+               (("--mask-suffix",), dict(default="", help="suffix of mask stems, e.g. '_seg' for case1_seg.nii.gz")),
+               (("--names",), dict(help="label names: JSON {value: name}, CSV value,name, or a text table")),
+               (("--regions",), dict(dest="mode", choices=MODES, default="label",
+                                     help="one box per label, or one per connected component (multi-region)")),
+               (("--min-pixels",), dict(type=int, default=1, help="skip components smaller than this (default 1)")),
+               (("--modality",), dict(default="medical", help="modality word for the prompt (CT, MRI, ...)")),
+               (("--axis",), dict(choices=["axial", "coronal", "sagittal"], default="axial")),
+               (("--slices",), dict(choices=["middle", "labelled"], default="middle", help="volume slices to use")),
+               (("--slice-step",), dict(type=int, default=1, help="with --slices labelled, every N-th slice")),
+               (("--window",), dict(help="window preset or 'centre,width' for volume slices")),
+               (("--out-images",), dict(help="directory for PNG slices of volumes"))))

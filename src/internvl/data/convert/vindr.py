@@ -13,28 +13,24 @@ Input columns: ``image_id, rad_id, class_name, x_min, y_min, x_max, y_max`` (pix
 """
 from __future__ import annotations
 
-import argparse
 import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from internvl.data.convert import (ConvertError, ConvertOptions, ConvertReport, add_common_arguments, build_records,
-                                   check_task, common_options, read_csv, write_output)
+from internvl.data.convert import Conversion, ConverterCLI, ConvertError, ConvertReport, check_task, read_csv
 from internvl.data.images import ImageLoadError, probe_image
 from internvl.regions import box_iou
 
-NAME = "vindr"
-HELP = "VinDr-CXR-style per-radiologist box CSV -> text_to_region / region_to_text / classify_multi records"
-TASKS = ["text_to_region", "region_to_text", "classify_multi"]
+TASKS = ("text_to_region", "region_to_text", "classify_multi")
 MERGES = ("none", "union", "fusion")
 REQUIRED_COLUMNS = ("image_id", "class_name", "x_min", "y_min", "x_max", "y_max")
 
 
 def cluster_boxes(boxes: list[np.ndarray], threshold: float) -> list[list[int]]:
     """Group box indices whose IoU >= threshold, transitively (connected components); stable order."""
-    from scipy.sparse.csgraph import connected_components
+    from scipy.sparse.csgraph import connected_components  # here: scipy is slow to import, `medrega-data` starts fast
 
     if not boxes:
         return []
@@ -44,9 +40,8 @@ def cluster_boxes(boxes: list[np.ndarray], threshold: float) -> list[list[int]]:
 
 def merge_boxes(boxes: list[np.ndarray], raters: list[str], *, merge: str, threshold: float, min_votes: int
                 ) -> tuple[list[np.ndarray], int]:
-    """Merge one image+class's boxes; returns ``(kept boxes, clusters dropped for too few votes)``."""
-    if merge not in MERGES:
-        raise ValueError(f"merge must be one of {MERGES}, got {merge!r}")
+    """Merge one image+class's boxes (``merge``: one of :data:`MERGES`, checked by :func:`convert_vindr`); returns
+    ``(kept boxes, clusters dropped for too few votes)``."""
     if merge == "none":
         clusters = [[i] for i in range(len(boxes))] if min_votes <= 1 else cluster_boxes(boxes, threshold)
     else:
@@ -92,43 +87,40 @@ def convert_vindr(path: str | Path, *, task: str = "text_to_region", merge: str 
                   min_votes: int = 1, sizes: str | Path | None = None, image_ext: str = ".dicom",
                   modality: str = "chest x-ray", no_finding: str = "No finding", **options: Any
                   ) -> tuple[list[dict], ConvertReport]:
-    """Convert a VinDr-style CSV; returns ``(records, report)``. ``options``: :class:`ConvertOptions` keywords.
+    """Convert a VinDr-style CSV; returns ``(records, report)``. ``options``: :class:`Conversion` keywords.
     Raises :class:`ConvertError` if unusable."""
-    opts = ConvertOptions(**options)
     check_task(task, TASKS)
     if merge not in MERGES:
         raise ConvertError(f"merge must be one of {MERGES}, got {merge!r}")
+    if not math.isfinite(iou_threshold) or not 0 < iou_threshold <= 1:
+        raise ConvertError(f"iou_threshold (--iou) must be in (0, 1], got {iou_threshold}")
+    conv = Conversion(f"vindr {path}", **options)
     needs_size = task != "classify_multi"
-    if needs_size and sizes is None and opts.image_root is None:
+    if needs_size and sizes is None and conv.image_root is None:
         raise ConvertError("region tasks need image sizes: pass a sizes CSV or the image root to read headers from")
-    path = Path(path)
     file = str(path)
-    report = ConvertReport(source=f"vindr {file}")
     size_table = _read_sizes(Path(sizes)) if sizes is not None else {}
-    per_image, first_line, classes = _read_rows(path, no_finding, report)
+    per_image, first_line, classes = _read_rows(Path(path), no_finding, conv.report)
     options_list = sorted(classes) + [no_finding]
-    items: list[tuple[str, int, dict]] = []
     for image_id, by_class in per_image.items():
         line = first_line[image_id]
         image = image_id + image_ext
-        size, problem = _image_size(image_id, image, size_table, opts.image_root, needs_size)
+        size, problem = _image_size(image_id, image, size_table, conv.image_root, needs_size)
         if problem is not None:
-            report.skip(file, line, "unknown-size", problem)
+            conv.report.skip(file, line, "unknown-size", problem)
             continue
         merged = {}
         for name, entries in by_class.items():
-            boxes = _merge_class(image_id, name, entries, size, merge, iou_threshold, min_votes, file, report)
+            boxes = _merge_class(image_id, name, entries, size, merge, iou_threshold, min_votes, file, conv.report)
             if boxes:
                 merged[name] = boxes
         if task != "classify_multi" and not merged:
-            report.skip(file, line, "no-finding", f"image {image_id} has no boxes")
+            conv.report.skip(file, line, "no-finding", f"image {image_id} has no boxes")
             continue
         width, height = size if size is not None else (None, None)
-        common = dict(image=image, width=width, height=height, modality=modality,
-                      include_base_prompt=opts.include_base_prompt, context=f"image {image_id}: ")
-        builds = _builds(task, f"{opts.id_prefix}{image_id}", merged, options_list, no_finding)
-        items += [(file, line, record) for record in build_records(report, file, line, opts.lang, builds, **common)]
-    return opts.finish(items, report)
+        conv.add(file, line, _builds(task, image_id, merged, options_list, no_finding), context=f"image {image_id}: ",
+                 image=image, width=width, height=height, modality=modality)
+    return conv.finish()
 
 
 def _read_rows(path: Path, no_finding: str, report: ConvertReport) -> tuple[RaterBoxes, dict[str, int], list[str]]:
@@ -199,7 +191,7 @@ def _merge_class(image_id: str, name: str, entries: list[tuple[np.ndarray, str, 
 
 def _builds(task: str, record_id: str, merged: dict[str, list[list]], options: list[str],
             no_finding: str) -> list[dict[str, Any]]:
-    """The `build_records` entries of one image for `task` (region_to_text: one per box)."""
+    """The `Conversion.add` builds of one image for `task` (region_to_text: one per box)."""
     if task == "classify_multi":
         return [{"task": "classify_multi", "id": record_id, "options": options,
                  "labels": sorted(merged) or [no_finding], "notes": [f'"{no_finding}" means no diseases are detected.']}]
@@ -210,22 +202,16 @@ def _builds(task: str, record_id: str, merged: dict[str, list[list]], options: l
             for name in sorted(merged) for k, box in enumerate(merged[name])]
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("csv", help="annotation CSV (image_id, rad_id, class_name, x_min, y_min, x_max, y_max)")
-    parser.add_argument("--merge", choices=MERGES, default="fusion", help="how radiologists' boxes combine")
-    parser.add_argument("--iou", type=float, default=0.4, help="IoU that puts two boxes in one cluster (default 0.4)")
-    parser.add_argument("--min-votes", type=int, default=1, help="radiologists needed per cluster (default 1)")
-    parser.add_argument("--sizes", help="CSV with image_id,width,height (else read from image headers)")
-    parser.add_argument("--image-ext", default=".dicom", help="file extension appended to image_id (default .dicom)")
-    parser.add_argument("--modality", default="chest x-ray", help="modality words for the prompt")
-    parser.add_argument("--no-finding", default="No finding", help="class name that means a normal image")
-    add_common_arguments(parser, tasks=TASKS, default_task="text_to_region")
-
-
-def run(args: argparse.Namespace) -> ConvertReport:
-    if not math.isfinite(args.iou) or not 0 < args.iou <= 1:
-        raise ConvertError(f"--iou must be in (0, 1], got {args.iou}")
-    records, report = convert_vindr(args.csv, task=args.task, merge=args.merge, iou_threshold=args.iou,
-                                    min_votes=args.min_votes, sizes=args.sizes, image_ext=args.image_ext,
-                                    modality=args.modality, no_finding=args.no_finding, **common_options(args))
-    return write_output(records, report, args.out)
+CLI = ConverterCLI(
+    help="VinDr-CXR-style per-radiologist box CSV -> text_to_region / region_to_text / classify_multi records",
+    tasks=TASKS, convert=convert_vindr,
+    arguments=((("path",), dict(metavar="csv", help="annotation CSV (image_id, rad_id, class_name, x_min, y_min, "
+                                "x_max, y_max)")),
+               (("--merge",), dict(choices=MERGES, default="fusion", help="how radiologists' boxes combine")),
+               (("--iou",), dict(dest="iou_threshold", type=float, default=0.4,
+                                 help="IoU that puts two boxes in one cluster (default 0.4)")),
+               (("--min-votes",), dict(type=int, default=1, help="radiologists needed per cluster (default 1)")),
+               (("--sizes",), dict(help="CSV with image_id,width,height (else read from image headers)")),
+               (("--image-ext",), dict(default=".dicom", help="file extension appended to image_id (default .dicom)")),
+               (("--modality",), dict(default="chest x-ray", help="modality words for the prompt")),
+               (("--no-finding",), dict(default="No finding", help="class name that means a normal image"))))

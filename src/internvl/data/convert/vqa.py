@@ -11,16 +11,11 @@ Without ``answer_type`` a yes/no (是/否) answer counts as closed. The "line" o
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Any
 
-from internvl.data.convert import (ConvertError, ConvertOptions, ConvertReport, add_common_arguments, build_or_skip,
-                                   common_options, read_json, write_output)
+from internvl.data.convert import Conversion, ConverterCLI, ConvertError, ConvertReport, check_task, read_json
 
-NAME = "vqa"
-HELP = "SLAKE / VQA-RAD-style VQA json -> vqa_open / vqa_closed / vqa_choice records"
-TASKS = ["auto"]
 IMAGE_KEYS = ("img_name", "image_name", "image")
 YES_NO = {"yes", "no", "是", "否"}
 
@@ -43,68 +38,60 @@ def _choices(item: dict) -> list[str] | None:
     raise ValueError(f"options must be a list or a mapping, got {type(raw).__name__}")
 
 
-def convert_vqa(path: str | Path, *, image_prefix: str = "", **options: Any) -> tuple[list[dict], ConvertReport]:
-    """Convert a VQA json list; returns ``(records, report)``. ``options``: :class:`ConvertOptions` keywords.
-    Raises :class:`ConvertError` if unusable."""
-    opts = ConvertOptions(**options)
-    lang = opts.lang
-    path = Path(path)
+def convert_vqa(path: str | Path, *, task: str = "auto", image_prefix: str = "", **options: Any
+                ) -> tuple[list[dict], ConvertReport]:
+    """Convert a VQA json list; returns ``(records, report)``. ``task``: only ``"auto"`` (the task follows each item,
+    see the module docstring). ``options``: :class:`Conversion` keywords. Raises :class:`ConvertError` if unusable."""
+    check_task(task, ["auto"])
     file = str(path)
-    data = read_json(path, "VQA json")
+    data = read_json(Path(path), "VQA json")
     if not isinstance(data, list):
         raise ConvertError(f"{file}:0: expected a JSON list of question objects, got {type(data).__name__}")
-    report = ConvertReport(source=f"vqa {file}")
-    items = []
+    conv = Conversion(f"vqa {file}", **options)
+    lang, skip = conv.lang, conv.report.skip
     for number, item in enumerate(data, start=1):
         if not isinstance(item, dict):
-            report.skip(file, number, "bad-item", f"item {number} is not an object")
+            skip(file, number, "bad-item", f"item {number} is not an object")
             continue
         item_lang = str(item.get("q_lang", lang)).strip().lower()
         if item_lang != lang:
-            report.skip(file, number, "other-language", f"q_lang {item_lang!r} (converting {lang!r})")
+            skip(file, number, "other-language", f"q_lang {item_lang!r} (converting {lang!r})")
             continue
         image = _first(item, IMAGE_KEYS)
         question, answer = item.get("question"), item.get("answer")
         missing = [k for k, v in (("image", image), ("question", question), ("answer", answer)) if v in (None, "")]
         if missing:
-            report.skip(file, number, "missing-field", f"missing {', '.join(missing)}")
+            skip(file, number, "missing-field", f"missing {', '.join(missing)}")
             continue
         if not isinstance(image, str) or not isinstance(question, str) or isinstance(answer, (dict, list, bool)):
-            report.skip(file, number, "bad-field", "image and question must be text, answer text or a number")
+            skip(file, number, "bad-field", "image and question must be text, answer text or a number")
             continue
         answer = str(answer).strip()
         if not answer or not question.strip():
-            report.skip(file, number, "missing-field", "empty question or answer")
+            skip(file, number, "missing-field", "empty question or answer")
             continue
         try:
-            options = _choices(item)
+            choices = _choices(item)
         except ValueError as exc:
-            report.skip(file, number, "bad-field", str(exc))
+            skip(file, number, "bad-field", str(exc))
             continue
         answer_type = str(item.get("answer_type", "")).strip().upper()
         if answer_type not in ("", "OPEN", "CLOSED"):
-            report.skip(file, number, "unknown-answer-type", f"answer_type {answer_type!r} is not OPEN or CLOSED")
+            skip(file, number, "unknown-answer-type", f"answer_type {answer_type!r} is not OPEN or CLOSED")
             continue
-        if options:
-            task, extra = "vqa_choice", {"options": options}
+        if choices:
+            build = {"task": "vqa_choice", "options": choices}
         elif answer_type == "CLOSED" or (not answer_type and answer.lower() in YES_NO):
-            task, extra = "vqa_closed", {}
+            build = {"task": "vqa_closed"}
         else:
-            task, extra = "vqa_open", {}
-        qid = item.get("qid", number)
-        record = build_or_skip(report, file, number, task, lang, id=f"{opts.id_prefix}{qid}", image=image_prefix + image,
-                               question=question, answer=answer, include_base_prompt=opts.include_base_prompt, **extra)
-        if record is not None:
-            items.append((file, number, record))
-    return opts.finish(items, report)
+            build = {"task": "vqa_open"}
+        conv.add(file, number, [{**build, "id": item.get("qid", number)}], image=image_prefix + image,
+                 question=question, answer=answer)
+    return conv.finish()
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("annotation", help="VQA json list (SLAKE train.json, VQA-RAD json, ...)")
-    parser.add_argument("--image-prefix", default="", help="prefix joined to each image name (e.g. 'imgs/')")
-    add_common_arguments(parser, tasks=TASKS, default_task="auto")
-
-
-def run(args: argparse.Namespace) -> ConvertReport:
-    records, report = convert_vqa(args.annotation, image_prefix=args.image_prefix, **common_options(args))
-    return write_output(records, report, args.out)
+CLI = ConverterCLI(
+    help="SLAKE / VQA-RAD-style VQA json -> vqa_open / vqa_closed / vqa_choice records", tasks=("auto",),
+    convert=convert_vqa,
+    arguments=((("path",), dict(metavar="annotation", help="VQA json list (SLAKE train.json, VQA-RAD json, ...)")),
+               (("--image-prefix",), dict(default="", help="prefix joined to each image name (e.g. 'imgs/')"))))
