@@ -83,6 +83,24 @@ def test_coco_region_to_text_and_image_checks(tmp_path):
     assert len(records) == 1
 
 
+def test_coco_ids_that_are_not_ints_or_strings_are_skipped_with_their_line(tmp_path):
+    """A list, object or bool id cannot name an image or category: a FILE:LINE skip, never a TypeError."""
+    doc = coco_doc()
+    doc["images"].append({"id": [5], "file_name": "e.png", "width": 10, "height": 10})
+    doc["annotations"] += [{"id": 10, "image_id": [1], "category_id": 7, "bbox": [1, 1, 2, 2]},
+                           {"id": 11, "image_id": 1, "category_id": {"a": 1}, "bbox": [1, 1, 2, 2]}]
+    path = tmp_path / "ann.json"
+    path.write_text(json.dumps(doc))
+    records, report = convert_coco(path)
+    assert len(records) == 1
+    found = {(p.line, p.reason) for p in report.problems}  # lines count entries of each list from 1
+    assert {(5, "bad-image-entry"), (10, "unknown-image"), (11, "unknown-category")} <= found
+    doc["categories"].append({"id": True, "name": "spleen"})
+    path.write_text(json.dumps(doc))
+    with pytest.raises(ConvertError, match=r":3: categories\[2\] needs an integer or string 'id'"):
+        convert_coco(path)
+
+
 def test_coco_structure_errors(tmp_path):
     path = tmp_path / "bad.json"
     path.write_text('{"images": []}')

@@ -59,8 +59,8 @@ def _read_categories(entries: list, file: str) -> dict[Any, str]:
     """Category id -> name; a category without an id or a name makes the file unusable."""
     categories: dict[Any, str] = {}
     for i, cat in enumerate(entries, start=1):
-        if not isinstance(cat, dict) or "id" not in cat or not isinstance(cat.get("name"), str) or not cat["name"].strip():
-            raise ConvertError(f"{file}:{i}: categories[{i - 1}] needs an 'id' and a non-empty 'name'")
+        if not isinstance(cat, dict) or not _is_id(cat.get("id")) or not isinstance(cat.get("name"), str) or not cat["name"].strip():
+            raise ConvertError(f"{file}:{i}: categories[{i - 1}] needs an integer or string 'id' and a non-empty 'name'")
         categories[cat["id"]] = cat["name"].strip()
     return categories
 
@@ -71,8 +71,8 @@ def _read_images(entries: list, file: str, report: ConvertReport) -> dict[Any, t
     images: dict[Any, tuple[int, dict]] = {}
     for i, img in enumerate(entries, start=1):
         where = f"images[{i - 1}]"
-        if not isinstance(img, dict) or "id" not in img or not isinstance(img.get("file_name"), str):
-            report.skip(file, i, "bad-image-entry", f"{where} needs 'id' and 'file_name'")
+        if not isinstance(img, dict) or not _is_id(img.get("id")) or not isinstance(img.get("file_name"), str):
+            report.skip(file, i, "bad-image-entry", f"{where} needs an integer or string 'id' and a 'file_name'")
             continue
         if not (_positive_int(img.get("width")) and _positive_int(img.get("height"))):
             report.skip(file, i, "bad-image-entry", f"{where} ({img['file_name']}) needs positive integer width/height")
@@ -93,11 +93,11 @@ def _read_boxes(entries: list, images: dict[Any, tuple[int, dict]], categories: 
         if not isinstance(ann, dict):
             report.skip(file, i, "bad-annotation", f"{where} is not an object")
             continue
-        if ann.get("image_id") not in images:
+        if not _is_id(ann.get("image_id")) or ann["image_id"] not in images:
             report.skip(file, i, "unknown-image", f"{where}: image_id {ann.get('image_id')!r} is not a valid image")
             continue
         _, img = images[ann["image_id"]]
-        name = categories.get(ann.get("category_id"))
+        name = categories.get(ann.get("category_id")) if _is_id(ann.get("category_id")) else None
         if name is None:
             report.skip(file, i, "unknown-category", f"{where}: category_id {ann.get('category_id')!r} is not defined")
             continue
@@ -108,6 +108,11 @@ def _read_boxes(entries: list, images: dict[Any, tuple[int, dict]], categories: 
         x, y, w, h = (float(v) for v in ann["bbox"])
         boxes[img["id"]].append((i, name, [x, y, x + w, y + h]))
     return boxes
+
+
+def _is_id(value: Any) -> bool:
+    """COCO ids are integers or strings; anything else (a list, an object, a bool) cannot name an image or category."""
+    return isinstance(value, (int, str)) and not isinstance(value, bool)
 
 
 def _bbox_problem(bbox: Any, width: int, height: int) -> tuple[str, str] | None:
