@@ -1,10 +1,7 @@
 """Score prediction records for one task: per-sample rows + corpus metrics under the top-level summary names.
 
-Tasks: vqa, report, classification, region2text, text2region (subtypes ss/sm/ms/mm), grounded_report. The language
-is per record (`lang` field, else the config's `lang`, else detected: CJK characters in the reference -> zh).
-`compat="medrega"` switches every task to the original MedRegA scorers' behaviour (docs/evaluation.md lists each
-difference). Bad references (unknown class label, malformed reference boxes) are problems, counted and listed, and
-the sample is left out of the metrics; bad *predictions* are always scored (as wrong / as a miss) and counted.
+`compat="medrega"` switches every task to the original MedRegA scorers (docs/evaluation.md lists each difference).
+Bad references are problems and left out of the metrics; bad *predictions* are always scored (as wrong / a miss).
 """
 from __future__ import annotations
 
@@ -26,11 +23,10 @@ from medrega_eval.metrics import regions as reg_m
 from medrega_eval.metrics import text as text_m
 from medrega_eval.metrics import vqa as vqa_m
 from medrega_eval.metrics.medrega_report import (mean_or_none, medrega_clean_report_en, medrega_clean_report_zh,
-                                                 report_metrics_medrega, rouge_bootstrap_spread)
+                                                 report_metrics_medrega)
 
 __all__ = ["TASKS", "SUBTYPES", "REPORT_METRICS", "ScoreConfig", "ScoreResult", "ScoreInputError", "score_records",
-           "record_lang", "compat_vqa_lang", "medrega_clean_report_en", "medrega_clean_report_zh",
-           "rouge_bootstrap_spread"]
+           "record_lang", "compat_vqa_lang", "medrega_clean_report_en", "medrega_clean_report_zh"]
 
 TASKS = ("vqa", "report", "classification", "region2text", "text2region", "grounded_report")
 SUBTYPES = ("ss", "sm", "ms", "mm")
@@ -53,15 +49,10 @@ class ScoreConfig:
     bertscore_layer: int | None = None  # hidden layer; default: the last (compat: 40 for en, 9 for zh, as the original)
 
     def validate(self) -> None:
-        """Raise ScoreInputError (a ValueError) for an unknown task, language, subtype, compat mode or metric."""
+        """Raise ScoreInputError for what the CLI choices and the benchmark registry cannot check: an unknown task
+        (library callers), compat text2region without a subtype, an unknown report metric."""
         if self.task not in TASKS:
             raise ScoreInputError(f"unknown task {self.task!r}; choose one of {', '.join(TASKS)}")
-        if self.lang not in (None, "auto", "en", "zh"):
-            raise ScoreInputError(f"unknown language {self.lang!r}; choose en, zh or auto")
-        if self.subtype is not None and self.subtype not in SUBTYPES:
-            raise ScoreInputError(f"unknown subtype {self.subtype!r}; choose one of {', '.join(SUBTYPES)}")
-        if self.compat not in (None, "medrega"):
-            raise ScoreInputError(f"unknown compat mode {self.compat!r}; the only one is 'medrega'")
         if self.compat == "medrega" and self.task == "text2region" and self.subtype is None:
             raise ScoreInputError("--compat medrega for text2region needs --subtype (ss, sm, ms or mm): "
                                   "the original has one scorer per subtype")
@@ -121,32 +112,29 @@ def _report_metrics(preds: list[str], refs: list[str], langs: list[str], cfg: Sc
                     result: ScoreResult) -> tuple[dict[str, Any], list[dict[str, float]]]:
     """Corpus and per-sample report metrics for parallel lists of texts."""
     wanted = set(cfg.metrics or REPORT_METRICS)
-    n = len(preds)
-    per = [dict() for _ in range(n)]
-    out: dict[str, Any] = {}
-    if n == 0:
-        return out, per
+    if not preds:
+        return {}, []
     if cfg.compat == "medrega":
         return report_metrics_medrega(preds, refs, langs, wanted, result)
     cands = [_report_tokens(p, lang) for p, lang in zip(preds, langs)]
     gts = [[_report_tokens(r, lang)] for r, lang in zip(refs, langs)]
     bleu, bleu_per = text_m.coco_bleu(cands, gts, n=4)
     computed = {f"bleu{k + 1}": (bleu[k], bleu_per[k]) for k in range(4)}
-    if "rougeL" in wanted:
-        computed["rougeL"] = text_m.corpus_rouge_l(cands, gts)
-    if "cider" in wanted:
-        computed["cider"] = text_m.coco_cider(cands, gts)
-    if "meteor" in wanted:
+    out: dict[str, Any] = {}
+    for name, metric in (("rougeL", text_m.corpus_rouge_l), ("cider", text_m.coco_cider),
+                         ("meteor", text_m.coco_meteor)):
         try:
-            computed["meteor"] = text_m.coco_meteor(cands, gts)
+            if name in wanted:
+                computed[name] = metric(cands, gts)
         except text_m.MetricUnavailable as exc:
-            out["meteor"] = None
-            result.unavailable["meteor"] = str(exc)
+            out[name] = None
+            result.unavailable[name] = str(exc)
+    per = [{} for _ in preds]
     for name, (corpus, scores) in computed.items():
         if name in wanted:
             out[name] = corpus
-            for i, value in enumerate(scores):
-                per[i][name] = value
+            for row, value in zip(per, scores):
+                row[name] = value
     return out, per
 
 
@@ -225,11 +213,7 @@ def _language_match(records: Sequence[PredictionRecord], result: ScoreResult) ->
 
 
 def _options_for(rec: PredictionRecord, lang: str, cfg: ScoreConfig) -> list[str] | None:
-    if rec.options:
-        return rec.options
-    if isinstance(cfg.options, dict):
-        return cfg.options.get(lang)
-    return cfg.options
+    return rec.options or (cfg.options.get(lang) if isinstance(cfg.options, dict) else cfg.options)
 
 
 def _score_classification(records, cfg, result) -> None:
@@ -252,9 +236,8 @@ def _score_classification(records, cfg, result) -> None:
         all_options.update(dict.fromkeys(options))
         y_true.append(truth)
         y_pred.append(labels)
-        correct = set(truth) == set(labels)
-        result.rows.append(_row(rec, lang, {"correct": correct}, reference_labels=truth, predicted_labels=labels,
-                                unmapped=unmapped))
+        result.rows.append(_row(rec, lang, {"correct": set(truth) == set(labels)}, reference_labels=truth,
+                                predicted_labels=labels, unmapped=unmapped))
     result.metrics.update(cls_m.classification_metrics(y_true, y_pred, list(all_options), cfg.multilabel, cfg.compat))
     result.counts["unmapped_answers"] = int(unmapped_total)
 
@@ -276,17 +259,13 @@ def _score_region2text(records, cfg, result) -> None:
         ok = overlap["recall"] >= vqa_m.OPEN_ACCURACY_RECALL
         result.rows.append(_row(rec, lang, {"bleu1": b1, "token_f1": overlap["f1"], "recall": overlap["recall"],
                                             "correct": ok}))
-    scores = [row["scores"] for row in result.rows]  # the corpus metrics are the means of the per-sample ones
     for name, key in (("bleu1", "bleu1"), ("token_f1", "token_f1"), ("recall", "recall"), ("accuracy", "correct")):
-        result.metrics[name] = mean_or_none([float(s[key]) for s in scores])
+        result.metrics[name] = mean_or_none([float(row["scores"][key]) for row in result.rows])
 
 
 def _region_part(records, cfg, result) -> list[tuple[int, dict]]:
     """Box metrics of text2region / grounded_report; appends rows (or extends rows already made)."""
-    preds, refs, samples = [], [], []
-    parse_errors = 0
-    error_examples: list[str] = []
-    kept_rows = []
+    preds, refs, samples, kept_rows, errors = [], [], [], [], []
     for k, rec in enumerate(records):
         lang = record_lang(rec, cfg)
         ref = reg_m.parse_for_scoring(rec.reference, rec.hw)
@@ -295,17 +274,13 @@ def _region_part(records, cfg, result) -> list[tuple[int, dict]]:
             result.problems.append(problem_at(rec.source, "bad-reference-boxes", reason))
             continue
         pred = reg_m.parse_for_scoring(rec.prediction, rec.hw)
-        parse_errors += len(pred.errors)
-        for err in pred.errors:
-            if len(error_examples) < 20:
-                error_examples.append(f"{rec.source}: id {rec.id}: prediction box ignored: {err}")
+        errors += [f"{rec.source}: id {rec.id}: prediction box ignored: {err}" for err in pred.errors]
         unparsable = not pred.boxes
         sample = reg_m.score_region_sample(pred.boxes, ref.boxes, unparsable)
         samples.append(sample)
         preds.append(pred.boxes)
         refs.append(ref.boxes)
-        scores: dict[str, Any] = sample.metrics()
-        row = _row(rec, lang, scores,
+        row = _row(rec, lang, sample.metrics(),
                    pred_boxes=[{"name": b.name, "box": list(b.grid)} for b in pred.boxes],
                    ref_boxes=[{"name": b.name, "box": list(b.grid)} for b in ref.boxes],
                    matches=[{"pred": i, "ref": j, "iou": iou} for i, j, iou in sample.pairs],
@@ -320,12 +295,12 @@ def _region_part(records, cfg, result) -> list[tuple[int, dict]]:
         result.metrics.update({k: agg.get(k) for k in top})
     result.metrics["map50"] = reg_m.coco_map50(preds, refs) if refs else None
     # share of predictions with at least one parseable box (free-form Text-to-Region prompts must give a box)
-    result.metrics["box_rate"] = mean_or_none([not s.unparsable for s in samples]) if samples else None
+    result.metrics["box_rate"] = mean_or_none([not s.unparsable for s in samples])
     result.details.update({k: v for k, v in agg.items() if k not in top})
-    result.counts["unparsable_predictions"] = int(agg.get("unparsable", 0)) if agg else 0
-    result.counts["malformed_pred_boxes"] = parse_errors
-    if error_examples:
-        result.details["malformed_pred_box_examples"] = error_examples
+    result.counts["unparsable_predictions"] = agg.get("unparsable", 0)
+    result.counts["malformed_pred_boxes"] = len(errors)
+    if errors:
+        result.details["malformed_pred_box_examples"] = errors[:20]
     return kept_rows
 
 
@@ -365,10 +340,6 @@ def _compat_text2region(records, cfg, result, rows: dict[int, dict]) -> None:
             result.unavailable[top] = why[name]
     for name, reason in why.items():
         result.unavailable.setdefault(f"medrega.{name}", reason)
-
-
-def _score_text2region(records, cfg, result) -> None:
-    result.rows.extend(row for _, row in _region_part(records, cfg, result))
 
 
 def _texts(records: Sequence[PredictionRecord], grounded: bool) -> tuple[list[str], list[str]]:
@@ -436,7 +407,7 @@ def _bertscore(records, cfg, result) -> None:
 
 _SCORERS = {"vqa": _score_vqa, "report": _score_report, "grounded_report": partial(_score_report, grounded=True),
             "classification": _score_classification, "region2text": _score_region2text,
-            "text2region": _score_text2region}
+            "text2region": lambda recs, cfg, result: result.rows.extend(r for _, r in _region_part(recs, cfg, result))}
 
 
 def score_records(records: Sequence[PredictionRecord], cfg: ScoreConfig,
@@ -454,8 +425,7 @@ def score_records(records: Sequence[PredictionRecord], cfg: ScoreConfig,
     _language_match(records, result)
     result.counts["records"] = len(records)
     result.counts["scored"] = len(result.rows)
-    langs = sorted({row["lang"] for row in result.rows})
-    result.details["languages"] = langs
+    result.details["languages"] = sorted({row["lang"] for row in result.rows})
     return result
 
 
