@@ -1,15 +1,9 @@
 """Classification / diagnosis metrics: free-text answer -> option mapping, accuracy, macro-F1, multi-label F1.
 
-Default mapping of one answer (part) to the option list (docs/evaluation.md):
-1. exact match after normalization (NFKC, lower-case, punctuation -> space);
-2. otherwise the longest option whose normalized name occurs in the answer as a whole phrase;
-3. otherwise the option with the highest token-set F1 against the answer (first option wins ties);
-4. no shared token at all -> *unmapped*: counted wrong and reported, never silently assigned.
-Multi-label answers are split on , ; and their full-width forms (the original splits on ",").
-
-`compat="medrega"` reproduces `src/eval/cls`: lower-cased parts mapped by argmax of torchmetrics-style BLEU-1 against
-the lower-cased options (the first option wins ties, even when every score is 0), the reference looked up exactly
-(case-sensitive), and sklearn's macro-F1 over every label column / every label seen.
+Default mapping of one answer (part): exact normalized match, else the longest option named in the answer, else the
+best token-F1 option; no shared token -> *unmapped* (wrong, reported, never guessed). `compat="medrega"` reproduces
+`src/eval/cls`: argmax of BLEU-1 against the lower-cased options (the first wins ties, even all-zero ones), exact
+reference lookup, sklearn's macro-F1. docs/evaluation.md has both in full.
 """
 from __future__ import annotations
 
