@@ -1,44 +1,27 @@
 """Benchmark registry: the paper's test splits, MedReg-mini and user splits, as YAML data files.
 
-Each `*.yaml` in this folder (and each `--benchmark-file`) has a top-level `benchmarks:` mapping of
-name -> entry with these keys:
-
-    task        vqa | report | classification | region2text | text2region | grounded_report   (required)
-    annotation  MedRegInstruct JSON lines, relative to the data root                          (required)
-    image_root  folder the records' `image` paths are relative to (default: the data root)
-    lang        en | zh | auto (per record: `lang` field or CJK detection)                     (default auto)
-    subtype     ss | sm | ms | mm (Text-to-Region / grounded region scoring)
-    prompt      null (records carry their prompts), a literal string, or {task: <prompt task>, modality, target}
-                rendered by internvl.data.prompts.render_base_prompt; prepended unless the question starts with it
-    options     classification options: a list, {en: [...], zh: [...]}, or from_references
-    multilabel  classification with several labels per image (default false)
-    metrics     the metrics this split reports (informational; report metrics also limit what is computed)
-    size        the expected number of test records (a different count is reported, not an error)
-    download    what to download and where to put it (shown when the files are missing)
-    roots       data roots to try, relative to the data dir, or "@repo/...", "@cwd/..." (default: the data dir)
-
-The data dir is --data-dir or $MEDREGA_DATA.
+Each `*.yaml` in this folder (and each `--benchmark-file`) has a top-level `benchmarks:` mapping of name -> entry;
+docs/evaluation.md ("Benchmarks") documents every key. The data dir is --data-dir or $MEDREGA_DATA.
 """
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from internvl.data.prompts import render_base_prompt
 from internvl.data.records import RecordChecker, RecordProblem, image_paths, read_jsonl, resolve_image
 from medrega_eval.metrics.text import has_cjk
-from medrega_eval.score import SUBTYPES, TASKS
+from medrega_eval.score import REPORT_METRICS, SUBTYPES, TASKS, ScoreConfig
 
 __all__ = ["Benchmark", "BenchmarkError", "MissingData", "Sample", "load_registry", "data_dir_from", "load_samples",
            "reference_labels"]
 
 HERE = Path(__file__).resolve().parent
-KEYS = {"task", "annotation", "image_root", "lang", "subtype", "prompt", "options", "multilabel", "metrics", "size",
-        "download", "roots", "description"}
 
 
 class BenchmarkError(ValueError):
@@ -96,36 +79,33 @@ class Benchmark:
         raise MissingData(f"benchmark {self.name}: annotation not found (looked for {where}). "
                           f"What to get: {self.download or 'see ' + self.file}")
 
-    def options_for(self, lang: str) -> list[str] | None:
-        """The option list for `lang` (None for from_references / no options)."""
-        if isinstance(self.options, dict):
-            return self.options.get(lang)
-        if isinstance(self.options, list):
-            return self.options
-        return None
-
     def render_prompt(self, lang: str) -> str | None:
         """The task prompt to prepend for a record in `lang` (None when the records carry their own)."""
-        if self.prompt is None:
-            return None
-        if isinstance(self.prompt, str):
+        if self.prompt is None or isinstance(self.prompt, str):
             return self.prompt
-        from internvl.data.prompts import render_base_prompt
-
         spec = dict(self.prompt)
         task = spec.pop("task")
         if self.task == "classification":
-            spec.setdefault("options", self.options_for(lang))
+            options = self.options.get(lang) if isinstance(self.options, dict) else self.options
+            spec.setdefault("options", options if isinstance(options, list) else None)  # not from_references
         return render_base_prompt(task, lang, **spec)
+
+    def score_config(self, **fields: Any) -> ScoreConfig:
+        """How this split is scored: its task, language, subtype, options, multilabel flag and the report metrics it
+        lists (`options` may still be "from_references"); `fields` (compat, BERTScore) are passed on."""
+        metrics = [m for m in self.metrics if m in REPORT_METRICS] if self.task in ("report", "grounded_report") else []
+        return ScoreConfig(task=self.task, lang=None if self.lang == "auto" else self.lang, subtype=self.subtype,
+                           options=self.options, multilabel=self.multilabel, metrics=metrics or None, **fields)
 
 
 def _check_entry(name: str, entry: Any, file: str) -> Benchmark:
     where = f"{file}: benchmark {name!r}"
     if not isinstance(entry, dict):
         raise BenchmarkError(f"{where}: expected a mapping, got {type(entry).__name__}")
-    unknown = sorted(set(entry) - KEYS)
+    keys = {f.name for f in fields(Benchmark)} - {"name", "file"}
+    unknown = sorted(set(entry) - keys)
     if unknown:
-        raise BenchmarkError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(KEYS)}")
+        raise BenchmarkError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(keys)}")
     for key in ("task", "annotation"):
         if not entry.get(key):
             raise BenchmarkError(f"{where}: missing required key {key!r}")
