@@ -84,19 +84,10 @@ def record_lang(rec: PredictionRecord, cfg: ScoreConfig) -> str:
 
 
 def _row(rec: PredictionRecord, lang: str, scores: dict[str, Any], **extra: Any) -> dict:
-    row = {"id": rec.id, "source": rec.source, "lang": lang, "prediction": rec.prediction,
-           "reference": rec.reference, "scores": scores}
-    if rec.question is not None:
-        row["question"] = rec.question
-    if rec.image is not None:
-        row["image"] = rec.image
-        if rec.image_root:
-            row["image_root"] = rec.image_root
-    if rec.hw is not None:
-        row["hw"] = rec.hw
-    row.update({k: rec.extra[k] for k in ("cot_regions", "cot_step_one") if k in rec.extra})  # Regional CoT
-    row.update(extra)
-    return row
+    optional = {"question": rec.question, "image": rec.image, "image_root": rec.image and rec.image_root or None,
+                "hw": rec.hw, **{k: rec.extra.get(k) for k in ("cot_regions", "cot_step_one")}}  # Regional CoT
+    return {"id": rec.id, "source": rec.source, "lang": lang, "prediction": rec.prediction, "reference": rec.reference,
+            "scores": scores, **{k: v for k, v in optional.items() if v is not None}, **extra}
 
 
 # ---------------------------------------------------------------------------------------------------- reports
@@ -146,11 +137,9 @@ def _original_ds_name(source: str) -> str:
 
 
 def compat_vqa_lang(records: Sequence[PredictionRecord], cfg: ScoreConfig) -> str:
-    """One language for a whole compat VQA split, as the original picks its scorer per answer file.
-
-    --lang (or every record's own `lang`, when they agree) wins; else the original's rule: "zh" in the dataset name
-    of the file name -> zh. A file the rule calls English but whose references contain CJK is refused (it would run
-    the English rules on a Chinese split): pass --lang."""
+    """One language for a whole compat VQA split: --lang, or every record's own `lang` when they agree, else the
+    original's rule ("zh" in the file name's dataset part); a split that rule calls English but whose references
+    contain CJK is refused (ScoreInputError: pass --lang)."""
     if cfg.lang in ("en", "zh"):
         return cfg.lang
     langs = {r.lang for r in records}
@@ -196,9 +185,8 @@ def _score_vqa(records, cfg, result) -> None:
 
 
 def _language_match(records: Sequence[PredictionRecord], result: ScoreResult) -> None:
-    """lang_match: share of answers written in the question's language (text_m.text_language, the CJK-share rule),
-    over records with a question whose reference is in the question's language (a Chinese question whose reference
-    is "CT" says nothing about the answer's language and is left out)."""
+    """lang_match: share of answers in the question's language (CJK-share rule), over records whose reference is in
+    the question's language (a Chinese question answered "CT" says nothing about the answer's language)."""
     hits: dict[str, list[bool]] = {"en": [], "zh": []}
     for rec in records:
         q = text_m.text_language(rec.question) if rec.question else None
@@ -305,8 +293,8 @@ def _region_part(records, cfg, result) -> list[tuple[int, dict]]:
 
 
 def _compat_text2region(records, cfg, result, rows: dict[int, dict]) -> None:
-    """The original regt2r scorer on *every* record (it never skips one): its names in details.medrega (ss: the
-    4-decimal strings it prints), the summary names at the top level, None + `unavailable` where it raises."""
+    """The original regt2r scorer on *every* record: its names in details.medrega (ss: its printed 4-decimal
+    strings), the summary names at the top level, None + `unavailable` where it raises."""
     values, unreadable = [], 0
     try:
         for k, rec in enumerate(records):
