@@ -147,7 +147,7 @@ def read_predictions(path: str | Path, *, keep_duplicates: bool = False, seen: d
     if not found:
         raise FileNotFoundError(f"{file}: prediction file not found")
     problems: list[RecordProblem] = []
-    decoded: list[tuple[int, Any]] = []
+    decoded: list[tuple[int, Any]] = []  # (line, item)
     head = path.read_bytes()[:4096].decode("utf-8", errors="replace").lstrip("\ufeff \t\r\n")
     if head.startswith("["):
         text = path.read_text(encoding="utf-8-sig")
@@ -159,11 +159,10 @@ def read_predictions(path: str | Path, *, keep_duplicates: bool = False, seen: d
                                           f"{exc.msg}; items after this are not read"))
     else:
         for line, item in read_jsonl(path):
-            if isinstance(item, RecordProblem):
-                if item.reason != "blank-line":
-                    problems.append(item)
-                continue
-            decoded.append((line, item))
+            if not isinstance(item, RecordProblem):
+                decoded.append((line, item))
+            elif item.reason != "blank-line":
+                problems.append(item)
     records: list[PredictionRecord] = []
     seen = {} if seen is None else seen
     idless_on_line: dict[int, int] = {}

@@ -118,12 +118,6 @@ def draw_boxes(image: Image.Image, ref: Sequence[Sequence[int]], pred: Sequence[
     return img
 
 
-def _png_data_uri(img: Image.Image) -> str:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
 def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return "nan" if math.isnan(v) else f"{v:.4f}"
@@ -190,9 +184,10 @@ def _figure(row: dict, image_root: str | Path | None, caption: str, ref: Sequenc
     except (ImageLoadError, OSError, ValueError) as exc:
         return (f"<figure><figcaption>{caption}<br><i>image not shown: {html.escape(str(exc))}</i>"
                 "</figcaption></figure>")
-    drawn = draw_boxes(img, ref, pred, cot=cot)
-    return (f'<figure><img src="{_png_data_uri(drawn)}" alt="{html.escape(str(row["id"]))}">'
-            f"<figcaption>{caption}</figcaption></figure>")
+    png = io.BytesIO()
+    draw_boxes(img, ref, pred, cot=cot).save(png, format="PNG")
+    return (f'<figure><img src="data:image/png;base64,{base64.b64encode(png.getvalue()).decode()}" '
+            f'alt="{html.escape(str(row["id"]))}"><figcaption>{caption}</figcaption></figure>')
 
 
 def _cot_boxes(row: dict) -> list[list[int]]:

@@ -58,10 +58,8 @@ class RunConfig:
 
 def _repair_tail(path: Path) -> int:
     """Cut a half-written last line (no trailing newline) off `path`; return the bytes removed."""
-    if not path.is_file() or path.stat().st_size == 0:
-        return 0
-    data = path.read_bytes()
-    if data.endswith(b"\n"):
+    data = path.read_bytes() if path.is_file() else b""
+    if not data or data.endswith(b"\n"):
         return 0
     cut = data.rfind(b"\n") + 1
     with path.open("r+b") as fh:
@@ -86,9 +84,8 @@ def run_settings(model_path: str, dtype: str, quantization: str | None, generati
 
 
 def check_resume(bench_dir: Path, settings: dict[str, Any], overwrite: bool) -> bool:
-    """Refuse (`ResumeMismatchError`) to add predictions to `bench_dir` that were made with other settings, unless
-    `overwrite`; return whether the old outputs must be moved aside (:func:`start_benchmark_dir`; with `overwrite`:
-    whenever there are any). Read-only, so every rank can call it and fail alike before any model is loaded."""
+    """Refuse (`ResumeMismatchError`) to add to predictions made with other settings unless `overwrite`; return
+    whether old outputs must be moved aside. Read-only: every rank calls it before any model is loaded."""
     check_output_dir(bench_dir, must_be_empty=False, what="benchmark output directory")
     recorded_path = bench_dir / SETTINGS_FILE
     has_predictions = any((bench_dir / "predictions").glob("rank*.jsonl"))

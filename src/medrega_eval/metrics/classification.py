@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 
 from medrega_eval.metrics.text import sentence_bleu1, token_set_scores
 
-__all__ = ["UnknownLabel", "normalize_label", "split_answer", "map_to_option", "map_answer", "reference_labels",
+__all__ = ["UnknownLabel", "normalize_label", "map_to_option", "map_answer", "reference_labels",
            "classification_metrics"]
 
 _SPLIT = re.compile(r"[,;，；、\n]")
@@ -28,13 +28,6 @@ def normalize_label(text: str) -> str:
     """NFKC, lower-case, punctuation to spaces, single spaces."""
     text = unicodedata.normalize("NFKC", text).lower()
     return " ".join(re.sub(r"[^\w\s]", " ", text).split())
-
-
-def split_answer(text: str, multilabel: bool) -> list[str]:
-    """The answer parts to map: the whole answer for single-label tasks, comma/semicolon parts for multi-label."""
-    if not multilabel:
-        return [text]
-    return [p for p in (s.strip() for s in _SPLIT.split(text)) if p]
 
 
 def map_to_option(answer: str, options: Sequence[str], compat: str | None = None) -> str | None:
@@ -71,8 +64,8 @@ def map_answer(answer: str, options: Sequence[str], multilabel: bool, compat: st
         # the original: strip trailing ASCII punctuation, ", " -> ",", lower, split on ","; single-label keeps part 1
         parts = answer.rstrip(string.punctuation).replace(", ", ",").lower().split(",")
         parts = parts if multilabel else parts[:1]
-    else:
-        parts = split_answer(answer, multilabel)
+    else:  # multi-label: the comma/semicolon parts (full-width too)
+        parts = [p.strip() for p in _SPLIT.split(answer) if p.strip()] if multilabel else [answer]
     for part in parts:
         label = map_to_option(part, options, compat)
         if label is None:
