@@ -1,5 +1,5 @@
 """Region metrics: Text-to-Region detection (IoU, Acc@t, Hungarian region/object/alignment P/R/F1, COCO mAP@0.5)
-and the box part of grounded reports; each metric's definition is in docs/evaluation.md ("Region metrics").
+and the box part of grounded reports; each metric's definition is in docs/evaluation.md ("Metrics (default)").
 
 Boxes are parsed only by `internvl.regions`, matched one-to-one by scipy's Hungarian solver on IoU (torchvision's
 formula, pixel boxes). Precision/recall use the conventional naming (the original and the paper swap them).

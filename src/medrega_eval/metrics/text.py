@@ -1,4 +1,4 @@
-"""Tokenizers and text-overlap metrics shared by every task (conventions: docs/evaluation.md, "Metrics").
+"""Tokenizers and text-overlap metrics shared by every task (conventions: docs/evaluation.md, "Metrics (default)").
 
 English tokens follow pycocoevalcap's Java `PTBTokenizer` in pure Python, Chinese ones are jieba segments; BLEU,
 CIDEr-D, ROUGE-L and METEOR 1.5 (needs `java`) are pycocoevalcap's own scorers fed with those tokens.
