@@ -106,10 +106,7 @@ def iou_f32(a: np.ndarray, b: np.ndarray) -> float:
 
 def _hungarian(pred: np.ndarray, ref: np.ndarray, threshold: float):
     """(matches, all pairs, all pair IoUs) as the original: linear_sum_assignment on 1 - IoU (float64 of float32)."""
-    iou = np.zeros((len(pred), len(ref)))
-    for i in range(len(pred)):
-        for j in range(len(ref)):
-            iou[i, j] = iou_f32(pred[i], ref[j])
+    iou = np.array([[iou_f32(p, r) for r in ref] for p in pred], dtype=np.float64).reshape(len(pred), len(ref))
     if np.isnan(iou).any():
         raise OriginalCrash("an IoU is 0/0 (two empty boxes); the original's linear_sum_assignment raises")
     rows, cols = linear_sum_assignment(1 - iou)
@@ -138,11 +135,8 @@ def _ss(pred: OriginalBoxes, ref: OriginalBoxes) -> dict[str, float]:
         if n_ref == 0:
             raise OriginalCrash("the reference has no <ref>..</ref><box>..</box> the original can find "
                                 "(it indexes the first reference box)")
-        if n_pred > n_ref:
-            for p in pred.boxes:
-                cur = iou_f32(p, ref.boxes[0])
-                if cur > max_iou:
-                    max_iou = cur
+        if n_pred > n_ref:  # the best IoU with the first reference box (a NaN never wins, as the original's `>`)
+            max_iou = max([0, *(iou_f32(p, ref.boxes[0]) for p in pred.boxes)])
         else:
             max_iou = iou_f32(pred.boxes[0], ref.boxes[0])
     return {"iou": max_iou}
