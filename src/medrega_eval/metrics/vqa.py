@@ -47,8 +47,7 @@ def normalize_en(text: str) -> str:
     (unlike the original cleanStr, "yes." and "yes" are the same answer)."""
     text = unicodedata.normalize("NFKC", text).lower().replace("-", " ")
     text = re.sub(r"[^\w\s%]", " ", text)
-    words = [_MEDREGA_CONTRACTIONS.get(w, w) for w in text.split()]
-    return " ".join(" ".join(words).split())
+    return " ".join(_MEDREGA_CONTRACTIONS.get(w, w) for w in text.split())
 
 
 def medrega_clean_en(text: str) -> str:
@@ -102,15 +101,12 @@ def score_vqa_sample(prediction: str, reference: str, lang: str, answer_type: st
                 recall_c = len(set(pred) & ref_set) / len(ref_set) if ref_set else 0.0
                 return VQASample(True, recall_c >= 0.4, recall, f1, bleu1, exact)
             return VQASample(False, recall >= OPEN_ACCURACY_RECALL, recall, f1, bleu1, exact)
-        bleu1 = sentence_bleu1(pred, [ref]) if ref else 0.0
         # the original decides "closed" on the cleaned reference *string*: "No " stays "no " and is open
         closed = medrega_clean_en(reference) in ("yes", "no")
-        correct = recall >= (CLOSED_RECALL if closed else OPEN_ACCURACY_RECALL)
-        return VQASample(closed, correct, recall, f1, bleu1, exact)
-    bleu1 = sentence_bleu1(pred, [ref]) if ref else 0.0
-    closed = _is_closed(ref, lang, answer_type)
+    else:
+        f1, closed = overlap["f1"], _is_closed(ref, lang, answer_type)
     correct = recall >= (CLOSED_RECALL if closed else OPEN_ACCURACY_RECALL)
-    return VQASample(closed, correct, recall, overlap["f1"], bleu1, exact)
+    return VQASample(closed, correct, recall, f1, sentence_bleu1(pred, [ref]), exact)
 
 
 def _medrega_f1(pred: set[str], ref: set[str]) -> float:
