@@ -77,20 +77,17 @@ def map_answer(answer: str, options: Sequence[str], multilabel: bool, compat: st
 
 def reference_labels(reference: str, options: Sequence[str], multilabel: bool, compat: str | None = None) -> list[str]:
     """Reference labels; every one must be an option (exact in compat mode, normalized otherwise)."""
-    if compat == "medrega":
+    if compat == "medrega":  # looked up exactly, case-sensitive, as the original
         gt = reference.rstrip(string.punctuation).replace(", ", ",")
-        parts = gt.split(",") if multilabel else [gt]
+        parts, key = (gt.split(",") if multilabel else [gt]), str
     else:
-        parts = [p.strip() for p in reference.split(",")] if multilabel else [reference.strip()]
+        parts, key = [p.strip() for p in (reference.split(",") if multilabel else [reference])], normalize_label
+    lookup = {key(o): o for o in options}
     out: list[str] = []
-    lookup = {normalize_label(o): o for o in options}
     for part in parts:
         if not part:
             continue
-        if compat == "medrega":
-            label = part if part in options else None  # exact, case-sensitive, as the original
-        else:
-            label = lookup.get(normalize_label(part))
+        label = lookup.get(key(part))
         if label is None:
             raise UnknownLabel(f"reference label {part!r} is not one of the options {list(options)!r}")
         if label not in out:
