@@ -19,7 +19,7 @@ from medrega_eval.metrics.text import MetricUnavailable
 __all__ = ["bertscore"]
 
 
-def _load(model_dir: str | Path, device: str):
+def _load(model_dir: str | Path):
     path = Path(model_dir)
     if not path.is_dir() or not (path / "config.json").is_file():
         raise MetricUnavailable(f"BERTScore needs a local model directory with config.json; {path} is not one "
@@ -29,7 +29,7 @@ def _load(model_dir: str | Path, device: str):
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         # safetensors only: a pickled pytorch_model.bin is never unpickled
-        model = AutoModel.from_pretrained(str(path), local_files_only=True, use_safetensors=True).to(device).eval()
+        model = AutoModel.from_pretrained(str(path), local_files_only=True, use_safetensors=True).eval()
     except (OSError, ValueError) as exc:
         raise MetricUnavailable(f"BERTScore: cannot load {path}: {exc}") from exc
     return tokenizer, model
@@ -40,7 +40,6 @@ ORIGINAL_LAYERS = {"en": 40, "zh": 9}  # microsoft/deberta-xlarge-mnli, bert-bas
 
 
 def bertscore(candidates: Sequence[str], references: Sequence[str], model_dir: str | Path, *, layer: int | None = None,
-              idf: bool = True, batch_size: int = 16, device: str = "cpu",
               original: bool = False) -> tuple[float, list[float]]:
     """(mean F1, per-sample F1) of candidates vs. single references with the model in `model_dir`.
 
@@ -54,7 +53,7 @@ def bertscore(candidates: Sequence[str], references: Sequence[str], model_dir: s
         raise ValueError(f"{len(candidates)} candidates but {len(references)} references")
     if not candidates:
         return 0.0, []
-    tokenizer, model = _load(model_dir, device)
+    tokenizer, model = _load(model_dir)
     n_layers = getattr(model.config, "num_hidden_layers", None)
     if layer is not None and n_layers is not None and not 0 <= layer <= n_layers:
         raise MetricUnavailable(f"BERTScore: layer {layer} asked, but {model_dir} has {n_layers} layers "
@@ -63,7 +62,7 @@ def bertscore(candidates: Sequence[str], references: Sequence[str], model_dir: s
 
     def encode(texts: Sequence[str]) -> list[tuple[list[int], np.ndarray]]:
         ids = [tokenizer.encode(t.strip() if original else t, truncation=True, max_length=max_length) for t in texts]
-        pairs = list(zip(ids, _embed(ids, tokenizer, model, layer, batch_size, device)))
+        pairs = list(zip(ids, _embed(ids, tokenizer, model, layer)))
         if original:
             return pairs
         special = set(tokenizer.all_special_ids)
@@ -71,7 +70,7 @@ def bertscore(candidates: Sequence[str], references: Sequence[str], model_dir: s
         return [([x[j] for j in k], vecs[k]) for (x, vecs), k in zip(pairs, keep)]
 
     cands, refs = encode(candidates), encode(references)
-    weight = _idf([ids for ids, _ in (cands if original else refs)]) if idf else (lambda ids: np.ones(len(ids)))
+    weight = _idf([ids for ids, _ in (cands if original else refs)])
     scores = []
     for (c_ids, c_vec), (r_ids, r_vec) in zip(cands, refs):
         wc, wr = weight(c_ids), weight(r_ids)
@@ -86,18 +85,18 @@ def bertscore(candidates: Sequence[str], references: Sequence[str], model_dir: s
     return float(np.mean(scores)), scores
 
 
-def _embed(ids: list[list[int]], tokenizer, model, layer: int | None, batch_size: int, device: str) -> list[np.ndarray]:
+def _embed(ids: list[list[int]], tokenizer, model, layer: int | None, batch_size: int = 16) -> list[np.ndarray]:
     """L2-normalized hidden states of `layer` (default: the last) for each token id list, right-padded in batches."""
     out = []
     pad = tokenizer.pad_token_id or 0
     for start in range(0, len(ids), batch_size):
         chunk = ids[start:start + batch_size]
         width = max(len(x) for x in chunk)
-        inp = torch.tensor([x + [pad] * (width - len(x)) for x in chunk], device=device)
-        mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in chunk], device=device)
+        inp = torch.tensor([x + [pad] * (width - len(x)) for x in chunk])
+        mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in chunk])
         with torch.no_grad():
             hidden = model(input_ids=inp, attention_mask=mask, output_hidden_states=True).hidden_states
-        states = hidden[-1 if layer is None else layer].float().cpu().numpy()
+        states = hidden[-1 if layer is None else layer].float().numpy()
         for i, x in enumerate(chunk):
             vecs = states[i, :len(x)]
             out.append(vecs / np.clip(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12, None))

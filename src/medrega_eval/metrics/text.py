@@ -146,12 +146,8 @@ def text_language(text: str) -> str | None:
 
 
 def tokenize(text: str, lang: str) -> list[str]:
-    """Dispatch on `lang` ('en' or 'zh'); raise ValueError for anything else."""
-    if lang == "en":
-        return tokenize_en(text)
-    if lang == "zh":
-        return tokenize_zh(text)
-    raise ValueError(f"unknown language {lang!r}; expected 'en' or 'zh'")
+    """The tokens of `text` in `lang` ('en' or 'zh', checked where the language is read)."""
+    return {"en": tokenize_en, "zh": tokenize_zh}[lang](text)
 
 
 # ---------------------------------------------------------------------------------------- pycocoevalcap scorers
