@@ -240,13 +240,11 @@ def _score_region2text(records, cfg, result) -> None:
             clean = text_m.BOX_TEXT_RE.sub(" ", rec.prediction).replace("<ref>", "").replace("</ref>", "")
             pred = text_m.tokenize(clean, lang)
             ref = text_m.tokenize(rec.reference.replace("<ref>", "").replace("</ref>", ""), lang)
-        overlap = text_m.token_set_scores(pred, ref)
+        recall, f1 = (text_m.token_set_scores(pred, ref)[k] for k in ("recall", "f1"))
         if cfg.compat == "medrega":
-            overlap["f1"] = vqa_m._medrega_f1(set(pred), set(ref))
-        b1 = text_m.sentence_bleu1(pred, [ref])
-        ok = overlap["recall"] >= vqa_m.OPEN_ACCURACY_RECALL
-        result.rows.append(_row(rec, lang, {"bleu1": b1, "token_f1": overlap["f1"], "recall": overlap["recall"],
-                                            "correct": ok}))
+            f1 = vqa_m._medrega_f1(set(pred), set(ref))
+        result.rows.append(_row(rec, lang, {"bleu1": text_m.sentence_bleu1(pred, [ref]), "token_f1": f1,
+                                            "recall": recall, "correct": recall >= vqa_m.OPEN_ACCURACY_RECALL}))
     for name, key in (("bleu1", "bleu1"), ("token_f1", "token_f1"), ("recall", "recall"), ("accuracy", "correct")):
         result.metrics[name] = mean_or_none([float(row["scores"][key]) for row in result.rows])
 
