@@ -6,7 +6,6 @@ import base64
 import html
 import io
 import json
-import math
 import platform
 import shutil
 import subprocess
@@ -100,10 +99,7 @@ def iou_histogram_svg(values: Sequence[float], bins: int = 10, width: int = 420,
 def draw_boxes(image: Image.Image, ref: Sequence[Sequence[int]], pred: Sequence[Sequence[int]],
                max_side: int = 384, cot: Sequence[Sequence[int]] = ()) -> Image.Image:
     """RGB thumbnail (longest side `max_side`) with reference boxes in green, predicted boxes in red and Regional
-    CoT step-one boxes (`cot`) in blue.
-
-    Boxes are on the 0..999 grid and are mapped to the image's own size with `internvl.regions.box_to_pixels`.
-    """
+    CoT step-one boxes (`cot`) in blue; the 0..999 boxes are mapped with `internvl.regions.box_to_pixels`."""
     img = image.convert("RGB")
     w, h = img.size
     scale = max_side / max(w, h)
@@ -119,9 +115,7 @@ def draw_boxes(image: Image.Image, ref: Sequence[Sequence[int]], pred: Sequence[
 
 
 def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        return "nan" if math.isnan(v) else f"{v:.4f}"
-    return "-" if v is None else str(v)
+    return f"{v:.4f}" if isinstance(v, float) else "-" if v is None else str(v)
 
 
 def _metric_items(summary: dict, names: Sequence[str]) -> list[tuple[str, Any]]:
