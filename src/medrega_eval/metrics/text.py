@@ -111,10 +111,8 @@ def _get_jieba():
 
 
 def tokenize_zh(text: str) -> list[str]:
-    """Chinese tokens: jieba segments of NFKC-normalized, lower-cased text; whitespace and pure punctuation dropped.
-
-    Latin words and numbers inside Chinese text come out as jieba segments too ("ct", "72mm").
-    """
+    """Chinese tokens: jieba segments of NFKC-normalized, lower-cased text (Latin words too: "ct", "72mm");
+    whitespace and pure punctuation dropped."""
     text = unicodedata.normalize("NFKC", text).lower()
     return [seg for seg in (s.strip() for s in _get_jieba().cut(text)) if seg and not _ZH_PUNCT.match(seg)]
 
@@ -262,12 +260,9 @@ def sentence_bleu1(candidate: Sequence[str], references: Sequence[Sequence[str]]
 
 def hf_bleu(candidates: Sequence[Sequence[str]], references: Sequence[Sequence[Sequence[str]]], max_order: int = 4
             ) -> float:
-    """Corpus BLEU as Hugging Face `evaluate`'s 'bleu' computes it (tensorflow/nmt compute_bleu, no smoothing).
-
-    Used only by `--compat medrega`. Differences from pycocoevalcap: the brevity penalty uses the *shortest*
-    reference length summed over the corpus, and a zero n-gram precision makes the whole score 0 (no 1e-9 fudge).
-    Tokens should come from sacrebleu's 13a tokenizer to reproduce `evaluate` exactly.
-    """
+    """Corpus BLEU as Hugging Face `evaluate`'s 'bleu' computes it (tensorflow/nmt compute_bleu, no smoothing), for
+    `--compat medrega` on sacrebleu 13a tokens: unlike pycocoevalcap, the brevity penalty uses the *shortest*
+    reference lengths and a zero n-gram precision makes the score 0."""
     _check_lengths(candidates, references)
     matches = [0] * max_order
     possible = [0] * max_order
@@ -280,8 +275,7 @@ def hf_bleu(candidates: Sequence[Sequence[str]], references: Sequence[Sequence[S
             for order in range(1, max_order + 1):
                 merged |= _ngrams(r, order)
         for order in range(1, max_order + 1):
-            cand_ngrams = _ngrams(cand, order)
-            matches[order - 1] += sum(min(c, merged[g]) for g, c in cand_ngrams.items())
+            matches[order - 1] += sum((_ngrams(cand, order) & merged).values())  # clipped counts
             possible[order - 1] += max(len(cand) - order + 1, 0)
     precisions = [m / p if p > 0 else 0.0 for m, p in zip(matches, possible)]
     if min(precisions) <= 0 or cand_len == 0:
@@ -300,10 +294,8 @@ def tokenize_13a(text: str) -> list[str]:
 
 
 def token_set_scores(pred_tokens: Sequence[str], ref_tokens: Sequence[str]) -> dict[str, float]:
-    """Set-overlap precision, recall and F1 of two token lists (the MedRegA/MultiMedEval VQA convention).
-
-    Sets, not bags: repeated words count once. Empty reference -> recall 0 (and a warning is the caller's job).
-    """
+    """Set-overlap precision, recall and F1 of two token lists (the MedRegA/MultiMedEval VQA convention: repeated
+    words count once; an empty reference has recall 0)."""
     p, r = set(pred_tokens), set(ref_tokens)
     precision, recall, f1 = prf(len(p & r), len(p), len(r))
     return {"precision": precision, "recall": recall, "f1": f1}
