@@ -109,12 +109,9 @@ def _check_entry(name: str, entry: Any, file: str) -> Benchmark:
     for key in ("task", "annotation"):
         if not entry.get(key):
             raise BenchmarkError(f"{where}: missing required key {key!r}")
-    if entry["task"] not in TASKS:
-        raise BenchmarkError(f"{where}: task {entry['task']!r} is not one of {', '.join(TASKS)}")
-    if entry.get("lang", "auto") not in ("auto", "en", "zh"):
-        raise BenchmarkError(f"{where}: lang must be en, zh or auto")
-    if entry.get("subtype") not in (None, *SUBTYPES):
-        raise BenchmarkError(f"{where}: subtype must be one of {', '.join(SUBTYPES)}")
+    for key, allowed in (("task", TASKS), ("lang", ("auto", "en", "zh")), ("subtype", (None, *SUBTYPES))):
+        if key in entry and entry[key] not in allowed:
+            raise BenchmarkError(f"{where}: {key} {entry[key]!r} is not one of {', '.join(filter(None, allowed))}")
     options = entry.get("options")
     if entry["task"] == "classification":
         ok = (options == "from_references" or (isinstance(options, list) and options)
