@@ -159,29 +159,24 @@ def sample_values(pred: OriginalBoxes, ref: OriginalBoxes, subtype: str) -> dict
     if n_ref == 0:
         raise OriginalCrash("the reference has no <ref>..</ref><box>..</box> the original can find "
                             "(it divides by the number of reference boxes)")
-    if subtype == "ms":  # names keyed by region index, looked up with box indices; missing keys skipped
-        pn, tn = pred.region_names, ref.region_names
+    ms = subtype == "ms"
+    # ms: names keyed by region index, looked up with box indices, missing keys skipped; mm: names per box, and the
+    # [0, 0, 0, 0] failure box has none: the original raises a KeyError on it
+    pn, tn = (pred.region_names, ref.region_names) if ms else (pred.box_names, ref.box_names)
 
-        def agree(r: int, c: int) -> bool | None:
-            return _agree(pn[r], tn[c]) if len(pn) > r and len(tn) > c else None
-    else:  # mm: names per box; the [0,0,0,0] failure box has none and the original raises a KeyError on it
-        pn, tn = pred.box_names, ref.box_names
-
-        def agree(r: int, c: int) -> bool | None:
-            if r >= len(pn):
-                raise OriginalCrash("a matched predicted box has no name (the [0, 0, 0, 0] box of an unreadable "
-                                    "box list); the original raises KeyError")
+    def agree(r: int, c: int) -> bool | None:
+        if r < len(pn) and c < len(tn):
             return _agree(pn[r], tn[c])
+        if not ms:
+            raise OriginalCrash("a matched predicted box has no name (the [0, 0, 0, 0] box of an unreadable "
+                                "box list); the original raises KeyError")
+        return None
+
     correct_align = sum(bool(agree(r, c)) for r, c in matches)
-    align_all, ob_iou = 0, 0.0
-    for (r, c), iou in zip(pairs, ious):
-        ok = agree(r, c)
-        if ok is None:
-            continue
-        if ok:
-            align_all += 1
-        if ok or subtype == "ms":  # ms adds the IoU of every looked-up pair, mm only of agreeing ones
-            ob_iou += iou
+    looked_up = [(agree(r, c), iou) for (r, c), iou in zip(pairs, ious)]
+    align_all = sum(ok is True for ok, _ in looked_up)
+    # ms adds the IoU of every looked-up pair, mm only of agreeing ones
+    ob_iou = sum((iou for ok, iou in looked_up if ok or (ms and ok is not None)), 0.0)
     v.update(correct_align=correct_align, align_all=align_all, ob_iou=ob_iou,
              ob_pre=align_all / n_ref, ob_rec=_div(align_all, n_pred),
              al_gt=correct_align / n_ref, al_pred=_div(correct_align, n_pred),
