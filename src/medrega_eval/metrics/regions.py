@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
 from scipy.optimize import linear_sum_assignment
 
 from internvl.regions import box_iou, box_to_pixels, parse_regions
@@ -141,32 +143,25 @@ def aggregate_regions(samples: Sequence[RegionSample]) -> dict[str, float | int 
 
 
 def coco_map50(preds: Sequence[Sequence[NamedBox]], refs: Sequence[Sequence[NamedBox]]) -> float | None:
-    """COCO-style AP@0.5 averaged over object names (categories), via pycocotools' COCOeval.
-
-    Predictions have no confidence: the k-th box of a sample gets score 1/(k+1). Unnamed boxes fall into one
-    'unnamed' category. Categories without any reference box are ignored (COCO convention). None if no reference.
-    """
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
-
-    def key(name: str | None) -> str:
-        return name if name is not None else "<unnamed>"
-
-    categories: dict[str, int] = {}
+    """COCO-style AP@0.5 averaged over object names (categories), via pycocotools' COCOeval: the k-th box of a
+    sample scores 1/(k+1) (no confidences), unnamed boxes form one category, categories without a reference box are
+    ignored (COCO convention). None if there is no reference."""
+    categories: dict[str, int] = {}  # names are None or non-empty
     for boxes in list(refs) + list(preds):
         for b in boxes:
-            categories.setdefault(key(b.name), len(categories) + 1)
+            categories.setdefault(b.name or "<unnamed>", len(categories) + 1)
+
+    def coco_box(b: NamedBox, image_id: int) -> dict:
+        x1, y1, x2, y2 = b.xyxy
+        return {"image_id": image_id, "category_id": categories[b.name or "<unnamed>"],
+                "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1)}
+
     images, annotations, detections = [], [], []
     for img_id, (p_boxes, r_boxes) in enumerate(zip(preds, refs), 1):
         images.append({"id": img_id})
-        for b in r_boxes:
-            x1, y1, x2, y2 = b.xyxy
-            annotations.append({"id": len(annotations) + 1, "image_id": img_id, "category_id": categories[key(b.name)],
-                                "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1), "iscrowd": 0})
-        for k, b in enumerate(p_boxes):
-            x1, y1, x2, y2 = b.xyxy
-            detections.append({"image_id": img_id, "category_id": categories[key(b.name)],
-                               "bbox": [x1, y1, x2 - x1, y2 - y1], "score": 1.0 / (k + 1)})
+        annotations += [{**coco_box(b, img_id), "id": len(annotations) + k + 1, "iscrowd": 0}
+                        for k, b in enumerate(r_boxes)]
+        detections += [{**coco_box(b, img_id), "score": 1.0 / (k + 1)} for k, b in enumerate(p_boxes)]
     if not annotations:
         return None
     if not detections:
@@ -185,7 +180,5 @@ def coco_map50(preds: Sequence[Sequence[NamedBox]], refs: Sequence[Sequence[Name
         ev.evaluate()
         ev.accumulate()
     precision = ev.eval["precision"][0, :, :, 0, 0]  # [recall thresholds, categories]
-    per_cat = [precision[:, k] for k in range(precision.shape[1]) if (precision[:, k] > -1).any()]
-    if not per_cat:
-        return 0.0
-    return float(np.mean([np.mean(np.clip(p, 0, None)) for p in per_cat]))
+    per_cat = [np.mean(np.clip(p, 0, None)) for p in precision.T if (p > -1).any()]  # categories with a reference
+    return float(np.mean(per_cat)) if per_cat else 0.0
