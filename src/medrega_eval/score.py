@@ -205,7 +205,6 @@ def _options_for(rec: PredictionRecord, lang: str, cfg: ScoreConfig) -> list[str
 
 
 def _score_classification(records, cfg, result) -> None:
-    y_true, y_pred, unmapped_total = [], [], 0
     all_options: dict[str, None] = {}  # every record's options, in first-seen order
     for rec in records:
         lang = record_lang(rec, cfg)
@@ -220,14 +219,13 @@ def _score_classification(records, cfg, result) -> None:
             result.problems.append(problem_at(rec.source, "unknown-label", str(exc)))
             continue
         labels, unmapped = cls_m.map_answer(rec.prediction, options, cfg.multilabel, cfg.compat)
-        unmapped_total += bool(unmapped)
         all_options.update(dict.fromkeys(options))
-        y_true.append(truth)
-        y_pred.append(labels)
         result.rows.append(_row(rec, lang, {"correct": set(truth) == set(labels)}, reference_labels=truth,
                                 predicted_labels=labels, unmapped=unmapped))
-    result.metrics.update(cls_m.classification_metrics(y_true, y_pred, list(all_options), cfg.multilabel, cfg.compat))
-    result.counts["unmapped_answers"] = int(unmapped_total)
+    truths, predicted = [r["reference_labels"] for r in result.rows], [r["predicted_labels"] for r in result.rows]
+    result.metrics.update(cls_m.classification_metrics(truths, predicted, list(all_options), cfg.multilabel,
+                                                       cfg.compat))
+    result.counts["unmapped_answers"] = sum(bool(r["unmapped"]) for r in result.rows)
 
 
 def _score_region2text(records, cfg, result) -> None:
