@@ -1,35 +1,38 @@
 """`medrega-eval` command line: `score` an existing prediction file, `run` a model on benchmarks, `list` benchmarks.
 
-    medrega-eval score --task vqa --pred answers.json --out results/slake [--lang zh] [--compat medrega]
-    medrega-eval score --task text2region --subtype mm --pred t2r.json --out results/t2r_mm
-    medrega-eval run --model /models/medrega --benchmark slake_en,vqarad --out results/ --data-dir /data
-    torchrun --nproc-per-node 8 -m medrega_eval run --model /models/medrega --benchmark pathvqa --out results/
-    medrega-eval list [--data-dir /data]
-
-Exit status: 0 done; 2 bad arguments or bad input (missing files or data, unreadable benchmark file, a model or
-tokenizer directory that cannot be loaded, an --out that would mix runs): one line on stderr, no traceback.
+Usage examples: docs/evaluation.md. Exit status: 0 done; 2 bad arguments or bad input (missing files or data,
+unreadable benchmark file, a model that cannot be loaded, an --out that would mix runs): one line on stderr.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import sys
 from pathlib import Path
 
 from internvl.cli_support import UsageError, add_generation_arguments, positive_int, run_cli
+from internvl.io_safety import check_output_dir
 from internvl.offline import enforce_offline
+from medrega_eval.benchmarks import Benchmark, MissingData, data_dir_from, load_registry, reference_labels
+from medrega_eval.io import ScoreInputError, read_predictions
+from medrega_eval.report import OUTPUT_FILES, protocol_info, write_outputs
+from medrega_eval.score import SUBTYPES, TASKS, TOP_METRICS, ScoreConfig, score_records, summarize
 
 __all__ = ["main", "build_parser"]
 
 
-def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", required=True, type=Path, help="output directory (created)")
-    p.add_argument("--compat", choices=["medrega"], default=None,
-                   help="reproduce the original MedRegA scorers (see docs/evaluation.md)")
+def _add_common(p: argparse.ArgumentParser, outputs: bool = True) -> None:
+    """The registry options of every subcommand; with `outputs`, the --out, --compat and BERTScore ones."""
     p.add_argument("--benchmark-file", action="append", default=[], type=Path, metavar="YAML",
                    help="register more benchmarks (same format as the shipped registry); repeatable")
     p.add_argument("--data-dir", type=Path, default=None, help="root of the benchmark data (default $MEDREGA_DATA)")
+    if not outputs:
+        return
+    p.add_argument("--out", required=True, type=Path, help="output directory (created)")
+    p.add_argument("--compat", choices=["medrega"], default=None,
+                   help="reproduce the original MedRegA scorers (see docs/evaluation.md)")
     p.add_argument("--bertscore-model", default=None, metavar="DIR",
                    help="local model directory for BERTScore (e.g. a saved deberta-xlarge-mnli); never downloaded")
     p.add_argument("--bertscore-layer", type=int, default=None, metavar="N",
@@ -37,8 +40,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from medrega_eval.score import SUBTYPES, TASKS
-
+    """The `medrega-eval` parser: `score`, `run` and `list` subcommands."""
     parser = argparse.ArgumentParser(prog="medrega-eval", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -76,16 +78,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "question again with those boxes in the prompt; the step-one regions are kept per sample")
     _add_common(r)
 
-    ls = sub.add_parser("list", help="list registered benchmarks and whether their data is present")
-    ls.add_argument("--benchmark-file", action="append", default=[], type=Path, metavar="YAML")
-    ls.add_argument("--data-dir", type=Path, default=None)
+    _add_common(sub.add_parser("list", help="list registered benchmarks and whether their data is present"),
+                outputs=False)
     return parser
 
 
 def _read_options(args: argparse.Namespace) -> list[str] | None:
     if args.options_file:
-        lines = args.options_file.read_text(encoding="utf-8").splitlines()
-        return [line.strip() for line in lines if line.strip()]
+        return [line.strip() for line in args.options_file.read_text(encoding="utf-8").splitlines() if line.strip()]
     if args.options:
         return [o.strip() for o in args.options.split(",") if o.strip()]
     return None
@@ -93,42 +93,35 @@ def _read_options(args: argparse.Namespace) -> list[str] | None:
 
 def _pred_files(pred: Path) -> list[Path]:
     """`--pred`: one file, or several comma-separated (a file whose own name has a comma is taken as one)."""
-    if "," not in str(pred) or _is_file(pred):
-        return [pred]
-    return [Path(p) for p in str(pred).split(",") if p]
-
-
-def _is_file(path: Path) -> bool:
-    """`Path.is_file`, False also for a name the OS refuses (too long, ...), which the caller reports as not found."""
     try:
-        return path.is_file()
-    except OSError:
-        return False
+        whole = pred.is_file()
+    except OSError:  # a name the OS refuses (too long, ...): read_predictions reports it
+        whole = True
+    return [pred] if whole or "," not in str(pred) else [Path(p) for p in str(pred).split(",") if p]
+
+
+def _score_config(args: argparse.Namespace, bench: Benchmark | None, records: list) -> ScoreConfig:
+    """The command line's settings over the --benchmark's (its task, language, subtype, options, metrics)."""
+    cfg = bench.score_config() if bench else ScoreConfig(task=args.task)
+    if cfg.options == "from_references":
+        cfg.options = reference_labels([r.reference for r in records], args.multilabel or cfg.multilabel)
+    given = {"task": args.task, "lang": args.lang if args.lang != "auto" else None, "subtype": args.subtype,
+             "options": _read_options(args), "metrics": args.metrics and [m.strip() for m in args.metrics.split(",")],
+             "multilabel": args.multilabel or None}
+    return dataclasses.replace(cfg, compat=args.compat, bertscore_model=args.bertscore_model,
+                               bertscore_layer=args.bertscore_layer, **{k: v for k, v in given.items() if v})
 
 
 def _cmd_score(args: argparse.Namespace) -> int:
-    from internvl.io_safety import check_output_dir
-    from medrega_eval.benchmarks import MissingData, data_dir_from, load_registry, reference_labels
-    from medrega_eval.io import read_predictions
-    from medrega_eval.report import OUTPUT_FILES, protocol_info, write_outputs
-    from medrega_eval.score import TOP_METRICS, ScoreConfig, score_records, summarize
-
     bench = None
     if args.benchmark:
         registry = load_registry(args.benchmark_file)
         if args.benchmark not in registry:
             raise UsageError(f"unknown benchmark {args.benchmark!r}; see `medrega-eval list`")
         bench = registry[args.benchmark]
-    task = args.task or (bench.task if bench else None)
-    if task is None:
+    if not (args.task or bench):
         raise UsageError("score: give --task or --benchmark")
-    options = _read_options(args)
-    if options is None and bench is not None and bench.options != "from_references":
-        options = bench.options
     pred_files = _pred_files(args.pred)
-    missing = [p for p in pred_files if not _is_file(p)]
-    if missing:
-        raise UsageError(f"{missing[0]}: prediction file not found")
     check_output_dir(args.out, inputs=pred_files, must_be_empty=False, inputs_inside_ok=True, what="--out")
     if args.out.is_dir():
         overwritten = [p for p in pred_files for name in OUTPUT_FILES if (args.out / name).resolve() == p.resolve()]
@@ -145,24 +138,17 @@ def _cmd_score(args: argparse.Namespace) -> int:
         recs, probs = read_predictions(path, keep_duplicates=args.compat == "medrega", seen=seen)
         records += recs
         problems += probs
-    if options is None and bench is not None and bench.options == "from_references":
-        options = reference_labels([r.reference for r in records], args.multilabel or bench.multilabel)
-    if options is None and task == "classification" and not any(r.options for r in records):
+    cfg = _score_config(args, bench, records)
+    if cfg.task == "classification" and cfg.options is None and not any(r.options for r in records):
         raise UsageError("score: classification needs options: records with an 'options' field, --options, "
                          "--options-file or --benchmark")
-    metrics = [m.strip() for m in args.metrics.split(",")] if args.metrics else None
-    lang = args.lang if args.lang != "auto" else None
-    cfg = ScoreConfig(task=task, lang=lang or (bench.lang if bench and bench.lang != "auto" else None),
-                      subtype=args.subtype or (bench.subtype if bench else None), compat=args.compat,
-                      options=options, multilabel=args.multilabel or bool(bench and bench.multilabel),
-                      metrics=metrics, bertscore_model=args.bertscore_model, bertscore_layer=args.bertscore_layer)
     result = score_records(records, cfg, problems)  # ScoreInputError: bad options for these records
     if args.compat == "medrega":
         result.counts["repeated_ids_scored"] = len(records) - len({r.id for r in records})
-    digests = [hashlib.sha256(p.read_bytes()).hexdigest() for p in pred_files]
     protocol = protocol_info(model=args.model, template=None, generation=None,
                              prediction_file=",".join(str(p) for p in pred_files),
-                             prediction_sha256=",".join(digests), task=task, compat=args.compat)
+                             prediction_sha256=",".join(hashlib.sha256(p.read_bytes()).hexdigest() for p in pred_files),
+                             task=cfg.task, compat=args.compat)
     summary = summarize(result, cfg, protocol, benchmark=args.benchmark)
     write_outputs(args.out, summary, result.rows, TOP_METRICS, image_root=image_root)
     _print_summary(summary)
@@ -170,8 +156,6 @@ def _cmd_score(args: argparse.Namespace) -> int:
 
 
 def _print_summary(summary: dict) -> None:
-    from medrega_eval.score import TOP_METRICS
-
     shown = {k: summary[k] for k in TOP_METRICS if k in summary}
     print(json.dumps({"benchmark": summary.get("benchmark"), "task": summary["task"], **shown,
                       "counts": summary["counts"]}, ensure_ascii=False))
@@ -182,10 +166,8 @@ def _print_summary(summary: dict) -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from internvl.inference import GenerationSettings
-    from medrega_eval.benchmarks import data_dir_from, load_registry
+    from internvl.inference import GenerationSettings  # lazy: torch and transformers, which `score` never needs
     from medrega_eval.run import RunConfig, run_benchmarks
-    from medrega_eval.score import ScoreInputError
 
     registry = load_registry(args.benchmark_file)
     names = [n.strip() for n in args.benchmark.split(",") if n.strip()]
@@ -209,8 +191,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
-    from medrega_eval.benchmarks import MissingData, data_dir_from, load_registry
-
     data_dir = data_dir_from(args.data_dir)
     for name, bench in sorted(load_registry(args.benchmark_file).items()):
         try:
@@ -227,11 +207,7 @@ def _main(argv: list[str] | None) -> int:
     enforce_offline()
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "score":
-            return _cmd_score(args)
-        if args.command == "run":
-            return _cmd_run(args)
-        return _cmd_list(args)
+        return {"score": _cmd_score, "run": _cmd_run, "list": _cmd_list}[args.command](args)
     except ImportError as exc:  # an optional dependency (metric package, bitsandbytes) is missing
         raise UsageError(str(exc)) from exc
 

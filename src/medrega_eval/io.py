@@ -1,22 +1,13 @@
-"""Prediction files: read our records and the original MedRegA formats, with every problem named FILE:LINE.
+"""Prediction files: our records and the original MedRegA formats, every problem named FILE:LINE.
 
-Accepted layouts: a JSON list (the original scorers' input) or JSON lines (what `medrega-eval run` writes).
-Accepted record fields (first present wins):
-
-| meaning     | our record   | MedRegA VQA/report/cls/R2T (demo.py) | MedRegA Text-to-Region |
-|-------------|--------------|--------------------------------------|------------------------|
-| id          | `id`         | `question_id`                        | `question_id` / `id`   |
-| prediction  | `prediction` | `pred_answer`                        | `answer`               |
-| reference   | `reference`  | `gt_answer`                          | `gt`                   |
-| image size  | `hw` or `height`+`width` | -                        | `hw` = [height, width] |
-
-Optional: `question`, `image`, `image_root`, `lang`, `answer_type` (CLOSED/OPEN), `options` (classification),
-`benchmark`. A record without an id gets `FILE:LINE` as its id. Nothing is dropped silently: malformed lines,
-missing fields, duplicate ids and bad sizes become `RecordProblem`s that the summary counts and lists.
+A JSON list (the original scorers' input) or JSON lines (what `medrega-eval run` writes); the accepted fields are
+tabled in docs/evaluation.md ("Prediction files"). Nothing is dropped silently: malformed lines, missing fields,
+duplicate ids and bad sizes become `RecordProblem`s that the summary counts and lists.
 """
 from __future__ import annotations
 
 import json
+import reprlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,8 +16,7 @@ from typing import Any
 from internvl.data.records import LimitedJSONDecoder, RecordProblem, read_jsonl
 from internvl.io_safety import append_jsonl
 
-__all__ = ["PredictionRecord", "read_predictions", "parse_prediction", "problem_at", "append_jsonl",
-           "PRED_KEYS", "REF_KEYS", "ScoreInputError"]
+__all__ = ["PredictionRecord", "read_predictions", "parse_prediction", "problem_at", "append_jsonl", "ScoreInputError"]
 
 
 class ScoreInputError(ValueError):
@@ -54,6 +44,18 @@ class PredictionRecord:
     answer_type: str | None = None
     options: list[str] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+# optional record fields: (check, what the error message says they must be)
+_OPTIONAL_FIELDS = {
+    "question": (lambda v: isinstance(v, str), "a string"),
+    "answer_type": (lambda v: isinstance(v, str), "a string"),
+    "image_root": (lambda v: isinstance(v, str), "a string"),
+    "image": (lambda v: isinstance(v, str), "a path or a list of paths"),
+    "lang": (lambda v: v in ("en", "zh"), "'en' or 'zh'"),
+    "options": (lambda v: isinstance(v, list) and v and all(isinstance(o, str) for o in v),
+                "a non-empty list of strings"),
+}
 
 
 def _first(record: dict, keys: Sequence[str]) -> tuple[str | None, Any]:
@@ -99,34 +101,22 @@ def parse_prediction(record: dict, file: str, line: int) -> PredictionRecord | R
             return RecordProblem(file, line, "bad-field",
                                  f"hw must be [height, width] with positive numbers, got {hw!r}")
         hw = [float(hw[0]), float(hw[1])]
-    options = record.get("options")
-    if options is not None and not (isinstance(options, list) and options and all(isinstance(o, str) for o in options)):
-        return RecordProblem(file, line, "bad-field", f"options must be a non-empty list of strings, got {options!r}")
-    lang = record.get("lang")
-    if lang is not None and lang not in ("en", "zh"):
-        return RecordProblem(file, line, "bad-field", f"lang must be 'en' or 'zh', got {lang!r}")
-    for key in ("question", "answer_type", "image_root"):
-        if record.get(key) is not None and not isinstance(record[key], str):
-            return RecordProblem(file, line, "bad-field", f"{key} must be a string, got {type(record[key]).__name__}")
     image = record.get("image")
     if isinstance(image, list):
         image = image[0] if image else None
-    if image is not None and not isinstance(image, str):
-        return RecordProblem(file, line, "bad-field",
-                             f"image must be a path or a list of paths, got {type(image).__name__}")
-    known = set(ID_KEYS) | set(PRED_KEYS) | set(REF_KEYS) | {"hw", "height", "width", "options", "lang", "image",
-                                                               "question", "answer_type", "image_root"}
-    return PredictionRecord(id=rid, prediction=pred, reference=ref, source=f"{file}:{line}",
-                            question=record.get("question"), image=image, image_root=record.get("image_root"), hw=hw,
-                            lang=lang, answer_type=record.get("answer_type"), options=options,
+    optional = {"image": image, **{k: record.get(k) for k in _OPTIONAL_FIELDS if k != "image"}}
+    for key, value in optional.items():
+        ok, rule = _OPTIONAL_FIELDS[key]
+        if value is not None and not ok(value):
+            return RecordProblem(file, line, "bad-field", f"{key} must be {rule}, got {reprlib.repr(value)}")
+    known = {*ID_KEYS, *PRED_KEYS, *REF_KEYS, *_OPTIONAL_FIELDS, "hw", "height", "width"}
+    return PredictionRecord(id=rid, prediction=pred, reference=ref, source=f"{file}:{line}", hw=hw, **optional,
                             extra={k: v for k, v in record.items() if k not in known})
 
 
 def _json_list_items(path: Path, text: str) -> Iterable[tuple[int, Any]]:
-    """(line number, decoded item) for each element of a top-level JSON list, keeping line numbers.
-
-    Items are decoded under the input limits (:mod:`internvl.data.records`): an item nested too deeply or with a
-    huge number raises ``json.JSONDecodeError`` at its line (the items before it are kept)."""
+    """(line number, decoded item) for each element of a top-level JSON list, decoded under the input limits of
+    :mod:`internvl.data.records` (a too deep or huge item raises ``json.JSONDecodeError`` at its line)."""
     decoder = LimitedJSONDecoder()
     pos = text.index("[") + 1
     n = len(text)
@@ -157,7 +147,7 @@ def read_predictions(path: str | Path, *, keep_duplicates: bool = False, seen: d
     if not found:
         raise FileNotFoundError(f"{file}: prediction file not found")
     problems: list[RecordProblem] = []
-    decoded: list[tuple[int, Any]] = []
+    decoded: list[tuple[int, Any]] = []  # (line, item)
     head = path.read_bytes()[:4096].decode("utf-8", errors="replace").lstrip("\ufeff \t\r\n")
     if head.startswith("["):
         text = path.read_text(encoding="utf-8-sig")
@@ -169,11 +159,10 @@ def read_predictions(path: str | Path, *, keep_duplicates: bool = False, seen: d
                                           f"{exc.msg}; items after this are not read"))
     else:
         for line, item in read_jsonl(path):
-            if isinstance(item, RecordProblem):
-                if item.reason != "blank-line":
-                    problems.append(item)
-                continue
-            decoded.append((line, item))
+            if not isinstance(item, RecordProblem):
+                decoded.append((line, item))
+            elif item.reason != "blank-line":
+                problems.append(item)
     records: list[PredictionRecord] = []
     seen = {} if seen is None else seen
     idless_on_line: dict[int, int] = {}

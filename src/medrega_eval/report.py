@@ -1,17 +1,11 @@
-"""Write a scoring run's outputs: summary.json, samples.jsonl, summary.md and report.html.
-
-summary.json holds the metrics at the top level (names in `score.py`), `counts`, `problems`, `details`,
-`unavailable` (metrics that could not run and why) and `protocol` (model, template, generation settings, metric
-package versions, git commit). The HTML report shows the metrics, a sample of images with reference (green) and
-predicted (red) boxes, and the distribution of per-sample IoU (an inline SVG histogram).
-"""
+"""Write a scoring run's outputs: summary.json, samples.jsonl, summary.md and a self-contained report.html
+(contents: docs/evaluation.md, "Outputs")."""
 from __future__ import annotations
 
 import base64
 import html
 import io
 import json
-import math
 import platform
 import shutil
 import subprocess
@@ -23,6 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from PIL import Image, ImageDraw
+
+from internvl.data.images import ImageLoadError, load_image
+from internvl.data.records import resolve_image
+from internvl.io_safety import atomic_write_text
+from internvl.regions import RegionError, box_to_pixels, format_region
+from medrega_eval import __version__
 
 __all__ = ["OUTPUT_FILES", "protocol_info", "write_outputs", "iou_histogram_svg", "draw_boxes"]
 
@@ -36,36 +36,24 @@ PRED_COLOR = (230, 30, 30)
 COT_COLOR = (30, 90, 230)  # Regional CoT step-one regions
 
 
-def _git_commit() -> str | None:
-    here = Path(__file__).resolve().parent
-    if shutil.which("git") is None:
+def _output(*cmd: str, cwd: Path | None = None) -> str | None:
+    """Stripped stdout + stderr of a command, None when it is missing, fails or hangs."""
+    if shutil.which(cmd[0]) is None:
         return None
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+        out = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired):
         return None
-    if out.returncode != 0:
+    return (out.stdout + out.stderr).strip() if out.returncode == 0 else None
+
+
+def _git_commit() -> str | None:
+    """HEAD of the checkout this package runs from, "+dirty" when the package tree has edits."""
+    here = Path(__file__).resolve().parent
+    head = _output("git", "rev-parse", "HEAD", cwd=here)
+    if head is None:
         return None
-    dirty = subprocess.run(["git", "status", "--porcelain", "--", str(here)], cwd=here, capture_output=True,
-                           text=True, timeout=10).stdout.strip()
-    return out.stdout.strip() + ("+dirty" if dirty else "")
-
-
-def _java_version() -> str | None:
-    if shutil.which("java") is None:
-        return None
-    out = subprocess.run(["java", "-version"], capture_output=True, text=True, timeout=30)
-    return (out.stderr or out.stdout).splitlines()[0] if (out.stderr or out.stdout) else None
-
-
-def protocol_info(**fields: Any) -> dict[str, Any]:
-    """The protocol block: caller fields (model, template, generation, task, compat, ...) + environment facts."""
-    from medrega_eval import __version__
-
-    return {**fields, "medrega_eval": __version__, "git_commit": _git_commit(),
-            "packages": {name: _package_version(name) for name in METRIC_PACKAGES}, "java": _java_version(),
-            "python": platform.python_version(), "command": " ".join(sys.argv),
-            "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    return head + ("+dirty" if _output("git", "status", "--porcelain", "--", str(here), cwd=here) else "")
 
 
 def _package_version(name: str) -> str | None:
@@ -73,6 +61,15 @@ def _package_version(name: str) -> str | None:
         return metadata.version(name)
     except metadata.PackageNotFoundError:
         return None
+
+
+def protocol_info(**fields: Any) -> dict[str, Any]:
+    """The protocol block: caller fields (model, template, generation, task, compat, ...) + environment facts."""
+    java = _output("java", "-version")
+    return {**fields, "medrega_eval": __version__, "git_commit": _git_commit(),
+            "packages": {name: _package_version(name) for name in METRIC_PACKAGES},
+            "java": java.splitlines()[0] if java else None, "python": platform.python_version(),
+            "command": " ".join(sys.argv), "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 
 # ------------------------------------------------------------------------------------------------ rendering
@@ -102,12 +99,7 @@ def iou_histogram_svg(values: Sequence[float], bins: int = 10, width: int = 420,
 def draw_boxes(image: Image.Image, ref: Sequence[Sequence[int]], pred: Sequence[Sequence[int]],
                max_side: int = 384, cot: Sequence[Sequence[int]] = ()) -> Image.Image:
     """RGB thumbnail (longest side `max_side`) with reference boxes in green, predicted boxes in red and Regional
-    CoT step-one boxes (`cot`) in blue.
-
-    Boxes are on the 0..999 grid and are mapped to the image's own size with `internvl.regions.box_to_pixels`.
-    """
-    from internvl.regions import box_to_pixels
-
+    CoT step-one boxes (`cot`) in blue; the 0..999 boxes are mapped with `internvl.regions.box_to_pixels`."""
     img = image.convert("RGB")
     w, h = img.size
     scale = max_side / max(w, h)
@@ -122,16 +114,8 @@ def draw_boxes(image: Image.Image, ref: Sequence[Sequence[int]], pred: Sequence[
     return img
 
 
-def _png_data_uri(img: Image.Image) -> str:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
 def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        return "nan" if math.isnan(v) else f"{v:.4f}"
-    return "-" if v is None else str(v)
+    return f"{v:.4f}" if isinstance(v, float) else "-" if v is None else str(v)
 
 
 def _metric_items(summary: dict, names: Sequence[str]) -> list[tuple[str, Any]]:
@@ -156,8 +140,6 @@ def _resolve_image(row: dict, image_root: str | Path | None) -> Path:
     """The row's image inside the declared ``image_root`` (the benchmark's image folder). A prediction file cannot
     widen it: the row's own ``image_root`` is only used when it lies inside the declared one, and absolute paths,
     ``..`` and symbolic links out of the root are refused (``ValueError``), so the report embeds no other file."""
-    from internvl.data.records import resolve_image
-
     image = row.get("image")
     if not isinstance(image, str) or not image:
         raise ValueError("no image path in the record")
@@ -174,11 +156,12 @@ def _resolve_image(row: dict, image_root: str | Path | None) -> Path:
 
 
 def _gallery(rows: Sequence[dict], image_root: str | Path | None, max_images: int) -> str:
-    items = []
+    """Figures of up to `max_images` boxed rows, evenly spread over the IoU range (worst, typical and best)."""
     boxed = sorted((r for r in rows if r.get("ref_boxes") is not None), key=lambda r: r["scores"].get("iou", 0.0))
-    if len(boxed) > max_images:  # evenly spread over the IoU range: worst, typical and best predictions
+    if len(boxed) > max_images:
         step = (len(boxed) - 1) / (max_images - 1) if max_images > 1 else 0
         boxed = [boxed[round(i * step)] for i in range(max_images)]
+    items = []
     for row in boxed:
         caption = (f"<b>{html.escape(str(row['id']))}</b> IoU {_fmt(row['scores'].get('iou'))}<br>"
                    f"ref: {html.escape(row['reference'][:200])}<br>pred: {html.escape(row['prediction'][:200])}")
@@ -190,16 +173,15 @@ def _gallery(rows: Sequence[dict], image_root: str | Path | None, max_images: in
 def _figure(row: dict, image_root: str | Path | None, caption: str, ref: Sequence, pred: Sequence,
             cot: Sequence) -> str:
     """One gallery figure: the row's image with its boxes drawn, or the caption and why the image is missing."""
-    from internvl.data.images import ImageLoadError, load_image
-
     try:
         img = load_image(_resolve_image(row, image_root))
     except (ImageLoadError, OSError, ValueError) as exc:
         return (f"<figure><figcaption>{caption}<br><i>image not shown: {html.escape(str(exc))}</i>"
                 "</figcaption></figure>")
-    drawn = draw_boxes(img, ref, pred, cot=cot)
-    return (f'<figure><img src="{_png_data_uri(drawn)}" alt="{html.escape(str(row["id"]))}">'
-            f"<figcaption>{caption}</figcaption></figure>")
+    png = io.BytesIO()
+    draw_boxes(img, ref, pred, cot=cot).save(png, format="PNG")
+    return (f'<figure><img src="data:image/png;base64,{base64.b64encode(png.getvalue()).decode()}" '
+            f'alt="{html.escape(str(row["id"]))}"><figcaption>{caption}</figcaption></figure>')
 
 
 def _cot_boxes(row: dict) -> list[list[int]]:
@@ -211,8 +193,6 @@ def _cot_boxes(row: dict) -> list[list[int]]:
 
 def _cot_text(row: dict) -> str:
     """The step-one regions as the one box grammar writes them (``<ref>name</ref><box>[[..]]</box>, ...``)."""
-    from internvl.regions import RegionError, format_region
-
     parts = []
     for region in row.get("cot_regions") or []:
         try:
@@ -246,6 +226,11 @@ def _sample_table(rows: Sequence[dict], n: int = 20) -> str:
     return f"<table>{head}{body}</table>"
 
 
+def _legend(colours: Sequence[tuple[str, str]]) -> str:
+    spans = "".join(f"<span style='background:{colour}'></span>{name}" for colour, name in colours)
+    return f"<p class='legend'>boxes:{spans}</p>" if colours else ""
+
+
 def _html(summary: dict, rows: Sequence[dict], metric_names: Sequence[str], image_root, max_images: int) -> str:
     title = html.escape(f"{summary.get('benchmark') or summary.get('task')} - MedRegA evaluation")
     metrics = "".join(f"<tr><td>{k}</td><td>{_fmt(v)}</td></tr>" for k, v in _metric_items(summary, metric_names))
@@ -253,41 +238,30 @@ def _html(summary: dict, rows: Sequence[dict], metric_names: Sequence[str], imag
     problems = "".join(f"<li>{html.escape(p)}</li>" for p in summary.get("problems", [])[:50])
     unavailable = "".join(f"<li><b>{k}</b>: {html.escape(v)}</li>" for k, v in summary.get("unavailable", {}).items())
     ious = [r["scores"]["iou"] for r in rows if isinstance(r.get("scores", {}).get("iou"), (int, float))]
-    parts = [
+    sections = [  # (heading, legend: box colours, content); a section without content is left out
+        ("Unavailable metrics", (), unavailable and f"<ul>{unavailable}</ul>"),
+        ("Problems (first 50)", (), problems and f"<ul>{problems}</ul>"),
+        (f"IoU distribution ({len(ious)} samples)", (), ious and iou_histogram_svg(ious)),
+        ("Samples", (("#00c800", "reference"), ("#e61e1e", "prediction")), _gallery(rows, image_root, max_images)),
+        ("Regional CoT step-one regions", (("#1e5ae6", "step-one region"),),
+         _cot_gallery(rows, image_root, max_images)),
+    ]
+    proto = html.escape(json.dumps(summary.get("protocol", {}), indent=2, ensure_ascii=False))
+    return "".join([
         f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title><style>"
         "body{font-family:sans-serif;margin:1.5em}table{border-collapse:collapse;margin:.5em 0}"
         "td,th{border:1px solid #ccc;padding:3px 8px;vertical-align:top;font-size:13px}"
         "figure{display:inline-block;width:400px;margin:6px;vertical-align:top;font-size:12px}"
         ".legend span{display:inline-block;width:12px;height:12px;margin:0 4px 0 12px}</style></head><body>",
-        f"<h1>{title}</h1>",
-        f"<h2>Metrics</h2><table>{metrics}</table><h2>Counts</h2><table>{counts}</table>",
-    ]
-    if unavailable:
-        parts.append(f"<h2>Unavailable metrics</h2><ul>{unavailable}</ul>")
-    if problems:
-        parts.append(f"<h2>Problems (first 50)</h2><ul>{problems}</ul>")
-    if ious:
-        parts.append(f"<h2>IoU distribution ({len(ious)} samples)</h2>{iou_histogram_svg(ious)}")
-    gallery = _gallery(rows, image_root, max_images)
-    if gallery:
-        parts.append("<h2>Samples</h2><p class='legend'>boxes:<span style='background:#00c800'></span>reference"
-                     "<span style='background:#e61e1e'></span>prediction</p>" + gallery)
-    cot_gallery = _cot_gallery(rows, image_root, max_images)
-    if cot_gallery:
-        parts.append("<h2>Regional CoT step-one regions</h2><p class='legend'>boxes:"
-                     "<span style='background:#1e5ae6'></span>step-one region</p>" + cot_gallery)
-    parts.append(f"<h2>First predictions</h2>{_sample_table(rows)}")
-    proto = html.escape(json.dumps(summary.get("protocol", {}), indent=2, ensure_ascii=False))
-    parts.append(f"<h2>Protocol</h2><pre>{proto}</pre></body></html>")
-    return "".join(parts)
+        f"<h1>{title}</h1><h2>Metrics</h2><table>{metrics}</table><h2>Counts</h2><table>{counts}</table>",
+        *(f"<h2>{head}</h2>{_legend(colours)}{body}" for head, colours, body in sections if body),
+        f"<h2>First predictions</h2>{_sample_table(rows)}<h2>Protocol</h2><pre>{proto}</pre></body></html>"])
 
 
 def write_outputs(out_dir: str | Path, summary: dict, rows: Sequence[dict], metric_names: Sequence[str],
                   image_root: str | Path | None = None, max_images: int = 12) -> dict[str, Path]:
     """Write summary.json, samples.jsonl, summary.md and report.html into out_dir (each atomically); return their
     paths. ``image_root`` is the benchmark's declared image folder: report.html embeds only images inside it."""
-    from internvl.io_safety import atomic_write_text
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {name: out / name for name in OUTPUT_FILES}

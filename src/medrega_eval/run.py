@@ -1,18 +1,9 @@
 """`medrega-eval run`: generate answers for registered benchmarks, sharded over torchrun ranks, resumable, then score.
 
-Layout of `--out DIR` per benchmark NAME:
-
-    DIR/NAME/predictions/rank<R>.jsonl   append-only, one line per finished sample, fsync'ed after every batch
-    DIR/NAME/predictions.jsonl           all ranks merged (rank 0, after generation)
-    DIR/NAME/summary.json, samples.jsonl, summary.md, report.html   (see report.py)
-    DIR/NAME/generation_errors.jsonl     samples whose image could not be read or whose generation failed
-
-Resuming: every rank reads all rank files first; an id found there is never generated again, whatever the world
-size of the earlier run. A half-written last line (a crash during a write) is cut off and that sample regenerated.
-`DIR/NAME/run_settings.json` records what made the predictions (model, dtype, quantisation, generation settings,
-annotation file); resuming with other settings is refused (`ResumeMismatchError`) unless `--overwrite` is given,
-which moves the old predictions aside first, so answers of two models are never merged into one score.
-Distributed: torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; the process group uses NCCL on GPUs and gloo on CPUs.
+Per benchmark NAME, `--out DIR/NAME` holds `predictions/rank<R>.jsonl` (append-only, fsync'ed per batch), the merged
+`predictions.jsonl`, the score outputs (report.py), `generation_errors.jsonl` and `run_settings.json`; resuming with
+other settings is refused (`ResumeMismatchError`) unless `--overwrite` moves the old files aside. docs/evaluation.md
+("Running: sharding and resuming") describes the rules.
 """
 from __future__ import annotations
 
@@ -35,10 +26,10 @@ from internvl.regional_cot import CotAnswer, RegionalCotGenerator
 from medrega_eval.benchmarks import Benchmark, Sample, load_samples, reference_labels
 from medrega_eval.io import append_jsonl, problem_at, read_predictions
 from medrega_eval.report import protocol_info, write_outputs
-from medrega_eval.score import REPORT_METRICS, TOP_METRICS, ScoreConfig, score_records, summarize
+from medrega_eval.score import TOP_METRICS, score_records, summarize
 
-__all__ = ["RunConfig", "DistInfo", "ResumeMismatchError", "init_distributed", "run_benchmarks", "generate_benchmark",
-           "score_benchmark", "check_resume", "start_benchmark_dir"]
+__all__ = ["RunConfig", "ResumeMismatchError", "run_benchmarks", "generate_benchmark", "score_benchmark",
+           "check_resume", "start_benchmark_dir"]
 
 SETTINGS_FILE = "run_settings.json"
 COT_FIELDS = ("cot_regions", "cot_step_one")  # per-sample Regional CoT fields kept in predictions.jsonl
@@ -67,10 +58,8 @@ class RunConfig:
 
 def _repair_tail(path: Path) -> int:
     """Cut a half-written last line (no trailing newline) off `path`; return the bytes removed."""
-    if not path.is_file() or path.stat().st_size == 0:
-        return 0
-    data = path.read_bytes()
-    if data.endswith(b"\n"):
+    data = path.read_bytes() if path.is_file() else b""
+    if not data or data.endswith(b"\n"):
         return 0
     cut = data.rfind(b"\n") + 1
     with path.open("r+b") as fh:
@@ -95,13 +84,11 @@ def run_settings(model_path: str, dtype: str, quantization: str | None, generati
 
 
 def check_resume(bench_dir: Path, settings: dict[str, Any], overwrite: bool) -> bool:
-    """Refuse (`ResumeMismatchError`) to add predictions to `bench_dir` that were made with other settings, unless
-    `overwrite`; return whether the old outputs must be moved aside (:func:`start_benchmark_dir`; with `overwrite`:
-    whenever there are any). Read-only, so every rank can call it and fail alike before any model is loaded."""
+    """Refuse (`ResumeMismatchError`) to add to predictions made with other settings unless `overwrite`; return
+    whether old outputs must be moved aside. Read-only: every rank calls it before any model is loaded."""
     check_output_dir(bench_dir, must_be_empty=False, what="benchmark output directory")
     recorded_path = bench_dir / SETTINGS_FILE
-    has_predictions = any((bench_dir / "predictions").glob("rank*.jsonl")) if (bench_dir / "predictions").is_dir() \
-        else False
+    has_predictions = any((bench_dir / "predictions").glob("rank*.jsonl"))
     recorded = None
     if recorded_path.is_file():
         try:
@@ -205,15 +192,11 @@ def score_benchmark(bench: Benchmark, samples: Sequence[Sample], problems: Seque
     """Merge the rank files, check ids against the benchmark, score and write the outputs (rank 0 only)."""
     bdir = cfg.out / bench.name
     merged_path = bdir / "predictions.jsonl"
-    records, read_problems = [], []
-    seen: set[str] = set()
+    records, read_problems, seen = [], [], {}
     for path in sorted((bdir / "predictions").glob("rank*.jsonl")):
-        recs, probs = read_predictions(path)
+        recs, probs = read_predictions(path, seen=seen)  # an id finished twice (two runs): the first answer counts
+        records += recs
         read_problems += [p for p in probs if p.reason != "duplicate-id"]
-        for r in recs:
-            if r.id not in seen:
-                seen.add(r.id)
-                records.append(r)
     expected = {s.id for s in samples}
     unmatched = [r for r in records if r.id not in expected]
     records = [r for r in records if r.id in expected]
@@ -225,16 +208,12 @@ def score_benchmark(bench: Benchmark, samples: Sequence[Sample], problems: Seque
     atomic_write_text(merged_path, "".join(
         json.dumps({**{k: getattr(r, k) for k in MERGED_FIELDS}, **{k: r.extra[k] for k in COT_FIELDS if k in r.extra}},
                    ensure_ascii=False) + "\n" for r in records))
-    options: Any = bench.options
-    if options == "from_references":
+    score_cfg = bench.score_config(compat=cfg.compat, bertscore_model=cfg.bertscore_model,
+                                   bertscore_layer=cfg.bertscore_layer)
+    if score_cfg.options == "from_references":  # per language: the split's samples know theirs
         langs = dict.fromkeys(s.lang or "en" for s in samples)
-        options = {lang: reference_labels([s.reference for s in samples if (s.lang or "en") == lang], bench.multilabel)
-                   for lang in langs}
-    report_metrics = [m for m in bench.metrics if m in REPORT_METRICS] or None
-    score_cfg = ScoreConfig(task=bench.task, lang=None if bench.lang == "auto" else bench.lang, subtype=bench.subtype,
-                            compat=cfg.compat, options=options, multilabel=bench.multilabel,
-                            metrics=report_metrics if bench.task in ("report", "grounded_report") else None,
-                            bertscore_model=cfg.bertscore_model, bertscore_layer=cfg.bertscore_layer)
+        score_cfg.options = {lang: reference_labels([s.reference for s in samples if (s.lang or "en") == lang],
+                                                    bench.multilabel) for lang in langs}
     result = score_records(records, score_cfg, all_problems)
     result.counts["benchmark_samples"] = len(samples)
     result.counts["missing_predictions"] = len(missing)

@@ -1,10 +1,7 @@
 """Score prediction records for one task: per-sample rows + corpus metrics under the top-level summary names.
 
-Tasks: vqa, report, classification, region2text, text2region (subtypes ss/sm/ms/mm), grounded_report. The language
-is per record (`lang` field, else the config's `lang`, else detected: CJK characters in the reference -> zh).
-`compat="medrega"` switches every task to the original MedRegA scorers' behaviour (docs/evaluation.md lists each
-difference). Bad references (unknown class label, malformed reference boxes) are problems, counted and listed, and
-the sample is left out of the metrics; bad *predictions* are always scored (as wrong / as a miss) and counted.
+`compat="medrega"` switches every task to the original MedRegA scorers (docs/evaluation.md lists each difference).
+Bad references are problems and left out of the metrics; bad *predictions* are always scored (as wrong / a miss).
 """
 from __future__ import annotations
 
@@ -26,11 +23,10 @@ from medrega_eval.metrics import regions as reg_m
 from medrega_eval.metrics import text as text_m
 from medrega_eval.metrics import vqa as vqa_m
 from medrega_eval.metrics.medrega_report import (mean_or_none, medrega_clean_report_en, medrega_clean_report_zh,
-                                                 report_metrics_medrega, rouge_bootstrap_spread)
+                                                 report_metrics_medrega)
 
 __all__ = ["TASKS", "SUBTYPES", "REPORT_METRICS", "ScoreConfig", "ScoreResult", "ScoreInputError", "score_records",
-           "record_lang", "compat_vqa_lang", "medrega_clean_report_en", "medrega_clean_report_zh",
-           "rouge_bootstrap_spread"]
+           "record_lang", "compat_vqa_lang", "medrega_clean_report_en", "medrega_clean_report_zh"]
 
 TASKS = ("vqa", "report", "classification", "region2text", "text2region", "grounded_report")
 SUBTYPES = ("ss", "sm", "ms", "mm")
@@ -53,15 +49,10 @@ class ScoreConfig:
     bertscore_layer: int | None = None  # hidden layer; default: the last (compat: 40 for en, 9 for zh, as the original)
 
     def validate(self) -> None:
-        """Raise ScoreInputError (a ValueError) for an unknown task, language, subtype, compat mode or metric."""
+        """Raise ScoreInputError for what the CLI choices and the benchmark registry cannot check: an unknown task
+        (library callers), compat text2region without a subtype, an unknown report metric."""
         if self.task not in TASKS:
             raise ScoreInputError(f"unknown task {self.task!r}; choose one of {', '.join(TASKS)}")
-        if self.lang not in (None, "auto", "en", "zh"):
-            raise ScoreInputError(f"unknown language {self.lang!r}; choose en, zh or auto")
-        if self.subtype is not None and self.subtype not in SUBTYPES:
-            raise ScoreInputError(f"unknown subtype {self.subtype!r}; choose one of {', '.join(SUBTYPES)}")
-        if self.compat not in (None, "medrega"):
-            raise ScoreInputError(f"unknown compat mode {self.compat!r}; the only one is 'medrega'")
         if self.compat == "medrega" and self.task == "text2region" and self.subtype is None:
             raise ScoreInputError("--compat medrega for text2region needs --subtype (ss, sm, ms or mm): "
                                   "the original has one scorer per subtype")
@@ -93,19 +84,10 @@ def record_lang(rec: PredictionRecord, cfg: ScoreConfig) -> str:
 
 
 def _row(rec: PredictionRecord, lang: str, scores: dict[str, Any], **extra: Any) -> dict:
-    row = {"id": rec.id, "source": rec.source, "lang": lang, "prediction": rec.prediction,
-           "reference": rec.reference, "scores": scores}
-    if rec.question is not None:
-        row["question"] = rec.question
-    if rec.image is not None:
-        row["image"] = rec.image
-        if rec.image_root:
-            row["image_root"] = rec.image_root
-    if rec.hw is not None:
-        row["hw"] = rec.hw
-    row.update({k: rec.extra[k] for k in ("cot_regions", "cot_step_one") if k in rec.extra})  # Regional CoT
-    row.update(extra)
-    return row
+    optional = {"question": rec.question, "image": rec.image, "image_root": rec.image and rec.image_root or None,
+                "hw": rec.hw, **{k: rec.extra.get(k) for k in ("cot_regions", "cot_step_one")}}  # Regional CoT
+    return {"id": rec.id, "source": rec.source, "lang": lang, "prediction": rec.prediction, "reference": rec.reference,
+            "scores": scores, **{k: v for k, v in optional.items() if v is not None}, **extra}
 
 
 # ---------------------------------------------------------------------------------------------------- reports
@@ -121,32 +103,29 @@ def _report_metrics(preds: list[str], refs: list[str], langs: list[str], cfg: Sc
                     result: ScoreResult) -> tuple[dict[str, Any], list[dict[str, float]]]:
     """Corpus and per-sample report metrics for parallel lists of texts."""
     wanted = set(cfg.metrics or REPORT_METRICS)
-    n = len(preds)
-    per = [dict() for _ in range(n)]
-    out: dict[str, Any] = {}
-    if n == 0:
-        return out, per
+    if not preds:
+        return {}, []
     if cfg.compat == "medrega":
         return report_metrics_medrega(preds, refs, langs, wanted, result)
     cands = [_report_tokens(p, lang) for p, lang in zip(preds, langs)]
     gts = [[_report_tokens(r, lang)] for r, lang in zip(refs, langs)]
     bleu, bleu_per = text_m.coco_bleu(cands, gts, n=4)
     computed = {f"bleu{k + 1}": (bleu[k], bleu_per[k]) for k in range(4)}
-    if "rougeL" in wanted:
-        computed["rougeL"] = text_m.corpus_rouge_l(cands, gts)
-    if "cider" in wanted:
-        computed["cider"] = text_m.coco_cider(cands, gts)
-    if "meteor" in wanted:
+    out: dict[str, Any] = {}
+    for name, metric in (("rougeL", text_m.corpus_rouge_l), ("cider", text_m.coco_cider),
+                         ("meteor", text_m.coco_meteor)):
         try:
-            computed["meteor"] = text_m.coco_meteor(cands, gts)
+            if name in wanted:
+                computed[name] = metric(cands, gts)
         except text_m.MetricUnavailable as exc:
-            out["meteor"] = None
-            result.unavailable["meteor"] = str(exc)
+            out[name] = None
+            result.unavailable[name] = str(exc)
+    per = [{} for _ in preds]
     for name, (corpus, scores) in computed.items():
         if name in wanted:
             out[name] = corpus
-            for i, value in enumerate(scores):
-                per[i][name] = value
+            for row, value in zip(per, scores):
+                row[name] = value
     return out, per
 
 
@@ -158,11 +137,9 @@ def _original_ds_name(source: str) -> str:
 
 
 def compat_vqa_lang(records: Sequence[PredictionRecord], cfg: ScoreConfig) -> str:
-    """One language for a whole compat VQA split, as the original picks its scorer per answer file.
-
-    --lang (or every record's own `lang`, when they agree) wins; else the original's rule: "zh" in the dataset name
-    of the file name -> zh. A file the rule calls English but whose references contain CJK is refused (it would run
-    the English rules on a Chinese split): pass --lang."""
+    """One language for a whole compat VQA split: --lang, or every record's own `lang` when they agree, else the
+    original's rule ("zh" in the file name's dataset part); a split that rule calls English but whose references
+    contain CJK is refused (ScoreInputError: pass --lang)."""
     if cfg.lang in ("en", "zh"):
         return cfg.lang
     langs = {r.lang for r in records}
@@ -208,9 +185,8 @@ def _score_vqa(records, cfg, result) -> None:
 
 
 def _language_match(records: Sequence[PredictionRecord], result: ScoreResult) -> None:
-    """lang_match: share of answers written in the question's language (text_m.text_language, the CJK-share rule),
-    over records with a question whose reference is in the question's language (a Chinese question whose reference
-    is "CT" says nothing about the answer's language and is left out)."""
+    """lang_match: share of answers in the question's language (CJK-share rule), over records whose reference is in
+    the question's language (a Chinese question answered "CT" says nothing about the answer's language)."""
     hits: dict[str, list[bool]] = {"en": [], "zh": []}
     for rec in records:
         q = text_m.text_language(rec.question) if rec.question else None
@@ -225,15 +201,10 @@ def _language_match(records: Sequence[PredictionRecord], result: ScoreResult) ->
 
 
 def _options_for(rec: PredictionRecord, lang: str, cfg: ScoreConfig) -> list[str] | None:
-    if rec.options:
-        return rec.options
-    if isinstance(cfg.options, dict):
-        return cfg.options.get(lang)
-    return cfg.options
+    return rec.options or (cfg.options.get(lang) if isinstance(cfg.options, dict) else cfg.options)
 
 
 def _score_classification(records, cfg, result) -> None:
-    y_true, y_pred, unmapped_total = [], [], 0
     all_options: dict[str, None] = {}  # every record's options, in first-seen order
     for rec in records:
         lang = record_lang(rec, cfg)
@@ -248,15 +219,13 @@ def _score_classification(records, cfg, result) -> None:
             result.problems.append(problem_at(rec.source, "unknown-label", str(exc)))
             continue
         labels, unmapped = cls_m.map_answer(rec.prediction, options, cfg.multilabel, cfg.compat)
-        unmapped_total += bool(unmapped)
         all_options.update(dict.fromkeys(options))
-        y_true.append(truth)
-        y_pred.append(labels)
-        correct = set(truth) == set(labels)
-        result.rows.append(_row(rec, lang, {"correct": correct}, reference_labels=truth, predicted_labels=labels,
-                                unmapped=unmapped))
-    result.metrics.update(cls_m.classification_metrics(y_true, y_pred, list(all_options), cfg.multilabel, cfg.compat))
-    result.counts["unmapped_answers"] = int(unmapped_total)
+        result.rows.append(_row(rec, lang, {"correct": set(truth) == set(labels)}, reference_labels=truth,
+                                predicted_labels=labels, unmapped=unmapped))
+    truths, predicted = [r["reference_labels"] for r in result.rows], [r["predicted_labels"] for r in result.rows]
+    result.metrics.update(cls_m.classification_metrics(truths, predicted, list(all_options), cfg.multilabel,
+                                                       cfg.compat))
+    result.counts["unmapped_answers"] = sum(bool(r["unmapped"]) for r in result.rows)
 
 
 def _score_region2text(records, cfg, result) -> None:
@@ -269,24 +238,18 @@ def _score_region2text(records, cfg, result) -> None:
             clean = text_m.BOX_TEXT_RE.sub(" ", rec.prediction).replace("<ref>", "").replace("</ref>", "")
             pred = text_m.tokenize(clean, lang)
             ref = text_m.tokenize(rec.reference.replace("<ref>", "").replace("</ref>", ""), lang)
-        overlap = text_m.token_set_scores(pred, ref)
+        recall, f1 = (text_m.token_set_scores(pred, ref)[k] for k in ("recall", "f1"))
         if cfg.compat == "medrega":
-            overlap["f1"] = vqa_m._medrega_f1(set(pred), set(ref))
-        b1 = text_m.sentence_bleu1(pred, [ref])
-        ok = overlap["recall"] >= vqa_m.OPEN_ACCURACY_RECALL
-        result.rows.append(_row(rec, lang, {"bleu1": b1, "token_f1": overlap["f1"], "recall": overlap["recall"],
-                                            "correct": ok}))
-    scores = [row["scores"] for row in result.rows]  # the corpus metrics are the means of the per-sample ones
+            f1 = vqa_m._medrega_f1(set(pred), set(ref))
+        result.rows.append(_row(rec, lang, {"bleu1": text_m.sentence_bleu1(pred, [ref]), "token_f1": f1,
+                                            "recall": recall, "correct": recall >= vqa_m.OPEN_ACCURACY_RECALL}))
     for name, key in (("bleu1", "bleu1"), ("token_f1", "token_f1"), ("recall", "recall"), ("accuracy", "correct")):
-        result.metrics[name] = mean_or_none([float(s[key]) for s in scores])
+        result.metrics[name] = mean_or_none([float(row["scores"][key]) for row in result.rows])
 
 
 def _region_part(records, cfg, result) -> list[tuple[int, dict]]:
     """Box metrics of text2region / grounded_report; appends rows (or extends rows already made)."""
-    preds, refs, samples = [], [], []
-    parse_errors = 0
-    error_examples: list[str] = []
-    kept_rows = []
+    preds, refs, samples, kept_rows, errors = [], [], [], [], []
     for k, rec in enumerate(records):
         lang = record_lang(rec, cfg)
         ref = reg_m.parse_for_scoring(rec.reference, rec.hw)
@@ -295,17 +258,13 @@ def _region_part(records, cfg, result) -> list[tuple[int, dict]]:
             result.problems.append(problem_at(rec.source, "bad-reference-boxes", reason))
             continue
         pred = reg_m.parse_for_scoring(rec.prediction, rec.hw)
-        parse_errors += len(pred.errors)
-        for err in pred.errors:
-            if len(error_examples) < 20:
-                error_examples.append(f"{rec.source}: id {rec.id}: prediction box ignored: {err}")
+        errors += [f"{rec.source}: id {rec.id}: prediction box ignored: {err}" for err in pred.errors]
         unparsable = not pred.boxes
         sample = reg_m.score_region_sample(pred.boxes, ref.boxes, unparsable)
         samples.append(sample)
         preds.append(pred.boxes)
         refs.append(ref.boxes)
-        scores: dict[str, Any] = sample.metrics()
-        row = _row(rec, lang, scores,
+        row = _row(rec, lang, sample.metrics(),
                    pred_boxes=[{"name": b.name, "box": list(b.grid)} for b in pred.boxes],
                    ref_boxes=[{"name": b.name, "box": list(b.grid)} for b in ref.boxes],
                    matches=[{"pred": i, "ref": j, "iou": iou} for i, j, iou in sample.pairs],
@@ -320,18 +279,18 @@ def _region_part(records, cfg, result) -> list[tuple[int, dict]]:
         result.metrics.update({k: agg.get(k) for k in top})
     result.metrics["map50"] = reg_m.coco_map50(preds, refs) if refs else None
     # share of predictions with at least one parseable box (free-form Text-to-Region prompts must give a box)
-    result.metrics["box_rate"] = mean_or_none([not s.unparsable for s in samples]) if samples else None
+    result.metrics["box_rate"] = mean_or_none([not s.unparsable for s in samples])
     result.details.update({k: v for k, v in agg.items() if k not in top})
-    result.counts["unparsable_predictions"] = int(agg.get("unparsable", 0)) if agg else 0
-    result.counts["malformed_pred_boxes"] = parse_errors
-    if error_examples:
-        result.details["malformed_pred_box_examples"] = error_examples
+    result.counts["unparsable_predictions"] = agg.get("unparsable", 0)
+    result.counts["malformed_pred_boxes"] = len(errors)
+    if errors:
+        result.details["malformed_pred_box_examples"] = errors[:20]
     return kept_rows
 
 
 def _compat_text2region(records, cfg, result, rows: dict[int, dict]) -> None:
-    """The original regt2r scorer on *every* record (it never skips one): its names in details.medrega (ss: the
-    4-decimal strings it prints), the summary names at the top level, None + `unavailable` where it raises."""
+    """The original regt2r scorer on *every* record: its names in details.medrega (ss: its printed 4-decimal
+    strings), the summary names at the top level, None + `unavailable` where it raises."""
     values, unreadable = [], 0
     try:
         for k, rec in enumerate(records):
@@ -365,10 +324,6 @@ def _compat_text2region(records, cfg, result, rows: dict[int, dict]) -> None:
             result.unavailable[top] = why[name]
     for name, reason in why.items():
         result.unavailable.setdefault(f"medrega.{name}", reason)
-
-
-def _score_text2region(records, cfg, result) -> None:
-    result.rows.extend(row for _, row in _region_part(records, cfg, result))
 
 
 def _texts(records: Sequence[PredictionRecord], grounded: bool) -> tuple[list[str], list[str]]:
@@ -436,7 +391,7 @@ def _bertscore(records, cfg, result) -> None:
 
 _SCORERS = {"vqa": _score_vqa, "report": _score_report, "grounded_report": partial(_score_report, grounded=True),
             "classification": _score_classification, "region2text": _score_region2text,
-            "text2region": _score_text2region}
+            "text2region": lambda recs, cfg, result: result.rows.extend(r for _, r in _region_part(recs, cfg, result))}
 
 
 def score_records(records: Sequence[PredictionRecord], cfg: ScoreConfig,
@@ -454,8 +409,7 @@ def score_records(records: Sequence[PredictionRecord], cfg: ScoreConfig,
     _language_match(records, result)
     result.counts["records"] = len(records)
     result.counts["scored"] = len(result.rows)
-    langs = sorted({row["lang"] for row in result.rows})
-    result.details["languages"] = langs
+    result.details["languages"] = sorted({row["lang"] for row in result.rows})
     return result
 
 

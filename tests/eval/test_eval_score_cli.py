@@ -145,3 +145,15 @@ def test_medrega_report_cleaners_hand_worked():
     assert medrega_clean_report_zh("影像诊断：\n未见异常。\n") == "影像诊断：未见异常。"
     assert medrega_clean_report_en("Findings: No effusion, ___ stable.\n\nImpression:  Normal.") == \
         "findings.no effusion.impression.normal"
+
+
+def test_benchmark_gives_the_split_settings_and_flags_override(tmp_path):
+    yml = tmp_path / "b.yaml"
+    yml.write_text("benchmarks:\n  my_rg:\n    task: report\n    annotation: none.jsonl\n    lang: en\n"
+                   "    metrics: [bleu1, rougeL, accuracy]\n    download: nothing\n", encoding="utf-8")
+    rows = [{"id": 1, "prediction": "no pleural effusion", "reference": "no effusion"}]
+    s = _score(tmp_path, "bench", rows, "--benchmark", "my_rg", "--benchmark-file", str(yml))
+    assert s["task"] == "report" and s["lang"] == "en" and {"bleu1", "rougeL"} <= set(s)
+    assert "cider" not in s and "meteor" not in s  # only the split's report metrics are computed
+    o = _score(tmp_path, "bench_o", rows, "--benchmark", "my_rg", "--benchmark-file", str(yml), "--metrics", "cider")
+    assert "cider" in o and "rougeL" not in o

@@ -1,44 +1,27 @@
 """Benchmark registry: the paper's test splits, MedReg-mini and user splits, as YAML data files.
 
-Each `*.yaml` in this folder (and each `--benchmark-file`) has a top-level `benchmarks:` mapping of
-name -> entry with these keys:
-
-    task        vqa | report | classification | region2text | text2region | grounded_report   (required)
-    annotation  MedRegInstruct JSON lines, relative to the data root                          (required)
-    image_root  folder the records' `image` paths are relative to (default: the data root)
-    lang        en | zh | auto (per record: `lang` field or CJK detection)                     (default auto)
-    subtype     ss | sm | ms | mm (Text-to-Region / grounded region scoring)
-    prompt      null (records carry their prompts), a literal string, or {task: <prompt task>, modality, target}
-                rendered by internvl.data.prompts.render_base_prompt; prepended unless the question starts with it
-    options     classification options: a list, {en: [...], zh: [...]}, or from_references
-    multilabel  classification with several labels per image (default false)
-    metrics     the metrics this split reports (informational; report metrics also limit what is computed)
-    size        the expected number of test records (a different count is reported, not an error)
-    download    what to download and where to put it (shown when the files are missing)
-    roots       data roots to try, relative to the data dir, or "@repo/...", "@cwd/..." (default: the data dir)
-
-The data dir is --data-dir or $MEDREGA_DATA.
+Each `*.yaml` in this folder (and each `--benchmark-file`) has a top-level `benchmarks:` mapping of name -> entry;
+docs/evaluation.md ("Benchmarks") documents every key. The data dir is --data-dir or $MEDREGA_DATA.
 """
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from internvl.data.prompts import render_base_prompt
 from internvl.data.records import RecordChecker, RecordProblem, image_paths, read_jsonl, resolve_image
 from medrega_eval.metrics.text import has_cjk
-from medrega_eval.score import SUBTYPES, TASKS
+from medrega_eval.score import REPORT_METRICS, SUBTYPES, TASKS, ScoreConfig
 
 __all__ = ["Benchmark", "BenchmarkError", "MissingData", "Sample", "load_registry", "data_dir_from", "load_samples",
            "reference_labels"]
 
 HERE = Path(__file__).resolve().parent
-KEYS = {"task", "annotation", "image_root", "lang", "subtype", "prompt", "options", "multilabel", "metrics", "size",
-        "download", "roots", "description"}
 
 
 class BenchmarkError(ValueError):
@@ -96,45 +79,39 @@ class Benchmark:
         raise MissingData(f"benchmark {self.name}: annotation not found (looked for {where}). "
                           f"What to get: {self.download or 'see ' + self.file}")
 
-    def options_for(self, lang: str) -> list[str] | None:
-        """The option list for `lang` (None for from_references / no options)."""
-        if isinstance(self.options, dict):
-            return self.options.get(lang)
-        if isinstance(self.options, list):
-            return self.options
-        return None
-
     def render_prompt(self, lang: str) -> str | None:
         """The task prompt to prepend for a record in `lang` (None when the records carry their own)."""
-        if self.prompt is None:
-            return None
-        if isinstance(self.prompt, str):
+        if self.prompt is None or isinstance(self.prompt, str):
             return self.prompt
-        from internvl.data.prompts import render_base_prompt
-
         spec = dict(self.prompt)
         task = spec.pop("task")
         if self.task == "classification":
-            spec.setdefault("options", self.options_for(lang))
+            options = self.options.get(lang) if isinstance(self.options, dict) else self.options
+            spec.setdefault("options", options if isinstance(options, list) else None)  # not from_references
         return render_base_prompt(task, lang, **spec)
+
+    def score_config(self, **fields: Any) -> ScoreConfig:
+        """How this split is scored: its task, language, subtype, options, multilabel flag and the report metrics it
+        lists (`options` may still be "from_references"); `fields` (compat, BERTScore) are passed on."""
+        metrics = [m for m in self.metrics if m in REPORT_METRICS] if self.task in ("report", "grounded_report") else []
+        return ScoreConfig(task=self.task, lang=None if self.lang == "auto" else self.lang, subtype=self.subtype,
+                           options=self.options, multilabel=self.multilabel, metrics=metrics or None, **fields)
 
 
 def _check_entry(name: str, entry: Any, file: str) -> Benchmark:
     where = f"{file}: benchmark {name!r}"
     if not isinstance(entry, dict):
         raise BenchmarkError(f"{where}: expected a mapping, got {type(entry).__name__}")
-    unknown = sorted(set(entry) - KEYS)
+    keys = {f.name for f in fields(Benchmark)} - {"name", "file"}
+    unknown = sorted(set(entry) - keys)
     if unknown:
-        raise BenchmarkError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(KEYS)}")
+        raise BenchmarkError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(keys)}")
     for key in ("task", "annotation"):
         if not entry.get(key):
             raise BenchmarkError(f"{where}: missing required key {key!r}")
-    if entry["task"] not in TASKS:
-        raise BenchmarkError(f"{where}: task {entry['task']!r} is not one of {', '.join(TASKS)}")
-    if entry.get("lang", "auto") not in ("auto", "en", "zh"):
-        raise BenchmarkError(f"{where}: lang must be en, zh or auto")
-    if entry.get("subtype") not in (None, *SUBTYPES):
-        raise BenchmarkError(f"{where}: subtype must be one of {', '.join(SUBTYPES)}")
+    for key, allowed in (("task", TASKS), ("lang", ("auto", "en", "zh")), ("subtype", (None, *SUBTYPES))):
+        if key in entry and entry[key] not in allowed:
+            raise BenchmarkError(f"{where}: {key} {entry[key]!r} is not one of {', '.join(filter(None, allowed))}")
     options = entry.get("options")
     if entry["task"] == "classification":
         ok = (options == "from_references" or (isinstance(options, list) and options)
@@ -209,16 +186,11 @@ def _apply_prompt(question: str, prompt: str | None, has_image: bool) -> str:
 
 
 def load_samples(bench: Benchmark, data_dir: str | Path | None) -> tuple[list[Sample], list[RecordProblem], Path]:
-    """Read a benchmark's annotation: (samples, problems, image root). Missing images are problems, not samples.
-
-    Any error in one record (a field of the wrong type, a path the file system cannot hold ...) becomes a
-    ``FILE:LINE`` problem of that record; the other records are still read.
-    """
+    """Read a benchmark's annotation: (samples, problems, image root). Any error in one record (a missing image, a
+    field of the wrong type, a path the file system cannot hold ...) is a ``FILE:LINE`` problem; the rest is read."""
     ann, image_root = bench.locate(data_dir)
     file = str(ann)
-    samples: list[Sample] = []
-    problems: list[RecordProblem] = []
-    seen: dict[str, int] = {}
+    samples, problems, seen = [], [], {}
     for line, rec in read_jsonl(ann):
         if isinstance(rec, RecordProblem):
             problems.append(rec)
@@ -235,8 +207,8 @@ def _sample(bench: Benchmark, rec: dict, ann: Path, line: int, image_root: Path,
             seen: dict[str, int]) -> Sample | RecordProblem:
     """One annotation record -> a Sample, or the RecordProblem that keeps it out."""
     file = str(ann)
-    for key, types in (("answer_type", (str,)), ("image", (str, list)), ("lang", (str,))):
-        if rec.get(key) is not None and not isinstance(rec[key], types):
+    for key in ("answer_type", "lang"):  # (RecordChecker checks `image`)
+        if rec.get(key) is not None and not isinstance(rec[key], str):
             return RecordProblem(file, line, "bad-field", f"{key!r} has the wrong type ({type(rec[key]).__name__})")
     checked = RecordChecker(image_root=image_root, image_check="none").check(rec, file=file, line=line)
     if checked:  # the record rules of training and `medrega-data check`: human/gpt turns, fields, placeholders, boxes
@@ -259,8 +231,7 @@ def _sample(bench: Benchmark, rec: dict, ann: Path, line: int, image_root: Path,
     lang = rec.get("lang") if rec.get("lang") in ("en", "zh") else (None if bench.lang == "auto" else bench.lang)
     if lang is None:
         lang = "zh" if has_cjk(conv[1]["value"]) or has_cjk(conv[0]["value"]) else "en"
-    hw = [rec["height"], rec["width"]] if isinstance(rec.get("height"), int) and isinstance(rec.get("width"), int) \
-        else None
+    hw = [rec["height"], rec["width"]] if all(isinstance(rec.get(k), int) for k in ("height", "width")) else None
     question = _apply_prompt(conv[0]["value"], bench.render_prompt(lang), bool(paths))
     return Sample(id=rid, question=question, reference=conv[1]["value"], images=paths, source=f"{file}:{line}",
                   lang=lang, hw=hw, answer_type=rec.get("answer_type"), image_rel=rels[0] if rels else None)

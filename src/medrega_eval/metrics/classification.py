@@ -1,15 +1,9 @@
 """Classification / diagnosis metrics: free-text answer -> option mapping, accuracy, macro-F1, multi-label F1.
 
-Default mapping of one answer (part) to the option list (docs/evaluation.md):
-1. exact match after normalization (NFKC, lower-case, punctuation -> space);
-2. otherwise the longest option whose normalized name occurs in the answer as a whole phrase;
-3. otherwise the option with the highest token-set F1 against the answer (first option wins ties);
-4. no shared token at all -> *unmapped*: counted wrong and reported, never silently assigned.
-Multi-label answers are split on , ; and their full-width forms (the original splits on ",").
-
-`compat="medrega"` reproduces `src/eval/cls`: lower-cased parts mapped by argmax of torchmetrics-style BLEU-1 against
-the lower-cased options (the first option wins ties, even when every score is 0), the reference looked up exactly
-(case-sensitive), and sklearn's macro-F1 over every label column / every label seen.
+Default mapping of one answer (part): exact normalized match, else the longest option named in the answer, else the
+best token-F1 option; no shared token -> *unmapped* (wrong, reported, never guessed). `compat="medrega"` reproduces
+`src/eval/cls`: argmax of BLEU-1 against the lower-cased options (the first wins ties, even all-zero ones), exact
+reference lookup, sklearn's macro-F1. docs/evaluation.md has both in full.
 """
 from __future__ import annotations
 
@@ -20,7 +14,7 @@ from collections.abc import Iterable, Sequence
 
 from medrega_eval.metrics.text import sentence_bleu1, token_set_scores
 
-__all__ = ["UnknownLabel", "normalize_label", "split_answer", "map_to_option", "map_answer", "reference_labels",
+__all__ = ["UnknownLabel", "normalize_label", "map_to_option", "map_answer", "reference_labels",
            "classification_metrics"]
 
 _SPLIT = re.compile(r"[,;，；、\n]")
@@ -34,13 +28,6 @@ def normalize_label(text: str) -> str:
     """NFKC, lower-case, punctuation to spaces, single spaces."""
     text = unicodedata.normalize("NFKC", text).lower()
     return " ".join(re.sub(r"[^\w\s]", " ", text).split())
-
-
-def split_answer(text: str, multilabel: bool) -> list[str]:
-    """The answer parts to map: the whole answer for single-label tasks, comma/semicolon parts for multi-label."""
-    if not multilabel:
-        return [text]
-    return [p for p in (s.strip() for s in _SPLIT.split(text)) if p]
 
 
 def map_to_option(answer: str, options: Sequence[str], compat: str | None = None) -> str | None:
@@ -77,8 +64,8 @@ def map_answer(answer: str, options: Sequence[str], multilabel: bool, compat: st
         # the original: strip trailing ASCII punctuation, ", " -> ",", lower, split on ","; single-label keeps part 1
         parts = answer.rstrip(string.punctuation).replace(", ", ",").lower().split(",")
         parts = parts if multilabel else parts[:1]
-    else:
-        parts = split_answer(answer, multilabel)
+    else:  # multi-label: the comma/semicolon parts (full-width too)
+        parts = [p.strip() for p in _SPLIT.split(answer) if p.strip()] if multilabel else [answer]
     for part in parts:
         label = map_to_option(part, options, compat)
         if label is None:
@@ -90,20 +77,17 @@ def map_answer(answer: str, options: Sequence[str], multilabel: bool, compat: st
 
 def reference_labels(reference: str, options: Sequence[str], multilabel: bool, compat: str | None = None) -> list[str]:
     """Reference labels; every one must be an option (exact in compat mode, normalized otherwise)."""
-    if compat == "medrega":
+    if compat == "medrega":  # looked up exactly, case-sensitive, as the original
         gt = reference.rstrip(string.punctuation).replace(", ", ",")
-        parts = gt.split(",") if multilabel else [gt]
+        parts, key = (gt.split(",") if multilabel else [gt]), str
     else:
-        parts = [p.strip() for p in reference.split(",")] if multilabel else [reference.strip()]
+        parts, key = [p.strip() for p in (reference.split(",") if multilabel else [reference])], normalize_label
+    lookup = {key(o): o for o in options}
     out: list[str] = []
-    lookup = {normalize_label(o): o for o in options}
     for part in parts:
         if not part:
             continue
-        if compat == "medrega":
-            label = part if part in options else None  # exact, case-sensitive, as the original
-        else:
-            label = lookup.get(normalize_label(part))
+        label = lookup.get(key(part))
         if label is None:
             raise UnknownLabel(f"reference label {part!r} is not one of the options {list(options)!r}")
         if label not in out:

@@ -1,18 +1,10 @@
-"""`--compat medrega` Text-to-Region scoring: the original `src/eval/regt2r/evaluator_reg.py` rules, reproduced.
+"""`--compat medrega` Text-to-Region scoring: the original `src/eval/regt2r/evaluator_reg.py` rules, reproduced
+from its documented behaviour (docs/evaluation.md, "--compat medrega"), not copied.
 
-Written from the original's documented behaviour (docs/evaluation.md, "--compat medrega"), not copied. What it keeps:
-
-* Predictions: region tags removed first (`internvl.regions.remove_region_tags`, what the released model's decoded
-  answers look like), then the original grammar (`scan_box_lists(..., grammar="original")`): "[[" directly followed
-  by digits, "," directly after each number; the name is the raw text between the previous bracket and "[[",
-  lower-cased (", kidney" for a second object). A box list the original's `literal_eval` cannot read (full-width
-  digits, leading zeros, non-ASCII spaces) ends the answer: the original's `try` appends one box [0, 0, 0, 0] and
-  reads no further.
-* References: `<ref>(.*?)</ref><box>(.*?)</box>` (`parse_original_references`), read like the original.
-* Boxes in float32 pixels (v / 999 * W, H), IoU in float32 (torchvision's formula), Hungarian matching on
-  1 - IoU (scipy, same tie-breaking), thresholds 0.75 (sm) / 0.5 (ms, mm) with >=, ss accuracies with >.
-* Where the original raises (a reference it cannot read, an IoU of 0/0 given to the Hungarian solver, a name looked
-  up for the [0, 0, 0, 0] box in mm, a division by zero), the metric is None and `unavailable` says why.
+Predictions are read with the original grammar (`scan_box_lists(..., "original")`, names = the raw text before
+"[["); a box list its `literal_eval` cannot read ends the answer with one [0, 0, 0, 0] box. Boxes and IoU are
+float32 (torchvision's formula), matching is scipy's Hungarian solver on 1 - IoU. Where the original raises or
+divides by zero, the metric is None and `unavailable` says why.
 """
 from __future__ import annotations
 
@@ -64,42 +56,37 @@ def _to_pixels(values: Sequence[object], width: float, height: float) -> np.ndar
     return flat
 
 
+def _collect(regions: list[tuple[str, list[np.ndarray]]], failure: str | None = None) -> OriginalBoxes:
+    """OriginalBoxes of (name, pixel boxes) regions; a failure adds the original's one [0, 0, 0, 0] box, unnamed."""
+    boxes = [b for _, region in regions for b in region] + ([np.zeros(4, np.float32)] if failure else [])
+    return OriginalBoxes(np.array(boxes, dtype=np.float32).reshape(-1, 4), [name for name, _ in regions],
+                         [name for name, region in regions for _ in region], failure)
+
+
 def parse_prediction(answer: str, hw: Sequence[float]) -> OriginalBoxes:
     """Boxes and names of a prediction under the original's rules (tags removed first)."""
     height, width = hw
-    boxes: list[np.ndarray] = []
-    out = OriginalBoxes(np.zeros((0, 4), np.float32))
+    regions = []
     for span in scan_box_lists(remove_region_tags(answer), "original"):
-        name = span.name.lower()
         if span.values is None:
-            out.failure = span.error
-            boxes.append(np.zeros(4, np.float32))
-            break
-        converted = [_to_pixels(v, width, height) for v in span.values]
-        boxes.extend(converted)
-        out.region_names.append(name)
-        out.box_names.extend([name] * len(converted))
-    out.boxes = np.array(boxes, dtype=np.float32).reshape(-1, 4)
-    return out
+            return _collect(regions, span.error)
+        regions.append((span.name.lower(), [_to_pixels(v, width, height) for v in span.values]))
+    return _collect(regions)
 
 
 def parse_reference(gt: str, hw: Sequence[float]) -> OriginalBoxes:
     """Boxes and names of a reference under the original's rules; raises OriginalCrash where the original would."""
     height, width = hw
-    boxes: list[np.ndarray] = []
-    out = OriginalBoxes(np.zeros((0, 4), np.float32))
+    regions = []
     for name, box_text in parse_original_references(gt):
         try:
             value = ast.literal_eval(box_text)
-            converted = [_to_pixels(np.asarray(b, dtype=object).ravel().tolist(), width, height) for b in value]
+            regions.append((name.lower(), [_to_pixels(np.asarray(b, dtype=object).ravel().tolist(), width, height)
+                                           for b in value]))
         except Exception as exc:  # noqa: BLE001 - any failure here is a crash of the original
             raise OriginalCrash(f"the original cannot read the reference boxes {box_text[:80]!r}: "
                                 f"{type(exc).__name__}: {exc}") from None
-        boxes.extend(converted)
-        out.region_names.append(name.lower())
-        out.box_names.extend([name.lower()] * len(converted))
-    out.boxes = np.array(boxes, dtype=np.float32).reshape(-1, 4)
-    return out
+    return _collect(regions)
 
 
 def iou_f32(a: np.ndarray, b: np.ndarray) -> float:
@@ -119,10 +106,7 @@ def iou_f32(a: np.ndarray, b: np.ndarray) -> float:
 
 def _hungarian(pred: np.ndarray, ref: np.ndarray, threshold: float):
     """(matches, all pairs, all pair IoUs) as the original: linear_sum_assignment on 1 - IoU (float64 of float32)."""
-    iou = np.zeros((len(pred), len(ref)))
-    for i in range(len(pred)):
-        for j in range(len(ref)):
-            iou[i, j] = iou_f32(pred[i], ref[j])
+    iou = np.array([[iou_f32(p, r) for r in ref] for p in pred], dtype=np.float64).reshape(len(pred), len(ref))
     if np.isnan(iou).any():
         raise OriginalCrash("an IoU is 0/0 (two empty boxes); the original's linear_sum_assignment raises")
     rows, cols = linear_sum_assignment(1 - iou)
@@ -151,11 +135,8 @@ def _ss(pred: OriginalBoxes, ref: OriginalBoxes) -> dict[str, float]:
         if n_ref == 0:
             raise OriginalCrash("the reference has no <ref>..</ref><box>..</box> the original can find "
                                 "(it indexes the first reference box)")
-        if n_pred > n_ref:
-            for p in pred.boxes:
-                cur = iou_f32(p, ref.boxes[0])
-                if cur > max_iou:
-                    max_iou = cur
+        if n_pred > n_ref:  # the best IoU with the first reference box (a NaN never wins, as the original's `>`)
+            max_iou = max([0, *(iou_f32(p, ref.boxes[0]) for p in pred.boxes)])
         else:
             max_iou = iou_f32(pred.boxes[0], ref.boxes[0])
     return {"iou": max_iou}
@@ -178,29 +159,24 @@ def sample_values(pred: OriginalBoxes, ref: OriginalBoxes, subtype: str) -> dict
     if n_ref == 0:
         raise OriginalCrash("the reference has no <ref>..</ref><box>..</box> the original can find "
                             "(it divides by the number of reference boxes)")
-    if subtype == "ms":  # names keyed by region index, looked up with box indices; missing keys skipped
-        pn, tn = pred.region_names, ref.region_names
+    ms = subtype == "ms"
+    # ms: names keyed by region index, looked up with box indices, missing keys skipped; mm: names per box, and the
+    # [0, 0, 0, 0] failure box has none: the original raises a KeyError on it
+    pn, tn = (pred.region_names, ref.region_names) if ms else (pred.box_names, ref.box_names)
 
-        def agree(r: int, c: int) -> bool | None:
-            return _agree(pn[r], tn[c]) if len(pn) > r and len(tn) > c else None
-    else:  # mm: names per box; the [0,0,0,0] failure box has none and the original raises a KeyError on it
-        pn, tn = pred.box_names, ref.box_names
-
-        def agree(r: int, c: int) -> bool | None:
-            if r >= len(pn):
-                raise OriginalCrash("a matched predicted box has no name (the [0, 0, 0, 0] box of an unreadable "
-                                    "box list); the original raises KeyError")
+    def agree(r: int, c: int) -> bool | None:
+        if r < len(pn) and c < len(tn):
             return _agree(pn[r], tn[c])
+        if not ms:
+            raise OriginalCrash("a matched predicted box has no name (the [0, 0, 0, 0] box of an unreadable "
+                                "box list); the original raises KeyError")
+        return None
+
     correct_align = sum(bool(agree(r, c)) for r, c in matches)
-    align_all, ob_iou = 0, 0.0
-    for (r, c), iou in zip(pairs, ious):
-        ok = agree(r, c)
-        if ok is None:
-            continue
-        if ok:
-            align_all += 1
-        if ok or subtype == "ms":  # ms adds the IoU of every looked-up pair, mm only of agreeing ones
-            ob_iou += iou
+    looked_up = [(agree(r, c), iou) for (r, c), iou in zip(pairs, ious)]
+    align_all = sum(ok is True for ok, _ in looked_up)
+    # ms adds the IoU of every looked-up pair, mm only of agreeing ones
+    ob_iou = sum((iou for ok, iou in looked_up if ok or (ms and ok is not None)), 0.0)
     v.update(correct_align=correct_align, align_all=align_all, ob_iou=ob_iou,
              ob_pre=align_all / n_ref, ob_rec=_div(align_all, n_pred),
              al_gt=correct_align / n_ref, al_pred=_div(correct_align, n_pred),

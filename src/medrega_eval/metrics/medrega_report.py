@@ -76,8 +76,7 @@ def report_metrics_medrega(preds, refs, langs, wanted, result) -> tuple[dict[str
 
     from medrega_eval.metrics import meteor as meteor_m
 
-    n = len(preds)
-    per = [dict() for _ in range(n)]
+    per: list[dict[str, float]] = [{} for _ in preds]
     out: dict[str, Any] = {}
     scorer = rouge_scorer.RougeScorer(["rouge1", "rougeL"])
     if all(lang == "en" for lang in langs):
@@ -85,13 +84,11 @@ def report_metrics_medrega(preds, refs, langs, wanted, result) -> tuple[dict[str
         r_clean = [medrega_clean_report_en(r) for r in refs]
         cands = [text_m.tokenize_13a(p) for p in p_clean]
         gts = [[text_m.tokenize_13a(r)] for r in r_clean]
-        out["bleu1"] = text_m.hf_bleu(cands, gts, max_order=1)
+        out["bleu1"] = text_m.hf_bleu(cands, gts, max_order=1)  # corpus BLEU, no per-sample value
         out["bleu4"] = text_m.hf_bleu(cands, gts, max_order=4)
-        rouge = [scorer.score(r, p) for p, r in zip(p_clean, r_clean)]
-        for i, s in enumerate(rouge):
-            per[i].update(rouge1=s["rouge1"].fmeasure, rougeL=s["rougeL"].fmeasure)
-        out["rouge1"] = mean_or_none([s["rouge1"].fmeasure for s in rouge])
-        out["rougeL"] = mean_or_none([s["rougeL"].fmeasure for s in rouge])
+        for row, p, r in zip(per, p_clean, r_clean):
+            s = scorer.score(r, p)
+            row.update(rouge1=s["rouge1"].fmeasure, rougeL=s["rougeL"].fmeasure)
         # HF evaluate reports a bootstrap median (random); the plain mean above estimates it, the spread bounds it
         result.details["rouge_bootstrap"] = rouge_bootstrap_spread(p_clean, r_clean)
         m_hyp = [meteor_m.tokenize_en(p) for p in p_clean]
@@ -105,19 +102,18 @@ def report_metrics_medrega(preds, refs, langs, wanted, result) -> tuple[dict[str
         gt = [" ".join(jieba.cut(r)) for r in refs]
         cands = [text_m.tokenize_13a(x) for x in res]
         gts = [[text_m.tokenize_13a(x)] for x in gt]
-        for i in range(n):
-            per[i]["bleu1"] = text_m.hf_bleu([cands[i]], [gts[i]], max_order=1)
-            per[i]["bleu4"] = text_m.hf_bleu([cands[i]], [gts[i]], max_order=4)
-            s = scorer.score(gt[i], res[i])
-            # the original stores rouge1 under rougeL and rougeL under rouge1
-            per[i].update(rougeL=s["rouge1"].fmeasure, rouge1=s["rougeL"].fmeasure)
-        for k in ("bleu1", "bleu4", "rougeL", "rouge1"):
-            out[k] = mean_or_none([p[k] for p in per])
+        for row, cand, ref, g, r in zip(per, cands, gts, gt, res):
+            s = scorer.score(g, r)
+            # per-sample BLEU; the original stores rouge1 under rougeL and rougeL under rouge1
+            row.update(bleu1=text_m.hf_bleu([cand], [ref], max_order=1),
+                       bleu4=text_m.hf_bleu([cand], [ref], max_order=4),
+                       rougeL=s["rouge1"].fmeasure, rouge1=s["rougeL"].fmeasure)
         m_hyp = [list(jieba.cut(x)) for x in res_raw]  # raw jieba tokens, as the original's METEOR
         m_ref = [list(jieba.cut(r)) for r in refs]
     else:
         raise ScoreInputError("--compat medrega scores one language at a time (the original has separate EN and ZH "
                               "scorers); split the file or pass --lang")
+    out.update({k: mean_or_none([row[k] for row in per]) for k in per[0]})  # the per-sample ones' means
     if "meteor" in wanted:
         try:
             scores = meteor_m.meteor_scores(m_hyp, m_ref)
@@ -126,6 +122,6 @@ def report_metrics_medrega(preds, refs, langs, wanted, result) -> tuple[dict[str
             result.unavailable["meteor"] = str(exc)
         else:
             out["meteor"] = mean_or_none(scores)
-            for i, v in enumerate(scores):
-                per[i]["meteor"] = v
+            for row, v in zip(per, scores):
+                row["meteor"] = v
     return out, per

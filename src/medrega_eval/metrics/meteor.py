@@ -1,27 +1,22 @@
 """NLTK's METEOR with WordNet 3.0 from Debian's `wordnet-base`, offline: the report METEOR of `--compat medrega`.
 
-The original report scorers average NLTK's `meteor_score([reference_tokens], hypothesis_tokens)` per sample (default
-alpha 0.9, beta 3, gamma 0.5, lower-casing, Porter stemming, WordNet synonyms), with `word_tokenize` tokens (EN) or
-`jieba.cut` tokens (ZH). Both need data that NLTK downloads at run time; here:
-
-* WordNet: built by `scripts/setup_wordnet.sh` from the `wordnet-base` and `wordnet-sense-index` packages into
-  ``$NLTK_DATA/corpora/wordnet`` (first entry of $NLTK_DATA), else ``$MEDREGA_NLTK_DATA``, else
-  ``${XDG_CACHE_HOME:-~/.cache}/medrega/nltk_data``; that folder is added to ``nltk.data.path`` (NLTK only reads
-  corpora under its data path).
-* ``word_tokenize`` first splits sentences with the punkt model, which no package registry ships. `tokenize_en` is
-  ``word_tokenize(text, preserve_line=True)``: the same word tokenizer without the sentence split. On the original's
-  cleaned report text (parts joined by "." with no space after it, no "." before whitespace or at the end) the
-  tokens are the same, because punkt only breaks after ". ? !" followed by whitespace and the word tokenizer splits
-  "?" and "!" anyway. They could differ only where punkt would break a sentence and the word tokenizer treats a
-  sentence start or end specially: a final "." (cannot occur in cleaned text) or a quote right after "? "/"! "
-  (an opening `"` becomes ``` `` ``` in both cases when a space precedes it).
+The original report scorers average NLTK's `meteor_score([reference_tokens], hypothesis_tokens)` per sample, with
+`word_tokenize` (EN) or `jieba.cut` (ZH) tokens. NLTK would download WordNet and punkt at run time; here WordNet is
+built by `scripts/setup_wordnet.sh` and English tokens skip the punkt sentence split (docs/evaluation.md, "METEOR in
+compat mode", says why the tokens are the same on the original's cleaned text).
 """
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
+
+import nltk
+from nltk.corpus.reader.wordnet import WordNetCorpusReader
+from nltk.tokenize import word_tokenize
+from nltk.translate.meteor_score import meteor_score
 
 from medrega_eval.metrics.text import MetricUnavailable
 
@@ -49,13 +44,8 @@ def load_wordnet():
     missing = [f for f in needed if not (folder / f).is_file()]
     if missing:
         raise MetricUnavailable(f"METEOR (NLTK) needs WordNet in {folder} (missing {', '.join(missing)}): {SETUP_HINT}")
-    import nltk
-    from nltk.corpus.reader.wordnet import WordNetCorpusReader
-
-    if str(root) not in nltk.data.path:
+    if str(root) not in nltk.data.path:  # NLTK only reads corpora under its data path
         nltk.data.path.insert(0, str(root))
-    import warnings
-
     try:
         with warnings.catch_warnings():  # "multilingual functions are not available": English WordNet is all METEOR uses
             warnings.filterwarnings("ignore", message=".*multilingual functions.*")
@@ -67,15 +57,11 @@ def load_wordnet():
 
 
 def tokenize_en(text: str) -> list[str]:
-    """NLTK `word_tokenize` without the punkt sentence split (see the module docstring for where it could differ)."""
-    from nltk.tokenize import word_tokenize
-
+    """NLTK `word_tokenize` without the punkt sentence split, whose model no registry ships."""
     return word_tokenize(text, preserve_line=True)
 
 
 def meteor_scores(hypotheses: Sequence[Sequence[str]], references: Sequence[Sequence[str]]) -> list[float]:
     """Per-sample NLTK METEOR of token lists (one reference each), with WordNet synonyms."""
-    from nltk.translate.meteor_score import meteor_score
-
     wordnet = load_wordnet()
     return [float(meteor_score([list(ref)], list(hyp), wordnet=wordnet)) for hyp, ref in zip(hypotheses, references)]

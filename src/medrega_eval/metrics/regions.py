@@ -1,32 +1,23 @@
-"""Region metrics: Text-to-Region detection (IoU, Acc@t, Hungarian object/region/alignment P/R/F1, COCO mAP@0.5)
-and the box part of grounded reports. Boxes are parsed only through `internvl.regions`.
+"""Region metrics: Text-to-Region detection (IoU, Acc@t, Hungarian region/object/alignment P/R/F1, COCO mAP@0.5)
+and the box part of grounded reports; each metric's definition is in docs/evaluation.md ("Metrics (default)").
 
-Default conventions (docs/evaluation.md):
-- IoU is computed on pixel boxes (v/999 x W, H) with torchvision's `box_iou` formula (no +1). When a record has no
-  image size the 0..999 grid is used; IoU is invariant to per-axis scaling, so the value is the same.
-- Boxes of one sample are matched one-to-one by the Hungarian algorithm (scipy) maximizing total IoU.
-- `iou` = sum of matched IoUs / #reference boxes (a missed reference box counts 0); `accXX` = share of reference boxes
-  whose matched IoU >= XX. Both are per sample, then averaged over samples.
-- Region precision = TP / #predicted boxes, recall = TP / #reference boxes (TP = matched pairs with IoU >= 0.5),
-  F1 from those: the conventional naming (the original and the paper swap precision and recall).
-- Object P/R/F1 compare the sets of normalized object names; alignment P/R/F1 count TP pairs whose names agree.
-- map50: COCO-style AP at IoU 0.5 per object name (101-point interpolation, pycocotools), averaged over names; boxes
-  have no confidence, so a sample's earlier boxes rank higher.
-- An unparsable or box-less prediction is a miss (0 predicted boxes) and is counted in `unparsable`.
+Boxes are parsed only by `internvl.regions`, matched one-to-one by scipy's Hungarian solver on IoU (torchvision's
+formula, pixel boxes). Precision/recall use the conventional naming (the original and the paper swap them).
 """
 from __future__ import annotations
 
 import contextlib
 import io
-import re
-import unicodedata
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
 from scipy.optimize import linear_sum_assignment
 
-from internvl.regions import Region, box_iou, box_to_pixels, parse_regions
+from internvl.regions import box_iou, box_to_pixels, parse_regions
+from medrega_eval.metrics.classification import normalize_label
 from medrega_eval.metrics.text import prf
 
 __all__ = ["NamedBox", "ParsedRegions", "parse_for_scoring", "box_iou", "hungarian_match", "RegionSample",
@@ -42,8 +33,6 @@ class NamedBox:
     name: str | None
     xyxy: tuple[float, float, float, float]
     grid: tuple[int, int, int, int]
-    group: int = 0  # index of the region (object) this box belongs to, in order of appearance
-    raw_name: str = ""  # the name as written, lower-cased ("" when unnamed): the original scorers compare these
 
 
 @dataclass
@@ -56,25 +45,18 @@ class ParsedRegions:
 
 def normalize_name(name: str | None) -> str | None:
     """Object names compare case-, width- and punctuation-insensitively ("Left Lung." == "left lung")."""
-    if name is None:
-        return None
-    norm = " ".join(re.sub(r"[^\w\s]", " ", unicodedata.normalize("NFKC", name).lower()).split())
-    return norm or None
+    return (normalize_label(name) or None) if name is not None else None
 
 
 def parse_for_scoring(text: str, hw: Sequence[float] | None = None) -> ParsedRegions:
-    """Parse region text (tagged or tag-stripped) into pixel boxes; malformed box lists become `errors`, not boxes.
-
-    `hw` = [height, width] of the image; without it boxes stay on the 0..999 grid.
-    """
+    """Parse region text (tagged or tag-stripped) into pixel boxes (`hw` = [height, width]; without it the 0..999
+    grid); malformed box lists become `errors`, not boxes."""
     errors: list[str] = []
-    regions: list[Region] = parse_regions(text, strict=False, errors=errors)
     boxes = []
-    for group, region in enumerate(regions):
+    for region in parse_regions(text, strict=False, errors=errors):
         for box in region.boxes:
             xyxy = box_to_pixels(box, hw[1], hw[0]) if hw else (box.x1, box.y1, box.x2, box.y2)
-            boxes.append(NamedBox(normalize_name(region.name), tuple(float(v) for v in xyxy), tuple(box.as_list()),
-                                  group, (region.name or "").lower()))
+            boxes.append(NamedBox(normalize_name(region.name), tuple(float(v) for v in xyxy), tuple(box.as_list())))
     return ParsedRegions(boxes, errors)
 
 
@@ -85,10 +67,6 @@ def hungarian_match(pred: Sequence[NamedBox], ref: Sequence[NamedBox]) -> list[t
     iou = box_iou(np.array([p.xyxy for p in pred]), np.array([r.xyxy for r in ref]))
     rows, cols = linear_sum_assignment(-iou)
     return [(int(i), int(j), float(iou[i, j])) for i, j in zip(rows, cols)]
-
-
-def _names_agree(a: str | None, b: str | None) -> bool:
-    return a is not None and b is not None and a == b
 
 
 @dataclass
@@ -123,7 +101,7 @@ def _fill_names(pred: list[NamedBox], ref: Sequence[NamedBox]) -> list[NamedBox]
     names = {r.name for r in ref}
     if len(names) == 1:
         (only,) = names
-        return [NamedBox(only, p.xyxy, p.grid, p.group, p.raw_name) if p.name is None else p for p in pred]
+        return [replace(p, name=only) if p.name is None else p for p in pred]
     return pred
 
 
@@ -141,7 +119,8 @@ def score_region_sample(pred: Sequence[NamedBox], ref: Sequence[NamedBox], unpar
     ref_names = {r.name for r in ref if r.name}
     common = len(pred_names & ref_names)
     o_p, o_r, o_f = prf(common, len(pred_names), len(ref_names))  # no reference name: common = 0, all 0.0
-    aligned = sum(iou >= IOU_THRESHOLD and _names_agree(pred[i].name, ref[j].name) for i, j, iou in pairs)
+    aligned = sum(iou >= IOU_THRESHOLD and pred[i].name is not None and pred[i].name == ref[j].name
+                  for i, j, iou in pairs)
     a_p, a_r, a_f = prf(aligned, len(pred), n_ref)
     return RegionSample(iou=sum(ious) / n_ref, acc25=sum(i >= 0.25 for i in ious) / n_ref,
                         acc50=sum(i >= 0.5 for i in ious) / n_ref, acc75=sum(i >= 0.75 for i in ious) / n_ref,
@@ -164,32 +143,25 @@ def aggregate_regions(samples: Sequence[RegionSample]) -> dict[str, float | int 
 
 
 def coco_map50(preds: Sequence[Sequence[NamedBox]], refs: Sequence[Sequence[NamedBox]]) -> float | None:
-    """COCO-style AP@0.5 averaged over object names (categories), via pycocotools' COCOeval.
-
-    Predictions have no confidence: the k-th box of a sample gets score 1/(k+1). Unnamed boxes fall into one
-    'unnamed' category. Categories without any reference box are ignored (COCO convention). None if no reference.
-    """
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
-
-    def key(name: str | None) -> str:
-        return name if name is not None else "<unnamed>"
-
-    categories: dict[str, int] = {}
+    """COCO-style AP@0.5 averaged over object names (categories), via pycocotools' COCOeval: the k-th box of a
+    sample scores 1/(k+1) (no confidences), unnamed boxes form one category, categories without a reference box are
+    ignored (COCO convention). None if there is no reference."""
+    categories: dict[str, int] = {}  # names are None or non-empty
     for boxes in list(refs) + list(preds):
         for b in boxes:
-            categories.setdefault(key(b.name), len(categories) + 1)
+            categories.setdefault(b.name or "<unnamed>", len(categories) + 1)
+
+    def coco_box(b: NamedBox, image_id: int) -> dict:
+        x1, y1, x2, y2 = b.xyxy
+        return {"image_id": image_id, "category_id": categories[b.name or "<unnamed>"],
+                "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1)}
+
     images, annotations, detections = [], [], []
     for img_id, (p_boxes, r_boxes) in enumerate(zip(preds, refs), 1):
         images.append({"id": img_id})
-        for b in r_boxes:
-            x1, y1, x2, y2 = b.xyxy
-            annotations.append({"id": len(annotations) + 1, "image_id": img_id, "category_id": categories[key(b.name)],
-                                "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1), "iscrowd": 0})
-        for k, b in enumerate(p_boxes):
-            x1, y1, x2, y2 = b.xyxy
-            detections.append({"image_id": img_id, "category_id": categories[key(b.name)],
-                               "bbox": [x1, y1, x2 - x1, y2 - y1], "score": 1.0 / (k + 1)})
+        annotations += [{**coco_box(b, img_id), "id": len(annotations) + k + 1, "iscrowd": 0}
+                        for k, b in enumerate(r_boxes)]
+        detections += [{**coco_box(b, img_id), "score": 1.0 / (k + 1)} for k, b in enumerate(p_boxes)]
     if not annotations:
         return None
     if not detections:
@@ -208,7 +180,5 @@ def coco_map50(preds: Sequence[Sequence[NamedBox]], refs: Sequence[Sequence[Name
         ev.evaluate()
         ev.accumulate()
     precision = ev.eval["precision"][0, :, :, 0, 0]  # [recall thresholds, categories]
-    per_cat = [precision[:, k] for k in range(precision.shape[1]) if (precision[:, k] > -1).any()]
-    if not per_cat:
-        return 0.0
-    return float(np.mean([np.mean(np.clip(p, 0, None)) for p in per_cat]))
+    per_cat = [np.mean(np.clip(p, 0, None)) for p in precision.T if (p > -1).any()]  # categories with a reference
+    return float(np.mean(per_cat)) if per_cat else 0.0

@@ -1,14 +1,7 @@
-"""Tokenizers and text-overlap metrics shared by every task (reports, VQA, Region-to-Text, classification).
+"""Tokenizers and text-overlap metrics shared by every task (conventions: docs/evaluation.md, "Metrics (default)").
 
-Conventions (see docs/evaluation.md):
-- English is tokenized like the report-generation literature does with pycocoevalcap: Stanford-PTB-style splitting,
-  lower-cased, punctuation tokens removed (`tokenize_en` reproduces pycocoevalcap's Java `PTBTokenizer` output on
-  the IU X-ray reports; a test checks it token for token when Java is present).
-- Chinese is segmented with jieba; whitespace and punctuation segments are dropped (`tokenize_zh`).
-- BLEU-1..4 and CIDEr-D are pycocoevalcap's own scorers fed with our tokens, so the numbers are pycocoevalcap's.
-- ROUGE-L is pycocoevalcap's `Rouge` fed with our tokens (beta 1.2); with beta 1 it equals rouge-score's F1 (a test
-  checks it), which `--compat medrega` uses directly.
-- METEOR is pycocoevalcap's METEOR 1.5 jar; it needs `java` and fails with `MetricUnavailable` otherwise.
+English tokens follow pycocoevalcap's Java `PTBTokenizer` in pure Python, Chinese ones are jieba segments; BLEU,
+CIDEr-D, ROUGE-L and METEOR 1.5 (needs `java`) are pycocoevalcap's own scorers fed with those tokens.
 """
 from __future__ import annotations
 
@@ -24,6 +17,10 @@ from collections.abc import Sequence
 from functools import lru_cache
 
 import numpy as np
+from pycocoevalcap.bleu.bleu import Bleu
+from pycocoevalcap.cider.cider import Cider
+from pycocoevalcap.meteor.meteor import Meteor
+from pycocoevalcap.rouge.rouge import Rouge
 
 __all__ = ["MetricUnavailable", "PTB_PUNCTUATION", "tokenize_en", "tokenize_zh", "tokenize", "has_cjk", "text_language",
            "rouge_l", "corpus_rouge_l", "coco_bleu", "coco_cider", "coco_meteor", "sentence_bleu1",
@@ -114,17 +111,19 @@ def _get_jieba():
 
 
 def tokenize_zh(text: str) -> list[str]:
-    """Chinese tokens: jieba segments of NFKC-normalized, lower-cased text; whitespace and pure punctuation dropped.
-
-    Latin words and numbers inside Chinese text come out as jieba segments too ("ct", "72mm").
-    """
+    """Chinese tokens: jieba segments of NFKC-normalized, lower-cased text (Latin words too: "ct", "72mm");
+    whitespace and pure punctuation dropped."""
     text = unicodedata.normalize("NFKC", text).lower()
     return [seg for seg in (s.strip() for s in _get_jieba().cut(text)) if seg and not _ZH_PUNCT.match(seg)]
 
 
+def _is_cjk(ch: str) -> bool:
+    return "\u4e00" <= ch <= "\u9fff" or "\u3400" <= ch <= "\u4dbf"
+
+
 def has_cjk(text: str) -> bool:
     """True when the text contains a CJK ideograph (used to pick the tokenizer when no language is given)."""
-    return any("\u4e00" <= ch <= "\u9fff" or "\u3400" <= ch <= "\u4dbf" for ch in text)
+    return any(map(_is_cjk, text))
 
 
 #: A box list in either form (``<box>..</box>`` or a bare ``[[..]]``), removed before text metrics look at words.
@@ -134,13 +133,10 @@ _LATIN_WORD_RE = re.compile(r"[A-Za-z]+")
 
 
 def text_language(text: str) -> str | None:
-    """The language a text is written in, by the CJK-character share rule: after removing boxes and the
-    ``<ref>``/``<box>``/``<image>`` tags (region *names* stay: they are in the answer's language), count CJK ideographs
-    C and Latin-letter words W; "zh" when C / (C + W) >= 0.5, "en" when below, None when C + W = 0 (only digits,
-    punctuation or boxes). One CJK character is weighed like one Latin word, so a Chinese answer that names "CT"
-    or "MRI" stays Chinese and an English answer with one Chinese name stays English."""
+    """The language of a text by the CJK-share rule (docs/evaluation.md): boxes and tags removed, names kept, "zh"
+    when CJK ideographs >= Latin words, "en" below, None when there are neither."""
     clean = _LANG_TAGS_RE.sub(" ", BOX_TEXT_RE.sub(" ", text))
-    cjk = sum(1 for ch in clean if "\u4e00" <= ch <= "\u9fff" or "\u3400" <= ch <= "\u4dbf")
+    cjk = sum(map(_is_cjk, clean))
     words = len(_LATIN_WORD_RE.findall(clean))
     if cjk + words == 0:
         return None
@@ -148,23 +144,15 @@ def text_language(text: str) -> str | None:
 
 
 def tokenize(text: str, lang: str) -> list[str]:
-    """Dispatch on `lang` ('en' or 'zh'); raise ValueError for anything else."""
-    if lang == "en":
-        return tokenize_en(text)
-    if lang == "zh":
-        return tokenize_zh(text)
-    raise ValueError(f"unknown language {lang!r}; expected 'en' or 'zh'")
+    """The tokens of `text` in `lang` ('en' or 'zh', checked where the language is read)."""
+    return {"en": tokenize_en, "zh": tokenize_zh}[lang](text)
 
 
-# --------------------------------------------------------------------------------------------------- ROUGE-L
+# ---------------------------------------------------------------------------------------- pycocoevalcap scorers
 def rouge_l(candidate: Sequence[str], references: Sequence[Sequence[str]], beta: float = 1.2) -> float:
-    """Sentence ROUGE-L F-measure with recall weight `beta`: pycocoevalcap's ``Rouge.calc_score`` on the tokens
-    (LCS; with several references precision and recall are each maximised before combining; its beta is 1.2). With
-    one reference and beta 1 this is rouge-score's `rougeL` F-measure. An empty candidate or reference scores 0.
-    Tokens hold no spaces (pycocoevalcap splits the joined text on them), as every tokenizer here gives them.
-    """
-    from pycocoevalcap.rouge.rouge import Rouge
-
+    """Sentence ROUGE-L F-measure: pycocoevalcap's ``Rouge.calc_score`` (LCS, P and R maximised over references)
+    with recall weight `beta` (its own is 1.2; with one reference, beta 1 gives rouge-score's `rougeL`). An empty
+    candidate scores 0. Tokens hold no spaces (pycocoevalcap splits the joined text on them)."""
     if not references:
         raise ValueError("rouge_l needs at least one reference")
     if not candidate:
@@ -182,7 +170,6 @@ def corpus_rouge_l(candidates: Sequence[Sequence[str]], references: Sequence[Seq
     return (float(np.mean(scores)) if scores else 0.0), scores
 
 
-# --------------------------------------------------------------------------------------- pycocoevalcap scorers
 def _check_lengths(candidates: Sequence, references: Sequence) -> None:
     if len(candidates) != len(references):
         raise ValueError(f"{len(candidates)} candidates but {len(references)} reference lists")
@@ -191,36 +178,30 @@ def _check_lengths(candidates: Sequence, references: Sequence) -> None:
             raise ValueError(f"sample {i} has no reference")
 
 
+def _coco_score(scorer, candidates: Sequence[Sequence[str]], references: Sequence[Sequence[Sequence[str]]], **kwargs):
+    """pycocoevalcap's ``scorer.compute_score`` on the space-joined tokens: (corpus score, per-sample scores)."""
+    gts = {i: [" ".join(r) for r in refs] for i, refs in enumerate(references)}
+    res = {i: [" ".join(c)] for i, c in enumerate(candidates)}
+    return scorer.compute_score(gts, res, **kwargs)
+
+
 def coco_bleu(candidates: Sequence[Sequence[str]], references: Sequence[Sequence[Sequence[str]]], n: int = 4
               ) -> tuple[list[float], list[list[float]]]:
-    """Corpus BLEU-1..n as pycocoevalcap computes it ('closest' reference length), plus per-sample BLEU-1..n.
-
-    Returns (corpus [bleu1..bleun], per_sample[k][i] = BLEU-(k+1) of sample i).
-    """
-    from pycocoevalcap.bleu.bleu_scorer import BleuScorer
-
+    """pycocoevalcap's corpus BLEU-1..n ('closest' reference length) and per_sample[k][i] = BLEU-(k+1) of sample i."""
     _check_lengths(candidates, references)
     if not candidates:
         return [0.0] * n, [[] for _ in range(n)]
-    scorer = BleuScorer(n=n)
-    for cand, refs in zip(candidates, references):
-        scorer += (" ".join(cand), [" ".join(r) for r in refs])
-    score, scores = scorer.compute_score(option="closest", verbose=0)
+    score, scores = _coco_score(Bleu(n), candidates, references, verbose=0)
     return [float(s) for s in score], [[float(v) for v in row] for row in scores]
 
 
 def coco_cider(candidates: Sequence[Sequence[str]], references: Sequence[Sequence[Sequence[str]]]
                ) -> tuple[float, list[float]]:
     """CIDEr-D exactly as pycocoevalcap reports it (document frequencies from this corpus's references, x10)."""
-    from pycocoevalcap.cider.cider_scorer import CiderScorer
-
     _check_lengths(candidates, references)
     if not candidates:
         return 0.0, []
-    scorer = CiderScorer(n=4, sigma=6.0)
-    for cand, refs in zip(candidates, references):
-        scorer += (" ".join(cand), [" ".join(r) for r in refs])
-    score, scores = scorer.compute_score()
+    score, scores = _coco_score(Cider(), candidates, references)
     return float(score), [float(s) for s in scores]
 
 
@@ -233,10 +214,7 @@ def coco_meteor(candidates: Sequence[Sequence[str]], references: Sequence[Sequen
                                 "`apt-get install default-jre-headless`, or leave METEOR out with --metrics")
     if not candidates:
         return 0.0, []
-    meteor = _meteor_process()
-    gts = {i: [" ".join(r) for r in refs] for i, refs in enumerate(references)}
-    res = {i: [" ".join(c)] for i, c in enumerate(candidates)}
-    score, scores = meteor.compute_score(gts, res)
+    score, scores = _coco_score(_meteor_process(), candidates, references)
     return float(score), [float(s) for s in scores]
 
 
@@ -247,24 +225,15 @@ def _meteor_process():
     """One METEOR JVM per process, started on first use (it loads ~60 MB of paraphrase tables, so reuse pays)."""
     global _METEOR
     if _METEOR is None or _METEOR.meteor_p.poll() is not None:
-        from pycocoevalcap.meteor.meteor import Meteor
-
         _METEOR = Meteor()
-        atexit.register(_close_meteor)
+        atexit.register(_close_meteor, _METEOR.meteor_p)
     return _METEOR
 
 
-def _close_meteor() -> None:
-    """Stop the METEOR JVM at interpreter exit (closes its pipes, so no ResourceWarning)."""
-    global _METEOR
-    if _METEOR is not None:
-        proc = _METEOR.meteor_p
-        for stream in (proc.stdin, proc.stdout, proc.stderr):
-            if stream is not None:
-                stream.close()
-        proc.kill()
-        proc.wait()
-        _METEOR = None
+def _close_meteor(proc) -> None:
+    """Stop a METEOR JVM at interpreter exit; `communicate` closes its pipes (no ResourceWarning)."""
+    proc.kill()
+    proc.communicate()
 
 
 # ------------------------------------------------------------------------------------ sentence-level helpers
@@ -273,19 +242,14 @@ def _ngrams(tokens: Sequence[str], n: int) -> Counter:
 
 
 def sentence_bleu1(candidate: Sequence[str], references: Sequence[Sequence[str]]) -> float:
-    """Sentence BLEU-1 = brevity penalty x clipped unigram precision (torchmetrics `BLEUScore(n_gram=1)` rule).
-
-    The brevity penalty uses the reference length closest to the candidate length; an empty candidate scores 0.
-    This is the per-sample BLEU-1 the MedRegA VQA / Region-to-Text / classification scorers average.
-    """
+    """Sentence BLEU-1 = brevity penalty (closest reference length) x clipped unigram precision: torchmetrics'
+    `BLEUScore(n_gram=1)`, what the MedRegA VQA / Region-to-Text / classification scorers average. Empty -> 0."""
     if not candidate or not references:
         return 0.0
-    cand = Counter(candidate)
     max_ref: Counter = Counter()
     for ref in references:
-        for tok, c in Counter(ref).items():
-            max_ref[tok] = max(max_ref[tok], c)
-    matches = sum(min(c, max_ref[t]) for t, c in cand.items())
+        max_ref |= Counter(ref)
+    matches = sum(min(c, max_ref[t]) for t, c in Counter(candidate).items())
     if matches == 0:
         return 0.0
     c_len = len(candidate)
@@ -296,12 +260,9 @@ def sentence_bleu1(candidate: Sequence[str], references: Sequence[Sequence[str]]
 
 def hf_bleu(candidates: Sequence[Sequence[str]], references: Sequence[Sequence[Sequence[str]]], max_order: int = 4
             ) -> float:
-    """Corpus BLEU as Hugging Face `evaluate`'s 'bleu' computes it (tensorflow/nmt compute_bleu, no smoothing).
-
-    Used only by `--compat medrega`. Differences from pycocoevalcap: the brevity penalty uses the *shortest*
-    reference length summed over the corpus, and a zero n-gram precision makes the whole score 0 (no 1e-9 fudge).
-    Tokens should come from sacrebleu's 13a tokenizer to reproduce `evaluate` exactly.
-    """
+    """Corpus BLEU as Hugging Face `evaluate`'s 'bleu' computes it (tensorflow/nmt compute_bleu, no smoothing), for
+    `--compat medrega` on sacrebleu 13a tokens: unlike pycocoevalcap, the brevity penalty uses the *shortest*
+    reference lengths and a zero n-gram precision makes the score 0."""
     _check_lengths(candidates, references)
     matches = [0] * max_order
     possible = [0] * max_order
@@ -314,8 +275,7 @@ def hf_bleu(candidates: Sequence[Sequence[str]], references: Sequence[Sequence[S
             for order in range(1, max_order + 1):
                 merged |= _ngrams(r, order)
         for order in range(1, max_order + 1):
-            cand_ngrams = _ngrams(cand, order)
-            matches[order - 1] += sum(min(c, merged[g]) for g, c in cand_ngrams.items())
+            matches[order - 1] += sum((_ngrams(cand, order) & merged).values())  # clipped counts
             possible[order - 1] += max(len(cand) - order + 1, 0)
     precisions = [m / p if p > 0 else 0.0 for m, p in zip(matches, possible)]
     if min(precisions) <= 0 or cand_len == 0:
@@ -334,10 +294,8 @@ def tokenize_13a(text: str) -> list[str]:
 
 
 def token_set_scores(pred_tokens: Sequence[str], ref_tokens: Sequence[str]) -> dict[str, float]:
-    """Set-overlap precision, recall and F1 of two token lists (the MedRegA/MultiMedEval VQA convention).
-
-    Sets, not bags: repeated words count once. Empty reference -> recall 0 (and a warning is the caller's job).
-    """
+    """Set-overlap precision, recall and F1 of two token lists (the MedRegA/MultiMedEval VQA convention: repeated
+    words count once; an empty reference has recall 0)."""
     p, r = set(pred_tokens), set(ref_tokens)
     precision, recall, f1 = prf(len(p & r), len(p), len(r))
     return {"precision": precision, "recall": recall, "f1": f1}

@@ -1,17 +1,6 @@
-"""VQA metrics: closed-question accuracy, open-question recall/accuracy (the paper's rules), token F1, BLEU-1,
-exact match, in English and Chinese.
-
-Default rules (documented in docs/evaluation.md):
-- a question is *closed* when its record says so (`answer_type` CLOSED/OPEN, as SLAKE and VQA-RAD ship it), otherwise
-  when the normalized reference is a yes/no answer (EN yes/no; ZH 是/否/不是/有/没有 or yes/no);
-- a closed answer is correct when the reference token is among the prediction's tokens (token recall >= 0.8, which
-  for a one-token reference means "contains it");
-- open recall = mean token-set recall of the reference over open questions; open accuracy = share with recall >= 0.75;
-- token F1, BLEU-1 (sentence BLEU-1, torchmetrics rule) and exact match are averaged over all questions.
-
-`compat="medrega"` reproduces the original `src/eval/vqa` scorer: its `cleanStr` normalization with attached
-punctuation, and in Chinese the closed rule keyed on the *prediction* being "yes"/"no", with "not" added to a {"no"}
-reference and a 0.4 recall threshold.
+"""VQA metrics in English and Chinese: closed-question accuracy, open-question recall/accuracy (the paper's rules),
+token F1, BLEU-1, exact match. The default rules and the `compat="medrega"` ones (the original `src/eval/vqa`
+scorer) are tabled in docs/evaluation.md.
 """
 from __future__ import annotations
 
@@ -54,14 +43,11 @@ class VQASample:
 
 
 def normalize_en(text: str) -> str:
-    """Default English answer normalization: NFKC, lower-case, MedRegA's medical contractions, punctuation -> space.
-
-    Unlike the original cleanStr, punctuation never sticks to words ("yes." and "yes" are the same answer).
-    """
+    """Default English answer normalization: NFKC, lower-case, MedRegA's medical contractions, punctuation -> space
+    (unlike the original cleanStr, "yes." and "yes" are the same answer)."""
     text = unicodedata.normalize("NFKC", text).lower().replace("-", " ")
     text = re.sub(r"[^\w\s%]", " ", text)
-    words = [_MEDREGA_CONTRACTIONS.get(w, w) for w in text.split()]
-    return " ".join(" ".join(words).split())
+    return " ".join(_MEDREGA_CONTRACTIONS.get(w, w) for w in text.split())
 
 
 def medrega_clean_en(text: str) -> str:
@@ -115,15 +101,12 @@ def score_vqa_sample(prediction: str, reference: str, lang: str, answer_type: st
                 recall_c = len(set(pred) & ref_set) / len(ref_set) if ref_set else 0.0
                 return VQASample(True, recall_c >= 0.4, recall, f1, bleu1, exact)
             return VQASample(False, recall >= OPEN_ACCURACY_RECALL, recall, f1, bleu1, exact)
-        bleu1 = sentence_bleu1(pred, [ref]) if ref else 0.0
         # the original decides "closed" on the cleaned reference *string*: "No " stays "no " and is open
         closed = medrega_clean_en(reference) in ("yes", "no")
-        correct = recall >= (CLOSED_RECALL if closed else OPEN_ACCURACY_RECALL)
-        return VQASample(closed, correct, recall, f1, bleu1, exact)
-    bleu1 = sentence_bleu1(pred, [ref]) if ref else 0.0
-    closed = _is_closed(ref, lang, answer_type)
+    else:
+        f1, closed = overlap["f1"], _is_closed(ref, lang, answer_type)
     correct = recall >= (CLOSED_RECALL if closed else OPEN_ACCURACY_RECALL)
-    return VQASample(closed, correct, recall, overlap["f1"], bleu1, exact)
+    return VQASample(closed, correct, recall, f1, sentence_bleu1(pred, [ref]), exact)
 
 
 def _medrega_f1(pred: set[str], ref: set[str]) -> float:
@@ -165,6 +148,6 @@ def aggregate_vqa(samples: Sequence[VQASample], compat: str | None = None) -> di
 
 
 def says_not_visible(text: str) -> bool:
-    """True when an answer says the asked-for object is not in the image ("... is not visible", "cannot be seen",
-    "未见X", "不可见", "看不到", ...; "未见异常" - "no abnormality seen" - does not count). The absent-name accuracy also requires that such an answer draws no box."""
+    """True when an answer says the asked-for object is not in the image ("is not visible", "未见X", ...; "未见异常",
+    "no abnormality seen", does not count)."""
     return _NOT_VISIBLE_RE.search(text) is not None
