@@ -95,8 +95,9 @@ def check_resume(bench_dir: Path, settings: dict[str, Any], overwrite: bool) -> 
             recorded = json.loads(recorded_path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError):
             recorded = {"unreadable": True}
-        if isinstance(recorded, dict):
-            recorded.setdefault("regional_cot", False)  # files written before the flag existed: plain answers
+        if not isinstance(recorded, dict):
+            recorded = {"unreadable": True}  # valid JSON but not a settings object
+        recorded.setdefault("regional_cot", False)  # files written before the flag existed: plain answers
     settings = json.loads(json.dumps(settings, sort_keys=True))  # compare as recorded (tuples -> lists)
     differs = has_predictions and recorded != settings
     if differs and not overwrite:

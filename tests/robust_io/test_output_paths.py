@@ -216,6 +216,8 @@ def test_eval_resume_refuses_other_settings_unless_overwrite(eval_setup, tmp_pat
                          (_run_args(other_model, data, yml, out), "model: recorded"),
                          (_run_args(model_dir, data, yml, out, "--dtype", "bfloat16"), "dtype")]:
         _expect_refusal(main, argv, [preds], capsys, needle)
+    (out / "tiny_vqa" / "run_settings.json").write_text("[1, 2]")  # valid JSON, not a settings object
+    _expect_refusal(main, _run_args(model_dir, data, yml, out), [preds], capsys, "unreadable: recorded True")
     (out / "tiny_vqa" / "run_settings.json").unlink()  # predictions of unknown provenance are not merged either
     _expect_refusal(main, _run_args(model_dir, data, yml, out), [preds], capsys, "no run_settings.json")
     before = tree_digest(preds)
