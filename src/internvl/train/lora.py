@@ -149,7 +149,8 @@ def load_base(base_model: str | os.PathLike, dtype: torch.dtype, vocab: int) -> 
 
 
 def load_lora_run(model: nn.Module, run_dir: str | os.PathLike, is_trainable: bool = False) -> None:
-    """Attach the adapters of a saved LoRA run to an unwrapped `model` and load its other trained weights, in place.
+    """Attach the adapters of a saved LoRA run to `model` (or reload them into its adapters: resume) and load its
+    other trained weights, in place.
 
     A QLoRA run (`base_quantization` in lora_run.json) first has the LLM's plain linear weights replaced by their NF4
     round trip (`internvl.train.qlora.dequantize_round_trip_`), so base + adapters compute what training computed;
@@ -160,7 +161,7 @@ def load_lora_run(model: nn.Module, run_dir: str | os.PathLike, is_trainable: bo
     run = Path(run_dir)
     info_path, info = read_lora_info(run)
     spec = info.get(QUANT_INFO_KEY)
-    if spec is not None and "language_model" in info["adapters"]:
+    if spec is not None and "language_model" in info["adapters"] and not has_lora(model):
         # trained on a 4-bit LLM: give the (unquantised) base the weights training saw, dequant(quant(W))
         from internvl.train.qlora import dequantize_round_trip_
 
@@ -168,8 +169,10 @@ def load_lora_run(model: nn.Module, run_dir: str | os.PathLike, is_trainable: bo
     for part in info["adapters"]:
         adapter_dir = run / ADAPTERS_DIRNAME / part
         sub = getattr(model, part)
-        if isinstance(sub, PeftModel):
-            sub.load_adapter(str(adapter_dir), adapter_name="default", is_trainable=is_trainable)
+        if isinstance(sub, PeftModel):  # resume: the run's own adapters, reloaded in place
+            result = sub.load_adapter(str(adapter_dir), adapter_name="default", is_trainable=is_trainable)
+            if result.unexpected_keys:
+                raise ValueError(f"{adapter_dir}: unexpected keys {result.unexpected_keys[:5]}")
         else:
             setattr(model, part, PeftModel.from_pretrained(sub, str(adapter_dir), is_trainable=is_trainable))
     extra_path = run / NON_LORA_FILENAME
