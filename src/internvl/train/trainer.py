@@ -1,11 +1,9 @@
 """`MedRegTrainer`: transformers' Trainer with the pieces InternVL fine-tuning needs.
 
-- Loss: `internvl.ops.causal_lm_loss` (the model's loss too) divided by the supervised tokens (or summed packing
-  weights) of the whole optimizer step over all micro-batches and ranks, so every token weighs the same however
-  samples fall into micro-batches.
-- Atomic checkpoints with a per-rank manifest (`checkpoint`, `manifest`); LoRA runs save PEFT adapters (`lora`).
-- Length-grouped sampling, deterministic per epoch (resume replays the same order); tokens/s and samples/s logs.
-- Divergence guard (`guards`) and, in lenient runs, the count of records skipped while training (`skips`).
+The loss (`internvl.ops.causal_lm_loss`, the model's too) is divided by the supervised tokens of the whole optimizer
+step over all micro-batches and ranks, so every token weighs the same however samples fall into micro-batches.
+Atomic checkpoints with a per-rank manifest, PEFT adapters for LoRA runs, length-grouped sampling deterministic per
+epoch, tokens/s logs, the divergence guard and the count of records skipped in lenient runs.
 """
 from __future__ import annotations
 
@@ -42,8 +40,7 @@ from internvl.train.manifest import merge_manifests, write_rank_manifest
 from internvl.train.skips import SkipReport
 from internvl.train.lora import has_lora, load_lora_run, save_lora_run
 
-# Batch keys the trainer reads itself and never passes to the model: `num_samples` is the number of samples in a
-# packed batch (PackedCollator), which has fewer rows than samples.
+# Batch keys the trainer reads itself and never passes to the model (`num_samples`: samples of a packed batch).
 TRAINER_ONLY_KEYS = ("labels", "loss_weight", "num_samples", SAMPLE_INDEX_KEY, SKIPPED_KEY)
 logger = logging.getLogger("internvl.train")
 
@@ -54,15 +51,12 @@ class LengthGroupedSampler(Sampler[int]):
     """
 
     def __init__(self, lengths: list[int], group_size: int, seed: int = 0) -> None:
-        if group_size < 1:
-            raise ValueError("group_size must be >= 1")
         self.lengths = [int(x) for x in lengths]
         self.group_size = group_size
         self.seed = seed
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
-        """Called by the Trainer at each epoch start."""
         self.epoch = int(epoch)
 
     def __len__(self) -> int:
@@ -74,16 +68,6 @@ class LengthGroupedSampler(Sampler[int]):
         for start in range(0, len(order), self.group_size):
             group = sorted(order[start:start + self.group_size], key=lambda i: -self.lengths[i])
             yield from group
-
-
-def _is_deepspeed_placeholder(optimizer: Any) -> bool:
-    """accelerate's `DummyOptim` (DeepSpeed builds the real optimizer from its params); it is importable only where
-    DeepSpeed is installed."""
-    try:
-        from accelerate.utils.deepspeed import DummyOptim
-    except ImportError:
-        return False
-    return isinstance(optimizer, DummyOptim)
 
 
 class SpeedupCallback(TrainerCallback):
@@ -163,8 +147,8 @@ class MedRegTrainer(trainer_base()):
         return super().training_step(model, inputs, num_items_in_batch)
 
     def step_grad_norm(self, model: nn.Module, grad_norm: Any, default) -> Any:
-        """Trainer's gradient norm (computed by the clipping), checked with the step's loss: one host read per
-        optimizer step. Raises `NonFiniteError`, or marks the step to be skipped (`--on_nonfinite skip`)."""
+        """Trainer's gradient norm, checked with the step's loss (one host read per optimizer step): raises
+        `NonFiniteError`, or marks the step to be skipped (`--on_nonfinite skip`)."""
         grad_norm = default(model, grad_norm=grad_norm)
         ok = self.guard.check_step(self.state.global_step + 1, grad_norm, self.running_loss(), self.args.world_size)
         self.guard.skip_next_step = not ok
@@ -202,7 +186,7 @@ class MedRegTrainer(trainer_base()):
         """Trainer's optimizer. With a DeepSpeed config that names its own optimizer, transformers hands DeepSpeed one
         group of every trainable parameter (weight decay would hit norms and biases too): that placeholder gets the
         same groups as the path without DeepSpeed. Logs the groups."""
-        if _is_deepspeed_placeholder(self.optimizer):
+        if type(self.optimizer).__name__ == "DummyOptim":  # accelerate's placeholder (tested so by transformers too)
             self.optimizer.params = groups = self.optimizer_parameter_groups(model)
         else:
             groups = super().create_optimizer(model).param_groups
@@ -230,12 +214,10 @@ class MedRegTrainer(trainer_base()):
         labels = inputs["labels"]
         loss_weight = inputs.get("loss_weight")
         model_inputs = {k: v for k, v in inputs.items() if k not in TRAINER_ONLY_KEYS}
-        attention_mask = inputs.get("attention_mask")
+        mask = inputs.get("attention_mask")
         if model.training:  # running sums stay on the device, read once per log: no host sync per micro-batch
-            if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.dtype != torch.int32:
-                self._tokens_seen = self._tokens_seen + attention_mask.sum()
-            else:
-                self._tokens_seen = self._tokens_seen + inputs["input_ids"].numel()
+            padded = mask is not None and mask.dim() == 2 and mask.dtype != torch.int32
+            self._tokens_seen = self._tokens_seen + (mask.sum() if padded else inputs["input_ids"].numel())
             num_samples = inputs.get("num_samples")  # packed batches: samples, not rows
             self._samples_seen = self._samples_seen + (num_samples if num_samples is not None
                                                        else inputs["input_ids"].shape[0])
@@ -273,8 +255,8 @@ class MedRegTrainer(trainer_base()):
         return head if zero3_partitioned_head(head) and not deepcompile else None
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
-        """Adds `tokens_per_second` and `samples_per_second` (all ranks, since the previous log) and, on GPU, this
-        rank's peak allocated memory `gpu_mem_peak_gib` to training logs."""
+        """Adds `tokens_per_second`, `samples_per_second` (all ranks, since the previous log) and, on GPU, this rank's
+        `gpu_mem_peak_gib` to training logs; the skip counts of the guard and of lenient runs."""
         if "loss" in logs:
             now = time.perf_counter()
             counts = torch.stack([torch.as_tensor(c, device=self.args.device).to(torch.float64).reshape(())
