@@ -1,16 +1,12 @@
 """`medrega-train` (= `python -m internvl.train`): fine-tune InternVL-Chat / MedRegA on MedRegInstruct-format data.
 
-Examples
-  # stage 2, LoRA on the LLM, from a local checkpoint
-  medrega-train --model_name_or_path /ckpt/medrega --meta_path meta_file.json --output_dir runs/lora \\
-      --freeze_backbone True --freeze_mlp True --freeze_llm True --use_llm_lora 16 --bf16 True
-  # train the tiny preset from scratch (random init) with a local tokenizer
-  medrega-train --preset tiny --tokenizer_path tok/ --meta_path meta.json --output_dir runs/tiny --max_steps 300
+    medrega-train --model_name_or_path /ckpt/medrega --meta_path meta_file.json --output_dir runs/lora \\
+        --use_llm_lora 16 --bf16 True
 
-Every run writes `run_config.json` (all flags after defaults, plus versions and world size) to `--output_dir`, and
-checkpoints `checkpoint-N/` atomically; `--resume_from_checkpoint auto` continues from the newest complete one.
-The final model is written to `--output_dir` in the original layout (full runs) or as PEFT adapters (LoRA runs; merge
-with `medrega-merge-lora`).
+Every run writes `run_config.json` (all flags after defaults, versions, world size; it can be fed back to repeat the
+run) and atomic `checkpoint-N/` folders to `--output_dir`; `--resume_from_checkpoint auto` continues from the newest
+one that verifies. The final model is saved in the original layout, or as PEFT adapters for LoRA runs
+(`medrega-merge-lora` merges them). The shell recipes in `src/shell` are thin wrappers over this command.
 """
 from __future__ import annotations
 
@@ -123,11 +119,10 @@ def speedups_from_args(model_args: ModelArguments):
 def write_run_config(output_dir: str, model_args: ModelArguments, data_args: DataTrainingArguments,
                      training_args: MedRegTrainingArguments, extra: dict[str, Any]) -> Path:
     """Save the resolved configuration of this run (main process only)."""
-    path = Path(output_dir) / RUN_CONFIG_NAME
-    path.parent.mkdir(parents=True, exist_ok=True)
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
     config = resolved_config(model_args, data_args, training_args, extra=extra)
-    path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    return path
+    text = json.dumps(config, indent=2, ensure_ascii=False) + "\n"
+    return atomic_write_text(Path(output_dir) / RUN_CONFIG_NAME, text)
 
 
 def _setup_logging(training_args: MedRegTrainingArguments) -> None:
