@@ -10,6 +10,7 @@ one that verifies. The final model is saved in the original layout, or as PEFT a
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import gc
 import json
@@ -165,7 +166,7 @@ def train(model_args: ModelArguments, data_args: DataTrainingArguments,
         "total_params": built.total_params,
         "num_train_samples": len(dataset),
         "resumed_from": resume,
-        "fsdp_frozen_towers": towers.as_dict(),
+        "fsdp_frozen_towers": dataclasses.asdict(towers),
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "transformers": transformers.__version__},
         "argv": sys.argv,

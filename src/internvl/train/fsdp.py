@@ -22,19 +22,14 @@ FROZEN_TOWERS: tuple[str, ...] = ("vision_model", "mlp1")
 
 @dataclass
 class TowerPlacement:
-    """What `place_frozen_towers` did: towers kept out of FSDP, layer classes taken off the wrap list, tensors cast to
-    bf16, bytes each GPU holds for the replicated towers, and why a tower was not replicated (`reason`)."""
+    """What `place_frozen_towers` did (saved in run_config.json): towers kept out of FSDP, layer classes taken off the
+    wrap list, tensors cast to bf16, bytes each GPU holds for the replicated towers, why a tower was not replicated."""
 
     replicated: list[str] = field(default_factory=list)
     unwrapped: list[str] = field(default_factory=list)
-    cast: int = 0
+    cast_to_bf16: int = 0
     bytes_per_gpu: int = 0
     reason: str = ""
-
-    def as_dict(self) -> dict:
-        """JSON-able form (run_config.json)."""
-        return {"replicated": self.replicated, "unwrapped": self.unwrapped, "cast_to_bf16": self.cast,
-                "bytes_per_gpu": self.bytes_per_gpu, "reason": self.reason}
 
 
 def place_frozen_towers(model: nn.Module, training_args) -> TowerPlacement:
@@ -61,12 +56,12 @@ def place_frozen_towers(model: nn.Module, training_args) -> TowerPlacement:
     placed = TowerPlacement(replicated=frozen, reason=f"trainable, sharded: {', '.join(trainable)}" if trainable
                             else "")
     if training_args.bf16:
-        placed.cast = _to_bf16([towers[n] for n in frozen])
+        placed.cast_to_bf16 = _to_bf16([towers[n] for n in frozen])
     placed.unwrapped = keep_out_of_fsdp(training_args, frozen, _classes_only_in(model, frozen))
     placed.bytes_per_gpu = sum(p.numel() * p.element_size() for n in frozen for p in towers[n].parameters())
     logger.info("FSDP: frozen %s replicated on every rank, kept out of FSDP (%d tensors cast to bf16; %.2f GB of "
                 "weights per GPU; %s off the wrap list); --fsdp_frozen_towers sharded shards them%s",
-                ", ".join(frozen), placed.cast, placed.bytes_per_gpu / 1e9, ", ".join(placed.unwrapped) or "nothing",
+                ", ".join(frozen), placed.cast_to_bf16, placed.bytes_per_gpu / 1e9, ", ".join(placed.unwrapped) or "nothing",
                 f"; {placed.reason}" if placed.reason else "")
     return placed
 
