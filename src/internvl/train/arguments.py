@@ -119,8 +119,6 @@ class MedRegTrainingArguments(TrainingArguments):
                                                "the divergence guard handles them.")
 
     def __post_init__(self) -> None:
-        if self.max_nonfinite_steps < 0:
-            raise ValueError(f"--max_nonfinite_steps must be >= 0, got {self.max_nonfinite_steps}")
         if self.on_nonfinite == "skip" and self.deepspeed:
             raise ValueError("--on_nonfinite skip is not available with DeepSpeed (its engine steps inside backward, "
                              "before the check); use --on_nonfinite stop")
@@ -164,13 +162,9 @@ FREEZE_FLAGS = ("freeze_llm", "freeze_backbone", "freeze_mlp")
 
 
 def resolve_freeze_defaults(model_args: ModelArguments) -> ModelArguments:
-    """Give every freeze flag left unset (None) its default, in place; returns `model_args`.
-
-    With LoRA on (`--use_llm_lora` or `--use_backbone_lora`), a tower whose flag was not given is frozen: only the
-    adapters train, as in the original LoRA recipes (InternVL's "continue_lora": everything frozen + `use_llm_lora
-    16`; MedRegA stage 2: ViT and projector frozen). Without LoRA nothing is frozen unless asked (the original
-    trainer's defaults). A tower unfrozen on purpose under LoRA trains fully; the build warns about it.
-    """
+    """Give every freeze flag left unset (None) its default, in place; returns `model_args`. With LoRA on, a tower
+    whose flag was not given is frozen, so only the adapters train (as in the original LoRA recipes); without LoRA
+    nothing is frozen unless asked (the original trainer's defaults)."""
     lora = bool(model_args.use_llm_lora or model_args.use_backbone_lora)
     for name in FREEZE_FLAGS:
         if getattr(model_args, name) is None:
@@ -222,7 +216,7 @@ _RANGES: dict[str, tuple[str, str]] = {
     "learning_rate": ("training", "(0, inf)"), "per_device_train_batch_size": ("training", "[1, inf)"),
     "gradient_accumulation_steps": ("training", "[1, inf)"), "num_train_epochs": ("training", "(0, inf)"),
     "dataloader_num_workers": ("training", "[0, inf)"), "logging_steps": ("training", "(0, inf)"),
-    "weight_decay": ("training", "[0, inf)"),
+    "weight_decay": ("training", "[0, inf)"), "max_nonfinite_steps": ("training", "[0, inf)"),
 }
 
 
