@@ -185,8 +185,9 @@ class MedRegTrainer(trainer_base()):
     def create_optimizer(self, model: nn.Module | None = None):
         """Trainer's optimizer. With a DeepSpeed config that names its own optimizer, transformers hands DeepSpeed one
         group of every trainable parameter (weight decay would hit norms and biases too): that placeholder gets the
-        same groups as the path without DeepSpeed. Logs the groups."""
-        if type(self.optimizer).__name__ == "DummyOptim":  # accelerate's placeholder (tested so by transformers too)
+        same groups as the path without DeepSpeed (accelerate's `DummyOptim`, known by name as transformers knows
+        its `DummyScheduler`). Logs the groups."""
+        if type(self.optimizer).__name__ == "DummyOptim":
             self.optimizer.params = groups = self.optimizer_parameter_groups(model)
         else:
             groups = super().create_optimizer(model).param_groups
