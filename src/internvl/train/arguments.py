@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
 
@@ -139,19 +140,16 @@ ARGUMENT_CLASSES = (ModelArguments, DataTrainingArguments, MedRegTrainingArgumen
 def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataTrainingArguments, MedRegTrainingArguments]:
     """Parse `argv` (default: sys.argv[1:]) into the three argument groups and check them together.
 
-    A single `.json`/`.yaml` argument is read as a config file holding all flags (the resolved `run_config.json` of an
-    earlier run works). Raises `ValueError` with a readable message on inconsistent flags.
+    A single `.json`/`.yaml` argument is read as a config file holding all flags, flat or grouped like the resolved
+    `run_config.json` of an earlier run. Raises `ValueError` with a readable message on inconsistent flags.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = HfArgumentParser(ARGUMENT_CLASSES)
     if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
-        path = Path(argv[0])
-        if path.suffix == ".json":
-            raw = json.loads(path.read_text(encoding="utf-8"))
-            flat = {**raw.get("model", {}), **raw.get("data", {}), **raw.get("training", {})} if "model" in raw else raw
-            model_args, data_args, training_args = parser.parse_dict(flat, allow_extra_keys=False)
-        else:
-            model_args, data_args, training_args = parser.parse_yaml_file(str(path))
+        text = Path(argv[0]).read_text(encoding="utf-8")
+        raw = json.loads(text) if argv[0].endswith(".json") else yaml.safe_load(text)
+        flat = {**raw.get("model", {}), **raw.get("data", {}), **raw.get("training", {})} if "model" in raw else raw
+        model_args, data_args, training_args = parser.parse_dict(flat, allow_extra_keys=False)
     else:
         model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     validate_args(model_args, data_args, training_args)
