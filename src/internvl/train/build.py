@@ -19,7 +19,7 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 from internvl.compat import active_hf_deepspeed_config, set_attn_implementation
 from internvl.constants import IMG_CONTEXT_TOKEN
 from internvl.model import InternVLChatConfig, InternVLChatModel, load_preset
-from internvl.model.loading import resolve_dtype as dtype_named
+from internvl.model.loading import resolve_dtype
 from internvl.tokenization import add_special_tokens, load_tokenizer, save_tokenizer
 from internvl.train.arguments import DataTrainingArguments, ModelArguments, resolve_freeze_defaults
 from internvl.train.lora import wrap_backbone_lora, wrap_llm_lora
@@ -158,7 +158,7 @@ def build_model_and_tokenizer(model_args: ModelArguments, data_args: DataTrainin
     tokenizer_dir = model_args.tokenizer_path or model_args.model_name_or_path
     tokenizer = load_tokenizer(tokenizer_dir, model_max_length=data_args.max_seq_length)
     add_special_tokens(tokenizer)
-    dtype = (dtype_named(model_args.model_dtype) if model_args.model_dtype != "auto"
+    dtype = (resolve_dtype(model_args.model_dtype) if model_args.model_dtype != "auto"
              else torch.bfloat16 if use_deepspeed_bf16 else torch.float32)
     spec = four_bit_spec(model_args, dtype, device)
     lora = bool(model_args.use_llm_lora or model_args.use_backbone_lora)

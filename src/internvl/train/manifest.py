@@ -53,6 +53,7 @@ def _listed_files(root: Path, rank: int | None = None, world_size: int = 1) -> l
 
 
 def _mine(relpath: str, rank: int | None, world_size: int) -> bool:
+    """Whether `rank` writes and checks `relpath` (every file when rank is None)."""
     return rank is None or rank_of(relpath) % max(world_size, 1) == rank
 
 
