@@ -16,6 +16,8 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+import torch.distributed as dist
+
 from internvl.io_safety import fsync_path
 from internvl.train.manifest import verify_manifest
 
@@ -147,8 +149,6 @@ def select_resume_checkpoint(output_dir: str | os.PathLike,
 def verify_checkpoint(checkpoint_dir: str | os.PathLike) -> list[str]:
     """Problems of `checkpoint_dir` against its manifest (empty = verified). Under torch.distributed every rank checks
     the files it writes (`internvl.train.manifest.rank_of`) and all ranks get every rank's problems."""
-    import torch.distributed as dist
-
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         return verify_manifest(checkpoint_dir)
     mine = verify_manifest(checkpoint_dir, rank=dist.get_rank(), world_size=dist.get_world_size())

@@ -30,7 +30,15 @@ import torch
 import torch.distributed as dist
 import transformers
 from transformers import set_seed
+from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
+from internvl.cli_support import UsageError, run_cli
+from internvl.compat import fsdp_on_cpu
+from internvl.data.collate import PackedCollator, pad_collate
+from internvl.data.dataset import build_training_dataset
+from internvl.data.records import BadRecordError
+from internvl.io_safety import atomic_write_text, check_output_dir
+from internvl.ops.train_speedups import TrainSpeedups
 from internvl.train.arguments import (
     DataTrainingArguments,
     MedRegTrainingArguments,
@@ -38,8 +46,7 @@ from internvl.train.arguments import (
     parse_args,
     resolved_config,
 )
-from internvl.cli_support import UsageError, run_cli
-from internvl.io_safety import atomic_write_text, check_output_dir
+from internvl.train.build import build_model_and_tokenizer
 from internvl.train.checkpoint import (
     clean_staging,
     find_latest_checkpoint,
@@ -47,6 +54,11 @@ from internvl.train.checkpoint import (
     select_resume_checkpoint,
     verify_checkpoint,
 )
+from internvl.train.fsdp import place_frozen_towers
+from internvl.train.guards import NonFiniteError, assert_finite_model
+from internvl.train.safe_load import deepspeed_safe_loads
+from internvl.train.skips import SkipReport
+from internvl.train.trainer import MedRegTrainer
 
 logger = logging.getLogger("internvl.train")
 
@@ -85,9 +97,6 @@ def resolve_resume(training_args: MedRegTrainingArguments) -> str | None:
 
 def build_data(data_args: DataTrainingArguments, tokenizer: Any, model_config: Any, seed: int):
     """Training dataset and collator from the meta file, through the shared data core (records checks, encode)."""
-    from internvl.data.collate import PackedCollator, pad_collate
-    from internvl.data.dataset import build_training_dataset
-
     dataset = build_training_dataset(
         data_args.meta_path,
         tokenizer=tokenizer,
@@ -109,8 +118,6 @@ def build_data(data_args: DataTrainingArguments, tokenizer: Any, model_config: A
 
 def speedups_from_args(model_args: ModelArguments):
     """The training fast paths the flags ask for (`internvl.ops.train_speedups.TrainSpeedups`)."""
-    from internvl.ops.train_speedups import TrainSpeedups
-
     return TrainSpeedups(compile_layers=model_args.compile_layers, fuse_projections=model_args.fuse_projections,
                          fast_kernels=model_args.fast_kernels, lm_loss_impl=model_args.lm_loss_impl,
                          ckpt_skip_llm_layers=model_args.grad_checkpoint_skip_llm_layers if model_args.grad_checkpoint
@@ -138,13 +145,6 @@ def _setup_logging(training_args: MedRegTrainingArguments) -> None:
 def train(model_args: ModelArguments, data_args: DataTrainingArguments,
           training_args: MedRegTrainingArguments) -> dict[str, Any]:
     """Run one training job end to end; returns the Trainer's train metrics."""
-    from internvl.compat import fsdp_on_cpu
-    from internvl.train.build import build_model_and_tokenizer
-    from internvl.train.fsdp import place_frozen_towers
-    from internvl.train.guards import assert_finite_model
-    from internvl.train.safe_load import deepspeed_safe_loads
-    from internvl.train.trainer import MedRegTrainer
-
     _setup_logging(training_args)
     output_dir = training_args.output_dir
     resume = resolve_resume(training_args)
@@ -203,8 +203,6 @@ def train(model_args: ModelArguments, data_args: DataTrainingArguments,
 
 def write_skip_report(output_dir: str, report: dict[str, Any]) -> None:
     """Lenient runs: `skipped_records.json` in the run directory, the counts in run_config.json, a log summary."""
-    from internvl.train.skips import SkipReport
-
     path = SkipReport.write(report, output_dir)
     config_path = Path(output_dir) / RUN_CONFIG_NAME
     if config_path.is_file():
@@ -227,9 +225,6 @@ def _main(argv: list[str] | None) -> int:
         raise UsageError(str(exc)) from None
     check_output_dir(training_args.output_dir, must_be_empty=False, inputs_inside_ok=True, what="--output_dir",
                      inputs=[model_args.model_name_or_path, model_args.tokenizer_path, data_args.meta_path])
-    from internvl.data.records import BadRecordError
-    from internvl.train.guards import NonFiniteError
-
     try:
         train(model_args, data_args, training_args)
         if owns_process_group and dist.is_available() and dist.is_initialized():
@@ -262,8 +257,6 @@ def release_deepspeed_config(training_args: MedRegTrainingArguments) -> None:
     """Drop transformers' process-global reference to this run's DeepSpeed config when the run ends; while it is
     registered, any later `from_pretrained` in the same process is built under the finished run's ZeRO settings."""
     if training_args.deepspeed:
-        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
-
         unset_hf_deepspeed_config()
 
 

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from internvl.compat import keep_out_of_fsdp
+
 logger = logging.getLogger("internvl.train")
 
 #: the towers the recipe freezes (`--freeze_backbone`, `--freeze_mlp`), as top-level module names of the model.
@@ -51,8 +53,6 @@ def place_frozen_towers(model: nn.Module, training_args) -> TowerPlacement:
     if not frozen:
         logger.info("FSDP: no frozen tower to replicate (trainable: %s); all sharded", ", ".join(trainable) or "-")
         return TowerPlacement(reason=f"trainable: {', '.join(trainable)}" if trainable else "no tower")
-    from internvl.compat import keep_out_of_fsdp
-
     placed = TowerPlacement(replicated=frozen, reason=f"trainable, sharded: {', '.join(trainable)}" if trainable
                             else "")
     if training_args.bf16:

@@ -17,6 +17,10 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from internvl.model import InternVLChatModel
+from internvl.tokenization import load_tokenizer, resize_embeddings_mean, save_tokenizer
+from internvl.train.qlora import dequantize_round_trip_
+
 ADAPTERS_DIRNAME = "adapters"
 NON_LORA_FILENAME = "non_lora_trainables.safetensors"
 LORA_INFO_FILENAME = "lora_run.json"
@@ -126,9 +130,6 @@ def read_lora_info(run_dir: str | os.PathLike) -> tuple[Path, dict]:
 def load_base(base_model: str | os.PathLike, dtype: torch.dtype, vocab: int) -> nn.Module:
     """The base checkpoint of a LoRA run, its embeddings grown to `vocab` rows (the deterministic mean rows that
     training added for new special tokens)."""
-    from internvl.model import InternVLChatModel
-    from internvl.tokenization import resize_embeddings_mean
-
     model = InternVLChatModel.from_pretrained(str(base_model), dtype=dtype)
     if model.get_input_embeddings().weight.shape[0] != vocab:
         resize_embeddings_mean(model, vocab)
@@ -145,8 +146,6 @@ def load_lora_run(model: nn.Module, run_dir: str | os.PathLike, is_trainable: bo
     spec = info.get(QUANT_INFO_KEY)
     if spec is not None and "language_model" in info["adapters"] and not has_lora(model):
         # trained on a 4-bit LLM: give the (unquantised) base the weights training saw, dequant(quant(W))
-        from internvl.train.qlora import dequantize_round_trip_
-
         dequantize_round_trip_(model.language_model, spec)
     for part in info["adapters"]:
         adapter_dir = run / ADAPTERS_DIRNAME / part
@@ -194,9 +193,6 @@ def merge_lora_run(run_dir: str | os.PathLike, output_dir: str | os.PathLike, ba
     """Base checkpoint (`base_model`, else the run's `lora_run.json`) + a saved LoRA run -> one full checkpoint in the
     original layout at `output_dir`, with the run's tokenizer (its added tokens get the training's mean embedding
     rows). The result is reloaded and must have no missing or unexpected keys (`ValueError` otherwise)."""
-    from internvl.model import InternVLChatModel
-    from internvl.tokenization import load_tokenizer, save_tokenizer
-
     run = Path(run_dir)
     info_path, info = read_lora_info(run)
     base = base_model or info.get("base_model")

@@ -11,7 +11,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from peft import PeftModel
 from torch import nn
+from transformers import BitsAndBytesConfig
 
 from internvl.constants import SKIP_QUANT_MODULES
 from internvl.ops.int8_weights import in_skip_modules
@@ -30,8 +32,6 @@ def quant_spec(quant_type: str, double_quant: bool, compute_dtype: torch.dtype) 
 
 def qlora_config(spec: dict[str, Any]):
     """transformers' `BitsAndBytesConfig` for `spec` (4-bit LLM linears, skip list, compute dtype)."""
-    from transformers import BitsAndBytesConfig
-
     dtype = getattr(torch, spec["dtype"])
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=spec["quant_type"],
                               bnb_4bit_use_double_quant=spec["double_quant"], bnb_4bit_compute_dtype=dtype,
@@ -67,8 +67,6 @@ def allow_trainer_on_adapters(model: nn.Module) -> None:
     """Let transformers' Trainer take a composite model whose quantised LLM carries LoRA adapters: it refuses a model
     flagged `is_quantized` unless the model itself is a `PeftModel`. Here `language_model` is one, with trainable
     adapters; this checks that and clears the top-level flag (the quantisation stays in `model.config`)."""
-    from peft import PeftModel
-
     if not getattr(model, "is_quantized", False):
         return
     language_model = getattr(model, "language_model", None)
