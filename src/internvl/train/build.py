@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from transformers.integrations import deepspeed as hf_deepspeed
 from transformers.integrations import is_deepspeed_zero3_enabled
@@ -145,13 +146,14 @@ def _load(path: str | Path, dtype: torch.dtype, spec: dict | None, device, **kwa
 
 def build_model_and_tokenizer(model_args: ModelArguments, data_args: DataTrainingArguments, *,
                               use_deepspeed_bf16: bool = False,
-                              base_save_dir: str | Path | None = None,
+                              base_save_dir: str | Path | None = None, save_base: bool = True,
                               device: torch.device | str | None = None) -> BuiltModel:
     """Tokenizer + model ready for the Trainer.
 
     `--preset` builds a random-init model whose LLM vocabulary equals the tokenizer (with InternVL's special tokens);
     `--model_name_or_path` loads a checkpoint in the original layout. With LoRA on a preset, the random base is saved
-    to `base_save_dir` first so the adapters can be merged later. With --load_in_4bit the LLM linears are loaded in 4
+    to `base_save_dir` first so the adapters can be merged later (by the process with `save_base`; under
+    torch.distributed the others wait for it). With --load_in_4bit the LLM linears are loaded in 4
     bit onto `device` (a preset: from the saved base). Weights are bf16 with `use_deepspeed_bf16` (DeepSpeed keeps
     fp32 masters; QLoRA), else fp32 (bf16 autocast), unless --model_dtype says otherwise.
     """
@@ -189,8 +191,11 @@ def build_model_and_tokenizer(model_args: ModelArguments, data_args: DataTrainin
     if lora and model_args.preset is not None:
         if base_save_dir is None:
             raise ValueError("LoRA on a random-init preset needs a place to save the base weights (base_save_dir)")
-        model.save_pretrained(str(base_save_dir))
-        save_tokenizer(tokenizer, base_save_dir)
+        if save_base:
+            model.save_pretrained(str(base_save_dir))
+            save_tokenizer(tokenizer, base_save_dir)
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
         base_dir = str(base_save_dir)
         if spec is not None:  # the random base is saved whole; train on its 4-bit load, as from a checkpoint
             model = _load(base_dir, dtype, spec, device)

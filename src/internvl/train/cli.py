@@ -155,7 +155,8 @@ def train(model_args: ModelArguments, data_args: DataTrainingArguments,
     # 4-bit LLM; the adapters are fp32)
     ds_bf16 = bool(training_args.bf16) and bool(training_args.deepspeed or model_args.load_in_4bit)
     built = build_model_and_tokenizer(model_args, data_args, use_deepspeed_bf16=ds_bf16,
-                                      base_save_dir=Path(output_dir) / "base_model", device=training_args.device)
+                                      base_save_dir=Path(output_dir) / "base_model",
+                                      save_base=training_args.should_save, device=training_args.device)
     dataset, collator = build_data(data_args, built.tokenizer, built.model.config, training_args.seed)
     towers = place_frozen_towers(built.model, training_args)  # FSDP: frozen towers replicated (before the Trainer)
     extra = {
