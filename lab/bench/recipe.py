@@ -280,7 +280,7 @@ def run_recipe_case(case: RecipeCase, config, *, batch: int, seq: int, steps: in
             fsdp_frozen_towers=engine.fsdp_frozen_towers,
             **({"fsdp": "full_shard", "fsdp_config": str(path)} if engine.fsdp else {}))
         model_args = _model_args(case.lora)
-        dtype = torch.bfloat16 if (bf16 and ds) else torch.float32  # internvl.train.build.resolve_dtype
+        dtype = torch.bfloat16 if (bf16 and ds) else torch.float32  # as internvl.train.build.build_model_and_tokenizer
         model, shape = build_recipe_model(config, model_args, dtype)
         place_frozen_towers(model, args)  # as medrega-train: under FSDP the frozen towers are replicated by default
         clock = StepClock(warmup)

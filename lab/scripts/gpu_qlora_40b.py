@@ -8,7 +8,7 @@
 The bf16 40B does not fit 80 GB, and there are no released weights on the machine, so the model is built on the meta
 device and materialised on the GPU piece by piece with random weights: the ViT, projector, embeddings and LM head in
 bf16; then each LLM decoder layer in bf16, its linear layers replaced at once by bitsandbytes NF4 `Linear4bit`
-(`internvl.train.qlora.quantize_linears_`, double quantisation, the same spec as `medrega-train --load_in_4bit`), so at
+(`quantize_linears_` below, double quantisation, the same spec as `medrega-train --load_in_4bit`), so at
 most one bf16 layer exists at a time. From there the path is medrega-train's: `prepare_kbit_training`,
 `apply_freezing` (LoRA r16 on the LLM, ViT/projector frozen), non-reentrant gradient checkpointing, `MedRegTrainer`
 (HF Trainer, bf16 autocast, fused LM-head loss, AdamW) on `pad_collate` batches.
@@ -39,6 +39,7 @@ from transformers import TrainerCallback  # noqa: E402
 from internvl.compat import set_attn_implementation  # noqa: E402
 from internvl.data.collate import pad_collate  # noqa: E402
 from internvl.model import InternVLChatModel, load_preset  # noqa: E402
+from internvl.ops.int8_weights import in_skip_modules  # noqa: E402
 from internvl.train import qlora  # noqa: E402
 from internvl.train.arguments import MedRegTrainingArguments, ModelArguments  # noqa: E402
 from internvl.train.build import apply_freezing, enable_gradient_checkpointing, trainable_by_tower  # noqa: E402
@@ -103,6 +104,28 @@ def materialise(module: nn.Module, device: torch.device, std: float) -> None:
     random_init_(module, std)
 
 
+def quantize_linears_(module: nn.Module, spec: dict, device: torch.device) -> int:
+    """Replace every `nn.Linear` under `module` (except `spec["skip_modules"]` names) by a `bitsandbytes` 4-bit layer
+    quantised on `device` (transformers' loader cannot do this for a model materialised layer by layer). Returns the
+    count."""
+    import bitsandbytes as bnb
+
+    dtype = getattr(torch, spec["dtype"])
+    targets = [(name, child) for name, child in module.named_modules() if type(child) is nn.Linear
+               and not in_skip_modules(name, spec["skip_modules"])]
+    for name, child in targets:
+        layer = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                  compute_dtype=dtype, compress_statistics=spec["double_quant"],
+                                  quant_type=spec["quant_type"], device="meta")
+        layer.weight = bnb.nn.Params4bit(child.weight.data.to(dtype), requires_grad=False,
+                                         quant_type=spec["quant_type"], compress_statistics=spec["double_quant"],
+                                         blocksize=spec["blocksize"])
+        if child.bias is not None:
+            layer.bias = nn.Parameter(child.bias.data.to(dtype), requires_grad=False)
+        module.set_submodule(name, layer.to(device))  # moving the weight there quantises it
+    return len(targets)
+
+
 def build_4bit_model(config, spec: dict, dtype: torch.dtype, device: torch.device) -> InternVLChatModel:
     """Meta-device build, then per part on `device`: bf16 towers, and each LLM layer quantised right after it is
     materialised (the bf16 layer is freed when its linears are replaced)."""
@@ -117,7 +140,7 @@ def build_4bit_model(config, spec: dict, dtype: torch.dtype, device: torch.devic
     quantised = 0
     for layer in lm.model.layers:
         materialise(layer, device, std)
-        quantised += qlora.quantize_linears_(layer, spec, device)
+        quantised += quantize_linears_(layer, spec, device)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]

@@ -46,3 +46,13 @@ def test_run_config_round_trips(tmp_path):
     again = parse_args([str(path)])
     assert again[0] == args[0] and again[1] == args[1]
     assert again[2].max_steps == 7 and again[2].warmup_steps == 0.05 and again[2].output_dir == "out"
+
+
+def test_yaml_config_flat_or_grouped_like_run_config(tmp_path):
+    flat = tmp_path / "flat.yaml"
+    flat.write_text("model_name_or_path: ckpt\nmeta_path: m.json\noutput_dir: out\nuse_cpu: true\nuse_llm_lora: 8\n")
+    grouped = tmp_path / "grouped.yaml"
+    grouped.write_text("model: {model_name_or_path: ckpt, use_llm_lora: 8}\ndata: {meta_path: m.json}\n"
+                       "training: {output_dir: out, use_cpu: true}\n")
+    assert parse_args([str(flat)])[:2] == parse_args([str(grouped)])[:2]
+    assert parse_args([str(grouped)])[0].use_llm_lora == 8

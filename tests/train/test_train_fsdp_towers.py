@@ -58,7 +58,7 @@ def test_default_replicates_frozen_towers_in_bf16_outside_fsdp(tmp_path, base_mo
         placed = place_frozen_towers(model, args)
     assert placed.replicated == ["vision_model", "mlp1"] and placed.unwrapped == ["InternVisionEncoderLayer"]
     towers = [model.vision_model, model.mlp1]
-    assert placed.cast == sum(1 for t in towers for _ in t.parameters()) == 36
+    assert placed.cast_to_bf16 == sum(1 for t in towers for _ in t.parameters()) == 36
     assert _dtypes(model.vision_model) == _dtypes(model.mlp1) == {torch.bfloat16}
     assert _dtypes(model.language_model) == {torch.float32}  # FSDP2's fp32 master weights stay as they were
     assert placed.bytes_per_gpu == sum(p.numel() * 2 for t in towers for p in t.parameters())
@@ -78,7 +78,7 @@ def test_default_replicates_frozen_towers_in_bf16_outside_fsdp(tmp_path, base_mo
 def test_fp32_run_replicates_without_casting(tmp_path, base_model):
     model, args = _model(base_model), _args(tmp_path, bf16=False)
     placed = place_frozen_towers(model, args)
-    assert placed.replicated == ["vision_model", "mlp1"] and placed.cast == 0
+    assert placed.replicated == ["vision_model", "mlp1"] and placed.cast_to_bf16 == 0
     assert _dtypes(model.vision_model) == {torch.float32}
     assert args.fsdp_plugin_args["ignored_modules"] == "vision_model|mlp1"
 
@@ -90,7 +90,7 @@ def test_untouched_without_fsdp_with_sharded_or_trainable_towers(tmp_path, base_
     args = _args(tmp_path, fsdp=case != "no_fsdp", **({"fsdp_frozen_towers": "sharded"} if case == "sharded" else {}))
     before = copy.deepcopy(args.fsdp_plugin_args)
     placed = place_frozen_towers(model, args)
-    assert placed.replicated == [] and placed.cast == 0 and placed.reason
+    assert placed.replicated == [] and placed.cast_to_bf16 == 0 and placed.reason
     assert args.fsdp_plugin_args == before
     assert _dtypes(model) == {torch.float32}
     if before is not None:

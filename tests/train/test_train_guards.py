@@ -18,6 +18,7 @@ from transformers import TrainerCallback
 from internvl.testing.helpers import pad_text_batch
 from internvl.testing.square_task import write_square_dataset
 from internvl.train import checkpoint as ckpt
+from internvl.train.arguments import parse_args
 from internvl.train.guards import NonFiniteError, StepGuard, assert_finite_model
 from internvl.train.manifest import verify_manifest
 from internvl.train.trainer import MedRegTrainer
@@ -134,11 +135,12 @@ def test_a_nonfinite_model_is_never_saved(tmp_path):
     assert ckpt.list_checkpoints(tmp_path) == []
 
 
-def test_guard_options_are_checked():
-    with pytest.raises(ValueError, match="on_nonfinite"):
-        StepGuard(policy="ignore")
+def test_guard_options_are_checked_where_the_flags_are_parsed():
+    flags = ["--model_name_or_path", "c", "--meta_path", "m.json", "--output_dir", "o", "--use_cpu", "True"]
+    with pytest.raises(SystemExit):  # argparse: not one of the choices
+        parse_args([*flags, "--on_nonfinite", "ignore"])
     with pytest.raises(ValueError, match="max_nonfinite_steps"):
-        StepGuard(policy="skip", max_skipped=-1)
+        parse_args([*flags, "--on_nonfinite", "skip", "--max_nonfinite_steps", "-1"])
 
 
 def test_cli_learning_rate_1e6_stops_with_step_and_record_ids(tmp_path, tiny_tokenizer_dir):

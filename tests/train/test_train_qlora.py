@@ -126,8 +126,8 @@ def test_qlora_trains_through_medrega_train_and_merges(tmp_path, tiny_tokenizer_
 def test_memory_plan_nf4_bytes_match_a_quantised_layer_and_qlora_rows_print(capsys):
     from internvl.train.memory_plan import NF4_BYTES, count_params, main, qlora_row
 
-    layer = qlora.quantize_linear(torch.nn.Linear(1024, 4096, bias=False), "nf4", True, torch.float32,
-                                  torch.device("cpu"))
+    layer = bnb.nn.Linear4bit(1024, 4096, bias=False, compute_dtype=torch.float32, compress_statistics=True,
+                              quant_type="nf4").to("cpu")  # quantised on the move, as in training
     state = layer.weight.quant_state
     stored = (layer.weight.numel() + state.absmax.numel() * state.absmax.element_size()
               + state.state2.absmax.numel() * state.state2.absmax.element_size())

@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-import internvl.train.trainer as trainer_module
+import internvl.train.cli as cli_module
 from internvl.demo.tasks import build_prompt
 from internvl.image_processing import images_to_pixel_values
 from internvl.model import InternVLChatModel
@@ -62,12 +62,12 @@ def _train(out: Path, meta: Path, monkeypatch, *extra: str):
     """One optimizer step of `medrega-train` on the bundled model; returns the Trainer it ran."""
     trainers = []
 
-    class Kept(trainer_module.MedRegTrainer):
+    class Kept(cli_module.MedRegTrainer):
         def __init__(self, *args, **kwargs) -> None:
             super().__init__(*args, **kwargs)
             trainers.append(self)
 
-    monkeypatch.setattr(trainer_module, "MedRegTrainer", Kept)
+    monkeypatch.setattr(cli_module, "MedRegTrainer", Kept)
     code = main(["--model_name_or_path", str(BUNDLED), "--meta_path", str(meta), "--output_dir", str(out),
                  "--max_steps", "1", "--per_device_train_batch_size", "2", "--learning_rate", "1e-4",
                  "--warmup_steps", "0", "--save_strategy", "steps", "--save_steps", "1", "--logging_steps", "1",

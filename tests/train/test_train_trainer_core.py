@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -196,6 +197,33 @@ def test_lora_adapters_save_load_and_merge(tmp_path):
     assert not has_lora(fresh)
     assert set(fresh.state_dict()) == set(base_state)
     torch.testing.assert_close(fresh(ids), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_lora_resume_reloads_into_the_wrapped_model_and_refuses_foreign_keys(tmp_path):
+    """Resume reloads a run's adapters into the already-wrapped model (trainable, in place) through the same loader as
+    the merge; an adapter file with keys the model does not have is refused, naming the adapter folder."""
+    torch.manual_seed(0)
+    model = Holder()
+    wrap_llm_lora(model, r=4, dropout=0.0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name or name.startswith("mlp1."):
+                p.add_(torch.randn_like(p) * 0.1)
+    ids = torch.randint(0, VOCAB, (2, 9))
+    expected = model(ids).detach()
+    save_lora_run(model, tmp_path, base_model="base-dir")
+    torch.manual_seed(0)
+    resumed = Holder()
+    wrap_llm_lora(resumed, r=4, dropout=0.0)
+    load_lora_run(resumed, tmp_path, is_trainable=True)
+    torch.testing.assert_close(resumed(ids), expected)
+    assert all(p.requires_grad for n, p in resumed.named_parameters() if "lora_" in n)
+
+    adapter = tmp_path / "adapters" / "language_model" / "adapter_model.safetensors"
+    tensors = load_file(adapter)
+    save_file({**tensors, "base_model.model.bogus.lora_A.weight": torch.zeros(4, 4)}, adapter)
+    with pytest.raises(ValueError, match=r"adapters/language_model: unexpected keys"):
+        load_lora_run(resumed, tmp_path, is_trainable=True)
 
 
 class PackedRecorder(nn.Module):

@@ -1,7 +1,6 @@
 """Build the tokenizer and the model for a training run: load or random-init, apply overrides, freeze, add LoRA.
 
-Why here and not in the model package: these are *training* decisions (what trains, which checkpointing) driven by the
-`medrega-train` flags; the model package only knows how to build and load an `InternVLChatModel`.
+These are training decisions driven by the `medrega-train` flags; the model package only builds and loads models.
 """
 from __future__ import annotations
 
@@ -13,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from transformers.integrations import deepspeed as hf_deepspeed
 from transformers.integrations import is_deepspeed_zero3_enabled
@@ -20,7 +20,7 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 from internvl.compat import active_hf_deepspeed_config, set_attn_implementation
 from internvl.constants import IMG_CONTEXT_TOKEN
 from internvl.model import InternVLChatConfig, InternVLChatModel, load_preset
-from internvl.model.loading import resolve_dtype as dtype_named
+from internvl.model.loading import resolve_dtype
 from internvl.tokenization import add_special_tokens, load_tokenizer, save_tokenizer
 from internvl.train.arguments import DataTrainingArguments, ModelArguments, resolve_freeze_defaults
 from internvl.train.lora import wrap_backbone_lora, wrap_llm_lora
@@ -31,28 +31,27 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class BuiltModel:
-    """What `build_model_and_tokenizer` returns: the model, its tokenizer, and where its frozen base lives."""
+    """What `build_model_and_tokenizer` returns: the model, its tokenizer, where its frozen base lives, and the
+    parameter counts per tower (`trainable_by_tower`)."""
 
     model: InternVLChatModel
     tokenizer: object
     base_model_dir: str | None
-    trainable_params: int
-    total_params: int
-    trainable_by_tower: dict[str, dict[str, int]] | None = None
+    trainable_by_tower: dict[str, dict[str, int]]
 
+    @property
+    def trainable_params(self) -> int:
+        return sum(t["trainable"] for t in self.trainable_by_tower.values())
 
-def resolve_dtype(model_args: ModelArguments, use_deepspeed_bf16: bool) -> torch.dtype:
-    """`auto` -> bf16 weights under DeepSpeed bf16 (DeepSpeed keeps fp32 master copies), else fp32 (Trainer's bf16
-    flag then means autocast over fp32 weights)."""
-    if model_args.model_dtype != "auto":
-        return dtype_named(model_args.model_dtype)
-    return torch.bfloat16 if use_deepspeed_bf16 else torch.float32
+    @property
+    def total_params(self) -> int:
+        return sum(t["total"] for t in self.trainable_by_tower.values())
 
 
 def apply_overrides(config: InternVLChatConfig, model_args: ModelArguments, data_args: DataTrainingArguments,
                     from_preset: bool) -> None:
-    """Copy the vision/template flags onto the config (original trainer behaviour). With a preset,
-    `force_image_size` also becomes the ViT's native size, so no position-embedding resize is needed."""
+    """Copy the vision/template flags onto the config (original trainer behaviour); with a preset,
+    `force_image_size` is also the ViT's native size (no position-embedding resize)."""
     config.select_layer = model_args.vision_select_layer
     config.ps_version = model_args.ps_version
     config.template = data_args.conv_style
@@ -71,8 +70,8 @@ def apply_overrides(config: InternVLChatConfig, model_args: ModelArguments, data
 
 
 def apply_freezing(model: nn.Module, model_args: ModelArguments) -> None:
-    """Set requires_grad per module as the original flags say, then wrap LoRA (which freezes its base weights).
-    Unset freeze flags get their defaults first (`resolve_freeze_defaults`: frozen under LoRA)."""
+    """Set requires_grad per module as the (defaulted, `resolve_freeze_defaults`) freeze flags say, then wrap LoRA
+    (which freezes its base weights)."""
     resolve_freeze_defaults(model_args)
     if model_args.freeze_backbone:
         model.vision_model.requires_grad_(False)
@@ -107,13 +106,9 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
 
 @contextlib.contextmanager
 def whole_model_construction() -> Iterator[None]:
-    """Build a random-init model whole even when a ZeRO-3 DeepSpeed config is active.
-
-    With ZeRO-3 on, transformers wraps every `from_config` in `deepspeed.zero.Init`, which would partition the LLM at
-    construction while the ViT and projector stay whole, and leave `weight.shape == (0,)` on partitioned parameters
-    (anything reading shapes, e.g. the embedding resize, goes wrong). A preset model is small enough to build whole;
-    DeepSpeed partitions it when the engine starts.
-    """
+    """Build a random-init model whole even when a ZeRO-3 DeepSpeed config is active: transformers would wrap the
+    LLM's construction in `deepspeed.zero.Init`, leaving `weight.shape == (0,)` on partitioned parameters (the
+    embedding resize then goes wrong). DeepSpeed partitions the model when the engine starts."""
     active = active_hf_deepspeed_config()
     hf_deepspeed.unset_hf_deepspeed_config()
     try:
@@ -128,14 +123,13 @@ def _numel(p: torch.nn.Parameter) -> int:
 
 
 def four_bit_spec(model_args: ModelArguments, dtype: torch.dtype, device: torch.device | str | None) -> dict | None:
-    """The 4-bit spec of a --load_in_4bit run (`internvl.train.qlora.quant_spec`), or None: not asked, or
-    bitsandbytes cannot run 4-bit on `device` (then the reason is printed and LoRA trains on the unquantised base)."""
+    """The 4-bit spec of a --load_in_4bit run (`qlora.quant_spec`), or None: not asked, or bitsandbytes cannot run
+    4-bit on `device` (then the reason is printed and LoRA trains on the unquantised base)."""
     if not model_args.load_in_4bit:
         return None
-    device = torch.device(device if device is not None else "cpu")
-    reason = qlora.four_bit_unavailable(device, dtype)
+    reason = qlora.four_bit_unavailable(torch.device(device or "cpu"), dtype)
     if reason is not None:
-        message = (f"--load_in_4bit: 4-bit quantisation skipped on {device}: {reason}; "
+        message = (f"--load_in_4bit: 4-bit quantisation skipped on {device or 'cpu'}: {reason}; "
                    "LoRA trains on the unquantised base")
         print(f"medrega-train: {message}", file=sys.stderr)
         logger.warning(message)
@@ -143,31 +137,34 @@ def four_bit_spec(model_args: ModelArguments, dtype: torch.dtype, device: torch.
     return qlora.quant_spec(model_args.bnb_4bit_quant_type, model_args.use_bnb_nested_quant, dtype)
 
 
-def _quant_kwargs(spec: dict | None, device: torch.device | str | None) -> dict:
-    """from_pretrained arguments that load the LLM linears in 4 bit on `device` (none without a spec)."""
-    if spec is None:
-        return {}
-    return {"quantization_config": qlora.qlora_config(spec), "device_map": {"": torch.device(device or "cpu")}}
+def _load(path: str | Path, dtype: torch.dtype, spec: dict | None, device, **kwargs) -> InternVLChatModel:
+    """`from_pretrained` of a local checkpoint, its LLM linears in 4 bit on `device` when a spec is given."""
+    if spec is not None:
+        kwargs.update(quantization_config=qlora.qlora_config(spec), device_map={"": torch.device(device or "cpu")})
+    return InternVLChatModel.from_pretrained(str(path), dtype=dtype, local_files_only=True, **kwargs)
 
 
 def build_model_and_tokenizer(model_args: ModelArguments, data_args: DataTrainingArguments, *,
                               use_deepspeed_bf16: bool = False,
-                              base_save_dir: str | Path | None = None,
+                              base_save_dir: str | Path | None = None, save_base: bool = True,
                               device: torch.device | str | None = None) -> BuiltModel:
     """Tokenizer + model ready for the Trainer.
 
     `--preset` builds a random-init model whose LLM vocabulary equals the tokenizer (with InternVL's special tokens);
-    `--model_name_or_path` loads a checkpoint in the original layout (local dir, safetensors). With LoRA on a preset,
-    the random base is saved to `base_save_dir` first so the adapters can be merged later. With --load_in_4bit the
-    LLM linears are loaded in 4 bit onto `device` (a preset: from the saved base), see `internvl.train.qlora`.
+    `--model_name_or_path` loads a checkpoint in the original layout. With LoRA on a preset, the random base is saved
+    to `base_save_dir` first so the adapters can be merged later (by the process with `save_base`; under
+    torch.distributed the others wait for it). With --load_in_4bit the LLM linears are loaded in 4
+    bit onto `device` (a preset: from the saved base). Weights are bf16 with `use_deepspeed_bf16` (DeepSpeed keeps
+    fp32 masters; QLoRA), else fp32 (bf16 autocast), unless --model_dtype says otherwise.
     """
     tokenizer_dir = model_args.tokenizer_path or model_args.model_name_or_path
     tokenizer = load_tokenizer(tokenizer_dir, model_max_length=data_args.max_seq_length)
     add_special_tokens(tokenizer)
-    dtype = resolve_dtype(model_args, use_deepspeed_bf16)
+    dtype = (resolve_dtype(model_args.model_dtype) if model_args.model_dtype != "auto"
+             else torch.bfloat16 if use_deepspeed_bf16 else torch.float32)
     spec = four_bit_spec(model_args, dtype, device)
-    from_preset = model_args.preset is not None
-    if from_preset:
+    lora = bool(model_args.use_llm_lora or model_args.use_backbone_lora)
+    if model_args.preset is not None:
         config = load_preset(model_args.preset)
         apply_overrides(config, model_args, data_args, from_preset=True)
         config.llm_config.vocab_size = len(tokenizer)
@@ -178,11 +175,11 @@ def build_model_and_tokenizer(model_args: ModelArguments, data_args: DataTrainin
         config = InternVLChatConfig.from_pretrained(model_args.model_name_or_path, local_files_only=True)
         native_size = config.image_size
         apply_overrides(config, model_args, data_args, from_preset=False)
-        if data_args.force_image_size is not None and data_args.force_image_size != native_size:
+        resize = data_args.force_image_size not in (None, native_size)
+        if resize:
             config.force_image_size = native_size  # load at the stored size, then resize once below
-        model = InternVLChatModel.from_pretrained(model_args.model_name_or_path, config=config, dtype=dtype,
-                                                  local_files_only=True, **_quant_kwargs(spec, device))
-        if data_args.force_image_size is not None and data_args.force_image_size != native_size:
+        model = _load(model_args.model_name_or_path, dtype, spec, device, config=config)
+        if resize:
             resize_position_embeddings(model, data_args.force_image_size)
         base_dir = str(model_args.model_name_or_path)
     if len(tokenizer) > model.config.llm_config.vocab_size:
@@ -191,17 +188,18 @@ def build_model_and_tokenizer(model_args: ModelArguments, data_args: DataTrainin
                              f"{model.config.llm_config.vocab_size} rows; grow the embeddings once without ZeRO-3 "
                              "(internvl.tokenization.add_special_tokens + save_pretrained) and train from that")
         add_special_tokens(tokenizer, model)
-    model.img_context_token_id = tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN)
-    if (model_args.use_llm_lora or model_args.use_backbone_lora) and from_preset:
+    if lora and model_args.preset is not None:
         if base_save_dir is None:
             raise ValueError("LoRA on a random-init preset needs a place to save the base weights (base_save_dir)")
-        model.save_pretrained(str(base_save_dir))
-        save_tokenizer(tokenizer, base_save_dir)
+        if save_base:
+            model.save_pretrained(str(base_save_dir))
+            save_tokenizer(tokenizer, base_save_dir)
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
         base_dir = str(base_save_dir)
         if spec is not None:  # the random base is saved whole; train on its 4-bit load, as from a checkpoint
-            model = InternVLChatModel.from_pretrained(base_dir, dtype=dtype, local_files_only=True,
-                                                      **_quant_kwargs(spec, device))
-            model.img_context_token_id = tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN)
+            model = _load(base_dir, dtype, spec, device)
+    model.img_context_token_id = tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN)
     if spec is not None:
         qlora.prepare_kbit_training(model)
         model.qlora_spec = spec
@@ -212,15 +210,11 @@ def build_model_and_tokenizer(model_args: ModelArguments, data_args: DataTrainin
         enable_gradient_checkpointing(model)
     towers = trainable_by_tower(model)
     report_trainable(towers, model_args)
-    trainable = sum(t["trainable"] for t in towers.values())
-    total = sum(t["total"] for t in towers.values())
-    return BuiltModel(model=model, tokenizer=tokenizer, base_model_dir=base_dir, trainable_params=trainable,
-                      total_params=total, trainable_by_tower=towers)
+    return BuiltModel(model=model, tokenizer=tokenizer, base_model_dir=base_dir, trainable_by_tower=towers)
 
 
 TOWERS = ("vision", "projector", "llm", "lora")
 _TOWER_OF_PREFIX = {"vision_model.": "vision", "mlp1.": "projector", "language_model.": "llm"}
-# the flag that leaves each tower trainable, for the warning
 _TOWER_FLAG = {"vision": "--freeze_backbone", "projector": "--freeze_mlp", "llm": "--freeze_llm"}
 
 
@@ -238,22 +232,19 @@ def trainable_by_tower(model: nn.Module) -> dict[str, dict[str, int]]:
 
 
 def report_trainable(towers: dict[str, dict[str, int]], model_args: ModelArguments) -> None:
-    """Log the trainable-parameter breakdown per tower, and warn when LoRA is on while a tower trains fully."""
+    """Log the trainable parameters per tower, and warn when LoRA is on while a tower trains fully."""
     total = sum(t["total"] for t in towers.values())
     trainable = sum(t["trainable"] for t in towers.values())
-    lines = [f"  {name:<9} {t['trainable']:>14,d} of {t['total']:>14,d}  "
-             f"({100.0 * t['trainable'] / max(total, 1):6.2f}% of all parameters)" for name, t in towers.items()]
-    logger.info("trainable parameters per tower:\n%s\n  %-9s %14s of %14s  (%6.2f%%)", "\n".join(lines), "total",
-                f"{trainable:,d}", f"{total:,d}", 100.0 * trainable / max(total, 1))
-    if not (model_args.use_llm_lora or model_args.use_backbone_lora):
-        return
-    full = {name: towers[name]["trainable"] for name in ("vision", "projector", "llm") if towers[name]["trainable"]}
-    if full:
-        what = ", ".join(f"{name} {n:,d} ({100.0 * n / max(trainable, 1):.1f}% of the trainable)"
-                         for name, n in full.items())
-        flags = " ".join(f"{_TOWER_FLAG[name]} True" for name in full)
-        logger.warning("LoRA is on, but these towers also train in full: %s. If only the adapters should train, "
-                       "pass %s (or leave those flags out: under LoRA they default to frozen).", what, flags)
+    rows = {**towers, "total": {"trainable": trainable, "total": total}}
+    logger.info("trainable parameters per tower:\n%s", "\n".join(
+        f"  {name:<9} {t['trainable']:>14,d} of {t['total']:>14,d}  ({100.0 * t['trainable'] / max(total, 1):6.2f}%)"
+        for name, t in rows.items()))
+    full = [name for name in _TOWER_FLAG if towers[name]["trainable"]]
+    if full and (model_args.use_llm_lora or model_args.use_backbone_lora):
+        logger.warning("LoRA is on, but these towers also train in full: %s. If only the adapters should train, pass "
+                       "%s (or leave those flags out: under LoRA they default to frozen).",
+                       ", ".join(f"{name} {towers[name]['trainable']:,d}" for name in full),
+                       " ".join(f"{_TOWER_FLAG[name]} True" for name in full))
 
 
 def resize_position_embeddings(model: nn.Module, new_size: int) -> None:

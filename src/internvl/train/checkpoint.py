@@ -1,15 +1,10 @@
 """Atomic checkpoint directories and the rule for finding the newest usable one.
 
-A checkpoint is first written to `<output_dir>/.staging/checkpoint-N/` (model or adapters, optimizer, scheduler, RNG
-states, trainer state with the data position). Only when every file is on disk does the main process write a
-`COMPLETE` marker and `os.replace` the folder to `<output_dir>/checkpoint-N`. A rename inside one filesystem is atomic,
-so a run killed at any moment leaves either a finished `checkpoint-N` or a stale staging folder, which is never taken
-as the latest and is removed by the next save.
-
-Before the marker, the ranks hash what they wrote into `manifest.json` (`internvl.train.manifest`). Resume
-(`select_resume_checkpoint`) takes the newest checkpoint that verifies against it, names every newer one that does not
-and moves it aside (`checkpoint-N.rejected`), and refuses one without a valid manifest, so nothing we did not write
-ourselves is unpickled.
+A checkpoint is written to `<output_dir>/.staging/checkpoint-N/`, hashed into `manifest.json`
+(`internvl.train.manifest`), marked `COMPLETE` and only then renamed to `<output_dir>/checkpoint-N` (atomic within one
+filesystem): a run killed at any moment leaves a finished checkpoint or a staging folder, never taken as the latest and
+removed by the next save. Resume (`select_resume_checkpoint`) takes the newest checkpoint that verifies against its
+manifest and moves newer ones that do not aside (`checkpoint-N.rejected`), so nothing we did not write is unpickled.
 """
 from __future__ import annotations
 
@@ -20,6 +15,8 @@ import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+
+import torch.distributed as dist
 
 from internvl.io_safety import fsync_path
 from internvl.train.manifest import verify_manifest
@@ -39,15 +36,11 @@ def staging_root(output_dir: str | os.PathLike) -> Path:
 def is_complete(checkpoint_dir: str | os.PathLike) -> bool:
     """True if `checkpoint_dir` was fully written (marker present and trainer state readable)."""
     path = Path(checkpoint_dir)
-    marker = path / COMPLETE_MARKER
-    state = path / "trainer_state.json"
-    if not (marker.is_file() and state.is_file()):
-        return False
     try:
-        json.loads(state.read_text(encoding="utf-8"))
-    except (OSError, ValueError):  # unreadable, not UTF-8, not JSON
+        json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # missing, unreadable, not UTF-8, not JSON
         return False
-    return True
+    return (path / COMPLETE_MARKER).is_file()
 
 
 def list_checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
@@ -79,47 +72,34 @@ def fsync_tree(path: str | os.PathLike) -> None:
 
 
 def publish_checkpoint(staged: str | os.PathLike, output_dir: str | os.PathLike) -> Path:
-    """Mark `staged` complete and move it to `<output_dir>/<its name>` atomically; returns the final path.
-
-    An existing folder of the same name (e.g. a re-run of the same step after resume) is replaced.
-    """
+    """Mark `staged` complete and move it to `<output_dir>/<its name>` atomically; returns the final path. An
+    existing folder of the same name (a re-run of the same step after resume) is replaced."""
     staged = Path(staged)
     final = Path(output_dir) / staged.name
     (staged / COMPLETE_MARKER).write_text("ok\n", encoding="utf-8")
     fsync_tree(staged)
+    trash = staging_root(output_dir) / f"{staged.name}.old"
     if final.exists():
-        trash = staging_root(output_dir) / f"{staged.name}.old"
-        if trash.exists():
-            shutil.rmtree(trash)
-        os.replace(final, trash)
-        os.replace(staged, final)
         shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(staged, final)
+        os.replace(final, trash)
+    os.replace(staged, final)
+    shutil.rmtree(trash, ignore_errors=True)
     fsync_path(output_dir)
     return final
 
 
-def clean_staging(output_dir: str | os.PathLike) -> list[Path]:
-    """Remove leftovers of interrupted saves; returns what was removed."""
+def clean_staging(output_dir: str | os.PathLike) -> bool:
+    """Remove leftovers of interrupted saves (the staging folder); returns whether there were any."""
     root = staging_root(output_dir)
-    removed = []
-    if root.is_dir():
-        for child in root.iterdir():
-            if child.is_dir():
-                shutil.rmtree(child, ignore_errors=True)
-            else:
-                child.unlink(missing_ok=True)
-            removed.append(child)
-    return removed
+    found = root.is_dir() and any(root.iterdir())
+    shutil.rmtree(root, ignore_errors=True)
+    return found
 
 
 def rotate_checkpoints(output_dir: str | os.PathLike, save_total_limit: int | None,
                        keep: str | os.PathLike | None = None) -> list[Path]:
-    """Keep the newest `save_total_limit` complete checkpoints (by step) and always `keep` (the newest verified-good
-    one: the checkpoint just written, whose manifest was taken from the bytes this run wrote); delete the others.
-    Checkpoints that failed verification were moved aside at resume (`reject_checkpoint`) and are not counted.
-    Returns the deleted paths."""
+    """Keep the newest `save_total_limit` complete checkpoints (by step) and always `keep` (the checkpoint just
+    written: the newest known good one); delete the others and return them. Rejected checkpoints are not counted."""
     if not save_total_limit or save_total_limit <= 0:
         return []
     checkpoints = list_checkpoints(output_dir)
@@ -147,12 +127,9 @@ def reject_checkpoint(checkpoint_dir: str | os.PathLike, problems: list[str]) ->
 def select_resume_checkpoint(output_dir: str | os.PathLike,
                              verify: Callable[[Path], list[str]] = verify_manifest,
                              move_aside: bool = True) -> tuple[Path | None, list[str]]:
-    """Newest checkpoint of `output_dir` that verifies against its manifest, and the problems of the newer ones.
-
-    Every newer checkpoint that fails is named in the log and (with `move_aside`, on the main process) moved aside
-    with `reject_checkpoint`, so a later rotation cannot keep it in place of a good one. Folders without the COMPLETE
-    marker or a readable trainer_state.json fail the same way. Returns (checkpoint or None, problems found).
-    """
+    """(newest checkpoint of `output_dir` that verifies and is complete, or None; the problems of the newer ones).
+    Each newer one is named in the log and, with `move_aside` (main process), moved aside with `reject_checkpoint`,
+    so a later rotation cannot keep it in place of a good one."""
     problems: list[str] = []
     for _step, path in reversed(_numbered(output_dir)):
         found = verify(path)
@@ -172,8 +149,6 @@ def select_resume_checkpoint(output_dir: str | os.PathLike,
 def verify_checkpoint(checkpoint_dir: str | os.PathLike) -> list[str]:
     """Problems of `checkpoint_dir` against its manifest (empty = verified). Under torch.distributed every rank checks
     the files it writes (`internvl.train.manifest.rank_of`) and all ranks get every rank's problems."""
-    import torch.distributed as dist
-
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         return verify_manifest(checkpoint_dir)
     mine = verify_manifest(checkpoint_dir, rank=dist.get_rank(), world_size=dist.get_world_size())

@@ -1,19 +1,16 @@
 """`medrega-train` (= `python -m internvl.train`): fine-tune InternVL-Chat / MedRegA on MedRegInstruct-format data.
 
-Examples
-  # stage 2, LoRA on the LLM, from a local checkpoint
-  medrega-train --model_name_or_path /ckpt/medrega --meta_path meta_file.json --output_dir runs/lora \\
-      --freeze_backbone True --freeze_mlp True --freeze_llm True --use_llm_lora 16 --bf16 True
-  # train the tiny preset from scratch (random init) with a local tokenizer
-  medrega-train --preset tiny --tokenizer_path tok/ --meta_path meta.json --output_dir runs/tiny --max_steps 300
+    medrega-train --model_name_or_path /ckpt/medrega --meta_path meta_file.json --output_dir runs/lora \\
+        --use_llm_lora 16 --bf16 True
 
-Every run writes `run_config.json` (all flags after defaults, plus versions and world size) to `--output_dir`, and
-checkpoints `checkpoint-N/` atomically; `--resume_from_checkpoint auto` continues from the newest complete one.
-The final model is written to `--output_dir` in the original layout (full runs) or as PEFT adapters (LoRA runs; merge
-with `medrega-merge-lora`).
+Every run writes `run_config.json` (all flags after defaults, versions, world size; it can be fed back to repeat the
+run) and atomic `checkpoint-N/` folders to `--output_dir`; `--resume_from_checkpoint auto` continues from the newest
+one that verifies. The final model is saved in the original layout, or as PEFT adapters for LoRA runs
+(`medrega-merge-lora` merges them). The shell recipes in `src/shell` are thin wrappers over this command.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import gc
 import json
@@ -33,7 +30,15 @@ import torch
 import torch.distributed as dist
 import transformers
 from transformers import set_seed
+from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
+from internvl.cli_support import UsageError, run_cli
+from internvl.compat import fsdp_on_cpu
+from internvl.data.collate import PackedCollator, pad_collate
+from internvl.data.dataset import build_training_dataset
+from internvl.data.records import BadRecordError
+from internvl.io_safety import atomic_write_text, check_output_dir
+from internvl.ops.train_speedups import TrainSpeedups
 from internvl.train.arguments import (
     DataTrainingArguments,
     MedRegTrainingArguments,
@@ -41,7 +46,7 @@ from internvl.train.arguments import (
     parse_args,
     resolved_config,
 )
-from internvl.cli_support import UsageError, run_cli
+from internvl.train.build import build_model_and_tokenizer
 from internvl.train.checkpoint import (
     clean_staging,
     find_latest_checkpoint,
@@ -49,49 +54,49 @@ from internvl.train.checkpoint import (
     select_resume_checkpoint,
     verify_checkpoint,
 )
+from internvl.train.fsdp import place_frozen_towers
+from internvl.train.guards import NonFiniteError, assert_finite_model
+from internvl.train.safe_load import deepspeed_safe_loads
+from internvl.train.skips import SkipReport
+from internvl.train.trainer import MedRegTrainer
 
 logger = logging.getLogger("internvl.train")
 
 RUN_CONFIG_NAME = "run_config.json"
-_VERIFIED: set[str] = set()  # checkpoints this process already verified (resolve_resume runs twice per launch)
 
 
 def resolve_resume(training_args: MedRegTrainingArguments) -> str | None:
-    """`auto` -> newest checkpoint in output_dir that verifies against its manifest (None if there is none); a given
-    path must be complete and verify. Newer checkpoints that fail are named and moved aside (`checkpoint-N.rejected`);
-    `ValueError` (exit 2) if checkpoints exist but none verifies, or if a given one does not. Each checkpoint is
-    verified once per process."""
-    value = training_args.resume_from_checkpoint
-    if value in (None, "", "no", "false", "False"):
-        return None
-    if str(value) in _VERIFIED:
-        return str(value)
+    """Resolve `--resume_from_checkpoint` in place and return it: `auto` -> the newest checkpoint in output_dir that
+    verifies against its manifest (newer ones that fail are named and moved aside, `checkpoint-N.rejected`), None if
+    there is none; a given path must be complete and verify. `UsageError` (exit 2) if checkpoints exist but none
+    verifies, if a given one does not, or if a fresh run would start over existing checkpoints."""
+    value, output_dir = training_args.resume_from_checkpoint, training_args.output_dir
+    resume = None
     if value in ("auto", "true", "True"):
-        chosen, problems = select_resume_checkpoint(training_args.output_dir, verify=verify_checkpoint,
+        chosen, problems = select_resume_checkpoint(output_dir, verify=verify_checkpoint,
                                                     move_aside=training_args.should_save)
         if chosen is None and problems and not training_args.overwrite_output_dir:
-            raise UsageError(f"{training_args.output_dir}: no checkpoint verifies, so none can be resumed:\n  "
-                             + "\n  ".join(problems)
-                             + "\npass --overwrite_output_dir True to start over")
-        if chosen is None:
-            return None
-        _VERIFIED.add(str(chosen))
-        return str(chosen)
-    problems = verify_checkpoint(value) if Path(value).is_dir() else [f"{value}: not a directory"]
-    if not problems and not is_complete(value):
-        raise UsageError(f"{value}: not a complete checkpoint (no COMPLETE marker or trainer_state.json)")
-    if problems:
-        raise UsageError(f"{value}: refusing to resume from a checkpoint that does not verify:\n  "
-                         + "\n  ".join(problems))
-    _VERIFIED.add(str(value))
-    return str(value)
+            raise UsageError(f"{output_dir}: no checkpoint verifies, so none can be resumed:\n  "
+                             + "\n  ".join(problems) + "\npass --overwrite_output_dir True to start over")
+        resume = None if chosen is None else str(chosen)
+    elif value not in (None, "", "no", "false", "False"):
+        problems = verify_checkpoint(value) if Path(value).is_dir() else [f"{value}: not a directory"]
+        if problems:
+            raise UsageError(f"{value}: refusing to resume from a checkpoint that does not verify:\n  "
+                             + "\n  ".join(problems))
+        if not is_complete(value):
+            raise UsageError(f"{value}: not a complete checkpoint (no COMPLETE marker or trainer_state.json)")
+        resume = str(value)
+    existing = find_latest_checkpoint(output_dir)
+    if resume is None and existing is not None and not training_args.overwrite_output_dir:
+        raise UsageError(f"{output_dir} already holds {existing.name}: pass --resume_from_checkpoint auto to continue "
+                         "or --overwrite_output_dir True to start over")
+    training_args.resume_from_checkpoint = resume
+    return resume
 
 
 def build_data(data_args: DataTrainingArguments, tokenizer: Any, model_config: Any, seed: int):
     """Training dataset and collator from the meta file, through the shared data core (records checks, encode)."""
-    from internvl.data.collate import PackedCollator, pad_collate
-    from internvl.data.dataset import build_training_dataset
-
     dataset = build_training_dataset(
         data_args.meta_path,
         tokenizer=tokenizer,
@@ -113,8 +118,6 @@ def build_data(data_args: DataTrainingArguments, tokenizer: Any, model_config: A
 
 def speedups_from_args(model_args: ModelArguments):
     """The training fast paths the flags ask for (`internvl.ops.train_speedups.TrainSpeedups`)."""
-    from internvl.ops.train_speedups import TrainSpeedups
-
     return TrainSpeedups(compile_layers=model_args.compile_layers, fuse_projections=model_args.fuse_projections,
                          fast_kernels=model_args.fast_kernels, lm_loss_impl=model_args.lm_loss_impl,
                          ckpt_skip_llm_layers=model_args.grad_checkpoint_skip_llm_layers if model_args.grad_checkpoint
@@ -124,11 +127,10 @@ def speedups_from_args(model_args: ModelArguments):
 def write_run_config(output_dir: str, model_args: ModelArguments, data_args: DataTrainingArguments,
                      training_args: MedRegTrainingArguments, extra: dict[str, Any]) -> Path:
     """Save the resolved configuration of this run (main process only)."""
-    path = Path(output_dir) / RUN_CONFIG_NAME
-    path.parent.mkdir(parents=True, exist_ok=True)
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
     config = resolved_config(model_args, data_args, training_args, extra=extra)
-    path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    return path
+    text = json.dumps(config, indent=2, ensure_ascii=False) + "\n"
+    return atomic_write_text(Path(output_dir) / RUN_CONFIG_NAME, text)
 
 
 def _setup_logging(training_args: MedRegTrainingArguments) -> None:
@@ -143,16 +145,9 @@ def _setup_logging(training_args: MedRegTrainingArguments) -> None:
 def train(model_args: ModelArguments, data_args: DataTrainingArguments,
           training_args: MedRegTrainingArguments) -> dict[str, Any]:
     """Run one training job end to end; returns the Trainer's train metrics."""
-    from internvl.compat import fsdp_on_cpu
-    from internvl.train.build import build_model_and_tokenizer
-    from internvl.train.fsdp import place_frozen_towers
-    from internvl.train.guards import assert_finite_model
-    from internvl.train.safe_load import deepspeed_safe_loads
-    from internvl.train.trainer import MedRegTrainer
-
     _setup_logging(training_args)
     output_dir = training_args.output_dir
-    resume = _resume_or_refuse(training_args)
+    resume = resolve_resume(training_args)
     if training_args.should_save:
         clean_staging(output_dir)
     set_seed(training_args.seed)
@@ -160,7 +155,8 @@ def train(model_args: ModelArguments, data_args: DataTrainingArguments,
     # 4-bit LLM; the adapters are fp32)
     ds_bf16 = bool(training_args.bf16) and bool(training_args.deepspeed or model_args.load_in_4bit)
     built = build_model_and_tokenizer(model_args, data_args, use_deepspeed_bf16=ds_bf16,
-                                      base_save_dir=Path(output_dir) / "base_model", device=training_args.device)
+                                      base_save_dir=Path(output_dir) / "base_model",
+                                      save_base=training_args.should_save, device=training_args.device)
     dataset, collator = build_data(data_args, built.tokenizer, built.model.config, training_args.seed)
     towers = place_frozen_towers(built.model, training_args)  # FSDP: frozen towers replicated (before the Trainer)
     extra = {
@@ -171,7 +167,7 @@ def train(model_args: ModelArguments, data_args: DataTrainingArguments,
         "total_params": built.total_params,
         "num_train_samples": len(dataset),
         "resumed_from": resume,
-        "fsdp_frozen_towers": towers.as_dict(),
+        "fsdp_frozen_towers": dataclasses.asdict(towers),
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "transformers": transformers.__version__},
         "argv": sys.argv,
@@ -208,9 +204,6 @@ def train(model_args: ModelArguments, data_args: DataTrainingArguments,
 
 def write_skip_report(output_dir: str, report: dict[str, Any]) -> None:
     """Lenient runs: `skipped_records.json` in the run directory, the counts in run_config.json, a log summary."""
-    from internvl.io_safety import atomic_write_text
-    from internvl.train.skips import SkipReport
-
     path = SkipReport.write(report, output_dir)
     config_path = Path(output_dir) / RUN_CONFIG_NAME
     if config_path.is_file():
@@ -224,29 +217,6 @@ def write_skip_report(output_dir: str, report: dict[str, Any]) -> None:
                 report["build"]["skipped"], report["build"]["by_reason"], path)
 
 
-def _check_output_dir(training_args: MedRegTrainingArguments, model_args: ModelArguments | None = None,
-                      data_args: DataTrainingArguments | None = None) -> None:
-    from internvl.io_safety import check_output_dir
-
-    inputs = [] if model_args is None else [model_args.model_name_or_path, model_args.tokenizer_path]
-    if data_args is not None:
-        inputs.append(data_args.meta_path)
-    check_output_dir(training_args.output_dir, inputs=inputs, must_be_empty=False, inputs_inside_ok=True,
-                     what="--output_dir")
-    _resume_or_refuse(training_args)  # resolved and verified once; train() reuses it
-
-
-def _resume_or_refuse(training_args: MedRegTrainingArguments) -> str | None:
-    """Resolve `--resume_from_checkpoint` in place and return it; refuse a fresh run over existing checkpoints."""
-    resume = resolve_resume(training_args)
-    training_args.resume_from_checkpoint = resume
-    existing = find_latest_checkpoint(training_args.output_dir)
-    if resume is None and existing is not None and not training_args.overwrite_output_dir:
-        raise UsageError(f"{training_args.output_dir} already holds {existing.name}: pass --resume_from_checkpoint "
-                         "auto to continue or --overwrite_output_dir True to start over")
-    return resume
-
-
 def _main(argv: list[str] | None) -> int:
     enforce_offline()
     owns_process_group = not (dist.is_available() and dist.is_initialized())  # else a caller's group: left alone
@@ -254,10 +224,8 @@ def _main(argv: list[str] | None) -> int:
         model_args, data_args, training_args = parse_args(argv)
     except ValueError as exc:  # inconsistent flags (argparse itself exits 2 with its usage line)
         raise UsageError(str(exc)) from None
-    _check_output_dir(training_args, model_args, data_args)
-    from internvl.data.records import BadRecordError
-    from internvl.train.guards import NonFiniteError
-
+    check_output_dir(training_args.output_dir, must_be_empty=False, inputs_inside_ok=True, what="--output_dir",
+                     inputs=[model_args.model_name_or_path, model_args.tokenizer_path, data_args.meta_path])
     try:
         train(model_args, data_args, training_args)
         if owns_process_group and dist.is_available() and dist.is_initialized():
@@ -276,28 +244,20 @@ def _main(argv: list[str] | None) -> int:
 
 
 def shutdown_process_groups() -> None:
-    """End this run's process groups while the interpreter is fully alive.
+    """End this run's process groups while the interpreter is fully alive (every rank, after a finished run).
 
-    ZeRO-3 and FSDP2 leave prefetching collectives in flight after the last step. If the process exits with them
-    pending, a gloo worker thread finishing one needs the GIL during interpreter shutdown, is unwound by Python and
-    aborts the process (SIGABRT after a finished run: 3 of 8 two-rank CPU ZeRO-3 runs). A barrier waits for the work
-    queued before it (gloo's barrier drains prior work), then the groups are destroyed. Every rank calls it after
-    its finished run."""
+    ZeRO-3 and FSDP2 leave prefetching collectives in flight after the last step; a gloo thread finishing one during
+    interpreter shutdown aborts the process (SIGABRT in 3 of 8 two-rank CPU ZeRO-3 runs). gloo's barrier drains the
+    work queued before it, then the groups are destroyed."""
     gc.collect()  # engines and optimizers of the finished run let go of their pending work handles
     dist.barrier()
     dist.destroy_process_group()
 
 
 def release_deepspeed_config(training_args: MedRegTrainingArguments) -> None:
-    """Drop transformers' process-global reference to this run's DeepSpeed config when the run ends.
-
-    `TrainingArguments(deepspeed=...)` registers its config with transformers for the process; while it is
-    registered, any later `from_pretrained` in the same process (a caller of `main`, an evaluation after training)
-    is built under the finished run's ZeRO settings. Runs without `--deepspeed` registered nothing.
-    """
+    """Drop transformers' process-global reference to this run's DeepSpeed config when the run ends; while it is
+    registered, any later `from_pretrained` in the same process is built under the finished run's ZeRO settings."""
     if training_args.deepspeed:
-        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
-
         unset_hf_deepspeed_config()
 
 

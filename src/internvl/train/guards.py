@@ -1,22 +1,15 @@
 """Divergence guard: a non-finite loss or gradient never passes silently, and a non-finite model is never saved.
 
-The check reuses what each optimizer step already computes: the trainer's gradient clipping returns the global
-gradient norm (synchronised over ranks), and the loss of the step is accumulated on the device anyway. Both go into one
-tiny tensor that is read once per optimizer step (`StepGuard.check_step`); nothing is read per micro-batch.
-
-- `--on_nonfinite stop` (default): the run stops with `NonFiniteError`, which names the optimizer step and the batch's
-  records (`FILE:LINE`, and the record's `id` where it has one). No checkpoint or final model is written after it.
-- `--on_nonfinite skip`: the optimizer step is skipped (gradients dropped), the step's loss is left out of the logged
-  average, and the skip is counted (`nonfinite_steps_skipped` in the logs); more than `--max_nonfinite_steps` skips
-  stop the run as above. Not available with DeepSpeed, whose engine steps inside `backward`, before the check.
-
-`assert_finite_model` is the last line of defence before anything is saved: every parameter (this rank's partition
-under ZeRO-3) must be finite.
+The check reuses the gradient norm the trainer's clipping already computes and the loss it already accumulates on the
+device: one tiny tensor read once per optimizer step (`StepGuard.check_step`), nothing per micro-batch.
+`--on_nonfinite stop` raises `NonFiniteError` naming the step and the batch's records (`FILE:LINE`); `skip` drops the
+step's update and its loss from the logged average, up to `--max_nonfinite_steps` (not with DeepSpeed, whose engine
+steps inside `backward`). `assert_finite_model` checks every parameter (this rank's shard) before anything is saved.
 """
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -26,8 +19,6 @@ from torch.distributed.tensor import DTensor
 
 logger = logging.getLogger("internvl.train")
 
-NONFINITE_POLICIES = ("stop", "skip")
-
 
 class NonFiniteError(RuntimeError):
     """Training diverged: a non-finite loss or gradient norm, or a non-finite parameter before a save."""
@@ -36,17 +27,14 @@ class NonFiniteError(RuntimeError):
 class StepGuard:
     """Per-optimizer-step finiteness check of the loss and the (already computed) gradient norm.
 
-    `describe` turns a global dataset index into a readable record name (`FILE:LINE id=...`); the trainer passes the
-    dataset's. Call `note_batch` for each micro-batch (CPU tensor, no sync), `check_step` once per optimizer step.
-    `check_grad_norm=False` (fp16 with a loss scaler, which skips overflowing steps itself) checks the loss only.
+    `policy` and `max_skipped` are `--on_nonfinite` / `--max_nonfinite_steps` (checked by the argument parser).
+    `describe` turns a dataset index into a record name (`FILE:LINE id=...`). Call `note_batch` per micro-batch,
+    `check_step` once per optimizer step. `check_grad_norm=False` (fp16: the loss scaler skips overflowing steps
+    itself) checks the loss only.
     """
 
     def __init__(self, policy: str = "stop", max_skipped: int = 10,
                  describe: Callable[[int], str] | None = None, check_grad_norm: bool = True) -> None:
-        if policy not in NONFINITE_POLICIES:
-            raise ValueError(f"on_nonfinite must be one of {NONFINITE_POLICIES}, not {policy!r}")
-        if max_skipped < 0:
-            raise ValueError(f"max_nonfinite_steps must be >= 0, not {max_skipped}")
         self.policy = policy
         self.max_skipped = max_skipped
         self.check_grad_norm = check_grad_norm
@@ -56,7 +44,6 @@ class StepGuard:
         self._indices: list[torch.Tensor] = []
         self._loss_before: torch.Tensor | None = None
 
-    # ---- per micro-batch (no host sync) -------------------------------------------------------------------
     def note_batch(self, sample_index: torch.Tensor | None, tr_loss: torch.Tensor | None) -> None:
         """Remember the samples of a micro-batch; at the first micro-batch of a step, snapshot the running loss so a
         skipped step can be taken out of the logged average."""
@@ -74,7 +61,6 @@ class StepGuard:
         more = f" and {len(indices) - limit} more" if len(indices) > limit else ""
         return ", ".join(names) + more
 
-    # ---- once per optimizer step ----------------------------------------------------------------------------
     def check_step(self, step: int, grad_norm: Any, tr_loss: torch.Tensor | None, world_size: int = 1) -> bool:
         """One host read of [loss finite, grad norm finite] (all ranks). Returns True if the step may go on; False if
         it must be skipped (skip policy); raises `NonFiniteError` otherwise. `step` is the 1-based optimizer step."""
@@ -113,17 +99,12 @@ class StepGuard:
 
     @staticmethod
     def _flags(grad_norm: Any, tr_loss: torch.Tensor | None) -> torch.Tensor:
+        """[loss finite, grad norm finite] as int32 on the loss's device; None counts as finite."""
+        if isinstance(grad_norm, DTensor):  # FSDP2's clipping returns the norm as a replicated DTensor
+            grad_norm = grad_norm.full_tensor()
         device = tr_loss.device if tr_loss is not None else torch.device("cpu")
-        loss_ok = torch.isfinite(tr_loss.detach()).all() if tr_loss is not None else torch.tensor(True, device=device)
-        if grad_norm is None:
-            grad_ok = torch.tensor(True, device=device)
-        elif isinstance(grad_norm, torch.Tensor):
-            if isinstance(grad_norm, DTensor):  # FSDP2's clipping returns the norm as a replicated DTensor
-                grad_norm = grad_norm.full_tensor()
-            grad_ok = torch.isfinite(grad_norm.detach()).all().to(device)
-        else:
-            grad_ok = torch.tensor(bool(torch.isfinite(torch.tensor(float(grad_norm)))), device=device)
-        return torch.stack([loss_ok, grad_ok]).to(torch.int32)
+        values = [0.0 if v is None else v for v in (tr_loss, grad_norm)]
+        return torch.stack([torch.isfinite(torch.as_tensor(v)).all().to(device) for v in values]).to(torch.int32)
 
     def _reset(self) -> None:
         self._indices = []
@@ -146,28 +127,27 @@ def guard_optimizer_step(optimizer: Any, guard: StepGuard) -> None:
     optimizer._medrega_guarded = True
 
 
-def local_parameters(model: nn.Module) -> Iterable[torch.Tensor]:
-    """This rank's parameter data: the ZeRO-3 partition (`ds_tensor`) where DeepSpeed partitioned it, the local
-    shard of an FSDP2 (DTensor) parameter, else the parameter itself."""
-    for param in model.parameters():
-        data = getattr(param, "ds_tensor", param)
-        yield data.to_local() if isinstance(data, DTensor) else data
+def _finite(param: torch.Tensor) -> torch.Tensor:
+    """Whether this rank's data of `param` (its ZeRO-3 partition `ds_tensor`, its FSDP2 shard, or itself) is finite."""
+    data = getattr(param, "ds_tensor", param)
+    data = data.to_local() if isinstance(data, DTensor) else data
+    if not (data.numel() and data.is_floating_point()):
+        return torch.tensor(True, device=data.device)
+    return torch.isfinite(data.detach()).all()
 
 
 def assert_finite_model(model: nn.Module, what: str, world_size: int = 1) -> None:
     """Raise `NonFiniteError` naming up to 5 parameters if any holds NaN/inf (checked over all ranks)."""
-    names = [name for name, _ in model.named_parameters()]
-    flags = [torch.isfinite(data.detach()).all() if data.numel() and data.is_floating_point()
-             else torch.tensor(True, device=data.device) for data in local_parameters(model)]
-    if not flags:
+    named = list(model.named_parameters())
+    if not named:
         return
-    device = flags[0].device
-    ok = torch.stack([f.to(device) for f in flags])
+    flags = [_finite(param) for _, param in named]
+    ok = torch.stack([f.to(flags[0].device) for f in flags])
     all_ok = ok.all().to(torch.int32).reshape(1)
     if world_size > 1 and dist.is_initialized():
         dist.all_reduce(all_ok, op=dist.ReduceOp.MIN)
     if bool(all_ok.item()):
         return
-    bad = [names[i] for i in torch.nonzero(~ok).flatten().tolist()[:5]]
+    bad = [named[i][0] for i in torch.nonzero(~ok).flatten().tolist()[:5]]
     raise NonFiniteError(f"refusing to save {what}: non-finite parameters "
                          f"({', '.join(bad) if bad else 'on another rank'})")

@@ -1,15 +1,10 @@
 """LoRA on the LLM and/or the ViT of an InternVL-Chat model, with PEFT, and adapter save/merge helpers.
 
-Wiring follows the original model class (architecture notes §1.7): rank r, alpha 2r, dropout 0.05;
-LLM targets depend on the architecture (Llama/Yi/Qwen2: q/k/v/o + gate/up/down; InternLM2: wqkv/wo/w1/w2/w3;
-Phi3: qkv_proj/o_proj/gate_up_proj/down_proj); ViT targets `attn.qkv`, `attn.proj`, `mlp.fc1`, `mlp.fc2`.
-The wrapped sub-modules stay at `model.language_model` / `model.vision_model`, so state-dict keys become the peft
-names (`language_model.base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight`).
-
-Adapters are saved in PEFT format (`adapter_config.json` + `adapter_model.safetensors`) under
-`<dir>/adapters/language_model/` and `<dir>/adapters/vision_model/`; other trainable weights of a LoRA run (e.g. the
-projector) go to `<dir>/non_lora_trainables.safetensors` with original-layout keys. `medrega-merge-lora` folds it
-all into a full checkpoint in the original layout.
+Wiring follows the original model class (architecture notes §1.7): rank r, alpha 2r, dropout 0.05; LLM targets per
+architecture (`LLM_LORA_TARGETS`), ViT targets `attn.qkv`, `attn.proj`, `mlp.fc1`, `mlp.fc2`. The wrapped towers stay
+at `model.language_model` / `model.vision_model`. A run saves PEFT adapters under `<dir>/adapters/<tower>/`, its other
+trainable weights (e.g. the projector) with original-layout keys in `non_lora_trainables.safetensors`, and
+`lora_run.json`; `medrega-merge-lora` folds it all into a full checkpoint in the original layout.
 """
 from __future__ import annotations
 
@@ -21,6 +16,10 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from internvl.model import InternVLChatModel
+from internvl.tokenization import load_tokenizer, resize_embeddings_mean, save_tokenizer
+from internvl.train.qlora import dequantize_round_trip_
 
 ADAPTERS_DIRNAME = "adapters"
 NON_LORA_FILENAME = "non_lora_trainables.safetensors"
@@ -54,13 +53,12 @@ def wrap_llm_lora(model: nn.Module, r: int, dropout: float = 0.05) -> None:
 
 
 def wrap_backbone_lora(model: nn.Module, r: int, dropout: float = 0.05) -> None:
-    """Wrap `model.vision_model` with LoRA (rank r, alpha 2r) on attn.qkv/attn.proj/mlp.fc1/mlp.fc2, in place."""
+    """Wrap `model.vision_model` with LoRA (rank r, alpha 2r) in place; the base ViT weights become frozen."""
     _wrap_lora(model, "vision_model", "use_backbone_lora", r, dropout, list(VIT_LORA_TARGETS))
 
 
 def _wrap_lora(model: nn.Module, part: str, rank_field: str, r: int, dropout: float, targets: list[str],
                **lora_kwargs: str) -> None:
-    """Wrap `model.<part>` with PEFT LoRA on `targets` in place and record the rank as `model.config.<rank_field>`."""
     if isinstance(getattr(model, part), PeftModel):
         raise ValueError(f"{part} already carries LoRA adapters")
     config = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=dropout, target_modules=targets, **lora_kwargs)
@@ -85,12 +83,9 @@ def to_original_key(key: str) -> str:
 
 def save_lora_run(model: nn.Module, output_dir: str | os.PathLike, state_dict: dict[str, torch.Tensor] | None = None,
                   base_model: str | None = None) -> list[Path]:
-    """Save a LoRA run: PEFT adapters per wrapped part + the other trainable weights + `lora_run.json`.
-
-    `state_dict` is the full (gathered, for ZeRO-3) model state dict; default `model.state_dict()`. `base_model` is
-    the directory of the frozen base checkpoint (original layout), recorded for `medrega-merge-lora`.
-    Returns the written paths.
-    """
+    """Save a LoRA run: PEFT adapters per wrapped part + the other trainable weights + `lora_run.json` (naming the
+    frozen base checkpoint `base_model`). `state_dict`: the full (under ZeRO-3 gathered) state dict, default
+    `model.state_dict()`. Returns the written paths."""
     out = Path(output_dir)
     state_dict = model.state_dict() if state_dict is None else state_dict
     written: list[Path] = []
@@ -110,16 +105,12 @@ def save_lora_run(model: nn.Module, output_dir: str | os.PathLike, state_dict: d
     if extra:
         save_file(extra, str(out / NON_LORA_FILENAME), metadata={"format": "pt"})
         written.append(out / NON_LORA_FILENAME)
-    info = {
-        "base_model": base_model,
-        "use_llm_lora": int(getattr(getattr(model, "config", None), "use_llm_lora", 0) or 0),
-        "use_backbone_lora": int(getattr(getattr(model, "config", None), "use_backbone_lora", 0) or 0),
-        "adapters": [p.name for p in written if p.parent.name == ADAPTERS_DIRNAME],
-        "non_lora_trainables": sorted(extra),
-    }
-    spec = getattr(model, "qlora_spec", None)
-    if spec is not None:  # QLoRA: the adapters were trained against the NF4 base; the merge redoes that round trip
-        info[QUANT_INFO_KEY] = spec
+    config = getattr(model, "config", None)
+    info = {"base_model": base_model, "adapters": [p.name for p in written if p.parent.name == ADAPTERS_DIRNAME],
+            **{name: int(getattr(config, name, 0) or 0) for name in ("use_llm_lora", "use_backbone_lora")},
+            "non_lora_trainables": sorted(extra)}
+    if getattr(model, "qlora_spec", None) is not None:  # QLoRA: trained against the NF4 base; the merge redoes it
+        info[QUANT_INFO_KEY] = model.qlora_spec
     (out / LORA_INFO_FILENAME).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     written.append(out / LORA_INFO_FILENAME)
     return written
@@ -139,9 +130,6 @@ def read_lora_info(run_dir: str | os.PathLike) -> tuple[Path, dict]:
 def load_base(base_model: str | os.PathLike, dtype: torch.dtype, vocab: int) -> nn.Module:
     """The base checkpoint of a LoRA run, its embeddings grown to `vocab` rows (the deterministic mean rows that
     training added for new special tokens)."""
-    from internvl.model import InternVLChatModel
-    from internvl.tokenization import resize_embeddings_mean
-
     model = InternVLChatModel.from_pretrained(str(base_model), dtype=dtype)
     if model.get_input_embeddings().weight.shape[0] != vocab:
         resize_embeddings_mean(model, vocab)
@@ -149,27 +137,23 @@ def load_base(base_model: str | os.PathLike, dtype: torch.dtype, vocab: int) -> 
 
 
 def load_lora_run(model: nn.Module, run_dir: str | os.PathLike, is_trainable: bool = False) -> None:
-    """Attach the adapters of a saved LoRA run to an unwrapped `model` and load its other trained weights, in place.
-
-    A QLoRA run (`base_quantization` in lora_run.json) first has the LLM's plain linear weights replaced by their NF4
-    round trip (`internvl.train.qlora.dequantize_round_trip_`), so base + adapters compute what training computed;
-    merging then folds the adapters into that dequantised base.
-
-    Raises `FileNotFoundError`/`ValueError` naming the file when the run is incomplete or does not fit the model.
-    """
+    """Attach the adapters of a saved LoRA run to `model` (or reload them into its adapters: resume) and load its
+    other trained weights, in place. An unwrapped base of a QLoRA run (`base_quantization` in lora_run.json) first
+    gets the NF4 round trip of its LLM weights (`qlora.dequantize_round_trip_`), so it computes what was trained.
+    `FileNotFoundError`/`ValueError` naming the file when the run is incomplete or does not fit the model."""
     run = Path(run_dir)
     info_path, info = read_lora_info(run)
     spec = info.get(QUANT_INFO_KEY)
-    if spec is not None and "language_model" in info["adapters"]:
+    if spec is not None and "language_model" in info["adapters"] and not has_lora(model):
         # trained on a 4-bit LLM: give the (unquantised) base the weights training saw, dequant(quant(W))
-        from internvl.train.qlora import dequantize_round_trip_
-
         dequantize_round_trip_(model.language_model, spec)
     for part in info["adapters"]:
         adapter_dir = run / ADAPTERS_DIRNAME / part
         sub = getattr(model, part)
-        if isinstance(sub, PeftModel):
-            sub.load_adapter(str(adapter_dir), adapter_name="default", is_trainable=is_trainable)
+        if isinstance(sub, PeftModel):  # resume: the run's own adapters, reloaded in place
+            result = sub.load_adapter(str(adapter_dir), adapter_name="default", is_trainable=is_trainable)
+            if result.unexpected_keys:
+                raise ValueError(f"{adapter_dir}: unexpected keys {result.unexpected_keys[:5]}")
         else:
             setattr(model, part, PeftModel.from_pretrained(sub, str(adapter_dir), is_trainable=is_trainable))
     extra_path = run / NON_LORA_FILENAME
@@ -206,15 +190,9 @@ def merge_lora(model: nn.Module) -> nn.Module:
 
 def merge_lora_run(run_dir: str | os.PathLike, output_dir: str | os.PathLike, base_model: str | None = None,
                    dtype: torch.dtype = torch.float32) -> Path:
-    """Base checkpoint + a saved LoRA run -> one full checkpoint in the original layout at `output_dir`.
-
-    The base comes from `base_model` or the run's `lora_run.json`. The tokenizer is taken from the run (it may hold
-    added special tokens; the base embeddings are then grown with the same deterministic mean rows as in training).
-    After saving, the checkpoint is reloaded and must have no missing or unexpected keys (`ValueError` otherwise).
-    """
-    from internvl.model import InternVLChatModel
-    from internvl.tokenization import load_tokenizer, save_tokenizer
-
+    """Base checkpoint (`base_model`, else the run's `lora_run.json`) + a saved LoRA run -> one full checkpoint in the
+    original layout at `output_dir`, with the run's tokenizer (its added tokens get the training's mean embedding
+    rows). The result is reloaded and must have no missing or unexpected keys (`ValueError` otherwise)."""
     run = Path(run_dir)
     info_path, info = read_lora_info(run)
     base = base_model or info.get("base_model")

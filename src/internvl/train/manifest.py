@@ -1,11 +1,9 @@
 """Checkpoint manifests: the size and SHA-256 of every file a checkpoint holds, written by us, checked on resume.
 
-Writing is split by rank so no rank reads the others' (possibly huge) files: `write_rank_manifest` hashes the files
-this rank wrote, right after they were written (`rank_of` decides: `rng_state_3.pth` and DeepSpeed's
-`*zero_pp_rank_3_*` belong to rank 3, everything else to rank 0), and `merge_manifests` (rank 0, after a barrier) joins
-the parts into `manifest.json` and hashes anything no part covered. `verify_manifest` checks the files back, again
-split by rank when several ranks verify together. A file is only unpickled (optimizer, scheduler, RNG, DeepSpeed
-states) after its checkpoint verified against a manifest: the manifest is the record that we wrote those bytes.
+Each rank hashes the files it wrote (`rank_of`: `rng_state_3.pth` and DeepSpeed's `*zero_pp_rank_3_*` belong to rank
+3, everything else to rank 0) into a part, so no rank reads the others' (possibly huge) files; rank 0 joins the parts
+into `manifest.json` (`merge_manifests`). `verify_manifest` checks the files back, split by rank the same way. Pickled
+states (optimizer, scheduler, RNG, DeepSpeed) are only loaded from a checkpoint that verified.
 """
 from __future__ import annotations
 
@@ -16,11 +14,13 @@ import re
 from pathlib import Path
 from typing import Any
 
+from internvl.io_safety import atomic_write_text
+
 MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1
-# files that are not part of the manifest: the manifest itself, its per-rank parts, the COMPLETE marker
-_PART_RE = re.compile(r"^manifest\.rank(\d+)\.json(\.tmp)?$")  # .tmp: another rank's part being written
-_UNLISTED = {MANIFEST_NAME, MANIFEST_NAME + ".tmp", "COMPLETE"}
+# not listed: the manifest, its per-rank parts (and their temporary files while a rank writes one), the COMPLETE marker
+_PART_RE = re.compile(r"^\.?manifest\.rank(\d+)\.json(\.tmp.*)?$")
+_UNLISTED = re.compile(r"^(\.?manifest\.json(\.tmp.*)?|COMPLETE)$")
 # files written by one data-parallel rank: HF's rng_state_<rank>.pth, DeepSpeed's *zero_pp_rank_<rank>_mp_rank_*
 RANK_FILE_RE = re.compile(r"(?:^rng_state_(\d+)\.pth$|pp_rank_(\d+)_)")
 
@@ -29,52 +29,43 @@ class ManifestError(ValueError):
     """A checkpoint does not match (or has no valid) manifest; the message names the file and the reason."""
 
 
-def file_digest(path: str | os.PathLike) -> tuple[int, str]:
-    """(size in bytes, SHA-256 hex) of one file, streamed by `hashlib.file_digest`."""
+def file_digest(path: str | os.PathLike) -> dict[str, Any]:
+    """The manifest entry of one file: {"size": bytes, "sha256": hex}, streamed by `hashlib.file_digest`."""
     with open(path, "rb") as fh:
-        return os.fstat(fh.fileno()).st_size, hashlib.file_digest(fh, "sha256").hexdigest()
-
-
-def _entry(path: Path) -> dict[str, Any]:
-    """The manifest entry of one file: {"size": bytes, "sha256": hex}."""
-    size, sha = file_digest(path)
-    return {"size": size, "sha256": sha}
+        return {"size": os.fstat(fh.fileno()).st_size, "sha256": hashlib.file_digest(fh, "sha256").hexdigest()}
 
 
 def rank_of(relpath: str) -> int:
     """The data-parallel rank that writes (and verifies) a checkpoint file: rank-tagged names, else rank 0."""
     match = RANK_FILE_RE.search(Path(relpath).name)
-    if match is None:
-        return 0
-    return int(match.group(1) or match.group(2))
+    return 0 if match is None else int(match.group(1) or match.group(2))
 
 
-def _listed_files(root: Path) -> list[str]:
-    """Relative paths (POSIX) of every regular file under `root` that a manifest lists."""
+def _listed_files(root: Path, rank: int | None = None, world_size: int = 1) -> list[str]:
+    """Relative POSIX paths of the files under `root` that a manifest lists (those of `rank`, if given)."""
     found = []
     for dirpath, _dirs, files in os.walk(root):
         for name in files:
             rel = Path(dirpath, name).relative_to(root).as_posix()
-            if rel in _UNLISTED or _PART_RE.match(rel):
-                continue
-            found.append(rel)
+            if not (_UNLISTED.match(rel) or _PART_RE.match(rel)) and _mine(rel, rank, world_size):
+                found.append(rel)
     return sorted(found)
 
 
-def _atomic_json(path: Path, data: Any) -> None:
-    """Write JSON under a temporary name and rename it into place (the checkpoint's publish fsyncs the whole tree)."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(data, fh, indent=1, sort_keys=True)
-    os.replace(tmp, path)
+def _mine(relpath: str, rank: int | None, world_size: int) -> bool:
+    """Whether `rank` writes and checks `relpath` (every file when rank is None)."""
+    return rank is None or rank_of(relpath) % max(world_size, 1) == rank
+
+
+def _write_json(path: Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=1, sort_keys=True))
 
 
 def write_rank_manifest(checkpoint_dir: str | os.PathLike, rank: int = 0, world_size: int = 1) -> Path:
     """Hash the files of `checkpoint_dir` that belong to `rank` into `manifest.rank<rank>.json`; returns its path."""
     root = Path(checkpoint_dir)
-    entries = {rel: _entry(root / rel) for rel in _listed_files(root) if rank_of(rel) % max(world_size, 1) == rank}
     path = root / f"manifest.rank{rank}.json"
-    _atomic_json(path, entries)
+    _write_json(path, {rel: file_digest(root / rel) for rel in _listed_files(root, rank, world_size)})
     return path
 
 
@@ -86,9 +77,9 @@ def merge_manifests(checkpoint_dir: str | os.PathLike) -> Path:
     parts = sorted(p for p in root.iterdir() if _PART_RE.match(p.name) and p.suffix == ".json")
     for part in parts:
         files.update(json.loads(part.read_text(encoding="utf-8")))
-    files.update({rel: _entry(root / rel) for rel in _listed_files(root) if rel not in files})
+    files.update({rel: file_digest(root / rel) for rel in _listed_files(root) if rel not in files})
     path = root / MANIFEST_NAME
-    _atomic_json(path, {"version": MANIFEST_VERSION, "algorithm": "sha256", "files": files})
+    _write_json(path, {"version": MANIFEST_VERSION, "algorithm": "sha256", "files": files})
     for part in parts:
         part.unlink()
     return path
@@ -117,11 +108,8 @@ def read_manifest(checkpoint_dir: str | os.PathLike) -> dict[str, dict[str, Any]
 
 
 def verify_manifest(checkpoint_dir: str | os.PathLike, rank: int | None = None, world_size: int = 1) -> list[str]:
-    """Problems of a checkpoint against its manifest, one `FILE: reason` each (empty = verified).
-
-    `rank=None` checks every file; with a rank, only the files that rank writes (see `rank_of`), so several ranks can
-    share the work. Sizes are compared before any hashing, so a truncated or empty file is reported at once.
-    """
+    """Problems of a checkpoint against its manifest, one `FILE: reason` each (empty = verified). `rank=None` checks
+    every file; with a rank, only the files that rank writes (`rank_of`), so several ranks share the work."""
     root = Path(checkpoint_dir)
     try:
         files = read_manifest(root)
@@ -129,20 +117,16 @@ def verify_manifest(checkpoint_dir: str | os.PathLike, rank: int | None = None, 
         return [str(exc)]
     if not files:
         return [f"{root / MANIFEST_NAME}: the manifest lists no files"]
-    mine = {rel: e for rel, e in files.items() if rank is None or rank_of(rel) % max(world_size, 1) == rank}
     problems = []
-    for rel, entry in sorted(mine.items()):
+    for rel, entry in sorted(files.items()):
         path = root / rel
+        if not _mine(rel, rank, world_size):
+            continue
         if not path.is_file():
             problems.append(f"{path}: missing")
-            continue
-        size = path.stat().st_size
-        if size != entry["size"]:
-            problems.append(f"{path}: {size} bytes, the manifest says {entry['size']} (truncated or replaced)")
-    for rel, entry in sorted(mine.items()):
-        path = root / rel
-        if any(p.startswith(f"{path}:") for p in problems):
-            continue
-        if file_digest(path)[1] != entry["sha256"]:
+        elif path.stat().st_size != entry["size"]:
+            problems.append(f"{path}: {path.stat().st_size} bytes, the manifest says {entry['size']} "
+                            "(truncated or replaced)")
+        elif file_digest(path)["sha256"] != entry["sha256"]:
             problems.append(f"{path}: SHA-256 differs from the manifest (corrupted)")
     return problems

@@ -2,19 +2,13 @@
 
     python -m internvl.train.memory_plan                       # MedRegA 40B, LoRA r16 + full, 8 and 16 GPUs
     python -m internvl.train.memory_plan --preset mid --gpus 1 --micro_batch 1 --seq 1024
-    (every run also prints the QLoRA rows: one GPU, 4-bit LLM, micro-batch 1, 2, 4; see `qlora_row`)
 
-Model states come from DeepSpeed's ZeRO-3 estimator (`estimate_zero3_model_states_mem_needs`, the function behind
-`estimate_zero3_model_states_mem_needs_all_cold`), applied to the *trainable* parameters (bf16 weight + grad + fp32
-master + Adam m/v = 18 bytes/param, partitioned over all GPUs, plus the largest layer gathered). Frozen parameters
-(ViT, projector, and the LLM base under LoRA) cost 2 bytes/param (bf16), partitioned too. Activations are estimated per
-micro-batch sample with checkpointing on every LLM layer:
-  - checkpoints: one bf16 hidden state [seq, hidden] per LLM layer;
-  - recompute working set of one layer (backward): bf16 tensors autograd keeps for a SwiGLU Llama block with
-    SDPA/flash attention: seq x (8 hidden + 2 kv_dim + 4 intermediate) x 2 bytes;
-  - logits and loss: seq x vocab x (2 bf16 logits + 4 fp32 upcast + 4 fp32 grad) bytes;
-  - the frozen ViT runs without storing activations; trainable ViT adds its own per-layer checkpoints.
-Parameter counts come from building the preset on the meta device (no memory, no weights).
+Model states come from DeepSpeed's ZeRO-3 estimator (`estimate_zero3_model_states_mem_needs`) applied to the trainable
+parameters (18 bytes/param partitioned over all GPUs, plus the largest layer gathered); frozen parameters cost 2
+bytes/param (bf16), partitioned too. Activations per micro-batch sample, checkpointing every LLM layer: one bf16
+hidden state per layer; one layer's recompute working set, seq x (8 hidden + 2 kv_dim + 4 intermediate) x 2 bytes;
+logits and loss, seq x vocab x 10 bytes; a trainable ViT adds its own checkpoints. Every run also prints QLoRA rows
+(`qlora_row`). Parameter counts come from building the preset on the meta device.
 """
 from __future__ import annotations
 
@@ -46,9 +40,8 @@ class ParamCounts:
 
 def count_params(preset: str, lora_rank: int, vocab: int | None = None, layers: int | None = None,
                  vit_layers: int | None = None) -> tuple[ParamCounts, object]:
-    """Build `preset` on the meta device and count parameters; LoRA params are r x (in + out) per target Linear.
-    `vocab` overrides the LLM vocabulary (training resizes it to the tokenizer); `layers` / `vit_layers` the depth of
-    the LLM / ViT (shortened dry runs)."""
+    """Build `preset` on the meta device and count parameters (LoRA: r x (in + out) per target Linear); `vocab`,
+    `layers`, `vit_layers` override the LLM vocabulary and the LLM / ViT depth."""
     from internvl.model import build_on_meta, count_parameters, load_preset
     from internvl.train.lora import llm_lora_targets
 
@@ -123,13 +116,10 @@ NF4_BYTES = {False: 0.5 + 4 / 64, True: 0.5 + 1 / 64 + 4 / (64 * 256)}
 
 def qlora_row(counts: ParamCounts, config, seq: int, micro_batch: int, double_quant: bool = True,
               lora_dropout: bool = True) -> dict[str, float]:
-    """Memory (GiB) of QLoRA on one GPU without DeepSpeed (`medrega-train --load_in_4bit`, MODE=qlora):
-    - 4-bit LLM linears (`NF4_BYTES`), bf16 for the rest (ViT, projector, embeddings, LM head, norms);
-    - LoRA: fp32 weight + fp32 grad + Adam m and v = 16 bytes per adapter parameter;
-    - activations: `activation_bytes` plus, per recomputed layer, the inputs LoRA keeps: one dropout output per
-      target (q, k, v, gate, up read the hidden size, o the hidden size, down the MLP width) in bf16 and its bool
-      mask, when lora_dropout > 0; and two bf16 copies of the largest linear dequantised while it computes.
-    The CUDA context and allocator slack are not in it (the `fits` column keeps 10 % for them)."""
+    """Memory (GiB) of QLoRA on one GPU without DeepSpeed (`--load_in_4bit`): 4-bit LLM linears (`NF4_BYTES`), bf16
+    for the rest; LoRA fp32 weight + grad + Adam m, v = 16 bytes per adapter parameter; `activation_bytes` plus the
+    inputs LoRA keeps per recomputed layer (a bf16 dropout output and its bool mask per target, 6 x hidden + MLP
+    width) and two bf16 copies of the largest dequantised linear. CUDA context and allocator slack are not in it."""
     llm = config.llm_config
     frozen_16 = counts.total - counts.llm_linear
     weights = NF4_BYTES[double_quant] * counts.llm_linear + 2 * frozen_16
@@ -144,8 +134,8 @@ def qlora_row(counts: ParamCounts, config, seq: int, micro_batch: int, double_qu
 
 
 def format_table(rows: list[dict[str, float]], limit_gib: float, count_label: str = "GPUs") -> str:
-    """Markdown table of plan rows; `fits` compares with `limit_gib` minus 10% for CUDA context/fragmentation.
-    `count_label` heads the column of the rows' "gpus" values."""
+    """Markdown table of plan rows; `fits` compares with `limit_gib` minus 10% for CUDA context/fragmentation;
+    `count_label` heads the "gpus" column."""
     head = (f"| mode | {count_label} | trainable (B) | model states | frozen weights | activations (of which logits) | "
             "total / GPU | fits 80 GB? | CPU RAM / node |")
     lines = [head, "|---|---|---|---|---|---|---|---|---|"]

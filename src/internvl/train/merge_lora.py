@@ -3,13 +3,10 @@
     medrega-merge-lora --run_dir runs/medrega_stage2_lora --output_dir merged/medrega-lora
     medrega-merge-lora --run_dir runs/x/checkpoint-1300 --base_model /ckpt/InternVL-Chat-V1-2 --output_dir m/
 
-The run directory holds `adapters/<part>/` in PEFT format, `non_lora_trainables.safetensors` and `lora_run.json`
-(which names the base checkpoint). The result loads with `InternVLChatModel.from_pretrained` with zero missing keys.
-`--verify` also compares the logits of the adapter model and the merged model on a random text input.
-
-The output directory is checked before any work: it may not be (or lie inside, or contain) the run or the base
-model, may not be a file, and must be empty unless `--overwrite`. The checkpoint is written to a temporary folder
-next to it and renamed into place only when it loads cleanly, so a failed merge leaves the old output untouched.
+The run holds `adapters/<part>/` (PEFT), `non_lora_trainables.safetensors` and `lora_run.json` (naming the base).
+The result loads with zero missing keys; `--verify` also compares the logits of the adapter and the merged model on a
+random input. The output may not be (or lie inside, or contain) the run or the base, must be empty unless
+`--overwrite`, and is written to a temporary folder renamed into place only when it loads cleanly.
 """
 from __future__ import annotations
 

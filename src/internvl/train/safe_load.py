@@ -1,11 +1,9 @@
 """DeepSpeed resume without arbitrary unpickling.
 
 DeepSpeed's `TorchCheckpointEngine.load` calls `torch.load(..., weights_only=False)`, which runs any code a pickle
-names.
-`deepspeed_safe_loads()` (around `Trainer.train` in `medrega-train`) makes that engine load with `weights_only=True`
-and an allowlist of the few plain DeepSpeed classes its ZeRO-1/2/3 states hold (loss scaler settings, the ZeRO stage
-enum, fragment addresses: data holders, no code). A state that names anything else is refused with
-`UnsafeCheckpointError`. (A manifest cannot vouch for a pickle: whoever can write the file can write the manifest.)
+names. `deepspeed_safe_loads()` (around `Trainer.train`) makes it load with `weights_only=True` and an allowlist of
+the plain data classes DeepSpeed's ZeRO-1/2/3 states hold; anything else is refused (`UnsafeCheckpointError`). A
+manifest cannot vouch for a pickle: whoever can write the file can write the manifest.
 """
 from __future__ import annotations
 

@@ -1,14 +1,9 @@
 """What lenient training (`--data_check lenient`) left out, counted by reason and reported at the end of the run.
 
-Two kinds of skips:
-- at the scan, before training (`MedRegDataset.tally`): bad JSON, boxes, missing images, ... (these records are never
-  served);
-- at build time, when a record's image is read (`MedRegDataset.runtime_tally` in whichever process built it): the next
-  record is served in its place, so that one is served twice in the epoch. The dataset puts each such skip on the item
-  (`skipped_records`), so the counts reach the trainer's process even from data-loader workers.
-
-`SkipReport` collects both, gathers the build-time ones over ranks at the end, and writes `skipped_records.json` to the
-run directory; `summary_fields` gives the counts for TensorBoard/W&B and `run_config.json`.
+Records are left out at the scan, before training (`MedRegDataset.tally`: bad JSON, boxes, missing images, ...), or
+at build time when a record's image is read: the next record is served in its place (twice in the epoch), and the
+item carries the skip (`skipped_records`) so the trainer counts it whichever data-loader worker built it.
+`SkipReport` gathers both over ranks and writes `skipped_records.json` to the run directory.
 """
 from __future__ import annotations
 
@@ -49,6 +44,7 @@ class SkipReport:
 
     @property
     def build_count(self) -> int:
+        """Build-time skips seen on this rank so far."""
         return len(self.build)
 
     def gathered(self) -> dict[str, Any]:

@@ -1,11 +1,9 @@
 """`MedRegTrainer`: transformers' Trainer with the pieces InternVL fine-tuning needs.
 
-- Loss: `internvl.ops.causal_lm_loss` (the model's loss too) divided by the supervised tokens (or summed packing
-  weights) of the whole optimizer step over all micro-batches and ranks, so every token weighs the same however
-  samples fall into micro-batches.
-- Atomic checkpoints with a per-rank manifest (`checkpoint`, `manifest`); LoRA runs save PEFT adapters (`lora`).
-- Length-grouped sampling, deterministic per epoch (resume replays the same order); tokens/s and samples/s logs.
-- Divergence guard (`guards`) and, in lenient runs, the count of records skipped while training (`skips`).
+The loss (`internvl.ops.causal_lm_loss`, the model's too) is divided by the supervised tokens of the whole optimizer
+step over all micro-batches and ranks, so every token weighs the same however samples fall into micro-batches.
+Atomic checkpoints with a per-rank manifest, PEFT adapters for LoRA runs, length-grouped sampling deterministic per
+epoch, tokens/s logs, the divergence guard and the count of records skipped in lenient runs.
 """
 from __future__ import annotations
 
@@ -17,10 +15,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file
 from torch import nn
-from peft import PeftModel
-from peft.utils import set_peft_model_state_dict
 from torch.utils.data import Sampler
 from transformers import TrainerCallback
 
@@ -43,10 +38,9 @@ from internvl.data.collate import SAMPLE_INDEX_KEY, SKIPPED_KEY
 from internvl.train.guards import StepGuard, assert_finite_model, guard_optimizer_step
 from internvl.train.manifest import merge_manifests, write_rank_manifest
 from internvl.train.skips import SkipReport
-from internvl.train.lora import has_lora, load_original_keys, save_lora_run, NON_LORA_FILENAME, LORA_PARTS
+from internvl.train.lora import has_lora, load_lora_run, save_lora_run
 
-# Batch keys the trainer reads itself and never passes to the model: `num_samples` is the number of samples in a
-# packed batch (PackedCollator), which has fewer rows than samples.
+# Batch keys the trainer reads itself and never passes to the model (`num_samples`: samples of a packed batch).
 TRAINER_ONLY_KEYS = ("labels", "loss_weight", "num_samples", SAMPLE_INDEX_KEY, SKIPPED_KEY)
 logger = logging.getLogger("internvl.train")
 
@@ -57,15 +51,12 @@ class LengthGroupedSampler(Sampler[int]):
     """
 
     def __init__(self, lengths: list[int], group_size: int, seed: int = 0) -> None:
-        if group_size < 1:
-            raise ValueError("group_size must be >= 1")
         self.lengths = [int(x) for x in lengths]
         self.group_size = group_size
         self.seed = seed
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
-        """Called by the Trainer at each epoch start."""
         self.epoch = int(epoch)
 
     def __len__(self) -> int:
@@ -79,20 +70,9 @@ class LengthGroupedSampler(Sampler[int]):
             yield from group
 
 
-class DatasetEpochCallback(TrainerCallback):
-    """Tells the dataset the epoch (its augmentation randomness is seeded by seed, epoch and index)."""
-
-    def __init__(self, dataset) -> None:
-        self.dataset = dataset
-
-    def on_epoch_begin(self, args, state, control, **kwargs):
-        if hasattr(self.dataset, "set_epoch"):
-            self.dataset.set_epoch(int(state.epoch or 0))
-
-
 class SpeedupCallback(TrainerCallback):
-    """Turns on the training fast paths (`internvl.ops.train_speedups`) when training starts: by then the model is on
-    its device (Trainer / DeepSpeed moved it) and checkpointing is configured. Logs what was applied and why not."""
+    """Turns on the training fast paths (`internvl.ops.train_speedups`) when training starts, once the model is on
+    its device and checkpointing is configured, and hands back a plain model when training ends."""
 
     def __init__(self, speedups: TrainSpeedups) -> None:
         self.speedups = speedups
@@ -105,53 +85,36 @@ class SpeedupCallback(TrainerCallback):
                 logger.info("training fast paths: %s", self.report)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
-        # hand back a plain model (no compiled layer forwards, no swapped kernels) for saving, evaluation, generation
         if model is not None and self.report is not None:
             remove_train_speedups(model)
             self.report = None
 
 
-class LogClockCallback(TrainerCallback):
-    """Starts the trainer's throughput clock when training starts (the first log's rate covers the first steps)."""
+class RunCallback(TrainerCallback):
+    """At train begin: starts the throughput clock and lets the divergence guard skip optimizer steps
+    (`--on_nonfinite skip`). At each epoch: tells the dataset the epoch (its augmentation is seeded by seed, epoch and
+    index; accelerate forwards it only where the sampler has no `set_epoch`)."""
 
     def __init__(self, trainer: "MedRegTrainer") -> None:
         self.trainer = trainer
 
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.trainer._last_log_time = time.perf_counter()
-
-
-def _is_deepspeed_placeholder(optimizer: Any) -> bool:
-    """accelerate's `DummyOptim` (DeepSpeed builds the real optimizer from its params). accelerate exports it only
-    where DeepSpeed is installed, so without DeepSpeed nothing can be the placeholder."""
-    try:
-        from accelerate.utils.deepspeed import DummyOptim  # needs deepspeed installed on some accelerate versions
-    except ImportError:
-        return False
-    return isinstance(optimizer, DummyOptim)
-
-
-class GuardCallback(TrainerCallback):
-    """Wraps the prepared optimizer's `step` so the divergence guard can skip a step (`--on_nonfinite skip`)."""
-
-    def __init__(self, guard: StepGuard) -> None:
-        self.guard = guard
-
     def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
-        if optimizer is not None and self.guard.policy == "skip":
-            guard_optimizer_step(optimizer, self.guard)
+        self.trainer._last_log_time = time.perf_counter()
+        if optimizer is not None and self.trainer.guard.policy == "skip":
+            guard_optimizer_step(optimizer, self.trainer.guard)
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        if hasattr(self.trainer.train_dataset, "set_epoch"):
+            self.trainer.train_dataset.set_epoch(int(state.epoch or 0))
 
 
 class MedRegTrainer(trainer_base()):
     """Trainer with per-token loss over the accumulated batch, atomic checkpoints, LoRA saving, throughput logs.
 
     It changes transformers' Trainer only through the hooks of `internvl.compat.trainer_base` (the one place that
-    overrides Trainer's private steps), public methods (`compute_loss`, `log`) and callbacks.
-
-    Extra constructor arguments: `group_by_length` (use the dataset's `lengths`), `base_model` (recorded in LoRA runs),
-    `fused_lm_loss` (LM head + cross-entropy on supervised positions only, in chunks; same loss, far less memory),
-    `speedups` (`internvl.ops.train_speedups.TrainSpeedups`: compiled layers, fused projections, liger kernels and the
-    loss kernel, applied on CUDA when training starts; None = the plain eager path).
+    overrides Trainer's private steps), public methods and callbacks. Extra arguments: `group_by_length` (uses the
+    dataset's `lengths`), `base_model` (recorded in LoRA runs), `fused_lm_loss` (LM head + cross-entropy on
+    supervised positions only, in chunks) and `speedups` (`TrainSpeedups`, applied on CUDA; None = plain eager).
     """
 
     loss_is_scaled_for_ga = True
@@ -169,19 +132,14 @@ class MedRegTrainer(trainer_base()):
         self._tokens_seen = 0
         self._samples_seen = 0
         self._last_log_time: float | None = None
-        self._staging = False
-        if self.train_dataset is not None and hasattr(self.train_dataset, "set_epoch"):
-            self.add_callback(DatasetEpochCallback(self.train_dataset))
-        self.add_callback(LogClockCallback(self))
         self.guard = StepGuard(policy=getattr(self.args, "on_nonfinite", "stop"),
                                max_skipped=getattr(self.args, "max_nonfinite_steps", 10),
                                describe=getattr(self.train_dataset, "describe", None),
                                check_grad_norm=not self.args.fp16)  # fp16: the loss scaler skips overflow steps
-        self.add_callback(GuardCallback(self.guard))
+        self.add_callback(RunCallback(self))
         self.skips = SkipReport(self.train_dataset)
         self.skip_report: dict[str, Any] | None = None  # set at the end of a lenient run
 
-    # ---- divergence guard and bookkeeping keys ---------------------------------------------------------------
     def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
         """Takes the bookkeeping keys (sample indices, build-time skips) off the batch, then trains as usual."""
         self.guard.note_batch(inputs.pop(SAMPLE_INDEX_KEY, None), self.running_loss())
@@ -189,14 +147,13 @@ class MedRegTrainer(trainer_base()):
         return super().training_step(model, inputs, num_items_in_batch)
 
     def step_grad_norm(self, model: nn.Module, grad_norm: Any, default) -> Any:
-        """Trainer's gradient norm (computed by the clipping), checked with the step's loss: one host read per
-        optimizer step. Raises `NonFiniteError`, or marks the step to be skipped (`--on_nonfinite skip`)."""
+        """Trainer's gradient norm, checked with the step's loss (one host read per optimizer step): raises
+        `NonFiniteError`, or marks the step to be skipped (`--on_nonfinite skip`)."""
         grad_norm = default(model, grad_norm=grad_norm)
         ok = self.guard.check_step(self.state.global_step + 1, grad_norm, self.running_loss(), self.args.world_size)
         self.guard.skip_next_step = not ok
         return grad_norm
 
-    # ---- sampling -------------------------------------------------------------------------------------------
     def train_sampler(self, train_dataset, default):
         """Length-grouped sampling with `group_by_length`, else Trainer's sampler."""
         dataset = train_dataset if train_dataset is not None else self.train_dataset
@@ -208,7 +165,6 @@ class MedRegTrainer(trainer_base()):
         group = self.args.train_batch_size * self.args.gradient_accumulation_steps * max(self.args.world_size, 1)
         return LengthGroupedSampler(list(lengths), group_size=group, seed=self.args.seed)
 
-    # ---- optimizer ------------------------------------------------------------------------------------------
     def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
         """Trainer's rule (no decay for biases and for norms it knows by class or name), plus every parameter of any
         normalisation module whatever its name: InternViT's RMSNorm `norm1`/`norm2` and q/k norms otherwise decay."""
@@ -227,22 +183,21 @@ class MedRegTrainer(trainer_base()):
         return [g for g in groups if g["params"]]
 
     def create_optimizer(self, model: nn.Module | None = None):
-        """Without DeepSpeed: Trainer's optimizer. With a DeepSpeed config that names its own optimizer, transformers
-        hands DeepSpeed one group of every trainable parameter (so weight decay would hit norms and biases too): give
-        that placeholder the same groups as the path without DeepSpeed."""
-        if _is_deepspeed_placeholder(self.optimizer):  # accelerate's stand-in; DeepSpeed builds from its params
-            self.optimizer.params = self.optimizer_parameter_groups(model)
-            groups = self.optimizer.params
+        """Trainer's optimizer. With a DeepSpeed config that names its own optimizer, transformers hands DeepSpeed one
+        group of every trainable parameter (weight decay would hit norms and biases too): that placeholder gets the
+        same groups as the path without DeepSpeed (accelerate's `DummyOptim`, known by name as transformers knows
+        its `DummyScheduler`). Logs the groups."""
+        if type(self.optimizer).__name__ == "DummyOptim":
+            self.optimizer.params = groups = self.optimizer_parameter_groups(model)
         else:
             groups = super().create_optimizer(model).param_groups
-        if self.args.should_log:
-            sizes = [(g["weight_decay"], len(g["params"]), sum(int(getattr(p, "ds_numel", 0) or p.numel())
-                                                               for p in g["params"])) for g in groups if g["params"]]
-            logger.info("optimizer parameter groups: %s",
-                        "; ".join(f"weight_decay {wd}: {n} tensors, {size} values" for wd, n, size in sizes))
+        if self.args.should_log:  # the same line with and without DeepSpeed (tests/train/test_train_distributed.py)
+            logger.info("optimizer parameter groups: %s", "; ".join(
+                f"weight_decay {g['weight_decay']}: {len(g['params'])} tensors, "
+                f"{sum(int(getattr(p, 'ds_numel', 0) or p.numel()) for p in g['params'])} values"
+                for g in groups if g["params"]))
         return self.optimizer
 
-    # ---- loss ------------------------------------------------------------------------------------------------
     def step_loss_items(self, batch_samples: list, device: torch.device, default=None) -> torch.Tensor | None:
         """Supervised tokens (or summed weights) of the whole optimizer step, summed over ranks."""
         if not batch_samples or "labels" not in batch_samples[0]:
@@ -254,33 +209,23 @@ class MedRegTrainer(trainer_base()):
 
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: torch.Tensor | int | None = None):
-        """Sum of token CE divided by `num_items_in_batch` (falls back to this micro-batch's count, e.g. in eval).
-
-        The result is multiplied by the number of data-parallel processes because DDP/DeepSpeed average gradients
-        over ranks while the divisor already counts every rank's tokens.
-        """
+        """Weighted token CE summed and divided by `num_items_in_batch` (else this micro-batch's count, e.g. in eval),
+        times the number of data-parallel processes: DDP/DeepSpeed average gradients over ranks while the divisor
+        already counts every rank's tokens."""
         labels = inputs["labels"]
         loss_weight = inputs.get("loss_weight")
         model_inputs = {k: v for k, v in inputs.items() if k not in TRAINER_ONLY_KEYS}
-        attention_mask = inputs.get("attention_mask")
-        if model.training:
-            # running sums stay on the device (read once per log): no host sync per micro-batch, so the GPU queue
-            # is never drained here (docs/performance.md: host-bound steps)
-            if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.dtype != torch.int32:
-                self._tokens_seen = self._tokens_seen + attention_mask.sum()
-            else:
-                self._tokens_seen = self._tokens_seen + inputs["input_ids"].numel()
+        mask = inputs.get("attention_mask")
+        if model.training:  # running sums stay on the device, read once per log: no host sync per micro-batch
+            padded = mask is not None and mask.dim() == 2 and mask.dtype != torch.int32
+            self._tokens_seen = self._tokens_seen + (mask.sum() if padded else inputs["input_ids"].numel())
             num_samples = inputs.get("num_samples")  # packed batches: samples, not rows
             self._samples_seen = self._samples_seen + (num_samples if num_samples is not None
                                                        else inputs["input_ids"].shape[0])
-        # the one loss (internvl.ops.causal_lm_loss): weighted CE sum over the step's divisor, or the micro-batch's
-        # own weighted token mean when no divisor is passed (e.g. in eval)
         lm_head = self._fused_head()
         if lm_head is not None:
-            # Only the last position's logits are built; the loss runs the LM head on supervised positions in chunks,
-            # so no [B, L, V] logits are kept for backward. The head runs outside the model's (autocast-wrapped)
-            # forward: the accelerator's autocast keeps its matmuls in bf16 under mixed precision, as in the forward
-            # (with fp32 weights they would otherwise run in fp32: half the step on the Yi-34B head's shape).
+            # The head runs on supervised positions only, in chunks, outside the model's autocast-wrapped forward:
+            # the accelerator's autocast keeps its matmuls in bf16 under mixed precision (fp32 weights otherwise).
             with self.accelerator.autocast():
                 loss, outputs = fused_loss_forward(model, model_inputs, labels, loss_weight=loss_weight,
                                                    impl=self.lm_loss_impl, lm_head=lm_head,
@@ -294,9 +239,8 @@ class MedRegTrainer(trainer_base()):
         return (loss, outputs) if return_outputs else loss
 
     def _fused_head(self) -> nn.Module | None:
-        """The LM head for the fused loss, or None for the plain path (switched off, LM head wrapped by PEFT, or a
-        model without a separate head). A ZeRO-3-partitioned head is used through its own forward (gathered by its
-        hooks; `fused_loss_forward`); an FSDP2-sharded one (`FSDPLinear`) by its unsharded weight after the forward."""
+        """The LM head for the fused loss, or None for the plain path (switched off, head wrapped by PEFT, no separate
+        head). A ZeRO-3-partitioned head runs through its own forward, gathered by its hooks (`fused_loss_forward`)."""
         if not self.fused_lm_loss:
             return None
         language_model = getattr(self.model, "language_model", self.model)
@@ -306,16 +250,14 @@ class MedRegTrainer(trainer_base()):
             return None
         if fused_head_supported(head):
             return head
-        # a ZeRO-3 partition runs the loss as the head's forward, gathered by its hooks; DeepCompile removes those
-        # hooks (it gathers inside the compiled model only), so there the model's own logits path is taken
+        # DeepCompile removes the ZeRO-3 hooks (it gathers inside the compiled model only): the plain path there
         engine = self.model_wrapped
         deepcompile = callable(getattr(engine, "is_deepcompile_active", None)) and engine.is_deepcompile_active()
         return head if zero3_partitioned_head(head) and not deepcompile else None
 
-    # ---- logging ---------------------------------------------------------------------------------------------
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
-        """Adds `tokens_per_second` and `samples_per_second` (all ranks, since the previous log) and, on GPU, this
-        rank's peak allocated memory `gpu_mem_peak_gib` to training logs."""
+        """Adds `tokens_per_second`, `samples_per_second` (all ranks, since the previous log) and, on GPU, this rank's
+        `gpu_mem_peak_gib` to training logs; the skip counts of the guard and of lenient runs."""
         if "loss" in logs:
             now = time.perf_counter()
             counts = torch.stack([torch.as_tensor(c, device=self.args.device).to(torch.float64).reshape(())
@@ -342,25 +284,20 @@ class MedRegTrainer(trainer_base()):
             logs.update(SkipReport.summary_fields(self.skip_report))
         super().log(logs, *args, **kwargs)
 
-    # ---- checkpoints -----------------------------------------------------------------------------------------
-    def checkpoint_dir(self, trial, default) -> str:
-        """The run folder, or its staging folder while a checkpoint is being written."""
-        run_dir = default(trial)
-        return str(ckpt.staging_root(run_dir)) if self._staging else run_dir
-
     def save_checkpoint(self, model: nn.Module, trial, default) -> None:
-        """Write checkpoint-N into the staging folder, hash it per rank into a manifest, then publish it with an
-        atomic rename. A model with non-finite parameters is never written."""
+        """Write checkpoint-N into the staging folder (Trainer saves under `args.output_dir`, pointed there for the
+        save), hash it per rank into a manifest, then publish it with an atomic rename. A model with non-finite
+        parameters is never written."""
         assert_finite_model(model, f"checkpoint-{self.state.global_step}", self.args.world_size)
-        run_dir = self.run_dir(trial)
+        run_dir = self.args.output_dir
         if self.args.should_save:
             ckpt.clean_staging(run_dir)
         self._barrier()
-        self._staging = True
+        self.args.output_dir = str(ckpt.staging_root(run_dir))
         try:
             default(model, trial)
         finally:
-            self._staging = False
+            self.args.output_dir = run_dir
         self._barrier()
         staged = ckpt.staging_root(run_dir) / f"checkpoint-{self.state.global_step}"
         write_rank_manifest(staged, self.args.process_index, self.args.world_size)
@@ -376,10 +313,8 @@ class MedRegTrainer(trainer_base()):
             dist.barrier()
 
     def save_model_files(self, output_dir: str | None, state_dict: dict | None, default) -> None:
-        """Full runs: original-layout `save_pretrained`. LoRA runs: PEFT adapters + other trained weights.
-
-        Both write the tokenizer with `internvl.tokenization.save_tokenizer` (Trainer's `save_pretrained` alone leaves
-        out the SentencePiece files and is not checked to reload identically)."""
+        """Full runs: original-layout `save_pretrained`. LoRA runs: PEFT adapters + other trained weights. Both write
+        the tokenizer with `save_tokenizer` (Trainer's `save_pretrained` leaves out the SentencePiece files)."""
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if not has_lora(self.model):
             default(output_dir, state_dict=state_dict)
@@ -401,18 +336,5 @@ class MedRegTrainer(trainer_base()):
         model = self.model if model is None else model
         if not has_lora(model):
             return default(resume_from_checkpoint, model)
-        for part in LORA_PARTS:
-            sub = getattr(model, part, None)
-            adapter_dir = os.path.join(resume_from_checkpoint, "adapters", part)
-            if isinstance(sub, PeftModel):
-                weights = os.path.join(adapter_dir, "adapter_model.safetensors")
-                if not os.path.isfile(weights):
-                    raise FileNotFoundError(f"{weights}: LoRA adapter missing from checkpoint")
-                result = set_peft_model_state_dict(sub, load_file(weights))
-                if getattr(result, "unexpected_keys", None):
-                    raise ValueError(f"{weights}: unexpected keys {result.unexpected_keys[:5]}")
-        extra = os.path.join(resume_from_checkpoint, NON_LORA_FILENAME)
-        if os.path.isfile(extra):
-            load_original_keys(model, load_file(extra), source=extra)
+        load_lora_run(model, resume_from_checkpoint, is_trainable=True)
         return None
-
