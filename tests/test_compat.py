@@ -69,18 +69,19 @@ def test_missing_trainer_step_is_a_clear_error():
 
 
 def test_trainer_hooks_reach_the_private_steps(tmp_path):
+    """A private step calls its public-named hook with the Trainer's own step as `default`."""
     seen = []
 
     class Spy(compat.trainer_base()):
-        def checkpoint_dir(self, trial, default):
-            seen.append(default(trial))
-            return str(tmp_path / "elsewhere")
+        def step_grad_norm(self, model, grad_norm, default):
+            seen.append(default(model, grad_norm))
+            return 7.0
 
     model = LlamaForCausalLM(LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
                                          num_attention_heads=2, num_key_value_heads=1))
     trainer = Spy(model=model, args=TrainingArguments(output_dir=str(tmp_path / "run"), use_cpu=True, report_to="none"))
-    assert trainer._get_output_dir(None) == str(tmp_path / "elsewhere")
-    assert seen == [str(tmp_path / "run")] and trainer.run_dir(None) == str(tmp_path / "run")
+    assert trainer._get_grad_norm(model, torch.tensor(3.0)) == 7.0
+    assert len(seen) == 1 and float(seen[0]) == 3.0
 
 
 def test_attention_accessors():

@@ -33,7 +33,7 @@ from transformers import set_seed
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
 from internvl.cli_support import UsageError, run_cli
-from internvl.compat import fsdp_on_cpu
+from internvl.compat import fsdp_on_cpu, plain_cuda_arch_list
 from internvl.data.collate import PackedCollator, pad_collate
 from internvl.data.dataset import build_training_dataset
 from internvl.data.records import BadRecordError
@@ -151,6 +151,9 @@ def train(model_args: ModelArguments, data_args: DataTrainingArguments,
     if training_args.should_save:
         clean_staging(output_dir)
     set_seed(training_args.seed)
+    if training_args.deepspeed and (arch_list := plain_cuda_arch_list()):
+        logger.warning("TORCH_CUDA_ARCH_LIST set to %r for DeepSpeed's op builds (it cannot parse '9.0a'-style "
+                       "entries)", arch_list)
     # bf16 weights under DeepSpeed bf16, and under QLoRA with --bf16 (the ViT/projector/head stay bf16 next to the
     # 4-bit LLM; the adapters are fp32)
     ds_bf16 = bool(training_args.bf16) and bool(training_args.deepspeed or model_args.load_in_4bit)
