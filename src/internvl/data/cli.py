@@ -12,8 +12,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from internvl.cli_support import UsageError, non_negative_int, positive_int, run_cli
+from internvl.data.convert import CONVERTERS, ConvertError, get_converter
+from internvl.data.prompts import get_prompt, list_tasks
 from internvl.data.records import ALLOW_LINKS_ENV, IMAGE_CHECKS, BadRecordError, ProblemTally, RecordChecker, iter_records
 from internvl.data.registry import MetaFileError, load_meta
+from internvl.io_safety import check_output_file
 from internvl.offline import enforce_offline
 
 __all__ = ["main", "build_parser"]
@@ -25,6 +28,7 @@ def _token_length_factory(args: argparse.Namespace) -> Callable[[str], Callable[
         return None
     if not args.tokenizer:
         raise UsageError("--max-length needs --tokenizer DIR (a local tokenizer directory)")
+    # lazy: only --max-length needs them, and they import torch and transformers (about 1 s)
     from internvl.data.encode import make_token_length
     from internvl.tokenization import load_tokenizer
 
@@ -95,9 +99,6 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from internvl.data.convert import ConvertError, get_converter
-    from internvl.io_safety import check_output_file
-
     converter = get_converter(args.format)
     inputs = [v for k, v in vars(args).items() if k != "out" and isinstance(v, str) and v and os.path.exists(v)]
     check_output_file(args.out, inputs=inputs, overwrite=True, what="--out")  # never the converter's own input
@@ -118,8 +119,6 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_prompts(args: argparse.Namespace) -> int:
-    from internvl.data.prompts import get_prompt, list_tasks
-
     if not args.task:
         for task in list_tasks():
             tp = get_prompt(task, args.lang)
@@ -162,8 +161,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     convert = sub.add_parser("convert", help="convert a dataset to MedRegInstruct jsonl")
     formats = convert.add_subparsers(dest="format", required=True)
-    from internvl.data.convert import CONVERTERS, get_converter
-
     for name in CONVERTERS:
         converter = get_converter(name)
         p = formats.add_parser(name, help=converter.help, description=converter.doc)

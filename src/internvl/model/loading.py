@@ -145,7 +145,7 @@ def load_pretrained(
     if problems or info.get("error_msgs"):
         raise CheckpointError(f"{path}: checkpoint does not match the config: {problems or info['error_msgs']}")
     if weight_dtype == "int8":
-        from ..ops.int8_weights import quantize_int8_weights_
+        from ..ops.int8_weights import quantize_int8_weights_  # lazy: imports Triton (about 3 s), int8 loads only
 
         quantize_int8_weights_(model, skip_quant_modules, device=int8_device)
         if int8_device is not None:

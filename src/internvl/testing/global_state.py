@@ -64,6 +64,6 @@ def global_state_restored() -> Iterator[None]:
             os.environ.update(environ)
         restore_torch_state(torch_before)
         if not deepspeed_before and deepspeed_config_registered():
-            from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+            from transformers.integrations.deepspeed import unset_hf_deepspeed_config  # imported already (see above)
 
             unset_hf_deepspeed_config()
