@@ -110,7 +110,8 @@ def _call_default(self, *args):
 def trainer_base() -> type:
     """transformers' `Trainer` whose private steps call the public-named hooks of `TRAINER_PRIVATE_STEPS`, each as
     `hook(*parameters, default)` with `default` the Trainer's own step (`MedRegTrainer` overrides them); plus
-    `running_loss()` (Trainer's on-device loss sum since the last log, or None). Lazy import: Trainer takes about 2 s to import and only training needs it."""
+    `running_loss()` (Trainer's on-device loss sum since the last log, or None). Lazy import: Trainer takes about
+    2 s to import and only training needs it."""
     from transformers import Trainer
 
     check_trainer_steps(Trainer)

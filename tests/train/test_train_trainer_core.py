@@ -169,6 +169,14 @@ class Holder(nn.Module):
         return self.language_model(input_ids=input_ids).logits
 
 
+def perturb_adapters(model: nn.Module) -> None:
+    """Make the adapters non-trivial (lora_B starts at zero) and move the trainable projector off its init."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name or name.startswith("mlp1."):
+                p.add_(torch.randn_like(p) * 0.1)
+
+
 def test_lora_adapters_save_load_and_merge(tmp_path):
     torch.manual_seed(0)
     model = Holder()
@@ -177,10 +185,7 @@ def test_lora_adapters_save_load_and_merge(tmp_path):
     assert has_lora(model)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n or n.startswith("mlp1.") for n in trainable)
-    with torch.no_grad():  # make the adapters non-trivial (lora_B starts at zero)
-        for name, p in model.named_parameters():
-            if "lora_B" in name or name.startswith("mlp1."):
-                p.add_(torch.randn_like(p) * 0.1)
+    perturb_adapters(model)
     ids = torch.randint(0, VOCAB, (2, 9))
     expected = model(ids).detach()
     save_lora_run(model, tmp_path, base_model="base-dir")
@@ -205,10 +210,7 @@ def test_lora_resume_reloads_into_the_wrapped_model_and_refuses_foreign_keys(tmp
     torch.manual_seed(0)
     model = Holder()
     wrap_llm_lora(model, r=4, dropout=0.0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name or name.startswith("mlp1."):
-                p.add_(torch.randn_like(p) * 0.1)
+    perturb_adapters(model)
     ids = torch.randint(0, VOCAB, (2, 9))
     expected = model(ids).detach()
     save_lora_run(model, tmp_path, base_model="base-dir")
