@@ -141,6 +141,8 @@ def test_cluster_and_merge_arithmetic():
     assert cluster_boxes(boxes, 0.5) == [[0, 1, 2], [3]]
     raters = ["a", "b", "c", "a"]
     union, _ = merge_boxes(boxes, raters, merge="union", threshold=0.5, min_votes=1)
+    with pytest.raises(ConvertError, match="merge must be one of"):  # a typo never keeps every box silently
+        merge_boxes(boxes, raters, merge="fusoin", threshold=0.5, min_votes=1)
     assert [b.tolist() for b in union] == [[0, 0, 12, 10], [50, 50, 60, 60]]
     fused, dropped = merge_boxes(boxes, raters, merge="fusion", threshold=0.5, min_votes=2)
     assert [b.tolist() for b in fused] == [[1, 0, 11, 10]] and dropped == 1

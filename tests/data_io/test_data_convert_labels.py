@@ -32,6 +32,8 @@ def test_class_folders(tmp_path):
     assert "You are given an OCT image. The possible diagnoses are:\nnormal\ndrusen\n<image>\n" in human(records[0])
     with pytest.raises(ConvertError, match=r"class folder\(s\) \['normal'\] are not in the option list"):
         convert_folders(tmp_path, modality="OCT", options=["drusen", "cnv"])
+    with pytest.raises(ConvertError, match="image_root is not an option here"):  # not a TypeError traceback
+        convert_folders(tmp_path, modality="OCT", image_root=tmp_path)
 
 
 def test_csv_single_and_multi_label(tmp_path):

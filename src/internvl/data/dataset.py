@@ -183,8 +183,8 @@ class MedRegDataset(Dataset):
                                          system_message=self.system_message, max_length=self.max_seq_length,
                                          where=where)
         except EncodeError as exc:
-            reason = "too-long" if "max_length" in str(exc) else "encode-error"
-            raise BadRecordError([RecordProblem(self.file, line, reason, str(exc).removeprefix(where + ": "))]) from None
+            problem = RecordProblem(self.file, line, exc.reason, str(exc).removeprefix(where + ": "))
+            raise BadRecordError([problem]) from None
         return {"input_ids": sample.input_ids, "labels": sample.labels, "pixel_values": pixel_values,
                 "image_flags": image_flags}
 

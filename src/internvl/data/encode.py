@@ -27,7 +27,12 @@ PROMPT_ORDERS = ("train", "inference")
 
 
 class EncodeError(ValueError):
-    """A record that cannot be turned into model inputs; the message names the record (``FILE:LINE: ...``)."""
+    """A record that cannot be turned into model inputs; the message names the record (``FILE:LINE: ...``), `reason`
+    is its problem name ("too-long" or "encode-error")."""
+
+    def __init__(self, message: str, reason: str = "encode-error") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass
@@ -116,7 +121,7 @@ def encode_conversation(conversations: Sequence[Mapping[str, Any]], tokenizer: A
         if got != want:
             raise EncodeError(f"{where}: {got} {IMG_CONTEXT_TOKEN} tokens after tokenisation, expected {want}")
     if max_length is not None and len(ids) > max_length:
-        raise EncodeError(f"{where}: {len(ids)} tokens > max_length {max_length}")
+        raise EncodeError(f"{where}: {len(ids)} tokens > max_length {max_length}", reason="too-long")
     supervised_text = _verify_labels(tokenizer, ids, labels, [full[s:e] for s, e in spans], where)
     if num_patches_list and ids.count(_token_ids(tokenizer, IMG_START_TOKEN)) != len(num_patches_list):
         raise EncodeError(f"{where}: {IMG_START_TOKEN} count does not match {len(num_patches_list)} image(s)")

@@ -23,6 +23,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
 from ..compat import attn_implementation, set_attn_implementation
+from ..ops.compile_layers import RECOMPILE_LIMIT_NAME
 from ..ops.decode_kernels import attention_kernel_supported, triton_ready
 from ..ops.packed_projections import decoder_layer_groups, pack_decoder, packed_signature
 from .decode_config import AUTO_INDUCTOR_MAX_PARAMS, DecodeConfig
@@ -76,8 +77,7 @@ def packed_step_supported(lm: nn.Module) -> bool:
 
 def _recompile_limit(limit: int):
     """Dynamo's per-function recompile limit raised to at least `limit` while our step runs (restored afterwards)."""
-    name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
-    return dynamo_config.patch(name, max(getattr(dynamo_config, name), limit))
+    return dynamo_config.patch(RECOMPILE_LIMIT_NAME, max(getattr(dynamo_config, RECOMPILE_LIMIT_NAME), limit))
 
 
 def register_decode_attention(name: str, function) -> None:
@@ -236,17 +236,16 @@ class StaticGreedyDecoder:
         st.pos.add_(1)
         st.step.add_(1)
 
-    def _packed_forward_logits(self, st: _DecodeState, ids: torch.Tensor, pos: torch.Tensor,
-                               packs: list) -> torch.Tensor:
+    def _packed_forward_logits(self, st: _DecodeState, ids: torch.Tensor, pos: torch.Tensor, packs: list,
+                               attention: str, one_row: bool) -> torch.Tensor:
         """The decode forward over packed weights (`packed_step.packed_forward_logits`), each layer through
-        `packed_layer` or its compiled form. ids/pos [B, 1] -> [B, V] logits."""
-        attention = self._attention()
+        `packed_layer` or its compiled form, with the state's attention kind and GEMV choice (resolved once, in
+        `_make_step`). ids/pos [B, 1] -> [B, V] logits."""
 
         def attend(module, q, keys, values, mask, cache_mask, limit):
             return self._packed_attention(attention, module, q, keys, values, mask, cache_mask, limit)
 
-        return packed_forward_logits(self.lm, st.cache, st.mask, ids, pos, packs,
-                                     one_row=ids.shape[0] == 1 and self._gemv_on(), attend=attend,
+        return packed_forward_logits(self.lm, st.cache, st.mask, ids, pos, packs, one_row=one_row, attend=attend,
                                      layer_fn=self._layer_fn or packed_layer)
 
     def _packed_attention(self, attention: str, module: nn.Module, q: torch.Tensor, keys: torch.Tensor,
@@ -321,8 +320,10 @@ class StaticGreedyDecoder:
     # ---- the step ----
     def _make_step(self, st: _DecodeState, pad_token_id: int):
         if st.packs is not None:
+            attention, one_row = self._attention(), st.ids.shape[0] == 1 and self._gemv_on()
+
             def forward(ids: torch.Tensor, pos: torch.Tensor, packs: list) -> torch.Tensor:
-                return self._packed_forward_logits(st, ids, pos, packs)
+                return self._packed_forward_logits(st, ids, pos, packs, attention, one_row)
         else:
             def forward(ids: torch.Tensor, pos: torch.Tensor, packs: None) -> torch.Tensor:
                 return self._forward_logits(st, ids, pos)

@@ -24,6 +24,8 @@ from ..compat import attend_rope, restore_forwards, swap_forward
 logger = logging.getLogger(__name__)
 
 _COMPILED: dict[tuple, object] = {}
+#: dynamo's per-function recompile limit (renamed from `cache_size_limit` in torch 2.6)
+RECOMPILE_LIMIT_NAME = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
 
 
 def _plain_linear(module: object) -> bool:
@@ -119,8 +121,7 @@ def compile_layers(model: nn.Module, *, backend: str = "inductor", mode: str | N
     limit to at least 64 (eval, checkpointing on/off and new shapes must not fall back to eager)."""
     if mode is not None and options:
         raise ValueError("compile_layers takes a mode or inductor options, not both (torch.compile's rule)")
-    limit_name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
-    setattr(torch._dynamo.config, limit_name, max(getattr(torch._dynamo.config, limit_name), 64))
+    setattr(torch._dynamo.config, RECOMPILE_LIMIT_NAME, max(getattr(torch._dynamo.config, RECOMPILE_LIMIT_NAME), 64))
     counts: dict[str, int] = {}
     for name, module in model.named_modules():
         if not isinstance(module, GradientCheckpointingLayer) or getattr(module, "_compiled_layer", False):

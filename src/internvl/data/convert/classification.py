@@ -29,6 +29,8 @@ def convert_folders(root: str | Path, *, modality: str, options: list[str] | Non
     """``root/<class>/<image>`` -> single-label records with paths relative to ``root`` (which is their image root).
     ``common``: :class:`Conversion` keywords other than ``image_root``."""
     root = Path(root)
+    if "image_root" in common:
+        raise ConvertError("convert_folders: the image root is the folder itself; image_root is not an option here")
     if not root.is_dir():
         raise ConvertError(f"{root}: not a directory")
     conv = Conversion(f"classification folders {root}", image_root=root, **common)

@@ -59,8 +59,10 @@ def _read_categories(entries: list, file: str) -> dict[Any, str]:
     """Category id -> name; a category without an id or a name makes the file unusable."""
     categories: dict[Any, str] = {}
     for i, cat in enumerate(entries, start=1):
-        if not isinstance(cat, dict) or not _is_id(cat.get("id")) or not isinstance(cat.get("name"), str) or not cat["name"].strip():
-            raise ConvertError(f"{file}:{i}: categories[{i - 1}] needs an integer or string 'id' and a non-empty 'name'")
+        name = cat.get("name") if isinstance(cat, dict) else None
+        if not isinstance(cat, dict) or not _is_id(cat.get("id")) or not isinstance(name, str) or not name.strip():
+            raise ConvertError(f"{file}:{i}: categories[{i - 1}] needs an integer or string 'id' and a non-empty "
+                               "'name'")
         categories[cat["id"]] = cat["name"].strip()
     return categories
 

@@ -38,10 +38,16 @@ def cluster_boxes(boxes: list[np.ndarray], threshold: float) -> list[list[int]]:
     return sorted(([int(i) for i in np.flatnonzero(labels == k)] for k in np.unique(labels)), key=lambda g: g[0])
 
 
+def _check_merge(merge: str) -> None:
+    if merge not in MERGES:
+        raise ConvertError(f"merge must be one of {MERGES}, got {merge!r}")
+
+
 def merge_boxes(boxes: list[np.ndarray], raters: list[str], *, merge: str, threshold: float, min_votes: int
                 ) -> tuple[list[np.ndarray], int]:
-    """Merge one image+class's boxes (``merge``: one of :data:`MERGES`, checked by :func:`convert_vindr`); returns
-    ``(kept boxes, clusters dropped for too few votes)``."""
+    """Merge one image+class's boxes (``merge``: one of :data:`MERGES`); returns ``(kept boxes, clusters dropped for
+    too few votes)``."""
+    _check_merge(merge)
     if merge == "none":
         clusters = [[i] for i in range(len(boxes))] if min_votes <= 1 else cluster_boxes(boxes, threshold)
     else:
@@ -90,8 +96,7 @@ def convert_vindr(path: str | Path, *, task: str = "text_to_region", merge: str 
     """Convert a VinDr-style CSV; returns ``(records, report)``. ``options``: :class:`Conversion` keywords.
     Raises :class:`ConvertError` if unusable."""
     check_task(task, TASKS)
-    if merge not in MERGES:
-        raise ConvertError(f"merge must be one of {MERGES}, got {merge!r}")
+    _check_merge(merge)  # before the CSV is read
     if not math.isfinite(iou_threshold) or not 0 < iou_threshold <= 1:
         raise ConvertError(f"iou_threshold (--iou) must be in (0, 1], got {iou_threshold}")
     conv = Conversion(f"vindr {path}", **options)
