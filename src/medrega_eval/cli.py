@@ -95,8 +95,8 @@ def _pred_files(pred: Path) -> list[Path]:
     """`--pred`: one file, or several comma-separated (a file whose own name has a comma is taken as one)."""
     try:
         whole = pred.is_file()
-    except OSError:  # a name the OS refuses (too long, ...): read_predictions reports it
-        whole = True
+    except OSError:  # a name the OS refuses (too long, ...): a list is split; one such name read_predictions reports
+        whole = False
     return [pred] if whole or "," not in str(pred) else [Path(p) for p in str(pred).split(",") if p]
 
 

@@ -36,15 +36,15 @@ PRED_COLOR = (230, 30, 30)
 COT_COLOR = (30, 90, 230)  # Regional CoT step-one regions
 
 
-def _output(*cmd: str, cwd: Path | None = None) -> str | None:
-    """Stripped stdout + stderr of a command, None when it is missing, fails or hangs."""
+def _output(*cmd: str, cwd: Path | None = None, stream: str = "stdout") -> str | None:
+    """The stripped `stream` ("stdout" or "stderr") of a command, None when it is missing, fails or hangs."""
     if shutil.which(cmd[0]) is None:
         return None
     try:
         out = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired):
         return None
-    return (out.stdout + out.stderr).strip() if out.returncode == 0 else None
+    return getattr(out, stream).strip() if out.returncode == 0 else None
 
 
 def _git_commit() -> str | None:
@@ -65,7 +65,7 @@ def _package_version(name: str) -> str | None:
 
 def protocol_info(**fields: Any) -> dict[str, Any]:
     """The protocol block: caller fields (model, template, generation, task, compat, ...) + environment facts."""
-    java = _output("java", "-version")
+    java = _output("java", "-version", stream="stderr")  # java prints its version on stderr
     return {**fields, "medrega_eval": __version__, "git_commit": _git_commit(),
             "packages": {name: _package_version(name) for name in METRIC_PACKAGES},
             "java": java.splitlines()[0] if java else None, "python": platform.python_version(),

@@ -49,10 +49,16 @@ class ScoreConfig:
     bertscore_layer: int | None = None  # hidden layer; default: the last (compat: 40 for en, 9 for zh, as the original)
 
     def validate(self) -> None:
-        """Raise ScoreInputError for what the CLI choices and the benchmark registry cannot check: an unknown task
-        (library callers), compat text2region without a subtype, an unknown report metric."""
+        """Raise ScoreInputError (a ValueError) for an unknown task, language, subtype, compat mode or metric: the CLI's
+        choices check them too, but `score_records` is public and its callers pass a config directly."""
         if self.task not in TASKS:
             raise ScoreInputError(f"unknown task {self.task!r}; choose one of {', '.join(TASKS)}")
+        if self.lang not in (None, "auto", "en", "zh"):
+            raise ScoreInputError(f"unknown language {self.lang!r}; choose en, zh or auto")
+        if self.subtype is not None and self.subtype not in SUBTYPES:
+            raise ScoreInputError(f"unknown subtype {self.subtype!r}; choose one of {', '.join(SUBTYPES)}")
+        if self.compat not in (None, "medrega"):
+            raise ScoreInputError(f"unknown compat mode {self.compat!r}; the only one is 'medrega'")
         if self.compat == "medrega" and self.task == "text2region" and self.subtype is None:
             raise ScoreInputError("--compat medrega for text2region needs --subtype (ss, sm, ms or mm): "
                                   "the original has one scorer per subtype")

@@ -1,5 +1,6 @@
 """`medrega-eval score` end to end on small files: summary names, counts, compat switches, bad input, outputs."""
 import json
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -157,3 +158,29 @@ def test_benchmark_gives_the_split_settings_and_flags_override(tmp_path):
     assert "cider" not in s and "meteor" not in s  # only the split's report metrics are computed
     o = _score(tmp_path, "bench_o", rows, "--benchmark", "my_rg", "--benchmark-file", str(yml), "--metrics", "cider")
     assert "cider" in o and "rougeL" not in o
+
+
+def test_score_config_checks_what_library_callers_pass():
+    """`score_records` is public: a mistyped language, subtype or compat mode is an error, not silently ignored."""
+    from medrega_eval.score import ScoreConfig, ScoreInputError
+
+    for bad, needle in [({"lang": "EN"}, "unknown language"), ({"subtype": "xx"}, "unknown subtype"),
+                        ({"compat": "MedRegA"}, "unknown compat mode")]:
+        with pytest.raises(ScoreInputError, match=needle):
+            ScoreConfig(task="vqa", **bad).validate()
+
+
+def test_pred_list_too_long_for_one_file_name_is_split(tmp_path):
+    names = [tmp_path / f"pred_slake_en_rank{i:03d}_{'x' * 40}.jsonl" for i in range(12)]
+    joined = ",".join(map(str, names))
+    assert len(joined) > 255 and cli._pred_files(Path(joined)) == names
+
+
+def test_command_output_reads_the_stream_asked_for():
+    """git's commit id comes from stdout alone (a warning on stderr must not join it); java's version is on stderr."""
+    import sys
+
+    from medrega_eval.report import _output
+
+    cmd = (sys.executable, "-c", "import sys; print('out'); print('err', file=sys.stderr)")
+    assert _output(*cmd) == "out" and _output(*cmd, stream="stderr") == "err"

@@ -93,7 +93,7 @@ class RegionSample:
 
     def metrics(self) -> dict[str, float]:
         """The scores (every ``float`` field, in order) by name."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.type == "float"}
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.type in ("float", float)}
 
 
 def _fill_names(pred: list[NamedBox], ref: Sequence[NamedBox]) -> list[NamedBox]:
