@@ -82,6 +82,9 @@ def test_trainer_hooks_reach_the_private_steps(tmp_path):
     trainer = Spy(model=model, args=TrainingArguments(output_dir=str(tmp_path / "run"), use_cpu=True, report_to="none"))
     assert trainer._get_grad_norm(model, torch.tensor(3.0)) == 7.0
     assert len(seen) == 1 and float(seen[0]) == 3.0
+    assert trainer.run_dir(None) == str(tmp_path / "run") == trainer._get_output_dir(None)  # hook's default
+    with pytest.raises(compat.CompatError, match=r"_get_grad_norm` as called with \['extra'\]"):
+        trainer._get_grad_norm(model, torch.tensor(3.0), extra=1)  # a newer Trainer's argument is never dropped
 
 
 def test_attention_accessors():

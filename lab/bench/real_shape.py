@@ -14,7 +14,7 @@ from torch import nn
 from internvl.constants import SKIP_QUANT_MODULES
 from internvl.model import DecodeConfig, load_preset
 from internvl.model.loading import build_on_meta
-from internvl.ops.int8_weights import Int8Linear, quantize_int8_weights_
+from internvl.ops.int8_weights import Int8Linear, in_skip_modules, quantize_int8_weights_
 from internvl.tokenization import load_tokenizer, train_sentencepiece_tokenizer
 
 from .build import build_ours, build_ours_sharded, randomize_, shard_device_map
@@ -66,8 +66,7 @@ def quantize_int8_(model: nn.Module, skip_modules=None, threshold: float = 6.0) 
     skip = tuple(SKIP_QUANT_MODULES if skip_modules is None else skip_modules)
     targets = [
         name for name, module in model.named_modules()
-        if type(module) is nn.Linear and not any(name == s or name.startswith(s + ".") or name.endswith("." + s)
-                                                 for s in skip)
+        if type(module) is nn.Linear and not in_skip_modules(name, skip)
     ]
     for name in targets:
         parent_name, _, child = name.rpartition(".")

@@ -33,7 +33,6 @@ from torch.distributed.tensor import DTensor
 from torch.profiler import ProfilerActivity, profile, record_function
 from transformers import TrainerCallback
 
-from internvl.compat import fsdp_on_cpu
 from internvl.model import load_preset
 
 from .batches import fixed_batch
@@ -59,9 +58,6 @@ class Engine:
     #: FSDP2 only: `medrega-train --fsdp_frozen_towers` (`internvl.train.fsdp.place_frozen_towers`): "replicated"
     #: (the product default: bf16, kept out of FSDP2) or "sharded" (fp32, sharded, cast to bf16 by every unshard).
     fsdp_frozen_towers: str = "replicated"
-    #: False: torch's cuDNN SDPA backend is switched off for the case (DeepCompile's inductor graph fails on the cuDNN
-    #: attention op with torch 2.13 + DeepSpeed 0.19.8: "expected Tensor() for op _scaled_dot_product_cudnn_attention")
-    cudnn_sdpa: bool = True
 
 
 #: the recipe engines; `plain` (no DeepSpeed, the trainer's fast paths) is every ratio's baseline.
@@ -73,7 +69,7 @@ ENGINES: dict[str, Engine] = {
                           describe="ZeRO-3, layers as leaf modules (one gather each) + compiled layers, fused loss"),
     "zero3_compile": Engine("zero_stage3_tuned_config.json", torch_compile=True,
                             describe="zero3_tuned + Trainer torch_compile (DeepSpeed engine.compile())"),
-    "zero3_deepcompile": Engine("zero_stage3_config.json", torch_compile=True, deepcompile=True, cudnn_sdpa=False,
+    "zero3_deepcompile": Engine("zero_stage3_config.json", torch_compile=True, deepcompile=True,
                                 describe="shipped ZeRO-3 + DeepCompile (engine.compile() with the z3 passes; cuDNN SDPA off)"),
     "fsdp2": Engine("fsdp2_config.json", fsdp=True,
                     describe="ENGINE=fsdp2: FSDP2 fully_shard per LLM layer, fp32 master, bf16 params + compiled "
@@ -284,19 +280,16 @@ def run_recipe_case(case: RecipeCase, config, *, batch: int, seq: int, steps: in
         model, shape = build_recipe_model(config, model_args, dtype)
         place_frozen_towers(model, args)  # as medrega-train: under FSDP the frozen towers are replicated by default
         clock = StepClock(warmup)
+        cudnn_sdpa = torch.backends.cuda.cudnn_sdp_enabled()  # the trainer turns it off for DeepCompile
         trainer = MedRegTrainer(model=model, args=args, train_dataset=_Samples(data),
                                 data_collator=_collate, group_by_length=False,
                                 fused_lm_loss=model_args.fused_lm_loss, speedups=speedups_from_args(model_args),
                                 callbacks=[clock] + ([StepProfile(warmup, out / f"profile_{case.name.replace(' ', '_')}.txt")]
                                                      if profile else []))
-        if engine.fsdp and not cuda:
-            fsdp_on_cpu(trainer)  # accelerate enables FSDP on GPUs only (internvl.compat)
-        cudnn_sdpa = torch.backends.cuda.cudnn_sdp_enabled()
-        torch.backends.cuda.enable_cudnn_sdp(cudnn_sdpa and engine.cudnn_sdpa)
         try:
             trainer.train()
         finally:
-            torch.backends.cuda.enable_cudnn_sdp(cudnn_sdpa)
+            torch.backends.cuda.enable_cudnn_sdp(cudnn_sdpa)  # also after a failed case
             release_deepspeed_config(args)
             if engine.fsdp and not cuda:
                 AcceleratorState._reset_state(reset_partial_state=True)

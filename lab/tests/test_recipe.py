@@ -137,7 +137,7 @@ def test_recipe_new_engines_on_cpu_losses_equal_plain(tmp_path, precision):
     (1e-5) and in bf16 (1e-3, the issue's target). A failing engine is a row with an error, which fails this test.
     DeepCompile needs its CUDA extension: GPU only.
 
-    FSDP2 is really applied (accelerate drops FSDP on the CPU; the bench installs its plugin, `fsdp_on_cpu`): with the
+    FSDP2 is really applied (accelerate drops FSDP on the CPU; MedRegTrainer installs its plugin, `compat.fsdp_on_cpu`): with the
     product default (`fsdp2`: frozen towers replicated) 5 FSDP2 units (2 LLM layers, the embedding, the [final norm,
     LM head] tail, the root) and the towers' 36 tensors plain, in bf16 under bf16; with `fsdp2_towers_sharded` 7 units
     (the 2 ViT layers too) and every tensor a DTensor shard. The trainer's fused LM-head loss reads the sharded

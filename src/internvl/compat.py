@@ -74,6 +74,7 @@ def require_attr(owner: Any, name: str, package: str) -> Any:
 TRAINER_PRIVATE_STEPS: dict[str, tuple[str, tuple[str, ...]]] = {
     "_get_train_sampler": ("train_sampler", ("train_dataset",)),
     "_get_num_items_in_batch": ("step_loss_items", ("batch_samples", "device")),
+    "_get_output_dir": ("checkpoint_dir", ("trial",)),
     "_save_checkpoint": ("save_checkpoint", ("model", "trial")),
     "_save": ("save_model_files", ("output_dir", "state_dict")),
     "_load_from_checkpoint": ("load_checkpoint_weights", ("resume_from_checkpoint", "model")),
@@ -92,9 +93,13 @@ def check_trainer_steps(trainer_class: type) -> None:
 
 def _route(trainer: type, private: str, hook: str, params: tuple[str, ...]) -> Callable:
     """A `private` step that calls `self.<hook>(*params, default)`, `default` being `trainer`'s own step (missing
-    parameters are None, the private steps' defaults)."""
+    parameters are None, the private steps' defaults). An argument it does not know (a newer transformers passing
+    more) is a `CompatError`, never dropped."""
 
     def step(self, *args, **kwargs):
+        unknown = sorted(set(kwargs) - set(params)) + [f"positional #{i}" for i in range(len(params), len(args))]
+        if unknown:
+            raise missing("transformers", f"`Trainer.{private}` as called with {unknown}")
         values = dict(zip(params, args), **kwargs)
         return getattr(self, hook)(*(values.get(p) for p in params), types.MethodType(getattr(trainer, private), self))
 
@@ -110,12 +115,14 @@ def _call_default(self, *args):
 def trainer_base() -> type:
     """transformers' `Trainer` whose private steps call the public-named hooks of `TRAINER_PRIVATE_STEPS`, each as
     `hook(*parameters, default)` with `default` the Trainer's own step (`MedRegTrainer` overrides them); plus
-    `running_loss()` (Trainer's on-device loss sum since the last log, or None). Lazy import: Trainer takes about
+    `run_dir(trial)` (Trainer's own output folder) and `running_loss()` (Trainer's on-device loss sum since the last
+    log, or None). Lazy import: Trainer takes about
     2 s to import and only training needs it."""
     from transformers import Trainer
 
     check_trainer_steps(Trainer)
     namespace: dict[str, Any] = {
+        "run_dir": lambda self, trial: Trainer._get_output_dir(self, trial),
         "running_loss": lambda self: getattr(self, "_tr_loss", None),
     }
     for private, (hook, params) in TRAINER_PRIVATE_STEPS.items():

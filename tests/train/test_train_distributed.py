@@ -109,7 +109,7 @@ def test_two_ranks_match_one_process_with_accumulation(tmp_path, tiny_tokenizer_
     log = run(["torchrun", "--standalone", "--nproc-per-node=2", "-m", "internvl.train",
                *train_args(tmp_path / "out", tiny_tokenizer_dir, squares, 2, 1, *extra)], tmp_path / "log.txt")
     assert json.loads((tmp_path / "out" / "run_config.json").read_text())["resolved"]["world_size"] == 2
-    if engine == "fsdp2":  # accelerate drops FSDP on the CPU; medrega-train puts it back (compat.fsdp_on_cpu)
+    if engine == "fsdp2":  # accelerate drops FSDP on the CPU; MedRegTrainer puts it back (compat.fsdp_on_cpu)
         assert "FSDP2 on the CPU (gloo): accelerate's FSDP plugin installed" in log
     got = losses(tmp_path / "out")
     assert got == pytest.approx(reference, rel=1e-4, abs=1e-5), (got, reference)

@@ -3,6 +3,7 @@ accumulation, length-grouped sampling, atomic checkpoints, LoRA adapter save/loa
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -227,6 +228,12 @@ def test_lora_resume_reloads_into_the_wrapped_model_and_refuses_foreign_keys(tmp
     with pytest.raises(ValueError, match=r"adapters/language_model: unexpected keys"):
         load_lora_run(resumed, tmp_path, is_trainable=True)
 
+    info_path = tmp_path / "lora_run.json"  # a run whose adapters differ from the model's (LoRA flags changed)
+    info = json.loads(info_path.read_text())
+    info_path.write_text(json.dumps({**info, "adapters": ["language_model", "vision_model"]}))
+    with pytest.raises(ValueError, match=r"lora_run.json: the run has adapters for \['language_model', 'vision_model'\]"):
+        load_lora_run(resumed, tmp_path, is_trainable=True)
+
 
 class PackedRecorder(nn.Module):
     """Takes the packed batch the way InternVLChatModel does (extra keys land in **kwargs) and records the keys."""
@@ -304,3 +311,30 @@ def test_fsync_tree_syncs_every_file_and_folder_and_passes_over_failures(tmp_pat
     monkeypatch.setattr(ckpt.os, "fsync", failing)
     ckpt.fsync_tree(tmp_path)  # best effort: no error
     ckpt.fsync_tree(tmp_path / "missing")
+
+
+def test_engine_preparation_for_deepcompile_and_deepspeed_builds(monkeypatch):
+    """A DeepSpeed config asking for DeepCompile turns torch's cuDNN attention off until train end (its compiled graph
+    fails on that op); DeepSpeed's op builds get a TORCH_CUDA_ARCH_LIST they can parse. Shown on a stand-in trainer:
+    building a real one under DeepSpeed needs a DeepSpeed process group."""
+    from types import SimpleNamespace
+
+    from internvl.train.trainer import RunCallback
+
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0a")
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    torch.backends.cuda.enable_cudnn_sdp(True)
+    try:
+        config = SimpleNamespace(config={"compile": {"deepcompile": True}})
+        stand_in = SimpleNamespace(args=SimpleNamespace(deepspeed="ds.json", hf_deepspeed_config=config, fsdp=None,
+                                                        use_cpu=True), _cudnn_sdpa_off=False)
+        MedRegTrainer._prepare_engine(stand_in)
+        assert os.environ["TORCH_CUDA_ARCH_LIST"] == "9.0"
+        assert stand_in._cudnn_sdpa_off and not torch.backends.cuda.cudnn_sdp_enabled()
+        RunCallback(stand_in).on_train_end(None, None, None)
+        assert torch.backends.cuda.cudnn_sdp_enabled() and not stand_in._cudnn_sdpa_off
+        config.config = {}  # no DeepCompile: cuDNN attention untouched
+        MedRegTrainer._prepare_engine(stand_in)
+        assert torch.backends.cuda.cudnn_sdp_enabled() and not stand_in._cudnn_sdpa_off
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(before)

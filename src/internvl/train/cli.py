@@ -33,7 +33,6 @@ from transformers import set_seed
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
 from internvl.cli_support import UsageError, run_cli
-from internvl.compat import fsdp_on_cpu, plain_cuda_arch_list
 from internvl.data.collate import PackedCollator, pad_collate
 from internvl.data.dataset import build_training_dataset
 from internvl.data.records import BadRecordError
@@ -151,9 +150,6 @@ def train(model_args: ModelArguments, data_args: DataTrainingArguments,
     if training_args.should_save:
         clean_staging(output_dir)
     set_seed(training_args.seed)
-    if training_args.deepspeed and (arch_list := plain_cuda_arch_list()):
-        logger.warning("TORCH_CUDA_ARCH_LIST set to %r for DeepSpeed's op builds (it cannot parse '9.0a'-style "
-                       "entries)", arch_list)
     # bf16 weights under DeepSpeed bf16, and under QLoRA with --bf16 (the ViT/projector/head stay bf16 next to the
     # 4-bit LLM; the adapters are fp32)
     ds_bf16 = bool(training_args.bf16) and bool(training_args.deepspeed or model_args.load_in_4bit)
@@ -188,9 +184,6 @@ def train(model_args: ModelArguments, data_args: DataTrainingArguments,
         fused_lm_loss=model_args.fused_lm_loss,
         speedups=speedups_from_args(model_args),
     )
-    if training_args.fsdp and training_args.use_cpu:  # accelerate would drop FSDP on the CPU and train unsharded
-        fsdp_on_cpu(trainer)
-        logger.info("FSDP2 on the CPU (gloo): accelerate's FSDP plugin installed for this run")
     with deepspeed_safe_loads():  # DeepSpeed's states load with weights_only=True (internvl.train.safe_load)
         result = trainer.train(resume_from_checkpoint=resume)
     assert_finite_model(trainer.model, f"the final model to {output_dir}", training_args.world_size)

@@ -143,6 +143,10 @@ def load_lora_run(model: nn.Module, run_dir: str | os.PathLike, is_trainable: bo
     `FileNotFoundError`/`ValueError` naming the file when the run is incomplete or does not fit the model."""
     run = Path(run_dir)
     info_path, info = read_lora_info(run)
+    wrapped = sorted(part for part in LORA_PARTS if isinstance(getattr(model, part, None), PeftModel))
+    if wrapped and wrapped != sorted(info["adapters"]):  # resume: the run must hold exactly the model's adapters
+        raise ValueError(f"{info_path}: the run has adapters for {sorted(info['adapters'])} but the model wraps "
+                         f"{wrapped} (were the LoRA flags changed since the run started?)")
     spec = info.get(QUANT_INFO_KEY)
     if spec is not None and "language_model" in info["adapters"] and not has_lora(model):
         # trained on a 4-bit LLM: give the (unquantised) base the weights training saw, dequant(quant(W))

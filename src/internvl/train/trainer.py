@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.data import Sampler
 from transformers import TrainerCallback
 
-from internvl.compat import trainer_base
+from internvl.compat import fsdp_on_cpu, plain_cuda_arch_list, trainer_base
 from internvl.ops.cross_entropy import (
     causal_lm_loss,
     fused_head_supported,
@@ -92,7 +92,8 @@ class SpeedupCallback(TrainerCallback):
 
 class RunCallback(TrainerCallback):
     """At train begin: starts the throughput clock and lets the divergence guard skip optimizer steps
-    (`--on_nonfinite skip`). At each epoch: tells the dataset the epoch (its augmentation is seeded by seed, epoch and
+    (`--on_nonfinite skip`). At train end: turns cuDNN attention back on after DeepCompile (`_prepare_engine`). At
+    each epoch: tells the dataset the epoch (its augmentation is seeded by seed, epoch and
     index; accelerate forwards it only where the sampler has no `set_epoch`)."""
 
     def __init__(self, trainer: "MedRegTrainer") -> None:
@@ -102,6 +103,11 @@ class RunCallback(TrainerCallback):
         self.trainer._last_log_time = time.perf_counter()
         if optimizer is not None and self.trainer.guard.policy == "skip":
             guard_optimizer_step(optimizer, self.trainer.guard)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.trainer._cudnn_sdpa_off:
+            torch.backends.cuda.enable_cudnn_sdp(True)
+            self.trainer._cudnn_sdpa_off = False
 
     def on_epoch_begin(self, args, state, control, **kwargs):
         if hasattr(self.trainer.train_dataset, "set_epoch"):
@@ -132,6 +138,7 @@ class MedRegTrainer(trainer_base()):
         self._tokens_seen = 0
         self._samples_seen = 0
         self._last_log_time: float | None = None
+        self._staging = False  # True while save_checkpoint writes into the staging folder
         self.guard = StepGuard(policy=getattr(self.args, "on_nonfinite", "stop"),
                                max_skipped=getattr(self.args, "max_nonfinite_steps", 10),
                                describe=getattr(self.train_dataset, "describe", None),
@@ -139,6 +146,25 @@ class MedRegTrainer(trainer_base()):
         self.add_callback(RunCallback(self))
         self.skips = SkipReport(self.train_dataset)
         self.skip_report: dict[str, Any] | None = None  # set at the end of a lenient run
+        self._cudnn_sdpa_off = False  # True while DeepCompile trains (restored at train end)
+        self._prepare_engine()
+
+    def _prepare_engine(self) -> None:
+        """What the engine needs from this process before `train()`: DeepSpeed's op builds (the shipped configs'
+        FusedAdam) get a `TORCH_CUDA_ARCH_LIST` they can parse; DeepCompile trains without torch's cuDNN attention
+        (its inductor graph fails on that op with torch 2.13 + DeepSpeed 0.19.8); `--fsdp` with `--use_cpu` really
+        shards (`compat.fsdp_on_cpu`: accelerate would drop FSDP on the CPU and train the unsharded model)."""
+        if self.args.deepspeed and (arch_list := plain_cuda_arch_list()):
+            logger.warning("TORCH_CUDA_ARCH_LIST set to %r for DeepSpeed's op builds (it cannot parse '9.0a'-style "
+                           "entries)", arch_list)
+        ds_config = getattr(getattr(self.args, "hf_deepspeed_config", None), "config", None) or {}
+        if (ds_config.get("compile") or {}).get("deepcompile") and torch.backends.cuda.cudnn_sdp_enabled():
+            torch.backends.cuda.enable_cudnn_sdp(False)
+            self._cudnn_sdpa_off = True
+            logger.info("DeepCompile: torch's cuDNN attention is off for this run (its compiled graph fails on it)")
+        if self.args.fsdp and self.args.use_cpu:
+            fsdp_on_cpu(self)
+            logger.info("FSDP2 on the CPU (gloo): accelerate's FSDP plugin installed for this run")
 
     def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
         """Takes the bookkeeping keys (sample indices, build-time skips) off the batch, then trains as usual."""
@@ -284,20 +310,24 @@ class MedRegTrainer(trainer_base()):
             logs.update(SkipReport.summary_fields(self.skip_report))
         super().log(logs, *args, **kwargs)
 
+    def checkpoint_dir(self, trial, default) -> str:
+        """The run folder, or its staging folder while a checkpoint is being written."""
+        run_dir = default(trial)
+        return str(ckpt.staging_root(run_dir)) if self._staging else run_dir
+
     def save_checkpoint(self, model: nn.Module, trial, default) -> None:
-        """Write checkpoint-N into the staging folder (Trainer saves under `args.output_dir`, pointed there for the
-        save), hash it per rank into a manifest, then publish it with an atomic rename. A model with non-finite
-        parameters is never written."""
+        """Write checkpoint-N into the staging folder (`checkpoint_dir`), hash it per rank into a manifest, then
+        publish it with an atomic rename. A model with non-finite parameters is never written."""
         assert_finite_model(model, f"checkpoint-{self.state.global_step}", self.args.world_size)
-        run_dir = self.args.output_dir
+        run_dir = self.run_dir(trial)
         if self.args.should_save:
             ckpt.clean_staging(run_dir)
         self._barrier()
-        self.args.output_dir = str(ckpt.staging_root(run_dir))
+        self._staging = True
         try:
             default(model, trial)
         finally:
-            self.args.output_dir = run_dir
+            self._staging = False
         self._barrier()
         staged = ckpt.staging_root(run_dir) / f"checkpoint-{self.state.global_step}"
         write_rank_manifest(staged, self.args.process_index, self.args.world_size)
