@@ -16,7 +16,7 @@ from typing import Any
 
 from internvl.constants import IMAGE_PLACEHOLDER
 from internvl.data.prompt_registry import load_prompts
-from internvl.data.prompts import build_question
+from internvl.data.prompts import build_question, join_prompt
 from internvl.inference import GenerationRequest
 from internvl.regions import Region, parse_regions
 
@@ -89,8 +89,7 @@ def step_two_request(request: GenerationRequest, regions: Sequence[Region], lang
     head, question = split_question(request.prompt)
     body = build_question("regional_cot_answer", lang, n_images=0, question=question or request.prompt,
                           regions=list(regions), include_base_prompt=False)
-    sep = "" if not head or head[-1].isspace() or ord(head[-1]) >= 0x2E80 else " "
-    return replace(request, prompt=head + sep + body)
+    return replace(request, prompt=join_prompt(head, body))
 
 
 def usable_regions(answer: str, limit: int = MAX_REGIONS) -> list[Region]:

@@ -20,7 +20,7 @@ from internvl.data.prompt_registry import (LANGS, PROMPT_DIR, PromptError, TaskP
 from internvl.regions import Box, Region, RegionError, format_region, format_regions, pixels_to_box, validate_box
 
 __all__ = ["LANGS", "PROMPT_DIR", "PromptError", "RegionsInput", "TaskPrompt", "build_question", "build_record",
-           "get_prompt", "list_tasks", "load_prompts", "normalize_regions", "render_base_prompt",
+           "get_prompt", "join_prompt", "list_tasks", "load_prompts", "normalize_regions", "render_base_prompt",
            "text_to_region_subtype", "with_article"]
 
 #: A list of regions: ``Region`` objects, ``(name, boxes)`` pairs, or a ``{name: boxes}`` mapping.
@@ -92,13 +92,17 @@ def _fill(template: str, where: str, **values: Any) -> str:
         raise PromptError(f"{where}: template needs field {exc.args[0]!r}: {template!r}") from None
 
 
+def join_prompt(head: str, body: str) -> str:
+    """`head` and `body` of one turn joined by a space, none after a newline or a CJK character/mark."""
+    return head + ("" if not head or head[-1].isspace() or ord(head[-1]) >= 0x2E80 else " ") + body
+
+
 def _join_turn(base: str, question: str, n_images: int, where: str) -> str:
     """The first human turn (see the module docstring); :class:`PromptError` when it has no text."""
     body = (IMAGE_PLACEHOLDER + "\n") * n_images + question
-    sep = "" if not base or base[-1].isspace() or ord(base[-1]) >= 0x2E80 else " "  # none after a newline/CJK mark
     if not (base + body).strip():
         raise PromptError(f"{where}: the question is empty")
-    return base + sep + body
+    return join_prompt(base, body)
 
 
 def _options_text(options: Sequence[str] | None, what: str) -> list[str]:
