@@ -7,7 +7,7 @@ docs/evaluation.md (section `internvl.inference`).
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -194,13 +194,10 @@ class Generator:
                 raise RuntimeError(f"batch_chat returned {len(answers)} answers for {len(idx)} requests")
             yield list(zip(idx, answers))
 
-    def generate(self, requests: Sequence[GenerationRequest], progress: Callable[[int], None] | None = None
-                 ) -> list[str]:
-        """Answers for `requests`, in order. `progress(n)` is called with the number finished after each batch."""
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[str]:
+        """Answers for `requests`, in order (batched by :meth:`iter_generate`)."""
         answers = [""] * len(requests)
         for batch in self.iter_generate(requests):
             for i, text in batch:
                 answers[i] = text
-            if progress is not None:
-                progress(len(batch))
         return answers

@@ -80,25 +80,24 @@ def test_build_app_wires_every_element(tiny_model, tiny_tokenizer):
 
 
 def test_regional_cot_toggle_draws_step_one_regions(tiny_model, tiny_tokenizer, monkeypatch):
-    """With the Regional CoT toggle the engine calls `internvl.regional_cot` (the same two steps as
-    `medrega-eval run --regional-cot`); the step-one regions are drawn after the answer's own, labelled "step 1"."""
-    from internvl.demo import app as app_module
-    from internvl.regional_cot import CotAnswer
+    """With the Regional CoT toggle the engine goes through `internvl.regional_cot.RegionalCotGenerator` (the same
+    two steps as `medrega-eval run --regional-cot`); the step-one regions are drawn after the answer's own, labelled
+    "step 1"."""
+    from internvl.regional_cot import CotAnswer, RegionalCotGenerator
     from internvl.regions import Box, Region
 
     calls = []
 
-    def fake_cot(generator, requests, langs=None):
-        calls.append((requests, langs))
+    def fake_cot(self, requests):
+        calls.append((self.generator, requests))
         return [CotAnswer(answer="<ref>liver</ref><box>[[100, 100, 500, 500]]</box>",
-                          regions=[Region("liver", [Box(90, 90, 520, 510)])], step_one_prompt="p1",
-                          step_one_answer="a1", step_two_prompt="p2")]
+                          regions=[Region("liver", [Box(90, 90, 520, 510)])], step_one_answer="a1")]
 
-    monkeypatch.setattr(app_module, "regional_cot", fake_cot)
+    monkeypatch.setattr(RegionalCotGenerator, "generate_batch", fake_cot)
     engine = DemoEngine(tiny_model, tiny_tokenizer, SETTINGS)
     session = Session(image=_image())
     _, rows, _ = ask(engine, session, task="text_to_region", lang="zh", objects="liver", cot=True)
-    assert len(calls) == 1 and calls[0][1] == ["zh"]
+    assert len(calls) == 1 and calls[0][0] is engine.generator and len(calls[0][1]) == 1
     assert [row["name"] for row in rows] == ["liver", "第一步：liver"]
     assert session.history[-1][1].startswith("<ref>liver</ref>")
 

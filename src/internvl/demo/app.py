@@ -31,7 +31,7 @@ from internvl.demo.tasks import TASKS, build_prompt, task_label
 from internvl.demo.uploads import (UserInputError, box_from_drawing, check_fields, check_prompt_budget, check_question,
                                    load_upload, parse_typed_box, public_message, scrub_paths)
 from internvl.inference import GenerationRequest, GenerationSettings, Generator
-from internvl.regional_cot import regional_cot
+from internvl.regional_cot import RegionalCotGenerator
 from internvl.regions import Box, Region, parse_regions
 
 __all__ = ["DemoEngine", "Example", "ask", "build_app", "load_examples", "page_labels"]
@@ -47,8 +47,8 @@ class DemoEngine:
         self.generator = Generator(model, tokenizer, settings or GenerationSettings(), batch_size=1)
         self._lock = threading.Lock()
 
-    def answer(self, image: Image.Image, prompt: str, history: list[tuple[str, str]], *, cot: bool = False,
-               lang: str | None = None) -> tuple[str, list, list[Region]]:
+    def answer(self, image: Image.Image, prompt: str, history: list[tuple[str, str]], *, cot: bool = False
+               ) -> tuple[str, list, list[Region]]:
         """(answer text, new history, step-one regions) for ``prompt`` after ``history`` (list of (question, answer)
         pairs). ``cot``: Regional CoT (`internvl.regional_cot`, as `medrega-eval run --regional-cot`): the model first
         finds the relevant regions, then answers with them in the prompt; the history keeps the user's own prompt."""
@@ -57,7 +57,7 @@ class DemoEngine:
         request = GenerationRequest(prompt, images=[image], history=list(history))
         with self._lock, torch.inference_mode():
             if cot:
-                result = regional_cot(self.generator, [request], langs=[lang])[0]
+                result = RegionalCotGenerator(self.generator).generate_batch([request])[0]
                 text, step_one = result.answer, list(result.regions)
             else:
                 text, step_one = self.generator.generate_batch([request])[0], []
@@ -147,7 +147,7 @@ def ask(engine: DemoEngine, session: Session, *, task: str, lang: str, question:
     check_prompt_budget(generator.model, generator.tokenizer, prompt, session.history,
                         generator.settings.max_new_tokens)
     t0 = time.perf_counter()
-    answer, session.history, step_one = engine.answer(session.image, prompt, session.history, cot=cot, lang=lang)
+    answer, session.history, step_one = engine.answer(session.image, prompt, session.history, cot=cot)
     seconds = time.perf_counter() - t0
     found = [r for r in parse_regions(answer, strict=False) if r.boxes]  # a name without a box draws nothing
     query = [Region(region_name_label(answer, found), [query_box])] if task == "region_to_text" and query_box else []
