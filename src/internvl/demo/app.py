@@ -66,9 +66,11 @@ class DemoEngine:
 
 @dataclass(frozen=True)
 class Example:
-    """A bundled example: image file and the task inputs that go with it (``asset/examples/examples.json``)."""
+    """A bundled example: image file (decoded once, at start) and the task inputs that go with it
+    (``asset/examples/examples.json``)."""
 
     path: Path
+    image: Image.Image
     title: str
     task: str
     lang: str
@@ -90,11 +92,12 @@ def load_examples(directory: str | Path) -> list[Example]:
     for i, entry in enumerate(json.loads(index.read_text(encoding="utf-8"))):
         where = f"{index}: entry {i}"
         try:
-            ex = Example(path=directory / entry.pop("file"), **entry)
-        except (KeyError, TypeError) as exc:
+            path = directory / entry.pop("file")
+            ex = Example(path=path, image=load_upload(path).image, **entry)
+        except (KeyError, TypeError, UserInputError) as exc:
             raise ValueError(f"{where}: {exc}") from exc
-        if ex.task not in TASKS or ex.lang not in LANGS or not ex.path.is_file():
-            raise ValueError(f"{where}: bad task/lang or missing image {ex.path}")
+        if ex.task not in TASKS or ex.lang not in LANGS:
+            raise ValueError(f"{where}: bad task {ex.task!r} or language {ex.lang!r}")
         out.append(ex)
     return out
 
@@ -170,10 +173,16 @@ def _editor_value(image: Image.Image) -> dict[str, Any]:
     return {"background": image, "layers": [], "composite": image}
 
 
-def _guarded(fn: Callable, n_outputs: int, status: int) -> Callable:
+#: the page elements each guarded handler updates, in order (one table for the handler and its wiring)
+_UPLOAD_OUT = ("editor", "session", "status")
+_EXAMPLE_OUT = ("editor", "session", "task", "lang", "question", "objects", "box", "options", "modality", "status")
+_ASK_OUT = ("annotated", "chat", "boxes", "status", "session")
+
+
+def _guarded(fn: Callable, outputs: tuple[str, ...]) -> Callable:
     """``fn`` as a gradio handler that never raises: bad input (``UserInputError``) and unexpected errors (logged with
-    their traceback) become an error message in output ``status``, the other outputs unchanged. Every handler's last
-    input is the page language."""
+    their traceback) become an error message in the ``status`` output, the other ``outputs`` unchanged. Every
+    handler's last input is the page language."""
 
     @functools.wraps(fn)  # keeps the signature, so gradio still injects gr.SelectData
     def wrapper(*args):
@@ -185,9 +194,9 @@ def _guarded(fn: Callable, n_outputs: int, status: int) -> Callable:
         except Exception as exc:  # noqa: BLE001 - keep serving; report in the page
             log.error("demo handler %s failed:\n%s", fn.__name__, traceback.format_exc())
             message = text("internal", lang, what=public_message(exc))
-        outputs = [gr.update()] * n_outputs
-        outputs[status] = _message(message, "error", lang)
-        return outputs
+        updates = [gr.update()] * len(outputs)
+        updates[outputs.index("status")] = _message(message, "error", lang)
+        return updates
 
     return wrapper
 
@@ -205,8 +214,7 @@ def _handlers(engine: DemoEngine, examples: list[Example]) -> SimpleNamespace:
 
     def on_example(evt: gr.SelectData, lang: str):
         ex = examples[evt.index]
-        image = load_upload(ex.path).image
-        return (_editor_value(image), Session(image=image), ex.task, ex.lang, ex.question, ex.objects, ex.box,
+        return (_editor_value(ex.image), Session(image=ex.image), ex.task, ex.lang, ex.question, ex.objects, ex.box,
                 ex.options, ex.modality, _message(text("example_loaded", lang, title=ex.title), "ok", lang))
 
     def on_ask(session: Session, drawing, task, question, objects, box_text, box_units, options, modality, cot,
@@ -220,8 +228,8 @@ def _handlers(engine: DemoEngine, examples: list[Example]) -> SimpleNamespace:
     def on_clear(session: Session, lang: str):
         return [], None, [], _message(text("cleared", lang), "info", lang), Session(image=session.image)
 
-    return SimpleNamespace(upload=_guarded(on_upload, 3, 2), example=_guarded(on_example, 10, 9),
-                           ask=_guarded(on_ask, 5, 3), clear=on_clear)
+    return SimpleNamespace(upload=_guarded(on_upload, _UPLOAD_OUT), example=_guarded(on_example, _EXAMPLE_OUT),
+                           ask=_guarded(on_ask, _ASK_OUT), clear=on_clear)
 
 
 def _empty_file_box() -> None:
@@ -268,9 +276,9 @@ def _layout(title: str, model_name: str, examples: list[Example]) -> dict[str, A
                 add(gr.Dropdown, "axis", value="axial")
                 add(gr.Number, "slice", precision=0, minimum=0)  # gradio checks it is a whole number >= 0
             add(gr.ImageEditor, "editor", type="numpy", image_mode="RGBA", sources=(), transforms=(), layers=False)
-            # decoded here: gradio shows PIL images whatever the file format (DICOM, NIfTI, TIFF)
-            add(gr.Gallery, "gallery", value=[(load_upload(e.path).image, e.title) for e in examples], columns=4,
-                height=220, allow_preview=False)
+            # decoded images: gradio shows PIL images whatever the file format (DICOM, NIfTI, TIFF)
+            add(gr.Gallery, "gallery", value=[(e.image, e.title) for e in examples], columns=4, height=220,
+                allow_preview=False)
         with gr.Column(scale=1):
             add(gr.Radio, "task", value="text_to_region")
             add(gr.Radio, "lang", choices=[("English", "en"), ("中文", "zh")], value="en")
@@ -311,12 +319,11 @@ def build_app(engine: DemoEngine, examples: list[Example], *, title: str = "MedR
             return [c[k] for k in keys]
 
         c["upload"].upload(h.upload, els("upload", "axis", "slice", "session", "lang"),
-                           els("editor", "session", "status")).then(_empty_file_box, None, c["upload"])
-        c["gallery"].select(h.example, els("lang"), els("editor", "session", "task", "lang", "question", "objects", "box",
-                                                        "options", "modality", "status"))
+                           els(*_UPLOAD_OUT)).then(_empty_file_box, None, c["upload"])
+        c["gallery"].select(h.example, els("lang"), els(*_EXAMPLE_OUT))
         ask_inputs = els("session", "editor", "task", "question", "objects", "box", "box_units", "options", "modality",
                          "regional_cot", "lang")
-        ask_outputs = els("annotated", "chat", "boxes", "status", "session")
+        ask_outputs = els(*_ASK_OUT)
         c["ask"].click(h.ask, ask_inputs, ask_outputs)
         c["question"].submit(h.ask, ask_inputs, ask_outputs)
         c["clear"].click(h.clear, els("session", "lang"), els("chat", "annotated", "boxes", "status", "session"))
