@@ -89,22 +89,23 @@ def test_unknown_template_lists_known_names() -> None:
         get_template("nope")
 
 
-def test_every_shipped_template_loads_and_matches_its_file() -> None:
+def test_every_shipped_template_loads_matches_its_file_and_holds_the_invariants() -> None:
+    """What the renderer relies on, checked once here for every shipped file instead of at each load."""
     files = [p for p in resources.files("internvl.templates").iterdir() if p.name.endswith(".json")]
     names = []
     for path in files:
         data = json.loads(path.read_text(encoding="utf-8"))
+        assert set(data) <= {"name", "description", "system_template", "system_message", "roles", "sep", "label_sep",
+                             "stop_strings"}, path.name
         tpl = get_template(data["name"])
         assert tpl.sep == data["sep"] and tpl.user_role == data["roles"]["user"]
+        assert tpl.sep.startswith(tpl.label_sep) and "{system_message}" in tpl.system_template, path.name
+        assert tpl.stop_strings and all(isinstance(s, str) and s for s in tpl.stop_strings), path.name
         names.append(tpl.name)
     assert {"Hermes-2", "internvl2_5"} <= set(names) and len(set(names)) == len(files)
 
 
-def test_from_dict_validates() -> None:
+def test_from_dict_renders_the_json_layout() -> None:
     good = {"name": "x", "system_template": "S{system_message}", "system_message": "", "roles": {"user": "U", "assistant": "A"},
             "sep": "|\n", "label_sep": "|", "stop_strings": ["|"]}
     assert ChatTemplate.from_dict(good).render([{"role": "user", "content": "q"}]) == "S|\nUq|\nA"
-    with pytest.raises(TemplateError, match="prefix"):
-        ChatTemplate.from_dict({**good, "label_sep": "#"}, "f.json")
-    with pytest.raises(TemplateError, match="f.json: template is missing keys"):
-        ChatTemplate.from_dict({"name": "x"}, "f.json")
