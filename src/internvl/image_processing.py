@@ -39,8 +39,8 @@ class ImageSettings:
 
     @classmethod
     def from_config(cls, config: Any) -> "ImageSettings":
-        """Read an ``InternVLChatConfig`` or any object/mapping with these field names (the size from
-        ``force_image_size``, ``image_size`` or ``vision_config.image_size``); unset fields keep their defaults."""
+        """From an ``InternVLChatConfig`` or any object/mapping with these field names (the size from
+        ``force_image_size``, ``image_size`` or ``vision_config.image_size``)."""
         if isinstance(config, ImageSettings):
             return config
 

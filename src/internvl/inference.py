@@ -1,8 +1,6 @@
-"""Batched generation shared by `medrega-eval run` and `src/demo.py` (the web UI's chat and `--batch`).
-
-One path from a request to an answer: load and tile its images, then `InternVLChatModel.batch_chat` on a batch of
-requests grouped by tile count and prompt length (little padding); answers come back in request order. Usage:
-docs/evaluation.md (section `internvl.inference`).
+"""Batched generation shared by `medrega-eval run` and `src/demo.py` (the web UI's chat and `--batch`): load and
+tile each request's images, then `InternVLChatModel.batch_chat` on batches grouped by tile count and prompt length.
+Usage: docs/evaluation.md (section `internvl.inference`).
 """
 from __future__ import annotations
 
@@ -31,8 +29,7 @@ class ModelLoadError(RuntimeError):
 @dataclass
 class GenerationRequest:
     """One prompt: the user turn (`<image>` marks each image, default: images first), PIL images or paths for
-    `load_image` (with `image_kwargs`: window, slice_index, axis, frame), the caller's `id`, and earlier
-    (question, answer) turns (`history`; the `<image>` placeholders are then in the first question)."""
+    `load_image` (with `image_kwargs`), the caller's `id`, and earlier (question, answer) turns (`history`)."""
 
     prompt: str
     images: Sequence[Image.Image | str | os.PathLike] = ()
@@ -126,9 +123,9 @@ def default_dtype(device: str | torch.device | None = None) -> str:
 def load_model_and_tokenizer(path: str | os.PathLike, dtype: str | torch.dtype | None = "bfloat16",
                              device_map: str | dict | None = None, load_in_8bit: bool = False,
                              load_in_4bit: bool = False, device: str | torch.device | None = None) -> tuple[Any, Any]:
-    """Load an InternVLChatModel (eval mode, `img_context_token_id` set) and its tokenizer from a local directory
-    with `internvl.model.loading.load_pretrained` (dtype 'auto' keeps the checkpoint's; device_map 'auto' shards over
-    the GPUs; `device` applies when neither a map nor 8-/4-bit places the model). Failures are `ModelLoadError`."""
+    """Load an InternVLChatModel (eval mode) and its tokenizer from a local directory with
+    `internvl.model.loading.load_pretrained`; `device` applies when neither a device map nor 8-/4-bit places the
+    model. Failures are `ModelLoadError`."""
     # lazy: the model and tokenizer stacks are slow to import, and `medrega-eval score` needs neither
     from internvl.model.loading import CheckpointError, find_weight_files, load_pretrained
     from internvl.tokenization import load_tokenizer

@@ -1,11 +1,9 @@
-"""Regional CoT (MedRegA paper §5, Table 14): answer a question in two generation steps, both batched by a
-:class:`internvl.inference.Generator`.
+"""Regional CoT (MedRegA paper §5, Table 14): answer a question in two batched generation steps.
 
-Step one asks for the regions relevant to the question (registry prompt ``regional_cot_locate``, answer parsed with
-the tolerant grammar). Step two asks the original question with those regions written before it
-(``regional_cot_answer``), keeping the task preamble and ``<image>`` placement; without a named region with a box it is
-the original question unchanged. ``medrega-eval run --regional-cot`` and the demo's Regional CoT check box both use
-:class:`RegionalCotGenerator`.
+Step one asks for the regions relevant to the question (registry prompt ``regional_cot_locate``). Step two asks the
+original question with those regions written before it (``regional_cot_answer``), keeping the task preamble and
+``<image>`` placement; without a named region with a box it is the original question unchanged.
+``medrega-eval run --regional-cot`` and the demo's check box both use :class:`RegionalCotGenerator`.
 """
 from __future__ import annotations
 

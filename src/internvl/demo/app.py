@@ -1,11 +1,6 @@
-"""The MedRegA web demo (gradio): upload an image, pick a task and language, chat; predicted boxes are drawn.
-
-Layout: left, the image (upload PNG/JPEG/DICOM/NIfTI, NIfTI slice controls, an editor to draw a query box) and a
-gallery of bundled examples; right, task / language / inputs, the annotated answer image, the chat and the parsed
-boxes. Handlers never raise: bad input (``UserInputError``) and unexpected errors (logged with their traceback) become
-the page's status line, so one bad upload cannot take the server down. Generation goes through
-``internvl.inference.Generator``, the path of ``--batch`` and ``medrega-eval run``.
-"""
+"""The MedRegA web demo (gradio): upload an image, pick a task and language, chat; predicted boxes are drawn
+(docs/demo.md). Handlers never raise: bad input and unexpected errors become the page's status line, so one bad
+upload cannot take the server down."""
 from __future__ import annotations
 
 import functools
@@ -41,7 +36,7 @@ log = logging.getLogger("medrega.demo")
 
 class DemoEngine:
     """Answers one chat turn about one image, one request at a time, through `internvl.inference.Generator` (the
-    template rendering, stop tokens and answer decoding of `--batch` and `medrega-eval run`)."""
+    generation path of `--batch` and `medrega-eval run`)."""
 
     def __init__(self, model: Any, tokenizer: Any, settings: GenerationSettings | None = None) -> None:
         self.generator = Generator(model, tokenizer, settings or GenerationSettings(), batch_size=1)
@@ -49,9 +44,8 @@ class DemoEngine:
 
     def answer(self, image: Image.Image, prompt: str, history: list[tuple[str, str]], *, cot: bool = False
                ) -> tuple[str, list, list[Region]]:
-        """(answer text, new history, step-one regions) for ``prompt`` after ``history`` (list of (question, answer)
-        pairs). ``cot``: Regional CoT (`internvl.regional_cot`, as `medrega-eval run --regional-cot`): the model first
-        finds the relevant regions, then answers with them in the prompt; the history keeps the user's own prompt."""
+        """(answer text, new history, step-one regions) for ``prompt`` after ``history`` ((question, answer) pairs).
+        ``cot``: Regional CoT, as `medrega-eval run --regional-cot`; the history keeps the user's own prompt."""
         if not history and IMAGE_PLACEHOLDER not in prompt:
             prompt = IMAGE_PLACEHOLDER + "\n" + prompt  # kept in the history: later turns find the image there
         request = GenerationRequest(prompt, images=[image], history=list(history))
@@ -66,8 +60,7 @@ class DemoEngine:
 
 @dataclass(frozen=True)
 class Example:
-    """A bundled example: image file (decoded once, at start) and the task inputs that go with it
-    (``asset/examples/examples.json``)."""
+    """A bundled example (``asset/examples/examples.json``): its image, decoded once, and its task inputs."""
 
     path: Path
     image: Image.Image
@@ -82,8 +75,7 @@ class Example:
 
 
 def load_examples(directory: str | Path) -> list[Example]:
-    """Read ``examples.json`` in ``directory`` (list of objects with ``file``, ``title``, ``task``, ``lang`` and the
-    task inputs). A missing directory gives no examples; a bad entry raises ``ValueError`` naming it."""
+    """The examples of ``directory/examples.json`` (none without it); a bad entry raises ``ValueError`` naming it."""
     directory = Path(directory)
     index = directory / "examples.json"
     if not index.is_file():
@@ -112,8 +104,8 @@ class Session:
 
 
 def _message(message: str, kind: str = "error", lang: str = "en") -> str:
-    """A status line: a plain-text kind ("Error:", "Done:", "Note:" in ``lang``) and the message. No emoji: a browser
-    without an emoji font would show an empty box."""
+    """A status line: a plain-text kind ("Error:", "Done:", "Note:" in ``lang``; no emoji, which needs an emoji font)
+    and the message."""
     return f"**{text('kind_' + kind, lang)}** {escape(message)}"
 
 
@@ -126,9 +118,9 @@ def _regions_table(regions: list[Region], drawn: list) -> list[dict[str, Any]]:
 def ask(engine: DemoEngine, session: Session, *, task: str, lang: str, question: str = "", objects: str = "",
         box_text: str = "", box_units: str = "grid", drawing: Any = None, options: str = "", modality: str = "",
         cot: bool = False) -> tuple[Image.Image | None, list[dict[str, Any]], str]:
-    """One turn: validate inputs, build the prompt, generate (``cot``: Regional CoT, its step-one regions drawn after
-    the answer's own), parse and draw boxes; the session's history and chat grow by this turn. Returns (annotated
-    image, box rows, status message); raises :class:`UserInputError` for bad input."""
+    """One turn: validate inputs, build the prompt, generate, parse and draw boxes (Regional CoT's step-one regions
+    after the answer's own); the session grows by this turn. Returns (annotated image, box rows, status message);
+    raises :class:`UserInputError` for bad input."""
     check_fields(question=question, objects=objects, options=options, modality=modality, box=box_text)
     if session.image is None:
         raise UserInputError(text("need_image", lang))
@@ -180,9 +172,8 @@ _ASK_OUT = ("annotated", "chat", "boxes", "status", "session")
 
 
 def _guarded(fn: Callable, outputs: tuple[str, ...]) -> Callable:
-    """``fn`` as a gradio handler that never raises: bad input (``UserInputError``) and unexpected errors (logged with
-    their traceback) become an error message in the ``status`` output, the other ``outputs`` unchanged. Every
-    handler's last input is the page language."""
+    """``fn`` as a gradio handler that never raises: bad input and unexpected errors (logged with their traceback)
+    become an error in the ``status`` output, the other ``outputs`` unchanged. The last input is the page language."""
 
     @functools.wraps(fn)  # keeps the signature, so gradio still injects gr.SelectData
     def wrapper(*args):
@@ -202,8 +193,7 @@ def _guarded(fn: Callable, outputs: tuple[str, ...]) -> Callable:
 
 
 def _handlers(engine: DemoEngine, examples: list[Example]) -> SimpleNamespace:
-    """The page's event handlers (upload, example pick, ask, clear), wrapped by ``_guarded`` where the page can send
-    bad input."""
+    """The page's event handlers (upload, example pick, ask, clear), guarded where the page can send bad input."""
 
     def on_upload(path: str | None, axis: str, slice_index: int | None, session: Session, lang: str):
         if not path:
@@ -259,8 +249,8 @@ def _intro(title: str, model_name: str, lang: str) -> str:
 
 
 def _layout(title: str, model_name: str, examples: list[Example]) -> dict[str, Any]:
-    """Build the page inside the current ``gr.Blocks``, labelled in English; returns its elements by id (stable for
-    the browser test; :func:`page_labels` gives the updates for another language)."""
+    """Build the page inside the current ``gr.Blocks``, labelled in English; returns its elements by id (the browser
+    test's handles)."""
     c: dict[str, Any] = {"intro": gr.Markdown(_intro(title, model_name, "en"), elem_id="intro"),
                          "session": gr.State(Session())}
 
@@ -301,8 +291,7 @@ def _layout(title: str, model_name: str, examples: list[Example]) -> dict[str, A
 
 
 def page_labels(lang: str, title: str, model_name: str) -> list[Any]:
-    """gradio updates that put the whole page in ``lang``: intro, every label (and translated menu), the two buttons,
-    in the order intro, ``_LABELLED``, ask, clear."""
+    """gradio updates that put the page in ``lang``, in the order intro, ``_LABELLED``, ask, clear."""
     labels = [gr.update(label=text(key, lang), **_choices(key, lang)) for key in _LABELLED]
     return [gr.update(value=_intro(title, model_name, lang)), *labels, gr.update(value=text("ask", lang)),
             gr.update(value=text("clear", lang))]

@@ -1,9 +1,6 @@
-"""Chat templates kept as data (``templates/*.json``, one file per template) and the one renderer.
-
-A template renders the MPT-style conversation of the original ``conversation.py``:
-``system_template.format(system_message) + sep``, then ``role + content + sep`` per message, then the assistant role
-as generation prompt. Messages use the chat form (``role``/``content``) or the record form (``from``/``value``); a
-leading system message replaces the default one. File keys: docs/foundations.md ("Chat templates").
+"""Chat templates kept as data (``templates/*.json``) and the one renderer of the original ``conversation.py``'s MPT
+style: ``system_template.format(system_message) + sep``, then ``role + content + sep`` per message, then the assistant
+role as generation prompt. Messages use the chat form (``role``/``content``) or the record form (``from``/``value``).
 """
 from __future__ import annotations
 
@@ -79,8 +76,7 @@ class ChatTemplate:
 
     def segments(self, messages: Sequence[Mapping[str, object]], system_message: str | None = None) -> list[tuple[str, bool]]:
         """The rendered conversation (without generation prompt) as ``(text, supervised)`` pieces, for labels: each
-        answer plus ``label_sep`` is supervised; the rest (system, user turns, role headers, the part of ``sep`` after
-        ``label_sep``) is not."""
+        answer plus ``label_sep`` is supervised, the rest is not."""
         return self._segments(*self._split_system(messages, system_message))
 
     def _segments(self, system: str, msgs: list[tuple[str, str]]) -> list[tuple[str, bool]]:
