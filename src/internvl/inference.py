@@ -52,8 +52,6 @@ class GenerationSettings:
 
     def to_kwargs(self) -> dict[str, Any]:
         """kwargs for `generate`; sampling knobs only when sampling (keeps transformers from warning)."""
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         kwargs: dict[str, Any] = {"max_new_tokens": self.max_new_tokens, "min_new_tokens": self.min_new_tokens,
                                   "do_sample": self.do_sample, "num_beams": self.num_beams}
         if self.do_sample:
@@ -154,8 +152,6 @@ class Generator:
 
     def __init__(self, model: Any, tokenizer: Any, settings: GenerationSettings | None = None, batch_size: int = 8
                  ) -> None:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.model = model
         self.tokenizer = tokenizer
         self.settings = settings or GenerationSettings()
@@ -186,10 +182,7 @@ class Generator:
         order = sorted(range(len(requests)), key=lambda i: (len(requests[i].images), len(requests[i].prompt)))
         for start in range(0, len(order), self.batch_size):
             idx = order[start : start + self.batch_size]
-            answers = self.generate_batch([requests[i] for i in idx])
-            if len(answers) != len(idx):
-                raise RuntimeError(f"batch_chat returned {len(answers)} answers for {len(idx)} requests")
-            yield list(zip(idx, answers))
+            yield list(zip(idx, self.generate_batch([requests[i] for i in idx])))
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[str]:
         """Answers for `requests`, in order (batched by :meth:`iter_generate`)."""
