@@ -23,7 +23,8 @@ setup(
     packages=find_packages("src"),
     include_package_data=True,
     package_data={
-        "internvl": ["model/presets/*.json", "templates/*.json", "data/prompts/*.yaml", "demo/strings.json"],
+        "internvl": ["model/presets/*.json", "templates/*.json", "data/prompts/*.yaml", "demo/strings.json",
+                     "testing/*.json"],
         "medrega_eval": ["benchmarks/*.yaml"],
     },
     install_requires=read_requirements(),

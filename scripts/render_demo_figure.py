@@ -38,7 +38,7 @@ def figure_examples(examples: Path) -> list[Example]:
 
 def render_example(engine: DemoEngine, ex: Example) -> tuple[Image.Image, str]:
     """(annotated image, caption) of one bundled example asked through the page's own `ask`."""
-    session = Session(image=load_upload(ex.path).image)
+    session = Session(image=ex.image)
     annotated, _, _ = ask(engine, session, task=ex.task, lang=ex.lang, question=ex.question, objects=ex.objects,
                           box_text=ex.box, options=ex.options, modality=ex.modality)
     return annotated, f"{ex.title}\nA: {remove_region_tags(session.history[-1][1])}"

@@ -48,7 +48,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=positive_int, default=8, help="--batch requests per forward pass and rank")
     p.add_argument("--host", default="127.0.0.1", help="web UI address (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=port_number, default=7860)
-    p.add_argument("--examples", type=Path, default=DEFAULT_EXAMPLES, help="folder with examples.json + images")
     args = p.parse_args(argv)
     if args.batch is None and "--out" in (argv if argv is not None else sys.argv[1:]):
         p.error("--out only applies to --batch")
@@ -125,8 +124,7 @@ def _serve(args: argparse.Namespace, device: str) -> int:
 
     model, tokenizer = load(args, device)
     engine = DemoEngine(model, tokenizer, GenerationSettings.from_args(args))
-    examples = load_examples(args.examples)
-    app = build_app(engine, examples, model_name=args.model.name)
+    app = build_app(engine, load_examples(DEFAULT_EXAMPLES), model_name=args.model.name)
     log.info("serving on http://%s:%d (model %s)", args.host, args.port, args.model)
     app.launch(server_name=args.host, server_port=args.port, max_file_size=MAX_UPLOAD_BYTES, share=False,
                footer_links=[])

@@ -55,33 +55,11 @@ def test_internvl2_5_newline_after_sep_is_not_supervised() -> None:
     assert tpl.system_message.startswith("你是书生·万象")
 
 
-def test_system_message_override_and_system_turn() -> None:
+def test_system_message_override() -> None:
     tpl = get_template("Hermes-2")
     msgs = [{"role": "user", "content": "q"}]
     assert tpl.render(msgs, system_message="Be brief.").startswith("<|im_start|>system\nBe brief.<|im_end|>")
-    sys_first = [{"from": "system", "value": "S"}] + msgs
-    assert tpl.render(sys_first).startswith("<|im_start|>system\nS<|im_end|><|im_start|>user\nq")
     assert tpl.render(msgs, add_generation_prompt=False).endswith("q<|im_end|>")
-
-
-@pytest.mark.parametrize(
-    "msgs, message",
-    [
-        ([{"from": "gpt", "value": "a"}], "expected a user turn"),
-        ([{"from": "human", "value": "a"}, {"from": "human", "value": "b"}], "expected a assistant turn"),
-        ([{"from": "robot", "value": "a"}], "unknown role"),
-        ([{"from": "human", "value": None}], "content must be a string"),
-        ([{"from": "human", "value": "q"}, {"from": "system", "value": "s"}], "only allowed as the first"),
-    ],
-)
-def test_bad_messages_raise(msgs, message) -> None:
-    with pytest.raises(TemplateError, match=message):
-        get_template("Hermes-2").render(msgs)
-
-
-def test_generation_prompt_after_assistant_is_an_error() -> None:
-    with pytest.raises(TemplateError):
-        get_template("Hermes-2").render(CONV[:2], add_generation_prompt=True)
 
 
 def test_unknown_template_lists_known_names() -> None:
@@ -89,22 +67,23 @@ def test_unknown_template_lists_known_names() -> None:
         get_template("nope")
 
 
-def test_every_shipped_template_loads_and_matches_its_file() -> None:
+def test_every_shipped_template_loads_matches_its_file_and_holds_the_invariants() -> None:
+    """What the renderer relies on, checked once here for every shipped file instead of at each load."""
     files = [p for p in resources.files("internvl.templates").iterdir() if p.name.endswith(".json")]
     names = []
     for path in files:
         data = json.loads(path.read_text(encoding="utf-8"))
+        assert set(data) <= {"name", "description", "system_template", "system_message", "roles", "sep", "label_sep",
+                             "stop_strings"}, path.name
         tpl = get_template(data["name"])
         assert tpl.sep == data["sep"] and tpl.user_role == data["roles"]["user"]
+        assert tpl.sep.startswith(tpl.label_sep) and "{system_message}" in tpl.system_template, path.name
+        assert tpl.stop_strings and all(isinstance(s, str) and s for s in tpl.stop_strings), path.name
         names.append(tpl.name)
     assert {"Hermes-2", "internvl2_5"} <= set(names) and len(set(names)) == len(files)
 
 
-def test_from_dict_validates() -> None:
+def test_from_dict_renders_the_json_layout() -> None:
     good = {"name": "x", "system_template": "S{system_message}", "system_message": "", "roles": {"user": "U", "assistant": "A"},
             "sep": "|\n", "label_sep": "|", "stop_strings": ["|"]}
     assert ChatTemplate.from_dict(good).render([{"role": "user", "content": "q"}]) == "S|\nUq|\nA"
-    with pytest.raises(TemplateError, match="prefix"):
-        ChatTemplate.from_dict({**good, "label_sep": "#"}, "f.json")
-    with pytest.raises(TemplateError, match="f.json: template is missing keys"):
-        ChatTemplate.from_dict({"name": "x"}, "f.json")

@@ -1,8 +1,6 @@
-"""One wrapper for every console script (``run_cli``): expected failures are one line and exit 2, bugs keep their
-traceback; plus argparse ``type=`` helpers that make out-of-range numbers a usage error.
-
-*Expected* failures are the toolkit's bad-input error types (named by module in :data:`EXPECTED_ERRORS`, caught only
-once their module is imported, so this module imports nothing heavy) and any ``OSError`` about a named file.
+"""One wrapper for every console script (``run_cli``): expected failures (the bad-input error types of
+:data:`EXPECTED_ERRORS`, looked up only once their module is imported so this module imports nothing heavy, and any
+``OSError`` about a named file) are one line and exit 2, bugs keep their traceback; plus argparse ``type=`` helpers.
 """
 from __future__ import annotations
 

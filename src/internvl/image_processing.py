@@ -5,7 +5,7 @@ bicubic resize is what its ``Resize`` calls for PIL input. Rules: docs/foundatio
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,27 +39,18 @@ class ImageSettings:
 
     @classmethod
     def from_config(cls, config: Any) -> "ImageSettings":
-        """Read an ``InternVLChatConfig`` or any object/mapping with these field names (the size from
-        ``force_image_size``, ``image_size`` or ``vision_config.image_size``); unset fields keep their defaults."""
+        """From an ``InternVLChatConfig`` or any object with these field names (the size from ``force_image_size``,
+        ``image_size`` or ``vision_config.image_size``)."""
         if isinstance(config, ImageSettings):
             return config
-
-        def get(source: Any, name: str) -> Any:
-            return source.get(name) if isinstance(source, Mapping) else getattr(source, name, None)
-
-        vision = get(config, "vision_config")
-        size = (get(config, "force_image_size") or get(config, "image_size")
-                or (get(vision, "image_size") if vision is not None else None) or DEFAULT_IMAGE_SIZE)
+        size = (getattr(config, "force_image_size", None) or getattr(config, "image_size", None)
+                or getattr(getattr(config, "vision_config", None), "image_size", None) or DEFAULT_IMAGE_SIZE)
         values = {f.name: type(f.default)(value) for f in dataclasses.fields(cls)
-                  if (value := get(config, f.name)) is not None}
+                  if (value := getattr(config, f.name, None)) is not None}
         settings = cls(**{**values, "image_size": int(size)})
         if settings.image_size <= 0 or not 1 <= settings.min_dynamic_patch <= settings.max_dynamic_patch:
             raise ValueError(f"invalid image settings {settings}")
         return settings
-
-    def replace(self, **changes: Any) -> "ImageSettings":
-        """A copy with some fields changed (e.g. ``max_dynamic_patch`` per dataset)."""
-        return dataclasses.replace(self, **changes)
 
 
 def expand2square(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:
@@ -115,8 +106,6 @@ def find_closest_aspect_ratio(aspect_ratio: float, target_ratios: Sequence[tuple
 def dynamic_preprocess(image: Image.Image, min_num: int = 1, max_num: int = 6, image_size: int = DEFAULT_IMAGE_SIZE,
                        use_thumbnail: bool = False) -> list[Image.Image]:
     """Cut ``image`` into 448-px tiles on the closest-aspect grid (see module docstring); row-major, thumbnail last."""
-    if not 1 <= min_num <= max_num:
-        raise ValueError(f"need 1 <= min_num <= max_num, got {min_num}, {max_num}")
     width, height = image.size
     target_ratios = sorted(((i, j) for i in range(1, max_num + 1) for j in range(1, max_num + 1)
                             if min_num <= i * j <= max_num), key=lambda r: (r[0] * r[1], r))
@@ -165,8 +154,6 @@ def num_image_tokens(image_size: int = DEFAULT_IMAGE_SIZE, patch_size: int = 14,
 
 def image_block(num_patches: int, num_image_token: int) -> str:
     """``<img>`` + ``num_image_token * num_patches`` x ``<IMG_CONTEXT>`` + ``</img>``."""
-    if num_patches < 1 or num_image_token < 1:
-        raise ValueError(f"need num_patches >= 1 and num_image_token >= 1, got {num_patches}, {num_image_token}")
     return IMG_START_TOKEN + IMG_CONTEXT_TOKEN * (num_image_token * num_patches) + IMG_END_TOKEN
 
 

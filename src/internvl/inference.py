@@ -1,13 +1,11 @@
-"""Batched generation shared by `medrega-eval run` and `src/demo.py` (the web UI's chat and `--batch`).
-
-One path from a request to an answer: load and tile its images, then `InternVLChatModel.batch_chat` on a batch of
-requests grouped by tile count and prompt length (little padding); answers come back in request order. Usage:
-docs/evaluation.md (section `internvl.inference`).
+"""Batched generation shared by `medrega-eval run` and `src/demo.py` (the web UI's chat and `--batch`): load and
+tile each request's images, then `InternVLChatModel.batch_chat` on batches grouped by tile count and prompt length.
+Usage: docs/evaluation.md (section `internvl.inference`).
 """
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,8 +29,7 @@ class ModelLoadError(RuntimeError):
 @dataclass
 class GenerationRequest:
     """One prompt: the user turn (`<image>` marks each image, default: images first), PIL images or paths for
-    `load_image` (with `image_kwargs`: window, slice_index, axis, frame), the caller's `id`, and earlier
-    (question, answer) turns (`history`; the `<image>` placeholders are then in the first question)."""
+    `load_image` (with `image_kwargs`), the caller's `id`, and earlier (question, answer) turns (`history`)."""
 
     prompt: str
     images: Sequence[Image.Image | str | os.PathLike] = ()
@@ -55,8 +52,6 @@ class GenerationSettings:
 
     def to_kwargs(self) -> dict[str, Any]:
         """kwargs for `generate`; sampling knobs only when sampling (keeps transformers from warning)."""
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         kwargs: dict[str, Any] = {"max_new_tokens": self.max_new_tokens, "min_new_tokens": self.min_new_tokens,
                                   "do_sample": self.do_sample, "num_beams": self.num_beams}
         if self.do_sample:
@@ -126,9 +121,9 @@ def default_dtype(device: str | torch.device | None = None) -> str:
 def load_model_and_tokenizer(path: str | os.PathLike, dtype: str | torch.dtype | None = "bfloat16",
                              device_map: str | dict | None = None, load_in_8bit: bool = False,
                              load_in_4bit: bool = False, device: str | torch.device | None = None) -> tuple[Any, Any]:
-    """Load an InternVLChatModel (eval mode, `img_context_token_id` set) and its tokenizer from a local directory
-    with `internvl.model.loading.load_pretrained` (dtype 'auto' keeps the checkpoint's; device_map 'auto' shards over
-    the GPUs; `device` applies when neither a map nor 8-/4-bit places the model). Failures are `ModelLoadError`."""
+    """Load an InternVLChatModel (eval mode) and its tokenizer from a local directory with
+    `internvl.model.loading.load_pretrained`; `device` applies when neither a device map nor 8-/4-bit places the
+    model. Failures are `ModelLoadError`."""
     # lazy: the model and tokenizer stacks are slow to import, and `medrega-eval score` needs neither
     from internvl.model.loading import CheckpointError, find_weight_files, load_pretrained
     from internvl.tokenization import load_tokenizer
@@ -157,8 +152,6 @@ class Generator:
 
     def __init__(self, model: Any, tokenizer: Any, settings: GenerationSettings | None = None, batch_size: int = 8
                  ) -> None:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.model = model
         self.tokenizer = tokenizer
         self.settings = settings or GenerationSettings()
@@ -189,18 +182,12 @@ class Generator:
         order = sorted(range(len(requests)), key=lambda i: (len(requests[i].images), len(requests[i].prompt)))
         for start in range(0, len(order), self.batch_size):
             idx = order[start : start + self.batch_size]
-            answers = self.generate_batch([requests[i] for i in idx])
-            if len(answers) != len(idx):
-                raise RuntimeError(f"batch_chat returned {len(answers)} answers for {len(idx)} requests")
-            yield list(zip(idx, answers))
+            yield list(zip(idx, self.generate_batch([requests[i] for i in idx])))
 
-    def generate(self, requests: Sequence[GenerationRequest], progress: Callable[[int], None] | None = None
-                 ) -> list[str]:
-        """Answers for `requests`, in order. `progress(n)` is called with the number finished after each batch."""
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[str]:
+        """Answers for `requests`, in order (batched by :meth:`iter_generate`)."""
         answers = [""] * len(requests)
         for batch in self.iter_generate(requests):
             for i, text in batch:
                 answers[i] = text
-            if progress is not None:
-                progress(len(batch))
         return answers

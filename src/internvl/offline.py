@@ -1,9 +1,8 @@
 """Offline mode for every entry point: the toolkit never reaches a model hub or sends telemetry.
 
 Every console script, ``src/demo.py`` and ``scripts/`` call :func:`enforce_offline` first thing, before transformers
-or PEFT are imported: ``huggingface_hub`` reads ``HF_HUB_OFFLINE`` once at import, and ``import peft`` (through
-bitsandbytes' CPU backend and ``kernels``) may ask the hub for a kernel at import unless offline mode is on. A hub
-repo id then fails with the libraries' own "offline" error instead of a download.
+or PEFT are imported: ``huggingface_hub`` reads ``HF_HUB_OFFLINE`` once at import, and ``import peft`` may ask the
+hub for a kernel at import unless offline mode is on.
 """
 from __future__ import annotations
 

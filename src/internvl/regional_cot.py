@@ -1,11 +1,9 @@
-"""Regional CoT (MedRegA paper §5, Table 14): answer a question in two generation steps, both batched by a
-:class:`internvl.inference.Generator`.
+"""Regional CoT (MedRegA paper §5, Table 14): answer a question in two batched generation steps.
 
-Step one asks for the regions relevant to the question (registry prompt ``regional_cot_locate``, answer parsed with
-the tolerant grammar). Step two asks the original question with those regions written before it
-(``regional_cot_answer``), keeping the task preamble and ``<image>`` placement; without a named region with a box it is
-the original question unchanged. ``medrega-eval run --regional-cot`` uses :class:`RegionalCotGenerator`, the demo
-:func:`regional_cot`.
+Step one asks for the regions relevant to the question (registry prompt ``regional_cot_locate``). Step two asks the
+original question with those regions written before it (``regional_cot_answer``), keeping the task preamble and
+``<image>`` placement; without a named region with a box it is the original question unchanged.
+``medrega-eval run --regional-cot`` and the demo's check box both use :class:`RegionalCotGenerator`.
 """
 from __future__ import annotations
 
@@ -20,21 +18,19 @@ from internvl.data.prompts import build_question, join_prompt
 from internvl.inference import GenerationRequest
 from internvl.regions import Region, parse_regions
 
-__all__ = ["MAX_REGIONS", "CotAnswer", "RegionalCotGenerator", "guess_lang", "regional_cot", "split_question",
-           "step_one_request", "step_two_request", "usable_regions"]
+__all__ = ["MAX_REGIONS", "CotAnswer", "RegionalCotGenerator", "guess_lang", "split_question", "step_one_request",
+           "step_two_request", "usable_regions"]
 
 MAX_REGIONS = 8  # regions written into the step-two prompt (keeps the prompt bounded whatever step one emits)
 
 
 @dataclass
 class CotAnswer:
-    """One Regional CoT answer: the final answer, the step-one regions used in step two, and both prompts/answers."""
+    """One Regional CoT answer: the final answer, the step-one regions used in step two and the step-one answer."""
 
     answer: str
     regions: list[Region]
-    step_one_prompt: str
     step_one_answer: str
-    step_two_prompt: str
 
     def record_fields(self) -> dict[str, Any]:
         """The per-sample fields `medrega-eval run` keeps (JSON-ready)."""
@@ -98,28 +94,6 @@ def usable_regions(answer: str, limit: int = MAX_REGIONS) -> list[Region]:
     return regions[:limit]
 
 
-def regional_cot(generator: Any, requests: Sequence[GenerationRequest],
-                 langs: Sequence[str | None] | None = None) -> list[CotAnswer]:
-    """One :class:`CotAnswer` per request, in order, with both steps batched by `generator`'s `generate`; `langs`:
-    the prompt language per request (None: guessed from the prompt)."""
-    return _two_steps(generator.generate, requests, langs)
-
-
-def _two_steps(generate: Any, requests: Sequence[GenerationRequest],
-               langs: Sequence[str | None] | None = None) -> list[CotAnswer]:
-    langs = list(langs) if langs is not None else [None] * len(requests)
-    if len(langs) != len(requests):
-        raise ValueError(f"{len(langs)} languages for {len(requests)} requests")
-    langs = [lang or guess_lang(r.prompt) for r, lang in zip(requests, langs)]
-    first = [step_one_request(r, lang) for r, lang in zip(requests, langs)]
-    step_one = generate(first)
-    regions = [usable_regions(a) for a in step_one]
-    second = [step_two_request(r, regs, lang) for r, regs, lang in zip(requests, regions, langs)]
-    answers = generate(second)
-    return [CotAnswer(a, regs, f.prompt, s1, s.prompt)
-            for a, regs, f, s1, s in zip(answers, regions, first, step_one, second)]
-
-
 class RegionalCotGenerator:
     """A `Generator` look-alike for batch loops (`generate_batch`, `batch_size`) that returns :class:`CotAnswer`s."""
 
@@ -128,5 +102,11 @@ class RegionalCotGenerator:
         self.batch_size = generator.batch_size
 
     def generate_batch(self, requests: Sequence[GenerationRequest]) -> list[CotAnswer]:
-        """Both steps for one batch (each step one `generate_batch` call of the wrapped generator)."""
-        return _two_steps(self.generator.generate_batch, requests)
+        """Both steps for one batch (each step one `generate_batch` call of the wrapped generator); the prompt
+        language of each request is guessed from its text (:func:`guess_lang`)."""
+        langs = [guess_lang(r.prompt) for r in requests]
+        step_one = self.generator.generate_batch([step_one_request(r, lang) for r, lang in zip(requests, langs)])
+        regions = [usable_regions(a) for a in step_one]
+        second = [step_two_request(r, regs, lang) for r, regs, lang in zip(requests, regions, langs)]
+        answers = self.generator.generate_batch(second)
+        return [CotAnswer(a, regs, s1) for a, regs, s1 in zip(answers, regions, step_one)]

@@ -1,10 +1,7 @@
-"""User text can never become template or image control tokens: :func:`neutralize_control_tokens`.
-
-The prompt is tokenized as one string, so a question containing ``<|im_end|><|im_start|>system`` would inject turns
-and one containing ``<IMG_CONTEXT>`` would add image slots. All conversation text (chat, batch_chat, training
-encode) passes through :func:`neutralize_control_tokens` before the template adds the real control tokens. Region tags
-and ``<image>`` are legitimate input and stay. The break is a plain space, which tokenizer normalisers never drop
-(they may drop zero-width characters).
+"""User text can never become template or image control tokens: the prompt is tokenized as one string, so a question
+containing ``<|im_end|><|im_start|>system`` would inject turns. All conversation text (chat, batch_chat, training
+encode) passes through :func:`neutralize_control_tokens` first; region tags and ``<image>`` are legitimate and stay.
+The break is a plain space, which tokenizer normalisers never drop (they may drop zero-width characters).
 """
 from __future__ import annotations
 

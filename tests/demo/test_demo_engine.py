@@ -80,25 +80,24 @@ def test_build_app_wires_every_element(tiny_model, tiny_tokenizer):
 
 
 def test_regional_cot_toggle_draws_step_one_regions(tiny_model, tiny_tokenizer, monkeypatch):
-    """With the Regional CoT toggle the engine calls `internvl.regional_cot` (the same two steps as
-    `medrega-eval run --regional-cot`); the step-one regions are drawn after the answer's own, labelled "step 1"."""
-    from internvl.demo import app as app_module
-    from internvl.regional_cot import CotAnswer
+    """With the Regional CoT toggle the engine goes through `internvl.regional_cot.RegionalCotGenerator` (the same
+    two steps as `medrega-eval run --regional-cot`); the step-one regions are drawn after the answer's own, labelled
+    "step 1"."""
+    from internvl.regional_cot import CotAnswer, RegionalCotGenerator
     from internvl.regions import Box, Region
 
     calls = []
 
-    def fake_cot(generator, requests, langs=None):
-        calls.append((requests, langs))
+    def fake_cot(self, requests):
+        calls.append((self.generator, requests))
         return [CotAnswer(answer="<ref>liver</ref><box>[[100, 100, 500, 500]]</box>",
-                          regions=[Region("liver", [Box(90, 90, 520, 510)])], step_one_prompt="p1",
-                          step_one_answer="a1", step_two_prompt="p2")]
+                          regions=[Region("liver", [Box(90, 90, 520, 510)])], step_one_answer="a1")]
 
-    monkeypatch.setattr(app_module, "regional_cot", fake_cot)
+    monkeypatch.setattr(RegionalCotGenerator, "generate_batch", fake_cot)
     engine = DemoEngine(tiny_model, tiny_tokenizer, SETTINGS)
     session = Session(image=_image())
     _, rows, _ = ask(engine, session, task="text_to_region", lang="zh", objects="liver", cot=True)
-    assert len(calls) == 1 and calls[0][1] == ["zh"]
+    assert len(calls) == 1 and calls[0][0] is engine.generator and len(calls[0][1]) == 1
     assert [row["name"] for row in rows] == ["liver", "第一步：liver"]
     assert session.history[-1][1].startswith("<ref>liver</ref>")
 
@@ -123,3 +122,28 @@ def test_upload_handler_takes_the_nifti_slice_number_and_reports_bad_ones_in_the
     assert "coronal slice 3" in status and session.image is not None and editor["background"] is session.image
     _, session, status = upload(str(path), "coronal", 99, Session(), "en")
     assert status.startswith("**Error:**") and "v.nii.gz" in status
+
+
+def test_examples_are_decoded_once_and_bad_entries_name_their_place(tiny_model, tiny_tokenizer, monkeypatch, tmp_path):
+    """`load_examples` decodes each image once; the gallery and the example handler reuse it (no second decode)."""
+    import json
+    from types import SimpleNamespace
+
+    from internvl.demo import app as app_module
+    from internvl.demo.app import _handlers, load_examples
+
+    _image().save(tmp_path / "a.png")
+    entry = {"file": "a.png", "title": "A", "task": "vqa", "lang": "en", "question": "What is shown?"}
+    (tmp_path / "examples.json").write_text(json.dumps([entry]))
+    calls = []
+    decode = app_module.load_upload
+    monkeypatch.setattr(app_module, "load_upload", lambda *a, **k: calls.append(a) or decode(*a, **k))
+    examples = load_examples(tmp_path)
+    engine = DemoEngine(tiny_model, tiny_tokenizer, SETTINGS)
+    build_app(engine, examples, model_name="tiny")
+    editor, session, task, *_, status = _handlers(engine, examples).example(SimpleNamespace(index=0), "en")
+    assert len(calls) == 1 and session.image is examples[0].image and editor["background"] is examples[0].image
+    assert task == "vqa" and "Example loaded" in status
+    (tmp_path / "examples.json").write_text(json.dumps([{**entry, "file": "missing.png"}]))
+    with pytest.raises(ValueError, match=r"examples.json: entry 0: missing.png"):
+        load_examples(tmp_path)

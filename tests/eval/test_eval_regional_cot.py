@@ -8,7 +8,7 @@ import pytest
 
 from internvl.data.prompt_registry import LANGS, get_prompt
 from internvl.inference import GenerationRequest, Generator
-from internvl.regional_cot import RegionalCotGenerator, regional_cot, split_question
+from internvl.regional_cot import RegionalCotGenerator, split_question
 from internvl.regions import Box, Region, format_regions, parse_regions
 from internvl.testing.helpers import write_eval_benchmark
 from medrega_eval import cli
@@ -32,12 +32,10 @@ class ScriptedGenerator:
     def __init__(self) -> None:
         self.calls: list[list[str]] = []
 
-    def generate(self, requests):
+    def generate_batch(self, requests):
         self.calls.append([r.prompt for r in requests])
         return [(BOX_ANSWER if str(r.id).startswith("box") else "no idea") if _is_step_one(r.prompt) else "yes"
                 for r in requests]
-
-    generate_batch = generate
 
 
 @pytest.mark.parametrize("task", ["regional_cot_locate", "regional_cot_answer"])
@@ -53,7 +51,7 @@ def test_two_steps_put_step_one_boxes_into_step_two_prompt():
     gen = ScriptedGenerator()
     requests = [GenerationRequest(EN_Q, id="box-en"), GenerationRequest(ZH_Q, id="box-zh"),
                 GenerationRequest(EN_Q, id="none")]
-    out = regional_cot(gen, requests)
+    out = RegionalCotGenerator(gen).generate_batch(requests)
     assert len(gen.calls) == 2 and all(_is_step_one(p) for p in gen.calls[0])
     # step one: the registry's locate prompt in the question's language, around the question without its preamble
     assert "Question: Is the liver enlarged?" in gen.calls[0][0] and "问题：肝脏是否增大？" in gen.calls[0][1]
@@ -70,10 +68,6 @@ def test_two_steps_put_step_one_boxes_into_step_two_prompt():
     assert out[0].record_fields() == {"cot_regions": [{"name": "liver", "boxes": [[10, 20, 300, 400]]},
                                                       {"name": "spleen", "boxes": [[600, 100, 700, 300]]}],
                                       "cot_step_one": BOX_ANSWER}
-    # the batch-loop wrapper gives the same answers
-    wrapped = RegionalCotGenerator(ScriptedGenerator()).generate_batch(requests)
-    assert [(w.answer, w.regions, w.step_two_prompt) for w in wrapped] == [(o.answer, o.regions, o.step_two_prompt)
-                                                                           for o in out]
 
 
 def test_split_question_keeps_image_and_preamble_in_head():
@@ -98,7 +92,7 @@ def setup(tmp_path, tiny_model, tiny_tokenizer):
 def test_run_regional_cot_records_draws_and_refuses_mixing(setup, monkeypatch, capsys):
     args, bdir = setup
     scripted = ScriptedGenerator()
-    monkeypatch.setattr(Generator, "generate_batch", lambda self, requests: scripted.generate(requests))
+    monkeypatch.setattr(Generator, "generate_batch", lambda self, requests: scripted.generate_batch(requests))
     assert cli.main([*args, "--regional-cot"]) == 0
     assert len(scripted.calls) == 4  # 3 samples in batches of 2, two steps each
     assert json.loads((bdir / "run_settings.json").read_text())["regional_cot"] is True
@@ -120,7 +114,7 @@ def test_run_regional_cot_records_draws_and_refuses_mixing(setup, monkeypatch, c
 def test_plain_run_then_cot_resume_is_refused(setup, monkeypatch, capsys):
     args, bdir = setup
     scripted = ScriptedGenerator()
-    monkeypatch.setattr(Generator, "generate_batch", lambda self, requests: scripted.generate(requests))
+    monkeypatch.setattr(Generator, "generate_batch", lambda self, requests: scripted.generate_batch(requests))
     assert cli.main(args) == 0
     rows = [json.loads(x) for x in (bdir / "predictions.jsonl").read_text().splitlines()]
     assert all("cot_regions" not in r for r in rows) and "Regional CoT" not in (bdir / "report.html").read_text()

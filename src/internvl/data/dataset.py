@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -56,7 +57,7 @@ class MedRegDataset(Dataset):
         self.template = template
         settings = image_settings or ImageSettings()
         if spec.max_dynamic_patch is not None:
-            settings = settings.replace(max_dynamic_patch=spec.max_dynamic_patch)
+            settings = dataclasses.replace(settings, max_dynamic_patch=spec.max_dynamic_patch)
         self.image_settings = settings
         self.num_image_token = num_image_token
         self.max_seq_length = max_seq_length

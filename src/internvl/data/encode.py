@@ -18,7 +18,7 @@ import torch
 from internvl.constants import IGNORE_INDEX, IMAGE_PLACEHOLDER, IMG_CONTEXT_TOKEN, IMG_START_TOKEN
 from internvl.data.records import image_paths
 from internvl.image_processing import expand_image_placeholders
-from internvl.templates import ChatTemplate, TemplateError, get_template
+from internvl.templates import ChatTemplate, get_template
 from internvl.user_text import neutralize_control_tokens
 
 __all__ = ["EncodeError", "EncodedSample", "PROMPT_ORDERS", "apply_prompt_order", "encode_conversation", "make_token_length"]
@@ -108,10 +108,7 @@ def encode_conversation(conversations: Sequence[Mapping[str, Any]], tokenizer: A
     turns = apply_prompt_order(conversations, len(num_patches_list), base_prompt, prompt_order, where)  # 1
     for turn in turns:  # record text never yields template or image tokens (internvl.user_text)
         turn["value"] = neutralize_control_tokens(turn["value"])
-    try:
-        segments = tpl.segments(turns, system_message)  # 2
-    except TemplateError as exc:
-        raise EncodeError(f"{where}: {exc}") from None
+    segments = tpl.segments(turns, system_message)  # 2 (turns alternate: checked by RecordChecker)
     full, spans = _expand_images(segments, num_patches_list, num_image_token, where)  # 3
     ids, offsets = _tokenize(tokenizer, full, where)  # 4
     labels = _label_tokens(ids, offsets, spans, full, where)

@@ -1,11 +1,6 @@
-"""The MedRegA web demo (gradio): upload an image, pick a task and language, chat; predicted boxes are drawn.
-
-Layout: left, the image (upload PNG/JPEG/DICOM/NIfTI, NIfTI slice controls, an editor to draw a query box) and a
-gallery of bundled examples; right, task / language / inputs, the annotated answer image, the chat and the parsed
-boxes. Handlers never raise: bad input (``UserInputError``) and unexpected errors (logged with their traceback) become
-the page's status line, so one bad upload cannot take the server down. Generation goes through
-``internvl.inference.Generator``, the path of ``--batch`` and ``medrega-eval run``.
-"""
+"""The MedRegA web demo (gradio): upload an image, pick a task and language, chat; predicted boxes are drawn
+(docs/demo.md). Handlers never raise: bad input and unexpected errors become the page's status line, so one bad
+upload cannot take the server down."""
 from __future__ import annotations
 
 import functools
@@ -31,7 +26,7 @@ from internvl.demo.tasks import TASKS, build_prompt, task_label
 from internvl.demo.uploads import (UserInputError, box_from_drawing, check_fields, check_prompt_budget, check_question,
                                    load_upload, parse_typed_box, public_message, scrub_paths)
 from internvl.inference import GenerationRequest, GenerationSettings, Generator
-from internvl.regional_cot import regional_cot
+from internvl.regional_cot import RegionalCotGenerator
 from internvl.regions import Box, Region, parse_regions
 
 __all__ = ["DemoEngine", "Example", "ask", "build_app", "load_examples", "page_labels"]
@@ -41,23 +36,22 @@ log = logging.getLogger("medrega.demo")
 
 class DemoEngine:
     """Answers one chat turn about one image, one request at a time, through `internvl.inference.Generator` (the
-    template rendering, stop tokens and answer decoding of `--batch` and `medrega-eval run`)."""
+    generation path of `--batch` and `medrega-eval run`)."""
 
     def __init__(self, model: Any, tokenizer: Any, settings: GenerationSettings | None = None) -> None:
         self.generator = Generator(model, tokenizer, settings or GenerationSettings(), batch_size=1)
         self._lock = threading.Lock()
 
-    def answer(self, image: Image.Image, prompt: str, history: list[tuple[str, str]], *, cot: bool = False,
-               lang: str | None = None) -> tuple[str, list, list[Region]]:
-        """(answer text, new history, step-one regions) for ``prompt`` after ``history`` (list of (question, answer)
-        pairs). ``cot``: Regional CoT (`internvl.regional_cot`, as `medrega-eval run --regional-cot`): the model first
-        finds the relevant regions, then answers with them in the prompt; the history keeps the user's own prompt."""
+    def answer(self, image: Image.Image, prompt: str, history: list[tuple[str, str]], *, cot: bool = False
+               ) -> tuple[str, list, list[Region]]:
+        """(answer text, new history, step-one regions) for ``prompt`` after ``history`` ((question, answer) pairs).
+        ``cot``: Regional CoT, as `medrega-eval run --regional-cot`; the history keeps the user's own prompt."""
         if not history and IMAGE_PLACEHOLDER not in prompt:
             prompt = IMAGE_PLACEHOLDER + "\n" + prompt  # kept in the history: later turns find the image there
         request = GenerationRequest(prompt, images=[image], history=list(history))
         with self._lock, torch.inference_mode():
             if cot:
-                result = regional_cot(self.generator, [request], langs=[lang])[0]
+                result = RegionalCotGenerator(self.generator).generate_batch([request])[0]
                 text, step_one = result.answer, list(result.regions)
             else:
                 text, step_one = self.generator.generate_batch([request])[0], []
@@ -66,9 +60,10 @@ class DemoEngine:
 
 @dataclass(frozen=True)
 class Example:
-    """A bundled example: image file and the task inputs that go with it (``asset/examples/examples.json``)."""
+    """A bundled example (``asset/examples/examples.json``): its image, decoded once, and its task inputs."""
 
     path: Path
+    image: Image.Image
     title: str
     task: str
     lang: str
@@ -80,8 +75,7 @@ class Example:
 
 
 def load_examples(directory: str | Path) -> list[Example]:
-    """Read ``examples.json`` in ``directory`` (list of objects with ``file``, ``title``, ``task``, ``lang`` and the
-    task inputs). A missing directory gives no examples; a bad entry raises ``ValueError`` naming it."""
+    """The examples of ``directory/examples.json`` (none without it); a bad entry raises ``ValueError`` naming it."""
     directory = Path(directory)
     index = directory / "examples.json"
     if not index.is_file():
@@ -90,11 +84,12 @@ def load_examples(directory: str | Path) -> list[Example]:
     for i, entry in enumerate(json.loads(index.read_text(encoding="utf-8"))):
         where = f"{index}: entry {i}"
         try:
-            ex = Example(path=directory / entry.pop("file"), **entry)
-        except (KeyError, TypeError) as exc:
+            path = directory / entry.pop("file")
+            ex = Example(path=path, image=load_upload(path).image, **entry)
+        except (KeyError, TypeError, UserInputError) as exc:
             raise ValueError(f"{where}: {exc}") from exc
-        if ex.task not in TASKS or ex.lang not in LANGS or not ex.path.is_file():
-            raise ValueError(f"{where}: bad task/lang or missing image {ex.path}")
+        if ex.task not in TASKS or ex.lang not in LANGS:
+            raise ValueError(f"{where}: bad task {ex.task!r} or language {ex.lang!r}")
         out.append(ex)
     return out
 
@@ -109,8 +104,8 @@ class Session:
 
 
 def _message(message: str, kind: str = "error", lang: str = "en") -> str:
-    """A status line: a plain-text kind ("Error:", "Done:", "Note:" in ``lang``) and the message. No emoji: a browser
-    without an emoji font would show an empty box."""
+    """A status line: a plain-text kind ("Error:", "Done:", "Note:" in ``lang``; no emoji, which needs an emoji font)
+    and the message."""
     return f"**{text('kind_' + kind, lang)}** {escape(message)}"
 
 
@@ -123,9 +118,9 @@ def _regions_table(regions: list[Region], drawn: list) -> list[dict[str, Any]]:
 def ask(engine: DemoEngine, session: Session, *, task: str, lang: str, question: str = "", objects: str = "",
         box_text: str = "", box_units: str = "grid", drawing: Any = None, options: str = "", modality: str = "",
         cot: bool = False) -> tuple[Image.Image | None, list[dict[str, Any]], str]:
-    """One turn: validate inputs, build the prompt, generate (``cot``: Regional CoT, its step-one regions drawn after
-    the answer's own), parse and draw boxes; the session's history and chat grow by this turn. Returns (annotated
-    image, box rows, status message); raises :class:`UserInputError` for bad input."""
+    """One turn: validate inputs, build the prompt, generate, parse and draw boxes (Regional CoT's step-one regions
+    after the answer's own); the session grows by this turn. Returns (annotated image, box rows, status message);
+    raises :class:`UserInputError` for bad input."""
     check_fields(question=question, objects=objects, options=options, modality=modality, box=box_text)
     if session.image is None:
         raise UserInputError(text("need_image", lang))
@@ -147,7 +142,7 @@ def ask(engine: DemoEngine, session: Session, *, task: str, lang: str, question:
     check_prompt_budget(generator.model, generator.tokenizer, prompt, session.history,
                         generator.settings.max_new_tokens)
     t0 = time.perf_counter()
-    answer, session.history, step_one = engine.answer(session.image, prompt, session.history, cot=cot, lang=lang)
+    answer, session.history, step_one = engine.answer(session.image, prompt, session.history, cot=cot)
     seconds = time.perf_counter() - t0
     found = [r for r in parse_regions(answer, strict=False) if r.boxes]  # a name without a box draws nothing
     query = [Region(region_name_label(answer, found), [query_box])] if task == "region_to_text" and query_box else []
@@ -170,10 +165,15 @@ def _editor_value(image: Image.Image) -> dict[str, Any]:
     return {"background": image, "layers": [], "composite": image}
 
 
-def _guarded(fn: Callable, n_outputs: int, status: int) -> Callable:
-    """``fn`` as a gradio handler that never raises: bad input (``UserInputError``) and unexpected errors (logged with
-    their traceback) become an error message in output ``status``, the other outputs unchanged. Every handler's last
-    input is the page language."""
+#: the page elements each guarded handler updates, in order (one table for the handler and its wiring)
+_UPLOAD_OUT = ("editor", "session", "status")
+_EXAMPLE_OUT = ("editor", "session", "task", "lang", "question", "objects", "box", "options", "modality", "status")
+_ASK_OUT = ("annotated", "chat", "boxes", "status", "session")
+
+
+def _guarded(fn: Callable, outputs: tuple[str, ...]) -> Callable:
+    """``fn`` as a gradio handler that never raises: bad input and unexpected errors (logged with their traceback)
+    become an error in the ``status`` output, the other ``outputs`` unchanged. The last input is the page language."""
 
     @functools.wraps(fn)  # keeps the signature, so gradio still injects gr.SelectData
     def wrapper(*args):
@@ -185,16 +185,15 @@ def _guarded(fn: Callable, n_outputs: int, status: int) -> Callable:
         except Exception as exc:  # noqa: BLE001 - keep serving; report in the page
             log.error("demo handler %s failed:\n%s", fn.__name__, traceback.format_exc())
             message = text("internal", lang, what=public_message(exc))
-        outputs = [gr.update()] * n_outputs
-        outputs[status] = _message(message, "error", lang)
-        return outputs
+        updates = [gr.update()] * len(outputs)
+        updates[outputs.index("status")] = _message(message, "error", lang)
+        return updates
 
     return wrapper
 
 
 def _handlers(engine: DemoEngine, examples: list[Example]) -> SimpleNamespace:
-    """The page's event handlers (upload, example pick, ask, clear), wrapped by ``_guarded`` where the page can send
-    bad input."""
+    """The page's event handlers (upload, example pick, ask, clear), guarded where the page can send bad input."""
 
     def on_upload(path: str | None, axis: str, slice_index: int | None, session: Session, lang: str):
         if not path:
@@ -205,8 +204,7 @@ def _handlers(engine: DemoEngine, examples: list[Example]) -> SimpleNamespace:
 
     def on_example(evt: gr.SelectData, lang: str):
         ex = examples[evt.index]
-        image = load_upload(ex.path).image
-        return (_editor_value(image), Session(image=image), ex.task, ex.lang, ex.question, ex.objects, ex.box,
+        return (_editor_value(ex.image), Session(image=ex.image), ex.task, ex.lang, ex.question, ex.objects, ex.box,
                 ex.options, ex.modality, _message(text("example_loaded", lang, title=ex.title), "ok", lang))
 
     def on_ask(session: Session, drawing, task, question, objects, box_text, box_units, options, modality, cot,
@@ -220,8 +218,8 @@ def _handlers(engine: DemoEngine, examples: list[Example]) -> SimpleNamespace:
     def on_clear(session: Session, lang: str):
         return [], None, [], _message(text("cleared", lang), "info", lang), Session(image=session.image)
 
-    return SimpleNamespace(upload=_guarded(on_upload, 3, 2), example=_guarded(on_example, 10, 9),
-                           ask=_guarded(on_ask, 5, 3), clear=on_clear)
+    return SimpleNamespace(upload=_guarded(on_upload, _UPLOAD_OUT), example=_guarded(on_example, _EXAMPLE_OUT),
+                           ask=_guarded(on_ask, _ASK_OUT), clear=on_clear)
 
 
 def _empty_file_box() -> None:
@@ -251,8 +249,8 @@ def _intro(title: str, model_name: str, lang: str) -> str:
 
 
 def _layout(title: str, model_name: str, examples: list[Example]) -> dict[str, Any]:
-    """Build the page inside the current ``gr.Blocks``, labelled in English; returns its elements by id (stable for
-    the browser test; :func:`page_labels` gives the updates for another language)."""
+    """Build the page inside the current ``gr.Blocks``, labelled in English; returns its elements by id (the browser
+    test's handles)."""
     c: dict[str, Any] = {"intro": gr.Markdown(_intro(title, model_name, "en"), elem_id="intro"),
                          "session": gr.State(Session())}
 
@@ -268,9 +266,9 @@ def _layout(title: str, model_name: str, examples: list[Example]) -> dict[str, A
                 add(gr.Dropdown, "axis", value="axial")
                 add(gr.Number, "slice", precision=0, minimum=0)  # gradio checks it is a whole number >= 0
             add(gr.ImageEditor, "editor", type="numpy", image_mode="RGBA", sources=(), transforms=(), layers=False)
-            # decoded here: gradio shows PIL images whatever the file format (DICOM, NIfTI, TIFF)
-            add(gr.Gallery, "gallery", value=[(load_upload(e.path).image, e.title) for e in examples], columns=4,
-                height=220, allow_preview=False)
+            # decoded images: gradio shows PIL images whatever the file format (DICOM, NIfTI, TIFF)
+            add(gr.Gallery, "gallery", value=[(e.image, e.title) for e in examples], columns=4, height=220,
+                allow_preview=False)
         with gr.Column(scale=1):
             add(gr.Radio, "task", value="text_to_region")
             add(gr.Radio, "lang", choices=[("English", "en"), ("中文", "zh")], value="en")
@@ -293,8 +291,7 @@ def _layout(title: str, model_name: str, examples: list[Example]) -> dict[str, A
 
 
 def page_labels(lang: str, title: str, model_name: str) -> list[Any]:
-    """gradio updates that put the whole page in ``lang``: intro, every label (and translated menu), the two buttons,
-    in the order intro, ``_LABELLED``, ask, clear."""
+    """gradio updates that put the page in ``lang``, in the order intro, ``_LABELLED``, ask, clear."""
     labels = [gr.update(label=text(key, lang), **_choices(key, lang)) for key in _LABELLED]
     return [gr.update(value=_intro(title, model_name, lang)), *labels, gr.update(value=text("ask", lang)),
             gr.update(value=text("clear", lang))]
@@ -311,12 +308,11 @@ def build_app(engine: DemoEngine, examples: list[Example], *, title: str = "MedR
             return [c[k] for k in keys]
 
         c["upload"].upload(h.upload, els("upload", "axis", "slice", "session", "lang"),
-                           els("editor", "session", "status")).then(_empty_file_box, None, c["upload"])
-        c["gallery"].select(h.example, els("lang"), els("editor", "session", "task", "lang", "question", "objects", "box",
-                                                        "options", "modality", "status"))
+                           els(*_UPLOAD_OUT)).then(_empty_file_box, None, c["upload"])
+        c["gallery"].select(h.example, els("lang"), els(*_EXAMPLE_OUT))
         ask_inputs = els("session", "editor", "task", "question", "objects", "box", "box_units", "options", "modality",
                          "regional_cot", "lang")
-        ask_outputs = els("annotated", "chat", "boxes", "status", "session")
+        ask_outputs = els(*_ASK_OUT)
         c["ask"].click(h.ask, ask_inputs, ask_outputs)
         c["question"].submit(h.ask, ask_inputs, ask_outputs)
         c["clear"].click(h.clear, els("session", "lang"), els("chat", "annotated", "boxes", "status", "session"))

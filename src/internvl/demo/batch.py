@@ -1,11 +1,8 @@
 """``src/demo.py --batch FILE.jsonl --out DIR``: the original MedRegA demo's job, sharded over torchrun ranks.
 
-Asks each MedRegInstruct record's first human turn verbatim (rank ``r`` answers records ``r::world_size``) and rank 0
-writes ``DIR/demo_<yymmddHHMMSS>.json``: a list, in record order, of ``{question, question_id, pred_answer, gt_answer,
-pred_regions, gt_regions, image}`` (``*_regions``: ``[{"name": ..., "boxes": [[x1, y1, x2, y2], ...]}]``, 0..999).
-Bad records and unreadable images stop the run before generation with ``FILE:LINE: reason``. Nothing is lost: each
-rank appends its answers as they come to ``DIR/demo_<time>.rank<R>.jsonl`` (fsynced), and every file name is reserved
-atomically (``demo_<time>-1.json`` when taken). docs/demo.md has the details.
+Asks each MedRegInstruct record's first human turn verbatim (rank ``r`` answers records ``r::world_size``); rank 0
+writes ``DIR/demo_<yymmddHHMMSS>.json``, each rank streams its answers to ``DIR/demo_<time>.rank<R>.jsonl`` as they
+come. Bad records and unreadable images stop the run before generation with ``FILE:LINE: reason`` (docs/demo.md).
 """
 from __future__ import annotations
 
@@ -48,9 +45,8 @@ class BatchItem:
 
 def read_batch_file(path: str | Path) -> list[BatchItem]:
     """Parse and check a MedRegInstruct jsonl for the batch demo, decoding every image up front (a corrupt DICOM on
-    line 900 fails before any generation); raise :class:`BatchError` at the first problem. Image paths may be absolute
-    or relative to the file's folder; record keys ``axis``, ``slice_index``, ``frame``, ``window`` pick the NIfTI
-    slice / DICOM frame / window."""
+    line 900 fails before any generation); :class:`BatchError` at the first problem. Image paths are absolute or
+    relative to the file's folder; record keys :data:`IMAGE_KEYS` pick the NIfTI slice / DICOM frame / window."""
     path = Path(path)
     if not path.is_file():
         raise BatchError(f"{path}: batch file not found")
@@ -124,9 +120,8 @@ def _result(it: BatchItem, ans: str) -> dict[str, Any]:
 
 def run_batch(generator: Any, items: list[BatchItem], rank: int = 0, world_size: int = 1,
               stream: Path | None = None) -> list[dict[str, Any]]:
-    """Answer this rank's share (``items[rank::world_size]``) with ``generator`` (an
-    :class:`internvl.inference.Generator`); returns result dicts carrying the item index for ordering. With ``stream``
-    (:func:`stream_path`) each finished batch is appended there at once (fsynced): a crash keeps every answer."""
+    """Answer this rank's share (``items[rank::world_size]``) with an :class:`internvl.inference.Generator`; returns
+    result dicts carrying the item index. With ``stream`` each finished batch is appended there at once (fsynced)."""
     mine = items[rank::world_size]
     requests = [GenerationRequest(prompt=it.question, images=[str(it.image)] if it.image else [],
                                   image_kwargs=it.image_kwargs, id=str(it.question_id)) for it in mine]
@@ -149,8 +144,8 @@ def gather_results(local: list[dict[str, Any]], world_size: int) -> list[dict[st
 
 
 def write_results(results: list[dict[str, Any]], out_dir: str | Path, stamp: str | None = None) -> Path:
-    """Write ``demo_<yymmddHHMMSS>.json`` (a list, ``index`` dropped) into ``out_dir`` under a name reserved
-    atomically (``demo_<stamp>-1.json`` when taken), through a temporary file; return its path."""
+    """Write ``demo_<stamp>.json`` (a list, ``index`` dropped) into ``out_dir`` under a name reserved atomically
+    (``demo_<stamp>-1.json`` when taken), through a temporary file; return its path."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = unique_file(out, f"demo_{stamp or time.strftime('%y%m%d%H%M%S')}", ".json")

@@ -1,10 +1,7 @@
-"""How the demo shows predicted regions: drawn on a copy of the image, and as markers in the chat bubble.
+"""How the demo shows predicted regions: drawn on a copy of the image, and as numbered markers in the chat bubble.
 
-Boxes come from :func:`internvl.regions.parse_regions` (0..999 grid) and are mapped to pixels with
-:func:`internvl.regions.box_to_pixels`, the evaluators' convention, so what is drawn is what is scored. In the bubble
-``<ref>left frontal lobe</ref><box>[[120, 80, 480, 400]]</box>`` becomes a marker with the region's number in its box
-colour and the region's name; the raw answer stays in a collapsed ``<details>`` element. All user and model text is
-HTML-escaped (markdown's active characters as entities), so an answer cannot inject markup into the page.
+Boxes map to pixels with :func:`internvl.regions.box_to_pixels`, the evaluators' convention, so what is drawn is what
+is scored. All user and model text is HTML-escaped (markdown's active characters too): an answer cannot inject markup.
 """
 from __future__ import annotations
 
@@ -43,8 +40,7 @@ class DrawnBox:
 
 @lru_cache(maxsize=8)
 def label_font(size: int) -> tuple[ImageFont.ImageFont | ImageFont.FreeTypeFont, bool]:
-    """(font of ``size`` px, whether it renders CJK). Falls back to Pillow's built-in font when no TrueType font is
-    installed; then non-Latin labels are replaced by their region number (see :func:`draw_regions`)."""
+    """(font of ``size`` px, whether it renders CJK); Pillow's built-in font when no TrueType font is installed."""
     for i, path in enumerate(_FONT_CANDIDATES):
         if Path(path).is_file():
             return ImageFont.truetype(path, size), i < 2
@@ -58,9 +54,8 @@ def _printable(text: str, cjk_ok: bool) -> bool:
 def draw_regions(image: Image.Image, regions: Sequence[Region], *, min_side: int = 384, min_long_side: int = 512
                  ) -> tuple[Image.Image, list[DrawnBox]]:
     """An RGB copy of ``image`` with each region's boxes outlined in its own colour and labelled ``"<n>. <name>"``
-    (``n``: 1-based region number, as in the page's box list), plus the drawn boxes (``xyxy`` in original pixels).
-    Small images (a 64 px DICOM) are drawn on a copy upscaled to at least ``min_side`` x ``min_long_side`` px, so
-    labels are readable and outlines thin next to the anatomy."""
+    (a name the font cannot render: ``"<n>"``), plus the drawn boxes (``xyxy`` in original pixels). Small images are
+    drawn on a copy upscaled to at least ``min_side`` x ``min_long_side`` px, so labels stay readable."""
     base = image.convert("RGB")
     w0, h0 = base.size
     scale = max(1.0, min_side / max(1, min(w0, h0)), min_long_side / max(1, w0, h0))
@@ -93,8 +88,8 @@ _ENTITIES = {ord(c): f"&#{ord(c)};" for c in "&<>\"'*_`[](){}#|~\\$!+-=:"}
 
 
 def escape(value: str) -> str:
-    """``value`` as inert HTML text inside the chatbot's markdown: HTML-escaped, markdown characters as entities,
-    newlines as ``<br>`` (a blank line would end the HTML block)."""
+    """``value`` as inert text in the chatbot's markdown: characters as entities, newlines as ``<br>`` (a blank line
+    would end the HTML block)."""
     return value.translate(_ENTITIES).replace("\r\n", "\n").replace("\n", "<br>")
 
 
@@ -113,9 +108,8 @@ def marker_html(number: int, name: str | None) -> str:
 
 
 def answer_html(answer: str, regions: list[Region], lang: str, *, first_number: int = 1) -> str:
-    """The assistant bubble for ``answer``: readable text with one marker per box list of ``regions`` (the answer's
-    regions with boxes, as drawn), numbered from ``first_number`` (Region-to-Text draws the query box as region 1),
-    and the raw answer in a collapsed element."""
+    """The assistant bubble: ``answer`` as text with one marker per box list of ``regions`` (as drawn), numbered from
+    ``first_number`` (Region-to-Text's query box is region 1), and the raw answer in a collapsed element."""
     if not answer.strip():
         return escape(text("empty_answer", lang))
     stripped = remove_region_tags(answer)
@@ -135,8 +129,8 @@ def answer_html(answer: str, regions: list[Region], lang: str, *, first_number: 
 
 
 def region_name_label(answer: str, regions: list[Region], limit: int = 60) -> str:
-    """The label of a Region-to-Text query box: the first region name in the answer, else the answer without its
-    region markup (first line, at most ``limit`` characters), else ``"?"``."""
+    """The label of a Region-to-Text query box: the answer's first region name, else its first line without region
+    markup (at most ``limit`` characters), else ``"?"``."""
     name = next((r.name for r in regions if r.name), None)
     if name is None:
         lines = [ln.strip() for ln in remove_region_tags(answer).splitlines() if ln.strip()]

@@ -1,6 +1,5 @@
-"""The demo page's words in English and Chinese (labels, task names, help texts, status messages): one table,
-``strings.json`` (``{key: {"en": ..., "zh": ...}}``; the unit test checks every entry has both). Messages of the
-file and box checks (``internvl.demo.uploads``) stay English: they name files, types and values."""
+"""The demo page's words in English and Chinese: one table, ``strings.json`` (``{key: {"en": ..., "zh": ...}}``).
+Messages of the file and box checks (``internvl.demo.uploads``) stay English: they name files, types and values."""
 from __future__ import annotations
 
 import json
@@ -17,7 +16,7 @@ STRINGS: dict[str, dict[str, str]] = json.loads(
 
 
 def text(key: str, lang: str, **fields: object) -> str:
-    """The page string ``key`` in ``lang`` ("en" or "zh"), with ``{fields}`` filled in; an unknown key or language
-    is a ``KeyError`` (a missing translation fails the unit test rather than showing a raw key in the page)."""
+    """The page string ``key`` in ``lang`` with ``{fields}`` filled in; ``KeyError`` for an unknown key or language
+    (a missing translation fails the unit test rather than showing a raw key)."""
     template = STRINGS[key][lang]
     return template.format(**fields) if fields else template

@@ -30,11 +30,8 @@ def split_names(text: str | None) -> list[str]:
 
 def build_prompt(task: str, lang: str, *, question: str | None = None, box: Box | None = None,
                  objects: str | None = None, options: str | None = None, modality: str | None = None) -> str:
-    """The first user turn for demo task ``task`` (a :data:`TASKS` key) in ``lang`` ("en"/"zh").
-
-    Raises :class:`~internvl.demo.uploads.UserInputError` with a page message when an input the task needs is missing
-    (empty question, no box, no object names, fewer than two options).
-    """
+    """The first user turn for demo task ``task`` (a :data:`TASKS` key) in ``lang``; :class:`UserInputError` with a
+    page message when an input the task needs is missing."""
     if task not in TASKS:
         raise UserInputError(f"Unknown task {task!r}; choose one of {', '.join(TASKS)}.")
     if lang not in ("en", "zh"):

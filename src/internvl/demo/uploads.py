@@ -1,11 +1,9 @@
-"""Checks of what a demo user sends: the uploaded file, every text field, a typed or drawn box, the prompt's size in
-tokens; and error messages without server paths.
+"""Checks of what a demo user sends (the uploaded file, every text field, a typed or drawn box, the prompt's size in
+tokens), each raising :class:`UserInputError` with a message for the page, and error messages without server paths.
 
-Every check raises :class:`UserInputError` with a message for the page, so the web UI shows it and keeps serving.
-Images are decoded by :func:`internvl.data.images.load_image` (one reader for training, evaluation and the demo);
-this module adds the limits for untrusted uploads: file size, type, pixel count (decompression bombs). Generation
-serves one request at a time, so fields are capped in characters before any work and the whole prompt in tokens
-before generation: one oversized request cannot stall the others.
+Images are decoded by :func:`internvl.data.images.load_image`; this module adds the limits for untrusted uploads
+(size, type, pixel count). Generation serves one request at a time, so fields are capped in characters and the prompt
+in tokens before generation: one oversized request cannot stall the others.
 """
 from __future__ import annotations
 
@@ -48,8 +46,7 @@ class LoadedUpload:
 def load_upload(path: str | Path, *, axis: str = "axial", slice_index: int | None = None,
                 max_bytes: int = MAX_UPLOAD_BYTES, max_pixels: int = MAX_UPLOAD_PIXELS) -> LoadedUpload:
     """Decode an uploaded file (PNG/JPEG/TIFF/DICOM/NIfTI: one slice along ``axis``, default the middle one) into an
-    RGB image after size and type checks; :class:`UserInputError` naming the file for a missing, empty, oversized,
-    unaccepted, corrupt or bomb file, or a bad slice index."""
+    RGB image after size and type checks; :class:`UserInputError` naming the file for anything it cannot take."""
     p = Path(path)
     name = p.name
     if not p.is_file():
@@ -72,8 +69,8 @@ def load_upload(path: str | Path, *, axis: str = "axial", slice_index: int | Non
     if w < 8 or h < 8:
         raise UserInputError(f"{name}: image is only {w}x{h} pixels; need at least 8x8")
     where = f", {axis} slice {'middle' if slice_index is None else slice_index}" if kind == "nifti" else ""
-    return LoadedUpload(image.convert("RGB"), kind, f"{name}: {kind.upper() if kind != 'pil' else 'image'} "
-                        f"{w}x{h}{where}")
+    shown = kind.upper() if kind != "pil" else "image"
+    return LoadedUpload(image.convert("RGB"), kind, f"{name}: {shown} {w}x{h}{where}")
 
 
 def check_question(text: str | None) -> str:
@@ -89,9 +86,8 @@ _BOX_TEXT = re.compile(rf"^\[?\s*\[?\s*({_NUM})\s*,\s*({_NUM})\s*,\s*({_NUM})\s*
 
 
 def parse_typed_box(text: str | None, width: int, height: int, *, units: str = "grid") -> Box:
-    """A box typed as ``x1, y1, x2, y2`` (brackets optional) on MedRegA's 0..999 grid (``units="grid"``) or in pixels
-    of the ``width`` x ``height`` image -> :class:`Box`; :class:`UserInputError` for bad syntax, inverted corners or
-    a box outside the image."""
+    """A box typed as ``x1, y1, x2, y2`` (brackets optional) on the 0..999 grid or in pixels (``units="pixels"``) of
+    the ``width`` x ``height`` image; :class:`UserInputError` for bad syntax, inverted corners or a box outside."""
     raw = (text or "").strip()
     m = _BOX_TEXT.match(raw)
     if not m:
@@ -112,8 +108,8 @@ def parse_typed_box(text: str | None, width: int, height: int, *, units: str = "
 
 
 def box_from_drawing(layer: np.ndarray | Image.Image | None) -> Box:
-    """Bounding box of everything painted on an editor layer (RGBA, alpha > 0) -> :class:`Box`; the layer covers the
-    whole image, so its pixel corners map straight to the 0..999 grid. :class:`UserInputError` if nothing was drawn."""
+    """Bounding box of everything painted on an editor layer (RGBA, alpha > 0; it covers the whole image) on the
+    0..999 grid; :class:`UserInputError` if nothing was drawn."""
     if layer is None:
         raise UserInputError("No box: draw over the region in the image editor, or type a box.")
     arr = np.asarray(layer)
@@ -132,8 +128,8 @@ _LABELS = {"options": "candidate diagnoses"}  # the other fields are named as th
 
 
 def check_fields(**fields: Any) -> None:
-    """Refuse a field that is not text or is longer than :data:`FIELD_LIMITS`; ``<image>`` is refused in free text
-    (the image placeholder is put in by the demo itself)."""
+    """Refuse a field that is not text, is longer than :data:`FIELD_LIMITS` or holds ``<image>`` (the demo puts it
+    in)."""
     for name, value in fields.items():
         if value is None:
             continue
@@ -173,6 +169,5 @@ def scrub_paths(text: str) -> str:
 
 
 def public_message(exc: BaseException) -> str:
-    """An internal error as shown in the page: its type and message without server paths, so the page never shows
-    where the server keeps models, uploads or code."""
+    """An internal error as shown in the page: its type and message without server paths."""
     return f"{type(exc).__name__}: {scrub_paths(str(exc))[:300]}"

@@ -1,9 +1,7 @@
-"""Chat templates kept as data (``templates/*.json``, one file per template) and the one renderer.
-
-A template renders the MPT-style conversation of the original ``conversation.py``:
-``system_template.format(system_message) + sep``, then ``role + content + sep`` per message, then the assistant role
-as generation prompt. Messages use the chat form (``role``/``content``) or the record form (``from``/``value``); a
-leading system message replaces the default one. File keys: docs/foundations.md ("Chat templates").
+"""Chat templates kept as data (``templates/*.json``) and the one renderer of the original ``conversation.py``'s MPT
+style: ``system_template.format(system_message) + sep``, then ``role + content + sep`` per message, then the assistant
+role as generation prompt. Messages use the chat form (``role``/``content``) or the record form (``from``/``value``),
+user first, alternating.
 """
 from __future__ import annotations
 
@@ -12,32 +10,22 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
+from typing import Any
 
 __all__ = ["ChatTemplate", "TemplateError", "get_template", "normalize_messages"]
 
-_ROLE_ALIASES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
-_REQUIRED_KEYS = ("name", "system_template", "system_message", "roles", "sep", "label_sep", "stop_strings")
+_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
 
 class TemplateError(ValueError):
-    """Unknown template name, a malformed template file, or messages the template cannot render."""
+    """An unknown template name."""
 
 
-def normalize_messages(messages: Sequence[Mapping[str, object]]) -> list[tuple[str, str]]:
-    """Messages in chat or record form -> ``[(role, text)]`` (roles ``system``/``user``/``assistant``);
-    :class:`TemplateError` naming the message for an unknown role or non-string content."""
-    out: list[tuple[str, str]] = []
-    for i, msg in enumerate(messages):
-        if not isinstance(msg, Mapping):
-            raise TemplateError(f"message {i} is not an object: {msg!r}")
-        role = msg.get("role", msg.get("from"))
-        text = msg.get("content", msg.get("value"))
-        if role not in _ROLE_ALIASES:
-            raise TemplateError(f"message {i}: unknown role {role!r} (expected human/gpt/user/assistant/system)")
-        if not isinstance(text, str):
-            raise TemplateError(f"message {i}: content must be a string, got {type(text).__name__}")
-        out.append((_ROLE_ALIASES[str(role)], text))
-    return out
+def normalize_messages(messages: Sequence[Mapping[str, str]]) -> list[tuple[str, str]]:
+    """Messages in chat or record form -> ``[(role, text)]`` (roles ``user``/``assistant``). Roles and alternation
+    are checked where conversations enter (``internvl.data.records.RecordChecker``; ``chat()`` builds its own)."""
+    return [(_ROLES[msg.get("role", msg.get("from", ""))], msg.get("content", msg.get("value", "")))
+            for msg in messages]
 
 
 @dataclass(frozen=True)
@@ -55,51 +43,22 @@ class ChatTemplate:
     description: str = ""
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, object], source: str = "<dict>") -> "ChatTemplate":
-        """Build from the JSON layout; raise :class:`TemplateError` naming ``source`` for missing or bad keys."""
-        missing = [k for k in _REQUIRED_KEYS if k not in data]
-        if missing:
-            raise TemplateError(f"{source}: template is missing keys {missing}")
-        roles = data["roles"]
-        if not isinstance(roles, Mapping) or not {"user", "assistant"} <= set(roles):
-            raise TemplateError(f"{source}: 'roles' must have 'user' and 'assistant'")
-        sep, label_sep = str(data["sep"]), str(data["label_sep"])
-        if not sep.startswith(label_sep):
-            raise TemplateError(f"{source}: label_sep {label_sep!r} must be a prefix of sep {sep!r}")
-        if "{system_message}" not in str(data["system_template"]):
-            raise TemplateError(f"{source}: system_template must contain '{{system_message}}'")
-        stops = data["stop_strings"]
-        if not isinstance(stops, list) or not stops or not all(isinstance(s, str) and s for s in stops):
-            raise TemplateError(f"{source}: stop_strings must be a non-empty list of strings")
-        return cls(name=str(data["name"]), system_template=str(data["system_template"]),
-                   system_message=str(data["system_message"]), user_role=str(roles["user"]),
-                   assistant_role=str(roles["assistant"]), sep=sep, label_sep=label_sep, stop_strings=tuple(stops),
-                   description=str(data.get("description", "")))
+    def from_dict(cls, data: Mapping[str, Any]) -> "ChatTemplate":
+        """Build from the JSON layout of ``templates/*.json`` (shipped files; their invariants are checked by
+        tests/test_templates.py: ``label_sep`` a prefix of ``sep``, ``{system_message}`` in the system template)."""
+        return cls(name=data["name"], system_template=data["system_template"], system_message=data["system_message"],
+                   user_role=data["roles"]["user"], assistant_role=data["roles"]["assistant"], sep=data["sep"],
+                   label_sep=data["label_sep"], stop_strings=tuple(data["stop_strings"]),
+                   description=data.get("description", ""))
 
-    def _split_system(self, messages: Sequence[Mapping[str, object]], system_message: str | None) -> tuple[str, list[tuple[str, str]]]:
-        msgs = normalize_messages(messages)
-        system = self.system_message if system_message is None else system_message
-        if msgs and msgs[0][0] == "system":
-            system = msgs[0][1]
-            msgs = msgs[1:]
-        for i, (role, _) in enumerate(msgs):
-            if role == "system":
-                raise TemplateError("a system message is only allowed as the first message")
-            expected = "user" if i % 2 == 0 else "assistant"
-            if role != expected:
-                raise TemplateError(f"message {i}: expected a {expected} turn, got {role} (turns must alternate, user first)")
-        return system, msgs
-
-    def segments(self, messages: Sequence[Mapping[str, object]], system_message: str | None = None) -> list[tuple[str, bool]]:
+    def segments(self, messages: Sequence[Mapping[str, str]], system_message: str | None = None
+                 ) -> list[tuple[str, bool]]:
         """The rendered conversation (without generation prompt) as ``(text, supervised)`` pieces, for labels: each
-        answer plus ``label_sep`` is supervised; the rest (system, user turns, role headers, the part of ``sep`` after
-        ``label_sep``) is not."""
-        return self._segments(*self._split_system(messages, system_message))
-
-    def _segments(self, system: str, msgs: list[tuple[str, str]]) -> list[tuple[str, bool]]:
+        answer plus ``label_sep`` is supervised, the rest is not."""
+        system = self.system_message if system_message is None else system_message
         pieces: list[tuple[str, bool]] = [(self.system_template.format(system_message=system) + self.sep, False)]
         tail = self.sep[len(self.label_sep):]
-        for role, text in msgs:
+        for role, text in normalize_messages(messages):
             if role == "user":
                 pieces.append((self.user_role + text + self.sep, False))
             else:
@@ -109,38 +68,21 @@ class ChatTemplate:
                     pieces.append((tail, False))
         return pieces
 
-    def render(self, messages: Sequence[Mapping[str, object]], system_message: str | None = None,
+    def render(self, messages: Sequence[Mapping[str, str]], system_message: str | None = None,
                add_generation_prompt: bool | None = None) -> str:
         """The prompt string; ``add_generation_prompt`` appends the assistant role (None: when the last message is a
         user turn)."""
-        system, msgs = self._split_system(messages, system_message)
-        text = "".join(piece for piece, _ in self._segments(system, msgs))
+        text = "".join(piece for piece, _ in self.segments(messages, system_message))
         if add_generation_prompt is None:
-            add_generation_prompt = bool(msgs) and msgs[-1][0] == "user"
-        if add_generation_prompt:
-            if msgs and msgs[-1][0] == "assistant":
-                raise TemplateError("cannot add a generation prompt after an assistant turn")
-            text += self.assistant_role
-        return text
+            add_generation_prompt = bool(messages) and normalize_messages(messages[-1:])[0][0] == "user"
+        return text + self.assistant_role if add_generation_prompt else text
 
 
 @lru_cache(maxsize=None)
 def _load_all() -> dict[str, ChatTemplate]:
-    templates: dict[str, ChatTemplate] = {}
-    for entry in sorted(resources.files(__package__).iterdir(), key=lambda p: p.name):
-        if not entry.name.endswith(".json"):
-            continue
-        source = f"internvl/templates/{entry.name}"
-        try:
-            data = json.loads(entry.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise TemplateError(f"{source}:{exc.lineno}: invalid JSON: {exc.msg}") from None
-        tpl = ChatTemplate.from_dict(data, source)
-        if tpl.name in templates:
-            raise TemplateError(f"{source}: duplicate template name {tpl.name!r}")
-        templates[tpl.name] = tpl
-    return templates
-
+    files = sorted(p for p in resources.files(__package__).iterdir() if p.name.endswith(".json"))
+    templates = [ChatTemplate.from_dict(json.loads(p.read_text(encoding="utf-8"))) for p in files]
+    return {t.name: t for t in templates}
 
 
 def get_template(name: str) -> ChatTemplate:
