@@ -87,3 +87,9 @@ def test_from_dict_renders_the_json_layout() -> None:
     good = {"name": "x", "system_template": "S{system_message}", "system_message": "", "roles": {"user": "U", "assistant": "A"},
             "sep": "|\n", "label_sep": "|", "stop_strings": ["|"]}
     assert ChatTemplate.from_dict(good).render([{"role": "user", "content": "q"}]) == "S|\nUq|\nA"
+
+
+def test_unknown_role_is_a_template_error_naming_the_message():
+    tpl = get_template("Hermes-2")
+    with pytest.raises(TemplateError, match=r"message 1: unknown role 'system'"):
+        tpl.render([{"role": "user", "content": "a"}, {"role": "system", "content": "b"}])

@@ -18,14 +18,20 @@ _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "ass
 
 
 class TemplateError(ValueError):
-    """An unknown template name."""
+    """An unknown template name, or a message with a role the template does not know."""
 
 
 def normalize_messages(messages: Sequence[Mapping[str, str]]) -> list[tuple[str, str]]:
-    """Messages in chat or record form -> ``[(role, text)]`` (roles ``user``/``assistant``). Roles and alternation
-    are checked where conversations enter (``internvl.data.records.RecordChecker``; ``chat()`` builds its own)."""
-    return [(_ROLES[msg.get("role", msg.get("from", ""))], msg.get("content", msg.get("value", "")))
-            for msg in messages]
+    """Messages in chat or record form -> ``[(role, text)]`` (roles ``user``/``assistant``). Roles
+    and alternation are checked where conversations enter (``internvl.data.records.RecordChecker``; ``chat()``
+    builds its own); an unknown role is a :class:`TemplateError` naming the message."""
+    out = []
+    for i, msg in enumerate(messages):
+        role = msg.get("role", msg.get("from"))
+        if role not in _ROLES:
+            raise TemplateError(f"message {i}: unknown role {role!r} (expected human/gpt/user/assistant)")
+        out.append((_ROLES[role], msg.get("content", msg.get("value", ""))))
+    return out
 
 
 @dataclass(frozen=True)
