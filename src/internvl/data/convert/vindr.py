@@ -135,7 +135,7 @@ def _read_rows(path: Path, no_finding: str, report: ConvertReport) -> tuple[Rate
     per_image: RaterBoxes = {}
     first_line: dict[str, int] = {}
     classes: list[str] = []
-    with read_csv(path, REQUIRED_COLUMNS, gunzip=True) as reader:
+    with read_csv(path, REQUIRED_COLUMNS) as reader:
         for row in reader:
             line = reader.line_num
             image_id, name = (row["image_id"] or "").strip(), (row["class_name"] or "").strip()
