@@ -135,7 +135,7 @@ def parse_box_list(text: str) -> list[Box]:
             if len(p.lstrip("-").split(".")[0]) > _MAX_DIGITS:
                 raise RegionError(f"box value {_short(p)!r} is outside 0..{BOX_SCALE}")
             values.append(float(p) if "." in p else int(p))
-        boxes.append(Box(*values) if len(values) == 4 else validate_box(values))  # type: ignore[arg-type]
+        boxes.append(validate_box(values))
     return boxes
 
 
@@ -243,38 +243,31 @@ def scan_box_lists(text: str, grammar: str = "tolerant") -> list[BoxListSpan]:
     the raw text since the previous ``[``/``]`` (``", kidney"`` in ``a[[..]], kidney[[..]]``); no range check."""
     if grammar not in GRAMMARS:
         raise ValueError(f"unknown box grammar {grammar!r}; choose one of {', '.join(GRAMMARS)}")
-    return [BoxListSpan(name, start, end, None if parsed is None else tuple(tuple(b) for b in parsed), error)
-            for name, start, end, parsed, error in _scan(text, grammar)]
-
-
-def _scan(text: str, grammar: str):
-    """(name, start, end, boxes or None, error) per box list: the one scanner behind both grammars."""
-    prev_end = 0
     original = grammar == "original"
-    pattern = _ORIGINAL_BOX_LIST_RE if original else _BOX_LIST_RE
-    for m in pattern.finditer(text):
+    spans: list[BoxListSpan] = []
+    prev_end = 0
+    for m in (_ORIGINAL_BOX_LIST_RE if original else _BOX_LIST_RE).finditer(text):
         if original:
-            cut = max(text.rfind("[", prev_end, m.start()), text.rfind("]", prev_end, m.start()), prev_end - 1)
-            name = text[cut + 1:m.start()]
-            parsed, error = _read_original(m.group(0))
+            name = text[_last_of(text, "[]", prev_end, m.start()) + 1:m.start()]
+            values, error = _read_original(m.group(0))
         else:
-            cut = _last_of(text, _NAME_DELIMS, prev_end, m.start())
-            name = text[cut + 1:m.start()].strip()
+            name = text[_last_of(text, _NAME_DELIMS, prev_end, m.start()) + 1:m.start()].strip()
             try:
-                parsed, error = parse_box_list(m.group(0)), None
+                values, error = tuple(tuple(b) for b in parse_box_list(m.group(0))), None
             except RegionError as exc:
-                parsed, error = None, f"at character {m.start()}: {exc}"
-        yield name, m.start(), m.end(), parsed, error
+                values, error = None, f"at character {m.start()}: {exc}"
+        spans.append(BoxListSpan(name, m.start(), m.end(), values, error))
         prev_end = m.end()
+    return spans
 
 
 def _parse_stripped(text: str, strict: bool, errors: list[str] | None) -> list[Region]:
     regions: list[Region] = []
-    for name, _, _, boxes, error in _scan(text, "tolerant"):
-        if boxes is None:
-            _problem(error or "", strict, errors)
-            continue
-        regions.append(Region(name or None, boxes))
+    for span in scan_box_lists(text):
+        if span.values is None:
+            _problem(span.error or "", strict, errors)
+        else:
+            regions.append(Region(span.name or None, [Box(*v) for v in span.values]))
     return regions
 
 
@@ -436,28 +429,22 @@ def _chain_matches(text: str) -> list[re.Match[str]]:
     out: list[re.Match[str]] = []
     pos = ti = li = 0
     while True:
-        while ti < len(tags) and tags[ti] < pos:
-            ti += 1
-        while li < len(lists) and lists[li] < pos:
-            li += 1
-        cands = []
-        if ti < len(tags):
-            cands.append((tags[ti], "tag"))
+        ti = max(ti, bisect.bisect_left(tags, pos))  # the next candidates at or after the end of the last match
+        li = max(li, bisect.bisect_left(lists, pos))
+        cands = [(tags[ti], "tag")] if ti < len(tags) else []
         if li < len(lists):
-            b = lists[li]
-            cands.append((_last_of(text, _NAME_CHARS, pos, b) + 1, "list"))
+            cands.append((_last_of(text, _NAME_CHARS, pos, lists[li]) + 1, "list"))
         if not cands:
             return out
         start, kind = min(cands)
         m = _REGION_CHAIN_RE.match(text, start)
-        if m is None or m.end() == start:
-            if kind == "tag":
-                ti += 1
-            else:
-                li += 1
-            continue
-        out.append(m)
-        pos = m.end()
+        if m is not None and m.end() > start:
+            out.append(m)
+            pos = m.end()
+        elif kind == "tag":
+            ti += 1
+        else:
+            li += 1
 
 
 def box_iou(a: Sequence, b: Sequence) -> np.ndarray:
