@@ -165,6 +165,16 @@ def test_colour_and_non_integer_label_maps_are_rejected(tmp_path):
         load_label_map(tmp_path / "float.nii")
 
 
+def test_unreadable_label_volumes_are_counted_not_raised(tmp_path):
+    """A garbage .nii.gz is one bad-label-map skip for every slice choice (nibabel's ImageFileError included)."""
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 3), np.float32), np.eye(4)), tmp_path / "img.nii.gz")
+    (tmp_path / "seg.nii.gz").write_bytes(b"garbage" * 10)
+    for slices in ("middle", "labelled"):
+        records, report = convert_masks([(tmp_path / "img.nii.gz", tmp_path / "seg.nii.gz")], names={1: "liver"},
+                                        slices=slices, out_images=tmp_path / "out")
+        assert records == [] and dict(report.skipped) == {"bad-label-map": 1}, slices
+
+
 @settings(max_examples=60, deadline=None)
 @given(arrays(np.uint8, st.tuples(st.integers(1, 12), st.integers(1, 12)), elements=st.integers(0, 3)),
        st.sampled_from(["label", "component"]))

@@ -187,16 +187,6 @@ def pair_by_stem(images_dir: str | Path, masks_dir: str | Path, mask_suffix: str
     return pairs, orphans
 
 
-def _labelled_slices(mask_path: Path, axis: str) -> list[int]:
-    img = nib.as_closest_canonical(nib.load(mask_path))
-    data = np.asanyarray(img.dataobj)
-    if data.ndim == 4:
-        data = data[..., 0]
-    world = {"sagittal": 0, "coronal": 1, "axial": 2}[axis]
-    other = tuple(i for i in range(3) if i != world)
-    return [int(k) for k in np.flatnonzero((data != 0).any(axis=other))]
-
-
 def convert_masks(pairs: list[tuple[str | Path, str | Path]], *, names: dict[int, str] | None = None,
                   task: str = "text_to_region", mode: str = "label", min_pixels: int = 1, modality: str = "medical",
                   axis: str = "axial", slices: str = "middle", slice_step: int = 1,
@@ -254,9 +244,12 @@ def _slice_indices(mask_path: Path, is_volume: bool, slices: str, slice_step: in
     if slices == "middle":
         return [None]
     try:
-        indices = _labelled_slices(mask_path, axis)[::slice_step]
-    except (ImageLoadError, LabelMapError, OSError, ValueError) as exc:
-        report.skip(file, 0, "bad-label-map", str(exc))
+        data = np.asanyarray(nib.as_closest_canonical(nib.load(mask_path)).dataobj)
+        data = data[..., 0] if data.ndim == 4 else data
+        other = tuple(i for i in range(3) if i != ("sagittal", "coronal", "axial").index(axis))  # RAS world axes
+        indices = [int(k) for k in np.flatnonzero((data != 0).any(axis=other))][::slice_step]
+    except (OSError, ValueError, nib.filebasedimages.ImageFileError) as exc:
+        report.skip(file, 0, "bad-label-map", f"{mask_path}: {exc}")
         return []
     if not indices:
         report.skip(file, 0, "no-labels", "the label volume is empty")
