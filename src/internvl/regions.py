@@ -5,11 +5,10 @@ height), objects joined by ``", "``. A ``<box>`` may stand alone or follow its `
 the nearest earlier ``<ref>`` still without a box). The released model's answers lack the tags (*tag-stripped* form
 ``name[[..]]``, see :func:`remove_region_tags`): the name is the text since the previous delimiter (start, newline,
 ``, ; : .``, their full-width forms, or the previous box list), so that form is lossy. Box values are ASCII digits and
-every parser is linear in the text length. :func:`scan_box_lists` also has the ``"original"`` grammar of the original
-MedRegA scorers (for ``--compat medrega``, with :func:`parse_original_references` and
-:func:`remove_box_text_original`). Conversion: ``box_to_pixels`` is ``v / 999 * W`` (floats, as the original
-evaluators); ``pixels_to_box`` is ``round_half_up(p / W * 999)`` clamped to ``0..999``, monotone, with
-``pixels_to_box(box_to_pixels(b)) == b`` for every box and image size. Details: docs/foundations.md.
+every parser is linear in the text length. :func:`scan_box_lists`, :func:`parse_original_references` and
+:func:`remove_box_text_original` also read the original MedRegA scorers' grammar (``--compat medrega``).
+Pixel conversion round-trips: ``pixels_to_box(box_to_pixels(b)) == b`` for every box and image size. Details:
+docs/foundations.md.
 """
 from __future__ import annotations
 
@@ -152,22 +151,6 @@ def _next_at_or_after(positions: list[int], pos: int) -> int | None:
     return positions[k] if k < len(positions) else None
 
 
-def _iter_tags(text: str):
-    """(kind, content, start) for each ``<ref>..</ref>`` / ``<box>..</box>`` in order (as a lazy ``.*?``, linear-log)."""
-    closing = {REF_START: _positions(text, REF_END), BOX_START: _positions(text, BOX_END)}
-    pos = 0
-    for m in _ANY_TAG_RE.finditer(text):
-        if m.start() < pos:
-            continue
-        tag = m.group(0)
-        end_tag = REF_END if tag == REF_START else BOX_END
-        close = _next_at_or_after(closing[tag], m.end())
-        if close is None:
-            continue
-        yield ("ref" if tag == REF_START else "box"), text[m.end():close], m.start()
-        pos = close + len(end_tag)
-
-
 def _problem(message: str, strict: bool, errors: list[str] | None) -> None:
     """A malformed piece of region text: raised when ``strict``, else recorded in ``errors`` (when given)."""
     if strict:
@@ -177,17 +160,25 @@ def _problem(message: str, strict: bool, errors: list[str] | None) -> None:
 
 
 def _parse_tagged(text: str, strict: bool, errors: list[str] | None) -> list[Region]:
+    """Each ``<ref>``/``<box>`` reads up to its next closing tag (as a lazy ``.*?``, in linear-log time)."""
+    closing = {REF_START: (REF_END, _positions(text, REF_END)), BOX_START: (BOX_END, _positions(text, BOX_END))}
     regions: list[Region] = []
     open_ref: int | None = None  # index in `regions` of the last <ref> still waiting for its box
-    for kind, content, start in _iter_tags(text):
-        if kind == "ref":
+    pos = 0
+    for m in _ANY_TAG_RE.finditer(text):
+        end_tag, ends = closing[m.group(0)]
+        close = _next_at_or_after(ends, m.end())
+        if m.start() < pos or close is None:
+            continue
+        content, pos = text[m.end():close], close + len(end_tag)
+        if m.group(0) == REF_START:
             regions.append(Region(content.strip(), []))
             open_ref = len(regions) - 1
             continue
         try:
             boxes = parse_box_list(content)
         except RegionError as exc:
-            _problem(f"at character {start}: {exc}", strict, errors)
+            _problem(f"at character {m.start()}: {exc}", strict, errors)
             open_ref = None
             continue
         if open_ref is not None:
