@@ -234,31 +234,36 @@ def scan_box_lists(text: str, grammar: str = "tolerant") -> list[BoxListSpan]:
     the raw text since the previous ``[``/``]`` (``", kidney"`` in ``a[[..]], kidney[[..]]``); no range check."""
     if grammar not in GRAMMARS:
         raise ValueError(f"unknown box grammar {grammar!r}; choose one of {', '.join(GRAMMARS)}")
-    original = grammar == "original"
-    spans: list[BoxListSpan] = []
+    return [BoxListSpan(name, start, end, None if parsed is None else tuple(tuple(b) for b in parsed), error)
+            for name, start, end, parsed, error in _scan(text, grammar)]
+
+
+def _scan(text: str, grammar: str):
+    """(name, start, end, boxes or None, error) per box list: the one scanner behind both grammars (the tolerant
+    parser takes its :class:`Box` lists as they are)."""
     prev_end = 0
+    original = grammar == "original"
     for m in (_ORIGINAL_BOX_LIST_RE if original else _BOX_LIST_RE).finditer(text):
         if original:
             name = text[_last_of(text, "[]", prev_end, m.start()) + 1:m.start()]
-            values, error = _read_original(m.group(0))
+            parsed, error = _read_original(m.group(0))
         else:
             name = text[_last_of(text, _NAME_DELIMS, prev_end, m.start()) + 1:m.start()].strip()
             try:
-                values, error = tuple(tuple(b) for b in parse_box_list(m.group(0))), None
+                parsed, error = parse_box_list(m.group(0)), None
             except RegionError as exc:
-                values, error = None, f"at character {m.start()}: {exc}"
-        spans.append(BoxListSpan(name, m.start(), m.end(), values, error))
+                parsed, error = None, f"at character {m.start()}: {exc}"
+        yield name, m.start(), m.end(), parsed, error
         prev_end = m.end()
-    return spans
 
 
 def _parse_stripped(text: str, strict: bool, errors: list[str] | None) -> list[Region]:
     regions: list[Region] = []
-    for span in scan_box_lists(text):
-        if span.values is None:
-            _problem(span.error or "", strict, errors)
+    for name, _, _, boxes, error in _scan(text, "tolerant"):
+        if boxes is None:
+            _problem(error or "", strict, errors)
         else:
-            regions.append(Region(span.name or None, [Box(*v) for v in span.values]))
+            regions.append(Region(name or None, boxes))
     return regions
 
 
@@ -420,8 +425,10 @@ def _chain_matches(text: str) -> list[re.Match[str]]:
     out: list[re.Match[str]] = []
     pos = ti = li = 0
     while True:
-        ti = max(ti, bisect.bisect_left(tags, pos))  # the next candidates at or after the end of the last match
-        li = max(li, bisect.bisect_left(lists, pos))
+        while ti < len(tags) and tags[ti] < pos:  # the next candidates at or after the end of the last match
+            ti += 1
+        while li < len(lists) and lists[li] < pos:
+            li += 1
         cands = [(tags[ti], "tag")] if ti < len(tags) else []
         if li < len(lists):
             cands.append((_last_of(text, _NAME_CHARS, pos, lists[li]) + 1, "list"))
