@@ -147,6 +147,9 @@ def test_read_label_names_formats(tmp_path):
     (tmp_path / "bad.txt").write_text("1 liver\nkidney\n")
     with pytest.raises(LabelMapError, match="bad.txt:2"):
         read_label_names(tmp_path / "bad.txt")
+    (tmp_path / "scalar.json").write_text("5")
+    with pytest.raises(LabelMapError, match=r"scalar.json: expected a JSON object \{value: name\}, got int"):
+        read_label_names(tmp_path / "scalar.json")
 
 
 def test_label_names_header_only_on_line_one(tmp_path):

@@ -49,9 +49,9 @@ def read_label_names(path: str | Path) -> dict[int, str]:
     names: dict[int, str] = {}
     if path.suffix.lower() == ".json":
         data = json.loads(text)
-        items = data.items() if isinstance(data, dict) else enumerate(data)
-        for key, value in items:
-            names[int(key)] = str(value).strip()
+        if not isinstance(data, dict):
+            raise LabelMapError(f"{path}: expected a JSON object {{value: name}}, got {type(data).__name__}")
+        names = {int(key): str(value).strip() for key, value in data.items()}
     else:
         is_csv = path.suffix.lower() == ".csv"
         for number, line in enumerate(text.splitlines(), start=1):
