@@ -66,11 +66,9 @@ def check_output_dir(out: str | os.PathLike, *, inputs: Iterable[str | os.PathLi
     kind = _stat_kind(path, what)
     if kind == "file":
         raise OutputPathError(f"{what} {path} is a file; a directory is needed")
-    for parent in path.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise OutputPathError(f"{what} {path}: {parent} is a file; a directory is needed")
-            break
+    parent = next((p for p in path.parents if p.exists()), None)  # the nearest existing one
+    if parent is not None and not parent.is_dir():
+        raise OutputPathError(f"{what} {path}: {parent} is a file; a directory is needed")
     if kind == "dir" and must_be_empty and not overwrite and any(path.iterdir()):
         raise OutputPathError(f"{what} {path} is not empty; pass --overwrite to replace its contents")
     return path

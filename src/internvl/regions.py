@@ -5,11 +5,10 @@ height), objects joined by ``", "``. A ``<box>`` may stand alone or follow its `
 the nearest earlier ``<ref>`` still without a box). The released model's answers lack the tags (*tag-stripped* form
 ``name[[..]]``, see :func:`remove_region_tags`): the name is the text since the previous delimiter (start, newline,
 ``, ; : .``, their full-width forms, or the previous box list), so that form is lossy. Box values are ASCII digits and
-every parser is linear in the text length. :func:`scan_box_lists` also has the ``"original"`` grammar of the original
-MedRegA scorers (for ``--compat medrega``, with :func:`parse_original_references` and
-:func:`remove_box_text_original`). Conversion: ``box_to_pixels`` is ``v / 999 * W`` (floats, as the original
-evaluators); ``pixels_to_box`` is ``round_half_up(p / W * 999)`` clamped to ``0..999``, monotone, with
-``pixels_to_box(box_to_pixels(b)) == b`` for every box and image size. Details: docs/foundations.md.
+every parser is linear in the text length. :func:`scan_box_lists`, :func:`parse_original_references` and
+:func:`remove_box_text_original` also read the original MedRegA scorers' grammar (``--compat medrega``).
+Pixel conversion round-trips: ``pixels_to_box(box_to_pixels(b)) == b`` for every box and image size. Details:
+docs/foundations.md.
 """
 from __future__ import annotations
 
@@ -135,7 +134,7 @@ def parse_box_list(text: str) -> list[Box]:
             if len(p.lstrip("-").split(".")[0]) > _MAX_DIGITS:
                 raise RegionError(f"box value {_short(p)!r} is outside 0..{BOX_SCALE}")
             values.append(float(p) if "." in p else int(p))
-        boxes.append(Box(*values) if len(values) == 4 else validate_box(values))  # type: ignore[arg-type]
+        boxes.append(validate_box(values))
     return boxes
 
 
@@ -152,22 +151,6 @@ def _next_at_or_after(positions: list[int], pos: int) -> int | None:
     return positions[k] if k < len(positions) else None
 
 
-def _iter_tags(text: str):
-    """(kind, content, start) for each ``<ref>..</ref>`` / ``<box>..</box>`` in order (as a lazy ``.*?``, linear-log)."""
-    closing = {REF_START: _positions(text, REF_END), BOX_START: _positions(text, BOX_END)}
-    pos = 0
-    for m in _ANY_TAG_RE.finditer(text):
-        if m.start() < pos:
-            continue
-        tag = m.group(0)
-        end_tag = REF_END if tag == REF_START else BOX_END
-        close = _next_at_or_after(closing[tag], m.end())
-        if close is None:
-            continue
-        yield ("ref" if tag == REF_START else "box"), text[m.end():close], m.start()
-        pos = close + len(end_tag)
-
-
 def _problem(message: str, strict: bool, errors: list[str] | None) -> None:
     """A malformed piece of region text: raised when ``strict``, else recorded in ``errors`` (when given)."""
     if strict:
@@ -177,17 +160,25 @@ def _problem(message: str, strict: bool, errors: list[str] | None) -> None:
 
 
 def _parse_tagged(text: str, strict: bool, errors: list[str] | None) -> list[Region]:
+    """Each ``<ref>``/``<box>`` reads up to its next closing tag (as a lazy ``.*?``, in linear-log time)."""
+    closing = {REF_START: (REF_END, _positions(text, REF_END)), BOX_START: (BOX_END, _positions(text, BOX_END))}
     regions: list[Region] = []
     open_ref: int | None = None  # index in `regions` of the last <ref> still waiting for its box
-    for kind, content, start in _iter_tags(text):
-        if kind == "ref":
+    pos = 0
+    for m in _ANY_TAG_RE.finditer(text):
+        end_tag, ends = closing[m.group(0)]
+        close = _next_at_or_after(ends, m.end())
+        if m.start() < pos or close is None:
+            continue
+        content, pos = text[m.end():close], close + len(end_tag)
+        if m.group(0) == REF_START:
             regions.append(Region(content.strip(), []))
             open_ref = len(regions) - 1
             continue
         try:
             boxes = parse_box_list(content)
         except RegionError as exc:
-            _problem(f"at character {start}: {exc}", strict, errors)
+            _problem(f"at character {m.start()}: {exc}", strict, errors)
             open_ref = None
             continue
         if open_ref is not None:
@@ -248,18 +239,16 @@ def scan_box_lists(text: str, grammar: str = "tolerant") -> list[BoxListSpan]:
 
 
 def _scan(text: str, grammar: str):
-    """(name, start, end, boxes or None, error) per box list: the one scanner behind both grammars."""
+    """(name, start, end, boxes or None, error) per box list: the one scanner behind both grammars (the tolerant
+    parser takes its :class:`Box` lists as they are)."""
     prev_end = 0
     original = grammar == "original"
-    pattern = _ORIGINAL_BOX_LIST_RE if original else _BOX_LIST_RE
-    for m in pattern.finditer(text):
+    for m in (_ORIGINAL_BOX_LIST_RE if original else _BOX_LIST_RE).finditer(text):
         if original:
-            cut = max(text.rfind("[", prev_end, m.start()), text.rfind("]", prev_end, m.start()), prev_end - 1)
-            name = text[cut + 1:m.start()]
+            name = text[_last_of(text, "[]", prev_end, m.start()) + 1:m.start()]
             parsed, error = _read_original(m.group(0))
         else:
-            cut = _last_of(text, _NAME_DELIMS, prev_end, m.start())
-            name = text[cut + 1:m.start()].strip()
+            name = text[_last_of(text, _NAME_DELIMS, prev_end, m.start()) + 1:m.start()].strip()
             try:
                 parsed, error = parse_box_list(m.group(0)), None
             except RegionError as exc:
@@ -273,8 +262,8 @@ def _parse_stripped(text: str, strict: bool, errors: list[str] | None) -> list[R
     for name, _, _, boxes, error in _scan(text, "tolerant"):
         if boxes is None:
             _problem(error or "", strict, errors)
-            continue
-        regions.append(Region(name or None, boxes))
+        else:
+            regions.append(Region(name or None, boxes))
     return regions
 
 
@@ -436,28 +425,24 @@ def _chain_matches(text: str) -> list[re.Match[str]]:
     out: list[re.Match[str]] = []
     pos = ti = li = 0
     while True:
-        while ti < len(tags) and tags[ti] < pos:
+        while ti < len(tags) and tags[ti] < pos:  # the next candidates at or after the end of the last match
             ti += 1
         while li < len(lists) and lists[li] < pos:
             li += 1
-        cands = []
-        if ti < len(tags):
-            cands.append((tags[ti], "tag"))
+        cands = [(tags[ti], "tag")] if ti < len(tags) else []
         if li < len(lists):
-            b = lists[li]
-            cands.append((_last_of(text, _NAME_CHARS, pos, b) + 1, "list"))
+            cands.append((_last_of(text, _NAME_CHARS, pos, lists[li]) + 1, "list"))
         if not cands:
             return out
         start, kind = min(cands)
         m = _REGION_CHAIN_RE.match(text, start)
-        if m is None or m.end() == start:
-            if kind == "tag":
-                ti += 1
-            else:
-                li += 1
-            continue
-        out.append(m)
-        pos = m.end()
+        if m is not None and m.end() > start:
+            out.append(m)
+            pos = m.end()
+        elif kind == "tag":
+            ti += 1
+        else:
+            li += 1
 
 
 def box_iou(a: Sequence, b: Sequence) -> np.ndarray:

@@ -39,7 +39,6 @@ class TokenizerError(ValueError):
     """A tokenizer directory that cannot be used (missing, remote id, special token not a single id, ...)."""
 
 
-
 @torch.no_grad()
 def resize_embeddings_mean(model: torch.nn.Module, new_size: int) -> int:
     """Grow the LLM's input (and untied output) embeddings to ``new_size`` rows, new rows = mean of the old rows (the
@@ -136,11 +135,11 @@ PROBE_TEXTS: tuple[str, ...] = (
 )
 
 
-def tokenizer_behaviour(tokenizer, texts: Iterable[str] = PROBE_TEXTS) -> dict[str, object]:
+def tokenizer_behaviour(tokenizer) -> dict[str, object]:
     """What a tokenizer does, as plain data to compare with ``==``: size, added tokens and their flags, special-token
-    map, and per text the ids (with and without specials), both decodings and :func:`decode_answer`."""
+    map, and per :data:`PROBE_TEXTS` the ids (with and without specials), both decodings and :func:`decode_answer`."""
     per_text = []
-    for text in texts:
+    for text in PROBE_TEXTS:
         ids = tokenizer.encode(text, add_special_tokens=False)
         per_text.append({"text": text, "ids": ids, "ids_with_specials": tokenizer(text)["input_ids"],
                          "decode": tokenizer.decode(ids, skip_special_tokens=False),

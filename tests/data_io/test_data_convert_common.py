@@ -12,9 +12,7 @@ from internvl.data.convert import (
     Conversion,
     ConverterCLI,
     ConvertError,
-    add_common_arguments,
     check_task,
-    common_options,
     get_converter,
     read_csv,
     read_json,
@@ -54,7 +52,7 @@ def test_read_csv_columns_and_gzip(tmp_path):
     packed = tmp_path / "b.csv.gz"
     with gzip.open(packed, "wt", encoding="utf-8") as fh:
         fh.write("image\ny.png\n")
-    with read_csv(packed, ["image"], gunzip=True) as reader:
+    with read_csv(packed, ["image"]) as reader:
         assert [row["image"] for row in reader] == ["y.png"]
 
 
@@ -92,15 +90,18 @@ def test_conversion_checks_records_and_write_output(tmp_path):
     assert with_root.finish()[0] == [] and "missing-image" in with_root.report.skipped
 
 
-def test_common_options_from_common_arguments():
+def test_common_arguments_are_conversion_keywords():
+    cli = ConverterCLI(help="h", tasks=("t", "u"), arguments=(), convert=lambda **kw: kw)
     parser = argparse.ArgumentParser()
-    add_common_arguments(parser, tasks=["t", "u"])
+    cli.add_arguments(parser)
     args = parser.parse_args(["--out", "o.jsonl", "--lang", "zh", "--image-root", "r", "--images", "header",
                               "--id-prefix", "p-", "--no-base-prompt"])
-    assert common_options(args) == {"lang": "zh", "image_root": "r", "image_check": "header", "id_prefix": "p-",
-                                    "include_base_prompt": False}
-    assert args.task == "t"  # the first task is the default
-    assert common_options(parser.parse_args(["--out", "o.jsonl"]))["include_base_prompt"] is True
+    options = {dest: getattr(args, dest) for dest in args.converter_options}
+    assert options == {"lang": "zh", "image_root": "r", "image_check": "header", "id_prefix": "p-",
+                       "include_base_prompt": False}
+    Conversion("t", **options)  # every common option is a Conversion keyword
+    assert args.task == "t" and not args.strict  # the first task is the default
+    assert parser.parse_args(["--out", "o.jsonl"]).include_base_prompt is True
 
 
 def test_converter_cli_feeds_its_options_to_the_function_and_writes(tmp_path):

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from internvl.data.convert import ConvertError
-from internvl.data.convert.classification import convert_csv, convert_folders
+from internvl.data.convert.classification import convert_classification
 from internvl.data.convert.vqa import convert_vqa
 
 
@@ -25,21 +25,23 @@ def test_class_folders(tmp_path):
         for i in range(n):
             Image.new("L", (8, 8)).save(tmp_path / label / f"{i}.png")
     (tmp_path / "drusen" / "notes.txt").write_text("not an image")
-    records, report = convert_folders(tmp_path, modality="OCT", options=["normal", "drusen"])
+    records, report = convert_classification(tmp_path, modality="OCT", options=["normal", "drusen"])
     assert report.written == 3 and dict(report.skipped) == {"not-an-image": 1}
     assert {(r["image"], gpt(r)) for r in records} == {("normal/0.png", "normal"), ("normal/1.png", "normal"),
                                                        ("drusen/0.png", "drusen")}
     assert "You are given an OCT image. The possible diagnoses are:\nnormal\ndrusen\n<image>\n" in human(records[0])
     with pytest.raises(ConvertError, match=r"class folder\(s\) \['normal'\] are not in the option list"):
-        convert_folders(tmp_path, modality="OCT", options=["drusen", "cnv"])
-    with pytest.raises(ConvertError, match="image_root is not an option here"):  # not a TypeError traceback
-        convert_folders(tmp_path, modality="OCT", image_root=tmp_path)
+        convert_classification(tmp_path, modality="OCT", options=["drusen", "cnv"])
+    with pytest.raises(ConvertError, match="image_root is not an option here"):  # not silently ignored
+        convert_classification(tmp_path, modality="OCT", image_root=tmp_path)
+    with pytest.raises(ConvertError, match="use a CSV for classify_multi"):
+        convert_classification(tmp_path, modality="OCT", task="classify_multi")
 
 
 def test_csv_single_and_multi_label(tmp_path):
     single = tmp_path / "single.csv"
     single.write_text("path,label\na.png,melanoma\nb.png,nevus\n,nevus\nc.png,\n")
-    records, report = convert_csv(single, modality="dermoscopic", image_column="path")
+    records, report = convert_classification(single, modality="dermoscopic", image_column="path")
     assert [gpt(r) for r in records] == ["melanoma", "nevus"]
     assert dict(report.skipped) == {"missing-field": 1, "no-label": 1}
     assert str(report.problems[0]).startswith(f"{single}:4: missing-field")
@@ -47,7 +49,7 @@ def test_csv_single_and_multi_label(tmp_path):
 
     onehot = tmp_path / "onehot.csv"
     onehot.write_text("image,Effusion,Nodule,Pneumothorax\nx.png,1,0,1\ny.png,0,0,0\nz.png,1,maybe,0\n")
-    records, report = convert_csv(onehot, modality="chest x-ray", task="classify_multi",
+    records, report = convert_classification(onehot, modality="chest x-ray", task="classify_multi",
                                   label_columns=["Effusion", "Nodule", "Pneumothorax"], empty_label="No finding",
                                   notes=['"No finding" means no diseases are detected.'])
     assert [gpt(r) for r in records] == ["Effusion, Pneumothorax", "No finding"]
@@ -56,14 +58,14 @@ def test_csv_single_and_multi_label(tmp_path):
 
     sep = tmp_path / "sep.csv"
     sep.write_text("image,labels\na.png,Nodule|Mass\nb.png,Nodule\n")
-    records, _ = convert_csv(sep, modality="CT", task="classify_multi", label_column="labels", separator="|",
+    records, _ = convert_classification(sep, modality="CT", task="classify_multi", label_column="labels", separator="|",
                              options=["Mass", "Nodule", "Other"])
     assert [gpt(r) for r in records] == ["Mass, Nodule", "Nodule"]
-    records, report = convert_csv(sep, modality="CT", task="classify_multi", label_column="labels", separator="|",
+    records, report = convert_classification(sep, modality="CT", task="classify_multi", label_column="labels", separator="|",
                                   options=["Nodule", "Other"])
     assert report.skipped["unknown-label"] == 1
     with pytest.raises(ConvertError, match="missing column"):
-        convert_csv(sep, modality="CT", label_column="diagnosis")
+        convert_classification(sep, modality="CT", label_column="diagnosis")
 
 
 SLAKE = [

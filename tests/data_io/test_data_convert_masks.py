@@ -61,17 +61,22 @@ def test_png_pairs_to_text_to_region_and_region_to_text(tmp_path):
     pairs, orphans = pair_by_stem(images, masks, mask_suffix="_seg")
     assert [p[0].name for p in pairs] == ["case1.png", "case3.png"] and [o.name for o in orphans] == ["case2_seg.png"]
 
-    records, report = convert_masks(pairs, names={1: "liver"}, modality="CT", mode="component", min_pixels=2)
+    (tmp_path / "liver.json").write_text('{"1": "liver"}')
+    records, report = convert_masks(masks, images, mask_suffix="_seg", names=tmp_path / "liver.json", modality="CT",
+                                    mode="component", min_pixels=2)
     assert report.written == 1
-    assert dict(report.skipped) == {"size-mismatch": 1, "component-too-small": 1, "unnamed-label": 1}
+    assert dict(report.skipped) == {"size-mismatch": 1, "component-too-small": 1, "unnamed-label": 1,
+                                    "no-matching-image": 1}
     rec = records[0]
     assert rec["image"] == "case1.png" and (rec["width"], rec["height"]) == (80, 60)
     assert answer(rec) == [Region("liver", [pixels_to_box((5, 10, 15, 20), 80, 60)])]
 
-    names = {1: "liver", 2: "kidney"}
-    records, _ = convert_masks(pairs[:1], names=names, task="region_to_text", mode="component", min_pixels=2)
+    names = tmp_path / "names.csv"
+    names.write_text("1,liver\n2,kidney\n")
+    case1 = (masks / "case1_seg.png", images / "case1.png")
+    records, _ = convert_masks(*case1, names=names, task="region_to_text", mode="component", min_pixels=2)
     assert [r["conversations"][1]["value"] for r in records] == ["liver", "kidney", "kidney"]
-    records, _ = convert_masks(pairs[:1], names=names, task="text_to_region", mode="component", min_pixels=2, lang="zh")
+    records, _ = convert_masks(*case1, names=names, task="text_to_region", mode="component", min_pixels=2, lang="zh")
     assert [len(r.boxes) for r in answer(records[0])] == [1, 2]  # a multi-region object
     assert RecordChecker(image_root=images, image_check="decode").check(records[0], file="x", line=1) == []
 
@@ -83,7 +88,7 @@ def test_real_dicom_seg_liver_box(tmp_path):
     ys, xs = np.nonzero(labels)
     assert (xs.min(), ys.min(), xs.max(), ys.max()) == (79, 145, 350, 366)
     Image.new("L", (512, 512)).save(tmp_path / "ct.png")  # the SEG's CT is not shipped: any 512x512 image
-    records, report = convert_masks([(tmp_path / "ct.png", seg)], modality="CT")
+    records, report = convert_masks(seg, tmp_path / "ct.png", modality="CT")
     assert report.written == 1
     assert answer(records[0]) == [Region("Liver", [Box(154, 283, 685, 716)])]  # round((79, 145, 351, 367) / 512 * 999)
     not_seg = get_testdata_file("CT_small.dcm", download=False)
@@ -104,10 +109,10 @@ def test_nifti_volume_boxes_cover_the_same_pixels_in_the_written_slices(tmp_path
     nib.save(img.as_reoriented(ornt), tmp_path / "vol.nii.gz")
     nib.save(lab.as_reoriented(ornt), tmp_path / "vol_seg.nii.gz")
     out_images = tmp_path / "slices"
-    records, report = convert_masks(
-        [(tmp_path / "vol.nii.gz", tmp_path / "vol_seg.nii.gz")], names={1: "liver", 2: "spleen"},
-        axis=axis, slices="labelled", slice_step=2, out_images=out_images, window=(500, 1000),
-    )
+    (tmp_path / "names.json").write_text('{"1": "liver", "2": "spleen"}')
+    records, report = convert_masks(tmp_path / "vol_seg.nii.gz", tmp_path / "vol.nii.gz",
+                                    names=tmp_path / "names.json", axis=axis, slices="labelled", slice_step=2,
+                                    out_images=out_images, window="500,1000")
     assert report.written == len(records) > 0 and not report.skipped
     for rec in records:
         png = load_image(out_images / rec["image"])
@@ -142,6 +147,9 @@ def test_read_label_names_formats(tmp_path):
     (tmp_path / "bad.txt").write_text("1 liver\nkidney\n")
     with pytest.raises(LabelMapError, match="bad.txt:2"):
         read_label_names(tmp_path / "bad.txt")
+    (tmp_path / "scalar.json").write_text("5")
+    with pytest.raises(LabelMapError, match=r"scalar.json: expected a JSON object \{value: name\}, got int"):
+        read_label_names(tmp_path / "scalar.json")
 
 
 def test_label_names_header_only_on_line_one(tmp_path):
@@ -163,6 +171,16 @@ def test_colour_and_non_integer_label_maps_are_rejected(tmp_path):
     nib.save(nib.Nifti1Image(np.full((4, 4, 3), 0.5, np.float32), np.eye(4)), tmp_path / "float.nii")
     with pytest.raises(LabelMapError, match="non-integer"):
         load_label_map(tmp_path / "float.nii")
+
+
+def test_unreadable_label_volumes_are_counted_not_raised(tmp_path):
+    """A garbage .nii.gz is one bad-label-map skip for every slice choice (nibabel's ImageFileError included)."""
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 3), np.float32), np.eye(4)), tmp_path / "img.nii.gz")
+    (tmp_path / "seg.nii.gz").write_bytes(b"garbage" * 10)
+    for slices in ("middle", "labelled"):
+        records, report = convert_masks(tmp_path / "seg.nii.gz", tmp_path / "img.nii.gz", slices=slices,
+                                        out_images=tmp_path / "out")
+        assert records == [] and dict(report.skipped) == {"bad-label-map": 1}, slices
 
 
 @settings(max_examples=60, deadline=None)

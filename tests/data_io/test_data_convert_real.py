@@ -67,8 +67,8 @@ def test_real_aal_atlas_boxes_on_colin27(tmp_path):
         pytest.skip("mricron-data not installed (apt-get install mricron-data)")
     names = read_label_names(MRICRON / "aal.nii.txt")
     assert len(names) == 116 and names[1] == "Precentral_L"
-    records, report = convert_masks([(MRICRON / "ch2.nii.gz", MRICRON / "aal.nii.gz")], names=names, modality="MRI",
-                                    out_images=tmp_path / "slices")
+    records, report = convert_masks(MRICRON / "aal.nii.gz", MRICRON / "ch2.nii.gz", names=MRICRON / "aal.nii.txt",
+                                    modality="MRI", out_images=tmp_path / "slices")
     assert report.written == 1
     record = records[0]
     regions = {r.name: r.boxes for r in parse_regions(record["conversations"][1]["value"])}

@@ -1,12 +1,10 @@
 """Converters from common medical dataset formats to MedRegInstruct jsonl (``medrega-data convert <format>``).
 
-One module per format: ``coco`` (detection json), ``vindr`` (per-radiologist box CSV), ``masks`` (label maps: PNG,
-NIfTI, DICOM SEG), ``classification`` (class folders or CSV), ``vqa`` (SLAKE / VQA-RAD json). Each has a Python
-function returning ``(records, report)`` and a :class:`ConverterCLI` (its options as a table, fed to that function).
-Every converter fills one :class:`Conversion`: records are made by :func:`internvl.data.prompts.build_record` and
-pass the training :class:`~internvl.data.records.RecordChecker`, so a converter cannot write a record training would
-reject; every input item not converted is counted by reason at ``FILE:LINE`` (for JSON documents the "line" is the
-1-based index in the named array).
+One module per format (``coco``, ``vindr``, ``masks``, ``classification``, ``vqa``), each with a Python function
+returning ``(records, report)`` and a :class:`ConverterCLI` (its options as a table). Every converter fills one
+:class:`Conversion`: records come from :func:`internvl.data.prompts.build_record` and pass the training
+:class:`~internvl.data.records.RecordChecker`; every item not converted is counted by reason at ``FILE:LINE`` (for JSON
+documents the "line" is the 1-based index in the named array).
 """
 from __future__ import annotations
 
@@ -27,8 +25,8 @@ from internvl.data.prompts import LANGS, PromptError, build_record
 from internvl.data.records import JSONLimitError, RecordChecker, RecordProblem, loads_limited
 from internvl.io_safety import atomic_write_text
 
-__all__ = ["CONVERTERS", "Conversion", "ConvertError", "ConvertReport", "ConverterCLI", "add_common_arguments",
-           "check_task", "common_options", "get_converter", "read_csv", "read_json", "write_output"]
+__all__ = ["COMMON_ARGUMENTS", "CONVERTERS", "Conversion", "ConvertError", "ConvertReport", "ConverterCLI",
+           "check_task", "get_converter", "read_csv", "read_json", "write_output"]
 
 #: format name -> module (imported on demand)
 CONVERTERS: dict[str, str] = {name: f"internvl.data.convert.{name}"
@@ -71,10 +69,10 @@ class ConvertReport:
 
 @dataclass
 class Conversion:
-    """One conversion under way: the options every ``convert_*`` function takes as keywords (prompt language; the
-    root that record image paths are relative to, ``None``: image files not checked, and how much of each image to
-    check; a record id prefix; ``include_base_prompt=False``: raw questions, the meta_file.json ``base_prompt``
-    supplies the task prompt), the records kept so far and the report."""
+    """One conversion under way. Its keywords are those of every ``convert_*`` function (:data:`COMMON_ARGUMENTS`):
+    prompt language; the root record image paths are relative to (``None``: image files not checked) and how much of
+    each image to check; a record id prefix; ``include_base_prompt=False`` for raw questions (the meta_file.json
+    ``base_prompt`` supplies the task prompt)."""
 
     source: str
     lang: str = "en"
@@ -143,16 +141,13 @@ def read_json(path: Path, what: str) -> Any:
 
 
 @contextmanager
-def read_csv(path: Path, required: Sequence[str], *, gunzip: bool = False) -> Iterator[csv.DictReader]:
-    """A ``csv.DictReader`` over ``path`` (``*.gz`` too with ``gunzip``) whose header has every ``required`` column.
-
-    Raises :class:`ConvertError` ``FILE:0`` if the file cannot be opened, ``FILE:1`` naming missing columns.
-    """
+def read_csv(path: Path, required: Sequence[str]) -> Iterator[csv.DictReader]:
+    """A ``csv.DictReader`` over ``path`` (gzip-compressed when it ends in ``.gz``, e.g. vinbigdata-train.csv.gz)
+    whose header has every ``required`` column; :class:`ConvertError` ``FILE:0`` if the file cannot be opened,
+    ``FILE:1`` naming missing columns."""
+    opener = gzip.open if path.suffix == ".gz" else open
     try:
-        if gunzip and path.suffix == ".gz":  # e.g. vinbigdata-train.csv.gz
-            fh = gzip.open(path, "rt", newline="", encoding="utf-8")
-        else:
-            fh = open(path, newline="", encoding="utf-8")  # noqa: SIM115 - closed by the with block below
+        fh = opener(path, "rt", newline="", encoding="utf-8")
     except OSError as exc:
         raise ConvertError(f"{path}:0: cannot open CSV: {exc}") from exc
     with fh:
@@ -164,28 +159,6 @@ def read_csv(path: Path, required: Sequence[str], *, gunzip: bool = False) -> It
         yield reader
 
 
-def common_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The :class:`Conversion` keywords from :func:`add_common_arguments`'s command-line options."""
-    return {"lang": args.lang, "image_root": args.image_root, "image_check": args.image_check,
-            "id_prefix": args.id_prefix, "include_base_prompt": not args.no_base_prompt}
-
-
-def add_common_arguments(parser: argparse.ArgumentParser, *, tasks: Sequence[str]) -> None:
-    """Options every converter shares: output, task (default the first), language, image root and check level, id
-    prefix, raw questions, strict exit status."""
-    parser.add_argument("--out", required=True, help="output MedRegInstruct .jsonl")
-    parser.add_argument("--task", choices=tasks, default=tasks[0], help=f"prompt task (default {tasks[0]})")
-    parser.add_argument("--lang", choices=LANGS, default="en", help="prompt language (default en)")
-    parser.add_argument("--image-root", help="dataset root that record image paths are relative to; "
-                        "when given, every image must exist there")
-    parser.add_argument("--images", dest="image_check", choices=["exists", "header", "decode"], default="exists",
-                        help="how much of each image to check when --image-root is given (default exists)")
-    parser.add_argument("--id-prefix", default="", help="prefix for record ids")
-    parser.add_argument("--no-base-prompt", action="store_true",
-                        help="write raw questions (the meta_file.json base_prompt supplies the task prompt)")
-    parser.add_argument("--strict", action="store_true", help="exit non-zero if anything was skipped")
-
-
 def comma_list(value: str) -> list[str]:
     """An argparse ``type``: ``"a, b,c"`` -> ``["a", "b", "c"]``."""
     return [v.strip() for v in value.split(",")]
@@ -194,11 +167,23 @@ def comma_list(value: str) -> list[str]:
 #: one option of a converter: (argparse flags, argparse keywords); its dest is a keyword of the converter function
 Argument = tuple[tuple[str, ...], dict[str, Any]]
 
+#: The options every converter takes, fed to its function as the :class:`Conversion` keywords.
+COMMON_ARGUMENTS: tuple[Argument, ...] = (
+    (("--lang",), dict(choices=LANGS, default="en", help="prompt language (default en)")),
+    (("--image-root",), dict(help="dataset root that record image paths are relative to; when given, every image "
+                                  "must exist there")),
+    (("--images",), dict(dest="image_check", choices=["exists", "header", "decode"], default="exists",
+                         help="how much of each image to check when --image-root is given (default exists)")),
+    (("--id-prefix",), dict(default="", help="prefix for record ids")),
+    (("--no-base-prompt",), dict(dest="include_base_prompt", action="store_false",
+                                 help="write raw questions (the meta_file.json base_prompt supplies the task prompt)")),
+)
+
 
 @dataclass(frozen=True)
 class ConverterCLI:
     """A converter's ``medrega-data convert`` subcommand: its help line, prompt tasks (the first is the default),
-    its own options and the function they feed together with ``--task`` and :func:`common_options`."""
+    its own options and the function they feed together with ``--task`` and :data:`COMMON_ARGUMENTS`."""
 
     help: str
     tasks: tuple[str, ...]
@@ -211,15 +196,18 @@ class ConverterCLI:
         return sys.modules[self.convert.__module__].__doc__
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        """Add this converter's options (their dests noted for :meth:`run`) and the common ones to ``parser``."""
-        actions = [parser.add_argument(*flags, **kwargs) for flags, kwargs in self.arguments]
+        """Add this converter's and the common options (their dests noted for :meth:`run`), ``--task``, ``--out``
+        and ``--strict`` to ``parser``."""
+        actions = [parser.add_argument(*flags, **kwargs) for flags, kwargs in self.arguments + COMMON_ARGUMENTS]
         parser.set_defaults(converter_options=[action.dest for action in actions])
-        add_common_arguments(parser, tasks=self.tasks)
+        parser.add_argument("--task", choices=self.tasks, default=self.tasks[0],
+                            help=f"prompt task (default {self.tasks[0]})")
+        parser.add_argument("--out", required=True, help="output MedRegInstruct .jsonl")
+        parser.add_argument("--strict", action="store_true", help="exit non-zero if anything was skipped")
 
     def run(self, args: argparse.Namespace) -> ConvertReport:
         """Convert what ``args`` name and write ``args.out``."""
-        kwargs = {dest: getattr(args, dest) for dest in args.converter_options}
-        records, report = self.convert(task=args.task, **kwargs, **common_options(args))
+        records, report = self.convert(task=args.task, **{dest: getattr(args, dest) for dest in args.converter_options})
         return write_output(records, report, args.out)
 
 

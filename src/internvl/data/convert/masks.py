@@ -49,9 +49,9 @@ def read_label_names(path: str | Path) -> dict[int, str]:
     names: dict[int, str] = {}
     if path.suffix.lower() == ".json":
         data = json.loads(text)
-        items = data.items() if isinstance(data, dict) else enumerate(data)
-        for key, value in items:
-            names[int(key)] = str(value).strip()
+        if not isinstance(data, dict):
+            raise LabelMapError(f"{path}: expected a JSON object {{value: name}}, got {type(data).__name__}")
+        names = {int(key): str(value).strip() for key, value in data.items()}
     else:
         is_csv = path.suffix.lower() == ".csv"
         for number, line in enumerate(text.splitlines(), start=1):
@@ -187,31 +187,33 @@ def pair_by_stem(images_dir: str | Path, masks_dir: str | Path, mask_suffix: str
     return pairs, orphans
 
 
-def _labelled_slices(mask_path: Path, axis: str) -> list[int]:
-    img = nib.as_closest_canonical(nib.load(mask_path))
-    data = np.asanyarray(img.dataobj)
-    if data.ndim == 4:
-        data = data[..., 0]
-    world = {"sagittal": 0, "coronal": 1, "axial": 2}[axis]
-    other = tuple(i for i in range(3) if i != world)
-    return [int(k) for k in np.flatnonzero((data != 0).any(axis=other))]
-
-
-def convert_masks(pairs: list[tuple[str | Path, str | Path]], *, names: dict[int, str] | None = None,
+def convert_masks(masks: str | Path, images_dir: str | Path, *, mask_suffix: str = "", names: str | Path | None = None,
                   task: str = "text_to_region", mode: str = "label", min_pixels: int = 1, modality: str = "medical",
-                  axis: str = "axial", slices: str = "middle", slice_step: int = 1,
-                  window: str | tuple[float, float] | None = None, out_images: str | Path | None = None, **options: Any
-                  ) -> tuple[list[dict], ConvertReport]:
-    """Convert (image, label map) pairs; returns ``(records, report)``. ``options``: :class:`Conversion` keywords;
-    record image paths are relative to ``image_root`` (default: the images' folder, or ``out_images`` for volume
-    slices). ``slices``: ``"middle"`` or ``"labelled"`` (every ``slice_step``-th slice containing a label). ``names``:
-    label value -> object name (unnamed values are skipped and counted; DICOM SEG files bring their own names)."""
+                  axis: str = "axial", slices: str = "middle", slice_step: int = 1, window: str | None = None,
+                  out_images: str | Path | None = None, **options: Any) -> tuple[list[dict], ConvertReport]:
+    """Convert one (label map, image) file pair, or two folders paired by stem (:func:`pair_by_stem`; masks without
+    an image are skipped and counted); returns ``(records, report)``. ``names``: a label-name file
+    (:func:`read_label_names`; unnamed values are skipped and counted, DICOM SEG files bring their own names).
+    ``slices``: ``"middle"`` or ``"labelled"`` (every ``slice_step``-th slice holding a label); ``window``: a preset
+    or ``"centre,width"`` for volume slices. ``options``: :class:`Conversion` keywords; record image paths are
+    relative to ``image_root`` (default: the images' folder, or ``out_images`` for volume slices)."""
     check_task(task, TASKS)
     if slices not in ("middle", "labelled"):
         raise ConvertError(f"slices must be 'middle' or 'labelled', got {slices!r}")
+    masks, images = Path(masks), Path(images_dir)
+    if masks.is_file() and images.is_file():
+        pairs, orphans = [(images, masks)], []
+    elif masks.is_dir() and images.is_dir():
+        pairs, orphans = pair_by_stem(images, masks, mask_suffix)
+    else:
+        raise ConvertError("--masks and --images-dir must both be files or both be directories")
+    try:
+        label_names = read_label_names(names) if names else {}
+    except (OSError, ValueError) as exc:
+        raise ConvertError(f"{names}: cannot read label names: {exc}") from exc
+    centre_width = tuple(float(v) for v in window.split(",")) if window and "," in window else window
     conv = Conversion("masks", **options)
     for image_path, mask_path in pairs:
-        image_path, mask_path = Path(image_path), Path(mask_path)
         file = str(mask_path)
         is_volume = mask_path.name.lower().endswith(_NIFTI) and image_path.name.lower().endswith(_NIFTI)
         for index in _slice_indices(mask_path, is_volume, slices, slice_step, axis, out_images, file, conv.report):
@@ -222,7 +224,7 @@ def convert_masks(pairs: list[tuple[str | Path, str | Path]], *, names: dict[int
                 conv.report.skip(file, line, "bad-label-map", str(exc))
                 break
             try:
-                picture = _record_image(image_path, labels.shape, index, is_volume, axis, window, out_images,
+                picture = _record_image(image_path, labels.shape, index, is_volume, axis, centre_width, out_images,
                                         conv.image_root)
             except ImageLoadError as exc:
                 conv.report.skip(file, line, "bad-image", str(exc))
@@ -230,8 +232,7 @@ def convert_masks(pairs: list[tuple[str | Path, str | Path]], *, names: dict[int
             if isinstance(picture, str):
                 conv.report.skip(file, line, "size-mismatch", picture)
                 continue
-            regions = _named_regions(labels, {**(names or {}), **file_names}, mode, min_pixels, file, line,
-                                     conv.report)
+            regions = _named_regions(labels, {**label_names, **file_names}, mode, min_pixels, file, line, conv.report)
             if not regions:
                 conv.report.skip(file, line, "no-labels", "no named label in this slice")
                 continue
@@ -239,7 +240,8 @@ def convert_masks(pairs: list[tuple[str | Path, str | Path]], *, names: dict[int
             base_id = _stem(mask_path) + ("" if index is None else f"-{axis}{index}")
             conv.add(file, line, _mask_builds(task, base_id, regions, mode), image=rel, width=width, height=height,
                      modality=modality)
-    # Without image_root the images were already read above; the record checks then look at the structure only.
+    for orphan in orphans:
+        conv.report.skip(orphan, 0, "no-matching-image", f"no image with stem {_stem(orphan)!r} in {images}")
     return conv.finish()
 
 
@@ -254,9 +256,12 @@ def _slice_indices(mask_path: Path, is_volume: bool, slices: str, slice_step: in
     if slices == "middle":
         return [None]
     try:
-        indices = _labelled_slices(mask_path, axis)[::slice_step]
-    except (ImageLoadError, LabelMapError, OSError, ValueError) as exc:
-        report.skip(file, 0, "bad-label-map", str(exc))
+        data = np.asanyarray(nib.as_closest_canonical(nib.load(mask_path)).dataobj)
+        data = data[..., 0] if data.ndim == 4 else data
+        other = tuple(i for i in range(3) if i != ("sagittal", "coronal", "axial").index(axis))  # RAS world axes
+        indices = [int(k) for k in np.flatnonzero((data != 0).any(axis=other))][::slice_step]
+    except (OSError, ValueError, nib.filebasedimages.ImageFileError) as exc:
+        report.skip(file, 0, "bad-label-map", f"{mask_path}: {exc}")
         return []
     if not indices:
         report.skip(file, 0, "no-labels", "the label volume is empty")
@@ -313,33 +318,9 @@ def _mask_builds(task: str, base_id: str, regions: list[tuple[str, list]], mode:
             for k, box in enumerate(region_boxes if mode == "component" else [None])]
 
 
-def convert_mask_files(masks: str | Path, images_dir: str | Path, *, mask_suffix: str = "",
-                       names: str | Path | None = None, window: str | None = None, **kwargs: Any
-                       ) -> tuple[list[dict], ConvertReport]:
-    """The command line's converter: one (image, label map) file pair, or two folders paired by stem
-    (:func:`pair_by_stem`; masks without an image are skipped and counted); ``names``: a label-name file
-    (:func:`read_label_names`); ``window``: a preset or ``"centre,width"``. Other keywords: :func:`convert_masks`."""
-    masks, images = Path(masks), Path(images_dir)
-    if masks.is_file() and images.is_file():
-        pairs, orphans = [(images, masks)], []
-    elif masks.is_dir() and images.is_dir():
-        pairs, orphans = pair_by_stem(images, masks, mask_suffix)
-    else:
-        raise ConvertError("--masks and --images-dir must both be files or both be directories")
-    try:
-        label_names = read_label_names(names) if names else {}
-    except (OSError, ValueError) as exc:
-        raise ConvertError(f"{names}: cannot read label names: {exc}") from exc
-    centre_width = tuple(float(v) for v in window.split(",")) if window and "," in window else window
-    records, report = convert_masks(pairs, names=label_names, window=centre_width, **kwargs)
-    for orphan in orphans:
-        report.skip(orphan, 0, "no-matching-image", f"no image with stem {_stem(orphan)!r} in {images}")
-    return records, report
-
-
 CLI = ConverterCLI(
     help="segmentation label maps (PNG, NIfTI, DICOM SEG) -> text_to_region / region_to_text records", tasks=TASKS,
-    convert=convert_mask_files,
+    convert=convert_masks,
     arguments=((("--masks",), dict(required=True, help="directory of label maps (or one label map file)")),
                (("--images-dir",), dict(required=True, help="directory of images (or one image file)")),
                (("--mask-suffix",), dict(default="", help="suffix of mask stems, e.g. '_seg' for case1_seg.nii.gz")),

@@ -26,6 +26,7 @@ from internvl.regions import box_iou
 TASKS = ("text_to_region", "region_to_text", "classify_multi")
 MERGES = ("none", "union", "fusion")
 REQUIRED_COLUMNS = ("image_id", "class_name", "x_min", "y_min", "x_max", "y_max")
+NO_FINDING = "No finding"  # VinDr's class for a normal image
 
 
 def cluster_boxes(boxes: list[np.ndarray], threshold: float) -> list[list[int]]:
@@ -64,11 +65,7 @@ def merge_boxes(boxes: list[np.ndarray], raters: list[str], *, merge: str, thres
             kept.append(stack.mean(axis=0))
         else:
             kept.extend(boxes[i] for i in group)
-    unique: list[np.ndarray] = []
-    for b in kept:
-        if not any(np.array_equal(b, u) for u in unique):
-            unique.append(b)
-    return unique, dropped
+    return list({tuple(b): b for b in kept}.values()), dropped  # identical boxes once, in order
 
 
 def _read_sizes(path: Path) -> dict[str, tuple[int, int]]:
@@ -91,7 +88,7 @@ RaterBoxes = dict[str, dict[str, list[tuple[np.ndarray, str, int]]]]
 
 def convert_vindr(path: str | Path, *, task: str = "text_to_region", merge: str = "fusion", iou_threshold: float = 0.4,
                   min_votes: int = 1, sizes: str | Path | None = None, image_ext: str = ".dicom",
-                  modality: str = "chest x-ray", no_finding: str = "No finding", **options: Any
+                  modality: str = "chest x-ray", **options: Any
                   ) -> tuple[list[dict], ConvertReport]:
     """Convert a VinDr-style CSV; returns ``(records, report)``. ``options``: :class:`Conversion` keywords.
     Raises :class:`ConvertError` if unusable."""
@@ -105,8 +102,8 @@ def convert_vindr(path: str | Path, *, task: str = "text_to_region", merge: str 
         raise ConvertError("region tasks need image sizes: pass a sizes CSV or the image root to read headers from")
     file = str(path)
     size_table = _read_sizes(Path(sizes)) if sizes is not None else {}
-    per_image, first_line, classes = _read_rows(Path(path), no_finding, conv.report)
-    options_list = sorted(classes) + [no_finding]
+    per_image, first_line, classes = _read_rows(Path(path), conv.report)
+    options_list = sorted(classes) + [NO_FINDING]
     for image_id, by_class in per_image.items():
         line = first_line[image_id]
         image = image_id + image_ext
@@ -123,19 +120,19 @@ def convert_vindr(path: str | Path, *, task: str = "text_to_region", merge: str 
             conv.report.skip(file, line, "no-finding", f"image {image_id} has no boxes")
             continue
         width, height = size if size is not None else (None, None)
-        conv.add(file, line, _builds(task, image_id, merged, options_list, no_finding), context=f"image {image_id}: ",
+        conv.add(file, line, _builds(task, image_id, merged, options_list), context=f"image {image_id}: ",
                  image=image, width=width, height=height, modality=modality)
     return conv.finish()
 
 
-def _read_rows(path: Path, no_finding: str, report: ConvertReport) -> tuple[RaterBoxes, dict[str, int], list[str]]:
+def _read_rows(path: Path, report: ConvertReport) -> tuple[RaterBoxes, dict[str, int], list[str]]:
     """The CSV's valid boxes per image and class, each image's first line, and the classes in order of appearance.
-    An image whose only rows are `no_finding` is kept (with no boxes)."""
+    An image whose only rows are "No finding" is kept (with no boxes)."""
     file = str(path)
     per_image: RaterBoxes = {}
     first_line: dict[str, int] = {}
     classes: list[str] = []
-    with read_csv(path, REQUIRED_COLUMNS, gunzip=True) as reader:
+    with read_csv(path, REQUIRED_COLUMNS) as reader:
         for row in reader:
             line = reader.line_num
             image_id, name = (row["image_id"] or "").strip(), (row["class_name"] or "").strip()
@@ -144,7 +141,7 @@ def _read_rows(path: Path, no_finding: str, report: ConvertReport) -> tuple[Rate
                 continue
             first_line.setdefault(image_id, line)
             boxes = per_image.setdefault(image_id, {})
-            if name == no_finding:
+            if name == NO_FINDING:
                 continue
             if name not in classes:
                 classes.append(name)
@@ -183,23 +180,24 @@ def _merge_class(image_id: str, name: str, entries: list[tuple[np.ndarray, str, 
                                  threshold=iou_threshold, min_votes=min_votes)
     for _ in range(dropped):
         report.skip(file, entries[0][2], "too-few-votes", f"{image_id} {name}: cluster below {min_votes} votes")
-    if size is not None:
-        width, height = size
-        inside = [b for b in boxes if b[0] >= -1 and b[1] >= -1 and b[2] <= width + 1 and b[3] <= height + 1]
-        for b in boxes:
-            if not any(b is k for k in inside):
-                report.skip(file, entries[0][2], "bbox-outside-image",
-                            f"{image_id} {name}: {b.tolist()} outside {width}x{height}")
-        boxes = [np.clip(b, 0, [width, height, width, height]) for b in inside]
-    return [b.tolist() for b in boxes]
+    if size is None:
+        return [b.tolist() for b in boxes]
+    width, height = size
+    inside = []
+    for b in boxes:
+        if b[0] >= -1 and b[1] >= -1 and b[2] <= width + 1 and b[3] <= height + 1:
+            inside.append(np.clip(b, 0, [width, height, width, height]).tolist())
+        else:
+            report.skip(file, entries[0][2], "bbox-outside-image",
+                        f"{image_id} {name}: {b.tolist()} outside {width}x{height}")
+    return inside
 
 
-def _builds(task: str, record_id: str, merged: dict[str, list[list]], options: list[str],
-            no_finding: str) -> list[dict[str, Any]]:
+def _builds(task: str, record_id: str, merged: dict[str, list[list]], options: list[str]) -> list[dict]:
     """The `Conversion.add` builds of one image for `task` (region_to_text: one per box)."""
     if task == "classify_multi":
         return [{"task": "classify_multi", "id": record_id, "options": options,
-                 "labels": sorted(merged) or [no_finding], "notes": [f'"{no_finding}" means no diseases are detected.']}]
+                 "labels": sorted(merged) or [NO_FINDING], "notes": [f'"{NO_FINDING}" means no diseases are detected.']}]
     if task == "text_to_region":
         return [{"task": "text_to_region", "id": record_id, "box_units": "pixel",
                  "regions": [(name, merged[name]) for name in sorted(merged)]}]
@@ -218,5 +216,4 @@ CLI = ConverterCLI(
                (("--min-votes",), dict(type=int, default=1, help="radiologists needed per cluster (default 1)")),
                (("--sizes",), dict(help="CSV with image_id,width,height (else read from image headers)")),
                (("--image-ext",), dict(default=".dicom", help="file extension appended to image_id (default .dicom)")),
-               (("--modality",), dict(default="chest x-ray", help="modality words for the prompt")),
-               (("--no-finding",), dict(default="No finding", help="class name that means a normal image"))))
+               (("--modality",), dict(default="chest x-ray", help="modality words for the prompt"))))
