@@ -376,8 +376,6 @@ def _bertscore(records, cfg, result) -> None:
     """BERTScore F1 from the local model; one row per record, in order (grounded: on the box-free text)."""
     from medrega_eval.metrics.model_based import ORIGINAL_LAYERS, bertscore
 
-    rows = result.rows  # one row per record, in record order, for every BERTScore task (ids may repeat in compat)
-    assert len(rows) == len(records), "BERTScore needs one row per record"
     layer, original = cfg.bertscore_layer, cfg.compat == "medrega"
     if original:
         cands, refs, lang = _compat_bertscore_texts(records, cfg, result)
@@ -391,7 +389,7 @@ def _bertscore(records, cfg, result) -> None:
         result.unavailable["bertscore"] = str(exc)
         return
     result.metrics["bertscore"] = mean
-    for row, value in zip(rows, per):
+    for row, value in zip(result.rows, per):  # one row per record, in order, for every BERTScore task
         row["scores"]["bertscore"] = value
 
 

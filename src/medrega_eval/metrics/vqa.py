@@ -65,11 +65,9 @@ def vqa_tokens(text: str, lang: str, compat: str | None = None) -> list[str]:
     """Tokens used by the VQA metrics for `text` in `lang` under the default or `compat="medrega"` rules."""
     if lang == "en":
         return (medrega_clean_en(text) if compat == "medrega" else normalize_en(text)).split()
-    if lang == "zh":
-        if compat == "medrega":
-            return list(_get_jieba().cut(text))  # raw jieba segments, spaces included, as the original
-        return tokenize_zh(text)
-    raise ValueError(f"unknown language {lang!r}; expected 'en' or 'zh'")
+    if compat == "medrega":
+        return list(_get_jieba().cut(text))  # zh: raw jieba segments, spaces included, as the original
+    return tokenize_zh(text)
 
 
 def _is_closed(ref_tokens: Sequence[str], lang: str, answer_type: str | None) -> bool:
