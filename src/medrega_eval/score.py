@@ -270,7 +270,7 @@ def _region_part(records, cfg, result) -> list[tuple[int, dict]]:
         samples.append(sample)
         preds.append(pred.boxes)
         refs.append(ref.boxes)
-        row = _row(rec, lang, sample.metrics(),
+        row = _row(rec, lang, sample.scores,
                    pred_boxes=[{"name": b.name, "box": list(b.grid)} for b in pred.boxes],
                    ref_boxes=[{"name": b.name, "box": list(b.grid)} for b in ref.boxes],
                    matches=[{"pred": i, "ref": j, "iou": iou} for i, j, iou in sample.pairs],
