@@ -150,7 +150,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
                              prediction_sha256=",".join(hashlib.sha256(p.read_bytes()).hexdigest() for p in pred_files),
                              task=cfg.task, compat=args.compat)
     summary = summarize(result, cfg, protocol, benchmark=args.benchmark)
-    write_outputs(args.out, summary, result.rows, TOP_METRICS, image_root=image_root)
+    write_outputs(args.out, summary, result.rows, image_root=image_root)
     _print_summary(summary)
     return 0
 

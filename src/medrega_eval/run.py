@@ -26,7 +26,7 @@ from internvl.regional_cot import CotAnswer, RegionalCotGenerator
 from medrega_eval.benchmarks import Benchmark, Sample, load_samples, reference_labels
 from medrega_eval.io import append_jsonl, problem_at, read_predictions
 from medrega_eval.report import protocol_info, write_outputs
-from medrega_eval.score import TOP_METRICS, score_records, summarize
+from medrega_eval.score import score_records, summarize
 
 __all__ = ["RunConfig", "ResumeMismatchError", "run_benchmarks", "generate_benchmark", "score_benchmark",
            "check_resume", "start_benchmark_dir"]
@@ -222,7 +222,7 @@ def score_benchmark(bench: Benchmark, samples: Sequence[Sample], problems: Seque
     if bench.size is not None:
         result.counts["expected_size"] = bench.size
     summary = summarize(result, score_cfg, protocol, benchmark=bench.name)
-    write_outputs(bdir, summary, result.rows, TOP_METRICS, image_root=bench.locate(cfg.data_dir)[1])
+    write_outputs(bdir, summary, result.rows, image_root=bench.locate(cfg.data_dir)[1])
     return summary
 
 

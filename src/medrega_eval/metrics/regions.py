@@ -115,8 +115,8 @@ def aggregate_regions(samples: Sequence[RegionSample]) -> dict[str, float | int 
     if not samples:
         return {}
     means = {k: float(np.mean([s.scores[k] for s in samples])) for k in samples[0].scores}
-    return {**means, "num_pred_boxes": sum(s.num_pred for s in samples), "num_ref_boxes": sum(s.num_ref for s in samples),
-            "unparsable": sum(s.unparsable for s in samples)}
+    return {**means, "num_pred_boxes": sum(s.num_pred for s in samples),
+            "num_ref_boxes": sum(s.num_ref for s in samples), "unparsable": sum(s.unparsable for s in samples)}
 
 
 def coco_map50(preds: Sequence[Sequence[NamedBox]], refs: Sequence[Sequence[NamedBox]]) -> float | None:
