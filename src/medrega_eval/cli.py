@@ -54,13 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--lang", choices=["en", "zh", "auto"], default=None, help="language (default: per record)")
     s.add_argument("--benchmark", default=None, help="take task/subtype/options/metrics from this registered split")
     s.add_argument("--options", default=None, help="classification options, comma-separated")
-    s.add_argument("--options-file", type=Path, default=None, help="classification options, one per line")
     s.add_argument("--multilabel", action="store_true", help="classification with several labels per answer")
     s.add_argument("--metrics", default=None, help="report metrics to compute, comma-separated (e.g. skip meteor)")
     s.add_argument("--image-root", type=Path, default=None,
                    help="the benchmark's image folder: report.html embeds only images inside it (default: the "
                         "--benchmark's image folder; none without either)")
-    s.add_argument("--model", default=None, help="model name/path to record in the protocol")
     _add_common(s)
 
     r = sub.add_parser("run", help="generate answers for registered benchmarks, then score them")
@@ -83,14 +81,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _read_options(args: argparse.Namespace) -> list[str] | None:
-    if args.options_file:
-        return [line.strip() for line in args.options_file.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if args.options:
-        return [o.strip() for o in args.options.split(",") if o.strip()]
-    return None
-
-
 def _pred_files(pred: Path) -> list[Path]:
     """`--pred`: one file, or several comma-separated (a file whose own name has a comma is taken as one)."""
     try:
@@ -106,7 +96,8 @@ def _score_config(args: argparse.Namespace, bench: Benchmark | None, records: li
     if cfg.options == "from_references":
         cfg.options = reference_labels([r.reference for r in records], args.multilabel or cfg.multilabel)
     given = {"task": args.task, "lang": args.lang if args.lang != "auto" else None, "subtype": args.subtype,
-             "options": _read_options(args), "metrics": args.metrics and [m.strip() for m in args.metrics.split(",")],
+             "options": args.options and [o.strip() for o in args.options.split(",") if o.strip()],
+             "metrics": args.metrics and [m.strip() for m in args.metrics.split(",")],
              "multilabel": args.multilabel or None}
     return dataclasses.replace(cfg, compat=args.compat, bertscore_model=args.bertscore_model,
                                bertscore_layer=args.bertscore_layer, **{k: v for k, v in given.items() if v})
@@ -140,13 +131,12 @@ def _cmd_score(args: argparse.Namespace) -> int:
         problems += probs
     cfg = _score_config(args, bench, records)
     if cfg.task == "classification" and cfg.options is None and not any(r.options for r in records):
-        raise UsageError("score: classification needs options: records with an 'options' field, --options, "
-                         "--options-file or --benchmark")
+        raise UsageError("score: classification needs options: records with an 'options' field, --options or "
+                         "--benchmark")
     result = score_records(records, cfg, problems)  # ScoreInputError: bad options for these records
     if args.compat == "medrega":
         result.counts["repeated_ids_scored"] = len(records) - len({r.id for r in records})
-    protocol = protocol_info(model=args.model, template=None, generation=None,
-                             prediction_file=",".join(str(p) for p in pred_files),
+    protocol = protocol_info(prediction_file=",".join(str(p) for p in pred_files),
                              prediction_sha256=",".join(hashlib.sha256(p.read_bytes()).hexdigest() for p in pred_files),
                              task=cfg.task, compat=args.compat)
     summary = summarize(result, cfg, protocol, benchmark=args.benchmark)
