@@ -51,14 +51,11 @@ class ScoreConfig:
     def validate(self) -> None:
         """Raise ScoreInputError (a ValueError) for an unknown task, language, subtype, compat mode or metric: the CLI's
         choices check them too, but `score_records` is public and its callers pass a config directly."""
-        if self.task not in TASKS:
-            raise ScoreInputError(f"unknown task {self.task!r}; choose one of {', '.join(TASKS)}")
-        if self.lang not in (None, "auto", "en", "zh"):
-            raise ScoreInputError(f"unknown language {self.lang!r}; choose en, zh or auto")
-        if self.subtype is not None and self.subtype not in SUBTYPES:
-            raise ScoreInputError(f"unknown subtype {self.subtype!r}; choose one of {', '.join(SUBTYPES)}")
-        if self.compat not in (None, "medrega"):
-            raise ScoreInputError(f"unknown compat mode {self.compat!r}; the only one is 'medrega'")
+        for what, value, allowed in (("task", self.task, TASKS), ("language", self.lang, (None, "auto", "en", "zh")),
+                                     ("subtype", self.subtype, (None, *SUBTYPES)),
+                                     ("compat mode", self.compat, (None, "medrega"))):
+            if value not in allowed:
+                raise ScoreInputError(f"unknown {what} {value!r}; choose one of {', '.join(filter(None, allowed))}")
         if self.compat == "medrega" and self.task == "text2region" and self.subtype is None:
             raise ScoreInputError("--compat medrega for text2region needs --subtype (ss, sm, ms or mm): "
                                   "the original has one scorer per subtype")
