@@ -171,8 +171,7 @@ def _score_vqa(records, cfg, result) -> None:
         lang = split_lang or record_lang(rec, cfg)
         s = vqa_m.score_vqa_sample(rec.prediction, rec.reference, lang, rec.answer_type, cfg.compat)
         samples.append(s)
-        result.rows.append(_row(rec, lang, {"closed": s.closed, "correct": s.correct, "recall": s.recall,
-                                            "token_f1": s.f1, "bleu1": s.bleu1, "exact_match": s.exact_match}))
+        result.rows.append(_row(rec, lang, dataclasses.asdict(s)))
     agg = vqa_m.aggregate_vqa(samples, cfg.compat)
     for k in ("closed_accuracy", "open_recall", "open_accuracy", "token_f1", "recall", "bleu1", "exact_match"):
         result.metrics[k] = agg[k]

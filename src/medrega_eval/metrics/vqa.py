@@ -32,12 +32,12 @@ _MEDREGA_CONTRACTIONS = {"pa": "posterior anterior", "ivc": "inferior vena cava"
 
 @dataclass(frozen=True)
 class VQASample:
-    """Per-sample VQA scores; `closed` says which rule applied."""
+    """Per-sample VQA scores (the samples.jsonl row, in order); `closed` says which rule applied."""
 
     closed: bool
     correct: bool | None  # closed questions: rule outcome; open: recall >= 0.75
     recall: float
-    f1: float
+    token_f1: float
     bleu1: float
     exact_match: bool
 
@@ -139,7 +139,7 @@ def aggregate_vqa(samples: Sequence[VQASample], compat: str | None = None) -> di
         open_accuracy = mean([float(s.correct) for s in open_])
 
     return {"closed_accuracy": mean([float(s.correct) for s in closed]), "open_recall": open_recall,
-            "open_accuracy": open_accuracy, "token_f1": mean([s.f1 for s in samples]),
+            "open_accuracy": open_accuracy, "token_f1": mean([s.token_f1 for s in samples]),
             "recall": mean([s.recall for s in samples]), "bleu1": mean([s.bleu1 for s in samples]),
             "exact_match": mean([float(s.exact_match) for s in samples]), "num_closed": len(closed),
             "num_open": len(open_)}
