@@ -103,13 +103,17 @@ def _score_config(args: argparse.Namespace, bench: Benchmark | None, records: li
                                bertscore_layer=args.bertscore_layer, **{k: v for k, v in given.items() if v})
 
 
+def _benchmarks(args: argparse.Namespace, names: list[str]) -> list[Benchmark]:
+    """The registered benchmarks `names` (UsageError for an unknown one)."""
+    registry = load_registry(args.benchmark_file)
+    unknown = [n for n in names if n not in registry]
+    if unknown:
+        raise UsageError(f"{args.command}: unknown benchmark(s) {unknown}; see `medrega-eval list`")
+    return [registry[n] for n in names]
+
+
 def _cmd_score(args: argparse.Namespace) -> int:
-    bench = None
-    if args.benchmark:
-        registry = load_registry(args.benchmark_file)
-        if args.benchmark not in registry:
-            raise UsageError(f"unknown benchmark {args.benchmark!r}; see `medrega-eval list`")
-        bench = registry[args.benchmark]
+    bench = _benchmarks(args, [args.benchmark])[0] if args.benchmark else None
     if not (args.task or bench):
         raise UsageError("score: give --task or --benchmark")
     pred_files = _pred_files(args.pred)
@@ -159,18 +163,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from internvl.inference import GenerationSettings  # lazy: torch and transformers, which `score` never needs
     from medrega_eval.run import RunConfig, run_benchmarks
 
-    registry = load_registry(args.benchmark_file)
-    names = [n.strip() for n in args.benchmark.split(",") if n.strip()]
-    unknown = [n for n in names if n not in registry]
-    if unknown:
-        raise UsageError(f"run: unknown benchmark(s) {unknown}; see `medrega-eval list`")
+    benchmarks = _benchmarks(args, [n.strip() for n in args.benchmark.split(",") if n.strip()])
     settings = GenerationSettings.from_args(args)
     cfg = RunConfig(out=args.out, data_dir=data_dir_from(args.data_dir), batch_size=args.batch_size,
                     limit=args.limit, compat=args.compat, score=not args.no_score,
                     bertscore_model=args.bertscore_model, bertscore_layer=args.bertscore_layer,
                     overwrite=args.overwrite, regional_cot=args.regional_cot)
     try:
-        summaries = run_benchmarks(args.model, [registry[n] for n in names], cfg, settings, dtype=args.dtype,
+        summaries = run_benchmarks(args.model, benchmarks, cfg, settings, dtype=args.dtype,
                                    device_map=args.device_map, load_in_8bit=args.load_in_8bit,
                                    load_in_4bit=args.load_in_4bit)
     except ScoreInputError as exc:  # the predictions are kept; `score` can rescore them with the right options
