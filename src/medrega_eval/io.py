@@ -114,7 +114,7 @@ def parse_prediction(record: dict, file: str, line: int) -> PredictionRecord | R
                             extra={k: v for k, v in record.items() if k not in known})
 
 
-def _json_list_items(path: Path, text: str) -> Iterable[tuple[int, Any]]:
+def _json_list_items(text: str) -> Iterable[tuple[int, Any]]:
     """(line number, decoded item) for each element of a top-level JSON list, decoded under the input limits of
     :mod:`internvl.data.records` (a too deep or huge item raises ``json.JSONDecodeError`` at its line)."""
     decoder = LimitedJSONDecoder()
@@ -152,7 +152,7 @@ def read_predictions(path: str | Path, *, keep_duplicates: bool = False, seen: d
     if head.startswith("["):
         text = path.read_text(encoding="utf-8-sig")
         try:
-            for item in _json_list_items(path, text):
+            for item in _json_list_items(text):
                 decoded.append(item)  # noqa: PERF402 - a loop keeps the items before a bad one
         except json.JSONDecodeError as exc:  # keep what decoded before the error; the rest is one problem
             problems.append(RecordProblem(file, exc.lineno, "invalid-json",
