@@ -14,9 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from internvl.data.records import LimitedJSONDecoder, RecordProblem, read_jsonl
-from internvl.io_safety import append_jsonl
 
-__all__ = ["PredictionRecord", "read_predictions", "parse_prediction", "problem_at", "append_jsonl", "ScoreInputError"]
+__all__ = ["PredictionRecord", "read_predictions", "parse_prediction", "problem_at", "ScoreInputError"]
 
 
 class ScoreInputError(ValueError):

@@ -21,10 +21,10 @@ from internvl.data.images import ImageLoadError
 from internvl.data.records import RecordProblem, read_jsonl
 from internvl.inference import (DistInfo, GenerationRequest, Generator, default_dtype, init_distributed,
                                 load_model_and_tokenizer)
-from internvl.io_safety import atomic_write_text, check_output_dir
+from internvl.io_safety import append_jsonl, atomic_write_text, check_output_dir
 from internvl.regional_cot import CotAnswer, RegionalCotGenerator
 from medrega_eval.benchmarks import Benchmark, Sample, load_samples, reference_labels
-from medrega_eval.io import append_jsonl, problem_at, read_predictions
+from medrega_eval.io import problem_at, read_predictions
 from medrega_eval.report import protocol_info, write_outputs
 from medrega_eval.score import score_records, summarize
 
