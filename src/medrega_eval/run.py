@@ -171,21 +171,16 @@ def generate_benchmark(bench: Benchmark, generator: Any, cfg: RunConfig, info: D
 def _safe_batches(generator: Any, requests: list, errors_path: Path, rank: int):
     """Batches of (index, text); a failing batch is retried one request at a time, failures logged, not fatal."""
     order = sorted(range(len(requests)), key=lambda i: (len(requests[i].images), len(requests[i].prompt)))
-    bs = generator.batch_size
-    for start in range(0, len(order), bs):
-        idx = order[start : start + bs]
+    queue = [order[start : start + generator.batch_size] for start in range(0, len(order), generator.batch_size)]
+    while queue:
+        idx = queue.pop(0)
         try:
-            yield [(idx[j], text) for j, text in enumerate(generator.generate_batch([requests[i] for i in idx]))]
-            continue
+            yield list(zip(idx, generator.generate_batch([requests[i] for i in idx])))
         except (ImageLoadError, OSError, ValueError) as exc:
-            if len(idx) == 1:
+            if len(idx) > 1:
+                queue[:0] = [[i] for i in idx]
+            else:
                 append_jsonl(errors_path, [{"id": requests[idx[0]].id, "rank": rank, "error": str(exc)}])
-                continue
-        for i in idx:
-            try:
-                yield [(i, generator.generate_batch([requests[i]])[0])]
-            except (ImageLoadError, OSError, ValueError) as exc:
-                append_jsonl(errors_path, [{"id": requests[i].id, "rank": rank, "error": str(exc)}])
 
 
 def score_benchmark(bench: Benchmark, samples: Sequence[Sample], problems: Sequence[RecordProblem],
