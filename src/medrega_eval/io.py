@@ -51,6 +51,9 @@ _OPTIONAL_FIELDS = {
     "answer_type": (lambda v: isinstance(v, str), "a string"),
     "image_root": (lambda v: isinstance(v, str), "a string"),
     "image": (lambda v: isinstance(v, str), "a path or a list of paths"),
+    "hw": (lambda v: isinstance(v, (list, tuple)) and len(v) == 2
+           and all(isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0 for x in v),
+           "[height, width] with positive numbers"),
     "lang": (lambda v: v in ("en", "zh"), "'en' or 'zh'"),
     "options": (lambda v: isinstance(v, list) and v and all(isinstance(o, str) for o in v),
                 "a non-empty list of strings"),
@@ -90,26 +93,19 @@ def parse_prediction(record: dict, file: str, line: int) -> PredictionRecord | R
         return RecordProblem(file, line, "bad-field", f"{rk} must be a non-empty string, got {ref!r}")
     _, rid = _first(record, ID_KEYS)
     rid = f"{file}:{line}" if rid is None else str(rid)
-    hw = record.get("hw")
-    if hw is None and "height" in record and "width" in record:
-        hw = [record["height"], record["width"]]
-    if hw is not None:
-        ok = (isinstance(hw, (list, tuple)) and len(hw) == 2
-              and all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in hw))
-        if not ok:
-            return RecordProblem(file, line, "bad-field",
-                                 f"hw must be [height, width] with positive numbers, got {hw!r}")
-        hw = [float(hw[0]), float(hw[1])]
-    image = record.get("image")
-    if isinstance(image, list):
-        image = image[0] if image else None
-    optional = {"image": image, **{k: record.get(k) for k in _OPTIONAL_FIELDS if k != "image"}}
+    optional = {k: record.get(k) for k in _OPTIONAL_FIELDS}
+    if isinstance(optional["image"], list):
+        optional["image"] = optional["image"][0] if optional["image"] else None
+    if optional["hw"] is None and "height" in record and "width" in record:
+        optional["hw"] = [record["height"], record["width"]]
     for key, value in optional.items():
         ok, rule = _OPTIONAL_FIELDS[key]
         if value is not None and not ok(value):
             return RecordProblem(file, line, "bad-field", f"{key} must be {rule}, got {reprlib.repr(value)}")
-    known = {*ID_KEYS, *PRED_KEYS, *REF_KEYS, *_OPTIONAL_FIELDS, "hw", "height", "width"}
-    return PredictionRecord(id=rid, prediction=pred, reference=ref, source=f"{file}:{line}", hw=hw, **optional,
+    if optional["hw"] is not None:
+        optional["hw"] = [float(v) for v in optional["hw"]]
+    known = {*ID_KEYS, *PRED_KEYS, *REF_KEYS, *_OPTIONAL_FIELDS, "height", "width"}
+    return PredictionRecord(id=rid, prediction=pred, reference=ref, source=f"{file}:{line}", **optional,
                             extra={k: v for k, v in record.items() if k not in known})
 
 
