@@ -118,10 +118,9 @@ def _cmd_score(args: argparse.Namespace) -> int:
         raise UsageError("score: give --task or --benchmark")
     pred_files = _pred_files(args.pred)
     check_output_dir(args.out, inputs=pred_files, must_be_empty=False, inputs_inside_ok=True, what="--out")
-    if args.out.is_dir():
-        overwritten = [p for p in pred_files for name in OUTPUT_FILES if (args.out / name).resolve() == p.resolve()]
-        if overwritten:
-            raise UsageError(f"--out {args.out} would overwrite the prediction file {overwritten[0]}")
+    overwritten = [p for p in pred_files for name in OUTPUT_FILES if (args.out / name).resolve() == p.resolve()]
+    if overwritten:
+        raise UsageError(f"--out {args.out} would overwrite the prediction file {overwritten[0]}")
     image_root = args.image_root
     if image_root is None and bench is not None:
         try:
