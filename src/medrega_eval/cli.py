@@ -54,13 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--lang", choices=["en", "zh", "auto"], default=None, help="language (default: per record)")
     s.add_argument("--benchmark", default=None, help="take task/subtype/options/metrics from this registered split")
     s.add_argument("--options", default=None, help="classification options, comma-separated")
-    s.add_argument("--options-file", type=Path, default=None, help="classification options, one per line")
     s.add_argument("--multilabel", action="store_true", help="classification with several labels per answer")
     s.add_argument("--metrics", default=None, help="report metrics to compute, comma-separated (e.g. skip meteor)")
     s.add_argument("--image-root", type=Path, default=None,
                    help="the benchmark's image folder: report.html embeds only images inside it (default: the "
                         "--benchmark's image folder; none without either)")
-    s.add_argument("--model", default=None, help="model name/path to record in the protocol")
     _add_common(s)
 
     r = sub.add_parser("run", help="generate answers for registered benchmarks, then score them")
@@ -83,14 +81,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _read_options(args: argparse.Namespace) -> list[str] | None:
-    if args.options_file:
-        return [line.strip() for line in args.options_file.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if args.options:
-        return [o.strip() for o in args.options.split(",") if o.strip()]
-    return None
-
-
 def _pred_files(pred: Path) -> list[Path]:
     """`--pred`: one file, or several comma-separated (a file whose own name has a comma is taken as one)."""
     try:
@@ -106,27 +96,31 @@ def _score_config(args: argparse.Namespace, bench: Benchmark | None, records: li
     if cfg.options == "from_references":
         cfg.options = reference_labels([r.reference for r in records], args.multilabel or cfg.multilabel)
     given = {"task": args.task, "lang": args.lang if args.lang != "auto" else None, "subtype": args.subtype,
-             "options": _read_options(args), "metrics": args.metrics and [m.strip() for m in args.metrics.split(",")],
+             "options": args.options and [o.strip() for o in args.options.split(",") if o.strip()],
+             "metrics": args.metrics and [m.strip() for m in args.metrics.split(",")],
              "multilabel": args.multilabel or None}
     return dataclasses.replace(cfg, compat=args.compat, bertscore_model=args.bertscore_model,
                                bertscore_layer=args.bertscore_layer, **{k: v for k, v in given.items() if v})
 
 
+def _benchmarks(args: argparse.Namespace, names: list[str]) -> list[Benchmark]:
+    """The registered benchmarks `names` (UsageError for an unknown one)."""
+    registry = load_registry(args.benchmark_file)
+    unknown = [n for n in names if n not in registry]
+    if unknown:
+        raise UsageError(f"{args.command}: unknown benchmark(s) {unknown}; see `medrega-eval list`")
+    return [registry[n] for n in names]
+
+
 def _cmd_score(args: argparse.Namespace) -> int:
-    bench = None
-    if args.benchmark:
-        registry = load_registry(args.benchmark_file)
-        if args.benchmark not in registry:
-            raise UsageError(f"unknown benchmark {args.benchmark!r}; see `medrega-eval list`")
-        bench = registry[args.benchmark]
+    bench = _benchmarks(args, [args.benchmark])[0] if args.benchmark else None
     if not (args.task or bench):
         raise UsageError("score: give --task or --benchmark")
     pred_files = _pred_files(args.pred)
     check_output_dir(args.out, inputs=pred_files, must_be_empty=False, inputs_inside_ok=True, what="--out")
-    if args.out.is_dir():
-        overwritten = [p for p in pred_files for name in OUTPUT_FILES if (args.out / name).resolve() == p.resolve()]
-        if overwritten:
-            raise UsageError(f"--out {args.out} would overwrite the prediction file {overwritten[0]}")
+    overwritten = [p for p in pred_files for name in OUTPUT_FILES if (args.out / name).resolve() == p.resolve()]
+    if overwritten:
+        raise UsageError(f"--out {args.out} would overwrite the prediction file {overwritten[0]}")
     image_root = args.image_root
     if image_root is None and bench is not None:
         try:
@@ -140,17 +134,16 @@ def _cmd_score(args: argparse.Namespace) -> int:
         problems += probs
     cfg = _score_config(args, bench, records)
     if cfg.task == "classification" and cfg.options is None and not any(r.options for r in records):
-        raise UsageError("score: classification needs options: records with an 'options' field, --options, "
-                         "--options-file or --benchmark")
+        raise UsageError("score: classification needs options: records with an 'options' field, --options or "
+                         "--benchmark")
     result = score_records(records, cfg, problems)  # ScoreInputError: bad options for these records
     if args.compat == "medrega":
         result.counts["repeated_ids_scored"] = len(records) - len({r.id for r in records})
-    protocol = protocol_info(model=args.model, template=None, generation=None,
-                             prediction_file=",".join(str(p) for p in pred_files),
+    protocol = protocol_info(prediction_file=",".join(str(p) for p in pred_files),
                              prediction_sha256=",".join(hashlib.sha256(p.read_bytes()).hexdigest() for p in pred_files),
                              task=cfg.task, compat=args.compat)
     summary = summarize(result, cfg, protocol, benchmark=args.benchmark)
-    write_outputs(args.out, summary, result.rows, TOP_METRICS, image_root=image_root)
+    write_outputs(args.out, summary, result.rows, image_root=image_root)
     _print_summary(summary)
     return 0
 
@@ -169,18 +162,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from internvl.inference import GenerationSettings  # lazy: torch and transformers, which `score` never needs
     from medrega_eval.run import RunConfig, run_benchmarks
 
-    registry = load_registry(args.benchmark_file)
-    names = [n.strip() for n in args.benchmark.split(",") if n.strip()]
-    unknown = [n for n in names if n not in registry]
-    if unknown:
-        raise UsageError(f"run: unknown benchmark(s) {unknown}; see `medrega-eval list`")
+    benchmarks = _benchmarks(args, [n.strip() for n in args.benchmark.split(",") if n.strip()])
     settings = GenerationSettings.from_args(args)
     cfg = RunConfig(out=args.out, data_dir=data_dir_from(args.data_dir), batch_size=args.batch_size,
                     limit=args.limit, compat=args.compat, score=not args.no_score,
                     bertscore_model=args.bertscore_model, bertscore_layer=args.bertscore_layer,
                     overwrite=args.overwrite, regional_cot=args.regional_cot)
     try:
-        summaries = run_benchmarks(args.model, [registry[n] for n in names], cfg, settings, dtype=args.dtype,
+        summaries = run_benchmarks(args.model, benchmarks, cfg, settings, dtype=args.dtype,
                                    device_map=args.device_map, load_in_8bit=args.load_in_8bit,
                                    load_in_4bit=args.load_in_4bit)
     except ScoreInputError as exc:  # the predictions are kept; `score` can rescore them with the right options

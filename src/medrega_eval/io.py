@@ -14,9 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from internvl.data.records import LimitedJSONDecoder, RecordProblem, read_jsonl
-from internvl.io_safety import append_jsonl
 
-__all__ = ["PredictionRecord", "read_predictions", "parse_prediction", "problem_at", "append_jsonl", "ScoreInputError"]
+__all__ = ["PredictionRecord", "read_predictions", "parse_prediction", "problem_at", "ScoreInputError"]
 
 
 class ScoreInputError(ValueError):
@@ -52,6 +51,9 @@ _OPTIONAL_FIELDS = {
     "answer_type": (lambda v: isinstance(v, str), "a string"),
     "image_root": (lambda v: isinstance(v, str), "a string"),
     "image": (lambda v: isinstance(v, str), "a path or a list of paths"),
+    "hw": (lambda v: isinstance(v, (list, tuple)) and len(v) == 2
+           and all(isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0 for x in v),
+           "[height, width] with positive numbers"),
     "lang": (lambda v: v in ("en", "zh"), "'en' or 'zh'"),
     "options": (lambda v: isinstance(v, list) and v and all(isinstance(o, str) for o in v),
                 "a non-empty list of strings"),
@@ -91,30 +93,23 @@ def parse_prediction(record: dict, file: str, line: int) -> PredictionRecord | R
         return RecordProblem(file, line, "bad-field", f"{rk} must be a non-empty string, got {ref!r}")
     _, rid = _first(record, ID_KEYS)
     rid = f"{file}:{line}" if rid is None else str(rid)
-    hw = record.get("hw")
-    if hw is None and "height" in record and "width" in record:
-        hw = [record["height"], record["width"]]
-    if hw is not None:
-        ok = (isinstance(hw, (list, tuple)) and len(hw) == 2
-              and all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in hw))
-        if not ok:
-            return RecordProblem(file, line, "bad-field",
-                                 f"hw must be [height, width] with positive numbers, got {hw!r}")
-        hw = [float(hw[0]), float(hw[1])]
-    image = record.get("image")
-    if isinstance(image, list):
-        image = image[0] if image else None
-    optional = {"image": image, **{k: record.get(k) for k in _OPTIONAL_FIELDS if k != "image"}}
+    optional = {k: record.get(k) for k in _OPTIONAL_FIELDS}
+    if isinstance(optional["image"], list):
+        optional["image"] = optional["image"][0] if optional["image"] else None
+    if optional["hw"] is None and "height" in record and "width" in record:
+        optional["hw"] = [record["height"], record["width"]]
     for key, value in optional.items():
         ok, rule = _OPTIONAL_FIELDS[key]
         if value is not None and not ok(value):
             return RecordProblem(file, line, "bad-field", f"{key} must be {rule}, got {reprlib.repr(value)}")
-    known = {*ID_KEYS, *PRED_KEYS, *REF_KEYS, *_OPTIONAL_FIELDS, "hw", "height", "width"}
-    return PredictionRecord(id=rid, prediction=pred, reference=ref, source=f"{file}:{line}", hw=hw, **optional,
+    if optional["hw"] is not None:
+        optional["hw"] = [float(v) for v in optional["hw"]]
+    known = {*ID_KEYS, *PRED_KEYS, *REF_KEYS, *_OPTIONAL_FIELDS, "height", "width"}
+    return PredictionRecord(id=rid, prediction=pred, reference=ref, source=f"{file}:{line}", **optional,
                             extra={k: v for k, v in record.items() if k not in known})
 
 
-def _json_list_items(path: Path, text: str) -> Iterable[tuple[int, Any]]:
+def _json_list_items(text: str) -> Iterable[tuple[int, Any]]:
     """(line number, decoded item) for each element of a top-level JSON list, decoded under the input limits of
     :mod:`internvl.data.records` (a too deep or huge item raises ``json.JSONDecodeError`` at its line)."""
     decoder = LimitedJSONDecoder()
@@ -152,7 +147,7 @@ def read_predictions(path: str | Path, *, keep_duplicates: bool = False, seen: d
     if head.startswith("["):
         text = path.read_text(encoding="utf-8-sig")
         try:
-            for item in _json_list_items(path, text):
+            for item in _json_list_items(text):
                 decoded.append(item)  # noqa: PERF402 - a loop keeps the items before a bad one
         except json.JSONDecodeError as exc:  # keep what decoded before the error; the rest is one problem
             problems.append(RecordProblem(file, exc.lineno, "invalid-json",

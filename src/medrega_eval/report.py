@@ -23,6 +23,7 @@ from internvl.data.records import resolve_image
 from internvl.io_safety import atomic_write_text
 from internvl.regions import RegionError, box_to_pixels, format_region
 from medrega_eval import __version__
+from medrega_eval.score import TOP_METRICS
 
 __all__ = ["OUTPUT_FILES", "protocol_info", "write_outputs", "iou_histogram_svg", "draw_boxes"]
 
@@ -118,16 +119,16 @@ def _fmt(v: Any) -> str:
     return f"{v:.4f}" if isinstance(v, float) else "-" if v is None else str(v)
 
 
-def _metric_items(summary: dict, names: Sequence[str]) -> list[tuple[str, Any]]:
-    return [(k, summary[k]) for k in names if k in summary]
+def _tables(summary: dict) -> list[tuple[str, list[tuple[str, str]]]]:
+    """The metric and count tables that summary.md and report.html both show: (name, [(key, text)])."""
+    return [("metric", [(k, _fmt(summary[k])) for k in TOP_METRICS if k in summary]),
+            ("count", [(k, str(v)) for k, v in summary.get("counts", {}).items()])]
 
 
-def _markdown(summary: dict, metric_names: Sequence[str]) -> str:
-    lines = [f"# {summary.get('benchmark') or summary.get('task')} ({summary.get('task')})", ""]
-    lines += ["| metric | value |", "|---|---|"]
-    lines += [f"| {k} | {_fmt(v)} |" for k, v in _metric_items(summary, metric_names)]
-    lines += ["", "| count | value |", "|---|---|"]
-    lines += [f"| {k} | {v} |" for k, v in summary.get("counts", {}).items()]
+def _markdown(summary: dict) -> str:
+    lines = [f"# {summary.get('benchmark') or summary.get('task')} ({summary.get('task')})"]
+    for name, items in _tables(summary):
+        lines += ["", f"| {name} | value |", "|---|---|", *(f"| {k} | {v} |" for k, v in items)]
     if summary.get("unavailable"):
         lines += ["", "Unavailable metrics:"] + [f"- {k}: {v}" for k, v in summary["unavailable"].items()]
     proto = summary.get("protocol", {})
@@ -231,10 +232,10 @@ def _legend(colours: Sequence[tuple[str, str]]) -> str:
     return f"<p class='legend'>boxes:{spans}</p>" if colours else ""
 
 
-def _html(summary: dict, rows: Sequence[dict], metric_names: Sequence[str], image_root, max_images: int) -> str:
+def _html(summary: dict, rows: Sequence[dict], image_root, max_images: int) -> str:
     title = html.escape(f"{summary.get('benchmark') or summary.get('task')} - MedRegA evaluation")
-    metrics = "".join(f"<tr><td>{k}</td><td>{_fmt(v)}</td></tr>" for k, v in _metric_items(summary, metric_names))
-    counts = "".join(f"<tr><td>{k}</td><td>{v}</td></tr>" for k, v in summary.get("counts", {}).items())
+    tables = "".join(f"<h2>{name.title()}s</h2><table>{''.join(f'<tr><td>{k}</td><td>{v}</td></tr>' for k, v in items)}"
+                     "</table>" for name, items in _tables(summary))
     problems = "".join(f"<li>{html.escape(p)}</li>" for p in summary.get("problems", [])[:50])
     unavailable = "".join(f"<li><b>{k}</b>: {html.escape(v)}</li>" for k, v in summary.get("unavailable", {}).items())
     ious = [r["scores"]["iou"] for r in rows if isinstance(r.get("scores", {}).get("iou"), (int, float))]
@@ -253,13 +254,13 @@ def _html(summary: dict, rows: Sequence[dict], metric_names: Sequence[str], imag
         "td,th{border:1px solid #ccc;padding:3px 8px;vertical-align:top;font-size:13px}"
         "figure{display:inline-block;width:400px;margin:6px;vertical-align:top;font-size:12px}"
         ".legend span{display:inline-block;width:12px;height:12px;margin:0 4px 0 12px}</style></head><body>",
-        f"<h1>{title}</h1><h2>Metrics</h2><table>{metrics}</table><h2>Counts</h2><table>{counts}</table>",
+        f"<h1>{title}</h1>{tables}",
         *(f"<h2>{head}</h2>{_legend(colours)}{body}" for head, colours, body in sections if body),
         f"<h2>First predictions</h2>{_sample_table(rows)}<h2>Protocol</h2><pre>{proto}</pre></body></html>"])
 
 
-def write_outputs(out_dir: str | Path, summary: dict, rows: Sequence[dict], metric_names: Sequence[str],
-                  image_root: str | Path | None = None, max_images: int = 12) -> dict[str, Path]:
+def write_outputs(out_dir: str | Path, summary: dict, rows: Sequence[dict], image_root: str | Path | None = None,
+                  max_images: int = 12) -> dict[str, Path]:
     """Write summary.json, samples.jsonl, summary.md and report.html into out_dir (each atomically); return their
     paths. ``image_root`` is the benchmark's declared image folder: report.html embeds only images inside it."""
     out = Path(out_dir)
@@ -267,6 +268,6 @@ def write_outputs(out_dir: str | Path, summary: dict, rows: Sequence[dict], metr
     paths = {name: out / name for name in OUTPUT_FILES}
     atomic_write_text(paths["summary.json"], json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     atomic_write_text(paths["samples.jsonl"], "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
-    atomic_write_text(paths["summary.md"], _markdown(summary, metric_names))
-    atomic_write_text(paths["report.html"], _html(summary, rows, metric_names, image_root, max_images))
+    atomic_write_text(paths["summary.md"], _markdown(summary))
+    atomic_write_text(paths["report.html"], _html(summary, rows, image_root, max_images))
     return paths

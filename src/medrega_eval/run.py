@@ -21,12 +21,12 @@ from internvl.data.images import ImageLoadError
 from internvl.data.records import RecordProblem, read_jsonl
 from internvl.inference import (DistInfo, GenerationRequest, Generator, default_dtype, init_distributed,
                                 load_model_and_tokenizer)
-from internvl.io_safety import atomic_write_text, check_output_dir
+from internvl.io_safety import append_jsonl, atomic_write_text, check_output_dir
 from internvl.regional_cot import CotAnswer, RegionalCotGenerator
 from medrega_eval.benchmarks import Benchmark, Sample, load_samples, reference_labels
-from medrega_eval.io import append_jsonl, problem_at, read_predictions
+from medrega_eval.io import problem_at, read_predictions
 from medrega_eval.report import protocol_info, write_outputs
-from medrega_eval.score import TOP_METRICS, score_records, summarize
+from medrega_eval.score import score_records, summarize
 
 __all__ = ["RunConfig", "ResumeMismatchError", "run_benchmarks", "generate_benchmark", "score_benchmark",
            "check_resume", "start_benchmark_dir"]
@@ -171,21 +171,16 @@ def generate_benchmark(bench: Benchmark, generator: Any, cfg: RunConfig, info: D
 def _safe_batches(generator: Any, requests: list, errors_path: Path, rank: int):
     """Batches of (index, text); a failing batch is retried one request at a time, failures logged, not fatal."""
     order = sorted(range(len(requests)), key=lambda i: (len(requests[i].images), len(requests[i].prompt)))
-    bs = generator.batch_size
-    for start in range(0, len(order), bs):
-        idx = order[start : start + bs]
+    queue = [order[start : start + generator.batch_size] for start in range(0, len(order), generator.batch_size)]
+    while queue:
+        idx = queue.pop(0)
         try:
-            yield [(idx[j], text) for j, text in enumerate(generator.generate_batch([requests[i] for i in idx]))]
-            continue
+            yield list(zip(idx, generator.generate_batch([requests[i] for i in idx])))
         except (ImageLoadError, OSError, ValueError) as exc:
-            if len(idx) == 1:
+            if len(idx) > 1:
+                queue[:0] = [[i] for i in idx]
+            else:
                 append_jsonl(errors_path, [{"id": requests[idx[0]].id, "rank": rank, "error": str(exc)}])
-                continue
-        for i in idx:
-            try:
-                yield [(i, generator.generate_batch([requests[i]])[0])]
-            except (ImageLoadError, OSError, ValueError) as exc:
-                append_jsonl(errors_path, [{"id": requests[i].id, "rank": rank, "error": str(exc)}])
 
 
 def score_benchmark(bench: Benchmark, samples: Sequence[Sample], problems: Sequence[RecordProblem],
@@ -222,7 +217,7 @@ def score_benchmark(bench: Benchmark, samples: Sequence[Sample], problems: Seque
     if bench.size is not None:
         result.counts["expected_size"] = bench.size
     summary = summarize(result, score_cfg, protocol, benchmark=bench.name)
-    write_outputs(bdir, summary, result.rows, TOP_METRICS, image_root=bench.locate(cfg.data_dir)[1])
+    write_outputs(bdir, summary, result.rows, image_root=bench.locate(cfg.data_dir)[1])
     return summary
 
 

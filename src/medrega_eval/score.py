@@ -51,14 +51,11 @@ class ScoreConfig:
     def validate(self) -> None:
         """Raise ScoreInputError (a ValueError) for an unknown task, language, subtype, compat mode or metric: the CLI's
         choices check them too, but `score_records` is public and its callers pass a config directly."""
-        if self.task not in TASKS:
-            raise ScoreInputError(f"unknown task {self.task!r}; choose one of {', '.join(TASKS)}")
-        if self.lang not in (None, "auto", "en", "zh"):
-            raise ScoreInputError(f"unknown language {self.lang!r}; choose en, zh or auto")
-        if self.subtype is not None and self.subtype not in SUBTYPES:
-            raise ScoreInputError(f"unknown subtype {self.subtype!r}; choose one of {', '.join(SUBTYPES)}")
-        if self.compat not in (None, "medrega"):
-            raise ScoreInputError(f"unknown compat mode {self.compat!r}; the only one is 'medrega'")
+        for what, value, allowed in (("task", self.task, TASKS), ("language", self.lang, (None, "auto", "en", "zh")),
+                                     ("subtype", self.subtype, (None, *SUBTYPES)),
+                                     ("compat mode", self.compat, (None, "medrega"))):
+            if value not in allowed:
+                raise ScoreInputError(f"unknown {what} {value!r}; choose one of {', '.join(filter(None, allowed))}")
         if self.compat == "medrega" and self.task == "text2region" and self.subtype is None:
             raise ScoreInputError("--compat medrega for text2region needs --subtype (ss, sm, ms or mm): "
                                   "the original has one scorer per subtype")
@@ -174,8 +171,7 @@ def _score_vqa(records, cfg, result) -> None:
         lang = split_lang or record_lang(rec, cfg)
         s = vqa_m.score_vqa_sample(rec.prediction, rec.reference, lang, rec.answer_type, cfg.compat)
         samples.append(s)
-        result.rows.append(_row(rec, lang, {"closed": s.closed, "correct": s.correct, "recall": s.recall,
-                                            "token_f1": s.f1, "bleu1": s.bleu1, "exact_match": s.exact_match}))
+        result.rows.append(_row(rec, lang, dataclasses.asdict(s)))
     agg = vqa_m.aggregate_vqa(samples, cfg.compat)
     for k in ("closed_accuracy", "open_recall", "open_accuracy", "token_f1", "recall", "bleu1", "exact_match"):
         result.metrics[k] = agg[k]
@@ -234,11 +230,15 @@ def _score_classification(records, cfg, result) -> None:
     result.counts["unmapped_answers"] = sum(bool(r["unmapped"]) for r in result.rows)
 
 
+def _region2text_original(text: str) -> str:
+    return remove_box_text_original(text.lower())
+
+
 def _score_region2text(records, cfg, result) -> None:
     for rec in records:
         lang = record_lang(rec, cfg)
         if cfg.compat == "medrega":
-            pred = remove_box_text_original(rec.prediction.lower()).split()
+            pred = _region2text_original(rec.prediction).split()
             ref = rec.reference.lower().split()
         else:
             clean = text_m.BOX_TEXT_RE.sub(" ", rec.prediction).replace("<ref>", "").replace("</ref>", "")
@@ -270,7 +270,7 @@ def _region_part(records, cfg, result) -> list[tuple[int, dict]]:
         samples.append(sample)
         preds.append(pred.boxes)
         refs.append(ref.boxes)
-        row = _row(rec, lang, sample.metrics(),
+        row = _row(rec, lang, sample.scores,
                    pred_boxes=[{"name": b.name, "box": list(b.grid)} for b in pred.boxes],
                    ref_boxes=[{"name": b.name, "box": list(b.grid)} for b in ref.boxes],
                    matches=[{"pred": i, "ref": j, "iou": iou} for i, j, iou in sample.pairs],
@@ -332,15 +332,10 @@ def _compat_text2region(records, cfg, result, rows: dict[int, dict]) -> None:
         result.unavailable.setdefault(f"medrega.{name}", reason)
 
 
-def _texts(records: Sequence[PredictionRecord], grounded: bool) -> tuple[list[str], list[str]]:
-    """(predictions, references) as text metrics see them: grounded reports without their regions."""
-    clean = strip_regions if grounded else str
-    return [clean(r.prediction) for r in records], [clean(r.reference) for r in records]
-
-
 def _score_report(records, cfg, result, grounded: bool = False) -> None:
     langs = [record_lang(r, cfg) for r in records]
-    preds, refs = _texts(records, grounded)
+    clean = strip_regions if grounded else str  # grounded reports: text metrics on the text without its regions
+    preds, refs = [clean(r.prediction) for r in records], [clean(r.reference) for r in records]
     out, per = _report_metrics(preds, refs, langs, cfg, result)
     result.metrics.update(out)
     if grounded:
@@ -356,34 +351,27 @@ def _score_report(records, cfg, result, grounded: bool = False) -> None:
             result.rows.append(_row(rec, lang, scores))
 
 
-def _compat_bertscore_texts(records, cfg, result) -> tuple[list[str], list[str], str]:
-    """(candidates, references, language) exactly as the original scorers hand them to bert-score."""
-    langs = {row["lang"] for row in result.rows}
-    lang = result.details.get("compat_lang") or (langs.pop() if len(langs) == 1 else "en")
-    preds, refs = _texts(records, grounded=False)
-    if cfg.task == "vqa" and lang == "en":
-        return [vqa_m.medrega_clean_en(p) for p in preds], [vqa_m.medrega_clean_en(r) for r in refs], lang
-    if cfg.task == "region2text":
-        return [remove_box_text_original(p.lower()) for p in preds], [r.lower() for r in refs], lang
-    if cfg.task == "report" and lang == "zh":
-        return [medrega_clean_report_zh(p).replace(" ", "") for p in preds], refs, lang
-    if cfg.task == "report":
-        return [medrega_clean_report_en(p) for p in preds], [medrega_clean_report_en(r) for r in refs], lang
-    return (*_texts(records, cfg.task == "grounded_report"), lang)
+# (task, language) -> how the original scorers clean (predictions, references) before they call bert-score
+_COMPAT_BERTSCORE_CLEAN = {
+    ("vqa", "en"): (vqa_m.medrega_clean_en, vqa_m.medrega_clean_en),
+    ("region2text", "en"): (_region2text_original, str.lower), ("region2text", "zh"): (_region2text_original, str.lower),
+    ("report", "en"): (medrega_clean_report_en, medrega_clean_report_en),
+    ("report", "zh"): (lambda p: medrega_clean_report_zh(p).replace(" ", ""), str),
+}
 
 
 def _bertscore(records, cfg, result) -> None:
     """BERTScore F1 from the local model; one row per record, in order (grounded: on the box-free text)."""
     from medrega_eval.metrics.model_based import ORIGINAL_LAYERS, bertscore
 
-    rows = result.rows  # one row per record, in record order, for every BERTScore task (ids may repeat in compat)
-    assert len(rows) == len(records), "BERTScore needs one row per record"
     layer, original = cfg.bertscore_layer, cfg.compat == "medrega"
+    clean_pred = clean_ref = strip_regions if cfg.task == "grounded_report" else str
     if original:
-        cands, refs, lang = _compat_bertscore_texts(records, cfg, result)
+        langs = {row["lang"] for row in result.rows}
+        lang = result.details.get("compat_lang") or (langs.pop() if len(langs) == 1 else "en")
+        clean_pred, clean_ref = _COMPAT_BERTSCORE_CLEAN.get((cfg.task, lang), (clean_pred, clean_ref))
         layer = layer if layer is not None else ORIGINAL_LAYERS[lang]
-    else:
-        cands, refs = _texts(records, cfg.task == "grounded_report")
+    cands, refs = [clean_pred(r.prediction) for r in records], [clean_ref(r.reference) for r in records]
     try:
         mean, per = bertscore(cands, refs, cfg.bertscore_model, layer=layer, original=original)
     except text_m.MetricUnavailable as exc:
@@ -391,7 +379,7 @@ def _bertscore(records, cfg, result) -> None:
         result.unavailable["bertscore"] = str(exc)
         return
     result.metrics["bertscore"] = mean
-    for row, value in zip(rows, per):
+    for row, value in zip(result.rows, per):  # one row per record, in order, for every BERTScore task
         row["scores"]["bertscore"] = value
 
 

@@ -3,7 +3,8 @@ import json
 
 import pytest
 
-from medrega_eval.io import append_jsonl, read_predictions
+from internvl.io_safety import append_jsonl
+from medrega_eval.io import read_predictions
 
 
 def _write(path, text):

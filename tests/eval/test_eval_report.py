@@ -22,6 +22,6 @@ def test_iou_histogram_svg_counts_bins():
 
 def test_markdown_table_lists_metrics_and_counts():
     md = _markdown({"task": "vqa", "benchmark": "slake_en", "bleu1": 0.5, "closed_accuracy": None,
-                    "counts": {"records": 2}, "protocol": {"model": "m"}}, ["bleu1", "closed_accuracy"])
+                    "counts": {"records": 2}, "protocol": {"model": "m"}})
     assert "| bleu1 | 0.5000 |" in md and "| closed_accuracy | - |" in md and "| records | 2 |" in md
     assert "model=m" in md

@@ -101,3 +101,22 @@ def test_torchrun_two_ranks_shard_and_merge(setup):
     assert ids == [f"s{i}" for i in range(N)]
     summary = json.loads((out / "tiny_t2r" / "summary.json").read_text())
     assert summary["protocol"]["world_size"] == 2 and summary["num_samples"] == N
+
+
+def test_a_failing_batch_is_retried_one_request_at_a_time(tmp_path):
+    from types import SimpleNamespace
+
+    from medrega_eval.run import _safe_batches
+
+    class Gen:
+        batch_size = 2
+
+        def generate_batch(self, reqs):
+            if any(r.id == "bad" for r in reqs):
+                raise ValueError("broken image")
+            return [r.id.upper() for r in reqs]
+
+    reqs = [SimpleNamespace(id=i, images=[], prompt="p") for i in ("a", "bad", "c")]
+    got = [pair for batch in _safe_batches(Gen(), reqs, tmp_path / "err.jsonl", 0) for pair in batch]
+    assert got == [(0, "A"), (2, "C")]
+    assert json.loads((tmp_path / "err.jsonl").read_text()) == {"id": "bad", "rank": 0, "error": "broken image"}

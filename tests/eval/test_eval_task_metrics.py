@@ -118,13 +118,14 @@ def test_box_iou_matches_torchvision_or_hand_computed():
 def test_region_sample_default_metrics():
     ref = _boxes("<ref>left lung</ref><box>[[0, 0, 100, 100]]</box>, <ref>right lung</ref><box>[[200, 200, 300, 300]]</box>")
     pred = _boxes("left lung[[0, 0, 100, 100]], heart[[200, 200, 300, 250]], liver[[900, 900, 950, 950]]")
-    s = R.score_region_sample(pred, ref)
-    assert s.num_pred == 3 and s.num_ref == 2
-    assert s.iou == pytest.approx((1.0 + 0.5) / 2)
-    assert s.acc50 == 1.0 and s.acc75 == 0.5
-    assert (s.precision, s.recall) == (pytest.approx(2 / 3), 1.0)  # conventional naming
-    assert s.alignment_precision == pytest.approx(1 / 3) and s.alignment_recall == 0.5
-    assert s.object_precision == pytest.approx(1 / 3) and s.object_recall == 0.5
+    sample = R.score_region_sample(pred, ref)
+    assert sample.num_pred == 3 and sample.num_ref == 2
+    s = sample.scores
+    assert s["iou"] == pytest.approx((1.0 + 0.5) / 2)
+    assert s["acc50"] == 1.0 and s["acc75"] == 0.5
+    assert (s["precision"], s["recall"]) == (pytest.approx(2 / 3), 1.0)  # conventional naming
+    assert s["alignment_precision"] == pytest.approx(1 / 3) and s["alignment_recall"] == 0.5
+    assert s["object_precision"] == pytest.approx(1 / 3) and s["object_recall"] == 0.5
 
 
 def test_unparsable_prediction_is_a_miss():
@@ -132,14 +133,14 @@ def test_unparsable_prediction_is_a_miss():
     parsed = R.parse_for_scoring("liver[[10, 10, 2000, 20]]")
     assert parsed.boxes == [] and parsed.errors
     s = R.score_region_sample(parsed.boxes, ref, unparsable=True)
-    assert s.iou == 0.0 and s.recall == 0.0 and s.unparsable
+    assert s.scores["iou"] == 0.0 and s.scores["recall"] == 0.0 and s.unparsable
 
 
 def test_pixel_iou_equals_grid_iou():
     text = "<ref>a</ref><box>[[100, 200, 600, 700]]</box>"
     pred = "a[[150, 250, 650, 800]]"
-    grid = R.score_region_sample(_boxes(pred), _boxes(text)).iou
-    pix = R.score_region_sample(_boxes(pred, [480, 640]), _boxes(text, [480, 640])).iou
+    grid = R.score_region_sample(_boxes(pred), _boxes(text)).scores["iou"]
+    pix = R.score_region_sample(_boxes(pred, [480, 640]), _boxes(text, [480, 640])).scores["iou"]
     assert grid == pytest.approx(pix, abs=1e-12)
 
 

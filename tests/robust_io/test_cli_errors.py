@@ -138,10 +138,8 @@ def test_bugs_keep_their_traceback(capsys) -> None:
 
 
 def test_os_errors_about_named_files_are_one_line(tmp_path: Path, capsys) -> None:
-    pred = tmp_path / "p.jsonl"
-    pred.write_text(json.dumps({"id": 1, "prediction": "a", "reference": "a"}) + "\n")
-    rc, err, tb = _run("medrega-eval", ["score", "--task", "classification", "--pred", str(pred), "--out",
-                                        str(tmp_path / "o"), "--options-file", str(tmp_path / ("n" * 300))], capsys)
+    rc, err, tb = _run("medrega-eval", ["score", "--task", "vqa", "--pred", str(tmp_path / ("n" * 300)), "--out",
+                                        str(tmp_path / "o")], capsys)
     outcome = classify_refusal(refused=rc == 2 and len(err) == 1 and "File name too long" in err[0], intact=True,
                                traceback=tb)
     assert outcome == "clear", (rc, err)

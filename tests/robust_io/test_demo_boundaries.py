@@ -176,12 +176,12 @@ def test_report_embeds_only_images_inside_the_declared_root(tmp_path: Path) -> N
             _report_row("linkdir", "linked_dir/private.png"),
             _report_row("own-root", "private.png", image_root=str(secret))]
     summary = {"task": "text2region", "counts": {}, "problems": []}
-    html_text = (write_outputs(tmp_path / "out", summary, rows, [], image_root=root)["report.html"]).read_text()
+    html_text = (write_outputs(tmp_path / "out", summary, rows, image_root=root)["report.html"]).read_text()
     assert html_text.count('<img src="data:image/png;base64,') == 1
     assert html_text.count("image not shown") == 5
     for row in rows[1:]:
         classify_refusal(refused=True, intact=True, traceback=False)
-    no_root = (write_outputs(tmp_path / "out2", summary, rows, [])["report.html"]).read_text()
+    no_root = (write_outputs(tmp_path / "out2", summary, rows)["report.html"]).read_text()
     assert "data:image/png" not in no_root and "no image root declared" in no_root
 
 

@@ -146,8 +146,6 @@ def sample_values(pred: OriginalBoxes, ref: OriginalBoxes, subtype: str) -> dict
     """The original's per-sample quantities for `subtype` (ss, sm, ms, mm); raises OriginalCrash where it raises."""
     if subtype == "ss":
         return _ss(pred, ref)
-    if subtype not in THRESHOLDS:
-        raise ValueError(f"unknown Text-to-Region subtype {subtype!r}; expected ss, sm, ms or mm")
     n_pred, n_ref = len(pred.boxes), len(ref.boxes)
     matches, pairs, ious = _hungarian(pred.boxes, ref.boxes, THRESHOLDS[subtype])
     correct = len(matches)
@@ -184,15 +182,6 @@ def sample_values(pred: OriginalBoxes, ref: OriginalBoxes, subtype: str) -> dict
     v["ob_f1"] = _f1(v["ob_pre"], v["ob_rec"])
     v["al_f1"] = _f1(v["al_gt"], v["al_pred"])
     return v
-
-
-def _mean(values: list[dict[str, float]], key: str) -> float | None:
-    return sum(v[key] for v in values) / len(values) if values else None
-
-
-def _ratio(values: list[dict[str, float]], num: str, den: str) -> float | None:
-    d = sum(v[den] for v in values)
-    return sum(v[num] for v in values) / d if d != 0 else None
 
 
 _WHAT = {"n_pairs": "Hungarian pair", "n_ref": "reference box", "align_all": "name-agreeing pair"}
@@ -235,18 +224,19 @@ def aggregate(values: list[dict[str, float]], subtype: str) -> tuple[dict[str, o
         if out["iou"] is None:
             why["iou"] = "an IoU is 0/0 (two empty boxes): the original prints nan"
         return out, why
-    for name, spec in _NAMES[subtype].items():
-        if spec[0] == "mean":
-            out[name] = _mean(values, spec[1]) if subtype != "sm" or n else 0  # sm guards its means with 0
+    for name, (kind, key, *den) in _NAMES[subtype].items():
+        if kind == "mean":
+            out[name] = sum(v[key] for v in values) / n if n else (0 if subtype == "sm" else None)  # sm guards with 0
             if out[name] is None:
                 why[name] = "no sample: the original divides by zero"
             continue
-        out[name] = _ratio(values, spec[1], spec[2])
+        d = sum(v[den[0]] for v in values)
+        out[name] = sum(v[key] for v in values) / d if d != 0 else None
         if out[name] is None:
             if subtype == "mm" and name == "object_iou" and n:
                 out[name] = 0  # the original guards this one division
             else:
-                why[name] = f"the original divides by zero: no {_WHAT[spec[2]]} in the whole file"
+                why[name] = f"the original divides by zero: no {_WHAT[den[0]]} in the whole file"
     return out, why
 
 

@@ -78,41 +78,35 @@ def report_metrics_medrega(preds, refs, langs, wanted, result) -> tuple[dict[str
 
     per: list[dict[str, float]] = [{} for _ in preds]
     out: dict[str, Any] = {}
-    scorer = rouge_scorer.RougeScorer(["rouge1", "rougeL"])
     if all(lang == "en" for lang in langs):
-        p_clean = [medrega_clean_report_en(p) for p in preds]
-        r_clean = [medrega_clean_report_en(r) for r in refs]
-        cands = [text_m.tokenize_13a(p) for p in p_clean]
-        gts = [[text_m.tokenize_13a(r)] for r in r_clean]
+        texts = [medrega_clean_report_en(p) for p in preds], [medrega_clean_report_en(r) for r in refs]
+        m_hyp, m_ref = ([meteor_m.tokenize_en(t) for t in side] for side in texts)
+    elif all(lang == "zh" for lang in langs):
+        # predictions: cleanStr_zh + spaces removed; references: raw. METEOR takes their raw jieba tokens; BLEU (13a
+        # tokens) and ROUGE (rouge-score, which drops the CJK characters) the jieba tokens joined with spaces
+        jieba = text_m._get_jieba()
+        res_raw = [medrega_clean_report_zh(p).replace(" ", "") for p in preds]
+        m_hyp, m_ref = [list(jieba.cut(x)) for x in res_raw], [list(jieba.cut(r)) for r in refs]
+        texts = [" ".join(t) for t in m_hyp], [" ".join(t) for t in m_ref]
+    else:
+        raise ScoreInputError("--compat medrega scores one language at a time (the original has separate EN and ZH "
+                              "scorers); split the file or pass --lang")
+    cands, gts = [text_m.tokenize_13a(p) for p in texts[0]], [[text_m.tokenize_13a(r)] for r in texts[1]]
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rougeL"])
+    rouge = [scorer.score(r, p) for p, r in zip(*texts)]
+    if langs[0] == "en":
         out["bleu1"] = text_m.hf_bleu(cands, gts, max_order=1)  # corpus BLEU, no per-sample value
         out["bleu4"] = text_m.hf_bleu(cands, gts, max_order=4)
-        for row, p, r in zip(per, p_clean, r_clean):
-            s = scorer.score(r, p)
+        for row, s in zip(per, rouge):
             row.update(rouge1=s["rouge1"].fmeasure, rougeL=s["rougeL"].fmeasure)
         # HF evaluate reports a bootstrap median (random); the plain mean above estimates it, the spread bounds it
-        result.details["rouge_bootstrap"] = rouge_bootstrap_spread(p_clean, r_clean)
-        m_hyp = [meteor_m.tokenize_en(p) for p in p_clean]
-        m_ref = [meteor_m.tokenize_en(r) for r in r_clean]
-    elif all(lang == "zh" for lang in langs):
-        jieba = text_m._get_jieba()
-        # predictions: cleanStr_zh + spaces removed; references: raw. Both jieba-joined with spaces, then HF BLEU's
-        # 13a tokenizer; HF ROUGE on the jieba-joined strings (rouge-score drops the CJK characters)
-        res_raw = [medrega_clean_report_zh(p).replace(" ", "") for p in preds]
-        res = [" ".join(jieba.cut(x)) for x in res_raw]
-        gt = [" ".join(jieba.cut(r)) for r in refs]
-        cands = [text_m.tokenize_13a(x) for x in res]
-        gts = [[text_m.tokenize_13a(x)] for x in gt]
-        for row, cand, ref, g, r in zip(per, cands, gts, gt, res):
-            s = scorer.score(g, r)
+        result.details["rouge_bootstrap"] = rouge_bootstrap_spread(*texts)
+    else:
+        for row, cand, ref, s in zip(per, cands, gts, rouge):
             # per-sample BLEU; the original stores rouge1 under rougeL and rougeL under rouge1
             row.update(bleu1=text_m.hf_bleu([cand], [ref], max_order=1),
                        bleu4=text_m.hf_bleu([cand], [ref], max_order=4),
                        rougeL=s["rouge1"].fmeasure, rouge1=s["rougeL"].fmeasure)
-        m_hyp = [list(jieba.cut(x)) for x in res_raw]  # raw jieba tokens, as the original's METEOR
-        m_ref = [list(jieba.cut(r)) for r in refs]
-    else:
-        raise ScoreInputError("--compat medrega scores one language at a time (the original has separate EN and ZH "
-                              "scorers); split the file or pass --lang")
     out.update({k: mean_or_none([row[k] for row in per]) for k in per[0]})  # the per-sample ones' means
     if "meteor" in wanted:
         try:

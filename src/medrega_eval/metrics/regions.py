@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from pycocotools.coco import COCO
@@ -71,29 +71,13 @@ def hungarian_match(pred: Sequence[NamedBox], ref: Sequence[NamedBox]) -> list[t
 
 @dataclass
 class RegionSample:
-    """Per-sample region scores (all fractions) and the matched pairs, for the per-sample jsonl and the HTML report."""
+    """Per-sample region scores (fractions, by name) and the matched pairs, for samples.jsonl and the HTML report."""
 
-    iou: float
-    acc25: float
-    acc50: float
-    acc75: float
-    precision: float
-    recall: float
-    f1: float
-    object_precision: float
-    object_recall: float
-    object_f1: float
-    alignment_precision: float
-    alignment_recall: float
-    alignment_f1: float
+    scores: dict[str, float]
     num_pred: int
     num_ref: int
     unparsable: bool
     pairs: list[tuple[int, int, float]]
-
-    def metrics(self) -> dict[str, float]:
-        """The scores (every ``float`` field, in order) by name."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.type in ("float", float)}
 
 
 def _fill_names(pred: list[NamedBox], ref: Sequence[NamedBox]) -> list[NamedBox]:
@@ -107,39 +91,32 @@ def _fill_names(pred: list[NamedBox], ref: Sequence[NamedBox]) -> list[NamedBox]
 
 def score_region_sample(pred: Sequence[NamedBox], ref: Sequence[NamedBox], unparsable: bool = False) -> RegionSample:
     """Default per-sample region metrics (see module docstring). `ref` must be non-empty."""
-    if not ref:
-        raise ValueError("a Text-to-Region reference needs at least one box")
     pred = _fill_names(list(pred), ref)
     pairs = hungarian_match(pred, ref)
     ious = [iou for _, _, iou in pairs]
     n_ref = len(ref)
     tp = sum(iou >= IOU_THRESHOLD for iou in ious)
-    precision, recall, f1 = prf(tp, len(pred), n_ref)
     pred_names = {p.name for p in pred if p.name}
     ref_names = {r.name for r in ref if r.name}
-    common = len(pred_names & ref_names)
-    o_p, o_r, o_f = prf(common, len(pred_names), len(ref_names))  # no reference name: common = 0, all 0.0
     aligned = sum(iou >= IOU_THRESHOLD and pred[i].name is not None and pred[i].name == ref[j].name
                   for i, j, iou in pairs)
-    a_p, a_r, a_f = prf(aligned, len(pred), n_ref)
-    return RegionSample(iou=sum(ious) / n_ref, acc25=sum(i >= 0.25 for i in ious) / n_ref,
-                        acc50=sum(i >= 0.5 for i in ious) / n_ref, acc75=sum(i >= 0.75 for i in ious) / n_ref,
-                        precision=precision, recall=recall, f1=f1, object_precision=o_p, object_recall=o_r,
-                        object_f1=o_f, alignment_precision=a_p, alignment_recall=a_r, alignment_f1=a_f,
-                        num_pred=len(pred), num_ref=n_ref, unparsable=unparsable, pairs=pairs)
+    scores = {"iou": sum(ious) / n_ref}
+    scores.update({f"acc{t}": sum(i >= t / 100 for i in ious) / n_ref for t in (25, 50, 75)})
+    # region, object-name (no reference name: all 0.0) and alignment precision / recall / F1
+    for prefix, counts in (("", (tp, len(pred), n_ref)),
+                           ("object_", (len(pred_names & ref_names), len(pred_names), len(ref_names))),
+                           ("alignment_", (aligned, len(pred), n_ref))):
+        scores.update(zip((f"{prefix}precision", f"{prefix}recall", f"{prefix}f1"), prf(*counts)))
+    return RegionSample(scores, len(pred), n_ref, unparsable, pairs)
 
 
 def aggregate_regions(samples: Sequence[RegionSample]) -> dict[str, float | int | None]:
     """Mean of every per-sample metric, plus box counts and the number of unparsable predictions."""
     if not samples:
         return {}
-    out: dict[str, float | int | None] = {
-        k: float(np.mean([s.metrics()[k] for s in samples])) for k in samples[0].metrics()
-    }
-    out["num_pred_boxes"] = int(sum(s.num_pred for s in samples))
-    out["num_ref_boxes"] = int(sum(s.num_ref for s in samples))
-    out["unparsable"] = int(sum(s.unparsable for s in samples))
-    return out
+    means = {k: float(np.mean([s.scores[k] for s in samples])) for k in samples[0].scores}
+    return {**means, "num_pred_boxes": sum(s.num_pred for s in samples),
+            "num_ref_boxes": sum(s.num_ref for s in samples), "unparsable": sum(s.unparsable for s in samples)}
 
 
 def coco_map50(preds: Sequence[Sequence[NamedBox]], refs: Sequence[Sequence[NamedBox]]) -> float | None:

@@ -23,7 +23,7 @@ from pycocoevalcap.meteor.meteor import Meteor
 from pycocoevalcap.rouge.rouge import Rouge
 
 __all__ = ["MetricUnavailable", "PTB_PUNCTUATION", "tokenize_en", "tokenize_zh", "tokenize", "has_cjk", "text_language",
-           "rouge_l", "corpus_rouge_l", "coco_bleu", "coco_cider", "coco_meteor", "sentence_bleu1",
+           "corpus_rouge_l", "coco_bleu", "coco_cider", "coco_meteor", "sentence_bleu1",
            "hf_bleu", "token_set_scores", "prf"]
 
 
@@ -149,73 +149,51 @@ def tokenize(text: str, lang: str) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------- pycocoevalcap scorers
-def rouge_l(candidate: Sequence[str], references: Sequence[Sequence[str]], beta: float = 1.2) -> float:
-    """Sentence ROUGE-L F-measure: pycocoevalcap's ``Rouge.calc_score`` (LCS, P and R maximised over references)
-    with recall weight `beta` (its own is 1.2; with one reference, beta 1 gives rouge-score's `rougeL`). An empty
-    candidate scores 0. Tokens hold no spaces (pycocoevalcap splits the joined text on them)."""
-    if not references:
-        raise ValueError("rouge_l needs at least one reference")
-    if not candidate:
-        return 0.0  # (joined, "" would match an empty reference)
-    scorer = Rouge()
-    scorer.beta = beta
-    return float(scorer.calc_score([" ".join(candidate)], [" ".join(ref) for ref in references]))
+def _coco_inputs(candidates: Sequence[Sequence[str]], references: Sequence[Sequence[Sequence[str]]]):
+    """pycocoevalcap's (gts, res) dicts of the space-joined tokens (tokens hold no spaces: it splits on them)."""
+    return {i: [" ".join(r) for r in refs] for i, refs in enumerate(references)}, {
+        i: [" ".join(c)] for i, c in enumerate(candidates)}
 
 
-def corpus_rouge_l(candidates: Sequence[Sequence[str]], references: Sequence[Sequence[Sequence[str]]], beta: float = 1.2
+def _coco_score(scorer, candidates: Sequence[Sequence[str]], references: Sequence[Sequence[Sequence[str]]]
+                ) -> tuple[float, list[float]]:
+    """pycocoevalcap's ``scorer.compute_score``: (corpus score, per-sample scores); (0.0, []) for no sample."""
+    if not candidates:
+        return 0.0, []
+    score, scores = scorer.compute_score(*_coco_inputs(candidates, references))
+    return float(score), [float(s) for s in scores]
+
+
+def corpus_rouge_l(candidates: Sequence[Sequence[str]], references: Sequence[Sequence[Sequence[str]]]
                    ) -> tuple[float, list[float]]:
-    """Mean and per-sample ROUGE-L over a corpus (pycocoevalcap averages sentence scores)."""
-    _check_lengths(candidates, references)
-    scores = [rouge_l(c, r, beta) for c, r in zip(candidates, references)]
-    return (float(np.mean(scores)) if scores else 0.0), scores
-
-
-def _check_lengths(candidates: Sequence, references: Sequence) -> None:
-    if len(candidates) != len(references):
-        raise ValueError(f"{len(candidates)} candidates but {len(references)} reference lists")
-    for i, refs in enumerate(references):
-        if len(refs) == 0:
-            raise ValueError(f"sample {i} has no reference")
-
-
-def _coco_score(scorer, candidates: Sequence[Sequence[str]], references: Sequence[Sequence[Sequence[str]]], **kwargs):
-    """pycocoevalcap's ``scorer.compute_score`` on the space-joined tokens: (corpus score, per-sample scores)."""
-    gts = {i: [" ".join(r) for r in refs] for i, refs in enumerate(references)}
-    res = {i: [" ".join(c)] for i, c in enumerate(candidates)}
-    return scorer.compute_score(gts, res, **kwargs)
+    """pycocoevalcap's ROUGE-L (LCS, beta 1.2, P and R maximised over the references): mean and per-sample F. An
+    empty candidate scores 0 (pycocoevalcap would give it 1 against a reference without tokens)."""
+    per = [s if c else 0.0 for c, s in zip(candidates, _coco_score(Rouge(), candidates, references)[1])]
+    return (float(np.mean(per)) if per else 0.0), per
 
 
 def coco_bleu(candidates: Sequence[Sequence[str]], references: Sequence[Sequence[Sequence[str]]], n: int = 4
               ) -> tuple[list[float], list[list[float]]]:
     """pycocoevalcap's corpus BLEU-1..n ('closest' reference length) and per_sample[k][i] = BLEU-(k+1) of sample i."""
-    _check_lengths(candidates, references)
     if not candidates:
         return [0.0] * n, [[] for _ in range(n)]
-    score, scores = _coco_score(Bleu(n), candidates, references, verbose=0)
+    score, scores = Bleu(n).compute_score(*_coco_inputs(candidates, references), verbose=0)
     return [float(s) for s in score], [[float(v) for v in row] for row in scores]
 
 
 def coco_cider(candidates: Sequence[Sequence[str]], references: Sequence[Sequence[Sequence[str]]]
                ) -> tuple[float, list[float]]:
     """CIDEr-D exactly as pycocoevalcap reports it (document frequencies from this corpus's references, x10)."""
-    _check_lengths(candidates, references)
-    if not candidates:
-        return 0.0, []
-    score, scores = _coco_score(Cider(), candidates, references)
-    return float(score), [float(s) for s in scores]
+    return _coco_score(Cider(), candidates, references)
 
 
 def coco_meteor(candidates: Sequence[Sequence[str]], references: Sequence[Sequence[Sequence[str]]]
                 ) -> tuple[float, list[float]]:
     """METEOR 1.5 through pycocoevalcap's bundled jar (needs `java` on PATH; MetricUnavailable otherwise)."""
-    _check_lengths(candidates, references)
     if shutil.which("java") is None:
         raise MetricUnavailable("METEOR needs a Java runtime (pycocoevalcap runs meteor-1.5.jar); install one, e.g. "
                                 "`apt-get install default-jre-headless`, or leave METEOR out with --metrics")
-    if not candidates:
-        return 0.0, []
-    score, scores = _coco_score(_meteor_process(), candidates, references)
-    return float(score), [float(s) for s in scores]
+    return _coco_score(_meteor_process(), candidates, references) if candidates else (0.0, [])
 
 
 _METEOR = None
@@ -263,7 +241,6 @@ def hf_bleu(candidates: Sequence[Sequence[str]], references: Sequence[Sequence[S
     """Corpus BLEU as Hugging Face `evaluate`'s 'bleu' computes it (tensorflow/nmt compute_bleu, no smoothing), for
     `--compat medrega` on sacrebleu 13a tokens: unlike pycocoevalcap, the brevity penalty uses the *shortest*
     reference lengths and a zero n-gram precision makes the score 0."""
-    _check_lengths(candidates, references)
     matches = [0] * max_order
     possible = [0] * max_order
     ref_len = cand_len = 0

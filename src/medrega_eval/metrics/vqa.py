@@ -32,12 +32,12 @@ _MEDREGA_CONTRACTIONS = {"pa": "posterior anterior", "ivc": "inferior vena cava"
 
 @dataclass(frozen=True)
 class VQASample:
-    """Per-sample VQA scores; `closed` says which rule applied."""
+    """Per-sample VQA scores (the samples.jsonl row, in order); `closed` says which rule applied."""
 
     closed: bool
     correct: bool | None  # closed questions: rule outcome; open: recall >= 0.75
     recall: float
-    f1: float
+    token_f1: float
     bleu1: float
     exact_match: bool
 
@@ -65,11 +65,9 @@ def vqa_tokens(text: str, lang: str, compat: str | None = None) -> list[str]:
     """Tokens used by the VQA metrics for `text` in `lang` under the default or `compat="medrega"` rules."""
     if lang == "en":
         return (medrega_clean_en(text) if compat == "medrega" else normalize_en(text)).split()
-    if lang == "zh":
-        if compat == "medrega":
-            return list(_get_jieba().cut(text))  # raw jieba segments, spaces included, as the original
-        return tokenize_zh(text)
-    raise ValueError(f"unknown language {lang!r}; expected 'en' or 'zh'")
+    if compat == "medrega":
+        return list(_get_jieba().cut(text))  # zh: raw jieba segments, spaces included, as the original
+    return tokenize_zh(text)
 
 
 def _is_closed(ref_tokens: Sequence[str], lang: str, answer_type: str | None) -> bool:
@@ -141,7 +139,7 @@ def aggregate_vqa(samples: Sequence[VQASample], compat: str | None = None) -> di
         open_accuracy = mean([float(s.correct) for s in open_])
 
     return {"closed_accuracy": mean([float(s.correct) for s in closed]), "open_recall": open_recall,
-            "open_accuracy": open_accuracy, "token_f1": mean([s.f1 for s in samples]),
+            "open_accuracy": open_accuracy, "token_f1": mean([s.token_f1 for s in samples]),
             "recall": mean([s.recall for s in samples]), "bleu1": mean([s.bleu1 for s in samples]),
             "exact_match": mean([float(s.exact_match) for s in samples]), "num_closed": len(closed),
             "num_open": len(open_)}
