@@ -22,7 +22,7 @@ from internvl.data.images import ImageLoadError, load_image
 from internvl.data.records import (BadRecordError, ImagePathError, ProblemTally, RecordChecker, RecordProblem,
                                    image_paths, iter_records, parse_record_line, resolve_image)
 from internvl.data.registry import DatasetSpec, load_meta
-from internvl.data.transforms import BoxAwareAugment
+from internvl.data.transforms import box_aware_augment
 from internvl.image_processing import ImageSettings, dummy_pixel_values, images_to_pixel_values, num_image_tokens
 from internvl.regions import RegionError
 
@@ -44,13 +44,14 @@ def line_offsets(path: str | Path) -> np.ndarray:
 class MedRegDataset(Dataset):
     """One registry entry as a map-style dataset of ``{"input_ids", "labels", "pixel_values", "image_flags",
     "sample_index"}`` items (see the module docstring). The entry's ``max_dynamic_patch`` overrides
-    ``image_settings``; ``augment=None`` follows its ``data_augment``; ``strict=False`` skips and reports bad records.
+    ``image_settings``; its ``data_augment`` turns on the box-aware crop; ``strict=False`` skips and reports bad
+    records.
     """
 
     def __init__(self, spec: DatasetSpec, tokenizer: Any, *, template: str = "Hermes-2",
                  image_settings: ImageSettings | None = None, num_image_token: int = 256,
                  max_seq_length: int | None = 2048, system_message: str | None = None, strict: bool = True,
-                 augment: bool | None = None, image_check: str = "exists", seed: int = 0) -> None:
+                 seed: int = 0) -> None:
         self.spec = spec
         self.tokenizer = tokenizer
         self.template = template
@@ -62,8 +63,6 @@ class MedRegDataset(Dataset):
         self.max_seq_length = max_seq_length
         self.system_message = system_message
         self.strict = strict
-        use_augment = spec.data_augment if augment is None else augment
-        self.augment = BoxAwareAugment() if use_augment else None
         self.seed = seed
         self.epoch = 0
         self.file = str(spec.annotation)
@@ -75,7 +74,7 @@ class MedRegDataset(Dataset):
         n_lines = len(self._offsets) - 1
         wanted = spec.select_lines(n_lines)
         limit = max(wanted) + 1 if wanted else 0
-        checker = RecordChecker(image_root=spec.root, image_check=image_check)
+        checker = RecordChecker(image_root=spec.root, image_check="exists")
         good = {line - 1 for line, _ in iter_records(self.file, checker, strict=strict, tally=self.tally,
                                                       last_line=limit)}
         self._lines = np.asarray([i for i in wanted if i in good], dtype=np.int64)
@@ -164,10 +163,10 @@ class MedRegDataset(Dataset):
                 raise fail(exc.reason, str(exc)) from None
             except (ValueError, OSError) as exc:
                 raise fail("unreadable-image", f"image {rel!r}: {type(exc).__name__}: {str(exc)[:200]}") from None
-        if self.augment is not None and images:
+        if self.spec.data_augment and images:
             rng = np.random.default_rng([self.seed, self.epoch, int(self._lines[index]), index])
             try:
-                images, turns, _ = self.augment(images, turns, rng)
+                images, turns = box_aware_augment(images, turns, rng)
             except RegionError as exc:
                 raise fail("bad-box", str(exc)) from None
         if images:
