@@ -60,8 +60,9 @@ def test_relative_paths_resolve_against_base_dir(demo_dataset_dir: Path, tmp_pat
 )
 def test_meta_errors_name_file_line_and_dataset(tmp_path: Path, entry: dict, message: str) -> None:
     meta = _write_meta(tmp_path, {"first": {"root": ".", "annotation": "x.jsonl"}, "broken": entry})
+    (tmp_path / "x.jsonl").touch()
     with pytest.raises(MetaFileError) as info:
-        load_meta(meta, check_paths=False)
+        load_meta(meta, base_dir=tmp_path)
     text = str(info.value)
     assert text.startswith(f"{meta}:") and "dataset 'broken'" in text and message in text
     line = int(text.split(":")[1])

@@ -8,26 +8,18 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["InputLimits", "LIMITS", "JSONLimitError", "loads_limited", "LimitedJSONDecoder", "find_lone_surrogate"]
+__all__ = ["MAX_DEPTH", "MAX_LINE_BYTES", "MAX_NAME_BYTES", "MAX_NUMBER_CHARS", "MAX_PATH_BYTES", "JSONLimitError",
+           "loads_limited", "LimitedJSONDecoder", "find_lone_surrogate"]
 
-
-@dataclass(frozen=True)
-class InputLimits:
-    """Limits checked on every record line: line bytes, ``[``/``{`` nesting, number-literal length (a 64-bit id has
-    20 digits), and image path / path component bytes (Linux ``PATH_MAX``/``NAME_MAX``)."""
-
-    max_line_bytes: int = 16 * 1024 * 1024
-    max_depth: int = 64
-    max_number_chars: int = 40
-    max_path_bytes: int = 4096
-    max_name_bytes: int = 255
-
-
-#: The limits used by :func:`read_jsonl` and :func:`parse_record_line` unless told otherwise.
-LIMITS = InputLimits()
+# The input limits checked on every record line: line bytes, ``[``/``{`` nesting, number-literal length (a 64-bit
+# id has 20 digits), and image path / path component bytes (Linux ``PATH_MAX``/``NAME_MAX``).
+MAX_LINE_BYTES = 16 * 1024 * 1024
+MAX_DEPTH = 64
+MAX_NUMBER_CHARS = 40
+MAX_PATH_BYTES = 4096
+MAX_NAME_BYTES = 255
 
 
 class JSONLimitError(ValueError):
@@ -95,12 +87,12 @@ def find_lone_surrogate(value: Any) -> str | None:
     return None
 
 
-def loads_limited(text: str, limits: InputLimits = LIMITS) -> Any:
-    """``json.loads`` under ``limits`` (nesting, number size, lone surrogates) for whole JSON documents too (meta
-    files, converter inputs). Raises ``json.JSONDecodeError`` or :class:`JSONLimitError` (both ``ValueError``)."""
+def loads_limited(text: str) -> Any:
+    """``json.loads`` under the input limits (nesting, number size, lone surrogates) for whole JSON documents too
+    (meta files, converter inputs). Raises ``json.JSONDecodeError`` or :class:`JSONLimitError` (both ``ValueError``)."""
     try:
-        _json_depth(text, limits.max_depth)
-        value = json.loads(text, **_number_hooks(limits.max_number_chars))
+        _json_depth(text, MAX_DEPTH)
+        value = json.loads(text, **_number_hooks(MAX_NUMBER_CHARS))
     except (JSONLimitError, json.JSONDecodeError):
         raise
     except (RecursionError, ValueError, OverflowError, MemoryError) as exc:
@@ -115,15 +107,14 @@ class LimitedJSONDecoder:
     """``raw_decode`` under the input limits, for the items of a JSON-list file (prediction files): every error,
     limits included, is a ``json.JSONDecodeError`` at the item's position."""
 
-    def __init__(self, limits: InputLimits = LIMITS) -> None:
-        self.limits = limits
-        self._decoder = json.JSONDecoder(**_number_hooks(limits.max_number_chars))
+    def __init__(self) -> None:
+        self._decoder = json.JSONDecoder(**_number_hooks(MAX_NUMBER_CHARS))
 
     def decode_at(self, text: str, pos: int) -> tuple[Any, int]:
         """(item, end position) of the JSON value starting at ``pos``."""
         try:
             item, end = self._decoder.raw_decode(text, pos)
-            _json_depth(text[pos:end], self.limits.max_depth)
+            _json_depth(text[pos:end], MAX_DEPTH)
         except json.JSONDecodeError:
             raise
         except JSONLimitError as exc:
