@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 __all__ = ["MAX_DEPTH", "MAX_LINE_BYTES", "MAX_NAME_BYTES", "MAX_NUMBER_CHARS", "MAX_PATH_BYTES", "JSONLimitError",
-           "loads_limited", "LimitedJSONDecoder", "find_lone_surrogate"]
+           "loads_limited", "LimitedJSONDecoder", "has_lone_surrogate"]
 
 # The input limits checked on every record line: line bytes, ``[``/``{`` nesting, number-literal length (a 64-bit
 # id has 20 digits), and image path / path component bytes (Linux ``PATH_MAX``/``NAME_MAX``).
@@ -69,22 +69,13 @@ def _number_hooks(limit: int) -> dict[str, Callable[[str], Any]]:
     return {"parse_int": parse_int, "parse_float": parse_float, "parse_constant": parse_constant}
 
 
-def find_lone_surrogate(value: Any) -> str | None:
-    """The first lone-surrogate string in a decoded JSON value (keys included), or None."""
-    stack = [value]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, str):
-            try:
-                item.encode("utf-8")
-            except UnicodeEncodeError:
-                return item
-        elif isinstance(item, dict):
-            stack.extend(item.keys())
-            stack.extend(item.values())
-        elif isinstance(item, list):
-            stack.extend(item)
-    return None
+def has_lone_surrogate(value: Any) -> bool:
+    """True when a string of a decoded JSON value (keys included) holds a lone surrogate (not encodable as UTF-8)."""
+    try:
+        json.dumps(value, ensure_ascii=False, default=str).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def loads_limited(text: str) -> Any:
@@ -97,7 +88,7 @@ def loads_limited(text: str) -> Any:
         raise
     except (RecursionError, ValueError, OverflowError, MemoryError) as exc:
         raise JSONLimitError("invalid-json", f"{type(exc).__name__}: {str(exc)[:200]}") from None
-    if "\\u" in text and find_lone_surrogate(value) is not None:
+    if "\\u" in text and has_lone_surrogate(value):
         raise JSONLimitError("bad-text", "a string holds a lone surrogate escape (\\ud800-\\udfff without its "
                                          "pair); such text cannot be encoded or tokenized")
     return value
@@ -121,6 +112,6 @@ class LimitedJSONDecoder:
             raise json.JSONDecodeError(f"{exc.reason}: {exc}", text, pos) from None
         except (RecursionError, ValueError, OverflowError) as exc:
             raise json.JSONDecodeError(f"{type(exc).__name__}: {str(exc)[:200]}", text, pos) from None
-        if find_lone_surrogate(item) is not None:
+        if has_lone_surrogate(item):
             raise json.JSONDecodeError("bad-text: a string holds a lone surrogate escape", text, pos)
         return item, end

@@ -18,7 +18,7 @@ from typing import Any
 
 from internvl.constants import IMAGE_PLACEHOLDER
 from internvl.data.bounded_json import (MAX_LINE_BYTES, MAX_NAME_BYTES, MAX_PATH_BYTES, JSONLimitError,
-                                        LimitedJSONDecoder, find_lone_surrogate, loads_limited)
+                                        LimitedJSONDecoder, has_lone_surrogate, loads_limited)
 from internvl.data.images import ImageLoadError, load_image, probe_image
 from internvl.regions import RegionError, parse_regions
 
@@ -217,7 +217,7 @@ class RecordChecker:
 
         if not isinstance(record, dict):
             return [problem("not-an-object", f"expected a JSON object, got {type(record).__name__}")]
-        if find_lone_surrogate(record) is not None:
+        if has_lone_surrogate(record):
             return [problem("bad-text", "a string holds a lone surrogate (\\ud800-\\udfff without its pair); "
                                         "such text cannot be encoded or tokenized")]
         problems = self._check_fields(record, problem)
