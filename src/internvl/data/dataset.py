@@ -19,8 +19,8 @@ from torch.utils.data import Dataset
 from internvl.data.collate import SAMPLE_INDEX_KEY, SKIPPED_KEY
 from internvl.data.encode import EncodeError, encode_conversation
 from internvl.data.images import ImageLoadError, load_image
-from internvl.data.records import (BadRecordError, ImagePathError, ProblemTally, RecordChecker, RecordProblem,
-                                   image_paths, iter_records, parse_record_line, resolve_image)
+from internvl.data.records import (BadRecordError, ProblemTally, RecordChecker, RecordProblem, image_paths,
+                                   iter_records, parse_record_line, resolve_image)
 from internvl.data.registry import DatasetSpec, load_meta
 from internvl.data.transforms import box_aware_augment
 from internvl.image_processing import ImageSettings, dummy_pixel_values, images_to_pixel_values, num_image_tokens
@@ -102,12 +102,11 @@ class MedRegDataset(Dataset):
             fh.seek(start)
             raw = fh.read(end - start)
         record = parse_record_line(raw, self.file, row + 1)
-        if isinstance(record, RecordProblem):
-            raise BadRecordError([RecordProblem(self.file, row + 1, record.reason,
-                                                f"line changed since the dataset scan: {record.message}")])
         if not isinstance(record, dict):
-            raise BadRecordError([RecordProblem(self.file, row + 1, "not-an-object",
-                                                "line changed since the dataset scan: not a JSON object")])
+            reason, message = ((record.reason, record.message) if isinstance(record, RecordProblem)
+                               else ("not-an-object", "not a JSON object"))
+            raise BadRecordError([RecordProblem(self.file, row + 1, reason,
+                                                f"line changed since the dataset scan: {message}")])
         return record
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
@@ -159,9 +158,7 @@ class MedRegDataset(Dataset):
                 images.append(load_image(resolve_image(rel, self.spec.root)))
             except ImageLoadError as exc:
                 raise fail("corrupt-image", f"image {rel!r}: {exc.reason}") from None
-            except ImagePathError as exc:
-                raise fail(exc.reason, str(exc)) from None
-            except (ValueError, OSError) as exc:
+            except (ValueError, OSError) as exc:  # the file changed since the scan checked its path
                 raise fail("unreadable-image", f"image {rel!r}: {type(exc).__name__}: {str(exc)[:200]}") from None
         if self.spec.data_augment and images:
             rng = np.random.default_rng([self.seed, self.epoch, int(self._lines[index]), index])
