@@ -162,7 +162,7 @@ def test_build_time_errors_strict_and_lenient(tiny_tokenizer, demo_dataset_dir: 
     with caplog.at_level("WARNING"):
         item = lenient[0]
     assert item["image_flags"].tolist() == [0]  # served record 2 (text-only) instead
-    assert dict(lenient.runtime_tally.by_reason) == {"corrupt-image": 1}
+    assert [(e["reason"], e["record"]) for e in item["skipped_records"]] == [("corrupt-image", f"{path}:1")]
     assert f"{path}:1: corrupt-image" in caplog.text
     # too long: named, never cut inside the image tokens
     tight = _dataset(tiny_tokenizer, load_meta(demo_dataset_dir / "meta.json")["demo"], max_seq_length=30)

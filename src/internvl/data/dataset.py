@@ -67,7 +67,6 @@ class MedRegDataset(Dataset):
         self.epoch = 0
         self.file = str(spec.annotation)
         self.tally = ProblemTally()
-        self.runtime_tally = ProblemTally()
         self._lengths: list[int] | None = None
 
         self._offsets = line_offsets(spec.annotation)
@@ -123,8 +122,6 @@ class MedRegDataset(Dataset):
                 if self.strict:
                     raise
                 tries += 1
-                self.runtime_tally.seen += 1
-                self.runtime_tally.add(exc.problems)
                 skipped.extend({"reason": p.reason, "record": f"{p.file}:{p.line}", "message": p.message}
                                for p in exc.problems)
                 if tries >= min(len(self), 100):
