@@ -60,18 +60,16 @@ def cmd_check(args: argparse.Namespace) -> int:
     for label, annotation, root, base_prompt in targets:
         checker = RecordChecker(image_root=root, image_check=args.images, max_length=args.max_length,
                                 token_length=factory(base_prompt) if factory else None)
-        tally = ProblemTally()
+        seen, kept = total.seen, total.kept
         try:  # lenient: every problem is shown as it comes; strict: the first bad record's, then the file stops
-            for _ in iter_records(annotation, checker, strict=args.strict, tally=tally, on_problem=print):
+            for _ in iter_records(annotation, checker, strict=args.strict, tally=total, on_problem=print):
                 pass
         except BadRecordError as exc:
             print(exc)
-            tally.add(exc.problems)
-        total.seen, total.kept = total.seen + tally.seen, total.kept + tally.kept
-        total.by_reason.update(tally.by_reason)
+            total.add(exc.problems)
         if len(targets) > 1:
-            print(f"# {label}: {tally.kept} of {tally.seen} records ok")
-        if args.strict and tally.by_reason:
+            print(f"# {label}: {total.kept - kept} of {total.seen - seen} records ok")
+        if args.strict and total.by_reason:
             break
     if total.by_reason:
         counts = ", ".join(f"{reason} {n}" for reason, n in sorted(total.by_reason.items()))

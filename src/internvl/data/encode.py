@@ -1,10 +1,8 @@
 """One function from a record's conversation to model inputs: :func:`encode_conversation` (steps in docs/data.md).
 
-The prompt order puts ``<image>`` and the meta ``base_prompt`` where the original trainer does; the chat template
-gives ``(text, supervised)`` segments; each ``<image>`` becomes its image tokens. The whole string is tokenised once
-with character offsets, so tokens are exactly what ``chat()`` sees, and a token is supervised when its characters
-lie in an answer. Labels are verified by decoding them back (the original
-silently zeroed a sample on a "tokenization mismatch"). Every error is an :class:`EncodeError` naming ``FILE:LINE``.
+The whole string is tokenised once with character offsets, so tokens are exactly what ``chat()`` sees, and a token
+is supervised when its characters lie in an answer. Labels are verified by decoding them back (the original silently
+zeroed a sample on a "tokenization mismatch"). Every error is an :class:`EncodeError` naming ``FILE:LINE``.
 """
 from __future__ import annotations
 
