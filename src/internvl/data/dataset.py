@@ -70,12 +70,10 @@ class MedRegDataset(Dataset):
         self._lengths: list[int] | None = None
 
         self._offsets = line_offsets(spec.annotation)
-        n_lines = len(self._offsets) - 1
-        wanted = spec.select_lines(n_lines)
-        limit = max(wanted) + 1 if wanted else 0
+        wanted = spec.select_lines(len(self._offsets) - 1)
         checker = RecordChecker(image_root=spec.root, image_check="exists")
         good = {line - 1 for line, _ in iter_records(self.file, checker, strict=strict, tally=self.tally,
-                                                      last_line=limit)}
+                                                      last_line=max(wanted, default=-1) + 1)}
         self._lines = np.asarray([i for i in wanted if i in good], dtype=np.int64)
         if self.tally.skipped:
             logger.warning("%s (%s): %s", spec.name, self.file, self.tally.summary())
