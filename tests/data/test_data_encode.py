@@ -119,12 +119,9 @@ def test_internvl2_5_template_masks_the_newline(tiny_tokenizer) -> None:
 
 
 def test_errors_name_the_record(tiny_tokenizer) -> None:
-    with pytest.raises(EncodeError, match="x.jsonl:2: .*expected a assistant turn"):
-        encode_conversation([{"from": "human", "value": "a"}, {"from": "human", "value": "b"}], tiny_tokenizer,
-                            where="x.jsonl:2")
-    with pytest.raises(EncodeError, match="<image> inside supervised text"):
+    with pytest.raises(EncodeError, match="x.jsonl:2: <image> inside supervised text"):
         encode_conversation([{"from": "human", "value": "q"}, {"from": "gpt", "value": "<image>"}], tiny_tokenizer,
-                            num_patches_list=[1])
+                            num_patches_list=[1], where="x.jsonl:2")
     with pytest.raises(EncodeError, match="x.jsonl:3: no human turn"):
         encode_conversation([], tiny_tokenizer, where="x.jsonl:3")
 

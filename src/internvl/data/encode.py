@@ -67,7 +67,8 @@ def apply_prompt_order(conversations: Sequence[Mapping[str, Any]], num_images: i
     count = sum(turns[i]["value"].count(IMAGE_PLACEHOLDER) for i in human)
     if num_images == 1 and count in (0, 1):
         for i in human:
-            turns[i]["value"] = _strip_placeholders(turns[i]["value"]) if IMAGE_PLACEHOLDER in turns[i]["value"] else turns[i]["value"]
+            if IMAGE_PLACEHOLDER in turns[i]["value"]:
+                turns[i]["value"] = _strip_placeholders(turns[i]["value"])
         turns[first]["value"] = IMAGE_PLACEHOLDER + "\n" + _join(base_prompt, turns[first]["value"])
         return turns
     if count != num_images:
@@ -85,8 +86,8 @@ def _token_ids(tokenizer: Any, token: str) -> int:
 
 def encode_conversation(conversations: Sequence[Mapping[str, Any]], tokenizer: Any, *,
                         template: str | ChatTemplate = "Hermes-2", num_patches_list: Sequence[int] = (),
-                        num_image_token: int = 256, base_prompt: str = "", system_message: str | None = None, max_length: int | None = None,
-                        where: str = "<record>") -> EncodedSample:
+                        num_image_token: int = 256, base_prompt: str = "", system_message: str | None = None,
+                        max_length: int | None = None, where: str = "<record>") -> EncodedSample:
     """One conversation (alternating ``human``/``gpt`` turns) as an :class:`EncodedSample`; ``num_patches_list`` has
     the tiles of each image (empty: text-only). A sample over ``max_length`` tokens is an error, never cut (a cut
     could split the image tokens or drop the answer). Raises :class:`EncodeError` naming ``where``."""
