@@ -292,7 +292,7 @@ def build(args: argparse.Namespace) -> dict:
             if task in TASK_FILES[:6]:
                 # stored in the trainer's prompt order ("<image>\n" + task prompt + question), so that evaluation and
                 # the demo, which send the human turn verbatim, ask exactly what the model was trained on
-                record["conversations"] = apply_prompt_order(record["conversations"], 1, "", "train")
+                record["conversations"] = apply_prompt_order(record["conversations"], 1)
             record = {"id": f"{item.split}-{task}-{len(files[(item.split, task)]):06d}", **record}
             record["source"] = item.source
             files[(item.split, task)].append(record)

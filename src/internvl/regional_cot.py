@@ -13,8 +13,7 @@ from functools import lru_cache
 from typing import Any
 
 from internvl.constants import IMAGE_PLACEHOLDER
-from internvl.data.prompt_registry import load_prompts
-from internvl.data.prompts import build_question, join_prompt
+from internvl.data.prompts import build_question, join_prompt, load_prompts
 from internvl.inference import GenerationRequest
 from internvl.regions import Region, parse_regions
 

@@ -20,7 +20,7 @@ def _item(n: int, n_sup: int, tiles: int = 1, flag: int = 1, start: int = 10) ->
             "image_flags": torch.full((tiles,), flag)}
 
 
-def test_pad_collate_right_and_left() -> None:
+def test_pad_collate_right_padding() -> None:
     items = [_item(3, 1), _item(5, 2, tiles=2, start=20), _item(2, 1, flag=0, start=30)]
     batch = pad_collate(items, pad_token_id=7)
     assert batch["input_ids"].shape == (3, 5)
@@ -30,8 +30,6 @@ def test_pad_collate_right_and_left() -> None:
     assert batch["pixel_values"].shape == (4, 3, 4, 4)
     assert batch["pixel_values"][:, 0, 0, 0].tolist() == [10, 20, 20, 30]
     assert batch["image_flags"].tolist() == [1, 1, 1, 0]
-    left = pad_collate(items, padding_side="left")
-    assert left["input_ids"][2].tolist() == [0, 0, 0, 30, 31] and left["attention_mask"][2].tolist() == [0, 0, 0, 1, 1]
     # a real token with id 0 is not masked (the original derived the mask from ids != 0)
     zero = _item(3, 1, start=0)
     assert pad_collate([zero, _item(4, 1)])["attention_mask"][0].tolist() == [1, 1, 1, 0]
@@ -74,12 +72,12 @@ def test_loss_weights_sum_per_sample(reduction, per_sample) -> None:
 def test_packed_batch_counts_its_samples() -> None:
     """`num_samples` is the number of samples, not of rows or of position restarts (padding is one of its own)."""
     items = [_item(6, 2, start=10), _item(5, 1, tiles=2, start=20), _item(4, 2, flag=0, start=30), _item(7, 3, start=40)]
-    packed = PackedCollator(max_packed_tokens=12, pad_to_multiple_of=16)(items)
-    assert packed["input_ids"].shape == (2, 16)
+    packed = PackedCollator(max_packed_tokens=12, num_images_expected=2)(items)
+    assert packed["input_ids"].shape == (3, 10)
     assert int((packed["position_ids"] == 0).sum()) == 4 + 2  # two padding segments restart positions too
     assert packed["num_samples"].dim() == 0 and packed["num_samples"].dtype == torch.long
     assert int(packed["num_samples"]) == 4
-    assert int(PackedCollator(max_packed_tokens=12, num_images_expected=2)(items)["num_samples"]) == 4  # 3 rows
+    assert int(PackedCollator(max_packed_tokens=12)(items)["num_samples"]) == 4  # 2 rows
     assert "num_samples" not in pad_collate(items)  # padded batches: one sample per row
 
 

@@ -1,6 +1,7 @@
 """Tests for internvl.data.registry and internvl.data.dataset: meta files, strict/lenient, DataLoader + packing."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -59,8 +60,9 @@ def test_relative_paths_resolve_against_base_dir(demo_dataset_dir: Path, tmp_pat
 )
 def test_meta_errors_name_file_line_and_dataset(tmp_path: Path, entry: dict, message: str) -> None:
     meta = _write_meta(tmp_path, {"first": {"root": ".", "annotation": "x.jsonl"}, "broken": entry})
+    (tmp_path / "x.jsonl").touch()
     with pytest.raises(MetaFileError) as info:
-        load_meta(meta, check_paths=False)
+        load_meta(meta, base_dir=tmp_path)
     text = str(info.value)
     assert text.startswith(f"{meta}:") and "dataset 'broken'" in text and message in text
     line = int(text.split(":")[1])
@@ -81,7 +83,7 @@ def _dataset(tiny_tokenizer, spec, **kwargs) -> MedRegDataset:
 
 def test_demo_records_become_samples(tiny_tokenizer, demo_dataset_dir: Path) -> None:
     spec = load_meta(demo_dataset_dir / "meta.json")["demo"]
-    ds = _dataset(tiny_tokenizer, spec, augment=False)
+    ds = _dataset(tiny_tokenizer, dataclasses.replace(spec, data_augment=False))
     assert len(ds) == 11
     ctx = tiny_tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN)
     for i in range(len(ds)):
@@ -160,7 +162,7 @@ def test_build_time_errors_strict_and_lenient(tiny_tokenizer, demo_dataset_dir: 
     with caplog.at_level("WARNING"):
         item = lenient[0]
     assert item["image_flags"].tolist() == [0]  # served record 2 (text-only) instead
-    assert dict(lenient.runtime_tally.by_reason) == {"corrupt-image": 1}
+    assert [(e["reason"], e["record"]) for e in item["skipped_records"]] == [("corrupt-image", f"{path}:1")]
     assert f"{path}:1: corrupt-image" in caplog.text
     # too long: named, never cut inside the image tokens
     tight = _dataset(tiny_tokenizer, load_meta(demo_dataset_dir / "meta.json")["demo"], max_seq_length=30)
@@ -170,7 +172,7 @@ def test_build_time_errors_strict_and_lenient(tiny_tokenizer, demo_dataset_dir: 
 
 def test_lengths_estimate_and_length_field(tiny_tokenizer, demo_dataset_dir: Path, tmp_path: Path) -> None:
     spec = load_meta(demo_dataset_dir / "meta.json")["demo"]
-    ds = _dataset(tiny_tokenizer, spec, augment=False)
+    ds = _dataset(tiny_tokenizer, dataclasses.replace(spec, data_augment=False))
     for i, est in enumerate(ds.lengths):
         actual = len(ds[i]["input_ids"])
         assert abs(est - actual) <= max(8, 0.1 * actual), (i, est, actual)
@@ -186,7 +188,7 @@ def test_augmentation_is_seeded(tiny_tokenizer, demo_dataset_dir: Path) -> None:
     a = _dataset(tiny_tokenizer, spec, seed=3)
     b = _dataset(tiny_tokenizer, spec, seed=3)
     assert torch.equal(a[8]["pixel_values"], b[8]["pixel_values"]) and torch.equal(a[8]["input_ids"], b[8]["input_ids"])
-    plain = _dataset(tiny_tokenizer, spec, augment=False)
+    plain = _dataset(tiny_tokenizer, dataclasses.replace(spec, data_augment=False))
     assert not torch.equal(a[8]["pixel_values"], plain[8]["pixel_values"])
     a.set_epoch(1)
     assert not torch.equal(a[8]["pixel_values"], b[8]["pixel_values"])

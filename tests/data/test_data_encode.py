@@ -20,11 +20,10 @@ def _unsupervised(tok, sample) -> str:
     return tok.decode([i for i, lab in zip(sample.input_ids.tolist(), sample.labels.tolist()) if lab == IGNORE_INDEX])
 
 
-@pytest.mark.parametrize("order", ["train", "inference"])
 @pytest.mark.parametrize("record", demo_records(), ids=lambda r: f"demo{r['id']}")
-def test_demo_records_tokenize_with_correct_masks(tiny_tokenizer, record, order) -> None:
+def test_demo_records_tokenize_with_correct_masks(tiny_tokenizer, record) -> None:
     sample = encode_conversation(record["conversations"], tiny_tokenizer, num_patches_list=[1], num_image_token=N_TOK,
-                                 prompt_order=order, where=f"demo.jsonl:{record['id'] + 1}")
+                                 where=f"demo.jsonl:{record['id'] + 1}")
     answer = record["conversations"][1]["value"]
     # labels: exactly the answer + <|im_end|>, and they are the last tokens of the sequence
     assert _supervised(tiny_tokenizer, sample) == answer + "<|im_end|>"
@@ -56,26 +55,22 @@ def test_demo_answer_boxes_parse(record) -> None:
         assert parse_regions(question) == [Region("this", [Box(421, 351, 505, 470)])]
 
 
-def test_train_and_inference_orders_are_byte_exact(tiny_tokenizer) -> None:
+def test_train_order_is_byte_exact(tiny_tokenizer) -> None:
     conv = [{"from": "human", "value": "What is present?"}, {"from": "gpt", "value": "heart"}]
     block = "<img>" + "<IMG_CONTEXT>" * N_TOK + "</img>"
     train = encode_conversation(conv, tiny_tokenizer, num_patches_list=[1], num_image_token=N_TOK,
-                                base_prompt="You are a helpful medical assistant.", prompt_order="train")
+                                base_prompt="You are a helpful medical assistant.")
     assert train.text == ("<|im_start|>system\nAnswer the questions.<|im_end|><|im_start|>user\n" + block
                           + "\nYou are a helpful medical assistant. What is present?<|im_end|>"
                             "<|im_start|>assistant\nheart<|im_end|>")
-    infer = encode_conversation(conv, tiny_tokenizer, num_patches_list=[1], num_image_token=N_TOK,
-                                base_prompt="You are a helpful medical assistant.", prompt_order="inference")
-    assert infer.text == ("<|im_start|>system\nAnswer the questions.<|im_end|><|im_start|>user\n"
-                          "You are a helpful medical assistant. " + block + "\nWhat is present?<|im_end|>"
-                          "<|im_start|>assistant\nheart<|im_end|>")
 
 
 def test_train_order_moves_inline_placeholder_to_the_front() -> None:
     conv = [{"from": "human", "value": "Base prompt. <image>\nQuestion?"}, {"from": "gpt", "value": "a"}]
-    assert apply_prompt_order(conv, 1, "", "train")[0]["value"] == "<image>\nBase prompt. Question?"
-    assert apply_prompt_order(conv, 1, "", "inference")[0]["value"] == "Base prompt. <image>\nQuestion?"
-    assert apply_prompt_order(conv, 1, "B", "inference")[0]["value"] == "B Base prompt. <image>\nQuestion?"
+    assert apply_prompt_order(conv, 1)[0]["value"] == "<image>\nBase prompt. Question?"
+    assert apply_prompt_order(conv, 1, "B")[0]["value"] == "<image>\nB Base prompt. Question?"
+    multi = [{"from": "human", "value": "1: <image>\n2: <image>\nSame?"}, {"from": "gpt", "value": "a"}]
+    assert apply_prompt_order(multi, 2, "B")[0]["value"] == "B 1: <image>\n2: <image>\nSame?"  # kept in place
 
 
 def test_multi_turn_supervises_every_answer(tiny_tokenizer) -> None:
@@ -124,15 +119,15 @@ def test_internvl2_5_template_masks_the_newline(tiny_tokenizer) -> None:
 
 
 def test_errors_name_the_record(tiny_tokenizer) -> None:
-    with pytest.raises(EncodeError, match="x.jsonl:2: .*answer turn"):
+    with pytest.raises(EncodeError, match="x.jsonl:2: <image> inside supervised text"):
         encode_conversation([{"from": "human", "value": "q"}, {"from": "gpt", "value": "<image>"}], tiny_tokenizer,
                             num_patches_list=[1], where="x.jsonl:2")
-    with pytest.raises(EncodeError, match="prompt_order"):
-        encode_conversation([{"from": "human", "value": "q"}], tiny_tokenizer, prompt_order="sideways")
+    with pytest.raises(EncodeError, match="x.jsonl:3: no human turn"):
+        encode_conversation([], tiny_tokenizer, where="x.jsonl:3")
 
 
 def test_token_length_function_matches_encode(tiny_tokenizer) -> None:
-    length = make_token_length(tiny_tokenizer, num_image_token=N_TOK)
+    length = make_token_length(tiny_tokenizer, base_prompt="B")
     for record in demo_records()[:4]:
-        sample = encode_conversation(record["conversations"], tiny_tokenizer, num_patches_list=[1], num_image_token=N_TOK)
+        sample = encode_conversation(record["conversations"], tiny_tokenizer, num_patches_list=[1], base_prompt="B")
         assert length(record) == len(sample)

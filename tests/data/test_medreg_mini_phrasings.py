@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from internvl.data.prompt_registry import load_prompts
+from internvl.data.prompts import load_prompts
 from scripts import medreg_mini_grammar as grammar
 from scripts import medreg_mini_userturns as user
 

@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import json
 import random
+import string
 from pathlib import Path
 
 import pytest
+import yaml
 
 from internvl.data.prompts import (
     LANGS,
@@ -208,20 +210,38 @@ def test_with_article():
         assert with_article(word) == want
 
 
-def _write_prompt_dir(tmp_path: Path, body: str) -> Path:
-    d = tmp_path / "prompts"
-    d.mkdir(parents=True)
-    (d / "x.yaml").write_text(body, encoding="utf-8")
-    return d
+# Placeholders the builders fill (internvl.data.prompts); any other name in a shipped template is a typo.
+KNOWN_FIELDS = {"question", "options", "option", "letter", "answer", "label", "labels", "modality", "a_modality",
+                "task_name", "option_noun", "region", "box", "name", "objects", "regions", "text", "lines"}
 
 
-def test_malformed_prompt_files_are_rejected_with_file_and_task(tmp_path):
-    good_lang = 'source: s\n      base_prompt: "b"\n      questions: ["{question}"]\n      answer: "{answer}"'
-    missing_zh = f"family: vqa\ntasks:\n  t:\n    en:\n      {good_lang}\n"
-    with pytest.raises(PromptError, match=r"x.yaml: task 't': missing language 'zh'"):
-        load_prompts(_write_prompt_dir(tmp_path / "a", missing_zh))
-    typo = f"family: vqa\ntasks:\n  t:\n    en:\n      {good_lang}\n    zh:\n      {good_lang.replace('{answer}', '{anwser}')}\n"
-    with pytest.raises(PromptError, match=r"unknown placeholder\(s\) \['anwser'\]"):
-        load_prompts(_write_prompt_dir(tmp_path / "b", typo))
-    with pytest.raises(PromptError, match="no prompt files"):
-        load_prompts(tmp_path)
+def _template_strings(value, where):
+    """(where, text) of every string inside a YAML value."""
+    if isinstance(value, str):
+        yield where, value
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            yield from _template_strings(v, f"{where}[{i}]")
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield from _template_strings(v, f"{where}.{k}")
+
+
+def test_shipped_prompt_files_are_well_formed():
+    """Every task has both languages and the keys the loader reads, every template parses and names only known
+    placeholders, and no task id (subtypes included) is defined twice."""
+    seen = []
+    for path in sorted(PROMPT_DIR.glob("*.yaml")):
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        assert isinstance(data["family"], str) and isinstance(data["tasks"], dict), path
+        for task, spec in data["tasks"].items():
+            seen += [task] + [f"{task}_{sub}" for sub in spec.get("subtypes") or {}]
+            for lang in LANGS:
+                entry = spec[lang]
+                assert {"base_prompt", "questions", "source", "answer"} <= set(entry), (path, task, lang)
+                for key in ("base_prompt", "base_prompt_variants", "questions", "answer", "option_line", "line"):
+                    for where, text in _template_strings(entry.get(key, ""), f"{path.name}: {task} ({lang}).{key}"):
+                        names = {f for _, f, _, _ in string.Formatter().parse(text) if f is not None}
+                        assert names <= KNOWN_FIELDS, (where, names - KNOWN_FIELDS)
+    assert len(seen) == len(set(seen)), sorted(t for t in seen if seen.count(t) > 1)
+    assert len(load_prompts()) == 2 * len(seen)

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from internvl.data.prompt_registry import LANGS, get_prompt
+from internvl.data.prompts import LANGS, get_prompt
 from internvl.inference import GenerationRequest, Generator
 from internvl.regional_cot import RegionalCotGenerator, split_question
 from internvl.regions import Box, Region, format_regions, parse_regions

@@ -41,7 +41,7 @@ def test_tiny_preset_learns_text_to_region(tmp_path, tiny_tokenizer_dir):
         model = InternVLChatModel.from_pretrained(str(out)).eval()
         tokenizer = load_tokenizer(out)
         question = apply_prompt_order([{"from": "human", "value": QUESTION}, {"from": "gpt", "value": ""}], 1,
-                                      BASE_PROMPT, "train")[0]["value"]
+                                      BASE_PROMPT)[0]["value"]
         rng = random.Random(2024)  # held-out images: a seed the training set did not use
         scores = []
         for _ in range(20):

@@ -8,26 +8,18 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["InputLimits", "LIMITS", "JSONLimitError", "loads_limited", "LimitedJSONDecoder", "find_lone_surrogate"]
+__all__ = ["MAX_DEPTH", "MAX_LINE_BYTES", "MAX_NAME_BYTES", "MAX_NUMBER_CHARS", "MAX_PATH_BYTES", "JSONLimitError",
+           "loads_limited", "LimitedJSONDecoder", "has_lone_surrogate"]
 
-
-@dataclass(frozen=True)
-class InputLimits:
-    """Limits checked on every record line: line bytes, ``[``/``{`` nesting, number-literal length (a 64-bit id has
-    20 digits), and image path / path component bytes (Linux ``PATH_MAX``/``NAME_MAX``)."""
-
-    max_line_bytes: int = 16 * 1024 * 1024
-    max_depth: int = 64
-    max_number_chars: int = 40
-    max_path_bytes: int = 4096
-    max_name_bytes: int = 255
-
-
-#: The limits used by :func:`read_jsonl` and :func:`parse_record_line` unless told otherwise.
-LIMITS = InputLimits()
+# The input limits checked on every record line: line bytes, ``[``/``{`` nesting, number-literal length (a 64-bit
+# id has 20 digits), and image path / path component bytes (Linux ``PATH_MAX``/``NAME_MAX``).
+MAX_LINE_BYTES = 16 * 1024 * 1024
+MAX_DEPTH = 64
+MAX_NUMBER_CHARS = 40
+MAX_PATH_BYTES = 4096
+MAX_NAME_BYTES = 255
 
 
 class JSONLimitError(ValueError):
@@ -77,35 +69,26 @@ def _number_hooks(limit: int) -> dict[str, Callable[[str], Any]]:
     return {"parse_int": parse_int, "parse_float": parse_float, "parse_constant": parse_constant}
 
 
-def find_lone_surrogate(value: Any) -> str | None:
-    """The first lone-surrogate string in a decoded JSON value (keys included), or None."""
-    stack = [value]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, str):
-            try:
-                item.encode("utf-8")
-            except UnicodeEncodeError:
-                return item
-        elif isinstance(item, dict):
-            stack.extend(item.keys())
-            stack.extend(item.values())
-        elif isinstance(item, list):
-            stack.extend(item)
-    return None
-
-
-def loads_limited(text: str, limits: InputLimits = LIMITS) -> Any:
-    """``json.loads`` under ``limits`` (nesting, number size, lone surrogates) for whole JSON documents too (meta
-    files, converter inputs). Raises ``json.JSONDecodeError`` or :class:`JSONLimitError` (both ``ValueError``)."""
+def has_lone_surrogate(value: Any) -> bool:
+    """True when a string of a decoded JSON value (keys included) holds a lone surrogate (not encodable as UTF-8)."""
     try:
-        _json_depth(text, limits.max_depth)
-        value = json.loads(text, **_number_hooks(limits.max_number_chars))
+        json.dumps(value, ensure_ascii=False, default=str).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def loads_limited(text: str) -> Any:
+    """``json.loads`` under the input limits (nesting, number size, lone surrogates) for whole JSON documents too
+    (meta files, converter inputs). Raises ``json.JSONDecodeError`` or :class:`JSONLimitError` (both ``ValueError``)."""
+    try:
+        _json_depth(text, MAX_DEPTH)
+        value = json.loads(text, **_number_hooks(MAX_NUMBER_CHARS))
     except (JSONLimitError, json.JSONDecodeError):
         raise
     except (RecursionError, ValueError, OverflowError, MemoryError) as exc:
         raise JSONLimitError("invalid-json", f"{type(exc).__name__}: {str(exc)[:200]}") from None
-    if "\\u" in text and find_lone_surrogate(value) is not None:
+    if "\\u" in text and has_lone_surrogate(value):
         raise JSONLimitError("bad-text", "a string holds a lone surrogate escape (\\ud800-\\udfff without its "
                                          "pair); such text cannot be encoded or tokenized")
     return value
@@ -115,21 +98,20 @@ class LimitedJSONDecoder:
     """``raw_decode`` under the input limits, for the items of a JSON-list file (prediction files): every error,
     limits included, is a ``json.JSONDecodeError`` at the item's position."""
 
-    def __init__(self, limits: InputLimits = LIMITS) -> None:
-        self.limits = limits
-        self._decoder = json.JSONDecoder(**_number_hooks(limits.max_number_chars))
+    def __init__(self) -> None:
+        self._decoder = json.JSONDecoder(**_number_hooks(MAX_NUMBER_CHARS))
 
     def decode_at(self, text: str, pos: int) -> tuple[Any, int]:
         """(item, end position) of the JSON value starting at ``pos``."""
         try:
             item, end = self._decoder.raw_decode(text, pos)
-            _json_depth(text[pos:end], self.limits.max_depth)
+            _json_depth(text[pos:end], MAX_DEPTH)
         except json.JSONDecodeError:
             raise
         except JSONLimitError as exc:
             raise json.JSONDecodeError(f"{exc.reason}: {exc}", text, pos) from None
         except (RecursionError, ValueError, OverflowError) as exc:
             raise json.JSONDecodeError(f"{type(exc).__name__}: {str(exc)[:200]}", text, pos) from None
-        if find_lone_surrogate(item) is not None:
+        if has_lone_surrogate(item):
             raise json.JSONDecodeError("bad-text: a string holds a lone surrogate escape", text, pos)
         return item, end

@@ -33,12 +33,7 @@ def _token_length_factory(args: argparse.Namespace) -> Callable[[str], Callable[
     from internvl.tokenization import load_tokenizer
 
     tokenizer = load_tokenizer(args.tokenizer)
-
-    def factory(base_prompt: str) -> Callable[[dict], int]:
-        return make_token_length(tokenizer, template=args.template, num_image_token=args.num_image_token,
-                                 base_prompt=base_prompt, prompt_order=args.prompt_order)
-
-    return factory
+    return lambda base_prompt: make_token_length(tokenizer, base_prompt=base_prompt)
 
 
 def _check_targets(args: argparse.Namespace) -> list[tuple[str, Path, Path | None, str]]:
@@ -61,33 +56,21 @@ def cmd_check(args: argparse.Namespace) -> int:
     except MetaFileError as exc:
         print(f"{exc}\n1 problem: meta file")
         return 1
-    total, printed = ProblemTally(), 0
-
-    def show(problem) -> None:
-        nonlocal printed
-        printed += 1
-        if not args.max_print or printed <= args.max_print:
-            print(problem)
-
+    total = ProblemTally()
     for label, annotation, root, base_prompt in targets:
-        checker = RecordChecker(image_root=root, image_check=args.images, require_answer=not args.allow_no_answer,
-                                max_length=args.max_length, token_length=factory(base_prompt) if factory else None)
-        tally = ProblemTally()
+        checker = RecordChecker(image_root=root, image_check=args.images, max_length=args.max_length,
+                                token_length=factory(base_prompt) if factory else None)
+        seen, kept = total.seen, total.kept
         try:  # lenient: every problem is shown as it comes; strict: the first bad record's, then the file stops
-            for _ in iter_records(annotation, checker, strict=args.strict, tally=tally, on_problem=show):
+            for _ in iter_records(annotation, checker, strict=args.strict, tally=total, on_problem=print):
                 pass
         except BadRecordError as exc:
-            for p in exc.problems:
-                show(p)
-            tally.add(exc.problems)
-        total.seen, total.kept = total.seen + tally.seen, total.kept + tally.kept
-        total.by_reason.update(tally.by_reason)
+            print(exc)
+            total.add(exc.problems)
         if len(targets) > 1:
-            print(f"# {label}: {tally.kept} of {tally.seen} records ok")
-        if args.strict and tally.by_reason:
+            print(f"# {label}: {total.kept - kept} of {total.seen - seen} records ok")
+        if args.strict and total.by_reason:
             break
-    if args.max_print and printed > args.max_print:
-        print(f"... {printed - args.max_print} more problem lines not shown (--max-print)")
     if total.by_reason:
         counts = ", ".join(f"{reason} {n}" for reason, n in sorted(total.by_reason.items()))
         stop = " (stopped at the first bad record: --strict)" if args.strict else ""
@@ -145,16 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--strict", action="store_true", help="stop at the first bad record")
     check.add_argument("--images", choices=IMAGE_CHECKS, default="decode",
                        help="image check: none, exists, header, or decode (default: full decode)")
-    check.add_argument("--allow-no-answer", action="store_true", help="accept records ending with a human turn")
     check.add_argument("--max-length", type=positive_int,
                        help="flag records longer than this many tokens (needs --tokenizer)")
     check.add_argument("--tokenizer", help="local tokenizer directory for --max-length")
-    check.add_argument("--template", default="Hermes-2", help="chat template for --max-length (default Hermes-2)")
-    check.add_argument("--num-image-token", type=positive_int, default=256,
-                       help="tokens per image tile (default 256)")
-    check.add_argument("--prompt-order", choices=["train", "inference"], default="train")
-    check.add_argument("--max-print", type=non_negative_int, default=0,
-                       help="print at most this many problem lines (0 = all)")
     check.add_argument("--allow-links-outside-root", action="store_true",
                        help=f"follow symbolic links that lead outside the image root (same as {ALLOW_LINKS_ENV}=1)")
     check.set_defaults(func=cmd_check)

@@ -23,11 +23,6 @@ __all__ = ["SAMPLE_INDEX_KEY", "SKIPPED_KEY", "bookkeeping", "pad_collate", "Pac
 LOSS_REDUCTIONS = ("token", "sample", "square")
 
 
-def _check_features(features: Sequence[Mapping[str, Any]]) -> None:
-    if not features:  # the items themselves are MedRegDataset's, built to shape
-        raise ValueError("cannot collate an empty batch")
-
-
 # Bookkeeping keys of items and batches: the index of the record actually served, and the records skipped at build
 # time in lenient mode. The trainer takes them off the batch before the model sees it.
 SAMPLE_INDEX_KEY = "sample_index"
@@ -46,13 +41,11 @@ def bookkeeping(features: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def pad_collate(features: Sequence[Mapping[str, Any]], pad_token_id: int = 0, padding_side: str = "right"
-                ) -> dict[str, torch.Tensor]:
-    """Pad a list of samples into ``input_ids``/``labels``/``attention_mask`` ``[B, L_max]`` plus concatenated
+def pad_collate(features: Sequence[Mapping[str, Any]], pad_token_id: int = 0) -> dict[str, torch.Tensor]:
+    """Right-pad a list of samples into ``input_ids``/``labels``/``attention_mask`` ``[B, L_max]`` plus concatenated
     ``pixel_values`` ``[sum T, 3, S, S]`` and ``image_flags`` ``[sum T]``."""
-    if padding_side not in ("right", "left"):
-        raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
-    _check_features(features)
+    if not features:
+        raise ValueError("cannot collate an empty batch")
     longest = max(int(f["input_ids"].shape[0]) for f in features)
     batch = len(features)
     input_ids = torch.full((batch, longest), pad_token_id, dtype=torch.long)
@@ -60,10 +53,9 @@ def pad_collate(features: Sequence[Mapping[str, Any]], pad_token_id: int = 0, pa
     attention_mask = torch.zeros((batch, longest), dtype=torch.long)
     for row, f in enumerate(features):
         n = int(f["input_ids"].shape[0])
-        sl = slice(0, n) if padding_side == "right" else slice(longest - n, longest)
-        input_ids[row, sl] = f["input_ids"]
-        labels[row, sl] = f["labels"]
-        attention_mask[row, sl] = 1
+        input_ids[row, :n] = f["input_ids"]
+        labels[row, :n] = f["labels"]
+        attention_mask[row, :n] = 1
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
             "pixel_values": torch.cat([f["pixel_values"] for f in features]),
             "image_flags": torch.cat([f["image_flags"] for f in features]), **bookkeeping(features)}
@@ -71,8 +63,6 @@ def pad_collate(features: Sequence[Mapping[str, Any]], pad_token_id: int = 0, pa
 
 def token_loss_weights(labels: torch.Tensor, loss_reduction: str) -> torch.Tensor:
     """Per-position weights of one sample's ``labels`` ``[L]`` (0 where ignored; see module docstring)."""
-    if loss_reduction not in LOSS_REDUCTIONS:
-        raise ValueError(f"loss_reduction must be one of {LOSS_REDUCTIONS}, got {loss_reduction!r}")
     mask = labels != IGNORE_INDEX
     n = int(mask.sum())
     if n == 0:
@@ -89,7 +79,7 @@ class PackedCollator:
     """
 
     def __init__(self, max_packed_tokens: int = 8192, num_images_expected: int | None = None,
-                 loss_reduction: str = "token", pad_token_id: int = 0, pad_to_multiple_of: int | None = None) -> None:
+                 loss_reduction: str = "token", pad_token_id: int = 0) -> None:
         if max_packed_tokens < 1:
             raise ValueError(f"max_packed_tokens must be positive, got {max_packed_tokens}")
         if loss_reduction not in LOSS_REDUCTIONS:
@@ -98,7 +88,6 @@ class PackedCollator:
         self.num_images_expected = num_images_expected
         self.loss_reduction = loss_reduction
         self.pad_token_id = int(pad_token_id)
-        self.pad_to_multiple_of = pad_to_multiple_of
 
     def plan(self, features: Sequence[Mapping[str, Any]]) -> list[list[int]]:
         """Rows as lists of sample indices (first-fit in order)."""
@@ -125,7 +114,8 @@ class PackedCollator:
         return rows
 
     def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
-        _check_features(features)
+        if not features:
+            raise ValueError("cannot collate an empty batch")
         for i, f in enumerate(features):
             if f["labels"].numel() and int(f["labels"][0]) != IGNORE_INDEX:
                 raise ValueError(f"batch item {i}: the first label is supervised; packed samples must start with "
@@ -133,8 +123,6 @@ class PackedCollator:
         rows = self.plan(features)
         lengths = [sum(int(features[i]["input_ids"].shape[0]) for i in row) for row in rows]
         width = max(lengths)
-        if self.pad_to_multiple_of:
-            width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
         n_rows = len(rows)
         input_ids = torch.full((n_rows, width), self.pad_token_id, dtype=torch.long)
         labels = torch.full((n_rows, width), IGNORE_INDEX, dtype=torch.long)

@@ -20,10 +20,10 @@ from torch.utils.data import Dataset
 from internvl.data.collate import SAMPLE_INDEX_KEY, SKIPPED_KEY
 from internvl.data.encode import EncodeError, encode_conversation
 from internvl.data.images import ImageLoadError, load_image
-from internvl.data.records import (BadRecordError, ImagePathError, ProblemTally, RecordChecker, RecordProblem,
-                                   image_paths, iter_records, parse_record_line, resolve_image)
+from internvl.data.records import (BadRecordError, ProblemTally, RecordChecker, RecordProblem, image_paths,
+                                   iter_records, parse_record_line, resolve_image)
 from internvl.data.registry import DatasetSpec, load_meta
-from internvl.data.transforms import BoxAwareAugment
+from internvl.data.transforms import box_aware_augment
 from internvl.image_processing import ImageSettings, dummy_pixel_values, images_to_pixel_values, num_image_tokens
 from internvl.regions import RegionError
 
@@ -45,13 +45,14 @@ def line_offsets(path: str | Path) -> np.ndarray:
 class MedRegDataset(Dataset):
     """One registry entry as a map-style dataset of ``{"input_ids", "labels", "pixel_values", "image_flags",
     "sample_index"}`` items (see the module docstring). The entry's ``max_dynamic_patch`` overrides
-    ``image_settings``; ``augment=None`` follows its ``data_augment``; ``strict=False`` skips and reports bad records.
+    ``image_settings``; its ``data_augment`` turns on the box-aware crop; ``strict=False`` skips and reports bad
+    records.
     """
 
     def __init__(self, spec: DatasetSpec, tokenizer: Any, *, template: str = "Hermes-2",
                  image_settings: ImageSettings | None = None, num_image_token: int = 256,
                  max_seq_length: int | None = 2048, system_message: str | None = None, strict: bool = True,
-                 augment: bool | None = None, image_check: str = "exists", seed: int = 0) -> None:
+                 seed: int = 0) -> None:
         self.spec = spec
         self.tokenizer = tokenizer
         self.template = template
@@ -63,22 +64,17 @@ class MedRegDataset(Dataset):
         self.max_seq_length = max_seq_length
         self.system_message = system_message
         self.strict = strict
-        use_augment = spec.data_augment if augment is None else augment
-        self.augment = BoxAwareAugment() if use_augment else None
         self.seed = seed
         self.epoch = 0
         self.file = str(spec.annotation)
         self.tally = ProblemTally()
-        self.runtime_tally = ProblemTally()
         self._lengths: list[int] | None = None
 
         self._offsets = line_offsets(spec.annotation)
-        n_lines = len(self._offsets) - 1
-        wanted = spec.select_lines(n_lines)
-        limit = max(wanted) + 1 if wanted else 0
-        checker = RecordChecker(image_root=spec.root, image_check=image_check)
+        wanted = spec.select_lines(len(self._offsets) - 1)
+        checker = RecordChecker(image_root=spec.root, image_check="exists")
         good = {line - 1 for line, _ in iter_records(self.file, checker, strict=strict, tally=self.tally,
-                                                      last_line=limit)}
+                                                      last_line=max(wanted, default=-1) + 1)}
         self._lines = np.asarray([i for i in wanted if i in good], dtype=np.int64)
         if self.tally.skipped:
             logger.warning("%s (%s): %s", spec.name, self.file, self.tally.summary())
@@ -104,12 +100,11 @@ class MedRegDataset(Dataset):
             fh.seek(start)
             raw = fh.read(end - start)
         record = parse_record_line(raw, self.file, row + 1)
-        if isinstance(record, RecordProblem):
-            raise BadRecordError([RecordProblem(self.file, row + 1, record.reason,
-                                                f"line changed since the dataset scan: {record.message}")])
         if not isinstance(record, dict):
-            raise BadRecordError([RecordProblem(self.file, row + 1, "not-an-object",
-                                                "line changed since the dataset scan: not a JSON object")])
+            reason, message = ((record.reason, record.message) if isinstance(record, RecordProblem)
+                               else ("not-an-object", "not a JSON object"))
+            raise BadRecordError([RecordProblem(self.file, row + 1, reason,
+                                                f"line changed since the dataset scan: {message}")])
         return record
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
@@ -126,8 +121,6 @@ class MedRegDataset(Dataset):
                 if self.strict:
                     raise
                 tries += 1
-                self.runtime_tally.seen += 1
-                self.runtime_tally.add(exc.problems)
                 skipped.extend({"reason": p.reason, "record": f"{p.file}:{p.line}", "message": p.message}
                                for p in exc.problems)
                 if tries >= min(len(self), 100):
@@ -161,14 +154,12 @@ class MedRegDataset(Dataset):
                 images.append(load_image(resolve_image(rel, self.spec.root)))
             except ImageLoadError as exc:
                 raise fail("corrupt-image", f"image {rel!r}: {exc.reason}") from None
-            except ImagePathError as exc:
-                raise fail(exc.reason, str(exc)) from None
-            except (ValueError, OSError) as exc:
+            except (ValueError, OSError) as exc:  # the file changed since the scan checked its path
                 raise fail("unreadable-image", f"image {rel!r}: {type(exc).__name__}: {str(exc)[:200]}") from None
-        if self.augment is not None and images:
+        if self.spec.data_augment and images:
             rng = np.random.default_rng([self.seed, self.epoch, int(self._lines[index]), index])
             try:
-                images, turns, _ = self.augment(images, turns, rng)
+                images, turns = box_aware_augment(images, turns, rng)
             except RegionError as exc:
                 raise fail("bad-box", str(exc)) from None
         if images:

@@ -1,10 +1,8 @@
 """One function from a record's conversation to model inputs: :func:`encode_conversation` (steps in docs/data.md).
 
-The prompt order puts ``<image>`` and the meta ``base_prompt`` where the original trainer (``"train"``) or ``chat()``
-(``"inference"``) does; the chat template gives ``(text, supervised)`` segments; each ``<image>`` becomes its image
-tokens. The whole string is tokenised once with character offsets, so tokens are exactly what ``chat()`` sees, and a
-token is supervised when its characters lie in an answer. Labels are verified by decoding them back (the original
-silently zeroed a sample on a "tokenization mismatch"). Every error is an :class:`EncodeError` naming ``FILE:LINE``.
+The whole string is tokenised once with character offsets, so tokens are exactly what ``chat()`` sees, and a token
+is supervised when its characters lie in an answer. Labels are verified by decoding them back (the original silently
+zeroed a sample on a "tokenization mismatch"). Every error is an :class:`EncodeError` naming ``FILE:LINE``.
 """
 from __future__ import annotations
 
@@ -15,15 +13,13 @@ from typing import Any
 
 import torch
 
-from internvl.constants import IGNORE_INDEX, IMAGE_PLACEHOLDER, IMG_CONTEXT_TOKEN, IMG_START_TOKEN
+from internvl.constants import IGNORE_INDEX, IMAGE_PLACEHOLDER, IMG_CONTEXT_TOKEN
 from internvl.data.records import image_paths
 from internvl.image_processing import expand_image_placeholders
 from internvl.templates import ChatTemplate, get_template
 from internvl.user_text import neutralize_control_tokens
 
-__all__ = ["EncodeError", "EncodedSample", "PROMPT_ORDERS", "apply_prompt_order", "encode_conversation", "make_token_length"]
-
-PROMPT_ORDERS = ("train", "inference")
+__all__ = ["EncodeError", "EncodedSample", "apply_prompt_order", "encode_conversation", "make_token_length"]
 
 
 class EncodeError(ValueError):
@@ -59,31 +55,23 @@ def _join(base_prompt: str, text: str) -> str:
 
 
 def apply_prompt_order(conversations: Sequence[Mapping[str, Any]], num_images: int, base_prompt: str = "",
-                       prompt_order: str = "train", where: str = "<record>") -> list[dict[str, str]]:
-    """Copies of the turns with ``base_prompt`` and ``<image>`` placed as ``prompt_order`` says (docs/data.md);
-    :class:`EncodeError` when the placeholders cannot match the images (multi-image: exactly one per image)."""
-    if prompt_order not in PROMPT_ORDERS:
-        raise EncodeError(f"{where}: prompt_order must be one of {PROMPT_ORDERS}, got {prompt_order!r}")
+                       where: str = "<record>") -> list[dict[str, str]]:
+    """Copies of the turns in the original trainer's order (docs/data.md): a single image's ``<image>`` moves to the
+    front of the first human turn (``<image>\\n{base_prompt} {question}``); other records keep their placeholders
+    (exactly one per image) after ``base_prompt``. :class:`EncodeError` when the placeholders cannot match."""
     turns = [{"from": str(t.get("from")), "value": str(t.get("value"))} for t in conversations]
-    if not turns:
-        raise EncodeError(f"{where}: empty conversation")
     human = [i for i, t in enumerate(turns) if t["from"] == "human"]
     if not human:
         raise EncodeError(f"{where}: no human turn")
     first = human[0]
     count = sum(turns[i]["value"].count(IMAGE_PLACEHOLDER) for i in human)
-    in_answers = [i + 1 for i, t in enumerate(turns) if t["from"] != "human" and IMAGE_PLACEHOLDER in t["value"]]
-    if in_answers:
-        raise EncodeError(f"{where}: {IMAGE_PLACEHOLDER} in answer turn(s) {in_answers}")
-
-    if num_images == 1 and count in (0, 1) and prompt_order == "train":  # <image>\n{base_prompt} {question}
+    if num_images == 1 and count in (0, 1):
         for i in human:
-            turns[i]["value"] = _strip_placeholders(turns[i]["value"]) if IMAGE_PLACEHOLDER in turns[i]["value"] else turns[i]["value"]
+            if IMAGE_PLACEHOLDER in turns[i]["value"]:
+                turns[i]["value"] = _strip_placeholders(turns[i]["value"])
         turns[first]["value"] = IMAGE_PLACEHOLDER + "\n" + _join(base_prompt, turns[first]["value"])
         return turns
-    if num_images == 1 and count == 0:  # inference order: {base_prompt} <image>\n{question}
-        turns[first]["value"] = IMAGE_PLACEHOLDER + "\n" + turns[first]["value"]
-    elif count != num_images:
+    if count != num_images:
         raise EncodeError(f"{where}: {count} {IMAGE_PLACEHOLDER} placeholder(s) for {num_images} image(s)")
     turns[first]["value"] = _join(base_prompt, turns[first]["value"])
     return turns
@@ -98,14 +86,13 @@ def _token_ids(tokenizer: Any, token: str) -> int:
 
 def encode_conversation(conversations: Sequence[Mapping[str, Any]], tokenizer: Any, *,
                         template: str | ChatTemplate = "Hermes-2", num_patches_list: Sequence[int] = (),
-                        num_image_token: int = 256, base_prompt: str = "", prompt_order: str = "train",
-                        system_message: str | None = None, max_length: int | None = None,
-                        where: str = "<record>") -> EncodedSample:
+                        num_image_token: int = 256, base_prompt: str = "", system_message: str | None = None,
+                        max_length: int | None = None, where: str = "<record>") -> EncodedSample:
     """One conversation (alternating ``human``/``gpt`` turns) as an :class:`EncodedSample`; ``num_patches_list`` has
     the tiles of each image (empty: text-only). A sample over ``max_length`` tokens is an error, never cut (a cut
     could split the image tokens or drop the answer). Raises :class:`EncodeError` naming ``where``."""
     tpl = get_template(template) if isinstance(template, str) else template
-    turns = apply_prompt_order(conversations, len(num_patches_list), base_prompt, prompt_order, where)  # 1
+    turns = apply_prompt_order(conversations, len(num_patches_list), base_prompt, where)  # 1
     for turn in turns:  # record text never yields template or image tokens (internvl.user_text)
         turn["value"] = neutralize_control_tokens(turn["value"])
     segments = tpl.segments(turns, system_message)  # 2 (turns alternate: checked by RecordChecker)
@@ -120,8 +107,6 @@ def encode_conversation(conversations: Sequence[Mapping[str, Any]], tokenizer: A
     if max_length is not None and len(ids) > max_length:
         raise EncodeError(f"{where}: {len(ids)} tokens > max_length {max_length}", reason="too-long")
     supervised_text = _verify_labels(tokenizer, ids, labels, [full[s:e] for s, e in spans], where)
-    if num_patches_list and ids.count(_token_ids(tokenizer, IMG_START_TOKEN)) != len(num_patches_list):
-        raise EncodeError(f"{where}: {IMG_START_TOKEN} count does not match {len(num_patches_list)} image(s)")
     return EncodedSample(input_ids=torch.tensor(ids, dtype=torch.long), labels=torch.tensor(labels, dtype=torch.long),
                          num_patches_list=list(num_patches_list), text=full, supervised_text=supervised_text)
 
@@ -193,17 +178,13 @@ def _decode_runs(tokenizer: Any, ids: list[int], labels: list[int]) -> list[str]
             for supervised, run in runs if supervised]
 
 
-def make_token_length(tokenizer: Any, *, template: str | ChatTemplate = "Hermes-2", num_image_token: int = 256,
-                      tiles_per_image: int = 1, base_prompt: str = "", prompt_order: str = "train"
-                      ) -> Callable[[dict], int]:
-    """A ``record -> token length`` function for ``RecordChecker(token_length=...)``; exact for one tile per image
-    (V1.2), else pass the expected ``tiles_per_image``."""
+def make_token_length(tokenizer: Any, *, base_prompt: str = "") -> Callable[[dict], int]:
+    """A ``record -> token length`` function for ``RecordChecker(token_length=...)``: MedRegA's Hermes-2 template and
+    one 448 tile (256 tokens) per image, as V1.2 trains."""
 
     def token_length(record: dict) -> int:
         n_images = len(image_paths(record))
-        sample = encode_conversation(record["conversations"], tokenizer, template=template,
-                                     num_patches_list=[tiles_per_image] * n_images, num_image_token=num_image_token,
-                                     base_prompt=base_prompt, prompt_order=prompt_order)
-        return len(sample)
+        return len(encode_conversation(record["conversations"], tokenizer, num_patches_list=[1] * n_images,
+                                       base_prompt=base_prompt))
 
     return token_length

@@ -9,7 +9,6 @@ and the presets are described in docs/data-io.md.
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import os
 import warnings
 from collections.abc import Iterator
@@ -48,24 +47,15 @@ class ImageLoadError(ValueError):
         super().__init__(f"{self.path}: {reason}")
 
 
-_READER_PACKAGES = {"dicom": "pydicom", "nifti": "nibabel"}
-
-
 def _readable_kind(path: Path) -> str:
-    """The file's format (:func:`detect_format`) once it exists and its reader is installed (a bare GPU box may
-    lack pydicom/nibabel: name the file and the fix instead of an ImportError traceback)."""
+    """The file's format (:func:`detect_format`) once it exists and is readable."""
     if path.is_dir():
         raise ImageLoadError(path, "is a directory, not an image file")
     if not path.exists():
         raise ImageLoadError(path, "file not found")
     if not os.access(path, os.R_OK):
         raise ImageLoadError(path, "unreadable: permission denied")
-    kind = detect_format(path)
-    package = _READER_PACKAGES.get(kind)
-    if package is not None and importlib.util.find_spec(package) is None:
-        raise ImageLoadError(path, f"reading {kind.upper()} files needs the '{package}' package "
-                                   f"(pip install {package})")
-    return kind
+    return detect_format(path)
 
 
 @dataclass(frozen=True)
@@ -433,7 +423,7 @@ def load_image(path: str | Path, *, window: Window = None, slice_index: int | No
     return _load_pil(path, window, frame, max_pixels)
 
 
-def probe_image(path: str | Path, *, axis: str = "axial", max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageInfo:
+def probe_image(path: str | Path) -> ImageInfo:
     """Header only: the format and the size :func:`load_image` would return by default (cheap enough for
     ``medrega-data check --images header`` and converters). Raises :class:`ImageLoadError` like :func:`load_image`.
     """
@@ -447,11 +437,11 @@ def probe_image(path: str | Path, *, axis: str = "axial", max_pixels: int = DEFA
             raise ImageLoadError(path, f"DICOM header lacks valid Rows/Columns ({exc})") from exc
     elif kind == "nifti":
         img = _nifti_image(path)
-        _, _, rows, cols, spacing = _slice_geometry(img, axis, path)
+        _, _, rows, cols, spacing = _slice_geometry(img, "axial", path)
         info = ImageInfo("nifti", *_aspect_size((rows, cols), spacing), img.shape[3] if len(img.shape) == 4 else 1)
     else:
         im = _open_pil(path)
         with _pil_errors(path), im:  # n_frames may read further into the file
             info = ImageInfo("pil", im.width, im.height, getattr(im, "n_frames", 1))
-    _check_size(path, info.width, info.height, max_pixels)
+    _check_size(path, info.width, info.height, DEFAULT_MAX_PIXELS)
     return info

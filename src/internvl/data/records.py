@@ -17,13 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from internvl.constants import IMAGE_PLACEHOLDER
-from internvl.data.bounded_json import (LIMITS, InputLimits, JSONLimitError, LimitedJSONDecoder, find_lone_surrogate,
-                                        loads_limited)
+from internvl.data.bounded_json import (MAX_LINE_BYTES, MAX_NAME_BYTES, MAX_PATH_BYTES, JSONLimitError,
+                                        LimitedJSONDecoder, has_lone_surrogate, loads_limited)
 from internvl.data.images import ImageLoadError, load_image, probe_image
 from internvl.regions import RegionError, parse_regions
 
-__all__ = ["ALLOW_LINKS_ENV", "BadRecordError", "IMAGE_CHECKS", "ImagePathError", "check_path_length", "InputLimits",
-           "JSONLimitError", "LIMITS", "LimitedJSONDecoder", "loads_limited", "parse_record_line", "REASONS",
+__all__ = ["ALLOW_LINKS_ENV", "BadRecordError", "IMAGE_CHECKS", "ImagePathError", "check_path_length",
+           "JSONLimitError", "LimitedJSONDecoder", "loads_limited", "parse_record_line", "REASONS",
            "ProblemTally", "RecordChecker", "RecordProblem", "image_paths", "iter_records", "read_jsonl",
            "resolve_image"]
 
@@ -68,14 +68,14 @@ class BadRecordError(ValueError):
         super().__init__("\n".join(str(p) for p in self.problems))
 
 
-def parse_record_line(raw: bytes, file: str, line: int, limits: InputLimits = LIMITS) -> Any:
-    """Decode one jsonl line under ``limits``: the JSON value, or a :class:`RecordProblem` naming ``FILE:LINE``.
+def parse_record_line(raw: bytes, file: str, line: int) -> Any:
+    """Decode one jsonl line under the input limits: the JSON value, or a :class:`RecordProblem` naming ``FILE:LINE``.
     The one place where record text becomes values, so every reader gets the same limits and reasons."""
     def problem(reason: str, message: str) -> RecordProblem:
         return RecordProblem(file, line, reason, message)
 
-    if len(raw) > limits.max_line_bytes:
-        return problem("line-too-long", f"{len(raw)} bytes; the limit is {limits.max_line_bytes}")
+    if len(raw) > MAX_LINE_BYTES:
+        return problem("line-too-long", f"{len(raw)} bytes; the limit is {MAX_LINE_BYTES}")
     if line == 1 and raw.startswith(b"\xef\xbb\xbf"):
         raw = raw[3:]
     try:
@@ -85,16 +85,16 @@ def parse_record_line(raw: bytes, file: str, line: int, limits: InputLimits = LI
     if not text.strip():
         return problem("blank-line", "empty line (remove it)")
     try:
-        return loads_limited(text, limits)
+        return loads_limited(text)
     except JSONLimitError as exc:
         return problem(exc.reason, str(exc))
     except json.JSONDecodeError as exc:
         return problem("invalid-json", f"{exc.msg} at column {exc.colno}")
 
 
-def read_jsonl(path: str | Path, limits: InputLimits = LIMITS) -> Iterator[tuple[int, dict | RecordProblem]]:
+def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict | RecordProblem]]:
     """Yield ``(line_number, record)`` for each line, or ``(line_number, RecordProblem)`` for a bad one (an
-    unreadable file: one problem at line 0). A line over ``limits.max_line_bytes`` is skipped in bounded chunks."""
+    unreadable file: one problem at line 0). A line over ``MAX_LINE_BYTES`` is skipped in bounded chunks."""
     file = str(path)
     try:
         fh = open(path, "rb")
@@ -104,19 +104,19 @@ def read_jsonl(path: str | Path, limits: InputLimits = LIMITS) -> Iterator[tuple
     with fh:
         number = 0
         while True:
-            raw = fh.readline(limits.max_line_bytes + 1)
+            raw = fh.readline(MAX_LINE_BYTES + 1)
             if not raw:
                 return
             number += 1
-            if len(raw) > limits.max_line_bytes and not raw.endswith(b"\n"):
+            if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
                 size = len(raw)
                 while raw and not raw.endswith(b"\n"):  # skip the rest of the long line in bounded chunks
                     raw = fh.readline(1 << 20)
                     size += len(raw)
                 yield number, RecordProblem(file, number, "line-too-long",
-                                            f"{size} bytes; the limit is {limits.max_line_bytes}")
+                                            f"{size} bytes; the limit is {MAX_LINE_BYTES}")
                 continue
-            record = parse_record_line(raw, file, number, limits)
+            record = parse_record_line(raw, file, number)
             if not isinstance(record, (dict, RecordProblem)):
                 record = RecordProblem(file, number, "not-an-object",
                                        f"expected a JSON object, got {type(record).__name__}")
@@ -143,7 +143,7 @@ class ImagePathError(ValueError):
         self.reason = reason
 
 
-def check_path_length(path: str, limits: InputLimits = LIMITS) -> None:
+def check_path_length(path: str) -> None:
     """Raise :class:`ImagePathError` (``bad-path``) for a path or component the file system cannot hold, or NUL."""
     if "\x00" in path:
         raise ImagePathError("bad-path", "the path contains a NUL character")
@@ -151,12 +151,12 @@ def check_path_length(path: str, limits: InputLimits = LIMITS) -> None:
         size = len(os.fsencode(path))
     except UnicodeError:
         raise ImagePathError("bad-path", "the path is not encodable text") from None
-    if size > limits.max_path_bytes:
-        raise ImagePathError("bad-path", f"the path has {size} bytes; the file system allows {limits.max_path_bytes}")
+    if size > MAX_PATH_BYTES:
+        raise ImagePathError("bad-path", f"the path has {size} bytes; the file system allows {MAX_PATH_BYTES}")
     longest = max((len(os.fsencode(part)) for part in path.replace("\\", "/").split("/")), default=0)
-    if longest > limits.max_name_bytes:
+    if longest > MAX_NAME_BYTES:
         raise ImagePathError("bad-path", f"a path component has {longest} bytes; the file system allows "
-                                         f"{limits.max_name_bytes}")
+                                         f"{MAX_NAME_BYTES}")
 
 
 def resolve_image(path: str, root: str | Path) -> Path:
@@ -217,7 +217,7 @@ class RecordChecker:
 
         if not isinstance(record, dict):
             return [problem("not-an-object", f"expected a JSON object, got {type(record).__name__}")]
-        if find_lone_surrogate(record) is not None:
+        if has_lone_surrogate(record):
             return [problem("bad-text", "a string holds a lone surrogate (\\ud800-\\udfff without its pair); "
                                         "such text cannot be encoded or tokenized")]
         problems = self._check_fields(record, problem)

@@ -63,9 +63,9 @@ def _resolve(value: str, base_dir: Path) -> Path:
     return path if path.is_absolute() else base_dir / path
 
 
-def load_meta(path: str | os.PathLike, *, base_dir: str | os.PathLike | None = None, check_paths: bool = True) -> dict[str, DatasetSpec]:
-    """Read and validate a meta file (types, unknown keys such as a typo ``repeat_times``, and with ``check_paths``
-    that the files exist); returns ``{name: DatasetSpec}`` in file order or raises :class:`MetaFileError`."""
+def load_meta(path: str | os.PathLike, *, base_dir: str | os.PathLike | None = None) -> dict[str, DatasetSpec]:
+    """Read and validate a meta file (types, unknown keys such as a typo ``repeat_times``, that the files exist);
+    returns ``{name: DatasetSpec}`` in file order or raises :class:`MetaFileError`."""
     meta_path = Path(path)
     base = Path(base_dir) if base_dir is not None else Path.cwd()
     try:
@@ -84,11 +84,11 @@ def load_meta(path: str | os.PathLike, *, base_dir: str | os.PathLike | None = N
     specs: dict[str, DatasetSpec] = {}
     for name, entry in data.items():
         where = f"{meta_path}:{_line_of_key(text, name)}: dataset {name!r}"
-        specs[name] = _parse_entry(name, entry, where, base, check_paths)
+        specs[name] = _parse_entry(name, entry, where, base)
     return specs
 
 
-def _parse_entry(name: str, entry: Any, where: str, base: Path, check_paths: bool) -> DatasetSpec:
+def _parse_entry(name: str, entry: Any, where: str, base: Path) -> DatasetSpec:
     def fail(reason: str) -> MetaFileError:
         return MetaFileError(f"{where}: {reason}")
 
@@ -126,13 +126,12 @@ def _parse_entry(name: str, entry: Any, where: str, base: Path, check_paths: boo
 
     root = _resolve(entry["root"], base)
     annotation = _resolve(entry["annotation"], base)
-    if check_paths:
-        try:
-            if not annotation.is_file():
-                raise fail(f"annotation file not found: {annotation}")
-            if not root.is_dir():
-                raise fail(f"image root directory not found: {root}")
-        except OSError as exc:  # a path or component longer than the file system allows, a loop of links ...
-            raise fail(f"cannot use the path {exc.filename!s:.120}: {exc.strerror or exc}") from None
+    try:
+        if not annotation.is_file():
+            raise fail(f"annotation file not found: {annotation}")
+        if not root.is_dir():
+            raise fail(f"image root directory not found: {root}")
+    except OSError as exc:  # a path or component longer than the file system allows, a loop of links ...
+        raise fail(f"cannot use the path {exc.filename!s:.120}: {exc.strerror or exc}") from None
     return DatasetSpec(name=name, root=root, annotation=annotation, length=length, repeat_time=float(repeat),
                        data_augment=augment, base_prompt=base_prompt, max_dynamic_patch=max_patch)

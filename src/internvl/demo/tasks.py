@@ -61,5 +61,5 @@ def build_prompt(task: str, lang: str, *, question: str | None = None, box: Box 
     except PromptError as exc:
         raise UserInputError(f"Cannot build the {task_label(task, 'en')} prompt: {exc}") from exc
     # the trainer's prompt order ("<image>\n" + task prompt + question): what MedRegA and the bundled model saw
-    return apply_prompt_order([{"from": "human", "value": human}], 1, "", "train")[0]["value"]
+    return apply_prompt_order([{"from": "human", "value": human}], 1)[0]["value"]
 
