@@ -48,8 +48,3 @@ class InternVisionConfig(PreTrainedConfig):
                 f"InternVisionConfig: image_size {self.image_size} is not a multiple of patch_size {self.patch_size}"
             )
         super().__post_init__(**kwargs)
-
-    @property
-    def head_dim(self) -> int:
-        """Width of one attention head (128 for 6B, 64 for 300M)."""
-        return self.hidden_size // self.num_attention_heads
