@@ -19,14 +19,14 @@ from transformers.modeling_outputs import ModelOutput
 from ..ops.cross_entropy import causal_lm_loss
 from .chat import ChatMixin
 from .configuration_internvl_chat import InternVLChatConfig
-from .decode_config import DecodeConfig
-from .devices import execution_device
-from .greedy_dispatch import (
+from .decode_config import (
+    DecodeConfig,
     greedy_settings,
     has_training_compiled_layers,
     single_device,
     trim_after_eos,
 )
+from .devices import execution_device
 from .modeling_intern_vit import InternVisionModel
 
 
