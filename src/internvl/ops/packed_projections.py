@@ -14,10 +14,6 @@ from torch import nn
 from .int8_weights import Int8Linear
 
 
-class PackingError(ValueError):
-    """The modules cannot share one packed weight (different types, shapes, dtypes, devices or bias layout)."""
-
-
 def plain_linear(module: nn.Module) -> bool:
     """A bare `nn.Linear` or `Int8Linear` on a real device without hooks: its weight (and scales) can be read directly
     by our own products."""
@@ -72,9 +68,7 @@ def pack_linears(linears: list[nn.Linear]) -> tuple:
     """Copy the weights (biases, scales) of `linears` into one new tensor each and re-point every parameter's `.data`
     to its rows (nothing to do when already packed); parameter objects, values and state_dict are unchanged. Returns
     the packed (weight, bias or None) as views of the parameters' storage, the weight as (int8 weight, fp32 row
-    scales) for `Int8Linear` groups."""
-    if not packable(linears):
-        raise PackingError("only plain nn.Linear modules with one in_features, dtype, device and bias layout pack")
+    scales) for `Int8Linear` groups. The caller checked `packable(linears)` (`decoder_layer_groups`)."""
     if not layout_ok(linears):
         with torch.inference_mode(False):  # never make parameters inference tensors (training after generate works)
             for name in ("weight", "bias", "weight_scale"):
