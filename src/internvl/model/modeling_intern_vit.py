@@ -186,8 +186,8 @@ class InternVisionEncoder(nn.Module):
         )
 
 
-class InternVisionPreTrainedModel(PreTrainedModel):
-    """Weight init and transformers plumbing shared by the vision tower."""
+class InternVisionModel(PreTrainedModel):
+    """InternViT (6B- or 300M-style by config).  `forward` returns the last hidden state with the CLS token first."""
 
     config_class = InternVisionConfig
     config: InternVisionConfig
@@ -198,6 +198,12 @@ class InternVisionPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["InternVisionEncoderLayer"]
     _supports_sdpa = True
 
+    def __init__(self, config: InternVisionConfig) -> None:
+        super().__init__(config)
+        self.embeddings = InternVisionEmbeddings(config)
+        self.encoder = InternVisionEncoder(config)
+        self.post_init()
+
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
         std = self.config.initializer_range
@@ -207,17 +213,6 @@ class InternVisionPreTrainedModel(PreTrainedModel):
         elif isinstance(module, InternVisionEncoderLayer):
             init.constant_(module.ls1, self.config.initializer_factor)
             init.constant_(module.ls2, self.config.initializer_factor)
-
-
-class InternVisionModel(InternVisionPreTrainedModel):
-    """InternViT (6B- or 300M-style by config).  `forward` returns the last hidden state with the CLS token first."""
-
-    def __init__(self, config: InternVisionConfig) -> None:
-        super().__init__(config)
-        self.config = config
-        self.embeddings = InternVisionEmbeddings(config)
-        self.encoder = InternVisionEncoder(config)
-        self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
         return self.embeddings.patch_embedding
