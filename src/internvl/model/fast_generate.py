@@ -37,7 +37,7 @@ CACHE_ROUND = 256
 MAX_STATES = 4
 #: tokens between host checks of "all rows finished".
 CHECK_EVERY = 32
-#: dynamo recompile limit while our decode step runs (one entry per (batch, cache length) shape).
+#: dynamo recompile limit (at least) while our decode step runs (one entry per (batch, cache length) shape).
 RECOMPILE_LIMIT = 64
 #: name under which the grouped-query decode attention is registered with transformers.
 DECODE_ATTN = "internvl_sdpa_gqa_decode"
@@ -75,11 +75,6 @@ def packed_step_supported(lm: nn.Module) -> bool:
     if getattr(cfg, "pretraining_tp", 1) not in (None, 1):
         return False
     return decoder_layer_groups(lm) is not None
-
-
-def _recompile_limit(limit: int):
-    """Dynamo's per-function recompile limit raised to at least `limit` while our step runs (restored afterwards)."""
-    return dynamo_config.patch(RECOMPILE_LIMIT_NAME, max(getattr(dynamo_config, RECOMPILE_LIMIT_NAME), limit))
 
 
 def register_decode_attention(name: str, function) -> None:
@@ -239,18 +234,6 @@ class StaticGreedyDecoder:
         st.pos.add_(1)
         st.step.add_(1)
 
-    def _packed_forward_logits(self, st: _DecodeState, ids: torch.Tensor, pos: torch.Tensor, packs: list,
-                               attention: str, one_row: bool) -> torch.Tensor:
-        """The decode forward over packed weights (`packed_step.packed_forward_logits`), each layer through
-        `packed_layer` or its compiled form, with the state's attention kind and GEMV choice (resolved once, in
-        `_make_step`). ids/pos [B, 1] -> [B, V] logits."""
-
-        def attend(module, q, keys, values, mask, cache_mask, limit):
-            return self._packed_attention(attention, module, q, keys, values, mask, cache_mask, limit)
-
-        return packed_forward_logits(self.lm, st.cache, st.mask, ids, pos, packs, one_row=one_row, attend=attend,
-                                     layer_fn=self._layer_fn or packed_layer)
-
     def _packed_attention(self, attention: str, module: nn.Module, q: torch.Tensor, keys: torch.Tensor,
                           values: torch.Tensor, mask: torch.Tensor, cache_mask: torch.Tensor,
                           limit: torch.Tensor) -> torch.Tensor:
@@ -315,10 +298,15 @@ class StaticGreedyDecoder:
     # ---- the step ----
     def _make_step(self, st: _DecodeState, pad_token_id: int):
         if st.packs is not None:
+            # the attention kind and GEMV choice are resolved once per state, not per token
             attention, one_row = self._attention(), st.ids.shape[0] == 1 and self._gemv_on()
 
+            def attend(module, q, keys, values, mask, cache_mask, limit):
+                return self._packed_attention(attention, module, q, keys, values, mask, cache_mask, limit)
+
             def forward(ids: torch.Tensor, pos: torch.Tensor, packs: list) -> torch.Tensor:
-                return self._packed_forward_logits(st, ids, pos, packs, attention, one_row)
+                return packed_forward_logits(self.lm, st.cache, st.mask, ids, pos, packs, one_row=one_row,
+                                             attend=attend, layer_fn=self._layer_fn or packed_layer)
         else:
             def forward(ids: torch.Tensor, pos: torch.Tensor, packs: None) -> torch.Tensor:
                 return self._forward_logits(st, ids, pos)
@@ -334,7 +322,8 @@ class StaticGreedyDecoder:
                                  options={"coordinate_descent_tuning": True} if tuned else None)
 
         def step() -> None:
-            with _recompile_limit(RECOMPILE_LIMIT):
+            limit = max(getattr(dynamo_config, RECOMPILE_LIMIT_NAME), RECOMPILE_LIMIT)  # restored after the step
+            with dynamo_config.patch(RECOMPILE_LIMIT_NAME, limit):
                 logits = core(st.ids, st.pos, st.packs)
             self._record(st, self._select(st, logits.float(), pad_token_id))
 
