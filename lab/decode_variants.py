@@ -1,9 +1,10 @@
-"""Decode variants that are not the product's defaults: an fp32 "math" attention for inductor to fuse, and
-FlexAttention (flex-decoding) in the packed step and in the model's own forward. Both were measured against the
-defaults and lost (docs/performance.md, "Decode fast paths"); the benchmark keeps them to re-measure.
+"""Decode variants that are not the product's defaults: explicit packing / attention / GEMV / tuning / compile-scope
+choices instead of the product's measured rules, an fp32 "math" attention for inductor to fuse, and FlexAttention
+(flex-decoding) in the packed step and in the model's own forward. They were measured against the defaults and lost
+(docs/performance.md, "How the defaults were chosen"); the benchmark keeps them to re-measure.
 
-`LabDecodeConfig` accepts `attention="math"` / `"flex"` besides the product's values and runs through
-`LabGreedyDecoder`, a `StaticGreedyDecoder` that adds them; pass it wherever a `DecodeConfig` goes
+`LabDecodeConfig` adds those options to the product's `DecodeConfig` ("auto" = the product's rule) and runs through
+`LabGreedyDecoder`, a `StaticGreedyDecoder` that honours them; pass it wherever a `DecodeConfig` goes
 (`model.decode_config = LabDecodeConfig(attention="flex")`, `decoder_for(lm, config)`).
 """
 from __future__ import annotations
@@ -79,8 +80,34 @@ class LabGreedyDecoder(StaticGreedyDecoder):
     the model's own forward through the attention interface; the prefill keeps SDPA)."""
 
     def __init__(self, lm: nn.Module, config: DecodeConfig | None = None) -> None:
-        super().__init__(lm, config)
+        super().__init__(lm, config if config is not None else LabDecodeConfig())
         register_decode_attention(DECODE_FLEX_ATTN, flex_decode_attention)
+
+    # each option: its explicit value, else ("auto") the product's rule
+    def _packed_step_possible(self) -> bool:
+        return self.config.packed is not False and super()._packed_step_possible()
+
+    def _packs(self) -> list | None:
+        return None if self.config.packed is False else super()._packs()
+
+    def _gemv_on(self) -> bool:
+        if self.config.gemv == "auto":
+            return super()._gemv_on()
+        return bool(self.config.gemv) and self._packed_step_possible()
+
+    def _attention(self) -> str:
+        return super()._attention() if self.config.attention == "auto" else self.config.attention
+
+    def _tuned(self, batch: int) -> bool:
+        return self.config.tuning is True or (self.config.tuning == "auto" and super()._tuned(batch))
+
+    def _packed_step(self, batch: int) -> bool:
+        return super()._packed_step(batch) if self.config.packed == "auto" else bool(self.config.packed)
+
+    def _layer_scope(self) -> bool:
+        if self.config.backend is None or self.config.compile_scope == "step":
+            return False
+        return self.config.compile_scope == "layer" or super()._layer_scope()
 
     def _packed_attention(self, attention: str, module: nn.Module, q: torch.Tensor, keys: torch.Tensor,
                           values: torch.Tensor, mask: torch.Tensor, cache_mask: torch.Tensor,
@@ -97,7 +124,28 @@ class LabGreedyDecoder(StaticGreedyDecoder):
 
 @dataclass(frozen=True)
 class LabDecodeConfig(DecodeConfig):
-    """`DecodeConfig` that also takes the lab's attention kinds ("math", "flex"), run by `LabGreedyDecoder`."""
+    """`DecodeConfig` with explicit choices, run by `LabGreedyDecoder` ("auto": the product's rule):
 
-    ATTENTIONS: ClassVar[tuple[str, ...]] = (*DecodeConfig.ATTENTIONS, "math", "flex")
+    compile_scope: "step" (the whole step) or "layer" (one decoder layer reused by every layer).
+    packed: pack q/k/v and gate/up and run our own layer loop (True), never (False).
+    attention: "sdpa", "triton" (packed step only), "math" (packed step only) or "flex".
+    gemv: run the batch-1 packed step's products through our Triton GEMV.
+    tuning: inductor's coordinate-descent tuning.
+    """
+
+    compile_scope: str = "auto"
+    packed: bool | str = "auto"
+    attention: str = "auto"
+    gemv: bool | str = "auto"
+    tuning: bool | str = "auto"
+
+    ATTENTIONS: ClassVar[tuple[str, ...]] = ("auto", "sdpa", "triton", "math", "flex")
     decoder_class: ClassVar[type | None] = LabGreedyDecoder
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        allowed = {"compile_scope": ("auto", "step", "layer"), "attention": self.ATTENTIONS,
+                   "packed": (True, False, "auto"), "gemv": (True, False, "auto"), "tuning": (True, False, "auto")}
+        for name, values in allowed.items():
+            if getattr(self, name) not in values:
+                raise ValueError(f"{name} must be one of {values}, got {getattr(self, name)!r}")

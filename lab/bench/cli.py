@@ -486,7 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--real-decode-backend", default="none", choices=["auto", "inductor", "eager", "none"],
                    help="decode backend for the 40B shape (none: static cache, eager step; weight-bound anyway)")
     p.add_argument("--real-compile-scope", default="auto", choices=["auto", "step", "layer"],
-                   help="DecodeConfig.compile_scope of the real-shape cases (auto: one compiled layer above 5B)")
+                   help="LabDecodeConfig.compile_scope of the real-shape cases (auto: one compiled layer above 5B)")
     p.add_argument("--real-quant", default="bf16", help="comma list of bf16,int8,int8wo: weight formats of the 40B "
                    "shape (int8 = LLM.int8 through bitsandbytes, one GPU; int8wo = our weight-only int8, built layer "
                    "by layer, decoded by our int8 GEMV)")

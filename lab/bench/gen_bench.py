@@ -114,7 +114,7 @@ def agreement(a: torch.Tensor, b: torch.Tensor) -> dict:
 #: decode-step configuration per variant (backend left "auto": the run's --decode-backend replaces it).
 #: "baseline" is the session-1 default (HF forward of the LM, no packing, inductor without tuning); "s2" the
 #: session-2 default (packed weights; at batch 1 the model's forward tuned by inductor, elsewhere the packed step);
-#: "default" the current default (`DecodeConfig()`: every option "auto", i.e. the packed step with our Triton
+#: "default" the current default (`DecodeConfig()`: the measured rules, i.e. the packed step with our Triton
 #: attention everywhere and our GEMV at batch 1, where Triton runs). "math" / "flex" are lab-only attentions.
 _V = LabDecodeConfig
 VARIANTS: dict[str, DecodeConfig] = {

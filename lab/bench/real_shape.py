@@ -12,10 +12,11 @@ import torch
 from torch import nn
 
 from internvl.constants import SKIP_QUANT_MODULES
-from internvl.model import DecodeConfig, load_preset
+from internvl.model import load_preset
 from internvl.model.loading import build_on_meta
 from internvl.ops.int8_weights import Int8Linear, in_skip_modules, quantize_int8_weights_
 from internvl.tokenization import load_tokenizer, train_sentencepiece_tokenizer
+from lab.decode_variants import LabDecodeConfig
 
 from .build import build_ours, build_ours_sharded, randomize_, shard_device_map
 from .flops import decode_weight_bytes
@@ -112,7 +113,7 @@ def run_real_shape(*, batches=(1, 8), new_tokens: int = 128, device: str = "cuda
 
     `decode_backend` is the dynamo backend of the fast decode step ("auto": the product's default, which compiles
     one decoder layer with inductor on this shape; None: static cache with an eager step and no CUDA graph) and
-    `compile_scope` its `DecodeConfig.compile_scope` (a whole-step inductor compile of the 60 layers takes about a
+    `compile_scope` its `LabDecodeConfig.compile_scope` (a whole-step inductor compile of the 60 layers takes about a
     minute per shape). `quantize="int8"` quantises the language model's
     linears with `quantize_int8_` after the bf16 build (its decode step then always runs eagerly: LLM.int8's outlier
     split is data-dependent and cannot be captured in a CUDA graph). `quantize="int8wo"` builds the language
@@ -146,7 +147,7 @@ def run_real_shape(*, batches=(1, 8), new_tokens: int = 128, device: str = "cuda
         decode_backend = None
         if cuda:
             torch.cuda.empty_cache()
-    model.decode_config = DecodeConfig(backend=decode_backend, compile_scope=compile_scope)
+    model.decode_config = LabDecodeConfig(backend=decode_backend, compile_scope=compile_scope)
     _sync(device)
     build_s = time.perf_counter() - t0
     n_params = sum(p.numel() for p in model.parameters())

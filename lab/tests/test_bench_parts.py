@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from internvl.model import InternVLChatModel, load_preset
-from internvl.model.greedy_dispatch import greedy_settings, trim_after_eos
+from internvl.model.decode_config import greedy_settings, trim_after_eos
 from lab.bench import batches as B
 from lab.bench.build import build_native, build_ours, native_config
 from lab.bench.cli import main

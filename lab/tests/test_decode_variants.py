@@ -1,6 +1,7 @@
 """The lab's decode variants (lab/decode_variants.py) on the CPU: the "math" and "flex" attentions equal SDPA, the
 packed step with them gives transformers' greedy tokens, flex runs in the model's own forward through the attention
-interface, and the product's DecodeConfig refuses them while LabDecodeConfig routes them to LabGreedyDecoder."""
+interface, the explicit options override the product's rules, and the product's DecodeConfig refuses them while
+LabDecodeConfig routes them to LabGreedyDecoder."""
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -65,9 +66,34 @@ def test_flex_attention_in_the_models_own_forward_matches_plain_generate(monkeyp
 
 
 def test_configs_route_variants():
-    with pytest.raises(ValueError, match="attention"):
+    with pytest.raises(TypeError):
         DecodeConfig(attention="math")
+    for bad in ({"attention": "flash"}, {"backend": "xla"}, {"gemv": "yes"}, {"packed": "yes"},
+                {"compile_scope": "model"}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            LabDecodeConfig(**bad)
     lm = _llama(seed=3)
-    plain = fg.decoder_for(lm, DecodeConfig(attention="sdpa"))
-    lab = fg.decoder_for(lm, LabDecodeConfig(attention="sdpa"))  # same fields, another class: another decoder
+    plain = fg.decoder_for(lm, DecodeConfig())
+    lab = fg.decoder_for(lm, LabDecodeConfig())  # the same rules, another class: another decoder
     assert type(plain) is fg.StaticGreedyDecoder and type(lab) is LabGreedyDecoder
+    config = LabDecodeConfig(packed=False, attention="sdpa", tuning=False, backend=None)
+    assert fg.decoder_for(lm, config) is fg.decoder_for(lm, LabDecodeConfig(packed=False, attention="sdpa",
+                                                                           tuning=False, backend=None))
+
+
+def test_explicit_options_override_the_product_rules():
+    """packed / tuning / gemv / compile_scope values other than "auto" replace the product's rule (the benchmark's
+    variants); packed=False leaves the weights where they were."""
+    lm = _llama(seed=11)
+    assert LabGreedyDecoder(lm, LabDecodeConfig(backend="inductor", tuning=False))._packed_step(1)
+    assert not LabGreedyDecoder(lm, LabDecodeConfig(backend="inductor"))._packed_step(1)  # the product's rule
+    off = LabGreedyDecoder(lm, LabDecodeConfig(backend=None, packed=False))
+    assert not off._packed_step(4) and off._attention() == "sdpa" and not off._gemv_on()
+    assert LabGreedyDecoder(lm, LabDecodeConfig(backend="eager", compile_scope="layer"))._layer_scope()
+    assert not LabGreedyDecoder(lm, LabDecodeConfig(backend=None, compile_scope="layer"))._layer_scope()
+    assert not LabGreedyDecoder(lm, LabDecodeConfig(compile_scope="step"))._layer_scope()
+    storages = {id(p): p.untyped_storage().data_ptr() for p in lm.parameters()}
+    emb, mask = _prompts(seed=8)
+    assert torch.equal(off.generate(emb, mask, max_new_tokens=5), _reference(lm, emb, mask, 5))
+    assert {id(p): p.untyped_storage().data_ptr() for p in lm.parameters()} == storages
+    assert off._pack_signature is None

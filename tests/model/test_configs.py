@@ -41,7 +41,7 @@ def test_llm_model_type_from_architectures():
 def test_original_defaults():
     vision = InternVisionConfig()
     assert (vision.hidden_size, vision.num_attention_heads, vision.num_hidden_layers) == (3200, 25, 48)
-    assert vision.head_dim == 128 and vision.initializer_factor == 0.1 and vision.qkv_bias is False
+    assert vision.hidden_size // vision.num_attention_heads == 128 and vision.initializer_factor == 0.1 and vision.qkv_bias is False
     chat = InternVLChatConfig()
     assert chat.ps_version == "v1" and chat.select_layer == -1 and chat.downsample_ratio == 0.5
     assert chat.max_dynamic_patch == 6 and chat.min_dynamic_patch == 1 and chat.system_message is None

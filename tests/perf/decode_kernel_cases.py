@@ -88,8 +88,8 @@ def test_decoder_with_kernels_matches_plain_generate():
             mask[0, :4] = 0
         ref = lm.generate(inputs_embeds=emb, attention_mask=mask, max_new_tokens=6, do_sample=False,
                           eos_token_id=None, pad_token_id=0)
-        dec = StaticGreedyDecoder(lm, DecodeConfig(backend="eager", attention="triton", gemv=True))
-        assert dec._packed_step(batch)
+        dec = StaticGreedyDecoder(lm, DecodeConfig(backend="eager"))  # the interpreter: our kernels, as on a GPU
+        assert dec._packed_step(batch) and dec._attention() == "triton" and dec._gemv_on()
         assert torch.equal(dec.generate(emb, mask, max_new_tokens=6), ref)
 
 
@@ -101,12 +101,11 @@ def test_auto_options_pick_the_kernels_where_they_run():
     dec = StaticGreedyDecoder(lm, DecodeConfig(backend="inductor"))
     assert dec._attention() == "triton" and dec._gemv_on()
     assert dec._packed_step(1) and dec._packed_step(8) and not dec._tuned(1)
-    assert StaticGreedyDecoder(lm, DecodeConfig(packed=False))._attention() == "sdpa"
-    assert not StaticGreedyDecoder(lm, DecodeConfig(packed=False))._gemv_on()
     torch.manual_seed(0)
     narrow = LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
                                           num_attention_heads=4, num_key_value_heads=2)).eval()
-    dec = StaticGreedyDecoder(narrow, DecodeConfig(backend="inductor", gemv=False))
+    dec = StaticGreedyDecoder(narrow, DecodeConfig(backend="inductor"))
+    dec._gemv_on = lambda: False  # what a device without our GEMV gets
     assert dec._attention() == "sdpa" and dec._tuned(1) and not dec._packed_step(1)
 
 
@@ -170,6 +169,7 @@ def test_decoder_over_int8_weights_runs_the_int8_gemv_in_the_traced_step(scope):
     mask = torch.ones(1, 9, dtype=torch.long)
     ref = lm.generate(inputs_embeds=emb, attention_mask=mask, max_new_tokens=6, do_sample=False, eos_token_id=None,
                       pad_token_id=0)
-    dec = StaticGreedyDecoder(lm, DecodeConfig(backend="eager", attention="triton", gemv=True, compile_scope=scope))
-    assert dec._packed_step(1) and dec._layer_scope() == (scope == "layer")
+    dec = StaticGreedyDecoder(lm, DecodeConfig(backend="eager"))
+    dec._large = scope == "layer"  # the "layer" scope of models above AUTO_INDUCTOR_MAX_PARAMS
+    assert dec._packed_step(1) and dec._gemv_on() and dec._layer_scope() == (scope == "layer")
     assert torch.equal(dec.generate(emb, mask, max_new_tokens=6), ref)

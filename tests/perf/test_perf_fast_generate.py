@@ -38,14 +38,15 @@ def test_matches_plain_generate_without_eos(lm):
     assert torch.equal(out, ref)
 
 
-def test_matches_plain_generate_with_eos_and_reuse(lm):
+def test_matches_plain_generate_with_eos_and_reuse(lm, monkeypatch):
     emb, mask = _prompts(seed=1)
     ref = lm.generate(inputs_embeds=emb, attention_mask=mask, max_new_tokens=10, do_sample=False, eos_token_id=None,
                       pad_token_id=0)
     eos = int(ref[0, 3])  # a token the first row emits: its row must stop there
     ref_eos = lm.generate(inputs_embeds=emb, attention_mask=mask, max_new_tokens=10, do_sample=False,
                           eos_token_id=eos, pad_token_id=0)
-    dec = StaticGreedyDecoder(lm, DecodeConfig(backend=None, check_every=2))
+    monkeypatch.setattr(fg, "CHECK_EVERY", 2)
+    dec = StaticGreedyDecoder(lm, DecodeConfig(backend=None))
     out = dec.generate(emb, mask, max_new_tokens=10, eos_token_id=eos, pad_token_id=0)
     width = ref_eos.shape[1]
     assert torch.equal(out[:, :width], ref_eos)

@@ -61,7 +61,7 @@ def test_packed_decode_over_int8_weights_matches_the_int8_models_generate(batch)
         mask[0, :2] = 0
     ref = lm.generate(inputs_embeds=emb, attention_mask=mask, max_new_tokens=8, do_sample=False, eos_token_id=None,
                       pad_token_id=0)
-    dec = StaticGreedyDecoder(lm, DecodeConfig(backend=None, packed=True))
+    dec = StaticGreedyDecoder(lm, DecodeConfig(backend=None))
     out = dec.generate(emb, mask, max_new_tokens=8)
     assert torch.equal(out, ref)
     packs = pack_decoder(lm)

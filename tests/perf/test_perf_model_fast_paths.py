@@ -5,7 +5,7 @@ import torch
 
 from internvl.model import DecodeConfig, InternVLChatModel, load_preset
 from internvl.model import fast_generate as fg
-from internvl.model.greedy_dispatch import has_training_compiled_layers
+from internvl.model.decode_config import has_training_compiled_layers
 from internvl.ops.compile_layers import compile_layers, uncompile_layers
 from internvl.tokenization import resize_embeddings_mean
 

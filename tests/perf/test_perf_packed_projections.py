@@ -10,12 +10,10 @@ from internvl.model import DecodeConfig, InternVLChatModel, load_preset
 from internvl.model import fast_generate as fg
 from internvl.model.fast_generate import StaticGreedyDecoder, packed_step_supported
 from internvl.ops.packed_projections import (
-    PackingError,
     decoder_layer_groups,
     layout_ok,
     pack_decoder,
-    pack_linears,
-    packed_view,
+    packable,
 )
 from internvl.testing.helpers import decode_prompts, greedy_reference
 
@@ -54,7 +52,8 @@ def test_packed_step_matches_plain_generate(make, attention):
     lm = make()
     emb, mask = _prompts()
     ref = _reference(lm, emb, mask, 12)
-    dec = StaticGreedyDecoder(lm, DecodeConfig(backend=None, attention=attention))
+    dec = StaticGreedyDecoder(lm, DecodeConfig(backend=None))
+    dec._attention = lambda: attention
     out = dec.generate(emb, mask, max_new_tokens=12)
     assert dec._pack_signature is not None, "the packed step was not used"
     assert torch.equal(out, ref)
@@ -71,15 +70,16 @@ def test_packed_step_traces_fullgraph():
 
 @pytest.mark.parametrize("make", [_llama, _qwen2], ids=["llama", "qwen2-bias"])
 def test_layer_compile_scope_compiles_one_layer_for_all(make, monkeypatch):
-    """compile_scope="layer": the packed step compiles `packed_layer` once (dynamo traces one frame, one graph) and
+    """The "layer" compile scope (models above AUTO_INDUCTOR_MAX_PARAMS): the packed step compiles `packed_layer` once (dynamo traces one frame, one graph) and
     X; the tokens equal transformers'
-    greedy ones. "auto" picks "layer" only above AUTO_INDUCTOR_MAX_PARAMS."""
+    greedy ones."""
     from torch._dynamo.utils import counters
 
     lm = make(layers=4)
     torch._dynamo.reset()
     counters.clear()
-    dec = StaticGreedyDecoder(lm, DecodeConfig(backend="eager", compile_scope="layer"))
+    dec = StaticGreedyDecoder(lm, DecodeConfig(backend="eager"))
+    dec._large = True
     for batch in (3, 2):
         emb, mask = _prompts(batch=batch, seed=batch)
         assert torch.equal(dec.generate(emb, mask, max_new_tokens=6), _reference(lm, emb, mask, 6))
@@ -88,14 +88,11 @@ def test_layer_compile_scope_compiles_one_layer_for_all(make, monkeypatch):
             assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])  # one layer, 4 calls
     # batch 2 is a new input shape: at most one more graph, never one per layer
     assert counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])
-    assert not StaticGreedyDecoder(lm, DecodeConfig(backend="eager"))._layer_scope()  # "auto", small model
+    assert not StaticGreedyDecoder(lm, DecodeConfig(backend="eager"))._layer_scope()  # a small model
     monkeypatch.setattr(fg, "AUTO_INDUCTOR_MAX_PARAMS", 10)
     auto = StaticGreedyDecoder(lm, DecodeConfig())
     assert auto._layer_scope() and auto._layer_backend() == "inductor" and auto.compile_backend == "eager"
-    assert not StaticGreedyDecoder(lm, DecodeConfig(compile_scope="step"))._layer_scope()
-    assert not StaticGreedyDecoder(lm, DecodeConfig(backend=None, compile_scope="layer"))._layer_scope()
-    with pytest.raises(ValueError, match="compile_scope"):
-        DecodeConfig(compile_scope="model")
+    assert not StaticGreedyDecoder(lm, DecodeConfig(backend=None))._layer_scope()
 
 
 def test_state_dict_unchanged_and_memory_shared():
@@ -131,13 +128,13 @@ def test_repacks_after_parameters_move():
     signature = dec._pack_signature
     groups = decoder_layer_groups(lm)
     lm.to(torch.float64)
-    assert not layout_ok(groups[0].qkv)  # .to() gave every parameter its own storage
+    assert not layout_ok(groups[0][0])  # .to() gave every parameter its own storage
     lm.to(torch.float32)
-    assert not layout_ok(groups[0].qkv)
+    assert not layout_ok(groups[0][0])
     assert len(dec._states) == 1
     out = dec.generate(emb, mask, max_new_tokens=9)
     assert torch.equal(out, ref)
-    assert dec._pack_signature != signature and layout_ok(groups[0].qkv) and layout_ok(groups[0].gate_up)
+    assert dec._pack_signature != signature and layout_ok(groups[0][0]) and layout_ok(groups[0][1])
     # a state created before the move was dropped (its graph would read the old addresses), the new one is kept
     assert len(dec._states) == 1
     again = dec.generate(emb, mask, max_new_tokens=9)
@@ -183,27 +180,23 @@ def test_lora_wrapped_model_falls_back():
     assert dec._pack_signature is None and _storages(base) == storages  # nothing was re-pointed
 
 
-def test_packing_off_and_other_architectures_leave_weights_alone():
+def test_other_architectures_leave_weights_alone():
     lm = _llama(seed=8)
     storages = _storages(lm)
     emb, mask = _prompts(seed=8)
-    dec = StaticGreedyDecoder(lm, DecodeConfig(backend=None, packed=False))
-    assert torch.equal(dec.generate(emb, mask, max_new_tokens=5), _reference(lm, emb, mask, 5))
-    assert _storages(lm) == storages
-    lm.config.model_type = "gemma"  # a model type the packed step does not reproduce
+    lm.config.model_type = "gemma"  # a model type the packed step does not reproduce: the model's own forward runs
     assert not packed_step_supported(lm)
+    dec = StaticGreedyDecoder(lm, DecodeConfig(backend=None))
+    assert torch.equal(dec.generate(emb, mask, max_new_tokens=5), _reference(lm, emb, mask, 5))
+    assert _storages(lm) == storages and dec._pack_signature is None
 
 
-def test_pack_linears_refuses_mixed_modules():
-    a, b = nn.Linear(8, 4), nn.Linear(8, 4, bias=False)
-    with pytest.raises(PackingError):
-        pack_linears([a, b])
-    with pytest.raises(PackingError):
-        packed_view([nn.Linear(8, 4), nn.Linear(8, 4)])
+def test_mixed_or_hooked_linears_are_not_packable():
+    assert packable([nn.Linear(8, 4), nn.Linear(8, 4)])
+    assert not packable([nn.Linear(8, 4), nn.Linear(8, 4, bias=False)])
     hooked = nn.Linear(8, 4)
     hooked.register_forward_hook(lambda *args: None)
-    with pytest.raises(PackingError):
-        pack_linears([nn.Linear(8, 4), hooked])
+    assert not packable([nn.Linear(8, 4), hooked])
 
 
 def test_decoder_for_follows_the_config():
@@ -211,36 +204,31 @@ def test_decoder_for_follows_the_config():
     config stays equal; the config refuses values it does not know (the lab's variants live in lab/)."""
     lm = _llama(seed=10)
     dec = fg.decoder_for(lm)
-    assert dec.config == DecodeConfig() and (dec.config.packed, dec.config.attention, dec.config.gemv) == ("auto",) * 3
+    assert dec.config == DecodeConfig() and dec.config.backend == "auto"
     assert fg.decoder_for(lm, DecodeConfig()) is dec
-    config = DecodeConfig(packed=False, attention="sdpa", tuning=False, backend=None)
-    dec2 = fg.decoder_for(lm, config)
-    assert dec2 is not dec and dec2.config == config and dec2.compile_backend is None
-    assert fg.decoder_for(lm, DecodeConfig(packed=False, attention="sdpa", tuning=False, backend=None)) is dec2
-    for bad in ({"attention": "flash"}, {"attention": "flex"}, {"backend": "xla"}, {"gemv": "yes"},
-                {"check_every": 0}):
-        with pytest.raises(ValueError, match=next(iter(bad))):
-            DecodeConfig(**bad)
+    dec2 = fg.decoder_for(lm, DecodeConfig(backend=None))
+    assert dec2 is not dec and dec2.compile_backend is None
+    assert fg.decoder_for(lm, DecodeConfig(backend=None)) is dec2
+    with pytest.raises(ValueError, match="backend"):
+        DecodeConfig(backend="xla")
+    with pytest.raises(TypeError):
+        DecodeConfig(attention="sdpa")  # a lab option (lab.decode_variants.LabDecodeConfig)
 
 
 def test_auto_packing_picks_the_step_per_batch():
-    """packed="auto": weights are packed, and the packed step runs except where inductor's tuned step runs (batch 1
-    under tuning="auto"): there the model's own forward is used (measured faster on the H200)."""
+    """Without our kernels (here: the CPU) weights are packed, and the packed step runs except where inductor's tuned
+    step runs (batch 1): there the model's own forward is used (measured faster on the H200)."""
     lm = _llama(seed=11)
-    dec = StaticGreedyDecoder(lm, DecodeConfig(backend="inductor", packed="auto", tuning="auto"))
-    assert not dec._packed_step(1) and dec._packed_step(8)
-    assert StaticGreedyDecoder(lm, DecodeConfig(backend="inductor", packed="auto", tuning=False))._packed_step(1)
-    assert StaticGreedyDecoder(lm, DecodeConfig(backend="eager", packed="auto", tuning="auto"))._packed_step(1)
-    assert not StaticGreedyDecoder(lm, DecodeConfig(backend=None, packed=False))._packed_step(4)
-    with pytest.raises(ValueError, match="packed"):
-        StaticGreedyDecoder(lm, DecodeConfig(packed="yes"))
+    dec = StaticGreedyDecoder(lm, DecodeConfig(backend="inductor"))
+    assert not dec._packed_step(1) and dec._packed_step(8) and dec._tuned(1) and not dec._tuned(8)
+    assert StaticGreedyDecoder(lm, DecodeConfig(backend="eager"))._packed_step(1)
     # the model's-own-forward step over packed weights: same tokens, weights packed
     emb, mask = _prompts(seed=11)
-    dec = StaticGreedyDecoder(lm, DecodeConfig(backend=None, packed="auto", tuning=True))
+    dec = StaticGreedyDecoder(lm, DecodeConfig(backend=None))
     dec._packed_step = lambda batch: False  # what "auto" picks for the tuned inductor step (no compile on the CPU)
     out = dec.generate(emb, mask, max_new_tokens=7)
     assert torch.equal(out, _reference(lm, emb, mask, 7))
-    assert dec._pack_signature is not None and layout_ok(decoder_layer_groups(lm)[0].qkv)
+    assert dec._pack_signature is not None and layout_ok(decoder_layer_groups(lm)[0][0])
     assert all(st.packs is None for st in dec._states.values())
 
 

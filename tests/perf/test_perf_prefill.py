@@ -76,7 +76,7 @@ def test_repeat_calls_skip_repacking_until_a_weight_moves(lm, monkeypatch):
     real = fg.pack_decoder
     monkeypatch.setattr(fg, "pack_decoder", lambda m: calls.append(1) or real(m))
     emb, mask = _prompt(1, 6, seed=2)
-    dec = StaticGreedyDecoder(lm, DecodeConfig(backend=None, packed=True))
+    dec = StaticGreedyDecoder(lm, DecodeConfig(backend=None))
     first = dec.generate(emb, mask, max_new_tokens=4)
     assert torch.equal(dec.generate(emb, mask, max_new_tokens=4), first) and len(calls) == 1
     q = lm.model.layers[1].self_attn.q_proj

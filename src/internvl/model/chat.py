@@ -58,14 +58,6 @@ class ChatMixin:
     def _chat_template(self) -> ChatTemplate:
         return get_template(self.template or DEFAULT_TEMPLATE)
 
-    def _image_context_id(self, tokenizer: Any) -> int:
-        token_id = tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN)
-        if not isinstance(token_id, int) or token_id == tokenizer.unk_token_id:
-            raise ValueError(
-                f"the tokenizer has no {IMG_CONTEXT_TOKEN} token; call internvl.tokenization.add_special_tokens first"
-            )
-        return token_id
-
     def _render(self, template: ChatTemplate, history: History, question: str) -> str:
         """The prompt; conversation text is neutralised first, so it can never yield template or image tokens."""
         messages: list[dict[str, str]] = []
@@ -74,17 +66,6 @@ class ChatMixin:
                          {"role": "assistant", "content": neutralize_control_tokens(old_a)}]
         messages.append({"role": "user", "content": neutralize_control_tokens(question)})
         return template.render(messages, system_message=self.system_message, add_generation_prompt=True)
-
-    def _answers(self, tokenizer: Any, template: ChatTemplate, pixel_values: torch.Tensor | None, queries: list[str],
-                 inputs: Mapping[str, torch.Tensor], gen_kwargs: dict, verbose: bool) -> list[str]:
-        """Generate from the tokenized `queries` and decode each row's answer (`decode_answer`)."""
-        if verbose:
-            for query in queries:
-                print(query.replace(IMG_CONTEXT_TOKEN * self.num_image_token, "<IMG_CONTEXT>*N"))
-        device = execution_device(self.get_input_embeddings()) or torch.device("cpu")
-        output = self.generate(pixel_values=pixel_values, input_ids=inputs["input_ids"].to(device),
-                               attention_mask=inputs["attention_mask"].to(device), **gen_kwargs)
-        return [decode_answer(tokenizer, row, separator=template.sep.strip()) for row in output]
 
     def chat(
         self,
@@ -97,23 +78,16 @@ class ChatMixin:
         num_patches_list: Sequence[int] | None = None,
         verbose: bool = False,
     ) -> str | tuple[str, History]:
-        """Answer one question (optionally continuing `history`) about the tiles in pixel_values [T,3,S,S];
-        num_patches_list: tiles per image, in `<image>` order (default: one image of all T tiles). Returns the answer,
-        or (answer, new history) with `return_history`."""
+        """Answer one question (optionally continuing `history`) about the tiles in pixel_values [T,3,S,S], through
+        `batch_chat`; num_patches_list: tiles per image, in `<image>` order (default: one image of all T tiles).
+        Returns the answer, or (answer, new history) with `return_history`."""
         if pixel_values is not None and history is None and IMAGE_PLACEHOLDER not in question:
             question = IMAGE_PLACEHOLDER + "\n" + question
         if num_patches_list is None:
             num_patches_list = [pixel_values.shape[0]] if pixel_values is not None else []
-        if pixel_values is not None and sum(num_patches_list) != pixel_values.shape[0]:
-            raise ValueError(f"num_patches_list {list(num_patches_list)} does not sum to {pixel_values.shape[0]} tiles")
-        self.img_context_token_id = self._image_context_id(tokenizer)
-        template = self._chat_template()
         history = [] if history is None else list(history)
-        query = self._render(template, history, question)
-        query = expand_image_placeholders(query, list(num_patches_list), self.num_image_token)
-        gen_kwargs = _generation_kwargs(generation_config, stop_token_ids(tokenizer, template))
-        response = self._answers(tokenizer, template, pixel_values, [query], tokenizer(query, return_tensors="pt"),
-                                 gen_kwargs, verbose)[0]
+        response = self.batch_chat(tokenizer, pixel_values, [question], generation_config, [list(num_patches_list)],
+                                   verbose=verbose, histories=[history])[0]
         history.append((question, response))
         return (response, history) if return_history else response
 
@@ -152,7 +126,12 @@ class ChatMixin:
         if (pixel_values.shape[0] if pixel_values is not None else 0) != total:
             raise ValueError(f"num_patches_list asks for {total} tiles but pixel_values has "
                              f"{0 if pixel_values is None else pixel_values.shape[0]}")
-        self.img_context_token_id = self._image_context_id(tokenizer)
+        token_id = tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN)
+        if not isinstance(token_id, int) or token_id == tokenizer.unk_token_id:
+            raise ValueError(
+                f"the tokenizer has no {IMG_CONTEXT_TOKEN} token; call internvl.tokenization.add_special_tokens first"
+            )
+        self.img_context_token_id = token_id
         template = self._chat_template()
         queries = []
         for question, patches, past in zip(questions, per_sample, histories):
@@ -173,4 +152,10 @@ class ChatMixin:
                 tokenizer.pad_token = None
         gen_kwargs = _generation_kwargs(generation_config, eos)
         gen_kwargs.setdefault("pad_token_id", tokenizer.pad_token_id if old_pad is not None else eos[0])
-        return self._answers(tokenizer, template, pixel_values, queries, inputs, gen_kwargs, verbose)
+        if verbose:
+            for query in queries:
+                print(query.replace(IMG_CONTEXT_TOKEN * self.num_image_token, "<IMG_CONTEXT>*N"))
+        device = execution_device(self.get_input_embeddings()) or torch.device("cpu")
+        output = self.generate(pixel_values=pixel_values, input_ids=inputs["input_ids"].to(device),
+                               attention_mask=inputs["attention_mask"].to(device), **gen_kwargs)
+        return [decode_answer(tokenizer, row, separator=template.sep.strip()) for row in output]

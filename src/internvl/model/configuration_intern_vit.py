@@ -11,7 +11,7 @@ _NORM_TYPES = ("rms_norm", "layer_norm")
 
 class InternVisionConfig(PreTrainedConfig):
     """Hyper-parameters of `InternVisionModel`. `initializer_factor`: initial layer scale `ls1`/`ls2`;
-    `drop_path_rate`: the last block's (linspace from 0); `use_flash_attn`: flash-attn where installed (fp16/bf16)."""
+    `drop_path_rate`: the last block's (linspace from 0); `use_flash_attn`: kept for released configs, unused (SDPA)."""
 
     model_type = "intern_vit_6b"
     base_config_key = "vision_config"
@@ -48,8 +48,3 @@ class InternVisionConfig(PreTrainedConfig):
                 f"InternVisionConfig: image_size {self.image_size} is not a multiple of patch_size {self.patch_size}"
             )
         super().__post_init__(**kwargs)
-
-    @property
-    def head_dim(self) -> int:
-        """Width of one attention head (128 for 6B, 64 for 300M)."""
-        return self.hidden_size // self.num_attention_heads

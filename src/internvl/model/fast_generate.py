@@ -3,7 +3,7 @@
 The stock `generate` loop is launch-bound (hundreds of small kernels per token plus a host sync per token). Here the
 decode step is a pure function of fixed device buffers: dynamo traces it with `fullgraph=True` (no host syncs),
 inductor may fuse it, and a CUDA graph replays it once per token. The argmax, the "finished" flags and the output
-write are inside the graph; the host checks the flags every `check_every` tokens. On the CPU the same step runs
+write are inside the graph; the host checks the flags every `CHECK_EVERY` tokens. On the CPU the same step runs
 eagerly, which is how the tests compare it token for token with `generate`.
 
 Shapes: `inputs_embeds` [B, L, H] (left-padded), `attention_mask` [B, L] (1 = real token) -> [B, max_new_tokens] new
@@ -35,7 +35,9 @@ logger = logging.getLogger(__name__)
 CACHE_ROUND = 256
 #: decode states (static caches + graphs) kept per decoder; the least recently used one is dropped beyond this.
 MAX_STATES = 4
-#: dynamo recompile limit while our decode step runs (one entry per (batch, cache length) shape).
+#: tokens between host checks of "all rows finished".
+CHECK_EVERY = 32
+#: dynamo recompile limit (at least) while our decode step runs (one entry per (batch, cache length) shape).
 RECOMPILE_LIMIT = 64
 #: name under which the grouped-query decode attention is registered with transformers.
 DECODE_ATTN = "internvl_sdpa_gqa_decode"
@@ -73,11 +75,6 @@ def packed_step_supported(lm: nn.Module) -> bool:
     if getattr(cfg, "pretraining_tp", 1) not in (None, 1):
         return False
     return decoder_layer_groups(lm) is not None
-
-
-def _recompile_limit(limit: int):
-    """Dynamo's per-function recompile limit raised to at least `limit` while our step runs (restored afterwards)."""
-    return dynamo_config.patch(RECOMPILE_LIMIT_NAME, max(getattr(dynamo_config, RECOMPILE_LIMIT_NAME), limit))
 
 
 def register_decode_attention(name: str, function) -> None:
@@ -173,11 +170,12 @@ class _DecodeState:
 
 
 class StaticGreedyDecoder:
-    """Greedy decoder over a transformers causal LM (Llama, Qwen2, ...) fed with input embeddings, run as
-    `config` (`DecodeConfig`, the measured defaults) says; its "auto" backend is resolved once from the model's size.
+    """Greedy decoder over a transformers causal LM (Llama, Qwen2, ...) fed with input embeddings. Packing, the
+    attention kind, our GEMV, tuning and the compile scope follow the measured rules below; `config.backend` "auto"
+    is resolved once from the model's size.
 
-    Subclasses (the lab's decode variants) add attention kinds through `decode_attn_implementation` (the model's own
-    forward) and `_packed_attention` (the packed step).
+    The lab's decoder (`lab/decode_variants.py`) overrides those rules and adds attention kinds through
+    `decode_attn_implementation` (the model's own forward) and `_packed_attention` (the packed step).
     """
 
     def __init__(self, lm: nn.Module, config: DecodeConfig | None = None) -> None:
@@ -197,7 +195,7 @@ class StaticGreedyDecoder:
 
     def _graph_mode(self) -> bool:
         # only a dynamo-traced step is known to be free of host syncs, so only that one is captured
-        return self.config.cuda_graph and self.compile_backend is not None and self._device().type == "cuda"
+        return self.compile_backend is not None and self._device().type == "cuda"
 
     def _new_state(self, batch: int, cache_len: int, max_new: int, eos: list[int]) -> _DecodeState:
         dev = self._device()
@@ -236,18 +234,6 @@ class StaticGreedyDecoder:
         st.pos.add_(1)
         st.step.add_(1)
 
-    def _packed_forward_logits(self, st: _DecodeState, ids: torch.Tensor, pos: torch.Tensor, packs: list,
-                               attention: str, one_row: bool) -> torch.Tensor:
-        """The decode forward over packed weights (`packed_step.packed_forward_logits`), each layer through
-        `packed_layer` or its compiled form, with the state's attention kind and GEMV choice (resolved once, in
-        `_make_step`). ids/pos [B, 1] -> [B, V] logits."""
-
-        def attend(module, q, keys, values, mask, cache_mask, limit):
-            return self._packed_attention(attention, module, q, keys, values, mask, cache_mask, limit)
-
-        return packed_forward_logits(self.lm, st.cache, st.mask, ids, pos, packs, one_row=one_row, attend=attend,
-                                     layer_fn=self._layer_fn or packed_layer)
-
     def _packed_attention(self, attention: str, module: nn.Module, q: torch.Tensor, keys: torch.Tensor,
                           values: torch.Tensor, mask: torch.Tensor, cache_mask: torch.Tensor,
                           limit: torch.Tensor) -> torch.Tensor:
@@ -263,12 +249,10 @@ class StaticGreedyDecoder:
         """The transformers attention implementation the model's own forward uses while an SDPA model decodes."""
         return DECODE_ATTN
 
-    # ---- what each "auto" of the config resolves to (docs in `DecodeConfig`) ----
+    # ---- the measured rules (docs/performance.md, "The decoder's options"; the lab's decoder overrides them) ----
     def _packed_step_possible(self) -> bool:
-        """Packing is allowed and the packed step reproduces this model; answered from the last packing while that is
-        still in place (the full check walks every layer: milliseconds per call on a deep model)."""
-        if self.config.packed is False:
-            return False
+        """The packed step reproduces this model; answered from the last packing while that is still in place (the
+        full check walks every layer: milliseconds per call on a deep model)."""
         record = self._pack_record
         if record is not None and (torch.compiler.is_compiling() or record.valid()):
             return True  # while dynamo traces the step: checked by this call's `_packs` already
@@ -276,19 +260,15 @@ class StaticGreedyDecoder:
         return packed_step_supported(self.lm)
 
     def _kernels_auto(self) -> bool:
-        """"auto" for our Triton kernels: Triton runs on the model's device and the packed step applies."""
+        """Whether our Triton kernels run: Triton runs on the model's device and the packed step applies."""
         return triton_ready(next(self.lm.parameters())) and self._packed_step_possible()
 
     def _gemv_on(self) -> bool:
         """Whether the batch-1 packed step runs its products through our GEMV."""
-        if self.config.gemv == "auto":
-            return self._kernels_auto()
-        return bool(self.config.gemv) and self._packed_step_possible()
+        return self._kernels_auto()
 
     def _attention(self) -> str:
-        """The decode attention: "auto" -> "triton" where our kernel runs and takes the head shape, else "sdpa"."""
-        if self.config.attention != "auto":
-            return self.config.attention
+        """The packed step's attention: "triton" where our kernel runs and takes the head shape, else "sdpa"."""
         cfg = self.lm.config
         heads = cfg.num_attention_heads
         dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
@@ -296,22 +276,20 @@ class StaticGreedyDecoder:
         return "triton" if self._kernels_auto() and attention_kernel_supported(dim, groups) else "sdpa"
 
     def _tuned(self, batch: int) -> bool:
-        """Coordinate-descent tuning: "auto" = at batch 1 unless our GEMV runs there (then measured slower)."""
-        return self.config.tuning is True or (self.config.tuning == "auto" and batch == 1 and not self._gemv_on())
+        """Inductor's coordinate-descent tuning: at batch 1 unless our GEMV runs there (then measured slower)."""
+        return batch == 1 and not self._gemv_on()
 
     def _packed_step(self, batch: int) -> bool:
-        """Whether a state of this batch size runs the packed step (weights are packed either way)."""
-        if self.config.packed != "auto":
-            return bool(self.config.packed)
+        """Whether a state of this batch size runs the packed step (weights are packed either way): wherever our
+        kernels run, else except for inductor's tuned step."""
         if self._attention() == "triton" or (batch == 1 and self._gemv_on()):
-            return True  # our kernels run in the packed step only
+            return True
         return not (self.compile_backend == "inductor" and self._tuned(batch))
 
     def _layer_scope(self) -> bool:
-        """Whether the packed step compiles one decoder layer (reused by all) instead of the whole step."""
-        if self.config.backend is None or self.config.compile_scope == "step":
-            return False
-        return self.config.compile_scope == "layer" or self._large
+        """Whether the packed step compiles one decoder layer (reused by all) instead of the whole step: above
+        AUTO_INDUCTOR_MAX_PARAMS (on the 40B model the same step time for 18 instead of 42 s of warm-up per shape)."""
+        return self.config.backend is not None and self._large
 
     def _layer_backend(self) -> str:
         """The compiled layer's backend: the configured one, "inductor" for "auto" (one layer compiles in seconds)."""
@@ -320,10 +298,15 @@ class StaticGreedyDecoder:
     # ---- the step ----
     def _make_step(self, st: _DecodeState, pad_token_id: int):
         if st.packs is not None:
+            # the attention kind and GEMV choice are resolved once per state, not per token
             attention, one_row = self._attention(), st.ids.shape[0] == 1 and self._gemv_on()
 
+            def attend(module, q, keys, values, mask, cache_mask, limit):
+                return self._packed_attention(attention, module, q, keys, values, mask, cache_mask, limit)
+
             def forward(ids: torch.Tensor, pos: torch.Tensor, packs: list) -> torch.Tensor:
-                return self._packed_forward_logits(st, ids, pos, packs, attention, one_row)
+                return packed_forward_logits(self.lm, st.cache, st.mask, ids, pos, packs, one_row=one_row,
+                                             attend=attend, layer_fn=self._layer_fn or packed_layer)
         else:
             def forward(ids: torch.Tensor, pos: torch.Tensor, packs: None) -> torch.Tensor:
                 return self._forward_logits(st, ids, pos)
@@ -339,7 +322,8 @@ class StaticGreedyDecoder:
                                  options={"coordinate_descent_tuning": True} if tuned else None)
 
         def step() -> None:
-            with _recompile_limit(RECOMPILE_LIMIT):
+            limit = max(getattr(dynamo_config, RECOMPILE_LIMIT_NAME), RECOMPILE_LIMIT)  # restored after the step
+            with dynamo_config.patch(RECOMPILE_LIMIT_NAME, limit):
                 logits = core(st.ids, st.pos, st.packs)
             self._record(st, self._select(st, logits.float(), pad_token_id))
 
@@ -348,10 +332,10 @@ class StaticGreedyDecoder:
     def _packs(self) -> list | None:
         """Pack (or re-pack) the q/k/v and gate/up weights when the packed step applies; returns the packed views or
         None. When the packed addresses change, every cached state is dropped (their graphs read the old ones)."""
-        if self.config.packed and self._pack_record is not None and self._pack_record.valid():
+        if self._pack_record is not None and self._pack_record.valid():
             return self._pack_record.packs  # unchanged since packed: same addresses, states kept
         self._pack_record = None
-        packs = pack_decoder(self.lm) if self.config.packed and packed_step_supported(self.lm) else None
+        packs = pack_decoder(self.lm) if packed_step_supported(self.lm) else None
         if packs is not None:
             self._pack_record = _PackRecord(self.lm, packs)
         signature = packed_signature(packs) if packs is not None else None
@@ -425,7 +409,7 @@ class StaticGreedyDecoder:
             run_step = self._prepare_step(st, pad_token_id)
             for done in range(2, max_new_tokens + 1):
                 run_step()
-                if st.eos.numel() and done % self.config.check_every == 0 and bool(st.finished.all()):
+                if st.eos.numel() and done % CHECK_EVERY == 0 and bool(st.finished.all()):
                     break
         return st.out.clone()
 

@@ -3,15 +3,9 @@
 Why: the native classes (transformers >= 4.52) are an independent implementation; matching their logits is our proof
 of correctness, and the converted directory runs with stock transformers/vLLM "-hf" tooling.
 
-Key mapping (original -> native):
-  vision_model.embeddings.class_embedding            -> model.vision_tower.embeddings.cls_token
-  vision_model.embeddings.position_embedding         -> model.vision_tower.embeddings.position_embeddings
-  vision_model.embeddings.patch_embedding.*          -> model.vision_tower.embeddings.patch_embeddings.projection.*
-  vision_model.encoder.layers.N.attn.qkv.{weight,bias} -> ...encoder.layer.N.attention.{q,k,v}_proj.* (rows split in 3)
-  ...attn.{q_norm,k_norm}.weight -> ...attention.{q_norm,k_norm}.weight;  ...attn.proj -> ...attention.projection_layer
-  ...norm1 / norm2 -> layernorm_before / layernorm_after;  ...ls1 / ls2 -> lambda_1 / lambda_2;  mlp.fc1/fc2 unchanged
-  mlp1.0 / mlp1.1 / mlp1.3 -> model.multi_modal_projector.layer_norm / linear_1 / linear_2
-  language_model.model.*   -> model.language_model.*;   language_model.lm_head.weight -> lm_head.weight
+Keys: `vision_model.*` -> `model.vision_tower.*` (renamed by `_VISION_RENAMES`; each `attn.qkv` split into
+q/k/v_proj), `mlp1.{0,1,3}` -> `model.multi_modal_projector.{layer_norm,linear_1,linear_2}`, `language_model.model.*`
+-> `model.language_model.*`, `language_model.lm_head.weight` -> `lm_head.weight`.
 
 Caveat: the native model always orders image tokens as pixel shuffle v2.  A v1 checkpoint (InternVL-Chat-V1.2,
 MedRegA) converts weight-for-weight but will see its image tokens in a different order, so conversion refuses v1

@@ -10,8 +10,6 @@ split; the position embedding is bicubically interpolated in fp32 when the patch
 """
 from __future__ import annotations
 
-import importlib.util
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -23,9 +21,6 @@ from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPo
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from .configuration_intern_vit import InternVisionConfig
-
-_HAS_FLASH_ATTN = importlib.util.find_spec("flash_attn") is not None
-
 
 #: RMSNorm computed in fp32 and cast back before the weight multiply, as the original `InternRMSNorm`: the same maths
 #: (and `weight` / `variance_epsilon` attributes) as transformers' Llama RMSNorm, so that class serves.
@@ -90,11 +85,11 @@ class InternVisionEmbeddings(nn.Module):
 
 
 class InternAttention(nn.Module):
-    """Multi-head self-attention with a fused `qkv` Linear, optional full-width QK RMSNorm and SDPA/flash-attn."""
+    """Multi-head self-attention with a fused `qkv` Linear, optional full-width QK RMSNorm and SDPA (its cuDNN kernel
+    beat flash-attn's on the ViT's shapes, docs/performance.md, so `config.use_flash_attn` is ignored)."""
 
     def __init__(self, config: InternVisionConfig) -> None:
         super().__init__()
-        self.config = config
         self.embed_dim = config.hidden_size
         self.num_heads = config.num_attention_heads
         self.head_dim = self.embed_dim // self.num_heads
@@ -108,14 +103,6 @@ class InternAttention(nn.Module):
             self.k_norm = InternRMSNorm(self.embed_dim, eps=config.layer_norm_eps)
         self.proj = nn.Linear(self.embed_dim, self.embed_dim)
 
-    def _use_flash(self, x: torch.Tensor) -> bool:
-        return (
-            _HAS_FLASH_ATTN
-            and self.config.use_flash_attn
-            and x.is_cuda
-            and x.dtype in (torch.float16, torch.bfloat16)
-        )
-
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """[B, N, C] -> [B, N, C]; no mask (every tile is a full grid)."""
         b, n, c = hidden_states.shape
@@ -127,14 +114,9 @@ class InternAttention(nn.Module):
         k = k.reshape(b, n, self.num_heads, self.head_dim)
         v = v.reshape(b, n, self.num_heads, self.head_dim)
         dropout = self.attn_drop if self.training else 0.0
-        if self._use_flash(hidden_states):
-            from flash_attn import flash_attn_func
-
-            out = flash_attn_func(q, k, v, dropout_p=dropout, softmax_scale=self.scale, causal=False)
-        else:
-            out = F.scaled_dot_product_attention(
-                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=dropout, scale=self.scale
-            ).transpose(1, 2)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=dropout, scale=self.scale
+        ).transpose(1, 2)
         out = self.proj(out.reshape(b, n, c))
         return self.proj_drop(out)
 
@@ -204,8 +186,8 @@ class InternVisionEncoder(nn.Module):
         )
 
 
-class InternVisionPreTrainedModel(PreTrainedModel):
-    """Weight init and transformers plumbing shared by the vision tower."""
+class InternVisionModel(PreTrainedModel):
+    """InternViT (6B- or 300M-style by config).  `forward` returns the last hidden state with the CLS token first."""
 
     config_class = InternVisionConfig
     config: InternVisionConfig
@@ -216,6 +198,12 @@ class InternVisionPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["InternVisionEncoderLayer"]
     _supports_sdpa = True
 
+    def __init__(self, config: InternVisionConfig) -> None:
+        super().__init__(config)
+        self.embeddings = InternVisionEmbeddings(config)
+        self.encoder = InternVisionEncoder(config)
+        self.post_init()
+
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
         std = self.config.initializer_range
@@ -225,17 +213,6 @@ class InternVisionPreTrainedModel(PreTrainedModel):
         elif isinstance(module, InternVisionEncoderLayer):
             init.constant_(module.ls1, self.config.initializer_factor)
             init.constant_(module.ls2, self.config.initializer_factor)
-
-
-class InternVisionModel(InternVisionPreTrainedModel):
-    """InternViT (6B- or 300M-style by config).  `forward` returns the last hidden state with the CLS token first."""
-
-    def __init__(self, config: InternVisionConfig) -> None:
-        super().__init__(config)
-        self.config = config
-        self.embeddings = InternVisionEmbeddings(config)
-        self.encoder = InternVisionEncoder(config)
-        self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
         return self.embeddings.patch_embedding

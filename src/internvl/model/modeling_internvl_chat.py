@@ -19,14 +19,14 @@ from transformers.modeling_outputs import ModelOutput
 from ..ops.cross_entropy import causal_lm_loss
 from .chat import ChatMixin
 from .configuration_internvl_chat import InternVLChatConfig
-from .decode_config import DecodeConfig
-from .devices import execution_device
-from .greedy_dispatch import (
+from .decode_config import (
+    DecodeConfig,
     greedy_settings,
     has_training_compiled_layers,
     single_device,
     trim_after_eos,
 )
+from .devices import execution_device
 from .modeling_intern_vit import InternVisionModel
 
 
@@ -206,17 +206,16 @@ class InternVLChatModel(ChatMixin, PreTrainedModel):
         input_ids: torch.Tensor,
         pixel_values: torch.Tensor | None,
         image_flags: torch.Tensor | None,
-        visual_features: torch.Tensor | None = None,
         sync_free: bool = False,
     ) -> torch.Tensor:
         """Token embeddings with image features merged in: [B, L, H] (`sync_free`: see `forward`)."""
         embed = self.language_model.get_input_embeddings()
         device = execution_device(embed)
         inputs_embeds = embed(input_ids.to(device) if device is not None else input_ids)
-        if visual_features is None and pixel_values is None:
+        if pixel_values is None:
             return inputs_embeds
-        vit_all = visual_features if visual_features is not None else self.extract_feature(pixel_values)
-        return self.merge_image_embeddings(input_ids, inputs_embeds, vit_all, image_flags, check=not sync_free)
+        return self.merge_image_embeddings(input_ids, inputs_embeds, self.extract_feature(pixel_values), image_flags,
+                                           check=not sync_free)
 
     # ----- training / scoring -----
     def forward(
@@ -266,7 +265,6 @@ class InternVLChatModel(ChatMixin, PreTrainedModel):
         pixel_values: torch.Tensor | None = None,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        visual_features: torch.Tensor | None = None,
         generation_config: GenerationConfig | None = None,
         **generate_kwargs,
     ) -> torch.LongTensor:
@@ -278,7 +276,7 @@ class InternVLChatModel(ChatMixin, PreTrainedModel):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         # everything the host reads is read here, in one sync before any GPU work is queued
-        has_images = pixel_values is not None or visual_features is not None
+        has_images = pixel_values is not None
         token_id = self._require_img_context_id() if has_images else -1
         n_tokens, left_padded, padded = torch.stack([
             (input_ids == token_id).sum().to(attention_mask.device), attention_mask[:, -1].all().long(),
@@ -288,13 +286,12 @@ class InternVLChatModel(ChatMixin, PreTrainedModel):
                 raise ImageTokenMismatchError(
                     f"images were given but input_ids contain no <IMG_CONTEXT> token (id {token_id})"
                 )
-            tiles = (visual_features if visual_features is not None else pixel_values).shape[0]
-            error = self.image_token_mismatch(n_tokens, tiles)
+            error = self.image_token_mismatch(n_tokens, pixel_values.shape[0])
             if error is not None:
                 raise error
         fast = generate_kwargs.pop("fast_generate", None)
         fast = self.fast_generate if fast is None else fast
-        inputs_embeds = self._embed(input_ids, pixel_values, None, visual_features, sync_free=True)
+        inputs_embeds = self._embed(input_ids, pixel_values, None, sync_free=True)
         attention_mask = attention_mask.to(inputs_embeds.device)
         if fast == "always" or (fast and inputs_embeds.is_cuda):
             # imported on first use: the decoder imports Triton (~0.5 s) and registers its custom ops

@@ -76,6 +76,3 @@ def packed_forward_logits(lm: nn.Module, cache, cache_mask: torch.Tensor, ids: t
         h = layer_fn(h, layer, pack, cache_layer, cos, sin, mask, cache_mask, limit, one_row=one_row, attend=attend)
     h = model.norm(h)
     return project(lm.lm_head, h[:, -1, :], one_row)
-
-
-__all__ = ["packed_forward_logits", "packed_layer", "packed_linear", "project"]

@@ -119,8 +119,6 @@ def compile_layers(model: nn.Module, *, backend: str = "inductor", mode: str | N
     """Compile every `GradientCheckpointingLayer` inside `model` (decoder layers, InternViT blocks) per layer class,
     except under the module-name prefixes `skip`; returns {class name: layers compiled}. Raises dynamo's recompile
     limit to at least 64 (eval, checkpointing on/off and new shapes must not fall back to eager)."""
-    if mode is not None and options:
-        raise ValueError("compile_layers takes a mode or inductor options, not both (torch.compile's rule)")
     setattr(torch._dynamo.config, RECOMPILE_LIMIT_NAME, max(getattr(torch._dynamo.config, RECOMPILE_LIMIT_NAME), 64))
     counts: dict[str, int] = {}
     for name, module in model.named_modules():

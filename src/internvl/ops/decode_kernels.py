@@ -388,8 +388,3 @@ def _gqa_decode_attention_fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                                limit: torch.Tensor, scale: float) -> torch.Tensor:
     batch, heads, _, dim = q.shape
     return q.new_empty(batch, 1, heads, dim)
-
-
-__all__ = ["GEMV_CONFIGS", "GEMV_INT8_EXTRA_CONFIGS", "INT8_ROWS_CONFIGS", "INT8_ROWS_MAX",
-           "attention_kernel_supported", "dequantize_int8_rows", "gemv", "gemv_int8",
-           "gqa_decode_attention", "int8_rows", "reference_gqa_decode_attention", "triton_ready"]

@@ -108,7 +108,3 @@ def quantize_int8_weights_(model: nn.Module, skip_modules: Sequence[str] = SKIP_
     for name in targets:
         model.set_submodule(name, Int8Linear.from_linear(model.get_submodule(name), device))
     return len(targets)
-
-
-__all__ = ["Int8Linear", "dequantize_int8_rows", "in_skip_modules", "int8_linear", "quantize_int8_weights_",
-           "quantize_rows"]

@@ -2,23 +2,16 @@
 batch-1 step runs five larger products per layer instead of seven small ones (each with its own launch and tail).
 
 The weights are copied once into one new tensor per group and each parameter's `.data` is re-pointed to its row
-slice, so parameters, names, `state_dict` and memory footprint stay what they were; `packed_view` rebuilds the group
-view from the first parameter's storage. Parameters moved later (`model.to`, loading, DeepSpeed) stop sharing one
+slice, so parameters, names, `state_dict` and memory footprint stay what they were. Parameters moved later (`model.to`, loading, DeepSpeed) stop sharing one
 storage; `layout_ok` notices and the caller re-packs. Only plain `nn.Linear` / `Int8Linear` modules without hooks
 are packed (not bitsandbytes, LoRA-wrapped or offloaded ones).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
 from .int8_weights import Int8Linear
-
-
-class PackingError(ValueError):
-    """The modules cannot share one packed weight (different types, shapes, dtypes, devices or bias layout)."""
 
 
 def plain_linear(module: nn.Module) -> bool:
@@ -70,30 +63,22 @@ def _joined(first: torch.Tensor, rows: int) -> torch.Tensor:
     return first.as_strided((rows, *first.shape[1:]), first.stride(), first.storage_offset())
 
 
-def packed_view(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The packed [sum(out_features), in_features] weight and [sum(out_features)] bias (or None) of a packed group, as
-    views of the parameters' storage. Raises PackingError if not packed."""
-    if not layout_ok(linears):
-        raise PackingError("the linears are not packed (call pack_linears first)")
-    rows = sum(m.weight.shape[0] for m in linears)
-    bias = linears[0].bias
-    return _joined(linears[0].weight, rows), (_joined(bias, rows) if bias is not None else None)
-
-
 @torch.no_grad()
-def pack_linears(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
+def pack_linears(linears: list[nn.Linear]) -> tuple:
     """Copy the weights (biases, scales) of `linears` into one new tensor each and re-point every parameter's `.data`
-    to its rows; parameter objects, values and state_dict are unchanged. Returns the packed views."""
-    if not packable(linears):
-        raise PackingError("only plain nn.Linear modules with one in_features, dtype, device and bias layout pack")
-    if layout_ok(linears):
-        return packed_view(linears)
-    with torch.inference_mode(False):  # never make parameters inference tensors (training after generate must work)
-        weight = _pack_rows([m.weight for m in linears])
-        bias = _pack_rows([m.bias for m in linears]) if linears[0].bias is not None else None
-        if _scaled(linears):
-            _pack_rows([m.weight_scale for m in linears])
-    return weight, bias
+    to its rows (nothing to do when already packed); parameter objects, values and state_dict are unchanged. Returns
+    the packed (weight, bias or None) as views of the parameters' storage, the weight as (int8 weight, fp32 row
+    scales) for `Int8Linear` groups. The caller checked `packable(linears)` (`decoder_layer_groups`)."""
+    if not layout_ok(linears):
+        with torch.inference_mode(False):  # never make parameters inference tensors (training after generate works)
+            for name in ("weight", "bias", "weight_scale"):
+                if getattr(linears[0], name, None) is not None:
+                    _pack_rows([getattr(m, name) for m in linears])
+    rows = sum(m.weight.shape[0] for m in linears)
+    weight, bias = _joined(linears[0].weight, rows), linears[0].bias
+    if _scaled(linears):
+        weight = (weight, _joined(linears[0].weight_scale, rows))
+    return weight, (_joined(bias, rows) if bias is not None else None)
 
 
 def _pack_rows(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -106,16 +91,8 @@ def _pack_rows(tensors: list[torch.Tensor]) -> torch.Tensor:
     return packed
 
 
-@dataclass
-class LayerPack:
-    """One decoder layer's packed groups: q/k/v rows (q first) and gate/up rows (gate first)."""
-
-    qkv: list[nn.Linear]
-    gate_up: list[nn.Linear]
-
-
-def decoder_layer_groups(lm: nn.Module) -> list[LayerPack] | None:
-    """The q/k/v and gate/up linears of each decoder layer of a Llama-family causal LM (`lm.model.layers[i]`), or
+def decoder_layer_groups(lm: nn.Module) -> list[tuple[list, list]] | None:
+    """The (q/k/v, gate/up) linears of each decoder layer of a Llama-family causal LM (`lm.model.layers[i]`), or
     None if any of them is missing or not packable."""
     layers = getattr(getattr(lm, "model", None), "layers", None)
     if layers is None:
@@ -130,7 +107,7 @@ def decoder_layer_groups(lm: nn.Module) -> list[LayerPack] | None:
             return None
         if not (packable(qkv) and packable(gate_up)):
             return None
-        groups.append(LayerPack(qkv, gate_up))
+        groups.append((qkv, gate_up))
     return groups
 
 
@@ -141,19 +118,7 @@ def pack_decoder(lm: nn.Module) -> list[tuple] | None:
     groups = decoder_layer_groups(lm)
     if groups is None:
         return None
-    out = []
-    for g in groups:
-        wqkv, bqkv = pack_linears(g.qkv)
-        wgu, bgu = pack_linears(g.gate_up)
-        out.append((_with_scale(wqkv, g.qkv), bqkv, _with_scale(wgu, g.gate_up), bgu))
-    return out
-
-
-def _with_scale(weight: torch.Tensor, linears: list[nn.Module]) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """A packed weight as the packed step takes it: the tensor, or (int8 weight, packed row scales) for Int8Linear."""
-    if not _scaled(linears):
-        return weight
-    return weight, _joined(linears[0].weight_scale, sum(m.out_features for m in linears))
+    return [(*pack_linears(qkv), *pack_linears(gate_up)) for qkv, gate_up in groups]
 
 
 def packed_signature(packs) -> tuple:
