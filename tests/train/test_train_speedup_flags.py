@@ -4,6 +4,7 @@ the plain full-logits loss and gradients on the tiny preset."""
 from __future__ import annotations
 
 import copy
+from types import SimpleNamespace
 
 from internvl.data.collate import pad_collate
 from internvl.ops.train_speedups import TrainSpeedups, apply_train_speedups
@@ -12,7 +13,7 @@ from internvl.train.arguments import (
     parse_args,
 )
 from internvl.train.cli import speedups_from_args
-from internvl.train.trainer import MedRegTrainer, SpeedupCallback
+from internvl.train.trainer import MedRegTrainer, RunCallback
 
 from .loss_grads import assert_same_loss_and_grads, loss_and_grads, tiny_square_setup
 
@@ -50,7 +51,7 @@ def test_trainer_loss_with_fast_paths_equals_plain(tmp_path, tiny_tokenizer_dir)
 def test_speedup_callback_is_a_no_op_on_the_cpu(tmp_path, tiny_model):
     args = MedRegTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
     trainer = MedRegTrainer(model=tiny_model, args=args, speedups=TrainSpeedups())
-    callback = next(c for c in trainer.callback_handler.callbacks if isinstance(c, SpeedupCallback))
+    callback = next(c for c in trainer.callback_handler.callbacks if isinstance(c, RunCallback))
     callback.on_train_begin(args, trainer.state, trainer.control, model=tiny_model)
     assert callback.report["compiled"] == {} and "not on CUDA" in callback.report["skipped"][0]
     assert not any("forward" in m.__dict__ for m in tiny_model.modules())
@@ -58,8 +59,8 @@ def test_speedup_callback_is_a_no_op_on_the_cpu(tmp_path, tiny_model):
 
 def test_speedup_callback_hands_back_a_plain_model(tmp_path, tiny_model):
     """on_train_end undoes what on_train_begin applied (here forced onto the CPU with aot_eager)."""
-    callback = SpeedupCallback(TrainSpeedups(backend="aot_eager"))
-    callback.report = apply_train_speedups(tiny_model, callback.speedups, allow_cpu=True)
+    callback = RunCallback(SimpleNamespace(speedups=TrainSpeedups(backend="aot_eager"), _cudnn_sdpa_off=False))
+    callback.report = apply_train_speedups(tiny_model, callback.trainer.speedups, allow_cpu=True)
     assert any("forward" in m.__dict__ for m in tiny_model.modules())
     callback.on_train_end(None, None, None, model=tiny_model)
     assert callback.report is None
