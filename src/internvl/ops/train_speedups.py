@@ -168,14 +168,6 @@ def remove_train_speedups(model: nn.Module) -> int:
     return uncompile_layers(model) + unfuse_projections(model) + disable_fast_kernels(model)
 
 
-def _final_norm(language_model: nn.Module) -> nn.Module | None:
-    """The decoder's final norm (its output is the last hidden state), or None when there is no such module."""
-    get_decoder = getattr(language_model, "get_decoder", None)
-    decoder = get_decoder() if get_decoder is not None else None
-    norm = getattr(decoder, "norm", None)
-    return norm if isinstance(norm, nn.Module) else None
-
-
 def fused_loss_forward(model: nn.Module, model_inputs: dict[str, Any], labels: torch.Tensor, *,
                        loss_weight: torch.Tensor | None = None, impl: str = "auto",
                        lm_head: nn.Module | None = None, num_items_in_batch: int | float | torch.Tensor | None = None,
@@ -183,8 +175,8 @@ def fused_loss_forward(model: nn.Module, model_inputs: dict[str, Any], labels: t
     """The trainer's fused-loss forward: the model without [B, L, V] logits (`logits_to_keep=1`) or KV cache, then
     `causal_lm_loss` with the LM head on the supervised positions. Returns (loss, outputs).
 
-    The final hidden states are read by a forward hook on the decoder's final norm (`output_hidden_states` would hook
-    every layer, inside the compiled ones, breaking their graphs); without a final norm, `output_hidden_states`.
+    The final hidden states are read by a forward hook on the decoder's final norm (every supported LLM family has
+    one; `output_hidden_states` would hook every layer, inside the compiled ones, breaking their graphs).
     `loss_fn` (default `causal_lm_loss`, with its arguments) and `forward_kwargs` (to the model) let the lab's
     whole-step CUDA graph run its sync-free variant (`lab.graph_step`).
     """
@@ -192,21 +184,15 @@ def fused_loss_forward(model: nn.Module, model_inputs: dict[str, Any], labels: t
     language_model = getattr(inner, "language_model", inner)
     if lm_head is None:
         lm_head = language_model.get_output_embeddings()
-    norm = _final_norm(language_model)
-    kwargs = {"logits_to_keep": 1, "use_cache": False, **forward_kwargs}
-    if norm is None:
-        outputs = model(**model_inputs, output_hidden_states=True, **kwargs)
-        hidden = outputs["hidden_states"][-1]
-    else:
-        captured: list[torch.Tensor] = []
-        handle = norm.register_forward_hook(lambda _m, _i, out: captured.append(out))
-        try:
-            outputs = model(**model_inputs, **kwargs)
-        finally:
-            handle.remove()
-        if len(captured) != 1:
-            raise RuntimeError(f"the final norm ran {len(captured)} times in one forward; expected once")
-        hidden = captured[0]
+    captured: list[torch.Tensor] = []
+    handle = language_model.get_decoder().norm.register_forward_hook(lambda _m, _i, out: captured.append(out))
+    try:
+        outputs = model(**model_inputs, logits_to_keep=1, use_cache=False, **forward_kwargs)
+    finally:
+        handle.remove()
+    if len(captured) != 1:
+        raise RuntimeError(f"the final norm ran {len(captured)} times in one forward; expected once")
+    hidden = captured[0]
     loss = loss_fn or causal_lm_loss
 
     def head_loss(head: nn.Module, rows: torch.Tensor) -> torch.Tensor:
