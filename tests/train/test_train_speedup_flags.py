@@ -1,6 +1,6 @@
 """The trainer's fast-path flags: parsed into `TrainSpeedups`, applied when training starts (a no-op on the CPU), and
-the trainer's loss with the fast paths on (compiled layers with aot_eager, fused projections, padded loss) equals
-the plain full-logits loss and gradients on the tiny preset."""
+the trainer's loss with the fast paths on (compiled layers with aot_eager, fused projections, fused LM-head loss)
+equals the plain full-logits loss and gradients on the tiny preset."""
 from __future__ import annotations
 
 import copy
@@ -23,11 +23,10 @@ def test_flags_map_to_speedups(tmp_path):
     model_args, _, _ = parse_args(base)
     assert speedups_from_args(model_args) == TrainSpeedups()  # the defaults are the trainer's defaults
     model_args, _, _ = parse_args(base + ["--compile_layers", "False", "--fuse_projections", "False",
-                                          "--fast_kernels", "False", "--lm_loss_impl", "liger",
-                                          "--grad_checkpoint_skip_llm_layers", "3"])
+                                          "--fast_kernels", "False", "--grad_checkpoint_skip_llm_layers", "3"])
     opts = speedups_from_args(model_args)
-    assert (opts.compile_layers, opts.fuse_projections, opts.fast_kernels, opts.lm_loss_impl,
-            opts.ckpt_skip_llm_layers) == (False, False, False, "liger", 3)
+    assert (opts.compile_layers, opts.fuse_projections, opts.fast_kernels, opts.ckpt_skip_llm_layers) == (
+        False, False, False, 3)
     model_args, _, _ = parse_args(base + ["--grad_checkpoint", "False", "--grad_checkpoint_skip_llm_layers", "3"])
     assert speedups_from_args(model_args).ckpt_skip_llm_layers == 0
 
@@ -38,12 +37,11 @@ def test_trainer_loss_with_fast_paths_equals_plain(tmp_path, tiny_tokenizer_dir)
     results = []
     for fast in (False, True):
         model = copy.deepcopy(built.model).train()
-        opts = TrainSpeedups(backend="aot_eager", lm_loss_impl="padded")
+        opts = TrainSpeedups(backend="aot_eager")
         trainer = MedRegTrainer(model=model, args=args, fused_lm_loss=fast, speedups=opts if fast else None)
         if fast:
             report = apply_train_speedups(model, opts, allow_cpu=True)
             assert report["compiled"] and report["fused"] == {"qkv": 2, "gate_up": 2}
-            assert trainer.lm_loss_impl == "padded"
         results.append(loss_and_grads(trainer, model, batch, 23.0))
     assert_same_loss_and_grads(*results)
 

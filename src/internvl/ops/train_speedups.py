@@ -51,7 +51,6 @@ class TrainSpeedups:
         `compile_mode` / `compile_options`; gradient checkpointing is traced into the compiled graph.
     fuse_projections: q/k/v and gate/up as one matmul each inside compiled layers.
     fast_kernels: liger RMSNorm / SwiGLU / RoPE kernels on modules outside compiled layers.
-    lm_loss_impl: `linear_cross_entropy` impl of the fused LM-head loss.
     ckpt_skip_llm_layers: leave the last N checkpointed LLM layers un-checkpointed (about 0.6 GiB per layer at
         8 x 1024 tokens on the `mid` model).
     """
@@ -59,7 +58,6 @@ class TrainSpeedups:
     compile_layers: bool = True
     fuse_projections: bool = True
     fast_kernels: bool = True
-    lm_loss_impl: str = "auto"
     ckpt_skip_llm_layers: int = 0
     backend: str = "inductor"
     compile_mode: str | None = None
@@ -145,7 +143,6 @@ def apply_train_speedups(model: nn.Module, opts: TrainSpeedups | None = None, *,
             report["fast_kernels"] = dict(counts)
         else:
             report["fast_kernels"] = enable_fast_kernels(model)
-    report["lm_loss_impl"] = opts.lm_loss_impl
     logger.info("training fast paths: %s", report)
     return report
 

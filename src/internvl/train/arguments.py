@@ -54,8 +54,6 @@ class ModelArguments:
     attn_implementation: str = _arg("sdpa", "LLM attention: sdpa | eager | flash_attention_2 (if installed).")
     fused_lm_loss: bool = _arg(True, "LM head + cross-entropy on supervised positions only, in chunks, instead of "
                                      "[batch, seq, vocab] logits (plain loss when the head is LoRA-wrapped).")
-    lm_loss_impl: Literal["auto", "padded", "liger", "chunked"] = _arg(
-        "auto", "Kernel of the fused loss: auto = padded on CUDA, chunked on the CPU; liger = liger-kernel's.")
     compile_layers: bool = _arg(True, "CUDA: torch.compile each LLM decoder layer and ViT block (not under ZeRO-3 or "
                                       "in LoRA-wrapped towers).")
     fuse_projections: bool = _arg(True, "CUDA, compiled layers: q/k/v and gate/up as one matmul each (same "

@@ -118,7 +118,6 @@ class MedRegTrainer(trainer_base()):
         self.group_by_length = group_by_length
         self.fused_lm_loss = fused_lm_loss
         self.speedups = speedups
-        self.lm_loss_impl = speedups.lm_loss_impl if speedups is not None else "auto"
         self.base_model = base_model
         self._tokens_seen = 0
         self._samples_seen = 0
@@ -239,8 +238,7 @@ class MedRegTrainer(trainer_base()):
             # the accelerator's autocast keeps its matmuls in bf16 under mixed precision (fp32 weights otherwise).
             with self.accelerator.autocast():
                 loss, outputs = fused_loss_forward(model, model_inputs, labels, loss_weight=loss_weight,
-                                                   impl=self.lm_loss_impl, lm_head=lm_head,
-                                                   num_items_in_batch=num_items_in_batch)
+                                                   lm_head=lm_head, num_items_in_batch=num_items_in_batch)
         else:
             outputs = model(**model_inputs)
             logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
