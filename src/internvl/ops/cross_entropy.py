@@ -140,8 +140,6 @@ def linear_cross_entropy(
     impl: "auto" ("padded" on CUDA, else "chunked"), "padded" (rows chunked by a memory budget, elementwise part
     compiled on CUDA), "chunked" (fixed `chunk_size` rows, eager) or "plain" (materialised logits: the reference).
     """
-    if hidden.dim() != 2 or labels.dim() != 1 or hidden.shape[0] != labels.shape[0]:
-        raise ValueError(f"hidden must be [N, H] and labels [N]; got {tuple(hidden.shape)} and {tuple(labels.shape)}")
     if impl == "auto":
         impl = "padded" if hidden.is_cuda else "chunked"
     if impl == "padded":

@@ -66,8 +66,6 @@ class ModelArguments:
     bnb_4bit_quant_type: Literal["nf4", "fp4"] = _arg("nf4", "4-bit data type with --load_in_4bit.")
     use_bnb_nested_quant: bool = _arg(True, "With --load_in_4bit: quantise the block scales too (double "
                                             "quantisation).")
-    model_dtype: Literal["auto", "float32", "bfloat16", "float16"] = _arg(
-        "auto", "dtype of the loaded weights; auto = bf16 under DeepSpeed/QLoRA with --bf16, else float32.")
 
 
 @dataclass
