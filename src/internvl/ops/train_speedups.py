@@ -68,12 +68,6 @@ def _has_lora(module: nn.Module) -> bool:
     return any(type(m).__module__.startswith("peft.") for m in module.modules())
 
 
-def _llm_layers(model: nn.Module) -> list[nn.Module]:
-    language_model = getattr(model, "language_model", model)
-    decoder = language_model.get_decoder() if hasattr(language_model, "get_decoder") else language_model
-    return list(getattr(decoder, "layers", []))
-
-
 def zero3_hooked_layers(model: nn.Module) -> list[str]:
     """Names of the repeated layers (`GradientCheckpointingLayer`s) that are not ZeRO-3 leaf modules (`"leaf_module"`
     in the ZeRO config): their linears are gathered by per-linear hooks, which dynamo cannot trace."""
@@ -85,7 +79,8 @@ def zero3_hooked_layers(model: nn.Module) -> list[str]:
 
 def set_ckpt_skip(model: nn.Module, skip_last: int) -> int:
     """Turn checkpointing off on the last `skip_last` LLM layers (only where it is on); returns how many."""
-    layers = [layer for layer in _llm_layers(model) if getattr(layer, "gradient_checkpointing", False)]
+    decoder = getattr(model, "language_model", model).get_decoder()
+    layers = [layer for layer in decoder.layers if getattr(layer, "gradient_checkpointing", False)]
     chosen = layers[len(layers) - skip_last:] if skip_last > 0 else []
     for layer in chosen:
         layer.gradient_checkpointing = False
