@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from internvl.constants import IGNORE_INDEX
 from internvl.model import InternVLChatModel
 from internvl.ops.train_speedups import TrainSpeedups, apply_train_speedups, fused_loss_forward, remove_train_speedups
 from lab.ckpt_outside import OutsideCkpt, compile_outside
@@ -29,11 +30,25 @@ from .train_profile import bench_optimizer, profile_case, profile_full_step, sum
 
 logger = logging.getLogger(__name__)
 
+
+@dataclasses.dataclass
+class LossSpeedups(TrainSpeedups):
+    """`TrainSpeedups` with the kernel of the fused LM-head loss pinned: a `linear_cross_entropy` impl, or "liger"
+    (session 1's loss, `liger_causal_lm_loss`). The trainer itself always runs "auto"."""
+
+    lm_loss_impl: str = "auto"
+
+
+def loss_impl(opts: TrainSpeedups) -> str:
+    """The LM-head loss kernel a variant runs ("auto" unless it pins one)."""
+    return getattr(opts, "lm_loss_impl", "auto")
+
+
 #: variant name -> (speedups, description). "default" is the trainer's default (`TrainSpeedups()`).
 TRAIN_VARIANTS: dict[str, tuple[TrainSpeedups, str]] = {
-    "s1": (TrainSpeedups(compile_layers=False, fuse_projections=False, lm_loss_impl="liger"),
+    "s1": (LossSpeedups(compile_layers=False, fuse_projections=False, lm_loss_impl="liger"),
            "session 1: liger RMSNorm/SwiGLU/RoPE + liger fused linear CE"),
-    "padded": (TrainSpeedups(compile_layers=False, fuse_projections=False, lm_loss_impl="padded"),
+    "padded": (LossSpeedups(compile_layers=False, fuse_projections=False, lm_loss_impl="padded"),
                "liger kernels + padded-vocab CE"),
     "compiled": (TrainSpeedups(fuse_projections=False), "compiled layers + padded-vocab CE"),
     "default": (TrainSpeedups(), "compiled layers + fused q/k/v, gate/up + padded-vocab CE (trainer default)"),
@@ -78,12 +93,28 @@ def batch_inputs(b: Batch) -> dict:
             "position_ids": b.position_ids, "image_flags": flags}
 
 
+def liger_causal_lm_loss(hidden_states: torch.Tensor, lm_head: torch.nn.Module, labels: torch.Tensor, *,
+                         loss_weight: None = None, num_items_in_batch: None = None, impl: str = "liger") -> torch.Tensor:
+    """Session 1's loss (variant `s1`), as `fused_loss_forward`'s `loss_fn`: liger-kernel's fused linear
+    cross-entropy over the supervised next-token rows, their mean (no token weights or step divisor)."""
+    from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction
+
+    if loss_weight is not None or num_items_in_batch is not None:
+        raise ValueError("the liger loss takes no token weights and no step divisor")
+    shift_labels = labels.to(hidden_states.device)[:, 1:]
+    keep = shift_labels != IGNORE_INDEX
+    rows, targets = hidden_states[:, :-1][keep], shift_labels[keep]
+    loss = LigerFusedLinearCrossEntropyFunction.apply(rows, lm_head.weight, targets, lm_head.bias, None, IGNORE_INDEX)
+    return loss[0] if isinstance(loss, tuple) else loss
+
+
 def ours_loss(model, b: Batch, *, fast: bool, impl: str = "auto") -> torch.Tensor:
     """Loss of our model on a batch: `fast` = the trainer's fused loss forward (`fused_loss_forward`, LM head + CE
     on supervised positions only, kernel `impl`), else the model's own full-logits loss."""
     if fast:
-        if impl == "liger" and not b.input_ids.is_cuda:
-            impl = "chunked"  # CPU smoke tests: liger needs CUDA
+        if impl == "liger" and b.input_ids.is_cuda:
+            return fused_loss_forward(model, batch_inputs(b), b.labels, loss_fn=liger_causal_lm_loss)[0]
+        impl = "chunked" if impl == "liger" else impl  # CPU smoke tests: liger needs CUDA
         return fused_loss_forward(model, batch_inputs(b), b.labels, impl=impl)[0]
     return model(**batch_inputs(b), labels=b.labels).loss
 
@@ -231,7 +262,7 @@ def loss_agreement(model, batch: Batch, speedups: TrainSpeedups | None = None) -
         plain = float(ours_loss(model, batch, fast=False))
     report = set_fast(model, True, speedups)
     opts = speedups or TrainSpeedups()
-    fast = ours_loss(model, batch, fast=True, impl=opts.lm_loss_impl).item()  # with grad: the training graph
+    fast = ours_loss(model, batch, fast=True, impl=loss_impl(opts)).item()  # with grad: the training graph
     model.zero_grad(set_to_none=True)
     return {"plain": plain, "fast": fast, "rel_diff": abs(fast - plain) / max(abs(plain), 1e-12),
             "applied": report}
@@ -317,25 +348,25 @@ def section_train(args, res: dict, config, *, batches_for) -> None:
                 skipped.append(name)
                 continue
             r = guard(res, name, run_train_case, name, ours,
-                     lambda m, b, impl=opts.lm_loss_impl: ours_loss(m, b, fast=True, impl=impl), data, shape=shape,
+                     lambda m, b, impl=loss_impl(opts): ours_loss(m, b, fast=True, impl=impl), data, shape=shape,
                      steps=args.steps, warmup=args.warmup, ckpt=ckpt, peak_flops=args.peak,
                      prepare=lambda m, o=opts: set_fast(m, True, o), graph_step=variant in GRAPH_STEP_VARIANTS,
-                     impl=opts.lm_loss_impl)
+                     impl=loss_impl(opts))
             if r:
                 r["variant"] = variant
                 rows.append(r)
                 if do_full and not ckpt and variant in GRAPH_STEP_VARIANTS and not deadline.over():
                     full_profiles[name] = guard(res, f"full profile {name}", profile_graph_step_case, ours, data,
                                                 out / f"profile_full_{variant.replace('+', '_')}_ckpt_off.txt",
-                                                impl=opts.lm_loss_impl)
+                                                impl=loss_impl(opts))
                 if do_full and not ckpt and variant in ("default", "graphs") and not deadline.over():
                     # the timed configuration as it stands: checkpointing off, the fast paths still applied
-                    loss = lambda m, b, impl=opts.lm_loss_impl: ours_loss(m, b, fast=True, impl=impl)
+                    loss = lambda m, b, impl=loss_impl(opts): ours_loss(m, b, fast=True, impl=impl)
                     full_profiles[name] = guard(res, f"full profile {name}", profile_case, ours, loss, data,
                                                 out / f"profile_full_{variant}_ckpt_off.txt")
             if do_profile and ckpt and variant in ("s1", "default") and not deadline.over():
                 profiles[name] = guard(res, f"profile {name}", profile_step, ours,
-                                      lambda m, b, impl=opts.lm_loss_impl: ours_loss(m, b, fast=True, impl=impl),
+                                      lambda m, b, impl=loss_impl(opts): ours_loss(m, b, fast=True, impl=impl),
                                       data[0], out / f"profile_train_{variant}_ckpt_on.txt")
             save()
     remove_train_speedups(ours)

@@ -16,7 +16,7 @@ most one bf16 layer exists at a time. From there the path is medrega-train's: `p
 Data: one synthetic sample repeated (an image of 256 tokens + random text, `--seq` tokens), `--batch` per step, so the
 loss must fall. Printed: loss per step, peak GPU memory (allocated and reserved), tokens/s over steps 5..N, the
 datasheet MFU as issue #18 counts it (6 x LLM parameters x tokens/s over 989 TFLOP/s), and the memory plan's QLoRA
-estimate (`internvl.train.memory_plan.qlora_row`) beside the measured peak. A JSON summary goes to $OUT (or --out).
+estimate (`lab.memory_plan.qlora_row`) beside the measured peak. A JSON summary goes to $OUT (or --out).
 Exit 1 when the peak allocated memory exceeds --max_peak_gib (70) or the loss does not fall (mean of the last 5
 steps not below the mean of the first 5).
 """
@@ -44,8 +44,8 @@ from internvl.train import qlora  # noqa: E402
 from internvl.train.arguments import MedRegTrainingArguments, ModelArguments  # noqa: E402
 from internvl.train.build import apply_freezing, enable_gradient_checkpointing, trainable_by_tower  # noqa: E402
 from internvl.train.cli import speedups_from_args  # noqa: E402
-from internvl.train.memory_plan import GiB, count_params, qlora_row  # noqa: E402
 from internvl.train.trainer import MedRegTrainer  # noqa: E402
+from lab.memory_plan import GiB, count_params, qlora_row  # noqa: E402
 
 H100_BF16_PEAK = 989e12  # dense bf16 FLOP/s of an H100 SXM (datasheet), the issue's yardstick
 
@@ -246,7 +246,7 @@ def report(args, config, losses: list[float], times: list[float], device: torch.
           f"6*N_llm*tokens/s / 989 TFLOP/s = {100 * out['mfu_6N_llm']:.1f} %)")
     if "peak_allocated_GiB" in out:
         print(f"peak GPU memory: allocated {out['peak_allocated_GiB']:.1f} GiB, reserved "
-              f"{out['peak_reserved_GiB']:.1f} GiB; memory plan (python -m internvl.train.memory_plan) "
+              f"{out['peak_reserved_GiB']:.1f} GiB; memory plan (python -m lab.memory_plan) "
               f"{plan['total_GiB']:.1f} GiB = weights {plan['frozen_GiB']:.1f} + LoRA states {plan['states_GiB']:.1f} "
               f"+ activations {plan['activations_GiB']:.1f}")
     return out

@@ -116,8 +116,7 @@ def trainer_base() -> type:
     """transformers' `Trainer` whose private steps call the public-named hooks of `TRAINER_PRIVATE_STEPS`, each as
     `hook(*parameters, default)` with `default` the Trainer's own step (`MedRegTrainer` overrides them); plus
     `run_dir(trial)` (Trainer's own output folder) and `running_loss()` (Trainer's on-device loss sum since the last
-    log, or None). Lazy import: Trainer takes about
-    2 s to import and only training needs it."""
+    log, or None). Lazy import: Trainer takes about 2 s to import and only training needs it."""
     from transformers import Trainer
 
     check_trainer_steps(Trainer)
@@ -228,8 +227,6 @@ def keep_out_of_fsdp(training_args: Any, modules: list[str], unwrap: set[str]) -
     `--fsdp_config`), not the environment, so a second Trainer in the process is unaffected; `fsdp_config` itself stays
     as recorded. `ignored_modules` is a regex accelerate full-matches; a user's `FSDP_IGNORED_MODULES` is kept."""
     plugin = require_attr(training_args, "fsdp_plugin_args", "transformers")
-    if plugin is None:
-        raise ValueError("keep_out_of_fsdp: FSDP is not enabled for this run (no --fsdp)")
     wrap = plugin.get("transformer_cls_names_to_wrap")
     classes = [c for c in wrap.split(",") if c] if isinstance(wrap, str) else list(wrap or [])
     kept = [c for c in classes if c not in unwrap]
@@ -252,8 +249,6 @@ def fsdp_on_cpu(trainer: Any) -> None:
     from accelerate.state import PartialState
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
-    if getattr(trainer.args, "fsdp_plugin_args", None) is None:
-        raise ValueError("fsdp_on_cpu: the Trainer was built without an --fsdp_config")
     state = trainer.accelerator.state
     require_attr(state, "distributed_type", "accelerate")
     plugin = FullyShardedDataParallelPlugin(**trainer.args.fsdp_plugin_args)

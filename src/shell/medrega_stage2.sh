@@ -13,7 +13,7 @@
 #   MODE=qlora (one GPU, e.g. one 80 GB H100 for the 40B): MODE=lora on an LLM loaded in 4-bit NF4 (bitsandbytes;
 #             ViT, projector and LM head stay bf16), no DeepSpeed, 1 GPU per node by default (more GPUs: plain data
 #             parallel, each holding the whole 4-bit model). Merge as for lora (adapters go into the dequantised
-#             base). Also src/shell/medrega_stage2_qlora.sh. Memory: python -m internvl.train.memory_plan
+#             base). Also src/shell/medrega_stage2_qlora.sh. Memory: python -m lab.memory_plan
 # lr 1e-5 cosine, warmup 3%, wd 0.05, global batch 128, seq 2048, gradient checkpointing, length-grouped sampling,
 # 1 epoch (the paper says 2: set EPOCHS=2); on GPUs bf16 + ZeRO-3, on a CPU-only machine float32 without DeepSpeed.
 #   slurm:      sbatch src/shell/medrega_stage2.sh                 (from the repository root; MODE=full sbatch ...)

@@ -1,9 +1,10 @@
 """The trainer's fast-path flags: parsed into `TrainSpeedups`, applied when training starts (a no-op on the CPU), and
-the trainer's loss with the fast paths on (compiled layers with aot_eager, fused projections, padded loss) equals
-the plain full-logits loss and gradients on the tiny preset."""
+the trainer's loss with the fast paths on (compiled layers with aot_eager, fused projections, fused LM-head loss)
+equals the plain full-logits loss and gradients on the tiny preset."""
 from __future__ import annotations
 
 import copy
+from types import SimpleNamespace
 
 from internvl.data.collate import pad_collate
 from internvl.ops.train_speedups import TrainSpeedups, apply_train_speedups
@@ -12,7 +13,7 @@ from internvl.train.arguments import (
     parse_args,
 )
 from internvl.train.cli import speedups_from_args
-from internvl.train.trainer import MedRegTrainer, SpeedupCallback
+from internvl.train.trainer import MedRegTrainer, RunCallback
 
 from .loss_grads import assert_same_loss_and_grads, loss_and_grads, tiny_square_setup
 
@@ -22,11 +23,10 @@ def test_flags_map_to_speedups(tmp_path):
     model_args, _, _ = parse_args(base)
     assert speedups_from_args(model_args) == TrainSpeedups()  # the defaults are the trainer's defaults
     model_args, _, _ = parse_args(base + ["--compile_layers", "False", "--fuse_projections", "False",
-                                          "--fast_kernels", "False", "--lm_loss_impl", "liger",
-                                          "--grad_checkpoint_skip_llm_layers", "3"])
+                                          "--fast_kernels", "False", "--grad_checkpoint_skip_llm_layers", "3"])
     opts = speedups_from_args(model_args)
-    assert (opts.compile_layers, opts.fuse_projections, opts.fast_kernels, opts.lm_loss_impl,
-            opts.ckpt_skip_llm_layers) == (False, False, False, "liger", 3)
+    assert (opts.compile_layers, opts.fuse_projections, opts.fast_kernels, opts.ckpt_skip_llm_layers) == (
+        False, False, False, 3)
     model_args, _, _ = parse_args(base + ["--grad_checkpoint", "False", "--grad_checkpoint_skip_llm_layers", "3"])
     assert speedups_from_args(model_args).ckpt_skip_llm_layers == 0
 
@@ -37,12 +37,11 @@ def test_trainer_loss_with_fast_paths_equals_plain(tmp_path, tiny_tokenizer_dir)
     results = []
     for fast in (False, True):
         model = copy.deepcopy(built.model).train()
-        opts = TrainSpeedups(backend="aot_eager", lm_loss_impl="padded")
+        opts = TrainSpeedups(backend="aot_eager")
         trainer = MedRegTrainer(model=model, args=args, fused_lm_loss=fast, speedups=opts if fast else None)
         if fast:
             report = apply_train_speedups(model, opts, allow_cpu=True)
             assert report["compiled"] and report["fused"] == {"qkv": 2, "gate_up": 2}
-            assert trainer.lm_loss_impl == "padded"
         results.append(loss_and_grads(trainer, model, batch, 23.0))
     assert_same_loss_and_grads(*results)
 
@@ -50,7 +49,7 @@ def test_trainer_loss_with_fast_paths_equals_plain(tmp_path, tiny_tokenizer_dir)
 def test_speedup_callback_is_a_no_op_on_the_cpu(tmp_path, tiny_model):
     args = MedRegTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
     trainer = MedRegTrainer(model=tiny_model, args=args, speedups=TrainSpeedups())
-    callback = next(c for c in trainer.callback_handler.callbacks if isinstance(c, SpeedupCallback))
+    callback = next(c for c in trainer.callback_handler.callbacks if isinstance(c, RunCallback))
     callback.on_train_begin(args, trainer.state, trainer.control, model=tiny_model)
     assert callback.report["compiled"] == {} and "not on CUDA" in callback.report["skipped"][0]
     assert not any("forward" in m.__dict__ for m in tiny_model.modules())
@@ -58,8 +57,8 @@ def test_speedup_callback_is_a_no_op_on_the_cpu(tmp_path, tiny_model):
 
 def test_speedup_callback_hands_back_a_plain_model(tmp_path, tiny_model):
     """on_train_end undoes what on_train_begin applied (here forced onto the CPU with aot_eager)."""
-    callback = SpeedupCallback(TrainSpeedups(backend="aot_eager"))
-    callback.report = apply_train_speedups(tiny_model, callback.speedups, allow_cpu=True)
+    callback = RunCallback(SimpleNamespace(speedups=TrainSpeedups(backend="aot_eager"), _cudnn_sdpa_off=False))
+    callback.report = apply_train_speedups(tiny_model, callback.trainer.speedups, allow_cpu=True)
     assert any("forward" in m.__dict__ for m in tiny_model.modules())
     callback.on_train_end(None, None, None, model=tiny_model)
     assert callback.report is None

@@ -71,7 +71,7 @@ def _train(out: Path, meta: Path, monkeypatch, *extra: str):
     code = main(["--model_name_or_path", str(BUNDLED), "--meta_path", str(meta), "--output_dir", str(out),
                  "--max_steps", "1", "--per_device_train_batch_size", "2", "--learning_rate", "1e-4",
                  "--warmup_steps", "0", "--save_strategy", "steps", "--save_steps", "1", "--logging_steps", "1",
-                 "--use_cpu", "True", "--model_dtype", "float32", "--seed", "0", "--disable_tqdm", "True",
+                 "--use_cpu", "True", "--seed", "0", "--disable_tqdm", "True",
                  "--report_to", "none", "--grad_checkpoint", "False", "--max_seq_length", "512", *extra])
     assert code == 0 and len(trainers) == 1
     return trainers[0]

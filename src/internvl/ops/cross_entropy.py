@@ -2,10 +2,10 @@
 and the cross-entropy kernels over the LM head that never keep the full [T, V] logits for backward.
 
 Savings against the plain path (bf16 logits, an fp32 copy, both kept for backward): the head runs only on supervised
-rows; head + softmax + loss run chunk by chunk with the gradients computed in the forward (liger-kernel's Triton
-kernel, or `PaddedLinearCrossEntropy` in PyTorch); the padded kernel rounds the vocabulary up to a multiple of 128
-rows (cuBLAS's fast aligned kernels) and does the elementwise part in place (`ce_grad_inplace`, compiled on CUDA).
-All give the loss of `F.cross_entropy(hidden @ W.T, labels)` up to bf16 rounding of the logits.
+rows; head + softmax + loss run chunk by chunk with the gradients computed in the forward
+(`PaddedLinearCrossEntropy`): the vocabulary is rounded up to a multiple of 128 rows (cuBLAS's fast aligned kernels)
+and the elementwise part runs in place (`ce_grad_inplace`, compiled on CUDA). The loss is that of
+`F.cross_entropy(hidden @ W.T, labels)` up to bf16 rounding of the logits.
 """
 from __future__ import annotations
 
@@ -138,11 +138,8 @@ def linear_cross_entropy(
     excluded; w = `token_weights` [N], 1 when None) without keeping [N, V] logits; softmax in fp32.
 
     impl: "auto" ("padded" on CUDA, else "chunked"), "padded" (rows chunked by a memory budget, elementwise part
-    compiled on CUDA), "liger" (liger-kernel, no token weights), "chunked" (fixed
-    `chunk_size` rows, eager) or "plain" (materialised logits: the reference).
+    compiled on CUDA), "chunked" (fixed `chunk_size` rows, eager) or "plain" (materialised logits: the reference).
     """
-    if hidden.dim() != 2 or labels.dim() != 1 or hidden.shape[0] != labels.shape[0]:
-        raise ValueError(f"hidden must be [N, H] and labels [N]; got {tuple(hidden.shape)} and {tuple(labels.shape)}")
     if impl == "auto":
         impl = "padded" if hidden.is_cuda else "chunked"
     if impl == "padded":
@@ -153,20 +150,7 @@ def linear_cross_entropy(
         return PaddedLinearCrossEntropy.apply(hidden, weight, bias, labels, token_weights, rows, compiled)
     if impl == "plain":
         return weighted_cross_entropy(F.linear(hidden, weight, bias), labels, token_weights)
-    if impl == "liger":
-        if token_weights is not None:
-            raise ValueError("the liger path takes no per-token weights; use impl='chunked'")
-        # liger-kernel is an optional CUDA/Triton dependency: imported only on this path
-        from liger_kernel.ops.fused_linear_cross_entropy import (
-            LigerFusedLinearCrossEntropyFunction,
-        )
-
-        if not bool((labels != IGNORE_INDEX).any()):
-            # liger divides by the count of supervised rows; keep the graph and return an exact zero.
-            return (hidden.sum() * 0.0).float() + (weight.sum() * 0.0).float()
-        loss = LigerFusedLinearCrossEntropyFunction.apply(hidden, weight, labels, bias, None, IGNORE_INDEX)
-        return loss[0] if isinstance(loss, tuple) else loss
-    raise ValueError(f"unknown cross-entropy impl {impl!r}; expected auto, padded, liger, chunked or plain")
+    raise ValueError(f"unknown cross-entropy impl {impl!r}; expected auto, padded, chunked or plain")
 
 
 def plain_module_class(module: torch.nn.Module) -> type:

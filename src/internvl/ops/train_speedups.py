@@ -51,7 +51,6 @@ class TrainSpeedups:
         `compile_mode` / `compile_options`; gradient checkpointing is traced into the compiled graph.
     fuse_projections: q/k/v and gate/up as one matmul each inside compiled layers.
     fast_kernels: liger RMSNorm / SwiGLU / RoPE kernels on modules outside compiled layers.
-    lm_loss_impl: `linear_cross_entropy` impl of the fused LM-head loss.
     ckpt_skip_llm_layers: leave the last N checkpointed LLM layers un-checkpointed (about 0.6 GiB per layer at
         8 x 1024 tokens on the `mid` model).
     """
@@ -59,7 +58,6 @@ class TrainSpeedups:
     compile_layers: bool = True
     fuse_projections: bool = True
     fast_kernels: bool = True
-    lm_loss_impl: str = "auto"
     ckpt_skip_llm_layers: int = 0
     backend: str = "inductor"
     compile_mode: str | None = None
@@ -68,12 +66,6 @@ class TrainSpeedups:
 
 def _has_lora(module: nn.Module) -> bool:
     return any(type(m).__module__.startswith("peft.") for m in module.modules())
-
-
-def _llm_layers(model: nn.Module) -> list[nn.Module]:
-    language_model = getattr(model, "language_model", model)
-    decoder = language_model.get_decoder() if hasattr(language_model, "get_decoder") else language_model
-    return list(getattr(decoder, "layers", []))
 
 
 def zero3_hooked_layers(model: nn.Module) -> list[str]:
@@ -87,7 +79,8 @@ def zero3_hooked_layers(model: nn.Module) -> list[str]:
 
 def set_ckpt_skip(model: nn.Module, skip_last: int) -> int:
     """Turn checkpointing off on the last `skip_last` LLM layers (only where it is on); returns how many."""
-    layers = [layer for layer in _llm_layers(model) if getattr(layer, "gradient_checkpointing", False)]
+    decoder = getattr(model, "language_model", model).get_decoder()
+    layers = [layer for layer in decoder.layers if getattr(layer, "gradient_checkpointing", False)]
     chosen = layers[len(layers) - skip_last:] if skip_last > 0 else []
     for layer in chosen:
         layer.gradient_checkpointing = False
@@ -145,7 +138,6 @@ def apply_train_speedups(model: nn.Module, opts: TrainSpeedups | None = None, *,
             report["fast_kernels"] = dict(counts)
         else:
             report["fast_kernels"] = enable_fast_kernels(model)
-    report["lm_loss_impl"] = opts.lm_loss_impl
     logger.info("training fast paths: %s", report)
     return report
 
@@ -168,14 +160,6 @@ def remove_train_speedups(model: nn.Module) -> int:
     return uncompile_layers(model) + unfuse_projections(model) + disable_fast_kernels(model)
 
 
-def _final_norm(language_model: nn.Module) -> nn.Module | None:
-    """The decoder's final norm (its output is the last hidden state), or None when there is no such module."""
-    get_decoder = getattr(language_model, "get_decoder", None)
-    decoder = get_decoder() if get_decoder is not None else None
-    norm = getattr(decoder, "norm", None)
-    return norm if isinstance(norm, nn.Module) else None
-
-
 def fused_loss_forward(model: nn.Module, model_inputs: dict[str, Any], labels: torch.Tensor, *,
                        loss_weight: torch.Tensor | None = None, impl: str = "auto",
                        lm_head: nn.Module | None = None, num_items_in_batch: int | float | torch.Tensor | None = None,
@@ -183,8 +167,8 @@ def fused_loss_forward(model: nn.Module, model_inputs: dict[str, Any], labels: t
     """The trainer's fused-loss forward: the model without [B, L, V] logits (`logits_to_keep=1`) or KV cache, then
     `causal_lm_loss` with the LM head on the supervised positions. Returns (loss, outputs).
 
-    The final hidden states are read by a forward hook on the decoder's final norm (`output_hidden_states` would hook
-    every layer, inside the compiled ones, breaking their graphs); without a final norm, `output_hidden_states`.
+    The final hidden states are read by a forward hook on the decoder's final norm (every supported LLM family has
+    one; `output_hidden_states` would hook every layer, inside the compiled ones, breaking their graphs).
     `loss_fn` (default `causal_lm_loss`, with its arguments) and `forward_kwargs` (to the model) let the lab's
     whole-step CUDA graph run its sync-free variant (`lab.graph_step`).
     """
@@ -192,21 +176,15 @@ def fused_loss_forward(model: nn.Module, model_inputs: dict[str, Any], labels: t
     language_model = getattr(inner, "language_model", inner)
     if lm_head is None:
         lm_head = language_model.get_output_embeddings()
-    norm = _final_norm(language_model)
-    kwargs = {"logits_to_keep": 1, "use_cache": False, **forward_kwargs}
-    if norm is None:
-        outputs = model(**model_inputs, output_hidden_states=True, **kwargs)
-        hidden = outputs["hidden_states"][-1]
-    else:
-        captured: list[torch.Tensor] = []
-        handle = norm.register_forward_hook(lambda _m, _i, out: captured.append(out))
-        try:
-            outputs = model(**model_inputs, **kwargs)
-        finally:
-            handle.remove()
-        if len(captured) != 1:
-            raise RuntimeError(f"the final norm ran {len(captured)} times in one forward; expected once")
-        hidden = captured[0]
+    captured: list[torch.Tensor] = []
+    handle = language_model.get_decoder().norm.register_forward_hook(lambda _m, _i, out: captured.append(out))
+    try:
+        outputs = model(**model_inputs, logits_to_keep=1, use_cache=False, **forward_kwargs)
+    finally:
+        handle.remove()
+    if len(captured) != 1:
+        raise RuntimeError(f"the final norm ran {len(captured)} times in one forward; expected once")
+    hidden = captured[0]
     loss = loss_fn or causal_lm_loss
 
     def head_loss(head: nn.Module, rows: torch.Tensor) -> torch.Tensor:

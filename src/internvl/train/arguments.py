@@ -54,8 +54,6 @@ class ModelArguments:
     attn_implementation: str = _arg("sdpa", "LLM attention: sdpa | eager | flash_attention_2 (if installed).")
     fused_lm_loss: bool = _arg(True, "LM head + cross-entropy on supervised positions only, in chunks, instead of "
                                      "[batch, seq, vocab] logits (plain loss when the head is LoRA-wrapped).")
-    lm_loss_impl: Literal["auto", "padded", "liger", "chunked"] = _arg(
-        "auto", "Kernel of the fused loss: auto = padded on CUDA, chunked on the CPU; liger = liger-kernel's.")
     compile_layers: bool = _arg(True, "CUDA: torch.compile each LLM decoder layer and ViT block (not under ZeRO-3 or "
                                       "in LoRA-wrapped towers).")
     fuse_projections: bool = _arg(True, "CUDA, compiled layers: q/k/v and gate/up as one matmul each (same "
@@ -68,8 +66,6 @@ class ModelArguments:
     bnb_4bit_quant_type: Literal["nf4", "fp4"] = _arg("nf4", "4-bit data type with --load_in_4bit.")
     use_bnb_nested_quant: bool = _arg(True, "With --load_in_4bit: quantise the block scales too (double "
                                             "quantisation).")
-    model_dtype: Literal["auto", "float32", "bfloat16", "float16"] = _arg(
-        "auto", "dtype of the loaded weights; auto = bf16 under DeepSpeed/QLoRA with --bf16, else float32.")
 
 
 @dataclass

@@ -20,7 +20,6 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 from internvl.compat import active_hf_deepspeed_config, set_attn_implementation
 from internvl.constants import IMG_CONTEXT_TOKEN
 from internvl.model import InternVLChatConfig, InternVLChatModel, load_preset
-from internvl.model.loading import resolve_dtype
 from internvl.tokenization import add_special_tokens, load_tokenizer, save_tokenizer
 from internvl.train.arguments import DataTrainingArguments, ModelArguments, resolve_freeze_defaults
 from internvl.train.lora import wrap_backbone_lora, wrap_llm_lora
@@ -155,13 +154,12 @@ def build_model_and_tokenizer(model_args: ModelArguments, data_args: DataTrainin
     to `base_save_dir` first so the adapters can be merged later (by the process with `save_base`; under
     torch.distributed the others wait for it). With --load_in_4bit the LLM linears are loaded in 4
     bit onto `device` (a preset: from the saved base). Weights are bf16 with `use_deepspeed_bf16` (DeepSpeed keeps
-    fp32 masters; QLoRA), else fp32 (bf16 autocast), unless --model_dtype says otherwise.
+    fp32 masters; QLoRA), else fp32 (bf16 autocast).
     """
     tokenizer_dir = model_args.tokenizer_path or model_args.model_name_or_path
     tokenizer = load_tokenizer(tokenizer_dir, model_max_length=data_args.max_seq_length)
     add_special_tokens(tokenizer)
-    dtype = (resolve_dtype(model_args.model_dtype) if model_args.model_dtype != "auto"
-             else torch.bfloat16 if use_deepspeed_bf16 else torch.float32)
+    dtype = torch.bfloat16 if use_deepspeed_bf16 else torch.float32
     spec = four_bit_spec(model_args, dtype, device)
     lora = bool(model_args.use_llm_lora or model_args.use_backbone_lora)
     if model_args.preset is not None:
@@ -252,11 +250,8 @@ def resize_position_embeddings(model: nn.Module, new_size: int) -> None:
     if is_deepspeed_zero3_enabled():
         raise ValueError(f"cannot resize the ViT position grid to {new_size} under ZeRO-3 (partitioned weights); "
                          "resize once without ZeRO-3 and save that checkpoint")
-    vision = model.vision_model
-    if not hasattr(vision, "resize_pos_embeddings"):
-        raise ValueError(f"{type(vision).__name__} cannot resize its position embeddings to {new_size}")
     old = model.config.vision_config.image_size
-    vision.resize_pos_embeddings(old_size=old, new_size=new_size, patch_size=model.config.vision_config.patch_size)
+    model.vision_model.resize_pos_embeddings(old_size=old, new_size=new_size, patch_size=model.config.vision_config.patch_size)
     model.config.vision_config.image_size = new_size
     model.config.force_image_size = new_size
     model.num_image_token = model.config.num_image_token

@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from peft import PeftModel
 from torch import nn
 from transformers import BitsAndBytesConfig
 
@@ -64,14 +63,9 @@ def prepare_kbit_training(model: nn.Module) -> None:
 
 
 def allow_trainer_on_adapters(model: nn.Module) -> None:
-    """Let transformers' Trainer take a composite model whose quantised LLM carries LoRA adapters: it refuses a model
-    flagged `is_quantized` unless the model itself is a `PeftModel`. Here `language_model` is one, with trainable
-    adapters; this checks that and clears the top-level flag (the quantisation stays in `model.config`)."""
-    if not getattr(model, "is_quantized", False):
-        return
-    language_model = getattr(model, "language_model", None)
-    if not isinstance(language_model, PeftModel) or not any(p.requires_grad for p in language_model.parameters()):
-        raise ValueError("a 4-bit model trains only through LoRA adapters on its LLM (--use_llm_lora > 0)")
+    """Let transformers' Trainer take a composite model whose quantised LLM carries LoRA adapters (`--load_in_4bit`
+    requires `--use_llm_lora`): it refuses a model flagged `is_quantized` unless the model itself is a `PeftModel`.
+    Clears that top-level flag; the quantisation stays in `model.config`."""
     model.is_quantized = False
 
 

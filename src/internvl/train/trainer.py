@@ -70,41 +70,29 @@ class LengthGroupedSampler(Sampler[int]):
             yield from group
 
 
-class SpeedupCallback(TrainerCallback):
-    """Turns on the training fast paths (`internvl.ops.train_speedups`) when training starts, once the model is on
-    its device and checkpointing is configured, and hands back a plain model when training ends."""
+class RunCallback(TrainerCallback):
+    """Train begin: the training fast paths (`internvl.ops.train_speedups`, once the model is on its device and
+    checkpointing is configured), the throughput clock, step skipping for `--on_nonfinite skip`. Train end: a plain
+    model again; cuDNN attention back on after DeepCompile (`_prepare_engine`). Each epoch: the dataset's epoch (its
+    augmentation is seeded by seed, epoch and index; accelerate forwards it only where the sampler has no `set_epoch`).
+    """
 
-    def __init__(self, speedups: TrainSpeedups) -> None:
-        self.speedups = speedups
-        self.report: dict[str, Any] | None = None
+    def __init__(self, trainer: "MedRegTrainer") -> None:
+        self.trainer = trainer
+        self.report: dict[str, Any] | None = None  # what `apply_train_speedups` turned on, until train end
 
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
-        if model is not None and self.report is None:
-            self.report = apply_train_speedups(model, self.speedups, device=args.device)
-            if state.is_world_process_zero:
-                logger.info("training fast paths: %s", self.report)
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        trainer = self.trainer
+        if trainer.speedups is not None and model is not None and self.report is None:
+            self.report = apply_train_speedups(model, trainer.speedups, device=args.device)
+        trainer._last_log_time = time.perf_counter()
+        if optimizer is not None and trainer.guard.policy == "skip":
+            guard_optimizer_step(optimizer, trainer.guard)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         if model is not None and self.report is not None:
             remove_train_speedups(model)
             self.report = None
-
-
-class RunCallback(TrainerCallback):
-    """At train begin: starts the throughput clock and lets the divergence guard skip optimizer steps
-    (`--on_nonfinite skip`). At train end: turns cuDNN attention back on after DeepCompile (`_prepare_engine`). At
-    each epoch: tells the dataset the epoch (its augmentation is seeded by seed, epoch and
-    index; accelerate forwards it only where the sampler has no `set_epoch`)."""
-
-    def __init__(self, trainer: "MedRegTrainer") -> None:
-        self.trainer = trainer
-
-    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
-        self.trainer._last_log_time = time.perf_counter()
-        if optimizer is not None and self.trainer.guard.policy == "skip":
-            guard_optimizer_step(optimizer, self.trainer.guard)
-
-    def on_train_end(self, args, state, control, **kwargs):
         if self.trainer._cudnn_sdpa_off:
             torch.backends.cuda.enable_cudnn_sdp(True)
             self.trainer._cudnn_sdpa_off = False
@@ -117,10 +105,9 @@ class RunCallback(TrainerCallback):
 class MedRegTrainer(trainer_base()):
     """Trainer with per-token loss over the accumulated batch, atomic checkpoints, LoRA saving, throughput logs.
 
-    It changes transformers' Trainer only through the hooks of `internvl.compat.trainer_base` (the one place that
-    overrides Trainer's private steps), public methods and callbacks. Extra arguments: `group_by_length` (uses the
-    dataset's `lengths`), `base_model` (recorded in LoRA runs), `fused_lm_loss` (LM head + cross-entropy on
-    supervised positions only, in chunks) and `speedups` (`TrainSpeedups`, applied on CUDA; None = plain eager).
+    Changes transformers' Trainer only through the hooks of `internvl.compat.trainer_base`, public methods and
+    callbacks. Extra arguments: `group_by_length` (uses the dataset's `lengths`), `base_model` (recorded in LoRA
+    runs), `fused_lm_loss` (`fused_loss_forward`) and `speedups` (`TrainSpeedups`, applied on CUDA; None = eager).
     """
 
     loss_is_scaled_for_ga = True
@@ -131,9 +118,6 @@ class MedRegTrainer(trainer_base()):
         self.group_by_length = group_by_length
         self.fused_lm_loss = fused_lm_loss
         self.speedups = speedups
-        self.lm_loss_impl = speedups.lm_loss_impl if speedups is not None else "auto"
-        if speedups is not None:
-            self.add_callback(SpeedupCallback(speedups))
         self.base_model = base_model
         self._tokens_seen = 0
         self._samples_seen = 0
@@ -254,8 +238,7 @@ class MedRegTrainer(trainer_base()):
             # the accelerator's autocast keeps its matmuls in bf16 under mixed precision (fp32 weights otherwise).
             with self.accelerator.autocast():
                 loss, outputs = fused_loss_forward(model, model_inputs, labels, loss_weight=loss_weight,
-                                                   impl=self.lm_loss_impl, lm_head=lm_head,
-                                                   num_items_in_batch=num_items_in_batch)
+                                                   lm_head=lm_head, num_items_in_batch=num_items_in_batch)
         else:
             outputs = model(**model_inputs)
             logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]

@@ -1,7 +1,7 @@
 """Per-GPU memory plan for fine-tuning an InternVL-Chat preset with DeepSpeed ZeRO-3, bf16 and gradient checkpointing.
 
-    python -m internvl.train.memory_plan                       # MedRegA 40B, LoRA r16 + full, 8 and 16 GPUs
-    python -m internvl.train.memory_plan --preset mid --gpus 1 --micro_batch 1 --seq 1024
+    python -m lab.memory_plan                                 # MedRegA 40B, LoRA r16 + full, 8 and 16 GPUs
+    python -m lab.memory_plan --preset mid --gpus 1 --micro_batch 1 --seq 1024
 
 Model states come from DeepSpeed's ZeRO-3 estimator (`estimate_zero3_model_states_mem_needs`) applied to the trainable
 parameters (18 bytes/param partitioned over all GPUs, plus the largest layer gathered); frozen parameters cost 2
@@ -17,6 +17,8 @@ import sys
 from dataclasses import dataclass
 
 from torch import nn
+
+from internvl.offline import enforce_offline
 
 GiB = 1024**3
 
@@ -148,6 +150,7 @@ def format_table(rows: list[dict[str, float]], limit_gib: float, count_label: st
 
 
 def main(argv: list[str] | None = None) -> int:
+    enforce_offline()  # before count_params imports peft (bitsandbytes' CPU backend asks the hub for kernels)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="medrega")
     parser.add_argument("--gpus", type=int, nargs="+", default=[8, 16])
