@@ -1,13 +1,20 @@
-"""The per-instance kernel swap: plumbing checked on the CPU with the liger kernels replaced by PyTorch equivalents
-(the kernels themselves need CUDA + Triton; the GPU benchmark checks the loss there), self-check revert, undo."""
+"""The lab's per-instance liger kernel swap (`lab.fast_kernels`): plumbing checked on the CPU with the liger kernels
+replaced by PyTorch equivalents (the kernels themselves need CUDA + Triton; the GPU benchmark checks the loss there),
+self-check revert, undo, no swap inside compiled layers, and the bench variants `s1` / `padded` applying it."""
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from internvl.ops import disable_fast_kernels, enable_fast_kernels
-from internvl.ops import fast_kernels as fk
+from internvl.model import InternVLChatModel, load_preset
+from internvl.ops.train_speedups import TrainSpeedups, apply_train_speedups
+from lab import fast_kernels as fk
+from lab.bench import train_bench
+from lab.bench.batches import fixed_batch
+from lab.fast_kernels import disable_fast_kernels, enable_fast_kernels, enable_outside_compiled
 
 
 def _torch_rms(x, weight, eps):
@@ -55,3 +62,40 @@ def test_a_wrong_kernel_is_reverted(lm, torch_kernels, monkeypatch):
     assert counts["swiglu"] == 0 and counts["rms_norm"] == 5
     mlp = lm.model.layers[0].mlp
     assert "forward" not in vars(mlp)  # class forward restored
+
+
+@pytest.fixture()
+def tiny_chat():
+    config = load_preset("tiny")
+    config.llm_config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = InternVLChatModel(config).train()
+    model.img_context_token_id = 1008
+    return model
+
+
+def test_no_swap_inside_compiled_layers(tiny_chat, torch_kernels):
+    apply_train_speedups(tiny_chat, TrainSpeedups(backend="aot_eager", fuse_projections=False), allow_cpu=True)
+    counts = enable_outside_compiled(tiny_chat, allow_cpu=True)
+    assert counts == {"rms_norm": 1, "swiglu": 0, "rope": 0}  # the LLM's final norm: every layer is compiled
+    assert "forward" in vars(tiny_chat.language_model.model.norm)
+    layers = [m for m in tiny_chat.modules() if getattr(m, "_compiled_layer", False)]
+    assert len(layers) == 4 and not any(getattr(m, "_fast_kernel", False) for lay in layers for m in lay.modules())
+
+
+@pytest.mark.parametrize("variant", ["s1", "padded"])
+def test_bench_variants_apply_and_report_the_swaps(tiny_chat, torch_kernels, monkeypatch, variant):
+    monkeypatch.setattr(train_bench, "enable_outside_compiled",
+                        functools.partial(enable_outside_compiled, allow_cpu=True))
+    opts = train_bench.TRAIN_VARIANTS[variant][0]
+    batch = fixed_batch(2, 40, vocab=1000, image_token_id=1008, num_image_token=tiny_chat.num_image_token,
+                        image_size=56, answer_from=20)
+    with torch.no_grad():
+        ref = train_bench.ours_loss(tiny_chat, batch, fast=False)
+        report = train_bench.set_fast(tiny_chat, True, opts)
+        assert report["fast_kernels"] == {"rms_norm": 13, "swiglu": 2, "rope": 2}  # nothing is compiled in these
+        fast = train_bench.ours_loss(tiny_chat, batch, fast=True, impl=train_bench.loss_impl(opts))
+    torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-4)
+    train_bench.set_fast(tiny_chat, False)
+    assert not any(getattr(m, "_fast_kernel", False) for m in tiny_chat.modules())
+    assert "fast_kernels" not in train_bench.set_fast(tiny_chat, True, TrainSpeedups(backend="aot_eager"))
