@@ -14,7 +14,11 @@ from internvl.ops.train_speedups import TrainSpeedups, apply_train_speedups
 from lab import fast_kernels as fk
 from lab.bench import train_bench
 from lab.bench.batches import fixed_batch
-from lab.fast_kernels import disable_fast_kernels, enable_fast_kernels, enable_outside_compiled
+from lab.fast_kernels import (
+    disable_fast_kernels,
+    enable_fast_kernels,
+    enable_outside_compiled,
+)
 
 
 def _torch_rms(x, weight, eps):
