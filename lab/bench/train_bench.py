@@ -20,6 +20,7 @@ from internvl.constants import IGNORE_INDEX
 from internvl.model import InternVLChatModel
 from internvl.ops.train_speedups import TrainSpeedups, apply_train_speedups, fused_loss_forward, remove_train_speedups
 from lab.ckpt_outside import OutsideCkpt, compile_outside
+from lab.fast_kernels import disable_fast_kernels, enable_outside_compiled
 from lab.graph_step import CudaGraphTrainStep
 
 from .batches import Batch
@@ -34,9 +35,11 @@ logger = logging.getLogger(__name__)
 @dataclasses.dataclass
 class LossSpeedups(TrainSpeedups):
     """`TrainSpeedups` with the kernel of the fused LM-head loss pinned: a `linear_cross_entropy` impl, or "liger"
-    (session 1's loss, `liger_causal_lm_loss`). The trainer itself always runs "auto"."""
+    (session 1's loss, `liger_causal_lm_loss`). The trainer itself always runs "auto". `fast_kernels`: liger's
+    RMSNorm / SwiGLU / RoPE kernels on the modules outside compiled layers (`lab.fast_kernels`; CUDA only)."""
 
     lm_loss_impl: str = "auto"
+    fast_kernels: bool = False
 
 
 def loss_impl(opts: TrainSpeedups) -> str:
@@ -46,9 +49,9 @@ def loss_impl(opts: TrainSpeedups) -> str:
 
 #: variant name -> (speedups, description). "default" is the trainer's default (`TrainSpeedups()`).
 TRAIN_VARIANTS: dict[str, tuple[TrainSpeedups, str]] = {
-    "s1": (LossSpeedups(compile_layers=False, fuse_projections=False, lm_loss_impl="liger"),
+    "s1": (LossSpeedups(compile_layers=False, fuse_projections=False, lm_loss_impl="liger", fast_kernels=True),
            "session 1: liger RMSNorm/SwiGLU/RoPE + liger fused linear CE"),
-    "padded": (LossSpeedups(compile_layers=False, fuse_projections=False, lm_loss_impl="padded"),
+    "padded": (LossSpeedups(compile_layers=False, fuse_projections=False, lm_loss_impl="padded", fast_kernels=True),
                "liger kernels + padded-vocab CE"),
     "compiled": (TrainSpeedups(fuse_projections=False), "compiled layers + padded-vocab CE"),
     "default": (TrainSpeedups(), "compiled layers + fused q/k/v, gate/up + padded-vocab CE (trainer default)"),
@@ -126,9 +129,11 @@ def native_loss(model, b: Batch) -> torch.Tensor:
 
 
 def set_fast(model, fast: bool, speedups: TrainSpeedups | None = None) -> dict | None:
-    """Turn the trainer's fast paths (`speedups`, default: the trainer default) on or off on our model instance.
-    On the CPU (smoke tests) the layers are compiled with backend "aot_eager" so the plumbing still runs."""
+    """Turn the trainer's fast paths (`speedups`, default: the trainer default) on or off on our model instance, and
+    the lab's liger kernels where `speedups` asks for them (their counts in the report's "fast_kernels"). On the CPU
+    (smoke tests) the layers are compiled with backend "aot_eager" so the plumbing still runs."""
     remove_train_speedups(model)
+    disable_fast_kernels(model)
     if not fast:
         return None
     opts = speedups or TrainSpeedups()
@@ -138,6 +143,8 @@ def set_fast(model, fast: bool, speedups: TrainSpeedups | None = None) -> dict |
     report = apply_train_speedups(model, opts, allow_cpu=cpu)
     if isinstance(opts, OutsideCkpt):
         compile_outside(model, opts)
+    if getattr(opts, "fast_kernels", False):
+        report["fast_kernels"] = enable_outside_compiled(model)
     return report
 
 
@@ -369,7 +376,7 @@ def section_train(args, res: dict, config, *, batches_for) -> None:
                                       lambda m, b, impl=loss_impl(opts): ours_loss(m, b, fast=True, impl=impl),
                                       data[0], out / f"profile_train_{variant}_ckpt_on.txt")
             save()
-    remove_train_speedups(ours)
+    set_fast(ours, False)
     ours = None
     free()
 

@@ -36,7 +36,7 @@ def test_outside_checkpointing_gives_the_plain_loss_and_gradients(ckpt):
     if ckpt:
         enable_gradient_checkpointing(model)
     ref_loss, ref_grads = _loss_and_grads(model)
-    opts = OutsideCkpt(backend="aot_eager", fuse_projections=False, fast_kernels=False)
+    opts = OutsideCkpt(backend="aot_eager", fuse_projections=False)
     apply_train_speedups(model, opts, allow_cpu=True)
     assert compile_outside(model, opts) == 4  # 2 ViT + 2 LLM layers
     for _ in range(2):  # the second call runs the cached compiled graphs

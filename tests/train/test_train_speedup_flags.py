@@ -6,6 +6,8 @@ from __future__ import annotations
 import copy
 from types import SimpleNamespace
 
+import pytest
+
 from internvl.data.collate import pad_collate
 from internvl.ops.train_speedups import TrainSpeedups, apply_train_speedups
 from internvl.train.arguments import (
@@ -23,10 +25,11 @@ def test_flags_map_to_speedups(tmp_path):
     model_args, _, _ = parse_args(base)
     assert speedups_from_args(model_args) == TrainSpeedups()  # the defaults are the trainer's defaults
     model_args, _, _ = parse_args(base + ["--compile_layers", "False", "--fuse_projections", "False",
-                                          "--fast_kernels", "False", "--grad_checkpoint_skip_llm_layers", "3"])
+                                          "--grad_checkpoint_skip_llm_layers", "3"])
     opts = speedups_from_args(model_args)
-    assert (opts.compile_layers, opts.fuse_projections, opts.fast_kernels, opts.ckpt_skip_llm_layers) == (
-        False, False, False, 3)
+    assert (opts.compile_layers, opts.fuse_projections, opts.ckpt_skip_llm_layers) == (False, False, 3)
+    with pytest.raises(ValueError, match="--fast_kernels"):  # the liger swaps moved to the lab (lab/fast_kernels.py)
+        parse_args(base + ["--fast_kernels", "False"])
     model_args, _, _ = parse_args(base + ["--grad_checkpoint", "False", "--grad_checkpoint_skip_llm_layers", "3"])
     assert speedups_from_args(model_args).ckpt_skip_llm_layers == 0
 

@@ -72,11 +72,11 @@ def fused_mlp_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def fuse_projections(model: nn.Module) -> dict[str, int]:
-    """Swap (per instance) the forward of every fusable attention and gated MLP, except liger-swapped ones, for the
-    fused-matmul forward; returns {"qkv": n, "gate_up": m}."""
+    """Swap (per instance) the forward of every fusable attention and gated MLP for the fused-matmul forward; returns
+    {"qkv": n, "gate_up": m}."""
     counts = {"qkv": 0, "gate_up": 0}
     for module in model.modules():
-        if getattr(module, "_fast_kernel", False) or getattr(module, "_fused_proj", False):
+        if getattr(module, "_fused_proj", False):
             continue
         if _fusable_attention(module):
             swap_forward(module, fused_attention_forward, "_fused_proj")

@@ -10,7 +10,6 @@ and the elementwise part runs in place (`ce_grad_inplace`, compiled on CUDA). Th
 from __future__ import annotations
 
 import functools
-import importlib.util
 
 import torch
 import torch.nn.functional as F
@@ -23,11 +22,6 @@ DEFAULT_CHUNK = 2048
 VOCAB_ALIGN = 128
 #: bytes of matmul-dtype logits per chunk in the padded path (512 MiB = 8.4k rows of a 32k bf16 vocabulary).
 DEFAULT_LOGITS_BUDGET = 512 * 2**20
-
-
-def liger_available() -> bool:
-    """True when liger-kernel (and hence Triton) can be imported."""
-    return importlib.util.find_spec("liger_kernel") is not None and importlib.util.find_spec("triton") is not None
 
 
 def _row_weights(labels: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:

@@ -8,7 +8,6 @@ Safety rules (each decision and its reason lands in the returned report):
   layer itself, outside the compiled forward); in other layers per-linear hooks gather each weight, which dynamo
   cannot trace, so they stay eager.
 - PEFT/LoRA: a tower whose layers hold LoRA modules is not compiled; fused projections only touch plain linears.
-- liger kernels only where layers are not compiled (inductor fuses the same work inside compiled layers).
 """
 from __future__ import annotations
 
@@ -35,7 +34,6 @@ from .cross_entropy import (
     fsdp2_unsharded_weight,
     zero3_partitioned_head,
 )
-from .fast_kernels import disable_fast_kernels, enable_fast_kernels
 
 logger = logging.getLogger(__name__)
 
@@ -50,14 +48,12 @@ class TrainSpeedups:
     compile_layers: regional torch.compile of every decoder / ViT layer (one graph per layer class), with `backend`,
         `compile_mode` / `compile_options`; gradient checkpointing is traced into the compiled graph.
     fuse_projections: q/k/v and gate/up as one matmul each inside compiled layers.
-    fast_kernels: liger RMSNorm / SwiGLU / RoPE kernels on modules outside compiled layers.
     ckpt_skip_llm_layers: leave the last N checkpointed LLM layers un-checkpointed (about 0.6 GiB per layer at
         8 x 1024 tokens on the `mid` model).
     """
 
     compile_layers: bool = True
     fuse_projections: bool = True
-    fast_kernels: bool = True
     ckpt_skip_llm_layers: int = 0
     backend: str = "inductor"
     compile_mode: str | None = None
@@ -90,14 +86,13 @@ def set_ckpt_skip(model: nn.Module, skip_last: int) -> int:
 def apply_train_speedups(model: nn.Module, opts: TrainSpeedups | None = None, *, zero3: bool | None = None,
                          device: torch.device | str | None = None, allow_cpu: bool = False) -> dict[str, Any]:
     """Turn on the fast paths of `opts` that are safe for `model` on `device` (default: its first parameter's), after
-    gradient checkpointing is configured. Returns a report: {"device", "compiled": {class: n}, "fused", "fast_kernels",
+    gradient checkpointing is configured. Returns a report: {"device", "compiled": {class: n}, "fused",
     "ckpt_skipped": n, "skipped": [why]}."""
     opts = opts or TrainSpeedups()
     first = next(model.parameters(), None)
     dev = torch.device(device) if device is not None else (first.device if first is not None else torch.device("cpu"))
     zero3 = bool(is_deepspeed_zero3_enabled()) if zero3 is None else zero3
-    report: dict[str, Any] = {"device": str(dev), "compiled": {}, "fused": {}, "fast_kernels": {}, "ckpt_skipped": 0,
-                              "skipped": []}
+    report: dict[str, Any] = {"device": str(dev), "compiled": {}, "fused": {}, "ckpt_skipped": 0, "skipped": []}
     if dev.type != "cuda" and not allow_cpu:
         report["skipped"].append("not on CUDA: plain eager path")
         return report
@@ -125,39 +120,13 @@ def apply_train_speedups(model: nn.Module, opts: TrainSpeedups | None = None, *,
     if compile_on:
         report["compiled"] = compile_layers(model, backend=opts.backend, mode=opts.compile_mode,
                                             skip=skip, options=opts.compile_options)
-    if opts.fast_kernels:
-        # inside compiled layers inductor does this fusion; only the eager parts (skipped towers, final norm) get liger
-        compiled_modules = {id(m) for layer in model.modules() if getattr(layer, "_compiled_layer", False)
-                            for m in layer.modules()}
-        if compiled_modules:
-            eager_parts = [m for name, m in model.named_children() if id(m) not in compiled_modules]
-            counts: Counter = Counter()
-            for part in eager_parts:
-                for sub in _eager_submodules(part, compiled_modules):
-                    counts.update(enable_fast_kernels(sub))
-            report["fast_kernels"] = dict(counts)
-        else:
-            report["fast_kernels"] = enable_fast_kernels(model)
     logger.info("training fast paths: %s", report)
     return report
 
 
-def _eager_submodules(root: nn.Module, compiled: set[int]) -> list[nn.Module]:
-    """The largest submodules of `root` that contain no compiled layer (so liger swaps never land inside one)."""
-    if not any(id(m) in compiled for m in root.modules()):
-        return [root]
-    out: list[nn.Module] = []
-    for child in root.children():
-        if id(child) in compiled:
-            continue
-        out.extend(_eager_submodules(child, compiled))
-    # modules owned directly by root (e.g. a final norm registered on root itself) are reached through children
-    return out
-
-
 def remove_train_speedups(model: nn.Module) -> int:
-    """Undo `apply_train_speedups` (compiled layers, fused projections, liger swaps); checkpoint skips stay."""
-    return uncompile_layers(model) + unfuse_projections(model) + disable_fast_kernels(model)
+    """Undo `apply_train_speedups` (compiled layers, fused projections); checkpoint skips stay."""
+    return uncompile_layers(model) + unfuse_projections(model)
 
 
 def fused_loss_forward(model: nn.Module, model_inputs: dict[str, Any], labels: torch.Tensor, *,

@@ -58,7 +58,6 @@ class ModelArguments:
                                       "in LoRA-wrapped towers).")
     fuse_projections: bool = _arg(True, "CUDA, compiled layers: q/k/v and gate/up as one matmul each (same "
                                         "parameters).")
-    fast_kernels: bool = _arg(True, "CUDA + liger-kernel: fused RMSNorm / SwiGLU / RoPE on the modules not compiled.")
     grad_checkpoint_skip_llm_layers: int = _arg(0, "Leave the last N LLM layers un-checkpointed (faster, more "
                                                    "activation memory).")
     load_in_4bit: bool = _arg(False, "QLoRA: the LLM's linear layers in 4 bit (bitsandbytes); needs --use_llm_lora, "

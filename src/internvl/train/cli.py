@@ -118,7 +118,6 @@ def build_data(data_args: DataTrainingArguments, tokenizer: Any, model_config: A
 def speedups_from_args(model_args: ModelArguments):
     """The training fast paths the flags ask for (`internvl.ops.train_speedups.TrainSpeedups`)."""
     return TrainSpeedups(compile_layers=model_args.compile_layers, fuse_projections=model_args.fuse_projections,
-                         fast_kernels=model_args.fast_kernels,
                          ckpt_skip_llm_layers=model_args.grad_checkpoint_skip_llm_layers if model_args.grad_checkpoint
                          else 0)
 

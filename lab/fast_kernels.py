@@ -1,4 +1,6 @@
-"""Instance-level swap of RMSNorm, SwiGLU-MLP and RoPE forwards for liger-kernel's fused Triton kernels on CUDA.
+"""Instance-level swap of RMSNorm, SwiGLU-MLP and RoPE forwards for liger-kernel's fused Triton kernels on CUDA: the
+lab's session-1 training path (bench variants `s1`, `padded`), which lost to the compiled layers of the trainer
+(`internvl.ops.compile_layers`); liger-kernel is not a dependency of the toolkit.
 
 The un-fused elementwise work of the stock modules (RMSNorm's fp32 upcast, pow, mean, rsqrt, two multiplies; SiLU
 then multiply on the MLP activations) is a large share of a small model's training step; liger fuses each into one
@@ -7,16 +9,21 @@ are untouched; the maths is the HF modules' ("llama" casting).
 """
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import logging
 
 import torch
 from torch import nn
 
-from ..compat import attend_rope, restore_forwards, swap_forward
-from .cross_entropy import liger_available
+from internvl.compat import attend_rope, restore_forwards, swap_forward
 
 logger = logging.getLogger(__name__)
+
+
+def liger_available() -> bool:
+    """True when liger-kernel (and hence Triton) can be imported."""
+    return importlib.util.find_spec("liger_kernel") is not None and importlib.util.find_spec("triton") is not None
 
 
 def _is_rms_norm(module: nn.Module) -> bool:
@@ -145,3 +152,28 @@ def enable_fast_kernels(model: nn.Module, *, allow_cpu: bool = False) -> dict[st
 def disable_fast_kernels(model: nn.Module) -> int:
     """Undo `enable_fast_kernels` (restores the class forwards); returns how many modules were restored."""
     return restore_forwards(model, "_fast_kernel")
+
+
+def enable_outside_compiled(model: nn.Module, *, allow_cpu: bool = False) -> dict[str, int]:
+    """`enable_fast_kernels` on the parts of `model` outside its compiled layers (`internvl.ops.compile_layers`):
+    inside them inductor does the same fusion, and a swap there would break the compiled graph. The whole model when
+    nothing is compiled. Returns how many modules were swapped per kind."""
+    compiled = {id(m) for layer in model.modules() if getattr(layer, "_compiled_layer", False) for m in layer.modules()}
+    if not compiled:
+        return enable_fast_kernels(model, allow_cpu=allow_cpu)
+    counts = dict.fromkeys(_SWAPS, 0)
+    for part in _eager_submodules(model, compiled):
+        for kind, n in enable_fast_kernels(part, allow_cpu=allow_cpu).items():
+            counts[kind] += n
+    return counts
+
+
+def _eager_submodules(root: nn.Module, compiled: set[int]) -> list[nn.Module]:
+    """The largest submodules of `root` that contain no compiled layer."""
+    if not any(id(m) in compiled for m in root.modules()):
+        return [root]
+    out: list[nn.Module] = []
+    for child in root.children():
+        if id(child) not in compiled:
+            out.extend(_eager_submodules(child, compiled))
+    return out
