@@ -23,8 +23,7 @@ setup(
     packages=find_packages("src"),
     include_package_data=True,
     package_data={
-        "internvl": ["model/presets/*.json", "templates/*.json", "data/prompts/*.yaml", "demo/strings.json",
-                     "testing/*.json"],
+        "internvl": ["model/presets/*.json", "templates/*.json", "data/prompts/*.yaml", "demo/strings.json"],
         "medrega_eval": ["benchmarks/*.yaml"],
     },
     install_requires=read_requirements(),

@@ -1,4 +1,4 @@
-"""The per-test restore of process-global state (internvl/testing/global_state.py) undoes what tests leave behind."""
+"""The per-test restore of process-global state (tests/conftest.py) undoes what tests leave behind."""
 from __future__ import annotations
 
 import os
@@ -8,13 +8,11 @@ import torch
 from transformers.integrations import HfDeepSpeedConfig, is_deepspeed_zero3_enabled
 from transformers.integrations import deepspeed as hf_deepspeed
 
-from internvl.testing.global_state import deepspeed_config_registered, global_state_restored
-
 ZERO3 = {"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1, "train_batch_size": 1,
          "gradient_accumulation_steps": 1}
 
 
-def test_environment_and_torch_defaults_are_restored():
+def test_environment_and_torch_defaults_are_restored(global_state_restored):
     before_env, threads = dict(os.environ), torch.get_num_threads()
     with global_state_restored():
         os.environ["MEDREGA_STATE_PROBE"] = "1"
@@ -30,7 +28,7 @@ def test_environment_and_torch_defaults_are_restored():
     assert torch.get_num_threads() == threads and torch.get_float32_matmul_precision() == "highest"
 
 
-def test_a_live_deepspeed_config_is_dropped_after_the_test():
+def test_a_live_deepspeed_config_is_dropped_after_the_test(global_state_restored, deepspeed_config_registered):
     with global_state_restored():
         keep_alive = HfDeepSpeedConfig(dict(ZERO3))  # still referenced after the block, as a leaked one would be
         assert is_deepspeed_zero3_enabled()
@@ -38,7 +36,8 @@ def test_a_live_deepspeed_config_is_dropped_after_the_test():
     del keep_alive
 
 
-def test_a_half_built_deepspeed_config_is_dropped_after_the_test(monkeypatch):
+def test_a_half_built_deepspeed_config_is_dropped_after_the_test(monkeypatch, global_state_restored,
+                                                                 deepspeed_config_registered):
     """What a fresh machine without deepspeed hit: HfDeepSpeedConfig registers itself, then its version check fails;
     the failing test's traceback keeps the object alive and every later ZeRO-3 query raised AttributeError."""
     def missing(name: str, *args, **kwargs) -> None:

@@ -3,7 +3,6 @@ import json
 
 import pytest
 
-from internvl.testing.helpers import build_tiny_bert_dir
 from medrega_eval import cli
 from medrega_eval.metrics.model_based import bertscore
 from medrega_eval.metrics.text import MetricUnavailable
@@ -12,7 +11,7 @@ WORDS = "no pleural effusion the heart is normal left lung mass small right larg
 
 
 @pytest.fixture(scope="module")
-def tiny_bert(tmp_path_factory):
+def tiny_bert(tmp_path_factory, build_tiny_bert_dir):
     return build_tiny_bert_dir(tmp_path_factory.mktemp("bert"), WORDS, num_layers=2)
 
 

@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 import torch
 
-from internvl.testing.helpers import build_tiny_bert_dir
 from medrega_eval import cli
 from medrega_eval.metrics import meteor as M
 from medrega_eval.metrics.model_based import bertscore
@@ -126,7 +125,7 @@ WORDS = "no pleural effusion the heart is normal left lung mass small right larg
 
 
 @pytest.fixture(scope="module")
-def tiny_bert(tmp_path_factory):
+def tiny_bert(tmp_path_factory, build_tiny_bert_dir):
     return build_tiny_bert_dir(tmp_path_factory.mktemp("bert"), WORDS, num_layers=3)
 
 

@@ -10,7 +10,6 @@ from internvl.data.prompts import LANGS, get_prompt
 from internvl.inference import GenerationRequest, Generator
 from internvl.regional_cot import RegionalCotGenerator, split_question
 from internvl.regions import Box, Region, format_regions, parse_regions
-from internvl.testing.helpers import write_eval_benchmark
 from medrega_eval import cli
 
 BOX_ANSWER = "<ref>liver</ref><box>[[10, 20, 300, 400]]</box>, <ref>spleen</ref><box>[[600, 100, 700, 300]]</box>"
@@ -76,7 +75,7 @@ def test_split_question_keeps_image_and_preamble_in_head():
 
 
 @pytest.fixture
-def setup(tmp_path, tiny_model, tiny_tokenizer):
+def setup(tmp_path, tiny_model, tiny_tokenizer, write_eval_benchmark):
     rng = np.random.default_rng(0)
     rows = [{"id": f"box{i}" if i < 2 else "plain", "image": f"{i}.png", "width": 32, "height": 24,
              "conversations": [{"from": "human", "value": EN_Q}, {"from": "gpt", "value": "yes"}]} for i in range(3)]

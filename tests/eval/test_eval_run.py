@@ -9,14 +9,13 @@ import numpy as np
 import pytest
 
 from internvl.inference import Generator
-from internvl.testing.helpers import write_eval_benchmark
 from medrega_eval import cli
 
 N = 5
 
 
 @pytest.fixture
-def setup(tmp_path, tiny_model, tiny_tokenizer):
+def setup(tmp_path, tiny_model, tiny_tokenizer, write_eval_benchmark):
     rng = np.random.default_rng(0)
     rows = [{"id": f"s{i}", "image": f"{i}.png", "width": 32, "height": 24, "conversations": [
         {"from": "human", "value": "<image>\nPlease locate the liver in this CT scan."},

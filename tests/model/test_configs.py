@@ -2,14 +2,13 @@
 import json
 
 import pytest
-from internvl.testing import released_style_config_dict
 from transformers import AutoConfig, LlamaConfig
 
 from internvl.model import InternVisionConfig, InternVLChatConfig
 
 
-def test_released_config_loads_unchanged():
-    config = InternVLChatConfig(**released_style_config_dict())
+def test_released_config_loads_unchanged(released_style_config):
+    config = InternVLChatConfig(**released_style_config)
     assert isinstance(config.vision_config, InternVisionConfig)
     assert isinstance(config.llm_config, LlamaConfig)
     assert config.ps_version == "v1"  # missing key means v1, as in the original
@@ -21,16 +20,16 @@ def test_released_config_loads_unchanged():
     assert config.tie_word_embeddings is False and config.llm_config.tie_word_embeddings is False
 
 
-def test_tie_word_embeddings_is_forced_off():
-    data = released_style_config_dict()
+def test_tie_word_embeddings_is_forced_off(released_style_config):
+    data = released_style_config
     data["tie_word_embeddings"] = True
     data["llm_config"]["tie_word_embeddings"] = True
     config = InternVLChatConfig(**data)
     assert config.tie_word_embeddings is False and config.llm_config.tie_word_embeddings is False
 
 
-def test_llm_model_type_from_architectures():
-    data = released_style_config_dict()
+def test_llm_model_type_from_architectures(released_style_config):
+    data = released_style_config
     del data["llm_config"]["model_type"]
     assert isinstance(InternVLChatConfig(**data).llm_config, LlamaConfig)
     data["llm_config"]["architectures"] = ["InternLM2ForCausalLM"]
@@ -57,8 +56,8 @@ def test_original_defaults():
         ({"hidden_size": 65}, "hidden_size"),
     ],
 )
-def test_bad_values_raise(change, message):
-    data = released_style_config_dict()
+def test_bad_values_raise(change, message, released_style_config):
+    data = released_style_config
     for key, value in change.items():
         if isinstance(value, dict):
             data[key].update(value)
@@ -68,8 +67,8 @@ def test_bad_values_raise(change, message):
         InternVLChatConfig(**data)
 
 
-def test_json_round_trip_keeps_original_field_names(tmp_path):
-    config = InternVLChatConfig(**released_style_config_dict())
+def test_json_round_trip_keeps_original_field_names(tmp_path, released_style_config):
+    config = InternVLChatConfig(**released_style_config)
     config.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())
     for key in ("vision_config", "llm_config", "downsample_ratio", "ps_version", "select_layer", "force_image_size",
@@ -83,7 +82,7 @@ def test_json_round_trip_keeps_original_field_names(tmp_path):
     assert again.vision_config.to_dict() == config.vision_config.to_dict()
 
 
-def test_autoconfig_without_remote_code(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps(released_style_config_dict()))
+def test_autoconfig_without_remote_code(tmp_path, released_style_config):
+    (tmp_path / "config.json").write_text(json.dumps(released_style_config))
     config = AutoConfig.from_pretrained(tmp_path, local_files_only=True, trust_remote_code=False)
     assert isinstance(config, InternVLChatConfig)

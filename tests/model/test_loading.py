@@ -4,7 +4,6 @@ import json
 
 import pytest
 import torch
-from internvl.testing import released_style_config_dict
 from safetensors.torch import save_file
 from transformers import AutoModel
 
@@ -18,10 +17,11 @@ from internvl.model.loading import (
 )
 
 
-def _write_released_checkpoint(directory, vocab_size, shards=1):
-    """Write a directory the way the original release did: its config.json + safetensors written by hand."""
+def _write_released_checkpoint(directory, config, vocab_size, shards=1):
+    """Write a directory the way the original release did: its ``config`` (released-style, given ``vocab_size``) as
+    config.json + safetensors written by hand."""
     directory.mkdir(parents=True)
-    config = released_style_config_dict(vocab_size)
+    config["llm_config"]["vocab_size"] = vocab_size
     (directory / "config.json").write_text(json.dumps(config, indent=2))
     torch.manual_seed(3)
     reference = InternVLChatModel(InternVLChatConfig(**config))
@@ -42,8 +42,8 @@ def _write_released_checkpoint(directory, vocab_size, shards=1):
 
 
 @pytest.mark.parametrize("shards", [1, 3])
-def test_released_layout_loads_with_zero_missing_or_unexpected(tmp_path, tiny_tokenizer, shards):
-    state = _write_released_checkpoint(tmp_path / "ckpt", len(tiny_tokenizer), shards)
+def test_released_layout_loads_with_zero_missing_or_unexpected(tmp_path, tiny_tokenizer, released_style_config, shards):
+    state = _write_released_checkpoint(tmp_path / "ckpt", released_style_config, len(tiny_tokenizer), shards)
     model, info = InternVLChatModel.from_pretrained(tmp_path / "ckpt", output_loading_info=True, dtype=torch.float32)
     assert info["missing_keys"] == set() and info["unexpected_keys"] == set() and info["mismatched_keys"] == set()
     loaded = model.state_dict()
@@ -63,16 +63,17 @@ def test_save_pretrained_writes_the_same_layout(tmp_path, tiny_model):
     assert not again.training
 
 
-def test_automodel_loads_without_remote_code(tmp_path, tiny_tokenizer):
-    _write_released_checkpoint(tmp_path / "ckpt", len(tiny_tokenizer))  # config carries an auto_map
+def test_automodel_loads_without_remote_code(tmp_path, tiny_tokenizer, released_style_config):
+    # the released config carries an auto_map
+    _write_released_checkpoint(tmp_path / "ckpt", released_style_config, len(tiny_tokenizer))
     model = AutoModel.from_pretrained(tmp_path / "ckpt", local_files_only=True, trust_remote_code=False)
     assert type(model) is InternVLChatModel
     with pytest.raises(ValueError, match="trust_remote_code"):
         InternVLChatModel.from_pretrained(tmp_path / "ckpt", trust_remote_code=True)
 
 
-def test_bf16_and_device_map(tmp_path, tiny_tokenizer):
-    _write_released_checkpoint(tmp_path / "ckpt", len(tiny_tokenizer))
+def test_bf16_and_device_map(tmp_path, tiny_tokenizer, released_style_config):
+    _write_released_checkpoint(tmp_path / "ckpt", released_style_config, len(tiny_tokenizer))
     model = load_pretrained(tmp_path / "ckpt", dtype="bfloat16", device_map={"": "cpu"})
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     model.img_context_token_id = tiny_tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
@@ -82,8 +83,8 @@ def test_bf16_and_device_map(tmp_path, tiny_tokenizer):
     assert isinstance(out, str)
 
 
-def test_missing_or_unexpected_keys_raise(tmp_path, tiny_tokenizer):
-    state = _write_released_checkpoint(tmp_path / "ckpt", len(tiny_tokenizer))
+def test_missing_or_unexpected_keys_raise(tmp_path, tiny_tokenizer, released_style_config):
+    state = _write_released_checkpoint(tmp_path / "ckpt", released_style_config, len(tiny_tokenizer))
     state.pop("mlp1.3.bias")
     state["mlp1.9.weight"] = torch.zeros(2)
     save_file(state, str(tmp_path / "ckpt" / "model.safetensors"), metadata={"format": "pt"})

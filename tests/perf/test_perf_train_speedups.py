@@ -26,7 +26,6 @@ from internvl.ops.train_speedups import (
     remove_train_speedups,
     set_ckpt_skip,
 )
-from internvl.testing.helpers import shard_like_accelerate
 from internvl.train.build import enable_gradient_checkpointing
 
 IMG = 1000
@@ -230,7 +229,7 @@ def test_fsdp2_layers_compile_and_fuse_with_the_plain_loss_and_gradients(base_mo
 
 @pytest.mark.parametrize("head_unit", ["tail", "reshards"])
 def test_fsdp2_sharded_head_takes_the_fused_loss_with_the_plain_gradients(base_model, single_rank_group, monkeypatch,
-                                                                         head_unit):
+                                                                         shard_like_accelerate, head_unit):
     """Under FSDP2 the LM head is its own unit (`FSDPLinear`, weight a DTensor): the fused loss must still be chosen
     (`fused_head_supported`; it was not, so `ENGINE=fsdp2` built full [tokens, vocab] logits on the GPU) and must read
     the unsharded weight - kept by accelerate's tail unit, gathered again where the unit resharded - so that loss and

@@ -182,10 +182,8 @@ def test_train_output_dir_that_is_a_file_or_the_model(tmp_path: Path, base_dir: 
 
 
 @pytest.fixture
-def eval_setup(tmp_path, tiny_model, tiny_tokenizer):
+def eval_setup(tmp_path, tiny_model, tiny_tokenizer, write_eval_benchmark):
     import numpy as np
-
-    from internvl.testing.helpers import write_eval_benchmark
 
     rows = [{"id": f"s{i}", "image": f"{i}.png", "conversations": [
         {"from": "human", "value": "<image>\nIs this normal?"}, {"from": "gpt", "value": "yes"}]} for i in range(3)]

@@ -3,6 +3,7 @@ removed), is named and the newest good checkpoint is resumed instead; explicit r
 checkpoint is refused with exit code 2; rotation never deletes the newest good checkpoint."""
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import subprocess
@@ -17,7 +18,7 @@ from internvl.train.manifest import MANIFEST_NAME, merge_manifests, rank_of, ver
 from internvl.train.trainer import MedRegTrainer
 
 from .test_train_cli_resume import ROOT, cli_args, env
-from .test_train_guards import IndexedDataset, collate
+from .test_train_guards import IndexedDataset
 from .test_train_trainer_core import args, tiny_llama
 from internvl.testing.square_task import write_square_dataset
 
@@ -45,9 +46,10 @@ def remove(path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
+def run_dir(tmp_path_factory, pad_text_batch) -> Path:
     """A real run directory with checkpoint-2 and checkpoint-4 written by MedRegTrainer."""
     out = tmp_path_factory.mktemp("run")
+    collate = functools.partial(pad_text_batch, extra_keys=("sample_index",))
     trainer = MedRegTrainer(model=tiny_llama(), train_dataset=IndexedDataset(16), data_collator=collate,
                             args=args(out, learning_rate=1e-2, max_steps=4, save_strategy="steps", save_steps=2))
     trainer.train()

@@ -4,6 +4,7 @@ skips the step, counted, up to a limit), is never logged as 0.0, and no non-fini
 The non-finite steps are made on purpose: a forward hook on the embedding returns NaN on chosen micro-batches."""
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -15,7 +16,6 @@ import torch
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from internvl.testing.helpers import pad_text_batch
 from internvl.testing.square_task import write_square_dataset
 from internvl.train import checkpoint as ckpt
 from internvl.train.arguments import parse_args
@@ -43,10 +43,6 @@ class IndexedDataset(torch.utils.data.Dataset):
         return f"records.jsonl:{i + 1}"
 
 
-def collate(batch: list[dict]) -> dict[str, torch.Tensor]:
-    return pad_text_batch(batch, extra_keys=("sample_index",))
-
-
 def poisoned_model(bad_calls: set[int] | None = None, from_call: int | None = None):
     """tiny Llama whose embedding output is NaN on the given (1-based) forward calls."""
     model = tiny_llama()
@@ -70,15 +66,21 @@ class Snapshots(TrainerCallback):
         self.weights.append(model.lm_head.weight.detach().clone())
 
 
-def make_trainer(tmp_path, model, **kw) -> MedRegTrainer:
-    base = dict(learning_rate=1e-2, max_grad_norm=1.0, max_steps=4, logging_steps=1)
-    base.update(kw)
-    return MedRegTrainer(model=model, args=args(tmp_path, **base), train_dataset=IndexedDataset(16),
-                         data_collator=collate)
+@pytest.fixture
+def make_trainer(tmp_path, pad_text_batch):
+    """A MedRegTrainer of ``model`` over 16 indexed samples, writing to ``tmp_path``; ``kw`` overrides arguments."""
+
+    def make(model, **kw) -> MedRegTrainer:
+        base = dict(learning_rate=1e-2, max_grad_norm=1.0, max_steps=4, logging_steps=1)
+        base.update(kw)
+        return MedRegTrainer(model=model, args=args(tmp_path, **base), train_dataset=IndexedDataset(16),
+                             data_collator=functools.partial(pad_text_batch, extra_keys=("sample_index",)))
+
+    return make
 
 
-def test_stop_names_step_and_records_and_saves_nothing_nonfinite(tmp_path):
-    trainer = make_trainer(tmp_path, poisoned_model({3}), save_strategy="steps", save_steps=1,
+def test_stop_names_step_and_records_and_saves_nothing_nonfinite(tmp_path, make_trainer):
+    trainer = make_trainer(poisoned_model({3}), save_strategy="steps", save_steps=1,
                            per_device_train_batch_size=2, gradient_accumulation_steps=2)
     with pytest.raises(NonFiniteError) as info:
         trainer.train()
@@ -91,9 +93,9 @@ def test_stop_names_step_and_records_and_saves_nothing_nonfinite(tmp_path):
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())  # stopped before the update
 
 
-def test_skip_drops_the_update_counts_it_and_logs_nan_not_zero(tmp_path):
+def test_skip_drops_the_update_counts_it_and_logs_nan_not_zero(make_trainer):
     snaps = Snapshots()
-    trainer = make_trainer(tmp_path, poisoned_model({2}), on_nonfinite="skip", max_nonfinite_steps=3)
+    trainer = make_trainer(poisoned_model({2}), on_nonfinite="skip", max_nonfinite_steps=3)
     trainer.add_callback(snaps)
     trainer.train()
     assert trainer.guard.skipped_steps == [2]
@@ -114,21 +116,21 @@ def test_skip_window_loss_leaves_skipped_steps_out():
     assert guard.window_loss(5.0, step=2, previous_log_step=0) == 5.0
 
 
-def test_skip_limit_stops_the_run(tmp_path):
-    trainer = make_trainer(tmp_path, poisoned_model(from_call=2), on_nonfinite="skip", max_nonfinite_steps=2,
+def test_skip_limit_stops_the_run(make_trainer):
+    trainer = make_trainer(poisoned_model(from_call=2), on_nonfinite="skip", max_nonfinite_steps=2,
                            max_steps=6)
     with pytest.raises(NonFiniteError, match=r"optimizer step 4: .*after 2 skipped steps"):
         trainer.train()
     assert trainer.guard.skipped_steps == [2, 3]
 
 
-def test_a_nonfinite_model_is_never_saved(tmp_path):
+def test_a_nonfinite_model_is_never_saved(tmp_path, make_trainer):
     model = tiny_llama()
     with torch.no_grad():
         model.model.layers[1].mlp.up_proj.weight[0, 0] = float("inf")
     with pytest.raises(NonFiniteError, match="model.layers.1.mlp.up_proj.weight"):
         assert_finite_model(model, "checkpoint-3")
-    trainer = make_trainer(tmp_path, model)
+    trainer = make_trainer(model)
     trainer.state.global_step = 3
     with pytest.raises(NonFiniteError, match="refusing to save checkpoint-3"):
         trainer._save_checkpoint(trainer.model, None)
@@ -163,8 +165,8 @@ def test_cli_learning_rate_1e6_stops_with_step_and_record_ids(tmp_path, tiny_tok
     assert "'loss': '0'" not in result.stdout and "'loss': 0.0" not in result.stdout
 
 
-def test_checkpoints_of_a_training_run_carry_a_verified_manifest(tmp_path):
-    trainer = make_trainer(tmp_path, tiny_llama(), save_strategy="steps", save_steps=2)
+def test_checkpoints_of_a_training_run_carry_a_verified_manifest(tmp_path, make_trainer):
+    trainer = make_trainer(tiny_llama(), save_strategy="steps", save_steps=2)
     trainer.train()
     for _, path in ckpt.list_checkpoints(tmp_path):
         files = json.loads((path / "manifest.json").read_text())["files"]

@@ -12,7 +12,6 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from internvl.ops.cross_entropy import causal_lm_loss, loss_items
-from internvl.testing.helpers import pad_text_batch
 from internvl.train import checkpoint as ckpt
 from internvl.train.arguments import MedRegTrainingArguments
 from internvl.train.lora import has_lora, load_lora_run, merge_lora, save_lora_run, wrap_llm_lora
@@ -40,10 +39,6 @@ def make_samples(n: int, seed: int = 1) -> list[dict[str, list[int]]]:
     return out
 
 
-def collate(batch: list[dict]) -> dict[str, torch.Tensor]:
-    return pad_text_batch(batch)
-
-
 class ListDataset(torch.utils.data.Dataset):
     def __init__(self, samples):
         self.samples = samples
@@ -65,7 +60,7 @@ def args(tmp_path, **kw) -> MedRegTrainingArguments:
     return MedRegTrainingArguments(**base)
 
 
-def test_loss_is_per_token_across_gradient_accumulation(tmp_path):
+def test_loss_is_per_token_across_gradient_accumulation(tmp_path, pad_text_batch):
     """bs=4 x GA=1 and bs=1 x GA=4 must give the same update when every token weighs the same."""
     samples = make_samples(4)
     results = []
@@ -73,7 +68,7 @@ def test_loss_is_per_token_across_gradient_accumulation(tmp_path):
         model = tiny_llama()
         trainer = MedRegTrainer(model=model, args=args(tmp_path / f"{bs}_{ga}", per_device_train_batch_size=bs,
                                                        gradient_accumulation_steps=ga),
-                                train_dataset=ListDataset(samples), data_collator=collate)
+                                train_dataset=ListDataset(samples), data_collator=pad_text_batch)
         trainer.train()
         results.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
     reference = tiny_llama()
@@ -114,13 +109,13 @@ def test_length_grouped_sampler_is_a_seeded_permutation_of_sorted_groups():
     assert list(sampler) != first
 
 
-def test_checkpoints_are_published_atomically(tmp_path):
+def test_checkpoints_are_published_atomically(tmp_path, pad_text_batch):
     """A save that dies half-way leaves no checkpoint-N; the previous complete one stays the latest."""
     out = tmp_path / "run"
     model = tiny_llama()
     trainer = MedRegTrainer(model=model, args=args(out, max_steps=4, save_strategy="steps", save_steps=2,
                                                    learning_rate=1e-3, optim="adamw_torch"),
-                            train_dataset=ListDataset(make_samples(16)), data_collator=collate)
+                            train_dataset=ListDataset(make_samples(16)), data_collator=pad_text_batch)
     original = trainer._save_rng_state
 
     def dying_save(output_dir):

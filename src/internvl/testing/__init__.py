@@ -1,7 +1,6 @@
 """Builders the tests, the lab's GPU checks and users' own tests share, made from code in seconds (no downloads):
-tiny tokenizers, a released-style config, a toy dataset. Their pytest fixtures are in `internvl.testing.fixtures`."""
-from .model import released_style_config_dict
+a tiny tokenizer and a toy dataset. Their pytest fixtures are in `internvl.testing.fixtures`."""
 from .square_task import write_square_dataset
 from .tokenizer import build_tiny_tokenizer_dir
 
-__all__ = ["build_tiny_tokenizer_dir", "released_style_config_dict", "write_square_dataset"]
+__all__ = ["build_tiny_tokenizer_dir", "write_square_dataset"]
