@@ -58,8 +58,9 @@ class ModelArguments:
                                       "in LoRA-wrapped towers).")
     fuse_projections: bool = _arg(True, "CUDA, compiled layers: q/k/v and gate/up as one matmul each (same "
                                         "parameters).")
-    grad_checkpoint_skip_llm_layers: int = _arg(0, "Leave the last N LLM layers un-checkpointed (faster, more "
-                                                   "activation memory).")
+    grad_checkpoint_skip_llm_layers: int = _arg(0, "Leave the last N LLM layers un-checkpointed (more "
+                                                   "activation memory; N=2 measured slower with compiled layers, "
+                                                   "docs/performance.md).")
     load_in_4bit: bool = _arg(False, "QLoRA: the LLM's linear layers in 4 bit (bitsandbytes); needs --use_llm_lora, "
                                      "one process per GPU, no DeepSpeed.")
     bnb_4bit_quant_type: Literal["nf4", "fp4"] = _arg("nf4", "4-bit data type with --load_in_4bit.")
