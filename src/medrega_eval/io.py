@@ -115,6 +115,7 @@ def _json_list_items(text: str) -> Iterable[tuple[int, Any]]:
     decoder = LimitedJSONDecoder()
     pos = text.index("[") + 1
     n = len(text)
+    line, counted = 1, 0  # line numbers counted incrementally: one pass over the text, not one per item
     while True:
         while pos < n and text[pos] in " \t\r\n,":
             pos += 1
@@ -122,7 +123,8 @@ def _json_list_items(text: str) -> Iterable[tuple[int, Any]]:
             raise json.JSONDecodeError("unterminated list", text, pos)
         if text[pos] == "]":
             return
-        line = text.count("\n", 0, pos) + 1
+        line += text.count("\n", counted, pos)
+        counted = pos
         item, pos = decoder.decode_at(text, pos)
         yield line, item
 

@@ -65,3 +65,22 @@ def test_append_jsonl_appends_whole_lines(tmp_path):
     append_jsonl(p, [{"id": 2, "prediction": "x"}])
     assert [json.loads(line)["id"] for line in p.read_text(encoding="utf-8").splitlines()] == [1, 2]
     assert "胸腔" in p.read_text(encoding="utf-8")
+
+
+def test_json_list_line_numbers_take_one_pass_over_the_text():
+    """Line numbers of a JSON-list file are counted incrementally: the newline counting scans the text once in all,
+    not from the start for every item (quadratic on a large prediction file)."""
+    from medrega_eval.io import _json_list_items
+
+    class CountingText(str):
+        scanned = 0
+
+        def count(self, sub, start=0, end=None):
+            CountingText.scanned += (len(self) if end is None else end) - start
+            return super().count(sub, start, end)
+
+    items = [{"question_id": i, "pred_answer": "x" * 20} for i in range(300)]
+    text = CountingText(json.dumps(items, indent=1))
+    lines = [line for line, _ in _json_list_items(text)]
+    assert lines[:2] == [2, 6] and lines[-1] == 2 + 4 * 299  # indent=1: four lines per item
+    assert CountingText.scanned <= len(text)
