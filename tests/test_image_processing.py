@@ -126,3 +126,12 @@ def test_placeholder_expansion() -> None:
         expand_image_placeholders("<image> q", [1, 1], 256)
     with pytest.raises(ValueError, match="0 <image>"):
         expand_image_placeholders("q", [1], 256)
+
+
+def test_settings_from_a_dict_config_are_honoured():
+    """A config.json read as a dict gives the same settings as the config object (docs/foundations.md)."""
+    from internvl.image_processing import ImageSettings
+
+    settings = ImageSettings.from_config({"force_image_size": 32, "dynamic_image_size": True, "max_dynamic_patch": 4})
+    assert (settings.image_size, settings.dynamic_image_size, settings.max_dynamic_patch) == (32, True, 4)
+    assert ImageSettings.from_config({"vision_config": {"image_size": 64}}).image_size == 64

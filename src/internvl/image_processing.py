@@ -5,7 +5,8 @@ bicubic resize is what its ``Resize`` calls for PIL input. Rules: docs/foundatio
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+import types
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,10 +40,13 @@ class ImageSettings:
 
     @classmethod
     def from_config(cls, config: Any) -> "ImageSettings":
-        """From an ``InternVLChatConfig`` or any object with these field names (the size from ``force_image_size``,
-        ``image_size`` or ``vision_config.image_size``)."""
+        """From an ``InternVLChatConfig``, a dict or any object with these field names (the size from
+        ``force_image_size``, ``image_size`` or ``vision_config.image_size``)."""
         if isinstance(config, ImageSettings):
             return config
+        if isinstance(config, Mapping):  # a config.json read as a dict (its vision_config a dict too)
+            vision = config.get("vision_config")
+            config = types.SimpleNamespace(**{**config, "vision_config": types.SimpleNamespace(**(vision or {}))})
         size = (getattr(config, "force_image_size", None) or getattr(config, "image_size", None)
                 or getattr(getattr(config, "vision_config", None), "image_size", None) or DEFAULT_IMAGE_SIZE)
         values = {f.name: type(f.default)(value) for f in dataclasses.fields(cls)
