@@ -13,15 +13,9 @@ import pytest
 from PIL import Image, ImageDraw
 
 from internvl.regions import box_to_pixels, parse_regions
+from medrega_demo_records import demo_records
 
-FIXTURES = Path(__file__).parent / "fixtures"
-DEMO_JSONL = FIXTURES / "medrega_demo.jsonl"
 IMAGE_PREFIX = "./demo_data/images/"
-
-
-def demo_records() -> list[dict]:
-    """The 11 demo records as dicts (image paths as in the original file)."""
-    return [json.loads(line) for line in DEMO_JSONL.read_text(encoding="utf-8").splitlines()]
 
 
 def draw_record_image(record: dict) -> Image.Image:

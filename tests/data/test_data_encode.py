@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import demo_records
+from medrega_demo_records import demo_records
 
 from internvl.constants import IGNORE_INDEX, IMG_CONTEXT_TOKEN
 from internvl.data.encode import EncodeError, apply_prompt_order, encode_conversation, make_token_length
