@@ -93,3 +93,21 @@ def test_unknown_role_is_a_template_error_naming_the_message():
     tpl = get_template("Hermes-2")
     with pytest.raises(TemplateError, match=r"message 1: unknown role 'system'"):
         tpl.render([{"role": "user", "content": "a"}, {"role": "system", "content": "b"}])
+
+
+@pytest.mark.parametrize(("content", "reason"), [
+    ("{not json", "not a template file"),
+    ('{"name": "x"}', "KeyError"),
+    ('{"name": "x", "system_template": "S", "system_message": "", "roles": {"user": "U", "assistant": "A"}, '
+     '"sep": "|\\n", "label_sep": "|", "stop_strings": ["|"]}', "system_message"),
+    ('{"name": "x", "system_template": "{system_message}", "system_message": "", "roles": {"user": "U", '
+     '"assistant": "A"}, "sep": "|\\n", "label_sep": "#", "stop_strings": ["|"]}', "label_sep must be a prefix"),
+])
+def test_a_bad_template_file_is_a_template_error_naming_it(tmp_path, content, reason) -> None:
+    """A user-added ``templates/*.json`` that breaks the layout or the renderer's invariants names its file."""
+    from internvl.templates import _load_file
+
+    path = tmp_path / "mine.json"
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(TemplateError, match=rf"internvl/templates/mine\.json: .*{reason}"):
+        _load_file(path)

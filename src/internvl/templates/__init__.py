@@ -18,7 +18,7 @@ _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "ass
 
 
 class TemplateError(ValueError):
-    """An unknown template name, or a message with a role the template does not know."""
+    """An unknown template name, a bad template file, or a message with a role the template does not know."""
 
 
 def normalize_messages(messages: Sequence[Mapping[str, str]]) -> list[tuple[str, str]]:
@@ -50,8 +50,7 @@ class ChatTemplate:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "ChatTemplate":
-        """Build from the JSON layout of ``templates/*.json`` (shipped files; their invariants are checked by
-        tests/test_templates.py: ``label_sep`` a prefix of ``sep``, ``{system_message}`` in the system template)."""
+        """Build from the JSON layout of ``templates/*.json`` (files are checked where they load, ``_load_file``)."""
         return cls(name=data["name"], system_template=data["system_template"], system_message=data["system_message"],
                    user_role=data["roles"]["user"], assistant_role=data["roles"]["assistant"], sep=data["sep"],
                    label_sep=data["label_sep"], stop_strings=tuple(data["stop_strings"]),
@@ -84,11 +83,30 @@ class ChatTemplate:
         return text + self.assistant_role if add_generation_prompt else text
 
 
+def _load_file(path: Any) -> ChatTemplate:
+    """One template file; :class:`TemplateError` naming it when it is not valid JSON in the layout, or breaks what
+    the renderer relies on (``label_sep`` a prefix of ``sep``, a ``{system_message}`` slot, non-empty stop strings)."""
+    where = f"internvl/templates/{path.name}"
+    try:
+        tpl = ChatTemplate.from_dict(json.loads(path.read_text(encoding="utf-8")))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise TemplateError(f"{where}: not a template file ({type(exc).__name__}: {exc})") from None
+    if not tpl.sep.startswith(tpl.label_sep) or "{system_message}" not in tpl.system_template:
+        raise TemplateError(f"{where}: label_sep must be a prefix of sep and system_template needs {{system_message}}")
+    if not tpl.stop_strings or not all(isinstance(stop, str) and stop for stop in tpl.stop_strings):
+        raise TemplateError(f"{where}: stop_strings must be a non-empty list of non-empty strings")
+    return tpl
+
+
 @lru_cache(maxsize=None)
 def _load_all() -> dict[str, ChatTemplate]:
-    files = sorted(p for p in resources.files(__package__).iterdir() if p.name.endswith(".json"))
-    templates = [ChatTemplate.from_dict(json.loads(p.read_text(encoding="utf-8"))) for p in files]
-    return {t.name: t for t in templates}
+    templates: dict[str, ChatTemplate] = {}
+    for path in sorted(p for p in resources.files(__package__).iterdir() if p.name.endswith(".json")):
+        tpl = _load_file(path)
+        if tpl.name in templates:
+            raise TemplateError(f"internvl/templates/{path.name}: a second template named {tpl.name!r}")
+        templates[tpl.name] = tpl
+    return templates
 
 
 def get_template(name: str) -> ChatTemplate:
