@@ -173,6 +173,8 @@ def test_pixel_boxes_are_normalised_with_the_region_module():
         ("classify_single", dict(modality="CT", options=["a", "b"], label="a", target="bones"), "unknown target 'bones'"),
         ("report_iuxray", dict(impression="x"), "needs 'findings'"),
         ("nonexistent_task", dict(), "unknown task"),
+        ("vqa_open", dict(question="q?", answer="a", width=0, height=5), "width must be a positive integer"),
+        ("vqa_open", dict(question="q?", answer="a", width=5, height=512.5), "height must be a positive integer"),
     ],
 )
 def test_bad_fields_raise_prompt_errors(task, fields, match):

@@ -461,8 +461,10 @@ def build_record(task: str, lang: str = "en", *, image: str | Sequence[str] | No
         record["id"] = id
     if b.images:
         record["image"] = b.images[0] if isinstance(image, str) else b.images
-    for name, value in (("width", width), ("height", height)):  # checked with the record (RecordChecker)
+    for name, value in (("width", width), ("height", height)):
         if value is not None:
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise PromptError(f"{b.where}: {name} must be a positive integer, got {value!r}")
             record[name] = value
     human = _join_turn(base, q, len(b.images), b.where)
     record["conversations"] = [{"from": "human", "value": human}, {"from": "gpt", "value": ans}]
