@@ -81,15 +81,15 @@ def test_build_app_wires_every_element(tiny_model, tiny_tokenizer):
 
 def test_regional_cot_toggle_draws_step_one_regions(tiny_model, tiny_tokenizer, monkeypatch):
     """With the Regional CoT toggle the engine goes through `internvl.regional_cot.RegionalCotGenerator` (the same
-    two steps as `medrega-eval run --regional-cot`); the step-one regions are drawn after the answer's own, labelled
-    "step 1"."""
+    two steps as `medrega-eval run --regional-cot`) with its prompts in the page language; the step-one regions are
+    drawn after the answer's own, labelled "step 1"."""
     from internvl.regional_cot import CotAnswer, RegionalCotGenerator
     from internvl.regions import Box, Region
 
     calls = []
 
-    def fake_cot(self, requests):
-        calls.append((self.generator, requests))
+    def fake_cot(self, requests, langs=None):
+        calls.append((self.generator, requests, langs))
         return [CotAnswer(answer="<ref>liver</ref><box>[[100, 100, 500, 500]]</box>",
                           regions=[Region("liver", [Box(90, 90, 520, 510)])], step_one_answer="a1")]
 
@@ -98,6 +98,7 @@ def test_regional_cot_toggle_draws_step_one_regions(tiny_model, tiny_tokenizer, 
     session = Session(image=_image())
     _, rows, _ = ask(engine, session, task="text_to_region", lang="zh", objects="liver", cot=True)
     assert len(calls) == 1 and calls[0][0] is engine.generator and len(calls[0][1]) == 1
+    assert calls[0][2] == ["zh"]  # the page language, not a guess from the (English) object name
     assert [row["name"] for row in rows] == ["liver", "第一步：liver"]
     assert session.history[-1][1].startswith("<ref>liver</ref>")
 

@@ -37,6 +37,17 @@ class ScriptedGenerator:
                 for r in requests]
 
 
+def test_given_languages_override_the_guess():
+    """The demo passes its page language: a Chinese page asking in English gets the Chinese locate and answer
+    prompts; without `langs` the language is guessed from the text (English here)."""
+    zh_locate = get_prompt("regional_cot_locate", "zh").questions[0].split("{")[0]
+    guessed, given = ScriptedGenerator(), ScriptedGenerator()
+    RegionalCotGenerator(guessed).generate_batch([GenerationRequest(EN_Q, id="box")])
+    RegionalCotGenerator(given).generate_batch([GenerationRequest(EN_Q, id="box")], ["zh"])
+    assert zh_locate not in guessed.calls[0][0] and zh_locate in given.calls[0][0]
+    assert any("\u4e00" <= ch <= "\u9fff" for ch in given.calls[1][0].split("Is the liver")[0])
+
+
 @pytest.mark.parametrize("task", ["regional_cot_locate", "regional_cot_answer"])
 def test_registry_has_both_languages(task):
     en, zh = (get_prompt(task, lang) for lang in LANGS)

@@ -42,16 +42,17 @@ class DemoEngine:
         self.generator = Generator(model, tokenizer, settings or GenerationSettings(), batch_size=1)
         self._lock = threading.Lock()
 
-    def answer(self, image: Image.Image, prompt: str, history: list[tuple[str, str]], *, cot: bool = False
-               ) -> tuple[str, list, list[Region]]:
+    def answer(self, image: Image.Image, prompt: str, history: list[tuple[str, str]], *, cot: bool = False,
+               lang: str | None = None) -> tuple[str, list, list[Region]]:
         """(answer text, new history, step-one regions) for ``prompt`` after ``history`` ((question, answer) pairs).
-        ``cot``: Regional CoT, as `medrega-eval run --regional-cot`; the history keeps the user's own prompt."""
+        ``cot``: Regional CoT, as `medrega-eval run --regional-cot`, with its prompts in ``lang`` (the page language;
+        None: guessed from the prompt); the history keeps the user's own prompt."""
         if not history and IMAGE_PLACEHOLDER not in prompt:
             prompt = IMAGE_PLACEHOLDER + "\n" + prompt  # kept in the history: later turns find the image there
         request = GenerationRequest(prompt, images=[image], history=list(history))
         with self._lock, torch.inference_mode():
             if cot:
-                result = RegionalCotGenerator(self.generator).generate_batch([request])[0]
+                result = RegionalCotGenerator(self.generator).generate_batch([request], [lang] if lang else None)[0]
                 text, step_one = result.answer, list(result.regions)
             else:
                 text, step_one = self.generator.generate_batch([request])[0], []
@@ -142,7 +143,7 @@ def ask(engine: DemoEngine, session: Session, *, task: str, lang: str, question:
     check_prompt_budget(generator.model, generator.tokenizer, prompt, session.history,
                         generator.settings.max_new_tokens)
     t0 = time.perf_counter()
-    answer, session.history, step_one = engine.answer(session.image, prompt, session.history, cot=cot)
+    answer, session.history, step_one = engine.answer(session.image, prompt, session.history, cot=cot, lang=lang)
     seconds = time.perf_counter() - t0
     found = [r for r in parse_regions(answer, strict=False) if r.boxes]  # a name without a box draws nothing
     query = [Region(region_name_label(answer, found), [query_box])] if task == "region_to_text" and query_box else []
