@@ -201,3 +201,13 @@ def test_label_boxes_are_tight_and_cover_every_labelled_pixel(labels, mode):
         assert covered[mask].all()
         if mode == "label":
             assert len(value_boxes) == 1
+
+
+def test_a_window_that_is_not_centre_width_numbers_is_a_convert_error(tmp_path):
+    from internvl.data.convert import ConvertError
+
+    labels = np.zeros((4, 4, 2), dtype=np.int16)
+    nib.save(nib.Nifti1Image(labels, np.eye(4)), tmp_path / "v_seg.nii.gz")
+    nib.save(nib.Nifti1Image(labels.astype(np.float32), np.eye(4)), tmp_path / "v.nii.gz")
+    with pytest.raises(ConvertError, match=r"--window '40,abc': expected a preset name or 'centre,width'"):
+        convert_masks(tmp_path / "v_seg.nii.gz", tmp_path / "v.nii.gz", window="40,abc")

@@ -211,7 +211,10 @@ def convert_masks(masks: str | Path, images_dir: str | Path, *, mask_suffix: str
         label_names = read_label_names(names) if names else {}
     except (OSError, ValueError) as exc:
         raise ConvertError(f"{names}: cannot read label names: {exc}") from exc
-    centre_width = tuple(float(v) for v in window.split(",")) if window and "," in window else window
+    try:
+        centre_width = tuple(float(v) for v in window.split(",")) if window and "," in window else window
+    except ValueError:
+        raise ConvertError(f"--window {window!r}: expected a preset name or 'centre,width' numbers") from None
     conv = Conversion("masks", **options)
     for image_path, mask_path in pairs:
         file = str(mask_path)
