@@ -106,6 +106,8 @@ def test_check_too_long_with_a_real_tokenizer(dataset, tiny_tokenizer_dir, capsy
     assert out[0].startswith(f"{path}:2: too-long: ") and "> max_length 320" in out[0]
     assert main([*args, "--max-length", "100000"]) == 0
     assert main(["check", str(path), "--max-length", "10"]) == 2  # no tokenizer: a one-line usage error
+    assert main(args) == 2  # a tokenizer without --max-length would be unused: a usage error, not silence
+    assert "--tokenizer is only used with --max-length" in capsys.readouterr().err
 
 
 def test_check_meta_file_with_two_datasets(dataset, tmp_path, capsys):

@@ -25,6 +25,8 @@ __all__ = ["main", "build_parser"]
 def _token_length_factory(args: argparse.Namespace) -> Callable[[str], Callable[[dict], int]] | None:
     """``base_prompt -> token_length`` using the encoder and a local tokenizer, or None without --max-length."""
     if args.max_length is None:
+        if args.tokenizer:
+            raise UsageError("--tokenizer is only used with --max-length N (the token-length check)")
         return None
     if not args.tokenizer:
         raise UsageError("--max-length needs --tokenizer DIR (a local tokenizer directory)")
