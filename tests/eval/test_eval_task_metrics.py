@@ -151,3 +151,27 @@ def test_coco_map50():
     half = R.coco_map50([ref[0], _boxes("a[[500, 500, 600, 600]]")], ref)
     assert 0.4 < half < 0.6
     assert R.coco_map50([[], []], ref) == 0.0
+
+
+def test_score_records_refuses_an_unknown_language_naming_the_record():
+    """Library callers build PredictionRecords themselves: a language other than en/zh is a ScoreInputError naming
+    the record, for every task (it was silently the Chinese tokenizer for VQA and a KeyError for reports)."""
+    from medrega_eval.io import PredictionRecord, ScoreInputError
+    from medrega_eval.score import ScoreConfig, score_records
+
+    rec = PredictionRecord(id="1", prediction="the liver", reference="liver", source="f.jsonl:3", lang="fr")
+    for task in ("vqa", "report", "region2text"):
+        with pytest.raises(ScoreInputError, match=r"f\.jsonl:3: lang must be 'en' or 'zh', got 'fr'"):
+            score_records([rec], ScoreConfig(task=task))
+
+
+def test_cider_without_any_reference_token_is_unavailable_not_a_crash():
+    """pycocoevalcap's CIDEr takes max() over the references' document frequencies: with no reference token in the
+    file it crashed; the report now scores the rest and says why CIDEr is missing."""
+    from medrega_eval.io import PredictionRecord
+    from medrega_eval.score import ScoreConfig, score_records
+
+    rec = PredictionRecord(id="1", prediction="a small effusion", reference="...", source="f.jsonl:1", lang="en")
+    result = score_records([rec], ScoreConfig(task="report", metrics=("bleu1", "cider")))
+    assert result.metrics["cider"] is None and "reference with a token" in result.unavailable["cider"]
+    assert result.metrics["bleu1"] is not None

@@ -183,7 +183,11 @@ def coco_bleu(candidates: Sequence[Sequence[str]], references: Sequence[Sequence
 
 def coco_cider(candidates: Sequence[Sequence[str]], references: Sequence[Sequence[Sequence[str]]]
                ) -> tuple[float, list[float]]:
-    """CIDEr-D exactly as pycocoevalcap reports it (document frequencies from this corpus's references, x10)."""
+    """CIDEr-D exactly as pycocoevalcap reports it (document frequencies from this corpus's references, x10).
+    MetricUnavailable when no reference has a token (pycocoevalcap divides by the largest document frequency)."""
+    if candidates and not any(tokens for refs in references for tokens in refs):
+        raise MetricUnavailable("CIDEr needs at least one reference with a token (every reference is empty or "
+                                "punctuation only)")
     return _coco_score(Cider(), candidates, references)
 
 
