@@ -107,6 +107,8 @@ def liger_causal_lm_loss(hidden_states: torch.Tensor, lm_head: torch.nn.Module, 
     shift_labels = labels.to(hidden_states.device)[:, 1:]
     keep = shift_labels != IGNORE_INDEX
     rows, targets = hidden_states[:, :-1][keep], shift_labels[keep]
+    if rows.shape[0] == 0:  # no supervised row: an exact zero that keeps the graph, as causal_lm_loss gives
+        return (hidden_states.sum() * 0.0 + lm_head.weight.sum() * 0.0).float()
     loss = LigerFusedLinearCrossEntropyFunction.apply(rows, lm_head.weight, targets, lm_head.bias, None, IGNORE_INDEX)
     return loss[0] if isinstance(loss, tuple) else loss
 

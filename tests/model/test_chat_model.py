@@ -201,6 +201,16 @@ def test_chat_prompt_and_history(tiny_model, tiny_tokenizer, monkeypatch):
     assert f"<|im_start|>assistant\n{answer}<|im_end|>" in second
 
 
+def test_chat_with_an_empty_history_list_saves_the_image_placeholder(tiny_model, tiny_tokenizer):
+    """The usual loop starts with `history = []`: the saved first question carries the `<image>` its prompt had, so
+    the next turn with the same image works."""
+    pv = torch.randn(1, 3, 56, 56)
+    answer, history = tiny_model.chat(tiny_tokenizer, pv, "describe", GEN, history=[], return_history=True)
+    assert history == [("<image>\ndescribe", answer)]
+    _, history = tiny_model.chat(tiny_tokenizer, pv, "and the liver?", GEN, history=history, return_history=True)
+    assert [q for q, _ in history] == ["<image>\ndescribe", "and the liver?"]
+
+
 def test_chat_keeps_image_placeholder_position(tiny_model, tiny_tokenizer, monkeypatch):
     seen = {}
     original = tiny_model.generate

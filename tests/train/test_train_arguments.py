@@ -48,6 +48,21 @@ def test_run_config_round_trips(tmp_path):
     assert again[2].max_steps == 7 and again[2].warmup_steps == 0.05 and again[2].output_dir == "out"
 
 
+def test_a_run_config_of_the_previous_version_replays(tmp_path):
+    """Removed flags at their old defaults (an earlier version's run_config.json lists every flag) are dropped; one
+    set to anything else is an error naming the file and the flag, since that run cannot be repeated."""
+    args = parse_args(["--preset", "tiny", "--tokenizer_path", "tok", *BASE])
+    config = resolved_config(*args, extra={"world_size": 1})
+    config["model"].update(fast_kernels=True, lm_loss_impl="auto", model_dtype="auto")
+    path = tmp_path / "run_config.json"
+    path.write_text(json.dumps(config))
+    assert parse_args([str(path)])[0] == args[0]
+    config["model"]["model_dtype"] = "bfloat16"
+    path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"run_config\.json: sets flags this version removed \(--model_dtype"):
+        parse_args([str(path)])
+
+
 def test_yaml_config_flat_or_grouped_like_run_config(tmp_path):
     flat = tmp_path / "flat.yaml"
     flat.write_text("model_name_or_path: ckpt\nmeta_path: m.json\noutput_dir: out\nuse_cpu: true\nuse_llm_lora: 8\n")

@@ -81,7 +81,7 @@ class ChatMixin:
         """Answer one question (optionally continuing `history`) about the tiles in pixel_values [T,3,S,S], through
         `batch_chat`; num_patches_list: tiles per image, in `<image>` order (default: one image of all T tiles).
         Returns the answer, or (answer, new history) with `return_history`."""
-        if pixel_values is not None and history is None and IMAGE_PLACEHOLDER not in question:
+        if pixel_values is not None and not history and IMAGE_PLACEHOLDER not in question:
             question = IMAGE_PLACEHOLDER + "\n" + question
         if num_patches_list is None:
             num_patches_list = [pixel_values.shape[0]] if pixel_values is not None else []

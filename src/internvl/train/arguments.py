@@ -133,6 +133,24 @@ class MedRegTrainingArguments(TrainingArguments):
 ARGUMENT_CLASSES = (ModelArguments, DataTrainingArguments, MedRegTrainingArguments)
 
 
+#: flags a `run_config.json` of an earlier version may hold: their old default, and what became of them.
+REMOVED_FLAGS: dict[str, tuple[Any, str]] = {
+    "fast_kernels": (True, "the liger kernels moved to the performance lab (lab/fast_kernels.py)"),
+    "lm_loss_impl": ("auto", "the trainer always runs the measured 'auto' loss kernel"),
+    "model_dtype": ("auto", "weights are bf16 with --bf16 under DeepSpeed/QLoRA, else fp32"),
+}
+
+
+def _drop_removed_flags(flat: dict[str, Any], source: str) -> dict[str, Any]:
+    """`flat` without the removed flags that hold their old default (so an earlier run's config replays);
+    `ValueError` naming the file for one set to anything else, since the run it records cannot be repeated."""
+    changed = {k: flat[k] for k, (default, _) in REMOVED_FLAGS.items() if k in flat and flat[k] != default}
+    if changed:
+        why = "; ".join(f"--{k} {v!r}: {REMOVED_FLAGS[k][1]}" for k, v in changed.items())
+        raise ValueError(f"{source}: sets flags this version removed ({why}); remove them to run without")
+    return {k: v for k, v in flat.items() if k not in REMOVED_FLAGS}
+
+
 def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataTrainingArguments, MedRegTrainingArguments]:
     """Parse `argv` (default: sys.argv[1:]) into the three argument groups and check them together.
 
@@ -145,7 +163,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataTrain
         text = Path(argv[0]).read_text(encoding="utf-8")
         raw = json.loads(text) if argv[0].endswith(".json") else yaml.safe_load(text)
         flat = {**raw.get("model", {}), **raw.get("data", {}), **raw.get("training", {})} if "model" in raw else raw
-        model_args, data_args, training_args = parser.parse_dict(flat, allow_extra_keys=False)
+        model_args, data_args, training_args = parser.parse_dict(_drop_removed_flags(flat, argv[0]),
+                                                                 allow_extra_keys=False)
     else:
         model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     validate_args(model_args, data_args, training_args)
