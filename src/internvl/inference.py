@@ -18,8 +18,8 @@ from internvl.constants import IMG_CONTEXT_TOKEN
 from internvl.data.images import load_image
 from internvl.image_processing import images_to_pixel_values
 
-__all__ = ["DistInfo", "GenerationRequest", "GenerationSettings", "Generator", "ModelLoadError", "default_dtype",
-           "init_distributed", "load_model_and_tokenizer"]
+__all__ = ["DistInfo", "GenerationRequest", "GenerationSettings", "Generator", "ModelLoadError", "batch_order",
+           "default_dtype", "init_distributed", "load_model_and_tokenizer"]
 
 
 class ModelLoadError(RuntimeError):
@@ -147,6 +147,13 @@ def load_model_and_tokenizer(path: str | os.PathLike, dtype: str | torch.dtype |
     return model, tokenizer
 
 
+def batch_order(requests: Sequence[GenerationRequest], batch_size: int) -> list[list[int]]:
+    """Request indices in batches of `batch_size`, sorted by (image count, prompt length) so that a batch pads
+    little: the one batching rule of `Generator.iter_generate` and `medrega-eval run`'s retrying loop."""
+    order = sorted(range(len(requests)), key=lambda i: (len(requests[i].images), len(requests[i].prompt)))
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+
+
 class Generator:
     """Batched generation over `GenerationRequest`s with a model's `batch_chat`, `batch_size` requests per pass."""
 
@@ -179,9 +186,7 @@ class Generator:
 
     def iter_generate(self, requests: Sequence[GenerationRequest]) -> Iterator[list[tuple[int, str]]]:
         """Yield [(request index, answer), ...] one batch at a time (for progress bars and crash-safe writing)."""
-        order = sorted(range(len(requests)), key=lambda i: (len(requests[i].images), len(requests[i].prompt)))
-        for start in range(0, len(order), self.batch_size):
-            idx = order[start : start + self.batch_size]
+        for idx in batch_order(requests, self.batch_size):
             yield list(zip(idx, self.generate_batch([requests[i] for i in idx])))
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[str]:

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from internvl.data.images import ImageLoadError
 from internvl.data.records import RecordProblem, read_jsonl
-from internvl.inference import (DistInfo, GenerationRequest, Generator, default_dtype, init_distributed,
+from internvl.inference import (DistInfo, GenerationRequest, Generator, batch_order, default_dtype, init_distributed,
                                 load_model_and_tokenizer)
 from internvl.io_safety import append_jsonl, atomic_write_text, check_output_dir
 from internvl.regional_cot import CotAnswer, RegionalCotGenerator
@@ -170,8 +170,7 @@ def generate_benchmark(bench: Benchmark, generator: Any, cfg: RunConfig, info: D
 
 def _safe_batches(generator: Any, requests: list, errors_path: Path, rank: int):
     """Batches of (index, text); a failing batch is retried one request at a time, failures logged, not fatal."""
-    order = sorted(range(len(requests)), key=lambda i: (len(requests[i].images), len(requests[i].prompt)))
-    queue = [order[start : start + generator.batch_size] for start in range(0, len(order), generator.batch_size)]
+    queue = batch_order(requests, generator.batch_size)
     while queue:
         idx = queue.pop(0)
         try:
