@@ -13,6 +13,7 @@ logits and loss, seq x vocab x 10 bytes; a trainable ViT adds its own checkpoint
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 from dataclasses import dataclass
 
@@ -162,6 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--offload", action="store_true", help="ZeRO-3 with optimizer+param CPU offload")
     parser.add_argument("--vocab", type=int, default=None, help="LLM vocabulary (default: the preset's)")
     args = parser.parse_args(argv)
+    if importlib.util.find_spec("deepspeed") is None:  # the ZeRO-3 estimator is DeepSpeed's
+        print("lab.memory_plan needs DeepSpeed: pip install -e '.[train]'", file=sys.stderr)
+        return 2
     counts, config = count_params(args.preset, args.lora_rank, args.vocab)
     print(f"preset {args.preset}: ViT {counts.vision / 1e9:.2f}B, projector {counts.mlp / 1e9:.3f}B, "
           f"LLM {counts.llm / 1e9:.2f}B, total {counts.total / 1e9:.2f}B; LoRA r={args.lora_rank} on the LLM "
