@@ -15,10 +15,10 @@ from pathlib import Path
 from internvl.cli_support import UsageError, add_generation_arguments, positive_int, run_cli
 from internvl.io_safety import check_output_dir
 from internvl.offline import enforce_offline
-from medrega_eval.benchmarks import Benchmark, MissingData, data_dir_from, load_registry, reference_labels
+from medrega_eval.benchmarks import Benchmark, MissingData, data_dir_from, load_registry, reference_options
 from medrega_eval.io import ScoreInputError, read_predictions
 from medrega_eval.report import OUTPUT_FILES, protocol_info, write_outputs
-from medrega_eval.score import SUBTYPES, TASKS, TOP_METRICS, ScoreConfig, score_records, summarize
+from medrega_eval.score import SUBTYPES, TASKS, TOP_METRICS, ScoreConfig, record_lang, score_records, summarize
 
 __all__ = ["main", "build_parser"]
 
@@ -93,8 +93,10 @@ def _pred_files(pred: Path) -> list[Path]:
 def _score_config(args: argparse.Namespace, bench: Benchmark | None, records: list) -> ScoreConfig:
     """The command line's settings over the --benchmark's (its task, language, subtype, options, metrics)."""
     cfg = bench.score_config() if bench else ScoreConfig(task=args.task)
-    if cfg.options == "from_references":
-        cfg.options = reference_labels([r.reference for r in records], args.multilabel or cfg.multilabel)
+    if cfg.options == "from_references" and not args.options:  # per language, as `run` scores the split
+        lang_cfg = dataclasses.replace(cfg, lang=args.lang if args.lang != "auto" else cfg.lang)
+        cfg.options = reference_options([(record_lang(r, lang_cfg), r.reference) for r in records],
+                                        args.multilabel or cfg.multilabel)
     given = {"task": args.task, "lang": args.lang if args.lang != "auto" else None, "subtype": args.subtype,
              "options": args.options and [o.strip() for o in args.options.split(",") if o.strip()],
              "metrics": args.metrics and [m.strip() for m in args.metrics.split(",")],

@@ -23,7 +23,7 @@ from internvl.inference import (DistInfo, GenerationRequest, Generator, batch_or
                                 load_model_and_tokenizer)
 from internvl.io_safety import append_jsonl, atomic_write_text, check_output_dir
 from internvl.regional_cot import CotAnswer, RegionalCotGenerator
-from medrega_eval.benchmarks import Benchmark, Sample, load_samples, reference_labels
+from medrega_eval.benchmarks import Benchmark, Sample, load_samples, reference_options
 from medrega_eval.io import problem_at, read_predictions
 from medrega_eval.report import protocol_info, write_outputs
 from medrega_eval.score import score_records, summarize
@@ -206,9 +206,7 @@ def score_benchmark(bench: Benchmark, samples: Sequence[Sample], problems: Seque
     score_cfg = bench.score_config(compat=cfg.compat, bertscore_model=cfg.bertscore_model,
                                    bertscore_layer=cfg.bertscore_layer)
     if score_cfg.options == "from_references":  # per language: the split's samples know theirs
-        langs = dict.fromkeys(s.lang or "en" for s in samples)
-        score_cfg.options = {lang: reference_labels([s.reference for s in samples if (s.lang or "en") == lang],
-                                                    bench.multilabel) for lang in langs}
+        score_cfg.options = reference_options([(s.lang or "en", s.reference) for s in samples], bench.multilabel)
     result = score_records(records, score_cfg, all_problems)
     result.counts["benchmark_samples"] = len(samples)
     result.counts["missing_predictions"] = len(missing)

@@ -78,3 +78,27 @@ def test_bad_registry_entries_name_the_file(tmp_path):
     bad.write_text("benchmarks: [\n")
     with pytest.raises(BenchmarkError, match=r"bad.yaml:\d+: invalid YAML"):
         load_registry([bad])
+
+
+def test_options_from_references_are_per_language_for_run_and_score(tmp_path):
+    """`options: from_references` gives one label list per language, the same for `run` and `score --benchmark`;
+    `score --options` overrides it."""
+    from medrega_eval import cli
+    from medrega_eval.benchmarks import reference_options
+    from medrega_eval.io import PredictionRecord
+
+    pairs = [("en", "pneumonia"), ("zh", "肺炎"), ("en", "normal, pneumonia"), ("en", "normal")]
+    assert reference_options(pairs, multilabel=False) == {"en": ["pneumonia", "normal, pneumonia", "normal"],
+                                                          "zh": ["肺炎"]}
+    assert reference_options(pairs, multilabel=True) == {"en": ["pneumonia", "normal"], "zh": ["肺炎"]}
+    yml = tmp_path / "b.yaml"
+    yml.write_text("benchmarks:\n  my_cls:\n    task: classification\n    annotation: c.jsonl\n"
+                   "    options: from_references\n", encoding="utf-8")
+    records = [PredictionRecord(id=str(i), prediction="x", reference=ref, source=f"p.jsonl:{i}", lang=lang)
+               for i, (lang, ref) in enumerate(pairs[:2])]
+    base = ["score", "--pred", "p.jsonl", "--out", "o", "--benchmark", "my_cls", "--benchmark-file", str(yml)]
+    bench = load_registry([yml])["my_cls"]
+    cfg = cli._score_config(cli.build_parser().parse_args(base), bench, records)
+    assert cfg.options == {"en": ["pneumonia"], "zh": ["肺炎"]}
+    cfg = cli._score_config(cli.build_parser().parse_args([*base, "--options", "a,b"]), bench, records)
+    assert cfg.options == ["a", "b"]

@@ -6,7 +6,7 @@ docs/evaluation.md ("Benchmarks") documents every key. The data dir is --data-di
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,7 @@ from medrega_eval.metrics.text import has_cjk
 from medrega_eval.score import REPORT_METRICS, SUBTYPES, TASKS, ScoreConfig
 
 __all__ = ["Benchmark", "BenchmarkError", "MissingData", "Sample", "load_registry", "data_dir_from", "load_samples",
-           "reference_labels"]
+           "reference_options"]
 
 HERE = Path(__file__).resolve().parent
 
@@ -150,10 +150,14 @@ def load_registry(extra_files: Sequence[str | Path] = ()) -> dict[str, Benchmark
     return registry
 
 
-def reference_labels(references: Sequence[str], multilabel: bool) -> list[str]:
-    """The distinct reference labels in first-seen order (`options: from_references`); multilabel splits on ","."""
-    labels = [label.strip() for ref in references for label in (ref.split(",") if multilabel else [ref])]
-    return list(dict.fromkeys(label for label in labels if label))
+def reference_options(references: Iterable[tuple[str, str]], multilabel: bool) -> dict[str, list[str]]:
+    """`options: from_references` for (language, reference) pairs: per language, the distinct reference labels in
+    first-seen order (multilabel references split on ","). The one rule of `run` and `score --benchmark`."""
+    by_lang: dict[str, dict[str, None]] = {}
+    for lang, ref in references:
+        labels = by_lang.setdefault(lang, {})
+        labels.update(dict.fromkeys(x.strip() for x in (ref.split(",") if multilabel else [ref]) if x.strip()))
+    return {lang: list(labels) for lang, labels in by_lang.items()}
 
 
 def data_dir_from(arg: str | Path | None) -> Path | None:
