@@ -44,6 +44,10 @@ class PredictionRecord:
     options: list[str] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:  # the file loader reports this as a FILE:LINE problem before building one
+        if self.lang not in (None, "en", "zh"):
+            raise ScoreInputError(f"{self.source}: lang must be 'en' or 'zh', got {self.lang!r}")
+
 
 # optional record fields: (check, what the error message says they must be)
 _OPTIONAL_FIELDS = {

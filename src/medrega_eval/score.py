@@ -394,9 +394,6 @@ def score_records(records: Sequence[PredictionRecord], cfg: ScoreConfig,
     cfg.validate()
     result = ScoreResult(metrics={}, details={}, rows=[], problems=list(problems))
     records = list(records)
-    for r in records:  # the file loader checks this too; library callers build records themselves
-        if r.lang not in (None, "en", "zh"):
-            raise ScoreInputError(f"{r.source}: lang must be 'en' or 'zh', got {r.lang!r}")
     if cfg.compat == "medrega":  # the original scored tag-free answers (decoded with skip_special_tokens)
         records = [dataclasses.replace(r, prediction=remove_region_tags(r.prediction)) for r in records]
     result.counts["empty_predictions"] = sum(not r.prediction.strip() for r in records)

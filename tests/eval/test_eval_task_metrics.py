@@ -155,13 +155,14 @@ def test_coco_map50():
 
 def test_score_records_refuses_an_unknown_language_naming_the_record():
     """Library callers build PredictionRecords themselves: a language other than en/zh is a ScoreInputError naming
-    the record, for every task (it was silently the Chinese tokenizer for VQA and a KeyError for reports)."""
+    the record (checked by the record itself), for every task (it was silently the Chinese tokenizer for VQA and a
+    KeyError for reports)."""
     from medrega_eval.io import PredictionRecord, ScoreInputError
     from medrega_eval.score import ScoreConfig, score_records
 
-    rec = PredictionRecord(id="1", prediction="the liver", reference="liver", source="f.jsonl:3", lang="fr")
     for task in ("vqa", "report", "region2text"):
         with pytest.raises(ScoreInputError, match=r"f\.jsonl:3: lang must be 'en' or 'zh', got 'fr'"):
+            rec = PredictionRecord(id="1", prediction="the liver", reference="liver", source="f.jsonl:3", lang="fr")
             score_records([rec], ScoreConfig(task=task))
 
 
