@@ -280,7 +280,6 @@ def run_recipe_case(case: RecipeCase, config, *, batch: int, seq: int, steps: in
         model, shape = build_recipe_model(config, model_args, dtype)
         place_frozen_towers(model, args)  # as medrega-train: under FSDP the frozen towers are replicated by default
         clock = StepClock(warmup)
-        cudnn_sdpa = torch.backends.cuda.cudnn_sdp_enabled()  # the trainer turns it off for DeepCompile
         trainer = MedRegTrainer(model=model, args=args, train_dataset=_Samples(data),
                                 data_collator=_collate, group_by_length=False,
                                 fused_lm_loss=model_args.fused_lm_loss, speedups=speedups_from_args(model_args),
@@ -289,7 +288,6 @@ def run_recipe_case(case: RecipeCase, config, *, batch: int, seq: int, steps: in
         try:
             trainer.train()
         finally:
-            torch.backends.cuda.enable_cudnn_sdp(cudnn_sdpa)  # also after a failed case
             release_deepspeed_config(args)
             if engine.fsdp and not cuda:
                 AcceleratorState._reset_state(reset_partial_state=True)

@@ -323,6 +323,7 @@ def test_engine_preparation_for_deepcompile_and_deepspeed_builds(monkeypatch):
         config = SimpleNamespace(config={"compile": {"deepcompile": True}})
         stand_in = SimpleNamespace(args=SimpleNamespace(deepspeed="ds.json", hf_deepspeed_config=config, fsdp=None,
                                                         use_cpu=True), _cudnn_sdpa_off=False)
+        stand_in._restore_engine = lambda: MedRegTrainer._restore_engine(stand_in)
         MedRegTrainer._prepare_engine(stand_in)
         assert os.environ["TORCH_CUDA_ARCH_LIST"] == "9.0"
         assert stand_in._cudnn_sdpa_off and not torch.backends.cuda.cudnn_sdp_enabled()
@@ -331,5 +332,25 @@ def test_engine_preparation_for_deepcompile_and_deepspeed_builds(monkeypatch):
         config.config = {}  # no DeepCompile: cuDNN attention untouched
         MedRegTrainer._prepare_engine(stand_in)
         assert torch.backends.cuda.cudnn_sdp_enabled() and not stand_in._cudnn_sdpa_off
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(before)
+
+
+def test_a_failed_train_gives_back_cudnn_attention(tmp_path, monkeypatch):
+    """What `_prepare_engine` switched off for the process (cuDNN attention under DeepCompile) comes back when
+    `train()` raises, not only at a normal train end."""
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    trainer = MedRegTrainer(model=torch.nn.Linear(2, 2), args=args(tmp_path), train_dataset=ListDataset([]))
+    try:
+        torch.backends.cuda.enable_cudnn_sdp(False)
+        trainer._cudnn_sdpa_off = True
+
+        def fail(self, *a, **kw):
+            raise RuntimeError("step failed")
+
+        monkeypatch.setattr(MedRegTrainer.__mro__[1], "train", fail)
+        with pytest.raises(RuntimeError, match="step failed"):
+            trainer.train()
+        assert torch.backends.cuda.cudnn_sdp_enabled() and not trainer._cudnn_sdpa_off
     finally:
         torch.backends.cuda.enable_cudnn_sdp(before)

@@ -93,9 +93,7 @@ class RunCallback(TrainerCallback):
         if model is not None and self.report is not None:
             remove_train_speedups(model)
             self.report = None
-        if self.trainer._cudnn_sdpa_off:
-            torch.backends.cuda.enable_cudnn_sdp(True)
-            self.trainer._cudnn_sdpa_off = False
+        self.trainer._restore_engine()
 
     def on_epoch_begin(self, args, state, control, **kwargs):
         if hasattr(self.trainer.train_dataset, "set_epoch"):
@@ -149,6 +147,19 @@ class MedRegTrainer(trainer_base()):
         if self.args.fsdp and self.args.use_cpu:
             fsdp_on_cpu(self)
             logger.info("FSDP2 on the CPU (gloo): accelerate's FSDP plugin installed for this run")
+
+    def _restore_engine(self) -> None:
+        """Undo `_prepare_engine`'s process-wide switch (torch's cuDNN attention), at train end or when train fails."""
+        if self._cudnn_sdpa_off:
+            torch.backends.cuda.enable_cudnn_sdp(True)
+            self._cudnn_sdpa_off = False
+
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        """`Trainer.train`; a failed run also gives back what `_prepare_engine` switched off for the process."""
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            self._restore_engine()
 
     def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
         """Takes the bookkeeping keys (sample indices, build-time skips) off the batch, then trains as usual."""
