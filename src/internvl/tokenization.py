@@ -18,7 +18,7 @@ from internvl.constants import (BOX_END, BOX_START, CHATML_TOKENS, ENDOFTEXT_TOK
 
 __all__ = ["SPECIAL_TOKENS", "REGION_TAGS", "TokenizerError", "add_special_tokens", "decode_answer", "save_tokenizer",
            "tokenizer_behaviour", "PROBE_TEXTS", "resize_embeddings_mean", "load_tokenizer",
-           "train_sentencepiece_tokenizer", "check_single_token_ids"]
+           "train_sentencepiece_tokenizer", "check_single_token_ids", "token_id"]
 
 # Order as in the original constants.py (ids follow it when all nine are new).
 SPECIAL_TOKENS: tuple[str, ...] = (IMG_START_TOKEN, IMG_END_TOKEN, IMG_CONTEXT_TOKEN, QUAD_START, QUAD_END, REF_START,
@@ -192,8 +192,9 @@ def _write_json(path: Path, data: object) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def _token_id(tokenizer, token: str) -> int | None:
-    """The id of ``token`` if the tokenizer knows it as one token, else None."""
+def token_id(tokenizer, token: str) -> int | None:
+    """The id of ``token`` if the tokenizer knows it as one token, else None (the one such check: special-token
+    ids for encoding, chat stop ids, the answer decoding policy)."""
     token_id = tokenizer.convert_tokens_to_ids(token)
     if not isinstance(token_id, int) or (token_id == tokenizer.unk_token_id and token != tokenizer.unk_token):
         return None
@@ -204,8 +205,8 @@ def _answer_drop_ids(tokenizer) -> set[int]:
     """Ids :func:`decode_answer` removes: every special token and every known control token, except the region tags."""
     drop = set(tokenizer.all_special_ids)
     drop.update(int(i) for i, tok in tokenizer.added_tokens_decoder.items() if tok.special)
-    drop.update(i for i in (_token_id(tokenizer, tok) for tok in _CONTROL_TOKENS) if i is not None)
-    drop.difference_update(i for i in (_token_id(tokenizer, tok) for tok in REGION_TAGS) if i is not None)
+    drop.update(i for i in (token_id(tokenizer, tok) for tok in _CONTROL_TOKENS) if i is not None)
+    drop.difference_update(i for i in (token_id(tokenizer, tok) for tok in REGION_TAGS) if i is not None)
     return drop
 
 
@@ -215,7 +216,7 @@ def decode_answer(tokenizer, ids: Iterable[int] | torch.Tensor, *, separator: st
     file's ``special`` flags; cut before the first ``separator`` (id or text) and stripped."""
     ids = ids.tolist() if isinstance(ids, torch.Tensor) else [int(i) for i in ids]
     if separator:
-        sep_id = _token_id(tokenizer, separator)
+        sep_id = token_id(tokenizer, separator)
         if sep_id is not None and sep_id in ids:
             ids = ids[: ids.index(sep_id)]
     drop = _answer_drop_ids(tokenizer)

@@ -17,6 +17,7 @@ from internvl.constants import IGNORE_INDEX, IMAGE_PLACEHOLDER, IMG_CONTEXT_TOKE
 from internvl.data.records import image_paths
 from internvl.image_processing import expand_image_placeholders
 from internvl.templates import ChatTemplate, get_template
+from internvl.tokenization import token_id
 from internvl.user_text import neutralize_control_tokens
 
 __all__ = ["EncodeError", "EncodedSample", "apply_prompt_order", "encode_conversation", "make_token_length"]
@@ -78,10 +79,10 @@ def apply_prompt_order(conversations: Sequence[Mapping[str, Any]], num_images: i
 
 
 def _token_ids(tokenizer: Any, token: str) -> int:
-    tid = tokenizer.convert_tokens_to_ids(token)
-    if tid is None or tid == tokenizer.unk_token_id or tokenizer.convert_ids_to_tokens(tid) != token:
+    tid = token_id(tokenizer, token)
+    if tid is None:
         raise EncodeError(f"tokenizer does not have {token!r} as a single token; call internvl.tokenization.add_special_tokens")
-    return int(tid)
+    return tid
 
 
 def encode_conversation(conversations: Sequence[Mapping[str, Any]], tokenizer: Any, *,

@@ -16,7 +16,7 @@ from transformers import GenerationConfig
 from ..constants import IMAGE_PLACEHOLDER, IMG_CONTEXT_TOKEN
 from ..image_processing import expand_image_placeholders
 from ..templates import ChatTemplate, get_template
-from ..tokenization import decode_answer
+from ..tokenization import decode_answer, token_id
 from ..user_text import neutralize_control_tokens
 from .devices import execution_device
 
@@ -29,9 +29,9 @@ def stop_token_ids(tokenizer: Any, template: ChatTemplate) -> list[int]:
     """Ids of the template's stop strings that the tokenizer holds as single tokens (separator first)."""
     ids: list[int] = []
     for text in (template.sep.strip(), *template.stop_strings):
-        token_id = tokenizer.convert_tokens_to_ids(text)
-        if isinstance(token_id, int) and token_id != tokenizer.unk_token_id and token_id not in ids:
-            ids.append(token_id)
+        tid = token_id(tokenizer, text)
+        if tid is not None and tid not in ids:
+            ids.append(tid)
     if not ids:
         raise ValueError(
             f"the tokenizer knows none of the stop tokens of template {template.name!r} "
@@ -126,12 +126,12 @@ class ChatMixin:
         if (pixel_values.shape[0] if pixel_values is not None else 0) != total:
             raise ValueError(f"num_patches_list asks for {total} tiles but pixel_values has "
                              f"{0 if pixel_values is None else pixel_values.shape[0]}")
-        token_id = tokenizer.convert_tokens_to_ids(IMG_CONTEXT_TOKEN)
-        if not isinstance(token_id, int) or token_id == tokenizer.unk_token_id:
+        context_id = token_id(tokenizer, IMG_CONTEXT_TOKEN)
+        if context_id is None:
             raise ValueError(
                 f"the tokenizer has no {IMG_CONTEXT_TOKEN} token; call internvl.tokenization.add_special_tokens first"
             )
-        self.img_context_token_id = token_id
+        self.img_context_token_id = context_id
         template = self._chat_template()
         queries = []
         for question, patches, past in zip(questions, per_sample, histories):
