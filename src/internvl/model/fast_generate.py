@@ -15,7 +15,6 @@ import logging
 from dataclasses import dataclass
 
 import torch
-import torch._dynamo.config as dynamo_config
 from torch import nn
 from transformers import AttentionInterface, AttentionMaskInterface, StaticCache
 from transformers.cache_utils import Cache, StaticLayer
@@ -23,7 +22,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
 from ..compat import attn_implementation, set_attn_implementation
-from ..ops.compile_layers import RECOMPILE_LIMIT_NAME
+from ..ops.compile_layers import raise_recompile_limit
 from ..ops.decode_kernels import attention_kernel_supported, triton_ready
 from ..ops.packed_projections import decoder_layer_groups, pack_decoder, packed_signature
 from .decode_config import AUTO_INDUCTOR_MAX_PARAMS, DecodeConfig
@@ -37,7 +36,7 @@ CACHE_ROUND = 256
 MAX_STATES = 4
 #: tokens between host checks of "all rows finished".
 CHECK_EVERY = 32
-#: dynamo recompile limit (at least) while our decode step runs (one entry per (batch, cache length) shape).
+#: dynamo recompile limit (at least) once a decode step is built (one entry per (batch, cache length) shape).
 RECOMPILE_LIMIT = 64
 #: name under which the grouped-query decode attention is registered with transformers.
 DECODE_ATTN = "internvl_sdpa_gqa_decode"
@@ -321,10 +320,10 @@ class StaticGreedyDecoder:
             core = torch.compile(forward, fullgraph=True, dynamic=False, backend=self.compile_backend,
                                  options={"coordinate_descent_tuning": True} if tuned else None)
 
+        raise_recompile_limit(RECOMPILE_LIMIT)  # once per state, not a config patch per token
+
         def step() -> None:
-            limit = max(getattr(dynamo_config, RECOMPILE_LIMIT_NAME), RECOMPILE_LIMIT)  # restored after the step
-            with dynamo_config.patch(RECOMPILE_LIMIT_NAME, limit):
-                logits = core(st.ids, st.pos, st.packs)
+            logits = core(st.ids, st.pos, st.packs)
             self._record(st, self._select(st, logits.float(), pad_token_id))
 
         return step

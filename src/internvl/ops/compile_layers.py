@@ -28,6 +28,12 @@ _COMPILED: dict[tuple, object] = {}
 RECOMPILE_LIMIT_NAME = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
 
 
+def raise_recompile_limit(limit: int) -> None:
+    """Raise dynamo's per-function recompile limit to at least `limit` for the process (compiled layers and the
+    decode step recompile once per shape; the default 8 would fall back to eager after 8 shapes)."""
+    setattr(torch._dynamo.config, RECOMPILE_LIMIT_NAME, max(getattr(torch._dynamo.config, RECOMPILE_LIMIT_NAME), limit))
+
+
 def _plain_linear(module: object) -> bool:
     return type(module) is nn.Linear
 
@@ -119,7 +125,7 @@ def compile_layers(model: nn.Module, *, backend: str = "inductor", mode: str | N
     """Compile every `GradientCheckpointingLayer` inside `model` (decoder layers, InternViT blocks) per layer class,
     except under the module-name prefixes `skip`; returns {class name: layers compiled}. Raises dynamo's recompile
     limit to at least 64 (eval, checkpointing on/off and new shapes must not fall back to eager)."""
-    setattr(torch._dynamo.config, RECOMPILE_LIMIT_NAME, max(getattr(torch._dynamo.config, RECOMPILE_LIMIT_NAME), 64))
+    raise_recompile_limit(64)
     counts: dict[str, int] = {}
     for name, module in model.named_modules():
         if not isinstance(module, GradientCheckpointingLayer) or getattr(module, "_compiled_layer", False):
