@@ -202,8 +202,13 @@ def _language_match(records: Sequence[PredictionRecord], result: ScoreResult) ->
         result.counts["lang_match_records"] = len(both)
 
 
+def options_in(options: Any, lang: str) -> Any:
+    """The option list for `lang` of a split's `options` (one list, or one list per language)."""
+    return options.get(lang) if isinstance(options, dict) else options
+
+
 def _options_for(rec: PredictionRecord, lang: str, cfg: ScoreConfig) -> list[str] | None:
-    return rec.options or (cfg.options.get(lang) if isinstance(cfg.options, dict) else cfg.options)
+    return rec.options or options_in(cfg.options, lang)
 
 
 def _score_classification(records, cfg, result) -> None:

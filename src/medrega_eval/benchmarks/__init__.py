@@ -16,7 +16,7 @@ import yaml
 from internvl.data.prompts import render_base_prompt
 from internvl.data.records import RecordChecker, RecordProblem, image_paths, read_jsonl, resolve_image
 from medrega_eval.metrics.text import has_cjk
-from medrega_eval.score import REPORT_METRICS, SUBTYPES, TASKS, ScoreConfig
+from medrega_eval.score import REPORT_METRICS, SUBTYPES, TASKS, ScoreConfig, options_in
 
 __all__ = ["Benchmark", "BenchmarkError", "MissingData", "Sample", "load_registry", "data_dir_from", "load_samples",
            "reference_options"]
@@ -86,7 +86,7 @@ class Benchmark:
         spec = dict(self.prompt)
         task = spec.pop("task")
         if self.task == "classification":
-            options = self.options.get(lang) if isinstance(self.options, dict) else self.options
+            options = options_in(self.options, lang)
             spec.setdefault("options", options if isinstance(options, list) else None)  # not from_references
         return render_base_prompt(task, lang, **spec)
 
