@@ -33,7 +33,7 @@ class CotAnswer:
 
     def record_fields(self) -> dict[str, Any]:
         """The per-sample fields `medrega-eval run` keeps (JSON-ready)."""
-        return {"cot_regions": [{"name": r.name, "boxes": [b.as_list() for b in r.boxes]} for r in self.regions],
+        return {"cot_regions": [r.as_dict() for r in self.regions],
                 "cot_step_one": self.step_one_answer}
 
 

@@ -20,6 +20,7 @@ import re
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -65,6 +66,10 @@ class Region:
 
     name: str | None
     boxes: list[Box] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        """``{"name", "boxes": [[x1, y1, x2, y2], ...]}``, JSON-ready (prediction files, CoT records)."""
+        return {"name": self.name, "boxes": [b.as_list() for b in self.boxes]}
 
 
 def _check_values(values: Sequence[object]) -> None:

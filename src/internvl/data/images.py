@@ -20,7 +20,7 @@ from typing import Union
 import numpy as np
 from PIL import Image
 
-__all__ = ["DEFAULT_MAX_PIXELS", "ImageInfo", "ImageLoadError", "WINDOW_PRESETS", "Window", "apply_window",
+__all__ = ["AXES", "RAS_AXIS", "DEFAULT_MAX_PIXELS", "ImageInfo", "ImageLoadError", "WINDOW_PRESETS", "Window", "apply_window",
            "detect_format", "load_image", "probe_image", "volume_slice"]
 
 #: Named CT windows as (centre, width) in Hounsfield units (common radiology defaults).
@@ -35,7 +35,9 @@ Window = Union[str, tuple[float, float], None]
 
 _DICOM_SUFFIXES = {".dcm", ".dicom", ".dic", ".ima"}
 _NIFTI_SUFFIXES = (".nii", ".nii.gz", ".hdr", ".img", ".img.gz")
-_AXES = {"sagittal": 0, "coronal": 1, "axial": 2}  # RAS world axis fixed by the slice
+#: NIfTI slice planes, the default first (CLI choices, demo, batch checks).
+AXES = ("axial", "coronal", "sagittal")
+RAS_AXIS = {"sagittal": 0, "coronal": 1, "axial": 2}  # RAS world axis fixed by the slice
 
 
 class ImageLoadError(ValueError):
@@ -289,14 +291,14 @@ def _slice_geometry(img, axis: str, path: Path):
     shape = img.shape
     if not 2 <= len(shape) <= 4 or (len(shape) == 4 and shape[3] < 1):
         raise ImageLoadError(path, f"unsupported NIfTI shape {shape}: expected 2D, 3D or 4D")
-    if axis not in _AXES:
-        raise ValueError(f"axis must be one of {', '.join(_AXES)}, got {axis!r}")
+    if axis not in RAS_AXIS:
+        raise ValueError(f"axis must be one of {', '.join(RAS_AXIS)}, got {axis!r}")
     ornt = nib.io_orientation(img.affine)  # row i: (RAS world axis of array axis i, +1/-1)
     array_axis = {int(world): i for i, world in enumerate(ornt[:, 0])}
     sizes, zooms = (*shape[:3], 1)[:3], [float(z) for z in (*img.header.get_zooms()[:3], 1.0)[:3]]
-    first, second = (array_axis[w] for w in range(3) if w != _AXES[axis])
+    first, second = (array_axis[w] for w in range(3) if w != RAS_AXIS[axis])
     # display rows <- the second in-plane world axis, columns <- the first
-    return ornt, array_axis[_AXES[axis]], int(sizes[second]), int(sizes[first]), (zooms[second], zooms[first])
+    return ornt, array_axis[RAS_AXIS[axis]], int(sizes[second]), int(sizes[first]), (zooms[second], zooms[first])
 
 
 def volume_slice(path: str | Path, *, axis: str = "axial", slice_index: int | None = None, frame: int | None = None,
@@ -336,7 +338,7 @@ def volume_slice(path: str | Path, *, axis: str = "axial", slice_index: int | No
         raise ImageLoadError(path, f"cannot read NIfTI voxel data ({type(exc).__name__}: {exc})") from exc
     ras = nib.orientations.apply_orientation(slab.reshape(*slab.shape[:2], -1), ornt)  # RAS axis order and direction
     # Rows <- second in-plane world axis (reversed: A/S up), columns <- the first (reversed: R on the left).
-    display = np.ascontiguousarray(ras.squeeze(_AXES[axis]).T[::-1, ::-1])
+    display = np.ascontiguousarray(ras.squeeze(RAS_AXIS[axis]).T[::-1, ::-1])
     assert display.shape == (rows, cols)
     return display, spacing
 

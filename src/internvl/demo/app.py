@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from internvl.constants import IMAGE_PLACEHOLDER
+from internvl.data.images import AXES
 from internvl.demo.drawing import answer_html, draw_regions, escape, region_name_label
 from internvl.demo.strings import LANGS, text
 from internvl.demo.tasks import TASKS, build_prompt, task_label
@@ -228,7 +229,6 @@ def _empty_file_box() -> None:
     return None
 
 
-_PLANES = ("axial", "coronal", "sagittal")  # NIfTI planes (values of load_upload's axis)
 #: elements the language switch relabels; each name is the element's id and its key in ``strings.json``
 _LABELLED = ("upload", "axis", "slice", "editor", "gallery", "task", "lang", "modality", "question", "objects", "box",
              "box_units", "options", "regional_cot", "annotated", "chat", "boxes")
@@ -239,7 +239,7 @@ def _choices(key: str, lang: str) -> dict[str, list[tuple[str, str]]]:
     if key == "task":
         return {"choices": [(task_label(k, lang), k) for k in TASKS]}
     if key == "axis":
-        return {"choices": [(text(a, lang), a) for a in _PLANES]}
+        return {"choices": [(text(a, lang), a) for a in AXES]}
     if key == "box_units":
         return {"choices": [(text("units_grid", lang), "grid"), (text("units_pixels", lang), "pixels")]}
     return {}

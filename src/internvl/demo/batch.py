@@ -14,7 +14,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from internvl.data.images import ImageLoadError, load_image
+from internvl.data.images import AXES, ImageLoadError, load_image
 from internvl.data.records import RecordChecker, RecordProblem, read_jsonl
 from internvl.inference import GenerationRequest
 from internvl.io_safety import append_jsonl, atomic_write_text, unique_file
@@ -24,7 +24,6 @@ __all__ = ["BatchError", "BatchItem", "read_batch_file", "regions_json", "run_ba
            "write_results"]
 
 IMAGE_KEYS = ("axis", "slice_index", "frame", "window")
-AXES = ("axial", "coronal", "sagittal")
 
 
 class BatchError(ValueError):
@@ -102,7 +101,7 @@ def _image_kwargs(rec: dict, path: Path, line: int) -> dict[str, Any]:
 
 def regions_json(text: str) -> list[dict[str, Any]]:
     """Boxes found in ``text`` (tagged or tag-stripped form; malformed parts are ignored) as JSON-able dicts."""
-    return [{"name": r.name, "boxes": [b.as_list() for b in r.boxes]} for r in parse_regions(text, strict=False)]
+    return [r.as_dict() for r in parse_regions(text, strict=False)]
 
 
 def stream_path(out_dir: str | Path, stamp: str, rank: int) -> Path:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 from importlib import resources
 
-__all__ = ["LANGS", "STRINGS", "text"]
+from internvl.data.prompts import LANGS  # the page's languages are the prompt registry's
 
-LANGS: tuple[str, ...] = ("en", "zh")
+__all__ = ["LANGS", "STRINGS", "text"]
 
 
 #: key -> {"en": English, "zh": Chinese}

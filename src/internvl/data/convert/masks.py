@@ -26,7 +26,7 @@ import pydicom
 from PIL import Image
 
 from internvl.data.convert import Conversion, ConverterCLI, ConvertError, ConvertReport, check_task
-from internvl.data.images import ImageLoadError, detect_format, load_image, probe_image, volume_slice
+from internvl.data.images import AXES, RAS_AXIS, ImageLoadError, detect_format, load_image, probe_image, volume_slice
 from internvl.regions import pixels_to_box
 
 TASKS = ("text_to_region", "region_to_text")
@@ -261,7 +261,7 @@ def _slice_indices(mask_path: Path, is_volume: bool, slices: str, slice_step: in
     try:
         data = np.asanyarray(nib.as_closest_canonical(nib.load(mask_path)).dataobj)
         data = data[..., 0] if data.ndim == 4 else data
-        other = tuple(i for i in range(3) if i != ("sagittal", "coronal", "axial").index(axis))  # RAS world axes
+        other = tuple(i for i in range(3) if i != RAS_AXIS[axis])  # RAS world axes
         indices = [int(k) for k in np.flatnonzero((data != 0).any(axis=other))][::slice_step]
     except (OSError, ValueError, nib.filebasedimages.ImageFileError) as exc:
         report.skip(file, 0, "bad-label-map", f"{mask_path}: {exc}")
@@ -332,7 +332,7 @@ CLI = ConverterCLI(
                                      help="one box per label, or one per connected component (multi-region)")),
                (("--min-pixels",), dict(type=int, default=1, help="skip components smaller than this (default 1)")),
                (("--modality",), dict(default="medical", help="modality word for the prompt (CT, MRI, ...)")),
-               (("--axis",), dict(choices=["axial", "coronal", "sagittal"], default="axial")),
+               (("--axis",), dict(choices=AXES, default="axial")),
                (("--slices",), dict(choices=["middle", "labelled"], default="middle", help="volume slices to use")),
                (("--slice-step",), dict(type=int, default=1, help="with --slices labelled, every N-th slice")),
                (("--window",), dict(help="window preset or 'centre,width' for volume slices")),
