@@ -211,3 +211,13 @@ def test_a_window_that_is_not_centre_width_numbers_is_a_convert_error(tmp_path):
     nib.save(nib.Nifti1Image(labels.astype(np.float32), np.eye(4)), tmp_path / "v.nii.gz")
     with pytest.raises(ConvertError, match=r"--window '40,abc': expected a preset name or 'centre,width'"):
         convert_masks(tmp_path / "v_seg.nii.gz", tmp_path / "v.nii.gz", window="40,abc")
+
+
+def test_a_volume_whose_slices_differ_from_the_label_slices_is_a_size_mismatch(tmp_path):
+    """Found from the headers (``slice_shape``), before any image voxel is read."""
+    labels = np.zeros((4, 4, 2), dtype=np.int16)
+    labels[1:3, 1:3, :] = 1
+    nib.save(nib.Nifti1Image(labels, np.eye(4)), tmp_path / "v_seg.nii.gz")
+    nib.save(nib.Nifti1Image(np.zeros((5, 4, 2), dtype=np.float32), np.eye(4)), tmp_path / "v.nii.gz")
+    records, report = convert_masks(tmp_path / "v_seg.nii.gz", tmp_path / "v.nii.gz", out_images=tmp_path / "png")
+    assert records == [] and dict(report.skipped) == {"size-mismatch": 1}

@@ -20,8 +20,8 @@ from typing import Union
 import numpy as np
 from PIL import Image
 
-__all__ = ["AXES", "RAS_AXIS", "DEFAULT_MAX_PIXELS", "ImageInfo", "ImageLoadError", "WINDOW_PRESETS", "Window", "apply_window",
-           "detect_format", "load_image", "probe_image", "volume_slice"]
+__all__ = ["AXES", "RAS_AXIS", "DEFAULT_MAX_PIXELS", "ImageInfo", "ImageLoadError", "WINDOW_PRESETS", "Window",
+           "apply_window", "detect_format", "load_image", "probe_image", "slice_shape", "volume_slice"]
 
 #: Named CT windows as (centre, width) in Hounsfield units (common radiology defaults).
 WINDOW_PRESETS: dict[str, tuple[float, float]] = {"lung": (-600.0, 1500.0), "mediastinum": (50.0, 350.0),
@@ -299,6 +299,13 @@ def _slice_geometry(img, axis: str, path: Path):
     first, second = (array_axis[w] for w in range(3) if w != RAS_AXIS[axis])
     # display rows <- the second in-plane world axis, columns <- the first
     return ornt, array_axis[RAS_AXIS[axis]], int(sizes[second]), int(sizes[first]), (zooms[second], zooms[first])
+
+
+def slice_shape(path: str | Path, axis: str = "axial") -> tuple[int, int]:
+    """``(rows, cols)`` of the slices :func:`volume_slice` returns for ``axis``, from the header alone."""
+    path = Path(path)
+    _, _, rows, cols, _ = _slice_geometry(_nifti_image(path), axis, path)
+    return rows, cols
 
 
 def volume_slice(path: str | Path, *, axis: str = "axial", slice_index: int | None = None, frame: int | None = None,

@@ -26,7 +26,8 @@ import pydicom
 from PIL import Image
 
 from internvl.data.convert import Conversion, ConverterCLI, ConvertError, ConvertReport, check_task
-from internvl.data.images import AXES, RAS_AXIS, ImageLoadError, detect_format, load_image, probe_image, volume_slice
+from internvl.data.images import (AXES, RAS_AXIS, ImageLoadError, detect_format, load_image, probe_image, slice_shape,
+                                  volume_slice)
 from internvl.regions import pixels_to_box
 
 TASKS = ("text_to_region", "region_to_text")
@@ -282,10 +283,10 @@ def _record_image(image_path: Path, label_shape: tuple[int, ...], index: int | N
         if (info.width, info.height) != (w, h):
             return f"image {info.width}x{info.height} vs label map {w}x{h}"
         return os.path.relpath(image_path, Path(image_root or image_path.parent)), w, h
+    shape = slice_shape(image_path, axis)  # header only: a mismatch is found before any voxel is read
+    if shape != label_shape:
+        return f"image slice {shape} vs label slice {label_shape}"
     picture = load_image(image_path, window=window, axis=axis, slice_index=index)
-    values, _ = volume_slice(image_path, axis=axis, slice_index=index)
-    if values.shape != label_shape:
-        return f"image slice {values.shape} vs label slice {label_shape}"
     suffix = "mid" if index is None else f"{index:04d}"
     target = Path(out_images) / f"{_stem(image_path)}_{axis}{suffix}.png"
     target.parent.mkdir(parents=True, exist_ok=True)
