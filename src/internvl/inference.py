@@ -29,13 +29,15 @@ class ModelLoadError(RuntimeError):
 @dataclass
 class GenerationRequest:
     """One prompt: the user turn (`<image>` marks each image, default: images first), PIL images or paths for
-    `load_image` (with `image_kwargs`), the caller's `id`, and earlier (question, answer) turns (`history`)."""
+    `load_image` (with `image_kwargs`), the caller's `id`, earlier (question, answer) turns (`history`) and the
+    prompt's language where the caller knows it ("en"/"zh"; Regional CoT words its prompts in it)."""
 
     prompt: str
     images: Sequence[Image.Image | str | os.PathLike] = ()
     image_kwargs: dict[str, Any] = field(default_factory=dict)
     id: str | None = None
     history: Sequence[tuple[str, str]] = ()
+    lang: str | None = None
 
 
 @dataclass

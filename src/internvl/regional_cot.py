@@ -100,12 +100,10 @@ class RegionalCotGenerator:
         self.generator = generator
         self.batch_size = generator.batch_size
 
-    def generate_batch(self, requests: Sequence[GenerationRequest], langs: Sequence[str] | None = None
-                       ) -> list[CotAnswer]:
-        """Both steps for one batch (each step one `generate_batch` call of the wrapped generator) with the prompt
-        language of each request from `langs` (the demo's page language), else guessed from its text
-        (:func:`guess_lang`, what `medrega-eval run` does)."""
-        langs = list(langs) if langs is not None else [guess_lang(r.prompt) for r in requests]
+    def generate_batch(self, requests: Sequence[GenerationRequest]) -> list[CotAnswer]:
+        """Both steps for one batch (each step one `generate_batch` call of the wrapped generator), worded in each
+        request's `lang` (the demo's page language, the benchmark sample's), else guessed from its text."""
+        langs = [r.lang or guess_lang(r.prompt) for r in requests]
         step_one = self.generator.generate_batch([step_one_request(r, lang) for r, lang in zip(requests, langs)])
         regions = [usable_regions(a) for a in step_one]
         second = [step_two_request(r, regs, lang) for r, regs, lang in zip(requests, regions, langs)]

@@ -154,7 +154,7 @@ def generate_benchmark(bench: Benchmark, generator: Any, cfg: RunConfig, info: D
     info.barrier()
     done = finished_ids(pred_dir)
     todo = [s for i, s in enumerate(samples) if i % info.world_size == info.rank and s.id not in done]
-    requests = [GenerationRequest(s.question, images=s.images, id=s.id) for s in todo]
+    requests = [GenerationRequest(s.question, images=s.images, id=s.id, lang=s.lang) for s in todo]
     bar = tqdm(total=len(todo), desc=f"{bench.name} [rank {info.rank}]", disable=info.rank != 0 or not todo,
                dynamic_ncols=True)
     errors_path = cfg.out / bench.name / "generation_errors.jsonl"

@@ -88,8 +88,8 @@ def test_regional_cot_toggle_draws_step_one_regions(tiny_model, tiny_tokenizer, 
 
     calls = []
 
-    def fake_cot(self, requests, langs=None):
-        calls.append((self.generator, requests, langs))
+    def fake_cot(self, requests):
+        calls.append((self.generator, requests, [r.lang for r in requests]))
         return [CotAnswer(answer="<ref>liver</ref><box>[[100, 100, 500, 500]]</box>",
                           regions=[Region("liver", [Box(90, 90, 520, 510)])], step_one_answer="a1")]
 

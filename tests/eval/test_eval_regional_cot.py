@@ -38,12 +38,12 @@ class ScriptedGenerator:
 
 
 def test_given_languages_override_the_guess():
-    """The demo passes its page language: a Chinese page asking in English gets the Chinese locate and answer
-    prompts; without `langs` the language is guessed from the text (English here)."""
+    """A request's `lang` (the demo's page language, a benchmark sample's) words the prompts: a Chinese page asking
+    in English gets the Chinese locate and answer prompts; without it the language is guessed (English here)."""
     zh_locate = get_prompt("regional_cot_locate", "zh").questions[0].split("{")[0]
     guessed, given = ScriptedGenerator(), ScriptedGenerator()
     RegionalCotGenerator(guessed).generate_batch([GenerationRequest(EN_Q, id="box")])
-    RegionalCotGenerator(given).generate_batch([GenerationRequest(EN_Q, id="box")], ["zh"])
+    RegionalCotGenerator(given).generate_batch([GenerationRequest(EN_Q, id="box", lang="zh")])
     assert zh_locate not in guessed.calls[0][0] and zh_locate in given.calls[0][0]
     assert any("\u4e00" <= ch <= "\u9fff" for ch in given.calls[1][0].split("Is the liver")[0])
 

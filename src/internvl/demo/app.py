@@ -50,10 +50,10 @@ class DemoEngine:
         None: guessed from the prompt); the history keeps the user's own prompt."""
         if not history and IMAGE_PLACEHOLDER not in prompt:
             prompt = IMAGE_PLACEHOLDER + "\n" + prompt  # kept in the history: later turns find the image there
-        request = GenerationRequest(prompt, images=[image], history=list(history))
+        request = GenerationRequest(prompt, images=[image], history=list(history), lang=lang)
         with self._lock, torch.inference_mode():
             if cot:
-                result = RegionalCotGenerator(self.generator).generate_batch([request], [lang] if lang else None)[0]
+                result = RegionalCotGenerator(self.generator).generate_batch([request])[0]
                 text, step_one = result.answer, list(result.regions)
             else:
                 text, step_one = self.generator.generate_batch([request])[0], []
