@@ -170,6 +170,16 @@ def test_build_time_errors_strict_and_lenient(tiny_tokenizer, demo_dataset_dir: 
         tight[0]
 
 
+def test_lengths_estimate_follows_the_runs_template_and_system_message(tiny_tokenizer, demo_dataset_dir: Path) -> None:
+    """The per-record overhead is this run's rendered template, not a fixed Hermes-2 string: a long system message
+    and the internvl2_5 template are in the estimate."""
+    spec = dataclasses.replace(load_meta(demo_dataset_dir / "meta.json")["demo"], data_augment=False)
+    ds = _dataset(tiny_tokenizer, spec, template="internvl2_5", system_message="Be careful and exact. " * 20)
+    for i, est in enumerate(ds.lengths):
+        actual = len(ds[i]["input_ids"])
+        assert abs(est - actual) <= max(8, 0.1 * actual), (i, est, actual)
+
+
 def test_lengths_estimate_and_length_field(tiny_tokenizer, demo_dataset_dir: Path, tmp_path: Path) -> None:
     spec = load_meta(demo_dataset_dir / "meta.json")["demo"]
     ds = _dataset(tiny_tokenizer, dataclasses.replace(spec, data_augment=False))

@@ -26,6 +26,7 @@ from internvl.data.registry import DatasetSpec, load_meta
 from internvl.data.transforms import box_aware_augment
 from internvl.image_processing import ImageSettings, dummy_pixel_values, images_to_pixel_values, num_image_tokens
 from internvl.regions import RegionError
+from internvl.templates import ChatTemplate, get_template
 
 __all__ = ["MedRegDataset", "MedRegConcatDataset", "build_training_dataset", "line_offsets", "SAMPLE_INDEX_KEY",
            "SKIPPED_KEY"]
@@ -186,9 +187,10 @@ class MedRegDataset(Dataset):
         text tokens plus ``num_image_token`` x the most tiles per image (computed once, on first use)."""
         if self._lengths is None:
             tiles = self.image_settings.max_tiles
-            overhead = len(self.tokenizer.encode("<|im_start|>system\nAnswer the questions.<|im_end|>"
-                                                 "<|im_start|>user\n<|im_end|><|im_start|>assistant\n<|im_end|>",
-                                                 add_special_tokens=False))
+            template = self.template if isinstance(self.template, ChatTemplate) else get_template(self.template)
+            empty_turns = template.render([{"from": "human", "value": ""}, {"from": "gpt", "value": ""}],
+                                          system_message=self.system_message)  # this run's template and system
+            overhead = len(self.tokenizer.encode(empty_turns, add_special_tokens=False))
             lengths: list[int] = [0] * len(self)
             pending: list[tuple[int, str, int]] = []  # (item, text, non-text tokens), tokenised in chunks
 
