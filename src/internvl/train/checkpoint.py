@@ -124,6 +124,17 @@ def reject_checkpoint(checkpoint_dir: str | os.PathLike, problems: list[str]) ->
     return target
 
 
+def checkpoint_problems(path: str | os.PathLike, verify: Callable[[Path], list[str]] = verify_manifest) -> list[str]:
+    """Why the checkpoint at `path` cannot be resumed from ([] when it verifies and is complete)."""
+    path = Path(path)
+    if not path.is_dir():
+        return [f"{path}: not a directory"]
+    found = verify(path)
+    if not found and not is_complete(path):
+        found = [f"{path}: incomplete (no COMPLETE marker or unreadable trainer_state.json)"]
+    return found
+
+
 def select_resume_checkpoint(output_dir: str | os.PathLike,
                              verify: Callable[[Path], list[str]] = verify_manifest,
                              move_aside: bool = True) -> tuple[Path | None, list[str]]:
@@ -132,9 +143,7 @@ def select_resume_checkpoint(output_dir: str | os.PathLike,
     so a later rotation cannot keep it in place of a good one."""
     problems: list[str] = []
     for _step, path in reversed(_numbered(output_dir)):
-        found = verify(path)
-        if not found and not is_complete(path):
-            found = [f"{path}: incomplete (no COMPLETE marker or unreadable trainer_state.json)"]
+        found = checkpoint_problems(path, verify)
         if not found:
             return path, problems
         problems.extend(found)

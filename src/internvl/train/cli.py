@@ -47,9 +47,9 @@ from internvl.train.arguments import (
 )
 from internvl.train.build import build_model_and_tokenizer
 from internvl.train.checkpoint import (
+    checkpoint_problems,
     clean_staging,
     find_latest_checkpoint,
-    is_complete,
     select_resume_checkpoint,
     verify_checkpoint,
 )
@@ -79,12 +79,10 @@ def resolve_resume(training_args: MedRegTrainingArguments) -> str | None:
                              + "\n  ".join(problems) + "\npass --overwrite_output_dir True to start over")
         resume = None if chosen is None else str(chosen)
     elif value not in (None, "", "no", "false", "False"):
-        problems = verify_checkpoint(value) if Path(value).is_dir() else [f"{value}: not a directory"]
+        problems = checkpoint_problems(value, verify_checkpoint)
         if problems:
             raise UsageError(f"{value}: refusing to resume from a checkpoint that does not verify:\n  "
                              + "\n  ".join(problems))
-        if not is_complete(value):
-            raise UsageError(f"{value}: not a complete checkpoint (no COMPLETE marker or trainer_state.json)")
         resume = str(value)
     existing = find_latest_checkpoint(output_dir)
     if resume is None and existing is not None and not training_args.overwrite_output_dir:
