@@ -19,7 +19,7 @@ from internvl.constants import (DEFAULT_IMAGE_SIZE, IMAGE_PLACEHOLDER, IMAGENET_
 
 __all__ = ["ImageSettings", "build_transform", "expand2square", "find_closest_aspect_ratio", "dynamic_preprocess",
            "images_to_pixel_values", "dummy_pixel_values", "num_image_tokens", "expand_image_placeholders",
-           "image_block"]
+           "first_turn_with_images", "image_block"]
 
 
 @dataclass(frozen=True)
@@ -159,6 +159,14 @@ def num_image_tokens(image_size: int = DEFAULT_IMAGE_SIZE, patch_size: int = 14,
 def image_block(num_patches: int, num_image_token: int) -> str:
     """``<img>`` + ``num_image_token * num_patches`` x ``<IMG_CONTEXT>`` + ``</img>``."""
     return IMG_START_TOKEN + IMG_CONTEXT_TOKEN * (num_image_token * num_patches) + IMG_END_TOKEN
+
+
+def first_turn_with_images(question: str, n_images: int, history: Sequence[object] | None) -> str:
+    """The user turn with one ``<image>\n`` per image put first when it is the conversation's first turn and names no
+    image itself (the original chat's rule; later turns find the images in the history)."""
+    if n_images and not history and IMAGE_PLACEHOLDER not in question:
+        return (IMAGE_PLACEHOLDER + "\n") * n_images + question
+    return question
 
 
 def expand_image_placeholders(text: str, num_patches_list: Sequence[int], num_image_token: int) -> str:

@@ -19,13 +19,13 @@ import gradio as gr
 import torch
 from PIL import Image
 
-from internvl.constants import IMAGE_PLACEHOLDER
 from internvl.data.images import AXES
 from internvl.demo.drawing import answer_html, draw_regions, escape, region_name_label
 from internvl.demo.strings import LANGS, text
 from internvl.demo.tasks import TASKS, build_prompt, task_label
 from internvl.demo.uploads import (UserInputError, box_from_drawing, check_fields, check_prompt_budget, check_question,
                                    load_upload, parse_typed_box, public_message, scrub_paths)
+from internvl.image_processing import first_turn_with_images
 from internvl.inference import GenerationRequest, GenerationSettings, Generator
 from internvl.regional_cot import RegionalCotGenerator
 from internvl.regions import Box, Region, parse_regions
@@ -48,8 +48,7 @@ class DemoEngine:
         """(answer text, new history, step-one regions) for ``prompt`` after ``history`` ((question, answer) pairs).
         ``cot``: Regional CoT, as `medrega-eval run --regional-cot`, with its prompts in ``lang`` (the page language;
         None: guessed from the prompt); the history keeps the user's own prompt."""
-        if not history and IMAGE_PLACEHOLDER not in prompt:
-            prompt = IMAGE_PLACEHOLDER + "\n" + prompt  # kept in the history: later turns find the image there
+        prompt = first_turn_with_images(prompt, 1, history)  # kept in the history: later turns find the image there
         request = GenerationRequest(prompt, images=[image], history=list(history), lang=lang)
         with self._lock, torch.inference_mode():
             if cot:

@@ -13,8 +13,8 @@ from typing import Any
 import torch
 from transformers import GenerationConfig
 
-from ..constants import IMAGE_PLACEHOLDER, IMG_CONTEXT_TOKEN
-from ..image_processing import expand_image_placeholders
+from ..constants import IMG_CONTEXT_TOKEN
+from ..image_processing import expand_image_placeholders, first_turn_with_images
 from ..templates import ChatTemplate, get_template
 from ..tokenization import decode_answer, token_id
 from ..user_text import neutralize_control_tokens
@@ -81,8 +81,7 @@ class ChatMixin:
         """Answer one question (optionally continuing `history`) about the tiles in pixel_values [T,3,S,S], through
         `batch_chat`; num_patches_list: tiles per image, in `<image>` order (default: one image of all T tiles).
         Returns the answer, or (answer, new history) with `return_history`."""
-        if pixel_values is not None and not history and IMAGE_PLACEHOLDER not in question:
-            question = IMAGE_PLACEHOLDER + "\n" + question
+        question = first_turn_with_images(question, int(pixel_values is not None), history)
         if num_patches_list is None:
             num_patches_list = [pixel_values.shape[0]] if pixel_values is not None else []
         history = [] if history is None else list(history)
@@ -135,8 +134,7 @@ class ChatMixin:
         template = self._chat_template()
         queries = []
         for question, patches, past in zip(questions, per_sample, histories):
-            if patches and not past and IMAGE_PLACEHOLDER not in question:
-                question = (IMAGE_PLACEHOLDER + "\n") * len(patches) + question
+            question = first_turn_with_images(question, len(patches), past)
             query = self._render(template, past, question)
             queries.append(expand_image_placeholders(query, patches, self.num_image_token))
         eos = stop_token_ids(tokenizer, template)
