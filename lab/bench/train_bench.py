@@ -18,6 +18,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from internvl.constants import IGNORE_INDEX
 from internvl.model import InternVLChatModel
+from internvl.ops.cross_entropy import empty_loss, supervised_rows
 from internvl.ops.train_speedups import TrainSpeedups, apply_train_speedups, fused_loss_forward, remove_train_speedups
 from lab.ckpt_outside import OutsideCkpt, compile_outside
 from lab.fast_kernels import disable_fast_kernels, enable_outside_compiled
@@ -104,11 +105,9 @@ def liger_causal_lm_loss(hidden_states: torch.Tensor, lm_head: torch.nn.Module, 
 
     if loss_weight is not None or num_items_in_batch is not None:
         raise ValueError("the liger loss takes no token weights and no step divisor")
-    shift_labels = labels.to(hidden_states.device)[:, 1:]
-    keep = shift_labels != IGNORE_INDEX
-    rows, targets = hidden_states[:, :-1][keep], shift_labels[keep]
-    if rows.shape[0] == 0:  # no supervised row: an exact zero that keeps the graph, as causal_lm_loss gives
-        return (hidden_states.sum() * 0.0 + lm_head.weight.sum() * 0.0).float()
+    rows, targets, _ = supervised_rows(hidden_states, labels)
+    if rows.shape[0] == 0:
+        return empty_loss(hidden_states, lm_head)
     loss = LigerFusedLinearCrossEntropyFunction.apply(rows, lm_head.weight, targets, lm_head.bias, None, IGNORE_INDEX)
     return loss[0] if isinstance(loss, tuple) else loss
 

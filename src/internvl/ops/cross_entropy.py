@@ -203,6 +203,25 @@ def loss_items(labels: torch.Tensor, loss_weight: torch.Tensor | None = None) ->
     return (loss_weight[:, 1:].float().to(labels.device) * supervised).sum()
 
 
+def supervised_rows(hidden_states: torch.Tensor, labels: torch.Tensor, loss_weight: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The supervised next-token rows of `hidden_states` [B, T, H] for unshifted `labels` [B, T]: (rows [n, H],
+    targets [n], their `loss_weight` [n] or None). One boolean gather, one host sync for n."""
+    if hidden_states.shape[:2] != labels.shape:
+        raise ValueError(f"hidden_states {tuple(hidden_states.shape)} and labels {tuple(labels.shape)} disagree")
+    shift_labels = labels.to(hidden_states.device)[:, 1:]
+    keep = shift_labels != IGNORE_INDEX
+    weights = loss_weight.to(hidden_states.device)[:, 1:][keep] if loss_weight is not None else None
+    return hidden_states[:, :-1][keep], shift_labels[keep], weights
+
+
+def empty_loss(hidden_states: torch.Tensor, lm_head: torch.nn.Module | None) -> torch.Tensor:
+    """The loss of a batch with no supervised row: an exact fp32 zero that keeps the graph (every rank's backward
+    then reaches the same parameters)."""
+    unused = hidden_states.sum() * 0.0
+    return (unused + lm_head.weight.sum() * 0.0 if lm_head is not None else unused).float()
+
+
 def causal_lm_loss(
     hidden_states: torch.Tensor,
     lm_head: torch.nn.Linear | None,
@@ -220,19 +239,9 @@ def causal_lm_loss(
     `hidden_states` [B, T, H] are final hidden states, run through `lm_head` on the supervised rows only
     (`linear_cross_entropy(impl=impl)`); with `lm_head=None` they are already logits [B, T, V].
     """
-    if hidden_states.shape[:2] != labels.shape:
-        raise ValueError(f"hidden_states {tuple(hidden_states.shape)} and labels {tuple(labels.shape)} disagree")
-    labels = labels.to(hidden_states.device)
-    if loss_weight is not None:
-        loss_weight = loss_weight.to(hidden_states.device)
-    shift_labels = labels[:, 1:]
-    keep = shift_labels != IGNORE_INDEX
-    rows = hidden_states[:, :-1][keep]  # [n, H] (boolean gather: one host sync for n)
-    targets = shift_labels[keep]
-    weights = loss_weight[:, 1:][keep] if loss_weight is not None else None
+    rows, targets, weights = supervised_rows(hidden_states, labels, loss_weight)
     if rows.shape[0] == 0:
-        unused = hidden_states.sum() * 0.0
-        return (unused + lm_head.weight.sum() * 0.0 if lm_head is not None else unused).float()
+        return empty_loss(hidden_states, lm_head)
     if lm_head is None:
         mean = weighted_cross_entropy(rows, targets, weights)
     else:
