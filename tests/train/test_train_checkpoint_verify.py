@@ -3,7 +3,6 @@ removed), is named and the newest good checkpoint is resumed instead; explicit r
 checkpoint is refused with exit code 2; rotation never deletes the newest good checkpoint."""
 from __future__ import annotations
 
-import functools
 import json
 import shutil
 import subprocess
@@ -49,7 +48,7 @@ def remove(path: Path) -> None:
 def run_dir(tmp_path_factory, pad_text_batch) -> Path:
     """A real run directory with checkpoint-2 and checkpoint-4 written by MedRegTrainer."""
     out = tmp_path_factory.mktemp("run")
-    collate = functools.partial(pad_text_batch, extra_keys=("sample_index",))
+    collate = pad_text_batch
     trainer = MedRegTrainer(model=tiny_llama(), train_dataset=IndexedDataset(16), data_collator=collate,
                             args=args(out, learning_rate=1e-2, max_steps=4, save_strategy="steps", save_steps=2))
     trainer.train()

@@ -4,7 +4,6 @@ skips the step, counted, up to a limit), is never logged as 0.0, and no non-fini
 The non-finite steps are made on purpose: a forward hook on the embedding returns NaN on chosen micro-batches."""
 from __future__ import annotations
 
-import functools
 import json
 import math
 import re
@@ -74,7 +73,7 @@ def make_trainer(tmp_path, pad_text_batch):
         base = dict(learning_rate=1e-2, max_grad_norm=1.0, max_steps=4, logging_steps=1)
         base.update(kw)
         return MedRegTrainer(model=model, args=args(tmp_path, **base), train_dataset=IndexedDataset(16),
-                             data_collator=functools.partial(pad_text_batch, extra_keys=("sample_index",)))
+                             data_collator=pad_text_batch)
 
     return make
 
