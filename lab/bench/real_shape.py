@@ -14,7 +14,7 @@ from torch import nn
 from internvl.constants import SKIP_QUANT_MODULES
 from internvl.model import load_preset
 from internvl.model.loading import build_on_meta
-from internvl.ops.int8_weights import Int8Linear, in_skip_modules, quantize_int8_weights_
+from internvl.ops.int8_weights import Int8Linear, quantize_int8_weights_, replace_linears_
 from internvl.tokenization import load_tokenizer, train_sentencepiece_tokenizer
 from lab.decode_variants import LabDecodeConfig
 
@@ -64,25 +64,16 @@ def quantize_int8_(model: nn.Module, skip_modules=None, threshold: float = 6.0) 
     default `llm_int8_threshold`. For random-weight benchmarks; real checkpoints go through `load_pretrained`."""
     import bitsandbytes as bnb  # optional (CUDA builds only): imported where int8 is asked for
 
-    skip = tuple(SKIP_QUANT_MODULES if skip_modules is None else skip_modules)
-    targets = [
-        name for name, module in model.named_modules()
-        if type(module) is nn.Linear and not in_skip_modules(name, skip)
-    ]
-    for name in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        linear = getattr(parent, child)
-        device = linear.weight.device
+    def make(linear: nn.Linear) -> nn.Module:
         int8 = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=linear.bias is not None,
                                    has_fp16_weights=False, threshold=threshold, device="meta")
         weight = bnb.nn.Int8Params(linear.weight.data, requires_grad=False, has_fp16_weights=False)
-        int8.weight = weight._quantize(device)
+        int8.weight = weight._quantize(linear.weight.device)
         if linear.bias is not None:
             int8.bias = nn.Parameter(linear.bias.data, requires_grad=False)
-        setattr(parent, child, int8)
-        del linear, weight
-    return len(targets)
+        return int8
+
+    return replace_linears_(model, tuple(SKIP_QUANT_MODULES if skip_modules is None else skip_modules), make)
 
 
 def build_int8wo(config, *, device: str | torch.device, dtype: torch.dtype = torch.bfloat16) -> nn.Module:

@@ -39,7 +39,7 @@ from transformers import TrainerCallback  # noqa: E402
 from internvl.compat import set_attn_implementation  # noqa: E402
 from internvl.data.collate import pad_collate  # noqa: E402
 from internvl.model import InternVLChatModel, load_preset  # noqa: E402
-from internvl.ops.int8_weights import in_skip_modules  # noqa: E402
+from internvl.ops.int8_weights import replace_linears_  # noqa: E402
 from internvl.train import qlora  # noqa: E402
 from internvl.train.arguments import MedRegTrainingArguments, ModelArguments  # noqa: E402
 from internvl.train.build import apply_freezing, enable_gradient_checkpointing, trainable_by_tower  # noqa: E402
@@ -111,9 +111,8 @@ def quantize_linears_(module: nn.Module, spec: dict, device: torch.device) -> in
     import bitsandbytes as bnb
 
     dtype = getattr(torch, spec["dtype"])
-    targets = [(name, child) for name, child in module.named_modules() if type(child) is nn.Linear
-               and not in_skip_modules(name, spec["skip_modules"])]
-    for name, child in targets:
+
+    def make(child: nn.Linear) -> nn.Module:
         layer = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
                                   compute_dtype=dtype, compress_statistics=spec["double_quant"],
                                   quant_type=spec["quant_type"], device="meta")
@@ -122,8 +121,9 @@ def quantize_linears_(module: nn.Module, spec: dict, device: torch.device) -> in
                                          blocksize=spec["blocksize"])
         if child.bias is not None:
             layer.bias = nn.Parameter(child.bias.data.to(dtype), requires_grad=False)
-        module.set_submodule(name, layer.to(device))  # moving the weight there quantises it
-    return len(targets)
+        return layer.to(device)  # moving the weight there quantises it
+
+    return replace_linears_(module, spec["skip_modules"], make)
 
 
 def build_4bit_model(config, spec: dict, dtype: torch.dtype, device: torch.device) -> InternVLChatModel:

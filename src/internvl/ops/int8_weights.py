@@ -9,7 +9,7 @@ ones. Quantise with `quantize_int8_weights_` or `load_pretrained(..., weight_dty
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -98,13 +98,20 @@ def in_skip_modules(name: str, skip: Sequence[str]) -> bool:
 
 
 @torch.no_grad()
+def replace_linears_(model: nn.Module, skip_modules: Sequence[str], make: Callable[[nn.Linear], nn.Module]) -> int:
+    """Replace every plain `nn.Linear` of `model` outside `skip_modules` by `make(linear)`, one at a time (so at most
+    one extra layer is alive at once). Returns how many were replaced."""
+    targets = [name for name, module in model.named_modules()
+               if type(module) is nn.Linear and not in_skip_modules(name, skip_modules)]
+    for name in targets:
+        model.set_submodule(name, make(model.get_submodule(name)))
+    return len(targets)
+
+
+@torch.no_grad()
 def quantize_int8_weights_(model: nn.Module, skip_modules: Sequence[str] = SKIP_QUANT_MODULES,
                            device: torch.device | str | None = None) -> int:
     """Replace every plain `nn.Linear` of `model` outside `skip_modules` (default: ViT, projector and LM head stay) by
     an `Int8Linear` quantised on `device` (default where it lies), one at a time, so a CPU-loaded model moves to the
     GPU holding at most one bf16 linear there. Returns how many were replaced."""
-    targets = [name for name, module in model.named_modules()
-               if type(module) is nn.Linear and not in_skip_modules(name, skip_modules)]
-    for name in targets:
-        model.set_submodule(name, Int8Linear.from_linear(model.get_submodule(name), device))
-    return len(targets)
+    return replace_linears_(model, skip_modules, lambda linear: Int8Linear.from_linear(linear, device))
