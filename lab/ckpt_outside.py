@@ -45,17 +45,19 @@ def outside_forward(compiled_inner):
 
 def compile_outside(model: nn.Module, opts: TrainSpeedups) -> int:
     """Give every layer that `apply_train_speedups` compiled the "outside" form (one compiled function per layer
-    class, with `opts`' backend and mode); returns how many layers."""
+    class, with `opts`' backend, mode and inductor options, as the default it is compared with); returns how many
+    layers."""
     count = 0
     for module in model.modules():
         if not module.__dict__.get("_compiled_layer", False):
             continue
         cls = type(module)
-        key = (cls, opts.backend, opts.compile_mode)
+        options = opts.compile_options or {}
+        key = (cls, opts.backend, opts.compile_mode, tuple(sorted(options.items())))
         if key not in _COMPILED:
             inner = getattr(cls.forward, "__wrapped__", cls.forward)  # the layer's own forward, without checkpointing
             compiled = torch.compile(_own_code(inner, f"{cls.__name__}_forward_outside"), backend=opts.backend,
-                                     mode=opts.compile_mode)
+                                     mode=opts.compile_mode, **({"options": options} if options else {}))
             _COMPILED[key] = outside_forward(compiled)
         swap_forward(module, _COMPILED[key], "_compiled_layer")
         count += 1
