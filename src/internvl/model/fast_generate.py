@@ -187,6 +187,7 @@ class StaticGreedyDecoder:
         self._states: dict[tuple, _DecodeState] = {}
         self._pack_signature: tuple | None = None
         self._pack_record: _PackRecord | None = None  # the last packing, while it stays valid
+        self._pack_checked = False  # True inside a generate call once `_packs` has checked the packing
         register_decode_attention(DECODE_ATTN, sdpa_gqa_decode_attention)
 
     def _device(self) -> torch.device:
@@ -253,8 +254,8 @@ class StaticGreedyDecoder:
         """The packed step reproduces this model; answered from the last packing while that is still in place (the
         full check walks every layer: milliseconds per call on a deep model)."""
         record = self._pack_record
-        if record is not None and (torch.compiler.is_compiling() or record.valid()):
-            return True  # while dynamo traces the step: checked by this call's `_packs` already
+        if record is not None and (self._pack_checked or torch.compiler.is_compiling() or record.valid()):
+            return True  # checked by this call's `_packs` already (also while dynamo traces the step)
         self._pack_record = None
         return packed_step_supported(self.lm)
 
@@ -343,6 +344,12 @@ class StaticGreedyDecoder:
             self._pack_signature = signature
         return packs
 
+    def _checked_packs(self) -> list | None:
+        """`_packs`, then the rules below answer from it for the rest of this generate call (one walk per call)."""
+        packs = self._packs()
+        self._pack_checked = True
+        return packs
+
     @torch.inference_mode()
     def generate(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None, **kwargs) -> torch.Tensor:
         """Greedy-decode after left-padded prompts; returns [B, max_new_tokens] ids (see `_generate`). While it runs,
@@ -354,6 +361,7 @@ class StaticGreedyDecoder:
         try:
             return self._generate(inputs_embeds, attention_mask, **kwargs)
         finally:
+            self._pack_checked = False
             set_attn_implementation(cfg, previous)
 
     def _generate(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None, *, max_new_tokens: int,
@@ -375,7 +383,7 @@ class StaticGreedyDecoder:
                 raise ValueError("fast greedy decoding needs left-padded prompts (attention_mask[:, -1] must be 1)")
             padded = bool((attention_mask == 0).any())
         eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
-        packs = self._packs()
+        packs = self._checked_packs()
         cache_len = -(-(length + max_new_tokens) // CACHE_ROUND) * CACHE_ROUND
         key = (batch, cache_len, max_new_tokens, tuple(eos), pad_token_id)
         st = self._states.pop(key, None)
