@@ -87,7 +87,7 @@ def _main(argv: list[str] | None) -> int:
 def run_batch_mode(args: argparse.Namespace, rank: int, world: int, device: str) -> int:
     # before any work: not a file, not the batch file (nor a folder inside it)
     check_output_dir(args.out, inputs=[args.batch], must_be_empty=False, inputs_inside_ok=True, what="--out")
-    items = read_batch_file(args.batch)  # every rank checks the whole file: a bad line stops all of them alike
+    items = read_batch_file(args.batch, rank, world)  # a bad line or image stops every rank alike
     stamp = time.strftime("%y%m%d%H%M%S")
     model, tokenizer = load(args, device)
     generator = Generator(model, tokenizer, GenerationSettings.from_args(args), batch_size=args.batch_size)

@@ -53,6 +53,27 @@ def test_bad_records_name_file_and_line(batch_dir: Path) -> None:
         read_batch_file(h)
 
 
+def test_each_rank_decodes_its_share_and_every_rank_stops_at_any_ranks_bad_image(batch_dir: Path, monkeypatch) -> None:
+    """With two ranks, rank 1 decodes only items 1, 3, ... (rank 0 decodes the rest), and a bad image found by one
+    rank is raised on every rank (shared with all_gather_object), naming its FILE:LINE."""
+    import internvl.demo.batch as batch
+
+    (batch_dir / "imgs" / "bad.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"junk" * 20)
+    f = _write(batch_dir / "b.jsonl", [_record(0, "imgs/bad.dcm"), _record(1, "imgs/a.png")])
+    shared: list = []
+
+    def gather(out, mine):  # rank 1 of 2: what the ranks would share
+        shared.append(mine)
+        out[:] = [peer, mine]
+
+    monkeypatch.setattr(batch.dist, "all_gather_object", gather)
+    peer = None  # rank 0 found nothing: rank 1 never decoded the bad image on line 1 itself
+    assert [it.index for it in read_batch_file(f, rank=1, world_size=2)] == [0, 1] and shared == [None]
+    peer = f"{f}:1: cannot decode imgs/bad.dcm"  # rank 0's problem stops rank 1 too
+    with pytest.raises(BatchError, match=r"b.jsonl:1: cannot decode"):
+        read_batch_file(f, rank=1, world_size=2)
+
+
 class _EchoGenerator:
     """Stands in for internvl.inference.Generator: answers with the request id inside a box answer."""
 

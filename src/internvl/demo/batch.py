@@ -42,11 +42,26 @@ class BatchItem:
     gt_answer: str
 
 
-def read_batch_file(path: str | Path) -> list[BatchItem]:
-    """Parse and check a MedRegInstruct jsonl for the batch demo, decoding every image up front (a corrupt DICOM on
-    line 900 fails before any generation); :class:`BatchError` at the first problem. Image paths are absolute or
-    relative to the file's folder; record keys :data:`IMAGE_KEYS` pick the NIfTI slice / DICOM frame / window."""
-    path = Path(path)
+def read_batch_file(path: str | Path, rank: int = 0, world_size: int = 1) -> list[BatchItem]:
+    """Parse and check a MedRegInstruct jsonl for the batch demo before any generation: every line's structure, and
+    the images of this rank's share (``items[rank::world_size]``, the ones it will answer) decoded up front (a corrupt
+    DICOM on line 900 fails first); :class:`BatchError` at the first problem, on every rank alike (the ranks share
+    theirs with ``all_gather_object``). Image paths are absolute or relative to the file's folder; record keys
+    :data:`IMAGE_KEYS` pick the NIfTI slice / DICOM frame / window."""
+    try:
+        items, error = _read_batch_file(Path(path), rank, world_size), None
+    except BatchError as exc:
+        items, error = [], str(exc)
+    if world_size > 1:
+        errors: list[Any] = [None] * world_size
+        dist.all_gather_object(errors, error)
+        error = next((e for e in errors if e), None)
+    if error:
+        raise BatchError(error)
+    return items
+
+
+def _read_batch_file(path: Path, rank: int, world_size: int) -> list[BatchItem]:
     if not path.is_file():
         raise BatchError(f"{path}: batch file not found")
     # Structure checks only: this file's images may be absolute or relative to its folder (resolved below), so the
@@ -69,7 +84,7 @@ def read_batch_file(path: str | Path) -> list[BatchItem]:
         if image is not None:
             img_path = Path(image) if Path(image).is_absolute() else path.parent / image
         kwargs = _image_kwargs(rec, path, line)
-        if img_path is not None:
+        if img_path is not None and len(items) % world_size == rank:
             try:
                 load_image(img_path, **kwargs)
             except (ImageLoadError, ValueError, TypeError, OSError) as exc:
