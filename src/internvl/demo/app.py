@@ -136,9 +136,7 @@ def ask(engine: DemoEngine, session: Session, *, task: str, lang: str, question:
         prompt = check_question(question)  # a later turn: the user's text as is (no task prompt)
     else:
         prompt = build_prompt(task, lang, question=question, box=query_box, objects=objects, options=options,
-                              modality=modality)
-        if session.history:  # the image is already in the first turn
-            prompt = prompt.replace("<image>\n", "")
+                              modality=modality, n_images=0 if session.history else 1)  # later: image in history
     generator = engine.generator
     check_prompt_budget(generator.model, generator.tokenizer, prompt, session.history,
                         generator.settings.max_new_tokens)

@@ -29,9 +29,11 @@ def split_names(text: str | None) -> list[str]:
 
 
 def build_prompt(task: str, lang: str, *, question: str | None = None, box: Box | None = None,
-                 objects: str | None = None, options: str | None = None, modality: str | None = None) -> str:
-    """The first user turn for demo task ``task`` (a :data:`TASKS` key) in ``lang``; :class:`UserInputError` with a
-    page message when an input the task needs is missing."""
+                 objects: str | None = None, options: str | None = None, modality: str | None = None,
+                 n_images: int = 1) -> str:
+    """The user turn for demo task ``task`` (a :data:`TASKS` key) in ``lang``, with ``<image>`` first for the
+    conversation's first turn (``n_images=0`` for a later one: the image is in the history); :class:`UserInputError`
+    with a page message when an input the task needs is missing."""
     if task not in TASKS:
         raise UserInputError(f"Unknown task {task!r}; choose one of {', '.join(TASKS)}.")
     if lang not in ("en", "zh"):
@@ -61,5 +63,5 @@ def build_prompt(task: str, lang: str, *, question: str | None = None, box: Box 
     except PromptError as exc:
         raise UserInputError(f"Cannot build the {task_label(task, 'en')} prompt: {exc}") from exc
     # the trainer's prompt order ("<image>\n" + task prompt + question): what MedRegA and the bundled model saw
-    return apply_prompt_order([{"from": "human", "value": human}], 1)[0]["value"]
+    return apply_prompt_order([{"from": "human", "value": human}], n_images)[0]["value"]
 
