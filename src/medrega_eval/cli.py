@@ -16,7 +16,7 @@ from internvl.cli_support import UsageError, add_generation_arguments, positive_
 from internvl.io_safety import check_output_dir
 from internvl.offline import enforce_offline
 from medrega_eval.benchmarks import Benchmark, MissingData, data_dir_from, load_registry, reference_options
-from medrega_eval.io import ScoreInputError, read_predictions
+from medrega_eval.io import LANGS, ScoreInputError, read_predictions
 from medrega_eval.report import OUTPUT_FILES, protocol_info, write_outputs
 from medrega_eval.score import SUBTYPES, TASKS, TOP_METRICS, ScoreConfig, record_lang, score_records, summarize
 
@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="predictions: JSON list or JSON lines; several files comma-separated are pooled "
                         "(as the original scorers pool --ans_file lists)")
     s.add_argument("--subtype", choices=SUBTYPES, default=None, help="Text-to-Region subtype")
-    s.add_argument("--lang", choices=["en", "zh", "auto"], default=None, help="language (default: per record)")
+    s.add_argument("--lang", choices=[*LANGS, "auto"], default=None, help="language (default: per record)")
     s.add_argument("--benchmark", default=None, help="take task/subtype/options/metrics from this registered split")
     s.add_argument("--options", default=None, help="classification options, comma-separated")
     s.add_argument("--multilabel", action="store_true", help="classification with several labels per answer")

@@ -22,6 +22,8 @@ class ScoreInputError(ValueError):
     """The records cannot be scored as asked (e.g. a compat split whose language is ambiguous): a user error."""
 
 
+#: the languages records and benchmarks may name (the bilingual scorers' two rule sets)
+LANGS = ("en", "zh")
 ID_KEYS = ("id", "question_id")
 PRED_KEYS = ("prediction", "pred_answer", "answer")
 REF_KEYS = ("reference", "gt_answer", "gt")
@@ -45,7 +47,7 @@ class PredictionRecord:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:  # the file loader reports this as a FILE:LINE problem before building one
-        if self.lang not in (None, "en", "zh"):
+        if self.lang not in (None, *LANGS):
             raise ScoreInputError(f"{self.source}: lang must be 'en' or 'zh', got {self.lang!r}")
 
 
@@ -58,7 +60,7 @@ _OPTIONAL_FIELDS = {
     "hw": (lambda v: isinstance(v, (list, tuple)) and len(v) == 2
            and all(isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0 for x in v),
            "[height, width] with positive numbers"),
-    "lang": (lambda v: v in ("en", "zh"), "'en' or 'zh'"),
+    "lang": (lambda v: v in LANGS, "'en' or 'zh'"),
     "options": (lambda v: isinstance(v, list) and v and all(isinstance(o, str) for o in v),
                 "a non-empty list of strings"),
 }

@@ -16,7 +16,7 @@ from typing import Any
 
 from internvl.data.records import RecordProblem
 from internvl.regions import has_regions, remove_box_text_original, remove_region_tags, strip_regions
-from medrega_eval.io import PredictionRecord, ScoreInputError, problem_at
+from medrega_eval.io import LANGS, PredictionRecord, ScoreInputError, problem_at
 from medrega_eval.metrics import classification as cls_m
 from medrega_eval.metrics import medrega_regions as orig_m
 from medrega_eval.metrics import regions as reg_m
@@ -51,7 +51,7 @@ class ScoreConfig:
     def validate(self) -> None:
         """Raise ScoreInputError (a ValueError) for an unknown task, language, subtype, compat mode or metric: the CLI's
         choices check them too, but `score_records` is public and its callers pass a config directly."""
-        for what, value, allowed in (("task", self.task, TASKS), ("language", self.lang, (None, "auto", "en", "zh")),
+        for what, value, allowed in (("task", self.task, TASKS), ("language", self.lang, (None, "auto", *LANGS)),
                                      ("subtype", self.subtype, (None, *SUBTYPES)),
                                      ("compat mode", self.compat, (None, "medrega"))):
             if value not in allowed:
@@ -81,7 +81,7 @@ def record_lang(rec: PredictionRecord, cfg: ScoreConfig) -> str:
     """The record's language: its own field, the configured one, else 'zh' when the reference has CJK."""
     if rec.lang:
         return rec.lang
-    if cfg.lang in ("en", "zh"):
+    if cfg.lang in LANGS:
         return cfg.lang
     return "zh" if text_m.has_cjk(rec.reference) else "en"
 
@@ -143,7 +143,7 @@ def compat_vqa_lang(records: Sequence[PredictionRecord], cfg: ScoreConfig) -> st
     """One language for a whole compat VQA split: --lang, or every record's own `lang` when they agree, else the
     original's rule ("zh" in the file name's dataset part); a split that rule calls English but whose references
     contain CJK is refused (ScoreInputError: pass --lang)."""
-    if cfg.lang in ("en", "zh"):
+    if cfg.lang in LANGS:
         return cfg.lang
     langs = {r.lang for r in records}
     if len(langs) == 1 and None not in langs:
@@ -356,10 +356,10 @@ def _score_report(records, cfg, result, grounded: bool = False) -> None:
             result.rows.append(_row(rec, lang, scores))
 
 
-# (task, language) -> how the original scorers clean (predictions, references) before they call bert-score
+# (task, language or None for both) -> how the original scorers clean (predictions, references) before bert-score
 _COMPAT_BERTSCORE_CLEAN = {
     ("vqa", "en"): (vqa_m.medrega_clean_en, vqa_m.medrega_clean_en),
-    ("region2text", "en"): (_region2text_original, str.lower), ("region2text", "zh"): (_region2text_original, str.lower),
+    ("region2text", None): (_region2text_original, str.lower),  # the same in both languages
     ("report", "en"): (medrega_clean_report_en, medrega_clean_report_en),
     ("report", "zh"): (lambda p: medrega_clean_report_zh(p).replace(" ", ""), str),
 }
@@ -374,7 +374,8 @@ def _bertscore(records, cfg, result) -> None:
     if original:
         langs = {row["lang"] for row in result.rows}
         lang = result.details.get("compat_lang") or (langs.pop() if len(langs) == 1 else "en")
-        clean_pred, clean_ref = _COMPAT_BERTSCORE_CLEAN.get((cfg.task, lang), (clean_pred, clean_ref))
+        table = _COMPAT_BERTSCORE_CLEAN
+        clean_pred, clean_ref = table.get((cfg.task, lang)) or table.get((cfg.task, None)) or (clean_pred, clean_ref)
         layer = layer if layer is not None else ORIGINAL_LAYERS[lang]
     cands, refs = [clean_pred(r.prediction) for r in records], [clean_ref(r.reference) for r in records]
     try:

@@ -15,6 +15,7 @@ import yaml
 
 from internvl.data.prompts import render_base_prompt
 from internvl.data.records import RecordChecker, RecordProblem, image_paths, read_jsonl, resolve_image
+from medrega_eval.io import LANGS
 from medrega_eval.metrics.text import has_cjk
 from medrega_eval.score import REPORT_METRICS, SUBTYPES, TASKS, ScoreConfig, options_in
 
@@ -109,7 +110,7 @@ def _check_entry(name: str, entry: Any, file: str) -> Benchmark:
     for key in ("task", "annotation"):
         if not entry.get(key):
             raise BenchmarkError(f"{where}: missing required key {key!r}")
-    for key, allowed in (("task", TASKS), ("lang", ("auto", "en", "zh")), ("subtype", (None, *SUBTYPES))):
+    for key, allowed in (("task", TASKS), ("lang", ("auto", *LANGS)), ("subtype", (None, *SUBTYPES))):
         if key in entry and entry[key] not in allowed:
             raise BenchmarkError(f"{where}: {key} {entry[key]!r} is not one of {', '.join(filter(None, allowed))}")
     options = entry.get("options")
@@ -232,7 +233,7 @@ def _sample(bench: Benchmark, rec: dict, ann: Path, line: int, image_root: Path,
         except (ValueError, OSError) as exc:
             return RecordProblem(file, line, "image-not-found", str(exc))
         paths.append(p)
-    lang = rec.get("lang") if rec.get("lang") in ("en", "zh") else (None if bench.lang == "auto" else bench.lang)
+    lang = rec.get("lang") if rec.get("lang") in LANGS else (None if bench.lang == "auto" else bench.lang)
     if lang is None:
         lang = "zh" if has_cjk(conv[1]["value"]) or has_cjk(conv[0]["value"]) else "en"
     hw = [rec["height"], rec["width"]] if all(isinstance(rec.get(k), int) for k in ("height", "width")) else None
