@@ -60,7 +60,7 @@ def test_speedup_callback_is_a_no_op_on_the_cpu(tmp_path, tiny_model):
 
 def test_speedup_callback_hands_back_a_plain_model(tmp_path, tiny_model):
     """on_train_end undoes what on_train_begin applied (here forced onto the CPU with aot_eager)."""
-    callback = RunCallback(SimpleNamespace(speedups=TrainSpeedups(backend="aot_eager"), _cudnn_sdpa_off=False))
+    callback = RunCallback(SimpleNamespace(speedups=TrainSpeedups(backend="aot_eager"), _restore_engine=lambda: None))
     callback.report = apply_train_speedups(tiny_model, callback.trainer.speedups, allow_cpu=True)
     assert any("forward" in m.__dict__ for m in tiny_model.modules())
     callback.on_train_end(None, None, None, model=tiny_model)
